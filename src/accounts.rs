@@ -1,0 +1,230 @@
+//! Accounts: the owners of keys, with subscription status and entitlements.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use crate::audit;
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::ledger::Ledger;
+use crate::page::{Page, PageRequest};
+use crate::public_id::{IdKind, PublicId};
+use crate::record::{AccountRecord, SubscriptionStatus, rules};
+use crate::store::{self, tables::ACCOUNTS};
+
+/// An account as callers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Account {
+    /// Public id (`acct_…`).
+    pub id: PublicId,
+    /// Display name.
+    pub name: String,
+    /// Subscription status.
+    pub status: SubscriptionStatus,
+    /// Entitlements (features the subscription includes).
+    pub entitlements: BTreeSet<String>,
+    /// Creation time.
+    pub created_at: Timestamp,
+    /// Who created it.
+    pub created_by: String,
+    /// Last change.
+    pub updated_at: Timestamp,
+    /// Who changed it last.
+    pub updated_by: String,
+}
+
+/// A new account.
+#[derive(Debug, Clone)]
+pub struct NewAccount {
+    name: String,
+    status: SubscriptionStatus,
+    entitlements: Vec<String>,
+}
+
+impl NewAccount {
+    /// An active account with no entitlements.
+    pub fn new(name: impl Into<String>) -> Self {
+        NewAccount { name: name.into(), status: SubscriptionStatus::Active, entitlements: vec![] }
+    }
+
+    /// Initial subscription status.
+    pub fn status(mut self, status: SubscriptionStatus) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// Initial entitlements.
+    pub fn entitlements<I: IntoIterator<Item = S>, S: Into<String>>(mut self, items: I) -> Self {
+        self.entitlements = items.into_iter().map(Into::into).collect();
+        self
+    }
+}
+
+/// A partial update: only the fields set are changed.
+#[derive(Debug, Clone, Default)]
+pub struct AccountUpdate {
+    name: Option<String>,
+    status: Option<SubscriptionStatus>,
+    entitlements: Option<Vec<String>>,
+}
+
+impl AccountUpdate {
+    /// An empty update.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// New name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// New subscription status.
+    pub fn status(mut self, status: SubscriptionStatus) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// Replaces the entitlements.
+    pub fn entitlements<I: IntoIterator<Item = S>, S: Into<String>>(mut self, items: I) -> Self {
+        self.entitlements = Some(items.into_iter().map(Into::into).collect());
+        self
+    }
+}
+
+fn entitlements(items: &[String]) -> Result<BTreeSet<String>> {
+    items.iter().map(|e| rules::scope("entitlements", e)).collect()
+}
+
+/// Account operations. Get one with [`Ledger::accounts`].
+pub struct Accounts<'a> {
+    pub(crate) ledger: &'a Ledger,
+    pub(crate) actor: String,
+}
+
+impl<'a> Accounts<'a> {
+    /// The same handle, recording `actor` as the author of its changes.
+    pub fn by(mut self, actor: impl Into<String>) -> Self {
+        self.actor = actor.into();
+        self
+    }
+
+    /// Creates an account.
+    pub fn create(&self, new: NewAccount) -> Result<Account> {
+        let name = rules::name("name", &new.name)?;
+        let entitlements = entitlements(&new.entitlements)?;
+        let now = self.ledger.now();
+        let record = AccountRecord {
+            name,
+            status: new.status,
+            entitlements,
+            created_at: now,
+            created_by: self.actor.clone(),
+            updated_at: now,
+            updated_by: self.actor.clone(),
+        };
+        let txn = self.ledger.inner.store.begin_write()?;
+        let id = store::next_id(&txn)?;
+        store::put(&mut txn.open_table(ACCOUNTS)?, id, &record)?;
+        let public = self.public_id(id);
+        audit::append(&txn, now, &self.actor, "account.created", &public, &[])?;
+        txn.commit()?;
+        Ok(self.view(id, record))
+    }
+
+    /// Reads an account.
+    pub fn get(&self, id: &str) -> Result<Account> {
+        let internal = self.internal_id(id)?;
+        let read = self.ledger.inner.store.begin_read()?;
+        let record = store::get(&read.open_table(ACCOUNTS)?, internal)?
+            .ok_or(Error::NotFound { what: "account" })?;
+        Ok(self.view(internal, record))
+    }
+
+    /// Applies a partial update.
+    pub fn update(&self, id: &str, update: AccountUpdate) -> Result<Account> {
+        let internal = self.internal_id(id)?;
+        let name = update.name.as_deref().map(|n| rules::name("name", n)).transpose()?;
+        let ents = update.entitlements.as_deref().map(entitlements).transpose()?;
+        let txn = self.ledger.inner.store.begin_write()?;
+        let record = {
+            let mut table = txn.open_table(ACCOUNTS)?;
+            let mut record: AccountRecord =
+                store::get(&table, internal)?.ok_or(Error::NotFound { what: "account" })?;
+            let mut changed = Vec::new();
+            if let Some(name) = name {
+                record.name = name;
+                changed.push("name");
+            }
+            if let Some(status) = update.status {
+                record.status = status;
+                changed.push("status");
+            }
+            if let Some(ents) = ents {
+                record.entitlements = ents;
+                changed.push("entitlements");
+            }
+            record.updated_at = self.ledger.now();
+            record.updated_by = self.actor.clone();
+            store::put(&mut table, internal, &record)?;
+            audit::append(&txn, record.updated_at, &self.actor, "account.updated", id, &changed)?;
+            record
+        };
+        txn.commit()?;
+        Ok(self.view(internal, record))
+    }
+
+    /// Sets the subscription status.
+    pub fn set_status(&self, id: &str, status: SubscriptionStatus) -> Result<Account> {
+        self.update(id, AccountUpdate::new().status(status))
+    }
+
+    /// Lists accounts in creation order.
+    pub fn list(&self, page: &PageRequest) -> Result<Page<Account>> {
+        let limit = page.checked_limit()?;
+        let ad: [&[u8]; 1] = [b"cursor:accounts"];
+        let start = match &page.cursor {
+            Some(c) => self.ledger.inner.ids.open(&ad, c).ok_or_else(|| {
+                Error::invalid("cursor", "not a cursor issued for this listing")
+            })? + 1,
+            None => 0,
+        };
+        let read = self.ledger.inner.store.begin_read()?;
+        let table = read.open_table(ACCOUNTS)?;
+        let mut items = Vec::new();
+        let (mut next_cursor, mut last) = (None, 0);
+        for entry in table.range(start..)? {
+            let (k, v) = entry?;
+            if items.len() == limit {
+                next_cursor = Some(self.ledger.inner.ids.seal(&ad, last));
+                break;
+            }
+            last = k.value();
+            items.push(self.view(last, crate::codec::decode(v.value())?));
+        }
+        Ok(Page { items, next_cursor })
+    }
+
+    pub(crate) fn internal_id(&self, id: &str) -> Result<u64> {
+        Ok(self.ledger.inner.ids.decode(IdKind::Account, id)?)
+    }
+
+    fn public_id(&self, id: u64) -> PublicId {
+        self.ledger.inner.ids.encode(IdKind::Account, id)
+    }
+
+    fn view(&self, id: u64, r: AccountRecord) -> Account {
+        Account {
+            id: self.public_id(id),
+            name: r.name,
+            status: r.status,
+            entitlements: r.entitlements,
+            created_at: r.created_at,
+            created_by: r.created_by,
+            updated_at: r.updated_at,
+            updated_by: r.updated_by,
+        }
+    }
+}

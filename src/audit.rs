@@ -1,0 +1,65 @@
+//! The audit trail: an append-only table of lifecycle events, written in the same transaction
+//! as the change it records. Events carry names and public ids, never values.
+
+use redb::{ReadableTable, WriteTransaction};
+
+use crate::clock::Timestamp;
+use crate::codec;
+use crate::error::Result;
+use crate::ledger::Ledger;
+use crate::record::AuditEvent;
+use crate::store::tables::AUDIT;
+
+/// Appends an event inside `txn`.
+pub(crate) fn append(
+    txn: &WriteTransaction,
+    at: Timestamp,
+    actor: &str,
+    action: &str,
+    target: &str,
+    fields: &[&str],
+) -> Result<()> {
+    let mut table = txn.open_table(AUDIT)?;
+    let seq = table.last()?.map_or(1, |(k, _)| k.value() + 1);
+    let event = AuditEvent {
+        seq,
+        at,
+        actor: actor.to_owned(),
+        action: action.to_owned(),
+        target: target.to_owned(),
+        fields: fields.iter().map(|f| (*f).to_owned()).collect(),
+    };
+    table.insert(seq, codec::encode(&event).as_slice())?;
+    Ok(())
+}
+
+/// Reads the audit trail. Get one with [`Ledger::audit`].
+pub struct Audit<'a> {
+    pub(crate) ledger: &'a Ledger,
+}
+
+impl Audit<'_> {
+    /// Events with `seq > after`, oldest first, at most `limit` (capped at 1,000).
+    pub fn since(&self, after: u64, limit: usize) -> Result<Vec<AuditEvent>> {
+        let read = self.ledger.inner.store.begin_read()?;
+        let table = read.open_table(AUDIT)?;
+        let mut out = Vec::new();
+        for entry in table.range(after.saturating_add(1)..)?.take(limit.min(1000)) {
+            let (_, bytes) = entry?;
+            out.push(codec::decode(bytes.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The newest `limit` events, newest first (capped at 1,000).
+    pub fn recent(&self, limit: usize) -> Result<Vec<AuditEvent>> {
+        let read = self.ledger.inner.store.begin_read()?;
+        let table = read.open_table(AUDIT)?;
+        let mut out = Vec::new();
+        for entry in table.iter()?.rev().take(limit.min(1000)) {
+            let (_, bytes) = entry?;
+            out.push(codec::decode(bytes.value())?);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,194 @@
+//! [`Config`]: the master key, key prefixes and clock a [`Ledger`](crate::Ledger) opens with.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::ConfigError;
+use crate::secret::MasterKey;
+
+/// Environment variable holding the master key as 64 hex digits.
+pub const ENV_MASTER_KEY: &str = "KEYLEDGER_MASTER_KEY";
+/// Environment variable naming a key file (mode 0600) holding the master key.
+pub const ENV_MASTER_KEY_FILE: &str = "KEYLEDGER_MASTER_KEY_FILE";
+
+/// How a ledger is opened. Build with [`Config::builder`] or [`Config::from_env`].
+#[derive(Clone)]
+pub struct Config {
+    pub(crate) master_key: MasterKey,
+    pub(crate) live_prefix: String,
+    pub(crate) test_prefix: String,
+    pub(crate) token_prefix: String,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl Config {
+    /// A builder; [`ConfigBuilder::build`] fails unless a master key was given.
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder::default()
+    }
+
+    /// Reads the master key from `KEYLEDGER_MASTER_KEY`, or else from the file named by
+    /// `KEYLEDGER_MASTER_KEY_FILE`; everything else takes its default.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::builder().master_key_from_env()?.build()
+    }
+
+    /// A config with a fresh random master key: for demos and tests only, since the data
+    /// cannot be read again once the key is dropped.
+    pub fn ephemeral() -> Result<Config, ConfigError> {
+        Config::builder().master_key(MasterKey::generate()?).build()
+    }
+
+    /// The prefix of live API keys (default `vb_live_`).
+    pub fn live_prefix(&self) -> &str {
+        &self.live_prefix
+    }
+
+    /// The prefix of test API keys (default `vb_test_`).
+    pub fn test_prefix(&self) -> &str {
+        &self.test_prefix
+    }
+
+    /// The prefix of internal tokens (default `vb_tok_`).
+    pub fn token_prefix(&self) -> &str {
+        &self.token_prefix
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("master_key", &"***")
+            .field("live_prefix", &self.live_prefix)
+            .field("test_prefix", &self.test_prefix)
+            .field("token_prefix", &self.token_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Config`].
+#[derive(Default)]
+pub struct ConfigBuilder {
+    master_key: Option<MasterKey>,
+    live_prefix: Option<String>,
+    test_prefix: Option<String>,
+    token_prefix: Option<String>,
+    clock: Option<Arc<dyn Clock>>,
+}
+
+impl ConfigBuilder {
+    /// Sets the master key.
+    pub fn master_key(mut self, key: MasterKey) -> Self {
+        self.master_key = Some(key);
+        self
+    }
+
+    /// Reads the master key from a key file (mode 0600).
+    pub fn master_key_file(self, path: impl Into<PathBuf>) -> Result<Self, ConfigError> {
+        let key = MasterKey::from_file(&path.into())?;
+        Ok(self.master_key(key))
+    }
+
+    /// Reads the master key from `KEYLEDGER_MASTER_KEY` or `KEYLEDGER_MASTER_KEY_FILE`.
+    pub fn master_key_from_env(self) -> Result<Self, ConfigError> {
+        if let Ok(text) = std::env::var(ENV_MASTER_KEY) {
+            let key = MasterKey::parse(&zeroize::Zeroizing::new(text))?;
+            return Ok(self.master_key(key));
+        }
+        match std::env::var_os(ENV_MASTER_KEY_FILE) {
+            Some(path) => self.master_key_file(path),
+            None => Err(ConfigError::MissingMasterKey),
+        }
+    }
+
+    /// Prefix of live keys, e.g. `acme_live_`: 3–12 characters of `[a-z0-9_]` ending in `_`.
+    pub fn live_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.live_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Prefix of test keys, same rules as [`live_prefix`](Self::live_prefix).
+    pub fn test_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.test_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Prefix of internal tokens, same rules as [`live_prefix`](Self::live_prefix).
+    pub fn token_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.token_prefix = Some(prefix.into());
+        self
+    }
+
+    /// The clock used for timestamps, expiry and refills (default: the system clock).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// Validates and builds the config.
+    pub fn build(self) -> Result<Config, ConfigError> {
+        let master_key = self.master_key.ok_or(ConfigError::MissingMasterKey)?;
+        let live_prefix = checked_prefix("live_prefix", self.live_prefix, "vb_live_")?;
+        let test_prefix = checked_prefix("test_prefix", self.test_prefix, "vb_test_")?;
+        let token_prefix = checked_prefix("token_prefix", self.token_prefix, "vb_tok_")?;
+        let distinct = [&live_prefix, &test_prefix, &token_prefix];
+        for (i, a) in distinct.iter().enumerate() {
+            for b in &distinct[i + 1..] {
+                if a.starts_with(b.as_str()) || b.starts_with(a.as_str()) {
+                    return Err(ConfigError::InvalidSetting {
+                        setting: "prefixes",
+                        reason: format!("`{a}` and `{b}` overlap; each prefix must be distinct"),
+                    });
+                }
+            }
+        }
+        Ok(Config {
+            master_key,
+            live_prefix,
+            test_prefix,
+            token_prefix,
+            clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+        })
+    }
+}
+
+fn checked_prefix(
+    setting: &'static str,
+    given: Option<String>,
+    default: &str,
+) -> Result<String, ConfigError> {
+    let prefix = given.unwrap_or_else(|| default.to_owned());
+    let ok_chars = prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !(3..=12).contains(&prefix.len()) || !ok_chars || !prefix.ends_with('_') {
+        return Err(ConfigError::InvalidSetting {
+            setting,
+            reason: "3–12 characters of a-z, 0-9 and `_`, ending in `_`".into(),
+        });
+    }
+    Ok(prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn building_without_a_master_key_names_both_ways_to_give_one() {
+        let err = Config::builder().build().unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("KEYLEDGER_MASTER_KEY") && msg.contains("KEYLEDGER_MASTER_KEY_FILE"));
+    }
+
+    #[test]
+    fn prefixes_are_validated() {
+        let key = || MasterKey::generate().unwrap();
+        assert!(Config::builder().master_key(key()).live_prefix("Bad-").build().is_err());
+        assert!(Config::builder().master_key(key()).live_prefix("nounderscore").build().is_err());
+        assert!(Config::builder().master_key(key()).test_prefix("vb_live_").build().is_err());
+        let c = Config::builder().master_key(key()).live_prefix("acme_").build().unwrap();
+        assert_eq!(c.live_prefix(), "acme_");
+        assert!(!format!("{c:?}").contains(key().to_hex().expose()));
+    }
+}

@@ -1,0 +1,219 @@
+//! Typed errors. Each says what went wrong and what the caller can do; none ever carries a
+//! secret (they hold names, lengths and positions, never values).
+
+use thiserror::Error;
+
+/// Why a [`Config`](crate::Config) could not be built or a master key could not be loaded.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// No master key was configured.
+    #[error(
+        "no master key: set KEYLEDGER_MASTER_KEY to 64 hex digits, or point \
+         KEYLEDGER_MASTER_KEY_FILE at a key file with mode 0600 (`keyledger init` writes one)"
+    )]
+    MissingMasterKey,
+    /// The master key had the wrong number of bytes.
+    #[error("the master key must be exactly 32 bytes, found {found}")]
+    MasterKeyLength {
+        /// Bytes found.
+        found: usize,
+    },
+    /// The textual master key was not 64 hex digits.
+    #[error("the master key must be 64 hex digits, found {found_chars} characters")]
+    MasterKeyEncoding {
+        /// Characters found (the value itself is never echoed).
+        found_chars: usize,
+    },
+    /// The key file could not be read or written.
+    #[error("key file {path}: {reason}")]
+    KeyFile {
+        /// Path of the key file.
+        path: String,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The key file is readable by group or others.
+    #[error("key file {path} has mode {mode:o}; it must be 0600 (chmod 600 {path})")]
+    KeyFilePermissions {
+        /// Path of the key file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The OS random number generator failed.
+    #[error("the OS random number generator failed: {0}")]
+    Randomness(String),
+    /// A setting had an unusable value.
+    #[error("invalid setting {setting}: {reason}")]
+    InvalidSetting {
+        /// The setting's name.
+        setting: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Why a presented key was rejected before any hashing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum MalformedKey {
+    /// The key is empty.
+    #[error("the key is empty")]
+    Empty,
+    /// The key does not start with a configured prefix.
+    #[error("the key does not start with a known prefix")]
+    WrongPrefix,
+    /// The key has the wrong length.
+    #[error("the key has {found} characters after its prefix, expected {expected}")]
+    WrongLength {
+        /// Expected characters after the prefix.
+        expected: usize,
+        /// Characters found.
+        found: usize,
+    },
+    /// The key contains a character outside base62.
+    #[error("the key has an invalid character at position {position}")]
+    BadCharacter {
+        /// Byte position of the first invalid character.
+        position: usize,
+    },
+    /// The checksum does not match: the key was mistyped or truncated.
+    #[error("the key's checksum does not match (mistyped or altered key)")]
+    BadChecksum,
+}
+
+/// Why no key could be taken from request headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum HeaderError {
+    /// Neither `Authorization: Bearer …` nor `x-api-key` was present.
+    #[error("no API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`")]
+    Missing,
+    /// Both headers were present with different keys.
+    #[error("`Authorization` and `x-api-key` carry different keys; send only one")]
+    Conflict,
+    /// `Authorization` used a scheme other than Bearer.
+    #[error("the Authorization header must use the Bearer scheme")]
+    UnsupportedScheme,
+    /// The key itself is malformed.
+    #[error("malformed API key: {0}")]
+    Malformed(#[from] MalformedKey),
+}
+
+/// A public id that was forged, truncated, tampered with or of another kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("invalid {expected} id")]
+pub struct InvalidId {
+    /// The kind of id that was expected (`key`, `account`, …).
+    pub expected: &'static str,
+}
+
+/// Why bytes could not be decoded as a record.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// No bytes at all (not even the schema-version byte).
+    #[error("empty record")]
+    Empty,
+    /// A schema version this build does not know.
+    #[error("{record} record has schema version {found}; this build reads up to {supported}")]
+    UnknownVersion {
+        /// Record type.
+        record: &'static str,
+        /// Version byte found.
+        found: u8,
+        /// Newest version this build reads.
+        supported: u8,
+    },
+    /// The payload did not decode.
+    #[error("{record} record is corrupt: {reason}")]
+    Corrupt {
+        /// Record type.
+        record: &'static str,
+        /// Decoder message (never contains field values).
+        reason: String,
+    },
+}
+
+/// The error of every ledger operation other than parsing and `verify`.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Configuration or master key problem.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The storage engine failed (I/O, corruption detected by redb, lock held by another process).
+    #[error("storage: {0}")]
+    Storage(#[source] Box<redb::Error>),
+    /// A stored record did not decode: the file is corrupt or was written by a newer build.
+    #[error("corrupt database: {0}")]
+    Codec(#[from] CodecError),
+    /// The database was written by a newer keyledger; upgrade this build to open it.
+    #[error("database format version {found} is newer than this build supports ({supported}); upgrade keyledger")]
+    UpgradeRequired {
+        /// Format version in the file.
+        found: u32,
+        /// Newest format version this build supports.
+        supported: u32,
+    },
+    /// The file is a redb database but not a keyledger one.
+    #[error("{path} is not a keyledger database")]
+    NotALedger {
+        /// The file's path.
+        path: String,
+    },
+    /// The master key does not match the one the database was created with.
+    #[error("the master key does not match this database (wrong KEYLEDGER_MASTER_KEY or key file)")]
+    WrongMasterKey,
+    /// A public id was forged, tampered with or of the wrong kind.
+    #[error(transparent)]
+    InvalidId(#[from] InvalidId),
+    /// A presented key is malformed.
+    #[error("malformed key: {0}")]
+    MalformedKey(#[from] MalformedKey),
+    /// An argument failed validation; nothing was written.
+    #[error("invalid {field}: {reason}")]
+    InvalidInput {
+        /// The field at fault.
+        field: &'static str,
+        /// What is wrong, without echoing secret values.
+        reason: String,
+    },
+    /// No such record (or it belongs to another owner).
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked for (`key`, `account`, `route rule`…).
+        what: &'static str,
+    },
+    /// The operation conflicts with existing state; nothing was written.
+    #[error("conflict: {0}")]
+    Conflict(String),
+}
+
+impl Error {
+    pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidInput { field, reason: reason.into() }
+    }
+}
+
+macro_rules! storage_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::Storage(Box::new(redb::Error::from(e)))
+            }
+        }
+    )*};
+}
+storage_from!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// Shorthand for `Result<T, keyledger::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,282 @@
+//! The key format: `<prefix><32 base62 chars of OS randomness><6-char base62 CRC32>`.
+//!
+//! `vb_live_` + 32 base62 characters carries 190.5 bits of entropy; the checksum (CRC32 of
+//! prefix and body, GitHub's scheme) lets the parser reject mistyped, truncated or made-up keys
+//! before any hashing, and lets secret scanners recognise leaked keys.
+
+use crate::config::Config;
+use crate::error::{ConfigError, HeaderError, MalformedKey};
+use crate::secret::Secret;
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// Random base62 characters in a key body.
+pub(crate) const BODY_LEN: usize = 32;
+/// Base62 characters of the CRC32 checksum (62^6 > 2^32).
+pub(crate) const CHECKSUM_LEN: usize = 6;
+/// Characters shown in the clear at the start of a key.
+pub(crate) const VISIBLE_PREFIX_LEN: usize = 12;
+/// Characters shown in the clear at the end of a key.
+pub(crate) const VISIBLE_SUFFIX_LEN: usize = 4;
+/// Longest header value accepted before parsing (generous: prefixes are ≤ 12 chars).
+const MAX_PRESENTED_LEN: usize = 128;
+
+/// What a key's prefix says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyClass {
+    /// A live API key (`vb_live_…`).
+    Live,
+    /// A test API key (`vb_test_…`).
+    Test,
+    /// An internal token (`vb_tok_…`).
+    Token,
+}
+
+/// The configured prefixes; parses and generates keys.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyFormat {
+    prefixes: [(String, KeyClass); 3],
+}
+
+impl KeyFormat {
+    pub(crate) fn new(config: &Config) -> Self {
+        KeyFormat {
+            prefixes: [
+                (config.live_prefix.clone(), KeyClass::Live),
+                (config.test_prefix.clone(), KeyClass::Test),
+                (config.token_prefix.clone(), KeyClass::Token),
+            ],
+        }
+    }
+
+    fn prefix(&self, class: KeyClass) -> &str {
+        let (prefix, _) = self.prefixes.iter().find(|(_, c)| *c == class).expect("all classes");
+        prefix
+    }
+
+    /// A new key of `class` from OS randomness.
+    pub(crate) fn generate(&self, class: KeyClass) -> Result<Secret, ConfigError> {
+        let prefix = self.prefix(class);
+        let mut key = String::with_capacity(prefix.len() + BODY_LEN + CHECKSUM_LEN);
+        key.push_str(prefix);
+        let mut pool = [0u8; 64];
+        let mut filled = 0;
+        while filled < BODY_LEN {
+            getrandom::fill(&mut pool).map_err(|e| ConfigError::Randomness(e.to_string()))?;
+            // Rejection sampling: 248 = 4 × 62, so `b % 62` is uniform for b < 248.
+            for &b in pool.iter().filter(|&&b| b < 248) {
+                if filled == BODY_LEN {
+                    break;
+                }
+                key.push(BASE62[(b % 62) as usize] as char);
+                filled += 1;
+            }
+        }
+        pool.fill(0);
+        push_checksum(&mut key);
+        Ok(Secret::new(key))
+    }
+
+    /// Checks prefix, length, alphabet and checksum. No hashing happens before this passes.
+    pub(crate) fn parse(&self, key: &str) -> Result<KeyClass, MalformedKey> {
+        if key.is_empty() {
+            return Err(MalformedKey::Empty);
+        }
+        let (prefix, class) = self
+            .prefixes
+            .iter()
+            .find(|(p, _)| key.starts_with(p.as_str()))
+            .ok_or(MalformedKey::WrongPrefix)?;
+        let rest = &key.as_bytes()[prefix.len()..];
+        if rest.len() != BODY_LEN + CHECKSUM_LEN {
+            return Err(MalformedKey::WrongLength {
+                expected: BODY_LEN + CHECKSUM_LEN,
+                found: rest.len(),
+            });
+        }
+        if let Some(i) = rest.iter().position(|b| !b.is_ascii_alphanumeric()) {
+            return Err(MalformedKey::BadCharacter { position: prefix.len() + i });
+        }
+        let (signed, checksum) = key.as_bytes().split_at(key.len() - CHECKSUM_LEN);
+        if checksum != encode_checksum(crc32fast::hash(signed)) {
+            return Err(MalformedKey::BadChecksum);
+        }
+        Ok(*class)
+    }
+}
+
+fn encode_checksum(mut crc: u32) -> [u8; CHECKSUM_LEN] {
+    let mut out = [b'0'; CHECKSUM_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(crc % 62) as usize];
+        crc /= 62;
+    }
+    out
+}
+
+fn push_checksum(key: &mut String) {
+    let checksum = encode_checksum(crc32fast::hash(key.as_bytes()));
+    key.extend(checksum.iter().map(|&b| b as char));
+}
+
+/// The visible prefix and suffix stored with a key, and its masked form `vb_live_AbCd…wxyz`.
+pub(crate) fn visible_parts(key: &str) -> (String, String) {
+    let prefix = key[..VISIBLE_PREFIX_LEN.min(key.len())].to_owned();
+    let suffix = key[key.len().saturating_sub(VISIBLE_SUFFIX_LEN)..].to_owned();
+    (prefix, suffix)
+}
+
+/// A key as presented by a client, taken from request headers. Holds the plaintext as a
+/// [`Secret`]; the full format check (prefix, length, checksum) happens in `verify`.
+#[derive(Debug, Clone)]
+pub struct Presented(Secret);
+
+impl Presented {
+    /// Wraps a key given directly (e.g. from a CLI argument), trimming surrounding whitespace.
+    pub fn new(key: &str) -> Result<Presented, HeaderError> {
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(HeaderError::Missing);
+        }
+        if key.len() > MAX_PRESENTED_LEN {
+            return Err(HeaderError::Malformed(MalformedKey::WrongLength {
+                expected: BODY_LEN + CHECKSUM_LEN,
+                found: key.len(),
+            }));
+        }
+        if let Some(position) = key.bytes().position(|b| !b.is_ascii_graphic()) {
+            return Err(HeaderError::Malformed(MalformedKey::BadCharacter { position }));
+        }
+        Ok(Presented(Secret::new(key)))
+    }
+
+    /// Takes the key from an `Authorization` header value (`Bearer <key>`, scheme
+    /// case-insensitive, surrounding whitespace ignored) or an `x-api-key` header value.
+    /// Both present and equal is accepted; both present and different is
+    /// [`HeaderError::Conflict`]; neither is [`HeaderError::Missing`].
+    pub fn from_headers(
+        authorization: Option<&str>,
+        x_api_key: Option<&str>,
+    ) -> Result<Presented, HeaderError> {
+        let bearer = authorization.map(str::trim).filter(|v| !v.is_empty()).map(|value| {
+            let (scheme, rest) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
+            if scheme.eq_ignore_ascii_case("bearer") {
+                Presented::new(rest)
+            } else {
+                Err(HeaderError::UnsupportedScheme)
+            }
+        });
+        let api_key = x_api_key.map(str::trim).filter(|v| !v.is_empty()).map(Presented::new);
+        match (bearer, api_key) {
+            (None, None) => Err(HeaderError::Missing),
+            (Some(one), None) | (None, Some(one)) => one,
+            (Some(a), Some(b)) => {
+                let (a, b) = (a?, b?);
+                if a.0.expose().as_bytes() == b.0.expose().as_bytes() {
+                    Ok(a)
+                } else {
+                    Err(HeaderError::Conflict)
+                }
+            }
+        }
+    }
+
+    /// The plaintext key. Handle with care.
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn format() -> KeyFormat {
+        KeyFormat::new(&Config::ephemeral().unwrap())
+    }
+
+    #[test]
+    fn generated_keys_parse_and_have_the_documented_shape() {
+        let f = format();
+        for class in [KeyClass::Live, KeyClass::Test, KeyClass::Token] {
+            let key = f.generate(class).unwrap();
+            assert_eq!(f.parse(key.expose()), Ok(class));
+            let prefix = f.prefix(class);
+            assert_eq!(key.len(), prefix.len() + 38);
+            assert!(key.expose()[prefix.len()..].bytes().all(|b| b.is_ascii_alphanumeric()));
+        }
+        assert_ne!(f.generate(KeyClass::Live).unwrap(), f.generate(KeyClass::Live).unwrap());
+    }
+
+    #[test]
+    fn parser_rejects_each_kind_of_malformed_key() {
+        let f = format();
+        let key = f.generate(KeyClass::Live).unwrap();
+        let key = key.expose();
+        assert_eq!(f.parse(""), Err(MalformedKey::Empty));
+        assert_eq!(f.parse(&key.replacen("vb_live_", "sk_live_", 1)), Err(MalformedKey::WrongPrefix));
+        assert!(matches!(f.parse(&key[..key.len() - 1]), Err(MalformedKey::WrongLength { .. })));
+        let mut bad_char = key.to_owned();
+        bad_char.replace_range(10..11, "-");
+        assert_eq!(f.parse(&bad_char), Err(MalformedKey::BadCharacter { position: 10 }));
+        // Change one body character: the checksum catches it.
+        let mut typo = key.as_bytes().to_vec();
+        typo[12] = if typo[12] == b'a' { b'b' } else { b'a' };
+        assert_eq!(f.parse(std::str::from_utf8(&typo).unwrap()), Err(MalformedKey::BadChecksum));
+        // A live body under the test prefix fails the checksum: prefixes are signed too.
+        assert_eq!(f.parse(&key.replacen("vb_live_", "vb_test_", 1)), Err(MalformedKey::BadChecksum));
+    }
+
+    #[test]
+    fn headers_bearer_or_x_api_key() {
+        let k = "vb_live_abc";
+        assert_eq!(Presented::from_headers(Some("Bearer vb_live_abc"), None).unwrap().expose(), k);
+        assert_eq!(Presented::from_headers(Some("  bEaReR   vb_live_abc \t"), None).unwrap().expose(), k);
+        assert_eq!(Presented::from_headers(None, Some(" vb_live_abc ")).unwrap().expose(), k);
+        assert_eq!(Presented::from_headers(Some("Bearer vb_live_abc"), Some(k)).unwrap().expose(), k);
+        assert_eq!(
+            Presented::from_headers(Some("Bearer vb_live_abc"), Some("vb_live_xyz")).unwrap_err(),
+            HeaderError::Conflict
+        );
+        assert_eq!(Presented::from_headers(None, None).unwrap_err(), HeaderError::Missing);
+        assert_eq!(Presented::from_headers(Some("  "), Some("")).unwrap_err(), HeaderError::Missing);
+        assert_eq!(
+            Presented::from_headers(Some("Basic dXNlcjpwYXNz"), None).unwrap_err(),
+            HeaderError::UnsupportedScheme
+        );
+        assert_eq!(Presented::from_headers(Some("Bearer"), None).unwrap_err(), HeaderError::Missing);
+        assert!(matches!(
+            Presented::from_headers(Some("Bearer vb_live_a b"), None),
+            Err(HeaderError::Malformed(MalformedKey::BadCharacter { .. }))
+        ));
+        let err = Presented::from_headers(None, Some("vb_live_SECRETVALUE\u{7}")).unwrap_err();
+        assert!(!err.to_string().contains("SECRETVALUE"));
+    }
+
+    #[test]
+    fn visible_parts_are_twelve_and_four() {
+        let (p, s) = visible_parts("vb_live_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789");
+        assert_eq!((p.as_str(), s.as_str()), ("vb_live_ABCD", "6789"));
+    }
+
+    proptest! {
+        #[test]
+        fn parser_never_panics(s in "\\PC{0,80}") {
+            let _ = format().parse(&s);
+            let _ = Presented::from_headers(Some(&s), Some(&s));
+        }
+
+        #[test]
+        fn any_single_character_change_is_rejected(pos in 8usize..46, c in "[0-9A-Za-z]") {
+            let f = format();
+            let key = f.generate(KeyClass::Test).unwrap();
+            let mut bytes = key.expose().as_bytes().to_vec();
+            let c = c.as_bytes()[0];
+            prop_assume!(bytes[pos] != c);
+            bytes[pos] = c;
+            let mutated = String::from_utf8(bytes).unwrap();
+            prop_assert!(f.parse(&mutated).is_err());
+        }
+    }
+}

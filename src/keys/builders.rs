@@ -1,0 +1,217 @@
+//! Builders for creating, importing and updating keys.
+
+use std::collections::BTreeMap;
+
+use crate::clock::Timestamp;
+use crate::record::{Limits, RateLimit, Refill, RefillInterval, TokenWindow};
+
+/// Settings shared by new and imported keys.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Settings {
+    pub owner: String,
+    pub name: String,
+    pub token_type: Option<String>,
+    pub test: bool,
+    pub permissions: Vec<String>,
+    pub ips: Vec<String>,
+    pub expires_at: Option<Timestamp>,
+    pub limits: Limits,
+    pub metadata: BTreeMap<String, String>,
+}
+
+macro_rules! settings_setters {
+    ($t:ty) => {
+        impl $t {
+            /// Scopes the key grants (`quickhits:create`, `quickhits:*`, `*`).
+            pub fn permissions<I: IntoIterator<Item = S>, S: Into<String>>(mut self, items: I) -> Self {
+                self.settings.permissions = items.into_iter().map(Into::into).collect();
+                self
+            }
+
+            /// Client IP allowlist: addresses and CIDR ranges. Empty (the default) allows any.
+            pub fn ips<I: IntoIterator<Item = S>, S: Into<String>>(mut self, items: I) -> Self {
+                self.settings.ips = items.into_iter().map(Into::into).collect();
+                self
+            }
+
+            /// When the key stops working.
+            pub fn expires_at(mut self, at: Timestamp) -> Self {
+                self.settings.expires_at = Some(at);
+                self
+            }
+
+            /// Starting credits; without this the key is unmetered.
+            pub fn credits(mut self, credits: u64) -> Self {
+                self.settings.limits.credits = Some(credits);
+                self
+            }
+
+            /// Replaces the balance with `amount` every `interval`.
+            pub fn refill(mut self, amount: u64, interval: RefillInterval) -> Self {
+                self.settings.limits.refill = Some(Refill { amount, interval });
+                self
+            }
+
+            /// Adds a named rate limit: `limit` requests per `window_secs`.
+            pub fn rate_limit(mut self, name: impl Into<String>, limit: u64, window_secs: u64) -> Self {
+                self.settings.limits.rate_limits.push(RateLimit { name: name.into(), limit, window_secs });
+                self
+            }
+
+            /// Sets the token window: `tokens` of cost per `window_secs`.
+            pub fn token_window(mut self, tokens: u64, window_secs: u64) -> Self {
+                self.settings.limits.token_window = Some(TokenWindow { tokens, window_secs });
+                self
+            }
+
+            /// Adds a metadata entry (not secret: it is shown in listings).
+            pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+                self.settings.metadata.insert(key.into(), value.into());
+                self
+            }
+
+            /// Makes it a test key (`vb_test_…`).
+            pub fn test(mut self) -> Self {
+                self.settings.test = true;
+                self
+            }
+        }
+    };
+}
+
+/// A key or token to create. The plaintext is generated and returned once.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub(crate) settings: Settings,
+}
+
+impl NewKey {
+    /// An API key for `owner` (an account's public id) named `name` (1–50 characters).
+    pub fn new(owner: impl Into<String>, name: impl Into<String>) -> Self {
+        NewKey { settings: Settings { owner: owner.into(), name: name.into(), ..Settings::default() } }
+    }
+
+    /// An internal token of type `token_type` (required) for `owner`, named `name`.
+    pub fn token(owner: impl Into<String>, token_type: impl Into<String>, name: impl Into<String>) -> Self {
+        let mut new = NewKey::new(owner, name);
+        new.settings.token_type = Some(token_type.into());
+        new
+    }
+}
+
+settings_setters!(NewKey);
+
+/// The hash of a key issued by another system, to import so its holder keeps using it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportedHash {
+    /// Plain `SHA-256(key)`. Rehashed to the current scheme on the key's first successful use.
+    Sha256([u8; 32]),
+    /// A hash under this ledger's current scheme (e.g. exported from another keyledger file
+    /// opened with the same master key).
+    Current([u8; 32]),
+}
+
+/// A key to import by its hash, with its visible prefix and suffix as the old system showed them.
+#[derive(Debug, Clone)]
+pub struct ImportKey {
+    pub(crate) settings: Settings,
+    pub(crate) hash: ImportedHash,
+    pub(crate) prefix: String,
+    pub(crate) suffix: String,
+}
+
+impl ImportKey {
+    /// An API key for `owner` named `name`, known by `hash`; `prefix` and `suffix` are the
+    /// visible parts support staff will search by (up to 12 and 4 characters).
+    pub fn new(
+        owner: impl Into<String>,
+        name: impl Into<String>,
+        hash: ImportedHash,
+        prefix: impl Into<String>,
+        suffix: impl Into<String>,
+    ) -> Self {
+        ImportKey {
+            settings: Settings { owner: owner.into(), name: name.into(), ..Settings::default() },
+            hash,
+            prefix: prefix.into(),
+            suffix: suffix.into(),
+        }
+    }
+}
+
+settings_setters!(ImportKey);
+
+/// A partial update: only the fields set are changed.
+#[derive(Debug, Clone, Default)]
+pub struct KeyUpdate {
+    pub(crate) name: Option<String>,
+    pub(crate) permissions: Option<Vec<String>>,
+    pub(crate) ips: Option<Vec<String>>,
+    pub(crate) expires_at: Option<Option<Timestamp>>,
+    pub(crate) credits: Option<Option<u64>>,
+    pub(crate) refill: Option<Option<Refill>>,
+    pub(crate) rate_limits: Option<Vec<RateLimit>>,
+    pub(crate) token_window: Option<Option<TokenWindow>>,
+    pub(crate) metadata: Option<BTreeMap<String, String>>,
+}
+
+impl KeyUpdate {
+    /// An empty update.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// New name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Replaces the permissions.
+    pub fn permissions<I: IntoIterator<Item = S>, S: Into<String>>(mut self, items: I) -> Self {
+        self.permissions = Some(items.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Replaces the IP allowlist (empty allows any address).
+    pub fn ips<I: IntoIterator<Item = S>, S: Into<String>>(mut self, items: I) -> Self {
+        self.ips = Some(items.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Sets (`Some`) or clears (`None`) the expiry.
+    pub fn expires_at(mut self, at: Option<Timestamp>) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// Sets the credit balance (`Some`) or makes the key unmetered (`None`).
+    pub fn credits(mut self, credits: Option<u64>) -> Self {
+        self.credits = Some(credits);
+        self
+    }
+
+    /// Sets or clears the refill.
+    pub fn refill(mut self, refill: Option<Refill>) -> Self {
+        self.refill = Some(refill);
+        self
+    }
+
+    /// Replaces the named rate limits.
+    pub fn rate_limits(mut self, limits: Vec<RateLimit>) -> Self {
+        self.rate_limits = Some(limits);
+        self
+    }
+
+    /// Sets or clears the token window.
+    pub fn token_window(mut self, window: Option<TokenWindow>) -> Self {
+        self.token_window = Some(window);
+        self
+    }
+
+    /// Replaces the metadata.
+    pub fn metadata(mut self, metadata: BTreeMap<String, String>) -> Self {
+        self.metadata = Some(metadata);
+        self
+    }
+}

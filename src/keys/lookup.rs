@@ -1,0 +1,126 @@
+//! Finding a key record from its plaintext: hash under the current scheme, look the hash up,
+//! and — only while records under other schemes exist — try those too, rehashing the record
+//! to the current scheme on a hit. This is the cache-miss path of `verify`.
+
+
+use crate::clock::Timestamp;
+use crate::error::Result;
+use crate::hashing::{HashScheme, KeyHash, hashes_equal};
+use crate::ledger::Ledger;
+use crate::record::KeyRecord;
+use crate::store::{self, tables::*};
+
+/// A record found by its plaintext.
+pub(crate) struct Found {
+    pub id: u64,
+    pub record: KeyRecord,
+}
+
+/// Finds the record whose current secret, or rolled secret still in its grace period, is
+/// `key`. Rehashes a record found under an older scheme.
+pub(crate) fn find(ledger: &Ledger, key: &str, now: Timestamp) -> Result<Option<Found>> {
+    let hasher = ledger.hasher();
+    let current = hasher.current();
+    let hash = hasher.hash_current(key);
+    let read = ledger.inner.store.begin_read()?;
+    if let Some(found) = probe(&read, &hash, current, now)? {
+        return Ok(Some(found));
+    }
+    let counts = store::scheme_counts(&read.open_table(META)?)?;
+    drop(read);
+    for (&scheme, _) in counts.iter().filter(|(s, n)| **s != current && **n > 0) {
+        let old_hash = hasher.hash(scheme, key);
+        let read = ledger.inner.store.begin_read()?;
+        if let Some(found) = probe(&read, &old_hash, scheme, now)? {
+            drop(read);
+            return rehash(ledger, found.id, &old_hash, &hash, current).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// Looks `hash` up and checks it against the record in constant time.
+fn probe(
+    read: &redb::ReadTransaction,
+    hash: &KeyHash,
+    scheme: HashScheme,
+    now: Timestamp,
+) -> Result<Option<Found>> {
+    let Some(id) = read.open_table(KEY_HASHES)?.get(hash)?.map(|v| v.value()) else {
+        return Ok(None);
+    };
+    let Some(record) = store::get::<KeyRecord>(&read.open_table(KEYS)?, id)? else {
+        return Ok(None);
+    };
+    let current = record.scheme == scheme && hashes_equal(&record.key_hash, hash);
+    let rolled = record.rolled.as_ref().is_some_and(|old| {
+        old.scheme == scheme && hashes_equal(&old.key_hash, hash) && now < old.valid_until
+    });
+    Ok((current || rolled).then_some(Found { id, record }))
+}
+
+/// Replaces `old_hash` (current or rolled secret) by `new_hash` under the current scheme.
+fn rehash(
+    ledger: &Ledger,
+    id: u64,
+    old_hash: &KeyHash,
+    new_hash: &KeyHash,
+    scheme: HashScheme,
+) -> Result<Found> {
+    let txn = ledger.inner.store.begin_write()?;
+    let record = {
+        let mut keys = txn.open_table(KEYS)?;
+        let mut record: KeyRecord = store::get(&keys, id)?.ok_or(crate::Error::NotFound { what: "key" })?;
+        let slot = if hashes_equal(&record.key_hash, old_hash) {
+            Some((&mut record.key_hash, &mut record.scheme))
+        } else {
+            record.rolled.as_mut().map(|o| (&mut o.key_hash, &mut o.scheme))
+        };
+        if let Some((stored_hash, stored_scheme)) = slot {
+            let mut hashes = txn.open_table(KEY_HASHES)?;
+            hashes.remove(old_hash)?;
+            hashes.insert(new_hash, id)?;
+            store::adjust_scheme_count(&txn, *stored_scheme, -1)?;
+            store::adjust_scheme_count(&txn, scheme, 1)?;
+            *stored_hash = *new_hash;
+            *stored_scheme = scheme;
+        }
+        store::put(&mut keys, id, &record)?;
+        record
+    };
+    txn.commit()?;
+    Ok(Found { id, record })
+}
+
+impl Ledger {
+    /// Identifies a presented key: format check, hash, look-up, then the state checks
+    /// (disabled, expired). The first steps of the verify chain, without route, IP,
+    /// subscription, rate or credit checks and without charging anything.
+    pub fn authenticate(&self, presented: &crate::Presented) -> Result<crate::KeyInfo, crate::Denial> {
+        use crate::Denial;
+        let key = presented.expose();
+        let class = self.inner.format.parse(key).map_err(Denial::Malformed)?;
+        let now = self.now();
+        let found = find(self, key, now).map_err(|_| Denial::Unavailable)?.ok_or(Denial::NotFound)?;
+        let record = found.record;
+        if record.class != class {
+            return Err(Denial::NotFound);
+        }
+        if record.disabled_at.is_some() {
+            return Err(Denial::Disabled);
+        }
+        if record.expires_at.is_some_and(|at| at <= now) {
+            return Err(Denial::Expired);
+        }
+        let kind = match record.kind {
+            crate::record::KeyKind::Api => crate::public_id::IdKind::Key,
+            crate::record::KeyKind::Token { .. } => crate::public_id::IdKind::Token,
+        };
+        let read = self.inner.store.begin_read().map_err(|_| Denial::Unavailable)?;
+        let credits = read.open_table(CREDITS).map_err(|_| Denial::Unavailable)?;
+        let remaining = store::get::<crate::record::CreditsRecord>(&credits, found.id)
+            .map_err(|_| Denial::Unavailable)?
+            .map(|c| c.balance);
+        Ok(super::key_info(self, kind, found.id, record, remaining))
+    }
+}

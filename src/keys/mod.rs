@@ -1,0 +1,575 @@
+//! Key and token lifecycle: create (plaintext returned once), import by hash, list with a
+//! cursor, get, update, disable/enable, roll, delete, and masked look-up by visible prefix.
+//!
+//! Every write validates first and touches the database only in one transaction that also
+//! maintains the indexes and appends the audit event, so a rejected write changes nothing.
+
+mod builders;
+pub(crate) mod lookup;
+
+use std::collections::BTreeMap;
+
+use redb::{ReadableTable, WriteTransaction};
+use serde::Serialize;
+
+pub use builders::{ImportKey, ImportedHash, KeyUpdate, NewKey};
+use builders::Settings;
+
+use crate::audit;
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::hashing::{HashScheme, KeyHash};
+use crate::keyfmt::{KeyClass, visible_parts};
+use crate::ledger::{Ledger, SYSTEM_ACTOR};
+use crate::page::{Page, PageRequest};
+use crate::public_id::{IdKind, PublicId};
+use crate::record::{CreditsRecord, KeyKind, KeyRecord, Limits, RolledSecret, rules};
+use crate::secret::Secret;
+use crate::store::{self, tables::*};
+
+/// A key or token as callers see it: never the plaintext or hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyInfo {
+    /// Public id (`key_…` or `tok_…`).
+    pub id: PublicId,
+    /// Owning account's public id.
+    pub owner: PublicId,
+    /// API key or token (with its type); serialized as `type`: `api` or the token's type.
+    #[serde(rename = "type", serialize_with = "kind_label")]
+    pub kind: KeyKind,
+    /// Live, test or token.
+    pub class: KeyClass,
+    /// Display name.
+    pub name: String,
+    /// Masked form for display: `vb_live_AbCd…wxyz`.
+    pub masked: String,
+    /// First 12 characters.
+    pub prefix: String,
+    /// Last 4 characters.
+    pub suffix: String,
+    /// Granted scopes.
+    pub permissions: Vec<String>,
+    /// IP allowlist as CIDR ranges (empty: any).
+    pub ips: Vec<String>,
+    /// Credits, refill, rate limits, token window.
+    pub limits: Limits,
+    /// Credits left to spend (`None`: unmetered).
+    pub remaining_credits: Option<u64>,
+    /// Free-form metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Creation time.
+    pub created_at: Timestamp,
+    /// Creator.
+    pub created_by: String,
+    /// Last change.
+    pub updated_at: Timestamp,
+    /// Last changed by.
+    pub updated_by: String,
+    /// Expiry, if any.
+    pub expires_at: Option<Timestamp>,
+    /// When it was disabled, if it is.
+    pub disabled_at: Option<Timestamp>,
+    /// Last successful verify.
+    pub last_used_at: Option<Timestamp>,
+    /// Until when the previous secret of a rolled key still works.
+    pub previous_secret_valid_until: Option<Timestamp>,
+    /// Scheme of the stored hash.
+    pub hash_scheme: String,
+    /// Record schema version.
+    pub schema_version: u8,
+}
+
+/// A freshly created (or rolled) key: the only time its plaintext is available.
+#[derive(Debug)]
+pub struct CreatedKey {
+    /// The stored record's view.
+    pub info: KeyInfo,
+    /// The plaintext. Show it to its owner once; it cannot be recovered.
+    pub plaintext: Secret,
+}
+
+/// Key or token operations. Get one with [`Ledger::keys`] or [`Ledger::tokens`].
+pub struct Keys<'a> {
+    ledger: &'a Ledger,
+    kind: IdKind,
+    actor: String,
+    owner: Option<u64>,
+}
+
+const KIND_API: u8 = 0;
+const KIND_TOKEN: u8 = 1;
+
+impl<'a> Keys<'a> {
+    pub(crate) fn new(ledger: &'a Ledger, kind: IdKind) -> Self {
+        Keys { ledger, kind, actor: SYSTEM_ACTOR.into(), owner: None }
+    }
+
+    /// The same handle, recording `actor` as the author of its changes.
+    pub fn by(mut self, actor: impl Into<String>) -> Self {
+        self.actor = actor.into();
+        self
+    }
+
+    /// The same handle, restricted to keys of `owner`: any other owner's key is `NotFound`.
+    pub fn owned_by(mut self, owner: &str) -> Result<Self> {
+        self.owner = Some(self.ledger.inner.ids.decode(IdKind::Account, owner)?);
+        Ok(self)
+    }
+
+    fn kind_tag(&self) -> u8 {
+        if self.kind == IdKind::Token { KIND_TOKEN } else { KIND_API }
+    }
+
+    fn what(&self) -> &'static str {
+        self.kind.noun()
+    }
+
+    /// Creates a key and returns its plaintext, this once.
+    pub fn create(&self, new: NewKey) -> Result<CreatedKey> {
+        let s = new.settings;
+        let class = self.class_for(&s)?;
+        let plaintext = self.ledger.inner.format.generate(class)?;
+        let hasher = self.ledger.hasher();
+        let (prefix, suffix) = visible_parts(plaintext.expose());
+        let hash = hasher.hash_current(plaintext.expose());
+        let info = self.insert(s, class, hash, hasher.current(), prefix, suffix, "created")?;
+        Ok(CreatedKey { info, plaintext })
+    }
+
+    /// Imports a key issued elsewhere by its hash; its holder keeps using the same plaintext.
+    pub fn import(&self, import: ImportKey) -> Result<KeyInfo> {
+        let class = self.class_for(&import.settings)?;
+        let (hash, scheme) = match import.hash {
+            ImportedHash::Sha256(h) => (h, HashScheme::Sha256Imported),
+            ImportedHash::Current(h) => (h, self.ledger.hash_scheme()),
+        };
+        let visible_ok = |s: &str, max: usize| {
+            s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic() && b != b'*')
+        };
+        if !visible_ok(&import.prefix, 12) || !visible_ok(&import.suffix, 4) {
+            return Err(Error::invalid(
+                "prefix",
+                "visible prefix (≤ 12) and suffix (≤ 4) must be printable ASCII",
+            ));
+        }
+        self.insert(import.settings, class, hash, scheme, import.prefix, import.suffix, "imported")
+    }
+
+    fn class_for(&self, s: &Settings) -> Result<KeyClass> {
+        match (self.kind, &s.token_type, s.test) {
+            (IdKind::Token, Some(_), false) => Ok(KeyClass::Token),
+            (IdKind::Token, Some(_), true) => Err(Error::invalid("test", "tokens have no test mode")),
+            (IdKind::Token, None, _) => Err(Error::invalid("type", "a token needs a type")),
+            (_, Some(_), _) => Err(Error::invalid("type", "use tokens() to create a token")),
+            (_, None, true) => Ok(KeyClass::Test),
+            (_, None, false) => Ok(KeyClass::Live),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn insert(
+        &self,
+        s: Settings,
+        class: KeyClass,
+        key_hash: KeyHash,
+        scheme: HashScheme,
+        key_prefix: String,
+        key_suffix: String,
+        verb: &str,
+    ) -> Result<KeyInfo> {
+        let owner = self.ledger.inner.ids.decode(IdKind::Account, &s.owner)?;
+        if self.owner.is_some_and(|o| o != owner) {
+            return Err(Error::NotFound { what: "account" });
+        }
+        let now = self.ledger.now();
+        let kind = match s.token_type {
+            Some(t) => KeyKind::Token { token_type: rules::name("type", &t)? },
+            None => KeyKind::Api,
+        };
+        let record = KeyRecord {
+            kind,
+            class,
+            owner,
+            name: rules::name("name", &s.name)?,
+            key_prefix,
+            key_suffix,
+            key_hash,
+            scheme,
+            permissions: rules::scopes(&s.permissions)?,
+            ips: rules::ips(&s.ips)?,
+            limits: { rules::limits(&s.limits)?; s.limits },
+            metadata: { rules::metadata(&s.metadata)?; s.metadata },
+            created_at: now,
+            created_by: self.actor.clone(),
+            updated_at: now,
+            updated_by: self.actor.clone(),
+            expires_at: checked_expiry(s.expires_at, now)?,
+            disabled_at: None,
+            last_used_at: None,
+            rolled: None,
+        };
+        let txn = self.ledger.inner.store.begin_write()?;
+        if txn.open_table(ACCOUNTS)?.get(owner)?.is_none() {
+            return Err(Error::NotFound { what: "account" });
+        }
+        if txn.open_table(KEY_HASHES)?.get(&key_hash)?.is_some() {
+            return Err(Error::Conflict("a key with this hash already exists".into()));
+        }
+        let id = store::next_id(&txn)?;
+        store::put(&mut txn.open_table(KEYS)?, id, &record)?;
+        self.index(&txn, id, &record)?;
+        if let Some(credits) = record.limits.credits {
+            let credits = CreditsRecord {
+                balance: credits,
+                granted: credits,
+                refilled_at: record.limits.refill.map(|_| now),
+                ..CreditsRecord::default()
+            };
+            store::put(&mut txn.open_table(CREDITS)?, id, &credits)?;
+        }
+        let public = self.public_id(id);
+        let action = format!("{}.{verb}", self.what());
+        audit::append(&txn, now, &self.actor, &action, &public, &[])?;
+        txn.commit()?;
+        let remaining = record.limits.credits;
+        Ok(self.view(id, record, remaining))
+    }
+
+    /// Adds the record's hashes and index entries.
+    fn index(&self, txn: &WriteTransaction, id: u64, r: &KeyRecord) -> Result<()> {
+        txn.open_table(KEY_HASHES)?.insert(&r.key_hash, id)?;
+        store::adjust_scheme_count(txn, r.scheme, 1)?;
+        txn.open_table(KEYS_BY_OWNER)?.insert((r.owner, self.kind_tag(), id), ())?;
+        txn.open_table(KEYS_BY_PREFIX)?.insert((r.key_prefix.as_str(), id), ())?;
+        Ok(())
+    }
+
+    /// Removes the record's hashes (current and rolled) and index entries.
+    fn unindex(&self, txn: &WriteTransaction, id: u64, r: &KeyRecord) -> Result<()> {
+        txn.open_table(KEY_HASHES)?.remove(&r.key_hash)?;
+        store::adjust_scheme_count(txn, r.scheme, -1)?;
+        if let Some(old) = &r.rolled {
+            txn.open_table(KEY_HASHES)?.remove(&old.key_hash)?;
+            store::adjust_scheme_count(txn, old.scheme, -1)?;
+        }
+        txn.open_table(KEYS_BY_OWNER)?.remove((r.owner, self.kind_tag(), id))?;
+        txn.open_table(KEYS_BY_PREFIX)?.remove((r.key_prefix.as_str(), id))?;
+        Ok(())
+    }
+
+    /// Reads a key.
+    pub fn get(&self, id: &str) -> Result<KeyInfo> {
+        let internal = self.internal_id(id)?;
+        let read = self.ledger.inner.store.begin_read()?;
+        let record = self.load(&read.open_table(KEYS)?, internal)?;
+        let remaining = remaining(&read.open_table(CREDITS)?, internal)?;
+        Ok(self.view(internal, record, remaining))
+    }
+
+    /// Lists `owner`'s keys (or tokens) in creation order, a page at a time.
+    pub fn list(&self, owner: &str, page: &PageRequest) -> Result<Page<KeyInfo>> {
+        let owner = self.ledger.inner.ids.decode(IdKind::Account, owner)?;
+        if self.owner.is_some_and(|o| o != owner) {
+            return Err(Error::NotFound { what: "account" });
+        }
+        let limit = page.checked_limit()?;
+        let owner_bytes = owner.to_be_bytes();
+        let ad: [&[u8]; 3] = [b"cursor", self.kind.prefix().as_bytes(), &owner_bytes];
+        let start = match &page.cursor {
+            Some(c) => self.ledger.inner.ids.open(&ad, c).ok_or_else(|| {
+                Error::invalid("cursor", "not a cursor issued for this listing")
+            })?,
+            None => 0,
+        };
+        let read = self.ledger.inner.store.begin_read()?;
+        let index = read.open_table(KEYS_BY_OWNER)?;
+        let keys = read.open_table(KEYS)?;
+        let credits = read.open_table(CREDITS)?;
+        let tag = self.kind_tag();
+        let (mut items, mut next_cursor, mut last) = (Vec::new(), None, start);
+        let from = if page.cursor.is_some() { start.checked_add(1) } else { Some(0) };
+        if let Some(from) = from {
+            for entry in index.range((owner, tag, from)..=(owner, tag, u64::MAX))? {
+                let (k, _) = entry?;
+                let id = k.value().2;
+                if items.len() == limit {
+                    next_cursor = Some(self.ledger.inner.ids.seal(&ad, last));
+                    break;
+                }
+                let record = self.load(&keys, id)?;
+                items.push(self.view(id, record, remaining(&credits, id)?));
+                last = id;
+            }
+        }
+        Ok(Page { items, next_cursor })
+    }
+
+    /// Support look-up by visible prefix (at least 8 characters, up to the 12 stored). Returns
+    /// masked keys only, at most 100.
+    pub fn find_by_prefix(&self, prefix: &str) -> Result<Vec<KeyInfo>> {
+        let prefix = prefix.split('…').next().unwrap_or_default();
+        if !(8..=12).contains(&prefix.len()) || !prefix.is_ascii() {
+            return Err(Error::invalid("prefix", "give 8–12 characters of the visible prefix"));
+        }
+        let read = self.ledger.inner.store.begin_read()?;
+        let index = read.open_table(KEYS_BY_PREFIX)?;
+        let keys = read.open_table(KEYS)?;
+        let credits = read.open_table(CREDITS)?;
+        let mut out = Vec::new();
+        for entry in index.range((prefix, 0u64)..)? {
+            let (k, _) = entry?;
+            let (p, id) = k.value();
+            if !p.starts_with(prefix) || out.len() == 100 {
+                break;
+            }
+            let record: KeyRecord = store::get(&keys, id)?.ok_or(Error::NotFound { what: "key" })?;
+            if self.fits(&record) {
+                out.push(self.view(id, record, remaining(&credits, id)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies a partial update; only the fields set change.
+    pub fn update(&self, id: &str, update: KeyUpdate) -> Result<KeyInfo> {
+        let now = self.ledger.now();
+        let name = update.name.as_deref().map(|n| rules::name("name", n)).transpose()?;
+        let permissions = update.permissions.as_ref().map(rules::scopes).transpose()?;
+        let ips = update.ips.as_ref().map(rules::ips).transpose()?;
+        let expires_at = update.expires_at.map(|e| checked_expiry(e, now)).transpose()?;
+        if let Some(m) = &update.metadata {
+            rules::metadata(m)?;
+        }
+        self.modify(id, "updated", |record, credits| {
+            let mut changed = Vec::new();
+            if let Some(name) = name {
+                record.name = name;
+                changed.push("name");
+            }
+            if let Some(p) = permissions {
+                record.permissions = p;
+                changed.push("permissions");
+            }
+            if let Some(ips) = ips {
+                record.ips = ips;
+                changed.push("ips");
+            }
+            if let Some(e) = expires_at {
+                record.expires_at = e;
+                changed.push("expires_at");
+            }
+            let mut limits = record.limits.clone();
+            if let Some(c) = update.credits {
+                limits.credits = c;
+                changed.push("credits");
+            }
+            if let Some(r) = update.refill {
+                limits.refill = r;
+                changed.push("refill");
+            }
+            if let Some(rl) = update.rate_limits {
+                limits.rate_limits = rl;
+                changed.push("rate_limits");
+            }
+            if let Some(tw) = update.token_window {
+                limits.token_window = tw;
+                changed.push("token_window");
+            }
+            rules::limits(&limits)?;
+            if let Some(c) = update.credits {
+                *credits = c.map(|balance| set_balance(credits.take(), balance, now));
+            }
+            record.limits = limits;
+            if let Some(m) = update.metadata {
+                record.metadata = m;
+                changed.push("metadata");
+            }
+            Ok(changed)
+        })
+    }
+
+    /// Disables a key: the next verify refuses it. Idempotent.
+    pub fn disable(&self, id: &str) -> Result<KeyInfo> {
+        self.modify(id, "disabled", |record, _| {
+            if record.disabled_at.is_none() {
+                record.disabled_at = Some(record.updated_at);
+            }
+            Ok(vec!["disabled_at"])
+        })
+    }
+
+    /// Re-enables a disabled key. Idempotent.
+    pub fn enable(&self, id: &str) -> Result<KeyInfo> {
+        self.modify(id, "enabled", |record, _| {
+            record.disabled_at = None;
+            Ok(vec!["disabled_at"])
+        })
+    }
+
+    /// Issues a new secret for the key, keeping its id and settings. The old secret keeps
+    /// working for `grace_secs` seconds (0: stops at once). Returns the new plaintext, once.
+    pub fn roll(&self, id: &str, grace_secs: u64) -> Result<CreatedKey> {
+        let internal = self.internal_id(id)?;
+        let hasher = self.ledger.hasher();
+        let now = self.ledger.now();
+        let txn = self.ledger.inner.store.begin_write()?;
+        let mut record = self.load(&txn.open_table(KEYS)?, internal)?;
+        let plaintext = self.ledger.inner.format.generate(record.class)?;
+        let new_hash = hasher.hash_current(plaintext.expose());
+        self.unindex(&txn, internal, &record)?;
+        let (prefix, suffix) = visible_parts(plaintext.expose());
+        let old = RolledSecret {
+            key_hash: record.key_hash,
+            scheme: record.scheme,
+            key_prefix: std::mem::replace(&mut record.key_prefix, prefix),
+            key_suffix: std::mem::replace(&mut record.key_suffix, suffix),
+            valid_until: now.plus_secs(grace_secs),
+        };
+        record.key_hash = new_hash;
+        record.scheme = hasher.current();
+        record.rolled = (grace_secs > 0).then_some(old);
+        record.updated_at = now;
+        record.updated_by = self.actor.clone();
+        self.index(&txn, internal, &record)?;
+        if let Some(old) = &record.rolled {
+            txn.open_table(KEY_HASHES)?.insert(&old.key_hash, internal)?;
+            store::adjust_scheme_count(&txn, old.scheme, 1)?;
+        }
+        store::put(&mut txn.open_table(KEYS)?, internal, &record)?;
+        let action = format!("{}.rolled", self.what());
+        audit::append(&txn, now, &self.actor, &action, id, &["secret"])?;
+        let remaining = remaining(&txn.open_table(CREDITS)?, internal)?;
+        txn.commit()?;
+        Ok(CreatedKey { info: self.view(internal, record, remaining), plaintext })
+    }
+
+    /// Deletes a key for good: its hashes, indexes and credits go with it.
+    pub fn delete(&self, id: &str) -> Result<()> {
+        let internal = self.internal_id(id)?;
+        let txn = self.ledger.inner.store.begin_write()?;
+        let record = self.load(&txn.open_table(KEYS)?, internal)?;
+        self.unindex(&txn, internal, &record)?;
+        txn.open_table(KEYS)?.remove(internal)?;
+        txn.open_table(CREDITS)?.remove(internal)?;
+        let action = format!("{}.deleted", self.what());
+        audit::append(&txn, self.ledger.now(), &self.actor, &action, id, &[])?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Loads, changes and stores a record in one transaction, with its audit event.
+    fn modify(
+        &self,
+        id: &str,
+        verb: &str,
+        change: impl FnOnce(&mut KeyRecord, &mut Option<CreditsRecord>) -> Result<Vec<&'static str>>,
+    ) -> Result<KeyInfo> {
+        let internal = self.internal_id(id)?;
+        let txn = self.ledger.inner.store.begin_write()?;
+        let (record, remaining) = {
+            let mut keys = txn.open_table(KEYS)?;
+            let mut credits_table = txn.open_table(CREDITS)?;
+            let mut record = self.load(&keys, internal)?;
+            let mut credits: Option<CreditsRecord> = store::get(&credits_table, internal)?;
+            record.updated_at = self.ledger.now();
+            record.updated_by = self.actor.clone();
+            let changed = change(&mut record, &mut credits)?;
+            store::put(&mut keys, internal, &record)?;
+            match &credits {
+                Some(c) => store::put(&mut credits_table, internal, c)?,
+                None => {
+                    credits_table.remove(internal)?;
+                }
+            }
+            let action = format!("{}.{verb}", self.what());
+            audit::append(&txn, record.updated_at, &self.actor, &action, id, &changed)?;
+            (record, credits.map(|c| c.balance))
+        };
+        txn.commit()?;
+        Ok(self.view(internal, record, remaining))
+    }
+
+    fn internal_id(&self, id: &str) -> Result<u64> {
+        Ok(self.ledger.inner.ids.decode(self.kind, id)?)
+    }
+
+    /// Whether a record belongs to this handle (kind and owner scope).
+    fn fits(&self, r: &KeyRecord) -> bool {
+        let kind_ok = matches!(r.kind, KeyKind::Token { .. }) == (self.kind == IdKind::Token);
+        kind_ok && self.owner.is_none_or(|o| o == r.owner)
+    }
+
+    fn load(&self, table: &impl ReadableTable<u64, &'static [u8]>, id: u64) -> Result<KeyRecord> {
+        let not_found = Error::NotFound { what: self.what() };
+        let record: KeyRecord = store::get(table, id)?.ok_or(not_found)?;
+        if self.fits(&record) { Ok(record) } else { Err(Error::NotFound { what: self.what() }) }
+    }
+
+    fn public_id(&self, id: u64) -> PublicId {
+        self.ledger.inner.ids.encode(self.kind, id)
+    }
+
+    pub(crate) fn view(&self, id: u64, r: KeyRecord, remaining: Option<u64>) -> KeyInfo {
+        key_info(self.ledger, self.kind, id, r, remaining)
+    }
+}
+
+/// Builds the public view of a record.
+pub(crate) fn key_info(
+    ledger: &Ledger,
+    kind: IdKind,
+    id: u64,
+    r: KeyRecord,
+    remaining: Option<u64>,
+) -> KeyInfo {
+    let ids = &ledger.inner.ids;
+    KeyInfo {
+        id: ids.encode(kind, id),
+        owner: ids.encode(IdKind::Account, r.owner),
+        masked: format!("{}…{}", r.key_prefix, r.key_suffix),
+        kind: r.kind,
+        class: r.class,
+        name: r.name,
+        prefix: r.key_prefix,
+        suffix: r.key_suffix,
+        permissions: r.permissions,
+        ips: r.ips.iter().map(ToString::to_string).collect(),
+        limits: r.limits,
+        remaining_credits: remaining,
+        metadata: r.metadata,
+        created_at: r.created_at,
+        created_by: r.created_by,
+        updated_at: r.updated_at,
+        updated_by: r.updated_by,
+        expires_at: r.expires_at,
+        disabled_at: r.disabled_at,
+        last_used_at: r.last_used_at,
+        previous_secret_valid_until: r.rolled.map(|o| o.valid_until),
+        hash_scheme: r.scheme.label(),
+        schema_version: <KeyRecord as crate::codec::Record>::VERSION,
+    }
+}
+
+fn kind_label<S: serde::Serializer>(kind: &KeyKind, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(kind.label())
+}
+
+fn remaining(table: &impl ReadableTable<u64, &'static [u8]>, id: u64) -> Result<Option<u64>> {
+    Ok(store::get::<CreditsRecord>(table, id)?.map(|c| c.balance))
+}
+
+/// A manual set of the balance: `granted` moves by the difference so that
+/// `spent + leased + balance == granted` keeps holding.
+fn set_balance(old: Option<CreditsRecord>, balance: u64, now: Timestamp) -> CreditsRecord {
+    let mut c = old.unwrap_or(CreditsRecord { refilled_at: Some(now), ..CreditsRecord::default() });
+    c.granted = c.granted.saturating_sub(c.balance).saturating_add(balance);
+    c.balance = balance;
+    c
+}
+
+fn checked_expiry(at: Option<Timestamp>, now: Timestamp) -> Result<Option<Timestamp>> {
+    match at {
+        Some(t) if t <= now => Err(Error::invalid("expires_at", "must be in the future")),
+        other => Ok(other),
+    }
+}

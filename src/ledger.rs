@@ -1,0 +1,131 @@
+//! [`Ledger`]: the open database and the handles that act on it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::accounts::Accounts;
+use crate::audit::Audit;
+use crate::clock::{Clock, Timestamp};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::hashing::{HashScheme, KeyHasher};
+use crate::keyfmt::KeyFormat;
+use crate::keys::Keys;
+use crate::public_id::{IdCipher, IdKind};
+use crate::routes::Routes;
+use crate::store::{self, Store};
+
+/// An open keyledger database. Cheap to clone; clones share one database.
+#[derive(Clone)]
+pub struct Ledger {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    pub(crate) path: PathBuf,
+    pub(crate) ids: IdCipher,
+    pub(crate) format: KeyFormat,
+    pub(crate) hasher: RwLock<Arc<KeyHasher>>,
+    pub(crate) config: Config,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+/// The actor recorded when a handle is not given one with `.by(…)`.
+pub(crate) const SYSTEM_ACTOR: &str = "system";
+
+impl Ledger {
+    /// Opens the database at `path`, creating it if it does not exist.
+    ///
+    /// Fails with [`Error::WrongMasterKey`] if `config` holds another master key than the one
+    /// the file was created with, [`Error::UpgradeRequired`] for a file written by a newer
+    /// keyledger, and [`Error::NotALedger`] for a redb file of another application.
+    pub fn open(path: impl AsRef<Path>, config: Config) -> Result<Ledger> {
+        let path = path.as_ref();
+        let (store, meta) = Store::open(path, &config.master_key)?;
+        let inner = Inner {
+            store,
+            path: path.to_owned(),
+            ids: IdCipher::new(&config.master_key),
+            format: KeyFormat::new(&config),
+            hasher: RwLock::new(Arc::new(KeyHasher::new(&config.master_key, meta.hash_scheme))),
+            clock: config.clock.clone(),
+            config,
+        };
+        Ok(Ledger { inner: Arc::new(inner) })
+    }
+
+    /// API keys: create, list, get, update, disable, roll, delete, import.
+    pub fn keys(&self) -> Keys<'_> {
+        Keys::new(self, IdKind::Key)
+    }
+
+    /// Internal tokens: the same lifecycle as keys, with a required `type`.
+    pub fn tokens(&self) -> Keys<'_> {
+        Keys::new(self, IdKind::Token)
+    }
+
+    /// Accounts: the owners of keys, with subscription status and entitlements.
+    pub fn accounts(&self) -> Accounts<'_> {
+        Accounts { ledger: self, actor: SYSTEM_ACTOR.into() }
+    }
+
+    /// Route rules: route prefix → required permission, entitlement and cost.
+    pub fn routes(&self) -> Routes<'_> {
+        Routes { ledger: self, actor: SYSTEM_ACTOR.into() }
+    }
+
+    /// The audit trail.
+    pub fn audit(&self) -> Audit<'_> {
+        Audit { ledger: self }
+    }
+
+    /// The file this ledger was opened from.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The scheme new and rehashed keys are stored under.
+    pub fn hash_scheme(&self) -> HashScheme {
+        self.inner.hasher.read().current()
+    }
+
+    /// Switches new keys to `scheme` (a new pepper version, or BLAKE3). Existing keys keep
+    /// working: a verify that misses under the new scheme tries the schemes that still have
+    /// records and rehashes the key it finds, so old schemes drain as keys are used.
+    pub fn rotate_hash_scheme(&self, scheme: HashScheme) -> Result<()> {
+        if scheme == HashScheme::Sha256Imported {
+            return Err(Error::invalid("scheme", "plain SHA-256 is only for imported keys"));
+        }
+        let mut hasher = self.inner.hasher.write();
+        let txn = self.inner.store.begin_write()?;
+        store::set_hash_scheme(&txn, scheme)?;
+        crate::audit::append(&txn, self.now(), SYSTEM_ACTOR, "hash_scheme.rotated", &scheme.label(), &[])?;
+        txn.commit()?;
+        *hasher = Arc::new(KeyHasher::new(&self.inner.config.master_key, scheme));
+        Ok(())
+    }
+
+    /// Number of stored key hashes per scheme: what a rotation still has to drain.
+    pub fn hash_scheme_counts(&self) -> Result<Vec<(HashScheme, u64)>> {
+        let read = self.inner.store.begin_read()?;
+        let table = read.open_table(store::tables::META)?;
+        Ok(store::scheme_counts(&table)?.into_iter().collect())
+    }
+
+    pub(crate) fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    pub(crate) fn hasher(&self) -> Arc<KeyHasher> {
+        self.inner.hasher.read().clone()
+    }
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").field("path", &self.inner.path).finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,59 @@
+//! keyledger: an embedded key-store engine for API servers — API keys and tokens stored as
+//! peppered hashes, opaque public ids, accounts, route rules and an audit trail, all durable
+//! in [redb](https://docs.rs/redb).
+//!
+//! ```
+//! use keyledger::{Config, Ledger, NewAccount, NewKey, Presented};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! let ledger = Ledger::open(dir.path().join("keys.redb"), Config::ephemeral()?)?;
+//! let account = ledger.accounts().create(NewAccount::new("Acme"))?;
+//! let created = ledger.keys().by("alice").create(
+//!     NewKey::new(&account.id, "CI deploy key").permissions(["quickhits:create"]).credits(10_000),
+//! )?;
+//! // Show `created.plaintext.expose()` to the customer once; only its hash is stored.
+//! let presented = Presented::from_headers(Some(&format!("Bearer {}", created.plaintext.expose())), None)?;
+//! let key = ledger.authenticate(&presented)?;
+//! assert_eq!(key.id, created.info.id);
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod accounts;
+mod audit;
+mod clock;
+mod codec;
+mod config;
+mod denial;
+mod error;
+mod hashing;
+mod keyfmt;
+mod keys;
+mod ledger;
+mod page;
+mod public_id;
+mod record;
+mod routes;
+mod secret;
+mod store;
+
+pub use accounts::{Account, AccountUpdate, Accounts, NewAccount};
+pub use audit::Audit;
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use config::{Config, ConfigBuilder, ENV_MASTER_KEY, ENV_MASTER_KEY_FILE};
+pub use denial::Denial;
+pub use error::{CodecError, ConfigError, Error, HeaderError, InvalidId, MalformedKey, Result};
+pub use hashing::HashScheme;
+pub use keyfmt::{KeyClass, Presented};
+pub use keys::{CreatedKey, ImportKey, ImportedHash, KeyInfo, KeyUpdate, Keys, NewKey};
+pub use ledger::Ledger;
+pub use page::{DEFAULT_LIMIT, MAX_LIMIT, Page, PageRequest};
+pub use public_id::PublicId;
+pub use record::{
+    AuditEvent, KeyKind, Limits, RateLimit, Refill, RefillInterval, RouteRule, SubscriptionStatus,
+    TokenWindow,
+};
+pub use routes::{Routes, permits};
+pub use secret::{MasterKey, Secret};

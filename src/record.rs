@@ -1,0 +1,541 @@
+//! The records stored in redb, and the validation every write goes through.
+//!
+//! These are the on-disk shapes. Public views ([`KeyInfo`](crate::KeyInfo),
+//! [`Account`](crate::Account)…) are built from them and never expose internal ids or hashes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Timestamp;
+use crate::codec::Record;
+use crate::error::Error;
+use crate::hashing::{HashScheme, KeyHash};
+use crate::keyfmt::KeyClass;
+
+/// Subscription state of an account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionStatus {
+    /// Paid and current.
+    Active,
+    /// In a trial period.
+    Trialing,
+    /// Payment failed; still usable while the host decides.
+    PastDue,
+    /// Ended by the customer.
+    Canceled,
+    /// Stopped by the operator.
+    Suspended,
+}
+
+impl SubscriptionStatus {
+    /// Every status, in declaration order.
+    pub const ALL: [SubscriptionStatus; 5] = [
+        SubscriptionStatus::Active,
+        SubscriptionStatus::Trialing,
+        SubscriptionStatus::PastDue,
+        SubscriptionStatus::Canceled,
+        SubscriptionStatus::Suspended,
+    ];
+
+    /// The snake_case name (`past_due`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriptionStatus::Active => "active",
+            SubscriptionStatus::Trialing => "trialing",
+            SubscriptionStatus::PastDue => "past_due",
+            SubscriptionStatus::Canceled => "canceled",
+            SubscriptionStatus::Suspended => "suspended",
+        }
+    }
+}
+
+impl std::str::FromStr for SubscriptionStatus {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        SubscriptionStatus::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| {
+            Error::invalid("status", "expected active, trialing, past_due, canceled or suspended")
+        })
+    }
+}
+
+/// A stored account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct AccountRecord {
+    pub name: String,
+    pub status: SubscriptionStatus,
+    pub entitlements: BTreeSet<String>,
+    pub created_at: Timestamp,
+    pub created_by: String,
+    pub updated_at: Timestamp,
+    pub updated_by: String,
+}
+
+impl Record for AccountRecord {
+    const NAME: &'static str = "account";
+    const VERSION: u8 = 1;
+}
+
+/// How often a refill replaces the balance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefillInterval {
+    /// Every day at 00:00 UTC.
+    Daily,
+    /// On the first of every month, 00:00 UTC.
+    Monthly,
+}
+
+/// A refill: the balance is *replaced* by `amount` each interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Refill {
+    /// The balance after each refill.
+    pub amount: u64,
+    /// How often.
+    pub interval: RefillInterval,
+}
+
+/// A named rate limit: at most `limit` requests per `window_secs`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RateLimit {
+    /// Name (`requests`, `burst`…), unique per key.
+    pub name: String,
+    /// Requests allowed per window.
+    pub limit: u64,
+    /// Window length in seconds.
+    pub window_secs: u64,
+}
+
+/// A token window: at most `tokens` of cost per `window_secs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TokenWindow {
+    /// Tokens allowed per window.
+    pub tokens: u64,
+    /// Window length in seconds.
+    pub window_secs: u64,
+}
+
+/// Spending and rate limits of a key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Starting credits; `None` means unmetered.
+    pub credits: Option<u64>,
+    /// Periodic refill of the balance.
+    pub refill: Option<Refill>,
+    /// Named request-rate limits.
+    pub rate_limits: Vec<RateLimit>,
+    /// Token window.
+    pub token_window: Option<TokenWindow>,
+}
+
+/// Whether a record is an API key or an internal token (with its `type`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyKind {
+    /// An API key handed to a customer.
+    Api,
+    /// An internal token with a required type (`service`, `webhook`…).
+    Token {
+        /// The token's type.
+        token_type: String,
+    },
+}
+
+/// A secret that was rolled: it keeps working until `valid_until`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RolledSecret {
+    pub key_hash: KeyHash,
+    pub scheme: HashScheme,
+    pub key_prefix: String,
+    pub key_suffix: String,
+    pub valid_until: Timestamp,
+}
+
+/// A stored key or token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct KeyRecord {
+    pub kind: KeyKind,
+    pub class: KeyClass,
+    pub owner: u64,
+    pub name: String,
+    pub key_prefix: String,
+    pub key_suffix: String,
+    pub key_hash: KeyHash,
+    pub scheme: HashScheme,
+    pub permissions: Vec<String>,
+    pub ips: Vec<IpNet>,
+    pub limits: Limits,
+    pub metadata: BTreeMap<String, String>,
+    pub created_at: Timestamp,
+    pub created_by: String,
+    pub updated_at: Timestamp,
+    pub updated_by: String,
+    pub expires_at: Option<Timestamp>,
+    pub disabled_at: Option<Timestamp>,
+    pub last_used_at: Option<Timestamp>,
+    pub rolled: Option<RolledSecret>,
+}
+
+impl KeyKind {
+    /// `api` for API keys, the token's type for tokens.
+    pub fn label(&self) -> &str {
+        match self {
+            KeyKind::Api => "api",
+            KeyKind::Token { token_type } => token_type,
+        }
+    }
+}
+
+impl Record for KeyRecord {
+    const NAME: &'static str = "key";
+    const VERSION: u8 = 1;
+}
+
+/// The durable credit state of a key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CreditsRecord {
+    /// Units available to lease.
+    pub balance: u64,
+    /// Units moved into in-memory leases and not yet returned or spent.
+    pub leased: u64,
+    /// Units spent in total.
+    pub spent: u64,
+    /// Units ever granted (initial credits, top-ups, refills).
+    pub granted: u64,
+    /// Start of the refill period the balance belongs to.
+    pub refilled_at: Option<Timestamp>,
+}
+
+impl Record for CreditsRecord {
+    const NAME: &'static str = "credits";
+    const VERSION: u8 = 1;
+}
+
+/// A route rule: requests under `prefix` need `permission` and `entitlement`, and cost `cost`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteRule {
+    /// Route prefix, e.g. `/api/v1/quickhits/`.
+    pub prefix: String,
+    /// Permission a key must hold (`None`: any valid key).
+    pub permission: Option<String>,
+    /// Entitlement the owner's account must hold (`None`: none needed).
+    pub entitlement: Option<String>,
+    /// Default cost of one request.
+    pub cost: u64,
+}
+
+impl Record for RouteRule {
+    const NAME: &'static str = "route rule";
+    const VERSION: u8 = 1;
+}
+
+/// One audit event. Names and public ids only, never a secret or a field's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Position in the trail (1, 2, …).
+    pub seq: u64,
+    /// When it happened.
+    pub at: Timestamp,
+    /// Who did it (the actor passed to the handle, `system` by default).
+    pub actor: String,
+    /// What happened: `key.created`, `key.disabled`, `account.updated`…
+    pub action: String,
+    /// Public id of the subject (a route prefix for route rules).
+    pub target: String,
+    /// Names of the fields changed.
+    pub fields: Vec<String>,
+}
+
+impl Record for AuditEvent {
+    const NAME: &'static str = "audit event";
+    const VERSION: u8 = 1;
+}
+
+/// Limits on user-supplied fields.
+pub(crate) mod rules {
+    use super::*;
+
+    pub const NAME_MAX_CHARS: usize = 50;
+    pub const SCOPE_MAX_CHARS: usize = 100;
+    pub const MAX_PERMISSIONS: usize = 100;
+    pub const MAX_IPS: usize = 100;
+    pub const MAX_METADATA: usize = 32;
+    pub const METADATA_KEY_MAX: usize = 64;
+    pub const METADATA_VALUE_MAX: usize = 1024;
+    pub const MAX_RATE_LIMITS: usize = 16;
+
+    /// A display name: 1–50 characters, no control characters, not blank.
+    pub fn name(field: &'static str, name: &str) -> Result<String, Error> {
+        let chars = name.chars().count();
+        if name.trim().is_empty() {
+            return Err(Error::invalid(field, "must not be empty"));
+        }
+        if chars > NAME_MAX_CHARS {
+            return Err(Error::invalid(
+                field,
+                format!("must be at most {NAME_MAX_CHARS} characters, got {chars}"),
+            ));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(Error::invalid(field, "must not contain control characters"));
+        }
+        Ok(name.to_owned())
+    }
+
+    /// A scope like `quickhits:create`, `quickhits:*` or `*`.
+    pub fn scope(field: &'static str, scope: &str) -> Result<String, Error> {
+        let ok_chars = scope
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-' | b'.' | b'*'));
+        let star_ok = match scope.find('*') {
+            None => true,
+            Some(i) => i == scope.len() - 1 && (i == 0 || scope.as_bytes()[i - 1] == b':'),
+        };
+        if scope.is_empty() || scope.len() > SCOPE_MAX_CHARS || !ok_chars || !star_ok {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "`{}` is not a scope: 1–{SCOPE_MAX_CHARS} of [A-Za-z0-9:_.-], \
+                     optionally ending in `*` after a `:` (or just `*`)",
+                    scope.escape_default()
+                ),
+            ));
+        }
+        Ok(scope.to_owned())
+    }
+
+    /// A list of scopes, deduplicated, order kept.
+    pub fn scopes<I, S>(items: I) -> Result<Vec<String>, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut out: Vec<String> = Vec::new();
+        for item in items {
+            let scope = scope("permissions", item.as_ref())?;
+            if !out.contains(&scope) {
+                out.push(scope);
+            }
+        }
+        if out.len() > MAX_PERMISSIONS {
+            return Err(Error::invalid("permissions", format!("at most {MAX_PERMISSIONS}")));
+        }
+        Ok(out)
+    }
+
+    /// An allowlist of addresses and CIDR ranges; an address becomes a /32 or /128.
+    pub fn ips<I, S>(items: I) -> Result<Vec<IpNet>, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut out = Vec::new();
+        for item in items {
+            let text = item.as_ref().trim();
+            let net = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    Error::invalid(
+                        "ips",
+                        format!("`{}` is not an IP address or CIDR range", text.escape_default()),
+                    )
+                })?;
+            if !out.contains(&net.trunc()) {
+                out.push(net.trunc());
+            }
+        }
+        if out.len() > MAX_IPS {
+            return Err(Error::invalid("ips", format!("at most {MAX_IPS} entries")));
+        }
+        Ok(out)
+    }
+
+    /// Free-form metadata: at most 32 entries of short printable strings.
+    pub fn metadata(map: &BTreeMap<String, String>) -> Result<(), Error> {
+        if map.len() > MAX_METADATA {
+            return Err(Error::invalid("metadata", format!("at most {MAX_METADATA} entries")));
+        }
+        for (k, v) in map {
+            if k.is_empty() || k.len() > METADATA_KEY_MAX || k.chars().any(char::is_control) {
+                return Err(Error::invalid(
+                    "metadata",
+                    format!("keys must be 1–{METADATA_KEY_MAX} bytes without control characters"),
+                ));
+            }
+            if v.len() > METADATA_VALUE_MAX {
+                return Err(Error::invalid(
+                    "metadata",
+                    format!("values must be at most {METADATA_VALUE_MAX} bytes"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Limits: positive windows, unique rate-limit names.
+    pub fn limits(limits: &Limits) -> Result<(), Error> {
+        if limits.rate_limits.len() > MAX_RATE_LIMITS {
+            return Err(Error::invalid("rate_limits", format!("at most {MAX_RATE_LIMITS}")));
+        }
+        for (i, rl) in limits.rate_limits.iter().enumerate() {
+            name("rate_limits.name", &rl.name)?;
+            if rl.limit == 0 || rl.window_secs == 0 {
+                return Err(Error::invalid("rate_limits", "limit and window must be positive"));
+            }
+            if limits.rate_limits[..i].iter().any(|other| other.name == rl.name) {
+                return Err(Error::invalid("rate_limits", format!("duplicate name `{}`", rl.name)));
+            }
+        }
+        if let Some(tw) = limits.token_window {
+            if tw.tokens == 0 || tw.window_secs == 0 {
+                return Err(Error::invalid("token_window", "tokens and window must be positive"));
+            }
+        }
+        if limits.refill.is_some() && limits.credits.is_none() {
+            return Err(Error::invalid("refill", "a refill needs metered credits"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode};
+    use proptest::prelude::*;
+
+    fn arb_timestamp() -> impl Strategy<Value = Timestamp> {
+        any::<u64>().prop_map(Timestamp)
+    }
+
+    fn arb_limits() -> impl Strategy<Value = Limits> {
+        (
+            proptest::option::of(any::<u64>()),
+            proptest::option::of((any::<u64>(), prop_oneof![Just(RefillInterval::Daily), Just(RefillInterval::Monthly)])),
+            proptest::collection::vec(("[a-z]{1,8}", any::<u64>(), any::<u64>()), 0..3),
+            proptest::option::of((any::<u64>(), any::<u64>())),
+        )
+            .prop_map(|(credits, refill, rls, tw)| Limits {
+                credits,
+                refill: refill.map(|(amount, interval)| Refill { amount, interval }),
+                rate_limits: rls
+                    .into_iter()
+                    .map(|(name, limit, window_secs)| RateLimit { name, limit, window_secs })
+                    .collect(),
+                token_window: tw.map(|(tokens, window_secs)| TokenWindow { tokens, window_secs }),
+            })
+    }
+
+    prop_compose! {
+        fn arb_key()(
+            token in proptest::option::of("[a-z]{1,10}"),
+            owner in any::<u64>(),
+            name in "\\PC{1,50}",
+            hash in any::<[u8; 32]>(),
+            pepper in any::<u32>(),
+            permissions in proptest::collection::vec("[a-z:*]{1,20}", 0..4),
+            v4 in proptest::collection::vec((any::<[u8; 4]>(), 0u8..=32), 0..3),
+            limits in arb_limits(),
+            metadata in proptest::collection::btree_map("[a-z]{1,5}", "\\PC{0,10}", 0..3),
+            times in (arb_timestamp(), arb_timestamp(), proptest::option::of(arb_timestamp()),
+                      proptest::option::of(arb_timestamp()), proptest::option::of(arb_timestamp())),
+            rolled in proptest::option::of((any::<[u8; 32]>(), arb_timestamp())),
+        ) -> KeyRecord {
+            KeyRecord {
+                kind: token.map_or(KeyKind::Api, |token_type| KeyKind::Token { token_type }),
+                class: KeyClass::Live,
+                owner,
+                name,
+                key_prefix: "vb_live_abcd".into(),
+                key_suffix: "wxyz".into(),
+                key_hash: hash,
+                scheme: HashScheme::HmacSha256 { pepper },
+                permissions,
+                ips: v4.into_iter().map(|(a, p)| IpNet::new(std::net::Ipv4Addr::from(a).into(), p).unwrap()).collect(),
+                limits,
+                metadata,
+                created_at: times.0,
+                created_by: "admin".into(),
+                updated_at: times.1,
+                updated_by: "admin".into(),
+                expires_at: times.2,
+                disabled_at: times.3,
+                last_used_at: times.4,
+                rolled: rolled.map(|(key_hash, valid_until)| RolledSecret {
+                    key_hash,
+                    scheme: HashScheme::Sha256Imported,
+                    key_prefix: "vb_live_1234".into(),
+                    key_suffix: "5678".into(),
+                    valid_until,
+                }),
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn key_records_round_trip(record in arb_key()) {
+            prop_assert_eq!(decode::<KeyRecord>(&encode(&record)).unwrap(), record);
+        }
+
+        #[test]
+        fn accounts_credits_routes_events_round_trip(
+            name in "\\PC{1,50}", ents in proptest::collection::btree_set("[a-z]{1,8}", 0..4),
+            n in any::<[u64; 4]>(), prefix in "/[a-z/]{0,20}", perm in proptest::option::of("[a-z:]{1,10}"),
+        ) {
+            let account = AccountRecord {
+                name: name.clone(), status: SubscriptionStatus::PastDue, entitlements: ents,
+                created_at: Timestamp(n[0]), created_by: "a".into(),
+                updated_at: Timestamp(n[1]), updated_by: "b".into(),
+            };
+            prop_assert_eq!(decode::<AccountRecord>(&encode(&account)).unwrap(), account);
+            let credits = CreditsRecord { balance: n[0], leased: n[1], spent: n[2], granted: n[3], refilled_at: None };
+            prop_assert_eq!(decode::<CreditsRecord>(&encode(&credits)).unwrap(), credits);
+            let rule = RouteRule { prefix: prefix.clone(), permission: perm.clone(), entitlement: None, cost: n[0] };
+            prop_assert_eq!(decode::<RouteRule>(&encode(&rule)).unwrap(), rule);
+            let event = AuditEvent { seq: n[0], at: Timestamp(n[1]), actor: name, action: "key.created".into(), target: prefix, fields: vec!["name".into()] };
+            prop_assert_eq!(decode::<AuditEvent>(&encode(&event)).unwrap(), event);
+        }
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode::<KeyRecord>(&bytes);
+            let _ = decode::<AccountRecord>(&bytes);
+            let _ = decode::<CreditsRecord>(&bytes);
+            let _ = decode::<RouteRule>(&bytes);
+            let _ = decode::<AuditEvent>(&bytes);
+        }
+    }
+
+    #[test]
+    fn unknown_versions_and_trailing_bytes_are_typed_errors() {
+        use crate::error::CodecError;
+        assert_eq!(decode::<RouteRule>(&[]), Err(CodecError::Empty));
+        let rule = RouteRule { prefix: "/x".into(), permission: None, entitlement: None, cost: 1 };
+        let mut bytes = encode(&rule);
+        bytes[0] = 9;
+        assert!(matches!(decode::<RouteRule>(&bytes), Err(CodecError::UnknownVersion { found: 9, .. })));
+        let mut bytes = encode(&rule);
+        bytes.push(0);
+        assert!(matches!(decode::<RouteRule>(&bytes), Err(CodecError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn validation_rejects_bad_names_scopes_and_ips() {
+        assert!(rules::name("name", "").is_err());
+        assert!(rules::name("name", "   ").is_err());
+        assert!(rules::name("name", &"x".repeat(51)).is_err());
+        assert!(rules::name("name", &"é".repeat(50)).is_ok());
+        assert!(rules::name("name", "bad\nname").is_err());
+        assert!(rules::scope("p", "quickhits:*").is_ok());
+        assert!(rules::scope("p", "*").is_ok());
+        assert!(rules::scope("p", "quick*").is_err());
+        assert!(rules::scope("p", "a b").is_err());
+        assert_eq!(rules::ips(["10.0.0.0/8", "192.168.1.7", "::1"]).unwrap().len(), 3);
+        assert_eq!(rules::ips(["10.1.2.3/8"]).unwrap()[0].to_string(), "10.0.0.0/8");
+        assert!(rules::ips(["10.0.0.300"]).is_err());
+    }
+}

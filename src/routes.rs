@@ -1,0 +1,127 @@
+//! Route rules: `route prefix → required permission, entitlement, default cost`, matched by
+//! longest prefix; and the permission check with `*` and `scope:*` wildcards.
+
+use redb::ReadableTable;
+
+use crate::audit;
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::ledger::Ledger;
+use crate::record::{RouteRule, rules};
+use crate::store::tables::ROUTES;
+
+/// Longest route prefix accepted.
+const MAX_ROUTE_LEN: usize = 256;
+
+/// Route-rule operations. Get one with [`Ledger::routes`].
+pub struct Routes<'a> {
+    pub(crate) ledger: &'a Ledger,
+    pub(crate) actor: String,
+}
+
+impl Routes<'_> {
+    /// The same handle, recording `actor` as the author of its changes.
+    pub fn by(mut self, actor: impl Into<String>) -> Self {
+        self.actor = actor.into();
+        self
+    }
+
+    /// Sets (creates or replaces) the rule for `rule.prefix`.
+    pub fn set(&self, rule: RouteRule) -> Result<RouteRule> {
+        let prefix = &rule.prefix;
+        if !prefix.starts_with('/')
+            || prefix.len() > MAX_ROUTE_LEN
+            || !prefix.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(Error::invalid(
+                "prefix",
+                format!("a route prefix starts with `/` and has 1–{MAX_ROUTE_LEN} printable ASCII characters"),
+            ));
+        }
+        if let Some(p) = &rule.permission {
+            rules::scope("permission", p)?;
+        }
+        if let Some(e) = &rule.entitlement {
+            rules::scope("entitlement", e)?;
+        }
+        let txn = self.ledger.inner.store.begin_write()?;
+        txn.open_table(ROUTES)?.insert(prefix.as_str(), codec::encode(&rule).as_slice())?;
+        let fields = ["permission", "entitlement", "cost"];
+        audit::append(&txn, self.ledger.now(), &self.actor, "route.set", prefix, &fields)?;
+        txn.commit()?;
+        Ok(rule)
+    }
+
+    /// Removes the rule for exactly `prefix`.
+    pub fn remove(&self, prefix: &str) -> Result<()> {
+        let txn = self.ledger.inner.store.begin_write()?;
+        if txn.open_table(ROUTES)?.remove(prefix)?.is_none() {
+            return Err(Error::NotFound { what: "route rule" });
+        }
+        audit::append(&txn, self.ledger.now(), &self.actor, "route.removed", prefix, &[])?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// All rules, sorted by prefix.
+    pub fn list(&self) -> Result<Vec<RouteRule>> {
+        let read = self.ledger.inner.store.begin_read()?;
+        let table = read.open_table(ROUTES)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            out.push(codec::decode(entry?.1.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The rule with the longest prefix of `route`, if any.
+    pub fn matching(&self, route: &str) -> Result<Option<RouteRule>> {
+        Ok(longest_match(&self.list()?, route).cloned())
+    }
+}
+
+/// The rule whose prefix is the longest prefix of `route`.
+pub(crate) fn longest_match<'r>(rules: &'r [RouteRule], route: &str) -> Option<&'r RouteRule> {
+    rules.iter().filter(|r| route.starts_with(r.prefix.as_str())).max_by_key(|r| r.prefix.len())
+}
+
+/// Whether `granted` scopes allow `required`: exact, `*`, or `scope:*` covering
+/// `scope:anything` (and nested `a:b:*` covering `a:b:c`).
+pub fn permits<S: AsRef<str>>(granted: &[S], required: &str) -> bool {
+    granted.iter().any(|g| {
+        let g = g.as_ref();
+        g == "*"
+            || g == required
+            || g.strip_suffix('*').is_some_and(|stem| stem.ends_with(':') && required.starts_with(stem))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(prefix: &str) -> RouteRule {
+        RouteRule { prefix: prefix.into(), permission: None, entitlement: None, cost: 1 }
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let rules = vec![rule("/api/"), rule("/api/v1/quickhits/"), rule("/api/v1/")];
+        assert_eq!(longest_match(&rules, "/api/v1/quickhits/create").unwrap().prefix, "/api/v1/quickhits/");
+        assert_eq!(longest_match(&rules, "/api/v1/roadmaps/create").unwrap().prefix, "/api/v1/");
+        assert_eq!(longest_match(&rules, "/api/v2").unwrap().prefix, "/api/");
+        assert!(longest_match(&rules, "/health").is_none());
+    }
+
+    #[test]
+    fn wildcards() {
+        assert!(permits(&["*"], "quickhits:create"));
+        assert!(permits(&["quickhits:*"], "quickhits:create"));
+        assert!(permits(&["quickhits:create"], "quickhits:create"));
+        assert!(!permits(&["quickhits:read"], "quickhits:create"));
+        assert!(!permits(&["quickhits:*"], "quickhitsx:create"));
+        assert!(!permits(&["quick*"], "quickhits:create"));
+        assert!(permits(&["a:b:*"], "a:b:c"));
+        assert!(!permits::<&str>(&[], "x"));
+    }
+}

@@ -1,0 +1,227 @@
+//! Secret material: [`Secret`] plaintexts, the [`MasterKey`] and the sub-keys derived from it.
+//!
+//! Every plaintext that must not leak (a key at creation, an OAuth token, an owner secret) is a
+//! [`Secret`]: zeroized on drop, redacted in `Debug`/`Display`, revealed only by
+//! [`Secret::expose`]. Sub-keys come from the master key through `blake3::derive_key` under
+//! distinct, versioned context strings, so no two purposes ever share key material.
+
+use std::fmt;
+use std::path::Path;
+
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::error::ConfigError;
+
+/// A plaintext secret. Zeroized on drop; `Debug` and `Display` print `Secret(***)`.
+#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a plaintext. The caller's copy, if any, is theirs to zeroize.
+    pub fn new(plaintext: impl Into<String>) -> Self {
+        Secret(plaintext.into())
+    }
+
+    /// Reveals the plaintext. The one door out: grep for `expose()` to audit every use.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Length of the plaintext in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the plaintext is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The 32-byte master secret every other key is derived from. Zeroized on drop, never printed.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct MasterKey([u8; 32]);
+
+impl MasterKey {
+    /// Length of a master key in bytes.
+    pub const LEN: usize = 32;
+
+    /// Builds a master key from exactly 32 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let array: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| ConfigError::MasterKeyLength { found: bytes.len() })?;
+        Ok(MasterKey(array))
+    }
+
+    /// Parses the textual form: 64 hex digits (surrounding whitespace ignored).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let text = text.trim();
+        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ConfigError::MasterKeyEncoding { found_chars: text.chars().count() });
+        }
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        for (i, pair) in text.as_bytes().chunks_exact(2).enumerate() {
+            let hi = (pair[0] as char).to_digit(16).unwrap_or(0);
+            let lo = (pair[1] as char).to_digit(16).unwrap_or(0);
+            bytes[i] = (hi * 16 + lo) as u8;
+        }
+        Self::from_bytes(&bytes[..])
+    }
+
+    /// A fresh random key from the OS. For `demo`, tests and `init` only: a ledger opened with
+    /// an ephemeral key cannot be read again once the key is gone.
+    pub fn generate() -> Result<Self, ConfigError> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|e| ConfigError::Randomness(e.to_string()))?;
+        Ok(MasterKey(bytes))
+    }
+
+    /// The textual form written to key files (64 lowercase hex digits), as a [`Secret`].
+    pub fn to_hex(&self) -> Secret {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = String::with_capacity(64);
+        for b in self.0 {
+            text.push(HEX[(b >> 4) as usize] as char);
+            text.push(HEX[(b & 15) as usize] as char);
+        }
+        Secret(text)
+    }
+
+    /// Reads a key file. On Unix the file must not be readable by group or others (mode 0600).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let io = |e: std::io::Error| ConfigError::KeyFile {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(ConfigError::KeyFilePermissions {
+                    path: path.display().to_string(),
+                    mode,
+                });
+            }
+        }
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
+        Self::parse(&text)
+    }
+
+    /// Writes the key to a new file with mode 0600. Refuses to overwrite an existing file.
+    pub fn write_new_file(&self, path: &Path) -> Result<(), ConfigError> {
+        use std::io::Write;
+        let io = |e: std::io::Error| ConfigError::KeyFile {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(path).map_err(io)?;
+        let hex = self.to_hex();
+        writeln!(file, "{}", hex.expose()).map_err(io)?;
+        file.sync_all().map_err(io)
+    }
+
+    /// Derives a 32-byte sub-key for one purpose.
+    pub(crate) fn derive(&self, context: &str) -> SubKey {
+        SubKey(blake3::derive_key(context, &self.0))
+    }
+
+    /// Derives a 64-byte sub-key (AES-256-SIV takes two 32-byte halves).
+    pub(crate) fn derive_wide(&self, context: &str) -> Zeroizing<[u8; 64]> {
+        let mut out = Zeroizing::new([0u8; 64]);
+        blake3::Hasher::new_derive_key(context)
+            .update(&self.0)
+            .finalize_xof()
+            .fill(&mut out[..]);
+        out
+    }
+}
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MasterKey(***)")
+    }
+}
+
+/// A derived 32-byte key, zeroized on drop.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub(crate) struct SubKey(pub(crate) [u8; 32]);
+
+/// Context strings for `blake3::derive_key`. Changing one changes every derived value.
+pub(crate) mod context {
+    /// Key-hash pepper; the version number is appended.
+    pub(crate) const PEPPER: &str = "keyledger 2026-11 key-hash pepper v";
+    /// AES-SIV key for opaque public ids and cursors.
+    pub(crate) const PUBLIC_ID: &str = "keyledger 2026-11 public-id cipher";
+    /// Keyed hash stored in the database to recognise the right master key at open.
+    pub(crate) const VERIFIER: &str = "keyledger 2026-11 master-key verifier";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_is_redacted_everywhere_but_expose() {
+        let s = Secret::new("vb_live_supersecret");
+        assert_eq!(format!("{s:?}"), "Secret(***)");
+        assert_eq!(format!("{s}"), "Secret(***)");
+        assert_eq!(s.expose(), "vb_live_supersecret");
+    }
+
+    #[test]
+    fn master_key_hex_round_trip_and_errors() {
+        let key = MasterKey::generate().unwrap();
+        let again = MasterKey::parse(key.to_hex().expose()).unwrap();
+        assert_eq!(key.0, again.0);
+        assert!(matches!(
+            MasterKey::parse("abcd"),
+            Err(ConfigError::MasterKeyEncoding { found_chars: 4 })
+        ));
+        assert!(matches!(
+            MasterKey::from_bytes(&[0u8; 31]),
+            Err(ConfigError::MasterKeyLength { found: 31 })
+        ));
+        assert!(!format!("{key:?}").contains(key.to_hex().expose()));
+    }
+
+    #[test]
+    fn derived_keys_differ_per_context() {
+        let key = MasterKey::generate().unwrap();
+        assert_ne!(key.derive(context::PUBLIC_ID).0, key.derive(context::VERIFIER).0);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn key_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        let key = MasterKey::generate().unwrap();
+        key.write_new_file(&path).unwrap();
+        assert_eq!(MasterKey::from_file(&path).unwrap().0, key.0);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            MasterKey::from_file(&path),
+            Err(ConfigError::KeyFilePermissions { mode: 0o644, .. })
+        ));
+        assert!(key.write_new_file(&path).is_err(), "never overwrites a key file");
+    }
+}

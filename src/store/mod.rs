@@ -1,0 +1,195 @@
+//! The redb store: opening and format checks, id allocation, meta entries and typed record
+//! access inside transactions. Every write goes through one `WriteTransaction` so that a
+//! record, its indexes and its audit event commit together or not at all.
+
+pub(crate) mod tables;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
+
+use crate::codec::{self, Record};
+use crate::error::{CodecError, Error, Result};
+use crate::hashing::HashScheme;
+use crate::secret::{MasterKey, context};
+use tables::{META, meta};
+
+/// First bytes of the `format` meta entry.
+pub(crate) const MAGIC: &[u8; 8] = b"keyledgr";
+/// The file format this build writes. History:
+/// - 1: first release (accounts, keys, hashes, owner/prefix indexes, credits, routes, audit).
+pub(crate) const FORMAT_VERSION: u32 = 1;
+
+/// The opened database and what its meta table says.
+pub(crate) struct Store {
+    pub(crate) db: Database,
+}
+
+/// Meta values read at open.
+pub(crate) struct OpenedMeta {
+    pub(crate) hash_scheme: HashScheme,
+}
+
+impl Store {
+    /// Opens or creates the database at `path` and checks that it is a keyledger file of a
+    /// known format, opened with the right master key.
+    pub(crate) fn open(path: &Path, master: &MasterKey) -> Result<(Store, OpenedMeta)> {
+        let db = Database::builder().create(path)?;
+        let store = Store { db };
+        let verifier = verifier(master);
+        let existing = {
+            let read = store.db.begin_read()?;
+            match read.open_table(META) {
+                Ok(table) => Some(read_format(&table, path)?),
+                Err(TableError::TableDoesNotExist(_)) => {
+                    if read.list_tables()?.next().is_some() {
+                        return Err(Error::NotALedger { path: path.display().to_string() });
+                    }
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if existing.is_none() {
+            let txn = store.begin_write()?;
+            {
+                let mut table = txn.open_table(META)?;
+                let mut format = MAGIC.to_vec();
+                format.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+                table.insert(meta::FORMAT, format.as_slice())?;
+                table.insert(meta::NEXT_ID, 1u64.to_le_bytes().as_slice())?;
+                let scheme = postcard::to_allocvec(&HashScheme::HmacSha256 { pepper: 1 })
+                    .expect("encode scheme");
+                table.insert(meta::HASH_SCHEME, scheme.as_slice())?;
+                table.insert(meta::VERIFIER, verifier.as_slice())?;
+            }
+            for table in ALL_RECORD_TABLES {
+                txn.open_table(table)?;
+            }
+            txn.open_table(tables::KEY_HASHES)?;
+            txn.open_table(tables::KEYS_BY_OWNER)?;
+            txn.open_table(tables::KEYS_BY_PREFIX)?;
+            txn.commit()?;
+        }
+        let read = store.db.begin_read()?;
+        let table = read.open_table(META)?;
+        let stored = table.get(meta::VERIFIER)?.map(|v| v.value().to_vec());
+        if !stored.is_some_and(|s| crate::hashing::hashes_equal_slices(&s, &verifier)) {
+            return Err(Error::WrongMasterKey);
+        }
+        let hash_scheme = match table.get(meta::HASH_SCHEME)? {
+            Some(v) => postcard::from_bytes(v.value()).map_err(|e| CodecError::Corrupt {
+                record: "meta",
+                reason: e.to_string(),
+            })?,
+            None => HashScheme::HmacSha256 { pepper: 1 },
+        };
+        drop(table);
+        drop(read);
+        Ok((store, OpenedMeta { hash_scheme }))
+    }
+
+    /// A write transaction with two-phase commit (redb's advice for files that may hold
+    /// attacker-supplied data) and immediate durability.
+    pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_two_phase_commit(true);
+        Ok(txn)
+    }
+
+    pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction> {
+        Ok(self.db.begin_read()?)
+    }
+}
+
+/// Tables whose values are codec records, for `check`.
+pub(crate) const ALL_RECORD_TABLES: [TableDefinition<'static, u64, &'static [u8]>; 4] =
+    [tables::ACCOUNTS, tables::KEYS, tables::CREDITS, tables::AUDIT];
+
+fn read_format(table: &impl ReadableTable<&'static str, &'static [u8]>, path: &Path) -> Result<u32> {
+    let not_ledger = || Error::NotALedger { path: path.display().to_string() };
+    let format = table.get(meta::FORMAT)?.ok_or_else(not_ledger)?;
+    let bytes = format.value();
+    if bytes.len() != 12 || &bytes[..8] != MAGIC {
+        return Err(not_ledger());
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version > FORMAT_VERSION {
+        return Err(Error::UpgradeRequired { found: version, supported: FORMAT_VERSION });
+    }
+    Ok(version)
+}
+
+fn verifier(master: &MasterKey) -> [u8; 32] {
+    blake3::keyed_hash(&master.derive(context::VERIFIER).0, b"keyledger master key").into()
+}
+
+/// Allocates the next internal id.
+pub(crate) fn next_id(txn: &redb::WriteTransaction) -> Result<u64> {
+    let mut table = txn.open_table(META)?;
+    let id = match table.get(meta::NEXT_ID)? {
+        Some(v) => u64::from_le_bytes(v.value().try_into().map_err(|_| CodecError::Corrupt {
+            record: "meta",
+            reason: "next_id is not 8 bytes".into(),
+        })?),
+        None => 1,
+    };
+    table.insert(meta::NEXT_ID, (id + 1).to_le_bytes().as_slice())?;
+    Ok(id)
+}
+
+/// Reads and decodes one record.
+pub(crate) fn get<R: Record>(
+    table: &impl ReadableTable<u64, &'static [u8]>,
+    id: u64,
+) -> Result<Option<R>> {
+    match table.get(id)? {
+        Some(bytes) => Ok(Some(codec::decode(bytes.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Encodes and writes one record.
+pub(crate) fn put<R: Record>(table: &mut redb::Table<u64, &'static [u8]>, id: u64, record: &R) -> Result<()> {
+    table.insert(id, codec::encode(record).as_slice())?;
+    Ok(())
+}
+
+/// Live hashes per scheme, so verify only tries old schemes while such records exist.
+pub(crate) fn scheme_counts(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<BTreeMap<HashScheme, u64>> {
+    match table.get(meta::SCHEME_COUNTS)? {
+        Some(v) => {
+            let list: Vec<(HashScheme, u64)> = postcard::from_bytes(v.value()).map_err(|e| {
+                CodecError::Corrupt { record: "meta", reason: e.to_string() }
+            })?;
+            Ok(list.into_iter().collect())
+        }
+        None => Ok(BTreeMap::new()),
+    }
+}
+
+/// Adds `delta` (may be negative) to the count of hashes under `scheme`.
+pub(crate) fn adjust_scheme_count(
+    txn: &redb::WriteTransaction,
+    scheme: HashScheme,
+    delta: i64,
+) -> Result<BTreeMap<HashScheme, u64>> {
+    let mut table = txn.open_table(META)?;
+    let mut counts = scheme_counts(&table)?;
+    let entry = counts.entry(scheme).or_default();
+    *entry = entry.saturating_add_signed(delta);
+    counts.retain(|_, n| *n > 0);
+    let list: Vec<(HashScheme, u64)> = counts.iter().map(|(s, n)| (*s, *n)).collect();
+    table.insert(meta::SCHEME_COUNTS, postcard::to_allocvec(&list).expect("encode").as_slice())?;
+    Ok(counts)
+}
+
+/// Sets the scheme new keys are hashed with.
+pub(crate) fn set_hash_scheme(txn: &redb::WriteTransaction, scheme: HashScheme) -> Result<()> {
+    let mut table = txn.open_table(META)?;
+    table.insert(meta::HASH_SCHEME, postcard::to_allocvec(&scheme).expect("encode").as_slice())?;
+    Ok(())
+}

@@ -1,0 +1,39 @@
+//! Every redb table keyledger uses, in one place. Values are [`codec`](crate::codec)-encoded
+//! records unless noted.
+
+use redb::TableDefinition;
+
+/// `name → bytes`: format, id sequence, hash scheme, scheme counts, master-key verifier.
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// `account id → AccountRecord`.
+pub(crate) const ACCOUNTS: TableDefinition<u64, &[u8]> = TableDefinition::new("accounts");
+/// `key id → KeyRecord` (API keys and tokens).
+pub(crate) const KEYS: TableDefinition<u64, &[u8]> = TableDefinition::new("keys");
+/// `key hash → key id`: the verify look-up. A rolled key has two hashes here during its grace.
+pub(crate) const KEY_HASHES: TableDefinition<&[u8; 32], u64> = TableDefinition::new("key_hashes");
+/// `(owner id, kind tag, key id) → ()`: cursor-paginated listing per owner.
+pub(crate) const KEYS_BY_OWNER: TableDefinition<(u64, u8, u64), ()> =
+    TableDefinition::new("keys_by_owner");
+/// `(visible prefix, key id) → ()`: masked look-up for support.
+pub(crate) const KEYS_BY_PREFIX: TableDefinition<(&str, u64), ()> =
+    TableDefinition::new("keys_by_prefix");
+/// `key id → CreditsRecord`.
+pub(crate) const CREDITS: TableDefinition<u64, &[u8]> = TableDefinition::new("credits");
+/// `route prefix → RouteRule`.
+pub(crate) const ROUTES: TableDefinition<&str, &[u8]> = TableDefinition::new("routes");
+/// `sequence → AuditEvent`.
+pub(crate) const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+
+/// Meta entry names.
+pub(crate) mod meta {
+    /// `MAGIC ++ format version (u32 LE)`.
+    pub(crate) const FORMAT: &str = "format";
+    /// Next internal id (u64 LE).
+    pub(crate) const NEXT_ID: &str = "next_id";
+    /// Hash scheme for new keys (postcard `HashScheme`).
+    pub(crate) const HASH_SCHEME: &str = "hash_scheme";
+    /// Number of live hashes per scheme (postcard `Vec<(HashScheme, u64)>`).
+    pub(crate) const SCHEME_COUNTS: &str = "scheme_counts";
+    /// Keyed BLAKE3 of a fixed string under the master key, to detect a wrong key at open.
+    pub(crate) const VERIFIER: &str = "verifier";
+}

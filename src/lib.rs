@@ -24,6 +24,7 @@
 mod accounts;
 mod audit;
 mod clock;
+mod check;
 mod codec;
 mod config;
 mod denial;
@@ -41,6 +42,7 @@ mod store;
 
 pub use accounts::{Account, AccountUpdate, Accounts, NewAccount};
 pub use audit::Audit;
+pub use check::CheckReport;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use config::{Config, ConfigBuilder, ENV_MASTER_KEY, ENV_MASTER_KEY_FILE};
 pub use denial::Denial;

@@ -67,6 +67,18 @@ impl AsRef<str> for PublicId {
     }
 }
 
+impl From<PublicId> for String {
+    fn from(id: PublicId) -> String {
+        id.0
+    }
+}
+
+impl From<&PublicId> for String {
+    fn from(id: &PublicId) -> String {
+        id.0.clone()
+    }
+}
+
 impl fmt::Display for PublicId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -45,7 +45,11 @@ pub struct NewAccount {
 impl NewAccount {
     /// An active account with no entitlements.
     pub fn new(name: impl Into<String>) -> Self {
-        NewAccount { name: name.into(), status: SubscriptionStatus::Active, entitlements: vec![] }
+        NewAccount {
+            name: name.into(),
+            status: SubscriptionStatus::Active,
+            entitlements: vec![],
+        }
     }
 
     /// Initial subscription status.
@@ -95,7 +99,10 @@ impl AccountUpdate {
 }
 
 fn entitlements(items: &[String]) -> Result<BTreeSet<String>> {
-    items.iter().map(|e| rules::scope("entitlements", e)).collect()
+    items
+        .iter()
+        .map(|e| rules::scope("entitlements", e))
+        .collect()
 }
 
 /// Account operations. Get one with [`Ledger::accounts`].
@@ -146,8 +153,16 @@ impl<'a> Accounts<'a> {
     /// Applies a partial update.
     pub fn update(&self, id: &str, update: AccountUpdate) -> Result<Account> {
         let internal = self.internal_id(id)?;
-        let name = update.name.as_deref().map(|n| rules::name("name", n)).transpose()?;
-        let ents = update.entitlements.as_deref().map(entitlements).transpose()?;
+        let name = update
+            .name
+            .as_deref()
+            .map(|n| rules::name("name", n))
+            .transpose()?;
+        let ents = update
+            .entitlements
+            .as_deref()
+            .map(entitlements)
+            .transpose()?;
         let txn = self.ledger.inner.store.begin_write()?;
         let record = {
             let mut table = txn.open_table(ACCOUNTS)?;
@@ -169,7 +184,14 @@ impl<'a> Accounts<'a> {
             record.updated_at = self.ledger.now();
             record.updated_by = self.actor.clone();
             store::put(&mut table, internal, &record)?;
-            audit::append(&txn, record.updated_at, &self.actor, "account.updated", id, &changed)?;
+            audit::append(
+                &txn,
+                record.updated_at,
+                &self.actor,
+                "account.updated",
+                id,
+                &changed,
+            )?;
             record
         };
         txn.commit()?;
@@ -186,9 +208,11 @@ impl<'a> Accounts<'a> {
         let limit = page.checked_limit()?;
         let ad: [&[u8]; 1] = [b"cursor:accounts"];
         let start = match &page.cursor {
-            Some(c) => self.ledger.inner.ids.open(&ad, c).ok_or_else(|| {
-                Error::invalid("cursor", "not a cursor issued for this listing")
-            })? + 1,
+            Some(c) => {
+                self.ledger.inner.ids.open(&ad, c).ok_or_else(|| {
+                    Error::invalid("cursor", "not a cursor issued for this listing")
+                })? + 1
+            }
             None => 0,
         };
         let read = self.ledger.inner.store.begin_read()?;

@@ -44,7 +44,10 @@ impl Audit<'_> {
         let read = self.ledger.inner.store.begin_read()?;
         let table = read.open_table(AUDIT)?;
         let mut out = Vec::new();
-        for entry in table.range(after.saturating_add(1)..)?.take(limit.min(1000)) {
+        for entry in table
+            .range(after.saturating_add(1)..)?
+            .take(limit.min(1000))
+        {
             let (_, bytes) = entry?;
             out.push(codec::decode(bytes.value())?);
         }

@@ -50,14 +50,19 @@ impl Ledger {
     pub fn check(path: impl AsRef<Path>, config: Config) -> Result<CheckReport> {
         let path = path.as_ref();
         if !path.exists() {
-            return Err(Error::NotFound { what: "database file" });
+            return Err(Error::NotFound {
+                what: "database file",
+            });
         }
         let integrity_ok = {
             let mut db = redb::Database::builder().open(path)?;
             db.check_integrity()?
         };
         let ledger = Ledger::open(path, config)?;
-        let mut report = CheckReport { integrity_ok, ..CheckReport::default() };
+        let mut report = CheckReport {
+            integrity_ok,
+            ..CheckReport::default()
+        };
         ledger.check_records(&mut report)?;
         Ok(report)
     }
@@ -96,7 +101,11 @@ impl Ledger {
                 KeyKind::Api => (0u8, crate::public_id::IdKind::Key),
                 KeyKind::Token { .. } => (1u8, crate::public_id::IdKind::Token),
             };
-            if tag == 0 { report.keys += 1 } else { report.tokens += 1 }
+            if tag == 0 {
+                report.keys += 1
+            } else {
+                report.tokens += 1
+            }
             let public = ids.encode(kind, id);
             if accounts.get(record.owner)?.is_none() {
                 problems.push(format!("{public}: owner account missing"));
@@ -145,10 +154,15 @@ impl Ledger {
                     if keys.get(k.value())?.is_none() {
                         problems.push(format!("credits #{}: key missing", k.value()));
                     }
-                    if c.spent.checked_add(c.leased).and_then(|x| x.checked_add(c.balance))
+                    if c.spent
+                        .checked_add(c.leased)
+                        .and_then(|x| x.checked_add(c.balance))
                         != Some(c.granted)
                     {
-                        problems.push(format!("credits #{}: spent + leased + balance != granted", k.value()));
+                        problems.push(format!(
+                            "credits #{}: spent + leased + balance != granted",
+                            k.value()
+                        ));
                     }
                 }
                 Err(e) => problems.push(format!("credits #{}: {e}", k.value())),

@@ -20,7 +20,11 @@ pub(crate) trait Record: Serialize + DeserializeOwned {
     /// Decodes a payload written with an older schema `version`. The default knows none.
     fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
         let _ = payload;
-        Err(CodecError::UnknownVersion { record: Self::NAME, found: version, supported: Self::VERSION })
+        Err(CodecError::UnknownVersion {
+            record: Self::NAME,
+            found: version,
+            supported: Self::VERSION,
+        })
     }
 }
 
@@ -38,15 +42,24 @@ pub(crate) fn decode<R: Record>(bytes: &[u8]) -> Result<R, CodecError> {
     if version == R::VERSION {
         decode_payload(payload)
     } else if version == 0 || version > R::VERSION {
-        Err(CodecError::UnknownVersion { record: R::NAME, found: version, supported: R::VERSION })
+        Err(CodecError::UnknownVersion {
+            record: R::NAME,
+            found: version,
+            supported: R::VERSION,
+        })
     } else {
         R::upgrade(version, payload)
     }
 }
 
 /// Decodes a postcard payload that must be consumed exactly.
-pub(crate) fn decode_payload<T: DeserializeOwned + Record>(payload: &[u8]) -> Result<T, CodecError> {
-    let corrupt = |reason: String| CodecError::Corrupt { record: T::NAME, reason };
+pub(crate) fn decode_payload<T: DeserializeOwned + Record>(
+    payload: &[u8],
+) -> Result<T, CodecError> {
+    let corrupt = |reason: String| CodecError::Corrupt {
+        record: T::NAME,
+        reason,
+    };
     let (value, rest) = postcard::take_from_bytes(payload).map_err(|e| corrupt(e.to_string()))?;
     if !rest.is_empty() {
         return Err(corrupt(format!("{} trailing bytes", rest.len())));

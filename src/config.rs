@@ -20,6 +20,7 @@ pub struct Config {
     pub(crate) live_prefix: String,
     pub(crate) test_prefix: String,
     pub(crate) token_prefix: String,
+    pub(crate) legacy_prefixes: Vec<String>,
     pub(crate) clock: Arc<dyn Clock>,
 }
 
@@ -64,6 +65,7 @@ impl fmt::Debug for Config {
             .field("live_prefix", &self.live_prefix)
             .field("test_prefix", &self.test_prefix)
             .field("token_prefix", &self.token_prefix)
+            .field("legacy_prefixes", &self.legacy_prefixes)
             .finish_non_exhaustive()
     }
 }
@@ -75,6 +77,7 @@ pub struct ConfigBuilder {
     live_prefix: Option<String>,
     test_prefix: Option<String>,
     token_prefix: Option<String>,
+    legacy_prefixes: Vec<String>,
     clock: Option<Arc<dyn Clock>>,
 }
 
@@ -121,6 +124,14 @@ impl ConfigBuilder {
         self
     }
 
+    /// Accepts keys issued by another system under `prefix` (e.g. `sk_live_`), so imported
+    /// keys keep working. Such keys carry no checksum: the parser checks only the prefix,
+    /// a length of 16–100 characters after it and printable ASCII.
+    pub fn legacy_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.legacy_prefixes.push(prefix.into());
+        self
+    }
+
     /// The clock used for timestamps, expiry and refills (default: the system clock).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Some(Arc::new(clock));
@@ -133,7 +144,22 @@ impl ConfigBuilder {
         let live_prefix = checked_prefix("live_prefix", self.live_prefix, "vb_live_")?;
         let test_prefix = checked_prefix("test_prefix", self.test_prefix, "vb_test_")?;
         let token_prefix = checked_prefix("token_prefix", self.token_prefix, "vb_tok_")?;
-        let distinct = [&live_prefix, &test_prefix, &token_prefix];
+        let mut legacy_prefixes = Vec::new();
+        for prefix in self.legacy_prefixes {
+            let ok = (2..=16).contains(&prefix.len())
+                && prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !ok {
+                return Err(ConfigError::InvalidSetting {
+                    setting: "legacy_prefix",
+                    reason: "2–16 characters of A-Z, a-z, 0-9, `_` and `-`".into(),
+                });
+            }
+            legacy_prefixes.push(prefix);
+        }
+        let mut distinct = vec![&live_prefix, &test_prefix, &token_prefix];
+        distinct.extend(legacy_prefixes.iter());
         for (i, a) in distinct.iter().enumerate() {
             for b in &distinct[i + 1..] {
                 if a.starts_with(b.as_str()) || b.starts_with(a.as_str()) {
@@ -149,6 +175,7 @@ impl ConfigBuilder {
             live_prefix,
             test_prefix,
             token_prefix,
+            legacy_prefixes,
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         })
     }
@@ -160,7 +187,9 @@ fn checked_prefix(
     default: &str,
 ) -> Result<String, ConfigError> {
     let prefix = given.unwrap_or_else(|| default.to_owned());
-    let ok_chars = prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    let ok_chars = prefix
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
     if !(3..=12).contains(&prefix.len()) || !ok_chars || !prefix.ends_with('_') {
         return Err(ConfigError::InvalidSetting {
             setting,
@@ -184,10 +213,32 @@ mod tests {
     #[test]
     fn prefixes_are_validated() {
         let key = || MasterKey::generate().unwrap();
-        assert!(Config::builder().master_key(key()).live_prefix("Bad-").build().is_err());
-        assert!(Config::builder().master_key(key()).live_prefix("nounderscore").build().is_err());
-        assert!(Config::builder().master_key(key()).test_prefix("vb_live_").build().is_err());
-        let c = Config::builder().master_key(key()).live_prefix("acme_").build().unwrap();
+        assert!(
+            Config::builder()
+                .master_key(key())
+                .live_prefix("Bad-")
+                .build()
+                .is_err()
+        );
+        assert!(
+            Config::builder()
+                .master_key(key())
+                .live_prefix("nounderscore")
+                .build()
+                .is_err()
+        );
+        assert!(
+            Config::builder()
+                .master_key(key())
+                .test_prefix("vb_live_")
+                .build()
+                .is_err()
+        );
+        let c = Config::builder()
+            .master_key(key())
+            .live_prefix("acme_")
+            .build()
+            .unwrap();
         assert_eq!(c.live_prefix(), "acme_");
         assert!(!format!("{c:?}").contains(key().to_hex().expose()));
     }

@@ -80,7 +80,11 @@ impl fmt::Display for Denial {
         match self {
             Denial::Malformed(why) => write!(f, "malformed: {why}"),
             Denial::RateLimited { retry_after } => {
-                write!(f, "rate_limited: retry after {} ms", retry_after.as_millis())
+                write!(
+                    f,
+                    "rate_limited: retry after {} ms",
+                    retry_after.as_millis()
+                )
             }
             other => f.write_str(other.code()),
         }

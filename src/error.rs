@@ -150,7 +150,9 @@ pub enum Error {
     #[error("corrupt database: {0}")]
     Codec(#[from] CodecError),
     /// The database was written by a newer keyledger; upgrade this build to open it.
-    #[error("database format version {found} is newer than this build supports ({supported}); upgrade keyledger")]
+    #[error(
+        "database format version {found} is newer than this build supports ({supported}); upgrade keyledger"
+    )]
     UpgradeRequired {
         /// Format version in the file.
         found: u32,
@@ -193,7 +195,10 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidInput { field, reason: reason.into() }
+        Error::InvalidInput {
+            field,
+            reason: reason.into(),
+        }
     }
 }
 

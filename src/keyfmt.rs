@@ -30,12 +30,15 @@ pub enum KeyClass {
     Test,
     /// An internal token (`vb_tok_…`).
     Token,
+    /// A key issued by another system under a configured legacy prefix, imported by hash.
+    Legacy,
 }
 
 /// The configured prefixes; parses and generates keys.
 #[derive(Debug, Clone)]
 pub(crate) struct KeyFormat {
     prefixes: [(String, KeyClass); 3],
+    legacy: Vec<String>,
 }
 
 impl KeyFormat {
@@ -46,11 +49,22 @@ impl KeyFormat {
                 (config.test_prefix.clone(), KeyClass::Test),
                 (config.token_prefix.clone(), KeyClass::Token),
             ],
+            legacy: config.legacy_prefixes.clone(),
         }
     }
 
+    /// The prefix new keys of `class` get; a rolled legacy key becomes a native live key.
     fn prefix(&self, class: KeyClass) -> &str {
-        let (prefix, _) = self.prefixes.iter().find(|(_, c)| *c == class).expect("all classes");
+        let class = if class == KeyClass::Legacy {
+            KeyClass::Live
+        } else {
+            class
+        };
+        let (prefix, _) = &self.prefixes[self
+            .prefixes
+            .iter()
+            .position(|(_, c)| *c == class)
+            .unwrap_or(0)];
         prefix
     }
 
@@ -82,11 +96,13 @@ impl KeyFormat {
         if key.is_empty() {
             return Err(MalformedKey::Empty);
         }
-        let (prefix, class) = self
+        let Some((prefix, class)) = self
             .prefixes
             .iter()
             .find(|(p, _)| key.starts_with(p.as_str()))
-            .ok_or(MalformedKey::WrongPrefix)?;
+        else {
+            return self.parse_legacy(key);
+        };
         let rest = &key.as_bytes()[prefix.len()..];
         if rest.len() != BODY_LEN + CHECKSUM_LEN {
             return Err(MalformedKey::WrongLength {
@@ -95,13 +111,53 @@ impl KeyFormat {
             });
         }
         if let Some(i) = rest.iter().position(|b| !b.is_ascii_alphanumeric()) {
-            return Err(MalformedKey::BadCharacter { position: prefix.len() + i });
+            return Err(MalformedKey::BadCharacter {
+                position: prefix.len() + i,
+            });
         }
         let (signed, checksum) = key.as_bytes().split_at(key.len() - CHECKSUM_LEN);
         if checksum != encode_checksum(crc32fast::hash(signed)) {
             return Err(MalformedKey::BadChecksum);
         }
         Ok(*class)
+    }
+}
+
+impl KeyFormat {
+    /// Legacy keys: a configured prefix, 16–100 printable ASCII characters, no checksum.
+    fn parse_legacy(&self, key: &str) -> Result<KeyClass, MalformedKey> {
+        let prefix = self
+            .legacy
+            .iter()
+            .find(|p| key.starts_with(p.as_str()))
+            .ok_or(MalformedKey::WrongPrefix)?;
+        let rest = &key[prefix.len()..];
+        if !(16..=100).contains(&rest.len()) {
+            return Err(MalformedKey::WrongLength {
+                expected: BODY_LEN + CHECKSUM_LEN,
+                found: rest.len(),
+            });
+        }
+        if let Some(i) = rest.bytes().position(|b| !b.is_ascii_graphic()) {
+            return Err(MalformedKey::BadCharacter {
+                position: prefix.len() + i,
+            });
+        }
+        Ok(KeyClass::Legacy)
+    }
+
+    /// The class a visible prefix (of an imported key) belongs to.
+    pub(crate) fn classify_prefix(&self, visible: &str) -> Option<KeyClass> {
+        self.prefixes
+            .iter()
+            .find(|(p, _)| visible.starts_with(p.as_str()))
+            .map(|(_, c)| *c)
+            .or_else(|| {
+                self.legacy
+                    .iter()
+                    .any(|p| visible.starts_with(p.as_str()))
+                    .then_some(KeyClass::Legacy)
+            })
     }
 }
 
@@ -145,7 +201,9 @@ impl Presented {
             }));
         }
         if let Some(position) = key.bytes().position(|b| !b.is_ascii_graphic()) {
-            return Err(HeaderError::Malformed(MalformedKey::BadCharacter { position }));
+            return Err(HeaderError::Malformed(MalformedKey::BadCharacter {
+                position,
+            }));
         }
         Ok(Presented(Secret::new(key)))
     }
@@ -158,15 +216,21 @@ impl Presented {
         authorization: Option<&str>,
         x_api_key: Option<&str>,
     ) -> Result<Presented, HeaderError> {
-        let bearer = authorization.map(str::trim).filter(|v| !v.is_empty()).map(|value| {
-            let (scheme, rest) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
-            if scheme.eq_ignore_ascii_case("bearer") {
-                Presented::new(rest)
-            } else {
-                Err(HeaderError::UnsupportedScheme)
-            }
-        });
-        let api_key = x_api_key.map(str::trim).filter(|v| !v.is_empty()).map(Presented::new);
+        let bearer = authorization
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(|value| {
+                let (scheme, rest) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
+                if scheme.eq_ignore_ascii_case("bearer") {
+                    Presented::new(rest)
+                } else {
+                    Err(HeaderError::UnsupportedScheme)
+                }
+            });
+        let api_key = x_api_key
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(Presented::new);
         match (bearer, api_key) {
             (None, None) => Err(HeaderError::Missing),
             (Some(one), None) | (None, Some(one)) => one,
@@ -204,9 +268,16 @@ mod tests {
             assert_eq!(f.parse(key.expose()), Ok(class));
             let prefix = f.prefix(class);
             assert_eq!(key.len(), prefix.len() + 38);
-            assert!(key.expose()[prefix.len()..].bytes().all(|b| b.is_ascii_alphanumeric()));
+            assert!(
+                key.expose()[prefix.len()..]
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric())
+            );
         }
-        assert_ne!(f.generate(KeyClass::Live).unwrap(), f.generate(KeyClass::Live).unwrap());
+        assert_ne!(
+            f.generate(KeyClass::Live).unwrap(),
+            f.generate(KeyClass::Live).unwrap()
+        );
     }
 
     #[test]
@@ -215,43 +286,112 @@ mod tests {
         let key = f.generate(KeyClass::Live).unwrap();
         let key = key.expose();
         assert_eq!(f.parse(""), Err(MalformedKey::Empty));
-        assert_eq!(f.parse(&key.replacen("vb_live_", "sk_live_", 1)), Err(MalformedKey::WrongPrefix));
-        assert!(matches!(f.parse(&key[..key.len() - 1]), Err(MalformedKey::WrongLength { .. })));
+        assert_eq!(
+            f.parse(&key.replacen("vb_live_", "sk_live_", 1)),
+            Err(MalformedKey::WrongPrefix)
+        );
+        assert!(matches!(
+            f.parse(&key[..key.len() - 1]),
+            Err(MalformedKey::WrongLength { .. })
+        ));
         let mut bad_char = key.to_owned();
         bad_char.replace_range(10..11, "-");
-        assert_eq!(f.parse(&bad_char), Err(MalformedKey::BadCharacter { position: 10 }));
+        assert_eq!(
+            f.parse(&bad_char),
+            Err(MalformedKey::BadCharacter { position: 10 })
+        );
         // Change one body character: the checksum catches it.
         let mut typo = key.as_bytes().to_vec();
         typo[12] = if typo[12] == b'a' { b'b' } else { b'a' };
-        assert_eq!(f.parse(std::str::from_utf8(&typo).unwrap()), Err(MalformedKey::BadChecksum));
+        assert_eq!(
+            f.parse(std::str::from_utf8(&typo).unwrap()),
+            Err(MalformedKey::BadChecksum)
+        );
         // A live body under the test prefix fails the checksum: prefixes are signed too.
-        assert_eq!(f.parse(&key.replacen("vb_live_", "vb_test_", 1)), Err(MalformedKey::BadChecksum));
+        assert_eq!(
+            f.parse(&key.replacen("vb_live_", "vb_test_", 1)),
+            Err(MalformedKey::BadChecksum)
+        );
     }
 
     #[test]
     fn headers_bearer_or_x_api_key() {
         let k = "vb_live_abc";
-        assert_eq!(Presented::from_headers(Some("Bearer vb_live_abc"), None).unwrap().expose(), k);
-        assert_eq!(Presented::from_headers(Some("  bEaReR   vb_live_abc \t"), None).unwrap().expose(), k);
-        assert_eq!(Presented::from_headers(None, Some(" vb_live_abc ")).unwrap().expose(), k);
-        assert_eq!(Presented::from_headers(Some("Bearer vb_live_abc"), Some(k)).unwrap().expose(), k);
+        assert_eq!(
+            Presented::from_headers(Some("Bearer vb_live_abc"), None)
+                .unwrap()
+                .expose(),
+            k
+        );
+        assert_eq!(
+            Presented::from_headers(Some("  bEaReR   vb_live_abc \t"), None)
+                .unwrap()
+                .expose(),
+            k
+        );
+        assert_eq!(
+            Presented::from_headers(None, Some(" vb_live_abc "))
+                .unwrap()
+                .expose(),
+            k
+        );
+        assert_eq!(
+            Presented::from_headers(Some("Bearer vb_live_abc"), Some(k))
+                .unwrap()
+                .expose(),
+            k
+        );
         assert_eq!(
             Presented::from_headers(Some("Bearer vb_live_abc"), Some("vb_live_xyz")).unwrap_err(),
             HeaderError::Conflict
         );
-        assert_eq!(Presented::from_headers(None, None).unwrap_err(), HeaderError::Missing);
-        assert_eq!(Presented::from_headers(Some("  "), Some("")).unwrap_err(), HeaderError::Missing);
+        assert_eq!(
+            Presented::from_headers(None, None).unwrap_err(),
+            HeaderError::Missing
+        );
+        assert_eq!(
+            Presented::from_headers(Some("  "), Some("")).unwrap_err(),
+            HeaderError::Missing
+        );
         assert_eq!(
             Presented::from_headers(Some("Basic dXNlcjpwYXNz"), None).unwrap_err(),
             HeaderError::UnsupportedScheme
         );
-        assert_eq!(Presented::from_headers(Some("Bearer"), None).unwrap_err(), HeaderError::Missing);
+        assert_eq!(
+            Presented::from_headers(Some("Bearer"), None).unwrap_err(),
+            HeaderError::Missing
+        );
         assert!(matches!(
             Presented::from_headers(Some("Bearer vb_live_a b"), None),
             Err(HeaderError::Malformed(MalformedKey::BadCharacter { .. }))
         ));
         let err = Presented::from_headers(None, Some("vb_live_SECRETVALUE\u{7}")).unwrap_err();
         assert!(!err.to_string().contains("SECRETVALUE"));
+    }
+
+    #[test]
+    fn legacy_prefixes_parse_without_checksum_only_when_configured() {
+        let key = "sk_live_0123456789abcdefXYZ";
+        assert_eq!(format().parse(key), Err(MalformedKey::WrongPrefix));
+        let config = Config::builder()
+            .master_key(crate::MasterKey::generate().unwrap())
+            .legacy_prefix("sk_live_")
+            .build()
+            .unwrap();
+        let f = KeyFormat::new(&config);
+        assert_eq!(f.parse(key), Ok(KeyClass::Legacy));
+        assert!(matches!(
+            f.parse("sk_live_short"),
+            Err(MalformedKey::WrongLength { .. })
+        ));
+        assert_eq!(f.classify_prefix("sk_live_0123"), Some(KeyClass::Legacy));
+        assert_eq!(f.classify_prefix("vb_test_0123"), Some(KeyClass::Test));
+        assert!(
+            f.generate(KeyClass::Legacy)
+                .unwrap()
+                .expose()
+                .starts_with("vb_live_")
+        );
     }
 
     #[test]

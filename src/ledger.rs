@@ -50,11 +50,16 @@ impl Ledger {
             path: path.to_owned(),
             ids: IdCipher::new(&config.master_key),
             format: KeyFormat::new(&config),
-            hasher: RwLock::new(Arc::new(KeyHasher::new(&config.master_key, meta.hash_scheme))),
+            hasher: RwLock::new(Arc::new(KeyHasher::new(
+                &config.master_key,
+                meta.hash_scheme,
+            ))),
             clock: config.clock.clone(),
             config,
         };
-        Ok(Ledger { inner: Arc::new(inner) })
+        Ok(Ledger {
+            inner: Arc::new(inner),
+        })
     }
 
     /// API keys: create, list, get, update, disable, roll, delete, import.
@@ -69,12 +74,18 @@ impl Ledger {
 
     /// Accounts: the owners of keys, with subscription status and entitlements.
     pub fn accounts(&self) -> Accounts<'_> {
-        Accounts { ledger: self, actor: SYSTEM_ACTOR.into() }
+        Accounts {
+            ledger: self,
+            actor: SYSTEM_ACTOR.into(),
+        }
     }
 
     /// Route rules: route prefix → required permission, entitlement and cost.
     pub fn routes(&self) -> Routes<'_> {
-        Routes { ledger: self, actor: SYSTEM_ACTOR.into() }
+        Routes {
+            ledger: self,
+            actor: SYSTEM_ACTOR.into(),
+        }
     }
 
     /// The audit trail.
@@ -97,12 +108,22 @@ impl Ledger {
     /// records and rehashes the key it finds, so old schemes drain as keys are used.
     pub fn rotate_hash_scheme(&self, scheme: HashScheme) -> Result<()> {
         if scheme == HashScheme::Sha256Imported {
-            return Err(Error::invalid("scheme", "plain SHA-256 is only for imported keys"));
+            return Err(Error::invalid(
+                "scheme",
+                "plain SHA-256 is only for imported keys",
+            ));
         }
         let mut hasher = self.inner.hasher.write();
         let txn = self.inner.store.begin_write()?;
         store::set_hash_scheme(&txn, scheme)?;
-        crate::audit::append(&txn, self.now(), SYSTEM_ACTOR, "hash_scheme.rotated", &scheme.label(), &[])?;
+        crate::audit::append(
+            &txn,
+            self.now(),
+            SYSTEM_ACTOR,
+            "hash_scheme.rotated",
+            &scheme.label(),
+            &[],
+        )?;
         txn.commit()?;
         *hasher = Arc::new(KeyHasher::new(&self.inner.config.master_key, scheme));
         Ok(())
@@ -126,6 +147,8 @@ impl Ledger {
 
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ledger").field("path", &self.inner.path).finish_non_exhaustive()
+        f.debug_struct("Ledger")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
     }
 }

@@ -23,8 +23,8 @@
 
 mod accounts;
 mod audit;
-mod clock;
 mod check;
+mod clock;
 mod codec;
 mod config;
 mod denial;

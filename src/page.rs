@@ -38,7 +38,10 @@ impl PageRequest {
         match self.limit {
             None => Ok(DEFAULT_LIMIT),
             Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-            Some(n) => Err(crate::Error::invalid("limit", format!("must be 1–{MAX_LIMIT}, got {n}"))),
+            Some(n) => Err(crate::Error::invalid(
+                "limit",
+                format!("must be 1–{MAX_LIMIT}, got {n}"),
+            )),
         }
     }
 }

@@ -98,7 +98,9 @@ pub(crate) struct IdCipher {
 
 impl IdCipher {
     pub(crate) fn new(master: &MasterKey) -> Self {
-        IdCipher { key: master.derive_wide(context::PUBLIC_ID) }
+        IdCipher {
+            key: master.derive_wide(context::PUBLIC_ID),
+        }
     }
 
     fn cipher(&self) -> Aes256Siv {
@@ -107,7 +109,10 @@ impl IdCipher {
 
     /// Seals `id` bound to the associated data `ad`, as unpadded base64url.
     pub(crate) fn seal(&self, ad: &[&[u8]], id: u64) -> String {
-        let sealed = self.cipher().encrypt(ad, &id.to_be_bytes()).expect("8-byte plaintext");
+        let sealed = self
+            .cipher()
+            .encrypt(ad, &id.to_be_bytes())
+            .expect("8-byte plaintext");
         URL_SAFE_NO_PAD.encode(sealed)
     }
 
@@ -127,7 +132,9 @@ impl IdCipher {
     }
 
     pub(crate) fn decode(&self, kind: IdKind, text: &str) -> Result<u64, InvalidId> {
-        let invalid = InvalidId { expected: kind.noun() };
+        let invalid = InvalidId {
+            expected: kind.noun(),
+        };
         let body = text
             .strip_prefix(kind.prefix())
             .and_then(|rest| rest.strip_prefix('_'))
@@ -154,7 +161,10 @@ mod tests {
         assert_eq!(c.decode(IdKind::Key, &id), Ok(42));
         // Re-kinded: same body under another prefix.
         let rekinded = id.replacen("key_", "tok_", 1);
-        assert_eq!(c.decode(IdKind::Token, &rekinded), Err(InvalidId { expected: "token" }));
+        assert_eq!(
+            c.decode(IdKind::Token, &rekinded),
+            Err(InvalidId { expected: "token" })
+        );
         assert!(c.decode(IdKind::Account, &id).is_err());
         // Another master key cannot open it.
         assert!(cipher().decode(IdKind::Key, &id).is_err());

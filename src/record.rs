@@ -55,9 +55,15 @@ impl SubscriptionStatus {
 impl std::str::FromStr for SubscriptionStatus {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
-        SubscriptionStatus::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| {
-            Error::invalid("status", "expected active, trialing, past_due, canceled or suspended")
-        })
+        SubscriptionStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "status",
+                    "expected active, trialing, past_due, canceled or suspended",
+                )
+            })
     }
 }
 
@@ -320,7 +326,10 @@ pub(crate) mod rules {
             }
         }
         if out.len() > MAX_PERMISSIONS {
-            return Err(Error::invalid("permissions", format!("at most {MAX_PERMISSIONS}")));
+            return Err(Error::invalid(
+                "permissions",
+                format!("at most {MAX_PERMISSIONS}"),
+            ));
         }
         Ok(out)
     }
@@ -340,7 +349,10 @@ pub(crate) mod rules {
                 .map_err(|_| {
                     Error::invalid(
                         "ips",
-                        format!("`{}` is not an IP address or CIDR range", text.escape_default()),
+                        format!(
+                            "`{}` is not an IP address or CIDR range",
+                            text.escape_default()
+                        ),
                     )
                 })?;
             if !out.contains(&net.trunc()) {
@@ -356,7 +368,10 @@ pub(crate) mod rules {
     /// Free-form metadata: at most 32 entries of short printable strings.
     pub fn metadata(map: &BTreeMap<String, String>) -> Result<(), Error> {
         if map.len() > MAX_METADATA {
-            return Err(Error::invalid("metadata", format!("at most {MAX_METADATA} entries")));
+            return Err(Error::invalid(
+                "metadata",
+                format!("at most {MAX_METADATA} entries"),
+            ));
         }
         for (k, v) in map {
             if k.is_empty() || k.len() > METADATA_KEY_MAX || k.chars().any(char::is_control) {
@@ -378,20 +393,35 @@ pub(crate) mod rules {
     /// Limits: positive windows, unique rate-limit names.
     pub fn limits(limits: &Limits) -> Result<(), Error> {
         if limits.rate_limits.len() > MAX_RATE_LIMITS {
-            return Err(Error::invalid("rate_limits", format!("at most {MAX_RATE_LIMITS}")));
+            return Err(Error::invalid(
+                "rate_limits",
+                format!("at most {MAX_RATE_LIMITS}"),
+            ));
         }
         for (i, rl) in limits.rate_limits.iter().enumerate() {
             name("rate_limits.name", &rl.name)?;
             if rl.limit == 0 || rl.window_secs == 0 {
-                return Err(Error::invalid("rate_limits", "limit and window must be positive"));
+                return Err(Error::invalid(
+                    "rate_limits",
+                    "limit and window must be positive",
+                ));
             }
-            if limits.rate_limits[..i].iter().any(|other| other.name == rl.name) {
-                return Err(Error::invalid("rate_limits", format!("duplicate name `{}`", rl.name)));
+            if limits.rate_limits[..i]
+                .iter()
+                .any(|other| other.name == rl.name)
+            {
+                return Err(Error::invalid(
+                    "rate_limits",
+                    format!("duplicate name `{}`", rl.name),
+                ));
             }
         }
         if let Some(tw) = limits.token_window {
             if tw.tokens == 0 || tw.window_secs == 0 {
-                return Err(Error::invalid("token_window", "tokens and window must be positive"));
+                return Err(Error::invalid(
+                    "token_window",
+                    "tokens and window must be positive",
+                ));
             }
         }
         if limits.refill.is_some() && limits.credits.is_none() {
@@ -414,7 +444,10 @@ mod tests {
     fn arb_limits() -> impl Strategy<Value = Limits> {
         (
             proptest::option::of(any::<u64>()),
-            proptest::option::of((any::<u64>(), prop_oneof![Just(RefillInterval::Daily), Just(RefillInterval::Monthly)])),
+            proptest::option::of((
+                any::<u64>(),
+                prop_oneof![Just(RefillInterval::Daily), Just(RefillInterval::Monthly)],
+            )),
             proptest::collection::vec(("[a-z]{1,8}", any::<u64>(), any::<u64>()), 0..3),
             proptest::option::of((any::<u64>(), any::<u64>())),
         )
@@ -423,9 +456,16 @@ mod tests {
                 refill: refill.map(|(amount, interval)| Refill { amount, interval }),
                 rate_limits: rls
                     .into_iter()
-                    .map(|(name, limit, window_secs)| RateLimit { name, limit, window_secs })
+                    .map(|(name, limit, window_secs)| RateLimit {
+                        name,
+                        limit,
+                        window_secs,
+                    })
                     .collect(),
-                token_window: tw.map(|(tokens, window_secs)| TokenWindow { tokens, window_secs }),
+                token_window: tw.map(|(tokens, window_secs)| TokenWindow {
+                    tokens,
+                    window_secs,
+                }),
             })
     }
 
@@ -514,13 +554,24 @@ mod tests {
     fn unknown_versions_and_trailing_bytes_are_typed_errors() {
         use crate::error::CodecError;
         assert_eq!(decode::<RouteRule>(&[]), Err(CodecError::Empty));
-        let rule = RouteRule { prefix: "/x".into(), permission: None, entitlement: None, cost: 1 };
+        let rule = RouteRule {
+            prefix: "/x".into(),
+            permission: None,
+            entitlement: None,
+            cost: 1,
+        };
         let mut bytes = encode(&rule);
         bytes[0] = 9;
-        assert!(matches!(decode::<RouteRule>(&bytes), Err(CodecError::UnknownVersion { found: 9, .. })));
+        assert!(matches!(
+            decode::<RouteRule>(&bytes),
+            Err(CodecError::UnknownVersion { found: 9, .. })
+        ));
         let mut bytes = encode(&rule);
         bytes.push(0);
-        assert!(matches!(decode::<RouteRule>(&bytes), Err(CodecError::Corrupt { .. })));
+        assert!(matches!(
+            decode::<RouteRule>(&bytes),
+            Err(CodecError::Corrupt { .. })
+        ));
     }
 
     #[test]
@@ -534,8 +585,16 @@ mod tests {
         assert!(rules::scope("p", "*").is_ok());
         assert!(rules::scope("p", "quick*").is_err());
         assert!(rules::scope("p", "a b").is_err());
-        assert_eq!(rules::ips(["10.0.0.0/8", "192.168.1.7", "::1"]).unwrap().len(), 3);
-        assert_eq!(rules::ips(["10.1.2.3/8"]).unwrap()[0].to_string(), "10.0.0.0/8");
+        assert_eq!(
+            rules::ips(["10.0.0.0/8", "192.168.1.7", "::1"])
+                .unwrap()
+                .len(),
+            3
+        );
+        assert_eq!(
+            rules::ips(["10.1.2.3/8"]).unwrap()[0].to_string(),
+            "10.0.0.0/8"
+        );
         assert!(rules::ips(["10.0.0.300"]).is_err());
     }
 }

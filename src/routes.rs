@@ -35,7 +35,9 @@ impl Routes<'_> {
         {
             return Err(Error::invalid(
                 "prefix",
-                format!("a route prefix starts with `/` and has 1–{MAX_ROUTE_LEN} printable ASCII characters"),
+                format!(
+                    "a route prefix starts with `/` and has 1–{MAX_ROUTE_LEN} printable ASCII characters"
+                ),
             ));
         }
         if let Some(p) = &rule.permission {
@@ -45,9 +47,17 @@ impl Routes<'_> {
             rules::scope("entitlement", e)?;
         }
         let txn = self.ledger.inner.store.begin_write()?;
-        txn.open_table(ROUTES)?.insert(prefix.as_str(), codec::encode(&rule).as_slice())?;
+        txn.open_table(ROUTES)?
+            .insert(prefix.as_str(), codec::encode(&rule).as_slice())?;
         let fields = ["permission", "entitlement", "cost"];
-        audit::append(&txn, self.ledger.now(), &self.actor, "route.set", prefix, &fields)?;
+        audit::append(
+            &txn,
+            self.ledger.now(),
+            &self.actor,
+            "route.set",
+            prefix,
+            &fields,
+        )?;
         txn.commit()?;
         Ok(rule)
     }
@@ -58,7 +68,14 @@ impl Routes<'_> {
         if txn.open_table(ROUTES)?.remove(prefix)?.is_none() {
             return Err(Error::NotFound { what: "route rule" });
         }
-        audit::append(&txn, self.ledger.now(), &self.actor, "route.removed", prefix, &[])?;
+        audit::append(
+            &txn,
+            self.ledger.now(),
+            &self.actor,
+            "route.removed",
+            prefix,
+            &[],
+        )?;
         txn.commit()?;
         Ok(())
     }
@@ -82,7 +99,10 @@ impl Routes<'_> {
 
 /// The rule whose prefix is the longest prefix of `route`.
 pub(crate) fn longest_match<'r>(rules: &'r [RouteRule], route: &str) -> Option<&'r RouteRule> {
-    rules.iter().filter(|r| route.starts_with(r.prefix.as_str())).max_by_key(|r| r.prefix.len())
+    rules
+        .iter()
+        .filter(|r| route.starts_with(r.prefix.as_str()))
+        .max_by_key(|r| r.prefix.len())
 }
 
 /// Whether `granted` scopes allow `required`: exact, `*`, or `scope:*` covering
@@ -92,7 +112,8 @@ pub fn permits<S: AsRef<str>>(granted: &[S], required: &str) -> bool {
         let g = g.as_ref();
         g == "*"
             || g == required
-            || g.strip_suffix('*').is_some_and(|stem| stem.ends_with(':') && required.starts_with(stem))
+            || g.strip_suffix('*')
+                .is_some_and(|stem| stem.ends_with(':') && required.starts_with(stem))
     })
 }
 
@@ -101,14 +122,29 @@ mod tests {
     use super::*;
 
     fn rule(prefix: &str) -> RouteRule {
-        RouteRule { prefix: prefix.into(), permission: None, entitlement: None, cost: 1 }
+        RouteRule {
+            prefix: prefix.into(),
+            permission: None,
+            entitlement: None,
+            cost: 1,
+        }
     }
 
     #[test]
     fn longest_prefix_wins() {
         let rules = vec![rule("/api/"), rule("/api/v1/quickhits/"), rule("/api/v1/")];
-        assert_eq!(longest_match(&rules, "/api/v1/quickhits/create").unwrap().prefix, "/api/v1/quickhits/");
-        assert_eq!(longest_match(&rules, "/api/v1/roadmaps/create").unwrap().prefix, "/api/v1/");
+        assert_eq!(
+            longest_match(&rules, "/api/v1/quickhits/create")
+                .unwrap()
+                .prefix,
+            "/api/v1/quickhits/"
+        );
+        assert_eq!(
+            longest_match(&rules, "/api/v1/roadmaps/create")
+                .unwrap()
+                .prefix,
+            "/api/v1/"
+        );
         assert_eq!(longest_match(&rules, "/api/v2").unwrap().prefix, "/api/");
         assert!(longest_match(&rules, "/health").is_none());
     }

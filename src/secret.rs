@@ -70,7 +70,9 @@ impl MasterKey {
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let text = text.trim();
         if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(ConfigError::MasterKeyEncoding { found_chars: text.chars().count() });
+            return Err(ConfigError::MasterKeyEncoding {
+                found_chars: text.chars().count(),
+            });
         }
         let mut bytes = Zeroizing::new([0u8; 32]);
         for (i, pair) in text.as_bytes().chunks_exact(2).enumerate() {
@@ -205,7 +207,10 @@ mod tests {
     #[test]
     fn derived_keys_differ_per_context() {
         let key = MasterKey::generate().unwrap();
-        assert_ne!(key.derive(context::PUBLIC_ID).0, key.derive(context::VERIFIER).0);
+        assert_ne!(
+            key.derive(context::PUBLIC_ID).0,
+            key.derive(context::VERIFIER).0
+        );
     }
 
     #[cfg(unix)]
@@ -222,6 +227,9 @@ mod tests {
             MasterKey::from_file(&path),
             Err(ConfigError::KeyFilePermissions { mode: 0o644, .. })
         ));
-        assert!(key.write_new_file(&path).is_err(), "never overwrites a key file");
+        assert!(
+            key.write_new_file(&path).is_err(),
+            "never overwrites a key file"
+        );
     }
 }

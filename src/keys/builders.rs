@@ -23,7 +23,10 @@ macro_rules! settings_setters {
     ($t:ty) => {
         impl $t {
             /// Scopes the key grants (`quickhits:create`, `quickhits:*`, `*`).
-            pub fn permissions<I: IntoIterator<Item = S>, S: Into<String>>(mut self, items: I) -> Self {
+            pub fn permissions<I: IntoIterator<Item = S>, S: Into<String>>(
+                mut self,
+                items: I,
+            ) -> Self {
                 self.settings.permissions = items.into_iter().map(Into::into).collect();
                 self
             }
@@ -53,14 +56,26 @@ macro_rules! settings_setters {
             }
 
             /// Adds a named rate limit: `limit` requests per `window_secs`.
-            pub fn rate_limit(mut self, name: impl Into<String>, limit: u64, window_secs: u64) -> Self {
-                self.settings.limits.rate_limits.push(RateLimit { name: name.into(), limit, window_secs });
+            pub fn rate_limit(
+                mut self,
+                name: impl Into<String>,
+                limit: u64,
+                window_secs: u64,
+            ) -> Self {
+                self.settings.limits.rate_limits.push(RateLimit {
+                    name: name.into(),
+                    limit,
+                    window_secs,
+                });
                 self
             }
 
             /// Sets the token window: `tokens` of cost per `window_secs`.
             pub fn token_window(mut self, tokens: u64, window_secs: u64) -> Self {
-                self.settings.limits.token_window = Some(TokenWindow { tokens, window_secs });
+                self.settings.limits.token_window = Some(TokenWindow {
+                    tokens,
+                    window_secs,
+                });
                 self
             }
 
@@ -88,11 +103,21 @@ pub struct NewKey {
 impl NewKey {
     /// An API key for `owner` (an account's public id) named `name` (1–50 characters).
     pub fn new(owner: impl Into<String>, name: impl Into<String>) -> Self {
-        NewKey { settings: Settings { owner: owner.into(), name: name.into(), ..Settings::default() } }
+        NewKey {
+            settings: Settings {
+                owner: owner.into(),
+                name: name.into(),
+                ..Settings::default()
+            },
+        }
     }
 
     /// An internal token of type `token_type` (required) for `owner`, named `name`.
-    pub fn token(owner: impl Into<String>, token_type: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn token(
+        owner: impl Into<String>,
+        token_type: impl Into<String>,
+        name: impl Into<String>,
+    ) -> Self {
         let mut new = NewKey::new(owner, name);
         new.settings.token_type = Some(token_type.into());
         new
@@ -131,7 +156,11 @@ impl ImportKey {
         suffix: impl Into<String>,
     ) -> Self {
         ImportKey {
-            settings: Settings { owner: owner.into(), name: name.into(), ..Settings::default() },
+            settings: Settings {
+                owner: owner.into(),
+                name: name.into(),
+                ..Settings::default()
+            },
             hash,
             prefix: prefix.into(),
             suffix: suffix.into(),

@@ -2,7 +2,6 @@
 //! and — only while records under other schemes exist — try those too, rehashing the record
 //! to the current scheme on a hit. This is the cache-miss path of `verify`.
 
-
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::hashing::{HashScheme, KeyHash, hashes_equal};
@@ -70,11 +69,15 @@ fn rehash(
     let txn = ledger.inner.store.begin_write()?;
     let record = {
         let mut keys = txn.open_table(KEYS)?;
-        let mut record: KeyRecord = store::get(&keys, id)?.ok_or(crate::Error::NotFound { what: "key" })?;
+        let mut record: KeyRecord =
+            store::get(&keys, id)?.ok_or(crate::Error::NotFound { what: "key" })?;
         let slot = if hashes_equal(&record.key_hash, old_hash) {
             Some((&mut record.key_hash, &mut record.scheme))
         } else {
-            record.rolled.as_mut().map(|o| (&mut o.key_hash, &mut o.scheme))
+            record
+                .rolled
+                .as_mut()
+                .map(|o| (&mut o.key_hash, &mut o.scheme))
         };
         if let Some((stored_hash, stored_scheme)) = slot {
             let mut hashes = txn.open_table(KEY_HASHES)?;
@@ -96,12 +99,17 @@ impl Ledger {
     /// Identifies a presented key: format check, hash, look-up, then the state checks
     /// (disabled, expired). The first steps of the verify chain, without route, IP,
     /// subscription, rate or credit checks and without charging anything.
-    pub fn authenticate(&self, presented: &crate::Presented) -> Result<crate::KeyInfo, crate::Denial> {
+    pub fn authenticate(
+        &self,
+        presented: &crate::Presented,
+    ) -> Result<crate::KeyInfo, crate::Denial> {
         use crate::Denial;
         let key = presented.expose();
         let class = self.inner.format.parse(key).map_err(Denial::Malformed)?;
         let now = self.now();
-        let found = find(self, key, now).map_err(|_| Denial::Unavailable)?.ok_or(Denial::NotFound)?;
+        let found = find(self, key, now)
+            .map_err(|_| Denial::Unavailable)?
+            .ok_or(Denial::NotFound)?;
         let record = found.record;
         if record.class != class {
             return Err(Denial::NotFound);
@@ -116,7 +124,11 @@ impl Ledger {
             crate::record::KeyKind::Api => crate::public_id::IdKind::Key,
             crate::record::KeyKind::Token { .. } => crate::public_id::IdKind::Token,
         };
-        let read = self.inner.store.begin_read().map_err(|_| Denial::Unavailable)?;
+        let read = self
+            .inner
+            .store
+            .begin_read()
+            .map_err(|_| Denial::Unavailable)?;
         let credits = read.open_table(CREDITS).map_err(|_| Denial::Unavailable)?;
         let remaining = store::get::<crate::record::CreditsRecord>(&credits, found.id)
             .map_err(|_| Denial::Unavailable)?

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use redb::{ReadableTable, WriteTransaction};
 use serde::Serialize;
 
-pub use builders::{ImportKey, ImportedHash, KeyUpdate, NewKey};
 use builders::Settings;
+pub use builders::{ImportKey, ImportedHash, KeyUpdate, NewKey};
 
 use crate::audit;
 use crate::clock::Timestamp;
@@ -101,7 +101,12 @@ const KIND_TOKEN: u8 = 1;
 
 impl<'a> Keys<'a> {
     pub(crate) fn new(ledger: &'a Ledger, kind: IdKind) -> Self {
-        Keys { ledger, kind, actor: SYSTEM_ACTOR.into(), owner: None }
+        Keys {
+            ledger,
+            kind,
+            actor: SYSTEM_ACTOR.into(),
+            owner: None,
+        }
     }
 
     /// The same handle, recording `actor` as the author of its changes.
@@ -117,7 +122,11 @@ impl<'a> Keys<'a> {
     }
 
     fn kind_tag(&self) -> u8 {
-        if self.kind == IdKind::Token { KIND_TOKEN } else { KIND_API }
+        if self.kind == IdKind::Token {
+            KIND_TOKEN
+        } else {
+            KIND_API
+        }
     }
 
     fn what(&self) -> &'static str {
@@ -138,7 +147,19 @@ impl<'a> Keys<'a> {
 
     /// Imports a key issued elsewhere by its hash; its holder keeps using the same plaintext.
     pub fn import(&self, import: ImportKey) -> Result<KeyInfo> {
-        let class = self.class_for(&import.settings)?;
+        self.class_for(&import.settings)?;
+        let class = self
+            .ledger
+            .inner
+            .format
+            .classify_prefix(&import.prefix)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "prefix",
+                    "an imported key's visible prefix must start with a configured key prefix \
+                 or a legacy prefix (Config::builder().legacy_prefix(..))",
+                )
+            })?;
         let (hash, scheme) = match import.hash {
             ImportedHash::Sha256(h) => (h, HashScheme::Sha256Imported),
             ImportedHash::Current(h) => (h, self.ledger.hash_scheme()),
@@ -152,13 +173,23 @@ impl<'a> Keys<'a> {
                 "visible prefix (≤ 12) and suffix (≤ 4) must be printable ASCII",
             ));
         }
-        self.insert(import.settings, class, hash, scheme, import.prefix, import.suffix, "imported")
+        self.insert(
+            import.settings,
+            class,
+            hash,
+            scheme,
+            import.prefix,
+            import.suffix,
+            "imported",
+        )
     }
 
     fn class_for(&self, s: &Settings) -> Result<KeyClass> {
         match (self.kind, &s.token_type, s.test) {
             (IdKind::Token, Some(_), false) => Ok(KeyClass::Token),
-            (IdKind::Token, Some(_), true) => Err(Error::invalid("test", "tokens have no test mode")),
+            (IdKind::Token, Some(_), true) => {
+                Err(Error::invalid("test", "tokens have no test mode"))
+            }
             (IdKind::Token, None, _) => Err(Error::invalid("type", "a token needs a type")),
             (_, Some(_), _) => Err(Error::invalid("type", "use tokens() to create a token")),
             (_, None, true) => Ok(KeyClass::Test),
@@ -183,7 +214,9 @@ impl<'a> Keys<'a> {
         }
         let now = self.ledger.now();
         let kind = match s.token_type {
-            Some(t) => KeyKind::Token { token_type: rules::name("type", &t)? },
+            Some(t) => KeyKind::Token {
+                token_type: rules::name("type", &t)?,
+            },
             None => KeyKind::Api,
         };
         let record = KeyRecord {
@@ -197,8 +230,14 @@ impl<'a> Keys<'a> {
             scheme,
             permissions: rules::scopes(&s.permissions)?,
             ips: rules::ips(&s.ips)?,
-            limits: { rules::limits(&s.limits)?; s.limits },
-            metadata: { rules::metadata(&s.metadata)?; s.metadata },
+            limits: {
+                rules::limits(&s.limits)?;
+                s.limits
+            },
+            metadata: {
+                rules::metadata(&s.metadata)?;
+                s.metadata
+            },
             created_at: now,
             created_by: self.actor.clone(),
             updated_at: now,
@@ -213,7 +252,9 @@ impl<'a> Keys<'a> {
             return Err(Error::NotFound { what: "account" });
         }
         if txn.open_table(KEY_HASHES)?.get(&key_hash)?.is_some() {
-            return Err(Error::Conflict("a key with this hash already exists".into()));
+            return Err(Error::Conflict(
+                "a key with this hash already exists".into(),
+            ));
         }
         let id = store::next_id(&txn)?;
         store::put(&mut txn.open_table(KEYS)?, id, &record)?;
@@ -239,8 +280,10 @@ impl<'a> Keys<'a> {
     fn index(&self, txn: &WriteTransaction, id: u64, r: &KeyRecord) -> Result<()> {
         txn.open_table(KEY_HASHES)?.insert(&r.key_hash, id)?;
         store::adjust_scheme_count(txn, r.scheme, 1)?;
-        txn.open_table(KEYS_BY_OWNER)?.insert((r.owner, self.kind_tag(), id), ())?;
-        txn.open_table(KEYS_BY_PREFIX)?.insert((r.key_prefix.as_str(), id), ())?;
+        txn.open_table(KEYS_BY_OWNER)?
+            .insert((r.owner, self.kind_tag(), id), ())?;
+        txn.open_table(KEYS_BY_PREFIX)?
+            .insert((r.key_prefix.as_str(), id), ())?;
         Ok(())
     }
 
@@ -252,8 +295,10 @@ impl<'a> Keys<'a> {
             txn.open_table(KEY_HASHES)?.remove(&old.key_hash)?;
             store::adjust_scheme_count(txn, old.scheme, -1)?;
         }
-        txn.open_table(KEYS_BY_OWNER)?.remove((r.owner, self.kind_tag(), id))?;
-        txn.open_table(KEYS_BY_PREFIX)?.remove((r.key_prefix.as_str(), id))?;
+        txn.open_table(KEYS_BY_OWNER)?
+            .remove((r.owner, self.kind_tag(), id))?;
+        txn.open_table(KEYS_BY_PREFIX)?
+            .remove((r.key_prefix.as_str(), id))?;
         Ok(())
     }
 
@@ -275,19 +320,24 @@ impl<'a> Keys<'a> {
         let limit = page.checked_limit()?;
         let owner_bytes = owner.to_be_bytes();
         let ad: [&[u8]; 3] = [b"cursor", self.kind.prefix().as_bytes(), &owner_bytes];
-        let start = match &page.cursor {
-            Some(c) => self.ledger.inner.ids.open(&ad, c).ok_or_else(|| {
-                Error::invalid("cursor", "not a cursor issued for this listing")
-            })?,
-            None => 0,
-        };
+        let start =
+            match &page.cursor {
+                Some(c) => self.ledger.inner.ids.open(&ad, c).ok_or_else(|| {
+                    Error::invalid("cursor", "not a cursor issued for this listing")
+                })?,
+                None => 0,
+            };
         let read = self.ledger.inner.store.begin_read()?;
         let index = read.open_table(KEYS_BY_OWNER)?;
         let keys = read.open_table(KEYS)?;
         let credits = read.open_table(CREDITS)?;
         let tag = self.kind_tag();
         let (mut items, mut next_cursor, mut last) = (Vec::new(), None, start);
-        let from = if page.cursor.is_some() { start.checked_add(1) } else { Some(0) };
+        let from = if page.cursor.is_some() {
+            start.checked_add(1)
+        } else {
+            Some(0)
+        };
         if let Some(from) = from {
             for entry in index.range((owner, tag, from)..=(owner, tag, u64::MAX))? {
                 let (k, _) = entry?;
@@ -309,7 +359,10 @@ impl<'a> Keys<'a> {
     pub fn find_by_prefix(&self, prefix: &str) -> Result<Vec<KeyInfo>> {
         let prefix = prefix.split('…').next().unwrap_or_default();
         if !(8..=12).contains(&prefix.len()) || !prefix.is_ascii() {
-            return Err(Error::invalid("prefix", "give 8–12 characters of the visible prefix"));
+            return Err(Error::invalid(
+                "prefix",
+                "give 8–12 characters of the visible prefix",
+            ));
         }
         let read = self.ledger.inner.store.begin_read()?;
         let index = read.open_table(KEYS_BY_PREFIX)?;
@@ -322,7 +375,8 @@ impl<'a> Keys<'a> {
             if !p.starts_with(prefix) || out.len() == 100 {
                 break;
             }
-            let record: KeyRecord = store::get(&keys, id)?.ok_or(Error::NotFound { what: "key" })?;
+            let record: KeyRecord =
+                store::get(&keys, id)?.ok_or(Error::NotFound { what: "key" })?;
             if self.fits(&record) {
                 out.push(self.view(id, record, remaining(&credits, id)?));
             }
@@ -333,10 +387,17 @@ impl<'a> Keys<'a> {
     /// Applies a partial update; only the fields set change.
     pub fn update(&self, id: &str, update: KeyUpdate) -> Result<KeyInfo> {
         let now = self.ledger.now();
-        let name = update.name.as_deref().map(|n| rules::name("name", n)).transpose()?;
+        let name = update
+            .name
+            .as_deref()
+            .map(|n| rules::name("name", n))
+            .transpose()?;
         let permissions = update.permissions.as_ref().map(rules::scopes).transpose()?;
         let ips = update.ips.as_ref().map(rules::ips).transpose()?;
-        let expires_at = update.expires_at.map(|e| checked_expiry(e, now)).transpose()?;
+        let expires_at = update
+            .expires_at
+            .map(|e| checked_expiry(e, now))
+            .transpose()?;
         if let Some(m) = &update.metadata {
             rules::metadata(m)?;
         }
@@ -432,7 +493,8 @@ impl<'a> Keys<'a> {
         record.updated_by = self.actor.clone();
         self.index(&txn, internal, &record)?;
         if let Some(old) = &record.rolled {
-            txn.open_table(KEY_HASHES)?.insert(&old.key_hash, internal)?;
+            txn.open_table(KEY_HASHES)?
+                .insert(&old.key_hash, internal)?;
             store::adjust_scheme_count(&txn, old.scheme, 1)?;
         }
         store::put(&mut txn.open_table(KEYS)?, internal, &record)?;
@@ -440,7 +502,10 @@ impl<'a> Keys<'a> {
         audit::append(&txn, now, &self.actor, &action, id, &["secret"])?;
         let remaining = remaining(&txn.open_table(CREDITS)?, internal)?;
         txn.commit()?;
-        Ok(CreatedKey { info: self.view(internal, record, remaining), plaintext })
+        Ok(CreatedKey {
+            info: self.view(internal, record, remaining),
+            plaintext,
+        })
     }
 
     /// Deletes a key for good: its hashes, indexes and credits go with it.
@@ -502,7 +567,11 @@ impl<'a> Keys<'a> {
     fn load(&self, table: &impl ReadableTable<u64, &'static [u8]>, id: u64) -> Result<KeyRecord> {
         let not_found = Error::NotFound { what: self.what() };
         let record: KeyRecord = store::get(table, id)?.ok_or(not_found)?;
-        if self.fits(&record) { Ok(record) } else { Err(Error::NotFound { what: self.what() }) }
+        if self.fits(&record) {
+            Ok(record)
+        } else {
+            Err(Error::NotFound { what: self.what() })
+        }
     }
 
     fn public_id(&self, id: u64) -> PublicId {
@@ -561,7 +630,10 @@ fn remaining(table: &impl ReadableTable<u64, &'static [u8]>, id: u64) -> Result<
 /// A manual set of the balance: `granted` moves by the difference so that
 /// `spent + leased + balance == granted` keeps holding.
 fn set_balance(old: Option<CreditsRecord>, balance: u64, now: Timestamp) -> CreditsRecord {
-    let mut c = old.unwrap_or(CreditsRecord { refilled_at: Some(now), ..CreditsRecord::default() });
+    let mut c = old.unwrap_or(CreditsRecord {
+        refilled_at: Some(now),
+        ..CreditsRecord::default()
+    });
     c.granted = c.granted.saturating_sub(c.balance).saturating_add(balance);
     c.balance = balance;
     c

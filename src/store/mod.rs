@@ -44,7 +44,9 @@ impl Store {
                 Ok(table) => Some(read_format(&table, path)?),
                 Err(TableError::TableDoesNotExist(_)) => {
                     if read.list_tables()?.next().is_some() {
-                        return Err(Error::NotALedger { path: path.display().to_string() });
+                        return Err(Error::NotALedger {
+                            path: path.display().to_string(),
+                        });
                     }
                     None
                 }
@@ -104,11 +106,20 @@ impl Store {
 }
 
 /// Tables whose values are codec records, for `check`.
-pub(crate) const ALL_RECORD_TABLES: [TableDefinition<'static, u64, &'static [u8]>; 4] =
-    [tables::ACCOUNTS, tables::KEYS, tables::CREDITS, tables::AUDIT];
+pub(crate) const ALL_RECORD_TABLES: [TableDefinition<'static, u64, &'static [u8]>; 4] = [
+    tables::ACCOUNTS,
+    tables::KEYS,
+    tables::CREDITS,
+    tables::AUDIT,
+];
 
-fn read_format(table: &impl ReadableTable<&'static str, &'static [u8]>, path: &Path) -> Result<u32> {
-    let not_ledger = || Error::NotALedger { path: path.display().to_string() };
+fn read_format(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    path: &Path,
+) -> Result<u32> {
+    let not_ledger = || Error::NotALedger {
+        path: path.display().to_string(),
+    };
     let format = table.get(meta::FORMAT)?.ok_or_else(not_ledger)?;
     let bytes = format.value();
     if bytes.len() != 12 || &bytes[..8] != MAGIC {
@@ -116,7 +127,10 @@ fn read_format(table: &impl ReadableTable<&'static str, &'static [u8]>, path: &P
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if version > FORMAT_VERSION {
-        return Err(Error::UpgradeRequired { found: version, supported: FORMAT_VERSION });
+        return Err(Error::UpgradeRequired {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
     }
     Ok(version)
 }
@@ -151,7 +165,11 @@ pub(crate) fn get<R: Record>(
 }
 
 /// Encodes and writes one record.
-pub(crate) fn put<R: Record>(table: &mut redb::Table<u64, &'static [u8]>, id: u64, record: &R) -> Result<()> {
+pub(crate) fn put<R: Record>(
+    table: &mut redb::Table<u64, &'static [u8]>,
+    id: u64,
+    record: &R,
+) -> Result<()> {
     table.insert(id, codec::encode(record).as_slice())?;
     Ok(())
 }
@@ -162,9 +180,11 @@ pub(crate) fn scheme_counts(
 ) -> Result<BTreeMap<HashScheme, u64>> {
     match table.get(meta::SCHEME_COUNTS)? {
         Some(v) => {
-            let list: Vec<(HashScheme, u64)> = postcard::from_bytes(v.value()).map_err(|e| {
-                CodecError::Corrupt { record: "meta", reason: e.to_string() }
-            })?;
+            let list: Vec<(HashScheme, u64)> =
+                postcard::from_bytes(v.value()).map_err(|e| CodecError::Corrupt {
+                    record: "meta",
+                    reason: e.to_string(),
+                })?;
             Ok(list.into_iter().collect())
         }
         None => Ok(BTreeMap::new()),
@@ -183,13 +203,19 @@ pub(crate) fn adjust_scheme_count(
     *entry = entry.saturating_add_signed(delta);
     counts.retain(|_, n| *n > 0);
     let list: Vec<(HashScheme, u64)> = counts.iter().map(|(s, n)| (*s, *n)).collect();
-    table.insert(meta::SCHEME_COUNTS, postcard::to_allocvec(&list).expect("encode").as_slice())?;
+    table.insert(
+        meta::SCHEME_COUNTS,
+        postcard::to_allocvec(&list).expect("encode").as_slice(),
+    )?;
     Ok(counts)
 }
 
 /// Sets the scheme new keys are hashed with.
 pub(crate) fn set_hash_scheme(txn: &redb::WriteTransaction, scheme: HashScheme) -> Result<()> {
     let mut table = txn.open_table(META)?;
-    table.insert(meta::HASH_SCHEME, postcard::to_allocvec(&scheme).expect("encode").as_slice())?;
+    table.insert(
+        meta::HASH_SCHEME,
+        postcard::to_allocvec(&scheme).expect("encode").as_slice(),
+    )?;
     Ok(())
 }

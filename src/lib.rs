@@ -29,6 +29,8 @@ mod codec;
 mod config;
 mod denial;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod hashing;
 mod keyfmt;
 mod keys;

@@ -2,11 +2,13 @@
 //! and — only while records under other schemes exist — try those too, rehashing the record
 //! to the current scheme on a hit. This is the cache-miss path of `verify`.
 
+use crate::audit;
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::hashing::{HashScheme, KeyHash, hashes_equal};
-use crate::ledger::Ledger;
-use crate::record::KeyRecord;
+use crate::ledger::{Ledger, SYSTEM_ACTOR};
+use crate::public_id::IdKind;
+use crate::record::{KeyKind, KeyRecord};
 use crate::store::{self, tables::*};
 
 /// A record found by its plaintext.
@@ -89,6 +91,20 @@ fn rehash(
             *stored_scheme = scheme;
         }
         store::put(&mut keys, id, &record)?;
+        let (kind, noun) = match record.kind {
+            KeyKind::Api => (IdKind::Key, "key"),
+            KeyKind::Token { .. } => (IdKind::Token, "token"),
+        };
+        let public = ledger.inner.ids.encode(kind, id);
+        let action = format!("{noun}.rehashed");
+        audit::append(
+            &txn,
+            ledger.now(),
+            SYSTEM_ACTOR,
+            &action,
+            &public,
+            &["hash_scheme"],
+        )?;
         record
     };
     txn.commit()?;
@@ -121,8 +137,8 @@ impl Ledger {
             return Err(Denial::Expired);
         }
         let kind = match record.kind {
-            crate::record::KeyKind::Api => crate::public_id::IdKind::Key,
-            crate::record::KeyKind::Token { .. } => crate::public_id::IdKind::Token,
+            KeyKind::Api => IdKind::Key,
+            KeyKind::Token { .. } => IdKind::Token,
         };
         let read = self
             .inner

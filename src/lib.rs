@@ -41,6 +41,7 @@ mod record;
 mod routes;
 mod secret;
 mod store;
+mod vault;
 
 pub use accounts::{Account, AccountUpdate, Accounts, NewAccount};
 pub use audit::Audit;

@@ -154,13 +154,9 @@ impl Ledger {
                     if keys.get(k.value())?.is_none() {
                         problems.push(format!("credits #{}: key missing", k.value()));
                     }
-                    if c.spent
-                        .checked_add(c.leased)
-                        .and_then(|x| x.checked_add(c.balance))
-                        != Some(c.granted)
-                    {
+                    if !c.balanced() {
                         problems.push(format!(
-                            "credits #{}: spent + leased + balance != granted",
+                            "credits #{}: spent + lost + leased + balance != granted",
                             k.value()
                         ));
                     }

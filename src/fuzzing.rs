@@ -109,6 +109,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 disabled_at: None,
                 last_used_at: None,
                 rolled: None,
+                pool: None,
             };
             let account = AccountRecord {
                 name: "Acme".into(),
@@ -119,12 +120,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 updated_at: Timestamp(1),
                 updated_by: "system".into(),
             };
-            let rule = RouteRule {
-                prefix: "/api/v1/".into(),
-                permission: Some("quickhits:create".into()),
-                entitlement: None,
-                cost: 1,
-            };
+            let rule = RouteRule::new("/api/v1/").permission("quickhits:create").price_micros(250);
             vec![
                 codec::encode(&key),
                 codec::encode(&account),

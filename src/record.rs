@@ -134,6 +134,8 @@ pub struct Limits {
     pub rate_limits: Vec<RateLimit>,
     /// Token window.
     pub token_window: Option<TokenWindow>,
+    /// Emit a low-balance event when the credits left fall to or below this.
+    pub low_balance_threshold: Option<u64>,
 }
 
 /// Whether a record is an API key or an internal token (with its `type`).
@@ -182,6 +184,8 @@ pub(crate) struct KeyRecord {
     pub disabled_at: Option<Timestamp>,
     pub last_used_at: Option<Timestamp>,
     pub rolled: Option<RolledSecret>,
+    /// Spend from this credit pool instead of an own balance.
+    pub pool: Option<u64>,
 }
 
 impl KeyKind {
@@ -199,7 +203,8 @@ impl Record for KeyRecord {
     const VERSION: u8 = 1;
 }
 
-/// The durable credit state of a key.
+/// The durable credit state of a key or a pool. Invariant:
+/// `spent + lost_to_crash + leased + balance == granted`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct CreditsRecord {
     /// Units available to lease.
@@ -208,10 +213,54 @@ pub(crate) struct CreditsRecord {
     pub leased: u64,
     /// Units spent in total.
     pub spent: u64,
-    /// Units ever granted (initial credits, top-ups, refills).
+    /// Units that were leased when the process died: counted as spent, never re-granted.
+    pub lost_to_crash: u64,
+    /// Units ever granted (initial credits, top-ups, refills), less units removed by a set.
     pub granted: u64,
     /// Start of the refill period the balance belongs to.
     pub refilled_at: Option<Timestamp>,
+}
+
+impl CreditsRecord {
+    /// Whether the conservation invariant holds.
+    pub fn balanced(&self) -> bool {
+        [self.spent, self.lost_to_crash, self.leased, self.balance]
+            .iter()
+            .try_fold(0u64, |acc, x| acc.checked_add(*x))
+            == Some(self.granted)
+    }
+}
+
+/// A shared credit pool several keys of one account draw on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PoolRecord {
+    pub owner: u64,
+    pub name: String,
+    pub refill: Option<Refill>,
+    pub low_balance_threshold: Option<u64>,
+    pub created_at: Timestamp,
+    pub created_by: String,
+}
+
+impl Record for PoolRecord {
+    const NAME: &'static str = "credit pool";
+    const VERSION: u8 = 1;
+}
+
+/// Usage of a key or account, flushed by the writer thread.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct UsageRecord {
+    /// Last successful verify.
+    pub last_used_at: Option<Timestamp>,
+    /// Units charged in total (metered or not): drives spend tiers.
+    pub spent: u64,
+    /// Successful verifies.
+    pub requests: u64,
+}
+
+impl Record for UsageRecord {
+    const NAME: &'static str = "usage";
+    const VERSION: u8 = 1;
 }
 
 impl Record for CreditsRecord {
@@ -230,6 +279,39 @@ pub struct RouteRule {
     pub entitlement: Option<String>,
     /// Default cost of one request.
     pub cost: u64,
+    /// Price of one unit in millionths of the currency unit (0: free), for receipts.
+    pub price_micros: u64,
+}
+
+impl RouteRule {
+    /// A rule for `prefix` needing no permission or entitlement, costing 1, free.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        RouteRule { prefix: prefix.into(), permission: None, entitlement: None, cost: 1, price_micros: 0 }
+    }
+
+    /// Requires `permission` of the key.
+    pub fn permission(mut self, permission: impl Into<String>) -> Self {
+        self.permission = Some(permission.into());
+        self
+    }
+
+    /// Requires `entitlement` of the owner's subscription.
+    pub fn entitlement(mut self, entitlement: impl Into<String>) -> Self {
+        self.entitlement = Some(entitlement.into());
+        self
+    }
+
+    /// Default cost of one request.
+    pub fn cost(mut self, cost: u64) -> Self {
+        self.cost = cost;
+        self
+    }
+
+    /// Price of one unit in millionths of the currency unit.
+    pub fn price_micros(mut self, price: u64) -> Self {
+        self.price_micros = price;
+        self
+    }
 }
 
 impl Record for RouteRule {
@@ -466,6 +548,7 @@ mod tests {
                     tokens,
                     window_secs,
                 }),
+                low_balance_threshold: credits.map(|c| c / 10),
             })
     }
 
@@ -511,6 +594,7 @@ mod tests {
                     key_suffix: "5678".into(),
                     valid_until,
                 }),
+                pool: Some(owner / 2),
             }
         }
     }
@@ -532,9 +616,9 @@ mod tests {
                 updated_at: Timestamp(n[1]), updated_by: "b".into(),
             };
             prop_assert_eq!(decode::<AccountRecord>(&encode(&account)).unwrap(), account);
-            let credits = CreditsRecord { balance: n[0], leased: n[1], spent: n[2], granted: n[3], refilled_at: None };
+            let credits = CreditsRecord { balance: n[0], leased: n[1], spent: n[2], lost_to_crash: 1, granted: n[3], refilled_at: None };
             prop_assert_eq!(decode::<CreditsRecord>(&encode(&credits)).unwrap(), credits);
-            let rule = RouteRule { prefix: prefix.clone(), permission: perm.clone(), entitlement: None, cost: n[0] };
+            let rule = RouteRule { prefix: prefix.clone(), permission: perm.clone(), entitlement: None, cost: n[0], price_micros: n[1] };
             prop_assert_eq!(decode::<RouteRule>(&encode(&rule)).unwrap(), rule);
             let event = AuditEvent { seq: n[0], at: Timestamp(n[1]), actor: name, action: "key.created".into(), target: prefix, fields: vec!["name".into()] };
             prop_assert_eq!(decode::<AuditEvent>(&encode(&event)).unwrap(), event);
@@ -554,12 +638,7 @@ mod tests {
     fn unknown_versions_and_trailing_bytes_are_typed_errors() {
         use crate::error::CodecError;
         assert_eq!(decode::<RouteRule>(&[]), Err(CodecError::Empty));
-        let rule = RouteRule {
-            prefix: "/x".into(),
-            permission: None,
-            entitlement: None,
-            cost: 1,
-        };
+        let rule = RouteRule::new("/x");
         let mut bytes = encode(&rule);
         bytes[0] = 9;
         assert!(matches!(

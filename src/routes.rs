@@ -122,12 +122,7 @@ mod tests {
     use super::*;
 
     fn rule(prefix: &str) -> RouteRule {
-        RouteRule {
-            prefix: prefix.into(),
-            permission: None,
-            entitlement: None,
-            cost: 1,
-        }
+        RouteRule::new(prefix)
     }
 
     #[test]

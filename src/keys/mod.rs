@@ -246,6 +246,7 @@ impl<'a> Keys<'a> {
             disabled_at: None,
             last_used_at: None,
             rolled: None,
+            pool: None,
         };
         let txn = self.ledger.inner.store.begin_write()?;
         if txn.open_table(ACCOUNTS)?.get(owner)?.is_none() {

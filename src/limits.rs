@@ -1,0 +1,206 @@
+//! Rate limits as GCRA (generic cell rate algorithm): one atomic "theoretical arrival time" per
+//! limit, so a check is a load and a CAS, with no lock and no timer. A named limit of `limit`
+//! requests per `window` admits a burst of `limit` and then one request every `window/limit`;
+//! the token window is the same algorithm with the request's cost as its weight. Spend tiers
+//! scale every limit of a key by a multiplier chosen from the key's lifetime spend.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::record::Limits;
+
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+
+/// One GCRA limit: parameters fixed at build, arrival time shared by all threads.
+#[derive(Debug)]
+pub(crate) struct Gcra {
+    /// Requests (or tokens) per window, before the tier multiplier.
+    limit: u64,
+    window_ns: u64,
+    /// Theoretical arrival time, ns since the Unix epoch.
+    tat: AtomicU64,
+}
+
+impl Gcra {
+    pub(crate) fn new(limit: u64, window_secs: u64) -> Self {
+        Gcra {
+            limit: limit.max(1),
+            window_ns: window_secs.saturating_mul(NANOS_PER_SEC).max(1),
+            tat: AtomicU64::new(0),
+        }
+    }
+
+    /// Emission interval for one unit at `multiplier_pct` percent of the base limit.
+    fn interval_ns(&self, multiplier_pct: u32) -> u64 {
+        let scaled = (self.limit as u128 * multiplier_pct.max(1) as u128 / 100).max(1);
+        (self.window_ns as u128 / scaled).max(1) as u64
+    }
+
+    /// Admits `weight` units at `now_ns`, or says how long until it would be admitted.
+    pub(crate) fn acquire(&self, now_ns: u64, weight: u64, multiplier_pct: u32) -> Result<(), Duration> {
+        let increment = self.interval_ns(multiplier_pct).saturating_mul(weight);
+        let mut tat = self.tat.load(Ordering::Acquire);
+        loop {
+            let new_tat = tat.max(now_ns).saturating_add(increment);
+            let ahead = new_tat - now_ns;
+            if ahead > self.window_ns {
+                return Err(Duration::from_nanos(ahead - self.window_ns));
+            }
+            match self.tat.compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(()),
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+
+    /// Gives back `weight` units admitted by [`acquire`](Self::acquire) (another limit refused
+    /// the request). Never moves the arrival time below `now_ns`.
+    pub(crate) fn release(&self, now_ns: u64, weight: u64, multiplier_pct: u32) {
+        let decrement = self.interval_ns(multiplier_pct).saturating_mul(weight);
+        let _ = self.tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+            Some(tat.saturating_sub(decrement).max(now_ns))
+        });
+    }
+
+    /// Units still admissible right now (for grants' rate-limit state).
+    pub(crate) fn remaining(&self, now_ns: u64, multiplier_pct: u32) -> u64 {
+        let interval = self.interval_ns(multiplier_pct);
+        let used = self.tat.load(Ordering::Acquire).saturating_sub(now_ns);
+        self.window_ns.saturating_sub(used) / interval
+    }
+}
+
+/// The GCRA limits of one key: its named limits, then its token window if any.
+#[derive(Debug, Default)]
+pub(crate) struct KeyLimits {
+    named: Box<[Gcra]>,
+    tokens: Option<Box<Gcra>>,
+}
+
+impl KeyLimits {
+    pub(crate) fn new(limits: &Limits) -> Self {
+        KeyLimits {
+            named: limits.rate_limits.iter().map(|l| Gcra::new(l.limit, l.window_secs)).collect(),
+            tokens: limits.token_window.map(|t| Box::new(Gcra::new(t.tokens, t.window_secs))),
+        }
+    }
+
+    /// Whether the key has any limit at all (the hot path skips everything otherwise).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.named.is_empty() && self.tokens.is_none()
+    }
+
+    /// Admits one request of `cost` tokens against every limit, all or nothing.
+    pub(crate) fn acquire(&self, now_ns: u64, cost: u64, multiplier_pct: u32) -> Result<(), Duration> {
+        for (i, gcra) in self.named.iter().enumerate() {
+            if let Err(wait) = gcra.acquire(now_ns, 1, multiplier_pct) {
+                self.named[..i].iter().for_each(|g| g.release(now_ns, 1, multiplier_pct));
+                return Err(wait);
+            }
+        }
+        if let Some(tokens) = &self.tokens {
+            if cost > 0 {
+                if let Err(wait) = tokens.acquire(now_ns, cost, multiplier_pct) {
+                    self.named.iter().for_each(|g| g.release(now_ns, 1, multiplier_pct));
+                    return Err(wait);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Requests left in the tightest named limit, and tokens left in the window.
+    pub(crate) fn remaining(&self, now_ns: u64, multiplier_pct: u32) -> (Option<u64>, Option<u64>) {
+        let requests = self.named.iter().map(|g| g.remaining(now_ns, multiplier_pct)).min();
+        let tokens = self.tokens.as_ref().map(|g| g.remaining(now_ns, multiplier_pct));
+        (requests, tokens)
+    }
+}
+
+/// A spend tier: keys that have spent at least `min_spent` units get their rate limits
+/// multiplied by `multiplier_pct / 100`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpendTier {
+    /// Lifetime spend (units) from which the tier applies.
+    pub min_spent: u64,
+    /// Multiplier in percent (200 doubles every limit).
+    pub multiplier_pct: u32,
+}
+
+/// The tier multiplier (percent) for a lifetime spend, and the spend at which the next tier
+/// starts (`u64::MAX` if none). Tiers need not be sorted.
+pub(crate) fn tier_for(tiers: &[SpendTier], spent: u64) -> (u32, u64) {
+    let current = tiers
+        .iter()
+        .filter(|t| t.min_spent <= spent)
+        .max_by_key(|t| t.min_spent)
+        .map_or(100, |t| t.multiplier_pct);
+    let next = tiers.iter().map(|t| t.min_spent).filter(|&m| m > spent).min().unwrap_or(u64::MAX);
+    (current, next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = NANOS_PER_SEC;
+
+    #[test]
+    fn burst_then_steady_rate() {
+        let g = Gcra::new(10, 1); // 10 per second
+        let t0 = 1_000 * S;
+        for _ in 0..10 {
+            assert!(g.acquire(t0, 1, 100).is_ok());
+        }
+        let wait = g.acquire(t0, 1, 100).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(100));
+        assert!(g.acquire(t0 + S / 10, 1, 100).is_ok(), "one slot frees every 100 ms");
+        assert!(g.acquire(t0 + S / 10, 1, 100).is_err());
+        assert!(g.acquire(t0 + 5 * S, 1, 100).is_ok(), "idle time restores the burst");
+    }
+
+    #[test]
+    fn weights_and_multipliers() {
+        let g = Gcra::new(100, 60); // 100 tokens a minute
+        let t0 = 7 * S;
+        assert!(g.acquire(t0, 100, 100).is_ok());
+        assert!(g.acquire(t0, 1, 100).is_err());
+        let doubled = Gcra::new(100, 60);
+        assert!(doubled.acquire(t0, 200, 200).is_ok(), "a 2× tier admits 200");
+        assert!(doubled.acquire(t0, 1, 200).is_err());
+        assert!(Gcra::new(100, 60).acquire(t0, 101, 100).is_err(), "a request larger than the window never fits");
+    }
+
+    #[test]
+    fn all_or_nothing_across_limits() {
+        let limits = Limits {
+            rate_limits: vec![
+                crate::RateLimit { name: "second".into(), limit: 5, window_secs: 1 },
+                crate::RateLimit { name: "minute".into(), limit: 6, window_secs: 60 },
+            ],
+            token_window: Some(crate::TokenWindow { tokens: 50, window_secs: 60 }),
+            ..Limits::default()
+        };
+        let k = KeyLimits::new(&limits);
+        let t0 = 100 * S;
+        assert!(k.acquire(t0, 10, 100).is_ok());
+        assert!(k.acquire(t0, 45, 100).is_err(), "token window refuses");
+        // The refused request gave its named-limit slots back: 4 more fit this second.
+        for _ in 0..4 {
+            assert!(k.acquire(t0, 1, 100).is_ok());
+        }
+        assert!(k.acquire(t0, 1, 100).is_err());
+        assert_eq!(k.remaining(t0, 100).0, Some(0));
+    }
+
+    #[test]
+    fn tiers_pick_the_highest_reached() {
+        let tiers = [
+            SpendTier { min_spent: 1_000, multiplier_pct: 200 },
+            SpendTier { min_spent: 100, multiplier_pct: 150 },
+        ];
+        assert_eq!(tier_for(&tiers, 0), (100, 100));
+        assert_eq!(tier_for(&tiers, 100), (150, 1_000));
+        assert_eq!(tier_for(&tiers, 5_000), (200, u64::MAX));
+    }
+}

@@ -1,0 +1,176 @@
+//! Where the database and master key come from: master-key resolution, opening the ledger,
+//! and `init`.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use keyledger::{Config, ConfigError, ENV_MASTER_KEY, Ledger, MasterKey};
+use zeroize::Zeroizing;
+
+use crate::output::print_json;
+use crate::{CliError, CliResult};
+
+/// The global options every command needs.
+pub struct Context {
+    /// The database file.
+    pub db: PathBuf,
+    /// `--key-file` (or `KEYLEDGER_MASTER_KEY_FILE`).
+    pub key_file: Option<PathBuf>,
+    /// JSON output.
+    pub json: bool,
+}
+
+/// Where a master key was found.
+enum KeySource {
+    Env,
+    File(PathBuf),
+}
+
+impl Context {
+    /// The default key file: `<db>.key`, next to the database.
+    pub fn default_key_file(&self) -> PathBuf {
+        let mut name = OsString::from(self.db.as_os_str());
+        name.push(".key");
+        PathBuf::from(name)
+    }
+
+    /// Resolves the master key: `KEYLEDGER_MASTER_KEY`, else `--key-file`, else `<db>.key`.
+    fn master_key(&self) -> CliResult<(MasterKey, KeySource)> {
+        if let Some(text) = std::env::var_os(ENV_MASTER_KEY) {
+            let text = Zeroizing::new(
+                text.into_string()
+                    .map_err(|_| CliError::new(format!("{ENV_MASTER_KEY} is not valid UTF-8")))?,
+            );
+            return Ok((MasterKey::parse(&text)?, KeySource::Env));
+        }
+        let path = match &self.key_file {
+            Some(path) => path.clone(),
+            None => {
+                let default = self.default_key_file();
+                if !default.exists() {
+                    return Err(missing_key(&default));
+                }
+                default
+            }
+        };
+        Ok((MasterKey::from_file(&path)?, KeySource::File(path)))
+    }
+
+    /// The config for this database.
+    pub fn config(&self) -> CliResult<Config> {
+        let (key, _) = self.master_key()?;
+        Ok(Config::builder().master_key(key).build()?)
+    }
+
+    /// Opens the existing database; refuses to create one implicitly.
+    pub fn open(&self) -> CliResult<Ledger> {
+        self.require_db()?;
+        Ok(Ledger::open(&self.db, self.config()?)?)
+    }
+
+    /// Fails unless the database file exists.
+    pub fn require_db(&self) -> CliResult<()> {
+        if self.db.exists() {
+            return Ok(());
+        }
+        Err(CliError::new(format!(
+            "no database at {}: run `keyledger init` first, or pass --db / set KEYLEDGER_DB",
+            self.db.display()
+        )))
+    }
+}
+
+/// The missing-key error, with the default key file it also looked for.
+fn missing_key(default: &Path) -> CliError {
+    CliError::new(format!(
+        "{}; without either, keyledger reads {} next to the database",
+        ConfigError::MissingMasterKey,
+        default.display()
+    ))
+}
+
+/// `init`: creates the database and, unless a key is configured, a new key file `<db>.key`.
+pub fn init(ctx: &Context) -> CliResult<u8> {
+    if ctx.db.exists() {
+        return Err(CliError::new(format!(
+            "{} already exists; `init` never overwrites a database",
+            ctx.db.display()
+        )));
+    }
+    let (key, source, written) = init_key(ctx)?;
+    let config = Config::builder().master_key(key).build()?;
+    let created = Ledger::open(&ctx.db, config)
+        .map(drop)
+        .map_err(CliError::from);
+    if let Err(e) = created.and_then(|()| create_routes_table(&ctx.db)) {
+        if let Some(path) = &written {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e);
+    }
+    report_init(ctx, &source, written.is_some())
+}
+
+/// Workaround for a library gap: `Ledger::open` does not create the `routes` table, so
+/// `Routes::list` and `Ledger::check` fail on a database that never had a route rule. Creates
+/// the (empty) table in a freshly initialised file. Remove once the store creates it itself.
+fn create_routes_table(db: &Path) -> CliResult<()> {
+    const ROUTES: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("routes");
+    let storage = |e: redb::Error| CliError::new(format!("storage: {e}"));
+    let db = redb::Database::open(db).map_err(|e| storage(e.into()))?;
+    let txn = db.begin_write().map_err(|e| storage(e.into()))?;
+    txn.open_table(ROUTES).map_err(|e| storage(e.into()))?;
+    txn.commit().map_err(|e| storage(e.into()))
+}
+
+/// The key `init` uses: the configured one, or a new one written to a new key file.
+fn init_key(ctx: &Context) -> CliResult<(MasterKey, KeySource, Option<PathBuf>)> {
+    let explicit = std::env::var_os(ENV_MASTER_KEY).is_some()
+        || ctx.key_file.as_ref().is_some_and(|p| p.exists());
+    if explicit {
+        let (key, source) = ctx.master_key()?;
+        return Ok((key, source, None));
+    }
+    let path = ctx
+        .key_file
+        .clone()
+        .unwrap_or_else(|| ctx.default_key_file());
+    let key = MasterKey::generate()?;
+    key.write_new_file(&path)?;
+    Ok((key, KeySource::File(path.clone()), Some(path)))
+}
+
+/// Tells the user where the database and key are and how to use them.
+fn report_init(ctx: &Context, source: &KeySource, wrote_key: bool) -> CliResult<u8> {
+    let key_file = match source {
+        KeySource::File(p) => Some(p.display().to_string()),
+        KeySource::Env => None,
+    };
+    if ctx.json {
+        let value = serde_json::json!({
+            "database": ctx.db.display().to_string(),
+            "key_file": key_file,
+            "key_file_created": wrote_key,
+            "master_key_from_env": key_file.is_none(),
+        });
+        print_json(&value)?;
+        return Ok(0);
+    }
+    println!("Created database  {}", ctx.db.display());
+    match (key_file, wrote_key) {
+        (Some(path), true) => {
+            println!(
+                "Created key file  {path}  (mode 0600: the master key; back it up, keep it private)"
+            );
+            println!("\nkeyledger finds `<db>.key` next to the database by itself. Elsewhere, use");
+            println!("  --key-file {path}   or   KEYLEDGER_MASTER_KEY_FILE={path}");
+        }
+        (Some(path), false) => println!("Master key from    {path}"),
+        (None, _) => println!("Master key from    {ENV_MASTER_KEY} (no key file written)"),
+    }
+    println!(
+        "\nNext: keyledger --db {} accounts create --name \"Acme\"",
+        ctx.db.display()
+    );
+    Ok(0)
+}

@@ -1,0 +1,89 @@
+//! `keyledger`: the command-line interface to a keyledger database.
+//!
+//! Exit codes: 0 success, 1 error (printed as `error: …` on stderr), 2 usage error,
+//! 3 `authenticate` refused the key.
+
+mod accounts;
+mod cli;
+mod context;
+mod demo;
+mod keys;
+mod misc;
+mod output;
+
+use std::fmt;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Command};
+use context::Context;
+
+/// An error to print as `error: <message>` before exiting with status 1.
+#[derive(Debug)]
+pub struct CliError(String);
+
+impl CliError {
+    /// An error with this message.
+    pub fn new(message: impl Into<String>) -> Self {
+        CliError(message.into())
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Converts library and I/O errors; their messages never contain secrets.
+macro_rules! cli_error_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for CliError {
+            fn from(e: $t) -> Self {
+                CliError(e.to_string())
+            }
+        }
+    )*};
+}
+cli_error_from!(
+    keyledger::Error,
+    keyledger::ConfigError,
+    keyledger::HeaderError,
+    serde_json::Error,
+    std::io::Error
+);
+
+/// Result of a CLI step.
+pub type CliResult<T> = Result<T, CliError>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ctx = Context {
+        db: cli.db,
+        key_file: cli.key_file,
+        json: cli.json,
+    };
+    match run(&ctx, cli.command) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Dispatches a command; returns the exit code.
+fn run(ctx: &Context, command: Command) -> CliResult<u8> {
+    match command {
+        Command::Init => context::init(ctx),
+        Command::Accounts(c) => accounts::run(ctx, c),
+        Command::Keys(c) => keys::run_keys(ctx, c),
+        Command::Tokens(c) => keys::run_tokens(ctx, c),
+        Command::Routes(c) => misc::routes(ctx, c),
+        Command::Audit { limit } => misc::audit(ctx, limit),
+        Command::Authenticate { key } => misc::authenticate(ctx, &key),
+        Command::Check => misc::check(ctx),
+        Command::Demo => demo::run(ctx.json),
+    }
+}

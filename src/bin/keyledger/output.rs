@@ -1,0 +1,401 @@
+//! Human and JSON printing: aligned tables, field lists, timestamps. Never prints a plaintext
+//! key except through [`print_plaintext_once`].
+
+use keyledger::{Account, AuditEvent, Clock, KeyInfo, RouteRule, Secret, SystemClock, Timestamp};
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::CliResult;
+
+/// A left-aligned text table whose columns fit their widest cell.
+pub struct Table {
+    rows: Vec<Vec<String>>,
+    indent: usize,
+}
+
+impl Table {
+    /// A table with a header row.
+    pub fn new<const N: usize>(headers: [&str; N]) -> Self {
+        Table {
+            rows: vec![headers.iter().map(|h| (*h).to_owned()).collect()],
+            indent: 0,
+        }
+    }
+
+    /// A table without a header row.
+    pub fn bare() -> Self {
+        Table {
+            rows: Vec::new(),
+            indent: 0,
+        }
+    }
+
+    /// Indents every line by `spaces`.
+    pub fn indent(mut self, spaces: usize) -> Self {
+        self.indent = spaces;
+        self
+    }
+
+    /// Adds a row.
+    pub fn row<I: IntoIterator<Item = S>, S: Into<String>>(&mut self, cells: I) {
+        self.rows.push(cells.into_iter().map(Into::into).collect());
+    }
+
+    /// Whether the table has only its header (or nothing).
+    pub fn is_empty(&self) -> bool {
+        self.rows.len() <= 1
+    }
+
+    /// Renders the table as lines.
+    pub fn render(&self) -> String {
+        let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let widths: Vec<usize> = (0..columns)
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|s| width(s))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        for row in &self.rows {
+            let mut line = " ".repeat(self.indent);
+            for (c, cell) in row.iter().enumerate() {
+                line.push_str(cell);
+                if c + 1 < row.len() {
+                    line.push_str(&" ".repeat(widths[c] - width(cell) + 2));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Prints the table to stdout.
+    pub fn print(&self) {
+        print!("{}", self.render());
+    }
+}
+
+/// Display width of a cell (characters; the masked form's `…` counts as one).
+fn width(s: &str) -> usize {
+    s.chars().count()
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub fn print_json<T: Serialize + ?Sized>(value: &T) -> CliResult<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// A created key as JSON: every [`KeyInfo`] field plus the plaintext under `key`.
+#[derive(Serialize)]
+struct CreatedJson<'a> {
+    #[serde(flatten)]
+    info: &'a KeyInfo,
+    key: &'a str,
+}
+
+/// Prints a freshly created or rolled key with its one-time plaintext.
+pub fn print_created(json: bool, verb: &str, info: &KeyInfo, plaintext: &Secret) -> CliResult<()> {
+    if json {
+        let value = CreatedJson {
+            info,
+            key: plaintext.expose(),
+        };
+        let text = Zeroizing::new(serde_json::to_string_pretty(&value)?);
+        println!("{}", text.as_str());
+        return Ok(());
+    }
+    println!("{verb} {} {}", noun(info), info.id);
+    key_summary(info).indent(2).print();
+    println!();
+    print_plaintext_once(plaintext);
+    Ok(())
+}
+
+/// The one place a plaintext key is printed: on its own line, with the warning.
+pub fn print_plaintext_once(plaintext: &Secret) {
+    println!("  {}", plaintext.expose());
+    println!(
+        "  ^ This is the only time the full key is shown. Store it now: it cannot be recovered."
+    );
+}
+
+/// `API key` or `token`.
+pub fn noun(info: &KeyInfo) -> &'static str {
+    if info.id.starts_with("tok_") {
+        "token"
+    } else {
+        "API key"
+    }
+}
+
+/// The few fields worth showing right after a create.
+fn key_summary(info: &KeyInfo) -> Table {
+    let mut t = Table::bare();
+    t.row(["name", info.name.as_str()]);
+    t.row(["owner", info.owner.as_str()]);
+    t.row(["masked", info.masked.as_str()]);
+    if info.id.starts_with("tok_") {
+        t.row(["type", &json_label(&info.kind)]);
+    }
+    t.row([
+        "permissions".to_owned(),
+        list_or(&info.permissions, "(none)"),
+    ]);
+    t.row(["credits".to_owned(), credits(info)]);
+    t.row(["expires".to_owned(), opt_time(info.expires_at, "never")]);
+    t
+}
+
+/// Every public field of a key, one per line.
+pub fn print_key(info: &KeyInfo) {
+    let mut t = Table::bare();
+    t.row(["id", info.id.as_str()]);
+    t.row(["type", &json_label(&info.kind)]);
+    t.row(["class", &json_label(&info.class)]);
+    t.row(["owner", info.owner.as_str()]);
+    t.row(["name", info.name.as_str()]);
+    t.row(["masked", info.masked.as_str()]);
+    t.row(["status", status(info)]);
+    t.row([
+        "permissions".to_owned(),
+        list_or(&info.permissions, "(none)"),
+    ]);
+    t.row(["ip allowlist".to_owned(), list_or(&info.ips, "(any)")]);
+    t.row(["credits".to_owned(), credits(info)]);
+    for rl in &info.limits.rate_limits {
+        t.row([
+            "rate limit".to_owned(),
+            format!("{}: {}/{}s", rl.name, rl.limit, rl.window_secs),
+        ]);
+    }
+    for (k, v) in &info.metadata {
+        t.row(["metadata".to_owned(), format!("{k}={v}")]);
+    }
+    t.row([
+        "created".to_owned(),
+        format!("{} by {}", time(info.created_at), info.created_by),
+    ]);
+    t.row([
+        "updated".to_owned(),
+        format!("{} by {}", time(info.updated_at), info.updated_by),
+    ]);
+    t.row(["expires".to_owned(), opt_time(info.expires_at, "never")]);
+    t.row(["disabled".to_owned(), opt_time(info.disabled_at, "no")]);
+    t.row(["last used".to_owned(), opt_time(info.last_used_at, "never")]);
+    if let Some(until) = info.previous_secret_valid_until {
+        t.row(["old secret until".to_owned(), time(until)]);
+    }
+    t.row(["hash scheme", info.hash_scheme.as_str()]);
+    t.print();
+}
+
+/// A table of keys, masked; the status is as of `now`.
+pub fn key_table<'a>(keys: impl IntoIterator<Item = &'a KeyInfo>, now: Timestamp) -> Table {
+    let mut t = Table::new(["ID", "NAME", "KEY", "STATUS", "PERMISSIONS", "CREATED"]);
+    for k in keys {
+        t.row([
+            k.id.to_string(),
+            k.name.clone(),
+            k.masked.clone(),
+            status_at(k, now).to_owned(),
+            list_or(&k.permissions, "-"),
+            time(k.created_at),
+        ]);
+    }
+    t
+}
+
+/// `active`, `disabled` or `expired`, as of the system clock.
+pub fn status(info: &KeyInfo) -> &'static str {
+    status_at(info, SystemClock.now())
+}
+
+/// `active`, `disabled` or `expired`, as of `now`.
+pub fn status_at(info: &KeyInfo, now: Timestamp) -> &'static str {
+    if info.disabled_at.is_some() {
+        "disabled"
+    } else if info.expires_at.is_some_and(|at| at <= now) {
+        "expired"
+    } else {
+        "active"
+    }
+}
+
+/// `remaining / starting`, or `unmetered`.
+fn credits(info: &KeyInfo) -> String {
+    match (info.remaining_credits, info.limits.credits) {
+        (Some(left), Some(start)) => format!("{left} left of {start}"),
+        (Some(left), None) => format!("{left} left"),
+        (None, _) => "unmetered".to_owned(),
+    }
+}
+
+/// Every public field of an account, one per line.
+pub fn print_account(a: &Account) {
+    let mut t = Table::bare();
+    t.row(["id", a.id.as_str()]);
+    t.row(["name", a.name.as_str()]);
+    t.row(["status", a.status.as_str()]);
+    t.row([
+        "entitlements".to_owned(),
+        list_or(&a.entitlements, "(none)"),
+    ]);
+    t.row([
+        "created".to_owned(),
+        format!("{} by {}", time(a.created_at), a.created_by),
+    ]);
+    t.row([
+        "updated".to_owned(),
+        format!("{} by {}", time(a.updated_at), a.updated_by),
+    ]);
+    t.print();
+}
+
+/// A table of accounts.
+pub fn account_table<'a>(accounts: impl IntoIterator<Item = &'a Account>) -> Table {
+    let mut t = Table::new(["ID", "NAME", "STATUS", "ENTITLEMENTS", "CREATED"]);
+    for a in accounts {
+        t.row([
+            a.id.to_string(),
+            a.name.clone(),
+            a.status.as_str().to_owned(),
+            list_or(&a.entitlements, "-"),
+            time(a.created_at),
+        ]);
+    }
+    t
+}
+
+/// A table of route rules.
+pub fn route_table<'a>(rules: impl IntoIterator<Item = &'a RouteRule>) -> Table {
+    let mut t = Table::new(["PREFIX", "PERMISSION", "ENTITLEMENT", "COST"]);
+    for r in rules {
+        t.row([
+            r.prefix.clone(),
+            r.permission.clone().unwrap_or_else(|| "-".into()),
+            r.entitlement.clone().unwrap_or_else(|| "-".into()),
+            r.cost.to_string(),
+        ]);
+    }
+    t
+}
+
+/// A table of audit events.
+pub fn audit_table<'a>(events: impl IntoIterator<Item = &'a AuditEvent>) -> Table {
+    let mut t = Table::new(["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "FIELDS"]);
+    for e in events {
+        t.row([
+            e.seq.to_string(),
+            time(e.at),
+            e.actor.clone(),
+            e.action.clone(),
+            e.target.clone(),
+            list_or(&e.fields, ""),
+        ]);
+    }
+    t
+}
+
+/// Prints `next cursor: …` under a page when there is one.
+pub fn print_next_cursor(cursor: Option<&str>, command_hint: &str) {
+    match cursor {
+        Some(c) => println!("\nnext page: {command_hint} --cursor {c}"),
+        None => println!("\n(end of list)"),
+    }
+}
+
+/// Items joined by `, `, or `empty` when there are none.
+pub fn list_or<I: IntoIterator<Item = S>, S: AsRef<str>>(items: I, empty: &str) -> String {
+    let joined: Vec<String> = items.into_iter().map(|s| s.as_ref().to_owned()).collect();
+    if joined.is_empty() {
+        empty.to_owned()
+    } else {
+        joined.join(", ")
+    }
+}
+
+/// The serde string form of a unit-like enum (`live`, `api`…).
+fn json_label<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
+    }
+}
+
+/// An optional timestamp, or `none`.
+pub fn opt_time(at: Option<Timestamp>, none: &str) -> String {
+    at.map_or_else(|| none.to_owned(), time)
+}
+
+/// A timestamp as `YYYY-MM-DD HH:MM:SSZ` (UTC).
+pub fn time(at: Timestamp) -> String {
+    let secs = at.as_millis() / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days`, for non-negative day counts).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Masks a plaintext key the way listings do: first 12 and last 4 characters.
+pub fn mask(plaintext: &str) -> String {
+    let chars: Vec<char> = plaintext.chars().collect();
+    if chars.len() <= 16 {
+        return "…".to_owned();
+    }
+    let head: String = chars[..12].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}…{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_render_as_utc() {
+        assert_eq!(time(Timestamp(0)), "1970-01-01 00:00:00Z");
+        assert_eq!(time(Timestamp(951_782_400_000)), "2000-02-29 00:00:00Z");
+        assert_eq!(time(Timestamp(1_767_225_599_000)), "2025-12-31 23:59:59Z");
+    }
+
+    #[test]
+    fn tables_align_on_characters() {
+        let mut t = Table::new(["A", "B"]);
+        t.row(["x…y", "1"]);
+        t.row(["long cell", "2"]);
+        assert_eq!(t.render(), "A          B\nx…y        1\nlong cell  2\n");
+    }
+
+    #[test]
+    fn masking_keeps_only_the_visible_parts() {
+        let key = "vb_live_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789wxyz";
+        assert_eq!(mask(key), "vb_live_ABCD…wxyz");
+        assert_eq!(mask("short"), "…");
+    }
+}

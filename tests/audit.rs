@@ -1,0 +1,247 @@
+//! The audit trail: one event per lifecycle change, with actor, action, public-id target,
+//! changed field names and the clock's time; nothing for refused writes; never a secret.
+
+mod common;
+
+use common::*;
+use keyledger::{
+    AccountUpdate, AuditEvent, HashScheme, ImportKey, ImportedHash, KeyUpdate, NewAccount, NewKey,
+    RouteRule, SubscriptionStatus,
+};
+use sha2::{Digest, Sha256};
+
+/// `(actor, action, target, fields, at)` of an event, for compact comparisons.
+fn summary(e: &AuditEvent) -> (String, String, String, Vec<String>, u64) {
+    (
+        e.actor.clone(),
+        e.action.clone(),
+        e.target.clone(),
+        e.fields.clone(),
+        e.at.as_millis(),
+    )
+}
+
+fn ev(
+    actor: &str,
+    action: &str,
+    target: &str,
+    fields: &[&str],
+    at: u64,
+) -> (String, String, String, Vec<String>, u64) {
+    let fields = fields.iter().map(|f| (*f).to_owned()).collect();
+    (actor.into(), action.into(), target.into(), fields, at)
+}
+
+#[test]
+fn every_key_lifecycle_change_appends_one_event() {
+    let t = TestLedger::new();
+    let s = |secs: u64| START.plus_secs(secs).as_millis();
+    let owner = t
+        .ledger
+        .accounts()
+        .by("ops")
+        .create(NewAccount::new("Acme"))
+        .unwrap()
+        .id;
+
+    t.clock.advance_secs(1);
+    let created = t
+        .ledger
+        .keys()
+        .by("alice")
+        .create(NewKey::new(&owner, "k").credits(5))
+        .unwrap();
+    let id = created.info.id.to_string();
+    t.clock.advance_secs(1);
+    let update = KeyUpdate::new()
+        .name("renamed")
+        .permissions(["a:*"])
+        .credits(Some(9));
+    t.ledger.keys().by("bob").update(&id, update).unwrap();
+    t.clock.advance_secs(1);
+    t.ledger.keys().by("carol").disable(&id).unwrap();
+    t.clock.advance_secs(1);
+    t.ledger.keys().by("carol").enable(&id).unwrap();
+    t.clock.advance_secs(1);
+    let rolled = t.ledger.keys().by("dave").roll(&id, 60).unwrap();
+    t.clock.advance_secs(1);
+    t.ledger.keys().by("erin").delete(&id).unwrap();
+
+    let events = t.ledger.audit().since(0, 1000).unwrap();
+    let got: Vec<_> = events.iter().map(summary).collect();
+    assert_eq!(
+        got,
+        [
+            ev("ops", "account.created", &owner, &[], s(0)),
+            ev("alice", "key.created", &id, &[], s(1)),
+            ev(
+                "bob",
+                "key.updated",
+                &id,
+                &["name", "permissions", "credits"],
+                s(2)
+            ),
+            ev("carol", "key.disabled", &id, &["disabled_at"], s(3)),
+            ev("carol", "key.enabled", &id, &["disabled_at"], s(4)),
+            ev("dave", "key.rolled", &id, &["secret"], s(5)),
+            ev("erin", "key.deleted", &id, &[], s(6)),
+        ]
+    );
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=7).collect::<Vec<_>>(),
+        "a gap-free sequence from 1"
+    );
+    for e in &events {
+        let text = format!("{e:?}");
+        assert!(!text.contains(created.plaintext.expose()));
+        assert!(!text.contains(rolled.plaintext.expose()));
+    }
+
+    // `recent` is newest first; `since` pages forward.
+    let recent = t.ledger.audit().recent(2).unwrap();
+    assert_eq!(recent.iter().map(|e| e.seq).collect::<Vec<_>>(), [7, 6]);
+    let after_three = t.ledger.audit().since(3, 2).unwrap();
+    assert_eq!(
+        after_three.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [4, 5]
+    );
+    assert!(t.ledger.audit().since(7, 10).unwrap().is_empty());
+    assert!(t.ledger.audit().since(u64::MAX, 10).unwrap().is_empty());
+    assert_eq!(t.ledger.audit().recent(usize::MAX).unwrap().len(), 7);
+    assert!(t.ledger.audit().recent(0).unwrap().is_empty());
+}
+
+#[test]
+fn tokens_accounts_routes_imports_and_rotations_are_audited() {
+    let t = TestLedger::new();
+    let acct = t
+        .ledger
+        .accounts()
+        .create(NewAccount::new("Acme"))
+        .unwrap()
+        .id;
+    let tok = t
+        .ledger
+        .tokens()
+        .by("svc-admin")
+        .create(NewKey::token(&acct, "svc", "t"))
+        .unwrap();
+    let tok_id = tok.info.id.to_string();
+    t.ledger.tokens().by("svc-admin").roll(&tok_id, 0).unwrap();
+    t.ledger.tokens().by("svc-admin").delete(&tok_id).unwrap();
+
+    let update = AccountUpdate::new()
+        .status(SubscriptionStatus::PastDue)
+        .entitlements(["x"]);
+    t.ledger
+        .accounts()
+        .by("billing")
+        .update(&acct, update)
+        .unwrap();
+    t.ledger
+        .accounts()
+        .by("billing")
+        .set_status(&acct, SubscriptionStatus::Active)
+        .unwrap();
+
+    t.ledger
+        .routes()
+        .by("ops")
+        .set(RouteRule::new("/api/").cost(2))
+        .unwrap();
+    t.ledger.routes().by("ops").remove("/api/").unwrap();
+
+    let legacy = formatted_key("vb_live_", 5);
+    let hash = ImportedHash::Sha256(Sha256::digest(legacy.as_bytes()).into());
+    let import = ImportKey::new(&acct, "old", hash, &legacy[..12], &legacy[42..]);
+    let imported = t.ledger.keys().by("migrator").import(import).unwrap();
+    t.ledger
+        .rotate_hash_scheme(HashScheme::HmacSha256 { pepper: 2 })
+        .unwrap();
+
+    let events = t.ledger.audit().since(0, 1000).unwrap();
+    let actions: Vec<(&str, &str, &str)> = events
+        .iter()
+        .map(|e| (e.actor.as_str(), e.action.as_str(), e.target.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("system", "account.created", acct.as_str()),
+            ("svc-admin", "token.created", tok_id.as_str()),
+            ("svc-admin", "token.rolled", tok_id.as_str()),
+            ("svc-admin", "token.deleted", tok_id.as_str()),
+            ("billing", "account.updated", acct.as_str()),
+            ("billing", "account.updated", acct.as_str()),
+            ("ops", "route.set", "/api/"),
+            ("ops", "route.removed", "/api/"),
+            ("migrator", "key.imported", imported.id.as_str()),
+            ("system", "hash_scheme.rotated", "hmac-sha256/v2"),
+        ]
+    );
+    assert_eq!(events[4].fields, ["status", "entitlements"]);
+    assert_eq!(events[5].fields, ["status"]);
+
+    // Authenticating (and the rehash it triggers) never logs the plaintext.
+    assert!(t.auth(&legacy).is_ok());
+    let all = format!("{:?}", t.ledger.audit().recent(1000).unwrap());
+    assert!(!all.contains(&legacy) && !all.contains(&legacy[8..]));
+    assert!(!all.contains(tok.plaintext.expose()));
+}
+
+#[test]
+fn refused_writes_append_nothing_and_the_trail_survives_a_reopen() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (key, _) = t.key(&owner, "k");
+    let before = t.ledger.audit().recent(1000).unwrap();
+
+    assert!(t.ledger.keys().create(NewKey::new(&owner, "")).is_err());
+    assert!(
+        t.ledger
+            .keys()
+            .update(&key.id, KeyUpdate::new().ips(["nope"]))
+            .is_err()
+    );
+    assert!(
+        t.ledger
+            .keys()
+            .owned_by(&t.account("Other"))
+            .unwrap()
+            .delete(&key.id)
+            .is_err()
+    );
+    let after_other_account = t.ledger.audit().recent(1000).unwrap();
+    assert_eq!(
+        after_other_account.len(),
+        before.len() + 1,
+        "only the new account"
+    );
+    assert!(t.ledger.keys().roll("key_forged", 0).is_err());
+    assert!(t.ledger.routes().remove("/missing/").is_err());
+    assert!(
+        t.ledger
+            .rotate_hash_scheme(HashScheme::Sha256Imported)
+            .is_err()
+    );
+    assert!(
+        t.ledger
+            .accounts()
+            .create(NewAccount::new("x").entitlements(["bad scope"]))
+            .is_err()
+    );
+    assert_eq!(t.ledger.audit().recent(1000).unwrap(), after_other_account);
+
+    let t = t.reopen();
+    assert_eq!(t.ledger.audit().recent(1000).unwrap(), after_other_account);
+    t.ledger.keys().disable(&key.id).unwrap();
+    let newest = &t.ledger.audit().recent(1).unwrap()[0];
+    assert_eq!(
+        newest.seq,
+        after_other_account[0].seq + 1,
+        "the sequence continues"
+    );
+    assert_eq!(newest.action, "key.disabled");
+}

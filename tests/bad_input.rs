@@ -1,0 +1,622 @@
+//! Every kind of bad input a server might pass on from its callers: refused with a typed error
+//! that names the field and never echoes a secret, and the database left exactly as it was.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use keyledger::{
+    AccountUpdate, Config, ConfigError, ENV_MASTER_KEY, ENV_MASTER_KEY_FILE, Error, KeyUpdate,
+    Ledger, MasterKey, NewAccount, NewKey, PageRequest, RateLimit, RouteRule, Timestamp,
+};
+
+/// Asserts every rejected call leaves the ledger unchanged.
+struct Unchanged<'a> {
+    t: &'a TestLedger,
+    before: Snapshot,
+}
+
+impl<'a> Unchanged<'a> {
+    fn new(t: &'a TestLedger) -> Self {
+        Unchanged {
+            t,
+            before: snapshot(&t.ledger),
+        }
+    }
+}
+
+impl Drop for Unchanged<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert_eq!(
+                snapshot(&self.t.ledger),
+                self.before,
+                "a rejected write changed the ledger"
+            );
+        }
+    }
+}
+
+fn setup() -> (TestLedger, keyledger::PublicId, keyledger::KeyInfo) {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (key, _) = t.key(&owner, "existing");
+    // A route rule, so the snapshot can list routes (see `routes_on_a_fresh_ledger_are_empty`).
+    t.ledger.routes().set(RouteRule::new("/api/")).unwrap();
+    (t, owner, key)
+}
+
+#[test]
+fn names_must_be_1_to_50_printable_characters() {
+    let (t, owner, key) = setup();
+    {
+        let _guard = Unchanged::new(&t);
+        for bad in [
+            "",
+            "   ",
+            "\t\n",
+            &"x".repeat(51),
+            "line\nbreak",
+            "bell\u{7}",
+            "nul\0",
+        ] {
+            assert_invalid(t.ledger.keys().create(NewKey::new(&owner, bad)), "name");
+            assert_invalid(
+                t.ledger.tokens().create(NewKey::token(&owner, "svc", bad)),
+                "name",
+            );
+            assert_invalid(
+                t.ledger.keys().update(&key.id, KeyUpdate::new().name(bad)),
+                "name",
+            );
+            assert_invalid(t.ledger.accounts().create(NewAccount::new(bad)), "name");
+            let update = AccountUpdate::new().name(bad);
+            assert_invalid(t.ledger.accounts().update(&owner, update), "name");
+        }
+        let err = t
+            .ledger
+            .keys()
+            .create(NewKey::new(&owner, "y".repeat(51)))
+            .unwrap_err();
+        assert!(err.to_string().contains("50"), "says the limit: {err}");
+    }
+    // The limits themselves are fine, counted in characters.
+    assert_eq!(t.key(&owner, &"x".repeat(50)).0.name.len(), 50);
+    assert_eq!(t.key(&owner, &"é".repeat(50)).0.name.chars().count(), 50);
+    assert_eq!(t.key(&owner, "a").0.name, "a");
+}
+
+#[test]
+fn scopes_must_be_well_formed() {
+    let (t, owner, key) = setup();
+    let _guard = Unchanged::new(&t);
+    for bad in [
+        "",
+        "a b",
+        "quick*",
+        "a:*:b",
+        "**",
+        "*:a",
+        "ü:read",
+        "a/b",
+        &"s".repeat(101),
+    ] {
+        let new = NewKey::new(&owner, "k").permissions(["ok:read", bad]);
+        assert_invalid(t.ledger.keys().create(new), "permissions");
+        let update = KeyUpdate::new().permissions([bad]);
+        assert_invalid(t.ledger.keys().update(&key.id, update), "permissions");
+        let ents = NewAccount::new("x").entitlements([bad]);
+        assert_invalid(t.ledger.accounts().create(ents), "entitlements");
+        assert_invalid(
+            t.ledger.routes().set(RouteRule::new("/x/").permission(bad)),
+            "permission",
+        );
+        assert_invalid(
+            t.ledger
+                .routes()
+                .set(RouteRule::new("/x/").entitlement(bad)),
+            "entitlement",
+        );
+    }
+    let too_many: Vec<String> = (0..101).map(|i| format!("s:{i}")).collect();
+    assert_invalid(
+        t.ledger
+            .keys()
+            .create(NewKey::new(&owner, "k").permissions(too_many)),
+        "permissions",
+    );
+}
+
+#[test]
+fn ips_must_be_addresses_or_cidr_ranges() {
+    let (t, owner, key) = setup();
+    let _guard = Unchanged::new(&t);
+    for bad in [
+        "10.0.0.300",
+        "not-an-ip",
+        "10.0.0.0/33",
+        "",
+        "::1/129",
+        "10.0.0.1, 10.0.0.2",
+    ] {
+        let new = NewKey::new(&owner, "k").ips(["10.0.0.1", bad]);
+        assert_invalid(t.ledger.keys().create(new), "ips");
+        assert_invalid(
+            t.ledger.keys().update(&key.id, KeyUpdate::new().ips([bad])),
+            "ips",
+        );
+    }
+}
+
+#[test]
+fn expiry_must_be_in_the_future() {
+    let (t, owner, key) = setup();
+    let _guard = Unchanged::new(&t);
+    let now = t.now();
+    for bad in [now, Timestamp(now.as_millis() - 1), Timestamp(0)] {
+        assert_invalid(
+            t.ledger
+                .keys()
+                .create(NewKey::new(&owner, "k").expires_at(bad)),
+            "expires_at",
+        );
+        let update = KeyUpdate::new().expires_at(Some(bad));
+        assert_invalid(t.ledger.keys().update(&key.id, update), "expires_at");
+    }
+}
+
+#[test]
+fn limits_and_metadata_are_validated() {
+    let (t, owner, key) = setup();
+    let _guard = Unchanged::new(&t);
+    let new = || NewKey::new(&owner, "k");
+    assert_invalid(
+        t.ledger.keys().create(new().rate_limit("rps", 0, 1)),
+        "rate_limits",
+    );
+    assert_invalid(
+        t.ledger.keys().create(new().rate_limit("rps", 1, 0)),
+        "rate_limits",
+    );
+    let dup = new().rate_limit("rps", 1, 1).rate_limit("rps", 2, 1);
+    assert_invalid(t.ledger.keys().create(dup), "rate_limits");
+    assert_invalid(
+        t.ledger.keys().create(new().rate_limit("", 1, 1)),
+        "rate_limits.name",
+    );
+    assert_invalid(
+        t.ledger.keys().create(new().token_window(0, 60)),
+        "token_window",
+    );
+    assert_invalid(
+        t.ledger.keys().create(new().token_window(10, 0)),
+        "token_window",
+    );
+    let refill = new().refill(10, keyledger::RefillInterval::Daily);
+    assert_invalid(t.ledger.keys().create(refill), "refill");
+    let bad_rl = vec![RateLimit {
+        name: "r".into(),
+        limit: 0,
+        window_secs: 1,
+    }];
+    assert_invalid(
+        t.ledger
+            .keys()
+            .update(&key.id, KeyUpdate::new().rate_limits(bad_rl)),
+        "rate_limits",
+    );
+
+    let mut meta = new();
+    for i in 0..33 {
+        meta = meta.metadata(format!("k{i}"), "v");
+    }
+    assert_invalid(t.ledger.keys().create(meta), "metadata");
+    assert_invalid(t.ledger.keys().create(new().metadata("", "v")), "metadata");
+    assert_invalid(
+        t.ledger.keys().create(new().metadata("k".repeat(65), "v")),
+        "metadata",
+    );
+    assert_invalid(
+        t.ledger
+            .keys()
+            .create(new().metadata("k", "v".repeat(1025))),
+        "metadata",
+    );
+    assert_invalid(
+        t.ledger.keys().create(new().metadata("a\nb", "v")),
+        "metadata",
+    );
+    let map: BTreeMap<String, String> = [(String::new(), "v".to_owned())].into();
+    assert_invalid(
+        t.ledger
+            .keys()
+            .update(&key.id, KeyUpdate::new().metadata(map)),
+        "metadata",
+    );
+}
+
+#[test]
+fn route_prefixes_are_validated() {
+    let (t, _, _) = setup();
+    let _guard = Unchanged::new(&t);
+    for bad in [
+        "",
+        "api/",
+        "/a b",
+        "/tab\t",
+        "/ü",
+        &format!("/{}", "a".repeat(256)),
+    ] {
+        assert_invalid(t.ledger.routes().set(RouteRule::new(bad)), "prefix");
+    }
+    assert_not_found(t.ledger.routes().remove("/nope/"), "route rule");
+}
+
+#[test]
+fn forged_truncated_and_rekinded_ids_are_invalid() {
+    let (t, owner, key) = setup();
+    let token = t
+        .ledger
+        .tokens()
+        .create(NewKey::token(&owner, "svc", "t"))
+        .unwrap()
+        .info;
+    let other = TestLedger::new();
+    let other_owner = other.account("Other");
+    let (other_key, _) = other.key(&other_owner, "k");
+    let _guard = Unchanged::new(&t);
+
+    let flip = |id: &str, pos: usize| {
+        let mut b = id.as_bytes().to_vec();
+        b[pos] = if b[pos] == b'A' { b'B' } else { b'A' };
+        String::from_utf8(b).unwrap()
+    };
+    let bad_key_ids = [
+        flip(&key.id, 6),
+        flip(&key.id, key.id.len() - 1),
+        key.id[..key.id.len() - 1].to_owned(),
+        format!("{}A", key.id),
+        key.id.replacen("key_", "tok_", 1),
+        key.id.replacen("key_", "acct_", 1),
+        key.id.replacen("key_", "", 1),
+        token.id.to_string(),
+        token.id.replacen("tok_", "key_", 1),
+        owner.replacen("acct_", "key_", 1),
+        other_key.id.to_string(),
+        String::new(),
+        "key_".into(),
+        "key_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
+        "key_💥".into(),
+    ];
+    for id in &bad_key_ids {
+        assert_invalid_id(t.ledger.keys().get(id), "key");
+        assert_invalid_id(
+            t.ledger.keys().update(id, KeyUpdate::new().name("x")),
+            "key",
+        );
+        assert_invalid_id(t.ledger.keys().disable(id), "key");
+        assert_invalid_id(t.ledger.keys().enable(id), "key");
+        assert_invalid_id(t.ledger.keys().roll(id, 0), "key");
+        assert_invalid_id(t.ledger.keys().delete(id), "key");
+    }
+    assert_invalid_id(t.ledger.tokens().get(&key.id), "token");
+    assert_invalid_id(
+        t.ledger.tokens().get(&key.id.replacen("key_", "tok_", 1)),
+        "token",
+    );
+    for id in [
+        &key.id.to_string(),
+        &other_owner.to_string(),
+        &flip(&owner, 7),
+        &owner.replacen("acct_", "tok_", 1),
+    ] {
+        assert_invalid_id(t.ledger.accounts().get(id), "account");
+        assert_invalid_id(
+            t.ledger
+                .accounts()
+                .set_status(id, keyledger::SubscriptionStatus::Suspended),
+            "account",
+        );
+        assert_invalid_id(t.ledger.keys().create(NewKey::new(id, "k")), "account");
+        assert_invalid_id(t.ledger.keys().list(id, &PageRequest::first()), "account");
+    }
+    // The message says what kind of id was wrong, without echoing it.
+    let err = t.ledger.keys().get(&other_key.id).unwrap_err();
+    assert_eq!(err.to_string(), "invalid key id");
+}
+
+#[test]
+fn unknown_but_authentic_ids_are_not_found() {
+    let (t, owner, _) = setup();
+    // A ledger with the same master key mints ids this one has never used.
+    let dir = tempfile::tempdir().unwrap();
+    let twin = Ledger::open(dir.path().join("twin.redb"), t.config()).unwrap();
+    let twin_owner = account(&twin, "twin");
+    for i in 0..6 {
+        twin.keys()
+            .create(NewKey::new(&twin_owner, format!("k{i}")))
+            .unwrap();
+    }
+    let ghost_key = twin
+        .keys()
+        .create(NewKey::new(&twin_owner, "ghost"))
+        .unwrap()
+        .info
+        .id;
+    let ghost_token = twin
+        .tokens()
+        .create(NewKey::token(&twin_owner, "svc", "ghost"))
+        .unwrap()
+        .info
+        .id;
+    let ghost_account = account(&twin, "ghost account");
+    let _guard = Unchanged::new(&t);
+
+    assert_not_found(t.ledger.keys().get(&ghost_key), "key");
+    assert_not_found(
+        t.ledger
+            .keys()
+            .update(&ghost_key, KeyUpdate::new().name("x")),
+        "key",
+    );
+    assert_not_found(t.ledger.keys().disable(&ghost_key), "key");
+    assert_not_found(t.ledger.keys().enable(&ghost_key), "key");
+    assert_not_found(t.ledger.keys().roll(&ghost_key, 10), "key");
+    assert_not_found(t.ledger.keys().delete(&ghost_key), "key");
+    assert_not_found(t.ledger.tokens().get(&ghost_token), "token");
+    assert_not_found(t.ledger.accounts().get(&ghost_account), "account");
+    let update = AccountUpdate::new().name("x");
+    assert_not_found(
+        t.ledger.accounts().update(&ghost_account, update),
+        "account",
+    );
+    assert_not_found(
+        t.ledger.keys().create(NewKey::new(&ghost_account, "k")),
+        "account",
+    );
+    // And a real owner's scope does not make them appear.
+    assert_not_found(
+        t.ledger.keys().owned_by(&owner).unwrap().get(&ghost_key),
+        "key",
+    );
+}
+
+#[test]
+fn wrong_owner_scope_is_not_found_and_writes_nothing() {
+    let (t, _, key) = setup();
+    let other = t.account("Other");
+    let _guard = Unchanged::new(&t);
+    let scoped = || t.ledger.keys().owned_by(&other).unwrap();
+    assert_not_found(scoped().get(&key.id), "key");
+    assert_not_found(
+        scoped().update(&key.id, KeyUpdate::new().credits(Some(1))),
+        "key",
+    );
+    assert_not_found(scoped().disable(&key.id), "key");
+    assert_not_found(scoped().enable(&key.id), "key");
+    assert_not_found(scoped().roll(&key.id, 0), "key");
+    assert_not_found(scoped().delete(&key.id), "key");
+}
+
+#[test]
+fn a_config_without_a_usable_master_key_is_refused_clearly() {
+    let err = Config::builder().build().unwrap_err();
+    assert!(matches!(err, ConfigError::MissingMasterKey));
+    let msg = err.to_string();
+    assert!(
+        msg.contains(ENV_MASTER_KEY) && msg.contains(ENV_MASTER_KEY_FILE),
+        "{msg}"
+    );
+    // `from_env` reads the same variables; when neither is set (as in CI) it is the same error.
+    if std::env::var_os(ENV_MASTER_KEY).is_none() && std::env::var_os(ENV_MASTER_KEY_FILE).is_none()
+    {
+        assert!(matches!(
+            Config::from_env(),
+            Err(ConfigError::MissingMasterKey)
+        ));
+    }
+
+    for n in [0, 16, 31, 33, 64] {
+        match MasterKey::from_bytes(&vec![7u8; n]) {
+            Err(ConfigError::MasterKeyLength { found }) => assert_eq!(found, n),
+            other => panic!("{n} bytes: {other:?}"),
+        }
+    }
+    let secretish = "deadbeefcafebabe0123456789abcdef";
+    let err = MasterKey::parse(secretish).unwrap_err();
+    assert!(matches!(
+        err,
+        ConfigError::MasterKeyEncoding { found_chars: 32 }
+    ));
+    assert!(!err.to_string().contains(secretish), "never echoes the key");
+    let not_hex = format!("{}zz", "a".repeat(62));
+    let err = MasterKey::parse(&not_hex).unwrap_err();
+    assert!(!err.to_string().contains(&not_hex));
+    assert!(
+        MasterKey::parse(&format!("  {}\n", "ab".repeat(32))).is_ok(),
+        "whitespace trimmed"
+    );
+
+    let bad_prefix = Config::builder()
+        .master_key(MasterKey::generate().unwrap())
+        .live_prefix("Live-");
+    assert!(matches!(
+        bad_prefix.build(),
+        Err(ConfigError::InvalidSetting {
+            setting: "live_prefix",
+            ..
+        })
+    ));
+}
+
+#[cfg(unix)]
+#[test]
+fn key_files_must_be_private_and_well_formed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("master.key");
+    let key = MasterKey::generate().unwrap();
+    key.write_new_file(&path).unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(Config::builder().master_key_file(&path).is_ok());
+    assert!(key.write_new_file(&path).is_err(), "never overwrites");
+
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    match Config::builder().master_key_file(&path) {
+        Err(e @ ConfigError::KeyFilePermissions { mode: 0o644, .. }) => {
+            assert!(e.to_string().contains("0600"), "{e}");
+            assert!(!e.to_string().contains(key.to_hex().expose()));
+        }
+        other => panic!("{:?}", other.err()),
+    }
+    let missing = dir.path().join("absent.key");
+    assert!(matches!(
+        Config::builder().master_key_file(&missing),
+        Err(ConfigError::KeyFile { .. })
+    ));
+    let short = dir.path().join("short.key");
+    std::fs::write(&short, "abcd\n").unwrap();
+    std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(matches!(
+        Config::builder().master_key_file(&short),
+        Err(ConfigError::MasterKeyEncoding { .. })
+    ));
+}
+
+#[test]
+fn reopening_with_another_master_key_is_refused_and_harmless() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (key, plaintext) = t.key(&owner, "k");
+    let (dir, path, config) = t.close();
+
+    let wrong = MasterKey::generate().unwrap();
+    let err = Ledger::open(
+        &path,
+        Config::builder().master_key(wrong.clone()).build().unwrap(),
+    );
+    let err = err.unwrap_err();
+    assert!(matches!(err, Error::WrongMasterKey), "{err:?}");
+    assert!(err.to_string().contains("master key"));
+    assert!(!format!("{err} {err:?}").contains(wrong.to_hex().expose()));
+
+    // The right key still opens it, with everything in place.
+    let ledger = Ledger::open(&path, config).unwrap();
+    assert_eq!(ledger.keys().get(&key.id).unwrap().id, key.id);
+    assert_eq!(authenticate(&ledger, &plaintext).unwrap().id, key.id);
+    drop(ledger);
+    drop(dir);
+}
+
+#[test]
+fn a_redb_file_of_another_application_is_not_a_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let def: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("sessions");
+            txn.open_table(def).unwrap().insert("abc", 1).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let config = Config::ephemeral().unwrap();
+    match Ledger::open(&path, config.clone()) {
+        Err(e @ Error::NotALedger { .. }) => assert!(e.to_string().contains("not a keyledger")),
+        other => panic!("expected NotALedger, got {:?}", other.map(|_| ())),
+    }
+    assert!(Ledger::check(&path, config).is_err());
+    // The other application's data is intact and no keyledger table was added.
+    let db = redb::Database::create(&path).unwrap();
+    let read = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let tables: Vec<String> = read
+        .list_tables()
+        .unwrap()
+        .map(|t| redb::TableHandle::name(&t).to_owned())
+        .collect();
+    assert_eq!(tables, ["sessions"]);
+    let def: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("sessions");
+    assert_eq!(
+        read.open_table(def)
+            .unwrap()
+            .get("abc")
+            .unwrap()
+            .unwrap()
+            .value(),
+        1
+    );
+}
+
+#[test]
+fn garbage_and_truncated_files_give_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::ephemeral().unwrap();
+
+    let mut garbage = Vec::new();
+    let mut x: u32 = 12345;
+    for _ in 0..16384 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        garbage.push((x >> 16) as u8);
+    }
+    let garbage_path = dir.path().join("garbage.redb");
+    std::fs::write(&garbage_path, &garbage).unwrap();
+    assert!(Ledger::open(&garbage_path, config.clone()).is_err());
+    assert!(Ledger::check(&garbage_path, config.clone()).is_err());
+
+    let text_path = dir.path().join("notes.redb");
+    std::fs::write(&text_path, "this is a text file, not a database\n").unwrap();
+    assert!(Ledger::open(&text_path, config.clone()).is_err());
+
+    // A real ledger cut in half.
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    for i in 0..20 {
+        t.key(&owner, &format!("k{i}"));
+    }
+    let (_t_dir, path, t_config) = t.close();
+    let bytes = std::fs::read(&path).unwrap();
+    let half_path = dir.path().join("half.redb");
+    std::fs::write(&half_path, &bytes[..bytes.len() / 2]).unwrap();
+    if let Ok(ledger) = Ledger::open(&half_path, t_config.clone()) {
+        // redb may repair what it can; whatever opens must still answer with typed results.
+        let _ = ledger.accounts().list(&PageRequest::first());
+        let _ = ledger.keys().list(&owner, &PageRequest::first());
+    }
+    let _ = Ledger::check(&half_path, t_config);
+}
+
+#[test]
+fn a_ledger_can_be_open_only_once_at_a_time() {
+    let t = TestLedger::new();
+    assert!(matches!(
+        Ledger::open(&t.path, t.config()),
+        Err(Error::Storage(_))
+    ));
+    // A clone shares the one open database.
+    let clone = t.ledger.clone();
+    let owner = account(&clone, "via clone");
+    assert_eq!(t.ledger.accounts().get(&owner).unwrap().id, owner);
+}
+
+#[test]
+fn presented_keys_that_are_too_long_or_contain_spaces_are_refused_before_lookup() {
+    use keyledger::{HeaderError, MalformedKey, Presented};
+    let long = format!("vb_live_{}", "a".repeat(200));
+    assert!(matches!(
+        Presented::new(&long),
+        Err(HeaderError::Malformed(MalformedKey::WrongLength { .. }))
+    ));
+    assert!(matches!(
+        Presented::new("vb_live_abc def"),
+        Err(HeaderError::Malformed(MalformedKey::BadCharacter {
+            position: 11
+        }))
+    ));
+    let err = Presented::from_headers(None, Some("vb_live_TOPSECRETVALUE\u{1}")).unwrap_err();
+    assert!(!err.to_string().contains("TOPSECRETVALUE"));
+}

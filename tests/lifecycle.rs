@@ -1,0 +1,939 @@
+//! The admin lifecycle of keys, tokens, accounts and route rules, end to end through the
+//! public API, and the denials `authenticate` gives a server.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::*;
+use keyledger::{
+    AccountUpdate, Denial, Error, HeaderError, KeyClass, KeyKind, KeyUpdate, Ledger, MalformedKey,
+    NewAccount, NewKey, PageRequest, Presented, RateLimit, Refill, RefillInterval, RouteRule,
+    SubscriptionStatus, TokenWindow, permits,
+};
+
+fn full_key(owner: &str) -> NewKey {
+    NewKey::new(owner, "CI deploy key")
+        .permissions(["quickhits:create", "roadmaps:*", "quickhits:create"])
+        .ips(["192.168.1.7", "10.1.2.3/8", "2001:db8::/32"])
+        .expires_at(START.plus_secs(3600))
+        .credits(10_000)
+        .refill(1_000, RefillInterval::Monthly)
+        .rate_limit("requests", 100, 60)
+        .rate_limit("burst", 10, 1)
+        .token_window(50_000, 60)
+        .metadata("team", "infra")
+        .metadata("ticket", "OPS-12")
+}
+
+#[test]
+fn create_returns_the_plaintext_once_and_stores_every_field() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let created = t
+        .ledger
+        .keys()
+        .by("alice")
+        .create(full_key(&owner))
+        .unwrap();
+    let plaintext = created.plaintext.expose().to_owned();
+    let info = &created.info;
+
+    assert!(
+        plaintext.starts_with("vb_live_"),
+        "live keys carry the live prefix"
+    );
+    assert_eq!(plaintext.len(), "vb_live_".len() + 32 + 6);
+    assert!(
+        plaintext["vb_live_".len()..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric())
+    );
+    assert!(info.id.starts_with("key_"));
+    assert_eq!(info.owner, owner);
+    assert_eq!(info.kind, KeyKind::Api);
+    assert_eq!(info.class, KeyClass::Live);
+    assert_eq!(info.name, "CI deploy key");
+    assert_eq!(info.prefix, plaintext[..12]);
+    assert_eq!(info.suffix, plaintext[plaintext.len() - 4..]);
+    assert_eq!(
+        info.masked,
+        format!("{}…{}", &plaintext[..12], &plaintext[plaintext.len() - 4..])
+    );
+    assert_eq!(
+        info.permissions,
+        ["quickhits:create", "roadmaps:*"],
+        "deduplicated, order kept"
+    );
+    assert_eq!(info.ips, ["192.168.1.7/32", "10.0.0.0/8", "2001:db8::/32"]);
+    assert_eq!(info.limits.credits, Some(10_000));
+    assert_eq!(
+        info.limits.refill,
+        Some(Refill {
+            amount: 1_000,
+            interval: RefillInterval::Monthly
+        })
+    );
+    assert_eq!(
+        info.limits.rate_limits,
+        [
+            RateLimit {
+                name: "requests".into(),
+                limit: 100,
+                window_secs: 60
+            },
+            RateLimit {
+                name: "burst".into(),
+                limit: 10,
+                window_secs: 1
+            },
+        ]
+    );
+    assert_eq!(
+        info.limits.token_window,
+        Some(TokenWindow {
+            tokens: 50_000,
+            window_secs: 60
+        })
+    );
+    assert_eq!(info.remaining_credits, Some(10_000));
+    let metadata: BTreeMap<String, String> = [
+        ("team".into(), "infra".into()),
+        ("ticket".into(), "OPS-12".into()),
+    ]
+    .into();
+    assert_eq!(info.metadata, metadata);
+    assert_eq!(info.created_at, START);
+    assert_eq!(info.created_by, "alice");
+    assert_eq!(info.updated_at, START);
+    assert_eq!(info.updated_by, "alice");
+    assert_eq!(info.expires_at, Some(START.plus_secs(3600)));
+    assert_eq!(info.disabled_at, None);
+    assert_eq!(info.last_used_at, None);
+    assert_eq!(info.previous_secret_valid_until, None);
+    assert_eq!(info.hash_scheme, "hmac-sha256/v1");
+    assert_eq!(info.schema_version, 1);
+
+    // `get` returns the same view, and the plaintext is nowhere in it.
+    t.clock.advance_secs(5);
+    let got = t.ledger.keys().get(&info.id).unwrap();
+    assert_eq!(&got, info);
+    assert!(!format!("{got:?}").contains(&plaintext));
+    assert!(!format!("{created:?}").contains(&plaintext));
+    let json = serde_json::to_value(&got).unwrap();
+    assert_eq!(json["type"], "api");
+    assert_eq!(json["class"], "live");
+    assert!(!json.to_string().contains(&plaintext));
+
+    // The plaintext authenticates to this key.
+    assert_eq!(t.auth(&plaintext).unwrap().id, info.id);
+
+    // A second key gets another secret and another id.
+    let (other, other_plain) = t.key(&owner, "second");
+    assert_ne!(other.id, info.id);
+    assert_ne!(other_plain, plaintext);
+    assert_eq!(other.remaining_credits, None, "no credits: unmetered");
+    assert_eq!(other.created_by, "system", "the default actor");
+}
+
+#[test]
+fn test_keys_carry_the_test_prefix_and_class() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let created = t
+        .ledger
+        .keys()
+        .create(NewKey::new(&owner, "sandbox").test())
+        .unwrap();
+    assert!(created.plaintext.expose().starts_with("vb_test_"));
+    assert_eq!(created.info.class, KeyClass::Test);
+    assert!(created.info.prefix.starts_with("vb_test_"));
+    assert_eq!(
+        t.auth(created.plaintext.expose()).unwrap().class,
+        KeyClass::Test
+    );
+}
+
+#[test]
+fn update_changes_only_the_fields_given() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let original = t
+        .ledger
+        .keys()
+        .by("alice")
+        .create(full_key(&owner))
+        .unwrap()
+        .info;
+
+    t.clock.advance_secs(10);
+    let renamed = t
+        .ledger
+        .keys()
+        .by("bob")
+        .update(&original.id, KeyUpdate::new().name("Renamed"));
+    let renamed = renamed.unwrap();
+    let mut expected = original.clone();
+    expected.name = "Renamed".into();
+    expected.updated_at = START.plus_secs(10);
+    expected.updated_by = "bob".into();
+    assert_eq!(
+        renamed, expected,
+        "only name, updated_at and updated_by change"
+    );
+    assert_eq!(
+        t.ledger.keys().get(&original.id).unwrap(),
+        expected,
+        "and it is stored"
+    );
+
+    t.clock.advance_secs(10);
+    let mut meta = BTreeMap::new();
+    meta.insert("env".to_owned(), "prod".to_owned());
+    let changed = t
+        .ledger
+        .keys()
+        .update(
+            &original.id,
+            KeyUpdate::new()
+                .permissions(["*"])
+                .ips(["::1"])
+                .expires_at(None)
+                .credits(Some(5))
+                .rate_limits(vec![RateLimit {
+                    name: "rps".into(),
+                    limit: 5,
+                    window_secs: 1,
+                }])
+                .token_window(None)
+                .metadata(meta.clone()),
+        )
+        .unwrap();
+    assert_eq!(changed.name, "Renamed", "name untouched");
+    assert_eq!(changed.permissions, ["*"]);
+    assert_eq!(changed.ips, ["::1/128"]);
+    assert_eq!(changed.expires_at, None);
+    assert_eq!(changed.limits.credits, Some(5));
+    assert_eq!(changed.remaining_credits, Some(5));
+    assert_eq!(
+        changed.limits.refill, original.limits.refill,
+        "refill untouched"
+    );
+    assert_eq!(changed.limits.rate_limits.len(), 1);
+    assert_eq!(changed.limits.token_window, None);
+    assert_eq!(changed.metadata, meta);
+    assert_eq!(changed.created_at, original.created_at);
+    assert_eq!(changed.created_by, "alice");
+    assert_eq!(
+        changed.prefix, original.prefix,
+        "the secret is not touched by an update"
+    );
+    assert_eq!(t.ledger.keys().get(&original.id).unwrap(), changed);
+
+    // Clearing the refill, then the credits, makes the key unmetered.
+    let unmetered = t
+        .ledger
+        .keys()
+        .update(&original.id, KeyUpdate::new().refill(None).credits(None))
+        .unwrap();
+    assert_eq!(unmetered.limits.credits, None);
+    assert_eq!(unmetered.remaining_credits, None);
+
+    // A refill without credits is refused, and nothing changes.
+    let before = t.ledger.keys().get(&original.id).unwrap();
+    let refill = Refill {
+        amount: 10,
+        interval: RefillInterval::Daily,
+    };
+    assert_invalid(
+        t.ledger
+            .keys()
+            .update(&original.id, KeyUpdate::new().refill(Some(refill))),
+        "refill",
+    );
+    assert_eq!(t.ledger.keys().get(&original.id).unwrap(), before);
+}
+
+#[test]
+fn disable_and_enable() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (key, plaintext) = t.key(&owner, "k");
+
+    t.clock.advance_secs(30);
+    let disabled = t.ledger.keys().by("alice").disable(&key.id).unwrap();
+    assert_eq!(disabled.disabled_at, Some(START.plus_secs(30)));
+    assert_eq!(disabled.updated_by, "alice");
+    assert_eq!(t.auth(&plaintext), Err(Denial::Disabled));
+
+    // Disabling again keeps the first time.
+    t.clock.advance_secs(30);
+    let again = t.ledger.keys().disable(&key.id).unwrap();
+    assert_eq!(again.disabled_at, Some(START.plus_secs(30)));
+    assert_eq!(t.auth(&plaintext), Err(Denial::Disabled));
+
+    let enabled = t.ledger.keys().enable(&key.id).unwrap();
+    assert_eq!(enabled.disabled_at, None);
+    assert_eq!(t.ledger.keys().get(&key.id).unwrap().disabled_at, None);
+    assert_eq!(t.auth(&plaintext).unwrap().id, key.id);
+    // Enabling an enabled key is harmless.
+    assert_eq!(t.ledger.keys().enable(&key.id).unwrap().disabled_at, None);
+    assert!(t.auth(&plaintext).is_ok());
+}
+
+#[test]
+fn delete_removes_the_key_everywhere() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (keep, keep_plain) = t.key(&owner, "keep");
+    let created = t
+        .ledger
+        .keys()
+        .create(NewKey::new(&owner, "doomed").credits(100))
+        .unwrap();
+    let (doomed, doomed_plain) = (created.info, created.plaintext.expose().to_owned());
+
+    t.ledger.keys().delete(&doomed.id).unwrap();
+    assert_not_found(t.ledger.keys().get(&doomed.id), "key");
+    assert_eq!(t.auth(&doomed_plain), Err(Denial::NotFound));
+    assert_not_found(t.ledger.keys().delete(&doomed.id), "key");
+    assert_not_found(t.ledger.keys().disable(&doomed.id), "key");
+    assert_not_found(t.ledger.keys().roll(&doomed.id, 0), "key");
+    let listed: Vec<_> = all_keys(&t.ledger, &owner, false)
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(listed, std::slice::from_ref(&keep.id));
+    assert!(
+        t.ledger
+            .keys()
+            .find_by_prefix(&doomed.prefix)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        t.auth(&keep_plain).unwrap().id,
+        keep.id,
+        "other keys are unaffected"
+    );
+}
+
+#[test]
+fn support_finds_keys_by_visible_prefix_masked_only() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let other = t.account("Other");
+    let (key, plaintext) = t.key(&owner, "k");
+    let (_, other_plain) = t.key(&other, "o");
+    let token = t
+        .ledger
+        .tokens()
+        .create(NewKey::token(&owner, "service", "t"))
+        .unwrap();
+
+    let found = t.ledger.keys().find_by_prefix(&key.prefix).unwrap();
+    assert_eq!(found.iter().map(|k| &k.id).collect::<Vec<_>>(), [&key.id]);
+    assert_eq!(found[0].masked, key.masked);
+    assert!(!format!("{found:?}").contains(&plaintext));
+    // Pasting the masked form works too, and so do 8 characters (all live keys match).
+    assert_eq!(
+        t.ledger.keys().find_by_prefix(&key.masked).unwrap()[0].id,
+        key.id
+    );
+    let all_live = t.ledger.keys().find_by_prefix("vb_live_").unwrap();
+    assert_eq!(all_live.len(), 2, "both live keys, not the token");
+    // Owner scope applies.
+    let scoped = t
+        .ledger
+        .keys()
+        .owned_by(&other)
+        .unwrap()
+        .find_by_prefix("vb_live_")
+        .unwrap();
+    assert_eq!(scoped.len(), 1);
+    assert_eq!(scoped[0].prefix, other_plain[..12]);
+    // Tokens are found through tokens(), not keys().
+    assert!(
+        t.ledger
+            .keys()
+            .find_by_prefix(&token.info.prefix)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        t.ledger
+            .tokens()
+            .find_by_prefix(&token.info.prefix)
+            .unwrap()[0]
+            .id,
+        token.info.id
+    );
+    // Too short or too long is refused without echoing.
+    assert_invalid(t.ledger.keys().find_by_prefix("vb_liv"), "prefix");
+    let err = t.ledger.keys().find_by_prefix(&plaintext).unwrap_err();
+    assert!(!err.to_string().contains(&plaintext[8..]));
+}
+
+#[test]
+fn tokens_have_the_same_lifecycle_with_a_required_type() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let created = t
+        .ledger
+        .tokens()
+        .by("alice")
+        .create(NewKey::token(&owner, "webhook", "Stripe hook").permissions(["hooks:*"]))
+        .unwrap();
+    let plaintext = created.plaintext.expose().to_owned();
+    let tok = created.info;
+    assert!(tok.id.starts_with("tok_"));
+    assert!(plaintext.starts_with("vb_tok_"));
+    assert_eq!(
+        tok.kind,
+        KeyKind::Token {
+            token_type: "webhook".into()
+        }
+    );
+    assert_eq!(tok.class, KeyClass::Token);
+    assert_eq!(serde_json::to_value(&tok).unwrap()["type"], "webhook");
+    assert_eq!(t.auth(&plaintext).unwrap().id, tok.id);
+
+    // The type is required, and only tokens have one.
+    assert_invalid(
+        t.ledger.tokens().create(NewKey::new(&owner, "untyped")),
+        "type",
+    );
+    assert_invalid(
+        t.ledger
+            .keys()
+            .create(NewKey::token(&owner, "webhook", "x")),
+        "type",
+    );
+    assert_invalid(
+        t.ledger
+            .tokens()
+            .create(NewKey::token(&owner, "svc", "x").test()),
+        "test",
+    );
+    assert_invalid(
+        t.ledger.tokens().create(NewKey::token(&owner, "", "x")),
+        "type",
+    );
+
+    // Ids do not cross between keys and tokens.
+    let (key, _) = t.key(&owner, "api key");
+    assert_invalid_id(t.ledger.tokens().get(&key.id), "token");
+    assert_invalid_id(t.ledger.keys().get(&tok.id), "key");
+    assert_invalid_id(t.ledger.keys().delete(&tok.id), "key");
+    assert_invalid_id(t.ledger.tokens().disable(&key.id), "token");
+    let tokens: Vec<_> = all_keys(&t.ledger, &owner, true)
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    let keys: Vec<_> = all_keys(&t.ledger, &owner, false)
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(tokens, std::slice::from_ref(&tok.id));
+    assert_eq!(keys, std::slice::from_ref(&key.id));
+
+    // Update, disable, enable, roll, delete.
+    let updated = t
+        .ledger
+        .tokens()
+        .update(&tok.id, KeyUpdate::new().name("Hook"))
+        .unwrap();
+    assert_eq!(updated.name, "Hook");
+    assert_eq!(updated.kind, tok.kind, "the type survives an update");
+    t.ledger.tokens().disable(&tok.id).unwrap();
+    assert_eq!(t.auth(&plaintext), Err(Denial::Disabled));
+    t.ledger.tokens().enable(&tok.id).unwrap();
+    let rolled = t.ledger.tokens().roll(&tok.id, 0).unwrap();
+    assert!(rolled.plaintext.expose().starts_with("vb_tok_"));
+    assert_eq!(rolled.info.id, tok.id);
+    assert_eq!(rolled.info.kind, tok.kind);
+    assert_eq!(t.auth(&plaintext), Err(Denial::NotFound));
+    assert_eq!(t.auth(rolled.plaintext.expose()).unwrap().id, tok.id);
+    t.ledger.tokens().delete(&tok.id).unwrap();
+    assert_not_found(t.ledger.tokens().get(&tok.id), "token");
+    assert_eq!(t.auth(rolled.plaintext.expose()), Err(Denial::NotFound));
+}
+
+#[test]
+fn owner_scoping_hides_other_owners_keys() {
+    let t = TestLedger::new();
+    let alice = t.account("Alice Inc");
+    let mallory = t.account("Mallory Ltd");
+    let (key, plaintext) = t.key(&alice, "alice's key");
+    let before = snapshot(&t.ledger);
+
+    let as_mallory = || t.ledger.keys().owned_by(&mallory).unwrap();
+    assert_not_found(as_mallory().get(&key.id), "key");
+    assert_not_found(
+        as_mallory().update(&key.id, KeyUpdate::new().name("pwned")),
+        "key",
+    );
+    assert_not_found(as_mallory().disable(&key.id), "key");
+    assert_not_found(as_mallory().roll(&key.id, 0), "key");
+    assert_not_found(as_mallory().delete(&key.id), "key");
+    assert_not_found(as_mallory().list(&alice, &PageRequest::first()), "account");
+    assert_not_found(
+        as_mallory().create(NewKey::new(&alice, "planted")),
+        "account",
+    );
+    assert!(as_mallory().find_by_prefix(&key.prefix).unwrap().is_empty());
+    assert_eq!(snapshot(&t.ledger), before, "nothing changed");
+    assert_eq!(t.auth(&plaintext).unwrap().id, key.id);
+
+    // The owner's own scope sees and changes it.
+    let as_alice = t.ledger.keys().owned_by(&alice).unwrap();
+    assert_eq!(as_alice.get(&key.id).unwrap().id, key.id);
+    assert_eq!(
+        as_alice
+            .update(&key.id, KeyUpdate::new().name("mine"))
+            .unwrap()
+            .name,
+        "mine"
+    );
+    let own = as_alice.create(NewKey::new(&alice, "second")).unwrap();
+    assert_eq!(own.info.owner, alice);
+    assert_eq!(
+        as_alice
+            .list(&alice, &PageRequest::first())
+            .unwrap()
+            .items
+            .len(),
+        2
+    );
+
+    // An owner id that is not an account id is refused up front.
+    assert_invalid_id(t.ledger.keys().owned_by(&key.id).map(|_| ()), "account");
+}
+
+#[test]
+fn creating_a_key_for_an_unknown_account_is_not_found() {
+    let t = TestLedger::new();
+    let real = t.account("Real");
+    // Another ledger with the same master key issues account ids this ledger never had.
+    let dir = tempfile::tempdir().unwrap();
+    let twin = Ledger::open(dir.path().join("twin.redb"), t.config()).unwrap();
+    let ghosts: Vec<_> = (0..5)
+        .map(|i| account(&twin, &format!("ghost {i}")))
+        .collect();
+    let ghost = ghosts.last().unwrap();
+    assert_not_found(t.ledger.accounts().get(ghost), "account");
+
+    let before = snapshot(&t.ledger);
+    assert_not_found(
+        t.ledger.keys().create(NewKey::new(ghost, "orphan")),
+        "account",
+    );
+    assert_not_found(
+        t.ledger
+            .tokens()
+            .create(NewKey::token(ghost, "svc", "orphan")),
+        "account",
+    );
+    assert_eq!(snapshot(&t.ledger), before);
+    // Sanity: the real account works.
+    t.key(&real, "fine");
+}
+
+#[test]
+fn accounts_create_get_update_and_list() {
+    let t = TestLedger::new();
+    let created = t
+        .ledger
+        .accounts()
+        .by("ops")
+        .create(
+            NewAccount::new("Acme")
+                .status(SubscriptionStatus::Trialing)
+                .entitlements(["quickhits", "roadmaps:beta"]),
+        )
+        .unwrap();
+    assert!(created.id.starts_with("acct_"));
+    assert_eq!(created.name, "Acme");
+    assert_eq!(created.status, SubscriptionStatus::Trialing);
+    let ents: BTreeSet<String> = ["quickhits".to_owned(), "roadmaps:beta".to_owned()].into();
+    assert_eq!(created.entitlements, ents);
+    assert_eq!(
+        (created.created_at, created.created_by.as_str()),
+        (START, "ops")
+    );
+    assert_eq!(t.ledger.accounts().get(&created.id).unwrap(), created);
+
+    t.clock.advance_secs(60);
+    let paid = t
+        .ledger
+        .accounts()
+        .by("billing")
+        .update(
+            &created.id,
+            AccountUpdate::new().status(SubscriptionStatus::Active),
+        )
+        .unwrap();
+    assert_eq!(paid.status, SubscriptionStatus::Active);
+    assert_eq!(paid.entitlements, ents, "entitlements untouched");
+    assert_eq!(paid.name, "Acme");
+    assert_eq!(
+        (paid.updated_at, paid.updated_by.as_str()),
+        (START.plus_secs(60), "billing")
+    );
+    assert_eq!((paid.created_at, paid.created_by.as_str()), (START, "ops"));
+
+    let set = t
+        .ledger
+        .accounts()
+        .set_status(&created.id, SubscriptionStatus::PastDue)
+        .unwrap();
+    assert_eq!(set.status, SubscriptionStatus::PastDue);
+    let regranted = t
+        .ledger
+        .accounts()
+        .update(
+            &created.id,
+            AccountUpdate::new()
+                .entitlements(["quickhits"])
+                .name("Acme Corp"),
+        )
+        .unwrap();
+    assert_eq!(regranted.entitlements, ["quickhits".to_owned()].into());
+    assert_eq!(regranted.name, "Acme Corp");
+    assert_eq!(
+        regranted.status,
+        SubscriptionStatus::PastDue,
+        "status untouched"
+    );
+    assert_eq!(t.ledger.accounts().get(&created.id).unwrap(), regranted);
+
+    for status in SubscriptionStatus::ALL {
+        assert_eq!(
+            status.as_str().parse::<SubscriptionStatus>().unwrap(),
+            status
+        );
+        let a = t.ledger.accounts().set_status(&created.id, status).unwrap();
+        assert_eq!(a.status, status);
+    }
+    assert_invalid("paused".parse::<SubscriptionStatus>(), "status");
+
+    // Listing in creation order, a page at a time.
+    let more: Vec<_> = (0..4).map(|i| t.account(&format!("acct {i}"))).collect();
+    let first = t
+        .ledger
+        .accounts()
+        .list(&PageRequest::first().limit(3))
+        .unwrap();
+    let ids: Vec<_> = first.items.iter().map(|a| a.id.clone()).collect();
+    assert_eq!(ids, [created.id.clone(), more[0].clone(), more[1].clone()]);
+    let cursor = first.next_cursor.expect("more accounts");
+    let second = t
+        .ledger
+        .accounts()
+        .list(&PageRequest::first().limit(3).after(cursor))
+        .unwrap();
+    let ids: Vec<_> = second.items.iter().map(|a| a.id.clone()).collect();
+    assert_eq!(ids, [more[2].clone(), more[3].clone()]);
+    assert_eq!(second.next_cursor, None);
+
+    assert_invalid(t.ledger.accounts().create(NewAccount::new("")), "name");
+    assert_invalid(
+        t.ledger
+            .accounts()
+            .create(NewAccount::new("x").entitlements(["a b"])),
+        "entitlements",
+    );
+    assert_invalid_id(t.ledger.accounts().get("acct_nope"), "account");
+}
+
+#[test]
+fn route_rules_set_list_remove_and_match_the_longest_prefix() {
+    let t = TestLedger::new();
+    let rule = |prefix: &str, permission: Option<&str>, cost: u64| {
+        let rule = RouteRule::new(prefix).cost(cost);
+        match permission {
+            Some(p) => rule.permission(p),
+            None => rule,
+        }
+    };
+    let routes = t.ledger.routes();
+    routes.set(rule("/api/", None, 1)).unwrap();
+    routes
+        .set(rule("/api/v1/quickhits/", Some("quickhits:create"), 5))
+        .unwrap();
+    let beta = rule("/api/v1/", Some("api:read"), 2).entitlement("beta");
+    assert_eq!(routes.set(beta.clone()).unwrap(), beta);
+
+    let listed: Vec<_> = routes
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.prefix)
+        .collect();
+    assert_eq!(
+        listed,
+        ["/api/", "/api/v1/", "/api/v1/quickhits/"],
+        "sorted by prefix"
+    );
+
+    let hit = |route: &str| routes.matching(route).unwrap().map(|r| r.prefix);
+    assert_eq!(
+        hit("/api/v1/quickhits/create").as_deref(),
+        Some("/api/v1/quickhits/")
+    );
+    assert_eq!(hit("/api/v1/roadmaps").as_deref(), Some("/api/v1/"));
+    assert_eq!(hit("/api/v2/x").as_deref(), Some("/api/"));
+    assert_eq!(hit("/health"), None);
+    assert_eq!(routes.matching("/api/v1/x").unwrap(), Some(beta));
+
+    // Setting a prefix again replaces its rule.
+    routes
+        .set(rule("/api/v1/quickhits/", Some("quickhits:*"), 7))
+        .unwrap();
+    let replaced = routes
+        .matching("/api/v1/quickhits/create")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (replaced.permission.as_deref(), replaced.cost),
+        (Some("quickhits:*"), 7)
+    );
+    assert_eq!(routes.list().unwrap().len(), 3);
+
+    // Removing falls back to the next longest prefix.
+    routes.remove("/api/v1/quickhits/").unwrap();
+    assert_eq!(hit("/api/v1/quickhits/create").as_deref(), Some("/api/v1/"));
+    assert_not_found(routes.remove("/api/v1/quickhits/"), "route rule");
+
+    // Rules survive a reopen.
+    let t = t.reopen();
+    let listed: Vec<_> = t
+        .ledger
+        .routes()
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.prefix)
+        .collect();
+    assert_eq!(listed, ["/api/", "/api/v1/"]);
+
+    // The permission check the routes feed.
+    assert!(permits(&["*"], "quickhits:create"));
+    assert!(permits(&["quickhits:*"], "quickhits:create"));
+    assert!(!permits(&["quickhits:*"], "roadmaps:create"));
+    assert!(!permits(&["quickhits:read"], "quickhits:create"));
+}
+
+#[test]
+#[ignore = "BUG: a new ledger has no `routes` table: routes().list()/matching() and \
+            Ledger::check fail with Storage(TableDoesNotExist(\"routes\")) until a rule is set"]
+fn routes_on_a_fresh_ledger_are_empty() {
+    let t = TestLedger::new();
+    assert_eq!(t.ledger.routes().list().unwrap(), []);
+    assert_eq!(t.ledger.routes().matching("/api/v1/x").unwrap(), None);
+    assert_not_found(t.ledger.routes().remove("/api/"), "route rule");
+    let (_dir, path, config) = t.close();
+    let report = Ledger::check(&path, config).unwrap();
+    assert!(report.is_ok(), "problems: {:?}", report.problems);
+}
+
+#[test]
+fn authenticate_denials_have_stable_codes_and_statuses() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (key, plaintext) = t.key(&owner, "k");
+
+    // Each kind of malformed key, rejected before any look-up.
+    let mut bad_char = plaintext.clone();
+    bad_char.replace_range(10..11, "-");
+    let cases: Vec<(String, MalformedKey)> = vec![
+        (
+            plaintext.replacen("vb_live_", "sk_live_", 1),
+            MalformedKey::WrongPrefix,
+        ),
+        (
+            plaintext[..plaintext.len() - 1].to_owned(),
+            MalformedKey::WrongLength {
+                expected: 38,
+                found: 37,
+            },
+        ),
+        (
+            format!("{plaintext}0"),
+            MalformedKey::WrongLength {
+                expected: 38,
+                found: 39,
+            },
+        ),
+        (bad_char, MalformedKey::BadCharacter { position: 10 }),
+        (with_char_changed(&plaintext, 20), MalformedKey::BadChecksum),
+        (
+            plaintext.replacen("vb_live_", "vb_test_", 1),
+            MalformedKey::BadChecksum,
+        ),
+    ];
+    for (presented, why) in cases {
+        let denial = t.auth(&presented).unwrap_err();
+        assert_eq!(denial, Denial::Malformed(why), "for {why:?}");
+        assert_eq!((denial.code(), denial.http_status()), ("malformed", 401));
+        assert!(
+            !denial.to_string().contains(&plaintext[8..]),
+            "no secret in `{denial}`"
+        );
+    }
+    // An empty key never gets that far: the headers already say it is missing.
+    assert_eq!(Presented::new("  ").unwrap_err(), HeaderError::Missing);
+    assert_eq!(
+        Presented::from_headers(Some("Bearer "), None).unwrap_err(),
+        HeaderError::Missing
+    );
+
+    // Well-formed but unknown.
+    let unknown = formatted_key("vb_live_", 7);
+    let denial = t.auth(&unknown).unwrap_err();
+    assert_eq!((denial.code(), denial.http_status()), ("not_found", 401));
+
+    // Disabled.
+    t.ledger.keys().disable(&key.id).unwrap();
+    let denial = t.auth(&plaintext).unwrap_err();
+    assert_eq!((denial.code(), denial.http_status()), ("disabled", 401));
+    t.ledger.keys().enable(&key.id).unwrap();
+
+    // Expired: works until the instant of expiry, then never again.
+    let created = t
+        .ledger
+        .keys()
+        .create(NewKey::new(&owner, "short").expires_at(START.plus_secs(60)));
+    let created = created.unwrap();
+    let short = created.plaintext.expose().to_owned();
+    t.clock.advance_secs(59);
+    assert!(t.auth(&short).is_ok());
+    t.clock.advance_secs(1);
+    let denial = t.auth(&short).unwrap_err();
+    assert_eq!((denial.code(), denial.http_status()), ("expired", 401));
+    assert_eq!(denial.retry_after(), None);
+    // Clearing the expiry revives it.
+    t.ledger
+        .keys()
+        .update(&created.info.id, KeyUpdate::new().expires_at(None))
+        .unwrap();
+    assert!(t.auth(&short).is_ok());
+
+    // Both header forms work; the Bearer scheme is case-insensitive.
+    let bearer = Presented::from_headers(Some(&format!("bearer {plaintext}")), None).unwrap();
+    assert_eq!(t.ledger.authenticate(&bearer).unwrap().id, key.id);
+    let both = Presented::from_headers(Some(&format!("Bearer {plaintext}")), Some(&plaintext));
+    assert_eq!(t.ledger.authenticate(&both.unwrap()).unwrap().id, key.id);
+    assert_eq!(
+        Presented::from_headers(Some(&format!("Bearer {plaintext}")), Some(&short)).unwrap_err(),
+        HeaderError::Conflict
+    );
+    assert_eq!(
+        Presented::from_headers(Some(&format!("Basic {plaintext}")), None).unwrap_err(),
+        HeaderError::UnsupportedScheme
+    );
+}
+
+#[test]
+fn a_live_key_body_does_not_authenticate_as_another_class() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (_, live) = t.key(&owner, "live");
+    // Re-sign the live body under the test prefix: well-formed, but not that key.
+    let body = &live["vb_live_".len()..live.len() - 6];
+    let mut forged = formatted_key("vb_test_", 0);
+    forged.replace_range(8..40, body);
+    let forged = resign(&forged);
+    assert_eq!(t.auth(&forged), Err(Denial::NotFound));
+}
+
+/// Recomputes the checksum of a keyledger-format key after its body was edited.
+fn resign(key: &str) -> String {
+    const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut out = key[..key.len() - 6].to_owned();
+    let mut crc = crc32fast::hash(out.as_bytes());
+    let mut sum = [b'0'; 6];
+    for slot in sum.iter_mut().rev() {
+        *slot = BASE62[(crc % 62) as usize];
+        crc /= 62;
+    }
+    out.extend(sum.iter().map(|&b| b as char));
+    out
+}
+
+#[test]
+fn check_reports_a_healthy_ledger_after_a_mixed_workload() {
+    let t = TestLedger::new();
+    let a = t.account("A");
+    let b = t.account("B");
+    let mut plains = Vec::new();
+    for i in 0..6 {
+        let created = t
+            .ledger
+            .keys()
+            .create(NewKey::new(if i % 2 == 0 { &a } else { &b }, format!("k{i}")).credits(i * 10))
+            .unwrap();
+        plains.push((
+            created.info.id.clone(),
+            created.plaintext.expose().to_owned(),
+        ));
+    }
+    let tok = t
+        .ledger
+        .tokens()
+        .create(NewKey::token(&a, "svc", "t"))
+        .unwrap();
+    t.ledger.keys().roll(&plains[0].0, 300).unwrap();
+    t.ledger.keys().roll(&plains[1].0, 0).unwrap();
+    t.ledger
+        .keys()
+        .update(&plains[2].0, KeyUpdate::new().credits(None))
+        .unwrap();
+    t.ledger.keys().disable(&plains[3].0).unwrap();
+    t.ledger.keys().delete(&plains[4].0).unwrap();
+    t.ledger.tokens().roll(&tok.info.id, 60).unwrap();
+    t.ledger
+        .routes()
+        .set(RouteRule::new("/x/").price_micros(250))
+        .unwrap();
+    t.ledger
+        .rotate_hash_scheme(keyledger::HashScheme::HmacSha256 { pepper: 2 })
+        .unwrap();
+    assert!(
+        t.auth(&plains[0].1).is_ok(),
+        "rolled secret in grace, rehashed"
+    );
+    assert!(t.auth(&plains[5].1).is_ok(), "rehashed");
+    let audit_events = t.ledger.audit().recent(1000).unwrap().len() as u64;
+
+    let (_dir, path, config) = t.close();
+    let report = Ledger::check(&path, config.clone()).unwrap();
+    assert!(report.is_ok(), "problems: {:?}", report.problems);
+    assert!(report.integrity_ok);
+    assert_eq!(report.accounts, 2);
+    assert_eq!(report.keys, 5);
+    assert_eq!(report.tokens, 1);
+    assert_eq!(report.credit_records, 4, "k0, k1, k3, k5 are metered");
+    assert_eq!(report.routes, 1);
+    assert_eq!(report.audit_events, audit_events);
+
+    // `check` needs the file to itself, and the right master key.
+    let ledger = Ledger::open(&path, config.clone()).unwrap();
+    assert!(matches!(
+        Ledger::check(&path, config.clone()),
+        Err(Error::Storage(_))
+    ));
+    drop(ledger);
+    let wrong = keyledger::Config::builder()
+        .master_key(keyledger::MasterKey::generate().unwrap())
+        .build()
+        .unwrap();
+    assert!(matches!(
+        Ledger::check(&path, wrong),
+        Err(Error::WrongMasterKey)
+    ));
+    assert_not_found(
+        Ledger::check(path.with_extension("missing"), config),
+        "database file",
+    );
+}

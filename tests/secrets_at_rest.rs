@@ -1,0 +1,244 @@
+//! No plaintext key and no master key ever reaches the database file, a `Debug` or `Display`
+//! output, a serialized view, an error message or the audit trail.
+
+mod common;
+
+use common::*;
+use keyledger::{
+    Config, Error, HashScheme, ImportKey, ImportedHash, KeyUpdate, Ledger, MasterKey, NewKey,
+    PageRequest, Presented, RouteRule,
+};
+use sha2::{Digest, Sha256};
+
+/// Everything secret a workload produced.
+struct Secrets {
+    plaintexts: Vec<String>,
+    master_hex: String,
+    master_bytes: Vec<u8>,
+}
+
+impl Secrets {
+    /// The strings that must never appear: each plaintext, its body without the prefix, and
+    /// the master key in hex (lower and upper case).
+    fn needles(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for p in &self.plaintexts {
+            out.push(p.clone());
+            let body = p.split_once('_').and_then(|(_, rest)| rest.split_once('_'));
+            let body = body.map_or(p.as_str(), |(_, b)| b);
+            assert!(body.len() >= 24, "body of a plaintext: {}", body.len());
+            out.push(body.to_owned());
+        }
+        out.push(self.master_hex.clone());
+        out.push(self.master_hex.to_uppercase());
+        out
+    }
+
+    #[track_caller]
+    fn assert_absent(&self, what: &str, haystack: &str) {
+        for needle in self.needles() {
+            assert!(!haystack.contains(&needle), "a secret appears in {what}");
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Creates keys and tokens, rolls some, imports one, rotates the pepper and authenticates
+/// through it: every path that handles a plaintext.
+fn workload(t: &TestLedger) -> Vec<String> {
+    let mut plaintexts = Vec::new();
+    let a = t.account("Acme");
+    let b = t.account("Globex");
+    let mut ids = Vec::new();
+    for (i, owner) in [&a, &a, &b].into_iter().enumerate() {
+        let c = t
+            .ledger
+            .keys()
+            .by("alice")
+            .create(
+                NewKey::new(owner, format!("key {i}"))
+                    .credits(100)
+                    .metadata("i", "x"),
+            )
+            .unwrap();
+        plaintexts.push(c.plaintext.expose().to_owned());
+        ids.push(c.info.id);
+    }
+    let test_key = t
+        .ledger
+        .keys()
+        .create(NewKey::new(&a, "test").test())
+        .unwrap();
+    plaintexts.push(test_key.plaintext.expose().to_owned());
+    for i in 0..2 {
+        let tok = t
+            .ledger
+            .tokens()
+            .create(NewKey::token(&b, "svc", format!("t{i}")))
+            .unwrap();
+        plaintexts.push(tok.plaintext.expose().to_owned());
+        if i == 0 {
+            let rolled = t.ledger.tokens().roll(&tok.info.id, 600).unwrap();
+            plaintexts.push(rolled.plaintext.expose().to_owned());
+        }
+    }
+    for (id, grace) in [(&ids[0], 3600), (&ids[1], 0)] {
+        let rolled = t.ledger.keys().roll(id, grace).unwrap();
+        plaintexts.push(rolled.plaintext.expose().to_owned());
+    }
+    let imported = formatted_key("vb_live_", 2024);
+    let hash = ImportedHash::Sha256(Sha256::digest(imported.as_bytes()).into());
+    let import = ImportKey::new(&a, "imported", hash, &imported[..12], &imported[42..]);
+    t.ledger.keys().import(import).unwrap();
+    plaintexts.push(imported.clone());
+    t.ledger
+        .keys()
+        .update(&ids[2], KeyUpdate::new().name("renamed"))
+        .unwrap();
+    t.ledger.routes().set(RouteRule::new("/api/")).unwrap();
+
+    t.ledger
+        .rotate_hash_scheme(HashScheme::HmacSha256 { pepper: 2 })
+        .unwrap();
+    for p in &plaintexts {
+        let _ = t.auth(p);
+    }
+    t.ledger
+        .rotate_hash_scheme(HashScheme::Blake3Keyed { pepper: 3 })
+        .unwrap();
+    let late = t.ledger.keys().create(NewKey::new(&b, "late")).unwrap();
+    plaintexts.push(late.plaintext.expose().to_owned());
+    t.ledger.keys().delete(&ids[2]).unwrap();
+    assert!(t.auth(&imported).is_ok());
+    plaintexts
+}
+
+#[test]
+fn the_database_file_holds_no_plaintext_and_no_master_key() {
+    let t = TestLedger::new();
+    let plaintexts = workload(&t);
+    let secrets = Secrets {
+        plaintexts,
+        master_hex: t.master.to_hex().expose().to_owned(),
+        master_bytes: (0..32)
+            .map(|i| u8::from_str_radix(&t.master.to_hex().expose()[2 * i..2 * i + 2], 16).unwrap())
+            .collect(),
+    };
+    let (_dir, path, config) = t.close();
+    let raw = std::fs::read(&path).unwrap();
+    assert!(raw.len() > 4096, "the file holds the workload");
+    for needle in secrets.needles() {
+        assert!(
+            !contains(&raw, needle.as_bytes()),
+            "a secret is stored in the database file"
+        );
+    }
+    assert!(
+        !contains(&raw, &secrets.master_bytes),
+        "the raw master key is stored"
+    );
+    // The visible parts are stored on purpose (support looks keys up by them).
+    let visible = &secrets.plaintexts[2][..12];
+    assert!(
+        contains(&raw, visible.as_bytes()),
+        "the 12-char visible prefix is stored"
+    );
+
+    // And the file is healthy.
+    let report = Ledger::check(&path, config).unwrap();
+    assert!(report.is_ok(), "problems: {:?}", report.problems);
+    secrets.assert_absent("the check report", &format!("{report:?}"));
+}
+
+#[test]
+fn debug_display_json_errors_and_audit_never_show_a_secret() {
+    let t = TestLedger::new();
+    let plaintexts = workload(&t);
+    let secrets = Secrets {
+        plaintexts: plaintexts.clone(),
+        master_hex: t.master.to_hex().expose().to_owned(),
+        master_bytes: vec![],
+    };
+    let owner = t.account("Views");
+    let created = t
+        .ledger
+        .keys()
+        .by("alice")
+        .create(NewKey::new(&owner, "view me"))
+        .unwrap();
+    let mut all = secrets;
+    all.plaintexts.push(created.plaintext.expose().to_owned());
+    let fresh = created.plaintext.expose().to_owned();
+
+    all.assert_absent("CreatedKey Debug", &format!("{created:?} {:#?}", created));
+    all.assert_absent("Secret Display", &format!("{}", created.plaintext));
+    assert_eq!(format!("{:?}", created.plaintext), "Secret(***)");
+    all.assert_absent("KeyInfo Debug", &format!("{:?}", created.info));
+    all.assert_absent(
+        "KeyInfo JSON",
+        &serde_json::to_string(&created.info).unwrap(),
+    );
+    let config = t.config();
+    all.assert_absent("Config Debug", &format!("{config:?}"));
+    all.assert_absent("Ledger Debug", &format!("{:?}", t.ledger));
+    all.assert_absent("MasterKey Debug", &format!("{:?}", t.master));
+    let presented = Presented::new(&fresh).unwrap();
+    all.assert_absent("Presented Debug", &format!("{presented:?}"));
+
+    // Listings, look-ups and authentication results.
+    let page = t.ledger.keys().list(&owner, &PageRequest::first()).unwrap();
+    all.assert_absent("Page Debug", &format!("{page:?}"));
+    all.assert_absent("Page JSON", &serde_json::to_string(&page).unwrap());
+    let found = t.ledger.keys().find_by_prefix(&fresh[..12]).unwrap();
+    all.assert_absent("find_by_prefix", &format!("{found:?}"));
+    let authed = t.ledger.authenticate(&presented).unwrap();
+    all.assert_absent("authenticate", &format!("{authed:?}"));
+
+    // The audit trail: names and ids only.
+    let events = t.ledger.audit().recent(1000).unwrap();
+    assert!(events.len() > 10);
+    all.assert_absent("audit events", &format!("{events:?}"));
+    all.assert_absent("audit JSON", &serde_json::to_string(&events).unwrap());
+
+    // Errors caused by passing a secret where it does not belong never echo it.
+    let mut errors: Vec<Error> = vec![
+        t.ledger.keys().get(&fresh).unwrap_err(),
+        t.ledger.keys().find_by_prefix(&fresh).unwrap_err(),
+        t.ledger
+            .keys()
+            .list(&fresh, &PageRequest::first())
+            .unwrap_err(),
+        t.ledger
+            .keys()
+            .list(&owner, &PageRequest::first().after(&fresh))
+            .unwrap_err(),
+        t.ledger.accounts().get(&fresh).unwrap_err(),
+        t.ledger
+            .keys()
+            .create(NewKey::new(&fresh, "x"))
+            .unwrap_err(),
+        t.ledger.keys().owned_by(&fresh).map(|_| ()).unwrap_err(),
+    ];
+    let wrong = Config::builder()
+        .master_key(MasterKey::generate().unwrap())
+        .build()
+        .unwrap();
+    let (_dir, path, right) = t.close();
+    errors.push(Ledger::open(&path, wrong).unwrap_err());
+    for e in &errors {
+        all.assert_absent("an error", &format!("{e} | {e:?}"));
+    }
+    // Denials of malformed variants of a real key do not echo it either.
+    let ledger = Ledger::open(&path, right).unwrap();
+    for variant in [
+        with_char_changed(&fresh, 20),
+        fresh[..fresh.len() - 1].to_owned(),
+    ] {
+        let denial = authenticate(&ledger, &variant).unwrap_err();
+        all.assert_absent("a denial", &format!("{denial} | {denial:?}"));
+        assert!(!format!("{denial} {denial:?}").contains(&variant[8..]));
+    }
+}

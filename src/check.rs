@@ -178,6 +178,7 @@ impl Ledger {
                 Err(e) => problems.push(format!("audit event {}: {e}", k.value())),
             }
         }
+        crate::vault::check_tables(self, &read, problems)?;
         Ok(())
     }
 }

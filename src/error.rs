@@ -191,6 +191,68 @@ pub enum Error {
     /// The operation conflicts with existing state; nothing was written.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A stored credential did not decrypt: its ciphertext was moved to another owner's or
+    /// provider's row, tampered with, or written under another master key. Reconnect the
+    /// connector or put the secret again.
+    #[error(
+        "stored {what} does not decrypt for this owner and name \
+         (moved, tampered with, or written under another master key)"
+    )]
+    DecryptionFailed {
+        /// What failed to decrypt (`connector credential`, `owner secret`).
+        what: &'static str,
+    },
+    /// A stored secret was not attached to an outbound request; nothing was sent.
+    #[error(transparent)]
+    Refused(#[from] OutboundRefusal),
+}
+
+/// Why a stored owner secret was not attached to an outbound request. Names the secret and the
+/// host, never the secret's value.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum OutboundRefusal {
+    /// The url did not parse, or is ambiguous between url parsers (whitespace, control
+    /// characters, backslashes). Pass an absolute `https://host/path` url.
+    #[error("refused to attach secret `{secret}`: the url is not usable ({reason})")]
+    InvalidUrl {
+        /// The secret's name.
+        secret: String,
+        /// What is wrong with the url (never the url itself, which may carry credentials).
+        reason: String,
+    },
+    /// The url is not https (http is allowed only for loopback hosts).
+    #[error(
+        "refused to attach secret `{secret}` to {host}: scheme `{scheme}` is not allowed \
+         (https only; http only for localhost and loopback addresses)"
+    )]
+    InsecureScheme {
+        /// The secret's name.
+        secret: String,
+        /// The url's host.
+        host: String,
+        /// The url's scheme.
+        scheme: String,
+    },
+    /// The url's host and port are not in the secret's allowed hosts.
+    #[error(
+        "refused to attach secret `{secret}` to {host}: not in its allowed hosts \
+         (add the host, or a `*.domain` pattern, with `secrets().put`)"
+    )]
+    HostNotAllowed {
+        /// The secret's name.
+        secret: String,
+        /// The url's host, with its port when it is not the scheme's default.
+        host: String,
+    },
+    /// The url carries user info (`user:pass@host`), a common way to disguise the real host.
+    #[error("refused to attach secret `{secret}` to {host}: the url carries user info; remove it")]
+    UserInfo {
+        /// The secret's name.
+        secret: String,
+        /// The url's host.
+        host: String,
+    },
 }
 
 impl Error {

@@ -64,3 +64,8 @@ pub use record::{
 };
 pub use routes::{Routes, permits};
 pub use secret::{MasterKey, Secret};
+pub use vault::{
+    Connection, ConnectionInfo, DueRefresh, Grant, Health, OutboundHeader, OutboundRefusal,
+    OutboundUrl, PROVIDER_NAME_MAX, Provider, ProviderError, ProviderErrorKind,
+    REFRESH_DUE_WITHIN_SECS, SecretInfo, Secrets, Vault, normalize_provider_error,
+};

@@ -174,6 +174,8 @@ pub(crate) mod context {
     pub(crate) const PUBLIC_ID: &str = "keyledger 2026-11 public-id cipher";
     /// Keyed hash stored in the database to recognise the right master key at open.
     pub(crate) const VERIFIER: &str = "keyledger 2026-11 master-key verifier";
+    /// AES-SIV key for connector credentials and owner secrets (the vault).
+    pub(crate) const CREDENTIAL: &str = "keyledger 2026-11 credential cipher";
 }
 
 #[cfg(test)]

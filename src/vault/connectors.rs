@@ -1,0 +1,600 @@
+//! Connector credentials: one OAuth grant per (owner, provider).
+
+use std::time::Duration;
+
+use redb::{ReadableTable, WriteTransaction};
+use serde::Serialize;
+
+use crate::audit;
+use crate::clock::Timestamp;
+use crate::codec::{self, Record};
+use crate::error::{Error, Result};
+use crate::ledger::Ledger;
+use crate::public_id::{IdKind, PublicId};
+use crate::secret::Secret;
+use crate::store::tables::ACCOUNTS;
+use crate::vault::cipher::{self, Binding, VaultCipher};
+use crate::vault::provider::Provider;
+use crate::vault::provider_error::ProviderErrorKind;
+use crate::vault::records::{self, ConnectorRecord, StoredHealth};
+use crate::vault::tables::CONNECTORS;
+use crate::vault::{Owner, open_read, owner, owner_read, owner_rows, target};
+
+/// Longest access or refresh token, in bytes.
+pub(crate) const TOKEN_MAX_BYTES: usize = 16 * 1024;
+/// Most scopes per grant.
+const MAX_SCOPES: usize = 100;
+/// Longest scope, in bytes (Google's scopes are urls).
+const SCOPE_MAX_BYTES: usize = 256;
+/// A healthy connection whose access token expires within this many seconds reads as
+/// [`Health::RefreshDue`].
+pub const REFRESH_DUE_WITHIN_SECS: u64 = 300;
+
+/// An OAuth grant as the provider's token endpoint returned it.
+///
+/// `Debug` redacts the tokens.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    access_token: Secret,
+    refresh_token: Option<Secret>,
+    scopes: Vec<String>,
+    expires: Option<Expiry>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Expiry {
+    At(Timestamp),
+    InSecs(u64),
+}
+
+impl Grant {
+    /// A grant with an access token, no refresh token, no scopes and no expiry.
+    pub fn new(access_token: Secret) -> Self {
+        Grant {
+            access_token,
+            refresh_token: None,
+            scopes: Vec::new(),
+            expires: None,
+        }
+    }
+
+    /// The refresh token.
+    pub fn refresh_token(mut self, token: Secret) -> Self {
+        self.refresh_token = Some(token);
+        self
+    }
+
+    /// The granted scopes (OAuth's space-separated `scope`, split).
+    pub fn scopes<I: IntoIterator<Item = S>, S: Into<String>>(mut self, scopes: I) -> Self {
+        self.scopes = scopes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// When the access token expires.
+    pub fn expires_at(mut self, at: Timestamp) -> Self {
+        self.expires = Some(Expiry::At(at));
+        self
+    }
+
+    /// OAuth's `expires_in`: seconds from now, by the ledger's clock when the grant is stored.
+    pub fn expires_in_secs(mut self, secs: u64) -> Self {
+        self.expires = Some(Expiry::InSecs(secs));
+        self
+    }
+}
+
+/// Health of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Health {
+    /// Connected, and the access token is not about to expire.
+    Healthy,
+    /// The access token expires within [`REFRESH_DUE_WITHIN_SECS`] (or has expired): derived
+    /// from the ledger's clock, never stored.
+    RefreshDue,
+    /// The last refresh failed (see `health_reason`); a refresher may retry.
+    RefreshFailed,
+    /// The provider revoked the grant; the owner must connect again.
+    Revoked,
+}
+
+impl Health {
+    /// The snake_case name (`refresh_due`…).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::RefreshDue => "refresh_due",
+            Health::RefreshFailed => "refresh_failed",
+            Health::Revoked => "revoked",
+        }
+    }
+}
+
+/// A connection's metadata: everything but the tokens. Safe to show and serialize.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConnectionInfo {
+    /// The owning account's public id.
+    pub owner: PublicId,
+    /// The provider.
+    pub provider: Provider,
+    /// Granted scopes.
+    pub scopes: Vec<String>,
+    /// When the access token expires, if the provider said.
+    pub expires_at: Option<Timestamp>,
+    /// Whether a refresh token is stored (without one, an expired grant needs a new connect).
+    pub has_refresh_token: bool,
+    /// Health, with `refresh_due` derived from the ledger's clock.
+    pub health: Health,
+    /// Why the connection is unhealthy (`refresh_failed` or `revoked`).
+    pub health_reason: Option<ProviderErrorKind>,
+    /// When the owner connected (or last reconnected).
+    pub connected_at: Timestamp,
+    /// Who connected it.
+    pub connected_by: String,
+    /// Last change.
+    pub updated_at: Timestamp,
+    /// Who changed it last.
+    pub updated_by: String,
+    /// Last successful refresh.
+    pub last_refreshed_at: Option<Timestamp>,
+    /// Record schema version.
+    pub schema_version: u8,
+}
+
+/// A connection with its tokens, as [`Secret`]s.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// Metadata.
+    pub info: ConnectionInfo,
+    /// The access token.
+    pub access_token: Secret,
+    /// The refresh token, if the provider issued one.
+    pub refresh_token: Option<Secret>,
+}
+
+/// A connection whose access token expires soon: what a background refresher needs to find
+/// it, and no secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DueRefresh {
+    /// The owning account's public id.
+    pub owner: PublicId,
+    /// The provider.
+    pub provider: Provider,
+    /// When the access token expires (or expired).
+    pub expires_at: Timestamp,
+    /// Current health (`refresh_due`, or `refresh_failed` after a failed attempt).
+    pub health: Health,
+}
+
+/// Connector operations. Get one with [`Ledger::vault`].
+pub struct Vault<'a> {
+    pub(crate) ledger: &'a Ledger,
+    pub(crate) actor: String,
+}
+
+fn validate_token(field: &'static str, token: &Secret) -> Result<()> {
+    if token.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if token.len() > TOKEN_MAX_BYTES {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "must be at most {TOKEN_MAX_BYTES} bytes, got {}",
+                token.len()
+            ),
+        ));
+    }
+    if token
+        .expose()
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(Error::invalid(
+            field,
+            "must not contain whitespace or control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_scopes(scopes: &[String]) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for s in scopes {
+        if s.is_empty()
+            || s.len() > SCOPE_MAX_BYTES
+            || s.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(Error::invalid(
+                "scopes",
+                format!(
+                    "each scope must be 1–{SCOPE_MAX_BYTES} bytes without whitespace or \
+                     control characters"
+                ),
+            ));
+        }
+        if !out.contains(s) {
+            out.push(s.clone());
+        }
+    }
+    if out.len() > MAX_SCOPES {
+        return Err(Error::invalid("scopes", format!("at most {MAX_SCOPES}")));
+    }
+    Ok(out)
+}
+
+fn binding<'b>(owner: &'b PublicId, provider: &'b str) -> Binding<'b> {
+    Binding {
+        kind: cipher::CONNECTOR,
+        owner,
+        name: provider,
+        version: ConnectorRecord::VERSION,
+    }
+}
+
+/// Health as of `now`.
+fn health(record: &ConnectorRecord, now: Timestamp) -> (Health, Option<ProviderErrorKind>) {
+    match record.health {
+        StoredHealth::Revoked(k) => (Health::Revoked, Some(k)),
+        StoredHealth::RefreshFailed(k) => (Health::RefreshFailed, Some(k)),
+        StoredHealth::Healthy
+            if record
+                .expires_at
+                .is_some_and(|e| e <= now.plus_secs(REFRESH_DUE_WITHIN_SECS)) =>
+        {
+            (Health::RefreshDue, None)
+        }
+        StoredHealth::Healthy => (Health::Healthy, None),
+    }
+}
+
+fn parse_provider(name: &str) -> Provider {
+    name.parse()
+        .unwrap_or_else(|_| Provider::Other(name.to_owned()))
+}
+
+fn open_tokens(
+    ledger: &Ledger,
+    owner: &PublicId,
+    provider: &str,
+    record: &ConnectorRecord,
+) -> Result<(Secret, Option<Secret>)> {
+    let plain = VaultCipher::new(&ledger.inner.config.master_key)
+        .open(binding(owner, provider), &record.sealed)?;
+    records::decode_tokens(&plain).ok_or(Error::DecryptionFailed {
+        what: "connector credential",
+    })
+}
+
+/// Decodes and decrypts one stored row, for `check`.
+pub(crate) fn check_row(
+    ledger: &Ledger,
+    owner: &PublicId,
+    provider: &str,
+    bytes: &[u8],
+) -> Result<()> {
+    let record: ConnectorRecord = codec::decode(bytes)?;
+    provider.parse::<Provider>()?;
+    open_tokens(ledger, owner, provider, &record).map(drop)
+}
+
+impl<'a> Vault<'a> {
+    /// The same handle, recording `actor` as the author of its changes.
+    pub fn by(mut self, actor: impl Into<String>) -> Self {
+        self.actor = actor.into();
+        self
+    }
+
+    fn info(&self, owner: &Owner, provider: &str, r: &ConnectorRecord) -> ConnectionInfo {
+        let (health, health_reason) = health(r, self.ledger.now());
+        ConnectionInfo {
+            owner: owner.public.clone(),
+            provider: parse_provider(provider),
+            scopes: r.scopes.clone(),
+            expires_at: r.expires_at,
+            has_refresh_token: r.has_refresh_token,
+            health,
+            health_reason,
+            connected_at: r.connected_at,
+            connected_by: r.connected_by.clone(),
+            updated_at: r.updated_at,
+            updated_by: r.updated_by.clone(),
+            last_refreshed_at: r.last_refreshed_at,
+            schema_version: ConnectorRecord::VERSION,
+        }
+    }
+
+    fn expiry(&self, grant: &Grant) -> Option<Timestamp> {
+        grant.expires.map(|e| match e {
+            Expiry::At(t) => t,
+            Expiry::InSecs(s) => self.ledger.now().plus_secs(s),
+        })
+    }
+
+    /// Runs `change` on the existing row of (owner, provider) in one write transaction and
+    /// appends the audit event `action` with the fields it returns.
+    fn modify(
+        &self,
+        owner: &str,
+        provider: &Provider,
+        action: &str,
+        change: impl FnOnce(&Owner, &str, &mut ConnectorRecord) -> Result<Vec<&'static str>>,
+    ) -> Result<ConnectionInfo> {
+        let provider = provider.validated()?;
+        let name = provider.as_str();
+        let txn = self.ledger.inner.store.begin_write()?;
+        let owner = owner_write(self.ledger, &txn, owner)?;
+        let record = {
+            let mut table = txn.open_table(CONNECTORS)?;
+            let mut record: ConnectorRecord = match table.get((owner.id, name))? {
+                Some(v) => codec::decode(v.value())?,
+                None => return Err(Error::NotFound { what: "connector" }),
+            };
+            let fields = change(&owner, name, &mut record)?;
+            record.updated_at = self.ledger.now();
+            record.updated_by = self.actor.clone();
+            table.insert((owner.id, name), codec::encode(&record).as_slice())?;
+            let target = target(&owner.public, "connectors", name);
+            audit::append(
+                &txn,
+                record.updated_at,
+                &self.actor,
+                action,
+                &target,
+                &fields,
+            )?;
+            record
+        };
+        txn.commit()?;
+        Ok(self.info(&owner, name, &record))
+    }
+
+    /// Stores the owner's grant for `provider`, replacing any earlier one (a reconnect resets
+    /// health to healthy).
+    pub fn connect(
+        &self,
+        owner: &str,
+        provider: &Provider,
+        grant: Grant,
+    ) -> Result<ConnectionInfo> {
+        let provider = provider.validated()?;
+        let name = provider.as_str();
+        validate_token("access_token", &grant.access_token)?;
+        if let Some(r) = &grant.refresh_token {
+            validate_token("refresh_token", r)?;
+        }
+        let scopes = validate_scopes(&grant.scopes)?;
+        let now = self.ledger.now();
+        let txn = self.ledger.inner.store.begin_write()?;
+        let owner = owner_write(self.ledger, &txn, owner)?;
+        let plain = records::encode_tokens(&grant.access_token, grant.refresh_token.as_ref());
+        let sealed = VaultCipher::new(&self.ledger.inner.config.master_key)
+            .seal(binding(&owner.public, name), &plain)?;
+        let record = ConnectorRecord {
+            scopes,
+            expires_at: self.expiry(&grant),
+            has_refresh_token: grant.refresh_token.is_some(),
+            health: StoredHealth::Healthy,
+            connected_at: now,
+            connected_by: self.actor.clone(),
+            updated_at: now,
+            updated_by: self.actor.clone(),
+            last_refreshed_at: None,
+            sealed,
+        };
+        txn.open_table(CONNECTORS)?
+            .insert((owner.id, name), codec::encode(&record).as_slice())?;
+        let mut fields = vec!["access_token"];
+        if record.has_refresh_token {
+            fields.push("refresh_token");
+        }
+        fields.extend(["scopes", "expires_at"]);
+        let target = target(&owner.public, "connectors", name);
+        audit::append(
+            &txn,
+            now,
+            &self.actor,
+            "connector.connected",
+            &target,
+            &fields,
+        )?;
+        txn.commit()?;
+        Ok(self.info(&owner, name, &record))
+    }
+
+    /// The owner's connection to `provider`, with its tokens. `NotFound` if there is none.
+    pub fn get(&self, owner: &str, provider: &Provider) -> Result<Connection> {
+        let provider = provider.validated()?;
+        let name = provider.as_str();
+        let read = self.ledger.inner.store.begin_read()?;
+        let owner = owner_read(self.ledger, &read, owner)?;
+        let not_found = Error::NotFound { what: "connector" };
+        let table = open_read(&read, CONNECTORS)?.ok_or(not_found)?;
+        let record: ConnectorRecord = match table.get((owner.id, name))? {
+            Some(v) => codec::decode(v.value())?,
+            None => return Err(Error::NotFound { what: "connector" }),
+        };
+        let (access_token, refresh_token) = open_tokens(self.ledger, &owner.public, name, &record)?;
+        Ok(Connection {
+            info: self.info(&owner, name, &record),
+            access_token,
+            refresh_token,
+        })
+    }
+
+    /// The owner's connections, metadata only, in provider-name order.
+    pub fn list(&self, owner: &str) -> Result<Vec<ConnectionInfo>> {
+        let read = self.ledger.inner.store.begin_read()?;
+        let owner = owner_read(self.ledger, &read, owner)?;
+        let Some(table) = open_read(&read, CONNECTORS)? else {
+            return Ok(Vec::new());
+        };
+        owner_rows(&table, owner.id)?
+            .into_iter()
+            .map(|(name, bytes)| Ok(self.info(&owner, &name, &codec::decode(&bytes)?)))
+            .collect()
+    }
+
+    /// Connections, across all owners, whose access token expires at or before `now + skew`
+    /// and that can be refreshed (a refresh token is stored and the grant is not revoked),
+    /// soonest first. Failed refreshes stay listed so they are retried.
+    ///
+    /// This is the one vault call that is not scoped to an owner: a background refresher has
+    /// to find the connections to refresh. It is allowed because it returns only owner ids,
+    /// provider names, expiry times and health — never a token. The refresher then reads each
+    /// grant through the owner-scoped [`get`](Self::get) and stores the result with
+    /// [`record_refresh`](Self::record_refresh) or [`mark_unhealthy`](Self::mark_unhealthy).
+    /// It scans every connector row; call it every few minutes, not per request.
+    pub fn due_for_refresh(&self, now: Timestamp, skew: Duration) -> Result<Vec<DueRefresh>> {
+        let skew_ms = u64::try_from(skew.as_millis()).unwrap_or(u64::MAX);
+        let horizon = Timestamp(now.0.saturating_add(skew_ms));
+        let read = self.ledger.inner.store.begin_read()?;
+        let Some(table) = open_read(&read, CONNECTORS)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let (owner, name) = k.value();
+            let record: ConnectorRecord = codec::decode(v.value())?;
+            let Some(expires_at) = record.expires_at else {
+                continue;
+            };
+            if !record.has_refresh_token
+                || expires_at > horizon
+                || matches!(record.health, StoredHealth::Revoked(_))
+            {
+                continue;
+            }
+            let health = match record.health {
+                StoredHealth::RefreshFailed(_) => Health::RefreshFailed,
+                _ => Health::RefreshDue,
+            };
+            out.push(DueRefresh {
+                owner: self.ledger.inner.ids.encode(IdKind::Account, owner),
+                provider: parse_provider(name),
+                expires_at,
+                health,
+            });
+        }
+        out.sort_by(|a, b| {
+            (a.expires_at, &a.owner, a.provider.as_str()).cmp(&(
+                b.expires_at,
+                &b.owner,
+                b.provider.as_str(),
+            ))
+        });
+        Ok(out)
+    }
+
+    /// Stores the result of a successful refresh: the new access token and expiry, the new
+    /// refresh token if the provider rotated it (else the stored one is kept), and the new
+    /// scopes if any were returned (else the stored ones are kept). Health becomes healthy.
+    /// A revoked connection is refused with `Conflict`: the owner must connect again.
+    pub fn record_refresh(
+        &self,
+        owner: &str,
+        provider: &Provider,
+        grant: Grant,
+    ) -> Result<ConnectionInfo> {
+        validate_token("access_token", &grant.access_token)?;
+        if let Some(r) = &grant.refresh_token {
+            validate_token("refresh_token", r)?;
+        }
+        let scopes = validate_scopes(&grant.scopes)?;
+        let expires_at = self.expiry(&grant);
+        let now = self.ledger.now();
+        self.modify(
+            owner,
+            provider,
+            "connector.refreshed",
+            |owner, name, record| {
+                if matches!(record.health, StoredHealth::Revoked(_)) {
+                    return Err(Error::Conflict(format!(
+                        "the {name} connection was revoked; the owner must connect again"
+                    )));
+                }
+                let mut fields = vec!["access_token", "expires_at"];
+                let refresh = match &grant.refresh_token {
+                    Some(r) => {
+                        fields.push("refresh_token");
+                        Some(r.clone())
+                    }
+                    None => open_tokens(self.ledger, &owner.public, name, record)?.1,
+                };
+                if !scopes.is_empty() && scopes != record.scopes {
+                    fields.push("scopes");
+                    record.scopes = scopes;
+                }
+                let plain = records::encode_tokens(&grant.access_token, refresh.as_ref());
+                record.sealed = VaultCipher::new(&self.ledger.inner.config.master_key)
+                    .seal(binding(&owner.public, name), &plain)?;
+                record.has_refresh_token = refresh.is_some();
+                record.expires_at = expires_at;
+                record.health = StoredHealth::Healthy;
+                record.last_refreshed_at = Some(now);
+                fields.push("health");
+                Ok(fields)
+            },
+        )
+    }
+
+    /// Records that a refresh or call failed for `reason` (a [`ProviderErrorKind`], e.g. from
+    /// [`normalize_provider_error`](crate::normalize_provider_error)): `revoked` marks the
+    /// connection revoked, anything else `refresh_failed`. No free text is stored.
+    pub fn mark_unhealthy(
+        &self,
+        owner: &str,
+        provider: &Provider,
+        reason: ProviderErrorKind,
+    ) -> Result<ConnectionInfo> {
+        self.modify(
+            owner,
+            provider,
+            "connector.marked_unhealthy",
+            |_, _, record| {
+                record.health = match reason {
+                    ProviderErrorKind::Revoked => StoredHealth::Revoked(reason),
+                    _ => StoredHealth::RefreshFailed(reason),
+                };
+                Ok(vec!["health"])
+            },
+        )
+    }
+
+    /// Removes the owner's connection to `provider` and returns its metadata. `NotFound` if
+    /// there is none. To revoke the grant at the provider too, [`get`](Self::get) the tokens
+    /// first.
+    pub fn disconnect(&self, owner: &str, provider: &Provider) -> Result<ConnectionInfo> {
+        let provider = provider.validated()?;
+        let name = provider.as_str();
+        let txn = self.ledger.inner.store.begin_write()?;
+        let owner = owner_write(self.ledger, &txn, owner)?;
+        let record: ConnectorRecord = {
+            let mut table = txn.open_table(CONNECTORS)?;
+            let removed = table.remove((owner.id, name))?;
+            match removed {
+                Some(v) => codec::decode(v.value())?,
+                None => return Err(Error::NotFound { what: "connector" }),
+            }
+        };
+        let target = target(&owner.public, "connectors", name);
+        let now = self.ledger.now();
+        audit::append(
+            &txn,
+            now,
+            &self.actor,
+            "connector.disconnected",
+            &target,
+            &[],
+        )?;
+        txn.commit()?;
+        Ok(self.info(&owner, name, &record))
+    }
+}
+
+/// Resolves an owner inside a write transaction.
+fn owner_write(ledger: &Ledger, txn: &WriteTransaction, text: &str) -> Result<Owner> {
+    owner(ledger, &txn.open_table(ACCOUNTS)?, text)
+}

@@ -1,0 +1,304 @@
+//! Allowed hosts of owner secrets, and the url check made before a secret is attached.
+//!
+//! A pattern is a host — a DNS name, an IPv4 address or a bracketed IPv6 address — or
+//! `*.` followed by a DNS name of at least two labels, with an optional `:port`. Names are
+//! normalized as browsers do (WHATWG url parsing: lowercased, IDN converted to punycode), both
+//! in patterns and in urls, so `API.Example.com` and `bücher.example` match their normal forms.
+//!
+//! - `api.example.com` matches that host only, not `example.com` nor `x.api.example.com`.
+//! - `*.example.com` matches any subdomain at any depth (`a.example.com`, `a.b.example.com`)
+//!   but **not** `example.com` itself: list both to allow both.
+//! - Without a port a pattern matches only the url scheme's default port (443 for https, 80
+//!   for http), as in a Content-Security-Policy host source; `host:8443` matches port 8443.
+//! - A url's host must match exactly: `allowed.com.` (trailing dot) and `allowed.com@evil.com`
+//!   (host `evil.com`) do not match `allowed.com`.
+
+use url::{Host, Url};
+
+use crate::error::{Error, OutboundRefusal, Result};
+
+/// Most allowed-host patterns per secret.
+pub(crate) const MAX_PATTERNS: usize = 32;
+/// Longest pattern, in bytes.
+const MAX_PATTERN_LEN: usize = 300;
+
+/// One allowed-host pattern, normalized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HostPattern {
+    wildcard: bool,
+    /// The normalized host (`host_str` of a parsed url: lowercase, punycode, `[v6]`).
+    host: String,
+    /// `None`: the scheme's default port.
+    port: Option<u16>,
+}
+
+fn bad_pattern(reason: &str) -> Error {
+    Error::invalid(
+        "allowed_hosts",
+        format!(
+            "{reason}; expected a host like `api.example.com`, `*.example.com` or \
+             `localhost:8080` (no scheme, path or user info)"
+        ),
+    )
+}
+
+impl HostPattern {
+    /// Parses and normalizes a pattern.
+    pub(crate) fn parse(text: &str) -> Result<HostPattern> {
+        if text.is_empty() || text.len() > MAX_PATTERN_LEN {
+            return Err(bad_pattern(&format!(
+                "a pattern must be 1–{MAX_PATTERN_LEN} bytes"
+            )));
+        }
+        if text.chars().any(|c| {
+            c.is_whitespace() || c.is_control() || matches!(c, '/' | '\\' | '@' | '?' | '#')
+        }) {
+            return Err(bad_pattern(
+                "a pattern must not contain whitespace, `/`, `\\`, `@`, `?` or `#`",
+            ));
+        }
+        let (wildcard, rest) = match text.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        if rest.contains('*') {
+            return Err(bad_pattern("`*` is only allowed as a leading `*.`"));
+        }
+        let url = Url::parse(&format!("https://{rest}/"))
+            .map_err(|e| bad_pattern(&format!("not a host ({e})")))?;
+        let host = match url.host() {
+            Some(Host::Domain(d)) => {
+                if d.ends_with('.') || d.is_empty() {
+                    return Err(bad_pattern("a host must not end with `.`"));
+                }
+                if wildcard && !d.contains('.') {
+                    return Err(bad_pattern(
+                        "a `*.` pattern needs a domain of at least two labels",
+                    ));
+                }
+                d.to_owned()
+            }
+            Some(_) if wildcard => return Err(bad_pattern("`*.` applies to domain names only")),
+            Some(_) => url.host_str().unwrap_or_default().to_owned(),
+            None => return Err(bad_pattern("no host")),
+        };
+        Ok(HostPattern {
+            wildcard,
+            host,
+            port: url.port(),
+        })
+    }
+
+    /// The canonical text stored and shown: `*.example.com`, `api.example.com:8443`.
+    pub(crate) fn canonical(&self) -> String {
+        let mut out = String::new();
+        if self.wildcard {
+            out.push_str("*.");
+        }
+        out.push_str(&self.host);
+        if let Some(port) = self.port {
+            out.push_str(&format!(":{port}"));
+        }
+        out
+    }
+
+    /// Whether a parsed url's host and port match.
+    fn matches(&self, url: &Url) -> bool {
+        if url.port() != self.port {
+            return false;
+        }
+        match (url.host(), self.wildcard) {
+            (Some(Host::Domain(d)), true) => d
+                .strip_suffix(self.host.as_str())
+                .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+            (Some(_), false) => url.host_str() == Some(self.host.as_str()),
+            _ => false,
+        }
+    }
+}
+
+/// Validates and normalizes a secret's allowed hosts: 1–32 patterns, deduplicated, sorted.
+pub(crate) fn normalize<I, S>(patterns: I) -> Result<Vec<String>>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let mut out = Vec::new();
+    for p in patterns {
+        out.push(HostPattern::parse(p.as_ref())?.canonical());
+        if out.len() > MAX_PATTERNS {
+            return Err(Error::invalid(
+                "allowed_hosts",
+                format!("at most {MAX_PATTERNS} patterns"),
+            ));
+        }
+    }
+    out.sort();
+    out.dedup();
+    if out.is_empty() {
+        return Err(Error::invalid(
+            "allowed_hosts",
+            "at least one host is needed: a secret is only ever sent to its allowed hosts",
+        ));
+    }
+    Ok(out)
+}
+
+fn is_loopback(host: &Host<&str>) -> bool {
+    match host {
+        Host::Domain(d) => *d == "localhost",
+        Host::Ipv4(ip) => ip.is_loopback(),
+        Host::Ipv6(ip) => ip.is_loopback(),
+    }
+}
+
+/// Parses `raw` and checks it may carry secret `secret` whose allowed hosts are `allowed`:
+/// https (http only for loopback), a host matching a pattern, no user info.
+pub(crate) fn check_url(
+    secret: &str,
+    allowed: &[String],
+    raw: &str,
+) -> std::result::Result<Url, OutboundRefusal> {
+    let invalid = |reason: String| OutboundRefusal::InvalidUrl {
+        secret: secret.to_owned(),
+        reason,
+    };
+    if raw
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '\\')
+    {
+        return Err(invalid(
+            "it contains whitespace, control characters or backslashes".into(),
+        ));
+    }
+    let url = Url::parse(raw).map_err(|e| invalid(e.to_string()))?;
+    let Some(host) = url.host() else {
+        return Err(invalid("it has no host".into()));
+    };
+    let mut shown = url.host_str().unwrap_or_default().to_owned();
+    if let Some(port) = url.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    let secure = match url.scheme() {
+        "https" => true,
+        "http" => is_loopback(&host),
+        _ => false,
+    };
+    if !secure {
+        return Err(OutboundRefusal::InsecureScheme {
+            secret: secret.to_owned(),
+            host: shown,
+            scheme: url.scheme().to_owned(),
+        });
+    }
+    let allowed = allowed
+        .iter()
+        .filter_map(|p| HostPattern::parse(p).ok())
+        .any(|p| p.matches(&url));
+    if !allowed {
+        return Err(OutboundRefusal::HostNotAllowed {
+            secret: secret.to_owned(),
+            host: shown,
+        });
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(OutboundRefusal::UserInfo {
+            secret: secret.to_owned(),
+            host: shown,
+        });
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn allowed(patterns: &[&str], url: &str) -> std::result::Result<Url, OutboundRefusal> {
+        check_url("s", &normalize(patterns).unwrap(), url)
+    }
+
+    #[test]
+    fn patterns_normalize() {
+        let n = |p: &str| HostPattern::parse(p).map(|p| p.canonical());
+        assert_eq!(n("API.Example.COM").unwrap(), "api.example.com");
+        assert_eq!(n("*.Example.com").unwrap(), "*.example.com");
+        assert_eq!(n("bücher.example").unwrap(), "xn--bcher-kva.example");
+        assert_eq!(n("example.com:443").unwrap(), "example.com");
+        assert_eq!(n("localhost:8080").unwrap(), "localhost:8080");
+        assert_eq!(n("[::1]:8080").unwrap(), "[::1]:8080");
+        assert_eq!(n("127.0.0.1").unwrap(), "127.0.0.1");
+        for bad in [
+            "",
+            "*",
+            "*.com",
+            "a.*.com",
+            "*example.com",
+            "https://x.com",
+            "x.com/path",
+            "a@x.com",
+            "x.com:99999",
+            "x .com",
+            "x.com.",
+            "*.127.0.0.1",
+            "x.com?q",
+            "ex\\a.com",
+        ] {
+            assert!(n(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn exact_wildcard_and_ports() {
+        assert!(allowed(&["api.example.com"], "https://api.example.com/v1?x=1").is_ok());
+        assert!(allowed(&["api.example.com"], "https://API.Example.COM/").is_ok());
+        assert!(allowed(&["api.example.com"], "https://api.example.com:443/").is_ok());
+        assert!(allowed(&["api.example.com"], "https://api.example.com:8443/").is_err());
+        assert!(allowed(&["api.example.com:8443"], "https://api.example.com:8443/").is_ok());
+        assert!(allowed(&["api.example.com:8443"], "https://api.example.com/").is_err());
+        assert!(allowed(&["api.example.com"], "https://example.com/").is_err());
+        assert!(allowed(&["api.example.com"], "https://x.api.example.com/").is_err());
+        assert!(allowed(&["*.example.com"], "https://a.example.com/").is_ok());
+        assert!(allowed(&["*.example.com"], "https://a.b.example.com/").is_ok());
+        assert!(allowed(&["*.example.com"], "https://example.com/").is_err());
+        assert!(allowed(&["*.example.com"], "https://badexample.com/").is_err());
+        assert!(allowed(&["*.example.com"], "https://a.example.com.evil.org/").is_err());
+        assert!(allowed(&["xn--bcher-kva.example"], "https://BÜCHER.example/").is_ok());
+        assert!(allowed(&["bücher.example"], "https://xn--bcher-kva.example/").is_ok());
+        assert!(allowed(&["api.example.com"], "https://api.example.com./").is_err());
+    }
+
+    #[test]
+    fn schemes_userinfo_and_ambiguity() {
+        let r = allowed(&["allowed.com"], "https://allowed.com@evil.com/");
+        assert!(
+            matches!(&r, Err(OutboundRefusal::HostNotAllowed { host, .. }) if host == "evil.com"),
+            "{r:?}"
+        );
+        assert!(matches!(
+            allowed(&["allowed.com"], "https://user:pw@allowed.com/"),
+            Err(OutboundRefusal::UserInfo { .. })
+        ));
+        assert!(matches!(
+            allowed(&["allowed.com"], "http://allowed.com/"),
+            Err(OutboundRefusal::InsecureScheme { .. })
+        ));
+        assert!(allowed(&["localhost:8080"], "http://localhost:8080/").is_ok());
+        assert!(allowed(&["127.0.0.1"], "http://127.0.0.1/").is_ok());
+        assert!(allowed(&["[::1]"], "http://[::1]/").is_ok());
+        assert!(allowed(&["localhost"], "ftp://localhost/").is_err());
+        assert!(allowed(&["allowed.com"], "https://allowed.com\\@evil.com/").is_err());
+        assert!(allowed(&["allowed.com"], " https://allowed.com/").is_err());
+        assert!(allowed(&["allowed.com"], "/relative").is_err());
+        assert!(allowed(&["allowed.com"], "mailto:a@allowed.com").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_input_never_panics(p in "\\PC{0,40}", u in "\\PC{0,60}") {
+            let _ = HostPattern::parse(&p);
+            let _ = check_url("s", &[p], &u);
+        }
+    }
+}

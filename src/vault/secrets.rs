@@ -1,0 +1,450 @@
+//! Owner secrets: named values (third-party API keys) attached to outbound requests only for
+//! their allowed hosts.
+
+use std::fmt;
+
+use redb::{ReadableTable, WriteTransaction};
+use serde::Serialize;
+
+use crate::audit;
+use crate::clock::Timestamp;
+use crate::codec::{self, Record};
+use crate::error::{Error, Result};
+use crate::ledger::Ledger;
+use crate::public_id::PublicId;
+use crate::secret::Secret;
+use crate::store::tables::ACCOUNTS;
+use crate::vault::cipher::{self, Binding, VaultCipher};
+use crate::vault::hosts;
+use crate::vault::records::{self, SecretRecord};
+use crate::vault::tables::OWNER_SECRETS;
+use crate::vault::{Owner, open_read, owner, owner_read, owner_rows, target};
+
+/// Longest secret name.
+pub(crate) const SECRET_NAME_MAX: usize = 64;
+/// Longest secret value, in bytes.
+pub(crate) const SECRET_VALUE_MAX_BYTES: usize = 8 * 1024;
+/// Longest header or query parameter name.
+const FIELD_NAME_MAX: usize = 64;
+
+/// An owner secret's metadata: never its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SecretInfo {
+    /// The owning account's public id.
+    pub owner: PublicId,
+    /// The secret's name.
+    pub name: String,
+    /// Normalized allowed-host patterns (`api.example.com`, `*.example.com`, `host:8443`).
+    pub allowed_hosts: Vec<String>,
+    /// 1 when first put, +1 at each rotation or replacement.
+    pub version: u32,
+    /// When it was first put.
+    pub created_at: Timestamp,
+    /// Who put it.
+    pub created_by: String,
+    /// Last change.
+    pub updated_at: Timestamp,
+    /// Who changed it last.
+    pub updated_by: String,
+    /// Last rotation.
+    pub rotated_at: Option<Timestamp>,
+}
+
+/// A header to add to an outbound request. `Debug` and `Display` redact the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundHeader {
+    /// Header name (`Authorization`, `X-Api-Key`…).
+    pub name: String,
+    /// Header value, secret attached (`Bearer …`).
+    pub value: Secret,
+}
+
+impl fmt::Display for OutboundHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.name, self.value)
+    }
+}
+
+/// A url with a secret as a query parameter. `Debug` and `Display` show it with the
+/// parameter's value replaced by `***`; [`expose`](Self::expose) reveals it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OutboundUrl {
+    url: Secret,
+    redacted: String,
+}
+
+impl OutboundUrl {
+    /// The url with the secret attached: pass it to the HTTP client, nowhere else.
+    pub fn expose(&self) -> &str {
+        self.url.expose()
+    }
+
+    /// The url with the secret parameter's value shown as `***`, for logs.
+    pub fn redacted(&self) -> &str {
+        &self.redacted
+    }
+}
+
+impl fmt::Debug for OutboundUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OutboundUrl({})", self.redacted)
+    }
+}
+
+impl fmt::Display for OutboundUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+/// Owner-secret operations. Get one with [`Ledger::secrets`].
+pub struct Secrets<'a> {
+    pub(crate) ledger: &'a Ledger,
+    pub(crate) actor: String,
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    let ok = (1..=SECRET_NAME_MAX).contains(&name.len())
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "name",
+            format!(
+                "a secret name is 1–{SECRET_NAME_MAX} characters of [A-Za-z0-9_.-], \
+                 starting with a letter or digit"
+            ),
+        ))
+    }
+}
+
+fn validate_value(value: &Secret) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid("value", "must not be empty"));
+    }
+    if value.len() > SECRET_VALUE_MAX_BYTES {
+        return Err(Error::invalid(
+            "value",
+            format!(
+                "must be at most {SECRET_VALUE_MAX_BYTES} bytes, got {}",
+                value.len()
+            ),
+        ));
+    }
+    if value.expose().chars().any(char::is_control) {
+        // It is sent in headers and urls, where a line break would inject a header.
+        return Err(Error::invalid(
+            "value",
+            "must not contain control characters (line breaks, NUL…)",
+        ));
+    }
+    Ok(())
+}
+
+/// An HTTP header name (RFC 9110 token).
+fn validate_header_name(name: &str) -> Result<()> {
+    let ok = (1..=FIELD_NAME_MAX).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "header_name",
+            format!("a header name is 1–{FIELD_NAME_MAX} token characters (e.g. X-Api-Key)"),
+        ))
+    }
+}
+
+fn validate_param(param: &str) -> Result<()> {
+    let ok = (1..=FIELD_NAME_MAX).contains(&param.len())
+        && param
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "param",
+            format!("a query parameter name is 1–{FIELD_NAME_MAX} characters of [A-Za-z0-9_.-]"),
+        ))
+    }
+}
+
+fn binding<'b>(owner: &'b PublicId, name: &'b str) -> Binding<'b> {
+    Binding {
+        kind: cipher::SECRET,
+        owner,
+        name,
+        version: SecretRecord::VERSION,
+    }
+}
+
+fn open_value(
+    ledger: &Ledger,
+    owner: &PublicId,
+    name: &str,
+    record: &SecretRecord,
+) -> Result<Secret> {
+    let plain = VaultCipher::new(&ledger.inner.config.master_key)
+        .open(binding(owner, name), &record.sealed)?;
+    records::decode_value(&plain).ok_or(Error::DecryptionFailed {
+        what: "owner secret",
+    })
+}
+
+/// Decodes and decrypts one stored row, for `check`.
+pub(crate) fn check_row(ledger: &Ledger, owner: &PublicId, name: &str, bytes: &[u8]) -> Result<()> {
+    let record: SecretRecord = codec::decode(bytes)?;
+    validate_name(name)?;
+    open_value(ledger, owner, name, &record).map(drop)
+}
+
+fn owner_write(ledger: &Ledger, txn: &WriteTransaction, text: &str) -> Result<Owner> {
+    owner(ledger, &txn.open_table(ACCOUNTS)?, text)
+}
+
+impl<'a> Secrets<'a> {
+    /// The same handle, recording `actor` as the author of its changes.
+    pub fn by(mut self, actor: impl Into<String>) -> Self {
+        self.actor = actor.into();
+        self
+    }
+
+    fn view(owner: &Owner, name: &str, r: &SecretRecord) -> SecretInfo {
+        SecretInfo {
+            owner: owner.public.clone(),
+            name: name.to_owned(),
+            allowed_hosts: r.allowed_hosts.clone(),
+            version: r.version,
+            created_at: r.created_at,
+            created_by: r.created_by.clone(),
+            updated_at: r.updated_at,
+            updated_by: r.updated_by.clone(),
+            rotated_at: r.rotated_at,
+        }
+    }
+
+    /// Stores secret `name` of `owner`, to be sent only to `allowed_hosts` (see the host
+    /// rules on [`Secrets::bearer`]); replaces the value and hosts of an existing one.
+    ///
+    /// The value must be 1–8 KiB without control characters; 1–32 host patterns are needed.
+    pub fn put<I, S>(
+        &self,
+        owner: &str,
+        name: &str,
+        value: Secret,
+        allowed_hosts: I,
+    ) -> Result<SecretInfo>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        validate_name(name)?;
+        validate_value(&value)?;
+        let allowed_hosts = hosts::normalize(allowed_hosts)?;
+        let now = self.ledger.now();
+        let txn = self.ledger.inner.store.begin_write()?;
+        let owner = owner_write(self.ledger, &txn, owner)?;
+        let sealed = VaultCipher::new(&self.ledger.inner.config.master_key)
+            .seal(binding(&owner.public, name), value.expose().as_bytes())?;
+        let record = {
+            let mut table = txn.open_table(OWNER_SECRETS)?;
+            let previous: Option<SecretRecord> = match table.get((owner.id, name))? {
+                Some(v) => Some(codec::decode(v.value())?),
+                None => None,
+            };
+            let record = SecretRecord {
+                allowed_hosts,
+                version: previous.as_ref().map_or(1, |p| p.version.saturating_add(1)),
+                created_at: previous.as_ref().map_or(now, |p| p.created_at),
+                created_by: previous
+                    .as_ref()
+                    .map_or_else(|| self.actor.clone(), |p| p.created_by.clone()),
+                updated_at: now,
+                updated_by: self.actor.clone(),
+                rotated_at: previous.as_ref().and(Some(now)),
+                sealed,
+            };
+            table.insert((owner.id, name), codec::encode(&record).as_slice())?;
+            let action = if previous.is_some() {
+                "secret.replaced"
+            } else {
+                "secret.created"
+            };
+            let target = target(&owner.public, "secrets", name);
+            audit::append(
+                &txn,
+                now,
+                &self.actor,
+                action,
+                &target,
+                &["value", "allowed_hosts"],
+            )?;
+            record
+        };
+        txn.commit()?;
+        Ok(Self::view(&owner, name, &record))
+    }
+
+    /// Replaces the value of an existing secret, keeping its allowed hosts.
+    pub fn rotate(&self, owner: &str, name: &str, value: Secret) -> Result<SecretInfo> {
+        validate_name(name)?;
+        validate_value(&value)?;
+        let now = self.ledger.now();
+        let txn = self.ledger.inner.store.begin_write()?;
+        let owner = owner_write(self.ledger, &txn, owner)?;
+        let record = {
+            let mut table = txn.open_table(OWNER_SECRETS)?;
+            let mut record: SecretRecord = match table.get((owner.id, name))? {
+                Some(v) => codec::decode(v.value())?,
+                None => return Err(Error::NotFound { what: "secret" }),
+            };
+            record.sealed = VaultCipher::new(&self.ledger.inner.config.master_key)
+                .seal(binding(&owner.public, name), value.expose().as_bytes())?;
+            record.version = record.version.saturating_add(1);
+            record.updated_at = now;
+            record.updated_by = self.actor.clone();
+            record.rotated_at = Some(now);
+            table.insert((owner.id, name), codec::encode(&record).as_slice())?;
+            let target = target(&owner.public, "secrets", name);
+            audit::append(
+                &txn,
+                now,
+                &self.actor,
+                "secret.rotated",
+                &target,
+                &["value"],
+            )?;
+            record
+        };
+        txn.commit()?;
+        Ok(Self::view(&owner, name, &record))
+    }
+
+    /// Deletes a secret. `NotFound` if there is none.
+    pub fn delete(&self, owner: &str, name: &str) -> Result<()> {
+        validate_name(name)?;
+        let now = self.ledger.now();
+        let txn = self.ledger.inner.store.begin_write()?;
+        let owner = owner_write(self.ledger, &txn, owner)?;
+        {
+            let mut table = txn.open_table(OWNER_SECRETS)?;
+            if table.remove((owner.id, name))?.is_none() {
+                return Err(Error::NotFound { what: "secret" });
+            }
+        }
+        let target = target(&owner.public, "secrets", name);
+        audit::append(&txn, now, &self.actor, "secret.deleted", &target, &[])?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// One secret's metadata (never its value). `NotFound` if there is none.
+    pub fn info(&self, owner: &str, name: &str) -> Result<SecretInfo> {
+        validate_name(name)?;
+        let read = self.ledger.inner.store.begin_read()?;
+        let owner = owner_read(self.ledger, &read, owner)?;
+        let record = self.load(&read, &owner, name)?;
+        Ok(Self::view(&owner, name, &record))
+    }
+
+    /// The owner's secrets: names, hosts and dates, never values; in name order.
+    pub fn list(&self, owner: &str) -> Result<Vec<SecretInfo>> {
+        let read = self.ledger.inner.store.begin_read()?;
+        let owner = owner_read(self.ledger, &read, owner)?;
+        let Some(table) = open_read(&read, OWNER_SECRETS)? else {
+            return Ok(Vec::new());
+        };
+        owner_rows(&table, owner.id)?
+            .into_iter()
+            .map(|(name, bytes)| Ok(Self::view(&owner, &name, &codec::decode(&bytes)?)))
+            .collect()
+    }
+
+    fn load(
+        &self,
+        read: &redb::ReadTransaction,
+        owner: &Owner,
+        name: &str,
+    ) -> Result<SecretRecord> {
+        let table = open_read(read, OWNER_SECRETS)?.ok_or(Error::NotFound { what: "secret" })?;
+        match table.get((owner.id, name))? {
+            Some(v) => Ok(codec::decode(v.value())?),
+            None => Err(Error::NotFound { what: "secret" }),
+        }
+    }
+
+    /// Checks `url` against the secret's allowed hosts and returns the decrypted value with
+    /// the parsed url.
+    fn attach(&self, owner: &str, name: &str, url: &str) -> Result<(Secret, url::Url)> {
+        validate_name(name)?;
+        let read = self.ledger.inner.store.begin_read()?;
+        let owner = owner_read(self.ledger, &read, owner)?;
+        let record = self.load(&read, &owner, name)?;
+        let url = hosts::check_url(name, &record.allowed_hosts, url)?;
+        let value = open_value(self.ledger, &owner.public, name, &record)?;
+        Ok((value, url))
+    }
+
+    /// `Authorization: Bearer <secret>` for a request to `url`.
+    ///
+    /// The secret is attached only if `url` is `https` (`http` only for `localhost` and
+    /// loopback addresses), carries no user info, and its host and port match one of the
+    /// secret's allowed hosts: exactly, or as a subdomain of a `*.domain` pattern (which does
+    /// not match `domain` itself). Hosts compare in normal form (lowercase, IDN as punycode);
+    /// a pattern without a port matches the scheme's default port only. Otherwise the call
+    /// fails with [`Error::Refused`], naming the secret and the host, never the value.
+    pub fn bearer(&self, owner: &str, name: &str, url: &str) -> Result<OutboundHeader> {
+        let (value, _) = self.attach(owner, name, url)?;
+        let mut header = String::with_capacity(7 + value.len());
+        header.push_str("Bearer ");
+        header.push_str(value.expose());
+        Ok(OutboundHeader {
+            name: "Authorization".into(),
+            value: Secret::new(header),
+        })
+    }
+
+    /// `<header_name>: <secret>` for a request to `url`, under the rules of
+    /// [`bearer`](Self::bearer).
+    pub fn header(
+        &self,
+        owner: &str,
+        name: &str,
+        header_name: &str,
+        url: &str,
+    ) -> Result<OutboundHeader> {
+        validate_header_name(header_name)?;
+        let (value, _) = self.attach(owner, name, url)?;
+        Ok(OutboundHeader {
+            name: header_name.to_owned(),
+            value,
+        })
+    }
+
+    /// `url` with the secret appended as query parameter `param`, under the rules of
+    /// [`bearer`](Self::bearer). The url must not already have a `param` parameter.
+    pub fn query(&self, owner: &str, name: &str, param: &str, url: &str) -> Result<OutboundUrl> {
+        validate_param(param)?;
+        let (value, mut url) = self.attach(owner, name, url)?;
+        if url.query_pairs().any(|(k, _)| k == param) {
+            return Err(Error::invalid(
+                "param",
+                format!("the url already has a `{param}` parameter"),
+            ));
+        }
+        let mut redacted = url.clone();
+        redacted.query_pairs_mut().append_pair(param, "***");
+        url.query_pairs_mut().append_pair(param, value.expose());
+        Ok(OutboundUrl {
+            url: Secret::new(String::from(url)),
+            redacted: redacted.into(),
+        })
+    }
+}

@@ -1,0 +1,1110 @@
+//! End-to-end tests of the credentials vault, through the public API only (plus raw redb
+//! access to the closed file, to move ciphertexts the way an attacker with the file would).
+
+use std::time::Duration;
+
+use keyledger::{
+    Clock, Config, Error, Grant, Health, Ledger, ManualClock, MasterKey, NewAccount,
+    OutboundRefusal, Provider, ProviderErrorKind, PublicId, Secret, Timestamp,
+    normalize_provider_error,
+};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+const START: Timestamp = Timestamp(1_750_000_000_000);
+const CONNECTORS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("vault_connectors");
+const SECRETS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("vault_secrets");
+
+const ACCESS: &str = "ya29.ACCESS-known-plaintext-7f3a9c";
+const REFRESH: &str = "1//REFRESH-known-plaintext-b81d2e";
+const NOTION_TOKEN: &str = "secret_NOTION-known-plaintext-44c0";
+const API_SECRET: &str = "sk_live_OWNER-known-plaintext-9e1f";
+
+struct Env {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    master: MasterKey,
+    clock: ManualClock,
+    ledger: Ledger,
+}
+
+fn config(master: &MasterKey, clock: &ManualClock) -> Config {
+    Config::builder()
+        .master_key(master.clone())
+        .clock(clock.clone())
+        .build()
+        .expect("config")
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keys.redb");
+        let master = MasterKey::generate().expect("randomness");
+        let clock = ManualClock::new(START);
+        let ledger = Ledger::open(&path, config(&master, &clock)).expect("open");
+        Env {
+            _dir: dir,
+            path,
+            master,
+            clock,
+            ledger,
+        }
+    }
+
+    fn account(&self, name: &str) -> PublicId {
+        self.ledger
+            .accounts()
+            .create(NewAccount::new(name))
+            .expect("account")
+            .id
+    }
+
+    /// Closes the ledger and runs `Ledger::check` on the file.
+    fn check(self) -> keyledger::CheckReport {
+        // `check` reads the route table, which a file without route rules may lack.
+        let env = self.with_raw_file(|db| {
+            let txn = db.begin_write().expect("write");
+            txn.open_table(TableDefinition::<&str, &[u8]>::new("routes"))
+                .expect("routes table");
+            txn.commit().expect("commit");
+        });
+        let Env {
+            ledger,
+            path,
+            master,
+            clock,
+            _dir,
+        } = env;
+        drop(ledger);
+        Ledger::check(&path, config(&master, &clock)).expect("check")
+    }
+
+    /// Closes the ledger, runs `edit` on the raw redb file, and opens the ledger again.
+    fn with_raw_file(self, edit: impl FnOnce(&redb::Database)) -> Env {
+        let Env {
+            _dir,
+            path,
+            master,
+            clock,
+            ledger,
+        } = self;
+        drop(ledger);
+        {
+            let db = redb::Database::open(&path).expect("raw open");
+            edit(&db);
+        }
+        let ledger = Ledger::open(&path, config(&master, &clock)).expect("reopen");
+        Env {
+            _dir,
+            path,
+            master,
+            clock,
+            ledger,
+        }
+    }
+}
+
+fn google_grant() -> Grant {
+    Grant::new(Secret::new(ACCESS))
+        .refresh_token(Secret::new(REFRESH))
+        .scopes(["https://www.googleapis.com/auth/drive.readonly", "openid"])
+        .expires_in_secs(3600)
+}
+
+fn rows(
+    db: &redb::Database,
+    def: TableDefinition<(u64, &str), &[u8]>,
+) -> Vec<(u64, String, Vec<u8>)> {
+    let read = db.begin_read().expect("read");
+    let table = read.open_table(def).expect("table");
+    table
+        .iter()
+        .expect("iter")
+        .map(|e| {
+            let (k, v) = e.expect("row");
+            let (o, n) = k.value();
+            (o, n.to_owned(), v.value().to_vec())
+        })
+        .collect()
+}
+
+fn write_row(
+    db: &redb::Database,
+    def: TableDefinition<(u64, &str), &[u8]>,
+    key: (u64, &str),
+    value: &[u8],
+) {
+    let txn = db.begin_write().expect("write");
+    txn.open_table(def)
+        .expect("table")
+        .insert(key, value)
+        .expect("insert");
+    txn.commit().expect("commit");
+}
+
+#[track_caller]
+fn assert_decryption_failed<T: std::fmt::Debug>(result: Result<T, Error>) {
+    match result {
+        Err(e @ Error::DecryptionFailed { .. }) => {
+            let msg = e.to_string();
+            for plain in [ACCESS, REFRESH, NOTION_TOKEN, API_SECRET] {
+                assert!(!msg.contains(plain));
+            }
+        }
+        other => panic!("expected DecryptionFailed, got {other:?}"),
+    }
+}
+
+#[test]
+fn round_trip_per_provider_survives_reopen() {
+    let env = Env::new();
+    let owner = env.account("Acme");
+    let dropbox: Provider = "dropbox".parse().unwrap();
+    let vault = env.ledger.vault().by("alice");
+    let info = vault
+        .connect(&owner, &Provider::GoogleDrive, google_grant())
+        .unwrap();
+    assert_eq!(info.health, Health::Healthy);
+    assert_eq!(info.expires_at, Some(START.plus_secs(3600)));
+    assert!(info.has_refresh_token);
+    assert_eq!(info.connected_by, "alice");
+    vault
+        .connect(
+            &owner,
+            &Provider::Notion,
+            Grant::new(Secret::new(NOTION_TOKEN)),
+        )
+        .unwrap();
+    vault
+        .connect(
+            &owner,
+            &dropbox,
+            Grant::new(Secret::new("dbx-token")).expires_at(START.plus_secs(60)),
+        )
+        .unwrap();
+
+    let env = env.with_raw_file(|_| {});
+    let vault = env.ledger.vault();
+    let g = vault.get(&owner, &Provider::GoogleDrive).unwrap();
+    assert_eq!(g.access_token.expose(), ACCESS);
+    assert_eq!(g.refresh_token.as_ref().map(Secret::expose), Some(REFRESH));
+    assert_eq!(
+        g.info.scopes,
+        ["https://www.googleapis.com/auth/drive.readonly", "openid"]
+    );
+    let n = vault.get(&owner, &Provider::Notion).unwrap();
+    assert_eq!(n.access_token.expose(), NOTION_TOKEN);
+    assert!(n.refresh_token.is_none() && n.info.expires_at.is_none());
+    assert_eq!(n.info.health, Health::Healthy);
+    let d = vault
+        .get(&owner, &Provider::Other("dropbox".into()))
+        .unwrap();
+    assert_eq!(d.access_token.expose(), "dbx-token");
+    assert_eq!(
+        d.info.health,
+        Health::RefreshDue,
+        "expires within 5 minutes"
+    );
+
+    let listed: Vec<String> = vault
+        .list(&owner)
+        .unwrap()
+        .iter()
+        .map(|c| c.provider.to_string())
+        .collect();
+    assert_eq!(listed, ["dropbox", "google_drive", "notion"]);
+
+    // Reconnecting replaces the grant.
+    vault
+        .connect(&owner, &Provider::Notion, Grant::new(Secret::new("second")))
+        .unwrap();
+    assert_eq!(
+        vault
+            .get(&owner, &Provider::Notion)
+            .unwrap()
+            .access_token
+            .expose(),
+        "second"
+    );
+    let report = env.check();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
+#[test]
+fn owners_are_isolated_and_must_exist() {
+    let env = Env::new();
+    let a = env.account("A");
+    let b = env.account("B");
+    let vault = env.ledger.vault();
+    vault
+        .connect(&a, &Provider::GoogleDrive, google_grant())
+        .unwrap();
+    assert!(matches!(
+        vault.get(&b, &Provider::GoogleDrive),
+        Err(Error::NotFound { what: "connector" })
+    ));
+    assert!(vault.list(&b).unwrap().is_empty());
+    assert!(matches!(
+        vault.disconnect(&b, &Provider::GoogleDrive),
+        Err(Error::NotFound { what: "connector" })
+    ));
+    assert!(matches!(
+        vault.get("acct_forged", &Provider::Notion),
+        Err(Error::InvalidId(_))
+    ));
+    // A key id is not an owner id.
+    let key = env
+        .ledger
+        .keys()
+        .create(keyledger::NewKey::new(&a, "k"))
+        .unwrap();
+    assert!(matches!(vault.list(&key.info.id), Err(Error::InvalidId(_))));
+
+    // A well-formed id (same master key) of an account that does not exist here.
+    let other = {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger =
+            Ledger::open(dir.path().join("o.redb"), config(&env.master, &env.clock)).unwrap();
+        let mut last = None;
+        for i in 0..6 {
+            last = Some(
+                ledger
+                    .accounts()
+                    .create(NewAccount::new(format!("x{i}")))
+                    .unwrap()
+                    .id,
+            );
+        }
+        last.unwrap()
+    };
+    assert!(matches!(
+        vault.connect(&other, &Provider::Notion, google_grant()),
+        Err(Error::NotFound { what: "account" })
+    ));
+    assert!(matches!(
+        env.ledger.secrets().list(&other),
+        Err(Error::NotFound { what: "account" })
+    ));
+}
+
+#[test]
+fn ciphertext_moved_between_owners_or_providers_fails_to_decrypt() {
+    let env = Env::new();
+    let a = env.account("A");
+    let b = env.account("B");
+    let vault = env.ledger.vault();
+    vault
+        .connect(&a, &Provider::GoogleDrive, google_grant())
+        .unwrap();
+    vault
+        .connect(&a, &Provider::Notion, Grant::new(Secret::new(NOTION_TOKEN)))
+        .unwrap();
+    vault
+        .connect(
+            &b,
+            &Provider::GoogleDrive,
+            Grant::new(Secret::new("b-token")),
+        )
+        .unwrap();
+    let secrets = env.ledger.secrets();
+    secrets
+        .put(&a, "STRIPE", Secret::new(API_SECRET), ["api.stripe.com"])
+        .unwrap();
+    secrets
+        .put(&b, "STRIPE", Secret::new("b-secret"), ["api.stripe.com"])
+        .unwrap();
+    secrets
+        .put(&a, "OTHER", Secret::new("a-other"), ["api.stripe.com"])
+        .unwrap();
+
+    let env = env.with_raw_file(|db| {
+        let conn = rows(db, CONNECTORS);
+        let owners: Vec<u64> = {
+            let mut o: Vec<u64> = conn.iter().map(|r| r.0).collect();
+            o.dedup();
+            o
+        };
+        let (a_id, b_id) = (owners[0], owners[1]);
+        let a_google = conn
+            .iter()
+            .find(|r| r.0 == a_id && r.1 == "google_drive")
+            .unwrap()
+            .2
+            .clone();
+        // A's Google grant copied over B's, and over A's Notion row.
+        write_row(db, CONNECTORS, (b_id, "google_drive"), &a_google);
+        write_row(db, CONNECTORS, (a_id, "notion"), &a_google);
+        let secs = rows(db, SECRETS);
+        let a_stripe = secs
+            .iter()
+            .find(|r| r.0 == a_id && r.1 == "STRIPE")
+            .unwrap()
+            .2
+            .clone();
+        write_row(db, SECRETS, (b_id, "STRIPE"), &a_stripe);
+        write_row(db, SECRETS, (a_id, "OTHER"), &a_stripe);
+    });
+    let vault = env.ledger.vault();
+    assert_decryption_failed(vault.get(&b, &Provider::GoogleDrive));
+    assert_decryption_failed(vault.get(&a, &Provider::Notion));
+    assert_eq!(
+        vault
+            .get(&a, &Provider::GoogleDrive)
+            .unwrap()
+            .access_token
+            .expose(),
+        ACCESS,
+        "the original row still opens"
+    );
+    let url = "https://api.stripe.com/v1/charges";
+    let secrets = env.ledger.secrets();
+    assert_decryption_failed(secrets.bearer(&b, "STRIPE", url));
+    assert_decryption_failed(secrets.bearer(&a, "OTHER", url));
+    assert_eq!(
+        secrets.bearer(&a, "STRIPE", url).unwrap().value.expose(),
+        format!("Bearer {API_SECRET}")
+    );
+    // A refresh that must keep the stored refresh token cannot launder a moved row either.
+    assert_decryption_failed(vault.record_refresh(
+        &b,
+        &Provider::GoogleDrive,
+        Grant::new(Secret::new("new")),
+    ));
+    // `check` reports the moved rows, naming rows, never values.
+    let report = env.check();
+    assert_eq!(report.problems.len(), 4, "{:?}", report.problems);
+    let text = format!("{report:?}");
+    for plain in [ACCESS, REFRESH, NOTION_TOKEN, API_SECRET] {
+        assert!(!text.contains(plain));
+    }
+}
+
+#[test]
+fn refresh_scheduling_follows_the_clock() {
+    let env = Env::new();
+    let (a, b, c) = (env.account("A"), env.account("B"), env.account("C"));
+    let vault = env.ledger.vault().by("refresher");
+    vault
+        .connect(&a, &Provider::GoogleDrive, google_grant())
+        .unwrap(); // expires +3600
+    vault
+        .connect(
+            &b,
+            &Provider::Notion,
+            Grant::new(Secret::new(NOTION_TOKEN))
+                .refresh_token(Secret::new("notion-refresh"))
+                .expires_in_secs(600),
+        )
+        .unwrap();
+    // No refresh token: cannot be refreshed, so never listed.
+    vault
+        .connect(
+            &c,
+            &Provider::Notion,
+            Grant::new(Secret::new("x")).expires_in_secs(10),
+        )
+        .unwrap();
+    // No expiry: never listed.
+    vault
+        .connect(
+            &c,
+            &Provider::GoogleDrive,
+            Grant::new(Secret::new("y")).refresh_token(Secret::new("z")),
+        )
+        .unwrap();
+    let skew = Duration::from_secs(300);
+    let due = |env: &Env| vault.due_for_refresh(env.clock.now(), skew).unwrap();
+    assert!(due(&env).is_empty());
+
+    env.clock.advance_secs(400); // B expires in 200 s
+    let list = due(&env);
+    assert_eq!(list.len(), 1);
+    assert_eq!((&list[0].owner, &list[0].provider), (&b, &Provider::Notion));
+    assert_eq!(list[0].expires_at, START.plus_secs(600));
+    assert_eq!(list[0].health, Health::RefreshDue);
+    assert!(!format!("{list:?}").contains(NOTION_TOKEN));
+    assert_eq!(
+        vault.get(&b, &Provider::Notion).unwrap().info.health,
+        Health::RefreshDue
+    );
+    assert_eq!(
+        vault.get(&a, &Provider::GoogleDrive).unwrap().info.health,
+        Health::Healthy
+    );
+
+    // The refresher refreshes B; the provider did not rotate the refresh token.
+    let refreshed = vault
+        .record_refresh(
+            &b,
+            &Provider::Notion,
+            Grant::new(Secret::new("notion-access-2")).expires_in_secs(3600),
+        )
+        .unwrap();
+    assert_eq!(refreshed.health, Health::Healthy);
+    assert_eq!(refreshed.last_refreshed_at, Some(env.clock.now()));
+    let got = vault.get(&b, &Provider::Notion).unwrap();
+    assert_eq!(got.access_token.expose(), "notion-access-2");
+    assert_eq!(
+        got.refresh_token.unwrap().expose(),
+        "notion-refresh",
+        "kept"
+    );
+    assert!(due(&env).is_empty());
+
+    // Past A's expiry, with the skew: A is due, soonest first before B.
+    env.clock.advance_secs(3600 - 400 - 100);
+    let list = due(&env);
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].owner, a);
+    // Later still, both; ordered by expiry.
+    let later = env.clock.now().plus_secs(4000);
+    let both = vault.due_for_refresh(later, skew).unwrap();
+    assert_eq!(
+        both.iter().map(|d| d.owner.clone()).collect::<Vec<_>>(),
+        [a.clone(), b.clone()]
+    );
+
+    // A refresh attempt fails with a rate limit: still listed, as refresh_failed.
+    let err = normalize_provider_error(&Provider::GoogleDrive, 429, r#"{"error":"rate"}"#);
+    assert_eq!(err.kind, ProviderErrorKind::RateLimited);
+    let info = vault
+        .mark_unhealthy(&a, &Provider::GoogleDrive, err.kind)
+        .unwrap();
+    assert_eq!(
+        (info.health, info.health_reason),
+        (Health::RefreshFailed, Some(ProviderErrorKind::RateLimited))
+    );
+    assert_eq!(due(&env)[0].health, Health::RefreshFailed);
+
+    // Then the grant is revoked: no longer listed, refresh refused, reconnect heals.
+    let err = normalize_provider_error(&Provider::GoogleDrive, 400, r#"{"error":"invalid_grant"}"#);
+    assert_eq!(err.kind, ProviderErrorKind::Revoked);
+    vault
+        .mark_unhealthy(&a, &Provider::GoogleDrive, err.kind)
+        .unwrap();
+    assert!(due(&env).is_empty());
+    assert_eq!(
+        vault.get(&a, &Provider::GoogleDrive).unwrap().info.health,
+        Health::Revoked
+    );
+    assert!(matches!(
+        vault.record_refresh(&a, &Provider::GoogleDrive, Grant::new(Secret::new("n"))),
+        Err(Error::Conflict(_))
+    ));
+    let info = vault
+        .connect(&a, &Provider::GoogleDrive, google_grant())
+        .unwrap();
+    assert_eq!((info.health, info.health_reason), (Health::Healthy, None));
+
+    // A rotated refresh token and new scopes are stored.
+    vault
+        .record_refresh(
+            &a,
+            &Provider::GoogleDrive,
+            Grant::new(Secret::new("a2"))
+                .refresh_token(Secret::new("r2"))
+                .scopes(["openid"]),
+        )
+        .unwrap();
+    let got = vault.get(&a, &Provider::GoogleDrive).unwrap();
+    assert_eq!(got.refresh_token.unwrap().expose(), "r2");
+    assert_eq!(got.info.scopes, ["openid"]);
+    assert_eq!(got.info.expires_at, None);
+
+    let actions: Vec<String> = env
+        .ledger
+        .audit()
+        .since(0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.actor == "refresher")
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "connector.connected",
+            "connector.connected",
+            "connector.connected",
+            "connector.connected",
+            "connector.refreshed",
+            "connector.marked_unhealthy",
+            "connector.marked_unhealthy",
+            "connector.connected",
+            "connector.refreshed",
+        ]
+    );
+}
+
+#[test]
+fn disconnect_removes_and_is_audited() {
+    let env = Env::new();
+    let a = env.account("A");
+    let vault = env.ledger.vault().by("ops");
+    vault
+        .connect(&a, &Provider::Notion, Grant::new(Secret::new(NOTION_TOKEN)))
+        .unwrap();
+    let info = vault.disconnect(&a, &Provider::Notion).unwrap();
+    assert_eq!(info.provider, Provider::Notion);
+    assert!(matches!(
+        vault.get(&a, &Provider::Notion),
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        vault.disconnect(&a, &Provider::Notion),
+        Err(Error::NotFound { .. })
+    ));
+    let last = &env.ledger.audit().recent(1).unwrap()[0];
+    assert_eq!(last.action, "connector.disconnected");
+    assert_eq!(last.target, format!("{a}/connectors/notion"));
+    assert_eq!(last.actor, "ops");
+}
+
+#[test]
+fn providers_are_validated_with_typo_suggestions() {
+    let env = Env::new();
+    let a = env.account("A");
+    for typo in [
+        "Notion",
+        "google-drive",
+        "googledrive",
+        "notoin",
+        "google_drvie",
+    ] {
+        let err = typo.parse::<Provider>().unwrap_err();
+        assert!(err.to_string().contains("did you mean"), "{typo}: {err}");
+    }
+    for bad in ["", "Drop Box", "x".repeat(33).as_str(), "dröpbox"] {
+        assert!(matches!(
+            bad.parse::<Provider>(),
+            Err(Error::InvalidInput {
+                field: "provider",
+                ..
+            })
+        ));
+    }
+    let vault = env.ledger.vault();
+    assert!(matches!(
+        vault.connect(&a, &Provider::Other("Notion".into()), google_grant()),
+        Err(Error::InvalidInput {
+            field: "provider",
+            ..
+        })
+    ));
+    // `Other("notion")` is the built-in, not a second provider.
+    vault
+        .connect(&a, &Provider::Other("notion".into()), google_grant())
+        .unwrap();
+    assert_eq!(vault.list(&a).unwrap()[0].provider, Provider::Notion);
+    assert_eq!(
+        vault
+            .get(&a, &Provider::Notion)
+            .unwrap()
+            .access_token
+            .expose(),
+        ACCESS
+    );
+}
+
+#[test]
+fn grants_are_validated_without_echoing_values() {
+    let env = Env::new();
+    let a = env.account("A");
+    let vault = env.ledger.vault();
+    let cases = [
+        (Grant::new(Secret::new("")), "access_token"),
+        (
+            Grant::new(Secret::new(format!("{ACCESS}\nInjected: 1"))),
+            "access_token",
+        ),
+        (Grant::new(Secret::new("x".repeat(20_000))), "access_token"),
+        (
+            Grant::new(Secret::new("ok")).refresh_token(Secret::new(format!("{REFRESH} x"))),
+            "refresh_token",
+        ),
+        (
+            Grant::new(Secret::new("ok")).scopes(["has space"]),
+            "scopes",
+        ),
+        (Grant::new(Secret::new("ok")).scopes([""]), "scopes"),
+    ];
+    for (grant, field) in cases {
+        match vault.connect(&a, &Provider::Notion, grant) {
+            Err(e @ Error::InvalidInput { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(field), "{msg}");
+                assert!(!msg.contains(ACCESS) && !msg.contains(REFRESH), "{msg}");
+            }
+            other => panic!("expected InvalidInput for {field}, got {other:?}"),
+        }
+    }
+    assert!(vault.list(&a).unwrap().is_empty(), "nothing was written");
+}
+
+fn refused_host<T: std::fmt::Debug>(result: Result<T, Error>) -> String {
+    match result {
+        Err(Error::Refused(
+            OutboundRefusal::HostNotAllowed { host, .. }
+            | OutboundRefusal::InsecureScheme { host, .. }
+            | OutboundRefusal::UserInfo { host, .. },
+        )) => host,
+        other => panic!("expected a refusal naming a host, got {other:?}"),
+    }
+}
+
+#[test]
+fn secrets_are_attached_only_for_allowed_hosts() {
+    let env = Env::new();
+    let a = env.account("A");
+    let secrets = env.ledger.secrets();
+    let info = secrets
+        .put(
+            &a,
+            "API_KEY",
+            Secret::new(API_SECRET),
+            [
+                "API.Allowed.com",
+                "*.example.org",
+                "localhost:8080",
+                "bücher.example",
+                "ports.test:8443",
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        info.allowed_hosts,
+        [
+            "*.example.org",
+            "api.allowed.com",
+            "localhost:8080",
+            "ports.test:8443",
+            "xn--bcher-kva.example"
+        ]
+    );
+    let ok = |url: &str| {
+        let h = secrets
+            .bearer(&a, "API_KEY", url)
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_eq!(h.name, "Authorization");
+        assert_eq!(h.value.expose(), format!("Bearer {API_SECRET}"));
+    };
+    ok("https://api.allowed.com/v1/x?y=1");
+    ok("https://API.ALLOWED.COM/v1");
+    ok("https://api.allowed.com:443/");
+    ok("https://a.example.org/");
+    ok("https://deep.a.example.org/");
+    ok("https://BÜCHER.example/");
+    ok("https://xn--bcher-kva.example/");
+    ok("http://localhost:8080/hook");
+    ok("https://ports.test:8443/");
+
+    let refuse = |url: &str, host: &str| {
+        let got = refused_host(secrets.bearer(&a, "API_KEY", url));
+        assert_eq!(got, host, "{url}");
+    };
+    refuse("https://evil.com/", "evil.com");
+    refuse("https://allowed.com/", "allowed.com");
+    refuse("https://api.allowed.com@evil.com/", "evil.com");
+    refuse("https://api.allowed.com:pw@evil.com/", "evil.com");
+    refuse("https://user@api.allowed.com/", "api.allowed.com"); // user info itself refused
+    refuse("https://example.org/", "example.org"); // `*.` does not match the apex
+    refuse("https://a.example.org.evil.com/", "a.example.org.evil.com");
+    refuse(
+        "https://api.allowed.com.evil.com/",
+        "api.allowed.com.evil.com",
+    );
+    refuse("http://api.allowed.com/", "api.allowed.com");
+    refuse("http://a.example.org/", "a.example.org");
+    refuse("https://api.allowed.com:8443/", "api.allowed.com:8443");
+    refuse("https://localhost/", "localhost");
+    refuse("http://localhost:9090/", "localhost:9090");
+    refuse("https://ports.test/", "ports.test");
+    refuse("https://bucher.example/", "bucher.example");
+    refuse("ftp://api.allowed.com/", "api.allowed.com");
+    for unusable in [
+        "not a url",
+        "/relative",
+        "https://api.allowed.com\\@evil.com/",
+        "https://",
+    ] {
+        assert!(
+            matches!(
+                secrets.bearer(&a, "API_KEY", unusable),
+                Err(Error::Refused(OutboundRefusal::InvalidUrl { .. }))
+            ),
+            "{unusable}"
+        );
+    }
+    // Refusal messages name the host and the secret's name, never its value.
+    let err = secrets
+        .bearer(&a, "API_KEY", "https://evil.com/")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("evil.com") && err.contains("API_KEY"), "{err}");
+    assert!(!err.contains(API_SECRET));
+
+    // Loopback over http is allowed only when listed.
+    secrets
+        .put(
+            &a,
+            "LOCAL",
+            Secret::new("local-secret"),
+            ["127.0.0.1:3000", "[::1]"],
+        )
+        .unwrap();
+    assert!(
+        secrets
+            .bearer(&a, "LOCAL", "http://127.0.0.1:3000/")
+            .is_ok()
+    );
+    assert!(secrets.bearer(&a, "LOCAL", "http://[::1]/").is_ok());
+    assert_eq!(
+        refused_host(secrets.bearer(&a, "LOCAL", "http://127.0.0.2:3000/")),
+        "127.0.0.2:3000"
+    );
+}
+
+#[test]
+fn header_and_query_forms_redact() {
+    let env = Env::new();
+    let a = env.account("A");
+    let secrets = env.ledger.secrets();
+    secrets
+        .put(
+            &a,
+            "maps.key",
+            Secret::new(API_SECRET),
+            ["maps.example.com"],
+        )
+        .unwrap();
+    let h = secrets
+        .header(&a, "maps.key", "X-Api-Key", "https://maps.example.com/v1")
+        .unwrap();
+    assert_eq!(
+        (h.name.as_str(), h.value.expose()),
+        ("X-Api-Key", API_SECRET)
+    );
+    assert_eq!(h.to_string(), "X-Api-Key: Secret(***)");
+    assert!(!format!("{h:?}").contains(API_SECRET));
+    assert!(matches!(
+        secrets.header(&a, "maps.key", "Bad Header", "https://maps.example.com/"),
+        Err(Error::InvalidInput {
+            field: "header_name",
+            ..
+        })
+    ));
+
+    let u = secrets
+        .query(
+            &a,
+            "maps.key",
+            "key",
+            "https://maps.example.com/geocode?address=Paris#top",
+        )
+        .unwrap();
+    let exposed = url::Url::parse(u.expose()).unwrap();
+    let pairs: Vec<(String, String)> = exposed.query_pairs().into_owned().collect();
+    assert_eq!(
+        pairs,
+        [
+            ("address".into(), "Paris".into()),
+            ("key".into(), API_SECRET.into())
+        ]
+    );
+    assert_eq!(
+        u.redacted(),
+        "https://maps.example.com/geocode?address=Paris&key=***#top"
+    );
+    assert_eq!(u.to_string(), u.redacted());
+    assert!(!format!("{u:?}").contains(API_SECRET));
+    assert!(matches!(
+        secrets.query(
+            &a,
+            "maps.key",
+            "address",
+            "https://maps.example.com/?address=x"
+        ),
+        Err(Error::InvalidInput { field: "param", .. })
+    ));
+    assert!(matches!(
+        secrets.query(&a, "maps.key", "key", "https://evil.com/"),
+        Err(Error::Refused(OutboundRefusal::HostNotAllowed { .. }))
+    ));
+}
+
+#[test]
+fn secret_lifecycle_put_rotate_list_delete() {
+    let env = Env::new();
+    let a = env.account("A");
+    let b = env.account("B");
+    let secrets = env.ledger.secrets().by("admin");
+    let url = "https://api.openai.com/v1/chat";
+    let first = secrets
+        .put(&a, "OPENAI", Secret::new("v1"), ["api.openai.com"])
+        .unwrap();
+    assert_eq!((first.version, first.rotated_at), (1, None));
+    env.clock.advance_secs(60);
+    let rotated = secrets.rotate(&a, "OPENAI", Secret::new("v2")).unwrap();
+    assert_eq!(rotated.version, 2);
+    assert_eq!(rotated.rotated_at, Some(env.clock.now()));
+    assert_eq!(rotated.allowed_hosts, ["api.openai.com"]);
+    assert_eq!(rotated.created_at, START);
+    assert_eq!(
+        secrets.bearer(&a, "OPENAI", url).unwrap().value.expose(),
+        "Bearer v2"
+    );
+    // Put replaces value and hosts.
+    let replaced = secrets
+        .put(&a, "OPENAI", Secret::new("v3"), ["*.openai.com"])
+        .unwrap();
+    assert_eq!(
+        (replaced.version, replaced.allowed_hosts.clone()),
+        (3, vec!["*.openai.com".to_owned()])
+    );
+    secrets
+        .put(&a, "ANTHROPIC", Secret::new("w"), ["api.anthropic.com"])
+        .unwrap();
+    let names: Vec<String> = secrets
+        .list(&a)
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["ANTHROPIC", "OPENAI"]);
+    assert!(secrets.list(&b).unwrap().is_empty());
+    assert!(matches!(
+        secrets.bearer(&b, "OPENAI", url),
+        Err(Error::NotFound { what: "secret" })
+    ));
+    assert!(matches!(
+        secrets.rotate(&b, "OPENAI", Secret::new("x")),
+        Err(Error::NotFound { .. })
+    ));
+    assert_eq!(secrets.info(&a, "OPENAI").unwrap().version, 3);
+    secrets.delete(&a, "OPENAI").unwrap();
+    assert!(matches!(
+        secrets.delete(&a, "OPENAI"),
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        secrets.bearer(&a, "OPENAI", url),
+        Err(Error::NotFound { .. })
+    ));
+
+    let actions: Vec<(String, String)> = env
+        .ledger
+        .audit()
+        .since(0, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.actor == "admin")
+        .map(|e| (e.action, e.target))
+        .collect();
+    let t = |n: &str| format!("{a}/secrets/{n}");
+    assert_eq!(
+        actions,
+        [
+            ("secret.created".into(), t("OPENAI")),
+            ("secret.rotated".into(), t("OPENAI")),
+            ("secret.replaced".into(), t("OPENAI")),
+            ("secret.created".into(), t("ANTHROPIC")),
+            ("secret.deleted".into(), t("OPENAI")),
+        ]
+    );
+
+    // Validation: names, values, hosts.
+    let bad = |r: Result<keyledger::SecretInfo, Error>, field: &str| match r {
+        Err(Error::InvalidInput { field: f, .. }) => assert_eq!(f, field),
+        other => panic!("expected InvalidInput {field}, got {other:?}"),
+    };
+    bad(secrets.put(&a, "", Secret::new("x"), ["a.com"]), "name");
+    bad(
+        secrets.put(&a, "has space", Secret::new("x"), ["a.com"]),
+        "name",
+    );
+    bad(secrets.put(&a, "N", Secret::new(""), ["a.com"]), "value");
+    bad(
+        secrets.put(&a, "N", Secret::new("a\r\nX-Evil: 1"), ["a.com"]),
+        "value",
+    );
+    bad(
+        secrets.put(&a, "N", Secret::new("x"), Vec::<String>::new()),
+        "allowed_hosts",
+    );
+    for pattern in [
+        "*",
+        "*.com",
+        "https://a.com",
+        "a.com/path",
+        "user@a.com",
+        "a.*.com",
+    ] {
+        bad(
+            secrets.put(&a, "N", Secret::new("x"), [pattern]),
+            "allowed_hosts",
+        );
+    }
+}
+
+#[test]
+fn plaintexts_never_leak_to_file_debug_errors_or_audit() {
+    let env = Env::new();
+    let a = env.account("A");
+    let vault = env.ledger.vault();
+    let secrets = env.ledger.secrets();
+    let mut shown: Vec<String> = Vec::new();
+    let mut show = |s: String| shown.push(s);
+
+    let info = vault
+        .connect(&a, &Provider::GoogleDrive, google_grant())
+        .unwrap();
+    show(format!("{info:?}"));
+    show(serde_json::to_string(&info).unwrap());
+    let info = vault
+        .connect(
+            &a,
+            &Provider::Notion,
+            Grant::new(Secret::new(NOTION_TOKEN)).refresh_token(Secret::new(REFRESH)),
+        )
+        .unwrap();
+    show(format!("{info:?}"));
+    show(format!("{:?}", google_grant()));
+    let conn = vault.get(&a, &Provider::GoogleDrive).unwrap();
+    show(format!("{conn:?}"));
+    show(format!(
+        "{} {}",
+        conn.access_token,
+        conn.refresh_token.as_ref().unwrap()
+    ));
+    show(format!("{:?}", vault.list(&a).unwrap()));
+    show(serde_json::to_string(&vault.list(&a).unwrap()).unwrap());
+    env.clock.advance_secs(3500);
+    show(format!(
+        "{:?}",
+        vault
+            .due_for_refresh(env.clock.now(), Duration::from_secs(300))
+            .unwrap()
+    ));
+    show(format!(
+        "{:?}",
+        vault
+            .record_refresh(
+                &a,
+                &Provider::GoogleDrive,
+                Grant::new(Secret::new(format!("{ACCESS}-2"))).expires_in_secs(60)
+            )
+            .unwrap()
+    ));
+    show(format!(
+        "{:?}",
+        vault
+            .mark_unhealthy(&a, &Provider::Notion, ProviderErrorKind::AuthExpired)
+            .unwrap()
+    ));
+
+    let s = secrets
+        .put(&a, "KEY", Secret::new(API_SECRET), ["api.example.com"])
+        .unwrap();
+    show(format!("{s:?}"));
+    show(serde_json::to_string(&secrets.list(&a).unwrap()).unwrap());
+    let h = secrets
+        .bearer(&a, "KEY", "https://api.example.com/")
+        .unwrap();
+    show(format!("{h:?} {h}"));
+    let h = secrets
+        .header(&a, "KEY", "X-Key", "https://api.example.com/")
+        .unwrap();
+    show(format!("{h:?} {h}"));
+    let u = secrets
+        .query(&a, "KEY", "k", "https://api.example.com/")
+        .unwrap();
+    show(format!("{u:?} {u} {}", u.redacted()));
+    show(format!(
+        "{:?}",
+        secrets
+            .rotate(&a, "KEY", Secret::new(format!("{API_SECRET}-2")))
+            .unwrap()
+    ));
+
+    // Errors of every kind the vault returns.
+    let errors: Vec<Error> = vec![
+        secrets.bearer(&a, "KEY", "https://evil.com/").unwrap_err(),
+        secrets
+            .bearer(&a, "KEY", &format!("https://{API_SECRET}@evil.com/"))
+            .unwrap_err(),
+        secrets
+            .bearer(
+                &a,
+                "KEY",
+                &format!("https://x@api.example.com/?q={API_SECRET}"),
+            )
+            .unwrap_err(),
+        secrets
+            .bearer(&a, "KEY", &format!("http://api.example.com/{API_SECRET}"))
+            .unwrap_err(),
+        secrets
+            .bearer(&a, "KEY", &format!("{API_SECRET} not a url"))
+            .unwrap_err(),
+        secrets
+            .bearer(
+                &a,
+                "KEY",
+                &format!("https://api.example.com:99999/{API_SECRET}"),
+            )
+            .unwrap_err(),
+        secrets
+            .put(&a, "N", Secret::new(format!("{API_SECRET}\n")), ["a.com"])
+            .unwrap_err(),
+        secrets
+            .put(
+                &a,
+                "N",
+                Secret::new(API_SECRET),
+                [format!("{API_SECRET}.com/x")],
+            )
+            .unwrap_err(),
+        vault
+            .connect(
+                &a,
+                &Provider::Notion,
+                Grant::new(Secret::new(format!("{ACCESS} {REFRESH}"))),
+            )
+            .unwrap_err(),
+        vault.get(&a, &Provider::Other(ACCESS.into())).unwrap_err(),
+        vault
+            .get(&a, &Provider::Other(NOTION_TOKEN.into()))
+            .unwrap_err(),
+    ];
+    for e in &errors {
+        show(format!("{e} {e:?}"));
+    }
+    let pe = normalize_provider_error(
+        &Provider::GoogleDrive,
+        401,
+        &format!(r#"{{"error":"invalid_token","token":"{ACCESS}"}}"#),
+    );
+    show(format!("{pe} {pe:?}"));
+
+    let audit = env.ledger.audit().since(0, 1000).unwrap();
+    assert!(audit.len() >= 7);
+    show(format!("{audit:?}"));
+
+    let plaintexts = [ACCESS, REFRESH, NOTION_TOKEN, API_SECRET];
+    for text in &shown {
+        for p in plaintexts {
+            assert!(!text.contains(p), "`{p}` leaked in: {text}");
+        }
+    }
+
+    let Env {
+        ledger, path, _dir, ..
+    } = env;
+    drop(ledger);
+    let bytes = std::fs::read(&path).unwrap();
+    for p in plaintexts {
+        assert!(
+            !bytes.windows(p.len()).any(|w| w == p.as_bytes()),
+            "`{p}` found in the raw database file"
+        );
+    }
+}

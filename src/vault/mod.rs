@@ -19,8 +19,10 @@
 //! audit events carry names only.
 
 mod cipher;
+mod connection;
 mod connectors;
 mod hosts;
+mod outbound;
 mod provider;
 mod provider_error;
 mod records;
@@ -30,12 +32,14 @@ mod tables;
 use redb::{ReadTransaction, ReadableTable, TableDefinition, TableError};
 
 pub use crate::error::OutboundRefusal;
-pub use connectors::{
-    Connection, ConnectionInfo, DueRefresh, Grant, Health, REFRESH_DUE_WITHIN_SECS, Vault,
+pub use connection::{
+    Connection, ConnectionInfo, DueRefresh, Grant, Health, REFRESH_DUE_WITHIN_SECS,
 };
+pub use connectors::Vault;
+pub use outbound::{OutboundHeader, OutboundUrl, SecretInfo};
 pub use provider::{PROVIDER_NAME_MAX, Provider};
 pub use provider_error::{ProviderError, ProviderErrorKind, normalize_provider_error};
-pub use secrets::{OutboundHeader, OutboundUrl, SecretInfo, Secrets};
+pub use secrets::Secrets;
 
 use crate::error::{Error, Result};
 use crate::ledger::{Ledger, SYSTEM_ACTOR};

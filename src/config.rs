@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::clock::{Clock, SystemClock};
+use crate::engine::Durability;
 use crate::error::ConfigError;
+use crate::limits::SpendTier;
 use crate::secret::MasterKey;
 
 /// Environment variable holding the master key as 64 hex digits.
@@ -22,6 +24,9 @@ pub struct Config {
     pub(crate) token_prefix: String,
     pub(crate) legacy_prefixes: Vec<String>,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) durability: Durability,
+    pub(crate) cache_capacity: usize,
+    pub(crate) spend_tiers: Vec<SpendTier>,
 }
 
 impl Config {
@@ -66,6 +71,8 @@ impl fmt::Debug for Config {
             .field("test_prefix", &self.test_prefix)
             .field("token_prefix", &self.token_prefix)
             .field("legacy_prefixes", &self.legacy_prefixes)
+            .field("durability", &self.durability)
+            .field("cache_capacity", &self.cache_capacity)
             .finish_non_exhaustive()
     }
 }
@@ -79,6 +86,9 @@ pub struct ConfigBuilder {
     token_prefix: Option<String>,
     legacy_prefixes: Vec<String>,
     clock: Option<Arc<dyn Clock>>,
+    durability: Durability,
+    cache_capacity: Option<usize>,
+    spend_tiers: Vec<SpendTier>,
 }
 
 impl ConfigBuilder {
@@ -132,6 +142,26 @@ impl ConfigBuilder {
         self
     }
 
+    /// How credits are leased: [`Durability::Leased`] (default) or [`Durability::Exact`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Keys the verification cache holds (default 1,000,000; least recently inserted
+    /// entries make room). Misses are remembered within the same bound.
+    pub fn cache_capacity(mut self, keys: usize) -> Self {
+        self.cache_capacity = Some(keys);
+        self
+    }
+
+    /// Spend tiers: a key that has spent at least `min_spent` units gets its rate limits
+    /// multiplied by `multiplier_pct / 100`. The highest tier reached applies.
+    pub fn spend_tiers(mut self, tiers: impl IntoIterator<Item = SpendTier>) -> Self {
+        self.spend_tiers = tiers.into_iter().collect();
+        self
+    }
+
     /// The clock used for timestamps, expiry and refills (default: the system clock).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Some(Arc::new(clock));
@@ -176,6 +206,9 @@ impl ConfigBuilder {
             test_prefix,
             token_prefix,
             legacy_prefixes,
+            durability: self.durability,
+            cache_capacity: self.cache_capacity.unwrap_or(1_000_000).max(1),
+            spend_tiers: self.spend_tiers,
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         })
     }

@@ -120,7 +120,9 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 updated_at: Timestamp(1),
                 updated_by: "system".into(),
             };
-            let rule = RouteRule::new("/api/v1/").permission("quickhits:create").price_micros(250);
+            let rule = RouteRule::new("/api/v1/")
+                .permission("quickhits:create")
+                .price_micros(250);
             vec![
                 codec::encode(&key),
                 codec::encode(&account),

@@ -3,12 +3,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use arc_swap::ArcSwap;
 
 use crate::accounts::Accounts;
 use crate::audit::Audit;
 use crate::clock::{Clock, Timestamp};
 use crate::config::Config;
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::hashing::{HashScheme, KeyHasher};
 use crate::keyfmt::KeyFormat;
@@ -24,13 +25,22 @@ pub struct Ledger {
 }
 
 pub(crate) struct Inner {
-    pub(crate) store: Store,
+    pub(crate) store: Arc<Store>,
     pub(crate) path: PathBuf,
-    pub(crate) ids: IdCipher,
+    pub(crate) ids: Arc<IdCipher>,
     pub(crate) format: KeyFormat,
-    pub(crate) hasher: RwLock<Arc<KeyHasher>>,
+    pub(crate) hasher: ArcSwap<KeyHasher>,
     pub(crate) config: Config,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) engine: Engine,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A clean close: leases go back to their balances. Errors have nowhere to go here;
+        // call `Ledger::close` to see them.
+        let _ = self.engine.close();
+    }
 }
 
 /// The actor recorded when a handle is not given one with `.by(…)`.
@@ -45,17 +55,18 @@ impl Ledger {
     pub fn open(path: impl AsRef<Path>, config: Config) -> Result<Ledger> {
         let path = path.as_ref();
         let (store, meta) = Store::open(path, &config.master_key)?;
+        let store = Arc::new(store);
+        let ids = Arc::new(IdCipher::new(&config.master_key));
+        let engine = Engine::start(store.clone(), ids.clone(), &config)?;
         let inner = Inner {
             store,
             path: path.to_owned(),
-            ids: IdCipher::new(&config.master_key),
+            ids,
             format: KeyFormat::new(&config),
-            hasher: RwLock::new(Arc::new(KeyHasher::new(
-                &config.master_key,
-                meta.hash_scheme,
-            ))),
+            hasher: ArcSwap::from_pointee(KeyHasher::new(&config.master_key, meta.hash_scheme)),
             clock: config.clock.clone(),
             config,
+            engine,
         };
         Ok(Ledger {
             inner: Arc::new(inner),
@@ -100,7 +111,7 @@ impl Ledger {
 
     /// The scheme new and rehashed keys are stored under.
     pub fn hash_scheme(&self) -> HashScheme {
-        self.inner.hasher.read().current()
+        self.inner.hasher.load().current()
     }
 
     /// Switches new keys to `scheme` (a new pepper version, or BLAKE3). Existing keys keep
@@ -113,19 +124,24 @@ impl Ledger {
                 "plain SHA-256 is only for imported keys",
             ));
         }
-        let mut hasher = self.inner.hasher.write();
+        crate::keys::prune_rolled_secrets(self)?;
         let txn = self.inner.store.begin_write()?;
         store::set_hash_scheme(&txn, scheme)?;
+        let label = scheme.label();
         crate::audit::append(
             &txn,
             self.now(),
             SYSTEM_ACTOR,
             "hash_scheme.rotated",
-            &scheme.label(),
+            &label,
             &[],
         )?;
         txn.commit()?;
-        *hasher = Arc::new(KeyHasher::new(&self.inner.config.master_key, scheme));
+        self.inner.hasher.store(Arc::new(KeyHasher::new(
+            &self.inner.config.master_key,
+            scheme,
+        )));
+        self.inner.engine.hashes_changed();
         Ok(())
     }
 
@@ -141,7 +157,47 @@ impl Ledger {
     }
 
     pub(crate) fn hasher(&self) -> Arc<KeyHasher> {
-        self.inner.hasher.read().clone()
+        self.inner.hasher.load_full()
+    }
+
+    /// Closes the ledger cleanly: every lease goes back to its balance and all spend and
+    /// usage is flushed. Dropping the last clone does the same but cannot report errors.
+    /// After `close`, `verify` calls that need the writer are refused with `unavailable`.
+    pub fn close(&self) -> Result<()> {
+        self.inner.engine.close()
+    }
+
+    /// Flushes pending spend and usage counters to disk now (they are otherwise flushed in
+    /// the background within a fraction of a second).
+    pub fn flush(&self) -> Result<()> {
+        self.inner.engine.flush()
+    }
+
+    /// Low-balance and exhausted events. Every receiver clone shares one bounded channel.
+    pub fn credit_events(&self) -> crossbeam::channel::Receiver<crate::CreditEvent> {
+        self.inner.engine.events.clone()
+    }
+
+    /// Engine counters: writer commits (each one fsync), cached entries, units found leased
+    /// at open (lost to a crash before it).
+    pub fn stats(&self) -> crate::Stats {
+        crate::Stats {
+            writer_commits: self
+                .inner
+                .engine
+                .shared
+                .commits
+                .load(std::sync::atomic::Ordering::Relaxed),
+            cached_entries: self.inner.engine.cache.len() as u64,
+            lost_to_crash_at_open: self.inner.engine.lost_at_open,
+        }
+    }
+
+    /// Stops the writer without returning leases or flushing, leaving the file as a crash
+    /// would. For crash tests only.
+    #[doc(hidden)]
+    pub fn simulate_crash(self) {
+        self.inner.engine.abandon();
     }
 }
 

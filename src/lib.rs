@@ -23,39 +23,47 @@
 
 mod accounts;
 mod audit;
+mod cache;
 mod check;
 mod clock;
 mod codec;
 mod config;
+mod credits;
 mod denial;
+mod engine;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod hashing;
 mod keyfmt;
 mod keys;
-mod limits;
 mod ledger;
+mod limits;
 mod page;
+mod policy;
 mod public_id;
 mod record;
 mod routes;
 mod secret;
 mod store;
 mod vault;
+mod verify;
 
 pub use accounts::{Account, AccountUpdate, Accounts, NewAccount};
 pub use audit::Audit;
 pub use check::CheckReport;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use config::{Config, ConfigBuilder, ENV_MASTER_KEY, ENV_MASTER_KEY_FILE};
+pub use credits::events::{CreditEvent, CreditEventKind};
+pub use credits::{Credits, Pool, Usage};
 pub use denial::Denial;
+pub use engine::Durability;
 pub use error::{CodecError, ConfigError, Error, HeaderError, InvalidId, MalformedKey, Result};
 pub use hashing::HashScheme;
 pub use keyfmt::{KeyClass, Presented};
-pub use limits::SpendTier;
 pub use keys::{CreatedKey, ImportKey, ImportedHash, KeyInfo, KeyUpdate, Keys, NewKey};
 pub use ledger::Ledger;
+pub use limits::SpendTier;
 pub use page::{DEFAULT_LIMIT, MAX_LIMIT, Page, PageRequest};
 pub use public_id::PublicId;
 pub use record::{
@@ -64,8 +72,21 @@ pub use record::{
 };
 pub use routes::{Routes, permits};
 pub use secret::{MasterKey, Secret};
+pub use verify::{Grant, Pricing, RateState, Receipt, Request, TokenStats};
+
+/// Engine counters, from [`Ledger::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    /// Write transactions the writer thread committed (each is one fsync).
+    pub writer_commits: u64,
+    /// Entries in the verification cache (keys and remembered misses).
+    pub cached_entries: u64,
+    /// Units found leased when the ledger was opened: lost to a crash before, now counted
+    /// in `lost_to_crash`.
+    pub lost_to_crash_at_open: u64,
+}
 pub use vault::{
-    Connection, ConnectionInfo, DueRefresh, Grant, Health, OutboundHeader, OutboundRefusal,
+    Connection, ConnectionInfo, DueRefresh, Health, OAuthGrant, OutboundHeader, OutboundRefusal,
     OutboundUrl, PROVIDER_NAME_MAX, Provider, ProviderError, ProviderErrorKind,
     REFRESH_DUE_WITHIN_SECS, SecretInfo, Secrets, Vault, normalize_provider_error,
 };

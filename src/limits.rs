@@ -37,7 +37,12 @@ impl Gcra {
     }
 
     /// Admits `weight` units at `now_ns`, or says how long until it would be admitted.
-    pub(crate) fn acquire(&self, now_ns: u64, weight: u64, multiplier_pct: u32) -> Result<(), Duration> {
+    pub(crate) fn acquire(
+        &self,
+        now_ns: u64,
+        weight: u64,
+        multiplier_pct: u32,
+    ) -> Result<(), Duration> {
         let increment = self.interval_ns(multiplier_pct).saturating_mul(weight);
         let mut tat = self.tat.load(Ordering::Acquire);
         loop {
@@ -46,7 +51,10 @@ impl Gcra {
             if ahead > self.window_ns {
                 return Err(Duration::from_nanos(ahead - self.window_ns));
             }
-            match self.tat.compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire) {
+            match self
+                .tat
+                .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => return Ok(()),
                 Err(actual) => tat = actual,
             }
@@ -57,9 +65,11 @@ impl Gcra {
     /// the request). Never moves the arrival time below `now_ns`.
     pub(crate) fn release(&self, now_ns: u64, weight: u64, multiplier_pct: u32) {
         let decrement = self.interval_ns(multiplier_pct).saturating_mul(weight);
-        let _ = self.tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
-            Some(tat.saturating_sub(decrement).max(now_ns))
-        });
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(tat.saturating_sub(decrement).max(now_ns))
+            });
     }
 
     /// Units still admissible right now (for grants' rate-limit state).
@@ -80,8 +90,14 @@ pub(crate) struct KeyLimits {
 impl KeyLimits {
     pub(crate) fn new(limits: &Limits) -> Self {
         KeyLimits {
-            named: limits.rate_limits.iter().map(|l| Gcra::new(l.limit, l.window_secs)).collect(),
-            tokens: limits.token_window.map(|t| Box::new(Gcra::new(t.tokens, t.window_secs))),
+            named: limits
+                .rate_limits
+                .iter()
+                .map(|l| Gcra::new(l.limit, l.window_secs))
+                .collect(),
+            tokens: limits
+                .token_window
+                .map(|t| Box::new(Gcra::new(t.tokens, t.window_secs))),
         }
     }
 
@@ -91,17 +107,26 @@ impl KeyLimits {
     }
 
     /// Admits one request of `cost` tokens against every limit, all or nothing.
-    pub(crate) fn acquire(&self, now_ns: u64, cost: u64, multiplier_pct: u32) -> Result<(), Duration> {
+    pub(crate) fn acquire(
+        &self,
+        now_ns: u64,
+        cost: u64,
+        multiplier_pct: u32,
+    ) -> Result<(), Duration> {
         for (i, gcra) in self.named.iter().enumerate() {
             if let Err(wait) = gcra.acquire(now_ns, 1, multiplier_pct) {
-                self.named[..i].iter().for_each(|g| g.release(now_ns, 1, multiplier_pct));
+                self.named[..i]
+                    .iter()
+                    .for_each(|g| g.release(now_ns, 1, multiplier_pct));
                 return Err(wait);
             }
         }
         if let Some(tokens) = &self.tokens {
             if cost > 0 {
                 if let Err(wait) = tokens.acquire(now_ns, cost, multiplier_pct) {
-                    self.named.iter().for_each(|g| g.release(now_ns, 1, multiplier_pct));
+                    self.named
+                        .iter()
+                        .for_each(|g| g.release(now_ns, 1, multiplier_pct));
                     return Err(wait);
                 }
             }
@@ -109,10 +134,27 @@ impl KeyLimits {
         Ok(())
     }
 
+    /// Gives back what a successful [`acquire`](Self::acquire) took (a later check refused).
+    pub(crate) fn release(&self, now_ns: u64, cost: u64, multiplier_pct: u32) {
+        self.named
+            .iter()
+            .for_each(|g| g.release(now_ns, 1, multiplier_pct));
+        if let Some(tokens) = &self.tokens {
+            tokens.release(now_ns, cost, multiplier_pct);
+        }
+    }
+
     /// Requests left in the tightest named limit, and tokens left in the window.
     pub(crate) fn remaining(&self, now_ns: u64, multiplier_pct: u32) -> (Option<u64>, Option<u64>) {
-        let requests = self.named.iter().map(|g| g.remaining(now_ns, multiplier_pct)).min();
-        let tokens = self.tokens.as_ref().map(|g| g.remaining(now_ns, multiplier_pct));
+        let requests = self
+            .named
+            .iter()
+            .map(|g| g.remaining(now_ns, multiplier_pct))
+            .min();
+        let tokens = self
+            .tokens
+            .as_ref()
+            .map(|g| g.remaining(now_ns, multiplier_pct));
         (requests, tokens)
     }
 }
@@ -135,7 +177,12 @@ pub(crate) fn tier_for(tiers: &[SpendTier], spent: u64) -> (u32, u64) {
         .filter(|t| t.min_spent <= spent)
         .max_by_key(|t| t.min_spent)
         .map_or(100, |t| t.multiplier_pct);
-    let next = tiers.iter().map(|t| t.min_spent).filter(|&m| m > spent).min().unwrap_or(u64::MAX);
+    let next = tiers
+        .iter()
+        .map(|t| t.min_spent)
+        .filter(|&m| m > spent)
+        .min()
+        .unwrap_or(u64::MAX);
     (current, next)
 }
 
@@ -154,9 +201,15 @@ mod tests {
         }
         let wait = g.acquire(t0, 1, 100).unwrap_err();
         assert_eq!(wait, Duration::from_millis(100));
-        assert!(g.acquire(t0 + S / 10, 1, 100).is_ok(), "one slot frees every 100 ms");
+        assert!(
+            g.acquire(t0 + S / 10, 1, 100).is_ok(),
+            "one slot frees every 100 ms"
+        );
         assert!(g.acquire(t0 + S / 10, 1, 100).is_err());
-        assert!(g.acquire(t0 + 5 * S, 1, 100).is_ok(), "idle time restores the burst");
+        assert!(
+            g.acquire(t0 + 5 * S, 1, 100).is_ok(),
+            "idle time restores the burst"
+        );
     }
 
     #[test]
@@ -166,19 +219,36 @@ mod tests {
         assert!(g.acquire(t0, 100, 100).is_ok());
         assert!(g.acquire(t0, 1, 100).is_err());
         let doubled = Gcra::new(100, 60);
-        assert!(doubled.acquire(t0, 200, 200).is_ok(), "a 2× tier admits 200");
+        assert!(
+            doubled.acquire(t0, 200, 200).is_ok(),
+            "a 2× tier admits 200"
+        );
         assert!(doubled.acquire(t0, 1, 200).is_err());
-        assert!(Gcra::new(100, 60).acquire(t0, 101, 100).is_err(), "a request larger than the window never fits");
+        assert!(
+            Gcra::new(100, 60).acquire(t0, 101, 100).is_err(),
+            "a request larger than the window never fits"
+        );
     }
 
     #[test]
     fn all_or_nothing_across_limits() {
         let limits = Limits {
             rate_limits: vec![
-                crate::RateLimit { name: "second".into(), limit: 5, window_secs: 1 },
-                crate::RateLimit { name: "minute".into(), limit: 6, window_secs: 60 },
+                crate::RateLimit {
+                    name: "second".into(),
+                    limit: 5,
+                    window_secs: 1,
+                },
+                crate::RateLimit {
+                    name: "minute".into(),
+                    limit: 6,
+                    window_secs: 60,
+                },
             ],
-            token_window: Some(crate::TokenWindow { tokens: 50, window_secs: 60 }),
+            token_window: Some(crate::TokenWindow {
+                tokens: 50,
+                window_secs: 60,
+            }),
             ..Limits::default()
         };
         let k = KeyLimits::new(&limits);
@@ -196,8 +266,14 @@ mod tests {
     #[test]
     fn tiers_pick_the_highest_reached() {
         let tiers = [
-            SpendTier { min_spent: 1_000, multiplier_pct: 200 },
-            SpendTier { min_spent: 100, multiplier_pct: 150 },
+            SpendTier {
+                min_spent: 1_000,
+                multiplier_pct: 200,
+            },
+            SpendTier {
+                min_spent: 100,
+                multiplier_pct: 150,
+            },
         ];
         assert_eq!(tier_for(&tiers, 0), (100, 100));
         assert_eq!(tier_for(&tiers, 100), (150, 1_000));

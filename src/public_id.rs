@@ -22,6 +22,7 @@ pub(crate) enum IdKind {
     Account,
     Key,
     Token,
+    Pool,
 }
 
 impl IdKind {
@@ -30,6 +31,7 @@ impl IdKind {
             IdKind::Account => "acct",
             IdKind::Key => "key",
             IdKind::Token => "tok",
+            IdKind::Pool => "pool",
         }
     }
 
@@ -38,6 +40,7 @@ impl IdKind {
             IdKind::Account => "account",
             IdKind::Key => "key",
             IdKind::Token => "token",
+            IdKind::Pool => "pool",
         }
     }
 }
@@ -51,6 +54,11 @@ impl PublicId {
     /// The id as a string.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// Wraps a string already checked to be a valid public id.
+    pub(crate) fn from_checked(id: &str) -> PublicId {
+        PublicId(id.to_owned())
     }
 }
 

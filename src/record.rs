@@ -219,6 +219,8 @@ pub(crate) struct CreditsRecord {
     pub granted: u64,
     /// Start of the refill period the balance belongs to.
     pub refilled_at: Option<Timestamp>,
+    /// The refill that replaces the balance each period (copied from the key or pool).
+    pub refill: Option<Refill>,
 }
 
 impl CreditsRecord {
@@ -286,7 +288,13 @@ pub struct RouteRule {
 impl RouteRule {
     /// A rule for `prefix` needing no permission or entitlement, costing 1, free.
     pub fn new(prefix: impl Into<String>) -> Self {
-        RouteRule { prefix: prefix.into(), permission: None, entitlement: None, cost: 1, price_micros: 0 }
+        RouteRule {
+            prefix: prefix.into(),
+            permission: None,
+            entitlement: None,
+            cost: 1,
+            price_micros: 0,
+        }
     }
 
     /// Requires `permission` of the key.
@@ -616,7 +624,7 @@ mod tests {
                 updated_at: Timestamp(n[1]), updated_by: "b".into(),
             };
             prop_assert_eq!(decode::<AccountRecord>(&encode(&account)).unwrap(), account);
-            let credits = CreditsRecord { balance: n[0], leased: n[1], spent: n[2], lost_to_crash: 1, granted: n[3], refilled_at: None };
+            let credits = CreditsRecord { balance: n[0], leased: n[1], spent: n[2], lost_to_crash: 1, granted: n[3], refilled_at: None, refill: None };
             prop_assert_eq!(decode::<CreditsRecord>(&encode(&credits)).unwrap(), credits);
             let rule = RouteRule { prefix: prefix.clone(), permission: perm.clone(), entitlement: None, cost: n[0], price_micros: n[1] };
             prop_assert_eq!(decode::<RouteRule>(&encode(&rule)).unwrap(), rule);

@@ -59,6 +59,10 @@ impl Routes<'_> {
             &fields,
         )?;
         txn.commit()?;
+        self.ledger
+            .inner
+            .engine
+            .routes_changed(&self.ledger.inner.store)?;
         Ok(rule)
     }
 
@@ -77,6 +81,10 @@ impl Routes<'_> {
             &[],
         )?;
         txn.commit()?;
+        self.ledger
+            .inner
+            .engine
+            .routes_changed(&self.ledger.inner.store)?;
         Ok(())
     }
 

@@ -5,7 +5,10 @@ use std::path::Path;
 
 use keyledger::fuzzing;
 
-const TARGETS: [(&str, fn(&[u8])); 3] = [
+/// A fuzz target: its corpus directory name and its entry point.
+type Target = (&'static str, fn(&[u8]));
+
+const TARGETS: [Target; 3] = [
     ("decode_records", fuzzing::decode_records),
     ("parse_key", fuzzing::parse_key),
     ("decode_public_id", fuzzing::decode_public_id),

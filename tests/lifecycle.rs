@@ -725,8 +725,6 @@ fn route_rules_set_list_remove_and_match_the_longest_prefix() {
 }
 
 #[test]
-#[ignore = "BUG: a new ledger has no `routes` table: routes().list()/matching() and \
-            Ledger::check fail with Storage(TableDoesNotExist(\"routes\")) until a rule is set"]
 fn routes_on_a_fresh_ledger_are_empty() {
     let t = TestLedger::new();
     assert_eq!(t.ledger.routes().list().unwrap(), []);

@@ -482,8 +482,6 @@ fn keys_rolled_or_imported_before_a_rotation_still_work() {
 }
 
 #[test]
-#[ignore = "BUG: a rolled secret's hash stays in the hash index (and in hash_scheme_counts) \
-            after its grace period ends, so a rotation can never drain the old scheme"]
 fn an_expired_rolled_secret_does_not_hold_a_rotation_open() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
@@ -598,8 +596,6 @@ fn without_the_legacy_prefix_such_keys_are_malformed_and_cannot_be_imported() {
 }
 
 #[test]
-#[ignore = "BUG: Keys::roll keeps record.class == Legacy while issuing a vb_live_ secret, so \
-            authenticate refuses the new secret (class mismatch → not_found)"]
 fn rolling_a_legacy_key_gives_it_a_native_secret() {
     let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| {
         b.legacy_prefix("sk_live_")

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use keyledger::{
-    Clock, Config, Error, Grant, Health, Ledger, ManualClock, MasterKey, NewAccount,
+    Clock, Config, Error, Health, Ledger, ManualClock, MasterKey, NewAccount, OAuthGrant,
     OutboundRefusal, Provider, ProviderErrorKind, PublicId, Secret, Timestamp,
     normalize_provider_error,
 };
@@ -104,8 +104,8 @@ impl Env {
     }
 }
 
-fn google_grant() -> Grant {
-    Grant::new(Secret::new(ACCESS))
+fn google_grant() -> OAuthGrant {
+    OAuthGrant::new(Secret::new(ACCESS))
         .refresh_token(Secret::new(REFRESH))
         .scopes(["https://www.googleapis.com/auth/drive.readonly", "openid"])
         .expires_in_secs(3600)
@@ -172,14 +172,14 @@ fn round_trip_per_provider_survives_reopen() {
         .connect(
             &owner,
             &Provider::Notion,
-            Grant::new(Secret::new(NOTION_TOKEN)),
+            OAuthGrant::new(Secret::new(NOTION_TOKEN)),
         )
         .unwrap();
     vault
         .connect(
             &owner,
             &dropbox,
-            Grant::new(Secret::new("dbx-token")).expires_at(START.plus_secs(60)),
+            OAuthGrant::new(Secret::new("dbx-token")).expires_at(START.plus_secs(60)),
         )
         .unwrap();
 
@@ -216,7 +216,11 @@ fn round_trip_per_provider_survives_reopen() {
 
     // Reconnecting replaces the grant.
     vault
-        .connect(&owner, &Provider::Notion, Grant::new(Secret::new("second")))
+        .connect(
+            &owner,
+            &Provider::Notion,
+            OAuthGrant::new(Secret::new("second")),
+        )
         .unwrap();
     assert_eq!(
         vault
@@ -297,13 +301,17 @@ fn ciphertext_moved_between_owners_or_providers_fails_to_decrypt() {
         .connect(&a, &Provider::GoogleDrive, google_grant())
         .unwrap();
     vault
-        .connect(&a, &Provider::Notion, Grant::new(Secret::new(NOTION_TOKEN)))
+        .connect(
+            &a,
+            &Provider::Notion,
+            OAuthGrant::new(Secret::new(NOTION_TOKEN)),
+        )
         .unwrap();
     vault
         .connect(
             &b,
             &Provider::GoogleDrive,
-            Grant::new(Secret::new("b-token")),
+            OAuthGrant::new(Secret::new("b-token")),
         )
         .unwrap();
     let secrets = env.ledger.secrets();
@@ -368,7 +376,7 @@ fn ciphertext_moved_between_owners_or_providers_fails_to_decrypt() {
     assert_decryption_failed(vault.record_refresh(
         &b,
         &Provider::GoogleDrive,
-        Grant::new(Secret::new("new")),
+        OAuthGrant::new(Secret::new("new")),
     ));
     // `check` reports the moved rows, naming rows, never values.
     let report = env.check();
@@ -391,7 +399,7 @@ fn refresh_scheduling_follows_the_clock() {
         .connect(
             &b,
             &Provider::Notion,
-            Grant::new(Secret::new(NOTION_TOKEN))
+            OAuthGrant::new(Secret::new(NOTION_TOKEN))
                 .refresh_token(Secret::new("notion-refresh"))
                 .expires_in_secs(600),
         )
@@ -401,7 +409,7 @@ fn refresh_scheduling_follows_the_clock() {
         .connect(
             &c,
             &Provider::Notion,
-            Grant::new(Secret::new("x")).expires_in_secs(10),
+            OAuthGrant::new(Secret::new("x")).expires_in_secs(10),
         )
         .unwrap();
     // No expiry: never listed.
@@ -409,7 +417,7 @@ fn refresh_scheduling_follows_the_clock() {
         .connect(
             &c,
             &Provider::GoogleDrive,
-            Grant::new(Secret::new("y")).refresh_token(Secret::new("z")),
+            OAuthGrant::new(Secret::new("y")).refresh_token(Secret::new("z")),
         )
         .unwrap();
     let skew = Duration::from_secs(300);
@@ -437,7 +445,7 @@ fn refresh_scheduling_follows_the_clock() {
         .record_refresh(
             &b,
             &Provider::Notion,
-            Grant::new(Secret::new("notion-access-2")).expires_in_secs(3600),
+            OAuthGrant::new(Secret::new("notion-access-2")).expires_in_secs(3600),
         )
         .unwrap();
     assert_eq!(refreshed.health, Health::Healthy);
@@ -488,7 +496,11 @@ fn refresh_scheduling_follows_the_clock() {
         Health::Revoked
     );
     assert!(matches!(
-        vault.record_refresh(&a, &Provider::GoogleDrive, Grant::new(Secret::new("n"))),
+        vault.record_refresh(
+            &a,
+            &Provider::GoogleDrive,
+            OAuthGrant::new(Secret::new("n"))
+        ),
         Err(Error::Conflict(_))
     ));
     let info = vault
@@ -501,7 +513,7 @@ fn refresh_scheduling_follows_the_clock() {
         .record_refresh(
             &a,
             &Provider::GoogleDrive,
-            Grant::new(Secret::new("a2"))
+            OAuthGrant::new(Secret::new("a2"))
                 .refresh_token(Secret::new("r2"))
                 .scopes(["openid"]),
         )
@@ -542,7 +554,11 @@ fn disconnect_removes_and_is_audited() {
     let a = env.account("A");
     let vault = env.ledger.vault().by("ops");
     vault
-        .connect(&a, &Provider::Notion, Grant::new(Secret::new(NOTION_TOKEN)))
+        .connect(
+            &a,
+            &Provider::Notion,
+            OAuthGrant::new(Secret::new(NOTION_TOKEN)),
+        )
         .unwrap();
     let info = vault.disconnect(&a, &Provider::Notion).unwrap();
     assert_eq!(info.provider, Provider::Notion);
@@ -612,21 +628,24 @@ fn grants_are_validated_without_echoing_values() {
     let a = env.account("A");
     let vault = env.ledger.vault();
     let cases = [
-        (Grant::new(Secret::new("")), "access_token"),
+        (OAuthGrant::new(Secret::new("")), "access_token"),
         (
-            Grant::new(Secret::new(format!("{ACCESS}\nInjected: 1"))),
+            OAuthGrant::new(Secret::new(format!("{ACCESS}\nInjected: 1"))),
             "access_token",
         ),
-        (Grant::new(Secret::new("x".repeat(20_000))), "access_token"),
         (
-            Grant::new(Secret::new("ok")).refresh_token(Secret::new(format!("{REFRESH} x"))),
+            OAuthGrant::new(Secret::new("x".repeat(20_000))),
+            "access_token",
+        ),
+        (
+            OAuthGrant::new(Secret::new("ok")).refresh_token(Secret::new(format!("{REFRESH} x"))),
             "refresh_token",
         ),
         (
-            Grant::new(Secret::new("ok")).scopes(["has space"]),
+            OAuthGrant::new(Secret::new("ok")).scopes(["has space"]),
             "scopes",
         ),
-        (Grant::new(Secret::new("ok")).scopes([""]), "scopes"),
+        (OAuthGrant::new(Secret::new("ok")).scopes([""]), "scopes"),
     ];
     for (grant, field) in cases {
         match vault.connect(&a, &Provider::Notion, grant) {
@@ -964,7 +983,7 @@ fn plaintexts_never_leak_to_file_debug_errors_or_audit() {
         .connect(
             &a,
             &Provider::Notion,
-            Grant::new(Secret::new(NOTION_TOKEN)).refresh_token(Secret::new(REFRESH)),
+            OAuthGrant::new(Secret::new(NOTION_TOKEN)).refresh_token(Secret::new(REFRESH)),
         )
         .unwrap();
     show(format!("{info:?}"));
@@ -991,7 +1010,7 @@ fn plaintexts_never_leak_to_file_debug_errors_or_audit() {
             .record_refresh(
                 &a,
                 &Provider::GoogleDrive,
-                Grant::new(Secret::new(format!("{ACCESS}-2"))).expires_in_secs(60)
+                OAuthGrant::new(Secret::new(format!("{ACCESS}-2"))).expires_in_secs(60)
             )
             .unwrap()
     ));
@@ -1067,7 +1086,7 @@ fn plaintexts_never_leak_to_file_debug_errors_or_audit() {
             .connect(
                 &a,
                 &Provider::Notion,
-                Grant::new(Secret::new(format!("{ACCESS} {REFRESH}"))),
+                OAuthGrant::new(Secret::new(format!("{ACCESS} {REFRESH}"))),
             )
             .unwrap_err(),
         vault.get(&a, &Provider::Other(ACCESS.into())).unwrap_err(),

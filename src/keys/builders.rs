@@ -17,6 +17,7 @@ pub(crate) struct Settings {
     pub expires_at: Option<Timestamp>,
     pub limits: Limits,
     pub metadata: BTreeMap<String, String>,
+    pub pool: Option<String>,
 }
 
 macro_rules! settings_setters {
@@ -82,6 +83,18 @@ macro_rules! settings_setters {
             /// Adds a metadata entry (not secret: it is shown in listings).
             pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
                 self.settings.metadata.insert(key.into(), value.into());
+                self
+            }
+
+            /// Spends from a shared credit pool (`pool_…`) instead of an own balance.
+            pub fn pool(mut self, pool: impl Into<String>) -> Self {
+                self.settings.pool = Some(pool.into());
+                self
+            }
+
+            /// Emits a low-balance event when the credits left fall to or below `threshold`.
+            pub fn low_balance_threshold(mut self, threshold: u64) -> Self {
+                self.settings.limits.low_balance_threshold = Some(threshold);
                 self
             }
 
@@ -165,6 +178,15 @@ impl ImportKey {
             prefix: prefix.into(),
             suffix: suffix.into(),
         }
+    }
+}
+
+impl ImportKey {
+    /// Imports an internal token of type `token_type` instead of an API key (through
+    /// [`Ledger::tokens`](crate::Ledger::tokens)).
+    pub fn token_type(mut self, token_type: impl Into<String>) -> Self {
+        self.settings.token_type = Some(token_type.into());
+        self
     }
 }
 

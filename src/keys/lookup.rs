@@ -121,15 +121,13 @@ impl Ledger {
     ) -> Result<crate::KeyInfo, crate::Denial> {
         use crate::Denial;
         let key = presented.expose();
-        let class = self.inner.format.parse(key).map_err(Denial::Malformed)?;
+        // The hash covers the prefix, so a match also means the key's class is the record's.
+        self.inner.format.parse(key).map_err(Denial::Malformed)?;
         let now = self.now();
         let found = find(self, key, now)
             .map_err(|_| Denial::Unavailable)?
             .ok_or(Denial::NotFound)?;
         let record = found.record;
-        if record.class != class {
-            return Err(Denial::NotFound);
-        }
         if record.disabled_at.is_some() {
             return Err(Denial::Disabled);
         }

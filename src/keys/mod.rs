@@ -17,13 +17,15 @@ pub use builders::{ImportKey, ImportedHash, KeyUpdate, NewKey};
 
 use crate::audit;
 use crate::clock::Timestamp;
+use crate::credits::refill;
+use crate::credits::writer::Adjust;
 use crate::error::{Error, Result};
 use crate::hashing::{HashScheme, KeyHash};
 use crate::keyfmt::{KeyClass, visible_parts};
 use crate::ledger::{Ledger, SYSTEM_ACTOR};
 use crate::page::{Page, PageRequest};
 use crate::public_id::{IdKind, PublicId};
-use crate::record::{CreditsRecord, KeyKind, KeyRecord, Limits, RolledSecret, rules};
+use crate::record::{CreditsRecord, KeyKind, KeyRecord, Limits, Refill, RolledSecret, rules};
 use crate::secret::Secret;
 use crate::store::{self, tables::*};
 
@@ -89,6 +91,7 @@ pub struct CreatedKey {
 }
 
 /// Key or token operations. Get one with [`Ledger::keys`] or [`Ledger::tokens`].
+#[derive(Debug)]
 pub struct Keys<'a> {
     ledger: &'a Ledger,
     kind: IdKind,
@@ -160,6 +163,16 @@ impl<'a> Keys<'a> {
                  or a legacy prefix (Config::builder().legacy_prefix(..))",
                 )
             })?;
+        let class_fits = match self.kind {
+            IdKind::Token => matches!(class, KeyClass::Token | KeyClass::Legacy),
+            _ => class != KeyClass::Token,
+        };
+        if !class_fits {
+            return Err(Error::invalid(
+                "prefix",
+                "a token prefix is imported through tokens()",
+            ));
+        }
         let (hash, scheme) = match import.hash {
             ImportedHash::Sha256(h) => (h, HashScheme::Sha256Imported),
             ImportedHash::Current(h) => (h, self.ledger.hash_scheme()),
@@ -248,9 +261,26 @@ impl<'a> Keys<'a> {
             rolled: None,
             pool: None,
         };
+        let mut record = record;
+        if let Some(pool) = &s.pool {
+            if record.limits.credits.is_some() {
+                return Err(Error::invalid(
+                    "pool",
+                    "a key spends from a pool or its own credits, not both",
+                ));
+            }
+            record.pool = Some(self.ledger.inner.ids.decode(IdKind::Pool, pool)?);
+        }
         let txn = self.ledger.inner.store.begin_write()?;
         if txn.open_table(ACCOUNTS)?.get(owner)?.is_none() {
             return Err(Error::NotFound { what: "account" });
+        }
+        if let Some(pool) = record.pool {
+            let pool: Option<crate::record::PoolRecord> =
+                store::get(&txn.open_table(POOLS)?, pool)?;
+            if pool.is_none_or(|p| p.owner != owner) {
+                return Err(Error::NotFound { what: "pool" });
+            }
         }
         if txn.open_table(KEY_HASHES)?.get(&key_hash)?.is_some() {
             return Err(Error::Conflict(
@@ -260,19 +290,18 @@ impl<'a> Keys<'a> {
         let id = store::next_id(&txn)?;
         store::put(&mut txn.open_table(KEYS)?, id, &record)?;
         self.index(&txn, id, &record)?;
-        if let Some(credits) = record.limits.credits {
-            let credits = CreditsRecord {
-                balance: credits,
-                granted: credits,
-                refilled_at: record.limits.refill.map(|_| now),
-                ..CreditsRecord::default()
-            };
+        if let (Some(credits), None) = (record.limits.credits, record.pool) {
+            let credits = new_balance(credits, record.limits.refill, now);
             store::put(&mut txn.open_table(CREDITS)?, id, &credits)?;
         }
         let public = self.public_id(id);
         let action = format!("{}.{verb}", self.what());
         audit::append(&txn, now, &self.actor, &action, &public, &[])?;
         txn.commit()?;
+        match scheme == self.ledger.hash_scheme() {
+            true => self.ledger.inner.engine.key_created(&key_hash),
+            false => self.ledger.inner.engine.hashes_changed(),
+        }
         let remaining = record.limits.credits;
         Ok(self.view(id, record, remaining))
     }
@@ -329,6 +358,9 @@ impl<'a> Keys<'a> {
                 None => 0,
             };
         let read = self.ledger.inner.store.begin_read()?;
+        if read.open_table(ACCOUNTS)?.get(owner)?.is_none() {
+            return Err(Error::NotFound { what: "account" });
+        }
         let index = read.open_table(KEYS_BY_OWNER)?;
         let keys = read.open_table(KEYS)?;
         let credits = read.open_table(CREDITS)?;
@@ -385,7 +417,8 @@ impl<'a> Keys<'a> {
         Ok(out)
     }
 
-    /// Applies a partial update; only the fields set change.
+    /// Applies a partial update; only the fields set change. A new credit balance is set
+    /// through the writer thread, so it is ordered with leases already handed out.
     pub fn update(&self, id: &str, update: KeyUpdate) -> Result<KeyInfo> {
         let now = self.ledger.now();
         let name = update
@@ -402,7 +435,8 @@ impl<'a> Keys<'a> {
         if let Some(m) = &update.metadata {
             rules::metadata(m)?;
         }
-        self.modify(id, "updated", |record, credits| {
+        let mut set_balance_to = None;
+        let info = self.modify(id, "updated", |record, credits| {
             let mut changed = Vec::new();
             if let Some(name) = name {
                 record.name = name;
@@ -438,8 +472,20 @@ impl<'a> Keys<'a> {
                 changed.push("token_window");
             }
             rules::limits(&limits)?;
-            if let Some(c) = update.credits {
-                *credits = c.map(|balance| set_balance(credits.take(), balance, now));
+            if record.pool.is_none() {
+                match (update.credits, credits.as_mut()) {
+                    (Some(None), _) => *credits = None,
+                    (Some(Some(n)), Some(_)) => set_balance_to = Some(n),
+                    (Some(Some(n)), None) => *credits = Some(new_balance(n, limits.refill, now)),
+                    (None, _) => {}
+                }
+                if let Some(c) = credits.as_mut() {
+                    if c.refill != limits.refill {
+                        c.refill = limits.refill;
+                        c.refilled_at =
+                            limits.refill.map(|r| refill::period_start(r.interval, now));
+                    }
+                }
             }
             record.limits = limits;
             if let Some(m) = update.metadata {
@@ -447,14 +493,26 @@ impl<'a> Keys<'a> {
                 changed.push("metadata");
             }
             Ok(changed)
-        })
+        })?;
+        match set_balance_to {
+            Some(n) => {
+                let internal = self.internal_id(id)?;
+                let balance = self.ledger.inner.engine.adjust(internal, Adjust::Set(n))?;
+                Ok(KeyInfo {
+                    remaining_credits: Some(balance),
+                    ..info
+                })
+            }
+            None => Ok(info),
+        }
     }
 
     /// Disables a key: the next verify refuses it. Idempotent.
     pub fn disable(&self, id: &str) -> Result<KeyInfo> {
+        let now = self.ledger.now();
         self.modify(id, "disabled", |record, _| {
             if record.disabled_at.is_none() {
-                record.disabled_at = Some(record.updated_at);
+                record.disabled_at = Some(now);
             }
             Ok(vec!["disabled_at"])
         })
@@ -476,7 +534,9 @@ impl<'a> Keys<'a> {
         let now = self.ledger.now();
         let txn = self.ledger.inner.store.begin_write()?;
         let mut record = self.load(&txn.open_table(KEYS)?, internal)?;
+        prune_expired_rolled(&txn, &mut record, now)?;
         let plaintext = self.ledger.inner.format.generate(record.class)?;
+        record.class = self.ledger.inner.format.parse(plaintext.expose())?;
         let new_hash = hasher.hash_current(plaintext.expose());
         self.unindex(&txn, internal, &record)?;
         let (prefix, suffix) = visible_parts(plaintext.expose());
@@ -503,6 +563,8 @@ impl<'a> Keys<'a> {
         audit::append(&txn, now, &self.actor, &action, id, &["secret"])?;
         let remaining = remaining(&txn.open_table(CREDITS)?, internal)?;
         txn.commit()?;
+        self.ledger.inner.engine.key_changed(internal, false);
+        self.ledger.inner.engine.key_created(&new_hash);
         Ok(CreatedKey {
             info: self.view(internal, record, remaining),
             plaintext,
@@ -520,10 +582,13 @@ impl<'a> Keys<'a> {
         let action = format!("{}.deleted", self.what());
         audit::append(&txn, self.ledger.now(), &self.actor, &action, id, &[])?;
         txn.commit()?;
+        self.ledger.inner.engine.key_changed(internal, true);
         Ok(())
     }
 
-    /// Loads, changes and stores a record in one transaction, with its audit event.
+    /// Loads, changes and stores a record in one transaction, with its audit event, then
+    /// drops the key's cached entries so the next verify sees the change. A change that
+    /// touches no field writes nothing.
     fn modify(
         &self,
         id: &str,
@@ -531,15 +596,24 @@ impl<'a> Keys<'a> {
         change: impl FnOnce(&mut KeyRecord, &mut Option<CreditsRecord>) -> Result<Vec<&'static str>>,
     ) -> Result<KeyInfo> {
         let internal = self.internal_id(id)?;
+        let now = self.ledger.now();
         let txn = self.ledger.inner.store.begin_write()?;
         let (record, remaining) = {
             let mut keys = txn.open_table(KEYS)?;
             let mut credits_table = txn.open_table(CREDITS)?;
             let mut record = self.load(&keys, internal)?;
             let mut credits: Option<CreditsRecord> = store::get(&credits_table, internal)?;
-            record.updated_at = self.ledger.now();
-            record.updated_by = self.actor.clone();
+            let before = (record.clone(), credits.clone());
             let changed = change(&mut record, &mut credits)?;
+            if changed.is_empty() || (record.clone(), credits.clone()) == before {
+                drop((keys, credits_table));
+                txn.abort()?;
+                let remaining = before.1.map(|c| c.balance);
+                return Ok(self.view(internal, before.0, remaining));
+            }
+            record.updated_at = now;
+            record.updated_by = self.actor.clone();
+            prune_expired_rolled(&txn, &mut record, now)?;
             store::put(&mut keys, internal, &record)?;
             match &credits {
                 Some(c) => store::put(&mut credits_table, internal, c)?,
@@ -548,10 +622,14 @@ impl<'a> Keys<'a> {
                 }
             }
             let action = format!("{}.{verb}", self.what());
-            audit::append(&txn, record.updated_at, &self.actor, &action, id, &changed)?;
+            audit::append(&txn, now, &self.actor, &action, id, &changed)?;
             (record, credits.map(|c| c.balance))
         };
         txn.commit()?;
+        self.ledger
+            .inner
+            .engine
+            .key_changed(internal, remaining.is_none());
         Ok(self.view(internal, record, remaining))
     }
 
@@ -628,16 +706,57 @@ fn remaining(table: &impl ReadableTable<u64, &'static [u8]>, id: u64) -> Result<
     Ok(store::get::<CreditsRecord>(table, id)?.map(|c| c.balance))
 }
 
-/// A manual set of the balance: `granted` moves by the difference so that
-/// `spent + leased + balance == granted` keeps holding.
-fn set_balance(old: Option<CreditsRecord>, balance: u64, now: Timestamp) -> CreditsRecord {
-    let mut c = old.unwrap_or(CreditsRecord {
-        refilled_at: Some(now),
+/// A fresh credit balance.
+pub(crate) fn new_balance(credits: u64, refill: Option<Refill>, now: Timestamp) -> CreditsRecord {
+    CreditsRecord {
+        balance: credits,
+        granted: credits,
+        refilled_at: refill.map(|r| refill::period_start(r.interval, now)),
+        refill,
         ..CreditsRecord::default()
-    });
-    c.granted = c.granted.saturating_sub(c.balance).saturating_add(balance);
-    c.balance = balance;
-    c
+    }
+}
+
+/// Drops a rolled secret whose grace period is over: its hash leaves the index.
+fn prune_expired_rolled(
+    txn: &WriteTransaction,
+    record: &mut KeyRecord,
+    now: Timestamp,
+) -> Result<()> {
+    if let Some(old) = record.rolled.take_if(|old| old.valid_until <= now) {
+        txn.open_table(KEY_HASHES)?.remove(&old.key_hash)?;
+        store::adjust_scheme_count(txn, old.scheme, -1)?;
+    }
+    Ok(())
+}
+
+/// Drops every rolled secret whose grace period is over (before a hash-scheme rotation, so
+/// that only live secrets keep an old scheme in use).
+pub(crate) fn prune_rolled_secrets(ledger: &Ledger) -> Result<()> {
+    let now = ledger.now();
+    let txn = ledger.inner.store.begin_write()?;
+    let mut pruned = Vec::new();
+    {
+        let mut keys = txn.open_table(KEYS)?;
+        let mut expired = Vec::new();
+        for entry in keys.iter()? {
+            let (k, v) = entry?;
+            let record: KeyRecord = crate::codec::decode(v.value())?;
+            if record.rolled.as_ref().is_some_and(|o| o.valid_until <= now) {
+                expired.push((k.value(), record));
+            }
+        }
+        for (id, mut record) in expired {
+            prune_expired_rolled(&txn, &mut record, now)?;
+            store::put(&mut keys, id, &record)?;
+            pruned.push(id);
+        }
+    }
+    txn.commit()?;
+    for id in pruned {
+        ledger.inner.engine.key_changed(id, false);
+    }
+    Ok(())
 }
 
 fn checked_expiry(at: Option<Timestamp>, now: Timestamp) -> Result<Option<Timestamp>> {

@@ -72,6 +72,7 @@ impl Store {
             txn.open_table(tables::KEY_HASHES)?;
             txn.open_table(tables::KEYS_BY_OWNER)?;
             txn.open_table(tables::KEYS_BY_PREFIX)?;
+            txn.open_table(tables::ROUTES)?;
             txn.commit()?;
         }
         let read = store.db.begin_read()?;
@@ -105,12 +106,14 @@ impl Store {
     }
 }
 
-/// Tables whose values are codec records, for `check`.
-pub(crate) const ALL_RECORD_TABLES: [TableDefinition<'static, u64, &'static [u8]>; 4] = [
+/// Tables keyed by id whose values are codec records; all created with a new file.
+pub(crate) const ALL_RECORD_TABLES: [TableDefinition<'static, u64, &'static [u8]>; 6] = [
     tables::ACCOUNTS,
     tables::KEYS,
     tables::CREDITS,
     tables::AUDIT,
+    tables::POOLS,
+    tables::USAGE,
 ];
 
 fn read_format(

@@ -19,6 +19,10 @@ pub(crate) const KEYS_BY_PREFIX: TableDefinition<(&str, u64), ()> =
     TableDefinition::new("keys_by_prefix");
 /// `key id → CreditsRecord`.
 pub(crate) const CREDITS: TableDefinition<u64, &[u8]> = TableDefinition::new("credits");
+/// `pool id → PoolRecord`; its balance is in CREDITS under the same id.
+pub(crate) const POOLS: TableDefinition<u64, &[u8]> = TableDefinition::new("pools");
+/// `key or account id → UsageRecord`, flushed by the writer thread.
+pub(crate) const USAGE: TableDefinition<u64, &[u8]> = TableDefinition::new("usage");
 /// `route prefix → RouteRule`.
 pub(crate) const ROUTES: TableDefinition<&str, &[u8]> = TableDefinition::new("routes");
 /// `sequence → AuditEvent`.

@@ -1,4 +1,4 @@
-//! The connector data types: [`Grant`] in, [`Connection`] / [`ConnectionInfo`] /
+//! The connector data types: [`OAuthGrant`] in, [`Connection`] / [`ConnectionInfo`] /
 //! [`DueRefresh`] out, [`Health`], and the validation of grants.
 
 use serde::Serialize;
@@ -25,7 +25,7 @@ pub const REFRESH_DUE_WITHIN_SECS: u64 = 300;
 ///
 /// `Debug` redacts the tokens.
 #[derive(Debug, Clone)]
-pub struct Grant {
+pub struct OAuthGrant {
     pub(crate) access_token: Secret,
     pub(crate) refresh_token: Option<Secret>,
     pub(crate) scopes: Vec<String>,
@@ -38,10 +38,10 @@ pub(crate) enum Expiry {
     InSecs(u64),
 }
 
-impl Grant {
+impl OAuthGrant {
     /// A grant with an access token, no refresh token, no scopes and no expiry.
     pub fn new(access_token: Secret) -> Self {
-        Grant {
+        OAuthGrant {
             access_token,
             refresh_token: None,
             scopes: Vec::new(),

@@ -14,7 +14,7 @@ use crate::secret::Secret;
 use crate::store::tables::ACCOUNTS;
 use crate::vault::cipher::{self, Binding, VaultCipher};
 use crate::vault::connection::{
-    Connection, ConnectionInfo, DueRefresh, Expiry, Grant, Health, health, validate_scopes,
+    Connection, ConnectionInfo, DueRefresh, Expiry, Health, OAuthGrant, health, validate_scopes,
     validate_token,
 };
 use crate::vault::provider::Provider;
@@ -94,7 +94,7 @@ impl<'a> Vault<'a> {
         }
     }
 
-    fn expiry(&self, grant: &Grant) -> Option<Timestamp> {
+    fn expiry(&self, grant: &OAuthGrant) -> Option<Timestamp> {
         grant.expires.map(|e| match e {
             Expiry::At(t) => t,
             Expiry::InSecs(s) => self.ledger.now().plus_secs(s),
@@ -145,7 +145,7 @@ impl<'a> Vault<'a> {
         &self,
         owner: &str,
         provider: &Provider,
-        grant: Grant,
+        grant: OAuthGrant,
     ) -> Result<ConnectionInfo> {
         let provider = provider.validated()?;
         let name = provider.as_str();
@@ -285,7 +285,7 @@ impl<'a> Vault<'a> {
         &self,
         owner: &str,
         provider: &Provider,
-        grant: Grant,
+        grant: OAuthGrant,
     ) -> Result<ConnectionInfo> {
         validate_token("access_token", &grant.access_token)?;
         if let Some(r) = &grant.refresh_token {

@@ -1,0 +1,194 @@
+//! [`Credits`]: balances, top-ups, pools and usage, by public id.
+
+use redb::ReadableTable;
+use serde::Serialize;
+
+use super::writer::Adjust;
+use crate::audit;
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::keys::new_balance;
+use crate::ledger::{Ledger, SYSTEM_ACTOR};
+use crate::public_id::{IdKind, PublicId};
+use crate::record::{CreditsRecord, PoolRecord, Refill, UsageRecord, rules};
+use crate::store::{self, tables::*};
+
+/// Credit operations. Get one with [`Ledger::credits`].
+pub struct Credits<'a> {
+    pub(crate) ledger: &'a Ledger,
+    pub(crate) actor: String,
+}
+
+/// The credit and usage state of a key or pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// The key or pool.
+    pub id: PublicId,
+    /// Credits that can still be spent: durable balance plus what memory holds leased
+    /// (`None`: unmetered).
+    pub remaining: Option<u64>,
+    /// Units ever granted (initial, top-ups, refills), less units removed by a set.
+    pub granted: u64,
+    /// Units spent and flushed to disk.
+    pub spent: u64,
+    /// Units that were leased into memory when the process crashed: counted as spent.
+    pub lost_to_crash: u64,
+    /// Units leased into memory right now.
+    pub leased: u64,
+    /// Successful verifies (keys only; pools report 0).
+    pub requests: u64,
+    /// Units charged over the key's life, metered or not (keys only).
+    pub lifetime_spent: u64,
+    /// Last successful verify (keys only).
+    pub last_used_at: Option<Timestamp>,
+}
+
+/// A shared credit pool: several keys of one account spending one budget.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pool {
+    /// Public id (`pool_…`), for [`NewKey::pool`](crate::NewKey::pool).
+    pub id: PublicId,
+    /// Owning account.
+    pub owner: PublicId,
+    /// Name.
+    pub name: String,
+    /// Credits available.
+    pub remaining: u64,
+}
+
+impl Credits<'_> {
+    /// The same handle, recording `actor` as the author of its changes.
+    pub fn by(mut self, actor: impl Into<String>) -> Self {
+        self.actor = actor.into();
+        self
+    }
+
+    /// Creates a pool of `credits` for `owner`; keys join it with
+    /// [`NewKey::pool`](crate::NewKey::pool).
+    pub fn create_pool(
+        &self,
+        owner: &str,
+        name: &str,
+        credits: u64,
+        refill: Option<Refill>,
+        low_balance_threshold: Option<u64>,
+    ) -> Result<Pool> {
+        let ids = &self.ledger.inner.ids;
+        let owner_id = ids.decode(IdKind::Account, owner)?;
+        let name = rules::name("name", name)?;
+        let now = self.ledger.now();
+        let txn = self.ledger.inner.store.begin_write()?;
+        if txn.open_table(ACCOUNTS)?.get(owner_id)?.is_none() {
+            return Err(Error::NotFound { what: "account" });
+        }
+        let id = store::next_id(&txn)?;
+        let record = PoolRecord {
+            owner: owner_id,
+            name: name.clone(),
+            refill,
+            low_balance_threshold,
+            created_at: now,
+            created_by: self.actor.clone(),
+        };
+        store::put(&mut txn.open_table(POOLS)?, id, &record)?;
+        store::put(
+            &mut txn.open_table(CREDITS)?,
+            id,
+            &new_balance(credits, refill, now),
+        )?;
+        let public = ids.encode(IdKind::Pool, id);
+        audit::append(&txn, now, &self.actor, "pool.created", &public, &[])?;
+        txn.commit()?;
+        Ok(Pool {
+            id: public,
+            owner: ids.encode(IdKind::Account, owner_id),
+            name,
+            remaining: credits,
+        })
+    }
+
+    /// Adds `units` to a key's or pool's balance. Returns the durable balance after.
+    pub fn top_up(&self, id: &str, units: u64) -> Result<u64> {
+        self.adjust(id, Adjust::TopUp(units), "credits.topped_up")
+    }
+
+    /// Sets a key's or pool's balance to exactly `units` (leases in memory are taken back
+    /// first). Returns the balance.
+    pub fn set(&self, id: &str, units: u64) -> Result<u64> {
+        self.adjust(id, Adjust::Set(units), "credits.set")
+    }
+
+    fn adjust(&self, id: &str, change: Adjust, action: &str) -> Result<u64> {
+        let internal = self.credit_id(id)?;
+        let balance = self.ledger.inner.engine.adjust(internal, change)?;
+        let txn = self.ledger.inner.store.begin_write()?;
+        audit::append(
+            &txn,
+            self.ledger.now(),
+            &self.actor,
+            action,
+            id,
+            &["balance"],
+        )?;
+        txn.commit()?;
+        Ok(balance)
+    }
+
+    /// Credit and usage state of a key (`key_…`, `tok_…`) or pool (`pool_…`). Pending
+    /// counters are flushed first, so the figures are exact at the time of the call.
+    pub fn usage(&self, id: &str) -> Result<Usage> {
+        let internal = self.credit_id(id)?;
+        self.ledger.flush()?;
+        let read = self.ledger.inner.store.begin_read()?;
+        let credits: Option<CreditsRecord> = store::get(&read.open_table(CREDITS)?, internal)?;
+        let usage: UsageRecord =
+            store::get(&read.open_table(USAGE)?, internal)?.unwrap_or_default();
+        let in_memory = self
+            .ledger
+            .inner
+            .engine
+            .shared
+            .meters
+            .lock()
+            .get(&internal)
+            .map_or(0, |m| m.lease.load(std::sync::atomic::Ordering::Acquire));
+        let c = credits.clone().unwrap_or_default();
+        Ok(Usage {
+            id: PublicId::from_checked(id),
+            remaining: credits.map(|c| c.balance + in_memory.min(c.leased)),
+            granted: c.granted,
+            spent: c.spent,
+            lost_to_crash: c.lost_to_crash,
+            leased: c.leased,
+            requests: usage.requests,
+            lifetime_spent: usage.spent,
+            last_used_at: usage.last_used_at,
+        })
+    }
+
+    /// Internal id of a key, token or pool public id whose record exists.
+    fn credit_id(&self, id: &str) -> Result<u64> {
+        let ids = &self.ledger.inner.ids;
+        let (kind, table) = match id.split_once('_').map(|(p, _)| p) {
+            Some("pool") => (IdKind::Pool, POOLS),
+            Some("tok") => (IdKind::Token, KEYS),
+            _ => (IdKind::Key, KEYS),
+        };
+        let internal = ids.decode(kind, id)?;
+        let read = self.ledger.inner.store.begin_read()?;
+        if read.open_table(table)?.get(internal)?.is_none() {
+            return Err(Error::NotFound { what: kind.noun() });
+        }
+        Ok(internal)
+    }
+}
+
+impl Ledger {
+    /// Balances, top-ups, pools and usage.
+    pub fn credits(&self) -> Credits<'_> {
+        Credits {
+            ledger: self,
+            actor: SYSTEM_ACTOR.into(),
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! Credit events for the host: a balance fell to its low-balance threshold, or ran out.
+//! Delivered on a bounded channel ([`Ledger::credit_events`](crate::Ledger::credit_events));
+//! if the host does not drain it, new events are dropped rather than slowing the ledger.
+
+use serde::Serialize;
+
+use crate::public_id::PublicId;
+
+/// Capacity of the event channel.
+pub(crate) const EVENT_CAPACITY: usize = 4_096;
+
+/// What happened to a balance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CreditEventKind {
+    /// The credits left fell to or below the key's or pool's low-balance threshold.
+    LowBalance,
+    /// A request needed more credits than were left.
+    Exhausted,
+}
+
+/// A credit event, naming the key or pool by public id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CreditEvent {
+    /// What happened.
+    pub kind: CreditEventKind,
+    /// The key (`key_…`) or pool (`pool_…`) whose balance it is.
+    pub subject: PublicId,
+    /// Credits left (durable balance plus what memory holds).
+    pub remaining: u64,
+}

@@ -1,0 +1,168 @@
+//! [`Meter`]: the in-memory side of one credit balance (a key's own or a pool's).
+//!
+//! Units move only in this order: durable `balance` → durable `leased` (a write transaction
+//! by the writer thread, committed before the units appear here) → this meter's `lease`
+//! (reserved by `verify` with a CAS that never goes below zero) → `spent` (counted here, then
+//! flushed durably by the writer). A crash can therefore lose units to `lost_to_crash`, never
+//! let more be spent than was granted.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// The smallest and largest adaptive lease.
+pub(crate) const MIN_LEASE: u64 = 1;
+pub(crate) const MAX_LEASE: u64 = 100_000;
+
+#[derive(Debug)]
+pub(crate) struct Meter {
+    /// CREDITS record id (key id or pool id).
+    pub id: u64,
+    /// Units leased into memory and not yet reserved.
+    pub lease: AtomicU64,
+    /// Units spent since the last flush (still `leased` on disk).
+    pub spent: AtomicU64,
+    /// Next lease size; adapts to about a second of traffic.
+    pub lease_size: AtomicU64,
+    /// A lease request is queued or in flight.
+    pub pending: AtomicBool,
+    /// Queued for a spend flush.
+    pub dirty: AtomicBool,
+    /// Until when (ms) the durable balance is known to be empty: no refill is due before then
+    /// and no top-up happened since. Lets an exhausted key fail fast without the writer.
+    pub empty_until_ms: AtomicU64,
+    /// When the last lease was granted (ms), to adapt the lease size.
+    pub last_lease_ms: AtomicU64,
+    /// Durable balance after the writer's last change (for grants' remaining credits).
+    pub durable_balance: AtomicU64,
+    /// Low-balance threshold for events.
+    pub threshold: Option<u64>,
+    /// Whether this meter is a pool.
+    pub is_pool: bool,
+}
+
+impl Meter {
+    pub(crate) fn new(id: u64, threshold: Option<u64>, is_pool: bool, exact: bool) -> Self {
+        Meter {
+            id,
+            lease: AtomicU64::new(0),
+            spent: AtomicU64::new(0),
+            lease_size: AtomicU64::new(if exact { 1 } else { 16 }),
+            pending: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            empty_until_ms: AtomicU64::new(0),
+            last_lease_ms: AtomicU64::new(0),
+            durable_balance: AtomicU64::new(0),
+            threshold,
+            is_pool,
+        }
+    }
+
+    /// Takes `units` from the lease if it holds that many. Returns the lease left.
+    #[inline]
+    pub(crate) fn try_take(&self, units: u64) -> Option<u64> {
+        let mut current = self.lease.load(Ordering::Acquire);
+        loop {
+            let left = current.checked_sub(units)?;
+            match self.lease.compare_exchange_weak(
+                current,
+                left,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(left),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Takes up to `units` from the lease; returns how many it took.
+    pub(crate) fn take_up_to(&self, units: u64) -> u64 {
+        let mut taken = 0;
+        let _ = self
+            .lease
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
+                taken = current.min(units);
+                Some(current - taken)
+            });
+        taken
+    }
+
+    /// Returns units to the lease (a refund, or a reservation larger than the real cost).
+    pub(crate) fn give_back(&self, units: u64) {
+        if units > 0 {
+            self.lease.fetch_add(units, Ordering::AcqRel);
+        }
+    }
+
+    /// Records units as spent. Returns true when the meter must be queued for a flush.
+    pub(crate) fn spend(&self, units: u64) -> bool {
+        if units == 0 {
+            return false;
+        }
+        self.spent.fetch_add(units, Ordering::AcqRel);
+        !self.dirty.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether a background top-up of the lease should start (it has fallen to a quarter).
+    #[inline]
+    pub(crate) fn wants_prefetch(&self, left: u64) -> bool {
+        left < self.lease_size.load(Ordering::Relaxed) / 4
+            && !self.pending.load(Ordering::Relaxed)
+            && !self.pending.swap(true, Ordering::AcqRel)
+    }
+
+    /// Adapts the next lease size to the time the last one lasted (writer thread only).
+    pub(crate) fn adapt(&self, now_ms: u64, exact: bool) -> u64 {
+        if exact {
+            return 1;
+        }
+        let last = self.last_lease_ms.swap(now_ms, Ordering::AcqRel);
+        let size = self.lease_size.load(Ordering::Acquire);
+        let lasted = now_ms.saturating_sub(last);
+        let next = if last == 0 {
+            size
+        } else if lasted < 1_000 {
+            (size * 2).min(MAX_LEASE)
+        } else if lasted > 4_000 {
+            (size / 2).max(MIN_LEASE)
+        } else {
+            size
+        };
+        self.lease_size.store(next, Ordering::Release);
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn take_never_goes_below_zero_under_contention() {
+        let meter = Arc::new(Meter::new(1, None, false, false));
+        meter.give_back(10_000);
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let m = meter.clone();
+                std::thread::spawn(move || (0..5_000).filter(|_| m.try_take(1).is_some()).count())
+            })
+            .collect();
+        let taken: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(taken, 10_000);
+        assert_eq!(meter.lease.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn lease_size_adapts_to_traffic() {
+        let m = Meter::new(1, None, false, false);
+        assert_eq!(
+            m.adapt(10_000, false),
+            16,
+            "the first lease has the initial size"
+        );
+        assert_eq!(m.adapt(10_500, false), 32, "leases lasting < 1 s double");
+        assert_eq!(m.adapt(11_000, false), 64);
+        assert_eq!(m.adapt(20_000, false), 32, "leases lasting > 4 s halve");
+        assert_eq!(m.adapt(20_001, true), 1, "exact mode leases one unit");
+    }
+}

@@ -1,0 +1,10 @@
+//! Credits that never over-spend: in-memory leases over durable balances, a single writer
+//! thread with group commit, lazy refills, shared pools and balance events (DESIGN §5).
+
+mod api;
+pub(crate) mod events;
+
+pub use api::{Credits, Pool, Usage};
+pub(crate) mod meter;
+pub(crate) mod refill;
+pub(crate) mod writer;

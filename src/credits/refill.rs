@@ -1,0 +1,115 @@
+//! Lazy refills: a refill *replaces* the balance at the start of each period (00:00 UTC daily,
+//! or the 1st of the month), applied when a lease is next taken, never by a timer.
+
+use crate::clock::Timestamp;
+use crate::record::{CreditsRecord, RefillInterval};
+
+const DAY_MS: u64 = 86_400_000;
+
+/// Start of the period containing `now`.
+pub(crate) fn period_start(interval: RefillInterval, now: Timestamp) -> Timestamp {
+    let day = now.0 / DAY_MS;
+    match interval {
+        RefillInterval::Daily => Timestamp(day * DAY_MS),
+        RefillInterval::Monthly => {
+            let (y, m, _) = civil_from_days(day as i64);
+            Timestamp(days_from_civil(y, m, 1) as u64 * DAY_MS)
+        }
+    }
+}
+
+/// Start of the period after the one containing `now`.
+pub(crate) fn next_period(interval: RefillInterval, now: Timestamp) -> Timestamp {
+    let start = period_start(interval, now);
+    match interval {
+        RefillInterval::Daily => Timestamp(start.0 + DAY_MS),
+        RefillInterval::Monthly => period_start(interval, Timestamp(start.0 + 32 * DAY_MS)),
+    }
+}
+
+/// Applies a due refill to `record`: the balance becomes the refill amount. Returns whether
+/// one was applied. `granted` moves with it so the conservation invariant holds.
+pub(crate) fn apply_due(record: &mut CreditsRecord, now: Timestamp) -> bool {
+    let Some(refill) = record.refill else {
+        return false;
+    };
+    let start = period_start(refill.interval, now);
+    if record.refilled_at.is_some_and(|at| at >= start) {
+        return false;
+    }
+    record.granted = record.granted - record.balance + refill.amount;
+    record.balance = refill.amount;
+    record.refilled_at = Some(start);
+    true
+}
+
+// Howard Hinnant's civil-date algorithms (public domain), for UTC month boundaries.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Refill;
+
+    // 2026-11-23T16:00:00Z
+    const NOW: Timestamp = Timestamp(1_795_392_000_000 + 16 * 3_600_000);
+
+    #[test]
+    fn period_boundaries() {
+        assert_eq!(
+            period_start(RefillInterval::Daily, NOW),
+            Timestamp(1_795_392_000_000)
+        );
+        // 2026-11-01T00:00Z and 2026-12-01T00:00Z
+        assert_eq!(
+            period_start(RefillInterval::Monthly, NOW),
+            Timestamp(1_793_491_200_000)
+        );
+        assert_eq!(
+            next_period(RefillInterval::Monthly, NOW),
+            Timestamp(1_796_083_200_000)
+        );
+        assert_eq!(civil_from_days(days_from_civil(2028, 2, 29)), (2028, 2, 29));
+    }
+
+    #[test]
+    fn refill_replaces_the_balance_once_per_period() {
+        let mut r = CreditsRecord {
+            balance: 3,
+            spent: 997,
+            granted: 1_000,
+            refilled_at: Some(period_start(RefillInterval::Monthly, NOW)),
+            refill: Some(Refill {
+                amount: 1_000,
+                interval: RefillInterval::Monthly,
+            }),
+            ..CreditsRecord::default()
+        };
+        assert!(!apply_due(&mut r, NOW), "same month: nothing due");
+        let december = next_period(RefillInterval::Monthly, NOW);
+        assert!(apply_due(&mut r, december));
+        assert_eq!((r.balance, r.granted), (1_000, 1_997));
+        assert!(r.balanced());
+        assert!(!apply_due(&mut r, december), "applied once");
+    }
+}

@@ -1,0 +1,444 @@
+//! The writer thread: the one owner of hot-path writes. It batches every pending lease,
+//! shortfall, balance change, spend flush and usage flush into one write transaction,
+//! committed with `Durability::Immediate` (group commit: one fsync per batch, not per key),
+//! and only then makes leased units spendable in memory.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam::queue::SegQueue;
+use parking_lot::Mutex;
+use redb::ReadableTable;
+
+use super::events::{CreditEvent, CreditEventKind};
+use super::meter::Meter;
+use super::refill;
+use crate::cache::KeyState;
+use crate::clock::{Clock, Timestamp};
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::public_id::IdCipher;
+use crate::record::{CreditsRecord, UsageRecord};
+use crate::store::Store;
+use crate::store::tables::{CREDITS, USAGE};
+
+/// How long the writer waits for work before flushing spend and usage anyway.
+pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+/// Most messages folded into one transaction.
+const MAX_BATCH: usize = 8_192;
+
+/// A change to a durable balance, ordered with leases.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Adjust {
+    /// The balance becomes exactly this.
+    Set(u64),
+    /// The balance grows by this.
+    TopUp(u64),
+}
+
+pub(crate) enum Msg {
+    /// Lease more units into `meter`; the caller waits (`reply`) or not (prefetch).
+    Lease {
+        meter: Arc<Meter>,
+        need: u64,
+        reply: Option<Sender<()>>,
+    },
+    /// Charge units beyond a reservation straight from the durable balance.
+    Shortfall {
+        meter: Arc<Meter>,
+        units: u64,
+        reply: Sender<u64>,
+    },
+    /// Set or top up a balance; replies with the new spendable total.
+    Adjust {
+        id: u64,
+        change: Adjust,
+        reply: Sender<Result<u64>>,
+    },
+    /// A meter leaves memory (its key was evicted or deleted): return its lease, flush its
+    /// spend, and drop it from the registry unless something still uses it.
+    Retire { meter: Arc<Meter> },
+    /// Flush now.
+    Flush { reply: Sender<Result<()>> },
+    /// Return every lease, flush, and stop.
+    Close { reply: Sender<Result<()>> },
+    /// Stop at once, writing nothing: what a crash leaves behind (tests only).
+    Abandon,
+}
+
+/// State shared by the writer and the verify path.
+pub(crate) struct Shared {
+    pub store: Arc<Store>,
+    pub clock: Arc<dyn Clock>,
+    pub ids: Arc<IdCipher>,
+    pub exact: bool,
+    /// Credit meters in memory, by CREDITS id.
+    pub meters: Mutex<BTreeMap<u64, Arc<Meter>>>,
+    pub dirty_meters: SegQueue<Arc<Meter>>,
+    pub dirty_usage: SegQueue<Arc<KeyState>>,
+    pub events: Sender<CreditEvent>,
+    /// Write transactions committed by the writer (each is one fsync).
+    pub commits: AtomicU64,
+}
+
+/// Runs the writer loop until `Close`, `Abandon` or every sender is gone.
+pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
+    loop {
+        let first = match rx.recv_timeout(FLUSH_INTERVAL) {
+            Ok(msg) => Some(msg),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                apply(&shared, Vec::new(), true);
+                return;
+            }
+        };
+        let mut batch: Vec<Msg> = first.into_iter().collect();
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(msg) => batch.push(msg),
+                Err(_) => break,
+            }
+        }
+        if batch.iter().any(|m| matches!(m, Msg::Abandon)) {
+            return;
+        }
+        if batch.is_empty() && shared.dirty_meters.is_empty() && shared.dirty_usage.is_empty() {
+            continue;
+        }
+        let closing = batch.iter().any(|m| matches!(m, Msg::Close { .. }));
+        apply(&shared, batch, closing);
+        if closing {
+            return;
+        }
+    }
+}
+
+/// Records touched by one batch, loaded once and written once.
+struct Working<'t> {
+    table: redb::Table<'t, u64, &'static [u8]>,
+    records: BTreeMap<u64, Option<CreditsRecord>>,
+}
+
+impl Working<'_> {
+    fn get(&mut self, id: u64) -> Result<Option<&mut CreditsRecord>> {
+        if !self.records.contains_key(&id) {
+            let record = match self.table.get(id)? {
+                Some(bytes) => Some(codec::decode::<CreditsRecord>(bytes.value())?),
+                None => None,
+            };
+            self.records.insert(id, record);
+        }
+        Ok(self.records.get_mut(&id).and_then(Option::as_mut))
+    }
+
+    fn write_all(&mut self) -> Result<()> {
+        for (id, record) in &self.records {
+            if let Some(record) = record {
+                self.table.insert(*id, codec::encode(record).as_slice())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What to do in memory once the batch is durable, or to undo if it is not.
+#[derive(Default)]
+struct Effects {
+    leases: Vec<(Arc<Meter>, u64, u64)>, // meter, units granted, empty until (ms)
+    lease_replies: Vec<Sender<()>>,
+    shortfalls: Vec<(Sender<u64>, u64)>,
+    adjusts: Vec<(Sender<Result<u64>>, u64)>,
+    flushed_spend: Vec<(Arc<Meter>, u64)>,
+    flushed_usage: Vec<(Arc<KeyState>, u64, u64, u64)>,
+    reclaimed: Vec<(Arc<Meter>, u64)>,
+    events: Vec<CreditEvent>,
+    syncs: Vec<Sender<Result<()>>>,
+}
+
+fn apply(shared: &Shared, batch: Vec<Msg>, closing: bool) {
+    let mut fx = Effects::default();
+    let result = build(shared, batch, closing, &mut fx);
+    match result {
+        Ok(()) => {
+            shared.commits.fetch_add(1, Ordering::Relaxed);
+            for (meter, units, empty_until) in fx.leases {
+                meter.give_back(units);
+                meter.empty_until_ms.store(empty_until, Ordering::Release);
+                meter.pending.store(false, Ordering::Release);
+            }
+            for r in fx.lease_replies {
+                let _ = r.send(());
+            }
+            for (r, n) in fx.shortfalls {
+                let _ = r.send(n);
+            }
+            for (r, n) in fx.adjusts {
+                let _ = r.send(Ok(n));
+            }
+            for event in fx.events {
+                let _ = shared.events.try_send(event);
+            }
+            for r in fx.syncs {
+                let _ = r.send(Ok(()));
+            }
+        }
+        Err(e) => {
+            // Nothing became durable: put every swapped counter back and refuse the requests.
+            for (meter, units) in fx.flushed_spend {
+                if meter.spend(units) {
+                    shared.dirty_meters.push(meter);
+                }
+            }
+            for (state, spent, requests, last_used) in fx.flushed_usage {
+                state.restore(spent, requests, last_used);
+                if state.mark_dirty() {
+                    shared.dirty_usage.push(state);
+                }
+            }
+            for (meter, units) in fx.reclaimed {
+                meter.give_back(units);
+            }
+            for (meter, _, _) in fx.leases {
+                meter.pending.store(false, Ordering::Release);
+            }
+            let message = e.to_string();
+            for r in fx.lease_replies {
+                let _ = r.send(());
+            }
+            for (r, _) in fx.shortfalls {
+                let _ = r.send(0);
+            }
+            for (r, _) in fx.adjusts {
+                let _ = r.send(Err(Error::Conflict(format!(
+                    "balance not changed: {message}"
+                ))));
+            }
+            for r in fx.syncs {
+                let _ = r.send(Err(Error::Conflict(format!("flush failed: {message}"))));
+            }
+        }
+    }
+}
+
+fn build(shared: &Shared, batch: Vec<Msg>, closing: bool, fx: &mut Effects) -> Result<()> {
+    let now = shared.clock.now();
+    let txn = shared.store.begin_write()?;
+    {
+        let mut work = Working {
+            table: txn.open_table(CREDITS)?,
+            records: BTreeMap::new(),
+        };
+        flush_spend(shared, &mut work, fx)?;
+        flush_usage(shared, &txn, fx)?;
+        for msg in batch {
+            match msg {
+                Msg::Lease { meter, need, reply } => {
+                    lease(shared, &mut work, fx, meter, need, now)?;
+                    fx.lease_replies.extend(reply);
+                }
+                Msg::Shortfall {
+                    meter,
+                    units,
+                    reply,
+                } => {
+                    let charged = match work.get(meter.id)? {
+                        Some(r) => {
+                            let x = units.min(r.balance);
+                            r.balance -= x;
+                            r.spent += x;
+                            x
+                        }
+                        None => 0,
+                    };
+                    fx.shortfalls.push((reply, charged));
+                }
+                Msg::Adjust { id, change, reply } => {
+                    let meter = shared.meters.lock().get(&id).cloned();
+                    if let Some(meter) = &meter {
+                        reclaim(&mut work, fx, meter)?;
+                    }
+                    match work.get(id)? {
+                        Some(r) => {
+                            let before = r.balance;
+                            r.balance = match change {
+                                Adjust::Set(n) => n,
+                                Adjust::TopUp(n) => r.balance.saturating_add(n),
+                            };
+                            r.granted = r.granted - before + r.balance;
+                            fx.adjusts.push((reply, r.balance));
+                            if let Some(meter) = meter {
+                                meter.durable_balance.store(r.balance, Ordering::Release);
+                                fx.leases.push((meter, 0, empty_until(r, now)));
+                            }
+                        }
+                        None => {
+                            let _ = reply.send(Err(Error::NotFound {
+                                what: "credit balance",
+                            }));
+                        }
+                    }
+                }
+                Msg::Retire { meter } => {
+                    reclaim(&mut work, fx, &meter)?;
+                    let mut meters = shared.meters.lock();
+                    // Registry + this message: nobody else holds it, so it can go.
+                    if Arc::strong_count(&meter) <= 2 {
+                        meters.remove(&meter.id);
+                    }
+                }
+                Msg::Flush { reply } | Msg::Close { reply } => fx.syncs.push(reply),
+                Msg::Abandon => {}
+            }
+        }
+        if closing {
+            let meters: Vec<Arc<Meter>> = shared.meters.lock().values().cloned().collect();
+            for meter in meters {
+                reclaim(&mut work, fx, &meter)?;
+            }
+        }
+        work.write_all()?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+/// Moves spent units from `leased` to `spent` for every dirty meter.
+fn flush_spend(shared: &Shared, work: &mut Working<'_>, fx: &mut Effects) -> Result<()> {
+    while let Some(meter) = shared.dirty_meters.pop() {
+        meter.dirty.store(false, Ordering::Release);
+        let units = meter.spent.swap(0, Ordering::AcqRel);
+        if units == 0 {
+            continue;
+        }
+        if let Some(r) = work.get(meter.id)? {
+            let units = units.min(r.leased);
+            r.leased -= units;
+            r.spent += units;
+        }
+        fx.flushed_spend.push((meter, units));
+    }
+    Ok(())
+}
+
+/// Returns a meter's unreserved lease to the durable balance and flushes its spend.
+fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &Arc<Meter>) -> Result<()> {
+    let lease = meter.lease.swap(0, Ordering::AcqRel);
+    let spent = meter.spent.swap(0, Ordering::AcqRel);
+    if let Some(r) = work.get(meter.id)? {
+        let back = lease.min(r.leased);
+        r.leased -= back;
+        r.balance += back;
+        let spent = spent.min(r.leased);
+        r.leased -= spent;
+        r.spent += spent;
+    }
+    fx.reclaimed.push((meter.clone(), lease));
+    fx.flushed_spend.push((meter.clone(), spent));
+    Ok(())
+}
+
+/// Moves up to the adaptive lease size (at least `need`) from `balance` to `leased`.
+fn lease(
+    shared: &Shared,
+    work: &mut Working<'_>,
+    fx: &mut Effects,
+    meter: Arc<Meter>,
+    need: u64,
+    now: Timestamp,
+) -> Result<()> {
+    let size = meter.adapt(now.0, shared.exact);
+    let in_memory = meter.lease.load(Ordering::Acquire);
+    let Some(r) = work.get(meter.id)? else {
+        fx.leases.push((meter, 0, 0));
+        return Ok(());
+    };
+    if refill::apply_due(r, now) {
+        // The new period's balance replaces everything, including what memory still holds.
+        let swapped = meter.lease.swap(0, Ordering::AcqRel);
+        let back = swapped.min(r.leased);
+        r.leased -= back;
+        r.granted -= back;
+        fx.reclaimed.push((meter.clone(), swapped));
+    }
+    let before = r.balance + in_memory;
+    let want = if shared.exact {
+        need.max(1)
+    } else {
+        need.max(size)
+    };
+    let grant = want.min(r.balance);
+    r.balance -= grant;
+    r.leased += grant;
+    let after = r.balance + meter.lease.load(Ordering::Acquire) + grant;
+    let subject = || {
+        let kind = if meter.is_pool {
+            crate::public_id::IdKind::Pool
+        } else {
+            crate::public_id::IdKind::Key
+        };
+        shared.ids.encode(kind, meter.id)
+    };
+    if grant < need {
+        fx.events.push(CreditEvent {
+            kind: CreditEventKind::Exhausted,
+            subject: subject(),
+            remaining: after,
+        });
+    } else if let Some(t) = meter.threshold {
+        if before > t && after <= t {
+            fx.events.push(CreditEvent {
+                kind: CreditEventKind::LowBalance,
+                subject: subject(),
+                remaining: after,
+            });
+        }
+    }
+    let empty_until = empty_until(r, now);
+    meter.durable_balance.store(r.balance, Ordering::Release);
+    fx.leases.push((meter, grant, empty_until));
+    Ok(())
+}
+
+/// Until when a balance is known to stay empty: the next refill, or for ever.
+fn empty_until(r: &CreditsRecord, now: Timestamp) -> u64 {
+    match (r.balance, r.refill) {
+        (0, Some(refill)) => refill::next_period(refill.interval, now).0,
+        (0, None) => u64::MAX,
+        _ => 0,
+    }
+}
+
+/// Writes usage deltas (last used, spend, requests) for keys and their accounts.
+fn flush_usage(shared: &Shared, txn: &redb::WriteTransaction, fx: &mut Effects) -> Result<()> {
+    if shared.dirty_usage.is_empty() {
+        return Ok(());
+    }
+    let mut table = txn.open_table(USAGE)?;
+    let mut deltas: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
+    while let Some(state) = shared.dirty_usage.pop() {
+        let (spent, requests, last_used) = state.take();
+        for id in [state.id, state.owner] {
+            let d = deltas.entry(id).or_default();
+            d.0 += spent;
+            d.1 += requests;
+            d.2 = d.2.max(last_used);
+        }
+        fx.flushed_usage.push((state, spent, requests, last_used));
+    }
+    for (id, (spent, requests, last_used)) in deltas {
+        let mut usage: UsageRecord = match table.get(id)? {
+            Some(bytes) => codec::decode(bytes.value())?,
+            None => UsageRecord::default(),
+        };
+        usage.spent += spent;
+        usage.requests += requests;
+        if last_used > 0 {
+            usage.last_used_at = usage.last_used_at.max(Some(Timestamp(last_used)));
+        }
+        table.insert(id, codec::encode(&usage).as_slice())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,408 @@
+//! `verify`: may this presented key make this request right now, and charge it?
+//!
+//! The chain runs cheapest check first and stops at the first refusal (DESIGN §4):
+//! format → hash → cache (one redb read on a miss) → disabled / expired → route permission →
+//! IP allowlist → subscription and entitlement → rate limits → credit reservation. On a cache
+//! hit nothing here takes a lock other threads share or touches the disk.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+
+use crate::cache::{KeyEntry, KeyState, Slot};
+use crate::credits::meter::Meter;
+use crate::denial::Denial;
+use crate::engine::Loaded;
+use crate::keyfmt::Presented;
+use crate::ledger::Ledger;
+use crate::policy::RouteTable;
+use crate::public_id::{IdKind, PublicId};
+use crate::record::SubscriptionStatus;
+use crate::routes::permits;
+
+/// One request to verify.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    key: &'a Presented,
+    route: &'a str,
+    client_ip: Option<IpAddr>,
+    cost: Option<u64>,
+}
+
+impl<'a> Request<'a> {
+    /// A request with `key` for `route` (e.g. `/api/v1/quickhits/create`).
+    pub fn new(key: &'a Presented, route: &'a str) -> Self {
+        Request {
+            key,
+            route,
+            client_ip: None,
+            cost: None,
+        }
+    }
+
+    /// The client's address, checked against the key's IP allowlist.
+    pub fn client_ip(mut self, ip: IpAddr) -> Self {
+        self.client_ip = Some(ip);
+        self
+    }
+
+    /// Credits to reserve (default: the route rule's cost, or 1). `0` verifies without
+    /// spending (a peek).
+    pub fn cost(mut self, cost: u64) -> Self {
+        self.cost = Some(cost);
+        self
+    }
+}
+
+/// Rate-limit state at the time of a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RateState {
+    /// Requests left right now in the key's tightest named limit (`None`: no named limit).
+    pub requests_remaining: Option<u64>,
+    /// Tokens left in the token window (`None`: no token window).
+    pub tokens_remaining: Option<u64>,
+    /// Spend-tier multiplier applied to the limits, in percent.
+    pub tier_multiplier_pct: u32,
+}
+
+/// Token accounting of a committed request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TokenStats {
+    /// Units the request really used (what `commit` was given).
+    pub used: u64,
+    /// Units charged: `used`, unless the balance ran out first.
+    pub charged: u64,
+    /// Units that could not be charged because the balance hit zero.
+    pub uncovered: u64,
+    /// Credits left after the charge (`None`: unmetered).
+    pub remaining_credits: Option<u64>,
+}
+
+/// What a committed request costs, at the route's unit price.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Pricing {
+    /// Units charged.
+    pub units: u64,
+    /// Price of one unit in millionths of the currency unit.
+    pub unit_price_micros: u64,
+    /// `units × unit_price_micros`.
+    pub total_micros: u64,
+}
+
+/// The result of [`Grant::commit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Receipt {
+    /// Token accounting.
+    pub token_stats: TokenStats,
+    /// Price.
+    pub pricing: Pricing,
+}
+
+/// Permission to go ahead, holding a credit reservation. [`commit`](Grant::commit) it with
+/// the real cost when the work is done; dropping it uncommitted refunds the reservation.
+#[must_use = "commit the grant with the real cost; dropping it refunds the reservation"]
+pub struct Grant<'l> {
+    ledger: &'l Ledger,
+    id: u64,
+    kind: IdKind,
+    state: Arc<KeyState>,
+    meter: Option<Arc<Meter>>,
+    permissions: Arc<[String]>,
+    reserved: u64,
+    price_micros: u64,
+    settled: bool,
+}
+
+impl std::fmt::Debug for Grant<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("key_id", &self.key_id())
+            .field("reserved", &self.reserved)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ledger {
+    /// Runs the verify chain and, on success, reserves the request's cost.
+    pub fn verify<'l>(&'l self, request: &Request<'_>) -> Result<Grant<'l>, Denial> {
+        let key = request.key.expose();
+        // 1. Format: prefix, length, alphabet, checksum — before any hashing.
+        self.inner.format.parse(key).map_err(Denial::Malformed)?;
+        // 2. Hash, then the cache; a miss reads redb once and caches what it found.
+        let hash = self.inner.hasher.load().hash_current(key);
+        let engine = &self.inner.engine;
+        let now = self.now();
+        let routes = engine.routes.load();
+        let checked = |slot: &Slot| match slot {
+            Slot::Key(entry) => Some(check(self, entry, request, &routes, now.0)),
+            Slot::Missing => None,
+        };
+        let outcome = match engine.cache.with(&hash, checked) {
+            Some(Some(outcome)) => outcome,
+            Some(None) => return Err(Denial::NotFound),
+            None => match engine
+                .load(self, &hash, key, now)
+                .map_err(|_| Denial::Unavailable)?
+            {
+                Loaded::Missing => return Err(Denial::NotFound),
+                Loaded::Uncached(entry) => check(self, &entry, request, &routes, now.0),
+                Loaded::Cached => engine
+                    .cache
+                    .with(&hash, checked)
+                    .flatten()
+                    .ok_or(Denial::NotFound)?,
+            },
+        };
+        match outcome {
+            Checked::Granted(grant) => Ok(grant),
+            Checked::Denied(denial) => Err(denial),
+            Checked::NeedsLease(grant) => self.reserve_slow(grant),
+        }
+    }
+
+    /// The lease ran short: wait for the writer to lease more, then try again.
+    fn reserve_slow<'l>(&'l self, mut grant: Grant<'l>) -> Result<Grant<'l>, Denial> {
+        let engine = &self.inner.engine;
+        let meter = grant
+            .meter
+            .clone()
+            .expect("only metered grants need a lease");
+        let cost = grant.reserved;
+        for _ in 0..3 {
+            if meter.empty_until_ms.load(Ordering::Acquire) > self.now().0 {
+                break;
+            }
+            if !engine.lease_now(&meter, cost) {
+                grant.settled = true;
+                return Err(Denial::Unavailable);
+            }
+            if meter.try_take(cost).is_some() {
+                return Ok(grant);
+            }
+        }
+        grant.settled = true; // nothing was reserved
+        Err(Denial::UsageExceeded)
+    }
+}
+
+enum Checked<'l> {
+    Granted(Grant<'l>),
+    Denied(Denial),
+    /// Every check passed but the in-memory lease is short.
+    NeedsLease(Grant<'l>),
+}
+
+/// Steps 3–8 on a cached entry, under the shard's read lock.
+#[inline]
+fn check<'l>(
+    ledger: &'l Ledger,
+    entry: &KeyEntry,
+    request: &Request<'_>,
+    routes: &RouteTable,
+    now_ms: u64,
+) -> Checked<'l> {
+    use Checked::Denied;
+    // 3. State.
+    if entry.secret_valid_until <= now_ms {
+        return Denied(Denial::NotFound);
+    }
+    if entry.disabled {
+        return Denied(Denial::Disabled);
+    }
+    if entry.expires_at <= now_ms {
+        return Denied(Denial::Expired);
+    }
+    // 4. Route permission: the longest matching rule, checked by bit when compiled.
+    let route = routes.resolve(request.route);
+    let by_bit = entry.route_generation == routes.generation;
+    let bit = route
+        .index
+        .filter(|&i| by_bit && RouteTable::has_bit(i))
+        .map(|i| 1u64 << i);
+    if let Some(rule) = route.rule {
+        let allowed = match (bit, &rule.permission) {
+            (Some(bit), _) => entry.permission_bits & bit != 0,
+            (None, Some(p)) => permits(&entry.permissions, p),
+            (None, None) => true,
+        };
+        if !allowed {
+            return Denied(Denial::Forbidden);
+        }
+    }
+    // 5. Client IP.
+    if !entry.ip_allowed(request.client_ip) {
+        return Denied(Denial::IpNotAllowed);
+    }
+    // 6. Subscription, then the route's entitlement.
+    if matches!(
+        entry.status,
+        SubscriptionStatus::Canceled | SubscriptionStatus::Suspended
+    ) {
+        return Denied(Denial::SubscriptionInactive);
+    }
+    if let Some(rule) = route.rule {
+        let entitled = match (bit, &rule.entitlement) {
+            (Some(bit), _) => entry.entitlement_bits & bit != 0,
+            (None, Some(e)) => entry.entitlements.contains(e),
+            (None, None) => true,
+        };
+        if !entitled {
+            return Denied(Denial::NotEntitled);
+        }
+    }
+    let cost = request
+        .cost
+        .unwrap_or_else(|| route.rule.map_or(1, |r| r.cost));
+    // 7. Rate limits (GCRA), scaled by the key's spend tier.
+    let state = &entry.state;
+    let tier = state.tier_pct.load(Ordering::Relaxed);
+    let now_ns = now_ms.saturating_mul(1_000_000);
+    if !state.limits.is_empty() {
+        if let Err(retry_after) = state.limits.acquire(now_ns, cost, tier) {
+            return Denied(Denial::RateLimited { retry_after });
+        }
+    }
+    // 8. Credits: reserve from the in-memory lease with a CAS.
+    let engine = &ledger.inner.engine;
+    if state.record_use(now_ms) {
+        engine.shared.dirty_usage.push(state.clone());
+    }
+    let grant = Grant {
+        ledger,
+        id: entry.id,
+        kind: entry.kind,
+        state: state.clone(),
+        meter: entry.meter.clone(),
+        permissions: entry.permissions.clone(),
+        reserved: cost,
+        price_micros: route.rule.map_or(0, |r| r.price_micros),
+        settled: false,
+    };
+    let Some(meter) = &entry.meter else {
+        return Checked::Granted(grant);
+    };
+    if cost == 0 {
+        return Checked::Granted(grant);
+    }
+    match meter.try_take(cost) {
+        Some(left) => {
+            if meter.wants_prefetch(left) {
+                engine.prefetch(meter);
+            }
+            Checked::Granted(grant)
+        }
+        None if meter.empty_until_ms.load(Ordering::Acquire) > now_ms => {
+            let mut grant = grant;
+            grant.settled = true;
+            if !state.limits.is_empty() {
+                state.limits.release(now_ns, cost, tier);
+            }
+            Denied(Denial::UsageExceeded)
+        }
+        None => Checked::NeedsLease(grant),
+    }
+}
+
+impl Grant<'_> {
+    /// The key's public id.
+    pub fn key_id(&self) -> PublicId {
+        self.ledger.inner.ids.encode(self.kind, self.id)
+    }
+
+    /// The owning account's public id.
+    pub fn owner_id(&self) -> PublicId {
+        self.ledger
+            .inner
+            .ids
+            .encode(IdKind::Account, self.state.owner)
+    }
+
+    /// The key's granted scopes.
+    pub fn permissions(&self) -> &[String] {
+        &self.permissions
+    }
+
+    /// Units reserved by this grant.
+    pub fn reserved(&self) -> u64 {
+        self.reserved
+    }
+
+    /// Credits left, counting this reservation as spent (`None`: unmetered).
+    pub fn remaining_credits(&self) -> Option<u64> {
+        self.meter.as_ref().map(remaining)
+    }
+
+    /// Rate-limit state now.
+    pub fn rate_limit(&self) -> RateState {
+        let tier = self.state.tier_pct.load(Ordering::Relaxed);
+        let now_ns = self.ledger.now().0.saturating_mul(1_000_000);
+        let (requests_remaining, tokens_remaining) = self.state.limits.remaining(now_ns, tier);
+        RateState {
+            requests_remaining,
+            tokens_remaining,
+            tier_multiplier_pct: tier,
+        }
+    }
+
+    /// Settles the real cost. Less than reserved refunds the difference; more takes the rest
+    /// from the lease and then the durable balance — down to zero, never below (what could
+    /// not be charged is reported as `uncovered`).
+    pub fn commit(mut self, actual: u64) -> Receipt {
+        self.settled = true;
+        let engine = &self.ledger.inner.engine;
+        let reserved = self.reserved;
+        let (charged, uncovered) = match &self.meter {
+            None => (actual, 0),
+            Some(meter) => {
+                let from_lease = if actual <= reserved {
+                    meter.give_back(reserved - actual);
+                    actual
+                } else {
+                    reserved + meter.take_up_to(actual - reserved)
+                };
+                if meter.spend(from_lease) {
+                    engine.shared.dirty_meters.push(meter.clone());
+                }
+                let short = actual - from_lease;
+                let direct = if short > 0 {
+                    engine.shortfall(meter, short)
+                } else {
+                    0
+                };
+                (from_lease + direct, short - direct)
+            }
+        };
+        if self.state.record_spend(charged, &engine.tiers) {
+            engine.shared.dirty_usage.push(self.state.clone());
+        }
+        Receipt {
+            token_stats: TokenStats {
+                used: actual,
+                charged,
+                uncovered,
+                remaining_credits: self.meter.as_ref().map(remaining),
+            },
+            pricing: Pricing {
+                units: charged,
+                unit_price_micros: self.price_micros,
+                total_micros: charged.saturating_mul(self.price_micros),
+            },
+        }
+    }
+}
+
+impl Drop for Grant<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            if let Some(meter) = &self.meter {
+                meter.give_back(self.reserved);
+            }
+        }
+    }
+}
+
+fn remaining(meter: &Arc<Meter>) -> u64 {
+    meter.durable_balance.load(Ordering::Acquire) + meter.lease.load(Ordering::Acquire)
+}

@@ -28,6 +28,8 @@ pub struct CheckReport {
     pub tokens: u64,
     /// Credit records decoded.
     pub credit_records: u64,
+    /// Credit units lost to crashes (leased in memory when a process died), all balances.
+    pub lost_to_crash: u64,
     /// Route rules decoded.
     pub routes: u64,
     /// Audit events decoded.
@@ -146,13 +148,15 @@ impl Ledger {
             problems.push("prefix index has entries for missing keys".into());
         }
 
+        let pools = read.open_table(POOLS)?;
         for entry in read.open_table(CREDITS)?.iter()? {
             let (k, v) = entry?;
             match codec::decode::<CreditsRecord>(v.value()) {
                 Ok(c) => {
                     report.credit_records += 1;
-                    if keys.get(k.value())?.is_none() {
-                        problems.push(format!("credits #{}: key missing", k.value()));
+                    report.lost_to_crash += c.lost_to_crash;
+                    if keys.get(k.value())?.is_none() && pools.get(k.value())?.is_none() {
+                        problems.push(format!("credits #{}: key or pool missing", k.value()));
                     }
                     if !c.balanced() {
                         problems.push(format!(

@@ -12,14 +12,16 @@ use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use ipnet::IpNet;
-use parking_lot::{Mutex, RwLock};
+use arc_swap::ArcSwap;
+use parking_lot::RwLock;
 
 use crate::credits::meter::Meter;
 use crate::hashing::KeyHash;
 use crate::limits::KeyLimits;
+use crate::policy::RouteTable;
 use crate::public_id::IdKind;
 use crate::record::SubscriptionStatus;
 
@@ -131,13 +133,66 @@ impl KeyState {
     }
 }
 
+/// The owner account's state, shared by all its cached keys and updated in place by admin
+/// changes, so suspending an account reaches every key at once.
+#[derive(Debug)]
+pub(crate) struct AccountState {
+    status: AtomicU8,
+    /// Route-table generation `entitlement_bits` was compiled against.
+    pub route_generation: AtomicU64,
+    pub entitlement_bits: AtomicU64,
+    pub entitlements: ArcSwap<BTreeSet<String>>,
+}
+
+impl AccountState {
+    pub(crate) fn new(status: SubscriptionStatus, entitlements: BTreeSet<String>, table: &RouteTable) -> Self {
+        AccountState {
+            status: AtomicU8::new(status_code(status)),
+            route_generation: AtomicU64::new(table.generation),
+            entitlement_bits: AtomicU64::new(table.entitlement_bits(&entitlements)),
+            entitlements: ArcSwap::from_pointee(entitlements),
+        }
+    }
+
+    /// Whether the subscription lets keys work (active, trialing or past due).
+    #[inline]
+    pub(crate) fn subscription_ok(&self) -> bool {
+        self.status.load(Ordering::Acquire) < status_code(SubscriptionStatus::Canceled)
+    }
+
+    /// Applies an admin change.
+    pub(crate) fn update(&self, status: SubscriptionStatus, entitlements: BTreeSet<String>, table: &RouteTable) {
+        self.entitlement_bits.store(table.entitlement_bits(&entitlements), Ordering::Release);
+        self.route_generation.store(table.generation, Ordering::Release);
+        self.entitlements.store(Arc::new(entitlements));
+        self.status.store(status_code(status), Ordering::Release);
+    }
+
+    /// Recompiles the entitlement bits against a new route table.
+    pub(crate) fn recompile(&self, table: &RouteTable) {
+        let bits = table.entitlement_bits(&self.entitlements.load());
+        self.entitlement_bits.store(bits, Ordering::Release);
+        self.route_generation.store(table.generation, Ordering::Release);
+    }
+}
+
+/// Statuses that allow use sort before `Canceled`.
+fn status_code(status: SubscriptionStatus) -> u8 {
+    match status {
+        SubscriptionStatus::Active => 0,
+        SubscriptionStatus::Trialing => 1,
+        SubscriptionStatus::PastDue => 2,
+        SubscriptionStatus::Canceled => 3,
+        SubscriptionStatus::Suspended => 4,
+    }
+}
+
 /// A cached key: everything the verify chain checks, without touching the database.
 #[derive(Debug)]
 pub(crate) struct KeyEntry {
     pub id: u64,
     pub kind: IdKind,
     pub disabled: bool,
-    pub status: SubscriptionStatus,
     /// Expiry in ms (`u64::MAX`: none).
     pub expires_at: u64,
     /// For a rolled key's previous secret: when it stops working (`u64::MAX` otherwise).
@@ -145,10 +200,9 @@ pub(crate) struct KeyEntry {
     /// Route-table generation the bits below were compiled against.
     pub route_generation: u64,
     pub permission_bits: u64,
-    pub entitlement_bits: u64,
     pub permissions: Arc<[String]>,
-    pub entitlements: Arc<BTreeSet<String>>,
     pub ips: Box<[IpNet]>,
+    pub account: Arc<AccountState>,
     pub state: Arc<KeyState>,
     pub meter: Option<Arc<Meter>>,
 }
@@ -172,10 +226,6 @@ pub(crate) enum Slot {
 pub(crate) struct Cache {
     shards: Box<[RwLock<Map>]>,
     per_shard: usize,
-    /// Key id → cached hashes (a rolled key can have two).
-    by_id: Mutex<HashMap<u64, Vec<KeyHash>>>,
-    /// Owner id → cached key ids.
-    by_owner: Mutex<HashMap<u64, Vec<u64>>>,
     /// Bumped by every invalidation. A miss that read the database before a bump does not
     /// cache what it read: the change it may have missed has already evicted.
     epoch: AtomicU64,
@@ -189,8 +239,6 @@ impl Cache {
         Cache {
             shards: (0..SHARDS).map(|_| RwLock::new(Map::default())).collect(),
             per_shard: capacity.div_ceil(SHARDS).max(1),
-            by_id: Mutex::new(HashMap::new()),
-            by_owner: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
         }
     }
@@ -224,21 +272,6 @@ impl Cache {
         entry: KeyEntry,
         epoch: u64,
     ) -> Result<Evicted, KeyEntry> {
-        // Index first: an eviction that runs from here on finds the hash.
-        {
-            let mut by_id = self.by_id.lock();
-            let hashes = by_id.entry(entry.id).or_default();
-            if !hashes.contains(&hash) {
-                hashes.push(hash);
-            }
-        }
-        {
-            let mut by_owner = self.by_owner.lock();
-            let ids = by_owner.entry(entry.state.owner).or_default();
-            if !ids.contains(&entry.id) {
-                ids.push(entry.id);
-            }
-        }
         let mut evicted = Vec::new();
         {
             let mut shard = self.shard(&hash).write();
@@ -256,7 +289,6 @@ impl Cache {
                 evicted.push((hash, old));
             }
         }
-        self.unindex(&evicted);
         Ok(evicted)
     }
 
@@ -285,29 +317,30 @@ impl Cache {
         }
     }
 
-    /// Removes every cached entry of key `id`.
-    pub(crate) fn evict_key(&self, id: u64) -> Evicted {
+    /// Removes the cached entries for `hashes` (a key's current and rolled secrets).
+    pub(crate) fn evict(&self, hashes: &[KeyHash]) -> Evicted {
         self.bump();
-        let hashes = self.by_id.lock().get(&id).cloned().unwrap_or_default();
         let mut evicted = Vec::new();
         for hash in hashes {
-            if let Some(Slot::Key(e)) = self.shard(&hash).write().remove(&hash) {
-                evicted.push((hash, e));
+            if let Some(Slot::Key(e)) = self.shard(hash).write().remove(hash) {
+                evicted.push((*hash, e));
             }
         }
-        self.unindex(&evicted);
         evicted
     }
 
-    /// Removes every cached key of `owner`.
-    pub(crate) fn evict_owner(&self, owner: u64) -> Evicted {
-        let ids = self
-            .by_owner
-            .lock()
-            .get(&owner)
-            .cloned()
-            .unwrap_or_default();
-        ids.into_iter().flat_map(|id| self.evict_key(id)).collect()
+    /// Removes every entry (after a hash-scheme change, when every cache key changes).
+    pub(crate) fn clear(&self) -> Evicted {
+        self.bump();
+        let mut evicted = Vec::new();
+        for shard in self.shards.iter() {
+            for (hash, slot) in shard.write().drain() {
+                if let Slot::Key(e) = slot {
+                    evicted.push((hash, e));
+                }
+            }
+        }
+        evicted
     }
 
     /// Applies `f` to every cached entry (route-table recompilation).
@@ -324,29 +357,5 @@ impl Cache {
     /// Number of cached keys and misses.
     pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(|s| s.read().len()).sum()
-    }
-
-    fn unindex(&self, evicted: &[(KeyHash, Box<KeyEntry>)]) {
-        if evicted.is_empty() {
-            return;
-        }
-        let mut by_id = self.by_id.lock();
-        let mut by_owner = self.by_owner.lock();
-        for (hash, e) in evicted {
-            let Some(hashes) = by_id.get_mut(&e.id) else {
-                continue;
-            };
-            hashes.retain(|h| h != hash);
-            if !hashes.is_empty() {
-                continue;
-            }
-            by_id.remove(&e.id);
-            if let Some(ids) = by_owner.get_mut(&e.state.owner) {
-                ids.retain(|&i| i != e.id);
-                if ids.is_empty() {
-                    by_owner.remove(&e.state.owner);
-                }
-            }
-        }
     }
 }

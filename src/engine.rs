@@ -12,7 +12,9 @@ use crossbeam::queue::SegQueue;
 use parking_lot::Mutex;
 use redb::ReadableTable;
 
-use crate::cache::{Cache, Evicted, KeyEntry, KeyState};
+use std::collections::HashMap;
+
+use crate::cache::{AccountState, Cache, Evicted, KeyEntry, KeyState};
 use crate::clock::Timestamp;
 use crate::codec;
 use crate::config::Config;
@@ -59,6 +61,8 @@ pub(crate) struct Engine {
     pub routes: ArcSwap<RouteTable>,
     pub events: Receiver<CreditEvent>,
     pub tiers: Vec<SpendTier>,
+    /// Shared state of every account with a cached key.
+    accounts: Mutex<HashMap<u64, Arc<AccountState>>>,
     /// Units found leased at open (a crash before): now counted in `lost_to_crash`.
     pub lost_at_open: u64,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -93,6 +97,7 @@ impl Engine {
             routes: ArcSwap::from_pointee(RouteTable::new(1, routes)),
             events,
             tiers: config.spend_tiers.clone(),
+            accounts: Mutex::new(HashMap::new()),
             lost_at_open,
             writer: Mutex::new(Some(handle)),
         })
@@ -136,6 +141,12 @@ impl Engine {
         done.recv().map_err(|_| closed())?
     }
 
+    /// Units leased into memory and not yet reserved, for credit id `id`.
+    pub(crate) fn lease_in_memory(&self, id: u64) -> u64 {
+        let meters = self.shared.meters.lock();
+        meters.get(&id).map_or(0, |m| m.lease.load(Ordering::Acquire))
+    }
+
     /// Waits until the writer has leased into `meter` (or refused).
     pub(crate) fn lease_now(&self, meter: &Arc<Meter>, need: u64) -> bool {
         let (reply, done) = channel::bounded(1);
@@ -171,17 +182,20 @@ impl Engine {
         done.recv().unwrap_or(0)
     }
 
-    /// An admin change to key `id`: drop its cached entries. Deleted keys' meters retire.
-    pub(crate) fn key_changed(&self, id: u64, deleted: bool) {
-        let evicted = self.cache.evict_key(id);
+    /// An admin change to a key: drop the cached entries of its secrets' `hashes` so the
+    /// next verify re-reads the record. A deleted key's meter retires.
+    pub(crate) fn key_changed(&self, hashes: &[KeyHash], deleted: bool) {
+        let evicted = self.cache.evict(hashes);
         if deleted {
             self.retire(evicted);
         }
     }
 
-    /// An admin change to account `owner`: drop its keys' cached entries.
-    pub(crate) fn account_changed(&self, owner: u64) {
-        self.cache.evict_owner(owner);
+    /// An admin change to an account: every cached key of it sees the new state at once.
+    pub(crate) fn account_changed(&self, owner: u64, record: &AccountRecord) {
+        if let Some(state) = self.accounts.lock().get(&owner) {
+            state.update(record.status, record.entitlements.clone(), &self.routes.load());
+        }
     }
 
     /// A key with this hash was created: forget a remembered miss.
@@ -189,9 +203,15 @@ impl Engine {
         self.cache.forget_missing(hash);
     }
 
-    /// Keys may now match hashes that missed before (import, scheme change).
+    /// Keys may now match hashes that missed before (an import).
     pub(crate) fn hashes_changed(&self) {
         self.cache.forget_all_missing();
+    }
+
+    /// The hash scheme changed: every cache key changes, so start from an empty cache.
+    pub(crate) fn scheme_changed(&self) {
+        let evicted = self.cache.clear();
+        self.retire(evicted);
     }
 
     /// Publishes new route rules and recompiles every cached key's bits against them.
@@ -202,9 +222,11 @@ impl Engine {
         self.routes.store(table.clone());
         self.cache.for_each_mut(|e| {
             e.permission_bits = table.permission_bits(&e.permissions);
-            e.entitlement_bits = table.entitlement_bits(&e.entitlements);
             e.route_generation = table.generation;
         });
+        for account in self.accounts.lock().values() {
+            account.recompile(&table);
+        }
         Ok(())
     }
 
@@ -262,6 +284,14 @@ impl Engine {
             _ => u64::MAX,
         };
         let table = self.routes.load();
+        let account = self
+            .accounts
+            .lock()
+            .entry(record.owner)
+            .or_insert_with(|| {
+                Arc::new(AccountState::new(account.status, account.entitlements.clone(), &table))
+            })
+            .clone();
         let entry = KeyEntry {
             id: found.id,
             kind: match record.kind {
@@ -269,15 +299,13 @@ impl Engine {
                 KeyKind::Token { .. } => IdKind::Token,
             },
             disabled: record.disabled_at.is_some(),
-            status: account.status,
             expires_at: record.expires_at.map_or(u64::MAX, |t| t.0),
             secret_valid_until,
             route_generation: table.generation,
             permission_bits: table.permission_bits(&record.permissions),
-            entitlement_bits: table.entitlement_bits(&account.entitlements),
             permissions: record.permissions.into(),
-            entitlements: Arc::new(account.entitlements),
             ips: record.ips.into(),
+            account,
             state: Arc::new(state),
             meter,
         };

@@ -141,7 +141,7 @@ impl Ledger {
             &self.inner.config.master_key,
             scheme,
         )));
-        self.inner.engine.hashes_changed();
+        self.inner.engine.scheme_changed();
         Ok(())
     }
 

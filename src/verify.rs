@@ -19,7 +19,6 @@ use crate::keyfmt::Presented;
 use crate::ledger::Ledger;
 use crate::policy::RouteTable;
 use crate::public_id::{IdKind, PublicId};
-use crate::record::SubscriptionStatus;
 use crate::routes::permits;
 
 /// One request to verify.
@@ -112,6 +111,8 @@ pub struct Grant<'l> {
     permissions: Arc<[String]>,
     reserved: u64,
     price_micros: u64,
+    /// When rate limits admitted the request (to give the slots back on a late refusal).
+    rate_charged_at_ns: Option<u64>,
     settled: bool,
 }
 
@@ -162,28 +163,30 @@ impl Ledger {
         }
     }
 
-    /// The lease ran short: wait for the writer to lease more, then try again.
+    /// The lease ran short: have the writer lease more (it batches every waiting meter into
+    /// one commit) and try again, until the reservation fits or the durable balance is known
+    /// to be empty.
     fn reserve_slow<'l>(&'l self, mut grant: Grant<'l>) -> Result<Grant<'l>, Denial> {
         let engine = &self.inner.engine;
-        let meter = grant
-            .meter
-            .clone()
-            .expect("only metered grants need a lease");
+        let meter = grant.meter.clone().expect("only metered grants need a lease");
         let cost = grant.reserved;
-        for _ in 0..3 {
+        let mut denial = Denial::Unavailable; // the writer kept losing the race: retry later
+        for _ in 0..64 {
+            if meter.try_take(cost).is_some() {
+                grant.note_use(self.now().0);
+                return Ok(grant);
+            }
             if meter.empty_until_ms.load(Ordering::Acquire) > self.now().0 {
+                denial = Denial::UsageExceeded;
                 break;
             }
             if !engine.lease_now(&meter, cost) {
-                grant.settled = true;
-                return Err(Denial::Unavailable);
-            }
-            if meter.try_take(cost).is_some() {
-                return Ok(grant);
+                break;
             }
         }
         grant.settled = true; // nothing was reserved
-        Err(Denial::UsageExceeded)
+        grant.release_rate();
+        Err(denial)
     }
 }
 
@@ -235,18 +238,16 @@ fn check<'l>(
     if !entry.ip_allowed(request.client_ip) {
         return Denied(Denial::IpNotAllowed);
     }
-    // 6. Subscription, then the route's entitlement.
-    if matches!(
-        entry.status,
-        SubscriptionStatus::Canceled | SubscriptionStatus::Suspended
-    ) {
+    // 6. Subscription, then the route's entitlement (account state shared by its keys).
+    let account = &entry.account;
+    if !account.subscription_ok() {
         return Denied(Denial::SubscriptionInactive);
     }
-    if let Some(rule) = route.rule {
-        let entitled = match (bit, &rule.entitlement) {
-            (Some(bit), _) => entry.entitlement_bits & bit != 0,
-            (None, Some(e)) => entry.entitlements.contains(e),
-            (None, None) => true,
+    if let Some(required) = route.rule.and_then(|r| r.entitlement.as_ref()) {
+        let compiled = account.route_generation.load(Ordering::Acquire) == routes.generation;
+        let entitled = match route.index.filter(|&i| compiled && RouteTable::has_bit(i)) {
+            Some(i) => account.entitlement_bits.load(Ordering::Acquire) & (1 << i) != 0,
+            None => account.entitlements.load().contains(required),
         };
         if !entitled {
             return Denied(Denial::NotEntitled);
@@ -265,10 +266,6 @@ fn check<'l>(
         }
     }
     // 8. Credits: reserve from the in-memory lease with a CAS.
-    let engine = &ledger.inner.engine;
-    if state.record_use(now_ms) {
-        engine.shared.dirty_usage.push(state.clone());
-    }
     let grant = Grant {
         ledger,
         id: entry.id,
@@ -278,34 +275,44 @@ fn check<'l>(
         permissions: entry.permissions.clone(),
         reserved: cost,
         price_micros: route.rule.map_or(0, |r| r.price_micros),
+        rate_charged_at_ns: if state.limits.is_empty() { None } else { Some(now_ns) },
         settled: false,
     };
-    let Some(meter) = &entry.meter else {
-        return Checked::Granted(grant);
+    let reserved = match &entry.meter {
+        Some(meter) if cost > 0 => match meter.try_take(cost) {
+            Some(left) => {
+                if meter.wants_prefetch(left) {
+                    ledger.inner.engine.prefetch(meter);
+                }
+                true
+            }
+            None => false,
+        },
+        _ => true,
     };
-    if cost == 0 {
-        return Checked::Granted(grant);
+    if !reserved {
+        return Checked::NeedsLease(grant);
     }
-    match meter.try_take(cost) {
-        Some(left) => {
-            if meter.wants_prefetch(left) {
-                engine.prefetch(meter);
-            }
-            Checked::Granted(grant)
-        }
-        None if meter.empty_until_ms.load(Ordering::Acquire) > now_ms => {
-            let mut grant = grant;
-            grant.settled = true;
-            if !state.limits.is_empty() {
-                state.limits.release(now_ns, cost, tier);
-            }
-            Denied(Denial::UsageExceeded)
-        }
-        None => Checked::NeedsLease(grant),
-    }
+    grant.note_use(now_ms);
+    Checked::Granted(grant)
 }
 
 impl Grant<'_> {
+    /// Counts a successful verify in the key's usage.
+    fn note_use(&self, now_ms: u64) {
+        if self.state.record_use(now_ms) {
+            self.ledger.inner.engine.shared.dirty_usage.push(self.state.clone());
+        }
+    }
+
+    /// Gives back the rate-limit slots of a request refused after the rate check.
+    fn release_rate(&self) {
+        if let Some(at) = self.rate_charged_at_ns {
+            let tier = self.state.tier_pct.load(Ordering::Relaxed);
+            self.state.limits.release(at, self.reserved, tier);
+        }
+    }
+
     /// The key's public id.
     pub fn key_id(&self) -> PublicId {
         self.ledger.inner.ids.encode(self.kind, self.id)

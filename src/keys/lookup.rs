@@ -138,15 +138,6 @@ impl Ledger {
             KeyKind::Api => IdKind::Key,
             KeyKind::Token { .. } => IdKind::Token,
         };
-        let read = self
-            .inner
-            .store
-            .begin_read()
-            .map_err(|_| Denial::Unavailable)?;
-        let credits = read.open_table(CREDITS).map_err(|_| Denial::Unavailable)?;
-        let remaining = store::get::<crate::record::CreditsRecord>(&credits, found.id)
-            .map_err(|_| Denial::Unavailable)?
-            .map(|c| c.balance);
-        Ok(super::key_info(self, kind, found.id, record, remaining))
+        Ok(super::key_info(self, kind, found.id, record))
     }
 }

@@ -302,8 +302,7 @@ impl<'a> Keys<'a> {
             true => self.ledger.inner.engine.key_created(&key_hash),
             false => self.ledger.inner.engine.hashes_changed(),
         }
-        let remaining = record.limits.credits;
-        Ok(self.view(id, record, remaining))
+        Ok(self.view(id, record))
     }
 
     /// Adds the record's hashes and index entries.
@@ -337,8 +336,7 @@ impl<'a> Keys<'a> {
         let internal = self.internal_id(id)?;
         let read = self.ledger.inner.store.begin_read()?;
         let record = self.load(&read.open_table(KEYS)?, internal)?;
-        let remaining = remaining(&read.open_table(CREDITS)?, internal)?;
-        Ok(self.view(internal, record, remaining))
+        Ok(self.view(internal, record))
     }
 
     /// Lists `owner`'s keys (or tokens) in creation order, a page at a time.
@@ -363,7 +361,6 @@ impl<'a> Keys<'a> {
         }
         let index = read.open_table(KEYS_BY_OWNER)?;
         let keys = read.open_table(KEYS)?;
-        let credits = read.open_table(CREDITS)?;
         let tag = self.kind_tag();
         let (mut items, mut next_cursor, mut last) = (Vec::new(), None, start);
         let from = if page.cursor.is_some() {
@@ -380,7 +377,7 @@ impl<'a> Keys<'a> {
                     break;
                 }
                 let record = self.load(&keys, id)?;
-                items.push(self.view(id, record, remaining(&credits, id)?));
+                items.push(self.view(id, record));
                 last = id;
             }
         }
@@ -400,7 +397,6 @@ impl<'a> Keys<'a> {
         let read = self.ledger.inner.store.begin_read()?;
         let index = read.open_table(KEYS_BY_PREFIX)?;
         let keys = read.open_table(KEYS)?;
-        let credits = read.open_table(CREDITS)?;
         let mut out = Vec::new();
         for entry in index.range((prefix, 0u64)..)? {
             let (k, _) = entry?;
@@ -411,7 +407,7 @@ impl<'a> Keys<'a> {
             let record: KeyRecord =
                 store::get(&keys, id)?.ok_or(Error::NotFound { what: "key" })?;
             if self.fits(&record) {
-                out.push(self.view(id, record, remaining(&credits, id)?));
+                out.push(self.view(id, record));
             }
         }
         Ok(out)
@@ -534,6 +530,7 @@ impl<'a> Keys<'a> {
         let now = self.ledger.now();
         let txn = self.ledger.inner.store.begin_write()?;
         let mut record = self.load(&txn.open_table(KEYS)?, internal)?;
+        let cached = secret_hashes(&record);
         prune_expired_rolled(&txn, &mut record, now)?;
         let plaintext = self.ledger.inner.format.generate(record.class)?;
         record.class = self.ledger.inner.format.parse(plaintext.expose())?;
@@ -561,12 +558,11 @@ impl<'a> Keys<'a> {
         store::put(&mut txn.open_table(KEYS)?, internal, &record)?;
         let action = format!("{}.rolled", self.what());
         audit::append(&txn, now, &self.actor, &action, id, &["secret"])?;
-        let remaining = remaining(&txn.open_table(CREDITS)?, internal)?;
         txn.commit()?;
-        self.ledger.inner.engine.key_changed(internal, false);
+        self.ledger.inner.engine.key_changed(&cached, false);
         self.ledger.inner.engine.key_created(&new_hash);
         Ok(CreatedKey {
-            info: self.view(internal, record, remaining),
+            info: self.view(internal, record),
             plaintext,
         })
     }
@@ -582,7 +578,7 @@ impl<'a> Keys<'a> {
         let action = format!("{}.deleted", self.what());
         audit::append(&txn, self.ledger.now(), &self.actor, &action, id, &[])?;
         txn.commit()?;
-        self.ledger.inner.engine.key_changed(internal, true);
+        self.ledger.inner.engine.key_changed(&secret_hashes(&record), true);
         Ok(())
     }
 
@@ -598,18 +594,18 @@ impl<'a> Keys<'a> {
         let internal = self.internal_id(id)?;
         let now = self.ledger.now();
         let txn = self.ledger.inner.store.begin_write()?;
-        let (record, remaining) = {
+        let (record, remaining, cached) = {
             let mut keys = txn.open_table(KEYS)?;
             let mut credits_table = txn.open_table(CREDITS)?;
             let mut record = self.load(&keys, internal)?;
+            let cached = secret_hashes(&record);
             let mut credits: Option<CreditsRecord> = store::get(&credits_table, internal)?;
             let before = (record.clone(), credits.clone());
             let changed = change(&mut record, &mut credits)?;
             if changed.is_empty() || (record.clone(), credits.clone()) == before {
                 drop((keys, credits_table));
                 txn.abort()?;
-                let remaining = before.1.map(|c| c.balance);
-                return Ok(self.view(internal, before.0, remaining));
+                return Ok(self.view(internal, before.0));
             }
             record.updated_at = now;
             record.updated_by = self.actor.clone();
@@ -623,14 +619,11 @@ impl<'a> Keys<'a> {
             }
             let action = format!("{}.{verb}", self.what());
             audit::append(&txn, now, &self.actor, &action, id, &changed)?;
-            (record, credits.map(|c| c.balance))
+            (record, credits.map(|c| c.balance), cached)
         };
         txn.commit()?;
-        self.ledger
-            .inner
-            .engine
-            .key_changed(internal, remaining.is_none());
-        Ok(self.view(internal, record, remaining))
+        self.ledger.inner.engine.key_changed(&cached, remaining.is_none());
+        Ok(self.view(internal, record))
     }
 
     fn internal_id(&self, id: &str) -> Result<u64> {
@@ -657,20 +650,15 @@ impl<'a> Keys<'a> {
         self.ledger.inner.ids.encode(self.kind, id)
     }
 
-    pub(crate) fn view(&self, id: u64, r: KeyRecord, remaining: Option<u64>) -> KeyInfo {
-        key_info(self.ledger, self.kind, id, r, remaining)
+    pub(crate) fn view(&self, id: u64, r: KeyRecord) -> KeyInfo {
+        key_info(self.ledger, self.kind, id, r)
     }
 }
 
 /// Builds the public view of a record.
-pub(crate) fn key_info(
-    ledger: &Ledger,
-    kind: IdKind,
-    id: u64,
-    r: KeyRecord,
-    remaining: Option<u64>,
-) -> KeyInfo {
+pub(crate) fn key_info(ledger: &Ledger, kind: IdKind, id: u64, r: KeyRecord) -> KeyInfo {
     let ids = &ledger.inner.ids;
+    let (remaining_credits, last_used_at) = live_usage(ledger, id, &r);
     KeyInfo {
         id: ids.encode(kind, id),
         owner: ids.encode(IdKind::Account, r.owner),
@@ -683,7 +671,7 @@ pub(crate) fn key_info(
         permissions: r.permissions,
         ips: r.ips.iter().map(ToString::to_string).collect(),
         limits: r.limits,
-        remaining_credits: remaining,
+        remaining_credits,
         metadata: r.metadata,
         created_at: r.created_at,
         created_by: r.created_by,
@@ -691,7 +679,7 @@ pub(crate) fn key_info(
         updated_by: r.updated_by,
         expires_at: r.expires_at,
         disabled_at: r.disabled_at,
-        last_used_at: r.last_used_at,
+        last_used_at: last_used_at.or(r.last_used_at),
         previous_secret_valid_until: r.rolled.map(|o| o.valid_until),
         hash_scheme: r.scheme.label(),
         schema_version: <KeyRecord as crate::codec::Record>::VERSION,
@@ -702,8 +690,27 @@ fn kind_label<S: serde::Serializer>(kind: &KeyKind, s: S) -> std::result::Result
     s.serialize_str(kind.label())
 }
 
-fn remaining(table: &impl ReadableTable<u64, &'static [u8]>, id: u64) -> Result<Option<u64>> {
-    Ok(store::get::<CreditsRecord>(table, id)?.map(|c| c.balance))
+/// Credits left (durable balance of the key or its pool, plus what memory holds leased) and
+/// the last use flushed by the writer. Read at view time; a failed read shows `None`.
+fn live_usage(ledger: &Ledger, id: u64, r: &KeyRecord) -> (Option<u64>, Option<Timestamp>) {
+    let credit_id = r.pool.unwrap_or(id);
+    let Ok(read) = ledger.inner.store.begin_read() else { return (None, None) };
+    let balance = read
+        .open_table(CREDITS)
+        .ok()
+        .and_then(|t| store::get::<CreditsRecord>(&t, credit_id).ok().flatten())
+        .map(|c| c.balance + ledger.inner.engine.lease_in_memory(credit_id).min(c.leased));
+    let last_used = read
+        .open_table(USAGE)
+        .ok()
+        .and_then(|t| store::get::<crate::record::UsageRecord>(&t, id).ok().flatten())
+        .and_then(|u| u.last_used_at);
+    (balance, last_used)
+}
+
+/// The hashes a record's secrets are cached under: current, and rolled if any.
+fn secret_hashes(record: &KeyRecord) -> Vec<KeyHash> {
+    std::iter::once(record.key_hash).chain(record.rolled.as_ref().map(|o| o.key_hash)).collect()
 }
 
 /// A fresh credit balance.
@@ -747,15 +754,13 @@ pub(crate) fn prune_rolled_secrets(ledger: &Ledger) -> Result<()> {
             }
         }
         for (id, mut record) in expired {
+            pruned.extend(secret_hashes(&record));
             prune_expired_rolled(&txn, &mut record, now)?;
             store::put(&mut keys, id, &record)?;
-            pruned.push(id);
         }
     }
     txn.commit()?;
-    for id in pruned {
-        ledger.inner.engine.key_changed(id, false);
-    }
+    ledger.inner.engine.key_changed(&pruned, false);
     Ok(())
 }
 

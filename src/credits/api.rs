@@ -134,8 +134,9 @@ impl Credits<'_> {
         Ok(balance)
     }
 
-    /// Credit and usage state of a key (`key_…`, `tok_…`) or pool (`pool_…`). Pending
-    /// counters are flushed first, so the figures are exact at the time of the call.
+    /// Credit and usage state of a key (`key_…`, `tok_…`), pool (`pool_…`) or account
+    /// (`acct_…`: spend and requests summed over its keys; accounts hold no balance).
+    /// Pending counters are flushed first, so the figures are exact at the time of the call.
     pub fn usage(&self, id: &str) -> Result<Usage> {
         let internal = self.credit_id(id)?;
         self.ledger.flush()?;
@@ -172,6 +173,7 @@ impl Credits<'_> {
         let (kind, table) = match id.split_once('_').map(|(p, _)| p) {
             Some("pool") => (IdKind::Pool, POOLS),
             Some("tok") => (IdKind::Token, KEYS),
+            Some("acct") => (IdKind::Account, ACCOUNTS),
             _ => (IdKind::Key, KEYS),
         };
         let internal = ids.decode(kind, id)?;

@@ -69,6 +69,22 @@ impl Ledger {
         Ok(report)
     }
 
+    /// [`check`](Self::check) on a storage backend. The backend is cloned: one clone for
+    /// redb's integrity check, one to open the ledger, so clones must share their bytes.
+    pub fn check_with_backend(
+        backend: impl redb::StorageBackend + Clone,
+        config: Config,
+    ) -> Result<CheckReport> {
+        let integrity_ok = {
+            let mut db = redb::Database::builder().create_with_backend(backend.clone())?;
+            db.check_integrity()?
+        };
+        let ledger = Ledger::open_with_backend(backend, config)?;
+        let mut report = CheckReport { integrity_ok, ..CheckReport::default() };
+        ledger.check_records(&mut report)?;
+        Ok(report)
+    }
+
     fn check_records(&self, report: &mut CheckReport) -> Result<()> {
         let read = self.inner.store.begin_read()?;
         let ids = &self.inner.ids;

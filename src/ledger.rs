@@ -54,7 +54,23 @@ impl Ledger {
     /// keyledger, and [`Error::NotALedger`] for a redb file of another application.
     pub fn open(path: impl AsRef<Path>, config: Config) -> Result<Ledger> {
         let path = path.as_ref();
-        let (store, meta) = Store::open(path, &config.master_key)?;
+        let opened = Store::open(path, &config.master_key)?;
+        Ledger::start(opened, path, config)
+    }
+
+    /// Opens a ledger on any redb [`StorageBackend`](redb::StorageBackend): an in-memory
+    /// ledger (`redb::backends::InMemoryBackend`), or a backend that simulates crashes and I/O
+    /// failures in tests. Same checks as [`open`](Self::open).
+    pub fn open_with_backend(
+        backend: impl redb::StorageBackend,
+        config: Config,
+    ) -> Result<Ledger> {
+        let opened = Store::open_backend(backend, &config.master_key)?;
+        Ledger::start(opened, Path::new("<storage backend>"), config)
+    }
+
+    fn start(opened: (Store, store::OpenedMeta), path: &Path, config: Config) -> Result<Ledger> {
+        let (store, meta) = opened;
         let store = Arc::new(store);
         let ids = Arc::new(IdCipher::new(&config.master_key));
         let engine = Engine::start(store.clone(), ids.clone(), &config)?;

@@ -35,7 +35,20 @@ impl Store {
     /// Opens or creates the database at `path` and checks that it is a keyledger file of a
     /// known format, opened with the right master key.
     pub(crate) fn open(path: &Path, master: &MasterKey) -> Result<(Store, OpenedMeta)> {
-        let db = Database::builder().create(path)?;
+        Store::init(Database::builder().create(path)?, path, master)
+    }
+
+    /// Like [`open`](Self::open), on any redb storage backend (crash-simulating tests,
+    /// in-memory ledgers).
+    pub(crate) fn open_backend(
+        backend: impl redb::StorageBackend,
+        master: &MasterKey,
+    ) -> Result<(Store, OpenedMeta)> {
+        let db = Database::builder().create_with_backend(backend)?;
+        Store::init(db, Path::new("<storage backend>"), master)
+    }
+
+    fn init(db: Database, path: &Path, master: &MasterKey) -> Result<(Store, OpenedMeta)> {
         let store = Store { db };
         let verifier = verifier(master);
         let existing = {

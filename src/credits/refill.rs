@@ -37,7 +37,7 @@ pub(crate) fn apply_due(record: &mut CreditsRecord, now: Timestamp) -> bool {
     if record.refilled_at.is_some_and(|at| at >= start) {
         return false;
     }
-    record.granted = record.granted - record.balance + refill.amount;
+    record.granted = record.granted.saturating_sub(record.balance).saturating_add(refill.amount);
     record.balance = refill.amount;
     record.refilled_at = Some(start);
     true

@@ -156,6 +156,7 @@ struct Effects {
     reclaimed: Vec<(Arc<Meter>, u64)>,
     events: Vec<CreditEvent>,
     syncs: Vec<Sender<Result<()>>>,
+    retired: Vec<Arc<Meter>>,
 }
 
 fn apply(shared: &Shared, batch: Vec<Msg>, closing: bool) {
@@ -183,6 +184,14 @@ fn apply(shared: &Shared, batch: Vec<Msg>, closing: bool) {
             }
             for r in fx.syncs {
                 let _ = r.send(Ok(()));
+            }
+            drop((fx.flushed_spend, fx.reclaimed));
+            let mut meters = shared.meters.lock();
+            for meter in fx.retired {
+                // The registry's handle and this one: nobody else uses it, so it can go.
+                if Arc::strong_count(&meter) == 2 {
+                    meters.remove(&meter.id);
+                }
             }
         }
         Err(e) => {
@@ -267,7 +276,7 @@ fn build(shared: &Shared, batch: Vec<Msg>, closing: bool, fx: &mut Effects) -> R
                                 Adjust::Set(n) => n,
                                 Adjust::TopUp(n) => r.balance.saturating_add(n),
                             };
-                            r.granted = r.granted - before + r.balance;
+                            r.granted = r.granted.saturating_sub(before).saturating_add(r.balance);
                             fx.adjusts.push((reply, r.balance));
                             if let Some(meter) = meter {
                                 meter.durable_balance.store(r.balance, Ordering::Release);
@@ -283,11 +292,7 @@ fn build(shared: &Shared, batch: Vec<Msg>, closing: bool, fx: &mut Effects) -> R
                 }
                 Msg::Retire { meter } => {
                     reclaim(&mut work, fx, &meter)?;
-                    let mut meters = shared.meters.lock();
-                    // Registry + this message: nobody else holds it, so it can go.
-                    if Arc::strong_count(&meter) <= 2 {
-                        meters.remove(&meter.id);
-                    }
+                    fx.retired.push(meter);
                 }
                 Msg::Flush { reply } | Msg::Close { reply } => fx.syncs.push(reply),
                 Msg::Abandon => {}
@@ -360,7 +365,7 @@ fn lease(
         let swapped = meter.lease.swap(0, Ordering::AcqRel);
         let back = swapped.min(r.leased);
         r.leased -= back;
-        r.granted -= back;
+        r.granted = r.granted.saturating_sub(back);
         fx.reclaimed.push((meter.clone(), swapped));
     }
     let before = r.balance + in_memory;

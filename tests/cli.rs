@@ -423,14 +423,10 @@ fn demo_runs_without_setup_and_prints_a_summary() {
         .expect("run");
     assert_success(&out);
     let text = stdout(&out);
-    for expected in [
-        "Summary",
-        "not_found",
-        "disabled",
-        "expired",
-        "malformed",
-        "check: ok",
-    ] {
+    for expected in DENIAL_CODES
+        .iter()
+        .chain(&["Summary", "receipt", "refunded", "check: ok"])
+    {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
     assert_eq!(
@@ -448,7 +444,28 @@ fn demo_runs_without_setup_and_prints_a_summary() {
     let v: Value = serde_json::from_slice(&out.stdout).expect("json summary");
     assert_eq!(v["check_ok"], true);
     assert_eq!(v["pages_walked"], 3);
+    for code in DENIAL_CODES {
+        let n = v["denials"][code].as_u64().unwrap_or(0);
+        assert!(n >= 1, "demo summary lacks denial {code}: {}", v["denials"]);
+    }
+    assert!(v["grants_committed"].as_u64().unwrap_or(0) >= 1, "{v}");
+    assert!(v["grants_refunded"].as_u64().unwrap_or(0) >= 1, "{v}");
+    assert_eq!(v["pools_created"], 1);
 }
+
+/// Every denial code `verify` gives, in chain order.
+const DENIAL_CODES: [&str; 10] = [
+    "malformed",
+    "not_found",
+    "disabled",
+    "expired",
+    "forbidden",
+    "ip_not_allowed",
+    "subscription_inactive",
+    "not_entitled",
+    "rate_limited",
+    "usage_exceeded",
+];
 
 #[test]
 fn authenticate_reads_the_key_from_stdin() {
@@ -469,4 +486,485 @@ fn authenticate_reads_the_key_from_stdin() {
     let out = child.wait_with_output().expect("wait");
     assert_success(&out);
     assert!(stdout(&out).contains(&id));
+}
+
+impl Scratch {
+    /// An account with `quickhits` entitlement, a route rule needing `quickhits:create` and
+    /// that entitlement (cost 2, 150 µ per unit), and a key with `quickhits:*` and `credits`.
+    /// Returns (account, key id, plaintext).
+    fn metered(&self, credits: &str) -> (String, String, String) {
+        let owner = string(
+            &self.json(&[
+                "accounts",
+                "create",
+                "--name",
+                "Acme",
+                "--entitlement",
+                "quickhits",
+            ])["id"],
+        );
+        self.json(&[
+            "routes",
+            "set",
+            "/api/v1/quickhits/",
+            "--permission",
+            "quickhits:create",
+            "--entitlement",
+            "quickhits",
+            "--cost",
+            "2",
+            "--price-micros",
+            "150",
+        ]);
+        let v = self.json(&[
+            "keys",
+            "create",
+            "--owner",
+            &owner,
+            "--name",
+            "metered",
+            "--permission",
+            "quickhits:*",
+            "--credits",
+            credits,
+        ]);
+        (owner, string(&v["id"]), string(&v["key"]))
+    }
+
+    /// `--json verify KEY --route R extra…`: (exit code, parsed stdout).
+    fn verify(&self, key: &str, route: &str, extra: &[&str]) -> (i32, Value) {
+        let mut args = vec!["--json", "verify", key, "--route", route];
+        args.extend_from_slice(extra);
+        let out = self.run(&args);
+        assert!(
+            !stderr(&out).contains("panicked"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        let v = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{args:?}: stdout not JSON: {}", stdout(&out)));
+        (out.status.code().unwrap_or(-1), v)
+    }
+
+    /// Asserts that verify is refused (exit 3) with `code`; returns the JSON.
+    fn denied(&self, key: &str, route: &str, extra: &[&str], code: &str) -> Value {
+        let (exit, v) = self.verify(key, route, extra);
+        assert_eq!((exit, v["code"].as_str()), (3, Some(code)), "{v}");
+        assert_eq!(v["ok"], false);
+        v
+    }
+}
+
+const QUICKHITS: &str = "/api/v1/quickhits/create";
+
+#[test]
+fn verify_grants_commits_the_reserved_cost_and_prints_the_receipt() {
+    let s = Scratch::initialised();
+    let (owner, id, key) = s.metered("100");
+    let (exit, v) = s.verify(&key, QUICKHITS, &[]);
+    assert_eq!(exit, 0, "{v}");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["key_id"], id.as_str());
+    assert_eq!(v["owner"], owner.as_str());
+    assert_eq!(v["permissions"], serde_json::json!(["quickhits:*"]));
+    assert_eq!(v["reserved"], 2);
+    assert_eq!(v["remaining_credits"], 98);
+    assert!(v["rate_limit"].is_object(), "{v}");
+    assert_eq!(v["settled"], "committed");
+    assert_eq!(v["receipt"]["token_stats"]["charged"], 2);
+    assert_eq!(v["receipt"]["token_stats"]["remaining_credits"], 98);
+    assert_eq!(v["receipt"]["pricing"]["unit_price_micros"], 150);
+    assert_eq!(v["receipt"]["pricing"]["total_micros"], 300);
+
+    // --commit settles the actual cost: reserve 5, use 1.
+    let (exit, v) = s.verify(&key, QUICKHITS, &["--cost", "5", "--commit", "1"]);
+    assert_eq!(exit, 0, "{v}");
+    assert_eq!(v["reserved"], 5);
+    assert_eq!(v["receipt"]["token_stats"]["used"], 1);
+    assert_eq!(v["receipt"]["token_stats"]["remaining_credits"], 97);
+
+    // --refund drops the grant: nothing is spent.
+    let (exit, v) = s.verify(&key, QUICKHITS, &["--refund"]);
+    assert_eq!(exit, 0, "{v}");
+    assert_eq!(v["settled"], "refunded");
+    assert!(v["receipt"].is_null());
+
+    // A peek (cost 0) reports the real balance and spends nothing.
+    let (exit, v) = s.verify(&key, QUICKHITS, &["--cost", "0"]);
+    assert_eq!(exit, 0, "{v}");
+    assert_eq!(v["remaining_credits"], 97, "{v}");
+
+    let u = s.json(&["usage", &id]);
+    assert_eq!(u["remaining"], 97, "{u}");
+    assert_eq!(u["granted"], 100);
+    assert_eq!(u["spent"], 3);
+    assert_eq!(u["lost_to_crash"], 0);
+    assert_eq!(u["leased"], 0, "a clean exit returns the lease");
+    assert_eq!(u["requests"], 4);
+    assert_eq!(u["lifetime_spent"], 3);
+    assert!(u["last_used_at"].is_number(), "{u}");
+
+    // Human output: granted, the receipt, never the plaintext.
+    let out = s.run(&["verify", &key, "--route", QUICKHITS]);
+    assert_success(&out);
+    let text = stdout(&out);
+    assert!(text.contains("granted") && text.contains(&id), "{text}");
+    assert!(
+        text.contains("token_stats") && text.contains("pricing"),
+        "{text}"
+    );
+    assert!(!text.contains(&key), "plaintext printed:\n{text}");
+    let out = s.run(&["usage", &id]);
+    assert_success(&out);
+    assert!(stdout(&out).contains("lost to crash"), "{}", stdout(&out));
+}
+
+#[test]
+fn verify_denials_exit_3_with_their_code() {
+    let s = Scratch::initialised();
+    let (owner, id, key) = s.metered("3");
+
+    s.denied("vb_live_nope", QUICKHITS, &[], "malformed");
+    s.denied("", QUICKHITS, &[], "malformed");
+    s.denied(
+        &key,
+        "/api/v1/reports/daily",
+        &["--cost", "4"],
+        "usage_exceeded",
+    );
+    let v = s.denied(&key, QUICKHITS, &["--cost", "4"], "usage_exceeded");
+    assert_eq!(v["http_status"], 402);
+
+    // A key without the route's permission, and one limited to an address range.
+    let v = s.json(&["keys", "create", "--owner", &owner, "--name", "reader"]);
+    s.denied(&string(&v["key"]), QUICKHITS, &[], "forbidden");
+    let v = s.json(&[
+        "keys",
+        "create",
+        "--owner",
+        &owner,
+        "--name",
+        "office",
+        "--permission",
+        "*",
+        "--ip",
+        "10.0.0.0/8",
+    ]);
+    let office = string(&v["key"]);
+    let v = s.denied(
+        &office,
+        QUICKHITS,
+        &["--ip", "203.0.113.7"],
+        "ip_not_allowed",
+    );
+    assert_eq!(v["http_status"], 403);
+    let (exit, _) = s.verify(&office, QUICKHITS, &["--ip", "10.1.2.3"]);
+    assert_eq!(exit, 0);
+
+    // An entitlement the account lacks.
+    s.json(&[
+        "routes",
+        "set",
+        "/api/v1/exports/",
+        "--entitlement",
+        "exports",
+    ]);
+    s.denied(
+        &office,
+        "/api/v1/exports/csv",
+        &["--ip", "10.0.0.1"],
+        "not_entitled",
+    );
+
+    // A token window of 10 per minute refuses a request costing 11, with a retry-after.
+    let v = s.json(&[
+        "keys",
+        "create",
+        "--owner",
+        &owner,
+        "--name",
+        "windowed",
+        "--token-window",
+        "10/60",
+    ]);
+    let v = s.denied(
+        &string(&v["key"]),
+        "/other",
+        &["--cost", "11"],
+        "rate_limited",
+    );
+    assert_eq!(v["http_status"], 429);
+    assert!(v["retry_after_secs"].as_u64().unwrap_or(0) >= 1, "{v}");
+
+    assert_success(&s.run(&["keys", "disable", &id]));
+    s.denied(&key, QUICKHITS, &[], "disabled");
+
+    let (_, old) = s.key(&owner, "rolled");
+    let rolled = s.json(&["keys", "find", &old[..12]]);
+    let rolled_id = string(&rolled[0]["id"]);
+    assert_success(&s.run(&["keys", "roll", &rolled_id]));
+    s.denied(&old, QUICKHITS, &[], "not_found");
+
+    assert_success(&s.run(&["accounts", "update", &owner, "--status", "canceled"]));
+    s.denied(
+        &office,
+        "/other",
+        &["--ip", "10.0.0.1"],
+        "subscription_inactive",
+    );
+
+    // Human output names the code and the status.
+    let out = s.run(&["verify", &office, "--route", "/other"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stdout(&out).contains("denied: ip_not_allowed (HTTP 403)"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn verify_reads_the_key_from_stdin() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let s = Scratch::initialised();
+    let (_, id, key) = s.metered("10");
+    let mut cmd = s.bare_command();
+    cmd.env("KEYLEDGER_MASTER_KEY", &s.master_key)
+        .args(["--json", "verify", "-", "--route", QUICKHITS])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{key}").expect("write");
+    drop(stdin);
+    let out = child.wait_with_output().expect("wait");
+    assert_success(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["key_id"], id.as_str());
+}
+
+#[test]
+fn credits_top_up_and_set_change_the_balance() {
+    let s = Scratch::initialised();
+    let (_, id, key) = s.metered("10");
+    let v = s.json(&["credits", "top-up", &id, "5"]);
+    assert_eq!(v["balance"], 15);
+    assert_eq!(s.json(&["usage", &id])["remaining"], 15);
+    let (exit, v) = s.verify(&key, QUICKHITS, &[]);
+    assert_eq!(
+        (exit, v["remaining_credits"].as_u64()),
+        (0, Some(13)),
+        "{v}"
+    );
+    let v = s.json(&["credits", "set", &id, "1"]);
+    assert_eq!(v["balance"], 1);
+    s.denied(&key, QUICKHITS, &[], "usage_exceeded");
+    let out = s.run(&["credits", "top-up", &id, "2"]);
+    assert_success(&out);
+    assert!(stdout(&out).contains("3 credits"), "{}", stdout(&out));
+
+    for args in [
+        vec!["credits", "top-up", "key_forged", "1"],
+        vec!["credits", "set", "acct_x", "1"],
+        vec!["usage", "nothing"],
+        vec!["usage", "pool_forged"],
+    ] {
+        let out = s.run(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&out).starts_with("error: "),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let out = s.run(&["credits", "top-up", &id, "-3"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a negative top-up is a usage error"
+    );
+}
+
+#[test]
+fn a_pool_is_shared_by_two_keys() {
+    let s = Scratch::initialised();
+    let (owner, _, _) = s.metered("1");
+    let pool = s.json(&[
+        "pools",
+        "create",
+        "--owner",
+        &owner,
+        "--name",
+        "shared",
+        "--credits",
+        "10",
+        "--refill-monthly",
+        "10",
+        "--low-balance",
+        "2",
+    ]);
+    let pool_id = string(&pool["id"]);
+    assert!(pool_id.starts_with("pool_"), "{pool}");
+    assert_eq!(pool["remaining"], 10);
+    assert_eq!(pool["refill"]["interval"], "monthly");
+    let mut keys = Vec::new();
+    for name in ["a", "b"] {
+        let v = s.json(&[
+            "keys",
+            "create",
+            "--owner",
+            &owner,
+            "--name",
+            name,
+            "--permission",
+            "quickhits:create",
+            "--pool",
+            &pool_id,
+        ]);
+        keys.push(string(&v["key"]));
+    }
+    let (_, v) = s.verify(&keys[0], QUICKHITS, &["--cost", "4"]);
+    assert_eq!(v["remaining_credits"], 6, "{v}");
+    let (_, v) = s.verify(&keys[1], QUICKHITS, &["--cost", "4"]);
+    assert_eq!(v["remaining_credits"], 2, "{v}");
+    s.denied(&keys[0], QUICKHITS, &["--cost", "4"], "usage_exceeded");
+    let u = s.json(&["usage", &pool_id]);
+    assert_eq!(
+        (u["remaining"].as_u64(), u["spent"].as_u64()),
+        (Some(2), Some(8)),
+        "{u}"
+    );
+    assert_eq!(
+        s.json(&["credits", "top-up", &pool_id, "10"])["balance"],
+        12
+    );
+    let (exit, _) = s.verify(&keys[0], QUICKHITS, &["--cost", "4"]);
+    assert_eq!(exit, 0);
+
+    // A pool key cannot also have its own credits; both refills at once are a usage error.
+    let out = s.run(&[
+        "keys",
+        "create",
+        "--owner",
+        &owner,
+        "--name",
+        "c",
+        "--pool",
+        &pool_id,
+        "--credits",
+        "5",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = s.run(&[
+        "pools",
+        "create",
+        "--owner",
+        &owner,
+        "--name",
+        "x",
+        "--credits",
+        "1",
+        "--refill-daily",
+        "1",
+        "--refill-monthly",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = s.run(&[
+        "pools",
+        "create",
+        "--owner",
+        "acct_forged",
+        "--name",
+        "x",
+        "--credits",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).starts_with("error: "));
+}
+
+#[test]
+fn keys_create_takes_refill_low_balance_and_token_window() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    let v = s.json(&[
+        "keys",
+        "create",
+        "--owner",
+        &owner,
+        "--name",
+        "refilled",
+        "--refill-daily",
+        "500",
+        "--low-balance",
+        "50",
+        "--token-window",
+        "1000/60",
+    ]);
+    let limits = &v["limits"];
+    assert_eq!(limits["credits"], 500, "starts at the refill amount: {v}");
+    assert_eq!(limits["refill"]["amount"], 500);
+    assert_eq!(limits["refill"]["interval"], "daily");
+    assert_eq!(limits["low_balance_threshold"], 50);
+    assert_eq!(limits["token_window"]["tokens"], 1000);
+    assert_eq!(limits["token_window"]["window_secs"], 60);
+    let out = s.run(&["keys", "show", &string(&v["id"])]);
+    assert!(stdout(&out).contains("token window"), "{}", stdout(&out));
+    let out = s.run(&[
+        "keys",
+        "create",
+        "--owner",
+        &owner,
+        "--name",
+        "x",
+        "--token-window",
+        "1000",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn connectors_and_secrets_list_an_empty_owner() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    assert_eq!(
+        s.json(&["connectors", "list", "--owner", &owner]),
+        serde_json::json!([])
+    );
+    assert_eq!(
+        s.json(&["secrets", "list", "--owner", &owner]),
+        serde_json::json!([])
+    );
+    let out = s.run(&["connectors", "list", "--owner", &owner]);
+    assert_success(&out);
+    assert!(stdout(&out).contains("no connectors"), "{}", stdout(&out));
+    let out = s.run(&["secrets", "list", "--owner", &owner]);
+    assert_success(&out);
+    assert!(stdout(&out).contains("no secrets"), "{}", stdout(&out));
+    for command in ["connectors", "secrets"] {
+        let out = s.run(&[command, "list", "--owner", "acct_forged"]);
+        assert_eq!(out.status.code(), Some(1), "{command}");
+        assert!(stderr(&out).starts_with("error: "), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn routes_carry_a_price() {
+    let s = Scratch::initialised();
+    let rule = s.json(&["routes", "set", "/api/", "--price-micros", "2500"]);
+    assert_eq!(rule["price_micros"], 2500);
+    let out = s.run(&["routes", "list"]);
+    assert!(stdout(&out).contains("2500"), "{}", stdout(&out));
+}
+
+#[test]
+fn a_cursor_may_start_with_a_hyphen() {
+    // Cursors are base64url: about one in 64 starts with `-`, which must not read as a flag.
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    let out = s.run(&["keys", "list", "--owner", &owner, "--cursor", "-Bforged"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cursor"), "{}", stderr(&out));
 }

@@ -1,9 +1,10 @@
 //! Command-line definitions (clap derive). Parsing only: the commands live in their own modules.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
-use keyledger::SubscriptionStatus;
+use keyledger::{Refill, RefillInterval, SubscriptionStatus};
 
 /// keyledger: API keys, tokens, accounts and route rules in an embedded redb database.
 #[derive(Debug, Parser)]
@@ -60,10 +61,148 @@ pub enum Command {
         /// The full plaintext key, or `-` to read it from stdin.
         key: String,
     },
+    /// Verify a request as a server would: format, key, state, route permission, IP,
+    /// subscription and entitlement, rate limits, credits. Exit 0 on a grant, 3 on a denial.
+    ///
+    /// A grant is committed with the reserved cost, as if the work was done at the quoted
+    /// price: the credits are spent. `--commit N` settles the real cost instead (less refunds
+    /// the difference, more charges it, never below zero), `--refund` drops the grant so the
+    /// reservation goes back, and `--cost 0` checks without spending. Rate-limit state lives
+    /// in the process's memory, so each CLI invocation starts with full limits.
+    Verify(VerifyArgs),
+    /// Credits and usage of a key, token or pool: remaining, granted, spent, lost to crashes,
+    /// leased, requests, lifetime spend, last use.
+    Usage {
+        /// Key (`key_…`), token (`tok_…`) or pool (`pool_…`) id.
+        id: String,
+    },
+    /// Change the credit balance of a key, token or pool.
+    #[command(subcommand)]
+    Credits(CreditsCommand),
+    /// Shared credit pools: several keys of one account spending one budget.
+    #[command(subcommand)]
+    Pools(PoolsCommand),
+    /// An owner's OAuth connections (metadata only, never tokens).
+    #[command(subcommand)]
+    Connectors(ConnectorsCommand),
+    /// An owner's secrets for outbound calls (names and hosts only, never values).
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
     /// Check database integrity and ledger invariants. Exit 1 if a problem is found.
     Check,
     /// Run a guided tour on a scratch ledger in a temporary directory; needs no setup.
     Demo,
+}
+
+/// `verify` arguments.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("settle").args(["commit", "refund"])))]
+pub struct VerifyArgs {
+    /// The full plaintext key, or `-` to read it from stdin.
+    pub key: String,
+    /// The request's route, e.g. `/api/v1/quickhits/create`.
+    #[arg(long)]
+    pub route: String,
+    /// The client's address, checked against the key's IP allowlist.
+    #[arg(long)]
+    pub ip: Option<IpAddr>,
+    /// Credits to reserve (default: the route rule's cost, or 1); 0 checks without spending.
+    #[arg(long, value_name = "N")]
+    pub cost: Option<u64>,
+    /// Commit this actual cost instead of the reserved one; prints the receipt.
+    #[arg(long, value_name = "N")]
+    pub commit: Option<u64>,
+    /// Drop the grant uncommitted: the reservation is refunded.
+    #[arg(long)]
+    pub refund: bool,
+}
+
+/// `credits …`
+#[derive(Debug, Subcommand)]
+pub enum CreditsCommand {
+    /// Add credits to a key's, token's or pool's balance.
+    TopUp {
+        /// Key, token or pool id.
+        id: String,
+        /// Credits to add.
+        units: u64,
+    },
+    /// Set a key's, token's or pool's balance to exactly N credits.
+    Set {
+        /// Key, token or pool id.
+        id: String,
+        /// The new balance.
+        units: u64,
+    },
+}
+
+/// `pools …`
+#[derive(Debug, Subcommand)]
+pub enum PoolsCommand {
+    /// Create a pool; keys join it with `keys create --pool POOL_ID`.
+    Create {
+        /// Owning account id (`acct_…`).
+        #[arg(long)]
+        owner: String,
+        /// Display name (1–50 characters).
+        #[arg(long)]
+        name: String,
+        /// Starting credits.
+        #[arg(long)]
+        credits: u64,
+        /// Periodic refill.
+        #[command(flatten)]
+        refill: RefillArgs,
+        /// Emit a low-balance event when the pool falls to or below this many credits.
+        #[arg(long, value_name = "T")]
+        low_balance: Option<u64>,
+    },
+}
+
+/// `connectors …`
+#[derive(Debug, Subcommand)]
+pub enum ConnectorsCommand {
+    /// List an owner's connections: provider, scopes, expiry, health, last update.
+    List {
+        /// Owning account id (`acct_…`).
+        #[arg(long)]
+        owner: String,
+    },
+}
+
+/// `secrets …`
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// List an owner's secrets: names, allowed hosts, version and dates.
+    List {
+        /// Owning account id (`acct_…`).
+        #[arg(long)]
+        owner: String,
+    },
+}
+
+/// A refill that replaces the balance every day or every month (at most one of the two).
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+pub struct RefillArgs {
+    /// Set the balance to AMOUNT every day at 00:00 UTC.
+    #[arg(long, value_name = "AMOUNT")]
+    pub refill_daily: Option<u64>,
+    /// Set the balance to AMOUNT on the first of every month, 00:00 UTC.
+    #[arg(long, value_name = "AMOUNT")]
+    pub refill_monthly: Option<u64>,
+}
+
+impl RefillArgs {
+    /// The refill the flags ask for, if any.
+    pub fn refill(&self) -> Option<Refill> {
+        let (amount, interval) = match (self.refill_daily, self.refill_monthly) {
+            (Some(amount), _) => (amount, RefillInterval::Daily),
+            (None, Some(amount)) => (amount, RefillInterval::Monthly),
+            (None, None) => return None,
+        };
+        Some(Refill { amount, interval })
+    }
 }
 
 /// `accounts …`
@@ -110,8 +249,8 @@ pub struct PageArgs {
     /// Items per page (1–100, default 25).
     #[arg(long)]
     pub limit: Option<usize>,
-    /// The `next cursor` printed by the previous page.
-    #[arg(long)]
+    /// The `next cursor` printed by the previous page (it may start with `-`).
+    #[arg(long, allow_hyphen_values = true)]
     pub cursor: Option<String>,
 }
 
@@ -130,9 +269,22 @@ pub struct CreateArgs {
     /// An allowed client address or CIDR range (repeatable; none: any).
     #[arg(long = "ip")]
     pub ips: Vec<String>,
-    /// Starting credits (without: unmetered).
+    /// Starting credits (without: unmetered, unless a refill or pool is given).
     #[arg(long)]
     pub credits: Option<u64>,
+    /// Spend from this shared pool (`pool_…`) instead of an own balance.
+    #[arg(
+        long,
+        value_name = "POOL_ID",
+        conflicts_with_all = ["credits", "refill_daily", "refill_monthly"]
+    )]
+    pub pool: Option<String>,
+    /// Periodic refill; without `--credits` the balance starts at the refill amount.
+    #[command(flatten)]
+    pub refill: RefillArgs,
+    /// Emit a low-balance event when the credits left fall to or below this.
+    #[arg(long, value_name = "T")]
+    pub low_balance: Option<u64>,
     /// Expire this many seconds from now.
     #[arg(long, value_name = "SECS")]
     pub expires_in: Option<u64>,
@@ -142,6 +294,18 @@ pub struct CreateArgs {
     /// Named rate limit `name=limit/secs`, e.g. `requests=100/60` (repeatable).
     #[arg(long = "rate-limit", value_name = "NAME=LIMIT/SECS", value_parser = parse_rate_limit)]
     pub rate_limits: Vec<RateLimitArg>,
+    /// Token window `tokens/secs`: at most this much cost per window, e.g. `10000/60`.
+    #[arg(long, value_name = "TOKENS/SECS", value_parser = parse_token_window)]
+    pub token_window: Option<TokenWindowArg>,
+}
+
+/// A parsed `--token-window tokens/secs`.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenWindowArg {
+    /// Tokens (units of cost) per window.
+    pub tokens: u64,
+    /// Window in seconds.
+    pub window_secs: u64,
 }
 
 /// A parsed `--rate-limit name=limit/secs`.
@@ -310,6 +474,9 @@ pub enum RoutesCommand {
         /// Default cost of one request.
         #[arg(long, default_value_t = 1)]
         cost: u64,
+        /// Price of one unit of cost, in millionths of the currency unit (shown on receipts).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        price_micros: u64,
     },
     /// List all rules.
     List,
@@ -342,6 +509,16 @@ fn parse_rate_limit(s: &str) -> Result<RateLimitArg, String> {
         name: name.to_owned(),
         limit,
         window_secs,
+    })
+}
+
+/// Parses `tokens/secs`.
+fn parse_token_window(s: &str) -> Result<TokenWindowArg, String> {
+    let usage = "expected TOKENS/SECS, e.g. 10000/60";
+    let (tokens, secs) = s.split_once('/').ok_or(usage)?;
+    Ok(TokenWindowArg {
+        tokens: tokens.trim().parse().map_err(|_| usage)?,
+        window_secs: secs.trim().parse().map_err(|_| usage)?,
     })
 }
 
@@ -383,6 +560,10 @@ mod tests {
             ("requests", 100, 60)
         );
         assert!(parse_rate_limit("requests=100").is_err());
+        let tw = parse_token_window("10000/60").unwrap();
+        assert_eq!((tw.tokens, tw.window_secs), (10_000, 60));
+        assert!(parse_token_window("10000").is_err());
+        assert!(parse_token_window("x/60").is_err());
         assert_eq!(parse_metadata("a=b=c").unwrap(), ("a".into(), "b=c".into()));
         assert!(parse_status("nope").is_err());
     }

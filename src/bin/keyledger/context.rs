@@ -99,28 +99,13 @@ pub fn init(ctx: &Context) -> CliResult<u8> {
     }
     let (key, source, written) = init_key(ctx)?;
     let config = Config::builder().master_key(key).build()?;
-    let created = Ledger::open(&ctx.db, config)
-        .map(drop)
-        .map_err(CliError::from);
-    if let Err(e) = created.and_then(|()| create_routes_table(&ctx.db)) {
+    if let Err(e) = Ledger::open(&ctx.db, config).and_then(|ledger| ledger.close()) {
         if let Some(path) = &written {
             let _ = std::fs::remove_file(path);
         }
-        return Err(e);
+        return Err(e.into());
     }
     report_init(ctx, &source, written.is_some())
-}
-
-/// Workaround for a library gap: `Ledger::open` does not create the `routes` table, so
-/// `Routes::list` and `Ledger::check` fail on a database that never had a route rule. Creates
-/// the (empty) table in a freshly initialised file. Remove once the store creates it itself.
-fn create_routes_table(db: &Path) -> CliResult<()> {
-    const ROUTES: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("routes");
-    let storage = |e: redb::Error| CliError::new(format!("storage: {e}"));
-    let db = redb::Database::open(db).map_err(|e| storage(e.into()))?;
-    let txn = db.begin_write().map_err(|e| storage(e.into()))?;
-    txn.open_table(ROUTES).map_err(|e| storage(e.into()))?;
-    txn.commit().map_err(|e| storage(e.into()))
 }
 
 /// The key `init` uses: the configured one, or a new one written to a new key file.

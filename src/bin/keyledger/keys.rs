@@ -78,11 +78,26 @@ pub fn run_tokens(ctx: &Context, command: TokensCommand) -> CliResult<u8> {
     }
 }
 
-/// Applies the shared create flags to a new key.
+/// Applies the shared create flags to a new key. A refill without `--credits` starts the
+/// balance at the refill amount (a refill needs a metered balance).
 fn apply_settings(mut new: NewKey, args: &CreateArgs) -> NewKey {
     new = new.permissions(&args.permissions).ips(&args.ips);
-    if let Some(credits) = args.credits {
+    let refill = args.refill.refill();
+    let starting = args.credits.or(refill.map(|r| r.amount));
+    if let Some(credits) = starting {
         new = new.credits(credits);
+    }
+    if let Some(refill) = refill {
+        new = new.refill(refill.amount, refill.interval);
+    }
+    if let Some(pool) = &args.pool {
+        new = new.pool(pool);
+    }
+    if let Some(threshold) = args.low_balance {
+        new = new.low_balance_threshold(threshold);
+    }
+    if let Some(tw) = args.token_window {
+        new = new.token_window(tw.tokens, tw.window_secs);
     }
     if let Some(secs) = args.expires_in {
         new = new.expires_at(SystemClock.now().plus_secs(secs));

@@ -1,15 +1,18 @@
 //! `keyledger`: the command-line interface to a keyledger database.
 //!
 //! Exit codes: 0 success, 1 error (printed as `error: …` on stderr), 2 usage error,
-//! 3 `authenticate` refused the key.
+//! 3 `authenticate` or `verify` refused the key.
 
 mod accounts;
 mod cli;
 mod context;
+mod credits;
 mod demo;
 mod keys;
 mod misc;
 mod output;
+mod vault;
+mod verify;
 
 use std::fmt;
 use std::process::ExitCode;
@@ -83,6 +86,12 @@ fn run(ctx: &Context, command: Command) -> CliResult<u8> {
         Command::Routes(c) => misc::routes(ctx, c),
         Command::Audit { limit } => misc::audit(ctx, limit),
         Command::Authenticate { key } => misc::authenticate(ctx, &key),
+        Command::Verify(args) => verify::verify(ctx, &args),
+        Command::Usage { id } => verify::usage(ctx, &id),
+        Command::Credits(c) => credits::credits(ctx, c),
+        Command::Pools(c) => credits::pools(ctx, c),
+        Command::Connectors(c) => vault::connectors(ctx, c),
+        Command::Secrets(c) => vault::secrets(ctx, c),
         Command::Check => misc::check(ctx),
         Command::Demo => demo::run(ctx.json),
     }

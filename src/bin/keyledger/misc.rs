@@ -4,12 +4,14 @@ use keyledger::{
     CheckReport, Denial, HeaderError, KeyInfo, Ledger, MalformedKey, Presented, RouteRule,
 };
 
+use zeroize::Zeroizing;
+
 use crate::cli::RoutesCommand;
 use crate::context::Context;
 use crate::output::{audit_table, print_json, route_table};
 use crate::{CliError, CliResult};
 
-/// Exit code of `authenticate` when the key is refused.
+/// Exit code of `authenticate` and `verify` when the key is refused.
 pub const EXIT_DENIED: u8 = 3;
 
 /// Runs a `routes` subcommand.
@@ -22,8 +24,9 @@ pub fn routes(ctx: &Context, command: RoutesCommand) -> CliResult<u8> {
             permission,
             entitlement,
             cost,
+            price_micros,
         } => {
-            let mut rule = RouteRule::new(prefix).cost(cost);
+            let mut rule = RouteRule::new(prefix).cost(cost).price_micros(price_micros);
             if let Some(permission) = permission {
                 rule = rule.permission(permission);
             }
@@ -39,7 +42,7 @@ pub fn routes(ctx: &Context, command: RoutesCommand) -> CliResult<u8> {
             }
         }
         RoutesCommand::List => {
-            let rules = list_routes(&routes)?;
+            let rules = routes.list()?;
             if ctx.json {
                 print_json(&rules)?;
             } else if rules.is_empty() {
@@ -60,17 +63,6 @@ pub fn routes(ctx: &Context, command: RoutesCommand) -> CliResult<u8> {
     Ok(0)
 }
 
-/// All route rules. A database that never had one may lack the routes table (a library gap,
-/// see `context::create_routes_table`): that reads as no rules.
-fn list_routes(routes: &keyledger::Routes<'_>) -> CliResult<Vec<RouteRule>> {
-    match routes.list() {
-        Err(keyledger::Error::Storage(e)) if matches!(*e, redb::Error::TableDoesNotExist(_)) => {
-            Ok(Vec::new())
-        }
-        other => Ok(other?),
-    }
-}
-
 /// `audit --limit N`: the newest events, newest first.
 pub fn audit(ctx: &Context, limit: usize) -> CliResult<u8> {
     let events = ctx.open()?.audit().recent(limit)?;
@@ -84,27 +76,38 @@ pub fn audit(ctx: &Context, limit: usize) -> CliResult<u8> {
     Ok(0)
 }
 
-/// Authenticates a plaintext key; a malformed header value counts as a `malformed` denial.
-pub fn authenticate_key(ledger: &Ledger, key: &str) -> CliResult<Result<KeyInfo, Denial>> {
+/// Wraps a plaintext key for the library; a value that cannot be a key (empty, far too long)
+/// is a `malformed` denial, as a server would answer it.
+pub fn present(key: &str) -> CliResult<Result<Presented, Denial>> {
     match Presented::new(key) {
-        Ok(presented) => Ok(ledger.authenticate(&presented)),
+        Ok(presented) => Ok(Ok(presented)),
         Err(HeaderError::Malformed(why)) => Ok(Err(Denial::Malformed(why))),
         Err(HeaderError::Missing) => Ok(Err(Denial::Malformed(MalformedKey::Empty))),
         Err(other) => Err(CliError::new(other.to_string())),
     }
 }
 
+/// The key argument: itself, or for `-` the first line of stdin (keeping the key out of shell
+/// history and process listings). Zeroized when dropped.
+pub fn read_key(arg: &str) -> CliResult<Zeroizing<String>> {
+    if arg != "-" {
+        return Ok(Zeroizing::new(arg.to_owned()));
+    }
+    let mut line = Zeroizing::new(String::new());
+    std::io::stdin().read_line(&mut line)?;
+    Ok(line)
+}
+
+/// Authenticates a plaintext key; a malformed header value counts as a `malformed` denial.
+pub fn authenticate_key(ledger: &Ledger, key: &str) -> CliResult<Result<KeyInfo, Denial>> {
+    Ok(present(key)?.and_then(|presented| ledger.authenticate(&presented)))
+}
+
 /// `authenticate KEY`: exit 0 with the key's id and name, or exit 3 with the denial code.
-/// `-` reads the key from stdin, keeping it out of shell history and process listings.
+/// `-` reads the key from stdin.
 pub fn authenticate(ctx: &Context, key: &str) -> CliResult<u8> {
     let ledger = ctx.open()?;
-    let key = if key == "-" {
-        let mut line = zeroize::Zeroizing::new(String::new());
-        std::io::stdin().read_line(&mut line)?;
-        line
-    } else {
-        zeroize::Zeroizing::new(key.to_owned())
-    };
+    let key = read_key(key)?;
     let outcome = authenticate_key(&ledger, &key)?;
     match (&outcome, ctx.json) {
         (Ok(info), true) => print_json(&serde_json::json!({
@@ -154,6 +157,12 @@ pub fn print_check(report: &CheckReport) {
     ];
     let integrity = if report.integrity_ok { "ok" } else { "FAILED" };
     println!("  redb integrity {integrity}; {}", counts.join(", "));
+    if report.lost_to_crash > 0 {
+        println!(
+            "  {} credit units were leased in memory when a process crashed: counted as spent",
+            report.lost_to_crash
+        );
+    }
     for problem in &report.problems {
         println!("  problem: {problem}");
     }

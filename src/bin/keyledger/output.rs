@@ -1,7 +1,10 @@
 //! Human and JSON printing: aligned tables, field lists, timestamps. Never prints a plaintext
 //! key except through [`print_plaintext_once`].
 
-use keyledger::{Account, AuditEvent, Clock, KeyInfo, RouteRule, Secret, SystemClock, Timestamp};
+use keyledger::{
+    Account, AuditEvent, Clock, ConnectionInfo, KeyInfo, Limits, Pool, RateState, Receipt, Refill,
+    RefillInterval, RouteRule, Secret, SecretInfo, SystemClock, Timestamp, Usage,
+};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
@@ -168,12 +171,7 @@ pub fn print_key(info: &KeyInfo) {
     ]);
     t.row(["ip allowlist".to_owned(), list_or(&info.ips, "(any)")]);
     t.row(["credits".to_owned(), credits(info)]);
-    for rl in &info.limits.rate_limits {
-        t.row([
-            "rate limit".to_owned(),
-            format!("{}: {}/{}s", rl.name, rl.limit, rl.window_secs),
-        ]);
-    }
+    limit_rows(&mut t, &info.limits);
     for (k, v) in &info.metadata {
         t.row(["metadata".to_owned(), format!("{k}={v}")]);
     }
@@ -193,6 +191,37 @@ pub fn print_key(info: &KeyInfo) {
     }
     t.row(["hash scheme", info.hash_scheme.as_str()]);
     t.print();
+}
+
+/// Refill, low-balance threshold, rate limits and token window, one row each when set.
+fn limit_rows(t: &mut Table, limits: &Limits) {
+    if let Some(refill) = limits.refill {
+        t.row(["refill".to_owned(), refill_text(refill)]);
+    }
+    if let Some(threshold) = limits.low_balance_threshold {
+        t.row(["low balance at".to_owned(), threshold.to_string()]);
+    }
+    for rl in &limits.rate_limits {
+        t.row([
+            "rate limit".to_owned(),
+            format!("{}: {}/{}s", rl.name, rl.limit, rl.window_secs),
+        ]);
+    }
+    if let Some(tw) = limits.token_window {
+        t.row([
+            "token window".to_owned(),
+            format!("{} tokens/{}s", tw.tokens, tw.window_secs),
+        ]);
+    }
+}
+
+/// `1000 daily` / `1000 monthly`: the balance a refill sets.
+pub fn refill_text(refill: Refill) -> String {
+    let every = match refill.interval {
+        RefillInterval::Daily => "daily",
+        RefillInterval::Monthly => "monthly",
+    };
+    format!("balance set to {} {every}", refill.amount)
 }
 
 /// A table of keys, masked; the status is as of `now`.
@@ -274,13 +303,142 @@ pub fn account_table<'a>(accounts: impl IntoIterator<Item = &'a Account>) -> Tab
 
 /// A table of route rules.
 pub fn route_table<'a>(rules: impl IntoIterator<Item = &'a RouteRule>) -> Table {
-    let mut t = Table::new(["PREFIX", "PERMISSION", "ENTITLEMENT", "COST"]);
+    let mut t = Table::new([
+        "PREFIX",
+        "PERMISSION",
+        "ENTITLEMENT",
+        "COST",
+        "PRICE (µ/unit)",
+    ]);
     for r in rules {
         t.row([
             r.prefix.clone(),
             r.permission.clone().unwrap_or_else(|| "-".into()),
             r.entitlement.clone().unwrap_or_else(|| "-".into()),
             r.cost.to_string(),
+            r.price_micros.to_string(),
+        ]);
+    }
+    t
+}
+
+/// A pool, one field per line.
+pub fn pool_table(pool: &Pool, refill: Option<Refill>, low_balance: Option<u64>) -> Table {
+    let mut t = Table::bare();
+    t.row(["id", pool.id.as_str()]);
+    t.row(["owner", pool.owner.as_str()]);
+    t.row(["name", pool.name.as_str()]);
+    t.row(["credits".to_owned(), pool.remaining.to_string()]);
+    if let Some(refill) = refill {
+        t.row(["refill".to_owned(), refill_text(refill)]);
+    }
+    if let Some(threshold) = low_balance {
+        t.row(["low balance at".to_owned(), threshold.to_string()]);
+    }
+    t
+}
+
+/// Credit and usage state of a key or pool, one field per line.
+pub fn usage_table(u: &Usage) -> Table {
+    let mut t = Table::bare();
+    t.row(["id", u.id.as_str()]);
+    let remaining = u
+        .remaining
+        .map_or_else(|| "unmetered".to_owned(), |n| format!("{n} credits"));
+    t.row(["remaining".to_owned(), remaining]);
+    t.row(["granted".to_owned(), u.granted.to_string()]);
+    t.row(["spent".to_owned(), u.spent.to_string()]);
+    t.row(["lost to crash".to_owned(), u.lost_to_crash.to_string()]);
+    t.row(["leased".to_owned(), u.leased.to_string()]);
+    if !u.id.starts_with("pool_") {
+        t.row(["requests".to_owned(), u.requests.to_string()]);
+        t.row(["lifetime spent".to_owned(), u.lifetime_spent.to_string()]);
+        t.row(["last used".to_owned(), opt_time(u.last_used_at, "never")]);
+    }
+    t
+}
+
+/// `requests: 4 left · tokens: 90 left · tier 100%` (limits the key does not have are left out).
+pub fn rate_text(state: &RateState) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = state.requests_remaining {
+        parts.push(format!("{n} requests left"));
+    }
+    if let Some(n) = state.tokens_remaining {
+        parts.push(format!("{n} tokens left"));
+    }
+    if parts.is_empty() {
+        parts.push("no limits".to_owned());
+    }
+    if state.tier_multiplier_pct != 100 {
+        parts.push(format!("spend tier {}%", state.tier_multiplier_pct));
+    }
+    parts.join(" · ")
+}
+
+/// A receipt as two lines' worth of rows: what was charged and what it costs.
+pub fn receipt_rows(t: &mut Table, receipt: &Receipt) {
+    let stats = &receipt.token_stats;
+    let left = stats
+        .remaining_credits
+        .map_or_else(|| "unmetered".to_owned(), |n| format!("{n} credits left"));
+    t.row([
+        "token_stats".to_owned(),
+        format!(
+            "used {}, charged {}, uncovered {}; {left}",
+            stats.used, stats.charged, stats.uncovered
+        ),
+    ]);
+    let p = &receipt.pricing;
+    t.row([
+        "pricing".to_owned(),
+        format!(
+            "{} × {} µ = {} µ",
+            p.units, p.unit_price_micros, p.total_micros
+        ),
+    ]);
+}
+
+/// A table of an owner's connections: metadata only (the vault never returns tokens here).
+pub fn connection_table<'a>(connections: impl IntoIterator<Item = &'a ConnectionInfo>) -> Table {
+    let mut t = Table::new([
+        "PROVIDER", "SCOPES", "EXPIRES", "HEALTH", "REFRESH", "UPDATED",
+    ]);
+    for c in connections {
+        let health = match c.health_reason {
+            Some(reason) => format!("{} ({})", c.health.as_str(), reason.as_str()),
+            None => c.health.as_str().to_owned(),
+        };
+        t.row([
+            c.provider.as_str().to_owned(),
+            list_or(&c.scopes, "-"),
+            opt_time(c.expires_at, "-"),
+            health,
+            if c.has_refresh_token { "yes" } else { "no" }.to_owned(),
+            time(c.updated_at),
+        ]);
+    }
+    t
+}
+
+/// A table of an owner's secrets: names, hosts, versions and dates, never values.
+pub fn secret_table<'a>(secrets: impl IntoIterator<Item = &'a SecretInfo>) -> Table {
+    let mut t = Table::new([
+        "NAME",
+        "ALLOWED HOSTS",
+        "VERSION",
+        "CREATED",
+        "UPDATED",
+        "ROTATED",
+    ]);
+    for s in secrets {
+        t.row([
+            s.name.clone(),
+            list_or(&s.allowed_hosts, "-"),
+            s.version.to_string(),
+            time(s.created_at),
+            time(s.updated_at),
+            opt_time(s.rotated_at, "-"),
         ]);
     }
     t

@@ -1,8 +1,11 @@
 //! `demo`: a guided tour on a scratch ledger in a temporary directory. Needs no setup: the
 //! master key is generated and thrown away, and a [`ManualClock`] lets the tour move time
-//! forward to show grace periods and expiry.
+//! forward to show grace periods and expiry. It walks the key lifecycle, then runs traffic
+//! through `verify`: a commit with its receipt, a refund, a shared pool, and every denial.
 
+mod probe;
 mod tour;
+mod traffic;
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -11,9 +14,9 @@ use std::path::Path;
 use keyledger::{Clock, Config, KeyInfo, Ledger, ManualClock, MasterKey, Secret, SystemClock};
 use serde::Serialize;
 
-use crate::misc::{authenticate_key, print_check};
-use crate::output::{Table, mask};
-use crate::{CliError, CliResult};
+use crate::CliResult;
+use crate::misc::print_check;
+use crate::output::Table;
 
 /// What the tour did, printed at the end (as JSON with `--json`).
 #[derive(Debug, Default, Serialize)]
@@ -42,9 +45,19 @@ pub struct Summary {
     pub keys_imported: u64,
     /// Keys rehashed to a newer scheme on use.
     pub keys_rehashed: u64,
-    /// Authentications that succeeded.
-    pub authentications_ok: u64,
-    /// Authentications refused, by denial code.
+    /// Credit pools created.
+    pub pools_created: u64,
+    /// Manual top-ups.
+    pub top_ups: u64,
+    /// Verifies granted.
+    pub verifies_granted: u64,
+    /// Grants committed (each with a receipt).
+    pub grants_committed: u64,
+    /// Grants dropped uncommitted (their reservation refunded).
+    pub grants_refunded: u64,
+    /// Credits charged by the commits.
+    pub credits_charged: u64,
+    /// Verifies refused, by denial code (every code appears).
     pub denials: BTreeMap<String, u64>,
     /// Audit events recorded.
     pub audit_events: u64,
@@ -61,6 +74,8 @@ pub struct Demo {
     secrets: BTreeMap<String, Secret>,
     /// Key public ids by key name.
     ids: BTreeMap<String, String>,
+    /// The shared pool's id, once created.
+    pool_id: String,
     summary: Summary,
 }
 
@@ -79,6 +94,7 @@ pub fn run(json: bool) -> CliResult<u8> {
         json,
         secrets: BTreeMap::new(),
         ids: BTreeMap::new(),
+        pool_id: String::new(),
         summary: Summary::default(),
     };
     demo.say(format!(
@@ -135,50 +151,6 @@ impl Demo {
         self.ids.get(name).cloned().unwrap_or_default()
     }
 
-    /// Authenticates `plaintext`, prints one aligned line and counts the outcome. `want` is
-    /// `ok` or the expected denial code; anything else stops the demo with an error.
-    fn expect(&mut self, label: &str, plaintext: &str, want: &str) -> CliResult<()> {
-        let outcome = authenticate_key(&self.ledger, plaintext)?;
-        let (got, verdict) = match &outcome {
-            Ok(info) => {
-                self.summary.authentications_ok += 1;
-                ("ok", format!("ok          {}  {}", info.id, info.name))
-            }
-            Err(denial) => {
-                *self
-                    .summary
-                    .denials
-                    .entry(denial.code().to_owned())
-                    .or_default() += 1;
-                (
-                    denial.code(),
-                    format!("denied: {} (HTTP {})", denial.code(), denial.http_status()),
-                )
-            }
-        };
-        self.say(format!(
-            "  authenticate {label:<26} {:<18} → {verdict}",
-            mask(plaintext)
-        ));
-        if got != want {
-            return Err(CliError::new(format!(
-                "demo: {label}: expected {want}, got {got}"
-            )));
-        }
-        Ok(())
-    }
-
-    /// [`expect`](Self::expect) with the stored plaintext of the key named `name`.
-    fn expect_named(&mut self, label: &str, name: &str, want: &str) -> CliResult<()> {
-        let plaintext = self
-            .secrets
-            .get(name)
-            .map(|s| s.expose().to_owned())
-            .unwrap_or_default();
-        let plaintext = zeroize::Zeroizing::new(plaintext);
-        self.expect(label, &plaintext, want)
-    }
-
     /// Counts the audit trail and closes the ledger so `check` can open the file.
     fn finish(self) -> Summary {
         let mut summary = self.summary;
@@ -195,7 +167,7 @@ impl Demo {
 fn run_check(path: &Path, config: Config, json: bool) -> CliResult<bool> {
     let report = Ledger::check(path, config)?;
     if !json {
-        println!("\n== 11. Integrity check (`keyledger check`)");
+        println!("\n== 13. Integrity check (`keyledger check`)");
         print_check(&report);
     }
     Ok(report.is_ok())
@@ -206,10 +178,16 @@ fn print_summary(s: &Summary, json: bool) -> CliResult<()> {
     if json {
         return crate::output::print_json(s);
     }
-    let denials: Vec<String> = s
-        .denials
+    // Chain order (then any code the chain list does not know), five to a line.
+    let known = traffic::DENIAL_CODES;
+    let others = s.denials.keys().map(String::as_str);
+    let codes: Vec<&str> = known
+        .into_iter()
+        .chain(others.filter(|c| !known.contains(c)))
+        .collect();
+    let denials: Vec<String> = codes
         .iter()
-        .map(|(code, n)| format!("{code} ×{n}"))
+        .filter_map(|code| s.denials.get(*code).map(|n| format!("{code} ×{n}")))
         .collect();
     let mut t = Table::bare().indent(2);
     t.row([
@@ -232,10 +210,20 @@ fn print_summary(s: &Summary, json: bool) -> CliResult<()> {
     t.row(["keys imported".to_owned(), s.keys_imported.to_string()]);
     t.row(["keys rehashed".to_owned(), s.keys_rehashed.to_string()]);
     t.row([
-        "authentications ok".to_owned(),
-        s.authentications_ok.to_string(),
+        "pools".to_owned(),
+        format!("{} created, {} top-up", s.pools_created, s.top_ups),
     ]);
-    t.row(["denials".to_owned(), denials.join(", ")]);
+    t.row([
+        "verifies granted".to_owned(),
+        format!(
+            "{} ({} committed, {} credits charged; {} refunded)",
+            s.verifies_granted, s.grants_committed, s.credits_charged, s.grants_refunded
+        ),
+    ]);
+    for (i, line) in denials.chunks(5).enumerate() {
+        let label = if i == 0 { "denials" } else { "" };
+        t.row([label.to_owned(), line.join(", ")]);
+    }
     t.row(["audit events".to_owned(), s.audit_events.to_string()]);
     t.row([
         "check".to_owned(),

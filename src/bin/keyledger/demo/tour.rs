@@ -10,6 +10,7 @@ use keyledger::{
 use sha2::{Digest, Sha256};
 
 use super::Demo;
+use super::probe::Probe;
 use crate::output::{
     Table, account_table, audit_table, key_table, list_or, mask, print_plaintext_once, route_table,
 };
@@ -18,12 +19,16 @@ use crate::{CliError, CliResult};
 /// Grace period of the rolled key.
 const GRACE_SECS: u64 = 3600;
 /// Lifetime of the key that expires during the tour.
-const EXPIRES_IN_SECS: u64 = 86_400;
+pub(super) const EXPIRES_IN_SECS: u64 = 86_400;
+/// A route every Acme key with `quickhits:create` may call.
+pub(super) const QUICKHITS: &str = "/api/v1/quickhits/create";
 
 /// The two accounts of the tour.
-struct Accounts {
-    acme: String,
-    globex: String,
+pub(super) struct Accounts {
+    /// Acme Robotics: active, entitled to `quickhits` and `reports`.
+    pub acme: String,
+    /// Globex: trialing, no entitlements.
+    pub globex: String,
 }
 
 impl Demo {
@@ -35,7 +40,9 @@ impl Demo {
         self.paginate(&accounts.acme)?;
         self.update()?;
         self.roll()?;
-        self.denials()?;
+        self.commit_and_refund()?;
+        self.pool(&accounts.acme)?;
+        self.denials(&accounts)?;
         self.import(scratch, &accounts.acme)?;
         self.rotate_pepper()?;
         self.audit_tail()
@@ -62,13 +69,13 @@ impl Demo {
         self.section("2. Route rules (longest prefix wins)");
         let routes = self.ledger.routes().by("demo");
         let rules = [
-            rule(
-                "/api/v1/quickhits/",
-                "quickhits:create",
-                Some("quickhits"),
-                1,
-            ),
-            rule("/api/v1/reports/", "reports:read", Some("reports"), 5),
+            rule("/api/v1/quickhits/", Some("quickhits:create"), "quickhits")
+                .cost(1)
+                .price_micros(200),
+            rule("/api/v1/reports/", Some("reports:read"), "reports")
+                .cost(5)
+                .price_micros(1_000),
+            rule("/api/v1/exports/", None, "exports").cost(10),
         ];
         for r in &rules {
             routes.set(r.clone())?;
@@ -92,7 +99,7 @@ impl Demo {
                 .test(),
             NewKey::new(acme, "Mobile app")
                 .permissions(["quickhits:create"])
-                .rate_limit("requests", 100, 60),
+                .rate_limit("requests", 5, 60),
             NewKey::new(acme, "Partner sync")
                 .permissions(["reports:read"])
                 .expires_at(expires),
@@ -195,7 +202,7 @@ impl Demo {
         Ok(())
     }
 
-    /// 5. Rename a key and change its permissions.
+    /// 5. Rename a key, change its permissions, restrict it to an address range.
     fn update(&mut self) -> CliResult<()> {
         self.section("5. Updating a key");
         let id = self.id("Analytics export");
@@ -204,7 +211,8 @@ impl Demo {
             &id,
             KeyUpdate::new()
                 .name("Analytics export (EU)")
-                .permissions(["reports:read", "reports:export"]),
+                .permissions(["reports:read", "reports:export"])
+                .ips(["10.0.0.0/8"]),
         )?;
         self.summary.keys_updated += 1;
         let mut t = Table::new(["", "BEFORE", "AFTER"]).indent(2);
@@ -213,6 +221,11 @@ impl Demo {
             "permissions".to_owned(),
             list_or(&before.permissions, "-"),
             list_or(&after.permissions, "-"),
+        ]);
+        t.row([
+            "ip allowlist".to_owned(),
+            list_or(&before.ips, "(any)"),
+            list_or(&after.ips, "(any)"),
         ]);
         self.say(format!("  {id}"));
         self.table(&t);
@@ -231,43 +244,18 @@ impl Demo {
         ));
         let old = self.secrets.insert("Mobile app".into(), rolled.plaintext);
         let old = zeroize::Zeroizing::new(old.map(|s| s.expose().to_owned()).unwrap_or_default());
-        self.expect("old secret (in grace)", &old, "ok")?;
-        self.expect_named("new secret", "Mobile app", "ok")?;
+        let probe = Probe::on(QUICKHITS);
+        self.expect("old secret (in grace)", &old, &probe, "granted")?;
+        self.expect_named("new secret", "Mobile app", &probe, "granted")?;
         self.advance(GRACE_SECS + 1, "past the grace period");
-        self.expect("old secret (grace over)", &old, "not_found")?;
-        self.expect_named("new secret", "Mobile app", "ok")?;
+        self.expect("old secret (grace over)", &old, &probe, "not_found")?;
+        self.expect_named("new secret", "Mobile app", &probe, "granted")?;
         Ok(())
     }
 
-    /// 7. Every state denial `authenticate` can give.
-    fn denials(&mut self) -> CliResult<()> {
-        self.section("7. Denials, each with a stable code");
-        self.ledger
-            .keys()
-            .by("demo")
-            .disable(&self.id("Legacy cron"))?;
-        self.summary.keys_disabled += 1;
-        self.say("  disabled \"Legacy cron\"");
-        self.expect_named("disabled key", "Legacy cron", "disabled")?;
-        self.advance(EXPIRES_IN_SECS, "\"Partner sync\" expires after 1 d");
-        self.expect_named("expired key", "Partner sync", "expired")?;
-        let typo = mistype(
-            self.secrets
-                .get("CI deploy")
-                .map(|s| s.expose())
-                .unwrap_or_default(),
-        );
-        self.expect("mistyped key (one char)", &typo, "malformed")?;
-        self.ledger.keys().by("demo").delete(&self.id("Staging"))?;
-        self.summary.keys_deleted += 1;
-        self.say("  deleted \"Staging\"");
-        self.expect_named("deleted key", "Staging", "not_found")?;
-        Ok(())
-    }
-
-    /// 8. Import a key from another system by its SHA-256; rehashed on first use.
+    /// 10. Import a key from another system by its SHA-256; rehashed on first use.
     fn import(&mut self, scratch: &Path, acme: &str) -> CliResult<()> {
-        self.section("8. Importing a key by its SHA-256 hash");
+        self.section("10. Importing a key by its SHA-256 hash");
         let plaintext = legacy_key(scratch)?;
         let sha256: [u8; 32] = Sha256::digest(plaintext.as_bytes()).into();
         let (prefix, suffix) = visible_parts(&plaintext);
@@ -287,7 +275,8 @@ impl Demo {
             info.id,
             info.hash_scheme
         ));
-        self.expect("imported key, first use", &plaintext, "ok")?;
+        let probe = Probe::on(QUICKHITS);
+        self.expect("imported key, first use", &plaintext, &probe, "granted")?;
         let after = self.ledger.keys().get(&info.id)?;
         self.note_rehash(&info.hash_scheme, &after.hash_scheme);
         Ok(())
@@ -303,16 +292,17 @@ impl Demo {
         ));
     }
 
-    /// 9. Rotate the pepper: old keys keep working and move to v2 on use.
+    /// 11. Rotate the pepper: old keys keep working and move to v2 on use.
     fn rotate_pepper(&mut self) -> CliResult<()> {
-        self.section("9. Rotating the hash pepper to v2");
+        self.section("11. Rotating the hash pepper to v2");
         self.say(format!("  before: {}", self.scheme_counts()?));
         self.ledger
             .rotate_hash_scheme(HashScheme::HmacSha256 { pepper: 2 })?;
         self.say("  rotated: new keys are hashed with hmac-sha256/v2");
         let id = self.id("CI deploy");
         let before = self.ledger.keys().get(&id)?.hash_scheme;
-        self.expect_named("key issued under v1", "CI deploy", "ok")?;
+        let probe = Probe::on(QUICKHITS).cost(0);
+        self.expect_named("key issued under v1", "CI deploy", &probe, "granted")?;
         let after = self.ledger.keys().get(&id)?.hash_scheme;
         self.note_rehash(&before, &after);
         self.say(format!("  after:  {}", self.scheme_counts()?));
@@ -329,9 +319,9 @@ impl Demo {
         Ok(parts.collect::<Vec<_>>().join(", "))
     }
 
-    /// 10. The newest audit events, oldest first.
+    /// 12. The newest audit events, oldest first.
     fn audit_tail(&mut self) -> CliResult<()> {
-        self.section("10. Audit trail (last 8 events; names and ids, never secrets)");
+        self.section("12. Audit trail (last 8 events; names and ids, never secrets)");
         let mut events = self.ledger.audit().recent(8)?;
         events.reverse();
         self.table(&audit_table(&events).indent(2));
@@ -339,11 +329,11 @@ impl Demo {
     }
 }
 
-/// A route rule.
-fn rule(prefix: &str, permission: &str, entitlement: Option<&str>, cost: u64) -> RouteRule {
-    let rule = RouteRule::new(prefix).permission(permission).cost(cost);
-    match entitlement {
-        Some(e) => rule.entitlement(e),
+/// A route rule needing `entitlement` and, if given, `permission`.
+fn rule(prefix: &str, permission: Option<&str>, entitlement: &str) -> RouteRule {
+    let rule = RouteRule::new(prefix).entitlement(entitlement);
+    match permission {
+        Some(p) => rule.permission(p),
         None => rule,
     }
 }
@@ -367,7 +357,7 @@ fn visible_parts(key: &str) -> (String, String) {
 }
 
 /// The key with one body character changed, as a typo would.
-fn mistype(key: &str) -> zeroize::Zeroizing<String> {
+pub(super) fn mistype(key: &str) -> zeroize::Zeroizing<String> {
     let mut chars: Vec<char> = key.chars().collect();
     // Index 11 is the last visible character of the masked form, so the typo shows.
     if let Some(c) = chars.get_mut(11) {

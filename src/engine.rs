@@ -260,16 +260,23 @@ impl Engine {
         };
         let usage: UsageRecord =
             store::get(&read.open_table(USAGE)?, found.id)?.unwrap_or_default();
+        let credits = read.open_table(CREDITS)?;
+        let balance = |id| -> Result<u64> {
+            Ok(store::get::<CreditsRecord>(&credits, id)?.map_or(0, |c| c.balance))
+        };
         let meter = match record.pool {
             Some(pool) => {
                 let p: Option<PoolRecord> = store::get(&read.open_table(POOLS)?, pool)?;
-                Some(self.meter(pool, p.and_then(|p| p.low_balance_threshold), true))
+                let threshold = p.and_then(|p| p.low_balance_threshold);
+                Some(self.meter(pool, threshold, true, balance(pool)?))
             }
-            None => record
-                .limits
-                .credits
-                .map(|_| self.meter(found.id, record.limits.low_balance_threshold, false)),
+            None if record.limits.credits.is_some() => {
+                let threshold = record.limits.low_balance_threshold;
+                Some(self.meter(found.id, threshold, false, balance(found.id)?))
+            }
+            None => None,
         };
+        drop(credits);
         drop(read);
         let state = KeyState::new(
             found.id,
@@ -319,12 +326,16 @@ impl Engine {
     }
 
     /// The meter for a credit id, shared by every entry that spends from it.
-    fn meter(&self, id: u64, threshold: Option<u64>, is_pool: bool) -> Arc<Meter> {
+    /// The meter for a credit id, shared by every entry that spends from it. A new meter
+    /// starts with no lease and knows the durable `balance` (for remaining-credit figures).
+    fn meter(&self, id: u64, threshold: Option<u64>, is_pool: bool, balance: u64) -> Arc<Meter> {
         let mut meters = self.shared.meters.lock();
-        meters
-            .entry(id)
-            .or_insert_with(|| Arc::new(Meter::new(id, threshold, is_pool, self.shared.exact)))
-            .clone()
+        let meter = meters.entry(id).or_insert_with(|| {
+            let meter = Meter::new(id, threshold, is_pool, self.shared.exact);
+            meter.durable_balance.store(balance, Ordering::Release);
+            Arc::new(meter)
+        });
+        meter.clone()
     }
 }
 

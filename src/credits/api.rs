@@ -54,6 +54,10 @@ pub struct Pool {
     pub name: String,
     /// Credits available.
     pub remaining: u64,
+    /// Refill that replaces the balance each period.
+    pub refill: Option<Refill>,
+    /// Low-balance event threshold.
+    pub low_balance_threshold: Option<u64>,
 }
 
 impl Credits<'_> {
@@ -104,7 +108,52 @@ impl Credits<'_> {
             owner: ids.encode(IdKind::Account, owner_id),
             name,
             remaining: credits,
+            refill,
+            low_balance_threshold,
         })
+    }
+
+    /// Reads a pool.
+    pub fn pool(&self, id: &str) -> Result<Pool> {
+        let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
+        let read = self.ledger.inner.store.begin_read()?;
+        let record: PoolRecord =
+            store::get(&read.open_table(POOLS)?, internal)?.ok_or(Error::NotFound { what: "pool" })?;
+        drop(read);
+        Ok(self.pool_view(internal, record))
+    }
+
+    /// The pools of `owner`, oldest first.
+    pub fn pools(&self, owner: &str) -> Result<Vec<Pool>> {
+        let owner = self.ledger.inner.ids.decode(IdKind::Account, owner)?;
+        let read = self.ledger.inner.store.begin_read()?;
+        let mut found = Vec::new();
+        for entry in read.open_table(POOLS)?.iter()? {
+            let (k, v) = entry?;
+            let record: PoolRecord = crate::codec::decode(v.value())?;
+            if record.owner == owner {
+                found.push((k.value(), record));
+            }
+        }
+        drop(read);
+        Ok(found.into_iter().map(|(id, r)| self.pool_view(id, r)).collect())
+    }
+
+    fn pool_view(&self, id: u64, r: PoolRecord) -> Pool {
+        let ids = &self.ledger.inner.ids;
+        let durable = self.ledger.inner.store.begin_read().ok().and_then(|read| {
+            let table = read.open_table(CREDITS).ok()?;
+            store::get::<CreditsRecord>(&table, id).ok().flatten()
+        });
+        let in_memory = self.ledger.inner.engine.lease_in_memory(id);
+        Pool {
+            id: ids.encode(IdKind::Pool, id),
+            owner: ids.encode(IdKind::Account, r.owner),
+            name: r.name,
+            remaining: durable.map_or(0, |c| c.balance + in_memory.min(c.leased)),
+            refill: r.refill,
+            low_balance_threshold: r.low_balance_threshold,
+        }
     }
 
     /// Adds `units` to a key's or pool's balance. Returns the durable balance after.
@@ -174,7 +223,10 @@ impl Credits<'_> {
             Some("pool") => (IdKind::Pool, POOLS),
             Some("tok") => (IdKind::Token, KEYS),
             Some("acct") => (IdKind::Account, ACCOUNTS),
-            _ => (IdKind::Key, KEYS),
+            Some("key") => (IdKind::Key, KEYS),
+            _ => {
+                return Err(Error::invalid("id", "expected a key, token, pool or account id"));
+            }
         };
         let internal = ids.decode(kind, id)?;
         let read = self.ledger.inner.store.begin_read()?;

@@ -55,8 +55,10 @@ pub struct KeyInfo {
     pub ips: Vec<String>,
     /// Credits, refill, rate limits, token window.
     pub limits: Limits,
-    /// Credits left to spend (`None`: unmetered).
+    /// Credits left to spend (`None`: unmetered); for a pool key, the pool's.
     pub remaining_credits: Option<u64>,
+    /// The credit pool the key spends from, if any.
+    pub pool: Option<PublicId>,
     /// Free-form metadata.
     pub metadata: BTreeMap<String, String>,
     /// Creation time.
@@ -672,6 +674,7 @@ pub(crate) fn key_info(ledger: &Ledger, kind: IdKind, id: u64, r: KeyRecord) -> 
         ips: r.ips.iter().map(ToString::to_string).collect(),
         limits: r.limits,
         remaining_credits,
+        pool: r.pool.map(|p| ids.encode(IdKind::Pool, p)),
         metadata: r.metadata,
         created_at: r.created_at,
         created_by: r.created_by,

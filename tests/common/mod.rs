@@ -261,3 +261,103 @@ pub fn assert_not_found<T: std::fmt::Debug>(result: Result<T, Error>, what: &str
         other => panic!("expected NotFound({what}), got {other:?}"),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Verify-path helpers (tests/verify.rs, credits.rs, concurrency.rs, restart.rs).
+
+/// A fresh ledger with `durability`, a manual clock at [`START`] and a random master key.
+pub fn ledger_with(durability: keyledger::Durability) -> TestLedger {
+    TestLedger::with_settings(MasterKey::generate().expect("OS randomness"), |b| {
+        b.durability(durability)
+    })
+}
+
+/// A presented key, as a server takes it from a header.
+pub fn presented(plaintext: &str) -> Presented {
+    Presented::new(plaintext).expect("non-empty printable key")
+}
+
+/// Verifies `plaintext` for `route` (default cost) and drops the grant (refunding it).
+/// Returns the denial code, or `"ok"`.
+pub fn verify_code(ledger: &Ledger, plaintext: &str, route: &str) -> &'static str {
+    let key = presented(plaintext);
+    match ledger.verify(&keyledger::Request::new(&key, route)) {
+        Ok(_) => "ok",
+        Err(d) => d.code(),
+    }
+}
+
+/// Verifies with `cost` reserved and commits `actual`.
+pub fn spend(
+    ledger: &Ledger,
+    plaintext: &str,
+    route: &str,
+    cost: u64,
+    actual: u64,
+) -> Result<keyledger::Receipt, Denial> {
+    let key = presented(plaintext);
+    let grant = ledger.verify(&keyledger::Request::new(&key, route).cost(cost))?;
+    Ok(grant.commit(actual))
+}
+
+/// Creates a key from `new` and returns its public id and plaintext.
+pub fn create_key(ledger: &Ledger, new: NewKey) -> (PublicId, String) {
+    let created = ledger.keys().create(new).expect("create key");
+    (created.info.id, created.plaintext.expose().to_owned())
+}
+
+impl TestLedger {
+    /// `Ledger::close()` (leases returned, counters flushed), then opens the file again.
+    pub fn close_and_reopen(self) -> TestLedger {
+        self.ledger.close().expect("clean close");
+        self.reopen()
+    }
+
+    /// Stops the ledger as a crash would (`simulate_crash`: no lease returned, nothing
+    /// flushed), then opens the file again.
+    pub fn crash_and_reopen(self) -> TestLedger {
+        let TestLedger {
+            dir,
+            path,
+            master,
+            clock,
+            config,
+            ledger,
+        } = self;
+        ledger.simulate_crash();
+        let ledger = Ledger::open(&path, config.clone()).expect("reopen after a crash");
+        TestLedger {
+            dir,
+            path,
+            master,
+            clock,
+            config,
+            ledger,
+        }
+    }
+
+    /// Closes the ledger and runs `Ledger::check` on the file, then opens it again.
+    pub fn checked(self) -> (TestLedger, keyledger::CheckReport) {
+        let TestLedger {
+            dir,
+            path,
+            master,
+            clock,
+            config,
+            ledger,
+        } = self;
+        ledger.close().expect("clean close");
+        drop(ledger);
+        let report = Ledger::check(&path, config.clone()).expect("check runs");
+        let ledger = Ledger::open(&path, config.clone()).expect("reopen after check");
+        let t = TestLedger {
+            dir,
+            path,
+            master,
+            clock,
+            config,
+            ledger,
+        };
+        (t, report)
+    }
+}

@@ -1,0 +1,282 @@
+//! Many threads verifying at once: a key (or a pool) holding C credits grants exactly C
+//! units, never more, whatever the number of threads, in both durability modes; the totals
+//! survive a restart; a disable cuts grants off at once; lease requests from many keys are
+//! group-committed.
+
+mod common;
+
+use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use common::*;
+use keyledger::{Durability, Ledger, NewKey, Request};
+
+/// `threads` threads each run `per_thread` verify + commit(1) on keys taken round-robin from
+/// `keys`; returns the grants per key.
+fn hammer(ledger: &Ledger, keys: &[String], threads: usize, per_thread: usize) -> Vec<u64> {
+    let granted: Vec<AtomicU64> = keys.iter().map(|_| AtomicU64::new(0)).collect();
+    let start = Barrier::new(threads);
+    std::thread::scope(|s| {
+        for th in 0..threads {
+            let (granted, start) = (&granted, &start);
+            s.spawn(move || {
+                let presented: Vec<_> = keys.iter().map(|k| presented(k)).collect();
+                start.wait();
+                for i in 0..per_thread {
+                    let k = (th + i) % keys.len();
+                    match ledger.verify(&Request::new(&presented[k], "/x")) {
+                        Ok(grant) => {
+                            let r = grant.commit(1);
+                            assert_eq!(r.token_stats.charged, 1);
+                            assert_eq!(r.token_stats.uncovered, 0);
+                            granted[k].fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(d) => assert_eq!(d.code(), "usage_exceeded"),
+                    }
+                }
+            });
+        }
+    });
+    granted.into_iter().map(AtomicU64::into_inner).collect()
+}
+
+const SHAPES: &[(usize, usize, u64)] = &[
+    // (threads, verifies per thread, credits)
+    (2, 150, 100), // C < T×M
+    (4, 60, 100),  // C < T×M
+    (8, 25, 200),  // C == T×M
+    (4, 50, 500),  // C > T×M
+    (8, 40, 37),   // C ≪ T×M
+    (3, 101, 400), // C > T×M, odd shape
+];
+
+/// With `exact`, also requires that no request is refused while credits remain.
+fn one_key_grants_exactly_its_credits(durability: Durability, exact: bool) {
+    for &(threads, per_thread, credits) in SHAPES {
+        let t = ledger_with(durability);
+        let owner = t.account("Acme");
+        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "hot").credits(credits));
+        let granted = hammer(&t.ledger, std::slice::from_ref(&plain), threads, per_thread)[0];
+        let expected = credits.min((threads * per_thread) as u64);
+        let shape = format!("{durability:?} T={threads} M={per_thread} C={credits}");
+        assert!(
+            granted <= expected,
+            "over-spent: {granted} > {expected} ({shape})"
+        );
+        let u = t.ledger.credits().usage(&id).unwrap();
+        assert_eq!(
+            (u.spent, u.remaining),
+            (granted, Some(credits - granted)),
+            "{shape}"
+        );
+        assert_eq!((u.granted, u.lost_to_crash), (credits, 0), "{shape}");
+        if exact {
+            assert_eq!(
+                granted, expected,
+                "refused with credits left: {shape} {u:?}"
+            );
+        }
+
+        let t = t.close_and_reopen();
+        let u = t.ledger.credits().usage(&id).unwrap();
+        assert_eq!(u.spent, granted, "after reopen: {shape}");
+        assert_eq!(
+            u.remaining,
+            Some(credits - granted),
+            "after reopen: {shape}"
+        );
+        assert_eq!(
+            (u.lost_to_crash, u.leased, u.granted),
+            (0, 0, credits),
+            "{shape}"
+        );
+        // Whatever is left is still spendable, exactly.
+        assert_eq!(hammer(&t.ledger, &[plain], 2, 600)[0], credits - granted);
+    }
+}
+
+#[test]
+fn one_hot_key_grants_exactly_its_credits_leased() {
+    one_key_grants_exactly_its_credits(Durability::Leased, true);
+}
+
+#[test]
+fn one_hot_key_grants_exactly_its_credits_exact() {
+    one_key_grants_exactly_its_credits(Durability::Exact, true);
+}
+
+fn a_pool_grants_exactly_its_credits(durability: Durability, exact: bool) {
+    for &(threads, per_thread, credits) in SHAPES {
+        let t = ledger_with(durability);
+        let owner = t.account("Acme");
+        let pool = t
+            .ledger
+            .credits()
+            .create_pool(&owner, "shared", credits, None, None)
+            .unwrap();
+        let keys: Vec<String> = (0..3)
+            .map(|i| {
+                create_key(
+                    &t.ledger,
+                    NewKey::new(&owner, format!("k{i}")).pool(&pool.id),
+                )
+                .1
+            })
+            .collect();
+        let granted: u64 = hammer(&t.ledger, &keys, threads, per_thread).iter().sum();
+        let shape = format!("{durability:?} pool T={threads} M={per_thread} C={credits}");
+        let expected = credits.min((threads * per_thread) as u64);
+        assert!(
+            granted <= expected,
+            "over-spent: {granted} > {expected} ({shape})"
+        );
+        if exact {
+            assert_eq!(granted, expected, "refused with credits left: {shape}");
+        }
+        t.ledger.flush().unwrap(); // see restart.rs: a lease in flight at close is lost
+        let t = t.close_and_reopen();
+        let u = t.ledger.credits().usage(&pool.id).unwrap();
+        assert_eq!(
+            (u.spent, u.remaining),
+            (granted, Some(credits - granted)),
+            "{shape}"
+        );
+        assert_eq!(u.lost_to_crash, 0);
+    }
+}
+
+#[test]
+fn keys_sharing_a_pool_grant_exactly_its_credits_leased() {
+    a_pool_grants_exactly_its_credits(Durability::Leased, true);
+}
+
+#[test]
+fn keys_sharing_a_pool_grant_exactly_its_credits_exact() {
+    a_pool_grants_exactly_its_credits(Durability::Exact, true);
+}
+
+#[test]
+fn disjoint_keys_on_many_threads_keep_exact_totals() {
+    for durability in [Durability::Leased, Durability::Exact] {
+        let t = ledger_with(durability);
+        let owner = t.account("Acme");
+        let credits = [40u64, 75, 120, 500];
+        let keys: Vec<(String, String)> = credits
+            .iter()
+            .map(|&c| {
+                let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(c));
+                (id.to_string(), plain)
+            })
+            .collect();
+        let granted: Vec<u64> = std::thread::scope(|s| {
+            let handles: Vec<_> = keys
+                .iter()
+                .map(|(_, plain)| {
+                    let ledger = &t.ledger;
+                    s.spawn(move || hammer(ledger, std::slice::from_ref(plain), 1, 100)[0])
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(granted, [40, 75, 100, 100], "{durability:?}");
+        t.ledger.flush().unwrap(); // see restart.rs: a lease in flight at close is lost
+        let t = t.close_and_reopen();
+        for ((id, _), (&c, &g)) in keys.iter().zip(credits.iter().zip(&granted)) {
+            let u = t.ledger.credits().usage(id).unwrap();
+            assert_eq!((u.spent, u.remaining), (g, Some(c - g)), "{durability:?}");
+        }
+    }
+}
+
+#[test]
+fn no_grant_is_issued_after_disable_returns() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(1_000_000));
+    let disabled = AtomicBool::new(false);
+    let before = AtomicU64::new(0);
+    let late = AtomicU64::new(0);
+    let denied = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                let key = presented(&plain);
+                let mut tries_after = 0;
+                while tries_after < 50 {
+                    let was_disabled = disabled.load(Ordering::SeqCst);
+                    tries_after += u32::from(was_disabled);
+                    match t.ledger.verify(&Request::new(&key, "/x")) {
+                        Ok(g) => {
+                            g.commit(1);
+                            if was_disabled {
+                                late.fetch_add(1, Ordering::SeqCst);
+                            } else {
+                                before.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        Err(d) => {
+                            assert_eq!(d.code(), "disabled");
+                            denied.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            });
+        }
+        while before.load(Ordering::SeqCst) < 100 {
+            std::thread::yield_now();
+        }
+        t.ledger.keys().disable(&id).unwrap();
+        disabled.store(true, Ordering::SeqCst);
+    });
+    assert_eq!(
+        late.load(Ordering::SeqCst),
+        0,
+        "grants after disable returned"
+    );
+    assert!(denied.load(Ordering::SeqCst) > 0);
+    let granted = before.load(Ordering::SeqCst);
+    assert_eq!(t.ledger.credits().usage(&id).unwrap().spent, granted);
+}
+
+#[test]
+fn lease_requests_from_many_keys_are_group_committed() {
+    const KEYS: usize = 240;
+    const THREADS: usize = 24;
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let keys: Vec<String> = (0..KEYS)
+        .map(|i| create_key(&t.ledger, NewKey::new(&owner, format!("k{i}")).credits(100)).1)
+        .collect();
+    // Load every key into the cache first, without leasing (a peek spends nothing).
+    for k in &keys {
+        let key = presented(k);
+        drop(t.ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap());
+    }
+    t.ledger.flush().unwrap();
+    let before = t.ledger.stats().writer_commits;
+    let start = Barrier::new(THREADS);
+    std::thread::scope(|s| {
+        for chunk in keys.chunks(KEYS / THREADS) {
+            let start = &start;
+            let ledger = &t.ledger;
+            s.spawn(move || {
+                let presented: Vec<_> = chunk.iter().map(|k| presented(k)).collect();
+                start.wait();
+                for key in &presented {
+                    // Each key's first spend needs a lease from the writer.
+                    ledger.verify(&Request::new(key, "/x")).unwrap().commit(1);
+                }
+            });
+        }
+    });
+    let commits = t.ledger.stats().writer_commits - before;
+    println!("{commits} writer commits for {KEYS} keys' first leases");
+    assert!(commits >= 1);
+    assert!(
+        commits * 3 <= KEYS as u64,
+        "{commits} commits for {KEYS} keys' leases: expected batches, not one fsync per key"
+    );
+    t.ledger.flush().unwrap();
+    let t = t.close_and_reopen();
+    assert!(t.ledger.stats().lost_to_crash_at_open == 0);
+}

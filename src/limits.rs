@@ -21,6 +21,13 @@ pub(crate) struct Gcra {
     tat: AtomicU64,
 }
 
+impl PartialEq for Gcra {
+    /// Same parameters (the arrival time is state, not configuration).
+    fn eq(&self, other: &Gcra) -> bool {
+        self.limit == other.limit && self.window_ns == other.window_ns
+    }
+}
+
 impl Gcra {
     pub(crate) fn new(limit: u64, window_secs: u64) -> Self {
         Gcra {
@@ -28,6 +35,10 @@ impl Gcra {
             window_ns: window_secs.saturating_mul(NANOS_PER_SEC).max(1),
             tat: AtomicU64::new(0),
         }
+    }
+
+    fn same(&self, limit: u64, window_secs: u64) -> bool {
+        *self == Gcra::new(limit, window_secs)
     }
 
     /// Emission interval for one unit at `multiplier_pct` percent of the base limit.
@@ -99,6 +110,22 @@ impl KeyLimits {
                 .token_window
                 .map(|t| Box::new(Gcra::new(t.tokens, t.window_secs))),
         }
+    }
+
+    /// Whether these limits were built from `limits` (same named limits and token window).
+    pub(crate) fn configured_as(&self, limits: &Limits) -> bool {
+        let named = self.named.len() == limits.rate_limits.len()
+            && self
+                .named
+                .iter()
+                .zip(&limits.rate_limits)
+                .all(|(g, l)| g.same(l.limit, l.window_secs));
+        let tokens = match (&self.tokens, limits.token_window) {
+            (None, None) => true,
+            (Some(g), Some(t)) => g.same(t.tokens, t.window_secs),
+            _ => false,
+        };
+        named && tokens
     }
 
     /// Whether the key has any limit at all (the hot path skips everything otherwise).

@@ -113,6 +113,9 @@ pub struct Grant<'l> {
     price_micros: u64,
     /// When rate limits admitted the request (to give the slots back on a late refusal).
     rate_charged_at_ns: Option<u64>,
+    /// The meter's balance epoch when the units were reserved: a `set` since then is final,
+    /// so a refund is discarded instead of returned.
+    epoch: u64,
     settled: bool,
 }
 
@@ -172,13 +175,19 @@ impl Ledger {
         let cost = grant.reserved;
         let mut denial = Denial::Unavailable; // the writer kept losing the race: retry later
         for _ in 0..64 {
-            if meter.try_take(cost).is_some() {
-                grant.note_use(self.now().0);
-                return Ok(grant);
-            }
-            if meter.empty_until_ms.load(Ordering::Acquire) > self.now().0 {
-                denial = Denial::UsageExceeded;
-                break;
+            let now = self.now().0;
+            // A lease taken before a refill came due belongs to the old period: the writer
+            // must apply the refill (replacing it) before anything more is spent.
+            if meter.current(now) {
+                grant.epoch = meter.epoch.load(Ordering::Acquire);
+                if meter.try_take(cost).is_some() {
+                    grant.note_use(now);
+                    return Ok(grant);
+                }
+                if meter.empty_until_ms.load(Ordering::Acquire) > now {
+                    denial = Denial::UsageExceeded;
+                    break;
+                }
             }
             if !engine.lease_now(&meter, cost) {
                 break;
@@ -276,9 +285,11 @@ fn check<'l>(
         reserved: cost,
         price_micros: route.rule.map_or(0, |r| r.price_micros),
         rate_charged_at_ns: if state.limits.is_empty() { None } else { Some(now_ns) },
+        epoch: entry.meter.as_ref().map_or(0, |m| m.epoch.load(Ordering::Acquire)),
         settled: false,
     };
     let reserved = match &entry.meter {
+        Some(meter) if cost > 0 && !meter.current(now_ms) => false,
         Some(meter) if cost > 0 => match meter.try_take(cost) {
             Some(left) => {
                 if meter.wants_prefetch(left) {
@@ -363,11 +374,14 @@ impl Grant<'_> {
         let (charged, uncovered) = match &self.meter {
             None => (actual, 0),
             Some(meter) => {
+                let now = self.ledger.now().0;
                 let from_lease = if actual <= reserved {
-                    meter.give_back(reserved - actual);
+                    self.refund(meter, reserved - actual);
                     actual
-                } else {
+                } else if meter.current(now) {
                     reserved + meter.take_up_to(actual - reserved)
+                } else {
+                    reserved
                 };
                 if meter.spend(from_lease) {
                     engine.shared.dirty_meters.push(meter.clone());
@@ -400,11 +414,26 @@ impl Grant<'_> {
     }
 }
 
+impl Grant<'_> {
+    /// Returns reserved units: to the lease, or — if the balance was `set` since they were
+    /// reserved — out of the books, since the set was final.
+    fn refund(&self, meter: &Arc<Meter>, units: u64) {
+        if units == 0 {
+            return;
+        }
+        if meter.epoch.load(Ordering::Acquire) == self.epoch {
+            meter.give_back(units);
+        } else {
+            self.ledger.inner.engine.discard(meter, units);
+        }
+    }
+}
+
 impl Drop for Grant<'_> {
     fn drop(&mut self) {
         if !self.settled {
-            if let Some(meter) = &self.meter {
-                meter.give_back(self.reserved);
+            if let Some(meter) = self.meter.clone() {
+                self.refund(&meter, self.reserved);
             }
         }
     }

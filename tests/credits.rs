@@ -110,9 +110,6 @@ fn commit_above_the_reservation_charges_more_down_to_zero_never_below() {
 /// The receipt's `remaining_credits` after a commit that reached past the in-memory lease
 /// into the durable balance.
 #[test]
-#[ignore = "BUG: Grant::commit shortfall (engine.shortfall / writer Msg::Shortfall) lowers \
-            the durable balance without updating Meter::durable_balance, so the receipt and \
-            later grants report stale, too-high remaining credits"]
 fn the_receipt_after_a_shortfall_reports_the_true_remaining_credits() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
@@ -273,9 +270,6 @@ fn a_daily_refill_replaces_the_balance() {
 
 /// A lease taken in one period must not be spendable in the next on top of the refill.
 #[test]
-#[ignore = "BUG: refill is applied only when the writer next leases (credits/writer.rs lease); \
-            until the in-memory lease runs low, verify keeps spending the previous period's \
-            lease after the period ends, so a period can spend more than the refill amount"]
 fn a_refill_replaces_what_was_left_it_does_not_add() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
@@ -315,7 +309,6 @@ fn a_monthly_refill_waits_for_the_first_of_the_month() {
 
 /// The same with a large lease in memory at midnight.
 #[test]
-#[ignore = "BUG: refill applied only at the next lease (see a_refill_replaces_what_was_left)"]
 fn a_refill_period_never_spends_more_than_the_refill() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
@@ -333,9 +326,6 @@ fn a_refill_period_never_spends_more_than_the_refill() {
 }
 
 #[test]
-#[ignore = "BUG: adding a refill to an exhausted key (KeyUpdate::refill) never takes effect: \
-            the cached Meter keeps empty_until_ms = u64::MAX from when the balance ran out \
-            with no refill, so verify fails fast with usage_exceeded for ever"]
 fn a_refill_added_to_an_exhausted_key_applies_next_period() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
@@ -388,9 +378,6 @@ fn top_up_and_set_are_ordered_with_leases() {
 }
 
 #[test]
-#[ignore = "BUG: a reservation outstanding across credits().set() is refunded into the \
-            in-memory lease afterwards (Grant::drop / commit give_back), so the key can spend \
-            more than the balance it was just set to"]
 fn set_is_final_even_with_a_reservation_outstanding() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
@@ -404,10 +391,6 @@ fn set_is_final_even_with_a_reservation_outstanding() {
 }
 
 #[test]
-#[ignore = "BUG: over-spend. Making a key unmetered (KeyUpdate::credits(None)) then metered \
-            again reuses the old Meter from the registry when a grant still holds it; a \
-            refund from that grant lands in the new balance's lease without being leased \
-            durably, and flush_spend clamps the spend (units.min(r.leased)), hiding it"]
 fn re_metering_a_key_never_lets_it_spend_more_than_its_new_balance() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
@@ -548,9 +531,6 @@ fn a_key_draws_from_a_pool_or_its_own_credits_never_both() {
 }
 
 #[test]
-#[ignore = "BUG: KeyUpdate::credits(Some(n)) on a pool key is accepted: keys::update skips the \
-            balance when record.pool is set but still stores limits.credits = Some(n), so the \
-            key reports credits while spending from the pool"]
 fn a_pool_key_cannot_be_given_its_own_credits_by_update() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
@@ -617,9 +597,6 @@ fn an_exhausted_balance_emits_an_event() {
 }
 
 #[test]
-#[ignore = "BUG: LowBalance never fires: credits/writer.rs lease() computes `before` and \
-            `after` as durable balance + in-memory lease around a transfer between the two, so \
-            they are equal and `before > t && after <= t` is never true"]
 fn falling_to_the_low_balance_threshold_emits_one_event() {
     let t = TestLedger::new();
     let events = t.ledger.credit_events();
@@ -642,8 +619,6 @@ fn falling_to_the_low_balance_threshold_emits_one_event() {
 }
 
 #[test]
-#[ignore = "BUG: the pool's low_balance_threshold never fires (same cause as the key's: \
-            credits/writer.rs lease() compares equal before/after totals)"]
 fn a_pools_low_balance_event_names_the_pool() {
     let t = TestLedger::new();
     let events = t.ledger.credit_events();

@@ -607,8 +607,6 @@ fn many_route_rules_still_resolve_by_longest_prefix() {
 }
 
 #[test]
-#[ignore = "BUG: engine::load builds a new KeyState (GCRA arrival times) on every cache \
-            rebuild, so any admin change to the key or its account resets its rate limits"]
 fn an_unrelated_admin_change_does_not_reset_rate_limits() {
     let t = TestLedger::new();
     let owner = t.account("Acme");

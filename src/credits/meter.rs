@@ -33,14 +33,33 @@ pub(crate) struct Meter {
     pub last_lease_ms: AtomicU64,
     /// Durable balance after the writer's last change (for grants' remaining credits).
     pub durable_balance: AtomicU64,
+    /// When (ms) the next refill is due (`u64::MAX`: no refill). From then on the lease
+    /// belongs to an old period, so reservations go through the writer, which applies it.
+    pub refill_at_ms: AtomicU64,
+    /// Bumped by every `set` of the balance: reservations taken before a set are not
+    /// refunded into the new balance.
+    pub epoch: AtomicU64,
+    /// Credits left when the writer last looked, for edge-triggered low-balance events.
+    pub last_remaining: AtomicU64,
+    /// The balance this meter spent from is gone (key deleted or made unmetered): the
+    /// writer ignores it and refunds into it vanish.
+    pub retired: AtomicBool,
     /// Low-balance threshold for events.
     pub threshold: Option<u64>,
     /// Whether this meter is a pool.
     pub is_pool: bool,
+    /// What its events name: a key, a token or a pool.
+    pub subject: crate::public_id::IdKind,
 }
 
 impl Meter {
-    pub(crate) fn new(id: u64, threshold: Option<u64>, is_pool: bool, exact: bool) -> Self {
+    pub(crate) fn new(
+        id: u64,
+        threshold: Option<u64>,
+        subject: crate::public_id::IdKind,
+        exact: bool,
+    ) -> Self {
+        let is_pool = subject == crate::public_id::IdKind::Pool;
         Meter {
             id,
             lease: AtomicU64::new(0),
@@ -51,8 +70,13 @@ impl Meter {
             empty_until_ms: AtomicU64::new(0),
             last_lease_ms: AtomicU64::new(0),
             durable_balance: AtomicU64::new(0),
+            refill_at_ms: AtomicU64::new(u64::MAX),
+            epoch: AtomicU64::new(0),
+            last_remaining: AtomicU64::new(u64::MAX),
+            retired: AtomicBool::new(false),
             threshold,
             is_pool,
+            subject,
         }
     }
 
@@ -88,7 +112,7 @@ impl Meter {
 
     /// Returns units to the lease (a refund, or a reservation larger than the real cost).
     pub(crate) fn give_back(&self, units: u64) {
-        if units > 0 {
+        if units > 0 && !self.retired.load(Ordering::Acquire) {
             self.lease.fetch_add(units, Ordering::AcqRel);
         }
     }
@@ -100,6 +124,12 @@ impl Meter {
         }
         self.spent.fetch_add(units, Ordering::AcqRel);
         !self.dirty.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether the lease may be spent at `now_ms`: no refill has come due since it was taken.
+    #[inline]
+    pub(crate) fn current(&self, now_ms: u64) -> bool {
+        now_ms < self.refill_at_ms.load(Ordering::Acquire)
     }
 
     /// Whether a background top-up of the lease should start (it has fallen to a quarter).
@@ -139,7 +169,7 @@ mod tests {
 
     #[test]
     fn take_never_goes_below_zero_under_contention() {
-        let meter = Arc::new(Meter::new(1, None, false, false));
+        let meter = Arc::new(Meter::new(1, None, crate::public_id::IdKind::Key, false));
         meter.give_back(10_000);
         let handles: Vec<_> = (0..4)
             .map(|_| {
@@ -154,7 +184,7 @@ mod tests {
 
     #[test]
     fn lease_size_adapts_to_traffic() {
-        let m = Meter::new(1, None, false, false);
+        let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
         assert_eq!(
             m.adapt(10_000, false),
             16,

@@ -27,6 +27,16 @@ pub(crate) fn next_period(interval: RefillInterval, now: Timestamp) -> Timestamp
     }
 }
 
+/// When the next refill of `record` is due (ms; `u64::MAX` without a refill). At or after
+/// this time the balance must be refilled before it is spent.
+pub(crate) fn due_at(record: &CreditsRecord, now: Timestamp) -> u64 {
+    let Some(refill) = record.refill else { return u64::MAX };
+    match record.refilled_at {
+        Some(at) if at >= period_start(refill.interval, now) => next_period(refill.interval, now).0,
+        _ => 0,
+    }
+}
+
 /// Applies a due refill to `record`: the balance becomes the refill amount. Returns whether
 /// one was applied. `granted` moves with it so the conservation invariant holds.
 pub(crate) fn apply_due(record: &mut CreditsRecord, now: Timestamp) -> bool {

@@ -58,9 +58,13 @@ pub(crate) enum Msg {
         change: Adjust,
         reply: Sender<Result<u64>>,
     },
-    /// A meter leaves memory (its key was evicted or deleted): return its lease, flush its
-    /// spend, and drop it from the registry unless something still uses it.
-    Retire { meter: Arc<Meter> },
+    /// A meter leaves memory: return its lease, flush its spend, and drop it from the
+    /// registry unless something still uses it — or, with `gone` (its balance was deleted),
+    /// retire it for good so late refunds and spends through it are ignored.
+    Retire { meter: Arc<Meter>, gone: bool },
+    /// Units of a reservation taken before a `set` of the balance: the set was final, so
+    /// they leave `leased` and `granted` instead of returning to the new balance.
+    Discard { meter: Arc<Meter>, units: u64 },
     /// Flush now.
     Flush { reply: Sender<Result<()>> },
     /// Return every lease, flush, and stop.
@@ -157,6 +161,7 @@ struct Effects {
     events: Vec<CreditEvent>,
     syncs: Vec<Sender<Result<()>>>,
     retired: Vec<Arc<Meter>>,
+    gone: Vec<Arc<Meter>>,
 }
 
 fn apply(shared: &Shared, batch: Vec<Msg>, closing: bool) {
@@ -187,6 +192,11 @@ fn apply(shared: &Shared, batch: Vec<Msg>, closing: bool) {
             }
             drop((fx.flushed_spend, fx.reclaimed));
             let mut meters = shared.meters.lock();
+            for meter in fx.gone {
+                if meters.get(&meter.id).is_some_and(|m| Arc::ptr_eq(m, &meter)) {
+                    meters.remove(&meter.id);
+                }
+            }
             for meter in fx.retired {
                 // The registry's handle and this one: nobody else uses it, so it can go.
                 if Arc::strong_count(&meter) == 2 {
@@ -245,7 +255,12 @@ fn build(shared: &Shared, batch: Vec<Msg>, closing: bool, fx: &mut Effects) -> R
         for msg in batch {
             match msg {
                 Msg::Lease { meter, need, reply } => {
-                    lease(shared, &mut work, fx, meter, need, now)?;
+                    // Closing: every lease is about to be returned, so hand out none.
+                    if !closing {
+                        lease(shared, &mut work, fx, meter, need, now)?;
+                    } else {
+                        meter.pending.store(false, Ordering::Release);
+                    }
                     fx.lease_replies.extend(reply);
                 }
                 Msg::Shortfall {
@@ -253,11 +268,13 @@ fn build(shared: &Shared, batch: Vec<Msg>, closing: bool, fx: &mut Effects) -> R
                     units,
                     reply,
                 } => {
-                    let charged = match work.get(meter.id)? {
+                    let charged = match live(&mut work, &meter)? {
                         Some(r) => {
+                            new_period(fx, &meter, r, now);
                             let x = units.min(r.balance);
                             r.balance -= x;
                             r.spent += x;
+                            meter.durable_balance.store(r.balance, Ordering::Release);
                             x
                         }
                         None => 0,
@@ -267,6 +284,9 @@ fn build(shared: &Shared, batch: Vec<Msg>, closing: bool, fx: &mut Effects) -> R
                 Msg::Adjust { id, change, reply } => {
                     let meter = shared.meters.lock().get(&id).cloned();
                     if let Some(meter) = &meter {
+                        if matches!(change, Adjust::Set(_)) {
+                            meter.epoch.fetch_add(1, Ordering::AcqRel);
+                        }
                         reclaim(&mut work, fx, meter)?;
                     }
                     match work.get(id)? {
@@ -280,6 +300,8 @@ fn build(shared: &Shared, batch: Vec<Msg>, closing: bool, fx: &mut Effects) -> R
                             fx.adjusts.push((reply, r.balance));
                             if let Some(meter) = meter {
                                 meter.durable_balance.store(r.balance, Ordering::Release);
+                                meter.refill_at_ms.store(refill::due_at(r, now), Ordering::Release);
+                                meter.last_remaining.store(r.balance, Ordering::Release);
                                 fx.leases.push((meter, 0, empty_until(r, now)));
                             }
                         }
@@ -290,9 +312,21 @@ fn build(shared: &Shared, batch: Vec<Msg>, closing: bool, fx: &mut Effects) -> R
                         }
                     }
                 }
-                Msg::Retire { meter } => {
+                Msg::Retire { meter, gone } => {
                     reclaim(&mut work, fx, &meter)?;
-                    fx.retired.push(meter);
+                    if gone {
+                        meter.retired.store(true, Ordering::Release);
+                        fx.gone.push(meter);
+                    } else {
+                        fx.retired.push(meter);
+                    }
+                }
+                Msg::Discard { meter, units } => {
+                    if let Some(r) = live(&mut work, &meter)? {
+                        let units = units.min(r.leased);
+                        r.leased -= units;
+                        r.granted = r.granted.saturating_sub(units);
+                    }
                 }
                 Msg::Flush { reply } | Msg::Close { reply } => fx.syncs.push(reply),
                 Msg::Abandon => {}
@@ -318,14 +352,38 @@ fn flush_spend(shared: &Shared, work: &mut Working<'_>, fx: &mut Effects) -> Res
         if units == 0 {
             continue;
         }
-        if let Some(r) = work.get(meter.id)? {
+        if let Some(r) = live(work, &meter)? {
             let units = units.min(r.leased);
             r.leased -= units;
             r.spent += units;
+            let remaining = r.balance + meter.lease.load(Ordering::Acquire);
+            low_balance(shared, fx, &meter, remaining);
         }
         fx.flushed_spend.push((meter, units));
     }
     Ok(())
+}
+
+/// The durable record behind a meter, unless the meter was retired.
+fn live<'w>(work: &'w mut Working<'_>, meter: &Meter) -> Result<Option<&'w mut CreditsRecord>> {
+    if meter.retired.load(Ordering::Acquire) {
+        return Ok(None);
+    }
+    work.get(meter.id)
+}
+
+/// Emits a low-balance event when the credits left cross the meter's threshold downwards.
+fn low_balance(shared: &Shared, fx: &mut Effects, meter: &Meter, remaining: u64) {
+    let previous = meter.last_remaining.swap(remaining, Ordering::AcqRel);
+    if let Some(t) = meter.threshold {
+        if previous > t && remaining <= t {
+            fx.events.push(CreditEvent {
+                kind: CreditEventKind::LowBalance,
+                subject: shared.ids.encode(meter.subject, meter.id),
+                remaining,
+            });
+        }
+    }
 }
 
 /// Returns a meter's unreserved lease to the durable balance and flushes its spend.
@@ -355,56 +413,43 @@ fn lease(
     now: Timestamp,
 ) -> Result<()> {
     let size = meter.adapt(now.0, shared.exact);
-    let in_memory = meter.lease.load(Ordering::Acquire);
-    let Some(r) = work.get(meter.id)? else {
+    let Some(r) = live(work, &meter)? else {
         fx.leases.push((meter, 0, 0));
         return Ok(());
     };
+    new_period(fx, &meter, r, now);
+    let want = if shared.exact { need.max(1) } else { need.max(size) };
+    let grant = want.min(r.balance);
+    r.balance -= grant;
+    r.leased += grant;
+    meter.durable_balance.store(r.balance, Ordering::Release);
+    let remaining = r.balance + meter.lease.load(Ordering::Acquire) + grant;
+    if grant < need {
+        fx.events.push(CreditEvent {
+            kind: CreditEventKind::Exhausted,
+            subject: shared.ids.encode(meter.subject, meter.id),
+            remaining,
+        });
+    } else {
+        low_balance(shared, fx, &meter, remaining);
+    }
+    let empty_until = empty_until(r, now);
+    fx.leases.push((meter, grant, empty_until));
+    Ok(())
+}
+
+/// Applies a due refill: the new period's balance replaces everything, including the lease
+/// memory still holds from the old period.
+fn new_period(fx: &mut Effects, meter: &Arc<Meter>, r: &mut CreditsRecord, now: Timestamp) {
     if refill::apply_due(r, now) {
-        // The new period's balance replaces everything, including what memory still holds.
         let swapped = meter.lease.swap(0, Ordering::AcqRel);
         let back = swapped.min(r.leased);
         r.leased -= back;
         r.granted = r.granted.saturating_sub(back);
         fx.reclaimed.push((meter.clone(), swapped));
+        meter.last_remaining.store(r.balance, Ordering::Release);
     }
-    let before = r.balance + in_memory;
-    let want = if shared.exact {
-        need.max(1)
-    } else {
-        need.max(size)
-    };
-    let grant = want.min(r.balance);
-    r.balance -= grant;
-    r.leased += grant;
-    let after = r.balance + meter.lease.load(Ordering::Acquire) + grant;
-    let subject = || {
-        let kind = if meter.is_pool {
-            crate::public_id::IdKind::Pool
-        } else {
-            crate::public_id::IdKind::Key
-        };
-        shared.ids.encode(kind, meter.id)
-    };
-    if grant < need {
-        fx.events.push(CreditEvent {
-            kind: CreditEventKind::Exhausted,
-            subject: subject(),
-            remaining: after,
-        });
-    } else if let Some(t) = meter.threshold {
-        if before > t && after <= t {
-            fx.events.push(CreditEvent {
-                kind: CreditEventKind::LowBalance,
-                subject: subject(),
-                remaining: after,
-            });
-        }
-    }
-    let empty_until = empty_until(r, now);
-    meter.durable_balance.store(r.balance, Ordering::Release);
-    fx.leases.push((meter, grant, empty_until));
-    Ok(())
+    meter.refill_at_ms.store(refill::due_at(r, now), Ordering::Release);
 }
 
 /// Until when a balance is known to stay empty: the next refill, or for ever.

@@ -19,6 +19,7 @@ use crate::audit;
 use crate::clock::Timestamp;
 use crate::credits::refill;
 use crate::credits::writer::Adjust;
+use crate::engine::KeyChange;
 use crate::error::{Error, Result};
 use crate::hashing::{HashScheme, KeyHash};
 use crate::keyfmt::{KeyClass, visible_parts};
@@ -470,6 +471,12 @@ impl<'a> Keys<'a> {
                 changed.push("token_window");
             }
             rules::limits(&limits)?;
+            if record.pool.is_some() && (limits.credits.is_some() || limits.refill.is_some()) {
+                return Err(Error::invalid(
+                    "credits",
+                    "this key spends from a pool; change the pool's balance instead",
+                ));
+            }
             if record.pool.is_none() {
                 match (update.credits, credits.as_mut()) {
                     (Some(None), _) => *credits = None,
@@ -561,7 +568,7 @@ impl<'a> Keys<'a> {
         let action = format!("{}.rolled", self.what());
         audit::append(&txn, now, &self.actor, &action, id, &["secret"])?;
         txn.commit()?;
-        self.ledger.inner.engine.key_changed(&cached, false);
+        self.ledger.inner.engine.key_changed(internal, &cached, KeyChange::Settings);
         self.ledger.inner.engine.key_created(&new_hash);
         Ok(CreatedKey {
             info: self.view(internal, record),
@@ -580,7 +587,7 @@ impl<'a> Keys<'a> {
         let action = format!("{}.deleted", self.what());
         audit::append(&txn, self.ledger.now(), &self.actor, &action, id, &[])?;
         txn.commit()?;
-        self.ledger.inner.engine.key_changed(&secret_hashes(&record), true);
+        self.ledger.inner.engine.key_changed(internal, &secret_hashes(&record), KeyChange::Deleted);
         Ok(())
     }
 
@@ -596,7 +603,7 @@ impl<'a> Keys<'a> {
         let internal = self.internal_id(id)?;
         let now = self.ledger.now();
         let txn = self.ledger.inner.store.begin_write()?;
-        let (record, remaining, cached) = {
+        let (record, cached, key_change) = {
             let mut keys = txn.open_table(KEYS)?;
             let mut credits_table = txn.open_table(CREDITS)?;
             let mut record = self.load(&keys, internal)?;
@@ -621,10 +628,15 @@ impl<'a> Keys<'a> {
             }
             let action = format!("{}.{verb}", self.what());
             audit::append(&txn, now, &self.actor, &action, id, &changed)?;
-            (record, credits.map(|c| c.balance), cached)
+            let key_change = match (&before.1, &credits) {
+                (Some(_), None) => KeyChange::CreditsRemoved,
+                (old, new) if old != new => KeyChange::CreditsChanged,
+                _ => KeyChange::Settings,
+            };
+            (record, cached, key_change)
         };
         txn.commit()?;
-        self.ledger.inner.engine.key_changed(&cached, remaining.is_none());
+        self.ledger.inner.engine.key_changed(internal, &cached, key_change);
         Ok(self.view(internal, record))
     }
 
@@ -757,13 +769,15 @@ pub(crate) fn prune_rolled_secrets(ledger: &Ledger) -> Result<()> {
             }
         }
         for (id, mut record) in expired {
-            pruned.extend(secret_hashes(&record));
+            pruned.push((id, secret_hashes(&record)));
             prune_expired_rolled(&txn, &mut record, now)?;
             store::put(&mut keys, id, &record)?;
         }
     }
     txn.commit()?;
-    ledger.inner.engine.key_changed(&pruned, false);
+    for (id, hashes) in pruned {
+        ledger.inner.engine.key_changed(id, &hashes, KeyChange::Settings);
+    }
     Ok(())
 }
 

@@ -1,0 +1,613 @@
+//! Key and token management (`/v2/keys`, `/v2/tokens`) and connections (`/v2/connectors`),
+//! in the `{success, result, links, errors}` envelope.
+//!
+//! Every call acts on the caller's own account only: the handle is
+//! `keys().owned_by(caller.owner)`, so another owner's key id is `404`, exactly like an id
+//! that does not exist. Reads need the `fetch` scope (the `/v2/` route rule); writes also
+//! need `manage`, which `fetch`-only keys lack. Ledger calls run on tokio's blocking pool:
+//! writes commit a redb transaction with an fsync.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use keyledger::{Error, KeyInfo, KeyUpdate, Keys, Ledger, NewKey, PageRequest, Timestamp};
+use serde::{Deserialize, Serialize};
+
+use super::envelope::{Links, managed, managed_error, no_store, parse_json};
+use super::{App, Caller, READ_SCOPE, WRITE_SCOPE};
+
+/// Keys or tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Key,
+    Token,
+}
+
+impl Kind {
+    fn path(self) -> &'static str {
+        match self {
+            Kind::Key => "/v2/keys",
+            Kind::Token => "/v2/tokens",
+        }
+    }
+
+    /// The ledger handle for this kind, scoped to `caller`'s account, recording the caller's
+    /// key id as the author of changes.
+    fn handle<'l>(self, ledger: &'l Ledger, caller: &Caller) -> keyledger::Result<Keys<'l>> {
+        let keys = match self {
+            Kind::Key => ledger.keys(),
+            Kind::Token => ledger.tokens(),
+        };
+        Ok(keys.owned_by(&caller.owner)?.by(caller.key_id.as_str()))
+    }
+}
+
+/// A key or token as the API shows it.
+#[derive(Debug, Serialize)]
+struct KeyView {
+    id: String,
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    /// `[]` for a read/write key (stored as `*`), `["fetch"]` for a read-only one.
+    permissions: Vec<String>,
+    ips: Vec<String>,
+    created_by: String,
+    created_time: String,
+    updated_by: String,
+    updated_time: String,
+    /// The key itself: only in the response that created it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<String>,
+}
+
+impl KeyView {
+    fn of(info: KeyInfo) -> KeyView {
+        let permissions = if info.permissions == ["*"] {
+            vec![]
+        } else {
+            info.permissions
+        };
+        KeyView {
+            id: info.id.to_string(),
+            name: info.name,
+            kind: info.kind.label().to_owned(),
+            permissions,
+            ips: info.ips,
+            created_by: info.created_by,
+            created_time: rfc3339(info.created_at),
+            updated_by: info.updated_by,
+            updated_time: rfc3339(info.updated_at),
+            value: None,
+        }
+    }
+}
+
+/// `2025-01-31T12:00:00.000Z` from milliseconds since the epoch.
+fn rfc3339(t: Timestamp) -> String {
+    let ms = t.as_millis();
+    let (days, rem) = (ms / 86_400_000, ms % 86_400_000);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s, milli) = (
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1000 % 60,
+        rem % 1000,
+    );
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z")
+}
+
+/// A library error as a management response. Validation → 400, unknown or foreign id → 404,
+/// conflict → 409, anything else → 500 (its message names no secret, but stays in the log).
+fn failure(e: &Error) -> Response {
+    match e {
+        Error::InvalidInput { .. } => {
+            managed_error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
+        }
+        Error::NotFound { what } => managed_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        ),
+        Error::InvalidId(_) => managed_error(StatusCode::NOT_FOUND, "not_found", "no such id"),
+        Error::Conflict(_) => managed_error(StatusCode::CONFLICT, "conflict", e.to_string()),
+        _ => {
+            eprintln!("management call failed: {e}");
+            managed_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the key store failed; try again",
+            )
+        }
+    }
+}
+
+/// Runs a ledger call on the blocking pool.
+async fn blocking(
+    app: &Arc<App>,
+    f: impl FnOnce(&Ledger) -> Response + Send + 'static,
+) -> Response {
+    let ledger = app.ledger.clone();
+    tokio::task::spawn_blocking(move || f(&ledger))
+        .await
+        .unwrap_or_else(|_| {
+            managed_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the request failed",
+            )
+        })
+}
+
+/// A refused management request, before it reaches the ledger.
+#[derive(Debug)]
+struct Fail {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Fail {
+    fn invalid(message: impl Into<String>) -> Fail {
+        Fail {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_request",
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Fail> for Response {
+    fn from(f: Fail) -> Response {
+        managed_error(f.status, f.code, f.message)
+    }
+}
+
+/// 403 unless the caller may write.
+fn require_write(caller: &Caller) -> Result<(), Fail> {
+    if keyledger::permits(&caller.permissions, WRITE_SCOPE) {
+        Ok(())
+    } else {
+        Err(Fail {
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden",
+            message: "this key is read-only (`fetch`): it may GET but not POST, PATCH or DELETE"
+                .into(),
+        })
+    }
+}
+
+/// API permissions → stored scopes: `[]` (read/write) is `*`, `["fetch"]` stays.
+fn scopes(permissions: &[String]) -> Result<Vec<String>, Fail> {
+    match permissions {
+        [] => Ok(vec!["*".into()]),
+        [only] if only == READ_SCOPE => Ok(vec![READ_SCOPE.into()]),
+        _ => Err(Fail::invalid(
+            "permissions must be [] (read/write) or [\"fetch\"] (read-only)",
+        )),
+    }
+}
+
+fn body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<T, Fail> {
+    let bytes = raw.map_err(|e| Fail {
+        status: e.status(),
+        code: "invalid_request",
+        message: e.body_text(),
+    })?;
+    parse_json(headers, &bytes).map_err(|e| Fail {
+        status: e.status,
+        code: e.code,
+        message: e.message,
+    })
+}
+
+async fn list(
+    kind: Kind,
+    app: Arc<App>,
+    caller: Caller,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return managed_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "unreadable query",
+        );
+    };
+    let mut page = PageRequest::first();
+    if let Some(limit) = query.get("limit") {
+        match limit.parse::<usize>() {
+            Ok(n) if (1..=keyledger::MAX_LIMIT).contains(&n) => page = page.limit(n),
+            _ => {
+                let message = format!("limit must be 1–{}", keyledger::MAX_LIMIT);
+                return managed_error(StatusCode::BAD_REQUEST, "invalid_request", message);
+            }
+        }
+    }
+    if let Some(cursor) = query.get("cursor") {
+        page = page.after(cursor.as_str());
+    }
+    blocking(&app, move |ledger| {
+        let listed = kind
+            .handle(ledger, &caller)
+            .and_then(|keys| keys.list(&caller.owner, &page));
+        match listed {
+            Ok(found) => {
+                let limit = page.limit.unwrap_or(keyledger::DEFAULT_LIMIT);
+                let base = format!("{}?limit={limit}", kind.path());
+                let this = match &page.cursor {
+                    Some(c) => format!("{base}&cursor={c}"),
+                    None => base.clone(),
+                };
+                let links = Links {
+                    this,
+                    // Cursors are base64url: safe in a query string as they are.
+                    next: found.next_cursor.map(|c| format!("{base}&cursor={c}")),
+                };
+                let items: Vec<KeyView> = found.items.into_iter().map(KeyView::of).collect();
+                managed(StatusCode::OK, items, Some(links))
+            }
+            Err(e) => failure(&e),
+        }
+    })
+    .await
+}
+
+async fn get_one(kind: Kind, app: Arc<App>, caller: Caller, id: String) -> Response {
+    blocking(&app, move |ledger| {
+        match kind.handle(ledger, &caller).and_then(|keys| keys.get(&id)) {
+            Ok(info) => {
+                let links = Links {
+                    this: format!("{}/{}", kind.path(), info.id),
+                    next: None,
+                };
+                managed(StatusCode::OK, KeyView::of(info), Some(links))
+            }
+            Err(e) => failure(&e),
+        }
+    })
+    .await
+}
+
+/// `POST /v2/keys` and `/v2/tokens` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRequest {
+    /// `api` for keys (may be left out); required for tokens.
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    name: String,
+    #[serde(default)]
+    permissions: Vec<String>,
+    #[serde(default)]
+    ips: Vec<String>,
+}
+
+async fn create(
+    kind: Kind,
+    app: Arc<App>,
+    caller: Caller,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(refused) = require_write(&caller) {
+        return refused.into();
+    }
+    let req: CreateRequest = match body(&headers, raw) {
+        Ok(req) => req,
+        Err(refused) => return refused.into(),
+    };
+    let scopes = match scopes(&req.permissions) {
+        Ok(s) => s,
+        Err(refused) => return refused.into(),
+    };
+    let invalid = |m: &str| managed_error(StatusCode::BAD_REQUEST, "invalid_request", m);
+    let new = match (kind, req.kind.as_deref()) {
+        (Kind::Key, None | Some("api")) => NewKey::new(caller.owner.as_str(), req.name),
+        (Kind::Key, Some(_)) => return invalid("type must be \"api\" for a key"),
+        (Kind::Token, None) => return invalid("type is required for a token"),
+        (Kind::Token, Some(t)) => NewKey::token(caller.owner.as_str(), t, req.name),
+    };
+    let new = new.permissions(scopes).ips(req.ips);
+    blocking(&app, move |ledger| {
+        // New keys spend from the account's credit pool, when it has one, so minting keys
+        // never mints credits.
+        let pool = match ledger.credits().pools(&caller.owner) {
+            Ok(pools) => pools.into_iter().next().map(|p| p.id),
+            Err(e) => return failure(&e),
+        };
+        let new = match pool {
+            Some(pool) => new.pool(pool.as_str()),
+            None => new,
+        };
+        match kind
+            .handle(ledger, &caller)
+            .and_then(|keys| keys.create(new))
+        {
+            Ok(created) => {
+                let links = Links {
+                    this: format!("{}/{}", kind.path(), created.info.id),
+                    next: None,
+                };
+                let mut view = KeyView::of(created.info);
+                view.value = Some(created.plaintext.expose().to_owned());
+                no_store(managed(StatusCode::CREATED, view, Some(links)))
+            }
+            Err(e) => failure(&e),
+        }
+    })
+    .await
+}
+
+/// `PATCH /v2/keys/{id}` and `/v2/tokens/{id}` body: any of these.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateRequest {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    permissions: Option<Vec<String>>,
+    #[serde(default)]
+    ips: Option<Vec<String>>,
+}
+
+async fn update(
+    kind: Kind,
+    app: Arc<App>,
+    caller: Caller,
+    id: String,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(refused) = require_write(&caller) {
+        return refused.into();
+    }
+    let req: UpdateRequest = match body(&headers, raw) {
+        Ok(req) => req,
+        Err(refused) => return refused.into(),
+    };
+    if req.name.is_none() && req.permissions.is_none() && req.ips.is_none() {
+        return managed_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "give at least one of name, permissions, ips",
+        );
+    }
+    let mut update = KeyUpdate::new();
+    if let Some(name) = req.name {
+        update = update.name(name);
+    }
+    if let Some(p) = &req.permissions {
+        match scopes(p) {
+            Ok(s) => update = update.permissions(s),
+            Err(refused) => return refused.into(),
+        }
+    }
+    if let Some(ips) = req.ips {
+        update = update.ips(ips);
+    }
+    blocking(&app, move |ledger| {
+        match kind
+            .handle(ledger, &caller)
+            .and_then(|keys| keys.update(&id, update))
+        {
+            Ok(info) => {
+                let links = Links {
+                    this: format!("{}/{}", kind.path(), info.id),
+                    next: None,
+                };
+                managed(StatusCode::OK, KeyView::of(info), Some(links))
+            }
+            Err(e) => failure(&e),
+        }
+    })
+    .await
+}
+
+/// What `DELETE` answers.
+#[derive(Debug, Serialize)]
+struct Deleted {
+    id: String,
+    deleted: bool,
+}
+
+async fn delete(kind: Kind, app: Arc<App>, caller: Caller, id: String) -> Response {
+    if let Err(refused) = require_write(&caller) {
+        return refused.into();
+    }
+    blocking(&app, move |ledger| {
+        match kind
+            .handle(ledger, &caller)
+            .and_then(|keys| keys.delete(&id))
+        {
+            Ok(()) => managed(StatusCode::OK, Deleted { id, deleted: true }, None),
+            Err(e) => failure(&e),
+        }
+    })
+    .await
+}
+
+type Q = Result<Query<HashMap<String, String>>, QueryRejection>;
+type Raw = Result<Bytes, BytesRejection>;
+
+/// `GET /v2/keys?limit=&cursor=`.
+pub async fn list_keys(
+    State(app): State<Arc<App>>,
+    Extension(c): Extension<Caller>,
+    q: Q,
+) -> Response {
+    list(Kind::Key, app, c, q).await
+}
+
+/// `GET /v2/tokens?limit=&cursor=`.
+pub async fn list_tokens(
+    State(app): State<Arc<App>>,
+    Extension(c): Extension<Caller>,
+    q: Q,
+) -> Response {
+    list(Kind::Token, app, c, q).await
+}
+
+/// `GET /v2/keys/{id}`.
+pub async fn get_key(
+    State(app): State<Arc<App>>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    get_one(Kind::Key, app, c, id).await
+}
+
+/// `GET /v2/tokens/{id}`.
+pub async fn get_token(
+    State(app): State<Arc<App>>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    get_one(Kind::Token, app, c, id).await
+}
+
+/// `POST /v2/keys`.
+pub async fn create_key(
+    State(app): State<Arc<App>>,
+    Extension(c): Extension<Caller>,
+    h: HeaderMap,
+    raw: Raw,
+) -> Response {
+    create(Kind::Key, app, c, h, raw).await
+}
+
+/// `POST /v2/tokens`.
+pub async fn create_token(
+    State(app): State<Arc<App>>,
+    Extension(c): Extension<Caller>,
+    h: HeaderMap,
+    raw: Raw,
+) -> Response {
+    create(Kind::Token, app, c, h, raw).await
+}
+
+/// `PATCH /v2/keys/{id}`.
+pub async fn update_key(
+    State(app): State<Arc<App>>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    h: HeaderMap,
+    raw: Raw,
+) -> Response {
+    update(Kind::Key, app, c, id, h, raw).await
+}
+
+/// `PATCH /v2/tokens/{id}`.
+pub async fn update_token(
+    State(app): State<Arc<App>>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    h: HeaderMap,
+    raw: Raw,
+) -> Response {
+    update(Kind::Token, app, c, id, h, raw).await
+}
+
+/// `DELETE /v2/keys/{id}`.
+pub async fn delete_key(
+    State(app): State<Arc<App>>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    delete(Kind::Key, app, c, id).await
+}
+
+/// `DELETE /v2/tokens/{id}`.
+pub async fn delete_token(
+    State(app): State<Arc<App>>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    delete(Kind::Token, app, c, id).await
+}
+
+/// A connection as `GET /v2/connectors` shows it: metadata only, never a token.
+#[derive(Debug, Serialize)]
+struct ConnectionView {
+    provider: String,
+    scopes: Vec<String>,
+    health: &'static str,
+    health_reason: Option<&'static str>,
+    has_refresh_token: bool,
+    expires_time: Option<String>,
+    connected_time: String,
+    connected_by: String,
+    updated_time: String,
+    last_refreshed_time: Option<String>,
+}
+
+/// `GET /v2/connectors`: the caller's account's connections.
+pub async fn connectors(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
+    blocking(&app, move |ledger| {
+        match ledger.vault().list(&caller.owner) {
+            Ok(list) => {
+                let views: Vec<ConnectionView> = list
+                    .into_iter()
+                    .map(|c| ConnectionView {
+                        provider: c.provider.as_str().to_owned(),
+                        scopes: c.scopes,
+                        health: c.health.as_str(),
+                        health_reason: c.health_reason.map(|k| k.as_str()),
+                        has_refresh_token: c.has_refresh_token,
+                        expires_time: c.expires_at.map(rfc3339),
+                        connected_time: rfc3339(c.connected_at),
+                        connected_by: c.connected_by,
+                        updated_time: rfc3339(c.updated_at),
+                        last_refreshed_time: c.last_refreshed_at.map(rfc3339),
+                    })
+                    .collect();
+                let links = Links {
+                    this: "/v2/connectors".into(),
+                    next: None,
+                };
+                managed(StatusCode::OK, views, Some(links))
+            }
+            Err(e) => failure(&e),
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(Timestamp(0)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339(Timestamp(951_782_400_123)),
+            "2000-02-29T00:00:00.123Z"
+        );
+        assert_eq!(
+            rfc3339(Timestamp(1_767_225_599_999)),
+            "2025-12-31T23:59:59.999Z"
+        );
+    }
+}

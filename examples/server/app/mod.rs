@@ -1,0 +1,221 @@
+//! The server's application: shared state, the route table, and the bootstrap that seeds a
+//! fresh database. `main.rs` serves it; `tests/server.rs` and `examples/load.rs` build the
+//! same router in-process (they include this directory with `#[path]`).
+//!
+//! Layers, outermost first:
+//!
+//! 1. [`envelope::render`] serializes the generation envelope once the request is settled,
+//!    filling in `token_stats` and `pricing` from the receipt the auth layer left behind;
+//! 2. [`auth::guard`] verifies the presented key (`Ledger::verify`), refuses with the denial's
+//!    status and a safe JSON error, and commits the grant only after a 2xx (else drops it:
+//!    refund);
+//! 3. the handlers ([`generate`], [`manage`]).
+
+pub mod auth;
+pub mod envelope;
+mod generate;
+mod manage;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::middleware::{from_fn_with_state, map_response};
+use axum::routing::{get, post};
+use keyledger::{Ledger, NewAccount, NewKey, PageRequest, PublicId, RouteRule, Secret};
+
+pub use auth::{AuthMode, Caller};
+
+/// Scope a key needs to read the management API (`GET /v2/…`). Keys created with
+/// `permissions: ["fetch"]` hold only this one: they are read-only.
+pub const READ_SCOPE: &str = "fetch";
+/// Scope a key needs to change keys and tokens (`POST`, `PATCH`, `DELETE /v2/…`). A key
+/// created with `permissions: []` (read/write) is stored with `*`, which grants it.
+pub const WRITE_SCOPE: &str = "manage";
+/// Entitlement the `/api/v1/projects/` route requires of the caller's account.
+pub const PROJECTS_ENTITLEMENT: &str = "projects";
+/// Credits in the credit pool of the account a fresh database starts with.
+pub const STARTING_CREDITS: u64 = 1_000_000;
+
+/// One route rule the server seeds: prefix, permission, entitlement, cost (credits reserved
+/// per request), price of one credit in micros.
+pub struct SeedRule {
+    /// Route prefix.
+    pub prefix: &'static str,
+    /// Permission a key needs.
+    pub permission: &'static str,
+    /// Entitlement the key's account needs, if any.
+    pub entitlement: Option<&'static str>,
+    /// Credits reserved (and, on success, charged) per request.
+    pub cost: u64,
+    /// Price of one credit, in millionths of the currency unit.
+    pub price_micros: u64,
+}
+
+/// The route rules a database gets on first start (missing prefixes are added on every start;
+/// rules an operator changed are left alone).
+pub const SEED_RULES: [SeedRule; 5] = [
+    SeedRule {
+        prefix: "/api/v1/quickhits/",
+        permission: "quickhits:create",
+        entitlement: None,
+        cost: 1,
+        price_micros: 2_000,
+    },
+    SeedRule {
+        prefix: "/api/v1/roadmaps/",
+        permission: "roadmaps:create",
+        entitlement: None,
+        cost: 3,
+        price_micros: 2_000,
+    },
+    SeedRule {
+        prefix: "/api/v1/quizzes/",
+        permission: "quizzes:create",
+        entitlement: None,
+        cost: 2,
+        price_micros: 2_000,
+    },
+    SeedRule {
+        prefix: "/api/v1/projects/",
+        permission: "projects:create",
+        entitlement: Some(PROJECTS_ENTITLEMENT),
+        cost: 5,
+        price_micros: 2_000,
+    },
+    // Key management and connectors: any key that may read; free (cost 0 is a peek).
+    SeedRule {
+        prefix: "/v2/",
+        permission: READ_SCOPE,
+        entitlement: None,
+        cost: 0,
+        price_micros: 0,
+    },
+];
+
+/// Shared state of every handler.
+#[derive(Debug)]
+pub struct App {
+    /// The ledger. `Ledger` is a cheap handle (an `Arc` inside); grants borrow it for the
+    /// length of one request future (see [`auth::guard`]).
+    pub ledger: Ledger,
+    /// Whether requests are verified (`Off` only for the load run's baseline).
+    pub auth: AuthMode,
+    /// The account requests act as when auth is off.
+    pub default_owner: PublicId,
+}
+
+/// What [`bootstrap`] found or made.
+#[derive(Debug)]
+pub struct Bootstrap {
+    /// The first account: created on a fresh database.
+    pub account: PublicId,
+    /// Its credit pool, if it has one (keys created through the API spend from it).
+    pub pool: Option<PublicId>,
+    /// The admin key (permissions `*`), only when the database was fresh: print it once.
+    pub admin_key: Option<Secret>,
+    /// The admin key's public id, when it was just created.
+    pub admin_key_id: Option<PublicId>,
+}
+
+/// Seeds missing route rules and, on a database without accounts, creates an account with
+/// the `projects` entitlement and a pool of [`STARTING_CREDITS`], and one admin key on it.
+pub fn bootstrap(ledger: &Ledger) -> keyledger::Result<Bootstrap> {
+    let existing = ledger.routes().list()?;
+    for seed in &SEED_RULES {
+        if existing.iter().all(|r| r.prefix != seed.prefix) {
+            let mut rule = RouteRule::new(seed.prefix)
+                .permission(seed.permission)
+                .cost(seed.cost)
+                .price_micros(seed.price_micros);
+            if let Some(e) = seed.entitlement {
+                rule = rule.entitlement(e);
+            }
+            ledger.routes().by("server bootstrap").set(rule)?;
+        }
+    }
+    let accounts = ledger.accounts().list(&PageRequest::first().limit(1))?;
+    if let Some(account) = accounts.items.into_iter().next() {
+        let pool = ledger.credits().pools(&account.id)?.into_iter().next();
+        return Ok(Bootstrap {
+            account: account.id,
+            pool: pool.map(|p| p.id),
+            admin_key: None,
+            admin_key_id: None,
+        });
+    }
+    let account = ledger
+        .accounts()
+        .by("server bootstrap")
+        .create(NewAccount::new("Default account").entitlements([PROJECTS_ENTITLEMENT]))?;
+    let pool = ledger.credits().by("server bootstrap").create_pool(
+        &account.id,
+        "Default pool",
+        STARTING_CREDITS,
+        None,
+        None,
+    )?;
+    let created = ledger.keys().by("server bootstrap").create(
+        NewKey::new(&account.id, "admin")
+            .permissions(["*"])
+            .pool(&pool.id),
+    )?;
+    Ok(Bootstrap {
+        account: account.id,
+        pool: Some(pool.id),
+        admin_key: Some(created.plaintext),
+        admin_key_id: Some(created.info.id),
+    })
+}
+
+/// The router as a service that records each connection's peer address (the auth layer
+/// checks it against keys' IP allowlists): what `axum::serve` takes.
+pub fn make_service(
+    app: Arc<App>,
+) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, std::net::SocketAddr> {
+    router(app).into_make_service_with_connect_info::<std::net::SocketAddr>()
+}
+
+/// The whole router: generation routes, key management, connectors.
+pub fn router(app: Arc<App>) -> Router {
+    let generation = Router::new()
+        .route("/api/v1/quickhits/create", post(generate::quickhits))
+        .route("/api/v1/roadmaps/create", post(generate::roadmaps))
+        .route("/api/v1/quizzes/create", post(generate::quizzes))
+        .route("/api/v1/projects/create", post(generate::projects))
+        // `route_layer`: only matched routes are verified, so an unknown path is a 404,
+        // not a 401 that would tell a prober nothing useful anyway.
+        .route_layer(from_fn_with_state(
+            auth::Guard::new(&app, envelope::generation_refusal, false),
+            auth::guard,
+        ));
+    let management = Router::new()
+        .route("/v2/keys", get(manage::list_keys).post(manage::create_key))
+        .route(
+            "/v2/keys/{id}",
+            get(manage::get_key)
+                .patch(manage::update_key)
+                .delete(manage::delete_key),
+        )
+        .route(
+            "/v2/tokens",
+            get(manage::list_tokens).post(manage::create_token),
+        )
+        .route(
+            "/v2/tokens/{id}",
+            get(manage::get_token)
+                .patch(manage::update_token)
+                .delete(manage::delete_token),
+        )
+        .route("/v2/connectors", get(manage::connectors))
+        .route_layer(from_fn_with_state(
+            auth::Guard::new(&app, envelope::management_refusal, true),
+            auth::guard,
+        ));
+    Router::new()
+        .merge(generation)
+        .merge(management)
+        .fallback(envelope::not_found)
+        .method_not_allowed_fallback(envelope::method_not_allowed)
+        .layer(map_response(envelope::render))
+        .with_state(app)
+}

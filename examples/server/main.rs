@@ -1,0 +1,183 @@
+//! A real HTTP server on keyledger: the generation API (`/api/v1/…/create`) and the key
+//! management API (`/v2/keys`, `/v2/tokens`, `/v2/connectors`), authenticated by a middleware
+//! built on `Ledger::verify`.
+//!
+//! ```sh
+//! cargo run --release --example server
+//! ```
+//!
+//! Environment:
+//!
+//! - `KEYLEDGER_ADDR`: where to listen (default `127.0.0.1:8787`).
+//! - `KEYLEDGER_DB`: the database file. With it, the master key must come from
+//!   `KEYLEDGER_MASTER_KEY` (64 hex digits) or `KEYLEDGER_MASTER_KEY_FILE` (mode 0600; the
+//!   CLI's `keyledger init` writes one). Without it, the server uses a scratch database in a
+//!   temporary directory, deleted on exit, under an ephemeral master key (or the one given).
+//! - `KEYLEDGER_AUTH=off`: serve without verifying keys, as the default account. Only for
+//!   measuring what verification costs (`examples/load.rs`); never in production.
+//!
+//! On a database without accounts it creates one (with a pool of credits and the `projects`
+//! entitlement) and one admin key with permissions `*`, printed once as `admin key: …`.
+
+mod app;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use keyledger::{Config, Ledger, MasterKey};
+
+use app::{App, AuthMode};
+
+/// Where the database and master key come from.
+struct Storage {
+    path: PathBuf,
+    config: Config,
+    /// Kept alive until exit, then deleted with the scratch database in it.
+    _scratch: Option<tempfile::TempDir>,
+    description: String,
+}
+
+fn storage() -> Result<Storage, String> {
+    let from_env = std::env::var_os(keyledger::ENV_MASTER_KEY).is_some()
+        || std::env::var_os(keyledger::ENV_MASTER_KEY_FILE).is_some();
+    match std::env::var_os("KEYLEDGER_DB") {
+        Some(path) => {
+            let config = Config::from_env().map_err(|e| format!("KEYLEDGER_DB is set, but {e}"))?;
+            let path = PathBuf::from(path);
+            Ok(Storage {
+                description: format!("database: {} (from KEYLEDGER_DB)", path.display()),
+                path,
+                config,
+                _scratch: None,
+            })
+        }
+        None => {
+            let dir = tempfile::tempdir().map_err(|e| format!("scratch directory: {e}"))?;
+            let path = dir.path().join("keys.redb");
+            let (config, key) = if from_env {
+                (
+                    Config::from_env().map_err(|e| e.to_string())?,
+                    "from the environment",
+                )
+            } else {
+                let key = MasterKey::generate().map_err(|e| e.to_string())?;
+                let config = Config::builder().master_key(key).build();
+                (config.map_err(|e| e.to_string())?, "ephemeral, never shown")
+            };
+            Ok(Storage {
+                description: format!(
+                    "database: {} (scratch, deleted on exit; set KEYLEDGER_DB to keep one)\n\
+                     master key: {key}",
+                    path.display()
+                ),
+                path,
+                config,
+                _scratch: Some(dir),
+            })
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    let addr: SocketAddr = std::env::var("KEYLEDGER_ADDR")
+        .unwrap_or_else(|_| "127.0.0.1:8787".into())
+        .parse()
+        .map_err(|e| format!("KEYLEDGER_ADDR: {e}"))?;
+    let auth = match std::env::var("KEYLEDGER_AUTH").as_deref() {
+        Ok("off") => AuthMode::Off,
+        Ok("on") | Err(_) => AuthMode::On,
+        Ok(other) => {
+            return Err(format!(
+                "KEYLEDGER_AUTH must be `on` or `off`, not `{other}`"
+            ));
+        }
+    };
+    let storage = storage()?;
+    let ledger = Ledger::open(&storage.path, storage.config.clone()).map_err(|e| e.to_string())?;
+    let boot = app::bootstrap(&ledger).map_err(|e| format!("bootstrap: {e}"))?;
+    println!("keyledger server");
+    println!("{}", storage.description);
+    match &boot.admin_key {
+        Some(key) => {
+            let pool = boot.pool.as_deref().unwrap_or("none");
+            let id = boot.admin_key_id.as_deref().unwrap_or("?");
+            println!(
+                "new database: account {} with credit pool {pool} ({} credits); \
+                 admin key {id} (permissions *):",
+                boot.account,
+                app::STARTING_CREDITS
+            );
+            println!("admin key: {}", key.expose());
+            println!("(shown once; only its hash is stored)");
+        }
+        None => println!(
+            "existing database: account {}; no key printed",
+            boot.account
+        ),
+    }
+    if auth == AuthMode::Off {
+        println!(
+            "WARNING: KEYLEDGER_AUTH=off — requests are NOT verified (benchmark baseline only)"
+        );
+    }
+    // Zeroizes the admin key's plaintext now that it has been shown.
+    let app::Bootstrap { account, .. } = boot;
+    let state = Arc::new(App {
+        ledger: ledger.clone(),
+        auth,
+        default_owner: account,
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("listen on {addr}: {e}"))?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        println!("listening on http://{local}");
+        axum::serve(listener, app::make_service(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .map_err(|e| format!("server: {e}"))
+    })?;
+    // Return leased credits to their balances and flush counters.
+    ledger.close().map_err(|e| format!("close: {e}"))
+}
+
+/// Resolves on Ctrl-C or SIGTERM, so the scratch database is deleted and leases returned.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    println!("shutting down");
+}

@@ -1,0 +1,970 @@
+//! End to end over real HTTP: the example server (`examples/server`) runs in-process on an
+//! ephemeral loopback port, and every route is driven through a plain TCP client.
+
+#[path = "../examples/server/app/mod.rs"]
+mod app;
+mod server_support;
+
+use keyledger::{
+    AccountUpdate, Clock, NewAccount, NewKey, OAuthGrant, Provider, Secret, SubscriptionStatus,
+};
+use serde_json::{Value, json};
+
+use app::AuthMode;
+use server_support::{Response, Server};
+
+const QUICKHIT: &str = r#"{"prompt":"Explain photosynthesis"}"#;
+
+/// The generation routes: path, a minimal valid body, resource id prefix, credits per call.
+const ROUTES: [(&str, &str, &str, u64); 4] = [
+    ("/api/v1/quickhits/create", QUICKHIT, "qh_", 1),
+    (
+        "/api/v1/roadmaps/create",
+        r#"{"prompt":"Learn Rust"}"#,
+        "rm_",
+        3,
+    ),
+    (
+        "/api/v1/quizzes/create",
+        r#"{"prompt":"World capitals"}"#,
+        "quiz_",
+        2,
+    ),
+    (
+        "/api/v1/projects/create",
+        r#"{"prompt":"Build a weather station"}"#,
+        "proj_",
+        5,
+    ),
+];
+
+fn field<'a>(v: &'a Value, name: &str) -> &'a Value {
+    v.get(name)
+        .unwrap_or_else(|| panic!("missing `{name}` in {v}"))
+}
+
+/// The generation envelope: exactly its seven fields.
+fn envelope(r: &Response) -> Value {
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json"),
+        "{}",
+        r.body
+    );
+    let v = r.json();
+    let mut keys: Vec<&str> = v
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "data",
+            "error",
+            "id",
+            "message",
+            "pricing",
+            "success",
+            "token_stats"
+        ],
+        "{v}"
+    );
+    v
+}
+
+/// The management envelope: exactly its four fields.
+fn managed(r: &Response) -> Value {
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json"),
+        "{}",
+        r.body
+    );
+    let v = r.json();
+    let mut keys: Vec<&str> = v
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["errors", "links", "result", "success"], "{v}");
+    v
+}
+
+/// A refusal in the generation envelope: status, code, and a `req_` id.
+fn refused(r: &Response, status: u16, code: &str) -> Value {
+    assert_eq!(r.status, status, "{}", r.body);
+    let v = envelope(r);
+    assert_eq!(v["success"], false);
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+    assert!(v["id"].as_str().is_some_and(|id| id.starts_with("req_")));
+    assert!(v["data"].is_null() && v["token_stats"].is_null() && v["pricing"].is_null());
+    v
+}
+
+/// A refusal in the management envelope.
+fn managed_refused(r: &Response, status: u16, code: &str) -> Value {
+    assert_eq!(r.status, status, "{}", r.body);
+    let v = managed(r);
+    assert_eq!(v["success"], false);
+    assert!(v["result"].is_null() && v["links"].is_null());
+    assert_eq!(v["errors"][0]["code"], code, "{v}");
+    v
+}
+
+/// An opaque id: `prefix` + at least 22 base64url characters (128 bits; the library's own
+/// ids are longer).
+fn assert_opaque(id: &str, prefix: &str) {
+    let rest = id
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("{id} lacks {prefix}"));
+    assert!(rest.len() >= 22, "{id}");
+    assert!(
+        rest.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    );
+}
+
+/// Creates a key with `new` for a test (through the library) and returns its plaintext.
+fn key(server: &Server, new: NewKey) -> String {
+    let created = server.ledger.keys().create(new).expect("create key");
+    created.plaintext.expose().to_owned()
+}
+
+#[test]
+fn generation_routes_answer_in_the_envelope_with_receipts() {
+    let s = Server::start();
+    let mut ids = Vec::new();
+    for (path, body, prefix, cost) in ROUTES {
+        let r = s.json("POST", path, &s.admin, body);
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        let v = envelope(&r);
+        assert_eq!(v["success"], true);
+        assert!(v["error"].is_null());
+        assert!(!v["message"].as_str().unwrap_or("").is_empty());
+        let id = v["id"].as_str().expect("id");
+        assert_opaque(id, prefix);
+        ids.push(id.to_owned());
+        let stats = field(&v, "token_stats");
+        assert_eq!(stats["used"], cost);
+        assert_eq!(stats["charged"], cost);
+        assert_eq!(stats["uncovered"], 0);
+        let pricing = field(&v, "pricing");
+        assert_eq!(pricing["units"], cost);
+        assert_eq!(pricing["unit_price_micros"], 2_000);
+        assert_eq!(pricing["total_micros"], cost * 2_000);
+    }
+    // The same request twice: the same placeholder, a new opaque id.
+    let a = s.json("POST", ROUTES[0].0, &s.admin, QUICKHIT).json();
+    let b = s.json("POST", ROUTES[0].0, &s.admin, QUICKHIT).json();
+    assert_eq!(a["data"], b["data"]);
+    assert_ne!(a["id"], b["id"]);
+    ids.extend([a["id"].to_string(), b["id"].to_string()]);
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), ROUTES.len() + 2);
+
+    // Defaults and field shapes.
+    let qh = &a["data"];
+    assert_eq!(qh["mode"], "broad");
+    assert_eq!(qh["title"], "Explain photosynthesis");
+    let narrow = s.json(
+        "POST",
+        "/api/v1/quickhits/create",
+        &s.admin,
+        r#"{"prompt":"Cells","mode":"narrow","context":[{"type":"text","content":"Mitochondria"},
+            {"type":"pdf","id":"doc_12"},{"type":"vidbyte_project","id":"vp-1"}]}"#,
+    );
+    let v = envelope(&narrow);
+    assert_eq!(v["data"]["mode"], "narrow", "{v}");
+    assert_eq!(
+        v["data"]["context_types"],
+        json!(["text", "pdf", "vidbyte_project"])
+    );
+
+    let rm = s
+        .json("POST", "/api/v1/roadmaps/create", &s.admin, ROUTES[1].1)
+        .json();
+    assert_eq!(rm["data"]["timeline"], "3 months");
+    assert_eq!(rm["data"]["experience"], json!([]));
+    for (experience, expected) in [
+        (json!("beginner"), json!(["beginner"])),
+        (json!(["python", "sql"]), json!(["python", "sql"])),
+    ] {
+        let body = json!({"prompt": "Data", "experience": experience, "timeline": "6 weeks",
+            "resource_preference": "videos", "additional_info": "evenings"});
+        let v = s
+            .json(
+                "POST",
+                "/api/v1/roadmaps/create",
+                &s.admin,
+                &body.to_string(),
+            )
+            .json();
+        assert_eq!(v["data"]["experience"], expected, "{v}");
+        assert_eq!(v["data"]["timeline"], "6 weeks");
+    }
+
+    let quiz = s
+        .json("POST", "/api/v1/quizzes/create", &s.admin, ROUTES[2].1)
+        .json();
+    assert_eq!(quiz["data"]["quiz_type"], "multiple_choice");
+    assert_eq!(quiz["data"]["questions"].as_array().map(Vec::len), Some(10));
+    let body = json!({"title": "Capitals", "content": "Paris is the capital of France.",
+        "quiz_type": "true_false", "reasoning_lens": "recall", "difficulty": "easy",
+        "length": 3, "assessment_intent": "practice", "explanation_length": "short",
+        "question_style": "direct", "content_focus": "facts"});
+    let quiz = s
+        .json(
+            "POST",
+            "/api/v1/quizzes/create",
+            &s.admin,
+            &body.to_string(),
+        )
+        .json();
+    assert_eq!(
+        quiz["data"]["questions"].as_array().map(Vec::len),
+        Some(3),
+        "{quiz}"
+    );
+    assert_eq!(quiz["data"]["quiz_type"], "true_false");
+    assert_eq!(quiz["data"]["title"], "Capitals");
+
+    let body = json!({"prompt": "Robot arm", "project_goal": "pick up a cup",
+        "why_this_matters": "fun", "current_level": "beginner", "depth_preference": "deep",
+        "guidance_level": "high", "context": [{"type": "project", "id": "proj_1"}]});
+    let project = s.json(
+        "POST",
+        "/api/v1/projects/create",
+        &s.admin,
+        &body.to_string(),
+    );
+    assert_eq!(project.status, 200, "{}", project.body);
+    assert_eq!(project.json()["data"]["goal"], "pick up a cup");
+
+    // `x-api-key` works as well as Bearer.
+    let r = s.send(
+        "POST",
+        "/api/v1/quickhits/create",
+        &[
+            ("x-api-key", &s.admin),
+            ("content-type", "application/json; charset=utf-8"),
+        ],
+        Some(QUICKHIT),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    s.assert_no_secrets(&[]);
+}
+
+#[test]
+fn validation_errors_are_400_and_json_is_required() {
+    let s = Server::start();
+    let q = "/api/v1/quickhits/create";
+    let cases: [(&str, &str, &str); 13] = [
+        (q, r#"{}"#, "prompt"),
+        (q, r#"{"prompt":"  "}"#, "prompt"),
+        (q, r#"{"prompt":"x","mode":"wide"}"#, "broad"),
+        (q, r#"{"prompt":"x","promt":"typo"}"#, "promt"),
+        (
+            q,
+            r#"{"prompt":"x","context":[{"type":"video","id":"v"}]}"#,
+            "video",
+        ),
+        (
+            q,
+            r#"{"prompt":"x","context":[{"type":"text"}]}"#,
+            "content",
+        ),
+        (
+            q,
+            r#"{"prompt":"x","context":[{"type":"doc","id":"a b"}]}"#,
+            "context[0].id",
+        ),
+        (q, r#"{"prompt": "#, "invalid request body"),
+        (
+            "/api/v1/roadmaps/create",
+            r#"{"prompt":"x","experience":3}"#,
+            "experience",
+        ),
+        (
+            "/api/v1/quizzes/create",
+            r#"{"title":"only a title"}"#,
+            "prompt, content or context",
+        ),
+        (
+            "/api/v1/quizzes/create",
+            r#"{"prompt":"x","length":0}"#,
+            "length",
+        ),
+        (
+            "/api/v1/quizzes/create",
+            r#"{"prompt":"x","quiz_type":"essay"}"#,
+            "multiple_choice",
+        ),
+        (
+            "/api/v1/projects/create",
+            r#"{"project_goal":"x"}"#,
+            "prompt",
+        ),
+    ];
+    for (path, body, mentions) in cases {
+        let r = s.json("POST", path, &s.admin, body);
+        let v = refused(&r, 400, "invalid_request");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(mentions), "{body}: {message}");
+        assert_eq!(v["message"], v["error"]["message"]);
+    }
+    // Content-Type: application/json is required.
+    let auth = format!("Bearer {}", s.admin);
+    for content_type in [None, Some("text/plain"), Some("application/jsonx")] {
+        let mut headers = vec![("authorization", auth.as_str())];
+        headers.extend(content_type.map(|c| ("content-type", c)));
+        let r = s.send("POST", q, &headers, Some(QUICKHIT));
+        refused(&r, 415, "unsupported_media_type");
+    }
+    // Unknown routes and methods answer in the envelope too, without needing a key.
+    refused(
+        &s.send("GET", "/api/v1/nothing", &[], None),
+        404,
+        "not_found",
+    );
+    refused(&s.send("GET", q, &[], None), 405, "method_not_allowed");
+    managed_refused(&s.send("GET", "/v2/nothing", &[], None), 404, "not_found");
+    s.assert_no_secrets(&[]);
+}
+
+#[test]
+fn every_denial_has_its_status_code_and_a_safe_body() {
+    let s = Server::start();
+    let q = "/api/v1/quickhits/create";
+    let post = |key: &str| s.json("POST", q, key, QUICKHIT);
+    let mut presented: Vec<String> = Vec::new();
+
+    // Header problems.
+    let r = s.send(
+        "POST",
+        q,
+        &[("content-type", "application/json")],
+        Some(QUICKHIT),
+    );
+    refused(&r, 401, "missing_key");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    let r = s.send(
+        "POST",
+        q,
+        &[("authorization", "Basic dXNlcjpwYXNz")],
+        Some(QUICKHIT),
+    );
+    refused(&r, 401, "unsupported_scheme");
+    let other = key(
+        &s,
+        NewKey::new(s.account.as_str(), "other").permissions(["*"]),
+    );
+    let bearer = format!("Bearer {}", s.admin);
+    let r = s.send(
+        "POST",
+        q,
+        &[("authorization", &bearer), ("x-api-key", &other)],
+        None,
+    );
+    refused(&r, 400, "conflicting_keys");
+    presented.push(other.clone());
+
+    // malformed: a mistyped key fails its checksum before any hashing.
+    let mut typo = other.clone();
+    let last = typo.pop().expect("char");
+    typo.push(if last == 'a' { 'b' } else { 'a' });
+    refused(&post(&typo), 401, "malformed");
+    refused(&post("vb_live_short"), 401, "malformed");
+    presented.push(typo);
+
+    // not_found: well-formed, but deleted.
+    let gone = s
+        .ledger
+        .keys()
+        .create(NewKey::new(s.account.as_str(), "gone"))
+        .expect("key");
+    s.ledger.keys().delete(&gone.info.id).expect("delete");
+    let gone = gone.plaintext.expose().to_owned();
+    refused(&post(&gone), 401, "not_found");
+    presented.push(gone);
+
+    // disabled.
+    let created = s
+        .ledger
+        .keys()
+        .create(NewKey::new(s.account.as_str(), "off").permissions(["*"]));
+    let created = created.expect("key");
+    s.ledger.keys().disable(&created.info.id).expect("disable");
+    let disabled = created.plaintext.expose().to_owned();
+    refused(&post(&disabled), 401, "disabled");
+    presented.push(disabled);
+
+    // forbidden: the route needs `quickhits:create`.
+    let narrow = key(
+        &s,
+        NewKey::new(s.account.as_str(), "quiz only").permissions(["quizzes:*"]),
+    );
+    refused(&post(&narrow), 403, "forbidden");
+    let r = s.json("POST", "/api/v1/quizzes/create", &narrow, ROUTES[2].1);
+    assert_eq!(r.status, 200, "{}", r.body);
+    presented.push(narrow);
+
+    // ip_not_allowed: the test connects from 127.0.0.1.
+    let ips = key(
+        &s,
+        NewKey::new(s.account.as_str(), "office")
+            .permissions(["*"])
+            .ips(["10.1.2.0/24"]),
+    );
+    refused(&post(&ips), 403, "ip_not_allowed");
+    let local = key(
+        &s,
+        NewKey::new(s.account.as_str(), "local")
+            .permissions(["*"])
+            .ips(["127.0.0.1"]),
+    );
+    assert_eq!(post(&local).status, 200);
+    presented.extend([ips, local]);
+
+    // subscription_inactive and not_entitled: a second account.
+    let acme = s
+        .ledger
+        .accounts()
+        .create(NewAccount::new("Acme"))
+        .expect("account");
+    let acme_key = key(&s, NewKey::new(acme.id.as_str(), "acme").permissions(["*"]));
+    assert_eq!(post(&acme_key).status, 200);
+    let r = s.json("POST", "/api/v1/projects/create", &acme_key, ROUTES[3].1);
+    refused(&r, 403, "not_entitled");
+    s.ledger
+        .accounts()
+        .update(
+            &acme.id,
+            AccountUpdate::new().status(SubscriptionStatus::Canceled),
+        )
+        .expect("cancel");
+    refused(&post(&acme_key), 402, "subscription_inactive");
+    // The management surface refuses in its own envelope.
+    managed_refused(
+        &s.get("GET", "/v2/keys", &acme_key),
+        402,
+        "subscription_inactive",
+    );
+    presented.push(acme_key);
+
+    // rate_limited, with Retry-After.
+    let limited = key(
+        &s,
+        NewKey::new(s.account.as_str(), "slow")
+            .permissions(["*"])
+            .rate_limit("requests", 1, 60),
+    );
+    assert_eq!(post(&limited).status, 200);
+    let r = post(&limited);
+    refused(&r, 429, "rate_limited");
+    let retry: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=60).contains(&retry), "{retry}");
+    s.clock.advance_secs(retry);
+    assert_eq!(
+        post(&limited).status,
+        200,
+        "allowed again after Retry-After"
+    );
+    presented.push(limited);
+
+    // usage_exceeded: a roadmap costs 3.
+    let poor = key(
+        &s,
+        NewKey::new(s.account.as_str(), "poor")
+            .permissions(["*"])
+            .credits(2),
+    );
+    refused(
+        &s.json("POST", "/api/v1/roadmaps/create", &poor, ROUTES[1].1),
+        402,
+        "usage_exceeded",
+    );
+    assert_eq!(post(&poor).status, 200, "a 1-credit quick hit still fits");
+    presented.push(poor);
+
+    // expired (last: it moves the clock a day on).
+    let soon = s.clock.now().plus_secs(60);
+    let expiring = key(
+        &s,
+        NewKey::new(s.account.as_str(), "temp")
+            .permissions(["*"])
+            .expires_at(soon),
+    );
+    assert_eq!(post(&expiring).status, 200);
+    s.clock.advance_secs(86_400);
+    refused(&post(&expiring), 401, "expired");
+    presented.push(expiring);
+
+    let presented: Vec<&str> = presented.iter().map(String::as_str).collect();
+    s.assert_no_secrets(&presented);
+}
+
+#[test]
+fn unavailable_store_is_503_and_charges_nothing() {
+    let s = Server::start();
+    let metered = key(
+        &s,
+        NewKey::new(s.account.as_str(), "metered")
+            .permissions(["*"])
+            .credits(10),
+    );
+    // A closed ledger's writer can no longer lease credits: verify says `unavailable`.
+    s.ledger.close().expect("close");
+    let r = s.json("POST", "/api/v1/quickhits/create", &metered, QUICKHIT);
+    refused(&r, 503, "unavailable");
+    s.assert_no_secrets(&[&metered]);
+}
+
+#[test]
+fn credits_are_spent_only_on_successful_requests() {
+    let s = Server::start();
+    let q = "/api/v1/quickhits/create";
+    let k = key(
+        &s,
+        NewKey::new(s.account.as_str(), "three")
+            .permissions(["*"])
+            .credits(3),
+    );
+    let auth = format!("Bearer {k}");
+    let balance = |s: &Server| {
+        let info = s.ledger.keys().find_by_prefix(&k[..12]).expect("find");
+        info[0].remaining_credits
+    };
+    // Failures before the handler succeeds: 400 (bad body), 415 (no JSON), 404 route-level
+    // failures never reach auth; a denial for another route (forbidden here: none) — none
+    // of them may cost a credit.
+    for _ in 0..3 {
+        refused(
+            &s.json("POST", q, &k, r#"{"prompt":""}"#),
+            400,
+            "invalid_request",
+        );
+        let r = s.send("POST", q, &[("authorization", &auth)], Some(QUICKHIT));
+        refused(&r, 415, "unsupported_media_type");
+    }
+    assert_eq!(balance(&s), Some(3));
+    for left in [2u64, 1, 0] {
+        let r = s.json("POST", q, &k, QUICKHIT);
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["token_stats"]["remaining_credits"], left);
+    }
+    refused(&s.json("POST", q, &k, QUICKHIT), 402, "usage_exceeded");
+    let usage = s
+        .ledger
+        .credits()
+        .usage(&s.ledger.keys().find_by_prefix(&k[..12]).expect("find")[0].id);
+    let usage = usage.expect("usage");
+    assert_eq!(usage.remaining, Some(0));
+    assert_eq!(usage.lifetime_spent, 3);
+
+    // The admin key spends the account's pool: only successes move it.
+    let pool = |s: &Server| s.ledger.credits().pool(&s.pool).expect("pool").remaining;
+    let before = pool(&s);
+    let mut spent = 0;
+    for (path, body, _, cost) in ROUTES {
+        assert_eq!(s.json("POST", path, &s.admin, body).status, 200);
+        spent += cost;
+        refused(
+            &s.json("POST", path, &s.admin, "{\"nope\":1}"),
+            400,
+            "invalid_request",
+        );
+    }
+    assert_eq!(pool(&s), before - spent);
+    s.assert_no_secrets(&[&k]);
+}
+
+/// Creates a key over HTTP and returns (id, value, response).
+fn create_key(s: &Server, path: &str, by: &str, body: Value) -> (String, String, Value) {
+    let r = s.json("POST", path, by, &body.to_string());
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let v = managed(&r);
+    assert_eq!(v["success"], true);
+    assert_eq!(v["errors"], json!([]));
+    let result = &v["result"];
+    let id = result["id"].as_str().expect("id").to_owned();
+    assert_eq!(v["links"]["self"], format!("{path}/{id}"));
+    let value = result["value"].as_str().expect("value").to_owned();
+    (id, value, result.clone())
+}
+
+fn assert_key_fields(result: &Value, with_value: bool) {
+    let mut keys: Vec<&str> = result
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    let mut expected = vec![
+        "created_by",
+        "created_time",
+        "id",
+        "ips",
+        "name",
+        "permissions",
+        "type",
+        "updated_by",
+        "updated_time",
+    ];
+    if with_value {
+        expected.push("value");
+        expected.sort_unstable();
+    }
+    assert_eq!(keys, expected, "{result}");
+    let time = result["created_time"].as_str().expect("time");
+    assert!(
+        time.len() == 24 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+        "{time}"
+    );
+}
+
+#[test]
+fn key_management_lifecycle_read_only_keys_and_revocation() {
+    let s = Server::start();
+    let (id, value, result) = create_key(
+        &s,
+        "/v2/keys",
+        &s.admin,
+        json!({"type": "api", "name": "CI deploy", "permissions": [], "ips": []}),
+    );
+    assert_key_fields(&result, true);
+    assert_opaque(&id, "key_");
+    assert!(value.starts_with("vb_live_"));
+    assert_eq!(result["name"], "CI deploy");
+    assert_eq!(result["type"], "api");
+    assert_eq!(result["permissions"], json!([]));
+    assert_eq!(result["created_by"], s.admin_id.as_str());
+    assert_eq!(result["updated_by"], s.admin_id.as_str());
+
+    // The value is shown once: never by get or list.
+    let got = s.get("GET", &format!("/v2/keys/{id}"), &s.admin);
+    assert_eq!(got.status, 200);
+    let got = managed(&got);
+    assert_key_fields(&got["result"], false);
+    assert_eq!(got["result"]["id"], id.as_str());
+    let listed = managed(&s.get("GET", "/v2/keys", &s.admin));
+    let items = listed["result"].as_array().expect("list");
+    assert_eq!(items.len(), 2, "admin + new");
+    items.iter().for_each(|k| assert_key_fields(k, false));
+    assert_eq!(
+        s.responses_containing(&value),
+        1,
+        "the value appears only on creation"
+    );
+
+    // The new read/write key works, and can manage keys itself.
+    assert_eq!(s.json("POST", ROUTES[0].0, &value, QUICKHIT).status, 200);
+    let (_, by_new, created) = create_key(&s, "/v2/keys", &value, json!({"name": "made by CI"}));
+    assert_eq!(created["created_by"], id.as_str());
+
+    // PATCH: name, then read-only.
+    let path = format!("/v2/keys/{id}");
+    let r = s.json("PATCH", &path, &s.admin, r#"{"name":"CI (renamed)"}"#);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(managed(&r)["result"]["name"], "CI (renamed)");
+    let r = s.json("PATCH", &path, &s.admin, r#"{"permissions":["fetch"]}"#);
+    assert_eq!(managed(&r)["result"]["permissions"], json!(["fetch"]));
+    // A fetch-only key may GET but not POST, PATCH or DELETE, nor generate.
+    assert_eq!(s.get("GET", "/v2/keys", &value).status, 200);
+    assert_eq!(s.get("GET", &path, &value).status, 200);
+    assert_eq!(s.get("GET", "/v2/tokens", &value).status, 200);
+    assert_eq!(s.get("GET", "/v2/connectors", &value).status, 200);
+    managed_refused(
+        &s.json("POST", "/v2/keys", &value, r#"{"name":"x"}"#),
+        403,
+        "forbidden",
+    );
+    managed_refused(
+        &s.json("PATCH", &path, &value, r#"{"name":"x"}"#),
+        403,
+        "forbidden",
+    );
+    managed_refused(&s.get("DELETE", &path, &value), 403, "forbidden");
+    managed_refused(
+        &s.json("POST", "/v2/tokens", &value, r#"{"type":"svc","name":"x"}"#),
+        403,
+        "forbidden",
+    );
+    refused(
+        &s.json("POST", ROUTES[0].0, &value, QUICKHIT),
+        403,
+        "forbidden",
+    );
+    // ...and back to read/write.
+    let r = s.json(
+        "PATCH",
+        &path,
+        &s.admin,
+        r#"{"permissions":[],"ips":["127.0.0.0/8"]}"#,
+    );
+    assert_eq!(managed(&r)["result"]["permissions"], json!([]));
+    assert_eq!(managed(&r)["result"]["ips"], json!(["127.0.0.0/8"]));
+    assert_eq!(s.json("POST", ROUTES[0].0, &value, QUICKHIT).status, 200);
+
+    // Validation.
+    let long = "x".repeat(51);
+    for (method, p, body, mentions) in [
+        ("POST", "/v2/keys", json!({"name": ""}), "name"),
+        ("POST", "/v2/keys", json!({"name": long}), "name"),
+        (
+            "POST",
+            "/v2/keys",
+            json!({"type": "service", "name": "x"}),
+            "api",
+        ),
+        (
+            "POST",
+            "/v2/keys",
+            json!({"name": "x", "permissions": ["*"]}),
+            "fetch",
+        ),
+        (
+            "POST",
+            "/v2/keys",
+            json!({"name": "x", "ips": ["not an ip"]}),
+            "ip",
+        ),
+        (
+            "POST",
+            "/v2/keys",
+            json!({"name": "x", "credits": 5}),
+            "credits",
+        ),
+        ("PATCH", path.as_str(), json!({}), "at least one"),
+        ("PATCH", path.as_str(), json!({"type": "other"}), "type"),
+        ("POST", "/v2/tokens", json!({"name": "no type"}), "type"),
+    ] {
+        let r = s.json(method, p, &s.admin, &body.to_string());
+        let v = managed_refused(&r, 400, "invalid_request");
+        let message = v["errors"][0]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(mentions), "{body}: {message}");
+    }
+    let r = s.send(
+        "POST",
+        "/v2/keys",
+        &[("authorization", &format!("Bearer {}", s.admin))],
+        Some("{}"),
+    );
+    managed_refused(&r, 415, "unsupported_media_type");
+    managed_refused(
+        &s.get("GET", "/v2/keys/key_forged", &s.admin),
+        404,
+        "not_found",
+    );
+
+    // DELETE revokes: the very next request with the key is refused.
+    let r = s.get("DELETE", &path, &s.admin);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(managed(&r)["result"], json!({"id": id, "deleted": true}));
+    refused(
+        &s.json("POST", ROUTES[0].0, &value, QUICKHIT),
+        401,
+        "not_found",
+    );
+    managed_refused(&s.get("GET", "/v2/keys", &value), 401, "not_found");
+    managed_refused(&s.get("GET", &path, &s.admin), 404, "not_found");
+    managed_refused(&s.get("DELETE", &path, &s.admin), 404, "not_found");
+    // The key it created lives on.
+    assert_eq!(s.json("POST", ROUTES[0].0, &by_new, QUICKHIT).status, 200);
+    assert_eq!(s.responses_containing(&value), 1);
+    s.assert_no_secrets(&[]);
+}
+
+#[test]
+fn tokens_have_the_same_lifecycle_with_a_type() {
+    let s = Server::start();
+    let (id, value, result) = create_key(
+        &s,
+        "/v2/tokens",
+        &s.admin,
+        json!({"type": "service", "name": "billing worker", "permissions": ["fetch"]}),
+    );
+    assert_key_fields(&result, true);
+    assert_opaque(&id, "tok_");
+    assert!(value.starts_with("vb_tok_"), "tokens have their own prefix");
+    assert_eq!(result["type"], "service");
+    assert_eq!(result["permissions"], json!(["fetch"]));
+    let path = format!("/v2/tokens/{id}");
+    assert_eq!(
+        managed(&s.get("GET", &path, &s.admin))["result"]["type"],
+        "service"
+    );
+    let tokens = managed(&s.get("GET", "/v2/tokens", &s.admin));
+    assert_eq!(tokens["result"].as_array().map(Vec::len), Some(1));
+    // Keys and tokens are separate collections.
+    let keys = managed(&s.get("GET", "/v2/keys", &s.admin));
+    assert!(
+        keys["result"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .all(|k| k["id"] != id.as_str())
+    );
+    managed_refused(
+        &s.get("GET", &format!("/v2/keys/{id}"), &s.admin),
+        404,
+        "not_found",
+    );
+    // The token authenticates, read-only.
+    assert_eq!(s.get("GET", "/v2/tokens", &value).status, 200);
+    managed_refused(&s.get("DELETE", &path, &value), 403, "forbidden");
+    let r = s.json("PATCH", &path, &s.admin, r#"{"name":"billing"}"#);
+    assert_eq!(managed(&r)["result"]["name"], "billing");
+    assert_eq!(s.get("DELETE", &path, &s.admin).status, 200);
+    managed_refused(&s.get("GET", "/v2/tokens", &value), 401, "not_found");
+    assert_eq!(s.responses_containing(&value), 1);
+    s.assert_no_secrets(&[]);
+}
+
+#[test]
+fn listings_paginate_through_links_next() {
+    let s = Server::start();
+    let mut created = vec![s.admin_id.to_string()];
+    for i in 0..6 {
+        let (id, _, _) = create_key(&s, "/v2/keys", &s.admin, json!({"name": format!("k{i}")}));
+        created.push(id);
+    }
+    let mut seen = Vec::new();
+    let mut next = Some("/v2/keys?limit=3".to_owned());
+    let mut pages = 0;
+    while let Some(path) = next {
+        let r = s.get("GET", &path, &s.admin);
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        let v = managed(&r);
+        assert_eq!(v["links"]["self"], path.as_str());
+        let items = v["result"].as_array().expect("page");
+        assert!(items.len() <= 3);
+        seen.extend(
+            items
+                .iter()
+                .map(|k| k["id"].as_str().expect("id").to_owned()),
+        );
+        next = v["links"]["next"].as_str().map(str::to_owned);
+        pages += 1;
+    }
+    assert_eq!(pages, 3, "7 keys in pages of 3");
+    assert_eq!(seen, created, "every key once, in creation order");
+    // Default page size 25 holds them all, without `next`.
+    let v = managed(&s.get("GET", "/v2/keys", &s.admin));
+    assert_eq!(v["result"].as_array().map(Vec::len), Some(7));
+    assert!(v["links"].get("next").is_none());
+    for bad in ["limit=0", "limit=101", "limit=ten", "cursor=not-a-cursor"] {
+        let r = s.get("GET", &format!("/v2/keys?{bad}"), &s.admin);
+        managed_refused(&r, 400, "invalid_request");
+    }
+    s.assert_no_secrets(&[]);
+}
+
+#[test]
+fn management_never_touches_another_owners_keys() {
+    let s = Server::start();
+    let acme = s
+        .ledger
+        .accounts()
+        .create(NewAccount::new("Acme"))
+        .expect("account");
+    let acme_key = key(
+        &s,
+        NewKey::new(acme.id.as_str(), "acme admin").permissions(["*"]),
+    );
+    let mine = managed(&s.get("GET", "/v2/keys", &acme_key));
+    let ids: Vec<&str> = mine["result"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|k| k["id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 1);
+    assert_ne!(ids[0], s.admin_id.as_str());
+    let theirs = format!("/v2/keys/{}", s.admin_id);
+    managed_refused(&s.get("GET", &theirs, &acme_key), 404, "not_found");
+    managed_refused(
+        &s.json("PATCH", &theirs, &acme_key, r#"{"name":"pwned"}"#),
+        404,
+        "not_found",
+    );
+    managed_refused(&s.get("DELETE", &theirs, &acme_key), 404, "not_found");
+    // Untouched.
+    let admin = managed(&s.get("GET", &theirs, &s.admin));
+    assert_eq!(admin["result"]["name"], "admin");
+    assert_eq!(s.json("POST", ROUTES[0].0, &s.admin, QUICKHIT).status, 200);
+    // Keys created by Acme belong to Acme.
+    let (id, _, _) = create_key(&s, "/v2/keys", &acme_key, json!({"name": "acme ci"}));
+    managed_refused(
+        &s.get("GET", &format!("/v2/keys/{id}"), &s.admin),
+        404,
+        "not_found",
+    );
+    s.assert_no_secrets(&[&acme_key]);
+}
+
+#[test]
+fn connectors_list_metadata_only() {
+    let s = Server::start();
+    let access = "ya29.ACCESS-token-that-must-stay-inside";
+    let refresh = "1//REFRESH-token-that-must-stay-inside";
+    let grant = OAuthGrant::new(Secret::new(access))
+        .refresh_token(Secret::new(refresh))
+        .scopes(["drive.readonly"])
+        .expires_in_secs(3_600);
+    s.ledger
+        .vault()
+        .connect(&s.account, &Provider::GoogleDrive, grant)
+        .expect("connect");
+    let r = s.get("GET", "/v2/connectors", &s.admin);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = managed(&r);
+    let list = v["result"].as_array().expect("list");
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["provider"], "google_drive");
+    assert_eq!(list[0]["scopes"], json!(["drive.readonly"]));
+    assert_eq!(list[0]["health"], "healthy");
+    assert_eq!(list[0]["has_refresh_token"], true);
+    // Another account sees none of it.
+    let acme = s
+        .ledger
+        .accounts()
+        .create(NewAccount::new("Acme"))
+        .expect("account");
+    let acme_key = key(&s, NewKey::new(acme.id.as_str(), "acme").permissions(["*"]));
+    assert_eq!(
+        managed(&s.get("GET", "/v2/connectors", &acme_key))["result"],
+        json!([])
+    );
+    s.assert_no_secrets(&[access, refresh, &acme_key]);
+}
+
+#[test]
+fn auth_off_serves_without_keys_for_the_load_baseline() {
+    let s = Server::start_with(AuthMode::Off);
+    let r = s.send(
+        "POST",
+        ROUTES[0].0,
+        &[("content-type", "application/json")],
+        Some(QUICKHIT),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = envelope(&r);
+    assert!(v["token_stats"].is_null() && v["pricing"].is_null());
+    s.assert_no_secrets(&[]);
+}

@@ -1,0 +1,157 @@
+//! Starts the example server (`examples/server/app`) in-process on an ephemeral loopback
+//! port, and records every response so tests can check that no secret ever left it.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+pub mod http;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use keyledger::{Clock, Config, Ledger, ManualClock, MasterKey, PublicId, SystemClock};
+
+use crate::app::{self, App, AuthMode};
+pub use http::Response;
+
+/// A running server and the ledger behind it.
+pub struct Server {
+    /// Dropped first: stops the server's tasks before the ledger closes.
+    runtime: tokio::runtime::Runtime,
+    /// Where it listens (127.0.0.1, ephemeral port).
+    pub addr: SocketAddr,
+    /// The same ledger the server uses, for set-up and checks behind its back.
+    pub ledger: Ledger,
+    /// The ledger's clock: tests move it instead of sleeping.
+    pub clock: ManualClock,
+    /// The bootstrapped account.
+    pub account: PublicId,
+    /// Its credit pool.
+    pub pool: PublicId,
+    /// The admin key's plaintext and public id.
+    pub admin: String,
+    /// The admin key's public id.
+    pub admin_id: PublicId,
+    /// The master key, as hex: must never appear in a response.
+    master_hex: String,
+    /// Every response received, in order.
+    log: Mutex<Vec<Response>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// A server on a fresh database, with auth on.
+    pub fn start() -> Server {
+        Server::start_with(AuthMode::On)
+    }
+
+    /// A server on a fresh database.
+    pub fn start_with(auth: AuthMode) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let master = MasterKey::generate().expect("master key");
+        let master_hex = master.to_hex().expose().to_owned();
+        let clock = ManualClock::new(SystemClock.now());
+        let config = Config::builder()
+            .master_key(master)
+            .clock(clock.clone())
+            .build()
+            .expect("config");
+        let ledger = Ledger::open(dir.path().join("keys.redb"), config).expect("open");
+        let boot = app::bootstrap(&ledger).expect("bootstrap");
+        let admin = boot
+            .admin_key
+            .as_ref()
+            .expect("fresh database")
+            .expose()
+            .to_owned();
+        let state = Arc::new(App {
+            ledger: ledger.clone(),
+            auth,
+            default_owner: boot.account.clone(),
+        });
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        runtime.spawn(async move {
+            let _ = axum::serve(listener, app::make_service(state)).await;
+        });
+        Server {
+            runtime,
+            addr,
+            ledger,
+            clock,
+            account: boot.account,
+            pool: boot.pool.expect("pool"),
+            admin,
+            admin_id: boot.admin_key_id.expect("admin id"),
+            master_hex,
+            log: Mutex::new(Vec::new()),
+            _dir: dir,
+        }
+    }
+
+    /// Sends a request on a new connection and logs the response.
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Response {
+        let response = http::call(self.addr, method, path, headers, body).expect("request");
+        self.log.lock().unwrap().push(response.clone());
+        response
+    }
+
+    /// A JSON request authenticated with `Authorization: Bearer key`.
+    pub fn json(&self, method: &str, path: &str, key: &str, body: &str) -> Response {
+        let auth = format!("Bearer {key}");
+        self.send(
+            method,
+            path,
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            Some(body),
+        )
+    }
+
+    /// A body-less request authenticated with `Authorization: Bearer key`.
+    pub fn get(&self, method: &str, path: &str, key: &str) -> Response {
+        let auth = format!("Bearer {key}");
+        self.send(method, path, &[("authorization", &auth)], None)
+    }
+
+    /// How many logged responses (status line, headers or body) contain `needle`.
+    pub fn responses_containing(&self, needle: &str) -> usize {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|r| r.raw().contains(needle)).count()
+    }
+
+    /// Every logged response so far.
+    pub fn responses(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Checks that neither the master key nor the admin key appeared in any response, nor
+    /// any of `presented` (keys sent by the test that no response may echo).
+    pub fn assert_no_secrets(&self, presented: &[&str]) {
+        assert!(self.responses() > 0);
+        for secret in [self.master_hex.as_str(), self.admin.as_str()]
+            .into_iter()
+            .chain(presented.iter().copied())
+        {
+            assert_eq!(
+                self.responses_containing(secret),
+                0,
+                "a response contained a secret"
+            );
+        }
+    }
+}

@@ -2,6 +2,12 @@
 //! from the docs, no stability promise. Each function must never panic on any input; the
 //! record decoder additionally checks that decode → encode → decode is stable.
 
+pub mod backend;
+pub mod ops;
+
+pub use backend::{CrashBackend, CrashImage};
+pub use ops::ops;
+
 use crate::codec::{self, Record};
 use crate::config::Config;
 use crate::keyfmt::{KeyFormat, Presented};
@@ -47,7 +53,12 @@ pub fn parse_key(data: &[u8]) {
         .expect("valid config");
     let format = KeyFormat::new(&config);
     let _ = format.parse(text);
-    let (auth, api_key) = text.split_at(text.len() / 2);
+    // Split at a char boundary: the input may hold multi-byte characters.
+    let mut middle = text.len() / 2;
+    while !text.is_char_boundary(middle) {
+        middle -= 1;
+    }
+    let (auth, api_key) = text.split_at(middle);
     if let Ok(p) = Presented::from_headers(Some(auth), Some(api_key)) {
         let _ = format.parse(p.expose());
     }
@@ -157,6 +168,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 b"acct_".to_vec(),
             ]
         }
+        "ops" => (0..8).map(ops::workload).collect(),
         _ => Vec::new(),
     }
 }

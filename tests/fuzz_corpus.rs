@@ -8,10 +8,11 @@ use keyledger::fuzzing;
 /// A fuzz target: its corpus directory name and its entry point.
 type Target = (&'static str, fn(&[u8]));
 
-const TARGETS: [Target; 3] = [
+const TARGETS: [Target; 4] = [
     ("decode_records", fuzzing::decode_records),
     ("parse_key", fuzzing::parse_key),
     ("decode_public_id", fuzzing::decode_public_id),
+    ("ops", fuzzing::ops),
 ];
 
 #[test]

@@ -1,0 +1,218 @@
+//! Crash simulation through redb's `StorageBackend` (the way redb tests itself): a backend
+//! that keeps live and durable bytes apart, loses power (keeping only synced bytes, or a
+//! random subset of the unsynced writes) and can fail every I/O after a countdown. Seeded
+//! workloads run against a reference model (`keyledger::fuzzing::ops`, shared with the `ops`
+//! fuzz target); after every reopen each acknowledged admin write must be there, every
+//! balance must satisfy `spent + lost_to_crash + remaining == granted` and `spent ≤ granted`,
+//! charged units must stay counted, losses must stay within the lease bound, and `check` must
+//! pass.
+//!
+//! A failing seed prints itself; replay it with
+//! `KEYLEDGER_SEED=<seed> cargo test --test crash replay_seed -- --nocapture`.
+//! Soak: `KEYLEDGER_SOAK_SEEDS=20000 cargo test --release --test crash soak -- --ignored`.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use keyledger::fuzzing::{self, CrashBackend, CrashImage};
+use keyledger::{Config, Ledger, MasterKey, NewAccount, NewKey};
+use redb::{ReadableDatabase, TableDefinition};
+
+/// Seeds in the default run.
+const DEFAULT_SEEDS: u64 = 240;
+
+#[derive(Default, Debug)]
+struct Totals {
+    seeds: u64,
+    ops: usize,
+    acknowledged: usize,
+    grants: usize,
+    crashes: usize,
+    closes: usize,
+    disk_failures: usize,
+    lost: u64,
+}
+
+/// Runs one seed; on a violation or a panic, fails naming the seed.
+fn run_seed(seed: u64, totals: &mut Totals) {
+    let bytes = fuzzing::ops::workload(seed);
+    let result = catch_unwind(AssertUnwindSafe(|| fuzzing::ops::run(&bytes)));
+    let replay =
+        format!("replay: KEYLEDGER_SEED={seed} cargo test --test crash replay_seed -- --nocapture");
+    match result {
+        Ok(Ok(o)) => {
+            totals.seeds += 1;
+            totals.ops += o.ops;
+            totals.acknowledged += o.acknowledged;
+            totals.grants += o.grants;
+            totals.crashes += o.crashes;
+            totals.closes += o.closes;
+            totals.disk_failures += usize::from(o.disk_failed);
+            totals.lost += o.lost_to_crash;
+        }
+        Ok(Err(violation)) => panic!("seed {seed}: {violation}\n{replay}"),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            panic!("seed {seed} panicked: {message}\n{replay}");
+        }
+    }
+}
+
+fn run_range(seeds: std::ops::Range<u64>) -> Totals {
+    let mut totals = Totals::default();
+    for seed in seeds {
+        run_seed(seed, &mut totals);
+    }
+    println!("{totals:?}");
+    totals
+}
+
+#[test]
+fn random_workloads_survive_power_loss_and_dying_disks_first_half() {
+    let t = run_range(0..DEFAULT_SEEDS / 2);
+    assert_eq!(t.seeds, DEFAULT_SEEDS / 2);
+    assert!(t.crashes > 0 && t.grants > 0 && t.acknowledged > 0);
+}
+
+#[test]
+fn random_workloads_survive_power_loss_and_dying_disks_second_half() {
+    let t = run_range(DEFAULT_SEEDS / 2..DEFAULT_SEEDS);
+    assert_eq!(t.seeds, DEFAULT_SEEDS / 2);
+    assert!(
+        t.disk_failures > 0,
+        "some seeds must exercise the I/O countdown"
+    );
+}
+
+/// `KEYLEDGER_SEED=<n>`: replays one seed (prints its figures).
+#[test]
+fn replay_seed() {
+    let Ok(seed) = std::env::var("KEYLEDGER_SEED") else {
+        return;
+    };
+    let seed: u64 = seed.parse().expect("KEYLEDGER_SEED is a number");
+    let t = run_range(seed..seed + 1);
+    println!("seed {seed}: {t:?}");
+}
+
+/// Thousands of seeds: `KEYLEDGER_SOAK_SEEDS` (default 5,000) from `KEYLEDGER_SOAK_START`.
+#[test]
+#[ignore = "soak: thousands of seeds"]
+fn soak() {
+    let count = std::env::var("KEYLEDGER_SOAK_SEEDS").map_or(5_000, |v| v.parse().unwrap());
+    let start = std::env::var("KEYLEDGER_SOAK_START").map_or(1_000_000, |v| v.parse().unwrap());
+    let t = run_range(start..start + count);
+    assert_eq!(t.seeds, count);
+}
+
+fn config() -> Config {
+    Config::builder()
+        .master_key(MasterKey::from_bytes(&[3u8; 32]).unwrap())
+        .build()
+        .unwrap()
+}
+
+const T: TableDefinition<u64, u64> = TableDefinition::new("t");
+
+#[test]
+fn the_backend_loses_unsynced_writes_and_keeps_synced_ones() {
+    let backend = CrashBackend::new();
+    let db = redb::Database::builder()
+        .create_with_backend(backend.clone())
+        .unwrap();
+    let txn = db.begin_write().unwrap();
+    txn.open_table(T).unwrap().insert(1, 1).unwrap();
+    txn.commit().unwrap();
+    let mut txn = db.begin_write().unwrap();
+    txn.set_durability(redb::Durability::None).unwrap();
+    txn.open_table(T).unwrap().insert(2, 2).unwrap();
+    txn.commit().unwrap();
+    let rebooted = backend.power_loss(CrashImage::DurableOnly);
+    drop(db);
+    let db = redb::Database::builder()
+        .create_with_backend(rebooted)
+        .unwrap();
+    let read = db.begin_read().unwrap();
+    let table = read.open_table(T).unwrap();
+    assert_eq!(table.get(1).unwrap().map(|v| v.value()), Some(1));
+    assert!(
+        table.get(2).unwrap().is_none(),
+        "a non-durable commit must not survive"
+    );
+}
+
+#[test]
+fn a_dead_disk_fails_every_operation_with_a_typed_error() {
+    let backend = CrashBackend::new();
+    let ledger = Ledger::open_with_backend(backend.clone(), config()).unwrap();
+    let account = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+    backend.kill();
+    let err = ledger
+        .keys()
+        .create(NewKey::new(&account.id, "k").credits(5))
+        .unwrap_err();
+    assert!(matches!(err, keyledger::Error::Storage(_)), "{err:?}");
+    drop(ledger);
+    let reopened =
+        Ledger::open_with_backend(backend.power_loss(CrashImage::DurableOnly), config()).unwrap();
+    assert!(reopened.accounts().get(&account.id).is_ok());
+}
+
+/// Every I/O point of a small workload: the disk dies at write/sync number `n`, for every
+/// `n` until the workload completes; the reopened file always passes `check` and never holds
+/// more credit than was granted.
+#[test]
+fn a_disk_dying_at_every_io_point_of_a_workload_leaves_a_consistent_file() {
+    let mut n = 0;
+    loop {
+        let backend = CrashBackend::new();
+        backend.fail_after(n);
+        let completed = (|| -> keyledger::Result<()> {
+            let ledger = Ledger::open_with_backend(backend.clone(), config())?;
+            let account = ledger.accounts().create(NewAccount::new("Acme"))?;
+            let key = ledger
+                .keys()
+                .create(NewKey::new(&account.id, "k").credits(50))?;
+            let presented = keyledger::Presented::new(key.plaintext.expose()).unwrap();
+            for _ in 0..5 {
+                if let Ok(g) = ledger.verify(&keyledger::Request::new(&presented, "/x").cost(3)) {
+                    let _ = g.commit(2);
+                }
+            }
+            ledger.credits().top_up(&key.info.id, 10)?;
+            ledger.close()
+        })()
+        .is_ok();
+        let image = backend.power_loss(CrashImage::DurableOnly);
+        if let Ok(ledger) = Ledger::open_with_backend(image.clone(), config()) {
+            let accounts = ledger
+                .accounts()
+                .list(&keyledger::PageRequest::first())
+                .unwrap();
+            for a in accounts.items {
+                let keys = ledger
+                    .keys()
+                    .list(&a.id, &keyledger::PageRequest::first())
+                    .unwrap();
+                for k in keys.items {
+                    let u = ledger.credits().usage(&k.id).unwrap();
+                    let left = u.remaining.unwrap();
+                    assert_eq!(u.spent + u.lost_to_crash + left, u.granted, "n={n}: {u:?}");
+                    assert!(left <= 60, "n={n}: {u:?}");
+                }
+            }
+            drop(ledger);
+            let report = Ledger::check_with_backend(image, config()).unwrap();
+            assert!(report.is_ok(), "n={n}: {:?}", report.problems);
+        }
+        if completed {
+            assert!(n > 10, "the workload does some I/O");
+            println!("workload completed after {n} I/O operations");
+            break;
+        }
+        n += 1;
+    }
+}

@@ -39,16 +39,28 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Requests/s, and latency percentiles in microseconds, of one phase.
+/// Requests/s, latency percentiles in microseconds, and process CPU time per request (server
+/// and clients together; `None` where `/proc` is missing) of one phase.
 struct Phase {
     rps: f64,
     p50_us: u64,
     p99_us: u64,
+    cpu_us: Option<f64>,
+}
+
+/// CPU seconds (user + system) this process has used, from `/proc/self/stat` (Linux; its
+/// clock ticks are 1/100 s, `USER_HZ`).
+fn cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    Some((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 /// `connections` clients posting as fast as they can for `duration`.
 fn drive(addr: SocketAddr, key: &str, connections: u64, duration: Duration) -> Phase {
     let auth = format!("Bearer {key}");
+    let cpu_before = cpu_secs();
     let start = Instant::now();
     let deadline = start + duration;
     let threads: Vec<_> = (0..connections)
@@ -78,12 +90,14 @@ fn drive(addr: SocketAddr, key: &str, connections: u64, duration: Duration) -> P
         .flat_map(|t| t.join().expect("client thread"))
         .collect();
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu = cpu_before.zip(cpu_secs()).map(|(a, b)| b - a);
     latencies.sort_unstable();
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
     Phase {
         rps: latencies.len() as f64 / elapsed,
         p50_us: at(0.50),
         p99_us: at(0.99),
+        cpu_us: cpu.map(|c| c * 1e6 / latencies.len() as f64),
     }
 }
 
@@ -95,6 +109,34 @@ fn median(values: &mut [f64]) -> f64 {
     } else {
         (values[mid - 1] + values[mid]) / 2.0
     }
+}
+
+/// The middleware's ledger work without HTTP, same key, one thread: what auth can cost at
+/// most per request, for scale.
+fn in_process(ledger: &Ledger, key: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let header = format!("Bearer {key}");
+    let n = 200_000u32;
+    let started = Instant::now();
+    for _ in 0..n {
+        let presented = keyledger::Presented::from_headers(Some(&header), None)?;
+        let grant = ledger.verify(&keyledger::Request::new(&presented, ROUTE))?;
+        let reserved = grant.reserved();
+        std::hint::black_box(grant.commit(reserved));
+    }
+    let verify_ns = started.elapsed().as_nanos() as f64 / f64::from(n);
+    let presented = keyledger::Presented::from_headers(Some(&header), None)?;
+    let grant = ledger.verify(&keyledger::Request::new(&presented, "/v2/keys"))?;
+    let started = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box((grant.key_id(), grant.owner_id()));
+    }
+    let ids_ns = started.elapsed().as_nanos() as f64 / f64::from(n);
+    drop(grant);
+    println!(
+        "in-process, one key: from_headers + verify + commit {verify_ns:.0} ns; \
+         Grant::key_id + owner_id {ids_ns:.0} ns"
+    );
+    Ok(())
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -130,12 +172,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let _ = axum::serve(listener, app::make_service(state)).await;
         });
     }
+    in_process(&ledger, &admin)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "load: POST {ROUTE} over loopback, {connections} keep-alive connections, \
          {rounds} rounds of {secs} s per side, {cores} cores shared by clients and server"
     );
     let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cpu = [Vec::new(), Vec::new()];
     for round in 1..=rounds {
         let mut pair = [0.0; 2];
         for (side, addr) in addrs.iter().enumerate() {
@@ -143,29 +187,45 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let p = drive(*addr, &admin, connections, Duration::from_secs(secs));
             let name = ["auth off", "auth on "][side];
             println!(
-                "  round {round} {name}: {:>8.0} req/s   p50 {:>4} µs   p99 {:>5} µs",
-                p.rps, p.p50_us, p.p99_us
+                "  round {round} {name}: {:>8.0} req/s   p50 {:>4} µs   p99 {:>5} µs   \
+                 CPU {:>5.1} µs/request",
+                p.rps,
+                p.p50_us,
+                p.p99_us,
+                p.cpu_us.unwrap_or(f64::NAN)
             );
             pair[side] = p.rps;
+            cpu[side].extend(p.cpu_us);
         }
         off.push(pair[0]);
         on.push(pair[1]);
         ratios.push(pair[1] / pair[0]);
     }
     let (off, on) = (median(&mut off), median(&mut on));
+    let lowest = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let highest = ratios.iter().copied().fold(0.0, f64::max);
     println!("auth off: {off:.0} req/s (median of rounds)");
     println!("auth on:  {on:.0} req/s (verify + commit + receipt in the envelope)");
     println!(
-        "ratio on/off: {:.3} (median of the rounds' ratios); auth adds ≈ {:.1} µs of wall \
-         time per request at saturation",
+        "ratio on/off: {:.3} (median of the rounds' ratios, which ranged {lowest:.2}–\
+         {highest:.2}); auth adds ≈ {:.1} µs of wall time per request at saturation",
         median(&mut ratios),
         (1.0 / on - 1.0 / off) * 1e6
     );
+    if cpu.iter().all(|c| c.len() == rounds as usize) {
+        let (off, on) = (median(&mut cpu[0]), median(&mut cpu[1]));
+        println!(
+            "CPU per request (server + clients, medians): off {off:.1} µs, on {on:.1} µs: \
+             auth costs {:.1} µs of CPU, {:.1}% of the request",
+            on - off,
+            (on - off) / on * 100.0
+        );
+    }
     let usage = ledger
         .credits()
         .usage(&boot.admin_key_id.ok_or("admin id")?)?;
     println!(
-        "admin key: {} verified requests, {} credits charged",
+        "admin key: {} verified requests (one of them a free /v2 peek), {} credits charged",
         usage.requests, usage.lifetime_spent
     );
     runtime.shutdown_background();

@@ -47,7 +47,10 @@ fn storage() -> Result<Storage, String> {
             let config = Config::from_env().map_err(|e| format!("KEYLEDGER_DB is set, but {e}"))?;
             let path = PathBuf::from(path);
             Ok(Storage {
-                description: format!("database: {} (from KEYLEDGER_DB)", path.display()),
+                description: format!(
+                    "database: {} (from KEYLEDGER_DB)\nmaster key: from the environment",
+                    path.display()
+                ),
                 path,
                 config,
                 _scratch: None,

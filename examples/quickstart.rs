@@ -7,11 +7,15 @@ use keyledger::{Config, Ledger, NewAccount, NewKey, Presented, Request, RouteRul
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?; // a real server: a fixed path and Config::from_env()?
     let ledger = Ledger::open(dir.path().join("keys.redb"), Config::ephemeral()?)?;
-    ledger.routes().set(RouteRule::new("/api/v1/quickhits/").permission("quickhits:create"))?;
+    ledger
+        .routes()
+        .set(RouteRule::new("/api/v1/quickhits/").permission("quickhits:create"))?;
 
     let account = ledger.accounts().create(NewAccount::new("Acme Inc"))?;
     let created = ledger.keys().by("alice").create(
-        NewKey::new(&account.id, "CI deploy key").permissions(["quickhits:*"]).credits(100),
+        NewKey::new(&account.id, "CI deploy key")
+            .permissions(["quickhits:*"])
+            .credits(100),
     )?;
     println!("new key (shown once): {}", created.plaintext.expose());
     println!("stored as: {} ({})", created.info.masked, created.info.id);
@@ -29,9 +33,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(denial) => println!("denied: {} (HTTP {})", denial.code(), denial.http_status()),
     }
     let forbidden = Request::new(&presented, "/api/v1/quickhits/create");
-    ledger.keys().update(&created.info.id, keyledger::KeyUpdate::new().permissions(["other"]))?;
+    ledger.keys().update(
+        &created.info.id,
+        keyledger::KeyUpdate::new().permissions(["other"]),
+    )?;
     let denial = ledger.verify(&forbidden).unwrap_err();
-    println!("after revoking the permission: {} (HTTP {})", denial.code(), denial.http_status());
-    println!("credits left: {:?}", ledger.credits().usage(&created.info.id)?.remaining);
+    println!(
+        "after revoking the permission: {} (HTTP {})",
+        denial.code(),
+        denial.http_status()
+    );
+    println!(
+        "credits left: {:?}",
+        ledger.credits().usage(&created.info.id)?.remaining
+    );
     Ok(())
 }

@@ -14,8 +14,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
-use ipnet::IpNet;
 use arc_swap::ArcSwap;
+use ipnet::IpNet;
 use parking_lot::RwLock;
 
 use crate::credits::meter::Meter;
@@ -145,7 +145,11 @@ pub(crate) struct AccountState {
 }
 
 impl AccountState {
-    pub(crate) fn new(status: SubscriptionStatus, entitlements: BTreeSet<String>, table: &RouteTable) -> Self {
+    pub(crate) fn new(
+        status: SubscriptionStatus,
+        entitlements: BTreeSet<String>,
+        table: &RouteTable,
+    ) -> Self {
         AccountState {
             status: AtomicU8::new(status_code(status)),
             route_generation: AtomicU64::new(table.generation),
@@ -161,9 +165,16 @@ impl AccountState {
     }
 
     /// Applies an admin change.
-    pub(crate) fn update(&self, status: SubscriptionStatus, entitlements: BTreeSet<String>, table: &RouteTable) {
-        self.entitlement_bits.store(table.entitlement_bits(&entitlements), Ordering::Release);
-        self.route_generation.store(table.generation, Ordering::Release);
+    pub(crate) fn update(
+        &self,
+        status: SubscriptionStatus,
+        entitlements: BTreeSet<String>,
+        table: &RouteTable,
+    ) {
+        self.entitlement_bits
+            .store(table.entitlement_bits(&entitlements), Ordering::Release);
+        self.route_generation
+            .store(table.generation, Ordering::Release);
         self.entitlements.store(Arc::new(entitlements));
         self.status.store(status_code(status), Ordering::Release);
     }
@@ -172,7 +183,8 @@ impl AccountState {
     pub(crate) fn recompile(&self, table: &RouteTable) {
         let bits = table.entitlement_bits(&self.entitlements.load());
         self.entitlement_bits.store(bits, Ordering::Release);
-        self.route_generation.store(table.generation, Ordering::Release);
+        self.route_generation
+            .store(table.generation, Ordering::Release);
     }
 }
 

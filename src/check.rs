@@ -80,7 +80,10 @@ impl Ledger {
             db.check_integrity()?
         };
         let ledger = Ledger::open_with_backend(backend, config)?;
-        let mut report = CheckReport { integrity_ok, ..CheckReport::default() };
+        let mut report = CheckReport {
+            integrity_ok,
+            ..CheckReport::default()
+        };
         ledger.check_records(&mut report)?;
         Ok(report)
     }

@@ -165,7 +165,9 @@ impl Engine {
     /// Units leased into memory and not yet reserved, for credit id `id`.
     pub(crate) fn lease_in_memory(&self, id: u64) -> u64 {
         let meters = self.shared.meters.lock();
-        meters.get(&id).map_or(0, |m| m.lease.load(Ordering::Acquire))
+        meters
+            .get(&id)
+            .map_or(0, |m| m.lease.load(Ordering::Acquire))
     }
 
     /// Waits until the writer has leased into `meter` (or refused).
@@ -191,7 +193,10 @@ impl Engine {
 
     /// Drops refunded units reserved before a `set` of the balance (see `Grant`).
     pub(crate) fn discard(&self, meter: &Arc<Meter>, units: u64) {
-        let _ = self.tx.send(Msg::Discard { meter: meter.clone(), units });
+        let _ = self.tx.send(Msg::Discard {
+            meter: meter.clone(),
+            units,
+        });
     }
 
     /// Charges units beyond a reservation from the durable balance; returns units charged.
@@ -222,7 +227,13 @@ impl Engine {
                 carry.insert(id, entry.state);
             }
         }
-        let meter = self.shared.meters.lock().get(&id).filter(|m| !m.is_pool).cloned();
+        let meter = self
+            .shared
+            .meters
+            .lock()
+            .get(&id)
+            .filter(|m| !m.is_pool)
+            .cloned();
         if let Some(meter) = meter {
             match change {
                 KeyChange::Deleted | KeyChange::CreditsRemoved => {
@@ -241,7 +252,11 @@ impl Engine {
     /// An admin change to an account: every cached key of it sees the new state at once.
     pub(crate) fn account_changed(&self, owner: u64, record: &AccountRecord) {
         if let Some(state) = self.accounts.lock().get(&owner) {
-            state.update(record.status, record.entitlements.clone(), &self.routes.load());
+            state.update(
+                record.status,
+                record.entitlements.clone(),
+                &self.routes.load(),
+            );
         }
     }
 
@@ -349,7 +364,11 @@ impl Engine {
             .lock()
             .entry(record.owner)
             .or_insert_with(|| {
-                Arc::new(AccountState::new(account.status, account.entitlements.clone(), &table))
+                Arc::new(AccountState::new(
+                    account.status,
+                    account.entitlements.clone(),
+                    &table,
+                ))
             })
             .clone();
         let entry = KeyEntry {
@@ -395,7 +414,9 @@ impl Engine {
             if let Some(r) = &record {
                 meter.durable_balance.store(r.balance, Ordering::Release);
                 meter.last_remaining.store(r.balance, Ordering::Release);
-                meter.refill_at_ms.store(refill::due_at(r, now), Ordering::Release);
+                meter
+                    .refill_at_ms
+                    .store(refill::due_at(r, now), Ordering::Release);
             }
             Arc::new(meter)
         });

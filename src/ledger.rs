@@ -61,10 +61,7 @@ impl Ledger {
     /// Opens a ledger on any redb [`StorageBackend`](redb::StorageBackend): an in-memory
     /// ledger (`redb::backends::InMemoryBackend`), or a backend that simulates crashes and I/O
     /// failures in tests. Same checks as [`open`](Self::open).
-    pub fn open_with_backend(
-        backend: impl redb::StorageBackend,
-        config: Config,
-    ) -> Result<Ledger> {
+    pub fn open_with_backend(backend: impl redb::StorageBackend, config: Config) -> Result<Ledger> {
         let opened = Store::open_backend(backend, &config.master_key)?;
         Ledger::start(opened, Path::new("<storage backend>"), config)
     }

@@ -171,7 +171,10 @@ impl Ledger {
     /// to be empty.
     fn reserve_slow<'l>(&'l self, mut grant: Grant<'l>) -> Result<Grant<'l>, Denial> {
         let engine = &self.inner.engine;
-        let meter = grant.meter.clone().expect("only metered grants need a lease");
+        let meter = grant
+            .meter
+            .clone()
+            .expect("only metered grants need a lease");
         let cost = grant.reserved;
         let mut denial = Denial::Unavailable; // the writer kept losing the race: retry later
         for _ in 0..64 {
@@ -284,8 +287,15 @@ fn check<'l>(
         permissions: entry.permissions.clone(),
         reserved: cost,
         price_micros: route.rule.map_or(0, |r| r.price_micros),
-        rate_charged_at_ns: if state.limits.is_empty() { None } else { Some(now_ns) },
-        epoch: entry.meter.as_ref().map_or(0, |m| m.epoch.load(Ordering::Acquire)),
+        rate_charged_at_ns: if state.limits.is_empty() {
+            None
+        } else {
+            Some(now_ns)
+        },
+        epoch: entry
+            .meter
+            .as_ref()
+            .map_or(0, |m| m.epoch.load(Ordering::Acquire)),
         settled: false,
     };
     let reserved = match &entry.meter {
@@ -312,7 +322,12 @@ impl Grant<'_> {
     /// Counts a successful verify in the key's usage.
     fn note_use(&self, now_ms: u64) {
         if self.state.record_use(now_ms) {
-            self.ledger.inner.engine.shared.dirty_usage.push(self.state.clone());
+            self.ledger
+                .inner
+                .engine
+                .shared
+                .dirty_usage
+                .push(self.state.clone());
         }
     }
 

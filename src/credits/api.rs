@@ -117,8 +117,8 @@ impl Credits<'_> {
     pub fn pool(&self, id: &str) -> Result<Pool> {
         let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
         let read = self.ledger.inner.store.begin_read()?;
-        let record: PoolRecord =
-            store::get(&read.open_table(POOLS)?, internal)?.ok_or(Error::NotFound { what: "pool" })?;
+        let record: PoolRecord = store::get(&read.open_table(POOLS)?, internal)?
+            .ok_or(Error::NotFound { what: "pool" })?;
         drop(read);
         Ok(self.pool_view(internal, record))
     }
@@ -136,7 +136,10 @@ impl Credits<'_> {
             }
         }
         drop(read);
-        Ok(found.into_iter().map(|(id, r)| self.pool_view(id, r)).collect())
+        Ok(found
+            .into_iter()
+            .map(|(id, r)| self.pool_view(id, r))
+            .collect())
     }
 
     fn pool_view(&self, id: u64, r: PoolRecord) -> Pool {
@@ -225,7 +228,10 @@ impl Credits<'_> {
             Some("acct") => (IdKind::Account, ACCOUNTS),
             Some("key") => (IdKind::Key, KEYS),
             _ => {
-                return Err(Error::invalid("id", "expected a key, token, pool or account id"));
+                return Err(Error::invalid(
+                    "id",
+                    "expected a key, token, pool or account id",
+                ));
             }
         };
         let internal = ids.decode(kind, id)?;

@@ -30,7 +30,9 @@ pub(crate) fn next_period(interval: RefillInterval, now: Timestamp) -> Timestamp
 /// When the next refill of `record` is due (ms; `u64::MAX` without a refill). At or after
 /// this time the balance must be refilled before it is spent.
 pub(crate) fn due_at(record: &CreditsRecord, now: Timestamp) -> u64 {
-    let Some(refill) = record.refill else { return u64::MAX };
+    let Some(refill) = record.refill else {
+        return u64::MAX;
+    };
     match record.refilled_at {
         Some(at) if at >= period_start(refill.interval, now) => next_period(refill.interval, now).0,
         _ => 0,
@@ -47,7 +49,10 @@ pub(crate) fn apply_due(record: &mut CreditsRecord, now: Timestamp) -> bool {
     if record.refilled_at.is_some_and(|at| at >= start) {
         return false;
     }
-    record.granted = record.granted.saturating_sub(record.balance).saturating_add(refill.amount);
+    record.granted = record
+        .granted
+        .saturating_sub(record.balance)
+        .saturating_add(refill.amount);
     record.balance = refill.amount;
     record.refilled_at = Some(start);
     true

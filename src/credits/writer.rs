@@ -193,7 +193,10 @@ fn apply(shared: &Shared, batch: Vec<Msg>, closing: bool) {
             drop((fx.flushed_spend, fx.reclaimed));
             let mut meters = shared.meters.lock();
             for meter in fx.gone {
-                if meters.get(&meter.id).is_some_and(|m| Arc::ptr_eq(m, &meter)) {
+                if meters
+                    .get(&meter.id)
+                    .is_some_and(|m| Arc::ptr_eq(m, &meter))
+                {
                     meters.remove(&meter.id);
                 }
             }
@@ -300,7 +303,9 @@ fn build(shared: &Shared, batch: Vec<Msg>, closing: bool, fx: &mut Effects) -> R
                             fx.adjusts.push((reply, r.balance));
                             if let Some(meter) = meter {
                                 meter.durable_balance.store(r.balance, Ordering::Release);
-                                meter.refill_at_ms.store(refill::due_at(r, now), Ordering::Release);
+                                meter
+                                    .refill_at_ms
+                                    .store(refill::due_at(r, now), Ordering::Release);
                                 meter.last_remaining.store(r.balance, Ordering::Release);
                                 fx.leases.push((meter, 0, empty_until(r, now)));
                             }
@@ -418,7 +423,11 @@ fn lease(
         return Ok(());
     };
     new_period(fx, &meter, r, now);
-    let want = if shared.exact { need.max(1) } else { need.max(size) };
+    let want = if shared.exact {
+        need.max(1)
+    } else {
+        need.max(size)
+    };
     let grant = want.min(r.balance);
     r.balance -= grant;
     r.leased += grant;
@@ -449,7 +458,9 @@ fn new_period(fx: &mut Effects, meter: &Arc<Meter>, r: &mut CreditsRecord, now: 
         fx.reclaimed.push((meter.clone(), swapped));
         meter.last_remaining.store(r.balance, Ordering::Release);
     }
-    meter.refill_at_ms.store(refill::due_at(r, now), Ordering::Release);
+    meter
+        .refill_at_ms
+        .store(refill::due_at(r, now), Ordering::Release);
 }
 
 /// Until when a balance is known to stay empty: the next refill, or for ever.

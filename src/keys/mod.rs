@@ -568,7 +568,10 @@ impl<'a> Keys<'a> {
         let action = format!("{}.rolled", self.what());
         audit::append(&txn, now, &self.actor, &action, id, &["secret"])?;
         txn.commit()?;
-        self.ledger.inner.engine.key_changed(internal, &cached, KeyChange::Settings);
+        self.ledger
+            .inner
+            .engine
+            .key_changed(internal, &cached, KeyChange::Settings);
         self.ledger.inner.engine.key_created(&new_hash);
         Ok(CreatedKey {
             info: self.view(internal, record),
@@ -587,7 +590,10 @@ impl<'a> Keys<'a> {
         let action = format!("{}.deleted", self.what());
         audit::append(&txn, self.ledger.now(), &self.actor, &action, id, &[])?;
         txn.commit()?;
-        self.ledger.inner.engine.key_changed(internal, &secret_hashes(&record), KeyChange::Deleted);
+        self.ledger
+            .inner
+            .engine
+            .key_changed(internal, &secret_hashes(&record), KeyChange::Deleted);
         Ok(())
     }
 
@@ -636,7 +642,10 @@ impl<'a> Keys<'a> {
             (record, cached, key_change)
         };
         txn.commit()?;
-        self.ledger.inner.engine.key_changed(internal, &cached, key_change);
+        self.ledger
+            .inner
+            .engine
+            .key_changed(internal, &cached, key_change);
         Ok(self.view(internal, record))
     }
 
@@ -709,7 +718,9 @@ fn kind_label<S: serde::Serializer>(kind: &KeyKind, s: S) -> std::result::Result
 /// the last use flushed by the writer. Read at view time; a failed read shows `None`.
 fn live_usage(ledger: &Ledger, id: u64, r: &KeyRecord) -> (Option<u64>, Option<Timestamp>) {
     let credit_id = r.pool.unwrap_or(id);
-    let Ok(read) = ledger.inner.store.begin_read() else { return (None, None) };
+    let Ok(read) = ledger.inner.store.begin_read() else {
+        return (None, None);
+    };
     let balance = read
         .open_table(CREDITS)
         .ok()
@@ -718,14 +729,20 @@ fn live_usage(ledger: &Ledger, id: u64, r: &KeyRecord) -> (Option<u64>, Option<T
     let last_used = read
         .open_table(USAGE)
         .ok()
-        .and_then(|t| store::get::<crate::record::UsageRecord>(&t, id).ok().flatten())
+        .and_then(|t| {
+            store::get::<crate::record::UsageRecord>(&t, id)
+                .ok()
+                .flatten()
+        })
         .and_then(|u| u.last_used_at);
     (balance, last_used)
 }
 
 /// The hashes a record's secrets are cached under: current, and rolled if any.
 fn secret_hashes(record: &KeyRecord) -> Vec<KeyHash> {
-    std::iter::once(record.key_hash).chain(record.rolled.as_ref().map(|o| o.key_hash)).collect()
+    std::iter::once(record.key_hash)
+        .chain(record.rolled.as_ref().map(|o| o.key_hash))
+        .collect()
 }
 
 /// A fresh credit balance.
@@ -776,7 +793,10 @@ pub(crate) fn prune_rolled_secrets(ledger: &Ledger) -> Result<()> {
     }
     txn.commit()?;
     for (id, hashes) in pruned {
-        ledger.inner.engine.key_changed(id, &hashes, KeyChange::Settings);
+        ledger
+            .inner
+            .engine
+            .key_changed(id, &hashes, KeyChange::Settings);
     }
     Ok(())
 }

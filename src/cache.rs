@@ -11,8 +11,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
@@ -22,7 +22,7 @@ use crate::credits::meter::Meter;
 use crate::hashing::KeyHash;
 use crate::limits::KeyLimits;
 use crate::policy::RouteTable;
-use crate::public_id::IdKind;
+use crate::public_id::{IdKind, PublicId};
 use crate::record::SubscriptionStatus;
 
 /// Shards of the cache; a power of two.
@@ -64,6 +64,9 @@ pub(crate) struct KeyState {
     /// Current tier multiplier (percent) and the spend at which the next tier starts.
     pub tier_pct: AtomicU32,
     next_tier_at: AtomicU64,
+    /// The key's and owner's public ids, encoded on first request (encoding costs an
+    /// AES-SIV operation each).
+    pub public_ids: OnceLock<(PublicId, PublicId)>,
 }
 
 impl KeyState {
@@ -79,6 +82,7 @@ impl KeyState {
             lifetime_spent: AtomicU64::new(lifetime_spent),
             tier_pct: AtomicU32::new(100),
             next_tier_at: AtomicU64::new(0),
+            public_ids: OnceLock::new(),
         }
     }
 

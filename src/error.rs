@@ -101,6 +101,24 @@ pub enum HeaderError {
     Malformed(#[from] MalformedKey),
 }
 
+impl HeaderError {
+    /// A stable code for API responses: `missing_key`, `conflicting_keys`,
+    /// `unsupported_scheme` or `malformed`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            HeaderError::Missing => "missing_key",
+            HeaderError::Conflict => "conflicting_keys",
+            HeaderError::UnsupportedScheme => "unsupported_scheme",
+            HeaderError::Malformed(_) => "malformed",
+        }
+    }
+
+    /// The HTTP status a server should return: always 401 (send credentials properly).
+    pub fn http_status(&self) -> u16 {
+        401
+    }
+}
+
 /// A public id that was forged, truncated, tampered with or of another kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 #[error("invalid {expected} id")]

@@ -365,6 +365,8 @@ mod tests {
             Presented::from_headers(Some("Bearer vb_live_a b"), None),
             Err(HeaderError::Malformed(MalformedKey::BadCharacter { .. }))
         ));
+        assert_eq!(HeaderError::Conflict.code(), "conflicting_keys");
+        assert_eq!(HeaderError::Missing.http_status(), 401);
         let err = Presented::from_headers(None, Some("vb_live_SECRETVALUE\u{7}")).unwrap_err();
         assert!(!err.to_string().contains("SECRETVALUE"));
     }

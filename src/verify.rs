@@ -341,15 +341,22 @@ impl Grant<'_> {
 
     /// The key's public id.
     pub fn key_id(&self) -> PublicId {
-        self.ledger.inner.ids.encode(self.kind, self.id)
+        self.public_ids().0.clone()
     }
 
     /// The owning account's public id.
     pub fn owner_id(&self) -> PublicId {
-        self.ledger
-            .inner
-            .ids
-            .encode(IdKind::Account, self.state.owner)
+        self.public_ids().1.clone()
+    }
+
+    fn public_ids(&self) -> &(PublicId, PublicId) {
+        self.state.public_ids.get_or_init(|| {
+            let ids = &self.ledger.inner.ids;
+            (
+                ids.encode(self.kind, self.id),
+                ids.encode(IdKind::Account, self.state.owner),
+            )
+        })
     }
 
     /// The key's granted scopes.

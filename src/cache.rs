@@ -254,7 +254,8 @@ impl Cache {
     pub(crate) fn new(capacity: usize) -> Self {
         Cache {
             shards: (0..SHARDS).map(|_| RwLock::new(Map::default())).collect(),
-            per_shard: capacity.div_ceil(SHARDS).max(1),
+            // Shard sizes vary (keys land by hash): 25% slack so `capacity` keys fit.
+            per_shard: (capacity + capacity / 4).div_ceil(SHARDS).max(1),
             epoch: AtomicU64::new(0),
         }
     }

@@ -363,8 +363,6 @@ fn a_refilled_key_spends_at_most_the_refill_amount_in_a_new_period() {
 /// Refills are "strictly ordered with manual top-ups and sets" (DESIGN §5): a `set` made after
 /// a period began is not undone by that period's refill applied lazily afterwards.
 #[test]
-#[ignore = "BUG: credits writer applies a due refill at the next lease even after a set/top-up \
-            made in the same period, replacing the admin's balance (set(0) then verify is granted)"]
 fn a_set_after_the_period_boundary_is_not_undone_by_the_lazy_refill() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(START);

@@ -8,8 +8,10 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// The smallest and largest adaptive lease.
-pub(crate) const MIN_LEASE: u64 = 1;
+/// The smallest and largest adaptive lease (`Exact` mode leases exactly what is needed).
+/// A key used once a minute still keeps a lease of 16, so its requests never wait for the
+/// disk; the price is at most that many units lost to a crash.
+pub(crate) const MIN_LEASE: u64 = 16;
 pub(crate) const MAX_LEASE: u64 = 100_000;
 
 #[derive(Debug)]

@@ -25,8 +25,14 @@ use crate::record::{CreditsRecord, UsageRecord};
 use crate::store::Store;
 use crate::store::tables::{CREDITS, USAGE};
 
-/// How long the writer waits for work before flushing spend and usage anyway.
+/// How long the writer waits for messages before looking at the clock again.
 pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+/// Spend and usage counters are written for every key at least this often (and at every
+/// `flush`, `usage` and `close`). Between full flushes a meter's spend is written only when
+/// the writer leases for it anyway, so a busy key costs one record write per lease, not one
+/// per request. Unflushed spend is still `leased` on disk: a crash counts it as lost, never
+/// as available.
+pub(crate) const FULL_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 /// Most messages folded into one transaction.
 const MAX_BATCH: usize = 8_192;
 
@@ -90,12 +96,13 @@ pub(crate) struct Shared {
 
 /// Runs the writer loop until `Close`, `Abandon` or every sender is gone.
 pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
+    let mut last_full_flush = std::time::Instant::now();
     loop {
         let first = match rx.recv_timeout(FLUSH_INTERVAL) {
             Ok(msg) => Some(msg),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => {
-                apply(&shared, Vec::new(), true);
+                apply(&shared, Vec::new(), true, true);
                 return;
             }
         };
@@ -109,11 +116,18 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
         if batch.iter().any(|m| matches!(m, Msg::Abandon)) {
             return;
         }
-        if batch.is_empty() && shared.dirty_meters.is_empty() && shared.dirty_usage.is_empty() {
+        let closing = batch.iter().any(|m| matches!(m, Msg::Close { .. }));
+        let dirty = !shared.dirty_meters.is_empty() || !shared.dirty_usage.is_empty();
+        let full = closing
+            || batch.iter().any(|m| matches!(m, Msg::Flush { .. }))
+            || (dirty && last_full_flush.elapsed() >= FULL_FLUSH_INTERVAL);
+        if batch.is_empty() && !full {
             continue;
         }
-        let closing = batch.iter().any(|m| matches!(m, Msg::Close { .. }));
-        apply(&shared, batch, closing);
+        if full {
+            last_full_flush = std::time::Instant::now();
+        }
+        apply(&shared, batch, closing, full);
         if closing {
             return;
         }
@@ -164,9 +178,9 @@ struct Effects {
     gone: Vec<Arc<Meter>>,
 }
 
-fn apply(shared: &Shared, batch: Vec<Msg>, closing: bool) {
+fn apply(shared: &Shared, batch: Vec<Msg>, closing: bool, full: bool) {
     let mut fx = Effects::default();
-    let result = build(shared, batch, closing, &mut fx);
+    let result = build(shared, batch, closing, full, &mut fx);
     match result {
         Ok(()) => {
             shared.commits.fetch_add(1, Ordering::Relaxed);
@@ -245,7 +259,13 @@ fn apply(shared: &Shared, batch: Vec<Msg>, closing: bool) {
     }
 }
 
-fn build(shared: &Shared, batch: Vec<Msg>, closing: bool, fx: &mut Effects) -> Result<()> {
+fn build(
+    shared: &Shared,
+    batch: Vec<Msg>,
+    closing: bool,
+    full: bool,
+    fx: &mut Effects,
+) -> Result<()> {
     let now = shared.clock.now();
     let txn = shared.store.begin_write()?;
     {
@@ -253,8 +273,10 @@ fn build(shared: &Shared, batch: Vec<Msg>, closing: bool, fx: &mut Effects) -> R
             table: txn.open_table(CREDITS)?,
             records: BTreeMap::new(),
         };
-        flush_spend(shared, &mut work, fx)?;
-        flush_usage(shared, &txn, fx)?;
+        if full {
+            flush_spend(shared, &mut work, fx)?;
+            flush_usage(shared, &txn, fx)?;
+        }
         for msg in batch {
             match msg {
                 Msg::Lease { meter, need, reply } => {
@@ -294,6 +316,9 @@ fn build(shared: &Shared, batch: Vec<Msg>, closing: bool, fx: &mut Effects) -> R
                     }
                     match work.get(id)? {
                         Some(r) => {
+                            // A refill that fell due comes first: the admin's change is the
+                            // newer one and must not be replaced by it later.
+                            refill::apply_due(r, now);
                             let before = r.balance;
                             r.balance = match change {
                                 Adjust::Set(n) => n,
@@ -422,6 +447,11 @@ fn lease(
         fx.leases.push((meter, 0, 0));
         return Ok(());
     };
+    // The record is being written anyway: settle this meter's spend with it.
+    let spent = meter.spent.swap(0, Ordering::AcqRel).min(r.leased);
+    r.leased -= spent;
+    r.spent += spent;
+    fx.flushed_spend.push((meter.clone(), spent));
     new_period(fx, &meter, r, now);
     let want = if shared.exact {
         need.max(1)

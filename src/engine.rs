@@ -81,6 +81,8 @@ pub(crate) struct Engine {
     pub tiers: Vec<SpendTier>,
     /// Key states (rate limits, usage counters) carried across an admin-change eviction.
     carried_states: Mutex<HashMap<u64, Arc<KeyState>>>,
+    /// Interned permission sets: keys with the same scopes share one allocation.
+    permission_sets: Mutex<HashMap<Vec<String>, Arc<[String]>>>,
     /// Shared state of every account with a cached key.
     accounts: Mutex<HashMap<u64, Arc<AccountState>>>,
     /// Units found leased at open (a crash before): now counted in `lost_to_crash`.
@@ -119,6 +121,7 @@ impl Engine {
             tiers: config.spend_tiers.clone(),
             accounts: Mutex::new(HashMap::new()),
             carried_states: Mutex::new(HashMap::new()),
+            permission_sets: Mutex::new(HashMap::new()),
             lost_at_open,
             writer: Mutex::new(Some(handle)),
         })
@@ -382,7 +385,7 @@ impl Engine {
             secret_valid_until,
             route_generation: table.generation,
             permission_bits: table.permission_bits(&record.permissions),
-            permissions: record.permissions.into(),
+            permissions: self.intern(record.permissions),
             ips: record.ips.into(),
             account,
             state,
@@ -397,7 +400,21 @@ impl Engine {
         }
     }
 
-    /// The meter for a credit id, shared by every entry that spends from it.
+    /// One shared allocation per distinct permission set (bounded; beyond the bound each key
+    /// gets its own).
+    fn intern(&self, permissions: Vec<String>) -> Arc<[String]> {
+        const MAX_SETS: usize = 100_000;
+        let mut sets = self.permission_sets.lock();
+        if let Some(set) = sets.get(&permissions) {
+            return set.clone();
+        }
+        let set: Arc<[String]> = permissions.clone().into();
+        if sets.len() < MAX_SETS {
+            sets.insert(permissions, set.clone());
+        }
+        set
+    }
+
     /// The meter for a credit id, shared by every entry that spends from it. A new meter
     /// starts with no lease and knows the durable `balance` (for remaining-credit figures).
     fn meter(

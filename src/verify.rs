@@ -15,6 +15,7 @@ use crate::cache::{KeyEntry, KeyState, Slot};
 use crate::credits::meter::Meter;
 use crate::denial::Denial;
 use crate::engine::Loaded;
+use crate::hashing::KeyHash;
 use crate::keyfmt::Presented;
 use crate::ledger::Ledger;
 use crate::policy::RouteTable;
@@ -108,7 +109,8 @@ pub struct Grant<'l> {
     kind: IdKind,
     state: Arc<KeyState>,
     meter: Option<Arc<Meter>>,
-    permissions: Arc<[String]>,
+    /// The key hash, to look the cached entry up again for rarely needed fields.
+    hash: KeyHash,
     reserved: u64,
     price_micros: u64,
     /// When rate limits admitted the request (to give the slots back on a late refusal).
@@ -140,7 +142,7 @@ impl Ledger {
         let now = self.now();
         let routes = engine.routes.load();
         let checked = |slot: &Slot| match slot {
-            Slot::Key(entry) => Some(check(self, entry, request, &routes, now.0)),
+            Slot::Key(entry) => Some(check(self, &hash, entry, request, &routes, now.0)),
             Slot::Missing => None,
         };
         let outcome = match engine.cache.with(&hash, checked) {
@@ -151,7 +153,7 @@ impl Ledger {
                 .map_err(|_| Denial::Unavailable)?
             {
                 Loaded::Missing => return Err(Denial::NotFound),
-                Loaded::Uncached(entry) => check(self, &entry, request, &routes, now.0),
+                Loaded::Uncached(entry) => check(self, &hash, &entry, request, &routes, now.0),
                 Loaded::Cached => engine
                     .cache
                     .with(&hash, checked)
@@ -213,6 +215,7 @@ enum Checked<'l> {
 #[inline]
 fn check<'l>(
     ledger: &'l Ledger,
+    hash: &KeyHash,
     entry: &KeyEntry,
     request: &Request<'_>,
     routes: &RouteTable,
@@ -284,7 +287,7 @@ fn check<'l>(
         kind: entry.kind,
         state: state.clone(),
         meter: entry.meter.clone(),
-        permissions: entry.permissions.clone(),
+        hash: *hash,
         reserved: cost,
         price_micros: route.rule.map_or(0, |r| r.price_micros),
         rate_charged_at_ns: if state.limits.is_empty() {
@@ -360,8 +363,16 @@ impl Grant<'_> {
     }
 
     /// The key's granted scopes.
-    pub fn permissions(&self) -> &[String] {
-        &self.permissions
+    ///
+    /// Read from the cache when asked (so a grant carries no reference to them); empty if
+    /// the key was changed or evicted since the grant.
+    pub fn permissions(&self) -> Vec<String> {
+        let cache = &self.ledger.inner.engine.cache;
+        let scopes = |slot: &Slot| match slot {
+            Slot::Key(entry) if entry.id == self.id => entry.permissions.to_vec(),
+            _ => Vec::new(),
+        };
+        cache.with(&self.hash, scopes).unwrap_or_default()
     }
 
     /// Units reserved by this grant.

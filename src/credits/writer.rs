@@ -86,7 +86,7 @@ pub(crate) struct Shared {
     pub ids: Arc<IdCipher>,
     pub exact: bool,
     /// Credit meters in memory, by CREDITS id.
-    pub meters: Mutex<BTreeMap<u64, Arc<Meter>>>,
+    pub meters: Mutex<std::collections::HashMap<u64, Arc<Meter>>>,
     pub dirty_meters: SegQueue<Arc<Meter>>,
     pub dirty_usage: SegQueue<Arc<KeyState>>,
     pub events: Sender<CreditEvent>,

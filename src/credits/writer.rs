@@ -418,9 +418,15 @@ fn low_balance(shared: &Shared, fx: &mut Effects, meter: &Meter, remaining: u64)
 
 /// Returns a meter's unreserved lease to the durable balance and flushes its spend.
 fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &Arc<Meter>) -> Result<()> {
+    // Leases granted earlier in this batch reach memory only after the commit: take them
+    // back here too, or they would land on top of what this batch decides.
+    let pending = cancel_pending_leases(fx, meter);
     let lease = meter.lease.swap(0, Ordering::AcqRel);
     let spent = meter.spent.swap(0, Ordering::AcqRel);
     if let Some(r) = work.get(meter.id)? {
+        let pending = pending.min(r.leased);
+        r.leased -= pending;
+        r.balance += pending;
         let back = lease.min(r.leased);
         r.leased -= back;
         r.balance += back;
@@ -431,6 +437,15 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &Arc<Meter>) -> Resu
     fx.reclaimed.push((meter.clone(), lease));
     fx.flushed_spend.push((meter.clone(), spent));
     Ok(())
+}
+
+/// Zeroes the leases granted to `meter` earlier in this batch; returns how many units.
+fn cancel_pending_leases(fx: &mut Effects, meter: &Meter) -> u64 {
+    let mut units = 0;
+    for (_, granted, _) in fx.leases.iter_mut().filter(|(m, _, _)| m.id == meter.id) {
+        units += std::mem::take(granted);
+    }
+    units
 }
 
 /// Moves up to the adaptive lease size (at least `need`) from `balance` to `leased`.
@@ -481,6 +496,9 @@ fn lease(
 /// memory still holds from the old period.
 fn new_period(fx: &mut Effects, meter: &Arc<Meter>, r: &mut CreditsRecord, now: Timestamp) {
     if refill::apply_due(r, now) {
+        let pending = cancel_pending_leases(fx, meter).min(r.leased);
+        r.leased -= pending;
+        r.granted = r.granted.saturating_sub(pending);
         let swapped = meter.lease.swap(0, Ordering::AcqRel);
         let back = swapped.min(r.leased);
         r.leased -= back;

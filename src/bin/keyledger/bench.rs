@@ -1,0 +1,451 @@
+//! `keyledger bench`: load on a scratch database. Builds `--keys` keys (bulk insert, see
+//! `keyledger::bench_support`), caches them, then runs verify + commit(1) on random keys for
+//! `--seconds` on `--threads` threads, and measures the floor (HMAC-SHA256 → one map get →
+//! one CAS) on the same keys, the same threads and the same index stream in the same run.
+//!
+//! Memory per cached key is measured with a counting global allocator: only allocations made
+//! by the thread that fills the cache are counted, after a scan of the tables a miss reads
+//! has already pulled their pages into redb's page cache. The figure is malloc's footprint (each request
+//! rounded up as glibc does: 8-byte header, 16-byte granularity, 32-byte minimum); the raw
+//! requested bytes and the RSS growth are reported alongside.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use keyledger::bench_support::{Floor, Indices, Options, Workload, percentile};
+use serde::Serialize;
+
+use crate::CliResult;
+use crate::output::print_json;
+
+/// `bench` arguments.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Keys in the scratch database (one account per 100 keys).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub keys: usize,
+    /// Threads running verify + commit (and the floor).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Seconds of verify + commit traffic (the floor runs for half as long, in two halves
+    /// around it).
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Create keys one by one through `keys().create` (one transaction and fsync each)
+    /// instead of the bulk insert: shows why the bulk insert exists.
+    #[arg(long)]
+    pub via_api: bool,
+    /// Verification-cache capacity (default: the library default, 1,000,000).
+    #[arg(long)]
+    pub cache_capacity: Option<usize>,
+}
+
+/// Every `SAMPLE_EVERY`-th operation is timed on its own.
+const SAMPLE_EVERY: u64 = 64;
+
+/// The one JSON object `--json` prints.
+#[derive(Debug, Serialize)]
+struct Report {
+    threads: usize,
+    keys: usize,
+    /// Keys in the verification cache after filling it (evictions make this < `keys`).
+    cached_keys: u64,
+    /// Same, after the timed run.
+    cached_keys_after_run: u64,
+    seconds: f64,
+    /// verify + commit(1) per second, all threads together.
+    ops_per_sec: f64,
+    /// Sampled single-operation latency of verify + commit.
+    p50_ns: u64,
+    p99_ns: u64,
+    p999_ns: u64,
+    max_ns: u64,
+    /// Wall time per verify + commit per thread (`threads × 1e9 / ops_per_sec`).
+    verify_ns: f64,
+    /// The same for the floor, measured in this run on the same keys and threads.
+    floor_ns: f64,
+    floor_ops_per_sec: f64,
+    floor_p50_ns: u64,
+    floor_p99_ns: u64,
+    ratio_to_floor: f64,
+    /// Heap footprint per cached key (counting allocator, malloc rounding included).
+    bytes_per_cached_key: f64,
+    /// Bytes requested per cached key (no malloc rounding).
+    requested_bytes_per_cached_key: f64,
+    /// Live allocations per cached key.
+    allocations_per_cached_key: f64,
+    /// RSS growth per cached key while the cache filled.
+    rss_bytes_per_cached_key: f64,
+    /// verify + commit calls that were refused (expected: 0).
+    denied: u64,
+    /// Writer transactions (one fsync each) during the timed run.
+    writer_commits_during_run: u64,
+    /// Writer transactions that leased every key its first credits before the run.
+    writer_commits_priming: u64,
+    /// Where the wall time went, in seconds.
+    phases: Phases,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Phases {
+    build: f64,
+    read_pages: f64,
+    fill_cache: f64,
+    prime_leases: f64,
+    floor_build: f64,
+    floor_run: f64,
+    verify_run: f64,
+    total: f64,
+}
+
+/// Runs the benchmark; prints text or, with `json`, one JSON object.
+pub fn run(json: bool, args: BenchArgs) -> CliResult<u8> {
+    let started = Instant::now();
+    let threads = args.threads.max(1);
+    let keys = args.keys.max(1);
+    let seconds = args.seconds.max(0.1);
+    let mut phases = Phases::default();
+
+    let t = Instant::now();
+    let bar = progress(keys as u64, "creating keys");
+    let options = Options {
+        via_api: args.via_api,
+        cache_capacity: args.cache_capacity,
+        ..Options::new(keys)
+    };
+    let work = Workload::build(&options, &mut |n| bar.set_position(n as u64))?;
+    bar.finish_and_clear();
+    phases.build = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let bar = progress(keys as u64, "reading pages");
+    work.touch_pages(&mut |n| bar.set_position(n as u64))?;
+    bar.finish_and_clear();
+    phases.read_pages = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let bar = progress(keys as u64, "filling the cache");
+    let rss_before = rss_bytes();
+    let (cached, heap) = counted(|| work.warm(&mut |n| bar.set_position(n as u64)));
+    let rss_after = rss_bytes();
+    let cached_keys = work.ledger.stats().cached_entries;
+    bar.finish_and_clear();
+    phases.fill_cache = t.elapsed().as_secs_f64();
+    if cached < keys {
+        return Err(crate::CliError::new(format!(
+            "only {cached} of {keys} keys verified while filling the cache"
+        )));
+    }
+
+    let t = Instant::now();
+    let spinner = ProgressBar::new_spinner().with_message("leasing credits");
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let priming = work.prime_leases()?;
+    spinner.finish_and_clear();
+    phases.prime_leases = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let floor = Floor::new(&work.keys);
+    phases.floor_build = t.elapsed().as_secs_f64();
+
+    let half = Duration::from_secs_f64(seconds / 4.0);
+    let full = Duration::from_secs_f64(seconds);
+    let spinner = ProgressBar::new_spinner().with_message(format!(
+        "running on {threads} thread(s) for {:.1} s",
+        seconds * 1.5
+    ));
+    spinner.enable_steady_tick(Duration::from_millis(200));
+    let n = work.keys.len();
+    let floor_a = drive(threads, half, 1, |i| floor.check(&work.keys[i]), n);
+    let commits_before = work.ledger.stats().writer_commits;
+    let verify = drive(threads, full, 2, |i| work.verify_commit(i), n);
+    let commits_during = work.ledger.stats().writer_commits - commits_before;
+    let floor_b = drive(threads, half, 3, |i| floor.check(&work.keys[i]), n);
+    spinner.finish_and_clear();
+    phases.floor_run = floor_a.elapsed + floor_b.elapsed;
+    phases.verify_run = verify.elapsed;
+
+    let floor_all = floor_a.merge(floor_b);
+    let verify_ns = threads as f64 * 1e9 / verify.ops_per_sec();
+    let floor_ns = threads as f64 * 1e9 / floor_all.ops_per_sec();
+    phases.total = started.elapsed().as_secs_f64();
+    let per_key = |x: i64| x as f64 / cached_keys.max(1) as f64;
+    let report = Report {
+        threads,
+        keys,
+        cached_keys,
+        cached_keys_after_run: work.ledger.stats().cached_entries,
+        seconds,
+        ops_per_sec: verify.ops_per_sec(),
+        p50_ns: percentile(&verify.samples, 50.0),
+        p99_ns: percentile(&verify.samples, 99.0),
+        p999_ns: percentile(&verify.samples, 99.9),
+        max_ns: verify.samples.last().copied().unwrap_or(0),
+        verify_ns,
+        floor_ns,
+        floor_ops_per_sec: floor_all.ops_per_sec(),
+        floor_p50_ns: percentile(&floor_all.samples, 50.0),
+        floor_p99_ns: percentile(&floor_all.samples, 99.0),
+        ratio_to_floor: verify_ns / floor_ns,
+        bytes_per_cached_key: per_key(heap.footprint),
+        requested_bytes_per_cached_key: per_key(heap.requested),
+        allocations_per_cached_key: per_key(heap.allocations),
+        rss_bytes_per_cached_key: per_key(rss_after.saturating_sub(rss_before) as i64),
+        denied: verify.failed,
+        writer_commits_during_run: commits_during,
+        writer_commits_priming: priming,
+        phases,
+    };
+    if json {
+        print_json(&report)?;
+    } else {
+        print_text(&report);
+    }
+    // The scratch file is deleted next: returning a million leases to it first (a clean
+    // close rewrites every credit record) would only add seconds. Stop the writer instead.
+    work.ledger.clone().simulate_crash();
+    Ok(0)
+}
+
+fn print_text(r: &Report) {
+    println!(
+        "keyledger bench: {} keys, {} thread(s), {:.1} s",
+        r.keys, r.threads, r.seconds
+    );
+    println!(
+        "  verify + commit   {:>12.0} ops/s   {:>7.0} ns/op/thread   p50 {} ns   p99 {} ns   p99.9 {} ns   max {} ns",
+        r.ops_per_sec, r.verify_ns, r.p50_ns, r.p99_ns, r.p999_ns, r.max_ns
+    );
+    println!(
+        "  floor             {:>12.0} ops/s   {:>7.0} ns/op/thread   p50 {} ns   p99 {} ns",
+        r.floor_ops_per_sec, r.floor_ns, r.floor_p50_ns, r.floor_p99_ns
+    );
+    println!(
+        "  ratio to floor    {:.2}×   (target ≤ 1.5×)",
+        r.ratio_to_floor
+    );
+    println!(
+        "  memory            {:.0} bytes per cached key (heap footprint; {:.0} requested in {:.1} allocations; RSS {:.0})   (target ≤ 256)",
+        r.bytes_per_cached_key,
+        r.requested_bytes_per_cached_key,
+        r.allocations_per_cached_key,
+        r.rss_bytes_per_cached_key
+    );
+    println!(
+        "  cache             {} of {} keys cached after filling, {} after the run",
+        r.cached_keys, r.keys, r.cached_keys_after_run
+    );
+    println!(
+        "  writer commits    {} priming the leases, {} during the run; {} refused",
+        r.writer_commits_priming, r.writer_commits_during_run, r.denied
+    );
+    let p = &r.phases;
+    println!(
+        "  time              build {:.1} s, page read {:.1} s, cache fill {:.1} s, leases {:.1} s, floor map {:.1} s, runs {:.1} s; total {:.1} s",
+        p.build,
+        p.read_pages,
+        p.fill_cache,
+        p.prime_leases,
+        p.floor_build,
+        p.floor_run + p.verify_run,
+        p.total
+    );
+}
+
+fn progress(len: u64, message: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(len).with_message(message);
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>18} [{bar:40}] {pos}/{len} ({per_sec}, {eta})")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// What the threads of one timed phase did.
+struct Run {
+    ops: u64,
+    failed: u64,
+    elapsed: f64,
+    samples: Vec<u64>,
+}
+
+impl Run {
+    fn ops_per_sec(&self) -> f64 {
+        self.ops as f64 / self.elapsed.max(1e-9)
+    }
+
+    fn merge(mut self, other: Run) -> Run {
+        self.ops += other.ops;
+        self.failed += other.failed;
+        self.elapsed += other.elapsed;
+        self.samples.extend(other.samples);
+        self.samples.sort_unstable();
+        self
+    }
+}
+
+/// Runs `op` on random key indices on `threads` threads for `duration`; every
+/// [`SAMPLE_EVERY`]-th call is timed. Elapsed is the longest thread's.
+fn drive(
+    threads: usize,
+    duration: Duration,
+    seed: u64,
+    op: impl Fn(usize) -> bool + Sync,
+    n: usize,
+) -> Run {
+    let results: Vec<(u64, u64, f64, Vec<u64>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let op = &op;
+                s.spawn(move || {
+                    let mut indices = Indices::new(seed * 1_000 + t as u64);
+                    let mut samples = Vec::with_capacity(1 << 16);
+                    let (mut ops, mut failed) = (0u64, 0u64);
+                    let start = Instant::now();
+                    let deadline = start + duration;
+                    loop {
+                        for _ in 0..SAMPLE_EVERY - 1 {
+                            failed += u64::from(!op(indices.next_below(n)));
+                        }
+                        let i = indices.next_below(n);
+                        let t0 = Instant::now();
+                        failed += u64::from(!op(i));
+                        let t1 = Instant::now();
+                        samples.push((t1 - t0).as_nanos() as u64);
+                        ops += SAMPLE_EVERY;
+                        if t1 >= deadline {
+                            break;
+                        }
+                    }
+                    (ops, failed, start.elapsed().as_secs_f64(), samples)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .collect()
+    });
+    let mut run = Run {
+        ops: 0,
+        failed: 0,
+        elapsed: 0.0,
+        samples: Vec::new(),
+    };
+    for (ops, failed, elapsed, samples) in results {
+        run.ops += ops;
+        run.failed += failed;
+        run.elapsed = run.elapsed.max(elapsed);
+        run.samples.extend(samples);
+    }
+    run.samples.sort_unstable();
+    run
+}
+
+/// Heap growth seen by the counting allocator.
+#[derive(Debug, Clone, Copy, Default)]
+struct Heap {
+    requested: i64,
+    footprint: i64,
+    allocations: i64,
+}
+
+/// Runs `f` on this thread with the counting allocator on; returns its result and the net
+/// heap growth of allocations and frees made by this thread.
+fn counted<R>(f: impl FnOnce() -> R) -> (R, Heap) {
+    let before = Heap {
+        requested: REQUESTED.load(Ordering::Relaxed),
+        footprint: FOOTPRINT.load(Ordering::Relaxed),
+        allocations: LIVE.load(Ordering::Relaxed),
+    };
+    COUNTING.with(|c| c.set(true));
+    let result = f();
+    COUNTING.with(|c| c.set(false));
+    let heap = Heap {
+        requested: REQUESTED.load(Ordering::Relaxed) - before.requested,
+        footprint: FOOTPRINT.load(Ordering::Relaxed) - before.footprint,
+        allocations: LIVE.load(Ordering::Relaxed) - before.allocations,
+    };
+    (result, heap)
+}
+
+/// Resident set size from `/proc/self/statm` (0 where unavailable).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+static REQUESTED: AtomicI64 = AtomicI64::new(0);
+static FOOTPRINT: AtomicI64 = AtomicI64::new(0);
+static LIVE: AtomicI64 = AtomicI64::new(0);
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// glibc malloc's chunk size for a request: 8-byte header, 16-byte granularity, 32 minimum.
+fn chunk(size: usize) -> i64 {
+    (size + 8).next_multiple_of(16).max(32) as i64
+}
+
+fn count(requested: i64, footprint: i64, allocations: i64) {
+    if COUNTING.try_with(Cell::get).unwrap_or(false) {
+        LIVE.fetch_add(allocations, Ordering::Relaxed);
+        REQUESTED.fetch_add(requested, Ordering::Relaxed);
+        FOOTPRINT.fetch_add(footprint, Ordering::Relaxed);
+    }
+}
+
+/// The system allocator, counting the bytes of threads that turned counting on.
+struct Counting;
+
+// SAFETY: every method forwards to `System` unchanged; the counters have no effect on the
+// memory handed out.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, forwarded as is.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            count(layout.size() as i64, chunk(layout.size()), 1);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as for `alloc`.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            count(layout.size() as i64, chunk(layout.size()), 1);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` was allocated by `System` with `layout` (we forward every call).
+        unsafe { System.dealloc(ptr, layout) };
+        count(-(layout.size() as i64), -chunk(layout.size()), -1);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as for `dealloc`; `new_size` is the caller's, forwarded as is.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            count(
+                new_size as i64 - layout.size() as i64,
+                chunk(new_size) - chunk(layout.size()),
+                0,
+            );
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;

@@ -23,6 +23,8 @@
 
 mod accounts;
 mod audit;
+#[doc(hidden)]
+pub mod bench_support;
 mod cache;
 mod check;
 mod clock;

@@ -92,6 +92,8 @@ pub enum Command {
     Check,
     /// Run a guided tour on a scratch ledger in a temporary directory; needs no setup.
     Demo,
+    /// Load test on a scratch database: throughput, latency and the ratio to the floor.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// `verify` arguments.

@@ -4,6 +4,7 @@
 //! 3 `authenticate` or `verify` refused the key.
 
 mod accounts;
+mod bench;
 mod cli;
 mod context;
 mod credits;
@@ -94,5 +95,6 @@ fn run(ctx: &Context, command: Command) -> CliResult<u8> {
         Command::Secrets(c) => vault::secrets(ctx, c),
         Command::Check => misc::check(ctx),
         Command::Demo => demo::run(ctx.json),
+        Command::Bench(args) => bench::run(ctx.json, args),
     }
 }

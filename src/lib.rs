@@ -1,9 +1,10 @@
 //! keyledger: an embedded key-store engine for API servers — API keys and tokens stored as
-//! peppered hashes, opaque public ids, accounts, route rules and an audit trail, all durable
-//! in [redb](https://docs.rs/redb).
+//! peppered hashes, opaque public ids, accounts, route rules, leased credits that never
+//! over-spend, rate limits, a credentials vault and an audit trail, all durable in
+//! [redb](https://docs.rs/redb).
 //!
 //! ```
-//! use keyledger::{Config, Ledger, NewAccount, NewKey, Presented};
+//! use keyledger::{Config, Ledger, NewAccount, NewKey, Presented, Request};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let dir = tempfile::tempdir()?;
@@ -13,9 +14,12 @@
 //!     NewKey::new(&account.id, "CI deploy key").permissions(["quickhits:create"]).credits(10_000),
 //! )?;
 //! // Show `created.plaintext.expose()` to the customer once; only its hash is stored.
-//! let presented = Presented::from_headers(Some(&format!("Bearer {}", created.plaintext.expose())), None)?;
-//! let key = ledger.authenticate(&presented)?;
-//! assert_eq!(key.id, created.info.id);
+//! let header = format!("Bearer {}", created.plaintext.expose());
+//! let presented = Presented::from_headers(Some(&header), None)?;
+//! let grant = ledger.verify(&Request::new(&presented, "/api/v1/quickhits/create").cost(2))?;
+//! assert_eq!(grant.key_id(), created.info.id);
+//! let receipt = grant.commit(1); // the real cost; the other reserved unit is refunded
+//! assert_eq!(receipt.token_stats.charged, 1);
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]

@@ -293,14 +293,24 @@ fn build(
                     units,
                     reply,
                 } => {
+                    let pending = cancel_pending_leases(fx, &meter);
                     let charged = match live(&mut work, &meter)? {
                         Some(r) => {
+                            // Units leased earlier in this batch go back first, so the
+                            // balance is whole.
+                            let pending = pending.min(r.leased);
+                            r.leased -= pending;
+                            r.balance += pending;
                             new_period(fx, &meter, r, now);
-                            let x = units.min(r.balance);
-                            r.balance -= x;
-                            r.spent += x;
+                            let from_balance = units.min(r.balance);
+                            r.balance -= from_balance;
+                            // A lease that reached memory since the grant's commit looked.
+                            let from_lease = meter.take_up_to((units - from_balance).min(r.leased));
+                            fx.reclaimed.push((meter.clone(), from_lease));
+                            r.leased -= from_lease;
+                            r.spent += from_balance + from_lease;
                             meter.durable_balance.store(r.balance, Ordering::Release);
-                            x
+                            from_balance + from_lease
                         }
                         None => 0,
                     };

@@ -378,6 +378,14 @@ fn build(
                 reclaim(&mut work, fx, &meter)?;
             }
         }
+        // Whether a balance is empty is known only once the whole batch has run (a later
+        // message may have put units back): decide it from the final records.
+        for (meter, _, empty) in fx.leases.iter_mut() {
+            if let Some(Some(r)) = work.records.get(&meter.id) {
+                *empty = empty_until(r, now);
+                meter.durable_balance.store(r.balance, Ordering::Release);
+            }
+        }
         work.write_all()?;
     }
     txn.commit()?;

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hashing::HashScheme;
 use crate::ledger::Ledger;
-use crate::record::{AccountRecord, AuditEvent, CreditsRecord, KeyKind, KeyRecord, RouteRule};
+use crate::record::{AccountRecord, AuditEvent, CreditsRecord, KeyRecord, RouteRule};
 use crate::store::{self, tables::*};
 
 /// What `check` found. `problems` is empty for a healthy file.
@@ -118,10 +118,8 @@ impl Ledger {
                     continue;
                 }
             };
-            let (tag, kind) = match record.kind {
-                KeyKind::Api => (0u8, crate::public_id::IdKind::Key),
-                KeyKind::Token { .. } => (1u8, crate::public_id::IdKind::Token),
-            };
+            let kind = record.kind.id_kind();
+            let tag = u8::from(kind == crate::public_id::IdKind::Token);
             if tag == 0 {
                 report.keys += 1
             } else {

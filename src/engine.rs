@@ -29,7 +29,7 @@ use crate::ledger::Ledger;
 use crate::limits::{KeyLimits, SpendTier};
 use crate::policy::RouteTable;
 use crate::public_id::{IdCipher, IdKind};
-use crate::record::{AccountRecord, CreditsRecord, KeyKind, PoolRecord, RouteRule, UsageRecord};
+use crate::record::{AccountRecord, CreditsRecord, PoolRecord, RouteRule, UsageRecord};
 use crate::store::{self, Store, tables::*};
 
 /// How much credit state is guarded by leases, and so what a crash can cost.
@@ -165,12 +165,14 @@ impl Engine {
         done.recv().map_err(|_| closed())?
     }
 
-    /// Units leased into memory and not yet reserved, for credit id `id`.
-    pub(crate) fn lease_in_memory(&self, id: u64) -> u64 {
+    /// Credits left on balance `id`: the durable balance plus what memory holds leased and
+    /// not yet reserved (at most what the record says is leased).
+    pub(crate) fn remaining(&self, id: u64, record: &CreditsRecord) -> u64 {
         let meters = self.shared.meters.lock();
-        meters
+        let in_memory = meters
             .get(&id)
-            .map_or(0, |m| m.lease.load(Ordering::Acquire))
+            .map_or(0, |m| m.lease.load(Ordering::Acquire));
+        record.balance + in_memory.min(record.leased)
     }
 
     /// Waits until the writer has leased into `meter` (or refused).
@@ -235,7 +237,7 @@ impl Engine {
             .meters
             .lock()
             .get(&id)
-            .filter(|m| !m.is_pool)
+            .filter(|m| !m.is_pool())
             .cloned();
         if let Some(meter) = meter {
             match change {
@@ -298,7 +300,7 @@ impl Engine {
     /// Entries left the cache for good (capacity): their own meters may leave memory.
     fn retire(&self, evicted: Evicted) {
         for (_, entry) in evicted {
-            if let Some(meter) = entry.meter.filter(|m| !m.is_pool) {
+            if let Some(meter) = entry.meter.filter(|m| !m.is_pool()) {
                 let _ = self.tx.send(Msg::Retire { meter, gone: false });
             }
         }
@@ -336,10 +338,7 @@ impl Engine {
             }
             None if record.limits.credits.is_some() => {
                 let threshold = record.limits.low_balance_threshold;
-                let kind = match record.kind {
-                    KeyKind::Api => IdKind::Key,
-                    KeyKind::Token { .. } => IdKind::Token,
-                };
+                let kind = record.kind.id_kind();
                 Some(self.meter(found.id, threshold, kind, balance(found.id)?, now))
             }
             None => None,
@@ -376,10 +375,7 @@ impl Engine {
             .clone();
         let entry = KeyEntry {
             id: found.id,
-            kind: match record.kind {
-                KeyKind::Api => IdKind::Key,
-                KeyKind::Token { .. } => IdKind::Token,
-            },
+            kind: record.kind.id_kind(),
             disabled: record.disabled_at.is_some(),
             expires_at: record.expires_at.map_or(u64::MAX, |t| t.0),
             secret_valid_until,

@@ -189,6 +189,14 @@ pub(crate) struct KeyRecord {
 }
 
 impl KeyKind {
+    /// The public-id kind of records of this kind (`key_…` or `tok_…`).
+    pub(crate) fn id_kind(&self) -> crate::public_id::IdKind {
+        match self {
+            KeyKind::Api => crate::public_id::IdKind::Key,
+            KeyKind::Token { .. } => crate::public_id::IdKind::Token,
+        }
+    }
+
     /// `api` for API keys, the token's type for tokens.
     pub fn label(&self) -> &str {
         match self {

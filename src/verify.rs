@@ -407,11 +407,11 @@ impl Grant<'_> {
         let (charged, uncovered) = match &self.meter {
             None => (actual, 0),
             Some(meter) => {
-                let now = self.ledger.now().0;
+                // The clock is read only when the cost exceeds the reservation.
                 let from_lease = if actual <= reserved {
                     self.refund(meter, reserved - actual);
                     actual
-                } else if meter.current(now) {
+                } else if meter.current(self.ledger.now().0) {
                     reserved + meter.take_up_to(actual - reserved)
                 } else {
                     reserved

@@ -148,12 +148,11 @@ impl Credits<'_> {
             let table = read.open_table(CREDITS).ok()?;
             store::get::<CreditsRecord>(&table, id).ok().flatten()
         });
-        let in_memory = self.ledger.inner.engine.lease_in_memory(id);
         Pool {
             id: ids.encode(IdKind::Pool, id),
             owner: ids.encode(IdKind::Account, r.owner),
             name: r.name,
-            remaining: durable.map_or(0, |c| c.balance + in_memory.min(c.leased)),
+            remaining: durable.map_or(0, |c| self.ledger.inner.engine.remaining(id, &c)),
             refill: r.refill,
             low_balance_threshold: r.low_balance_threshold,
         }
@@ -196,19 +195,11 @@ impl Credits<'_> {
         let credits: Option<CreditsRecord> = store::get(&read.open_table(CREDITS)?, internal)?;
         let usage: UsageRecord =
             store::get(&read.open_table(USAGE)?, internal)?.unwrap_or_default();
-        let in_memory = self
-            .ledger
-            .inner
-            .engine
-            .shared
-            .meters
-            .lock()
-            .get(&internal)
-            .map_or(0, |m| m.lease.load(std::sync::atomic::Ordering::Acquire));
+        let engine = &self.ledger.inner.engine;
         let c = credits.clone().unwrap_or_default();
         Ok(Usage {
             id: PublicId::from_checked(id),
-            remaining: credits.map(|c| c.balance + in_memory.min(c.leased)),
+            remaining: credits.map(|c| engine.remaining(internal, &c)),
             granted: c.granted,
             spent: c.spent,
             lost_to_crash: c.lost_to_crash,

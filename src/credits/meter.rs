@@ -48,8 +48,6 @@ pub(crate) struct Meter {
     pub retired: AtomicBool,
     /// Low-balance threshold for events.
     pub threshold: Option<u64>,
-    /// Whether this meter is a pool.
-    pub is_pool: bool,
     /// What its events name: a key, a token or a pool.
     pub subject: crate::public_id::IdKind,
 }
@@ -61,7 +59,6 @@ impl Meter {
         subject: crate::public_id::IdKind,
         exact: bool,
     ) -> Self {
-        let is_pool = subject == crate::public_id::IdKind::Pool;
         Meter {
             id,
             lease: AtomicU64::new(0),
@@ -77,9 +74,13 @@ impl Meter {
             last_remaining: AtomicU64::new(u64::MAX),
             retired: AtomicBool::new(false),
             threshold,
-            is_pool,
             subject,
         }
+    }
+
+    /// Whether this meter is a shared pool's.
+    pub(crate) fn is_pool(&self) -> bool {
+        self.subject == crate::public_id::IdKind::Pool
     }
 
     /// Takes `units` from the lease if it holds that many. Returns the lease left.

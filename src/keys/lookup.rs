@@ -7,8 +7,7 @@ use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::hashing::{HashScheme, KeyHash, hashes_equal};
 use crate::ledger::{Ledger, SYSTEM_ACTOR};
-use crate::public_id::IdKind;
-use crate::record::{KeyKind, KeyRecord};
+use crate::record::KeyRecord;
 use crate::store::{self, tables::*};
 
 /// A record found by its plaintext.
@@ -91,12 +90,9 @@ fn rehash(
             *stored_scheme = scheme;
         }
         store::put(&mut keys, id, &record)?;
-        let (kind, noun) = match record.kind {
-            KeyKind::Api => (IdKind::Key, "key"),
-            KeyKind::Token { .. } => (IdKind::Token, "token"),
-        };
+        let kind = record.kind.id_kind();
         let public = ledger.inner.ids.encode(kind, id);
-        let action = format!("{noun}.rehashed");
+        let action = format!("{}.rehashed", kind.noun());
         audit::append(
             &txn,
             ledger.now(),
@@ -134,10 +130,11 @@ impl Ledger {
         if record.expires_at.is_some_and(|at| at <= now) {
             return Err(Denial::Expired);
         }
-        let kind = match record.kind {
-            KeyKind::Api => IdKind::Key,
-            KeyKind::Token { .. } => IdKind::Token,
-        };
-        Ok(super::key_info(self, kind, found.id, record))
+        Ok(super::key_info(
+            self,
+            record.kind.id_kind(),
+            found.id,
+            record,
+        ))
     }
 }

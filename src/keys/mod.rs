@@ -725,7 +725,7 @@ fn live_usage(ledger: &Ledger, id: u64, r: &KeyRecord) -> (Option<u64>, Option<T
         .open_table(CREDITS)
         .ok()
         .and_then(|t| store::get::<CreditsRecord>(&t, credit_id).ok().flatten())
-        .map(|c| c.balance + ledger.inner.engine.lease_in_memory(credit_id).min(c.leased));
+        .map(|c| ledger.inner.engine.remaining(credit_id, &c));
     let last_used = read
         .open_table(USAGE)
         .ok()

@@ -22,7 +22,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use redb::ReadableTable;
 use sha2::Sha256;
 
-use crate::cache::{KeyEntry, KeyState, PassThrough, Slot};
+use crate::cache::{CachedKey, MeterRef, PassThrough, Slot};
 use crate::codec;
 use crate::config::Config;
 use crate::credits::meter::Meter;
@@ -248,20 +248,20 @@ impl Workload {
             .map(|m| m.lease.load(Ordering::Acquire))
     }
 
-    fn meter_of(&self, key: &Presented) -> Option<std::sync::Arc<Meter>> {
+    fn meter_of(&self, key: &Presented) -> Option<MeterRef> {
         let hash = self.ledger.hasher().hash_current(key.expose());
         self.ledger
             .inner
             .engine
             .cache
             .with(&hash, |slot| match slot {
-                Slot::Key(entry) => entry.meter.clone(),
+                Slot::Key(key) => key.meter_ref(),
                 Slot::Missing => None,
             })
             .flatten()
     }
 
-    fn cached_meters(&self) -> Vec<std::sync::Arc<Meter>> {
+    fn cached_meters(&self) -> Vec<MeterRef> {
         self.keys.iter().filter_map(|k| self.meter_of(k)).collect()
     }
 }
@@ -528,9 +528,11 @@ pub fn layout() -> Vec<(&'static str, usize)> {
     use std::mem::size_of;
     vec![
         ("map slot (KeyHash, Slot)", size_of::<(KeyHash, Slot)>()),
-        ("KeyEntry (boxed)", size_of::<KeyEntry>()),
-        ("KeyState (Arc)", size_of::<KeyState>()),
-        ("Meter (Arc)", size_of::<Meter>()),
+        (
+            "CachedKey (Arc; holds the own Meter)",
+            size_of::<CachedKey>(),
+        ),
+        ("Meter (inside CachedKey; pools: Arc)", size_of::<Meter>()),
         ("String (one permission)", size_of::<String>()),
     ]
 }

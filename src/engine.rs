@@ -14,7 +14,7 @@ use redb::ReadableTable;
 
 use std::collections::HashMap;
 
-use crate::cache::{AccountState, Cache, Evicted, KeyEntry, KeyState};
+use crate::cache::{AccountState, Cache, CachedKey, Evicted, MeterRef, Metering, Snapshot};
 use crate::clock::Timestamp;
 use crate::codec;
 use crate::config::Config;
@@ -29,7 +29,7 @@ use crate::ledger::Ledger;
 use crate::limits::{KeyLimits, SpendTier};
 use crate::policy::RouteTable;
 use crate::public_id::{IdCipher, IdKind};
-use crate::record::{AccountRecord, CreditsRecord, PoolRecord, RouteRule, UsageRecord};
+use crate::record::{AccountRecord, CreditsRecord, KeyRecord, PoolRecord, RouteRule, UsageRecord};
 use crate::store::{self, Store, tables::*};
 
 /// How much credit state is guarded by leases, and so what a crash can cost.
@@ -58,9 +58,10 @@ pub(crate) enum KeyChange {
     Deleted,
 }
 
-/// Rate-limit states kept for keys whose entries an admin change evicted, until their next
-/// verify rebuilds the entry (bounded: beyond this many the oldest are forgotten).
-const MAX_CARRIED_STATES: usize = 65_536;
+/// Snapshots an admin change evicted, kept until the key's next verify rebuilds it (so the
+/// rebuild keeps the live counters, lease and rate-limit state). Bounded: beyond this many
+/// they are forgotten (their unflushed usage is already queued for the writer).
+const MAX_CARRIED: usize = 65_536;
 
 /// What the miss path found.
 pub(crate) enum Loaded {
@@ -69,7 +70,7 @@ pub(crate) enum Loaded {
     /// The entry is now in the cache.
     Cached,
     /// The entry could not be cached (an admin change raced with the read).
-    Uncached(Box<KeyEntry>),
+    Uncached(Arc<CachedKey>),
 }
 
 pub(crate) struct Engine {
@@ -79,8 +80,8 @@ pub(crate) struct Engine {
     pub routes: ArcSwap<RouteTable>,
     pub events: Receiver<CreditEvent>,
     pub tiers: Vec<SpendTier>,
-    /// Key states (rate limits, usage counters) carried across an admin-change eviction.
-    carried_states: Mutex<HashMap<u64, Arc<KeyState>>>,
+    /// The last snapshot of keys an admin change evicted, by key id.
+    carried: Mutex<HashMap<u64, Arc<CachedKey>>>,
     /// Interned permission sets: keys with the same scopes share one allocation.
     permission_sets: Mutex<HashMap<Vec<String>, Arc<[String]>>>,
     /// Shared state of every account with a cached key.
@@ -120,7 +121,7 @@ impl Engine {
             events,
             tiers: config.spend_tiers.clone(),
             accounts: Mutex::new(HashMap::new()),
-            carried_states: Mutex::new(HashMap::new()),
+            carried: Mutex::new(HashMap::new()),
             permission_sets: Mutex::new(HashMap::new()),
             lost_at_open,
             writer: Mutex::new(Some(handle)),
@@ -176,7 +177,7 @@ impl Engine {
     }
 
     /// Waits until the writer has leased into `meter` (or refused).
-    pub(crate) fn lease_now(&self, meter: &Arc<Meter>, need: u64) -> bool {
+    pub(crate) fn lease_now(&self, meter: &MeterRef, need: u64) -> bool {
         let (reply, done) = channel::bounded(1);
         meter.pending.store(true, Ordering::Release);
         let msg = Msg::Lease {
@@ -188,7 +189,7 @@ impl Engine {
     }
 
     /// Starts a background lease top-up.
-    pub(crate) fn prefetch(&self, meter: &Arc<Meter>) {
+    pub(crate) fn prefetch(&self, meter: &MeterRef) {
         let _ = self.tx.send(Msg::Lease {
             meter: meter.clone(),
             need: 0,
@@ -197,7 +198,7 @@ impl Engine {
     }
 
     /// Drops refunded units reserved before a `set` of the balance (see `Grant`).
-    pub(crate) fn discard(&self, meter: &Arc<Meter>, units: u64) {
+    pub(crate) fn discard(&self, meter: &MeterRef, units: u64) {
         let _ = self.tx.send(Msg::Discard {
             meter: meter.clone(),
             units,
@@ -205,7 +206,7 @@ impl Engine {
     }
 
     /// Charges units beyond a reservation from the durable balance; returns units charged.
-    pub(crate) fn shortfall(&self, meter: &Arc<Meter>, units: u64) -> u64 {
+    pub(crate) fn shortfall(&self, meter: &MeterRef, units: u64) -> u64 {
         let (reply, done) = channel::bounded(1);
         let msg = Msg::Shortfall {
             meter: meter.clone(),
@@ -223,14 +224,7 @@ impl Engine {
     pub(crate) fn key_changed(&self, id: u64, hashes: &[KeyHash], change: KeyChange) {
         let evicted = self.cache.evict(hashes);
         if change != KeyChange::Deleted {
-            // Rate-limit state survives the rebuild of the entry.
-            let mut carry = self.carried_states.lock();
-            if carry.len() > MAX_CARRIED_STATES {
-                carry.clear();
-            }
-            for (_, entry) in evicted {
-                carry.insert(id, entry.state);
-            }
+            self.carry(evicted);
         }
         let meter = self
             .shared
@@ -254,14 +248,31 @@ impl Engine {
         }
     }
 
-    /// An admin change to an account: every cached key of it sees the new state at once.
+    /// Keeps evicted snapshots for the rebuild (live counters and rate limits survive it).
+    fn carry(&self, evicted: Evicted) {
+        let mut carried = self.carried.lock();
+        if carried.len() > MAX_CARRIED {
+            carried.clear();
+        }
+        for (_, key) in evicted {
+            carried.insert(key.id, key);
+        }
+    }
+
+    /// An admin change to an account: its cached keys copied its state, so they are evicted
+    /// (found through the owner index) and the next verify of each sees the change.
     pub(crate) fn account_changed(&self, owner: u64, record: &AccountRecord) {
-        if let Some(state) = self.accounts.lock().get(&owner) {
-            state.update(
-                record.status,
-                record.entitlements.clone(),
-                &self.routes.load(),
-            );
+        let Some(state) = self.accounts.lock().get(&owner).cloned() else {
+            return; // no key of this account was ever cached
+        };
+        state.update(record.status, record.entitlements.clone());
+        match owner_key_hashes(&self.shared.store, owner) {
+            Ok(hashes) => {
+                let evicted = self.cache.evict(&hashes);
+                self.carry(evicted);
+            }
+            // Cannot tell which keys are this account's: start from an empty cache.
+            Err(_) => self.scheme_changed(),
         }
     }
 
@@ -287,20 +298,16 @@ impl Engine {
         let generation = self.routes.load().generation + 1;
         let table = Arc::new(RouteTable::new(generation, rules));
         self.routes.store(table.clone());
-        self.cache.for_each_mut(|e| {
-            e.permission_bits = table.permission_bits(&e.permissions);
-            e.route_generation = table.generation;
-        });
-        for account in self.accounts.lock().values() {
-            account.recompile(&table);
-        }
+        self.cache.for_each(|key| key.recompile(&table));
         Ok(())
     }
 
     /// Entries left the cache for good (capacity): their own meters may leave memory.
     fn retire(&self, evicted: Evicted) {
-        for (_, entry) in evicted {
-            if let Some(meter) = entry.meter.filter(|m| !m.is_pool()) {
+        for (_, key) in evicted {
+            if key.metering == Metering::Own {
+                let meter = MeterRef::Own(key.home_arc());
+                drop(key); // the writer frees the meter when only its handles are left
                 let _ = self.tx.send(Msg::Retire { meter, gone: false });
             }
         }
@@ -330,31 +337,25 @@ impl Engine {
             store::get(&read.open_table(USAGE)?, found.id)?.unwrap_or_default();
         let credits = read.open_table(CREDITS)?;
         let balance = |id| -> Result<Option<CreditsRecord>> { store::get(&credits, id) };
-        let meter = match record.pool {
+        let pool = match record.pool {
             Some(pool) => {
                 let p: Option<PoolRecord> = store::get(&read.open_table(POOLS)?, pool)?;
                 let threshold = p.and_then(|p| p.low_balance_threshold);
-                Some(self.meter(pool, threshold, IdKind::Pool, balance(pool)?, now))
-            }
-            None if record.limits.credits.is_some() => {
-                let threshold = record.limits.low_balance_threshold;
-                let kind = record.kind.id_kind();
-                Some(self.meter(found.id, threshold, kind, balance(found.id)?, now))
+                Some(self.pool_meter(pool, threshold, balance(pool)?, now))
             }
             None => None,
         };
+        let metering = match (record.pool, record.limits.credits) {
+            (Some(_), _) => Metering::Pool,
+            (None, Some(_)) => Metering::Own,
+            (None, None) => Metering::Unmetered,
+        };
+        let own_balance = match metering {
+            Metering::Own => balance(found.id)?,
+            _ => None,
+        };
         drop(credits);
         drop(read);
-        let carried = self.carried_states.lock().remove(&found.id);
-        let state = match carried.filter(|s| s.limits.configured_as(&record.limits)) {
-            Some(state) => state,
-            None => {
-                let limits = KeyLimits::new(&record.limits);
-                let state = Arc::new(KeyState::new(found.id, record.owner, limits, usage.spent));
-                state.retier(&self.tiers, usage.spent);
-                state
-            }
-        };
         let current = hashes_equal(&record.key_hash, hash);
         let secret_valid_until = match (&record.rolled, current) {
             (Some(old), false) => old.valid_until.0,
@@ -369,30 +370,64 @@ impl Engine {
                 Arc::new(AccountState::new(
                     account.status,
                     account.entitlements.clone(),
-                    &table,
                 ))
             })
             .clone();
-        let entry = KeyEntry {
+        let kind = record.kind.id_kind();
+        let carried = self.carried.lock().remove(&found.id);
+        let limits = match carried.as_ref().and_then(|c| c.limits.clone()) {
+            Some(l) if l.configured_as(&record.limits) => Some(l),
+            _ => Some(Arc::new(KeyLimits::new(&record.limits))).filter(|l| !l.is_empty()),
+        };
+        let snapshot = Snapshot {
             id: found.id,
-            kind: record.kind.id_kind(),
+            owner: record.owner,
+            kind,
             disabled: record.disabled_at.is_some(),
             expires_at: record.expires_at.map_or(u64::MAX, |t| t.0),
             secret_valid_until,
-            route_generation: table.generation,
-            permission_bits: table.permission_bits(&record.permissions),
             permissions: self.intern(record.permissions),
             ips: record.ips.into(),
             account,
-            state,
-            meter,
+            limits,
+            metering,
+            pool,
         };
-        match self.cache.insert(*hash, entry, epoch) {
+        let threshold = record.limits.low_balance_threshold;
+        let new_meter = || {
+            let meter = Meter::new(found.id, threshold, kind, self.shared.exact);
+            if let Some(r) = &own_balance {
+                init_meter(&meter, r, now);
+            }
+            meter
+        };
+        let build = |home: Option<Arc<CachedKey>>| {
+            let meter = new_meter();
+            let key = CachedKey::new(snapshot, &table, home, meter, usage.spent, &self.tiers);
+            Arc::new(key)
+        };
+        let key = if metering == Metering::Own {
+            // The live meter of this balance, if any, is the one to keep spending from; the
+            // registry lock makes sure two concurrent misses do not both create one. Without
+            // one, the key starts a new home: a carried home's own meter is unused or retired.
+            let mut meters = self.shared.meters.lock();
+            match meters.get(&found.id) {
+                Some(MeterRef::Own(home)) => build(Some(home.clone())),
+                _ => {
+                    let key = build(None);
+                    meters.insert(found.id, MeterRef::Own(key.clone()));
+                    key
+                }
+            }
+        } else {
+            build(carried)
+        };
+        match self.cache.insert(*hash, key, epoch) {
             Ok(evicted) => {
                 self.retire(evicted);
                 Ok(Loaded::Cached)
             }
-            Err(entry) => Ok(Loaded::Uncached(Box::new(entry))),
+            Err(key) => Ok(Loaded::Uncached(key)),
         }
     }
 
@@ -411,30 +446,56 @@ impl Engine {
         set
     }
 
-    /// The meter for a credit id, shared by every entry that spends from it. A new meter
-    /// starts with no lease and knows the durable `balance` (for remaining-credit figures).
-    fn meter(
+    /// The meter of pool `id`, shared by every key that spends from it. A new meter starts
+    /// with no lease and knows the durable balance (for remaining-credit figures).
+    fn pool_meter(
         &self,
         id: u64,
         threshold: Option<u64>,
-        subject: IdKind,
         record: Option<CreditsRecord>,
         now: Timestamp,
     ) -> Arc<Meter> {
         let mut meters = self.shared.meters.lock();
-        let meter = meters.entry(id).or_insert_with(|| {
-            let meter = Meter::new(id, threshold, subject, self.shared.exact);
-            if let Some(r) = &record {
-                meter.durable_balance.store(r.balance, Ordering::Release);
-                meter.last_remaining.store(r.balance, Ordering::Release);
-                meter
-                    .refill_at_ms
-                    .store(refill::due_at(r, now), Ordering::Release);
-            }
-            Arc::new(meter)
-        });
-        meter.clone()
+        if let Some(MeterRef::Pool(meter)) = meters.get(&id) {
+            return meter.clone();
+        }
+        let meter = Meter::new(id, threshold, IdKind::Pool, self.shared.exact);
+        if let Some(r) = &record {
+            init_meter(&meter, r, now);
+        }
+        let meter = Arc::new(meter);
+        meters.insert(id, MeterRef::Pool(meter.clone()));
+        meter
     }
+}
+
+/// A new meter's view of its durable balance.
+fn init_meter(meter: &Meter, record: &CreditsRecord, now: Timestamp) {
+    meter
+        .durable_balance
+        .store(record.balance, Ordering::Release);
+    meter
+        .last_remaining
+        .store(record.balance, Ordering::Release);
+    meter
+        .refill_at_ms
+        .store(refill::due_at(record, now), Ordering::Release);
+}
+
+/// The hashes of every secret of `owner`'s keys and tokens.
+fn owner_key_hashes(store: &Store, owner: u64) -> Result<Vec<KeyHash>> {
+    let read = store.begin_read()?;
+    let index = read.open_table(KEYS_BY_OWNER)?;
+    let keys = read.open_table(KEYS)?;
+    let mut hashes = Vec::new();
+    for entry in index.range((owner, 0, 0)..=(owner, u8::MAX, u64::MAX))? {
+        let id = entry?.0.value().2;
+        if let Some(record) = store::get::<KeyRecord>(&keys, id)? {
+            hashes.push(record.key_hash);
+            hashes.extend(record.rolled.map(|r| r.key_hash));
+        }
+    }
+    Ok(hashes)
 }
 
 fn closed() -> Error {

@@ -11,15 +11,14 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
-use crate::cache::{KeyEntry, KeyState, Slot};
+use crate::cache::{CachedKey, Slot};
 use crate::credits::meter::Meter;
 use crate::denial::Denial;
 use crate::engine::Loaded;
-use crate::hashing::KeyHash;
 use crate::keyfmt::Presented;
 use crate::ledger::Ledger;
 use crate::policy::RouteTable;
-use crate::public_id::{IdKind, PublicId};
+use crate::public_id::PublicId;
 use crate::routes::permits;
 
 /// One request to verify.
@@ -105,12 +104,8 @@ pub struct Receipt {
 #[must_use = "commit the grant with the real cost; dropping it refunds the reservation"]
 pub struct Grant<'l> {
     ledger: &'l Ledger,
-    id: u64,
-    kind: IdKind,
-    state: Arc<KeyState>,
-    meter: Option<Arc<Meter>>,
-    /// The key hash, to look the cached entry up again for rarely needed fields.
-    hash: KeyHash,
+    /// The cached key (its live part holds the lease and counters this grant settles into).
+    key: Arc<CachedKey>,
     reserved: u64,
     price_micros: u64,
     /// When rate limits admitted the request (to give the slots back on a late refusal).
@@ -142,7 +137,7 @@ impl Ledger {
         let now = self.now();
         let routes = engine.routes.load();
         let checked = |slot: &Slot| match slot {
-            Slot::Key(entry) => Some(check(self, &hash, entry, request, &routes, now.0)),
+            Slot::Key(key) => Some(check(self, key, request, &routes, now.0)),
             Slot::Missing => None,
         };
         let outcome = match engine.cache.with(&hash, checked) {
@@ -153,7 +148,7 @@ impl Ledger {
                 .map_err(|_| Denial::Unavailable)?
             {
                 Loaded::Missing => return Err(Denial::NotFound),
-                Loaded::Uncached(entry) => check(self, &hash, &entry, request, &routes, now.0),
+                Loaded::Uncached(key) => check(self, &key, request, &routes, now.0),
                 Loaded::Cached => engine
                     .cache
                     .with(&hash, checked)
@@ -173,10 +168,8 @@ impl Ledger {
     /// to be empty.
     fn reserve_slow<'l>(&'l self, mut grant: Grant<'l>) -> Result<Grant<'l>, Denial> {
         let engine = &self.inner.engine;
-        let meter = grant
-            .meter
-            .clone()
-            .expect("only metered grants need a lease");
+        let key = grant.key.clone();
+        let meter = key.meter().expect("only metered grants need a lease");
         let cost = grant.reserved;
         let mut denial = Denial::Unavailable; // the writer kept losing the race: retry later
         for _ in 0..64 {
@@ -194,7 +187,8 @@ impl Ledger {
                     break;
                 }
             }
-            if !engine.lease_now(&meter, cost) {
+            let handle = key.meter_ref().expect("metered");
+            if !engine.lease_now(&handle, cost) {
                 break;
             }
         }
@@ -211,38 +205,37 @@ enum Checked<'l> {
     NeedsLease(Grant<'l>),
 }
 
-/// Steps 3–8 on a cached entry, under the shard's read lock.
+/// Steps 3–8 on a cached key, under the shard's read lock.
 #[inline]
 fn check<'l>(
     ledger: &'l Ledger,
-    hash: &KeyHash,
-    entry: &KeyEntry,
+    key: &Arc<CachedKey>,
     request: &Request<'_>,
     routes: &RouteTable,
     now_ms: u64,
 ) -> Checked<'l> {
     use Checked::Denied;
     // 3. State.
-    if entry.secret_valid_until <= now_ms {
+    if key.secret_valid_until <= now_ms {
         return Denied(Denial::NotFound);
     }
-    if entry.disabled {
+    if key.disabled {
         return Denied(Denial::Disabled);
     }
-    if entry.expires_at <= now_ms {
+    if key.expires_at <= now_ms {
         return Denied(Denial::Expired);
     }
     // 4. Route permission: the longest matching rule, checked by bit when compiled.
     let route = routes.resolve(request.route);
-    let by_bit = entry.route_generation == routes.generation;
+    let compiled = key.route_generation.load(Ordering::Acquire) == routes.generation;
     let bit = route
         .index
-        .filter(|&i| by_bit && RouteTable::has_bit(i))
+        .filter(|&i| compiled && RouteTable::has_bit(i))
         .map(|i| 1u64 << i);
     if let Some(rule) = route.rule {
         let allowed = match (bit, &rule.permission) {
-            (Some(bit), _) => entry.permission_bits & bit != 0,
-            (None, Some(p)) => permits(&entry.permissions, p),
+            (Some(bit), _) => key.permission_bits.load(Ordering::Relaxed) & bit != 0,
+            (None, Some(p)) => permits(&key.permissions, p),
             (None, None) => true,
         };
         if !allowed {
@@ -250,19 +243,17 @@ fn check<'l>(
         }
     }
     // 5. Client IP.
-    if !entry.ip_allowed(request.client_ip) {
+    if !key.ip_allowed(request.client_ip) {
         return Denied(Denial::IpNotAllowed);
     }
-    // 6. Subscription, then the route's entitlement (account state shared by its keys).
-    let account = &entry.account;
-    if !account.subscription_ok() {
+    // 6. Subscription, then the route's entitlement (copied from the account when cached).
+    if !key.subscription_ok {
         return Denied(Denial::SubscriptionInactive);
     }
     if let Some(required) = route.rule.and_then(|r| r.entitlement.as_ref()) {
-        let compiled = account.route_generation.load(Ordering::Acquire) == routes.generation;
-        let entitled = match route.index.filter(|&i| compiled && RouteTable::has_bit(i)) {
-            Some(i) => account.entitlement_bits.load(Ordering::Acquire) & (1 << i) != 0,
-            None => account.entitlements.load().contains(required),
+        let entitled = match bit {
+            Some(bit) => key.entitlement_bits.load(Ordering::Relaxed) & bit != 0,
+            None => key.account.entitlements.load().contains(required),
         };
         if !entitled {
             return Denied(Denial::NotEntitled);
@@ -272,41 +263,31 @@ fn check<'l>(
         .cost
         .unwrap_or_else(|| route.rule.map_or(1, |r| r.cost));
     // 7. Rate limits (GCRA), scaled by the key's spend tier.
-    let state = &entry.state;
-    let tier = state.tier_pct.load(Ordering::Relaxed);
     let now_ns = now_ms.saturating_mul(1_000_000);
-    if !state.limits.is_empty() {
-        if let Err(retry_after) = state.limits.acquire(now_ns, cost, tier) {
+    if let Some(limits) = &key.limits {
+        if let Err(retry_after) = limits.acquire(now_ns, cost, key.tier_pct()) {
             return Denied(Denial::RateLimited { retry_after });
         }
     }
     // 8. Credits: reserve from the in-memory lease with a CAS.
+    let meter = key.meter();
     let grant = Grant {
         ledger,
-        id: entry.id,
-        kind: entry.kind,
-        state: state.clone(),
-        meter: entry.meter.clone(),
-        hash: *hash,
+        key: key.clone(),
         reserved: cost,
         price_micros: route.rule.map_or(0, |r| r.price_micros),
-        rate_charged_at_ns: if state.limits.is_empty() {
-            None
-        } else {
-            Some(now_ns)
-        },
-        epoch: entry
-            .meter
-            .as_ref()
-            .map_or(0, |m| m.epoch.load(Ordering::Acquire)),
+        rate_charged_at_ns: key.limits.as_ref().map(|_| now_ns),
+        epoch: meter.map_or(0, |m| m.epoch.load(Ordering::Acquire)),
         settled: false,
     };
-    let reserved = match &entry.meter {
+    let reserved = match meter {
         Some(meter) if cost > 0 && !meter.current(now_ms) => false,
         Some(meter) if cost > 0 => match meter.try_take(cost) {
             Some(left) => {
                 if meter.wants_prefetch(left) {
-                    ledger.inner.engine.prefetch(meter);
+                    if let Some(handle) = key.meter_ref() {
+                        ledger.inner.engine.prefetch(&handle);
+                    }
                 }
                 true
             }
@@ -324,21 +305,16 @@ fn check<'l>(
 impl Grant<'_> {
     /// Counts a successful verify in the key's usage.
     fn note_use(&self, now_ms: u64) {
-        if self.state.record_use(now_ms) {
-            self.ledger
-                .inner
-                .engine
-                .shared
-                .dirty_usage
-                .push(self.state.clone());
+        if self.key.record_use(now_ms) {
+            let home = self.key.home_arc();
+            self.ledger.inner.engine.shared.dirty_usage.push(home);
         }
     }
 
     /// Gives back the rate-limit slots of a request refused after the rate check.
     fn release_rate(&self) {
-        if let Some(at) = self.rate_charged_at_ns {
-            let tier = self.state.tier_pct.load(Ordering::Relaxed);
-            self.state.limits.release(at, self.reserved, tier);
+        if let (Some(at), Some(limits)) = (self.rate_charged_at_ns, &self.key.limits) {
+            limits.release(at, self.reserved, self.key.tier_pct());
         }
     }
 
@@ -353,26 +329,12 @@ impl Grant<'_> {
     }
 
     fn public_ids(&self) -> &(PublicId, PublicId) {
-        self.state.public_ids.get_or_init(|| {
-            let ids = &self.ledger.inner.ids;
-            (
-                ids.encode(self.kind, self.id),
-                ids.encode(IdKind::Account, self.state.owner),
-            )
-        })
+        self.key.public_ids(&self.ledger.inner.ids)
     }
 
-    /// The key's granted scopes.
-    ///
-    /// Read from the cache when asked (so a grant carries no reference to them); empty if
-    /// the key was changed or evicted since the grant.
+    /// The key's granted scopes, as they were when the request was verified.
     pub fn permissions(&self) -> Vec<String> {
-        let cache = &self.ledger.inner.engine.cache;
-        let scopes = |slot: &Slot| match slot {
-            Slot::Key(entry) if entry.id == self.id => entry.permissions.to_vec(),
-            _ => Vec::new(),
-        };
-        cache.with(&self.hash, scopes).unwrap_or_default()
+        self.key.permissions.to_vec()
     }
 
     /// Units reserved by this grant.
@@ -382,14 +344,17 @@ impl Grant<'_> {
 
     /// Credits left, counting this reservation as spent (`None`: unmetered).
     pub fn remaining_credits(&self) -> Option<u64> {
-        self.meter.as_ref().map(remaining)
+        self.key.meter().map(remaining)
     }
 
     /// Rate-limit state now.
     pub fn rate_limit(&self) -> RateState {
-        let tier = self.state.tier_pct.load(Ordering::Relaxed);
+        let tier = self.key.tier_pct();
         let now_ns = self.ledger.now().0.saturating_mul(1_000_000);
-        let (requests_remaining, tokens_remaining) = self.state.limits.remaining(now_ns, tier);
+        let (requests_remaining, tokens_remaining) = match &self.key.limits {
+            Some(limits) => limits.remaining(now_ns, tier),
+            None => (None, None),
+        };
         RateState {
             requests_remaining,
             tokens_remaining,
@@ -404,7 +369,7 @@ impl Grant<'_> {
         self.settled = true;
         let engine = &self.ledger.inner.engine;
         let reserved = self.reserved;
-        let (charged, uncovered) = match &self.meter {
+        let (charged, uncovered) = match self.key.meter() {
             None => (actual, 0),
             Some(meter) => {
                 // The clock is read only when the cost exceeds the reservation.
@@ -416,27 +381,28 @@ impl Grant<'_> {
                 } else {
                     reserved
                 };
+                let handle = || self.key.meter_ref().expect("metered");
                 if meter.spend(from_lease) {
-                    engine.shared.dirty_meters.push(meter.clone());
+                    engine.shared.dirty_meters.push(handle());
                 }
                 let short = actual - from_lease;
                 let direct = if short > 0 {
-                    engine.shortfall(meter, short)
+                    engine.shortfall(&handle(), short)
                 } else {
                     0
                 };
                 (from_lease + direct, short - direct)
             }
         };
-        if self.state.record_spend(charged, &engine.tiers) {
-            engine.shared.dirty_usage.push(self.state.clone());
+        if self.key.record_spend(charged, &engine.tiers) {
+            engine.shared.dirty_usage.push(self.key.home_arc());
         }
         Receipt {
             token_stats: TokenStats {
                 used: actual,
                 charged,
                 uncovered,
-                remaining_credits: self.meter.as_ref().map(remaining),
+                remaining_credits: self.key.meter().map(remaining),
             },
             pricing: Pricing {
                 units: charged,
@@ -450,14 +416,14 @@ impl Grant<'_> {
 impl Grant<'_> {
     /// Returns reserved units: to the lease, or — if the balance was `set` since they were
     /// reserved — out of the books, since the set was final.
-    fn refund(&self, meter: &Arc<Meter>, units: u64) {
+    fn refund(&self, meter: &Meter, units: u64) {
         if units == 0 {
             return;
         }
         if meter.epoch.load(Ordering::Acquire) == self.epoch {
             meter.give_back(units);
-        } else {
-            self.ledger.inner.engine.discard(meter, units);
+        } else if let Some(handle) = self.key.meter_ref() {
+            self.ledger.inner.engine.discard(&handle, units);
         }
     }
 }
@@ -465,13 +431,13 @@ impl Grant<'_> {
 impl Drop for Grant<'_> {
     fn drop(&mut self) {
         if !self.settled {
-            if let Some(meter) = self.meter.clone() {
-                self.refund(&meter, self.reserved);
+            if let Some(meter) = self.key.meter() {
+                self.refund(meter, self.reserved);
             }
         }
     }
 }
 
-fn remaining(meter: &Arc<Meter>) -> u64 {
+fn remaining(meter: &Meter) -> u64 {
     meter.durable_balance.load(Ordering::Acquire) + meter.lease.load(Ordering::Acquire)
 }

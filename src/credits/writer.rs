@@ -16,7 +16,7 @@ use redb::ReadableTable;
 use super::events::{CreditEvent, CreditEventKind};
 use super::meter::Meter;
 use super::refill;
-use crate::cache::KeyState;
+use crate::cache::{CachedKey, MeterRef};
 use crate::clock::{Clock, Timestamp};
 use crate::codec;
 use crate::error::{Error, Result};
@@ -48,13 +48,13 @@ pub(crate) enum Adjust {
 pub(crate) enum Msg {
     /// Lease more units into `meter`; the caller waits (`reply`) or not (prefetch).
     Lease {
-        meter: Arc<Meter>,
+        meter: MeterRef,
         need: u64,
         reply: Option<Sender<()>>,
     },
     /// Charge units beyond a reservation straight from the durable balance.
     Shortfall {
-        meter: Arc<Meter>,
+        meter: MeterRef,
         units: u64,
         reply: Sender<u64>,
     },
@@ -67,10 +67,10 @@ pub(crate) enum Msg {
     /// A meter leaves memory: return its lease, flush its spend, and drop it from the
     /// registry unless something still uses it — or, with `gone` (its balance was deleted),
     /// retire it for good so late refunds and spends through it are ignored.
-    Retire { meter: Arc<Meter>, gone: bool },
+    Retire { meter: MeterRef, gone: bool },
     /// Units of a reservation taken before a `set` of the balance: the set was final, so
     /// they leave `leased` and `granted` instead of returning to the new balance.
-    Discard { meter: Arc<Meter>, units: u64 },
+    Discard { meter: MeterRef, units: u64 },
     /// Flush now.
     Flush { reply: Sender<Result<()>> },
     /// Return every lease, flush, and stop.
@@ -86,9 +86,9 @@ pub(crate) struct Shared {
     pub ids: Arc<IdCipher>,
     pub exact: bool,
     /// Credit meters in memory, by CREDITS id.
-    pub meters: Mutex<std::collections::HashMap<u64, Arc<Meter>>>,
-    pub dirty_meters: SegQueue<Arc<Meter>>,
-    pub dirty_usage: SegQueue<Arc<KeyState>>,
+    pub meters: Mutex<std::collections::HashMap<u64, MeterRef>>,
+    pub dirty_meters: SegQueue<MeterRef>,
+    pub dirty_usage: SegQueue<Arc<CachedKey>>,
     pub events: Sender<CreditEvent>,
     /// Write transactions committed by the writer (each is one fsync).
     pub commits: AtomicU64,
@@ -165,17 +165,17 @@ impl Working<'_> {
 /// What to do in memory once the batch is durable, or to undo if it is not.
 #[derive(Default)]
 struct Effects {
-    leases: Vec<(Arc<Meter>, u64, u64)>, // meter, units granted, empty until (ms)
+    leases: Vec<(MeterRef, u64, u64)>, // meter, units granted, empty until (ms)
     lease_replies: Vec<Sender<()>>,
     shortfalls: Vec<(Sender<u64>, u64)>,
     adjusts: Vec<(Sender<Result<u64>>, u64)>,
-    flushed_spend: Vec<(Arc<Meter>, u64)>,
-    flushed_usage: Vec<(Arc<KeyState>, u64, u64, u64)>,
-    reclaimed: Vec<(Arc<Meter>, u64)>,
+    flushed_spend: Vec<(MeterRef, u64)>,
+    flushed_usage: Vec<(Arc<CachedKey>, u64, u64, u64)>,
+    reclaimed: Vec<(MeterRef, u64)>,
     events: Vec<CreditEvent>,
     syncs: Vec<Sender<Result<()>>>,
-    retired: Vec<Arc<Meter>>,
-    gone: Vec<Arc<Meter>>,
+    retired: Vec<MeterRef>,
+    gone: Vec<MeterRef>,
 }
 
 fn apply(shared: &Shared, batch: Vec<Msg>, closing: bool, full: bool) {
@@ -209,14 +209,14 @@ fn apply(shared: &Shared, batch: Vec<Msg>, closing: bool, full: bool) {
             for meter in fx.gone {
                 if meters
                     .get(&meter.id)
-                    .is_some_and(|m| Arc::ptr_eq(m, &meter))
+                    .is_some_and(|m| MeterRef::ptr_eq(m, &meter))
                 {
                     meters.remove(&meter.id);
                 }
             }
             for meter in fx.retired {
                 // The registry's handle and this one: nobody else uses it, so it can go.
-                if Arc::strong_count(&meter) == 2 {
+                if MeterRef::strong_count(&meter) == 2 {
                     meters.remove(&meter.id);
                 }
             }
@@ -373,7 +373,7 @@ fn build(
             }
         }
         if closing {
-            let meters: Vec<Arc<Meter>> = shared.meters.lock().values().cloned().collect();
+            let meters: Vec<MeterRef> = shared.meters.lock().values().cloned().collect();
             for meter in meters {
                 reclaim(&mut work, fx, &meter)?;
             }
@@ -435,7 +435,7 @@ fn low_balance(shared: &Shared, fx: &mut Effects, meter: &Meter, remaining: u64)
 }
 
 /// Returns a meter's unreserved lease to the durable balance and flushes its spend.
-fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &Arc<Meter>) -> Result<()> {
+fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result<()> {
     // Leases granted earlier in this batch reach memory only after the commit: take them
     // back here too, or they would land on top of what this batch decides.
     let pending = cancel_pending_leases(fx, meter);
@@ -471,7 +471,7 @@ fn lease(
     shared: &Shared,
     work: &mut Working<'_>,
     fx: &mut Effects,
-    meter: Arc<Meter>,
+    meter: MeterRef,
     need: u64,
     now: Timestamp,
 ) -> Result<()> {
@@ -512,7 +512,7 @@ fn lease(
 
 /// Applies a due refill: the new period's balance replaces everything, including the lease
 /// memory still holds from the old period.
-fn new_period(fx: &mut Effects, meter: &Arc<Meter>, r: &mut CreditsRecord, now: Timestamp) {
+fn new_period(fx: &mut Effects, meter: &MeterRef, r: &mut CreditsRecord, now: Timestamp) {
     if refill::apply_due(r, now) {
         let pending = cancel_pending_leases(fx, meter).min(r.leased);
         r.leased -= pending;

@@ -248,6 +248,11 @@ impl Workload {
             .map(|m| m.lease.load(Ordering::Acquire))
     }
 
+    /// Bytes of the cache's tables.
+    pub fn cache_table_bytes(&self) -> usize {
+        self.ledger.inner.engine.cache.table_bytes()
+    }
+
     fn meter_of(&self, key: &Presented) -> Option<MeterRef> {
         let hash = self.ledger.hasher().hash_current(key.expose());
         self.ledger
@@ -256,7 +261,7 @@ impl Workload {
             .cache
             .with(&hash, |slot| match slot {
                 Slot::Key(key) => key.meter_ref(),
-                Slot::Missing => None,
+                Slot::Missing(_) => None,
             })
             .flatten()
     }

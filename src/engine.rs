@@ -83,7 +83,7 @@ pub(crate) struct Engine {
     /// The last snapshot of keys an admin change evicted, by key id.
     carried: Mutex<HashMap<u64, Arc<CachedKey>>>,
     /// Interned permission sets: keys with the same scopes share one allocation.
-    permission_sets: Mutex<HashMap<Vec<String>, Arc<[String]>>>,
+    permission_sets: Mutex<HashMap<Vec<String>, Arc<Vec<String>>>>,
     /// Shared state of every account with a cached key.
     accounts: Mutex<HashMap<u64, Arc<AccountState>>>,
     /// Units found leased at open (a crash before): now counted in `lost_to_crash`.
@@ -254,7 +254,7 @@ impl Engine {
         if carried.len() > MAX_CARRIED {
             carried.clear();
         }
-        for (_, key) in evicted {
+        for key in evicted {
             carried.insert(key.id, key);
         }
     }
@@ -304,7 +304,7 @@ impl Engine {
 
     /// Entries left the cache for good (capacity): their own meters may leave memory.
     fn retire(&self, evicted: Evicted) {
-        for (_, key) in evicted {
+        for key in evicted {
             if key.metering == Metering::Own {
                 let meter = MeterRef::Own(key.home_arc());
                 drop(key); // the writer frees the meter when only its handles are left
@@ -380,6 +380,7 @@ impl Engine {
             _ => Some(Arc::new(KeyLimits::new(&record.limits))).filter(|l| !l.is_empty()),
         };
         let snapshot = Snapshot {
+            hash: *hash,
             id: found.id,
             owner: record.owner,
             kind,
@@ -387,7 +388,7 @@ impl Engine {
             expires_at: record.expires_at.map_or(u64::MAX, |t| t.0),
             secret_valid_until,
             permissions: self.intern(record.permissions),
-            ips: record.ips.into(),
+            ips: record.ips,
             account,
             limits,
             metering,
@@ -433,13 +434,13 @@ impl Engine {
 
     /// One shared allocation per distinct permission set (bounded; beyond the bound each key
     /// gets its own).
-    fn intern(&self, permissions: Vec<String>) -> Arc<[String]> {
+    fn intern(&self, permissions: Vec<String>) -> Arc<Vec<String>> {
         const MAX_SETS: usize = 100_000;
         let mut sets = self.permission_sets.lock();
         if let Some(set) = sets.get(&permissions) {
             return set.clone();
         }
-        let set: Arc<[String]> = permissions.clone().into();
+        let set = Arc::new(permissions.clone());
         if sets.len() < MAX_SETS {
             sets.insert(permissions, set.clone());
         }

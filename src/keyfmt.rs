@@ -110,9 +110,15 @@ impl KeyFormat {
                 found: rest.len(),
             });
         }
-        if let Some(i) = rest.iter().position(|b| !b.is_ascii_alphanumeric()) {
+        // No early exit, so the compiler checks the body with vector compares; the position
+        // of a bad character is looked for only once there is one.
+        if !rest
+            .iter()
+            .fold(true, |ok, b| ok & b.is_ascii_alphanumeric())
+        {
+            let i = rest.iter().position(|b| !b.is_ascii_alphanumeric());
             return Err(MalformedKey::BadCharacter {
-                position: prefix.len() + i,
+                position: prefix.len() + i.unwrap_or(0),
             });
         }
         let (signed, checksum) = key.as_bytes().split_at(key.len() - CHECKSUM_LEN);

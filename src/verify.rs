@@ -138,7 +138,7 @@ impl Ledger {
         let routes = engine.routes.load();
         let checked = |slot: &Slot| match slot {
             Slot::Key(key) => Some(check(self, key, request, &routes, now.0)),
-            Slot::Missing => None,
+            Slot::Missing(_) => None,
         };
         let outcome = match engine.cache.with(&hash, checked) {
             Some(Some(outcome)) => outcome,
@@ -183,6 +183,12 @@ impl Ledger {
                     return Ok(grant);
                 }
                 if meter.empty_until_ms.load(Ordering::Acquire) > now {
+                    // The writer hands a lease over before it marks the balance empty: units
+                    // that arrived since the failed take above are still there to take.
+                    if meter.try_take(cost).is_some() {
+                        grant.note_use(now);
+                        return Ok(grant);
+                    }
                     denial = Denial::UsageExceeded;
                     break;
                 }
@@ -227,7 +233,7 @@ fn check<'l>(
     }
     // 4. Route permission: the longest matching rule, checked by bit when compiled.
     let route = routes.resolve(request.route);
-    let compiled = key.route_generation.load(Ordering::Acquire) == routes.generation;
+    let compiled = key.route_generation.load(Ordering::Acquire) == routes.generation as u32;
     let bit = route
         .index
         .filter(|&i| compiled && RouteTable::has_bit(i))
@@ -235,7 +241,7 @@ fn check<'l>(
     if let Some(rule) = route.rule {
         let allowed = match (bit, &rule.permission) {
             (Some(bit), _) => key.permission_bits.load(Ordering::Relaxed) & bit != 0,
-            (None, Some(p)) => permits(&key.permissions, p),
+            (None, Some(p)) => permits(key.permissions.as_slice(), p),
             (None, None) => true,
         };
         if !allowed {
@@ -328,13 +334,13 @@ impl Grant<'_> {
         self.public_ids().1.clone()
     }
 
-    fn public_ids(&self) -> &(PublicId, PublicId) {
+    fn public_ids(&self) -> Arc<(PublicId, PublicId)> {
         self.key.public_ids(&self.ledger.inner.ids)
     }
 
     /// The key's granted scopes, as they were when the request was verified.
     pub fn permissions(&self) -> Vec<String> {
-        self.key.permissions.to_vec()
+        self.key.permissions.as_ref().clone()
     }
 
     /// Units reserved by this grant.

@@ -6,7 +6,7 @@
 //! flushed durably by the writer). A crash can therefore lose units to `lost_to_crash`, never
 //! let more be spent than was granted.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// The smallest and largest adaptive lease (`Exact` mode leases exactly what is needed).
 /// A key used once a minute still keeps a lease of 16, so its requests never wait for the
@@ -23,7 +23,7 @@ pub(crate) struct Meter {
     /// Units spent since the last flush (still `leased` on disk).
     pub spent: AtomicU64,
     /// Next lease size; adapts to about a second of traffic.
-    pub lease_size: AtomicU64,
+    pub lease_size: AtomicU32,
     /// A lease request is queued or in flight.
     pub pending: AtomicBool,
     /// Queued for a spend flush.
@@ -63,7 +63,7 @@ impl Meter {
             id,
             lease: AtomicU64::new(0),
             spent: AtomicU64::new(0),
-            lease_size: AtomicU64::new(if exact { 1 } else { 16 }),
+            lease_size: AtomicU32::new(if exact { 1 } else { MIN_LEASE as u32 }),
             pending: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             empty_until_ms: AtomicU64::new(0),
@@ -126,7 +126,7 @@ impl Meter {
             return false;
         }
         self.spent.fetch_add(units, Ordering::AcqRel);
-        !self.dirty.swap(true, Ordering::AcqRel)
+        !self.dirty.load(Ordering::Relaxed) && !self.dirty.swap(true, Ordering::AcqRel)
     }
 
     /// Whether the lease may be spent at `now_ms`: no refill has come due since it was taken.
@@ -138,7 +138,7 @@ impl Meter {
     /// Whether a background top-up of the lease should start (it has fallen to a quarter).
     #[inline]
     pub(crate) fn wants_prefetch(&self, left: u64) -> bool {
-        left < self.lease_size.load(Ordering::Relaxed) / 4
+        left < u64::from(self.lease_size.load(Ordering::Relaxed)) / 4
             && !self.pending.load(Ordering::Relaxed)
             && !self.pending.swap(true, Ordering::AcqRel)
     }
@@ -149,7 +149,7 @@ impl Meter {
             return 1;
         }
         let last = self.last_lease_ms.swap(now_ms, Ordering::AcqRel);
-        let size = self.lease_size.load(Ordering::Acquire);
+        let size = u64::from(self.lease_size.load(Ordering::Acquire));
         let lasted = now_ms.saturating_sub(last);
         let next = if last == 0 {
             size
@@ -160,7 +160,8 @@ impl Meter {
         } else {
             size
         };
-        self.lease_size.store(next, Ordering::Release);
+        // MAX_LEASE fits in 32 bits.
+        self.lease_size.store(next as u32, Ordering::Release);
         next
     }
 }

@@ -441,6 +441,8 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result
     let pending = cancel_pending_leases(fx, meter);
     let lease = meter.lease.swap(0, Ordering::AcqRel);
     let spent = meter.spent.swap(0, Ordering::AcqRel);
+    // The units go back to the balance, which is then no longer known to be empty.
+    meter.empty_until_ms.store(0, Ordering::Release);
     if let Some(r) = work.get(meter.id)? {
         let pending = pending.min(r.leased);
         r.leased -= pending;

@@ -1,0 +1,308 @@
+//! One cache shard's table: open addressing with linear probing over 24-byte entries.
+//!
+//! Key hashes are HMAC outputs, so their bytes are already uniformly random: the first 8
+//! bytes are the entry's key (and choose its home slot), the next 8 are a tag checked on a
+//! match (kept in the cached key, or in the entry for a remembered miss), so a hit compares
+//! 128 bits of the hash — as unforgeable as the whole without knowing the pepper. Compared
+//! with a general-purpose map holding the 32-byte hash this halves the memory per key and a
+//! look-up reads one entry instead of a control byte and then a bucket.
+//!
+//! Removal shifts later entries of the cluster back (no tombstones), so probe sequences stay
+//! short however many keys come and go.
+
+use std::sync::Arc;
+
+use super::CachedKey;
+use crate::hashing::KeyHash;
+
+/// What an entry holds: a cached key, or a remembered miss with its tag.
+#[derive(Debug)]
+pub(crate) enum Slot {
+    Key(Arc<CachedKey>),
+    Missing(u64),
+}
+
+impl Slot {
+    fn tag(&self) -> u64 {
+        match self {
+            Slot::Key(key) => key.hash_tag,
+            Slot::Missing(tag) => *tag,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    key: u64,
+    /// `None`: an empty entry.
+    slot: Option<Slot>,
+}
+
+/// The entry key and tag of a hash.
+#[inline]
+pub(crate) fn split(hash: &KeyHash) -> (u64, u64) {
+    let word = |i: usize| u64::from_le_bytes(hash[i..i + 8].try_into().expect("8 bytes"));
+    (word(0), word(8))
+}
+
+/// A table holding at most `capacity` entries. It starts small and doubles as it fills,
+/// the last step straight to its full size; a quarter of its entries always stay empty, so
+/// probe sequences are short and always end.
+#[derive(Debug)]
+pub(crate) struct Table {
+    entries: Box<[Entry]>,
+    len: usize,
+    capacity: usize,
+}
+
+/// Entries needed to hold `n` at three quarters full.
+fn size_for(n: usize) -> usize {
+    n + n / 3 + 1
+}
+
+fn empty(size: usize) -> Box<[Entry]> {
+    (0..size).map(|_| Entry::default()).collect()
+}
+
+impl Table {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Table {
+            entries: empty(size_for(capacity.min(16))),
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Entries this table holds before it must grow (or, at full size, evict).
+    fn limit(&self) -> usize {
+        (self.entries.len() * 3 / 4).min(self.capacity)
+    }
+
+    /// Doubles the entry array (or takes it to full size), re-placing every entry.
+    fn grow(&mut self) {
+        let size = (self.entries.len() * 2).min(size_for(self.capacity));
+        let old = std::mem::replace(&mut self.entries, empty(size));
+        for entry in old.into_vec() {
+            if entry.slot.is_some() {
+                self.place(entry);
+            }
+        }
+    }
+
+    /// Puts an entry known to be absent in the first free place of its probe sequence.
+    fn place(&mut self, entry: Entry) {
+        let mut i = self.home(entry.key);
+        while self.entries[i].slot.is_some() {
+            i = self.next(i);
+        }
+        self.entries[i] = entry;
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Bytes of the entry array (allocated up front).
+    pub(crate) fn bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.entries)
+    }
+
+    /// Whether a new entry would evict one.
+    pub(crate) fn is_full(&self) -> bool {
+        self.len >= self.capacity
+    }
+
+    /// Where probing for `key` starts: the key scaled onto the table (no division).
+    #[inline]
+    fn home(&self, key: u64) -> usize {
+        ((key as u128 * self.entries.len() as u128) >> 64) as usize
+    }
+
+    #[inline]
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.entries.len() {
+            0
+        } else {
+            i + 1
+        }
+    }
+
+    /// The index of the entry for (`key`, `tag`).
+    #[inline]
+    fn find(&self, key: u64, tag: u64) -> Option<usize> {
+        let mut i = self.home(key);
+        loop {
+            let entry = &self.entries[i];
+            match &entry.slot {
+                None => return None,
+                Some(slot) if entry.key == key && slot.tag() == tag => return Some(i),
+                Some(_) => i = self.next(i),
+            }
+        }
+    }
+
+    /// The slot for `hash`.
+    #[inline]
+    pub(crate) fn get(&self, hash: &KeyHash) -> Option<&Slot> {
+        let (key, tag) = split(hash);
+        self.find(key, tag)
+            .and_then(|i| self.entries[i].slot.as_ref())
+    }
+
+    /// Puts `slot` in for `hash`. Returns what it replaced, and what was evicted to make room
+    /// when the table was full.
+    pub(crate) fn insert(&mut self, hash: &KeyHash, slot: Slot) -> (Option<Slot>, Option<Slot>) {
+        let (key, tag) = split(hash);
+        if let Some(i) = self.find(key, tag) {
+            return (self.entries[i].slot.replace(slot), None);
+        }
+        while self.len >= self.limit() && self.limit() < self.capacity {
+            self.grow();
+        }
+        let evicted = if self.len >= self.capacity {
+            self.evict_near(key)
+        } else {
+            None
+        };
+        self.place(Entry {
+            key,
+            slot: Some(slot),
+        });
+        self.len += 1;
+        (None, evicted)
+    }
+
+    /// Removes the first entry at or after `key`'s home (one in its way, which the insert
+    /// that follows then needs to probe past one entry less).
+    fn evict_near(&mut self, key: u64) -> Option<Slot> {
+        let mut i = self.home(key);
+        while self.entries[i].slot.is_none() {
+            i = self.next(i);
+        }
+        self.remove_at(i)
+    }
+
+    /// Removes the slot for `hash`.
+    pub(crate) fn remove(&mut self, hash: &KeyHash) -> Option<Slot> {
+        let (key, tag) = split(hash);
+        let i = self.find(key, tag)?;
+        self.remove_at(i)
+    }
+
+    /// Empties entry `hole`, then moves back each later entry of the cluster that may live
+    /// there (its home is not between the hole and where it is).
+    fn remove_at(&mut self, mut hole: usize) -> Option<Slot> {
+        let removed = self.entries[hole].slot.take()?;
+        self.len -= 1;
+        let size = self.entries.len();
+        let mut j = hole;
+        loop {
+            j = self.next(j);
+            if self.entries[j].slot.is_none() {
+                return Some(removed);
+            }
+            let home = self.home(self.entries[j].key);
+            if (hole + size - home) % size < (j + size - home) % size {
+                self.entries.swap(hole, j);
+                hole = j;
+            }
+        }
+    }
+
+    /// Keeps only the slots `keep` accepts.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Slot) -> bool) {
+        let size = self.entries.len();
+        let old = std::mem::replace(&mut self.entries, empty(size));
+        self.len = 0;
+        for entry in old.into_vec() {
+            if entry.slot.as_ref().is_some_and(&mut keep) {
+                self.place(entry);
+                self.len += 1;
+            }
+        }
+    }
+
+    /// Takes every slot out.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = Slot> {
+        let old = std::mem::replace(self, Table::new(self.capacity));
+        old.entries.into_vec().into_iter().filter_map(|e| e.slot)
+    }
+
+    /// Every slot.
+    pub(crate) fn slots(&self) -> impl Iterator<Item = &Slot> {
+        self.entries.iter().filter_map(|e| e.slot.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn hash(key: u64, tag: u64) -> KeyHash {
+        let mut h = [0u8; 32];
+        h[..8].copy_from_slice(&key.to_le_bytes());
+        h[8..16].copy_from_slice(&tag.to_le_bytes());
+        h
+    }
+
+    proptest! {
+        /// Inserts and removes (keys drawn from a small range, so clusters and wrap-around
+        /// are common) agree with a `HashMap` on every look-up.
+        #[test]
+        fn behaves_like_a_map(ops in proptest::collection::vec((any::<bool>(), 0u64..40, 0u64..3), 1..400)) {
+            let mut table = Table::new(64);
+            let mut model: HashMap<(u64, u64), u64> = HashMap::new();
+            for (n, (insert, k, t)) in ops.into_iter().enumerate() {
+                // Spread the small keys over the whole u64 range so homes differ.
+                let key = k.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                let h = hash(key, t);
+                if insert && (model.len() < 64 || model.contains_key(&(key, t))) {
+                    table.insert(&h, Slot::Missing(t));
+                    model.insert((key, t), n as u64);
+                } else if !insert {
+                    let removed = table.remove(&h).is_some();
+                    prop_assert_eq!(removed, model.remove(&(key, t)).is_some());
+                }
+                prop_assert_eq!(table.len(), model.len());
+                for k in 0u64..40 {
+                    let key = k.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                    for t in 0..3 {
+                        let found = table.get(&hash(key, t)).is_some();
+                        prop_assert_eq!(found, model.contains_key(&(key, t)));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_table_evicts_to_make_room() {
+        let mut table = Table::new(8);
+        for k in 1..=8u64 {
+            assert!(
+                table
+                    .insert(&hash(k << 60, 0), Slot::Missing(0))
+                    .1
+                    .is_none()
+            );
+        }
+        let (replaced, evicted) = table.insert(&hash(9 << 59, 0), Slot::Missing(0));
+        assert!(replaced.is_none());
+        assert!(evicted.is_some(), "the ninth key evicts one");
+        assert_eq!(table.len(), 8);
+        assert!(table.get(&hash(9 << 59, 0)).is_some());
+    }
+
+    #[test]
+    fn same_key_with_another_tag_is_another_entry() {
+        let mut table = Table::new(8);
+        table.insert(&hash(7, 1), Slot::Missing(1));
+        assert!(table.get(&hash(7, 2)).is_none());
+        table.insert(&hash(7, 2), Slot::Missing(2));
+        assert_eq!(table.len(), 2);
+        assert!(matches!(table.remove(&hash(7, 1)), Some(Slot::Missing(1))));
+        assert!(matches!(table.get(&hash(7, 2)), Some(Slot::Missing(2))));
+    }
+}

@@ -203,14 +203,37 @@ impl Workload {
 
     /// Caches every key with a peek. Returns how many were granted.
     pub fn warm(&self, progress: &mut dyn FnMut(usize)) -> usize {
+        self.warm_sampled(progress, &mut Vec::new())
+    }
+
+    /// [`warm`](Self::warm), visiting the keys in a scattered order (a stride coprime with
+    /// the key count, so redb's pages are read as randomly as a server's misses read them)
+    /// and pushing the latency of every 16th call — each a cache miss: one redb look-up,
+    /// then the key is cached — onto `samples` (reserve room first: allocations made here
+    /// count as the cache's in `keyledger bench`).
+    pub fn warm_sampled(&self, progress: &mut dyn FnMut(usize), samples: &mut Vec<u64>) -> usize {
+        const STRIDE: usize = 7_919 * 127;
+        let n = self.keys.len();
+        let stride = if n % 7_919 == 0 || n % 127 == 0 {
+            1
+        } else {
+            STRIDE % n.max(1)
+        };
         let mut granted = 0;
-        for i in 0..self.keys.len() {
-            granted += usize::from(self.peek(i));
-            if i % 4096 == 0 {
-                progress(i);
+        for j in 0..n {
+            let i = (j * stride) % n;
+            if j % 16 == 0 && samples.len() < samples.capacity() {
+                let t = std::time::Instant::now();
+                granted += usize::from(self.peek(i));
+                samples.push(t.elapsed().as_nanos() as u64);
+            } else {
+                granted += usize::from(self.peek(i));
+            }
+            if j % 4096 == 0 {
+                progress(j);
             }
         }
-        progress(self.keys.len());
+        progress(n);
         granted
     }
 

@@ -322,19 +322,39 @@ impl Engine {
         key: &str,
         now: Timestamp,
     ) -> Result<Loaded> {
+        // One read transaction; the account is read once per account (its state stays in
+        // memory) and the usage only when spend tiers need the lifetime spend.
         let epoch = self.cache.epoch();
-        let Some(found) = lookup::find(ledger, key, now)? else {
+        let read = self.shared.store.begin_read()?;
+        let Some(found) = lookup::find_in(ledger, &read, hash, key, now)? else {
             self.cache.insert_missing(*hash, epoch);
             return Ok(Loaded::Missing);
         };
         let record = found.record;
-        let read = self.shared.store.begin_read()?;
-        let account: Option<AccountRecord> = store::get(&read.open_table(ACCOUNTS)?, record.owner)?;
-        let Some(account) = account else {
-            return Ok(Loaded::Missing);
+        let known_account = self.accounts.lock().get(&record.owner).cloned();
+        let account = match known_account {
+            Some(state) => state,
+            None => {
+                let stored: Option<AccountRecord> =
+                    store::get(&read.open_table(ACCOUNTS)?, record.owner)?;
+                let Some(stored) = stored else {
+                    return Ok(Loaded::Missing);
+                };
+                let state = AccountState::new(stored.status, stored.entitlements);
+                self.accounts
+                    .lock()
+                    .entry(record.owner)
+                    .or_insert_with(|| Arc::new(state))
+                    .clone()
+            }
         };
-        let usage: UsageRecord =
-            store::get(&read.open_table(USAGE)?, found.id)?.unwrap_or_default();
+        let lifetime_spent = match self.tiers.is_empty() {
+            true => 0,
+            false => {
+                let usage: Option<UsageRecord> = store::get(&read.open_table(USAGE)?, found.id)?;
+                usage.map_or(0, |u| u.spent)
+            }
+        };
         let credits = read.open_table(CREDITS)?;
         let balance = |id| -> Result<Option<CreditsRecord>> { store::get(&credits, id) };
         let pool = match record.pool {
@@ -362,17 +382,6 @@ impl Engine {
             _ => u64::MAX,
         };
         let table = self.routes.load();
-        let account = self
-            .accounts
-            .lock()
-            .entry(record.owner)
-            .or_insert_with(|| {
-                Arc::new(AccountState::new(
-                    account.status,
-                    account.entitlements.clone(),
-                ))
-            })
-            .clone();
         let kind = record.kind.id_kind();
         let carried = self.carried.lock().remove(&found.id);
         let limits = match carried.as_ref().and_then(|c| c.limits.clone()) {
@@ -404,7 +413,7 @@ impl Engine {
         };
         let build = |home: Option<Arc<CachedKey>>| {
             let meter = new_meter();
-            let key = CachedKey::new(snapshot, &table, home, meter, usage.spent, &self.tiers);
+            let key = CachedKey::new(snapshot, &table, home, meter, lifetime_spent, &self.tiers);
             Arc::new(key)
         };
         let key = if metering == Metering::Own {

@@ -19,21 +19,32 @@ pub(crate) struct Found {
 /// Finds the record whose current secret, or rolled secret still in its grace period, is
 /// `key`. Rehashes a record found under an older scheme.
 pub(crate) fn find(ledger: &Ledger, key: &str, now: Timestamp) -> Result<Option<Found>> {
+    let hash = ledger.hasher().hash_current(key);
+    let read = ledger.inner.store.begin_read()?;
+    find_in(ledger, &read, &hash, key, now)
+}
+
+/// [`find`] for a key whose current-scheme `hash` is known, reading through `read` (the
+/// miss path goes on reading the key's other records in the same transaction).
+pub(crate) fn find_in(
+    ledger: &Ledger,
+    read: &redb::ReadTransaction,
+    hash: &KeyHash,
+    key: &str,
+    now: Timestamp,
+) -> Result<Option<Found>> {
     let hasher = ledger.hasher();
     let current = hasher.current();
-    let hash = hasher.hash_current(key);
-    let read = ledger.inner.store.begin_read()?;
-    if let Some(found) = probe(&read, &hash, current, now)? {
+    if let Some(found) = probe(read, hash, current, now)? {
         return Ok(Some(found));
     }
     let counts = store::scheme_counts(&read.open_table(META)?)?;
-    drop(read);
     for (&scheme, _) in counts.iter().filter(|(s, n)| **s != current && **n > 0) {
         let old_hash = hasher.hash(scheme, key);
         let read = ledger.inner.store.begin_read()?;
         if let Some(found) = probe(&read, &old_hash, scheme, now)? {
             drop(read);
-            return rehash(ledger, found.id, &old_hash, &hash, current).map(Some);
+            return rehash(ledger, found.id, &old_hash, hash, current).map(Some);
         }
     }
     Ok(None)

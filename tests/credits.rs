@@ -638,3 +638,27 @@ fn a_pools_low_balance_event_names_the_pool() {
         "{got:?}"
     );
 }
+
+#[test]
+fn a_lease_returned_when_its_key_leaves_the_cache_is_spendable_again() {
+    // ops fuzzer: a lease that took the whole durable balance marks the meter "empty"; when
+    // the key's entry left the cache its unreserved lease went back to the durable balance,
+    // but the meter stayed marked empty (a held grant kept it in memory), so the next verify
+    // was refused with `usage_exceeded` although credits were left.
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(10));
+    let key = presented(&plain);
+    let held = t.ledger.verify(&Request::new(&key, "/x").cost(4)).unwrap();
+    // A hash-scheme rotation empties the cache: every entry leaves it, returning its lease.
+    t.ledger
+        .rotate_hash_scheme(keyledger::HashScheme::HmacSha256 { pepper: 2 })
+        .unwrap();
+    let u = usage(&t, &id); // also waits for the writer to have taken the lease back
+    assert_eq!((u.remaining, u.leased), (Some(6), 4));
+    let grant = t.ledger.verify(&Request::new(&key, "/x").cost(5));
+    assert!(grant.is_ok(), "6 credits left, cost 5: {grant:?}");
+    drop(grant);
+    drop(held);
+    assert_eq!(drain(&t, &plain, 100), 10);
+}

@@ -451,6 +451,12 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &Arc<Meter>) -> Resu
         let spent = spent.min(r.leased);
         r.leased -= spent;
         r.spent += spent;
+        if pending + back > 0 {
+            // The durable balance grew: a meter marked empty (its lease had taken the whole
+            // balance) must learn it is not, or it refuses verifies while credits are left.
+            // A lease entry of no units has `build` decide empty-ness from the final record.
+            fx.leases.push((meter.clone(), 0, 0));
+        }
     }
     fx.reclaimed.push((meter.clone(), lease));
     fx.flushed_spend.push((meter.clone(), spent));

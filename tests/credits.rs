@@ -662,3 +662,25 @@ fn a_lease_returned_when_its_key_leaves_the_cache_is_spendable_again() {
     drop(held);
     assert_eq!(drain(&t, &plain, 100), 10);
 }
+
+#[test]
+fn a_reservation_dropped_after_a_set_leaves_the_books_for_good() {
+    // The set is final: the held reservation is neither refunded into the new balance nor,
+    // once the writer has recorded the discard, counted as lost by a later crash.
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let key = presented(&plain);
+    let held = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
+    t.ledger.credits().set(&id, 20).unwrap();
+    drop(held);
+    let u = usage(&t, &id);
+    assert_eq!((u.remaining, u.granted, u.leased), (Some(20), 20, 0));
+    let t = t.crash_and_reopen();
+    let u = usage(&t, &id);
+    assert_eq!(
+        (u.remaining, u.granted, u.spent, u.lost_to_crash),
+        (Some(20), 20, 0, 0)
+    );
+    assert_eq!(drain(&t, &plain, 100), 20);
+}

@@ -310,14 +310,39 @@ enum End {
     Close,
 }
 
-fn run_epoch<'l>(
-    ledger: &'l Ledger,
+/// Runs operations until the input, the operation budget or the disk runs out, or the input
+/// asks for a crash or a close; then settles what is still held.
+fn run_epoch(
+    ledger: &Ledger,
     model: &mut Model,
     b: &mut Bytes<'_>,
     clock: &ManualClock,
     backend: &CrashBackend,
 ) -> Result<End, Violation> {
-    let mut held: Vec<Held<'l>> = Vec::new();
+    let mut held = Vec::new();
+    let end = run_ops(ledger, model, b, clock, backend, &mut held)?;
+    // Grants still held are dropped, refunding their reservations, before the close or the
+    // crash: a close returns them with the leases; a crash loses them — unless the balance
+    // was `set` since they were reserved, in which case the writer discards them from
+    // `granted` in a batch of its own, which the crash image may or may not hold.
+    for h in held.drain(..) {
+        refund(model, &h.credit, h.grant.reserved(), h.epoch);
+        if let Some(bal) = h.credit.as_ref().and_then(|c| model.balances.get_mut(c)) {
+            bal.held = bal.held.saturating_sub(h.grant.reserved());
+        }
+        drop(h.grant);
+    }
+    Ok(end)
+}
+
+fn run_ops<'l>(
+    ledger: &'l Ledger,
+    model: &mut Model,
+    b: &mut Bytes<'_>,
+    clock: &ManualClock,
+    backend: &CrashBackend,
+    held: &mut Vec<Held<'l>>,
+) -> Result<End, Violation> {
     let mut after_fault = 0;
     if model.account.is_none() {
         match ledger.accounts().create(NewAccount::new("Acme")) {
@@ -345,7 +370,7 @@ fn run_epoch<'l>(
         let result = match op {
             0 | 1 => create_key(ledger, model, b),
             2 => create_pool(ledger, model, b),
-            3..=6 => verify(ledger, model, b, &mut held),
+            3..=6 => verify(ledger, model, b, held),
             7 => adjust(ledger, model, b, true),
             8 => adjust(ledger, model, b, false),
             9 => toggle(ledger, model, b),
@@ -361,23 +386,10 @@ fn run_epoch<'l>(
                 }
                 Ok(())
             }
-            14 => settle_held(model, b, &mut held),
+            14 => settle_held(model, b, held),
             15 => update_credits(ledger, model, b),
-            16 => {
-                drop(held);
-                return Ok(End::Crash);
-            }
-            _ => {
-                // Settle what is held first: a clean close returns leases, not reservations.
-                for h in held.drain(..) {
-                    refund(model, &h.credit, h.grant.reserved(), h.epoch);
-                    if let Some(bal) = h.credit.as_ref().and_then(|c| model.balances.get_mut(c)) {
-                        bal.held = bal.held.saturating_sub(h.grant.reserved());
-                    }
-                    drop(h.grant);
-                }
-                return Ok(End::Close);
-            }
+            16 => return Ok(End::Crash),
+            _ => return Ok(End::Close),
         };
         result?;
     }

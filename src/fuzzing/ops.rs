@@ -99,9 +99,10 @@ struct Balance {
     /// Whether `ub` and `granted` are exact (no refill, no unacknowledged change).
     exact: bool,
     refill: bool,
-    /// The clock passed a refill boundary: a refill may be pending (applied at the next
-    /// lease). The library applies it even after a later `set` or `top_up` (reported bug),
-    /// so the model allows the refill amount on top of those until the bug is fixed.
+    /// The clock passed a refill boundary since the last acknowledged `set` or `top_up`: a
+    /// refill may be due and not applied yet (it is applied lazily, at the next lease), so
+    /// the durable balance read after a reopen may still become the refill amount. A `set`
+    /// or `top_up` applies a due refill before its own change, so it clears this.
     refill_pending: bool,
     /// Acknowledged `set`s: a reservation made before the latest one is not refunded (the
     /// set is final), its units leave `granted` instead.
@@ -715,9 +716,9 @@ fn adjust(
                 bal.ub = units;
                 bal.epoch += 1;
             }
-            if bal.refill_pending {
-                bal.ub = bal.ub.max(REFILL_AMOUNT);
-            }
+            // A refill that fell due was applied before the change (a top-up adds to it:
+            // `ub` already allows it), so it cannot come on top of the new balance later.
+            bal.refill_pending = false;
             model.outcome.acknowledged += 1;
             Ok(())
         }
@@ -863,9 +864,7 @@ fn update_credits(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Resu
                     bal.granted = bal.granted - bal.ub.min(bal.granted) + n;
                     bal.ub = n;
                     bal.epoch += 1;
-                    if bal.refill_pending {
-                        bal.ub = bal.ub.max(REFILL_AMOUNT);
-                    }
+                    bal.refill_pending = false;
                 }
                 (Some(n), None) => {
                     model

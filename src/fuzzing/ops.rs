@@ -181,6 +181,9 @@ struct Model {
     /// The disk has died in this epoch: errors are expected, results are loose.
     faulted: bool,
     exact_durability: bool,
+    /// An open has succeeded: the file exists for good (before, a crash may leave it
+    /// half-created).
+    opened: bool,
     backend: CrashBackend,
     log: String,
 }
@@ -238,7 +241,7 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
     let mut epoch = 0;
     while epoch < MAX_EPOCHS {
         epoch += 1;
-        let ledger = match Ledger::open_with_backend(backend.clone(), config.clone()) {
+        let ledger = match open(&mut backend, &config, &model) {
             Ok(l) => l,
             Err(e) => {
                 ensure!(backend.has_failed(), "open failed on a healthy disk: {e}");
@@ -247,6 +250,7 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
                 continue;
             }
         };
+        model.opened = true;
         model.faulted = false;
         model.backend = backend.clone();
         reconcile(&ledger, &mut model, epoch > 1)?;
@@ -283,7 +287,7 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
             break;
         }
     }
-    let ledger = Ledger::open_with_backend(backend.clone(), config.clone())
+    let ledger = open(&mut backend, &config, &model)
         .map_err(|e| format!("final reopen failed: {e} [{}]", model.log))?;
     reconcile(&ledger, &mut model, true).map_err(|v| format!("{v} [{}]", model.log))?;
     model.outcome.lost_to_crash = model.balances.values().map(|b| b.lost).sum();
@@ -297,6 +301,21 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
         model.log
     );
     Ok(model.outcome)
+}
+
+/// Opens the ledger on `backend`. A power loss inside redb's initialisation of a new file
+/// (the header synced, the magic number that marks the file initialised not yet) leaves a
+/// file redb refuses to open (`Error::Storage`: not a redb database). Until an open has
+/// succeeded nothing was acknowledged, so the model does what an operator would: it starts
+/// over with a new file.
+fn open(backend: &mut CrashBackend, config: &Config, model: &Model) -> Result<Ledger, Error> {
+    match Ledger::open_with_backend(backend.clone(), config.clone()) {
+        Err(Error::Storage(_)) if !model.opened && !backend.has_failed() => {
+            *backend = CrashBackend::new();
+            Ledger::open_with_backend(backend.clone(), config.clone())
+        }
+        other => other,
+    }
 }
 
 /// The `ops` fuzz target: any input runs without a panic or an invariant violation.

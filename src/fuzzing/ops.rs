@@ -625,8 +625,10 @@ fn commit(
     epoch: u64,
 ) -> Result<(), Violation> {
     let reserved = grant.reserved();
-    let faulted = model.faulted;
     let receipt = grant.commit(actual);
+    // After the commit: its shortfall goes through the writer, whose batch may be what ran
+    // the disk's countdown out.
+    let faulted = model.check_disk();
     let charged = receipt.token_stats.charged;
     let Some(bal) = credit.as_ref().and_then(|c| model.balances.get_mut(c)) else {
         // A balance removed while the grant was held (made unmetered): anything up to the
@@ -926,15 +928,15 @@ fn usage(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<(), Vi
     }
     let id = ids[b.below(ids.len() as u64) as usize].clone();
     let _ = write!(model.log, " usage;");
+    let result = ledger.credits().usage(&id);
+    // After the call: the flush it makes (or a writer batch before it) may be what ran the
+    // disk's countdown out.
     let faulted = model.check_disk();
     let bal = model.balances.get_mut(&id).expect("listed");
-    let u = match ledger.credits().usage(&id) {
+    let u = match result {
         Ok(u) => u,
         Err(Error::NotFound { .. }) if bal.exists != Some(true) => return Ok(()),
-        Err(e) if faulted => {
-            let _ = e;
-            return Ok(());
-        }
+        Err(_) if faulted => return Ok(()),
         Err(e) => return Err(format!("usage({id}) failed on a healthy disk: {e}")),
     };
     let remaining = u

@@ -104,9 +104,14 @@ struct Balance {
     /// the durable balance read after a reopen may still become the refill amount. A `set`
     /// or `top_up` applies a due refill before its own change, so it clears this.
     refill_pending: bool,
-    /// Acknowledged `set`s: a reservation made before the latest one is not refunded (the
-    /// set is final), its units leave `granted` instead.
+    /// Stamp (unique over the run) of the latest acknowledged `set`, or of the balance's
+    /// creation: a reservation made before the latest set is not refunded (the set is final),
+    /// its units leave `granted` instead.
     epoch: u64,
+    /// Stamp of the balance's creation. A grant reserved before it spent from an earlier
+    /// balance under the same id (the key was made unmetered, then metered again): nothing
+    /// it does reaches this one.
+    born: u64,
     /// Reserved units dropped from the books after a `set`, not yet known to be durable (the
     /// writer records the discard asynchronously; a crash first counts them as lost).
     discarded: u64,
@@ -127,6 +132,19 @@ struct Balance {
 }
 
 impl Model {
+    /// A new stamp for a balance's creation or `set`.
+    fn stamp(&mut self) -> u64 {
+        self.stamps += 1;
+        self.stamps
+    }
+
+    /// The balance a grant reserved from at stamp `epoch`, unless it has gone since
+    /// (possibly replaced by a new balance under the same id).
+    fn balance_of(&mut self, credit: &Option<String>, epoch: u64) -> Option<&mut Balance> {
+        let bal = self.balances.get_mut(credit.as_ref()?)?;
+        (bal.born <= epoch).then_some(bal)
+    }
+
     /// Notes a dead disk; returns whether results are now loose.
     fn check_disk(&mut self) -> bool {
         if self.backend.has_failed() {
@@ -138,14 +156,15 @@ impl Model {
 }
 
 impl Balance {
-    fn new(credits: u64, refill: bool) -> Self {
+    fn new(credits: u64, refill: bool, stamp: u64) -> Self {
         Balance {
             ub: credits,
             granted: credits,
             exact: !refill,
             refill,
             refill_pending: false,
-            epoch: 0,
+            epoch: stamp,
+            born: stamp,
             discarded: 0,
             charged: 0,
             spent_flushed: 0,
@@ -181,6 +200,8 @@ struct Model {
     /// The disk has died in this epoch: errors are expected, results are loose.
     faulted: bool,
     exact_durability: bool,
+    /// Last stamp handed out (see `Balance::epoch`).
+    stamps: u64,
     /// An open has succeeded: the file exists for good (before, a crash may leave it
     /// half-created).
     opened: bool,
@@ -347,7 +368,7 @@ fn run_epoch(
     // `granted` in a batch of its own, which the crash image may or may not hold.
     for h in held.drain(..) {
         refund(model, &h.credit, h.grant.reserved(), h.epoch);
-        if let Some(bal) = h.credit.as_ref().and_then(|c| model.balances.get_mut(c)) {
+        if let Some(bal) = model.balance_of(&h.credit, h.epoch) {
             bal.held = bal.held.saturating_sub(h.grant.reserved());
         }
         drop(h.grant);
@@ -465,9 +486,10 @@ fn create_key(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<(
                 (0, _) => None,
                 (_, Some(p)) => Some(p),
                 (m, None) => {
+                    let stamp = model.stamp();
                     model
                         .balances
-                        .insert(id.clone(), Balance::new(credits, m == 2));
+                        .insert(id.clone(), Balance::new(credits, m == 2, stamp));
                     Some(id.clone())
                 }
             };
@@ -504,9 +526,10 @@ fn create_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<
                 "new pool reports {}",
                 pool.remaining
             );
+            let stamp = model.stamp();
             model
                 .balances
-                .insert(id.clone(), Balance::new(credits, false));
+                .insert(id.clone(), Balance::new(credits, false, stamp));
             model.pools.push(id);
             model.outcome.acknowledged += 1;
             Ok(())
@@ -518,7 +541,7 @@ fn create_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<
 /// Units come back to a balance (a refund or an over-reservation) — unless the balance was
 /// `set` since they were reserved: then they leave the books.
 fn refund(model: &mut Model, credit: &Option<String>, units: u64, epoch: u64) {
-    if let Some(bal) = credit.as_ref().and_then(|c| model.balances.get_mut(c)) {
+    if let Some(bal) = model.balance_of(credit, epoch) {
         if bal.epoch == epoch {
             bal.ub += units;
         } else {
@@ -630,9 +653,9 @@ fn commit(
     // the disk's countdown out.
     let faulted = model.check_disk();
     let charged = receipt.token_stats.charged;
-    let Some(bal) = credit.as_ref().and_then(|c| model.balances.get_mut(c)) else {
-        // A balance removed while the grant was held (made unmetered): anything up to the
-        // real cost may be charged.
+    let Some(bal) = model.balance_of(credit, epoch) else {
+        // A balance removed while the grant was held (made unmetered, maybe metered again
+        // since): anything up to the real cost may be charged.
         ensure!(
             credit.is_some() && charged <= actual || charged == actual,
             "unmetered commit charged {charged} of {actual} [{}]",
@@ -686,7 +709,7 @@ fn settle_held(
         return Ok(());
     }
     let h = held.swap_remove(b.below(held.len() as u64) as usize);
-    if let Some(bal) = h.credit.as_ref().and_then(|c| model.balances.get_mut(c)) {
+    if let Some(bal) = model.balance_of(&h.credit, h.epoch) {
         bal.held = bal.held.saturating_sub(h.grant.reserved());
     }
     let actual = b.below(10);
@@ -722,6 +745,7 @@ fn adjust(
     } else {
         ledger.credits().set(&id, units)
     };
+    let stamp = model.stamp();
     let bal = model.balances.get_mut(&id).expect("listed");
     match result {
         Ok(_) => {
@@ -735,7 +759,7 @@ fn adjust(
             } else {
                 bal.granted = bal.granted - bal.ub.min(bal.granted) + units;
                 bal.ub = units;
-                bal.epoch += 1;
+                bal.epoch = stamp;
             }
             // A refill that fell due was applied before the change (a top-up adds to it:
             // `ub` already allows it), so it cannot come on top of the new balance later.
@@ -872,6 +896,7 @@ fn update_credits(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Resu
         .update(&key.id, KeyUpdate::new().credits(units));
     match result {
         Ok(_) => {
+            let stamp = model.stamp();
             let k = &mut model.keys[i];
             k.exists = Some(true);
             match (units, own) {
@@ -884,13 +909,13 @@ fn update_credits(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Resu
                     let bal = model.balances.get_mut(&c).expect("own balance");
                     bal.granted = bal.granted - bal.ub.min(bal.granted) + n;
                     bal.ub = n;
-                    bal.epoch += 1;
+                    bal.epoch = stamp;
                     bal.refill_pending = false;
                 }
                 (Some(n), None) => {
                     model
                         .balances
-                        .insert(key.id.clone(), Balance::new(n, false));
+                        .insert(key.id.clone(), Balance::new(n, false, stamp));
                     k.credit = Some(key.id.clone());
                 }
             }
@@ -1053,7 +1078,8 @@ fn reconcile(ledger: &Ledger, model: &mut Model, after_crash: bool) -> Result<()
         model.balances.remove(&c);
     }
     for c in appeared {
-        let mut bal = Balance::new(u64::MAX / 4, true);
+        let stamp = model.stamp();
+        let mut bal = Balance::new(u64::MAX / 4, true, stamp);
         bal.exists = None;
         model.balances.insert(c, bal);
     }

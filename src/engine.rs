@@ -236,6 +236,13 @@ impl Engine {
         if let Some(meter) = meter {
             match change {
                 KeyChange::Deleted | KeyChange::CreditsRemoved => {
+                    // Out of the registry now, not once the writer gets to it: a key metered
+                    // again must get a new meter, not this one the writer is about to retire.
+                    let mut meters = self.shared.meters.lock();
+                    if meters.get(&id).is_some_and(|m| MeterRef::ptr_eq(m, &meter)) {
+                        meters.remove(&id);
+                    }
+                    drop(meters);
                     let _ = self.tx.send(Msg::Retire { meter, gone: true });
                 }
                 KeyChange::CreditsChanged => {

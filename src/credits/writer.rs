@@ -441,8 +441,6 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result
     let pending = cancel_pending_leases(fx, meter);
     let lease = meter.lease.swap(0, Ordering::AcqRel);
     let spent = meter.spent.swap(0, Ordering::AcqRel);
-    // The units go back to the balance, which is then no longer known to be empty.
-    meter.empty_until_ms.store(0, Ordering::Release);
     if let Some(r) = work.get(meter.id)? {
         let pending = pending.min(r.leased);
         r.leased -= pending;
@@ -453,6 +451,12 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result
         let spent = spent.min(r.leased);
         r.leased -= spent;
         r.spent += spent;
+        if pending + back > 0 {
+            // The durable balance grew: a meter marked empty (its lease had taken the whole
+            // balance) must learn it is not, or it refuses verifies while credits are left.
+            // A lease entry of no units has `build` decide empty-ness from the final record.
+            fx.leases.push((meter.clone(), 0, 0));
+        }
     }
     fx.reclaimed.push((meter.clone(), lease));
     fx.flushed_spend.push((meter.clone(), spent));

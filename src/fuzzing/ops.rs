@@ -99,13 +99,19 @@ struct Balance {
     /// Whether `ub` and `granted` are exact (no refill, no unacknowledged change).
     exact: bool,
     refill: bool,
-    /// The clock passed a refill boundary: a refill may be pending (applied at the next
-    /// lease). The library applies it even after a later `set` or `top_up` (reported bug),
-    /// so the model allows the refill amount on top of those until the bug is fixed.
+    /// The clock passed a refill boundary since the last acknowledged `set` or `top_up`: a
+    /// refill may be due and not applied yet (it is applied lazily, at the next lease), so
+    /// the durable balance read after a reopen may still become the refill amount. A `set`
+    /// or `top_up` applies a due refill before its own change, so it clears this.
     refill_pending: bool,
-    /// Acknowledged `set`s: a reservation made before the latest one is not refunded (the
-    /// set is final), its units leave `granted` instead.
+    /// Stamp (unique over the run) of the latest acknowledged `set`, or of the balance's
+    /// creation: a reservation made before the latest set is not refunded (the set is final),
+    /// its units leave `granted` instead.
     epoch: u64,
+    /// Stamp of the balance's creation. A grant reserved before it spent from an earlier
+    /// balance under the same id (the key was made unmetered, then metered again): nothing
+    /// it does reaches this one.
+    born: u64,
     /// Reserved units dropped from the books after a `set`, not yet known to be durable (the
     /// writer records the discard asynchronously; a crash first counts them as lost).
     discarded: u64,
@@ -126,6 +132,19 @@ struct Balance {
 }
 
 impl Model {
+    /// A new stamp for a balance's creation or `set`.
+    fn stamp(&mut self) -> u64 {
+        self.stamps += 1;
+        self.stamps
+    }
+
+    /// The balance a grant reserved from at stamp `epoch`, unless it has gone since
+    /// (possibly replaced by a new balance under the same id).
+    fn balance_of(&mut self, credit: &Option<String>, epoch: u64) -> Option<&mut Balance> {
+        let bal = self.balances.get_mut(credit.as_ref()?)?;
+        (bal.born <= epoch).then_some(bal)
+    }
+
     /// Notes a dead disk; returns whether results are now loose.
     fn check_disk(&mut self) -> bool {
         if self.backend.has_failed() {
@@ -137,14 +156,15 @@ impl Model {
 }
 
 impl Balance {
-    fn new(credits: u64, refill: bool) -> Self {
+    fn new(credits: u64, refill: bool, stamp: u64) -> Self {
         Balance {
             ub: credits,
             granted: credits,
             exact: !refill,
             refill,
             refill_pending: false,
-            epoch: 0,
+            epoch: stamp,
+            born: stamp,
             discarded: 0,
             charged: 0,
             spent_flushed: 0,
@@ -180,6 +200,11 @@ struct Model {
     /// The disk has died in this epoch: errors are expected, results are loose.
     faulted: bool,
     exact_durability: bool,
+    /// Last stamp handed out (see `Balance::epoch`).
+    stamps: u64,
+    /// An open has succeeded: the file exists for good (before, a crash may leave it
+    /// half-created).
+    opened: bool,
     backend: CrashBackend,
     log: String,
 }
@@ -237,7 +262,7 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
     let mut epoch = 0;
     while epoch < MAX_EPOCHS {
         epoch += 1;
-        let ledger = match Ledger::open_with_backend(backend.clone(), config.clone()) {
+        let ledger = match open(&mut backend, &config, &model) {
             Ok(l) => l,
             Err(e) => {
                 ensure!(backend.has_failed(), "open failed on a healthy disk: {e}");
@@ -246,6 +271,7 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
                 continue;
             }
         };
+        model.opened = true;
         model.faulted = false;
         model.backend = backend.clone();
         reconcile(&ledger, &mut model, epoch > 1)?;
@@ -282,7 +308,7 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
             break;
         }
     }
-    let ledger = Ledger::open_with_backend(backend.clone(), config.clone())
+    let ledger = open(&mut backend, &config, &model)
         .map_err(|e| format!("final reopen failed: {e} [{}]", model.log))?;
     reconcile(&ledger, &mut model, true).map_err(|v| format!("{v} [{}]", model.log))?;
     model.outcome.lost_to_crash = model.balances.values().map(|b| b.lost).sum();
@@ -298,6 +324,21 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
     Ok(model.outcome)
 }
 
+/// Opens the ledger on `backend`. A power loss inside redb's initialisation of a new file
+/// (the header synced, the magic number that marks the file initialised not yet) leaves a
+/// file redb refuses to open (`Error::Storage`: not a redb database). Until an open has
+/// succeeded nothing was acknowledged, so the model does what an operator would: it starts
+/// over with a new file.
+fn open(backend: &mut CrashBackend, config: &Config, model: &Model) -> Result<Ledger, Error> {
+    match Ledger::open_with_backend(backend.clone(), config.clone()) {
+        Err(Error::Storage(_)) if !model.opened && !backend.has_failed() => {
+            *backend = CrashBackend::new();
+            Ledger::open_with_backend(backend.clone(), config.clone())
+        }
+        other => other,
+    }
+}
+
 /// The `ops` fuzz target: any input runs without a panic or an invariant violation.
 pub fn ops(data: &[u8]) {
     if let Err(violation) = run(data) {
@@ -310,14 +351,39 @@ enum End {
     Close,
 }
 
-fn run_epoch<'l>(
-    ledger: &'l Ledger,
+/// Runs operations until the input, the operation budget or the disk runs out, or the input
+/// asks for a crash or a close; then settles what is still held.
+fn run_epoch(
+    ledger: &Ledger,
     model: &mut Model,
     b: &mut Bytes<'_>,
     clock: &ManualClock,
     backend: &CrashBackend,
 ) -> Result<End, Violation> {
-    let mut held: Vec<Held<'l>> = Vec::new();
+    let mut held = Vec::new();
+    let end = run_ops(ledger, model, b, clock, backend, &mut held)?;
+    // Grants still held are dropped, refunding their reservations, before the close or the
+    // crash: a close returns them with the leases; a crash loses them — unless the balance
+    // was `set` since they were reserved, in which case the writer discards them from
+    // `granted` in a batch of its own, which the crash image may or may not hold.
+    for h in held.drain(..) {
+        refund(model, &h.credit, h.grant.reserved(), h.epoch);
+        if let Some(bal) = model.balance_of(&h.credit, h.epoch) {
+            bal.held = bal.held.saturating_sub(h.grant.reserved());
+        }
+        drop(h.grant);
+    }
+    Ok(end)
+}
+
+fn run_ops<'l>(
+    ledger: &'l Ledger,
+    model: &mut Model,
+    b: &mut Bytes<'_>,
+    clock: &ManualClock,
+    backend: &CrashBackend,
+    held: &mut Vec<Held<'l>>,
+) -> Result<End, Violation> {
     let mut after_fault = 0;
     if model.account.is_none() {
         match ledger.accounts().create(NewAccount::new("Acme")) {
@@ -345,7 +411,7 @@ fn run_epoch<'l>(
         let result = match op {
             0 | 1 => create_key(ledger, model, b),
             2 => create_pool(ledger, model, b),
-            3..=6 => verify(ledger, model, b, &mut held),
+            3..=6 => verify(ledger, model, b, held),
             7 => adjust(ledger, model, b, true),
             8 => adjust(ledger, model, b, false),
             9 => toggle(ledger, model, b),
@@ -361,23 +427,10 @@ fn run_epoch<'l>(
                 }
                 Ok(())
             }
-            14 => settle_held(model, b, &mut held),
+            14 => settle_held(model, b, held),
             15 => update_credits(ledger, model, b),
-            16 => {
-                drop(held);
-                return Ok(End::Crash);
-            }
-            _ => {
-                // Settle what is held first: a clean close returns leases, not reservations.
-                for h in held.drain(..) {
-                    refund(model, &h.credit, h.grant.reserved(), h.epoch);
-                    if let Some(bal) = h.credit.as_ref().and_then(|c| model.balances.get_mut(c)) {
-                        bal.held = bal.held.saturating_sub(h.grant.reserved());
-                    }
-                    drop(h.grant);
-                }
-                return Ok(End::Close);
-            }
+            16 => return Ok(End::Crash),
+            _ => return Ok(End::Close),
         };
         result?;
     }
@@ -433,9 +486,10 @@ fn create_key(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<(
                 (0, _) => None,
                 (_, Some(p)) => Some(p),
                 (m, None) => {
+                    let stamp = model.stamp();
                     model
                         .balances
-                        .insert(id.clone(), Balance::new(credits, m == 2));
+                        .insert(id.clone(), Balance::new(credits, m == 2, stamp));
                     Some(id.clone())
                 }
             };
@@ -472,9 +526,10 @@ fn create_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<
                 "new pool reports {}",
                 pool.remaining
             );
+            let stamp = model.stamp();
             model
                 .balances
-                .insert(id.clone(), Balance::new(credits, false));
+                .insert(id.clone(), Balance::new(credits, false, stamp));
             model.pools.push(id);
             model.outcome.acknowledged += 1;
             Ok(())
@@ -486,7 +541,7 @@ fn create_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<
 /// Units come back to a balance (a refund or an over-reservation) — unless the balance was
 /// `set` since they were reserved: then they leave the books.
 fn refund(model: &mut Model, credit: &Option<String>, units: u64, epoch: u64) {
-    if let Some(bal) = credit.as_ref().and_then(|c| model.balances.get_mut(c)) {
+    if let Some(bal) = model.balance_of(credit, epoch) {
         if bal.epoch == epoch {
             bal.ub += units;
         } else {
@@ -593,12 +648,14 @@ fn commit(
     epoch: u64,
 ) -> Result<(), Violation> {
     let reserved = grant.reserved();
-    let faulted = model.faulted;
     let receipt = grant.commit(actual);
+    // After the commit: its shortfall goes through the writer, whose batch may be what ran
+    // the disk's countdown out.
+    let faulted = model.check_disk();
     let charged = receipt.token_stats.charged;
-    let Some(bal) = credit.as_ref().and_then(|c| model.balances.get_mut(c)) else {
-        // A balance removed while the grant was held (made unmetered): anything up to the
-        // real cost may be charged.
+    let Some(bal) = model.balance_of(credit, epoch) else {
+        // A balance removed while the grant was held (made unmetered, maybe metered again
+        // since): anything up to the real cost may be charged.
         ensure!(
             credit.is_some() && charged <= actual || charged == actual,
             "unmetered commit charged {charged} of {actual} [{}]",
@@ -652,7 +709,7 @@ fn settle_held(
         return Ok(());
     }
     let h = held.swap_remove(b.below(held.len() as u64) as usize);
-    if let Some(bal) = h.credit.as_ref().and_then(|c| model.balances.get_mut(c)) {
+    if let Some(bal) = model.balance_of(&h.credit, h.epoch) {
         bal.held = bal.held.saturating_sub(h.grant.reserved());
     }
     let actual = b.below(10);
@@ -688,6 +745,7 @@ fn adjust(
     } else {
         ledger.credits().set(&id, units)
     };
+    let stamp = model.stamp();
     let bal = model.balances.get_mut(&id).expect("listed");
     match result {
         Ok(_) => {
@@ -701,11 +759,11 @@ fn adjust(
             } else {
                 bal.granted = bal.granted - bal.ub.min(bal.granted) + units;
                 bal.ub = units;
-                bal.epoch += 1;
+                bal.epoch = stamp;
             }
-            if bal.refill_pending {
-                bal.ub = bal.ub.max(REFILL_AMOUNT);
-            }
+            // A refill that fell due was applied before the change (a top-up adds to it:
+            // `ub` already allows it), so it cannot come on top of the new balance later.
+            bal.refill_pending = false;
             model.outcome.acknowledged += 1;
             Ok(())
         }
@@ -838,6 +896,7 @@ fn update_credits(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Resu
         .update(&key.id, KeyUpdate::new().credits(units));
     match result {
         Ok(_) => {
+            let stamp = model.stamp();
             let k = &mut model.keys[i];
             k.exists = Some(true);
             match (units, own) {
@@ -850,15 +909,13 @@ fn update_credits(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Resu
                     let bal = model.balances.get_mut(&c).expect("own balance");
                     bal.granted = bal.granted - bal.ub.min(bal.granted) + n;
                     bal.ub = n;
-                    bal.epoch += 1;
-                    if bal.refill_pending {
-                        bal.ub = bal.ub.max(REFILL_AMOUNT);
-                    }
+                    bal.epoch = stamp;
+                    bal.refill_pending = false;
                 }
                 (Some(n), None) => {
                     model
                         .balances
-                        .insert(key.id.clone(), Balance::new(n, false));
+                        .insert(key.id.clone(), Balance::new(n, false, stamp));
                     k.credit = Some(key.id.clone());
                 }
             }
@@ -896,15 +953,15 @@ fn usage(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<(), Vi
     }
     let id = ids[b.below(ids.len() as u64) as usize].clone();
     let _ = write!(model.log, " usage;");
+    let result = ledger.credits().usage(&id);
+    // After the call: the flush it makes (or a writer batch before it) may be what ran the
+    // disk's countdown out.
     let faulted = model.check_disk();
     let bal = model.balances.get_mut(&id).expect("listed");
-    let u = match ledger.credits().usage(&id) {
+    let u = match result {
         Ok(u) => u,
         Err(Error::NotFound { .. }) if bal.exists != Some(true) => return Ok(()),
-        Err(e) if faulted => {
-            let _ = e;
-            return Ok(());
-        }
+        Err(_) if faulted => return Ok(()),
         Err(e) => return Err(format!("usage({id}) failed on a healthy disk: {e}")),
     };
     let remaining = u
@@ -1021,7 +1078,8 @@ fn reconcile(ledger: &Ledger, model: &mut Model, after_crash: bool) -> Result<()
         model.balances.remove(&c);
     }
     for c in appeared {
-        let mut bal = Balance::new(u64::MAX / 4, true);
+        let stamp = model.stamp();
+        let mut bal = Balance::new(u64::MAX / 4, true, stamp);
         bal.exists = None;
         model.balances.insert(c, bal);
     }

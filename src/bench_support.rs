@@ -14,7 +14,7 @@
 //! transaction (one fsync) per key.
 
 use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -22,10 +22,9 @@ use hmac::{Hmac, KeyInit, Mac};
 use redb::ReadableTable;
 use sha2::Sha256;
 
-use crate::cache::{CachedKey, MeterRef, PassThrough, Slot};
+use crate::cache::{MeterRef, Slot};
 use crate::codec;
 use crate::config::Config;
-use crate::credits::meter::Meter;
 use crate::engine::Durability;
 use crate::error::Result;
 use crate::hashing::KeyHash;
@@ -551,16 +550,22 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-/// Sizes of the cache's per-key structures (bytes, `size_of`), for the memory breakdown.
-pub fn layout() -> Vec<(&'static str, usize)> {
-    use std::mem::size_of;
-    vec![
-        ("map slot (KeyHash, Slot)", size_of::<(KeyHash, Slot)>()),
-        (
-            "CachedKey (Arc; holds the own Meter)",
-            size_of::<CachedKey>(),
-        ),
-        ("Meter (inside CachedKey; pools: Arc)", size_of::<Meter>()),
-        ("String (one permission)", size_of::<String>()),
-    ]
+/// Key hashes are HMAC outputs, uniformly random: their first bytes are already a hash, so
+/// the floor's map uses them as is.
+#[derive(Default)]
+pub(crate) struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as its length then its bytes; keep the first 8 key bytes.
+        if bytes.len() >= 8 && self.0 == 0 {
+            self.0 = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        } else if bytes.len() >= 8 {
+            self.0 ^= u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        }
+    }
+    fn write_usize(&mut self, _: usize) {}
 }

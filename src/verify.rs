@@ -170,6 +170,7 @@ impl Ledger {
         let engine = &self.inner.engine;
         let key = grant.key.clone();
         let meter = key.meter().expect("only metered grants need a lease");
+        let handle = key.meter_ref().expect("metered");
         let cost = grant.reserved;
         let mut denial = Denial::Unavailable; // the writer kept losing the race: retry later
         for _ in 0..64 {
@@ -178,22 +179,18 @@ impl Ledger {
             // must apply the refill (replacing it) before anything more is spent.
             if meter.current(now) {
                 grant.epoch = meter.epoch.load(Ordering::Acquire);
+                // Read before the take: the writer hands a lease over before it marks the
+                // balance empty, so a take after seeing the mark sees that lease too.
+                let empty = meter.empty_until_ms.load(Ordering::Acquire) > now;
                 if meter.try_take(cost).is_some() {
                     grant.note_use(now);
                     return Ok(grant);
                 }
-                if meter.empty_until_ms.load(Ordering::Acquire) > now {
-                    // The writer hands a lease over before it marks the balance empty: units
-                    // that arrived since the failed take above are still there to take.
-                    if meter.try_take(cost).is_some() {
-                        grant.note_use(now);
-                        return Ok(grant);
-                    }
+                if empty {
                     denial = Denial::UsageExceeded;
                     break;
                 }
             }
-            let handle = key.meter_ref().expect("metered");
             if !engine.lease_now(&handle, cost) {
                 break;
             }

@@ -11,7 +11,6 @@
 mod table;
 
 use std::collections::BTreeSet;
-use std::hash::Hasher;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
@@ -31,26 +30,6 @@ use table::Table;
 
 /// Shards of the cache; a power of two.
 const SHARDS: usize = 256;
-
-/// Key hashes are HMAC outputs, uniformly random: their first bytes are already a hash
-/// (the benchmark floor's map uses this).
-#[derive(Default)]
-pub(crate) struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // `[u8; 32]` hashes as its length then its bytes; keep the first 8 key bytes.
-        if bytes.len() >= 8 && self.0 == 0 {
-            self.0 = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-        } else if bytes.len() >= 8 {
-            self.0 ^= u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-        }
-    }
-    fn write_usize(&mut self, _: usize) {}
-}
 
 /// Usage counters and spend tier of one key. They live in the key's first cached snapshot
 /// (its "home") and survive rebuilds of the snapshot by admin changes.

@@ -262,7 +262,7 @@ impl Engine {
             carried.clear();
         }
         for key in evicted {
-            carried.insert(key.id, key);
+            carried.insert(key.id(), key);
         }
     }
 
@@ -397,7 +397,6 @@ impl Engine {
         };
         let snapshot = Snapshot {
             hash: *hash,
-            id: found.id,
             owner: record.owner,
             kind,
             disabled: record.disabled_at.is_some(),

@@ -16,40 +16,40 @@ pub(crate) const MAX_LEASE: u64 = 100_000;
 
 #[derive(Debug)]
 pub(crate) struct Meter {
-    /// CREDITS record id (key id or pool id).
-    pub id: u64,
     /// Units leased into memory and not yet reserved.
     pub lease: AtomicU64,
-    /// Units spent since the last flush (still `leased` on disk).
-    pub spent: AtomicU64,
+    /// Bumped by every `set` of the balance: reservations taken before a set are not
+    /// refunded into the new balance.
+    pub epoch: AtomicU64,
+    /// When (ms) the next refill is due (`u64::MAX`: no refill). From then on the lease
+    /// belongs to an old period, so reservations go through the writer, which applies it.
+    pub refill_at_ms: AtomicU64,
     /// Next lease size; adapts to about a second of traffic.
     pub lease_size: AtomicU32,
     /// A lease request is queued or in flight.
     pub pending: AtomicBool,
     /// Queued for a spend flush.
     pub dirty: AtomicBool,
+    /// The balance this meter spent from is gone (key deleted or made unmetered): the
+    /// writer ignores it and refunds into it vanish.
+    pub retired: AtomicBool,
+    /// What its events name: a key, a token or a pool.
+    pub subject: crate::public_id::IdKind,
+    /// Units spent since the last flush (still `leased` on disk).
+    pub spent: AtomicU64,
+    /// Durable balance after the writer's last change (for grants' remaining credits).
+    pub durable_balance: AtomicU64,
     /// Until when (ms) the durable balance is known to be empty: no refill is due before then
     /// and no top-up happened since. Lets an exhausted key fail fast without the writer.
     pub empty_until_ms: AtomicU64,
     /// When the last lease was granted (ms), to adapt the lease size.
     pub last_lease_ms: AtomicU64,
-    /// Durable balance after the writer's last change (for grants' remaining credits).
-    pub durable_balance: AtomicU64,
-    /// When (ms) the next refill is due (`u64::MAX`: no refill). From then on the lease
-    /// belongs to an old period, so reservations go through the writer, which applies it.
-    pub refill_at_ms: AtomicU64,
-    /// Bumped by every `set` of the balance: reservations taken before a set are not
-    /// refunded into the new balance.
-    pub epoch: AtomicU64,
     /// Credits left when the writer last looked, for edge-triggered low-balance events.
     pub last_remaining: AtomicU64,
-    /// The balance this meter spent from is gone (key deleted or made unmetered): the
-    /// writer ignores it and refunds into it vanish.
-    pub retired: AtomicBool,
-    /// Low-balance threshold for events.
-    pub threshold: Option<u64>,
-    /// What its events name: a key, a token or a pool.
-    pub subject: crate::public_id::IdKind,
+    /// Low-balance threshold for events (`u64::MAX`: none; see [`threshold`](Self::threshold)).
+    threshold: u64,
+    /// CREDITS record id (key id or pool id).
+    pub id: u64,
 }
 
 impl Meter {
@@ -73,9 +73,15 @@ impl Meter {
             epoch: AtomicU64::new(0),
             last_remaining: AtomicU64::new(u64::MAX),
             retired: AtomicBool::new(false),
-            threshold,
+            // `u64::MAX` as a threshold never fires (nothing is left above it): the same as none.
+            threshold: threshold.unwrap_or(u64::MAX),
             subject,
         }
+    }
+
+    /// Low-balance threshold for events (`None`: no events).
+    pub(crate) fn threshold(&self) -> Option<u64> {
+        Some(self.threshold).filter(|&t| t != u64::MAX)
     }
 
     /// Whether this meter is a shared pool's.

@@ -453,7 +453,7 @@ fn live<'w>(work: &'w mut Working<'_>, meter: &Meter) -> Result<Option<&'w mut C
 /// Emits a low-balance event when the credits left cross the meter's threshold downwards.
 fn low_balance(shared: &Shared, fx: &mut Effects, meter: &Meter, remaining: u64) {
     let previous = meter.last_remaining.swap(remaining, Ordering::AcqRel);
-    if let Some(t) = meter.threshold {
+    if let Some(t) = meter.threshold() {
         if previous > t && remaining <= t {
             fx.events.push(CreditEvent {
                 kind: CreditEventKind::LowBalance,
@@ -583,7 +583,7 @@ fn flush_usage(shared: &Shared, txn: &redb::WriteTransaction, fx: &mut Effects) 
     let mut deltas: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
     while let Some(state) = shared.dirty_usage.pop() {
         let (spent, requests, last_used) = state.take();
-        for id in [state.id, state.owner] {
+        for id in [state.id(), state.owner] {
             let d = deltas.entry(id).or_default();
             d.0 += spent;
             d.1 += requests;

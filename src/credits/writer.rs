@@ -3,7 +3,7 @@
 //! committed with `Durability::Immediate` (group commit: one fsync per batch, not per key),
 //! and only then makes leased units spendable in memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -196,6 +196,9 @@ impl Working<'_> {
 #[derive(Default)]
 struct Effects {
     leases: Vec<(MeterRef, u64, u64)>, // meter, units granted, empty until (ms)
+    /// Where in `leases` units were granted, by meter id: what a later message in the
+    /// batch takes back without scanning every lease of the batch.
+    granted_at: HashMap<u64, Vec<usize>>,
     lease_replies: Vec<Sender<()>>,
     shortfalls: Vec<(Sender<u64>, u64)>,
     adjusts: Vec<(Sender<Result<u64>>, u64)>,
@@ -495,11 +498,11 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result
 
 /// Zeroes the leases granted to `meter` earlier in this batch; returns how many units.
 fn cancel_pending_leases(fx: &mut Effects, meter: &Meter) -> u64 {
-    let mut units = 0;
-    for (_, granted, _) in fx.leases.iter_mut().filter(|(m, _, _)| m.id == meter.id) {
-        units += std::mem::take(granted);
-    }
-    units
+    let granted_at = fx.granted_at.remove(&meter.id).unwrap_or_default();
+    granted_at
+        .into_iter()
+        .map(|i| std::mem::take(&mut fx.leases[i].1))
+        .sum()
 }
 
 /// Moves up to the adaptive lease size (at least `need`) from `balance` to `leased`.
@@ -542,6 +545,10 @@ fn lease(
         low_balance(shared, fx, &meter, remaining);
     }
     let empty_until = empty_until(r, now);
+    if grant > 0 {
+        let at = fx.leases.len();
+        fx.granted_at.entry(meter.id).or_default().push(at);
+    }
     fx.leases.push((meter, grant, empty_until));
     Ok(())
 }

@@ -496,6 +496,17 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result
     Ok(())
 }
 
+impl Effects {
+    /// A lease of `units` for `meter`, handed over once the batch is durable.
+    fn grant(&mut self, meter: MeterRef, units: u64, empty_until: u64) {
+        if units > 0 {
+            let at = self.leases.len();
+            self.granted_at.entry(meter.id).or_default().push(at);
+        }
+        self.leases.push((meter, units, empty_until));
+    }
+}
+
 /// Zeroes the leases granted to `meter` earlier in this batch; returns how many units.
 fn cancel_pending_leases(fx: &mut Effects, meter: &Meter) -> u64 {
     let granted_at = fx.granted_at.remove(&meter.id).unwrap_or_default();
@@ -545,11 +556,7 @@ fn lease(
         low_balance(shared, fx, &meter, remaining);
     }
     let empty_until = empty_until(r, now);
-    if grant > 0 {
-        let at = fx.leases.len();
-        fx.granted_at.entry(meter.id).or_default().push(at);
-    }
-    fx.leases.push((meter, grant, empty_until));
+    fx.grant(meter, grant, empty_until);
     Ok(())
 }
 
@@ -611,4 +618,31 @@ fn flush_usage(shared: &Shared, txn: &redb::WriteTransaction, fx: &mut Effects) 
         table.insert(id, codec::encode(&usage).as_slice())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::public_id::IdKind;
+
+    #[test]
+    fn cancelling_a_meters_pending_leases_takes_back_all_of_them_and_only_them() {
+        let pool = |id| MeterRef::Pool(Arc::new(Meter::new(id, None, IdKind::Pool, false)));
+        let (a, b) = (pool(1), pool(2));
+        let mut fx = Effects::default();
+        fx.grant(a.clone(), 16, 0);
+        fx.grant(b.clone(), 32, 0);
+        fx.grant(a.clone(), 0, 0); // an entry granting nothing
+        fx.grant(a.clone(), 64, 0);
+        assert_eq!(cancel_pending_leases(&mut fx, &a), 80);
+        assert_eq!(cancel_pending_leases(&mut fx, &a), 0, "already taken back");
+        let left: Vec<u64> = fx.leases.iter().map(|(_, units, _)| *units).collect();
+        assert_eq!(left, [0, 32, 0, 0], "b's lease is untouched");
+        fx.grant(a.clone(), 8, 0);
+        assert_eq!(
+            cancel_pending_leases(&mut fx, &a),
+            8,
+            "a later grant is found"
+        );
+    }
 }

@@ -206,6 +206,41 @@ fn usage_counts_successful_verifies_only() {
 }
 
 #[test]
+fn usage_and_spend_add_up_across_flushes_whether_a_key_stays_busy_or_goes_idle() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(1_000));
+    let check = |t: &TestLedger, n: u64, last_used: Timestamp| {
+        let u = usage(t, &id); // flushes every key's counters first
+        assert_eq!((u.spent, u.requests, u.remaining), (n, n, Some(1_000 - n)));
+        assert_eq!(u.last_used_at, Some(last_used));
+    };
+    let use_key = |t: &TestLedger, times: u64| {
+        for _ in 0..times {
+            spend(&t.ledger, &plain, "/x", 1, 1).expect("granted");
+        }
+        t.clock.advance_secs(1);
+    };
+    use_key(&t, 3);
+    check(&t, 3, START);
+    // Busy: the flush kept the key listed, so these requests do not queue it again.
+    use_key(&t, 2);
+    check(&t, 5, Timestamp(START.0 + 1_000));
+    // Idle for a whole flush: the next one unlists it...
+    t.clock.advance_secs(1);
+    check(&t, 5, Timestamp(START.0 + 1_000));
+    check(&t, 5, Timestamp(START.0 + 1_000));
+    // ...and its next request queues it again.
+    let at = t.now();
+    use_key(&t, 1);
+    check(&t, 6, at);
+    let t = t.close_and_reopen();
+    let u = usage(&t, &id);
+    assert_eq!((u.spent, u.requests, u.remaining), (6, 6, Some(994)));
+    assert_eq!(u.lost_to_crash, 0);
+}
+
+#[test]
 fn key_info_agrees_with_usage() {
     let t = TestLedger::new();
     let owner = t.account("Acme");

@@ -290,7 +290,8 @@ impl CachedKey {
     #[inline]
     pub(crate) fn record_use(&self, now_ms: u64) -> bool {
         let usage = &self.home().usage;
-        usage.requests.fetch_add(1, Ordering::Relaxed);
+        // `SeqCst` here and in `mark_dirty` pairs with the writer's unlisting (see `unlist`).
+        usage.requests.fetch_add(1, Ordering::SeqCst);
         // A plain store, not a read-modify-write: two requests racing may leave either's
         // time, both of which are "last used".
         if usage.last_used_ms.load(Ordering::Relaxed) < now_ms {
@@ -305,7 +306,7 @@ impl CachedKey {
             return false;
         }
         let usage = &self.home().usage;
-        usage.spent.fetch_add(units, Ordering::Relaxed);
+        usage.spent.fetch_add(units, Ordering::SeqCst);
         let lifetime = usage.lifetime_spent.fetch_add(units, Ordering::Relaxed) + units;
         if lifetime >= usage.next_tier_at.load(Ordering::Relaxed) {
             let (pct, next) = crate::limits::tier_for(tiers, lifetime);
@@ -315,22 +316,33 @@ impl CachedKey {
         self.mark_dirty()
     }
 
-    /// Marks the usage unflushed; true if it was not already (queue it then).
+    /// Marks the usage unflushed; true if it was not already (queue it then). The mark stays
+    /// set while the writer keeps the key listed, so a key in use is queued once, not once
+    /// per flush.
     #[inline]
     pub(crate) fn mark_dirty(&self) -> bool {
         let dirty = &self.home().usage.dirty;
-        !dirty.load(Ordering::Relaxed) && !dirty.swap(true, Ordering::AcqRel)
+        !dirty.load(Ordering::SeqCst) && !dirty.swap(true, Ordering::AcqRel)
     }
 
-    /// Takes the unflushed (spend, requests, last used) for the writer.
+    /// Takes the unflushed (spend, requests, last used) for the writer; the key stays marked.
     pub(crate) fn take(&self) -> (u64, u64, u64) {
         let usage = &self.home().usage;
-        usage.dirty.store(false, Ordering::Release);
         (
-            usage.spent.swap(0, Ordering::AcqRel),
-            usage.requests.swap(0, Ordering::AcqRel),
+            usage.spent.swap(0, Ordering::SeqCst),
+            usage.requests.swap(0, Ordering::SeqCst),
             usage.last_used_ms.load(Ordering::Acquire),
         )
+    }
+
+    /// The writer found the key idle for a whole flush interval: clears its mark and takes
+    /// the counters again. A request racing this either saw the mark cleared and queued the
+    /// key itself, or counted before the second take, which returns what it counted.
+    /// (Counting and `mark_dirty`'s load are `SeqCst`, as are the store and the take here, so
+    /// a request cannot both miss the cleared mark and count after the take.)
+    pub(crate) fn unlist(&self) -> (u64, u64, u64) {
+        self.home().usage.dirty.store(false, Ordering::SeqCst);
+        self.take()
     }
 
     /// Puts back what [`take`](Self::take) returned when the flush failed.

@@ -131,8 +131,17 @@ impl Meter {
         if units == 0 {
             return false;
         }
-        self.spent.fetch_add(units, Ordering::AcqRel);
-        !self.dirty.load(Ordering::Relaxed) && !self.dirty.swap(true, Ordering::AcqRel)
+        // `SeqCst`: pairs with the writer's unlisting (see `unlist`).
+        self.spent.fetch_add(units, Ordering::SeqCst);
+        !self.dirty.load(Ordering::SeqCst) && !self.dirty.swap(true, Ordering::AcqRel)
+    }
+
+    /// The writer found the meter idle for a whole flush interval: clears its dirty mark and
+    /// takes what was spent since (a spend racing this either saw the mark cleared and queued
+    /// the meter itself, or is returned here). See `CachedKey::unlist`.
+    pub(crate) fn unlist(&self) -> u64 {
+        self.dirty.store(false, Ordering::SeqCst);
+        self.spent.swap(0, Ordering::SeqCst)
     }
 
     /// Whether the lease may be spent at `now_ms`: no refill has come due since it was taken.

@@ -16,7 +16,7 @@ use redb::ReadableTable;
 use super::events::{CreditEvent, CreditEventKind};
 use super::meter::Meter;
 use super::refill;
-use crate::cache::{CachedKey, MeterRef};
+use crate::cache::{CachedKey, MeterRef, Metering};
 use crate::clock::{Clock, Timestamp};
 use crate::codec;
 use crate::error::{Error, Result};
@@ -99,15 +99,30 @@ pub(crate) struct Shared {
     pub commits: AtomicU64,
 }
 
+/// Meters and keys that a full flush found in use. They stay listed here, their dirty mark
+/// still set, so that their next request does not queue them again: otherwise every key in
+/// use was pushed onto a queue by its first request after every flush (an allocation, and a
+/// contended tail, on the hot path). A full flush that finds one idle since the previous one
+/// unlists it and clears its mark; its next request queues it again.
+#[derive(Default)]
+struct Listed {
+    meters: Vec<MeterRef>,
+    usage: Vec<Arc<CachedKey>>,
+    /// When the last full flush ran (clock ms): a meter leased since then is in use even if
+    /// its leases settled all its spend.
+    flushed_at_ms: u64,
+}
+
 /// Runs the writer loop until `Close`, `Abandon` or every sender is gone.
 pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
+    let mut listed = Listed::default();
     let mut last_full_flush = std::time::Instant::now();
     loop {
         let first = match rx.recv_timeout(FLUSH_INTERVAL) {
             Ok(msg) => Some(msg),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => {
-                apply(&shared, Vec::new(), true, true);
+                apply(&shared, &mut listed, Vec::new(), true, true);
                 return;
             }
         };
@@ -132,7 +147,10 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
             return;
         }
         let closing = batch.iter().any(|m| matches!(m, Msg::Close { .. }));
-        let dirty = !shared.dirty_meters.is_empty() || !shared.dirty_usage.is_empty();
+        let dirty = !shared.dirty_meters.is_empty()
+            || !shared.dirty_usage.is_empty()
+            || !listed.meters.is_empty()
+            || !listed.usage.is_empty();
         let full = closing
             || batch.iter().any(|m| matches!(m, Msg::Flush { .. }))
             || (dirty && last_full_flush.elapsed() >= FULL_FLUSH_INTERVAL);
@@ -142,7 +160,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
         if full {
             last_full_flush = std::time::Instant::now();
         }
-        apply(&shared, batch, closing, full);
+        apply(&shared, &mut listed, batch, closing, full);
         if closing {
             return;
         }
@@ -204,6 +222,14 @@ struct Effects {
     adjusts: Vec<(Sender<Result<u64>>, u64)>,
     flushed_spend: Vec<(MeterRef, u64)>,
     flushed_usage: Vec<(Arc<CachedKey>, u64, u64, u64)>,
+    /// A full flush's meters and keys (the listed ones, then the queued ones): what stays
+    /// listed if the batch fails.
+    meters_seen: Vec<MeterRef>,
+    usage_seen: Vec<Arc<CachedKey>>,
+    /// What stays listed if it commits, and what was unlisted.
+    meters_kept: Vec<MeterRef>,
+    usage_kept: Vec<Arc<CachedKey>>,
+    unlisted: Vec<MeterRef>,
     reclaimed: Vec<(MeterRef, u64)>,
     events: Vec<CreditEvent>,
     syncs: Vec<Sender<Result<()>>>,
@@ -211,9 +237,10 @@ struct Effects {
     gone: Vec<MeterRef>,
 }
 
-fn apply(shared: &Shared, batch: Vec<Msg>, closing: bool, full: bool) {
+fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, full: bool) {
     let mut fx = Effects::default();
-    let result = build(shared, batch, closing, full, &mut fx);
+    let now = shared.clock.now().0;
+    let result = build(shared, listed, batch, closing, full, &mut fx);
     match result {
         Ok(()) => {
             shared.commits.fetch_add(1, Ordering::Relaxed);
@@ -237,7 +264,13 @@ fn apply(shared: &Shared, batch: Vec<Msg>, closing: bool, full: bool) {
             for r in fx.syncs {
                 let _ = r.send(Ok(()));
             }
-            drop((fx.flushed_spend, fx.reclaimed));
+            drop((fx.flushed_spend, fx.reclaimed, fx.flushed_usage));
+            drop((fx.meters_seen, fx.usage_seen));
+            if full {
+                listed.meters = fx.meters_kept;
+                listed.usage = fx.usage_kept;
+                listed.flushed_at_ms = now;
+            }
             let mut meters = shared.meters.lock();
             for meter in fx.gone {
                 if meters
@@ -253,9 +286,41 @@ fn apply(shared: &Shared, batch: Vec<Msg>, closing: bool, full: bool) {
                     meters.remove(&meter.id);
                 }
             }
+            // One meter can be unlisted twice (its spend and its key's usage): count it once.
+            fx.unlisted
+                .sort_unstable_by_key(|m| std::ptr::from_ref::<Meter>(m) as usize);
+            fx.unlisted.dedup_by(|a, b| MeterRef::ptr_eq(a, b));
+            for meter in fx.unlisted {
+                // A key's meter that left the cache while listed (so its retirement left it
+                // in the registry): with its lease returned and nobody else holding it, it goes.
+                let unused = MeterRef::strong_count(&meter) == 2
+                    && meter.lease.load(Ordering::Acquire) == 0
+                    && !meter.is_pool();
+                if unused
+                    && meters
+                        .get(&meter.id)
+                        .is_some_and(|m| MeterRef::ptr_eq(m, &meter))
+                {
+                    meters.remove(&meter.id);
+                }
+            }
         }
         Err(e) => {
             // Nothing became durable: put every swapped counter back and refuse the requests.
+            // What the flush saw stays listed, marked first so the restores below do not
+            // queue it a second time.
+            if full && !fx.meters_seen.is_empty() {
+                listed.meters = std::mem::take(&mut fx.meters_seen);
+            }
+            if full && !fx.usage_seen.is_empty() {
+                listed.usage = std::mem::take(&mut fx.usage_seen);
+            }
+            for meter in &listed.meters {
+                meter.dirty.store(true, Ordering::SeqCst);
+            }
+            for key in &listed.usage {
+                key.mark_dirty();
+            }
             for (meter, units) in fx.flushed_spend {
                 if meter.spend(units) {
                     shared.dirty_meters.push(meter);
@@ -294,6 +359,7 @@ fn apply(shared: &Shared, batch: Vec<Msg>, closing: bool, full: bool) {
 
 fn build(
     shared: &Shared,
+    listed: &mut Listed,
     batch: Vec<Msg>,
     closing: bool,
     full: bool,
@@ -307,8 +373,14 @@ fn build(
             records: BTreeMap::new(),
         };
         if full {
-            flush_spend(shared, &mut work, fx)?;
-            flush_usage(shared, &txn, fx)?;
+            fx.meters_seen = std::mem::take(&mut listed.meters);
+            fx.meters_seen
+                .extend(std::iter::from_fn(|| shared.dirty_meters.pop()));
+            fx.usage_seen = std::mem::take(&mut listed.usage);
+            fx.usage_seen
+                .extend(std::iter::from_fn(|| shared.dirty_usage.pop()));
+            flush_spend(shared, &mut work, fx, listed.flushed_at_ms)?;
+            flush_usage(&txn, fx)?;
         }
         for msg in batch {
             match msg {
@@ -425,11 +497,33 @@ fn build(
     Ok(())
 }
 
-/// Moves spent units from `leased` to `spent` for every dirty meter.
-fn flush_spend(shared: &Shared, work: &mut Working<'_>, fx: &mut Effects) -> Result<()> {
-    while let Some(meter) = shared.dirty_meters.pop() {
-        meter.dirty.store(false, Ordering::Release);
-        let units = meter.spent.swap(0, Ordering::AcqRel);
+/// Moves spent units from `leased` to `spent` for every meter the flush saw, keeping listed
+/// those in use since the last full flush (`since_ms`).
+fn flush_spend(
+    shared: &Shared,
+    work: &mut Working<'_>,
+    fx: &mut Effects,
+    since_ms: u64,
+) -> Result<()> {
+    for i in 0..fx.meters_seen.len() {
+        let meter = fx.meters_seen[i].clone();
+        if meter.retired.load(Ordering::Acquire) {
+            continue; // its balance is gone: nothing to write, nothing to keep
+        }
+        let mut units = meter.spent.swap(0, Ordering::SeqCst);
+        if units == 0 && meter.last_lease_ms.load(Ordering::Acquire) < since_ms {
+            units = meter.unlist();
+            if units == 0 {
+                fx.unlisted.push(meter);
+                continue;
+            }
+            // A spend raced the unlisting: whoever set the mark again keeps the meter.
+            if !meter.dirty.swap(true, Ordering::AcqRel) {
+                fx.meters_kept.push(meter.clone());
+            }
+        } else {
+            fx.meters_kept.push(meter.clone());
+        }
         if units == 0 {
             continue;
         }
@@ -588,15 +682,31 @@ fn empty_until(r: &CreditsRecord, now: Timestamp) -> u64 {
     }
 }
 
-/// Writes usage deltas (last used, spend, requests) for keys and their accounts.
-fn flush_usage(shared: &Shared, txn: &redb::WriteTransaction, fx: &mut Effects) -> Result<()> {
-    if shared.dirty_usage.is_empty() {
+/// Writes usage deltas (last used, spend, requests) for keys and their accounts, keeping
+/// listed the keys used since the last full flush.
+fn flush_usage(txn: &redb::WriteTransaction, fx: &mut Effects) -> Result<()> {
+    if fx.usage_seen.is_empty() {
         return Ok(());
     }
-    let mut table = txn.open_table(USAGE)?;
     let mut deltas: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
-    while let Some(state) = shared.dirty_usage.pop() {
-        let (spent, requests, last_used) = state.take();
+    for i in 0..fx.usage_seen.len() {
+        let state = fx.usage_seen[i].clone();
+        let (mut spent, mut requests, mut last_used) = state.take();
+        if spent == 0 && requests == 0 {
+            (spent, requests, last_used) = state.unlist();
+            if spent == 0 && requests == 0 {
+                if state.metering == Metering::Own {
+                    fx.unlisted.push(MeterRef::Own(state));
+                }
+                continue;
+            }
+            // A request raced the unlisting: whoever set the mark again keeps the key.
+            if state.mark_dirty() {
+                fx.usage_kept.push(state.clone());
+            }
+        } else {
+            fx.usage_kept.push(state.clone());
+        }
         for id in [state.id(), state.owner] {
             let d = deltas.entry(id).or_default();
             d.0 += spent;
@@ -605,6 +715,7 @@ fn flush_usage(shared: &Shared, txn: &redb::WriteTransaction, fx: &mut Effects) 
         }
         fx.flushed_usage.push((state, spent, requests, last_used));
     }
+    let mut table = txn.open_table(USAGE)?;
     for (id, (spent, requests, last_used)) in deltas {
         let mut usage: UsageRecord = match table.get(id)? {
             Some(bytes) => codec::decode(bytes.value())?,

@@ -171,7 +171,7 @@ impl Engine {
     pub(crate) fn remaining(&self, id: u64, record: &CreditsRecord) -> u64 {
         let meters = self.shared.meters.lock();
         let in_memory = meters
-            .get(&id)
+            .get(id)
             .map_or(0, |m| m.lease.load(Ordering::Acquire));
         record.balance + in_memory.min(record.leased)
     }
@@ -230,7 +230,7 @@ impl Engine {
             .shared
             .meters
             .lock()
-            .get(&id)
+            .get(id)
             .filter(|m| !m.is_pool())
             .cloned();
         if let Some(meter) = meter {
@@ -238,11 +238,7 @@ impl Engine {
                 KeyChange::Deleted | KeyChange::CreditsRemoved => {
                     // Out of the registry now, not once the writer gets to it: a key metered
                     // again must get a new meter, not this one the writer is about to retire.
-                    let mut meters = self.shared.meters.lock();
-                    if meters.get(&id).is_some_and(|m| MeterRef::ptr_eq(m, &meter)) {
-                        meters.remove(&id);
-                    }
-                    drop(meters);
+                    self.shared.meters.lock().remove(&meter);
                     let _ = self.tx.send(Msg::Retire { meter, gone: true });
                 }
                 KeyChange::CreditsChanged => {
@@ -427,11 +423,11 @@ impl Engine {
             // registry lock makes sure two concurrent misses do not both create one. Without
             // one, the key starts a new home: a carried home's own meter is unused or retired.
             let mut meters = self.shared.meters.lock();
-            match meters.get(&found.id) {
+            match meters.get(found.id) {
                 Some(MeterRef::Own(home)) => build(Some(home.clone())),
                 _ => {
                     let key = build(None);
-                    meters.insert(found.id, MeterRef::Own(key.clone()));
+                    meters.insert(MeterRef::Own(key.clone()));
                     key
                 }
             }
@@ -472,7 +468,7 @@ impl Engine {
         now: Timestamp,
     ) -> Arc<Meter> {
         let mut meters = self.shared.meters.lock();
-        if let Some(MeterRef::Pool(meter)) = meters.get(&id) {
+        if let Some(MeterRef::Pool(meter)) = meters.get(id) {
             return meter.clone();
         }
         let meter = Meter::new(id, threshold, IdKind::Pool, self.shared.exact);
@@ -480,7 +476,7 @@ impl Engine {
             init_meter(&meter, r, now);
         }
         let meter = Arc::new(meter);
-        meters.insert(id, MeterRef::Pool(meter.clone()));
+        meters.insert(MeterRef::Pool(meter.clone()));
         meter
     }
 }

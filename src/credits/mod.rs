@@ -7,4 +7,5 @@ pub(crate) mod events;
 pub use api::{Credits, Pool, Usage};
 pub(crate) mod meter;
 pub(crate) mod refill;
+pub(crate) mod registry;
 pub(crate) mod writer;

@@ -16,6 +16,7 @@ use redb::ReadableTable;
 use super::events::{CreditEvent, CreditEventKind};
 use super::meter::Meter;
 use super::refill;
+use super::registry::Registry;
 use crate::cache::{CachedKey, MeterRef, Metering};
 use crate::clock::{Clock, Timestamp};
 use crate::codec;
@@ -91,7 +92,7 @@ pub(crate) struct Shared {
     pub ids: Arc<IdCipher>,
     pub exact: bool,
     /// Credit meters in memory, by CREDITS id.
-    pub meters: Mutex<std::collections::HashMap<u64, MeterRef>>,
+    pub meters: Mutex<Registry>,
     pub dirty_meters: SegQueue<MeterRef>,
     pub dirty_usage: SegQueue<Arc<CachedKey>>,
     pub events: Sender<CreditEvent>,
@@ -273,17 +274,14 @@ fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, f
             }
             let mut meters = shared.meters.lock();
             for meter in fx.gone {
-                if meters
-                    .get(&meter.id)
-                    .is_some_and(|m| MeterRef::ptr_eq(m, &meter))
-                {
-                    meters.remove(&meter.id);
-                }
+                meters.remove(&meter);
             }
             for meter in fx.retired {
                 // The registry's handle and this one: nobody else uses it, so it can go.
+                // (`remove` checks that it is the registered one: with a grant in flight
+                // holding it instead, two handles would not mean that.)
                 if MeterRef::strong_count(&meter) == 2 {
-                    meters.remove(&meter.id);
+                    meters.remove(&meter);
                 }
             }
             // One meter can be unlisted twice (its spend and its key's usage): count it once.
@@ -296,12 +294,8 @@ fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, f
                 let unused = MeterRef::strong_count(&meter) == 2
                     && meter.lease.load(Ordering::Acquire) == 0
                     && !meter.is_pool();
-                if unused
-                    && meters
-                        .get(&meter.id)
-                        .is_some_and(|m| MeterRef::ptr_eq(m, &meter))
-                {
-                    meters.remove(&meter.id);
+                if unused {
+                    meters.remove(&meter);
                 }
             }
         }
@@ -422,7 +416,7 @@ fn build(
                     fx.shortfalls.push((reply, charged));
                 }
                 Msg::Adjust { id, change, reply } => {
-                    let meter = shared.meters.lock().get(&id).cloned();
+                    let meter = shared.meters.lock().get(id).cloned();
                     if let Some(meter) = &meter {
                         if matches!(change, Adjust::Set(_)) {
                             meter.epoch.fetch_add(1, Ordering::AcqRel);
@@ -478,7 +472,7 @@ fn build(
             }
         }
         if closing {
-            let meters: Vec<MeterRef> = shared.meters.lock().values().cloned().collect();
+            let meters = shared.meters.lock().all();
             for meter in meters {
                 reclaim(&mut work, fx, &meter)?;
             }

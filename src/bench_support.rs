@@ -283,7 +283,7 @@ impl Workload {
             .cache
             .with(&hash, |slot| match slot {
                 Slot::Key(key) => key.meter_ref(),
-                Slot::Missing(_) => None,
+                Slot::Missing => None,
             })
             .flatten()
     }

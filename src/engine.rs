@@ -343,7 +343,7 @@ impl Engine {
                 let Some(stored) = stored else {
                     return Ok(Loaded::Missing);
                 };
-                let state = AccountState::new(stored.status, stored.entitlements);
+                let state = AccountState::new(record.owner, stored.status, stored.entitlements);
                 self.accounts
                     .lock()
                     .entry(record.owner)
@@ -392,8 +392,6 @@ impl Engine {
             _ => Some(Arc::new(KeyLimits::new(&record.limits))).filter(|l| !l.is_empty()),
         };
         let snapshot = Snapshot {
-            hash: *hash,
-            owner: record.owner,
             kind,
             disabled: record.disabled_at.is_some(),
             expires_at: record.expires_at.map_or(u64::MAX, |t| t.0),

@@ -138,7 +138,7 @@ impl Ledger {
         let routes = engine.routes.load();
         let checked = |slot: &Slot| match slot {
             Slot::Key(key) => Some(check(self, key, request, &routes, now.0)),
-            Slot::Missing(_) => None,
+            Slot::Missing => None,
         };
         let outcome = match engine.cache.with(&hash, checked) {
             Some(Some(outcome)) => outcome,

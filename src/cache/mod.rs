@@ -50,13 +50,16 @@ struct Usage {
 /// needs (subscription, entitlement bits) when cached; an account change evicts its keys.
 #[derive(Debug)]
 pub(crate) struct AccountState {
+    /// The account's id.
+    pub id: u64,
     status: AtomicU8,
     pub entitlements: ArcSwap<BTreeSet<String>>,
 }
 
 impl AccountState {
-    pub(crate) fn new(status: SubscriptionStatus, entitlements: BTreeSet<String>) -> Self {
+    pub(crate) fn new(id: u64, status: SubscriptionStatus, entitlements: BTreeSet<String>) -> Self {
         AccountState {
+            id,
             status: AtomicU8::new(status_code(status)),
             entitlements: ArcSwap::from_pointee(entitlements),
         }
@@ -111,8 +114,6 @@ pub(crate) enum Metering {
 /// at the key's first snapshot (`home`) and uses the live part there.
 #[derive(Debug)]
 pub(crate) struct CachedKey {
-    /// Bytes 8..16 of the key hash, checked on a cache hit (see [`table`]).
-    pub hash_tag: u64,
     /// For a rolled key's previous secret: when it stops working (`u64::MAX` otherwise).
     pub secret_valid_until: u64,
     /// Expiry in ms (`u64::MAX`: none).
@@ -139,7 +140,6 @@ pub(crate) struct CachedKey {
     usage: Usage,
     /// The key's own meter; its id is the key's id (see [`id`](Self::id)).
     own_meter: Meter,
-    pub owner: u64,
     /// Interned: keys with the same scopes share one (a thin pointer: 8 bytes per key).
     pub permissions: Arc<Vec<String>>,
     /// The owner account's state (entitlement names, for routes without a bit).
@@ -150,8 +150,6 @@ pub(crate) struct CachedKey {
 
 /// What [`CachedKey::new`] needs besides the live part.
 pub(crate) struct Snapshot {
-    pub hash: KeyHash,
-    pub owner: u64,
     pub kind: IdKind,
     pub disabled: bool,
     pub expires_at: u64,
@@ -178,8 +176,6 @@ impl CachedKey {
         let home = home.map(|h| h.home.clone().unwrap_or(h));
         let (tier_pct, next_tier_at) = crate::limits::tier_for(tiers, lifetime_spent);
         CachedKey {
-            hash_tag: table::split(&s.hash).1,
-            owner: s.owner,
             kind: s.kind,
             disabled: s.disabled,
             subscription_ok: s.account.subscription_ok(),
@@ -215,6 +211,12 @@ impl CachedKey {
     #[inline]
     pub(crate) fn id(&self) -> u64 {
         self.own_meter.id
+    }
+
+    /// The owner account's id.
+    #[inline]
+    pub(crate) fn owner(&self) -> u64 {
+        self.account.id
     }
 
     /// The snapshot holding the live part (itself unless rebuilt).
@@ -280,7 +282,7 @@ impl CachedKey {
         }
         let encoded = Arc::new((
             ids.encode(self.kind, self.id()),
-            ids.encode(IdKind::Account, self.owner),
+            ids.encode(IdKind::Account, self.owner()),
         ));
         cell.store(Some(encoded.clone()));
         encoded
@@ -466,7 +468,7 @@ impl Cache {
     pub(crate) fn insert_missing(&self, hash: KeyHash, epoch: u64) {
         let mut shard = self.shard(&hash).write();
         if !shard.is_full() && self.epoch() == epoch && shard.get(&hash).is_none() {
-            shard.insert(&hash, Slot::Missing(table::split(&hash).1));
+            shard.insert(&hash, Slot::Missing);
         }
     }
 
@@ -474,7 +476,7 @@ impl Cache {
     pub(crate) fn forget_missing(&self, hash: &KeyHash) {
         self.bump();
         let mut shard = self.shard(hash).write();
-        if matches!(shard.get(hash), Some(Slot::Missing(_))) {
+        if matches!(shard.get(hash), Some(Slot::Missing)) {
             shard.remove(hash);
         }
     }
@@ -539,19 +541,19 @@ mod tests {
     use super::*;
 
     /// The per-key memory budget (issue 3: ≤ 256 bytes per cached key at 1M keys) is spent
-    /// mostly here: with `Arc`'s two counters and malloc's header, 248 bytes is a 272-byte
-    /// chunk (256 bytes would be 288). A field added without taking one out shows up here.
+    /// mostly here: with `Arc`'s two counters and malloc's header, 232 bytes is a 256-byte
+    /// chunk (240 would be 272). A field added without taking one out shows up here.
     #[test]
     fn a_cached_key_stays_within_its_allocation_class() {
         assert!(
-            size_of::<CachedKey>() <= 248,
+            size_of::<CachedKey>() <= 232,
             "CachedKey grew to {} bytes",
             size_of::<CachedKey>()
         );
         assert_eq!(
             size_of::<Slot>(),
-            16,
-            "a table entry is key + slot = 24 bytes"
+            8,
+            "a table entry is key + tag + slot = 24 bytes"
         );
     }
 }

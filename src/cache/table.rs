@@ -1,9 +1,9 @@
 //! One cache shard's table: open addressing with linear probing over 24-byte entries.
 //!
 //! Key hashes are HMAC outputs, so their bytes are already uniformly random: the first 8
-//! bytes are the entry's key (and choose its home slot), the next 8 are a tag checked on a
-//! match (kept in the cached key, or in the entry for a remembered miss), so a hit compares
-//! 128 bits of the hash — as unforgeable as the whole without knowing the pepper. Compared
+//! bytes are the entry's key (and choose its home slot), the next 8 its tag, checked on a
+//! match and stored with its low bit set (an empty entry's tag is 0), so a hit compares 127
+//! bits of the hash — as unforgeable as the whole without knowing the pepper. Compared
 //! with a general-purpose map holding the 32-byte hash this halves the memory per key and a
 //! look-up reads one entry instead of a control byte and then a bucket.
 //!
@@ -15,34 +15,47 @@ use std::sync::Arc;
 use super::CachedKey;
 use crate::hashing::KeyHash;
 
-/// What an entry holds: a cached key, or a remembered miss with its tag.
+/// What an entry holds: a cached key, or a remembered miss (8 bytes: a miss is the null
+/// pointer).
 #[derive(Debug)]
 pub(crate) enum Slot {
     Key(Arc<CachedKey>),
-    Missing(u64),
+    Missing,
 }
 
-impl Slot {
-    fn tag(&self) -> u64 {
-        match self {
-            Slot::Key(key) => key.hash_tag,
-            Slot::Missing(tag) => *tag,
+/// 24 bytes: the hash's key and tag, and the slot.
+#[derive(Debug)]
+struct Entry {
+    key: u64,
+    /// The tag with its low bit set; [`EMPTY`] for an empty entry.
+    tag: u64,
+    slot: Slot,
+}
+
+const EMPTY: u64 = 0;
+
+impl Default for Entry {
+    fn default() -> Self {
+        Entry {
+            key: 0,
+            tag: EMPTY,
+            slot: Slot::Missing,
         }
     }
 }
 
-#[derive(Debug, Default)]
-struct Entry {
-    key: u64,
-    /// `None`: an empty entry.
-    slot: Option<Slot>,
+impl Entry {
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.tag == EMPTY
+    }
 }
 
-/// The entry key and tag of a hash.
+/// The entry key and stored tag of a hash.
 #[inline]
-pub(crate) fn split(hash: &KeyHash) -> (u64, u64) {
+fn split(hash: &KeyHash) -> (u64, u64) {
     let word = |i: usize| u64::from_le_bytes(hash[i..i + 8].try_into().expect("8 bytes"));
-    (word(0), word(8))
+    (word(0), word(8) | 1)
 }
 
 /// A table holding at most `capacity` entries. It starts small and doubles as it fills,
@@ -83,7 +96,7 @@ impl Table {
         let size = (self.entries.len() * 2).min(size_for(self.capacity));
         let old = std::mem::replace(&mut self.entries, empty(size));
         for entry in old.into_vec() {
-            if entry.slot.is_some() {
+            if !entry.is_empty() {
                 self.place(entry);
             }
         }
@@ -92,7 +105,7 @@ impl Table {
     /// Puts an entry known to be absent in the first free place of its probe sequence.
     fn place(&mut self, entry: Entry) {
         let mut i = self.home(entry.key);
-        while self.entries[i].slot.is_some() {
+        while !self.entries[i].is_empty() {
             i = self.next(i);
         }
         self.entries[i] = entry;
@@ -133,11 +146,13 @@ impl Table {
         let mut i = self.home(key);
         loop {
             let entry = &self.entries[i];
-            match &entry.slot {
-                None => return None,
-                Some(slot) if entry.key == key && slot.tag() == tag => return Some(i),
-                Some(_) => i = self.next(i),
+            if entry.is_empty() {
+                return None;
             }
+            if entry.key == key && entry.tag == tag {
+                return Some(i);
+            }
+            i = self.next(i);
         }
     }
 
@@ -145,8 +160,7 @@ impl Table {
     #[inline]
     pub(crate) fn get(&self, hash: &KeyHash) -> Option<&Slot> {
         let (key, tag) = split(hash);
-        self.find(key, tag)
-            .and_then(|i| self.entries[i].slot.as_ref())
+        self.find(key, tag).map(|i| &self.entries[i].slot)
     }
 
     /// Puts `slot` in for `hash`. Returns what it replaced, and what was evicted to make room
@@ -154,7 +168,10 @@ impl Table {
     pub(crate) fn insert(&mut self, hash: &KeyHash, slot: Slot) -> (Option<Slot>, Option<Slot>) {
         let (key, tag) = split(hash);
         if let Some(i) = self.find(key, tag) {
-            return (self.entries[i].slot.replace(slot), None);
+            return (
+                Some(std::mem::replace(&mut self.entries[i].slot, slot)),
+                None,
+            );
         }
         while self.len >= self.limit() && self.limit() < self.capacity {
             self.grow();
@@ -164,10 +181,7 @@ impl Table {
         } else {
             None
         };
-        self.place(Entry {
-            key,
-            slot: Some(slot),
-        });
+        self.place(Entry { key, tag, slot });
         self.len += 1;
         (None, evicted)
     }
@@ -176,7 +190,7 @@ impl Table {
     /// that follows then needs to probe past one entry less).
     fn evict_near(&mut self, key: u64) -> Option<Slot> {
         let mut i = self.home(key);
-        while self.entries[i].slot.is_none() {
+        while self.entries[i].is_empty() {
             i = self.next(i);
         }
         self.remove_at(i)
@@ -192,14 +206,17 @@ impl Table {
     /// Empties entry `hole`, then moves back each later entry of the cluster that may live
     /// there (its home is not between the hole and where it is).
     fn remove_at(&mut self, mut hole: usize) -> Option<Slot> {
-        let removed = self.entries[hole].slot.take()?;
+        let removed = std::mem::take(&mut self.entries[hole]);
+        if removed.is_empty() {
+            return None;
+        }
         self.len -= 1;
         let size = self.entries.len();
         let mut j = hole;
         loop {
             j = self.next(j);
-            if self.entries[j].slot.is_none() {
-                return Some(removed);
+            if self.entries[j].is_empty() {
+                return Some(removed.slot);
             }
             let home = self.home(self.entries[j].key);
             if (hole + size - home) % size < (j + size - home) % size {
@@ -215,7 +232,7 @@ impl Table {
         let old = std::mem::replace(&mut self.entries, empty(size));
         self.len = 0;
         for entry in old.into_vec() {
-            if entry.slot.as_ref().is_some_and(&mut keep) {
+            if !entry.is_empty() && keep(&entry.slot) {
                 self.place(entry);
                 self.len += 1;
             }
@@ -225,12 +242,19 @@ impl Table {
     /// Takes every slot out.
     pub(crate) fn drain(&mut self) -> impl Iterator<Item = Slot> {
         let old = std::mem::replace(self, Table::new(self.capacity));
-        old.entries.into_vec().into_iter().filter_map(|e| e.slot)
+        old.entries
+            .into_vec()
+            .into_iter()
+            .filter(|e| !e.is_empty())
+            .map(|e| e.slot)
     }
 
     /// Every slot.
     pub(crate) fn slots(&self) -> impl Iterator<Item = &Slot> {
-        self.entries.iter().filter_map(|e| e.slot.as_ref())
+        self.entries
+            .iter()
+            .filter(|e| !e.is_empty())
+            .map(|e| &e.slot)
     }
 }
 
@@ -243,7 +267,8 @@ mod tests {
     fn hash(key: u64, tag: u64) -> KeyHash {
         let mut h = [0u8; 32];
         h[..8].copy_from_slice(&key.to_le_bytes());
-        h[8..16].copy_from_slice(&tag.to_le_bytes());
+        // The tag's low bit is not compared (it marks the entry taken).
+        h[8..16].copy_from_slice(&(tag << 1).to_le_bytes());
         h
     }
 
@@ -259,7 +284,7 @@ mod tests {
                 let key = k.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
                 let h = hash(key, t);
                 if insert && (model.len() < 64 || model.contains_key(&(key, t))) {
-                    table.insert(&h, Slot::Missing(t));
+                    table.insert(&h, Slot::Missing);
                     model.insert((key, t), n as u64);
                 } else if !insert {
                     let removed = table.remove(&h).is_some();
@@ -281,14 +306,9 @@ mod tests {
     fn a_full_table_evicts_to_make_room() {
         let mut table = Table::new(8);
         for k in 1..=8u64 {
-            assert!(
-                table
-                    .insert(&hash(k << 60, 0), Slot::Missing(0))
-                    .1
-                    .is_none()
-            );
+            assert!(table.insert(&hash(k << 60, 0), Slot::Missing).1.is_none());
         }
-        let (replaced, evicted) = table.insert(&hash(9 << 59, 0), Slot::Missing(0));
+        let (replaced, evicted) = table.insert(&hash(9 << 59, 0), Slot::Missing);
         assert!(replaced.is_none());
         assert!(evicted.is_some(), "the ninth key evicts one");
         assert_eq!(table.len(), 8);
@@ -298,11 +318,11 @@ mod tests {
     #[test]
     fn same_key_with_another_tag_is_another_entry() {
         let mut table = Table::new(8);
-        table.insert(&hash(7, 1), Slot::Missing(1));
+        table.insert(&hash(7, 1), Slot::Missing);
         assert!(table.get(&hash(7, 2)).is_none());
-        table.insert(&hash(7, 2), Slot::Missing(2));
+        table.insert(&hash(7, 2), Slot::Missing);
         assert_eq!(table.len(), 2);
-        assert!(matches!(table.remove(&hash(7, 1)), Some(Slot::Missing(1))));
-        assert!(matches!(table.get(&hash(7, 2)), Some(Slot::Missing(2))));
+        assert!(matches!(table.remove(&hash(7, 1)), Some(Slot::Missing)));
+        assert!(matches!(table.get(&hash(7, 2)), Some(Slot::Missing)));
     }
 }

@@ -701,7 +701,7 @@ fn flush_usage(txn: &redb::WriteTransaction, fx: &mut Effects) -> Result<()> {
         } else {
             fx.usage_kept.push(state.clone());
         }
-        for id in [state.id(), state.owner] {
+        for id in [state.id(), state.owner()] {
             let d = deltas.entry(id).or_default();
             d.0 += spent;
             d.1 += requests;

@@ -9,9 +9,10 @@
 use std::path::{Path, PathBuf};
 
 use keyledger::{
-    Config, Error, Ledger, ManualClock, MasterKey, NewAccount, NewKey, PageRequest, Presented,
-    Request, RouteRule, Timestamp,
+    Config, Denial, Error, HashScheme, ImportKey, ImportedHash, Ledger, ManualClock, MasterKey,
+    NewAccount, NewKey, PageRequest, Presented, Request, RouteRule, Timestamp,
 };
+use sha2::{Digest, Sha256};
 
 /// The master key of the golden file (test data, not a secret).
 const MASTER_HEX: &str = "6b65796c656467657220676f6c64656e2066696c65206d6173746572206b6579";
@@ -34,9 +35,14 @@ fn config(at: Timestamp) -> Config {
 
 /// A scratch copy of the golden file (opening a file writes to it).
 fn copy() -> (tempfile::TempDir, PathBuf) {
+    copy_of("v1.redb")
+}
+
+/// A scratch copy of `tests/data/<name>`.
+fn copy_of(name: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v1.redb");
-    std::fs::copy(data("v1.redb"), &path).unwrap();
+    let path = dir.path().join(name);
+    std::fs::copy(data(name), &path).unwrap();
     (dir, path)
 }
 
@@ -210,6 +216,191 @@ fn write_golden_file() {
     std::fs::write(
         data("v1.plaintexts"),
         format!("{}\n{}\n", key.plaintext.expose(), token.plaintext.expose()),
+    )
+    .unwrap();
+}
+
+/// The secrets file's keys, in the order `write_golden_secrets_file` wrote them.
+struct SecretsFile {
+    /// Rolled away with an hour's grace (its hash is under pepper 1, the previous one).
+    rolled_old: String,
+    /// What the roll issued (pepper 1).
+    rolled_new: String,
+    /// Imported by its plain SHA-256.
+    imported: String,
+    /// Disabled.
+    disabled: String,
+    /// Created under pepper 1 before the rotation to pepper 2.
+    previous_pepper: String,
+}
+
+fn secrets_file_plaintexts() -> SecretsFile {
+    let text = std::fs::read_to_string(data("v1-secrets.plaintexts")).unwrap();
+    let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let [rolled_old, rolled_new, imported, disabled, previous_pepper] =
+        <[String; 5]>::try_from(lines).unwrap();
+    SecretsFile {
+        rolled_old,
+        rolled_new,
+        imported,
+        disabled,
+        previous_pepper,
+    }
+}
+
+fn peek(ledger: &Ledger, plaintext: &str) -> Result<(), Denial> {
+    let presented = Presented::new(plaintext).unwrap();
+    ledger
+        .verify(&Request::new(&presented, "/api/v1/quickhits/create").cost(0))
+        .map(drop)
+}
+
+/// Every way the cache-miss path finds a key, on a file written by format version 1: the
+/// secrets file has a rolled key in its grace period (both secrets under the previous
+/// pepper), a key under the previous pepper, an imported SHA-256 key and a disabled key.
+#[test]
+fn a_version_1_file_with_rolled_imported_and_old_pepper_keys_verifies() {
+    let (_dir, path) = copy_of("v1-secrets.redb");
+    let keys = secrets_file_plaintexts();
+    let clock = ManualClock::new(WRITTEN_AT.plus_secs(60));
+    let config = || {
+        Config::builder()
+            .master_key(MasterKey::parse(MASTER_HEX).unwrap())
+            .clock(clock.clone())
+            .build()
+            .unwrap()
+    };
+    let ledger = Ledger::open(&path, config()).unwrap();
+    assert_eq!(
+        ledger.hash_scheme(),
+        HashScheme::HmacSha256 { pepper: 2 },
+        "the file was rotated to pepper 2"
+    );
+    assert_eq!(
+        peek(&ledger, &keys.rolled_old),
+        Ok(()),
+        "in its grace period"
+    );
+    assert_eq!(peek(&ledger, &keys.rolled_new), Ok(()));
+    assert_eq!(peek(&ledger, &keys.imported), Ok(()));
+    assert_eq!(peek(&ledger, &keys.previous_pepper), Ok(()));
+    assert_eq!(peek(&ledger, &keys.disabled), Err(Denial::Disabled));
+    // Those found under an old scheme were rehashed: only the current scheme is left.
+    let counts = ledger.hash_scheme_counts().unwrap();
+    assert_eq!(
+        counts,
+        vec![(HashScheme::HmacSha256 { pepper: 2 }, 5)],
+        "4 keys, one with a rolled secret"
+    );
+    // After a reopen (the rehashed records are read back from the file, not the cache).
+    ledger.close().unwrap();
+    drop(ledger);
+    let ledger = Ledger::open(&path, config()).unwrap();
+    for key in [
+        &keys.rolled_old,
+        &keys.rolled_new,
+        &keys.imported,
+        &keys.previous_pepper,
+    ] {
+        assert_eq!(peek(&ledger, key), Ok(()));
+    }
+    assert_eq!(peek(&ledger, &keys.disabled), Err(Denial::Disabled));
+    // Past the grace period the rolled secret stops working; the new one does not.
+    clock.set(WRITTEN_AT.plus_secs(7_200));
+    ledger.close().unwrap();
+    drop(ledger);
+    let ledger = Ledger::open(&path, config()).unwrap();
+    assert_eq!(peek(&ledger, &keys.rolled_old), Err(Denial::NotFound));
+    assert_eq!(peek(&ledger, &keys.rolled_new), Ok(()));
+    ledger.close().unwrap();
+    drop(ledger);
+    let report = Ledger::check(&path, config()).unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
+/// Writes `tests/data/v1-secrets.redb` and `tests/data/v1-secrets.plaintexts` (run at format
+/// version 1, commit `b956879`).
+#[test]
+#[ignore = "writes a golden file"]
+fn write_golden_secrets_file() {
+    let path = data("v1-secrets.redb");
+    let _ = std::fs::remove_file(&path);
+    // A key issued elsewhere (another master key), to import by its SHA-256.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other = Ledger::open(
+        elsewhere.path().join("other.redb"),
+        Config::builder()
+            .master_key(MasterKey::from_bytes(&[7u8; 32]).unwrap())
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let other_owner = other
+        .accounts()
+        .create(NewAccount::new("Elsewhere"))
+        .unwrap();
+    let foreign = other
+        .keys()
+        .create(NewKey::new(&other_owner.id, "foreign key"))
+        .unwrap();
+    other.close().unwrap();
+    drop(other);
+
+    let ledger = Ledger::open(&path, config(WRITTEN_AT)).unwrap();
+    let account = ledger
+        .accounts()
+        .by("golden")
+        .create(NewAccount::new("Secrets Corp"))
+        .unwrap();
+    ledger
+        .routes()
+        .set(RouteRule::new("/api/v1/").permission("quickhits:create"))
+        .unwrap();
+    let key = |name: &str| {
+        ledger
+            .keys()
+            .create(
+                NewKey::new(&account.id, name)
+                    .permissions(["quickhits:*"])
+                    .credits(100),
+            )
+            .unwrap()
+    };
+    let previous_pepper = key("previous pepper");
+    let rolled = key("rolled");
+    let rolled_new = ledger.keys().roll(&rolled.info.id, 3_600).unwrap();
+    ledger
+        .rotate_hash_scheme(HashScheme::HmacSha256 { pepper: 2 })
+        .unwrap();
+    let plain = foreign.plaintext.expose();
+    ledger
+        .keys()
+        .import(
+            ImportKey::new(
+                &account.id,
+                "imported",
+                ImportedHash::Sha256(Sha256::digest(plain.as_bytes()).into()),
+                &plain[..12],
+                &plain[plain.len() - 4..],
+            )
+            .permissions(["quickhits:*"]),
+        )
+        .unwrap();
+    let disabled = key("disabled");
+    ledger.keys().disable(&disabled.info.id).unwrap();
+    ledger.close().unwrap();
+    drop(ledger);
+    std::fs::write(
+        data("v1-secrets.plaintexts"),
+        [
+            rolled.plaintext.expose(),
+            rolled_new.plaintext.expose(),
+            plain,
+            disabled.plaintext.expose(),
+            previous_pepper.plaintext.expose(),
+        ]
+        .map(|p| format!("{p}\n"))
+        .concat(),
     )
     .unwrap();
 }

@@ -1,7 +1,8 @@
 //! A database written by format version 1 (`tests/data/v1.redb`, with the plaintexts of its
 //! key and token in `tests/data/v1.plaintexts`) still opens and reads back: accounts, keys,
 //! tokens, a route, a pool, credits and the audit trail. A file whose format version is newer
-//! than this build knows is refused with `UpgradeRequired`, not misread.
+//! than this build knows is refused with `UpgradeRequired`, not misread. Opening a version 1
+//! file migrates it to version 2 (the hash index becomes the verify index).
 //!
 //! Regenerate (only when the format version changes, keeping the old file as `vN.redb`):
 //! `cargo test --test golden -- --ignored write_golden_file`.
@@ -113,6 +114,21 @@ fn a_version_1_file_opens_and_reads_back() {
     let audit = ledger.audit().recent(100).unwrap();
     assert!(audit.len() >= 6, "{audit:?}");
     drop(ledger);
+    // Opening migrated the file to format 2: the verify index replaced the hash index.
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let read = redb::ReadableDatabase::begin_read(&db).unwrap();
+        let format = read.open_table(META).unwrap();
+        let format = format.get("format").unwrap().unwrap();
+        assert_eq!(format.value()[8..], 2u32.to_le_bytes());
+        let tables: Vec<String> = read
+            .list_tables()
+            .unwrap()
+            .map(|t| redb::TableHandle::name(&t).to_owned())
+            .collect();
+        assert!(tables.contains(&"key_verify".to_owned()), "{tables:?}");
+        assert!(!tables.contains(&"key_hashes".to_owned()), "{tables:?}");
+    }
     let report = Ledger::check(&path, config(WRITTEN_AT)).unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
 }
@@ -150,7 +166,7 @@ fn a_file_from_a_newer_format_version_is_refused_with_upgrade_required() {
         Err(Error::UpgradeRequired {
             found: 99,
             supported,
-        }) => assert_eq!(supported, 1),
+        }) => assert_eq!(supported, 2),
         other => panic!("expected UpgradeRequired {{ found: 99 }}, got {other:?}"),
     }
     // `check` refuses it the same way rather than reporting garbage.

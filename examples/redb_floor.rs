@@ -89,7 +89,12 @@ fn main() {
     {
         // Pull every page into redb's page cache, as `keyledger bench` does.
         let read = db.begin_read().expect("read");
-        for entry in read.open_table(HASH_TO_ID).expect("open").iter().expect("iter") {
+        for entry in read
+            .open_table(HASH_TO_ID)
+            .expect("open")
+            .iter()
+            .expect("iter")
+        {
             std::hint::black_box(entry.expect("entry").1.value());
         }
         for table in [ID_TO_RECORD, ID_TO_CREDITS] {
@@ -97,7 +102,12 @@ fn main() {
                 std::hint::black_box(entry.expect("entry").1.value().len());
             }
         }
-        for entry in read.open_table(HASH_TO_VERIFY).expect("open").iter().expect("iter") {
+        for entry in read
+            .open_table(HASH_TO_VERIFY)
+            .expect("open")
+            .iter()
+            .expect("iter")
+        {
             std::hint::black_box(entry.expect("entry").1.value().len());
         }
     }
@@ -110,23 +120,33 @@ fn main() {
             let read = db.begin_read().expect("read");
             std::hint::black_box(read.open_table(ID_TO_RECORD).expect("open"));
         });
-        row("begin_read + open + get: hash → id", n, round, |_, hash| {
-            let read = db.begin_read().expect("read");
-            let table = read.open_table(HASH_TO_ID).expect("open");
-            std::hint::black_box(table.get(hash).expect("get").expect("present").value());
-        });
+        row(
+            "begin_read + open + get: hash → id",
+            n,
+            round,
+            |_, hash| {
+                let read = db.begin_read().expect("read");
+                let table = read.open_table(HASH_TO_ID).expect("open");
+                std::hint::black_box(table.get(hash).expect("get").expect("present").value());
+            },
+        );
         row("begin_read + open + get: id → 150 B", n, round, |i, _| {
             let read = db.begin_read().expect("read");
             let table = read.open_table(ID_TO_RECORD).expect("open");
             let value = table.get(i).expect("get").expect("present");
             std::hint::black_box(value.value().len());
         });
-        row("begin_read + open + get: hash → 64 B", n, round, |_, hash| {
-            let read = db.begin_read().expect("read");
-            let table = read.open_table(HASH_TO_VERIFY).expect("open");
-            let value = table.get(hash).expect("get").expect("present");
-            std::hint::black_box(value.value().len());
-        });
+        row(
+            "begin_read + open + get: hash → 64 B",
+            n,
+            round,
+            |_, hash| {
+                let read = db.begin_read().expect("read");
+                let table = read.open_table(HASH_TO_VERIFY).expect("open");
+                let value = table.get(hash).expect("get").expect("present");
+                std::hint::black_box(value.value().len());
+            },
+        );
         row(
             "format 1 miss: hash → id, id → 150 B, id → 24 B",
             n,
@@ -143,20 +163,30 @@ fn main() {
                 std::hint::black_box(c.value().len());
             },
         );
-        row("format 2 miss: hash → 64 B, id → 24 B", n, round, |i, hash| {
-            let read = db.begin_read().expect("read");
-            let verify = read.open_table(HASH_TO_VERIFY).expect("open");
-            let v = verify.get(hash).expect("get").expect("present");
-            std::hint::black_box(v.value().len());
-            let credits = read.open_table(ID_TO_CREDITS).expect("open");
-            let c = credits.get(i).expect("get").expect("present");
-            std::hint::black_box(c.value().len());
-        });
+        row(
+            "format 2 miss: hash → 64 B, id → 24 B",
+            n,
+            round,
+            |i, hash| {
+                let read = db.begin_read().expect("read");
+                let verify = read.open_table(HASH_TO_VERIFY).expect("open");
+                let v = verify.get(hash).expect("get").expect("present");
+                std::hint::black_box(v.value().len());
+                let credits = read.open_table(ID_TO_CREDITS).expect("open");
+                let c = credits.get(i).expect("get").expect("present");
+                std::hint::black_box(c.value().len());
+            },
+        );
         let read = db.begin_read().expect("read");
         let table = read.open_table(HASH_TO_VERIFY).expect("open");
-        row("get alone (table already open): hash → 64 B", n, round, |_, hash| {
-            let value = table.get(hash).expect("get").expect("present");
-            std::hint::black_box(value.value().len());
-        });
+        row(
+            "get alone (table already open): hash → 64 B",
+            n,
+            round,
+            |_, hash| {
+                let value = table.get(hash).expect("get").expect("present");
+                std::hint::black_box(value.value().len());
+            },
+        );
     }
 }

@@ -21,14 +21,20 @@ pub(crate) struct Found {
 /// Finds the record whose current secret, or rolled secret still in its grace period, is
 /// `key`. Rehashes a record found under an older scheme.
 pub(crate) fn find(ledger: &Ledger, key: &str, now: Timestamp) -> Result<Option<Found>> {
-    let hash = ledger.hasher().hash_current(key);
-    let read = ledger.inner.store.begin_read()?;
-    let Some(entry) = find_in(ledger, &read, &hash, key, now)? else {
-        return Ok(None);
+    let hasher = ledger.hasher();
+    let hash = hasher.hash_current(key);
+    let mut read = ledger.inner.store.begin_read()?;
+    let entry = match probe(&read, &hash, hasher.current(), now)? {
+        Some(entry) => entry,
+        None => {
+            let Some(entry) = find_under_old_schemes(ledger, &read, &hash, key, now)? else {
+                return Ok(None);
+            };
+            // A new transaction: the rehash committed after `read` began.
+            read = ledger.inner.store.begin_read()?;
+            entry
+        }
     };
-    drop(read);
-    // A new transaction: a rehash inside `find_in` committed after `read` began.
-    let read = ledger.inner.store.begin_read()?;
     let record = store::get::<KeyRecord>(&read.open_table(KEYS)?, entry.id)?;
     Ok(record.map(|record| Found {
         id: entry.id,
@@ -46,11 +52,24 @@ pub(crate) fn find_in(
     key: &str,
     now: Timestamp,
 ) -> Result<Option<VerifyRecord>> {
+    match probe(read, hash, ledger.hasher().current(), now)? {
+        Some(found) => Ok(Some(found)),
+        None => find_under_old_schemes(ledger, read, hash, key, now),
+    }
+}
+
+/// The part of [`find_in`] after the current scheme missed: tries the schemes that still
+/// have records (none, usually: then this is one read of the scheme counts) and rehashes a
+/// key found under one.
+fn find_under_old_schemes(
+    ledger: &Ledger,
+    read: &redb::ReadTransaction,
+    hash: &KeyHash,
+    key: &str,
+    now: Timestamp,
+) -> Result<Option<VerifyRecord>> {
     let hasher = ledger.hasher();
     let current = hasher.current();
-    if let Some(found) = probe(read, hash, current, now)? {
-        return Ok(Some(found));
-    }
     let counts = store::scheme_counts(&read.open_table(META)?)?;
     for (&scheme, _) in counts.iter().filter(|(s, n)| **s != current && **n > 0) {
         let old_hash = hasher.hash(scheme, key);

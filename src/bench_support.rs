@@ -180,8 +180,8 @@ impl Workload {
     pub fn touch_pages(&self, progress: &mut dyn FnMut(usize)) -> Result<usize> {
         let read = self.ledger.inner.store.begin_read()?;
         let mut entries = 0;
-        for entry in read.open_table(KEY_HASHES)?.iter()? {
-            std::hint::black_box(entry?.1.value());
+        for entry in read.open_table(KEY_VERIFY)?.iter()? {
+            std::hint::black_box(entry?.1.value().len());
             entries += 1;
             if entries % 65_536 == 0 {
                 progress(entries / 2);
@@ -367,7 +367,7 @@ pub fn bulk_insert(
             };
             let mut accounts = txn.open_table(ACCOUNTS)?;
             let mut records = txn.open_table(KEYS)?;
-            let mut hashes = txn.open_table(KEY_HASHES)?;
+            let mut hashes = txn.open_table(KEY_VERIFY)?;
             let mut by_owner = txn.open_table(KEYS_BY_OWNER)?;
             let mut by_prefix = txn.open_table(KEYS_BY_PREFIX)?;
             let mut credits = txn.open_table(CREDITS)?;
@@ -436,7 +436,7 @@ pub fn bulk_insert(
                     pool: None,
                 };
                 store::put(&mut records, id, &record)?;
-                hashes.insert(&record.key_hash, id)?;
+                crate::keys::index::put_entries(&mut hashes, id, &record)?;
                 // Kind tag 0: API keys (as `Keys` writes it).
                 by_owner.insert((owner, 0u8, id), ())?;
                 by_prefix.insert((record.key_prefix.as_str(), id), ())?;

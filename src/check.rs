@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hashing::HashScheme;
 use crate::ledger::Ledger;
-use crate::record::{AccountRecord, AuditEvent, CreditsRecord, KeyRecord, RouteRule};
+use crate::record::{AccountRecord, AuditEvent, CreditsRecord, KeyRecord, RouteRule, VerifyRecord};
 use crate::store::{self, tables::*};
 
 /// What `check` found. `problems` is empty for a healthy file.
@@ -103,7 +103,7 @@ impl Ledger {
         }
 
         let keys = read.open_table(KEYS)?;
-        let hashes = read.open_table(KEY_HASHES)?;
+        let hashes = read.open_table(KEY_VERIFY)?;
         let by_owner = read.open_table(KEYS_BY_OWNER)?;
         let by_prefix = read.open_table(KEYS_BY_PREFIX)?;
         let mut expected_counts: BTreeMap<HashScheme, u64> = BTreeMap::new();
@@ -129,17 +129,18 @@ impl Ledger {
             if accounts.get(record.owner)?.is_none() {
                 problems.push(format!("{public}: owner account missing"));
             }
-            let mut check_hash = |hash: &[u8; 32], scheme: HashScheme| -> Result<()> {
-                *expected_counts.entry(scheme).or_default() += 1;
+            for (hash, expected) in VerifyRecord::entries(id, &record) {
+                *expected_counts.entry(expected.scheme).or_default() += 1;
                 expected_hashes += 1;
-                if hashes.get(hash)?.map(|v| v.value()) != Some(id) {
-                    problems.push(format!("{public}: hash index entry missing"));
+                let stored = hashes.get(&hash)?;
+                match stored.map(|v| codec::decode::<VerifyRecord>(v.value())) {
+                    None => problems.push(format!("{public}: hash index entry missing")),
+                    Some(Err(e)) => problems.push(format!("{public}: hash index entry: {e}")),
+                    Some(Ok(entry)) if entry != expected => {
+                        problems.push(format!("{public}: hash index entry differs from the key"))
+                    }
+                    Some(Ok(_)) => {}
                 }
-                Ok(())
-            };
-            check_hash(&record.key_hash, record.scheme)?;
-            if let Some(old) = &record.rolled {
-                check_hash(&old.key_hash, old.scheme)?;
             }
             if by_owner.get((record.owner, tag, id))?.is_none() {
                 problems.push(format!("{public}: owner index entry missing"));

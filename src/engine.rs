@@ -23,7 +23,7 @@ use crate::credits::meter::Meter;
 use crate::credits::refill;
 use crate::credits::writer::{self, Adjust, Msg, Shared};
 use crate::error::{Error, Result};
-use crate::hashing::{KeyHash, hashes_equal};
+use crate::hashing::KeyHash;
 use crate::keys::lookup;
 use crate::ledger::Ledger;
 use crate::limits::{KeyLimits, SpendTier};
@@ -333,20 +333,19 @@ impl Engine {
             self.cache.insert_missing(*hash, epoch);
             return Ok(Loaded::Missing);
         };
-        let record = found.record;
-        let known_account = self.accounts.lock().get(&record.owner).cloned();
+        let known_account = self.accounts.lock().get(&found.owner).cloned();
         let account = match known_account {
             Some(state) => state,
             None => {
                 let stored: Option<AccountRecord> =
-                    store::get(&read.open_table(ACCOUNTS)?, record.owner)?;
+                    store::get(&read.open_table(ACCOUNTS)?, found.owner)?;
                 let Some(stored) = stored else {
                     return Ok(Loaded::Missing);
                 };
-                let state = AccountState::new(record.owner, stored.status, stored.entitlements);
+                let state = AccountState::new(found.owner, stored.status, stored.entitlements);
                 self.accounts
                     .lock()
-                    .entry(record.owner)
+                    .entry(found.owner)
                     .or_insert_with(|| Arc::new(state))
                     .clone()
             }
@@ -358,42 +357,40 @@ impl Engine {
                 usage.map_or(0, |u| u.spent)
             }
         };
-        let credits = read.open_table(CREDITS)?;
-        let balance = |id| -> Result<Option<CreditsRecord>> { store::get(&credits, id) };
-        let pool = match record.pool {
-            Some(pool) => {
-                let p: Option<PoolRecord> = store::get(&read.open_table(POOLS)?, pool)?;
-                let threshold = p.and_then(|p| p.low_balance_threshold);
-                Some(self.pool_meter(pool, threshold, balance(pool)?, now))
-            }
-            None => None,
-        };
-        let metering = match (record.pool, record.limits.credits) {
+        let metering = match (found.pool, found.limits.credits) {
             (Some(_), _) => Metering::Pool,
             (None, Some(_)) => Metering::Own,
             (None, None) => Metering::Unmetered,
         };
-        let own_balance = match metering {
-            Metering::Own => balance(found.id)?,
-            _ => None,
+        let (pool, own_balance) = match metering {
+            Metering::Unmetered => (None, None),
+            _ => {
+                let credits = read.open_table(CREDITS)?;
+                let balance = |id| -> Result<Option<CreditsRecord>> { store::get(&credits, id) };
+                match found.pool {
+                    Some(pool) => {
+                        let p: Option<PoolRecord> = store::get(&read.open_table(POOLS)?, pool)?;
+                        let threshold = p.and_then(|p| p.low_balance_threshold);
+                        let meter = self.pool_meter(pool, threshold, balance(pool)?, now);
+                        (Some(meter), None)
+                    }
+                    None => (None, balance(found.id)?),
+                }
+            }
         };
-        drop(credits);
         drop(read);
-        let current = hashes_equal(&record.key_hash, hash);
-        let secret_valid_until = match (&record.rolled, current) {
-            (Some(old), false) => old.valid_until.0,
-            _ => u64::MAX,
-        };
+        let record = found;
+        let secret_valid_until = record.valid_until.map_or(u64::MAX, |t| t.0);
         let table = self.routes.load();
-        let kind = record.kind.id_kind();
-        let carried = self.carried.lock().remove(&found.id);
+        let kind = record.id_kind();
+        let carried = self.carried.lock().remove(&record.id);
         let limits = match carried.as_ref().and_then(|c| c.limits.clone()) {
             Some(l) if l.configured_as(&record.limits) => Some(l),
             _ => Some(Arc::new(KeyLimits::new(&record.limits))).filter(|l| !l.is_empty()),
         };
         let snapshot = Snapshot {
             kind,
-            disabled: record.disabled_at.is_some(),
+            disabled: record.disabled,
             expires_at: record.expires_at.map_or(u64::MAX, |t| t.0),
             secret_valid_until,
             permissions: self.intern(record.permissions),
@@ -405,7 +402,7 @@ impl Engine {
         };
         let threshold = record.limits.low_balance_threshold;
         let new_meter = || {
-            let meter = Meter::new(found.id, threshold, kind, self.shared.exact);
+            let meter = Meter::new(record.id, threshold, kind, self.shared.exact);
             if let Some(r) = &own_balance {
                 init_meter(&meter, r, now);
             }
@@ -421,7 +418,7 @@ impl Engine {
             // registry lock makes sure two concurrent misses do not both create one. Without
             // one, the key starts a new home: a carried home's own meter is unused or retired.
             let mut meters = self.shared.meters.lock();
-            match meters.get(found.id) {
+            match meters.get(record.id) {
                 Some(MeterRef::Own(home)) => build(Some(home.clone())),
                 _ => {
                     let key = build(None);

@@ -12,7 +12,7 @@ use crate::codec::{self, Record};
 use crate::config::Config;
 use crate::keyfmt::{KeyFormat, Presented};
 use crate::public_id::{IdCipher, IdKind};
-use crate::record::{AccountRecord, AuditEvent, CreditsRecord, KeyRecord, RouteRule};
+use crate::record::{AccountRecord, AuditEvent, CreditsRecord, KeyRecord, RouteRule, VerifyRecord};
 use crate::secret::MasterKey;
 
 fn round_trip<R: Record + PartialEq + std::fmt::Debug>(data: &[u8]) {
@@ -31,6 +31,7 @@ fn round_trip<R: Record + PartialEq + std::fmt::Debug>(data: &[u8]) {
 /// Decodes `data` as every record type.
 pub fn decode_records(data: &[u8]) {
     round_trip::<KeyRecord>(data);
+    round_trip::<VerifyRecord>(data);
     round_trip::<AccountRecord>(data);
     round_trip::<CreditsRecord>(data);
     round_trip::<RouteRule>(data);

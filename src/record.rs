@@ -211,6 +211,73 @@ impl Record for KeyRecord {
     const VERSION: u8 = 1;
 }
 
+/// What the cache-miss path of `verify` needs of a key, stored under each of the key's live
+/// hashes (format 2): one look-up by the presented key's hash finds everything its cache
+/// entry is built from, where format 1 read the hash index and then the key record. Written
+/// from the [`KeyRecord`] in the same transaction every time that is written (see
+/// `keys::index`), so the two never disagree; `check` compares them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct VerifyRecord {
+    /// The key's internal id.
+    pub id: u64,
+    /// The scheme this hash was made with.
+    pub scheme: HashScheme,
+    /// For a rolled secret: when it stops working (`None`: the current secret).
+    pub valid_until: Option<Timestamp>,
+    /// A token (`tok_…`) rather than an API key.
+    pub token: bool,
+    pub owner: u64,
+    pub disabled: bool,
+    pub expires_at: Option<Timestamp>,
+    pub permissions: Vec<String>,
+    pub ips: Vec<IpNet>,
+    pub limits: Limits,
+    pub pool: Option<u64>,
+}
+
+impl VerifyRecord {
+    /// The record to store under each live hash of key `id`: the current secret's, then the
+    /// rolled secret's while it has one.
+    pub(crate) fn entries(id: u64, record: &KeyRecord) -> impl Iterator<Item = (KeyHash, Self)> {
+        let current = (record.key_hash, record.scheme, None);
+        let rolled = record
+            .rolled
+            .as_ref()
+            .map(|old| (old.key_hash, old.scheme, Some(old.valid_until)));
+        std::iter::once(current)
+            .chain(rolled)
+            .map(move |(hash, scheme, valid_until)| {
+                let verify = VerifyRecord {
+                    id,
+                    scheme,
+                    valid_until,
+                    token: matches!(record.kind, KeyKind::Token { .. }),
+                    owner: record.owner,
+                    disabled: record.disabled_at.is_some(),
+                    expires_at: record.expires_at,
+                    permissions: record.permissions.clone(),
+                    ips: record.ips.clone(),
+                    limits: record.limits.clone(),
+                    pool: record.pool,
+                };
+                (hash, verify)
+            })
+    }
+
+    /// The public-id kind of the key (`key_…` or `tok_…`).
+    pub(crate) fn id_kind(&self) -> crate::public_id::IdKind {
+        match self.token {
+            true => crate::public_id::IdKind::Token,
+            false => crate::public_id::IdKind::Key,
+        }
+    }
+}
+
+impl Record for VerifyRecord {
+    const NAME: &'static str = "key verify entry";
+    const VERSION: u8 = 1;
+}
+
 /// The durable credit state of a key or a pool. Invariant:
 /// `spent + lost_to_crash + leased + balance == granted`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -622,6 +689,28 @@ mod tests {
         }
 
         #[test]
+        fn verify_records_round_trip_and_follow_their_key(record in arb_key(), id in any::<u64>()) {
+            let entries: Vec<_> = VerifyRecord::entries(id, &record).collect();
+            prop_assert_eq!(entries.len(), 1 + usize::from(record.rolled.is_some()));
+            for (hash, verify) in entries {
+                prop_assert_eq!(decode::<VerifyRecord>(&encode(&verify)).unwrap(), verify.clone());
+                prop_assert_eq!(verify.id, id);
+                prop_assert_eq!(verify.id_kind(), record.kind.id_kind());
+                prop_assert_eq!(verify.disabled, record.disabled_at.is_some());
+                match &record.rolled {
+                    Some(old) if old.key_hash == hash && verify.valid_until.is_some() => {
+                        prop_assert_eq!(verify.valid_until, Some(old.valid_until));
+                        prop_assert_eq!(verify.scheme, old.scheme);
+                    }
+                    _ => {
+                        prop_assert_eq!(hash, record.key_hash);
+                        prop_assert_eq!(verify.scheme, record.scheme);
+                    }
+                }
+            }
+        }
+
+        #[test]
         fn accounts_credits_routes_events_round_trip(
             name in "\\PC{1,50}", ents in proptest::collection::btree_set("[a-z]{1,8}", 0..4),
             n in any::<[u64; 4]>(), prefix in "/[a-z/]{0,20}", perm in proptest::option::of("[a-z:]{1,10}"),
@@ -643,6 +732,7 @@ mod tests {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = decode::<KeyRecord>(&bytes);
+            let _ = decode::<VerifyRecord>(&bytes);
             let _ = decode::<AccountRecord>(&bytes);
             let _ = decode::<CreditsRecord>(&bytes);
             let _ = decode::<RouteRule>(&bytes);

@@ -140,8 +140,10 @@ fn the_database_file_holds_no_plaintext_and_no_master_key() {
         !contains(&raw, &secrets.master_bytes),
         "the raw master key is stored"
     );
-    // The visible parts are stored on purpose (support looks keys up by them).
-    let visible = &secrets.plaintexts[2][..12];
+    // The visible parts are stored on purpose (support looks keys up by them). The test key
+    // (`plaintexts[3]`) is live and unchanged; `plaintexts[2]`'s key was deleted, so its
+    // prefix is in the file only while no later write happens to reuse the freed page.
+    let visible = &secrets.plaintexts[3][..12];
     assert!(
         contains(&raw, visible.as_bytes()),
         "the 12-char visible prefix is stored"

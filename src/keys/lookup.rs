@@ -4,10 +4,12 @@
 
 use crate::audit;
 use crate::clock::Timestamp;
+use crate::codec;
 use crate::error::Result;
 use crate::hashing::{HashScheme, KeyHash, hashes_equal};
+use crate::keys::index;
 use crate::ledger::{Ledger, SYSTEM_ACTOR};
-use crate::record::KeyRecord;
+use crate::record::{KeyRecord, VerifyRecord};
 use crate::store::{self, tables::*};
 
 /// A record found by its plaintext.
@@ -19,65 +21,94 @@ pub(crate) struct Found {
 /// Finds the record whose current secret, or rolled secret still in its grace period, is
 /// `key`. Rehashes a record found under an older scheme.
 pub(crate) fn find(ledger: &Ledger, key: &str, now: Timestamp) -> Result<Option<Found>> {
-    let hash = ledger.hasher().hash_current(key);
-    let read = ledger.inner.store.begin_read()?;
-    find_in(ledger, &read, &hash, key, now)
+    let hasher = ledger.hasher();
+    let hash = hasher.hash_current(key);
+    let mut read = ledger.inner.store.begin_read()?;
+    let entry = match probe(&read, &hash, hasher.current(), now)? {
+        Some(entry) => entry,
+        None => {
+            let Some(entry) = find_under_old_schemes(ledger, &read, &hash, key, now)? else {
+                return Ok(None);
+            };
+            // A new transaction: the rehash committed after `read` began.
+            read = ledger.inner.store.begin_read()?;
+            entry
+        }
+    };
+    let record = store::get::<KeyRecord>(&read.open_table(KEYS)?, entry.id)?;
+    Ok(record.map(|record| Found {
+        id: entry.id,
+        record,
+    }))
 }
 
-/// [`find`] for a key whose current-scheme `hash` is known, reading through `read` (the
-/// miss path goes on reading the key's other records in the same transaction).
+/// The verify entry of the secret `key`, whose current-scheme `hash` is known, read through
+/// `read` (the miss path goes on reading the key's balance in the same transaction): one
+/// look-up while every key is under the current scheme.
 pub(crate) fn find_in(
     ledger: &Ledger,
     read: &redb::ReadTransaction,
     hash: &KeyHash,
     key: &str,
     now: Timestamp,
-) -> Result<Option<Found>> {
+) -> Result<Option<VerifyRecord>> {
+    match probe(read, hash, ledger.hasher().current(), now)? {
+        Some(found) => Ok(Some(found)),
+        None => find_under_old_schemes(ledger, read, hash, key, now),
+    }
+}
+
+/// The part of [`find_in`] after the current scheme missed: tries the schemes that still
+/// have records (none, usually: then this is one read of the scheme counts) and rehashes a
+/// key found under one.
+fn find_under_old_schemes(
+    ledger: &Ledger,
+    read: &redb::ReadTransaction,
+    hash: &KeyHash,
+    key: &str,
+    now: Timestamp,
+) -> Result<Option<VerifyRecord>> {
     let hasher = ledger.hasher();
     let current = hasher.current();
-    if let Some(found) = probe(read, hash, current, now)? {
-        return Ok(Some(found));
-    }
     let counts = store::scheme_counts(&read.open_table(META)?)?;
     for (&scheme, _) in counts.iter().filter(|(s, n)| **s != current && **n > 0) {
         let old_hash = hasher.hash(scheme, key);
         let read = ledger.inner.store.begin_read()?;
         if let Some(found) = probe(&read, &old_hash, scheme, now)? {
             drop(read);
-            return rehash(ledger, found.id, &old_hash, hash, current).map(Some);
+            return rehash(ledger, found.id, &old_hash, hash, current);
         }
     }
     Ok(None)
 }
 
-/// Looks `hash` up and checks it against the record in constant time.
+/// Looks `hash` up: its verify entry, if it was made with `scheme` and is not a rolled
+/// secret past its grace period.
 fn probe(
     read: &redb::ReadTransaction,
     hash: &KeyHash,
     scheme: HashScheme,
     now: Timestamp,
-) -> Result<Option<Found>> {
-    let Some(id) = read.open_table(KEY_HASHES)?.get(hash)?.map(|v| v.value()) else {
+) -> Result<Option<VerifyRecord>> {
+    let table = read.open_table(KEY_VERIFY)?;
+    let Some(bytes) = table.get(hash)? else {
         return Ok(None);
     };
-    let Some(record) = store::get::<KeyRecord>(&read.open_table(KEYS)?, id)? else {
-        return Ok(None);
-    };
-    let current = record.scheme == scheme && hashes_equal(&record.key_hash, hash);
-    let rolled = record.rolled.as_ref().is_some_and(|old| {
-        old.scheme == scheme && hashes_equal(&old.key_hash, hash) && now < old.valid_until
-    });
-    Ok((current || rolled).then_some(Found { id, record }))
+    let entry: VerifyRecord = codec::decode(bytes.value())?;
+    let live = entry.valid_until.is_none_or(|until| now < until);
+    Ok((entry.scheme == scheme && live).then_some(entry))
 }
 
 /// Replaces `old_hash` (current or rolled secret) by `new_hash` under the current scheme.
+/// Returns the verify entry of `new_hash` (`None`: a concurrent change, such as a roll, took
+/// `old_hash` out of the record first).
 fn rehash(
     ledger: &Ledger,
     id: u64,
     old_hash: &KeyHash,
     new_hash: &KeyHash,
     scheme: HashScheme,
-) -> Result<Found> {
+) -> Result<Option<VerifyRecord>> {
     let txn = ledger.inner.store.begin_write()?;
     let record = {
         let mut keys = txn.open_table(KEYS)?;
@@ -92,15 +123,13 @@ fn rehash(
                 .map(|o| (&mut o.key_hash, &mut o.scheme))
         };
         if let Some((stored_hash, stored_scheme)) = slot {
-            let mut hashes = txn.open_table(KEY_HASHES)?;
-            hashes.remove(old_hash)?;
-            hashes.insert(new_hash, id)?;
+            index::remove(&txn, old_hash)?;
             store::adjust_scheme_count(&txn, *stored_scheme, -1)?;
             store::adjust_scheme_count(&txn, scheme, 1)?;
             *stored_hash = *new_hash;
             *stored_scheme = scheme;
         }
-        store::put(&mut keys, id, &record)?;
+        index::put(&txn, &mut keys, id, &record)?;
         let kind = record.kind.id_kind();
         let public = ledger.inner.ids.encode(kind, id);
         let action = format!("{}.rehashed", kind.noun());
@@ -115,7 +144,9 @@ fn rehash(
         record
     };
     txn.commit()?;
-    Ok(Found { id, record })
+    Ok(VerifyRecord::entries(id, &record)
+        .find(|(hash, _)| hashes_equal(hash, new_hash))
+        .map(|(_, entry)| entry))
 }
 
 impl Ledger {

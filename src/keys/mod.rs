@@ -5,6 +5,7 @@
 //! maintains the indexes and appends the audit event, so a rejected write changes nothing.
 
 mod builders;
+pub(crate) mod index;
 pub(crate) mod lookup;
 
 use std::collections::BTreeMap;
@@ -285,13 +286,13 @@ impl<'a> Keys<'a> {
                 return Err(Error::NotFound { what: "pool" });
             }
         }
-        if txn.open_table(KEY_HASHES)?.get(&key_hash)?.is_some() {
+        if txn.open_table(KEY_VERIFY)?.get(&key_hash)?.is_some() {
             return Err(Error::Conflict(
                 "a key with this hash already exists".into(),
             ));
         }
         let id = store::next_id(&txn)?;
-        store::put(&mut txn.open_table(KEYS)?, id, &record)?;
+        index::put(&txn, &mut txn.open_table(KEYS)?, id, &record)?;
         self.index(&txn, id, &record)?;
         if let (Some(credits), None) = (record.limits.credits, record.pool) {
             let credits = new_balance(credits, record.limits.refill, now);
@@ -308,9 +309,9 @@ impl<'a> Keys<'a> {
         Ok(self.view(id, record))
     }
 
-    /// Adds the record's hashes and index entries.
+    /// Counts the record's current hash and adds its index entries (its verify entries are
+    /// written with the record, by [`index::put`]).
     fn index(&self, txn: &WriteTransaction, id: u64, r: &KeyRecord) -> Result<()> {
-        txn.open_table(KEY_HASHES)?.insert(&r.key_hash, id)?;
         store::adjust_scheme_count(txn, r.scheme, 1)?;
         txn.open_table(KEYS_BY_OWNER)?
             .insert((r.owner, self.kind_tag(), id), ())?;
@@ -321,10 +322,10 @@ impl<'a> Keys<'a> {
 
     /// Removes the record's hashes (current and rolled) and index entries.
     fn unindex(&self, txn: &WriteTransaction, id: u64, r: &KeyRecord) -> Result<()> {
-        txn.open_table(KEY_HASHES)?.remove(&r.key_hash)?;
+        index::remove(txn, &r.key_hash)?;
         store::adjust_scheme_count(txn, r.scheme, -1)?;
         if let Some(old) = &r.rolled {
-            txn.open_table(KEY_HASHES)?.remove(&old.key_hash)?;
+            index::remove(txn, &old.key_hash)?;
             store::adjust_scheme_count(txn, old.scheme, -1)?;
         }
         txn.open_table(KEYS_BY_OWNER)?
@@ -560,11 +561,9 @@ impl<'a> Keys<'a> {
         record.updated_by = self.actor.clone();
         self.index(&txn, internal, &record)?;
         if let Some(old) = &record.rolled {
-            txn.open_table(KEY_HASHES)?
-                .insert(&old.key_hash, internal)?;
             store::adjust_scheme_count(&txn, old.scheme, 1)?;
         }
-        store::put(&mut txn.open_table(KEYS)?, internal, &record)?;
+        index::put(&txn, &mut txn.open_table(KEYS)?, internal, &record)?;
         let action = format!("{}.rolled", self.what());
         audit::append(&txn, now, &self.actor, &action, id, &["secret"])?;
         txn.commit()?;
@@ -625,7 +624,7 @@ impl<'a> Keys<'a> {
             record.updated_at = now;
             record.updated_by = self.actor.clone();
             prune_expired_rolled(&txn, &mut record, now)?;
-            store::put(&mut keys, internal, &record)?;
+            index::put(&txn, &mut keys, internal, &record)?;
             match &credits {
                 Some(c) => store::put(&mut credits_table, internal, c)?,
                 None => {
@@ -763,7 +762,7 @@ fn prune_expired_rolled(
     now: Timestamp,
 ) -> Result<()> {
     if let Some(old) = record.rolled.take_if(|old| old.valid_until <= now) {
-        txn.open_table(KEY_HASHES)?.remove(&old.key_hash)?;
+        index::remove(txn, &old.key_hash)?;
         store::adjust_scheme_count(txn, old.scheme, -1)?;
     }
     Ok(())
@@ -788,7 +787,7 @@ pub(crate) fn prune_rolled_secrets(ledger: &Ledger) -> Result<()> {
         for (id, mut record) in expired {
             pruned.push((id, secret_hashes(&record)));
             prune_expired_rolled(&txn, &mut record, now)?;
-            store::put(&mut keys, id, &record)?;
+            index::put(&txn, &mut keys, id, &record)?;
         }
     }
     txn.commit()?;

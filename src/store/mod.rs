@@ -12,6 +12,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableErro
 use crate::codec::{self, Record};
 use crate::error::{CodecError, Error, Result};
 use crate::hashing::HashScheme;
+use crate::record::{KeyRecord, VerifyRecord};
 use crate::secret::{MasterKey, context};
 use tables::{META, meta};
 
@@ -19,7 +20,10 @@ use tables::{META, meta};
 pub(crate) const MAGIC: &[u8; 8] = b"keyledgr";
 /// The file format this build writes. History:
 /// - 1: first release (accounts, keys, hashes, owner/prefix indexes, credits, routes, audit).
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// - 2: the hash index `key_hashes` (hash → key id) is replaced by `key_verify` (hash → the
+///   key id and what verify checks, a `VerifyRecord`), so a cache miss reads one record
+///   instead of two. A format-1 file is migrated when it is opened (see [`migrate_1_to_2`]).
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 /// The opened database and what its meta table says.
 pub(crate) struct Store {
@@ -82,7 +86,7 @@ impl Store {
             for table in ALL_RECORD_TABLES {
                 txn.open_table(table)?;
             }
-            txn.open_table(tables::KEY_HASHES)?;
+            txn.open_table(tables::KEY_VERIFY)?;
             txn.open_table(tables::KEYS_BY_OWNER)?;
             txn.open_table(tables::KEYS_BY_PREFIX)?;
             txn.open_table(tables::ROUTES)?;
@@ -103,6 +107,9 @@ impl Store {
         };
         drop(table);
         drop(read);
+        if existing == Some(1) {
+            migrate_1_to_2(&store)?;
+        }
         Ok((store, OpenedMeta { hash_scheme }))
     }
 
@@ -149,6 +156,40 @@ fn read_format(
         });
     }
     Ok(version)
+}
+
+/// Format 1 → 2: every entry of the hash index `key_hashes` (hash → key id) becomes an entry
+/// of `key_verify` (hash → `VerifyRecord`), built from the key record, and the old index is
+/// deleted, in one transaction with the new format version: a crash leaves format 1 intact.
+/// An index entry whose record is gone or holds another hash is dropped, as `check` would
+/// have reported it.
+fn migrate_1_to_2(store: &Store) -> Result<()> {
+    let txn = store.begin_write()?;
+    {
+        let old = txn.open_table(tables::KEY_HASHES_V1)?;
+        let keys = txn.open_table(tables::KEYS)?;
+        let mut verify = txn.open_table(tables::KEY_VERIFY)?;
+        for entry in old.iter()? {
+            let (hash, id) = entry?;
+            let (hash, id) = (*hash.value(), id.value());
+            let Some(record) = get::<KeyRecord>(&keys, id)? else {
+                continue;
+            };
+            let found = VerifyRecord::entries(id, &record).find(|(h, _)| *h == hash);
+            if let Some((_, entry)) = found {
+                verify.insert(&hash, codec::encode(&entry).as_slice())?;
+            }
+        }
+    }
+    txn.delete_table(tables::KEY_HASHES_V1)?;
+    {
+        let mut table = txn.open_table(META)?;
+        let mut format = MAGIC.to_vec();
+        format.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        table.insert(meta::FORMAT, format.as_slice())?;
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 fn verifier(master: &MasterKey) -> [u8; 32] {

@@ -9,8 +9,13 @@ pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta
 pub(crate) const ACCOUNTS: TableDefinition<u64, &[u8]> = TableDefinition::new("accounts");
 /// `key id → KeyRecord` (API keys and tokens).
 pub(crate) const KEYS: TableDefinition<u64, &[u8]> = TableDefinition::new("keys");
-/// `key hash → key id`: the verify look-up. A rolled key has two hashes here during its grace.
-pub(crate) const KEY_HASHES: TableDefinition<&[u8; 32], u64> = TableDefinition::new("key_hashes");
+/// `key hash → VerifyRecord` (the key id and what verify checks): the verify look-up, one
+/// read per cache miss. A rolled key has two hashes here during its grace. Since format 2.
+pub(crate) const KEY_VERIFY: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("key_verify");
+/// Format 1's hash index, `key hash → key id`: read by the migration to format 2, which
+/// replaces it with [`KEY_VERIFY`] and deletes it.
+pub(crate) const KEY_HASHES_V1: TableDefinition<&[u8; 32], u64> =
+    TableDefinition::new("key_hashes");
 /// `(owner id, kind tag, key id) → ()`: cursor-paginated listing per owner.
 pub(crate) const KEYS_BY_OWNER: TableDefinition<(u64, u8, u64), ()> =
     TableDefinition::new("keys_by_owner");

@@ -176,8 +176,10 @@ impl Engine {
         record.balance + in_memory.min(record.leased)
     }
 
-    /// Waits until the writer has leased into `meter` (or refused).
-    pub(crate) fn lease_now(&self, meter: &MeterRef, need: u64) -> bool {
+    /// Waits until the writer has leased into `meter`; returns the units handed to this
+    /// caller out of that lease (`need`, or fewer if the balance had fewer), `None` if the
+    /// writer is gone.
+    pub(crate) fn lease_now(&self, meter: &MeterRef, need: u64) -> Option<u64> {
         let (reply, done) = channel::bounded(1);
         meter.pending.store(true, Ordering::Release);
         let msg = Msg::Lease {
@@ -185,7 +187,8 @@ impl Engine {
             need,
             reply: Some(reply),
         };
-        self.tx.send(msg).is_ok() && done.recv().is_ok()
+        self.tx.send(msg).ok()?;
+        done.recv().ok()
     }
 
     /// Starts a background lease top-up.

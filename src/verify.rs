@@ -164,8 +164,8 @@ impl Ledger {
     }
 
     /// The lease ran short: have the writer lease more (it batches every waiting meter into
-    /// one commit) and try again, until the reservation fits or the durable balance is known
-    /// to be empty.
+    /// one commit and hands each waiting request its units directly) and try again, until the
+    /// reservation fits or the durable balance is known to be empty.
     fn reserve_slow<'l>(&'l self, mut grant: Grant<'l>) -> Result<Grant<'l>, Denial> {
         let engine = &self.inner.engine;
         let key = grant.key.clone();
@@ -175,10 +175,10 @@ impl Ledger {
         let mut denial = Denial::Unavailable; // the writer kept losing the race: retry later
         for _ in 0..64 {
             let now = self.now().0;
+            grant.epoch = meter.epoch.load(Ordering::Acquire);
             // A lease taken before a refill came due belongs to the old period: the writer
             // must apply the refill (replacing it) before anything more is spent.
             if meter.current(now) {
-                grant.epoch = meter.epoch.load(Ordering::Acquire);
                 // Read before the take: the writer hands a lease over before it marks the
                 // balance empty, so a take after seeing the mark sees that lease too.
                 let empty = meter.empty_until_ms.load(Ordering::Acquire) > now;
@@ -191,8 +191,14 @@ impl Ledger {
                     break;
                 }
             }
-            if !engine.lease_now(&handle, cost) {
-                break;
+            match engine.lease_now(&handle, cost) {
+                None => break,
+                Some(handed) if handed == cost => {
+                    grant.note_use(now);
+                    return Ok(grant);
+                }
+                // Fewer than needed (the balance is running out): back into the lease.
+                Some(handed) => meter.give_back(handed),
             }
         }
         grant.settled = true; // nothing was reserved

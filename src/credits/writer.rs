@@ -52,11 +52,12 @@ pub(crate) enum Adjust {
 }
 
 pub(crate) enum Msg {
-    /// Lease more units into `meter`; the caller waits (`reply`) or not (prefetch).
+    /// Lease more units into `meter`; the caller waits (`reply`: it is handed `need` of them,
+    /// or fewer if the balance has fewer) or not (prefetch).
     Lease {
         meter: MeterRef,
         need: u64,
-        reply: Option<Sender<()>>,
+        reply: Option<Sender<u64>>,
     },
     /// Charge units beyond a reservation straight from the durable balance.
     Shortfall {
@@ -218,7 +219,9 @@ struct Effects {
     /// Where in `leases` units were granted, by meter id: what a later message in the
     /// batch takes back without scanning every lease of the batch.
     granted_at: HashMap<u64, Vec<usize>>,
-    lease_replies: Vec<Sender<()>>,
+    /// Waiting requests: the lease (index in `leases`) their units come out of, how many
+    /// they need, and where to hand them.
+    handoffs: Vec<(usize, u64, Sender<u64>)>,
     shortfalls: Vec<(Sender<u64>, u64)>,
     adjusts: Vec<(Sender<Result<u64>>, u64)>,
     flushed_spend: Vec<(MeterRef, u64)>,
@@ -245,13 +248,21 @@ fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, f
     match result {
         Ok(()) => {
             shared.commits.fetch_add(1, Ordering::Relaxed);
+            // A waiting request gets the units it asked for straight out of the lease taken
+            // for it, before anyone else can reserve them: handed to the meter, they could go to
+            // another thread every time (`Exact` mode, many threads on one key).
+            for (at, need, reply) in fx.handoffs {
+                let units = &mut fx.leases[at].1;
+                let handed = need.min(*units);
+                *units -= handed;
+                if reply.send(handed).is_err() {
+                    *units += handed; // nobody waits any more: the meter keeps them
+                }
+            }
             for (meter, units, empty_until) in fx.leases {
                 meter.give_back(units);
                 meter.empty_until_ms.store(empty_until, Ordering::Release);
                 meter.pending.store(false, Ordering::Release);
-            }
-            for r in fx.lease_replies {
-                let _ = r.send(());
             }
             for (r, n) in fx.shortfalls {
                 let _ = r.send(n);
@@ -333,8 +344,8 @@ fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, f
                 meter.pending.store(false, Ordering::Release);
             }
             let message = e.to_string();
-            for r in fx.lease_replies {
-                let _ = r.send(());
+            for (_, _, r) in fx.handoffs {
+                let _ = r.send(0);
             }
             for (r, _) in fx.shortfalls {
                 let _ = r.send(0);
@@ -380,12 +391,14 @@ fn build(
             match msg {
                 Msg::Lease { meter, need, reply } => {
                     // Closing: every lease is about to be returned, so hand out none.
-                    if !closing {
-                        lease(shared, &mut work, fx, meter, need, now)?;
+                    let at = if closing {
+                        fx.grant(meter, 0, 0)
                     } else {
-                        meter.pending.store(false, Ordering::Release);
+                        lease(shared, &mut work, fx, meter, need, now)?
+                    };
+                    if let Some(reply) = reply {
+                        fx.handoffs.push((at, need, reply));
                     }
-                    fx.lease_replies.extend(reply);
                 }
                 Msg::Shortfall {
                     meter,
@@ -585,13 +598,15 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result
 }
 
 impl Effects {
-    /// A lease of `units` for `meter`, handed over once the batch is durable.
-    fn grant(&mut self, meter: MeterRef, units: u64, empty_until: u64) {
+    /// A lease of `units` for `meter`, handed over once the batch is durable. Returns its
+    /// index in `leases`.
+    fn grant(&mut self, meter: MeterRef, units: u64, empty_until: u64) -> usize {
+        let at = self.leases.len();
         if units > 0 {
-            let at = self.leases.len();
             self.granted_at.entry(meter.id).or_default().push(at);
         }
         self.leases.push((meter, units, empty_until));
+        at
     }
 }
 
@@ -604,7 +619,8 @@ fn cancel_pending_leases(fx: &mut Effects, meter: &Meter) -> u64 {
         .sum()
 }
 
-/// Moves up to the adaptive lease size (at least `need`) from `balance` to `leased`.
+/// Moves up to the adaptive lease size (at least `need`) from `balance` to `leased`. Returns
+/// the lease's index in `fx.leases`.
 fn lease(
     shared: &Shared,
     work: &mut Working<'_>,
@@ -612,11 +628,17 @@ fn lease(
     meter: MeterRef,
     need: u64,
     now: Timestamp,
-) -> Result<()> {
-    let size = meter.adapt(now.0, shared.exact);
+) -> Result<usize> {
+    // One adaptive lease per meter per batch: a prefetch and a waiting request for the same
+    // meter in one batch would otherwise double the size twice (and a crash would lose both);
+    // the second gets just what it needs.
+    let size = if fx.granted_at.contains_key(&meter.id) {
+        0
+    } else {
+        meter.adapt(now.0, shared.exact)
+    };
     let Some(r) = live(work, &meter)? else {
-        fx.leases.push((meter, 0, 0));
-        return Ok(());
+        return Ok(fx.grant(meter, 0, 0));
     };
     // The record is being written anyway: settle this meter's spend with it.
     let spent = meter.spent.swap(0, Ordering::AcqRel).min(r.leased);
@@ -644,8 +666,7 @@ fn lease(
         low_balance(shared, fx, &meter, remaining);
     }
     let empty_until = empty_until(r, now);
-    fx.grant(meter, grant, empty_until);
-    Ok(())
+    Ok(fx.grant(meter, grant, empty_until))
 }
 
 /// Applies a due refill: the new period's balance replaces everything, including the lease
@@ -738,7 +759,11 @@ mod tests {
         fx.grant(a.clone(), 16, 0);
         fx.grant(b.clone(), 32, 0);
         fx.grant(a.clone(), 0, 0); // an entry granting nothing
-        fx.grant(a.clone(), 64, 0);
+        assert_eq!(
+            fx.grant(a.clone(), 64, 0),
+            3,
+            "its index in the batch's leases"
+        );
         assert_eq!(cancel_pending_leases(&mut fx, &a), 80);
         assert_eq!(cancel_pending_leases(&mut fx, &a), 0, "already taken back");
         let left: Vec<u64> = fx.leases.iter().map(|(_, units, _)| *units).collect();

@@ -749,3 +749,20 @@ fn a_key_metered_again_right_after_being_made_unmetered_gets_its_new_balance() {
         assert_eq!(ledger.credits().usage(&id).unwrap().remaining, Some(0));
     }
 }
+
+/// A request that waited for the writer's first lease is handed its units out of it; the rest
+/// of that lease must already be in memory when the request wakes, or whoever looks next
+/// (here: the request's own refund, then `get`) sees a balance short by the rest.
+#[test]
+fn the_first_lease_is_whole_in_memory_when_the_request_that_waited_for_it_wakes() {
+    let t = ledger_with(Durability::Leased);
+    let owner = t.account("Acme");
+    for round in 0..200 {
+        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(15));
+        let key = presented(&plain);
+        let grant = t.ledger.verify(&Request::new(&key, "/x").cost(4)).unwrap();
+        drop(grant);
+        let info = t.ledger.keys().get(&id).unwrap();
+        assert_eq!(info.remaining_credits, Some(15), "round {round}");
+    }
+}

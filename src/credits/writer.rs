@@ -251,18 +251,27 @@ fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, f
             // A waiting request gets the units it asked for straight out of the lease taken
             // for it, before anyone else can reserve them: handed to the meter, they could go to
             // another thread every time (`Exact` mode, many threads on one key).
-            for (at, need, reply) in fx.handoffs {
-                let units = &mut fx.leases[at].1;
-                let handed = need.min(*units);
-                *units -= handed;
-                if reply.send(handed).is_err() {
-                    *units += handed; // nobody waits any more: the meter keeps them
-                }
-            }
+            let handed: Vec<_> = fx
+                .handoffs
+                .into_iter()
+                .map(|(at, need, reply)| {
+                    let (meter, units, _) = &mut fx.leases[at];
+                    let handed = need.min(*units);
+                    *units -= handed;
+                    (meter.clone(), handed, reply)
+                })
+                .collect();
             for (meter, units, empty_until) in fx.leases {
                 meter.give_back(units);
                 meter.empty_until_ms.store(empty_until, Ordering::Release);
                 meter.pending.store(false, Ordering::Release);
+            }
+            // Only now, with the rest of each lease in its meter: a woken request may commit
+            // or refund at once, and whoever looks next must see the whole lease.
+            for (meter, units, reply) in handed {
+                if reply.send(units).is_err() {
+                    meter.give_back(units); // nobody waits any more: the meter keeps them
+                }
             }
             for (r, n) in fx.shortfalls {
                 let _ = r.send(n);

@@ -104,6 +104,7 @@ impl Engine {
             meters: Mutex::new(Default::default()),
             dirty_meters: SegQueue::new(),
             dirty_usage: SegQueue::new(),
+            prefetches: Default::default(),
             events: events_tx,
             commits: Default::default(),
         });
@@ -193,11 +194,9 @@ impl Engine {
 
     /// Starts a background lease top-up.
     pub(crate) fn prefetch(&self, meter: &MeterRef) {
-        let _ = self.tx.send(Msg::Lease {
-            meter: meter.clone(),
-            need: 0,
-            reply: None,
-        });
+        if self.shared.prefetches.push(meter.clone()) {
+            let _ = self.tx.send(Msg::PrefetchBell);
+        }
     }
 
     /// Drops refunded units reserved before a `set` of the balance (see `Grant`).

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
@@ -36,10 +36,10 @@ pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 pub(crate) const FULL_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 /// Most messages folded into one transaction.
 const MAX_BATCH: usize = 8_192;
-/// A batch of nothing but prefetches (lease top-ups nobody waits for: asked for while a
-/// quarter of the lease is left) waits this long for more before it commits, so that many
-/// keys' renewals share one transaction, one fsync and the B-tree pages they have in common.
-/// Any other message ends the wait at once.
+/// Prefetches (lease top-ups nobody waits for: asked for while a quarter of the lease is left)
+/// gather this long after the first one rings the writer's bell before they commit, so that
+/// many keys' renewals share one transaction, one fsync and the B-tree pages they have in
+/// common. Any other message ends the wait at once.
 const PREFETCH_GATHER: Duration = Duration::from_millis(100);
 
 /// A change to a durable balance, ordered with leases.
@@ -82,6 +82,10 @@ pub(crate) enum Msg {
     Flush { reply: Sender<Result<()>> },
     /// Return every lease, flush, and stop.
     Close { reply: Sender<Result<()>> },
+    /// Prefetches wait in [`Shared::prefetches`]: take them. Sent only by the request that
+    /// rings the bell, so a busy verify thread wakes the writer once per batch, not once per
+    /// prefetch (each wake is a futex syscall on the verify thread).
+    PrefetchBell,
     /// Stop at once, writing nothing: what a crash leaves behind (tests only).
     Abandon,
 }
@@ -96,6 +100,8 @@ pub(crate) struct Shared {
     pub meters: Mutex<Registry>,
     pub dirty_meters: SegQueue<MeterRef>,
     pub dirty_usage: SegQueue<Arc<CachedKey>>,
+    /// Background lease top-ups waiting for the writer.
+    pub prefetches: Prefetches,
     pub events: Sender<CreditEvent>,
     /// Write transactions committed by the writer (each is one fsync).
     pub commits: AtomicU64,
@@ -115,12 +121,58 @@ struct Listed {
     flushed_at_ms: u64,
 }
 
+/// Meters asking for a background lease top-up (each at most once: its `pending` mark),
+/// and the writer's bell for them: only the request that finds the bell silent rings it
+/// (sends [`Msg::PrefetchBell`]), so a busy verify thread wakes the writer once per batch.
+#[derive(Default)]
+pub(crate) struct Prefetches {
+    queue: SegQueue<MeterRef>,
+    bell: AtomicBool,
+}
+
+impl Prefetches {
+    /// Queues `meter`; true when the caller must ring the bell.
+    ///
+    /// The push comes before the bell's swap and [`take`](Self::take) clears the bell before
+    /// it pops (both `SeqCst`): a request that finds the bell ringing pushed before the
+    /// writer's clear, so that writer's pops see its meter.
+    pub(crate) fn push(&self, meter: MeterRef) -> bool {
+        self.queue.push(meter);
+        !self.bell.swap(true, Ordering::SeqCst)
+    }
+
+    /// Takes up to `max` queued meters, clearing the bell first. With more left, the bell
+    /// stays rung: the writer comes back for the rest without waiting (see `run`).
+    fn take(&self, max: usize) -> Vec<MeterRef> {
+        self.bell.store(false, Ordering::SeqCst);
+        let taken: Vec<MeterRef> = std::iter::from_fn(|| self.queue.pop()).take(max).collect();
+        if !self.queue.is_empty() {
+            self.bell.store(true, Ordering::SeqCst);
+        }
+        taken
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+}
+
 /// Runs the writer loop until `Close`, `Abandon` or every sender is gone.
 pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
     let mut listed = Listed::default();
     let mut last_full_flush = std::time::Instant::now();
     loop {
-        let first = match rx.recv_timeout(FLUSH_INTERVAL) {
+        // A backlog of prefetches (more than one batch's worth) is taken without waiting.
+        let wait = if shared.prefetches.is_empty() {
+            FLUSH_INTERVAL
+        } else {
+            Duration::ZERO
+        };
+        let first = match rx.recv_timeout(wait) {
             Ok(msg) => Some(msg),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => {
@@ -130,9 +182,9 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
         };
         let mut batch: Vec<Msg> = first.into_iter().collect();
         drain(&rx, &mut batch);
-        if !batch.is_empty() && batch.iter().all(is_prefetch) {
+        if !batch.is_empty() && batch.iter().all(is_bell) {
             let until = std::time::Instant::now() + PREFETCH_GATHER;
-            while batch.len() < MAX_BATCH {
+            while batch.len() < MAX_BATCH && shared.prefetches.len() < MAX_BATCH {
                 let left = until.saturating_duration_since(std::time::Instant::now());
                 let Ok(msg) = rx.recv_timeout(left) else {
                     break; // the window closed (or every sender is gone: the next turn sees it)
@@ -140,7 +192,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
                 let start = batch.len();
                 batch.push(msg);
                 drain(&rx, &mut batch);
-                if !batch[start..].iter().all(is_prefetch) {
+                if !batch[start..].iter().all(is_bell) {
                     break;
                 }
             }
@@ -148,6 +200,21 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
         if batch.iter().any(|m| matches!(m, Msg::Abandon)) {
             return;
         }
+        // Queued prefetches go first: each was asked for before any message that follows
+        // its request's bell, and a lease granted before a retire or a set is taken back by it.
+        let mut prefetched: Vec<Msg> = shared
+            .prefetches
+            .take(MAX_BATCH)
+            .into_iter()
+            .map(|meter| Msg::Lease {
+                meter,
+                need: 0,
+                reply: None,
+            })
+            .collect();
+        batch.retain(|m| !is_bell(m));
+        prefetched.append(&mut batch);
+        let batch = prefetched;
         let closing = batch.iter().any(|m| matches!(m, Msg::Close { .. }));
         let dirty = !shared.dirty_meters.is_empty()
             || !shared.dirty_usage.is_empty()
@@ -179,9 +246,9 @@ fn drain(rx: &Receiver<Msg>, batch: &mut Vec<Msg>) {
     }
 }
 
-/// A lease top-up that no caller waits for.
-fn is_prefetch(msg: &Msg) -> bool {
-    matches!(msg, Msg::Lease { reply: None, .. })
+/// The bell of queued lease top-ups that no caller waits for.
+fn is_bell(msg: &Msg) -> bool {
+    matches!(msg, Msg::PrefetchBell)
 }
 
 /// Records touched by one batch, loaded once and written once.
@@ -490,7 +557,7 @@ fn build(
                     }
                 }
                 Msg::Flush { reply } | Msg::Close { reply } => fx.syncs.push(reply),
-                Msg::Abandon => {}
+                Msg::Abandon | Msg::PrefetchBell => {}
             }
         }
         if closing {
@@ -759,6 +826,23 @@ fn flush_usage(txn: &redb::WriteTransaction, fx: &mut Effects) -> Result<()> {
 mod tests {
     use super::*;
     use crate::public_id::IdKind;
+
+    #[test]
+    fn only_the_first_prefetch_after_a_take_rings_the_bell() {
+        let pool = |id| MeterRef::Pool(Arc::new(Meter::new(id, None, IdKind::Pool, false)));
+        let queue = Prefetches::default();
+        let rings: Vec<bool> = (1..=3).map(|id| queue.push(pool(id))).collect();
+        assert_eq!(rings, [true, false, false], "one bell for three prefetches");
+        let ids: Vec<u64> = queue.take(10).iter().map(|m| m.id).collect();
+        assert_eq!(ids, [1, 2, 3], "every queued meter, in order");
+        assert!(queue.push(pool(4)), "a take silences the bell");
+        queue.push(pool(5));
+        queue.push(pool(6));
+        assert_eq!(queue.take(2).len(), 2, "at most `max`");
+        assert!(!queue.push(pool(7)), "with meters left the bell stays rung");
+        assert_eq!(queue.take(10).len(), 2);
+        assert!(queue.is_empty());
+    }
 
     #[test]
     fn cancelling_a_meters_pending_leases_takes_back_all_of_them_and_only_them() {

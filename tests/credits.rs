@@ -766,3 +766,22 @@ fn the_first_lease_is_whole_in_memory_when_the_request_that_waited_for_it_wakes(
         assert_eq!(info.remaining_credits, Some(15), "round {round}");
     }
 }
+
+/// `flush` covers every lease top-up asked for before it, even more than the writer folds
+/// into one transaction (8,192): those queue behind one bell, and a flush used to reply after
+/// the first batch of them, with the rest still leasing.
+#[test]
+fn a_flush_covers_every_lease_top_up_asked_for_before_it() {
+    use keyledger::bench_support::{Options, Workload};
+    let work = Workload::build(&Options::new(10_000), &mut |_| {}).expect("workload");
+    assert_eq!(work.warm(&mut |_| {}), 10_000, "every key cached");
+    let commits = work.prime_leases().expect("prime");
+    assert!(commits >= 2, "more than one batch: {commits} commits");
+    let without_lease = (0..10_000)
+        .filter(|&i| work.lease_of(i).unwrap_or(0) == 0)
+        .count();
+    assert_eq!(
+        without_lease, 0,
+        "keys still without a lease after the flush"
+    );
+}

@@ -200,18 +200,16 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
         if batch.iter().any(|m| matches!(m, Msg::Abandon)) {
             return;
         }
+        // A flush covers every prefetch asked for before it: a backlog goes first, a batch
+        // at a time.
+        if batch.iter().any(|m| matches!(m, Msg::Flush { .. })) {
+            while shared.prefetches.len() > MAX_BATCH {
+                apply(&shared, &mut listed, prefetch_batch(&shared), false, false);
+            }
+        }
         // Queued prefetches go first: each was asked for before any message that follows
         // its request's bell, and a lease granted before a retire or a set is taken back by it.
-        let mut prefetched: Vec<Msg> = shared
-            .prefetches
-            .take(MAX_BATCH)
-            .into_iter()
-            .map(|meter| Msg::Lease {
-                meter,
-                need: 0,
-                reply: None,
-            })
-            .collect();
+        let mut prefetched = prefetch_batch(&shared);
         batch.retain(|m| !is_bell(m));
         prefetched.append(&mut batch);
         let batch = prefetched;
@@ -234,6 +232,18 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
             return;
         }
     }
+}
+
+/// Up to `MAX_BATCH` queued prefetches, as lease messages.
+fn prefetch_batch(shared: &Shared) -> Vec<Msg> {
+    let meters = shared.prefetches.take(MAX_BATCH).into_iter();
+    meters
+        .map(|meter| Msg::Lease {
+            meter,
+            need: 0,
+            reply: None,
+        })
+        .collect()
 }
 
 /// Moves every message already queued into `batch` (up to `MAX_BATCH`).

@@ -27,6 +27,7 @@ pub struct Config {
     pub(crate) durability: Durability,
     pub(crate) cache_capacity: usize,
     pub(crate) spend_tiers: Vec<SpendTier>,
+    pub(crate) usage_flush_interval: std::time::Duration,
 }
 
 impl Config {
@@ -73,6 +74,7 @@ impl fmt::Debug for Config {
             .field("legacy_prefixes", &self.legacy_prefixes)
             .field("durability", &self.durability)
             .field("cache_capacity", &self.cache_capacity)
+            .field("usage_flush_interval", &self.usage_flush_interval)
             .finish_non_exhaustive()
     }
 }
@@ -89,6 +91,7 @@ pub struct ConfigBuilder {
     durability: Durability,
     cache_capacity: Option<usize>,
     spend_tiers: Vec<SpendTier>,
+    usage_flush_interval: Option<std::time::Duration>,
 }
 
 impl ConfigBuilder {
@@ -162,6 +165,16 @@ impl ConfigBuilder {
         self
     }
 
+    /// How often every key's unwritten spend and usage (requests, last use) reach the disk
+    /// (default 30 s; also at every `flush`, `usage` and clean close). The writer spreads
+    /// each round over small transactions between lease batches, so requests never wait
+    /// behind it. What a crash loses of it is reporting, never money: unwritten spend is
+    /// still leased on disk and counts as `lost_to_crash`.
+    pub fn usage_flush_interval(mut self, every: std::time::Duration) -> Self {
+        self.usage_flush_interval = Some(every);
+        self
+    }
+
     /// The clock used for timestamps, expiry and refills (default: the system clock).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Some(Arc::new(clock));
@@ -209,6 +222,9 @@ impl ConfigBuilder {
             durability: self.durability,
             cache_capacity: self.cache_capacity.unwrap_or(1_000_000).max(1),
             spend_tiers: self.spend_tiers,
+            usage_flush_interval: self
+                .usage_flush_interval
+                .unwrap_or(std::time::Duration::from_secs(30)),
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         })
     }

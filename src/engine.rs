@@ -101,6 +101,7 @@ impl Engine {
             clock: config.clock.clone(),
             ids,
             exact: config.durability == Durability::Exact,
+            flush_every: config.usage_flush_interval,
             meters: Mutex::new(Default::default()),
             dirty_meters: SegQueue::new(),
             dirty_usage: SegQueue::new(),

@@ -228,3 +228,28 @@ fn check_reports_the_crash_before_the_ledger_is_reopened() {
     drop(ledger);
     drop(dir);
 }
+
+/// Flush rounds write every key's spend and usage without a `flush`: a crash after one loses
+/// only the unreserved lease, not what was spent before it (with the default 30 s interval
+/// the same crash would count the spend as lost).
+#[test]
+fn a_flush_round_writes_spend_and_usage_before_a_crash() {
+    let t = TestLedger::with_settings(keyledger::MasterKey::generate().unwrap(), |b| {
+        b.usage_flush_interval(std::time::Duration::from_millis(5))
+    });
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    spend_n(&t, &plain, 5, 1); // within the first lease (16): no renewal writes the spend
+    let before = t.ledger.stats().writer_commits;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while t.ledger.stats().writer_commits == before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(t.ledger.stats().writer_commits > before, "no round in 10 s");
+    let t = t.crash_and_reopen();
+    let u = t.ledger.credits().usage(&id).unwrap();
+    assert_eq!(u.spent, 5, "{u:?}");
+    assert_eq!(u.requests, 5, "{u:?}");
+    assert_eq!(u.spent + u.lost_to_crash + u.remaining.unwrap(), u.granted);
+    assert!(u.lost_to_crash <= 16 - 5, "{u:?}");
+}

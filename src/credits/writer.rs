@@ -28,15 +28,19 @@ use crate::store::tables::{CREDITS, USAGE};
 
 /// How long the writer waits for messages before looking at the clock again.
 pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
-/// Spend and usage counters are written for every key at least this often (and at every
-/// `flush`, `usage` and `close`). Between full flushes a meter's spend is written only when
-/// the writer leases for it anyway, so a busy key costs one record write per lease, not one
-/// per request. Unflushed spend is still `leased` on disk: a crash counts it as lost, never
-/// as available.
-pub(crate) const FULL_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
+/// Spend and usage counters are written for every key once per round, a round starting every
+/// `Config::usage_flush_interval` (and everything at every `flush`, `usage` and `close`).
+/// Between rounds a meter's spend is written only when the writer leases for it anyway, so a
+/// busy key costs one record write per lease, not one per request. Unflushed spend is still
+/// `leased` on disk: a crash counts it as lost, never as available.
+///
+/// A round writes at most this many meters and this many keys' usage per transaction, one
+/// chunk per batch: at 1M active keys a round is ≈ 2M record writes, and in one transaction
+/// that held every lease renewal back for seconds.
+const FLUSH_CHUNK: usize = 4_096;
 /// Most messages folded into one transaction.
 const MAX_BATCH: usize = 8_192;
-/// Prefetches (lease top-ups nobody waits for: asked for while a quarter of the lease is left)
+/// Prefetches (lease top-ups nobody waits for: asked for while half the lease is left)
 /// gather this long after the first one rings the writer's bell before they commit, so that
 /// many keys' renewals share one transaction, one fsync and the B-tree pages they have in
 /// common. Any other message ends the wait at once.
@@ -96,6 +100,8 @@ pub(crate) struct Shared {
     pub clock: Arc<dyn Clock>,
     pub ids: Arc<IdCipher>,
     pub exact: bool,
+    /// How often a flush round starts (see [`FLUSH_CHUNK`]).
+    pub flush_every: Duration,
     /// Credit meters in memory, by CREDITS id.
     pub meters: Mutex<Registry>,
     pub dirty_meters: SegQueue<MeterRef>,
@@ -107,18 +113,44 @@ pub(crate) struct Shared {
     pub commits: AtomicU64,
 }
 
-/// Meters and keys that a full flush found in use. They stay listed here, their dirty mark
+/// Meters and keys that a flush round found in use. They stay listed here, their dirty mark
 /// still set, so that their next request does not queue them again: otherwise every key in
 /// use was pushed onto a queue by its first request after every flush (an allocation, and a
-/// contended tail, on the hot path). A full flush that finds one idle since the previous one
+/// contended tail, on the hot path). A round that finds one idle since the previous round
 /// unlists it and clears its mark; its next request queues it again.
 #[derive(Default)]
 struct Listed {
     meters: Vec<MeterRef>,
     usage: Vec<Arc<CachedKey>>,
-    /// When the last full flush ran (clock ms): a meter leased since then is in use even if
+    /// When the last round started (clock ms): a meter leased since then is in use even if
     /// its leases settled all its spend.
     flushed_at_ms: u64,
+    /// The round in progress, if any.
+    round: Option<Round>,
+}
+
+/// A flush round in progress, written [`FLUSH_CHUNK`] at a time. While it runs, `Listed`'s
+/// lists are empty: what the round has still to write keeps its dirty mark, so nothing it
+/// holds is queued twice.
+#[derive(Default)]
+struct Round {
+    meters: Vec<MeterRef>,
+    usage: Vec<Arc<CachedKey>>,
+    /// What its chunks found in use (listed again when the round ends).
+    meters_kept: Vec<MeterRef>,
+    usage_kept: Vec<Arc<CachedKey>>,
+    started_ms: u64,
+}
+
+/// How much of the listed and queued spend and usage a batch writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    /// Only what the batch's own messages touch.
+    Nothing,
+    /// The next chunk of the round in progress (starting one if none is).
+    Chunk,
+    /// Everything, now: `flush`, `usage`, `close`.
+    All,
 }
 
 /// Meters asking for a background lease top-up (each at most once: its `pending` mark),
@@ -164,10 +196,11 @@ impl Prefetches {
 /// Runs the writer loop until `Close`, `Abandon` or every sender is gone.
 pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
     let mut listed = Listed::default();
-    let mut last_full_flush = std::time::Instant::now();
+    let mut last_round = std::time::Instant::now();
     loop {
-        // A backlog of prefetches (more than one batch's worth) is taken without waiting.
-        let wait = if shared.prefetches.is_empty() {
+        // A backlog of prefetches (more than one batch's worth) or a round in progress is
+        // taken up without waiting.
+        let wait = if shared.prefetches.is_empty() && listed.round.is_none() {
             FLUSH_INTERVAL
         } else {
             Duration::ZERO
@@ -176,13 +209,13 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
             Ok(msg) => Some(msg),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => {
-                apply(&shared, &mut listed, Vec::new(), true, true);
+                apply(&shared, &mut listed, Vec::new(), true, Flush::All);
                 return;
             }
         };
         let mut batch: Vec<Msg> = first.into_iter().collect();
         drain(&rx, &mut batch);
-        if !batch.is_empty() && batch.iter().all(is_bell) {
+        if !batch.is_empty() && batch.iter().all(is_bell) && listed.round.is_none() {
             let until = std::time::Instant::now() + PREFETCH_GATHER;
             while batch.len() < MAX_BATCH && shared.prefetches.len() < MAX_BATCH {
                 let left = until.saturating_duration_since(std::time::Instant::now());
@@ -202,9 +235,16 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
         }
         // A flush covers every prefetch asked for before it: a backlog goes first, a batch
         // at a time.
-        if batch.iter().any(|m| matches!(m, Msg::Flush { .. })) {
+        let syncing = batch.iter().any(|m| matches!(m, Msg::Flush { .. }));
+        if syncing {
             while shared.prefetches.len() > MAX_BATCH {
-                apply(&shared, &mut listed, prefetch_batch(&shared), false, false);
+                apply(
+                    &shared,
+                    &mut listed,
+                    prefetch_batch(&shared),
+                    false,
+                    Flush::Nothing,
+                );
             }
         }
         // Queued prefetches go first: each was asked for before any message that follows
@@ -218,16 +258,21 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
             || !shared.dirty_usage.is_empty()
             || !listed.meters.is_empty()
             || !listed.usage.is_empty();
-        let full = closing
-            || batch.iter().any(|m| matches!(m, Msg::Flush { .. }))
-            || (dirty && last_full_flush.elapsed() >= FULL_FLUSH_INTERVAL);
-        if batch.is_empty() && !full {
+        let flush = if closing || syncing {
+            last_round = std::time::Instant::now();
+            Flush::All
+        } else if listed.round.is_some() {
+            Flush::Chunk
+        } else if dirty && last_round.elapsed() >= shared.flush_every {
+            last_round = std::time::Instant::now();
+            Flush::Chunk
+        } else {
+            Flush::Nothing
+        };
+        if batch.is_empty() && flush == Flush::Nothing {
             continue;
         }
-        if full {
-            last_full_flush = std::time::Instant::now();
-        }
-        apply(&shared, &mut listed, batch, closing, full);
+        apply(&shared, &mut listed, batch, closing, flush);
         if closing {
             return;
         }
@@ -303,8 +348,8 @@ struct Effects {
     adjusts: Vec<(Sender<Result<u64>>, u64)>,
     flushed_spend: Vec<(MeterRef, u64)>,
     flushed_usage: Vec<(Arc<CachedKey>, u64, u64, u64)>,
-    /// A full flush's meters and keys (the listed ones, then the queued ones): what stays
-    /// listed if the batch fails.
+    /// The meters and keys this batch flushes (all listed and queued ones, or a round's
+    /// chunk): what goes back to be flushed if the batch fails.
     meters_seen: Vec<MeterRef>,
     usage_seen: Vec<Arc<CachedKey>>,
     /// What stays listed if it commits, and what was unlisted.
@@ -318,10 +363,10 @@ struct Effects {
     gone: Vec<MeterRef>,
 }
 
-fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, full: bool) {
+fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, flush: Flush) {
     let mut fx = Effects::default();
     let now = shared.clock.now().0;
-    let result = build(shared, listed, batch, closing, full, &mut fx);
+    let result = build(shared, listed, batch, closing, flush, &mut fx);
     match result {
         Ok(()) => {
             shared.commits.fetch_add(1, Ordering::Relaxed);
@@ -364,10 +409,24 @@ fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, f
             }
             drop((fx.flushed_spend, fx.reclaimed, fx.flushed_usage));
             drop((fx.meters_seen, fx.usage_seen));
-            if full {
-                listed.meters = fx.meters_kept;
-                listed.usage = fx.usage_kept;
-                listed.flushed_at_ms = now;
+            match flush {
+                Flush::Nothing => {}
+                Flush::All => {
+                    listed.meters = fx.meters_kept;
+                    listed.usage = fx.usage_kept;
+                    listed.flushed_at_ms = now;
+                }
+                Flush::Chunk => {
+                    let round = listed.round.as_mut().expect("a chunk belongs to a round");
+                    round.meters_kept.append(&mut fx.meters_kept);
+                    round.usage_kept.append(&mut fx.usage_kept);
+                    if round.meters.is_empty() && round.usage.is_empty() {
+                        let round = listed.round.take().expect("checked above");
+                        listed.meters = round.meters_kept;
+                        listed.usage = round.usage_kept;
+                        listed.flushed_at_ms = round.started_ms;
+                    }
+                }
             }
             let mut meters = shared.meters.lock();
             for meter in fx.gone {
@@ -400,17 +459,25 @@ fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, f
             // Nothing became durable: put every swapped counter back and refuse the requests.
             // What the flush saw stays listed, marked first so the restores below do not
             // queue it a second time.
-            if full && !fx.meters_seen.is_empty() {
-                listed.meters = std::mem::take(&mut fx.meters_seen);
-            }
-            if full && !fx.usage_seen.is_empty() {
-                listed.usage = std::mem::take(&mut fx.usage_seen);
-            }
-            for meter in &listed.meters {
+            for meter in &fx.meters_seen {
                 meter.dirty.store(true, Ordering::SeqCst);
             }
-            for key in &listed.usage {
+            for key in &fx.usage_seen {
                 key.mark_dirty();
+            }
+            match (flush, listed.round.as_mut()) {
+                (Flush::Chunk, Some(round)) => {
+                    round.meters.append(&mut fx.meters_seen);
+                    round.usage.append(&mut fx.usage_seen);
+                }
+                _ => {
+                    if !fx.meters_seen.is_empty() {
+                        listed.meters = std::mem::take(&mut fx.meters_seen);
+                    }
+                    if !fx.usage_seen.is_empty() {
+                        listed.usage = std::mem::take(&mut fx.usage_seen);
+                    }
+                }
             }
             for (meter, units) in fx.flushed_spend {
                 if meter.spend(units) {
@@ -453,7 +520,7 @@ fn build(
     listed: &mut Listed,
     batch: Vec<Msg>,
     closing: bool,
-    full: bool,
+    flush: Flush,
     fx: &mut Effects,
 ) -> Result<()> {
     let now = shared.clock.now();
@@ -463,13 +530,42 @@ fn build(
             table: txn.open_table(CREDITS)?,
             records: BTreeMap::new(),
         };
-        if full {
-            fx.meters_seen = std::mem::take(&mut listed.meters);
-            fx.meters_seen
-                .extend(std::iter::from_fn(|| shared.dirty_meters.pop()));
-            fx.usage_seen = std::mem::take(&mut listed.usage);
-            fx.usage_seen
-                .extend(std::iter::from_fn(|| shared.dirty_usage.pop()));
+        let queued_meters = || std::iter::from_fn(|| shared.dirty_meters.pop());
+        let queued_usage = || std::iter::from_fn(|| shared.dirty_usage.pop());
+        match flush {
+            Flush::Nothing => {}
+            Flush::All => {
+                // Everything: the listed, whatever a round in progress holds, the queued.
+                let round = listed.round.take().unwrap_or_default();
+                fx.meters_seen = std::mem::take(&mut listed.meters);
+                fx.meters_seen
+                    .extend(round.meters_kept.into_iter().chain(round.meters));
+                fx.meters_seen.extend(queued_meters());
+                fx.usage_seen = std::mem::take(&mut listed.usage);
+                fx.usage_seen
+                    .extend(round.usage_kept.into_iter().chain(round.usage));
+                fx.usage_seen.extend(queued_usage());
+            }
+            Flush::Chunk => {
+                let round = listed.round.get_or_insert_with(|| Round {
+                    meters: std::mem::take(&mut listed.meters)
+                        .into_iter()
+                        .chain(queued_meters())
+                        .collect(),
+                    usage: std::mem::take(&mut listed.usage)
+                        .into_iter()
+                        .chain(queued_usage())
+                        .collect(),
+                    started_ms: now.0,
+                    ..Round::default()
+                });
+                let at = round.meters.len().saturating_sub(FLUSH_CHUNK);
+                fx.meters_seen = round.meters.split_off(at);
+                let at = round.usage.len().saturating_sub(FLUSH_CHUNK);
+                fx.usage_seen = round.usage.split_off(at);
+            }
+        }
+        if flush != Flush::Nothing {
             flush_spend(shared, &mut work, fx, listed.flushed_at_ms)?;
             flush_usage(&txn, fx)?;
         }

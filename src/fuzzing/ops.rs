@@ -240,11 +240,15 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
         _ => None,
     };
     let clock = ManualClock::new(START);
+    // With the small cache, flush rounds start every millisecond (the writer's chunked
+    // rounds run between almost every batch); with the large one, at the default interval.
+    let flush_every = std::time::Duration::from_millis(if cache == 2 { 1 } else { 30_000 });
     let config = Config::builder()
         .master_key(MasterKey::from_bytes(&[7u8; 32]).expect("32 bytes"))
         .clock(clock.clone())
         .durability(durability)
         .cache_capacity(cache)
+        .usage_flush_interval(flush_every)
         .build()
         .expect("valid config");
     let mut model = Model {
@@ -253,7 +257,7 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
     };
     let _ = write!(
         model.log,
-        "durability={durability:?} cache={cache} countdown={countdown:?};"
+        "durability={durability:?} cache={cache} countdown={countdown:?} flush_every={flush_every:?};"
     );
     let mut backend = CrashBackend::new();
     if let Some(n) = countdown {

@@ -169,7 +169,7 @@ impl ConfigBuilder {
     /// (default 30 s; also at every `flush`, `usage` and clean close). The writer spreads
     /// each round over small transactions between lease batches, so requests never wait
     /// behind it. What a crash loses of it is reporting, never money: unwritten spend is
-    /// still leased on disk and counts as `lost_to_crash`.
+    /// still leased on disk and counts as `lost_to_crash`. Zero is refused by `build`.
     pub fn usage_flush_interval(mut self, every: std::time::Duration) -> Self {
         self.usage_flush_interval = Some(every);
         self
@@ -213,6 +213,16 @@ impl ConfigBuilder {
                 }
             }
         }
+        let usage_flush_interval = self
+            .usage_flush_interval
+            .unwrap_or(std::time::Duration::from_secs(30));
+        if usage_flush_interval.is_zero() {
+            return Err(ConfigError::InvalidSetting {
+                setting: "usage_flush_interval",
+                reason: "must be longer than zero (zero would rewrite every key on every batch)"
+                    .into(),
+            });
+        }
         Ok(Config {
             master_key,
             live_prefix,
@@ -222,9 +232,7 @@ impl ConfigBuilder {
             durability: self.durability,
             cache_capacity: self.cache_capacity.unwrap_or(1_000_000).max(1),
             spend_tiers: self.spend_tiers,
-            usage_flush_interval: self
-                .usage_flush_interval
-                .unwrap_or(std::time::Duration::from_secs(30)),
+            usage_flush_interval,
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         })
     }

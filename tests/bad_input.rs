@@ -400,6 +400,26 @@ fn wrong_owner_scope_is_not_found_and_writes_nothing() {
 }
 
 #[test]
+fn a_zero_usage_flush_interval_is_refused_clearly() {
+    let err = Config::builder()
+        .master_key(MasterKey::from_bytes(&[7u8; 32]).unwrap())
+        .usage_flush_interval(std::time::Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConfigError::InvalidSetting {
+                setting: "usage_flush_interval",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("usage_flush_interval"), "{err}");
+}
+
+#[test]
 fn a_config_without_a_usable_master_key_is_refused_clearly() {
     let err = Config::builder().build().unwrap_err();
     assert!(matches!(err, ConfigError::MissingMasterKey));

@@ -229,13 +229,7 @@ impl Engine {
         if change != KeyChange::Deleted {
             self.carry(evicted);
         }
-        let meter = self
-            .shared
-            .meters
-            .lock()
-            .get(id)
-            .filter(|m| !m.is_pool())
-            .cloned();
+        let meter = self.shared.meters.lock().get(id).filter(|m| !m.is_pool());
         if let Some(meter) = meter {
             match change {
                 KeyChange::Deleted | KeyChange::CreditsRemoved => {
@@ -422,7 +416,7 @@ impl Engine {
             // one, the key starts a new home: a carried home's own meter is unused or retired.
             let mut meters = self.shared.meters.lock();
             match meters.get(record.id) {
-                Some(MeterRef::Own(home)) => build(Some(home.clone())),
+                Some(MeterRef::Own(home)) => build(Some(home)),
                 _ => {
                     let key = build(None);
                     meters.insert(MeterRef::Own(key.clone()));

@@ -235,9 +235,15 @@ impl CachedKey {
     pub(crate) fn meter(&self) -> Option<&Meter> {
         match self.metering {
             Metering::Unmetered => None,
-            Metering::Own => Some(&self.home().own_meter),
+            Metering::Own => Some(self.own_meter()),
             Metering::Pool => self.pool.as_deref(),
         }
+    }
+
+    /// The key's own meter (its home's), whatever the key spends from.
+    #[inline]
+    pub(crate) fn own_meter(&self) -> &Meter {
+        &self.home().own_meter
     }
 
     /// A handle on that meter for the writer.
@@ -356,6 +362,31 @@ impl CachedKey {
     }
 }
 
+/// A cached key with its own meter for balance `id` and nothing else set (unit tests).
+#[cfg(test)]
+pub(crate) fn test_key(id: u64) -> Arc<CachedKey> {
+    let account = Arc::new(AccountState::new(
+        1,
+        SubscriptionStatus::Active,
+        BTreeSet::new(),
+    ));
+    let snapshot = Snapshot {
+        kind: IdKind::Key,
+        disabled: false,
+        expires_at: u64::MAX,
+        secret_valid_until: u64::MAX,
+        permissions: Arc::new(Vec::new()),
+        ips: Vec::new(),
+        account,
+        limits: None,
+        metering: Metering::Own,
+        pool: None,
+    };
+    let meter = Meter::new(id, None, IdKind::Key, false);
+    let table = RouteTable::new(0, Vec::new());
+    Arc::new(CachedKey::new(snapshot, &table, None, meter, 0, &[]))
+}
+
 /// A non-empty IP allowlist, boxed so that keys without one spend 8 bytes on it, not 24.
 #[derive(Debug)]
 pub(crate) struct IpAllowlist(Vec<IpNet>);
@@ -374,7 +405,7 @@ impl std::ops::Deref for MeterRef {
     #[inline]
     fn deref(&self) -> &Meter {
         match self {
-            MeterRef::Own(key) => &key.home().own_meter,
+            MeterRef::Own(key) => key.own_meter(),
             MeterRef::Pool(meter) => meter,
         }
     }

@@ -611,7 +611,7 @@ fn build(
                     fx.shortfalls.push((reply, charged));
                 }
                 Msg::Adjust { id, change, reply } => {
-                    let meter = shared.meters.lock().get(id).cloned();
+                    let meter = shared.meters.lock().get(id);
                     if let Some(meter) = &meter {
                         if matches!(change, Adjust::Set(_)) {
                             meter.epoch.fetch_add(1, Ordering::AcqRel);

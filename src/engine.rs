@@ -78,6 +78,9 @@ pub(crate) struct Engine {
     pub shared: Arc<Shared>,
     pub tx: Sender<Msg>,
     pub routes: ArcSwap<RouteTable>,
+    /// Held while a route change is published, so that concurrent changes publish one
+    /// after the other and the last one reads every rule committed before it.
+    publishing_routes: Mutex<()>,
     pub events: Receiver<CreditEvent>,
     pub tiers: Vec<SpendTier>,
     /// The last snapshot of keys an admin change evicted, by key id.
@@ -120,6 +123,7 @@ impl Engine {
             shared,
             tx,
             routes: ArcSwap::from_pointee(RouteTable::new(1, routes)),
+            publishing_routes: Mutex::new(()),
             events,
             tiers: config.spend_tiers.clone(),
             accounts: Mutex::new(HashMap::new()),
@@ -292,8 +296,11 @@ impl Engine {
         self.retire(evicted);
     }
 
-    /// Publishes new route rules and recompiles every cached key's bits against them.
+    /// Publishes new route rules and recompiles every cached key's bits against them. Called
+    /// after each committed change; one at a time, so that two changes racing cannot leave
+    /// the table read before the later commit published last (a rule silently not enforced).
     pub(crate) fn routes_changed(&self, store: &Store) -> Result<()> {
+        let _one_at_a_time = self.publishing_routes.lock();
         let rules = load_routes(store)?;
         let generation = self.routes.load().generation + 1;
         let table = Arc::new(RouteTable::new(generation, rules));

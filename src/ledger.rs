@@ -30,6 +30,9 @@ pub(crate) struct Inner {
     pub(crate) ids: Arc<IdCipher>,
     pub(crate) format: KeyFormat,
     pub(crate) hasher: ArcSwap<KeyHasher>,
+    /// Held across a hash-scheme rotation's write and publication, so the scheme in memory
+    /// is the one stored last.
+    pub(crate) rotating: parking_lot::Mutex<()>,
     pub(crate) config: Config,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) engine: Engine,
@@ -77,6 +80,7 @@ impl Ledger {
             ids,
             format: KeyFormat::new(&config),
             hasher: ArcSwap::from_pointee(KeyHasher::new(&config.master_key, meta.hash_scheme)),
+            rotating: parking_lot::Mutex::new(()),
             clock: config.clock.clone(),
             config,
             engine,
@@ -137,6 +141,7 @@ impl Ledger {
                 "plain SHA-256 is only for imported keys",
             ));
         }
+        let _one_at_a_time = self.inner.rotating.lock();
         crate::keys::prune_rolled_secrets(self)?;
         let txn = self.inner.store.begin_write()?;
         store::set_hash_scheme(&txn, scheme)?;

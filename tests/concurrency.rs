@@ -280,3 +280,39 @@ fn lease_requests_from_many_keys_are_group_committed() {
     let t = t.close_and_reopen();
     assert!(t.ledger.stats().lost_to_crash_at_open == 0);
 }
+
+/// Route rules set from many threads at once all take effect: each thread's rule is enforced
+/// on the very next verify, whatever order the admin writes and their publication interleave.
+#[test]
+fn route_rules_set_concurrently_are_all_enforced() {
+    const THREADS: usize = 4;
+    const RULES_PER_THREAD: usize = 25;
+    let t = TestLedger::new();
+    let owner = t.account("acme").to_string();
+    let (_, key) = t.key(&owner, "no scopes");
+    let key = presented(&key);
+    let start = Barrier::new(THREADS);
+    std::thread::scope(|s| {
+        for th in 0..THREADS {
+            let (ledger, start) = (&t.ledger, &start);
+            s.spawn(move || {
+                start.wait();
+                for i in 0..RULES_PER_THREAD {
+                    let rule = keyledger::RouteRule::new(format!("/t{th}/r{i}/"))
+                        .permission(format!("scope{th}:r{i}"));
+                    ledger.routes().by("admin").set(rule).unwrap();
+                }
+            });
+        }
+    });
+    for th in 0..THREADS {
+        for i in 0..RULES_PER_THREAD {
+            let denial = t
+                .ledger
+                .verify(&Request::new(&key, &format!("/t{th}/r{i}/go")))
+                .map(|grant| grant.commit(0))
+                .expect_err("every rule requires a scope the key lacks");
+            assert_eq!(denial.code(), "forbidden", "rule /t{th}/r{i}/");
+        }
+    }
+}

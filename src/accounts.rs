@@ -195,7 +195,7 @@ impl<'a> Accounts<'a> {
             record
         };
         txn.commit()?;
-        self.ledger.inner.engine.account_changed(internal, &record);
+        self.ledger.inner.engine.account_changed(internal);
         Ok(self.view(internal, record))
     }
 

@@ -265,11 +265,34 @@ impl Engine {
 
     /// An admin change to an account: its cached keys copied its state, so they are evicted
     /// (found through the owner index) and the next verify of each sees the change.
-    pub(crate) fn account_changed(&self, owner: u64, record: &AccountRecord) {
-        let Some(state) = self.accounts.lock().get(&owner).cloned() else {
-            return; // no key of this account was ever cached
+    pub(crate) fn account_changed(&self, owner: u64) {
+        let known = {
+            let mut accounts = self.accounts.lock();
+            // A miss that read the account before this change must not keep what it read:
+            // after this bump it caches neither the key nor a new account state (see `load`).
+            self.cache.invalidate();
+            let known = accounts.get(&owner).cloned();
+            if let Some(state) = &known {
+                // Read again under the lock rather than applying the caller's record: of two
+                // changes racing, the one publishing last then reads the later commit.
+                let read = self.shared.store.begin_read();
+                let stored = read.and_then(|read| {
+                    let table = read.open_table(ACCOUNTS)?;
+                    store::get::<AccountRecord>(&table, owner)
+                });
+                match stored {
+                    Ok(Some(record)) => state.update(record.status, record.entitlements),
+                    // Unreadable (or gone): forget the state; the next miss reads it afresh.
+                    _ => {
+                        accounts.remove(&owner);
+                    }
+                }
+            }
+            known
         };
-        state.update(record.status, record.entitlements.clone());
+        if known.is_none() {
+            return; // no key of this account was ever cached
+        }
         match owner_key_hashes(&self.shared.store, owner) {
             Ok(hashes) => {
                 let evicted = self.cache.evict(&hashes);
@@ -346,12 +369,23 @@ impl Engine {
                 let Some(stored) = stored else {
                     return Ok(Loaded::Missing);
                 };
-                let state = AccountState::new(found.owner, stored.status, stored.entitlements);
-                self.accounts
-                    .lock()
-                    .entry(found.owner)
-                    .or_insert_with(|| Arc::new(state))
-                    .clone()
+                let state = Arc::new(AccountState::new(
+                    found.owner,
+                    stored.status,
+                    stored.entitlements,
+                ));
+                let mut accounts = self.accounts.lock();
+                match accounts.get(&found.owner) {
+                    Some(known) => known.clone(),
+                    // Shared from now on only if no change came since the read began (an
+                    // account change bumps the epoch under this lock); otherwise it serves
+                    // this request only, and the key is not cached either.
+                    None if self.cache.epoch() == epoch => {
+                        accounts.insert(found.owner, state.clone());
+                        state
+                    }
+                    None => state,
+                }
             }
         };
         let lifetime_spent = match self.tiers.is_empty() {

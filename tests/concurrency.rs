@@ -316,3 +316,43 @@ fn route_rules_set_concurrently_are_all_enforced() {
         }
     }
 }
+
+/// An account suspended while the first verify of its first key is loading that key: once
+/// the suspension returns, the key is refused (the load, which read the account before the
+/// change, must not leave its stale state in memory). Many tries, the suspension started at a
+/// varying point of the load.
+#[test]
+fn a_suspension_racing_the_first_load_of_an_accounts_key_is_not_lost() {
+    use keyledger::SubscriptionStatus::Suspended;
+    const TRIES: u64 = 1_000;
+    let t = TestLedger::new();
+    let ledger =
+        Ledger::open_with_backend(redb::backends::InMemoryBackend::new(), t.config()).unwrap();
+    for n in 0..TRIES {
+        let owner = account(&ledger, &format!("acme {n}")).to_string();
+        let key = ledger.keys().create(NewKey::new(&owner, "k")).unwrap();
+        let key = presented(key.plaintext.expose());
+        let start = Barrier::new(2);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                start.wait();
+                let _ = ledger.verify(&Request::new(&key, "/x").cost(0));
+            });
+            s.spawn(|| {
+                start.wait();
+                // 0–20 µs: the suspension lands at a different point of the load each try.
+                let until =
+                    std::time::Instant::now() + std::time::Duration::from_nanos(n % 41 * 500);
+                while std::time::Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+                ledger.accounts().set_status(&owner, Suspended).unwrap();
+            });
+        });
+        let denial = ledger
+            .verify(&Request::new(&key, "/x").cost(0))
+            .map(|g| g.commit(0))
+            .expect_err("the account is suspended");
+        assert_eq!(denial.code(), "subscription_inactive", "try {n}");
+    }
+}

@@ -460,6 +460,11 @@ impl Cache {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Makes every miss that began reading before now refuse to cache what it read.
+    pub(crate) fn invalidate(&self) {
+        self.bump();
+    }
+
     #[inline]
     fn shard(&self, hash: &KeyHash) -> &RwLock<Table> {
         // Bytes 0..16 are the entry's key and tag; the shard comes from other bytes.

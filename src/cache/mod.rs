@@ -38,7 +38,8 @@ struct Usage {
     requests: AtomicU64,
     last_used_ms: AtomicU64,
     spent: AtomicU64,
-    /// Lifetime spend (durable at load + everything since), for spend tiers.
+    /// Lifetime spend (durable at load + everything since), for spend tiers (kept only when
+    /// tiers are configured).
     lifetime_spent: AtomicU64,
     /// The spend at which the next tier starts, and the current tier multiplier (percent).
     next_tier_at: AtomicU64,
@@ -315,11 +316,15 @@ impl CachedKey {
         }
         let usage = &self.home().usage;
         usage.spent.fetch_add(units, Ordering::SeqCst);
-        let lifetime = usage.lifetime_spent.fetch_add(units, Ordering::Relaxed) + units;
-        if lifetime >= usage.next_tier_at.load(Ordering::Relaxed) {
-            let (pct, next) = crate::limits::tier_for(tiers, lifetime);
-            usage.tier_pct.store(pct, Ordering::Relaxed);
-            usage.next_tier_at.store(next, Ordering::Relaxed);
+        // Lifetime spend in memory only moves tiers: without tiers it is not kept (one
+        // read-modify-write less per request).
+        if !tiers.is_empty() {
+            let lifetime = usage.lifetime_spent.fetch_add(units, Ordering::Relaxed) + units;
+            if lifetime >= usage.next_tier_at.load(Ordering::Relaxed) {
+                let (pct, next) = crate::limits::tier_for(tiers, lifetime);
+                usage.tier_pct.store(pct, Ordering::Relaxed);
+                usage.next_tier_at.store(next, Ordering::Relaxed);
+            }
         }
         self.mark_dirty()
     }

@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, CoarseClock};
 use crate::engine::Durability;
 use crate::error::ConfigError;
 use crate::limits::SpendTier;
@@ -175,7 +175,9 @@ impl ConfigBuilder {
         self
     }
 
-    /// The clock used for timestamps, expiry and refills (default: the system clock).
+    /// The clock used for timestamps, expiry and refills (default: [`CoarseClock`](crate::CoarseClock),
+    /// the system clock at the kernel's tick resolution; [`SystemClock`](crate::SystemClock)
+    /// for full resolution).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Some(Arc::new(clock));
         self
@@ -233,7 +235,7 @@ impl ConfigBuilder {
             cache_capacity: self.cache_capacity.unwrap_or(1_000_000).max(1),
             spend_tiers: self.spend_tiers,
             usage_flush_interval,
-            clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+            clock: self.clock.unwrap_or_else(|| Arc::new(CoarseClock)),
         })
     }
 }

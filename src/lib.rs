@@ -58,7 +58,7 @@ mod verify;
 pub use accounts::{Account, AccountUpdate, Accounts, NewAccount};
 pub use audit::Audit;
 pub use check::CheckReport;
-pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use clock::{Clock, CoarseClock, ManualClock, SystemClock, Timestamp};
 pub use config::{Config, ConfigBuilder, ENV_MASTER_KEY, ENV_MASTER_KEY_FILE};
 pub use credits::events::{CreditEvent, CreditEventKind};
 pub use credits::{Credits, Pool, Usage};

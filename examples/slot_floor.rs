@@ -12,16 +12,22 @@
 //! counts the spend and the request in the same line — the two phases a `Grant` has.
 //!
 //! ```sh
-//! cargo run --release --example slot_floor              # 1M keys, ≈ 30 s
+//! cargo run --release --example slot_floor                        # 1M keys, ≈ 30 s
 //! cargo run --release --example slot_floor -- 100000
+//! cargo run --release --example slot_floor -- 1000000 one-phase  # commit inside verify
+//! cargo run --release --example slot_floor -- 1000000 no-clock   # no clock read at all
 //! ```
+//!
+//! The two variants take out, one at a time, what the layout alone does not: `one-phase`
+//! counts the spend in verify's own lock section (no second round trip to the shard lock),
+//! `no-clock` skips reading the clock (no expiry check against the time, no last use).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use hmac::{Hmac, KeyInit, Mac};
-use keyledger::Presented;
 use keyledger::bench_support::{Floor, Indices};
+use keyledger::{Clock, CoarseClock, Presented};
 use parking_lot::RwLock;
 use sha2::Sha256;
 
@@ -75,6 +81,15 @@ struct SlotTable {
     shards: Vec<RwLock<Shard>>,
 }
 
+/// One unit spent and one request made, last used now.
+fn count(slot: &Slot, now_ms: u64) {
+    slot.spent.fetch_add(1, Ordering::AcqRel);
+    slot.requests.fetch_add(1, Ordering::AcqRel);
+    if slot.last_used_ms.load(Ordering::Relaxed) < now_ms {
+        slot.last_used_ms.store(now_ms, Ordering::Relaxed);
+    }
+}
+
 fn split(hash: &[u8; 32]) -> (u64, u64, usize) {
     let word = |i: usize| u64::from_le_bytes(hash[i..i + 8].try_into().expect("8 bytes"));
     (word(0) | 1, word(8), hash[16] as usize % SHARDS)
@@ -122,10 +137,10 @@ impl SlotTable {
         mac.finalize().into_bytes().into()
     }
 
-    /// Hash → slot → state and route checks → one unit from the lease. Returns the grant's
-    /// place (shard, slot).
+    /// Hash → slot → state and route checks → one unit from the lease (and, with
+    /// `count_here`, the spend and the request too). Returns the grant's place (shard, slot).
     #[inline(never)]
-    fn verify(&self, key: &Presented, now_ms: u64) -> Option<(usize, usize)> {
+    fn verify(&self, key: &Presented, now_ms: u64, count_here: bool) -> Option<(usize, usize)> {
         let (k, tag, s) = split(&self.hash(key));
         let shard = self.shards[s].read();
         let i = shard.find(k, tag)?;
@@ -142,22 +157,20 @@ impl SlotTable {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return Some((s, i)),
+                Ok(_) => break,
                 Err(actual) => current = actual,
             }
         }
+        if count_here {
+            count(slot, now_ms);
+        }
+        Some((s, i))
     }
 
     /// Counts the spend and the request where the grant was taken.
     #[inline(never)]
     fn commit(&self, (s, i): (usize, usize), now_ms: u64) {
-        let shard = self.shards[s].read();
-        let slot = &shard.slots[i];
-        slot.spent.fetch_add(1, Ordering::AcqRel);
-        slot.requests.fetch_add(1, Ordering::AcqRel);
-        if slot.last_used_ms.load(Ordering::Relaxed) < now_ms {
-            slot.last_used_ms.store(now_ms, Ordering::Relaxed);
-        }
+        count(&self.shards[s].read().slots[i], now_ms);
     }
 
     fn bytes(&self) -> usize {
@@ -168,17 +181,19 @@ impl SlotTable {
     }
 }
 
+/// The engine's default clock, read once per request as `verify` does.
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    CoarseClock.now().as_millis()
 }
 
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let n: usize = args
+        .first()
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
+    let one_phase = args.iter().any(|a| a == "one-phase");
+    let clock = !args.iter().any(|a| a == "no-clock");
     let mut idx = Indices::new(11);
     let keys: Vec<Presented> = (0..n)
         .map(|i| {
@@ -210,11 +225,14 @@ fn main() {
         };
         let f1 = time(&mut |i| floor.check(&keys[i]));
         let v = time(&mut |i| {
-            let now = now_ms();
-            slots
-                .verify(&keys[i], now)
-                .map(|place| slots.commit(place, now))
-                .is_some()
+            let now = if clock { now_ms() } else { 1 };
+            match slots.verify(&keys[i], now, one_phase) {
+                Some(place) if !one_phase => {
+                    slots.commit(place, now);
+                    true
+                }
+                found => found.is_some(),
+            }
         });
         let f2 = time(&mut |i| floor.check(&keys[i]));
         let f = (f1 + f2) / 2.0;
@@ -227,7 +245,7 @@ fn main() {
         v[v.len() / 2]
     };
     println!(
-        "{{\"keys\": {n}, \"slot_verify_commit_ns\": {:.0}, \"floor_ns\": {:.0}, \
+        "{{\"keys\": {n}, \"one_phase\": {one_phase}, \"clock\": {clock}, \"slot_verify_commit_ns\": {:.0}, \"floor_ns\": {:.0}, \
          \"ratio_to_floor\": {:.2}, \"slot_table_bytes_per_key\": {:.1}}}",
         median(&mut slot_ns),
         median(&mut floor_ns),

@@ -288,9 +288,9 @@ impl Engine {
                     }
                 }
             }
-            known
+            known.is_some()
         };
-        if known.is_none() {
+        if !known {
             return; // no key of this account was ever cached
         }
         match owner_key_hashes(&self.shared.store, owner) {

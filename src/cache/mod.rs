@@ -461,13 +461,9 @@ impl Cache {
         self.epoch.load(Ordering::Acquire)
     }
 
-    fn bump(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-    }
-
     /// Makes every miss that began reading before now refuse to cache what it read.
     pub(crate) fn invalidate(&self) {
-        self.bump();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     #[inline]
@@ -515,7 +511,7 @@ impl Cache {
 
     /// Forgets a remembered miss for `hash` (a key with this hash now exists).
     pub(crate) fn forget_missing(&self, hash: &KeyHash) {
-        self.bump();
+        self.invalidate();
         let mut shard = self.shard(hash).write();
         if matches!(shard.get(hash), Some(Slot::Missing)) {
             shard.remove(hash);
@@ -524,7 +520,7 @@ impl Cache {
 
     /// Forgets every remembered miss (after an import or a hash-scheme change).
     pub(crate) fn forget_all_missing(&self) {
-        self.bump();
+        self.invalidate();
         for shard in self.shards.iter() {
             shard.write().retain(|slot| matches!(slot, Slot::Key(_)));
         }
@@ -532,7 +528,7 @@ impl Cache {
 
     /// Removes the cached keys for `hashes` (a key's current and rolled secrets).
     pub(crate) fn evict(&self, hashes: &[KeyHash]) -> Evicted {
-        self.bump();
+        self.invalidate();
         let mut evicted = Vec::new();
         for hash in hashes {
             if let Some(Slot::Key(key)) = self.shard(hash).write().remove(hash) {
@@ -544,7 +540,7 @@ impl Cache {
 
     /// Removes every entry (after a hash-scheme change, when every cache key changes).
     pub(crate) fn clear(&self) -> Evicted {
-        self.bump();
+        self.invalidate();
         let mut evicted = Vec::new();
         for shard in self.shards.iter() {
             for slot in shard.write().drain() {

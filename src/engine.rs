@@ -111,6 +111,7 @@ impl Engine {
             prefetches: Default::default(),
             events: events_tx,
             commits: Default::default(),
+            lease_waits: Default::default(),
         });
         let (tx, rx) = channel::unbounded();
         let writer_shared = shared.clone();
@@ -193,8 +194,11 @@ impl Engine {
             need,
             reply: Some(reply),
         };
+        let started = std::time::Instant::now();
         self.tx.send(msg).ok()?;
-        done.recv().ok()
+        let handed = done.recv().ok();
+        self.shared.lease_waits.record(started.elapsed());
+        handed
     }
 
     /// Starts a background lease top-up.

@@ -197,7 +197,7 @@ impl Ledger {
     }
 
     /// Engine counters: writer commits (each one fsync), cached entries, units found leased
-    /// at open (lost to a crash before it).
+    /// at open (lost to a crash before it), requests that waited for a lease.
     pub fn stats(&self) -> crate::Stats {
         crate::Stats {
             writer_commits: self
@@ -208,6 +208,7 @@ impl Ledger {
                 .load(std::sync::atomic::Ordering::Relaxed),
             cached_entries: self.inner.engine.cache.len() as u64,
             lost_to_crash_at_open: self.inner.engine.lost_at_open,
+            lease_waits: self.inner.engine.shared.lease_waits.snapshot(),
         }
     }
 

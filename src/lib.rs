@@ -61,7 +61,7 @@ pub use check::CheckReport;
 pub use clock::{Clock, CoarseClock, ManualClock, SystemClock, Timestamp};
 pub use config::{Config, ConfigBuilder, ENV_MASTER_KEY, ENV_MASTER_KEY_FILE};
 pub use credits::events::{CreditEvent, CreditEventKind};
-pub use credits::{Credits, Pool, Usage};
+pub use credits::{Credits, LeaseWaits, Pool, Usage};
 pub use denial::Denial;
 pub use engine::Durability;
 pub use error::{CodecError, ConfigError, Error, HeaderError, InvalidId, MalformedKey, Result};
@@ -90,6 +90,9 @@ pub struct Stats {
     /// Units found leased when the ledger was opened: lost to a crash before, now counted
     /// in `lost_to_crash`.
     pub lost_to_crash_at_open: u64,
+    /// Verifies that found their key's lease short and waited for the writer to lease more
+    /// (one commit, one fsync), by how long they waited.
+    pub lease_waits: LeaseWaits,
 }
 pub use vault::{
     Connection, ConnectionInfo, DueRefresh, Health, OAuthGrant, OutboundHeader, OutboundRefusal,

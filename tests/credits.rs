@@ -58,6 +58,25 @@ fn commit_below_the_reservation_refunds_the_rest() {
 }
 
 #[test]
+fn stats_count_the_verifies_that_waited_for_a_lease() {
+    let t = ledger_with(Durability::Leased);
+    let owner = t.account("Acme");
+    let (_, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(1_000));
+    let before = t.ledger.stats().lease_waits;
+    assert!(spend(&t.ledger, &plain, "/x", 1, 1).is_ok());
+    let first = t.ledger.stats().lease_waits.since(&before);
+    assert_eq!(
+        first.count(),
+        1,
+        "a new key has no lease: its first verify waits for one"
+    );
+    assert!(first.max().is_some());
+    assert!(spend(&t.ledger, &plain, "/x", 1, 1).is_ok());
+    let second = t.ledger.stats().lease_waits.since(&before);
+    assert_eq!(second, first, "the second is served from the lease");
+}
+
+#[test]
 fn dropping_a_grant_refunds_it() {
     for durability in [Durability::Leased, Durability::Exact] {
         let t = ledger_with(durability);

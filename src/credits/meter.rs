@@ -164,6 +164,14 @@ impl Meter {
             && !self.pending.swap(true, Ordering::AcqRel)
     }
 
+    /// Whether a queued top-up is still wanted at `now_ms`: the lease is below half its size,
+    /// or belongs to a period that has ended.
+    pub(crate) fn wants_top_up(&self, now_ms: u64) -> bool {
+        !self.current(now_ms)
+            || self.lease.load(Ordering::Acquire)
+                < u64::from(self.lease_size.load(Ordering::Relaxed)) / 2
+    }
+
     /// Adapts the next lease size to the time the last one lasted (writer thread only).
     pub(crate) fn adapt(&self, now_ms: u64, exact: bool) -> u64 {
         if exact {
@@ -219,6 +227,23 @@ mod tests {
         assert_eq!(m.adapt(11_000, false), 64);
         assert_eq!(m.adapt(20_000, false), 32, "leases lasting > 4 s halve");
         assert_eq!(m.adapt(20_001, true), 1, "exact mode leases one unit");
+    }
+
+    #[test]
+    fn a_queued_top_up_is_still_wanted_only_below_half_or_after_a_refill_came_due() {
+        let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        assert!(m.wants_top_up(0), "an empty lease");
+        m.give_back(8);
+        assert!(
+            !m.wants_top_up(0),
+            "half of a 16-unit lease: leased for meanwhile"
+        );
+        m.refill_at_ms.store(100, Ordering::Release);
+        assert!(!m.wants_top_up(99));
+        assert!(
+            m.wants_top_up(100),
+            "the lease belongs to a period that has ended"
+        );
     }
 
     #[test]

@@ -5,7 +5,10 @@ mod api;
 pub(crate) mod events;
 
 pub use api::{Credits, Pool, Usage};
+pub use waits::LeaseWaits;
 pub(crate) mod meter;
 pub(crate) mod refill;
 pub(crate) mod registry;
+mod waits;
+pub(crate) use waits::WaitHistogram;
 pub(crate) mod writer;

@@ -111,6 +111,8 @@ pub(crate) struct Shared {
     pub events: Sender<CreditEvent>,
     /// Write transactions committed by the writer (each is one fsync).
     pub commits: AtomicU64,
+    /// How long requests waited for a lease.
+    pub lease_waits: super::WaitHistogram,
 }
 
 /// Meters and keys that a flush round found in use. They stay listed here, their dirty mark
@@ -571,6 +573,15 @@ fn build(
         }
         for msg in batch {
             match msg {
+                // A top-up leased for since it was queued (by a waiting request's own
+                // commit): leasing again would double the lease in memory for nothing.
+                Msg::Lease {
+                    meter,
+                    need: 0,
+                    reply: None,
+                } if !closing && !meter.wants_top_up(now.0) => {
+                    meter.pending.store(false, Ordering::Release);
+                }
                 Msg::Lease { meter, need, reply } => {
                     // Closing: every lease is about to be returned, so hand out none.
                     let at = if closing {

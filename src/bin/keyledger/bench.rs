@@ -92,6 +92,11 @@ struct Report {
     writer_commits_during_run: u64,
     /// Writer transactions that leased every key its first credits before the run.
     writer_commits_priming: u64,
+    /// Verifies in the timed run that found their lease short and waited for the writer
+    /// (every one counted, not sampled), and upper bounds of their p99 and longest wait.
+    lease_waits_during_run: u64,
+    lease_wait_p99_ns: u64,
+    lease_wait_max_ns: u64,
     /// Where the wall time went, in seconds.
     phases: Phases,
 }
@@ -170,9 +175,12 @@ pub fn run(json: bool, args: BenchArgs) -> CliResult<u8> {
     spinner.enable_steady_tick(Duration::from_millis(200));
     let n = work.keys.len();
     let floor_a = drive(threads, half, 1, |i| floor.check(&work.keys[i]), n);
-    let commits_before = work.ledger.stats().writer_commits;
+    let before = work.ledger.stats();
     let verify = drive(threads, full, 2, |i| work.verify_commit(i), n);
-    let commits_during = work.ledger.stats().writer_commits - commits_before;
+    let after = work.ledger.stats();
+    let commits_during = after.writer_commits - before.writer_commits;
+    let waits = after.lease_waits.since(&before.lease_waits);
+    let wait_ns = |d: Option<Duration>| d.map_or(0, |d| d.as_nanos() as u64);
     let floor_b = drive(threads, half, 3, |i| floor.check(&work.keys[i]), n);
     spinner.finish_and_clear();
     phases.floor_run = floor_a.elapsed + floor_b.elapsed;
@@ -211,6 +219,9 @@ pub fn run(json: bool, args: BenchArgs) -> CliResult<u8> {
         denied: verify.failed,
         writer_commits_during_run: commits_during,
         writer_commits_priming: priming,
+        lease_waits_during_run: waits.count(),
+        lease_wait_p99_ns: wait_ns(waits.percentile(99.0)),
+        lease_wait_max_ns: wait_ns(waits.max()),
         phases,
     };
     if json {
@@ -261,6 +272,10 @@ fn print_text(r: &Report) {
     println!(
         "  writer commits    {} priming the leases, {} during the run; {} refused",
         r.writer_commits_priming, r.writer_commits_during_run, r.denied
+    );
+    println!(
+        "  lease waits       {} during the run (every one counted); p99 < {} ns, longest < {} ns",
+        r.lease_waits_during_run, r.lease_wait_p99_ns, r.lease_wait_max_ns
     );
     let p = &r.phases;
     println!(

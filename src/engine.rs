@@ -35,9 +35,10 @@ use crate::store::{self, Store, tables::*};
 /// How much credit state is guarded by leases, and so what a crash can cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// Leases of about a second of each key's traffic (capped at 100,000 units): verify
-    /// never waits for the disk; a crash loses at most the outstanding leases, reported as
-    /// `lost_to_crash`, and never lets a key spend more than it was granted.
+    /// Leases of about a second of each key's traffic (at least 16 units — up to 256 while
+    /// the writer is behind on renewals — and at most 100,000): verify rarely waits for the
+    /// disk; a crash loses at most the outstanding leases, reported as `lost_to_crash`, and
+    /// never lets a key spend more than it was granted.
     #[default]
     Leased,
     /// Leases of exactly the units a request needs: every reservation is a group-committed
@@ -112,6 +113,7 @@ impl Engine {
             events: events_tx,
             commits: Default::default(),
             lease_waits: Default::default(),
+            lease_floor: std::sync::atomic::AtomicU64::new(crate::credits::meter::MIN_LEASE),
         });
         let (tx, rx) = channel::unbounded();
         let writer_shared = shared.clone();

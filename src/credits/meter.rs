@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 /// disk; the price is at most that many units lost to a crash.
 pub(crate) const MIN_LEASE: u64 = 16;
 pub(crate) const MAX_LEASE: u64 = 100_000;
+/// The most the smallest lease grows to while the writer is behind (see `writer::run`).
+pub(crate) const MAX_LEASE_FLOOR: u64 = 16 * MIN_LEASE;
 
 #[derive(Debug)]
 pub(crate) struct Meter {
@@ -172,8 +174,9 @@ impl Meter {
                 < u64::from(self.lease_size.load(Ordering::Relaxed)) / 2
     }
 
-    /// Adapts the next lease size to the time the last one lasted (writer thread only).
-    pub(crate) fn adapt(&self, now_ms: u64, exact: bool) -> u64 {
+    /// Adapts the next lease size to the time the last one lasted, never below `floor`
+    /// (writer thread only).
+    pub(crate) fn adapt(&self, now_ms: u64, exact: bool, floor: u64) -> u64 {
         if exact {
             return 1;
         }
@@ -183,12 +186,13 @@ impl Meter {
         let next = if last == 0 {
             size
         } else if lasted < 1_000 {
-            (size * 2).min(MAX_LEASE)
+            size * 2
         } else if lasted > 4_000 {
-            (size / 2).max(MIN_LEASE)
+            size / 2
         } else {
             size
-        };
+        }
+        .clamp(floor.max(MIN_LEASE), MAX_LEASE);
         // MAX_LEASE fits in 32 bits.
         self.lease_size.store(next as u32, Ordering::Release);
         next
@@ -219,14 +223,29 @@ mod tests {
     fn lease_size_adapts_to_traffic() {
         let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
         assert_eq!(
-            m.adapt(10_000, false),
+            m.adapt(10_000, false, MIN_LEASE),
             16,
             "the first lease has the initial size"
         );
-        assert_eq!(m.adapt(10_500, false), 32, "leases lasting < 1 s double");
-        assert_eq!(m.adapt(11_000, false), 64);
-        assert_eq!(m.adapt(20_000, false), 32, "leases lasting > 4 s halve");
-        assert_eq!(m.adapt(20_001, true), 1, "exact mode leases one unit");
+        assert_eq!(
+            m.adapt(10_500, false, MIN_LEASE),
+            32,
+            "leases lasting < 1 s double"
+        );
+        assert_eq!(m.adapt(11_000, false, MIN_LEASE), 64);
+        assert_eq!(
+            m.adapt(20_000, false, MIN_LEASE),
+            32,
+            "leases lasting > 4 s halve"
+        );
+        assert_eq!(m.adapt(30_000, false, MIN_LEASE), 16);
+        assert_eq!(m.adapt(40_000, false, MIN_LEASE), 16, "down to the minimum");
+        assert_eq!(
+            m.adapt(50_000, false, 64),
+            64,
+            "or to the writer's floor while it is behind"
+        );
+        assert_eq!(m.adapt(50_001, true, 64), 1, "exact mode leases one unit");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 /// disk; the price is at most that many units lost to a crash.
 pub(crate) const MIN_LEASE: u64 = 16;
 pub(crate) const MAX_LEASE: u64 = 100_000;
-/// The most the smallest lease grows to while the writer is behind (see `writer::run`).
+/// The most the smallest lease grows to while the writer is behind (see `writer::pace_leases`).
 pub(crate) const MAX_LEASE_FLOOR: u64 = 16 * MIN_LEASE;
 
 #[derive(Debug)]

@@ -292,7 +292,8 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
 /// out wait behind it for hundreds of ms (docs/PERFORMANCE.md). While prefetches are left
 /// after a full take, the smallest lease doubles (up to `MAX_LEASE_FLOOR`), so each renewal
 /// lasts longer; once a take finds few, it halves back. A crash still loses at most the
-/// leases in memory — larger ones only while the writer is behind.
+/// leases in memory — larger ones only while the writer is behind, and never more than a
+/// quarter of a balance because of the floor (see [`paced_floor`]).
 fn pace_leases(shared: &Shared, taken: usize) {
     let floor = shared.lease_floor.load(Ordering::Relaxed);
     let next = next_lease_floor(floor, taken, !shared.prefetches.is_empty());
@@ -309,6 +310,13 @@ fn next_lease_floor(floor: u64, taken: usize, behind: bool) -> u64 {
     } else {
         floor
     }
+}
+
+/// The writer's lease floor as it applies to a balance of `balance`: never more than a quarter
+/// of it (but at least `MIN_LEASE`), so that pacing does not put a small balance's whole
+/// remainder in memory, where a crash would lose it.
+fn paced_floor(floor: u64, balance: u64) -> u64 {
+    floor.min((balance / 4).max(MIN_LEASE))
 }
 
 /// Up to `MAX_BATCH` queued prefetches, as lease messages.
@@ -855,15 +863,7 @@ fn lease(
     // One adaptive lease per meter per batch: a prefetch and a waiting request for the same
     // meter in one batch would otherwise double the size twice (and a crash would lose both);
     // the second gets just what it needs.
-    let size = if fx.granted_at.contains_key(&meter.id) {
-        0
-    } else {
-        meter.adapt(
-            now.0,
-            shared.exact,
-            shared.lease_floor.load(Ordering::Relaxed),
-        )
-    };
+    let first = !fx.granted_at.contains_key(&meter.id);
     let Some(r) = live(work, &meter)? else {
         return Ok(fx.grant(meter, 0, 0));
     };
@@ -873,6 +873,13 @@ fn lease(
     r.spent += spent;
     fx.flushed_spend.push((meter.clone(), spent));
     new_period(fx, &meter, r, now);
+    let size = match first {
+        true => {
+            let floor = paced_floor(shared.lease_floor.load(Ordering::Relaxed), r.balance);
+            meter.adapt(now.0, shared.exact, floor)
+        }
+        false => 0,
+    };
     let want = if shared.exact {
         need.max(1)
     } else {
@@ -1023,6 +1030,14 @@ mod tests {
             [128, 64, 32, 16, 16, 16],
             "halves back to the minimum"
         );
+    }
+
+    #[test]
+    fn the_paced_floor_takes_at_most_a_quarter_of_a_balance() {
+        assert_eq!(paced_floor(256, 1_000_000), 256);
+        assert_eq!(paced_floor(256, 400), 100, "a quarter of 400");
+        assert_eq!(paced_floor(256, 40), MIN_LEASE, "never below the minimum");
+        assert_eq!(paced_floor(MIN_LEASE, 1_000_000), MIN_LEASE, "not behind");
     }
 
     #[test]

@@ -873,12 +873,11 @@ fn lease(
     r.spent += spent;
     fx.flushed_spend.push((meter.clone(), spent));
     new_period(fx, &meter, r, now);
-    let size = match first {
-        true => {
-            let floor = paced_floor(shared.lease_floor.load(Ordering::Relaxed), r.balance);
-            meter.adapt(now.0, shared.exact, floor)
-        }
-        false => 0,
+    let size = if first {
+        let floor = paced_floor(shared.lease_floor.load(Ordering::Relaxed), r.balance);
+        meter.adapt(now.0, shared.exact, floor)
+    } else {
+        0
     };
     let want = if shared.exact {
         need.max(1)

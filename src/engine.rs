@@ -3,7 +3,7 @@
 //! verify sees their change.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
@@ -19,7 +19,7 @@ use crate::clock::Timestamp;
 use crate::codec;
 use crate::config::Config;
 use crate::credits::events::{CreditEvent, EVENT_CAPACITY};
-use crate::credits::meter::Meter;
+use crate::credits::meter::{MIN_LEASE, Meter};
 use crate::credits::refill;
 use crate::credits::writer::{self, Adjust, Msg, Shared};
 use crate::error::{Error, Result};
@@ -37,8 +37,9 @@ use crate::store::{self, Store, tables::*};
 pub enum Durability {
     /// Leases of about a second of each key's traffic (at least 16 units — up to 256, or a
     /// quarter of the balance if less, while the writer is behind on renewals — and at most
-    /// 100,000): verify rarely waits for the disk; a crash loses at most the outstanding leases, reported as `lost_to_crash`, and
-    /// never lets a key spend more than it was granted.
+    /// 100,000): verify rarely waits for the disk; a crash loses at most the outstanding
+    /// leases, reported as `lost_to_crash`, and never lets a key spend more than it was
+    /// granted.
     #[default]
     Leased,
     /// Leases of exactly the units a request needs: every reservation is a group-committed
@@ -113,7 +114,7 @@ impl Engine {
             events: events_tx,
             commits: Default::default(),
             lease_waits: Default::default(),
-            lease_floor: std::sync::atomic::AtomicU64::new(crate::credits::meter::MIN_LEASE),
+            lease_floor: AtomicU64::new(MIN_LEASE),
         });
         let (tx, rx) = channel::unbounded();
         let writer_shared = shared.clone();

@@ -161,7 +161,7 @@ impl Meter {
     /// In memory there are now at most 1.5 leases instead of 1.25; a crash can lose that.
     #[inline]
     pub(crate) fn wants_prefetch(&self, left: u64) -> bool {
-        left < u64::from(self.lease_size.load(Ordering::Relaxed)) / 2
+        self.below_half(left)
             && !self.pending.load(Ordering::Relaxed)
             && !self.pending.swap(true, Ordering::AcqRel)
     }
@@ -169,9 +169,13 @@ impl Meter {
     /// Whether a queued top-up is still wanted at `now_ms`: the lease is below half its size,
     /// or belongs to a period that has ended.
     pub(crate) fn wants_top_up(&self, now_ms: u64) -> bool {
-        !self.current(now_ms)
-            || self.lease.load(Ordering::Acquire)
-                < u64::from(self.lease_size.load(Ordering::Relaxed)) / 2
+        !self.current(now_ms) || self.below_half(self.lease.load(Ordering::Acquire))
+    }
+
+    /// Whether `left` units are under half the current lease size.
+    #[inline]
+    fn below_half(&self, left: u64) -> bool {
+        left < u64::from(self.lease_size.load(Ordering::Relaxed)) / 2
     }
 
     /// Adapts the next lease size to the time the last one lasted, never below `floor`

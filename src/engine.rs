@@ -29,7 +29,9 @@ use crate::ledger::Ledger;
 use crate::limits::{KeyLimits, SpendTier};
 use crate::policy::RouteTable;
 use crate::public_id::{IdCipher, IdKind};
-use crate::record::{AccountRecord, CreditsRecord, KeyRecord, PoolRecord, RouteRule, UsageRecord};
+use crate::record::{
+    AccountRecord, CreditsRecord, KeyRecord, PoolRecord, RouteRule, UsageRecord, VerifyRecord,
+};
 use crate::store::{self, Store, tables::*};
 
 /// How much credit state is guarded by leases, and so what a crash can cost.
@@ -64,6 +66,21 @@ pub(crate) enum KeyChange {
 /// rebuild keeps the live counters, lease and rate-limit state). Bounded: beyond this many
 /// they are forgotten (their unflushed usage is already queued for the writer).
 const MAX_CARRIED: usize = 65_536;
+
+/// What the reading half of a cache miss found (see `Engine::install`).
+struct MissRead {
+    hash: KeyHash,
+    /// The cache's invalidation epoch and the balance-removal count before the read began.
+    epoch: u64,
+    removals: u64,
+    now: Timestamp,
+    record: VerifyRecord,
+    account: Arc<AccountState>,
+    lifetime_spent: u64,
+    metering: Metering,
+    pool: Option<Arc<Meter>>,
+    own_balance: Option<CreditsRecord>,
+}
 
 /// What the miss path found.
 pub(crate) enum Loaded {
@@ -108,6 +125,7 @@ impl Engine {
             exact: config.durability == Durability::Exact,
             flush_every: config.usage_flush_interval,
             meters: Mutex::new(Default::default()),
+            balance_removals: AtomicU64::new(0),
             dirty_meters: SegQueue::new(),
             dirty_usage: SegQueue::new(),
             prefetches: Default::default(),
@@ -240,22 +258,29 @@ impl Engine {
         if change != KeyChange::Deleted {
             self.carry(evicted);
         }
-        let meter = self.shared.meters.lock().get(id).filter(|m| !m.is_pool());
-        if let Some(meter) = meter {
-            match change {
-                KeyChange::Deleted | KeyChange::CreditsRemoved => {
+        let mut meters = self.shared.meters.lock();
+        let meter = meters.get(id).filter(|m| !m.is_pool());
+        match change {
+            KeyChange::Deleted | KeyChange::CreditsRemoved => {
+                // Counted even when no meter is in memory: a miss that read the key before
+                // this change and registers only now would otherwise leave one behind.
+                self.shared.balance_removals.fetch_add(1, Ordering::AcqRel);
+                if let Some(meter) = meter {
                     // Out of the registry now, not once the writer gets to it: a key metered
                     // again must get a new meter, not this one the writer is about to retire.
-                    self.shared.meters.lock().remove(&meter);
+                    meters.remove(&meter);
+                    drop(meters);
                     let _ = self.tx.send(Msg::Retire { meter, gone: true });
                 }
-                KeyChange::CreditsChanged => {
+            }
+            KeyChange::CreditsChanged => {
+                if let Some(meter) = meter {
                     // A new refill or balance may make an empty meter spendable again.
                     meter.empty_until_ms.store(0, Ordering::Release);
                     meter.refill_at_ms.store(0, Ordering::Release);
                 }
-                KeyChange::Settings => {}
             }
+            KeyChange::Settings => {}
         }
     }
 
@@ -359,13 +384,41 @@ impl Engine {
         key: &str,
         now: Timestamp,
     ) -> Result<Loaded> {
-        // One read transaction; the account is read once per account (its state stays in
-        // memory) and the usage only when spend tiers need the lifetime spend.
+        // A retry needs a balance removed (a key deleted or made unmetered) while this miss
+        // was reading: rare, and each retry reads a newer commit.
+        const ATTEMPTS: usize = 8;
+        for _ in 0..ATTEMPTS {
+            let read = match self.read_miss(ledger, hash, key, now)? {
+                Ok(read) => read,
+                Err(loaded) => return Ok(loaded),
+            };
+            if let Some(loaded) = self.install(read) {
+                return Ok(loaded);
+            }
+        }
+        Err(Error::Conflict(
+            "the key kept changing while it was being loaded; retry".into(),
+        ))
+    }
+
+    /// The reading half of a miss: everything the cache entry is built from, in one read
+    /// transaction. The account is read once per account (its state stays in memory) and
+    /// the usage only when spend tiers need the lifetime spend. `Err`: nothing to cache.
+    fn read_miss(
+        &self,
+        ledger: &Ledger,
+        hash: &KeyHash,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<std::result::Result<MissRead, Loaded>> {
+        // Both read before the transaction begins: a change committed after it began bumps
+        // them after its commit (see `install`).
         let epoch = self.cache.epoch();
+        let removals = self.shared.balance_removals.load(Ordering::Acquire);
         let read = self.shared.store.begin_read()?;
         let Some(found) = lookup::find_in(ledger, &read, hash, key, now)? else {
             self.cache.insert_missing(*hash, epoch);
-            return Ok(Loaded::Missing);
+            return Ok(Err(Loaded::Missing));
         };
         let known_account = self.accounts.lock().get(&found.owner).cloned();
         let account = match known_account {
@@ -374,7 +427,7 @@ impl Engine {
                 let stored: Option<AccountRecord> =
                     store::get(&read.open_table(ACCOUNTS)?, found.owner)?;
                 let Some(stored) = stored else {
-                    return Ok(Loaded::Missing);
+                    return Ok(Err(Loaded::Missing));
                 };
                 let state = Arc::new(AccountState::new(
                     found.owner,
@@ -423,12 +476,41 @@ impl Engine {
                 }
             }
         };
-        drop(read);
-        let record = found;
+        Ok(Ok(MissRead {
+            hash: *hash,
+            epoch,
+            removals,
+            now,
+            record: found,
+            account,
+            lifetime_spent,
+            metering,
+            pool,
+            own_balance,
+        }))
+    }
+
+    /// The caching half of a miss: builds the entry from what was read and caches it.
+    /// `None`: a key's balance was removed since the read began, maybe this one's; read again.
+    fn install(&self, read: MissRead) -> Option<Loaded> {
+        let MissRead {
+            hash,
+            epoch,
+            removals,
+            now,
+            record,
+            account,
+            lifetime_spent,
+            metering,
+            pool,
+            own_balance,
+        } = read;
         let secret_valid_until = record.valid_until.map_or(u64::MAX, |t| t.0);
         let table = self.routes.load();
         let kind = record.id_kind();
-        let carried = self.carried.lock().remove(&record.id);
+        // Taken out only once the entry is cached: a miss that raced a change serves one
+        // request and must leave the evicted snapshot (its rate-limit state) for the rebuild.
+        let carried = self.carried.lock().get(&record.id).cloned();
         let limits = match carried.as_ref().and_then(|c| c.limits.clone()) {
             Some(l) if l.configured_as(&record.limits) => Some(l),
             _ => Some(Arc::new(KeyLimits::new(&record.limits))).filter(|l| !l.is_empty()),
@@ -465,6 +547,11 @@ impl Engine {
             let mut meters = self.shared.meters.lock();
             match meters.get(record.id) {
                 Some(MeterRef::Own(home)) => build(Some(home)),
+                // A removal counted since the read began may be this key's, which found no
+                // meter to retire: registering one now would leave it in memory for good.
+                _ if self.shared.balance_removals.load(Ordering::Acquire) != removals => {
+                    return None;
+                }
                 _ => {
                     let key = build(None);
                     meters.insert(MeterRef::Own(key.clone()));
@@ -472,15 +559,24 @@ impl Engine {
                 }
             }
         } else {
-            build(carried)
+            build(carried.clone())
         };
-        match self.cache.insert(*hash, key, epoch) {
+        Some(match self.cache.insert(hash, key, epoch) {
             Ok(evicted) => {
+                if let Some(carried) = carried {
+                    let mut all = self.carried.lock();
+                    if all
+                        .get(&record.id)
+                        .is_some_and(|c| Arc::ptr_eq(c, &carried))
+                    {
+                        all.remove(&record.id);
+                    }
+                }
                 self.retire(evicted);
-                Ok(Loaded::Cached)
+                Loaded::Cached
             }
-            Err(key) => Ok(Loaded::Uncached(key)),
-        }
+            Err(key) => Loaded::Uncached(key),
+        })
     }
 
     /// One shared allocation per distinct permission set (bounded; beyond the bound each key
@@ -588,4 +684,105 @@ fn load_routes(store: &Store) -> Result<Vec<RouteRule>> {
         rules.push(codec::decode(entry?.1.value())?);
     }
     Ok(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, KeyUpdate, NewAccount, NewKey, Presented, Request};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        ledger: Ledger,
+    }
+
+    fn ledger() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        let ledger = Ledger::open(path, Config::ephemeral().unwrap()).unwrap();
+        Fixture { _dir: dir, ledger }
+    }
+
+    /// Creates a key; returns its public id, internal id and plaintext.
+    fn key(ledger: &Ledger, new: impl FnOnce(&str) -> NewKey) -> (String, u64, String) {
+        let owner = ledger
+            .accounts()
+            .create(NewAccount::new("Acme"))
+            .unwrap()
+            .id;
+        let created = ledger.keys().create(new(owner.as_str())).unwrap();
+        let public = created.info.id.to_string();
+        let internal = ledger.keys().internal_id(&public).unwrap();
+        (public, internal, created.plaintext.expose().to_owned())
+    }
+
+    fn code(ledger: &Ledger, plaintext: &str) -> &'static str {
+        let key = Presented::new(plaintext).unwrap();
+        match ledger.verify(&Request::new(&key, "/x")) {
+            Ok(_) => "ok",
+            Err(d) => d.code(),
+        }
+    }
+
+    #[test]
+    fn a_miss_that_read_a_key_deleted_meanwhile_registers_no_meter_for_it() {
+        let f = ledger();
+        let engine = &f.ledger.inner.engine;
+        let (public, id, plaintext) = key(&f.ledger, |o| NewKey::new(o, "k").credits(10));
+        let hash = f.ledger.hasher().hash_current(&plaintext);
+        let now = f.ledger.now();
+        let Ok(read) = engine.read_miss(&f.ledger, &hash, &plaintext, now).unwrap() else {
+            panic!("the key exists");
+        };
+        // The deletion commits and finds no meter in memory to retire …
+        f.ledger.keys().delete(&public).unwrap();
+        assert!(engine.shared.meters.lock().get(id).is_none());
+        // … so the miss that read the key before must not register one now.
+        assert!(engine.install(read).is_none(), "read again");
+        assert!(engine.shared.meters.lock().get(id).is_none());
+        assert_eq!(code(&f.ledger, &plaintext), "not_found");
+    }
+
+    #[test]
+    fn a_miss_with_no_removal_meanwhile_registers_and_caches_at_once() {
+        let f = ledger();
+        let engine = &f.ledger.inner.engine;
+        let (_, id, plaintext) = key(&f.ledger, |o| NewKey::new(o, "k").credits(10));
+        // Another key's deletion is a removal too, but not one that came during the read.
+        let (other, _, _) = key(&f.ledger, |o| NewKey::new(o, "other").credits(1));
+        f.ledger.keys().delete(&other).unwrap();
+        let hash = f.ledger.hasher().hash_current(&plaintext);
+        let now = f.ledger.now();
+        let Ok(read) = engine.read_miss(&f.ledger, &hash, &plaintext, now).unwrap() else {
+            panic!("the key exists");
+        };
+        assert!(matches!(engine.install(read), Some(Loaded::Cached)));
+        assert!(engine.shared.meters.lock().get(id).is_some());
+        assert_eq!(code(&f.ledger, &plaintext), "ok");
+    }
+
+    #[test]
+    fn a_miss_that_raced_a_change_leaves_the_evicted_rate_limit_state_to_the_rebuild() {
+        let f = ledger();
+        let engine = &f.ledger.inner.engine;
+        let (public, _, plaintext) = key(&f.ledger, |o| {
+            NewKey::new(o, "k").rate_limit("per_minute", 2, 60)
+        });
+        assert_eq!(code(&f.ledger, &plaintext), "ok");
+        assert_eq!(code(&f.ledger, &plaintext), "ok");
+        assert_eq!(code(&f.ledger, &plaintext), "rate_limited");
+        // A settings change evicts the key, keeping its snapshot for the rebuild.
+        let rename = KeyUpdate::new().name("renamed");
+        f.ledger.keys().update(&public, rename).unwrap();
+        // A miss whose read an unrelated change overtook serves one request uncached …
+        let hash = f.ledger.hasher().hash_current(&plaintext);
+        let now = f.ledger.now();
+        let Ok(read) = engine.read_miss(&f.ledger, &hash, &plaintext, now).unwrap() else {
+            panic!("the key exists");
+        };
+        engine.cache.invalidate();
+        assert!(matches!(engine.install(read), Some(Loaded::Uncached(_))));
+        // … and the rebuild still finds the limit spent: no fresh window from the race.
+        assert_eq!(code(&f.ledger, &plaintext), "rate_limited");
+    }
 }

@@ -648,7 +648,7 @@ impl<'a> Keys<'a> {
         Ok(self.view(internal, record))
     }
 
-    fn internal_id(&self, id: &str) -> Result<u64> {
+    pub(crate) fn internal_id(&self, id: &str) -> Result<u64> {
         Ok(self.ledger.inner.ids.decode(self.kind, id)?)
     }
 

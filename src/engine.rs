@@ -37,11 +37,11 @@ use crate::store::{self, Store, tables::*};
 /// How much credit state is guarded by leases, and so what a crash can cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// Leases of about a second of each key's traffic (at least 16 units — up to 256, or a
-    /// quarter of the balance if less, while the writer is behind on renewals — and at most
-    /// 100,000): verify rarely waits for the disk; a crash loses at most the outstanding
-    /// leases, reported as `lost_to_crash`, and never lets a key spend more than it was
-    /// granted.
+    /// Leases of about a second of each key's traffic (at least 16 units — up to 256 while
+    /// the writer is behind on renewals — and at most 100,000; only a key that spent its last
+    /// lease within a second gets more than a quarter of its balance): verify rarely waits
+    /// for the disk; a crash loses at most the outstanding leases, reported as
+    /// `lost_to_crash`, and never lets a key spend more than it was granted.
     #[default]
     Leased,
     /// Leases of exactly the units a request needs: every reservation is a group-committed

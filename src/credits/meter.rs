@@ -179,17 +179,20 @@ impl Meter {
     }
 
     /// Adapts the next lease size to the time the last one lasted, never below `floor`
-    /// (writer thread only).
-    pub(crate) fn adapt(&self, now_ms: u64, exact: bool, floor: u64) -> u64 {
+    /// (writer thread only). Only a busy key (its last lease lasted under a second) leases
+    /// more than a quarter of its `balance`: a size that the writer's floor raised, or that
+    /// traffic raised before it slowed down, does not put a small balance in memory whole.
+    pub(crate) fn adapt(&self, now_ms: u64, exact: bool, floor: u64, balance: u64) -> u64 {
         if exact {
             return 1;
         }
         let last = self.last_lease_ms.swap(now_ms, Ordering::AcqRel);
         let size = u64::from(self.lease_size.load(Ordering::Acquire));
         let lasted = now_ms.saturating_sub(last);
+        let busy = last != 0 && lasted < 1_000;
         let next = if last == 0 {
             size
-        } else if lasted < 1_000 {
+        } else if busy {
             size * 2
         } else if lasted > 4_000 {
             size / 2
@@ -197,6 +200,10 @@ impl Meter {
             size
         }
         .clamp(floor.max(MIN_LEASE), MAX_LEASE);
+        let next = match busy {
+            true => next,
+            false => next.min((balance / 4).max(MIN_LEASE)),
+        };
         // MAX_LEASE fits in 32 bits.
         self.lease_size.store(next as u32, Ordering::Release);
         next
@@ -223,33 +230,70 @@ mod tests {
         assert_eq!(meter.lease.load(Ordering::SeqCst), 0);
     }
 
+    /// A balance too large to cap any lease size.
+    const BIG: u64 = u64::MAX;
+
     #[test]
     fn lease_size_adapts_to_traffic() {
         let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
         assert_eq!(
-            m.adapt(10_000, false, MIN_LEASE),
+            m.adapt(10_000, false, MIN_LEASE, BIG),
             16,
             "the first lease has the initial size"
         );
         assert_eq!(
-            m.adapt(10_500, false, MIN_LEASE),
+            m.adapt(10_500, false, MIN_LEASE, BIG),
             32,
             "leases lasting < 1 s double"
         );
-        assert_eq!(m.adapt(11_000, false, MIN_LEASE), 64);
+        assert_eq!(m.adapt(11_000, false, MIN_LEASE, BIG), 64);
         assert_eq!(
-            m.adapt(20_000, false, MIN_LEASE),
+            m.adapt(20_000, false, MIN_LEASE, BIG),
             32,
             "leases lasting > 4 s halve"
         );
-        assert_eq!(m.adapt(30_000, false, MIN_LEASE), 16);
-        assert_eq!(m.adapt(40_000, false, MIN_LEASE), 16, "down to the minimum");
+        assert_eq!(m.adapt(30_000, false, MIN_LEASE, BIG), 16);
         assert_eq!(
-            m.adapt(50_000, false, 64),
+            m.adapt(40_000, false, MIN_LEASE, BIG),
+            16,
+            "down to the minimum"
+        );
+        assert_eq!(
+            m.adapt(50_000, false, 64, BIG),
             64,
             "or to the writer's floor while it is behind"
         );
-        assert_eq!(m.adapt(50_001, true, 64), 1, "exact mode leases one unit");
+        assert_eq!(
+            m.adapt(50_001, true, 64, BIG),
+            1,
+            "exact mode leases one unit"
+        );
+    }
+
+    #[test]
+    fn only_a_busy_key_leases_more_than_a_quarter_of_its_balance() {
+        let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        assert_eq!(
+            m.adapt(10_000, false, 256, 400),
+            100,
+            "the floor: a quarter"
+        );
+        assert_eq!(
+            m.adapt(12_000, false, 16, 400),
+            100,
+            "a slow key: a quarter"
+        );
+        assert_eq!(m.adapt(12_500, false, 16, 400), 200, "busy: it doubles");
+        assert_eq!(
+            m.adapt(14_000, false, 16, 100),
+            25,
+            "traffic slowed and the balance fell: a quarter again"
+        );
+        assert_eq!(
+            m.adapt(16_000, false, 16, 40),
+            16,
+            "never below the minimum"
+        );
     }
 
     #[test]

@@ -879,7 +879,7 @@ fn lease(
     new_period(fx, &meter, r, now);
     let size = if first {
         let floor = paced_floor(shared.lease_floor.load(Ordering::Relaxed), r.balance);
-        meter.adapt(now.0, shared.exact, floor)
+        meter.adapt(now.0, shared.exact, floor, r.balance)
     } else {
         0
     };

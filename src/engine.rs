@@ -716,6 +716,16 @@ mod tests {
         (public, internal, created.plaintext.expose().to_owned())
     }
 
+    /// The reading half of a miss on an existing key.
+    fn read_miss(ledger: &Ledger, plaintext: &str) -> MissRead {
+        let hash = ledger.hasher().hash_current(plaintext);
+        let engine = &ledger.inner.engine;
+        match engine.read_miss(ledger, &hash, plaintext, ledger.now()) {
+            Ok(Ok(read)) => read,
+            _ => panic!("the key exists"),
+        }
+    }
+
     fn code(ledger: &Ledger, plaintext: &str) -> &'static str {
         let key = Presented::new(plaintext).unwrap();
         match ledger.verify(&Request::new(&key, "/x")) {
@@ -729,11 +739,7 @@ mod tests {
         let f = ledger();
         let engine = &f.ledger.inner.engine;
         let (public, id, plaintext) = key(&f.ledger, |o| NewKey::new(o, "k").credits(10));
-        let hash = f.ledger.hasher().hash_current(&plaintext);
-        let now = f.ledger.now();
-        let Ok(read) = engine.read_miss(&f.ledger, &hash, &plaintext, now).unwrap() else {
-            panic!("the key exists");
-        };
+        let read = read_miss(&f.ledger, &plaintext);
         // The deletion commits and finds no meter in memory to retire …
         f.ledger.keys().delete(&public).unwrap();
         assert!(engine.shared.meters.lock().get(id).is_none());
@@ -751,11 +757,7 @@ mod tests {
         // Another key's deletion is a removal too, but not one that came during the read.
         let (other, _, _) = key(&f.ledger, |o| NewKey::new(o, "other").credits(1));
         f.ledger.keys().delete(&other).unwrap();
-        let hash = f.ledger.hasher().hash_current(&plaintext);
-        let now = f.ledger.now();
-        let Ok(read) = engine.read_miss(&f.ledger, &hash, &plaintext, now).unwrap() else {
-            panic!("the key exists");
-        };
+        let read = read_miss(&f.ledger, &plaintext);
         assert!(matches!(engine.install(read), Some(Loaded::Cached)));
         assert!(engine.shared.meters.lock().get(id).is_some());
         assert_eq!(code(&f.ledger, &plaintext), "ok");
@@ -775,11 +777,7 @@ mod tests {
         let rename = KeyUpdate::new().name("renamed");
         f.ledger.keys().update(&public, rename).unwrap();
         // A miss whose read an unrelated change overtook serves one request uncached …
-        let hash = f.ledger.hasher().hash_current(&plaintext);
-        let now = f.ledger.now();
-        let Ok(read) = engine.read_miss(&f.ledger, &hash, &plaintext, now).unwrap() else {
-            panic!("the key exists");
-        };
+        let read = read_miss(&f.ledger, &plaintext);
         engine.cache.invalidate();
         assert!(matches!(engine.install(read), Some(Loaded::Uncached(_))));
         // … and the rebuild still finds the limit spent: no fresh window from the race.

@@ -273,27 +273,23 @@ mod tests {
     #[test]
     fn only_a_busy_key_leases_more_than_a_quarter_of_its_balance() {
         let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
-        assert_eq!(
-            m.adapt(10_000, false, 256, 400),
-            100,
-            "the floor: a quarter"
-        );
-        assert_eq!(
-            m.adapt(12_000, false, 16, 400),
-            100,
-            "a slow key: a quarter"
-        );
-        assert_eq!(m.adapt(12_500, false, 16, 400), 200, "busy: it doubles");
-        assert_eq!(
-            m.adapt(14_000, false, 16, 100),
-            25,
-            "traffic slowed and the balance fell: a quarter again"
-        );
-        assert_eq!(
-            m.adapt(16_000, false, 16, 40),
-            16,
-            "never below the minimum"
-        );
+        // (now, floor, balance, lease size, why), in order: each adapts to the one before.
+        let steps = [
+            (10_000, 256, 400, 100, "the floor: a quarter"),
+            (12_000, 16, 400, 100, "a slow key: a quarter"),
+            (12_500, 16, 400, 200, "busy: it doubles"),
+            (
+                14_000,
+                16,
+                100,
+                25,
+                "traffic slowed, the balance fell: a quarter",
+            ),
+            (16_000, 16, 40, 16, "never below the minimum"),
+        ];
+        for (now, floor, balance, size, why) in steps {
+            assert_eq!(m.adapt(now, false, floor, balance), size, "{why}");
+        }
     }
 
     #[test]

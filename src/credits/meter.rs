@@ -178,10 +178,11 @@ impl Meter {
         left < u64::from(self.lease_size.load(Ordering::Relaxed)) / 2
     }
 
-    /// Adapts the next lease size to the time the last one lasted, never below `floor`
-    /// (writer thread only). Only a busy key (its last lease lasted under a second) leases
-    /// more than a quarter of its `balance`: a size that the writer's floor raised, or that
-    /// traffic raised before it slowed down, does not put a small balance in memory whole.
+    /// Adapts the next lease size to the time the last one lasted (writer thread only), never
+    /// below the writer's `floor` unless that is more than a quarter of `balance`. Only a
+    /// busy key (its last lease lasted under a second) leases more than a quarter of its
+    /// balance: a size that the floor raised, or that traffic raised before it slowed down,
+    /// does not put a small balance in memory whole, where a crash would lose it.
     pub(crate) fn adapt(&self, now_ms: u64, exact: bool, floor: u64, balance: u64) -> u64 {
         if exact {
             return 1;
@@ -190,6 +191,7 @@ impl Meter {
         let size = u64::from(self.lease_size.load(Ordering::Acquire));
         let lasted = now_ms.saturating_sub(last);
         let busy = last != 0 && lasted < 1_000;
+        let quarter = (balance / 4).max(MIN_LEASE);
         let next = if last == 0 {
             size
         } else if busy {
@@ -199,11 +201,8 @@ impl Meter {
         } else {
             size
         }
-        .clamp(floor.max(MIN_LEASE), MAX_LEASE);
-        let next = match busy {
-            true => next,
-            false => next.min((balance / 4).max(MIN_LEASE)),
-        };
+        .clamp(floor.min(quarter).max(MIN_LEASE), MAX_LEASE);
+        let next = if busy { next } else { next.min(quarter) };
         // MAX_LEASE fits in 32 bits.
         self.lease_size.store(next as u32, Ordering::Release);
         next
@@ -267,6 +266,25 @@ mod tests {
             m.adapt(50_001, true, 64, BIG),
             1,
             "exact mode leases one unit"
+        );
+    }
+
+    #[test]
+    fn the_writers_floor_takes_at_most_a_quarter_of_a_balance() {
+        let first = |floor, balance| {
+            Meter::new(1, None, crate::public_id::IdKind::Key, false)
+                .adapt(10_000, false, floor, balance)
+        };
+        assert_eq!(first(256, 1_000_000), 256);
+        assert_eq!(first(256, 400), 100, "a quarter of 400");
+        assert_eq!(first(256, 40), MIN_LEASE, "never below the minimum");
+        assert_eq!(first(MIN_LEASE, 1_000_000), MIN_LEASE, "not behind");
+        let busy = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        busy.adapt(10_000, false, MIN_LEASE, 400);
+        assert_eq!(
+            busy.adapt(10_500, false, 256, 400),
+            100,
+            "a busy key's floor too"
         );
     }
 

@@ -297,7 +297,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
 /// after a full take, the smallest lease doubles (up to `MAX_LEASE_FLOOR`), so each renewal
 /// lasts longer; once a take finds few, it halves back. A crash still loses at most the
 /// leases in memory — larger ones only while the writer is behind, and never more than a
-/// quarter of a balance because of the floor (see [`paced_floor`]).
+/// quarter of a balance because of the floor (see [`Meter::adapt`]).
 fn pace_leases(shared: &Shared, taken: usize) {
     let floor = shared.lease_floor.load(Ordering::Relaxed);
     let next = next_lease_floor(floor, taken, !shared.prefetches.is_empty());
@@ -314,13 +314,6 @@ fn next_lease_floor(floor: u64, taken: usize, behind: bool) -> u64 {
     } else {
         floor
     }
-}
-
-/// The writer's lease floor as it applies to a balance of `balance`: never more than a quarter
-/// of it (but at least `MIN_LEASE`), so that pacing does not put a small balance's whole
-/// remainder in memory, where a crash would lose it.
-fn paced_floor(floor: u64, balance: u64) -> u64 {
-    floor.min((balance / 4).max(MIN_LEASE))
 }
 
 /// Up to `MAX_BATCH` queued prefetches, as lease messages.
@@ -878,7 +871,7 @@ fn lease(
     fx.flushed_spend.push((meter.clone(), spent));
     new_period(fx, &meter, r, now);
     let size = if first {
-        let floor = paced_floor(shared.lease_floor.load(Ordering::Relaxed), r.balance);
+        let floor = shared.lease_floor.load(Ordering::Relaxed);
         meter.adapt(now.0, shared.exact, floor, r.balance)
     } else {
         0
@@ -1033,14 +1026,6 @@ mod tests {
             [128, 64, 32, 16, 16, 16],
             "halves back to the minimum"
         );
-    }
-
-    #[test]
-    fn the_paced_floor_takes_at_most_a_quarter_of_a_balance() {
-        assert_eq!(paced_floor(256, 1_000_000), 256);
-        assert_eq!(paced_floor(256, 400), 100, "a quarter of 400");
-        assert_eq!(paced_floor(256, 40), MIN_LEASE, "never below the minimum");
-        assert_eq!(paced_floor(MIN_LEASE, 1_000_000), MIN_LEASE, "not behind");
     }
 
     #[test]

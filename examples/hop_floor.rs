@@ -11,7 +11,16 @@
 //! - `floor + hop + locks`: that, plus a shard read lock and verify+commit's other atomic
 //!   read-modify-writes, each line touched in the order verify touches them;
 //! - `peek`: `verify` with cost 0 (the whole chain, no lease taken) and the grant dropped;
-//! - `verify + commit`: what `keyledger bench` times.
+//! - `verify + commit`: what `keyledger bench` times;
+//! - `floor + hop + locks + 20 reads`: the third variant plus a short loop of 20 dependent
+//!   reads of the object's first line after the miss: what a chain of checks adds, at its
+//!   smallest;
+//! - the floor, the third variant and `verify + commit` again, **one at a time**: a serializing
+//!   instruction (`lfence`) after each operation, so that no operation starts before the
+//!   previous one has finished — as in a server, where thousands of instructions of request
+//!   handling separate two verifies. Back to back, the CPU runs the next operation's hashing
+//!   and look-up in the shadow of the current one's cache misses, which only an operation
+//!   with next to nothing after its last miss allows (docs/PERFORMANCE.md, "Eighth round").
 //!
 //! ```sh
 //! cargo run --release --example hop_floor                 # 100k keys, ≈ 1 minute
@@ -32,6 +41,8 @@ use sha2::Sha256;
 
 const ITERS: usize = 2_000_000;
 const ROUNDS: usize = 5;
+/// Index of the "floor, one at a time" variant.
+const SERIAL_FLOOR: usize = 6;
 
 /// 232 bytes, as a `CachedKey`: with its `Arc` counts and malloc's header, a 256-byte chunk.
 /// The fields a variant touches sit where verify's do: counts and usage in the first line,
@@ -106,15 +117,23 @@ impl HopFloor {
     }
 
     /// `hop` with a shard read lock around it and verify+commit's other read-modify-writes
-    /// (an `Arc` count up and down, the request count, the spend twice).
+    /// (an `Arc` count up and down, the request count, the spend twice), and `reads`
+    /// dependent reads of the object's first line after the miss.
     #[inline(never)]
-    fn hop_locks(&self, key: &Presented) -> bool {
+    fn hop_locks(&self, key: &Presented, reads: usize) -> bool {
         let hash = hash(&self.state, key);
         let _shard = self.shards[hash[16] as usize].read();
         let Some(o) = self.objects.get(&hash) else {
             return false;
         };
         if o.valid_until == 0 || o.permission_bits & 1 == 0 {
+            return false;
+        }
+        let mut sum = 0u64;
+        for j in 0..reads {
+            sum = sum.wrapping_add(o._usage[j % 4] ^ j as u64);
+        }
+        if sum == u64::MAX {
             return false;
         }
         let grant = o.clone();
@@ -132,6 +151,22 @@ fn hash(state: &Hmac<Sha256>, key: &Presented) -> [u8; 32] {
     let mut mac = state.clone();
     mac.update(key.expose().as_bytes());
     mac.finalize().into_bytes().into()
+}
+
+/// Returns `result` once every earlier instruction has finished: `lfence` dispatches nothing
+/// after it until then, so the next operation cannot overlap this one.
+#[inline(always)]
+fn one_at_a_time(result: bool) -> bool {
+    let result = std::hint::black_box(result);
+    // SAFETY: `lfence` only orders instructions; SSE2, which it belongs to, is part of every
+    // x86_64 CPU.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_lfence()
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    std::sync::atomic::fence(Ordering::SeqCst);
+    result
 }
 
 /// One unit from `lease` with a CAS, never below zero.
@@ -156,10 +191,26 @@ fn main() -> keyledger::Result<()> {
         ("floor + hop", Box::new(|i| hop.hop(&work.keys[i]))),
         (
             "floor + hop + locks",
-            Box::new(|i| hop.hop_locks(&work.keys[i])),
+            Box::new(|i| hop.hop_locks(&work.keys[i], 0)),
         ),
         ("peek", Box::new(|i| work.peek(i))),
         ("verify + commit", Box::new(|i| work.verify_commit(i))),
+        (
+            "floor + hop + locks + 20 reads",
+            Box::new(|i| hop.hop_locks(&work.keys[i], 20)),
+        ),
+        (
+            "floor, one at a time",
+            Box::new(|i| one_at_a_time(floor.check(&work.keys[i]))),
+        ),
+        (
+            "floor + hop + locks, one at a time",
+            Box::new(|i| one_at_a_time(hop.hop_locks(&work.keys[i], 0))),
+        ),
+        (
+            "verify + commit, one at a time",
+            Box::new(|i| one_at_a_time(work.verify_commit(i))),
+        ),
     ];
     let mut indices = Indices::new(7);
     let mut times = vec![Vec::new(); variants.len()];
@@ -180,10 +231,17 @@ fn main() -> keyledger::Result<()> {
         })
         .collect();
     println!("{keys} keys, median of {ROUNDS} rounds of {ITERS} operations:");
+    // Rows run one at a time are compared with the floor run one at a time.
+    let serial_floor = medians[SERIAL_FLOOR];
     for ((name, _), median) in variants.iter().zip(&medians) {
+        let (floor, which) = if name.ends_with("one at a time") {
+            (serial_floor, "the floor one at a time")
+        } else {
+            (medians[0], "the floor")
+        };
         println!(
-            "  {name:<22} {median:>6.0} ns  {:.2}× the floor",
-            median / medians[0]
+            "  {name:<36} {median:>6.0} ns  {:.2}× {which}",
+            median / floor
         );
     }
     work.ledger.clone().simulate_crash();

@@ -23,7 +23,7 @@ use crate::credits::meter::{MIN_LEASE, Meter};
 use crate::credits::refill;
 use crate::credits::writer::{self, Adjust, Msg, Shared};
 use crate::error::{Error, Result};
-use crate::hashing::KeyHash;
+use crate::hashing::{KeyHash, KeyHasher};
 use crate::keys::lookup;
 use crate::ledger::Ledger;
 use crate::limits::{KeyLimits, SpendTier};
@@ -96,7 +96,8 @@ pub(crate) struct Engine {
     pub cache: Cache,
     pub shared: Arc<Shared>,
     pub tx: Sender<Msg>,
-    pub routes: ArcSwap<RouteTable>,
+    /// The key hasher and the route table, swapped as one.
+    pub policy: ArcSwap<Policy>,
     /// Held while a route change is published, so that concurrent changes publish one
     /// after the other and the last one reads every rule committed before it.
     publishing_routes: Mutex<()>,
@@ -113,8 +114,21 @@ pub(crate) struct Engine {
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// What every verify reads before its cache look-up — how to hash the key, and the route
+/// rules — in one snapshot, so that a verify pays one `ArcSwap` load (two atomic
+/// read-modify-writes with its release) instead of two.
+pub(crate) struct Policy {
+    pub hasher: Arc<KeyHasher>,
+    pub routes: Arc<RouteTable>,
+}
+
 impl Engine {
-    pub(crate) fn start(store: Arc<Store>, ids: Arc<IdCipher>, config: &Config) -> Result<Engine> {
+    pub(crate) fn start(
+        store: Arc<Store>,
+        ids: Arc<IdCipher>,
+        hasher: KeyHasher,
+        config: &Config,
+    ) -> Result<Engine> {
         let lost_at_open = recover_leases(&store)?;
         let routes = load_routes(&store)?;
         let (events_tx, events) = channel::bounded(EVENT_CAPACITY);
@@ -144,7 +158,10 @@ impl Engine {
             cache: Cache::new(config.cache_capacity),
             shared,
             tx,
-            routes: ArcSwap::from_pointee(RouteTable::new(1, routes)),
+            policy: ArcSwap::from_pointee(Policy {
+                hasher: Arc::new(hasher),
+                routes: Arc::new(RouteTable::new(1, routes)),
+            }),
             publishing_routes: Mutex::new(()),
             events,
             tiers: config.spend_tiers.clone(),
@@ -357,11 +374,30 @@ impl Engine {
     pub(crate) fn routes_changed(&self, store: &Store) -> Result<()> {
         let _one_at_a_time = self.publishing_routes.lock();
         let rules = load_routes(store)?;
-        let generation = self.routes.load().generation + 1;
+        let generation = self.policy.load().routes.generation + 1;
         let table = Arc::new(RouteTable::new(generation, rules));
-        self.routes.store(table.clone());
+        // A hash-scheme rotation may publish at the same time: keep its hasher.
+        self.policy.rcu(|policy| Policy {
+            hasher: policy.hasher.clone(),
+            routes: table.clone(),
+        });
         self.cache.for_each(|key| key.recompile(&table));
         Ok(())
+    }
+
+    /// The hasher keys are hashed with now.
+    pub(crate) fn hasher(&self) -> Arc<KeyHasher> {
+        self.policy.load().hasher.clone()
+    }
+
+    /// Publishes a new hash scheme (the caller then empties the cache).
+    pub(crate) fn set_hasher(&self, hasher: KeyHasher) {
+        let hasher = Arc::new(hasher);
+        // A route change may publish at the same time: keep its table.
+        self.policy.rcu(|policy| Policy {
+            hasher: hasher.clone(),
+            routes: policy.routes.clone(),
+        });
     }
 
     /// Entries left the cache for good (capacity): their own meters may leave memory.
@@ -506,7 +542,7 @@ impl Engine {
             own_balance,
         } = read;
         let secret_valid_until = record.valid_until.map_or(u64::MAX, |t| t.0);
-        let table = self.routes.load();
+        let table = self.policy.load().routes.clone();
         let kind = record.id_kind();
         // Taken out only once the entry is cached: a miss that raced a change serves one
         // request and must leave the evicted snapshot (its rate-limit state) for the rebuild.

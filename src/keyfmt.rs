@@ -9,6 +9,16 @@ use crate::error::{ConfigError, HeaderError, MalformedKey};
 use crate::secret::Secret;
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// Each base62 character's value (0 for the other bytes, which the parser rejects first).
+const BASE62_VALUE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < BASE62.len() {
+        table[BASE62[i] as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
 /// Random base62 characters in a key body.
 pub(crate) const BODY_LEN: usize = 32;
 /// Base62 characters of the CRC32 checksum (62^6 > 2^32).
@@ -39,6 +49,9 @@ pub enum KeyClass {
 pub(crate) struct KeyFormat {
     prefixes: [(String, KeyClass); 3],
     legacy: Vec<String>,
+    /// A fresh CRC-32 state, cloned per key: `crc32fast::Hasher::new` looks up the CPU's
+    /// features every time.
+    crc: crc32fast::Hasher,
 }
 
 impl KeyFormat {
@@ -50,6 +63,7 @@ impl KeyFormat {
                 (config.token_prefix.clone(), KeyClass::Token),
             ],
             legacy: config.legacy_prefixes.clone(),
+            crc: crc32fast::Hasher::new(),
         }
     }
 
@@ -122,7 +136,12 @@ impl KeyFormat {
             });
         }
         let (signed, checksum) = key.as_bytes().split_at(key.len() - CHECKSUM_LEN);
-        if checksum != encode_checksum(crc32fast::hash(signed)) {
+        let mut crc = self.crc.clone();
+        crc.update(signed);
+        // Decoding the checksum and comparing numbers equals encoding the CRC and comparing
+        // characters (base62 of a value below 62⁶ is unique), at a multiply-add per character
+        // instead of a division.
+        if decode_checksum(checksum) != u64::from(crc.finalize()) {
             return Err(MalformedKey::BadChecksum);
         }
         Ok(*class)
@@ -174,6 +193,13 @@ fn encode_checksum(mut crc: u32) -> [u8; CHECKSUM_LEN] {
         crc /= 62;
     }
     out
+}
+
+/// The value of base62 `chars` (alphanumeric: checked by the caller).
+fn decode_checksum(chars: &[u8]) -> u64 {
+    chars.iter().fold(0, |value, &c| {
+        value * 62 + u64::from(BASE62_VALUE[usize::from(c)])
+    })
 }
 
 fn push_checksum(key: &mut String) {
@@ -413,6 +439,11 @@ mod tests {
         fn parser_never_panics(s in "\\PC{0,80}") {
             let _ = format().parse(&s);
             let _ = Presented::from_headers(Some(&s), Some(&s));
+        }
+
+        #[test]
+        fn a_checksum_decodes_to_the_crc_it_encodes(crc in any::<u32>()) {
+            prop_assert_eq!(decode_checksum(&encode_checksum(crc)), u64::from(crc));
         }
 
         #[test]

@@ -3,8 +3,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-
 use crate::accounts::Accounts;
 use crate::audit::Audit;
 use crate::clock::{Clock, Timestamp};
@@ -29,7 +27,6 @@ pub(crate) struct Inner {
     pub(crate) path: PathBuf,
     pub(crate) ids: Arc<IdCipher>,
     pub(crate) format: KeyFormat,
-    pub(crate) hasher: ArcSwap<KeyHasher>,
     /// Held across a hash-scheme rotation's write and publication, so the scheme in memory
     /// is the one stored last.
     pub(crate) rotating: parking_lot::Mutex<()>,
@@ -73,13 +70,13 @@ impl Ledger {
         let (store, meta) = opened;
         let store = Arc::new(store);
         let ids = Arc::new(IdCipher::new(&config.master_key));
-        let engine = Engine::start(store.clone(), ids.clone(), &config)?;
+        let hasher = KeyHasher::new(&config.master_key, meta.hash_scheme);
+        let engine = Engine::start(store.clone(), ids.clone(), hasher, &config)?;
         let inner = Inner {
             store,
             path: path.to_owned(),
             ids,
             format: KeyFormat::new(&config),
-            hasher: ArcSwap::from_pointee(KeyHasher::new(&config.master_key, meta.hash_scheme)),
             rotating: parking_lot::Mutex::new(()),
             clock: config.clock.clone(),
             config,
@@ -128,7 +125,7 @@ impl Ledger {
 
     /// The scheme new and rehashed keys are stored under.
     pub fn hash_scheme(&self) -> HashScheme {
-        self.inner.hasher.load().current()
+        self.inner.engine.policy.load().hasher.current()
     }
 
     /// Switches new keys to `scheme` (a new pepper version, or BLAKE3). Existing keys keep
@@ -155,10 +152,9 @@ impl Ledger {
             &[],
         )?;
         txn.commit()?;
-        self.inner.hasher.store(Arc::new(KeyHasher::new(
-            &self.inner.config.master_key,
-            scheme,
-        )));
+        self.inner
+            .engine
+            .set_hasher(KeyHasher::new(&self.inner.config.master_key, scheme));
         self.inner.engine.scheme_changed();
         Ok(())
     }
@@ -175,7 +171,7 @@ impl Ledger {
     }
 
     pub(crate) fn hasher(&self) -> Arc<KeyHasher> {
-        self.inner.hasher.load_full()
+        self.inner.engine.hasher()
     }
 
     /// Closes the ledger cleanly: every lease goes back to its balance and all spend and

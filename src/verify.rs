@@ -132,12 +132,13 @@ impl Ledger {
         // 1. Format: prefix, length, alphabet, checksum — before any hashing.
         self.inner.format.parse(key).map_err(Denial::Malformed)?;
         // 2. Hash, then the cache; a miss reads redb once and caches what it found.
-        let hash = self.inner.hasher.load().hash_current(key);
         let engine = &self.inner.engine;
+        let policy = engine.policy.load();
+        let hash = policy.hasher.hash_current(key);
         let now = self.now();
-        let routes = engine.routes.load();
+        let routes = &policy.routes;
         let checked = |slot: &Slot| match slot {
-            Slot::Key(key) => Some(check(self, key, request, &routes, now.0)),
+            Slot::Key(key) => Some(check(self, key, request, routes, now.0)),
             Slot::Missing => None,
         };
         let outcome = match engine.cache.with(&hash, checked) {
@@ -148,7 +149,7 @@ impl Ledger {
                 .map_err(|_| Denial::Unavailable)?
             {
                 Loaded::Missing => return Err(Denial::NotFound),
-                Loaded::Uncached(key) => check(self, &key, request, &routes, now.0),
+                Loaded::Uncached(key) => check(self, &key, request, routes, now.0),
                 Loaded::Cached => engine
                     .cache
                     .with(&hash, checked)

@@ -398,6 +398,33 @@ fn pepper_rotation_keeps_old_keys_working_and_drains_the_old_scheme() {
 }
 
 #[test]
+fn route_rules_and_a_rotation_published_around_each_other_both_apply() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (_, old) = t.key(&owner, "old");
+    t.ledger
+        .routes()
+        .set(keyledger::RouteRule::new("/admin/").permission("admin"))
+        .unwrap();
+    t.ledger.rotate_hash_scheme(V2).unwrap();
+    // The rule published before the rotation still applies after it …
+    assert_eq!(verify_code(&t.ledger, &old, "/admin/users"), "forbidden");
+    assert_eq!(verify_code(&t.ledger, &old, "/public"), "ok");
+    // … and a rule published after it keeps the new scheme: keys created and hashed under
+    // it verify, and both rules apply to them.
+    t.ledger
+        .routes()
+        .set(keyledger::RouteRule::new("/billing/").permission("billing"))
+        .unwrap();
+    let (_, fresh) = t.key(&owner, "new");
+    assert_eq!(t.ledger.hash_scheme(), V2);
+    assert_eq!(verify_code(&t.ledger, &fresh, "/public"), "ok");
+    assert_eq!(verify_code(&t.ledger, &fresh, "/billing/x"), "forbidden");
+    assert_eq!(verify_code(&t.ledger, &fresh, "/admin/x"), "forbidden");
+    assert_eq!(verify_code(&t.ledger, &old, "/billing/x"), "forbidden");
+}
+
+#[test]
 fn rotation_to_blake3_and_across_several_schemes() {
     let t = TestLedger::new();
     let owner = t.account("Acme");

@@ -71,7 +71,14 @@ struct Report {
     floor_ops_per_sec: f64,
     floor_p50_ns: u64,
     floor_p99_ns: u64,
+    /// `verify_ns / floor_ns`: the target's ratio, operations back to back.
     ratio_to_floor: f64,
+    /// `p50_ns / floor_p50_ns`: the same ratio for operations run one at a time (each sample
+    /// sits between two clock reads, which wait for earlier instructions), as in a server.
+    /// Back to back, the CPU overlaps the next operation's hashing and look-up with the
+    /// current one's cache misses, which only an operation with almost nothing after its
+    /// last miss allows (docs/PERFORMANCE.md, "Eighth round").
+    p50_ratio_to_floor: f64,
     /// Cache-miss latency (a peek of an uncached key: one redb look-up, then cached),
     /// sampled while the cache filled in scattered key order.
     miss_p50_ns: u64,
@@ -209,6 +216,8 @@ pub fn run(json: bool, args: BenchArgs) -> CliResult<u8> {
         floor_p50_ns: percentile(&floor_all.samples, 50.0),
         floor_p99_ns: percentile(&floor_all.samples, 99.0),
         ratio_to_floor: verify_ns / floor_ns,
+        p50_ratio_to_floor: percentile(&verify.samples, 50.0) as f64
+            / percentile(&floor_all.samples, 50.0).max(1) as f64,
         miss_p50_ns: percentile(&miss_samples, 50.0),
         miss_p99_ns: percentile(&miss_samples, 99.0),
         bytes_per_cached_key: per_key(heap.footprint),
@@ -250,8 +259,8 @@ fn print_text(r: &Report) {
         r.floor_ops_per_sec, r.floor_ns, r.floor_p50_ns, r.floor_p99_ns
     );
     println!(
-        "  ratio to floor    {:.2}×   (target ≤ 1.5×)",
-        r.ratio_to_floor
+        "  ratio to floor    {:.2}×   (target ≤ 1.5×); one at a time (p50 over p50) {:.2}×",
+        r.ratio_to_floor, r.p50_ratio_to_floor
     );
     println!(
         "  cache miss        p50 {} ns   p99 {} ns   (target p99 ≤ 3,000 ns on 1M keys)",

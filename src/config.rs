@@ -162,6 +162,9 @@ impl ConfigBuilder {
     /// multiplied by `multiplier_pct / 100`. The highest tier reached applies.
     pub fn spend_tiers(mut self, tiers: impl IntoIterator<Item = SpendTier>) -> Self {
         self.spend_tiers = tiers.into_iter().collect();
+        // Sorted (stably: of two tiers with one threshold, the one given last applies), so a
+        // key keeps only how many tiers it has reached.
+        self.spend_tiers.sort_by_key(|t| t.min_spent);
         self
     }
 

@@ -196,21 +196,27 @@ pub struct SpendTier {
     pub multiplier_pct: u32,
 }
 
-/// The tier multiplier (percent) for a lifetime spend, and the spend at which the next tier
-/// starts (`u64::MAX` if none). Tiers need not be sorted.
-pub(crate) fn tier_for(tiers: &[SpendTier], spent: u64) -> (u32, u64) {
-    let current = tiers
-        .iter()
-        .filter(|t| t.min_spent <= spent)
-        .max_by_key(|t| t.min_spent)
-        .map_or(100, |t| t.multiplier_pct);
-    let next = tiers
-        .iter()
-        .map(|t| t.min_spent)
-        .filter(|&m| m > spent)
-        .min()
-        .unwrap_or(u64::MAX);
-    (current, next)
+/// How many of `tiers` (sorted by `min_spent`, as `Config` keeps them) a lifetime spend has
+/// reached.
+pub(crate) fn tiers_reached(tiers: &[SpendTier], spent: u64) -> u32 {
+    // At most `tiers.len()`, which a `Vec` of 12-byte tiers keeps far below 2³².
+    tiers.partition_point(|t| t.min_spent <= spent) as u32
+}
+
+/// The multiplier (percent) of a key that has reached `reached` of the sorted `tiers`: the
+/// highest tier's, or 100 below the first.
+pub(crate) fn tier_multiplier(tiers: &[SpendTier], reached: u32) -> u32 {
+    (reached as usize)
+        .checked_sub(1)
+        .and_then(|i| tiers.get(i))
+        .map_or(100, |t| t.multiplier_pct)
+}
+
+/// The spend at which the tier after `reached` starts (`u64::MAX`: none).
+pub(crate) fn next_tier_at(tiers: &[SpendTier], reached: u32) -> u64 {
+    tiers
+        .get(reached as usize)
+        .map_or(u64::MAX, |t| t.min_spent)
 }
 
 #[cfg(test)]
@@ -292,18 +298,37 @@ mod tests {
 
     #[test]
     fn tiers_pick_the_highest_reached() {
-        let tiers = [
-            SpendTier {
-                min_spent: 1_000,
-                multiplier_pct: 200,
-            },
-            SpendTier {
-                min_spent: 100,
-                multiplier_pct: 150,
-            },
-        ];
-        assert_eq!(tier_for(&tiers, 0), (100, 100));
-        assert_eq!(tier_for(&tiers, 100), (150, 1_000));
-        assert_eq!(tier_for(&tiers, 5_000), (200, u64::MAX));
+        let config = crate::Config::builder()
+            .master_key(crate::MasterKey::from_bytes(&[7; 32]).unwrap())
+            .spend_tiers([
+                SpendTier {
+                    min_spent: 1_000,
+                    multiplier_pct: 200,
+                },
+                SpendTier {
+                    min_spent: 100,
+                    multiplier_pct: 150,
+                },
+                SpendTier {
+                    min_spent: 1_000,
+                    multiplier_pct: 300,
+                },
+            ])
+            .build()
+            .unwrap();
+        let tiers = &config.spend_tiers;
+        let at = |spent| {
+            let reached = tiers_reached(tiers, spent);
+            (
+                tier_multiplier(tiers, reached),
+                next_tier_at(tiers, reached),
+            )
+        };
+        assert_eq!(at(0), (100, 100));
+        assert_eq!(at(99), (100, 100));
+        assert_eq!(at(100), (150, 1_000));
+        // Of two tiers with one threshold, the one given last applies.
+        assert_eq!(at(1_000), (300, u64::MAX));
+        assert_eq!(at(5_000), (300, u64::MAX));
     }
 }

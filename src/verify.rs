@@ -112,7 +112,7 @@ pub struct Grant<'l> {
     rate_charged_at_ns: Option<u64>,
     /// The meter's balance epoch when the units were reserved: a `set` since then is final,
     /// so a refund is discarded instead of returned.
-    epoch: u64,
+    epoch: u32,
     settled: bool,
 }
 
@@ -275,7 +275,8 @@ fn check<'l>(
     // 7. Rate limits (GCRA), scaled by the key's spend tier.
     let now_ns = now_ms.saturating_mul(1_000_000);
     if let Some(limits) = &key.limits {
-        if let Err(retry_after) = limits.acquire(now_ns, cost, key.tier_pct()) {
+        let tier_pct = key.tier_pct(&ledger.inner.engine.tiers);
+        if let Err(retry_after) = limits.acquire(now_ns, cost, tier_pct) {
             return Denied(Denial::RateLimited { retry_after });
         }
     }
@@ -324,7 +325,8 @@ impl Grant<'_> {
     /// Gives back the rate-limit slots of a request refused after the rate check.
     fn release_rate(&self) {
         if let (Some(at), Some(limits)) = (self.rate_charged_at_ns, &self.key.limits) {
-            limits.release(at, self.reserved, self.key.tier_pct());
+            let tier_pct = self.key.tier_pct(&self.ledger.inner.engine.tiers);
+            limits.release(at, self.reserved, tier_pct);
         }
     }
 
@@ -359,7 +361,7 @@ impl Grant<'_> {
 
     /// Rate-limit state now.
     pub fn rate_limit(&self) -> RateState {
-        let tier = self.key.tier_pct();
+        let tier = self.key.tier_pct(&self.ledger.inner.engine.tiers);
         let now_ns = self.ledger.now().0.saturating_mul(1_000_000);
         let (requests_remaining, tokens_remaining) = match &self.key.limits {
             Some(limits) => limits.remaining(now_ns, tier),

@@ -41,9 +41,9 @@ struct Usage {
     /// Lifetime spend (durable at load + everything since), for spend tiers (kept only when
     /// tiers are configured).
     lifetime_spent: AtomicU64,
-    /// The spend at which the next tier starts, and the current tier multiplier (percent).
-    next_tier_at: AtomicU64,
-    tier_pct: AtomicU32,
+    /// How many of the configured spend tiers (sorted) the lifetime spend has reached: the
+    /// multiplier and the next threshold are looked up from it.
+    tiers_reached: AtomicU32,
     dirty: AtomicBool,
 }
 
@@ -175,7 +175,6 @@ impl CachedKey {
         tiers: &[crate::SpendTier],
     ) -> Self {
         let home = home.map(|h| h.home.clone().unwrap_or(h));
-        let (tier_pct, next_tier_at) = crate::limits::tier_for(tiers, lifetime_spent);
         CachedKey {
             kind: s.kind,
             disabled: s.disabled,
@@ -199,8 +198,7 @@ impl CachedKey {
                 last_used_ms: AtomicU64::new(0),
                 spent: AtomicU64::new(0),
                 lifetime_spent: AtomicU64::new(lifetime_spent),
-                next_tier_at: AtomicU64::new(next_tier_at),
-                tier_pct: AtomicU32::new(tier_pct),
+                tiers_reached: AtomicU32::new(crate::limits::tiers_reached(tiers, lifetime_spent)),
                 dirty: AtomicBool::new(false),
             },
             own_meter,
@@ -275,10 +273,11 @@ impl CachedKey {
             .store(table.generation as u32, Ordering::Release);
     }
 
-    /// Current spend-tier multiplier, in percent.
+    /// Current spend-tier multiplier under the configured `tiers`, in percent.
     #[inline]
-    pub(crate) fn tier_pct(&self) -> u32 {
-        self.home().usage.tier_pct.load(Ordering::Relaxed)
+    pub(crate) fn tier_pct(&self, tiers: &[crate::SpendTier]) -> u32 {
+        let reached = self.home().usage.tiers_reached.load(Ordering::Relaxed);
+        crate::limits::tier_multiplier(tiers, reached)
     }
 
     /// The key's and owner's public ids, encoded on first use.
@@ -320,10 +319,13 @@ impl CachedKey {
         // read-modify-write less per request).
         if !tiers.is_empty() {
             let lifetime = usage.lifetime_spent.fetch_add(units, Ordering::Relaxed) + units;
-            if lifetime >= usage.next_tier_at.load(Ordering::Relaxed) {
-                let (pct, next) = crate::limits::tier_for(tiers, lifetime);
-                usage.tier_pct.store(pct, Ordering::Relaxed);
-                usage.next_tier_at.store(next, Ordering::Relaxed);
+            let reached = usage.tiers_reached.load(Ordering::Relaxed);
+            if lifetime >= crate::limits::next_tier_at(tiers, reached) {
+                // The maximum: two requests crossing tiers at once leave the higher.
+                let now_reached = crate::limits::tiers_reached(tiers, lifetime);
+                usage
+                    .tiers_reached
+                    .fetch_max(now_reached, Ordering::Relaxed);
             }
         }
         self.mark_dirty()
@@ -578,12 +580,12 @@ mod tests {
     use super::*;
 
     /// The per-key memory budget (issue 3: ≤ 256 bytes per cached key at 1M keys) is spent
-    /// mostly here: with `Arc`'s two counters and malloc's header, 232 bytes is a 256-byte
-    /// chunk (240 would be 272). A field added without taking one out shows up here.
+    /// mostly here: with `Arc`'s two counters and malloc's header, 216 bytes is a 240-byte
+    /// chunk (224 would be 256). A field added without taking one out shows up here.
     #[test]
     fn a_cached_key_stays_within_its_allocation_class() {
         assert!(
-            size_of::<CachedKey>() <= 232,
+            size_of::<CachedKey>() <= 216,
             "CachedKey grew to {} bytes",
             size_of::<CachedKey>()
         );

@@ -21,8 +21,9 @@ pub(crate) struct Meter {
     /// Units leased into memory and not yet reserved.
     pub lease: AtomicU64,
     /// Bumped by every `set` of the balance: reservations taken before a set are not
-    /// refunded into the new balance.
-    pub epoch: AtomicU64,
+    /// refunded into the new balance. Only compared for equality between a reservation and
+    /// its refund, so 32 bits (wrapping after 2³² sets) are plenty.
+    pub epoch: AtomicU32,
     /// When (ms) the next refill is due (`u64::MAX`: no refill). From then on the lease
     /// belongs to an old period, so reservations go through the writer, which applies it.
     pub refill_at_ms: AtomicU64,
@@ -44,8 +45,9 @@ pub(crate) struct Meter {
     /// Until when (ms) the durable balance is known to be empty: no refill is due before then
     /// and no top-up happened since. Lets an exhausted key fail fast without the writer.
     pub empty_until_ms: AtomicU64,
-    /// When the last lease was granted (ms), to adapt the lease size.
-    pub last_lease_ms: AtomicU64,
+    /// When the last lease was granted, in tenths of a second (the clock's ms / 100, wrapping
+    /// every 13.6 years; 0: never), to adapt the lease size.
+    last_lease_ds: AtomicU32,
     /// Credits left when the writer last looked, for edge-triggered low-balance events.
     pub last_remaining: AtomicU64,
     /// Low-balance threshold for events (`u64::MAX`: none; see [`threshold`](Self::threshold)).
@@ -69,10 +71,10 @@ impl Meter {
             pending: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             empty_until_ms: AtomicU64::new(0),
-            last_lease_ms: AtomicU64::new(0),
+            last_lease_ds: AtomicU32::new(0),
             durable_balance: AtomicU64::new(0),
             refill_at_ms: AtomicU64::new(u64::MAX),
-            epoch: AtomicU64::new(0),
+            epoch: AtomicU32::new(0),
             last_remaining: AtomicU64::new(u64::MAX),
             retired: AtomicBool::new(false),
             // `u64::MAX` as a threshold never fires (nothing is left above it): the same as none.
@@ -178,6 +180,16 @@ impl Meter {
         left < u64::from(self.lease_size.load(Ordering::Relaxed)) / 2
     }
 
+    /// Whether a lease was granted at or after `since_ms` — to a tenth of a second: one
+    /// granted up to 100 ms before counts too, which keeps a meter listed one round longer.
+    pub(crate) fn leased_since(&self, since_ms: u64) -> bool {
+        match self.last_lease_ds.load(Ordering::Acquire) {
+            0 => since_ms == 0,
+            // Wrapping: right for any two times less than 6.8 years apart.
+            last => last.wrapping_sub((since_ms / 100) as u32) < 1 << 31,
+        }
+    }
+
     /// Adapts the next lease size to the time the last one lasted (writer thread only), never
     /// below the writer's `floor` unless that is more than a quarter of `balance`. Only a
     /// busy key (its last lease lasted under a second) leases more than a quarter of its
@@ -187,9 +199,11 @@ impl Meter {
         if exact {
             return 1;
         }
-        let last = self.last_lease_ms.swap(now_ms, Ordering::AcqRel);
+        // Never 0, which means "never leased".
+        let now_ds = ((now_ms / 100) as u32).max(1);
+        let last = self.last_lease_ds.swap(now_ds, Ordering::AcqRel);
         let size = u64::from(self.lease_size.load(Ordering::Acquire));
-        let lasted = now_ms.saturating_sub(last);
+        let lasted = u64::from(now_ds.wrapping_sub(last)) * 100;
         let busy = last != 0 && lasted < 1_000;
         let quarter = (balance / 4).max(MIN_LEASE);
         let next = if last == 0 {
@@ -266,6 +280,26 @@ mod tests {
             m.adapt(50_001, true, 64, BIG),
             1,
             "exact mode leases one unit"
+        );
+    }
+
+    #[test]
+    fn a_lease_counts_as_recent_from_a_tenth_of_a_second_before_it_even_across_the_wrap() {
+        let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        assert!(!m.leased_since(1), "never leased");
+        m.adapt(10_050, false, MIN_LEASE, BIG);
+        assert!(m.leased_since(9_000));
+        assert!(m.leased_since(10_099), "the same tenth of a second");
+        assert!(!m.leased_since(10_100));
+        // Tenths of a second wrap at 2³²: a lease just after the wrap is still recent.
+        let wrap_ms = (1u64 << 32) * 100;
+        m.adapt(wrap_ms + 300, false, MIN_LEASE, BIG);
+        assert!(m.leased_since(wrap_ms - 500));
+        assert!(!m.leased_since(wrap_ms + 400));
+        assert_eq!(
+            m.adapt(wrap_ms + 800, false, MIN_LEASE, BIG),
+            32,
+            "half a second across the wrap is still a busy key's lease"
         );
     }
 

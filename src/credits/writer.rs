@@ -746,7 +746,7 @@ fn flush_spend(
             continue; // its balance is gone: nothing to write, nothing to keep
         }
         let mut units = meter.spent.swap(0, Ordering::SeqCst);
-        if units == 0 && meter.last_lease_ms.load(Ordering::Acquire) < since_ms {
+        if units == 0 && !meter.leased_since(since_ms) {
             units = meter.unlist();
             if units == 0 {
                 fx.unlisted.push(meter);

@@ -447,12 +447,14 @@ impl Engine {
         key: &str,
         now: Timestamp,
     ) -> Result<std::result::Result<MissRead, Loaded>> {
-        // Both read before the transaction begins: a change committed after it began bumps
-        // them after its commit (see `install`).
+        // Both read before the snapshot is taken: a change committed after it was taken
+        // bumps them after its commit (see `install`), and one committed before is in it
+        // (see `Store::snapshot`).
         let epoch = self.cache.epoch();
         let removals = self.shared.balance_removals.load(Ordering::Acquire);
-        let read = self.shared.store.begin_read()?;
-        let Some(found) = lookup::find_in(ledger, &read, hash, key, now)? else {
+        let snapshot = self.shared.store.snapshot()?;
+        let read = &snapshot.txn;
+        let Some(found) = lookup::find_in(ledger, &snapshot, hash, key, now)? else {
             self.cache.insert_missing(*hash, epoch);
             return Ok(Err(Loaded::Missing));
         };
@@ -499,8 +501,8 @@ impl Engine {
         let (pool, own_balance) = match metering {
             Metering::Unmetered => (None, None),
             _ => {
-                let credits = read.open_table(CREDITS)?;
-                let balance = |id| -> Result<Option<CreditsRecord>> { store::get(&credits, id) };
+                let credits = &snapshot.credits;
+                let balance = |id| -> Result<Option<CreditsRecord>> { store::get(credits, id) };
                 match found.pool {
                     Some(pool) => {
                         let p: Option<PoolRecord> = store::get(&read.open_table(POOLS)?, pool)?;

@@ -10,7 +10,7 @@ use crate::hashing::{HashScheme, KeyHash, hashes_equal};
 use crate::keys::index;
 use crate::ledger::{Ledger, SYSTEM_ACTOR};
 use crate::record::{KeyRecord, VerifyRecord};
-use crate::store::{self, tables::*};
+use crate::store::{self, ReadSnapshot, tables::*};
 
 /// A record found by its plaintext.
 pub(crate) struct Found {
@@ -43,18 +43,18 @@ pub(crate) fn find(ledger: &Ledger, key: &str, now: Timestamp) -> Result<Option<
 }
 
 /// The verify entry of the secret `key`, whose current-scheme `hash` is known, read through
-/// `read` (the miss path goes on reading the key's balance in the same transaction): one
-/// look-up while every key is under the current scheme.
+/// the miss path's shared `snapshot` (which goes on to read the key's balance): one look-up
+/// while every key is under the current scheme.
 pub(crate) fn find_in(
     ledger: &Ledger,
-    read: &redb::ReadTransaction,
+    snapshot: &ReadSnapshot,
     hash: &KeyHash,
     key: &str,
     now: Timestamp,
 ) -> Result<Option<VerifyRecord>> {
-    match probe(read, hash, ledger.hasher().current(), now)? {
+    match probe_table(&snapshot.verify, hash, ledger.hasher().current(), now)? {
         Some(found) => Ok(Some(found)),
-        None => find_under_old_schemes(ledger, read, hash, key, now),
+        None => find_under_old_schemes(ledger, &snapshot.txn, hash, key, now),
     }
 }
 
@@ -90,7 +90,16 @@ fn probe(
     scheme: HashScheme,
     now: Timestamp,
 ) -> Result<Option<VerifyRecord>> {
-    let table = read.open_table(KEY_VERIFY)?;
+    probe_table(&read.open_table(KEY_VERIFY)?, hash, scheme, now)
+}
+
+/// [`probe`] in an open table.
+fn probe_table(
+    table: &redb::ReadOnlyTable<&'static [u8; 32], &'static [u8]>,
+    hash: &KeyHash,
+    scheme: HashScheme,
+    now: Timestamp,
+) -> Result<Option<VerifyRecord>> {
     let Some(bytes) = table.get(hash)? else {
         return Ok(None);
     };

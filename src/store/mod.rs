@@ -3,9 +3,13 @@
 //! record, its indexes and its audit event commit together or not at all.
 
 pub(crate) mod tables;
+mod txn;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
+
+use arc_swap::ArcSwapOption;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
@@ -15,6 +19,7 @@ use crate::hashing::HashScheme;
 use crate::record::{KeyRecord, VerifyRecord};
 use crate::secret::{MasterKey, context};
 use tables::{META, meta};
+pub(crate) use txn::{ReadSnapshot, WriteTxn};
 
 /// First bytes of the `format` meta entry.
 pub(crate) const MAGIC: &[u8; 8] = b"keyledgr";
@@ -27,7 +32,12 @@ pub(crate) const FORMAT_VERSION: u32 = 2;
 
 /// The opened database and what its meta table says.
 pub(crate) struct Store {
+    /// The cache misses' shared read snapshot (see [`Store::snapshot`]). Declared first, so
+    /// dropped before the database it reads.
+    snapshot: ArcSwapOption<ReadSnapshot>,
     pub(crate) db: Database,
+    /// Moved on by every commit through [`WriteTxn`].
+    generation: AtomicU64,
 }
 
 /// Meta values read at open.
@@ -53,7 +63,11 @@ impl Store {
     }
 
     fn init(db: Database, path: &Path, master: &MasterKey) -> Result<(Store, OpenedMeta)> {
-        let store = Store { db };
+        let store = Store {
+            snapshot: ArcSwapOption::empty(),
+            db,
+            generation: AtomicU64::new(0),
+        };
         let verifier = verifier(master);
         let existing = {
             let read = store.db.begin_read()?;
@@ -115,10 +129,10 @@ impl Store {
 
     /// A write transaction with two-phase commit (redb's advice for files that may hold
     /// attacker-supplied data) and immediate durability.
-    pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction> {
+    pub(crate) fn begin_write(&self) -> Result<WriteTxn<'_>> {
         let mut txn = self.db.begin_write()?;
         txn.set_two_phase_commit(true);
-        Ok(txn)
+        Ok(WriteTxn::new(txn, self))
     }
 
     pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction> {

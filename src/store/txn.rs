@@ -1,0 +1,146 @@
+//! Transactions as the store hands them out: every write commits through [`WriteTxn`], which
+//! moves the store's commit generation on; cache misses read through a shared
+//! [`ReadSnapshot`], reused until the next commit, because opening a redb table (a look-up in
+//! its table tree) costs more than the read itself (docs/PERFORMANCE.md, "Eighth round").
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use redb::ReadableDatabase;
+
+use super::Store;
+use super::tables::{CREDITS, KEY_VERIFY};
+use crate::error::Result;
+
+/// A write transaction of this store. Derefs to redb's; [`commit`](Self::commit) also
+/// retires the shared read snapshot, so no miss after the commit reads older data.
+pub(crate) struct WriteTxn<'s> {
+    txn: redb::WriteTransaction,
+    store: &'s Store,
+}
+
+impl<'s> WriteTxn<'s> {
+    pub(super) fn new(txn: redb::WriteTransaction, store: &'s Store) -> Self {
+        WriteTxn { txn, store }
+    }
+
+    /// Commits, then moves the commit generation on (also when the commit failed: whatever
+    /// it left, the next miss reads afresh).
+    pub(crate) fn commit(self) -> std::result::Result<(), redb::CommitError> {
+        let result = self.txn.commit();
+        self.store.generation.fetch_add(1, Ordering::AcqRel);
+        // Dropped now rather than at the next miss: a snapshot kept alive would hold back
+        // the reuse of every page this and later commits free.
+        self.store.snapshot.store(None);
+        result
+    }
+
+    /// Rolls back (nothing changed: the shared snapshot stays).
+    pub(crate) fn abort(self) -> std::result::Result<(), redb::StorageError> {
+        self.txn.abort()
+    }
+}
+
+impl Deref for WriteTxn<'_> {
+    type Target = redb::WriteTransaction;
+    fn deref(&self) -> &redb::WriteTransaction {
+        &self.txn
+    }
+}
+
+impl DerefMut for WriteTxn<'_> {
+    fn deref_mut(&mut self) -> &mut redb::WriteTransaction {
+        &mut self.txn
+    }
+}
+
+/// A read transaction with the two tables every cache miss reads already open.
+pub(crate) struct ReadSnapshot {
+    /// The commit generation read before the transaction began: the snapshot holds every
+    /// commit up to it (and maybe later ones).
+    generation: u64,
+    pub txn: redb::ReadTransaction,
+    /// Key hash → verify record.
+    pub verify: redb::ReadOnlyTable<&'static [u8; 32], &'static [u8]>,
+    /// Balances.
+    pub credits: redb::ReadOnlyTable<u64, &'static [u8]>,
+}
+
+impl Store {
+    /// A snapshot holding every commit made before this call began: the shared one if no
+    /// commit came since it was taken, else a new one (then shared).
+    ///
+    /// Callers that must notice changes committed after their read (the miss path's epoch
+    /// and removal counts) read those counts *before* calling this: a change bumps them only
+    /// after its commit moved the generation on, so a snapshot reused here is never older
+    /// than a change they did not see.
+    pub(crate) fn snapshot(&self) -> Result<Arc<ReadSnapshot>> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some(shared) = self.snapshot.load_full() {
+            if shared.generation == generation {
+                return Ok(shared);
+            }
+        }
+        let txn = self.db.begin_read()?;
+        let fresh = Arc::new(ReadSnapshot {
+            generation,
+            verify: txn.open_table(KEY_VERIFY)?,
+            credits: txn.open_table(CREDITS)?,
+            txn,
+        });
+        // Racing misses may store an older one over a newer: the generation check above
+        // turns it away.
+        self.snapshot.store(Some(fresh.clone()));
+        Ok(fresh)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::MasterKey;
+
+    fn balance_in(snapshot: &ReadSnapshot, id: u64) -> Option<Vec<u8>> {
+        let got = snapshot.credits.get(id).unwrap();
+        got.map(|v| v.value().to_vec())
+    }
+
+    #[test]
+    fn misses_share_a_snapshot_until_a_commit_and_then_see_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterKey::from_bytes(&[9; 32]).unwrap();
+        let (store, _) = Store::open(&dir.path().join("s.redb"), &master).unwrap();
+        let first = store.snapshot().unwrap();
+        assert!(Arc::ptr_eq(&first, &store.snapshot().unwrap()), "shared");
+
+        // A rolled-back write changes nothing: the snapshot stays shared.
+        let txn = store.begin_write().unwrap();
+        txn.open_table(CREDITS)
+            .unwrap()
+            .insert(7, [1u8].as_slice())
+            .unwrap();
+        txn.abort().unwrap();
+        assert!(Arc::ptr_eq(&first, &store.snapshot().unwrap()));
+
+        // A committed one retires it: the next snapshot holds the write, the old one not.
+        let txn = store.begin_write().unwrap();
+        txn.open_table(CREDITS)
+            .unwrap()
+            .insert(7, [2u8].as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        let after = store.snapshot().unwrap();
+        assert!(!Arc::ptr_eq(&first, &after));
+        assert_eq!(balance_in(&after, 7), Some(vec![2]));
+        assert_eq!(
+            balance_in(&first, 7),
+            None,
+            "a snapshot in use keeps its view"
+        );
+        assert!(
+            Arc::ptr_eq(&after, &store.snapshot().unwrap()),
+            "shared again"
+        );
+    }
+}

@@ -114,22 +114,20 @@ mod tests {
         let first = store.snapshot().unwrap();
         assert!(Arc::ptr_eq(&first, &store.snapshot().unwrap()), "shared");
 
+        // Balance 7 written as `value`, not committed yet.
+        let write = |value: u8| {
+            let txn = store.begin_write().unwrap();
+            let mut credits = txn.open_table(CREDITS).unwrap();
+            credits.insert(7, [value].as_slice()).unwrap();
+            drop(credits);
+            txn
+        };
         // A rolled-back write changes nothing: the snapshot stays shared.
-        let txn = store.begin_write().unwrap();
-        txn.open_table(CREDITS)
-            .unwrap()
-            .insert(7, [1u8].as_slice())
-            .unwrap();
-        txn.abort().unwrap();
+        write(1).abort().unwrap();
         assert!(Arc::ptr_eq(&first, &store.snapshot().unwrap()));
 
         // A committed one retires it: the next snapshot holds the write, the old one not.
-        let txn = store.begin_write().unwrap();
-        txn.open_table(CREDITS)
-            .unwrap()
-            .insert(7, [2u8].as_slice())
-            .unwrap();
-        txn.commit().unwrap();
+        write(2).commit().unwrap();
         let after = store.snapshot().unwrap();
         assert!(!Arc::ptr_eq(&first, &after));
         assert_eq!(balance_in(&after, 7), Some(vec![2]));

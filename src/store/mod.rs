@@ -35,7 +35,7 @@ pub(crate) struct Store {
     /// The cache misses' shared read snapshot (see [`Store::snapshot`]). Declared first, so
     /// dropped before the database it reads.
     snapshot: ArcSwapOption<ReadSnapshot>,
-    pub(crate) db: Database,
+    db: Database,
     /// Moved on by every commit through [`WriteTxn`].
     generation: AtomicU64,
 }

@@ -293,8 +293,8 @@ impl Engine {
             KeyChange::CreditsChanged => {
                 if let Some(meter) = meter {
                     // A new refill or balance may make an empty meter spendable again.
-                    meter.empty_until_ms.store(0, Ordering::Release);
-                    meter.refill_at_ms.store(0, Ordering::Release);
+                    meter.set_empty_until(0);
+                    meter.set_refill_at(0);
                 }
             }
             KeyChange::Settings => {}
@@ -660,12 +660,8 @@ fn init_meter(meter: &Meter, record: &CreditsRecord, now: Timestamp) {
     meter
         .durable_balance
         .store(record.balance, Ordering::Release);
-    meter
-        .last_remaining
-        .store(record.balance, Ordering::Release);
-    meter
-        .refill_at_ms
-        .store(refill::due_at(record, now), Ordering::Release);
+    meter.set_remaining(record.balance);
+    meter.set_refill_at(refill::due_at(record, now));
 }
 
 /// The hashes of every secret of `owner`'s keys and tokens.

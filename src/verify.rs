@@ -182,7 +182,7 @@ impl Ledger {
             if meter.current(now) {
                 // Read before the take: the writer hands a lease over before it marks the
                 // balance empty, so a take after seeing the mark sees that lease too.
-                let empty = meter.empty_until_ms.load(Ordering::Acquire) > now;
+                let empty = meter.empty_at(now);
                 if meter.try_take(cost).is_some() {
                     grant.note_use(now);
                     return Ok(grant);

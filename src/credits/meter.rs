@@ -16,19 +16,38 @@ pub(crate) const MAX_LEASE: u64 = 100_000;
 /// The most the smallest lease grows to while the writer is behind (see `writer::pace_leases`).
 pub(crate) const MAX_LEASE_FLOOR: u64 = 16 * MIN_LEASE;
 
+/// One credit balance's in-memory side: 64 bytes, one cache line's worth, since every key
+/// carries one inline (see `CachedKey`).
 #[derive(Debug)]
 pub(crate) struct Meter {
     /// Units leased into memory and not yet reserved.
     pub lease: AtomicU64,
+    /// Units spent since the last flush (still `leased` on disk).
+    pub spent: AtomicU64,
+    /// Durable balance after the writer's last change (for grants' remaining credits).
+    pub durable_balance: AtomicU64,
+    /// CREDITS record id (key id or pool id).
+    pub id: u64,
+    /// Low-balance threshold and what the writer last saw (`None`: no events), out of line:
+    /// few balances set one.
+    low_balance: Option<Box<LowBalance>>,
     /// Bumped by every `set` of the balance: reservations taken before a set are not
     /// refunded into the new balance. Only compared for equality between a reservation and
     /// its refund, so 32 bits (wrapping after 2³² sets) are plenty.
     pub epoch: AtomicU32,
-    /// When (ms) the next refill is due (`u64::MAX`: no refill). From then on the lease
-    /// belongs to an old period, so reservations go through the writer, which applies it.
-    pub refill_at_ms: AtomicU64,
     /// Next lease size; adapts to about a second of traffic.
     pub lease_size: AtomicU32,
+    /// When the last lease was granted, in tenths of a second (the clock's ms / 100, wrapping
+    /// every 13.6 years; 0: never), to adapt the lease size.
+    last_lease_ds: AtomicU32,
+    /// When the next refill is due, in whole seconds ([`NEVER`]: no refill; see
+    /// [`refill_at_ms`](Self::refill_at_ms)). From then on the lease belongs to an old period,
+    /// so reservations go through the writer, which applies it.
+    refill_at_s: AtomicU32,
+    /// Until when (whole seconds; [`NEVER`]: for good) the durable balance is known to be
+    /// empty: no refill is due before then and no top-up happened since. Lets an exhausted
+    /// key fail fast without the writer.
+    empty_until_s: AtomicU32,
     /// A lease request is queued or in flight.
     pub pending: AtomicBool,
     /// Queued for a spend flush.
@@ -38,22 +57,32 @@ pub(crate) struct Meter {
     pub retired: AtomicBool,
     /// What its events name: a key, a token or a pool.
     pub subject: crate::public_id::IdKind,
-    /// Units spent since the last flush (still `leased` on disk).
-    pub spent: AtomicU64,
-    /// Durable balance after the writer's last change (for grants' remaining credits).
-    pub durable_balance: AtomicU64,
-    /// Until when (ms) the durable balance is known to be empty: no refill is due before then
-    /// and no top-up happened since. Lets an exhausted key fail fast without the writer.
-    pub empty_until_ms: AtomicU64,
-    /// When the last lease was granted, in tenths of a second (the clock's ms / 100, wrapping
-    /// every 13.6 years; 0: never), to adapt the lease size.
-    last_lease_ds: AtomicU32,
-    /// Credits left when the writer last looked, for edge-triggered low-balance events.
-    pub last_remaining: AtomicU64,
-    /// Low-balance threshold for events (`u64::MAX`: none; see [`threshold`](Self::threshold)).
+}
+
+/// A balance's low-balance threshold, and the credits left when the writer last looked (for
+/// edge-triggered events).
+#[derive(Debug)]
+struct LowBalance {
     threshold: u64,
-    /// CREDITS record id (key id or pool id).
-    pub id: u64,
+    last_remaining: AtomicU64,
+}
+
+/// A time in whole seconds that never comes (`u64::MAX` ms).
+const NEVER: u32 = u32::MAX;
+
+/// Milliseconds to whole seconds, rounded down, for the two times a meter keeps. Both are
+/// period starts (midnight UTC) or 0 or `u64::MAX`, so nothing is lost; were one not, rounding
+/// down makes it come early, the safe side for both (the writer is asked sooner). Times past
+/// 2106 read as never.
+fn to_secs(ms: u64) -> u32 {
+    u32::try_from(ms / 1000).unwrap_or(NEVER)
+}
+
+fn to_ms(secs: u32) -> u64 {
+    match secs {
+        NEVER => u64::MAX,
+        s => u64::from(s) * 1000,
+    }
 }
 
 impl Meter {
@@ -70,22 +99,58 @@ impl Meter {
             lease_size: AtomicU32::new(if exact { 1 } else { MIN_LEASE as u32 }),
             pending: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
-            empty_until_ms: AtomicU64::new(0),
+            empty_until_s: AtomicU32::new(0),
             last_lease_ds: AtomicU32::new(0),
             durable_balance: AtomicU64::new(0),
-            refill_at_ms: AtomicU64::new(u64::MAX),
+            refill_at_s: AtomicU32::new(NEVER),
             epoch: AtomicU32::new(0),
-            last_remaining: AtomicU64::new(u64::MAX),
             retired: AtomicBool::new(false),
-            // `u64::MAX` as a threshold never fires (nothing is left above it): the same as none.
-            threshold: threshold.unwrap_or(u64::MAX),
+            low_balance: threshold.map(|threshold| {
+                Box::new(LowBalance {
+                    threshold,
+                    last_remaining: AtomicU64::new(u64::MAX),
+                })
+            }),
             subject,
         }
     }
 
-    /// Low-balance threshold for events (`None`: no events).
-    pub(crate) fn threshold(&self) -> Option<u64> {
-        Some(self.threshold).filter(|&t| t != u64::MAX)
+    /// Records the credits left (writer thread); true when they crossed the low-balance
+    /// threshold downwards since the last time (never without a threshold).
+    pub(crate) fn note_remaining(&self, remaining: u64) -> bool {
+        self.low_balance.as_ref().is_some_and(|l| {
+            let previous = l.last_remaining.swap(remaining, Ordering::AcqRel);
+            previous > l.threshold && remaining <= l.threshold
+        })
+    }
+
+    /// Records the credits left without an event (a new meter, a `set`, a refill).
+    pub(crate) fn set_remaining(&self, remaining: u64) {
+        if let Some(l) = &self.low_balance {
+            l.last_remaining.store(remaining, Ordering::Release);
+        }
+    }
+
+    /// When the next refill is due (ms; `u64::MAX`: no refill).
+    #[inline]
+    pub(crate) fn refill_at_ms(&self) -> u64 {
+        to_ms(self.refill_at_s.load(Ordering::Acquire))
+    }
+
+    /// Sets when the next refill is due (ms; `u64::MAX`: no refill; 0: due now).
+    pub(crate) fn set_refill_at(&self, ms: u64) {
+        self.refill_at_s.store(to_secs(ms), Ordering::Release);
+    }
+
+    /// Whether the durable balance is known to be empty at `now_ms`.
+    #[inline]
+    pub(crate) fn empty_at(&self, now_ms: u64) -> bool {
+        to_ms(self.empty_until_s.load(Ordering::Acquire)) > now_ms
+    }
+
+    /// Sets until when the durable balance is known to be empty (ms; 0: it is not).
+    pub(crate) fn set_empty_until(&self, ms: u64) {
+        self.empty_until_s.store(to_secs(ms), Ordering::Release);
     }
 
     /// Whether this meter is a shared pool's.
@@ -151,7 +216,7 @@ impl Meter {
     /// Whether the lease may be spent at `now_ms`: no refill has come due since it was taken.
     #[inline]
     pub(crate) fn current(&self, now_ms: u64) -> bool {
-        now_ms < self.refill_at_ms.load(Ordering::Acquire)
+        now_ms < self.refill_at_ms()
     }
 
     /// Whether a background top-up of the lease should start: it has fallen below half.
@@ -227,6 +292,56 @@ impl Meter {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn a_meter_is_64_bytes() {
+        // Every cached key carries one inline: its size is most of the per-key budget.
+        assert_eq!(size_of::<Meter>(), 64);
+    }
+
+    #[test]
+    fn refill_and_empty_times_are_kept_to_the_second_rounded_early() {
+        let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        assert_eq!(m.refill_at_ms(), u64::MAX, "no refill");
+        assert!(m.current(u64::MAX - 1));
+        let midnight = 20_000 * 86_400_000;
+        m.set_refill_at(midnight);
+        assert_eq!(m.refill_at_ms(), midnight, "a period start is exact");
+        assert!(m.current(midnight - 1) && !m.current(midnight));
+        m.set_refill_at(midnight + 1_999);
+        assert_eq!(
+            m.refill_at_ms(),
+            midnight + 1_000,
+            "rounded down: due early"
+        );
+        m.set_refill_at(0);
+        assert!(!m.current(0), "due now");
+        m.set_refill_at(u64::MAX / 2);
+        assert_eq!(m.refill_at_ms(), u64::MAX, "beyond 2106: never");
+
+        assert!(!m.empty_at(0), "not known empty");
+        m.set_empty_until(midnight);
+        assert!(m.empty_at(midnight - 1) && !m.empty_at(midnight));
+        m.set_empty_until(u64::MAX);
+        assert!(m.empty_at(u64::MAX - 1), "empty for good without a refill");
+        m.set_empty_until(0);
+        assert!(!m.empty_at(0));
+    }
+
+    #[test]
+    fn a_low_balance_is_reported_once_on_the_way_down() {
+        let m = Meter::new(1, Some(10), crate::public_id::IdKind::Key, false);
+        assert!(!m.note_remaining(50));
+        assert!(m.note_remaining(10), "reached the threshold");
+        assert!(!m.note_remaining(5), "still below: no second event");
+        m.set_remaining(100); // a top-up
+        assert!(m.note_remaining(9), "crossed again after the top-up");
+        let none = Meter::new(2, None, crate::public_id::IdKind::Key, false);
+        assert!(
+            !none.note_remaining(50) && !none.note_remaining(0),
+            "no threshold"
+        );
+    }
 
     #[test]
     fn take_never_goes_below_zero_under_contention() {
@@ -353,10 +468,10 @@ mod tests {
             !m.wants_top_up(0),
             "half of a 16-unit lease: leased for meanwhile"
         );
-        m.refill_at_ms.store(100, Ordering::Release);
-        assert!(!m.wants_top_up(99));
+        m.set_refill_at(1_000);
+        assert!(!m.wants_top_up(999));
         assert!(
-            m.wants_top_up(100),
+            m.wants_top_up(1_000),
             "the lease belongs to a period that has ended"
         );
     }

@@ -422,7 +422,7 @@ fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, f
                 .collect();
             for (meter, units, empty_until) in fx.leases {
                 meter.give_back(units);
-                meter.empty_until_ms.store(empty_until, Ordering::Release);
+                meter.set_empty_until(empty_until);
                 meter.pending.store(false, Ordering::Release);
             }
             // Only now, with the rest of each lease in its meter: a woken request may commit
@@ -678,10 +678,8 @@ fn build(
                             fx.adjusts.push((reply, r.balance));
                             if let Some(meter) = meter {
                                 meter.durable_balance.store(r.balance, Ordering::Release);
-                                meter
-                                    .refill_at_ms
-                                    .store(refill::due_at(r, now), Ordering::Release);
-                                meter.last_remaining.store(r.balance, Ordering::Release);
+                                meter.set_refill_at(refill::due_at(r, now));
+                                meter.set_remaining(r.balance);
                                 fx.leases.push((meter, 0, empty_until(r, now)));
                             }
                         }
@@ -784,15 +782,12 @@ fn live<'w>(work: &'w mut Working<'_>, meter: &Meter) -> Result<Option<&'w mut C
 
 /// Emits a low-balance event when the credits left cross the meter's threshold downwards.
 fn low_balance(shared: &Shared, fx: &mut Effects, meter: &Meter, remaining: u64) {
-    let previous = meter.last_remaining.swap(remaining, Ordering::AcqRel);
-    if let Some(t) = meter.threshold() {
-        if previous > t && remaining <= t {
-            fx.events.push(CreditEvent {
-                kind: CreditEventKind::LowBalance,
-                subject: shared.ids.encode(meter.subject, meter.id),
-                remaining,
-            });
-        }
+    if meter.note_remaining(remaining) {
+        fx.events.push(CreditEvent {
+            kind: CreditEventKind::LowBalance,
+            subject: shared.ids.encode(meter.subject, meter.id),
+            remaining,
+        });
     }
 }
 
@@ -911,11 +906,9 @@ fn new_period(fx: &mut Effects, meter: &MeterRef, r: &mut CreditsRecord, now: Ti
         r.leased -= back;
         r.granted = r.granted.saturating_sub(back);
         fx.reclaimed.push((meter.clone(), swapped));
-        meter.last_remaining.store(r.balance, Ordering::Release);
+        meter.set_remaining(r.balance);
     }
-    meter
-        .refill_at_ms
-        .store(refill::due_at(r, now), Ordering::Release);
+    meter.set_refill_at(refill::due_at(r, now));
 }
 
 /// Until when a balance is known to stay empty: the next refill, or for ever.

@@ -12,9 +12,9 @@ use crossbeam::queue::SegQueue;
 use parking_lot::Mutex;
 use redb::ReadableTable;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use crate::cache::{AccountState, Cache, CachedKey, Evicted, MeterRef, Metering, Snapshot};
+use crate::cache::{AccountState, Cache, CachedKey, Evicted, MeterRef, Metering, Scope, Snapshot};
 use crate::clock::Timestamp;
 use crate::codec;
 use crate::config::Config;
@@ -105,8 +105,8 @@ pub(crate) struct Engine {
     pub tiers: Vec<SpendTier>,
     /// The last snapshot of keys an admin change evicted, by key id.
     carried: Mutex<HashMap<u64, Arc<CachedKey>>>,
-    /// Interned permission sets: keys with the same scopes share one allocation.
-    permission_sets: Mutex<HashMap<Vec<String>, Arc<Vec<String>>>>,
+    /// Interned scopes: keys with the same permissions and allowlist share one allocation.
+    scopes: Mutex<HashSet<Arc<Scope>>>,
     /// Shared state of every account with a cached key.
     accounts: Mutex<HashMap<u64, Arc<AccountState>>>,
     /// Units found leased at open (a crash before): now counted in `lost_to_crash`.
@@ -167,7 +167,7 @@ impl Engine {
             tiers: config.spend_tiers.clone(),
             accounts: Mutex::new(HashMap::new()),
             carried: Mutex::new(HashMap::new()),
-            permission_sets: Mutex::new(HashMap::new()),
+            scopes: Mutex::new(HashSet::new()),
             lost_at_open,
             writer: Mutex::new(Some(handle)),
         })
@@ -543,7 +543,6 @@ impl Engine {
             pool,
             own_balance,
         } = read;
-        let secret_valid_until = record.valid_until.map_or(u64::MAX, |t| t.0);
         let table = self.policy.load().routes.clone();
         let kind = record.id_kind();
         // Taken out only once the entry is cached: a miss that raced a change serves one
@@ -551,15 +550,22 @@ impl Engine {
         let carried = self.carried.lock().get(&record.id).cloned();
         let limits = match carried.as_ref().and_then(|c| c.limits.clone()) {
             Some(l) if l.configured_as(&record.limits) => Some(l),
-            _ => Some(Arc::new(KeyLimits::new(&record.limits))).filter(|l| !l.is_empty()),
+            _ => Some(Arc::new(KeyLimits::new(
+                &record.limits,
+                lifetime_spent,
+                &self.tiers,
+            )))
+            .filter(|l| !l.is_empty()),
         };
         let snapshot = Snapshot {
             kind,
             disabled: record.disabled,
             expires_at: record.expires_at.map_or(u64::MAX, |t| t.0),
-            secret_valid_until,
-            permissions: self.intern(record.permissions),
-            ips: record.ips,
+            scope: self.intern(Scope {
+                permissions: record.permissions,
+                ips: record.ips,
+                secret_valid_until: record.valid_until.map_or(u64::MAX, |t| t.0),
+            }),
             account,
             limits,
             metering,
@@ -575,7 +581,7 @@ impl Engine {
         };
         let build = |home: Option<Arc<CachedKey>>| {
             let meter = new_meter();
-            let key = CachedKey::new(snapshot, &table, home, meter, lifetime_spent, &self.tiers);
+            let key = CachedKey::new(snapshot, &table, home, meter);
             Arc::new(key)
         };
         let key = if metering == Metering::Own {
@@ -617,19 +623,19 @@ impl Engine {
         })
     }
 
-    /// One shared allocation per distinct permission set (bounded; beyond the bound each key
-    /// gets its own).
-    fn intern(&self, permissions: Vec<String>) -> Arc<Vec<String>> {
-        const MAX_SETS: usize = 100_000;
-        let mut sets = self.permission_sets.lock();
-        if let Some(set) = sets.get(&permissions) {
-            return set.clone();
+    /// One shared allocation per distinct scope (bounded; beyond the bound each key gets
+    /// its own).
+    fn intern(&self, scope: Scope) -> Arc<Scope> {
+        const MAX_SCOPES: usize = 100_000;
+        let mut scopes = self.scopes.lock();
+        if let Some(known) = scopes.get(&scope) {
+            return known.clone();
         }
-        let set = Arc::new(permissions.clone());
-        if sets.len() < MAX_SETS {
-            sets.insert(permissions, set.clone());
+        let scope = Arc::new(scope);
+        if scopes.len() < MAX_SCOPES {
+            scopes.insert(scope.clone());
         }
-        set
+        scope
     }
 
     /// The meter of pool `id`, shared by every key that spends from it. A new meter starts

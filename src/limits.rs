@@ -4,7 +4,7 @@
 //! the token window is the same algorithm with the request's cost as its weight. Spend tiers
 //! scale every limit of a key by a multiplier chosen from the key's lifetime spend.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::record::Limits;
@@ -91,16 +91,27 @@ impl Gcra {
     }
 }
 
-/// The GCRA limits of one key: its named limits, then its token window if any.
+/// The GCRA limits of one key: its named limits, then its token window if any; and its
+/// spend tier, which only ever scales these limits (a key without limits keeps none).
 #[derive(Debug, Default)]
 pub(crate) struct KeyLimits {
     named: Box<[Gcra]>,
     tokens: Option<Box<Gcra>>,
+    /// Lifetime spend (durable when the limits were built, plus everything since), kept
+    /// only when spend tiers are configured.
+    lifetime_spent: AtomicU64,
+    /// How many of the configured spend tiers (sorted) the lifetime spend has reached: the
+    /// multiplier and the next threshold are looked up from it.
+    tiers_reached: AtomicU32,
 }
 
 impl KeyLimits {
-    pub(crate) fn new(limits: &Limits) -> Self {
+    /// The limits `limits` configures, for a key that has spent `lifetime_spent` units under
+    /// the configured spend `tiers`.
+    pub(crate) fn new(limits: &Limits, lifetime_spent: u64, tiers: &[SpendTier]) -> Self {
         KeyLimits {
+            lifetime_spent: AtomicU64::new(lifetime_spent),
+            tiers_reached: AtomicU32::new(tiers_reached(tiers, lifetime_spent)),
             named: limits
                 .rate_limits
                 .iter()
@@ -168,6 +179,26 @@ impl KeyLimits {
             .for_each(|g| g.release(now_ns, 1, multiplier_pct));
         if let Some(tokens) = &self.tokens {
             tokens.release(now_ns, cost, multiplier_pct);
+        }
+    }
+
+    /// The spend-tier multiplier under the configured `tiers`, in percent.
+    #[inline]
+    pub(crate) fn tier_pct(&self, tiers: &[SpendTier]) -> u32 {
+        tier_multiplier(tiers, self.tiers_reached.load(Ordering::Relaxed))
+    }
+
+    /// Counts `units` of spend towards the spend tiers (nothing to do without tiers).
+    pub(crate) fn record_spend(&self, units: u64, tiers: &[SpendTier]) {
+        if tiers.is_empty() {
+            return;
+        }
+        let lifetime = self.lifetime_spent.fetch_add(units, Ordering::Relaxed) + units;
+        let reached = self.tiers_reached.load(Ordering::Relaxed);
+        if lifetime >= next_tier_at(tiers, reached) {
+            // The maximum: two requests crossing tiers at once leave the higher.
+            self.tiers_reached
+                .fetch_max(tiers_reached(tiers, lifetime), Ordering::Relaxed);
         }
     }
 
@@ -284,7 +315,7 @@ mod tests {
             }),
             ..Limits::default()
         };
-        let k = KeyLimits::new(&limits);
+        let k = KeyLimits::new(&limits, 0, &[]);
         let t0 = 100 * S;
         assert!(k.acquire(t0, 10, 100).is_ok());
         assert!(k.acquire(t0, 45, 100).is_err(), "token window refuses");
@@ -294,6 +325,37 @@ mod tests {
         }
         assert!(k.acquire(t0, 1, 100).is_err());
         assert_eq!(k.remaining(t0, 100).0, Some(0));
+    }
+
+    #[test]
+    fn a_key_moves_up_its_tiers_as_it_spends() {
+        let tiers = [
+            SpendTier {
+                min_spent: 100,
+                multiplier_pct: 150,
+            },
+            SpendTier {
+                min_spent: 1_000,
+                multiplier_pct: 300,
+            },
+        ];
+        let limits = Limits {
+            rate_limits: vec![crate::RateLimit {
+                name: "per-second".into(),
+                limit: 2,
+                window_secs: 1,
+            }],
+            ..Limits::default()
+        };
+        let k = KeyLimits::new(&limits, 90, &tiers);
+        assert_eq!(k.tier_pct(&tiers), 100, "90 spent before it was cached");
+        k.record_spend(10, &tiers);
+        assert_eq!(k.tier_pct(&tiers), 150);
+        k.record_spend(5_000, &tiers);
+        assert_eq!(k.tier_pct(&tiers), 300, "straight past the second");
+        let fresh = KeyLimits::new(&limits, 5_000, &[]);
+        fresh.record_spend(5_000, &[]);
+        assert_eq!(fresh.tier_pct(&[]), 100, "no tiers configured");
     }
 
     #[test]

@@ -225,14 +225,16 @@ fn check<'l>(
     now_ms: u64,
 ) -> Checked<'l> {
     use Checked::Denied;
-    // 3. State.
-    if key.secret_valid_until <= now_ms {
+    // 3. State: a previous secret past its grace period is no key at all; then disabled,
+    // then expired (past the deadline, the previous secret's is not the one that passed).
+    let past_deadline = key.past_deadline(now_ms);
+    if past_deadline && key.secret_expired(now_ms) {
         return Denied(Denial::NotFound);
     }
-    if key.disabled {
+    if key.disabled() {
         return Denied(Denial::Disabled);
     }
-    if key.expires_at <= now_ms {
+    if past_deadline {
         return Denied(Denial::Expired);
     }
     // 4. Route permission: the longest matching rule, checked by bit when compiled.
@@ -245,7 +247,7 @@ fn check<'l>(
     if let Some(rule) = route.rule {
         let allowed = match (bit, &rule.permission) {
             (Some(bit), _) => key.permission_bits.load(Ordering::Relaxed) & bit != 0,
-            (None, Some(p)) => permits(key.permissions.as_slice(), p),
+            (None, Some(p)) => permits(&key.scope.permissions, p),
             (None, None) => true,
         };
         if !allowed {
@@ -257,7 +259,7 @@ fn check<'l>(
         return Denied(Denial::IpNotAllowed);
     }
     // 6. Subscription, then the route's entitlement (copied from the account when cached).
-    if !key.subscription_ok {
+    if !key.subscription_ok() {
         return Denied(Denial::SubscriptionInactive);
     }
     if let Some(required) = route.rule.and_then(|r| r.entitlement.as_ref()) {
@@ -346,7 +348,7 @@ impl Grant<'_> {
 
     /// The key's granted scopes, as they were when the request was verified.
     pub fn permissions(&self) -> Vec<String> {
-        self.key.permissions.as_ref().clone()
+        self.key.scope.permissions.clone()
     }
 
     /// Units reserved by this grant.

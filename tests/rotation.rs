@@ -101,6 +101,28 @@ fn roll_issues_a_new_secret_and_keeps_the_old_one_until_grace_expires() {
 }
 
 #[test]
+fn a_previous_secret_outliving_its_key_reports_expired_then_not_found() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, old_plain) = create_key(
+        &t.ledger,
+        NewKey::new(&owner, "short-lived").expires_at(START.plus_secs(100)),
+    );
+    t.clock.advance_secs(10);
+    let rolled = t.ledger.keys().roll(&id, 300).unwrap();
+    let new_plain = rolled.plaintext.expose().to_owned();
+    // Within the old secret's grace but past the key's expiry: both secrets are the expired key.
+    t.clock.set(START.plus_secs(150));
+    assert_eq!(t.auth(&old_plain), Err(Denial::Expired));
+    assert_eq!(t.auth(&new_plain), Err(Denial::Expired));
+    // Past the grace too: the old secret is no key at all, whatever the key's state.
+    t.ledger.keys().disable(&id).unwrap();
+    t.clock.set(START.plus_secs(310));
+    assert_eq!(t.auth(&old_plain), Err(Denial::NotFound));
+    assert_eq!(t.auth(&new_plain), Err(Denial::Disabled));
+}
+
+#[test]
 fn roll_with_zero_grace_stops_the_old_secret_at_once() {
     let t = TestLedger::new();
     let owner = t.account("Acme");

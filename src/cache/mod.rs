@@ -31,20 +31,13 @@ use table::Table;
 /// Shards of the cache; a power of two.
 const SHARDS: usize = 256;
 
-/// Usage counters and spend tier of one key. They live in the key's first cached snapshot
-/// (its "home") and survive rebuilds of the snapshot by admin changes.
+/// Usage counters of one key since the writer last took them. They live in the key's first
+/// cached snapshot (its "home") and survive rebuilds of the snapshot by admin changes.
 #[derive(Debug)]
 struct Usage {
     requests: AtomicU64,
     last_used_ms: AtomicU64,
     spent: AtomicU64,
-    /// Lifetime spend (durable at load + everything since), for spend tiers (kept only when
-    /// tiers are configured).
-    lifetime_spent: AtomicU64,
-    /// How many of the configured spend tiers (sorted) the lifetime spend has reached: the
-    /// multiplier and the next threshold are looked up from it.
-    tiers_reached: AtomicU32,
-    dirty: AtomicBool,
 }
 
 /// The owner account's state, shared by all its cached keys. Keys copy what the hot path
@@ -106,8 +99,31 @@ pub(crate) enum Metering {
     Pool,
 }
 
+/// What a presented secret may reach: its permissions, its IP allowlist and, for a rolled
+/// key's previous secret, until when it works. Interned: keys with the same permissions and
+/// allowlist share one, so a cached key spends one pointer on all three.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Scope {
+    /// Granted permissions.
+    pub permissions: Vec<String>,
+    /// IP allowlist (empty: any address).
+    pub ips: Vec<IpNet>,
+    /// For a rolled key's previous secret: when it stops working (`u64::MAX` otherwise).
+    pub secret_valid_until: u64,
+}
+
+/// [`CachedKey::flags`] bits.
+const DISABLED: u8 = 1;
+/// The owner's subscription does not let keys work (copied at load; an account change evicts).
+const SUBSCRIPTION_INACTIVE: u8 = 1 << 1;
+/// The scope has an IP allowlist.
+const IP_ALLOWLIST: u8 = 1 << 2;
+/// The secret stops working at the scope's `secret_valid_until` (a rolled key's previous one).
+const SECRET_DEADLINE: u8 = 1 << 3;
+
 /// A cached key: everything the verify chain checks, and the key's live counters and credit
-/// lease, in one allocation, so that a cache hit reads one slot and one `CachedKey`.
+/// lease, in one allocation, so that a cache hit reads one slot and one `CachedKey`: 168
+/// bytes, a 192-byte malloc chunk with `Arc`'s counts (the per-key memory budget).
 ///
 /// The snapshot part is immutable while cached; an admin change evicts it and the next verify
 /// builds a new one from the record. The live part (usage, own meter, public ids) must survive
@@ -115,25 +131,26 @@ pub(crate) enum Metering {
 /// at the key's first snapshot (`home`) and uses the live part there.
 #[derive(Debug)]
 pub(crate) struct CachedKey {
-    /// For a rolled key's previous secret: when it stops working (`u64::MAX` otherwise).
-    pub secret_valid_until: u64,
-    /// Expiry in ms (`u64::MAX`: none).
-    pub expires_at: u64,
+    /// The first time (ms) this secret does not work: its expiry, or a rolled key's previous
+    /// secret's deadline if earlier (`u64::MAX`: none). Past it, the chain asks which.
+    deadline: u64,
     /// Route-table generation the two bit sets below were compiled against (written last;
     /// its low 32 bits: every route change recompiles every cached key, so no stale key
     /// can meet a generation 2³² changes later).
     pub route_generation: AtomicU32,
     pub kind: IdKind,
-    pub disabled: bool,
-    /// The owner's subscription lets keys work (copied at load; an account change evicts).
-    pub subscription_ok: bool,
     pub metering: Metering,
+    /// [`DISABLED`], [`SUBSCRIPTION_INACTIVE`], [`IP_ALLOWLIST`], [`SECRET_DEADLINE`].
+    flags: u8,
+    /// The usage counters are queued for a flush (the home's is the one used).
+    usage_dirty: AtomicBool,
     pub permission_bits: AtomicU64,
     /// The owner's entitlements as route bits.
     pub entitlement_bits: AtomicU64,
-    /// IP allowlist (`None`: any address).
-    pub ips: Option<Box<IpAllowlist>>,
-    /// Rate limits (`None`: none), kept across rebuilds while configured the same.
+    /// Permissions, IP allowlist, secret deadline (interned).
+    pub scope: Arc<Scope>,
+    /// Rate limits and spend tier (`None`: no limits), kept across rebuilds while configured
+    /// the same.
     pub limits: Option<Arc<KeyLimits>>,
     /// The pool's meter when `metering` is `Pool`.
     pub pool: Option<Arc<Meter>>,
@@ -141,8 +158,6 @@ pub(crate) struct CachedKey {
     usage: Usage,
     /// The key's own meter; its id is the key's id (see [`id`](Self::id)).
     own_meter: Meter,
-    /// Interned: keys with the same scopes share one (a thin pointer: 8 bytes per key).
-    pub permissions: Arc<Vec<String>>,
     /// The owner account's state (entitlement names, for routes without a bit).
     pub account: Arc<AccountState>,
     /// The key's and owner's public ids, encoded on first request (an AES-SIV operation each).
@@ -154,9 +169,7 @@ pub(crate) struct Snapshot {
     pub kind: IdKind,
     pub disabled: bool,
     pub expires_at: u64,
-    pub secret_valid_until: u64,
-    pub permissions: Arc<Vec<String>>,
-    pub ips: Vec<IpNet>,
+    pub scope: Arc<Scope>,
     pub account: Arc<AccountState>,
     pub limits: Option<Arc<KeyLimits>>,
     pub metering: Metering,
@@ -171,24 +184,28 @@ impl CachedKey {
         table: &RouteTable,
         home: Option<Arc<CachedKey>>,
         own_meter: Meter,
-        lifetime_spent: u64,
-        tiers: &[crate::SpendTier],
     ) -> Self {
         let home = home.map(|h| h.home.clone().unwrap_or(h));
+        let secret_valid_until = s.scope.secret_valid_until;
+        let flags = [
+            (s.disabled, DISABLED),
+            (!s.account.subscription_ok(), SUBSCRIPTION_INACTIVE),
+            (!s.scope.ips.is_empty(), IP_ALLOWLIST),
+            (secret_valid_until != u64::MAX, SECRET_DEADLINE),
+        ]
+        .into_iter()
+        .filter_map(|(set, bit)| set.then_some(bit))
+        .fold(0, |flags, bit| flags | bit);
         CachedKey {
+            deadline: s.expires_at.min(secret_valid_until),
             kind: s.kind,
-            disabled: s.disabled,
-            subscription_ok: s.account.subscription_ok(),
             metering: s.metering,
-            expires_at: s.expires_at,
-            secret_valid_until: s.secret_valid_until,
+            flags,
+            usage_dirty: AtomicBool::new(false),
             route_generation: AtomicU32::new(table.generation as u32),
-            permission_bits: AtomicU64::new(table.permission_bits(&s.permissions)),
+            permission_bits: AtomicU64::new(table.permission_bits(&s.scope.permissions)),
             entitlement_bits: AtomicU64::new(s.account.entitlement_bits(table)),
-            permissions: s.permissions,
-            ips: Some(s.ips)
-                .filter(|ips| !ips.is_empty())
-                .map(|ips| Box::new(IpAllowlist(ips))),
+            scope: s.scope,
             account: s.account,
             limits: s.limits,
             pool: s.pool,
@@ -197,13 +214,34 @@ impl CachedKey {
                 requests: AtomicU64::new(0),
                 last_used_ms: AtomicU64::new(0),
                 spent: AtomicU64::new(0),
-                lifetime_spent: AtomicU64::new(lifetime_spent),
-                tiers_reached: AtomicU32::new(crate::limits::tiers_reached(tiers, lifetime_spent)),
-                dirty: AtomicBool::new(false),
             },
             own_meter,
             public_ids: ArcSwapOption::empty(),
         }
+    }
+
+    /// Whether the key is past its deadline at `now_ms` (expired, or a previous secret past
+    /// its grace period): then the chain asks [`secret_expired`](Self::secret_expired).
+    #[inline]
+    pub(crate) fn past_deadline(&self, now_ms: u64) -> bool {
+        self.deadline <= now_ms
+    }
+
+    /// Whether this is a rolled key's previous secret and its grace period is over.
+    pub(crate) fn secret_expired(&self, now_ms: u64) -> bool {
+        self.flags & SECRET_DEADLINE != 0 && self.scope.secret_valid_until <= now_ms
+    }
+
+    /// Whether the key is disabled.
+    #[inline]
+    pub(crate) fn disabled(&self) -> bool {
+        self.flags & DISABLED != 0
+    }
+
+    /// Whether the owner's subscription lets keys work (as it was when cached).
+    #[inline]
+    pub(crate) fn subscription_ok(&self) -> bool {
+        self.flags & SUBSCRIPTION_INACTIVE == 0
     }
 
     /// The key's id (its own meter's: every snapshot's own meter is made for the key).
@@ -257,16 +295,16 @@ impl CachedKey {
     /// Whether `ip` may use the key (an empty allowlist allows any address).
     #[inline]
     pub(crate) fn ip_allowed(&self, ip: Option<IpAddr>) -> bool {
-        match &self.ips {
-            None => true,
-            Some(list) => ip.is_some_and(|ip| list.0.iter().any(|net| net.contains(&ip))),
-        }
+        self.flags & IP_ALLOWLIST == 0
+            || ip.is_some_and(|ip| self.scope.ips.iter().any(|net| net.contains(&ip)))
     }
 
     /// Recompiles the permission and entitlement bits against a new route table.
     pub(crate) fn recompile(&self, table: &RouteTable) {
-        self.permission_bits
-            .store(table.permission_bits(&self.permissions), Ordering::Relaxed);
+        self.permission_bits.store(
+            table.permission_bits(&self.scope.permissions),
+            Ordering::Relaxed,
+        );
         self.entitlement_bits
             .store(self.account.entitlement_bits(table), Ordering::Relaxed);
         self.route_generation
@@ -276,8 +314,7 @@ impl CachedKey {
     /// Current spend-tier multiplier under the configured `tiers`, in percent.
     #[inline]
     pub(crate) fn tier_pct(&self, tiers: &[crate::SpendTier]) -> u32 {
-        let reached = self.home().usage.tiers_reached.load(Ordering::Relaxed);
-        crate::limits::tier_multiplier(tiers, reached)
+        self.limits.as_ref().map_or(100, |l| l.tier_pct(tiers))
     }
 
     /// The key's and owner's public ids, encoded on first use.
@@ -313,20 +350,9 @@ impl CachedKey {
         if units == 0 {
             return false;
         }
-        let usage = &self.home().usage;
-        usage.spent.fetch_add(units, Ordering::SeqCst);
-        // Lifetime spend in memory only moves tiers: without tiers it is not kept (one
-        // read-modify-write less per request).
-        if !tiers.is_empty() {
-            let lifetime = usage.lifetime_spent.fetch_add(units, Ordering::Relaxed) + units;
-            let reached = usage.tiers_reached.load(Ordering::Relaxed);
-            if lifetime >= crate::limits::next_tier_at(tiers, reached) {
-                // The maximum: two requests crossing tiers at once leave the higher.
-                let now_reached = crate::limits::tiers_reached(tiers, lifetime);
-                usage
-                    .tiers_reached
-                    .fetch_max(now_reached, Ordering::Relaxed);
-            }
+        self.home().usage.spent.fetch_add(units, Ordering::SeqCst);
+        if let Some(limits) = &self.limits {
+            limits.record_spend(units, tiers);
         }
         self.mark_dirty()
     }
@@ -336,7 +362,7 @@ impl CachedKey {
     /// per flush.
     #[inline]
     pub(crate) fn mark_dirty(&self) -> bool {
-        let dirty = &self.home().usage.dirty;
+        let dirty = &self.home().usage_dirty;
         !dirty.load(Ordering::SeqCst) && !dirty.swap(true, Ordering::AcqRel)
     }
 
@@ -356,7 +382,7 @@ impl CachedKey {
     /// (Counting and `mark_dirty`'s load are `SeqCst`, as are the store and the take here, so
     /// a request cannot both miss the cleared mark and count after the take.)
     pub(crate) fn unlist(&self) -> (u64, u64, u64) {
-        self.home().usage.dirty.store(false, Ordering::SeqCst);
+        self.home().usage_dirty.store(false, Ordering::SeqCst);
         self.take()
     }
 
@@ -381,9 +407,11 @@ pub(crate) fn test_key(id: u64) -> Arc<CachedKey> {
         kind: IdKind::Key,
         disabled: false,
         expires_at: u64::MAX,
-        secret_valid_until: u64::MAX,
-        permissions: Arc::new(Vec::new()),
-        ips: Vec::new(),
+        scope: Arc::new(Scope {
+            permissions: Vec::new(),
+            ips: Vec::new(),
+            secret_valid_until: u64::MAX,
+        }),
         account,
         limits: None,
         metering: Metering::Own,
@@ -391,12 +419,8 @@ pub(crate) fn test_key(id: u64) -> Arc<CachedKey> {
     };
     let meter = Meter::new(id, None, IdKind::Key, false);
     let table = RouteTable::new(0, Vec::new());
-    Arc::new(CachedKey::new(snapshot, &table, None, meter, 0, &[]))
+    Arc::new(CachedKey::new(snapshot, &table, None, meter))
 }
-
-/// A non-empty IP allowlist, boxed so that keys without one spend 8 bytes on it, not 24.
-#[derive(Debug)]
-pub(crate) struct IpAllowlist(Vec<IpNet>);
 
 /// A credit meter as the writer holds it: a key's own (inside its home snapshot) or a pool's.
 #[derive(Debug, Clone)]
@@ -580,12 +604,12 @@ mod tests {
     use super::*;
 
     /// The per-key memory budget (issue 3: ≤ 256 bytes per cached key at 1M keys) is spent
-    /// mostly here: with `Arc`'s two counters and malloc's header, 216 bytes is a 240-byte
-    /// chunk (224 would be 256). A field added without taking one out shows up here.
+    /// mostly here: with `Arc`'s two counters and malloc's header, 168 bytes is a 192-byte
+    /// chunk (176 would be 208). A field added without taking one out shows up here.
     #[test]
     fn a_cached_key_stays_within_its_allocation_class() {
         assert!(
-            size_of::<CachedKey>() <= 216,
+            size_of::<CachedKey>() <= 168,
             "CachedKey grew to {} bytes",
             size_of::<CachedKey>()
         );

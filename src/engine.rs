@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::credits::events::{CreditEvent, EVENT_CAPACITY};
 use crate::credits::meter::{MIN_LEASE, Meter};
 use crate::credits::refill;
+use crate::credits::registry::Registry;
 use crate::credits::writer::{self, Adjust, Msg, Shared};
 use crate::error::{Error, Result};
 use crate::hashing::{KeyHash, KeyHasher};
@@ -138,7 +139,7 @@ impl Engine {
             ids,
             exact: config.durability == Durability::Exact,
             flush_every: config.usage_flush_interval,
-            meters: Mutex::new(Default::default()),
+            meters: Mutex::new(Registry::with_capacity(config.cache_capacity)),
             balance_removals: AtomicU64::new(0),
             dirty_meters: SegQueue::new(),
             dirty_usage: SegQueue::new(),

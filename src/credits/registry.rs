@@ -4,32 +4,195 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use hashbrown::HashTable;
-use hashbrown::hash_table::Entry;
-
 use crate::cache::{CachedKey, MeterRef};
 use crate::credits::meter::Meter;
 
 /// Meters by CREDITS id (a key's id or a pool's; ids are unique across both). Keys' own
-/// meters — one per cached metered key, so the bulk of the entries — are a table of their
-/// home snapshots' `Arc`s found by the id each carries: 8 bytes a slot (at 1M keys, 2²¹
-/// slots and their control bytes: ≈ 19 bytes per cached key). Pools are few: a map.
-#[derive(Default)]
+/// meters — one per cached metered key, so the bulk of the entries — are a [`Homes`] table
+/// of their home snapshots' `Arc`s found by the id each carries. Pools are few: a map.
 pub(crate) struct Registry {
-    keys: HashTable<Arc<CachedKey>>,
+    keys: Homes,
     pools: HashMap<u64, Arc<Meter>>,
 }
 
-/// Ids are mostly sequential: a multiplication spreads them over the low bits (the slot)
-/// and the high bits (hashbrown's tag).
+/// Ids are mostly sequential: a multiplication spreads them over the whole word, whose high
+/// bits choose the home slot.
 fn hash(id: u64) -> u64 {
     (id ^ (id >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
+/// A slot: a home snapshot or, as the null pointer, nothing (8 bytes either way).
+type Slot = Option<Arc<CachedKey>>;
+
+const _: () = assert!(std::mem::size_of::<Slot>() == std::mem::size_of::<usize>());
+
+/// Slots needed to hold `n` homes at three quarters full.
+fn size_for(n: usize) -> usize {
+    n.saturating_add(n / 3).saturating_add(1)
+}
+
+/// The size a table starts at (or less, when the expected homes need less).
+const START: usize = 16;
+
+/// Home snapshots by key id: open addressing with linear probing over 8-byte slots, the key
+/// of a slot being the id its snapshot carries (a probe reads through the `Arc`: the
+/// registry is off the verify path). Removal shifts later entries of the cluster back (no
+/// tombstones), so probe sequences stay short however many keys come and go.
+///
+/// Sized for `expected` homes (the cache's capacity): it starts small and doubles as it
+/// fills, the last step straight to [`size_for`]`(expected)` slots (≈ 10.7 bytes a home
+/// when full; fewer when a doubled size already holds them). Evicted keys whose homes are still in use can take it past `expected` for a
+/// while: from there it grows by a quarter at a time. A quarter of its slots always stay
+/// empty, so probe sequences are short.
+struct Homes {
+    slots: Box<[Slot]>,
+    len: usize,
+    expected: usize,
+}
+
+/// `size` empty slots.
+fn empty(size: usize) -> Box<[Slot]> {
+    (0..size).map(|_| None).collect()
+}
+
+impl Homes {
+    /// An empty table (nothing allocated yet) for `expected` homes.
+    fn new(expected: usize) -> Self {
+        Homes {
+            slots: Box::default(),
+            len: 0,
+            expected,
+        }
+    }
+
+    /// Whether `n` homes fit at three quarters full.
+    fn fits(&self, n: usize) -> bool {
+        n.saturating_mul(4) <= self.slots.len().saturating_mul(3)
+    }
+
+    /// The next size: doubling up to the expected homes' size, a quarter more past it, and
+    /// always enough for one more home.
+    fn grown_size(&self) -> usize {
+        let size = self.slots.len();
+        let full = size_for(self.expected);
+        let next = if size < full {
+            size.saturating_mul(2).max(START).min(full)
+        } else {
+            size.saturating_add(size / 4)
+        };
+        next.max(size_for(self.len.saturating_add(1)))
+    }
+
+    /// Moves every home into a larger slot array.
+    fn grow(&mut self) {
+        let slots = empty(self.grown_size());
+        let old = std::mem::replace(&mut self.slots, slots);
+        for home in old.into_vec().into_iter().flatten() {
+            self.place(home);
+        }
+    }
+
+    /// Puts a home whose id is absent in the first empty slot of its probe sequence.
+    fn place(&mut self, home: Arc<CachedKey>) {
+        let mut i = self.home(home.id());
+        for _ in 0..self.slots.len() {
+            if self.slots[i].is_none() {
+                self.slots[i] = Some(home);
+                return;
+            }
+            i = self.next(i);
+        }
+    }
+
+    /// Where probing for `id` starts: its hash scaled onto the table (no division).
+    fn home(&self, id: u64) -> usize {
+        ((hash(id) as u128 * self.slots.len() as u128) >> 64) as usize
+    }
+
+    /// The slot after `i`, wrapping around.
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.slots.len() { 0 } else { i + 1 }
+    }
+
+    /// The index of the slot holding `id`'s home.
+    fn find(&self, id: u64) -> Option<usize> {
+        let mut i = self.home(id);
+        for _ in 0..self.slots.len() {
+            match &self.slots[i] {
+                None => return None,
+                Some(home) if home.id() == id => return Some(i),
+                Some(_) => i = self.next(i),
+            }
+        }
+        None
+    }
+
+    /// `id`'s home.
+    fn get(&self, id: u64) -> Option<&Arc<CachedKey>> {
+        self.find(id).and_then(|i| self.slots[i].as_ref())
+    }
+
+    /// Puts `home` in for its id, replacing any other.
+    fn insert(&mut self, home: Arc<CachedKey>) {
+        if let Some(i) = self.find(home.id()) {
+            self.slots[i] = Some(home);
+            return;
+        }
+        if !self.fits(self.len.saturating_add(1)) {
+            self.grow();
+        }
+        self.place(home);
+        self.len += 1;
+    }
+
+    /// Removes `id`'s home if `same` accepts it.
+    fn remove_if(&mut self, id: u64, same: impl FnOnce(&CachedKey) -> bool) {
+        let found = self.find(id);
+        if let Some(i) = found.filter(|&i| self.slots[i].as_deref().is_some_and(same)) {
+            self.remove_at(i);
+        }
+    }
+
+    /// Empties slot `hole`, then moves back each later home of the cluster that may live
+    /// there (its home slot is not between the hole and where it is).
+    fn remove_at(&mut self, mut hole: usize) {
+        if self.slots[hole].take().is_none() {
+            return;
+        }
+        self.len -= 1;
+        let size = self.slots.len();
+        let mut j = hole;
+        for _ in 0..size {
+            j = self.next(j);
+            let Some(id) = self.slots[j].as_ref().map(|home| home.id()) else {
+                return;
+            };
+            let home = self.home(id);
+            if (hole + size - home) % size < (j + size - home) % size {
+                self.slots.swap(hole, j);
+                hole = j;
+            }
+        }
+    }
+
+    /// Every home.
+    fn iter(&self) -> impl Iterator<Item = &Arc<CachedKey>> {
+        self.slots.iter().flatten()
+    }
+}
+
 impl Registry {
+    /// An empty registry sized for `keys` cached keys (the cache's capacity).
+    pub(crate) fn with_capacity(keys: usize) -> Self {
+        Registry {
+            keys: Homes::new(keys),
+            pools: HashMap::new(),
+        }
+    }
+
     /// The meter of balance `id`.
     pub(crate) fn get(&self, id: u64) -> Option<MeterRef> {
-        match self.keys.find(hash(id), |k| k.id() == id) {
+        match self.keys.get(id) {
             Some(home) => Some(MeterRef::Own(home.clone())),
             None => self.pools.get(&id).cloned().map(MeterRef::Pool),
         }
@@ -38,18 +201,7 @@ impl Registry {
     /// Registers `meter` for its balance, replacing any other.
     pub(crate) fn insert(&mut self, meter: MeterRef) {
         match meter {
-            MeterRef::Own(home) => {
-                let id = home.id();
-                match self
-                    .keys
-                    .entry(hash(id), |k| k.id() == id, |k| hash(k.id()))
-                {
-                    Entry::Occupied(mut slot) => *slot.get_mut() = home,
-                    Entry::Vacant(slot) => {
-                        slot.insert(home);
-                    }
-                }
-            }
+            MeterRef::Own(home) => self.keys.insert(home),
             MeterRef::Pool(pool) => {
                 self.pools.insert(pool.id, pool);
             }
@@ -61,10 +213,8 @@ impl Registry {
         match meter {
             MeterRef::Own(home) => {
                 let own = home.own_meter();
-                let same = |k: &Arc<CachedKey>| std::ptr::eq(k.own_meter(), own);
-                if let Ok(slot) = self.keys.find_entry(hash(home.id()), same) {
-                    slot.remove();
-                }
+                self.keys
+                    .remove_if(home.id(), |k| std::ptr::eq(k.own_meter(), own));
             }
             MeterRef::Pool(pool) => {
                 if self
@@ -90,7 +240,10 @@ impl Registry {
 mod tests {
     use std::sync::Arc;
 
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::cache::test_key;
     use crate::credits::meter::Meter;
     use crate::public_id::IdKind;
 
@@ -100,7 +253,7 @@ mod tests {
 
     #[test]
     fn meters_are_found_replaced_and_removed_by_their_balance_id() {
-        let mut registry = Registry::default();
+        let mut registry = Registry::with_capacity(16);
         let metered: Vec<MeterRef> = (1..=10_000).map(pool).collect();
         for meter in &metered {
             registry.insert(meter.clone());
@@ -129,10 +282,8 @@ mod tests {
 
     #[test]
     fn keys_own_meters_are_found_by_key_id_beside_pools() {
-        let mut registry = Registry::default();
-        let keys: Vec<MeterRef> = (1..=1_000)
-            .map(|id| MeterRef::Own(crate::cache::test_key(id)))
-            .collect();
+        let mut registry = Registry::with_capacity(16);
+        let keys: Vec<MeterRef> = (1..=1_000).map(|id| MeterRef::Own(test_key(id))).collect();
         for meter in keys.iter().cloned().chain([pool(5_000)]) {
             registry.insert(meter);
         }
@@ -143,7 +294,7 @@ mod tests {
         }));
         assert!(registry.get(5_000).is_some_and(|p| p.is_pool()));
         // A key cached again with a new home replaces the old one, which no longer removes it.
-        let newer = MeterRef::Own(crate::cache::test_key(7));
+        let newer = MeterRef::Own(test_key(7));
         registry.insert(newer.clone());
         registry.remove(&keys[6]);
         assert!(
@@ -154,5 +305,101 @@ mod tests {
         registry.remove(&newer);
         assert!(registry.get(7).is_none());
         assert_eq!(registry.all().len(), 1_000, "999 keys and the pool");
+    }
+
+    /// The meters' addresses, in order (to compare sets of meters).
+    fn addresses<'a>(meters: impl IntoIterator<Item = &'a MeterRef>) -> Vec<usize> {
+        let mut all: Vec<usize> = meters
+            .into_iter()
+            .map(|m| std::ptr::from_ref::<Meter>(m) as usize)
+            .collect();
+        all.sort_unstable();
+        all
+    }
+
+    proptest! {
+        /// Inserts, replacements and removals of keys' meters (ids from a small range, so
+        /// clusters and wrap-around are common; a small capacity, so the table grows past it)
+        /// and of pools' agree with a `HashMap` on every look-up and on `all`.
+        #[test]
+        fn behaves_like_a_map(
+            capacity in 0usize..12,
+            ops in proptest::collection::vec((0u8..4, 0u64..24, 0usize..4), 1..300),
+        ) {
+            let mut registry = Registry::with_capacity(capacity);
+            let mut model: HashMap<u64, MeterRef> = HashMap::new();
+            let mut inserted: Vec<MeterRef> = Vec::new();
+            for (op, id, pick) in ops {
+                match op {
+                    0 | 1 => {
+                        let meter = if op == 0 {
+                            MeterRef::Own(test_key(id))
+                        } else {
+                            pool(1_000 + id % 4)
+                        };
+                        registry.insert(meter.clone());
+                        model.insert(meter.id, meter.clone());
+                        inserted.push(meter);
+                    }
+                    2 => {
+                        // A meter once inserted for `id` (maybe replaced since), or one never
+                        // registered.
+                        let earlier: Vec<&MeterRef> =
+                            inserted.iter().filter(|m| m.id == id).collect();
+                        let meter = earlier
+                            .get(pick)
+                            .map_or_else(|| MeterRef::Own(test_key(id)), |&m| m.clone());
+                        registry.remove(&meter);
+                        if model.get(&id).is_some_and(|m| MeterRef::ptr_eq(m, &meter)) {
+                            model.remove(&id);
+                        }
+                    }
+                    _ => {
+                        let found = registry.get(id);
+                        prop_assert_eq!(found.is_some(), model.contains_key(&id));
+                    }
+                }
+                for id in (0..24).chain(1_000..1_004) {
+                    let found = registry.get(id);
+                    let expected = model.get(&id);
+                    prop_assert!(match (&found, expected) {
+                        (Some(f), Some(e)) => MeterRef::ptr_eq(f, e),
+                        (None, None) => true,
+                        _ => false,
+                    }, "id {}: found {:?}, expected {:?}", id, found.is_some(), expected.is_some());
+                }
+                let keys = model.values().filter(|m| !m.is_pool()).count();
+                prop_assert_eq!(registry.keys.len, keys);
+                prop_assert!(registry.keys.fits(keys), "at most three quarters full");
+                prop_assert_eq!(addresses(&registry.all()), addresses(model.values()));
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_table_has_a_third_more_slots_than_keys() {
+        for n in [
+            1usize, 2, 3, 4, 5, 11, 12, 13, 16, 17, 24, 100, 1_000, 4_097, 20_000,
+        ] {
+            let mut registry = Registry::with_capacity(n);
+            let keys: Vec<Arc<CachedKey>> = (1..=n as u64 + 1).map(test_key).collect();
+            for key in &keys[..n] {
+                registry.insert(MeterRef::Own(key.clone()));
+            }
+            let full = n + n / 3 + 1;
+            let size = registry.keys.slots.len();
+            if n % 12 == 0 {
+                // 12 × 2ᵏ keys fill a doubled size, 16 × 2ᵏ slots, to three quarters.
+                assert_eq!(size, n / 3 * 4, "{n} keys");
+            } else {
+                assert_eq!(size, full, "{n} keys");
+            }
+            // Past the capacity (evicted keys still in use) it grows by about a quarter.
+            registry.insert(MeterRef::Own(keys[n].clone()));
+            let grown = registry.keys.slots.len();
+            let limit = (full + full / 4).max(n + 1 + (n + 1) / 3 + 1);
+            assert!(grown > size && grown <= limit, "{n} keys: {grown}");
+            assert!(keys.iter().all(|k| registry.get(k.id()).is_some()));
+        }
     }
 }

@@ -146,6 +146,7 @@ impl Engine {
             prefetches: Default::default(),
             events: events_tx,
             commits: Default::default(),
+            list_bytes: Default::default(),
             lease_waits: Default::default(),
             lease_floor: AtomicU64::new(MIN_LEASE),
         });

@@ -205,6 +205,12 @@ impl Ledger {
             cached_entries: self.inner.engine.cache.len() as u64,
             lost_to_crash_at_open: self.inner.engine.lost_at_open,
             lease_waits: self.inner.engine.shared.lease_waits.snapshot(),
+            writer_list_bytes: self
+                .inner
+                .engine
+                .shared
+                .list_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

@@ -93,6 +93,9 @@ pub struct Stats {
     /// Verifies that found their key's lease short and waited for the writer to lease more
     /// (one commit, one fsync), by how long they waited.
     pub lease_waits: LeaseWaits,
+    /// Bytes the credit writer's lists of keys and meters in use hold (their capacities): a
+    /// key used since the writer's last flush round stays listed, 24 bytes a metered key.
+    pub writer_list_bytes: u64,
 }
 pub use vault::{
     Connection, ConnectionInfo, DueRefresh, Health, OAuthGrant, OutboundHeader, OutboundRefusal,

@@ -115,6 +115,9 @@ pub(crate) struct Shared {
     pub events: Sender<CreditEvent>,
     /// Write transactions committed by the writer (each is one fsync).
     pub commits: AtomicU64,
+    /// Bytes the writer's lists of meters and keys in use take (their capacities), for
+    /// memory accounting: they grow with the keys in use.
+    pub list_bytes: AtomicU64,
     /// How long requests waited for a lease.
     pub lease_waits: super::WaitHistogram,
     /// The smallest lease the writer grants now: `MIN_LEASE`, more while it is behind.
@@ -135,6 +138,19 @@ struct Listed {
     flushed_at_ms: u64,
     /// The round in progress, if any.
     round: Option<Round>,
+}
+
+impl Listed {
+    /// Bytes of the lists (their capacities), the round's included.
+    fn bytes(&self) -> usize {
+        fn bytes<T>(v: &Vec<T>) -> usize {
+            v.capacity() * size_of::<T>()
+        }
+        let round = self.round.as_ref().map_or(0, |r| {
+            bytes(&r.meters) + bytes(&r.usage) + bytes(&r.meters_kept) + bytes(&r.usage_kept)
+        });
+        bytes(&self.meters) + bytes(&self.usage) + round
+    }
 }
 
 /// A flush round in progress, written [`FLUSH_CHUNK`] at a time. While it runs, `Listed`'s
@@ -401,6 +417,13 @@ struct Effects {
 }
 
 fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, flush: Flush) {
+    settle(shared, listed, batch, closing, flush);
+    let bytes = listed.bytes() as u64;
+    shared.list_bytes.store(bytes, Ordering::Relaxed);
+}
+
+/// Writes and commits one batch, then hands out its effects (see [`apply`]).
+fn settle(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, flush: Flush) {
     let mut fx = Effects::default();
     let now = shared.clock.now().0;
     let result = build(shared, listed, batch, closing, flush, &mut fx);

@@ -3,15 +3,17 @@
 //! `--seconds` on `--threads` threads, and measures the floor (HMAC-SHA256 → one map get →
 //! one CAS) on the same keys, the same threads and the same index stream in the same run.
 //!
-//! Memory per cached key is measured with a counting global allocator: only allocations made
-//! by the thread that fills the cache are counted, after a scan of the tables a miss reads
-//! has already pulled their pages into redb's page cache. The figure is malloc's footprint (each request
-//! rounded up as glibc does: 8-byte header, 16-byte granularity, 32-byte minimum); the raw
-//! requested bytes and the RSS growth are reported alongside.
+//! Memory per cached key is measured with a counting global allocator: allocations made by the
+//! thread that fills the cache are counted, and so are their frees on any thread (the credit
+//! writer drains the queues the filling thread fills), after a scan of the tables a miss reads
+//! has already pulled their pages into redb's page cache. The figure is malloc's footprint
+//! (each request rounded up as glibc does: 8-byte header, 16-byte granularity, 32-byte
+//! minimum); the raw requested bytes and the RSS growth are reported alongside, and the
+//! writer's lists of keys in use (its own allocations) apart, from their capacities.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -83,8 +85,13 @@ struct Report {
     /// sampled while the cache filled in scattered key order.
     miss_p50_ns: u64,
     miss_p99_ns: u64,
-    /// Heap footprint per cached key (counting allocator, malloc rounding included).
+    /// Heap footprint per cached key (counting allocator, malloc rounding included): the
+    /// cache's entries and tables, the meter registry, the accounts' state.
     bytes_per_cached_key: f64,
+    /// The credit writer's lists of keys in use, per cached key (every key is in use here).
+    writer_list_bytes_per_cached_key: f64,
+    /// The two above: what each cached key in use costs in all.
+    total_bytes_per_cached_key: f64,
     /// Bytes requested per cached key (no malloc rounding).
     requested_bytes_per_cached_key: f64,
     /// The cache tables' share (they grow as the cache fills: included in the two above).
@@ -149,8 +156,14 @@ pub fn run(json: bool, args: BenchArgs) -> CliResult<u8> {
     let bar = progress(keys as u64, "filling the cache");
     let rss_before = rss_bytes();
     let mut miss_samples = Vec::with_capacity(keys / 16 + 1);
-    let (cached, heap) =
-        counted(|| work.warm_sampled(&mut |n| bar.set_position(n as u64), &mut miss_samples));
+    // Measured once the writer has taken what the fill queued for it (the queues' blocks are
+    // freed then), as a server would run.
+    let (cached, heap) = counted(|| {
+        let cached = work.warm_sampled(&mut |n| bar.set_position(n as u64), &mut miss_samples);
+        work.ledger.flush().map(|()| cached)
+    });
+    let cached = cached?;
+    let writer_list_bytes = work.ledger.stats().writer_list_bytes as i64;
     miss_samples.sort_unstable();
     let rss_after = rss_bytes();
     let cached_keys = work.ledger.stats().cached_entries;
@@ -221,6 +234,8 @@ pub fn run(json: bool, args: BenchArgs) -> CliResult<u8> {
         miss_p50_ns: percentile(&miss_samples, 50.0),
         miss_p99_ns: percentile(&miss_samples, 99.0),
         bytes_per_cached_key: per_key(heap.footprint),
+        writer_list_bytes_per_cached_key: per_key(writer_list_bytes),
+        total_bytes_per_cached_key: per_key(heap.footprint + writer_list_bytes),
         requested_bytes_per_cached_key: per_key(heap.requested),
         table_bytes_per_cached_key: per_key(table_bytes),
         allocations_per_cached_key: per_key(heap.allocations),
@@ -267,12 +282,14 @@ fn print_text(r: &Report) {
         r.miss_p50_ns, r.miss_p99_ns
     );
     println!(
-        "  memory            {:.0} bytes per cached key (heap footprint incl. {:.0} of cache table; {:.0} requested in {:.1} allocations; RSS growth {:.0})   (target ≤ 256)",
+        "  memory            {:.0} bytes per cached key in use (target ≤ 256): the cache {:.0} (heap footprint incl. {:.0} of cache table; {:.0} requested in {:.1} allocations; RSS growth {:.0}) and the writer's lists {:.0}",
+        r.total_bytes_per_cached_key,
         r.bytes_per_cached_key,
         r.table_bytes_per_cached_key,
         r.requested_bytes_per_cached_key,
         r.allocations_per_cached_key,
-        r.rss_bytes_per_cached_key
+        r.rss_bytes_per_cached_key,
+        r.writer_list_bytes_per_cached_key
     );
     println!(
         "  cache             {} of {} keys cached after filling, {} after the run",
@@ -406,6 +423,7 @@ fn counted<R>(f: impl FnOnce() -> R) -> (R, Heap) {
         footprint: FOOTPRINT.load(Ordering::Relaxed),
         allocations: LIVE.load(Ordering::Relaxed),
     };
+    MEASURING.store(true, Ordering::Relaxed);
     COUNTING.with(|c| c.set(true));
     let result = f();
     COUNTING.with(|c| c.set(false));
@@ -439,52 +457,122 @@ fn chunk(size: usize) -> i64 {
 }
 
 fn count(requested: i64, footprint: i64, allocations: i64) {
-    if COUNTING.try_with(Cell::get).unwrap_or(false) {
-        LIVE.fetch_add(allocations, Ordering::Relaxed);
-        REQUESTED.fetch_add(requested, Ordering::Relaxed);
-        FOOTPRINT.fetch_add(footprint, Ordering::Relaxed);
+    LIVE.fetch_add(allocations, Ordering::Relaxed);
+    REQUESTED.fetch_add(requested, Ordering::Relaxed);
+    FOOTPRINT.fetch_add(footprint, Ordering::Relaxed);
+}
+
+fn counting() -> bool {
+    COUNTING.try_with(Cell::get).unwrap_or(false)
+}
+
+/// The addresses of the live blocks a counting thread allocated: a free of one on any thread
+/// is counted too. Open addressing over a static array (no allocation inside the allocator);
+/// 2²² slots hold the ≈ 1.1M blocks of a 1M-key fill at a quarter full.
+mod tracked {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const SLOTS: usize = 1 << 22;
+    const EMPTY: usize = 0;
+    /// A freed slot (no block starts at address 1).
+    const GONE: usize = 1;
+
+    static TABLE: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(EMPTY) }; SLOTS];
+
+    fn home(addr: usize) -> usize {
+        (addr as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) as usize >> 10 & (SLOTS - 1)
     }
+
+    /// Remembers `addr`; false if the table is full (the block is then not counted).
+    pub fn insert(addr: usize) -> bool {
+        let start = home(addr);
+        (0..SLOTS).any(|i| {
+            let slot = &TABLE[(start + i) & (SLOTS - 1)];
+            let seen = slot.load(Ordering::Relaxed);
+            (seen == EMPTY || seen == GONE)
+                && slot
+                    .compare_exchange(seen, addr, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+        })
+    }
+
+    /// Forgets `addr`; true if it was remembered.
+    pub fn remove(addr: usize) -> bool {
+        let start = home(addr);
+        for i in 0..SLOTS {
+            let slot = &TABLE[(start + i) & (SLOTS - 1)];
+            match slot.load(Ordering::Acquire) {
+                EMPTY => return false,
+                seen if seen == addr => {
+                    return slot
+                        .compare_exchange(addr, GONE, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok();
+                }
+                _ => {}
+            }
+        }
+        false
+    }
+}
+
+/// While a measurement runs, frees on every thread are checked against [`tracked`].
+static MEASURING: AtomicBool = AtomicBool::new(false);
+
+fn allocated(p: *mut u8, size: usize) {
+    if !p.is_null() && counting() && tracked::insert(p as usize) {
+        count(size as i64, chunk(size), 1);
+    }
+}
+
+fn freed(p: *mut u8, size: usize) -> bool {
+    let counted = MEASURING.load(Ordering::Relaxed) && tracked::remove(p as usize);
+    if counted {
+        count(-(size as i64), -chunk(size), -1);
+    }
+    counted
 }
 
 /// The system allocator, counting the bytes of threads that turned counting on.
 struct Counting;
 
-// SAFETY: every method forwards to `System` unchanged; the counters have no effect on the
-// memory handed out.
+// SAFETY: every method forwards to `System` unchanged; the counters and the address table
+// have no effect on the memory handed out.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, forwarded as is.
         let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            count(layout.size() as i64, chunk(layout.size()), 1);
-        }
+        allocated(p, layout.size());
         p
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as for `alloc`.
         let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            count(layout.size() as i64, chunk(layout.size()), 1);
-        }
+        allocated(p, layout.size());
         p
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        freed(ptr, layout.size());
         // SAFETY: `ptr` was allocated by `System` with `layout` (we forward every call).
         unsafe { System.dealloc(ptr, layout) };
-        count(-(layout.size() as i64), -chunk(layout.size()), -1);
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // Forgotten before `System` may hand the address out again to another thread.
+        let was_counted = freed(ptr, layout.size());
         // SAFETY: as for `dealloc`; `new_size` is the caller's, forwarded as is.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            count(
-                new_size as i64 - layout.size() as i64,
-                chunk(new_size) - chunk(layout.size()),
-                0,
-            );
+        if p.is_null() {
+            // The old block is still there, and still ours.
+            if was_counted && tracked::insert(ptr as usize) {
+                count(layout.size() as i64, chunk(layout.size()), 1);
+            }
+        } else if was_counted || counting() {
+            // A counted block grown on any thread stays counted.
+            if tracked::insert(p as usize) {
+                count(new_size as i64, chunk(new_size), 1);
+            }
         }
         p
     }

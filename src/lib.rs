@@ -93,8 +93,9 @@ pub struct Stats {
     /// Verifies that found their key's lease short and waited for the writer to lease more
     /// (one commit, one fsync), by how long they waited.
     pub lease_waits: LeaseWaits,
-    /// Bytes the credit writer's lists of keys and meters in use hold (their capacities): a
-    /// key used since the writer's last flush round stays listed, 24 bytes a metered key.
+    /// The most bytes the credit writer's lists of keys and meters in use have held at once
+    /// since open (their capacities): a key used since the writer's last flush round stays
+    /// listed, 24 bytes a metered key, and a batch's working lists hold a few more.
     pub writer_list_bytes: u64,
 }
 pub use vault::{

@@ -115,8 +115,9 @@ pub(crate) struct Shared {
     pub events: Sender<CreditEvent>,
     /// Write transactions committed by the writer (each is one fsync).
     pub commits: AtomicU64,
-    /// Bytes the writer's lists of meters and keys in use take (their capacities), for
-    /// memory accounting: they grow with the keys in use.
+    /// The most bytes the writer's lists of meters and keys in use have held at once (their
+    /// capacities, a batch's working lists included), for memory accounting: they grow with
+    /// the keys in use.
     pub list_bytes: AtomicU64,
     /// How long requests waited for a lease.
     pub lease_waits: super::WaitHistogram,
@@ -140,12 +141,14 @@ struct Listed {
     round: Option<Round>,
 }
 
+/// Bytes a list holds (its capacity).
+fn bytes<T>(v: &Vec<T>) -> usize {
+    v.capacity() * size_of::<T>()
+}
+
 impl Listed {
-    /// Bytes of the lists (their capacities), the round's included.
+    /// Bytes of the lists, the round's included.
     fn bytes(&self) -> usize {
-        fn bytes<T>(v: &Vec<T>) -> usize {
-            v.capacity() * size_of::<T>()
-        }
         let round = self.round.as_ref().map_or(0, |r| {
             bytes(&r.meters) + bytes(&r.usage) + bytes(&r.meters_kept) + bytes(&r.usage_kept)
         });
@@ -417,16 +420,13 @@ struct Effects {
 }
 
 fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, flush: Flush) {
-    settle(shared, listed, batch, closing, flush);
-    let bytes = listed.bytes() as u64;
-    shared.list_bytes.store(bytes, Ordering::Relaxed);
-}
-
-/// Writes and commits one batch, then hands out its effects (see [`apply`]).
-fn settle(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, flush: Flush) {
     let mut fx = Effects::default();
     let now = shared.clock.now().0;
     let result = build(shared, listed, batch, closing, flush, &mut fx);
+    let working = fx.list_bytes() + listed.bytes();
+    shared
+        .list_bytes
+        .fetch_max(working as u64, Ordering::Relaxed);
     match result {
         Ok(()) => {
             shared.commits.fetch_add(1, Ordering::Relaxed);
@@ -844,6 +844,17 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result
 }
 
 impl Effects {
+    /// Bytes of the batch's lists of meters and keys.
+    fn list_bytes(&self) -> usize {
+        bytes(&self.meters_seen)
+            + bytes(&self.usage_seen)
+            + bytes(&self.meters_kept)
+            + bytes(&self.usage_kept)
+            + bytes(&self.flushed_spend)
+            + bytes(&self.flushed_usage)
+            + bytes(&self.unlisted)
+    }
+
     /// A lease of `units` for `meter`, handed over once the batch is durable. Returns its
     /// index in `leases`.
     fn grant(&mut self, meter: MeterRef, units: u64, empty_until: u64) -> usize {

@@ -626,9 +626,12 @@ impl Engine {
     }
 
     /// One shared allocation per distinct scope (bounded; beyond the bound each key gets
-    /// its own).
+    /// its own). A previous secret's scope carries its own deadline: never shared, so not kept.
     fn intern(&self, scope: Scope) -> Arc<Scope> {
         const MAX_SCOPES: usize = 100_000;
+        if scope.secret_valid_until != u64::MAX {
+            return Arc::new(scope);
+        }
         let mut scopes = self.scopes.lock();
         if let Some(known) = scopes.get(&scope) {
             return known.clone();
@@ -774,6 +777,49 @@ mod tests {
             Ok(_) => "ok",
             Err(d) => d.code(),
         }
+    }
+
+    /// The scope of the cached key for `plaintext` (verifying it first, to cache it).
+    fn scope_of(ledger: &Ledger, plaintext: &str) -> Arc<Scope> {
+        assert_ne!(code(ledger, plaintext), "not_found");
+        let hash = ledger.hasher().hash_current(plaintext);
+        let found = ledger.inner.engine.cache.with(&hash, |slot| match slot {
+            crate::cache::Slot::Key(key) => Some(key.scope.clone()),
+            crate::cache::Slot::Missing => None,
+        });
+        found.flatten().expect("cached")
+    }
+
+    #[test]
+    fn keys_with_the_same_permissions_and_allowlist_share_one_scope() {
+        let f = ledger();
+        let scoped = |name: &str, ips: &[&str]| {
+            let ips: Vec<String> = ips.iter().map(|s| s.to_string()).collect();
+            key(&f.ledger, |o| {
+                NewKey::new(o, name).permissions(["a:*"]).ips(ips.clone())
+            })
+        };
+        let (_, _, a) = scoped("a", &[]);
+        let (_, _, b) = scoped("b", &[]);
+        let (_, _, c) = scoped("c", &["10.0.0.0/8"]);
+        let (a, b, c) = (
+            scope_of(&f.ledger, &a),
+            scope_of(&f.ledger, &b),
+            scope_of(&f.ledger, &c),
+        );
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "same permissions, no allowlist: one scope"
+        );
+        assert!(!Arc::ptr_eq(&a, &c), "an allowlist makes another");
+        assert_eq!(c.ips.len(), 1);
+        // A rolled key's previous secret has a deadline of its own: not shared, not kept.
+        let (public, _, old) = scoped("d", &[]);
+        f.ledger.keys().roll(&public, 60).unwrap();
+        let kept = f.ledger.inner.engine.scopes.lock().len();
+        let previous = scope_of(&f.ledger, &old);
+        assert_ne!(previous.secret_valid_until, u64::MAX);
+        assert_eq!(f.ledger.inner.engine.scopes.lock().len(), kept);
     }
 
     #[test]

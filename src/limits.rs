@@ -327,18 +327,16 @@ mod tests {
         assert_eq!(k.remaining(t0, 100).0, Some(0));
     }
 
+    fn tier(min_spent: u64, multiplier_pct: u32) -> SpendTier {
+        SpendTier {
+            min_spent,
+            multiplier_pct,
+        }
+    }
+
     #[test]
     fn a_key_moves_up_its_tiers_as_it_spends() {
-        let tiers = [
-            SpendTier {
-                min_spent: 100,
-                multiplier_pct: 150,
-            },
-            SpendTier {
-                min_spent: 1_000,
-                multiplier_pct: 300,
-            },
-        ];
+        let tiers = [tier(100, 150), tier(1_000, 300)];
         let limits = Limits {
             rate_limits: vec![crate::RateLimit {
                 name: "per-second".into(),
@@ -362,20 +360,7 @@ mod tests {
     fn tiers_pick_the_highest_reached() {
         let config = crate::Config::builder()
             .master_key(crate::MasterKey::from_bytes(&[7; 32]).unwrap())
-            .spend_tiers([
-                SpendTier {
-                    min_spent: 1_000,
-                    multiplier_pct: 200,
-                },
-                SpendTier {
-                    min_spent: 100,
-                    multiplier_pct: 150,
-                },
-                SpendTier {
-                    min_spent: 1_000,
-                    multiplier_pct: 300,
-                },
-            ])
+            .spend_tiers([tier(1_000, 200), tier(100, 150), tier(1_000, 300)])
             .build()
             .unwrap();
         let tiers = &config.spend_tiers;

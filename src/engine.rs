@@ -488,7 +488,9 @@ impl Engine {
                 }
             }
         };
-        let lifetime_spent = match self.tiers.is_empty() {
+        // Only a key with rate limits has a spend tier (it scales them).
+        let limited = !found.limits.rate_limits.is_empty() || found.limits.token_window.is_some();
+        let lifetime_spent = match self.tiers.is_empty() || !limited {
             true => 0,
             false => {
                 let usage: Option<UsageRecord> = store::get(&read.open_table(USAGE)?, found.id)?;

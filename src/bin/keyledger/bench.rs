@@ -418,7 +418,7 @@ struct Heap {
 }
 
 /// Runs `f` on this thread with the counting allocator on; returns its result and the net
-/// heap growth of allocations and frees made by this thread.
+/// heap growth of the allocations this thread made, less those freed meanwhile on any thread.
 fn counted<R>(f: impl FnOnce() -> R) -> (R, Heap) {
     let before = Heap {
         requested: REQUESTED.load(Ordering::Relaxed),
@@ -429,6 +429,8 @@ fn counted<R>(f: impl FnOnce() -> R) -> (R, Heap) {
     COUNTING.with(|c| c.set(true));
     let result = f();
     COUNTING.with(|c| c.set(false));
+    // Off again: every free in the process would otherwise keep probing the address table.
+    MEASURING.store(false, Ordering::Relaxed);
     let heap = Heap {
         requested: REQUESTED.load(Ordering::Relaxed) - before.requested,
         footprint: FOOTPRINT.load(Ordering::Relaxed) - before.footprint,

@@ -120,6 +120,26 @@ impl Workload {
     /// Closes the ledger cleanly and opens the same file again with another cache capacity
     /// (an empty cache).
     pub fn reopen(self, cache_capacity: Option<usize>) -> Result<Workload> {
+        self.reopen_after(cache_capacity, |ledger| {
+            ledger.close()?;
+            Ok(())
+        })
+    }
+
+    /// Stops the ledger as a crash would (nothing returned or flushed) and opens the same
+    /// file again, with the default cache. For crash tests.
+    pub fn crash_and_reopen(self) -> Result<Workload> {
+        self.reopen_after(None, |ledger| {
+            ledger.simulate_crash();
+            Ok(())
+        })
+    }
+
+    fn reopen_after(
+        self,
+        cache_capacity: Option<usize>,
+        stop: impl FnOnce(Ledger) -> Result<()>,
+    ) -> Result<Workload> {
         let Workload {
             ledger,
             keys,
@@ -128,8 +148,7 @@ impl Workload {
             path,
             _dir,
         } = self;
-        ledger.close()?;
-        drop(ledger);
+        stop(ledger)?;
         let options = Options {
             keys: keys.len(),
             cache_capacity,

@@ -50,7 +50,7 @@ pub(crate) struct Meter {
     empty_until_s: AtomicU32,
     /// A lease request is queued or in flight.
     pub pending: AtomicBool,
-    /// Queued for a spend flush.
+    /// Queued for a spend flush (a pool's meter; a key's own is flushed with its usage).
     pub dirty: AtomicBool,
     /// The balance this meter spent from is gone (key deleted or made unmetered): the
     /// writer ignores it and refunds into it vanish.
@@ -195,14 +195,20 @@ impl Meter {
         }
     }
 
-    /// Records units as spent. Returns true when the meter must be queued for a flush.
+    /// Records units as spent. Returns true when the meter must be queued for a flush: a
+    /// pool's, on its first spend since the writer last unlisted it. A key's own meter is
+    /// never queued on its own: the writer flushes it with its key's usage, and whoever
+    /// spends from it then counts the spend in that usage too, which lists the key
+    /// ([`CachedKey::record_spend`](crate::cache::CachedKey::record_spend), after this).
     pub(crate) fn spend(&self, units: u64) -> bool {
         if units == 0 {
             return false;
         }
-        // `SeqCst`: pairs with the writer's unlisting (see `unlist`).
+        // `SeqCst`: pairs with the writer's unlisting (see `unlist`, `CachedKey::unlist`).
         self.spent.fetch_add(units, Ordering::SeqCst);
-        !self.dirty.load(Ordering::SeqCst) && !self.dirty.swap(true, Ordering::AcqRel)
+        self.is_pool()
+            && !self.dirty.load(Ordering::SeqCst)
+            && !self.dirty.swap(true, Ordering::AcqRel)
     }
 
     /// The writer found the meter idle for a whole flush interval: clears its dirty mark and

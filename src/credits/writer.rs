@@ -3,7 +3,7 @@
 //! committed with `Durability::Immediate` (group commit: one fsync per batch, not per key),
 //! and only then makes leased units spendable in memory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -125,48 +125,126 @@ pub(crate) struct Shared {
     pub lease_floor: AtomicU64,
 }
 
-/// Meters and keys that a flush round found in use. They stay listed here, their dirty mark
-/// still set, so that their next request does not queue them again: otherwise every key in
-/// use was pushed onto a queue by its first request after every flush (an allocation, and a
-/// contended tail, on the hot path). A round that finds one idle since the previous round
-/// unlists it and clears its mark; its next request queues it again.
+/// Keys and pools' meters that a flush round found in use. They stay listed here, their
+/// dirty mark still set, so that their next request does not queue them again: otherwise
+/// every key in use was pushed onto a queue by its first request after every flush (an
+/// allocation, and a contended tail, on the hot path). A round that finds one idle since the
+/// previous round unlists it and clears its mark; its next request queues it again.
+///
+/// A key's own meter is flushed with the key (its home): only pools' meters, shared by many
+/// keys and few, have a list of their own. So a key in use costs the writer 8 bytes.
 #[derive(Default)]
 struct Listed {
-    meters: Vec<MeterRef>,
-    usage: Vec<Arc<CachedKey>>,
+    /// Home snapshots: their usage counters and own meter's spend.
+    keys: InUse<Arc<CachedKey>>,
+    /// Pools' meters.
+    pools: InUse<MeterRef>,
     /// When the last round started (clock ms): a meter leased since then is in use even if
     /// its leases settled all its spend.
     flushed_at_ms: u64,
-    /// The round in progress, if any.
-    round: Option<Round>,
+    /// When the round in progress started, if one is.
+    round_started_ms: Option<u64>,
+}
+
+impl Listed {
+    /// Starts a round over everything listed and queued (a round in progress starts over).
+    fn start_round(&mut self, shared: &Shared, now_ms: u64) {
+        self.keys.start_round(&shared.dirty_usage);
+        self.pools.start_round(&shared.dirty_meters);
+        self.round_started_ms = Some(now_ms);
+    }
+
+    fn in_round(&self) -> bool {
+        self.round_started_ms.is_some()
+    }
+
+    /// Lists again what a chunk found still in use; ends the round once nothing is left.
+    fn keep(&mut self, keys: Vec<Arc<CachedKey>>, pools: Vec<MeterRef>) {
+        self.keys.keep(keys);
+        self.pools.keep(pools);
+        if self.keys.left == 0 && self.pools.left == 0 {
+            if let Some(started) = self.round_started_ms.take() {
+                self.flushed_at_ms = started;
+            }
+            self.keys.trim();
+            self.pools.trim();
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.list.is_empty() && self.pools.list.is_empty()
+    }
+
+    /// Bytes of the lists.
+    fn bytes(&self) -> usize {
+        self.keys.bytes() + self.pools.bytes()
+    }
+}
+
+/// One list of things in use. A round takes them from the front [`FLUSH_CHUNK`] at a time
+/// and puts those still in use at the back, so it never needs a second list beside this
+/// one: a round's lists never hold more than the things listed when it started.
+struct InUse<T> {
+    list: VecDeque<T>,
+    /// How many at the front the round in progress has still to flush.
+    left: usize,
+}
+
+impl<T> Default for InUse<T> {
+    fn default() -> Self {
+        InUse {
+            list: VecDeque::new(),
+            left: 0,
+        }
+    }
+}
+
+impl<T> InUse<T> {
+    /// Appends what is queued now (not what is queued meanwhile: that waits for the next
+    /// round, its mark set) and makes all of it the round's to flush.
+    fn start_round(&mut self, queued: &SegQueue<T>) {
+        let n = queued.len();
+        self.list.reserve_exact(n);
+        self.list.extend((0..n).map_while(|_| queued.pop()));
+        self.left = self.list.len();
+    }
+
+    /// The next chunk to flush.
+    fn chunk(&mut self) -> Vec<T> {
+        let n = self.left.min(FLUSH_CHUNK);
+        self.left -= n;
+        self.list.drain(..n).collect()
+    }
+
+    /// Lists again what a chunk found in use (no more than the chunk took).
+    fn keep(&mut self, kept: Vec<T>) {
+        self.list.extend(kept);
+    }
+
+    /// Puts a chunk whose flush failed back in front, to be flushed again.
+    fn put_back(&mut self, seen: Vec<T>) {
+        self.left += seen.len();
+        for item in seen.into_iter().rev() {
+            self.list.push_front(item);
+        }
+    }
+
+    /// Gives memory back once a round leaves the list under half its capacity.
+    fn trim(&mut self) {
+        if self.list.capacity() > 2 * self.list.len() + FLUSH_CHUNK {
+            self.list.shrink_to(self.list.len() + self.list.len() / 4);
+        }
+    }
+
+    /// Bytes the list holds (its capacity).
+    fn bytes(&self) -> usize {
+        self.list.capacity() * size_of::<T>()
+    }
 }
 
 /// Bytes a list holds (its capacity).
 fn bytes<T>(v: &Vec<T>) -> usize {
     v.capacity() * size_of::<T>()
-}
-
-impl Listed {
-    /// Bytes of the lists, the round's included.
-    fn bytes(&self) -> usize {
-        let round = self.round.as_ref().map_or(0, |r| {
-            bytes(&r.meters) + bytes(&r.usage) + bytes(&r.meters_kept) + bytes(&r.usage_kept)
-        });
-        bytes(&self.meters) + bytes(&self.usage) + round
-    }
-}
-
-/// A flush round in progress, written [`FLUSH_CHUNK`] at a time. While it runs, `Listed`'s
-/// lists are empty: what the round has still to write keeps its dirty mark, so nothing it
-/// holds is queued twice.
-#[derive(Default)]
-struct Round {
-    meters: Vec<MeterRef>,
-    usage: Vec<Arc<CachedKey>>,
-    /// What its chunks found in use (listed again when the round ends).
-    meters_kept: Vec<MeterRef>,
-    usage_kept: Vec<Arc<CachedKey>>,
-    started_ms: u64,
 }
 
 /// How much of the listed and queued spend and usage a batch writes.
@@ -176,7 +254,8 @@ enum Flush {
     Nothing,
     /// The next chunk of the round in progress (starting one if none is).
     Chunk,
-    /// Everything, now: `flush`, `usage`, `close`.
+    /// Everything, now: `flush`, `usage`, `close`. A round over everything listed and
+    /// queued, all its chunks (one transaction each) written before anyone is answered.
     All,
 }
 
@@ -227,7 +306,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
     loop {
         // A backlog of prefetches (more than one batch's worth) or a round in progress is
         // taken up without waiting.
-        let wait = if shared.prefetches.is_empty() && listed.round.is_none() {
+        let wait = if shared.prefetches.is_empty() && !listed.in_round() {
             FLUSH_INTERVAL
         } else {
             Duration::ZERO
@@ -242,7 +321,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
         };
         let mut batch: Vec<Msg> = first.into_iter().collect();
         drain(&rx, &mut batch);
-        if !batch.is_empty() && batch.iter().all(is_bell) && listed.round.is_none() {
+        if !batch.is_empty() && batch.iter().all(is_bell) && !listed.in_round() {
             let until = std::time::Instant::now() + PREFETCH_GATHER;
             while batch.len() < MAX_BATCH && shared.prefetches.len() < MAX_BATCH {
                 let left = until.saturating_duration_since(std::time::Instant::now());
@@ -282,14 +361,12 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
         prefetched.append(&mut batch);
         let batch = prefetched;
         let closing = batch.iter().any(|m| matches!(m, Msg::Close { .. }));
-        let dirty = !shared.dirty_meters.is_empty()
-            || !shared.dirty_usage.is_empty()
-            || !listed.meters.is_empty()
-            || !listed.usage.is_empty();
+        let dirty =
+            !shared.dirty_meters.is_empty() || !shared.dirty_usage.is_empty() || !listed.is_empty();
         let flush = if closing || syncing {
             last_round = std::time::Instant::now();
             Flush::All
-        } else if listed.round.is_some() {
+        } else if listed.in_round() {
             Flush::Chunk
         } else if dirty && last_round.elapsed() >= shared.flush_every {
             last_round = std::time::Instant::now();
@@ -419,10 +496,49 @@ struct Effects {
     gone: Vec<MeterRef>,
 }
 
+/// Runs `batch` (and the flush asked for) as one transaction, or for [`Flush::All`] as
+/// many as the round takes, and answers `flush` and `close` once all are durable.
 fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, flush: Flush) {
-    let mut fx = Effects::default();
     let now = shared.clock.now().0;
-    let result = build(shared, listed, batch, closing, flush, &mut fx);
+    let chunked = match flush {
+        Flush::Nothing => false,
+        Flush::Chunk => {
+            if !listed.in_round() {
+                listed.start_round(shared, now);
+            }
+            true
+        }
+        Flush::All => {
+            listed.start_round(shared, now);
+            true
+        }
+    };
+    let (mut syncs, mut outcome) = commit(shared, listed, batch, closing, chunked);
+    while flush == Flush::All && outcome.is_ok() && listed.in_round() {
+        let (more, next) = commit(shared, listed, Vec::new(), false, true);
+        syncs.extend(more);
+        outcome = next;
+    }
+    for reply in syncs {
+        let _ = reply.send(match &outcome {
+            Ok(()) => Ok(()),
+            Err(message) => Err(Error::Conflict(format!("flush failed: {message}"))),
+        });
+    }
+}
+
+/// One write transaction: `batch`, and with `chunked` the next chunk of the round in
+/// progress. Returns the `flush` and `close` requests it carried, for [`apply`] to answer,
+/// and whether it committed (the error's message if not).
+fn commit(
+    shared: &Shared,
+    listed: &mut Listed,
+    batch: Vec<Msg>,
+    closing: bool,
+    chunked: bool,
+) -> (Vec<Sender<Result<()>>>, std::result::Result<(), String>) {
+    let mut fx = Effects::default();
+    let result = build(shared, listed, batch, closing, chunked, &mut fx);
     let working = fx.list_bytes() + listed.bytes();
     shared
         .list_bytes
@@ -464,29 +580,10 @@ fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, f
             for event in fx.events {
                 let _ = shared.events.try_send(event);
             }
-            for r in fx.syncs {
-                let _ = r.send(Ok(()));
-            }
             drop((fx.flushed_spend, fx.reclaimed, fx.flushed_usage));
             drop((fx.meters_seen, fx.usage_seen));
-            match flush {
-                Flush::Nothing => {}
-                Flush::All => {
-                    listed.meters = fx.meters_kept;
-                    listed.usage = fx.usage_kept;
-                    listed.flushed_at_ms = now;
-                }
-                Flush::Chunk => {
-                    let round = listed.round.as_mut().expect("a chunk belongs to a round");
-                    round.meters_kept.append(&mut fx.meters_kept);
-                    round.usage_kept.append(&mut fx.usage_kept);
-                    if round.meters.is_empty() && round.usage.is_empty() {
-                        let round = listed.round.take().expect("checked above");
-                        listed.meters = round.meters_kept;
-                        listed.usage = round.usage_kept;
-                        listed.flushed_at_ms = round.started_ms;
-                    }
-                }
+            if chunked {
+                listed.keep(fx.usage_kept, fx.meters_kept);
             }
             let mut meters = shared.meters.lock();
             for meter in fx.gone {
@@ -500,10 +597,6 @@ fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, f
                     meters.remove(&meter);
                 }
             }
-            // One meter can be unlisted twice (its spend and its key's usage): count it once.
-            fx.unlisted
-                .sort_unstable_by_key(|m| std::ptr::from_ref::<Meter>(m) as usize);
-            fx.unlisted.dedup_by(|a, b| MeterRef::ptr_eq(a, b));
             for meter in fx.unlisted {
                 // A key's meter that left the cache while listed (so its retirement left it
                 // in the registry): with its lease returned and nobody else holding it, it goes.
@@ -517,31 +610,24 @@ fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, f
         }
         Err(e) => {
             // Nothing became durable: put every swapped counter back and refuse the requests.
-            // What the flush saw stays listed, marked first so the restores below do not
-            // queue it a second time.
+            // What the flush saw goes back to the front of its round, marked first so the
+            // restores below do not queue it a second time.
             for meter in &fx.meters_seen {
                 meter.dirty.store(true, Ordering::SeqCst);
             }
             for key in &fx.usage_seen {
                 key.mark_dirty();
             }
-            match (flush, listed.round.as_mut()) {
-                (Flush::Chunk, Some(round)) => {
-                    round.meters.append(&mut fx.meters_seen);
-                    round.usage.append(&mut fx.usage_seen);
-                }
-                _ => {
-                    if !fx.meters_seen.is_empty() {
-                        listed.meters = std::mem::take(&mut fx.meters_seen);
-                    }
-                    if !fx.usage_seen.is_empty() {
-                        listed.usage = std::mem::take(&mut fx.usage_seen);
-                    }
-                }
-            }
+            listed.pools.put_back(std::mem::take(&mut fx.meters_seen));
+            listed.keys.put_back(std::mem::take(&mut fx.usage_seen));
             for (meter, units) in fx.flushed_spend {
                 if meter.spend(units) {
                     shared.dirty_meters.push(meter);
+                } else if let MeterRef::Own(home) = &meter {
+                    // A key's own meter is flushed with the key: list it if it is not.
+                    if units > 0 && home.mark_dirty() {
+                        shared.dirty_usage.push(home.clone());
+                    }
                 }
             }
             for (state, spent, requests, last_used) in fx.flushed_usage {
@@ -568,11 +654,10 @@ fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, f
                     "balance not changed: {message}"
                 ))));
             }
-            for r in fx.syncs {
-                let _ = r.send(Err(Error::Conflict(format!("flush failed: {message}"))));
-            }
+            return (fx.syncs, Err(message));
         }
     }
+    (fx.syncs, Ok(()))
 }
 
 fn build(
@@ -580,7 +665,7 @@ fn build(
     listed: &mut Listed,
     batch: Vec<Msg>,
     closing: bool,
-    flush: Flush,
+    chunked: bool,
     fx: &mut Effects,
 ) -> Result<()> {
     let now = shared.clock.now();
@@ -590,44 +675,11 @@ fn build(
             table: txn.open_table(CREDITS)?,
             records: BTreeMap::new(),
         };
-        let queued_meters = || std::iter::from_fn(|| shared.dirty_meters.pop());
-        let queued_usage = || std::iter::from_fn(|| shared.dirty_usage.pop());
-        match flush {
-            Flush::Nothing => {}
-            Flush::All => {
-                // Everything: the listed, whatever a round in progress holds, the queued.
-                let round = listed.round.take().unwrap_or_default();
-                fx.meters_seen = std::mem::take(&mut listed.meters);
-                fx.meters_seen
-                    .extend(round.meters_kept.into_iter().chain(round.meters));
-                fx.meters_seen.extend(queued_meters());
-                fx.usage_seen = std::mem::take(&mut listed.usage);
-                fx.usage_seen
-                    .extend(round.usage_kept.into_iter().chain(round.usage));
-                fx.usage_seen.extend(queued_usage());
-            }
-            Flush::Chunk => {
-                let round = listed.round.get_or_insert_with(|| Round {
-                    meters: std::mem::take(&mut listed.meters)
-                        .into_iter()
-                        .chain(queued_meters())
-                        .collect(),
-                    usage: std::mem::take(&mut listed.usage)
-                        .into_iter()
-                        .chain(queued_usage())
-                        .collect(),
-                    started_ms: now.0,
-                    ..Round::default()
-                });
-                let at = round.meters.len().saturating_sub(FLUSH_CHUNK);
-                fx.meters_seen = round.meters.split_off(at);
-                let at = round.usage.len().saturating_sub(FLUSH_CHUNK);
-                fx.usage_seen = round.usage.split_off(at);
-            }
-        }
-        if flush != Flush::Nothing {
+        if chunked {
+            fx.meters_seen = listed.pools.chunk();
+            fx.usage_seen = listed.keys.chunk();
             flush_spend(shared, &mut work, fx, listed.flushed_at_ms)?;
-            flush_usage(&txn, fx)?;
+            flush_usage(shared, &txn, &mut work, fx)?;
         }
         for msg in batch {
             match msg {
@@ -753,8 +805,8 @@ fn build(
     Ok(())
 }
 
-/// Moves spent units from `leased` to `spent` for every meter the flush saw, keeping listed
-/// those in use since the last full flush (`since_ms`).
+/// Moves spent units from `leased` to `spent` for every pool's meter the flush saw, keeping
+/// listed those in use since the last round started (`since_ms`).
 fn flush_spend(
     shared: &Shared,
     work: &mut Working<'_>,
@@ -770,7 +822,6 @@ fn flush_spend(
         if units == 0 && !meter.leased_since(since_ms) {
             units = meter.unlist();
             if units == 0 {
-                fx.unlisted.push(meter);
                 continue;
             }
             // A spend raced the unlisting: whoever set the mark again keeps the meter.
@@ -780,18 +831,30 @@ fn flush_spend(
         } else {
             fx.meters_kept.push(meter.clone());
         }
-        if units == 0 {
-            continue;
-        }
-        if let Some(r) = live(work, &meter)? {
-            let units = units.min(r.leased);
-            r.leased -= units;
-            r.spent += units;
-            let remaining = r.balance + meter.lease.load(Ordering::Acquire);
-            low_balance(shared, fx, &meter, remaining);
-        }
-        fx.flushed_spend.push((meter, units));
+        settle_spend(shared, work, fx, meter, units)?;
     }
+    Ok(())
+}
+
+/// Writes `units` spent through `meter` into its balance's record (leased → spent).
+fn settle_spend(
+    shared: &Shared,
+    work: &mut Working<'_>,
+    fx: &mut Effects,
+    meter: MeterRef,
+    units: u64,
+) -> Result<()> {
+    if units == 0 {
+        return Ok(());
+    }
+    if let Some(r) = live(work, &meter)? {
+        let units = units.min(r.leased);
+        r.leased -= units;
+        r.spent += units;
+        let remaining = r.balance + meter.lease.load(Ordering::Acquire);
+        low_balance(shared, fx, &meter, remaining);
+    }
+    fx.flushed_spend.push((meter, units));
     Ok(())
 }
 
@@ -954,19 +1017,30 @@ fn empty_until(r: &CreditsRecord, now: Timestamp) -> u64 {
     }
 }
 
-/// Writes usage deltas (last used, spend, requests) for keys and their accounts, keeping
-/// listed the keys used since the last full flush.
-fn flush_usage(txn: &redb::WriteTransaction, fx: &mut Effects) -> Result<()> {
+/// Writes usage deltas (last used, spend, requests) for keys and their accounts, and what
+/// each key spent through its own meter, keeping listed the keys used since the last round.
+fn flush_usage(
+    shared: &Shared,
+    txn: &redb::WriteTransaction,
+    work: &mut Working<'_>,
+    fx: &mut Effects,
+) -> Result<()> {
     if fx.usage_seen.is_empty() {
         return Ok(());
     }
     let mut deltas: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
     for i in 0..fx.usage_seen.len() {
         let state = fx.usage_seen[i].clone();
-        let (mut spent, mut requests, mut last_used) = state.take();
-        if spent == 0 && requests == 0 {
-            (spent, requests, last_used) = state.unlist();
-            if spent == 0 && requests == 0 {
+        // The meter's spend is taken after the usage, as a commit counts it before (see
+        // `Meter::spend`): a spend the usage take missed is not missed here either.
+        let taken = |state: &CachedKey, (spent, requests, last_used)| {
+            let metered = state.own_meter().spent.swap(0, Ordering::SeqCst);
+            (spent, requests, last_used, metered)
+        };
+        let (mut spent, mut requests, mut last_used, mut metered) = taken(&state, state.take());
+        if spent == 0 && requests == 0 && metered == 0 {
+            (spent, requests, last_used, metered) = taken(&state, state.unlist());
+            if spent == 0 && requests == 0 && metered == 0 {
                 if state.metering == Metering::Own {
                     fx.unlisted.push(MeterRef::Own(state));
                 }
@@ -978,6 +1052,10 @@ fn flush_usage(txn: &redb::WriteTransaction, fx: &mut Effects) -> Result<()> {
             }
         } else {
             fx.usage_kept.push(state.clone());
+        }
+        settle_spend(shared, work, fx, MeterRef::Own(state.clone()), metered)?;
+        if spent == 0 && requests == 0 {
+            continue;
         }
         for id in [state.id(), state.owner()] {
             let d = deltas.entry(id).or_default();
@@ -1023,6 +1101,56 @@ mod tests {
         assert!(!queue.push(pool(7)), "with meters left the bell stays rung");
         assert_eq!(queue.take(10).len(), 2);
         assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_round_flushes_each_listed_thing_once_in_order_and_keeps_the_busy_in_the_same_list() {
+        let queued = SegQueue::new();
+        (0..10_000u32).for_each(|i| queued.push(i));
+        let mut in_use = InUse::default();
+        in_use.start_round(&queued);
+        assert!(queued.is_empty());
+        let capacity = in_use.list.capacity();
+        let mut flushed = Vec::new();
+        while in_use.left > 0 {
+            let chunk = in_use.chunk();
+            assert!(!chunk.is_empty() && chunk.len() <= FLUSH_CHUNK);
+            flushed.extend(chunk.iter().copied());
+            // The even ones are still in use.
+            in_use.keep(chunk.into_iter().filter(|i| i % 2 == 0).collect());
+            assert_eq!(
+                in_use.list.capacity(),
+                capacity,
+                "the busy go where the flushed were: no second list"
+            );
+        }
+        assert_eq!(
+            flushed,
+            (0..10_000).collect::<Vec<_>>(),
+            "each once, in order"
+        );
+        let evens: Vec<u32> = (0..10_000).filter(|i| i % 2 == 0).collect();
+        assert!(in_use.list.iter().eq(evens.iter()), "the busy stay listed");
+
+        // A chunk whose flush failed goes back to the front and is flushed next.
+        (10_000..10_010).for_each(|i| queued.push(i));
+        in_use.start_round(&queued);
+        assert_eq!(in_use.left, 5_010, "the listed and the newly queued");
+        let chunk = in_use.chunk();
+        in_use.put_back(chunk.clone());
+        assert_eq!(in_use.left, 5_010);
+        let again = in_use.chunk();
+        assert_eq!(again, chunk);
+        in_use.keep(again.into_iter().filter(|i| i % 1_000 == 0).collect());
+
+        // A round that unlists most gives the memory back.
+        while in_use.left > 0 {
+            let chunk = in_use.chunk();
+            in_use.keep(chunk.into_iter().filter(|i| i % 1_000 == 0).collect());
+        }
+        in_use.trim();
+        assert_eq!(in_use.list.len(), 11);
+        assert!(in_use.list.capacity() < 100, "{}", in_use.list.capacity());
     }
 
     #[test]

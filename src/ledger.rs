@@ -182,7 +182,8 @@ impl Ledger {
     }
 
     /// Flushes pending spend and usage counters to disk now (they are otherwise flushed in
-    /// the background within a fraction of a second).
+    /// the background every `usage_flush_interval`, 30 s by default). With many keys in use
+    /// it writes them a few thousand per transaction, and returns once all are durable.
     pub fn flush(&self) -> Result<()> {
         self.inner.engine.flush()
     }

@@ -95,7 +95,8 @@ pub struct Stats {
     pub lease_waits: LeaseWaits,
     /// The most bytes the credit writer's lists of keys and meters in use have held at once
     /// since open (their capacities): a key used since the writer's last flush round stays
-    /// listed, 24 bytes a metered key, and a batch's working lists hold a few more.
+    /// listed, 8 bytes a key (its own meter with it) and 16 a pool, and a batch's working
+    /// lists hold a chunk's worth (a few thousand) more.
     pub writer_list_bytes: u64,
 }
 pub use vault::{

@@ -219,17 +219,37 @@ impl Workload {
         Ok(entries)
     }
 
-    /// Caches every key with a peek. Returns how many were granted.
+    /// Caches every key with a peek, in a scattered order (see [`scattered`](Self::scattered)).
+    /// Returns how many were granted.
     pub fn warm(&self, progress: &mut dyn FnMut(usize)) -> usize {
-        self.warm_sampled(progress, &mut Vec::new())
+        let mut granted = 0;
+        for (j, i) in self.scattered().enumerate() {
+            granted += usize::from(self.peek(i));
+            if j % 4096 == 0 {
+                progress(j);
+            }
+        }
+        progress(self.keys.len());
+        granted
     }
 
-    /// [`warm`](Self::warm), visiting the keys in a scattered order (a stride coprime with
-    /// the key count, so redb's pages are read as randomly as a server's misses read them)
-    /// and pushing the latency of every 16th call — each a cache miss: one redb look-up,
-    /// then the key is cached — onto `samples` (reserve room first: allocations made here
-    /// count as the cache's in `keyledger bench`).
-    pub fn warm_sampled(&self, progress: &mut dyn FnMut(usize), samples: &mut Vec<u64>) -> usize {
+    /// Times `count` cache misses on an empty cache: peeks of the first `count` keys in
+    /// [`warm`](Self::warm)'s order, each one redb look-up and then cached. Returns their
+    /// latencies in ns, in the order taken.
+    pub fn time_misses(&self, count: usize) -> Vec<u64> {
+        self.scattered()
+            .take(count)
+            .map(|i| {
+                let t = std::time::Instant::now();
+                std::hint::black_box(self.peek(i));
+                t.elapsed().as_nanos() as u64
+            })
+            .collect()
+    }
+
+    /// Every key index once, by a stride coprime with the key count: redb's pages are read
+    /// as randomly as a server's misses read them, and any prefix is spread over all keys.
+    fn scattered(&self) -> impl Iterator<Item = usize> {
         const STRIDE: usize = 7_919 * 127;
         let n = self.keys.len();
         let stride = if n % 7_919 == 0 || n % 127 == 0 {
@@ -237,22 +257,7 @@ impl Workload {
         } else {
             STRIDE % n.max(1)
         };
-        let mut granted = 0;
-        for j in 0..n {
-            let i = (j * stride) % n;
-            if j % 16 == 0 && samples.len() < samples.capacity() {
-                let t = std::time::Instant::now();
-                granted += usize::from(self.peek(i));
-                samples.push(t.elapsed().as_nanos() as u64);
-            } else {
-                granted += usize::from(self.peek(i));
-            }
-            if j % 4096 == 0 {
-                progress(j);
-            }
-        }
-        progress(n);
-        granted
+        (0..n).map(move |j| (j * stride) % n)
     }
 
     /// Gives every cached key a credit lease through the writer's prefetch path (the message

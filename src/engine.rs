@@ -71,9 +71,9 @@ const MAX_CARRIED: usize = 65_536;
 /// What the reading half of a cache miss found (see `Engine::install`).
 struct MissRead {
     hash: KeyHash,
-    /// The cache's invalidation epoch and the balance-removal count before the read began.
+    /// The cache's invalidation epoch and the meter-reset count before the read began.
     epoch: u64,
-    removals: u64,
+    resets: u64,
     now: Timestamp,
     record: VerifyRecord,
     account: Arc<AccountState>,
@@ -140,7 +140,7 @@ impl Engine {
             exact: config.durability == Durability::Exact,
             flush_every: config.usage_flush_interval,
             meters: Mutex::new(Registry::with_capacity(config.cache_capacity)),
-            balance_removals: AtomicU64::new(0),
+            meter_resets: AtomicU64::new(0),
             dirty_meters: SegQueue::new(),
             dirty_usage: SegQueue::new(),
             prefetches: Default::default(),
@@ -283,7 +283,7 @@ impl Engine {
             KeyChange::Deleted | KeyChange::CreditsRemoved => {
                 // Counted even when no meter is in memory: a miss that read the key before
                 // this change and registers only now would otherwise leave one behind.
-                self.shared.balance_removals.fetch_add(1, Ordering::AcqRel);
+                self.shared.meter_resets.fetch_add(1, Ordering::AcqRel);
                 if let Some(meter) = meter {
                     // Out of the registry now, not once the writer gets to it: a key metered
                     // again must get a new meter, not this one the writer is about to retire.
@@ -300,6 +300,19 @@ impl Engine {
                 }
             }
             KeyChange::Settings => {}
+        }
+    }
+
+    /// A key's low-balance threshold changed: its meter in memory, if any, learns it. Counted
+    /// as a reset, so a miss that read the old threshold before the change does not register
+    /// a meter with it (it reads again).
+    pub(crate) fn low_balance_changed(&self, id: u64, threshold: Option<u64>) {
+        let meters = self.shared.meters.lock();
+        self.shared.meter_resets.fetch_add(1, Ordering::AcqRel);
+        if let Some(meter) = meters.get(id).filter(|m| !m.is_pool()) {
+            let remaining =
+                meter.durable_balance.load(Ordering::Acquire) + meter.lease.load(Ordering::Acquire);
+            meter.set_low_balance(threshold, remaining);
         }
     }
 
@@ -453,7 +466,7 @@ impl Engine {
         // bumps them after its commit (see `install`), and one committed before is in it
         // (see `Store::snapshot`).
         let epoch = self.cache.epoch();
-        let removals = self.shared.balance_removals.load(Ordering::Acquire);
+        let resets = self.shared.meter_resets.load(Ordering::Acquire);
         let snapshot = self.shared.store.snapshot()?;
         let read = &snapshot.txn;
         let Some(found) = lookup::find_in(ledger, &snapshot, hash, key, now)? else {
@@ -521,7 +534,7 @@ impl Engine {
         Ok(Ok(MissRead {
             hash: *hash,
             epoch,
-            removals,
+            resets,
             now,
             record: found,
             account,
@@ -538,7 +551,7 @@ impl Engine {
         let MissRead {
             hash,
             epoch,
-            removals,
+            resets,
             now,
             record,
             account,
@@ -595,9 +608,10 @@ impl Engine {
             let mut meters = self.shared.meters.lock();
             match meters.get(record.id) {
                 Some(MeterRef::Own(home)) => build(Some(home)),
-                // A removal counted since the read began may be this key's, which found no
-                // meter to retire: registering one now would leave it in memory for good.
-                _ if self.shared.balance_removals.load(Ordering::Acquire) != removals => {
+                // A reset counted since the read began may be this key's, which found no meter
+                // to retire or tell: registering one now would leave it in memory for good, or
+                // with the threshold the change replaced.
+                _ if self.shared.meter_resets.load(Ordering::Acquire) != resets => {
                     return None;
                 }
                 _ => {

@@ -923,6 +923,11 @@ fn keys_create_takes_refill_low_balance_and_token_window() {
         "1000",
     ]);
     assert_eq!(out.status.code(), Some(2));
+    let id = string(&v["id"]);
+    let v = s.json(&["keys", "update", &id, "--low-balance", "20"]);
+    assert_eq!(v["limits"]["low_balance_threshold"], 20, "{v}");
+    let v = s.json(&["keys", "update", &id, "--no-low-balance"]);
+    assert!(v["limits"]["low_balance_threshold"].is_null(), "{v}");
 }
 
 #[test]

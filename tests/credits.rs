@@ -673,6 +673,66 @@ fn falling_to_the_low_balance_threshold_emits_one_event() {
     assert!(low[0].remaining <= 50);
 }
 
+/// A threshold set or cleared on a key in use applies to its next spend: its balance's meter
+/// in memory learns it, not only the record.
+#[test]
+fn a_low_balance_threshold_changed_on_a_key_in_use_applies_at_once() {
+    let t = TestLedger::new();
+    let events = t.ledger.credit_events();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(1_000));
+    let low_events = |t: &TestLedger| {
+        t.ledger.flush().unwrap();
+        events
+            .try_iter()
+            .filter(|e| e.kind == CreditEventKind::LowBalance)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(drain(&t, &plain, 100), 100);
+    assert!(low_events(&t).is_empty(), "no threshold yet");
+
+    let keys = t.ledger.keys();
+    let info = keys
+        .update(&id, KeyUpdate::new().low_balance_threshold(Some(800)))
+        .unwrap();
+    assert_eq!(info.limits.low_balance_threshold, Some(800));
+    assert_eq!(drain(&t, &plain, 150), 150);
+    let low = low_events(&t);
+    assert_eq!(low.len(), 1, "900 left fell to 750, past 800: {low:?}");
+    assert_eq!(low[0].subject, id);
+    assert!(low[0].remaining <= 800, "{low:?}");
+
+    keys.update(&id, KeyUpdate::new().low_balance_threshold(None))
+        .unwrap();
+    t.ledger.credits().top_up(&id, 1_000).unwrap();
+    assert_eq!(drain(&t, &plain, 1_000), 1_000);
+    assert!(low_events(&t).is_empty(), "cleared: no event");
+    let t = t.close_and_reopen();
+    let info = t.ledger.keys().get(&id).unwrap();
+    assert_eq!(info.limits.low_balance_threshold, None, "durable");
+}
+
+#[test]
+fn a_key_spending_from_a_pool_takes_no_threshold_of_its_own() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let pool = t
+        .ledger
+        .credits()
+        .create_pool(&owner, "p", 100, None, Some(10))
+        .unwrap();
+    let (id, _) = create_key(&t.ledger, NewKey::new(&owner, "a").pool(&pool.id));
+    let err = t
+        .ledger
+        .keys()
+        .update(&id, KeyUpdate::new().low_balance_threshold(Some(5)))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidInput { field, .. } if *field == "low_balance_threshold"),
+        "{err:?}"
+    );
+}
+
 #[test]
 fn a_pools_low_balance_event_names_the_pool() {
     let t = TestLedger::new();

@@ -6,7 +6,10 @@
 //! flushed durably by the writer). A crash can therefore lose units to `lost_to_crash`, never
 //! let more be spent than was granted.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use arc_swap::ArcSwapOption;
 
 /// The smallest and largest adaptive lease (`Exact` mode leases exactly what is needed).
 /// A key used once a minute still keeps a lease of 16, so its requests never wait for the
@@ -29,8 +32,8 @@ pub(crate) struct Meter {
     /// CREDITS record id (key id or pool id).
     pub id: u64,
     /// Low-balance threshold and what the writer last saw (`None`: no events), out of line:
-    /// few balances set one.
-    low_balance: Option<Box<LowBalance>>,
+    /// few balances set one. Swapped whole when an admin changes the threshold.
+    low_balance: ArcSwapOption<LowBalance>,
     /// Bumped by every `set` of the balance: reservations taken before a set are not
     /// refunded into the new balance. Only compared for equality between a reservation and
     /// its refund, so 32 bits (wrapping after 2³² sets) are plenty.
@@ -105,12 +108,12 @@ impl Meter {
             refill_at_s: AtomicU32::new(NEVER),
             epoch: AtomicU32::new(0),
             retired: AtomicBool::new(false),
-            low_balance: threshold.map(|threshold| {
-                Box::new(LowBalance {
+            low_balance: ArcSwapOption::new(threshold.map(|threshold| {
+                Arc::new(LowBalance {
                     threshold,
                     last_remaining: AtomicU64::new(u64::MAX),
                 })
-            }),
+            })),
             subject,
         }
     }
@@ -118,7 +121,7 @@ impl Meter {
     /// Records the credits left (writer thread); true when they crossed the low-balance
     /// threshold downwards since the last time (never without a threshold).
     pub(crate) fn note_remaining(&self, remaining: u64) -> bool {
-        self.low_balance.as_ref().is_some_and(|l| {
+        self.low_balance.load().as_ref().is_some_and(|l| {
             let previous = l.last_remaining.swap(remaining, Ordering::AcqRel);
             previous > l.threshold && remaining <= l.threshold
         })
@@ -126,9 +129,22 @@ impl Meter {
 
     /// Records the credits left without an event (a new meter, a `set`, a refill).
     pub(crate) fn set_remaining(&self, remaining: u64) {
-        if let Some(l) = &self.low_balance {
+        if let Some(l) = self.low_balance.load().as_ref() {
             l.last_remaining.store(remaining, Ordering::Release);
         }
+    }
+
+    /// A new low-balance threshold (`None`: no events), with the credits left now: the next
+    /// event comes when they fall from above the threshold to or below it, as for a new
+    /// meter, so a threshold set above what is left reports nothing until a top-up lifts the
+    /// balance over it and spending brings it down again.
+    pub(crate) fn set_low_balance(&self, threshold: Option<u64>, remaining: u64) {
+        self.low_balance.store(threshold.map(|threshold| {
+            Arc::new(LowBalance {
+                threshold,
+                last_remaining: AtomicU64::new(remaining),
+            })
+        }));
     }
 
     /// When the next refill is due (ms; `u64::MAX`: no refill).

@@ -104,10 +104,12 @@ pub(crate) struct Shared {
     pub flush_every: Duration,
     /// Credit meters in memory, by CREDITS id.
     pub meters: Mutex<Registry>,
-    /// Bumped, under the `meters` lock, by every admin change that takes a key's balance
-    /// away (deletion, credits removed), whether or not its meter was in memory: a cache
-    /// miss that read the key before such a change must not register a meter for it.
-    pub balance_removals: AtomicU64,
+    /// Bumped, under the `meters` lock, by every admin change after which a meter built
+    /// from an earlier read of the key would be wrong — its balance taken away (deletion,
+    /// credits removed) or its low-balance threshold changed — whether or not its meter was
+    /// in memory: a cache miss that read the key before such a change must not register a
+    /// meter for it.
+    pub meter_resets: AtomicU64,
     pub dirty_meters: SegQueue<MeterRef>,
     pub dirty_usage: SegQueue<Arc<CachedKey>>,
     /// Background lease top-ups waiting for the writer.

@@ -204,6 +204,7 @@ pub struct KeyUpdate {
     pub(crate) rate_limits: Option<Vec<RateLimit>>,
     pub(crate) token_window: Option<Option<TokenWindow>>,
     pub(crate) metadata: Option<BTreeMap<String, String>>,
+    pub(crate) low_balance_threshold: Option<Option<u64>>,
 }
 
 impl KeyUpdate {
@@ -233,6 +234,15 @@ impl KeyUpdate {
     /// Sets (`Some`) or clears (`None`) the expiry.
     pub fn expires_at(mut self, at: Option<Timestamp>) -> Self {
         self.expires_at = Some(at);
+        self
+    }
+
+    /// Sets (`Some`) or clears (`None`) the low-balance threshold of the key's own balance:
+    /// an event is sent when the credits left fall from above it to or below it. Applies to
+    /// the very next spend; a threshold above what is left now reports nothing until a
+    /// top-up lifts the balance over it. (A key spending from a pool uses the pool's.)
+    pub fn low_balance_threshold(mut self, threshold: Option<u64>) -> Self {
+        self.low_balance_threshold = Some(threshold);
         self
     }
 

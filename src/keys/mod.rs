@@ -471,11 +471,21 @@ impl<'a> Keys<'a> {
                 limits.token_window = tw;
                 changed.push("token_window");
             }
+            if let Some(t) = update.low_balance_threshold {
+                limits.low_balance_threshold = t;
+                changed.push("low_balance_threshold");
+            }
             rules::limits(&limits)?;
             if record.pool.is_some() && (limits.credits.is_some() || limits.refill.is_some()) {
                 return Err(Error::invalid(
                     "credits",
                     "this key spends from a pool; change the pool's balance instead",
+                ));
+            }
+            if record.pool.is_some() && update.low_balance_threshold.flatten().is_some() {
+                return Err(Error::invalid(
+                    "low_balance_threshold",
+                    "this key spends from a pool; the pool's threshold applies",
                 ));
             }
             if record.pool.is_none() {
@@ -608,7 +618,7 @@ impl<'a> Keys<'a> {
         let internal = self.internal_id(id)?;
         let now = self.ledger.now();
         let txn = self.ledger.inner.store.begin_write()?;
-        let (record, cached, key_change) = {
+        let (record, cached, key_change, new_threshold) = {
             let mut keys = txn.open_table(KEYS)?;
             let mut credits_table = txn.open_table(CREDITS)?;
             let mut record = self.load(&keys, internal)?;
@@ -638,13 +648,17 @@ impl<'a> Keys<'a> {
                 (old, new) if old != new => KeyChange::CreditsChanged,
                 _ => KeyChange::Settings,
             };
-            (record, cached, key_change)
+            let threshold = record.limits.low_balance_threshold;
+            let new_threshold =
+                (before.0.limits.low_balance_threshold != threshold).then_some(threshold);
+            (record, cached, key_change, new_threshold)
         };
         txn.commit()?;
-        self.ledger
-            .inner
-            .engine
-            .key_changed(internal, &cached, key_change);
+        let engine = &self.ledger.inner.engine;
+        engine.key_changed(internal, &cached, key_change);
+        if let Some(threshold) = new_threshold {
+            engine.low_balance_changed(internal, threshold);
+        }
         Ok(self.view(internal, record))
     }
 

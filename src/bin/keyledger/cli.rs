@@ -394,6 +394,12 @@ pub struct UpdateArgs {
     /// Remove the expiry.
     #[arg(long)]
     pub no_expiry: bool,
+    /// Emit a low-balance event when the credits left fall to or below this.
+    #[arg(long, value_name = "CREDITS", conflicts_with = "no_low_balance")]
+    pub low_balance: Option<u64>,
+    /// Remove the low-balance threshold.
+    #[arg(long)]
+    pub no_low_balance: bool,
 }
 
 /// `keys …`

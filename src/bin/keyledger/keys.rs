@@ -177,9 +177,17 @@ fn key_update(args: &UpdateArgs) -> CliResult<KeyUpdate> {
         update = update.expires_at(None);
         any = true;
     }
+    if let Some(threshold) = args.low_balance {
+        update = update.low_balance_threshold(Some(threshold));
+        any = true;
+    } else if args.no_low_balance {
+        update = update.low_balance_threshold(None);
+        any = true;
+    }
     if !any {
         return Err(CliError::new(
-            "nothing to update: give --name, --permission, --ip, --credits, --expires-in or --no-expiry",
+            "nothing to update: give --name, --permission, --ip, --credits, --expires-in, \
+             --no-expiry, --low-balance or --no-low-balance",
         ));
     }
     Ok(update)

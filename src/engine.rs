@@ -303,6 +303,18 @@ impl Engine {
         }
     }
 
+    /// A pool was deleted (no key spends from it any more): its meter, if in memory, leaves
+    /// the registry now and retires, so what late grants refund or spend through it is
+    /// ignored.
+    pub(crate) fn pool_deleted(&self, id: u64) {
+        let mut meters = self.shared.meters.lock();
+        if let Some(meter) = meters.get(id).filter(|m| m.is_pool()) {
+            meters.remove(&meter);
+            drop(meters);
+            let _ = self.tx.send(Msg::Retire { meter, gone: true });
+        }
+    }
+
     /// A key's low-balance threshold changed: its meter in memory, if any, learns it. Counted
     /// as a reset, so a miss that read the old threshold before the change does not register
     /// a meter with it (it reads again).

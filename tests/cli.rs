@@ -787,6 +787,31 @@ fn credits_top_up_and_set_change_the_balance() {
 }
 
 #[test]
+fn pools_delete_removes_an_unused_pool() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    let pool = s.json(&[
+        "pools",
+        "create",
+        "--owner",
+        &owner,
+        "--name",
+        "p",
+        "--credits",
+        "7",
+    ]);
+    let pool_id = string(&pool["id"]);
+    let v = s.json(&["pools", "delete", &pool_id]);
+    assert_eq!(
+        (v["deleted"].as_str(), v["credits_left"].as_u64()),
+        (Some(pool_id.as_str()), Some(7))
+    );
+    let out = s.run(&["pools", "delete", &pool_id]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("pool not found"), "{}", stderr(&out));
+}
+
+#[test]
 fn a_pool_is_shared_by_two_keys() {
     let s = Scratch::initialised();
     let (owner, _, _) = s.metered("1");

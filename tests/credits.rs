@@ -733,6 +733,52 @@ fn a_key_spending_from_a_pool_takes_no_threshold_of_its_own() {
     );
 }
 
+/// A pool goes only once no key spends from it; its balance goes with it, and what its meter
+/// still held in memory neither returns nor breaks the file's accounting.
+#[test]
+fn a_pool_is_deleted_once_no_key_spends_from_it() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let credits = t.ledger.credits().by("ops");
+    let pool = credits.create_pool(&owner, "p", 100, None, None).unwrap();
+    let (key, plain) = create_key(&t.ledger, NewKey::new(&owner, "a").pool(&pool.id));
+    assert_eq!(drain(&t, &plain, 30), 30, "the pool's meter holds a lease");
+
+    let err = credits.delete_pool(&pool.id).unwrap_err();
+    assert!(
+        matches!(&err, Error::Conflict(m) if m.contains("1 key")),
+        "{err:?}"
+    );
+    assert_eq!(credits.pool(&pool.id).unwrap().remaining, 70, "still there");
+
+    t.ledger.keys().delete(&key).unwrap();
+    assert_eq!(
+        credits.delete_pool(&pool.id).unwrap(),
+        70,
+        "the credits left"
+    );
+    assert!(matches!(
+        credits.pool(&pool.id),
+        Err(Error::NotFound { what: "pool" })
+    ));
+    assert!(matches!(
+        credits.delete_pool(&pool.id),
+        Err(Error::NotFound { what: "pool" })
+    ));
+    assert!(credits.pools(&owner).unwrap().is_empty());
+    let (_, other) = create_key(&t.ledger, NewKey::new(&owner, "b").credits(5));
+    assert_eq!(drain(&t, &other, 10), 5, "other balances are untouched");
+    let events = t.ledger.audit().recent(10).unwrap();
+    assert!(
+        events.iter().any(|e| e.action == "pool.deleted"
+            && e.target == pool.id.as_str()
+            && e.actor == "ops"),
+        "{events:?}"
+    );
+    let (_, report) = t.checked();
+    assert!(report.is_ok(), "{report:?}");
+}
+
 #[test]
 fn a_pools_low_balance_event_names_the_pool() {
     let t = TestLedger::new();

@@ -113,6 +113,45 @@ impl Credits<'_> {
         })
     }
 
+    /// Deletes a pool and its balance. Refused with a conflict while a key or token still
+    /// spends from it (delete those first: a key's pool cannot change). Returns the credits
+    /// that were left, which go with it; the audit trail records the deletion.
+    pub fn delete_pool(&self, id: &str) -> Result<u64> {
+        let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
+        let now = self.ledger.now();
+        let txn = self.ledger.inner.store.begin_write()?;
+        let left = {
+            let mut pools = txn.open_table(POOLS)?;
+            let record: PoolRecord =
+                store::get(&pools, internal)?.ok_or(Error::NotFound { what: "pool" })?;
+            // Only the owner's keys and tokens can spend from its pools.
+            let keys = txn.open_table(KEYS)?;
+            let mut users = 0;
+            for entry in txn
+                .open_table(KEYS_BY_OWNER)?
+                .range((record.owner, 0, 0)..=(record.owner, u8::MAX, u64::MAX))?
+            {
+                let (_, _, key) = entry?.0.value();
+                let key: Option<crate::record::KeyRecord> = store::get(&keys, key)?;
+                users += usize::from(key.is_some_and(|k| k.pool == Some(internal)));
+            }
+            if users > 0 {
+                return Err(Error::Conflict(format!(
+                    "pool in use: {users} key(s) or token(s) spend from it; delete them first"
+                )));
+            }
+            pools.remove(internal)?;
+            let credits: Option<CreditsRecord> = store::get(&txn.open_table(CREDITS)?, internal)?;
+            txn.open_table(CREDITS)?.remove(internal)?;
+            txn.open_table(USAGE)?.remove(internal)?;
+            credits.map_or(0, |c| self.ledger.inner.engine.remaining(internal, &c))
+        };
+        audit::append(&txn, now, &self.actor, "pool.deleted", id, &[])?;
+        txn.commit()?;
+        self.ledger.inner.engine.pool_deleted(internal);
+        Ok(left)
+    }
+
     /// Reads a pool.
     pub fn pool(&self, id: &str) -> Result<Pool> {
         let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;

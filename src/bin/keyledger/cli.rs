@@ -159,6 +159,11 @@ pub enum PoolsCommand {
         #[arg(long, value_name = "T")]
         low_balance: Option<u64>,
     },
+    /// Delete a pool and its balance (refused while a key or token spends from it).
+    Delete {
+        /// Pool id (`pool_…`).
+        id: String,
+    },
 }
 
 /// `connectors …`

@@ -1,4 +1,4 @@
-//! `credits top-up|set` and `pools create`: balances of keys, tokens and shared pools.
+//! `credits top-up|set` and `pools create|delete`: balances of keys, tokens and shared pools.
 
 use crate::CliResult;
 use crate::cli::{CreditsCommand, PoolsCommand};
@@ -71,6 +71,15 @@ pub fn pools(ctx: &Context, command: PoolsCommand) -> CliResult<u8> {
                 println!("  Its balance:       keyledger usage {}", pool.id);
             }
         }
+        PoolsCommand::Delete { id } => {
+            let left = ledger.credits().by(ACTOR).delete_pool(&id)?;
+            if ctx.json {
+                print_json(&serde_json::json!({ "deleted": id, "credits_left": left }))?;
+            } else {
+                println!("Deleted {id} ({left} credits left went with it)");
+            }
+        }
     }
+    ledger.close()?;
     Ok(0)
 }

@@ -13,6 +13,19 @@ use keyledger::{
 
 const DAY_MS: u64 = 86_400_000;
 
+/// A new account's pool of 100 credits (low-balance threshold 10) and a key spending from
+/// it: the pool, the key's id and its plaintext.
+fn pooled_key(t: &TestLedger) -> (keyledger::Pool, keyledger::PublicId, String) {
+    let owner = t.account("Acme");
+    let pool = t
+        .ledger
+        .credits()
+        .create_pool(&owner, "p", 100, None, Some(10))
+        .unwrap();
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "a").pool(&pool.id));
+    (pool, id, plain)
+}
+
 /// Spends one unit at a time until refused (at most `cap` tries); returns units granted.
 fn drain(t: &TestLedger, plain: &str, cap: u64) -> u64 {
     let mut n = 0;
@@ -715,13 +728,7 @@ fn a_low_balance_threshold_changed_on_a_key_in_use_applies_at_once() {
 #[test]
 fn a_key_spending_from_a_pool_takes_no_threshold_of_its_own() {
     let t = TestLedger::new();
-    let owner = t.account("Acme");
-    let pool = t
-        .ledger
-        .credits()
-        .create_pool(&owner, "p", 100, None, Some(10))
-        .unwrap();
-    let (id, _) = create_key(&t.ledger, NewKey::new(&owner, "a").pool(&pool.id));
+    let (_, id, _) = pooled_key(&t);
     let err = t
         .ledger
         .keys()
@@ -783,13 +790,7 @@ fn a_pool_is_deleted_once_no_key_spends_from_it() {
 fn a_pools_low_balance_event_names_the_pool() {
     let t = TestLedger::new();
     let events = t.ledger.credit_events();
-    let owner = t.account("Acme");
-    let pool = t
-        .ledger
-        .credits()
-        .create_pool(&owner, "p", 100, None, Some(10))
-        .unwrap();
-    let (_, a) = create_key(&t.ledger, NewKey::new(&owner, "a").pool(&pool.id));
+    let (pool, _, a) = pooled_key(&t);
     assert_eq!(drain(&t, &a, 95), 95);
     t.ledger.flush().unwrap();
     let got: Vec<_> = events.try_iter().collect();

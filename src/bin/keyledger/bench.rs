@@ -327,9 +327,11 @@ fn print_text(r: &Report) {
     );
     let p = &r.phases;
     println!(
-        "  time              build {:.1} s, page read {:.1} s, cache fill {:.1} s, leases {:.1} s, floor map {:.1} s, runs {:.1} s; total {:.1} s",
+        "  time              build {:.1} s, page read {:.1} s, misses {:.1} s, reopen {:.1} s, cache fill {:.1} s, leases {:.1} s, floor map {:.1} s, runs {:.1} s; total {:.1} s",
         p.build,
         p.read_pages,
+        p.time_misses,
+        p.reopen,
         p.fill_cache,
         p.prime_leases,
         p.floor_build,

@@ -315,13 +315,13 @@ impl Engine {
         }
     }
 
-    /// A key's low-balance threshold changed: its meter in memory, if any, learns it. Counted
-    /// as a reset, so a miss that read the old threshold before the change does not register
-    /// a meter with it (it reads again).
+    /// A key's or pool's low-balance threshold changed: its meter in memory, if any, learns
+    /// it. Counted as a reset, so a miss that read the old threshold before the change does
+    /// not register a meter with it (it reads again).
     pub(crate) fn low_balance_changed(&self, id: u64, threshold: Option<u64>) {
         let meters = self.shared.meters.lock();
         self.shared.meter_resets.fetch_add(1, Ordering::AcqRel);
-        if let Some(meter) = meters.get(id).filter(|m| !m.is_pool()) {
+        if let Some(meter) = meters.get(id) {
             let remaining =
                 meter.durable_balance.load(Ordering::Acquire) + meter.lease.load(Ordering::Acquire);
             meter.set_low_balance(threshold, remaining);
@@ -536,7 +536,8 @@ impl Engine {
                     Some(pool) => {
                         let p: Option<PoolRecord> = store::get(&read.open_table(POOLS)?, pool)?;
                         let threshold = p.and_then(|p| p.low_balance_threshold);
-                        let meter = self.pool_meter(pool, threshold, balance(pool)?, now);
+                        let meter =
+                            self.pool_meter(pool, threshold, balance(pool)?, now, resets)?;
                         (Some(meter), None)
                     }
                     None => (None, balance(found.id)?),
@@ -679,18 +680,28 @@ impl Engine {
         threshold: Option<u64>,
         record: Option<CreditsRecord>,
         now: Timestamp,
-    ) -> Arc<Meter> {
+        resets: u64,
+    ) -> Result<Arc<Meter>> {
         let mut meters = self.shared.meters.lock();
         if let Some(MeterRef::Pool(meter)) = meters.get(id) {
-            return meter.clone();
+            return Ok(meter.clone());
         }
+        // A threshold change since the read began may be missing from it: read the pool's
+        // again, under the lock the change counts its reset under (then it is committed).
+        let threshold = if self.shared.meter_resets.load(Ordering::Acquire) == resets {
+            threshold
+        } else {
+            let read = self.shared.store.begin_read()?;
+            let pool: Option<PoolRecord> = store::get(&read.open_table(POOLS)?, id)?;
+            pool.and_then(|p| p.low_balance_threshold)
+        };
         let meter = Meter::new(id, threshold, IdKind::Pool, self.shared.exact);
         if let Some(r) = &record {
             init_meter(&meter, r, now);
         }
         let meter = Arc::new(meter);
         meters.insert(MeterRef::Pool(meter.clone()));
-        meter
+        Ok(meter)
     }
 }
 

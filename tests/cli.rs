@@ -787,7 +787,7 @@ fn credits_top_up_and_set_change_the_balance() {
 }
 
 #[test]
-fn pools_delete_removes_an_unused_pool() {
+fn pools_update_and_delete() {
     let s = Scratch::initialised();
     let owner = s.account("Acme");
     let pool = s.json(&[
@@ -801,6 +801,10 @@ fn pools_delete_removes_an_unused_pool() {
         "7",
     ]);
     let pool_id = string(&pool["id"]);
+    let v = s.json(&["pools", "update", &pool_id, "--low-balance", "3"]);
+    assert_eq!(v["low_balance_threshold"], 3, "{v}");
+    let v = s.json(&["pools", "update", &pool_id, "--no-low-balance"]);
+    assert!(v["low_balance_threshold"].is_null(), "{v}");
     let v = s.json(&["pools", "delete", &pool_id]);
     assert_eq!(
         (v["deleted"].as_str(), v["credits_left"].as_u64()),

@@ -725,6 +725,42 @@ fn a_low_balance_threshold_changed_on_a_key_in_use_applies_at_once() {
     assert_eq!(info.limits.low_balance_threshold, None, "durable");
 }
 
+/// A pool's threshold, changed while its meter is in memory, applies to the next spend too.
+#[test]
+fn a_pools_threshold_changed_in_use_applies_at_once() {
+    let t = TestLedger::new();
+    let events = t.ledger.credit_events();
+    let (pool, _, plain) = pooled_key(&t); // 100 credits, threshold 10
+    assert_eq!(drain(&t, &plain, 20), 20);
+    let credits = t.ledger.credits();
+    let updated = credits
+        .set_pool_low_balance_threshold(&pool.id, Some(60))
+        .unwrap();
+    assert_eq!(updated.low_balance_threshold, Some(60));
+    assert_eq!(drain(&t, &plain, 30), 30);
+    t.ledger.flush().unwrap();
+    let low: Vec<_> = events
+        .try_iter()
+        .filter(|e| e.kind == CreditEventKind::LowBalance)
+        .collect();
+    assert_eq!(low.len(), 1, "80 left fell to 50, past 60: {low:?}");
+    assert_eq!(low[0].subject, pool.id);
+    assert!(matches!(
+        credits.set_pool_low_balance_threshold("pool_forged", None),
+        Err(Error::InvalidId(_))
+    ));
+    let t = t.close_and_reopen();
+    assert_eq!(
+        t.ledger
+            .credits()
+            .pool(&pool.id)
+            .unwrap()
+            .low_balance_threshold,
+        Some(60),
+        "durable"
+    );
+}
+
 #[test]
 fn a_key_spending_from_a_pool_takes_no_threshold_of_its_own() {
     let t = TestLedger::new();

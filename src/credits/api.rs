@@ -152,6 +152,36 @@ impl Credits<'_> {
         Ok(left)
     }
 
+    /// Sets (`Some`) or clears (`None`) a pool's low-balance threshold; like a key's, it
+    /// applies to the very next spend, counting from the credits left now.
+    pub fn set_pool_low_balance_threshold(&self, id: &str, threshold: Option<u64>) -> Result<Pool> {
+        let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
+        let txn = self.ledger.inner.store.begin_write()?;
+        let record = {
+            let mut pools = txn.open_table(POOLS)?;
+            let mut record: PoolRecord =
+                store::get(&pools, internal)?.ok_or(Error::NotFound { what: "pool" })?;
+            record.low_balance_threshold = threshold;
+            store::put(&mut pools, internal, &record)?;
+            record
+        };
+        let fields = ["low_balance_threshold"];
+        audit::append(
+            &txn,
+            self.ledger.now(),
+            &self.actor,
+            "pool.updated",
+            id,
+            &fields,
+        )?;
+        txn.commit()?;
+        self.ledger
+            .inner
+            .engine
+            .low_balance_changed(internal, threshold);
+        Ok(self.pool_view(internal, record))
+    }
+
     /// Reads a pool.
     pub fn pool(&self, id: &str) -> Result<Pool> {
         let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;

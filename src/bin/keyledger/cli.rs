@@ -159,6 +159,17 @@ pub enum PoolsCommand {
         #[arg(long, value_name = "T")]
         low_balance: Option<u64>,
     },
+    /// Set or clear a pool's low-balance threshold.
+    Update {
+        /// Pool id (`pool_…`).
+        id: String,
+        /// Emit a low-balance event when the pool falls to or below this many credits.
+        #[arg(long, value_name = "T", required_unless_present = "no_low_balance")]
+        low_balance: Option<u64>,
+        /// Remove the low-balance threshold.
+        #[arg(long, conflicts_with = "low_balance")]
+        no_low_balance: bool,
+    },
     /// Delete a pool and its balance (refused while a key or token spends from it).
     Delete {
         /// Pool id (`pool_…`).

@@ -1,4 +1,4 @@
-//! `credits top-up|set` and `pools create|delete`: balances of keys, tokens and shared pools.
+//! `credits top-up|set` and `pools create|update|delete`: balances of keys, tokens and shared pools.
 
 use crate::CliResult;
 use crate::cli::{CreditsCommand, PoolsCommand};
@@ -69,6 +69,26 @@ pub fn pools(ctx: &Context, command: PoolsCommand) -> CliResult<u8> {
                     pool.id
                 );
                 println!("  Its balance:       keyledger usage {}", pool.id);
+            }
+        }
+        PoolsCommand::Update {
+            id, low_balance, ..
+        } => {
+            let pool = ledger
+                .credits()
+                .by(ACTOR)
+                .set_pool_low_balance_threshold(&id, low_balance)?;
+            if ctx.json {
+                let mut value = serde_json::to_value(&pool)?;
+                if let Some(map) = value.as_object_mut() {
+                    map.insert("low_balance_threshold".into(), low_balance.into());
+                }
+                print_json(&value)?;
+            } else {
+                println!("Updated pool {}", pool.id);
+                pool_table(&pool, pool.refill, low_balance)
+                    .indent(2)
+                    .print();
             }
         }
         PoolsCommand::Delete { id } => {

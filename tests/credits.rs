@@ -26,6 +26,17 @@ fn pooled_key(t: &TestLedger) -> (keyledger::Pool, keyledger::PublicId, String) 
     (pool, id, plain)
 }
 
+/// The low-balance events delivered once everything is flushed.
+fn low_balance_events(
+    t: &TestLedger,
+    events: &crossbeam::channel::Receiver<keyledger::CreditEvent>,
+) -> Vec<keyledger::CreditEvent> {
+    t.ledger.flush().unwrap();
+    let low = events.try_iter();
+    low.filter(|e| e.kind == CreditEventKind::LowBalance)
+        .collect()
+}
+
 /// Spends one unit at a time until refused (at most `cap` tries); returns units granted.
 fn drain(t: &TestLedger, plain: &str, cap: u64) -> u64 {
     let mut n = 0;
@@ -676,11 +687,7 @@ fn falling_to_the_low_balance_threshold_emits_one_event() {
             .low_balance_threshold(50),
     );
     assert_eq!(drain(&t, &plain, 80), 80);
-    t.ledger.flush().unwrap();
-    let low: Vec<_> = events
-        .try_iter()
-        .filter(|e| e.kind == CreditEventKind::LowBalance)
-        .collect();
+    let low = low_balance_events(&t, &events);
     assert_eq!(low.len(), 1, "{low:?}");
     assert_eq!(low[0].subject, id);
     assert!(low[0].remaining <= 50);
@@ -694,13 +701,7 @@ fn a_low_balance_threshold_changed_on_a_key_in_use_applies_at_once() {
     let events = t.ledger.credit_events();
     let owner = t.account("Acme");
     let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(1_000));
-    let low_events = |t: &TestLedger| {
-        t.ledger.flush().unwrap();
-        events
-            .try_iter()
-            .filter(|e| e.kind == CreditEventKind::LowBalance)
-            .collect::<Vec<_>>()
-    };
+    let low_events = |t: &TestLedger| low_balance_events(t, &events);
     assert_eq!(drain(&t, &plain, 100), 100);
     assert!(low_events(&t).is_empty(), "no threshold yet");
 
@@ -738,11 +739,7 @@ fn a_pools_threshold_changed_in_use_applies_at_once() {
         .unwrap();
     assert_eq!(updated.low_balance_threshold, Some(60));
     assert_eq!(drain(&t, &plain, 30), 30);
-    t.ledger.flush().unwrap();
-    let low: Vec<_> = events
-        .try_iter()
-        .filter(|e| e.kind == CreditEventKind::LowBalance)
-        .collect();
+    let low = low_balance_events(&t, &events);
     assert_eq!(low.len(), 1, "80 left fell to 50, past 60: {low:?}");
     assert_eq!(low[0].subject, pool.id);
     assert!(matches!(

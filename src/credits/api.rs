@@ -165,20 +165,17 @@ impl Credits<'_> {
             store::put(&mut pools, internal, &record)?;
             record
         };
-        let fields = ["low_balance_threshold"];
+        let (now, engine) = (self.ledger.now(), &self.ledger.inner.engine);
         audit::append(
             &txn,
-            self.ledger.now(),
+            now,
             &self.actor,
             "pool.updated",
             id,
-            &fields,
+            &["low_balance_threshold"],
         )?;
         txn.commit()?;
-        self.ledger
-            .inner
-            .engine
-            .low_balance_changed(internal, threshold);
+        engine.low_balance_changed(internal, threshold);
         Ok(self.pool_view(internal, record))
     }
 

@@ -322,9 +322,7 @@ impl Engine {
         let meters = self.shared.meters.lock();
         self.shared.meter_resets.fetch_add(1, Ordering::AcqRel);
         if let Some(meter) = meters.get(id) {
-            let remaining =
-                meter.durable_balance.load(Ordering::Acquire) + meter.lease.load(Ordering::Acquire);
-            meter.set_low_balance(threshold, remaining);
+            meter.set_low_balance(threshold, meter.remaining());
         }
     }
 

@@ -358,7 +358,7 @@ impl Grant<'_> {
 
     /// Credits left, counting this reservation as spent (`None`: unmetered).
     pub fn remaining_credits(&self) -> Option<u64> {
-        self.key.meter().map(remaining)
+        self.key.meter().map(Meter::remaining)
     }
 
     /// Rate-limit state now.
@@ -416,7 +416,7 @@ impl Grant<'_> {
                 used: actual,
                 charged,
                 uncovered,
-                remaining_credits: self.key.meter().map(remaining),
+                remaining_credits: self.key.meter().map(Meter::remaining),
             },
             pricing: Pricing {
                 units: charged,
@@ -450,8 +450,4 @@ impl Drop for Grant<'_> {
             }
         }
     }
-}
-
-fn remaining(meter: &Meter) -> u64 {
-    meter.durable_balance.load(Ordering::Acquire) + meter.lease.load(Ordering::Acquire)
 }

@@ -761,11 +761,22 @@ fn a_pools_threshold_changed_in_use_applies_at_once() {
 #[test]
 fn a_key_spending_from_a_pool_takes_no_threshold_of_its_own() {
     let t = TestLedger::new();
-    let (_, id, _) = pooled_key(&t);
+    let (pool, id, _) = pooled_key(&t);
     let err = t
         .ledger
         .keys()
         .update(&id, KeyUpdate::new().low_balance_threshold(Some(5)))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidInput { field, .. } if *field == "low_balance_threshold"),
+        "{err:?}"
+    );
+    // Nor when it is created.
+    let new = NewKey::new(&pool.owner, "b").pool(&pool.id);
+    let err = t
+        .ledger
+        .keys()
+        .create(new.low_balance_threshold(5))
         .unwrap_err();
     assert!(
         matches!(&err, Error::InvalidInput { field, .. } if *field == "low_balance_threshold"),

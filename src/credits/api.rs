@@ -141,8 +141,9 @@ impl Credits<'_> {
                 )));
             }
             pools.remove(internal)?;
-            let credits: Option<CreditsRecord> = store::get(&txn.open_table(CREDITS)?, internal)?;
-            txn.open_table(CREDITS)?.remove(internal)?;
+            let mut balances = txn.open_table(CREDITS)?;
+            let credits: Option<CreditsRecord> = store::get(&balances, internal)?;
+            balances.remove(internal)?;
             txn.open_table(USAGE)?.remove(internal)?;
             credits.map_or(0, |c| self.ledger.inner.engine.remaining(internal, &c))
         };

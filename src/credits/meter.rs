@@ -127,6 +127,13 @@ impl Meter {
         })
     }
 
+    /// Credits left to spend as memory sees them: the durable balance after the writer's last
+    /// change, plus the lease not yet reserved.
+    #[inline]
+    pub(crate) fn remaining(&self) -> u64 {
+        self.durable_balance.load(Ordering::Acquire) + self.lease.load(Ordering::Acquire)
+    }
+
     /// Records the credits left without an event (a new meter, a `set`, a refill).
     pub(crate) fn set_remaining(&self, remaining: u64) {
         if let Some(l) = self.low_balance.load().as_ref() {

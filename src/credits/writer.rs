@@ -206,8 +206,9 @@ impl<T> InUse<T> {
     /// Appends what is queued now (not what is queued meanwhile: that waits for the next
     /// round, its mark set) and makes all of it the round's to flush, in the order of `id`:
     /// the records of one chunk then share their B-tree pages, and a round writes each page
-    /// about once (in queue order, every chunk of 4,096 touched ≈ 4,000 pages, and a flush
-    /// of 1M keys wrote 2.5 GB more than it needed to: docs/PERFORMANCE.md, tenth round).
+    /// about once (in queue order each chunk's keys spread over the whole table, so every
+    /// chunk copied pages the others copied too: a flush of 1M keys took ≈ 12 s longer,
+    /// docs/PERFORMANCE.md, tenth round).
     fn start_round(&mut self, queued: &SegQueue<T>, id: impl Fn(&T) -> u64) {
         let n = queued.len();
         self.list.reserve_exact(n);

@@ -273,6 +273,9 @@ impl<'a> Keys<'a> {
                     "a key spends from a pool or its own credits, not both",
                 ));
             }
+            if record.limits.low_balance_threshold.is_some() {
+                return Err(pool_threshold());
+            }
             record.pool = Some(self.ledger.inner.ids.decode(IdKind::Pool, pool)?);
         }
         let txn = self.ledger.inner.store.begin_write()?;
@@ -483,10 +486,7 @@ impl<'a> Keys<'a> {
                 ));
             }
             if record.pool.is_some() && update.low_balance_threshold.flatten().is_some() {
-                return Err(Error::invalid(
-                    "low_balance_threshold",
-                    "this key spends from a pool; the pool's threshold applies",
-                ));
+                return Err(pool_threshold());
             }
             if record.pool.is_none() {
                 match (update.credits, credits.as_mut()) {
@@ -819,4 +819,12 @@ fn checked_expiry(at: Option<Timestamp>, now: Timestamp) -> Result<Option<Timest
         Some(t) if t <= now => Err(Error::invalid("expires_at", "must be in the future")),
         other => Ok(other),
     }
+}
+
+/// A key spending from a pool has no low-balance threshold of its own: the pool's applies.
+fn pool_threshold() -> Error {
+    Error::invalid(
+        "low_balance_threshold",
+        "this key spends from a pool; the pool's threshold applies",
+    )
 }

@@ -30,6 +30,8 @@ struct Totals {
     closes: usize,
     disk_failures: usize,
     lost: u64,
+    pools_deleted: usize,
+    thresholds_changed: usize,
 }
 
 /// Runs one seed; on a violation or a panic, fails naming the seed.
@@ -48,6 +50,8 @@ fn run_seed(seed: u64, totals: &mut Totals) {
             totals.closes += o.closes;
             totals.disk_failures += usize::from(o.disk_failed);
             totals.lost += o.lost_to_crash;
+            totals.pools_deleted += o.pools_deleted;
+            totals.thresholds_changed += o.thresholds_changed;
         }
         Ok(Err(violation)) => panic!("seed {seed}: {violation}\n{replay}"),
         Err(panic) => {
@@ -75,6 +79,10 @@ fn random_workloads_survive_power_loss_and_dying_disks_first_half() {
     let t = run_range(0..DEFAULT_SEEDS / 2);
     assert_eq!(t.seeds, DEFAULT_SEEDS / 2);
     assert!(t.crashes > 0 && t.grants > 0 && t.acknowledged > 0);
+    assert!(
+        t.pools_deleted > 0 && t.thresholds_changed > 0,
+        "some seeds must delete pools and change thresholds: {t:?}"
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The operation-sequence driver behind the `ops` fuzz target and `tests/crash.rs`: bytes
 //! choose a workload (keys, pools, verify + commit/refund at random costs, top-ups, sets,
-//! refills, disables, deletes, clean closes, power losses, a dying disk), which runs on a
+//! refills, disables, deletes, pool deletions, low-balance threshold changes, clean closes,
+//! power losses, a dying disk), which runs on a
 //! [`CrashBackend`] against a reference model. After every reopen the ledger must hold every
 //! acknowledged admin write, every balance must satisfy
 //! `spent + lost_to_crash + remaining == granted` and `spent ≤ granted`, no unit the model
@@ -87,6 +88,10 @@ pub struct Outcome {
     pub lost_to_crash: u64,
     /// Successful grants.
     pub grants: usize,
+    /// Pools deleted (acknowledged).
+    pub pools_deleted: usize,
+    /// Low-balance thresholds changed (acknowledged).
+    pub thresholds_changed: usize,
 }
 
 /// A balance the model follows: a key's own credits or a pool.
@@ -411,7 +416,7 @@ fn run_ops<'l>(
             }
         }
         model.outcome.ops += 1;
-        let op = b.below(18);
+        let op = b.below(20);
         let result = match op {
             0 | 1 => create_key(ledger, model, b),
             2 => create_pool(ledger, model, b),
@@ -434,7 +439,9 @@ fn run_ops<'l>(
             14 => settle_held(model, b, held),
             15 => update_credits(ledger, model, b),
             16 => return Ok(End::Crash),
-            _ => return Ok(End::Close),
+            17 => return Ok(End::Close),
+            18 => delete_pool(ledger, model, b),
+            _ => change_threshold(ledger, model, b),
         };
         result?;
     }
@@ -539,6 +546,129 @@ fn create_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<
             Ok(())
         }
         Err(e) => failed(model, "create_pool", &e),
+    }
+}
+
+/// `delete_pool`: refused while a key that may exist spends from the pool; otherwise its
+/// balance goes, with at most the credits the model allows.
+fn delete_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<(), Violation> {
+    if model.pools.is_empty() {
+        return Ok(());
+    }
+    let j = b.below(model.pools.len() as u64) as usize;
+    let id = model.pools[j].clone();
+    let users = || model.keys.iter().filter(|k| k.credit.as_ref() == Some(&id));
+    let in_use = users().any(|k| k.exists == Some(true));
+    let maybe_in_use = users().any(|k| k.exists.is_none());
+    let _ = write!(model.log, " delete_pool(p{j});");
+    let result = ledger.credits().delete_pool(&id);
+    let bal = model
+        .balances
+        .get_mut(&id)
+        .expect("a listed pool has a balance");
+    match result {
+        Ok(left) => {
+            ensure!(!in_use, "a pool in use was deleted [{}]", model.log);
+            ensure!(
+                bal.exists != Some(false),
+                "a deleted pool was deleted again"
+            );
+            // At most: a lease the writer has committed but not yet handed to memory is not
+            // counted (the credits go with the pool either way).
+            ensure!(
+                left <= bal.ub,
+                "deleted pool had {left} left, the model allows at most {} [{}]",
+                bal.ub,
+                model.log
+            );
+            model.balances.remove(&id);
+            model.pools.retain(|p| *p != id);
+            model.outcome.pools_deleted += 1;
+            // The deletion saw no key spending from it: those the model was unsure of are gone.
+            for key in model
+                .keys
+                .iter_mut()
+                .filter(|k| k.credit.as_ref() == Some(&id))
+            {
+                key.exists = Some(false);
+            }
+            model.outcome.acknowledged += 1;
+            Ok(())
+        }
+        Err(Error::Conflict(_)) if in_use || maybe_in_use => Ok(()),
+        Err(Error::NotFound { .. }) if bal.exists != Some(true) || model.faulted => Ok(()),
+        Err(e) => {
+            bal.exists = None;
+            failed(model, "delete_pool", &e)
+        }
+    }
+}
+
+/// A low-balance threshold set or cleared on a key or a pool in use: no balance moves, and
+/// a pool's key takes none of its own.
+fn change_threshold(
+    ledger: &Ledger,
+    model: &mut Model,
+    b: &mut Bytes<'_>,
+) -> Result<(), Violation> {
+    let threshold = match b.below(3) {
+        0 => None,
+        _ => Some(b.below(40)),
+    };
+    if b.below(2) == 0 && !model.pools.is_empty() {
+        let j = b.below(model.pools.len() as u64) as usize;
+        let id = model.pools[j].clone();
+        let _ = write!(model.log, " pool_threshold(p{j},{threshold:?});");
+        let result = ledger
+            .credits()
+            .set_pool_low_balance_threshold(&id, threshold);
+        let exists = model.balances.get(&id).and_then(|bal| bal.exists);
+        return match result {
+            Ok(pool) => {
+                ensure!(
+                    pool.low_balance_threshold == threshold,
+                    "pool threshold not reported"
+                );
+                ensure!(exists != Some(false), "a deleted pool was changed");
+                model.outcome.acknowledged += 1;
+                model.outcome.thresholds_changed += 1;
+                Ok(())
+            }
+            Err(Error::NotFound { .. }) if exists != Some(true) || model.faulted => Ok(()),
+            Err(e) => failed(model, "set_pool_low_balance_threshold", &e),
+        };
+    }
+    let Some(i) = pick_index(model, b) else {
+        return Ok(());
+    };
+    let key = model.keys[i].clone();
+    let pooled = key.credit.as_ref().is_some_and(|c| *c != key.id);
+    let _ = write!(model.log, " key_threshold(k{i},{threshold:?});");
+    let result = ledger
+        .keys()
+        .update(&key.id, KeyUpdate::new().low_balance_threshold(threshold));
+    match result {
+        Ok(info) => {
+            ensure!(
+                !(pooled && threshold.is_some()),
+                "a pool's key took a threshold of its own"
+            );
+            ensure!(
+                info.limits.low_balance_threshold == threshold,
+                "key threshold not reported"
+            );
+            ensure!(key.exists != Some(false), "a deleted key was changed");
+            model.keys[i].exists = Some(true);
+            model.outcome.acknowledged += 1;
+            model.outcome.thresholds_changed += 1;
+            Ok(())
+        }
+        Err(Error::InvalidInput { .. }) if pooled && threshold.is_some() => Ok(()),
+        Err(Error::NotFound { .. }) if key.exists != Some(true) => Ok(()),
+        Err(e) => {
+            model.keys[i].certain = false;
+            failed(model, "update low_balance_threshold", &e)
+        }
     }
 }
 
@@ -1087,9 +1217,15 @@ fn reconcile(ledger: &Ledger, model: &mut Model, after_crash: bool) -> Result<()
         bal.exists = None;
         model.balances.insert(c, bal);
     }
+    let mut deleted = Vec::new();
     for (id, bal) in model.balances.iter_mut() {
         let u = match ledger.credits().usage(id) {
             Ok(u) => u,
+            // A pool whose deletion failed may be gone.
+            Err(Error::NotFound { .. }) if bal.exists.is_none() && model.pools.contains(id) => {
+                deleted.push(id.clone());
+                continue;
+            }
             Err(e) => {
                 return Err(format!(
                     "{id}: usage failed after reopen: {e} [{}]",
@@ -1185,6 +1321,10 @@ fn reconcile(ledger: &Ledger, model: &mut Model, after_crash: bool) -> Result<()
         bal.unflushed = 0;
         bal.exact = !bal.refill;
         bal.exists = Some(true);
+    }
+    for id in deleted {
+        model.balances.remove(&id);
+        model.pools.retain(|p| *p != id);
     }
     Ok(())
 }

@@ -27,7 +27,7 @@ pub(crate) fn find(ledger: &Ledger, key: &str, now: Timestamp) -> Result<Option<
     let entry = match probe(&read, &hash, hasher.current(), now)? {
         Some(entry) => entry,
         None => {
-            let Some(entry) = find_under_old_schemes(ledger, &read, &hash, key, now)? else {
+            let Some(entry) = find_under_old_schemes(ledger, &read, key, now)? else {
                 return Ok(None);
             };
             // A new transaction: the rehash committed after `read` began.
@@ -54,17 +54,18 @@ pub(crate) fn find_in(
 ) -> Result<Option<VerifyRecord>> {
     match probe_table(&snapshot.verify, hash, ledger.hasher().current(), now)? {
         Some(found) => Ok(Some(found)),
-        None => find_under_old_schemes(ledger, &snapshot.txn, hash, key, now),
+        None => find_under_old_schemes(ledger, &snapshot.txn, key, now),
     }
 }
 
 /// The part of [`find_in`] after the current scheme missed: tries the schemes that still
 /// have records (none, usually: then this is one read of the scheme counts) and rehashes a
-/// key found under one.
+/// key found under one. Every hash here comes from one hasher, read once: the caller's hash
+/// may predate a rotation that published since, and rehashing to it under the new scheme's
+/// label would leave the record unfindable.
 fn find_under_old_schemes(
     ledger: &Ledger,
     read: &redb::ReadTransaction,
-    hash: &KeyHash,
     key: &str,
     now: Timestamp,
 ) -> Result<Option<VerifyRecord>> {
@@ -76,7 +77,8 @@ fn find_under_old_schemes(
         let read = ledger.inner.store.begin_read()?;
         if let Some(found) = probe(&read, &old_hash, scheme, now)? {
             drop(read);
-            return rehash(ledger, found.id, &old_hash, hash, current);
+            let new_hash = hasher.hash(current, key);
+            return rehash(ledger, found.id, &old_hash, &new_hash, current);
         }
     }
     Ok(None)
@@ -110,7 +112,8 @@ fn probe_table(
 
 /// Replaces `old_hash` (current or rolled secret) by `new_hash` under the current scheme.
 /// Returns the verify entry of `new_hash` (`None`: a concurrent change, such as a roll, took
-/// `old_hash` out of the record first).
+/// `old_hash` out of the record first). A concurrent miss of the same key may have rehashed
+/// it already: then nothing is written and its entry is returned.
 fn rehash(
     ledger: &Ledger,
     id: u64,
@@ -119,26 +122,28 @@ fn rehash(
     scheme: HashScheme,
 ) -> Result<Option<VerifyRecord>> {
     let txn = ledger.inner.store.begin_write()?;
-    let record = {
-        let mut keys = txn.open_table(KEYS)?;
-        let mut record: KeyRecord =
-            store::get(&keys, id)?.ok_or(crate::Error::NotFound { what: "key" })?;
-        let slot = if hashes_equal(&record.key_hash, old_hash) {
-            Some((&mut record.key_hash, &mut record.scheme))
-        } else {
-            record
-                .rolled
-                .as_mut()
-                .map(|o| (&mut o.key_hash, &mut o.scheme))
-        };
-        if let Some((stored_hash, stored_scheme)) = slot {
-            index::remove(&txn, old_hash)?;
-            store::adjust_scheme_count(&txn, *stored_scheme, -1)?;
-            store::adjust_scheme_count(&txn, scheme, 1)?;
-            *stored_hash = *new_hash;
-            *stored_scheme = scheme;
-        }
+    let mut keys = txn.open_table(KEYS)?;
+    let mut record: KeyRecord =
+        store::get(&keys, id)?.ok_or(crate::Error::NotFound { what: "key" })?;
+    // The secret presented must still be one of the record's: a roll that committed since
+    // the probe may have replaced it (and put another secret in the rolled slot).
+    let slot = if hashes_equal(&record.key_hash, old_hash) {
+        Some((&mut record.key_hash, &mut record.scheme))
+    } else {
+        record
+            .rolled
+            .as_mut()
+            .filter(|o| hashes_equal(&o.key_hash, old_hash))
+            .map(|o| (&mut o.key_hash, &mut o.scheme))
+    };
+    if let Some((stored_hash, stored_scheme)) = slot {
+        index::remove(&txn, old_hash)?;
+        store::adjust_scheme_count(&txn, *stored_scheme, -1)?;
+        store::adjust_scheme_count(&txn, scheme, 1)?;
+        *stored_hash = *new_hash;
+        *stored_scheme = scheme;
         index::put(&txn, &mut keys, id, &record)?;
+        drop(keys);
         let kind = record.kind.id_kind();
         let public = ledger.inner.ids.encode(kind, id);
         let action = format!("{}.rehashed", kind.noun());
@@ -150,9 +155,8 @@ fn rehash(
             &public,
             &["hash_scheme"],
         )?;
-        record
-    };
-    txn.commit()?;
+        txn.commit()?;
+    } // else the transaction aborts on drop: nothing written, nothing audited
     Ok(VerifyRecord::entries(id, &record)
         .find(|(hash, _)| hashes_equal(hash, new_hash))
         .map(|(_, entry)| entry))
@@ -187,5 +191,116 @@ impl Ledger {
             found.id,
             record,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, MasterKey, NewAccount, NewKey, Presented};
+
+    const V1: HashScheme = HashScheme::HmacSha256 { pepper: 1 };
+    const V2: HashScheme = HashScheme::HmacSha256 { pepper: 2 };
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        config: Config,
+        ledger: Ledger,
+        id: u64,
+        public: String,
+        plaintext: String,
+    }
+
+    /// A ledger holding one key, made under `V1`.
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::builder()
+            .master_key(MasterKey::from_bytes(&[5u8; 32]).unwrap())
+            .build()
+            .unwrap();
+        let ledger = Ledger::open(dir.path().join("keys.redb"), config.clone()).unwrap();
+        let owner = ledger
+            .accounts()
+            .create(NewAccount::new("Acme"))
+            .unwrap()
+            .id;
+        let created = ledger.keys().create(NewKey::new(&owner, "k")).unwrap();
+        let public = created.info.id.to_string();
+        Fixture {
+            id: ledger.keys().internal_id(&public).unwrap(),
+            public,
+            plaintext: created.plaintext.expose().to_owned(),
+            dir,
+            config,
+            ledger,
+        }
+    }
+
+    impl Fixture {
+        fn works(&self, plaintext: &str) -> bool {
+            self.ledger
+                .authenticate(&Presented::new(plaintext).unwrap())
+                .is_ok()
+        }
+
+        fn roll(&self) -> String {
+            let rolled = self.ledger.keys().roll(&self.public, 3_600).unwrap();
+            rolled.plaintext.expose().to_owned()
+        }
+
+        /// What a miss that probed `plaintext` under `V1` before now would rehash.
+        fn rehash_from_v1(&self, plaintext: &str) -> Option<VerifyRecord> {
+            let hasher = self.ledger.hasher();
+            let (old, new) = (hasher.hash(V1, plaintext), hasher.hash(V2, plaintext));
+            rehash(&self.ledger, self.id, &old, &new, V2).unwrap()
+        }
+
+        /// Closes the ledger and runs `keyledger check` on its file.
+        fn check(self) -> Vec<String> {
+            self.ledger.close().unwrap();
+            drop(self.ledger);
+            let report = Ledger::check(self.dir.path().join("keys.redb"), self.config).unwrap();
+            report.problems.iter().map(|p| format!("{p:?}")).collect()
+        }
+    }
+
+    #[test]
+    fn a_rehash_that_lost_a_race_with_a_roll_writes_nothing() {
+        let f = fixture();
+        let first = f.plaintext.clone();
+        f.ledger.rotate_hash_scheme(V2).unwrap();
+        // A miss finds the first secret under V1 … and two rolls commit before its rehash:
+        // the first secret is gone, the second is the rolled one in its grace period.
+        let second = f.roll();
+        let third = f.roll();
+        assert!(!f.works(&first) && f.works(&second) && f.works(&third));
+
+        assert!(
+            f.rehash_from_v1(&first).is_none(),
+            "not the record's any more"
+        );
+        assert!(!f.works(&first), "a replaced secret must stay replaced");
+        assert!(f.works(&second) && f.works(&third));
+        assert_eq!(f.check(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_second_rehash_of_the_same_secret_finds_it_done() {
+        let f = fixture();
+        let first = f.plaintext.clone();
+        let second = f.roll(); // both under V1: the second current, the first rolled
+        f.ledger.rotate_hash_scheme(V2).unwrap();
+
+        // Two misses of the second secret both found it under V1.
+        let done = f.rehash_from_v1(&second).expect("rehashed");
+        let again = f.rehash_from_v1(&second).expect("found rehashed");
+        assert_eq!((again.id, again.scheme), (done.id, done.scheme));
+        assert_eq!(
+            again.valid_until, None,
+            "still the current secret, no deadline"
+        );
+        assert!(f.works(&first), "the rolled secret keeps its grace period");
+        assert!(f.works(&second));
+        assert_eq!(f.check(), Vec::<String>::new());
     }
 }

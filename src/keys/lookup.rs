@@ -72,12 +72,24 @@ fn find_under_old_schemes(
     let hasher = ledger.hasher();
     let current = hasher.current();
     let counts = store::scheme_counts(&read.open_table(META)?)?;
-    for (&scheme, _) in counts.iter().filter(|(s, n)| **s != current && **n > 0) {
+    let mut old = counts
+        .iter()
+        .filter(|(s, n)| **s != current && **n > 0)
+        .peekable();
+    if old.peek().is_none() {
+        return Ok(None);
+    }
+    // A newer read: a concurrent miss of the same key may have rehashed it since the
+    // caller's, which must then find it under the current scheme, not report it missing.
+    let read = ledger.inner.store.begin_read()?;
+    let new_hash = hasher.hash(current, key);
+    if let Some(found) = probe(&read, &new_hash, current, now)? {
+        return Ok(Some(found));
+    }
+    for (&scheme, _) in old {
         let old_hash = hasher.hash(scheme, key);
-        let read = ledger.inner.store.begin_read()?;
         if let Some(found) = probe(&read, &old_hash, scheme, now)? {
             drop(read);
-            let new_hash = hasher.hash(current, key);
             return rehash(ledger, found.id, &old_hash, &new_hash, current);
         }
     }
@@ -301,6 +313,20 @@ mod tests {
         );
         assert!(f.works(&first), "the rolled secret keeps its grace period");
         assert!(f.works(&second));
+        assert_eq!(f.check(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_miss_whose_snapshot_predates_a_concurrent_rehash_still_finds_the_key() {
+        let f = fixture();
+        f.ledger.rotate_hash_scheme(V2).unwrap();
+        // This miss's snapshot still has the key under V1; another miss rehashes it.
+        let stale = f.ledger.inner.store.begin_read().unwrap();
+        f.rehash_from_v1(&f.plaintext).expect("rehashed");
+        let found = find_under_old_schemes(&f.ledger, &stale, &f.plaintext, f.ledger.now());
+        let found = found.unwrap().expect("found under the current scheme");
+        assert_eq!((found.id, found.scheme), (f.id, V2));
+        drop(stale);
         assert_eq!(f.check(), Vec::<String>::new());
     }
 }

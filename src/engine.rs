@@ -18,11 +18,11 @@ use crate::cache::{AccountState, Cache, CachedKey, Evicted, MeterRef, Metering, 
 use crate::clock::Timestamp;
 use crate::codec;
 use crate::config::Config;
-use crate::credits::events::{CreditEvent, EVENT_CAPACITY};
+use crate::credits::events::{CreditEvent, CreditEventKind, EVENT_CAPACITY};
 use crate::credits::meter::{MIN_LEASE, Meter};
 use crate::credits::refill;
 use crate::credits::registry::Registry;
-use crate::credits::writer::{self, Adjust, Msg, Shared};
+use crate::credits::writer::{self, Adjust, Handoff, Msg, Shared};
 use crate::error::{Error, Result};
 use crate::hashing::{KeyHash, KeyHasher};
 use crate::keys::lookup;
@@ -223,10 +223,9 @@ impl Engine {
         record.balance + in_memory.min(record.leased)
     }
 
-    /// Waits until the writer has leased into `meter`; returns the units handed to this
-    /// caller out of that lease (`need`, or fewer if the balance had fewer), `None` if the
-    /// writer is gone.
-    pub(crate) fn lease_now(&self, meter: &MeterRef, need: u64) -> Option<u64> {
+    /// Waits until the writer has leased into `meter`; returns what this caller was handed
+    /// out of that lease, `None` if the writer is gone.
+    pub(crate) fn lease_now(&self, meter: &MeterRef, need: u64) -> Option<Handoff> {
         let (reply, done) = channel::bounded(1);
         meter.pending.store(true, Ordering::Release);
         let msg = Msg::Lease {
@@ -306,6 +305,19 @@ impl Engine {
     /// A pool was deleted (no key spends from it any more): its meter, if in memory, leaves
     /// the registry now and retires, so what late grants refund or spend through it is
     /// ignored.
+    /// A request was refused for want of credits: the first refusal since the balance last
+    /// grew is reported on the event channel (the host tells its customer once, not per
+    /// request).
+    pub(crate) fn report_exhausted(&self, meter: &Meter) {
+        if meter.first_refusal() {
+            let _ = self.shared.events.try_send(CreditEvent {
+                kind: CreditEventKind::Exhausted,
+                subject: self.shared.ids.encode(meter.subject, meter.id),
+                remaining: meter.remaining(),
+            });
+        }
+    }
+
     pub(crate) fn pool_deleted(&self, id: u64) {
         let mut meters = self.shared.meters.lock();
         if let Some(meter) = meters.get(id).filter(|m| m.is_pool()) {

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::cache::{CachedKey, Slot};
 use crate::credits::meter::Meter;
+use crate::credits::writer::Handoff;
 use crate::denial::Denial;
 use crate::engine::Loaded;
 use crate::keyfmt::Presented;
@@ -194,13 +195,20 @@ impl Ledger {
             }
             match engine.lease_now(&handle, cost) {
                 None => break,
-                Some(handed) if handed == cost => {
+                Some(Handoff::Units(handed)) if handed == cost => {
                     grant.note_use(now);
                     return Ok(grant);
                 }
                 // Fewer than needed (the balance is running out): back into the lease.
-                Some(handed) => meter.give_back(handed),
+                Some(Handoff::Units(handed)) => meter.give_back(handed),
+                Some(Handoff::Short) => {
+                    denial = Denial::UsageExceeded;
+                    break;
+                }
             }
+        }
+        if denial == Denial::UsageExceeded {
+            engine.report_exhausted(meter);
         }
         grant.settled = true; // nothing was reserved
         grant.release_rate();

@@ -676,6 +676,91 @@ fn an_exhausted_balance_emits_an_event() {
 }
 
 #[test]
+fn a_balance_spent_to_zero_reports_exhausted_once_until_it_grows() {
+    let t = TestLedger::new();
+    let events = t.ledger.credit_events();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(5));
+    let exhausted = || -> Vec<u64> {
+        t.ledger.flush().unwrap();
+        let all = events.try_iter();
+        all.filter(|e| e.kind == CreditEventKind::Exhausted && e.subject == id)
+            .map(|e| e.remaining)
+            .collect()
+    };
+    assert_eq!(drain(&t, &plain, 100), 5);
+    assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+    assert_eq!(exhausted(), [0], "the first refusal is reported");
+    assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+    assert_eq!(exhausted(), [0; 0], "once, not per refused request");
+
+    t.ledger.credits().top_up(&id, 3).unwrap();
+    assert_eq!(drain(&t, &plain, 100), 3);
+    assert_eq!(exhausted(), [0], "news again after the top-up");
+}
+
+#[test]
+fn a_request_the_balance_cannot_cover_leases_nothing() {
+    for durability in [Durability::Leased, Durability::Exact] {
+        let t = ledger_with(durability);
+        let owner = t.account("Acme");
+        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(900));
+        let key = presented(&plain);
+        let refused = t.ledger.verify(&Request::new(&key, "/x").cost(2_000));
+        assert_eq!(refused.unwrap_err().code(), "usage_exceeded");
+        let u = usage(&t, &id);
+        assert_eq!((u.leased, u.remaining), (0, Some(900)), "{durability:?}");
+        // A crash now loses nothing: the balance never left the disk.
+        let t = t.crash_and_reopen();
+        let u = usage(&t, &id);
+        assert_eq!(
+            (u.lost_to_crash, u.remaining),
+            (0, Some(900)),
+            "{durability:?}"
+        );
+    }
+}
+
+#[test]
+fn a_top_up_past_the_largest_count_is_refused_and_changes_nothing() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    assert!(spend(&t.ledger, &plain, "/x", 1, 1).is_ok());
+    let err = t.ledger.credits().top_up(&id, u64::MAX).unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+    let u = usage(&t, &id);
+    assert_eq!((u.spent, u.granted, u.remaining), (1, 100, Some(99)));
+    assert_eq!(t.ledger.credits().top_up(&id, 1).unwrap(), 100);
+}
+
+#[test]
+fn a_reservation_from_before_a_refill_is_not_refunded_into_the_new_period() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (_, plain) = create_key(
+        &t.ledger,
+        NewKey::new(&owner, "k")
+            .credits(100)
+            .refill(10, RefillInterval::Daily),
+    );
+    let key = presented(&plain);
+    let held = t.ledger.verify(&Request::new(&key, "/x").cost(50)).unwrap();
+    t.clock.set(next_day(&t));
+    assert_eq!(
+        drain(&t, &plain, 1_000),
+        10,
+        "the refill replaces the balance"
+    );
+    drop(held); // refunds 50 reserved in the old period
+    assert_eq!(
+        drain(&t, &plain, 1_000),
+        0,
+        "the new period holds its refill, no more"
+    );
+}
+
+#[test]
 fn falling_to_the_low_balance_threshold_emits_one_event() {
     let t = TestLedger::new();
     let events = t.ledger.credit_events();

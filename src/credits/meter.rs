@@ -7,7 +7,7 @@
 //! let more be spent than was granted.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
 
@@ -55,9 +55,8 @@ pub(crate) struct Meter {
     pub pending: AtomicBool,
     /// Queued for a spend flush (a pool's meter; a key's own is flushed with its usage).
     pub dirty: AtomicBool,
-    /// The balance this meter spent from is gone (key deleted or made unmetered): the
-    /// writer ignores it and refunds into it vanish.
-    pub retired: AtomicBool,
+    /// [`RETIRED`] and [`EXHAUSTION_REPORTED`].
+    state: AtomicU8,
     /// What its events name: a key, a token or a pool.
     pub subject: crate::public_id::IdKind,
 }
@@ -72,6 +71,10 @@ struct LowBalance {
 
 /// A time in whole seconds that never comes (`u64::MAX` ms).
 const NEVER: u32 = u32::MAX;
+/// [`Meter::state`]: the balance is gone.
+const RETIRED: u8 = 1;
+/// [`Meter::state`]: a refusal since the balance last grew has been reported.
+const EXHAUSTION_REPORTED: u8 = 2;
 
 /// Milliseconds to whole seconds, rounded down, for the two times a meter keeps. Both are
 /// period starts (midnight UTC) or 0 or `u64::MAX`, so nothing is lost; were one not, rounding
@@ -107,7 +110,7 @@ impl Meter {
             durable_balance: AtomicU64::new(0),
             refill_at_s: AtomicU32::new(NEVER),
             epoch: AtomicU32::new(0),
-            retired: AtomicBool::new(false),
+            state: AtomicU8::new(0),
             low_balance: ArcSwapOption::new(threshold.map(|threshold| {
                 Arc::new(LowBalance {
                     threshold,
@@ -132,6 +135,28 @@ impl Meter {
     #[inline]
     pub(crate) fn remaining(&self) -> u64 {
         self.durable_balance.load(Ordering::Acquire) + self.lease.load(Ordering::Acquire)
+    }
+
+    /// Whether the balance this meter spent from is gone.
+    pub(crate) fn retired(&self) -> bool {
+        self.state.load(Ordering::Acquire) & RETIRED != 0
+    }
+
+    /// The balance is gone (key deleted or made unmetered, pool deleted): the writer ignores
+    /// this meter from now on and refunds into it vanish.
+    pub(crate) fn retire(&self) {
+        self.state.fetch_or(RETIRED, Ordering::AcqRel);
+    }
+
+    /// A request was refused for want of credits: true for the first refusal since the
+    /// balance last grew, which is the one an `Exhausted` event reports.
+    pub(crate) fn first_refusal(&self) -> bool {
+        self.state.fetch_or(EXHAUSTION_REPORTED, Ordering::AcqRel) & EXHAUSTION_REPORTED == 0
+    }
+
+    /// The balance grew (a top-up, a set, a refill): the next refusal is news again.
+    pub(crate) fn replenished(&self) {
+        self.state.fetch_and(!EXHAUSTION_REPORTED, Ordering::AcqRel);
     }
 
     /// Records the credits left without an event (a new meter, a `set`, a refill).
@@ -213,7 +238,7 @@ impl Meter {
 
     /// Returns units to the lease (a refund, or a reservation larger than the real cost).
     pub(crate) fn give_back(&self, units: u64) {
-        if units > 0 && !self.retired.load(Ordering::Acquire) {
+        if units > 0 && !self.retired() {
             self.lease.fetch_add(units, Ordering::AcqRel);
         }
     }

@@ -55,13 +55,23 @@ pub(crate) enum Adjust {
     TopUp(u64),
 }
 
+/// What a request waiting for a lease is handed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handoff {
+    /// Units out of the new lease: what it needed, or fewer when the durable balance had
+    /// fewer (the rest may be in memory already).
+    Units(u64),
+    /// The balance and the lease in memory together cannot cover it: refuse the request.
+    Short,
+}
+
 pub(crate) enum Msg {
     /// Lease more units into `meter`; the caller waits (`reply`: it is handed `need` of them,
     /// or fewer if the balance has fewer) or not (prefetch).
     Lease {
         meter: MeterRef,
         need: u64,
-        reply: Option<Sender<u64>>,
+        reply: Option<Sender<Handoff>>,
     },
     /// Charge units beyond a reservation straight from the durable balance.
     Shortfall {
@@ -483,8 +493,8 @@ struct Effects {
     /// batch takes back without scanning every lease of the batch.
     granted_at: HashMap<u64, Vec<usize>>,
     /// Waiting requests: the lease (index in `leases`) their units come out of, how many
-    /// they need, and where to hand them.
-    handoffs: Vec<(usize, u64, Sender<u64>)>,
+    /// they need (`None`: the balance cannot cover it), and where to hand them.
+    handoffs: Vec<(usize, Option<u64>, Sender<Handoff>)>,
     shortfalls: Vec<(Sender<u64>, u64)>,
     adjusts: Vec<(Sender<Result<u64>>, u64)>,
     flushed_spend: Vec<(MeterRef, u64)>,
@@ -562,8 +572,8 @@ fn commit(
                 .into_iter()
                 .map(|(at, need, reply)| {
                     let (meter, units, _) = &mut fx.leases[at];
-                    let handed = need.min(*units);
-                    *units -= handed;
+                    let handed = need.map(|need| need.min(*units));
+                    *units -= handed.unwrap_or(0);
                     (meter.clone(), handed, reply)
                 })
                 .collect();
@@ -575,8 +585,9 @@ fn commit(
             // Only now, with the rest of each lease in its meter: a woken request may commit
             // or refund at once, and whoever looks next must see the whole lease.
             for (meter, units, reply) in handed {
-                if reply.send(units).is_err() {
-                    meter.give_back(units); // nobody waits any more: the meter keeps them
+                let handoff = units.map_or(Handoff::Short, Handoff::Units);
+                if reply.send(handoff).is_err() {
+                    meter.give_back(units.unwrap_or(0)); // nobody waits: the meter keeps them
                 }
             }
             for (r, n) in fx.shortfalls {
@@ -600,8 +611,10 @@ fn commit(
             for meter in fx.retired {
                 // The registry's handle and this one: nobody else uses it, so it can go.
                 // (`remove` checks that it is the registered one: with a grant in flight
-                // holding it instead, two handles would not mean that.)
-                if MeterRef::strong_count(&meter) == 2 {
+                // holding it instead, two handles would not mean that.) Unless a grant that
+                // ended during the commit refunded into it: then it keeps that lease until a
+                // miss takes it up again or the close returns it.
+                if MeterRef::strong_count(&meter) == 2 && meter.lease.load(Ordering::Acquire) == 0 {
                     meters.remove(&meter);
                 }
             }
@@ -652,7 +665,7 @@ fn commit(
             }
             let message = e.to_string();
             for (_, _, r) in fx.handoffs {
-                let _ = r.send(0);
+                let _ = r.send(Handoff::Units(0));
             }
             for (r, _) in fx.shortfalls {
                 let _ = r.send(0);
@@ -702,13 +715,13 @@ fn build(
                 }
                 Msg::Lease { meter, need, reply } => {
                     // Closing: every lease is about to be returned, so hand out none.
-                    let at = if closing {
-                        fx.grant(meter, 0, 0)
+                    let (at, covered) = if closing {
+                        (fx.grant(meter, 0, 0), true)
                     } else {
                         lease(shared, &mut work, fx, meter, need, now)?
                     };
                     if let Some(reply) = reply {
-                        fx.handoffs.push((at, need, reply));
+                        fx.handoffs.push((at, covered.then_some(need), reply));
                     }
                 }
                 Msg::Shortfall {
@@ -742,41 +755,52 @@ fn build(
                 Msg::Adjust { id, change, reply } => {
                     let meter = shared.meters.lock().get(id);
                     if let Some(meter) = &meter {
+                        reclaim(&mut work, fx, meter)?;
+                    }
+                    let Some(r) = work.get(id)? else {
+                        let _ = reply.send(Err(Error::NotFound {
+                            what: "credit balance",
+                        }));
+                        continue;
+                    };
+                    // A refill that fell due comes first: the admin's change is the newer one
+                    // and must not be replaced by it later.
+                    refill::apply_due(r, now);
+                    let before = r.balance;
+                    let balance = match change {
+                        Adjust::Set(n) => Some(n),
+                        Adjust::TopUp(n) => r.balance.checked_add(n),
+                    };
+                    // Everything ever granted must stay countable: spent + lost + left.
+                    let granted =
+                        balance.and_then(|b| r.granted.saturating_sub(before).checked_add(b));
+                    let (Some(balance), Some(granted)) = (balance, granted) else {
+                        let _ = reply.send(Err(Error::invalid(
+                            "credits",
+                            format!("the balance would grant more than {} credits", u64::MAX),
+                        )));
+                        continue;
+                    };
+                    r.balance = balance;
+                    r.granted = granted;
+                    fx.adjusts.push((reply, r.balance));
+                    if let Some(meter) = meter {
+                        // After the lease was taken back (`reclaim`): a reservation made
+                        // from the old lease carries the old epoch, so a set makes it final.
                         if matches!(change, Adjust::Set(_)) {
                             meter.epoch.fetch_add(1, Ordering::AcqRel);
                         }
-                        reclaim(&mut work, fx, meter)?;
-                    }
-                    match work.get(id)? {
-                        Some(r) => {
-                            // A refill that fell due comes first: the admin's change is the
-                            // newer one and must not be replaced by it later.
-                            refill::apply_due(r, now);
-                            let before = r.balance;
-                            r.balance = match change {
-                                Adjust::Set(n) => n,
-                                Adjust::TopUp(n) => r.balance.saturating_add(n),
-                            };
-                            r.granted = r.granted.saturating_sub(before).saturating_add(r.balance);
-                            fx.adjusts.push((reply, r.balance));
-                            if let Some(meter) = meter {
-                                meter.durable_balance.store(r.balance, Ordering::Release);
-                                meter.set_refill_at(refill::due_at(r, now));
-                                meter.set_remaining(r.balance);
-                                fx.leases.push((meter, 0, empty_until(r, now)));
-                            }
-                        }
-                        None => {
-                            let _ = reply.send(Err(Error::NotFound {
-                                what: "credit balance",
-                            }));
-                        }
+                        meter.replenished();
+                        meter.durable_balance.store(r.balance, Ordering::Release);
+                        meter.set_refill_at(refill::due_at(r, now));
+                        meter.set_remaining(r.balance);
+                        fx.leases.push((meter, 0, empty_until(r, now)));
                     }
                 }
                 Msg::Retire { meter, gone } => {
                     reclaim(&mut work, fx, &meter)?;
                     if gone {
-                        meter.retired.store(true, Ordering::Release);
+                        meter.retire();
                         fx.gone.push(meter);
                     } else {
                         fx.retired.push(meter);
@@ -823,7 +847,7 @@ fn flush_spend(
 ) -> Result<()> {
     for i in 0..fx.meters_seen.len() {
         let meter = fx.meters_seen[i].clone();
-        if meter.retired.load(Ordering::Acquire) {
+        if meter.retired() {
             continue; // its balance is gone: nothing to write, nothing to keep
         }
         let mut units = meter.spent.swap(0, Ordering::SeqCst);
@@ -868,7 +892,7 @@ fn settle_spend(
 
 /// The durable record behind a meter, unless the meter was retired.
 fn live<'w>(work: &'w mut Working<'_>, meter: &Meter) -> Result<Option<&'w mut CreditsRecord>> {
-    if meter.retired.load(Ordering::Acquire) {
+    if meter.retired() {
         return Ok(None);
     }
     work.get(meter.id)
@@ -926,6 +950,13 @@ impl Effects {
             + bytes(&self.unlisted)
     }
 
+    /// Units leased to meter `id` earlier in this batch (they reach memory after the commit).
+    fn granted_to(&self, id: u64) -> u64 {
+        self.granted_at
+            .get(&id)
+            .map_or(0, |at| at.iter().map(|&i| self.leases[i].1).sum())
+    }
+
     /// A lease of `units` for `meter`, handed over once the batch is durable. Returns its
     /// index in `leases`.
     fn grant(&mut self, meter: MeterRef, units: u64, empty_until: u64) -> usize {
@@ -948,7 +979,8 @@ fn cancel_pending_leases(fx: &mut Effects, meter: &Meter) -> u64 {
 }
 
 /// Moves up to the adaptive lease size (at least `need`) from `balance` to `leased`. Returns
-/// the lease's index in `fx.leases`.
+/// the lease's index in `fx.leases`, and whether the balance and the lease in memory together
+/// cover `need` (if not, nothing is leased).
 fn lease(
     shared: &Shared,
     work: &mut Working<'_>,
@@ -956,13 +988,13 @@ fn lease(
     meter: MeterRef,
     need: u64,
     now: Timestamp,
-) -> Result<usize> {
+) -> Result<(usize, bool)> {
     // One adaptive lease per meter per batch: a prefetch and a waiting request for the same
     // meter in one batch would otherwise double the size twice (and a crash would lose both);
     // the second gets just what it needs.
     let first = !fx.granted_at.contains_key(&meter.id);
     let Some(r) = live(work, &meter)? else {
-        return Ok(fx.grant(meter, 0, 0));
+        return Ok((fx.grant(meter, 0, 0), true));
     };
     // The record is being written anyway: settle this meter's spend with it.
     let spent = meter.spent.swap(0, Ordering::AcqRel).min(r.leased);
@@ -970,6 +1002,14 @@ fn lease(
     r.spent += spent;
     fx.flushed_spend.push((meter.clone(), spent));
     new_period(fx, &meter, r, now);
+    // A request that everything left cannot cover is refused, not handed all of it: that
+    // would move the whole balance into memory, beyond the lease bound a crash may lose (and,
+    // under `Exact`, past the per-request commits), for a request that fails anyway.
+    let in_memory = meter.lease.load(Ordering::Acquire) + fx.granted_to(meter.id);
+    if need > r.balance.saturating_add(in_memory) {
+        let empty_until = empty_until(r, now);
+        return Ok((fx.grant(meter, 0, empty_until), false));
+    }
     let size = if first {
         let floor = shared.lease_floor.load(Ordering::Relaxed);
         meter.adapt(now.0, shared.exact, floor, r.balance)
@@ -986,17 +1026,9 @@ fn lease(
     r.leased += grant;
     meter.durable_balance.store(r.balance, Ordering::Release);
     let remaining = r.balance + meter.lease.load(Ordering::Acquire) + grant;
-    if grant < need {
-        fx.events.push(CreditEvent {
-            kind: CreditEventKind::Exhausted,
-            subject: shared.ids.encode(meter.subject, meter.id),
-            remaining,
-        });
-    } else {
-        low_balance(shared, fx, &meter, remaining);
-    }
+    low_balance(shared, fx, &meter, remaining);
     let empty_until = empty_until(r, now);
-    Ok(fx.grant(meter, grant, empty_until))
+    Ok((fx.grant(meter, grant, empty_until), true))
 }
 
 /// Applies a due refill: the new period's balance replaces everything, including the lease
@@ -1011,6 +1043,10 @@ fn new_period(fx: &mut Effects, meter: &MeterRef, r: &mut CreditsRecord, now: Ti
         r.leased -= back;
         r.granted = r.granted.saturating_sub(back);
         fx.reclaimed.push((meter.clone(), swapped));
+        // Like a `set`, and after the lease was taken back: a reservation from the old
+        // period is final, its refund must not land in the new one.
+        meter.epoch.fetch_add(1, Ordering::AcqRel);
+        meter.replenished();
         meter.set_remaining(r.balance);
     }
     meter.set_refill_at(refill::due_at(r, now));

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::clock::{Clock, CoarseClock};
 use crate::engine::Durability;
 use crate::error::ConfigError;
+use crate::keyfmt::VISIBLE_PREFIX_LEN;
 use crate::limits::SpendTier;
 use crate::secret::MasterKey;
 
@@ -107,10 +108,10 @@ impl ConfigBuilder {
         Ok(self.master_key(key))
     }
 
-    /// Reads the master key from `KEYLEDGER_MASTER_KEY` or `KEYLEDGER_MASTER_KEY_FILE`.
+    /// Reads the master key from `KEYLEDGER_MASTER_KEY` or `KEYLEDGER_MASTER_KEY_FILE`. An
+    /// empty (or blank) `KEYLEDGER_MASTER_KEY` counts as unset.
     pub fn master_key_from_env(self) -> Result<Self, ConfigError> {
-        if let Ok(text) = std::env::var(ENV_MASTER_KEY) {
-            let key = MasterKey::parse(&zeroize::Zeroizing::new(text))?;
+        if let Some(key) = master_key_in_env_value(std::env::var_os(ENV_MASTER_KEY))? {
             return Ok(self.master_key(key));
         }
         match std::env::var_os(ENV_MASTER_KEY_FILE) {
@@ -139,7 +140,9 @@ impl ConfigBuilder {
 
     /// Accepts keys issued by another system under `prefix` (e.g. `sk_live_`), so imported
     /// keys keep working. Such keys carry no checksum: the parser checks only the prefix,
-    /// a length of 16–100 characters after it and printable ASCII.
+    /// a length of 16–100 characters after it and printable ASCII. The prefix is 2–12
+    /// characters of `[A-Za-z0-9_-]`: an imported key's visible prefix (its first 12
+    /// characters) must start with it.
     pub fn legacy_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.legacy_prefixes.push(prefix.into());
         self
@@ -194,14 +197,20 @@ impl ConfigBuilder {
         let token_prefix = checked_prefix("token_prefix", self.token_prefix, "vb_tok_")?;
         let mut legacy_prefixes = Vec::new();
         for prefix in self.legacy_prefixes {
-            let ok = (2..=16).contains(&prefix.len())
+            // At most as long as the visible prefix `keys().import` stores, which must start
+            // with the legacy prefix: a longer one could never have a key imported under it.
+            let ok = (2..=VISIBLE_PREFIX_LEN).contains(&prefix.len())
                 && prefix
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
             if !ok {
                 return Err(ConfigError::InvalidSetting {
                     setting: "legacy_prefix",
-                    reason: "2–16 characters of A-Z, a-z, 0-9, `_` and `-`".into(),
+                    reason: format!(
+                        "2–{VISIBLE_PREFIX_LEN} characters of A-Z, a-z, 0-9, `_` and `-` \
+                         (an imported key's visible prefix, at most {VISIBLE_PREFIX_LEN} \
+                         characters, must start with it)"
+                    ),
                 });
             }
             legacy_prefixes.push(prefix);
@@ -241,6 +250,32 @@ impl ConfigBuilder {
             clock: self.clock.unwrap_or_else(|| Arc::new(CoarseClock)),
         })
     }
+}
+
+/// The master key in `KEYLEDGER_MASTER_KEY`'s value, if it holds one. Empty or blank counts
+/// as unset: `KEYLEDGER_MASTER_KEY=` is how compose files and shells often leave it out.
+/// Errors name the variable, never the value.
+fn master_key_in_env_value(
+    value: Option<std::ffi::OsString>,
+) -> Result<Option<MasterKey>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let invalid = |reason: String| ConfigError::InvalidSetting {
+        setting: ENV_MASTER_KEY,
+        reason,
+    };
+    let text = zeroize::Zeroizing::new(
+        value
+            .into_string()
+            .map_err(|_| invalid("not valid UTF-8".into()))?,
+    );
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    MasterKey::parse(&text)
+        .map(Some)
+        .map_err(|e| invalid(e.to_string()))
 }
 
 fn checked_prefix(
@@ -303,5 +338,50 @@ mod tests {
             .unwrap();
         assert_eq!(c.live_prefix(), "acme_");
         assert!(!format!("{c:?}").contains(key().to_hex().expose()));
+    }
+
+    #[test]
+    fn legacy_prefixes_fit_in_an_imported_keys_visible_prefix() {
+        let with_legacy = |p: &str| {
+            Config::builder()
+                .master_key(MasterKey::generate().unwrap())
+                .legacy_prefix(p)
+                .build()
+        };
+        assert!(with_legacy("sk_live_").is_ok());
+        assert!(with_legacy("acme_legacy_").is_ok(), "12 characters");
+        match with_legacy("acme_legacy_k_") {
+            Err(ConfigError::InvalidSetting {
+                setting: "legacy_prefix",
+                reason,
+            }) => assert!(reason.contains("2–12") && reason.contains("visible prefix")),
+            other => panic!("{other:?}"),
+        }
+        assert!(with_legacy("x").is_err());
+    }
+
+    #[test]
+    fn the_master_key_variable_is_unset_when_empty_and_named_when_bad() {
+        use std::ffi::OsString;
+        assert!(master_key_in_env_value(None).unwrap().is_none());
+        assert!(master_key_in_env_value(Some("".into())).unwrap().is_none());
+        assert!(
+            master_key_in_env_value(Some(" \n".into()))
+                .unwrap()
+                .is_none()
+        );
+        let key = MasterKey::generate().unwrap();
+        let hex = key.to_hex().expose().to_owned();
+        let parsed = master_key_in_env_value(Some(OsString::from(&hex))).unwrap();
+        assert_eq!(parsed.unwrap().to_hex().expose(), hex);
+
+        let secretish = "deadbeefcafe0123";
+        let err = master_key_in_env_value(Some(secretish.into())).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(ENV_MASTER_KEY) && msg.contains("64 hex digits"),
+            "{msg}"
+        );
+        assert!(!msg.contains(secretish), "{msg}");
     }
 }

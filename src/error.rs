@@ -65,10 +65,16 @@ pub enum MalformedKey {
     #[error("the key does not start with a known prefix")]
     WrongPrefix,
     /// The key has the wrong length.
-    #[error("the key has {found} characters after its prefix, expected {expected}")]
+    #[error(
+        "the key has {found} characters after its prefix, expected {}",
+        length_range(*.expected, *.expected_max)
+    )]
     WrongLength {
-        /// Expected characters after the prefix.
+        /// Expected characters after the prefix: the fewest, for a legacy prefix.
         expected: usize,
+        /// The most characters allowed after the prefix: `expected`, except for a legacy
+        /// prefix, whose keys (from another system) may have a range of lengths.
+        expected_max: usize,
         /// Characters found.
         found: usize,
     },
@@ -81,6 +87,15 @@ pub enum MalformedKey {
     /// The checksum does not match: the key was mistyped or truncated.
     #[error("the key's checksum does not match (mistyped or altered key)")]
     BadChecksum,
+}
+
+/// `38`, or `16–100` for a range.
+fn length_range(min: usize, max: usize) -> String {
+    if min == max {
+        min.to_string()
+    } else {
+        format!("{min}–{max}")
+    }
 }
 
 /// Why no key could be taken from request headers.

@@ -27,6 +27,8 @@ pub(crate) const CHECKSUM_LEN: usize = 6;
 pub(crate) const VISIBLE_PREFIX_LEN: usize = 12;
 /// Characters shown in the clear at the end of a key.
 pub(crate) const VISIBLE_SUFFIX_LEN: usize = 4;
+/// Fewest and most characters after a legacy prefix (other systems' keys, no checksum).
+const LEGACY_BODY_LEN: std::ops::RangeInclusive<usize> = 16..=100;
 /// Longest header value accepted before parsing (generous: prefixes are ≤ 12 chars).
 const MAX_PRESENTED_LEN: usize = 128;
 
@@ -67,7 +69,8 @@ impl KeyFormat {
         }
     }
 
-    /// The prefix new keys of `class` get; a rolled legacy key becomes a native live key.
+    /// The prefix new keys of `class` get. `Legacy` has no prefix of its own and falls back to
+    /// live; `roll` picks the class from the record's kind instead (tokens stay tokens).
     fn prefix(&self, class: KeyClass) -> &str {
         let class = if class == KeyClass::Legacy {
             KeyClass::Live
@@ -121,6 +124,7 @@ impl KeyFormat {
         if rest.len() != BODY_LEN + CHECKSUM_LEN {
             return Err(MalformedKey::WrongLength {
                 expected: BODY_LEN + CHECKSUM_LEN,
+                expected_max: BODY_LEN + CHECKSUM_LEN,
                 found: rest.len(),
             });
         }
@@ -149,7 +153,8 @@ impl KeyFormat {
 }
 
 impl KeyFormat {
-    /// Legacy keys: a configured prefix, 16–100 printable ASCII characters, no checksum.
+    /// Legacy keys: a configured prefix, 16–100 printable ASCII characters
+    /// ([`LEGACY_BODY_LEN`]), no checksum.
     fn parse_legacy(&self, key: &str) -> Result<KeyClass, MalformedKey> {
         let prefix = self
             .legacy
@@ -157,9 +162,10 @@ impl KeyFormat {
             .find(|p| key.starts_with(p.as_str()))
             .ok_or(MalformedKey::WrongPrefix)?;
         let rest = &key[prefix.len()..];
-        if !(16..=100).contains(&rest.len()) {
+        if !LEGACY_BODY_LEN.contains(&rest.len()) {
             return Err(MalformedKey::WrongLength {
-                expected: BODY_LEN + CHECKSUM_LEN,
+                expected: *LEGACY_BODY_LEN.start(),
+                expected_max: *LEGACY_BODY_LEN.end(),
                 found: rest.len(),
             });
         }
@@ -229,6 +235,7 @@ impl Presented {
         if key.len() > MAX_PRESENTED_LEN {
             return Err(HeaderError::Malformed(MalformedKey::WrongLength {
                 expected: BODY_LEN + CHECKSUM_LEN,
+                expected_max: BODY_LEN + CHECKSUM_LEN,
                 found: key.len(),
             }));
         }
@@ -242,32 +249,39 @@ impl Presented {
 
     /// Takes the key from an `Authorization` header value (`Bearer <key>`, scheme
     /// case-insensitive, surrounding whitespace ignored) or an `x-api-key` header value.
-    /// Both present and equal is accepted; both present and different is
-    /// [`HeaderError::Conflict`]; neither is [`HeaderError::Missing`].
+    ///
+    /// Both present with the same key is accepted; both with different keys is
+    /// [`HeaderError::Conflict`]; neither is [`HeaderError::Missing`]. An `Authorization`
+    /// header that carries no Bearer key (another scheme such as `Basic …`, or `Bearer`
+    /// alone) is ignored when `x-api-key` holds a key; without one it is
+    /// [`HeaderError::UnsupportedScheme`] or [`HeaderError::Missing`].
     pub fn from_headers(
         authorization: Option<&str>,
         x_api_key: Option<&str>,
     ) -> Result<Presented, HeaderError> {
+        // `Err`: the header is there but carries no Bearer key.
         let bearer = authorization
             .map(str::trim)
             .filter(|v| !v.is_empty())
             .map(|value| {
                 let (scheme, rest) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
-                if scheme.eq_ignore_ascii_case("bearer") {
-                    Presented::new(rest)
-                } else {
-                    Err(HeaderError::UnsupportedScheme)
+                match rest.trim() {
+                    _ if !scheme.eq_ignore_ascii_case("bearer") => {
+                        Err(HeaderError::UnsupportedScheme)
+                    }
+                    "" => Err(HeaderError::Missing),
+                    key => Ok(key),
                 }
             });
-        let api_key = x_api_key
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(Presented::new);
+        let api_key = x_api_key.map(str::trim).filter(|v| !v.is_empty());
         match (bearer, api_key) {
             (None, None) => Err(HeaderError::Missing),
-            (Some(one), None) | (None, Some(one)) => one,
-            (Some(a), Some(b)) => {
-                let (a, b) = (a?, b?);
+            (Some(bearer), None) => Presented::new(bearer?),
+            // An Authorization header meant for something else (a proxy's Basic
+            // credentials, say) does not hide the key sent in x-api-key.
+            (None | Some(Err(_)), Some(key)) => Presented::new(key),
+            (Some(Ok(a)), Some(b)) => {
+                let (a, b) = (Presented::new(a)?, Presented::new(b)?);
                 if a.0.expose().as_bytes() == b.0.expose().as_bytes() {
                     Ok(a)
                 } else {
@@ -404,6 +418,33 @@ mod tests {
     }
 
     #[test]
+    fn authorization_without_a_bearer_key_yields_to_x_api_key() {
+        let k = "vb_live_abc";
+        // A Basic header, or `Bearer` alone, yields to a key in x-api-key...
+        for auth in ["Basic dXNlcjpwYXNz", "Bearer", "bearer   ", "Digest x=1"] {
+            let got = Presented::from_headers(Some(auth), Some(" vb_live_abc "));
+            assert_eq!(got.unwrap().expose(), k, "{auth}");
+        }
+        // ...but not to a malformed x-api-key, and a Bearer key still conflicts.
+        assert!(matches!(
+            Presented::from_headers(Some("Basic dXNlcjpwYXNz"), Some("vb_live_a\u{7}")),
+            Err(HeaderError::Malformed(MalformedKey::BadCharacter { .. }))
+        ));
+        assert_eq!(
+            Presented::from_headers(Some("Bearer vb_live_xyz"), Some(" vb_live_abc ")).unwrap_err(),
+            HeaderError::Conflict
+        );
+        assert_eq!(
+            Presented::from_headers(Some("Bearer  "), Some(" ")).unwrap_err(),
+            HeaderError::Missing
+        );
+        assert_eq!(
+            Presented::from_headers(Some("Basic dXNlcjpwYXNz"), Some("")).unwrap_err(),
+            HeaderError::UnsupportedScheme
+        );
+    }
+
+    #[test]
     fn legacy_prefixes_parse_without_checksum_only_when_configured() {
         let key = "sk_live_0123456789abcdefXYZ";
         assert_eq!(format().parse(key), Err(MalformedKey::WrongPrefix));
@@ -414,10 +455,6 @@ mod tests {
             .unwrap();
         let f = KeyFormat::new(&config);
         assert_eq!(f.parse(key), Ok(KeyClass::Legacy));
-        assert!(matches!(
-            f.parse("sk_live_short"),
-            Err(MalformedKey::WrongLength { .. })
-        ));
         assert_eq!(f.classify_prefix("sk_live_0123"), Some(KeyClass::Legacy));
         assert_eq!(f.classify_prefix("vb_test_0123"), Some(KeyClass::Test));
         assert!(
@@ -425,6 +462,36 @@ mod tests {
                 .unwrap()
                 .expose()
                 .starts_with("vb_live_")
+        );
+    }
+
+    #[test]
+    fn legacy_length_errors_name_the_legacy_range() {
+        let config = Config::builder()
+            .master_key(crate::MasterKey::generate().unwrap())
+            .legacy_prefix("sk_live_")
+            .build()
+            .unwrap();
+        let f = KeyFormat::new(&config);
+        let short = f.parse("sk_live_short").unwrap_err();
+        assert_eq!(
+            short,
+            MalformedKey::WrongLength {
+                expected: 16,
+                expected_max: 100,
+                found: 5
+            }
+        );
+        assert!(short.to_string().contains("expected 16–100"), "{short}");
+        let native = f.parse("vb_live_short").unwrap_err().to_string();
+        assert!(native.ends_with("expected 38"), "{native}");
+        assert_eq!(
+            f.parse(&format!("sk_live_{}", "x".repeat(101))),
+            Err(MalformedKey::WrongLength {
+                expected: 16,
+                expected_max: 100,
+                found: 101
+            })
         );
     }
 

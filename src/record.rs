@@ -488,13 +488,15 @@ pub(crate) mod rules {
             let scope = scope("permissions", item.as_ref())?;
             if !out.contains(&scope) {
                 out.push(scope);
+                // Checked here, not after the loop: `contains` is linear, so a huge list
+                // would cost quadratic time before being refused.
+                if out.len() > MAX_PERMISSIONS {
+                    return Err(Error::invalid(
+                        "permissions",
+                        format!("at most {MAX_PERMISSIONS}"),
+                    ));
+                }
             }
-        }
-        if out.len() > MAX_PERMISSIONS {
-            return Err(Error::invalid(
-                "permissions",
-                format!("at most {MAX_PERMISSIONS}"),
-            ));
         }
         Ok(out)
     }
@@ -522,10 +524,11 @@ pub(crate) mod rules {
                 })?;
             if !out.contains(&net.trunc()) {
                 out.push(net.trunc());
+                // In the loop for the same reason as in `scopes`.
+                if out.len() > MAX_IPS {
+                    return Err(Error::invalid("ips", format!("at most {MAX_IPS} entries")));
+                }
             }
-        }
-        if out.len() > MAX_IPS {
-            return Err(Error::invalid("ips", format!("at most {MAX_IPS} entries")));
         }
         Ok(out)
     }
@@ -781,5 +784,47 @@ mod tests {
             "10.0.0.0/8"
         );
         assert!(rules::ips(["10.0.0.300"]).is_err());
+    }
+
+    #[test]
+    fn list_caps_apply_while_deduplicating() {
+        use std::cell::Cell;
+        use std::net::Ipv4Addr;
+        // Distinct items, counting how many the validator pulls: it must stop at the first
+        // item past the cap rather than deduplicate the whole (quadratic) list first.
+        let pulled = Cell::new(0usize);
+        let perms = (0..100_000)
+            .map(|i| format!("p{i}"))
+            .inspect(|_| pulled.set(pulled.get() + 1));
+        let err = rules::scopes(perms).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("at most {}", rules::MAX_PERMISSIONS)),
+            "{err}"
+        );
+        assert_eq!(pulled.get(), rules::MAX_PERMISSIONS + 1);
+
+        pulled.set(0);
+        let ips = (0u32..10_000)
+            .map(|i| Ipv4Addr::from(i).to_string())
+            .inspect(|_| pulled.set(pulled.get() + 1));
+        let err = rules::ips(ips).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("at most {} entries", rules::MAX_IPS)),
+            "{err}"
+        );
+        assert_eq!(pulled.get(), rules::MAX_IPS + 1);
+
+        // Exactly at the cap is fine, and duplicates do not count towards it.
+        let at_cap: Vec<String> = (0..rules::MAX_PERMISSIONS)
+            .map(|i| format!("p{i}"))
+            .collect();
+        assert_eq!(
+            rules::scopes(&at_cap).unwrap().len(),
+            rules::MAX_PERMISSIONS
+        );
+        let dupes = vec!["keys:read"; 10 * rules::MAX_PERMISSIONS];
+        assert_eq!(rules::scopes(dupes).unwrap(), ["keys:read"]);
+        let dupes = vec!["10.0.0.1"; 10 * rules::MAX_IPS];
+        assert_eq!(rules::ips(dupes).unwrap().len(), 1);
     }
 }

@@ -1002,3 +1002,106 @@ fn a_cursor_may_start_with_a_hyphen() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("cursor"), "{}", stderr(&out));
 }
+
+#[test]
+fn keys_update_clears_the_ip_allowlist_and_the_permissions() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    let v = s.json(&[
+        "keys",
+        "create",
+        "--owner",
+        &owner,
+        "--name",
+        "k",
+        "--permission",
+        "a:*",
+        "--ip",
+        "10.0.0.0/8",
+    ]);
+    let id = string(&v["id"]);
+    let v = s.json(&["keys", "update", &id, "--any-ip"]);
+    assert_eq!(v["ips"], serde_json::json!([]), "{v}");
+    assert_eq!(v["permissions"], serde_json::json!(["a:*"]), "{v}");
+    let v = s.json(&["keys", "update", &id, "--no-permissions"]);
+    assert_eq!(v["permissions"], serde_json::json!([]), "{v}");
+
+    // Tokens share the flags.
+    let t = s.json(&[
+        "tokens", "create", "--owner", &owner, "--name", "t", "--type", "svc", "--ip", "::1",
+    ]);
+    let v = s.json(&["tokens", "update", &string(&t["id"]), "--any-ip"]);
+    assert_eq!(v["ips"], serde_json::json!([]), "{v}");
+
+    // Setting and clearing the same thing at once is a usage error.
+    for args in [
+        ["--ip", "10.0.0.1", "--any-ip"],
+        ["--permission", "a:b", "--no-permissions"],
+    ] {
+        let out = s.run(&[&["keys", "update", id.as_str()][..], &args[..]].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn an_update_without_changes_is_a_usage_error() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    let (id, _) = s.key(&owner, "k");
+    for args in [
+        ["keys", "update", id.as_str()],
+        ["tokens", "update", "tok_x"],
+        ["accounts", "update", owner.as_str()],
+    ] {
+        let out = s.run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.starts_with("error: ") && err.contains("--name"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn an_empty_master_key_variable_is_unset_and_bad_keys_name_their_source() {
+    let s = Scratch::new();
+    // `KEYLEDGER_MASTER_KEY=` (empty) is not a key: init writes a key file, later commands
+    // find it.
+    let with_env = |value: &str, args: &[&str]| {
+        let mut cmd = s.bare_command();
+        cmd.env("KEYLEDGER_MASTER_KEY", value).args(args);
+        cmd.output().expect("run")
+    };
+    assert_success(&with_env("", &["init"]));
+    let key_file = PathBuf::from(format!("{}.key", s.db.display()));
+    assert!(key_file.exists(), "key file created");
+    assert_success(&with_env("", &["accounts", "list"]));
+
+    // A bad key names where it came from, never the value.
+    let bad = "deadbeefcafe0123";
+    let out = with_env(bad, &["accounts", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("KEYLEDGER_MASTER_KEY: "), "{err}");
+    assert!(err.contains("64 hex digits") && !err.contains(bad), "{err}");
+
+    let bad_file = s.db.with_extension("bad.key");
+    std::fs::write(&bad_file, format!("{bad}\n")).expect("write");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bad_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    let out = s
+        .bare_command()
+        .arg("--key-file")
+        .arg(&bad_file)
+        .args(["accounts", "list"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains(&bad_file.display().to_string()), "{err}");
+    assert!(err.contains("64 hex digits") && !err.contains(bad), "{err}");
+}

@@ -7,10 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
 use keyledger::{
-    AccountUpdate, Denial, Error, HeaderError, KeyClass, KeyKind, KeyUpdate, Ledger, MalformedKey,
-    NewAccount, NewKey, PageRequest, Presented, RateLimit, Refill, RefillInterval, RouteRule,
-    SubscriptionStatus, TokenWindow, permits,
+    AccountUpdate, Denial, Error, HeaderError, ImportKey, ImportedHash, KeyClass, KeyKind,
+    KeyUpdate, Ledger, MalformedKey, MasterKey, NewAccount, NewKey, PageRequest, Presented,
+    RateLimit, Refill, RefillInterval, RouteRule, SubscriptionStatus, TokenWindow, permits,
 };
+use sha2::{Digest, Sha256};
 
 fn full_key(owner: &str) -> NewKey {
     NewKey::new(owner, "CI deploy key")
@@ -152,6 +153,54 @@ fn test_keys_carry_the_test_prefix_and_class() {
         t.auth(created.plaintext.expose()).unwrap().class,
         KeyClass::Test
     );
+}
+
+#[test]
+fn rolling_keeps_the_class_a_key_or_token_had() {
+    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| b.legacy_prefix("sk_"));
+    let owner = t.account("Acme");
+
+    // A test key stays a test key.
+    let sandbox = t
+        .ledger
+        .keys()
+        .create(NewKey::new(&owner, "sandbox").test())
+        .unwrap();
+    let rolled = t.ledger.keys().roll(&sandbox.info.id, 0).unwrap();
+    assert!(rolled.plaintext.expose().starts_with("vb_test_"));
+    assert_eq!(rolled.info.class, KeyClass::Test);
+
+    // A token imported under a legacy prefix gets a token secret, an API key a live one.
+    let legacy = "sk_0123456789abcdefghijWXYZ";
+    let import = |name: &str| {
+        let hash = ImportedHash::Sha256(Sha256::digest(legacy.as_bytes()).into());
+        ImportKey::new(
+            &owner,
+            name,
+            hash,
+            &legacy[..12],
+            &legacy[legacy.len() - 4..],
+        )
+    };
+    let token = t
+        .ledger
+        .tokens()
+        .import(import("old hook").token_type("webhook"))
+        .unwrap();
+    assert_eq!(token.class, KeyClass::Legacy);
+    let rolled = t.ledger.tokens().roll(&token.id, 0).unwrap();
+    assert!(
+        rolled.plaintext.expose().starts_with("vb_tok_"),
+        "a rolled legacy token is a token, not a live API key"
+    );
+    assert_eq!(rolled.info.class, KeyClass::Token);
+    assert_eq!(t.auth(rolled.plaintext.expose()).unwrap().id, token.id);
+
+    t.ledger.tokens().delete(&token.id).unwrap();
+    let key = t.ledger.keys().import(import("old key")).unwrap();
+    let rolled = t.ledger.keys().roll(&key.id, 0).unwrap();
+    assert!(rolled.plaintext.expose().starts_with("vb_live_"));
+    assert_eq!(rolled.info.class, KeyClass::Live);
 }
 
 #[test]
@@ -753,6 +802,7 @@ fn authenticate_denials_have_stable_codes_and_statuses() {
             plaintext[..plaintext.len() - 1].to_owned(),
             MalformedKey::WrongLength {
                 expected: 38,
+                expected_max: 38,
                 found: 37,
             },
         ),
@@ -760,6 +810,7 @@ fn authenticate_denials_have_stable_codes_and_statuses() {
             format!("{plaintext}0"),
             MalformedKey::WrongLength {
                 expected: 38,
+                expected_max: 38,
                 found: 39,
             },
         ),

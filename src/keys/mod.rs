@@ -552,7 +552,15 @@ impl<'a> Keys<'a> {
         let mut record = self.load(&txn.open_table(KEYS)?, internal)?;
         let cached = secret_hashes(&record);
         prune_expired_rolled(&txn, &mut record, now)?;
-        let plaintext = self.ledger.inner.format.generate(record.class)?;
+        // A legacy key has no native class to keep: a token's new secret must carry the
+        // token prefix (a live one would read as an API key), an API key's the live prefix.
+        // Native keys keep their class, so a test key stays a test key.
+        let class = match (record.class, &record.kind) {
+            (KeyClass::Legacy, KeyKind::Token { .. }) => KeyClass::Token,
+            (KeyClass::Legacy, KeyKind::Api) => KeyClass::Live,
+            (class, _) => class,
+        };
+        let plaintext = self.ledger.inner.format.generate(class)?;
         record.class = self.ledger.inner.format.parse(plaintext.expose())?;
         let new_hash = hasher.hash_current(plaintext.expose());
         self.unindex(&txn, internal, &record)?;

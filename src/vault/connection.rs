@@ -201,10 +201,12 @@ pub(crate) fn validate_scopes(scopes: &[String]) -> Result<Vec<String>> {
         }
         if !out.contains(s) {
             out.push(s.clone());
+            // Checked here, not after the loop: `contains` is linear, so a huge list would
+            // cost quadratic time before being refused.
+            if out.len() > MAX_SCOPES {
+                return Err(Error::invalid("scopes", format!("at most {MAX_SCOPES}")));
+            }
         }
-    }
-    if out.len() > MAX_SCOPES {
-        return Err(Error::invalid("scopes", format!("at most {MAX_SCOPES}")));
     }
     Ok(out)
 }
@@ -225,5 +227,26 @@ pub(crate) fn health(
             (Health::RefreshDue, None)
         }
         StoredHealth::Healthy => (Health::Healthy, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_are_capped_while_deduplicating() {
+        let distinct: Vec<String> = (0..=MAX_SCOPES).map(|i| format!("s{i}")).collect();
+        let err = validate_scopes(&distinct).unwrap_err().to_string();
+        assert!(err.contains(&format!("at most {MAX_SCOPES}")), "{err}");
+
+        // Refused at the first scope past the cap, before the rest is even looked at.
+        let mut long = distinct.clone();
+        long.push("not valid".into());
+        let err = validate_scopes(&long).unwrap_err().to_string();
+        assert!(err.contains(&format!("at most {MAX_SCOPES}")), "{err}");
+
+        let dupes = vec!["drive.readonly".to_owned(); 10 * MAX_SCOPES];
+        assert_eq!(validate_scopes(&dupes).unwrap(), ["drive.readonly"]);
     }
 }

@@ -18,7 +18,9 @@ pub const PROVIDER_NAME_MAX: usize = 32;
 /// like a mistyped built-in (`Notion`, `google-drive`, `googledrive`, `google_drvie`: equal
 /// after lowercasing and dropping separators, or one edit away) are refused with a suggestion
 /// instead of silently creating a second, separate provider. Such names are reserved.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+///
+/// `Debug` prints what `Display` prints, as `Provider(notion)`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[non_exhaustive]
 pub enum Provider {
     /// Google Drive (`google_drive`).
@@ -127,6 +129,14 @@ impl fmt::Display for Provider {
     }
 }
 
+impl fmt::Debug for Provider {
+    /// `Provider(name)`, with the name as `Display` prints it: an invalid `Other` name may be
+    /// a secret passed by mistake, and `Debug` reaches logs and panic messages.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Provider({self})")
+    }
+}
+
 impl Serialize for Provider {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -191,6 +201,18 @@ mod tests {
             assert!(bad.is_empty() || !err.contains(bad), "{err}");
         }
         assert_eq!(Provider::Other("Secret Token".into()).to_string(), "other");
+    }
+
+    #[test]
+    fn debug_redacts_invalid_other_names_like_display() {
+        let leaked = format!("{:?}", Provider::Other("tok_Secret-Token!".into()));
+        assert!(!leaked.contains("Secret"), "{leaked}");
+        assert_eq!(leaked, "Provider(other)");
+        assert_eq!(
+            format!("{:?}", Provider::Other("dropbox_2".into())),
+            "Provider(dropbox_2)"
+        );
+        assert_eq!(format!("{:?}", Provider::Notion), "Provider(notion)");
     }
 
     #[test]

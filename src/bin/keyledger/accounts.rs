@@ -30,7 +30,7 @@ pub fn run(ctx: &Context, command: AccountsCommand) -> CliResult<u8> {
             entitlements,
         } => {
             if name.is_none() && status.is_none() && entitlements.is_empty() {
-                return Err(CliError::new(
+                return Err(CliError::usage(
                     "nothing to update: give --name, --status or --entitlement",
                 ));
             }

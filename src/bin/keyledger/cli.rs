@@ -396,11 +396,17 @@ pub struct UpdateArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// Replaces the permissions (repeatable).
-    #[arg(long = "permission")]
+    #[arg(long = "permission", conflicts_with = "no_permissions")]
     pub permissions: Vec<String>,
+    /// Remove every permission (routes that require one refuse the key).
+    #[arg(long)]
+    pub no_permissions: bool,
     /// Replaces the IP allowlist (repeatable).
-    #[arg(long = "ip")]
+    #[arg(long = "ip", conflicts_with = "any_ip")]
     pub ips: Vec<String>,
+    /// Clear the IP allowlist: the key is accepted from any address.
+    #[arg(long)]
+    pub any_ip: bool,
     /// Sets the credit balance.
     #[arg(long)]
     pub credits: Option<u64>,

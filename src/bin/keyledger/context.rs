@@ -34,14 +34,11 @@ impl Context {
         PathBuf::from(name)
     }
 
-    /// Resolves the master key: `KEYLEDGER_MASTER_KEY`, else `--key-file`, else `<db>.key`.
+    /// Resolves the master key: `KEYLEDGER_MASTER_KEY` (unless empty), else `--key-file`,
+    /// else `<db>.key`.
     fn master_key(&self) -> CliResult<(MasterKey, KeySource)> {
-        if let Some(text) = std::env::var_os(ENV_MASTER_KEY) {
-            let text = Zeroizing::new(
-                text.into_string()
-                    .map_err(|_| CliError::new(format!("{ENV_MASTER_KEY} is not valid UTF-8")))?,
-            );
-            return Ok((MasterKey::parse(&text)?, KeySource::Env));
+        if let Some(key) = env_master_key(std::env::var_os(ENV_MASTER_KEY))? {
+            return Ok((key, KeySource::Env));
         }
         let path = match &self.key_file {
             Some(path) => path.clone(),
@@ -53,7 +50,14 @@ impl Context {
                 default
             }
         };
-        Ok((MasterKey::from_file(&path)?, KeySource::File(path)))
+        let key = MasterKey::from_file(&path).map_err(|e| match e {
+            // The others name the file already.
+            ConfigError::MasterKeyEncoding { .. } | ConfigError::MasterKeyLength { .. } => {
+                CliError::new(format!("key file {}: {e}", path.display()))
+            }
+            e => e.into(),
+        })?;
+        Ok((key, KeySource::File(path)))
     }
 
     /// The config for this database.
@@ -78,6 +82,26 @@ impl Context {
             self.db.display()
         )))
     }
+}
+
+/// The master key in `KEYLEDGER_MASTER_KEY`'s value, if it holds one. Empty or blank counts
+/// as unset (`KEYLEDGER_MASTER_KEY=` is a common way to leave it out); errors name the
+/// variable, never the value.
+fn env_master_key(value: Option<OsString>) -> CliResult<Option<MasterKey>> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let text = Zeroizing::new(
+        value
+            .into_string()
+            .map_err(|_| CliError::new(format!("{ENV_MASTER_KEY} is not valid UTF-8")))?,
+    );
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    let key =
+        MasterKey::parse(&text).map_err(|e| CliError::new(format!("{ENV_MASTER_KEY}: {e}")))?;
+    Ok(Some(key))
 }
 
 /// The missing-key error, with the default key file it also looked for.
@@ -110,9 +134,10 @@ pub fn init(ctx: &Context) -> CliResult<u8> {
 
 /// The key `init` uses: the configured one, or a new one written to a new key file.
 fn init_key(ctx: &Context) -> CliResult<(MasterKey, KeySource, Option<PathBuf>)> {
-    let explicit = std::env::var_os(ENV_MASTER_KEY).is_some()
-        || ctx.key_file.as_ref().is_some_and(|p| p.exists());
-    if explicit {
+    if let Some(key) = env_master_key(std::env::var_os(ENV_MASTER_KEY))? {
+        return Ok((key, KeySource::Env, None));
+    }
+    if ctx.key_file.as_ref().is_some_and(|p| p.exists()) {
         let (key, source) = ctx.master_key()?;
         return Ok((key, source, None));
     }

@@ -161,9 +161,15 @@ fn key_update(args: &UpdateArgs) -> CliResult<KeyUpdate> {
     if !args.permissions.is_empty() {
         update = update.permissions(&args.permissions);
         any = true;
+    } else if args.no_permissions {
+        update = update.permissions(Vec::<String>::new());
+        any = true;
     }
     if !args.ips.is_empty() {
         update = update.ips(&args.ips);
+        any = true;
+    } else if args.any_ip {
+        update = update.ips(Vec::<String>::new());
         any = true;
     }
     if let Some(credits) = args.credits {
@@ -185,9 +191,9 @@ fn key_update(args: &UpdateArgs) -> CliResult<KeyUpdate> {
         any = true;
     }
     if !any {
-        return Err(CliError::new(
-            "nothing to update: give --name, --permission, --ip, --credits, --expires-in, \
-             --no-expiry, --low-balance or --no-low-balance",
+        return Err(CliError::usage(
+            "nothing to update: give --name, --permission, --no-permissions, --ip, --any-ip, \
+             --credits, --expires-in, --no-expiry, --low-balance or --no-low-balance",
         ));
     }
     Ok(update)

@@ -23,20 +23,36 @@ use clap::Parser;
 use cli::{Cli, Command};
 use context::Context;
 
-/// An error to print as `error: <message>` before exiting with status 1.
+/// An error to print as `error: <message>` before exiting with status 1, or 2 for a usage
+/// error.
 #[derive(Debug)]
-pub struct CliError(String);
+pub struct CliError {
+    message: String,
+    exit_code: u8,
+}
 
 impl CliError {
-    /// An error with this message.
+    /// An error with this message (exit 1).
     pub fn new(message: impl Into<String>) -> Self {
-        CliError(message.into())
+        CliError {
+            message: message.into(),
+            exit_code: 1,
+        }
+    }
+
+    /// A usage error found after parsing (exit 2, like clap's own): the command line is
+    /// incomplete, e.g. `keys update ID` with nothing to change.
+    pub fn usage(message: impl Into<String>) -> Self {
+        CliError {
+            exit_code: 2,
+            ..CliError::new(message)
+        }
     }
 }
 
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
@@ -45,7 +61,7 @@ macro_rules! cli_error_from {
     ($($t:ty),*) => {$(
         impl From<$t> for CliError {
             fn from(e: $t) -> Self {
-                CliError(e.to_string())
+                CliError::new(e.to_string())
             }
         }
     )*};
@@ -72,7 +88,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code)
         }
     }
 }

@@ -58,9 +58,8 @@ impl Gcra {
         let mut tat = self.tat.load(Ordering::Acquire);
         loop {
             let new_tat = tat.max(now_ns).saturating_add(increment);
-            let ahead = new_tat - now_ns;
-            if ahead > self.window_ns {
-                return Err(Duration::from_nanos(ahead - self.window_ns));
+            if let Some(wait) = self.wait_for(new_tat, now_ns) {
+                return Err(wait);
             }
             match self
                 .tat
@@ -70,6 +69,19 @@ impl Gcra {
                 Err(actual) => tat = actual,
             }
         }
+    }
+
+    /// How long until `weight` units would be admitted (`None`: now), admitting nothing.
+    fn wait(&self, now_ns: u64, weight: u64, multiplier_pct: u32) -> Option<Duration> {
+        let increment = self.interval_ns(multiplier_pct).saturating_mul(weight);
+        let tat = self.tat.load(Ordering::Acquire);
+        self.wait_for(tat.max(now_ns).saturating_add(increment), now_ns)
+    }
+
+    /// The wait before an arrival time of `new_tat` fits in the window (`None`: it does).
+    fn wait_for(&self, new_tat: u64, now_ns: u64) -> Option<Duration> {
+        let ahead = new_tat - now_ns;
+        (ahead > self.window_ns).then(|| Duration::from_nanos(ahead - self.window_ns))
     }
 
     /// Gives back `weight` units admitted by [`acquire`](Self::acquire) (another limit refused
@@ -156,7 +168,13 @@ impl KeyLimits {
                 self.named[..i]
                     .iter()
                     .for_each(|g| g.release(now_ns, 1, multiplier_pct));
-                return Err(wait);
+                // A retry must wait for the slowest limit, not just the first that refused.
+                let later = self.named[i + 1..]
+                    .iter()
+                    .filter_map(|g| g.wait(now_ns, 1, multiplier_pct));
+                let tokens = self.tokens.as_ref().filter(|_| cost > 0);
+                let tokens = tokens.and_then(|t| t.wait(now_ns, cost, multiplier_pct));
+                return Err(later.chain(tokens).fold(wait, Duration::max));
             }
         }
         if let Some(tokens) = &self.tokens {
@@ -193,7 +211,15 @@ impl KeyLimits {
         if tiers.is_empty() {
             return;
         }
-        let lifetime = self.lifetime_spent.fetch_add(units, Ordering::Relaxed) + units;
+        // Saturating: a commit of `u64::MAX` units (unmetered keys charge what they are told)
+        // must neither panic nor wrap the count back below the tiers already reached.
+        let before = self
+            .lifetime_spent
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(s.saturating_add(units))
+            })
+            .unwrap_or_else(|s| s);
+        let lifetime = before.saturating_add(units);
         let reached = self.tiers_reached.load(Ordering::Relaxed);
         if lifetime >= next_tier_at(tiers, reached) {
             // The maximum: two requests crossing tiers at once leave the higher.
@@ -325,6 +351,46 @@ mod tests {
         }
         assert!(k.acquire(t0, 1, 100).is_err());
         assert_eq!(k.remaining(t0, 100).0, Some(0));
+    }
+
+    #[test]
+    fn a_refusal_asks_to_wait_for_the_slowest_limit() {
+        let limits = Limits {
+            rate_limits: vec![
+                crate::RateLimit {
+                    name: "second".into(),
+                    limit: 5,
+                    window_secs: 1,
+                },
+                crate::RateLimit {
+                    name: "minute".into(),
+                    limit: 5,
+                    window_secs: 60,
+                },
+            ],
+            ..Limits::default()
+        };
+        let k = KeyLimits::new(&limits, 0, &[]);
+        let t0 = 100 * S;
+        for _ in 0..5 {
+            assert!(k.acquire(t0, 1, 100).is_ok());
+        }
+        // The per-second limit refuses first, for 200 ms; the per-minute one for 12 s.
+        assert_eq!(k.acquire(t0, 1, 100), Err(Duration::from_secs(12)));
+        assert!(
+            k.acquire(t0 + 12 * S, 1, 100).is_ok(),
+            "after that wait it fits"
+        );
+    }
+
+    #[test]
+    fn spend_past_the_largest_count_saturates() {
+        let tiers = [tier(100, 150)];
+        let k = KeyLimits::new(&Limits::default(), 90, &tiers);
+        k.record_spend(u64::MAX, &tiers);
+        k.record_spend(5, &tiers);
+        assert_eq!(k.lifetime_spent.load(Ordering::Relaxed), u64::MAX);
+        assert_eq!(k.tier_pct(&tiers), 150);
     }
 
     fn tier(min_spent: u64, multiplier_pct: u32) -> SpendTier {

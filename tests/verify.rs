@@ -254,6 +254,9 @@ fn ip_allowlist_accepts_addresses_and_cidr_ranges() {
         ("11.0.0.1", "ip_not_allowed"),
         ("2001:db8::1", "ok"),
         ("2001:db9::1", "ip_not_allowed"),
+        // IPv4 clients as a dual-stack listener reports them.
+        ("::ffff:10.255.3.4", "ok"),
+        ("::ffff:11.0.0.1", "ip_not_allowed"),
     ] {
         assert_eq!(verify_from(&t, &listed, "/x", from), expected, "{from}");
         assert_eq!(verify_from(&t, &open, "/x", from), "ok");

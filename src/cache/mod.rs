@@ -296,7 +296,11 @@ impl CachedKey {
     #[inline]
     pub(crate) fn ip_allowed(&self, ip: Option<IpAddr>) -> bool {
         self.flags & IP_ALLOWLIST == 0
-            || ip.is_some_and(|ip| self.scope.ips.iter().any(|net| net.contains(&ip)))
+            || ip.is_some_and(|ip| {
+                // A dual-stack listener reports IPv4 clients as `::ffff:a.b.c.d`.
+                let ip = ip.to_canonical();
+                self.scope.ips.iter().any(|net| net.contains(&ip))
+            })
     }
 
     /// Recompiles the permission and entitlement bits against a new route table.

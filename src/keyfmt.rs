@@ -444,16 +444,21 @@ mod tests {
         );
     }
 
-    #[test]
-    fn legacy_prefixes_parse_without_checksum_only_when_configured() {
-        let key = "sk_live_0123456789abcdefXYZ";
-        assert_eq!(format().parse(key), Err(MalformedKey::WrongPrefix));
+    /// The format with `sk_live_` accepted as a legacy prefix.
+    fn with_legacy_prefix() -> KeyFormat {
         let config = Config::builder()
             .master_key(crate::MasterKey::generate().unwrap())
             .legacy_prefix("sk_live_")
             .build()
             .unwrap();
-        let f = KeyFormat::new(&config);
+        KeyFormat::new(&config)
+    }
+
+    #[test]
+    fn legacy_prefixes_parse_without_checksum_only_when_configured() {
+        let key = "sk_live_0123456789abcdefXYZ";
+        assert_eq!(format().parse(key), Err(MalformedKey::WrongPrefix));
+        let f = with_legacy_prefix();
         assert_eq!(f.parse(key), Ok(KeyClass::Legacy));
         assert_eq!(f.classify_prefix("sk_live_0123"), Some(KeyClass::Legacy));
         assert_eq!(f.classify_prefix("vb_test_0123"), Some(KeyClass::Test));
@@ -467,12 +472,7 @@ mod tests {
 
     #[test]
     fn legacy_length_errors_name_the_legacy_range() {
-        let config = Config::builder()
-            .master_key(crate::MasterKey::generate().unwrap())
-            .legacy_prefix("sk_live_")
-            .build()
-            .unwrap();
-        let f = KeyFormat::new(&config);
+        let f = with_legacy_prefix();
         let short = f.parse("sk_live_short").unwrap_err();
         assert_eq!(
             short,

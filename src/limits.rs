@@ -320,26 +320,30 @@ mod tests {
         );
     }
 
+    /// Two named limits: `per_second` a second and `per_minute` a minute.
+    fn per_second_and_minute(per_second: u64, per_minute: u64) -> Limits {
+        let limit = |name: &str, limit, window_secs| crate::RateLimit {
+            name: name.into(),
+            limit,
+            window_secs,
+        };
+        Limits {
+            rate_limits: vec![
+                limit("second", per_second, 1),
+                limit("minute", per_minute, 60),
+            ],
+            ..Limits::default()
+        }
+    }
+
     #[test]
     fn all_or_nothing_across_limits() {
         let limits = Limits {
-            rate_limits: vec![
-                crate::RateLimit {
-                    name: "second".into(),
-                    limit: 5,
-                    window_secs: 1,
-                },
-                crate::RateLimit {
-                    name: "minute".into(),
-                    limit: 6,
-                    window_secs: 60,
-                },
-            ],
             token_window: Some(crate::TokenWindow {
                 tokens: 50,
                 window_secs: 60,
             }),
-            ..Limits::default()
+            ..per_second_and_minute(5, 6)
         };
         let k = KeyLimits::new(&limits, 0, &[]);
         let t0 = 100 * S;
@@ -355,22 +359,7 @@ mod tests {
 
     #[test]
     fn a_refusal_asks_to_wait_for_the_slowest_limit() {
-        let limits = Limits {
-            rate_limits: vec![
-                crate::RateLimit {
-                    name: "second".into(),
-                    limit: 5,
-                    window_secs: 1,
-                },
-                crate::RateLimit {
-                    name: "minute".into(),
-                    limit: 5,
-                    window_secs: 60,
-                },
-            ],
-            ..Limits::default()
-        };
-        let k = KeyLimits::new(&limits, 0, &[]);
+        let k = KeyLimits::new(&per_second_and_minute(5, 5), 0, &[]);
         let t0 = 100 * S;
         for _ in 0..5 {
             assert!(k.acquire(t0, 1, 100).is_ok());

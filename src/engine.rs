@@ -87,8 +87,9 @@ struct MissRead {
 pub(crate) enum Loaded {
     /// No key has this hash.
     Missing,
-    /// The entry is now in the cache.
-    Cached,
+    /// The entry is now in the cache (it may be evicted again before the caller looks, so
+    /// the caller checks this one rather than probing again).
+    Cached(Arc<CachedKey>),
     /// The entry could not be cached (an admin change raced with the read).
     Uncached(Arc<CachedKey>),
 }
@@ -646,7 +647,7 @@ impl Engine {
         } else {
             build(carried.clone())
         };
-        Some(match self.cache.insert(hash, key, epoch) {
+        Some(match self.cache.insert(hash, key.clone(), epoch) {
             Ok(evicted) => {
                 if let Some(carried) = carried {
                     let mut all = self.carried.lock();
@@ -658,7 +659,7 @@ impl Engine {
                     }
                 }
                 self.retire(evicted);
-                Loaded::Cached
+                Loaded::Cached(key)
             }
             Err(key) => Loaded::Uncached(key),
         })
@@ -895,7 +896,7 @@ mod tests {
         let (other, _, _) = key(&f.ledger, |o| NewKey::new(o, "other").credits(1));
         f.ledger.keys().delete(&other).unwrap();
         let read = read_miss(&f.ledger, &plaintext);
-        assert!(matches!(engine.install(read), Some(Loaded::Cached)));
+        assert!(matches!(engine.install(read), Some(Loaded::Cached(_))));
         assert!(engine.shared.meters.lock().get(id).is_some());
         assert_eq!(code(&f.ledger, &plaintext), "ok");
     }

@@ -150,12 +150,9 @@ impl Ledger {
                 .map_err(|_| Denial::Unavailable)?
             {
                 Loaded::Missing => return Err(Denial::NotFound),
-                Loaded::Uncached(key) => check(self, &key, request, routes, now.0),
-                Loaded::Cached => engine
-                    .cache
-                    .with(&hash, checked)
-                    .flatten()
-                    .ok_or(Denial::NotFound)?,
+                Loaded::Cached(key) | Loaded::Uncached(key) => {
+                    check(self, &key, request, routes, now.0)
+                }
             },
         };
         match outcome {
@@ -247,14 +244,13 @@ fn check<'l>(
     }
     // 4. Route permission: the longest matching rule, checked by bit when compiled.
     let route = routes.resolve(request.route);
-    let compiled = key.route_generation.load(Ordering::Acquire) == routes.generation as u32;
-    let bit = route
+    let compiled = route
         .index
-        .filter(|&i| compiled && RouteTable::has_bit(i))
-        .map(|i| 1u64 << i);
+        .filter(|&i| RouteTable::has_bit(i))
+        .and_then(|i| Some((1u64 << i, key.compiled_bits(routes)?)));
     if let Some(rule) = route.rule {
-        let allowed = match (bit, &rule.permission) {
-            (Some(bit), _) => key.permission_bits.load(Ordering::Relaxed) & bit != 0,
+        let allowed = match (compiled, &rule.permission) {
+            (Some((bit, (permissions, _))), _) => permissions & bit != 0,
             (None, Some(p)) => permits(&key.scope.permissions, p),
             (None, None) => true,
         };
@@ -271,8 +267,8 @@ fn check<'l>(
         return Denied(Denial::SubscriptionInactive);
     }
     if let Some(required) = route.rule.and_then(|r| r.entitlement.as_ref()) {
-        let entitled = match bit {
-            Some(bit) => key.entitlement_bits.load(Ordering::Relaxed) & bit != 0,
+        let entitled = match compiled {
+            Some((bit, (_, entitlements))) => entitlements & bit != 0,
             None => key.account.entitlements.load().contains(required),
         };
         if !entitled {

@@ -13,7 +13,7 @@ mod table;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering, fence};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use ipnet::IpNet;
@@ -120,6 +120,8 @@ const SUBSCRIPTION_INACTIVE: u8 = 1 << 1;
 const IP_ALLOWLIST: u8 = 1 << 2;
 /// The secret stops working at the scope's `secret_valid_until` (a rolled key's previous one).
 const SECRET_DEADLINE: u8 = 1 << 3;
+/// [`CachedKey::route_generation`] while the bits are being rewritten.
+const RECOMPILING: u32 = u32::MAX;
 
 /// A cached key: everything the verify chain checks, and the key's live counters and credit
 /// lease, in one allocation, so that a cache hit reads one slot and one `CachedKey`: 168
@@ -134,19 +136,20 @@ pub(crate) struct CachedKey {
     /// The first time (ms) this secret does not work: its expiry, or a rolled key's previous
     /// secret's deadline if earlier (`u64::MAX`: none). Past it, the chain asks which.
     deadline: u64,
-    /// Route-table generation the two bit sets below were compiled against (written last;
-    /// its low 32 bits: every route change recompiles every cached key, so no stale key
-    /// can meet a generation 2³² changes later).
-    pub route_generation: AtomicU32,
+    /// Route-table generation the two bit sets below were compiled against (its low 32 bits:
+    /// every route change recompiles every cached key, so no stale key can meet a generation
+    /// 2³² changes later), [`RECOMPILING`] while they are rewritten. Read them through
+    /// [`compiled_bits`](Self::compiled_bits).
+    route_generation: AtomicU32,
     pub kind: IdKind,
     pub metering: Metering,
     /// [`DISABLED`], [`SUBSCRIPTION_INACTIVE`], [`IP_ALLOWLIST`], [`SECRET_DEADLINE`].
     flags: u8,
     /// The usage counters are queued for a flush (the home's is the one used).
     usage_dirty: AtomicBool,
-    pub permission_bits: AtomicU64,
+    permission_bits: AtomicU64,
     /// The owner's entitlements as route bits.
-    pub entitlement_bits: AtomicU64,
+    entitlement_bits: AtomicU64,
     /// Permissions, IP allowlist, secret deadline (interned).
     pub scope: Arc<Scope>,
     /// Rate limits and spend tier (`None`: no limits), kept across rebuilds while configured
@@ -303,8 +306,29 @@ impl CachedKey {
             })
     }
 
+    /// The permission and entitlement bits, if they were compiled against `table` and no
+    /// recompilation overlapped the read (`None`: check by name instead).
+    #[inline]
+    pub(crate) fn compiled_bits(&self, table: &RouteTable) -> Option<(u64, u64)> {
+        let generation = table.generation as u32;
+        let before = self.route_generation.load(Ordering::Acquire);
+        if before != generation || generation == RECOMPILING {
+            return None;
+        }
+        let permission = self.permission_bits.load(Ordering::Relaxed);
+        let entitlement = self.entitlement_bits.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        let after = self.route_generation.load(Ordering::Relaxed);
+        (after == generation).then_some((permission, entitlement))
+    }
+
     /// Recompiles the permission and entitlement bits against a new route table.
     pub(crate) fn recompile(&self, table: &RouteTable) {
+        // A seqlock with one writer at a time (route changes publish one after another): a
+        // reader that sees any of the new bits sees the generation changed, so it never
+        // tests one table's rule index against another table's bits.
+        self.route_generation.store(RECOMPILING, Ordering::Relaxed);
+        fence(Ordering::Release);
         self.permission_bits.store(
             table.permission_bits(&self.scope.permissions),
             Ordering::Relaxed,
@@ -607,6 +631,44 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A verify racing a route change never tests one table's rule index against the other
+    /// table's bits: rule 0 needs a permission the key lacks in `a` and nothing in `b`.
+    #[test]
+    fn compiled_bits_never_mix_two_route_tables() {
+        let rule = |prefix: &str, permission: Option<&str>| {
+            let rule = crate::RouteRule::new(prefix);
+            permission.map_or(rule.clone(), |p| rule.permission(p))
+        };
+        let a = RouteTable::new(1, vec![rule("/a/", Some("admin"))]);
+        let b = RouteTable::new(2, vec![rule("/b/", None)]);
+        let key = test_key(1);
+        key.recompile(&a);
+        assert_eq!(key.compiled_bits(&a), Some((0, 1)));
+        assert_eq!(key.compiled_bits(&b), None, "compiled against a");
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    key.recompile(&b);
+                    key.recompile(&a);
+                }
+            });
+            let (mut seen, mut mixed) = (0u64, 0u64);
+            for _ in 0..2_000_000 {
+                if let Some((permissions, _)) = key.compiled_bits(&a) {
+                    seen += 1;
+                    mixed += permissions & 1;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(seen > 0);
+            assert_eq!(
+                mixed, 0,
+                "table b's bits read as table a's {mixed} times of {seen}"
+            );
+        });
+    }
 
     /// The per-key memory budget (issue 3: ≤ 256 bytes per cached key at 1M keys) is spent
     /// mostly here: with `Arc`'s two counters and malloc's header, 168 bytes is a 192-byte

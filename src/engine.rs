@@ -888,6 +888,27 @@ mod tests {
     }
 
     #[test]
+    fn units_handed_to_a_waiting_request_carry_the_epoch_they_were_leased_under() {
+        let f = ledger();
+        let engine = &f.ledger.inner.engine;
+        let (public, id, plaintext) = key(&f.ledger, |o| NewKey::new(o, "k").credits(10));
+        assert_eq!(code(&f.ledger, &plaintext), "ok"); // cached, with its meter
+        let meter = engine.shared.meters.lock().get(id).expect("registered");
+        // A request reads the epoch, then a `set` runs before the writer leases for it.
+        let read_before = meter.epoch.load(Ordering::Acquire);
+        f.ledger.credits().set(&public, 100).unwrap();
+        match engine.lease_now(&meter, 5) {
+            Some(Handoff::Units { units: 5, epoch }) => {
+                // The units come out of the new balance: the grant must carry the new epoch,
+                // or its refund would be discarded as if reserved before the set.
+                assert_ne!(epoch, read_before);
+                assert_eq!(epoch, meter.epoch.load(Ordering::Acquire));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn a_miss_with_no_removal_meanwhile_registers_and_caches_at_once() {
         let f = ledger();
         let engine = &f.ledger.inner.engine;

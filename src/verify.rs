@@ -192,12 +192,15 @@ impl Ledger {
             }
             match engine.lease_now(&handle, cost) {
                 None => break,
-                Some(Handoff::Units(handed)) if handed == cost => {
+                Some(Handoff::Units { units, epoch }) if units == cost => {
+                    // The epoch of the balance they came from: a `set` that ran in the same
+                    // batch, after this request read the epoch, does not make them final.
+                    grant.epoch = epoch;
                     grant.note_use(now);
                     return Ok(grant);
                 }
                 // Fewer than needed (the balance is running out): back into the lease.
-                Some(Handoff::Units(handed)) => meter.give_back(handed),
+                Some(Handoff::Units { units, .. }) => meter.give_back(units),
                 Some(Handoff::Short) => {
                     denial = Denial::UsageExceeded;
                     break;

@@ -735,6 +735,27 @@ fn a_top_up_past_the_largest_count_is_refused_and_changes_nothing() {
 }
 
 #[test]
+fn a_top_up_of_something_without_a_balance_says_why() {
+    let t = TestLedger::new();
+    let (pool, pooled, _) = pooled_key(&t);
+    let (unmetered, _) = create_key(&t.ledger, NewKey::new(&pool.owner, "free"));
+    for (id, says) in [
+        (pooled.as_str(), "spends from a pool"),
+        (unmetered.as_str(), "unmetered"),
+        (pool.owner.as_str(), "account holds no balance"),
+    ] {
+        for err in [
+            t.ledger.credits().top_up(id, 5).unwrap_err(),
+            t.ledger.credits().set(id, 5).unwrap_err(),
+        ] {
+            assert!(matches!(err, Error::InvalidInput { .. }), "{id}: {err}");
+            assert!(err.to_string().contains(says), "{id}: {err}");
+        }
+    }
+    assert_eq!(t.ledger.credits().top_up(&pool.id, 5).unwrap(), 105);
+}
+
+#[test]
 fn a_reservation_from_before_a_refill_is_not_refunded_into_the_new_period() {
     let t = TestLedger::new();
     let owner = t.account("Acme");

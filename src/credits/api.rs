@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::keys::new_balance;
 use crate::ledger::{Ledger, SYSTEM_ACTOR};
 use crate::public_id::{IdKind, PublicId};
-use crate::record::{CreditsRecord, PoolRecord, Refill, UsageRecord, rules};
+use crate::record::{CreditsRecord, KeyRecord, PoolRecord, Refill, UsageRecord, rules};
 use crate::store::{self, tables::*};
 
 /// Credit operations. Get one with [`Ledger::credits`].
@@ -237,8 +237,17 @@ impl Credits<'_> {
     }
 
     fn adjust(&self, id: &str, change: Adjust, action: &str) -> Result<u64> {
+        if id.starts_with("acct_") {
+            return Err(Error::invalid(
+                "id",
+                "an account holds no balance: top up or set its keys or pools",
+            ));
+        }
         let internal = self.credit_id(id)?;
-        let balance = self.ledger.inner.engine.adjust(internal, change)?;
+        let balance = match self.ledger.inner.engine.adjust(internal, change) {
+            Err(Error::NotFound { .. }) => return Err(self.no_balance(id, internal)?),
+            other => other?,
+        };
         let txn = self.ledger.inner.store.begin_write()?;
         audit::append(
             &txn,
@@ -278,6 +287,29 @@ impl Credits<'_> {
     }
 
     /// Internal id of a key, token or pool public id whose record exists.
+    /// Why key, token or pool `id` has no balance to change, as the error to return.
+    fn no_balance(&self, id: &str, internal: u64) -> Result<Error> {
+        let not_found = Error::NotFound {
+            what: "credit balance",
+        };
+        if id.starts_with("pool_") {
+            return Ok(not_found);
+        }
+        let read = self.ledger.inner.store.begin_read()?;
+        let key: Option<KeyRecord> = store::get(&read.open_table(KEYS)?, internal)?;
+        Ok(match key {
+            Some(k) if k.pool.is_some() => Error::invalid(
+                "id",
+                "this key spends from a pool: top up or set the pool instead",
+            ),
+            Some(_) => Error::invalid(
+                "id",
+                "this key is unmetered: give it credits with a key update first",
+            ),
+            None => not_found,
+        })
+    }
+
     fn credit_id(&self, id: &str) -> Result<u64> {
         let ids = &self.ledger.inner.ids;
         let (kind, table) = match id.split_once('_').map(|(p, _)| p) {

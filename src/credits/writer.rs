@@ -59,8 +59,9 @@ pub(crate) enum Adjust {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Handoff {
     /// Units out of the new lease: what it needed, or fewer when the durable balance had
-    /// fewer (the rest may be in memory already).
-    Units(u64),
+    /// fewer (the rest may be in memory already), and the balance epoch they were leased
+    /// under (a `set` earlier in the same batch moved it; the request read it before).
+    Units { units: u64, epoch: u32 },
     /// The balance and the lease in memory together cannot cover it: refuse the request.
     Short,
 }
@@ -493,8 +494,9 @@ struct Effects {
     /// batch takes back without scanning every lease of the batch.
     granted_at: HashMap<u64, Vec<usize>>,
     /// Waiting requests: the lease (index in `leases`) their units come out of, how many
-    /// they need (`None`: the balance cannot cover it), and where to hand them.
-    handoffs: Vec<(usize, Option<u64>, Sender<Handoff>)>,
+    /// they need (`None`: the balance cannot cover it), the balance epoch when it was leased,
+    /// and where to hand them.
+    handoffs: Vec<(usize, Option<u64>, u32, Sender<Handoff>)>,
     shortfalls: Vec<(Sender<u64>, u64)>,
     adjusts: Vec<(Sender<Result<u64>>, u64)>,
     flushed_spend: Vec<(MeterRef, u64)>,
@@ -570,11 +572,11 @@ fn commit(
             let handed: Vec<_> = fx
                 .handoffs
                 .into_iter()
-                .map(|(at, need, reply)| {
+                .map(|(at, need, epoch, reply)| {
                     let (meter, units, _) = &mut fx.leases[at];
                     let handed = need.map(|need| need.min(*units));
                     *units -= handed.unwrap_or(0);
-                    (meter.clone(), handed, reply)
+                    (meter.clone(), handed, epoch, reply)
                 })
                 .collect();
             for (meter, units, empty_until) in fx.leases {
@@ -584,8 +586,8 @@ fn commit(
             }
             // Only now, with the rest of each lease in its meter: a woken request may commit
             // or refund at once, and whoever looks next must see the whole lease.
-            for (meter, units, reply) in handed {
-                let handoff = units.map_or(Handoff::Short, Handoff::Units);
+            for (meter, units, epoch, reply) in handed {
+                let handoff = units.map_or(Handoff::Short, |units| Handoff::Units { units, epoch });
                 if reply.send(handoff).is_err() {
                     meter.give_back(units.unwrap_or(0)); // nobody waits: the meter keeps them
                 }
@@ -664,8 +666,8 @@ fn commit(
                 meter.pending.store(false, Ordering::Release);
             }
             let message = e.to_string();
-            for (_, _, r) in fx.handoffs {
-                let _ = r.send(Handoff::Units(0));
+            for (_, _, epoch, r) in fx.handoffs {
+                let _ = r.send(Handoff::Units { units: 0, epoch });
             }
             for (r, _) in fx.shortfalls {
                 let _ = r.send(0);
@@ -721,7 +723,9 @@ fn build(
                         lease(shared, &mut work, fx, meter, need, now)?
                     };
                     if let Some(reply) = reply {
-                        fx.handoffs.push((at, covered.then_some(need), reply));
+                        let epoch = fx.leases[at].0.epoch.load(Ordering::Acquire);
+                        fx.handoffs
+                            .push((at, covered.then_some(need), epoch, reply));
                     }
                 }
                 Msg::Shortfall {

@@ -22,7 +22,7 @@ use crate::credits::events::{CreditEvent, CreditEventKind, EVENT_CAPACITY};
 use crate::credits::meter::{MIN_LEASE, Meter};
 use crate::credits::refill;
 use crate::credits::registry::Registry;
-use crate::credits::writer::{self, Adjust, Handoff, Msg, Shared};
+use crate::credits::writer::{self, Adjust, AuditLine, Handoff, Msg, Shared};
 use crate::error::{Error, Result};
 use crate::hashing::{KeyHash, KeyHasher};
 use crate::keys::lookup;
@@ -206,10 +206,15 @@ impl Engine {
     }
 
     /// Sets or tops up a balance through the writer, ordered with leases.
-    pub(crate) fn adjust(&self, id: u64, change: Adjust) -> Result<u64> {
+    pub(crate) fn adjust(&self, id: u64, change: Adjust, audit: Option<AuditLine>) -> Result<u64> {
         let (reply, done) = channel::bounded(1);
         self.tx
-            .send(Msg::Adjust { id, change, reply })
+            .send(Msg::Adjust {
+                id,
+                change,
+                audit,
+                reply,
+            })
             .map_err(|_| closed())?;
         done.recv().map_err(|_| closed())?
     }

@@ -756,6 +756,29 @@ fn a_top_up_of_something_without_a_balance_says_why() {
 }
 
 #[test]
+fn balance_changes_are_audited_with_their_author_and_refused_ones_are_not() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, _) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(10));
+    let billing = t.ledger.credits().by("billing");
+    billing.top_up(&id, 5).unwrap();
+    billing.set(&id, 7).unwrap();
+    assert!(billing.top_up(&id, u64::MAX).is_err());
+    let recent = t.ledger.audit().recent(2).unwrap();
+    let seen: Vec<_> = recent
+        .iter()
+        .map(|e| (e.action.as_str(), e.actor.as_str(), e.target.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("credits.set", "billing", id.as_str()),
+            ("credits.topped_up", "billing", id.as_str())
+        ]
+    );
+}
+
+#[test]
 fn a_reservation_from_before_a_refill_is_not_refunded_into_the_new_period() {
     let t = TestLedger::new();
     let owner = t.account("Acme");

@@ -3,7 +3,7 @@
 use redb::ReadableTable;
 use serde::Serialize;
 
-use super::writer::Adjust;
+use super::writer::{Adjust, AuditLine};
 use crate::audit;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
@@ -236,7 +236,7 @@ impl Credits<'_> {
         self.adjust(id, Adjust::Set(units), "credits.set")
     }
 
-    fn adjust(&self, id: &str, change: Adjust, action: &str) -> Result<u64> {
+    fn adjust(&self, id: &str, change: Adjust, action: &'static str) -> Result<u64> {
         if id.starts_with("acct_") {
             return Err(Error::invalid(
                 "id",
@@ -244,21 +244,20 @@ impl Credits<'_> {
             ));
         }
         let internal = self.credit_id(id)?;
-        let balance = match self.ledger.inner.engine.adjust(internal, change) {
-            Err(Error::NotFound { .. }) => return Err(self.no_balance(id, internal)?),
-            other => other?,
-        };
-        let txn = self.ledger.inner.store.begin_write()?;
-        audit::append(
-            &txn,
-            self.ledger.now(),
-            &self.actor,
+        let audit = AuditLine {
+            actor: self.actor.clone(),
             action,
-            id,
-            &["balance"],
-        )?;
-        txn.commit()?;
-        Ok(balance)
+            target: id.to_owned(),
+        };
+        match self
+            .ledger
+            .inner
+            .engine
+            .adjust(internal, change, Some(audit))
+        {
+            Err(Error::NotFound { .. }) => Err(self.no_balance(id, internal)?),
+            other => other,
+        }
     }
 
     /// Credit and usage state of a key (`key_…`, `tok_…`), pool (`pool_…`) or account

@@ -66,6 +66,15 @@ pub(crate) enum Handoff {
     Short,
 }
 
+/// Who changed a balance and how, for the audit trail.
+#[derive(Debug)]
+pub(crate) struct AuditLine {
+    pub actor: String,
+    pub action: &'static str,
+    /// The public id of the key, token or pool.
+    pub target: String,
+}
+
 pub(crate) enum Msg {
     /// Lease more units into `meter`; the caller waits (`reply`: it is handed `need` of them,
     /// or fewer if the balance has fewer) or not (prefetch).
@@ -84,6 +93,9 @@ pub(crate) enum Msg {
     Adjust {
         id: u64,
         change: Adjust,
+        /// The audit entry, written in the same transaction as the change (`None`: the
+        /// caller's own change already recorded it).
+        audit: Option<AuditLine>,
         reply: Sender<Result<u64>>,
     },
     /// A meter leaves memory: return its lease, flush its spend, and drop it from the
@@ -756,7 +768,12 @@ fn build(
                     };
                     fx.shortfalls.push((reply, charged));
                 }
-                Msg::Adjust { id, change, reply } => {
+                Msg::Adjust {
+                    id,
+                    change,
+                    audit,
+                    reply,
+                } => {
                     let meter = shared.meters.lock().get(id);
                     if let Some(meter) = &meter {
                         reclaim(&mut work, fx, meter)?;
@@ -787,6 +804,16 @@ fn build(
                     };
                     r.balance = balance;
                     r.granted = granted;
+                    // In this transaction: a change reported as failed must not have landed
+                    // (a caller retrying a top-up would add it twice).
+                    if let Some(AuditLine {
+                        actor,
+                        action,
+                        target,
+                    }) = audit
+                    {
+                        crate::audit::append(&txn, now, &actor, action, &target, &["balance"])?;
+                    }
                     fx.adjusts.push((reply, r.balance));
                     if let Some(meter) = meter {
                         // After the lease was taken back (`reclaim`): a reservation made

@@ -513,7 +513,9 @@ impl<'a> Keys<'a> {
         match set_balance_to {
             Some(n) => {
                 let internal = self.internal_id(id)?;
-                let balance = self.ledger.inner.engine.adjust(internal, Adjust::Set(n))?;
+                // The update's own audit entry names the credits.
+                let set = Adjust::Set(n);
+                let balance = self.ledger.inner.engine.adjust(internal, set, None)?;
                 Ok(KeyInfo {
                     remaining_credits: Some(balance),
                     ..info

@@ -282,7 +282,7 @@ impl<'a> Secrets<'a> {
     /// [`bearer`](Self::bearer). The url must not already have a `param` parameter.
     pub fn query(&self, owner: &str, name: &str, param: &str, url: &str) -> Result<OutboundUrl> {
         validate_param(param)?;
-        let (value, mut url) = self.attach(owner, name, url)?;
+        let (value, url) = self.attach(owner, name, url)?;
         if url.query_pairs().any(|(k, _)| k == param) {
             return Err(Error::invalid(
                 "param",
@@ -291,10 +291,72 @@ impl<'a> Secrets<'a> {
         }
         let mut redacted = url.clone();
         redacted.query_pairs_mut().append_pair(param, "***");
-        url.query_pairs_mut().append_pair(param, value.expose());
         Ok(OutboundUrl {
-            url: Secret::new(String::from(url)),
+            url: Secret::new(with_query_pair(url, param, value.expose())),
             redacted: redacted.into(),
         })
+    }
+}
+
+/// `url` with `name=value` appended to its query, form-encoded as `append_pair` does, built
+/// in one allocation of the final size: growing a buffer that holds the secret would leave
+/// copies of it behind in freed memory, where zeroizing the result cannot reach them.
+fn with_query_pair(mut url: url::Url, name: &str, value: &str) -> String {
+    use url::form_urlencoded::byte_serialize;
+    let fragment = url.fragment().map(str::to_owned);
+    url.set_fragment(None);
+    let separator = match url.query() {
+        None => "?",
+        Some("") => "",
+        Some(_) => "&",
+    };
+    let base = String::from(url);
+    let encoded_len = |s: &str| byte_serialize(s.as_bytes()).map(str::len).sum::<usize>();
+    let len = base.len()
+        + separator.len()
+        + encoded_len(name)
+        + 1
+        + encoded_len(value)
+        + fragment.as_ref().map_or(0, |f| f.len() + 1);
+    let mut out = String::with_capacity(len);
+    out.push_str(&base);
+    out.push_str(separator);
+    out.extend(byte_serialize(name.as_bytes()));
+    out.push('=');
+    out.extend(byte_serialize(value.as_bytes()));
+    if let Some(fragment) = fragment {
+        out.push('#');
+        out.push_str(&fragment);
+    }
+    debug_assert_eq!(out.len(), len, "sized exactly: no reallocation");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_query_pair_is_appended_exactly_as_append_pair_does() {
+        let values = ["plain", "a b&c=d#e?f", "ünïcødé/+%", ""];
+        let urls = [
+            "https://api.example.com/",
+            "https://api.example.com/v1?x=1",
+            "https://api.example.com/v1?",
+            "https://api.example.com/v1?x=1&y=#frag",
+            "https://api.example.com/v1#frag?not-a-query",
+        ];
+        for url in urls {
+            for value in values {
+                let parsed = url::Url::parse(url).unwrap();
+                let mut expected = parsed.clone();
+                expected.query_pairs_mut().append_pair("key", value);
+                assert_eq!(
+                    with_query_pair(parsed, "key", value),
+                    String::from(expected),
+                    "{url} + {value}"
+                );
+            }
+        }
     }
 }

@@ -308,9 +308,6 @@ impl Engine {
         }
     }
 
-    /// A pool was deleted (no key spends from it any more): its meter, if in memory, leaves
-    /// the registry now and retires, so what late grants refund or spend through it is
-    /// ignored.
     /// A request was refused for want of credits: the first refusal since the balance last
     /// grew is reported on the event channel (the host tells its customer once, not per
     /// request).
@@ -324,6 +321,9 @@ impl Engine {
         }
     }
 
+    /// A pool was deleted (no key spends from it any more): its meter, if in memory, leaves
+    /// the registry now and retires, so what late grants refund or spend through it is
+    /// ignored.
     pub(crate) fn pool_deleted(&self, id: u64) {
         let mut meters = self.shared.meters.lock();
         if let Some(meter) = meters.get(id).filter(|m| m.is_pool()) {

@@ -426,6 +426,32 @@ fn a_refill_added_to_an_exhausted_key_applies_next_period() {
 }
 
 #[test]
+fn a_refill_changed_after_a_period_began_still_refills_that_period() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let daily = |amount| Refill {
+        amount,
+        interval: RefillInterval::Daily,
+    };
+    let (id, plain) = create_key(
+        &t.ledger,
+        NewKey::new(&owner, "k")
+            .credits(10)
+            .refill(10, RefillInterval::Daily),
+    );
+    assert_eq!(drain(&t, &plain, 100), 10);
+    // A new day began; nothing used the key yet, so its refill has not been applied.
+    t.clock.set(next_day(&t));
+    let update = KeyUpdate::new().refill(Some(daily(20)));
+    t.ledger.keys().update(&id, update).unwrap();
+    assert_eq!(
+        drain(&t, &plain, 100),
+        20,
+        "this period's refill, on the new terms"
+    );
+}
+
+#[test]
 fn top_up_and_set_are_ordered_with_leases() {
     for durability in [Durability::Leased, Durability::Exact] {
         let t = ledger_with(durability);

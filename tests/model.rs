@@ -176,7 +176,8 @@ fn run(ops: &[Op], durability: Durability) -> Result<(), TestCaseError> {
                 };
                 match (&mut k.credits, k.deleted, result) {
                     (_, true, Err(Error::NotFound { .. })) => {}
-                    (None, false, Err(Error::NotFound { .. })) => {}
+                    // An unmetered key has no balance to change, and says so.
+                    (None, false, Err(Error::InvalidInput { field: "id", .. })) => {}
                     (Some(c), false, Ok(balance)) => {
                         if top_up {
                             *c += units;

@@ -497,9 +497,15 @@ impl<'a> Keys<'a> {
                 }
                 if let Some(c) = credits.as_mut() {
                     if c.refill != limits.refill {
+                        // A new refill starts with the next period. A changed one keeps the
+                        // date of its last refill: refills apply lazily, so a period that
+                        // began before the change and was not refilled yet still is (on the
+                        // new terms), rather than being skipped.
+                        if c.refill.is_none() || limits.refill.is_none() {
+                            c.refilled_at =
+                                limits.refill.map(|r| refill::period_start(r.interval, now));
+                        }
                         c.refill = limits.refill;
-                        c.refilled_at =
-                            limits.refill.map(|r| refill::period_start(r.interval, now));
                     }
                 }
             }

@@ -761,6 +761,19 @@ fn a_top_up_past_the_largest_count_is_refused_and_changes_nothing() {
 }
 
 #[test]
+fn a_refused_top_up_leaves_the_units_in_memory_spendable() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(10));
+    // The first spend leases all 10 into memory: the durable balance is empty.
+    assert!(spend(&t.ledger, &plain, "/x", 1, 1).is_ok());
+    assert!(t.ledger.credits().top_up(&id, u64::MAX).is_err());
+    // The refused top-up took the lease back to the balance first; its answer waits until
+    // the meter knows, so the very next request spends.
+    assert_eq!(drain(&t, &plain, 100), 9);
+}
+
+#[test]
 fn a_top_up_of_something_without_a_balance_says_why() {
     let t = TestLedger::new();
     let (pool, pooled, _) = pooled_key(&t);

@@ -237,13 +237,13 @@ impl Credits<'_> {
     }
 
     fn adjust(&self, id: &str, change: Adjust, action: &'static str) -> Result<u64> {
-        if id.starts_with("acct_") {
+        let (kind, internal) = self.credit_id(id)?;
+        if kind == IdKind::Account {
             return Err(Error::invalid(
                 "id",
                 "an account holds no balance: top up or set its keys or pools",
             ));
         }
-        let internal = self.credit_id(id)?;
         let audit = AuditLine {
             actor: self.actor.clone(),
             action,
@@ -255,7 +255,7 @@ impl Credits<'_> {
             .engine
             .adjust(internal, change, Some(audit))
         {
-            Err(Error::NotFound { .. }) => Err(self.no_balance(id, internal)?),
+            Err(Error::NotFound { .. }) => Err(self.no_balance(kind, internal)?),
             other => other,
         }
     }
@@ -264,7 +264,7 @@ impl Credits<'_> {
     /// (`acct_…`: spend and requests summed over its keys; accounts hold no balance).
     /// Pending counters are flushed first, so the figures are exact at the time of the call.
     pub fn usage(&self, id: &str) -> Result<Usage> {
-        let internal = self.credit_id(id)?;
+        let (_, internal) = self.credit_id(id)?;
         self.ledger.flush()?;
         let read = self.ledger.inner.store.begin_read()?;
         let credits: Option<CreditsRecord> = store::get(&read.open_table(CREDITS)?, internal)?;
@@ -285,13 +285,12 @@ impl Credits<'_> {
         })
     }
 
-    /// Internal id of a key, token or pool public id whose record exists.
-    /// Why key, token or pool `id` has no balance to change, as the error to return.
-    fn no_balance(&self, id: &str, internal: u64) -> Result<Error> {
+    /// Why a key, token or pool has no balance to change, as the error to return.
+    fn no_balance(&self, kind: IdKind, internal: u64) -> Result<Error> {
         let not_found = Error::NotFound {
             what: "credit balance",
         };
-        if id.starts_with("pool_") {
+        if kind == IdKind::Pool {
             return Ok(not_found);
         }
         let read = self.ledger.inner.store.begin_read()?;
@@ -309,7 +308,9 @@ impl Credits<'_> {
         })
     }
 
-    fn credit_id(&self, id: &str) -> Result<u64> {
+    /// The kind and internal id of a key, token, pool or account public id whose record
+    /// exists.
+    fn credit_id(&self, id: &str) -> Result<(IdKind, u64)> {
         let ids = &self.ledger.inner.ids;
         let (kind, table) = match id.split_once('_').map(|(p, _)| p) {
             Some("pool") => (IdKind::Pool, POOLS),
@@ -328,7 +329,7 @@ impl Credits<'_> {
         if read.open_table(table)?.get(internal)?.is_none() {
             return Err(Error::NotFound { what: kind.noun() });
         }
-        Ok(internal)
+        Ok((kind, internal))
     }
 }
 

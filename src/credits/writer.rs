@@ -510,7 +510,9 @@ struct Effects {
     /// and where to hand them.
     handoffs: Vec<(usize, Option<u64>, u32, Sender<Handoff>)>,
     shortfalls: Vec<(Sender<u64>, u64)>,
-    adjusts: Vec<(Sender<Result<u64>>, u64)>,
+    /// Replies to balance changes, sent once the batch is durable (a refused change too: its
+    /// `reclaim` changed the meter, which the caller's next request must find settled).
+    adjusts: Vec<(Sender<Result<u64>>, Result<u64>)>,
     flushed_spend: Vec<(MeterRef, u64)>,
     flushed_usage: Vec<(Arc<CachedKey>, u64, u64, u64)>,
     /// The meters and keys this batch flushes (all listed and queued ones, or a round's
@@ -608,7 +610,7 @@ fn commit(
                 let _ = r.send(n);
             }
             for (r, n) in fx.adjusts {
-                let _ = r.send(Ok(n));
+                let _ = r.send(n);
             }
             for event in fx.events {
                 let _ = shared.events.try_send(event);
@@ -779,9 +781,10 @@ fn build(
                         reclaim(&mut work, fx, meter)?;
                     }
                     let Some(r) = work.get(id)? else {
-                        let _ = reply.send(Err(Error::NotFound {
+                        let missing = Error::NotFound {
                             what: "credit balance",
-                        }));
+                        };
+                        fx.adjusts.push((reply, Err(missing)));
                         continue;
                     };
                     // A refill that fell due comes first: the admin's change is the newer one
@@ -796,10 +799,11 @@ fn build(
                     let granted =
                         balance.and_then(|b| r.granted.saturating_sub(before).checked_add(b));
                     let (Some(balance), Some(granted)) = (balance, granted) else {
-                        let _ = reply.send(Err(Error::invalid(
+                        let too_many = Error::invalid(
                             "credits",
                             format!("the balance would grant more than {} credits", u64::MAX),
-                        )));
+                        );
+                        fx.adjusts.push((reply, Err(too_many)));
                         continue;
                     };
                     r.balance = balance;
@@ -814,7 +818,7 @@ fn build(
                     {
                         crate::audit::append(&txn, now, &actor, action, &target, &["balance"])?;
                     }
-                    fx.adjusts.push((reply, r.balance));
+                    fx.adjusts.push((reply, Ok(r.balance)));
                     if let Some(meter) = meter {
                         // After the lease was taken back (`reclaim`): a reservation made
                         // from the old lease carries the old epoch, so a set makes it final.

@@ -58,7 +58,7 @@ impl Gcra {
         let mut tat = self.tat.load(Ordering::Acquire);
         loop {
             let new_tat = tat.max(now_ns).saturating_add(increment);
-            if let Some(wait) = self.wait_for(new_tat, now_ns) {
+            if let Some(wait) = self.wait_for(tat, new_tat, now_ns) {
                 return Err(wait);
             }
             match self
@@ -75,13 +75,21 @@ impl Gcra {
     fn wait(&self, now_ns: u64, weight: u64, multiplier_pct: u32) -> Option<Duration> {
         let increment = self.interval_ns(multiplier_pct).saturating_mul(weight);
         let tat = self.tat.load(Ordering::Acquire);
-        self.wait_for(tat.max(now_ns).saturating_add(increment), now_ns)
+        self.wait_for(tat, tat.max(now_ns).saturating_add(increment), now_ns)
     }
 
-    /// The wait before an arrival time of `new_tat` fits in the window (`None`: it does).
-    fn wait_for(&self, new_tat: u64, now_ns: u64) -> Option<Duration> {
+    /// The wait before moving the arrival time from `tat` to `new_tat` fits in the window
+    /// (`None`: it does now). A step larger than the whole window (a cost above the token
+    /// window's capacity) could never fit: it fits once the window is empty, and the key's
+    /// next requests wait until it is paid off, so the long-run rate still holds and the wait
+    /// given is one after which the request is admitted.
+    fn wait_for(&self, tat: u64, new_tat: u64, now_ns: u64) -> Option<Duration> {
         let ahead = new_tat - now_ns;
-        (ahead > self.window_ns).then(|| Duration::from_nanos(ahead - self.window_ns))
+        if ahead <= self.window_ns {
+            return None;
+        }
+        let wait = (ahead - self.window_ns).min(tat.saturating_sub(now_ns));
+        (wait > 0).then(|| Duration::from_nanos(wait))
     }
 
     /// Gives back `weight` units admitted by [`acquire`](Self::acquire) (another limit refused
@@ -314,10 +322,28 @@ mod tests {
             "a 2× tier admits 200"
         );
         assert!(doubled.acquire(t0, 1, 200).is_err());
+    }
+
+    #[test]
+    fn a_request_larger_than_the_window_fits_once_it_is_empty_and_is_paid_off_after() {
+        let g = Gcra::new(100, 60); // 100 tokens a minute: one every 600 ms
+        let t0 = 7 * S;
+        assert!(g.acquire(t0, 10, 100).is_ok());
+        // 250 tokens never fit beside others: the wait is until the window is empty.
+        assert_eq!(g.acquire(t0, 250, 100), Err(Duration::from_secs(6)));
+        assert!(g.acquire(t0 + 6 * S - 1, 250, 100).is_err());
         assert!(
-            Gcra::new(100, 60).acquire(t0, 101, 100).is_err(),
-            "a request larger than the window never fits"
+            g.acquire(t0 + 6 * S, 250, 100).is_ok(),
+            "the wait given was true"
         );
+        // 150 tokens over the window's capacity are owed: one more token waits 90.6 s.
+        let wait = g.acquire(t0 + 6 * S, 1, 100).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(90_600));
+        assert!(
+            g.acquire(t0 + 6 * S + wait.as_nanos() as u64, 1, 100)
+                .is_ok()
+        );
+        assert_eq!(g.remaining(t0 + 6 * S, 100), 0);
     }
 
     /// Two named limits: `per_second` a second and `per_minute` a minute.

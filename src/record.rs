@@ -114,7 +114,9 @@ pub struct RateLimit {
     pub window_secs: u64,
 }
 
-/// A token window: at most `tokens` of cost per `window_secs`.
+/// A token window: at most `tokens` of cost per `window_secs`. A request costing more than
+/// the whole window is admitted once the window is empty, and the key's next requests wait
+/// until its excess is paid off at the window's rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TokenWindow {
     /// Tokens allowed per window.

@@ -424,6 +424,27 @@ fn the_token_window_weighs_requests_by_cost() {
 }
 
 #[test]
+fn a_cost_over_the_whole_token_window_runs_once_the_window_is_empty() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (_, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").token_window(100, 60));
+    let key = presented(&plain);
+    let big = Request::new(&key, "/x").cost(250);
+    assert!(t.ledger.verify(&Request::new(&key, "/x").cost(30)).is_ok());
+    // Retrying after the wait given must succeed: 30 tokens take 18 s to drain.
+    let wait = t.ledger.verify(&big).unwrap_err().retry_after().unwrap();
+    assert_eq!(wait, Duration::from_secs(18));
+    advance_ms(&t, wait.as_millis() as u64);
+    assert!(t.ledger.verify(&big).is_ok(), "admitted on an empty window");
+    // Its 150 tokens over the window are paid off before the next request: 90.6 s.
+    let d = t
+        .ledger
+        .verify(&Request::new(&key, "/x").cost(1))
+        .unwrap_err();
+    assert_eq!(d.retry_after(), Some(Duration::from_millis(90_600)));
+}
+
+#[test]
 fn a_rate_limited_request_is_not_charged() {
     let t = TestLedger::new();
     let owner = t.account("Acme");

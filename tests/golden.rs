@@ -481,3 +481,59 @@ fn format_of(backend: &keyledger::fuzzing::CrashBackend) -> u32 {
     let format = meta.get("format").unwrap().unwrap();
     u32::from_le_bytes(format.value()[8..12].try_into().unwrap())
 }
+
+/// The vault's golden file: what `write_golden_vault_file` stored, read back the same way.
+mod vault_file {
+    /// A connector's access and refresh tokens (test data, not secrets).
+    pub const ACCESS: &str = "ya29.golden-access-token";
+    pub const REFRESH: &str = "1//golden-refresh-token";
+    /// Owner secrets: name, value, allowed hosts.
+    pub const OPENAI: (&str, &str, &[&str]) =
+        ("OPENAI_KEY", "sk-golden-rotated", &["api.openai.com"]);
+    pub const STRIPE: (&str, &str, &[&str]) = (
+        "STRIPE_KEY",
+        "sk_live_golden",
+        &["api.stripe.com", "*.stripe.com"],
+    );
+}
+
+/// Writes `tests/data/v2-vault.redb` (run at format version 2, commit `a45171f`): one
+/// account with a Google Drive connection and two owner secrets, one rotated once.
+#[test]
+#[ignore = "writes a golden file"]
+fn write_golden_vault_file() {
+    use keyledger::{OAuthGrant, Provider, Secret};
+    use vault_file::*;
+    let path = data("v2-vault.redb");
+    let _ = std::fs::remove_file(&path);
+    let ledger = Ledger::open(&path, config(WRITTEN_AT)).unwrap();
+    let account = ledger
+        .accounts()
+        .by("golden")
+        .create(NewAccount::new("Vault Corp"))
+        .unwrap();
+    ledger
+        .vault()
+        .connect(
+            &account.id,
+            &Provider::GoogleDrive,
+            OAuthGrant::new(Secret::new(ACCESS))
+                .refresh_token(Secret::new(REFRESH))
+                .scopes(["openid"])
+                .expires_in_secs(3600),
+        )
+        .unwrap();
+    let secrets = ledger.secrets();
+    let (name, value, hosts) = OPENAI;
+    secrets
+        .put(&account.id, name, Secret::new("sk-golden-first"), hosts)
+        .unwrap();
+    secrets
+        .rotate(&account.id, name, Secret::new(value))
+        .unwrap();
+    let (name, value, hosts) = STRIPE;
+    secrets
+        .put(&account.id, name, Secret::new(value), hosts)
+        .unwrap();
+    ledger.close().unwrap();
+}

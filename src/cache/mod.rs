@@ -632,40 +632,50 @@ impl Cache {
 mod tests {
     use super::*;
 
-    /// A verify racing a route change never tests one table's rule index against the other
-    /// table's bits: rule 0 needs a permission the key lacks in `a` and nothing in `b`.
+    /// A verify racing a route change never tests one table's rule index against the next
+    /// table's bits: rule 0 needs a permission the key lacks in odd generations and nothing
+    /// in even ones. Generations only grow, as route changes publish them (a test that
+    /// alternated two fixed generations would see a seqlock's ABA, which they cannot meet).
     #[test]
     fn compiled_bits_never_mix_two_route_tables() {
-        let rule = |prefix: &str, permission: Option<&str>| {
-            let rule = crate::RouteRule::new(prefix);
-            permission.map_or(rule.clone(), |p| rule.permission(p))
+        let table = |generation: u64| {
+            let rule = crate::RouteRule::new("/a/");
+            let rule = match generation % 2 {
+                1 => rule.permission("admin"),
+                _ => rule,
+            };
+            Arc::new(RouteTable::new(generation, vec![rule]))
         };
-        let a = RouteTable::new(1, vec![rule("/a/", Some("admin"))]);
-        let b = RouteTable::new(2, vec![rule("/b/", None)]);
         let key = test_key(1);
-        key.recompile(&a);
-        assert_eq!(key.compiled_bits(&a), Some((0, 1)));
-        assert_eq!(key.compiled_bits(&b), None, "compiled against a");
+        let current = arc_swap::ArcSwap::new(table(1));
+        key.recompile(&current.load());
+        assert_eq!(key.compiled_bits(&current.load()), Some((0, 1)));
+        assert_eq!(key.compiled_bits(&table(2)), None, "compiled against 1");
         let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
             s.spawn(|| {
-                while !stop.load(Ordering::Relaxed) {
-                    key.recompile(&b);
-                    key.recompile(&a);
+                for generation in 2.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let next = table(generation);
+                    key.recompile(&next);
+                    current.store(next);
                 }
             });
             let (mut seen, mut mixed) = (0u64, 0u64);
             for _ in 0..2_000_000 {
-                if let Some((permissions, _)) = key.compiled_bits(&a) {
+                let table = current.load();
+                if let Some((permissions, _)) = key.compiled_bits(&table) {
                     seen += 1;
-                    mixed += permissions & 1;
+                    mixed += permissions & table.generation & 1;
                 }
             }
             stop.store(true, Ordering::Relaxed);
             assert!(seen > 0);
             assert_eq!(
                 mixed, 0,
-                "table b's bits read as table a's {mixed} times of {seen}"
+                "an even table's bits read as an odd one's {mixed} times of {seen}"
             );
         });
     }

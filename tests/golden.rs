@@ -114,13 +114,13 @@ fn a_version_1_file_opens_and_reads_back() {
     let audit = ledger.audit().recent(100).unwrap();
     assert!(audit.len() >= 6, "{audit:?}");
     drop(ledger);
-    // Opening migrated the file to format 2: the verify index replaced the hash index.
+    // Opening migrated the file to format 3: the verify index replaced the hash index.
     {
         let db = redb::Database::open(&path).unwrap();
         let read = redb::ReadableDatabase::begin_read(&db).unwrap();
         let format = read.open_table(META).unwrap();
         let format = format.get("format").unwrap().unwrap();
-        assert_eq!(format.value()[8..], 2u32.to_le_bytes());
+        assert_eq!(format.value()[8..], 3u32.to_le_bytes());
         let tables: Vec<String> = read
             .list_tables()
             .unwrap()
@@ -166,7 +166,7 @@ fn a_file_from_a_newer_format_version_is_refused_with_upgrade_required() {
         Err(Error::UpgradeRequired {
             found: 99,
             supported,
-        }) => assert_eq!(supported, 2),
+        }) => assert_eq!(supported, 3),
         other => panic!("expected UpgradeRequired {{ found: 99 }}, got {other:?}"),
     }
     // `check` refuses it the same way rather than reporting garbage.
@@ -422,8 +422,9 @@ fn write_golden_secrets_file() {
 }
 
 /// A power loss or a dead disk at any I/O point of the first open of a format-1 file (the
-/// migration to format 2 is one transaction) leaves a file that opens, after a reboot, at
-/// format 1 or 2 — migrating then if needed — and every key still verifies as before.
+/// migrations to format 2 and to 3 are one transaction each) leaves a file that opens, after
+/// a reboot, at format 1, 2 or 3 — migrating then if needed — and every key still verifies
+/// as before.
 #[test]
 fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies() {
     use keyledger::fuzzing::{CrashBackend, CrashImage};
@@ -436,7 +437,7 @@ fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies()
     ledger.close().unwrap();
     drop(ledger);
     let mut reopened = 0;
-    let mut formats = [0u32; 2];
+    let mut formats = [0u32; 3];
     for countdown in 0..writes + syncs + 2 {
         let backend = CrashBackend::from_bytes(bytes.clone());
         backend.fail_after(countdown);
@@ -465,9 +466,9 @@ fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies()
     }
     assert!(reopened >= 4, "{reopened} reboots");
     assert!(
-        formats[0] > 0 && formats[1] > 0,
-        "reboots found format 1 / 2 {formats:?} times: the crash points cover both sides of \
-         the migration's commit"
+        formats.iter().all(|&n| n > 0),
+        "reboots found format 1 / 2 / 3 {formats:?} times: the crash points cover both sides \
+         of each migration's commit"
     );
 }
 
@@ -494,6 +495,105 @@ mod vault_file {
         "STRIPE_KEY",
         "sk_live_golden",
         &["api.stripe.com", "*.stripe.com"],
+    );
+}
+
+/// Reads back everything `write_golden_vault_file` stored, through the public API.
+fn assert_vault_file_reads_back(ledger: &Ledger) {
+    use keyledger::Provider;
+    use vault_file::*;
+    let accounts = ledger.accounts().list(&PageRequest::first()).unwrap();
+    let owner = &accounts.items[0].id;
+    let drive = ledger.vault().get(owner, &Provider::GoogleDrive).unwrap();
+    assert_eq!(drive.access_token.expose(), ACCESS);
+    assert_eq!(drive.refresh_token.as_ref().unwrap().expose(), REFRESH);
+    let secrets = ledger.secrets();
+    for ((name, value, hosts), version) in [(OPENAI, 2), (STRIPE, 1)] {
+        let info = secrets.info(owner, name).unwrap();
+        let mut stored = hosts.to_vec();
+        stored.sort_unstable(); // hosts are kept sorted
+        assert_eq!(info.allowed_hosts, stored);
+        assert_eq!(info.version, version);
+        let url = format!("https://{}/v1", hosts[0]);
+        let header = secrets.bearer(owner, name, &url).unwrap();
+        assert_eq!(header.value.expose(), format!("Bearer {value}"));
+        assert!(
+            secrets
+                .bearer(owner, name, "https://evil.example/")
+                .is_err()
+        );
+    }
+}
+
+/// A format-2 file's owner secrets are re-sealed with their hosts and version bound when it
+/// is opened (format 3): every value, host list and version reads back as written, the
+/// connection too, and `check` finds nothing wrong.
+#[test]
+fn a_format_2_vault_reads_back_after_its_secrets_are_resealed() {
+    let (_dir, path) = copy_of("v2-vault.redb");
+    let before = std::fs::read(&path).unwrap();
+    let ledger = Ledger::open(&path, config(WRITTEN_AT.plus_secs(60))).unwrap();
+    assert_vault_file_reads_back(&ledger);
+    ledger.close().unwrap();
+    drop(ledger);
+    let db = redb::Database::open(&path).unwrap();
+    let read = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let format = read.open_table(META).unwrap();
+    assert_eq!(
+        format.get("format").unwrap().unwrap().value()[8..],
+        3u32.to_le_bytes()
+    );
+    let secrets = read
+        .open_table(redb::TableDefinition::<(u64, &str), &[u8]>::new(
+            "vault_secrets",
+        ))
+        .unwrap();
+    for row in redb::ReadableTable::iter(&secrets).unwrap() {
+        let (key, value) = row.unwrap();
+        assert_eq!(
+            value.value()[0],
+            2,
+            "{:?} re-sealed at schema 2",
+            key.value()
+        );
+        let sealed = &value.value()[value.value().len() - 16..];
+        assert!(!before.windows(16).any(|w| w == sealed), "a new ciphertext");
+    }
+    drop((secrets, format, read, db));
+    let report = Ledger::check(&path, config(WRITTEN_AT)).unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
+/// A power loss at any I/O point of the re-sealing migration leaves a file at format 2 or 3
+/// that opens, migrating then if needed, with every secret readable.
+#[test]
+fn a_crash_at_any_point_of_the_resealing_leaves_every_secret_readable() {
+    use keyledger::fuzzing::{CrashBackend, CrashImage};
+    let bytes = std::fs::read(data("v2-vault.redb")).unwrap();
+    let config = || config(WRITTEN_AT.plus_secs(60));
+    let clean = CrashBackend::from_bytes(bytes.clone());
+    let ledger = Ledger::open_with_backend(clean.clone(), config()).unwrap();
+    let (writes, syncs) = clean.io_counts();
+    drop(ledger);
+    let mut formats = [0u32; 3];
+    for countdown in 0..writes + syncs + 2 {
+        let backend = CrashBackend::from_bytes(bytes.clone());
+        backend.fail_after(countdown);
+        if let Ok(ledger) = Ledger::open_with_backend(backend.clone(), config()) {
+            ledger.simulate_crash();
+        }
+        for image in [CrashImage::DurableOnly, CrashImage::Torn(countdown)] {
+            let reboot = backend.power_loss(image);
+            formats[format_of(&reboot) as usize - 1] += 1;
+            let ledger = Ledger::open_with_backend(reboot, config())
+                .unwrap_or_else(|e| panic!("countdown {countdown}, {image:?}: {e}"));
+            assert_vault_file_reads_back(&ledger);
+            ledger.simulate_crash();
+        }
+    }
+    assert!(
+        formats[1] > 0 && formats[2] > 0,
+        "reboots found format 2 / 3 {formats:?} times: both sides of the migration's commit"
     );
 }
 

@@ -1127,3 +1127,60 @@ fn plaintexts_never_leak_to_file_debug_errors_or_audit() {
         );
     }
 }
+
+/// Someone who can write the file but has no master key cannot send a secret elsewhere by
+/// widening its hosts, nor pass an older value off as the current version: both fields are
+/// sealed with the value, so a record changed beside its ciphertext fails to open.
+#[test]
+fn a_secrets_hosts_and_version_cannot_be_changed_beside_its_ciphertext() {
+    const HOST: &[u8] = b"api.example.com";
+    let env = Env::new();
+    let a = env.account("A");
+    let put = env.ledger.secrets();
+    put.put(&a, "API_KEY", Secret::new("sk-first"), ["api.example.com"])
+        .unwrap();
+    put.rotate(&a, "API_KEY", Secret::new("sk-second")).unwrap();
+    let mut second = Vec::new();
+    let env = env.with_raw_file(|db| second = rows(db, SECRETS).remove(0).2);
+    env.ledger
+        .secrets()
+        .rotate(&a, "API_KEY", Secret::new(API_SECRET))
+        .unwrap();
+    let mut third = (0, String::new(), Vec::new());
+    let env = env.with_raw_file(|db| third = rows(db, SECRETS).remove(0));
+    let (owner, name, current) = third;
+    let at = current.windows(HOST.len()).position(|w| w == HOST).unwrap();
+    let bearer = |env: &Env, url: &str| env.ledger.secrets().bearer(&a, "API_KEY", url);
+    let sent = bearer(&env, "https://api.example.com/").unwrap();
+    assert_eq!(sent.value.expose(), format!("Bearer {API_SECRET}"));
+
+    // The second value, its record claiming the third version (the byte after the hosts).
+    assert_eq!(second[at + HOST.len()], 2, "the version follows the hosts");
+    let mut rolled_back = second.clone();
+    rolled_back[at + HOST.len()] = 3;
+    let env = env.with_raw_file(|db| write_row(db, SECRETS, (owner, &name), &rolled_back));
+    assert_decryption_failed(bearer(&env, "https://api.example.com/"));
+
+    // The current value, its hosts widened to another host.
+    let mut widened = current.clone();
+    widened[at..at + HOST.len()].copy_from_slice(b"evi.example.com");
+    let env = env.with_raw_file(|db| write_row(db, SECRETS, (owner, &name), &widened));
+    assert_eq!(
+        env.ledger
+            .secrets()
+            .info(&a, "API_KEY")
+            .unwrap()
+            .allowed_hosts,
+        ["evi.example.com"]
+    );
+    assert_decryption_failed(bearer(&env, "https://evi.example.com/"));
+    let report = env.check();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("secrets/API_KEY")),
+        "{:?}",
+        report.problems
+    );
+}

@@ -28,7 +28,10 @@ pub(crate) const MAGIC: &[u8; 8] = b"keyledgr";
 /// - 2: the hash index `key_hashes` (hash → key id) is replaced by `key_verify` (hash → the
 ///   key id and what verify checks, a `VerifyRecord`), so a cache miss reads one record
 ///   instead of two. A format-1 file is migrated when it is opened (see [`migrate_1_to_2`]).
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// - 3: an owner secret's value is sealed with its allowed hosts and version bound as
+///   associated data, so they cannot be changed beside it (schema 2 of `SecretRecord`). A
+///   format-2 file is migrated when it is opened (see [`migrate_2_to_3`]).
+pub(crate) const FORMAT_VERSION: u32 = 3;
 
 /// The opened database and what its meta table says.
 pub(crate) struct Store {
@@ -124,6 +127,9 @@ impl Store {
         if existing == Some(1) {
             migrate_1_to_2(&store)?;
         }
+        if existing.is_some_and(|format| format < 3) {
+            migrate_2_to_3(&store, master)?;
+        }
         Ok((store, OpenedMeta { hash_scheme }))
     }
 
@@ -196,13 +202,26 @@ fn migrate_1_to_2(store: &Store) -> Result<()> {
         }
     }
     txn.delete_table(tables::KEY_HASHES_V1)?;
-    {
-        let mut table = txn.open_table(META)?;
-        let mut format = MAGIC.to_vec();
-        format.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        table.insert(meta::FORMAT, format.as_slice())?;
-    }
+    set_format(&txn, 2)?;
     txn.commit()?;
+    Ok(())
+}
+
+/// Format 2 → 3: every owner secret is re-sealed with its hosts and version bound (see
+/// `vault::secrets::reseal_for_format_3`), in one transaction with the new format version.
+fn migrate_2_to_3(store: &Store, master: &MasterKey) -> Result<()> {
+    let txn = store.begin_write()?;
+    crate::vault::secrets::reseal_for_format_3(&txn, master)?;
+    set_format(&txn, 3)?;
+    txn.commit()?;
+    Ok(())
+}
+
+fn set_format(txn: &redb::WriteTransaction, version: u32) -> Result<()> {
+    let mut format = MAGIC.to_vec();
+    format.extend_from_slice(&version.to_le_bytes());
+    txn.open_table(META)?
+        .insert(meta::FORMAT, format.as_slice())?;
     Ok(())
 }
 

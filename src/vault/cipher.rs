@@ -3,9 +3,11 @@
 //!
 //! Stored form: `nonce (16 bytes) ‖ SIV tag (16 bytes) ‖ ciphertext`. The associated data is
 //! a list of separate SIV headers — a domain label, the row kind, the owner's public id, the
-//! provider or secret name and the record's schema version — followed by the nonce. SIV
-//! authenticates each header on its own, so no two header lists collide, and a ciphertext
-//! copied to another owner's or provider's row fails to open.
+//! provider or secret name, the record's schema version and any record fields the value is
+//! bound to (an owner secret's allowed hosts and version) — followed by the nonce. SIV
+//! authenticates each header on its own, so no two header lists collide: a ciphertext copied
+//! to another owner's or provider's row fails to open, and so does one whose bound fields
+//! were changed beside it.
 
 use aes_siv::KeyInit;
 use aes_siv::siv::Aes256Siv;
@@ -32,6 +34,8 @@ pub(crate) struct Binding<'a> {
     pub(crate) name: &'a str,
     /// Schema version of the record the ciphertext is stored in.
     pub(crate) version: u8,
+    /// Further fields of the record, each bound as a header of its own (none for connectors).
+    pub(crate) fields: &'a [&'a [u8]],
 }
 
 /// Row kind of connector credentials.
@@ -107,15 +111,18 @@ impl VaultCipher {
     }
 }
 
-fn headers<'a>(binding: &'a Binding<'a>, nonce: &'a [u8]) -> [&'a [u8]; 6] {
-    [
+fn headers<'a>(binding: &'a Binding<'a>, nonce: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+    let identity = [
         DOMAIN,
         binding.kind.as_bytes(),
         binding.owner.as_bytes(),
         binding.name.as_bytes(),
         std::slice::from_ref(&binding.version),
-        nonce,
-    ]
+    ];
+    identity
+        .into_iter()
+        .chain(binding.fields.iter().copied())
+        .chain([nonce])
 }
 
 #[cfg(test)]
@@ -128,6 +135,7 @@ mod tests {
             owner,
             name,
             version: 1,
+            fields: &[],
         }
     }
 
@@ -170,6 +178,22 @@ mod tests {
         ));
         // Header boundaries matter: moving bytes between owner and name does not collide.
         fails(c.open(binding("acct_an", "otion"), &sealed));
+        // Bound fields are headers too: one more, even empty, fails.
+        let with = |fields| Binding {
+            fields,
+            ..binding("acct_a", "notion")
+        };
+        fails(c.open(with(&[b""]), &sealed));
+        let bound = c.seal(with(&[b"api.example.com", b"2"]), b"token").unwrap();
+        assert_eq!(
+            &c.open(with(&[b"api.example.com", b"2"]), &bound).unwrap()[..],
+            b"token"
+        );
+        fails(c.open(with(&[b"evil.example.com", b"2"]), &bound));
+        fails(c.open(with(&[b"api.example.com", b"1"]), &bound));
+        fails(c.open(with(&[b"api.example.com2"]), &bound));
+        fails(c.open(with(&[b"api.example.com"]), &bound));
+        fails(c.open(binding("acct_a", "notion"), &bound));
         fails(
             VaultCipher::new(&MasterKey::generate().unwrap())
                 .open(binding("acct_a", "notion"), &sealed),

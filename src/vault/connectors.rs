@@ -35,6 +35,7 @@ fn binding<'b>(owner: &'b PublicId, provider: &'b str) -> Binding<'b> {
         owner,
         name: provider,
         version: ConnectorRecord::VERSION,
+        fields: &[],
     }
 }
 

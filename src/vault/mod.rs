@@ -26,7 +26,7 @@ mod outbound;
 mod provider;
 mod provider_error;
 mod records;
-mod secrets;
+pub(crate) mod secrets;
 mod tables;
 
 use redb::{ReadTransaction, ReadableTable, TableDefinition, TableError};

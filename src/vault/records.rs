@@ -5,6 +5,7 @@ use zeroize::Zeroizing;
 
 use crate::clock::Timestamp;
 use crate::codec::Record;
+use crate::error::CodecError;
 use crate::secret::Secret;
 use crate::vault::provider_error::ProviderErrorKind;
 
@@ -53,13 +54,26 @@ pub(crate) struct SecretRecord {
     pub updated_at: Timestamp,
     pub updated_by: String,
     pub rotated_at: Option<Timestamp>,
-    /// `nonce ‖ AES-SIV(value)`, bound to (owner public id, name, schema version).
+    /// `nonce ‖ AES-SIV(value)`, bound to (owner public id, name, schema version, allowed
+    /// hosts, version).
     pub sealed: Vec<u8>,
 }
 
 impl Record for SecretRecord {
     const NAME: &'static str = "owner secret";
-    const VERSION: u8 = 1;
+    /// 2: the value is also bound to the allowed hosts and version (format 3). Schema 1 has
+    /// the same layout; the migration to format 3 re-seals every schema-1 record.
+    const VERSION: u8 = 2;
+
+    fn upgrade(version: u8, _payload: &[u8]) -> Result<Self, CodecError> {
+        Err(CodecError::Corrupt {
+            record: Self::NAME,
+            reason: format!(
+                "schema {version} seals the value without its hosts; the migration to file \
+                 format 3 re-seals every such record, so this one could not be opened"
+            ),
+        })
+    }
 }
 
 /// The tokens sealed in a connector row: `len(access) u32 LE ‖ access ‖ flag u8 ‖

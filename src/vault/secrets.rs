@@ -7,7 +7,7 @@ use crate::audit;
 use crate::codec::{self, Record};
 use crate::error::{Error, Result};
 use crate::ledger::Ledger;
-use crate::public_id::PublicId;
+use crate::public_id::{IdCipher, IdKind, PublicId};
 use crate::secret::Secret;
 use crate::store::tables::ACCOUNTS;
 use crate::vault::cipher::{self, Binding, VaultCipher};
@@ -26,12 +26,63 @@ pub struct Secrets<'a> {
     pub(crate) actor: String,
 }
 
-fn binding<'b>(owner: &'b PublicId, name: &'b str) -> Binding<'b> {
+/// The record fields a secret's value is sealed with (schema 2): its allowed hosts, each
+/// length-prefixed, and its version. Changed beside the ciphertext — the hosts widened, the
+/// version wound back — they make it fail to open.
+struct BoundFields {
+    hosts: Vec<u8>,
+    version: [u8; 4],
+}
+
+impl BoundFields {
+    fn of(allowed_hosts: &[String], version: u32) -> Self {
+        let mut hosts = Vec::new();
+        for host in allowed_hosts {
+            // Normalized hosts are at most 253 characters and a port.
+            hosts.extend_from_slice(&(host.len() as u16).to_le_bytes());
+            hosts.extend_from_slice(host.as_bytes());
+        }
+        BoundFields {
+            hosts,
+            version: version.to_le_bytes(),
+        }
+    }
+
+    fn as_headers(&self) -> [&[u8]; 2] {
+        [&self.hosts, &self.version]
+    }
+}
+
+/// Seals `value` for secret `name` of `owner`, with the allowed hosts and version of the
+/// record it is stored in.
+fn seal_value(
+    cipher: &VaultCipher,
+    owner: &PublicId,
+    name: &str,
+    allowed_hosts: &[String],
+    version: u32,
+    value: &Secret,
+) -> Result<Vec<u8>> {
+    let fields = BoundFields::of(allowed_hosts, version);
+    let headers = fields.as_headers();
+    cipher.seal(
+        binding(owner, name, SecretRecord::VERSION, &headers),
+        value.expose().as_bytes(),
+    )
+}
+
+fn binding<'b>(
+    owner: &'b PublicId,
+    name: &'b str,
+    version: u8,
+    fields: &'b [&'b [u8]],
+) -> Binding<'b> {
     Binding {
         kind: cipher::SECRET,
         owner,
         name,
-        version: SecretRecord::VERSION,
+        version,
+        fields,
     }
 }
 
@@ -41,11 +92,64 @@ fn open_value(
     name: &str,
     record: &SecretRecord,
 ) -> Result<Secret> {
-    let plain = VaultCipher::new(&ledger.inner.config.master_key)
-        .open(binding(owner, name), &record.sealed)?;
-    records::decode_value(&plain).ok_or(Error::DecryptionFailed {
+    let fields = BoundFields::of(&record.allowed_hosts, record.version);
+    let headers = fields.as_headers();
+    let cipher = VaultCipher::new(&ledger.inner.config.master_key);
+    let plain = cipher.open(
+        binding(owner, name, SecretRecord::VERSION, &headers),
+        &record.sealed,
+    )?;
+    decode_value(&plain)
+}
+
+fn decode_value(plain: &[u8]) -> Result<Secret> {
+    records::decode_value(plain).ok_or(Error::DecryptionFailed {
         what: "owner secret",
     })
+}
+
+/// Format 2 → 3: re-seals every owner secret (schema 1, its value bound to owner and name
+/// only) with its allowed hosts and version bound too (schema 2), inside the migration's
+/// transaction. Returns how many were re-sealed. A schema-1 secret that does not open is
+/// left as it is, for `check` to report: re-sealing it is impossible and deleting it would
+/// lose it.
+pub(crate) fn reseal_for_format_3(
+    txn: &WriteTransaction,
+    master: &crate::secret::MasterKey,
+) -> Result<usize> {
+    let cipher = VaultCipher::new(master);
+    let ids = IdCipher::new(master);
+    let mut table = txn.open_table(OWNER_SECRETS)?;
+    let mut resealed = Vec::new();
+    for entry in table.iter()? {
+        let (key, bytes) = entry?;
+        let (owner, name) = key.value();
+        let Some((1, payload)) = bytes.value().split_first().map(|(v, p)| (*v, p)) else {
+            continue;
+        };
+        let Ok(record) = codec::decode_payload::<SecretRecord>(payload) else {
+            continue;
+        };
+        let public = ids.encode(IdKind::Account, owner);
+        let Ok(plain) = cipher.open(binding(&public, name, 1, &[]), &record.sealed) else {
+            continue;
+        };
+        let value = decode_value(&plain)?;
+        let sealed = seal_value(
+            &cipher,
+            &public,
+            name,
+            &record.allowed_hosts,
+            record.version,
+            &value,
+        )?;
+        let record = SecretRecord { sealed, ..record };
+        resealed.push((owner, name.to_owned(), codec::encode(&record)));
+    }
+    for (owner, name, bytes) in &resealed {
+        table.insert((*owner, name.as_str()), bytes.as_slice())?;
+    }
+    Ok(resealed.len())
 }
 
 /// Decodes and decrypts one stored row, for `check`.
@@ -101,17 +205,24 @@ impl<'a> Secrets<'a> {
         let now = self.ledger.now();
         let txn = self.ledger.inner.store.begin_write()?;
         let owner = owner_write(self.ledger, &txn, owner)?;
-        let sealed = VaultCipher::new(&self.ledger.inner.config.master_key)
-            .seal(binding(&owner.public, name), value.expose().as_bytes())?;
         let record = {
             let mut table = txn.open_table(OWNER_SECRETS)?;
             let previous: Option<SecretRecord> = match table.get((owner.id, name))? {
                 Some(v) => Some(codec::decode(v.value())?),
                 None => None,
             };
+            let version = previous.as_ref().map_or(1, |p| p.version.saturating_add(1));
+            let sealed = seal_value(
+                &VaultCipher::new(&self.ledger.inner.config.master_key),
+                &owner.public,
+                name,
+                &allowed_hosts,
+                version,
+                &value,
+            )?;
             let record = SecretRecord {
                 allowed_hosts,
-                version: previous.as_ref().map_or(1, |p| p.version.saturating_add(1)),
+                version,
                 created_at: previous.as_ref().map_or(now, |p| p.created_at),
                 created_by: previous
                     .as_ref()
@@ -155,9 +266,15 @@ impl<'a> Secrets<'a> {
                 Some(v) => codec::decode(v.value())?,
                 None => return Err(Error::NotFound { what: "secret" }),
             };
-            record.sealed = VaultCipher::new(&self.ledger.inner.config.master_key)
-                .seal(binding(&owner.public, name), value.expose().as_bytes())?;
             record.version = record.version.saturating_add(1);
+            record.sealed = seal_value(
+                &VaultCipher::new(&self.ledger.inner.config.master_key),
+                &owner.public,
+                name,
+                &record.allowed_hosts,
+                record.version,
+                &value,
+            )?;
             record.updated_at = now;
             record.updated_by = self.actor.clone();
             record.rotated_at = Some(now);

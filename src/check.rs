@@ -172,7 +172,7 @@ impl Ledger {
             match codec::decode::<CreditsRecord>(v.value()) {
                 Ok(c) => {
                     report.credit_records += 1;
-                    report.lost_to_crash += c.lost_to_crash;
+                    report.lost_to_crash = report.lost_to_crash.saturating_add(c.lost_to_crash);
                     if keys.get(k.value())?.is_none() && pools.get(k.value())?.is_none() {
                         problems.push(format!("credits #{}: key or pool missing", k.value()));
                     }

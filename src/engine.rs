@@ -754,7 +754,7 @@ fn closed() -> Error {
 /// (spent, never re-granted) so no crash can let them be spent twice.
 fn recover_leases(store: &Store) -> Result<u64> {
     let txn = store.begin_write()?;
-    let mut lost = 0;
+    let mut lost: u64 = 0;
     {
         let mut table = txn.open_table(CREDITS)?;
         let mut changed = Vec::new();
@@ -762,8 +762,9 @@ fn recover_leases(store: &Store) -> Result<u64> {
             let (k, v) = entry?;
             let mut record: CreditsRecord = codec::decode(v.value())?;
             if record.leased > 0 {
-                lost += record.leased;
-                record.lost_to_crash += record.leased;
+                // Summed over every balance, which may each hold up to u64::MAX.
+                lost = lost.saturating_add(record.leased);
+                record.lost_to_crash = record.lost_to_crash.saturating_add(record.leased);
                 record.leased = 0;
                 changed.push((k.value(), record));
             }

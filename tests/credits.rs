@@ -1154,3 +1154,31 @@ fn a_flush_writes_every_key_in_use_before_it_returns() {
         );
     }
 }
+
+/// Lifetime usage of an unmetered key has no balance to bound it: two commits of `u64::MAX`
+/// saturate the key's and the account's counters, and the writer goes on working.
+#[test]
+fn lifetime_usage_saturates_instead_of_stopping_the_writer() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "unmetered"));
+    let key = presented(&plain);
+    for _ in 0..2 {
+        let grant = t.ledger.verify(&Request::new(&key, "/x").cost(1)).unwrap();
+        grant.commit(u64::MAX);
+        t.ledger.flush().unwrap();
+    }
+    for of in [id.as_str(), owner.as_str()] {
+        let usage = t.ledger.credits().usage(of).unwrap();
+        assert_eq!(
+            (usage.lifetime_spent, usage.requests),
+            (u64::MAX, 2),
+            "{of}"
+        );
+    }
+    let (_, metered) = create_key(&t.ledger, NewKey::new(&owner, "metered").credits(5));
+    assert!(
+        spend(&t.ledger, &metered, "/x", 1, 1).is_ok(),
+        "the writer still leases"
+    );
+}

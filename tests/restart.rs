@@ -253,3 +253,33 @@ fn a_flush_round_writes_spend_and_usage_before_a_crash() {
     assert_eq!(u.spent + u.lost_to_crash + u.remaining.unwrap(), u.granted);
     assert!(u.lost_to_crash <= 16 - 5, "{u:?}");
 }
+
+/// Balances as large as they come: two keys of `u64::MAX` credits each crash holding a grant
+/// of all of it. Reopening counts both as lost (the total saturates, each key's is exact),
+/// and `check` reads the file without overflowing.
+#[test]
+fn a_crash_holding_two_whole_u64_balances_reopens() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let grants =
+        ["a", "b"].map(|name| create_key(&t.ledger, NewKey::new(&owner, name).credits(u64::MAX)));
+    let keys = grants.clone().map(|(_, plain)| presented(&plain));
+    let held: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            t.ledger
+                .verify(&Request::new(k, "/x").cost(u64::MAX))
+                .unwrap()
+        })
+        .collect();
+    std::mem::forget(held); // still in flight when the process dies
+    let t = t.crash_and_reopen();
+    assert_eq!(t.ledger.stats().lost_to_crash_at_open, u64::MAX);
+    for (id, _) in &grants {
+        let usage = t.ledger.credits().usage(id).unwrap();
+        assert_eq!((usage.lost_to_crash, usage.remaining), (u64::MAX, Some(0)));
+    }
+    let (_t, report) = t.checked();
+    assert_eq!(report.lost_to_crash, u64::MAX);
+    assert!(report.is_ok(), "{:?}", report.problems);
+}

@@ -1138,8 +1138,9 @@ fn flush_usage(
         }
         for id in [state.id(), state.owner()] {
             let d = deltas.entry(id).or_default();
-            d.0 += spent;
-            d.1 += requests;
+            // Lifetime counters of unmetered keys have no balance to bound them: saturate.
+            d.0 = d.0.saturating_add(spent);
+            d.1 = d.1.saturating_add(requests);
             d.2 = d.2.max(last_used);
         }
         fx.flushed_usage.push((state, spent, requests, last_used));
@@ -1150,8 +1151,8 @@ fn flush_usage(
             Some(bytes) => codec::decode(bytes.value())?,
             None => UsageRecord::default(),
         };
-        usage.spent += spent;
-        usage.requests += requests;
+        usage.spent = usage.spent.saturating_add(spent);
+        usage.requests = usage.requests.saturating_add(requests);
         if last_used > 0 {
             usage.last_used_at = usage.last_used_at.max(Some(Timestamp(last_used)));
         }

@@ -843,6 +843,34 @@ fn a_reservation_from_before_a_refill_is_not_refunded_into_the_new_period() {
     );
 }
 
+/// The same when the refill falls due at a top-up (the writer applies it before the
+/// admin's change) rather than at a lease.
+#[test]
+fn a_reservation_from_before_a_refill_applied_by_a_top_up_is_not_refunded_after_it() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(
+        &t.ledger,
+        NewKey::new(&owner, "k")
+            .credits(100)
+            .refill(10, RefillInterval::Daily),
+    );
+    let key = presented(&plain);
+    let held = t.ledger.verify(&Request::new(&key, "/x").cost(50)).unwrap();
+    t.clock.set(next_day(&t));
+    assert_eq!(
+        t.ledger.credits().top_up(&id, 1).unwrap(),
+        11,
+        "refill, then top-up"
+    );
+    drop(held); // refunds 50 reserved in the old period
+    assert_eq!(
+        drain(&t, &plain, 1_000),
+        11,
+        "the new period holds 11, no more"
+    );
+}
+
 #[test]
 fn falling_to_the_low_balance_threshold_emits_one_event() {
     let t = TestLedger::new();

@@ -789,7 +789,7 @@ fn build(
                     };
                     // A refill that fell due comes first: the admin's change is the newer one
                     // and must not be replaced by it later.
-                    refill::apply_due(r, now);
+                    let refilled = refill::apply_due(r, now);
                     let before = r.balance;
                     let balance = match change {
                         Adjust::Set(n) => Some(n),
@@ -821,8 +821,10 @@ fn build(
                     fx.adjusts.push((reply, Ok(r.balance)));
                     if let Some(meter) = meter {
                         // After the lease was taken back (`reclaim`): a reservation made
-                        // from the old lease carries the old epoch, so a set makes it final.
-                        if matches!(change, Adjust::Set(_)) {
+                        // from the old lease carries the old epoch, so a set makes it final,
+                        // and so does a refill applied here (its refund must not land in the
+                        // new period, as in `new_period`).
+                        if matches!(change, Adjust::Set(_)) || refilled {
                             meter.epoch.fetch_add(1, Ordering::AcqRel);
                         }
                         meter.replenished();

@@ -182,9 +182,18 @@ impl Engine {
             return Ok(());
         };
         let (reply, done) = channel::bounded(1);
+        // The writer answers a close once the leases are back, or with the error that kept
+        // them; one that stopped without answering returned nothing.
+        let stopped = || {
+            Error::Conflict(
+                "the credit writer stopped before returning the leases (they count as \
+                 lost_to_crash at the next open)"
+                    .into(),
+            )
+        };
         let result = match self.tx.send(Msg::Close { reply }) {
-            Ok(()) => done.recv().unwrap_or(Ok(())),
-            Err(_) => Ok(()),
+            Ok(()) => done.recv().unwrap_or_else(|_| Err(stopped())),
+            Err(_) => Err(stopped()),
         };
         let _ = handle.join();
         result

@@ -1210,3 +1210,25 @@ fn lifetime_usage_saturates_instead_of_stopping_the_writer() {
         "the writer still leases"
     );
 }
+
+/// Once the disk dies every call through the writer fails with the storage error — not
+/// "closed", as when a failed batch dropped the requests it had not reached — and so does
+/// the close, whose leases were not returned.
+#[test]
+fn a_dead_disk_fails_every_writer_call_with_its_error_and_the_close_too() {
+    let t = TestLedger::new();
+    let backend = CrashBackend::new();
+    let ledger = Ledger::open_with_backend(backend.clone(), t.config()).unwrap();
+    let owner = account(&ledger, "Acme");
+    let (id, plain) = create_key(&ledger, NewKey::new(&owner, "k").credits(5));
+    assert!(spend(&ledger, &plain, "/x", 1, 1).is_ok());
+    backend.kill();
+    for _ in 0..2 {
+        let e = ledger.flush().unwrap_err().to_string();
+        assert!(e.contains("flush failed"), "{e}");
+    }
+    let e = ledger.credits().top_up(&id, 1).unwrap_err().to_string();
+    assert!(e.contains("balance not changed"), "{e}");
+    let e = ledger.close().unwrap_err().to_string();
+    assert!(e.contains("flush failed"), "{e}");
+}

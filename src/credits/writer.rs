@@ -572,7 +572,8 @@ fn commit(
     chunked: bool,
 ) -> (Vec<Sender<Result<()>>>, std::result::Result<(), String>) {
     let mut fx = Effects::default();
-    let result = build(shared, listed, batch, closing, chunked, &mut fx);
+    let mut batch = batch.into_iter();
+    let result = build(shared, listed, &mut batch, closing, chunked, &mut fx);
     let working = fx.list_bytes() + listed.bytes();
     shared
         .list_bytes
@@ -691,16 +692,47 @@ fn commit(
                     "balance not changed: {message}"
                 ))));
             }
+            // The messages the batch did not reach get the same answers.
+            for msg in batch {
+                refuse(msg, &message, &mut fx.syncs);
+            }
             return (fx.syncs, Err(message));
         }
     }
     (fx.syncs, Ok(()))
 }
 
+/// Answers a message of a batch that failed before reaching it, as [`commit`] answers those
+/// it reached: nothing became durable. (A retirement or discard is dropped: the storage has
+/// failed, so no later batch could write it either.)
+fn refuse(msg: Msg, message: &str, syncs: &mut Vec<Sender<Result<()>>>) {
+    match msg {
+        Msg::Lease { meter, reply, .. } => {
+            meter.pending.store(false, Ordering::Release);
+            if let Some(reply) = reply {
+                let epoch = meter.epoch.load(Ordering::Acquire);
+                let _ = reply.send(Handoff::Units { units: 0, epoch });
+            }
+        }
+        Msg::Shortfall { reply, .. } => {
+            let _ = reply.send(0);
+        }
+        Msg::Adjust { reply, .. } => {
+            let _ = reply.send(Err(Error::Conflict(format!(
+                "balance not changed: {message}"
+            ))));
+        }
+        Msg::Flush { reply } | Msg::Close { reply } => syncs.push(reply),
+        Msg::Retire { .. } | Msg::Discard { .. } | Msg::Abandon | Msg::PrefetchBell => {}
+    }
+}
+
+/// Runs `batch` into one transaction and commits it. On an error, what `batch` still holds
+/// was not reached.
 fn build(
     shared: &Shared,
     listed: &mut Listed,
-    batch: Vec<Msg>,
+    batch: &mut std::vec::IntoIter<Msg>,
     closing: bool,
     chunked: bool,
     fx: &mut Effects,

@@ -168,6 +168,7 @@ impl<'a> Accounts<'a> {
             let mut table = txn.open_table(ACCOUNTS)?;
             let mut record: AccountRecord =
                 store::get(&table, internal)?.ok_or(Error::NotFound { what: "account" })?;
+            let before = record.clone();
             let mut changed = Vec::new();
             if let Some(name) = name {
                 record.name = name;
@@ -180,6 +181,13 @@ impl<'a> Accounts<'a> {
             if let Some(ents) = ents {
                 record.entitlements = ents;
                 changed.push("entitlements");
+            }
+            // Like keys: a change that touches no field writes nothing (no audit entry, no
+            // eviction of the account's cached keys).
+            if record == before {
+                drop(table);
+                txn.abort()?;
+                return Ok(self.view(internal, record));
             }
             record.updated_at = self.ledger.now();
             record.updated_by = self.actor.clone();

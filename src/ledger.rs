@@ -30,6 +30,9 @@ pub(crate) struct Inner {
     /// Held across a hash-scheme rotation's write and publication, so the scheme in memory
     /// is the one stored last.
     pub(crate) rotating: parking_lot::Mutex<()>,
+    /// Held by a key update that sets a balance, across its record's commit and the balance
+    /// set that follows, so that of two such updates the one stored last sets the balance.
+    pub(crate) setting_balances: parking_lot::Mutex<()>,
     pub(crate) config: Config,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) engine: Engine,
@@ -78,6 +81,7 @@ impl Ledger {
             ids,
             format: KeyFormat::new(&config),
             rotating: parking_lot::Mutex::new(()),
+            setting_balances: parking_lot::Mutex::new(()),
             clock: config.clock.clone(),
             config,
             engine,

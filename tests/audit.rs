@@ -245,3 +245,32 @@ fn refused_writes_append_nothing_and_the_trail_survives_a_reopen() {
     );
     assert_eq!(newest.action, "key.disabled");
 }
+
+/// An account update that changes nothing writes nothing: no event, no new `updated_at`
+/// (as for keys).
+#[test]
+fn an_account_update_that_changes_nothing_appends_nothing() {
+    let t = TestLedger::new();
+    let acct = t.account("Acme");
+    let before = t.ledger.audit().recent(100).unwrap().len();
+    let info = t.ledger.accounts().get(&acct).unwrap();
+    t.clock.advance_secs(5);
+    for update in [
+        AccountUpdate::new(),
+        AccountUpdate::new().name("Acme"),
+        AccountUpdate::new().status(info.status),
+    ] {
+        let after = t.ledger.accounts().by("ops").update(&acct, update).unwrap();
+        assert_eq!(after.updated_at, info.updated_at);
+    }
+    assert_eq!(t.ledger.audit().recent(100).unwrap().len(), before);
+}
+
+/// A handle's `Debug` names its owner by public id, never by internal id.
+#[test]
+fn a_keys_handle_prints_its_owner_by_public_id() {
+    let t = TestLedger::new();
+    let acct = t.account("Acme");
+    let printed = format!("{:?}", t.ledger.keys().owned_by(&acct).unwrap());
+    assert!(printed.contains(acct.as_str()), "{printed}");
+}

@@ -1232,3 +1232,45 @@ fn a_dead_disk_fails_every_writer_call_with_its_error_and_the_close_too() {
     let e = ledger.close().unwrap_err().to_string();
     assert!(e.contains("flush failed"), "{e}");
 }
+
+/// Setting a key's credits to the amount it was configured with still resets its balance,
+/// and that reset is in the audit trail under the actor who made it.
+#[test]
+fn resetting_a_balance_to_the_configured_credits_is_audited() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    assert_eq!(drain(&t, &plain, 60), 60);
+    let reset = KeyUpdate::new().credits(Some(100));
+    let info = t.ledger.keys().by("mallory").update(&id, reset).unwrap();
+    assert_eq!(info.remaining_credits, Some(100));
+    let newest = t.ledger.audit().recent(1).unwrap();
+    let seen = (
+        newest[0].action.as_str(),
+        newest[0].actor.as_str(),
+        newest[0].target.as_str(),
+    );
+    assert_eq!(seen, ("credits.set", "mallory", id.as_str()));
+}
+
+/// An update whose settings landed but whose balance could not be set (here: the ledger
+/// was closed) says exactly that, rather than a bare error for a change that partly landed.
+#[test]
+fn an_update_whose_balance_was_not_set_says_its_settings_were_saved() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, _) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    t.ledger.close().unwrap();
+    let e = t
+        .ledger
+        .keys()
+        .update(&id, KeyUpdate::new().credits(Some(5)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("settings were saved but its balance was not set"),
+        "{e}"
+    );
+    let info = t.ledger.keys().get(&id).unwrap();
+    assert_eq!(info.limits.credits, Some(5));
+}

@@ -19,7 +19,7 @@ pub use builders::{ImportKey, ImportedHash, KeyUpdate, NewKey};
 use crate::audit;
 use crate::clock::Timestamp;
 use crate::credits::refill;
-use crate::credits::writer::Adjust;
+use crate::credits::writer::{Adjust, AuditLine};
 use crate::engine::KeyChange;
 use crate::error::{Error, Result};
 use crate::hashing::{HashScheme, KeyHash};
@@ -95,12 +95,25 @@ pub struct CreatedKey {
 }
 
 /// Key or token operations. Get one with [`Ledger::keys`] or [`Ledger::tokens`].
-#[derive(Debug)]
 pub struct Keys<'a> {
     ledger: &'a Ledger,
     kind: IdKind,
     actor: String,
     owner: Option<u64>,
+}
+
+impl std::fmt::Debug for Keys<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The owner by its public id: internal ids never leave the crate.
+        let owner = self
+            .owner
+            .map(|id| self.ledger.inner.ids.encode(IdKind::Account, id));
+        f.debug_struct("Keys")
+            .field("kind", &self.kind)
+            .field("actor", &self.actor)
+            .field("owner", &owner)
+            .finish_non_exhaustive()
+    }
 }
 
 const KIND_API: u8 = 0;
@@ -439,7 +452,12 @@ impl<'a> Keys<'a> {
             rules::metadata(m)?;
         }
         let mut set_balance_to = None;
+        let setting_balance = matches!(update.credits, Some(Some(_)));
+        let _in_order = setting_balance.then(|| self.ledger.inner.setting_balances.lock());
+        // Whether the settings change (else only the balance is set, audited on its own).
+        let mut settings_change = false;
         let info = self.modify(id, "updated", |record, credits| {
+            let before = (record.clone(), credits.clone());
             let mut changed = Vec::new();
             if let Some(name) = name {
                 record.name = name;
@@ -514,14 +532,32 @@ impl<'a> Keys<'a> {
                 record.metadata = m;
                 changed.push("metadata");
             }
+            settings_change = !changed.is_empty() && (record.clone(), credits.clone()) != before;
             Ok(changed)
         })?;
         match set_balance_to {
             Some(n) => {
                 let internal = self.internal_id(id)?;
-                // The update's own audit entry names the credits.
+                // The update's entry names the credits; without one (the same credits again,
+                // a reset to the plan's amount) the set is audited on its own, in the
+                // writer's transaction.
+                let audit = (!settings_change).then(|| AuditLine {
+                    actor: self.actor.clone(),
+                    action: "credits.set",
+                    target: id.to_owned(),
+                });
                 let set = Adjust::Set(n);
-                let balance = self.ledger.inner.engine.adjust(internal, set, None)?;
+                let balance = self
+                    .ledger
+                    .inner
+                    .engine
+                    .adjust(internal, set, audit)
+                    .map_err(|e| {
+                        Error::Conflict(format!(
+                            "the key's settings were saved but its balance was not set ({e}); \
+                             repeat the update or set the balance with credits().set"
+                        ))
+                    })?;
                 Ok(KeyInfo {
                     remaining_credits: Some(balance),
                     ..info

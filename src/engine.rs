@@ -63,6 +63,43 @@ pub(crate) enum KeyChange {
     Deleted,
 }
 
+/// The rate-limit state of each cached key with limits, so that all of a key's cached
+/// entries share one: during a roll's grace its two secrets are cached apart, and each with
+/// limits of its own would admit twice the key's rate (and a roll would start one afresh).
+/// Held weakly: the state lives as long as an entry or carried snapshot uses it.
+#[derive(Default)]
+struct LiveLimits {
+    by_key: HashMap<u64, std::sync::Weak<KeyLimits>>,
+    /// Dead references are swept when the map reaches this size (then twice what is left).
+    sweep_at: usize,
+}
+
+impl LiveLimits {
+    /// The limits for a new entry of key `id` configured as `configured`: the state of an
+    /// entry of the key still in use, or else the one `carried` over from an evicted entry,
+    /// if built from the same configuration; else a new one.
+    fn of(
+        &mut self,
+        id: u64,
+        configured: &crate::record::Limits,
+        carried: Option<&Arc<KeyLimits>>,
+        new: impl FnOnce() -> KeyLimits,
+    ) -> Arc<KeyLimits> {
+        let live = self.by_key.get(&id).and_then(std::sync::Weak::upgrade);
+        let limits = live
+            .into_iter()
+            .chain(carried.cloned())
+            .find(|l| l.configured_as(configured))
+            .unwrap_or_else(|| Arc::new(new()));
+        self.by_key.insert(id, Arc::downgrade(&limits));
+        if self.by_key.len() >= self.sweep_at {
+            self.by_key.retain(|_, l| l.strong_count() > 0);
+            self.sweep_at = (self.by_key.len() * 2).max(1024);
+        }
+        limits
+    }
+}
+
 /// Snapshots an admin change evicted, kept until the key's next verify rebuilds it (so the
 /// rebuild keeps the live counters, lease and rate-limit state). Bounded: beyond this many
 /// they are forgotten (their unflushed usage is already queued for the writer).
@@ -107,6 +144,8 @@ pub(crate) struct Engine {
     pub tiers: Vec<SpendTier>,
     /// The last snapshot of keys an admin change evicted, by key id.
     carried: Mutex<HashMap<u64, Arc<CachedKey>>>,
+    /// The rate limits of every cached key that has some, by key id.
+    limits: Mutex<LiveLimits>,
     /// Interned scopes: keys with the same permissions and allowlist share one allocation.
     scopes: Mutex<HashSet<Arc<Scope>>>,
     /// Shared state of every account with a cached key.
@@ -170,6 +209,7 @@ impl Engine {
             tiers: config.spend_tiers.clone(),
             accounts: Mutex::new(HashMap::new()),
             carried: Mutex::new(HashMap::new()),
+            limits: Mutex::new(LiveLimits::default()),
             scopes: Mutex::new(HashSet::new()),
             lost_at_open,
             writer: Mutex::new(Some(handle)),
@@ -539,7 +579,7 @@ impl Engine {
             }
         };
         // Only a key with rate limits has a spend tier (it scales them).
-        let limited = !found.limits.rate_limits.is_empty() || found.limits.token_window.is_some();
+        let limited = found.limits.rate_limited();
         let lifetime_spent = match self.tiers.is_empty() || !limited {
             true => 0,
             false => {
@@ -603,15 +643,14 @@ impl Engine {
         // Taken out only once the entry is cached: a miss that raced a change serves one
         // request and must leave the evicted snapshot (its rate-limit state) for the rebuild.
         let carried = self.carried.lock().get(&record.id).cloned();
-        let limits = match carried.as_ref().and_then(|c| c.limits.clone()) {
-            Some(l) if l.configured_as(&record.limits) => Some(l),
-            _ => Some(Arc::new(KeyLimits::new(
-                &record.limits,
-                lifetime_spent,
-                &self.tiers,
-            )))
-            .filter(|l| !l.is_empty()),
-        };
+        let carried_limits = carried.as_ref().and_then(|c| c.limits.as_ref());
+        let limits = record.limits.rate_limited().then(|| {
+            self.limits
+                .lock()
+                .of(record.id, &record.limits, carried_limits, || {
+                    KeyLimits::new(&record.limits, lifetime_spent, &self.tiers)
+                })
+        });
         let snapshot = Snapshot {
             kind,
             disabled: record.disabled,

@@ -159,11 +159,6 @@ impl KeyLimits {
         named && tokens
     }
 
-    /// Whether the key has any limit at all (the hot path skips everything otherwise).
-    pub(crate) fn is_empty(&self) -> bool {
-        self.named.is_empty() && self.tokens.is_none()
-    }
-
     /// Admits one request of `cost` tokens against every limit, all or nothing.
     pub(crate) fn acquire(
         &self,

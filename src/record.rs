@@ -140,6 +140,13 @@ pub struct Limits {
     pub low_balance_threshold: Option<u64>,
 }
 
+impl Limits {
+    /// Whether a named rate limit or a token window applies.
+    pub(crate) fn rate_limited(&self) -> bool {
+        !self.rate_limits.is_empty() || self.token_window.is_some()
+    }
+}
+
 /// Whether a record is an API key or an internal token (with its `type`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -490,6 +490,31 @@ fn disabling_and_deleting_are_immediate() {
     assert_eq!(verify_code(&t.ledger, &plain, ROUTE), "not_found");
 }
 
+/// A rolled key's two secrets are one key to its rate limits: during the grace they share
+/// one state, so rolling neither resets the limits nor doubles them.
+#[test]
+fn both_secrets_of_a_rolled_key_share_its_rate_limits() {
+    for metered in [false, true] {
+        let t = TestLedger::new();
+        let owner = t.account("Acme");
+        let new = NewKey::new(&owner, "k").rate_limit("requests", 2, 60);
+        let new = if metered { new.credits(100) } else { new };
+        let (id, old) = create_key(&t.ledger, new);
+        assert_eq!(verify_code(&t.ledger, &old, ROUTE), "ok");
+        let rolled = t.ledger.keys().roll(&id, 3_600).unwrap();
+        let new = rolled.plaintext.expose();
+        let codes: Vec<_> = [new, &old, new, &old]
+            .iter()
+            .map(|k| verify_code(&t.ledger, k, ROUTE))
+            .collect();
+        assert_eq!(
+            codes,
+            ["ok", "rate_limited", "rate_limited", "rate_limited"],
+            "metered: {metered}"
+        );
+    }
+}
+
 #[test]
 fn rolling_retires_the_old_secret_at_the_end_of_its_grace() {
     let t = TestLedger::new();

@@ -28,8 +28,13 @@ use crate::record::SubscriptionStatus;
 pub(crate) use table::Slot;
 use table::Table;
 
-/// Shards of the cache; a power of two.
-const SHARDS: usize = 256;
+/// Most shards of the cache; a power of two.
+const MAX_SHARDS: usize = 256;
+/// A smaller cache has fewer shards, at least this many keys each on average, so that what
+/// it holds stays close to its capacity (each of several shards has slack for the spread of
+/// keys over them: four standard deviations, which at this size is 13 %); one below twice
+/// this holds exactly its capacity.
+const MIN_KEYS_PER_SHARD: usize = 1024;
 
 /// Usage counters of one key since the writer last took them. They live in the key's first
 /// cached snapshot (its "home") and survive rebuilds of the snapshot by admin changes.
@@ -489,6 +494,8 @@ impl MeterRef {
 /// The sharded cache.
 pub(crate) struct Cache {
     shards: Box<[RwLock<Table>]>,
+    /// `shards.len() - 1` (a power of two less one).
+    shard_mask: usize,
     /// Bumped by every invalidation. A miss that read the database before a bump does not
     /// cache what it read: the change it may have missed has already evicted.
     epoch: AtomicU64,
@@ -499,14 +506,22 @@ pub(crate) type Evicted = Vec<Arc<CachedKey>>;
 
 impl Cache {
     pub(crate) fn new(capacity: usize) -> Self {
+        // The most shards, up to the largest power of two, that keep this many keys each.
+        let shards =
+            ((capacity / MIN_KEYS_PER_SHARD + 1).next_power_of_two() / 2).clamp(1, MAX_SHARDS);
         // Keys land in shards by hash, so shard sizes vary around the mean by about its
-        // square root: four of those (plus a little) of slack let `capacity` keys fit.
-        let mean = capacity.div_ceil(SHARDS);
-        let per_shard = mean + 4 * mean.isqrt() + 8;
+        // square root: four of those (plus a little) of slack let `capacity` keys fit. One
+        // shard holds exactly `capacity`.
+        let mean = capacity.div_ceil(shards).max(1);
+        let per_shard = match shards {
+            1 => mean,
+            _ => mean + 4 * mean.isqrt() + 8,
+        };
         Cache {
-            shards: (0..SHARDS)
+            shards: (0..shards)
                 .map(|_| RwLock::new(Table::new(per_shard)))
                 .collect(),
+            shard_mask: shards - 1,
             epoch: AtomicU64::new(0),
         }
     }
@@ -524,7 +539,7 @@ impl Cache {
     #[inline]
     fn shard(&self, hash: &KeyHash) -> &RwLock<Table> {
         // Bytes 0..16 are the entry's key and tag; the shard comes from other bytes.
-        &self.shards[hash[16] as usize % SHARDS]
+        &self.shards[hash[16] as usize & self.shard_mask]
     }
 
     /// Runs `f` on the slot for `hash` under the shard's read lock. `None`: not cached.
@@ -678,6 +693,27 @@ mod tests {
                 "an even table's bits read as an odd one's {mixed} times of {seen}"
             );
         });
+    }
+
+    /// A cache holds about the keys it was sized for: exactly, when small (one shard), and
+    /// within the shards' slack when large.
+    #[test]
+    fn a_cache_holds_about_its_capacity() {
+        for capacity in [1, 2, 1_000, 2_047, 2_048, 4_095, 100_000] {
+            let cache = Cache::new(capacity);
+            let mut evicted = 0;
+            for i in 0..capacity as u64 * 2 {
+                let hash = *blake3::hash(&i.to_le_bytes()).as_bytes();
+                let epoch = cache.epoch();
+                evicted += cache.insert(hash, test_key(i), epoch).unwrap().len();
+            }
+            let held = cache.len();
+            assert_eq!(held + evicted, capacity * 2, "capacity {capacity}");
+            assert!(held <= capacity + capacity / 7, "{held} for {capacity}");
+            if capacity < 2 * MIN_KEYS_PER_SHARD {
+                assert_eq!(held, capacity);
+            }
+        }
     }
 
     /// The per-key memory budget (issue 3: ≤ 256 bytes per cached key at 1M keys) is spent

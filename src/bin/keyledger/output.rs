@@ -2,8 +2,8 @@
 //! key except through [`print_plaintext_once`].
 
 use keyledger::{
-    Account, AuditEvent, Clock, ConnectionInfo, KeyInfo, Limits, Pool, RateState, Receipt, Refill,
-    RefillInterval, RouteRule, Secret, SecretInfo, SystemClock, Timestamp, Usage,
+    Account, AuditEvent, Clock, ConnectionInfo, KeyInfo, KeyKind, Limits, Pool, RateState, Receipt,
+    Refill, RefillInterval, RouteRule, Secret, SecretInfo, SystemClock, Timestamp, Usage,
 };
 use serde::Serialize;
 use zeroize::Zeroizing;
@@ -144,7 +144,7 @@ fn key_summary(info: &KeyInfo) -> Table {
     t.row(["owner", info.owner.as_str()]);
     t.row(["masked", info.masked.as_str()]);
     if info.id.starts_with("tok_") {
-        t.row(["type", &json_label(&info.kind)]);
+        t.row(["type", &kind_label(&info.kind)]);
     }
     t.row([
         "permissions".to_owned(),
@@ -159,7 +159,7 @@ fn key_summary(info: &KeyInfo) -> Table {
 pub fn print_key(info: &KeyInfo) {
     let mut t = Table::bare();
     t.row(["id", info.id.as_str()]);
-    t.row(["type", &json_label(&info.kind)]);
+    t.row(["type", &kind_label(&info.kind)]);
     t.row(["class", &json_label(&info.class)]);
     t.row(["owner", info.owner.as_str()]);
     t.row(["name", info.name.as_str()]);
@@ -479,6 +479,14 @@ pub fn list_or<I: IntoIterator<Item = S>, S: AsRef<str>>(items: I, empty: &str) 
 }
 
 /// The serde string form of a unit-like enum (`live`, `api`…).
+/// `api key`, or `token (service)` for a token of type `service`.
+fn kind_label(kind: &KeyKind) -> String {
+    match kind {
+        KeyKind::Api => "api key".into(),
+        KeyKind::Token { token_type } => format!("token ({token_type})"),
+    }
+}
+
 fn json_label<T: Serialize>(value: &T) -> String {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(s)) => s,

@@ -22,7 +22,8 @@ pub enum Denial {
     Forbidden,
     /// The client IP is not in the key's allowlist. 403.
     IpNotAllowed,
-    /// The owner's subscription is not active or trialing. 402.
+    /// The owner's subscription is canceled or suspended (active, trialing and past due
+    /// pass). 402.
     SubscriptionInactive,
     /// The owner's subscription lacks the route's entitlement. 403.
     NotEntitled,

@@ -817,58 +817,39 @@ fn balance_changes_are_audited_with_their_author_and_refused_ones_are_not() {
     );
 }
 
+/// A reservation from before a refill is final: its refund does not land in the new period,
+/// whether the refill is applied at the next lease or by a top-up (the writer applies a due
+/// refill before the admin's change).
 #[test]
 fn a_reservation_from_before_a_refill_is_not_refunded_into_the_new_period() {
-    let t = TestLedger::new();
-    let owner = t.account("Acme");
-    let (_, plain) = create_key(
-        &t.ledger,
-        NewKey::new(&owner, "k")
-            .credits(100)
-            .refill(10, RefillInterval::Daily),
-    );
-    let key = presented(&plain);
-    let held = t.ledger.verify(&Request::new(&key, "/x").cost(50)).unwrap();
-    t.clock.set(next_day(&t));
-    assert_eq!(
-        drain(&t, &plain, 1_000),
-        10,
-        "the refill replaces the balance"
-    );
-    drop(held); // refunds 50 reserved in the old period
-    assert_eq!(
-        drain(&t, &plain, 1_000),
-        0,
-        "the new period holds its refill, no more"
-    );
-}
-
-/// The same when the refill falls due at a top-up (the writer applies it before the
-/// admin's change) rather than at a lease.
-#[test]
-fn a_reservation_from_before_a_refill_applied_by_a_top_up_is_not_refunded_after_it() {
-    let t = TestLedger::new();
-    let owner = t.account("Acme");
-    let (id, plain) = create_key(
-        &t.ledger,
-        NewKey::new(&owner, "k")
-            .credits(100)
-            .refill(10, RefillInterval::Daily),
-    );
-    let key = presented(&plain);
-    let held = t.ledger.verify(&Request::new(&key, "/x").cost(50)).unwrap();
-    t.clock.set(next_day(&t));
-    assert_eq!(
-        t.ledger.credits().top_up(&id, 1).unwrap(),
-        11,
-        "refill, then top-up"
-    );
-    drop(held); // refunds 50 reserved in the old period
-    assert_eq!(
-        drain(&t, &plain, 1_000),
-        11,
-        "the new period holds 11, no more"
-    );
+    for by_top_up in [false, true] {
+        let t = TestLedger::new();
+        let owner = t.account("Acme");
+        let (id, plain) = create_key(
+            &t.ledger,
+            NewKey::new(&owner, "k")
+                .credits(100)
+                .refill(10, RefillInterval::Daily),
+        );
+        let key = presented(&plain);
+        let held = t.ledger.verify(&Request::new(&key, "/x").cost(50)).unwrap();
+        t.clock.set(next_day(&t));
+        let left = if by_top_up {
+            let balance = t.ledger.credits().top_up(&id, 1).unwrap();
+            assert_eq!(balance, 11, "refill, then top-up");
+            11
+        } else {
+            let spent = drain(&t, &plain, 1_000);
+            assert_eq!(spent, 10, "the refill replaces the balance");
+            0
+        };
+        drop(held); // refunds 50 reserved in the old period
+        let spent = drain(&t, &plain, 1_000);
+        assert_eq!(
+            spent, left,
+            "the new period holds its own, no more (top-up: {by_top_up})"
+        );
+    }
 }
 
 #[test]

@@ -208,6 +208,7 @@ impl Ledger {
                 .commits
                 .load(std::sync::atomic::Ordering::Relaxed),
             cached_entries: self.inner.engine.cache.len() as u64,
+            cache_evictions: self.inner.engine.cache.evictions(),
             lost_to_crash_at_open: self.inner.engine.lost_at_open,
             lease_waits: self.inner.engine.shared.lease_waits.snapshot(),
             writer_list_bytes: self

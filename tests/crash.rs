@@ -32,6 +32,7 @@ struct Totals {
     lost: u64,
     pools_deleted: usize,
     thresholds_changed: usize,
+    cache_evictions: u64,
 }
 
 /// Runs one seed; on a violation or a panic, fails naming the seed.
@@ -52,6 +53,7 @@ fn run_seed(seed: u64, totals: &mut Totals) {
             totals.lost += o.lost_to_crash;
             totals.pools_deleted += o.pools_deleted;
             totals.thresholds_changed += o.thresholds_changed;
+            totals.cache_evictions += o.cache_evictions;
         }
         Ok(Err(violation)) => panic!("seed {seed}: {violation}\n{replay}"),
         Err(panic) => {
@@ -82,6 +84,10 @@ fn random_workloads_survive_power_loss_and_dying_disks_first_half() {
     assert!(
         t.pools_deleted > 0 && t.thresholds_changed > 0,
         "some seeds must delete pools and change thresholds: {t:?}"
+    );
+    assert!(
+        t.cache_evictions > 0,
+        "the seeds with a 2-key cache must evict keys for room: {t:?}"
     );
 }
 

@@ -496,6 +496,8 @@ pub(crate) struct Cache {
     shards: Box<[RwLock<Table>]>,
     /// `shards.len() - 1` (a power of two less one).
     shard_mask: usize,
+    /// Keys evicted to make room.
+    evictions: AtomicU64,
     /// Bumped by every invalidation. A miss that read the database before a bump does not
     /// cache what it read: the change it may have missed has already evicted.
     epoch: AtomicU64,
@@ -522,6 +524,7 @@ impl Cache {
                 .map(|_| RwLock::new(Table::new(per_shard)))
                 .collect(),
             shard_mask: shards - 1,
+            evictions: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
         }
     }
@@ -566,9 +569,17 @@ impl Cache {
         let (_replaced, evicted) = shard.insert(&hash, Slot::Key(key));
         drop(shard);
         Ok(match evicted {
-            Some(Slot::Key(key)) => vec![key],
+            Some(Slot::Key(key)) => {
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+                vec![key]
+            }
             _ => Vec::new(),
         })
+    }
+
+    /// Keys evicted to make room so far.
+    pub(crate) fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
     }
 
     /// Remembers that `hash` matches no key (bounded like keys: never evicts a key for it).
@@ -709,6 +720,7 @@ mod tests {
             }
             let held = cache.len();
             assert_eq!(held + evicted, capacity * 2, "capacity {capacity}");
+            assert_eq!(cache.evictions(), evicted as u64);
             assert!(held <= capacity + capacity / 7, "{held} for {capacity}");
             if capacity < 2 * MIN_KEYS_PER_SHARD {
                 assert_eq!(held, capacity);

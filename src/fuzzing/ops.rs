@@ -92,6 +92,8 @@ pub struct Outcome {
     pub pools_deleted: usize,
     /// Low-balance thresholds changed (acknowledged).
     pub thresholds_changed: usize,
+    /// Keys the cache evicted to make room.
+    pub cache_evictions: u64,
 }
 
 /// A balance the model follows: a key's own credits or a pool.
@@ -291,6 +293,7 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
         } else {
             CrashImage::DurableOnly
         };
+        model.outcome.cache_evictions += ledger.stats().cache_evictions;
         match end {
             End::Close if !model.faulted => {
                 ensure!(

@@ -375,6 +375,9 @@ impl Engine {
     /// ignored.
     pub(crate) fn pool_deleted(&self, id: u64) {
         let mut meters = self.shared.meters.lock();
+        // Counted as a reset: a miss that read the pool before the deletion does not
+        // register a meter for it (see `pool_meter`).
+        self.shared.meter_resets.fetch_add(1, Ordering::AcqRel);
         if let Some(meter) = meters.get(id).filter(|m| m.is_pool()) {
             meters.remove(&meter);
             drop(meters);
@@ -750,21 +753,28 @@ impl Engine {
         if let Some(MeterRef::Pool(meter)) = meters.get(id) {
             return Ok(meter.clone());
         }
-        // A threshold change since the read began may be missing from it: read the pool's
-        // again, under the lock the change counts its reset under (then it is committed).
-        let threshold = if self.shared.meter_resets.load(Ordering::Acquire) == resets {
-            threshold
+        // A threshold change or a deletion since the read began may be missing from it: read
+        // the pool again, under the lock the change counts its reset under (then it is
+        // committed). A pool deleted since gets a meter for this request only, never
+        // registered (the miss serves it uncached, then reads again).
+        let (threshold, exists) = if self.shared.meter_resets.load(Ordering::Acquire) == resets {
+            (threshold, true)
         } else {
             let read = self.shared.store.begin_read()?;
             let pool: Option<PoolRecord> = store::get(&read.open_table(POOLS)?, id)?;
-            pool.and_then(|p| p.low_balance_threshold)
+            (
+                pool.as_ref().and_then(|p| p.low_balance_threshold),
+                pool.is_some(),
+            )
         };
         let meter = Meter::new(id, threshold, IdKind::Pool, self.shared.exact);
         if let Some(r) = &record {
             init_meter(&meter, r, now);
         }
         let meter = Arc::new(meter);
-        meters.insert(MeterRef::Pool(meter.clone()));
+        if exists {
+            meters.insert(MeterRef::Pool(meter.clone()));
+        }
         Ok(meter)
     }
 }
@@ -995,5 +1005,41 @@ mod tests {
         assert!(matches!(engine.install(read), Some(Loaded::Uncached(_))));
         // … and the rebuild still finds the limit spent: no fresh window from the race.
         assert_eq!(code(&f.ledger, &plaintext), "rate_limited");
+    }
+
+    /// A miss that read a pooled key before the key and then its pool were deleted gets a
+    /// meter for its one request, but none stays registered for the deleted pool.
+    #[test]
+    fn a_miss_racing_a_pools_deletion_registers_no_meter_for_it() {
+        let f = ledger();
+        let engine = &f.ledger.inner.engine;
+        let owner = f
+            .ledger
+            .accounts()
+            .create(NewAccount::new("Acme"))
+            .unwrap()
+            .id;
+        let credits = f.ledger.credits();
+        let pool = credits
+            .create_pool(&owner, "shared", 10, None, None)
+            .unwrap()
+            .id;
+        let id = f.ledger.inner.ids.decode(IdKind::Pool, &pool).unwrap();
+        let read_began = engine.shared.meter_resets.load(Ordering::Acquire);
+        credits.delete_pool(&pool).unwrap();
+        let now = f.ledger.now();
+        engine.pool_meter(id, None, None, now, read_began).unwrap();
+        assert!(engine.shared.meters.lock().get(id).is_none());
+        // A pool that still exists is registered, as before.
+        let live = credits
+            .create_pool(&owner, "live", 10, None, None)
+            .unwrap()
+            .id;
+        let live = f.ledger.inner.ids.decode(IdKind::Pool, &live).unwrap();
+        let read_began = engine.shared.meter_resets.load(Ordering::Acquire);
+        engine
+            .pool_meter(live, None, None, now, read_began)
+            .unwrap();
+        assert!(engine.shared.meters.lock().get(live).is_some());
     }
 }

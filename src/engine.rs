@@ -1020,26 +1020,25 @@ mod tests {
             .unwrap()
             .id;
         let credits = f.ledger.credits();
-        let pool = credits
-            .create_pool(&owner, "shared", 10, None, None)
-            .unwrap()
-            .id;
-        let id = f.ledger.inner.ids.decode(IdKind::Pool, &pool).unwrap();
-        let read_began = engine.shared.meter_resets.load(Ordering::Acquire);
-        credits.delete_pool(&pool).unwrap();
         let now = f.ledger.now();
-        engine.pool_meter(id, None, None, now, read_began).unwrap();
-        assert!(engine.shared.meters.lock().get(id).is_none());
-        // A pool that still exists is registered, as before.
-        let live = credits
-            .create_pool(&owner, "live", 10, None, None)
-            .unwrap()
-            .id;
-        let live = f.ledger.inner.ids.decode(IdKind::Pool, &live).unwrap();
-        let read_began = engine.shared.meter_resets.load(Ordering::Acquire);
-        engine
-            .pool_meter(live, None, None, now, read_began)
-            .unwrap();
-        assert!(engine.shared.meters.lock().get(live).is_some());
+        // A miss that read pool `name` (created now), with `between` done before its meter.
+        let miss = |name: &str, between: &dyn Fn(&str)| {
+            let pool = credits
+                .create_pool(&owner, name, 10, None, None)
+                .unwrap()
+                .id;
+            let id = f.ledger.inner.ids.decode(IdKind::Pool, &pool).unwrap();
+            let read_began = engine.shared.meter_resets.load(Ordering::Acquire);
+            between(&pool);
+            engine.pool_meter(id, None, None, now, read_began).unwrap();
+            engine.shared.meters.lock().get(id).is_some()
+        };
+        assert!(!miss("deleted", &|pool| drop(
+            credits.delete_pool(pool).unwrap()
+        )));
+        assert!(
+            miss("live", &|_| ()),
+            "a pool that still exists is registered"
+        );
     }
 }

@@ -1033,9 +1033,10 @@ mod tests {
             engine.pool_meter(id, None, None, now, read_began).unwrap();
             engine.shared.meters.lock().get(id).is_some()
         };
-        assert!(!miss("deleted", &|pool| drop(
-            credits.delete_pool(pool).unwrap()
-        )));
+        let delete = |pool: &str| {
+            credits.delete_pool(pool).unwrap();
+        };
+        assert!(!miss("deleted", &delete));
         assert!(
             miss("live", &|_| ()),
             "a pool that still exists is registered"

@@ -92,6 +92,17 @@ impl Gcra {
         (wait > 0).then(|| Duration::from_nanos(wait))
     }
 
+    /// Charges `weight` more units without refusing (work already done): the key's next
+    /// requests wait for them.
+    fn charge(&self, now_ns: u64, weight: u64, multiplier_pct: u32) {
+        let increment = self.interval_ns(multiplier_pct).saturating_mul(weight);
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(tat.max(now_ns).saturating_add(increment))
+            });
+    }
+
     /// Gives back `weight` units admitted by [`acquire`](Self::acquire) (another limit refused
     /// the request). Never moves the arrival time below `now_ns`.
     pub(crate) fn release(&self, now_ns: u64, weight: u64, multiplier_pct: u32) {
@@ -191,6 +202,21 @@ impl KeyLimits {
             }
         }
         Ok(())
+    }
+
+    /// Moves the token window from the `reserved` tokens a request was admitted with to the
+    /// `used` tokens its commit reports: the window counts tokens used, not estimates. More
+    /// are charged even past the window (the work is done; the key's next requests wait for
+    /// them), fewer are given back.
+    pub(crate) fn settle_tokens(&self, now_ns: u64, reserved: u64, used: u64, pct: u32) {
+        let Some(tokens) = &self.tokens else {
+            return;
+        };
+        match used.cmp(&reserved) {
+            std::cmp::Ordering::Greater => tokens.charge(now_ns, used - reserved, pct),
+            std::cmp::Ordering::Less => tokens.release(now_ns, reserved - used, pct),
+            std::cmp::Ordering::Equal => {}
+        }
     }
 
     /// Gives back what a successful [`acquire`](Self::acquire) took (a later check refused).

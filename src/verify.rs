@@ -385,7 +385,8 @@ impl Grant<'_> {
 
     /// Settles the real cost. Less than reserved refunds the difference; more takes the rest
     /// from the lease and then the durable balance — down to zero, never below (what could
-    /// not be charged is reported as `uncovered`).
+    /// not be charged is reported as `uncovered`). A token window counts `actual` too: the
+    /// difference from the reservation is charged to it or given back.
     pub fn commit(mut self, actual: u64) -> Receipt {
         self.settled = true;
         let engine = &self.ledger.inner.engine;
@@ -415,6 +416,13 @@ impl Grant<'_> {
                 (from_lease + direct, short - direct)
             }
         };
+        if actual != reserved {
+            if let (Some(_), Some(limits)) = (self.rate_charged_at_ns, &self.key.limits) {
+                let tier_pct = self.key.tier_pct(&engine.tiers);
+                let now_ns = self.ledger.now().0.saturating_mul(1_000_000);
+                limits.settle_tokens(now_ns, reserved, actual, tier_pct);
+            }
+        }
         if self.key.record_spend(charged, &engine.tiers) {
             engine.shared.dirty_usage.push(self.key.home_arc());
         }

@@ -423,6 +423,28 @@ fn the_token_window_weighs_requests_by_cost() {
     assert!(t.ledger.verify(&Request::new(&key, "/x").cost(100)).is_ok());
 }
 
+/// The token window counts the tokens a commit reports, not the estimate reserved: a peek
+/// that commits 1,000 tokens fills a window of 10 for the next request, and a reservation of
+/// 10 that used 2 leaves 8 for the next.
+#[test]
+fn the_token_window_counts_the_tokens_committed() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (_, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").token_window(10, 60));
+    let key = presented(&plain);
+    let reserve = |cost| t.ledger.verify(&Request::new(&key, "/x").cost(cost));
+    reserve(10).unwrap().commit(2);
+    reserve(8).expect("8 of 10 given back").commit(8);
+    assert_eq!(reserve(1).unwrap_err().code(), "rate_limited");
+    t.clock.advance_secs(60);
+    reserve(0).unwrap().commit(1_000);
+    let wait = reserve(1).unwrap_err().retry_after().unwrap();
+    assert!(
+        wait > Duration::from_secs(5_000),
+        "{wait:?}: 990 tokens over, 6 s each"
+    );
+}
+
 #[test]
 fn a_cost_over_the_whole_token_window_runs_once_the_window_is_empty() {
     let t = TestLedger::new();

@@ -226,9 +226,10 @@ pub(crate) fn visible_parts(key: &str) -> (String, String) {
 pub struct Presented(Secret);
 
 impl Presented {
-    /// Wraps a key given directly (e.g. from a CLI argument), trimming surrounding whitespace.
+    /// Wraps a key given directly (e.g. from a CLI argument), trimming surrounding ASCII
+    /// whitespace (other whitespace is no part of a key, so it is refused).
     pub fn new(key: &str) -> Result<Presented, HeaderError> {
-        let key = key.trim();
+        let key = key.trim_ascii();
         if key.is_empty() {
             return Err(HeaderError::Missing);
         }
@@ -260,12 +261,14 @@ impl Presented {
         x_api_key: Option<&str>,
     ) -> Result<Presented, HeaderError> {
         // `Err`: the header is there but carries no Bearer key.
+        // HTTP's whitespace is spaces and tabs: anything else (a no-break space, say) is
+        // part of the value, which a proxy in front would read the same way.
         let bearer = authorization
-            .map(str::trim)
+            .map(str::trim_ascii)
             .filter(|v| !v.is_empty())
             .map(|value| {
-                let (scheme, rest) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
-                match rest.trim() {
+                let (scheme, rest) = value.split_once([' ', '\t']).unwrap_or((value, ""));
+                match rest.trim_ascii() {
                     _ if !scheme.eq_ignore_ascii_case("bearer") => {
                         Err(HeaderError::UnsupportedScheme)
                     }
@@ -273,7 +276,7 @@ impl Presented {
                     key => Ok(key),
                 }
             });
-        let api_key = x_api_key.map(str::trim).filter(|v| !v.is_empty());
+        let api_key = x_api_key.map(str::trim_ascii).filter(|v| !v.is_empty());
         match (bearer, api_key) {
             (None, None) => Err(HeaderError::Missing),
             (Some(bearer), None) => Presented::new(bearer?),
@@ -415,6 +418,28 @@ mod tests {
         assert_eq!(HeaderError::Missing.http_status(), 401);
         let err = Presented::from_headers(None, Some("vb_live_SECRETVALUE\u{7}")).unwrap_err();
         assert!(!err.to_string().contains("SECRETVALUE"));
+    }
+
+    /// HTTP's whitespace is spaces and tabs only: a header that another reader would split
+    /// or trim differently (no-break, ideographic or line-separator spaces) is refused.
+    #[test]
+    fn only_spaces_and_tabs_separate_or_surround_a_key() {
+        for authorization in [
+            "Bearer\u{a0}vb_live_abc",
+            "\u{3000}Bearer vb_live_abc",
+            "Bearer vb_live_abc\u{2028}",
+        ] {
+            assert!(
+                Presented::from_headers(Some(authorization), None).is_err(),
+                "{authorization:?}"
+            );
+        }
+        assert!(Presented::from_headers(None, Some("vb_live_abc\u{85}")).is_err());
+        assert!(Presented::from_headers(Some("Bearer\tvb_live_abc"), None).is_ok());
+        assert!(
+            Presented::new("vb_live_abc\n").is_ok(),
+            "a line read from stdin"
+        );
     }
 
     #[test]

@@ -101,7 +101,7 @@ impl AccountUpdate {
 fn entitlements(items: &[String]) -> Result<BTreeSet<String>> {
     items
         .iter()
-        .map(|e| rules::scope("entitlements", e))
+        .map(|e| rules::entitlement("entitlements", e))
         .collect()
 }
 

@@ -486,6 +486,19 @@ pub(crate) mod rules {
         Ok(scope.to_owned())
     }
 
+    /// An entitlement: a scope naming one feature. Wildcards are for permissions; an
+    /// entitlement compares by name, so a `*` in one would never match anything.
+    pub fn entitlement(field: &'static str, name: &str) -> Result<String, Error> {
+        let name = scope(field, name)?;
+        if name.contains('*') {
+            return Err(Error::invalid(
+                field,
+                "an entitlement names one feature: wildcards are for permissions",
+            ));
+        }
+        Ok(name)
+    }
+
     /// A list of scopes, deduplicated, order kept.
     pub fn scopes<I, S>(items: I) -> Result<Vec<String>, Error>
     where

@@ -44,7 +44,7 @@ impl Routes<'_> {
             rules::scope("permission", p)?;
         }
         if let Some(e) = &rule.entitlement {
-            rules::scope("entitlement", e)?;
+            rules::entitlement("entitlement", e)?;
         }
         let txn = self.ledger.inner.store.begin_write()?;
         txn.open_table(ROUTES)?

@@ -640,3 +640,22 @@ fn presented_keys_that_are_too_long_or_contain_spaces_are_refused_before_lookup(
     let err = Presented::from_headers(None, Some("vb_live_TOPSECRETVALUE\u{1}")).unwrap_err();
     assert!(!err.to_string().contains("TOPSECRETVALUE"));
 }
+
+/// An entitlement names one feature and compares by name: a wildcard in one would never
+/// match, so it is refused where entitlements are given and where routes require them.
+#[test]
+fn wildcard_entitlements_are_refused() {
+    let t = TestLedger::new();
+    for wildcard in ["*", "pro:*"] {
+        assert_invalid(
+            t.ledger
+                .accounts()
+                .create(NewAccount::new("Acme").entitlements([wildcard])),
+            "entitlements",
+        );
+        let rule = RouteRule::new("/pro/").entitlement(wildcard);
+        assert_invalid(t.ledger.routes().set(rule), "entitlement");
+    }
+    let plain = NewAccount::new("Acme").entitlements(["pro:reports"]);
+    assert!(t.ledger.accounts().create(plain).is_ok());
+}

@@ -33,6 +33,12 @@ pub struct Request<'a> {
 
 impl<'a> Request<'a> {
     /// A request with `key` for `route` (e.g. `/api/v1/quickhits/create`).
+    ///
+    /// Pass the path the server routes on, as it routes it: percent-decoded, without a query,
+    /// with `.` and `..` segments and repeated slashes resolved, in the case the route rules
+    /// use. Rules match by plain prefix (the longest wins), so `/admin/` does not cover
+    /// `/admin` or `/x/../admin/users`; end a rule with `/` to stop it at a segment boundary
+    /// (`/api/v1` also covers `/api/v10`). A route no rule matches needs no permission.
     pub fn new(key: &'a Presented, route: &'a str) -> Self {
         Request {
             key,

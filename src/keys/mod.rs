@@ -454,10 +454,7 @@ impl<'a> Keys<'a> {
         let mut set_balance_to = None;
         let setting_balance = matches!(update.credits, Some(Some(_)));
         let _in_order = setting_balance.then(|| self.ledger.inner.setting_balances.lock());
-        // Whether the settings change (else only the balance is set, audited on its own).
-        let mut settings_change = false;
-        let info = self.modify(id, "updated", |record, credits| {
-            let before = (record.clone(), credits.clone());
+        let (info, settings_written) = self.modify(id, "updated", |record, credits| {
             let mut changed = Vec::new();
             if let Some(name) = name {
                 record.name = name;
@@ -532,7 +529,6 @@ impl<'a> Keys<'a> {
                 record.metadata = m;
                 changed.push("metadata");
             }
-            settings_change = !changed.is_empty() && (record.clone(), credits.clone()) != before;
             Ok(changed)
         })?;
         match set_balance_to {
@@ -541,7 +537,7 @@ impl<'a> Keys<'a> {
                 // The update's entry names the credits; without one (the same credits again,
                 // a reset to the plan's amount) the set is audited on its own, in the
                 // writer's transaction.
-                let audit = (!settings_change).then(|| AuditLine {
+                let audit = (!settings_written).then(|| AuditLine {
                     actor: self.actor.clone(),
                     action: "credits.set",
                     target: id.to_owned(),
@@ -570,20 +566,22 @@ impl<'a> Keys<'a> {
     /// Disables a key: the next verify refuses it. Idempotent.
     pub fn disable(&self, id: &str) -> Result<KeyInfo> {
         let now = self.ledger.now();
-        self.modify(id, "disabled", |record, _| {
+        let (info, _) = self.modify(id, "disabled", |record, _| {
             if record.disabled_at.is_none() {
                 record.disabled_at = Some(now);
             }
             Ok(vec!["disabled_at"])
-        })
+        })?;
+        Ok(info)
     }
 
     /// Re-enables a disabled key. Idempotent.
     pub fn enable(&self, id: &str) -> Result<KeyInfo> {
-        self.modify(id, "enabled", |record, _| {
+        let (info, _) = self.modify(id, "enabled", |record, _| {
             record.disabled_at = None;
             Ok(vec!["disabled_at"])
-        })
+        })?;
+        Ok(info)
     }
 
     /// Issues a new secret for the key, keeping its id and settings. The old secret keeps
@@ -660,13 +658,13 @@ impl<'a> Keys<'a> {
 
     /// Loads, changes and stores a record in one transaction, with its audit event, then
     /// drops the key's cached entries so the next verify sees the change. A change that
-    /// touches no field writes nothing.
+    /// touches no field writes nothing. Returns the record's view and whether it was written.
     fn modify(
         &self,
         id: &str,
         verb: &str,
         change: impl FnOnce(&mut KeyRecord, &mut Option<CreditsRecord>) -> Result<Vec<&'static str>>,
-    ) -> Result<KeyInfo> {
+    ) -> Result<(KeyInfo, bool)> {
         let internal = self.internal_id(id)?;
         let now = self.ledger.now();
         let txn = self.ledger.inner.store.begin_write()?;
@@ -681,7 +679,7 @@ impl<'a> Keys<'a> {
             if changed.is_empty() || (record.clone(), credits.clone()) == before {
                 drop((keys, credits_table));
                 txn.abort()?;
-                return Ok(self.view(internal, before.0));
+                return Ok((self.view(internal, before.0), false));
             }
             record.updated_at = now;
             record.updated_by = self.actor.clone();
@@ -711,7 +709,7 @@ impl<'a> Keys<'a> {
         if let Some(threshold) = new_threshold {
             engine.low_balance_changed(internal, threshold);
         }
-        Ok(self.view(internal, record))
+        Ok((self.view(internal, record), true))
     }
 
     pub(crate) fn internal_id(&self, id: &str) -> Result<u64> {

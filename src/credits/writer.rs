@@ -688,9 +688,7 @@ fn commit(
                 let _ = r.send(0);
             }
             for (r, _) in fx.adjusts {
-                let _ = r.send(Err(Error::Conflict(format!(
-                    "balance not changed: {message}"
-                ))));
+                let _ = r.send(Err(not_changed(&message)));
             }
             // The messages the batch did not reach get the same answers.
             for msg in batch {
@@ -718,13 +716,16 @@ fn refuse(msg: Msg, message: &str, syncs: &mut Vec<Sender<Result<()>>>) {
             let _ = reply.send(0);
         }
         Msg::Adjust { reply, .. } => {
-            let _ = reply.send(Err(Error::Conflict(format!(
-                "balance not changed: {message}"
-            ))));
+            let _ = reply.send(Err(not_changed(message)));
         }
         Msg::Flush { reply } | Msg::Close { reply } => syncs.push(reply),
         Msg::Retire { .. } | Msg::Discard { .. } | Msg::Abandon | Msg::PrefetchBell => {}
     }
+}
+
+/// The answer to a balance change whose batch failed with `message`.
+fn not_changed(message: &str) -> Error {
+    Error::Conflict(format!("balance not changed: {message}"))
 }
 
 /// Runs `batch` into one transaction and commits it. On an error, what `batch` still holds

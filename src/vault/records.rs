@@ -69,8 +69,9 @@ impl Record for SecretRecord {
         Err(CodecError::Corrupt {
             record: Self::NAME,
             reason: format!(
-                "schema {version} seals the value without its hosts; the migration to file \
-                 format 3 re-seals every such record, so this one could not be opened"
+                "schema {version} binds the value to owner and name only; the migration to \
+                 file format 3 re-sealed every such secret that opened, so this one is \
+                 corrupt or was written back since"
             ),
         })
     }

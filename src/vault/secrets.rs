@@ -110,13 +110,13 @@ fn decode_value(plain: &[u8]) -> Result<Secret> {
 
 /// Format 2 → 3: re-seals every owner secret (schema 1, its value bound to owner and name
 /// only) with its allowed hosts and version bound too (schema 2), inside the migration's
-/// transaction. Returns how many were re-sealed. A schema-1 secret that does not open is
+/// transaction. A schema-1 secret that does not open is
 /// left as it is, for `check` to report: re-sealing it is impossible and deleting it would
 /// lose it.
 pub(crate) fn reseal_for_format_3(
     txn: &WriteTransaction,
     master: &crate::secret::MasterKey,
-) -> Result<usize> {
+) -> Result<()> {
     let cipher = VaultCipher::new(master);
     let ids = IdCipher::new(master);
     let mut table = txn.open_table(OWNER_SECRETS)?;
@@ -149,7 +149,7 @@ pub(crate) fn reseal_for_format_3(
     for (owner, name, bytes) in &resealed {
         table.insert((*owner, name.as_str()), bytes.as_slice())?;
     }
-    Ok(resealed.len())
+    Ok(())
 }
 
 /// Decodes and decrypts one stored row, for `check`.

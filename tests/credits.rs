@@ -46,6 +46,14 @@ fn drain(t: &TestLedger, plain: &str, cap: u64) -> u64 {
     n
 }
 
+/// A new account's key "k" holding `credits`, refilled to `refill` every day: its id and
+/// plaintext.
+fn daily_refill_key(t: &TestLedger, credits: u64, refill: u64) -> (keyledger::PublicId, String) {
+    let owner = t.account("Acme");
+    let new = NewKey::new(&owner, "k").credits(credits);
+    create_key(&t.ledger, new.refill(refill, RefillInterval::Daily))
+}
+
 fn usage(t: &TestLedger, id: &str) -> keyledger::Usage {
     t.ledger.credits().usage(id).expect("usage")
 }
@@ -326,13 +334,7 @@ fn account_usage_sums_its_keys() {
 #[test]
 fn a_daily_refill_replaces_the_balance() {
     let t = TestLedger::new();
-    let owner = t.account("Acme");
-    let (id, plain) = create_key(
-        &t.ledger,
-        NewKey::new(&owner, "k")
-            .credits(10)
-            .refill(10, RefillInterval::Daily),
-    );
+    let (id, plain) = daily_refill_key(&t, 10, 10);
     assert_eq!(drain(&t, &plain, 100), 10);
     assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
     // Still the same day: nothing.
@@ -351,13 +353,7 @@ fn a_daily_refill_replaces_the_balance() {
 #[test]
 fn a_refill_replaces_what_was_left_it_does_not_add() {
     let t = TestLedger::new();
-    let owner = t.account("Acme");
-    let (_, plain) = create_key(
-        &t.ledger,
-        NewKey::new(&owner, "k")
-            .credits(10)
-            .refill(10, RefillInterval::Daily),
-    );
+    let (_, plain) = daily_refill_key(&t, 10, 10);
     assert_eq!(drain(&t, &plain, 3), 3);
     t.clock.set(next_day(&t));
     assert_eq!(drain(&t, &plain, 100), 10, "the refill replaces the 7 left");
@@ -390,13 +386,7 @@ fn a_monthly_refill_waits_for_the_first_of_the_month() {
 #[test]
 fn a_refill_period_never_spends_more_than_the_refill() {
     let t = TestLedger::new();
-    let owner = t.account("Acme");
-    let (_, plain) = create_key(
-        &t.ledger,
-        NewKey::new(&owner, "k")
-            .credits(1_000)
-            .refill(1_000, RefillInterval::Daily),
-    );
+    let (_, plain) = daily_refill_key(&t, 1_000, 1_000);
     // Use some of today's credits so a large lease is in memory at midnight.
     assert_eq!(drain(&t, &plain, 300), 300);
     t.ledger.flush().unwrap();
@@ -428,21 +418,14 @@ fn a_refill_added_to_an_exhausted_key_applies_next_period() {
 #[test]
 fn a_refill_changed_after_a_period_began_still_refills_that_period() {
     let t = TestLedger::new();
-    let owner = t.account("Acme");
-    let daily = |amount| Refill {
-        amount,
-        interval: RefillInterval::Daily,
-    };
-    let (id, plain) = create_key(
-        &t.ledger,
-        NewKey::new(&owner, "k")
-            .credits(10)
-            .refill(10, RefillInterval::Daily),
-    );
+    let (id, plain) = daily_refill_key(&t, 10, 10);
     assert_eq!(drain(&t, &plain, 100), 10);
     // A new day began; nothing used the key yet, so its refill has not been applied.
     t.clock.set(next_day(&t));
-    let update = KeyUpdate::new().refill(Some(daily(20)));
+    let update = KeyUpdate::new().refill(Some(Refill {
+        amount: 20,
+        interval: RefillInterval::Daily,
+    }));
     t.ledger.keys().update(&id, update).unwrap();
     assert_eq!(
         drain(&t, &plain, 100),
@@ -824,13 +807,7 @@ fn balance_changes_are_audited_with_their_author_and_refused_ones_are_not() {
 fn a_reservation_from_before_a_refill_is_not_refunded_into_the_new_period() {
     for by_top_up in [false, true] {
         let t = TestLedger::new();
-        let owner = t.account("Acme");
-        let (id, plain) = create_key(
-            &t.ledger,
-            NewKey::new(&owner, "k")
-                .credits(100)
-                .refill(10, RefillInterval::Daily),
-        );
+        let (id, plain) = daily_refill_key(&t, 100, 10);
         let key = presented(&plain);
         let held = t.ledger.verify(&Request::new(&key, "/x").cost(50)).unwrap();
         t.clock.set(next_day(&t));

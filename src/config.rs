@@ -157,7 +157,7 @@ impl ConfigBuilder {
     /// Keys the verification cache holds (default 1,000,000). Below 2,048 exactly that
     /// many; a larger cache is split in up to 256 shards, each sized for its share of keys
     /// plus four standard deviations of their spread over shards, so that many fit before a
-    /// shard is full, and at most 13.3 % more (1,000,000: 1,066,240). When a key's shard is
+    /// shard is full, and at most 13.3 % more (1,000,000: 1,065,728). When a key's shard is
     /// full, the entry nearest its slot makes room. Misses are remembered within the same
     /// bound, never in place of a key.
     pub fn cache_capacity(mut self, keys: usize) -> Self {

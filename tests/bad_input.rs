@@ -533,6 +533,57 @@ fn reopening_with_another_master_key_is_refused_and_harmless() {
 }
 
 #[test]
+fn a_redb_file_holding_only_multimap_tables_is_not_a_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let def: redb::MultimapTableDefinition<u64, u64> =
+            redb::MultimapTableDefinition::new("their_data");
+        txn.open_multimap_table(def).unwrap().insert(1, 2).unwrap();
+        txn.commit().unwrap();
+    }
+    assert!(matches!(
+        Ledger::open(&path, Config::ephemeral().unwrap()),
+        Err(Error::NotALedger { .. })
+    ));
+}
+
+#[test]
+fn a_file_whose_id_counter_is_exhausted_refuses_to_create_rather_than_reuse_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ids.redb");
+    let config = Config::ephemeral().unwrap();
+    let first = {
+        let ledger = Ledger::open(&path, config.clone()).unwrap();
+        let account = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+        ledger.close().unwrap();
+        account
+    };
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let meta: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
+        txn.open_table(meta)
+            .unwrap()
+            .insert("next_id", u64::MAX.to_le_bytes().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let ledger = Ledger::open(&path, config).unwrap();
+    // Handing out the last id would leave the counter to wrap onto existing records.
+    match ledger.accounts().create(NewAccount::new("Wrapped")) {
+        Err(e @ Error::Codec(_)) => assert!(e.to_string().contains("next_id"), "{e}"),
+        other => panic!(
+            "expected a corrupt-meta error, got {:?}",
+            other.map(|a| a.name)
+        ),
+    }
+    assert_eq!(ledger.accounts().get(&first.id).unwrap().name, "Acme");
+}
+
+#[test]
 fn a_redb_file_of_another_application_is_not_a_ledger() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("other.redb");

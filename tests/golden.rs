@@ -176,6 +176,28 @@ fn a_file_from_a_newer_format_version_is_refused_with_upgrade_required() {
     ));
 }
 
+#[test]
+fn a_file_claiming_format_0_is_not_a_ledger() {
+    // No release wrote format 0: migrating it as if it were format 1 or 2 would skip the
+    // steps that build its index, and every key would verify as unavailable.
+    let (_dir, path) = copy();
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            let mut format = b"keyledgr".to_vec();
+            format.extend_from_slice(&0u32.to_le_bytes());
+            meta.insert("format", format.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    assert!(matches!(
+        Ledger::open(&path, config(WRITTEN_AT)),
+        Err(Error::NotALedger { .. })
+    ));
+}
+
 /// Writes `tests/data/v1.redb` and `tests/data/v1.plaintexts`.
 #[test]
 #[ignore = "writes the golden file"]

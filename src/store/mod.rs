@@ -77,7 +77,10 @@ impl Store {
             match read.open_table(META) {
                 Ok(table) => Some(read_format(&table, path)?),
                 Err(TableError::TableDoesNotExist(_)) => {
-                    if read.list_tables()?.next().is_some() {
+                    // Any table at all (multimap ones too) is another application's file.
+                    if read.list_tables()?.next().is_some()
+                        || read.list_multimap_tables()?.next().is_some()
+                    {
                         return Err(Error::NotALedger {
                             path: path.display().to_string(),
                         });
@@ -169,6 +172,10 @@ fn read_format(
         return Err(not_ledger());
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    // No release wrote format 0: whatever wrote it is not a ledger this code can migrate.
+    if version == 0 {
+        return Err(not_ledger());
+    }
     if version > FORMAT_VERSION {
         return Err(Error::UpgradeRequired {
             found: version,
@@ -239,7 +246,12 @@ pub(crate) fn next_id(txn: &redb::WriteTransaction) -> Result<u64> {
         })?),
         None => 1,
     };
-    table.insert(meta::NEXT_ID, (id + 1).to_le_bytes().as_slice())?;
+    // Ids never wrap: a wrapped counter would hand out ids of existing records.
+    let next = id.checked_add(1).ok_or_else(|| CodecError::Corrupt {
+        record: "meta",
+        reason: "next_id is exhausted".into(),
+    })?;
+    table.insert(meta::NEXT_ID, next.to_le_bytes().as_slice())?;
     Ok(id)
 }
 

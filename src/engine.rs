@@ -187,6 +187,7 @@ impl Engine {
             events: events_tx,
             commits: Default::default(),
             list_bytes: Default::default(),
+            usage_unwritable: Default::default(),
             lease_waits: Default::default(),
             lease_floor: AtomicU64::new(MIN_LEASE),
         });

@@ -217,6 +217,12 @@ impl Ledger {
                 .shared
                 .list_bytes
                 .load(std::sync::atomic::Ordering::Relaxed),
+            usage_unwritable: self
+                .inner
+                .engine
+                .shared
+                .usage_unwritable
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

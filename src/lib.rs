@@ -102,6 +102,10 @@ pub struct Stats {
     /// listed, 8 bytes a key (its own meter with it) and 16 a pool, and a batch's working
     /// lists hold a chunk's worth (a few thousand) more.
     pub writer_list_bytes: u64,
+    /// Usage counts (requests, spend, last use) of one key or account in one flush that
+    /// could not be added to its usage record, because the stored record is unreadable
+    /// (`check` names it). The record is left as it is; balances are not affected.
+    pub usage_unwritable: u64,
 }
 pub use vault::{
     Connection, ConnectionInfo, DueRefresh, Health, OAuthGrant, OutboundHeader, OutboundRefusal,

@@ -1232,3 +1232,51 @@ fn an_update_whose_balance_was_not_set_says_its_settings_were_saved() {
     let info = t.ledger.keys().get(&id).unwrap();
     assert_eq!(info.limits.credits, Some(5));
 }
+
+#[test]
+fn an_unreadable_usage_record_holds_back_only_its_own_counts() {
+    use redb::ReadableTable;
+    const USAGE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("usage");
+    let t = TestLedger::new();
+    t.ledger.routes().set(RouteRule::new("/")).unwrap();
+    let owner = t.account("Acme");
+    let (a, plain_a) = create_key(&t.ledger, NewKey::new(&owner, "a").credits(100));
+    let (b, plain_b) = create_key(&t.ledger, NewKey::new(&owner, "b").credits(100));
+    spend(&t.ledger, &plain_a, "/x", 1, 1).unwrap();
+    t.ledger.flush().unwrap();
+    let (_dir, path, config) = t.close();
+    // The usage table now holds the account's row and key a's (created after it: the
+    // larger id). Key a's becomes unreadable.
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut usage = txn.open_table(USAGE).unwrap();
+            let ids: Vec<u64> = usage
+                .iter()
+                .unwrap()
+                .map(|e| e.unwrap().0.value())
+                .collect();
+            assert_eq!(ids.len(), 2);
+            usage.insert(ids[1], [1u8, 0xff].as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let ledger = Ledger::open(&path, config.clone()).unwrap();
+    for _ in 0..5 {
+        spend(&ledger, &plain_b, "/x", 1, 1).unwrap();
+    }
+    spend(&ledger, &plain_a, "/x", 1, 1).unwrap();
+    // The flush lands: b's usage and both balances are durable, a's usage counts are the
+    // only thing left out.
+    ledger.flush().unwrap();
+    assert_eq!(ledger.stats().usage_unwritable, 1);
+    assert!(matches!(ledger.credits().usage(&a), Err(Error::Codec(_))));
+    ledger.simulate_crash();
+    let ledger = Ledger::open(&path, config).unwrap();
+    let usage_b = ledger.credits().usage(&b).unwrap();
+    assert_eq!(
+        (usage_b.spent, usage_b.requests, usage_b.lifetime_spent),
+        (5, 5, 5)
+    );
+}

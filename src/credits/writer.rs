@@ -144,6 +144,8 @@ pub(crate) struct Shared {
     /// capacities, a batch's working lists included), for memory accounting: they grow with
     /// the keys in use.
     pub list_bytes: AtomicU64,
+    /// Usage counts left out of a flush because the usage record they add to is unreadable.
+    pub usage_unwritable: AtomicU64,
     /// How long requests waited for a lease.
     pub lease_waits: super::WaitHistogram,
     /// The smallest lease the writer grants now: `MIN_LEASE`, more while it is behind.
@@ -1183,7 +1185,16 @@ fn flush_usage(
     let mut table = txn.open_table(USAGE)?;
     for (id, (spent, requests, last_used)) in deltas {
         let mut usage: UsageRecord = match table.get(id)? {
-            Some(bytes) => codec::decode(bytes.value())?,
+            Some(bytes) => match codec::decode(bytes.value()) {
+                Ok(usage) => usage,
+                // Left as it is, for `check` to name: failing the batch would hold back every
+                // other key's spend and usage with it, and writing over it would lose what
+                // it held. Only these counts are dropped.
+                Err(_) => {
+                    shared.usage_unwritable.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            },
             None => UsageRecord::default(),
         };
         usage.spent = usage.spent.saturating_add(spent);

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use redb::{ReadableTable, ReadableTableMetadata};
+use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
 use serde::Serialize;
 
 use crate::codec;
@@ -12,8 +12,12 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hashing::HashScheme;
 use crate::ledger::Ledger;
-use crate::record::{AccountRecord, AuditEvent, CreditsRecord, KeyRecord, RouteRule, VerifyRecord};
-use crate::store::{self, tables::*};
+use crate::public_id::{IdCipher, IdKind};
+use crate::record::{
+    AccountRecord, AuditEvent, CreditsRecord, KeyRecord, PoolRecord, RouteRule, UsageRecord,
+    VerifyRecord,
+};
+use crate::store::{self, Store, tables::*};
 
 /// What `check` found. `problems` is empty for a healthy file.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -28,7 +32,9 @@ pub struct CheckReport {
     pub tokens: u64,
     /// Credit records decoded.
     pub credit_records: u64,
-    /// Credit units lost to crashes (leased in memory when a process died), all balances.
+    /// Credit units lost to crashes (leased in memory when a process died), all balances,
+    /// counting those still leased in a file that was not closed cleanly (its next open
+    /// records them as lost).
     pub lost_to_crash: u64,
     /// Route rules decoded.
     pub routes: u64,
@@ -47,8 +53,10 @@ impl CheckReport {
 
 impl Ledger {
     /// Checks the database at `path`, which must not be open elsewhere: redb integrity, then
-    /// record decodability and index consistency. Errors only when the file cannot be opened
-    /// at all; everything else is reported in the [`CheckReport`].
+    /// record decodability and index consistency. Writes nothing (no migration, no lease
+    /// recovery), so an older format is refused with [`Error::OlderFormat`]. Errors only
+    /// when the file cannot be opened at all; everything else is reported in the
+    /// [`CheckReport`].
     pub fn check(path: impl AsRef<Path>, config: Config) -> Result<CheckReport> {
         let path = path.as_ref();
         if !path.exists() {
@@ -60,17 +68,16 @@ impl Ledger {
             let mut db = redb::Database::builder().open(path)?;
             db.check_integrity()?
         };
-        let ledger = Ledger::open(path, config)?;
-        let mut report = CheckReport {
-            integrity_ok,
-            ..CheckReport::default()
-        };
-        ledger.check_records(&mut report)?;
-        Ok(report)
+        let store = Store::open_for_check(
+            redb::Database::builder().open(path)?,
+            path,
+            &config.master_key,
+        )?;
+        check_store(&store, &config, integrity_ok)
     }
 
     /// [`check`](Self::check) on a storage backend. The backend is cloned: one clone for
-    /// redb's integrity check, one to open the ledger, so clones must share their bytes.
+    /// redb's integrity check, one for the records, so clones must share their bytes.
     pub fn check_with_backend(
         backend: impl redb::StorageBackend + Clone,
         config: Config,
@@ -79,128 +86,197 @@ impl Ledger {
             let mut db = redb::Database::builder().create_with_backend(backend.clone())?;
             db.check_integrity()?
         };
-        let ledger = Ledger::open_with_backend(backend, config)?;
-        let mut report = CheckReport {
-            integrity_ok,
-            ..CheckReport::default()
+        let db = redb::Database::builder().create_with_backend(backend)?;
+        let store = Store::open_for_check(db, Path::new("<storage backend>"), &config.master_key)?;
+        check_store(&store, &config, integrity_ok)
+    }
+}
+
+fn check_store(store: &Store, config: &Config, integrity_ok: bool) -> Result<CheckReport> {
+    let mut report = CheckReport {
+        integrity_ok,
+        ..CheckReport::default()
+    };
+    let ids = IdCipher::new(&config.master_key);
+    let read = store.begin_read()?;
+    check_records(&read, &ids, &mut report)?;
+    crate::vault::check_tables(&config.master_key, &ids, &read, &mut report.problems)?;
+    Ok(report)
+}
+
+fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckReport) -> Result<()> {
+    let problems = &mut report.problems;
+    let account = |id| ids.encode(IdKind::Account, id);
+
+    let accounts = read.open_table(ACCOUNTS)?;
+    for entry in accounts.iter()? {
+        let (k, v) = entry?;
+        match codec::decode::<AccountRecord>(v.value()) {
+            Ok(_) => report.accounts += 1,
+            Err(e) => problems.push(format!("{}: {e}", account(k.value()))),
+        }
+    }
+
+    let pools = read.open_table(POOLS)?;
+    let credits = read.open_table(CREDITS)?;
+    // Each pool's owner, for the keys drawing on it.
+    let mut pool_owners: BTreeMap<u64, u64> = BTreeMap::new();
+    for entry in pools.iter()? {
+        let (k, v) = entry?;
+        let (id, public) = (k.value(), ids.encode(IdKind::Pool, k.value()));
+        match codec::decode::<PoolRecord>(v.value()) {
+            Ok(pool) => {
+                pool_owners.insert(id, pool.owner);
+                if accounts.get(pool.owner)?.is_none() {
+                    problems.push(format!("{public}: owner account missing"));
+                }
+                if credits.get(id)?.is_none() {
+                    problems.push(format!("{public}: credit balance missing"));
+                }
+            }
+            Err(e) => problems.push(format!("{public}: {e}")),
+        }
+    }
+
+    let keys = read.open_table(KEYS)?;
+    let hashes = read.open_table(KEY_VERIFY)?;
+    let by_owner = read.open_table(KEYS_BY_OWNER)?;
+    let by_prefix = read.open_table(KEYS_BY_PREFIX)?;
+    let mut expected_counts: BTreeMap<HashScheme, u64> = BTreeMap::new();
+    let mut expected_hashes = 0u64;
+    // Keys and tokens by id: what each credit balance belongs to.
+    let mut key_kinds: BTreeMap<u64, IdKind> = BTreeMap::new();
+    for entry in keys.iter()? {
+        let (k, v) = entry?;
+        let id = k.value();
+        let record = match codec::decode::<KeyRecord>(v.value()) {
+            Ok(r) => r,
+            Err(e) => {
+                // Undecodable, so of unknown kind: named as a key.
+                problems.push(format!("{}: {e}", ids.encode(IdKind::Key, id)));
+                continue;
+            }
         };
-        ledger.check_records(&mut report)?;
-        Ok(report)
-    }
-
-    fn check_records(&self, report: &mut CheckReport) -> Result<()> {
-        let read = self.inner.store.begin_read()?;
-        let ids = &self.inner.ids;
-        let problems = &mut report.problems;
-
-        let accounts = read.open_table(ACCOUNTS)?;
-        for entry in accounts.iter()? {
-            let (k, v) = entry?;
-            match codec::decode::<AccountRecord>(v.value()) {
-                Ok(_) => report.accounts += 1,
-                Err(e) => problems.push(format!("account #{}: {e}", k.value())),
+        let kind = record.kind.id_kind();
+        key_kinds.insert(id, kind);
+        let tag = u8::from(kind == IdKind::Token);
+        if tag == 0 {
+            report.keys += 1
+        } else {
+            report.tokens += 1
+        }
+        let public = ids.encode(kind, id);
+        if accounts.get(record.owner)?.is_none() {
+            problems.push(format!("{public}: owner account missing"));
+        }
+        match (record.pool, record.limits.credits) {
+            (Some(pool), _) => match pool_owners.get(&pool) {
+                None if pools.get(pool)?.is_none() => {
+                    problems.push(format!("{public}: its credit pool is missing"))
+                }
+                Some(&owner) if owner != record.owner => problems.push(format!(
+                    "{public}: its credit pool belongs to another account"
+                )),
+                _ => {}
+            },
+            (None, Some(_)) if credits.get(id)?.is_none() => {
+                problems.push(format!("{public}: credit balance missing"))
+            }
+            _ => {}
+        }
+        for (hash, expected) in VerifyRecord::entries(id, &record) {
+            *expected_counts.entry(expected.scheme).or_default() += 1;
+            expected_hashes += 1;
+            let stored = hashes.get(&hash)?;
+            match stored.map(|v| codec::decode::<VerifyRecord>(v.value())) {
+                None => problems.push(format!("{public}: hash index entry missing")),
+                Some(Err(e)) => problems.push(format!("{public}: hash index entry: {e}")),
+                Some(Ok(entry)) if entry != expected => {
+                    problems.push(format!("{public}: hash index entry differs from the key"))
+                }
+                Some(Ok(_)) => {}
             }
         }
+        if by_owner.get((record.owner, tag, id))?.is_none() {
+            problems.push(format!("{public}: owner index entry missing"));
+        }
+        if by_prefix.get((record.key_prefix.as_str(), id))?.is_none() {
+            problems.push(format!("{public}: prefix index entry missing"));
+        }
+    }
+    if hashes.len()? != expected_hashes {
+        problems.push(format!(
+            "hash index has {} entries, records hold {expected_hashes}",
+            hashes.len()?
+        ));
+    }
+    let stored_counts = store::scheme_counts(&read.open_table(META)?)?;
+    if stored_counts != expected_counts {
+        problems.push("hash scheme counters disagree with the records".into());
+    }
+    if by_owner.len()? != report.keys + report.tokens {
+        problems.push("owner index has entries for missing keys".into());
+    }
+    if by_prefix.len()? != report.keys + report.tokens {
+        problems.push("prefix index has entries for missing keys".into());
+    }
 
-        let keys = read.open_table(KEYS)?;
-        let hashes = read.open_table(KEY_VERIFY)?;
-        let by_owner = read.open_table(KEYS_BY_OWNER)?;
-        let by_prefix = read.open_table(KEYS_BY_PREFIX)?;
-        let mut expected_counts: BTreeMap<HashScheme, u64> = BTreeMap::new();
-        let mut expected_hashes = 0u64;
-        for entry in keys.iter()? {
-            let (k, v) = entry?;
+    for entry in credits.iter()? {
+        let (k, v) = entry?;
+        let id = k.value();
+        let owner = match key_kinds.get(&id) {
+            Some(&kind) => Some(kind),
+            None if pools.get(id)?.is_some() => Some(IdKind::Pool),
+            None => None,
+        };
+        let what = format!(
+            "credit balance of {}",
+            ids.encode(owner.unwrap_or(IdKind::Key), id)
+        );
+        match codec::decode::<CreditsRecord>(v.value()) {
+            Ok(c) => {
+                report.credit_records += 1;
+                // Units still leased in a file not closed cleanly: its next open counts them
+                // as lost, as an earlier open did with those in `lost_to_crash`.
+                let lost = c.lost_to_crash.saturating_add(c.leased);
+                report.lost_to_crash = report.lost_to_crash.saturating_add(lost);
+                if owner.is_none() && keys.get(id)?.is_none() {
+                    problems.push(format!("{what}: key or pool missing"));
+                }
+                if !c.balanced() {
+                    problems.push(format!(
+                        "{what}: spent + lost + leased + balance != granted"
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("{what}: {e}")),
+        }
+    }
+    for entry in read.open_table(USAGE)?.iter()? {
+        let (k, v) = entry?;
+        if let Err(e) = codec::decode::<UsageRecord>(v.value()) {
             let id = k.value();
-            let record = match codec::decode::<KeyRecord>(v.value()) {
-                Ok(r) => r,
-                Err(e) => {
-                    problems.push(format!("key #{id}: {e}"));
-                    continue;
-                }
+            let kind = match key_kinds.get(&id) {
+                Some(&kind) => kind,
+                None if accounts.get(id)?.is_some() => IdKind::Account,
+                None => IdKind::Key,
             };
-            let kind = record.kind.id_kind();
-            let tag = u8::from(kind == crate::public_id::IdKind::Token);
-            if tag == 0 {
-                report.keys += 1
-            } else {
-                report.tokens += 1
-            }
-            let public = ids.encode(kind, id);
-            if accounts.get(record.owner)?.is_none() {
-                problems.push(format!("{public}: owner account missing"));
-            }
-            for (hash, expected) in VerifyRecord::entries(id, &record) {
-                *expected_counts.entry(expected.scheme).or_default() += 1;
-                expected_hashes += 1;
-                let stored = hashes.get(&hash)?;
-                match stored.map(|v| codec::decode::<VerifyRecord>(v.value())) {
-                    None => problems.push(format!("{public}: hash index entry missing")),
-                    Some(Err(e)) => problems.push(format!("{public}: hash index entry: {e}")),
-                    Some(Ok(entry)) if entry != expected => {
-                        problems.push(format!("{public}: hash index entry differs from the key"))
-                    }
-                    Some(Ok(_)) => {}
-                }
-            }
-            if by_owner.get((record.owner, tag, id))?.is_none() {
-                problems.push(format!("{public}: owner index entry missing"));
-            }
-            if by_prefix.get((record.key_prefix.as_str(), id))?.is_none() {
-                problems.push(format!("{public}: prefix index entry missing"));
-            }
+            problems.push(format!("usage of {}: {e}", ids.encode(kind, id)));
         }
-        if hashes.len()? != expected_hashes {
-            problems.push(format!(
-                "hash index has {} entries, records hold {expected_hashes}",
-                hashes.len()?
-            ));
-        }
-        let stored_counts = store::scheme_counts(&read.open_table(META)?)?;
-        if stored_counts != expected_counts {
-            problems.push("hash scheme counters disagree with the records".into());
-        }
-        if by_owner.len()? != report.keys + report.tokens {
-            problems.push("owner index has entries for missing keys".into());
-        }
-        if by_prefix.len()? != report.keys + report.tokens {
-            problems.push("prefix index has entries for missing keys".into());
-        }
-
-        let pools = read.open_table(POOLS)?;
-        for entry in read.open_table(CREDITS)?.iter()? {
-            let (k, v) = entry?;
-            match codec::decode::<CreditsRecord>(v.value()) {
-                Ok(c) => {
-                    report.credit_records += 1;
-                    report.lost_to_crash = report.lost_to_crash.saturating_add(c.lost_to_crash);
-                    if keys.get(k.value())?.is_none() && pools.get(k.value())?.is_none() {
-                        problems.push(format!("credits #{}: key or pool missing", k.value()));
-                    }
-                    if !c.balanced() {
-                        problems.push(format!(
-                            "credits #{}: spent + lost + leased + balance != granted",
-                            k.value()
-                        ));
-                    }
-                }
-                Err(e) => problems.push(format!("credits #{}: {e}", k.value())),
-            }
-        }
-        for entry in read.open_table(ROUTES)?.iter()? {
-            let (k, v) = entry?;
-            match codec::decode::<RouteRule>(v.value()) {
-                Ok(_) => report.routes += 1,
-                Err(e) => problems.push(format!("route {}: {e}", k.value().escape_default())),
-            }
-        }
-        for entry in read.open_table(AUDIT)?.iter()? {
-            let (k, v) = entry?;
-            match codec::decode::<AuditEvent>(v.value()) {
-                Ok(_) => report.audit_events += 1,
-                Err(e) => problems.push(format!("audit event {}: {e}", k.value())),
-            }
-        }
-        crate::vault::check_tables(self, &read, problems)?;
-        Ok(())
     }
+    for entry in read.open_table(ROUTES)?.iter()? {
+        let (k, v) = entry?;
+        match codec::decode::<RouteRule>(v.value()) {
+            Ok(_) => report.routes += 1,
+            Err(e) => problems.push(format!("route {}: {e}", k.value().escape_default())),
+        }
+    }
+    for entry in read.open_table(AUDIT)?.iter()? {
+        let (k, v) = entry?;
+        match codec::decode::<AuditEvent>(v.value()) {
+            Ok(_) => report.audit_events += 1,
+            Err(e) => problems.push(format!("audit event {}: {e}", k.value())),
+        }
+    }
+    Ok(())
 }

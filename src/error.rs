@@ -192,6 +192,16 @@ pub enum Error {
         /// Newest format version this build supports.
         supported: u32,
     },
+    /// `check` was given a file of an older format, which only opening it migrates.
+    #[error(
+        "database format version {found} is older than this build's ({current}): check it with the release that wrote it, or open it once (which migrates it) and check it then"
+    )]
+    OlderFormat {
+        /// Format version in the file.
+        found: u32,
+        /// The format version this build writes.
+        current: u32,
+    },
     /// The file is a redb database but not a keyledger one.
     #[error("{path} is not a keyledger database")]
     NotALedger {

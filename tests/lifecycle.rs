@@ -986,3 +986,201 @@ fn check_reports_a_healthy_ledger_after_a_mixed_workload() {
         "database file",
     );
 }
+
+mod damaged {
+    use super::*;
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+    const CREDITS: TableDefinition<u64, &[u8]> = TableDefinition::new("credits");
+    const POOLS: TableDefinition<u64, &[u8]> = TableDefinition::new("pools");
+    const USAGE: TableDefinition<u64, &[u8]> = TableDefinition::new("usage");
+    const ROUTES: TableDefinition<&str, &[u8]> = TableDefinition::new("routes");
+    const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+    /// Schema byte 1, then too few bytes for any record.
+    const GARBAGE: &[u8] = &[1, 0xff];
+
+    /// The ids of `table`, smallest first.
+    fn ids(db: &redb::Database, table: TableDefinition<u64, &[u8]>) -> Vec<u64> {
+        let read = db.begin_read().unwrap();
+        let table = read.open_table(table).unwrap();
+        table
+            .iter()
+            .unwrap()
+            .map(|e| e.unwrap().0.value())
+            .collect()
+    }
+
+    /// A closed ledger holding an account with a pooled key, a metered key and an unmetered
+    /// key, each used once, and a route rule. Returns the key ids and the pool's.
+    fn ledger() -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        keyledger::Config,
+        [String; 4],
+    ) {
+        let t = TestLedger::new();
+        t.ledger.routes().set(RouteRule::new("/x/")).unwrap();
+        let owner = t.account("Acme");
+        let pool = t
+            .ledger
+            .credits()
+            .create_pool(&owner, "shared", 100, None, None)
+            .unwrap();
+        let (pooled, p1) = create_key(&t.ledger, NewKey::new(&owner, "pooled").pool(&pool.id));
+        let (metered, p2) = create_key(&t.ledger, NewKey::new(&owner, "metered").credits(10));
+        let (free, p3) = create_key(&t.ledger, NewKey::new(&owner, "free"));
+        for plain in [p1, p2, p3] {
+            spend(&t.ledger, &plain, "/x/a", 1, 1).unwrap();
+        }
+        let (dir, path, config) = t.close();
+        let ids = [pooled, metered, free, pool.id].map(|id| id.to_string());
+        (dir, path, config, ids)
+    }
+
+    fn edit(path: &std::path::Path, change: impl FnOnce(&redb::WriteTransaction)) {
+        let db = redb::Database::open(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        change(&txn);
+        txn.commit().unwrap();
+    }
+
+    fn problems(path: &std::path::Path, config: keyledger::Config) -> Vec<String> {
+        let report = Ledger::check(path, config).expect("check reports, never fails");
+        assert_eq!(report.is_ok(), report.problems.is_empty());
+        report.problems
+    }
+
+    #[test]
+    fn check_names_an_unreadable_pool_usage_balance_or_route_by_public_id() {
+        let (_dir, path, config, [_, metered, _, pool]) = ledger();
+        assert_eq!(problems(&path, config.clone()), Vec::<String>::new());
+        let db = redb::Database::open(&path).unwrap();
+        let (pools, usage, credits) = (ids(&db, POOLS), ids(&db, USAGE), ids(&db, CREDITS));
+        drop(db);
+        edit(&path, |txn| {
+            txn.open_table(POOLS)
+                .unwrap()
+                .insert(pools[0], GARBAGE)
+                .unwrap();
+            let mut table = txn.open_table(USAGE).unwrap();
+            for id in &usage {
+                table.insert(id, GARBAGE).unwrap();
+            }
+            let mut table = txn.open_table(CREDITS).unwrap();
+            for id in &credits {
+                table.insert(id, GARBAGE).unwrap();
+            }
+            txn.open_table(ROUTES)
+                .unwrap()
+                .insert("/x/", GARBAGE)
+                .unwrap();
+        });
+        let found = problems(&path, config.clone());
+        let about = |what: &str| found.iter().filter(|p| p.starts_with(what)).count();
+        assert_eq!(about(&format!("{pool}: ")), 1, "{found:?}");
+        assert_eq!(about(&format!("credit balance of {pool}")), 1, "{found:?}");
+        assert_eq!(
+            about(&format!("credit balance of {metered}")),
+            1,
+            "{found:?}"
+        );
+        assert_eq!(about("usage of "), usage.len(), "{found:?}");
+        assert_eq!(about("route /x/"), 1, "{found:?}");
+        assert!(
+            found.iter().all(|p| !p.contains('#')),
+            "public ids, not internal ones: {found:?}"
+        );
+        // Opening refuses the file (a route rule it cannot read would open its route).
+        assert!(matches!(Ledger::open(&path, config), Err(Error::Codec(_))));
+    }
+
+    #[test]
+    fn check_finds_keys_whose_balance_or_pool_is_gone() {
+        let (_dir, path, config, [pooled, metered, free, _]) = ledger();
+        let db = redb::Database::open(&path).unwrap();
+        let (pools, credits) = (ids(&db, POOLS), ids(&db, CREDITS));
+        drop(db);
+        // The metered key's balance (the balance that is not the pool's) and the pool.
+        let own = *credits.iter().find(|id| !pools.contains(id)).unwrap();
+        edit(&path, |txn| {
+            txn.open_table(CREDITS).unwrap().remove(own).unwrap();
+            txn.open_table(POOLS).unwrap().remove(pools[0]).unwrap();
+        });
+        let found = problems(&path, config);
+        assert!(
+            found.contains(&format!("{metered}: credit balance missing")),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&format!("{pooled}: its credit pool is missing")),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().any(|p| p.ends_with(": key or pool missing")),
+            "the pool's balance is left without its pool: {found:?}"
+        );
+        assert!(!found.iter().any(|p| p.contains(&free)), "{found:?}");
+    }
+
+    #[test]
+    fn check_neither_recovers_leases_nor_migrates() {
+        let (_dir, path, config, _) = ledger();
+        // A crash with leases out: the next open would move them to `lost_to_crash`.
+        let ledger = Ledger::open(&path, config.clone()).unwrap();
+        let (_, plain) = create_key(
+            &ledger,
+            NewKey::new(
+                &ledger.accounts().list(&PageRequest::first()).unwrap().items[0].id,
+                "k",
+            )
+            .credits(1_000),
+        );
+        spend(&ledger, &plain, "/x/a", 1, 1).unwrap();
+        ledger.simulate_crash();
+        // (redb itself repairs a file not closed cleanly when it opens it.)
+        let report = Ledger::check(&path, config.clone()).unwrap();
+        assert!(report.is_ok(), "{:?}", report.problems);
+        assert!(
+            report.lost_to_crash > 0,
+            "the leases the crash left count as lost"
+        );
+        // The leases are still in the file: the next open records what check reported.
+        let ledger = Ledger::open(&path, config.clone()).unwrap();
+        assert_eq!(ledger.stats().lost_to_crash_at_open, report.lost_to_crash);
+        ledger.close().unwrap();
+        drop(ledger);
+        // An older format is refused, not migrated.
+        edit(&path, |txn| {
+            let mut format = b"keyledgr".to_vec();
+            format.extend_from_slice(&2u32.to_le_bytes());
+            txn.open_table(META)
+                .unwrap()
+                .insert("format", format.as_slice())
+                .unwrap();
+        });
+        match Ledger::check(&path, config) {
+            Err(
+                e @ Error::OlderFormat {
+                    found: 2,
+                    current: 3,
+                },
+            ) => {
+                assert!(e.to_string().contains("open it once"), "{e}")
+            }
+            other => panic!("expected OlderFormat, got {:?}", other.map(|r| r.problems)),
+        }
+        let db = redb::Database::open(&path).unwrap();
+        let read = db.begin_read().unwrap();
+        let format = read
+            .open_table(META)
+            .unwrap()
+            .get("format")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            format.value()[8..],
+            2u32.to_le_bytes(),
+            "check migrated the file"
+        );
+    }
+}

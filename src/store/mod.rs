@@ -65,31 +65,74 @@ impl Store {
         Store::init(db, Path::new("<storage backend>"), master)
     }
 
-    fn init(db: Database, path: &Path, master: &MasterKey) -> Result<(Store, OpenedMeta)> {
-        let store = Store {
+    /// Opens an existing file of the current format for `check`, writing nothing: no tables
+    /// created, no migration run. An older format is refused with [`Error::OlderFormat`].
+    pub(crate) fn open_for_check(db: Database, path: &Path, master: &MasterKey) -> Result<Store> {
+        let store = Store::new(db);
+        match store.format(path)? {
+            None => Err(Error::NotALedger {
+                path: path.display().to_string(),
+            }),
+            Some(found) if found < FORMAT_VERSION => Err(Error::OlderFormat {
+                found,
+                current: FORMAT_VERSION,
+            }),
+            Some(_) => {
+                store.opened_meta(master)?;
+                Ok(store)
+            }
+        }
+    }
+
+    fn new(db: Database) -> Store {
+        Store {
             snapshot: ArcSwapOption::empty(),
             db,
             generation: AtomicU64::new(0),
-        };
-        let verifier = verifier(master);
-        let existing = {
-            let read = store.db.begin_read()?;
-            match read.open_table(META) {
-                Ok(table) => Some(read_format(&table, path)?),
-                Err(TableError::TableDoesNotExist(_)) => {
-                    // Any table at all (multimap ones too) is another application's file.
-                    if read.list_tables()?.next().is_some()
-                        || read.list_multimap_tables()?.next().is_some()
-                    {
-                        return Err(Error::NotALedger {
-                            path: path.display().to_string(),
-                        });
-                    }
-                    None
+        }
+    }
+
+    /// The file's format version; `None` for a new, empty file.
+    fn format(&self, path: &Path) -> Result<Option<u32>> {
+        let read = self.db.begin_read()?;
+        match read.open_table(META) {
+            Ok(table) => Ok(Some(read_format(&table, path)?)),
+            Err(TableError::TableDoesNotExist(_)) => {
+                // Any table at all (multimap ones too) is another application's file.
+                if read.list_tables()?.next().is_some()
+                    || read.list_multimap_tables()?.next().is_some()
+                {
+                    return Err(Error::NotALedger {
+                        path: path.display().to_string(),
+                    });
                 }
-                Err(e) => return Err(e.into()),
+                Ok(None)
             }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Checks that `master` is the key the file was created with and reads its hash scheme.
+    fn opened_meta(&self, master: &MasterKey) -> Result<OpenedMeta> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(META)?;
+        let stored = table.get(meta::VERIFIER)?.map(|v| v.value().to_vec());
+        if !stored.is_some_and(|s| crate::hashing::hashes_equal_slices(&s, &verifier(master))) {
+            return Err(Error::WrongMasterKey);
+        }
+        let hash_scheme = match table.get(meta::HASH_SCHEME)? {
+            Some(v) => postcard::from_bytes(v.value()).map_err(|e| CodecError::Corrupt {
+                record: "meta",
+                reason: e.to_string(),
+            })?,
+            None => HashScheme::HmacSha256 { pepper: 1 },
         };
+        Ok(OpenedMeta { hash_scheme })
+    }
+
+    fn init(db: Database, path: &Path, master: &MasterKey) -> Result<(Store, OpenedMeta)> {
+        let store = Store::new(db);
+        let existing = store.format(path)?;
         if existing.is_none() {
             let txn = store.begin_write()?;
             {
@@ -101,7 +144,7 @@ impl Store {
                 let scheme = postcard::to_allocvec(&HashScheme::HmacSha256 { pepper: 1 })
                     .expect("encode scheme");
                 table.insert(meta::HASH_SCHEME, scheme.as_slice())?;
-                table.insert(meta::VERIFIER, verifier.as_slice())?;
+                table.insert(meta::VERIFIER, verifier(master).as_slice())?;
             }
             for table in ALL_RECORD_TABLES {
                 txn.open_table(table)?;
@@ -112,28 +155,14 @@ impl Store {
             txn.open_table(tables::ROUTES)?;
             txn.commit()?;
         }
-        let read = store.db.begin_read()?;
-        let table = read.open_table(META)?;
-        let stored = table.get(meta::VERIFIER)?.map(|v| v.value().to_vec());
-        if !stored.is_some_and(|s| crate::hashing::hashes_equal_slices(&s, &verifier)) {
-            return Err(Error::WrongMasterKey);
-        }
-        let hash_scheme = match table.get(meta::HASH_SCHEME)? {
-            Some(v) => postcard::from_bytes(v.value()).map_err(|e| CodecError::Corrupt {
-                record: "meta",
-                reason: e.to_string(),
-            })?,
-            None => HashScheme::HmacSha256 { pepper: 1 },
-        };
-        drop(table);
-        drop(read);
+        let opened = store.opened_meta(master)?;
         if existing == Some(1) {
             migrate_1_to_2(&store)?;
         }
         if existing.is_some_and(|format| format < 3) {
             migrate_2_to_3(&store, master)?;
         }
-        Ok((store, OpenedMeta { hash_scheme }))
+        Ok((store, opened))
     }
 
     /// A write transaction with two-phase commit (redb's advice for files that may hold

@@ -10,7 +10,7 @@ use crate::codec::{self, Record};
 use crate::error::{Error, Result};
 use crate::ledger::Ledger;
 use crate::public_id::{IdKind, PublicId};
-use crate::secret::Secret;
+use crate::secret::{MasterKey, Secret};
 use crate::store::tables::ACCOUNTS;
 use crate::vault::cipher::{self, Binding, VaultCipher};
 use crate::vault::connection::{
@@ -45,13 +45,12 @@ fn parse_provider(name: &str) -> Provider {
 }
 
 fn open_tokens(
-    ledger: &Ledger,
+    master: &MasterKey,
     owner: &PublicId,
     provider: &str,
     record: &ConnectorRecord,
 ) -> Result<(Secret, Option<Secret>)> {
-    let plain = VaultCipher::new(&ledger.inner.config.master_key)
-        .open(binding(owner, provider), &record.sealed)?;
+    let plain = VaultCipher::new(master).open(binding(owner, provider), &record.sealed)?;
     records::decode_tokens(&plain).ok_or(Error::DecryptionFailed {
         what: "connector credential",
     })
@@ -59,17 +58,21 @@ fn open_tokens(
 
 /// Decodes and decrypts one stored row, for `check`.
 pub(crate) fn check_row(
-    ledger: &Ledger,
+    master: &MasterKey,
     owner: &PublicId,
     provider: &str,
     bytes: &[u8],
 ) -> Result<()> {
     let record: ConnectorRecord = codec::decode(bytes)?;
     provider.parse::<Provider>()?;
-    open_tokens(ledger, owner, provider, &record).map(drop)
+    open_tokens(master, owner, provider, &record).map(drop)
 }
 
 impl<'a> Vault<'a> {
+    fn master(&self) -> &MasterKey {
+        &self.ledger.inner.config.master_key
+    }
+
     /// The same handle, recording `actor` as the author of its changes.
     pub fn by(mut self, actor: impl Into<String>) -> Self {
         self.actor = actor.into();
@@ -205,7 +208,8 @@ impl<'a> Vault<'a> {
             Some(v) => codec::decode(v.value())?,
             None => return Err(Error::NotFound { what: "connector" }),
         };
-        let (access_token, refresh_token) = open_tokens(self.ledger, &owner.public, name, &record)?;
+        let (access_token, refresh_token) =
+            open_tokens(self.master(), &owner.public, name, &record)?;
         Ok(Connection {
             info: self.info(&owner, name, &record),
             access_token,
@@ -311,7 +315,7 @@ impl<'a> Vault<'a> {
                         fields.push("refresh_token");
                         Some(r.clone())
                     }
-                    None => open_tokens(self.ledger, &owner.public, name, record)?.1,
+                    None => open_tokens(self.master(), &owner.public, name, record)?.1,
                 };
                 if !scopes.is_empty() && scopes != record.scopes {
                     fields.push("scopes");

@@ -43,7 +43,8 @@ pub use secrets::Secrets;
 
 use crate::error::{Error, Result};
 use crate::ledger::{Ledger, SYSTEM_ACTOR};
-use crate::public_id::{IdKind, PublicId};
+use crate::public_id::{IdCipher, IdKind, PublicId};
+use crate::secret::MasterKey;
 use crate::store::tables::ACCOUNTS;
 
 impl Ledger {
@@ -127,7 +128,8 @@ pub(crate) fn target(owner: &PublicId, kind: &str, name: &str) -> String {
 
 /// Decodability, owner and decryption checks of the vault tables, for `Ledger::check`.
 pub(crate) fn check_tables(
-    ledger: &Ledger,
+    master: &MasterKey,
+    ids: &IdCipher,
     read: &ReadTransaction,
     problems: &mut Vec<String>,
 ) -> Result<()> {
@@ -136,12 +138,12 @@ pub(crate) fn check_tables(
         for entry in table.iter()? {
             let (k, v) = entry?;
             let (owner, name) = k.value();
-            let public = ledger.inner.ids.encode(IdKind::Account, owner);
+            let public = ids.encode(IdKind::Account, owner);
             let what = target(&public, "connectors", &name.escape_default().to_string());
             if accounts.get(owner)?.is_none() {
                 problems.push(format!("{what}: owner account missing"));
             }
-            if let Err(e) = connectors::check_row(ledger, &public, name, v.value()) {
+            if let Err(e) = connectors::check_row(master, &public, name, v.value()) {
                 problems.push(format!("{what}: {e}"));
             }
         }
@@ -150,12 +152,12 @@ pub(crate) fn check_tables(
         for entry in table.iter()? {
             let (k, v) = entry?;
             let (owner, name) = k.value();
-            let public = ledger.inner.ids.encode(IdKind::Account, owner);
+            let public = ids.encode(IdKind::Account, owner);
             let what = target(&public, "secrets", &name.escape_default().to_string());
             if accounts.get(owner)?.is_none() {
                 problems.push(format!("{what}: owner account missing"));
             }
-            if let Err(e) = secrets::check_row(ledger, &public, name, v.value()) {
+            if let Err(e) = secrets::check_row(master, &public, name, v.value()) {
                 problems.push(format!("{what}: {e}"));
             }
         }

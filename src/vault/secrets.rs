@@ -8,7 +8,7 @@ use crate::codec::{self, Record};
 use crate::error::{Error, Result};
 use crate::ledger::Ledger;
 use crate::public_id::{IdCipher, IdKind, PublicId};
-use crate::secret::Secret;
+use crate::secret::{MasterKey, Secret};
 use crate::store::tables::ACCOUNTS;
 use crate::vault::cipher::{self, Binding, VaultCipher};
 use crate::vault::hosts;
@@ -87,15 +87,14 @@ fn binding<'b>(
 }
 
 fn open_value(
-    ledger: &Ledger,
+    master: &MasterKey,
     owner: &PublicId,
     name: &str,
     record: &SecretRecord,
 ) -> Result<Secret> {
     let fields = BoundFields::of(&record.allowed_hosts, record.version);
     let headers = fields.as_headers();
-    let cipher = VaultCipher::new(&ledger.inner.config.master_key);
-    let plain = cipher.open(
+    let plain = VaultCipher::new(master).open(
         binding(owner, name, SecretRecord::VERSION, &headers),
         &record.sealed,
     )?;
@@ -153,10 +152,15 @@ pub(crate) fn reseal_for_format_3(
 }
 
 /// Decodes and decrypts one stored row, for `check`.
-pub(crate) fn check_row(ledger: &Ledger, owner: &PublicId, name: &str, bytes: &[u8]) -> Result<()> {
+pub(crate) fn check_row(
+    master: &MasterKey,
+    owner: &PublicId,
+    name: &str,
+    bytes: &[u8],
+) -> Result<()> {
     let record: SecretRecord = codec::decode(bytes)?;
     validate_name(name)?;
-    open_value(ledger, owner, name, &record).map(drop)
+    open_value(master, owner, name, &record).map(drop)
 }
 
 fn owner_write(ledger: &Ledger, txn: &WriteTransaction, text: &str) -> Result<Owner> {
@@ -355,7 +359,12 @@ impl<'a> Secrets<'a> {
         let owner = owner_read(self.ledger, &read, owner)?;
         let record = self.load(&read, &owner, name)?;
         let url = hosts::check_url(name, &record.allowed_hosts, url)?;
-        let value = open_value(self.ledger, &owner.public, name, &record)?;
+        let value = open_value(
+            &self.ledger.inner.config.master_key,
+            &owner.public,
+            name,
+            &record,
+        )?;
         Ok((value, url))
     }
 

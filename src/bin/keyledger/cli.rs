@@ -89,6 +89,9 @@ pub enum Command {
     #[command(subcommand)]
     Secrets(SecretsCommand),
     /// Check database integrity and ledger invariants. Exit 1 if a problem is found.
+    ///
+    /// Read-only: it recovers no leases (units a crash left leased are reported as lost, as
+    /// the next open records them) and migrates no older format (refused: open it first).
     Check,
     /// Run a guided tour on a scratch ledger in a temporary directory; needs no setup.
     Demo,

@@ -166,7 +166,9 @@ impl ConfigBuilder {
     }
 
     /// Spend tiers: a key that has spent at least `min_spent` units gets its rate limits
-    /// multiplied by `multiplier_pct / 100`. The highest tier reached applies.
+    /// multiplied by `multiplier_pct / 100`. The highest tier reached applies. Tiers only
+    /// raise limits: each multiplier is at least 100 % and at least that of every tier with a
+    /// lower threshold (`build` refuses others).
     pub fn spend_tiers(mut self, tiers: impl IntoIterator<Item = SpendTier>) -> Self {
         self.spend_tiers = tiers.into_iter().collect();
         // Sorted (stably: of two tiers with one threshold, the one given last applies), so a
@@ -230,6 +232,23 @@ impl ConfigBuilder {
                     });
                 }
             }
+        }
+        // Tiers raise limits as spend grows: a tier that lowered them would make a key's
+        // limits shrink as it pays more, and a request admitted under one tier would give
+        // back a different amount under the next.
+        let mut floor = 100;
+        for tier in &self.spend_tiers {
+            if tier.multiplier_pct < floor {
+                return Err(ConfigError::InvalidSetting {
+                    setting: "spend_tiers",
+                    reason: format!(
+                        "the tier from {} spent multiplies by {} %, less than {floor} % (tiers \
+                         only raise limits: 100 % or more, never less than a lower tier's)",
+                        tier.min_spent, tier.multiplier_pct
+                    ),
+                });
+            }
+            floor = tier.multiplier_pct;
         }
         let usage_flush_interval = self
             .usage_flush_interval

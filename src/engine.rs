@@ -77,20 +77,21 @@ struct LiveLimits {
 impl LiveLimits {
     /// The limits for a new entry of key `id` configured as `configured`: the state of an
     /// entry of the key still in use, or else the one `carried` over from an evicted entry,
-    /// if built from the same configuration; else a new one.
+    /// if built from the same configuration; else a new one, built by `new` from the most
+    /// lifetime spend those counted (spend not yet flushed still counts for the tiers).
     fn of(
         &mut self,
         id: u64,
         configured: &crate::record::Limits,
         carried: Option<&Arc<KeyLimits>>,
-        new: impl FnOnce() -> KeyLimits,
+        new: impl FnOnce(u64) -> KeyLimits,
     ) -> Arc<KeyLimits> {
         let live = self.by_key.get(&id).and_then(std::sync::Weak::upgrade);
-        let limits = live
-            .into_iter()
-            .chain(carried.cloned())
-            .find(|l| l.configured_as(configured))
-            .unwrap_or_else(|| Arc::new(new()));
+        let known = || live.iter().chain(carried);
+        let limits = match known().find(|l| l.configured_as(configured)) {
+            Some(same) => same.clone(),
+            None => Arc::new(new(known().map(|l| l.lifetime_spent()).max().unwrap_or(0))),
+        };
         self.by_key.insert(id, Arc::downgrade(&limits));
         if self.by_key.len() >= self.sweep_at {
             self.by_key.retain(|_, l| l.strong_count() > 0);
@@ -651,8 +652,8 @@ impl Engine {
         let limits = record.limits.rate_limited().then(|| {
             self.limits
                 .lock()
-                .of(record.id, &record.limits, carried_limits, || {
-                    KeyLimits::new(&record.limits, lifetime_spent, &self.tiers)
+                .of(record.id, &record.limits, carried_limits, |counted| {
+                    KeyLimits::new(&record.limits, lifetime_spent.max(counted), &self.tiers)
                 })
         });
         let snapshot = Snapshot {

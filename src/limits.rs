@@ -8,8 +8,15 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::record::Limits;
+use crate::record::rules::MAX_RATE_LIMITS;
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
+const NANOS_PER_MILLI: u64 = 1_000_000;
+
+/// The longest rate window, 100 years: "so many, ever" fits, and arrival times (ns since the
+/// epoch) keep centuries of headroom below `u64::MAX`. A window near that bound would let
+/// them saturate, and a saturated arrival time admits everything.
+pub(crate) const MAX_WINDOW_SECS: u64 = 100 * 365 * 86_400 + 25 * 86_400;
 
 /// One GCRA limit: parameters fixed at build, arrival time shared by all threads.
 #[derive(Debug)]
@@ -32,7 +39,11 @@ impl Gcra {
     pub(crate) fn new(limit: u64, window_secs: u64) -> Self {
         Gcra {
             limit: limit.max(1),
-            window_ns: window_secs.saturating_mul(NANOS_PER_SEC).max(1),
+            // Clamped for records stored before windows were bounded.
+            window_ns: window_secs
+                .min(MAX_WINDOW_SECS)
+                .saturating_mul(NANOS_PER_SEC)
+                .max(1),
             tat: AtomicU64::new(0),
         }
     }
@@ -47,13 +58,14 @@ impl Gcra {
         (self.window_ns as u128 / scaled).max(1) as u64
     }
 
-    /// Admits `weight` units at `now_ns`, or says how long until it would be admitted.
+    /// Admits `weight` units at `now_ns`, returning when their slot ends (the arrival time
+    /// they moved the limit to), or says how long until they would be admitted.
     pub(crate) fn acquire(
         &self,
         now_ns: u64,
         weight: u64,
         multiplier_pct: u32,
-    ) -> Result<(), Duration> {
+    ) -> Result<u64, Duration> {
         let increment = self.interval_ns(multiplier_pct).saturating_mul(weight);
         let mut tat = self.tat.load(Ordering::Acquire);
         loop {
@@ -65,7 +77,7 @@ impl Gcra {
                 .tat
                 .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(new_tat),
                 Err(actual) => tat = actual,
             }
         }
@@ -89,7 +101,9 @@ impl Gcra {
             return None;
         }
         let wait = (ahead - self.window_ns).min(tat.saturating_sub(now_ns));
-        (wait > 0).then(|| Duration::from_nanos(wait))
+        // In whole milliseconds, rounded up: the clock reads milliseconds, so a wait cut
+        // short by a fraction of one would be refused again.
+        (wait > 0).then(|| Duration::from_millis(wait.div_ceil(NANOS_PER_MILLI)))
     }
 
     /// Charges `weight` more units without refusing (work already done): the key's next
@@ -103,10 +117,16 @@ impl Gcra {
             });
     }
 
-    /// Gives back `weight` units admitted by [`acquire`](Self::acquire) (another limit refused
-    /// the request). Never moves the arrival time below `now_ns`.
-    pub(crate) fn release(&self, now_ns: u64, weight: u64, multiplier_pct: u32) {
-        let decrement = self.interval_ns(multiplier_pct).saturating_mul(weight);
+    /// Gives back the last `weight` units of a slot [`acquire`](Self::acquire) admitted and
+    /// said ends at `until_ns`, as far as they are still ahead of `now_ns`: the part already
+    /// past has drained by itself, and taking it off again would take other requests' slots.
+    /// Never moves the arrival time below `now_ns`.
+    pub(crate) fn release(&self, now_ns: u64, until_ns: u64, weight: u64, multiplier_pct: u32) {
+        let decrement = (self.interval_ns(multiplier_pct).saturating_mul(weight))
+            .min(until_ns.saturating_sub(now_ns));
+        if decrement == 0 {
+            return;
+        }
         let _ = self
             .tat
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
@@ -120,6 +140,18 @@ impl Gcra {
         let used = self.tat.load(Ordering::Acquire).saturating_sub(now_ns);
         self.window_ns.saturating_sub(used) / interval
     }
+}
+
+/// What an admission by [`KeyLimits::acquire`] holds, to give back or settle later: where
+/// its slots end and the tier it was admitted at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Admission {
+    /// The earliest end of its slots in the named limits (`u64::MAX`: none).
+    named_until_ns: u64,
+    /// The end of its slot in the token window (0: none taken).
+    tokens_until_ns: u64,
+    /// The spend-tier multiplier it was admitted at.
+    pub(crate) tier_pct: u32,
 }
 
 /// The GCRA limits of one key: its named limits, then its token window if any; and its
@@ -176,57 +208,97 @@ impl KeyLimits {
         now_ns: u64,
         cost: u64,
         multiplier_pct: u32,
-    ) -> Result<(), Duration> {
+    ) -> Result<Admission, Duration> {
+        let mut admission = Admission {
+            named_until_ns: u64::MAX,
+            tokens_until_ns: 0,
+            tier_pct: multiplier_pct,
+        };
+        // Each named limit's slot end, for a roll-back; the earliest stands in for any past
+        // the number a stored record can hold (it gives back less, never more).
+        let mut taken = [0u64; MAX_RATE_LIMITS];
+        let taken_at = |taken: &[u64; MAX_RATE_LIMITS], j: usize, earliest: u64| {
+            taken.get(j).copied().unwrap_or(earliest)
+        };
         for (i, gcra) in self.named.iter().enumerate() {
-            if let Err(wait) = gcra.acquire(now_ns, 1, multiplier_pct) {
-                self.named[..i]
-                    .iter()
-                    .for_each(|g| g.release(now_ns, 1, multiplier_pct));
-                // A retry must wait for the slowest limit, not just the first that refused.
-                let later = self.named[i + 1..]
-                    .iter()
-                    .filter_map(|g| g.wait(now_ns, 1, multiplier_pct));
-                let tokens = self.tokens.as_ref().filter(|_| cost > 0);
-                let tokens = tokens.and_then(|t| t.wait(now_ns, cost, multiplier_pct));
-                return Err(later.chain(tokens).fold(wait, Duration::max));
+            match gcra.acquire(now_ns, 1, multiplier_pct) {
+                Ok(until) => {
+                    if let Some(slot) = taken.get_mut(i) {
+                        *slot = until;
+                    }
+                    admission.named_until_ns = admission.named_until_ns.min(until);
+                }
+                Err(wait) => {
+                    for (j, g) in self.named[..i].iter().enumerate() {
+                        let until = taken_at(&taken, j, admission.named_until_ns);
+                        g.release(now_ns, until, 1, multiplier_pct);
+                    }
+                    // A retry must wait for the slowest limit, not just the first that refused.
+                    let later = self.named[i + 1..]
+                        .iter()
+                        .filter_map(|g| g.wait(now_ns, 1, multiplier_pct));
+                    let tokens = self.tokens.as_ref().filter(|_| cost > 0);
+                    let tokens = tokens.and_then(|t| t.wait(now_ns, cost, multiplier_pct));
+                    return Err(later.chain(tokens).fold(wait, Duration::max));
+                }
             }
         }
         if let Some(tokens) = &self.tokens {
             if cost > 0 {
-                if let Err(wait) = tokens.acquire(now_ns, cost, multiplier_pct) {
-                    self.named
-                        .iter()
-                        .for_each(|g| g.release(now_ns, 1, multiplier_pct));
-                    return Err(wait);
+                match tokens.acquire(now_ns, cost, multiplier_pct) {
+                    Ok(until) => admission.tokens_until_ns = until,
+                    Err(wait) => {
+                        for (j, g) in self.named.iter().enumerate() {
+                            let until = taken_at(&taken, j, admission.named_until_ns);
+                            g.release(now_ns, until, 1, multiplier_pct);
+                        }
+                        return Err(wait);
+                    }
                 }
             }
         }
-        Ok(())
+        Ok(admission)
     }
 
     /// Moves the token window from the `reserved` tokens a request was admitted with to the
     /// `used` tokens its commit reports: the window counts tokens used, not estimates. More
     /// are charged even past the window (the work is done; the key's next requests wait for
-    /// them), fewer are given back.
-    pub(crate) fn settle_tokens(&self, now_ns: u64, reserved: u64, used: u64, pct: u32) {
+    /// them), fewer are given back as far as their slot is still ahead.
+    pub(crate) fn settle_tokens(
+        &self,
+        now_ns: u64,
+        admitted: &Admission,
+        reserved: u64,
+        used: u64,
+    ) {
         let Some(tokens) = &self.tokens else {
             return;
         };
+        let pct = admitted.tier_pct;
         match used.cmp(&reserved) {
             std::cmp::Ordering::Greater => tokens.charge(now_ns, used - reserved, pct),
-            std::cmp::Ordering::Less => tokens.release(now_ns, reserved - used, pct),
+            std::cmp::Ordering::Less => {
+                tokens.release(now_ns, admitted.tokens_until_ns, reserved - used, pct)
+            }
             std::cmp::Ordering::Equal => {}
         }
     }
 
-    /// Gives back what a successful [`acquire`](Self::acquire) took (a later check refused).
-    pub(crate) fn release(&self, now_ns: u64, cost: u64, multiplier_pct: u32) {
+    /// Gives back what a successful [`acquire`](Self::acquire) of `cost` took (a later check
+    /// refused the request), as far as its slots are still ahead of `now_ns`.
+    pub(crate) fn release(&self, now_ns: u64, admitted: &Admission, cost: u64) {
+        let pct = admitted.tier_pct;
         self.named
             .iter()
-            .for_each(|g| g.release(now_ns, 1, multiplier_pct));
+            .for_each(|g| g.release(now_ns, admitted.named_until_ns, 1, pct));
         if let Some(tokens) = &self.tokens {
-            tokens.release(now_ns, cost, multiplier_pct);
+            tokens.release(now_ns, admitted.tokens_until_ns, cost, pct);
         }
+    }
+
+    /// Lifetime spend counted so far (0 without spend tiers).
+    pub(crate) fn lifetime_spent(&self) -> u64 {
+        self.lifetime_spent.load(Ordering::Relaxed)
     }
 
     /// The spend-tier multiplier under the configured `tiers`, in percent.

@@ -580,7 +580,21 @@ pub(crate) mod rules {
         Ok(())
     }
 
-    /// Limits: positive windows, unique rate-limit names.
+    /// A rate window of at most [`MAX_WINDOW_SECS`](crate::limits::MAX_WINDOW_SECS).
+    fn window(field: &'static str, secs: u64) -> Result<(), Error> {
+        if secs > crate::limits::MAX_WINDOW_SECS {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "a window is at most {} seconds (100 years)",
+                    crate::limits::MAX_WINDOW_SECS
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Limits: positive windows of at most 100 years, unique rate-limit names.
     pub fn limits(limits: &Limits) -> Result<(), Error> {
         if limits.rate_limits.len() > MAX_RATE_LIMITS {
             return Err(Error::invalid(
@@ -596,6 +610,7 @@ pub(crate) mod rules {
                     "limit and window must be positive",
                 ));
             }
+            window("rate_limits", rl.window_secs)?;
             if limits.rate_limits[..i]
                 .iter()
                 .any(|other| other.name == rl.name)
@@ -613,6 +628,7 @@ pub(crate) mod rules {
                     "tokens and window must be positive",
                 ));
             }
+            window("token_window", tw.window_secs)?;
         }
         if limits.refill.is_some() && limits.credits.is_none() {
             return Err(Error::invalid("refill", "a refill needs metered credits"));

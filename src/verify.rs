@@ -18,6 +18,7 @@ use crate::denial::Denial;
 use crate::engine::Loaded;
 use crate::keyfmt::Presented;
 use crate::ledger::Ledger;
+use crate::limits::Admission;
 use crate::policy::RouteTable;
 use crate::public_id::PublicId;
 use crate::routes::permits;
@@ -115,8 +116,9 @@ pub struct Grant<'l> {
     key: Arc<CachedKey>,
     reserved: u64,
     price_micros: u64,
-    /// When rate limits admitted the request (to give the slots back on a late refusal).
-    rate_charged_at_ns: Option<u64>,
+    /// What rate limits admitted (to give the slots back on a late refusal, or settle the
+    /// token window at commit).
+    admission: Option<Admission>,
     /// The meter's balance epoch when the units were reserved: a `set` since then is final,
     /// so a refund is discarded instead of returned.
     epoch: u32,
@@ -288,13 +290,16 @@ fn check<'l>(
         .cost
         .unwrap_or_else(|| route.rule.map_or(1, |r| r.cost));
     // 7. Rate limits (GCRA), scaled by the key's spend tier.
-    let now_ns = now_ms.saturating_mul(1_000_000);
-    if let Some(limits) = &key.limits {
-        let tier_pct = key.tier_pct(&ledger.inner.engine.tiers);
-        if let Err(retry_after) = limits.acquire(now_ns, cost, tier_pct) {
-            return Denied(Denial::RateLimited { retry_after });
+    let admission = match &key.limits {
+        Some(limits) => {
+            let tier_pct = key.tier_pct(&ledger.inner.engine.tiers);
+            match limits.acquire(now_ms.saturating_mul(1_000_000), cost, tier_pct) {
+                Ok(admission) => Some(admission),
+                Err(retry_after) => return Denied(Denial::RateLimited { retry_after }),
+            }
         }
-    }
+        None => None,
+    };
     // 8. Credits: reserve from the in-memory lease with a CAS.
     let meter = key.meter();
     let grant = Grant {
@@ -302,7 +307,7 @@ fn check<'l>(
         key: key.clone(),
         reserved: cost,
         price_micros: route.rule.map_or(0, |r| r.price_micros),
-        rate_charged_at_ns: key.limits.as_ref().map(|_| now_ns),
+        admission,
         epoch: meter.map_or(0, |m| m.epoch.load(Ordering::Acquire)),
         settled: false,
     };
@@ -339,9 +344,9 @@ impl Grant<'_> {
 
     /// Gives back the rate-limit slots of a request refused after the rate check.
     fn release_rate(&self) {
-        if let (Some(at), Some(limits)) = (self.rate_charged_at_ns, &self.key.limits) {
-            let tier_pct = self.key.tier_pct(&self.ledger.inner.engine.tiers);
-            limits.release(at, self.reserved, tier_pct);
+        if let (Some(admission), Some(limits)) = (&self.admission, &self.key.limits) {
+            let now_ns = self.ledger.now().0.saturating_mul(1_000_000);
+            limits.release(now_ns, admission, self.reserved);
         }
     }
 
@@ -423,10 +428,9 @@ impl Grant<'_> {
             }
         };
         if actual != reserved {
-            if let (Some(_), Some(limits)) = (self.rate_charged_at_ns, &self.key.limits) {
-                let tier_pct = self.key.tier_pct(&engine.tiers);
+            if let (Some(admission), Some(limits)) = (&self.admission, &self.key.limits) {
                 let now_ns = self.ledger.now().0.saturating_mul(1_000_000);
-                limits.settle_tokens(now_ns, reserved, actual, tier_pct);
+                limits.settle_tokens(now_ns, admission, reserved, actual);
             }
         }
         if self.key.record_spend(charged, &engine.tiers) {

@@ -710,3 +710,33 @@ fn wildcard_entitlements_are_refused() {
     let plain = NewAccount::new("Acme").entitlements(["pro:reports"]);
     assert!(t.ledger.accounts().create(plain).is_ok());
 }
+
+#[test]
+fn spend_tiers_that_would_lower_limits_are_refused() {
+    use keyledger::SpendTier;
+    let tier = |min_spent, multiplier_pct| SpendTier {
+        min_spent,
+        multiplier_pct,
+    };
+    let build = |tiers: Vec<SpendTier>| {
+        Config::builder()
+            .master_key(MasterKey::generate().unwrap())
+            .spend_tiers(tiers)
+            .build()
+    };
+    for tiers in [
+        vec![tier(100, 0)],
+        vec![tier(100, 50)],
+        vec![tier(100, 300), tier(1_000, 200)],
+    ] {
+        match build(tiers.clone()) {
+            Err(ConfigError::InvalidSetting { setting, reason }) => {
+                assert_eq!(setting, "spend_tiers");
+                assert!(reason.contains("only raise limits"), "{reason}");
+            }
+            other => panic!("{tiers:?}: expected InvalidSetting, got {:?}", other.err()),
+        }
+    }
+    // Given in any order, sorted by threshold.
+    assert!(build(vec![tier(1_000, 300), tier(100, 100), tier(500, 200)]).is_ok());
+}

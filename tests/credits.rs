@@ -1280,3 +1280,39 @@ fn an_unreadable_usage_record_holds_back_only_its_own_counts() {
         (5, 5, 5)
     );
 }
+
+#[test]
+fn a_limits_change_keeps_the_spend_tier_reached_by_spend_not_yet_flushed() {
+    let tiers = [SpendTier {
+        min_spent: 100,
+        multiplier_pct: 200,
+    }];
+    let t = TestLedger::with_settings(keyledger::MasterKey::generate().unwrap(), |b| {
+        b.spend_tiers(tiers)
+    });
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(
+        &t.ledger,
+        NewKey::new(&owner, "k")
+            .credits(10_000)
+            .rate_limit("per-minute", 5, 60),
+    );
+    spend(&t.ledger, &plain, "/x", 1, 150).unwrap();
+    let key = presented(&plain);
+    let tier = || {
+        let grant = t.ledger.verify(&Request::new(&key, "/x")).unwrap();
+        grant.rate_limit().tier_multiplier_pct
+    };
+    assert_eq!(tier(), 200);
+    // The admin raises the limit before the 150 units reach the disk.
+    let limit = keyledger::RateLimit {
+        name: "per-minute".into(),
+        limit: 6,
+        window_secs: 60,
+    };
+    t.ledger
+        .keys()
+        .update(&id, KeyUpdate::new().rate_limits(vec![limit]))
+        .unwrap();
+    assert_eq!(tier(), 200, "150 spent: the tier from 100 still applies");
+}

@@ -700,3 +700,80 @@ fn an_unrelated_admin_change_does_not_reset_rate_limits() {
         .unwrap();
     assert_eq!(verify_code(&t.ledger, &plain, "/x"), "rate_limited");
 }
+
+#[test]
+fn a_rate_window_is_at_most_100_years_and_the_longest_still_limits() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    // A window long enough that arrival times would saturate used to admit everything.
+    for too_long in [u64::MAX, 20_000_000_000, 3_155_760_001] {
+        assert_invalid(
+            t.ledger
+                .keys()
+                .create(NewKey::new(&owner, "k").rate_limit("ever", 5, too_long)),
+            "rate_limits",
+        );
+        assert_invalid(
+            t.ledger
+                .keys()
+                .create(NewKey::new(&owner, "k").token_window(1_000, too_long)),
+            "token_window",
+        );
+    }
+    let (_, plain) = create_key(
+        &t.ledger,
+        NewKey::new(&owner, "k")
+            .rate_limit("ever", 5, 3_155_760_000)
+            .token_window(1_000, 3_155_760_000),
+    );
+    let key = presented(&plain);
+    let admitted = (0..50)
+        .filter(|_| t.ledger.verify(&Request::new(&key, "/x").cost(100)).is_ok())
+        .count();
+    assert_eq!(admitted, 5);
+}
+
+#[test]
+fn a_refund_after_the_slot_drained_does_not_free_later_requests_tokens() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (_, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").token_window(100, 60));
+    let key = presented(&plain);
+    let reserve = |cost| t.ledger.verify(&Request::new(&key, "/x").cost(cost));
+    let long = reserve(100).unwrap(); // a 60 s stream, estimated at the whole window
+    t.clock.advance_secs(60);
+    let next = reserve(100).expect("the window drained");
+    long.commit(0); // it used nothing, but its slot is already past
+    assert_eq!(
+        reserve(100).err().map(|d| d.code()),
+        Some("rate_limited"),
+        "200 tokens at one instant under a window of 100"
+    );
+    next.commit(40); // a refund while its slot is ahead gives the 60 back
+    assert!(reserve(60).is_ok());
+}
+
+#[test]
+fn waiting_exactly_the_retry_after_given_is_enough() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    // 3 a second: one slot every 333.33 ms, which the millisecond clock cannot land on.
+    let (_, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").rate_limit("s", 3, 1));
+    let key = presented(&plain);
+    for _ in 0..3 {
+        assert!(t.ledger.verify(&Request::new(&key, "/x")).is_ok());
+    }
+    let wait = t
+        .ledger
+        .verify(&Request::new(&key, "/x"))
+        .unwrap_err()
+        .retry_after()
+        .unwrap();
+    assert_eq!(
+        wait,
+        Duration::from_millis(334),
+        "whole milliseconds, rounded up"
+    );
+    t.clock.set(Timestamp(t.now().0 + wait.as_millis() as u64));
+    assert!(t.ledger.verify(&Request::new(&key, "/x")).is_ok());
+}

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use keyledger::{
-    Clock, Config, Error, Health, Ledger, ManualClock, MasterKey, NewAccount, OAuthGrant,
-    OutboundRefusal, Provider, ProviderErrorKind, PublicId, Secret, Timestamp,
+    Clock, Config, ConnectionInfo, Error, Health, Ledger, ManualClock, MasterKey, NewAccount,
+    OAuthGrant, OutboundRefusal, Provider, ProviderErrorKind, PublicId, Secret, Timestamp,
     normalize_provider_error,
 };
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -374,8 +374,7 @@ fn ciphertext_moved_between_owners_or_providers_fails_to_decrypt() {
     );
     // A refresh that must keep the stored refresh token cannot launder a moved row either.
     assert_decryption_failed(vault.record_refresh(
-        &b,
-        &Provider::GoogleDrive,
+        &connection(&vault, &b, &Provider::GoogleDrive),
         OAuthGrant::new(Secret::new("new")),
     ));
     // `check` reports the moved rows, naming rows, never values.
@@ -443,8 +442,7 @@ fn refresh_scheduling_follows_the_clock() {
     // The refresher refreshes B; the provider did not rotate the refresh token.
     let refreshed = vault
         .record_refresh(
-            &b,
-            &Provider::Notion,
+            &connection(&vault, &b, &Provider::Notion),
             OAuthGrant::new(Secret::new("notion-access-2")).expires_in_secs(3600),
         )
         .unwrap();
@@ -497,8 +495,7 @@ fn refresh_scheduling_follows_the_clock() {
     );
     assert!(matches!(
         vault.record_refresh(
-            &a,
-            &Provider::GoogleDrive,
+            &connection(&vault, &a, &Provider::GoogleDrive),
             OAuthGrant::new(Secret::new("n"))
         ),
         Err(Error::Conflict(_))
@@ -511,8 +508,7 @@ fn refresh_scheduling_follows_the_clock() {
     // A rotated refresh token and new scopes are stored.
     vault
         .record_refresh(
-            &a,
-            &Provider::GoogleDrive,
+            &connection(&vault, &a, &Provider::GoogleDrive),
             OAuthGrant::new(Secret::new("a2"))
                 .refresh_token(Secret::new("r2"))
                 .scopes(["openid"]),
@@ -1008,8 +1004,7 @@ fn plaintexts_never_leak_to_file_debug_errors_or_audit() {
         "{:?}",
         vault
             .record_refresh(
-                &a,
-                &Provider::GoogleDrive,
+                &connection(&vault, &a, &Provider::GoogleDrive),
                 OAuthGrant::new(Secret::new(format!("{ACCESS}-2"))).expires_in_secs(60)
             )
             .unwrap()
@@ -1183,4 +1178,163 @@ fn a_secrets_hosts_and_version_cannot_be_changed_beside_its_ciphertext() {
         "{:?}",
         report.problems
     );
+}
+
+/// The stored connection's metadata (no tokens), as a refresher reads it before a refresh.
+fn connection(vault: &keyledger::Vault<'_>, owner: &str, provider: &Provider) -> ConnectionInfo {
+    vault
+        .list(owner)
+        .unwrap()
+        .into_iter()
+        .find(|c| &c.provider == provider)
+        .expect("connected")
+}
+
+#[test]
+fn a_revoked_connection_stays_revoked_until_the_owner_connects_again() {
+    let env = Env::new();
+    let a = env.account("A");
+    let vault = env.ledger.vault();
+    vault
+        .connect(&a, &Provider::GoogleDrive, google_grant())
+        .unwrap();
+    vault
+        .mark_unhealthy(&a, &Provider::GoogleDrive, ProviderErrorKind::Revoked)
+        .unwrap();
+    let audit_before = env.ledger.audit().recent(100).unwrap().len();
+    // A call made before the revocation fails late, for another reason.
+    let info = vault
+        .mark_unhealthy(&a, &Provider::GoogleDrive, ProviderErrorKind::RateLimited)
+        .unwrap();
+    assert_eq!(info.health, Health::Revoked);
+    assert_eq!(
+        env.ledger.audit().recent(100).unwrap().len(),
+        audit_before,
+        "nothing changed, nothing written"
+    );
+    let later = env.clock.now().plus_secs(7_200);
+    assert!(
+        vault
+            .due_for_refresh(later, Duration::ZERO)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        vault.record_refresh(
+            &connection(&vault, &a, &Provider::GoogleDrive),
+            OAuthGrant::new(Secret::new("n"))
+        ),
+        Err(Error::Conflict(_))
+    ));
+}
+
+#[test]
+fn a_refresh_of_the_old_grant_does_not_overwrite_a_reconnect() {
+    let env = Env::new();
+    let a = env.account("A");
+    let vault = env.ledger.vault();
+    let grant = |access: &str, refresh: &str, secs| {
+        OAuthGrant::new(Secret::new(access))
+            .refresh_token(Secret::new(refresh))
+            .expires_in_secs(secs)
+    };
+    vault
+        .connect(
+            &a,
+            &Provider::Notion,
+            grant("old-access", "old-refresh", 60),
+        )
+        .unwrap();
+    // The refresher reads the grant it will refresh...
+    let before = vault.get(&a, &Provider::Notion).unwrap();
+    env.clock.advance_secs(1);
+    // ...while the owner connects again...
+    vault
+        .connect(
+            &a,
+            &Provider::Notion,
+            grant("new-access", "new-refresh", 3_600),
+        )
+        .unwrap();
+    // ...and then stores what the provider answered for the old refresh token.
+    match vault.record_refresh(
+        &before.info,
+        OAuthGrant::new(Secret::new("old-access-2")).expires_in_secs(3_600),
+    ) {
+        Err(e @ Error::Conflict(_)) => assert!(e.to_string().contains("connected again"), "{e}"),
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    let now = vault.get(&a, &Provider::Notion).unwrap();
+    assert_eq!(now.access_token.expose(), "new-access");
+    assert_eq!(now.refresh_token.unwrap().expose(), "new-refresh");
+}
+
+#[test]
+fn a_connection_a_provider_refused_early_is_offered_for_refresh() {
+    let env = Env::new();
+    let a = env.account("A");
+    let vault = env.ledger.vault();
+    // One with an expiry an hour away, one without any.
+    vault
+        .connect(&a, &Provider::GoogleDrive, google_grant())
+        .unwrap();
+    vault
+        .connect(
+            &a,
+            &Provider::Notion,
+            OAuthGrant::new(Secret::new("n")).refresh_token(Secret::new("r")),
+        )
+        .unwrap();
+    let now = env.clock.now();
+    assert!(
+        vault
+            .due_for_refresh(now, Duration::ZERO)
+            .unwrap()
+            .is_empty()
+    );
+    for provider in [Provider::GoogleDrive, Provider::Notion] {
+        vault
+            .mark_unhealthy(&a, &provider, ProviderErrorKind::AuthExpired)
+            .unwrap();
+    }
+    let due = vault.due_for_refresh(now, Duration::ZERO).unwrap();
+    assert_eq!(due.len(), 2, "{due:?}");
+    assert!(
+        due.iter()
+            .all(|d| d.health == Health::RefreshFailed && d.expires_at <= now)
+    );
+}
+
+#[test]
+fn an_unreadable_connector_row_does_not_stop_other_owners_refreshes() {
+    let env = Env::new();
+    let (a, b) = (env.account("A"), env.account("B"));
+    let vault = env.ledger.vault();
+    vault
+        .connect(&a, &Provider::GoogleDrive, google_grant())
+        .unwrap();
+    vault
+        .connect(&b, &Provider::Notion, google_grant())
+        .unwrap();
+    let env = env.with_raw_file(|db| {
+        let owner_b = rows(db, CONNECTORS)
+            .into_iter()
+            .find(|(_, name, _)| name == "notion")
+            .unwrap()
+            .0;
+        write_row(db, CONNECTORS, (owner_b, "notion"), &[99, 1, 2, 3]);
+    });
+    let later = env.clock.now().plus_secs(7_200);
+    let due = env
+        .ledger
+        .vault()
+        .due_for_refresh(later, Duration::ZERO)
+        .unwrap();
+    assert_eq!(
+        due.len(),
+        1,
+        "A's connection, and B's unreadable one left out"
+    );
+    assert_eq!(due[0].owner, a);
+    assert!(!env.check().is_ok(), "check names the unreadable row");
 }

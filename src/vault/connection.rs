@@ -144,15 +144,15 @@ pub struct Connection {
     pub refresh_token: Option<Secret>,
 }
 
-/// A connection whose access token expires soon: what a background refresher needs to find
-/// it, and no secret.
+/// A connection whose access token expires soon, or whose last refresh or call failed: what
+/// a background refresher needs to find it, and no secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DueRefresh {
     /// The owning account's public id.
     pub owner: PublicId,
     /// The provider.
     pub provider: Provider,
-    /// When the access token expires (or expired).
+    /// When the access token expires (or expired; for a failed one, at the latest now).
     pub expires_at: Timestamp,
     /// Current health (`refresh_due`, or `refresh_failed` after a failed attempt).
     pub health: Health,

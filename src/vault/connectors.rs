@@ -106,7 +106,8 @@ impl<'a> Vault<'a> {
     }
 
     /// Runs `change` on the existing row of (owner, provider) in one write transaction and
-    /// appends the audit event `action` with the fields it returns.
+    /// appends the audit event `action` with the fields it returns. A change that returns no
+    /// fields writes nothing.
     fn modify(
         &self,
         owner: &str,
@@ -125,6 +126,9 @@ impl<'a> Vault<'a> {
                 None => return Err(Error::NotFound { what: "connector" }),
             };
             let fields = change(&owner, name, &mut record)?;
+            if fields.is_empty() {
+                return Ok(self.info(&owner, name, &record));
+            }
             record.updated_at = self.ledger.now();
             record.updated_by = self.actor.clone();
             table.insert((owner.id, name), codec::encode(&record).as_slice())?;
@@ -251,14 +255,20 @@ impl<'a> Vault<'a> {
         for entry in table.iter()? {
             let (k, v) = entry?;
             let (owner, name) = k.value();
-            let record: ConnectorRecord = codec::decode(v.value())?;
-            let Some(expires_at) = record.expires_at else {
+            // An unreadable row (`check` names it) must not stop every other owner's refresh.
+            let Ok(record) = codec::decode::<ConnectorRecord>(v.value()) else {
                 continue;
             };
-            if !record.has_refresh_token
-                || expires_at > horizon
-                || matches!(record.health, StoredHealth::Revoked(_))
-            {
+            // A failed refresh, or a token the provider refused early, is due whatever its
+            // stored expiry (and with none).
+            let failed = matches!(record.health, StoredHealth::RefreshFailed(_));
+            let expires_at = match record.expires_at {
+                Some(at) if at <= horizon => at,
+                Some(at) if failed => at.min(now),
+                None if failed => now,
+                _ => continue,
+            };
+            if !record.has_refresh_token || matches!(record.health, StoredHealth::Revoked(_)) {
                 continue;
             }
             let health = match record.health {
@@ -285,13 +295,18 @@ impl<'a> Vault<'a> {
     /// Stores the result of a successful refresh: the new access token and expiry, the new
     /// refresh token if the provider rotated it (else the stored one is kept), and the new
     /// scopes if any were returned (else the stored ones are kept). Health becomes healthy.
-    /// A revoked connection is refused with `Conflict`: the owner must connect again.
+    ///
+    /// `refreshed` is the connection the refresh started from (the `info` of what
+    /// [`get`](Self::get) returned). If the owner connected again since (a new grant, perhaps
+    /// other scopes or another account at the provider), the result belongs to the old grant
+    /// and is refused with `Conflict`, as is a revoked connection: the owner must connect
+    /// again.
     pub fn record_refresh(
         &self,
-        owner: &str,
-        provider: &Provider,
+        refreshed: &ConnectionInfo,
         grant: OAuthGrant,
     ) -> Result<ConnectionInfo> {
+        let (owner, provider) = (refreshed.owner.as_str(), &refreshed.provider);
         validate_token("access_token", &grant.access_token)?;
         if let Some(r) = &grant.refresh_token {
             validate_token("refresh_token", r)?;
@@ -307,6 +322,12 @@ impl<'a> Vault<'a> {
                 if matches!(record.health, StoredHealth::Revoked(_)) {
                     return Err(Error::Conflict(format!(
                         "the {name} connection was revoked; the owner must connect again"
+                    )));
+                }
+                if record.connected_at != refreshed.connected_at {
+                    return Err(Error::Conflict(format!(
+                        "the {name} connection was connected again since this refresh began; \
+                         its result belongs to the old grant and is dropped"
                     )));
                 }
                 let mut fields = vec!["access_token", "expires_at"];
@@ -336,7 +357,9 @@ impl<'a> Vault<'a> {
 
     /// Records that a refresh or call failed for `reason` (a [`ProviderErrorKind`], e.g. from
     /// [`normalize_provider_error`](crate::normalize_provider_error)): `revoked` marks the
-    /// connection revoked, anything else `refresh_failed`. No free text is stored.
+    /// connection revoked, anything else `refresh_failed`. A revoked connection stays revoked
+    /// (a late failure of a call made before the revocation changes nothing): only a new
+    /// [`connect`](Self::connect) clears it. No free text is stored.
     pub fn mark_unhealthy(
         &self,
         owner: &str,
@@ -348,8 +371,9 @@ impl<'a> Vault<'a> {
             provider,
             "connector.marked_unhealthy",
             |_, _, record| {
-                record.health = match reason {
-                    ProviderErrorKind::Revoked => StoredHealth::Revoked(reason),
+                record.health = match (reason, record.health) {
+                    (ProviderErrorKind::Revoked, _) => StoredHealth::Revoked(reason),
+                    (_, StoredHealth::Revoked(_)) => return Ok(Vec::new()),
                     _ => StoredHealth::RefreshFailed(reason),
                 };
                 Ok(vec!["health"])

@@ -82,10 +82,16 @@ impl HostPattern {
             Some(_) => url.host_str().unwrap_or_default().to_owned(),
             None => return Err(bad_pattern("no host")),
         };
+        // The parser drops a port that is https's default; a pattern that names it allows
+        // that port only (not http's on its own default).
+        let written_port = rest
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.contains('[') || host.ends_with(']'))
+            .and_then(|(_, port)| port.parse::<u16>().ok());
         Ok(HostPattern {
             wildcard,
             host,
-            port: url.port(),
+            port: url.port().or(written_port),
         })
     }
 
@@ -102,9 +108,14 @@ impl HostPattern {
         out
     }
 
-    /// Whether a parsed url's host and port match.
+    /// Whether a parsed url's host and port match: a pattern without a port matches its
+    /// scheme's default port, one with a port that port whatever the scheme.
     fn matches(&self, url: &Url) -> bool {
-        if url.port() != self.port {
+        let port_matches = match self.port {
+            Some(port) => url.port_or_known_default() == Some(port),
+            None => url.port().is_none(),
+        };
+        if !port_matches {
             return false;
         }
         match (url.host(), self.wildcard) {
@@ -225,7 +236,8 @@ mod tests {
         assert_eq!(n("API.Example.COM").unwrap(), "api.example.com");
         assert_eq!(n("*.Example.com").unwrap(), "*.example.com");
         assert_eq!(n("bücher.example").unwrap(), "xn--bcher-kva.example");
-        assert_eq!(n("example.com:443").unwrap(), "example.com");
+        assert_eq!(n("example.com:443").unwrap(), "example.com:443");
+        assert_eq!(n("[::1]:443").unwrap(), "[::1]:443");
         assert_eq!(n("localhost:8080").unwrap(), "localhost:8080");
         assert_eq!(n("[::1]:8080").unwrap(), "[::1]:8080");
         assert_eq!(n("127.0.0.1").unwrap(), "127.0.0.1");
@@ -267,6 +279,14 @@ mod tests {
         assert!(allowed(&["xn--bcher-kva.example"], "https://BÜCHER.example/").is_ok());
         assert!(allowed(&["bücher.example"], "https://xn--bcher-kva.example/").is_ok());
         assert!(allowed(&["api.example.com"], "https://api.example.com./").is_err());
+        // A port written in the pattern is that port only, whatever the scheme's default:
+        // `:443` does not let a loopback secret go out in clear text on port 80.
+        assert!(allowed(&["api.example.com:443"], "https://api.example.com/").is_ok());
+        assert!(allowed(&["localhost:443"], "https://localhost/").is_ok());
+        assert!(allowed(&["localhost:443"], "http://localhost/").is_err());
+        assert!(allowed(&["[::1]:443"], "http://[::1]/").is_err());
+        assert!(allowed(&["localhost:80"], "http://localhost:80/").is_ok());
+        assert!(allowed(&["localhost"], "http://localhost/").is_ok());
     }
 
     #[test]

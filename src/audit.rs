@@ -10,7 +10,7 @@ use crate::ledger::Ledger;
 use crate::record::AuditEvent;
 use crate::store::tables::AUDIT;
 
-/// Appends an event inside `txn`.
+/// Appends an event inside `txn`, after checking the actor (see `rules::actor`).
 pub(crate) fn append(
     txn: &WriteTransaction,
     at: Timestamp,
@@ -19,6 +19,8 @@ pub(crate) fn append(
     target: &str,
     fields: &[&str],
 ) -> Result<()> {
+    // Every change is audited in its own transaction, so a refused actor writes nothing.
+    crate::record::rules::actor(actor)?;
     let mut table = txn.open_table(AUDIT)?;
     let seq = table.last()?.map_or(1, |(k, _)| k.value() + 1);
     let event = AuditEvent {

@@ -445,6 +445,7 @@ pub(crate) mod rules {
     pub const METADATA_KEY_MAX: usize = 64;
     pub const METADATA_VALUE_MAX: usize = 1024;
     pub const MAX_RATE_LIMITS: usize = 16;
+    pub const ACTOR_MAX_CHARS: usize = 254;
 
     /// A display name: 1–50 characters, no control characters, not blank.
     pub fn name(field: &'static str, name: &str) -> Result<String, Error> {
@@ -462,6 +463,29 @@ pub(crate) mod rules {
             return Err(Error::invalid(field, "must not contain control characters"));
         }
         Ok(name.to_owned())
+    }
+
+    /// Who made a change (`by(…)`), as the audit trail and `created_by` / `updated_by` keep
+    /// it: 1–254 characters (an e-mail address fits), no control characters, so that no
+    /// actor can forge a line of the trail as an operator's terminal shows it.
+    pub fn actor(actor: &str) -> Result<(), Error> {
+        let chars = actor.chars().count();
+        if actor.trim().is_empty() {
+            return Err(Error::invalid("actor", "must not be empty"));
+        }
+        if chars > ACTOR_MAX_CHARS {
+            return Err(Error::invalid(
+                "actor",
+                format!("must be at most {ACTOR_MAX_CHARS} characters, got {chars}"),
+            ));
+        }
+        if actor.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                "actor",
+                "must not contain control characters",
+            ));
+        }
+        Ok(())
     }
 
     /// A scope like `quickhits:create`, `quickhits:*` or `*`.

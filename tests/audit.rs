@@ -274,3 +274,43 @@ fn a_keys_handle_prints_its_owner_by_public_id() {
     let printed = format!("{:?}", t.ledger.keys().owned_by(&acct).unwrap());
     assert!(printed.contains(acct.as_str()), "{printed}");
 }
+
+#[test]
+fn an_actor_that_could_forge_an_audit_line_is_refused_and_changes_nothing() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, _) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(10));
+    let before = t.ledger.audit().recent(100).unwrap().len();
+    let forged = "alice\n2026-11-30T15:06:40Z  admin  key.deleted  key_XXXX";
+    let long = "x".repeat(255);
+    for actor in [forged, long.as_str(), "", "  ", "bell\u{7}"] {
+        assert_invalid(
+            t.ledger
+                .accounts()
+                .by(actor)
+                .create(keyledger::NewAccount::new("Other")),
+            "actor",
+        );
+        assert_invalid(t.ledger.credits().by(actor).top_up(&id, 5), "actor");
+        assert_invalid(
+            t.ledger
+                .keys()
+                .by(actor)
+                .update(&id, keyledger::KeyUpdate::new().credits(Some(20))),
+            "actor",
+        );
+    }
+    assert_eq!(t.ledger.audit().recent(100).unwrap().len(), before);
+    assert_eq!(
+        t.ledger.keys().get(&id).unwrap().remaining_credits,
+        Some(10)
+    );
+    // An e-mail address, up to 254 characters, is an actor.
+    let email = format!("{}@example.com", "a".repeat(242));
+    t.ledger
+        .credits()
+        .by(email.as_str())
+        .top_up(&id, 5)
+        .unwrap();
+    assert_eq!(t.ledger.audit().recent(1).unwrap()[0].actor, email);
+}

@@ -237,6 +237,8 @@ impl Credits<'_> {
     }
 
     fn adjust(&self, id: &str, change: Adjust, action: &'static str) -> Result<u64> {
+        // Checked here: the writer's transaction, which appends the entry, is shared.
+        crate::record::rules::actor(&self.actor)?;
         let (kind, internal) = self.credit_id(id)?;
         if kind == IdKind::Account {
             return Err(Error::invalid(

@@ -436,6 +436,8 @@ impl<'a> Keys<'a> {
     /// Applies a partial update; only the fields set change. A new credit balance is set
     /// through the writer thread, so it is ordered with leases already handed out.
     pub fn update(&self, id: &str, update: KeyUpdate) -> Result<KeyInfo> {
+        // Checked first: a balance set is audited in the writer's shared transaction.
+        rules::actor(&self.actor)?;
         let now = self.ledger.now();
         let name = update
             .name

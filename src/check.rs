@@ -17,7 +17,7 @@ use crate::record::{
     AccountRecord, AuditEvent, CreditsRecord, KeyRecord, PoolRecord, RouteRule, UsageRecord,
     VerifyRecord,
 };
-use crate::store::{self, Store, tables::*};
+use crate::store::{self, Store, tables::*, unless_redb_panics};
 
 /// What `check` found. `problems` is empty for a healthy file.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -64,16 +64,19 @@ impl Ledger {
                 what: "database file",
             });
         }
-        let integrity_ok = {
+        let integrity_ok = unless_redb_panics(|| -> Result<bool> {
             let mut db = redb::Database::builder().open(path)?;
-            db.check_integrity()?
-        };
-        let store = Store::open_for_check(
-            redb::Database::builder().open(path)?,
-            path,
-            &config.master_key,
-        )?;
-        check_store(&store, &config, integrity_ok)
+            Ok(db.check_integrity()?)
+        })??;
+        // Reading a corrupt file's records can reach redb's panics too.
+        unless_redb_panics(|| {
+            let db = redb::Database::builder().open(path)?;
+            check_store(
+                &Store::open_for_check(db, path, &config.master_key)?,
+                &config,
+                integrity_ok,
+            )
+        })?
     }
 
     /// [`check`](Self::check) on a storage backend. The backend is cloned: one clone for
@@ -82,13 +85,19 @@ impl Ledger {
         backend: impl redb::StorageBackend + Clone,
         config: Config,
     ) -> Result<CheckReport> {
-        let integrity_ok = {
+        let integrity_ok = unless_redb_panics(|| -> Result<bool> {
             let mut db = redb::Database::builder().create_with_backend(backend.clone())?;
-            db.check_integrity()?
-        };
-        let db = redb::Database::builder().create_with_backend(backend)?;
-        let store = Store::open_for_check(db, Path::new("<storage backend>"), &config.master_key)?;
-        check_store(&store, &config, integrity_ok)
+            Ok(db.check_integrity()?)
+        })??;
+        unless_redb_panics(|| {
+            let db = redb::Database::builder().create_with_backend(backend)?;
+            let path = Path::new("<storage backend>");
+            check_store(
+                &Store::open_for_check(db, path, &config.master_key)?,
+                &config,
+                integrity_ok,
+            )
+        })?
     }
 }
 

@@ -25,6 +25,12 @@ pub enum ConfigError {
         /// Characters found (the value itself is never echoed).
         found_chars: usize,
     },
+    /// The textual master key had 64 characters, not all of them hex digits.
+    #[error("the master key must be 64 hex digits; character {position} is not one")]
+    MasterKeyNotHex {
+        /// Where the first other character is, counting from 1 (the value is never echoed).
+        position: usize,
+    },
     /// The key file could not be read or written.
     #[error("key file {path}: {reason}")]
     KeyFile {
@@ -75,6 +81,14 @@ pub enum MalformedKey {
         /// The most characters allowed after the prefix: `expected`, except for a legacy
         /// prefix, whose keys (from another system) may have a range of lengths.
         expected_max: usize,
+        /// Characters found.
+        found: usize,
+    },
+    /// The value is longer than any key can be, prefix included.
+    #[error("the value has {found} characters, more than any key ({max})")]
+    TooLong {
+        /// The most characters a key can have.
+        max: usize,
         /// Characters found.
         found: usize,
     },

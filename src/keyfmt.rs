@@ -234,9 +234,8 @@ impl Presented {
             return Err(HeaderError::Missing);
         }
         if key.len() > MAX_PRESENTED_LEN {
-            return Err(HeaderError::Malformed(MalformedKey::WrongLength {
-                expected: BODY_LEN + CHECKSUM_LEN,
-                expected_max: BODY_LEN + CHECKSUM_LEN,
+            return Err(HeaderError::Malformed(MalformedKey::TooLong {
+                max: MAX_PRESENTED_LEN,
                 found: key.len(),
             }));
         }

@@ -47,9 +47,32 @@ impl Routes<'_> {
             rules::entitlement("entitlement", e)?;
         }
         let txn = self.ledger.inner.store.begin_write()?;
-        txn.open_table(ROUTES)?
-            .insert(prefix.as_str(), codec::encode(&rule).as_slice())?;
-        let fields = ["permission", "entitlement", "cost"];
+        let before: Option<RouteRule> = {
+            let mut table = txn.open_table(ROUTES)?;
+            let old = table.insert(prefix.as_str(), codec::encode(&rule).as_slice())?;
+            // An unreadable old rule is replaced like a missing one.
+            old.and_then(|v| codec::decode(v.value()).ok())
+        };
+        // The fields this set changed (all of them for a new rule).
+        let fields: Vec<&str> = [
+            (
+                "permission",
+                before.as_ref().map(|b| b.permission != rule.permission),
+            ),
+            (
+                "entitlement",
+                before.as_ref().map(|b| b.entitlement != rule.entitlement),
+            ),
+            ("cost", before.as_ref().map(|b| b.cost != rule.cost)),
+            (
+                "price_micros",
+                before.as_ref().map(|b| b.price_micros != rule.price_micros),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, changed)| changed.unwrap_or(true))
+        .map(|(field, _)| field)
+        .collect();
         audit::append(
             &txn,
             self.ledger.now(),

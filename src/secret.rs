@@ -69,10 +69,13 @@ impl MasterKey {
     /// Parses the textual form: 64 hex digits (surrounding whitespace ignored).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let text = text.trim();
-        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if text.len() != 64 {
             return Err(ConfigError::MasterKeyEncoding {
                 found_chars: text.chars().count(),
             });
+        }
+        if let Some(i) = text.bytes().position(|b| !b.is_ascii_hexdigit()) {
+            return Err(ConfigError::MasterKeyNotHex { position: i + 1 });
         }
         let mut bytes = Zeroizing::new([0u8; 32]);
         for (i, pair) in text.as_bytes().chunks_exact(2).enumerate() {
@@ -199,6 +202,11 @@ mod tests {
             MasterKey::parse("abcd"),
             Err(ConfigError::MasterKeyEncoding { found_chars: 4 })
         ));
+        let mut not_hex = key.to_hex().expose().to_owned();
+        not_hex.replace_range(9..10, "z");
+        let err = MasterKey::parse(&not_hex).unwrap_err();
+        assert!(matches!(err, ConfigError::MasterKeyNotHex { position: 10 }));
+        assert!(!err.to_string().contains(&not_hex[..9]), "{err}");
         assert!(matches!(
             MasterKey::from_bytes(&[0u8; 31]),
             Err(ConfigError::MasterKeyLength { found: 31 })

@@ -314,3 +314,34 @@ fn an_actor_that_could_forge_an_audit_line_is_refused_and_changes_nothing() {
         .unwrap();
     assert_eq!(t.ledger.audit().recent(1).unwrap()[0].actor, email);
 }
+
+#[test]
+fn a_route_change_is_audited_with_the_fields_it_changed() {
+    let t = TestLedger::new();
+    let routes = t.ledger.routes();
+    routes
+        .set(RouteRule::new("/q/").permission("q:read"))
+        .unwrap();
+    routes
+        .set(RouteRule::new("/q/").permission("q:read").price_micros(5))
+        .unwrap();
+    routes
+        .set(RouteRule::new("/q/").price_micros(5).cost(2))
+        .unwrap();
+    let events = t.ledger.audit().recent(3).unwrap();
+    let fields: Vec<Vec<String>> = events.iter().map(|e| e.fields.clone()).collect();
+    assert_eq!(
+        fields,
+        [
+            vec!["permission".to_owned(), "cost".to_owned()],
+            vec!["price_micros".to_owned()],
+            vec![
+                "permission".to_owned(),
+                "entitlement".to_owned(),
+                "cost".to_owned(),
+                "price_micros".to_owned()
+            ],
+        ],
+        "newest first"
+    );
+}

@@ -680,7 +680,10 @@ fn presented_keys_that_are_too_long_or_contain_spaces_are_refused_before_lookup(
     let long = format!("vb_live_{}", "a".repeat(200));
     assert!(matches!(
         Presented::new(&long),
-        Err(HeaderError::Malformed(MalformedKey::WrongLength { .. }))
+        Err(HeaderError::Malformed(MalformedKey::TooLong {
+            max: 128,
+            found: 208
+        }))
     ));
     assert!(matches!(
         Presented::new("vb_live_abc def"),
@@ -739,4 +742,37 @@ fn spend_tiers_that_would_lower_limits_are_refused() {
     }
     // Given in any order, sorted by threshold.
     assert!(build(vec![tier(1_000, 300), tier(100, 100), tier(500, 200)]).is_ok());
+}
+
+#[test]
+fn a_file_damaged_anywhere_gives_check_and_open_a_typed_error_never_a_panic() {
+    // redb reaches an `assert!` or a slice index on some malformed pages rather than
+    // returning an error: 64 flipped bytes at each KiB of a real ledger find such pages.
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    for i in 0..20 {
+        t.key(&owner, &format!("k{i}"));
+    }
+    let (_t_dir, path, config) = t.close();
+    let bytes = std::fs::read(&path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let damaged = dir.path().join("damaged.redb");
+    let (mut refused, mut clean) = (0, 0);
+    for offset in (0..bytes.len()).step_by(1024) {
+        let mut copy = bytes.clone();
+        let end = (offset + 64).min(copy.len());
+        copy[offset..end].iter_mut().for_each(|b| *b ^= 0x5a);
+        std::fs::write(&damaged, &copy).unwrap();
+        let guarded =
+            |f: &dyn Fn() -> bool| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let checked = guarded(&|| Ledger::check(&damaged, config.clone()).is_ok_and(|r| r.is_ok()));
+        match checked.unwrap_or_else(|_| panic!("check panicked, damage at {offset}")) {
+            true => clean += 1,
+            false => refused += 1,
+        }
+        std::fs::write(&damaged, &copy).unwrap();
+        let opened = guarded(&|| Ledger::open(&damaged, config.clone()).is_ok());
+        assert!(opened.is_ok(), "open panicked, damage at {offset}");
+    }
+    assert!(refused > 0 && clean > 0, "{refused} refused, {clean} clean");
 }

@@ -1316,3 +1316,34 @@ fn a_limits_change_keeps_the_spend_tier_reached_by_spend_not_yet_flushed() {
         .unwrap();
     assert_eq!(tier(), 200, "150 spent: the tier from 100 still applies");
 }
+
+#[test]
+fn a_deleted_keys_usage_goes_with_it_and_stays_in_its_accounts() {
+    use redb::{ReadableDatabase, ReadableTableMetadata};
+    const USAGE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("usage");
+    let t = TestLedger::new();
+    t.ledger.routes().set(RouteRule::new("/")).unwrap();
+    let owner = t.account("Acme");
+    let (flushed, p1) = create_key(&t.ledger, NewKey::new(&owner, "flushed").credits(100));
+    let (pending, p2) = create_key(&t.ledger, NewKey::new(&owner, "pending").credits(100));
+    spend(&t.ledger, &p1, "/x", 3, 3).unwrap();
+    t.ledger.flush().unwrap();
+    // One deleted with its usage on disk, one with its usage still in memory.
+    spend(&t.ledger, &p2, "/x", 4, 4).unwrap();
+    t.ledger.keys().delete(&flushed).unwrap();
+    t.ledger.keys().delete(&pending).unwrap();
+    let account = t.ledger.credits().usage(&owner).unwrap();
+    assert_eq!((account.lifetime_spent, account.requests), (7, 2));
+    let (_dir, path, config) = t.close();
+    let db = redb::Database::open(&path).unwrap();
+    let rows = db
+        .begin_read()
+        .unwrap()
+        .open_table(USAGE)
+        .unwrap()
+        .len()
+        .unwrap();
+    assert_eq!(rows, 1, "only the account's usage is left");
+    drop(db);
+    assert!(Ledger::check(&path, config).unwrap().is_ok());
+}

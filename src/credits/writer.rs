@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::public_id::IdCipher;
 use crate::record::{CreditsRecord, UsageRecord};
 use crate::store::Store;
-use crate::store::tables::{CREDITS, USAGE};
+use crate::store::tables::{ACCOUNTS, CREDITS, KEYS, USAGE};
 
 /// How long the writer waits for messages before looking at the clock again.
 pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
@@ -1183,6 +1183,7 @@ fn flush_usage(
         fx.flushed_usage.push((state, spent, requests, last_used));
     }
     let mut table = txn.open_table(USAGE)?;
+    let (keys, accounts) = (txn.open_table(KEYS)?, txn.open_table(ACCOUNTS)?);
     for (id, (spent, requests, last_used)) in deltas {
         let mut usage: UsageRecord = match table.get(id)? {
             Some(bytes) => match codec::decode(bytes.value()) {
@@ -1195,6 +1196,9 @@ fn flush_usage(
                     continue;
                 }
             },
+            // Counts of a key (or account) deleted since they were taken have nowhere to go:
+            // a row written now would outlive its key for good.
+            None if keys.get(id)?.is_none() && accounts.get(id)?.is_none() => continue,
             None => UsageRecord::default(),
         };
         usage.spent = usage.spent.saturating_add(spent);

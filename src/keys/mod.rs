@@ -640,7 +640,8 @@ impl<'a> Keys<'a> {
         })
     }
 
-    /// Deletes a key for good: its hashes, indexes and credits go with it.
+    /// Deletes a key for good: its hashes, indexes, credits and usage go with it (its spend
+    /// stays in its account's usage).
     pub fn delete(&self, id: &str) -> Result<()> {
         let internal = self.internal_id(id)?;
         let txn = self.ledger.inner.store.begin_write()?;
@@ -648,6 +649,7 @@ impl<'a> Keys<'a> {
         self.unindex(&txn, internal, &record)?;
         txn.open_table(KEYS)?.remove(internal)?;
         txn.open_table(CREDITS)?.remove(internal)?;
+        txn.open_table(USAGE)?.remove(internal)?;
         let action = format!("{}.deleted", self.what());
         audit::append(&txn, self.ledger.now(), &self.actor, &action, id, &[])?;
         txn.commit()?;

@@ -52,7 +52,8 @@ impl Store {
     /// Opens or creates the database at `path` and checks that it is a keyledger file of a
     /// known format, opened with the right master key.
     pub(crate) fn open(path: &Path, master: &MasterKey) -> Result<(Store, OpenedMeta)> {
-        Store::init(Database::builder().create(path)?, path, master)
+        let db = unless_redb_panics(|| Database::builder().create(path))??;
+        Store::init(db, path, master)
     }
 
     /// Like [`open`](Self::open), on any redb storage backend (crash-simulating tests,
@@ -61,7 +62,7 @@ impl Store {
         backend: impl redb::StorageBackend,
         master: &MasterKey,
     ) -> Result<(Store, OpenedMeta)> {
-        let db = Database::builder().create_with_backend(backend)?;
+        let db = unless_redb_panics(|| Database::builder().create_with_backend(backend))??;
         Store::init(db, Path::new("<storage backend>"), master)
     }
 
@@ -176,6 +177,23 @@ impl Store {
     pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction> {
         Ok(self.db.begin_read()?)
     }
+}
+
+/// Runs one of redb's whole-file operations (opening a file, which repairs it after a crash;
+/// the integrity check), turning a panic into a typed error. On some malformed pages redb
+/// reaches an `assert!` or a slice index instead of returning `StorageError::Corrupted`
+/// (cberner/redb#1277 and the like), and a corrupt file must get an error, never a crash.
+pub(crate) fn unless_redb_panics<T>(f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Error::Storage(Box::new(redb::Error::Corrupted(format!(
+            "the file is corrupt: redb failed reading it ({what})"
+        ))))
+    })
 }
 
 /// Tables keyed by id whose values are codec records; all created with a new file.

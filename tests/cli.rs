@@ -45,6 +45,10 @@ impl Scratch {
         cmd.env_remove("KEYLEDGER_DB")
             .env_remove("KEYLEDGER_MASTER_KEY")
             .env_remove("KEYLEDGER_MASTER_KEY_FILE")
+            .env_remove("KEYLEDGER_LIVE_PREFIX")
+            .env_remove("KEYLEDGER_TEST_PREFIX")
+            .env_remove("KEYLEDGER_TOKEN_PREFIX")
+            .env_remove("KEYLEDGER_LEGACY_PREFIXES")
             .arg("--db")
             .arg(&self.db);
         cmd
@@ -1101,4 +1105,86 @@ fn an_empty_master_key_variable_is_unset_and_bad_keys_name_their_source() {
     let err = stderr(&out);
     assert!(err.contains(&bad_file.display().to_string()), "{err}");
     assert!(err.contains("64 hex digits") && !err.contains(bad), "{err}");
+}
+
+#[test]
+fn the_cli_uses_the_key_prefixes_its_server_configures() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    let created = s.json(&[
+        "--live-prefix",
+        "acme_live_",
+        "keys",
+        "create",
+        "--owner",
+        &owner,
+        "--name",
+        "k",
+    ]);
+    let key = string(&created["key"]);
+    assert!(key.starts_with("acme_live_"), "{key}");
+    // Without the prefix the CLI does not know the key; with it, it does.
+    assert_eq!(s.run(&["authenticate", &key]).status.code(), Some(3));
+    let mut cmd = s.bare_command();
+    cmd.env("KEYLEDGER_MASTER_KEY", &s.master_key)
+        .env("KEYLEDGER_LIVE_PREFIX", "acme_live_")
+        .args(["authenticate", &key]);
+    assert_success(&cmd.output().unwrap());
+    // A foreign key imported by its hash, under a legacy prefix.
+    let sha = "4f2a".repeat(16);
+    let import = |extra: &[&str]| {
+        let mut args = extra.to_vec();
+        args.extend([
+            "keys",
+            "import",
+            "--owner",
+            &owner,
+            "--name",
+            "old",
+            "--sha256",
+            &sha,
+            "--prefix",
+            "sk_live_4eC3",
+            "--suffix",
+            "p7dc",
+        ]);
+        s.run(&args)
+    };
+    assert_eq!(import(&[]).status.code(), Some(1), "sk_ is no known prefix");
+    assert_success(&import(&["--legacy-prefix", "sk_live_"]));
+}
+
+#[test]
+fn an_empty_database_file_or_a_zero_audit_limit_is_refused() {
+    let s = Scratch::new();
+    std::fs::write(&s.db, b"").unwrap();
+    let out = s.run(&["accounts", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("is empty"), "{}", stderr(&out));
+    assert_eq!(std::fs::metadata(&s.db).unwrap().len(), 0, "left as it was");
+    let s = Scratch::initialised();
+    assert_eq!(s.run(&["audit", "--limit", "0"]).status.code(), Some(2));
+}
+
+#[test]
+fn a_key_with_an_allowlist_verified_without_an_ip_says_so() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    let v = s.json(&[
+        "keys",
+        "create",
+        "--owner",
+        &owner,
+        "--name",
+        "k",
+        "--ip",
+        "10.0.0.0/8",
+    ]);
+    let key = string(&v["key"]);
+    let out = s.run(&["verify", &key, "--route", "/x"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stdout(&out).contains("ip_not_allowed"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("no --ip given"), "{}", stdout(&out));
+    let out = s.run(&["verify", &key, "--route", "/x", "--ip", "10.1.2.3"]);
+    assert_success(&out);
 }

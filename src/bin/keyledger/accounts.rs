@@ -28,10 +28,11 @@ pub fn run(ctx: &Context, command: AccountsCommand) -> CliResult<u8> {
             name,
             status,
             entitlements,
+            no_entitlements,
         } => {
-            if name.is_none() && status.is_none() && entitlements.is_empty() {
+            if name.is_none() && status.is_none() && entitlements.is_empty() && !no_entitlements {
                 return Err(CliError::usage(
-                    "nothing to update: give --name, --status or --entitlement",
+                    "nothing to update: give --name, --status, --entitlement or --no-entitlements",
                 ));
             }
             let mut update = AccountUpdate::new();
@@ -41,7 +42,7 @@ pub fn run(ctx: &Context, command: AccountsCommand) -> CliResult<u8> {
             if let Some(status) = status {
                 update = update.status(status);
             }
-            if !entitlements.is_empty() {
+            if !entitlements.is_empty() || no_entitlements {
                 update = update.entitlements(entitlements);
             }
             accounts.update(&id, update)?

@@ -28,9 +28,37 @@ pub struct Cli {
     #[arg(long, global = true, env = "KEYLEDGER_MASTER_KEY_FILE")]
     pub key_file: Option<PathBuf>,
 
+    /// Key prefixes, for a database whose server configures its own.
+    #[command(flatten)]
+    pub prefixes: Prefixes,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The key prefixes the server sharing the database configures, so that the CLI mints and
+/// recognizes the same keys (they are configuration, not stored in the file).
+#[derive(Debug, Args)]
+pub struct Prefixes {
+    /// Prefix of live API keys (default `vb_live_`).
+    #[arg(long, global = true, env = "KEYLEDGER_LIVE_PREFIX")]
+    pub live_prefix: Option<String>,
+    /// Prefix of test API keys (default `vb_test_`).
+    #[arg(long, global = true, env = "KEYLEDGER_TEST_PREFIX")]
+    pub test_prefix: Option<String>,
+    /// Prefix of internal tokens (default `vb_tok_`).
+    #[arg(long, global = true, env = "KEYLEDGER_TOKEN_PREFIX")]
+    pub token_prefix: Option<String>,
+    /// Prefix of keys imported from another system (repeatable; comma-separated in
+    /// `KEYLEDGER_LEGACY_PREFIXES`).
+    #[arg(
+        long = "legacy-prefix",
+        global = true,
+        env = "KEYLEDGER_LEGACY_PREFIXES",
+        value_delimiter = ','
+    )]
+    pub legacy_prefixes: Vec<String>,
 }
 
 /// The top-level commands.
@@ -52,8 +80,8 @@ pub enum Command {
     Routes(RoutesCommand),
     /// Show recent audit events, newest first.
     Audit {
-        /// How many events.
-        #[arg(long, default_value_t = 20)]
+        /// How many events (1–1,000).
+        #[arg(long, default_value_t = 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
         limit: usize,
     },
     /// Identify a key: format, look-up, disabled and expiry checks. Exit 3 on denial.
@@ -259,8 +287,11 @@ pub enum AccountsCommand {
         #[arg(long, value_parser = parse_status)]
         status: Option<SubscriptionStatus>,
         /// Replaces the entitlements (repeatable).
-        #[arg(long = "entitlement")]
+        #[arg(long = "entitlement", conflicts_with = "no_entitlements")]
         entitlements: Vec<String>,
+        /// Remove every entitlement (routes that require one refuse the account's keys).
+        #[arg(long)]
+        no_entitlements: bool,
     },
 }
 

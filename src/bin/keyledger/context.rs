@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use keyledger::{Config, ConfigError, ENV_MASTER_KEY, Ledger, MasterKey};
 use zeroize::Zeroizing;
 
+use crate::cli::Prefixes;
 use crate::output::print_json;
 use crate::{CliError, CliResult};
 
@@ -18,6 +19,8 @@ pub struct Context {
     pub key_file: Option<PathBuf>,
     /// JSON output.
     pub json: bool,
+    /// Key prefixes (`None`: the defaults).
+    pub prefixes: Prefixes,
 }
 
 /// Where a master key was found.
@@ -52,7 +55,9 @@ impl Context {
         };
         let key = MasterKey::from_file(&path).map_err(|e| match e {
             // The others name the file already.
-            ConfigError::MasterKeyEncoding { .. } | ConfigError::MasterKeyLength { .. } => {
+            ConfigError::MasterKeyEncoding { .. }
+            | ConfigError::MasterKeyNotHex { .. }
+            | ConfigError::MasterKeyLength { .. } => {
                 CliError::new(format!("key file {}: {e}", path.display()))
             }
             e => e.into(),
@@ -63,19 +68,51 @@ impl Context {
     /// The config for this database.
     pub fn config(&self) -> CliResult<Config> {
         let (key, _) = self.master_key()?;
-        Ok(Config::builder().master_key(key).build()?)
+        let p = &self.prefixes;
+        let mut builder = Config::builder().master_key(key);
+        if let Some(prefix) = &p.live_prefix {
+            builder = builder.live_prefix(prefix);
+        }
+        if let Some(prefix) = &p.test_prefix {
+            builder = builder.test_prefix(prefix);
+        }
+        if let Some(prefix) = &p.token_prefix {
+            builder = builder.token_prefix(prefix);
+        }
+        for prefix in &p.legacy_prefixes {
+            builder = builder.legacy_prefix(prefix);
+        }
+        Ok(builder.build()?)
     }
 
     /// Opens the existing database; refuses to create one implicitly.
     pub fn open(&self) -> CliResult<Ledger> {
         self.require_db()?;
-        Ok(Ledger::open(&self.db, self.config()?)?)
+        Ledger::open(&self.db, self.config()?).map_err(|e| match e {
+            keyledger::Error::Storage(ref inner)
+                if matches!(**inner, redb::Error::DatabaseAlreadyOpen) =>
+            {
+                CliError::new(format!(
+                    "{e}: another process (your server?) has {} open; stop it, or manage keys \
+                     through the server",
+                    self.db.display()
+                ))
+            }
+            e => e.into(),
+        })
     }
 
-    /// Fails unless the database file exists.
+    /// Fails unless the database file exists and is not empty (an empty file, say from a
+    /// failed copy, would otherwise become a new ledger that looks healthy).
     pub fn require_db(&self) -> CliResult<()> {
-        if self.db.exists() {
+        if std::fs::metadata(&self.db).is_ok_and(|m| m.len() > 0) {
             return Ok(());
+        }
+        if self.db.exists() {
+            return Err(CliError::new(format!(
+                "{} is empty: not a database (restore it, or remove it and run `keyledger init`)",
+                self.db.display()
+            )));
         }
         Err(CliError::new(format!(
             "no database at {}: run `keyledger init` first, or pass --db / set KEYLEDGER_DB",

@@ -83,12 +83,43 @@ fn main() -> ExitCode {
         db: cli.db,
         key_file: cli.key_file,
         json: cli.json,
+        prefixes: cli.prefixes,
     };
-    match run(&ctx, cli.command) {
-        Ok(code) => ExitCode::from(code),
-        Err(e) => {
+    // A panic (a bug here, or redb on a corrupt page the library does not guard) ends the
+    // command with one line and exit 1, not a backtrace. The hook only keeps the message: a
+    // panic the library catches and turns into an error must print nothing.
+    static PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!(" at {l}"))
+            .unwrap_or_default();
+        if std::thread::current().name() != Some("main") {
+            eprintln!("error: internal error in a background thread ({what}{at})");
+        }
+        *PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{what}{at}"));
+    }));
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&ctx, cli.command)));
+    match ran {
+        Ok(Ok(code)) => ExitCode::from(code),
+        Ok(Err(e)) => {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code)
+        }
+        Err(_) => {
+            let what = PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
+            eprintln!(
+                "error: internal error ({}); if the database file is damaged, `keyledger check` \
+                 says so",
+                what.unwrap_or_default()
+            );
+            ExitCode::from(1)
         }
     }
 }

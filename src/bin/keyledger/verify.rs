@@ -119,6 +119,13 @@ pub fn verify(ctx: &Context, args: &VerifyArgs) -> CliResult<u8> {
                 "the store could not be read or written (unavailable); nothing was charged",
             ));
         }
+        Err(denial @ Denial::IpNotAllowed) if args.ip.is_none() => {
+            let code = denied(ctx, &denial)?;
+            if !ctx.json {
+                println!("  (no --ip given: this key has an IP allowlist)");
+            }
+            return Ok(code);
+        }
         Err(denial) => return denied(ctx, &denial),
         Ok(grant) => {
             let view = GrantView::of(&grant);

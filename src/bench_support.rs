@@ -65,6 +65,10 @@ pub struct Options {
     /// Create keys one by one through `keys().create` (one transaction each) instead of
     /// [`bulk_insert`].
     pub via_api: bool,
+    /// How often usage is flushed in the background (`None`: the default, 30 s). A test that
+    /// counts the commits of one explicit flush sets it long, so that a background round on a
+    /// slow machine cannot take part of the work first.
+    pub usage_flush_interval: Option<std::time::Duration>,
 }
 
 impl Options {
@@ -75,6 +79,7 @@ impl Options {
             cache_capacity: None,
             durability: Durability::Leased,
             via_api: false,
+            usage_flush_interval: None,
         }
     }
 }
@@ -154,6 +159,7 @@ impl Workload {
             cache_capacity,
             durability,
             via_api: false,
+            usage_flush_interval: None,
         };
         let ledger = Ledger::open(&path, config(&master, &options)?)?;
         Ok(Workload {
@@ -323,6 +329,9 @@ fn config(master: &MasterKey, options: &Options) -> Result<Config> {
         .durability(options.durability);
     if let Some(capacity) = options.cache_capacity {
         builder = builder.cache_capacity(capacity);
+    }
+    if let Some(every) = options.usage_flush_interval {
+        builder = builder.usage_flush_interval(every);
     }
     Ok(builder.build()?)
 }

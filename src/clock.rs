@@ -34,6 +34,14 @@ impl fmt::Debug for Timestamp {
 pub trait Clock: Send + Sync + 'static {
     /// The current time.
     fn now(&self) -> Timestamp;
+
+    /// Nanoseconds on a clock that never goes back, from any fixed start. Rate limits measure
+    /// their windows on it, so that a wall clock stepped back (NTP, a resumed VM) does not
+    /// hold every recently used key back by the step. The default is [`now`](Self::now) in
+    /// nanoseconds, right for a clock that never goes back itself.
+    fn monotonic_ns(&self) -> u64 {
+        self.now().0.saturating_mul(1_000_000)
+    }
 }
 
 /// The operating system's wall clock at full resolution.
@@ -46,6 +54,12 @@ impl Clock for SystemClock {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         Timestamp(since.as_millis() as u64)
+    }
+
+    fn monotonic_ns(&self) -> u64 {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let start = START.get_or_init(std::time::Instant::now);
+        u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 }
 
@@ -77,38 +91,101 @@ impl Clock for CoarseClock {
     fn now(&self) -> Timestamp {
         SystemClock.now()
     }
+
+    /// `CLOCK_MONOTONIC_COARSE`: a plain read, like [`now`](Clock::now).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn monotonic_ns(&self) -> u64 {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+        (t.tv_sec.max(0) as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(t.tv_nsec.max(0) as u64)
+    }
+
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    fn monotonic_ns(&self) -> u64 {
+        SystemClock.monotonic_ns()
+    }
 }
 
-/// A clock that moves only when told to. Clones share the same time.
+/// A clock that moves only when told to. Clones share the same time. Like a real system's,
+/// its monotonic clock moves with every step forward and stays put when the wall clock is
+/// [`set`](Self::set) back.
 #[derive(Debug, Clone, Default)]
-pub struct ManualClock(Arc<AtomicU64>);
+pub struct ManualClock(Arc<ManualTimes>);
+
+#[derive(Debug, Default)]
+struct ManualTimes {
+    /// The wall clock, ms; changed only under `steps`.
+    wall: AtomicU64,
+    /// The monotonic clock, ms.
+    monotonic: AtomicU64,
+    steps: parking_lot::Mutex<()>,
+}
 
 impl ManualClock {
     /// A clock set to `start`.
     pub fn new(start: Timestamp) -> Self {
-        ManualClock(Arc::new(AtomicU64::new(start.0)))
+        let clock = ManualClock::default();
+        clock.0.wall.store(start.0, Ordering::SeqCst);
+        clock.0.monotonic.store(start.0, Ordering::SeqCst);
+        clock
     }
 
     /// Moves the clock forward by `secs` seconds.
     pub fn advance_secs(&self, secs: u64) {
-        self.0.fetch_add(secs * 1000, Ordering::SeqCst);
+        self.set(Timestamp(
+            self.now().0.saturating_add(secs.saturating_mul(1000)),
+        ));
     }
 
-    /// Sets the clock to `to`.
+    /// Sets the wall clock to `to`; the monotonic clock moves forward as much, or not at all.
     pub fn set(&self, to: Timestamp) {
-        self.0.store(to.0, Ordering::SeqCst);
+        let _step = self.0.steps.lock();
+        let from = self.0.wall.swap(to.0, Ordering::SeqCst);
+        self.0
+            .monotonic
+            .fetch_add(to.0.saturating_sub(from), Ordering::SeqCst);
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> Timestamp {
-        Timestamp(self.0.load(Ordering::SeqCst))
+        Timestamp(self.0.wall.load(Ordering::SeqCst))
+    }
+
+    fn monotonic_ns(&self) -> u64 {
+        self.0
+            .monotonic
+            .load(Ordering::SeqCst)
+            .saturating_mul(1_000_000)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_manual_clocks_monotonic_time_moves_forward_only() {
+        let clock = ManualClock::new(Timestamp(10_000));
+        let at = |ms: u64| ms * 1_000_000;
+        assert_eq!(clock.monotonic_ns(), at(10_000));
+        clock.advance_secs(2);
+        assert_eq!(clock.monotonic_ns(), at(12_000));
+        clock.set(Timestamp(5_000));
+        assert_eq!(clock.now(), Timestamp(5_000));
+        assert_eq!(
+            clock.monotonic_ns(),
+            at(12_000),
+            "a step back does not move it"
+        );
+        clock.set(Timestamp(5_500));
+        assert_eq!(clock.monotonic_ns(), at(12_500), "steps forward do");
+        let a = CoarseClock.monotonic_ns();
+        assert!(CoarseClock.monotonic_ns() >= a);
+        let b = SystemClock.monotonic_ns();
+        assert!(SystemClock.monotonic_ns() >= b);
+    }
 
     /// The default clock is the wall clock, a tick behind at most (a tick is ≤ 10 ms on any
     /// kernel this runs on; the bound leaves room for a descheduled test thread).

@@ -174,6 +174,11 @@ impl Ledger {
         self.inner.clock.now()
     }
 
+    /// The clock rate limits run on (never goes back).
+    pub(crate) fn monotonic_ns(&self) -> u64 {
+        self.inner.clock.monotonic_ns()
+    }
+
     pub(crate) fn hasher(&self) -> Arc<KeyHasher> {
         self.inner.engine.hasher()
     }

@@ -13,8 +13,8 @@ use crate::record::rules::MAX_RATE_LIMITS;
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 const NANOS_PER_MILLI: u64 = 1_000_000;
 
-/// The longest rate window, 100 years: "so many, ever" fits, and arrival times (ns since the
-/// epoch) keep centuries of headroom below `u64::MAX`. A window near that bound would let
+/// The longest rate window, 100 years: "so many, ever" fits, and arrival times (ns, on a
+/// scale no later than the Unix epoch's) keep centuries of headroom below `u64::MAX`. A window near that bound would let
 /// them saturate, and a saturated arrival time admits everything.
 pub(crate) const MAX_WINDOW_SECS: u64 = 100 * 365 * 86_400 + 25 * 86_400;
 
@@ -24,7 +24,7 @@ pub(crate) struct Gcra {
     /// Requests (or tokens) per window, before the tier multiplier.
     limit: u64,
     window_ns: u64,
-    /// Theoretical arrival time, ns since the Unix epoch.
+    /// Theoretical arrival time, ns on the clock's monotonic scale (`Clock::monotonic_ns`).
     tat: AtomicU64,
 }
 

@@ -293,7 +293,7 @@ fn check<'l>(
     let admission = match &key.limits {
         Some(limits) => {
             let tier_pct = key.tier_pct(&ledger.inner.engine.tiers);
-            match limits.acquire(now_ms.saturating_mul(1_000_000), cost, tier_pct) {
+            match limits.acquire(ledger.monotonic_ns(), cost, tier_pct) {
                 Ok(admission) => Some(admission),
                 Err(retry_after) => return Denied(Denial::RateLimited { retry_after }),
             }
@@ -345,8 +345,7 @@ impl Grant<'_> {
     /// Gives back the rate-limit slots of a request refused after the rate check.
     fn release_rate(&self) {
         if let (Some(admission), Some(limits)) = (&self.admission, &self.key.limits) {
-            let now_ns = self.ledger.now().0.saturating_mul(1_000_000);
-            limits.release(now_ns, admission, self.reserved);
+            limits.release(self.ledger.monotonic_ns(), admission, self.reserved);
         }
     }
 
@@ -382,7 +381,7 @@ impl Grant<'_> {
     /// Rate-limit state now.
     pub fn rate_limit(&self) -> RateState {
         let tier = self.key.tier_pct(&self.ledger.inner.engine.tiers);
-        let now_ns = self.ledger.now().0.saturating_mul(1_000_000);
+        let now_ns = self.ledger.monotonic_ns();
         let (requests_remaining, tokens_remaining) = match &self.key.limits {
             Some(limits) => limits.remaining(now_ns, tier),
             None => (None, None),
@@ -429,8 +428,7 @@ impl Grant<'_> {
         };
         if actual != reserved {
             if let (Some(admission), Some(limits)) = (&self.admission, &self.key.limits) {
-                let now_ns = self.ledger.now().0.saturating_mul(1_000_000);
-                limits.settle_tokens(now_ns, admission, reserved, actual);
+                limits.settle_tokens(self.ledger.monotonic_ns(), admission, reserved, actual);
             }
         }
         if self.key.record_spend(charged, &engine.tiers) {

@@ -1117,7 +1117,11 @@ fn a_flush_covers_every_lease_top_up_asked_for_before_it() {
 fn a_flush_writes_every_key_in_use_before_it_returns() {
     use keyledger::bench_support::{Options, Workload};
     const KEYS: usize = 10_000;
-    let work = Workload::build(&Options::new(KEYS), &mut |_| {}).expect("workload");
+    let options = Options {
+        usage_flush_interval: Some(std::time::Duration::from_secs(3_600)),
+        ..Options::new(KEYS)
+    };
+    let work = Workload::build(&options, &mut |_| {}).expect("workload");
     for i in 0..KEYS {
         assert!(work.verify_commit(i), "key {i} granted");
     }

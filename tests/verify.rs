@@ -777,3 +777,24 @@ fn waiting_exactly_the_retry_after_given_is_enough() {
     t.clock.set(Timestamp(t.now().0 + wait.as_millis() as u64));
     assert!(t.ledger.verify(&Request::new(&key, "/x")).is_ok());
 }
+
+#[test]
+fn a_wall_clock_stepped_back_does_not_hold_rate_limited_keys_back() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (_, plain) = create_key(
+        &t.ledger,
+        NewKey::new(&owner, "k").rate_limit("per-second", 2, 1),
+    );
+    let key = presented(&plain);
+    assert!(t.ledger.verify(&Request::new(&key, "/x")).is_ok());
+    // An NTP step or a resumed VM sets the wall clock an hour back: the key has sent one
+    // request of two a second, and may send its second.
+    t.clock.set(Timestamp(t.now().0 - 3_600_000));
+    assert!(t.ledger.verify(&Request::new(&key, "/x")).is_ok());
+    // The limit still holds, and its window is measured in time that really passed.
+    let refused = t.ledger.verify(&Request::new(&key, "/x")).unwrap_err();
+    assert_eq!(refused.retry_after(), Some(Duration::from_millis(500)));
+    t.clock.set(Timestamp(t.now().0 + 500));
+    assert!(t.ledger.verify(&Request::new(&key, "/x")).is_ok());
+}

@@ -761,9 +761,23 @@ fn a_top_up_of_something_without_a_balance_says_why() {
     let t = TestLedger::new();
     let (pool, pooled, _) = pooled_key(&t);
     let (unmetered, _) = create_key(&t.ledger, NewKey::new(&pool.owner, "free"));
+    let token = t
+        .ledger
+        .tokens()
+        .create(NewKey::token(&pool.owner, "svc", "t"))
+        .unwrap()
+        .info
+        .id;
     for (id, says) in [
-        (pooled.as_str(), "spends from a pool"),
-        (unmetered.as_str(), "unmetered"),
+        (pooled.as_str(), "this key spends from a pool"),
+        (
+            unmetered.as_str(),
+            "this key is unmetered: give it credits with a key update",
+        ),
+        (
+            token.as_str(),
+            "this token is unmetered: give it credits with a token update",
+        ),
         (pool.owner.as_str(), "account holds no balance"),
     ] {
         for err in [

@@ -300,11 +300,17 @@ impl Credits<'_> {
         Ok(match key {
             Some(k) if k.pool.is_some() => Error::invalid(
                 "id",
-                "this key spends from a pool: top up or set the pool instead",
+                format!(
+                    "this {} spends from a pool: top up or set the pool instead",
+                    kind.noun()
+                ),
             ),
             Some(_) => Error::invalid(
                 "id",
-                "this key is unmetered: give it credits with a key update first",
+                format!(
+                    "this {0} is unmetered: give it credits with a {0} update first",
+                    kind.noun()
+                ),
             ),
             None => not_found,
         })

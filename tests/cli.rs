@@ -1188,3 +1188,30 @@ fn a_key_with_an_allowlist_verified_without_an_ip_says_so() {
     let out = s.run(&["verify", &key, "--route", "/x", "--ip", "10.1.2.3"]);
     assert_success(&out);
 }
+
+#[test]
+fn an_empty_environment_variable_counts_as_unset() {
+    let s = Scratch::initialised();
+    for var in [
+        "KEYLEDGER_MASTER_KEY_FILE",
+        "KEYLEDGER_LIVE_PREFIX",
+        "KEYLEDGER_LEGACY_PREFIXES",
+    ] {
+        let mut cmd = s.bare_command();
+        cmd.env("KEYLEDGER_MASTER_KEY", &s.master_key)
+            .env(var, "")
+            .args(["accounts", "list"]);
+        let out = cmd.output().unwrap();
+        assert_success(&out);
+    }
+    // With `--db` left out, an empty KEYLEDGER_DB falls back to ./keyledger.redb.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyledger"));
+    let dir = s.db.parent().unwrap();
+    std::fs::rename(&s.db, dir.join("keyledger.redb")).unwrap();
+    cmd.current_dir(dir)
+        .env_remove("KEYLEDGER_MASTER_KEY_FILE")
+        .env("KEYLEDGER_MASTER_KEY", &s.master_key)
+        .env("KEYLEDGER_DB", "")
+        .args(["accounts", "list"]);
+    assert_success(&cmd.output().unwrap());
+}

@@ -18,7 +18,7 @@ mod verify;
 use std::fmt;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use cli::{Cli, Command};
 use context::Context;
@@ -78,7 +78,7 @@ cli_error_from!(
 pub type CliResult<T> = Result<T, CliError>;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse();
     let ctx = Context {
         db: cli.db,
         key_file: cli.key_file,
@@ -122,6 +122,26 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Parses the command line. An environment variable set but empty (`KEYLEDGER_DB=`, a
+/// common way to leave one out) counts as unset, as `KEYLEDGER_MASTER_KEY` does, instead of
+/// failing as a flag given without a value.
+fn parse() -> Cli {
+    let mut cmd = Cli::command();
+    let empty: Vec<clap::Id> = cmd
+        .get_arguments()
+        .filter(|arg| {
+            arg.get_env()
+                .and_then(std::env::var_os)
+                .is_some_and(|value| value.is_empty())
+        })
+        .map(|arg| arg.get_id().clone())
+        .collect();
+    for id in empty {
+        cmd = cmd.mut_arg(id, |arg| arg.env(None::<&str>));
+    }
+    Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
 }
 
 /// Dispatches a command; returns the exit code.

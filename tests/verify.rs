@@ -678,6 +678,37 @@ fn many_route_rules_still_resolve_by_longest_prefix() {
 }
 
 #[test]
+fn many_route_rules_still_check_entitlements() {
+    // The same past 64 rules, for entitlements: the account holds two of 80.
+    let t = TestLedger::new();
+    let owner = t
+        .ledger
+        .accounts()
+        .create(NewAccount::new("Acme").entitlements(["feat7", "feat70"]))
+        .unwrap()
+        .id;
+    let (_, plain) = cached_key(&t, NewKey::new(&owner, "k"));
+    for i in 0..80 {
+        t.ledger
+            .routes()
+            .set(RouteRule::new(format!("/feat/{i:03}/")).entitlement(format!("feat{i}")))
+            .unwrap();
+    }
+    for i in 0..80 {
+        let expected = if i == 7 || i == 70 {
+            "ok"
+        } else {
+            "not_entitled"
+        };
+        assert_eq!(
+            verify_code(&t.ledger, &plain, &format!("/feat/{i:03}/x")),
+            expected,
+            "rule {i}"
+        );
+    }
+}
+
+#[test]
 fn an_unrelated_admin_change_does_not_reset_rate_limits() {
     let t = TestLedger::new();
     let owner = t.account("Acme");

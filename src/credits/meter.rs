@@ -399,16 +399,23 @@ mod tests {
 
     #[test]
     fn take_never_goes_below_zero_under_contention() {
+        // Started together and long enough to overlap: without the barrier the threads ran
+        // mostly one after another, and a take by load and store passed 83 times in 100.
+        const UNITS: usize = 400_000;
         let meter = Arc::new(Meter::new(1, None, crate::public_id::IdKind::Key, false));
-        meter.give_back(10_000);
+        meter.give_back(UNITS as u64);
+        let start = Arc::new(std::sync::Barrier::new(4));
         let handles: Vec<_> = (0..4)
             .map(|_| {
-                let m = meter.clone();
-                std::thread::spawn(move || (0..5_000).filter(|_| m.try_take(1).is_some()).count())
+                let (m, start) = (meter.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    (0..UNITS / 2).filter(|_| m.try_take(1).is_some()).count()
+                })
             })
             .collect();
         let taken: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
-        assert_eq!(taken, 10_000);
+        assert_eq!(taken, UNITS);
         assert_eq!(meter.lease.load(Ordering::SeqCst), 0);
     }
 

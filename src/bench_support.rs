@@ -11,7 +11,7 @@
 //!
 //! Keys are written by [`bulk_insert`]: the same records, indexes and audit events as
 //! `keys().create`, in one write transaction per [`BULK_CHUNK`] keys instead of one
-//! transaction (one fsync) per key.
+//! transaction (one durable commit) per key.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -268,7 +268,7 @@ impl Workload {
 
     /// Gives every cached key a credit lease through the writer's prefetch path (the message
     /// the hot path itself sends when a lease runs low), then waits for the writer. The
-    /// writer folds up to 8,192 lease requests into one transaction (one fsync). Returns the
+    /// writer folds up to 8,192 lease requests into one transaction (one durable commit). Returns the
     /// writer commits this took.
     pub fn prime_leases(&self) -> Result<u64> {
         let before = self.ledger.stats().writer_commits;
@@ -336,7 +336,7 @@ fn config(master: &MasterKey, options: &Options) -> Result<Config> {
     Ok(builder.build()?)
 }
 
-/// Creates `n` keys through the public API: one write transaction (one fsync) per key.
+/// Creates `n` keys through the public API: one write transaction (one durable commit) per key.
 fn create_via_api(
     ledger: &Ledger,
     n: usize,

@@ -202,7 +202,7 @@ impl Ledger {
         self.inner.engine.events.clone()
     }
 
-    /// Engine counters: writer commits (each one fsync), cached entries, units found leased
+    /// Engine counters: writer commits (each one durable commit), cached entries, units found leased
     /// at open (lost to a crash before it), requests that waited for a lease.
     pub fn stats(&self) -> crate::Stats {
         crate::Stats {

@@ -83,7 +83,8 @@ pub use verify::{Grant, Pricing, RateState, Receipt, Request, TokenStats};
 /// Engine counters, from [`Ledger::stats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Stats {
-    /// Write transactions the writer thread committed (each is one fsync).
+    /// Write transactions the writer thread committed: each one durable commit (redb's
+    /// two-phase commit syncs the file twice for it).
     pub writer_commits: u64,
     /// Entries in the verification cache (keys and remembered misses).
     pub cached_entries: u64,
@@ -95,7 +96,7 @@ pub struct Stats {
     /// in `lost_to_crash`.
     pub lost_to_crash_at_open: u64,
     /// Verifies that found their key's lease short and waited for the writer to lease more
-    /// (one commit, one fsync), by how long they waited.
+    /// (one writer commit), by how long they waited.
     pub lease_waits: LeaseWaits,
     /// The most bytes the credit writer's lists of keys and meters in use have held at once
     /// since open (their capacities): a key used since the writer's last flush round stays

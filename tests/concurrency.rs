@@ -293,7 +293,7 @@ fn lease_requests_from_many_keys_are_group_committed() {
     assert!(commits >= 1);
     assert!(
         commits * 3 <= KEYS as u64,
-        "{commits} commits for {KEYS} keys' leases: expected batches, not one fsync per key"
+        "{commits} commits for {KEYS} keys' leases: expected batches, not one commit per key"
     );
     t.ledger.flush().unwrap();
     let t = t.close_and_reopen();

@@ -1,6 +1,6 @@
 //! The writer thread: the one owner of hot-path writes. It batches every pending lease,
 //! shortfall, balance change, spend flush and usage flush into one write transaction,
-//! committed with `Durability::Immediate` (group commit: one fsync per batch, not per key),
+//! committed with `Durability::Immediate` (group commit: one durable commit per batch, not per key),
 //! and only then makes leased units spendable in memory.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -42,7 +42,7 @@ const FLUSH_CHUNK: usize = 4_096;
 const MAX_BATCH: usize = 8_192;
 /// Prefetches (lease top-ups nobody waits for: asked for while half the lease is left)
 /// gather this long after the first one rings the writer's bell before they commit, so that
-/// many keys' renewals share one transaction, one fsync and the B-tree pages they have in
+/// many keys' renewals share one transaction, one durable commit and the B-tree pages they have in
 /// common. Any other message ends the wait at once.
 const PREFETCH_GATHER: Duration = Duration::from_millis(100);
 
@@ -138,7 +138,7 @@ pub(crate) struct Shared {
     /// Background lease top-ups waiting for the writer.
     pub prefetches: Prefetches,
     pub events: Sender<CreditEvent>,
-    /// Write transactions committed by the writer (each is one fsync).
+    /// Write transactions committed by the writer (each one durable commit).
     pub commits: AtomicU64,
     /// The most bytes the writer's lists of meters and keys in use have held at once (their
     /// capacities, a batch's working lists included), for memory accounting: they grow with

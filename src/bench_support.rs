@@ -239,6 +239,20 @@ impl Workload {
         granted
     }
 
+    /// Asks every cached key's grant for its public ids, as a server that names the caller
+    /// does: each key keeps its sealed id from then on (its account's is shared). Returns how
+    /// many were asked.
+    pub fn ask_public_ids(&self) -> usize {
+        let mut asked = 0;
+        for i in 0..self.keys.len() {
+            if let Ok(grant) = self.ledger.verify(&self.request(i).cost(0)) {
+                std::hint::black_box((grant.key_id(), grant.owner_id()));
+                asked += 1;
+            }
+        }
+        asked
+    }
+
     /// Times `count` cache misses on an empty cache: peeks of the first `count` keys in
     /// [`warm`](Self::warm)'s order, each one redb look-up and then cached. Returns their
     /// latencies in ns, in the order taken.

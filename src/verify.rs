@@ -351,16 +351,12 @@ impl Grant<'_> {
 
     /// The key's public id.
     pub fn key_id(&self) -> PublicId {
-        self.public_ids().0.clone()
+        self.key.public_id(&self.ledger.inner.ids)
     }
 
     /// The owning account's public id.
     pub fn owner_id(&self) -> PublicId {
-        self.public_ids().1.clone()
-    }
-
-    fn public_ids(&self) -> Arc<(PublicId, PublicId)> {
-        self.key.public_ids(&self.ledger.inner.ids)
+        self.key.account.public_id(&self.ledger.inner.ids)
     }
 
     /// The key's granted scopes, as they were when the request was verified.

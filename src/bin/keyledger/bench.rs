@@ -102,6 +102,9 @@ struct Report {
     writer_list_bytes_per_cached_key: f64,
     /// The two above: what a cached key costs in all while every cached key is in use.
     total_bytes_per_cached_key: f64,
+    /// What asking every key's grant for its public ids adds (each key keeps its sealed id;
+    /// an account's is shared by its keys), per cached key.
+    public_id_bytes_per_cached_key: f64,
     /// Bytes requested per cached key (no malloc rounding).
     requested_bytes_per_cached_key: f64,
     /// The cache tables' share (they grow as the cache fills: included in the two above).
@@ -197,6 +200,8 @@ pub fn run(json: bool, args: BenchArgs) -> CliResult<u8> {
     let cached_keys = work.ledger.stats().cached_entries;
     bar.finish_and_clear();
     phases.fill_cache = t.elapsed().as_secs_f64();
+    // What a server that names its callers (`Grant::key_id`, `owner_id`) adds on top.
+    let (_, ids_heap) = counted(|| work.ask_public_ids());
     if cached < keys {
         return Err(crate::CliError::new(format!(
             "only {cached} of {keys} keys verified while filling the cache"
@@ -270,6 +275,7 @@ pub fn run(json: bool, args: BenchArgs) -> CliResult<u8> {
         bytes_per_cached_key: per_key(heap.footprint),
         writer_list_bytes_per_cached_key: per_key(writer_list_bytes),
         total_bytes_per_cached_key: per_key(heap.footprint + writer_list_bytes),
+        public_id_bytes_per_cached_key: per_key(ids_heap.footprint),
         requested_bytes_per_cached_key: per_key(heap.requested),
         table_bytes_per_cached_key: per_key(table_bytes),
         allocations_per_cached_key: per_key(heap.allocations),
@@ -324,6 +330,11 @@ fn print_text(r: &Report) {
         r.rss_bytes_per_cached_key,
         r.writer_list_bytes_per_cached_key,
         r.total_bytes_per_cached_key
+    );
+    println!(
+        "                    asking every grant for its public ids adds {:.0} more: {:.0}",
+        r.public_id_bytes_per_cached_key,
+        r.total_bytes_per_cached_key + r.public_id_bytes_per_cached_key
     );
     println!(
         "  cache             {} of {} keys cached after filling, {} after the run",

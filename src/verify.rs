@@ -193,7 +193,10 @@ impl Ledger {
                     grant.note_use(now);
                     return Ok(grant);
                 }
-                if empty {
+                // Read again: the writer clears the mark before it takes a lease back (see
+                // `reclaim`), so a take that failed on a lease taken back meanwhile asks the
+                // writer instead of refusing.
+                if empty && meter.empty_at(now) {
                     denial = Denial::UsageExceeded;
                     break;
                 }

@@ -986,6 +986,11 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result
     // Leases granted earlier in this batch reach memory only after the commit: take them
     // back here too, or they would land on top of what this batch decides.
     let pending = cancel_pending_leases(fx, meter);
+    // The lease goes back to the balance now, but the meter learns the balance is not empty
+    // only after the commit: until then a request finding the lease gone would take the old
+    // mark for the truth and refuse with credits left. Cleared first, so that a request that
+    // sees the lease gone sees the mark gone too (and asks the writer, which knows).
+    meter.set_empty_until(0);
     let lease = meter.lease.swap(0, Ordering::AcqRel);
     let spent = meter.spent.swap(0, Ordering::AcqRel);
     if let Some(r) = work.get(meter.id)? {

@@ -8,8 +8,8 @@
 //! - `threads/{disjoint,hot}/{1,2}`: aggregate time per op with 1 and 2 threads, on disjoint
 //!   halves of the key set and on one hot key (whose units are then checked: none lost or
 //!   double-counted).
-//! - `refill/N`: the writer leasing more credits to N keys at once (one transaction, one durable commit
-//!   per batch; the commits per batch are printed).
+//! - `refill/N`: the writer leasing more credits to N keys at once (one transaction, one
+//!   durable commit per batch; the commits per batch are printed).
 //! - `miss/peek`: verify (cost 0) with a 1,024-entry cache over the whole key set, so nearly
 //!   every call is a miss: one redb look-up, then the entry is cached (evicting another).
 //!

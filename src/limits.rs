@@ -8,14 +8,14 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::record::Limits;
-use crate::record::rules::MAX_RATE_LIMITS;
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 const NANOS_PER_MILLI: u64 = 1_000_000;
 
 /// The longest rate window, 100 years: "so many, ever" fits, and arrival times (ns, on a
-/// scale no later than the Unix epoch's) keep centuries of headroom below `u64::MAX`. A window near that bound would let
-/// them saturate, and a saturated arrival time admits everything.
+/// scale no later than the Unix epoch's) keep centuries of headroom below `u64::MAX`. A
+/// window near that bound would let them saturate, and a saturated arrival time admits
+/// everything.
 pub(crate) const MAX_WINDOW_SECS: u64 = 100 * 365 * 86_400 + 25 * 86_400;
 
 /// One GCRA limit: parameters fixed at build, arrival time shared by all threads.
@@ -151,7 +151,7 @@ pub(crate) struct Admission {
     /// The end of its slot in the token window (0: none taken).
     tokens_until_ns: u64,
     /// The spend-tier multiplier it was admitted at.
-    pub(crate) tier_pct: u32,
+    tier_pct: u32,
 }
 
 /// The GCRA limits of one key: its named limits, then its token window if any; and its
@@ -214,25 +214,17 @@ impl KeyLimits {
             tokens_until_ns: 0,
             tier_pct: multiplier_pct,
         };
-        // Each named limit's slot end, for a roll-back; the earliest stands in for any past
-        // the number a stored record can hold (it gives back less, never more).
-        let mut taken = [0u64; MAX_RATE_LIMITS];
-        let taken_at = |taken: &[u64; MAX_RATE_LIMITS], j: usize, earliest: u64| {
-            taken.get(j).copied().unwrap_or(earliest)
+        // A roll-back gives back slots taken at this very `now_ns`: wholly still ahead.
+        let roll_back = |taken: &[Gcra]| {
+            taken
+                .iter()
+                .for_each(|g| g.release(now_ns, u64::MAX, 1, multiplier_pct))
         };
         for (i, gcra) in self.named.iter().enumerate() {
             match gcra.acquire(now_ns, 1, multiplier_pct) {
-                Ok(until) => {
-                    if let Some(slot) = taken.get_mut(i) {
-                        *slot = until;
-                    }
-                    admission.named_until_ns = admission.named_until_ns.min(until);
-                }
+                Ok(until) => admission.named_until_ns = admission.named_until_ns.min(until),
                 Err(wait) => {
-                    for (j, g) in self.named[..i].iter().enumerate() {
-                        let until = taken_at(&taken, j, admission.named_until_ns);
-                        g.release(now_ns, until, 1, multiplier_pct);
-                    }
+                    roll_back(&self.named[..i]);
                     // A retry must wait for the slowest limit, not just the first that refused.
                     let later = self.named[i + 1..]
                         .iter()
@@ -248,10 +240,7 @@ impl KeyLimits {
                 match tokens.acquire(now_ns, cost, multiplier_pct) {
                     Ok(until) => admission.tokens_until_ns = until,
                     Err(wait) => {
-                        for (j, g) in self.named.iter().enumerate() {
-                            let until = taken_at(&taken, j, admission.named_until_ns);
-                            g.release(now_ns, until, 1, multiplier_pct);
-                        }
+                        roll_back(&self.named);
                         return Err(wait);
                     }
                 }

@@ -449,43 +449,33 @@ pub(crate) mod rules {
 
     /// A display name: 1–50 characters, no control characters, not blank.
     pub fn name(field: &'static str, name: &str) -> Result<String, Error> {
-        let chars = name.chars().count();
-        if name.trim().is_empty() {
+        text(field, name, NAME_MAX_CHARS)?;
+        Ok(name.to_owned())
+    }
+
+    /// Not blank, at most `max` characters, no control characters.
+    fn text(field: &'static str, text: &str, max: usize) -> Result<(), Error> {
+        let chars = text.chars().count();
+        if text.trim().is_empty() {
             return Err(Error::invalid(field, "must not be empty"));
         }
-        if chars > NAME_MAX_CHARS {
+        if chars > max {
             return Err(Error::invalid(
                 field,
-                format!("must be at most {NAME_MAX_CHARS} characters, got {chars}"),
+                format!("must be at most {max} characters, got {chars}"),
             ));
         }
-        if name.chars().any(char::is_control) {
+        if text.chars().any(char::is_control) {
             return Err(Error::invalid(field, "must not contain control characters"));
         }
-        Ok(name.to_owned())
+        Ok(())
     }
 
     /// Who made a change (`by(…)`), as the audit trail and `created_by` / `updated_by` keep
     /// it: 1–254 characters (an e-mail address fits), no control characters, so that no
     /// actor can forge a line of the trail as an operator's terminal shows it.
     pub fn actor(actor: &str) -> Result<(), Error> {
-        let chars = actor.chars().count();
-        if actor.trim().is_empty() {
-            return Err(Error::invalid("actor", "must not be empty"));
-        }
-        if chars > ACTOR_MAX_CHARS {
-            return Err(Error::invalid(
-                "actor",
-                format!("must be at most {ACTOR_MAX_CHARS} characters, got {chars}"),
-            ));
-        }
-        if actor.chars().any(char::is_control) {
-            return Err(Error::invalid(
-                "actor",
-                "must not contain control characters",
-            ));
-        }
-        Ok(())
+        text("actor", actor, ACTOR_MAX_CHARS)
     }
 
     /// A scope like `quickhits:create`, `quickhits:*` or `*`.

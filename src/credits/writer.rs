@@ -1,7 +1,7 @@
 //! The writer thread: the one owner of hot-path writes. It batches every pending lease,
 //! shortfall, balance change, spend flush and usage flush into one write transaction,
-//! committed with `Durability::Immediate` (group commit: one durable commit per batch, not per key),
-//! and only then makes leased units spendable in memory.
+//! committed with `Durability::Immediate` (group commit: one durable commit per batch, not
+//! per key), and only then makes leased units spendable in memory.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -42,8 +42,8 @@ const FLUSH_CHUNK: usize = 4_096;
 const MAX_BATCH: usize = 8_192;
 /// Prefetches (lease top-ups nobody waits for: asked for while half the lease is left)
 /// gather this long after the first one rings the writer's bell before they commit, so that
-/// many keys' renewals share one transaction, one durable commit and the B-tree pages they have in
-/// common. Any other message ends the wait at once.
+/// many keys' renewals share one transaction, one durable commit and the B-tree pages they
+/// have in common. Any other message ends the wait at once.
 const PREFETCH_GATHER: Duration = Duration::from_millis(100);
 
 /// A change to a durable balance, ordered with leases.

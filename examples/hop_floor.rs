@@ -11,6 +11,8 @@
 //! - `floor + hop + locks`: that, plus a shard read lock and verify+commit's other atomic
 //!   read-modify-writes, each line touched in the order verify touches them;
 //! - `peek`: `verify` with cost 0 (the whole chain, no lease taken) and the grant dropped;
+//! - `peek + key_id + owner_id`: the same, asking the grant for both public ids, as a server
+//!   that names its caller does;
 //! - `verify + commit`: what `keyledger bench` times;
 //! - `floor + hop + locks + 20 reads`: the third variant plus a short loop of 20 dependent
 //!   reads of the object's first line after the miss: what a chain of checks adds, at its
@@ -42,7 +44,7 @@ use sha2::Sha256;
 const ITERS: usize = 2_000_000;
 const ROUNDS: usize = 5;
 /// Index of the "floor, one at a time" variant.
-const SERIAL_FLOOR: usize = 6;
+const SERIAL_FLOOR: usize = 7;
 
 /// 232 bytes, as a `CachedKey`: with its `Arc` counts and malloc's header, a 256-byte chunk.
 /// The fields a variant touches sit where verify's do: counts and usage in the first line,
@@ -194,6 +196,10 @@ fn main() -> keyledger::Result<()> {
             Box::new(|i| hop.hop_locks(&work.keys[i], 0)),
         ),
         ("peek", Box::new(|i| work.peek(i))),
+        (
+            "peek + key_id + owner_id",
+            Box::new(|i| work.peek_naming(i)),
+        ),
         ("verify + commit", Box::new(|i| work.verify_commit(i))),
         (
             "floor + hop + locks + 20 reads",

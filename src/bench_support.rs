@@ -198,6 +198,18 @@ impl Workload {
         self.ledger.verify(&self.request(i).cost(0)).is_ok()
     }
 
+    /// [`peek`](Self::peek), asking the grant for the key's and the owner's public ids, as a
+    /// server that names the caller on every request does.
+    pub fn peek_naming(&self, i: usize) -> bool {
+        match self.ledger.verify(&self.request(i).cost(0)) {
+            Ok(grant) => {
+                std::hint::black_box((grant.key_id(), grant.owner_id()));
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Scans every table a cache miss reads (key hashes, keys, accounts, usage, pools, meta)
     /// once, in key order: fills redb's page cache with those pages, so that a memory
     /// measurement of [`warm`](Self::warm) sees the verification cache alone. Returns the

@@ -252,8 +252,8 @@ impl Workload {
     }
 
     /// Asks every cached key's grant for its public ids, as a server that names the caller
-    /// does: each key keeps its sealed id from then on (its account's is shared). Returns how
-    /// many were asked.
+    /// does (a key's id is sealed per call; its account's is kept, shared by its keys).
+    /// Returns how many were asked.
     pub fn ask_public_ids(&self) -> usize {
         let mut asked = 0;
         for i in 0..self.keys.len() {

@@ -817,6 +817,44 @@ fn pools_update_and_delete() {
 }
 
 #[test]
+fn pools_are_listed_by_owner_and_shown_one_at_a_time() {
+    let s = Scratch::initialised();
+    let (owner, other) = (s.account("Acme"), s.account("Other"));
+    let create = |name: &str, credits: &str| {
+        let args = ["--owner", &owner, "--name", name, "--credits", credits];
+        string(&s.json(&[&["pools", "create"][..], &args].concat())["id"])
+    };
+    let (first, second) = (create("first", "7"), create("second", "9"));
+    let listed = s.json(&["pools", "list", "--owner", &owner]);
+    let listed: Vec<(String, u64)> = listed
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|p| (string(&p["id"]), p["remaining"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(listed, [(first.clone(), 7), (second.clone(), 9)]);
+    assert_eq!(
+        s.json(&["pools", "list", "--owner", &other]),
+        serde_json::json!([])
+    );
+    let shown = s.json(&["pools", "get", &second]);
+    assert_eq!(
+        (shown["name"].as_str(), shown["remaining"].as_u64()),
+        (Some("second"), Some(9))
+    );
+    let text = s.run(&["pools", "list", "--owner", &owner]);
+    assert_success(&text);
+    assert!(
+        stdout(&text).contains(&first) && stdout(&text).contains(&second),
+        "{}",
+        stdout(&text)
+    );
+    s.json(&["pools", "delete", &first]);
+    let out = s.run(&["pools", "get", &first]);
+    assert!(stderr(&out).contains("pool not found"), "{}", stderr(&out));
+}
+
+#[test]
 fn a_pool_is_shared_by_two_keys() {
     let s = Scratch::initialised();
     let (owner, _, _) = s.metered("1");

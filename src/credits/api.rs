@@ -175,9 +175,10 @@ impl Credits<'_> {
             id,
             &["low_balance_threshold"],
         )?;
+        let balance = store::get(&txn.open_table(CREDITS)?, internal)?;
         txn.commit()?;
         engine.low_balance_changed(internal, threshold);
-        Ok(self.pool_view(internal, record))
+        Ok(self.pool_view(internal, record, balance))
     }
 
     /// Reads a pool.
@@ -186,35 +187,30 @@ impl Credits<'_> {
         let read = self.ledger.inner.store.begin_read()?;
         let record: PoolRecord = store::get(&read.open_table(POOLS)?, internal)?
             .ok_or(Error::NotFound { what: "pool" })?;
-        drop(read);
-        Ok(self.pool_view(internal, record))
+        let balance = store::get(&read.open_table(CREDITS)?, internal)?;
+        Ok(self.pool_view(internal, record, balance))
     }
 
     /// The pools of `owner`, oldest first.
     pub fn pools(&self, owner: &str) -> Result<Vec<Pool>> {
         let owner = self.ledger.inner.ids.decode(IdKind::Account, owner)?;
         let read = self.ledger.inner.store.begin_read()?;
+        let credits = read.open_table(CREDITS)?;
         let mut found = Vec::new();
         for entry in read.open_table(POOLS)?.iter()? {
             let (k, v) = entry?;
             let record: PoolRecord = crate::codec::decode(v.value())?;
             if record.owner == owner {
-                found.push((k.value(), record));
+                let balance = store::get(&credits, k.value())?;
+                found.push(self.pool_view(k.value(), record, balance));
             }
         }
-        drop(read);
-        Ok(found
-            .into_iter()
-            .map(|(id, r)| self.pool_view(id, r))
-            .collect())
+        Ok(found)
     }
 
-    fn pool_view(&self, id: u64, r: PoolRecord) -> Pool {
+    /// A pool as the API shows it, `durable` being its stored balance (read with `r`).
+    fn pool_view(&self, id: u64, r: PoolRecord, durable: Option<CreditsRecord>) -> Pool {
         let ids = &self.ledger.inner.ids;
-        let durable = self.ledger.inner.store.begin_read().ok().and_then(|read| {
-            let table = read.open_table(CREDITS).ok()?;
-            store::get::<CreditsRecord>(&table, id).ok().flatten()
-        });
         Pool {
             id: ids.encode(IdKind::Pool, id),
             owner: ids.encode(IdKind::Account, r.owner),

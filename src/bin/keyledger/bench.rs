@@ -102,8 +102,8 @@ struct Report {
     writer_list_bytes_per_cached_key: f64,
     /// The two above: what a cached key costs in all while every cached key is in use.
     total_bytes_per_cached_key: f64,
-    /// What asking every key's grant for its public ids adds (each key keeps its sealed id;
-    /// an account's is shared by its keys), per cached key.
+    /// What asking every key's grant for its public ids adds, per cached key: a key's id is
+    /// sealed per call and kept nowhere; an account's is kept once, shared by its keys.
     public_id_bytes_per_cached_key: f64,
     /// Bytes requested per cached key (no malloc rounding).
     requested_bytes_per_cached_key: f64,

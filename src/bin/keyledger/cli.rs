@@ -190,6 +190,17 @@ pub enum PoolsCommand {
         #[arg(long, value_name = "T")]
         low_balance: Option<u64>,
     },
+    /// List an owner's pools, oldest first: id, name, credits, refill, threshold.
+    List {
+        /// Owning account id (`acct_…`).
+        #[arg(long)]
+        owner: String,
+    },
+    /// Show one pool.
+    Get {
+        /// Pool id (`pool_…`).
+        id: String,
+    },
     /// Set or clear a pool's low-balance threshold.
     Update {
         /// Pool id (`pool_…`).

@@ -71,6 +71,29 @@ pub fn pools(ctx: &Context, command: PoolsCommand) -> CliResult<u8> {
                 println!("  Its balance:       keyledger usage {}", pool.id);
             }
         }
+        PoolsCommand::List { owner } => {
+            let pools = ledger.credits().pools(&owner)?;
+            if ctx.json {
+                print_json(&pools)?;
+            } else if pools.is_empty() {
+                println!("{owner} has no pools");
+            } else {
+                for (i, pool) in pools.iter().enumerate() {
+                    if i > 0 {
+                        println!();
+                    }
+                    pool_table(pool, pool.refill, pool.low_balance_threshold).print();
+                }
+            }
+        }
+        PoolsCommand::Get { id } => {
+            let pool = ledger.credits().pool(&id)?;
+            if ctx.json {
+                print_json(&pool)?;
+            } else {
+                pool_table(&pool, pool.refill, pool.low_balance_threshold).print();
+            }
+        }
         PoolsCommand::Update {
             id, low_balance, ..
         } => {

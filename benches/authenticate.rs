@@ -23,7 +23,7 @@ fn bench(c: &mut Criterion) {
         .map(|i| {
             let key = ledger
                 .keys()
-                .create(NewKey::new(&owner, format!("k{i}")))
+                .create(NewKey::new(owner, format!("k{i}")))
                 .unwrap();
             Presented::new(key.plaintext.expose()).unwrap()
         })

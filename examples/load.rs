@@ -164,7 +164,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let state = Arc::new(App {
             ledger: ledger.clone(),
             auth,
-            default_owner: boot.account.clone(),
+            default_owner: boot.account,
         });
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         addrs.push(listener.local_addr()?);

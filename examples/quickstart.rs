@@ -13,7 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let account = ledger.accounts().create(NewAccount::new("Acme Inc"))?;
     let created = ledger.keys().by("alice").create(
-        NewKey::new(&account.id, "CI deploy key")
+        NewKey::new(account.id, "CI deploy key")
             .permissions(["quickhits:*"])
             .credits(100),
     )?;

@@ -10,6 +10,7 @@ use aes::Aes256;
 use aes::cipher::BlockCipherEncrypt;
 use aes_siv::KeyInit;
 use aes_siv::siv::Aes256Siv;
+use arrayvec::ArrayString;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use cmac::{Cmac, Mac};
@@ -48,10 +49,14 @@ impl IdKind {
     }
 }
 
+/// The longest public id: `acct_` or `pool_`, then 32 characters of base64url.
+const MAX_ID_LEN: usize = 5 + 32;
+
 /// An opaque, stable, authenticated id such as `key_3q2-…`. Compare and store it as a string.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// It is held inline (`Copy`, no allocation); it compares, orders and hashes as its text.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct PublicId(String);
+pub struct PublicId(ArrayString<MAX_ID_LEN>);
 
 impl PublicId {
     /// The id as a string.
@@ -61,16 +66,15 @@ impl PublicId {
 
     /// The public id of `sealed` bytes (see [`IdCipher::sealed`]).
     pub(crate) fn from_sealed(kind: IdKind, sealed: &SealedId) -> PublicId {
-        let mut text = String::with_capacity(kind.prefix().len() + 1 + 32);
+        let mut body = [0u8; 32];
+        let written = URL_SAFE_NO_PAD
+            .encode_slice(sealed, &mut body)
+            .expect("24 bytes are 32 characters of base64");
+        let mut text = ArrayString::new();
         text.push_str(kind.prefix());
         text.push('_');
-        URL_SAFE_NO_PAD.encode_string(sealed, &mut text);
+        text.push_str(std::str::from_utf8(&body[..written]).expect("base64url is ASCII"));
         PublicId(text)
-    }
-
-    /// Wraps a string already checked to be a valid public id.
-    pub(crate) fn from_checked(id: &str) -> PublicId {
-        PublicId(id.to_owned())
     }
 }
 
@@ -89,13 +93,13 @@ impl AsRef<str> for PublicId {
 
 impl From<PublicId> for String {
     fn from(id: PublicId) -> String {
-        id.0
+        id.0.to_string()
     }
 }
 
 impl From<&PublicId> for String {
     fn from(id: &PublicId) -> String {
-        id.0.clone()
+        id.0.to_string()
     }
 }
 

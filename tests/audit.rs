@@ -49,7 +49,7 @@ fn every_key_lifecycle_change_appends_one_event() {
         .ledger
         .keys()
         .by("alice")
-        .create(NewKey::new(&owner, "k").credits(5))
+        .create(NewKey::new(owner, "k").credits(5))
         .unwrap();
     let id = created.info.id.to_string();
     t.clock.advance_secs(1);
@@ -126,7 +126,7 @@ fn tokens_accounts_routes_imports_and_rotations_are_audited() {
         .ledger
         .tokens()
         .by("svc-admin")
-        .create(NewKey::token(&acct, "svc", "t"))
+        .create(NewKey::token(acct, "svc", "t"))
         .unwrap();
     let tok_id = tok.info.id.to_string();
     t.ledger.tokens().by("svc-admin").roll(&tok_id, 0).unwrap();
@@ -155,7 +155,7 @@ fn tokens_accounts_routes_imports_and_rotations_are_audited() {
 
     let legacy = formatted_key("vb_live_", 5);
     let hash = ImportedHash::Sha256(Sha256::digest(legacy.as_bytes()).into());
-    let import = ImportKey::new(&acct, "old", hash, &legacy[..12], &legacy[42..]);
+    let import = ImportKey::new(acct, "old", hash, &legacy[..12], &legacy[42..]);
     let imported = t.ledger.keys().by("migrator").import(import).unwrap();
     t.ledger
         .rotate_hash_scheme(HashScheme::HmacSha256 { pepper: 2 })
@@ -198,7 +198,7 @@ fn refused_writes_append_nothing_and_the_trail_survives_a_reopen() {
     let (key, _) = t.key(&owner, "k");
     let before = t.ledger.audit().recent(1000).unwrap();
 
-    assert!(t.ledger.keys().create(NewKey::new(&owner, "")).is_err());
+    assert!(t.ledger.keys().create(NewKey::new(owner, "")).is_err());
     assert!(
         t.ledger
             .keys()
@@ -279,7 +279,7 @@ fn a_keys_handle_prints_its_owner_by_public_id() {
 fn an_actor_that_could_forge_an_audit_line_is_refused_and_changes_nothing() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, _) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(10));
+    let (id, _) = create_key(&t.ledger, NewKey::new(owner, "k").credits(10));
     let before = t.ledger.audit().recent(100).unwrap().len();
     let forged = "alice\n2026-11-30T15:06:40Z  admin  key.deleted  key_XXXX";
     let long = "x".repeat(255);

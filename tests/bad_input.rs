@@ -61,9 +61,9 @@ fn names_must_be_1_to_50_printable_characters() {
             "bell\u{7}",
             "nul\0",
         ] {
-            assert_invalid(t.ledger.keys().create(NewKey::new(&owner, bad)), "name");
+            assert_invalid(t.ledger.keys().create(NewKey::new(owner, bad)), "name");
             assert_invalid(
-                t.ledger.tokens().create(NewKey::token(&owner, "svc", bad)),
+                t.ledger.tokens().create(NewKey::token(owner, "svc", bad)),
                 "name",
             );
             assert_invalid(
@@ -77,7 +77,7 @@ fn names_must_be_1_to_50_printable_characters() {
         let err = t
             .ledger
             .keys()
-            .create(NewKey::new(&owner, "y".repeat(51)))
+            .create(NewKey::new(owner, "y".repeat(51)))
             .unwrap_err();
         assert!(err.to_string().contains("50"), "says the limit: {err}");
     }
@@ -102,7 +102,7 @@ fn scopes_must_be_well_formed() {
         "a/b",
         &"s".repeat(101),
     ] {
-        let new = NewKey::new(&owner, "k").permissions(["ok:read", bad]);
+        let new = NewKey::new(owner, "k").permissions(["ok:read", bad]);
         assert_invalid(t.ledger.keys().create(new), "permissions");
         let update = KeyUpdate::new().permissions([bad]);
         assert_invalid(t.ledger.keys().update(&key.id, update), "permissions");
@@ -123,7 +123,7 @@ fn scopes_must_be_well_formed() {
     assert_invalid(
         t.ledger
             .keys()
-            .create(NewKey::new(&owner, "k").permissions(too_many)),
+            .create(NewKey::new(owner, "k").permissions(too_many)),
         "permissions",
     );
 }
@@ -140,7 +140,7 @@ fn ips_must_be_addresses_or_cidr_ranges() {
         "::1/129",
         "10.0.0.1, 10.0.0.2",
     ] {
-        let new = NewKey::new(&owner, "k").ips(["10.0.0.1", bad]);
+        let new = NewKey::new(owner, "k").ips(["10.0.0.1", bad]);
         assert_invalid(t.ledger.keys().create(new), "ips");
         assert_invalid(
             t.ledger.keys().update(&key.id, KeyUpdate::new().ips([bad])),
@@ -158,7 +158,7 @@ fn expiry_must_be_in_the_future() {
         assert_invalid(
             t.ledger
                 .keys()
-                .create(NewKey::new(&owner, "k").expires_at(bad)),
+                .create(NewKey::new(owner, "k").expires_at(bad)),
             "expires_at",
         );
         let update = KeyUpdate::new().expires_at(Some(bad));
@@ -170,7 +170,7 @@ fn expiry_must_be_in_the_future() {
 fn limits_and_metadata_are_validated() {
     let (t, owner, key) = setup();
     let _guard = Unchanged::new(&t);
-    let new = || NewKey::new(&owner, "k");
+    let new = || NewKey::new(owner, "k");
     assert_invalid(
         t.ledger.keys().create(new().rate_limit("rps", 0, 1)),
         "rate_limits",
@@ -259,7 +259,7 @@ fn forged_truncated_and_rekinded_ids_are_invalid() {
     let token = t
         .ledger
         .tokens()
-        .create(NewKey::token(&owner, "svc", "t"))
+        .create(NewKey::token(owner, "svc", "t"))
         .unwrap()
         .info;
     let other = TestLedger::new();
@@ -335,18 +335,18 @@ fn unknown_but_authentic_ids_are_not_found() {
     let twin_owner = account(&twin, "twin");
     for i in 0..6 {
         twin.keys()
-            .create(NewKey::new(&twin_owner, format!("k{i}")))
+            .create(NewKey::new(twin_owner, format!("k{i}")))
             .unwrap();
     }
     let ghost_key = twin
         .keys()
-        .create(NewKey::new(&twin_owner, "ghost"))
+        .create(NewKey::new(twin_owner, "ghost"))
         .unwrap()
         .info
         .id;
     let ghost_token = twin
         .tokens()
-        .create(NewKey::token(&twin_owner, "svc", "ghost"))
+        .create(NewKey::token(twin_owner, "svc", "ghost"))
         .unwrap()
         .info
         .id;
@@ -372,7 +372,7 @@ fn unknown_but_authentic_ids_are_not_found() {
         "account",
     );
     assert_not_found(
-        t.ledger.keys().create(NewKey::new(&ghost_account, "k")),
+        t.ledger.keys().create(NewKey::new(ghost_account, "k")),
         "account",
     );
     // And a real owner's scope does not make them appear.

@@ -70,7 +70,7 @@ fn one_key_grants_exactly_its_credits(durability: Durability, exact: bool) {
     for (threads, per_thread, credits) in shapes(durability) {
         let t = ledger_with(durability);
         let owner = t.account("Acme");
-        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "hot").credits(credits));
+        let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "hot").credits(credits));
         let granted = hammer(&t.ledger, std::slice::from_ref(&plain), threads, per_thread)[0];
         let expected = credits.min((threads * per_thread) as u64);
         let shape = format!("{durability:?} T={threads} M={per_thread} C={credits}");
@@ -134,13 +134,7 @@ fn a_pool_grants_exactly_its_credits(durability: Durability, exact: bool) {
             .create_pool(&owner, "shared", credits, None, None)
             .unwrap();
         let keys: Vec<String> = (0..3)
-            .map(|i| {
-                create_key(
-                    &t.ledger,
-                    NewKey::new(&owner, format!("k{i}")).pool(&pool.id),
-                )
-                .1
-            })
+            .map(|i| create_key(&t.ledger, NewKey::new(owner, format!("k{i}")).pool(pool.id)).1)
             .collect();
         let granted: u64 = hammer(&t.ledger, &keys, threads, per_thread).iter().sum();
         let shape = format!("{durability:?} pool T={threads} M={per_thread} C={credits}");
@@ -183,7 +177,7 @@ fn disjoint_keys_on_many_threads_keep_exact_totals() {
         let keys: Vec<(String, String)> = credits
             .iter()
             .map(|&c| {
-                let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(c));
+                let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(c));
                 (id.to_string(), plain)
             })
             .collect();
@@ -211,7 +205,7 @@ fn disjoint_keys_on_many_threads_keep_exact_totals() {
 fn no_grant_is_issued_after_disable_returns() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(1_000_000));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(1_000_000));
     let disabled = AtomicBool::new(false);
     let before = AtomicU64::new(0);
     let late = AtomicU64::new(0);
@@ -264,7 +258,7 @@ fn lease_requests_from_many_keys_are_group_committed() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
     let keys: Vec<String> = (0..KEYS)
-        .map(|i| create_key(&t.ledger, NewKey::new(&owner, format!("k{i}")).credits(100)).1)
+        .map(|i| create_key(&t.ledger, NewKey::new(owner, format!("k{i}")).credits(100)).1)
         .collect();
     // Load every key into the cache first, without leasing (a peek spends nothing).
     for k in &keys {
@@ -386,11 +380,11 @@ fn rate_limits_admit_exactly_their_limit_under_concurrent_requests() {
     let owner = t.account("Acme");
     let (_, named) = create_key(
         &t.ledger,
-        NewKey::new(&owner, "named").rate_limit("hourly", 5_000, 3_600),
+        NewKey::new(owner, "named").rate_limit("hourly", 5_000, 3_600),
     );
     let (_, tokens) = create_key(
         &t.ledger,
-        NewKey::new(&owner, "tokens").token_window(10_000, 3_600),
+        NewKey::new(owner, "tokens").token_window(10_000, 3_600),
     );
     for (plain, cost, expected) in [(named, 1, 5_000), (tokens, 3, 3_333)] {
         let admitted = AtomicU64::new(0);

@@ -166,7 +166,7 @@ fn a_dead_disk_fails_every_operation_with_a_typed_error() {
     backend.kill();
     let err = ledger
         .keys()
-        .create(NewKey::new(&account.id, "k").credits(5))
+        .create(NewKey::new(account.id, "k").credits(5))
         .unwrap_err();
     assert!(matches!(err, keyledger::Error::Storage(_)), "{err:?}");
     drop(ledger);
@@ -189,7 +189,7 @@ fn a_disk_dying_at_every_io_point_of_a_workload_leaves_a_consistent_file() {
             let account = ledger.accounts().create(NewAccount::new("Acme"))?;
             let key = ledger
                 .keys()
-                .create(NewKey::new(&account.id, "k").credits(50))?;
+                .create(NewKey::new(account.id, "k").credits(50))?;
             let presented = keyledger::Presented::new(key.plaintext.expose()).unwrap();
             for _ in 0..5 {
                 if let Ok(g) = ledger.verify(&keyledger::Request::new(&presented, "/x").cost(3)) {

@@ -22,7 +22,7 @@ fn pooled_key(t: &TestLedger) -> (keyledger::Pool, keyledger::PublicId, String) 
         .credits()
         .create_pool(&owner, "p", 100, None, Some(10))
         .unwrap();
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "a").pool(&pool.id));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "a").pool(pool.id));
     (pool, id, plain)
 }
 
@@ -50,7 +50,7 @@ fn drain(t: &TestLedger, plain: &str, cap: u64) -> u64 {
 /// plaintext.
 fn daily_refill_key(t: &TestLedger, credits: u64, refill: u64) -> (keyledger::PublicId, String) {
     let owner = t.account("Acme");
-    let new = NewKey::new(&owner, "k").credits(credits);
+    let new = NewKey::new(owner, "k").credits(credits);
     create_key(&t.ledger, new.refill(refill, RefillInterval::Daily))
 }
 
@@ -68,7 +68,7 @@ fn commit_below_the_reservation_refunds_the_rest() {
     for durability in [Durability::Leased, Durability::Exact] {
         let t = ledger_with(durability);
         let owner = t.account("Acme");
-        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+        let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
         let key = presented(&plain);
         let grant = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
         assert_eq!(grant.reserved(), 10);
@@ -93,7 +93,7 @@ fn commit_below_the_reservation_refunds_the_rest() {
 fn stats_count_the_verifies_that_waited_for_a_lease() {
     let t = ledger_with(Durability::Leased);
     let owner = t.account("Acme");
-    let (_, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(1_000));
+    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(1_000));
     let before = t.ledger.stats().lease_waits;
     assert!(spend(&t.ledger, &plain, "/x", 1, 1).is_ok());
     let first = t.ledger.stats().lease_waits.since(&before);
@@ -113,7 +113,7 @@ fn dropping_a_grant_refunds_it() {
     for durability in [Durability::Leased, Durability::Exact] {
         let t = ledger_with(durability);
         let owner = t.account("Acme");
-        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(10));
+        let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(10));
         let key = presented(&plain);
         let grant = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
         // All 10 are reserved: nothing is left for anyone else meanwhile.
@@ -140,7 +140,7 @@ fn commit_above_the_reservation_charges_more_down_to_zero_never_below() {
     for durability in [Durability::Leased, Durability::Exact] {
         let t = ledger_with(durability);
         let owner = t.account("Acme");
-        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+        let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
         let r = spend(&t.ledger, &plain, "/x", 10, 30).unwrap();
         assert_eq!(r.token_stats.charged, 30);
         assert_eq!(r.token_stats.uncovered, 0);
@@ -165,7 +165,7 @@ fn commit_above_the_reservation_charges_more_down_to_zero_never_below() {
 fn the_receipt_after_a_shortfall_reports_the_true_remaining_credits() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
     let r = spend(&t.ledger, &plain, "/x", 1, 50).unwrap();
     assert_eq!(r.token_stats.charged, 50);
     assert_eq!(usage(&t, &id).remaining, Some(50));
@@ -179,7 +179,7 @@ fn the_receipt_after_a_shortfall_reports_the_true_remaining_credits() {
 fn cost_zero_peeks_without_spending() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(3));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(3));
     let key = presented(&plain);
     for _ in 0..5 {
         let g = t.ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
@@ -198,7 +198,7 @@ fn cost_zero_peeks_without_spending() {
 fn a_peek_on_a_fresh_key_reports_its_balance() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (_, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
     let key = presented(&plain);
     let g = t.ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
     assert_eq!(g.remaining_credits(), Some(100));
@@ -212,8 +212,8 @@ fn receipts_price_the_units_charged_at_the_routes_price() {
         .set(RouteRule::new("/llm/").cost(10).price_micros(250))
         .unwrap();
     let owner = t.account("Acme");
-    let (_, metered) = create_key(&t.ledger, NewKey::new(&owner, "m").credits(1_000));
-    let (_, free) = create_key(&t.ledger, NewKey::new(&owner, "u"));
+    let (_, metered) = create_key(&t.ledger, NewKey::new(owner, "m").credits(1_000));
+    let (_, free) = create_key(&t.ledger, NewKey::new(owner, "u"));
     let key = presented(&metered);
     let g = t.ledger.verify(&Request::new(&key, "/llm/chat")).unwrap();
     assert_eq!(g.reserved(), 10, "the route's default cost");
@@ -241,7 +241,7 @@ fn receipts_price_the_units_charged_at_the_routes_price() {
 fn usage_counts_successful_verifies_only() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(2));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(2));
     assert_eq!(drain(&t, &plain, 10), 2);
     t.clock.advance_secs(5);
     for _ in 0..3 {
@@ -260,7 +260,7 @@ fn usage_counts_successful_verifies_only() {
 fn usage_and_spend_add_up_across_flushes_whether_a_key_stays_busy_or_goes_idle() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(1_000));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(1_000));
     let check = |t: &TestLedger, n: u64, last_used: Timestamp| {
         let u = usage(t, &id); // flushes every key's counters first
         assert_eq!((u.spent, u.requests, u.remaining), (n, n, Some(1_000 - n)));
@@ -295,7 +295,7 @@ fn usage_and_spend_add_up_across_flushes_whether_a_key_stays_busy_or_goes_idle()
 fn key_info_agrees_with_usage() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
     spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
     let u = usage(&t, &id);
     assert_eq!(u.remaining, Some(99));
@@ -317,9 +317,9 @@ fn account_usage_sums_its_keys() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
     let other = t.account("Other");
-    let (_, a) = create_key(&t.ledger, NewKey::new(&owner, "a").credits(100));
-    let (_, b) = create_key(&t.ledger, NewKey::new(&owner, "b"));
-    let (_, c) = create_key(&t.ledger, NewKey::new(&other, "c").credits(100));
+    let (_, a) = create_key(&t.ledger, NewKey::new(owner, "a").credits(100));
+    let (_, b) = create_key(&t.ledger, NewKey::new(owner, "b"));
+    let (_, c) = create_key(&t.ledger, NewKey::new(other, "c").credits(100));
     spend(&t.ledger, &a, "/x", 5, 7).unwrap();
     spend(&t.ledger, &b, "/x", 1, 30).unwrap();
     spend(&t.ledger, &c, "/x", 1, 1).unwrap();
@@ -367,7 +367,7 @@ fn a_monthly_refill_waits_for_the_first_of_the_month() {
     let owner = t.account("Acme");
     let (_, plain) = create_key(
         &t.ledger,
-        NewKey::new(&owner, "k")
+        NewKey::new(owner, "k")
             .credits(5)
             .refill(7, RefillInterval::Monthly),
     );
@@ -398,7 +398,7 @@ fn a_refill_period_never_spends_more_than_the_refill() {
 fn a_refill_added_to_an_exhausted_key_applies_next_period() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(2));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(2));
     assert_eq!(drain(&t, &plain, 10), 2);
     assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
     t.ledger
@@ -439,7 +439,7 @@ fn top_up_and_set_are_ordered_with_leases() {
     for durability in [Durability::Leased, Durability::Exact] {
         let t = ledger_with(durability);
         let owner = t.account("Acme");
-        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+        let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
         assert_eq!(drain(&t, &plain, 10), 10); // a lease is in memory now
         // `set` takes the in-memory lease back first: exactly `n` are left.
         assert_eq!(t.ledger.credits().set(&id, 5).unwrap(), 5);
@@ -469,7 +469,7 @@ fn top_up_and_set_are_ordered_with_leases() {
 fn set_is_final_even_with_a_reservation_outstanding() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
     let key = presented(&plain);
     let held = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
     t.ledger.credits().set(&id, 0).unwrap();
@@ -482,7 +482,7 @@ fn set_is_final_even_with_a_reservation_outstanding() {
 fn re_metering_a_key_never_lets_it_spend_more_than_its_new_balance() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
     let key = presented(&plain);
     let held = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
     t.ledger
@@ -519,7 +519,7 @@ fn spend_tiers_raise_rate_limits_as_lifetime_spend_grows() {
     let limited = |name: &str| {
         create_key(
             &t.ledger,
-            NewKey::new(&owner, name)
+            NewKey::new(owner, name)
                 .credits(10_000)
                 .rate_limit("per-minute", 5, 60),
         )
@@ -569,9 +569,9 @@ fn keys_of_one_account_share_a_pool() {
             .create_pool(&owner, "team budget", 50, None, None)
             .unwrap();
         assert!(pool.id.starts_with("pool_"));
-        assert_eq!((pool.owner.clone(), pool.remaining), (owner.clone(), 50));
-        let (a_id, a) = create_key(&t.ledger, NewKey::new(&owner, "a").pool(&pool.id));
-        let (_, b) = create_key(&t.ledger, NewKey::new(&owner, "b").pool(&pool.id));
+        assert_eq!((pool.owner, pool.remaining), (owner, 50));
+        let (a_id, a) = create_key(&t.ledger, NewKey::new(owner, "a").pool(pool.id));
+        let (_, b) = create_key(&t.ledger, NewKey::new(owner, "b").pool(pool.id));
         assert_eq!(drain(&t, &a, 20), 20);
         assert_eq!(drain(&t, &b, 100), 30, "b gets what a left");
         assert_eq!(verify_code(&t.ledger, &a, "/x"), "usage_exceeded");
@@ -609,12 +609,12 @@ fn a_key_draws_from_a_pool_or_its_own_credits_never_both() {
     let both = t
         .ledger
         .keys()
-        .create(NewKey::new(&owner, "k").pool(&pool.id).credits(5));
+        .create(NewKey::new(owner, "k").pool(pool.id).credits(5));
     assert_invalid(both, "pool");
     let foreign = t
         .ledger
         .keys()
-        .create(NewKey::new(&other, "k").pool(&pool.id));
+        .create(NewKey::new(other, "k").pool(pool.id));
     assert_not_found(foreign, "pool");
 }
 
@@ -627,7 +627,7 @@ fn a_pool_key_cannot_be_given_its_own_credits_by_update() {
         .credits()
         .create_pool(&owner, "p", 10, None, None)
         .unwrap();
-    let (id, _) = create_key(&t.ledger, NewKey::new(&owner, "k").pool(&pool.id));
+    let (id, _) = create_key(&t.ledger, NewKey::new(owner, "k").pool(pool.id));
     let result = t
         .ledger
         .keys()
@@ -656,8 +656,8 @@ fn a_pool_refills_like_a_key() {
             None,
         )
         .unwrap();
-    let (_, a) = create_key(&t.ledger, NewKey::new(&owner, "a").pool(&pool.id));
-    let (_, b) = create_key(&t.ledger, NewKey::new(&owner, "b").pool(&pool.id));
+    let (_, a) = create_key(&t.ledger, NewKey::new(owner, "a").pool(pool.id));
+    let (_, b) = create_key(&t.ledger, NewKey::new(owner, "b").pool(pool.id));
     assert_eq!(drain(&t, &a, 100) + drain(&t, &b, 100), 4);
     t.clock.set(next_day(&t));
     assert_eq!(drain(&t, &b, 100) + drain(&t, &a, 100), 6);
@@ -668,7 +668,7 @@ fn an_exhausted_balance_emits_an_event() {
     let t = TestLedger::new();
     let events = t.ledger.credit_events();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(5));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(5));
     assert_eq!(
         spend(&t.ledger, &plain, "/x", 10, 10).unwrap_err().code(),
         "usage_exceeded"
@@ -689,7 +689,7 @@ fn a_balance_spent_to_zero_reports_exhausted_once_until_it_grows() {
     let t = TestLedger::new();
     let events = t.ledger.credit_events();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(5));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(5));
     let exhausted = || -> Vec<u64> {
         t.ledger.flush().unwrap();
         let all = events.try_iter();
@@ -713,7 +713,7 @@ fn a_request_the_balance_cannot_cover_leases_nothing() {
     for durability in [Durability::Leased, Durability::Exact] {
         let t = ledger_with(durability);
         let owner = t.account("Acme");
-        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(900));
+        let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(900));
         let key = presented(&plain);
         let refused = t.ledger.verify(&Request::new(&key, "/x").cost(2_000));
         assert_eq!(refused.unwrap_err().code(), "usage_exceeded");
@@ -734,7 +734,7 @@ fn a_request_the_balance_cannot_cover_leases_nothing() {
 fn a_top_up_past_the_largest_count_is_refused_and_changes_nothing() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
     assert!(spend(&t.ledger, &plain, "/x", 1, 1).is_ok());
     let err = t.ledger.credits().top_up(&id, u64::MAX).unwrap_err();
     assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
@@ -747,7 +747,7 @@ fn a_top_up_past_the_largest_count_is_refused_and_changes_nothing() {
 fn a_refused_top_up_leaves_the_units_in_memory_spendable() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(10));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(10));
     // The first spend leases all 10 into memory: the durable balance is empty.
     assert!(spend(&t.ledger, &plain, "/x", 1, 1).is_ok());
     assert!(t.ledger.credits().top_up(&id, u64::MAX).is_err());
@@ -760,11 +760,11 @@ fn a_refused_top_up_leaves_the_units_in_memory_spendable() {
 fn a_top_up_of_something_without_a_balance_says_why() {
     let t = TestLedger::new();
     let (pool, pooled, _) = pooled_key(&t);
-    let (unmetered, _) = create_key(&t.ledger, NewKey::new(&pool.owner, "free"));
+    let (unmetered, _) = create_key(&t.ledger, NewKey::new(pool.owner, "free"));
     let token = t
         .ledger
         .tokens()
-        .create(NewKey::token(&pool.owner, "svc", "t"))
+        .create(NewKey::token(pool.owner, "svc", "t"))
         .unwrap()
         .info
         .id;
@@ -795,7 +795,7 @@ fn a_top_up_of_something_without_a_balance_says_why() {
 fn balance_changes_are_audited_with_their_author_and_refused_ones_are_not() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, _) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(10));
+    let (id, _) = create_key(&t.ledger, NewKey::new(owner, "k").credits(10));
     let billing = t.ledger.credits().by("billing");
     billing.top_up(&id, 5).unwrap();
     billing.set(&id, 7).unwrap();
@@ -850,7 +850,7 @@ fn falling_to_the_low_balance_threshold_emits_one_event() {
     let owner = t.account("Acme");
     let (id, plain) = create_key(
         &t.ledger,
-        NewKey::new(&owner, "k")
+        NewKey::new(owner, "k")
             .credits(100)
             .low_balance_threshold(50),
     );
@@ -868,7 +868,7 @@ fn a_low_balance_threshold_changed_on_a_key_in_use_applies_at_once() {
     let t = TestLedger::new();
     let events = t.ledger.credit_events();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(1_000));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(1_000));
     let low_events = |t: &TestLedger| low_balance_events(t, &events);
     assert_eq!(drain(&t, &plain, 100), 100);
     assert!(low_events(&t).is_empty(), "no threshold yet");
@@ -940,7 +940,7 @@ fn a_key_spending_from_a_pool_takes_no_threshold_of_its_own() {
         "{err:?}"
     );
     // Nor when it is created.
-    let new = NewKey::new(&pool.owner, "b").pool(&pool.id);
+    let new = NewKey::new(pool.owner, "b").pool(pool.id);
     let err = t
         .ledger
         .keys()
@@ -960,7 +960,7 @@ fn a_pool_is_deleted_once_no_key_spends_from_it() {
     let owner = t.account("Acme");
     let credits = t.ledger.credits().by("ops");
     let pool = credits.create_pool(&owner, "p", 100, None, None).unwrap();
-    let (key, plain) = create_key(&t.ledger, NewKey::new(&owner, "a").pool(&pool.id));
+    let (key, plain) = create_key(&t.ledger, NewKey::new(owner, "a").pool(pool.id));
     assert_eq!(drain(&t, &plain, 30), 30, "the pool's meter holds a lease");
 
     let err = credits.delete_pool(&pool.id).unwrap_err();
@@ -985,7 +985,7 @@ fn a_pool_is_deleted_once_no_key_spends_from_it() {
         Err(Error::NotFound { what: "pool" })
     ));
     assert!(credits.pools(&owner).unwrap().is_empty());
-    let (_, other) = create_key(&t.ledger, NewKey::new(&owner, "b").credits(5));
+    let (_, other) = create_key(&t.ledger, NewKey::new(owner, "b").credits(5));
     assert_eq!(drain(&t, &other, 10), 5, "other balances are untouched");
     let events = t.ledger.audit().recent(10).unwrap();
     assert!(
@@ -1021,7 +1021,7 @@ fn a_lease_returned_when_its_key_leaves_the_cache_is_spendable_again() {
     // was refused with `usage_exceeded` although credits were left.
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(10));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(10));
     let key = presented(&plain);
     let held = t.ledger.verify(&Request::new(&key, "/x").cost(4)).unwrap();
     // A hash-scheme rotation empties the cache: every entry leaves it, returning its lease.
@@ -1043,7 +1043,7 @@ fn a_reservation_dropped_after_a_set_leaves_the_books_for_good() {
     // once the writer has recorded the discard, counted as lost by a later crash.
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
     let key = presented(&plain);
     let held = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
     t.ledger.credits().set(&id, 20).unwrap();
@@ -1070,7 +1070,7 @@ fn a_key_metered_again_right_after_being_made_unmetered_gets_its_new_balance() {
     for round in 0..100 {
         let ledger = Ledger::open_with_backend(CrashBackend::new(), t.config()).unwrap();
         let owner = account(&ledger, "Acme");
-        let (id, plain) = create_key(&ledger, NewKey::new(&owner, "k").credits(5));
+        let (id, plain) = create_key(&ledger, NewKey::new(owner, "k").credits(5));
         assert!(spend(&ledger, &plain, "/x", 1, 1).is_ok());
         for _ in 0..30 {
             let unmetered = KeyUpdate::new().credits(None);
@@ -1096,7 +1096,7 @@ fn the_first_lease_is_whole_in_memory_when_the_request_that_waited_for_it_wakes(
     let t = ledger_with(Durability::Leased);
     let owner = t.account("Acme");
     for round in 0..200 {
-        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(15));
+        let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(15));
         let key = presented(&plain);
         let grant = t.ledger.verify(&Request::new(&key, "/x").cost(4)).unwrap();
         drop(grant);
@@ -1165,7 +1165,7 @@ fn a_flush_writes_every_key_in_use_before_it_returns() {
 fn lifetime_usage_saturates_instead_of_stopping_the_writer() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "unmetered"));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "unmetered"));
     let key = presented(&plain);
     for _ in 0..2 {
         let grant = t.ledger.verify(&Request::new(&key, "/x").cost(1)).unwrap();
@@ -1180,7 +1180,7 @@ fn lifetime_usage_saturates_instead_of_stopping_the_writer() {
             "{of}"
         );
     }
-    let (_, metered) = create_key(&t.ledger, NewKey::new(&owner, "metered").credits(5));
+    let (_, metered) = create_key(&t.ledger, NewKey::new(owner, "metered").credits(5));
     assert!(
         spend(&t.ledger, &metered, "/x", 1, 1).is_ok(),
         "the writer still leases"
@@ -1196,7 +1196,7 @@ fn a_dead_disk_fails_every_writer_call_with_its_error_and_the_close_too() {
     let backend = CrashBackend::new();
     let ledger = Ledger::open_with_backend(backend.clone(), t.config()).unwrap();
     let owner = account(&ledger, "Acme");
-    let (id, plain) = create_key(&ledger, NewKey::new(&owner, "k").credits(5));
+    let (id, plain) = create_key(&ledger, NewKey::new(owner, "k").credits(5));
     assert!(spend(&ledger, &plain, "/x", 1, 1).is_ok());
     backend.kill();
     for _ in 0..2 {
@@ -1215,7 +1215,7 @@ fn a_dead_disk_fails_every_writer_call_with_its_error_and_the_close_too() {
 fn resetting_a_balance_to_the_configured_credits_is_audited() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
     assert_eq!(drain(&t, &plain, 60), 60);
     let reset = KeyUpdate::new().credits(Some(100));
     let info = t.ledger.keys().by("mallory").update(&id, reset).unwrap();
@@ -1235,7 +1235,7 @@ fn resetting_a_balance_to_the_configured_credits_is_audited() {
 fn an_update_whose_balance_was_not_set_says_its_settings_were_saved() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, _) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let (id, _) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
     t.ledger.close().unwrap();
     let e = t
         .ledger
@@ -1258,8 +1258,8 @@ fn an_unreadable_usage_record_holds_back_only_its_own_counts() {
     let t = TestLedger::new();
     t.ledger.routes().set(RouteRule::new("/")).unwrap();
     let owner = t.account("Acme");
-    let (a, plain_a) = create_key(&t.ledger, NewKey::new(&owner, "a").credits(100));
-    let (b, plain_b) = create_key(&t.ledger, NewKey::new(&owner, "b").credits(100));
+    let (a, plain_a) = create_key(&t.ledger, NewKey::new(owner, "a").credits(100));
+    let (b, plain_b) = create_key(&t.ledger, NewKey::new(owner, "b").credits(100));
     spend(&t.ledger, &plain_a, "/x", 1, 1).unwrap();
     t.ledger.flush().unwrap();
     let (_dir, path, config) = t.close();
@@ -1311,7 +1311,7 @@ fn a_limits_change_keeps_the_spend_tier_reached_by_spend_not_yet_flushed() {
     let owner = t.account("Acme");
     let (id, plain) = create_key(
         &t.ledger,
-        NewKey::new(&owner, "k")
+        NewKey::new(owner, "k")
             .credits(10_000)
             .rate_limit("per-minute", 5, 60),
     );
@@ -1342,8 +1342,8 @@ fn a_deleted_keys_usage_goes_with_it_and_stays_in_its_accounts() {
     let t = TestLedger::new();
     t.ledger.routes().set(RouteRule::new("/")).unwrap();
     let owner = t.account("Acme");
-    let (flushed, p1) = create_key(&t.ledger, NewKey::new(&owner, "flushed").credits(100));
-    let (pending, p2) = create_key(&t.ledger, NewKey::new(&owner, "pending").credits(100));
+    let (flushed, p1) = create_key(&t.ledger, NewKey::new(owner, "flushed").credits(100));
+    let (pending, p2) = create_key(&t.ledger, NewKey::new(owner, "pending").credits(100));
     spend(&t.ledger, &p1, "/x", 3, 3).unwrap();
     t.ledger.flush().unwrap();
     // One deleted with its usage on disk, one with its usage still in memory.

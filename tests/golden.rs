@@ -108,7 +108,7 @@ fn a_version_1_file_opens_and_reads_back() {
     assert_eq!(info.name, "golden token");
     // The pool key spends from the pool.
     let pooled = keys.items.iter().find(|k| k.name == "pool key").unwrap();
-    let pool = pooled.pool.clone().unwrap();
+    let pool = pooled.pool.unwrap();
     assert_eq!(ledger.credits().usage(&pool).unwrap().remaining, Some(50));
     // The audit trail reads back.
     let audit = ledger.audit().recent(100).unwrap();
@@ -222,7 +222,7 @@ fn write_golden_file() {
         .keys()
         .by("golden")
         .create(
-            NewKey::new(&account.id, "golden key")
+            NewKey::new(account.id, "golden key")
                 .permissions(["quickhits:*"])
                 .credits(100)
                 .metadata("team", "infra"),
@@ -235,14 +235,14 @@ fn write_golden_file() {
     ledger
         .keys()
         .create(
-            NewKey::new(&account.id, "pool key")
+            NewKey::new(account.id, "pool key")
                 .permissions(["*"])
                 .pool(pool.id.to_string()),
         )
         .unwrap();
     let token = ledger
         .tokens()
-        .create(NewKey::token(&account.id, "service", "golden token").permissions(["*"]))
+        .create(NewKey::token(account.id, "service", "golden token").permissions(["*"]))
         .unwrap();
     let presented = Presented::new(key.plaintext.expose()).unwrap();
     let grant = ledger
@@ -379,7 +379,7 @@ fn write_golden_secrets_file() {
         .unwrap();
     let foreign = other
         .keys()
-        .create(NewKey::new(&other_owner.id, "foreign key"))
+        .create(NewKey::new(other_owner.id, "foreign key"))
         .unwrap();
     other.close().unwrap();
     drop(other);
@@ -398,7 +398,7 @@ fn write_golden_secrets_file() {
         ledger
             .keys()
             .create(
-                NewKey::new(&account.id, name)
+                NewKey::new(account.id, name)
                     .permissions(["quickhits:*"])
                     .credits(100),
             )
@@ -415,7 +415,7 @@ fn write_golden_secrets_file() {
         .keys()
         .import(
             ImportKey::new(
-                &account.id,
+                account.id,
                 "imported",
                 ImportedHash::Sha256(Sha256::digest(plain.as_bytes()).into()),
                 &plain[..12],

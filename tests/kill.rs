@@ -63,7 +63,7 @@ fn child_entry() {
             .create_pool(&account.id, "shared", POOL_CREDITS, None, None)
             .unwrap();
         for i in 0..KEYS + 2 {
-            let new = NewKey::new(&account.id, format!("k{i}"));
+            let new = NewKey::new(account.id, format!("k{i}"));
             let new = if i < KEYS {
                 new.credits(CREDITS)
             } else {

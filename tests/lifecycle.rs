@@ -144,7 +144,7 @@ fn test_keys_carry_the_test_prefix_and_class() {
     let created = t
         .ledger
         .keys()
-        .create(NewKey::new(&owner, "sandbox").test())
+        .create(NewKey::new(owner, "sandbox").test())
         .unwrap();
     assert!(created.plaintext.expose().starts_with("vb_test_"));
     assert_eq!(created.info.class, KeyClass::Test);
@@ -164,7 +164,7 @@ fn rolling_keeps_the_class_a_key_or_token_had() {
     let sandbox = t
         .ledger
         .keys()
-        .create(NewKey::new(&owner, "sandbox").test())
+        .create(NewKey::new(owner, "sandbox").test())
         .unwrap();
     let rolled = t.ledger.keys().roll(&sandbox.info.id, 0).unwrap();
     assert!(rolled.plaintext.expose().starts_with("vb_test_"));
@@ -175,7 +175,7 @@ fn rolling_keeps_the_class_a_key_or_token_had() {
     let import = |name: &str| {
         let hash = ImportedHash::Sha256(Sha256::digest(legacy.as_bytes()).into());
         ImportKey::new(
-            &owner,
+            owner,
             name,
             hash,
             &legacy[..12],
@@ -338,7 +338,7 @@ fn delete_removes_the_key_everywhere() {
     let created = t
         .ledger
         .keys()
-        .create(NewKey::new(&owner, "doomed").credits(100))
+        .create(NewKey::new(owner, "doomed").credits(100))
         .unwrap();
     let (doomed, doomed_plain) = (created.info, created.plaintext.expose().to_owned());
 
@@ -377,7 +377,7 @@ fn support_finds_keys_by_visible_prefix_masked_only() {
     let token = t
         .ledger
         .tokens()
-        .create(NewKey::token(&owner, "service", "t"))
+        .create(NewKey::token(owner, "service", "t"))
         .unwrap();
 
     let found = t.ledger.keys().find_by_prefix(&key.prefix).unwrap();
@@ -431,7 +431,7 @@ fn tokens_have_the_same_lifecycle_with_a_required_type() {
         .ledger
         .tokens()
         .by("alice")
-        .create(NewKey::token(&owner, "webhook", "Stripe hook").permissions(["hooks:*"]))
+        .create(NewKey::token(owner, "webhook", "Stripe hook").permissions(["hooks:*"]))
         .unwrap();
     let plaintext = created.plaintext.expose().to_owned();
     let tok = created.info;
@@ -449,23 +449,21 @@ fn tokens_have_the_same_lifecycle_with_a_required_type() {
 
     // The type is required, and only tokens have one.
     assert_invalid(
-        t.ledger.tokens().create(NewKey::new(&owner, "untyped")),
+        t.ledger.tokens().create(NewKey::new(owner, "untyped")),
         "type",
     );
     assert_invalid(
-        t.ledger
-            .keys()
-            .create(NewKey::token(&owner, "webhook", "x")),
+        t.ledger.keys().create(NewKey::token(owner, "webhook", "x")),
         "type",
     );
     assert_invalid(
         t.ledger
             .tokens()
-            .create(NewKey::token(&owner, "svc", "x").test()),
+            .create(NewKey::token(owner, "svc", "x").test()),
         "test",
     );
     assert_invalid(
-        t.ledger.tokens().create(NewKey::token(&owner, "", "x")),
+        t.ledger.tokens().create(NewKey::token(owner, "", "x")),
         "type",
     );
 
@@ -527,7 +525,7 @@ fn owner_scoping_hides_other_owners_keys() {
     assert_not_found(as_mallory().delete(&key.id), "key");
     assert_not_found(as_mallory().list(&alice, &PageRequest::first()), "account");
     assert_not_found(
-        as_mallory().create(NewKey::new(&alice, "planted")),
+        as_mallory().create(NewKey::new(alice, "planted")),
         "account",
     );
     assert!(as_mallory().find_by_prefix(&key.prefix).unwrap().is_empty());
@@ -544,7 +542,7 @@ fn owner_scoping_hides_other_owners_keys() {
             .name,
         "mine"
     );
-    let own = as_alice.create(NewKey::new(&alice, "second")).unwrap();
+    let own = as_alice.create(NewKey::new(alice, "second")).unwrap();
     assert_eq!(own.info.owner, alice);
     assert_eq!(
         as_alice
@@ -673,16 +671,16 @@ fn accounts_create_get_update_and_list() {
         .accounts()
         .list(&PageRequest::first().limit(3))
         .unwrap();
-    let ids: Vec<_> = first.items.iter().map(|a| a.id.clone()).collect();
-    assert_eq!(ids, [created.id.clone(), more[0].clone(), more[1].clone()]);
+    let ids: Vec<_> = first.items.iter().map(|a| a.id).collect();
+    assert_eq!(ids, [created.id, more[0], more[1]]);
     let cursor = first.next_cursor.expect("more accounts");
     let second = t
         .ledger
         .accounts()
         .list(&PageRequest::first().limit(3).after(cursor))
         .unwrap();
-    let ids: Vec<_> = second.items.iter().map(|a| a.id.clone()).collect();
-    assert_eq!(ids, [more[2].clone(), more[3].clone()]);
+    let ids: Vec<_> = second.items.iter().map(|a| a.id).collect();
+    assert_eq!(ids, [more[2], more[3]]);
     assert_eq!(second.next_cursor, None);
 
     assert_invalid(t.ledger.accounts().create(NewAccount::new("")), "name");
@@ -852,7 +850,7 @@ fn authenticate_denials_have_stable_codes_and_statuses() {
     let created = t
         .ledger
         .keys()
-        .create(NewKey::new(&owner, "short").expires_at(START.plus_secs(60)));
+        .create(NewKey::new(owner, "short").expires_at(START.plus_secs(60)));
     let created = created.unwrap();
     let short = created.plaintext.expose().to_owned();
     t.clock.advance_secs(59);
@@ -922,15 +920,12 @@ fn check_reports_a_healthy_ledger_after_a_mixed_workload() {
             .keys()
             .create(NewKey::new(if i % 2 == 0 { &a } else { &b }, format!("k{i}")).credits(i * 10))
             .unwrap();
-        plains.push((
-            created.info.id.clone(),
-            created.plaintext.expose().to_owned(),
-        ));
+        plains.push((created.info.id, created.plaintext.expose().to_owned()));
     }
     let tok = t
         .ledger
         .tokens()
-        .create(NewKey::token(&a, "svc", "t"))
+        .create(NewKey::token(a, "svc", "t"))
         .unwrap();
     t.ledger.keys().roll(&plains[0].0, 300).unwrap();
     t.ledger.keys().roll(&plains[1].0, 0).unwrap();
@@ -1026,9 +1021,9 @@ mod damaged {
             .credits()
             .create_pool(&owner, "shared", 100, None, None)
             .unwrap();
-        let (pooled, p1) = create_key(&t.ledger, NewKey::new(&owner, "pooled").pool(&pool.id));
-        let (metered, p2) = create_key(&t.ledger, NewKey::new(&owner, "metered").credits(10));
-        let (free, p3) = create_key(&t.ledger, NewKey::new(&owner, "free"));
+        let (pooled, p1) = create_key(&t.ledger, NewKey::new(owner, "pooled").pool(pool.id));
+        let (metered, p2) = create_key(&t.ledger, NewKey::new(owner, "metered").credits(10));
+        let (free, p3) = create_key(&t.ledger, NewKey::new(owner, "free"));
         for plain in [p1, p2, p3] {
             spend(&t.ledger, &plain, "/x/a", 1, 1).unwrap();
         }
@@ -1130,7 +1125,7 @@ mod damaged {
         let (_, plain) = create_key(
             &ledger,
             NewKey::new(
-                &ledger.accounts().list(&PageRequest::first()).unwrap().items[0].id,
+                ledger.accounts().list(&PageRequest::first()).unwrap().items[0].id,
                 "k",
             )
             .credits(1_000),

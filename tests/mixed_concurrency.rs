@@ -30,7 +30,7 @@ fn mixed(durability: Durability) {
     // Two keys with their own credits, two on the pool, one unmetered key to revoke.
     let mut keys = Vec::new();
     for i in 0..4 {
-        let new = NewKey::new(&account.id, format!("k{i}"));
+        let new = NewKey::new(account.id, format!("k{i}"));
         let new = if i < 2 {
             new.credits(2_500)
         } else {
@@ -46,7 +46,7 @@ fn mixed(durability: Durability) {
     }
     let revoked_key = ledger
         .keys()
-        .create(NewKey::new(&account.id, "revoked"))
+        .create(NewKey::new(account.id, "revoked"))
         .unwrap();
     let revoked_plain = revoked_key.plaintext.expose().to_owned();
     let revoked = AtomicBool::new(false);

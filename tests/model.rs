@@ -332,7 +332,7 @@ fn a_refilled_key_spends_at_most_the_refill_amount_in_a_new_period() {
     let created = ledger
         .keys()
         .create(
-            NewKey::new(&account.id, "monthly")
+            NewKey::new(account.id, "monthly")
                 .credits(10)
                 .refill(10, RefillInterval::Monthly),
         )
@@ -376,7 +376,7 @@ fn a_set_after_the_period_boundary_is_not_undone_by_the_lazy_refill() {
     let created = ledger
         .keys()
         .create(
-            NewKey::new(&account.id, "monthly")
+            NewKey::new(account.id, "monthly")
                 .credits(10)
                 .refill(25, RefillInterval::Monthly),
         )

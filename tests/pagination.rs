@@ -15,7 +15,7 @@ fn create_keys(t: &TestLedger, owner: &str, n: usize) -> Vec<PublicId> {
 }
 
 fn ids(items: &[keyledger::KeyInfo]) -> Vec<PublicId> {
-    items.iter().map(|k| k.id.clone()).collect()
+    items.iter().map(|k| k.id).collect()
 }
 
 /// Walks every page of `owner`'s keys with `limit`, returning the pages' ids.
@@ -127,7 +127,7 @@ fn keys_created_or_deleted_while_paging_are_never_listed_twice() {
         .iter()
         .enumerate()
         .filter(|(i, _)| *i != 4)
-        .map(|(_, id)| id.clone())
+        .map(|(_, id)| *id)
         .collect();
     assert_eq!(
         seen, expected,
@@ -146,7 +146,7 @@ fn keys_and_tokens_and_owners_are_listed_separately() {
         .map(|i| {
             t.ledger
                 .tokens()
-                .create(NewKey::token(&a, "svc", format!("t{i}")))
+                .create(NewKey::token(a, "svc", format!("t{i}")))
                 .unwrap()
                 .info
                 .id

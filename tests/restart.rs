@@ -22,7 +22,7 @@ fn a_clean_close_returns_every_lease() {
     for durability in [Durability::Leased, Durability::Exact] {
         let t = ledger_with(durability);
         let owner = t.account("Acme");
-        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(300));
+        let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(300));
         spend_n(&t, &plain, 137, 0);
         let before = t.ledger.credits().usage(&id).unwrap();
         assert_eq!((before.spent, before.remaining), (137, Some(163)));
@@ -54,7 +54,7 @@ fn a_clean_close_returns_every_lease() {
 fn dropping_the_last_handle_closes_cleanly_too() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(500));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(500));
     spend_n(&t, &plain, 40, 0);
     t.ledger.flush().unwrap();
     let t = t.reopen(); // drop, no explicit close
@@ -68,7 +68,7 @@ fn closing_right_after_traffic_loses_nothing() {
     for round in 0..20 {
         let t = TestLedger::new();
         let owner = t.account("Acme");
-        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(10_000));
+        let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(10_000));
         // 13 of the first 16-unit lease: below a quarter left, the verify queues a prefetch.
         spend_n(&t, &plain, 13, 0);
         let t = t.close_and_reopen();
@@ -85,7 +85,7 @@ fn closing_right_after_traffic_loses_nothing() {
 fn a_crash_loses_at_most_the_outstanding_lease() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(1_000));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(1_000));
     // Two seconds between requests, and the writer idle before each (a prefetch lands
     // before the next request): leases stay at their initial size (16) or shrink.
     for _ in 0..20 {
@@ -124,7 +124,7 @@ fn a_crash_loses_at_most_the_outstanding_lease() {
 fn a_crash_with_growing_leases_stays_within_the_lease_bound() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(1_000_000));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(1_000_000));
     // A frozen clock: every lease lasts < 1 s, so lease sizes double.
     spend_n(&t, &plain, 3_000, 0);
     t.ledger.flush().unwrap();
@@ -150,7 +150,7 @@ fn a_crash_before_the_spend_is_flushed_never_over_spends() {
         let t = ledger_with(durability);
         let owner = t.account("Acme");
         let credits = 300;
-        let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(credits));
+        let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(credits));
         let granted = 123;
         spend_n(&t, &plain, granted, 0);
         // No flush: some spend may still be in memory only.
@@ -180,7 +180,7 @@ fn a_crash_before_the_spend_is_flushed_never_over_spends() {
 fn exact_mode_loses_only_reservations_in_flight() {
     let t = ledger_with(Durability::Exact);
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
     spend_n(&t, &plain, 30, 0);
     // A request in flight when the process dies: 5 reserved, never settled.
     let clone = t.ledger.clone();
@@ -205,8 +205,8 @@ fn check_reports_the_crash_before_the_ledger_is_reopened() {
         .credits()
         .create_pool(&owner, "p", 1_000, None, None)
         .unwrap();
-    let (_, a) = create_key(&t.ledger, NewKey::new(&owner, "a").pool(&pool.id));
-    let (_, b) = create_key(&t.ledger, NewKey::new(&owner, "b").pool(&pool.id));
+    let (_, a) = create_key(&t.ledger, NewKey::new(owner, "a").pool(pool.id));
+    let (_, b) = create_key(&t.ledger, NewKey::new(owner, "b").pool(pool.id));
     spend_n(&t, &a, 10, 2);
     spend_n(&t, &b, 10, 2);
     t.ledger.flush().unwrap();
@@ -238,7 +238,7 @@ fn a_flush_round_writes_spend_and_usage_before_a_crash() {
         b.usage_flush_interval(std::time::Duration::from_millis(5))
     });
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").credits(100));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
     spend_n(&t, &plain, 5, 1); // within the first lease (16): no renewal writes the spend
     let before = t.ledger.stats().writer_commits;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -262,7 +262,7 @@ fn a_crash_holding_two_whole_u64_balances_reopens() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
     let grants =
-        ["a", "b"].map(|name| create_key(&t.ledger, NewKey::new(&owner, name).credits(u64::MAX)));
+        ["a", "b"].map(|name| create_key(&t.ledger, NewKey::new(owner, name).credits(u64::MAX)));
     let keys = grants.clone().map(|(_, plain)| presented(&plain));
     let held: Vec<_> = keys
         .iter()

@@ -34,7 +34,7 @@ fn roll_issues_a_new_secret_and_keeps_the_old_one_until_grace_expires() {
         .keys()
         .by("alice")
         .create(
-            NewKey::new(&owner, "rolled")
+            NewKey::new(owner, "rolled")
                 .permissions(["a:*"])
                 .credits(500)
                 .ips(["10.0.0.0/8"]),
@@ -106,7 +106,7 @@ fn a_previous_secret_outliving_its_key_reports_expired_then_not_found() {
     let owner = t.account("Acme");
     let (id, old_plain) = create_key(
         &t.ledger,
-        NewKey::new(&owner, "short-lived").expires_at(START.plus_secs(100)),
+        NewKey::new(owner, "short-lived").expires_at(START.plus_secs(100)),
     );
     t.clock.advance_secs(10);
     let rolled = t.ledger.keys().roll(&id, 300).unwrap();
@@ -203,7 +203,7 @@ fn a_key_imported_by_sha256_authenticates_and_is_rehashed_on_first_use() {
         .by("migrator")
         .import(
             ImportKey::new(
-                &owner,
+                owner,
                 "legacy key",
                 ImportedHash::Sha256(sha256(&plaintext)),
                 &plaintext[..12],
@@ -247,7 +247,7 @@ fn a_key_imported_by_sha256_authenticates_and_is_rehashed_on_first_use() {
     // The same hash cannot be imported twice, and a refused import writes nothing.
     let dup_plain = formatted_key("vb_live_", 43);
     let dup_hash = ImportedHash::Sha256(sha256(&dup_plain));
-    let dup = ImportKey::new(&owner, "dup", dup_hash, &dup_plain[..12], "wxyz");
+    let dup = ImportKey::new(owner, "dup", dup_hash, &dup_plain[..12], "wxyz");
     t.ledger.keys().import(dup.clone()).unwrap();
     let before = snapshot(&t.ledger);
     assert!(matches!(
@@ -272,7 +272,7 @@ fn a_key_from_another_keyledger_can_be_imported_by_its_sha256() {
         .ledger
         .keys()
         .import(ImportKey::new(
-            &owner,
+            owner,
             "migrated",
             ImportedHash::Sha256(sha256(&plaintext)),
             &plaintext[..12],
@@ -295,7 +295,7 @@ fn imported_test_keys_and_disabled_imports_behave_like_created_ones() {
     let imported = t
         .ledger
         .keys()
-        .import(ImportKey::new(&owner, "t", hash, "vb_test_abcd", "wxyz").test());
+        .import(ImportKey::new(owner, "t", hash, "vb_test_abcd", "wxyz").test());
     let imported = imported.unwrap();
     assert_eq!(imported.class, keyledger::KeyClass::Test);
     t.ledger.keys().disable(&imported.id).unwrap();
@@ -308,7 +308,7 @@ fn imported_test_keys_and_disabled_imports_behave_like_created_ones() {
     let hash = ImportedHash::Sha256(sha256(&live));
     t.ledger
         .keys()
-        .import(ImportKey::new(&owner, "l", hash, "vb_live_abcd", "wxyz"))
+        .import(ImportKey::new(owner, "l", hash, "vb_live_abcd", "wxyz"))
         .unwrap();
     assert!(t.auth(&live).is_ok());
 }
@@ -321,35 +321,35 @@ fn import_validates_like_create() {
     let before = snapshot(&t.ledger);
     let keys = t.ledger.keys();
     assert_invalid(
-        keys.import(ImportKey::new(&owner, "x", hash(), "vb_live_ABCDE", "wxyz")),
+        keys.import(ImportKey::new(owner, "x", hash(), "vb_live_ABCDE", "wxyz")),
         "prefix",
     );
     assert_invalid(
-        keys.import(ImportKey::new(&owner, "x", hash(), "vb_live_**", "wxyz")),
+        keys.import(ImportKey::new(owner, "x", hash(), "vb_live_**", "wxyz")),
         "prefix",
     );
     assert_invalid(
-        keys.import(ImportKey::new(&owner, "x", hash(), "vb_live_AB", "vwxyz")),
+        keys.import(ImportKey::new(owner, "x", hash(), "vb_live_AB", "vwxyz")),
         "prefix",
     );
     assert_invalid(
-        keys.import(ImportKey::new(&owner, "", hash(), "vb_live_AB", "wxyz")),
+        keys.import(ImportKey::new(owner, "", hash(), "vb_live_AB", "wxyz")),
         "name",
     );
     assert_invalid(
-        keys.import(ImportKey::new(&owner, "x", hash(), "vb_live_AB", "wxyz").permissions(["a b"])),
+        keys.import(ImportKey::new(owner, "x", hash(), "vb_live_AB", "wxyz").permissions(["a b"])),
         "permissions",
     );
     assert_invalid(
-        keys.import(ImportKey::new(&owner, "x", hash(), "vb_live_AB", "wxyz").expires_at(START)),
+        keys.import(ImportKey::new(owner, "x", hash(), "vb_live_AB", "wxyz").expires_at(START)),
         "expires_at",
     );
     assert_invalid(
-        keys.import(ImportKey::new(&owner, "x", hash(), "vb_", "wxyz")),
+        keys.import(ImportKey::new(owner, "x", hash(), "vb_", "wxyz")),
         "prefix",
     );
     assert_invalid(
-        keys.import(ImportKey::new(&owner, "x", hash(), "sk_live_AB", "wxyz")),
+        keys.import(ImportKey::new(owner, "x", hash(), "sk_live_AB", "wxyz")),
         "prefix",
     );
     assert_invalid_id(
@@ -500,7 +500,7 @@ fn keys_rolled_or_imported_before_a_rotation_still_work() {
     let legacy = formatted_key("vb_live_", 77);
     let hash = ImportedHash::Sha256(sha256(&legacy));
     let imported = t.ledger.keys().import(ImportKey::new(
-        &owner,
+        owner,
         "legacy",
         hash,
         "vb_live_0000",
@@ -602,7 +602,7 @@ fn legacy_keys_are_imported_by_hash_when_their_prefix_is_configured() {
         .ledger
         .keys()
         .import(ImportKey::new(
-            &owner,
+            owner,
             "stripe-era key",
             ImportedHash::Sha256(sha256(LEGACY_KEY)),
             &LEGACY_KEY[..12],
@@ -640,7 +640,7 @@ fn without_the_legacy_prefix_such_keys_are_malformed_and_cannot_be_imported() {
         Err(Denial::Malformed(MalformedKey::WrongPrefix))
     );
     let hash = ImportedHash::Sha256(sha256(LEGACY_KEY));
-    let import = ImportKey::new(&owner, "k", hash, &LEGACY_KEY[..12], "0042");
+    let import = ImportKey::new(owner, "k", hash, &LEGACY_KEY[..12], "0042");
     assert_invalid(t.ledger.keys().import(import), "prefix");
 }
 
@@ -651,7 +651,7 @@ fn rolling_a_legacy_key_gives_it_a_native_secret() {
     });
     let owner = t.account("Acme");
     let hash = ImportedHash::Sha256(sha256(LEGACY_KEY));
-    let import = ImportKey::new(&owner, "k", hash, &LEGACY_KEY[..12], "0042");
+    let import = ImportKey::new(owner, "k", hash, &LEGACY_KEY[..12], "0042");
     let imported = t.ledger.keys().import(import).unwrap();
     let rolled = t.ledger.keys().roll(&imported.id, 60).unwrap();
     let native = rolled.plaintext.expose().to_owned();
@@ -666,7 +666,7 @@ fn rolling_a_legacy_key_gives_it_a_native_secret() {
     );
     assert_eq!(
         t.auth(&native).map(|k| k.id),
-        Ok(imported.id.clone()),
+        Ok(imported.id),
         "the new secret"
     );
     t.clock.advance_secs(60);

@@ -70,14 +70,14 @@ fn workload(t: &TestLedger) -> Vec<String> {
     let test_key = t
         .ledger
         .keys()
-        .create(NewKey::new(&a, "test").test())
+        .create(NewKey::new(a, "test").test())
         .unwrap();
     plaintexts.push(test_key.plaintext.expose().to_owned());
     for i in 0..2 {
         let tok = t
             .ledger
             .tokens()
-            .create(NewKey::token(&b, "svc", format!("t{i}")))
+            .create(NewKey::token(b, "svc", format!("t{i}")))
             .unwrap();
         plaintexts.push(tok.plaintext.expose().to_owned());
         if i == 0 {
@@ -91,7 +91,7 @@ fn workload(t: &TestLedger) -> Vec<String> {
     }
     let imported = formatted_key("vb_live_", 2024);
     let hash = ImportedHash::Sha256(Sha256::digest(imported.as_bytes()).into());
-    let import = ImportKey::new(&a, "imported", hash, &imported[..12], &imported[42..]);
+    let import = ImportKey::new(a, "imported", hash, &imported[..12], &imported[42..]);
     t.ledger.keys().import(import).unwrap();
     plaintexts.push(imported.clone());
     t.ledger
@@ -109,7 +109,7 @@ fn workload(t: &TestLedger) -> Vec<String> {
     t.ledger
         .rotate_hash_scheme(HashScheme::Blake3Keyed { pepper: 3 })
         .unwrap();
-    let late = t.ledger.keys().create(NewKey::new(&b, "late")).unwrap();
+    let late = t.ledger.keys().create(NewKey::new(b, "late")).unwrap();
     plaintexts.push(late.plaintext.expose().to_owned());
     t.ledger.keys().delete(&ids[2]).unwrap();
     assert!(t.auth(&imported).is_ok());
@@ -169,7 +169,7 @@ fn debug_display_json_errors_and_audit_never_show_a_secret() {
         .ledger
         .keys()
         .by("alice")
-        .create(NewKey::new(&owner, "view me"))
+        .create(NewKey::new(owner, "view me"))
         .unwrap();
     let mut all = secrets;
     all.plaintexts.push(created.plaintext.expose().to_owned());

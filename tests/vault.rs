@@ -260,7 +260,7 @@ fn owners_are_isolated_and_must_exist() {
     let key = env
         .ledger
         .keys()
-        .create(keyledger::NewKey::new(&a, "k"))
+        .create(keyledger::NewKey::new(a, "k"))
         .unwrap();
     assert!(matches!(vault.list(&key.info.id), Err(Error::InvalidId(_))));
 
@@ -465,10 +465,7 @@ fn refresh_scheduling_follows_the_clock() {
     // Later still, both; ordered by expiry.
     let later = env.clock.now().plus_secs(4000);
     let both = vault.due_for_refresh(later, skew).unwrap();
-    assert_eq!(
-        both.iter().map(|d| d.owner.clone()).collect::<Vec<_>>(),
-        [a.clone(), b.clone()]
-    );
+    assert_eq!(both.iter().map(|d| d.owner).collect::<Vec<_>>(), [a, b]);
 
     // A refresh attempt fails with a rate limit: still listed, as refresh_failed.
     let err = normalize_provider_error(&Provider::GoogleDrive, 429, r#"{"error":"rate"}"#);

@@ -74,7 +74,7 @@ fn every_denial_has_a_stable_code_and_http_status() {
 fn malformed_keys_are_refused_before_any_lookup() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (_, plain) = create_key(&t.ledger, NewKey::new(&owner, "k"));
+    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k"));
     for bad in [
         "vb_live_short".to_owned(),
         "nope_live_0123456789abcdefghijABCDEFGHIJ012345".to_owned(),
@@ -115,7 +115,7 @@ fn denials_come_in_chain_order() {
         .id;
     let (id, plain) = create_key(
         &t.ledger,
-        NewKey::new(&owner, "everything wrong")
+        NewKey::new(owner, "everything wrong")
             .permissions(["roadmaps:read"])
             .ips(["10.0.0.0/8"])
             .expires_at(START.plus_secs(60))
@@ -202,7 +202,7 @@ fn route_rules_match_by_longest_prefix_with_wildcards() {
     let key = |perms: &[&str]| {
         create_key(
             &t.ledger,
-            NewKey::new(&owner, "k").permissions(perms.iter().copied()),
+            NewKey::new(owner, "k").permissions(perms.iter().copied()),
         )
         .1
     };
@@ -244,9 +244,9 @@ fn ip_allowlist_accepts_addresses_and_cidr_ranges() {
     let owner = t.account("Acme");
     let (_, listed) = create_key(
         &t.ledger,
-        NewKey::new(&owner, "k").ips(["192.168.1.7", "10.0.0.0/8", "2001:db8::/32"]),
+        NewKey::new(owner, "k").ips(["192.168.1.7", "10.0.0.0/8", "2001:db8::/32"]),
     );
-    let (_, open) = create_key(&t.ledger, NewKey::new(&owner, "any ip"));
+    let (_, open) = create_key(&t.ledger, NewKey::new(owner, "any ip"));
     for (from, expected) in [
         ("192.168.1.7", "ok"),
         ("192.168.1.8", "ip_not_allowed"),
@@ -283,7 +283,7 @@ fn subscription_status_gates_keys_past_due_and_trialing_still_work() {
             .create(NewAccount::new(status.as_str()).status(status))
             .unwrap()
             .id;
-        let (_, plain) = create_key(&t.ledger, NewKey::new(&owner, "k"));
+        let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k"));
         assert_eq!(verify_code(&t.ledger, &plain, "/x"), expected, "{status:?}");
         if expected != "ok" {
             assert_eq!(denial(&t, &plain, "/x").http_status(), 402);
@@ -305,8 +305,8 @@ fn route_entitlements_come_from_the_owners_subscription() {
         .create(NewAccount::new("Pro").entitlements(["pro", "beta"]))
         .unwrap()
         .id;
-    let (_, b) = create_key(&t.ledger, NewKey::new(&basic, "k").permissions(["*"]));
-    let (_, p) = create_key(&t.ledger, NewKey::new(&pro, "k"));
+    let (_, b) = create_key(&t.ledger, NewKey::new(basic, "k").permissions(["*"]));
+    let (_, p) = create_key(&t.ledger, NewKey::new(pro, "k"));
     assert_eq!(verify_code(&t.ledger, &b, "/pro/report"), "not_entitled");
     assert_eq!(denial(&t, &b, "/pro/report").http_status(), 403);
     assert_eq!(verify_code(&t.ledger, &b, "/free"), "ok");
@@ -330,7 +330,7 @@ fn gcra_admits_a_burst_then_one_request_per_interval() {
     let owner = t.account("Acme");
     let (_, plain) = create_key(
         &t.ledger,
-        NewKey::new(&owner, "k").rate_limit("per-second", 10, 1),
+        NewKey::new(owner, "k").rate_limit("per-second", 10, 1),
     );
     let key = presented(&plain);
     for i in 0..10 {
@@ -376,7 +376,7 @@ fn every_named_limit_applies_and_a_refusal_costs_no_slot() {
     let owner = t.account("Acme");
     let (_, plain) = create_key(
         &t.ledger,
-        NewKey::new(&owner, "k")
+        NewKey::new(owner, "k")
             .rate_limit("second", 5, 1)
             .rate_limit("minute", 8, 60),
     );
@@ -399,7 +399,7 @@ fn every_named_limit_applies_and_a_refusal_costs_no_slot() {
 fn the_token_window_weighs_requests_by_cost() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (_, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").token_window(100, 60));
+    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k").token_window(100, 60));
     let key = presented(&plain);
     let g = t
         .ledger
@@ -430,7 +430,7 @@ fn the_token_window_weighs_requests_by_cost() {
 fn the_token_window_counts_the_tokens_committed() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (_, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").token_window(10, 60));
+    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k").token_window(10, 60));
     let key = presented(&plain);
     let reserve = |cost| t.ledger.verify(&Request::new(&key, "/x").cost(cost));
     reserve(10).unwrap().commit(2);
@@ -449,7 +449,7 @@ fn the_token_window_counts_the_tokens_committed() {
 fn a_cost_over_the_whole_token_window_runs_once_the_window_is_empty() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (_, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").token_window(100, 60));
+    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k").token_window(100, 60));
     let key = presented(&plain);
     let big = Request::new(&key, "/x").cost(250);
     assert!(t.ledger.verify(&Request::new(&key, "/x").cost(30)).is_ok());
@@ -472,7 +472,7 @@ fn a_rate_limited_request_is_not_charged() {
     let owner = t.account("Acme");
     let (id, plain) = create_key(
         &t.ledger,
-        NewKey::new(&owner, "k").credits(100).rate_limit("r", 2, 60),
+        NewKey::new(owner, "k").credits(100).rate_limit("r", 2, 60),
     );
     assert!(spend(&t.ledger, &plain, "/x", 5, 5).is_ok());
     assert!(spend(&t.ledger, &plain, "/x", 5, 5).is_ok());
@@ -502,7 +502,7 @@ fn cached_key(t: &TestLedger, new: NewKey) -> (String, String) {
 fn disabling_and_deleting_are_immediate() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = cached_key(&t, NewKey::new(&owner, "k").credits(10));
+    let (id, plain) = cached_key(&t, NewKey::new(owner, "k").credits(10));
     t.ledger.keys().disable(&id).unwrap();
     assert_eq!(verify_code(&t.ledger, &plain, ROUTE), "disabled");
     t.ledger.keys().enable(&id).unwrap();
@@ -519,7 +519,7 @@ fn both_secrets_of_a_rolled_key_share_its_rate_limits() {
     for metered in [false, true] {
         let t = TestLedger::new();
         let owner = t.account("Acme");
-        let new = NewKey::new(&owner, "k").rate_limit("requests", 2, 60);
+        let new = NewKey::new(owner, "k").rate_limit("requests", 2, 60);
         let new = if metered { new.credits(100) } else { new };
         let (id, old) = create_key(&t.ledger, new);
         assert_eq!(verify_code(&t.ledger, &old, ROUTE), "ok");
@@ -541,7 +541,7 @@ fn both_secrets_of_a_rolled_key_share_its_rate_limits() {
 fn rolling_retires_the_old_secret_at_the_end_of_its_grace() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, old) = cached_key(&t, NewKey::new(&owner, "k"));
+    let (id, old) = cached_key(&t, NewKey::new(owner, "k"));
     let new = t.ledger.keys().roll(&id, 0).unwrap();
     let new = new.plaintext.expose().to_owned();
     assert_eq!(verify_code(&t.ledger, &old, ROUTE), "not_found");
@@ -569,7 +569,7 @@ fn key_updates_reach_the_next_verify() {
     let owner = t.account("Acme");
     let (id, plain) = cached_key(
         &t,
-        NewKey::new(&owner, "k")
+        NewKey::new(owner, "k")
             .permissions(["quickhits:*"])
             .ips(["10.0.0.0/24"]),
     );
@@ -599,9 +599,9 @@ fn account_suspension_reaches_every_cached_key_at_once() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
     let other = t.account("Other");
-    let (_, a) = cached_key(&t, NewKey::new(&owner, "a"));
-    let (_, b) = cached_key(&t, NewKey::new(&owner, "b"));
-    let (_, c) = cached_key(&t, NewKey::new(&other, "c"));
+    let (_, a) = cached_key(&t, NewKey::new(owner, "a"));
+    let (_, b) = cached_key(&t, NewKey::new(owner, "b"));
+    let (_, c) = cached_key(&t, NewKey::new(other, "c"));
     t.ledger
         .accounts()
         .set_status(&owner, SubscriptionStatus::Suspended)
@@ -625,7 +625,7 @@ fn account_suspension_reaches_every_cached_key_at_once() {
 fn route_rule_changes_reach_cached_keys() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (_, plain) = cached_key(&t, NewKey::new(&owner, "k").permissions(["reports:read"]));
+    let (_, plain) = cached_key(&t, NewKey::new(owner, "k").permissions(["reports:read"]));
     let routes = t.ledger.routes();
     routes
         .set(RouteRule::new("/api/").permission("admin:write"))
@@ -659,7 +659,7 @@ fn many_route_rules_still_resolve_by_longest_prefix() {
     let owner = t.account("Acme");
     let (_, plain) = cached_key(
         &t,
-        NewKey::new(&owner, "k").permissions(["svc:r7", "svc:r70"]),
+        NewKey::new(owner, "k").permissions(["svc:r7", "svc:r70"]),
     );
     for i in 0..80 {
         t.ledger
@@ -687,7 +687,7 @@ fn many_route_rules_still_check_entitlements() {
         .create(NewAccount::new("Acme").entitlements(["feat7", "feat70"]))
         .unwrap()
         .id;
-    let (_, plain) = cached_key(&t, NewKey::new(&owner, "k"));
+    let (_, plain) = cached_key(&t, NewKey::new(owner, "k"));
     for i in 0..80 {
         t.ledger
             .routes()
@@ -712,7 +712,7 @@ fn many_route_rules_still_check_entitlements() {
 fn an_unrelated_admin_change_does_not_reset_rate_limits() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").rate_limit("r", 2, 3600));
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").rate_limit("r", 2, 3600));
     assert_eq!(verify_code(&t.ledger, &plain, "/x"), "ok");
     assert_eq!(verify_code(&t.ledger, &plain, "/x"), "ok");
     assert_eq!(verify_code(&t.ledger, &plain, "/x"), "rate_limited");
@@ -741,19 +741,19 @@ fn a_rate_window_is_at_most_100_years_and_the_longest_still_limits() {
         assert_invalid(
             t.ledger
                 .keys()
-                .create(NewKey::new(&owner, "k").rate_limit("ever", 5, too_long)),
+                .create(NewKey::new(owner, "k").rate_limit("ever", 5, too_long)),
             "rate_limits",
         );
         assert_invalid(
             t.ledger
                 .keys()
-                .create(NewKey::new(&owner, "k").token_window(1_000, too_long)),
+                .create(NewKey::new(owner, "k").token_window(1_000, too_long)),
             "token_window",
         );
     }
     let (_, plain) = create_key(
         &t.ledger,
-        NewKey::new(&owner, "k")
+        NewKey::new(owner, "k")
             .rate_limit("ever", 5, 3_155_760_000)
             .token_window(1_000, 3_155_760_000),
     );
@@ -768,7 +768,7 @@ fn a_rate_window_is_at_most_100_years_and_the_longest_still_limits() {
 fn a_refund_after_the_slot_drained_does_not_free_later_requests_tokens() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
-    let (_, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").token_window(100, 60));
+    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k").token_window(100, 60));
     let key = presented(&plain);
     let reserve = |cost| t.ledger.verify(&Request::new(&key, "/x").cost(cost));
     let long = reserve(100).unwrap(); // a 60 s stream, estimated at the whole window
@@ -789,7 +789,7 @@ fn waiting_exactly_the_retry_after_given_is_enough() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
     // 3 a second: one slot every 333.33 ms, which the millisecond clock cannot land on.
-    let (_, plain) = create_key(&t.ledger, NewKey::new(&owner, "k").rate_limit("s", 3, 1));
+    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k").rate_limit("s", 3, 1));
     let key = presented(&plain);
     for _ in 0..3 {
         assert!(t.ledger.verify(&Request::new(&key, "/x")).is_ok());
@@ -815,7 +815,7 @@ fn a_wall_clock_stepped_back_does_not_hold_rate_limited_keys_back() {
     let owner = t.account("Acme");
     let (_, plain) = create_key(
         &t.ledger,
-        NewKey::new(&owner, "k").rate_limit("per-second", 2, 1),
+        NewKey::new(owner, "k").rate_limit("per-second", 2, 1),
     );
     let key = presented(&plain);
     assert!(t.ledger.verify(&Request::new(&key, "/x")).is_ok());

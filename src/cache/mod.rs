@@ -69,9 +69,9 @@ impl AccountState {
 
     /// The account's public id.
     pub(crate) fn public_id(&self, ids: &IdCipher) -> PublicId {
-        self.public_id
+        *self
+            .public_id
             .get_or_init(|| ids.encode(IdKind::Account, self.id))
-            .clone()
     }
 
     /// Whether the subscription lets keys work (active, trialing or past due).

@@ -262,7 +262,7 @@ impl Credits<'_> {
     /// (`acct_…`: spend and requests summed over its keys; accounts hold no balance).
     /// Pending counters are flushed first, so the figures are exact at the time of the call.
     pub fn usage(&self, id: &str) -> Result<Usage> {
-        let (_, internal) = self.credit_id(id)?;
+        let (kind, internal) = self.credit_id(id)?;
         self.ledger.flush()?;
         let read = self.ledger.inner.store.begin_read()?;
         let credits: Option<CreditsRecord> = store::get(&read.open_table(CREDITS)?, internal)?;
@@ -271,7 +271,7 @@ impl Credits<'_> {
         let engine = &self.ledger.inner.engine;
         let c = credits.clone().unwrap_or_default();
         Ok(Usage {
-            id: PublicId::from_checked(id),
+            id: self.ledger.inner.ids.encode(kind, internal),
             remaining: credits.map(|c| engine.remaining(internal, &c)),
             granted: c.granted,
             spent: c.spent,

@@ -236,7 +236,7 @@ mod tests {
             .create(NewAccount::new("Acme"))
             .unwrap()
             .id;
-        let created = ledger.keys().create(NewKey::new(&owner, "k")).unwrap();
+        let created = ledger.keys().create(NewKey::new(owner, "k")).unwrap();
         let public = created.info.id.to_string();
         Fixture {
             id: ledger.keys().internal_id(&public).unwrap(),

@@ -82,7 +82,7 @@ impl<'a> Vault<'a> {
     fn info(&self, owner: &Owner, provider: &str, r: &ConnectorRecord) -> ConnectionInfo {
         let (health, health_reason) = health(r, self.ledger.now());
         ConnectionInfo {
-            owner: owner.public.clone(),
+            owner: owner.public,
             provider: parse_provider(provider),
             scopes: r.scopes.clone(),
             expires_at: r.expires_at,

@@ -176,7 +176,7 @@ impl<'a> Secrets<'a> {
 
     fn view(owner: &Owner, name: &str, r: &SecretRecord) -> SecretInfo {
         SecretInfo {
-            owner: owner.public.clone(),
+            owner: owner.public,
             name: name.to_owned(),
             allowed_hosts: r.allowed_hosts.clone(),
             version: r.version,

@@ -66,7 +66,7 @@ impl Server {
         let state = Arc::new(App {
             ledger: ledger.clone(),
             auth,
-            default_owner: boot.account.clone(),
+            default_owner: boot.account,
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -184,8 +184,8 @@ impl Guard {
             refuse,
             with_caller,
             anonymous: Caller {
-                key_id: app.default_owner.clone(),
-                owner: app.default_owner.clone(),
+                key_id: app.default_owner,
+                owner: app.default_owner,
                 permissions: vec!["*".into()],
             },
         }

@@ -155,9 +155,9 @@ pub fn bootstrap(ledger: &Ledger) -> keyledger::Result<Bootstrap> {
         None,
     )?;
     let created = ledger.keys().by("server bootstrap").create(
-        NewKey::new(&account.id, "admin")
+        NewKey::new(account.id, "admin")
             .permissions(["*"])
-            .pool(&pool.id),
+            .pool(pool.id),
     )?;
     Ok(Bootstrap {
         account: account.id,

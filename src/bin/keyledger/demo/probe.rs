@@ -66,7 +66,7 @@ impl<'a> Probe<'a> {
 pub(super) enum Outcome {
     /// Granted; the receipt unless the grant was dropped.
     Granted {
-        view: GrantView,
+        view: Box<GrantView>,
         receipt: Option<Receipt>,
     },
     /// Refused.
@@ -128,7 +128,10 @@ fn run(ledger: &Ledger, plaintext: &str, probe: &Probe<'_>) -> CliResult<Outcome
             None
         }
     };
-    Ok(Outcome::Granted { view, receipt })
+    Ok(Outcome::Granted {
+        view: Box::new(view),
+        receipt,
+    })
 }
 
 impl Demo {

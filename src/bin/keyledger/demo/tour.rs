@@ -344,7 +344,7 @@ fn legacy_key(scratch: &Path) -> CliResult<zeroize::Zeroizing<String>> {
     let owner = legacy
         .accounts()
         .create(NewAccount::new("Legacy customer"))?;
-    let key = legacy.keys().create(NewKey::new(&owner.id, "Legacy key"))?;
+    let key = legacy.keys().create(NewKey::new(owner.id, "Legacy key"))?;
     Ok(zeroize::Zeroizing::new(key.plaintext.expose().to_owned()))
 }
 

@@ -104,7 +104,7 @@ impl Demo {
             let key = self.ledger.keys().by("demo").create(
                 NewKey::new(acme, name)
                     .permissions(["quickhits:create"])
-                    .pool(&pool.id),
+                    .pool(pool.id),
             )?;
             self.summary.keys_created += 1;
             self.remember(&key.info, key.plaintext);

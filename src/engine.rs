@@ -171,8 +171,10 @@ impl Engine {
         hasher: KeyHasher,
         config: &Config,
     ) -> Result<Engine> {
-        let lost_at_open = recover_leases(&store)?;
-        let routes = load_routes(&store)?;
+        // The first reads of every record: a damaged page must give an error, not a panic.
+        let (lost_at_open, routes) = store::unless_redb_panics(|| {
+            Ok::<_, Error>((recover_leases(&store)?, load_routes(&store)?))
+        })??;
         let (events_tx, events) = channel::bounded(EVENT_CAPACITY);
         let shared = Arc::new(Shared {
             store,

@@ -53,7 +53,7 @@ impl Store {
     /// known format, opened with the right master key.
     pub(crate) fn open(path: &Path, master: &MasterKey) -> Result<(Store, OpenedMeta)> {
         let db = unless_redb_panics(|| Database::builder().create(path))??;
-        Store::init(db, path, master)
+        unless_redb_panics(|| Store::init(db, path, master))?
     }
 
     /// Like [`open`](Self::open), on any redb storage backend (crash-simulating tests,
@@ -63,7 +63,7 @@ impl Store {
         master: &MasterKey,
     ) -> Result<(Store, OpenedMeta)> {
         let db = unless_redb_panics(|| Database::builder().create_with_backend(backend))??;
-        Store::init(db, Path::new("<storage backend>"), master)
+        unless_redb_panics(|| Store::init(db, Path::new("<storage backend>"), master))?
     }
 
     /// Opens an existing file of the current format for `check`, writing nothing: no tables
@@ -179,8 +179,9 @@ impl Store {
     }
 }
 
-/// Runs one of redb's whole-file operations (opening a file, which repairs it after a crash;
-/// the integrity check), turning a panic into a typed error. On some malformed pages redb
+/// Runs redb's work on a file not yet known to be sound (opening it, which repairs it after a
+/// crash; the first reads of its meta and records; the integrity check), turning a panic into
+/// a typed error. On some malformed pages redb
 /// reaches an `assert!` or a slice index instead of returning `StorageError::Corrupted`
 /// (cberner/redb#1277 and the like), and a corrupt file must get an error, never a crash.
 pub(crate) fn unless_redb_panics<T>(f: impl FnOnce() -> T) -> Result<T> {

@@ -664,7 +664,13 @@ impl Engine {
             expires_at: record.expires_at.map_or(u64::MAX, |t| t.0),
             scope: self.intern(Scope {
                 permissions: record.permissions,
-                ips: record.ips,
+                // Stored before ranges were kept in IPv4 form: matched as they are now.
+                // Stored before ranges were kept in IPv4 form: matched as they are now.
+                ips: record
+                    .ips
+                    .into_iter()
+                    .map(crate::record::ipv4_if_mapped)
+                    .collect(),
                 secret_valid_until: record.valid_until.map_or(u64::MAX, |t| t.0),
             }),
             account,
@@ -906,6 +912,37 @@ mod tests {
             crate::cache::Slot::Missing => None,
         });
         found.flatten().expect("cached")
+    }
+
+    #[test]
+    fn an_ipv4_mapped_range_stored_by_an_older_version_matches_its_ipv4_clients() {
+        let f = ledger();
+        let (_, _, plaintext) = key(&f.ledger, |o| NewKey::new(o, "k").ips(["10.0.0.1"]));
+        let hash = f.ledger.hasher().hash_current(&plaintext);
+        let txn = f.ledger.inner.store.begin_write().unwrap();
+        {
+            let mut index = txn.open_table(KEY_VERIFY).unwrap();
+            let bytes = index.get(&hash).unwrap().unwrap().value().to_vec();
+            let mut entry: VerifyRecord = crate::codec::decode(&bytes).unwrap();
+            entry.ips = vec!["::ffff:10.0.0.1/128".parse().unwrap()];
+            let bytes = crate::codec::encode(&entry);
+            index.insert(&hash, bytes.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        let (path, config) = (f.ledger.inner.path.clone(), f.ledger.inner.config.clone());
+        f.ledger.close().unwrap();
+        drop(f.ledger);
+        let reopened = Ledger::open(path, config).unwrap();
+        let key = Presented::new(&plaintext).unwrap();
+        let refused = Request::new(&key, "/x").client_ip("10.0.0.2".parse().unwrap());
+        assert_eq!(
+            reopened.verify(&refused).err().map(|d| d.code()),
+            Some("ip_not_allowed")
+        );
+        for from in ["10.0.0.1", "::ffff:10.0.0.1"] {
+            let request = Request::new(&key, "/x").client_ip(from.parse().unwrap());
+            assert!(reopened.verify(&request).is_ok(), "{from}");
+        }
     }
 
     #[test]

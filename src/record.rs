@@ -433,6 +433,19 @@ impl Record for AuditEvent {
     const VERSION: u8 = 1;
 }
 
+/// An IPv4-mapped IPv6 range (`::ffff:a.b.c.d/n`, n ≥ 96) as the IPv4 range it maps: a client
+/// is matched in canonical form (a dual-stack listener's `::ffff:a.b.c.d` as `a.b.c.d`), which
+/// an IPv6 range never contains. Other ranges are returned as they are.
+pub(crate) fn ipv4_if_mapped(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
 /// Limits on user-supplied fields.
 pub(crate) mod rules {
     use super::*;
@@ -558,8 +571,9 @@ pub(crate) mod rules {
                         ),
                     )
                 })?;
-            if !out.contains(&net.trunc()) {
-                out.push(net.trunc());
+            let net = ipv4_if_mapped(net).trunc();
+            if !out.contains(&net) {
+                out.push(net);
                 // In the loop for the same reason as in `scopes`.
                 if out.len() > MAX_IPS {
                     return Err(Error::invalid("ips", format!("at most {MAX_IPS} entries")));
@@ -569,7 +583,8 @@ pub(crate) mod rules {
         Ok(out)
     }
 
-    /// Free-form metadata: at most 32 entries of short printable strings.
+    /// Free-form metadata: at most 32 entries of short strings without control characters
+    /// (a CLI prints them as they are).
     pub fn metadata(map: &BTreeMap<String, String>) -> Result<(), Error> {
         if map.len() > MAX_METADATA {
             return Err(Error::invalid(
@@ -584,10 +599,13 @@ pub(crate) mod rules {
                     format!("keys must be 1–{METADATA_KEY_MAX} bytes without control characters"),
                 ));
             }
-            if v.len() > METADATA_VALUE_MAX {
+            if v.len() > METADATA_VALUE_MAX || v.chars().any(char::is_control) {
                 return Err(Error::invalid(
                     "metadata",
-                    format!("values must be at most {METADATA_VALUE_MAX} bytes"),
+                    format!(
+                        "values must be at most {METADATA_VALUE_MAX} bytes without control \
+                         characters"
+                    ),
                 ));
             }
         }

@@ -213,6 +213,13 @@ fn limits_and_metadata_are_validated() {
     }
     assert_invalid(t.ledger.keys().create(meta), "metadata");
     assert_invalid(t.ledger.keys().create(new().metadata("", "v")), "metadata");
+    // A value that would forge a line of `keyledger keys show`, or drive a terminal.
+    for forged in ["x\n  updated_by      admin@example.com", "\u{1b}[2K"] {
+        assert_invalid(
+            t.ledger.keys().create(new().metadata("note", forged)),
+            "metadata",
+        );
+    }
     assert_invalid(
         t.ledger.keys().create(new().metadata("k".repeat(65), "v")),
         "metadata",

@@ -261,6 +261,22 @@ fn ip_allowlist_accepts_addresses_and_cidr_ranges() {
         assert_eq!(verify_from(&t, &listed, "/x", from), expected, "{from}");
         assert_eq!(verify_from(&t, &open, "/x", from), "ok");
     }
+    // Entries written in IPv4-mapped form mean the IPv4 addresses they map.
+    let (mapped, plain) = create_key(
+        &t.ledger,
+        NewKey::new(owner, "mapped").ips(["::ffff:10.0.0.1", "::ffff:172.16.0.0/108"]),
+    );
+    let shown = t.ledger.keys().get(&mapped).unwrap().ips;
+    assert_eq!(shown, ["10.0.0.1/32", "172.16.0.0/12"]);
+    for (from, expected) in [
+        ("10.0.0.1", "ok"),
+        ("::ffff:10.0.0.1", "ok"),
+        ("10.0.0.2", "ip_not_allowed"),
+        ("172.31.255.255", "ok"),
+        ("::ffff:172.32.0.0", "ip_not_allowed"),
+    ] {
+        assert_eq!(verify_from(&t, &plain, "/x", from), expected, "{from}");
+    }
     // A non-empty allowlist refuses a request whose client address is unknown.
     let d = denial(&t, &listed, "/x");
     assert_eq!((d.code(), d.http_status()), ("ip_not_allowed", 403));

@@ -123,8 +123,8 @@ fn probe_table(
 }
 
 /// Replaces `old_hash` (current or rolled secret) by `new_hash` under the current scheme.
-/// Returns the verify entry of `new_hash` (`None`: a concurrent change, such as a roll, took
-/// `old_hash` out of the record first). A concurrent miss of the same key may have rehashed
+/// Returns the verify entry of `new_hash` (`None`: a concurrent change, such as a roll or a
+/// delete, took `old_hash` out first). A concurrent miss of the same key may have rehashed
 /// it already: then nothing is written and its entry is returned.
 fn rehash(
     ledger: &Ledger,
@@ -135,8 +135,10 @@ fn rehash(
 ) -> Result<Option<VerifyRecord>> {
     let txn = ledger.inner.store.begin_write()?;
     let mut keys = txn.open_table(KEYS)?;
-    let mut record: KeyRecord =
-        store::get(&keys, id)?.ok_or(crate::Error::NotFound { what: "key" })?;
+    // Deleted since the probe: not found, as for any other key that is gone.
+    let Some(mut record): Option<KeyRecord> = store::get(&keys, id)? else {
+        return Ok(None);
+    };
     // The secret presented must still be one of the record's: a roll that committed since
     // the probe may have replaced it (and put another secret in the rolled slot).
     let slot = if hashes_equal(&record.key_hash, old_hash) {
@@ -328,5 +330,20 @@ mod tests {
         assert_eq!((found.id, found.scheme), (f.id, V2));
         drop(stale);
         assert_eq!(f.check(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_rehash_that_lost_a_race_with_a_delete_finds_nothing() {
+        let f = fixture();
+        f.ledger.rotate_hash_scheme(V2).unwrap();
+        f.ledger.keys().delete(&f.public).unwrap();
+        let hasher = f.ledger.hasher();
+        let (old, new) = (hasher.hash(V1, &f.plaintext), hasher.hash(V2, &f.plaintext));
+        let out = rehash(&f.ledger, f.id, &old, &new, V2);
+        assert!(
+            matches!(out, Ok(None)),
+            "{:?}",
+            out.map(|o| o.map(|e| e.id))
+        );
     }
 }

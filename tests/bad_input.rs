@@ -334,6 +334,30 @@ fn forged_truncated_and_rekinded_ids_are_invalid() {
 }
 
 #[test]
+fn an_authentic_key_id_naming_a_token_reaches_no_balance() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let token = t
+        .ledger
+        .tokens()
+        .create(NewKey::token(owner, "svc", "t").credits(10))
+        .unwrap()
+        .info;
+    // A twin ledger (same master key) gives its first key the internal id of this token.
+    let dir = tempfile::tempdir().unwrap();
+    let twin = Ledger::open(dir.path().join("twin.redb"), t.config()).unwrap();
+    let twin_owner = account(&twin, "twin");
+    let twin_key = twin.keys().create(NewKey::new(twin_owner, "k")).unwrap().info.id;
+    assert_not_found(t.ledger.credits().usage(&twin_key), "key");
+    assert_not_found(t.ledger.credits().top_up(&twin_key, 5), "key");
+    assert_not_found(t.ledger.credits().set(&twin_key, 0), "key");
+    assert_eq!(
+        t.ledger.credits().usage(&token.id).unwrap().remaining,
+        Some(10)
+    );
+}
+
+#[test]
 fn unknown_but_authentic_ids_are_not_found() {
     let (t, owner, _) = setup();
     // A ledger with the same master key mints ids this one has never used.

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::keys::new_balance;
 use crate::ledger::{Ledger, SYSTEM_ACTOR};
 use crate::public_id::{IdKind, PublicId};
-use crate::record::{CreditsRecord, KeyRecord, PoolRecord, Refill, UsageRecord, rules};
+use crate::record::{CreditsRecord, KeyKind, KeyRecord, PoolRecord, Refill, UsageRecord, rules};
 use crate::store::{self, tables::*};
 
 /// Credit operations. Get one with [`Ledger::credits`].
@@ -330,7 +330,17 @@ impl Credits<'_> {
         };
         let internal = ids.decode(kind, id)?;
         let read = self.ledger.inner.store.begin_read()?;
-        if read.open_table(table)?.get(internal)?.is_none() {
+        let found = match kind {
+            // An authentic id of another ledger with the same master key may name a record of
+            // the other kind here: a `key_` id never reaches a token's balance, nor the reverse.
+            IdKind::Key | IdKind::Token => {
+                store::get::<KeyRecord>(&read.open_table(table)?, internal)?.is_some_and(|r| {
+                    matches!(r.kind, KeyKind::Token { .. }) == (kind == IdKind::Token)
+                })
+            }
+            _ => read.open_table(table)?.get(internal)?.is_some(),
+        };
+        if !found {
             return Err(Error::NotFound { what: kind.noun() });
         }
         Ok((kind, internal))

@@ -306,6 +306,28 @@ impl Engine {
         }
     }
 
+    /// Whether leases are of exactly what a request needs ([`Durability::Exact`]).
+    pub(crate) fn exact(&self) -> bool {
+        self.shared.exact
+    }
+
+    /// Gives refunded units back to the durable balance, reserved under the balance's
+    /// `epoch` (see `Grant`): discarded instead if a `set` came since. Waits until that is
+    /// durable, as a reservation in `Exact` mode waits for its lease; with the writer gone
+    /// (closed), the meter keeps them.
+    pub(crate) fn give_back(&self, meter: &MeterRef, units: u64, epoch: u32) {
+        let (reply, done) = channel::bounded(1);
+        let msg = Msg::Return {
+            meter: meter.clone(),
+            units,
+            epoch,
+            reply,
+        };
+        if self.tx.send(msg).is_err() || done.recv().is_err() {
+            meter.give_back(units);
+        }
+    }
+
     /// Drops refunded units reserved before a `set` of the balance (see `Grant`).
     pub(crate) fn discard(&self, meter: &MeterRef, units: u64) {
         let _ = self.tx.send(Msg::Discard {

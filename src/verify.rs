@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 
 use crate::cache::{CachedKey, Slot};
-use crate::credits::meter::Meter;
+use crate::credits::meter::{MAX_LEASE, Meter};
 use crate::credits::writer::Handoff;
 use crate::denial::Denial;
 use crate::engine::Loaded;
@@ -450,16 +450,27 @@ impl Grant<'_> {
 }
 
 impl Grant<'_> {
-    /// Returns reserved units: to the lease, or — if the balance was `set` since they were
-    /// reserved — out of the books, since the set was final.
+    /// Returns reserved units: to the lease up to a full lease (`Exact` mode: none), the rest
+    /// to the durable balance through the writer, so that a crash loses no more than the
+    /// mode promises; or — if the balance was `set` since they were reserved — out of the
+    /// books, since the set was final.
     fn refund(&self, meter: &Meter, units: u64) {
         if units == 0 {
             return;
         }
-        if meter.epoch.load(Ordering::Acquire) == self.epoch {
-            meter.give_back(units);
-        } else if let Some(handle) = self.key.meter_ref() {
-            self.ledger.inner.engine.discard(&handle, units);
+        let engine = &self.ledger.inner.engine;
+        let current = meter.epoch.load(Ordering::Acquire) == self.epoch;
+        let cap = if engine.exact() { 0 } else { MAX_LEASE };
+        let kept = if current {
+            meter.give_back_up_to(units, cap)
+        } else {
+            0
+        };
+        if let (true, Some(handle)) = (kept < units, self.key.meter_ref()) {
+            match current {
+                true => engine.give_back(&handle, units - kept, self.epoch),
+                false => engine.discard(&handle, units),
+            }
         }
     }
 }

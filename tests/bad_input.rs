@@ -347,7 +347,12 @@ fn an_authentic_key_id_naming_a_token_reaches_no_balance() {
     let dir = tempfile::tempdir().unwrap();
     let twin = Ledger::open(dir.path().join("twin.redb"), t.config()).unwrap();
     let twin_owner = account(&twin, "twin");
-    let twin_key = twin.keys().create(NewKey::new(twin_owner, "k")).unwrap().info.id;
+    let twin_key = twin
+        .keys()
+        .create(NewKey::new(twin_owner, "k"))
+        .unwrap()
+        .info
+        .id;
     assert_not_found(t.ledger.credits().usage(&twin_key), "key");
     assert_not_found(t.ledger.credits().top_up(&twin_key, 5), "key");
     assert_not_found(t.ledger.credits().set(&twin_key, 0), "key");

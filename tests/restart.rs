@@ -197,6 +197,57 @@ fn exact_mode_loses_only_reservations_in_flight() {
 }
 
 #[test]
+fn a_refund_in_exact_mode_goes_back_to_the_durable_balance() {
+    let t = ledger_with(Durability::Exact);
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(1_000));
+    // Reserves 500, charges 1: the 499 left must not wait in memory for the next request.
+    assert_eq!(
+        spend(&t.ledger, &plain, "/x", 500, 1)
+            .unwrap()
+            .token_stats
+            .charged,
+        1
+    );
+    let key = presented(&plain);
+    let before = t.ledger.stats().writer_commits;
+    let grant = t.ledger.verify(&Request::new(&key, "/x").cost(1)).unwrap();
+    assert_eq!(
+        t.ledger.stats().writer_commits - before,
+        1,
+        "every reservation is a group-committed write"
+    );
+    grant.commit(1);
+    drop(t.ledger.verify(&Request::new(&key, "/x").cost(7)).unwrap()); // refunded whole
+    t.ledger.flush().unwrap();
+    let t = t.crash_and_reopen();
+    let u = t.ledger.credits().usage(&id).unwrap();
+    assert_eq!((u.lost_to_crash, u.spent, u.remaining), (0, 2, Some(998)));
+}
+
+#[test]
+fn a_refund_of_a_large_reservation_keeps_at_most_a_full_lease_in_memory() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(10_000_000));
+    let key = presented(&plain);
+    let grant = t
+        .ledger
+        .verify(&Request::new(&key, "/x").cost(2_000_000))
+        .unwrap();
+    grant.commit(1);
+    t.ledger.flush().unwrap();
+    let t = t.crash_and_reopen();
+    let u = t.ledger.credits().usage(&id).unwrap();
+    assert!(u.lost_to_crash <= 100_000, "lost {}", u.lost_to_crash);
+    assert_eq!(
+        u.spent + u.lost_to_crash + u.remaining.unwrap(),
+        10_000_000,
+        "{u:?}"
+    );
+}
+
+#[test]
 fn check_reports_the_crash_before_the_ledger_is_reopened() {
     let t = TestLedger::new();
     let owner = t.account("Acme");

@@ -236,6 +236,21 @@ impl Meter {
         taken
     }
 
+    /// Returns units to the lease while it holds fewer than `cap`; returns how many it kept
+    /// (none if the meter was retired). What it does not keep goes back to the durable balance
+    /// through the writer, so that a crash never loses more than a full lease.
+    pub(crate) fn give_back_up_to(&self, units: u64, cap: u64) -> u64 {
+        if self.retired() {
+            return 0;
+        }
+        let kept = |held: u64| held.saturating_add(units).min(cap.max(held)) - held;
+        self.lease
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (kept(held) > 0).then(|| held + kept(held))
+            })
+            .map_or(0, kept)
+    }
+
     /// Returns units to the lease (a refund, or a reservation larger than the real cost).
     pub(crate) fn give_back(&self, units: u64) {
         if units > 0 && !self.retired() {

@@ -105,6 +105,16 @@ pub(crate) enum Msg {
     /// Units of a reservation taken before a `set` of the balance: the set was final, so
     /// they leave `leased` and `granted` instead of returning to the new balance.
     Discard { meter: MeterRef, units: u64 },
+    /// Refunded units the lease does not keep (`Exact` mode keeps none): back to the
+    /// balance, or discarded if the balance's epoch moved on since they were reserved under
+    /// `epoch` (checked here, in batch order, after any `set` before it).
+    Return {
+        meter: MeterRef,
+        units: u64,
+        epoch: u32,
+        /// Answered once the batch is durable (or failed: then the meter keeps them).
+        reply: Sender<()>,
+    },
     /// Flush now.
     Flush { reply: Sender<Result<()>> },
     /// Return every lease, flush, and stop.
@@ -512,6 +522,8 @@ struct Effects {
     /// and where to hand them.
     handoffs: Vec<(usize, Option<u64>, u32, Sender<Handoff>)>,
     shortfalls: Vec<(Sender<u64>, u64)>,
+    /// Refunds given back to the balance (see [`Msg::Return`]), answered once durable.
+    returns: Vec<(MeterRef, u64, Sender<()>)>,
     /// Replies to balance changes, sent once the batch is durable (a refused change too: its
     /// `reclaim` changed the meter, which the caller's next request must find settled).
     adjusts: Vec<(Sender<Result<u64>>, Result<u64>)>,
@@ -612,6 +624,9 @@ fn commit(
             for (r, n) in fx.shortfalls {
                 let _ = r.send(n);
             }
+            for (_, _, r) in fx.returns {
+                let _ = r.send(());
+            }
             for (r, n) in fx.adjusts {
                 let _ = r.send(n);
             }
@@ -689,6 +704,10 @@ fn commit(
             for (r, _) in fx.shortfalls {
                 let _ = r.send(0);
             }
+            for (meter, units, r) in fx.returns {
+                meter.give_back(units); // not durable: the meter keeps them, as before
+                let _ = r.send(());
+            }
             for (r, _) in fx.adjusts {
                 let _ = r.send(Err(not_changed(&message)));
             }
@@ -721,6 +740,16 @@ fn refuse(msg: Msg, message: &str, syncs: &mut Vec<Sender<Result<()>>>) {
             let _ = reply.send(Err(not_changed(message)));
         }
         Msg::Flush { reply } | Msg::Close { reply } => syncs.push(reply),
+        // Not written back: kept in the lease, as before the refund asked (a close returns it).
+        Msg::Return {
+            meter,
+            units,
+            reply,
+            ..
+        } => {
+            meter.give_back(units);
+            let _ = reply.send(());
+        }
         Msg::Retire { .. } | Msg::Discard { .. } | Msg::Abandon | Msg::PrefetchBell => {}
     }
 }
@@ -883,6 +912,26 @@ fn build(
                         let units = units.min(r.leased);
                         r.leased -= units;
                         r.granted = r.granted.saturating_sub(units);
+                    }
+                }
+                Msg::Return {
+                    meter,
+                    units,
+                    epoch,
+                    reply,
+                } => {
+                    fx.returns.push((meter.clone(), units, reply));
+                    if let Some(r) = live(&mut work, &meter)? {
+                        let units = units.min(r.leased);
+                        r.leased -= units;
+                        if meter.epoch.load(Ordering::Acquire) == epoch {
+                            r.balance += units;
+                            meter.durable_balance.store(r.balance, Ordering::Release);
+                            // The balance grew: `build` decides empty-ness from the record.
+                            fx.leases.push((meter, 0, 0));
+                        } else {
+                            r.granted = r.granted.saturating_sub(units);
+                        }
                     }
                 }
                 Msg::Flush { reply } | Msg::Close { reply } => fx.syncs.push(reply),

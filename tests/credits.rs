@@ -861,6 +861,45 @@ fn falling_to_the_low_balance_threshold_emits_one_event() {
     assert!(low[0].remaining <= 50);
 }
 
+/// Spend charged only at commit (a peek, then the real cost, as a token-metered server does)
+/// tells the host as leased spend does: low balance on the way down, exhausted at zero.
+#[test]
+fn spend_charged_at_commit_emits_low_balance_and_exhausted_events() {
+    let t = TestLedger::new();
+    let events = t.ledger.credit_events();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(
+        &t.ledger,
+        NewKey::new(owner, "k")
+            .credits(100)
+            .low_balance_threshold(50),
+    );
+    for _ in 0..8 {
+        assert_eq!(
+            spend(&t.ledger, &plain, "/x", 0, 10)
+                .unwrap()
+                .token_stats
+                .charged,
+            10
+        );
+    }
+    let low = low_balance_events(&t, &events);
+    assert_eq!(low.len(), 1, "{low:?}");
+    assert_eq!(
+        (low[0].subject.as_str(), low[0].remaining),
+        (id.as_str(), 50)
+    );
+    let r = spend(&t.ledger, &plain, "/x", 0, 500).unwrap();
+    assert_eq!((r.token_stats.charged, r.token_stats.uncovered), (20, 480));
+    t.ledger.flush().unwrap();
+    let got: Vec<_> = events.try_iter().collect();
+    assert!(
+        got.iter()
+            .any(|e| e.kind == CreditEventKind::Exhausted && e.subject == id && e.remaining == 0),
+        "{got:?}"
+    );
+}
+
 /// A threshold set or cleared on a key in use applies to its next spend: its balance's meter
 /// in memory learns it, not only the record.
 #[test]

@@ -828,7 +828,19 @@ fn build(
                             r.leased -= from_lease;
                             r.spent += from_balance + from_lease;
                             meter.durable_balance.store(r.balance, Ordering::Release);
-                            from_balance + from_lease
+                            // Spend that reached no lease (a peek, then a commit of the real
+                            // cost) must tell the host as a leased spend does.
+                            let remaining = r.balance + meter.lease.load(Ordering::Acquire);
+                            low_balance(shared, fx, &meter, remaining);
+                            let charged = from_balance + from_lease;
+                            if charged < units && meter.first_refusal() {
+                                fx.events.push(CreditEvent {
+                                    kind: CreditEventKind::Exhausted,
+                                    subject: shared.ids.encode(meter.subject, meter.id),
+                                    remaining,
+                                });
+                            }
+                            charged
                         }
                         None => 0,
                     };

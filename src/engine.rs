@@ -687,7 +687,6 @@ impl Engine {
             scope: self.intern(Scope {
                 permissions: record.permissions,
                 // Stored before ranges were kept in IPv4 form: matched as they are now.
-                // Stored before ranges were kept in IPv4 form: matched as they are now.
                 ips: record
                     .ips
                     .into_iter()

@@ -189,7 +189,7 @@ impl IdCipher {
 /// AES-SIV (RFC 5297, AES-256-CMAC-SIV as [`Aes256Siv`]) for one fixed associated-data string
 /// and an 8-byte plaintext, with everything that does not depend on the plaintext computed
 /// once: a public id costs two AES block encryptions, ≈ 80 ns, instead of the crate's key
-/// expansions, four CMACs and an allocation (≈ 300–550 ns). That makes an id cheap enough to
+/// expansions, four CMACs and an allocation (≈ 300–600 ns). That makes an id cheap enough to
 /// seal on every call, so a cached key keeps none (docs/PERFORMANCE.md, fourteenth round).
 /// Only sealing is specialised; opening goes through [`Aes256Siv`], and a test checks both
 /// agree on every kind and on random keys and ids.
@@ -274,7 +274,8 @@ mod tests {
 
     #[test]
     fn ids_are_stable_opaque_and_kind_bound() {
-        // A fixed key: under a random one, 0.8 % of ids contain "42" by chance.
+        // A fixed key: under a random one, about 0.8 % of ids contain "42" by chance (31 places,
+        // 1 in 64² each).
         let c = IdCipher::from_key(Zeroizing::new([7; 64]));
         let id = c.encode(IdKind::Key, 42);
         assert!(id.starts_with("key_") && !id.contains("42"), "{id}");

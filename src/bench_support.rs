@@ -322,8 +322,7 @@ impl Workload {
 
     /// Units leased into memory and not yet reserved, for key `i` (`None`: not cached).
     pub fn lease_of(&self, i: usize) -> Option<u64> {
-        self.meter_of(&self.keys[i])
-            .map(|m| m.lease.load(Ordering::Acquire))
+        self.meter_of(&self.keys[i]).map(|m| m.leased())
     }
 
     /// Bytes of the cache's tables.

@@ -276,9 +276,7 @@ impl Engine {
     /// not yet reserved (at most what the record says is leased).
     pub(crate) fn remaining(&self, id: u64, record: &CreditsRecord) -> u64 {
         let meters = self.shared.meters.lock();
-        let in_memory = meters
-            .get(id)
-            .map_or(0, |m| m.lease.load(Ordering::Acquire));
+        let in_memory = meters.get(id).map_or(0, |m| m.leased());
         record.balance + in_memory.min(record.leased)
     }
 
@@ -1021,14 +1019,14 @@ mod tests {
         assert_eq!(code(&f.ledger, &plaintext), "ok"); // cached, with its meter
         let meter = engine.shared.meters.lock().get(id).expect("registered");
         // A request reads the epoch, then a `set` runs before the writer leases for it.
-        let read_before = meter.epoch.load(Ordering::Acquire);
+        let read_before = meter.epoch();
         f.ledger.credits().set(&public, 100).unwrap();
         match engine.lease_now(&meter, 5) {
             Some(Handoff::Units { units: 5, epoch }) => {
                 // The units come out of the new balance: the grant must carry the new epoch,
                 // or its refund would be discarded as if reserved before the set.
                 assert_ne!(epoch, read_before);
-                assert_eq!(epoch, meter.epoch.load(Ordering::Acquire));
+                assert_eq!(epoch, meter.epoch());
             }
             other => panic!("{other:?}"),
         }

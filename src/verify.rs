@@ -7,12 +7,11 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
 use crate::cache::{CachedKey, Slot};
-use crate::credits::meter::{MAX_LEASE, Meter};
+use crate::credits::meter::{MAX_LEASE, MAX_LEASED, Meter};
 use crate::credits::writer::Handoff;
 use crate::denial::Denial;
 use crate::engine::Loaded;
@@ -182,14 +181,14 @@ impl Ledger {
         let mut denial = Denial::Unavailable; // the writer kept losing the race: retry later
         for _ in 0..64 {
             let now = self.now().0;
-            grant.epoch = meter.epoch.load(Ordering::Acquire);
             // A lease taken before a refill came due belongs to the old period: the writer
             // must apply the refill (replacing it) before anything more is spent.
             if meter.current(now) {
                 // Read before the take: the writer hands a lease over before it marks the
                 // balance empty, so a take after seeing the mark sees that lease too.
                 let empty = meter.empty_at(now);
-                if meter.try_take(cost).is_some() {
+                if let Some((_, epoch)) = meter.try_take(cost) {
+                    grant.epoch = epoch;
                     grant.note_use(now);
                     return Ok(grant);
                 }
@@ -210,8 +209,12 @@ impl Ledger {
                     grant.note_use(now);
                     return Ok(grant);
                 }
-                // Fewer than needed (the balance is running out): back into the lease.
-                Some(Handoff::Units { units, .. }) => meter.give_back(units),
+                // Fewer than needed (the balance is running out): back into the lease, as
+                // a refund of a reservation of that epoch, kept whole for the next take.
+                Some(Handoff::Units { units, epoch }) => {
+                    grant.epoch = epoch;
+                    grant.put_back(meter, units, MAX_LEASED);
+                }
                 Some(Handoff::Short) => {
                     denial = Denial::UsageExceeded;
                     break;
@@ -305,19 +308,20 @@ fn check<'l>(
     };
     // 8. Credits: reserve from the in-memory lease with a CAS.
     let meter = key.meter();
-    let grant = Grant {
+    let mut grant = Grant {
         ledger,
         key: key.clone(),
         reserved: cost,
         price_micros: route.rule.map_or(0, |r| r.price_micros),
         admission,
-        epoch: meter.map_or(0, |m| m.epoch.load(Ordering::Acquire)),
+        epoch: 0, // the epoch of the units reserved, once they are
         settled: false,
     };
     let reserved = match meter {
         Some(meter) if cost > 0 && !meter.current(now_ms) => false,
         Some(meter) if cost > 0 => match meter.try_take(cost) {
-            Some(left) => {
+            Some((left, epoch)) => {
+                grant.epoch = epoch;
                 if meter.wants_prefetch(left) {
                     if let Some(handle) = key.meter_ref() {
                         ledger.inner.engine.prefetch(&handle);
@@ -455,21 +459,26 @@ impl Grant<'_> {
     /// mode promises; or — if the balance was `set` since they were reserved — out of the
     /// books, since the set was final.
     fn refund(&self, meter: &Meter, units: u64) {
+        let cap = if self.ledger.inner.engine.exact() {
+            0
+        } else {
+            MAX_LEASE
+        };
+        self.put_back(meter, units, cap);
+    }
+
+    /// Returns `units` reserved under this grant's epoch: into the lease up to `cap`, the rest
+    /// to the durable balance; all of them out of the books if a new epoch began since.
+    fn put_back(&self, meter: &Meter, units: u64, cap: u64) {
         if units == 0 {
             return;
         }
         let engine = &self.ledger.inner.engine;
-        let current = meter.epoch.load(Ordering::Acquire) == self.epoch;
-        let cap = if engine.exact() { 0 } else { MAX_LEASE };
-        let kept = if current {
-            meter.give_back_up_to(units, cap)
-        } else {
-            0
-        };
-        if let (true, Some(handle)) = (kept < units, self.key.meter_ref()) {
-            match current {
-                true => engine.give_back(&handle, units - kept, self.epoch),
-                false => engine.discard(&handle, units),
+        let kept = meter.give_back_up_to(units, cap, self.epoch);
+        if let (true, Some(handle)) = (kept != Some(units), self.key.meter_ref()) {
+            match kept {
+                Some(kept) => engine.give_back(&handle, units - kept, self.epoch),
+                None => engine.discard(&handle, units),
             }
         }
     }

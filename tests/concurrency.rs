@@ -168,6 +168,48 @@ fn keys_sharing_a_pool_grant_exactly_its_credits_exact() {
     a_pool_grants_exactly_its_credits(Durability::Exact, true);
 }
 
+/// A `set` is final for every reservation taken before it: refunds of grants dropped while
+/// the set runs must not land in the new balance, whichever side of the writer's swap of the
+/// lease they fall on. After each set to `NEW`, exactly `NEW` units are spendable.
+#[test]
+fn refunds_racing_a_set_never_land_in_the_new_balance() {
+    const NEW: u64 = 300;
+    const HELD: usize = 600;
+    let t = ledger_with(Durability::Leased);
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "hot").credits(1_000_000));
+    let p = presented(&plain);
+    for round in 0..40 {
+        t.ledger.credits().set(id.as_ref(), 1_000_000).unwrap();
+        let mut grants: Vec<_> = (0..HELD)
+            .map(|_| t.ledger.verify(&Request::new(&p, "/x").cost(2)).unwrap())
+            .collect();
+        let second = grants.split_off(HELD / 2);
+        let start = Barrier::new(3);
+        std::thread::scope(|s| {
+            for half in [grants, second] {
+                let start = &start;
+                s.spawn(move || {
+                    start.wait();
+                    for grant in half {
+                        drop(grant); // a refund of 2
+                        for _ in 0..200 {
+                            std::hint::spin_loop();
+                        }
+                    }
+                });
+            }
+            start.wait();
+            t.ledger.credits().set(id.as_ref(), NEW).unwrap();
+        });
+        let spendable = hammer(&t.ledger, std::slice::from_ref(&plain), 1, 2 * NEW as usize)[0];
+        assert_eq!(
+            spendable, NEW,
+            "round {round}: refunds landed in the new balance"
+        );
+    }
+}
+
 #[test]
 fn disjoint_keys_on_many_threads_keep_exact_totals() {
     for durability in [Durability::Leased, Durability::Exact] {

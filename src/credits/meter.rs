@@ -5,6 +5,12 @@
 //! (reserved by `verify` with a CAS that never goes below zero) → `spent` (counted here, then
 //! flushed durably by the writer). A crash can therefore lose units to `lost_to_crash`, never
 //! let more be spent than was granted.
+//!
+//! A `set` of the balance (or a refill, which replaces it) is final for every reservation
+//! taken before it: their refunds must not land in the new balance. The lease word therefore
+//! carries the low 16 bits of the balance's epoch next to its units, and a refund is one CAS
+//! that fails once the writer has started a new epoch ([`Meter::new_epoch`]): a refund that
+//! checked the epoch and then added could fall on either side of the writer's swap.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
@@ -19,12 +25,32 @@ pub(crate) const MAX_LEASE: u64 = 100_000;
 /// The most the smallest lease grows to while the writer is behind (see `writer::pace_leases`).
 pub(crate) const MAX_LEASE_FLOOR: u64 = 16 * MIN_LEASE;
 
+/// Bits of the lease word holding units; the 16 above them hold the epoch's low bits.
+const UNIT_BITS: u32 = 48;
+/// The most units a lease word holds (2⁴⁸ − 1, ≈ 2.8 × 10¹⁴). Leases are at most
+/// [`MAX_LEASE`] and refunds kept in memory at most that too; only a single reservation this
+/// large, handed back into memory, could reach it (see [`Meter::give_back`]).
+pub(crate) const MAX_LEASED: u64 = (1 << UNIT_BITS) - 1;
+
+/// The lease word's epoch tag for a full epoch.
+fn tag(epoch: u32) -> u64 {
+    u64::from(epoch as u16) << UNIT_BITS
+}
+
+/// The full epoch whose low 16 bits are `word`'s tag: the latest at or before `now` (the
+/// epoch read after the word). Exact unless 65,536 epochs began between the two reads.
+fn epoch_of(word: u64, now: u32) -> u32 {
+    let behind = (now as u16).wrapping_sub((word >> UNIT_BITS) as u16);
+    now.wrapping_sub(u32::from(behind))
+}
+
 /// One credit balance's in-memory side: 64 bytes, one cache line's worth, since every key
 /// carries one inline (see `CachedKey`).
 #[derive(Debug)]
 pub(crate) struct Meter {
-    /// Units leased into memory and not yet reserved.
-    pub lease: AtomicU64,
+    /// Units leased into memory and not yet reserved (low 48 bits), and the low 16 bits of
+    /// the epoch of the balance they came from.
+    lease: AtomicU64,
     /// Units spent since the last flush (still `leased` on disk).
     pub spent: AtomicU64,
     /// Durable balance after the writer's last change (for grants' remaining credits).
@@ -34,10 +60,11 @@ pub(crate) struct Meter {
     /// Low-balance threshold and what the writer last saw (`None`: no events), out of line:
     /// few balances set one. Swapped whole when an admin changes the threshold.
     low_balance: ArcSwapOption<LowBalance>,
-    /// Bumped by every `set` of the balance: reservations taken before a set are not
-    /// refunded into the new balance. Only compared for equality between a reservation and
-    /// its refund, so 32 bits (wrapping after 2³² sets) are plenty.
-    pub epoch: AtomicU32,
+    /// Bumped by every `set` of the balance and every refill (writer thread only, through
+    /// [`new_epoch`](Self::new_epoch)): reservations taken before are not refunded into the
+    /// new balance. Only compared for equality between a reservation and its refund, so 32
+    /// bits (wrapping after 2³² sets) are plenty.
+    epoch: AtomicU32,
     /// Next lease size; adapts to about a second of traffic.
     pub lease_size: AtomicU32,
     /// When the last lease was granted, in tenths of a second (the clock's ms / 100, wrapping
@@ -134,7 +161,36 @@ impl Meter {
     /// change, plus the lease not yet reserved.
     #[inline]
     pub(crate) fn remaining(&self) -> u64 {
-        self.durable_balance.load(Ordering::Acquire) + self.lease.load(Ordering::Acquire)
+        self.durable_balance.load(Ordering::Acquire) + self.leased()
+    }
+
+    /// Units leased into memory and not yet reserved.
+    #[inline]
+    pub(crate) fn leased(&self) -> u64 {
+        self.lease.load(Ordering::Acquire) & MAX_LEASED
+    }
+
+    /// The balance's epoch: reservations carry it, and a refund goes back only into the
+    /// balance of the same epoch.
+    pub(crate) fn epoch(&self) -> u32 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Starts a new epoch (writer thread: a `set`, a refill) and takes the whole lease, which
+    /// belongs to the old balance. Returns its units. From here on a refund of a reservation
+    /// taken before fails its CAS, whenever it started.
+    pub(crate) fn new_epoch(&self) -> u64 {
+        // The epoch first: a reservation that sees the new tag in the word (Acquire, after
+        // this Release) then reads the new epoch too, so `epoch_of` never reconstructs an
+        // epoch from before the tag.
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+        self.lease.swap(tag(epoch), Ordering::AcqRel) & MAX_LEASED
+    }
+
+    /// Takes the whole lease without ending the epoch (the writer, returning it to the
+    /// durable balance); returns its units.
+    pub(crate) fn take_lease(&self) -> u64 {
+        self.take_up_to(MAX_LEASED)
     }
 
     /// Whether the balance this meter spent from is gone.
@@ -206,20 +262,22 @@ impl Meter {
         self.subject == crate::public_id::IdKind::Pool
     }
 
-    /// Takes `units` from the lease if it holds that many. Returns the lease left.
+    /// Takes `units` from the lease if it holds that many. Returns the lease left and the
+    /// epoch of the balance the units came from (for the reservation to carry).
     #[inline]
-    pub(crate) fn try_take(&self, units: u64) -> Option<u64> {
-        let mut current = self.lease.load(Ordering::Acquire);
+    pub(crate) fn try_take(&self, units: u64) -> Option<(u64, u32)> {
+        let mut word = self.lease.load(Ordering::Acquire);
         loop {
-            let left = current.checked_sub(units)?;
+            let left = (word & MAX_LEASED).checked_sub(units)?;
+            // No borrow from the tag: `units` ≤ the units in the word.
             match self.lease.compare_exchange_weak(
-                current,
-                left,
+                word,
+                word - units,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return Some(left),
-                Err(actual) => current = actual,
+                Ok(_) => return Some((left, epoch_of(word, self.epoch()))),
+                Err(actual) => word = actual,
             }
         }
     }
@@ -229,32 +287,66 @@ impl Meter {
         let mut taken = 0;
         let _ = self
             .lease
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
-                taken = current.min(units);
-                Some(current - taken)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                taken = (word & MAX_LEASED).min(units);
+                Some(word - taken)
             });
         taken
     }
 
-    /// Returns units to the lease while it holds fewer than `cap`; returns how many it kept
-    /// (none if the meter was retired). What it does not keep goes back to the durable balance
-    /// through the writer, so that a crash never loses more than a full lease.
-    pub(crate) fn give_back_up_to(&self, units: u64, cap: u64) -> u64 {
-        if self.retired() {
-            return 0;
+    /// Returns units reserved from the balance of `epoch` to the lease while it holds fewer
+    /// than `cap`. Returns how many it kept (none if the meter was retired), or `None` if a
+    /// new epoch began since: the `set` was final, the units are not this balance's. What it
+    /// does not keep goes back to the durable balance through the writer, so that a crash
+    /// never loses more than a full lease.
+    pub(crate) fn give_back_up_to(&self, units: u64, cap: u64, epoch: u32) -> Option<u64> {
+        if self.epoch() != epoch {
+            return None;
         }
-        let kept = |held: u64| held.saturating_add(units).min(cap.max(held)) - held;
-        self.lease
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                (kept(held) > 0).then(|| held + kept(held))
-            })
-            .map_or(0, kept)
+        if self.retired() {
+            return Some(0);
+        }
+        let cap = cap.min(MAX_LEASED);
+        let kept = |word: u64| {
+            let held = word & MAX_LEASED;
+            held.saturating_add(units).min(cap.max(held)) - held
+        };
+        let mut word = self.lease.load(Ordering::Acquire);
+        loop {
+            // The tag, not just the epoch read above: a new epoch that began in between
+            // swapped the word, so this CAS fails and the next round sees it.
+            if word & !MAX_LEASED != tag(epoch) {
+                return None;
+            }
+            let k = kept(word);
+            if k == 0 {
+                return Some(0);
+            }
+            match self.lease.compare_exchange_weak(
+                word,
+                word + k,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(k),
+                Err(actual) => word = actual,
+            }
+        }
     }
 
-    /// Returns units to the lease (a refund, or a reservation larger than the real cost).
+    /// Adds units the writer leased (or could not make durable) to the lease, in the current
+    /// epoch: only the writer starts epochs, so what it adds is the current balance's.
+    /// Nothing if the meter was retired. Saturates at [`MAX_LEASED`]: what does not fit
+    /// stays `leased` on disk, returned by no close and counted as lost to a crash at the
+    /// next open — never spendable twice (only a reservation near 2⁴⁸ units could get here).
     pub(crate) fn give_back(&self, units: u64) {
         if units > 0 && !self.retired() {
-            self.lease.fetch_add(units, Ordering::AcqRel);
+            let _ = self
+                .lease
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                    let held = word & MAX_LEASED;
+                    Some(word - held + held.saturating_add(units).min(MAX_LEASED))
+                });
         }
     }
 
@@ -305,7 +397,7 @@ impl Meter {
     /// Whether a queued top-up is still wanted at `now_ms`: the lease is below half its size,
     /// or belongs to a period that has ended.
     pub(crate) fn wants_top_up(&self, now_ms: u64) -> bool {
-        !self.current(now_ms) || self.below_half(self.lease.load(Ordering::Acquire))
+        !self.current(now_ms) || self.below_half(self.leased())
     }
 
     /// Whether `left` units are under half the current lease size.
@@ -431,7 +523,73 @@ mod tests {
             .collect();
         let taken: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
         assert_eq!(taken, UNITS);
-        assert_eq!(meter.lease.load(Ordering::SeqCst), 0);
+        assert_eq!(meter.leased(), 0);
+    }
+
+    #[test]
+    fn a_refund_goes_back_only_into_the_epoch_it_was_reserved_from() {
+        let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        m.give_back(10);
+        let (left, epoch) = m.try_take(4).unwrap();
+        assert_eq!((left, epoch), (6, 0));
+        assert_eq!(m.give_back_up_to(4, MAX_LEASE, epoch), Some(4));
+        assert_eq!(m.leased(), 10);
+        let (_, epoch) = m.try_take(4).unwrap();
+        assert_eq!(m.new_epoch(), 6, "a set takes the old balance's lease");
+        m.give_back(16); // the new balance's first lease
+        assert_eq!(m.try_take(1).unwrap(), (15, 1));
+        assert_eq!(
+            m.give_back_up_to(4, MAX_LEASE, epoch),
+            None,
+            "reserved before the set: final"
+        );
+        assert_eq!(m.leased(), 15);
+        assert_eq!(m.give_back_up_to(1, 15, 1), Some(0), "the lease is full");
+        assert_eq!(m.give_back_up_to(3, 17, 1), Some(2), "kept up to the cap");
+    }
+
+    #[test]
+    fn a_reservation_carries_the_full_epoch_its_units_came_from() {
+        // The tag keeps 16 bits; the rest comes from the epoch read after the take.
+        assert_eq!(epoch_of(tag(7), 7), 7);
+        assert_eq!(
+            epoch_of(tag(7), 8),
+            7,
+            "a set came between the take and the read"
+        );
+        assert_eq!(
+            epoch_of(tag(0xFFFF), 0x1_0001),
+            0xFFFF,
+            "across the tag's wrap"
+        );
+        assert_eq!(
+            epoch_of(tag(u32::MAX), 0),
+            u32::MAX,
+            "across the epoch's wrap"
+        );
+        let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        for _ in 0..70_000 {
+            m.new_epoch();
+        }
+        m.give_back(3);
+        assert_eq!(m.try_take(3), Some((0, 70_000)));
+        assert_eq!(
+            m.give_back_up_to(3, 3, 70_000 - 65_536),
+            None,
+            "same tag, old epoch"
+        );
+    }
+
+    #[test]
+    fn a_lease_saturates_instead_of_spilling_into_the_epoch() {
+        let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        m.new_epoch();
+        m.give_back(MAX_LEASED - 1);
+        m.give_back(5);
+        assert_eq!((m.leased(), m.epoch()), (MAX_LEASED, 1));
+        assert_eq!(m.try_take(u64::MAX), None);
+        assert_eq!(m.take_up_to(u64::MAX), MAX_LEASED);
+        assert_eq!((m.leased(), m.epoch()), (0, 1));
     }
 
     /// A balance too large to cap any lease size.

@@ -648,16 +648,15 @@ fn commit(
                 // holding it instead, two handles would not mean that.) Unless a grant that
                 // ended during the commit refunded into it: then it keeps that lease until a
                 // miss takes it up again or the close returns it.
-                if MeterRef::strong_count(&meter) == 2 && meter.lease.load(Ordering::Acquire) == 0 {
+                if MeterRef::strong_count(&meter) == 2 && meter.leased() == 0 {
                     meters.remove(&meter);
                 }
             }
             for meter in fx.unlisted {
                 // A key's meter that left the cache while listed (so its retirement left it
                 // in the registry): with its lease returned and nobody else holding it, it goes.
-                let unused = MeterRef::strong_count(&meter) == 2
-                    && meter.lease.load(Ordering::Acquire) == 0
-                    && !meter.is_pool();
+                let unused =
+                    MeterRef::strong_count(&meter) == 2 && meter.leased() == 0 && !meter.is_pool();
                 if unused {
                     meters.remove(&meter);
                 }
@@ -729,7 +728,7 @@ fn refuse(msg: Msg, message: &str, syncs: &mut Vec<Sender<Result<()>>>) {
         Msg::Lease { meter, reply, .. } => {
             meter.pending.store(false, Ordering::Release);
             if let Some(reply) = reply {
-                let epoch = meter.epoch.load(Ordering::Acquire);
+                let epoch = meter.epoch();
                 let _ = reply.send(Handoff::Units { units: 0, epoch });
             }
         }
@@ -801,7 +800,7 @@ fn build(
                         lease(shared, &mut work, fx, meter, need, now)?
                     };
                     if let Some(reply) = reply {
-                        let epoch = fx.leases[at].0.epoch.load(Ordering::Acquire);
+                        let epoch = fx.leases[at].0.epoch();
                         fx.handoffs
                             .push((at, covered.then_some(need), epoch, reply));
                     }
@@ -830,7 +829,7 @@ fn build(
                             meter.durable_balance.store(r.balance, Ordering::Release);
                             // Spend that reached no lease (a peek, then a commit of the real
                             // cost) must tell the host as a leased spend does.
-                            let remaining = r.balance + meter.lease.load(Ordering::Acquire);
+                            let remaining = r.balance + meter.leased();
                             low_balance(shared, fx, &meter, remaining);
                             let charged = from_balance + from_lease;
                             if charged < units && meter.first_refusal() {
@@ -896,12 +895,13 @@ fn build(
                     }
                     fx.adjusts.push((reply, Ok(r.balance)));
                     if let Some(meter) = meter {
-                        // After the lease was taken back (`reclaim`): a reservation made
-                        // from the old lease carries the old epoch, so a set makes it final,
-                        // and so does a refill applied here (its refund must not land in the
-                        // new period, as in `new_period`).
+                        // A reservation made from the old lease carries the old epoch, so a
+                        // set makes it final, and so does a refill applied here (its refund
+                        // must not land in the new period, as in `new_period`). What the
+                        // lease holds now arrived since `reclaim` took it: refunds of the
+                        // old balance, final too.
                         if matches!(change, Adjust::Set(_)) || refilled {
-                            meter.epoch.fetch_add(1, Ordering::AcqRel);
+                            end_epoch(fx, &meter, r);
                         }
                         meter.replenished();
                         meter.durable_balance.store(r.balance, Ordering::Release);
@@ -936,7 +936,7 @@ fn build(
                     if let Some(r) = live(&mut work, &meter)? {
                         let units = units.min(r.leased);
                         r.leased -= units;
-                        if meter.epoch.load(Ordering::Acquire) == epoch {
+                        if meter.epoch() == epoch {
                             r.balance += units;
                             meter.durable_balance.store(r.balance, Ordering::Release);
                             // The balance grew: `build` decides empty-ness from the record.
@@ -1016,7 +1016,7 @@ fn settle_spend(
         let units = units.min(r.leased);
         r.leased -= units;
         r.spent += units;
-        let remaining = r.balance + meter.lease.load(Ordering::Acquire);
+        let remaining = r.balance + meter.leased();
         low_balance(shared, fx, &meter, remaining);
     }
     fx.flushed_spend.push((meter, units));
@@ -1052,7 +1052,7 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result
     // mark for the truth and refuse with credits left. Cleared first, so that a request that
     // sees the lease gone sees the mark gone too (and asks the writer, which knows).
     meter.set_empty_until(0);
-    let lease = meter.lease.swap(0, Ordering::AcqRel);
+    let lease = meter.take_lease();
     let spent = meter.spent.swap(0, Ordering::AcqRel);
     if let Some(r) = work.get(meter.id)? {
         let pending = pending.min(r.leased);
@@ -1143,7 +1143,7 @@ fn lease(
     // A request that everything left cannot cover is refused, not handed all of it: that
     // would move the whole balance into memory, beyond the lease bound a crash may lose (and,
     // under `Exact`, past the per-request commits), for a request that fails anyway.
-    let in_memory = meter.lease.load(Ordering::Acquire) + fx.granted_to(meter.id);
+    let in_memory = meter.leased() + fx.granted_to(meter.id);
     if need > r.balance.saturating_add(in_memory) {
         let empty_until = empty_until(r, now);
         return Ok((fx.grant(meter, 0, empty_until), false));
@@ -1163,7 +1163,7 @@ fn lease(
     r.balance -= grant;
     r.leased += grant;
     meter.durable_balance.store(r.balance, Ordering::Release);
-    let remaining = r.balance + meter.lease.load(Ordering::Acquire) + grant;
+    let remaining = r.balance + meter.leased() + grant;
     low_balance(shared, fx, &meter, remaining);
     let empty_until = empty_until(r, now);
     Ok((fx.grant(meter, grant, empty_until), true))
@@ -1176,18 +1176,23 @@ fn new_period(fx: &mut Effects, meter: &MeterRef, r: &mut CreditsRecord, now: Ti
         let pending = cancel_pending_leases(fx, meter).min(r.leased);
         r.leased -= pending;
         r.granted = r.granted.saturating_sub(pending);
-        let swapped = meter.lease.swap(0, Ordering::AcqRel);
-        let back = swapped.min(r.leased);
-        r.leased -= back;
-        r.granted = r.granted.saturating_sub(back);
-        fx.reclaimed.push((meter.clone(), swapped));
-        // Like a `set`, and after the lease was taken back: a reservation from the old
-        // period is final, its refund must not land in the new one.
-        meter.epoch.fetch_add(1, Ordering::AcqRel);
+        // Like a `set`: a reservation from the old period is final, its refund must not
+        // land in the new one.
+        end_epoch(fx, meter, r);
         meter.replenished();
         meter.set_remaining(r.balance);
     }
     meter.set_refill_at(refill::due_at(r, now));
+}
+
+/// Starts a new epoch of `meter`'s balance (a set, a refill): the lease memory holds
+/// belongs to the old balance and leaves the books with it.
+fn end_epoch(fx: &mut Effects, meter: &MeterRef, r: &mut CreditsRecord) {
+    let swapped = meter.new_epoch();
+    let back = swapped.min(r.leased);
+    r.leased -= back;
+    r.granted = r.granted.saturating_sub(back);
+    fx.reclaimed.push((meter.clone(), swapped));
 }
 
 /// Until when a balance is known to stay empty: the next refill, or for ever.

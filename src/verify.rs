@@ -459,6 +459,9 @@ impl Grant<'_> {
     /// mode promises; or — if the balance was `set` since they were reserved — out of the
     /// books, since the set was final.
     fn refund(&self, meter: &Meter, units: u64) {
+        if units == 0 {
+            return; // a commit of exactly the reservation: the hot path
+        }
         let cap = if self.ledger.inner.engine.exact() {
             0
         } else {

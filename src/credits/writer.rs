@@ -20,7 +20,7 @@ use super::registry::Registry;
 use crate::cache::{CachedKey, MeterRef, Metering};
 use crate::clock::{Clock, Timestamp};
 use crate::codec;
-use crate::error::{Error, Result};
+use crate::error::{CodecError, Error, Result};
 use crate::public_id::IdCipher;
 use crate::record::{CreditsRecord, UsageRecord};
 use crate::store::Store;
@@ -125,6 +125,10 @@ pub(crate) enum Msg {
     PrefetchBell,
     /// Stop at once, writing nothing: what a crash leaves behind (tests only).
     Abandon,
+    /// Wait until this is answered or dropped before taking the rest of the batch, so that
+    /// what is sent meanwhile lands in one batch, in the order sent (see `tests::one_batch`).
+    #[cfg(test)]
+    Hold(Receiver<()>),
 }
 
 /// State shared by the writer and the verify path.
@@ -363,6 +367,11 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
             }
         };
         let mut batch: Vec<Msg> = first.into_iter().collect();
+        #[cfg(test)]
+        if let Some(Msg::Hold(release)) = batch.first() {
+            let _ = release.recv();
+            batch.clear();
+        }
         drain(&rx, &mut batch);
         if !batch.is_empty() && batch.iter().all(is_bell) && !listed.in_round() {
             let until = std::time::Instant::now() + PREFETCH_GATHER;
@@ -486,13 +495,24 @@ fn is_bell(msg: &Msg) -> bool {
 struct Working<'t> {
     table: redb::Table<'t, u64, &'static [u8]>,
     records: BTreeMap<u64, Option<CreditsRecord>>,
+    /// Records that did not decode, and why. They read as no record and are never written:
+    /// left as they are, for `check` to name. Failing the batch instead would hold back every
+    /// other message in it, and writing over one would lose what it held. (No meter spends
+    /// from one: the miss that would build it fails.)
+    unreadable: HashMap<u64, CodecError>,
 }
 
 impl Working<'_> {
     fn get(&mut self, id: u64) -> Result<Option<&mut CreditsRecord>> {
         if !self.records.contains_key(&id) {
             let record = match self.table.get(id)? {
-                Some(bytes) => Some(codec::decode::<CreditsRecord>(bytes.value())?),
+                Some(bytes) => match codec::decode::<CreditsRecord>(bytes.value()) {
+                    Ok(record) => Some(record),
+                    Err(e) => {
+                        self.unreadable.insert(id, e);
+                        None
+                    }
+                },
                 None => None,
             };
             self.records.insert(id, record);
@@ -751,6 +771,8 @@ fn refuse(msg: Msg, message: &str, syncs: &mut Vec<Sender<Result<()>>>) {
             let _ = reply.send(());
         }
         Msg::Retire { .. } | Msg::Discard { .. } | Msg::Abandon | Msg::PrefetchBell => {}
+        #[cfg(test)]
+        Msg::Hold(_) => {}
     }
 }
 
@@ -775,6 +797,7 @@ fn build(
         let mut work = Working {
             table: txn.open_table(CREDITS)?,
             records: BTreeMap::new(),
+            unreadable: HashMap::new(),
         };
         if chunked {
             fx.meters_seen = listed.pools.chunk();
@@ -857,10 +880,13 @@ fn build(
                         reclaim(&mut work, fx, meter)?;
                     }
                     let Some(r) = work.get(id)? else {
-                        let missing = Error::NotFound {
-                            what: "credit balance",
+                        let refused = match work.unreadable.get(&id) {
+                            Some(e) => Error::Codec(e.clone()),
+                            None => Error::NotFound {
+                                what: "credit balance",
+                            },
                         };
-                        fx.adjusts.push((reply, Err(missing)));
+                        fx.adjusts.push((reply, Err(refused)));
                         continue;
                     };
                     // A refill that fell due comes first: the admin's change is the newer one
@@ -948,6 +974,8 @@ fn build(
                 }
                 Msg::Flush { reply } | Msg::Close { reply } => fx.syncs.push(reply),
                 Msg::Abandon | Msg::PrefetchBell => {}
+                #[cfg(test)]
+                Msg::Hold(_) => {}
             }
         }
         if closing {
@@ -1281,6 +1309,94 @@ fn flush_usage(
 mod tests {
     use super::*;
     use crate::public_id::IdKind;
+    use crate::{Config, Ledger, NewAccount, NewKey};
+
+    fn ledger() -> (tempfile::TempDir, Ledger) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        let ledger = Ledger::open(path, Config::ephemeral().unwrap()).unwrap();
+        (dir, ledger)
+    }
+
+    /// Creates a key of `credits`; returns its public id and plaintext.
+    fn key(ledger: &Ledger, credits: u64) -> (String, String) {
+        let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+        let created = ledger
+            .keys()
+            .create(NewKey::new(owner.id.as_str(), "k").credits(credits))
+            .unwrap();
+        let plaintext = created.plaintext.expose().to_owned();
+        (created.info.id.to_string(), plaintext)
+    }
+
+    /// A call that sends the writer one message and waits for its answer.
+    type Call<'a, T> = Box<dyn FnOnce() -> T + Send + 'a>;
+
+    /// Runs `calls` on threads of their own while the writer is held, each started once the
+    /// one before has sent its message, then lets the writer go: their messages make one
+    /// batch, in this order. Returns what each call returned.
+    fn one_batch<'a, T: Send + 'a>(ledger: &'a Ledger, calls: Vec<Call<'a, T>>) -> Vec<T> {
+        let tx = &ledger.inner.engine.tx;
+        let queued = |n: usize| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while tx.len() != n {
+                assert!(std::time::Instant::now() < deadline, "{} queued", tx.len());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let (release, held) = crossbeam::channel::bounded::<()>(0);
+        tx.send(Msg::Hold(held)).unwrap();
+        queued(0);
+        std::thread::scope(|s| {
+            let mut running = Vec::new();
+            for (i, call) in calls.into_iter().enumerate() {
+                running.push(s.spawn(call));
+                queued(i + 1);
+            }
+            drop(release);
+            running.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Writes bytes no record decodes from under CREDITS id `id`.
+    fn damage_balance(ledger: &Ledger, id: u64) {
+        let txn = ledger.inner.store.begin_write().unwrap();
+        txn.open_table(CREDITS)
+            .unwrap()
+            .insert(id, [1u8, 0xff].as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
+    #[test]
+    fn a_batch_that_meets_an_unreadable_balance_fails_only_the_change_to_it() {
+        let (_dir, ledger) = ledger();
+        let (damaged, _) = key(&ledger, 10);
+        let (healthy, _) = key(&ledger, 10);
+        damage_balance(&ledger, ledger.keys().internal_id(&damaged).unwrap());
+        let credits = ledger.credits();
+        let (credits, damaged, healthy) = (&credits, &damaged, &healthy);
+        let answers = one_batch::<Result<u64>>(
+            &ledger,
+            vec![
+                Box::new(move || credits.top_up(damaged, 5)),
+                Box::new(move || credits.top_up(healthy, 5)),
+                Box::new(|| ledger.flush().map(|()| 0)),
+            ],
+        );
+        assert!(
+            matches!(answers[0], Err(Error::Codec(_))),
+            "{:?}",
+            answers[0]
+        );
+        assert_eq!(answers[1].as_ref().ok(), Some(&15), "{:?}", answers[1]);
+        assert!(answers[2].is_ok(), "{:?}", answers[2]);
+        // Left as it was, not written over.
+        let read = ledger.inner.store.begin_read().unwrap();
+        let table = read.open_table(CREDITS).unwrap();
+        let id = ledger.keys().internal_id(damaged).unwrap();
+        assert_eq!(table.get(id).unwrap().unwrap().value(), [1u8, 0xff]);
+    }
 
     #[test]
     fn only_the_first_prefetch_after_a_take_rings_the_bell() {

@@ -389,8 +389,16 @@ impl Engine {
     /// A request was refused for want of credits: the first refusal since the balance last
     /// grew is reported on the event channel (the host tells its customer once, not per
     /// request).
+    ///
+    /// Only a refusal made in memory, the balance known empty, is reported here. One the
+    /// writer made (it could not lease what the request needed) the writer reported, in batch
+    /// order: if the balance is not known empty now, a later message of that batch put credits
+    /// back, and a report from here would count them as left and mark the balance reported
+    /// after they cleared the mark (hiding the next refusal). If it still is, the writer's
+    /// report has set the mark.
     pub(crate) fn report_exhausted(&self, meter: &Meter) {
-        if meter.first_refusal() {
+        let known_empty = meter.empty_at(self.shared.clock.now().0);
+        if known_empty && meter.first_refusal() {
             let _ = self.shared.events.try_send(CreditEvent {
                 kind: CreditEventKind::Exhausted,
                 subject: self.shared.ids.encode(meter.subject, meter.id),

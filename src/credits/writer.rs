@@ -823,6 +823,9 @@ fn build(
                     } else {
                         lease(shared, &mut work, fx, meter, need, now)?
                     };
+                    if !covered {
+                        refused(shared, &work, fx, at);
+                    }
                     if let Some(reply) = reply {
                         let epoch = fx.leases[at].0.epoch.load(Ordering::Acquire);
                         fx.handoffs
@@ -1057,6 +1060,30 @@ fn live<'w>(work: &'w mut Working<'_>, meter: &Meter) -> Result<Option<&'w mut C
         return Ok(None);
     }
     work.get(meter.id)
+}
+
+/// Reports the request refused by the lease at `at` (the balance and the lease in memory
+/// could not cover it), if it is the first refusal since the balance last grew.
+///
+/// Here, in batch order, not by the request once the batch is durable: by then a top-up later
+/// in the batch would count among the credits left, and marking the refusal reported would
+/// come after that top-up cleared the mark, hiding the next refusal for good.
+fn refused(shared: &Shared, work: &Working<'_>, fx: &mut Effects, at: usize) {
+    let meter = &fx.leases[at].0;
+    if !meter.first_refusal() {
+        return;
+    }
+    let balance = match work.records.get(&meter.id) {
+        Some(Some(r)) => r.balance,
+        _ => 0,
+    };
+    let remaining = balance + meter.lease.load(Ordering::Acquire) + fx.granted_to(meter.id);
+    let event = CreditEvent {
+        kind: CreditEventKind::Exhausted,
+        subject: shared.ids.encode(meter.subject, meter.id),
+        remaining,
+    };
+    fx.events.push(event);
 }
 
 /// Emits a low-balance event when the credits left cross the meter's threshold downwards.
@@ -1396,6 +1423,53 @@ mod tests {
         let table = read.open_table(CREDITS).unwrap();
         let id = ledger.keys().internal_id(damaged).unwrap();
         assert_eq!(table.get(id).unwrap().unwrap().value(), [1u8, 0xff]);
+    }
+
+    /// Verifies `plaintext` at a cost of 1 and commits the grant; the denial's code if refused.
+    fn spend_one(ledger: &Ledger, plaintext: &str) -> std::result::Result<u64, String> {
+        let key = crate::Presented::new(plaintext).unwrap();
+        match ledger.verify(&crate::Request::new(&key, "/x").cost(1)) {
+            Ok(grant) => Ok(grant.commit(1).token_stats.charged),
+            Err(denial) => Err(denial.code().to_owned()),
+        }
+    }
+
+    /// The credit events waiting, as (kind, credits left).
+    fn events(ledger: &Ledger) -> Vec<(CreditEventKind, u64)> {
+        let channel = ledger.credit_events();
+        channel.try_iter().map(|e| (e.kind, e.remaining)).collect()
+    }
+
+    #[test]
+    fn a_refusal_batched_before_a_top_up_reports_the_empty_balance_and_the_next_refusal_too() {
+        let (_dir, ledger) = ledger();
+        let (id, plaintext) = key(&ledger, 0);
+        let credits = ledger.credits();
+        let (ledger, credits, id, plaintext) = (&ledger, &credits, &id, &plaintext);
+        // A request that finds no lease asks the writer, which finds the balance empty; a
+        // top-up comes in the same batch, after it.
+        let answers = one_batch(
+            ledger,
+            vec![
+                Box::new(move || spend_one(ledger, plaintext)),
+                Box::new(move || credits.top_up(id, 5).map_err(|e| e.to_string())),
+            ],
+        );
+        assert_eq!(answers, [Err("usage_exceeded".into()), Ok(5)]);
+        assert_eq!(
+            events(ledger),
+            [(CreditEventKind::Exhausted, 0)],
+            "the refusal came before the top-up: nothing was left"
+        );
+        for _ in 0..5 {
+            assert_eq!(spend_one(ledger, plaintext), Ok(1));
+        }
+        assert_eq!(spend_one(ledger, plaintext), Err("usage_exceeded".into()));
+        assert_eq!(
+            events(ledger),
+            [(CreditEventKind::Exhausted, 0)],
+            "the top-up ran out: news again"
+        );
     }
 
     #[test]

@@ -195,6 +195,8 @@ impl Engine {
             usage_unwritable: Default::default(),
             lease_waits: Default::default(),
             lease_floor: AtomicU64::new(MIN_LEASE),
+            #[cfg(test)]
+            fail_reads_of: AtomicU64::new(0),
         });
         let (tx, rx) = channel::unbounded();
         let writer_shared = shared.clone();

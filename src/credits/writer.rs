@@ -164,6 +164,9 @@ pub(crate) struct Shared {
     pub lease_waits: super::WaitHistogram,
     /// The smallest lease the writer grants now: `MIN_LEASE`, more while it is behind.
     pub lease_floor: AtomicU64,
+    /// The writer's reads of this balance fail, as on a failing disk (0: none).
+    #[cfg(test)]
+    pub fail_reads_of: AtomicU64,
 }
 
 /// Keys and pools' meters that a flush round found in use. They stay listed here, their
@@ -500,10 +503,18 @@ struct Working<'t> {
     /// other message in it, and writing over one would lose what it held. (No meter spends
     /// from one: the miss that would build it fails.)
     unreadable: HashMap<u64, CodecError>,
+    /// Reads of this id fail (see `Shared::fail_reads_of`).
+    #[cfg(test)]
+    fail_reads_of: u64,
 }
 
 impl Working<'_> {
     fn get(&mut self, id: u64) -> Result<Option<&mut CreditsRecord>> {
+        #[cfg(test)]
+        if id == self.fail_reads_of {
+            let failed = std::io::Error::other("simulated read failure");
+            return Err(redb::StorageError::Io(failed).into());
+        }
         if !self.records.contains_key(&id) {
             let record = match self.table.get(id)? {
                 Some(bytes) => match codec::decode::<CreditsRecord>(bytes.value()) {
@@ -798,6 +809,8 @@ fn build(
             table: txn.open_table(CREDITS)?,
             records: BTreeMap::new(),
             unreadable: HashMap::new(),
+            #[cfg(test)]
+            fail_reads_of: shared.fail_reads_of.load(Ordering::Relaxed),
         };
         if chunked {
             fx.meters_seen = listed.pools.chunk();
@@ -1043,6 +1056,9 @@ fn settle_spend(
     if units == 0 {
         return Ok(());
     }
+    // Listed before the read: if it fails, the batch gives them back to the meter (taken from
+    // it and not yet durable, they would otherwise be lost).
+    fx.flushed_spend.push((meter.clone(), units));
     if let Some(r) = live(work, &meter)? {
         let units = units.min(r.leased);
         r.leased -= units;
@@ -1050,7 +1066,6 @@ fn settle_spend(
         let remaining = r.balance + meter.lease.load(Ordering::Acquire);
         low_balance(shared, fx, &meter, remaining);
     }
-    fx.flushed_spend.push((meter, units));
     Ok(())
 }
 
@@ -1290,6 +1305,11 @@ fn flush_usage(
         } else {
             fx.usage_kept.push(state.clone());
         }
+        if spent > 0 || requests > 0 {
+            // Listed before the read below: if it fails, the batch puts them back.
+            fx.flushed_usage
+                .push((state.clone(), spent, requests, last_used));
+        }
         settle_spend(shared, work, fx, MeterRef::Own(state.clone()), metered)?;
         if spent == 0 && requests == 0 {
             continue;
@@ -1301,7 +1321,6 @@ fn flush_usage(
             d.1 = d.1.saturating_add(requests);
             d.2 = d.2.max(last_used);
         }
-        fx.flushed_usage.push((state, spent, requests, last_used));
     }
     let mut table = txn.open_table(USAGE)?;
     let (keys, accounts) = (txn.open_table(KEYS)?, txn.open_table(ACCOUNTS)?);
@@ -1470,6 +1489,55 @@ mod tests {
             [(CreditEventKind::Exhausted, 0)],
             "the top-up ran out: news again"
         );
+    }
+
+    #[test]
+    fn a_flush_whose_read_failed_puts_back_the_spend_and_usage_it_had_taken() {
+        // No flush round but the ones asked for: each takes everything in use.
+        let config = Config::builder()
+            .master_key(crate::MasterKey::generate().unwrap())
+            .usage_flush_interval(Duration::from_secs(3_600))
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path().join("keys.redb"), config).unwrap();
+        let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+        let pool = ledger
+            .credits()
+            .create_pool(owner.id.as_str(), "p", 100, None, None)
+            .unwrap();
+        let new_key = |key: NewKey| {
+            let created = ledger.keys().create(key).unwrap();
+            let plaintext = created.plaintext.expose().to_owned();
+            (created.info.id.to_string(), plaintext)
+        };
+        let (own, own_plain) = new_key(NewKey::new(owner.id.as_str(), "own").credits(100));
+        let (pooled, pooled_plain) = new_key(NewKey::new(owner.id.as_str(), "p").pool(pool.id));
+        let internal = |id: &str| ledger.inner.ids.decode(IdKind::Pool, id);
+        let fail_reads_of = |id| {
+            let shared = &ledger.inner.engine.shared;
+            shared.fail_reads_of.store(id, Ordering::Relaxed);
+        };
+        for _ in 0..3 {
+            assert_eq!(spend_one(&ledger, &own_plain), Ok(1));
+        }
+        for _ in 0..2 {
+            assert_eq!(spend_one(&ledger, &pooled_plain), Ok(1));
+        }
+        // The key's own balance: its usage counts and its meter's spend were taken first.
+        fail_reads_of(ledger.keys().internal_id(&own).unwrap());
+        assert!(ledger.flush().is_err());
+        // The pool's: its meter's spend was taken first.
+        fail_reads_of(internal(pool.id.as_str()).unwrap());
+        assert!(ledger.flush().is_err());
+        fail_reads_of(0);
+        let usage = |id: &str| {
+            let u = ledger.credits().usage(id).unwrap();
+            (u.spent, u.requests, u.lifetime_spent)
+        };
+        assert_eq!(usage(&own), (3, 3, 3), "nothing lost");
+        assert_eq!(usage(pool.id.as_str()).0, 2, "nothing lost");
+        assert_eq!(usage(&pooled), (0, 2, 2), "nothing lost");
     }
 
     #[test]

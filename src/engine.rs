@@ -153,6 +153,8 @@ pub(crate) struct Engine {
     accounts: Mutex<HashMap<u64, Arc<AccountState>>>,
     /// Units found leased at open (a crash before): now counted in `lost_to_crash`.
     pub lost_at_open: u64,
+    /// Balances found unreadable at open (see `recover_leases`).
+    pub unreadable_at_open: u64,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -172,7 +174,7 @@ impl Engine {
         config: &Config,
     ) -> Result<Engine> {
         // The first reads of every record: a damaged page must give an error, not a panic.
-        let (lost_at_open, routes) = store::unless_redb_panics(|| {
+        let (recovered, routes) = store::unless_redb_panics(|| {
             Ok::<_, Error>((recover_leases(&store)?, load_routes(&store)?))
         })??;
         let (events_tx, events) = channel::bounded(EVENT_CAPACITY);
@@ -193,6 +195,8 @@ impl Engine {
             usage_unwritable: Default::default(),
             lease_waits: Default::default(),
             lease_floor: AtomicU64::new(MIN_LEASE),
+            #[cfg(test)]
+            fail_reads_of: AtomicU64::new(0),
         });
         let (tx, rx) = channel::unbounded();
         let writer_shared = shared.clone();
@@ -215,7 +219,8 @@ impl Engine {
             carried: Mutex::new(HashMap::new()),
             limits: Mutex::new(LiveLimits::default()),
             scopes: Mutex::new(HashSet::new()),
-            lost_at_open,
+            lost_at_open: recovered.lost,
+            unreadable_at_open: recovered.unreadable,
             writer: Mutex::new(Some(handle)),
         })
     }
@@ -384,8 +389,16 @@ impl Engine {
     /// A request was refused for want of credits: the first refusal since the balance last
     /// grew is reported on the event channel (the host tells its customer once, not per
     /// request).
+    ///
+    /// Only a refusal made in memory, the balance known empty, is reported here. One the
+    /// writer made (it could not lease what the request needed) the writer reported, in batch
+    /// order: if the balance is not known empty now, a later message of that batch put credits
+    /// back, and a report from here would count them as left and mark the balance reported
+    /// after they cleared the mark (hiding the next refusal). If it still is, the writer's
+    /// report has set the mark.
     pub(crate) fn report_exhausted(&self, meter: &Meter) {
-        if meter.first_refusal() {
+        let known_empty = meter.empty_at(self.shared.clock.now().0);
+        if known_empty && meter.first_refusal() {
             let _ = self.shared.events.try_send(CreditEvent {
                 kind: CreditEventKind::Exhausted,
                 subject: self.shared.ids.encode(meter.subject, meter.id),
@@ -837,17 +850,34 @@ fn closed() -> Error {
     Error::Conflict("the ledger is closed".into())
 }
 
+/// What [`recover_leases`] found at open.
+struct Recovered {
+    /// Units found leased, now counted in `lost_to_crash`.
+    lost: u64,
+    /// Balances whose record could not be decoded, left as they are.
+    unreadable: u64,
+}
+
 /// At open: units still `leased` were in memory when the process died. Count them as lost
 /// (spent, never re-granted) so no crash can let them be spent twice.
-fn recover_leases(store: &Store) -> Result<u64> {
+///
+/// A record that does not decode is left as it is and counted, for `check` to name: refusing
+/// to open would stop every other key for one damaged balance, and writing over it would lose
+/// what it held. Nothing can spend from it meanwhile: a miss on a key that needs it fails, and
+/// the writer changes nothing in it.
+fn recover_leases(store: &Store) -> Result<Recovered> {
     let txn = store.begin_write()?;
     let mut lost: u64 = 0;
+    let mut unreadable = 0;
     {
         let mut table = txn.open_table(CREDITS)?;
         let mut changed = Vec::new();
         for entry in table.iter()? {
             let (k, v) = entry?;
-            let mut record: CreditsRecord = codec::decode(v.value())?;
+            let Ok(mut record) = codec::decode::<CreditsRecord>(v.value()) else {
+                unreadable += 1;
+                continue;
+            };
             if record.leased > 0 {
                 // Summed over every balance, which may each hold up to u64::MAX.
                 lost = lost.saturating_add(record.leased);
@@ -861,7 +891,7 @@ fn recover_leases(store: &Store) -> Result<u64> {
         }
     }
     txn.commit()?;
-    Ok(lost)
+    Ok(Recovered { lost, unreadable })
 }
 
 fn load_routes(store: &Store) -> Result<Vec<RouteRule>> {

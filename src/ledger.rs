@@ -203,7 +203,8 @@ impl Ledger {
     }
 
     /// Engine counters: writer commits (each one durable commit), cached entries, units found leased
-    /// at open (lost to a crash before it), requests that waited for a lease.
+    /// at open (lost to a crash before it) and balances found unreadable, requests that waited
+    /// for a lease.
     pub fn stats(&self) -> crate::Stats {
         crate::Stats {
             writer_commits: self
@@ -215,6 +216,7 @@ impl Ledger {
             cached_entries: self.inner.engine.cache.len() as u64,
             cache_evictions: self.inner.engine.cache.evictions(),
             lost_to_crash_at_open: self.inner.engine.lost_at_open,
+            unreadable_balances_at_open: self.inner.engine.unreadable_at_open,
             lease_waits: self.inner.engine.shared.lease_waits.snapshot(),
             writer_list_bytes: self
                 .inner

@@ -95,6 +95,12 @@ pub struct Stats {
     /// Units found leased when the ledger was opened: lost to a crash before, now counted
     /// in `lost_to_crash`.
     pub lost_to_crash_at_open: u64,
+    /// Credit balances (a key's or a pool's) whose stored record could not be decoded when
+    /// the ledger was opened (`check` names them). Each is left as it is, and what it held
+    /// leased is not in `lost_to_crash_at_open`. Only what needs that balance fails: a verify
+    /// of a key spending from it is `unavailable`, a top-up, set or usage of it is
+    /// `Error::Codec`; every other balance works as before.
+    pub unreadable_balances_at_open: u64,
     /// Verifies that found their key's lease short and waited for the writer to lease more
     /// (one writer commit), by how long they waited.
     pub lease_waits: LeaseWaits,

@@ -1089,6 +1089,81 @@ mod damaged {
         assert!(matches!(Ledger::open(&path, config), Err(Error::Codec(_))));
     }
 
+    /// A server restarting on a file with one damaged balance: the ledger opens, every other
+    /// key and pool works (their leases from the crash are recovered as usual), and only what
+    /// needs the damaged balance fails, with a typed error. The record is left as it was.
+    #[test]
+    fn one_unreadable_balance_leaves_the_ledger_open_and_fails_only_what_needs_it() {
+        let t = TestLedger::new();
+        t.ledger.routes().set(RouteRule::new("/x/")).unwrap();
+        let owner = t.account("Acme");
+        let pool = t
+            .ledger
+            .credits()
+            .create_pool(&owner, "shared", 100, None, None)
+            .unwrap();
+        let (pooled, p_pooled) = create_key(&t.ledger, NewKey::new(owner, "p").pool(pool.id));
+        let (damaged, p_damaged) = create_key(&t.ledger, NewKey::new(owner, "d").credits(1_000));
+        let (metered, p_metered) = create_key(&t.ledger, NewKey::new(owner, "m").credits(1_000));
+        for plain in [&p_pooled, &p_damaged, &p_metered] {
+            spend(&t.ledger, plain, "/x/a", 1, 1).unwrap();
+        }
+        // A crash with the three leases out.
+        let config = t.config();
+        let (_dir, path) = (t.dir, t.path);
+        t.ledger.simulate_crash();
+        // The balances are the pool's, then the keys' in creation order.
+        let db = redb::Database::open(&path).unwrap();
+        let credits = ids(&db, CREDITS);
+        drop(db);
+        assert_eq!(credits.len(), 3);
+        edit(&path, |txn| {
+            let mut table = txn.open_table(CREDITS).unwrap();
+            table.insert(credits[1], GARBAGE).unwrap();
+        });
+
+        let ledger = Ledger::open(&path, config.clone()).expect("opens despite the damage");
+        let stats = ledger.stats();
+        assert_eq!(stats.unreadable_balances_at_open, 1);
+        assert!(
+            stats.lost_to_crash_at_open >= 2,
+            "the other leases are recovered: {}",
+            stats.lost_to_crash_at_open
+        );
+        for plain in [&p_pooled, &p_metered] {
+            spend(&ledger, plain, "/x/a", 1, 1).expect("other balances work");
+        }
+        assert_eq!(
+            spend(&ledger, &p_damaged, "/x/a", 1, 1).err(),
+            Some(Denial::Unavailable)
+        );
+        let credits_api = ledger.credits();
+        assert!(matches!(
+            credits_api.top_up(&damaged, 5),
+            Err(Error::Codec(_))
+        ));
+        assert!(matches!(credits_api.set(&damaged, 5), Err(Error::Codec(_))));
+        assert!(matches!(credits_api.usage(&damaged), Err(Error::Codec(_))));
+        assert!(credits_api.top_up(&metered, 5).is_ok());
+        assert!(credits_api.usage(&pooled).is_ok());
+        ledger.close().unwrap();
+        drop(ledger);
+        // Nothing was written over it: `check` still names it, with its bytes as they were.
+        let found = problems(&path, config);
+        assert_eq!(
+            found
+                .iter()
+                .filter(|p| p.starts_with(&format!("credit balance of {damaged}")))
+                .count(),
+            1,
+            "{found:?}"
+        );
+        let db = redb::Database::open(&path).unwrap();
+        let read = db.begin_read().unwrap();
+        let stored = read.open_table(CREDITS).unwrap();
+        assert_eq!(stored.get(credits[1]).unwrap().unwrap().value(), GARBAGE);
+    }
+
     #[test]
     fn check_finds_keys_whose_balance_or_pool_is_gone() {
         let (_dir, path, config, [pooled, metered, free, _]) = ledger();

@@ -20,7 +20,7 @@ use super::registry::Registry;
 use crate::cache::{CachedKey, MeterRef, Metering};
 use crate::clock::{Clock, Timestamp};
 use crate::codec;
-use crate::error::{Error, Result};
+use crate::error::{CodecError, Error, Result};
 use crate::public_id::IdCipher;
 use crate::record::{CreditsRecord, UsageRecord};
 use crate::store::Store;
@@ -125,6 +125,10 @@ pub(crate) enum Msg {
     PrefetchBell,
     /// Stop at once, writing nothing: what a crash leaves behind (tests only).
     Abandon,
+    /// Wait until this is answered or dropped before taking the rest of the batch, so that
+    /// what is sent meanwhile lands in one batch, in the order sent (see `tests::one_batch`).
+    #[cfg(test)]
+    Hold(Receiver<()>),
 }
 
 /// State shared by the writer and the verify path.
@@ -160,6 +164,9 @@ pub(crate) struct Shared {
     pub lease_waits: super::WaitHistogram,
     /// The smallest lease the writer grants now: `MIN_LEASE`, more while it is behind.
     pub lease_floor: AtomicU64,
+    /// The writer's reads of this balance fail, as on a failing disk (0: none).
+    #[cfg(test)]
+    pub fail_reads_of: AtomicU64,
 }
 
 /// Keys and pools' meters that a flush round found in use. They stay listed here, their
@@ -363,6 +370,11 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
             }
         };
         let mut batch: Vec<Msg> = first.into_iter().collect();
+        #[cfg(test)]
+        if let Some(Msg::Hold(release)) = batch.first() {
+            let _ = release.recv();
+            batch.clear();
+        }
         drain(&rx, &mut batch);
         if !batch.is_empty() && batch.iter().all(is_bell) && !listed.in_round() {
             let until = std::time::Instant::now() + PREFETCH_GATHER;
@@ -486,13 +498,32 @@ fn is_bell(msg: &Msg) -> bool {
 struct Working<'t> {
     table: redb::Table<'t, u64, &'static [u8]>,
     records: BTreeMap<u64, Option<CreditsRecord>>,
+    /// Records that did not decode, and why. They read as no record and are never written:
+    /// left as they are, for `check` to name. Failing the batch instead would hold back every
+    /// other message in it, and writing over one would lose what it held. (No meter spends
+    /// from one: the miss that would build it fails.)
+    unreadable: HashMap<u64, CodecError>,
+    /// Reads of this id fail (see `Shared::fail_reads_of`).
+    #[cfg(test)]
+    fail_reads_of: u64,
 }
 
 impl Working<'_> {
     fn get(&mut self, id: u64) -> Result<Option<&mut CreditsRecord>> {
+        #[cfg(test)]
+        if id == self.fail_reads_of {
+            let failed = std::io::Error::other("simulated read failure");
+            return Err(redb::StorageError::Io(failed).into());
+        }
         if !self.records.contains_key(&id) {
             let record = match self.table.get(id)? {
-                Some(bytes) => Some(codec::decode::<CreditsRecord>(bytes.value())?),
+                Some(bytes) => match codec::decode::<CreditsRecord>(bytes.value()) {
+                    Ok(record) => Some(record),
+                    Err(e) => {
+                        self.unreadable.insert(id, e);
+                        None
+                    }
+                },
                 None => None,
             };
             self.records.insert(id, record);
@@ -750,6 +781,8 @@ fn refuse(msg: Msg, message: &str, syncs: &mut Vec<Sender<Result<()>>>) {
             let _ = reply.send(());
         }
         Msg::Retire { .. } | Msg::Discard { .. } | Msg::Abandon | Msg::PrefetchBell => {}
+        #[cfg(test)]
+        Msg::Hold(_) => {}
     }
 }
 
@@ -774,6 +807,9 @@ fn build(
         let mut work = Working {
             table: txn.open_table(CREDITS)?,
             records: BTreeMap::new(),
+            unreadable: HashMap::new(),
+            #[cfg(test)]
+            fail_reads_of: shared.fail_reads_of.load(Ordering::Relaxed),
         };
         if chunked {
             fx.meters_seen = listed.pools.chunk();
@@ -799,6 +835,9 @@ fn build(
                     } else {
                         lease(shared, &mut work, fx, meter, need, now)?
                     };
+                    if !covered {
+                        refused(shared, &work, fx, at);
+                    }
                     if let Some(reply) = reply {
                         let epoch = fx.leases[at].0.epoch();
                         fx.handoffs
@@ -856,10 +895,13 @@ fn build(
                         reclaim(&mut work, fx, meter)?;
                     }
                     let Some(r) = work.get(id)? else {
-                        let missing = Error::NotFound {
-                            what: "credit balance",
+                        let refused = match work.unreadable.get(&id) {
+                            Some(e) => Error::Codec(e.clone()),
+                            None => Error::NotFound {
+                                what: "credit balance",
+                            },
                         };
-                        fx.adjusts.push((reply, Err(missing)));
+                        fx.adjusts.push((reply, Err(refused)));
                         continue;
                     };
                     // A refill that fell due comes first: the admin's change is the newer one
@@ -948,6 +990,8 @@ fn build(
                 }
                 Msg::Flush { reply } | Msg::Close { reply } => fx.syncs.push(reply),
                 Msg::Abandon | Msg::PrefetchBell => {}
+                #[cfg(test)]
+                Msg::Hold(_) => {}
             }
         }
         if closing {
@@ -1012,6 +1056,9 @@ fn settle_spend(
     if units == 0 {
         return Ok(());
     }
+    // Listed before the read: if it fails, the batch gives them back to the meter (taken from
+    // it and not yet durable, they would otherwise be lost).
+    fx.flushed_spend.push((meter.clone(), units));
     if let Some(r) = live(work, &meter)? {
         let units = units.min(r.leased);
         r.leased -= units;
@@ -1019,7 +1066,6 @@ fn settle_spend(
         let remaining = r.balance + meter.leased();
         low_balance(shared, fx, &meter, remaining);
     }
-    fx.flushed_spend.push((meter, units));
     Ok(())
 }
 
@@ -1029,6 +1075,30 @@ fn live<'w>(work: &'w mut Working<'_>, meter: &Meter) -> Result<Option<&'w mut C
         return Ok(None);
     }
     work.get(meter.id)
+}
+
+/// Reports the request refused by the lease at `at` (the balance and the lease in memory
+/// could not cover it), if it is the first refusal since the balance last grew.
+///
+/// Here, in batch order, not by the request once the batch is durable: by then a top-up later
+/// in the batch would count among the credits left, and marking the refusal reported would
+/// come after that top-up cleared the mark, hiding the next refusal for good.
+fn refused(shared: &Shared, work: &Working<'_>, fx: &mut Effects, at: usize) {
+    let meter = &fx.leases[at].0;
+    if !meter.first_refusal() {
+        return;
+    }
+    let balance = match work.records.get(&meter.id) {
+        Some(Some(r)) => r.balance,
+        _ => 0,
+    };
+    let remaining = balance + meter.lease.load(Ordering::Acquire) + fx.granted_to(meter.id);
+    let event = CreditEvent {
+        kind: CreditEventKind::Exhausted,
+        subject: shared.ids.encode(meter.subject, meter.id),
+        remaining,
+    };
+    fx.events.push(event);
 }
 
 /// Emits a low-balance event when the credits left cross the meter's threshold downwards.
@@ -1240,6 +1310,11 @@ fn flush_usage(
         } else {
             fx.usage_kept.push(state.clone());
         }
+        if spent > 0 || requests > 0 {
+            // Listed before the read below: if it fails, the batch puts them back.
+            fx.flushed_usage
+                .push((state.clone(), spent, requests, last_used));
+        }
         settle_spend(shared, work, fx, MeterRef::Own(state.clone()), metered)?;
         if spent == 0 && requests == 0 {
             continue;
@@ -1251,7 +1326,6 @@ fn flush_usage(
             d.1 = d.1.saturating_add(requests);
             d.2 = d.2.max(last_used);
         }
-        fx.flushed_usage.push((state, spent, requests, last_used));
     }
     let mut table = txn.open_table(USAGE)?;
     let (keys, accounts) = (txn.open_table(KEYS)?, txn.open_table(ACCOUNTS)?);
@@ -1286,6 +1360,190 @@ fn flush_usage(
 mod tests {
     use super::*;
     use crate::public_id::IdKind;
+    use crate::{Config, Ledger, NewAccount, NewKey};
+
+    fn ledger() -> (tempfile::TempDir, Ledger) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        let ledger = Ledger::open(path, Config::ephemeral().unwrap()).unwrap();
+        (dir, ledger)
+    }
+
+    /// Creates a key of `credits`; returns its public id and plaintext.
+    fn key(ledger: &Ledger, credits: u64) -> (String, String) {
+        let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+        let created = ledger
+            .keys()
+            .create(NewKey::new(owner.id.as_str(), "k").credits(credits))
+            .unwrap();
+        let plaintext = created.plaintext.expose().to_owned();
+        (created.info.id.to_string(), plaintext)
+    }
+
+    /// A call that sends the writer one message and waits for its answer.
+    type Call<'a, T> = Box<dyn FnOnce() -> T + Send + 'a>;
+
+    /// Runs `calls` on threads of their own while the writer is held, each started once the
+    /// one before has sent its message, then lets the writer go: their messages make one
+    /// batch, in this order. Returns what each call returned.
+    fn one_batch<'a, T: Send + 'a>(ledger: &'a Ledger, calls: Vec<Call<'a, T>>) -> Vec<T> {
+        let tx = &ledger.inner.engine.tx;
+        let queued = |n: usize| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while tx.len() != n {
+                assert!(std::time::Instant::now() < deadline, "{} queued", tx.len());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let (release, held) = crossbeam::channel::bounded::<()>(0);
+        tx.send(Msg::Hold(held)).unwrap();
+        queued(0);
+        std::thread::scope(|s| {
+            let mut running = Vec::new();
+            for (i, call) in calls.into_iter().enumerate() {
+                running.push(s.spawn(call));
+                queued(i + 1);
+            }
+            drop(release);
+            running.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Writes bytes no record decodes from under CREDITS id `id`.
+    fn damage_balance(ledger: &Ledger, id: u64) {
+        let txn = ledger.inner.store.begin_write().unwrap();
+        txn.open_table(CREDITS)
+            .unwrap()
+            .insert(id, [1u8, 0xff].as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
+    #[test]
+    fn a_batch_that_meets_an_unreadable_balance_fails_only_the_change_to_it() {
+        let (_dir, ledger) = ledger();
+        let (damaged, _) = key(&ledger, 10);
+        let (healthy, _) = key(&ledger, 10);
+        damage_balance(&ledger, ledger.keys().internal_id(&damaged).unwrap());
+        let credits = ledger.credits();
+        let (credits, damaged, healthy) = (&credits, &damaged, &healthy);
+        let answers = one_batch::<Result<u64>>(
+            &ledger,
+            vec![
+                Box::new(move || credits.top_up(damaged, 5)),
+                Box::new(move || credits.top_up(healthy, 5)),
+                Box::new(|| ledger.flush().map(|()| 0)),
+            ],
+        );
+        assert!(
+            matches!(answers[0], Err(Error::Codec(_))),
+            "{:?}",
+            answers[0]
+        );
+        assert_eq!(answers[1].as_ref().ok(), Some(&15), "{:?}", answers[1]);
+        assert!(answers[2].is_ok(), "{:?}", answers[2]);
+        // Left as it was, not written over.
+        let read = ledger.inner.store.begin_read().unwrap();
+        let table = read.open_table(CREDITS).unwrap();
+        let id = ledger.keys().internal_id(damaged).unwrap();
+        assert_eq!(table.get(id).unwrap().unwrap().value(), [1u8, 0xff]);
+    }
+
+    /// Verifies `plaintext` at a cost of 1 and commits the grant; the denial's code if refused.
+    fn spend_one(ledger: &Ledger, plaintext: &str) -> std::result::Result<u64, String> {
+        let key = crate::Presented::new(plaintext).unwrap();
+        match ledger.verify(&crate::Request::new(&key, "/x").cost(1)) {
+            Ok(grant) => Ok(grant.commit(1).token_stats.charged),
+            Err(denial) => Err(denial.code().to_owned()),
+        }
+    }
+
+    /// The credit events waiting, as (kind, credits left).
+    fn events(ledger: &Ledger) -> Vec<(CreditEventKind, u64)> {
+        let channel = ledger.credit_events();
+        channel.try_iter().map(|e| (e.kind, e.remaining)).collect()
+    }
+
+    #[test]
+    fn a_refusal_batched_before_a_top_up_reports_the_empty_balance_and_the_next_refusal_too() {
+        let (_dir, ledger) = ledger();
+        let (id, plaintext) = key(&ledger, 0);
+        let credits = ledger.credits();
+        let (ledger, credits, id, plaintext) = (&ledger, &credits, &id, &plaintext);
+        // A request that finds no lease asks the writer, which finds the balance empty; a
+        // top-up comes in the same batch, after it.
+        let answers = one_batch(
+            ledger,
+            vec![
+                Box::new(move || spend_one(ledger, plaintext)),
+                Box::new(move || credits.top_up(id, 5).map_err(|e| e.to_string())),
+            ],
+        );
+        assert_eq!(answers, [Err("usage_exceeded".into()), Ok(5)]);
+        assert_eq!(
+            events(ledger),
+            [(CreditEventKind::Exhausted, 0)],
+            "the refusal came before the top-up: nothing was left"
+        );
+        for _ in 0..5 {
+            assert_eq!(spend_one(ledger, plaintext), Ok(1));
+        }
+        assert_eq!(spend_one(ledger, plaintext), Err("usage_exceeded".into()));
+        assert_eq!(
+            events(ledger),
+            [(CreditEventKind::Exhausted, 0)],
+            "the top-up ran out: news again"
+        );
+    }
+
+    #[test]
+    fn a_flush_whose_read_failed_puts_back_the_spend_and_usage_it_had_taken() {
+        // No flush round but the ones asked for: each takes everything in use.
+        let config = Config::builder()
+            .master_key(crate::MasterKey::generate().unwrap())
+            .usage_flush_interval(Duration::from_secs(3_600))
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path().join("keys.redb"), config).unwrap();
+        let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+        let pool = ledger
+            .credits()
+            .create_pool(owner.id.as_str(), "p", 100, None, None)
+            .unwrap();
+        let new_key = |key: NewKey| {
+            let created = ledger.keys().create(key).unwrap();
+            let plaintext = created.plaintext.expose().to_owned();
+            (created.info.id.to_string(), plaintext)
+        };
+        let (own, own_plain) = new_key(NewKey::new(owner.id.as_str(), "own").credits(100));
+        let (pooled, pooled_plain) = new_key(NewKey::new(owner.id.as_str(), "p").pool(pool.id));
+        let internal = |id: &str| ledger.inner.ids.decode(IdKind::Pool, id);
+        let fail_reads_of = |id| {
+            let shared = &ledger.inner.engine.shared;
+            shared.fail_reads_of.store(id, Ordering::Relaxed);
+        };
+        for _ in 0..3 {
+            assert_eq!(spend_one(&ledger, &own_plain), Ok(1));
+        }
+        for _ in 0..2 {
+            assert_eq!(spend_one(&ledger, &pooled_plain), Ok(1));
+        }
+        // The key's own balance: its usage counts and its meter's spend were taken first.
+        fail_reads_of(ledger.keys().internal_id(&own).unwrap());
+        assert!(ledger.flush().is_err());
+        // The pool's: its meter's spend was taken first.
+        fail_reads_of(internal(pool.id.as_str()).unwrap());
+        assert!(ledger.flush().is_err());
+        fail_reads_of(0);
+        let usage = |id: &str| {
+            let u = ledger.credits().usage(id).unwrap();
+            (u.spent, u.requests, u.lifetime_spent)
+        };
+        assert_eq!(usage(&own), (3, 3, 3), "nothing lost");
+        assert_eq!(usage(pool.id.as_str()).0, 2, "nothing lost");
+        assert_eq!(usage(&pooled), (0, 2, 2), "nothing lost");
+    }
 
     #[test]
     fn only_the_first_prefetch_after_a_take_rings_the_bell() {

@@ -1092,7 +1092,7 @@ fn refused(shared: &Shared, work: &Working<'_>, fx: &mut Effects, at: usize) {
         Some(Some(r)) => r.balance,
         _ => 0,
     };
-    let remaining = balance + meter.lease.load(Ordering::Acquire) + fx.granted_to(meter.id);
+    let remaining = balance + meter.leased() + fx.granted_to(meter.id);
     let event = CreditEvent {
         kind: CreditEventKind::Exhausted,
         subject: shared.ids.encode(meter.subject, meter.id),
@@ -1124,6 +1124,9 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result
     meter.set_empty_until(0);
     let lease = meter.take_lease();
     let spent = meter.spent.swap(0, Ordering::AcqRel);
+    // Listed before the read: if it fails, the batch gives them back to the meter.
+    fx.reclaimed.push((meter.clone(), lease));
+    fx.flushed_spend.push((meter.clone(), spent));
     if let Some(r) = work.get(meter.id)? {
         let pending = pending.min(r.leased);
         r.leased -= pending;
@@ -1141,8 +1144,6 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result
             fx.leases.push((meter.clone(), 0, 0));
         }
     }
-    fx.reclaimed.push((meter.clone(), lease));
-    fx.flushed_spend.push((meter.clone(), spent));
     Ok(())
 }
 
@@ -1543,6 +1544,38 @@ mod tests {
         assert_eq!(usage(&own), (3, 3, 3), "nothing lost");
         assert_eq!(usage(pool.id.as_str()).0, 2, "nothing lost");
         assert_eq!(usage(&pooled), (0, 2, 2), "nothing lost");
+    }
+
+    #[test]
+    fn a_set_whose_read_failed_puts_back_the_lease_and_spend_it_had_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        let config = Config::ephemeral().unwrap();
+        let ledger = Ledger::open(&path, config.clone()).unwrap();
+        let (id, plaintext) = key(&ledger, 100);
+        for _ in 0..3 {
+            assert_eq!(spend_one(&ledger, &plaintext), Ok(1));
+        }
+        let usage = |ledger: &Ledger| {
+            let u = ledger.credits().usage(&id).unwrap();
+            (u.spent, u.remaining)
+        };
+        assert_eq!(usage(&ledger), (3, Some(97)));
+        let shared = &ledger.inner.engine.shared;
+        let internal = ledger.keys().internal_id(&id).unwrap();
+        shared.fail_reads_of.store(internal, Ordering::Relaxed);
+        assert!(ledger.credits().set(&id, 50).is_err());
+        shared.fail_reads_of.store(0, Ordering::Relaxed);
+        assert_eq!(
+            usage(&ledger),
+            (3, Some(97)),
+            "the lease and the spend are back"
+        );
+        ledger.close().unwrap();
+        drop(ledger);
+        let reopened = Ledger::open(path, config).unwrap();
+        let u = reopened.credits().usage(&id).unwrap();
+        assert_eq!((u.spent, u.remaining, u.lost_to_crash), (3, Some(97), 0));
     }
 
     #[test]

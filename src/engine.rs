@@ -66,13 +66,26 @@ pub(crate) enum KeyChange {
 /// The rate-limit state of each cached key with limits, so that all of a key's cached
 /// entries share one: during a roll's grace its two secrets are cached apart, and each with
 /// limits of its own would admit twice the key's rate (and a roll would start one afresh).
-/// Held weakly: the state lives as long as an entry or carried snapshot uses it.
+/// Held weakly: the state lives as long as an entry or carried snapshot uses it — and, for
+/// an entry evicted to make room or by a hash-scheme rotation, in `held` for as long as its
+/// window still counts arrivals, so that losing the entry does not hand the key a fresh window.
 #[derive(Default)]
 struct LiveLimits {
     by_key: HashMap<u64, std::sync::Weak<KeyLimits>>,
     /// Dead references are swept when the map reaches this size (then twice what is left).
     sweep_at: usize,
+    /// Evicted keys' states still running (see [`KeyLimits::running`]), until the key's next
+    /// miss takes its state back. At most [`MAX_HELD`]; beyond that an evicted key starts a
+    /// fresh window, as every one did before.
+    held: HashMap<u64, Arc<KeyLimits>>,
+    /// States no longer running are swept when `held` reaches this size; once it is full of
+    /// running ones, at most once a second (a sweep reads every state).
+    held_sweep_at: usize,
+    held_swept_ns: u64,
 }
+
+/// Evicted keys whose rate-limit state is kept (≈ 100 bytes each with the map's slot).
+const MAX_HELD: usize = 65_536;
 
 impl LiveLimits {
     /// The limits for a new entry of key `id` configured as `configured`: the state of an
@@ -87,7 +100,8 @@ impl LiveLimits {
         new: impl FnOnce(u64) -> KeyLimits,
     ) -> Arc<KeyLimits> {
         let live = self.by_key.get(&id).and_then(std::sync::Weak::upgrade);
-        let known = || live.iter().chain(carried);
+        let held = self.held.remove(&id);
+        let known = || live.iter().chain(carried).chain(held.iter());
         let limits = match known().find(|l| l.configured_as(configured)) {
             Some(same) => same.clone(),
             None => Arc::new(new(known().map(|l| l.lifetime_spent()).max().unwrap_or(0))),
@@ -98,6 +112,24 @@ impl LiveLimits {
             self.sweep_at = (self.by_key.len() * 2).max(1024);
         }
         limits
+    }
+
+    /// Keeps the state of an evicted entry of key `id` while it still counts arrivals at
+    /// `now_ns`, unless `held` is full of states that do.
+    fn hold(&mut self, id: u64, limits: &Arc<KeyLimits>, now_ns: u64) {
+        if !limits.running(now_ns) {
+            return;
+        }
+        let full = self.held.len() >= MAX_HELD;
+        let due = !full || now_ns >= self.held_swept_ns.saturating_add(1_000_000_000);
+        if self.held.len() >= self.held_sweep_at && due {
+            self.held.retain(|_, l| l.running(now_ns));
+            self.held_sweep_at = (self.held.len() * 2).clamp(1024, MAX_HELD);
+            self.held_swept_ns = now_ns;
+        }
+        if self.held.len() < MAX_HELD {
+            self.held.insert(id, limits.clone());
+        }
     }
 }
 
@@ -534,6 +566,17 @@ impl Engine {
 
     /// Entries left the cache for good (capacity): their own meters may leave memory.
     fn retire(&self, evicted: Evicted) {
+        let limited = evicted
+            .iter()
+            .filter_map(|k| Some((k.id(), k.limits.as_ref()?)));
+        let mut limited = limited.peekable();
+        if limited.peek().is_some() {
+            let now_ns = self.shared.clock.monotonic_ns();
+            let mut live = self.limits.lock();
+            for (id, limits) in limited {
+                live.hold(id, limits, now_ns);
+            }
+        }
         for key in evicted {
             if key.metering == Metering::Own {
                 let meter = MeterRef::Own(key.home_arc());
@@ -908,6 +951,46 @@ fn load_routes(store: &Store) -> Result<Vec<RouteRule>> {
 mod tests {
     use super::*;
     use crate::{Config, KeyUpdate, NewAccount, NewKey, Presented, Request};
+
+    #[test]
+    fn evicted_rate_limit_states_are_held_while_running_and_at_most_max_held() {
+        const SEC: u64 = 1_000_000_000;
+        let configured = crate::record::Limits {
+            rate_limits: vec![crate::record::RateLimit {
+                name: "per-minute".into(),
+                limit: 10,
+                window_secs: 60,
+            }],
+            ..Default::default()
+        };
+        // A state with one arrival at `at` (seconds): running for the 6 s that follow.
+        let state = |at: u64| {
+            let limits = Arc::new(KeyLimits::new(&configured, 0, &[]));
+            limits.acquire(at * SEC, 1, 100).unwrap();
+            limits
+        };
+        let mut live = LiveLimits::default();
+        live.hold(1, &state(0), 7 * SEC);
+        assert!(
+            live.held.is_empty(),
+            "its window had passed: a fresh state is the same"
+        );
+        let kept = state(0);
+        live.hold(1, &kept, 5 * SEC);
+        let fresh = |_| unreachable!("the held state is taken back");
+        assert!(Arc::ptr_eq(&live.of(1, &configured, None, fresh), &kept));
+        assert!(live.held.is_empty(), "taken back by the key's next miss");
+
+        for id in 0..MAX_HELD as u64 {
+            live.hold(id, &state(100), 100 * SEC);
+        }
+        assert_eq!(live.held.len(), MAX_HELD);
+        live.hold(u64::MAX, &state(100), 100 * SEC);
+        assert!(!live.held.contains_key(&u64::MAX), "full of running states");
+        // All of them have run out; the sweep comes at most once a second.
+        live.hold(u64::MAX, &state(200), 200 * SEC);
+        assert_eq!(live.held.len(), 1, "swept, then kept");
+    }
 
     struct Fixture {
         _dir: tempfile::TempDir,

@@ -285,6 +285,14 @@ impl KeyLimits {
         }
     }
 
+    /// Whether a limit still holds arrivals at `now_ns` (monotonic): dropping the state now
+    /// would forget them. Once every arrival time has passed, a new state admits exactly what
+    /// this one would.
+    pub(crate) fn running(&self, now_ns: u64) -> bool {
+        let mut all = self.named.iter().chain(self.tokens.as_deref());
+        all.any(|g| g.tat.load(Ordering::Acquire) > now_ns)
+    }
+
     /// Lifetime spend counted so far (0 without spend tiers).
     pub(crate) fn lifetime_spent(&self) -> u64 {
         self.lifetime_spent.load(Ordering::Relaxed)

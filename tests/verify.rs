@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::*;
 use keyledger::{
-    AccountUpdate, Denial, KeyUpdate, NewAccount, NewKey, Request, RouteRule, SubscriptionStatus,
-    Timestamp,
+    AccountUpdate, Denial, HashScheme, KeyUpdate, MasterKey, NewAccount, NewKey, Request,
+    RouteRule, SubscriptionStatus, Timestamp,
 };
 
 const ROUTE: &str = "/api/v1/quickhits/create";
@@ -844,4 +844,62 @@ fn a_wall_clock_stepped_back_does_not_hold_rate_limited_keys_back() {
     assert_eq!(refused.retry_after(), Some(Duration::from_millis(500)));
     t.clock.set(Timestamp(t.now().0 + 500));
     assert!(t.ledger.verify(&Request::new(&key, "/x")).is_ok());
+}
+
+/// A key evicted from a full cache, or by a hash-scheme rotation (which empties it), keeps its
+/// rate-limit window: losing the entry must not hand the key a fresh one. Once the window has
+/// passed, the key is admitted again.
+#[test]
+fn a_rate_limit_window_survives_the_keys_eviction_and_a_rotation() {
+    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| b.cache_capacity(1));
+    let owner = t.account("Acme");
+    let (_, limited) = create_key(
+        &t.ledger,
+        NewKey::new(owner, "limited").rate_limit("hourly", 3, 3_600),
+    );
+    let (_, other) = create_key(&t.ledger, NewKey::new(owner, "other"));
+    for _ in 0..3 {
+        assert_eq!(verify_code(&t.ledger, &limited, "/x"), "ok");
+    }
+    assert_eq!(verify_code(&t.ledger, &limited, "/x"), "rate_limited");
+    let evictions = t.ledger.stats().cache_evictions;
+    assert_eq!(verify_code(&t.ledger, &other, "/x"), "ok");
+    assert!(t.ledger.stats().cache_evictions > evictions, "made room");
+    // Until the writer has flushed the key's usage and found it idle, the evicted entry lives
+    // on in the writer's lists, and with it the state: let that end.
+    let idle = |t: &TestLedger| {
+        for _ in 0..3 {
+            advance_ms(t, 60_000);
+            t.ledger.flush().unwrap();
+        }
+    };
+    idle(&t);
+    assert_eq!(
+        verify_code(&t.ledger, &limited, "/x"),
+        "rate_limited",
+        "evicted"
+    );
+    assert_eq!(verify_code(&t.ledger, &other, "/x"), "ok");
+    idle(&t);
+    assert_eq!(
+        verify_code(&t.ledger, &limited, "/x"),
+        "rate_limited",
+        "evicted again"
+    );
+    idle(&t);
+    t.ledger
+        .rotate_hash_scheme(HashScheme::HmacSha256 { pepper: 2 })
+        .unwrap();
+    assert_eq!(
+        verify_code(&t.ledger, &limited, "/x"),
+        "rate_limited",
+        "rotated"
+    );
+    advance_ms(&t, 3_600_000);
+    assert_eq!(verify_code(&t.ledger, &other, "/x"), "ok");
+    assert_eq!(
+        verify_code(&t.ledger, &limited, "/x"),
+        "ok",
+        "the window passed"
+    );
 }

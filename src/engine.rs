@@ -434,7 +434,9 @@ impl Engine {
             let _ = self.shared.events.try_send(CreditEvent {
                 kind: CreditEventKind::Exhausted,
                 subject: self.shared.ids.encode(meter.subject, meter.id),
-                remaining: meter.remaining(),
+                // The durable balance is empty (so the mark says), whatever the meter's figure
+                // shows: a top-up the writer has applied but not yet committed is not there.
+                remaining: meter.leased(),
             });
         }
     }

@@ -431,13 +431,12 @@ impl Engine {
     pub(crate) fn report_exhausted(&self, meter: &Meter) {
         let known_empty = meter.empty_at(self.shared.clock.now().0);
         if known_empty && meter.first_refusal() {
-            let _ = self.shared.events.try_send(CreditEvent {
-                kind: CreditEventKind::Exhausted,
-                subject: self.shared.ids.encode(meter.subject, meter.id),
-                // The durable balance is empty (so the mark says), whatever the meter's figure
-                // shows: a top-up the writer has applied but not yet committed is not there.
-                remaining: meter.leased(),
-            });
+            // The durable balance is empty (so the mark says), whatever the meter's figure
+            // shows: a top-up the writer has applied but not yet committed is not there.
+            let event = self
+                .shared
+                .event(CreditEventKind::Exhausted, meter, meter.leased());
+            let _ = self.shared.events.try_send(event);
         }
     }
 

@@ -169,6 +169,23 @@ pub(crate) struct Shared {
     pub fail_reads_of: AtomicU64,
 }
 
+impl Shared {
+    /// An event about `meter`'s balance, with the credits left.
+    pub(crate) fn event(
+        &self,
+        kind: CreditEventKind,
+        meter: &Meter,
+        remaining: u64,
+    ) -> CreditEvent {
+        let subject = self.ids.encode(meter.subject, meter.id);
+        CreditEvent {
+            kind,
+            subject,
+            remaining,
+        }
+    }
+}
+
 /// Keys and pools' meters that a flush round found in use. They stay listed here, their
 /// dirty mark still set, so that their next request does not queue them again: otherwise
 /// every key in use was pushed onto a queue by its first request after every flush (an
@@ -872,11 +889,8 @@ fn build(
                             low_balance(shared, fx, &meter, remaining);
                             let charged = from_balance + from_lease;
                             if charged < units && meter.first_refusal() {
-                                fx.events.push(CreditEvent {
-                                    kind: CreditEventKind::Exhausted,
-                                    subject: shared.ids.encode(meter.subject, meter.id),
-                                    remaining,
-                                });
+                                let exhausted = CreditEventKind::Exhausted;
+                                fx.events.push(shared.event(exhausted, &meter, remaining));
                             }
                             charged
                         }
@@ -1093,22 +1107,15 @@ fn refused(shared: &Shared, work: &Working<'_>, fx: &mut Effects, at: usize) {
         _ => 0,
     };
     let remaining = balance + meter.leased() + fx.granted_to(meter.id);
-    let event = CreditEvent {
-        kind: CreditEventKind::Exhausted,
-        subject: shared.ids.encode(meter.subject, meter.id),
-        remaining,
-    };
+    let event = shared.event(CreditEventKind::Exhausted, meter, remaining);
     fx.events.push(event);
 }
 
 /// Emits a low-balance event when the credits left cross the meter's threshold downwards.
 fn low_balance(shared: &Shared, fx: &mut Effects, meter: &Meter, remaining: u64) {
     if meter.note_remaining(remaining) {
-        fx.events.push(CreditEvent {
-            kind: CreditEventKind::LowBalance,
-            subject: shared.ids.encode(meter.subject, meter.id),
-            remaining,
-        });
+        let event = shared.event(CreditEventKind::LowBalance, meter, remaining);
+        fx.events.push(event);
     }
 }
 

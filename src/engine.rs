@@ -19,7 +19,7 @@ use crate::clock::Timestamp;
 use crate::codec;
 use crate::config::Config;
 use crate::credits::events::{CreditEvent, CreditEventKind, EVENT_CAPACITY};
-use crate::credits::meter::{MIN_LEASE, Meter};
+use crate::credits::meter::{MAX_LEASED, MIN_LEASE, Meter};
 use crate::credits::refill;
 use crate::credits::registry::Registry;
 use crate::credits::writer::{self, Adjust, AuditLine, Handoff, Msg, Shared};
@@ -356,18 +356,22 @@ impl Engine {
             meter: meter.clone(),
             units,
             epoch,
-            reply,
+            reply: Some(reply),
         };
         if self.tx.send(msg).is_err() || done.recv().is_err() {
-            meter.give_back(units);
+            let _ = meter.give_back_up_to(units, MAX_LEASED, epoch);
         }
     }
 
-    /// Drops refunded units reserved before a `set` of the balance (see `Grant`).
-    pub(crate) fn discard(&self, meter: &MeterRef, units: u64) {
-        let _ = self.tx.send(Msg::Discard {
+    /// Refunded units reserved under an `epoch` that has ended (a `set` since, see `Grant`):
+    /// the writer drops them from the books — or returns them, if the batch of that `set`
+    /// failed and restored the epoch. Nobody waits.
+    pub(crate) fn discard(&self, meter: &MeterRef, units: u64, epoch: u32) {
+        let _ = self.tx.send(Msg::Return {
             meter: meter.clone(),
             units,
+            epoch,
+            reply: None,
         });
     }
 

@@ -80,8 +80,9 @@ pub use routes::{Routes, permits};
 pub use secret::{MasterKey, Secret};
 pub use verify::{Grant, Pricing, RateState, Receipt, Request, TokenStats};
 
-/// Engine counters, from [`Ledger::stats`].
+/// Engine counters, from [`Ledger::stats`]. More may come: read them by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct Stats {
     /// Write transactions the writer thread committed: each one durable commit (redb's
     /// two-phase commit syncs the file twice for it).

@@ -187,6 +187,19 @@ impl Meter {
         self.lease.swap(tag(epoch), Ordering::AcqRel) & MAX_LEASED
     }
 
+    /// Undoes [`new_epoch`](Self::new_epoch) of a writer batch that failed (writer thread):
+    /// the `set` or refill never happened, so reservations of `epoch` are refundable again.
+    /// Called before the batch gives back the lease it took: the word holds no units (only
+    /// the writer adds to a new epoch, after a commit).
+    pub(crate) fn restore_epoch(&self, epoch: u32) {
+        self.epoch.store(epoch, Ordering::Release);
+        let _ = self
+            .lease
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                Some(tag(epoch) | (word & MAX_LEASED))
+            });
+    }
+
     /// Takes the whole lease without ending the epoch (the writer, returning it to the
     /// durable balance); returns its units.
     pub(crate) fn take_lease(&self) -> u64 {

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use redb::ReadableTable;
 
 use super::events::{CreditEvent, CreditEventKind};
-use super::meter::{MAX_LEASE_FLOOR, MIN_LEASE, Meter};
+use super::meter::{MAX_LEASE_FLOOR, MAX_LEASED, MIN_LEASE, Meter};
 use super::refill;
 use super::registry::Registry;
 use crate::cache::{CachedKey, MeterRef, Metering};
@@ -102,18 +102,18 @@ pub(crate) enum Msg {
     /// registry unless something still uses it — or, with `gone` (its balance was deleted),
     /// retire it for good so late refunds and spends through it are ignored.
     Retire { meter: MeterRef, gone: bool },
-    /// Units of a reservation taken before a `set` of the balance: the set was final, so
-    /// they leave `leased` and `granted` instead of returning to the new balance.
-    Discard { meter: MeterRef, units: u64 },
-    /// Refunded units the lease does not keep (`Exact` mode keeps none): back to the
-    /// balance, or discarded if the balance's epoch moved on since they were reserved under
-    /// `epoch` (checked here, in batch order, after any `set` before it).
+    /// Refunded units the lease does not keep (`Exact` mode keeps none), or could not take
+    /// because their epoch had ended: back to the balance if it is still the one of `epoch`,
+    /// else out of `leased` and `granted` (the `set` that ended it was final). Checked here,
+    /// in batch order, after any `set` before it — and after a failed batch restored the
+    /// epoch its `set` had ended.
     Return {
         meter: MeterRef,
         units: u64,
         epoch: u32,
-        /// Answered once the batch is durable (or failed: then the meter keeps them).
-        reply: Sender<()>,
+        /// Answered once the batch is durable, or failed (then the meter keeps what its
+        /// lease can, and the rest is tried again with the next batch). `None`: nobody waits.
+        reply: Option<Sender<()>>,
     },
     /// Flush now.
     Flush { reply: Sender<Result<()>> },
@@ -205,6 +205,9 @@ struct Listed {
     flushed_at_ms: u64,
     /// When the round in progress started, if one is.
     round_started_ms: Option<u64>,
+    /// Returns a failed batch could neither make durable nor put back into their meter (its
+    /// epoch had moved on, or its lease word was full): tried again with the next batch.
+    returns: Vec<(MeterRef, u64, u32)>,
 }
 
 impl Listed {
@@ -234,7 +237,7 @@ impl Listed {
     }
 
     fn is_empty(&self) -> bool {
-        self.keys.list.is_empty() && self.pools.list.is_empty()
+        self.keys.list.is_empty() && self.pools.list.is_empty() && self.returns.is_empty()
     }
 
     /// Bytes of the lists.
@@ -571,7 +574,11 @@ struct Effects {
     handoffs: Vec<(usize, Option<u64>, u32, Sender<Handoff>)>,
     shortfalls: Vec<(Sender<u64>, u64)>,
     /// Refunds given back to the balance (see [`Msg::Return`]), answered once durable.
-    returns: Vec<(MeterRef, u64, Sender<()>)>,
+    returns: Vec<(MeterRef, u64, u32, Option<Sender<()>>)>,
+    /// Meters whose epoch this batch ended, with the epoch before: restored if it fails.
+    ended: Vec<(MeterRef, u32)>,
+    /// Meters this batch reported exhausted: unmarked if it fails (the event is not sent).
+    reported: Vec<MeterRef>,
     /// Replies to balance changes, sent once the batch is durable (a refused change too: its
     /// `reclaim` changed the meter, which the caller's next request must find settled).
     adjusts: Vec<(Sender<Result<u64>>, Result<u64>)>,
@@ -672,8 +679,10 @@ fn commit(
             for (r, n) in fx.shortfalls {
                 let _ = r.send(n);
             }
-            for (_, _, r) in fx.returns {
-                let _ = r.send(());
+            for (_, _, _, r) in fx.returns {
+                if let Some(r) = r {
+                    let _ = r.send(());
+                }
             }
             for (r, n) in fx.adjusts {
                 let _ = r.send(n);
@@ -738,6 +747,14 @@ fn commit(
                     shared.dirty_usage.push(state);
                 }
             }
+            // The epochs first, newest change first: the lease taken back below belongs to
+            // the balance that stays.
+            for (meter, epoch) in fx.ended.into_iter().rev() {
+                meter.restore_epoch(epoch);
+            }
+            for meter in fx.reported {
+                meter.replenished(); // its event is not sent: the next refusal reports
+            }
             for (meter, units) in fx.reclaimed {
                 meter.give_back(units);
             }
@@ -751,16 +768,15 @@ fn commit(
             for (r, _) in fx.shortfalls {
                 let _ = r.send(0);
             }
-            for (meter, units, r) in fx.returns {
-                meter.give_back(units); // not durable: the meter keeps them, as before
-                let _ = r.send(());
+            for (meter, units, epoch, r) in fx.returns {
+                keep_or_retry(listed, meter, units, epoch, r);
             }
             for (r, _) in fx.adjusts {
                 let _ = r.send(Err(not_changed(&message)));
             }
             // The messages the batch did not reach get the same answers.
             for msg in batch {
-                refuse(msg, &message, &mut fx.syncs);
+                refuse(msg, &message, listed, &mut fx.syncs);
             }
             return (fx.syncs, Err(message));
         }
@@ -768,10 +784,28 @@ fn commit(
     (fx.syncs, Ok(()))
 }
 
+/// A return whose batch failed: the meter keeps what its lease takes under `epoch` (as
+/// before the refund asked; a close returns it), the next batch tries the rest again.
+fn keep_or_retry(
+    listed: &mut Listed,
+    meter: MeterRef,
+    units: u64,
+    epoch: u32,
+    reply: Option<Sender<()>>,
+) {
+    let kept = meter.give_back_up_to(units, MAX_LEASED, epoch).unwrap_or(0);
+    if kept < units && !meter.retired() {
+        listed.returns.push((meter, units - kept, epoch));
+    }
+    if let Some(reply) = reply {
+        let _ = reply.send(());
+    }
+}
+
 /// Answers a message of a batch that failed before reaching it, as [`commit`] answers those
-/// it reached: nothing became durable. (A retirement or discard is dropped: the storage has
-/// failed, so no later batch could write it either.)
-fn refuse(msg: Msg, message: &str, syncs: &mut Vec<Sender<Result<()>>>) {
+/// it reached: nothing became durable. (A retirement is dropped: the storage has failed, so
+/// no later batch could write it either; the close returns the meter's lease.)
+fn refuse(msg: Msg, message: &str, listed: &mut Listed, syncs: &mut Vec<Sender<Result<()>>>) {
     match msg {
         Msg::Lease { meter, reply, .. } => {
             meter.pending.store(false, Ordering::Release);
@@ -787,17 +821,13 @@ fn refuse(msg: Msg, message: &str, syncs: &mut Vec<Sender<Result<()>>>) {
             let _ = reply.send(Err(not_changed(message)));
         }
         Msg::Flush { reply } | Msg::Close { reply } => syncs.push(reply),
-        // Not written back: kept in the lease, as before the refund asked (a close returns it).
         Msg::Return {
             meter,
             units,
+            epoch,
             reply,
-            ..
-        } => {
-            meter.give_back(units);
-            let _ = reply.send(());
-        }
-        Msg::Retire { .. } | Msg::Discard { .. } | Msg::Abandon | Msg::PrefetchBell => {}
+        } => keep_or_retry(listed, meter, units, epoch, reply),
+        Msg::Retire { .. } | Msg::Abandon | Msg::PrefetchBell => {}
         #[cfg(test)]
         Msg::Hold(_) => {}
     }
@@ -828,6 +858,15 @@ fn build(
             #[cfg(test)]
             fail_reads_of: shared.fail_reads_of.load(Ordering::Relaxed),
         };
+        // Returns a failed batch left: listed with this batch's first, so that a failure
+        // anywhere in it tries them again.
+        let late = std::mem::take(&mut listed.returns);
+        for (meter, units, epoch) in &late {
+            fx.returns.push((meter.clone(), *units, *epoch, None));
+        }
+        for (meter, units, epoch) in late {
+            return_units(&mut work, fx, meter, units, epoch)?;
+        }
         if chunked {
             fx.meters_seen = listed.pools.chunk();
             fx.usage_seen = listed.keys.chunk();
@@ -891,6 +930,7 @@ fn build(
                             if charged < units && meter.first_refusal() {
                                 let exhausted = CreditEventKind::Exhausted;
                                 fx.events.push(shared.event(exhausted, &meter, remaining));
+                                fx.reported.push(meter.clone());
                             }
                             charged
                         }
@@ -975,32 +1015,14 @@ fn build(
                         fx.retired.push(meter);
                     }
                 }
-                Msg::Discard { meter, units } => {
-                    if let Some(r) = live(&mut work, &meter)? {
-                        let units = units.min(r.leased);
-                        r.leased -= units;
-                        r.granted = r.granted.saturating_sub(units);
-                    }
-                }
                 Msg::Return {
                     meter,
                     units,
                     epoch,
                     reply,
                 } => {
-                    fx.returns.push((meter.clone(), units, reply));
-                    if let Some(r) = live(&mut work, &meter)? {
-                        let units = units.min(r.leased);
-                        r.leased -= units;
-                        if meter.epoch() == epoch {
-                            r.balance += units;
-                            meter.durable_balance.store(r.balance, Ordering::Release);
-                            // The balance grew: `build` decides empty-ness from the record.
-                            fx.leases.push((meter, 0, 0));
-                        } else {
-                            r.granted = r.granted.saturating_sub(units);
-                        }
-                    }
+                    fx.returns.push((meter.clone(), units, epoch, reply));
+                    return_units(&mut work, fx, meter, units, epoch)?;
                 }
                 Msg::Flush { reply } | Msg::Close { reply } => fx.syncs.push(reply),
                 Msg::Abandon | Msg::PrefetchBell => {}
@@ -1091,6 +1113,30 @@ fn live<'w>(work: &'w mut Working<'_>, meter: &Meter) -> Result<Option<&'w mut C
     work.get(meter.id)
 }
 
+/// Returns `units` reserved under `epoch` to `meter`'s balance, or, if that epoch has ended
+/// (a `set` or a refill earlier, in batch order), drops them from the books with it.
+fn return_units(
+    work: &mut Working<'_>,
+    fx: &mut Effects,
+    meter: MeterRef,
+    units: u64,
+    epoch: u32,
+) -> Result<()> {
+    if let Some(r) = live(work, &meter)? {
+        let units = units.min(r.leased);
+        r.leased -= units;
+        if meter.epoch() == epoch {
+            r.balance += units;
+            meter.durable_balance.store(r.balance, Ordering::Release);
+            // The balance grew: `build` decides empty-ness from the record.
+            fx.leases.push((meter, 0, 0));
+        } else {
+            r.granted = r.granted.saturating_sub(units);
+        }
+    }
+    Ok(())
+}
+
 /// Reports the request refused by the lease at `at` (the balance and the lease in memory
 /// could not cover it), if it is the first refusal since the balance last grew.
 ///
@@ -1102,6 +1148,7 @@ fn refused(shared: &Shared, work: &Working<'_>, fx: &mut Effects, at: usize) {
     if !meter.first_refusal() {
         return;
     }
+    fx.reported.push(meter.clone());
     let balance = match work.records.get(&meter.id) {
         Some(Some(r)) => r.balance,
         _ => 0,
@@ -1266,6 +1313,7 @@ fn new_period(fx: &mut Effects, meter: &MeterRef, r: &mut CreditsRecord, now: Ti
 /// Starts a new epoch of `meter`'s balance (a set, a refill): the lease memory holds
 /// belongs to the old balance and leaves the books with it.
 fn end_epoch(fx: &mut Effects, meter: &MeterRef, r: &mut CreditsRecord) {
+    fx.ended.push((meter.clone(), meter.epoch()));
     let swapped = meter.new_epoch();
     let back = swapped.min(r.leased);
     r.leased -= back;
@@ -1368,13 +1416,16 @@ fn flush_usage(
 mod tests {
     use super::*;
     use crate::public_id::IdKind;
-    use crate::{Config, Ledger, NewAccount, NewKey};
+    use crate::{Config, Durability, Ledger, MasterKey, NewAccount, NewKey, Presented, Request};
+
+    fn open(config: Config) -> (tempfile::TempDir, Ledger) {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path().join("keys.redb"), config).unwrap();
+        (dir, ledger)
+    }
 
     fn ledger() -> (tempfile::TempDir, Ledger) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.redb");
-        let ledger = Ledger::open(path, Config::ephemeral().unwrap()).unwrap();
-        (dir, ledger)
+        open(Config::ephemeral().unwrap())
     }
 
     /// Creates a key of `credits`; returns its public id and plaintext.
@@ -1459,8 +1510,8 @@ mod tests {
 
     /// Verifies `plaintext` at a cost of 1 and commits the grant; the denial's code if refused.
     fn spend_one(ledger: &Ledger, plaintext: &str) -> std::result::Result<u64, String> {
-        let key = crate::Presented::new(plaintext).unwrap();
-        match ledger.verify(&crate::Request::new(&key, "/x").cost(1)) {
+        let key = Presented::new(plaintext).unwrap();
+        match ledger.verify(&Request::new(&key, "/x").cost(1)) {
             Ok(grant) => Ok(grant.commit(1).token_stats.charged),
             Err(denial) => Err(denial.code().to_owned()),
         }
@@ -1583,6 +1634,150 @@ mod tests {
         let reopened = Ledger::open(path, config).unwrap();
         let u = reopened.credits().usage(&id).unwrap();
         assert_eq!((u.spent, u.remaining, u.lost_to_crash), (3, Some(97), 0));
+    }
+
+    /// A `set` whose batch fails restores the epoch it ended: a reservation taken before it is
+    /// refunded into the balance, not dropped as if the set had happened.
+    #[test]
+    fn a_failed_set_does_not_make_earlier_reservations_final() {
+        let (_dir, ledger) = ledger();
+        let (a, a_plain) = key(&ledger, 100);
+        let (b, _) = key(&ledger, 100);
+        let presented = Presented::new(&a_plain).unwrap();
+        let grant = ledger
+            .verify(&Request::new(&presented, "/x").cost(5))
+            .unwrap();
+        let shared = &ledger.inner.engine.shared;
+        // A storage error on another balance later in the same batch fails the whole batch.
+        let b_id = ledger.keys().internal_id(&b).unwrap();
+        shared.fail_reads_of.store(b_id, Ordering::Relaxed);
+        let credits = ledger.credits();
+        let (credits, a_ref, b_ref) = (&credits, &a, &b);
+        let answers = one_batch::<crate::Result<u64>>(
+            &ledger,
+            vec![
+                Box::new(move || credits.set(a_ref, 50)),
+                Box::new(move || credits.top_up(b_ref, 1)),
+            ],
+        );
+        assert!(answers[0].is_err(), "the set failed: {:?}", answers[0]);
+        assert!(answers[1].is_err(), "{:?}", answers[1]);
+        shared.fail_reads_of.store(0, Ordering::Relaxed);
+        drop(grant); // refund the 5 reserved before the (failed) set
+        let u = ledger.credits().usage(&a).unwrap();
+        assert_eq!(
+            (u.spent, u.remaining, u.granted),
+            (0, Some(100), 100),
+            "nothing was spent and the set did not happen: all 100 credits must be left"
+        );
+    }
+
+    /// A refusal reported in a batch that fails is unmarked with it: the retry's refusal sends
+    /// the event.
+    #[test]
+    fn a_refusal_in_a_failed_batch_is_still_reported() {
+        let (_dir, ledger) = ledger();
+        let (_a, a_plain) = key(&ledger, 0);
+        let (b, _) = key(&ledger, 10);
+        let shared = &ledger.inner.engine.shared;
+        let b_id = ledger.keys().internal_id(&b).unwrap();
+        shared.fail_reads_of.store(b_id, Ordering::Relaxed);
+        let credits = ledger.credits();
+        let (ledger_ref, credits, a_plain, b_ref) = (&ledger, &credits, &a_plain, &b);
+        let answers = one_batch::<Result<u64, String>>(
+            &ledger,
+            vec![
+                Box::new(move || spend_one(ledger_ref, a_plain)),
+                Box::new(move || credits.top_up(b_ref, 1).map_err(|e| e.to_string())),
+            ],
+        );
+        shared.fail_reads_of.store(0, Ordering::Relaxed);
+        assert_eq!(answers[0], Err("usage_exceeded".to_owned()));
+        let events: Vec<_> = ledger
+            .credit_events()
+            .try_iter()
+            .map(|e| (e.kind, e.remaining))
+            .collect();
+        assert_eq!(
+            events,
+            [(CreditEventKind::Exhausted, 0)],
+            "a refused request on an empty balance must be reported once"
+        );
+    }
+
+    /// A refund checks the epoch, then sends a `Return` for what the lease does not keep (all of
+    /// it in `Exact` mode). A `set` that commits in between makes them final even if the
+    /// `Return`'s batch fails: they never reach the new balance's lease. (The race, step by
+    /// step.)
+    #[test]
+    fn a_failed_return_does_not_land_in_a_new_epoch() {
+        let config = Config::builder()
+            .master_key(MasterKey::generate().unwrap())
+            .durability(Durability::Exact)
+            .build()
+            .unwrap();
+        let (_dir, ledger) = open(config);
+        let (a, a_plain) = key(&ledger, 100);
+        let presented = Presented::new(&a_plain).unwrap();
+        let grant = ledger
+            .verify(&Request::new(&presented, "/x").cost(5))
+            .unwrap();
+        let engine = &ledger.inner.engine;
+        let a_id = ledger.keys().internal_id(&a).unwrap();
+        let handle = engine.shared.meters.lock().get(a_id).expect("registered");
+        let epoch = handle.epoch();
+        // The refund's first half, as `Grant::put_back` runs it: the epoch still matches and
+        // the lease keeps nothing (Exact), so the 5 units go to the writer as a `Return`...
+        assert_eq!(handle.give_back_up_to(5, 0, epoch), Some(0));
+        // ...but a `set` to 0 commits before that `Return` is processed.
+        assert_eq!(ledger.credits().set(&a, 0).unwrap(), 0);
+        assert_ne!(handle.epoch(), epoch);
+        // The `Return`'s batch fails (a storage error).
+        engine.shared.fail_reads_of.store(a_id, Ordering::Relaxed);
+        engine.give_back(&handle, 5, epoch);
+        engine.shared.fail_reads_of.store(0, Ordering::Relaxed);
+        std::mem::forget(grant); // its refund is the one simulated above
+        let leased_after_failed_return = handle.leased();
+        let spent_after_set = ledger
+            .verify(&Request::new(&presented, "/x").cost(5))
+            .map(|g| g.commit(5).token_stats.charged);
+        assert_eq!(
+            (leased_after_failed_return, spent_after_set),
+            (0, Err(crate::Denial::UsageExceeded)),
+            "units reserved before the set to 0 must not be spendable from the new balance"
+        );
+    }
+
+    /// A refund whose `Return` batch fails and which does not fit in the lease word (2⁴⁸ − 1
+    /// units) is tried again with the next batch: a clean close keeps every unit.
+    #[test]
+    fn a_failed_return_of_a_large_refund_keeps_every_unit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        let config = Config::ephemeral().unwrap();
+        let ledger = Ledger::open(&path, config.clone()).unwrap();
+        let big = 1u64 << 50;
+        let (a, a_plain) = key(&ledger, big);
+        let presented = Presented::new(&a_plain).unwrap();
+        let grant = ledger
+            .verify(&Request::new(&presented, "/x").cost(1 << 49))
+            .unwrap();
+        let shared = &ledger.inner.engine.shared;
+        let a_id = ledger.keys().internal_id(&a).unwrap();
+        shared.fail_reads_of.store(a_id, Ordering::Relaxed);
+        // Refund: up to MAX_LEASE stays in the lease, the rest goes back as a `Return`, whose
+        // batch fails: the meter is to keep it, "as before the refund asked".
+        drop(grant);
+        shared.fail_reads_of.store(0, Ordering::Relaxed);
+        ledger.close().unwrap();
+        drop(ledger);
+        let reopened = Ledger::open(path, config).unwrap();
+        let u = reopened.credits().usage(&a).unwrap();
+        assert_eq!(
+            (u.spent, u.lost_to_crash, u.remaining),
+            (0, 0, Some(big)),
+            "nothing spent, clean close: every unit must still be there"
+        );
     }
 
     #[test]

@@ -100,7 +100,9 @@ impl LiveLimits {
         new: impl FnOnce(u64) -> KeyLimits,
     ) -> Arc<KeyLimits> {
         let live = self.by_key.get(&id).and_then(std::sync::Weak::upgrade);
-        let held = self.held.remove(&id);
+        // Left in `held` until the entry is cached (`release`): a miss that cannot cache
+        // what it read serves one request and must leave the state for the next.
+        let held = self.held.get(&id).cloned();
         let known = || live.iter().chain(carried).chain(held.iter());
         let limits = match known().find(|l| l.configured_as(configured)) {
             Some(same) => same.clone(),
@@ -115,20 +117,30 @@ impl LiveLimits {
     }
 
     /// Keeps the state of an evicted entry of key `id` while it still counts arrivals at
-    /// `now_ns`, unless `held` is full of states that do.
-    fn hold(&mut self, id: u64, limits: &Arc<KeyLimits>, now_ns: u64) {
-        if !limits.running(now_ns) {
+    /// `now_ns` or is still `in_use` (a grant holding the entry may yet charge it: a token
+    /// count known only at commit), unless `held` is full of such states.
+    fn hold(&mut self, id: u64, limits: &Arc<KeyLimits>, in_use: bool, now_ns: u64) {
+        if !in_use && !limits.running(now_ns) {
             return;
         }
         let full = self.held.len() >= MAX_HELD;
         let due = !full || now_ns >= self.held_swept_ns.saturating_add(1_000_000_000);
         if self.held.len() >= self.held_sweep_at && due {
-            self.held.retain(|_, l| l.running(now_ns));
+            // Held here only, and no longer counting: a fresh state admits the same.
+            self.held
+                .retain(|_, l| Arc::strong_count(l) > 1 || l.running(now_ns));
             self.held_sweep_at = (self.held.len() * 2).clamp(1024, MAX_HELD);
             self.held_swept_ns = now_ns;
         }
         if self.held.len() < MAX_HELD {
             self.held.insert(id, limits.clone());
+        }
+    }
+
+    /// Key `id`'s new entry, sharing `limits`, is cached: the state need not be held apart.
+    fn release(&mut self, id: u64, limits: &Arc<KeyLimits>) {
+        if self.held.get(&id).is_some_and(|h| Arc::ptr_eq(h, limits)) {
+            self.held.remove(&id);
         }
     }
 }
@@ -571,15 +583,14 @@ impl Engine {
 
     /// Entries left the cache for good (capacity): their own meters may leave memory.
     fn retire(&self, evicted: Evicted) {
-        let limited = evicted
-            .iter()
-            .filter_map(|k| Some((k.id(), k.limits.as_ref()?)));
-        let mut limited = limited.peekable();
+        let mut limited = evicted.iter().filter(|k| k.limits.is_some()).peekable();
         if limited.peek().is_some() {
             let now_ns = self.shared.clock.monotonic_ns();
             let mut live = self.limits.lock();
-            for (id, limits) in limited {
-                live.hold(id, limits, now_ns);
+            for key in limited {
+                let limits = key.limits.as_ref().expect("filtered");
+                // Besides `evicted`, a grant or the writer's lists may hold the entry.
+                live.hold(key.id(), limits, Arc::strong_count(key) > 1, now_ns);
             }
         }
         for key in evicted {
@@ -804,6 +815,9 @@ impl Engine {
                         all.remove(&record.id);
                     }
                 }
+                if let Some(limits) = &key.limits {
+                    self.limits.lock().release(key.id(), limits);
+                }
                 self.retire(evicted);
                 Loaded::Cached(key)
             }
@@ -975,25 +989,29 @@ mod tests {
             limits
         };
         let mut live = LiveLimits::default();
-        live.hold(1, &state(0), 7 * SEC);
+        live.hold(1, &state(0), false, 7 * SEC);
         assert!(
             live.held.is_empty(),
             "its window had passed: a fresh state is the same"
         );
+        live.hold(1, &state(0), true, 7 * SEC);
+        assert_eq!(live.held.len(), 1, "passed, but a grant may yet charge it");
         let kept = state(0);
-        live.hold(1, &kept, 5 * SEC);
+        live.hold(1, &kept, false, 5 * SEC);
         let fresh = |_| unreachable!("the held state is taken back");
         assert!(Arc::ptr_eq(&live.of(1, &configured, None, fresh), &kept));
-        assert!(live.held.is_empty(), "taken back by the key's next miss");
+        assert!(live.held.contains_key(&1), "until the new entry is cached");
+        live.release(1, &kept);
+        assert!(live.held.is_empty(), "taken back by the key's next entry");
 
         for id in 0..MAX_HELD as u64 {
-            live.hold(id, &state(100), 100 * SEC);
+            live.hold(id, &state(100), false, 100 * SEC);
         }
         assert_eq!(live.held.len(), MAX_HELD);
-        live.hold(u64::MAX, &state(100), 100 * SEC);
+        live.hold(u64::MAX, &state(100), false, 100 * SEC);
         assert!(!live.held.contains_key(&u64::MAX), "full of running states");
         // All of them have run out; the sweep comes at most once a second.
-        live.hold(u64::MAX, &state(200), 200 * SEC);
+        live.hold(u64::MAX, &state(200), false, 200 * SEC);
         assert_eq!(live.held.len(), 1, "swept, then kept");
     }
 
@@ -1112,6 +1130,47 @@ mod tests {
         let previous = scope_of(&f.ledger, &old);
         assert_ne!(previous.secret_valid_until, u64::MAX);
         assert_eq!(f.ledger.inner.engine.scopes.lock().len(), kept);
+    }
+
+    /// A miss that takes an evicted key's held rate-limit state and then cannot cache the
+    /// entry (an admin change to any account raced its read: `Uncached`) leaves the state
+    /// held: the key's next miss still finds its window.
+    #[test]
+    fn a_held_rate_limit_state_survives_a_miss_that_could_not_cache() {
+        let f = ledger();
+        let engine = &f.ledger.inner.engine;
+        let (_, id, plaintext) = key(&f.ledger, |o| {
+            NewKey::new(o, "k").rate_limit("hourly", 3, 3_600)
+        });
+        let other = f
+            .ledger
+            .accounts()
+            .create(NewAccount::new("Other"))
+            .unwrap();
+        for _ in 0..3 {
+            assert_eq!(code(&f.ledger, &plaintext), "ok");
+        }
+        assert_eq!(code(&f.ledger, &plaintext), "rate_limited");
+        engine.scheme_changed(); // a rotation empties the cache: the state is held
+        for _ in 0..3 {
+            f.ledger.flush().unwrap(); // the writer lets go of the evicted entry
+        }
+        assert!(engine.limits.lock().held.contains_key(&id), "held");
+        let read = read_miss(&f.ledger, &plaintext);
+        // Any account change commits meanwhile: the miss must not cache what it read.
+        f.ledger
+            .accounts()
+            .update(
+                other.id.as_str(),
+                crate::AccountUpdate::new().name("Renamed"),
+            )
+            .unwrap();
+        assert!(matches!(engine.install(read), Some(Loaded::Uncached(_))));
+        assert_eq!(
+            code(&f.ledger, &plaintext),
+            "rate_limited",
+            "3 admitted this hour: the window must survive a miss that could not cache"
+        );
     }
 
     #[test]

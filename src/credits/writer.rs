@@ -575,6 +575,9 @@ struct Effects {
     shortfalls: Vec<(Sender<u64>, u64)>,
     /// Refunds given back to the balance (see [`Msg::Return`]), answered once durable.
     returns: Vec<(MeterRef, u64, u32, Option<Sender<()>>)>,
+    /// Returns left by a failed batch that this one could not read for either: kept for the
+    /// next, whatever becomes of this one.
+    late: Vec<(MeterRef, u64, u32)>,
     /// Meters whose epoch this batch ended, with the epoch before: restored if it fails.
     ended: Vec<(MeterRef, u32)>,
     /// Meters this batch reported exhausted: unmarked if it fails (the event is not sent).
@@ -643,6 +646,7 @@ fn commit(
     let mut fx = Effects::default();
     let mut batch = batch.into_iter();
     let result = build(shared, listed, &mut batch, closing, chunked, &mut fx);
+    listed.returns.append(&mut fx.late);
     let working = fx.list_bytes() + listed.bytes();
     shared
         .list_bytes
@@ -858,14 +862,14 @@ fn build(
             #[cfg(test)]
             fail_reads_of: shared.fail_reads_of.load(Ordering::Relaxed),
         };
-        // Returns a failed batch left: listed with this batch's first, so that a failure
-        // anywhere in it tries them again.
-        let late = std::mem::take(&mut listed.returns);
-        for (meter, units, epoch) in &late {
-            fx.returns.push((meter.clone(), *units, *epoch, None));
-        }
-        for (meter, units, epoch) in late {
-            return_units(&mut work, fx, meter, units, epoch)?;
+        // Returns a failed batch left. One whose record cannot be read waits for the next
+        // batch again rather than failing this one (and every one after it) for the others;
+        // those it applies are listed with this batch's, so that a failure tries them again.
+        for (meter, units, epoch) in std::mem::take(&mut listed.returns) {
+            match return_units(&mut work, fx, meter.clone(), units, epoch) {
+                Ok(()) => fx.returns.push((meter, units, epoch, None)),
+                Err(_) => fx.late.push((meter, units, epoch)),
+            }
         }
         if chunked {
             fx.meters_seen = listed.pools.chunk();
@@ -1777,6 +1781,34 @@ mod tests {
             (u.spent, u.lost_to_crash, u.remaining),
             (0, 0, Some(big)),
             "nothing spent, clean close: every unit must still be there"
+        );
+    }
+
+    /// A return left for a retry whose balance's record still cannot be read waits again; it
+    /// does not fail the batches of other balances' changes, leases and flushes.
+    #[test]
+    fn a_retried_return_that_still_cannot_be_read_fails_no_other_change() {
+        let (_dir, ledger) = ledger();
+        let (a, a_plain) = key(&ledger, 100);
+        let (b, _) = key(&ledger, 100);
+        let presented = Presented::new(&a_plain).unwrap();
+        let grant = ledger
+            .verify(&Request::new(&presented, "/x").cost(5))
+            .unwrap();
+        // A set commits: the grant's refund is for an ended epoch (a `Return` nobody waits for).
+        assert_eq!(ledger.credits().set(&a, 50).unwrap(), 50);
+        let shared = &ledger.inner.engine.shared;
+        let a_id = ledger.keys().internal_id(&a).unwrap();
+        shared.fail_reads_of.store(a_id, Ordering::Relaxed);
+        drop(grant);
+        let _ = ledger.flush(); // the batch with that return fails: it is kept for a retry
+        // The record of `a` still cannot be read; `b` has nothing to do with it.
+        let top_up = ledger.credits().top_up(&b, 1);
+        shared.fail_reads_of.store(0, Ordering::Relaxed);
+        assert_eq!(
+            top_up.as_ref().ok(),
+            Some(&101),
+            "a top-up of another balance must not fail: {top_up:?}"
         );
     }
 

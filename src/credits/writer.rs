@@ -578,8 +578,9 @@ struct Effects {
     /// Returns left by a failed batch that this one could not read for either: kept for the
     /// next, whatever becomes of this one.
     late: Vec<(MeterRef, u64, u32)>,
-    /// Meters whose epoch this batch ended, with the epoch before: restored if it fails.
-    ended: Vec<(MeterRef, u32)>,
+    /// Meters whose epoch this batch ended, with the epoch and refill time (ms) before:
+    /// restored if it fails (a failed refill must still be due).
+    ended: Vec<(MeterRef, u32, u64)>,
     /// Meters this batch reported exhausted: unmarked if it fails (the event is not sent).
     reported: Vec<MeterRef>,
     /// Replies to balance changes, sent once the batch is durable (a refused change too: its
@@ -753,8 +754,9 @@ fn commit(
             }
             // The epochs first, newest change first: the lease taken back below belongs to
             // the balance that stays.
-            for (meter, epoch) in fx.ended.into_iter().rev() {
+            for (meter, epoch, refill_at) in fx.ended.into_iter().rev() {
                 meter.restore_epoch(epoch);
+                meter.set_refill_at(refill_at);
             }
             for meter in fx.reported {
                 meter.replenished(); // its event is not sent: the next refusal reports
@@ -1317,7 +1319,8 @@ fn new_period(fx: &mut Effects, meter: &MeterRef, r: &mut CreditsRecord, now: Ti
 /// Starts a new epoch of `meter`'s balance (a set, a refill): the lease memory holds
 /// belongs to the old balance and leaves the books with it.
 fn end_epoch(fx: &mut Effects, meter: &MeterRef, r: &mut CreditsRecord) {
-    fx.ended.push((meter.clone(), meter.epoch()));
+    fx.ended
+        .push((meter.clone(), meter.epoch(), meter.refill_at_ms()));
     let swapped = meter.new_epoch();
     let back = swapped.min(r.leased);
     r.leased -= back;
@@ -1809,6 +1812,60 @@ mod tests {
             top_up.as_ref().ok(),
             Some(&101),
             "a top-up of another balance must not fail: {top_up:?}"
+        );
+    }
+
+    /// A refill whose batch fails is still due: the old period's lease, given back to the
+    /// meter, is not spent after the refill time (it would be, late, had the failed batch
+    /// left the next refill time set).
+    #[test]
+    fn a_failed_refill_is_still_due() {
+        const DAY: u64 = 86_400_000;
+        let clock = crate::ManualClock::new(crate::Timestamp(20_000 * DAY + 1_000));
+        let config = Config::builder()
+            .master_key(MasterKey::generate().unwrap())
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        let (_dir, ledger) = open(config);
+        let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+        let daily = crate::RefillInterval::Daily;
+        let new = NewKey::new(owner.id.as_str(), "a")
+            .credits(100)
+            .refill(10, daily);
+        let a_plain = ledger
+            .keys()
+            .create(new)
+            .unwrap()
+            .plaintext
+            .expose()
+            .to_owned();
+        let (b, _) = key(&ledger, 100);
+        assert_eq!(spend_one(&ledger, &a_plain), Ok(1)); // a lease of the first period
+        clock.set(crate::Timestamp(20_001 * DAY + 1_000));
+        let shared = &ledger.inner.engine.shared;
+        shared
+            .fail_reads_of
+            .store(ledger.keys().internal_id(&b).unwrap(), Ordering::Relaxed);
+        let credits = ledger.credits();
+        let (ledger_ref, credits, a_plain, b_ref) = (&ledger, &credits, &a_plain, &b);
+        // The request's lease applies the refill; the top-up after it fails the batch.
+        let answers = one_batch::<std::result::Result<u64, String>>(
+            &ledger,
+            vec![
+                Box::new(move || spend_one(ledger_ref, a_plain)),
+                Box::new(move || credits.top_up(b_ref, 1).map_err(|e| e.to_string())),
+            ],
+        );
+        shared.fail_reads_of.store(0, Ordering::Relaxed);
+        assert_eq!(answers[0], Ok(1), "served once the refill was written");
+        let mut spent = 1;
+        while spend_one(&ledger, a_plain).is_ok() {
+            spent += 1;
+        }
+        assert_eq!(
+            spent, 10,
+            "the new period's 10, nothing of the old period's lease"
         );
     }
 

@@ -207,7 +207,9 @@ struct Listed {
     round_started_ms: Option<u64>,
     /// Returns a failed batch could neither make durable nor put back into their meter (its
     /// epoch had moved on, or its lease word was full): tried again with the next batch.
-    returns: Vec<(MeterRef, u64, u32)>,
+    /// One entry per balance and epoch (a balance's record id is unique across keys and
+    /// pools), so an outage that fails batch after batch grows it by balances, not refunds.
+    returns: HashMap<(u64, u32), (MeterRef, u64)>,
 }
 
 impl Listed {
@@ -238,6 +240,13 @@ impl Listed {
 
     fn is_empty(&self) -> bool {
         self.keys.list.is_empty() && self.pools.list.is_empty() && self.returns.is_empty()
+    }
+
+    /// Lists `units` reserved under `epoch` for the next batch to return.
+    fn retry_return(&mut self, meter: MeterRef, units: u64, epoch: u32) {
+        let entry = self.returns.entry((meter.id, epoch)).or_insert((meter, 0));
+        // A balance's refunds never add up to more than it granted, itself a u64.
+        entry.1 = entry.1.saturating_add(units);
     }
 
     /// Bytes of the lists.
@@ -647,7 +656,9 @@ fn commit(
     let mut fx = Effects::default();
     let mut batch = batch.into_iter();
     let result = build(shared, listed, &mut batch, closing, chunked, &mut fx);
-    listed.returns.append(&mut fx.late);
+    for (meter, units, epoch) in std::mem::take(&mut fx.late) {
+        listed.retry_return(meter, units, epoch);
+    }
     let working = fx.list_bytes() + listed.bytes();
     shared
         .list_bytes
@@ -801,7 +812,7 @@ fn keep_or_retry(
 ) {
     let kept = meter.give_back_up_to(units, MAX_LEASED, epoch).unwrap_or(0);
     if kept < units && !meter.retired() {
-        listed.returns.push((meter, units - kept, epoch));
+        listed.retry_return(meter, units - kept, epoch);
     }
     if let Some(reply) = reply {
         let _ = reply.send(());
@@ -867,7 +878,7 @@ fn build(
         // Returns a failed batch left. One whose record cannot be read waits for the next
         // batch again rather than failing this one (and every one after it) for the others;
         // those it applies are listed with this batch's, so that a failure tries them again.
-        for (meter, units, epoch) in std::mem::take(&mut listed.returns) {
+        for ((_, epoch), (meter, units)) in std::mem::take(&mut listed.returns) {
             match return_units(&mut work, fx, meter.clone(), units, epoch) {
                 Ok(()) => fx.returns.push((meter, units, epoch, None)),
                 Err(_) => fx.late.push((meter, units, epoch)),

@@ -906,55 +906,35 @@ fn a_rate_limit_window_survives_the_keys_eviction_and_a_rotation() {
 
 /// A grant taken before its key's eviction and committed after it (a long request whose
 /// real token count is known only at the end) charges its tokens to the window the key's
-/// next entry finds.
+/// next entry finds — as it does without the eviction.
 #[test]
 fn tokens_committed_after_the_keys_eviction_still_count() {
-    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| b.cache_capacity(1));
-    let owner = t.account("Acme");
-    let (_, limited) = create_key(
-        &t.ledger,
-        NewKey::new(owner, "limited").token_window(1_000, 3_600),
-    );
-    let (_, other) = create_key(&t.ledger, NewKey::new(owner, "other"));
-    let key = presented(&limited);
-    let grant = t.ledger.verify(&Request::new(&key, "/x").cost(1)).unwrap();
-    // The request runs for 10 s: its 1-token slot (3.6 s) has passed.
-    advance_ms(&t, 10_000);
-    assert_eq!(verify_code(&t.ledger, &other, "/x"), "ok"); // evicts `limited`
-    // It used 2,000 tokens: two hours' worth of the window.
-    grant.commit(2_000);
-    for _ in 0..3 {
-        advance_ms(&t, 60_000);
-        t.ledger.flush().unwrap();
+    for evicted in [false, true] {
+        let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| b.cache_capacity(1));
+        let owner = t.account("Acme");
+        let (_, limited) = create_key(
+            &t.ledger,
+            NewKey::new(owner, "limited").token_window(1_000, 3_600),
+        );
+        let (_, other) = create_key(&t.ledger, NewKey::new(owner, "other"));
+        let key = presented(&limited);
+        let grant = t.ledger.verify(&Request::new(&key, "/x").cost(1)).unwrap();
+        // The request runs for 10 s: its 1-token slot (3.6 s) has passed.
+        advance_ms(&t, 10_000);
+        if evicted {
+            assert_eq!(verify_code(&t.ledger, &other, "/x"), "ok"); // evicts `limited`
+        }
+        // It used 2,000 tokens: two hours' worth of the window.
+        grant.commit(2_000);
+        for _ in 0..3 {
+            advance_ms(&t, 60_000);
+            t.ledger.flush().unwrap();
+        }
+        let request = Request::new(&key, "/x").cost(10);
+        assert_eq!(
+            t.ledger.verify(&request).err().map(|d| d.code()),
+            Some("rate_limited"),
+            "2,000 tokens committed 3 minutes ago against 1,000 an hour (evicted: {evicted})"
+        );
     }
-    let request = Request::new(&key, "/x").cost(10);
-    assert_eq!(
-        t.ledger.verify(&request).err().map(|d| d.code()),
-        Some("rate_limited"),
-        "2,000 tokens committed 3 minutes ago against a window of 1,000 an hour"
-    );
-}
-
-/// Control: the same without the eviction is refused.
-#[test]
-fn tokens_committed_without_eviction_count() {
-    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| b.cache_capacity(1));
-    let owner = t.account("Acme");
-    let (_, limited) = create_key(
-        &t.ledger,
-        NewKey::new(owner, "limited").token_window(1_000, 3_600),
-    );
-    let key = presented(&limited);
-    let grant = t.ledger.verify(&Request::new(&key, "/x").cost(1)).unwrap();
-    advance_ms(&t, 10_000);
-    grant.commit(2_000);
-    for _ in 0..3 {
-        advance_ms(&t, 60_000);
-        t.ledger.flush().unwrap();
-    }
-    let request = Request::new(&key, "/x").cost(10);
-    assert_eq!(
-        t.ledger.verify(&request).err().map(|d| d.code()),
-        Some("rate_limited")
-    );
 }

@@ -584,6 +584,9 @@ struct Effects {
     shortfalls: Vec<(Sender<u64>, u64)>,
     /// Refunds given back to the balance (see [`Msg::Return`]), answered once durable.
     returns: Vec<(MeterRef, u64, u32, Option<Sender<()>>)>,
+    /// Each balance's durable figure as this batch leaves it, in batch order: the meters
+    /// learn it once the batch is durable (a failed one leaves them the committed figure).
+    balances: Vec<(MeterRef, u64)>,
     /// Returns left by a failed batch that this one could not read for either: kept for the
     /// next, whatever becomes of this one.
     late: Vec<(MeterRef, u64, u32)>,
@@ -679,6 +682,9 @@ fn commit(
                     (meter.clone(), handed, epoch, reply)
                 })
                 .collect();
+            for (meter, balance) in fx.balances {
+                meter.durable_balance.store(balance, Ordering::Release);
+            }
             for (meter, units, empty_until) in fx.leases {
                 meter.give_back(units);
                 meter.set_empty_until(empty_until);
@@ -938,7 +944,7 @@ fn build(
                             fx.reclaimed.push((meter.clone(), from_lease));
                             r.leased -= from_lease;
                             r.spent += from_balance + from_lease;
-                            meter.durable_balance.store(r.balance, Ordering::Release);
+                            fx.balances.push((meter.clone(), r.balance));
                             // Spend that reached no lease (a peek, then a commit of the real
                             // cost) must tell the host as a leased spend does.
                             let remaining = r.balance + meter.leased();
@@ -1017,7 +1023,7 @@ fn build(
                             end_epoch(fx, &meter, r);
                         }
                         meter.replenished();
-                        meter.durable_balance.store(r.balance, Ordering::Release);
+                        fx.balances.push((meter.clone(), r.balance));
                         meter.set_refill_at(refill::due_at(r, now));
                         meter.set_remaining(r.balance);
                         fx.leases.push((meter, 0, empty_until(r, now)));
@@ -1058,7 +1064,7 @@ fn build(
         for (meter, _, empty) in fx.leases.iter_mut() {
             if let Some(Some(r)) = work.records.get(&meter.id) {
                 *empty = empty_until(r, now);
-                meter.durable_balance.store(r.balance, Ordering::Release);
+                fx.balances.push((meter.clone(), r.balance));
             }
         }
         work.write_all()?;
@@ -1144,7 +1150,7 @@ fn return_units(
         r.leased -= units;
         if meter.epoch() == epoch {
             r.balance += units;
-            meter.durable_balance.store(r.balance, Ordering::Release);
+            fx.balances.push((meter.clone(), r.balance));
             // The balance grew: `build` decides empty-ness from the record.
             fx.leases.push((meter, 0, 0));
         } else {
@@ -1304,7 +1310,7 @@ fn lease(
     let grant = want.min(r.balance);
     r.balance -= grant;
     r.leased += grant;
-    meter.durable_balance.store(r.balance, Ordering::Release);
+    fx.balances.push((meter.clone(), r.balance));
     let remaining = r.balance + meter.leased() + grant;
     low_balance(shared, fx, &meter, remaining);
     let empty_until = empty_until(r, now);
@@ -1878,6 +1884,36 @@ mod tests {
             spent, 10,
             "the new period's 10, nothing of the old period's lease"
         );
+    }
+
+    /// A top-up whose batch fails leaves the meter the committed figure: grants do not report
+    /// credits that were never added.
+    #[test]
+    fn a_failed_top_up_does_not_show_in_remaining_credits() {
+        let (_dir, ledger) = ledger();
+        let (a, a_plain) = key(&ledger, 100);
+        let (b, _) = key(&ledger, 100);
+        let remaining = |ledger: &Ledger| {
+            let key = Presented::new(&a_plain).unwrap();
+            let grant = ledger.verify(&Request::new(&key, "/x").cost(1)).unwrap();
+            grant.commit(1).token_stats.remaining_credits
+        };
+        assert_eq!(remaining(&ledger), Some(99));
+        let shared = &ledger.inner.engine.shared;
+        let b_id = ledger.keys().internal_id(&b).unwrap();
+        shared.fail_reads_of.store(b_id, Ordering::Relaxed);
+        let credits = ledger.credits();
+        let (credits, a_ref, b_ref) = (&credits, &a, &b);
+        let answers = one_batch::<Result<u64>>(
+            &ledger,
+            vec![
+                Box::new(move || credits.top_up(a_ref, 50)),
+                Box::new(move || credits.top_up(b_ref, 1)),
+            ],
+        );
+        shared.fail_reads_of.store(0, Ordering::Relaxed);
+        assert!(answers.iter().all(Result::is_err), "{answers:?}");
+        assert_eq!(remaining(&ledger), Some(98), "the top-up failed");
     }
 
     #[test]

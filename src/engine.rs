@@ -378,7 +378,7 @@ impl Engine {
     /// Refunded units reserved under an `epoch` that has ended (a `set` since, see `Grant`):
     /// the writer drops them from the books — or returns them, if the batch of that `set`
     /// failed and restored the epoch. Nobody waits.
-    pub(crate) fn discard(&self, meter: &MeterRef, units: u64, epoch: u32) {
+    pub(crate) fn return_stale(&self, meter: &MeterRef, units: u64, epoch: u32) {
         let _ = self.tx.send(Msg::Return {
             meter: meter.clone(),
             units,
@@ -583,12 +583,12 @@ impl Engine {
 
     /// Entries left the cache for good (capacity): their own meters may leave memory.
     fn retire(&self, evicted: Evicted) {
-        let mut limited = evicted.iter().filter(|k| k.limits.is_some()).peekable();
+        let limited = evicted.iter().filter_map(|k| Some((k, k.limits.as_ref()?)));
+        let mut limited = limited.peekable();
         if limited.peek().is_some() {
             let now_ns = self.shared.clock.monotonic_ns();
             let mut live = self.limits.lock();
-            for key in limited {
-                let limits = key.limits.as_ref().expect("filtered");
+            for (key, limits) in limited {
                 // Besides `evicted`, a grant or the writer's lists may hold the entry.
                 live.hold(key.id(), limits, Arc::strong_count(key) > 1, now_ns);
             }

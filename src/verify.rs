@@ -481,7 +481,7 @@ impl Grant<'_> {
         if let (true, Some(handle)) = (kept != Some(units), self.key.meter_ref()) {
             match kept {
                 Some(kept) => engine.give_back(&handle, units - kept, self.epoch),
-                None => engine.discard(&handle, units, self.epoch),
+                None => engine.return_stale(&handle, units, self.epoch),
             }
         }
     }

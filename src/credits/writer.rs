@@ -950,10 +950,8 @@ fn build(
                             let remaining = r.balance + meter.leased();
                             low_balance(shared, fx, &meter, remaining);
                             let charged = from_balance + from_lease;
-                            if charged < units && meter.first_refusal() {
-                                let exhausted = CreditEventKind::Exhausted;
-                                fx.events.push(shared.event(exhausted, &meter, remaining));
-                                fx.reported.push(meter.clone());
+                            if charged < units {
+                                exhausted(shared, fx, &meter, remaining);
                             }
                             charged
                         }
@@ -1167,18 +1165,23 @@ fn return_units(
 /// in the batch would count among the credits left, and marking the refusal reported would
 /// come after that top-up cleared the mark, hiding the next refusal for good.
 fn refused(shared: &Shared, work: &Working<'_>, fx: &mut Effects, at: usize) {
-    let meter = &fx.leases[at].0;
-    if !meter.first_refusal() {
-        return;
-    }
-    fx.reported.push(meter.clone());
+    let meter = fx.leases[at].0.clone();
     let balance = match work.records.get(&meter.id) {
         Some(Some(r)) => r.balance,
         _ => 0,
     };
     let remaining = balance + meter.leased() + fx.granted_to(meter.id);
-    let event = shared.event(CreditEventKind::Exhausted, meter, remaining);
-    fx.events.push(event);
+    exhausted(shared, fx, &meter, remaining);
+}
+
+/// A refusal for want of credits, with `remaining` left: reported if it is the first since
+/// the balance last grew (and unmarked again if the batch fails, its event unsent).
+fn exhausted(shared: &Shared, fx: &mut Effects, meter: &MeterRef, remaining: u64) {
+    if meter.first_refusal() {
+        fx.reported.push(meter.clone());
+        let event = shared.event(CreditEventKind::Exhausted, meter, remaining);
+        fx.events.push(event);
+    }
 }
 
 /// Emits a low-balance event when the credits left cross the meter's threshold downwards.

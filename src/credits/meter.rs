@@ -96,6 +96,12 @@ struct LowBalance {
     last_remaining: AtomicU64,
 }
 
+/// What a meter has told the host (see [`Meter::notices`]).
+pub(crate) struct Notices {
+    exhaustion_reported: bool,
+    low_balance: Option<(Arc<LowBalance>, u64)>,
+}
+
 /// A time in whole seconds that never comes (`u64::MAX` ms).
 const NEVER: u32 = u32::MAX;
 /// [`Meter::state`]: the balance is gone.
@@ -226,6 +232,37 @@ impl Meter {
     /// The balance grew (a top-up, a set, a refill): the next refusal is news again.
     pub(crate) fn replenished(&self) {
         self.state.fetch_and(!EXHAUSTION_REPORTED, Ordering::AcqRel);
+    }
+
+    /// What the host has been told of this balance so far: the writer takes it before a
+    /// batch changes it, and puts it back with [`restore_notices`](Self::restore_notices)
+    /// if the batch fails (its events are never sent, its changes never happened).
+    pub(crate) fn notices(&self) -> Notices {
+        Notices {
+            exhaustion_reported: self.state.load(Ordering::Acquire) & EXHAUSTION_REPORTED != 0,
+            low_balance: self.low_balance.load_full().map(|l| {
+                let last = l.last_remaining.load(Ordering::Acquire);
+                (l, last)
+            }),
+        }
+    }
+
+    /// Puts back what [`notices`](Self::notices) took. A threshold changed meanwhile keeps
+    /// its own figure (the old one's is restored, unused).
+    pub(crate) fn restore_notices(&self, notices: Notices) {
+        if notices.exhaustion_reported {
+            self.state.fetch_or(EXHAUSTION_REPORTED, Ordering::AcqRel);
+        } else {
+            self.replenished();
+        }
+        if let Some((low_balance, last)) = notices.low_balance {
+            low_balance.last_remaining.store(last, Ordering::Release);
+        }
+    }
+
+    /// Whether the balance has a low-balance threshold.
+    pub(crate) fn has_low_balance(&self) -> bool {
+        self.low_balance.load().is_some()
     }
 
     /// Records the credits left without an event (a new meter, a `set`, a refill).

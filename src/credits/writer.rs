@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use redb::ReadableTable;
 
 use super::events::{CreditEvent, CreditEventKind};
-use super::meter::{MAX_LEASE_FLOOR, MAX_LEASED, MIN_LEASE, Meter};
+use super::meter::{MAX_LEASE_FLOOR, MAX_LEASED, MIN_LEASE, Meter, Notices};
 use super::refill;
 use super::registry::Registry;
 use crate::cache::{CachedKey, MeterRef, Metering};
@@ -593,8 +593,10 @@ struct Effects {
     /// Meters whose epoch this batch ended, with the epoch and refill time (ms) before:
     /// restored if it fails (a failed refill must still be due).
     ended: Vec<(MeterRef, u32, u64)>,
-    /// Meters this batch reported exhausted: unmarked if it fails (the event is not sent).
-    reported: Vec<MeterRef>,
+    /// What the host had been told of each balance before this batch changed it (an
+    /// exhaustion reported, a low-balance edge, a top-up's "grew"): put back, newest first,
+    /// if the batch fails, since its events are not sent and its changes did not happen.
+    notices: Vec<(MeterRef, Notices)>,
     /// Replies to balance changes, sent once the batch is durable (a refused change too: its
     /// `reclaim` changed the meter, which the caller's next request must find settled).
     adjusts: Vec<(Sender<Result<u64>>, Result<u64>)>,
@@ -775,8 +777,8 @@ fn commit(
                 meter.restore_epoch(epoch);
                 meter.set_refill_at(refill_at);
             }
-            for meter in fx.reported {
-                meter.replenished(); // its event is not sent: the next refusal reports
+            for (meter, notices) in fx.notices.into_iter().rev() {
+                meter.restore_notices(notices);
             }
             for (meter, units) in fx.reclaimed {
                 meter.give_back(units);
@@ -1020,6 +1022,7 @@ fn build(
                         if matches!(change, Adjust::Set(_)) || refilled {
                             end_epoch(fx, &meter, r);
                         }
+                        fx.notices.push((meter.clone(), meter.notices()));
                         meter.replenished();
                         fx.balances.push((meter.clone(), r.balance));
                         meter.set_refill_at(refill::due_at(r, now));
@@ -1177,15 +1180,20 @@ fn refused(shared: &Shared, work: &Working<'_>, fx: &mut Effects, at: usize) {
 /// A refusal for want of credits, with `remaining` left: reported if it is the first since
 /// the balance last grew (and unmarked again if the batch fails, its event unsent).
 fn exhausted(shared: &Shared, fx: &mut Effects, meter: &MeterRef, remaining: u64) {
+    let before = meter.notices();
     if meter.first_refusal() {
-        fx.reported.push(meter.clone());
+        fx.notices.push((meter.clone(), before));
         let event = shared.event(CreditEventKind::Exhausted, meter, remaining);
         fx.events.push(event);
     }
 }
 
 /// Emits a low-balance event when the credits left cross the meter's threshold downwards.
-fn low_balance(shared: &Shared, fx: &mut Effects, meter: &Meter, remaining: u64) {
+fn low_balance(shared: &Shared, fx: &mut Effects, meter: &MeterRef, remaining: u64) {
+    if !meter.has_low_balance() {
+        return;
+    }
+    fx.notices.push((meter.clone(), meter.notices()));
     if meter.note_remaining(remaining) {
         let event = shared.event(CreditEventKind::LowBalance, meter, remaining);
         fx.events.push(event);
@@ -1330,6 +1338,7 @@ fn new_period(fx: &mut Effects, meter: &MeterRef, r: &mut CreditsRecord, now: Ti
         // Like a `set`: a reservation from the old period is final, its refund must not
         // land in the new one.
         end_epoch(fx, meter, r);
+        fx.notices.push((meter.clone(), meter.notices()));
         meter.replenished();
         meter.set_remaining(r.balance);
     }
@@ -1495,6 +1504,21 @@ mod tests {
         })
     }
 
+    /// Makes the writer's reads of balance `id` fail (a storage error) until dropped.
+    struct FailingReads<'a>(&'a Shared);
+
+    fn failing_reads(ledger: &Ledger, id: u64) -> FailingReads<'_> {
+        let shared = &ledger.inner.engine.shared;
+        shared.fail_reads_of.store(id, Ordering::Relaxed);
+        FailingReads(shared)
+    }
+
+    impl Drop for FailingReads<'_> {
+        fn drop(&mut self) {
+            self.0.fail_reads_of.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// Writes bytes no record decodes from under CREDITS id `id`.
     fn damage_balance(ledger: &Ledger, id: u64) {
         let txn = ledger.inner.store.begin_write().unwrap();
@@ -1605,10 +1629,6 @@ mod tests {
         let (own, own_plain) = new_key(NewKey::new(owner.id.as_str(), "own").credits(100));
         let (pooled, pooled_plain) = new_key(NewKey::new(owner.id.as_str(), "p").pool(pool.id));
         let internal = |id: &str| ledger.inner.ids.decode(IdKind::Pool, id);
-        let fail_reads_of = |id| {
-            let shared = &ledger.inner.engine.shared;
-            shared.fail_reads_of.store(id, Ordering::Relaxed);
-        };
         for _ in 0..3 {
             assert_eq!(spend_one(&ledger, &own_plain), Ok(1));
         }
@@ -1616,12 +1636,13 @@ mod tests {
             assert_eq!(spend_one(&ledger, &pooled_plain), Ok(1));
         }
         // The key's own balance: its usage counts and its meter's spend were taken first.
-        fail_reads_of(ledger.keys().internal_id(&own).unwrap());
+        let failing = failing_reads(&ledger, ledger.keys().internal_id(&own).unwrap());
         assert!(ledger.flush().is_err());
+        drop(failing);
         // The pool's: its meter's spend was taken first.
-        fail_reads_of(internal(pool.id.as_str()).unwrap());
+        let failing = failing_reads(&ledger, internal(pool.id.as_str()).unwrap());
         assert!(ledger.flush().is_err());
-        fail_reads_of(0);
+        drop(failing);
         let usage = |id: &str| {
             let u = ledger.credits().usage(id).unwrap();
             (u.spent, u.requests, u.lifetime_spent)
@@ -1646,11 +1667,9 @@ mod tests {
             (u.spent, u.remaining)
         };
         assert_eq!(usage(&ledger), (3, Some(97)));
-        let shared = &ledger.inner.engine.shared;
-        let internal = ledger.keys().internal_id(&id).unwrap();
-        shared.fail_reads_of.store(internal, Ordering::Relaxed);
+        let failing = failing_reads(&ledger, ledger.keys().internal_id(&id).unwrap());
         assert!(ledger.credits().set(&id, 50).is_err());
-        shared.fail_reads_of.store(0, Ordering::Relaxed);
+        drop(failing);
         assert_eq!(
             usage(&ledger),
             (3, Some(97)),
@@ -1674,10 +1693,9 @@ mod tests {
         let grant = ledger
             .verify(&Request::new(&presented, "/x").cost(5))
             .unwrap();
-        let shared = &ledger.inner.engine.shared;
         // A storage error on another balance later in the same batch fails the whole batch.
         let b_id = ledger.keys().internal_id(&b).unwrap();
-        shared.fail_reads_of.store(b_id, Ordering::Relaxed);
+        let failing = failing_reads(&ledger, b_id);
         let credits = ledger.credits();
         let (credits, a_ref, b_ref) = (&credits, &a, &b);
         let answers = one_batch::<crate::Result<u64>>(
@@ -1689,7 +1707,7 @@ mod tests {
         );
         assert!(answers[0].is_err(), "the set failed: {:?}", answers[0]);
         assert!(answers[1].is_err(), "{:?}", answers[1]);
-        shared.fail_reads_of.store(0, Ordering::Relaxed);
+        drop(failing);
         drop(grant); // refund the 5 reserved before the (failed) set
         let u = ledger.credits().usage(&a).unwrap();
         assert_eq!(
@@ -1706,9 +1724,8 @@ mod tests {
         let (_dir, ledger) = ledger();
         let (_a, a_plain) = key(&ledger, 0);
         let (b, _) = key(&ledger, 10);
-        let shared = &ledger.inner.engine.shared;
         let b_id = ledger.keys().internal_id(&b).unwrap();
-        shared.fail_reads_of.store(b_id, Ordering::Relaxed);
+        let failing = failing_reads(&ledger, b_id);
         let credits = ledger.credits();
         let (ledger_ref, credits, a_plain, b_ref) = (&ledger, &credits, &a_plain, &b);
         let answers = one_batch::<Result<u64, String>>(
@@ -1718,7 +1735,7 @@ mod tests {
                 Box::new(move || credits.top_up(b_ref, 1).map_err(|e| e.to_string())),
             ],
         );
-        shared.fail_reads_of.store(0, Ordering::Relaxed);
+        drop(failing);
         assert_eq!(answers[0], Err("usage_exceeded".to_owned()));
         let events: Vec<_> = ledger
             .credit_events()
@@ -1760,9 +1777,9 @@ mod tests {
         assert_eq!(ledger.credits().set(&a, 0).unwrap(), 0);
         assert_ne!(handle.epoch(), epoch);
         // The `Return`'s batch fails (a storage error).
-        engine.shared.fail_reads_of.store(a_id, Ordering::Relaxed);
+        let failing = failing_reads(&ledger, a_id);
         engine.give_back(&handle, 5, epoch);
-        engine.shared.fail_reads_of.store(0, Ordering::Relaxed);
+        drop(failing);
         std::mem::forget(grant); // its refund is the one simulated above
         let leased_after_failed_return = handle.leased();
         let spent_after_set = ledger
@@ -1789,13 +1806,12 @@ mod tests {
         let grant = ledger
             .verify(&Request::new(&presented, "/x").cost(1 << 49))
             .unwrap();
-        let shared = &ledger.inner.engine.shared;
         let a_id = ledger.keys().internal_id(&a).unwrap();
-        shared.fail_reads_of.store(a_id, Ordering::Relaxed);
+        let failing = failing_reads(&ledger, a_id);
         // Refund: up to MAX_LEASE stays in the lease, the rest goes back as a `Return`, whose
         // batch fails: the meter is to keep it, "as before the refund asked".
         drop(grant);
-        shared.fail_reads_of.store(0, Ordering::Relaxed);
+        drop(failing);
         ledger.close().unwrap();
         drop(ledger);
         let reopened = Ledger::open(path, config).unwrap();
@@ -1820,14 +1836,13 @@ mod tests {
             .unwrap();
         // A set commits: the grant's refund is for an ended epoch (a `Return` nobody waits for).
         assert_eq!(ledger.credits().set(&a, 50).unwrap(), 50);
-        let shared = &ledger.inner.engine.shared;
         let a_id = ledger.keys().internal_id(&a).unwrap();
-        shared.fail_reads_of.store(a_id, Ordering::Relaxed);
+        let failing = failing_reads(&ledger, a_id);
         drop(grant);
         let _ = ledger.flush(); // the batch with that return fails: it is kept for a retry
         // The record of `a` still cannot be read; `b` has nothing to do with it.
         let top_up = ledger.credits().top_up(&b, 1);
-        shared.fail_reads_of.store(0, Ordering::Relaxed);
+        drop(failing);
         assert_eq!(
             top_up.as_ref().ok(),
             Some(&101),
@@ -1863,10 +1878,7 @@ mod tests {
         let (b, _) = key(&ledger, 100);
         assert_eq!(spend_one(&ledger, &a_plain), Ok(1)); // a lease of the first period
         clock.set(crate::Timestamp(20_001 * DAY + 1_000));
-        let shared = &ledger.inner.engine.shared;
-        shared
-            .fail_reads_of
-            .store(ledger.keys().internal_id(&b).unwrap(), Ordering::Relaxed);
+        let failing = failing_reads(&ledger, ledger.keys().internal_id(&b).unwrap());
         let credits = ledger.credits();
         let (ledger_ref, credits, a_plain, b_ref) = (&ledger, &credits, &a_plain, &b);
         // The request's lease applies the refill; the top-up after it fails the batch.
@@ -1877,7 +1889,7 @@ mod tests {
                 Box::new(move || credits.top_up(b_ref, 1).map_err(|e| e.to_string())),
             ],
         );
-        shared.fail_reads_of.store(0, Ordering::Relaxed);
+        drop(failing);
         assert_eq!(answers[0], Ok(1), "served once the refill was written");
         let mut spent = 1;
         while spend_one(&ledger, a_plain).is_ok() {
@@ -1902,9 +1914,8 @@ mod tests {
             grant.commit(1).token_stats.remaining_credits
         };
         assert_eq!(remaining(&ledger), Some(99));
-        let shared = &ledger.inner.engine.shared;
         let b_id = ledger.keys().internal_id(&b).unwrap();
-        shared.fail_reads_of.store(b_id, Ordering::Relaxed);
+        let failing = failing_reads(&ledger, b_id);
         let credits = ledger.credits();
         let (credits, a_ref, b_ref) = (&credits, &a, &b);
         let answers = one_batch::<Result<u64>>(
@@ -1914,9 +1925,87 @@ mod tests {
                 Box::new(move || credits.top_up(b_ref, 1)),
             ],
         );
-        shared.fail_reads_of.store(0, Ordering::Relaxed);
+        drop(failing);
         assert!(answers.iter().all(Result::is_err), "{answers:?}");
         assert_eq!(remaining(&ledger), Some(98), "the top-up failed");
+    }
+
+    /// A low-balance edge crossed in a batch that fails is crossed again when the charge is
+    /// made again: the failed batch's event was never sent, so the retry must send it.
+    #[test]
+    fn a_low_balance_edge_crossed_in_a_failed_batch_is_reported_when_crossed_again() {
+        let (_dir, ledger) = ledger();
+        let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+        let new = NewKey::new(owner.id.as_str(), "a")
+            .credits(100)
+            .low_balance_threshold(50);
+        let created = ledger.keys().create(new).unwrap();
+        let a_plain = created.plaintext.expose().to_owned();
+        let (b, _) = key(&ledger, 10);
+        // A peek reserves nothing, so a commit of 60 is charged to the durable balance by
+        // the writer: 100 → 40, under the threshold.
+        let charge = |ledger: &Ledger| -> std::result::Result<u64, String> {
+            let key = Presented::new(&a_plain).unwrap();
+            let grant = ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
+            Ok(grant.commit(60).token_stats.charged)
+        };
+        let answers = {
+            let _failing = failing_reads(&ledger, ledger.keys().internal_id(&b).unwrap());
+            let credits = ledger.credits();
+            let (ledger, credits, b) = (&ledger, &credits, &b);
+            one_batch::<std::result::Result<u64, String>>(
+                ledger,
+                vec![
+                    Box::new(move || charge(ledger)),
+                    Box::new(move || credits.top_up(b, 1).map_err(|e| e.to_string())),
+                ],
+            )
+        };
+        assert_eq!(answers[0], Ok(0), "the batch failed: nothing charged");
+        assert!(answers[1].is_err(), "{:?}", answers[1]);
+        assert_eq!(events(&ledger), [], "a failed batch sends no event");
+        assert_eq!(charge(&ledger), Ok(60));
+        assert_eq!(
+            events(&ledger),
+            [(CreditEventKind::LowBalance, 40)],
+            "the balance fell under its threshold: the host must hear of it once"
+        );
+    }
+
+    /// A top-up whose batch fails did not happen: the balance is the one already reported
+    /// exhausted, and its next refusal is no news.
+    #[test]
+    fn a_failed_top_up_does_not_make_a_reported_exhaustion_news_again() {
+        let (_dir, ledger) = ledger();
+        let (a, a_plain) = key(&ledger, 0);
+        let (b, _) = key(&ledger, 10);
+        assert_eq!(
+            spend_one(&ledger, &a_plain),
+            Err("usage_exceeded".to_owned())
+        );
+        assert_eq!(events(&ledger), [(CreditEventKind::Exhausted, 0)]);
+        let answers = {
+            let _failing = failing_reads(&ledger, ledger.keys().internal_id(&b).unwrap());
+            let credits = ledger.credits();
+            let (credits, a, b) = (&credits, &a, &b);
+            one_batch::<Result<u64>>(
+                &ledger,
+                vec![
+                    Box::new(move || credits.top_up(a, 5)),
+                    Box::new(move || credits.top_up(b, 1)),
+                ],
+            )
+        };
+        assert!(answers.iter().all(Result::is_err), "{answers:?}");
+        assert_eq!(
+            spend_one(&ledger, &a_plain),
+            Err("usage_exceeded".to_owned())
+        );
+        assert_eq!(
+            events(&ledger),
+            [],
+            "the balance never grew: its exhaustion was already reported"
+        );
     }
 
     #[test]

@@ -147,7 +147,8 @@ impl LiveLimits {
 
 /// Snapshots an admin change evicted, kept until the key's next verify rebuilds it (so the
 /// rebuild keeps the live counters, lease and rate-limit state). Bounded: beyond this many
-/// they are forgotten (their unflushed usage is already queued for the writer).
+/// they are forgotten (their unflushed usage is already queued for the writer, and their
+/// rate-limit states that still count are held in [`LiveLimits`]).
 const MAX_CARRIED: usize = 65_536;
 
 /// What the reading half of a cache miss found (see `Engine::install`).
@@ -482,8 +483,26 @@ impl Engine {
         }
     }
 
+    /// Holds the rate-limit states of entries leaving the cache while they still count (see
+    /// [`LiveLimits::hold`]): the key's next miss takes them back.
+    fn hold_limits(&self, leaving: &[Arc<CachedKey>]) {
+        let limited = leaving.iter().filter_map(|k| Some((k, k.limits.as_ref()?)));
+        let mut limited = limited.peekable();
+        if limited.peek().is_some() {
+            let now_ns = self.shared.clock.monotonic_ns();
+            let mut live = self.limits.lock();
+            for (key, limits) in limited {
+                // Besides `leaving`, a grant or the writer's lists may hold the entry.
+                live.hold(key.id(), limits, Arc::strong_count(key) > 1, now_ns);
+            }
+        }
+    }
+
     /// Keeps evicted snapshots for the rebuild (live counters and rate limits survive it).
+    /// Their rate-limit states are held apart too: beyond `MAX_CARRIED` snapshots are
+    /// forgotten, and a window still counting must not start afresh with them.
     fn carry(&self, evicted: Evicted) {
+        self.hold_limits(&evicted);
         let mut carried = self.carried.lock();
         if carried.len() > MAX_CARRIED {
             carried.clear();
@@ -583,16 +602,7 @@ impl Engine {
 
     /// Entries left the cache for good (capacity): their own meters may leave memory.
     fn retire(&self, evicted: Evicted) {
-        let limited = evicted.iter().filter_map(|k| Some((k, k.limits.as_ref()?)));
-        let mut limited = limited.peekable();
-        if limited.peek().is_some() {
-            let now_ns = self.shared.clock.monotonic_ns();
-            let mut live = self.limits.lock();
-            for (key, limits) in limited {
-                // Besides `evicted`, a grant or the writer's lists may hold the entry.
-                live.hold(key.id(), limits, Arc::strong_count(key) > 1, now_ns);
-            }
-        }
+        self.hold_limits(&evicted);
         for key in evicted {
             if key.metering == Metering::Own {
                 let meter = MeterRef::Own(key.home_arc());
@@ -1170,6 +1180,39 @@ mod tests {
             code(&f.ledger, &plaintext),
             "rate_limited",
             "3 admitted this hour: the window must survive a miss that could not cache"
+        );
+    }
+
+    /// An admin change carries the evicted entry over to the key's rebuild; beyond
+    /// `MAX_CARRIED` carried entries are forgotten. A rate window still counting survives that.
+    #[test]
+    fn a_rate_limit_window_survives_its_carried_entry_being_forgotten() {
+        let clock = crate::ManualClock::new(crate::Timestamp(1_000_000));
+        let config = Config::builder()
+            .master_key(crate::MasterKey::generate().unwrap())
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path().join("keys.redb"), config).unwrap();
+        let limited = |o: &str| NewKey::new(o, "k").rate_limit("hourly", 3, 3_600);
+        let (public, _, plaintext) = key(&ledger, limited);
+        for _ in 0..3 {
+            assert_eq!(code(&ledger, &plaintext), "ok");
+        }
+        assert_eq!(code(&ledger, &plaintext), "rate_limited");
+        let renamed = crate::KeyUpdate::default().name("renamed");
+        ledger.keys().update(&public, renamed).unwrap();
+        // The writer lets go of the old entry once it has flushed its usage and found it idle.
+        for _ in 0..3 {
+            clock.advance_secs(60);
+            ledger.flush().unwrap();
+        }
+        ledger.inner.engine.carried.lock().clear(); // as `carry` does past `MAX_CARRIED`
+        assert_eq!(
+            code(&ledger, &plaintext),
+            "rate_limited",
+            "3 an hour, 3 used 3 minutes ago"
         );
     }
 

@@ -219,6 +219,7 @@ impl Ledger {
                     denial = Denial::UsageExceeded;
                     break;
                 }
+                Some(Handoff::Unavailable) => break,
             }
         }
         if denial == Denial::UsageExceeded {

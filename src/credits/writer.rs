@@ -64,6 +64,9 @@ pub(crate) enum Handoff {
     Units { units: u64, epoch: u32 },
     /// The balance and the lease in memory together cannot cover it: refuse the request.
     Short,
+    /// The balance cannot be leased from: its record no longer decodes, or it is gone (its
+    /// key deleted or made unmetered meanwhile). Asking again would not change that.
+    Unavailable,
 }
 
 /// Who changed a balance and how, for the audit trail.
@@ -910,6 +913,7 @@ fn build(
                     meter.pending.store(false, Ordering::Release);
                 }
                 Msg::Lease { meter, need, reply } => {
+                    let id = meter.id;
                     // Closing: every lease is about to be returned, so hand out none.
                     let (at, covered) = if closing {
                         (fx.grant(meter, 0, 0), true)
@@ -919,10 +923,19 @@ fn build(
                     if !covered {
                         refused(shared, &work, fx, at);
                     }
-                    if let Some(reply) = reply {
-                        let epoch = fx.leases[at].0.epoch();
-                        fx.handoffs
-                            .push((at, covered.then_some(need), epoch, reply));
+                    let unleasable = !closing
+                        && (fx.leases[at].0.retired() || work.unreadable.contains_key(&id));
+                    match reply {
+                        // At once: asking again would meet the same record.
+                        Some(reply) if unleasable => {
+                            let _ = reply.send(Handoff::Unavailable);
+                        }
+                        Some(reply) => {
+                            let epoch = fx.leases[at].0.epoch();
+                            fx.handoffs
+                                .push((at, covered.then_some(need), epoch, reply));
+                        }
+                        None => {}
                     }
                 }
                 Msg::Shortfall {
@@ -1557,6 +1570,27 @@ mod tests {
         let table = read.open_table(CREDITS).unwrap();
         let id = ledger.keys().internal_id(damaged).unwrap();
         assert_eq!(table.get(id).unwrap().unwrap().value(), [1u8, 0xff]);
+    }
+
+    /// A request that needs a lease from a balance whose record no longer decodes (damaged
+    /// after its meter was built) is answered `unavailable` by the writer's first batch: it
+    /// does not wait through a round trip after round trip that cannot lease anything.
+    #[test]
+    fn a_lease_from_a_balance_damaged_in_use_is_refused_at_once() {
+        let (_dir, ledger) = ledger();
+        let (id, plaintext) = key(&ledger, 1_000);
+        assert_eq!(spend_one(&ledger, &plaintext), Ok(1));
+        let internal = ledger.keys().internal_id(&id).unwrap();
+        let meter = ledger.inner.engine.shared.meters.lock().get(internal);
+        meter.expect("in memory").take_lease(); // the next request asks the writer
+        damage_balance(&ledger, internal);
+        let commits = ledger.stats().writer_commits;
+        assert_eq!(
+            spend_one(&ledger, &plaintext),
+            Err("unavailable".to_owned())
+        );
+        let waited = ledger.stats().writer_commits - commits;
+        assert!(waited <= 2, "answered after {waited} writer commits");
     }
 
     /// Verifies `plaintext` at a cost of 1 and commits the grant; the denial's code if refused.

@@ -695,6 +695,10 @@ fn commit(
                 meter.set_empty_until(empty_until);
                 meter.pending.store(false, Ordering::Release);
             }
+            // Before any answer: whoever got one finds the batch's events already sent.
+            for event in fx.events {
+                let _ = shared.events.try_send(event);
+            }
             // Only now, with the rest of each lease in its meter: a woken request may commit
             // or refund at once, and whoever looks next must see the whole lease.
             for (meter, units, epoch, reply) in handed {
@@ -713,9 +717,6 @@ fn commit(
             }
             for (r, n) in fx.adjusts {
                 let _ = r.send(n);
-            }
-            for event in fx.events {
-                let _ = shared.events.try_send(event);
             }
             drop((fx.flushed_spend, fx.reclaimed, fx.flushed_usage));
             drop((fx.meters_seen, fx.usage_seen));
@@ -1526,6 +1527,14 @@ mod tests {
         FailingReads(shared)
     }
 
+    impl FailingReads<'_> {
+        /// Makes the reads of balance `id` fail instead, with no moment between when neither
+        /// fails (a batch the writer runs on its own could fall there).
+        fn switch_to(&self, id: u64) {
+            self.0.fail_reads_of.store(id, Ordering::Relaxed);
+        }
+    }
+
     impl Drop for FailingReads<'_> {
         fn drop(&mut self) {
             self.0.fail_reads_of.store(0, Ordering::Relaxed);
@@ -1672,9 +1681,8 @@ mod tests {
         // The key's own balance: its usage counts and its meter's spend were taken first.
         let failing = failing_reads(&ledger, ledger.keys().internal_id(&own).unwrap());
         assert!(ledger.flush().is_err());
-        drop(failing);
         // The pool's: its meter's spend was taken first.
-        let failing = failing_reads(&ledger, internal(pool.id.as_str()).unwrap());
+        failing.switch_to(internal(pool.id.as_str()).unwrap());
         assert!(ledger.flush().is_err());
         drop(failing);
         let usage = |id: &str| {

@@ -1,6 +1,6 @@
 //! Key hashing. A key is stored only as `HMAC-SHA256(pepper_v, key)` (or, configurably, BLAKE3
-//! keyed with the same pepper); each record is tagged with the [`HashScheme`] that produced its
-//! hash, so peppers and schemes rotate without invalidating keys.
+//! keyed with a pepper of its own); each record is tagged with the [`HashScheme`] that produced
+//! its hash, so peppers and schemes rotate without invalidating keys.
 
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
@@ -21,23 +21,42 @@ pub enum HashScheme {
         /// Pepper version.
         pepper: u32,
     },
-    /// `BLAKE3-keyed(pepper_v, key)`: faster, opt-in.
-    Blake3Keyed {
+    /// BLAKE3 keyed with HMAC-SHA256's pepper of the same version, as format 3 and earlier
+    /// wrote it (one key for two algorithms). Read only: a file whose current scheme it was
+    /// moves to [`Blake3Keyed`](Self::Blake3Keyed) at open, and its keys are rehashed on
+    /// first use, as after any rotation.
+    Blake3KeyedLegacy {
         /// Pepper version.
         pepper: u32,
     },
     /// Plain `SHA-256(key)`: only for keys imported from another system, rehashed on first use.
     Sha256Imported,
+    /// `BLAKE3-keyed(blake3_pepper_v, key)`: faster, opt-in. Its pepper is derived apart from
+    /// HMAC-SHA256's.
+    Blake3Keyed {
+        /// Pepper version.
+        pepper: u32,
+    },
 }
 
 impl HashScheme {
-    /// Stable name for output (`hmac-sha256/v1`, `blake3/v1`, `sha256-imported`).
+    /// Stable name for output (`hmac-sha256/v1`, `blake3/v1`, `blake3-legacy/v1`,
+    /// `sha256-imported`).
     pub fn label(&self) -> String {
         match self {
             HashScheme::HmacSha256 { pepper } => format!("hmac-sha256/v{pepper}"),
             HashScheme::Blake3Keyed { pepper } => format!("blake3/v{pepper}"),
+            HashScheme::Blake3KeyedLegacy { pepper } => format!("blake3-legacy/v{pepper}"),
             HashScheme::Sha256Imported => "sha256-imported".into(),
         }
+    }
+
+    /// Whether new keys may be hashed with it (the others are only read, then rehashed).
+    pub fn can_be_current(&self) -> bool {
+        matches!(
+            self,
+            HashScheme::HmacSha256 { .. } | HashScheme::Blake3Keyed { .. }
+        )
     }
 }
 
@@ -52,15 +71,22 @@ pub(crate) struct KeyHasher {
 impl KeyHasher {
     pub(crate) fn new(master: &MasterKey, current: HashScheme) -> Self {
         let pepper = match current {
-            HashScheme::HmacSha256 { pepper } | HashScheme::Blake3Keyed { pepper } => pepper,
+            HashScheme::HmacSha256 { pepper }
+            | HashScheme::Blake3Keyed { pepper }
+            | HashScheme::Blake3KeyedLegacy { pepper } => pepper,
             HashScheme::Sha256Imported => 1,
         };
-        let key = pepper_key(master, pepper);
+        let hmac_key = pepper_key(master, pepper);
+        let blake3_key = match current {
+            HashScheme::Blake3Keyed { pepper } => blake3_pepper_key(master, pepper),
+            _ => hmac_key.clone(),
+        };
         KeyHasher {
             master: master.clone(),
             current,
-            hmac_state: Hmac::<Sha256>::new_from_slice(&key.0).expect("HMAC takes any key size"),
-            blake3_key: key,
+            hmac_state: Hmac::<Sha256>::new_from_slice(&hmac_key.0)
+                .expect("HMAC takes any key size"),
+            blake3_key,
         }
     }
 
@@ -77,7 +103,7 @@ impl KeyHasher {
                 mac.update(key.as_bytes());
                 mac.finalize().into_bytes().into()
             }
-            HashScheme::Blake3Keyed { .. } => {
+            HashScheme::Blake3Keyed { .. } | HashScheme::Blake3KeyedLegacy { .. } => {
                 blake3::keyed_hash(&self.blake3_key.0, key.as_bytes()).into()
             }
             HashScheme::Sha256Imported => Sha256::digest(key.as_bytes()).into(),
@@ -97,6 +123,10 @@ impl KeyHasher {
                 mac.finalize().into_bytes().into()
             }
             HashScheme::Blake3Keyed { pepper } => {
+                let pepper = blake3_pepper_key(&self.master, pepper);
+                blake3::keyed_hash(&pepper.0, key.as_bytes()).into()
+            }
+            HashScheme::Blake3KeyedLegacy { pepper } => {
                 blake3::keyed_hash(&pepper_key(&self.master, pepper).0, key.as_bytes()).into()
             }
             HashScheme::Sha256Imported => Sha256::digest(key.as_bytes()).into(),
@@ -104,8 +134,14 @@ impl KeyHasher {
     }
 }
 
+/// HMAC-SHA256's key of pepper `version`.
 fn pepper_key(master: &MasterKey, version: u32) -> SubKey {
     master.derive(&format!("{}{version}", context::PEPPER))
+}
+
+/// BLAKE3's key of pepper `version`.
+fn blake3_pepper_key(master: &MasterKey, version: u32) -> SubKey {
+    master.derive(&format!("{}{version}", context::BLAKE3_PEPPER))
 }
 
 /// Constant-time equality of two hashes.
@@ -131,9 +167,36 @@ mod tests {
         assert_eq!(v2, h.hash(HashScheme::HmacSha256 { pepper: 2 }, key));
         assert_ne!(v2, h.hash(HashScheme::HmacSha256 { pepper: 1 }, key));
         assert_ne!(v2, h.hash(HashScheme::Blake3Keyed { pepper: 2 }, key));
+        assert_ne!(
+            h.hash(HashScheme::Blake3Keyed { pepper: 2 }, key),
+            h.hash(HashScheme::Blake3KeyedLegacy { pepper: 2 }, key)
+        );
         let plain: KeyHash = Sha256::digest(key.as_bytes()).into();
         assert_eq!(h.hash(HashScheme::Sha256Imported, key), plain);
         assert!(hashes_equal(&v2, &v2) && !hashes_equal(&v2, &plain));
+    }
+
+    /// BLAKE3 and HMAC-SHA256 never share a key: the BLAKE3 scheme's key is derived apart,
+    /// and the legacy scheme (which shared it) still hashes as format 3 did.
+    #[test]
+    fn blake3_is_keyed_apart_from_hmac_and_the_legacy_scheme_as_before() {
+        let master = MasterKey::generate().unwrap();
+        for current in [
+            HashScheme::Blake3Keyed { pepper: 2 },
+            HashScheme::HmacSha256 { pepper: 2 },
+        ] {
+            let h = KeyHasher::new(&master, current);
+            let shared = blake3::keyed_hash(&pepper_key(&master, 2).0, b"k");
+            let apart = blake3::keyed_hash(&blake3_pepper_key(&master, 2).0, b"k");
+            assert_ne!(pepper_key(&master, 2).0, blake3_pepper_key(&master, 2).0);
+            let legacy = HashScheme::Blake3KeyedLegacy { pepper: 2 };
+            assert_eq!(h.hash(legacy, "k"), *shared.as_bytes());
+            let blake3 = HashScheme::Blake3Keyed { pepper: 2 };
+            assert_eq!(h.hash(blake3, "k"), *apart.as_bytes());
+        }
+        let h = KeyHasher::new(&master, HashScheme::Blake3Keyed { pepper: 2 });
+        let apart = blake3::keyed_hash(&blake3_pepper_key(&master, 2).0, b"k");
+        assert_eq!(h.hash_current("k"), *apart.as_bytes(), "the hot path too");
     }
 
     #[test]

@@ -136,11 +136,12 @@ impl Ledger {
     /// working: a verify that misses under the new scheme tries the schemes that still have
     /// records and rehashes the key it finds, so old schemes drain as keys are used.
     pub fn rotate_hash_scheme(&self, scheme: HashScheme) -> Result<()> {
-        if scheme == HashScheme::Sha256Imported {
-            return Err(Error::invalid(
-                "scheme",
-                "plain SHA-256 is only for imported keys",
-            ));
+        if !scheme.can_be_current() {
+            let why = match scheme {
+                HashScheme::Sha256Imported => "plain SHA-256 is only for imported keys",
+                _ => "the legacy BLAKE3 scheme is only read (rotate to blake3 instead)",
+            };
+            return Err(Error::invalid("scheme", why));
         }
         let _one_at_a_time = self.inner.rotating.lock();
         crate::keys::prune_rolled_secrets(self)?;

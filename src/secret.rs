@@ -171,8 +171,11 @@ pub(crate) struct SubKey(pub(crate) [u8; 32]);
 
 /// Context strings for `blake3::derive_key`. Changing one changes every derived value.
 pub(crate) mod context {
-    /// Key-hash pepper; the version number is appended.
+    /// Key-hash pepper (HMAC-SHA256's key); the version number is appended.
     pub(crate) const PEPPER: &str = "keyledger 2026-11 key-hash pepper v";
+    /// BLAKE3's key-hash pepper, apart from HMAC-SHA256's (one key, one algorithm); the
+    /// version number is appended.
+    pub(crate) const BLAKE3_PEPPER: &str = "keyledger 2026-12 blake3 key-hash pepper v";
     /// AES-SIV key for opaque public ids and cursors.
     pub(crate) const PUBLIC_ID: &str = "keyledger 2026-11 public-id cipher";
     /// Keyed hash stored in the database to recognise the right master key at open.

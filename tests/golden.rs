@@ -114,13 +114,13 @@ fn a_version_1_file_opens_and_reads_back() {
     let audit = ledger.audit().recent(100).unwrap();
     assert!(audit.len() >= 6, "{audit:?}");
     drop(ledger);
-    // Opening migrated the file to format 3: the verify index replaced the hash index.
+    // Opening migrated the file to format 4: the verify index replaced the hash index.
     {
         let db = redb::Database::open(&path).unwrap();
         let read = redb::ReadableDatabase::begin_read(&db).unwrap();
         let format = read.open_table(META).unwrap();
         let format = format.get("format").unwrap().unwrap();
-        assert_eq!(format.value()[8..], 3u32.to_le_bytes());
+        assert_eq!(format.value()[8..], 4u32.to_le_bytes());
         let tables: Vec<String> = read
             .list_tables()
             .unwrap()
@@ -129,6 +129,51 @@ fn a_version_1_file_opens_and_reads_back() {
         assert!(tables.contains(&"key_verify".to_owned()), "{tables:?}");
         assert!(!tables.contains(&"key_hashes".to_owned()), "{tables:?}");
     }
+    let report = Ledger::check(&path, config(WRITTEN_AT)).unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
+/// A format-3 file whose keys were hashed with BLAKE3 keyed with HMAC-SHA256's pepper key
+/// (`tests/data/v3-blake3.redb`: a key made under `hmac-sha256/v1`, then a rotation to
+/// `blake3/v2` as format 3 did it and a key made under it; their plaintexts in
+/// `v3-blake3.plaintexts`). Format 4 keys BLAKE3 apart: the file goes on with the new BLAKE3
+/// scheme, and both keys still verify, each rehashed to it on first use.
+#[test]
+fn a_format_3_file_hashing_with_blake3_moves_to_a_key_of_its_own_and_every_key_verifies() {
+    let (_dir, path) = copy_of("v3-blake3.redb");
+    let text = std::fs::read_to_string(data("v3-blake3.plaintexts")).unwrap();
+    let plaintexts: Vec<&str> = text.lines().collect();
+    let ledger = Ledger::open(&path, config(WRITTEN_AT)).unwrap();
+    let blake3 = HashScheme::Blake3Keyed { pepper: 2 };
+    assert_eq!(ledger.hash_scheme(), blake3);
+    let legacy = HashScheme::Blake3KeyedLegacy { pepper: 2 };
+    let hmac = HashScheme::HmacSha256 { pepper: 1 };
+    let mut counts = ledger.hash_scheme_counts().unwrap();
+    counts.retain(|(_, n)| *n > 0);
+    assert_eq!(counts, [(hmac, 1), (legacy, 1)], "as format 3 wrote them");
+    assert!(
+        ledger.rotate_hash_scheme(legacy).is_err(),
+        "the legacy scheme is never current again"
+    );
+    for plaintext in &plaintexts {
+        let info = ledger
+            .authenticate(&Presented::new(plaintext).unwrap())
+            .unwrap();
+        assert_eq!(info.hash_scheme, "blake3/v2", "{}", info.name);
+    }
+    let mut counts = ledger.hash_scheme_counts().unwrap();
+    counts.retain(|(_, n)| *n > 0);
+    assert_eq!(counts, [(blake3, 2)], "both rehashed");
+    ledger.close().unwrap();
+    drop(ledger);
+    let ledger = Ledger::open(&path, config(WRITTEN_AT)).unwrap();
+    for plaintext in &plaintexts {
+        let presented = Presented::new(plaintext).unwrap();
+        let grant = ledger.verify(&Request::new(&presented, "/x")).unwrap();
+        assert_eq!(grant.commit(1).token_stats.charged, 1);
+    }
+    ledger.close().unwrap();
+    drop(ledger);
     let report = Ledger::check(&path, config(WRITTEN_AT)).unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
 }
@@ -166,7 +211,7 @@ fn a_file_from_a_newer_format_version_is_refused_with_upgrade_required() {
         Err(Error::UpgradeRequired {
             found: 99,
             supported,
-        }) => assert_eq!(supported, 3),
+        }) => assert_eq!(supported, 4),
         other => panic!("expected UpgradeRequired {{ found: 99 }}, got {other:?}"),
     }
     // `check` refuses it the same way rather than reporting garbage.
@@ -444,9 +489,9 @@ fn write_golden_secrets_file() {
 }
 
 /// A power loss or a dead disk at any I/O point of the first open of a format-1 file (the
-/// migrations to format 2 and to 3 are one transaction each) leaves a file that opens, after
-/// a reboot, at format 1, 2 or 3 — migrating then if needed — and every key still verifies
-/// as before.
+/// migrations to formats 2, 3 and 4 are one transaction each) leaves a file that opens, after
+/// a reboot, at format 1, 2, 3 or 4 — migrating then if needed — and every key still
+/// verifies as before.
 #[test]
 fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies() {
     use keyledger::fuzzing::{CrashBackend, CrashImage};
@@ -459,7 +504,7 @@ fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies()
     ledger.close().unwrap();
     drop(ledger);
     let mut reopened = 0;
-    let mut formats = [0u32; 3];
+    let mut formats = [0u32; 4];
     for countdown in 0..writes + syncs + 2 {
         let backend = CrashBackend::from_bytes(bytes.clone());
         backend.fail_after(countdown);
@@ -489,8 +534,8 @@ fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies()
     assert!(reopened >= 4, "{reopened} reboots");
     assert!(
         formats.iter().all(|&n| n > 0),
-        "reboots found format 1 / 2 / 3 {formats:?} times: the crash points cover both sides \
-         of each migration's commit"
+        "reboots found format 1 / 2 / 3 / 4 {formats:?} times: the crash points cover both \
+         sides of each migration's commit"
     );
 }
 
@@ -563,7 +608,7 @@ fn a_format_2_vault_reads_back_after_its_secrets_are_resealed() {
     let format = read.open_table(META).unwrap();
     assert_eq!(
         format.get("format").unwrap().unwrap().value()[8..],
-        3u32.to_le_bytes()
+        4u32.to_le_bytes()
     );
     let secrets = read
         .open_table(redb::TableDefinition::<(u64, &str), &[u8]>::new(
@@ -586,8 +631,9 @@ fn a_format_2_vault_reads_back_after_its_secrets_are_resealed() {
     assert!(report.is_ok(), "{:?}", report.problems);
 }
 
-/// A power loss at any I/O point of the re-sealing migration leaves a file at format 2 or 3
-/// that opens, migrating then if needed, with every secret readable.
+/// A power loss at any I/O point of the re-sealing migration (and the one to format 4 after
+/// it) leaves a file at format 2, 3 or 4 that opens, migrating then if needed, with every
+/// secret readable.
 #[test]
 fn a_crash_at_any_point_of_the_resealing_leaves_every_secret_readable() {
     use keyledger::fuzzing::{CrashBackend, CrashImage};
@@ -597,7 +643,7 @@ fn a_crash_at_any_point_of_the_resealing_leaves_every_secret_readable() {
     let ledger = Ledger::open_with_backend(clean.clone(), config()).unwrap();
     let (writes, syncs) = clean.io_counts();
     drop(ledger);
-    let mut formats = [0u32; 3];
+    let mut formats = [0u32; 4];
     for countdown in 0..writes + syncs + 2 {
         let backend = CrashBackend::from_bytes(bytes.clone());
         backend.fail_after(countdown);
@@ -614,8 +660,8 @@ fn a_crash_at_any_point_of_the_resealing_leaves_every_secret_readable() {
         }
     }
     assert!(
-        formats[1] > 0 && formats[2] > 0,
-        "reboots found format 2 / 3 {formats:?} times: both sides of the migration's commit"
+        formats[1..].iter().all(|&n| n > 0),
+        "reboots found format 2 / 3 / 4 {formats:?} times: both sides of each migration's commit"
     );
 }
 

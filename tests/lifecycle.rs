@@ -1232,7 +1232,7 @@ mod damaged {
             Err(
                 e @ Error::OlderFormat {
                     found: 2,
-                    current: 3,
+                    current: 4,
                 },
             ) => {
                 assert!(e.to_string().contains("open it once"), "{e}")

@@ -31,7 +31,7 @@ pub(crate) const MAGIC: &[u8; 8] = b"keyledgr";
 /// - 3: an owner secret's value is sealed with its allowed hosts and version bound as
 ///   associated data, so they cannot be changed beside it (schema 2 of `SecretRecord`). A
 ///   format-2 file is migrated when it is opened (see [`migrate_2_to_3`]).
-pub(crate) const FORMAT_VERSION: u32 = 3;
+pub(crate) const FORMAT_VERSION: u32 = 4;
 
 /// The opened database and what its meta table says.
 pub(crate) struct Store {
@@ -163,6 +163,11 @@ impl Store {
         if existing.is_some_and(|format| format < 3) {
             migrate_2_to_3(&store, master)?;
         }
+        if existing.is_some_and(|format| format < 4) {
+            migrate_3_to_4(&store, opened.hash_scheme)?;
+            let opened = store.opened_meta(master)?; // the current scheme may have moved on
+            return Ok((store, opened));
+        }
         Ok((store, opened))
     }
 
@@ -268,6 +273,20 @@ fn migrate_2_to_3(store: &Store, master: &MasterKey) -> Result<()> {
     let txn = store.begin_write()?;
     crate::vault::secrets::reseal_for_format_3(&txn, master)?;
     set_format(&txn, 3)?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// Format 4 keys BLAKE3 apart from HMAC-SHA256 (format 3's BLAKE3 scheme used HMAC's pepper
+/// key). A file hashing new keys with BLAKE3 goes on with the new BLAKE3 scheme of the same
+/// pepper version; its keys hashed the old way (`Blake3KeyedLegacy`, which decodes from
+/// format 3's tag) are rehashed on first use, as after any rotation.
+fn migrate_3_to_4(store: &Store, current: HashScheme) -> Result<()> {
+    let txn = store.begin_write()?;
+    if let HashScheme::Blake3KeyedLegacy { pepper } = current {
+        set_hash_scheme(&txn, HashScheme::Blake3Keyed { pepper })?;
+    }
+    set_format(&txn, 4)?;
     txn.commit()?;
     Ok(())
 }

@@ -91,15 +91,23 @@ pub(crate) struct Meter {
 /// A balance's low-balance threshold, and the credits left when the writer last looked (for
 /// edge-triggered events).
 #[derive(Debug)]
-struct LowBalance {
+pub(crate) struct LowBalance {
     threshold: u64,
     last_remaining: AtomicU64,
 }
 
-/// What a meter has told the host (see [`Meter::notices`]).
-pub(crate) struct Notices {
-    exhaustion_reported: bool,
-    low_balance: Option<(Arc<LowBalance>, u64)>,
+/// One change the writer made to what the host has been told of a balance: undone with
+/// [`Meter::untell`] if its batch fails (the batch's events are never sent, its changes never
+/// happened). Each undoes only what the writer itself changed, not a mark a verify thread
+/// set meanwhile.
+pub(crate) enum Told {
+    /// The writer marked the balance's exhaustion reported.
+    Reported,
+    /// The writer cleared that mark (the balance grew).
+    Replenished,
+    /// The writer recorded a new credits-left figure for low-balance edges; this was the
+    /// figure before (in the threshold it was recorded in).
+    Remaining(Arc<LowBalance>, u64),
 }
 
 /// A time in whole seconds that never comes (`u64::MAX` ms).
@@ -154,13 +162,16 @@ impl Meter {
         }
     }
 
-    /// Records the credits left (writer thread); true when they crossed the low-balance
-    /// threshold downwards since the last time (never without a threshold).
-    pub(crate) fn note_remaining(&self, remaining: u64) -> bool {
-        self.low_balance.load().as_ref().is_some_and(|l| {
-            let previous = l.last_remaining.swap(remaining, Ordering::AcqRel);
-            previous > l.threshold && remaining <= l.threshold
-        })
+    /// Records the credits left (writer thread): whether they crossed the low-balance
+    /// threshold downwards since the last time (never without a threshold), and the change
+    /// made (`None`: no threshold).
+    pub(crate) fn note_remaining(&self, remaining: u64) -> (bool, Option<Told>) {
+        let Some(l) = self.low_balance.load_full() else {
+            return (false, None);
+        };
+        let previous = l.last_remaining.swap(remaining, Ordering::AcqRel);
+        let crossed = previous > l.threshold && remaining <= l.threshold;
+        (crossed, Some(Told::Remaining(l, previous)))
     }
 
     /// Credits left to spend as memory sees them: the durable balance after the writer's last
@@ -230,46 +241,35 @@ impl Meter {
     }
 
     /// The balance grew (a top-up, a set, a refill): the next refusal is news again.
-    pub(crate) fn replenished(&self) {
-        self.state.fetch_and(!EXHAUSTION_REPORTED, Ordering::AcqRel);
+    /// `Some` when this cleared the mark.
+    pub(crate) fn replenished(&self) -> Option<Told> {
+        let before = self.state.fetch_and(!EXHAUSTION_REPORTED, Ordering::AcqRel);
+        (before & EXHAUSTION_REPORTED != 0).then_some(Told::Replenished)
     }
 
-    /// What the host has been told of this balance so far: the writer takes it before a
-    /// batch changes it, and puts it back with [`restore_notices`](Self::restore_notices)
-    /// if the batch fails (its events are never sent, its changes never happened).
-    pub(crate) fn notices(&self) -> Notices {
-        Notices {
-            exhaustion_reported: self.state.load(Ordering::Acquire) & EXHAUSTION_REPORTED != 0,
-            low_balance: self.low_balance.load_full().map(|l| {
-                let last = l.last_remaining.load(Ordering::Acquire);
-                (l, last)
-            }),
+    /// Undoes a change the writer made (see [`Told`]).
+    pub(crate) fn untell(&self, told: Told) {
+        match told {
+            Told::Reported => {
+                self.state.fetch_and(!EXHAUSTION_REPORTED, Ordering::AcqRel);
+            }
+            Told::Replenished => {
+                self.state.fetch_or(EXHAUSTION_REPORTED, Ordering::AcqRel);
+            }
+            Told::Remaining(low_balance, previous) => {
+                low_balance
+                    .last_remaining
+                    .store(previous, Ordering::Release);
+            }
         }
     }
 
-    /// Puts back what [`notices`](Self::notices) took. A threshold changed meanwhile keeps
-    /// its own figure (the old one's is restored, unused).
-    pub(crate) fn restore_notices(&self, notices: Notices) {
-        if notices.exhaustion_reported {
-            self.state.fetch_or(EXHAUSTION_REPORTED, Ordering::AcqRel);
-        } else {
-            self.replenished();
-        }
-        if let Some((low_balance, last)) = notices.low_balance {
-            low_balance.last_remaining.store(last, Ordering::Release);
-        }
-    }
-
-    /// Whether the balance has a low-balance threshold.
-    pub(crate) fn has_low_balance(&self) -> bool {
-        self.low_balance.load().is_some()
-    }
-
-    /// Records the credits left without an event (a new meter, a `set`, a refill).
-    pub(crate) fn set_remaining(&self, remaining: u64) {
-        if let Some(l) = self.low_balance.load().as_ref() {
-            l.last_remaining.store(remaining, Ordering::Release);
-        }
+    /// Records the credits left without an event (a new meter, a `set`, a refill); the
+    /// change made, as [`note_remaining`](Self::note_remaining).
+    pub(crate) fn set_remaining(&self, remaining: u64) -> Option<Told> {
+        let l = self.low_balance.load_full()?;
+        let previous = l.last_remaining.swap(remaining, Ordering::AcqRel);
+        Some(Told::Remaining(l, previous))
     }
 
     /// A new low-balance threshold (`None`: no events), with the credits left now: the next
@@ -542,16 +542,33 @@ mod tests {
     #[test]
     fn a_low_balance_is_reported_once_on_the_way_down() {
         let m = Meter::new(1, Some(10), crate::public_id::IdKind::Key, false);
-        assert!(!m.note_remaining(50));
-        assert!(m.note_remaining(10), "reached the threshold");
-        assert!(!m.note_remaining(5), "still below: no second event");
+        let crossed = |m: &Meter, remaining| m.note_remaining(remaining).0;
+        assert!(!crossed(&m, 50));
+        assert!(crossed(&m, 10), "reached the threshold");
+        assert!(!crossed(&m, 5), "still below: no second event");
         m.set_remaining(100); // a top-up
-        assert!(m.note_remaining(9), "crossed again after the top-up");
+        assert!(crossed(&m, 9), "crossed again after the top-up");
         let none = Meter::new(2, None, crate::public_id::IdKind::Key, false);
-        assert!(
-            !none.note_remaining(50) && !none.note_remaining(0),
-            "no threshold"
-        );
+        assert!(!crossed(&none, 50) && !crossed(&none, 0), "no threshold");
+        assert!(none.note_remaining(0).1.is_none(), "nothing to undo");
+    }
+
+    /// A failed batch undoes what the writer told, and only that: a mark set by someone else
+    /// meanwhile stays.
+    #[test]
+    fn untelling_undoes_only_the_writers_own_change() {
+        let m = Meter::new(1, Some(10), crate::public_id::IdKind::Key, false);
+        let (_, told) = m.note_remaining(50);
+        let (crossed, down) = m.note_remaining(5);
+        assert!(crossed);
+        m.untell(down.unwrap());
+        assert!(m.note_remaining(5).0, "the edge is there again");
+        m.untell(told.unwrap()); // and the figure before that
+        assert!(m.replenished().is_none(), "nothing was reported");
+        assert!(m.first_refusal());
+        let cleared = m.replenished().expect("it cleared the mark");
+        m.untell(cleared);
+        assert!(!m.first_refusal(), "the mark is back");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use redb::ReadableTable;
 
 use super::events::{CreditEvent, CreditEventKind};
-use super::meter::{MAX_LEASE_FLOOR, MAX_LEASED, MIN_LEASE, Meter, Notices};
+use super::meter::{MAX_LEASE_FLOOR, MAX_LEASED, MIN_LEASE, Meter, Told};
 use super::refill;
 use super::registry::Registry;
 use crate::cache::{CachedKey, MeterRef, Metering};
@@ -596,10 +596,10 @@ struct Effects {
     /// Meters whose epoch this batch ended, with the epoch and refill time (ms) before:
     /// restored if it fails (a failed refill must still be due).
     ended: Vec<(MeterRef, u32, u64)>,
-    /// What the host had been told of each balance before this batch changed it (an
-    /// exhaustion reported, a low-balance edge, a top-up's "grew"): put back, newest first,
+    /// What this batch changed of what the host has been told of each balance (an
+    /// exhaustion reported, a low-balance figure, a top-up's "grew"): undone, newest first,
     /// if the batch fails, since its events are not sent and its changes did not happen.
-    notices: Vec<(MeterRef, Notices)>,
+    told: Vec<(MeterRef, Told)>,
     /// Replies to balance changes, sent once the batch is durable (a refused change too: its
     /// `reclaim` changed the meter, which the caller's next request must find settled).
     adjusts: Vec<(Sender<Result<u64>>, Result<u64>)>,
@@ -781,8 +781,8 @@ fn commit(
                 meter.restore_epoch(epoch);
                 meter.set_refill_at(refill_at);
             }
-            for (meter, notices) in fx.notices.into_iter().rev() {
-                meter.restore_notices(notices);
+            for (meter, told) in fx.told.into_iter().rev() {
+                meter.untell(told);
             }
             for (meter, units) in fx.reclaimed {
                 meter.give_back(units);
@@ -1036,11 +1036,10 @@ fn build(
                         if matches!(change, Adjust::Set(_)) || refilled {
                             end_epoch(fx, &meter, r);
                         }
-                        fx.notices.push((meter.clone(), meter.notices()));
-                        meter.replenished();
+                        fx.tell(&meter, meter.replenished());
                         fx.balances.push((meter.clone(), r.balance));
                         meter.set_refill_at(refill::due_at(r, now));
-                        meter.set_remaining(r.balance);
+                        fx.tell(&meter, meter.set_remaining(r.balance));
                         fx.leases.push((meter, 0, empty_until(r, now)));
                     }
                 }
@@ -1194,9 +1193,8 @@ fn refused(shared: &Shared, work: &Working<'_>, fx: &mut Effects, at: usize) {
 /// A refusal for want of credits, with `remaining` left: reported if it is the first since
 /// the balance last grew (and unmarked again if the batch fails, its event unsent).
 fn exhausted(shared: &Shared, fx: &mut Effects, meter: &MeterRef, remaining: u64) {
-    let before = meter.notices();
     if meter.first_refusal() {
-        fx.notices.push((meter.clone(), before));
+        fx.tell(meter, Some(Told::Reported));
         let event = shared.event(CreditEventKind::Exhausted, meter, remaining);
         fx.events.push(event);
     }
@@ -1204,11 +1202,9 @@ fn exhausted(shared: &Shared, fx: &mut Effects, meter: &MeterRef, remaining: u64
 
 /// Emits a low-balance event when the credits left cross the meter's threshold downwards.
 fn low_balance(shared: &Shared, fx: &mut Effects, meter: &MeterRef, remaining: u64) {
-    if !meter.has_low_balance() {
-        return;
-    }
-    fx.notices.push((meter.clone(), meter.notices()));
-    if meter.note_remaining(remaining) {
+    let (crossed, told) = meter.note_remaining(remaining);
+    fx.tell(meter, told);
+    if crossed {
         let event = shared.event(CreditEventKind::LowBalance, meter, remaining);
         fx.events.push(event);
     }
@@ -1250,6 +1246,13 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result
 }
 
 impl Effects {
+    /// Lists a change to what the host has been told of `meter`'s balance, if one was made.
+    fn tell(&mut self, meter: &MeterRef, told: Option<Told>) {
+        if let Some(told) = told {
+            self.told.push((meter.clone(), told));
+        }
+    }
+
     /// Bytes of the batch's lists of meters and keys.
     fn list_bytes(&self) -> usize {
         bytes(&self.meters_seen)
@@ -1352,9 +1355,8 @@ fn new_period(fx: &mut Effects, meter: &MeterRef, r: &mut CreditsRecord, now: Ti
         // Like a `set`: a reservation from the old period is final, its refund must not
         // land in the new one.
         end_epoch(fx, meter, r);
-        fx.notices.push((meter.clone(), meter.notices()));
-        meter.replenished();
-        meter.set_remaining(r.balance);
+        fx.tell(meter, meter.replenished());
+        fx.tell(meter, meter.set_remaining(r.balance));
     }
     meter.set_refill_at(refill::due_at(r, now));
 }
@@ -2048,6 +2050,91 @@ mod tests {
             [],
             "the balance never grew: its exhaustion was already reported"
         );
+    }
+
+    /// A verify thread reports an exhaustion (and sends the event) while a batch that only
+    /// noted the balance's low-balance figure is running; the batch fails. Its undo must not
+    /// clear the verify thread's mark: the next refusal would report the same exhaustion a
+    /// second time. (Found by a reviewer.)
+    #[test]
+    fn a_failed_batch_does_not_unmark_an_exhaustion_a_verify_thread_reported() {
+        let (_dir, ledger) = ledger();
+        let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+        let new = NewKey::new(owner.id.as_str(), "a")
+            .credits(3)
+            .low_balance_threshold(1);
+        let created = ledger.keys().create(new).unwrap();
+        let a_plain = created.plaintext.expose().to_owned();
+        for _ in 0..3 {
+            assert_eq!(spend_one(&ledger, &a_plain), Ok(1));
+        }
+        ledger.flush().unwrap(); // prefetches settled: the balance is known empty
+        let _ = events(&ledger);
+        let shared = &ledger.inner.engine.shared;
+        let a_id = ledger.keys().internal_id(created.info.id.as_str()).unwrap();
+        let m = shared.meters.lock().get(a_id).expect("in memory");
+        let now = ledger.now().0;
+        assert!(m.empty_at(now) && m.leased() == 0 && m.wants_top_up(now));
+        let (b, _) = key(&ledger, 10);
+        let b_id = ledger.keys().internal_id(&b).unwrap();
+        // A retired meter: its lease request is answered mid-batch (a sync point).
+        let d = MeterRef::Pool(Arc::new(Meter::new(
+            u64::MAX - 1,
+            None,
+            IdKind::Pool,
+            false,
+        )));
+        d.retire();
+        // Hold the writer, then queue: a prefetch of `a` (snapshots its notices, bit clear),
+        // the retired meter's lease, and a top-up of `b`, whose read fails.
+        let tx = &ledger.inner.engine.tx;
+        let (release, held) = crossbeam::channel::bounded::<()>(0);
+        tx.send(Msg::Hold(held)).unwrap();
+        while !tx.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (r2, d_answer) = crossbeam::channel::bounded(1);
+        let (r3, b_answer) = crossbeam::channel::bounded(1);
+        tx.send(Msg::Lease {
+            meter: m.clone(),
+            need: 0,
+            reply: None,
+        })
+        .unwrap();
+        tx.send(Msg::Lease {
+            meter: d,
+            need: 1,
+            reply: Some(r2),
+        })
+        .unwrap();
+        tx.send(Msg::Adjust {
+            id: b_id,
+            change: Adjust::TopUp(1),
+            audit: None,
+            reply: r3,
+        })
+        .unwrap();
+        let failing = failing_reads(&ledger, b_id);
+        let registry = shared.meters.lock(); // the top-up of `b` waits for it
+        drop(release);
+        assert!(matches!(d_answer.recv().unwrap(), Handoff::Unavailable));
+        // Mid-batch: a request on `a` is refused in memory and reports the exhaustion.
+        assert_eq!(
+            spend_one(&ledger, &a_plain),
+            Err("usage_exceeded".to_owned())
+        );
+        assert_eq!(events(&ledger), [(CreditEventKind::Exhausted, 0)]);
+        drop(registry);
+        let b_got = b_answer.recv();
+        assert!(!matches!(b_got, Ok(Ok(_))), "the batch failed");
+        drop(failing);
+        ledger.flush().unwrap(); // the failed batch is behind us (its reply went before its undo)
+        // Nothing grew: the next refusal is no news.
+        assert_eq!(
+            spend_one(&ledger, &a_plain),
+            Err("usage_exceeded".to_owned())
+        );
+        assert_eq!(events(&ledger), [], "the exhaustion was already reported");
     }
 
     #[test]

@@ -924,8 +924,10 @@ fn build(
                     if !covered {
                         refused(shared, &work, fx, at);
                     }
+                    // Retired, undecodable or absent: its balance is gone or unreadable.
                     let unleasable = !closing
-                        && (fx.leases[at].0.retired() || work.unreadable.contains_key(&id));
+                        && (fx.leases[at].0.retired()
+                            || matches!(work.records.get(&id), Some(None)));
                     match reply {
                         // At once: asking again would meet the same record.
                         Some(reply) if unleasable => {
@@ -981,6 +983,11 @@ fn build(
                     audit,
                     reply,
                 } => {
+                    // Listed before anything here can fail: a failed batch answers every
+                    // listed change with its error (dropped, the caller would be told the
+                    // ledger is closed). The answer is set below.
+                    let at = fx.adjusts.len();
+                    fx.adjusts.push((reply, Ok(0)));
                     let meter = shared.meters.lock().get(id);
                     if let Some(meter) = &meter {
                         reclaim(&mut work, fx, meter)?;
@@ -992,7 +999,7 @@ fn build(
                                 what: "credit balance",
                             },
                         };
-                        fx.adjusts.push((reply, Err(refused)));
+                        fx.adjusts[at].1 = Err(refused);
                         continue;
                     };
                     // A refill that fell due comes first: the admin's change is the newer one
@@ -1011,7 +1018,7 @@ fn build(
                             "credits",
                             format!("the balance would grant more than {} credits", u64::MAX),
                         );
-                        fx.adjusts.push((reply, Err(too_many)));
+                        fx.adjusts[at].1 = Err(too_many);
                         continue;
                     };
                     r.balance = balance;
@@ -1026,7 +1033,7 @@ fn build(
                     {
                         crate::audit::append(&txn, now, &actor, action, &target, &["balance"])?;
                     }
-                    fx.adjusts.push((reply, Ok(r.balance)));
+                    fx.adjusts[at].1 = Ok(r.balance);
                     if let Some(meter) = meter {
                         // A reservation made from the old lease carries the old epoch, so a
                         // set makes it final, and so does a refill applied here (its refund
@@ -1602,6 +1609,41 @@ mod tests {
         );
         let waited = ledger.stats().writer_commits - commits;
         assert!(waited <= 2, "answered after {waited} writer commits");
+    }
+
+    /// A lease of a balance that has no record (a pool deleted while a miss built its meter)
+    /// is answered `Unavailable` at once, as a retired or undecodable one is.
+    #[test]
+    fn a_lease_of_a_balance_with_no_record_is_answered_unavailable() {
+        let (_dir, ledger) = ledger();
+        let orphan = MeterRef::Pool(Arc::new(Meter::new(
+            u64::MAX - 1,
+            None,
+            IdKind::Pool,
+            false,
+        )));
+        let (reply, answer) = crossbeam::channel::bounded(1);
+        let lease = Msg::Lease {
+            meter: orphan,
+            need: 1,
+            reply: Some(reply),
+        };
+        ledger.inner.engine.tx.send(lease).unwrap();
+        assert!(matches!(answer.recv().unwrap(), Handoff::Unavailable));
+    }
+
+    /// A balance change whose own read fails (a storage error) is answered with that error,
+    /// not told the ledger is closed; the ledger goes on.
+    #[test]
+    fn a_top_up_whose_read_fails_gets_the_storage_error() {
+        let (_dir, ledger) = ledger();
+        let (id, _) = key(&ledger, 10);
+        let failing = failing_reads(&ledger, ledger.keys().internal_id(&id).unwrap());
+        let error = ledger.credits().top_up(&id, 5).unwrap_err().to_string();
+        drop(failing);
+        assert!(error.contains("simulated read failure"), "{error}");
+        assert!(!error.contains("closed"), "{error}");
+        assert_eq!(ledger.credits().top_up(&id, 5).unwrap(), 15);
     }
 
     /// Verifies `plaintext` at a cost of 1 and commits the grant; the denial's code if refused.

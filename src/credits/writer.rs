@@ -616,6 +616,9 @@ struct Effects {
     reclaimed: Vec<(MeterRef, u64)>,
     events: Vec<CreditEvent>,
     syncs: Vec<Sender<Result<()>>>,
+    /// The message a storage error stopped halfway, if it can still be answered: answered as
+    /// those the failed batch did not reach.
+    stopped: Option<Msg>,
     retired: Vec<MeterRef>,
     gone: Vec<MeterRef>,
 }
@@ -804,7 +807,7 @@ fn commit(
                 let _ = r.send(Err(not_changed(&message)));
             }
             // The messages the batch did not reach get the same answers.
-            for msg in batch {
+            for msg in fx.stopped.take().into_iter().chain(batch) {
                 refuse(msg, &message, listed, &mut fx.syncs);
             }
             return (fx.syncs, Err(message));
@@ -919,7 +922,13 @@ fn build(
                     let (at, covered) = if closing {
                         (fx.grant(meter, 0, 0), true)
                     } else {
-                        lease(shared, &mut work, fx, meter, need, now)?
+                        match lease(shared, &mut work, fx, meter.clone(), need, now) {
+                            Ok(leased) => leased,
+                            Err(e) => {
+                                fx.stopped = Some(Msg::Lease { meter, need, reply });
+                                return Err(e);
+                            }
+                        }
                     };
                     if !covered {
                         refused(shared, &work, fx, at);
@@ -1632,6 +1641,28 @@ mod tests {
         assert!(matches!(answer.recv().unwrap(), Handoff::Unavailable));
     }
 
+    /// A lease whose own read fails (a storage error) is answered as the failed batch answers
+    /// every lease it reached: no units, so the request asks again, and the meter is no longer
+    /// marked pending (which would hold back its prefetches). (Found by a reviewer.)
+    #[test]
+    fn a_lease_whose_read_fails_is_answered() {
+        let (_dir, ledger) = ledger();
+        let (id, plaintext) = key(&ledger, 10);
+        let internal = ledger.keys().internal_id(&id).unwrap();
+        assert_eq!(spend_one(&ledger, &plaintext), Ok(1));
+        let meter = ledger.inner.engine.shared.meters.lock().get(internal);
+        let meter = meter.expect("in memory");
+        let failing = failing_reads(&ledger, internal);
+        let answer = ledger.inner.engine.lease_now(&meter, 1);
+        drop(failing);
+        assert!(
+            matches!(answer, Some(Handoff::Units { units: 0, .. })),
+            "answered: {}",
+            answer.is_some()
+        );
+        assert!(!meter.pending.load(Ordering::Acquire), "still pending");
+    }
+
     /// A balance change whose own read fails (a storage error) is answered with that error,
     /// not told the ledger is closed; the ledger goes on.
     #[test]
@@ -2170,7 +2201,7 @@ mod tests {
         let b_got = b_answer.recv();
         assert!(!matches!(b_got, Ok(Ok(_))), "the batch failed");
         drop(failing);
-        ledger.flush().unwrap(); // the failed batch is behind us (its reply went before its undo)
+        ledger.flush().unwrap(); // the failed batch and its undo are behind us
         // Nothing grew: the next refusal is no news.
         assert_eq!(
             spend_one(&ledger, &a_plain),

@@ -145,7 +145,8 @@ pub enum ImportedHash {
     /// Plain `SHA-256(key)`. Rehashed to the current scheme on the key's first successful use.
     Sha256([u8; 32]),
     /// A hash under this ledger's current scheme (e.g. exported from another keyledger file
-    /// opened with the same master key).
+    /// opened with the same master key, under the same scheme: a BLAKE3 hash written before
+    /// format 4 is not one, its key differs).
     Current([u8; 32]),
 }
 

@@ -31,6 +31,10 @@ pub(crate) const MAGIC: &[u8; 8] = b"keyledgr";
 /// - 3: an owner secret's value is sealed with its allowed hosts and version bound as
 ///   associated data, so they cannot be changed beside it (schema 2 of `SecretRecord`). A
 ///   format-2 file is migrated when it is opened (see [`migrate_2_to_3`]).
+/// - 4: the BLAKE3 key-hash scheme is keyed apart from HMAC-SHA256 (format 3's was keyed
+///   with HMAC's pepper key; its hashes now decode as `Blake3KeyedLegacy`, read only). A
+///   format-3 file hashing with BLAKE3 moves to the new scheme when it is opened (see
+///   [`migrate_3_to_4`]).
 pub(crate) const FORMAT_VERSION: u32 = 4;
 
 /// The opened database and what its meta table says.

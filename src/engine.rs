@@ -446,14 +446,26 @@ impl Engine {
     /// after they cleared the mark (hiding the next refusal). If it still is, the writer's
     /// report has set the mark.
     pub(crate) fn report_exhausted(&self, meter: &Meter) {
-        let known_empty = meter.empty_at(self.shared.clock.now().0);
-        if known_empty && meter.first_refusal() {
+        if meter.empty_at(self.shared.clock.now().0) {
+            self.report_known_empty(meter);
+        }
+    }
+
+    /// Reports a refusal of a balance found known empty, if it is the first since the
+    /// balance last grew. A top-up may have come between the look and the mark: it cleared
+    /// the mark first, and a mark set after it would hide the next exhaustion, so the mark
+    /// is cleared again if the balance is no longer known empty.
+    fn report_known_empty(&self, meter: &Meter) {
+        if meter.first_refusal() {
             // The durable balance is empty (so the mark says), whatever the meter's figure
             // shows: a top-up the writer has applied but not yet committed is not there.
             let event = self
                 .shared
                 .event(CreditEventKind::Exhausted, meter, meter.leased());
             let _ = self.shared.events.try_send(event);
+            if !meter.empty_at(self.shared.clock.now().0) {
+                let _ = meter.replenished();
+            }
         }
     }
 
@@ -1213,6 +1225,48 @@ mod tests {
             code(&ledger, &plaintext),
             "rate_limited",
             "3 an hour, 3 used 3 minutes ago"
+        );
+    }
+
+    /// A request refused in memory looks at the balance (known empty), then marks the
+    /// exhaustion reported. A top-up committed between the two cleared the mark first: the
+    /// mark set after it must not hide the exhaustion of the topped-up balance.
+    #[test]
+    fn a_refusal_reported_across_a_top_up_does_not_hide_the_next_exhaustion() {
+        let f = ledger();
+        let (public, internal, plaintext) = key(&f.ledger, |o| NewKey::new(o, "k").credits(0));
+        assert_eq!(code(&f.ledger, &plaintext), "usage_exceeded");
+        let events = f.ledger.credit_events();
+        assert_eq!(events.try_iter().count(), 1, "the first exhaustion");
+        let engine = &f.ledger.inner.engine;
+        let meter = engine
+            .shared
+            .meters
+            .lock()
+            .get(internal)
+            .expect("in memory");
+        assert!(
+            meter.empty_at(f.ledger.now().0),
+            "known empty: refused in memory"
+        );
+        // The top-up commits after the request found the balance known empty...
+        f.ledger.credits().top_up(&public, 1).unwrap();
+        // ...and before it marks the exhaustion reported.
+        engine.report_known_empty(&meter);
+        assert_eq!(events.try_iter().count(), 1, "the refusal it made");
+        let spend = || {
+            let key = Presented::new(&plaintext).unwrap();
+            match f.ledger.verify(&Request::new(&key, "/x")) {
+                Ok(grant) => grant.commit(1).token_stats.charged.to_string(),
+                Err(d) => d.code().to_owned(),
+            }
+        };
+        assert_eq!(spend(), "1");
+        assert_eq!(spend(), "usage_exceeded");
+        assert_eq!(
+            events.try_iter().count(),
+            1,
+            "the topped-up balance ran out: news again"
         );
     }
 

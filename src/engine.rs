@@ -87,6 +87,13 @@ struct LiveLimits {
 /// Evicted keys whose rate-limit state is kept (≈ 100 bytes each with the map's slot).
 const MAX_HELD: usize = 65_536;
 
+/// The rate-limit state a miss chose for its entry (see [`LiveLimits::of`]).
+struct Chosen {
+    limits: Arc<KeyLimits>,
+    /// The key's live state before, which a miss that cannot cache gives back.
+    previous: Option<std::sync::Weak<KeyLimits>>,
+}
+
 impl LiveLimits {
     /// The limits for a new entry of key `id` configured as `configured`: the state of an
     /// entry of the key still in use, or else the one `carried` over from an evicted entry,
@@ -98,22 +105,38 @@ impl LiveLimits {
         configured: &crate::record::Limits,
         carried: Option<&Arc<KeyLimits>>,
         new: impl FnOnce(u64) -> KeyLimits,
-    ) -> Arc<KeyLimits> {
+    ) -> Chosen {
         let live = self.by_key.get(&id).and_then(std::sync::Weak::upgrade);
-        // Left in `held` until the entry is cached (`release`): a miss that cannot cache
-        // what it read serves one request and must leave the state for the next.
+        // Left in `held` until the miss caches its entry (`release`, just before the insert);
+        // a miss that cannot cache holds what it chose again (`uncached`).
         let held = self.held.get(&id).cloned();
         let known = || live.iter().chain(carried).chain(held.iter());
         let limits = match known().find(|l| l.configured_as(configured)) {
             Some(same) => same.clone(),
             None => Arc::new(new(known().map(|l| l.lifetime_spent()).max().unwrap_or(0))),
         };
-        self.by_key.insert(id, Arc::downgrade(&limits));
+        let previous = self.by_key.insert(id, Arc::downgrade(&limits));
         if self.by_key.len() >= self.sweep_at {
             self.by_key.retain(|_, l| l.strong_count() > 0);
             self.sweep_at = (self.by_key.len() * 2).max(1024);
         }
-        limits
+        Chosen { limits, previous }
+    }
+
+    /// A miss that chose `chosen` for key `id` could not cache its entry (an admin change
+    /// raced its read): it serves one request. The state it chose is held, so that the window
+    /// that request counts in is the next miss's too; and the key's live state goes back to
+    /// what it was, since what the miss read may be older than the entries cached meanwhile
+    /// (it would split the key between two states).
+    fn uncached(&mut self, id: u64, chosen: &Chosen, now_ns: u64) {
+        let ours = Arc::downgrade(&chosen.limits);
+        if self.by_key.get(&id).is_some_and(|l| l.ptr_eq(&ours)) {
+            match chosen.previous.as_ref().filter(|p| p.strong_count() > 0) {
+                Some(previous) => self.by_key.insert(id, previous.clone()),
+                None => None,
+            };
+        }
+        self.hold(id, &chosen.limits, true, now_ns);
     }
 
     /// Keeps the state of an evicted entry of key `id` while it still counts arrivals at
@@ -765,13 +788,14 @@ impl Engine {
         // request and must leave the evicted snapshot (its rate-limit state) for the rebuild.
         let carried = self.carried.lock().get(&record.id).cloned();
         let carried_limits = carried.as_ref().and_then(|c| c.limits.as_ref());
-        let limits = record.limits.rate_limited().then(|| {
+        let chosen = record.limits.rate_limited().then(|| {
             self.limits
                 .lock()
                 .of(record.id, &record.limits, carried_limits, |counted| {
                     KeyLimits::new(&record.limits, lifetime_spent.max(counted), &self.tiers)
                 })
         });
+        let limits = chosen.as_ref().map(|c| c.limits.clone());
         let snapshot = Snapshot {
             kind,
             disabled: record.disabled,
@@ -826,6 +850,11 @@ impl Engine {
         } else {
             build(carried.clone())
         };
+        // Released before the entry is cached, not after: an eviction of the new entry in
+        // between holds the state again, which a later release would undo.
+        if let Some(chosen) = &chosen {
+            self.limits.lock().release(record.id, &chosen.limits);
+        }
         Some(match self.cache.insert(hash, key.clone(), epoch) {
             Ok(evicted) => {
                 if let Some(carried) = carried {
@@ -837,13 +866,16 @@ impl Engine {
                         all.remove(&record.id);
                     }
                 }
-                if let Some(limits) = &key.limits {
-                    self.limits.lock().release(key.id(), limits);
-                }
                 self.retire(evicted);
                 Loaded::Cached(key)
             }
-            Err(key) => Loaded::Uncached(key),
+            Err(key) => {
+                if let Some(chosen) = &chosen {
+                    let now_ns = self.shared.clock.monotonic_ns();
+                    self.limits.lock().uncached(record.id, chosen, now_ns);
+                }
+                Loaded::Uncached(key)
+            }
         })
     }
 
@@ -1021,7 +1053,10 @@ mod tests {
         let kept = state(0);
         live.hold(1, &kept, false, 5 * SEC);
         let fresh = |_| unreachable!("the held state is taken back");
-        assert!(Arc::ptr_eq(&live.of(1, &configured, None, fresh), &kept));
+        assert!(Arc::ptr_eq(
+            &live.of(1, &configured, None, fresh).limits,
+            &kept
+        ));
         assert!(live.held.contains_key(&1), "until the new entry is cached");
         live.release(1, &kept);
         assert!(live.held.is_empty(), "taken back by the key's next entry");
@@ -1268,6 +1303,135 @@ mod tests {
             1,
             "the topped-up balance ran out: news again"
         );
+    }
+
+    /// a miss that could not cache (an admin change to any account raced its read)
+    /// and found no state to take back builds a fresh one, serves a request on it, and
+    /// nobody holds it: the key's next miss starts the window afresh.
+    #[test]
+    fn a_window_started_by_a_miss_that_could_not_cache_is_kept() {
+        let f = ledger();
+        let engine = &f.ledger.inner.engine;
+        let (_, _, plaintext) = key(&f.ledger, |o| {
+            NewKey::new(o, "k").rate_limit("hourly", 1, 3_600)
+        });
+        let other = f
+            .ledger
+            .accounts()
+            .create(NewAccount::new("Other"))
+            .unwrap();
+        let read = read_miss(&f.ledger, &plaintext);
+        f.ledger
+            .accounts()
+            .update(
+                other.id.as_str(),
+                crate::AccountUpdate::new().name("Renamed"),
+            )
+            .unwrap();
+        let Some(Loaded::Uncached(k)) = engine.install(read) else {
+            panic!("uncached")
+        };
+        // The request it serves (verify.rs step 7, as `check` does with an Uncached key).
+        let limits = k.limits.as_ref().unwrap();
+        assert!(limits.acquire(f.ledger.monotonic_ns(), 0, 100).is_ok());
+        drop(k);
+        assert_eq!(
+            code(&f.ledger, &plaintext),
+            "rate_limited",
+            "1 an hour, 1 admitted a moment ago"
+        );
+    }
+
+    /// the miss is stopped by locks between `cache.insert` and
+    /// `release`; a rotation (or an eviction for room: both go through `retire`) takes the
+    /// new entry out meanwhile and holds its state; `release` then lets go of it.
+    #[test]
+    fn an_eviction_between_insert_and_release_keeps_the_window() {
+        let clock = crate::ManualClock::new(crate::Timestamp(1_000_000));
+        let config = Config::builder()
+            .master_key(crate::MasterKey::generate().unwrap())
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path().join("keys.redb"), config).unwrap();
+        let engine = &ledger.inner.engine;
+        let (public, id, a) = key(&ledger, |o| {
+            NewKey::new(o, "a").rate_limit("hourly", 1, 3_600)
+        });
+        assert_eq!(code(&ledger, &a), "ok");
+        assert_eq!(code(&ledger, &a), "rate_limited");
+        // An admin change carries the entry (so `install` locks `carried` after inserting).
+        ledger
+            .keys()
+            .update(&public, crate::KeyUpdate::default().name("renamed"))
+            .unwrap();
+        for _ in 0..3 {
+            clock.advance_secs(60);
+            ledger.flush().unwrap();
+        }
+        let read = read_miss(&ledger, &a);
+        let limits_lock = engine.limits.lock();
+        std::thread::scope(|s| {
+            let miss = s.spawn(|| matches!(engine.install(read), Some(Loaded::Cached(_))));
+            std::thread::sleep(std::time::Duration::from_millis(200)); // blocked in `of`
+            let carried_lock = engine.carried.lock();
+            drop(limits_lock); // the miss takes its state, inserts, then waits for `carried`
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            engine.scheme_changed(); // the new entry leaves the cache: its state is held
+            assert!(engine.limits.lock().held.contains_key(&id), "held");
+            drop(carried_lock);
+            assert!(miss.join().unwrap(), "cached");
+        });
+        assert_eq!(
+            code(&ledger, &a),
+            "rate_limited",
+            "1 an hour, 1 admitted 3 minutes ago"
+        );
+    }
+
+    /// a limits change while a key has two secrets (a roll's grace). A miss of the
+    /// previous secret that read the old limits before the change and installs after it
+    /// takes the held old state and points `by_key` at it (then serves uncached). The next
+    /// miss of that secret finds no state of the new limits (the live one is hidden) and
+    /// builds a second one: each secret then admits the full rate.
+    #[test]
+    fn a_stale_miss_does_not_split_a_key_into_two_states() {
+        let f = ledger();
+        let engine = &f.ledger.inner.engine;
+        let (public, _, old) = key(&f.ledger, |o| {
+            NewKey::new(o, "k").rate_limit("hourly", 2, 3_600)
+        });
+        let new = f
+            .ledger
+            .keys()
+            .roll(&public, 3_600)
+            .unwrap()
+            .plaintext
+            .expose()
+            .to_owned();
+        assert_eq!(code(&f.ledger, &old), "ok"); // the state runs: held at the change
+        let stale = read_miss(&f.ledger, &old); // reads limit 2
+        let limits = vec![crate::record::RateLimit {
+            name: "hourly".into(),
+            limit: 3,
+            window_secs: 3_600,
+        }];
+        f.ledger
+            .keys()
+            .update(&public, crate::KeyUpdate::default().rate_limits(limits))
+            .unwrap();
+        assert_eq!(code(&f.ledger, &new), "ok"); // cached with a state for limit 3
+        assert!(matches!(engine.install(stale), Some(Loaded::Uncached(_))));
+        let mut admitted = 1;
+        for _ in 0..6 {
+            for secret in [&old, &new] {
+                if code(&f.ledger, secret) == "ok" {
+                    admitted += 1;
+                }
+            }
+        }
+        assert_eq!(admitted, 3, "3 an hour for the key, both secrets together");
     }
 
     #[test]

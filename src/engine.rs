@@ -1305,9 +1305,9 @@ mod tests {
         );
     }
 
-    /// a miss that could not cache (an admin change to any account raced its read)
-    /// and found no state to take back builds a fresh one, serves a request on it, and
-    /// nobody holds it: the key's next miss starts the window afresh.
+    /// A miss that could not cache (an admin change to any account raced its read) and found
+    /// no state to take back builds a fresh one and serves a request on it: the key's next
+    /// miss must count that request, not start the window afresh. (Found by a reviewer.)
     #[test]
     fn a_window_started_by_a_miss_that_could_not_cache_is_kept() {
         let f = ledger();
@@ -1342,9 +1342,10 @@ mod tests {
         );
     }
 
-    /// the miss is stopped by locks between `cache.insert` and
-    /// `release`; a rotation (or an eviction for room: both go through `retire`) takes the
-    /// new entry out meanwhile and holds its state; `release` then lets go of it.
+    /// A rotation (or an eviction for room: both go through `retire`) takes a miss's new
+    /// entry out right after the miss cached it, while the miss is held up by locks, and
+    /// holds its state: the miss must not let go of that state afterwards. (Found by a
+    /// reviewer.)
     #[test]
     fn an_eviction_between_insert_and_release_keeps_the_window() {
         let clock = crate::ManualClock::new(crate::Timestamp(1_000_000));
@@ -1390,11 +1391,10 @@ mod tests {
         );
     }
 
-    /// a limits change while a key has two secrets (a roll's grace). A miss of the
+    /// A limits change while a key has two secrets (a roll's grace), and a miss of the
     /// previous secret that read the old limits before the change and installs after it
-    /// takes the held old state and points `by_key` at it (then serves uncached). The next
-    /// miss of that secret finds no state of the new limits (the live one is hidden) and
-    /// builds a second one: each secret then admits the full rate.
+    /// (uncached): both secrets must go on sharing one state of the new limits, not admit
+    /// the full rate each. (Found by a reviewer.)
     #[test]
     fn a_stale_miss_does_not_split_a_key_into_two_states() {
         let f = ledger();

@@ -2158,7 +2158,7 @@ mod tests {
             false,
         )));
         d.retire();
-        // Hold the writer, then queue: a prefetch of `a` (snapshots its notices, bit clear),
+        // Hold the writer, then queue: a prefetch of `a` (it notes the low-balance figure),
         // the retired meter's lease, and a top-up of `b`, whose read fails.
         let tx = &ledger.inner.engine.tx;
         let (release, held) = crossbeam::channel::bounded::<()>(0);

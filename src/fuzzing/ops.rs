@@ -8,7 +8,7 @@
 //! knows was charged may come back, what a crash lost must stay within the lease bound, and
 //! `Ledger::check_with_backend` must pass.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use super::backend::{CrashBackend, CrashImage};
@@ -206,6 +206,9 @@ struct Model {
     outcome: Outcome,
     /// The disk has died in this epoch: errors are expected, results are loose.
     faulted: bool,
+    /// Pools a key creation that failed (the disk died) may still have given a key: the
+    /// creation may have committed, and the model never learnt the key's id.
+    maybe_pool_users: BTreeSet<String>,
     exact_durability: bool,
     /// Last stamp handed out (see `Balance::epoch`).
     stamps: u64,
@@ -519,7 +522,12 @@ fn create_key(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<(
             model.outcome.acknowledged += 1;
             Ok(())
         }
-        Err(e) => failed(model, "keys().create", &e),
+        Err(e) => {
+            if let Some(p) = pool {
+                model.maybe_pool_users.insert(p);
+            }
+            failed(model, "keys().create", &e)
+        }
     }
 }
 
@@ -562,7 +570,7 @@ fn delete_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<
     let id = model.pools[j].clone();
     let users = || model.keys.iter().filter(|k| k.credit.as_ref() == Some(&id));
     let in_use = users().any(|k| k.exists == Some(true));
-    let maybe_in_use = users().any(|k| k.exists.is_none());
+    let maybe_in_use = users().any(|k| k.exists.is_none()) || model.maybe_pool_users.contains(&id);
     let _ = write!(model.log, " delete_pool(p{j});");
     let result = ledger.credits().delete_pool(&id);
     let bal = model

@@ -130,11 +130,10 @@ impl LiveLimits {
     /// (it would split the key between two states).
     fn uncached(&mut self, id: u64, chosen: &Chosen, now_ns: u64) {
         let ours = Arc::downgrade(&chosen.limits);
-        if self.by_key.get(&id).is_some_and(|l| l.ptr_eq(&ours)) {
-            match chosen.previous.as_ref().filter(|p| p.strong_count() > 0) {
-                Some(previous) => self.by_key.insert(id, previous.clone()),
-                None => None,
-            };
+        let still_ours = self.by_key.get(&id).is_some_and(|l| l.ptr_eq(&ours));
+        let previous = chosen.previous.as_ref();
+        if let Some(previous) = previous.filter(|p| still_ours && p.strong_count() > 0) {
+            self.by_key.insert(id, previous.clone());
         }
         self.hold(id, &chosen.limits, true, now_ns);
     }

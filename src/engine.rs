@@ -526,8 +526,12 @@ impl Engine {
             let now_ns = self.shared.clock.monotonic_ns();
             let mut live = self.limits.lock();
             for (key, limits) in limited {
-                // Besides `leaving`, a grant or the writer's lists may hold the entry.
-                live.hold(key.id(), limits, Arc::strong_count(key) > 1, now_ns);
+                // Besides `leaving`, a grant or the writer's lists may hold the entry. Spend
+                // not yet flushed is counted only by the state (and by a home the writer
+                // holds, which a miss cannot find): the tiers would lose it.
+                let unflushed = !self.tiers.is_empty() && key.unflushed_spend() > 0;
+                let in_use = Arc::strong_count(key) > 1 || unflushed;
+                live.hold(key.id(), limits, in_use, now_ns);
             }
         }
     }

@@ -388,6 +388,12 @@ impl CachedKey {
         self.mark_dirty()
     }
 
+    /// Spend counted on this key's home that the writer has not taken yet (so not yet in
+    /// the durable usage record).
+    pub(crate) fn unflushed_spend(&self) -> u64 {
+        self.home().usage.spent.load(Ordering::SeqCst)
+    }
+
     /// Marks the usage unflushed; true if it was not already (queue it then). The mark stays
     /// set while the writer keeps the key listed, so a key in use is queued once, not once
     /// per flush.

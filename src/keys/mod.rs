@@ -453,6 +453,15 @@ impl<'a> Keys<'a> {
         if let Some(m) = &update.metadata {
             rules::metadata(m)?;
         }
+        // New limits may start a state of their own, whose spend tier counts from the durable
+        // spend: spend still in memory (a key that had no limits counted it nowhere else)
+        // must be on disk first.
+        let engine = &self.ledger.inner.engine;
+        if (update.rate_limits.is_some() || update.token_window.is_some())
+            && !engine.tiers.is_empty()
+        {
+            engine.flush()?;
+        }
         let mut set_balance_to = None;
         let setting_balance = matches!(update.credits, Some(Some(_)));
         let _in_order = setting_balance.then(|| self.ledger.inner.setting_balances.lock());

@@ -1,0 +1,466 @@
+//! Model-based test of rate limits across a key's life: proptest sequences of verifies (with
+//! commits above, at or below the reservation, or none), clock steps, cache evictions, admin
+//! changes (rename, disable, enable, account suspension, a new limit configuration), rolls,
+//! hash-scheme rotations, flushes and reopens, run against a ledger with a two-key cache and
+//! a reference model that keeps one GCRA state per key for the ledger's lifetime.
+//!
+//! The model is the contract a server relies on: a key's rate windows belong to the key, not
+//! to its cache entry, its secret or its hash scheme. They survive evictions, admin changes
+//! and rolls; a change of the key's limit configuration starts them afresh; a reopen starts
+//! them afresh (they live in memory); spend tiers follow the key's lifetime spend, which is
+//! durable. Every verify's outcome (code and retry-after) and every grant's remaining
+//! requests, tokens and tier must match the model's exactly; an entry rebuilt on a fresh
+//! window shows as an extra admission, a stale one as an extra refusal.
+
+use keyledger::{
+    Clock, Config, HashScheme, KeyUpdate, Ledger, ManualClock, MasterKey, NewAccount, NewKey,
+    Presented, RateLimit, Request, SpendTier, SubscriptionStatus, Timestamp, TokenWindow,
+};
+use proptest::prelude::*;
+
+const START: Timestamp = Timestamp(1_750_000_000_000);
+const NS_PER_MS: u64 = 1_000_000;
+const TIERS: [SpendTier; 2] = [
+    SpendTier {
+        min_spent: 8,
+        multiplier_pct: 200,
+    },
+    SpendTier {
+        min_spent: 20,
+        multiplier_pct: 300,
+    },
+];
+/// Keys that only take cache room, so that the rate-limited keys are evicted.
+const FILLERS: usize = 3;
+
+/// A key's limit configuration: named limits (requests, window in s) and a token window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Spec {
+    named: Vec<(u64, u64)>,
+    tokens: Option<(u64, u64)>,
+}
+
+impl Spec {
+    fn rate_limits(&self) -> Vec<RateLimit> {
+        let named = self.named.iter().enumerate();
+        named
+            .map(|(i, &(limit, window_secs))| RateLimit {
+                name: format!("n{i}"),
+                limit,
+                window_secs,
+            })
+            .collect()
+    }
+
+    fn token_window(&self) -> Option<TokenWindow> {
+        self.tokens.map(|(tokens, window_secs)| TokenWindow {
+            tokens,
+            window_secs,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Create {
+        second_account: bool,
+        spec: Spec,
+    },
+    Verify {
+        key: usize,
+        cost: u8,
+        commit: Option<u8>,
+    },
+    Advance {
+        ms: u64,
+    },
+    Churn {
+        n: u8,
+    },
+    Rename {
+        key: usize,
+    },
+    Disable {
+        key: usize,
+    },
+    Enable {
+        key: usize,
+    },
+    Suspend {
+        second_account: bool,
+    },
+    Resume {
+        second_account: bool,
+    },
+    Roll {
+        key: usize,
+    },
+    SetLimits {
+        key: usize,
+        spec: Spec,
+    },
+    Rotate,
+    Flush,
+    Reopen,
+}
+
+fn spec() -> impl Strategy<Value = Spec> {
+    (
+        prop::collection::vec((1u64..4, 1u64..4), 0..3),
+        proptest::option::of((2u64..12, 1u64..4)),
+    )
+        .prop_map(|(named, tokens)| Spec { named, tokens })
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let step = prop_oneof![
+        Just(1u64),
+        Just(10),
+        Just(150),
+        Just(333),
+        Just(1_000),
+        Just(2_500)
+    ];
+    prop_oneof![
+        2 => (any::<bool>(), spec()).prop_map(|(second_account, spec)| Op::Create { second_account, spec }),
+        12 => (any::<usize>(), 0u8..4, proptest::option::of(0u8..7))
+            .prop_map(|(key, cost, commit)| Op::Verify { key, cost, commit }),
+        5 => step.prop_map(|ms| Op::Advance { ms }),
+        3 => (1u8..4).prop_map(|n| Op::Churn { n }),
+        1 => any::<usize>().prop_map(|key| Op::Rename { key }),
+        1 => any::<usize>().prop_map(|key| Op::Disable { key }),
+        1 => any::<usize>().prop_map(|key| Op::Enable { key }),
+        1 => any::<bool>().prop_map(|second_account| Op::Suspend { second_account }),
+        1 => any::<bool>().prop_map(|second_account| Op::Resume { second_account }),
+        1 => any::<usize>().prop_map(|key| Op::Roll { key }),
+        1 => (any::<usize>(), spec()).prop_map(|(key, spec)| Op::SetLimits { key, spec }),
+        1 => Just(Op::Rotate),
+        1 => Just(Op::Flush),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// One GCRA limit as the contract states it (src/limits.rs): a burst of `limit`, then one
+/// unit every `window / limit` (scaled by the spend tier).
+#[derive(Debug, Clone)]
+struct Gcra {
+    limit: u64,
+    window_ns: u64,
+    tat: u64,
+}
+
+impl Gcra {
+    fn new((limit, window_secs): (u64, u64)) -> Gcra {
+        Gcra {
+            limit,
+            window_ns: window_secs * 1_000 * NS_PER_MS,
+            tat: 0,
+        }
+    }
+
+    fn interval(&self, pct: u32) -> u64 {
+        let scaled = (u128::from(self.limit) * u128::from(pct) / 100).max(1);
+        (u128::from(self.window_ns) / scaled).max(1) as u64
+    }
+
+    /// The wait (ms, rounded up) before moving the arrival time to `new_tat` fits.
+    fn wait_for(&self, new_tat: u64, now: u64) -> Option<u64> {
+        let ahead = new_tat - now;
+        if ahead <= self.window_ns {
+            return None;
+        }
+        let wait = (ahead - self.window_ns).min(self.tat.saturating_sub(now));
+        (wait > 0).then(|| wait.div_ceil(NS_PER_MS))
+    }
+
+    fn next(&self, now: u64, weight: u64, pct: u32) -> u64 {
+        self.tat.max(now) + self.interval(pct) * weight
+    }
+
+    fn wait(&self, now: u64, weight: u64, pct: u32) -> Option<u64> {
+        self.wait_for(self.next(now, weight, pct), now)
+    }
+
+    fn acquire(&mut self, now: u64, weight: u64, pct: u32) -> Result<u64, u64> {
+        let next = self.next(now, weight, pct);
+        match self.wait_for(next, now) {
+            Some(wait) => Err(wait),
+            None => {
+                self.tat = next;
+                Ok(next)
+            }
+        }
+    }
+
+    fn release(&mut self, now: u64, until: u64, weight: u64, pct: u32) {
+        let back = (self.interval(pct) * weight).min(until.saturating_sub(now));
+        if back > 0 {
+            self.tat = self.tat.saturating_sub(back).max(now);
+        }
+    }
+
+    fn remaining(&self, now: u64, pct: u32) -> u64 {
+        let used = self.tat.saturating_sub(now);
+        self.window_ns.saturating_sub(used) / self.interval(pct)
+    }
+}
+
+#[derive(Debug)]
+struct Windows {
+    named: Vec<Gcra>,
+    tokens: Option<Gcra>,
+}
+
+impl Windows {
+    fn new(spec: &Spec) -> Windows {
+        Windows {
+            named: spec.named.iter().copied().map(Gcra::new).collect(),
+            tokens: spec.tokens.map(Gcra::new),
+        }
+    }
+
+    fn limited(&self) -> bool {
+        !self.named.is_empty() || self.tokens.is_some()
+    }
+
+    /// All or nothing: `Ok(end of the token slot)`, or the retry-after in ms.
+    fn acquire(&mut self, now: u64, cost: u64, pct: u32) -> Result<u64, u64> {
+        for i in 0..self.named.len() {
+            if let Err(wait) = self.named[i].acquire(now, 1, pct) {
+                for taken in &mut self.named[..i] {
+                    taken.release(now, u64::MAX, 1, pct);
+                }
+                let later = self.named[i + 1..]
+                    .iter()
+                    .filter_map(|g| g.wait(now, 1, pct));
+                let tokens = self.tokens.as_ref().filter(|_| cost > 0);
+                let tokens = tokens.and_then(|t| t.wait(now, cost, pct));
+                return Err(later.chain(tokens).fold(wait, u64::max));
+            }
+        }
+        match self.tokens.as_mut().filter(|_| cost > 0) {
+            None => Ok(0),
+            Some(tokens) => tokens.acquire(now, cost, pct).inspect_err(|_| {
+                for taken in &mut self.named {
+                    taken.release(now, u64::MAX, 1, pct);
+                }
+            }),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Key {
+    id: String,
+    plaintext: String,
+    second_account: bool,
+    spec: Spec,
+    windows: Windows,
+    spent: u64,
+    disabled: bool,
+}
+
+fn tier_pct(spent: u64) -> u32 {
+    let reached = TIERS.iter().rev().find(|t| t.min_spent <= spent);
+    reached.map_or(100, |t| t.multiplier_pct)
+}
+
+fn config(clock: &ManualClock) -> Config {
+    Config::builder()
+        .master_key(MasterKey::from_bytes(&[7u8; 32]).unwrap())
+        .clock(clock.clone())
+        .cache_capacity(2)
+        .spend_tiers(TIERS)
+        .build()
+        .unwrap()
+}
+
+/// Runs `ops`; a failure says what each step did.
+fn run(ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut log = Vec::new();
+    run_logged(ops, &mut log)
+        .map_err(|e| TestCaseError::fail(format!("{e}\nsteps:\n{}", log.join("\n"))))
+}
+
+fn run_logged(ops: &[Op], log: &mut Vec<String>) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rates.redb");
+    let clock = ManualClock::new(START);
+    let now_ns = |clock: &ManualClock| clock.now().0 * NS_PER_MS;
+    let mut ledger = Ledger::open(&path, config(&clock)).unwrap();
+    let accounts: Vec<String> = ["First", "Second", "Fillers"]
+        .iter()
+        .map(|name| {
+            let account = ledger.accounts().create(NewAccount::new(*name)).unwrap();
+            account.id.to_string()
+        })
+        .collect();
+    let fillers: Vec<String> = (0..FILLERS)
+        .map(|i| {
+            let new = NewKey::new(&accounts[2], format!("filler {i}"));
+            let created = ledger.keys().create(new).unwrap();
+            created.plaintext.expose().to_owned()
+        })
+        .collect();
+    let mut suspended = [false, false];
+    let mut keys: Vec<Key> = Vec::new();
+    let mut churned = 0;
+    let mut schemes = [
+        HashScheme::Blake3Keyed { pepper: 1 },
+        HashScheme::HmacSha256 { pepper: 1 },
+    ]
+    .into_iter()
+    .cycle();
+    for op in ops {
+        log.push(format!("at {} ms: {op:?}", clock.now().0 - START.0));
+        let pick = |i: usize| (!keys.is_empty()).then(|| i % keys.len());
+        match op {
+            Op::Create {
+                second_account,
+                spec,
+            } => {
+                let owner = &accounts[usize::from(*second_account)];
+                let mut new = NewKey::new(owner, format!("key {}", keys.len()));
+                for (i, &(limit, window)) in spec.named.iter().enumerate() {
+                    new = new.rate_limit(format!("n{i}"), limit, window);
+                }
+                if let Some((tokens, window)) = spec.tokens {
+                    new = new.token_window(tokens, window);
+                }
+                let created = ledger.keys().create(new).unwrap();
+                let id = created.info.id.to_string();
+                keys.push(Key {
+                    id,
+                    plaintext: created.plaintext.expose().to_owned(),
+                    second_account: *second_account,
+                    spec: spec.clone(),
+                    windows: Windows::new(spec),
+                    spent: 0,
+                    disabled: false,
+                });
+            }
+            Op::Verify { key, cost, commit } => {
+                let Some(i) = pick(*key) else { continue };
+                let k = &mut keys[i];
+                let cost = u64::from(*cost);
+                let presented = Presented::new(&k.plaintext).unwrap();
+                let result = ledger.verify(&Request::new(&presented, "/api/run").cost(cost));
+                let now = now_ns(&clock);
+                let pct = tier_pct(k.spent);
+                // Ok(end of the token slot), or the code and the retry-after in ms.
+                let expected = if k.disabled {
+                    Err(("disabled", None))
+                } else if suspended[usize::from(k.second_account)] {
+                    Err(("subscription_inactive", None))
+                } else if k.windows.limited() {
+                    let admitted = k.windows.acquire(now, cost, pct);
+                    admitted.map_err(|wait| ("rate_limited", Some(wait)))
+                } else {
+                    Ok(0)
+                };
+                log.push(format!(
+                    "  k{i} at {pct} %: {expected:?}; model {:?}",
+                    k.windows
+                ));
+                let got = result.as_ref().map(|_| ()).map_err(|d| {
+                    let retry_after = d.retry_after().map(|r| r.as_millis() as u64);
+                    (d.code(), retry_after)
+                });
+                prop_assert_eq!(got, expected.map(|_| ()), "verify k{} cost {}", i, cost);
+                let Ok(grant) = result else { continue };
+                let state = grant.rate_limit();
+                log.push(format!("  granted: {state:?}"));
+                let requests = k.windows.named.iter().map(|g| g.remaining(now, pct)).min();
+                let tokens = k.windows.tokens.as_ref().map(|g| g.remaining(now, pct));
+                prop_assert_eq!(state.requests_remaining, requests, "requests of k{}", i);
+                prop_assert_eq!(state.tokens_remaining, tokens, "tokens of k{}", i);
+                if k.windows.limited() {
+                    prop_assert_eq!(state.tier_multiplier_pct, pct, "tier of k{}", i);
+                }
+                let Some(actual) = commit.map(u64::from) else {
+                    continue; // dropped: the slots stay taken, as the work was done
+                };
+                let receipt = grant.commit(actual);
+                prop_assert_eq!(receipt.token_stats.charged, actual);
+                let tokens_until = expected.unwrap_or(0);
+                if let Some(tokens) = k.windows.tokens.as_mut() {
+                    if actual > cost {
+                        tokens.tat = tokens.next(now, actual - cost, pct);
+                    } else {
+                        tokens.release(now, tokens_until, cost - actual, pct);
+                    }
+                }
+                k.spent += actual;
+            }
+            Op::Advance { ms } => clock.set(Timestamp(clock.now().0 + ms)),
+            Op::Churn { n } => {
+                for _ in 0..*n {
+                    let filler = Presented::new(&fillers[churned % FILLERS]).unwrap();
+                    churned += 1;
+                    let result = ledger.verify(&Request::new(&filler, "/api/run").cost(0));
+                    prop_assert!(result.is_ok(), "filler: {:?}", result.err());
+                }
+            }
+            Op::Rename { key } => {
+                let Some(i) = pick(*key) else { continue };
+                let update = KeyUpdate::new().name(format!("renamed {churned}"));
+                ledger.keys().update(&keys[i].id, update).unwrap();
+            }
+            Op::Disable { key } | Op::Enable { key } => {
+                let Some(i) = pick(*key) else { continue };
+                let k = &mut keys[i];
+                k.disabled = matches!(op, Op::Disable { .. });
+                match k.disabled {
+                    true => ledger.keys().disable(&k.id).unwrap(),
+                    false => ledger.keys().enable(&k.id).unwrap(),
+                };
+            }
+            Op::Suspend { second_account } | Op::Resume { second_account } => {
+                let a = usize::from(*second_account);
+                suspended[a] = matches!(op, Op::Suspend { .. });
+                let status = match suspended[a] {
+                    true => SubscriptionStatus::Suspended,
+                    false => SubscriptionStatus::Active,
+                };
+                ledger.accounts().set_status(&accounts[a], status).unwrap();
+            }
+            Op::Roll { key } => {
+                let Some(i) = pick(*key) else { continue };
+                let rolled = ledger.keys().roll(&keys[i].id, 0).unwrap();
+                keys[i].plaintext = rolled.plaintext.expose().to_owned();
+            }
+            Op::SetLimits { key, spec } => {
+                let Some(i) = pick(*key) else { continue };
+                let k = &mut keys[i];
+                let update = KeyUpdate::new()
+                    .rate_limits(spec.rate_limits())
+                    .token_window(spec.token_window());
+                ledger.keys().update(&k.id, update).unwrap();
+                if *spec != k.spec {
+                    k.spec = spec.clone();
+                    k.windows = Windows::new(spec);
+                }
+            }
+            Op::Rotate => ledger.rotate_hash_scheme(schemes.next().unwrap()).unwrap(),
+            Op::Flush => ledger.flush().unwrap(),
+            Op::Reopen => {
+                ledger.close().unwrap();
+                drop(ledger);
+                ledger = Ledger::open(&path, config(&clock)).unwrap();
+                for k in &mut keys {
+                    k.windows = Windows::new(&k.spec);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, max_shrink_iters: 4_000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn rate_windows_belong_to_the_key_across_its_life(ops in prop::collection::vec(op(), 1..60)) {
+        run(&ops)?;
+    }
+}

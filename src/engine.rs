@@ -82,6 +82,10 @@ struct LiveLimits {
     /// running ones, at most once a second (a sweep reads every state).
     held_sweep_at: usize,
     held_swept_ns: u64,
+    /// Keys whose limits an admin change reconfigured since their last miss: that miss
+    /// starts new windows, even if a state of the same configuration is still known (limits
+    /// changed and changed back). At most [`MAX_HELD`].
+    reconfigured: HashSet<u64>,
 }
 
 /// Evicted keys whose rate-limit state is kept (≈ 100 bytes each with the map's slot).
@@ -107,11 +111,12 @@ impl LiveLimits {
         new: impl FnOnce(u64) -> KeyLimits,
     ) -> Chosen {
         let live = self.by_key.get(&id).and_then(std::sync::Weak::upgrade);
+        let reconfigured = self.reconfigured.remove(&id);
         // Left in `held` until the miss caches its entry (`release`, just before the insert);
         // a miss that cannot cache holds what it chose again (`uncached`).
         let held = self.held.get(&id).cloned();
         let known = || live.iter().chain(carried).chain(held.iter());
-        let limits = match known().find(|l| l.configured_as(configured)) {
+        let limits = match known().find(|l| !reconfigured && l.configured_as(configured)) {
             Some(same) => same.clone(),
             None => Arc::new(new(known().map(|l| l.lifetime_spent()).max().unwrap_or(0))),
         };
@@ -157,6 +162,15 @@ impl LiveLimits {
         if self.held.len() < MAX_HELD {
             self.held.insert(id, limits.clone());
         }
+    }
+
+    /// An admin change gave key `id` other limits: its next miss starts new windows.
+    fn reconfigure(&mut self, id: u64) {
+        self.held.remove(&id);
+        if self.reconfigured.len() >= MAX_HELD {
+            self.reconfigured.clear(); // a key changed back meanwhile keeps its old windows
+        }
+        self.reconfigured.insert(id);
     }
 
     /// Key `id`'s new entry, sharing `limits`, is cached: the state need not be held apart.
@@ -422,6 +436,11 @@ impl Engine {
             return 0;
         }
         done.recv().unwrap_or(0)
+    }
+
+    /// An admin change gave key `id` rate windows configured otherwise (after `key_changed`).
+    pub(crate) fn limits_reconfigured(&self, id: u64) {
+        self.limits.lock().reconfigure(id);
     }
 
     /// An admin change to a key: drop the cached entries of its secrets' `hashes` so the

@@ -145,6 +145,15 @@ impl Limits {
     pub(crate) fn rate_limited(&self) -> bool {
         !self.rate_limits.is_empty() || self.token_window.is_some()
     }
+
+    /// Whether `other` configures the same rate windows (names aside).
+    pub(crate) fn same_windows(&self, other: &Limits) -> bool {
+        let windows = |l: &Limits| {
+            let named = l.rate_limits.iter().map(|r| (r.limit, r.window_secs));
+            (named.collect::<Vec<_>>(), l.token_window)
+        };
+        windows(self) == windows(other)
+    }
 }
 
 /// Whether a record is an API key or an internal token (with its `type`).

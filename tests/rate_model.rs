@@ -65,11 +65,15 @@ enum Op {
     Create {
         second_account: bool,
         spec: Spec,
+        /// A balance (a refusal for credits after the rate check gives its slots back).
+        credits: Option<u8>,
     },
     Verify {
         key: usize,
         cost: u8,
         commit: Option<u8>,
+        /// With the previous secret of a rolled key, if it has one.
+        previous: bool,
     },
     Advance {
         ms: u64,
@@ -94,10 +98,12 @@ enum Op {
     },
     Roll {
         key: usize,
+        grace_secs: u64,
     },
     SetLimits {
         key: usize,
-        spec: Spec,
+        /// `None`: the configuration before the current one (C1 → C2 → C1).
+        spec: Option<Spec>,
     },
     Rotate,
     Flush,
@@ -122,9 +128,10 @@ fn op() -> impl Strategy<Value = Op> {
         Just(2_500)
     ];
     prop_oneof![
-        2 => (any::<bool>(), spec()).prop_map(|(second_account, spec)| Op::Create { second_account, spec }),
-        12 => (any::<usize>(), 0u8..4, proptest::option::of(0u8..7))
-            .prop_map(|(key, cost, commit)| Op::Verify { key, cost, commit }),
+        2 => (any::<bool>(), spec(), proptest::option::weighted(0.3, 0u8..12))
+            .prop_map(|(second_account, spec, credits)| Op::Create { second_account, spec, credits }),
+        12 => (any::<usize>(), 0u8..4, proptest::option::of(0u8..7), proptest::bool::weighted(0.2))
+            .prop_map(|(key, cost, commit, previous)| Op::Verify { key, cost, commit, previous }),
         5 => step.prop_map(|ms| Op::Advance { ms }),
         3 => (1u8..4).prop_map(|n| Op::Churn { n }),
         1 => any::<usize>().prop_map(|key| Op::Rename { key }),
@@ -132,8 +139,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(|key| Op::Enable { key }),
         1 => any::<bool>().prop_map(|second_account| Op::Suspend { second_account }),
         1 => any::<bool>().prop_map(|second_account| Op::Resume { second_account }),
-        1 => any::<usize>().prop_map(|key| Op::Roll { key }),
-        1 => (any::<usize>(), spec()).prop_map(|(key, spec)| Op::SetLimits { key, spec }),
+        1 => (any::<usize>(), 0u64..3).prop_map(|(key, grace_secs)| Op::Roll { key, grace_secs }),
+        1 => (any::<usize>(), proptest::option::weighted(0.7, spec()))
+            .prop_map(|(key, spec)| Op::SetLimits { key, spec }),
         1 => Just(Op::Rotate),
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
@@ -205,6 +213,13 @@ impl Gcra {
     }
 }
 
+/// Where the slots an admission took end (ns).
+#[derive(Debug, Clone, Copy, Default)]
+struct Admission {
+    named_until: u64,
+    tokens_until: u64,
+}
+
 #[derive(Debug)]
 struct Windows {
     named: Vec<Gcra>,
@@ -223,28 +238,46 @@ impl Windows {
         !self.named.is_empty() || self.tokens.is_some()
     }
 
-    /// All or nothing: `Ok(end of the token slot)`, or the retry-after in ms.
-    fn acquire(&mut self, now: u64, cost: u64, pct: u32) -> Result<u64, u64> {
+    /// All or nothing: where the slots taken end, or the retry-after in ms.
+    fn acquire(&mut self, now: u64, cost: u64, pct: u32) -> Result<Admission, u64> {
+        let mut named_until = u64::MAX;
         for i in 0..self.named.len() {
-            if let Err(wait) = self.named[i].acquire(now, 1, pct) {
-                for taken in &mut self.named[..i] {
-                    taken.release(now, u64::MAX, 1, pct);
+            match self.named[i].acquire(now, 1, pct) {
+                Ok(until) => named_until = named_until.min(until),
+                Err(wait) => {
+                    for taken in &mut self.named[..i] {
+                        taken.release(now, u64::MAX, 1, pct);
+                    }
+                    let later = self.named[i + 1..]
+                        .iter()
+                        .filter_map(|g| g.wait(now, 1, pct));
+                    let tokens = self.tokens.as_ref().filter(|_| cost > 0);
+                    let tokens = tokens.and_then(|t| t.wait(now, cost, pct));
+                    return Err(later.chain(tokens).fold(wait, u64::max));
                 }
-                let later = self.named[i + 1..]
-                    .iter()
-                    .filter_map(|g| g.wait(now, 1, pct));
-                let tokens = self.tokens.as_ref().filter(|_| cost > 0);
-                let tokens = tokens.and_then(|t| t.wait(now, cost, pct));
-                return Err(later.chain(tokens).fold(wait, u64::max));
             }
         }
-        match self.tokens.as_mut().filter(|_| cost > 0) {
-            None => Ok(0),
+        let tokens_until = match self.tokens.as_mut().filter(|_| cost > 0) {
+            None => 0,
             Some(tokens) => tokens.acquire(now, cost, pct).inspect_err(|_| {
                 for taken in &mut self.named {
                     taken.release(now, u64::MAX, 1, pct);
                 }
-            }),
+            })?,
+        };
+        Ok(Admission {
+            named_until,
+            tokens_until,
+        })
+    }
+
+    /// Gives back what `admitted` took (a later check refused the request).
+    fn release(&mut self, now: u64, admitted: &Admission, cost: u64, pct: u32) {
+        for g in &mut self.named {
+            g.release(now, admitted.named_until, 1, pct);
+        }
+        if let Some(tokens) = self.tokens.as_mut() {
+            tokens.release(now, admitted.tokens_until, cost, pct);
         }
     }
 }
@@ -253,9 +286,14 @@ impl Windows {
 struct Key {
     id: String,
     plaintext: String,
+    /// A rolled key's previous secret and when its grace ends (ms).
+    previous: Option<(String, u64)>,
     second_account: bool,
     spec: Spec,
+    /// The configuration before `spec`.
+    earlier_spec: Spec,
     windows: Windows,
+    credits: Option<u64>,
     spent: u64,
     disabled: bool,
 }
@@ -318,6 +356,7 @@ fn run_logged(ops: &[Op], log: &mut Vec<String>) -> Result<(), TestCaseError> {
             Op::Create {
                 second_account,
                 spec,
+                credits,
             } => {
                 let owner = &accounts[usize::from(*second_account)];
                 let mut new = NewKey::new(owner, format!("key {}", keys.len()));
@@ -327,36 +366,60 @@ fn run_logged(ops: &[Op], log: &mut Vec<String>) -> Result<(), TestCaseError> {
                 if let Some((tokens, window)) = spec.tokens {
                     new = new.token_window(tokens, window);
                 }
+                let credits = credits.map(u64::from);
+                if let Some(credits) = credits {
+                    new = new.credits(credits);
+                }
                 let created = ledger.keys().create(new).unwrap();
                 let id = created.info.id.to_string();
                 keys.push(Key {
                     id,
                     plaintext: created.plaintext.expose().to_owned(),
+                    previous: None,
                     second_account: *second_account,
                     spec: spec.clone(),
+                    earlier_spec: spec.clone(),
                     windows: Windows::new(spec),
+                    credits,
                     spent: 0,
                     disabled: false,
                 });
             }
-            Op::Verify { key, cost, commit } => {
+            Op::Verify {
+                key,
+                cost,
+                commit,
+                previous,
+            } => {
                 let Some(i) = pick(*key) else { continue };
                 let k = &mut keys[i];
                 let cost = u64::from(*cost);
-                let presented = Presented::new(&k.plaintext).unwrap();
+                let now_ms = clock.now().0;
+                let (plaintext, past_grace) = match (&k.previous, previous) {
+                    (Some((old, until)), true) => (old, *until <= now_ms),
+                    _ => (&k.plaintext, false),
+                };
+                let presented = Presented::new(plaintext).unwrap();
                 let result = ledger.verify(&Request::new(&presented, "/api/run").cost(cost));
                 let now = now_ns(&clock);
                 let pct = tier_pct(k.spent);
-                // Ok(end of the token slot), or the code and the retry-after in ms.
-                let expected = if k.disabled {
+                let short = k.credits.is_some_and(|c| cost > 0 && cost > c);
+                // Where the slots taken end, or the code and the retry-after in ms.
+                let expected = if past_grace {
+                    Err(("not_found", None))
+                } else if k.disabled {
                     Err(("disabled", None))
                 } else if suspended[usize::from(k.second_account)] {
                     Err(("subscription_inactive", None))
-                } else if k.windows.limited() {
-                    let admitted = k.windows.acquire(now, cost, pct);
-                    admitted.map_err(|wait| ("rate_limited", Some(wait)))
                 } else {
-                    Ok(0)
+                    match k.windows.acquire(now, cost, pct) {
+                        Err(wait) => Err(("rate_limited", Some(wait))),
+                        Ok(admitted) if short => {
+                            k.windows.release(now, &admitted, cost, pct);
+                            Err(("usage_exceeded", None))
+                        }
+                        Ok(admitted) => Ok(admitted),
+                    }
                 };
                 log.push(format!(
                     "  k{i} at {pct} %: {expected:?}; model {:?}",
@@ -381,8 +444,12 @@ fn run_logged(ops: &[Op], log: &mut Vec<String>) -> Result<(), TestCaseError> {
                     continue; // dropped: the slots stay taken, as the work was done
                 };
                 let receipt = grant.commit(actual);
-                prop_assert_eq!(receipt.token_stats.charged, actual);
-                let tokens_until = expected.unwrap_or(0);
+                let charged = k.credits.map_or(actual, |c| actual.min(c));
+                prop_assert_eq!(receipt.token_stats.charged, charged);
+                if let Some(c) = k.credits.as_mut() {
+                    *c -= charged;
+                }
+                let tokens_until = expected.unwrap_or_default().tokens_until;
                 if let Some(tokens) = k.windows.tokens.as_mut() {
                     if actual > cost {
                         tokens.tat = tokens.next(now, actual - cost, pct);
@@ -390,7 +457,7 @@ fn run_logged(ops: &[Op], log: &mut Vec<String>) -> Result<(), TestCaseError> {
                         tokens.release(now, tokens_until, cost - actual, pct);
                     }
                 }
-                k.spent += actual;
+                k.spent += charged;
             }
             Op::Advance { ms } => clock.set(Timestamp(clock.now().0 + ms)),
             Op::Churn { n } => {
@@ -424,21 +491,25 @@ fn run_logged(ops: &[Op], log: &mut Vec<String>) -> Result<(), TestCaseError> {
                 };
                 ledger.accounts().set_status(&accounts[a], status).unwrap();
             }
-            Op::Roll { key } => {
+            Op::Roll { key, grace_secs } => {
                 let Some(i) = pick(*key) else { continue };
-                let rolled = ledger.keys().roll(&keys[i].id, 0).unwrap();
-                keys[i].plaintext = rolled.plaintext.expose().to_owned();
+                let k = &mut keys[i];
+                let rolled = ledger.keys().roll(&k.id, *grace_secs).unwrap();
+                let until = clock.now().0 + grace_secs * 1_000;
+                let old = std::mem::replace(&mut k.plaintext, rolled.plaintext.expose().into());
+                k.previous = Some((old, until));
             }
             Op::SetLimits { key, spec } => {
                 let Some(i) = pick(*key) else { continue };
                 let k = &mut keys[i];
+                let spec = spec.clone().unwrap_or_else(|| k.earlier_spec.clone());
                 let update = KeyUpdate::new()
                     .rate_limits(spec.rate_limits())
                     .token_window(spec.token_window());
                 ledger.keys().update(&k.id, update).unwrap();
-                if *spec != k.spec {
-                    k.spec = spec.clone();
-                    k.windows = Windows::new(spec);
+                if spec != k.spec {
+                    k.windows = Windows::new(&spec);
+                    k.earlier_spec = std::mem::replace(&mut k.spec, spec);
                 }
             }
             Op::Rotate => ledger.rotate_hash_scheme(schemes.next().unwrap()).unwrap(),

@@ -82,10 +82,12 @@ struct LiveLimits {
     /// running ones, at most once a second (a sweep reads every state).
     held_sweep_at: usize,
     held_swept_ns: u64,
-    /// Keys whose limits an admin change reconfigured since their last miss: that miss
-    /// starts new windows, even if a state of the same configuration is still known (limits
-    /// changed and changed back). At most [`MAX_HELD`].
-    reconfigured: HashSet<u64>,
+    /// Each key's limits generation, moved on by every admin change that reconfigures its
+    /// windows (absent: 0). A miss reuses only a state of the key's current generation, so
+    /// limits changed and changed back start new windows; the generation moves before the
+    /// change commits, so a miss that reads the new limits builds its state in the new one.
+    generations: HashMap<u64, u64>,
+    last_generation: u64,
 }
 
 /// Evicted keys whose rate-limit state is kept (≈ 100 bytes each with the map's slot).
@@ -111,14 +113,21 @@ impl LiveLimits {
         new: impl FnOnce(u64) -> KeyLimits,
     ) -> Chosen {
         let live = self.by_key.get(&id).and_then(std::sync::Weak::upgrade);
-        let reconfigured = self.reconfigured.remove(&id);
+        let generation = self.generations.get(&id).copied().unwrap_or(0);
         // Left in `held` until the miss caches its entry (`release`, just before the insert);
         // a miss that cannot cache holds what it chose again (`uncached`).
         let held = self.held.get(&id).cloned();
         let known = || live.iter().chain(carried).chain(held.iter());
-        let limits = match known().find(|l| !reconfigured && l.configured_as(configured)) {
+        let current =
+            |l: &&Arc<KeyLimits>| l.generation == generation && l.configured_as(configured);
+        let limits = match known().find(current) {
             Some(same) => same.clone(),
-            None => Arc::new(new(known().map(|l| l.lifetime_spent()).max().unwrap_or(0))),
+            None => {
+                let spent = known().map(|l| l.lifetime_spent()).max().unwrap_or(0);
+                let mut state = new(spent);
+                state.generation = generation;
+                Arc::new(state)
+            }
         };
         let previous = self.by_key.insert(id, Arc::downgrade(&limits));
         if self.by_key.len() >= self.sweep_at {
@@ -167,10 +176,16 @@ impl LiveLimits {
     /// An admin change gave key `id` other limits: its next miss starts new windows.
     fn reconfigure(&mut self, id: u64) {
         self.held.remove(&id);
-        if self.reconfigured.len() >= MAX_HELD {
-            self.reconfigured.clear(); // a key changed back meanwhile keeps its old windows
+        if self.generations.len() >= MAX_HELD {
+            // Only keys with a state still known need theirs: any other's next state is new.
+            let known = |id: &u64| {
+                self.held.contains_key(id)
+                    || self.by_key.get(id).is_some_and(|l| l.strong_count() > 0)
+            };
+            self.generations.retain(|id, _| known(id));
         }
-        self.reconfigured.insert(id);
+        self.last_generation += 1;
+        self.generations.insert(id, self.last_generation);
     }
 
     /// Key `id`'s new entry, sharing `limits`, is cached: the state need not be held apart.
@@ -438,7 +453,8 @@ impl Engine {
         done.recv().unwrap_or(0)
     }
 
-    /// An admin change gave key `id` rate windows configured otherwise (after `key_changed`).
+    /// An admin change is about to give key `id` rate windows configured otherwise (called
+    /// before it commits: see `LiveLimits::generations`).
     pub(crate) fn limits_reconfigured(&self, id: u64) {
         self.limits.lock().reconfigure(id);
     }
@@ -1560,6 +1576,111 @@ mod tests {
         assert!(
             miss("live", &|_| ()),
             "a pool that still exists is registered"
+        );
+    }
+
+    fn hourly(n: u64) -> Vec<crate::record::RateLimit> {
+        let name = "hourly".into();
+        vec![crate::record::RateLimit {
+            name,
+            limit: n,
+            window_secs: 3_600,
+        }]
+    }
+
+    /// A key whose limits were changed and changed back, used up: a miss that reads it but
+    /// cannot cache (an account change raced it) must not leave the old window to the next.
+    /// (Found by a reviewer, with the first fix's mark that such a miss consumed.)
+    #[test]
+    fn limits_changed_back_start_new_windows_even_after_an_uncached_miss() {
+        let f = ledger();
+        let engine = &f.ledger.inner.engine;
+        let (public, _, plaintext) = key(&f.ledger, |o| {
+            NewKey::new(o, "k").rate_limit("hourly", 2, 3_600)
+        });
+        let other = f.ledger.accounts().create(NewAccount::new("Other"));
+        let other = other.unwrap().id;
+        for expected in ["ok", "ok", "rate_limited"] {
+            assert_eq!(code(&f.ledger, &plaintext), expected);
+        }
+        let keys = f.ledger.keys();
+        keys.update(&public, KeyUpdate::default().rate_limits(hourly(3)))
+            .unwrap();
+        keys.update(&public, KeyUpdate::default().rate_limits(hourly(2)))
+            .unwrap();
+        let read = read_miss(&f.ledger, &plaintext);
+        let rename = crate::AccountUpdate::new().name("Renamed");
+        f.ledger.accounts().update(other.as_str(), rename).unwrap();
+        let Some(Loaded::Uncached(k)) = engine.install(read) else {
+            panic!("uncached")
+        };
+        let limits = k.limits.as_ref().unwrap();
+        assert!(limits.acquire(f.ledger.monotonic_ns(), 0, 100).is_ok());
+        drop(k);
+        assert_eq!(
+            code(&f.ledger, &plaintext),
+            "ok",
+            "2 an hour on new windows, 1 used by the uncached miss"
+        );
+    }
+
+    /// The same, with a miss that read the limits between the two changes. (Reviewer.)
+    #[test]
+    fn limits_changed_back_start_new_windows_even_after_a_stale_miss() {
+        let f = ledger();
+        let engine = &f.ledger.inner.engine;
+        let (public, _, plaintext) = key(&f.ledger, |o| {
+            NewKey::new(o, "k").rate_limit("hourly", 2, 3_600)
+        });
+        for expected in ["ok", "ok", "rate_limited"] {
+            assert_eq!(code(&f.ledger, &plaintext), expected);
+        }
+        let keys = f.ledger.keys();
+        keys.update(&public, KeyUpdate::default().rate_limits(hourly(3)))
+            .unwrap();
+        let stale = read_miss(&f.ledger, &plaintext);
+        keys.update(&public, KeyUpdate::default().rate_limits(hourly(2)))
+            .unwrap();
+        assert!(matches!(engine.install(stale), Some(Loaded::Uncached(_))));
+        assert_eq!(
+            code(&f.ledger, &plaintext),
+            "ok",
+            "changed back: new windows"
+        );
+    }
+
+    /// A miss that reads a key's new limits while the change is still evicting its entries
+    /// (held up here by the meter registry's lock) builds the window the key keeps: a rename
+    /// afterwards must not start another. (Found by a reviewer, with the first fix, which
+    /// marked the key only after the eviction.)
+    #[test]
+    fn a_miss_racing_a_limits_change_builds_the_window_the_key_keeps() {
+        let f = ledger();
+        let engine = &f.ledger.inner.engine;
+        let (public, _, plaintext) = key(&f.ledger, |o| {
+            NewKey::new(o, "k").rate_limit("hourly", 2, 3_600)
+        });
+        let meters = engine.shared.meters.lock();
+        std::thread::scope(|s| {
+            let update = s.spawn(|| {
+                let one = KeyUpdate::default().rate_limits(hourly(1));
+                f.ledger.keys().update(&public, one).unwrap();
+            });
+            // Committed and evicted; `key_changed` waits for the registry.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let read = read_miss(&f.ledger, &plaintext);
+            assert!(matches!(engine.install(read), Some(Loaded::Cached(_))));
+            drop(meters);
+            update.join().unwrap();
+        });
+        assert_eq!(code(&f.ledger, &plaintext), "ok");
+        assert_eq!(code(&f.ledger, &plaintext), "rate_limited");
+        let rename = KeyUpdate::default().name("renamed");
+        f.ledger.keys().update(&public, rename).unwrap();
+        assert_eq!(
+            code(&f.ledger, &plaintext),
+            "rate_limited",
+            "1 an hour, used a moment ago: a rename keeps the window"
         );
     }
 }

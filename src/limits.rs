@@ -158,6 +158,9 @@ pub(crate) struct Admission {
 /// spend tier, which only ever scales these limits (a key without limits keeps none).
 #[derive(Debug, Default)]
 pub(crate) struct KeyLimits {
+    /// The key's limits generation when built (see `LiveLimits` in src/engine.rs): a state
+    /// of an older one is never reused, even if configured the same.
+    pub(crate) generation: u64,
     named: Box<[Gcra]>,
     tokens: Option<Box<Gcra>>,
     /// Lifetime spend (durable when the limits were built, plus everything since), kept
@@ -173,6 +176,7 @@ impl KeyLimits {
     /// the configured spend `tiers`.
     pub(crate) fn new(limits: &Limits, lifetime_spent: u64, tiers: &[SpendTier]) -> Self {
         KeyLimits {
+            generation: 0,
             lifetime_spent: AtomicU64::new(lifetime_spent),
             tiers_reached: AtomicU32::new(tiers_reached(tiers, lifetime_spent)),
             named: limits

@@ -681,7 +681,7 @@ impl<'a> Keys<'a> {
         let internal = self.internal_id(id)?;
         let now = self.ledger.now();
         let txn = self.ledger.inner.store.begin_write()?;
-        let (record, cached, key_change, new_threshold, reconfigured) = {
+        let (record, cached, key_change, new_threshold) = {
             let mut keys = txn.open_table(KEYS)?;
             let mut credits_table = txn.open_table(CREDITS)?;
             let mut record = self.load(&keys, internal)?;
@@ -711,18 +711,19 @@ impl<'a> Keys<'a> {
                 (old, new) if old != new => KeyChange::CreditsChanged,
                 _ => KeyChange::Settings,
             };
+            if !before.0.limits.same_windows(&record.limits) {
+                // Before the commit: a miss reading the new limits then starts new windows.
+                // (A commit that fails after it costs the key its windows, nothing more.)
+                self.ledger.inner.engine.limits_reconfigured(internal);
+            }
             let threshold = record.limits.low_balance_threshold;
             let new_threshold =
                 (before.0.limits.low_balance_threshold != threshold).then_some(threshold);
-            let reconfigured = !before.0.limits.same_windows(&record.limits);
-            (record, cached, key_change, new_threshold, reconfigured)
+            (record, cached, key_change, new_threshold)
         };
         txn.commit()?;
         let engine = &self.ledger.inner.engine;
         engine.key_changed(internal, &cached, key_change);
-        if reconfigured {
-            engine.limits_reconfigured(internal);
-        }
         if let Some(threshold) = new_threshold {
             engine.low_balance_changed(internal, threshold);
         }

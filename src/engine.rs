@@ -70,7 +70,9 @@ pub(crate) enum KeyChange {
 /// an entry evicted to make room or by a hash-scheme rotation, in `held` for as long as its
 /// window still counts arrivals, so that losing the entry does not hand the key a fresh window.
 #[derive(Default)]
-struct LiveLimits {
+pub(crate) struct LiveLimits {
+    /// The configured spend tiers.
+    tiers: Vec<SpendTier>,
     by_key: HashMap<u64, std::sync::Weak<KeyLimits>>,
     /// Dead references are swept when the map reaches this size (then twice what is left).
     sweep_at: usize,
@@ -173,6 +175,18 @@ impl LiveLimits {
         }
     }
 
+    /// A flush made key `id`'s lifetime spend `spent` durable: its live state counts at least
+    /// that, which includes spend that bypassed it (a grant that held an older entry across
+    /// a change, an entry whose state was let go before its spend was flushed).
+    pub(crate) fn spent_durably(&mut self, id: u64, spent: u64) {
+        if self.tiers.is_empty() {
+            return;
+        }
+        if let Some(state) = self.by_key.get(&id).and_then(std::sync::Weak::upgrade) {
+            state.count_at_least(spent, &self.tiers);
+        }
+    }
+
     /// An admin change gave key `id` other limits: its next miss starts new windows.
     fn reconfigure(&mut self, id: u64) {
         self.held.remove(&id);
@@ -242,7 +256,6 @@ pub(crate) struct Engine {
     /// The last snapshot of keys an admin change evicted, by key id.
     carried: Mutex<HashMap<u64, Arc<CachedKey>>>,
     /// The rate limits of every cached key that has some, by key id.
-    limits: Mutex<LiveLimits>,
     /// Interned scopes: keys with the same permissions and allowlist share one allocation.
     scopes: Mutex<HashSet<Arc<Scope>>>,
     /// Shared state of every account with a cached key.
@@ -290,6 +303,10 @@ impl Engine {
             list_bytes: Default::default(),
             usage_unwritable: Default::default(),
             lease_waits: Default::default(),
+            limits: Mutex::new(LiveLimits {
+                tiers: config.spend_tiers.clone(),
+                ..LiveLimits::default()
+            }),
             lease_floor: AtomicU64::new(MIN_LEASE),
             #[cfg(test)]
             fail_reads_of: AtomicU64::new(0),
@@ -313,7 +330,6 @@ impl Engine {
             tiers: config.spend_tiers.clone(),
             accounts: Mutex::new(HashMap::new()),
             carried: Mutex::new(HashMap::new()),
-            limits: Mutex::new(LiveLimits::default()),
             scopes: Mutex::new(HashSet::new()),
             lost_at_open: recovered.lost,
             unreadable_at_open: recovered.unreadable,
@@ -456,7 +472,7 @@ impl Engine {
     /// An admin change is about to give key `id` rate windows configured otherwise (called
     /// before it commits: see `LiveLimits::generations`).
     pub(crate) fn limits_reconfigured(&self, id: u64) {
-        self.limits.lock().reconfigure(id);
+        self.shared.limits.lock().reconfigure(id);
     }
 
     /// An admin change to a key: drop the cached entries of its secrets' `hashes` so the
@@ -559,7 +575,7 @@ impl Engine {
         let mut limited = limited.peekable();
         if limited.peek().is_some() {
             let now_ns = self.shared.clock.monotonic_ns();
-            let mut live = self.limits.lock();
+            let mut live = self.shared.limits.lock();
             for (key, limits) in limited {
                 // Besides `leaving`, a grant or the writer's lists may hold the entry. Spend
                 // not yet flushed is counted only by the state (and by a home the writer
@@ -827,7 +843,8 @@ impl Engine {
         let carried = self.carried.lock().get(&record.id).cloned();
         let carried_limits = carried.as_ref().and_then(|c| c.limits.as_ref());
         let chosen = record.limits.rate_limited().then(|| {
-            self.limits
+            self.shared
+                .limits
                 .lock()
                 .of(record.id, &record.limits, carried_limits, |counted| {
                     KeyLimits::new(&record.limits, lifetime_spent.max(counted), &self.tiers)
@@ -891,7 +908,7 @@ impl Engine {
         // Released before the entry is cached, not after: an eviction of the new entry in
         // between holds the state again, which a later release would undo.
         if let Some(chosen) = &chosen {
-            self.limits.lock().release(record.id, &chosen.limits);
+            self.shared.limits.lock().release(record.id, &chosen.limits);
         }
         Some(match self.cache.insert(hash, key.clone(), epoch) {
             Ok(evicted) => {
@@ -910,7 +927,10 @@ impl Engine {
             Err(key) => {
                 if let Some(chosen) = &chosen {
                     let now_ns = self.shared.clock.monotonic_ns();
-                    self.limits.lock().uncached(record.id, chosen, now_ns);
+                    self.shared
+                        .limits
+                        .lock()
+                        .uncached(record.id, chosen, now_ns);
                 }
                 Loaded::Uncached(key)
             }
@@ -1250,7 +1270,7 @@ mod tests {
         for _ in 0..3 {
             f.ledger.flush().unwrap(); // the writer lets go of the evicted entry
         }
-        assert!(engine.limits.lock().held.contains_key(&id), "held");
+        assert!(engine.shared.limits.lock().held.contains_key(&id), "held");
         let read = read_miss(&f.ledger, &plaintext);
         // Any account change commits meanwhile: the miss must not cache what it read.
         f.ledger
@@ -1410,7 +1430,7 @@ mod tests {
             ledger.flush().unwrap();
         }
         let read = read_miss(&ledger, &a);
-        let limits_lock = engine.limits.lock();
+        let limits_lock = engine.shared.limits.lock();
         std::thread::scope(|s| {
             let miss = s.spawn(|| matches!(engine.install(read), Some(Loaded::Cached(_))));
             std::thread::sleep(std::time::Duration::from_millis(200)); // blocked in `of`
@@ -1418,7 +1438,7 @@ mod tests {
             drop(limits_lock); // the miss takes its state, inserts, then waits for `carried`
             std::thread::sleep(std::time::Duration::from_millis(200));
             engine.scheme_changed(); // the new entry leaves the cache: its state is held
-            assert!(engine.limits.lock().held.contains_key(&id), "held");
+            assert!(engine.shared.limits.lock().held.contains_key(&id), "held");
             drop(carried_lock);
             assert!(miss.join().unwrap(), "cached");
         });

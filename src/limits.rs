@@ -330,6 +330,14 @@ impl KeyLimits {
         }
     }
 
+    /// Counts a lifetime spend of at least `spent` (made durable, maybe in part through other
+    /// states of the key) towards the spend tiers.
+    pub(crate) fn count_at_least(&self, spent: u64, tiers: &[SpendTier]) {
+        self.lifetime_spent.fetch_max(spent, Ordering::Relaxed);
+        self.tiers_reached
+            .fetch_max(tiers_reached(tiers, spent), Ordering::Relaxed);
+    }
+
     /// Requests left in the tightest named limit, and tokens left in the window.
     pub(crate) fn remaining(&self, now_ns: u64, multiplier_pct: u32) -> (Option<u64>, Option<u64>) {
         let requests = self

@@ -535,3 +535,87 @@ proptest! {
         run(&ops)?;
     }
 }
+
+/// A ledger whose usage reaches the disk only when flushed, with one spend tier (300 % from
+/// 10 units) and a cache of `capacity` keys.
+fn tiered(dir: &tempfile::TempDir, clock: &ManualClock, capacity: usize) -> Ledger {
+    let config = Config::builder()
+        .master_key(MasterKey::from_bytes(&[7u8; 32]).unwrap())
+        .clock(clock.clone())
+        .cache_capacity(capacity)
+        .spend_tiers([SpendTier {
+            min_spent: 10,
+            multiplier_pct: 300,
+        }])
+        .usage_flush_interval(std::time::Duration::from_secs(3_600))
+        .build()
+        .unwrap();
+    Ledger::open(dir.path().join("tiers.redb"), config).unwrap()
+}
+
+fn tier(ledger: &Ledger, key: &Presented) -> u32 {
+    let grant = ledger.verify(&Request::new(key, "/x").cost(0)).unwrap();
+    grant.rate_limit().tier_multiplier_pct
+}
+
+/// Spend a grant commits after its key's limits changed goes to the state it was verified
+/// under, not the key's new one; once flushed it counts for the tier all the same. (Found
+/// by a reviewer: the tier stayed at 100 % until the entry was rebuilt.)
+#[test]
+fn spend_committed_across_a_limits_change_counts_for_the_tier_once_flushed() {
+    for limited_before in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(START);
+        let ledger = tiered(&dir, &clock, 100);
+        let owner = ledger.accounts().create(NewAccount::new("A")).unwrap().id;
+        let mut new = NewKey::new(owner, "k");
+        if limited_before {
+            new = new.rate_limit("hourly", 5, 3_600);
+        }
+        let created = ledger.keys().create(new).unwrap();
+        let key = Presented::new(created.plaintext.expose()).unwrap();
+        let in_flight = ledger.verify(&Request::new(&key, "/x")).unwrap();
+        let limits = vec![RateLimit {
+            name: "hourly".into(),
+            limit: 4,
+            window_secs: 3_600,
+        }];
+        let update = KeyUpdate::new().rate_limits(limits);
+        ledger.keys().update(&created.info.id, update).unwrap();
+        assert_eq!(tier(&ledger, &key), 100);
+        assert_eq!(in_flight.commit(10).token_stats.charged, 10);
+        ledger.flush().unwrap();
+        assert_eq!(tier(&ledger, &key), 300, "limited before: {limited_before}");
+    }
+}
+
+/// A state held only for its unflushed spend is let go when the held states are swept
+/// (past 1,024 of them); its spend counts for the tier once flushed. (Found by a reviewer.)
+#[test]
+fn spend_of_a_state_swept_from_the_held_counts_for_the_tier_once_flushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START);
+    let ledger = tiered(&dir, &clock, 1);
+    let owner = ledger.accounts().create(NewAccount::new("A")).unwrap().id;
+    let created = ledger.keys().create(NewKey::new(owner, "k")).unwrap();
+    let key = Presented::new(created.plaintext.expose()).unwrap();
+    let peek = |key: &Presented| ledger.verify(&Request::new(key, "/x").cost(0)).unwrap();
+    drop(peek(&key)); // an entry without limits: the home of the next
+    let per_second = vec![RateLimit {
+        name: "s".into(),
+        limit: 5,
+        window_secs: 1,
+    }];
+    let update = KeyUpdate::new().rate_limits(per_second);
+    ledger.keys().update(&created.info.id, update).unwrap();
+    peek(&key).commit(10); // on the new state; unflushed
+    clock.advance_secs(2); // the window stopped counting
+    for i in 0..1_100 {
+        let new = NewKey::new(owner, format!("f{i}")).rate_limit("h", 1, 3_600);
+        let filler = ledger.keys().create(new).unwrap();
+        drop(peek(&Presented::new(filler.plaintext.expose()).unwrap())); // evicts the last
+    }
+    drop(peek(&key)); // cached again, on a state built from the durable spend alone
+    ledger.flush().unwrap();
+    assert_eq!(tier(&ledger, &key), 300, "10 spent and flushed");
+}

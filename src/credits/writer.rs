@@ -165,6 +165,9 @@ pub(crate) struct Shared {
     pub usage_unwritable: AtomicU64,
     /// How long requests waited for a lease.
     pub lease_waits: super::WaitHistogram,
+    /// Every key's rate-limit state (src/engine.rs): the writer raises a state's lifetime
+    /// spend to what a flush made durable, which may include spend that bypassed it.
+    pub limits: Mutex<crate::engine::LiveLimits>,
     /// The smallest lease the writer grants now: `MIN_LEASE`, more while it is behind.
     pub lease_floor: AtomicU64,
     /// The writer's reads of this balance fail, as on a failing disk (0: none).
@@ -605,6 +608,8 @@ struct Effects {
     adjusts: Vec<(Sender<Result<u64>>, Result<u64>)>,
     flushed_spend: Vec<(MeterRef, u64)>,
     flushed_usage: Vec<(Arc<CachedKey>, u64, u64, u64)>,
+    /// Keys' durable lifetime spend after this batch's usage writes, for their spend tiers.
+    durable_spent: Vec<(u64, u64)>,
     /// The meters and keys this batch flushes (all listed and queued ones, or a round's
     /// chunk): what goes back to be flushed if the batch fails.
     meters_seen: Vec<MeterRef>,
@@ -697,6 +702,13 @@ fn commit(
                 meter.give_back(units);
                 meter.set_empty_until(empty_until);
                 meter.pending.store(false, Ordering::Release);
+            }
+            // Before any answer (a `flush` caller then sees the tiers it made durable).
+            if !fx.durable_spent.is_empty() {
+                let mut limits = shared.limits.lock();
+                for (id, spent) in fx.durable_spent.drain(..) {
+                    limits.spent_durably(id, spent);
+                }
             }
             // Before any answer: whoever got one finds the batch's events already sent.
             for event in fx.events {
@@ -1410,6 +1422,7 @@ fn flush_usage(
         return Ok(());
     }
     let mut deltas: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
+    let mut spenders = std::collections::BTreeSet::new(); // key ids, not accounts'
     for i in 0..fx.usage_seen.len() {
         let state = fx.usage_seen[i].clone();
         // The meter's spend is taken after the usage, as a commit counts it before (see
@@ -1443,6 +1456,7 @@ fn flush_usage(
         if spent == 0 && requests == 0 {
             continue;
         }
+        spenders.insert(state.id());
         for id in [state.id(), state.owner()] {
             let d = deltas.entry(id).or_default();
             // Lifetime counters of unmetered keys have no balance to bound them: saturate.
@@ -1471,6 +1485,9 @@ fn flush_usage(
             None => UsageRecord::default(),
         };
         usage.spent = usage.spent.saturating_add(spent);
+        if spent > 0 && spenders.contains(&id) {
+            fx.durable_spent.push((id, usage.spent));
+        }
         usage.requests = usage.requests.saturating_add(requests);
         if last_used > 0 {
             usage.last_used_at = usage.last_used_at.max(Some(Timestamp(last_used)));

@@ -528,7 +528,7 @@ fn run_logged(ops: &[Op], log: &mut Vec<String>) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, max_shrink_iters: 4_000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, max_shrink_iters: 4_000, ..ProptestConfig::default() })]
 
     #[test]
     fn rate_windows_belong_to_the_key_across_its_life(ops in prop::collection::vec(op(), 1..60)) {

@@ -1254,9 +1254,7 @@ mod tests {
     fn a_held_rate_limit_state_survives_a_miss_that_could_not_cache() {
         let f = ledger();
         let engine = &f.ledger.inner.engine;
-        let (_, id, plaintext) = key(&f.ledger, |o| {
-            NewKey::new(o, "k").rate_limit("hourly", 3, 3_600)
-        });
+        let (_, id, plaintext) = hourly_key(&f.ledger, 3);
         let other = f
             .ledger
             .accounts()
@@ -1370,9 +1368,7 @@ mod tests {
     fn a_window_started_by_a_miss_that_could_not_cache_is_kept() {
         let f = ledger();
         let engine = &f.ledger.inner.engine;
-        let (_, _, plaintext) = key(&f.ledger, |o| {
-            NewKey::new(o, "k").rate_limit("hourly", 1, 3_600)
-        });
+        let (_, _, plaintext) = hourly_key(&f.ledger, 1);
         let other = f
             .ledger
             .accounts()
@@ -1457,9 +1453,7 @@ mod tests {
     fn a_stale_miss_does_not_split_a_key_into_two_states() {
         let f = ledger();
         let engine = &f.ledger.inner.engine;
-        let (public, _, old) = key(&f.ledger, |o| {
-            NewKey::new(o, "k").rate_limit("hourly", 2, 3_600)
-        });
+        let (public, _, old) = hourly_key(&f.ledger, 2);
         let new = f
             .ledger
             .keys()
@@ -1599,6 +1593,13 @@ mod tests {
         );
     }
 
+    /// A key limited to `n` requests an hour: its public id, internal id and plaintext.
+    fn hourly_key(ledger: &Ledger, n: u64) -> (String, u64, String) {
+        key(ledger, |o| {
+            NewKey::new(o, "k").rate_limit("hourly", n, 3_600)
+        })
+    }
+
     fn hourly(n: u64) -> Vec<crate::record::RateLimit> {
         let name = "hourly".into();
         vec![crate::record::RateLimit {
@@ -1615,9 +1616,7 @@ mod tests {
     fn limits_changed_back_start_new_windows_even_after_an_uncached_miss() {
         let f = ledger();
         let engine = &f.ledger.inner.engine;
-        let (public, _, plaintext) = key(&f.ledger, |o| {
-            NewKey::new(o, "k").rate_limit("hourly", 2, 3_600)
-        });
+        let (public, _, plaintext) = hourly_key(&f.ledger, 2);
         let other = f.ledger.accounts().create(NewAccount::new("Other"));
         let other = other.unwrap().id;
         for expected in ["ok", "ok", "rate_limited"] {
@@ -1649,9 +1648,7 @@ mod tests {
     fn limits_changed_back_start_new_windows_even_after_a_stale_miss() {
         let f = ledger();
         let engine = &f.ledger.inner.engine;
-        let (public, _, plaintext) = key(&f.ledger, |o| {
-            NewKey::new(o, "k").rate_limit("hourly", 2, 3_600)
-        });
+        let (public, _, plaintext) = hourly_key(&f.ledger, 2);
         for expected in ["ok", "ok", "rate_limited"] {
             assert_eq!(code(&f.ledger, &plaintext), expected);
         }
@@ -1677,9 +1674,7 @@ mod tests {
     fn a_miss_racing_a_limits_change_builds_the_window_the_key_keeps() {
         let f = ledger();
         let engine = &f.ledger.inner.engine;
-        let (public, _, plaintext) = key(&f.ledger, |o| {
-            NewKey::new(o, "k").rate_limit("hourly", 2, 3_600)
-        });
+        let (public, _, plaintext) = hourly_key(&f.ledger, 2);
         let meters = engine.shared.meters.lock();
         std::thread::scope(|s| {
             let update = s.spawn(|| {

@@ -553,6 +553,16 @@ fn tiered(dir: &tempfile::TempDir, clock: &ManualClock, capacity: usize) -> Ledg
     Ledger::open(dir.path().join("tiers.redb"), config).unwrap()
 }
 
+/// An update giving a key one limit of `limit` requests per `window_secs`.
+fn limited_to(limit: u64, window_secs: u64) -> KeyUpdate {
+    let name = "r".into();
+    KeyUpdate::new().rate_limits(vec![RateLimit {
+        name,
+        limit,
+        window_secs,
+    }])
+}
+
 fn tier(ledger: &Ledger, key: &Presented) -> u32 {
     let grant = ledger.verify(&Request::new(key, "/x").cost(0)).unwrap();
     grant.rate_limit().tier_multiplier_pct
@@ -575,12 +585,7 @@ fn spend_committed_across_a_limits_change_counts_for_the_tier_once_flushed() {
         let created = ledger.keys().create(new).unwrap();
         let key = Presented::new(created.plaintext.expose()).unwrap();
         let in_flight = ledger.verify(&Request::new(&key, "/x")).unwrap();
-        let limits = vec![RateLimit {
-            name: "hourly".into(),
-            limit: 4,
-            window_secs: 3_600,
-        }];
-        let update = KeyUpdate::new().rate_limits(limits);
+        let update = limited_to(4, 3_600);
         ledger.keys().update(&created.info.id, update).unwrap();
         assert_eq!(tier(&ledger, &key), 100);
         assert_eq!(in_flight.commit(10).token_stats.charged, 10);
@@ -601,12 +606,7 @@ fn spend_of_a_state_swept_from_the_held_counts_for_the_tier_once_flushed() {
     let key = Presented::new(created.plaintext.expose()).unwrap();
     let peek = |key: &Presented| ledger.verify(&Request::new(key, "/x").cost(0)).unwrap();
     drop(peek(&key)); // an entry without limits: the home of the next
-    let per_second = vec![RateLimit {
-        name: "s".into(),
-        limit: 5,
-        window_secs: 1,
-    }];
-    let update = KeyUpdate::new().rate_limits(per_second);
+    let update = limited_to(5, 1);
     ledger.keys().update(&created.info.id, update).unwrap();
     peek(&key).commit(10); // on the new state; unflushed
     clock.advance_secs(2); // the window stopped counting

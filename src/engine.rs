@@ -107,15 +107,23 @@ impl LiveLimits {
     /// entry of the key still in use, or else the one `carried` over from an evicted entry,
     /// if built from the same configuration; else a new one, built by `new` from the most
     /// lifetime spend those counted (spend not yet flushed still counts for the tiers).
+    ///
+    /// `None`: the key was reconfigured after the miss's read began (`read_generation` is
+    /// the last generation handed out then): what it read may be the old limits, whose new
+    /// state would admit a fresh window; the miss reads again.
     fn of(
         &mut self,
         id: u64,
         configured: &crate::record::Limits,
         carried: Option<&Arc<KeyLimits>>,
+        read_generation: u64,
         new: impl FnOnce(u64) -> KeyLimits,
-    ) -> Chosen {
-        let live = self.by_key.get(&id).and_then(std::sync::Weak::upgrade);
+    ) -> Option<Chosen> {
         let generation = self.generations.get(&id).copied().unwrap_or(0);
+        if generation > read_generation {
+            return None;
+        }
+        let live = self.by_key.get(&id).and_then(std::sync::Weak::upgrade);
         // Left in `held` until the miss caches its entry (`release`, just before the insert);
         // a miss that cannot cache holds what it chose again (`uncached`).
         let held = self.held.get(&id).cloned();
@@ -136,7 +144,7 @@ impl LiveLimits {
             self.by_key.retain(|_, l| l.strong_count() > 0);
             self.sweep_at = (self.by_key.len() * 2).max(1024);
         }
-        Chosen { limits, previous }
+        Some(Chosen { limits, previous })
     }
 
     /// A miss that chose `chosen` for key `id` could not cache its entry (an admin change
@@ -188,7 +196,7 @@ impl LiveLimits {
     }
 
     /// An admin change gave key `id` other limits: its next miss starts new windows.
-    fn reconfigure(&mut self, id: u64) {
+    fn reconfigure(&mut self, id: u64) -> u64 {
         self.held.remove(&id);
         if self.generations.len() >= MAX_HELD {
             // Only keys with a state still known need theirs: any other's next state is new.
@@ -200,6 +208,7 @@ impl LiveLimits {
         }
         self.last_generation += 1;
         self.generations.insert(id, self.last_generation);
+        self.last_generation
     }
 
     /// Key `id`'s new entry, sharing `limits`, is cached: the state need not be held apart.
@@ -219,8 +228,10 @@ const MAX_CARRIED: usize = 65_536;
 /// What the reading half of a cache miss found (see `Engine::install`).
 struct MissRead {
     hash: KeyHash,
-    /// The cache's invalidation epoch and the meter-reset count before the read began.
+    /// The cache's invalidation epoch, the meter-reset count and the last limits generation
+    /// before the read began.
     epoch: u64,
+    generation: u64,
     resets: u64,
     now: Timestamp,
     record: VerifyRecord,
@@ -307,6 +318,7 @@ impl Engine {
                 tiers: config.spend_tiers.clone(),
                 ..LiveLimits::default()
             }),
+            limits_generation: AtomicU64::new(0),
             lease_floor: AtomicU64::new(MIN_LEASE),
             #[cfg(test)]
             fail_reads_of: AtomicU64::new(0),
@@ -472,7 +484,11 @@ impl Engine {
     /// An admin change is about to give key `id` rate windows configured otherwise (called
     /// before it commits: see `LiveLimits::generations`).
     pub(crate) fn limits_reconfigured(&self, id: u64) {
-        self.shared.limits.lock().reconfigure(id);
+        let mut live = self.shared.limits.lock();
+        let generation = live.reconfigure(id);
+        self.shared
+            .limits_generation
+            .store(generation, Ordering::Release);
     }
 
     /// An admin change to a key: drop the cached entries of its secrets' `hashes` so the
@@ -742,6 +758,7 @@ impl Engine {
         // (see `Store::snapshot`).
         let epoch = self.cache.epoch();
         let resets = self.shared.meter_resets.load(Ordering::Acquire);
+        let generation = self.shared.limits_generation.load(Ordering::Acquire);
         let snapshot = self.shared.store.snapshot()?;
         let read = &snapshot.txn;
         let Some(found) = lookup::find_in(ledger, &snapshot, hash, key, now)? else {
@@ -810,6 +827,7 @@ impl Engine {
         Ok(Ok(MissRead {
             hash: *hash,
             epoch,
+            generation,
             resets,
             now,
             record: found,
@@ -827,6 +845,7 @@ impl Engine {
         let MissRead {
             hash,
             epoch,
+            generation,
             resets,
             now,
             record,
@@ -842,14 +861,23 @@ impl Engine {
         // request and must leave the evicted snapshot (its rate-limit state) for the rebuild.
         let carried = self.carried.lock().get(&record.id).cloned();
         let carried_limits = carried.as_ref().and_then(|c| c.limits.as_ref());
-        let chosen = record.limits.rate_limited().then(|| {
-            self.shared
-                .limits
-                .lock()
-                .of(record.id, &record.limits, carried_limits, |counted| {
+        let chosen = match record.limits.rate_limited() {
+            false => None,
+            true => {
+                let build = |counted: u64| {
                     KeyLimits::new(&record.limits, lifetime_spent.max(counted), &self.tiers)
-                })
-        });
+                };
+                let mut live = self.shared.limits.lock();
+                let chosen =
+                    live.of(record.id, &record.limits, carried_limits, generation, build)?;
+                // A state reused may have missed spend flushed while it was not the key's
+                // live one (a miss that could not cache pointed the key elsewhere).
+                if !self.tiers.is_empty() {
+                    chosen.limits.count_at_least(lifetime_spent, &self.tiers);
+                }
+                Some(chosen)
+            }
+        };
         let limits = chosen.as_ref().map(|c| c.limits.clone());
         let snapshot = Snapshot {
             kind,
@@ -1112,7 +1140,7 @@ mod tests {
         live.hold(1, &kept, false, 5 * SEC);
         let fresh = |_| unreachable!("the held state is taken back");
         assert!(Arc::ptr_eq(
-            &live.of(1, &configured, None, fresh).limits,
+            &live.of(1, &configured, None, 0, fresh).unwrap().limits,
             &kept
         ));
         assert!(live.held.contains_key(&1), "until the new entry is cached");
@@ -1474,7 +1502,10 @@ mod tests {
             .update(&public, crate::KeyUpdate::default().rate_limits(limits))
             .unwrap();
         assert_eq!(code(&f.ledger, &new), "ok"); // cached with a state for limit 3
-        assert!(matches!(engine.install(stale), Some(Loaded::Uncached(_))));
+        assert!(
+            engine.install(stale).is_none(),
+            "reconfigured since: read again"
+        );
         let mut admitted = 1;
         for _ in 0..6 {
             for secret in [&old, &new] {
@@ -1658,7 +1689,10 @@ mod tests {
         let stale = read_miss(&f.ledger, &plaintext);
         keys.update(&public, KeyUpdate::default().rate_limits(hourly(2)))
             .unwrap();
-        assert!(matches!(engine.install(stale), Some(Loaded::Uncached(_))));
+        assert!(
+            engine.install(stale).is_none(),
+            "reconfigured since: read again"
+        );
         assert_eq!(
             code(&f.ledger, &plaintext),
             "ok",
@@ -1697,5 +1731,63 @@ mod tests {
             "rate_limited",
             "1 an hour, used a moment ago: a rename keeps the window"
         );
+    }
+
+    /// A miss that read a key's limits before a change and installs after it must not build
+    /// a fresh state of the old limits: its request would be admitted on top of the new
+    /// windows. (Found by a reviewer.)
+    #[test]
+    fn a_miss_that_read_the_limits_before_a_change_reads_again() {
+        let f = ledger();
+        let engine = &f.ledger.inner.engine;
+        let (public, _, plaintext) = hourly_key(&f.ledger, 2);
+        for expected in ["ok", "ok", "rate_limited"] {
+            assert_eq!(code(&f.ledger, &plaintext), expected);
+        }
+        let stale = read_miss(&f.ledger, &plaintext); // reads 2 an hour
+        let three = KeyUpdate::default().rate_limits(hourly(3));
+        f.ledger.keys().update(&public, three).unwrap();
+        assert!(engine.install(stale).is_none(), "read again");
+        let mut admitted = 0;
+        while code(&f.ledger, &plaintext) == "ok" {
+            admitted += 1;
+        }
+        assert_eq!(admitted, 3, "3 an hour on new windows");
+    }
+
+    /// A miss that could not cache points the key back at its previous state, so a flush
+    /// raises that one; the next miss reuses the state the failed miss held, which must
+    /// count the lifetime spend that miss reads. (Found by a reviewer.)
+    #[test]
+    fn a_state_reused_after_an_uncached_miss_counts_the_flushed_spend() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::builder()
+            .master_key(crate::MasterKey::generate().unwrap())
+            .spend_tiers([crate::SpendTier {
+                min_spent: 10,
+                multiplier_pct: 300,
+            }])
+            .usage_flush_interval(std::time::Duration::from_secs(3_600))
+            .build()
+            .unwrap();
+        let ledger = Ledger::open(dir.path().join("t.redb"), config).unwrap();
+        let engine = &ledger.inner.engine;
+        let (public, _, plaintext) = hourly_key(&ledger, 5);
+        let other = ledger.accounts().create(NewAccount::new("Other")).unwrap();
+        let presented = Presented::new(&plaintext).unwrap();
+        let in_flight = ledger.verify(&Request::new(&presented, "/x")).unwrap();
+        let four = KeyUpdate::default().rate_limits(hourly(4));
+        ledger.keys().update(&public, four).unwrap();
+        let read = read_miss(&ledger, &plaintext);
+        let rename = crate::AccountUpdate::new().name("R");
+        ledger.accounts().update(other.id.as_str(), rename).unwrap();
+        assert!(matches!(engine.install(read), Some(Loaded::Uncached(_))));
+        assert_eq!(in_flight.commit(10).token_stats.charged, 10);
+        ledger.flush().unwrap();
+        let grant = ledger
+            .verify(&Request::new(&presented, "/x").cost(0))
+            .unwrap();
+        let tier = grant.rate_limit().tier_multiplier_pct;
+        assert_eq!(tier, 300, "10 spent and flushed");
     }
 }

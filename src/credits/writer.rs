@@ -168,6 +168,9 @@ pub(crate) struct Shared {
     /// Every key's rate-limit state (src/engine.rs): the writer raises a state's lifetime
     /// spend to what a flush made durable, which may include spend that bypassed it.
     pub limits: Mutex<crate::engine::LiveLimits>,
+    /// The last limits generation `limits` handed out (moved under its lock): a miss reads
+    /// it before its snapshot, so that a key reconfigured since is read again.
+    pub limits_generation: AtomicU64,
     /// The smallest lease the writer grants now: `MIN_LEASE`, more while it is behind.
     pub lease_floor: AtomicU64,
     /// The writer's reads of this balance fail, as on a failing disk (0: none).

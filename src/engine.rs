@@ -89,7 +89,6 @@ pub(crate) struct LiveLimits {
     /// limits changed and changed back start new windows; the generation moves before the
     /// change commits, so a miss that reads the new limits builds its state in the new one.
     generations: HashMap<u64, u64>,
-    last_generation: u64,
 }
 
 /// Evicted keys whose rate-limit state is kept (≈ 100 bytes each with the map's slot).
@@ -195,8 +194,9 @@ impl LiveLimits {
         }
     }
 
-    /// An admin change gave key `id` other limits: its next miss starts new windows.
-    fn reconfigure(&mut self, id: u64) -> u64 {
+    /// An admin change gave key `id` other limits: its next miss starts new windows, those
+    /// of `generation`.
+    fn reconfigure(&mut self, id: u64, generation: u64) {
         self.held.remove(&id);
         if self.generations.len() >= MAX_HELD {
             // Only keys with a state still known need theirs: any other's next state is new.
@@ -206,9 +206,7 @@ impl LiveLimits {
             };
             self.generations.retain(|id, _| known(id));
         }
-        self.last_generation += 1;
-        self.generations.insert(id, self.last_generation);
-        self.last_generation
+        self.generations.insert(id, generation);
     }
 
     /// Key `id`'s new entry, sharing `limits`, is cached: the state need not be held apart.
@@ -266,7 +264,6 @@ pub(crate) struct Engine {
     pub tiers: Vec<SpendTier>,
     /// The last snapshot of keys an admin change evicted, by key id.
     carried: Mutex<HashMap<u64, Arc<CachedKey>>>,
-    /// The rate limits of every cached key that has some, by key id.
     /// Interned scopes: keys with the same permissions and allowlist share one allocation.
     scopes: Mutex<HashSet<Arc<Scope>>>,
     /// Shared state of every account with a cached key.
@@ -485,10 +482,9 @@ impl Engine {
     /// before it commits: see `LiveLimits::generations`).
     pub(crate) fn limits_reconfigured(&self, id: u64) {
         let mut live = self.shared.limits.lock();
-        let generation = live.reconfigure(id);
-        self.shared
-            .limits_generation
-            .store(generation, Ordering::Release);
+        // Moved under the lock, so that generations reach the map in the order handed out.
+        let generation = self.shared.limits_generation.fetch_add(1, Ordering::AcqRel) + 1;
+        live.reconfigure(id, generation);
     }
 
     /// An admin change to a key: drop the cached entries of its secrets' `hashes` so the
@@ -1164,9 +1160,15 @@ mod tests {
     }
 
     fn ledger() -> Fixture {
+        ledger_with(|b| b)
+    }
+
+    /// A ledger whose config builder (a fresh master key set) goes through `settings`.
+    fn ledger_with(settings: impl FnOnce(crate::ConfigBuilder) -> crate::ConfigBuilder) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.redb");
-        let ledger = Ledger::open(path, Config::ephemeral().unwrap()).unwrap();
+        let builder = Config::builder().master_key(crate::MasterKey::generate().unwrap());
+        let config = settings(builder).build().unwrap();
+        let ledger = Ledger::open(dir.path().join("keys.redb"), config).unwrap();
         Fixture { _dir: dir, ledger }
     }
 
@@ -1319,13 +1321,7 @@ mod tests {
     #[test]
     fn a_rate_limit_window_survives_its_carried_entry_being_forgotten() {
         let clock = crate::ManualClock::new(crate::Timestamp(1_000_000));
-        let config = Config::builder()
-            .master_key(crate::MasterKey::generate().unwrap())
-            .clock(clock.clone())
-            .build()
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path().join("keys.redb"), config).unwrap();
+        let Fixture { _dir, ledger } = ledger_with(|b| b.clock(clock.clone()));
         let limited = |o: &str| NewKey::new(o, "k").rate_limit("hourly", 3, 3_600);
         let (public, _, plaintext) = key(&ledger, limited);
         for _ in 0..3 {
@@ -1431,13 +1427,7 @@ mod tests {
     #[test]
     fn an_eviction_between_insert_and_release_keeps_the_window() {
         let clock = crate::ManualClock::new(crate::Timestamp(1_000_000));
-        let config = Config::builder()
-            .master_key(crate::MasterKey::generate().unwrap())
-            .clock(clock.clone())
-            .build()
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path().join("keys.redb"), config).unwrap();
+        let Fixture { _dir, ledger } = ledger_with(|b| b.clock(clock.clone()));
         let engine = &ledger.inner.engine;
         let (public, id, a) = key(&ledger, |o| {
             NewKey::new(o, "a").rate_limit("hourly", 1, 3_600)
@@ -1760,17 +1750,14 @@ mod tests {
     /// count the lifetime spend that miss reads. (Found by a reviewer.)
     #[test]
     fn a_state_reused_after_an_uncached_miss_counts_the_flushed_spend() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = Config::builder()
-            .master_key(crate::MasterKey::generate().unwrap())
-            .spend_tiers([crate::SpendTier {
+        let Fixture { _dir, ledger } = ledger_with(|b| {
+            let tier = crate::SpendTier {
                 min_spent: 10,
                 multiplier_pct: 300,
-            }])
-            .usage_flush_interval(std::time::Duration::from_secs(3_600))
-            .build()
-            .unwrap();
-        let ledger = Ledger::open(dir.path().join("t.redb"), config).unwrap();
+            };
+            b.spend_tiers([tier])
+                .usage_flush_interval(std::time::Duration::from_secs(3_600))
+        });
         let engine = &ledger.inner.engine;
         let (public, _, plaintext) = hourly_key(&ledger, 5);
         let other = ledger.accounts().create(NewAccount::new("Other")).unwrap();

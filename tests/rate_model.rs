@@ -619,3 +619,29 @@ fn spend_of_a_state_swept_from_the_held_counts_for_the_tier_once_flushed() {
     ledger.flush().unwrap();
     assert_eq!(tier(&ledger, &key), 300, "10 spent and flushed");
 }
+
+/// An entry evicted for room after its window stopped, while its spend is still unflushed
+/// (counted on an older entry, its home, which the writer holds), keeps its state: the next
+/// miss counts that spend for the tier at once, not at the next flush.
+#[test]
+fn unflushed_spend_of_an_entry_evicted_for_room_counts_for_the_tier_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START);
+    let ledger = tiered(&dir, &clock, 1);
+    let owner = ledger.accounts().create(NewAccount::new("A")).unwrap().id;
+    let created = ledger.keys().create(NewKey::new(owner, "k")).unwrap();
+    let filler = ledger.keys().create(NewKey::new(owner, "f")).unwrap();
+    let (key, filler) = [created.plaintext, filler.plaintext]
+        .map(|p| Presented::new(p.expose()).unwrap())
+        .into();
+    let peek = |key: &Presented| ledger.verify(&Request::new(key, "/x").cost(0)).unwrap();
+    drop(peek(&key)); // the home of the next entry
+    ledger
+        .keys()
+        .update(&created.info.id, limited_to(5, 1))
+        .unwrap();
+    peek(&key).commit(10); // on the new entry's state; unflushed
+    clock.advance_secs(2); // the window stopped counting
+    drop(peek(&filler)); // evicts the key for room
+    assert_eq!(tier(&ledger, &key), 300, "10 spent, not yet flushed");
+}

@@ -19,7 +19,7 @@ use crate::clock::Timestamp;
 use crate::codec;
 use crate::config::Config;
 use crate::credits::events::{CreditEvent, CreditEventKind, EVENT_CAPACITY};
-use crate::credits::meter::{MAX_LEASED, MIN_LEASE, Meter};
+use crate::credits::meter::{MAX_LEASED, MIN_LEASE, Meter, UNREAD};
 use crate::credits::refill;
 use crate::credits::registry::Registry;
 use crate::credits::writer::{self, Adjust, AuditLine, Handoff, Msg, Shared};
@@ -231,13 +231,11 @@ struct MissRead {
     epoch: u64,
     generation: u64,
     resets: u64,
-    now: Timestamp,
     record: VerifyRecord,
     account: Arc<AccountState>,
     lifetime_spent: u64,
     metering: Metering,
     pool: Option<Arc<Meter>>,
-    own_balance: Option<CreditsRecord>,
 }
 
 /// What the miss path found.
@@ -404,6 +402,15 @@ impl Engine {
         let meters = self.shared.meters.lock();
         let in_memory = meters.get(id).map_or(0, |m| m.leased());
         record.balance + in_memory.min(record.leased)
+    }
+
+    /// Credits left on a balance whose meter has not read it yet (see [`Meter::remaining`]),
+    /// read from the latest commit: a balance with no record has none left. `None`: the
+    /// read failed.
+    pub(crate) fn read_remaining(&self, id: u64) -> Option<u64> {
+        let snapshot = self.shared.store.snapshot().ok()?;
+        let record: Option<CreditsRecord> = store::get(&snapshot.credits, id).ok()?;
+        Some(record.map_or(0, |r| self.remaining(id, &r)))
     }
 
     /// Waits until the writer has leased into `meter`; returns what this caller was handed
@@ -576,7 +583,7 @@ impl Engine {
         let meters = self.shared.meters.lock();
         self.shared.meter_resets.fetch_add(1, Ordering::AcqRel);
         if let Some(meter) = meters.get(id) {
-            meter.set_low_balance(threshold, meter.remaining());
+            meter.set_low_balance(threshold, meter.remaining().unwrap_or(UNREAD));
         }
     }
 
@@ -803,35 +810,28 @@ impl Engine {
             (None, Some(_)) => Metering::Own,
             (None, None) => Metering::Unmetered,
         };
-        let (pool, own_balance) = match metering {
-            Metering::Unmetered => (None, None),
-            _ => {
-                let credits = &snapshot.credits;
-                let balance = |id| -> Result<Option<CreditsRecord>> { store::get(credits, id) };
-                match found.pool {
-                    Some(pool) => {
-                        let p: Option<PoolRecord> = store::get(&read.open_table(POOLS)?, pool)?;
-                        let threshold = p.and_then(|p| p.low_balance_threshold);
-                        let meter =
-                            self.pool_meter(pool, threshold, balance(pool)?, now, resets)?;
-                        (Some(meter), None)
-                    }
-                    None => (None, balance(found.id)?),
-                }
+        // A key's own balance is not read here: its first lease reads it (and a request that
+        // spends waits for that lease anyway), and a grant asked for the credits left before
+        // then reads it itself. A pool's meter is shared, so it is made knowing its balance.
+        let pool = match found.pool {
+            Some(pool) => {
+                let p: Option<PoolRecord> = store::get(&read.open_table(POOLS)?, pool)?;
+                let threshold = p.and_then(|p| p.low_balance_threshold);
+                let balance = store::get(&snapshot.credits, pool)?;
+                Some(self.pool_meter(pool, threshold, balance, now, resets)?)
             }
+            None => None,
         };
         Ok(Ok(MissRead {
             hash: *hash,
             epoch,
             generation,
             resets,
-            now,
             record: found,
             account,
             lifetime_spent,
             metering,
             pool,
-            own_balance,
         }))
     }
 
@@ -843,13 +843,11 @@ impl Engine {
             epoch,
             generation,
             resets,
-            now,
             record,
             account,
             lifetime_spent,
             metering,
             pool,
-            own_balance,
         } = read;
         let table = self.policy.load().routes.clone();
         let kind = record.id_kind();
@@ -895,15 +893,8 @@ impl Engine {
             pool,
         };
         let threshold = record.limits.low_balance_threshold;
-        let new_meter = || {
-            let meter = Meter::new(record.id, threshold, kind, self.shared.exact);
-            if let Some(r) = &own_balance {
-                init_meter(&meter, r, now);
-            }
-            meter
-        };
         let build = |home: Option<Arc<CachedKey>>| {
-            let meter = new_meter();
+            let meter = Meter::new(record.id, threshold, kind, self.shared.exact);
             let key = CachedKey::new(snapshot, &table, home, meter);
             Arc::new(key)
         };
@@ -1019,7 +1010,7 @@ impl Engine {
     }
 }
 
-/// A new meter's view of its durable balance.
+/// A new pool meter's view of its durable balance.
 fn init_meter(meter: &Meter, record: &CreditsRecord, now: Timestamp) {
     meter
         .durable_balance

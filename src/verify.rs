@@ -377,9 +377,11 @@ impl Grant<'_> {
         self.reserved
     }
 
-    /// Credits left, counting this reservation as spent (`None`: unmetered).
+    /// Credits left, counting this reservation as spent (`None`: unmetered, or the balance
+    /// could not be read). A key's own balance is read by its first lease, not by the cache
+    /// miss: until then (a peek of a key just cached) this reads it from the store.
     pub fn remaining_credits(&self) -> Option<u64> {
-        self.key.meter().map(Meter::remaining)
+        remaining(self.ledger, self.key.meter()?)
     }
 
     /// Rate-limit state now.
@@ -443,7 +445,7 @@ impl Grant<'_> {
                 used: actual,
                 charged,
                 uncovered,
-                remaining_credits: self.key.meter().map(Meter::remaining),
+                remaining_credits: self.key.meter().and_then(|m| remaining(self.ledger, m)),
             },
             pricing: Pricing {
                 units: charged,
@@ -452,6 +454,13 @@ impl Grant<'_> {
             },
         }
     }
+}
+
+/// Credits left on `meter`'s balance: as memory knows them, or read if it has not read them.
+fn remaining(ledger: &Ledger, meter: &Meter) -> Option<u64> {
+    meter
+        .remaining()
+        .or_else(|| ledger.inner.engine.read_remaining(meter.id))
 }
 
 impl Grant<'_> {

@@ -204,6 +204,31 @@ fn a_peek_on_a_fresh_key_reports_its_balance() {
     assert_eq!(g.remaining_credits(), Some(100));
 }
 
+/// A key's own balance is read by its first lease, not by the cache miss: a peek of a key
+/// cached since a crash reads it to report the credits left, and agrees with `usage`
+/// (the lease the crash lost counted as spent), as does the peek's receipt.
+#[test]
+fn a_peek_of_a_key_cached_since_a_crash_reports_what_usage_reports() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(1_000));
+    assert_eq!(drain(&t, &plain, 30), 30);
+    let t = t.crash_and_reopen();
+    let left = usage(&t, &id).remaining.expect("metered");
+    assert!(left < 970, "the lease in memory was lost: {left}");
+    let key = presented(&plain);
+    let peek = t.ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
+    assert_eq!(peek.remaining_credits(), Some(left));
+    assert_eq!(peek.commit(0).token_stats.remaining_credits, Some(left));
+    assert_eq!(
+        spend(&t.ledger, &plain, "/x", 1, 1)
+            .unwrap()
+            .token_stats
+            .remaining_credits,
+        Some(left - 1)
+    );
+}
+
 #[test]
 fn receipts_price_the_units_charged_at_the_routes_price() {
     let t = TestLedger::new();
@@ -861,6 +886,25 @@ fn falling_to_the_low_balance_threshold_emits_one_event() {
     assert!(low[0].remaining <= 50);
 }
 
+/// A balance already below its threshold when its key is cached again is no news: the event
+/// came when it fell there. (The key's first lease reads the balance; edges are measured from
+/// what it read.)
+#[test]
+fn a_balance_below_its_threshold_when_its_key_is_cached_again_is_no_news() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let new = NewKey::new(owner, "k").credits(100);
+    let (_, plain) = create_key(&t.ledger, new.low_balance_threshold(50));
+    let events = t.ledger.credit_events();
+    assert_eq!(drain(&t, &plain, 60), 60);
+    assert_eq!(low_balance_events(&t, &events).len(), 1, "40 left, past 50");
+    let t = t.close_and_reopen();
+    let events = t.ledger.credit_events();
+    assert_eq!(drain(&t, &plain, 10), 10);
+    let low = low_balance_events(&t, &events);
+    assert!(low.is_empty(), "still below, no new edge: {low:?}");
+}
+
 /// Spend charged only at commit (a peek, then the real cost, as a token-metered server does)
 /// tells the host as leased spend does: low balance on the way down, exhausted at zero.
 #[test]
@@ -931,6 +975,24 @@ fn a_low_balance_threshold_changed_on_a_key_in_use_applies_at_once() {
     let t = t.close_and_reopen();
     let info = t.ledger.keys().get(&id).unwrap();
     assert_eq!(info.limits.low_balance_threshold, None, "durable");
+}
+
+/// A threshold set on a key in use that has not spent since it was cached (its balance not
+/// read yet) counts edges from the balance its first lease reads.
+#[test]
+fn a_threshold_set_on_a_key_only_peeked_at_counts_from_its_balance() {
+    let t = TestLedger::new();
+    let events = t.ledger.credit_events();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
+    let key = presented(&plain);
+    // A peek in flight across the update, then charged at commit: the balance's first read.
+    let in_flight = t.ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
+    let threshold = KeyUpdate::new().low_balance_threshold(Some(80));
+    t.ledger.keys().update(&id, threshold).unwrap();
+    assert_eq!(in_flight.commit(30).token_stats.remaining_credits, Some(70));
+    let low = low_balance_events(&t, &events);
+    assert_eq!(low.len(), 1, "100 left fell to 70, past 80: {low:?}");
 }
 
 /// A pool's threshold, changed while its meter is in memory, applies to the next spend too.

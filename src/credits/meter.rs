@@ -53,7 +53,9 @@ pub(crate) struct Meter {
     lease: AtomicU64,
     /// Units spent since the last flush (still `leased` on disk).
     pub spent: AtomicU64,
-    /// Durable balance after the writer's last change (for grants' remaining credits).
+    /// Durable balance after the writer's last change (for grants' remaining credits);
+    /// [`UNREAD`] until the writer (or, for a pool, the miss that made the meter) first read
+    /// it: a key's own balance is not read on a cache miss, its first lease reads it.
     pub durable_balance: AtomicU64,
     /// CREDITS record id (key id or pool id).
     pub id: u64,
@@ -72,7 +74,8 @@ pub(crate) struct Meter {
     last_lease_ds: AtomicU32,
     /// When the next refill is due, in whole seconds ([`NEVER`]: no refill; see
     /// [`refill_at_ms`](Self::refill_at_ms)). From then on the lease belongs to an old period,
-    /// so reservations go through the writer, which applies it.
+    /// so reservations go through the writer, which applies it. 0 in a new meter: nothing is
+    /// known of the balance until the writer has read it.
     refill_at_s: AtomicU32,
     /// Until when (whole seconds; [`NEVER`]: for good) the durable balance is known to be
     /// empty: no refill is due before then and no top-up happened since. Lets an exhausted
@@ -109,6 +112,10 @@ pub(crate) enum Told {
     /// figure before (in the threshold it was recorded in).
     Remaining(Arc<LowBalance>, u64),
 }
+
+/// [`Meter::durable_balance`] and [`LowBalance::last_remaining`] before the balance was
+/// first read.
+pub(crate) const UNREAD: u64 = u64::MAX;
 
 /// A time in whole seconds that never comes (`u64::MAX` ms).
 const NEVER: u32 = u32::MAX;
@@ -148,14 +155,14 @@ impl Meter {
             dirty: AtomicBool::new(false),
             empty_until_s: AtomicU32::new(0),
             last_lease_ds: AtomicU32::new(0),
-            durable_balance: AtomicU64::new(0),
-            refill_at_s: AtomicU32::new(NEVER),
+            durable_balance: AtomicU64::new(UNREAD),
+            refill_at_s: AtomicU32::new(0),
             epoch: AtomicU32::new(0),
             state: AtomicU8::new(0),
             low_balance: ArcSwapOption::new(threshold.map(|threshold| {
                 Arc::new(LowBalance {
                     threshold,
-                    last_remaining: AtomicU64::new(u64::MAX),
+                    last_remaining: AtomicU64::new(UNREAD),
                 })
             })),
             subject,
@@ -175,10 +182,27 @@ impl Meter {
     }
 
     /// Credits left to spend as memory sees them: the durable balance after the writer's last
-    /// change, plus the lease not yet reserved.
+    /// change, plus the lease not yet reserved. `None` until the balance was first read.
     #[inline]
-    pub(crate) fn remaining(&self) -> u64 {
-        self.durable_balance.load(Ordering::Acquire) + self.leased()
+    pub(crate) fn remaining(&self) -> Option<u64> {
+        match self.durable_balance.load(Ordering::Acquire) {
+            UNREAD => None,
+            balance => Some(balance + self.leased()),
+        }
+    }
+
+    /// The writer reads the balance (writer thread): the first time, the credits left become
+    /// what later low-balance edges are measured from, as if the meter had known them all
+    /// along — a balance already below its threshold when its key was cached is no news.
+    pub(crate) fn sighted(&self, remaining: u64) {
+        if let Some(l) = self.low_balance.load_full() {
+            let _ = l.last_remaining.compare_exchange(
+                UNREAD,
+                remaining,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
     }
 
     /// Units leased into memory and not yet reserved.
@@ -513,6 +537,12 @@ mod tests {
     #[test]
     fn refill_and_empty_times_are_kept_to_the_second_rounded_early() {
         let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        assert_eq!(m.remaining(), None, "a new meter has not read its balance");
+        assert!(
+            !m.current(0),
+            "so its lease is of no period until the writer reads it"
+        );
+        m.set_refill_at(u64::MAX);
         assert_eq!(m.refill_at_ms(), u64::MAX, "no refill");
         assert!(m.current(u64::MAX - 1));
         let midnight = 20_000 * 86_400_000;
@@ -763,6 +793,7 @@ mod tests {
     #[test]
     fn a_queued_top_up_is_still_wanted_only_below_half_or_after_a_refill_came_due() {
         let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        m.set_refill_at(u64::MAX); // read: no refill
         assert!(m.wants_top_up(0), "an empty lease");
         m.give_back(8);
         assert!(

@@ -1178,7 +1178,11 @@ fn live<'w>(work: &'w mut Working<'_>, meter: &Meter) -> Result<Option<&'w mut C
     if meter.retired() {
         return Ok(None);
     }
-    work.get(meter.id)
+    let record = work.get(meter.id)?;
+    if let Some(r) = &record {
+        meter.sighted(r.balance + meter.leased());
+    }
+    Ok(record)
 }
 
 /// Returns `units` reserved under `epoch` to `meter`'s balance, or, if that epoch has ended
@@ -1638,6 +1642,24 @@ mod tests {
         );
         let waited = ledger.stats().writer_commits - commits;
         assert!(waited <= 2, "answered after {waited} writer commits");
+    }
+
+    /// A cache miss does not read a key's own balance: a key whose balance record was damaged
+    /// before it was cached still answers a peek (its credits left unknown), and a request
+    /// that spends is refused `unavailable` by its first lease, which reads it.
+    #[test]
+    fn a_key_whose_balance_is_damaged_before_it_is_cached_still_answers_a_peek() {
+        let (_dir, ledger) = ledger();
+        let (id, plaintext) = key(&ledger, 1_000);
+        damage_balance(&ledger, ledger.keys().internal_id(&id).unwrap());
+        let key = Presented::new(&plaintext).unwrap();
+        let peek = ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
+        assert_eq!(peek.remaining_credits(), None);
+        drop(peek);
+        assert_eq!(
+            spend_one(&ledger, &plaintext),
+            Err("unavailable".to_owned())
+        );
     }
 
     /// A lease of a balance that has no record (a pool deleted while a miss built its meter)

@@ -43,7 +43,7 @@ pub(crate) fn find(ledger: &Ledger, key: &str, now: Timestamp) -> Result<Option<
 }
 
 /// The verify entry of the secret `key`, whose current-scheme `hash` is known, read through
-/// the miss path's shared `snapshot` (which goes on to read the key's balance): one look-up
+/// the miss path's shared `snapshot` (which goes on to read a pool's balance): one look-up
 /// while every key is under the current scheme.
 pub(crate) fn find_in(
     ledger: &Ledger,

@@ -404,13 +404,24 @@ impl Engine {
         record.balance + in_memory.min(record.leased)
     }
 
-    /// Credits left on a balance whose meter has not read it yet (see [`Meter::remaining`]),
-    /// read from the latest commit: a balance with no record has none left. `None`: the
-    /// read failed.
-    pub(crate) fn read_remaining(&self, id: u64) -> Option<u64> {
-        let snapshot = self.shared.store.snapshot().ok()?;
-        let record: Option<CreditsRecord> = store::get(&snapshot.credits, id).ok()?;
-        Some(record.map_or(0, |r| self.remaining(id, &r)))
+    /// Credits left on `meter`'s balance when it has not read it yet (see
+    /// [`Meter::remaining`]), read from the latest commit. A balance that has no record or
+    /// cannot be read has none to spend: 0 (and one that does not decode marks the meter).
+    pub(crate) fn read_remaining(&self, meter: &Meter) -> u64 {
+        let read = self
+            .shared
+            .store
+            .snapshot()
+            .and_then(|snapshot| store::get::<CreditsRecord>(&snapshot.credits, meter.id));
+        match read {
+            Ok(record) => record.map_or(0, |r| self.remaining(meter.id, &r)),
+            Err(e) => {
+                if matches!(e, Error::Codec(_)) {
+                    meter.mark_unreadable();
+                }
+                0
+            }
+        }
     }
 
     /// Waits until the writer has leased into `meter`; returns what this caller was handed
@@ -1052,8 +1063,8 @@ struct Recovered {
 ///
 /// A record that does not decode is left as it is and counted, for `check` to name: refusing
 /// to open would stop every other key for one damaged balance, and writing over it would lose
-/// what it held. Nothing can spend from it meanwhile: a miss on a key that needs it fails, and
-/// the writer changes nothing in it.
+/// what it held. Nothing can spend from it meanwhile: the writer leases nothing from it and
+/// changes nothing in it, and once a meter has met it the key's peeks are refused too.
 fn recover_leases(store: &Store) -> Result<Recovered> {
     let txn = store.begin_write()?;
     let mut lost: u64 = 0;

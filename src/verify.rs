@@ -296,6 +296,11 @@ fn check<'l>(
     let cost = request
         .cost
         .unwrap_or_else(|| route.rule.map_or(1, |r| r.cost));
+    // A peek reserves nothing, so nothing else refuses it when its balance's record does not
+    // decode; a request that spends is refused by the writer, which cannot lease from it.
+    if cost == 0 && key.meter().is_some_and(Meter::unreadable) {
+        return Denied(Denial::Unavailable);
+    }
     // 7. Rate limits (GCRA), scaled by the key's spend tier.
     let admission = match &key.limits {
         Some(limits) => {
@@ -377,9 +382,9 @@ impl Grant<'_> {
         self.reserved
     }
 
-    /// Credits left, counting this reservation as spent (`None`: unmetered, or the balance
-    /// could not be read). A key's own balance is read by its first lease, not by the cache
-    /// miss: until then (a peek of a key just cached) this reads it from the store.
+    /// Credits left, counting this reservation as spent (`None`: unmetered). A key's own
+    /// balance is read by its first lease, not by the cache miss: until then (a peek of a key
+    /// just cached) this reads it from the store, and a balance that cannot be read has 0.
     pub fn remaining_credits(&self) -> Option<u64> {
         remaining(self.ledger, self.key.meter()?)
     }
@@ -458,9 +463,8 @@ impl Grant<'_> {
 
 /// Credits left on `meter`'s balance: as memory knows them, or read if it has not read them.
 fn remaining(ledger: &Ledger, meter: &Meter) -> Option<u64> {
-    meter
-        .remaining()
-        .or_else(|| ledger.inner.engine.read_remaining(meter.id))
+    let read = || ledger.inner.engine.read_remaining(meter);
+    Some(meter.remaining().unwrap_or_else(read))
 }
 
 impl Grant<'_> {

@@ -781,6 +781,25 @@ fn a_refused_top_up_leaves_the_units_in_memory_spendable() {
     assert_eq!(drain(&t, &plain, 100), 9);
 }
 
+/// A refused top-up that found a refill due still applied the refill (it is written with
+/// the batch): a reservation from the old period must not be refunded into the new one.
+/// (Found by a reviewer.)
+#[test]
+fn a_refused_top_up_on_a_new_period_keeps_old_reservations_out_of_it() {
+    let t = TestLedger::new();
+    let (id, plain) = daily_refill_key(&t, 100, 100);
+    let key = presented(&plain);
+    let old = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
+    t.clock.set(next_day(&t));
+    assert!(t.ledger.credits().top_up(&id, u64::MAX).is_err());
+    drop(old); // its refund belongs to the period that ended
+    assert_eq!(
+        drain(&t, &plain, 500),
+        100,
+        "the new period holds the refill, no more"
+    );
+}
+
 #[test]
 fn a_top_up_of_something_without_a_balance_says_why() {
     let t = TestLedger::new();

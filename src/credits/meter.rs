@@ -123,6 +123,9 @@ const NEVER: u32 = u32::MAX;
 const RETIRED: u8 = 1;
 /// [`Meter::state`]: a refusal since the balance last grew has been reported.
 const EXHAUSTION_REPORTED: u8 = 2;
+/// [`Meter::state`]: the balance's record does not decode (damaged): nothing can be charged
+/// to it, so not even a peek is granted.
+const UNREADABLE: u8 = 4;
 
 /// Milliseconds to whole seconds, rounded down, for the two times a meter keeps. Both are
 /// period starts (midnight UTC) or 0 or `u64::MAX`, so nothing is lost; were one not, rounding
@@ -177,7 +180,9 @@ impl Meter {
             return (false, None);
         };
         let previous = l.last_remaining.swap(remaining, Ordering::AcqRel);
-        let crossed = previous > l.threshold && remaining <= l.threshold;
+        // Unread: a threshold set while the writer was reading the balance for the first
+        // time (between `sighted` and this). What was left before is unknown: no edge.
+        let crossed = previous != UNREAD && previous > l.threshold && remaining <= l.threshold;
         (crossed, Some(Told::Remaining(l, previous)))
     }
 
@@ -250,6 +255,16 @@ impl Meter {
     /// Whether the balance this meter spent from is gone.
     pub(crate) fn retired(&self) -> bool {
         self.state.load(Ordering::Acquire) & RETIRED != 0
+    }
+
+    /// The balance's record was found not to decode (see [`UNREADABLE`]).
+    pub(crate) fn mark_unreadable(&self) {
+        self.state.fetch_or(UNREADABLE, Ordering::AcqRel);
+    }
+
+    /// Whether the balance's record was found not to decode.
+    pub(crate) fn unreadable(&self) -> bool {
+        self.state.load(Ordering::Acquire) & UNREADABLE != 0
     }
 
     /// The balance is gone (key deleted or made unmetered, pool deleted): the writer ignores
@@ -532,6 +547,20 @@ mod tests {
     fn a_meter_is_64_bytes() {
         // Every cached key carries one inline: its size is most of the per-key budget.
         assert_eq!(size_of::<Meter>(), 64);
+    }
+
+    /// The writer's first read of a balance (`sighted`) and its edge check are two steps: a
+    /// threshold set between them starts from an unknown figure, which is no edge. (Found by
+    /// a reviewer: a balance below the new threshold all along was reported crossing it.)
+    #[test]
+    fn a_threshold_set_between_the_first_read_and_its_edge_check_is_no_news() {
+        let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        m.sighted(30); // writer: no threshold yet, nothing to start from
+        m.set_low_balance(Some(50), m.remaining().unwrap_or(UNREAD)); // admin: still unread
+        assert!(!m.note_remaining(30).0, "30 left was below 50 all along");
+        assert!(!m.note_remaining(20).0, "and still is");
+        m.set_remaining(60);
+        assert!(m.note_remaining(40).0, "an edge once seen above");
     }
 
     #[test]

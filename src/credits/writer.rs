@@ -538,8 +538,9 @@ struct Working<'t> {
     records: BTreeMap<u64, Option<CreditsRecord>>,
     /// Records that did not decode, and why. They read as no record and are never written:
     /// left as they are, for `check` to name. Failing the batch instead would hold back every
-    /// other message in it, and writing over one would lose what it held. (No meter spends
-    /// from one: the miss that would build it fails.)
+    /// other message in it, and writing over one would lose what it held. A meter whose
+    /// record the writer finds unreadable is marked so (`Meter::mark_unreadable`): it is
+    /// leased nothing and its key's peeks are refused.
     unreadable: HashMap<u64, CodecError>,
     /// Reads of this id fail (see `Shared::fail_reads_of`).
     #[cfg(test)]
@@ -1018,7 +1019,12 @@ fn build(
                     }
                     let Some(r) = work.get(id)? else {
                         let refused = match work.unreadable.get(&id) {
-                            Some(e) => Error::Codec(e.clone()),
+                            Some(e) => {
+                                if let Some(meter) = &meter {
+                                    meter.mark_unreadable();
+                                }
+                                Error::Codec(e.clone())
+                            }
                             None => Error::NotFound {
                                 what: "credit balance",
                             },
@@ -1037,34 +1043,47 @@ fn build(
                     // Everything ever granted must stay countable: spent + lost + left.
                     let granted =
                         balance.and_then(|b| r.granted.saturating_sub(before).checked_add(b));
-                    let (Some(balance), Some(granted)) = (balance, granted) else {
-                        let too_many = Error::invalid(
-                            "credits",
-                            format!("the balance would grant more than {} credits", u64::MAX),
-                        );
-                        fx.adjusts[at].1 = Err(too_many);
-                        continue;
+                    let applied = match (balance, granted) {
+                        (Some(balance), Some(granted)) => {
+                            r.balance = balance;
+                            r.granted = granted;
+                            true
+                        }
+                        _ => {
+                            let too_many = Error::invalid(
+                                "credits",
+                                format!("the balance would grant more than {} credits", u64::MAX),
+                            );
+                            fx.adjusts[at].1 = Err(too_many);
+                            // A refill applied above is written with the batch even so: the
+                            // meter must learn of the new period below.
+                            if !refilled {
+                                continue;
+                            }
+                            false
+                        }
                     };
-                    r.balance = balance;
-                    r.granted = granted;
-                    // In this transaction: a change reported as failed must not have landed
-                    // (a caller retrying a top-up would add it twice).
-                    if let Some(AuditLine {
-                        actor,
-                        action,
-                        target,
-                    }) = audit
-                    {
-                        crate::audit::append(&txn, now, &actor, action, &target, &["balance"])?;
+                    if applied {
+                        // In this transaction: a change reported as failed must not have
+                        // landed (a caller retrying a top-up would add it twice).
+                        if let Some(AuditLine {
+                            actor,
+                            action,
+                            target,
+                        }) = audit
+                        {
+                            let fields = &["balance"];
+                            crate::audit::append(&txn, now, &actor, action, &target, fields)?;
+                        }
+                        fx.adjusts[at].1 = Ok(r.balance);
                     }
-                    fx.adjusts[at].1 = Ok(r.balance);
                     if let Some(meter) = meter {
                         // A reservation made from the old lease carries the old epoch, so a
                         // set makes it final, and so does a refill applied here (its refund
                         // must not land in the new period, as in `new_period`). What the
                         // lease holds now arrived since `reclaim` took it: refunds of the
                         // old balance, final too.
-                        if matches!(change, Adjust::Set(_)) || refilled {
+                        if (applied && matches!(change, Adjust::Set(_))) || refilled {
                             end_epoch(fx, &meter, r);
                         }
                         fx.tell(&meter, meter.replenished());
@@ -1177,6 +1196,9 @@ fn settle_spend(
 fn live<'w>(work: &'w mut Working<'_>, meter: &Meter) -> Result<Option<&'w mut CreditsRecord>> {
     if meter.retired() {
         return Ok(None);
+    }
+    if work.get(meter.id)?.is_none() && work.unreadable.contains_key(&meter.id) {
+        meter.mark_unreadable();
     }
     let record = work.get(meter.id)?;
     if let Some(r) = &record {
@@ -1644,22 +1666,49 @@ mod tests {
         assert!(waited <= 2, "answered after {waited} writer commits");
     }
 
-    /// A cache miss does not read a key's own balance: a key whose balance record was damaged
-    /// before it was cached still answers a peek (its credits left unknown), and a request
-    /// that spends is refused `unavailable` by its first lease, which reads it.
+    /// A cache miss does not read a key's own balance, so a key whose balance record was
+    /// damaged before it was cached is granted its first peek, with 0 credits left. Once the
+    /// damage is found (by that grant's figure, or by a commit of a real cost, reported
+    /// uncovered), its peeks are refused `unavailable`, as its spends are by the writer.
+    /// (Found by a reviewer: the peek-then-commit was served free for good.)
     #[test]
-    fn a_key_whose_balance_is_damaged_before_it_is_cached_still_answers_a_peek() {
+    fn a_balance_found_damaged_refuses_its_keys_peeks_and_spends() {
+        for ask_credits_left in [true, false] {
+            let (_dir, ledger) = ledger();
+            let (id, plaintext) = key(&ledger, 1_000);
+            damage_balance(&ledger, ledger.keys().internal_id(&id).unwrap());
+            let key = Presented::new(&plaintext).unwrap();
+            let peek = ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
+            if ask_credits_left {
+                assert_eq!(peek.remaining_credits(), Some(0));
+                drop(peek);
+            } else {
+                let stats = peek.commit(5).token_stats;
+                assert_eq!((stats.charged, stats.uncovered), (0, 5), "{stats:?}");
+            }
+            for _ in 0..2 {
+                let again = ledger.verify(&Request::new(&key, "/x").cost(0));
+                assert_eq!(again.err().map(|d| d.code()), Some("unavailable"));
+                let spend = spend_one(&ledger, &plaintext);
+                assert_eq!(spend, Err("unavailable".to_owned()));
+            }
+        }
+    }
+
+    /// The same for damage found after the key's balance was read: a peek-then-commit's
+    /// shortfall meets it, and the key's peeks are refused from then on.
+    #[test]
+    fn a_balance_damaged_in_use_refuses_its_keys_peeks_once_found() {
         let (_dir, ledger) = ledger();
         let (id, plaintext) = key(&ledger, 1_000);
+        assert_eq!(spend_one(&ledger, &plaintext), Ok(1));
         damage_balance(&ledger, ledger.keys().internal_id(&id).unwrap());
         let key = Presented::new(&plaintext).unwrap();
         let peek = ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
-        assert_eq!(peek.remaining_credits(), None);
-        drop(peek);
-        assert_eq!(
-            spend_one(&ledger, &plaintext),
-            Err("unavailable".to_owned())
-        );
+        let stats = peek.commit(5_000).token_stats;
+        assert_eq!(stats.uncovered, 5_000 - stats.charged, "{stats:?}");
+        let again = ledger.verify(&Request::new(&key, "/x").cost(0));
+        assert_eq!(again.err().map(|d| d.code()), Some("unavailable"));
     }
 
     /// A lease of a balance that has no record (a pool deleted while a miss built its meter)

@@ -296,9 +296,9 @@ fn check<'l>(
     let cost = request
         .cost
         .unwrap_or_else(|| route.rule.map_or(1, |r| r.cost));
-    // A peek reserves nothing, so nothing else refuses it when its balance's record does not
-    // decode; a request that spends is refused by the writer, which cannot lease from it.
-    if cost == 0 && key.meter().is_some_and(Meter::unreadable) {
+    // A balance whose record does not decode can be charged nothing: no peek, and no spend
+    // either, even from a lease taken before the damage (the writer could not record it).
+    if key.meter().is_some_and(Meter::unreadable) {
         return Denied(Denial::Unavailable);
     }
     // 7. Rate limits (GCRA), scaled by the key's spend tier.

@@ -124,7 +124,7 @@ const RETIRED: u8 = 1;
 /// [`Meter::state`]: a refusal since the balance last grew has been reported.
 const EXHAUSTION_REPORTED: u8 = 2;
 /// [`Meter::state`]: the balance's record does not decode (damaged): nothing can be charged
-/// to it, so not even a peek is granted.
+/// to it, so no request of its keys is granted, not even a peek.
 const UNREADABLE: u8 = 4;
 
 /// Milliseconds to whole seconds, rounded down, for the two times a meter keeps. Both are

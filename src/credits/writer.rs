@@ -1695,6 +1695,31 @@ mod tests {
         }
     }
 
+    /// Damage found by the writer while the key still holds a lease: its spends are refused
+    /// too, not granted from the lease while its peeks are refused. (Found by a reviewer.)
+    #[test]
+    fn a_balance_found_damaged_refuses_spends_from_the_lease_in_memory() {
+        let (_dir, ledger) = ledger();
+        let (id, plaintext) = key(&ledger, 1_000);
+        assert_eq!(spend_one(&ledger, &plaintext), Ok(1)); // a lease in memory
+        let internal = ledger.keys().internal_id(&id).unwrap();
+        damage_balance(&ledger, internal);
+        ledger.flush().unwrap(); // the writer flushes the spend and finds the damage
+        let meter = ledger
+            .inner
+            .engine
+            .shared
+            .meters
+            .lock()
+            .get(internal)
+            .unwrap();
+        assert!(meter.unreadable() && meter.leased() > 0);
+        assert_eq!(
+            spend_one(&ledger, &plaintext),
+            Err("unavailable".to_owned())
+        );
+    }
+
     /// The same for damage found after the key's balance was read: a peek-then-commit's
     /// shortfall meets it, and the key's peeks are refused from then on.
     #[test]

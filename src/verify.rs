@@ -296,9 +296,10 @@ fn check<'l>(
     let cost = request
         .cost
         .unwrap_or_else(|| route.rule.map_or(1, |r| r.cost));
+    let meter = key.meter();
     // A balance whose record does not decode can be charged nothing: no peek, and no spend
     // either, even from a lease taken before the damage (the writer could not record it).
-    if key.meter().is_some_and(Meter::unreadable) {
+    if meter.is_some_and(Meter::unreadable) {
         return Denied(Denial::Unavailable);
     }
     // 7. Rate limits (GCRA), scaled by the key's spend tier.
@@ -313,7 +314,6 @@ fn check<'l>(
         None => None,
     };
     // 8. Credits: reserve from the in-memory lease with a CAS.
-    let meter = key.meter();
     let mut grant = Grant {
         ledger,
         key: key.clone(),

@@ -1197,14 +1197,14 @@ fn live<'w>(work: &'w mut Working<'_>, meter: &Meter) -> Result<Option<&'w mut C
     if meter.retired() {
         return Ok(None);
     }
-    if work.get(meter.id)?.is_none() && work.unreadable.contains_key(&meter.id) {
-        meter.mark_unreadable();
+    // What the meter learns first, then the record again (kept by `work`: no second read),
+    // since a borrow returned on one branch could not be let go on the other.
+    match work.get(meter.id)?.map(|r| r.balance) {
+        Some(balance) => meter.sighted(balance + meter.leased()),
+        None if work.unreadable.contains_key(&meter.id) => meter.mark_unreadable(),
+        None => {}
     }
-    let record = work.get(meter.id)?;
-    if let Some(r) = &record {
-        meter.sighted(r.balance + meter.leased());
-    }
-    Ok(record)
+    work.get(meter.id)
 }
 
 /// Returns `units` reserved under `epoch` to `meter`'s balance, or, if that epoch has ended

@@ -4,7 +4,9 @@
 //! one CAS) on the same keys, the same threads and the same index stream in the same run.
 //!
 //! Cache misses are timed first, on one key in 16 spread over all of them, after a scan of
-//! the tables a miss reads has pulled their pages into redb's page cache. The ledger is then
+//! the tables a miss reads has pulled their pages into redb's page cache, each with its
+//! presented key read into the CPU caches before the clock starts (a server verifies a key
+//! it has just parsed). The ledger is then
 //! closed and opened again with an empty cache, the pages read again, and the cache filled
 //! for the memory: measured with a counting global allocator, whose bookkeeping would
 //! otherwise be in the misses' times. Allocations made by the thread that fills the cache are

@@ -457,6 +457,47 @@ fn demo_runs_without_setup_and_prints_a_summary() {
     assert_eq!(v["pools_created"], 1);
 }
 
+#[test]
+fn bench_json_reports_the_ratios_on_a_small_store() {
+    let bench = |tunables: Option<&str>| -> Value {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyledger"));
+        cmd.env_remove("KEYLEDGER_MASTER_KEY")
+            .env_remove("GLIBC_TUNABLES")
+            .args(["--json", "bench", "--keys", "2000", "--seconds", "0.2"]);
+        if let Some(tunables) = tunables {
+            cmd.env("GLIBC_TUNABLES", tunables);
+        }
+        let out = cmd.output().expect("run");
+        assert_success(&out);
+        serde_json::from_slice(&out.stdout).expect("one JSON object")
+    };
+    let v = bench(None);
+    let number = |field: &str| {
+        v[field]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{field} missing: {v}"))
+    };
+    assert_eq!(v["threads"], 1);
+    assert_eq!(v["keys"], 2000);
+    assert_eq!(v["cached_keys"], 2000, "every key fits the default cache");
+    assert_eq!(v["denied"], 0, "every key has credits for the run: {v}");
+    assert!(number("ops_per_sec") > 0.0);
+    assert!(number("p50_ns") <= number("p99_ns"));
+    assert!(number("miss_p50_ns") <= number("miss_p99_ns"));
+    let ratio = number("verify_ns") / number("floor_ns");
+    assert!(
+        (number("ratio_to_floor") - ratio).abs() < 1e-9 * ratio,
+        "{v}"
+    );
+    assert!(number("p50_ratio_to_floor") > 0.0);
+    assert!(number("bytes_per_cached_key") > 0.0);
+    assert!(v.get("transparent_hugepages").is_some(), "{v}");
+    assert_eq!(v["malloc_hugetlb"], false);
+
+    let v = bench(Some("glibc.malloc.check=0:glibc.malloc.hugetlb=1"));
+    assert_eq!(v["malloc_hugetlb"], true, "{v}");
+}
+
 /// Every denial code `verify` gives, in chain order.
 const DENIAL_CODES: [&str; 10] = [
     "malformed",

@@ -128,8 +128,34 @@ struct Report {
     lease_waits_during_run: u64,
     lease_wait_p99_ns: u64,
     lease_wait_max_ns: u64,
+    /// The kernel's transparent-huge-page mode (`always`, `madvise`, `never`; `None`: not
+    /// readable). Under `madvise`, glibc's heap gets huge pages only with `malloc_hugetlb`.
+    transparent_hugepages: Option<String>,
+    /// Whether `GLIBC_TUNABLES` asks glibc's malloc for huge pages (`glibc.malloc.hugetlb`
+    /// 1 or 2): at 1M keys every look-up then misses the TLB far less often
+    /// (docs/PERFORMANCE.md, "Nineteenth round").
+    malloc_hugetlb: bool,
     /// Where the wall time went, in seconds.
     phases: Phases,
+}
+
+/// The selected mode in `/sys/kernel/mm/transparent_hugepage/enabled` (`always [madvise]
+/// never`).
+fn transparent_hugepages() -> Option<String> {
+    let modes = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    let start = modes.find('[')? + 1;
+    let end = start + modes[start..].find(']')?;
+    Some(modes[start..end].to_owned())
+}
+
+/// Whether `GLIBC_TUNABLES` sets `glibc.malloc.hugetlb` to 1 (madvise) or 2 (hugetlbfs).
+fn malloc_hugetlb() -> bool {
+    std::env::var("GLIBC_TUNABLES").is_ok_and(|tunables| {
+        tunables.split(':').any(|t| {
+            t.strip_prefix("glibc.malloc.hugetlb=")
+                .is_some_and(|v| v == "1" || v == "2")
+        })
+    })
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -288,6 +314,8 @@ pub fn run(json: bool, args: BenchArgs) -> CliResult<u8> {
         lease_waits_during_run: waits.count(),
         lease_wait_p99_ns: wait_ns(waits.percentile(99.0)),
         lease_wait_max_ns: wait_ns(waits.max()),
+        transparent_hugepages: transparent_hugepages(),
+        malloc_hugetlb: malloc_hugetlb(),
         phases,
     };
     if json {
@@ -349,6 +377,15 @@ fn print_text(r: &Report) {
     println!(
         "  lease waits       {} during the run (every one counted); p99 < {} ns, longest < {} ns",
         r.lease_waits_during_run, r.lease_wait_p99_ns, r.lease_wait_max_ns
+    );
+    println!(
+        "  huge pages        kernel mode {}, malloc {}",
+        r.transparent_hugepages.as_deref().unwrap_or("unknown"),
+        if r.malloc_hugetlb {
+            "asks for them (GLIBC_TUNABLES)"
+        } else {
+            "does not ask (GLIBC_TUNABLES=glibc.malloc.hugetlb=1 would)"
+        }
     );
     let p = &r.phases;
     println!(

@@ -171,16 +171,13 @@ impl<'a> Accounts<'a> {
             let before = record.clone();
             let mut changed = Vec::new();
             if let Some(name) = name {
-                record.name = name;
-                changed.push("name");
+                audit::set(&mut changed, "name", &mut record.name, name);
             }
             if let Some(status) = update.status {
-                record.status = status;
-                changed.push("status");
+                audit::set(&mut changed, "status", &mut record.status, status);
             }
             if let Some(ents) = ents {
-                record.entitlements = ents;
-                changed.push("entitlements");
+                audit::set(&mut changed, "entitlements", &mut record.entitlements, ents);
             }
             // Like keys: a change that touches no field writes nothing (no audit entry, no
             // eviction of the account's cached keys).

@@ -35,6 +35,20 @@ pub(crate) fn append(
     Ok(())
 }
 
+/// Sets `field` to `value`; names it in `changed` if that changed it (an event lists the
+/// fields a change changed, not those the caller passed again).
+pub(crate) fn set<T: PartialEq>(
+    changed: &mut Vec<&'static str>,
+    name: &'static str,
+    field: &mut T,
+    value: T,
+) {
+    if *field != value {
+        *field = value;
+        changed.push(name);
+    }
+}
+
 /// Reads the audit trail. Get one with [`Ledger::audit`].
 pub struct Audit<'a> {
     pub(crate) ledger: &'a Ledger,

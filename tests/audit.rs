@@ -345,3 +345,40 @@ fn a_route_change_is_audited_with_the_fields_it_changed() {
         "newest first"
     );
 }
+
+#[test]
+fn a_key_update_names_only_the_fields_it_changed() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let created = t
+        .ledger
+        .keys()
+        .create(NewKey::new(owner, "k").permissions(["a:read"]).credits(100))
+        .unwrap();
+    let id = created.info.id.to_string();
+    let fields = |update: KeyUpdate| {
+        t.ledger.keys().update(&id, update).unwrap();
+        t.ledger.audit().recent(1).unwrap()[0].fields.clone()
+    };
+    let passed_again = KeyUpdate::new()
+        .name("k")
+        .permissions(["a:read"])
+        .expires_at(Some(t.now().plus_secs(60)));
+    assert_eq!(fields(passed_again), ["expires_at"]);
+    // Credits set a key's balance even at the plan's amount: named, as the balance changed.
+    let renamed_and_reset = KeyUpdate::new().name("k2").credits(Some(100));
+    assert_eq!(fields(renamed_and_reset), ["name", "credits"]);
+}
+
+#[test]
+fn an_account_update_names_only_the_fields_it_changed() {
+    let t = TestLedger::new();
+    let acct = t.account("Acme");
+    let update = AccountUpdate::new()
+        .name("Acme")
+        .status(SubscriptionStatus::PastDue);
+    t.ledger.accounts().update(&acct, update).unwrap();
+    let last = &t.ledger.audit().recent(1).unwrap()[0];
+    assert_eq!(last.action, "account.updated");
+    assert_eq!(last.fields, ["status"]);
+}

@@ -467,42 +467,44 @@ impl<'a> Keys<'a> {
         let _in_order = setting_balance.then(|| self.ledger.inner.setting_balances.lock());
         let (info, settings_written) = self.modify(id, "updated", |record, credits| {
             let mut changed = Vec::new();
+            let c = &mut changed;
             if let Some(name) = name {
-                record.name = name;
-                changed.push("name");
+                audit::set(c, "name", &mut record.name, name);
             }
             if let Some(p) = permissions {
-                record.permissions = p;
-                changed.push("permissions");
+                audit::set(c, "permissions", &mut record.permissions, p);
             }
             if let Some(ips) = ips {
-                record.ips = ips;
-                changed.push("ips");
+                audit::set(c, "ips", &mut record.ips, ips);
             }
             if let Some(e) = expires_at {
-                record.expires_at = e;
-                changed.push("expires_at");
+                audit::set(c, "expires_at", &mut record.expires_at, e);
             }
             let mut limits = record.limits.clone();
-            if let Some(c) = update.credits {
-                limits.credits = c;
-                changed.push("credits");
+            if let Some(credits) = update.credits {
+                // Credits given for a key with its own balance set that balance: a change
+                // even when the plan's amount stays the same.
+                if credits.is_some() && limits.credits == credits {
+                    c.push("credits");
+                }
+                audit::set(c, "credits", &mut limits.credits, credits);
             }
             if let Some(r) = update.refill {
-                limits.refill = r;
-                changed.push("refill");
+                audit::set(c, "refill", &mut limits.refill, r);
             }
             if let Some(rl) = update.rate_limits {
-                limits.rate_limits = rl;
-                changed.push("rate_limits");
+                audit::set(c, "rate_limits", &mut limits.rate_limits, rl);
             }
             if let Some(tw) = update.token_window {
-                limits.token_window = tw;
-                changed.push("token_window");
+                audit::set(c, "token_window", &mut limits.token_window, tw);
             }
             if let Some(t) = update.low_balance_threshold {
-                limits.low_balance_threshold = t;
-                changed.push("low_balance_threshold");
+                audit::set(
+                    c,
+                    "low_balance_threshold",
+                    &mut limits.low_balance_threshold,
+                    t,
+                );
             }
             rules::limits(&limits)?;
             if record.pool.is_some() && (limits.credits.is_some() || limits.refill.is_some()) {
@@ -537,8 +539,7 @@ impl<'a> Keys<'a> {
             }
             record.limits = limits;
             if let Some(m) = update.metadata {
-                record.metadata = m;
-                changed.push("metadata");
+                audit::set(&mut changed, "metadata", &mut record.metadata, m);
             }
             Ok(changed)
         })?;

@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 
 use common::*;
 use keyledger::{
-    AccountUpdate, Config, ConfigError, ENV_MASTER_KEY, ENV_MASTER_KEY_FILE, Error, KeyUpdate,
-    Ledger, MasterKey, NewAccount, NewKey, PageRequest, RateLimit, RouteRule, Timestamp,
+    AccountUpdate, Config, ConfigError, ENV_MASTER_KEY, ENV_MASTER_KEY_FILE, Error, ImportKey,
+    ImportedHash, KeyUpdate, Ledger, MasterKey, NewAccount, NewKey, PageRequest, RateLimit,
+    RouteRule, Timestamp,
 };
 
 /// Asserts every rejected call leaves the ledger unchanged.
@@ -85,6 +86,24 @@ fn names_must_be_1_to_50_printable_characters() {
     assert_eq!(t.key(&owner, &"x".repeat(50)).0.name.len(), 50);
     assert_eq!(t.key(&owner, &"é".repeat(50)).0.name.chars().count(), 50);
     assert_eq!(t.key(&owner, "a").0.name, "a");
+}
+
+#[test]
+fn a_class_or_type_that_would_read_as_another_is_refused() {
+    let (t, owner, _) = setup();
+    let _guard = Unchanged::new(&t);
+    // An imported key's class is its prefix's: `.test()` on a live prefix would be ignored.
+    let live = formatted_key("vb_live_", 11);
+    let hash = ImportedHash::Sha256([7; 32]);
+    let import = ImportKey::new(owner, "old", hash, &live[..12], &live[42..]).test();
+    assert_invalid(t.ledger.keys().import(import), "test");
+    // `api` is the type an API key reports.
+    let token = NewKey::token(owner, "api", "hook");
+    assert_invalid(t.ledger.tokens().create(token), "type");
+    let tok = formatted_key("vb_tok_", 12);
+    let hash = ImportedHash::Sha256([8; 32]);
+    let import = ImportKey::new(owner, "old hook", hash, &tok[..12], &tok[tok.len() - 4..]);
+    assert_invalid(t.ledger.tokens().import(import.token_type("api")), "type");
 }
 
 #[test]

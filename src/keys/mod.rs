@@ -167,7 +167,7 @@ impl<'a> Keys<'a> {
 
     /// Imports a key issued elsewhere by its hash; its holder keeps using the same plaintext.
     pub fn import(&self, import: ImportKey) -> Result<KeyInfo> {
-        self.class_for(&import.settings)?;
+        let asked = self.class_for(&import.settings)?;
         let class = self
             .ledger
             .inner
@@ -188,6 +188,14 @@ impl<'a> Keys<'a> {
             return Err(Error::invalid(
                 "prefix",
                 "a token prefix is imported through tokens()",
+            ));
+        }
+        // The prefix the key's holder presents decides its class: `.test()` cannot make a
+        // live-prefixed key a test key.
+        if asked == KeyClass::Test && class != KeyClass::Test {
+            return Err(Error::invalid(
+                "test",
+                "an imported key's class comes from its prefix, which is not a test prefix",
             ));
         }
         let (hash, scheme) = match import.hash {
@@ -244,6 +252,10 @@ impl<'a> Keys<'a> {
         }
         let now = self.ledger.now();
         let kind = match s.token_type {
+            // `api` is what an API key's `type` reads: a token typed so would read as one.
+            Some(t) if t == KeyKind::Api.label() => {
+                return Err(Error::invalid("type", "`api` is the type of API keys"));
+            }
             Some(t) => KeyKind::Token {
                 token_type: rules::name("type", &t)?,
             },

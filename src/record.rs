@@ -469,13 +469,14 @@ pub(crate) mod rules {
     pub const MAX_RATE_LIMITS: usize = 16;
     pub const ACTOR_MAX_CHARS: usize = 254;
 
-    /// A display name: 1–50 characters, no control characters, not blank.
+    /// A display name: 1–50 characters, no control characters (see [`text`]), not blank.
     pub fn name(field: &'static str, name: &str) -> Result<String, Error> {
         text(field, name, NAME_MAX_CHARS)?;
         Ok(name.to_owned())
     }
 
-    /// Not blank, at most `max` characters, no control characters.
+    /// Not blank, at most `max` characters, no control characters, line or paragraph
+    /// separators or bidirectional overrides.
     fn text(field: &'static str, text: &str, max: usize) -> Result<(), Error> {
         let chars = text.chars().count();
         if text.trim().is_empty() {
@@ -487,8 +488,17 @@ pub(crate) mod rules {
                 format!("must be at most {max} characters, got {chars}"),
             ));
         }
-        if text.chars().any(char::is_control) {
-            return Err(Error::invalid(field, "must not contain control characters"));
+        // Line and paragraph separators and bidirectional overrides move or reorder what
+        // follows them on a terminal as a line break would.
+        let hostile = |c: char| {
+            c.is_control()
+                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        };
+        if text.chars().any(hostile) {
+            return Err(Error::invalid(
+                field,
+                "must not contain control, line-separator or bidirectional-override characters",
+            ));
         }
         Ok(())
     }

@@ -283,7 +283,9 @@ fn an_actor_that_could_forge_an_audit_line_is_refused_and_changes_nothing() {
     let before = t.ledger.audit().recent(100).unwrap().len();
     let forged = "alice\n2026-11-30T15:06:40Z  admin  key.deleted  key_XXXX";
     let long = "x".repeat(255);
-    for actor in [forged, long.as_str(), "", "  ", "bell\u{7}"] {
+    let separated = forged.replace('\n', "\u{2028}");
+    let reordered = "\u{202E}eteled.yek  nimda";
+    for actor in [forged, &separated, reordered, &long, "", "  ", "bell\u{7}"] {
         assert_invalid(
             t.ledger
                 .accounts()

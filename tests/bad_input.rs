@@ -61,6 +61,9 @@ fn names_must_be_1_to_50_printable_characters() {
             "line\nbreak",
             "bell\u{7}",
             "nul\0",
+            "line\u{2028}separator",
+            "\u{202E}reversed",
+            "isolate\u{2067}",
         ] {
             assert_invalid(t.ledger.keys().create(NewKey::new(owner, bad)), "name");
             assert_invalid(

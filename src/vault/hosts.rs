@@ -71,6 +71,14 @@ impl HostPattern {
                 if d.ends_with('.') || d.is_empty() {
                     return Err(bad_pattern("a host must not end with `.`"));
                 }
+                // Checked on the text as the parser decoded it: `%2a.example.com` is the
+                // host `*.example.com`, which would read back as a wildcard.
+                let label_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_');
+                if !d.bytes().all(|b| label_char(b) || b == b'.') {
+                    return Err(bad_pattern(
+                        "a host may hold only letters, digits, `-`, `_` and `.` (once decoded)",
+                    ));
+                }
                 if wildcard && !d.contains('.') {
                     return Err(bad_pattern(
                         "a `*.` pattern needs a domain of at least two labels",
@@ -128,31 +136,29 @@ impl HostPattern {
     }
 }
 
-/// Validates and normalizes a secret's allowed hosts: 1–32 patterns, deduplicated, sorted.
+/// Validates and normalizes a secret's allowed hosts: 1–32 distinct patterns, sorted.
 pub(crate) fn normalize<I, S>(patterns: I) -> Result<Vec<String>>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
 {
-    let mut out = Vec::new();
+    let mut out = std::collections::BTreeSet::new();
     for p in patterns {
-        out.push(HostPattern::parse(p.as_ref())?.canonical());
+        out.insert(HostPattern::parse(p.as_ref())?.canonical());
         if out.len() > MAX_PATTERNS {
             return Err(Error::invalid(
                 "allowed_hosts",
-                format!("at most {MAX_PATTERNS} patterns"),
+                format!("at most {MAX_PATTERNS} distinct patterns"),
             ));
         }
     }
-    out.sort();
-    out.dedup();
     if out.is_empty() {
         return Err(Error::invalid(
             "allowed_hosts",
             "at least one host is needed: a secret is only ever sent to its allowed hosts",
         ));
     }
-    Ok(out)
+    Ok(out.into_iter().collect())
 }
 
 fn is_loopback(host: &Host<&str>) -> bool {
@@ -256,9 +262,41 @@ mod tests {
             "*.127.0.0.1",
             "x.com?q",
             "ex\\a.com",
+            // Decoded by the parser into a `*` (or another character no host has), which
+            // the stored text would then read back as.
+            "%2a.example.com",
+            "%2A.example.com",
+            "a%2a.example.com",
+            "*.%2a.example.com",
+            "ex%21ample.com",
         ] {
             assert!(n(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    proptest! {
+        /// What is stored reads back as the same pattern: checks at `put` are the checks at
+        /// attach time.
+        #[test]
+        fn a_stored_pattern_reads_back_as_itself(
+            p in "(\\*\\.)?(%2[aA]|%2[eE]|%5[bB]|%3[aA]|%21|[a-zA-Z0-9._:*-]){1,12}(\\.example\\.com)?(:[0-9]{1,5})?"
+        ) {
+            if let Ok(pattern) = HostPattern::parse(&p) {
+                let stored = pattern.canonical();
+                let again = HostPattern::parse(&stored).map(|p| p.canonical()).ok();
+                prop_assert_eq!(again, Some(stored));
+            }
+        }
+    }
+
+    #[test]
+    fn repeated_patterns_count_once() {
+        let hosts: Vec<String> = (0..40)
+            .map(|i| format!("h{}.example.com", i % 32))
+            .collect();
+        assert_eq!(normalize(&hosts).unwrap().len(), 32);
+        let hosts: Vec<String> = (0..33).map(|i| format!("h{i}.example.com")).collect();
+        assert!(normalize(&hosts).is_err(), "33 distinct patterns");
     }
 
     #[test]

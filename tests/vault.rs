@@ -471,7 +471,10 @@ fn refresh_scheduling_follows_the_clock() {
     let err = normalize_provider_error(&Provider::GoogleDrive, 429, r#"{"error":"rate"}"#);
     assert_eq!(err.kind, ProviderErrorKind::RateLimited);
     let info = vault
-        .mark_unhealthy(&a, &Provider::GoogleDrive, err.kind)
+        .mark_unhealthy(
+            &vault.get(&a, &Provider::GoogleDrive).unwrap().info,
+            err.kind,
+        )
         .unwrap();
     assert_eq!(
         (info.health, info.health_reason),
@@ -483,7 +486,10 @@ fn refresh_scheduling_follows_the_clock() {
     let err = normalize_provider_error(&Provider::GoogleDrive, 400, r#"{"error":"invalid_grant"}"#);
     assert_eq!(err.kind, ProviderErrorKind::Revoked);
     vault
-        .mark_unhealthy(&a, &Provider::GoogleDrive, err.kind)
+        .mark_unhealthy(
+            &vault.get(&a, &Provider::GoogleDrive).unwrap().info,
+            err.kind,
+        )
         .unwrap();
     assert!(due(&env).is_empty());
     assert_eq!(
@@ -692,6 +698,18 @@ fn secrets_are_attached_only_for_allowed_hosts() {
             "ports.test:8443",
             "xn--bcher-kva.example"
         ]
+    );
+    // An exact pattern stays exact: a `*` spelled `%2a` is no host, and no wildcard either.
+    let encoded = secrets.put(&a, "OTHER", Secret::new(API_SECRET), ["%2a.example.com"]);
+    assert!(
+        matches!(
+            &encoded,
+            Err(Error::InvalidInput {
+                field: "allowed_hosts",
+                ..
+            })
+        ),
+        "{encoded:?}"
     );
     let ok = |url: &str| {
         let h = secrets
@@ -1009,7 +1027,10 @@ fn plaintexts_never_leak_to_file_debug_errors_or_audit() {
     show(format!(
         "{:?}",
         vault
-            .mark_unhealthy(&a, &Provider::Notion, ProviderErrorKind::AuthExpired)
+            .mark_unhealthy(
+                &vault.get(&a, &Provider::Notion).unwrap().info,
+                ProviderErrorKind::AuthExpired
+            )
             .unwrap()
     ));
 
@@ -1196,12 +1217,18 @@ fn a_revoked_connection_stays_revoked_until_the_owner_connects_again() {
         .connect(&a, &Provider::GoogleDrive, google_grant())
         .unwrap();
     vault
-        .mark_unhealthy(&a, &Provider::GoogleDrive, ProviderErrorKind::Revoked)
+        .mark_unhealthy(
+            &vault.get(&a, &Provider::GoogleDrive).unwrap().info,
+            ProviderErrorKind::Revoked,
+        )
         .unwrap();
     let audit_before = env.ledger.audit().recent(100).unwrap().len();
     // A call made before the revocation fails late, for another reason.
     let info = vault
-        .mark_unhealthy(&a, &Provider::GoogleDrive, ProviderErrorKind::RateLimited)
+        .mark_unhealthy(
+            &vault.get(&a, &Provider::GoogleDrive).unwrap().info,
+            ProviderErrorKind::RateLimited,
+        )
         .unwrap();
     assert_eq!(info.health, Health::Revoked);
     assert_eq!(
@@ -1244,8 +1271,7 @@ fn a_refresh_of_the_old_grant_does_not_overwrite_a_reconnect() {
         .unwrap();
     // The refresher reads the grant it will refresh...
     let before = vault.get(&a, &Provider::Notion).unwrap();
-    env.clock.advance_secs(1);
-    // ...while the owner connects again...
+    // ...while the owner connects again (in the same millisecond: the clock stands still)...
     vault
         .connect(
             &a,
@@ -1264,6 +1290,58 @@ fn a_refresh_of_the_old_grant_does_not_overwrite_a_reconnect() {
     let now = vault.get(&a, &Provider::Notion).unwrap();
     assert_eq!(now.access_token.expose(), "new-access");
     assert_eq!(now.refresh_token.unwrap().expose(), "new-refresh");
+    // A late failure of the old grant does not revoke the new one either.
+    let info = vault
+        .mark_unhealthy(&before.info, ProviderErrorKind::Revoked)
+        .unwrap();
+    assert_eq!(info.health, Health::Healthy);
+}
+
+#[test]
+fn of_two_refreshers_the_one_that_lost_the_race_changes_nothing() {
+    let env = Env::new();
+    let a = env.account("A");
+    let vault = env.ledger.vault();
+    vault
+        .connect(&a, &Provider::Notion, google_grant())
+        .unwrap();
+    // Both read the same grant; the provider rotates the refresh token at the first refresh.
+    let first = vault.get(&a, &Provider::Notion).unwrap();
+    let second = vault.get(&a, &Provider::Notion).unwrap();
+    assert_eq!(first.info.revision, second.info.revision);
+    let rotated = OAuthGrant::new(Secret::new("access-2"))
+        .refresh_token(Secret::new("refresh-2"))
+        .expires_in_secs(3_600);
+    let stored = vault.record_refresh(&first.info, rotated).unwrap();
+    assert_ne!(
+        stored.revision, first.info.revision,
+        "a refresh is a new revision"
+    );
+    // The second presents the spent refresh token: the provider says `invalid_grant`.
+    let refused = normalize_provider_error(&Provider::Notion, 400, r#"{"error":"invalid_grant"}"#);
+    assert_eq!(refused.kind, ProviderErrorKind::Revoked);
+    let audit_before = env.ledger.audit().recent(100).unwrap().len();
+    let info = vault.mark_unhealthy(&second.info, refused.kind).unwrap();
+    assert_eq!(
+        info.health,
+        Health::Healthy,
+        "the stale failure revoked fresh tokens"
+    );
+    assert_eq!(env.ledger.audit().recent(100).unwrap().len(), audit_before);
+    // Had it refreshed instead, its result would be dropped, not mixed in.
+    let late = OAuthGrant::new(Secret::new("access-3")).expires_in_secs(3_600);
+    assert!(matches!(
+        vault.record_refresh(&second.info, late),
+        Err(Error::Conflict(_))
+    ));
+    let now = vault.get(&a, &Provider::Notion).unwrap();
+    assert_eq!(now.access_token.expose(), "access-2");
+    assert_eq!(now.refresh_token.unwrap().expose(), "refresh-2");
+    // A failure of the grant now stored is recorded.
+    let info = vault
+        .mark_unhealthy(&now.info, ProviderErrorKind::Revoked)
+        .unwrap();
+    assert_eq!(info.health, Health::Revoked);
 }
 
 #[test]
@@ -1291,15 +1369,23 @@ fn a_connection_a_provider_refused_early_is_offered_for_refresh() {
     );
     for provider in [Provider::GoogleDrive, Provider::Notion] {
         vault
-            .mark_unhealthy(&a, &provider, ProviderErrorKind::AuthExpired)
+            .mark_unhealthy(
+                &vault.get(&a, &provider).unwrap().info,
+                ProviderErrorKind::AuthExpired,
+            )
             .unwrap();
     }
-    let due = vault.due_for_refresh(now, Duration::ZERO).unwrap();
-    assert_eq!(due.len(), 2, "{due:?}");
-    assert!(
-        due.iter()
-            .all(|d| d.health == Health::RefreshFailed && d.expires_at <= now)
-    );
+    // Failed ones are due now, also when their expiry falls within the look-ahead (they
+    // sort ahead of healthy ones due later).
+    for skew in [Duration::ZERO, Duration::from_secs(7_200)] {
+        let due = vault.due_for_refresh(now, skew).unwrap();
+        assert_eq!(due.len(), 2, "{due:?}");
+        assert!(
+            due.iter()
+                .all(|d| d.health == Health::RefreshFailed && d.expires_at <= now),
+            "{due:?}"
+        );
+    }
 }
 
 #[test]

@@ -129,6 +129,11 @@ pub struct ConnectionInfo {
     pub updated_by: String,
     /// Last successful refresh.
     pub last_refreshed_at: Option<Timestamp>,
+    /// Which stored grant this is: changes at every connect and every successful refresh
+    /// (not at a health change). [`record_refresh`](crate::Vault::record_refresh) and
+    /// [`mark_unhealthy`](crate::Vault::mark_unhealthy) take the info a refresh or call
+    /// started from and land only on the grant it came from.
+    pub revision: u64,
     /// Record schema version.
     pub schema_version: u8,
 }

@@ -94,6 +94,7 @@ impl<'a> Vault<'a> {
             updated_at: r.updated_at,
             updated_by: r.updated_by.clone(),
             last_refreshed_at: r.last_refreshed_at,
+            revision: revision(r),
             schema_version: ConnectorRecord::VERSION,
         }
     }
@@ -262,10 +263,10 @@ impl<'a> Vault<'a> {
             // A failed refresh, or a token the provider refused early, is due whatever its
             // stored expiry (and with none).
             let failed = matches!(record.health, StoredHealth::RefreshFailed(_));
-            let expires_at = match record.expires_at {
-                Some(at) if at <= horizon => at,
-                Some(at) if failed => at.min(now),
-                None if failed => now,
+            let expires_at = match (record.expires_at, failed) {
+                (Some(at), true) => at.min(now),
+                (None, true) => now,
+                (Some(at), false) if at <= horizon => at,
                 _ => continue,
             };
             if !record.has_refresh_token || matches!(record.health, StoredHealth::Revoked(_)) {
@@ -297,10 +298,11 @@ impl<'a> Vault<'a> {
     /// scopes if any were returned (else the stored ones are kept). Health becomes healthy.
     ///
     /// `refreshed` is the connection the refresh started from (the `info` of what
-    /// [`get`](Self::get) returned). If the owner connected again since (a new grant, perhaps
-    /// other scopes or another account at the provider), the result belongs to the old grant
-    /// and is refused with `Conflict`, as is a revoked connection: the owner must connect
-    /// again.
+    /// [`get`](Self::get) returned). If the stored grant changed since (the owner connected
+    /// again — a new grant, perhaps other scopes or another account at the provider — or
+    /// another refresher stored its result first: see [`ConnectionInfo::revision`]), the
+    /// result is refused with `Conflict`, as is one for a revoked connection (the owner must
+    /// connect again).
     pub fn record_refresh(
         &self,
         refreshed: &ConnectionInfo,
@@ -324,10 +326,11 @@ impl<'a> Vault<'a> {
                         "the {name} connection was revoked; the owner must connect again"
                     )));
                 }
-                if record.connected_at != refreshed.connected_at {
+                if revision(record) != refreshed.revision {
                     return Err(Error::Conflict(format!(
-                        "the {name} connection was connected again since this refresh began; \
-                         its result belongs to the old grant and is dropped"
+                        "the {name} connection changed since this refresh began (connected \
+                         again, or refreshed by another refresher); its result is dropped: \
+                         get the connection again"
                     )));
                 }
                 let mut fields = vec!["access_token", "expires_at"];
@@ -355,22 +358,29 @@ impl<'a> Vault<'a> {
         )
     }
 
-    /// Records that a refresh or call failed for `reason` (a [`ProviderErrorKind`], e.g. from
-    /// [`normalize_provider_error`](crate::normalize_provider_error)): `revoked` marks the
-    /// connection revoked, anything else `refresh_failed`. A revoked connection stays revoked
-    /// (a late failure of a call made before the revocation changes nothing): only a new
-    /// [`connect`](Self::connect) clears it. No free text is stored.
+    /// Records that a refresh or call made with the grant `failed` describes (the `info` of
+    /// what [`get`](Self::get) returned) failed for `reason` (a [`ProviderErrorKind`], e.g.
+    /// from [`normalize_provider_error`](crate::normalize_provider_error)): `revoked` marks
+    /// the connection revoked, anything else `refresh_failed`. No free text is stored.
+    ///
+    /// A late failure changes nothing: one of a grant replaced or refreshed since (a refresh
+    /// token another refresher already spent is refused as `invalid_grant`, which reads as
+    /// revoked), and one of a call made before a revocation (a revoked connection stays
+    /// revoked until a new [`connect`](Self::connect)). The info returned is the connection
+    /// as stored.
     pub fn mark_unhealthy(
         &self,
-        owner: &str,
-        provider: &Provider,
+        failed: &ConnectionInfo,
         reason: ProviderErrorKind,
     ) -> Result<ConnectionInfo> {
         self.modify(
-            owner,
-            provider,
+            failed.owner.as_str(),
+            &failed.provider,
             "connector.marked_unhealthy",
             |_, _, record| {
+                if revision(record) != failed.revision {
+                    return Ok(Vec::new());
+                }
                 record.health = match (reason, record.health) {
                     (ProviderErrorKind::Revoked, _) => StoredHealth::Revoked(reason),
                     (_, StoredHealth::Revoked(_)) => return Ok(Vec::new()),
@@ -410,6 +420,13 @@ impl<'a> Vault<'a> {
         txn.commit()?;
         Ok(self.info(&owner, name, &record))
     }
+}
+
+/// Which stored grant `record` holds: a digest of its sealed tokens, which every connect and
+/// refresh seals anew (under a fresh nonce).
+fn revision(record: &ConnectorRecord) -> u64 {
+    let digest = blake3::hash(&record.sealed);
+    u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 /// Resolves an owner inside a write transaction.

@@ -1123,7 +1123,7 @@ mod tests {
         // A state with one arrival at `at` (seconds): running for the 6 s that follow.
         let state = |at: u64| {
             let limits = Arc::new(KeyLimits::new(&configured, 0, &[]));
-            limits.acquire(at * SEC, 1, 100).unwrap();
+            limits.acquire(|| at * SEC, 1, 100).unwrap();
             limits
         };
         let mut live = LiveLimits::default();
@@ -1413,7 +1413,7 @@ mod tests {
         };
         // The request it serves (verify.rs step 7, as `check` does with an Uncached key).
         let limits = k.limits.as_ref().unwrap();
-        assert!(limits.acquire(f.ledger.monotonic_ns(), 0, 100).is_ok());
+        assert!(limits.acquire(|| f.ledger.monotonic_ns(), 0, 100).is_ok());
         drop(k);
         assert_eq!(
             code(&f.ledger, &plaintext),
@@ -1657,7 +1657,7 @@ mod tests {
             panic!("uncached")
         };
         let limits = k.limits.as_ref().unwrap();
-        assert!(limits.acquire(f.ledger.monotonic_ns(), 0, 100).is_ok());
+        assert!(limits.acquire(|| f.ledger.monotonic_ns(), 0, 100).is_ok());
         drop(k);
         assert_eq!(
             code(&f.ledger, &plaintext),

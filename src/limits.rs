@@ -3,19 +3,36 @@
 //! requests per `window` admits a burst of `limit` and then one request every `window/limit`;
 //! the token window is the same algorithm with the request's cost as its weight. Spend tiers
 //! scale every limit of a key by a multiplier chosen from the key's lifetime spend.
+//!
+//! Arrival times are kept in [`Ticks`], nanoseconds with 32 fractional bits: a window rarely
+//! divides into whole nanoseconds per unit (7,000,000 tokens a minute are 8,571.43 ns each),
+//! and an interval rounded to the nanosecond either inflates a burst (rounded down, that
+//! window admits 7,000,350 tokens at once) or cuts it short (rounded up, 3 a second admits 2).
+//! A unit's share is rounded down to a tick, so a burst is exactly the limit for any limit
+//! below about two billion per second (the rounding would have to add up to a whole unit's
+//! share within one window).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
+
+use portable_atomic::AtomicU128;
 
 use crate::record::Limits;
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 const NANOS_PER_MILLI: u64 = 1_000_000;
 
-/// The longest rate window, 100 years: "so many, ever" fits, and arrival times (ns, on a
-/// scale no later than the Unix epoch's) keep centuries of headroom below `u64::MAX`. A
-/// window near that bound would let them saturate, and a saturated arrival time admits
-/// everything.
+/// Nanoseconds on the clock's monotonic scale, with 32 fractional bits.
+type Ticks = u128;
+const TICKS_PER_NANO: Ticks = 1 << 32;
+
+fn ticks(ns: u64) -> Ticks {
+    Ticks::from(ns) * TICKS_PER_NANO
+}
+
+/// The longest rate window, 100 years: "so many, ever" fits, and arrival times keep
+/// centuries of headroom: a window near the top of the scale would let them saturate, and a
+/// saturated arrival time admits everything.
 pub(crate) const MAX_WINDOW_SECS: u64 = 100 * 365 * 86_400 + 25 * 86_400;
 
 /// One GCRA limit: parameters fixed at build, arrival time shared by all threads.
@@ -24,8 +41,11 @@ pub(crate) struct Gcra {
     /// Requests (or tokens) per window, before the tier multiplier.
     limit: u64,
     window_ns: u64,
-    /// Theoretical arrival time, ns on the clock's monotonic scale (`Clock::monotonic_ns`).
-    tat: AtomicU64,
+    /// One unit's share of the window at the base limit (no tier): kept, as a division
+    /// costs more than the rest of a check.
+    unit: Ticks,
+    /// Theoretical arrival time on the clock's monotonic scale (`Clock::monotonic_ns`).
+    tat: AtomicU128,
 }
 
 impl PartialEq for Gcra {
@@ -37,14 +57,17 @@ impl PartialEq for Gcra {
 
 impl Gcra {
     pub(crate) fn new(limit: u64, window_secs: u64) -> Self {
+        let limit = limit.max(1);
+        // Clamped for records stored before windows were bounded.
+        let window_ns = window_secs
+            .min(MAX_WINDOW_SECS)
+            .saturating_mul(NANOS_PER_SEC)
+            .max(1);
         Gcra {
-            limit: limit.max(1),
-            // Clamped for records stored before windows were bounded.
-            window_ns: window_secs
-                .min(MAX_WINDOW_SECS)
-                .saturating_mul(NANOS_PER_SEC)
-                .max(1),
-            tat: AtomicU64::new(0),
+            limit,
+            window_ns,
+            unit: unit_share(limit, window_ns, 100),
+            tat: AtomicU128::new(0),
         }
     }
 
@@ -52,10 +75,18 @@ impl Gcra {
         *self == Gcra::new(limit, window_secs)
     }
 
-    /// Emission interval for one unit at `multiplier_pct` percent of the base limit.
-    fn interval_ns(&self, multiplier_pct: u32) -> u64 {
-        let scaled = (self.limit as u128 * multiplier_pct.max(1) as u128 / 100).max(1);
-        (self.window_ns as u128 / scaled).max(1) as u64
+    fn window(&self) -> Ticks {
+        ticks(self.window_ns)
+    }
+
+    /// How far `weight` units move the arrival time at `multiplier_pct` percent of the base
+    /// limit.
+    fn increment(&self, weight: u64, multiplier_pct: u32) -> Ticks {
+        let unit = match multiplier_pct {
+            100 => self.unit,
+            pct => unit_share(self.limit, self.window_ns, pct),
+        };
+        unit.saturating_mul(Ticks::from(weight))
     }
 
     /// Admits `weight` units at `now_ns`, returning when their slot ends (the arrival time
@@ -65,12 +96,13 @@ impl Gcra {
         now_ns: u64,
         weight: u64,
         multiplier_pct: u32,
-    ) -> Result<u64, Duration> {
-        let increment = self.interval_ns(multiplier_pct).saturating_mul(weight);
+    ) -> Result<Ticks, Duration> {
+        let now = ticks(now_ns);
+        let increment = self.increment(weight, multiplier_pct);
         let mut tat = self.tat.load(Ordering::Acquire);
         loop {
-            let new_tat = tat.max(now_ns).saturating_add(increment);
-            if let Some(wait) = self.wait_for(tat, new_tat, now_ns) {
+            let new_tat = tat.max(now).saturating_add(increment);
+            if let Some(wait) = self.wait_for(tat, new_tat, now) {
                 return Err(wait);
             }
             match self
@@ -85,9 +117,10 @@ impl Gcra {
 
     /// How long until `weight` units would be admitted (`None`: now), admitting nothing.
     fn wait(&self, now_ns: u64, weight: u64, multiplier_pct: u32) -> Option<Duration> {
-        let increment = self.interval_ns(multiplier_pct).saturating_mul(weight);
+        let now = ticks(now_ns);
+        let increment = self.increment(weight, multiplier_pct);
         let tat = self.tat.load(Ordering::Acquire);
-        self.wait_for(tat, tat.max(now_ns).saturating_add(increment), now_ns)
+        self.wait_for(tat, tat.max(now).saturating_add(increment), now)
     }
 
     /// The wait before moving the arrival time from `tat` to `new_tat` fits in the window
@@ -95,61 +128,83 @@ impl Gcra {
     /// window's capacity) could never fit: it fits once the window is empty, and the key's
     /// next requests wait until it is paid off, so the long-run rate still holds and the wait
     /// given is one after which the request is admitted.
-    fn wait_for(&self, tat: u64, new_tat: u64, now_ns: u64) -> Option<Duration> {
-        let ahead = new_tat - now_ns;
-        if ahead <= self.window_ns {
+    fn wait_for(&self, tat: Ticks, new_tat: Ticks, now: Ticks) -> Option<Duration> {
+        let ahead = new_tat - now;
+        if ahead <= self.window() {
             return None;
         }
-        let wait = (ahead - self.window_ns).min(tat.saturating_sub(now_ns));
+        let wait = (ahead - self.window()).min(tat.saturating_sub(now));
         // In whole milliseconds, rounded up: the clock reads milliseconds, so a wait cut
         // short by a fraction of one would be refused again.
-        (wait > 0).then(|| Duration::from_millis(wait.div_ceil(NANOS_PER_MILLI)))
+        let per_milli = ticks(NANOS_PER_MILLI);
+        let millis = u64::try_from(wait.div_ceil(per_milli)).unwrap_or(u64::MAX);
+        (wait > 0).then(|| Duration::from_millis(millis))
     }
 
-    /// Charges `weight` more units without refusing (work already done): the key's next
-    /// requests wait for them.
-    fn charge(&self, now_ns: u64, weight: u64, multiplier_pct: u32) {
-        let increment = self.interval_ns(multiplier_pct).saturating_mul(weight);
+    /// Moves the arrival time `increment` further without refusing (work already done): the
+    /// key's next requests wait for it.
+    fn charge(&self, now_ns: u64, increment: Ticks) {
+        let now = ticks(now_ns);
         let _ = self
             .tat
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
-                Some(tat.max(now_ns).saturating_add(increment))
+                Some(tat.max(now).saturating_add(increment))
             });
     }
 
-    /// Gives back the last `weight` units of a slot [`acquire`](Self::acquire) admitted and
-    /// said ends at `until_ns`, as far as they are still ahead of `now_ns`: the part already
-    /// past has drained by itself, and taking it off again would take other requests' slots.
-    /// Never moves the arrival time below `now_ns`.
-    pub(crate) fn release(&self, now_ns: u64, until_ns: u64, weight: u64, multiplier_pct: u32) {
-        let decrement = (self.interval_ns(multiplier_pct).saturating_mul(weight))
-            .min(until_ns.saturating_sub(now_ns));
+    /// Gives back the last `increment` of a slot that ends at `until`, as far as it is still
+    /// ahead of `now_ns`: the part already past has drained by itself, and taking it off
+    /// again would take other requests' slots. Never moves the arrival time below `now_ns`.
+    fn release(&self, now_ns: u64, until: Ticks, increment: Ticks) {
+        let now = ticks(now_ns);
+        let decrement = increment.min(until.saturating_sub(now));
         if decrement == 0 {
             return;
         }
         let _ = self
             .tat
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
-                Some(tat.saturating_sub(decrement).max(now_ns))
+                Some(tat.saturating_sub(decrement).max(now))
             });
     }
 
     /// Units still admissible right now (for grants' rate-limit state).
     pub(crate) fn remaining(&self, now_ns: u64, multiplier_pct: u32) -> u64 {
-        let interval = self.interval_ns(multiplier_pct);
-        let used = self.tat.load(Ordering::Acquire).saturating_sub(now_ns);
-        self.window_ns.saturating_sub(used) / interval
+        let used = self
+            .tat
+            .load(Ordering::Acquire)
+            .saturating_sub(ticks(now_ns));
+        let room = self.window().saturating_sub(used);
+        // A unit's share below a tick (over 2³² a nanosecond) weighs nothing.
+        let left = room.checked_div(self.increment(1, multiplier_pct));
+        left.map_or(u64::MAX, |left| u64::try_from(left).unwrap_or(u64::MAX))
+    }
+
+    /// Whether arrivals are still ahead of `now_ns`.
+    fn busy(&self, now_ns: u64) -> bool {
+        self.tat.load(Ordering::Acquire) > ticks(now_ns)
     }
 }
 
-/// What an admission by [`KeyLimits::acquire`] holds, to give back or settle later: where
-/// its slots end and the tier it was admitted at.
+/// One unit's share of a window of `window_ns` for `limit` units at `multiplier_pct` percent,
+/// rounded down to a tick.
+fn unit_share(limit: u64, window_ns: u64, multiplier_pct: u32) -> Ticks {
+    let scaled = (u128::from(limit) * u128::from(multiplier_pct.max(1)) / 100).max(1);
+    // Below 2⁹⁵ (a window is at most 2⁶² ns): no overflow.
+    ticks(window_ns) / scaled
+}
+
+/// What an admission by [`KeyLimits::acquire`] holds, to give back or settle later: when it
+/// was admitted, where its token-window slot ends, and the tier it was admitted at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Admission {
-    /// The earliest end of its slots in the named limits (`u64::MAX`: none).
-    named_until_ns: u64,
     /// The end of its slot in the token window (0: none taken).
-    tokens_until_ns: u64,
+    tokens_until: Ticks,
+    /// When it was admitted (monotonic ns). Its slot in each named limit ends at least one
+    /// interval later: what it gives back is bounded by that, not by each slot's exact end,
+    /// which would take up to 16 more words in every grant. Exact when a limit was idle;
+    /// otherwise short by the time since admission (the checks after the rate limits).
+    admitted_ns: u64,
     /// The spend-tier multiplier it was admitted at.
     tier_pct: u32,
 }
@@ -206,43 +261,40 @@ impl KeyLimits {
         named && tokens
     }
 
-    /// Admits one request of `cost` tokens against every limit, all or nothing.
+    /// Admits one request of `cost` tokens against every limit, all or nothing, at the
+    /// monotonic time `now` reads.
     pub(crate) fn acquire(
         &self,
-        now_ns: u64,
+        now: impl Fn() -> u64,
         cost: u64,
         multiplier_pct: u32,
     ) -> Result<Admission, Duration> {
+        let now_ns = now();
         let mut admission = Admission {
-            named_until_ns: u64::MAX,
-            tokens_until_ns: 0,
+            admitted_ns: now_ns,
+            tokens_until: 0,
             tier_pct: multiplier_pct,
         };
-        // A roll-back gives back slots taken at this very `now_ns`: wholly still ahead.
-        let roll_back = |taken: &[Gcra]| {
-            taken
-                .iter()
-                .for_each(|g| g.release(now_ns, u64::MAX, 1, multiplier_pct))
-        };
+        // A roll-back reads the clock again: a thread that stalled between taking a slot and
+        // a later limit's refusal may find its slot drained and another request's in its
+        // place, which giving back a whole interval would erase.
+        let roll_back = |taken: &[Gcra]| self.release_named(taken, now(), &admission);
         for (i, gcra) in self.named.iter().enumerate() {
-            match gcra.acquire(now_ns, 1, multiplier_pct) {
-                Ok(until) => admission.named_until_ns = admission.named_until_ns.min(until),
-                Err(wait) => {
-                    roll_back(&self.named[..i]);
-                    // A retry must wait for the slowest limit, not just the first that refused.
-                    let later = self.named[i + 1..]
-                        .iter()
-                        .filter_map(|g| g.wait(now_ns, 1, multiplier_pct));
-                    let tokens = self.tokens.as_ref().filter(|_| cost > 0);
-                    let tokens = tokens.and_then(|t| t.wait(now_ns, cost, multiplier_pct));
-                    return Err(later.chain(tokens).fold(wait, Duration::max));
-                }
+            if let Err(wait) = gcra.acquire(now_ns, 1, multiplier_pct) {
+                roll_back(&self.named[..i]);
+                // A retry must wait for the slowest limit, not just the first that refused.
+                let later = self.named[i + 1..]
+                    .iter()
+                    .filter_map(|g| g.wait(now_ns, 1, multiplier_pct));
+                let tokens = self.tokens.as_ref().filter(|_| cost > 0);
+                let tokens = tokens.and_then(|t| t.wait(now_ns, cost, multiplier_pct));
+                return Err(later.chain(tokens).fold(wait, Duration::max));
             }
         }
         if let Some(tokens) = &self.tokens {
             if cost > 0 {
                 match tokens.acquire(now_ns, cost, multiplier_pct) {
-                    Ok(until) => admission.tokens_until_ns = until,
+                    Ok(until) => admission.tokens_until = until,
                     Err(wait) => {
                         roll_back(&self.named);
                         return Err(wait);
@@ -268,11 +320,12 @@ impl KeyLimits {
             return;
         };
         let pct = admitted.tier_pct;
-        match used.cmp(&reserved) {
-            std::cmp::Ordering::Greater => tokens.charge(now_ns, used - reserved, pct),
-            std::cmp::Ordering::Less => {
-                tokens.release(now_ns, admitted.tokens_until_ns, reserved - used, pct)
-            }
+        // The difference of the two increments, so that the window ends up exactly where an
+        // admission of `used` would have left it.
+        let (was, is) = (tokens.increment(reserved, pct), tokens.increment(used, pct));
+        match is.cmp(&was) {
+            std::cmp::Ordering::Greater => tokens.charge(now_ns, is - was),
+            std::cmp::Ordering::Less => tokens.release(now_ns, admitted.tokens_until, was - is),
             std::cmp::Ordering::Equal => {}
         }
     }
@@ -280,12 +333,20 @@ impl KeyLimits {
     /// Gives back what a successful [`acquire`](Self::acquire) of `cost` took (a later check
     /// refused the request), as far as its slots are still ahead of `now_ns`.
     pub(crate) fn release(&self, now_ns: u64, admitted: &Admission, cost: u64) {
-        let pct = admitted.tier_pct;
-        self.named
-            .iter()
-            .for_each(|g| g.release(now_ns, admitted.named_until_ns, 1, pct));
+        self.release_named(&self.named, now_ns, admitted);
         if let Some(tokens) = &self.tokens {
-            tokens.release(now_ns, admitted.tokens_until_ns, cost, pct);
+            let increment = tokens.increment(cost, admitted.tier_pct);
+            tokens.release(now_ns, admitted.tokens_until, increment);
+        }
+    }
+
+    /// Gives each of the named limits `taken` back the slot `admitted` took in it, as far as
+    /// that slot can still be ahead of `now_ns` (see [`Admission::admitted_ns`]).
+    fn release_named(&self, taken: &[Gcra], now_ns: u64, admitted: &Admission) {
+        for gcra in taken {
+            let increment = gcra.increment(1, admitted.tier_pct);
+            let until_at_least = ticks(admitted.admitted_ns).saturating_add(increment);
+            gcra.release(now_ns, until_at_least, increment);
         }
     }
 
@@ -294,7 +355,7 @@ impl KeyLimits {
     /// this one would.
     pub(crate) fn running(&self, now_ns: u64) -> bool {
         let mut all = self.named.iter().chain(self.tokens.as_deref());
-        all.any(|g| g.tat.load(Ordering::Acquire) > now_ns)
+        all.any(|g| g.busy(now_ns))
     }
 
     /// Lifetime spend counted so far (0 without spend tiers).
@@ -475,13 +536,13 @@ mod tests {
         };
         let k = KeyLimits::new(&limits, 0, &[]);
         let t0 = 100 * S;
-        assert!(k.acquire(t0, 10, 100).is_ok());
-        assert!(k.acquire(t0, 45, 100).is_err(), "token window refuses");
+        assert!(k.acquire(|| t0, 10, 100).is_ok());
+        assert!(k.acquire(|| t0, 45, 100).is_err(), "token window refuses");
         // The refused request gave its named-limit slots back: 4 more fit this second.
         for _ in 0..4 {
-            assert!(k.acquire(t0, 1, 100).is_ok());
+            assert!(k.acquire(|| t0, 1, 100).is_ok());
         }
-        assert!(k.acquire(t0, 1, 100).is_err());
+        assert!(k.acquire(|| t0, 1, 100).is_err());
         assert_eq!(k.remaining(t0, 100).0, Some(0));
     }
 
@@ -490,14 +551,83 @@ mod tests {
         let k = KeyLimits::new(&per_second_and_minute(5, 5), 0, &[]);
         let t0 = 100 * S;
         for _ in 0..5 {
-            assert!(k.acquire(t0, 1, 100).is_ok());
+            assert!(k.acquire(|| t0, 1, 100).is_ok());
         }
         // The per-second limit refuses first, for 200 ms; the per-minute one for 12 s.
-        assert_eq!(k.acquire(t0, 1, 100), Err(Duration::from_secs(12)));
+        assert_eq!(k.acquire(|| t0, 1, 100), Err(Duration::from_secs(12)));
         assert!(
-            k.acquire(t0 + 12 * S, 1, 100).is_ok(),
+            k.acquire(|| t0 + 12 * S, 1, 100).is_ok(),
             "after that wait it fits"
         );
+    }
+
+    /// A request that took a slot and stalled before a later limit refused it gives back
+    /// only what is left of its own slot: the request that took the next slot meanwhile
+    /// keeps it. (Found by a reviewer: the roll-back gave back a whole interval at the
+    /// stalled request's time, erasing the other request's slot.)
+    #[test]
+    fn a_stalled_roll_back_leaves_a_later_requests_slot_alone() {
+        const MS: u64 = NANOS_PER_MILLI;
+        // 1,000 a second (a slot is 1 ms) and one a minute.
+        let k = KeyLimits::new(&per_second_and_minute(1_000, 1), 0, &[]);
+        let t0 = 100 * S;
+        assert!(k.acquire(|| t0, 1, 100).is_ok(), "the minute's one request");
+        let (stalled_at, other_at) = (t0 + 10 * MS, t0 + 15 * MS);
+        let reads = std::cell::Cell::new(0);
+        let clock = || {
+            reads.set(reads.get() + 1);
+            if reads.get() == 1 {
+                return stalled_at;
+            }
+            // Before the roll-back: another request takes the per-second limit's next slot.
+            assert!(k.named[0].acquire(other_at, 1, 100).is_ok());
+            other_at
+        };
+        assert!(
+            k.acquire(clock, 1, 100).is_err(),
+            "the minute limit refuses"
+        );
+        assert_eq!(reads.get(), 2, "the roll-back read the clock again");
+        assert_eq!(
+            k.named[0].remaining(other_at, 100),
+            999,
+            "the other request's slot is still taken"
+        );
+    }
+
+    #[test]
+    fn a_burst_is_the_limit_however_the_window_divides() {
+        for limit in [1, 3, 7, 1_000, 7_000_000, 999_999_937] {
+            let g = Gcra::new(limit, 60);
+            let t0 = 5 * S;
+            assert!(g.acquire(t0, limit - 1, 100).is_ok());
+            assert!(g.acquire(t0, 1, 100).is_ok(), "{limit}: the last unit fits");
+            assert!(g.acquire(t0, 1, 100).is_err(), "{limit}: one more does not");
+            assert_eq!(g.remaining(t0, 100), 0);
+        }
+        let g = Gcra::new(3, 1);
+        for _ in 0..3 {
+            assert!(
+                g.acquire(S, 1, 100).is_ok(),
+                "three a second, one at a time"
+            );
+        }
+        assert_eq!(g.acquire(S, 1, 100), Err(Duration::from_millis(334)));
+    }
+
+    #[test]
+    fn extreme_weights_and_windows_saturate_without_panicking() {
+        let g = Gcra::new(1, MAX_WINDOW_SECS);
+        assert!(
+            g.acquire(S, u64::MAX, 1_000_000).is_ok(),
+            "fits an empty window"
+        );
+        let wait = g.acquire(S, 1, 100).unwrap_err();
+        assert!(wait > Duration::from_secs(MAX_WINDOW_SECS), "{wait:?}");
+        assert_eq!(g.remaining(u64::MAX, 100), 0);
+        let huge = Gcra::new(u64::MAX, 1);
+        assert!(huge.acquire(u64::MAX, u64::MAX, u32::MAX).is_ok());
+        assert!(huge.remaining(u64::MAX, u32::MAX) > 0);
     }
 
     #[test]

@@ -306,7 +306,7 @@ fn check<'l>(
     let admission = match &key.limits {
         Some(limits) => {
             let tier_pct = key.tier_pct(&ledger.inner.engine.tiers);
-            match limits.acquire(ledger.monotonic_ns(), cost, tier_pct) {
+            match limits.acquire(|| ledger.monotonic_ns(), cost, tier_pct) {
                 Ok(admission) => Some(admission),
                 Err(retry_after) => return Denied(Denial::RateLimited { retry_after }),
             }

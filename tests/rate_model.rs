@@ -149,47 +149,58 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 /// One GCRA limit as the contract states it (src/limits.rs): a burst of `limit`, then one
-/// unit every `window / limit` (scaled by the spend tier).
+/// unit every `window / limit` (scaled by the spend tier), in exact arithmetic: times are
+/// kept in `1 / UNITS_PER_NS` nanoseconds, a multiple of every share the specs here make
+/// (named limits under 4 and token windows under 12, at most tripled by a tier).
 #[derive(Debug, Clone)]
 struct Gcra {
     limit: u64,
-    window_ns: u64,
-    tat: u64,
+    window: u128,
+    tat: u128,
+}
+
+/// The least common multiple of 1..=33: every scaled limit divides it.
+const UNITS_PER_NS: u128 = 144_403_552_893_600;
+
+fn units(ns: u64) -> u128 {
+    u128::from(ns) * UNITS_PER_NS
 }
 
 impl Gcra {
     fn new((limit, window_secs): (u64, u64)) -> Gcra {
         Gcra {
             limit,
-            window_ns: window_secs * 1_000 * NS_PER_MS,
+            window: units(window_secs * 1_000 * NS_PER_MS),
             tat: 0,
         }
     }
 
-    fn interval(&self, pct: u32) -> u64 {
-        let scaled = (u128::from(self.limit) * u128::from(pct) / 100).max(1);
-        (u128::from(self.window_ns) / scaled).max(1) as u64
+    /// The exact share of the window `weight` units take.
+    fn share(&self, weight: u64, pct: u32) -> u128 {
+        let scaled = u128::from(self.limit) * u128::from(pct) / 100;
+        assert_eq!(UNITS_PER_NS % scaled, 0, "a spec outside the model's range");
+        u128::from(weight) * self.window / scaled
     }
 
     /// The wait (ms, rounded up) before moving the arrival time to `new_tat` fits.
-    fn wait_for(&self, new_tat: u64, now: u64) -> Option<u64> {
+    fn wait_for(&self, new_tat: u128, now: u128) -> Option<u64> {
         let ahead = new_tat - now;
-        if ahead <= self.window_ns {
+        if ahead <= self.window {
             return None;
         }
-        let wait = (ahead - self.window_ns).min(self.tat.saturating_sub(now));
-        (wait > 0).then(|| wait.div_ceil(NS_PER_MS))
+        let wait = (ahead - self.window).min(self.tat.saturating_sub(now));
+        (wait > 0).then(|| wait.div_ceil(units(NS_PER_MS)) as u64)
     }
 
-    fn next(&self, now: u64, weight: u64, pct: u32) -> u64 {
-        self.tat.max(now) + self.interval(pct) * weight
+    fn next(&self, now: u128, weight: u64, pct: u32) -> u128 {
+        self.tat.max(now) + self.share(weight, pct)
     }
 
-    fn wait(&self, now: u64, weight: u64, pct: u32) -> Option<u64> {
+    fn wait(&self, now: u128, weight: u64, pct: u32) -> Option<u64> {
         self.wait_for(self.next(now, weight, pct), now)
     }
 
-    fn acquire(&mut self, now: u64, weight: u64, pct: u32) -> Result<u64, u64> {
+    fn acquire(&mut self, now: u128, weight: u64, pct: u32) -> Result<u128, u64> {
         let next = self.next(now, weight, pct);
         match self.wait_for(next, now) {
             Some(wait) => Err(wait),
@@ -200,24 +211,23 @@ impl Gcra {
         }
     }
 
-    fn release(&mut self, now: u64, until: u64, weight: u64, pct: u32) {
-        let back = (self.interval(pct) * weight).min(until.saturating_sub(now));
-        if back > 0 {
-            self.tat = self.tat.saturating_sub(back).max(now);
-        }
+    /// Gives back `weight` units of the slot that ends at `until`, as far as it is ahead.
+    fn release(&mut self, now: u128, until: u128, weight: u64, pct: u32) {
+        let back = self.share(weight, pct).min(until.saturating_sub(now));
+        self.tat = self.tat.saturating_sub(back).max(now);
     }
 
-    fn remaining(&self, now: u64, pct: u32) -> u64 {
+    fn remaining(&self, now: u128, pct: u32) -> u64 {
         let used = self.tat.saturating_sub(now);
-        self.window_ns.saturating_sub(used) / self.interval(pct)
+        (self.window.saturating_sub(used) / self.share(1, pct)) as u64
     }
 }
 
-/// Where the slots an admission took end (ns).
-#[derive(Debug, Clone, Copy, Default)]
+/// Where the slots an admission took end: one per named limit, and the token window's.
+#[derive(Debug, Clone, Default)]
 struct Admission {
-    named_until: u64,
-    tokens_until: u64,
+    named_until: Vec<u128>,
+    tokens_until: u128,
 }
 
 #[derive(Debug)]
@@ -239,14 +249,14 @@ impl Windows {
     }
 
     /// All or nothing: where the slots taken end, or the retry-after in ms.
-    fn acquire(&mut self, now: u64, cost: u64, pct: u32) -> Result<Admission, u64> {
-        let mut named_until = u64::MAX;
+    fn acquire(&mut self, now: u128, cost: u64, pct: u32) -> Result<Admission, u64> {
+        let mut named_until = Vec::new();
         for i in 0..self.named.len() {
             match self.named[i].acquire(now, 1, pct) {
-                Ok(until) => named_until = named_until.min(until),
+                Ok(until) => named_until.push(until),
                 Err(wait) => {
-                    for taken in &mut self.named[..i] {
-                        taken.release(now, u64::MAX, 1, pct);
+                    for (taken, &until) in self.named.iter_mut().zip(&named_until) {
+                        taken.release(now, until, 1, pct);
                     }
                     let later = self.named[i + 1..]
                         .iter()
@@ -260,8 +270,8 @@ impl Windows {
         let tokens_until = match self.tokens.as_mut().filter(|_| cost > 0) {
             None => 0,
             Some(tokens) => tokens.acquire(now, cost, pct).inspect_err(|_| {
-                for taken in &mut self.named {
-                    taken.release(now, u64::MAX, 1, pct);
+                for (taken, &until) in self.named.iter_mut().zip(&named_until) {
+                    taken.release(now, until, 1, pct);
                 }
             })?,
         };
@@ -272,9 +282,9 @@ impl Windows {
     }
 
     /// Gives back what `admitted` took (a later check refused the request).
-    fn release(&mut self, now: u64, admitted: &Admission, cost: u64, pct: u32) {
-        for g in &mut self.named {
-            g.release(now, admitted.named_until, 1, pct);
+    fn release(&mut self, now: u128, admitted: &Admission, cost: u64, pct: u32) {
+        for (g, &until) in self.named.iter_mut().zip(&admitted.named_until) {
+            g.release(now, until, 1, pct);
         }
         if let Some(tokens) = self.tokens.as_mut() {
             tokens.release(now, admitted.tokens_until, cost, pct);
@@ -324,7 +334,7 @@ fn run_logged(ops: &[Op], log: &mut Vec<String>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rates.redb");
     let clock = ManualClock::new(START);
-    let now_ns = |clock: &ManualClock| clock.now().0 * NS_PER_MS;
+    let now_units = |clock: &ManualClock| units(clock.now().0 * NS_PER_MS);
     let mut ledger = Ledger::open(&path, config(&clock)).unwrap();
     let accounts: Vec<String> = ["First", "Second", "Fillers"]
         .iter()
@@ -401,7 +411,7 @@ fn run_logged(ops: &[Op], log: &mut Vec<String>) -> Result<(), TestCaseError> {
                 };
                 let presented = Presented::new(plaintext).unwrap();
                 let result = ledger.verify(&Request::new(&presented, "/api/run").cost(cost));
-                let now = now_ns(&clock);
+                let now = now_units(&clock);
                 let pct = tier_pct(k.spent);
                 let short = k.credits.is_some_and(|c| cost > 0 && cost > c);
                 // Where the slots taken end, or the code and the retry-after in ms.
@@ -429,7 +439,13 @@ fn run_logged(ops: &[Op], log: &mut Vec<String>) -> Result<(), TestCaseError> {
                     let retry_after = d.retry_after().map(|r| r.as_millis() as u64);
                     (d.code(), retry_after)
                 });
-                prop_assert_eq!(got, expected.map(|_| ()), "verify k{} cost {}", i, cost);
+                prop_assert_eq!(
+                    got,
+                    expected.as_ref().map(|_| ()).map_err(|e| *e),
+                    "verify k{} cost {}",
+                    i,
+                    cost
+                );
                 let Ok(grant) = result else { continue };
                 let state = grant.rate_limit();
                 log.push(format!("  granted: {state:?}"));

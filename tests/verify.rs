@@ -504,6 +504,67 @@ fn a_rate_limited_request_is_not_charged() {
     );
 }
 
+/// A request the rate limits admitted but the credits refused gives every limit its slot
+/// back, the slow ones too: a key out of credits is told so, not rate limited, and its burst
+/// is whole when it is topped up. (Found by a reviewer: only the fastest limit's slot came
+/// back, so a per-minute limit filled with refused requests.)
+#[test]
+fn credit_refusals_give_back_every_named_limits_slot() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(
+        &t.ledger,
+        NewKey::new(owner, "k")
+            .credits(0)
+            .rate_limit("second", 5, 1)
+            .rate_limit("minute", 5, 60),
+    );
+    for _ in 0..8 {
+        assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+    }
+    t.ledger.credits().top_up(id.as_str(), 100).unwrap();
+    let key = presented(&plain);
+    let admitted = (0..10)
+        .filter(|_| t.ledger.verify(&Request::new(&key, "/x")).is_ok())
+        .count();
+    assert_eq!(admitted, 5, "the whole burst, after eight refusals");
+}
+
+/// A token window admits exactly its tokens at one instant, however the window divides into
+/// nanoseconds. (Found by a reviewer: 7,000,000 tokens a minute rounded each token's interval
+/// down to 8,571 ns and admitted 7,000,350; rounded up, 3 a second would admit 2.)
+#[test]
+fn a_token_window_admits_exactly_its_tokens_at_once() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (_, plain) = create_key(
+        &t.ledger,
+        NewKey::new(owner, "k").token_window(7_000_000, 60),
+    );
+    let key = presented(&plain);
+    let reserve = |cost| t.ledger.verify(&Request::new(&key, "/x").cost(cost));
+    // In requests of 1,000 tokens, then of one.
+    let mut admitted = 0;
+    while reserve(1_000).is_ok() {
+        admitted += 1_000;
+    }
+    while reserve(1).is_ok() {
+        admitted += 1;
+    }
+    assert_eq!(admitted, 7_000_000);
+    let (_, plain) = create_key(
+        &t.ledger,
+        NewKey::new(owner, "fast").token_window(600_000_000, 1),
+    );
+    let key = presented(&plain);
+    let reserve = |cost| t.ledger.verify(&Request::new(&key, "/x").cost(cost));
+    let mut admitted = 0u64;
+    while reserve(1_000_000).is_ok() {
+        admitted += 1_000_000;
+    }
+    assert_eq!(admitted, 600_000_000, "finer than a nanosecond a token");
+}
+
 // --- Revocation reaches the very next verify of a cached key --------------------------------
 
 /// A key that verified once, so its entry is cached.

@@ -29,6 +29,7 @@ pub struct Config {
     pub(crate) cache_capacity: usize,
     pub(crate) spend_tiers: Vec<SpendTier>,
     pub(crate) usage_flush_interval: std::time::Duration,
+    pub(crate) close_grace: std::time::Duration,
 }
 
 impl Config {
@@ -76,6 +77,7 @@ impl fmt::Debug for Config {
             .field("durability", &self.durability)
             .field("cache_capacity", &self.cache_capacity)
             .field("usage_flush_interval", &self.usage_flush_interval)
+            .field("close_grace", &self.close_grace)
             .finish_non_exhaustive()
     }
 }
@@ -93,6 +95,7 @@ pub struct ConfigBuilder {
     cache_capacity: Option<usize>,
     spend_tiers: Vec<SpendTier>,
     usage_flush_interval: Option<std::time::Duration>,
+    close_grace: Option<std::time::Duration>,
 }
 
 impl ConfigBuilder {
@@ -187,6 +190,15 @@ impl ConfigBuilder {
         self
     }
 
+    /// How long [`Ledger::close`](crate::Ledger::close) waits for grants still held (requests
+    /// still running) to be committed or dropped, refusing new metered requests meanwhile
+    /// (default 10 s). Units a grant still holds after that stay leased: the next open
+    /// counts them as `lost_to_crash` (never re-granted) and `close` reports them.
+    pub fn close_grace(mut self, grace: std::time::Duration) -> Self {
+        self.close_grace = Some(grace);
+        self
+    }
+
     /// The clock used for timestamps, expiry and refills (default: [`CoarseClock`](crate::CoarseClock),
     /// the system clock at the kernel's tick resolution; [`SystemClock`](crate::SystemClock)
     /// for full resolution).
@@ -270,6 +282,9 @@ impl ConfigBuilder {
             cache_capacity: self.cache_capacity.unwrap_or(1_000_000).max(1),
             spend_tiers: self.spend_tiers,
             usage_flush_interval,
+            close_grace: self
+                .close_grace
+                .unwrap_or(std::time::Duration::from_secs(10)),
             clock: self.clock.unwrap_or_else(|| Arc::new(CoarseClock)),
         })
     }

@@ -186,7 +186,14 @@ impl Ledger {
 
     /// Closes the ledger cleanly: every lease goes back to its balance and all spend and
     /// usage is flushed. Dropping the last clone does the same but cannot report errors.
-    /// After `close`, `verify` calls that need the writer are refused with `unavailable`.
+    /// From the start of `close`, `verify` calls that need the writer are refused with
+    /// `unavailable`.
+    ///
+    /// Grants still held (requests still running, in a graceful shutdown) are waited for, up
+    /// to [`ConfigBuilder::close_grace`](crate::ConfigBuilder::close_grace): their commits
+    /// and refunds land before the file is closed. Units a grant still holds after that stay
+    /// leased — the next open counts them as `lost_to_crash`, never re-granted — and `close`
+    /// returns an error saying how many.
     pub fn close(&self) -> Result<()> {
         self.inner.engine.close()
     }

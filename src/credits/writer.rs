@@ -120,6 +120,9 @@ pub(crate) enum Msg {
     },
     /// Flush now.
     Flush { reply: Sender<Result<()>> },
+    /// Return every lease and flush, as a close does, but keep running: what grants still
+    /// hold stays leased, and [`Shared::held`] says how much (see `Engine::close`).
+    Drain { reply: Sender<Result<()>> },
     /// Return every lease, flush, and stop.
     Close { reply: Sender<Result<()>> },
     /// Prefetches wait in [`Shared::prefetches`]: take them. Sent only by the request that
@@ -173,6 +176,12 @@ pub(crate) struct Shared {
     pub limits_generation: AtomicU64,
     /// The smallest lease the writer grants now: `MIN_LEASE`, more while it is behind.
     pub lease_floor: AtomicU64,
+    /// The ledger is closing: lease nothing more (requests that need a lease are refused as
+    /// unavailable), so that the grants still held are the last.
+    pub closing: AtomicBool,
+    /// Units still leased, once the last `Drain` or `Close` gave every lease back: what grants
+    /// still held have reserved.
+    pub held: AtomicU64,
     /// The writer's reads of this balance fail, as on a failing disk (0: none).
     #[cfg(test)]
     pub fail_reads_of: AtomicU64,
@@ -454,9 +463,10 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
         prefetched.append(&mut batch);
         let batch = prefetched;
         let closing = batch.iter().any(|m| matches!(m, Msg::Close { .. }));
+        let draining = batch.iter().any(|m| matches!(m, Msg::Drain { .. }));
         let dirty =
             !shared.dirty_meters.is_empty() || !shared.dirty_usage.is_empty() || !listed.is_empty();
-        let flush = if closing || syncing {
+        let flush = if closing || draining || syncing {
             last_round = std::time::Instant::now();
             Flush::All
         } else if listed.in_round() {
@@ -470,7 +480,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
         if batch.is_empty() && flush == Flush::Nothing {
             continue;
         }
-        apply(&shared, &mut listed, batch, closing, flush);
+        apply(&shared, &mut listed, batch, closing || draining, flush);
         if closing {
             return;
         }
@@ -584,6 +594,8 @@ impl Working<'_> {
 #[derive(Default)]
 struct Effects {
     leases: Vec<(MeterRef, u64, u64)>, // meter, units granted, empty until (ms)
+    /// Units left leased once every lease was given back (a closing batch only).
+    held: Option<u64>,
     /// Where in `leases` units were granted, by meter id: what a later message in the
     /// batch takes back without scanning every lease of the batch.
     granted_at: HashMap<u64, Vec<usize>>,
@@ -686,6 +698,9 @@ fn commit(
     match result {
         Ok(()) => {
             shared.commits.fetch_add(1, Ordering::Relaxed);
+            if let Some(held) = fx.held {
+                shared.held.store(held, Ordering::Release);
+            }
             // A waiting request gets the units it asked for straight out of the lease taken
             // for it, before anyone else can reserve them: handed to the meter, they could go to
             // another thread every time (`Exact` mode, many threads on one key).
@@ -868,7 +883,7 @@ fn refuse(msg: Msg, message: &str, listed: &mut Listed, syncs: &mut Vec<Sender<R
         Msg::Adjust { reply, .. } => {
             let _ = reply.send(Err(not_changed(message)));
         }
-        Msg::Flush { reply } | Msg::Close { reply } => syncs.push(reply),
+        Msg::Flush { reply } | Msg::Drain { reply } | Msg::Close { reply } => syncs.push(reply),
         Msg::Return {
             meter,
             units,
@@ -897,6 +912,8 @@ fn build(
     fx: &mut Effects,
 ) -> Result<()> {
     let now = shared.clock.now();
+    // Closing, or about to: every lease is about to be returned, so hand out none.
+    let leasing_stopped = closing || shared.closing.load(Ordering::Acquire);
     let txn = shared.store.begin_write()?;
     {
         let mut work = Working {
@@ -929,13 +946,12 @@ fn build(
                     meter,
                     need: 0,
                     reply: None,
-                } if !closing && !meter.wants_top_up(now.0) => {
+                } if !leasing_stopped && !meter.wants_top_up(now.0) => {
                     meter.pending.store(false, Ordering::Release);
                 }
                 Msg::Lease { meter, need, reply } => {
                     let id = meter.id;
-                    // Closing: every lease is about to be returned, so hand out none.
-                    let (at, covered) = if closing {
+                    let (at, covered) = if leasing_stopped {
                         (fx.grant(meter, 0, 0), true)
                     } else {
                         match lease(shared, &mut work, fx, meter.clone(), need, now) {
@@ -950,9 +966,11 @@ fn build(
                         refused(shared, &work, fx, at);
                     }
                     // Retired, undecodable or absent: its balance is gone or unreadable.
-                    let unleasable = !closing
-                        && (fx.leases[at].0.retired()
-                            || matches!(work.records.get(&id), Some(None)));
+                    let unleasable = if leasing_stopped {
+                        shared.closing.load(Ordering::Acquire)
+                    } else {
+                        fx.leases[at].0.retired() || matches!(work.records.get(&id), Some(None))
+                    };
                     match reply {
                         // At once: asking again would meet the same record.
                         Some(reply) if unleasable => {
@@ -1111,7 +1129,9 @@ fn build(
                     fx.returns.push((meter.clone(), units, epoch, reply));
                     return_units(&mut work, fx, meter, units, epoch)?;
                 }
-                Msg::Flush { reply } | Msg::Close { reply } => fx.syncs.push(reply),
+                Msg::Flush { reply } | Msg::Drain { reply } | Msg::Close { reply } => {
+                    fx.syncs.push(reply)
+                }
                 Msg::Abandon | Msg::PrefetchBell => {}
                 #[cfg(test)]
                 Msg::Hold(_) => {}
@@ -1119,9 +1139,11 @@ fn build(
         }
         if closing {
             let meters = shared.meters.lock().all();
+            let mut held = 0u64;
             for meter in meters {
-                reclaim(&mut work, fx, &meter)?;
+                held = held.saturating_add(reclaim(&mut work, fx, &meter)?);
             }
+            fx.held = Some(held);
         }
         // Whether a balance is empty is known only once the whole batch has run (a later
         // message may have put units back): decide it from the final records.
@@ -1267,8 +1289,9 @@ fn low_balance(shared: &Shared, fx: &mut Effects, meter: &MeterRef, remaining: u
     }
 }
 
-/// Returns a meter's unreserved lease to the durable balance and flushes its spend.
-fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result<()> {
+/// Gives `meter`'s lease back to its balance and flushes its spend; returns the units still
+/// leased after that (what grants still held have reserved).
+fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result<u64> {
     // Leases granted earlier in this batch reach memory only after the commit: take them
     // back here too, or they would land on top of what this batch decides.
     let pending = cancel_pending_leases(fx, meter);
@@ -1298,8 +1321,9 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result
             // A lease entry of no units has `build` decide empty-ness from the final record.
             fx.leases.push((meter.clone(), 0, 0));
         }
+        return Ok(r.leased);
     }
-    Ok(())
+    Ok(0)
 }
 
 impl Effects {

@@ -994,6 +994,37 @@ fn a_pool_is_shared_by_two_keys() {
     assert!(stderr(&out).starts_with("error: "));
 }
 
+/// `usage` of a pool key reports the pool's balance, as `keys show` does, and names the pool.
+#[test]
+fn usage_of_a_pooled_key_reports_the_pools_balance_and_names_the_pool() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    let pool = s.json(&[
+        "pools",
+        "create",
+        "--owner",
+        &owner,
+        "--name",
+        "shared",
+        "--credits",
+        "50",
+    ]);
+    let pool_id = string(&pool["id"]);
+    let v = s.json(&[
+        "keys", "create", "--owner", &owner, "--name", "pooled", "--pool", &pool_id,
+    ]);
+    let id = string(&v["id"]);
+    let shown = s.json(&["keys", "show", &id]);
+    assert_eq!(shown["remaining_credits"], 50, "{shown}");
+    let u = s.json(&["usage", &id]);
+    assert_eq!(u["remaining"], shown["remaining_credits"], "{u}");
+    assert_eq!(u["pool"], pool["id"], "{u}");
+    assert_eq!(s.json(&["usage", &pool_id])["pool"], Value::Null);
+    let out = s.run(&["usage", &id]);
+    assert_success(&out);
+    assert!(stdout(&out).contains(&pool_id), "{}", stdout(&out));
+}
+
 #[test]
 fn keys_create_takes_refill_low_balance_and_token_window() {
     let s = Scratch::initialised();

@@ -606,7 +606,12 @@ fn keys_of_one_account_share_a_pool() {
         assert_eq!(u.requests, 0, "pools count no requests");
         let ua = usage(&t, &a_id);
         assert_eq!(ua.lifetime_spent, 20, "per key");
-        assert_eq!(ua.remaining, None, "a pool key has no balance of its own");
+        assert_eq!(
+            (ua.remaining, ua.pool),
+            (Some(0), Some(pool.id)),
+            "the pool's"
+        );
+        assert_eq!(ua.granted, 0, "a pool key has no balance of its own");
         // Topping up the pool revives every key on it.
         t.ledger.credits().top_up(&pool.id, 4).unwrap();
         assert_eq!(drain(&t, &b, 2), 2);

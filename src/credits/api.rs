@@ -20,13 +20,20 @@ pub struct Credits<'a> {
 }
 
 /// The credit and usage state of a key or pool.
+///
+/// `granted`, `spent`, `lost_to_crash` and `leased` are those of the id's own balance: a key
+/// that spends from a pool has none (they are 0; the pool's usage has them), though
+/// `remaining` is what it can spend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Usage {
     /// The key or pool.
     pub id: PublicId,
     /// Credits that can still be spent: durable balance plus what memory holds leased
-    /// (`None`: unmetered).
+    /// (`None`: unmetered). For a key that spends from a pool, the pool's, shared with the
+    /// pool's other keys.
     pub remaining: Option<u64>,
+    /// The pool the key spends from, if it does (`None` for a pool or an account).
+    pub pool: Option<PublicId>,
     /// Units ever granted (initial, top-ups, refills), less units removed by a set.
     pub granted: u64,
     /// Units spent and flushed to disk.
@@ -259,20 +266,39 @@ impl Credits<'_> {
     }
 
     /// Credit and usage state of a key (`key_…`, `tok_…`), pool (`pool_…`) or account
-    /// (`acct_…`: spend and requests summed over its keys; accounts hold no balance).
+    /// (`acct_…`: spend and requests summed over its keys; accounts hold no balance). A key
+    /// that spends from a pool reports the pool's `remaining` and names it in `pool`.
     /// Pending counters are flushed first, so the figures are exact at the time of the call.
     pub fn usage(&self, id: &str) -> Result<Usage> {
         let (kind, internal) = self.credit_id(id)?;
         self.ledger.flush()?;
         let read = self.ledger.inner.store.begin_read()?;
-        let credits: Option<CreditsRecord> = store::get(&read.open_table(CREDITS)?, internal)?;
+        let pool = match kind {
+            IdKind::Key | IdKind::Token => {
+                store::get::<KeyRecord>(&read.open_table(KEYS)?, internal)?.and_then(|k| k.pool)
+            }
+            _ => None,
+        };
+        let balances = read.open_table(CREDITS)?;
+        let credits: Option<CreditsRecord> = store::get(&balances, internal)?;
         let usage: UsageRecord =
             store::get(&read.open_table(USAGE)?, internal)?.unwrap_or_default();
         let engine = &self.ledger.inner.engine;
-        let c = credits.clone().unwrap_or_default();
+        // A key on a pool has no balance of its own: it can spend what the pool has left
+        // (0 for a pool without a balance, as `pool` shows it), never unmetered.
+        let remaining = match pool {
+            Some(pool) => Some(
+                store::get::<CreditsRecord>(&balances, pool)?
+                    .map_or(0, |c| engine.remaining(pool, &c)),
+            ),
+            None => credits.as_ref().map(|c| engine.remaining(internal, c)),
+        };
+        let ids = &self.ledger.inner.ids;
+        let c = credits.unwrap_or_default();
         Ok(Usage {
-            id: self.ledger.inner.ids.encode(kind, internal),
-            remaining: credits.map(|c| engine.remaining(internal, &c)),
+            id: ids.encode(kind, internal),
+            remaining,
+            pool: pool.map(|p| ids.encode(IdKind::Pool, p)),
             granted: c.granted,
             spent: c.spent,
             lost_to_crash: c.lost_to_crash,

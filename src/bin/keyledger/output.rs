@@ -338,18 +338,23 @@ pub fn pool_table(pool: &Pool, refill: Option<Refill>, low_balance: Option<u64>)
     t
 }
 
-/// Credit and usage state of a key or pool, one field per line.
+/// Credit and usage state of a key or pool, one field per line. A key that spends from a
+/// pool shows the pool's credits left and no balance figures (it has no balance of its own).
 pub fn usage_table(u: &Usage) -> Table {
     let mut t = Table::bare();
     t.row(["id", u.id.as_str()]);
-    let remaining = u
-        .remaining
-        .map_or_else(|| "unmetered".to_owned(), |n| format!("{n} credits"));
+    let remaining = match (u.remaining, &u.pool) {
+        (Some(n), Some(pool)) => format!("{n} credits, drawn from pool {pool} (shared)"),
+        (Some(n), None) => format!("{n} credits"),
+        (None, _) => "unmetered".to_owned(),
+    };
     t.row(["remaining".to_owned(), remaining]);
-    t.row(["granted".to_owned(), u.granted.to_string()]);
-    t.row(["spent".to_owned(), u.spent.to_string()]);
-    t.row(["lost to crash".to_owned(), u.lost_to_crash.to_string()]);
-    t.row(["leased".to_owned(), u.leased.to_string()]);
+    if u.pool.is_none() {
+        t.row(["granted".to_owned(), u.granted.to_string()]);
+        t.row(["spent".to_owned(), u.spent.to_string()]);
+        t.row(["lost to crash".to_owned(), u.lost_to_crash.to_string()]);
+        t.row(["leased".to_owned(), u.leased.to_string()]);
+    }
     if !u.id.starts_with("pool_") {
         t.row(["requests".to_owned(), u.requests.to_string()]);
         t.row(["lifetime spent".to_owned(), u.lifetime_spent.to_string()]);

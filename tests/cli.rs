@@ -994,6 +994,42 @@ fn a_pool_is_shared_by_two_keys() {
     assert!(stderr(&out).starts_with("error: "));
 }
 
+/// A peek (`--cost 0`) at a pool key reports the pool's balance; `null` would mean unmetered.
+#[test]
+fn a_peek_of_a_pooled_key_reports_the_pools_balance() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    assert_success(&s.run(&["routes", "set", "/api/"]));
+    let pool = s.json(&[
+        "pools",
+        "create",
+        "--owner",
+        &owner,
+        "--name",
+        "shared",
+        "--credits",
+        "50",
+    ]);
+    let v = s.json(&[
+        "keys",
+        "create",
+        "--owner",
+        &owner,
+        "--name",
+        "pooled",
+        "--pool",
+        &string(&pool["id"]),
+    ]);
+    let key = string(&v["key"]);
+    let (exit, v) = s.verify(&key, "/api/x", &["--cost", "1", "--refund"]);
+    assert_eq!(exit, 0, "{v}");
+    assert_eq!(v["remaining_credits"], 49, "{v}");
+    let (exit, v) = s.verify(&key, "/api/x", &["--cost", "0"]);
+    assert_eq!(exit, 0, "{v}");
+    assert_eq!(v["remaining_credits"], 50, "{v}");
+    assert_eq!(v["receipt"]["token_stats"]["remaining_credits"], 50, "{v}");
+}
+
 /// `usage` of a pool key reports the pool's balance, as `keys show` does, and names the pool.
 #[test]
 fn usage_of_a_pooled_key_reports_the_pools_balance_and_names_the_pool() {

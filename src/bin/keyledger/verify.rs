@@ -147,7 +147,8 @@ pub fn verify(ctx: &Context, args: &VerifyArgs) -> CliResult<u8> {
 
 /// Workaround for a library gap: a `cost(0)` grant on a key this process has not leased for
 /// yet reports 0 credits left (the in-memory meter starts empty and a peek takes no lease).
-/// For a peek, read the balance from `usage` instead.
+/// For a peek, read the balance from `usage` instead: the key's, or for a key that spends
+/// from a pool, the pool's.
 fn peek_balance(
     ledger: &keyledger::Ledger,
     mut view: GrantView,

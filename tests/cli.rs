@@ -1210,6 +1210,33 @@ fn an_update_without_changes_is_a_usage_error() {
     }
 }
 
+/// `--expires-in 0` is a usage error: it neither creates a key already expired nor expires one.
+#[test]
+fn expires_in_zero_is_a_usage_error() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    for command in ["keys", "tokens"] {
+        let mut args = vec![command, "create", "--owner", &owner, "--name", "x"];
+        if command == "tokens" {
+            args.extend(["--type", "service"]);
+        }
+        args.extend(["--expires-in", "0"]);
+        let out = s.run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stdout(&out));
+    }
+    let (id, plain) = s.key(&owner, "y");
+    let out = s.run(&["keys", "update", &id, "--expires-in", "0"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expired the key at once: {}",
+        stdout(&out)
+    );
+    assert_eq!(s.json(&["keys", "show", &id])["expires_at"], Value::Null);
+    assert_success(&s.run(&["authenticate", &plain]));
+    assert_success(&s.run(&["keys", "update", &id, "--expires-in", "1"]));
+}
+
 #[test]
 fn an_empty_master_key_variable_is_unset_and_bad_keys_name_their_source() {
     let s = Scratch::new();

@@ -348,8 +348,8 @@ pub struct CreateArgs {
     /// Emit a low-balance event when the credits left fall to or below this.
     #[arg(long, value_name = "T")]
     pub low_balance: Option<u64>,
-    /// Expire this many seconds from now.
-    #[arg(long, value_name = "SECS")]
+    /// Expire this many seconds from now (at least 1).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub expires_in: Option<u64>,
     /// Metadata entry `key=value` (repeatable; not secret, shown in listings).
     #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = parse_metadata)]
@@ -455,8 +455,8 @@ pub struct UpdateArgs {
     /// Sets the credit balance.
     #[arg(long)]
     pub credits: Option<u64>,
-    /// Expire this many seconds from now.
-    #[arg(long, value_name = "SECS")]
+    /// Expire this many seconds from now (at least 1; `disable` stops it now).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub expires_in: Option<u64>,
     /// Remove the expiry.
     #[arg(long)]

@@ -1253,4 +1253,27 @@ mod damaged {
             "check migrated the file"
         );
     }
+
+    /// One undecodable key record is one problem, naming the key, not damage to its indexes.
+    #[test]
+    fn an_unreadable_key_record_is_one_problem_not_index_damage() {
+        const KEYS: TableDefinition<u64, &[u8]> = TableDefinition::new("keys");
+        let (_dir, path, config, [_, _, free, _]) = ledger();
+        let db = redb::Database::open(&path).unwrap();
+        let keys = ids(&db, KEYS);
+        drop(db);
+        assert_eq!(keys.len(), 3);
+        edit(&path, |txn| {
+            txn.open_table(KEYS)
+                .unwrap()
+                .insert(keys[2], GARBAGE)
+                .unwrap();
+        });
+        let found = problems(&path, config);
+        assert!(
+            found.iter().any(|p| p.starts_with(&format!("{free}: "))),
+            "{found:?}"
+        );
+        assert_eq!(found.len(), 1, "only the damaged record: {found:?}");
+    }
 }

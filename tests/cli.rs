@@ -498,6 +498,29 @@ fn bench_json_reports_the_ratios_on_a_small_store() {
     assert_eq!(v["malloc_hugetlb"], true, "{v}");
 }
 
+/// A `--seconds` no run can last (`inf`, `1e20`, `NaN`, 0) is a usage error, not an internal one.
+#[test]
+fn bench_refuses_seconds_out_of_range_as_a_usage_error() {
+    for seconds in ["inf", "1e20", "NaN", "0", "86401"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_keyledger"))
+            .env_remove("KEYLEDGER_MASTER_KEY")
+            .args(["bench", "--keys", "1", "--seconds", seconds])
+            .output()
+            .expect("run");
+        assert!(
+            !stderr(&out).contains("internal error"),
+            "--seconds {seconds}: {}",
+            stderr(&out)
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--seconds {seconds}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 /// Every denial code `verify` gives, in chain order.
 const DENIAL_CODES: [&str; 10] = [
     "malformed",

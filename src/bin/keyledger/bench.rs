@@ -38,9 +38,9 @@ pub struct BenchArgs {
     /// Threads running verify + commit (and the floor).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// Seconds of verify + commit traffic (the floor runs for half as long, in two halves
-    /// around it).
-    #[arg(long, default_value_t = 5.0)]
+    /// Seconds of verify + commit traffic, 0.1 to 86,400 (the floor runs for half as long,
+    /// in two halves around it).
+    #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
     pub seconds: f64,
     /// Create keys one by one through `keys().create` (one transaction and fsync each)
     /// instead of the bulk insert: shows why the bulk insert exists.
@@ -49,6 +49,17 @@ pub struct BenchArgs {
     /// Verification-cache capacity (default: the library default, 1,000,000).
     #[arg(long)]
     pub cache_capacity: Option<usize>,
+}
+
+/// Parses `--seconds`: a number from 0.1 to 86,400 (a day), so that every phase's duration
+/// is one a `Duration` holds (`inf`, `NaN` and `1e20` are refused).
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let seconds: f64 = s.trim().parse().map_err(|e| format!("{e}"))?;
+    if (0.1..=86_400.0).contains(&seconds) {
+        Ok(seconds)
+    } else {
+        Err("expected seconds from 0.1 to 86,400".into())
+    }
 }
 
 /// Every `SAMPLE_EVERY`-th operation is timed on its own.
@@ -180,7 +191,7 @@ pub fn run(json: bool, args: BenchArgs) -> CliResult<u8> {
     let started = Instant::now();
     let threads = args.threads.max(1);
     let keys = args.keys.max(1);
-    let seconds = args.seconds.max(0.1);
+    let seconds = args.seconds;
     let mut phases = Phases::default();
 
     let t = Instant::now();
@@ -684,3 +695,24 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
+
+#[cfg(test)]
+mod tests {
+    use super::parse_seconds;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    #[test]
+    fn seconds_are_from_a_tenth_to_a_day() {
+        assert_eq!(parse_seconds("0.1"), Ok(0.1));
+        assert_eq!(parse_seconds("86400"), Ok(86_400.0));
+        for bad in ["inf", "NaN", "1e20", "0", "-1", "0.09", "86401", "x"] {
+            assert!(parse_seconds(bad).is_err(), "{bad}");
+        }
+        let cli = Cli::try_parse_from(["keyledger", "bench"]).expect("the default parses");
+        let Command::Bench(args) = cli.command else {
+            panic!("not bench")
+        };
+        assert_eq!(args.seconds, 5.0);
+    }
+}

@@ -32,9 +32,9 @@ pub struct CheckReport {
     pub tokens: u64,
     /// Credit records decoded.
     pub credit_records: u64,
-    /// Credit units lost to crashes (leased in memory when a process died), all balances,
-    /// counting those still leased in a file that was not closed cleanly (its next open
-    /// records them as lost).
+    /// Credit units lost to crashes (leased in memory when a process died, or held by grants
+    /// still running when a close's grace ended), all balances, counting those still leased
+    /// in the file (its next open records them as lost).
     pub lost_to_crash: u64,
     /// Route rules decoded.
     pub routes: u64,

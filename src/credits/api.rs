@@ -38,7 +38,8 @@ pub struct Usage {
     pub granted: u64,
     /// Units spent and flushed to disk.
     pub spent: u64,
-    /// Units that were leased into memory when the process crashed: counted as spent.
+    /// Units that were leased into memory when the process crashed (or held by grants still
+    /// running when a close's grace ended): counted as spent.
     pub lost_to_crash: u64,
     /// Units leased into memory right now.
     pub leased: u64,

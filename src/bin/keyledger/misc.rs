@@ -159,7 +159,8 @@ pub fn print_check(report: &CheckReport) {
     println!("  redb integrity {integrity}; {}", counts.join(", "));
     if report.lost_to_crash > 0 {
         println!(
-            "  {} credit units were leased in memory when a process crashed: counted as spent",
+            "  {} credit units were leased in memory when a process stopped without returning \
+             them (a crash, or grants still held after a close's grace): counted as spent",
             report.lost_to_crash
         );
     }

@@ -138,30 +138,10 @@ pub fn verify(ctx: &Context, args: &VerifyArgs) -> CliResult<u8> {
             (view, receipt)
         }
     };
-    let (view, receipt) = peek_balance(&ledger, view, receipt)?;
     // Return the lease and flush the spend now, so errors are reported rather than lost.
     ledger.close()?;
     print_grant(ctx, view, receipt)?;
     Ok(0)
-}
-
-/// Workaround for a library gap: a `cost(0)` grant on a key this process has not leased for
-/// yet reports 0 credits left (the in-memory meter starts empty and a peek takes no lease).
-/// For a peek, read the balance from `usage` instead: the key's, or for a key that spends
-/// from a pool, the pool's.
-fn peek_balance(
-    ledger: &keyledger::Ledger,
-    mut view: GrantView,
-    mut receipt: Option<Receipt>,
-) -> CliResult<(GrantView, Option<Receipt>)> {
-    if view.reserved == 0 && view.remaining_credits.is_some() {
-        let remaining = ledger.credits().usage(&view.key_id)?.remaining;
-        view.remaining_credits = remaining;
-        if let Some(r) = &mut receipt {
-            r.token_stats.remaining_credits = remaining;
-        }
-    }
-    Ok((view, receipt))
 }
 
 /// Prints a denial; returns the denial exit code.

@@ -35,12 +35,11 @@ fn args() -> Args {
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--json" => out.json = true,
-            "--keys" => out.keys = it.next().and_then(|v| v.parse().ok()).unwrap_or(out.keys),
+            "--keys" => out.keys = value("--keys", it.next(), |&n: &usize| n >= 1),
             "--seconds" => {
-                out.seconds = it
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(out.seconds)
+                out.seconds = value("--seconds", it.next(), |s: &f64| {
+                    (0.1..=3_600.0).contains(s)
+                })
             }
             other => {
                 eprintln!(
@@ -51,6 +50,17 @@ fn args() -> Args {
         }
     }
     out
+}
+
+/// The value after `flag`, parsed and in range, or exit 2 saying so.
+fn value<T: std::str::FromStr>(flag: &str, given: Option<String>, ok: impl Fn(&T) -> bool) -> T {
+    match given.as_deref().map(str::parse) {
+        Some(Ok(v)) if ok(&v) => v,
+        _ => {
+            eprintln!("{flag}: expected a number (keys at least 1, seconds 0.1 to 3600)");
+            std::process::exit(2);
+        }
+    }
 }
 
 /// Requests per second of `op` on random key indices for `seconds`.

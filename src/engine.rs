@@ -273,6 +273,8 @@ pub(crate) struct Engine {
     /// How long `close` waits for grants still held (`Config::close_grace`).
     close_grace: std::time::Duration,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// How the close ended, once one has (the error's message).
+    closed: Mutex<Option<std::result::Result<(), String>>>,
 }
 
 /// What every verify reads before its cache look-up — how to hash the key, and the route
@@ -346,24 +348,40 @@ impl Engine {
             unreadable_at_open: recovered.unreadable,
             close_grace: config.close_grace,
             writer: Mutex::new(Some(handle)),
+            closed: Mutex::new(None),
         })
     }
 
-    /// Returns every lease, flushes, and stops the writer. Idempotent.
-    ///
+    /// Returns every lease, flushes, and stops the writer. Idempotent: a close while another
+    /// runs waits for it and reports how it ended (not "closed" while the first is still
+    /// waiting for grants, or about to fail).
+    pub(crate) fn close(&self) -> Result<()> {
+        let mut ended = self.closed.lock();
+        if let Some(ended) = &*ended {
+            return ended.clone().map_err(Error::Conflict);
+        }
+        let result = self.stop_writer();
+        *ended = Some(match &result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(format!("the ledger's close failed: {e}")),
+        });
+        result
+    }
+
     /// Grants still held (requests still running) are waited for, up to the close grace:
     /// the writer leases nothing more, and gives back every lease and flushes every spend
     /// until what is still leased — what those grants reserved — is zero. Without the wait
     /// their units would stay leased, and the next open would count them as lost to a crash.
-    pub(crate) fn close(&self) -> Result<()> {
+    fn stop_writer(&self) -> Result<()> {
         let Some(handle) = self.writer.lock().take() else {
             return Ok(());
         };
         self.shared.closing.store(true, Ordering::Release);
-        let deadline = std::time::Instant::now() + self.close_grace;
+        // A grace too long to add to the clock is no deadline.
+        let deadline = std::time::Instant::now().checked_add(self.close_grace);
         while self.drain().is_ok()
             && self.shared.held.load(Ordering::Acquire) > 0
-            && std::time::Instant::now() < deadline
+            && deadline.is_none_or(|d| std::time::Instant::now() < d)
         {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }

@@ -30,6 +30,12 @@ fn ticks(ns: u64) -> Ticks {
     Ticks::from(ns) * TICKS_PER_NANO
 }
 
+/// The most one request moves an arrival time: 2⁶⁸ ns, about 9,000 years, far past any
+/// window (a request that large waits "for ever" either way), and far enough below the top
+/// of the scale that arrival times do not saturate: a saturated one would lose what a
+/// commit gives back or charges.
+const MAX_STEP: Ticks = 1 << 100;
+
 /// The longest rate window, 100 years: "so many, ever" fits, and arrival times keep
 /// centuries of headroom: a window near the top of the scale would let them saturate, and a
 /// saturated arrival time admits everything.
@@ -86,7 +92,7 @@ impl Gcra {
             100 => self.unit,
             pct => unit_share(self.limit, self.window_ns, pct),
         };
-        unit.saturating_mul(Ticks::from(weight))
+        unit.saturating_mul(Ticks::from(weight)).min(MAX_STEP)
     }
 
     /// Admits `weight` units at `now_ns`, returning when their slot ends (the arrival time
@@ -190,8 +196,9 @@ impl Gcra {
 /// rounded down to a tick.
 fn unit_share(limit: u64, window_ns: u64, multiplier_pct: u32) -> Ticks {
     let scaled = (u128::from(limit) * u128::from(multiplier_pct.max(1)) / 100).max(1);
-    // Below 2⁹⁵ (a window is at most 2⁶² ns): no overflow.
-    ticks(window_ns) / scaled
+    // Below 2⁹⁵ (a window is at most 2⁶² ns): no overflow. At least a tick: a unit that
+    // weighed nothing (over 2³² units a nanosecond) would switch the limit off.
+    (ticks(window_ns) / scaled).max(1)
 }
 
 /// What an admission by [`KeyLimits::acquire`] holds, to give back or settle later: when it
@@ -626,8 +633,17 @@ mod tests {
         assert!(wait > Duration::from_secs(MAX_WINDOW_SECS), "{wait:?}");
         assert_eq!(g.remaining(u64::MAX, 100), 0);
         let huge = Gcra::new(u64::MAX, 1);
+        let window_in_ticks = NANOS_PER_SEC << 32;
+        assert_eq!(
+            huge.remaining(u64::MAX, u32::MAX),
+            window_in_ticks,
+            "a tick a unit"
+        );
         assert!(huge.acquire(u64::MAX, u64::MAX, u32::MAX).is_ok());
-        assert!(huge.remaining(u64::MAX, u32::MAX) > 0);
+        assert!(
+            huge.acquire(u64::MAX, 1, u32::MAX).is_err(),
+            "still a limit"
+        );
     }
 
     #[test]

@@ -565,6 +565,45 @@ fn a_token_window_admits_exactly_its_tokens_at_once() {
     assert_eq!(admitted, 600_000_000, "finer than a nanosecond a token");
 }
 
+/// A token window of `u64::MAX` tokens a second still limits: its tokens weigh at least a
+/// tick each. (Found by a reviewer: they weighed nothing, and any number of windows' worth
+/// were admitted at once.)
+#[test]
+fn a_token_window_of_u64_max_a_second_still_limits() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k").token_window(u64::MAX, 1));
+    let key = presented(&plain);
+    let reserve = |cost| t.ledger.verify(&Request::new(&key, "/x").cost(cost));
+    drop(reserve(u64::MAX).expect("the whole window"));
+    let again = reserve(u64::MAX).map(|_| ()).map_err(|d| d.code());
+    assert_eq!(
+        again,
+        Err("rate_limited"),
+        "a second window's worth at once"
+    );
+}
+
+/// A reservation far over the window (admitted on an empty window) that commits 5 tokens
+/// leaves the window 5 tokens used. (Found by a reviewer: the reservation saturated the
+/// arrival time, and the commit gave back everything.)
+#[test]
+fn a_reservation_far_over_the_window_settles_to_the_tokens_committed() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k").token_window(100, 3_600));
+    let key = presented(&plain);
+    let reserve = |cost| t.ledger.verify(&Request::new(&key, "/x").cost(cost));
+    reserve(u64::MAX)
+        .expect("an empty window admits any cost")
+        .commit(5);
+    let g = reserve(0).unwrap();
+    assert_eq!(g.rate_limit().tokens_remaining, Some(95), "5 of 100 used");
+    drop(g);
+    assert_eq!(reserve(96).unwrap_err().code(), "rate_limited");
+    assert!(reserve(95).is_ok());
+}
+
 // --- Revocation reaches the very next verify of a cached key --------------------------------
 
 /// A key that verified once, so its entry is cached.

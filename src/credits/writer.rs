@@ -1141,6 +1141,11 @@ fn build(
             let meters = shared.meters.lock().all();
             let mut held = 0u64;
             for meter in meters {
+                // No request reserves from the lease any more (`Meter::current` is false:
+                // each asks the writer, which refuses while closing), or a refund landing in
+                // it after this could be reserved again by a new request, and a close under
+                // traffic would wait out its grace.
+                meter.set_refill_at(0);
                 held = held.saturating_add(reclaim(&mut work, fx, &meter)?);
             }
             fx.held = Some(held);

@@ -229,7 +229,11 @@ impl Presented {
     /// Wraps a key given directly (e.g. from a CLI argument), trimming surrounding ASCII
     /// whitespace (other whitespace is no part of a key, so it is refused).
     pub fn new(key: &str) -> Result<Presented, HeaderError> {
-        let key = key.trim_ascii();
+        Presented::checked(key.trim_ascii())
+    }
+
+    /// `key` as it is, if it can be a key: not empty, not too long, printable ASCII.
+    fn checked(key: &str) -> Result<Presented, HeaderError> {
         if key.is_empty() {
             return Err(HeaderError::Missing);
         }
@@ -260,14 +264,18 @@ impl Presented {
         x_api_key: Option<&str>,
     ) -> Result<Presented, HeaderError> {
         // `Err`: the header is there but carries no Bearer key.
-        // HTTP's whitespace is spaces and tabs: anything else (a no-break space, say) is
-        // part of the value, which a proxy in front would read the same way.
+        // HTTP's whitespace is spaces and tabs: anything else (a no-break space, a form
+        // feed, a carriage return) is part of the value, which a proxy in front would read
+        // the same way, so it is refused as a character no key has.
+        fn trim(value: &str) -> &str {
+            value.trim_matches([' ', '\t'])
+        }
         let bearer = authorization
-            .map(str::trim_ascii)
+            .map(trim)
             .filter(|v| !v.is_empty())
             .map(|value| {
                 let (scheme, rest) = value.split_once([' ', '\t']).unwrap_or((value, ""));
-                match rest.trim_ascii() {
+                match trim(rest) {
                     _ if !scheme.eq_ignore_ascii_case("bearer") => {
                         Err(HeaderError::UnsupportedScheme)
                     }
@@ -275,15 +283,15 @@ impl Presented {
                     key => Ok(key),
                 }
             });
-        let api_key = x_api_key.map(str::trim_ascii).filter(|v| !v.is_empty());
+        let api_key = x_api_key.map(trim).filter(|v| !v.is_empty());
         match (bearer, api_key) {
             (None, None) => Err(HeaderError::Missing),
-            (Some(bearer), None) => Presented::new(bearer?),
+            (Some(bearer), None) => Presented::checked(bearer?),
             // An Authorization header meant for something else (a proxy's Basic
             // credentials, say) does not hide the key sent in x-api-key.
-            (None | Some(Err(_)), Some(key)) => Presented::new(key),
+            (None | Some(Err(_)), Some(key)) => Presented::checked(key),
             (Some(Ok(a)), Some(b)) => {
-                let (a, b) = (Presented::new(a)?, Presented::new(b)?);
+                let (a, b) = (Presented::checked(a)?, Presented::checked(b)?);
                 if a.0.expose().as_bytes() == b.0.expose().as_bytes() {
                     Ok(a)
                 } else {
@@ -427,13 +435,21 @@ mod tests {
             "Bearer\u{a0}vb_live_abc",
             "\u{3000}Bearer vb_live_abc",
             "Bearer vb_live_abc\u{2028}",
+            // ASCII, but not HTTP's whitespace either (found by a reviewer).
+            "Bearer vb_live_abc\u{c}",
+            "\u{c}Bearer vb_live_abc",
+            "Bearer \u{c}vb_live_abc",
+            "Bearer vb_live_abc\r",
         ] {
             assert!(
                 Presented::from_headers(Some(authorization), None).is_err(),
                 "{authorization:?}"
             );
         }
-        assert!(Presented::from_headers(None, Some("vb_live_abc\u{85}")).is_err());
+        for x_api_key in ["vb_live_abc\u{85}", "\u{c}vb_live_abc", "vb_live_abc\r"] {
+            let presented = Presented::from_headers(None, Some(x_api_key));
+            assert!(presented.is_err(), "{x_api_key:?}");
+        }
         assert!(Presented::from_headers(Some("Bearer\tvb_live_abc"), None).is_ok());
         assert!(
             Presented::new("vb_live_abc\n").is_ok(),

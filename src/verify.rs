@@ -38,7 +38,8 @@ impl<'a> Request<'a> {
     /// with `.` and `..` segments and repeated slashes resolved, in the case the route rules
     /// use. Rules match by plain prefix (the longest wins), so `/admin/` does not cover
     /// `/admin` or `/x/../admin/users`; end a rule with `/` to stop it at a segment boundary
-    /// (`/api/v1` also covers `/api/v10`). A route no rule matches needs no permission.
+    /// (`/api/v1` also covers `/api/v10`). A route no rule matches needs no permission; a
+    /// route that is no path (empty, or not starting with `/`) is refused as `forbidden`.
     pub fn new(key: &'a Presented, route: &'a str) -> Self {
         Request {
             key,
@@ -260,7 +261,12 @@ fn check<'l>(
     if past_deadline {
         return Denied(Denial::Expired);
     }
-    // 4. Route permission: the longest matching rule, checked by bit when compiled.
+    // 4. Route permission: the longest matching rule, checked by bit when compiled. A route
+    // that is no path matches no rule; refused rather than let through as needing no
+    // permission (a server that failed to parse its path would open every route).
+    if !request.route.starts_with('/') {
+        return Denied(Denial::Forbidden);
+    }
     let route = routes.resolve(request.route);
     let compiled = route
         .index

@@ -187,6 +187,38 @@ fn denials_come_in_chain_order() {
     step("usage_exceeded");
 }
 
+/// A route that is no path (empty, or not starting with `/`: a server that failed to parse
+/// its path) is refused, not let through as matching no rule. (Found by a reviewer: with a
+/// catch-all `/` rule, the routes `""` and `"api"` needed no permission.)
+#[test]
+fn a_route_that_is_no_path_is_forbidden() {
+    let t = TestLedger::new();
+    t.ledger
+        .routes()
+        .set(RouteRule::new("/").permission("admin:all"))
+        .unwrap();
+    let owner = t.account("Acme");
+    let (_, admin) = create_key(
+        &t.ledger,
+        NewKey::new(owner, "a").permissions(["admin:all"]),
+    );
+    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k"));
+    for route in ["", "api", "x/y", "*", " /x"] {
+        assert_eq!(
+            verify_code(&t.ledger, &plain, route),
+            "forbidden",
+            "{route:?}"
+        );
+        assert_eq!(
+            verify_code(&t.ledger, &admin, route),
+            "forbidden",
+            "{route:?}"
+        );
+    }
+    assert_eq!(verify_code(&t.ledger, &admin, "/x"), "ok");
+    assert_eq!(verify_code(&t.ledger, &plain, "/x"), "forbidden");
+}
+
 #[test]
 fn route_rules_match_by_longest_prefix_with_wildcards() {
     let t = TestLedger::new();

@@ -1045,6 +1045,27 @@ mod damaged {
         report.problems
     }
 
+    /// A metered key whose balance cannot be read shows 0 credits left in its key info, not
+    /// `None`, which reads as "unmetered"; an unmetered key still shows `None`.
+    #[test]
+    fn a_metered_key_with_an_unreadable_balance_is_not_shown_as_unmetered() {
+        let (_dir, path, config, [pooled, metered, free, _]) = ledger();
+        let db = redb::Database::open(&path).unwrap();
+        let credits = ids(&db, CREDITS);
+        drop(db);
+        edit(&path, |txn| {
+            let mut table = txn.open_table(CREDITS).unwrap();
+            for id in &credits {
+                table.insert(id, GARBAGE).unwrap();
+            }
+        });
+        let ledger = Ledger::open(&path, config).unwrap();
+        let left = |id: &str| ledger.keys().get(id).unwrap().remaining_credits;
+        assert_eq!(left(&metered), Some(0));
+        assert_eq!(left(&pooled), Some(0));
+        assert_eq!(left(&free), None);
+    }
+
     #[test]
     fn check_names_an_unreadable_pool_usage_balance_or_route_by_public_id() {
         let (_dir, path, config, [_, metered, _, pool]) = ledger();

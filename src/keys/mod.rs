@@ -809,17 +809,21 @@ fn kind_label<S: serde::Serializer>(kind: &KeyKind, s: S) -> std::result::Result
 }
 
 /// Credits left (durable balance of the key or its pool, plus what memory holds leased) and
-/// the last use flushed by the writer. Read at view time; a failed read shows `None`.
+/// the last use flushed by the writer. Read at view time. A metered key whose balance cannot
+/// be read shows 0 left, as its grants do: `None` reads as "unmetered".
 fn live_usage(ledger: &Ledger, id: u64, r: &KeyRecord) -> (Option<u64>, Option<Timestamp>) {
     let credit_id = r.pool.unwrap_or(id);
+    let metered = r.pool.is_some() || r.limits.credits.is_some();
+    let unread = metered.then_some(0);
     let Ok(read) = ledger.inner.store.begin_read() else {
-        return (None, None);
+        return (unread, None);
     };
     let balance = read
         .open_table(CREDITS)
         .ok()
         .and_then(|t| store::get::<CreditsRecord>(&t, credit_id).ok().flatten())
-        .map(|c| ledger.inner.engine.remaining(credit_id, &c));
+        .map(|c| ledger.inner.engine.remaining(credit_id, &c))
+        .or(unread);
     let last_used = read
         .open_table(USAGE)
         .ok()

@@ -488,12 +488,6 @@ pub(crate) mod rules {
                 format!("must be at most {max} characters, got {chars}"),
             ));
         }
-        // Line and paragraph separators and bidirectional overrides move or reorder what
-        // follows them on a terminal as a line break would.
-        let hostile = |c: char| {
-            c.is_control()
-                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
-        };
         if text.chars().any(hostile) {
             return Err(Error::invalid(
                 field,
@@ -501,6 +495,13 @@ pub(crate) mod rules {
             ));
         }
         Ok(())
+    }
+
+    /// A control character, a line or paragraph separator, or a bidirectional override:
+    /// each moves or reorders what follows it on a terminal as a line break would.
+    fn hostile(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
     }
 
     /// Who made a change (`by(…)`), as the audit trail and `created_by` / `updated_by` keep
@@ -602,8 +603,8 @@ pub(crate) mod rules {
         Ok(out)
     }
 
-    /// Free-form metadata: at most 32 entries of short strings without control characters
-    /// (a CLI prints them as they are).
+    /// Free-form metadata: at most 32 entries of short strings without control, line-separator
+    /// or bidirectional-override characters (a CLI prints them as they are).
     pub fn metadata(map: &BTreeMap<String, String>) -> Result<(), Error> {
         if map.len() > MAX_METADATA {
             return Err(Error::invalid(
@@ -612,18 +613,21 @@ pub(crate) mod rules {
             ));
         }
         for (k, v) in map {
-            if k.is_empty() || k.len() > METADATA_KEY_MAX || k.chars().any(char::is_control) {
-                return Err(Error::invalid(
-                    "metadata",
-                    format!("keys must be 1–{METADATA_KEY_MAX} bytes without control characters"),
-                ));
-            }
-            if v.len() > METADATA_VALUE_MAX || v.chars().any(char::is_control) {
+            if k.is_empty() || k.len() > METADATA_KEY_MAX || k.chars().any(hostile) {
                 return Err(Error::invalid(
                     "metadata",
                     format!(
-                        "values must be at most {METADATA_VALUE_MAX} bytes without control \
-                         characters"
+                        "keys must be 1–{METADATA_KEY_MAX} bytes without control, \
+                         line-separator or bidirectional-override characters"
+                    ),
+                ));
+            }
+            if v.len() > METADATA_VALUE_MAX || v.chars().any(hostile) {
+                return Err(Error::invalid(
+                    "metadata",
+                    format!(
+                        "values must be at most {METADATA_VALUE_MAX} bytes without control, \
+                         line-separator or bidirectional-override characters"
                     ),
                 ));
             }

@@ -100,9 +100,11 @@ fn a_class_or_type_that_would_read_as_another_is_refused() {
     let hash = ImportedHash::Sha256([7; 32]);
     let import = ImportKey::new(owner, "old", hash, &live[..12], &live[42..]).test();
     assert_invalid(t.ledger.keys().import(import), "test");
-    // `api` is the type an API key reports.
-    let token = NewKey::token(owner, "api", "hook");
-    assert_invalid(t.ledger.tokens().create(token), "type");
+    // `api` is the type an API key reports, however it is cased or spaced.
+    for api in ["api", "API", "Api", " api"] {
+        let token = NewKey::token(owner, api, "hook");
+        assert_invalid(t.ledger.tokens().create(token), "type");
+    }
     let tok = formatted_key("vb_tok_", 12);
     let hash = ImportedHash::Sha256([8; 32]);
     let import = ImportKey::new(owner, "old hook", hash, &tok[..12], &tok[tok.len() - 4..]);
@@ -235,10 +237,22 @@ fn limits_and_metadata_are_validated() {
     }
     assert_invalid(t.ledger.keys().create(meta), "metadata");
     assert_invalid(t.ledger.keys().create(new().metadata("", "v")), "metadata");
-    // A value that would forge a line of `keyledger keys show`, or drive a terminal.
-    for forged in ["x\n  updated_by      admin@example.com", "\u{1b}[2K"] {
+    // A value that would forge a line of `keyledger keys show`, drive a terminal, or
+    // reorder what follows it (as names refuse them).
+    for forged in [
+        "x\n  updated_by      admin@example.com",
+        "\u{1b}[2K",
+        "a\u{2028}b",
+        "a\u{2029}b",
+        "\u{202E}reversed",
+        "isolate\u{2066}",
+    ] {
         assert_invalid(
             t.ledger.keys().create(new().metadata("note", forged)),
+            "metadata",
+        );
+        assert_invalid(
+            t.ledger.keys().create(new().metadata(forged, "v")),
             "metadata",
         );
     }

@@ -377,6 +377,18 @@ fn every_denial_has_its_status_code_and_a_safe_body() {
         None,
     );
     refused(&r, 400, "conflicting_keys");
+    // The same header twice with two keys: a proxy reading the last would charge the other.
+    // (Found by a reviewer: the first was served.)
+    let other_bearer = format!("Bearer {other}");
+    for twice in [
+        [
+            ("x-api-key", s.admin.as_str()),
+            ("x-api-key", other.as_str()),
+        ],
+        [("authorization", &bearer), ("authorization", &other_bearer)],
+    ] {
+        refused(&s.send("POST", q, &twice, None), 400, "conflicting_keys");
+    }
     presented.push(other.clone());
 
     // malformed: a mistyped key fails its checksum before any hashing.

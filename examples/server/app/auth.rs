@@ -138,7 +138,9 @@ fn retry_after_secs(d: Duration) -> u64 {
 /// Takes the key from the headers and verifies it for `route` from `client_ip`.
 ///
 /// Header values that are not visible ASCII are passed on (lossily decoded) so the library's
-/// own check rejects them as malformed.
+/// own check rejects them as malformed. A header sent twice with different values is refused
+/// as conflicting keys, as `Authorization` and `x-api-key` naming two keys are: a proxy that
+/// reads the last value would charge the other key.
 pub fn verify<'l>(
     ledger: &'l Ledger,
     headers: &HeaderMap,
@@ -146,11 +148,14 @@ pub fn verify<'l>(
     client_ip: Option<IpAddr>,
 ) -> Result<Grant<'l>, Refusal> {
     let text = |name: &HeaderName| {
-        headers
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()))
+        let mut values = headers.get_all(name).iter();
+        let first = values.next();
+        if values.any(|v| Some(v) != first) {
+            return Err(Refusal::Header(HeaderError::Conflict));
+        }
+        Ok(first.map(|v| String::from_utf8_lossy(v.as_bytes())))
     };
-    let (authorization, x_api_key) = (text(&AUTHORIZATION), text(&X_API_KEY));
+    let (authorization, x_api_key) = (text(&AUTHORIZATION)?, text(&X_API_KEY)?);
     let presented =
         keyledger::Presented::from_headers(authorization.as_deref(), x_api_key.as_deref())
             .map_err(Refusal::Header)?;

@@ -140,7 +140,9 @@ impl NewKey {
 settings_setters!(NewKey);
 
 /// The hash of a key issued by another system, to import so its holder keeps using it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `Debug` shows the scheme, never the hash: a plain SHA-256 of a short legacy key is enough
+/// to find the key offline.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum ImportedHash {
     /// Plain `SHA-256(key)`. Rehashed to the current scheme on the key's first successful use.
     Sha256([u8; 32]),
@@ -148,6 +150,15 @@ pub enum ImportedHash {
     /// opened with the same master key, under the same scheme: a BLAKE3 hash written before
     /// format 4 is not one, its key differs).
     Current([u8; 32]),
+}
+
+impl std::fmt::Debug for ImportedHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImportedHash::Sha256(_) => "Sha256(***)",
+            ImportedHash::Current(_) => "Current(***)",
+        })
+    }
 }
 
 /// A key to import by its hash, with its visible prefix and suffix as the old system showed them.

@@ -113,6 +113,18 @@ fn check_store(store: &Store, config: &Config, integrity_ok: bool) -> Result<Che
     Ok(report)
 }
 
+/// Opens a table that files from before it lack (`None` there).
+fn open_if_present<K: redb::Key + 'static, V: redb::Value + 'static>(
+    read: &ReadTransaction,
+    table: redb::TableDefinition<K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>> {
+    match read.open_table(table) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckReport) -> Result<()> {
     let problems = &mut report.problems;
     let account = |id| ids.encode(IdKind::Account, id);
@@ -151,6 +163,18 @@ fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckRepor
     let hashes = read.open_table(KEY_VERIFY)?;
     let by_owner = read.open_table(KEYS_BY_OWNER)?;
     let by_prefix = read.open_table(KEYS_BY_PREFIX)?;
+    // Absent from a file no build with import reservations has opened yet: nothing to check.
+    let imports = match (
+        open_if_present(read, IMPORTED_HASHES)?,
+        open_if_present(read, IMPORTS_BY_KEY)?,
+    ) {
+        (Some(hashes), Some(by_key)) => Some((hashes, by_key)),
+        (None, None) => None,
+        _ => {
+            problems.push("import reservations: one of their two tables is missing".into());
+            None
+        }
+    };
     let mut expected_counts: BTreeMap<HashScheme, u64> = BTreeMap::new();
     let mut expected_hashes = 0u64;
     // Keys and tokens by id: what each credit balance belongs to.
@@ -209,6 +233,18 @@ fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckRepor
                 Some(Ok(_)) => {}
             }
         }
+        if let Some((imported, _)) = &imports {
+            // A secret still under its imported hash: reserved for this key.
+            let secrets = std::iter::once((record.key_hash, record.scheme))
+                .chain(record.rolled.as_ref().map(|old| (old.key_hash, old.scheme)));
+            for (hash, scheme) in secrets {
+                if scheme == HashScheme::Sha256Imported
+                    && imported.get(&hash)?.map(|v| v.value()) != Some(id)
+                {
+                    problems.push(format!("{public}: imported hash not reserved"));
+                }
+            }
+        }
         if by_owner.get((record.owner, tag, id))?.is_none() {
             problems.push(format!("{public}: owner index entry missing"));
         }
@@ -228,6 +264,26 @@ fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckRepor
         let stored_counts = store::scheme_counts(&read.open_table(META)?)?;
         if stored_counts != expected_counts {
             problems.push("hash scheme counters disagree with the records".into());
+        }
+    }
+    if let Some((imported, by_key)) = &imports {
+        for entry in imported.iter()? {
+            let (k, v) = entry?;
+            let (hash, id) = (*k.value(), v.value());
+            let public = ids.encode(key_kinds.get(&id).copied().unwrap_or(IdKind::Key), id);
+            if keys.get(id)?.is_none() {
+                problems.push(format!(
+                    "{public}: imported hash reserved for a missing key"
+                ));
+            }
+            if by_key.get(id)?.map(|v| *v.value()) != Some(hash) {
+                problems.push(format!(
+                    "{public}: imports_by_key entry missing or different"
+                ));
+            }
+        }
+        if imported.len()? != by_key.len()? {
+            problems.push("import reservations: the two tables disagree".into());
         }
     }
     // Every record, readable or not, has one owner and one prefix entry.

@@ -1275,6 +1275,54 @@ mod damaged {
         );
     }
 
+    /// `check` holds the import reservations to the keys: a key still under its imported
+    /// hash that has no reservation could be imported twice, and a reservation of a key that
+    /// is gone (deleted by a build without them) is named too.
+    #[test]
+    fn check_finds_import_reservations_that_disagree_with_the_keys() {
+        const IMPORTED_HASHES: TableDefinition<&[u8; 32], u64> =
+            TableDefinition::new("imported_hashes");
+        const IMPORTS_BY_KEY: TableDefinition<u64, &[u8; 32]> =
+            TableDefinition::new("imports_by_key");
+        let t = TestLedger::new();
+        let owner = t.account("Acme");
+        let plain = formatted_key("vb_live_", 11);
+        let hash: [u8; 32] = Sha256::digest(plain.as_bytes()).into();
+        let import = ImportKey::new(owner, "i", ImportedHash::Sha256(hash), &plain[..12], "wxyz");
+        let imported = t.ledger.keys().import(import).unwrap().id.to_string();
+        let (_dir, path, config) = t.close();
+        assert_eq!(problems(&path, config.clone()), Vec::<String>::new());
+        let db = redb::Database::open(&path).unwrap();
+        let id = db
+            .begin_read()
+            .unwrap()
+            .open_table(IMPORTS_BY_KEY)
+            .unwrap()
+            .first()
+            .unwrap()
+            .unwrap()
+            .0
+            .value();
+        drop(db);
+        let missing = id + 1_000;
+        edit(&path, |txn| {
+            let mut hashes = txn.open_table(IMPORTED_HASHES).unwrap();
+            hashes.remove(&hash).unwrap();
+            hashes.insert(&[7u8; 32], missing).unwrap();
+            let mut by_key = txn.open_table(IMPORTS_BY_KEY).unwrap();
+            by_key.remove(id).unwrap();
+            by_key.insert(missing, &[7u8; 32]).unwrap();
+        });
+        let found = problems(&path, config);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0], format!("{imported}: imported hash not reserved"));
+        assert!(
+            found[1].starts_with("key_")
+                && found[1].ends_with(": imported hash reserved for a missing key"),
+            "named by its public id: {found:?}"
+        );
+    }
+
     /// One undecodable key record is one problem, naming the key, not damage to its indexes.
     #[test]
     fn an_unreadable_key_record_is_one_problem_not_index_damage() {

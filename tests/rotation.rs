@@ -673,3 +673,115 @@ fn rolling_a_legacy_key_gives_it_a_native_secret() {
     assert_eq!(t.auth(LEGACY_KEY), Err(Denial::NotFound));
     assert_eq!(t.auth(&native).map(|k| k.id), Ok(imported.id));
 }
+
+/// A legacy key imported by its SHA-256, for the re-import tests.
+fn import_legacy(owner: &str, name: &str) -> ImportKey {
+    let hash = ImportedHash::Sha256(sha256(LEGACY_KEY));
+    ImportKey::new(owner, name, hash, &LEGACY_KEY[..12], "0042")
+}
+
+/// An import run twice (a migration script re-run after customers started using their keys)
+/// must not give one plaintext a second record: the operator relies on deleting a key to
+/// revoke its plaintext, which a duplicate would keep working. The imported hash stays
+/// reserved after the key's first use rehashes it, for as long as its record exists.
+#[test]
+fn an_imported_hash_cannot_be_imported_again_even_after_first_use_and_delete_revokes_it() {
+    const R: &str = "/api/v1/quickhits/create";
+    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| {
+        b.legacy_prefix("sk_live_")
+    });
+    let owner = t.account("Acme");
+    let first = t
+        .ledger
+        .keys()
+        .import(import_legacy(&owner, "first"))
+        .unwrap();
+    assert!(matches!(
+        t.ledger.keys().import(import_legacy(&owner, "again")),
+        Err(Error::Conflict(_))
+    ));
+    assert_eq!(verify_code(&t.ledger, LEGACY_KEY, R), "ok"); // first use: rehashed
+    assert_eq!(count(&t.ledger, HashScheme::Sha256Imported), 0);
+    let again = t.ledger.keys().import(import_legacy(&owner, "again"));
+    assert!(
+        matches!(again, Err(Error::Conflict(_))),
+        "re-import after first use gave {:?}",
+        again.map(|k| k.id)
+    );
+    // Neither as a token, nor after a roll (the plaintext is then a revoked secret).
+    let token = t
+        .ledger
+        .tokens()
+        .import(import_legacy(&owner, "as token").token_type("webhook"));
+    assert!(matches!(token, Err(Error::Conflict(_))));
+    t.ledger.keys().roll(&first.id, 0).unwrap();
+    assert_eq!(verify_code(&t.ledger, LEGACY_KEY, R), "not_found");
+    assert!(matches!(
+        t.ledger.keys().import(import_legacy(&owner, "again")),
+        Err(Error::Conflict(_))
+    ));
+
+    // Deleting the key revokes its plaintext for good, and frees its hash for a new import.
+    t.ledger.keys().delete(&first.id).unwrap();
+    assert_eq!(verify_code(&t.ledger, LEGACY_KEY, R), "not_found");
+    let reimported = t
+        .ledger
+        .keys()
+        .import(import_legacy(&owner, "again"))
+        .unwrap();
+    assert_eq!(verify_code(&t.ledger, LEGACY_KEY, R), "ok");
+    let (_t, report) = t.checked();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let _ = reimported;
+}
+
+/// A file from before import reservations: its first open reserves the hashes of the keys not
+/// yet used (still under their imported SHA-256), so re-running their import is refused from
+/// then on. A key already used then has no SHA-256 left to reserve.
+#[test]
+fn opening_a_file_from_before_import_reservations_reserves_its_unused_imports() {
+    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| {
+        b.legacy_prefix("sk_live_")
+    });
+    let owner = t.account("Acme");
+    let unused = t
+        .ledger
+        .keys()
+        .import(import_legacy(&owner, "unused"))
+        .unwrap();
+    let (used, used_plain) = {
+        let plain = formatted_key("vb_live_", 7);
+        let hash = ImportedHash::Sha256(sha256(&plain));
+        let import = ImportKey::new(owner, "used", hash, &plain[..12], &plain[plain.len() - 4..]);
+        (t.ledger.keys().import(import).unwrap(), plain)
+    };
+    assert_eq!(t.auth(&used_plain).unwrap().id, used.id); // rehashed
+    let (dir, path, config) = t.close();
+    {
+        // What an older build wrote: no reservation tables.
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        for table in ["imported_hashes", "imports_by_key"] {
+            let def = redb::TableDefinition::<&[u8; 32], u64>::new(table);
+            assert!(txn.delete_table(def).unwrap(), "{table}");
+        }
+        txn.commit().unwrap();
+    }
+    let report = Ledger::check(&path, config.clone()).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+
+    let ledger = Ledger::open(&path, config.clone()).unwrap();
+    let again = ledger.keys().import(import_legacy(&owner, "again"));
+    assert!(matches!(again, Err(Error::Conflict(_))));
+    assert_eq!(authenticate(&ledger, LEGACY_KEY).unwrap().id, unused.id);
+    let again = ledger.keys().import(import_legacy(&owner, "again"));
+    assert!(
+        matches!(again, Err(Error::Conflict(_))),
+        "after first use too"
+    );
+    ledger.close().unwrap();
+    drop(ledger);
+    let report = Ledger::check(&path, config).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    drop(dir);
+}

@@ -2,14 +2,21 @@
 //! record a cache miss reads. Every write of a [`KeyRecord`] goes through [`put`], which
 //! rewrites the entries of the record's hashes in the same transaction, so the index never
 //! disagrees with the record; hashes that stop being live leave through [`remove`].
+//!
+//! Beside it, the import reservations (`imported_hashes`, `imports_by_key`): the hash a key
+//! was imported by stays taken for the life of its record, long after the rehash of its first
+//! use has taken it out of `key_verify`, so the same import cannot run twice.
 
-use redb::WriteTransaction;
+use redb::{ReadableTable, WriteTransaction};
 
 use crate::codec;
 use crate::error::Result;
 use crate::hashing::KeyHash;
 use crate::record::{KeyRecord, VerifyRecord};
-use crate::store::{self, tables::KEY_VERIFY};
+use crate::store::{
+    self,
+    tables::{IMPORTED_HASHES, IMPORTS_BY_KEY, KEY_VERIFY, KEYS},
+};
 
 /// The open verify-index table of a write transaction.
 pub(crate) type VerifyTable<'txn> = redb::Table<'txn, &'static [u8; 32], &'static [u8]>;
@@ -37,5 +44,50 @@ pub(crate) fn put_entries(table: &mut VerifyTable<'_>, id: u64, record: &KeyReco
 /// Removes the verify entry of a hash that is no longer live.
 pub(crate) fn remove(txn: &WriteTransaction, hash: &KeyHash) -> Result<()> {
     txn.open_table(KEY_VERIFY)?.remove(hash)?;
+    Ok(())
+}
+
+/// Whether `hash` is the imported hash of a key that still exists. An entry whose key is gone
+/// (a delete by a build older than these tables) reserves nothing.
+pub(crate) fn import_reserved(txn: &WriteTransaction, hash: &KeyHash) -> Result<bool> {
+    let Some(id) = txn
+        .open_table(IMPORTED_HASHES)?
+        .get(hash)?
+        .map(|v| v.value())
+    else {
+        return Ok(false);
+    };
+    Ok(txn.open_table(KEYS)?.get(id)?.is_some())
+}
+
+/// Reserves `hash` as the imported hash of key `id`, replacing a reservation of a key that is
+/// gone (see [`import_reserved`]).
+pub(crate) fn reserve_import(txn: &WriteTransaction, hash: &KeyHash, id: u64) -> Result<()> {
+    let stale = txn
+        .open_table(IMPORTED_HASHES)?
+        .insert(hash, id)?
+        .map(|v| v.value());
+    let mut by_key = txn.open_table(IMPORTS_BY_KEY)?;
+    if let Some(stale) = stale.filter(|&old| old != id) {
+        by_key.remove(stale)?;
+    }
+    by_key.insert(id, hash)?;
+    Ok(())
+}
+
+/// Frees the imported hash of key `id`, if it has one (its record is being deleted).
+pub(crate) fn release_import(txn: &WriteTransaction, id: u64) -> Result<()> {
+    let Some(hash) = txn
+        .open_table(IMPORTS_BY_KEY)?
+        .remove(id)?
+        .map(|v| *v.value())
+    else {
+        return Ok(());
+    };
+    let mut hashes = txn.open_table(IMPORTED_HASHES)?;
+    let reserved_by = hashes.get(&hash)?.map(|v| v.value());
+    if reserved_by == Some(id) {
+        hashes.remove(&hash)?;
+    }
     Ok(())
 }

@@ -119,6 +119,25 @@ impl std::fmt::Debug for Keys<'_> {
 const KIND_API: u8 = 0;
 const KIND_TOKEN: u8 = 1;
 
+/// How a new record's secret came to the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Generated here; its plaintext was returned once.
+    Created,
+    /// Imported by its hash: the hash stays reserved for the record's life.
+    Imported,
+}
+
+impl Origin {
+    /// The verb of its audit action (`key.created`, `key.imported`).
+    fn verb(self) -> &'static str {
+        match self {
+            Origin::Created => "created",
+            Origin::Imported => "imported",
+        }
+    }
+}
+
 impl<'a> Keys<'a> {
     pub(crate) fn new(ledger: &'a Ledger, kind: IdKind) -> Self {
         Keys {
@@ -161,11 +180,18 @@ impl<'a> Keys<'a> {
         let hasher = self.ledger.hasher();
         let (prefix, suffix) = visible_parts(plaintext.expose());
         let hash = hasher.hash_current(plaintext.expose());
-        let info = self.insert(s, class, hash, hasher.current(), prefix, suffix, "created")?;
+        let origin = Origin::Created;
+        let info = self.insert(s, class, hash, hasher.current(), prefix, suffix, origin)?;
         Ok(CreatedKey { info, plaintext })
     }
 
     /// Imports a key issued elsewhere by its hash; its holder keeps using the same plaintext.
+    ///
+    /// The hash stays reserved for as long as the record exists, so importing it again is
+    /// [`Error::Conflict`] even after the key's first use rehashed it to the current scheme,
+    /// or a roll replaced it: one plaintext has one record, and deleting it revokes the
+    /// plaintext. (A file from before these reservations keeps none for keys imported and
+    /// rehashed then.)
     pub fn import(&self, import: ImportKey) -> Result<KeyInfo> {
         let asked = self.class_for(&import.settings)?;
         let class = self
@@ -218,7 +244,7 @@ impl<'a> Keys<'a> {
             scheme,
             import.prefix,
             import.suffix,
-            "imported",
+            Origin::Imported,
         )
     }
 
@@ -244,7 +270,7 @@ impl<'a> Keys<'a> {
         scheme: HashScheme,
         key_prefix: String,
         key_suffix: String,
-        verb: &str,
+        origin: Origin,
     ) -> Result<KeyInfo> {
         let owner = self.ledger.inner.ids.decode(IdKind::Account, &s.owner)?;
         if self.owner.is_some_and(|o| o != owner) {
@@ -315,7 +341,12 @@ impl<'a> Keys<'a> {
                 return Err(Error::NotFound { what: "pool" });
             }
         }
-        if txn.open_table(KEY_VERIFY)?.get(&key_hash)?.is_some() {
+        // A hash live in the verify index, or one a key still in the ledger was imported by
+        // (rehashed by its first use, or rolled, since): a second record of one plaintext
+        // would keep it working after the first is deleted.
+        if txn.open_table(KEY_VERIFY)?.get(&key_hash)?.is_some()
+            || index::import_reserved(&txn, &key_hash)?
+        {
             return Err(Error::Conflict(
                 "a key with this hash already exists".into(),
             ));
@@ -323,12 +354,15 @@ impl<'a> Keys<'a> {
         let id = store::next_id(&txn)?;
         index::put(&txn, &mut txn.open_table(KEYS)?, id, &record)?;
         self.index(&txn, id, &record)?;
+        if origin == Origin::Imported {
+            index::reserve_import(&txn, &key_hash, id)?;
+        }
         if let (Some(credits), None) = (record.limits.credits, record.pool) {
             let credits = new_balance(credits, record.limits.refill, now);
             store::put(&mut txn.open_table(CREDITS)?, id, &credits)?;
         }
         let public = self.public_id(id);
-        let action = format!("{}.{verb}", self.what());
+        let action = format!("{}.{}", self.what(), origin.verb());
         audit::append(&txn, now, &self.actor, &action, &public, &[])?;
         txn.commit()?;
         match scheme == self.ledger.hash_scheme() {
@@ -664,12 +698,14 @@ impl<'a> Keys<'a> {
     }
 
     /// Deletes a key for good: its hashes, indexes, credits and usage go with it (its spend
-    /// stays in its account's usage).
+    /// stays in its account's usage). The hash it was imported by, if any, may then be
+    /// imported again.
     pub fn delete(&self, id: &str) -> Result<()> {
         let internal = self.internal_id(id)?;
         let txn = self.ledger.inner.store.begin_write()?;
         let record = self.load(&txn.open_table(KEYS)?, internal)?;
         self.unindex(&txn, internal, &record)?;
+        index::release_import(&txn, internal)?;
         txn.open_table(KEYS)?.remove(internal)?;
         txn.open_table(CREDITS)?.remove(internal)?;
         txn.open_table(USAGE)?.remove(internal)?;

@@ -155,6 +155,8 @@ impl Store {
                 txn.open_table(table)?;
             }
             txn.open_table(tables::KEY_VERIFY)?;
+            txn.open_table(tables::IMPORTED_HASHES)?;
+            txn.open_table(tables::IMPORTS_BY_KEY)?;
             txn.open_table(tables::KEYS_BY_OWNER)?;
             txn.open_table(tables::KEYS_BY_PREFIX)?;
             txn.open_table(tables::ROUTES)?;
@@ -167,10 +169,15 @@ impl Store {
         if existing.is_some_and(|format| format < 3) {
             migrate_2_to_3(&store, master)?;
         }
-        if existing.is_some_and(|format| format < 4) {
-            migrate_3_to_4(&store, opened.hash_scheme)?;
-            let opened = store.opened_meta(master)?; // the current scheme may have moved on
-            return Ok((store, opened));
+        let opened = match existing.is_some_and(|format| format < 4) {
+            true => {
+                migrate_3_to_4(&store, opened.hash_scheme)?;
+                store.opened_meta(master)? // the current scheme may have moved on
+            }
+            false => opened,
+        };
+        if existing.is_some() {
+            add_import_reservations(&store)?;
         }
         Ok((store, opened))
     }
@@ -291,6 +298,45 @@ fn migrate_3_to_4(store: &Store, current: HashScheme) -> Result<()> {
         set_hash_scheme(&txn, HashScheme::Blake3Keyed { pepper })?;
     }
     set_format(&txn, 4)?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// Adds the import reservations (`imported_hashes`, `imports_by_key`) to a file from before
+/// them, reserving the hash of every key still under `Sha256Imported` (as its current or its
+/// rolled secret), in one transaction: after a crash the file has none, and the next open
+/// adds them. A file that has them is left as it is. Keys already rehashed get none (their
+/// imported hash is gone), nor do keys imported by their current-scheme hash (nothing tells
+/// them from created keys). Not a format change: an absent table reads as empty.
+fn add_import_reservations(store: &Store) -> Result<()> {
+    match store.begin_read()?.open_table(tables::IMPORTED_HASHES) {
+        Ok(_) => return Ok(()),
+        Err(TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let txn = store.begin_write()?;
+    {
+        let keys = txn.open_table(tables::KEYS)?;
+        let mut hashes = txn.open_table(tables::IMPORTED_HASHES)?;
+        let mut by_key = txn.open_table(tables::IMPORTS_BY_KEY)?;
+        for entry in keys.iter()? {
+            let (k, v) = entry?;
+            let id = k.value();
+            // An undecodable record is `check`'s to report, not a reason to refuse the file.
+            let Ok(record) = codec::decode::<KeyRecord>(v.value()) else {
+                continue;
+            };
+            let imported = std::iter::once((record.key_hash, record.scheme))
+                .chain(record.rolled.map(|old| (old.key_hash, old.scheme)))
+                .find(|(_, scheme)| *scheme == HashScheme::Sha256Imported);
+            if let Some((hash, _)) = imported {
+                if hashes.get(&hash)?.is_none() {
+                    hashes.insert(&hash, id)?;
+                    by_key.insert(id, &hash)?;
+                }
+            }
+        }
+    }
     txn.commit()?;
     Ok(())
 }

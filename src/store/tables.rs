@@ -16,6 +16,22 @@ pub(crate) const KEY_VERIFY: TableDefinition<&[u8; 32], &[u8]> = TableDefinition
 /// replaces it with [`KEY_VERIFY`] and deletes it.
 pub(crate) const KEY_HASHES_V1: TableDefinition<&[u8; 32], u64> =
     TableDefinition::new("key_hashes");
+/// `imported hash → key id`: the hash each key or token was imported by (either
+/// [`ImportedHash`](crate::ImportedHash)), reserved for as long as its record exists — through
+/// the rehash of its first use, rolls and prunes — so that the same hash cannot be imported
+/// again as a second record of one plaintext. Written by `import`, removed by `delete`, with
+/// [`IMPORTS_BY_KEY`] (the same pairs the other way round).
+///
+/// Created with a new file, or at the first open of a file from before it: that open
+/// reserves the hashes of keys still under `Sha256Imported`. Keys imported earlier and
+/// already rehashed have no entry (their SHA-256 is gone), nor have keys imported earlier
+/// by their current-scheme hash (nothing tells them from created keys).
+pub(crate) const IMPORTED_HASHES: TableDefinition<&[u8; 32], u64> =
+    TableDefinition::new("imported_hashes");
+/// `key id → imported hash`: [`IMPORTED_HASHES`] by key, so `delete` finds the hash to free
+/// (the record itself no longer holds it once rehashed or rolled).
+pub(crate) const IMPORTS_BY_KEY: TableDefinition<u64, &[u8; 32]> =
+    TableDefinition::new("imports_by_key");
 /// `(owner id, kind tag, key id) → ()`: cursor-paginated listing per owner.
 pub(crate) const KEYS_BY_OWNER: TableDefinition<(u64, u8, u64), ()> =
     TableDefinition::new("keys_by_owner");

@@ -735,6 +735,46 @@ fn an_imported_hash_cannot_be_imported_again_even_after_first_use_and_delete_rev
     let _ = reimported;
 }
 
+/// A key imported by the SHA-256 of a plaintext another record already holds (a created key
+/// whose plaintext also came from elsewhere: the import cannot know) must not take over that
+/// record's verify entry when it is rehashed. Before, the rehash overwrote the other key's
+/// rolled secret's entry (dead, not yet pruned) and the next change to that key pruned it,
+/// removing the imported key's only entry: it never verified again and `check` reported it.
+#[test]
+fn a_rehash_never_takes_over_another_records_index_entry() {
+    const R: &str = "/api/v1/quickhits/create";
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (first, plaintext) = t.key(&owner, "first");
+    let hash = ImportedHash::Sha256(sha256(&plaintext));
+    let suffix = &plaintext[plaintext.len() - 4..];
+    let import = ImportKey::new(owner, "second", hash, &plaintext[..12], suffix);
+    let second = t.ledger.keys().import(import).unwrap();
+    assert_eq!(
+        t.auth(&plaintext).unwrap().id,
+        first.id,
+        "its current secret"
+    );
+    t.ledger.keys().roll(&first.id, 10).unwrap();
+    t.clock.advance_secs(10);
+    // The first key's old secret is dead: the plaintext is now the second key's, rehashed
+    // onto the hash the first key's unpruned rolled secret still holds.
+    assert_eq!(t.auth(&plaintext).unwrap().id, second.id);
+    t.ledger
+        .keys()
+        .update(&first.id, KeyUpdate::new().name("renamed"))
+        .unwrap(); // prunes the first key's rolled secret, if it is still there
+    assert_eq!(verify_code(&t.ledger, &plaintext, R), "ok");
+    assert_eq!(t.auth(&plaintext).unwrap().id, second.id);
+    let (_t, report) = t.checked();
+    assert!(
+        report.problems.is_empty(),
+        "{:?} (second = {})",
+        report.problems,
+        second.id
+    );
+}
+
 /// A file from before import reservations: its first open reserves the hashes of the keys not
 /// yet used (still under their imported SHA-256), so re-running their import is refused from
 /// then on. A key already used then has no SHA-256 left to reserve.

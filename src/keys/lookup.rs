@@ -2,9 +2,12 @@
 //! and — only while records under other schemes exist — try those too, rehashing the record
 //! to the current scheme on a hit. This is the cache-miss path of `verify`.
 
+use redb::{ReadableTable, WriteTransaction};
+
 use crate::audit;
 use crate::clock::Timestamp;
 use crate::codec;
+use crate::engine::KeyChange;
 use crate::error::Result;
 use crate::hashing::{HashScheme, KeyHash, hashes_equal};
 use crate::keys::index;
@@ -126,6 +129,13 @@ fn probe_table(
 /// Returns the verify entry of `new_hash` (`None`: a concurrent change, such as a roll or a
 /// delete, took `old_hash` out first). A concurrent miss of the same key may have rehashed
 /// it already: then nothing is written and its entry is returned.
+///
+/// `new_hash` may be another record's verify entry already (the plaintext was imported by
+/// its SHA-256 while another key held it). A rolled secret of that record past its grace is
+/// pruned to make room; any other entry stays, and so does the record under its old scheme:
+/// overwriting it would leave the other record's secret without an entry, or, once the other
+/// record dropped it, this one's. Then that entry is returned if it is live, as a look-up
+/// under the current scheme would find it.
 fn rehash(
     ledger: &Ledger,
     id: u64,
@@ -133,6 +143,7 @@ fn rehash(
     new_hash: &KeyHash,
     scheme: HashScheme,
 ) -> Result<Option<VerifyRecord>> {
+    let now = ledger.now();
     let txn = ledger.inner.store.begin_write()?;
     let mut keys = txn.open_table(KEYS)?;
     // Deleted since the probe: not found, as for any other key that is gone.
@@ -150,7 +161,16 @@ fn rehash(
             .filter(|o| hashes_equal(&o.key_hash, old_hash))
             .map(|o| (&mut o.key_hash, &mut o.scheme))
     };
+    let mut pruned = None;
     if let Some((stored_hash, stored_scheme)) = slot {
+        match holder(&txn, &mut keys, id, new_hash, now)? {
+            Holder::Free => {}
+            Holder::DeadRolled(other) => pruned = Some(other),
+            Holder::Other(entry) => {
+                let live = entry.valid_until.is_none_or(|until| now < until);
+                return Ok((entry.scheme == scheme && live).then_some(*entry));
+            }
+        }
         index::remove(&txn, old_hash)?;
         store::adjust_scheme_count(&txn, *stored_scheme, -1)?;
         store::adjust_scheme_count(&txn, scheme, 1)?;
@@ -161,19 +181,57 @@ fn rehash(
         let kind = record.kind.id_kind();
         let public = ledger.inner.ids.encode(kind, id);
         let action = format!("{}.rehashed", kind.noun());
-        audit::append(
-            &txn,
-            ledger.now(),
-            SYSTEM_ACTOR,
-            &action,
-            &public,
-            &["hash_scheme"],
-        )?;
+        audit::append(&txn, now, SYSTEM_ACTOR, &action, &public, &["hash_scheme"])?;
         txn.commit()?;
+        if let Some(other) = pruned {
+            // Its dead secret may be cached, where it would answer for this key's plaintext.
+            let engine = &ledger.inner.engine;
+            engine.key_changed(other, &[*new_hash], KeyChange::Settings);
+        }
     } // else the transaction aborts on drop: nothing written, nothing audited
     Ok(VerifyRecord::entries(id, &record)
         .find(|(hash, _)| hashes_equal(hash, new_hash))
         .map(|(_, entry)| entry))
+}
+
+/// Who holds a hash a rehash is about to write, seen from the record `id` moving there.
+enum Holder {
+    /// No record, or `id` itself: the hash is free to write.
+    Free,
+    /// Record `0`'s rolled secret past its grace period, pruned now to make room.
+    DeadRolled(u64),
+    /// Anything else: another record's live secret, or an entry whose record is gone (which
+    /// `check` reports). Left as it is.
+    Other(Box<VerifyRecord>),
+}
+
+/// Finds who holds `hash` in the verify index and, if it is another record's rolled secret
+/// past its grace period, prunes that secret in `txn` (as the record's next change would).
+fn holder(
+    txn: &WriteTransaction,
+    keys: &mut redb::Table<u64, &'static [u8]>,
+    id: u64,
+    hash: &KeyHash,
+    now: Timestamp,
+) -> Result<Holder> {
+    let entry = match txn.open_table(KEY_VERIFY)?.get(hash)? {
+        Some(bytes) => codec::decode::<VerifyRecord>(bytes.value())?,
+        None => return Ok(Holder::Free),
+    };
+    if entry.id == id {
+        return Ok(Holder::Free);
+    }
+    let other: Option<KeyRecord> = store::get(keys, entry.id)?;
+    let Some(mut other) = other.filter(|r| {
+        r.rolled
+            .as_ref()
+            .is_some_and(|old| hashes_equal(&old.key_hash, hash) && old.valid_until <= now)
+    }) else {
+        return Ok(Holder::Other(Box::new(entry)));
+    };
+    super::prune_expired_rolled(txn, &mut other, now)?;
+    index::put(txn, keys, entry.id, &other)?;
+    Ok(Holder::DeadRolled(entry.id))
 }
 
 impl Ledger {
@@ -329,6 +387,36 @@ mod tests {
         let found = found.unwrap().expect("found under the current scheme");
         assert_eq!((found.id, found.scheme), (f.id, V2));
         drop(stale);
+        assert_eq!(f.check(), Vec::<String>::new());
+    }
+
+    /// A rehash never overwrites another record's live verify entry: here another key was
+    /// imported by the current-scheme hash of this key's plaintext between the miss's probe
+    /// (which would otherwise have found it) and the rehash.
+    #[test]
+    fn a_rehash_leaves_another_records_live_entry_and_its_own_record_as_they_were() {
+        let f = fixture();
+        f.ledger.rotate_hash_scheme(V2).unwrap();
+        let taken = f.ledger.hasher().hash(V2, &f.plaintext);
+        let owner = f.ledger.keys().get(&f.public).unwrap().owner;
+        let import = crate::ImportKey::new(
+            owner,
+            "other",
+            crate::ImportedHash::Current(taken),
+            &f.plaintext[..12],
+            "wxyz",
+        );
+        let other = f.ledger.keys().import(import).unwrap();
+        let other_id = f.ledger.keys().internal_id(&other.id).unwrap();
+
+        let found = f.rehash_from_v1(&f.plaintext).expect("the live entry");
+        assert_eq!((found.id, found.scheme), (other_id, V2));
+        let read = f.ledger.inner.store.begin_read().unwrap();
+        let mine: KeyRecord = store::get(&read.open_table(KEYS).unwrap(), f.id)
+            .unwrap()
+            .unwrap();
+        assert_eq!(mine.scheme, V1, "left under its old scheme");
+        drop(read);
         assert_eq!(f.check(), Vec::<String>::new());
     }
 

@@ -1017,32 +1017,33 @@ fn a_pool_is_shared_by_two_keys() {
     assert!(stderr(&out).starts_with("error: "));
 }
 
+/// Creates a pool of 50 credits for `owner` and a key that spends from it: the pool's and
+/// the key's JSON.
+fn pooled_key(s: &Scratch, owner: &str) -> (serde_json::Value, serde_json::Value) {
+    let pool = s.json(&[
+        "pools",
+        "create",
+        "--owner",
+        owner,
+        "--name",
+        "shared",
+        "--credits",
+        "50",
+    ]);
+    let pool_id = string(&pool["id"]);
+    let key = s.json(&[
+        "keys", "create", "--owner", owner, "--name", "pooled", "--pool", &pool_id,
+    ]);
+    (pool, key)
+}
+
 /// A peek (`--cost 0`) at a pool key reports the pool's balance; `null` would mean unmetered.
 #[test]
 fn a_peek_of_a_pooled_key_reports_the_pools_balance() {
     let s = Scratch::initialised();
     let owner = s.account("Acme");
     assert_success(&s.run(&["routes", "set", "/api/"]));
-    let pool = s.json(&[
-        "pools",
-        "create",
-        "--owner",
-        &owner,
-        "--name",
-        "shared",
-        "--credits",
-        "50",
-    ]);
-    let v = s.json(&[
-        "keys",
-        "create",
-        "--owner",
-        &owner,
-        "--name",
-        "pooled",
-        "--pool",
-        &string(&pool["id"]),
-    ]);
+    let (_, v) = pooled_key(&s, &owner);
     let key = string(&v["key"]);
     let (exit, v) = s.verify(&key, "/api/x", &["--cost", "1", "--refund"]);
     assert_eq!(exit, 0, "{v}");
@@ -1058,21 +1059,8 @@ fn a_peek_of_a_pooled_key_reports_the_pools_balance() {
 fn usage_of_a_pooled_key_reports_the_pools_balance_and_names_the_pool() {
     let s = Scratch::initialised();
     let owner = s.account("Acme");
-    let pool = s.json(&[
-        "pools",
-        "create",
-        "--owner",
-        &owner,
-        "--name",
-        "shared",
-        "--credits",
-        "50",
-    ]);
-    let pool_id = string(&pool["id"]);
-    let v = s.json(&[
-        "keys", "create", "--owner", &owner, "--name", "pooled", "--pool", &pool_id,
-    ]);
-    let id = string(&v["id"]);
+    let (pool, v) = pooled_key(&s, &owner);
+    let (pool_id, id) = (string(&pool["id"]), string(&v["id"]));
     let shown = s.json(&["keys", "show", &id]);
     assert_eq!(shown["remaining_credits"], 50, "{shown}");
     let u = s.json(&["usage", &id]);

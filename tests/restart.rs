@@ -64,6 +64,15 @@ fn dropping_the_last_handle_closes_cleanly_too() {
     assert_eq!((u.spent, u.remaining, u.lost_to_crash), (40, Some(460), 0));
 }
 
+/// A ledger whose close waits `grace` for grants, with a key of 100 credits: its id and
+/// plaintext.
+fn closing_within(grace: Duration) -> (TestLedger, keyledger::PublicId, String) {
+    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| b.close_grace(grace));
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
+    (t, id, plain)
+}
+
 /// A graceful shutdown: the server stops taking requests and closes the ledger while one is
 /// still running. `close` waits for that request's grant to settle, refusing new requests
 /// meanwhile, so the balance is exact and nothing counts as lost to a crash. (Found by a
@@ -100,11 +109,7 @@ fn close_waits_for_the_grants_still_held() {
 /// open (never re-granted), and `close` says how many units that is.
 #[test]
 fn close_names_the_units_of_grants_held_past_its_grace() {
-    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| {
-        b.close_grace(Duration::from_millis(50))
-    });
-    let owner = t.account("Acme");
-    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
+    let (t, id, plain) = closing_within(Duration::from_millis(50));
     let key = presented(&plain);
     let grant = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
     let error = t.ledger.close().unwrap_err().to_string();
@@ -120,11 +125,7 @@ fn close_names_the_units_of_grants_held_past_its_grace() {
 /// run out its grace. (Found by a reviewer.)
 #[test]
 fn units_refunded_while_closing_are_not_reserved_again() {
-    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| {
-        b.close_grace(Duration::from_secs(5))
-    });
-    let owner = t.account("Acme");
-    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
+    let (t, _, plain) = closing_within(Duration::from_secs(5));
     let key = presented(&plain);
     let grant = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
     std::thread::scope(|s| {
@@ -181,11 +182,7 @@ fn close_under_steady_traffic_is_clean() {
 /// the close ended, not "closed" at once. (Found by a reviewer.)
 #[test]
 fn a_second_close_reports_how_the_first_ended() {
-    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| {
-        b.close_grace(Duration::from_millis(300))
-    });
-    let owner = t.account("Acme");
-    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
+    let (t, _, plain) = closing_within(Duration::from_millis(300));
     let key = presented(&plain);
     let grant = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
     std::thread::scope(|s| {
@@ -204,11 +201,7 @@ fn a_second_close_reports_how_the_first_ended() {
 /// deadline, not a panic in `close` or in drop. (Found by a reviewer.)
 #[test]
 fn a_close_grace_of_duration_max_waits_as_long_as_it_takes() {
-    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| {
-        b.close_grace(Duration::MAX)
-    });
-    let owner = t.account("Acme");
-    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
+    let (t, _, plain) = closing_within(Duration::MAX);
     let key = presented(&plain);
     let grant = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
     std::thread::scope(|s| {

@@ -500,24 +500,28 @@ fn bench_json_reports_the_ratios_on_a_small_store() {
 
 /// A `--seconds` no run can last (`inf`, `1e20`, `NaN`, 0) is a usage error, not an internal one.
 #[test]
-fn bench_refuses_seconds_out_of_range_as_a_usage_error() {
-    for seconds in ["inf", "1e20", "NaN", "0", "86401"] {
+fn bench_refuses_out_of_range_arguments_as_a_usage_error() {
+    let seconds = ["inf", "1e20", "NaN", "0", "86401"].map(|s| ["--keys", "1", "--seconds", s]);
+    // Keys and threads past what a machine holds, or none.
+    let counts = ["0", "100000001", "-1", "x"].into_iter().flat_map(|n| {
+        [
+            ["--keys", n, "--seconds", "1"],
+            ["--threads", n, "--seconds", "1"],
+        ]
+    });
+    for args in seconds.into_iter().chain(counts) {
         let out = Command::new(env!("CARGO_BIN_EXE_keyledger"))
             .env_remove("KEYLEDGER_MASTER_KEY")
-            .args(["bench", "--keys", "1", "--seconds", seconds])
+            .arg("bench")
+            .args(args)
             .output()
             .expect("run");
         assert!(
             !stderr(&out).contains("internal error"),
-            "--seconds {seconds}: {}",
+            "{args:?}: {}",
             stderr(&out)
         );
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "--seconds {seconds}: {}",
-            stderr(&out)
-        );
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
     }
 }
 

@@ -32,11 +32,11 @@ use crate::output::print_json;
 /// `bench` arguments.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Keys in the scratch database (one account per 100 keys).
-    #[arg(long, default_value_t = 1_000_000)]
+    /// Keys in the scratch database, 1 to 100,000,000 (one account per 100 keys).
+    #[arg(long, default_value_t = 1_000_000, value_parser = count_parser(100_000_000))]
     pub keys: usize,
-    /// Threads running verify + commit (and the floor).
-    #[arg(long, default_value_t = 1)]
+    /// Threads running verify + commit (and the floor), 1 to 1,024.
+    #[arg(long, default_value_t = 1, value_parser = count_parser(1_024))]
     pub threads: usize,
     /// Seconds of verify + commit traffic, 0.1 to 86,400 (the floor runs for half as long,
     /// in two halves around it).
@@ -59,6 +59,15 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
         Ok(seconds)
     } else {
         Err("expected seconds from 0.1 to 86,400".into())
+    }
+}
+
+/// Parses a count from 1 to `max`: a scratch store or a thread count past that would run
+/// the machine out of memory rather than measure anything.
+fn count_parser(max: usize) -> impl Fn(&str) -> Result<usize, String> + Clone {
+    move |s| match s.trim().replace('_', "").parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {max}")),
     }
 }
 
@@ -189,8 +198,7 @@ struct Phases {
 /// Runs the benchmark; prints text or, with `json`, one JSON object.
 pub fn run(json: bool, args: BenchArgs) -> CliResult<u8> {
     let started = Instant::now();
-    let threads = args.threads.max(1);
-    let keys = args.keys.max(1);
+    let (threads, keys) = (args.threads, args.keys);
     let seconds = args.seconds;
     let mut phases = Phases::default();
 

@@ -288,10 +288,12 @@ fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckRepor
     }
     // Every record, readable or not, has one owner and one prefix entry.
     let records = report.keys + report.tokens + unreadable;
-    if by_owner.len()? != records {
+    // More entries than records point at keys that are gone (a record's own missing entry is
+    // named with it above).
+    if by_owner.len()? > records {
         problems.push("owner index has entries for missing keys".into());
     }
-    if by_prefix.len()? != records {
+    if by_prefix.len()? > records {
         problems.push("prefix index has entries for missing keys".into());
     }
 

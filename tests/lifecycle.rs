@@ -1045,6 +1045,21 @@ mod damaged {
         report.problems
     }
 
+    /// An owner index that lost an entry names the key left out of its owner's listing, and
+    /// does not also claim entries for missing keys.
+    #[test]
+    fn check_says_which_way_an_owner_index_disagrees() {
+        const BY_OWNER: TableDefinition<(u64, u8, u64), ()> = TableDefinition::new("keys_by_owner");
+        let (_dir, path, config, [pooled, ..]) = ledger();
+        edit(&path, |txn| {
+            let mut table = txn.open_table(BY_OWNER).unwrap();
+            let first = table.first().unwrap().unwrap().0.value();
+            table.remove(first).unwrap();
+        });
+        let found = problems(&path, config);
+        assert_eq!(found, [format!("{pooled}: owner index entry missing")]);
+    }
+
     /// A metered key whose balance cannot be read shows 0 credits left in its key info, not
     /// `None`, which reads as "unmetered"; an unmetered key still shows `None`.
     #[test]

@@ -114,13 +114,13 @@ fn a_version_1_file_opens_and_reads_back() {
     let audit = ledger.audit().recent(100).unwrap();
     assert!(audit.len() >= 6, "{audit:?}");
     drop(ledger);
-    // Opening migrated the file to format 4: the verify index replaced the hash index.
+    // Opening migrated the file to format 5 (through 4: the verify index replaced the hash index).
     {
         let db = redb::Database::open(&path).unwrap();
         let read = redb::ReadableDatabase::begin_read(&db).unwrap();
         let format = read.open_table(META).unwrap();
         let format = format.get("format").unwrap().unwrap();
-        assert_eq!(format.value()[8..], 4u32.to_le_bytes());
+        assert_eq!(format.value()[8..], 5u32.to_le_bytes());
         let tables: Vec<String> = read
             .list_tables()
             .unwrap()
@@ -211,7 +211,7 @@ fn a_file_from_a_newer_format_version_is_refused_with_upgrade_required() {
         Err(Error::UpgradeRequired {
             found: 99,
             supported,
-        }) => assert_eq!(supported, 4),
+        }) => assert_eq!(supported, 5),
         other => panic!("expected UpgradeRequired {{ found: 99 }}, got {other:?}"),
     }
     // `check` refuses it the same way rather than reporting garbage.
@@ -489,8 +489,8 @@ fn write_golden_secrets_file() {
 }
 
 /// A power loss or a dead disk at any I/O point of the first open of a format-1 file (the
-/// migrations to formats 2, 3 and 4 are one transaction each) leaves a file that opens, after
-/// a reboot, at format 1, 2, 3 or 4 — migrating then if needed — and every key still
+/// migrations to formats 2, 3, 4 and 5 are one transaction each) leaves a file that opens,
+/// after a reboot, at format 1 to 5 — migrating then if needed — and every key still
 /// verifies as before.
 #[test]
 fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies() {
@@ -504,7 +504,7 @@ fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies()
     ledger.close().unwrap();
     drop(ledger);
     let mut reopened = 0;
-    let mut formats = [0u32; 4];
+    let mut formats = [0u32; 5];
     for countdown in 0..writes + syncs + 2 {
         let backend = CrashBackend::from_bytes(bytes.clone());
         backend.fail_after(countdown);
@@ -534,7 +534,7 @@ fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies()
     assert!(reopened >= 4, "{reopened} reboots");
     assert!(
         formats.iter().all(|&n| n > 0),
-        "reboots found format 1 / 2 / 3 / 4 {formats:?} times: the crash points cover both \
+        "reboots found format 1 / 2 / 3 / 4 / 5 {formats:?} times: the crash points cover both \
          sides of each migration's commit"
     );
 }
@@ -608,7 +608,7 @@ fn a_format_2_vault_reads_back_after_its_secrets_are_resealed() {
     let format = read.open_table(META).unwrap();
     assert_eq!(
         format.get("format").unwrap().unwrap().value()[8..],
-        4u32.to_le_bytes()
+        5u32.to_le_bytes()
     );
     let secrets = read
         .open_table(redb::TableDefinition::<(u64, &str), &[u8]>::new(
@@ -631,8 +631,8 @@ fn a_format_2_vault_reads_back_after_its_secrets_are_resealed() {
     assert!(report.is_ok(), "{:?}", report.problems);
 }
 
-/// A power loss at any I/O point of the re-sealing migration (and the one to format 4 after
-/// it) leaves a file at format 2, 3 or 4 that opens, migrating then if needed, with every
+/// A power loss at any I/O point of the re-sealing migration (and the ones to formats 4 and 5
+/// after it) leaves a file at format 2 to 5 that opens, migrating then if needed, with every
 /// secret readable.
 #[test]
 fn a_crash_at_any_point_of_the_resealing_leaves_every_secret_readable() {
@@ -643,7 +643,7 @@ fn a_crash_at_any_point_of_the_resealing_leaves_every_secret_readable() {
     let ledger = Ledger::open_with_backend(clean.clone(), config()).unwrap();
     let (writes, syncs) = clean.io_counts();
     drop(ledger);
-    let mut formats = [0u32; 4];
+    let mut formats = [0u32; 5];
     for countdown in 0..writes + syncs + 2 {
         let backend = CrashBackend::from_bytes(bytes.clone());
         backend.fail_after(countdown);
@@ -661,7 +661,7 @@ fn a_crash_at_any_point_of_the_resealing_leaves_every_secret_readable() {
     }
     assert!(
         formats[1..].iter().all(|&n| n > 0),
-        "reboots found format 2 / 3 / 4 {formats:?} times: both sides of each migration's commit"
+        "reboots found format 2 / 3 / 4 / 5 {formats:?} times: both sides of each migration's commit"
     );
 }
 

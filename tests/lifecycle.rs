@@ -1268,7 +1268,7 @@ mod damaged {
             Err(
                 e @ Error::OlderFormat {
                     found: 2,
-                    current: 4,
+                    current: 5,
                 },
             ) => {
                 assert!(e.to_string().contains("open it once"), "{e}")

@@ -775,9 +775,10 @@ fn a_rehash_never_takes_over_another_records_index_entry() {
     );
 }
 
-/// A file from before import reservations: its first open reserves the hashes of the keys not
-/// yet used (still under their imported SHA-256), so re-running their import is refused from
-/// then on. A key already used then has no SHA-256 left to reserve.
+/// A file from before import reservations (format 4): its first open reserves the hashes of
+/// the keys not yet used (still under their imported SHA-256) and makes it format 5, which a
+/// build from before refuses (it would import without reserving). Re-running their import is
+/// refused from then on. A key already used then has no SHA-256 left to reserve.
 #[test]
 fn opening_a_file_from_before_import_reservations_reserves_its_unused_imports() {
     let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| {
@@ -798,17 +799,32 @@ fn opening_a_file_from_before_import_reservations_reserves_its_unused_imports() 
     assert_eq!(t.auth(&used_plain).unwrap().id, used.id); // rehashed
     let (dir, path, config) = t.close();
     {
-        // What an older build wrote: no reservation tables.
+        // What an older build wrote: format 4, no reservation tables.
         let db = redb::Database::open(&path).unwrap();
         let txn = db.begin_write().unwrap();
         for table in ["imported_hashes", "imports_by_key"] {
             let def = redb::TableDefinition::<&[u8; 32], u64>::new(table);
             assert!(txn.delete_table(def).unwrap(), "{table}");
         }
+        let meta = redb::TableDefinition::<&str, &[u8]>::new("meta");
+        let format = [b"keyledgr".as_slice(), &4u32.to_le_bytes()].concat();
+        txn.open_table(meta)
+            .unwrap()
+            .insert("format", format.as_slice())
+            .unwrap();
         txn.commit().unwrap();
     }
-    let report = Ledger::check(&path, config.clone()).unwrap();
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let older = Ledger::check(&path, config.clone()).map(|r| r.problems);
+    assert!(
+        matches!(
+            older,
+            Err(Error::OlderFormat {
+                found: 4,
+                current: 5
+            })
+        ),
+        "{older:?}"
+    );
 
     let ledger = Ledger::open(&path, config.clone()).unwrap();
     let again = ledger.keys().import(import_legacy(&owner, "again"));

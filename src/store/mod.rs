@@ -35,7 +35,7 @@ pub(crate) const MAGIC: &[u8; 8] = b"keyledgr";
 ///   with HMAC's pepper key; its hashes now decode as `Blake3KeyedLegacy`, read only). A
 ///   format-3 file hashing with BLAKE3 moves to the new scheme when it is opened (see
 ///   [`migrate_3_to_4`]).
-pub(crate) const FORMAT_VERSION: u32 = 4;
+pub(crate) const FORMAT_VERSION: u32 = 5;
 
 /// The opened database and what its meta table says.
 pub(crate) struct Store {
@@ -176,8 +176,8 @@ impl Store {
             }
             false => opened,
         };
-        if existing.is_some() {
-            add_import_reservations(&store)?;
+        if existing.is_some_and(|format| format < 5) {
+            migrate_4_to_5(&store)?;
         }
         Ok((store, opened))
     }
@@ -302,18 +302,13 @@ fn migrate_3_to_4(store: &Store, current: HashScheme) -> Result<()> {
     Ok(())
 }
 
-/// Adds the import reservations (`imported_hashes`, `imports_by_key`) to a file from before
-/// them, reserving the hash of every key still under `Sha256Imported` (as its current or its
-/// rolled secret), in one transaction: after a crash the file has none, and the next open
-/// adds them. A file that has them is left as it is. Keys already rehashed get none (their
-/// imported hash is gone), nor do keys imported by their current-scheme hash (nothing tells
-/// them from created keys). Not a format change: an absent table reads as empty.
-fn add_import_reservations(store: &Store) -> Result<()> {
-    match store.begin_read()?.open_table(tables::IMPORTED_HASHES) {
-        Ok(_) => return Ok(()),
-        Err(TableError::TableDoesNotExist(_)) => {}
-        Err(e) => return Err(e.into()),
-    }
+/// Format 5 keeps import reservations (`imported_hashes`, `imports_by_key`): the migration
+/// reserves the hash of every key still under `Sha256Imported` (as its current or its rolled
+/// secret) and sets the format, in one transaction (after a crash the next open runs it
+/// again). Keys already rehashed get none (their imported hash is gone), nor do keys imported
+/// by their current-scheme hash (nothing tells them from created keys). A format change, not
+/// just new tables: a build from before would write to the file without keeping them.
+fn migrate_4_to_5(store: &Store) -> Result<()> {
     let txn = store.begin_write()?;
     {
         let keys = txn.open_table(tables::KEYS)?;
@@ -337,6 +332,7 @@ fn add_import_reservations(store: &Store) -> Result<()> {
             }
         }
     }
+    set_format(&txn, 5)?;
     txn.commit()?;
     Ok(())
 }

@@ -36,9 +36,7 @@ fn ticks(ns: u64) -> Ticks {
 /// commit gives back or charges.
 const MAX_STEP: Ticks = 1 << 100;
 
-/// The longest rate window, 100 years: "so many, ever" fits, and arrival times keep
-/// centuries of headroom: a window near the top of the scale would let them saturate, and a
-/// saturated arrival time admits everything.
+/// The longest rate window, 100 years: "so many, ever" fits.
 pub(crate) const MAX_WINDOW_SECS: u64 = 100 * 365 * 86_400 + 25 * 86_400;
 
 /// One GCRA limit: parameters fixed at build, arrival time shared by all threads.
@@ -180,10 +178,9 @@ impl Gcra {
             .tat
             .load(Ordering::Acquire)
             .saturating_sub(ticks(now_ns));
-        let room = self.window().saturating_sub(used);
-        // A unit's share below a tick (over 2³² a nanosecond) weighs nothing.
-        let left = room.checked_div(self.increment(1, multiplier_pct));
-        left.map_or(u64::MAX, |left| u64::try_from(left).unwrap_or(u64::MAX))
+        // A unit weighs at least a tick (`unit_share`).
+        let left = self.window().saturating_sub(used) / self.increment(1, multiplier_pct);
+        u64::try_from(left).unwrap_or(u64::MAX)
     }
 
     /// Whether arrivals are still ahead of `now_ns`.

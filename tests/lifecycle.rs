@@ -1292,7 +1292,7 @@ mod damaged {
 
     /// `check` holds the import reservations to the keys: a key still under its imported
     /// hash that has no reservation could be imported twice, and a reservation of a key that
-    /// is gone (deleted by a build without them) is named too.
+    /// is gone (damage: it would refuse that hash's import for good) is named too.
     #[test]
     fn check_finds_import_reservations_that_disagree_with_the_keys() {
         const IMPORTED_HASHES: TableDefinition<&[u8; 32], u64> =

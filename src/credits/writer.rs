@@ -982,12 +982,11 @@ fn build(
                     if !covered {
                         refused(shared, &work, fx, at);
                     }
-                    // Retired, undecodable or absent: its balance is gone or unreadable.
-                    let unleasable = if leasing_stopped {
-                        shared.closing.load(Ordering::Acquire)
-                    } else {
-                        fx.leases[at].0.retired() || matches!(work.records.get(&id), Some(None))
-                    };
+                    // Closing, or retired, undecodable or absent: its balance cannot be leased
+                    // from (now or ever).
+                    let unleasable = leasing_stopped
+                        || fx.leases[at].0.retired()
+                        || matches!(work.records.get(&id), Some(None));
                     match reply {
                         // At once: asking again would meet the same record.
                         Some(reply) if unleasable => {

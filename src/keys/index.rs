@@ -15,7 +15,7 @@ use crate::hashing::KeyHash;
 use crate::record::{KeyRecord, VerifyRecord};
 use crate::store::{
     self,
-    tables::{IMPORTED_HASHES, IMPORTS_BY_KEY, KEY_VERIFY, KEYS},
+    tables::{IMPORTED_HASHES, IMPORTS_BY_KEY, KEY_VERIFY},
 };
 
 /// The open verify-index table of a write transaction.
@@ -47,31 +47,16 @@ pub(crate) fn remove(txn: &WriteTransaction, hash: &KeyHash) -> Result<()> {
     Ok(())
 }
 
-/// Whether `hash` is the imported hash of a key that still exists. An entry whose key is gone
-/// (a delete by a build older than these tables) reserves nothing.
+/// Whether `hash` is the imported hash of a key (every key keeps its reservation until it is
+/// deleted; format 5, so no older build deletes one without freeing it).
 pub(crate) fn import_reserved(txn: &WriteTransaction, hash: &KeyHash) -> Result<bool> {
-    let Some(id) = txn
-        .open_table(IMPORTED_HASHES)?
-        .get(hash)?
-        .map(|v| v.value())
-    else {
-        return Ok(false);
-    };
-    Ok(txn.open_table(KEYS)?.get(id)?.is_some())
+    Ok(txn.open_table(IMPORTED_HASHES)?.get(hash)?.is_some())
 }
 
-/// Reserves `hash` as the imported hash of key `id`, replacing a reservation of a key that is
-/// gone (see [`import_reserved`]).
+/// Reserves `hash` as the imported hash of the new key `id`.
 pub(crate) fn reserve_import(txn: &WriteTransaction, hash: &KeyHash, id: u64) -> Result<()> {
-    let stale = txn
-        .open_table(IMPORTED_HASHES)?
-        .insert(hash, id)?
-        .map(|v| v.value());
-    let mut by_key = txn.open_table(IMPORTS_BY_KEY)?;
-    if let Some(stale) = stale.filter(|&old| old != id) {
-        by_key.remove(stale)?;
-    }
-    by_key.insert(id, hash)?;
+    txn.open_table(IMPORTED_HASHES)?.insert(hash, id)?;
+    txn.open_table(IMPORTS_BY_KEY)?.insert(id, hash)?;
     Ok(())
 }
 

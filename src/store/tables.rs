@@ -22,10 +22,10 @@ pub(crate) const KEY_HASHES_V1: TableDefinition<&[u8; 32], u64> =
 /// again as a second record of one plaintext. Written by `import`, removed by `delete`, with
 /// [`IMPORTS_BY_KEY`] (the same pairs the other way round).
 ///
-/// Created with a new file, or at the first open of a file from before it: that open
-/// reserves the hashes of keys still under `Sha256Imported`. Keys imported earlier and
-/// already rehashed have no entry (their SHA-256 is gone), nor have keys imported earlier
-/// by their current-scheme hash (nothing tells them from created keys).
+/// Created with a new file, or by the migration to format 5, which reserves the hashes of
+/// keys still under `Sha256Imported`. Keys imported earlier and already rehashed have no
+/// entry (their SHA-256 is gone), nor have keys imported earlier by their current-scheme
+/// hash (nothing tells them from created keys).
 pub(crate) const IMPORTED_HASHES: TableDefinition<&[u8; 32], u64> =
     TableDefinition::new("imported_hashes");
 /// `key id → imported hash`: [`IMPORTED_HASHES`] by key, so `delete` finds the hash to free

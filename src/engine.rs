@@ -558,6 +558,13 @@ impl Engine {
 
     /// An admin change to a key: drop the cached entries of its secrets' `hashes` so the
     /// next verify re-reads the record. A deleted key's meter retires.
+    /// Drops a cached rolled-away secret past its grace (`verify` found it there): the next
+    /// verify of it asks the store, as for any hash no key holds.
+    pub(crate) fn forget_dead_secret(&self, hash: &KeyHash) {
+        let evicted = self.cache.evict(std::slice::from_ref(hash));
+        self.carry(evicted);
+    }
+
     pub(crate) fn key_changed(&self, id: u64, hashes: &[KeyHash], change: KeyChange) {
         let evicted = self.cache.evict(hashes);
         if change != KeyChange::Deleted {

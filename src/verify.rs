@@ -150,7 +150,17 @@ impl Ledger {
             Slot::Key(key) => Some(check(self, key, request, routes, now.0)),
             Slot::Missing => None,
         };
-        let outcome = match engine.cache.with(&hash, checked) {
+        let cached = match engine.cache.with(&hash, checked) {
+            // A rolled key's previous secret past its grace: no key of its own any more, but
+            // the store may know its plaintext as another (imported by its SHA-256), so it is
+            // forgotten and looked up like any other miss, which remembers it if nothing is.
+            Some(Some(Checked::Denied(Denial::NotFound))) => {
+                engine.forget_dead_secret(&hash);
+                None
+            }
+            cached => cached,
+        };
+        let outcome = match cached {
             Some(Some(outcome)) => outcome,
             Some(None) => return Err(Denial::NotFound),
             None => match engine

@@ -841,3 +841,46 @@ fn opening_a_file_from_before_import_reservations_reserves_its_unused_imports() 
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     drop(dir);
 }
+
+#[test]
+fn a_dead_rolled_secret_in_the_cache_does_not_hide_a_key_imported_with_the_same_plaintext() {
+    // The operator imports, by its SHA-256, a plaintext that once was a secret of one of this
+    // ledger's own keys — rolled away, its grace over — while verifies keep it cached.
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (original, old_plain) = t.key(&owner, "rolled");
+    assert_eq!(verify_code(&t.ledger, &old_plain, "/v1/x"), "ok");
+    let rolled = t.ledger.keys().roll(&original.id, 60).unwrap();
+    let new_plain = rolled.plaintext.expose().to_owned();
+    assert_eq!(
+        verify_code(&t.ledger, &old_plain, "/v1/x"),
+        "ok",
+        "in grace"
+    );
+    t.clock.advance_secs(61);
+    assert_eq!(verify_code(&t.ledger, &old_plain, "/v1/x"), "not_found");
+
+    let imported = t
+        .ledger
+        .keys()
+        .import(ImportKey::new(
+            owner,
+            "migrated",
+            ImportedHash::Sha256(sha256(&old_plain)),
+            &old_plain[..12],
+            &old_plain[old_plain.len() - 4..],
+        ))
+        .unwrap();
+    // `verify` and `authenticate` agree, whichever runs first.
+    assert_eq!(verify_code(&t.ledger, &old_plain, "/v1/x"), "ok");
+    assert_eq!(t.auth(&old_plain).unwrap().id, imported.id);
+    let key = presented(&old_plain);
+    let grant = t
+        .ledger
+        .verify(&keyledger::Request::new(&key, "/v1/x"))
+        .unwrap();
+    assert_eq!(grant.key_id(), imported.id);
+    drop(grant);
+    // The rolled key keeps working by its new secret.
+    assert_eq!(t.auth(&new_plain).unwrap().id, original.id);
+}

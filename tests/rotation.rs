@@ -25,6 +25,13 @@ fn sha256(plaintext: &str) -> [u8; 32] {
     Sha256::digest(plaintext.as_bytes()).into()
 }
 
+/// An import of `plaintext` by its SHA-256, with its visible prefix and suffix.
+fn by_sha256(owner: impl Into<String>, name: &str, plaintext: &str) -> ImportKey {
+    let suffix = &plaintext[plaintext.len() - 4..];
+    let hash = ImportedHash::Sha256(sha256(plaintext));
+    ImportKey::new(owner, name, hash, &plaintext[..12], suffix)
+}
+
 #[test]
 fn roll_issues_a_new_secret_and_keeps_the_old_one_until_grace_expires() {
     let t = TestLedger::new();
@@ -202,15 +209,9 @@ fn a_key_imported_by_sha256_authenticates_and_is_rehashed_on_first_use() {
         .keys()
         .by("migrator")
         .import(
-            ImportKey::new(
-                owner,
-                "legacy key",
-                ImportedHash::Sha256(sha256(&plaintext)),
-                &plaintext[..12],
-                &plaintext[plaintext.len() - 4..],
-            )
-            .permissions(["legacy:*"])
-            .credits(50),
+            by_sha256(owner, "legacy key", &plaintext)
+                .permissions(["legacy:*"])
+                .credits(50),
         )
         .unwrap();
     assert!(imported.id.starts_with("key_"));
@@ -271,13 +272,7 @@ fn a_key_from_another_keyledger_can_be_imported_by_its_sha256() {
     let imported = t
         .ledger
         .keys()
-        .import(ImportKey::new(
-            owner,
-            "migrated",
-            ImportedHash::Sha256(sha256(&plaintext)),
-            &plaintext[..12],
-            &plaintext[plaintext.len() - 4..],
-        ))
+        .import(by_sha256(owner, "migrated", &plaintext))
         .unwrap();
     assert_eq!(t.auth(&plaintext).unwrap().id, imported.id);
     assert_eq!(
@@ -792,8 +787,7 @@ fn opening_a_file_from_before_import_reservations_reserves_its_unused_imports() 
         .unwrap();
     let (used, used_plain) = {
         let plain = formatted_key("vb_live_", 7);
-        let hash = ImportedHash::Sha256(sha256(&plain));
-        let import = ImportKey::new(owner, "used", hash, &plain[..12], &plain[plain.len() - 4..]);
+        let import = by_sha256(owner, "used", &plain);
         (t.ledger.keys().import(import).unwrap(), plain)
     };
     assert_eq!(t.auth(&used_plain).unwrap().id, used.id); // rehashed
@@ -863,13 +857,7 @@ fn a_dead_rolled_secret_in_the_cache_does_not_hide_a_key_imported_with_the_same_
     let imported = t
         .ledger
         .keys()
-        .import(ImportKey::new(
-            owner,
-            "migrated",
-            ImportedHash::Sha256(sha256(&old_plain)),
-            &old_plain[..12],
-            &old_plain[old_plain.len() - 4..],
-        ))
+        .import(by_sha256(owner, "migrated", &old_plain))
         .unwrap();
     // `verify` and `authenticate` agree, whichever runs first.
     assert_eq!(verify_code(&t.ledger, &old_plain, "/v1/x"), "ok");

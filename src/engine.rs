@@ -556,8 +556,6 @@ impl Engine {
         live.reconfigure(id, generation);
     }
 
-    /// An admin change to a key: drop the cached entries of its secrets' `hashes` so the
-    /// next verify re-reads the record. A deleted key's meter retires.
     /// Drops a cached rolled-away secret past its grace (`verify` found it there): the next
     /// verify of it asks the store, as for any hash no key holds.
     pub(crate) fn forget_dead_secret(&self, hash: &KeyHash) {
@@ -565,6 +563,8 @@ impl Engine {
         self.carry(evicted);
     }
 
+    /// An admin change to a key: drop the cached entries of its secrets' `hashes` so the
+    /// next verify re-reads the record. A deleted key's meter retires.
     pub(crate) fn key_changed(&self, id: u64, hashes: &[KeyHash], change: KeyChange) {
         let evicted = self.cache.evict(hashes);
         if change != KeyChange::Deleted {

@@ -859,7 +859,7 @@ fn a_dead_rolled_secret_in_the_cache_does_not_hide_a_key_imported_with_the_same_
         .keys()
         .import(by_sha256(owner, "migrated", &old_plain))
         .unwrap();
-    // `verify` and `authenticate` agree, whichever runs first.
+    // `verify` finds the imported key, as `authenticate` (which has no cache) does.
     assert_eq!(verify_code(&t.ledger, &old_plain, "/v1/x"), "ok");
     assert_eq!(t.auth(&old_plain).unwrap().id, imported.id);
     let key = presented(&old_plain);

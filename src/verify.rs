@@ -151,10 +151,10 @@ impl Ledger {
             Slot::Missing => None,
         };
         let cached = match engine.cache.with(&hash, checked) {
-            // A rolled key's previous secret past its grace: no key of its own any more, but
-            // the store may know its plaintext as another (imported by its SHA-256), so it is
-            // forgotten and looked up like any other miss, which remembers it if nothing is.
-            Some(Some(Checked::Denied(Denial::NotFound))) => {
+            // No key of its own any more, but the store may know its plaintext as another
+            // (imported by its SHA-256): forgotten and looked up like any other miss, which
+            // remembers it if nothing is.
+            Some(Some(Checked::DeadSecret)) => {
                 engine.forget_dead_secret(&hash);
                 None
             }
@@ -176,6 +176,7 @@ impl Ledger {
         match outcome {
             Checked::Granted(grant) => Ok(grant),
             Checked::Denied(denial) => Err(denial),
+            Checked::DeadSecret => Err(Denial::NotFound),
             Checked::NeedsLease(grant) => self.reserve_slow(grant),
         }
     }
@@ -243,6 +244,8 @@ impl Ledger {
 }
 
 enum Checked<'l> {
+    /// A rolled key's previous secret past its grace period: no key at all.
+    DeadSecret,
     Granted(Grant<'l>),
     Denied(Denial),
     /// Every check passed but the in-memory lease is short.
@@ -263,7 +266,7 @@ fn check<'l>(
     // then expired (past the deadline, the previous secret's is not the one that passed).
     let past_deadline = key.past_deadline(now_ms);
     if past_deadline && key.secret_expired(now_ms) {
-        return Denied(Denial::NotFound);
+        return Checked::DeadSecret;
     }
     if key.disabled() {
         return Denied(Denial::Disabled);

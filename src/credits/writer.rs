@@ -228,6 +228,10 @@ struct Listed {
     /// One entry per balance and epoch (a balance's record id is unique across keys and
     /// pools), so an outage that fails batch after batch grows it by balances, not refunds.
     returns: HashMap<(u64, u32), (MeterRef, u64)>,
+    /// Once a closing pass over every meter has committed: the meters it left with units
+    /// leased (grants still held). Closing leases nothing, so a meter it left with none has
+    /// none for good, and the next pass (the next drain, or the close) visits only these.
+    still_leased: Option<Vec<MeterRef>>,
 }
 
 impl Listed {
@@ -613,6 +617,8 @@ struct Effects {
     leases: Vec<(MeterRef, u64, u64)>, // meter, units granted, empty until (ms)
     /// Units left leased once every lease was given back (a closing batch only).
     held: Option<u64>,
+    /// The meters holding them (see [`Listed::still_leased`]).
+    still_leased: Option<Vec<MeterRef>>,
     /// Where in `leases` units were granted, by meter id: what a later message in the
     /// batch takes back without scanning every lease of the batch.
     granted_at: HashMap<u64, Vec<usize>>,
@@ -717,6 +723,7 @@ fn commit(
             shared.commits.fetch_add(1, Ordering::Relaxed);
             if let Some(held) = fx.held {
                 shared.held.store(held, Ordering::Release);
+                listed.still_leased = fx.still_leased.take();
             }
             // A waiting request gets the units it asked for straight out of the lease taken
             // for it, before anyone else can reserve them: handed to the meter, they could go to
@@ -1154,17 +1161,27 @@ fn build(
             }
         }
         if closing {
-            let meters = shared.meters.lock().all();
+            // Taken, not cloned: a batch that fails leaves none, and the next pass visits all.
+            let meters = match listed.still_leased.take() {
+                Some(meters) => meters,
+                None => shared.meters.lock().all(),
+            };
             let mut held = 0u64;
+            let mut still_leased = Vec::new();
             for meter in meters {
                 // No request reserves from the lease any more (`Meter::current` is false:
                 // each asks the writer, which refuses while closing), or a refund landing in
                 // it after this could be reserved again by a new request, and a close under
                 // traffic would wait out its grace.
                 meter.set_refill_at(0);
-                held = held.saturating_add(reclaim(&mut work, fx, &meter)?);
+                let left = reclaim(&mut work, fx, &meter)?;
+                if left > 0 {
+                    held = held.saturating_add(left);
+                    still_leased.push(meter);
+                }
             }
             fx.held = Some(held);
+            fx.still_leased = Some(still_leased);
         }
         // Whether a balance is empty is known only once the whole batch has run (a later
         // message may have put units back): decide it from the final records.

@@ -448,8 +448,14 @@ impl Engine {
     }
 
     /// Credits left on balance `id`: the durable balance plus what memory holds leased and
-    /// not yet reserved (at most what the record says is leased).
+    /// not yet reserved (at most what the record says is leased). With a refill due and not
+    /// yet applied, the refill: the next lease replaces the balance, and the lease memory
+    /// holds, with it.
     pub(crate) fn remaining(&self, id: u64, record: &CreditsRecord) -> u64 {
+        let mut refilled = record.clone();
+        if refill::apply_due(&mut refilled, self.shared.clock.now()) {
+            return refilled.balance;
+        }
         let meters = self.shared.meters.lock();
         let in_memory = meters.get(id).map_or(0, |m| m.leased());
         record.balance + in_memory.min(record.leased)
@@ -745,12 +751,27 @@ impl Engine {
         self.retire(evicted);
     }
 
-    /// Publishes new route rules and recompiles every cached key's bits against them. Called
-    /// after each committed change; one at a time, so that two changes racing cannot leave
-    /// the table read before the later commit published last (a rule silently not enforced).
-    pub(crate) fn routes_changed(&self, store: &Store) -> Result<()> {
+    /// Runs a route change: `change` writes it into a transaction, which commits only if
+    /// every rule it then holds decodes; those rules are published once it has committed, so
+    /// a change that returns `Ok` is enforced from the next verify, and one that fails is not
+    /// stored (reading the rules back after the commit could fail and leave a stored rule
+    /// unenforced). One change at a time, so that they publish in the order they committed.
+    pub(crate) fn change_routes<T>(
+        &self,
+        store: &Store,
+        change: impl FnOnce(&store::WriteTxn<'_>) -> Result<T>,
+    ) -> Result<T> {
         let _one_at_a_time = self.publishing_routes.lock();
-        let rules = load_routes(store)?;
+        let txn = store.begin_write()?;
+        let changed = change(&txn)?;
+        let rules = rules_in(&txn.open_table(ROUTES)?)?;
+        txn.commit()?;
+        self.publish_routes(rules);
+        Ok(changed)
+    }
+
+    /// Publishes route rules and recompiles every cached key's bits against them.
+    fn publish_routes(&self, rules: Vec<RouteRule>) {
         let generation = self.policy.load().routes.generation + 1;
         let table = Arc::new(RouteTable::new(generation, rules));
         // A hash-scheme rotation may publish at the same time: keep its hasher.
@@ -759,7 +780,6 @@ impl Engine {
             routes: table.clone(),
         });
         self.cache.for_each(|key| key.recompile(&table));
-        Ok(())
     }
 
     /// The hasher keys are hashed with now.
@@ -1153,8 +1173,13 @@ fn recover_leases(store: &Store) -> Result<Recovered> {
 }
 
 fn load_routes(store: &Store) -> Result<Vec<RouteRule>> {
-    let read = store.begin_read()?;
-    let table = read.open_table(ROUTES)?;
+    rules_in(&store.begin_read()?.open_table(ROUTES)?)
+}
+
+/// Every rule in `table`, sorted by prefix.
+pub(crate) fn rules_in(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Vec<RouteRule>> {
     let mut rules = Vec::new();
     for entry in table.iter()? {
         rules.push(codec::decode(entry?.1.value())?);
@@ -1839,5 +1864,40 @@ mod tests {
             .unwrap();
         let tier = grant.rate_limit().tier_multiplier_pct;
         assert_eq!(tier, 300, "10 spent and flushed");
+    }
+
+    #[test]
+    fn a_route_change_that_fails_is_not_stored_and_one_that_succeeds_is_enforced_at_once() {
+        let fixture = ledger();
+        let ledger = &fixture.ledger;
+        let (_, _, plaintext) = key(ledger, |owner| NewKey::new(owner, "k"));
+        let damage = |prefix: &str| {
+            let txn = ledger.inner.store.begin_write().unwrap();
+            txn.open_table(ROUTES)
+                .unwrap()
+                .insert(prefix, [0xffu8, 0xff].as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        };
+        let stored = |prefix: &str| {
+            let read = ledger.inner.store.begin_read().unwrap();
+            let table = read.open_table(ROUTES).unwrap();
+            table.get(prefix).unwrap().is_some()
+        };
+        damage("/broken");
+        let admin = crate::RouteRule::new("/admin").permission("admin:*");
+        let set = ledger.routes().set(admin.clone());
+        assert!(matches!(set, Err(Error::Codec(_))), "{set:?}");
+        assert!(
+            !stored("/admin"),
+            "a change reported failed must not be stored"
+        );
+        // The damaged rule removed, the same change goes through and applies to the next verify.
+        ledger.routes().remove("/broken").unwrap();
+        ledger.routes().set(admin).unwrap();
+        assert_eq!(code(ledger, &plaintext), "ok");
+        let presented = Presented::new(plaintext.as_str()).unwrap();
+        let request = Request::new(&presented, "/admin/users");
+        assert_eq!(ledger.verify(&request).unwrap_err().code(), "forbidden");
     }
 }

@@ -1,8 +1,6 @@
 //! Route rules: `route prefix → required permission, entitlement, default cost`, matched by
 //! longest prefix; and the permission check with `*` and `scope:*` wildcards.
 
-use redb::ReadableTable;
-
 use crate::audit;
 use crate::codec;
 use crate::error::{Error, Result};
@@ -46,80 +44,56 @@ impl Routes<'_> {
         if let Some(e) = &rule.entitlement {
             rules::entitlement("entitlement", e)?;
         }
-        let txn = self.ledger.inner.store.begin_write()?;
-        let before: Option<RouteRule> = {
-            let mut table = txn.open_table(ROUTES)?;
-            let old = table.insert(prefix.as_str(), codec::encode(&rule).as_slice())?;
-            // An unreadable old rule is replaced like a missing one.
-            old.and_then(|v| codec::decode(v.value()).ok())
-        };
-        // The fields this set changed (all of them for a new rule).
-        let fields: Vec<&str> = [
-            (
-                "permission",
-                before.as_ref().map(|b| b.permission != rule.permission),
-            ),
-            (
-                "entitlement",
-                before.as_ref().map(|b| b.entitlement != rule.entitlement),
-            ),
-            ("cost", before.as_ref().map(|b| b.cost != rule.cost)),
-            (
-                "price_micros",
-                before.as_ref().map(|b| b.price_micros != rule.price_micros),
-            ),
-        ]
-        .into_iter()
-        .filter(|(_, changed)| changed.unwrap_or(true))
-        .map(|(field, _)| field)
-        .collect();
-        audit::append(
-            &txn,
-            self.ledger.now(),
-            &self.actor,
-            "route.set",
-            prefix,
-            &fields,
-        )?;
-        txn.commit()?;
-        self.ledger
-            .inner
-            .engine
-            .routes_changed(&self.ledger.inner.store)?;
+        let inner = &self.ledger.inner;
+        inner.engine.change_routes(&inner.store, |txn| {
+            let before: Option<RouteRule> = {
+                let mut table = txn.open_table(ROUTES)?;
+                let old = table.insert(prefix.as_str(), codec::encode(&rule).as_slice())?;
+                // An unreadable old rule is replaced like a missing one.
+                old.and_then(|v| codec::decode(v.value()).ok())
+            };
+            // The fields this set changed (all of them for a new rule).
+            let fields: Vec<&str> = [
+                (
+                    "permission",
+                    before.as_ref().map(|b| b.permission != rule.permission),
+                ),
+                (
+                    "entitlement",
+                    before.as_ref().map(|b| b.entitlement != rule.entitlement),
+                ),
+                ("cost", before.as_ref().map(|b| b.cost != rule.cost)),
+                (
+                    "price_micros",
+                    before.as_ref().map(|b| b.price_micros != rule.price_micros),
+                ),
+            ]
+            .into_iter()
+            .filter(|(_, changed)| changed.unwrap_or(true))
+            .map(|(field, _)| field)
+            .collect();
+            let now = self.ledger.now();
+            audit::append(txn, now, &self.actor, "route.set", prefix, &fields)
+        })?;
         Ok(rule)
     }
 
     /// Removes the rule for exactly `prefix`.
     pub fn remove(&self, prefix: &str) -> Result<()> {
-        let txn = self.ledger.inner.store.begin_write()?;
-        if txn.open_table(ROUTES)?.remove(prefix)?.is_none() {
-            return Err(Error::NotFound { what: "route rule" });
-        }
-        audit::append(
-            &txn,
-            self.ledger.now(),
-            &self.actor,
-            "route.removed",
-            prefix,
-            &[],
-        )?;
-        txn.commit()?;
-        self.ledger
-            .inner
-            .engine
-            .routes_changed(&self.ledger.inner.store)?;
-        Ok(())
+        let inner = &self.ledger.inner;
+        inner.engine.change_routes(&inner.store, |txn| {
+            if txn.open_table(ROUTES)?.remove(prefix)?.is_none() {
+                return Err(Error::NotFound { what: "route rule" });
+            }
+            let now = self.ledger.now();
+            audit::append(txn, now, &self.actor, "route.removed", prefix, &[])
+        })
     }
 
     /// All rules, sorted by prefix.
     pub fn list(&self) -> Result<Vec<RouteRule>> {
         let read = self.ledger.inner.store.begin_read()?;
-        let table = read.open_table(ROUTES)?;
-        let mut out = Vec::new();
-        for entry in table.iter()? {
-            out.push(codec::decode(entry?.1.value())?);
-        }
-        Ok(out)
+        crate::engine::rules_in(&read.open_table(ROUTES)?)
     }
 
     /// The rule with the longest prefix of `route`, if any.

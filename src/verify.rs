@@ -480,10 +480,13 @@ impl Grant<'_> {
     }
 }
 
-/// Credits left on `meter`'s balance: as memory knows them, or read if it has not read them.
+/// Credits left on `meter`'s balance: as memory knows them, or read if it has not read them
+/// or a refill has come due since (the store's record, refilled as the next lease will).
 fn remaining(ledger: &Ledger, meter: &Meter) -> Option<u64> {
-    let read = || ledger.inner.engine.read_remaining(meter);
-    Some(meter.remaining().unwrap_or_else(read))
+    match meter.remaining() {
+        Some(left) if meter.current_lazily(|| ledger.now().0) => Some(left),
+        _ => Some(ledger.inner.engine.read_remaining(meter)),
+    }
 }
 
 impl Grant<'_> {

@@ -1490,3 +1490,99 @@ fn a_deleted_keys_usage_goes_with_it_and_stays_in_its_accounts() {
     drop(db);
     assert!(Ledger::check(&path, config).unwrap().is_ok());
 }
+
+#[test]
+fn credits_left_on_a_new_day_are_the_refill_before_any_request_applies_it() {
+    let t = TestLedger::new();
+    let (id, plain) = daily_refill_key(&t, 10, 100);
+    assert_eq!(drain(&t, &plain, 1_000), 10);
+    // Nothing queued for the writer: no lease applies the refill behind the reads below.
+    t.ledger.flush().unwrap();
+    t.clock.set(next_day(&t));
+    let from_usage = usage(&t, id.as_str()).remaining;
+    let from_info = t.ledger.keys().get(id.as_str()).unwrap().remaining_credits;
+    let key = presented(&plain);
+    let peek = t.ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
+    let from_peek = peek.remaining_credits();
+    drop(peek);
+    assert_eq!(
+        (from_usage, from_info, from_peek),
+        (Some(100), Some(100), Some(100)),
+        "usage, key info and a peek on the new day"
+    );
+    assert_eq!(
+        drain(&t, &plain, 1_000),
+        100,
+        "and 100 are what can be spent"
+    );
+}
+
+#[test]
+fn a_refill_of_u64_max_keeps_the_books_balanced() {
+    let t = TestLedger::new();
+    let (id, plain) = daily_refill_key(&t, 10, u64::MAX);
+    for _ in 0..5 {
+        spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
+    }
+    t.clock.set(next_day(&t));
+    spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
+    let u = usage(&t, id.as_str());
+    assert_eq!(u.spent, 6);
+    assert!(u.remaining.unwrap() > u64::MAX / 2, "{u:?}");
+    let (_t, report) = t.checked();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
+#[test]
+fn a_low_balance_crossed_in_memory_is_reported_though_a_top_up_came_first() {
+    let t = TestLedger::new();
+    let events = t.ledger.credit_events();
+    let owner = t.account("Acme");
+    let new = NewKey::new(owner, "k").credits(100);
+    let (id, plain) = create_key(&t.ledger, new.low_balance_threshold(95));
+    for _ in 0..6 {
+        spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
+    }
+    // 94 left, under the threshold of 95, before the writer has settled any of it: the top-up
+    // leaves the balance at 95, still not above it.
+    t.ledger.credits().top_up(id.as_str(), 1).unwrap();
+    for _ in 0..3 {
+        spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
+    }
+    let low = low_balance_events(&t, &events);
+    assert_eq!(usage(&t, id.as_str()).remaining, Some(92));
+    let figures: Vec<u64> = low.iter().map(|e| e.remaining).collect();
+    assert_eq!(figures.len(), 1, "100 → 94 crossed 95 once: {figures:?}");
+}
+
+#[test]
+fn an_exhausted_key_cached_again_is_not_reported_exhausted_again() {
+    let t = TestLedger::with_settings(keyledger::MasterKey::generate().unwrap(), |b| {
+        b.cache_capacity(1)
+    });
+    let events = t.ledger.credit_events();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner.as_str(), "k").credits(2));
+    let (_, other) = create_key(&t.ledger, NewKey::new(owner.as_str(), "o"));
+    spend(&t.ledger, &plain, "/x", 2, 2).unwrap();
+    for _ in 0..3 {
+        assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+        // A cache of one: this evicts "k", whose next verify builds it anew.
+        assert_eq!(verify_code(&t.ledger, &other, "/x"), "ok");
+        t.ledger.flush().unwrap();
+    }
+    let exhausted: Vec<_> = events
+        .try_iter()
+        .filter(|e| e.kind == CreditEventKind::Exhausted)
+        .collect();
+    assert_eq!(exhausted.len(), 1, "one run-out, one event: {exhausted:?}");
+    // A top-up makes the next run-out news again, cached anew or not.
+    t.ledger.credits().top_up(id.as_str(), 1).unwrap();
+    spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
+    assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+    t.ledger.flush().unwrap();
+    let again = events
+        .try_iter()
+        .filter(|e| e.kind == CreditEventKind::Exhausted);
+    assert_eq!(again.count(), 1);
+}

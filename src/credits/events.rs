@@ -15,7 +15,11 @@ pub(crate) const EVENT_CAPACITY: usize = 4_096;
 pub enum CreditEventKind {
     /// The credits left fell to or below the key's or pool's low-balance threshold.
     LowBalance,
-    /// A request needed more credits than were left.
+    /// A request needed more credits than were left. Reported once per run-out: for the
+    /// first such refusal since the balance last grew (a top-up, a set, a refill). Units a
+    /// request reserved and gave back (a refund) are not growth, and a balance already empty
+    /// when its key is cached (again, after leaving a full cache, or after a restart) is no
+    /// news.
     Exhausted,
 }
 

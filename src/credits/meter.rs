@@ -85,7 +85,7 @@ pub(crate) struct Meter {
     pub pending: AtomicBool,
     /// Queued for a spend flush (a pool's meter; a key's own is flushed with its usage).
     pub dirty: AtomicBool,
-    /// [`RETIRED`] and [`EXHAUSTION_REPORTED`].
+    /// [`RETIRED`], [`EXHAUSTION_REPORTED`] and [`UNREADABLE`].
     state: AtomicU8,
     /// What its events name: a key, a token or a pool.
     pub subject: crate::public_id::IdKind,
@@ -279,6 +279,17 @@ impl Meter {
         self.state.fetch_or(EXHAUSTION_REPORTED, Ordering::AcqRel) & EXHAUSTION_REPORTED == 0
     }
 
+    /// Whether a refusal since the balance last grew has been reported.
+    pub(crate) fn exhaustion_reported(&self) -> bool {
+        self.state.load(Ordering::Acquire) & EXHAUSTION_REPORTED != 0
+    }
+
+    /// Marks a refusal reported without one (a new meter for a balance whose earlier meter
+    /// had reported it: see [`Registry`](super::registry::Registry)).
+    pub(crate) fn mark_exhaustion_reported(&self) {
+        self.state.fetch_or(EXHAUSTION_REPORTED, Ordering::AcqRel);
+    }
+
     /// The balance grew (a top-up, a set, a refill): the next refusal is news again.
     /// `Some` when this cleared the mark.
     pub(crate) fn replenished(&self) -> Option<Told> {
@@ -467,6 +478,15 @@ impl Meter {
     #[inline]
     pub(crate) fn current(&self, now_ms: u64) -> bool {
         now_ms < self.refill_at_ms()
+    }
+
+    /// [`current`](Self::current), reading the clock only for a balance that refills.
+    #[inline]
+    pub(crate) fn current_lazily(&self, now_ms: impl FnOnce() -> u64) -> bool {
+        match self.refill_at_ms() {
+            u64::MAX => true,
+            refill_at => now_ms() < refill_at,
+        }
     }
 
     /// Whether a background top-up of the lease should start: it has fallen below half.

@@ -22,8 +22,10 @@ pub(crate) fn period_start(interval: RefillInterval, now: Timestamp) -> Timestam
 pub(crate) fn next_period(interval: RefillInterval, now: Timestamp) -> Timestamp {
     let start = period_start(interval, now);
     match interval {
-        RefillInterval::Daily => Timestamp(start.0 + DAY_MS),
-        RefillInterval::Monthly => period_start(interval, Timestamp(start.0 + 32 * DAY_MS)),
+        RefillInterval::Daily => Timestamp(start.0.saturating_add(DAY_MS)),
+        RefillInterval::Monthly => {
+            period_start(interval, Timestamp(start.0.saturating_add(32 * DAY_MS)))
+        }
     }
 }
 
@@ -40,7 +42,9 @@ pub(crate) fn due_at(record: &CreditsRecord, now: Timestamp) -> u64 {
 }
 
 /// Applies a due refill to `record`: the balance becomes the refill amount. Returns whether
-/// one was applied. `granted` moves with it so the conservation invariant holds.
+/// one was applied. `granted` moves with it so the conservation invariant holds: a refill
+/// so large (`u64::MAX`, "unlimited") that everything ever granted would pass `u64::MAX`
+/// gives what still fits.
 pub(crate) fn apply_due(record: &mut CreditsRecord, now: Timestamp) -> bool {
     let Some(refill) = record.refill else {
         return false;
@@ -49,11 +53,9 @@ pub(crate) fn apply_due(record: &mut CreditsRecord, now: Timestamp) -> bool {
     if record.refilled_at.is_some_and(|at| at >= start) {
         return false;
     }
-    record.granted = record
-        .granted
-        .saturating_sub(record.balance)
-        .saturating_add(refill.amount);
-    record.balance = refill.amount;
+    let granted_before = record.granted.saturating_sub(record.balance);
+    record.balance = refill.amount.min(u64::MAX - granted_before);
+    record.granted = granted_before + record.balance;
     record.refilled_at = Some(start);
     true
 }

@@ -1,7 +1,7 @@
 //! The credit meters in memory, by balance id: how a clean close, a `set` or top-up, and a
 //! key coming back into the cache find the live lease of a balance.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::cache::{CachedKey, MeterRef};
@@ -13,7 +13,15 @@ use crate::credits::meter::Meter;
 pub(crate) struct Registry {
     keys: Homes,
     pools: HashMap<u64, Arc<Meter>>,
+    /// Balances whose meter had reported an exhaustion when it left (its key left a full
+    /// cache) and that have not grown since: a new meter for one starts with the exhaustion
+    /// reported, so that a key cached again is not reported exhausted again. At most
+    /// [`MAX_REPORTED_EMPTY`]: past that a key cached again may be reported a second time.
+    reported_empty: HashSet<u64>,
 }
+
+/// Most balances [`Registry::reported_empty`] remembers (≈ 1.5 MB when full).
+const MAX_REPORTED_EMPTY: usize = 65_536;
 
 /// Ids are mostly sequential: a multiplication spreads them over the whole word, whose high
 /// bits choose the home slot.
@@ -145,12 +153,14 @@ impl Homes {
         self.len += 1;
     }
 
-    /// Removes `id`'s home if `same` accepts it.
-    fn remove_if(&mut self, id: u64, same: impl FnOnce(&CachedKey) -> bool) {
+    /// Removes `id`'s home if `same` accepts it; whether it did.
+    fn remove_if(&mut self, id: u64, same: impl FnOnce(&CachedKey) -> bool) -> bool {
         let found = self.find(id);
-        if let Some(i) = found.filter(|&i| self.slots[i].as_deref().is_some_and(same)) {
+        let found = found.filter(|&i| self.slots[i].as_deref().is_some_and(same));
+        if let Some(i) = found {
             self.remove_at(i);
         }
+        found.is_some()
     }
 
     /// Empties slot `hole`, then moves back each later home of the cluster that may live
@@ -187,6 +197,7 @@ impl Registry {
         Registry {
             keys: Homes::new(keys),
             pools: HashMap::new(),
+            reported_empty: HashSet::new(),
         }
     }
 
@@ -200,6 +211,9 @@ impl Registry {
 
     /// Registers `meter` for its balance, replacing any other.
     pub(crate) fn insert(&mut self, meter: MeterRef) {
+        if self.reported_empty.remove(&meter.id) {
+            meter.mark_exhaustion_reported();
+        }
         match meter {
             MeterRef::Own(home) => self.keys.insert(home),
             MeterRef::Pool(pool) => {
@@ -210,22 +224,32 @@ impl Registry {
 
     /// Unregisters `meter` if it is the one registered for its balance.
     pub(crate) fn remove(&mut self, meter: &MeterRef) {
-        match meter {
+        let removed = match meter {
             MeterRef::Own(home) => {
                 let own = home.own_meter();
                 self.keys
-                    .remove_if(home.id(), |k| std::ptr::eq(k.own_meter(), own));
+                    .remove_if(home.id(), |k| std::ptr::eq(k.own_meter(), own))
             }
             MeterRef::Pool(pool) => {
-                if self
-                    .pools
-                    .get(&pool.id)
-                    .is_some_and(|p| Arc::ptr_eq(p, pool))
-                {
+                let registered = self.pools.get(&pool.id);
+                let same = registered.is_some_and(|p| Arc::ptr_eq(p, pool));
+                if same {
                     self.pools.remove(&pool.id);
                 }
+                same
             }
+        };
+        // A retired meter's balance is gone: nothing to remember.
+        let remember = removed && meter.exhaustion_reported() && !meter.retired();
+        if remember && self.reported_empty.len() < MAX_REPORTED_EMPTY {
+            self.reported_empty.insert(meter.id);
         }
+    }
+
+    /// Balance `id` grew (a top-up or a set): a refusal of it is news again, whatever meter
+    /// it comes through.
+    pub(crate) fn grew(&mut self, id: u64) {
+        self.reported_empty.remove(&id);
     }
 
     /// Every registered meter.

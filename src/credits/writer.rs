@@ -1054,7 +1054,11 @@ fn build(
                     // ledger is closed). The answer is set below.
                     let at = fx.adjusts.len();
                     fx.adjusts.push((reply, Ok(0)));
-                    let meter = shared.meters.lock().get(id);
+                    let meter = {
+                        let mut meters = shared.meters.lock();
+                        meters.grew(id);
+                        meters.get(id)
+                    };
                     if let Some(meter) = &meter {
                         reclaim(&mut work, fx, meter)?;
                     }
@@ -1073,6 +1077,12 @@ fn build(
                         fx.adjusts[at].1 = Err(refused);
                         continue;
                     };
+                    if let Some(meter) = &meter {
+                        // The spend `reclaim` settled may have crossed the low-balance
+                        // threshold in memory: told now, before the change below resets the
+                        // figure later crossings are measured from.
+                        low_balance(shared, fx, meter, r.balance);
+                    }
                     // A refill that fell due comes first: the admin's change is the newer one
                     // and must not be replaced by it later.
                     let refilled = refill::apply_due(r, now);

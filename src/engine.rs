@@ -447,18 +447,28 @@ impl Engine {
         done.recv().map_err(|_| closed())?
     }
 
-    /// Credits left on balance `id`: the durable balance plus what memory holds leased and
-    /// not yet reserved (at most what the record says is leased). With a refill due and not
-    /// yet applied, the refill: the next lease replaces the balance, and the lease memory
-    /// holds, with it.
-    pub(crate) fn remaining(&self, id: u64, record: &CreditsRecord) -> u64 {
-        let mut refilled = record.clone();
-        if refill::apply_due(&mut refilled, self.shared.clock.now()) {
-            return refilled.balance;
-        }
+    /// Balance `id` as a request finds it now: `record` with a refill that has come due
+    /// applied as the next lease will apply it (dropping what memory holds leased from the
+    /// old period), and the credits left — the balance plus what memory holds leased and
+    /// not yet reserved (at most what the record says is leased).
+    pub(crate) fn balance_now(&self, id: u64, record: &CreditsRecord) -> (CreditsRecord, u64) {
+        let mut now = record.clone();
         let meters = self.shared.meters.lock();
-        let in_memory = meters.get(id).map_or(0, |m| m.leased());
-        record.balance + in_memory.min(record.leased)
+        let in_memory = meters.get(id).map_or(0, |m| m.leased()).min(now.leased);
+        drop(meters);
+        if refill::apply_due(&mut now, self.shared.clock.now()) {
+            now.leased -= in_memory;
+            now.granted = now.granted.saturating_sub(in_memory);
+            let left = now.balance;
+            return (now, left);
+        }
+        let left = now.balance + in_memory;
+        (now, left)
+    }
+
+    /// Credits left on balance `id` (see [`balance_now`](Self::balance_now)).
+    pub(crate) fn remaining(&self, id: u64, record: &CreditsRecord) -> u64 {
+        self.balance_now(id, record).1
     }
 
     /// Credits left on `meter`'s balance when it has not read it yet (see

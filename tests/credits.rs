@@ -1510,6 +1510,12 @@ fn credits_left_on_a_new_day_are_the_refill_before_any_request_applies_it() {
         (Some(100), Some(100), Some(100)),
         "usage, key info and a peek on the new day"
     );
+    let u = usage(&t, id.as_str());
+    assert_eq!(
+        u.spent + u.lost_to_crash + u.leased + 100,
+        u.granted,
+        "{u:?}"
+    );
     assert_eq!(
         drain(&t, &plain, 1_000),
         100,

@@ -34,7 +34,9 @@ pub struct Usage {
     pub remaining: Option<u64>,
     /// The pool the key spends from, if it does (`None` for a pool or an account).
     pub pool: Option<PublicId>,
-    /// Units ever granted (initial, top-ups, refills), less units removed by a set.
+    /// Units ever granted (initial, top-ups, refills), less units removed by a set. A
+    /// refill that has come due counts here, in `remaining` and in `leased` as the next
+    /// request will apply it, though only a request writes it.
     pub granted: u64,
     /// Units spent and flushed to disk.
     pub spent: u64,
@@ -287,15 +289,17 @@ impl Credits<'_> {
         let engine = &self.ledger.inner.engine;
         // A key on a pool has no balance of its own: it can spend what the pool has left
         // (0 for a pool without a balance, as `pool` shows it), never unmetered.
+        // A refill that has come due counts as applied, in every figure.
+        let own = credits.map(|c| engine.balance_now(internal, &c));
         let remaining = match pool {
             Some(pool) => Some(
                 store::get::<CreditsRecord>(&balances, pool)?
                     .map_or(0, |c| engine.remaining(pool, &c)),
             ),
-            None => credits.as_ref().map(|c| engine.remaining(internal, c)),
+            None => own.as_ref().map(|(_, left)| *left),
         };
         let ids = &self.ledger.inner.ids;
-        let c = credits.unwrap_or_default();
+        let c = own.map(|(c, _)| c).unwrap_or_default();
         Ok(Usage {
             id: ids.encode(kind, internal),
             remaining,

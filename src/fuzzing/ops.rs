@@ -1299,9 +1299,16 @@ fn reconcile(ledger: &Ledger, model: &mut Model, after_crash: bool) -> Result<()
         } else {
             2 * MAX_LEASE
         };
+        // A refill that came due shows as applied (usage counts it as the next request
+        // will): its credits replace what was left, and a crash's loss came out of those.
+        let refilled = if bal.refill_pending {
+            REFILL_AMOUNT + lost
+        } else {
+            0
+        };
+        let held = bal.ub + bal.held + bal.unflushed + bal.discarded;
         ensure!(
-            lost <= bound + bal.discarded
-                && remaining + lost <= bal.ub + bal.held + bal.unflushed + bal.discarded,
+            lost <= bound + bal.discarded && remaining + lost <= held.max(refilled),
             "{id}: lost {lost} (lease bound {bound}), remaining {remaining}, model: ub {} + held \
              {} + unflushed {} [{}]",
             bal.ub,

@@ -452,18 +452,18 @@ impl Engine {
     /// old period), and the credits left — the balance plus what memory holds leased and
     /// not yet reserved (at most what the record says is leased).
     pub(crate) fn balance_now(&self, id: u64, record: &CreditsRecord) -> (CreditsRecord, u64) {
-        let mut now = record.clone();
+        let mut view = record.clone();
         let meters = self.shared.meters.lock();
-        let in_memory = meters.get(id).map_or(0, |m| m.leased()).min(now.leased);
+        let in_memory = meters.get(id).map_or(0, |m| m.leased()).min(view.leased);
         drop(meters);
-        if refill::apply_due(&mut now, self.shared.clock.now()) {
-            now.leased -= in_memory;
-            now.granted = now.granted.saturating_sub(in_memory);
-            let left = now.balance;
-            return (now, left);
+        if refill::apply_due(&mut view, self.shared.clock.now()) {
+            view.leased -= in_memory;
+            view.granted = view.granted.saturating_sub(in_memory);
+            let left = view.balance;
+            return (view, left);
         }
-        let left = now.balance + in_memory;
-        (now, left)
+        let left = view.balance + in_memory;
+        (view, left)
     }
 
     /// Credits left on balance `id` (see [`balance_now`](Self::balance_now)).

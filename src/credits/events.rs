@@ -17,9 +17,9 @@ pub enum CreditEventKind {
     LowBalance,
     /// A request needed more credits than were left. Reported once per run-out: for the
     /// first such refusal since the balance last grew (a top-up, a set, a refill). Units a
-    /// request reserved and gave back (a refund) are not growth, and a balance already empty
-    /// when its key is cached (again, after leaving a full cache, or after a restart) is no
-    /// news.
+    /// request reserved and gave back (a refund) are not growth, and a key that ran out, left a
+    /// full cache and came back is not reported again. A balance first cached empty (a key
+    /// created with no credits, or after a restart) is reported at its first refusal.
     Exhausted,
 }
 

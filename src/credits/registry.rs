@@ -20,7 +20,8 @@ pub(crate) struct Registry {
     reported_empty: HashSet<u64>,
 }
 
-/// Most balances [`Registry::reported_empty`] remembers (≈ 1.5 MB when full).
+/// Most balances [`Registry::reported_empty`] remembers (≈ 1.2 MB when full, by arithmetic:
+/// 131,072 buckets of 9 bytes).
 const MAX_REPORTED_EMPTY: usize = 65_536;
 
 /// Ids are mostly sequential: a multiplication spreads them over the whole word, whose high

@@ -1473,7 +1473,8 @@ fn lease(
     r.balance -= grant;
     r.leased += grant;
     fx.balances.push((meter.clone(), r.balance));
-    let remaining = r.balance + meter.leased() + grant;
+    // Leases granted earlier in this batch are credits left too, though not yet in memory.
+    let remaining = r.balance + in_memory + grant;
     low_balance(shared, fx, &meter, remaining);
     let empty_until = empty_until(r, now);
     Ok((fx.grant(meter, grant, empty_until), true))
@@ -1883,6 +1884,49 @@ mod tests {
     fn events(ledger: &Ledger) -> Vec<(CreditEventKind, u64)> {
         let channel = ledger.credit_events();
         channel.try_iter().map(|e| (e.kind, e.remaining)).collect()
+    }
+
+    /// Two leases of one meter in one batch: the second counts the first among the credits
+    /// left (it reaches memory only after the commit), so no low-balance edge is reported
+    /// from a figure that was never true. (Found by a reviewer: the second lease reported
+    /// the balance less the first lease, crossing a threshold nothing had spent down to.)
+    #[test]
+    fn a_second_lease_in_one_batch_counts_the_first_among_the_credits_left() {
+        let (_dir, ledger) = ledger();
+        let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+        let created = ledger
+            .keys()
+            .create(
+                NewKey::new(owner.id.as_str(), "k")
+                    .credits(100)
+                    .low_balance_threshold(99),
+            )
+            .unwrap();
+        let plaintext = created.plaintext.expose().to_owned();
+        let (ledger, plaintext) = (&ledger, &plaintext);
+        // Neither request finds a lease: each asks the writer, in one batch.
+        let answers = one_batch(
+            ledger,
+            vec![
+                Box::new(move || spend_one(ledger, plaintext)),
+                Box::new(move || spend_one(ledger, plaintext)),
+            ],
+        );
+        assert_eq!(answers, [Ok(1), Ok(1)]);
+        for (kind, remaining) in events(ledger) {
+            assert!(
+                kind != CreditEventKind::LowBalance || remaining >= 98,
+                "{kind:?} with {remaining} left: never fewer than 98 were"
+            );
+        }
+        assert_eq!(
+            ledger
+                .credits()
+                .usage(created.info.id.as_str())
+                .unwrap()
+                .remaining,
+            Some(98)
+        );
     }
 
     #[test]

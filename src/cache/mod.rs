@@ -557,28 +557,34 @@ impl Cache {
     }
 
     /// Caches a key read at `epoch` (replacing what was there). Gives the key back when an
-    /// invalidation happened since; otherwise returns the key evicted to make room, if any.
+    /// invalidation happened since; otherwise returns the keys that left: one evicted to
+    /// make room, and a different key's entry replaced, if any.
     pub(crate) fn insert(
         &self,
         hash: KeyHash,
         key: Arc<CachedKey>,
         epoch: u64,
     ) -> Result<Evicted, Arc<CachedKey>> {
+        let id = key.id();
         let mut shard = self.shard(&hash).write();
         if self.epoch() != epoch {
             return Err(key);
         }
-        // A replaced snapshot of the same key is not an eviction: the new one took over
-        // its live part (see `CachedKey`), so only a key pushed out to make room is returned.
-        let (_replaced, evicted) = shard.insert(&hash, Slot::Key(key));
+        let (replaced, evicted) = shard.insert(&hash, Slot::Key(key));
         drop(shard);
-        Ok(match evicted {
-            Some(Slot::Key(key)) => {
-                self.evictions.fetch_add(1, Ordering::Relaxed);
-                vec![key]
-            }
-            _ => Vec::new(),
-        })
+        let mut left = Vec::new();
+        if let Some(Slot::Key(key)) = evicted {
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+            left.push(key);
+        }
+        // A replaced snapshot of the same key did not leave: the new one took over its live
+        // part (see `CachedKey`). Another key's did (no two live keys share a hash, and a
+        // deleted key is evicted first, so this is defence, not a path in use).
+        match replaced {
+            Some(Slot::Key(key)) if key.id() != id => left.push(key),
+            _ => {}
+        }
+        Ok(left)
     }
 
     /// Keys evicted to make room so far.
@@ -730,6 +736,20 @@ mod tests {
                 assert_eq!(held, capacity);
             }
         }
+    }
+
+    /// Replacing a key's own snapshot is not a departure (the new one carries its live
+    /// part on); replacing another key's entry is, so its meter can be retired.
+    #[test]
+    fn an_entry_replaced_by_another_key_is_returned_as_leaving() {
+        let cache = Cache::new(16);
+        let hash = [7u8; 32];
+        let insert = |key| cache.insert(hash, key, cache.epoch()).unwrap();
+        assert!(insert(test_key(1)).is_empty());
+        assert!(insert(test_key(1)).is_empty(), "the same key, rebuilt");
+        let left = insert(test_key(2));
+        assert_eq!(left.iter().map(|k| k.id()).collect::<Vec<_>>(), [1]);
+        assert_eq!(cache.evictions(), 0, "not pushed out to make room");
     }
 
     /// The per-key memory budget (issue 3: ≤ 256 bytes per cached key at 1M keys) is spent

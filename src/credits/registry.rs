@@ -248,9 +248,23 @@ impl Registry {
     }
 
     /// Balance `id` grew (a top-up or a set): a refusal of it is news again, whatever meter
-    /// it comes through.
-    pub(crate) fn grew(&mut self, id: u64) {
-        self.reported_empty.remove(&id);
+    /// it comes through. Returns whether an exhaustion was remembered (for
+    /// [`ungrew`](Self::ungrew) if the change fails).
+    pub(crate) fn grew(&mut self, id: u64) -> bool {
+        self.reported_empty.remove(&id)
+    }
+
+    /// The growth of balance `id` that [`grew`](Self::grew) forgot an exhaustion for did not
+    /// happen (its batch failed): the exhaustion stands, on the meter registered since, if
+    /// any, or remembered again.
+    pub(crate) fn ungrew(&mut self, id: u64) {
+        match self.get(id) {
+            Some(meter) => meter.mark_exhaustion_reported(),
+            None if self.reported_empty.len() < MAX_REPORTED_EMPTY => {
+                self.reported_empty.insert(id);
+            }
+            None => {}
+        }
     }
 
     /// Every registered meter.

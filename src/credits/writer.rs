@@ -665,6 +665,9 @@ struct Effects {
     stopped: Option<Msg>,
     retired: Vec<MeterRef>,
     gone: Vec<MeterRef>,
+    /// Balances whose remembered exhaustion a change forgot (see [`Registry::grew`]):
+    /// remembered again if the batch fails.
+    forgotten: Vec<u64>,
 }
 
 /// Runs `batch` (and the flush asked for) as one transaction, or for [`Flush::All`] as
@@ -841,6 +844,12 @@ fn commit(
             }
             for (meter, told) in fx.told.into_iter().rev() {
                 meter.untell(told);
+            }
+            if !fx.forgotten.is_empty() {
+                let mut meters = shared.meters.lock();
+                for id in fx.forgotten {
+                    meters.ungrew(id);
+                }
             }
             for (meter, units) in fx.reclaimed {
                 meter.give_back(units);
@@ -1056,7 +1065,9 @@ fn build(
                     fx.adjusts.push((reply, Ok(0)));
                     let meter = {
                         let mut meters = shared.meters.lock();
-                        meters.grew(id);
+                        if meters.grew(id) {
+                            fx.forgotten.push(id);
+                        }
                         meters.get(id)
                     };
                     if let Some(meter) = &meter {
@@ -2355,6 +2366,48 @@ mod tests {
             spend_one(&ledger, &a_plain),
             Err("usage_exceeded".to_owned())
         );
+        assert_eq!(
+            events(&ledger),
+            [],
+            "the balance never grew: its exhaustion was already reported"
+        );
+    }
+
+    /// The same with the key's meter out of memory (its exhaustion remembered by the
+    /// registry): the failed top-up must not make it forget, or the key cached again reports
+    /// the same exhaustion a second time. (Found by a reviewer.)
+    #[test]
+    fn a_failed_top_up_of_a_balance_out_of_memory_does_not_make_its_exhaustion_news_again() {
+        let config = Config::builder()
+            .master_key(MasterKey::generate().unwrap())
+            .cache_capacity(1)
+            .build()
+            .unwrap();
+        let (_dir, ledger) = open(config);
+        let (a, a_plain) = key(&ledger, 0);
+        let (b, b_plain) = key(&ledger, 10);
+        assert_eq!(spend_one(&ledger, &a_plain), Err("usage_exceeded".into()));
+        // A cache of one: this evicts `a`, whose meter leaves memory, its exhaustion kept.
+        assert_eq!(spend_one(&ledger, &b_plain), Ok(1));
+        ledger.flush().unwrap();
+        let a_id = ledger.keys().internal_id(&a).unwrap();
+        assert!(ledger.inner.engine.shared.meters.lock().get(a_id).is_none());
+        assert_eq!(events(&ledger), [(CreditEventKind::Exhausted, 0)]);
+        let answers = {
+            let _failing = failing_reads(&ledger, ledger.keys().internal_id(&b).unwrap());
+            let credits = ledger.credits();
+            let (credits, a, b) = (&credits, &a, &b);
+            one_batch::<Result<u64>>(
+                &ledger,
+                vec![
+                    Box::new(move || credits.top_up(a, 5)),
+                    Box::new(move || credits.top_up(b, 1)),
+                ],
+            )
+        };
+        assert!(answers.iter().all(Result::is_err), "{answers:?}");
+        assert_eq!(spend_one(&ledger, &a_plain), Err("usage_exceeded".into()));
+        ledger.flush().unwrap();
         assert_eq!(
             events(&ledger),
             [],

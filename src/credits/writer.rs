@@ -1183,10 +1183,12 @@ fn build(
         }
         if closing {
             // Taken, not cloned: a batch that fails leaves none, and the next pass visits all.
-            let meters = match listed.still_leased.take() {
+            let mut meters = match listed.still_leased.take() {
                 Some(meters) => meters,
                 None => shared.meters.lock().all(),
             };
+            // In key order, the records are read page after page, not at random.
+            meters.sort_unstable_by_key(|m| m.id);
             let mut held = 0u64;
             let mut still_leased = Vec::new();
             for meter in meters {

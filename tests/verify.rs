@@ -309,6 +309,20 @@ fn ip_allowlist_accepts_addresses_and_cidr_ranges() {
     ] {
         assert_eq!(verify_from(&t, &plain, "/x", from), expected, "{from}");
     }
+    // Every IPv6 address is not every address: an IPv4 client needs an IPv4 range.
+    let (_, v6_only) = create_key(&t.ledger, NewKey::new(owner, "v6").ips(["::/0"]));
+    let (_, both) = create_key(
+        &t.ledger,
+        NewKey::new(owner, "all").ips(["::/0", "0.0.0.0/0"]),
+    );
+    for (from, v6_expected) in [
+        ("2001:db8::1", "ok"),
+        ("203.0.113.5", "ip_not_allowed"),
+        ("::ffff:203.0.113.5", "ip_not_allowed"),
+    ] {
+        assert_eq!(verify_from(&t, &v6_only, "/x", from), v6_expected, "{from}");
+        assert_eq!(verify_from(&t, &both, "/x", from), "ok", "{from}");
+    }
     // A non-empty allowlist refuses a request whose client address is unknown.
     let d = denial(&t, &listed, "/x");
     assert_eq!((d.code(), d.http_status()), ("ip_not_allowed", 403));

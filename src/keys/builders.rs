@@ -33,6 +33,8 @@ macro_rules! settings_setters {
             }
 
             /// Client IP allowlist: addresses and CIDR ranges. Empty (the default) allows any.
+            /// A client is matched in canonical form (`::ffff:a.b.c.d` as `a.b.c.d`), so an
+            /// IPv6 range, `::/0` included, admits IPv6 clients only.
             pub fn ips<I: IntoIterator<Item = S>, S: Into<String>>(mut self, items: I) -> Self {
                 self.settings.ips = items.into_iter().map(Into::into).collect();
                 self
@@ -237,7 +239,8 @@ impl KeyUpdate {
         self
     }
 
-    /// Replaces the IP allowlist (empty allows any address).
+    /// Replaces the IP allowlist (empty allows any address; IPv6 ranges admit IPv6 clients
+    /// only, as on creation).
     pub fn ips<I: IntoIterator<Item = S>, S: Into<String>>(mut self, items: I) -> Self {
         self.ips = Some(items.into_iter().map(Into::into).collect());
         self

@@ -46,7 +46,10 @@ pub enum Durability {
     #[default]
     Leased,
     /// Leases of exactly the units a request needs: every reservation is a group-committed
-    /// write before `verify` returns. A crash loses at most the in-flight reservations.
+    /// write before `verify` returns, and every commit's charge is written with the next
+    /// batch (within 100 ms). A crash loses at most the reservations in flight and the
+    /// charges of that last window. (Usage counters — requests, lifetime spend, last used —
+    /// are flushed in rounds in both modes.)
     Exact,
 }
 
@@ -547,6 +550,11 @@ impl Engine {
             epoch,
             reply: None,
         });
+    }
+
+    /// Asks the writer to write what `meter` has spent (`Exact` mode, after a commit).
+    pub(crate) fn settle(&self, meter: MeterRef) {
+        let _ = self.tx.send(Msg::Settle { meter });
     }
 
     /// Charges units beyond a reservation from the durable balance; returns units charged.

@@ -447,6 +447,11 @@ impl Grant<'_> {
                 if meter.spend(from_lease) {
                     engine.shared.dirty_meters.push(handle());
                 }
+                if engine.shared.exact && from_lease > 0 {
+                    // Written within a gather window, not at the next flush round: a crash
+                    // then finds the charge spent, not lost (what `Exact` promises).
+                    engine.settle(handle());
+                }
                 let short = actual - from_lease;
                 let direct = if short > 0 {
                     engine.shortfall(&handle(), short)

@@ -118,6 +118,10 @@ pub(crate) enum Msg {
         /// lease can, and the rest is tried again with the next batch). `None`: nobody waits.
         reply: Option<Sender<()>>,
     },
+    /// Write what `meter` has spent since its last write (`Exact` mode sends one per
+    /// commit, so that a crash finds a settled charge spent, not lost). Gathered like a
+    /// prefetch: it waits for company up to [`PREFETCH_GATHER`], not for a commit of its own.
+    Settle { meter: MeterRef },
     /// Flush now.
     Flush { reply: Sender<Result<()>> },
     /// Return every lease and flush, as a close does, but keep running: what grants still
@@ -463,7 +467,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
         // its request's bell, and a lease granted before a retire or a set is taken back by it.
         let mut prefetched = prefetch_batch(&shared);
         pace_leases(&shared, prefetched.len());
-        batch.retain(|m| !is_bell(m));
+        batch.retain(|m| !matches!(m, Msg::PrefetchBell));
         prefetched.append(&mut batch);
         let batch = prefetched;
         let closing = batch.iter().any(|m| matches!(m, Msg::Close { .. }));
@@ -543,7 +547,7 @@ fn drain(rx: &Receiver<Msg>, batch: &mut Vec<Msg>) {
 
 /// The bell of queued lease top-ups that no caller waits for.
 fn is_bell(msg: &Msg) -> bool {
-    matches!(msg, Msg::PrefetchBell)
+    matches!(msg, Msg::PrefetchBell | Msg::Settle { .. })
 }
 
 /// Records touched by one batch, loaded once and written once.
@@ -923,7 +927,8 @@ fn refuse(msg: Msg, message: &str, listed: &mut Listed, syncs: &mut Vec<Sender<R
             epoch,
             reply,
         } => keep_or_retry(listed, meter, units, epoch, reply),
-        Msg::Retire { .. } | Msg::Abandon | Msg::PrefetchBell => {}
+        // A settlement not written stays in its meter, for the next write to take.
+        Msg::Settle { .. } | Msg::Retire { .. } | Msg::Abandon | Msg::PrefetchBell => {}
         #[cfg(test)]
         Msg::Hold(_) => {}
     }
@@ -1172,6 +1177,11 @@ fn build(
                 } => {
                     fx.returns.push((meter.clone(), units, epoch, reply));
                     return_units(&mut work, fx, meter, units, epoch)?;
+                }
+                Msg::Settle { meter } => {
+                    if let Some(r) = live(&mut work, &meter)? {
+                        settle(fx, meter, r);
+                    }
                 }
                 Msg::Flush { reply } | Msg::Drain { reply } | Msg::Close { reply } => {
                     fx.syncs.push(reply)
@@ -1458,10 +1468,7 @@ fn lease(
         return Ok((fx.grant(meter, 0, 0), true));
     };
     // The record is being written anyway: settle this meter's spend with it.
-    let spent = meter.spent.swap(0, Ordering::AcqRel).min(r.leased);
-    r.leased -= spent;
-    r.spent += spent;
-    fx.flushed_spend.push((meter.clone(), spent));
+    settle(fx, meter.clone(), r);
     new_period(fx, &meter, r, now);
     // A request that everything left cannot cover is refused, not handed all of it: that
     // would move the whole balance into memory, beyond the lease bound a crash may lose (and,
@@ -1491,6 +1498,15 @@ fn lease(
     low_balance(shared, fx, &meter, remaining);
     let empty_until = empty_until(r, now);
     Ok((fx.grant(meter, grant, empty_until), true))
+}
+
+/// Moves what `meter` spent since its last write from its record's `leased` to `spent`
+/// (given back to the meter if the batch fails).
+fn settle(fx: &mut Effects, meter: MeterRef, r: &mut CreditsRecord) {
+    let spent = meter.spent.swap(0, Ordering::AcqRel).min(r.leased);
+    r.leased -= spent;
+    r.spent += spent;
+    fx.flushed_spend.push((meter, spent));
 }
 
 /// Applies a due refill: the new period's balance replaces everything, including the lease

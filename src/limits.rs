@@ -190,12 +190,14 @@ impl Gcra {
 }
 
 /// One unit's share of a window of `window_ns` for `limit` units at `multiplier_pct` percent,
-/// rounded down to a tick.
+/// rounded down to a tick. The scaled limit is not rounded first: 150 % of 1 a minute is one
+/// every 40 s, not 1 a minute.
 fn unit_share(limit: u64, window_ns: u64, multiplier_pct: u32) -> Ticks {
-    let scaled = (u128::from(limit) * u128::from(multiplier_pct.max(1)) / 100).max(1);
-    // Below 2⁹⁵ (a window is at most 2⁶² ns): no overflow. At least a tick: a unit that
-    // weighed nothing (over 2³² units a nanosecond) would switch the limit off.
-    (ticks(window_ns) / scaled).max(1)
+    let scaled = (u128::from(limit) * u128::from(multiplier_pct.max(1))).max(1);
+    // Below 2¹⁰¹ (a window is at most 2⁶² ns, so 2⁹⁴ ticks, times 100): no overflow. At
+    // least a tick: a unit that weighed nothing (over 2³² units a nanosecond) would switch
+    // the limit off.
+    (ticks(window_ns) * 100 / scaled).max(1)
 }
 
 /// What an admission by [`KeyLimits::acquire`] holds, to give back or settle later: when it

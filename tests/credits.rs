@@ -525,6 +525,47 @@ fn re_metering_a_key_never_lets_it_spend_more_than_its_new_balance() {
     assert_eq!((u.spent, u.remaining), (20, Some(0)));
 }
 
+/// A tier that is not a whole multiple of a limit raises its rate by the fraction: 150 % of
+/// one request a minute is one every 40 s, and the retry-after says so. (Found by a
+/// reviewer: the scaled limit was rounded down first, so 150 % of 1 stayed 1 a minute.)
+#[test]
+fn a_fractional_spend_tier_raises_a_small_limit_by_its_fraction() {
+    let tiers = [SpendTier {
+        min_spent: 1,
+        multiplier_pct: 150,
+    }];
+    let t = TestLedger::with_settings(keyledger::MasterKey::generate().unwrap(), |b| {
+        b.spend_tiers(tiers)
+    });
+    let owner = t.account("Acme");
+    let new = NewKey::new(owner, "k").rate_limit("per-minute", 1, 60);
+    let (_, plain) = create_key(&t.ledger, new);
+    let key = presented(&plain);
+    t.ledger
+        .verify(&Request::new(&key, "/x"))
+        .unwrap()
+        .commit(1); // reaches the tier
+    t.clock.advance_secs(3_600);
+    drop(t.ledger.verify(&Request::new(&key, "/x")).unwrap());
+    let refused = t.ledger.verify(&Request::new(&key, "/x")).unwrap_err();
+    // GCRA at 1.5 a minute: one every 40 s, with a window's tolerance of 60 s.
+    assert_eq!(
+        refused.retry_after(),
+        Some(std::time::Duration::from_secs(20))
+    );
+    t.clock.advance_secs(3_600);
+    let mut admitted = 0;
+    for _ in 0..600 {
+        if let Ok(grant) = t.ledger.verify(&Request::new(&key, "/x")) {
+            assert_eq!(grant.rate_limit().tier_multiplier_pct, 150);
+            admitted += 1;
+        }
+        t.clock.advance_secs(1);
+    }
+    // Ten minutes at one per 40 s, after the first: 1 + 600 / 40.
+    assert_eq!(admitted, 16, "100 % would admit 10");
+}
+
 #[test]
 fn spend_tiers_raise_rate_limits_as_lifetime_spend_grows() {
     let tiers = [

@@ -101,6 +101,18 @@ impl Gcra {
         weight: u64,
         multiplier_pct: u32,
     ) -> Result<Ticks, Duration> {
+        self.admit(now_ns, weight, multiplier_pct, None)
+    }
+
+    /// [`acquire`](Self::acquire); with `idle_at`, an admission that finds the limit idle
+    /// raises it to `now_ns` first.
+    fn admit(
+        &self,
+        now_ns: u64,
+        weight: u64,
+        multiplier_pct: u32,
+        idle_at: Option<&AtomicU64>,
+    ) -> Result<Ticks, Duration> {
         let now = ticks(now_ns);
         let increment = self.increment(weight, multiplier_pct);
         let mut tat = self.tat.load(Ordering::Acquire);
@@ -108,6 +120,9 @@ impl Gcra {
             let new_tat = tat.max(now).saturating_add(increment);
             if let Some(wait) = self.wait_for(tat, new_tat, now) {
                 return Err(wait);
+            }
+            if let (Some(idle_at), true) = (idle_at, tat <= now) {
+                idle_at.fetch_max(now_ns, Ordering::AcqRel);
             }
             match self
                 .tat
@@ -146,12 +161,16 @@ impl Gcra {
     }
 
     /// Moves the arrival time `increment` further without refusing (work already done): the
-    /// key's next requests wait for it.
-    fn charge(&self, now_ns: u64, increment: Ticks) {
+    /// key's next requests wait for it. A charge that finds the limit idle raises `idle_at`
+    /// to `now_ns`.
+    fn charge(&self, now_ns: u64, increment: Ticks, idle_at: &AtomicU64) {
         let now = ticks(now_ns);
         let _ = self
             .tat
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                if tat <= now {
+                    idle_at.fetch_max(now_ns, Ordering::AcqRel);
+                }
                 Some(tat.max(now).saturating_add(increment))
             });
     }
@@ -224,6 +243,10 @@ pub(crate) struct KeyLimits {
     pub(crate) generation: u64,
     named: Box<[Gcra]>,
     tokens: Option<Box<Gcra>>,
+    /// The last time (monotonic ns) an admission or charge found the token window idle:
+    /// a commit of fewer tokens than reserved by a request admitted after it gives back the
+    /// whole difference, since every slot taken since then is stacked on that request's.
+    tokens_idle_at: AtomicU64,
     /// Lifetime spend (durable when the limits were built, plus everything since), kept
     /// only when spend tiers are configured.
     lifetime_spent: AtomicU64,
@@ -248,6 +271,7 @@ impl KeyLimits {
             tokens: limits
                 .token_window
                 .map(|t| Box::new(Gcra::new(t.tokens, t.window_secs))),
+            tokens_idle_at: AtomicU64::new(0),
         }
     }
 
@@ -299,7 +323,7 @@ impl KeyLimits {
         }
         if let Some(tokens) = &self.tokens {
             if cost > 0 {
-                match tokens.acquire(now_ns, cost, multiplier_pct) {
+                match tokens.admit(now_ns, cost, multiplier_pct, Some(&self.tokens_idle_at)) {
                     Ok(until) => admission.tokens_until = until,
                     Err(wait) => {
                         roll_back(&self.named);
@@ -314,7 +338,10 @@ impl KeyLimits {
     /// Moves the token window from the `reserved` tokens a request was admitted with to the
     /// `used` tokens its commit reports: the window counts tokens used, not estimates. More
     /// are charged even past the window (the work is done; the key's next requests wait for
-    /// them), fewer are given back as far as their slot is still ahead.
+    /// them). Fewer are given back in full if the window has not been idle since the
+    /// admission (every slot since is stacked on this one: they all move earlier), else as
+    /// far as the request's own slot is still ahead (what drained before the idle moment is
+    /// gone, and what came after is other requests').
     pub(crate) fn settle_tokens(
         &self,
         now_ns: u64,
@@ -330,8 +357,15 @@ impl KeyLimits {
         // admission of `used` would have left it.
         let (was, is) = (tokens.increment(reserved, pct), tokens.increment(used, pct));
         match is.cmp(&was) {
-            std::cmp::Ordering::Greater => tokens.charge(now_ns, is - was),
-            std::cmp::Ordering::Less => tokens.release(now_ns, admitted.tokens_until, was - is),
+            std::cmp::Ordering::Greater => tokens.charge(now_ns, is - was, &self.tokens_idle_at),
+            std::cmp::Ordering::Less => {
+                let idle_since = self.tokens_idle_at.load(Ordering::Acquire) > admitted.admitted_ns;
+                let until = match idle_since {
+                    true => admitted.tokens_until,
+                    false => Ticks::MAX,
+                };
+                tokens.release(now_ns, until, was - is);
+            }
             std::cmp::Ordering::Equal => {}
         }
     }

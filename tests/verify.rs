@@ -507,6 +507,40 @@ fn the_token_window_counts_the_tokens_committed() {
     );
 }
 
+/// A request that commits fewer tokens after its slot has passed gets them back while the
+/// window stayed busy: the requests queued behind it used the room. (Found by a reviewer:
+/// nothing came back once the request's own slot had passed, so a server reserving its
+/// `max_tokens` under load was charged its estimates.) Once the window has been idle since,
+/// only the part of the slot still ahead comes back: the rest has drained.
+#[test]
+fn a_queued_reservation_that_commits_less_is_given_back_while_the_window_stayed_busy() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "k").token_window(100, 100));
+    let key = presented(&plain);
+    let reserve = |cost| t.ledger.verify(&Request::new(&key, "/x").cost(cost));
+    let tokens_left = || reserve(0).unwrap().rate_limit().tokens_remaining;
+    let a = reserve(50).unwrap();
+    let b = reserve(50).unwrap();
+    t.clock.advance_secs(50);
+    a.commit(0); // its slot has passed, but b's 50 were stacked behind it
+    b.commit(50);
+    assert_eq!(
+        tokens_left(),
+        Some(100),
+        "50 used at the start, drained by now"
+    );
+    reserve(100).expect("a full window").commit(100);
+
+    // Idle since: a late commit gives back only what is still ahead of its slot.
+    t.clock.advance_secs(100);
+    let c = reserve(50).unwrap();
+    t.clock.advance_secs(200); // the window drains: idle
+    reserve(40).unwrap().commit(40);
+    c.commit(0);
+    assert_eq!(tokens_left(), Some(60), "the 40 used just now still count");
+}
+
 #[test]
 fn a_cost_over_the_whole_token_window_runs_once_the_window_is_empty() {
     let t = TestLedger::new();

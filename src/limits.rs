@@ -15,6 +15,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use portable_atomic::AtomicU128;
 
 use crate::record::Limits;
@@ -101,18 +102,6 @@ impl Gcra {
         weight: u64,
         multiplier_pct: u32,
     ) -> Result<Ticks, Duration> {
-        self.admit(now_ns, weight, multiplier_pct, None)
-    }
-
-    /// [`acquire`](Self::acquire); with `idle_at`, an admission that finds the limit idle
-    /// raises it to `now_ns` first.
-    fn admit(
-        &self,
-        now_ns: u64,
-        weight: u64,
-        multiplier_pct: u32,
-        idle_at: Option<&AtomicU64>,
-    ) -> Result<Ticks, Duration> {
         let now = ticks(now_ns);
         let increment = self.increment(weight, multiplier_pct);
         let mut tat = self.tat.load(Ordering::Acquire);
@@ -120,9 +109,6 @@ impl Gcra {
             let new_tat = tat.max(now).saturating_add(increment);
             if let Some(wait) = self.wait_for(tat, new_tat, now) {
                 return Err(wait);
-            }
-            if let (Some(idle_at), true) = (idle_at, tat <= now) {
-                idle_at.fetch_max(now_ns, Ordering::AcqRel);
             }
             match self
                 .tat
@@ -160,21 +146,6 @@ impl Gcra {
         (wait > 0).then(|| Duration::from_millis(millis))
     }
 
-    /// Moves the arrival time `increment` further without refusing (work already done): the
-    /// key's next requests wait for it. A charge that finds the limit idle raises `idle_at`
-    /// to `now_ns`.
-    fn charge(&self, now_ns: u64, increment: Ticks, idle_at: &AtomicU64) {
-        let now = ticks(now_ns);
-        let _ = self
-            .tat
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
-                if tat <= now {
-                    idle_at.fetch_max(now_ns, Ordering::AcqRel);
-                }
-                Some(tat.max(now).saturating_add(increment))
-            });
-    }
-
     /// Gives back the last `increment` of a slot that ends at `until`, as far as it is still
     /// ahead of `now_ns`: the part already past has drained by itself, and taking it off
     /// again would take other requests' slots. Never moves the arrival time below `now_ns`.
@@ -208,6 +179,138 @@ impl Gcra {
     }
 }
 
+/// The token window: a GCRA limit whose arrival time changes only under `queue`'s lock, so
+/// that a commit of fewer tokens than reserved can give back the room the changes after its
+/// admission leave (see [`TokenWindow::give_back`]). Reads (room left, waits) take no lock.
+#[derive(Debug)]
+struct TokenWindow {
+    gcra: Gcra,
+    queue: Mutex<Queue>,
+}
+
+/// How many suffix minima [`Queue`] keeps.
+const MINIMA: usize = 4;
+
+/// How far the token window's changes (admissions, charges, give-backs) found themselves
+/// queued: for any change, the least that any later change found queued ahead of it.
+#[derive(Debug, Default)]
+struct Queue {
+    /// Changes so far: each is numbered by the count.
+    changes: u64,
+    /// (number, ns queued) of the changes no later one queued less than, oldest first, so
+    /// the queue found increases along it; the oldest two merge when it is full, which can
+    /// only understate what a change's successors found.
+    minima: [(u64, u64); MINIMA],
+    len: usize,
+}
+
+impl Queue {
+    /// Counts a change that found `queued` ahead of it; returns its number.
+    fn note(&mut self, queued: Ticks) -> u64 {
+        self.changes += 1;
+        // Rounded down: an understatement is on the safe side.
+        let queued = u64::try_from(queued / TICKS_PER_NANO).unwrap_or(u64::MAX);
+        while self.len > 0 && self.minima[self.len - 1].1 >= queued {
+            self.len -= 1;
+        }
+        if self.len == MINIMA {
+            // The oldest two become one with the newer's number and the older's queue: a
+            // change before both still gets its answer, one between them a smaller one.
+            self.minima[0].0 = self.minima[1].0;
+            self.minima.copy_within(2.., 1);
+            self.len -= 1;
+        }
+        self.minima[self.len] = (self.changes, queued);
+        self.len += 1;
+        self.changes
+    }
+
+    /// A give-back of `decrement` by change `number` moved every later change up by that
+    /// much: they have that much less room to give.
+    fn consumed(&mut self, number: u64, decrement: Ticks) {
+        let decrement = u64::try_from(decrement.div_ceil(TICKS_PER_NANO)).unwrap_or(u64::MAX);
+        for (n, queued) in &mut self.minima[..self.len] {
+            if *n > number {
+                *queued = queued.saturating_sub(decrement);
+            }
+        }
+        // Keep only the minima no later change undercuts.
+        let mut kept = 0;
+        for i in 0..self.len {
+            let entry = self.minima[i];
+            while kept > 0 && self.minima[kept - 1].1 >= entry.1 {
+                kept -= 1;
+            }
+            self.minima[kept] = entry;
+            kept += 1;
+        }
+        self.len = kept;
+    }
+
+    /// The least any change after change `number` found queued ahead of it (`Ticks::MAX`:
+    /// none came after it).
+    fn least_after(&self, number: u64) -> Ticks {
+        let later = self.minima[..self.len].iter().find(|(n, _)| *n > number);
+        later.map_or(Ticks::MAX, |&(_, queued)| ticks(queued))
+    }
+}
+
+impl TokenWindow {
+    fn new(tokens: u64, window_secs: u64) -> Self {
+        TokenWindow {
+            gcra: Gcra::new(tokens, window_secs),
+            queue: Mutex::new(Queue::default()),
+        }
+    }
+
+    /// Admits `tokens` at `now_ns`: the admission's number, or how long until they would be
+    /// admitted.
+    fn admit(&self, now_ns: u64, tokens: u64, pct: u32) -> Result<u64, Duration> {
+        let now = ticks(now_ns);
+        let increment = self.gcra.increment(tokens, pct);
+        let mut queue = self.queue.lock();
+        let tat = self.gcra.tat.load(Ordering::Acquire);
+        let new_tat = tat.max(now).saturating_add(increment);
+        if let Some(wait) = self.gcra.wait_for(tat, new_tat, now) {
+            return Err(wait);
+        }
+        let number = queue.note(tat.saturating_sub(now));
+        self.gcra.tat.store(new_tat, Ordering::Release);
+        Ok(number)
+    }
+
+    /// Charges `increment` more without refusing (work already done): the key's next
+    /// requests wait for it.
+    fn charge(&self, now_ns: u64, increment: Ticks) {
+        let now = ticks(now_ns);
+        let mut queue = self.queue.lock();
+        let tat = self.gcra.tat.load(Ordering::Acquire);
+        queue.note(tat.saturating_sub(now));
+        let new_tat = tat.max(now).saturating_add(increment);
+        self.gcra.tat.store(new_tat, Ordering::Release);
+    }
+
+    /// Gives back up to `increment` of admission number `admitted`. Every change since was
+    /// stacked behind it by no less than it found queued (less what give-backs since took
+    /// up): taking `increment` off the admission moves each of them up by that much, up to
+    /// the least of those queues (past it, the window would have gone idle and started
+    /// afresh). Never below now: never more than an admission of fewer tokens would have
+    /// left.
+    fn give_back(&self, now_ns: u64, admitted: u64, increment: Ticks) {
+        let now = ticks(now_ns);
+        let mut queue = self.queue.lock();
+        let decrement = increment.min(queue.least_after(admitted));
+        if decrement == 0 {
+            return;
+        }
+        let tat = self.gcra.tat.load(Ordering::Acquire);
+        let new_tat = tat.saturating_sub(decrement).max(now);
+        queue.consumed(admitted, decrement);
+        queue.note(new_tat - now);
+        self.gcra.tat.store(new_tat, Ordering::Release);
+    }
+}
+
 /// One unit's share of a window of `window_ns` for `limit` units at `multiplier_pct` percent,
 /// rounded down to a tick. The scaled limit is not rounded first: 150 % of 1 a minute is one
 /// every 40 s, not 1 a minute.
@@ -223,8 +326,8 @@ fn unit_share(limit: u64, window_ns: u64, multiplier_pct: u32) -> Ticks {
 /// was admitted, where its token-window slot ends, and the tier it was admitted at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Admission {
-    /// The end of its slot in the token window (0: none taken).
-    tokens_until: Ticks,
+    /// The number of its admission in the token window (see [`Queue`]; 0: none).
+    tokens_admission: u64,
     /// When it was admitted (monotonic ns). Its slot in each named limit ends at least one
     /// interval later: what it gives back is bounded by that, not by each slot's exact end,
     /// which would take up to 16 more words in every grant. Exact when a limit was idle;
@@ -242,11 +345,7 @@ pub(crate) struct KeyLimits {
     /// of an older one is never reused, even if configured the same.
     pub(crate) generation: u64,
     named: Box<[Gcra]>,
-    tokens: Option<Box<Gcra>>,
-    /// The last time (monotonic ns) an admission or charge found the token window idle:
-    /// a commit of fewer tokens than reserved by a request admitted after it gives back the
-    /// whole difference, since every slot taken since then is stacked on that request's.
-    tokens_idle_at: AtomicU64,
+    tokens: Option<Box<TokenWindow>>,
     /// Lifetime spend (durable when the limits were built, plus everything since), kept
     /// only when spend tiers are configured.
     lifetime_spent: AtomicU64,
@@ -270,8 +369,7 @@ impl KeyLimits {
                 .collect(),
             tokens: limits
                 .token_window
-                .map(|t| Box::new(Gcra::new(t.tokens, t.window_secs))),
-            tokens_idle_at: AtomicU64::new(0),
+                .map(|t| Box::new(TokenWindow::new(t.tokens, t.window_secs))),
         }
     }
 
@@ -285,7 +383,7 @@ impl KeyLimits {
                 .all(|(g, l)| g.same(l.limit, l.window_secs));
         let tokens = match (&self.tokens, limits.token_window) {
             (None, None) => true,
-            (Some(g), Some(t)) => g.same(t.tokens, t.window_secs),
+            (Some(w), Some(t)) => w.gcra.same(t.tokens, t.window_secs),
             _ => false,
         };
         named && tokens
@@ -302,7 +400,7 @@ impl KeyLimits {
         let now_ns = now();
         let mut admission = Admission {
             admitted_ns: now_ns,
-            tokens_until: 0,
+            tokens_admission: 0,
             tier_pct: multiplier_pct,
         };
         // A roll-back reads the clock again: a thread that stalled between taking a slot and
@@ -317,14 +415,14 @@ impl KeyLimits {
                     .iter()
                     .filter_map(|g| g.wait(now_ns, 1, multiplier_pct));
                 let tokens = self.tokens.as_ref().filter(|_| cost > 0);
-                let tokens = tokens.and_then(|t| t.wait(now_ns, cost, multiplier_pct));
+                let tokens = tokens.and_then(|t| t.gcra.wait(now_ns, cost, multiplier_pct));
                 return Err(later.chain(tokens).fold(wait, Duration::max));
             }
         }
         if let Some(tokens) = &self.tokens {
             if cost > 0 {
-                match tokens.admit(now_ns, cost, multiplier_pct, Some(&self.tokens_idle_at)) {
-                    Ok(until) => admission.tokens_until = until,
+                match tokens.admit(now_ns, cost, multiplier_pct) {
+                    Ok(number) => admission.tokens_admission = number,
                     Err(wait) => {
                         roll_back(&self.named);
                         return Err(wait);
@@ -338,10 +436,9 @@ impl KeyLimits {
     /// Moves the token window from the `reserved` tokens a request was admitted with to the
     /// `used` tokens its commit reports: the window counts tokens used, not estimates. More
     /// are charged even past the window (the work is done; the key's next requests wait for
-    /// them). Fewer are given back in full if the window has not been idle since the
-    /// admission (every slot since is stacked on this one: they all move earlier), else as
-    /// far as the request's own slot is still ahead (what drained before the idle moment is
-    /// gone, and what came after is other requests').
+    /// them). Fewer are given back as far as their slot is still ahead, or, while the window
+    /// stayed busy, as far as the requests queued behind them leave room
+    /// ([`TokenWindow::give_back`]).
     pub(crate) fn settle_tokens(
         &self,
         now_ns: u64,
@@ -355,17 +452,14 @@ impl KeyLimits {
         let pct = admitted.tier_pct;
         // The difference of the two increments, so that the window ends up exactly where an
         // admission of `used` would have left it.
-        let (was, is) = (tokens.increment(reserved, pct), tokens.increment(used, pct));
+        let (was, is) = (
+            tokens.gcra.increment(reserved, pct),
+            tokens.gcra.increment(used, pct),
+        );
+        let number = admitted.tokens_admission;
         match is.cmp(&was) {
-            std::cmp::Ordering::Greater => tokens.charge(now_ns, is - was, &self.tokens_idle_at),
-            std::cmp::Ordering::Less => {
-                let idle_since = self.tokens_idle_at.load(Ordering::Acquire) > admitted.admitted_ns;
-                let until = match idle_since {
-                    true => admitted.tokens_until,
-                    false => Ticks::MAX,
-                };
-                tokens.release(now_ns, until, was - is);
-            }
+            std::cmp::Ordering::Greater => tokens.charge(now_ns, is - was),
+            std::cmp::Ordering::Less => tokens.give_back(now_ns, number, was - is),
             std::cmp::Ordering::Equal => {}
         }
     }
@@ -375,8 +469,8 @@ impl KeyLimits {
     pub(crate) fn release(&self, now_ns: u64, admitted: &Admission, cost: u64) {
         self.release_named(&self.named, now_ns, admitted);
         if let Some(tokens) = &self.tokens {
-            let increment = tokens.increment(cost, admitted.tier_pct);
-            tokens.release(now_ns, admitted.tokens_until, increment);
+            let increment = tokens.gcra.increment(cost, admitted.tier_pct);
+            tokens.give_back(now_ns, admitted.tokens_admission, increment);
         }
     }
 
@@ -394,7 +488,8 @@ impl KeyLimits {
     /// would forget them. Once every arrival time has passed, a new state admits exactly what
     /// this one would.
     pub(crate) fn running(&self, now_ns: u64) -> bool {
-        let mut all = self.named.iter().chain(self.tokens.as_deref());
+        let tokens = self.tokens.as_deref().map(|t| &t.gcra);
+        let mut all = self.named.iter().chain(tokens);
         all.any(|g| g.busy(now_ns))
     }
 
@@ -449,7 +544,7 @@ impl KeyLimits {
         let tokens = self
             .tokens
             .as_ref()
-            .map(|g| g.remaining(now_ns, multiplier_pct));
+            .map(|t| t.gcra.remaining(now_ns, multiplier_pct));
         (requests, tokens)
     }
 }
@@ -490,6 +585,79 @@ pub(crate) fn next_tier_at(tiers: &[SpendTier], reached: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A change made to a token window, for the reference below.
+    #[derive(Debug, Clone)]
+    enum Change {
+        Admit {
+            at: u64,
+            increment: Ticks,
+            id: usize,
+        },
+        Charge {
+            at: u64,
+            increment: Ticks,
+        },
+    }
+
+    /// Where the window's arrival time would be had every admission in `changes` taken only
+    /// what it kept (its increment less what it gave back), with every change at its time.
+    fn as_if_kept(changes: &[Change], given_back: &[Ticks]) -> Ticks {
+        changes.iter().fold(0, |tat, change| match change {
+            Change::Admit { at, increment, id } => {
+                tat.max(ticks(*at)) + increment.saturating_sub(given_back[*id])
+            }
+            Change::Charge { at, increment } => tat.max(ticks(*at)) + increment,
+        })
+    }
+
+    proptest! {
+        /// Whatever the order of admissions, charges, give-backs and the clock, the window
+        /// never holds less than it would had every request taken only what it kept: giving
+        /// back never admits more than the window allows.
+        #[test]
+        fn giving_back_never_leaves_the_window_below_what_was_kept(
+            steps in proptest::collection::vec((0u8..4, 0u64..40, 0u64..60, any::<prop::sample::Index>()), 1..60)
+        ) {
+            const S: u64 = 1_000_000_000;
+            let window = TokenWindow::new(100, 100); // one token a second
+            let mut now = S;
+            let mut changes = Vec::new();
+            let mut admitted: Vec<(u64, Ticks)> = Vec::new(); // number, increment
+            let mut given_back: Vec<Ticks> = Vec::new();
+            for (kind, tokens, secs, pick) in steps {
+                match kind {
+                    0 => now += secs * S / 4,
+                    1 => {
+                        if let Ok(number) = window.admit(now, tokens.max(1), 100) {
+                            let increment = window.gcra.increment(tokens.max(1), 100);
+                            changes.push(Change::Admit { at: now, increment, id: admitted.len() });
+                            admitted.push((number, increment));
+                            given_back.push(0);
+                        }
+                    }
+                    2 => {
+                        let increment = window.gcra.increment(tokens % 10, 100);
+                        window.charge(now, increment);
+                        changes.push(Change::Charge { at: now, increment });
+                    }
+                    _ if !admitted.is_empty() => {
+                        let id = pick.index(admitted.len());
+                        let (number, increment) = admitted[id];
+                        let left = increment - given_back[id];
+                        let give = window.gcra.increment(tokens, 100).min(left);
+                        window.give_back(now, number, give);
+                        given_back[id] += give;
+                    }
+                    _ => {}
+                }
+                let tat = window.gcra.tat.load(Ordering::Acquire).max(ticks(now));
+                let kept = as_if_kept(&changes, &given_back).max(ticks(now));
+                prop_assert!(tat >= kept, "window at {tat}, below {kept} as if kept");
+            }
+        }
+    }
 
     const S: u64 = NANOS_PER_SEC;
 

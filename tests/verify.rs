@@ -532,6 +532,17 @@ fn a_queued_reservation_that_commits_less_is_given_back_while_the_window_stayed_
     );
     reserve(100).expect("a full window").commit(100);
 
+    // A request admitted 10 s into a slot of 50 queued only 40 behind it: a commit of
+    // nothing gives back 40, not 50 (the first 10 s of the slot drained while it ran).
+    t.clock.advance_secs(200);
+    let a = reserve(50).unwrap();
+    t.clock.advance_secs(10);
+    let f = reserve(50).unwrap();
+    a.commit(0);
+    f.commit(50);
+    assert_eq!(tokens_left(), Some(50), "f's 50, taken just now");
+    assert_eq!(reserve(60).unwrap_err().code(), "rate_limited");
+
     // Idle since: a late commit gives back only what is still ahead of its slot.
     t.clock.advance_secs(100);
     let c = reserve(50).unwrap();

@@ -545,7 +545,8 @@ fn drain(rx: &Receiver<Msg>, batch: &mut Vec<Msg>) {
     }
 }
 
-/// The bell of queued lease top-ups that no caller waits for.
+/// A message nobody waits for, which gathers company before a batch commits: the bell of
+/// queued lease top-ups, or a settlement.
 fn is_bell(msg: &Msg) -> bool {
     matches!(msg, Msg::PrefetchBell | Msg::Settle { .. })
 }

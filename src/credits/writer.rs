@@ -2432,6 +2432,21 @@ mod tests {
         );
     }
 
+    /// Tops up `a` by 5 and `b` by 1 in one batch that fails (`b`'s read fails): both refused.
+    fn top_ups_in_a_failed_batch(ledger: &Ledger, a: &str, b: &str) {
+        let _failing = failing_reads(ledger, ledger.keys().internal_id(b).unwrap());
+        let credits = ledger.credits();
+        let credits = &credits;
+        let answers = one_batch::<Result<u64>>(
+            ledger,
+            vec![
+                Box::new(move || credits.top_up(a, 5)),
+                Box::new(move || credits.top_up(b, 1)),
+            ],
+        );
+        assert!(answers.iter().all(Result::is_err), "{answers:?}");
+    }
+
     /// A top-up whose batch fails did not happen: the balance is the one already reported
     /// exhausted, and its next refusal is no news.
     #[test]
@@ -2444,19 +2459,7 @@ mod tests {
             Err("usage_exceeded".to_owned())
         );
         assert_eq!(events(&ledger), [(CreditEventKind::Exhausted, 0)]);
-        let answers = {
-            let _failing = failing_reads(&ledger, ledger.keys().internal_id(&b).unwrap());
-            let credits = ledger.credits();
-            let (credits, a, b) = (&credits, &a, &b);
-            one_batch::<Result<u64>>(
-                &ledger,
-                vec![
-                    Box::new(move || credits.top_up(a, 5)),
-                    Box::new(move || credits.top_up(b, 1)),
-                ],
-            )
-        };
-        assert!(answers.iter().all(Result::is_err), "{answers:?}");
+        top_ups_in_a_failed_batch(&ledger, &a, &b);
         assert_eq!(
             spend_one(&ledger, &a_plain),
             Err("usage_exceeded".to_owned())
@@ -2488,19 +2491,7 @@ mod tests {
         let a_id = ledger.keys().internal_id(&a).unwrap();
         assert!(ledger.inner.engine.shared.meters.lock().get(a_id).is_none());
         assert_eq!(events(&ledger), [(CreditEventKind::Exhausted, 0)]);
-        let answers = {
-            let _failing = failing_reads(&ledger, ledger.keys().internal_id(&b).unwrap());
-            let credits = ledger.credits();
-            let (credits, a, b) = (&credits, &a, &b);
-            one_batch::<Result<u64>>(
-                &ledger,
-                vec![
-                    Box::new(move || credits.top_up(a, 5)),
-                    Box::new(move || credits.top_up(b, 1)),
-                ],
-            )
-        };
-        assert!(answers.iter().all(Result::is_err), "{answers:?}");
+        top_ups_in_a_failed_batch(&ledger, &a, &b);
         assert_eq!(spend_one(&ledger, &a_plain), Err("usage_exceeded".into()));
         ledger.flush().unwrap();
         assert_eq!(

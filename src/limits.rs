@@ -323,7 +323,8 @@ fn unit_share(limit: u64, window_ns: u64, multiplier_pct: u32) -> Ticks {
 }
 
 /// What an admission by [`KeyLimits::acquire`] holds, to give back or settle later: when it
-/// was admitted, where its token-window slot ends, and the tier it was admitted at.
+/// was admitted, its number among the token window's changes, and the tier it was admitted
+/// at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Admission {
     /// The number of its admission in the token window (see [`Queue`]; 0: none).

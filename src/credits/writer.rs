@@ -1074,12 +1074,20 @@ fn build(
                     // ledger is closed). The answer is set below.
                     let at = fx.adjusts.len();
                     fx.adjusts.push((reply, Ok(0)));
-                    let meter = {
+                    let (meter, forgot) = {
                         let mut meters = shared.meters.lock();
-                        if meters.grew(id) {
+                        let forgot = meters.grew(id);
+                        if forgot {
                             fx.forgotten.push(id);
                         }
-                        meters.get(id)
+                        (meters.get(id), forgot)
+                    };
+                    // A refused change did not grow the balance: its exhaustion stands.
+                    let refuse = |fx: &mut Effects| {
+                        if forgot {
+                            fx.forgotten.pop();
+                            shared.meters.lock().ungrew(id);
+                        }
                     };
                     if let Some(meter) = &meter {
                         reclaim(&mut work, fx, meter)?;
@@ -1097,6 +1105,7 @@ fn build(
                             },
                         };
                         fx.adjusts[at].1 = Err(refused);
+                        refuse(fx);
                         continue;
                     };
                     if let Some(meter) = &meter {
@@ -1131,6 +1140,7 @@ fn build(
                             // A refill applied above is written with the batch even so: the
                             // meter must learn of the new period below.
                             if !refilled {
+                                refuse(fx);
                                 continue;
                             }
                             false
@@ -2499,6 +2509,44 @@ mod tests {
             [],
             "the balance never grew: its exhaustion was already reported"
         );
+    }
+
+    /// A top-up refused in a batch that commits (it would grant more than `u64::MAX` in all)
+    /// did not grow the balance either: the key cached again does not report its exhaustion
+    /// a second time. (A reviewer's suspicion, confirmed here.)
+    #[test]
+    fn a_refused_top_up_of_a_balance_out_of_memory_does_not_make_its_exhaustion_news_again() {
+        let config = Config::builder()
+            .master_key(MasterKey::generate().unwrap())
+            .cache_capacity(1)
+            .usage_flush_interval(Duration::from_millis(1))
+            .build()
+            .unwrap();
+        let (_dir, ledger) = open(config);
+        let (a, a_plain) = key(&ledger, 1);
+        let (_, b_plain) = key(&ledger, 10);
+        assert_eq!(spend_one(&ledger, &a_plain), Ok(1));
+        assert_eq!(spend_one(&ledger, &a_plain), Err("usage_exceeded".into()));
+        // A cache of one: this evicts `a`, whose meter leaves memory, its exhaustion kept.
+        assert_eq!(spend_one(&ledger, &b_plain), Ok(1));
+        // Flushed, then unlisted by a round that finds it idle: out of the registry.
+        let a_id = ledger.keys().internal_id(&a).unwrap();
+        let in_memory = || ledger.inner.engine.shared.meters.lock().get(a_id).is_some();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while in_memory() && std::time::Instant::now() < deadline {
+            ledger.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!in_memory());
+        assert_eq!(events(&ledger), [(CreditEventKind::Exhausted, 0)]);
+        let refused = ledger.credits().top_up(&a, u64::MAX);
+        assert!(
+            matches!(refused, Err(Error::InvalidInput { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(spend_one(&ledger, &a_plain), Err("usage_exceeded".into()));
+        ledger.flush().unwrap();
+        assert_eq!(events(&ledger), [], "the balance never grew");
     }
 
     /// A verify thread reports an exhaustion (and sends the event) while a batch that only

@@ -920,21 +920,21 @@ impl Engine {
         // A key's own balance is not read here: its first lease reads it (and a request that
         // spends waits for that lease anyway), and a grant asked for the credits left before
         // then reads it itself. A pool's meter is shared, so it is made knowing its balance.
-        let registered = found
-            .pool
-            .and_then(|id| match self.shared.meters.lock().get(id) {
-                Some(MeterRef::Pool(meter)) => Some(meter),
-                _ => None,
-            });
+        let registered = |id| match self.shared.meters.lock().get(id) {
+            Some(MeterRef::Pool(meter)) => Some(meter),
+            _ => None,
+        };
         let pool = match found.pool {
-            // A pool in use already has its meter: nothing to read.
-            Some(_) if registered.is_some() => registered,
-            Some(pool) => {
-                let p: Option<PoolRecord> = store::get(&read.open_table(POOLS)?, pool)?;
-                let threshold = p.and_then(|p| p.low_balance_threshold);
-                let balance = store::get(&snapshot.credits, pool)?;
-                Some(self.pool_meter(pool, threshold, balance, now, resets)?)
-            }
+            Some(pool) => Some(match registered(pool) {
+                // A pool in use already has its meter: nothing to read.
+                Some(meter) => meter,
+                None => {
+                    let p: Option<PoolRecord> = store::get(&read.open_table(POOLS)?, pool)?;
+                    let threshold = p.and_then(|p| p.low_balance_threshold);
+                    let balance = store::get(&snapshot.credits, pool)?;
+                    self.pool_meter(pool, threshold, balance, now, resets)?
+                }
+            }),
             None => None,
         };
         Ok(Ok(MissRead {

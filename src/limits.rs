@@ -210,6 +210,12 @@ impl Queue {
         self.changes += 1;
         // Rounded down: an understatement is on the safe side.
         let queued = u64::try_from(queued / TICKS_PER_NANO).unwrap_or(u64::MAX);
+        self.push((self.changes, queued));
+        self.changes
+    }
+
+    /// Adds the newest minimum, dropping those it undercuts.
+    fn push(&mut self, (number, queued): (u64, u64)) {
         while self.len > 0 && self.minima[self.len - 1].1 >= queued {
             self.len -= 1;
         }
@@ -220,31 +226,24 @@ impl Queue {
             self.minima.copy_within(2.., 1);
             self.len -= 1;
         }
-        self.minima[self.len] = (self.changes, queued);
+        self.minima[self.len] = (number, queued);
         self.len += 1;
-        self.changes
     }
 
     /// A give-back of `decrement` by change `number` moved every later change up by that
     /// much: they have that much less room to give.
     fn consumed(&mut self, number: u64, decrement: Ticks) {
         let decrement = u64::try_from(decrement.div_ceil(TICKS_PER_NANO)).unwrap_or(u64::MAX);
-        for (n, queued) in &mut self.minima[..self.len] {
-            if *n > number {
-                *queued = queued.saturating_sub(decrement);
-            }
+        let entries = self.minima;
+        let len = std::mem::take(&mut self.len);
+        // Pushed again, oldest first: a lowered one drops those before it that it undercuts.
+        for (n, queued) in entries.into_iter().take(len) {
+            let queued = match n > number {
+                true => queued.saturating_sub(decrement),
+                false => queued,
+            };
+            self.push((n, queued));
         }
-        // Keep only the minima no later change undercuts.
-        let mut kept = 0;
-        for i in 0..self.len {
-            let entry = self.minima[i];
-            while kept > 0 && self.minima[kept - 1].1 >= entry.1 {
-                kept -= 1;
-            }
-            self.minima[kept] = entry;
-            kept += 1;
-        }
-        self.len = kept;
     }
 
     /// The least any change after change `number` found queued ahead of it (`Ticks::MAX`:

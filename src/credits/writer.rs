@@ -1484,7 +1484,10 @@ fn lease(
         return Ok((fx.grant(meter, 0, 0), true));
     };
     // The record is being written anyway: settle this meter's spend with it.
-    settle(fx, meter.clone(), r);
+    let spent = meter.spent.swap(0, Ordering::AcqRel).min(r.leased);
+    r.leased -= spent;
+    r.spent += spent;
+    fx.flushed_spend.push((meter.clone(), spent));
     new_period(fx, &meter, r, now);
     // A request that everything left cannot cover is refused, not handed all of it: that
     // would move the whole balance into memory, beyond the lease bound a crash may lose (and,
@@ -1517,15 +1520,6 @@ fn lease(
     low_balance(shared, fx, &meter, remaining);
     let empty_until = empty_until(r, now);
     Ok((fx.grant(meter, grant, empty_until), true))
-}
-
-/// Moves what `meter` spent since its last write from its record's `leased` to `spent`
-/// (given back to the meter if the batch fails).
-fn settle(fx: &mut Effects, meter: MeterRef, r: &mut CreditsRecord) {
-    let spent = meter.spent.swap(0, Ordering::AcqRel).min(r.leased);
-    r.leased -= spent;
-    r.spent += spent;
-    fx.flushed_spend.push((meter, spent));
 }
 
 /// Applies a due refill: the new period's balance replaces everything, including the lease

@@ -3,21 +3,18 @@
 //! `cargo run --release --example compare -- [--json] [--keys N] [--seconds S]`
 //! (defaults: 100,000 keys, 4 s per contender; well under a minute in all).
 //!
-//! SQLite (rusqlite, bundled, WAL; `synchronous=FULL`, the same durability promise as
-//! keyledger's group-committed leases, and `synchronous=NORMAL`): per request, hash the
-//! presented key with HMAC-SHA256 from a precomputed keyed state (as keyledger does), then
-//! `BEGIN IMMEDIATE`; `SELECT` the key's state, expiry and credits by hash; check them;
-//! `UPDATE` credits = credits − 1 when credits ≥ 1; `COMMIT`. keyledger: the full verify
-//! chain and commit(1) on the scratch ledger of `keyledger::bench_support`, cache warm. Both
-//! draw keys from the same random index stream over the same number of keys.
+//! SQLite: `benches/support/sqlite.rs` (rusqlite, bundled, WAL, `synchronous=FULL` and
+//! `synchronous=NORMAL`; one transaction per request). keyledger: the full verify chain and
+//! commit(1) on the scratch ledger of `keyledger::bench_support`, cache warm. Both draw keys
+//! from the same random index stream over the same number of keys. `cargo bench --bench
+//! sqlite` measures the same three with criterion.
 
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, KeyInit, Mac};
-use keyledger::Presented;
 use keyledger::bench_support::{Indices, Options, Workload};
-use rusqlite::{Connection, params};
-use sha2::Sha256;
+
+#[path = "../benches/support/sqlite.rs"]
+mod sqlite;
 
 struct Args {
     json: bool,
@@ -81,74 +78,6 @@ fn rate(seconds: f64, n: usize, seed: u64, mut op: impl FnMut(usize) -> bool) ->
     (ops as f64 / start.elapsed().as_secs_f64(), refused)
 }
 
-/// A SQLite database in `dir` holding the same keys (by HMAC hash).
-fn sqlite(
-    dir: &std::path::Path,
-    synchronous: &str,
-    state: &Hmac<Sha256>,
-    keys: &[Presented],
-) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(dir.join(format!("compare-{synchronous}.sqlite")))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", synchronous)?;
-    conn.execute_batch(
-        "CREATE TABLE keys (
-             hash BLOB PRIMARY KEY,
-             disabled INTEGER NOT NULL,
-             expires_at INTEGER,
-             credits INTEGER NOT NULL
-         ) WITHOUT ROWID;",
-    )?;
-    let tx = conn.unchecked_transaction()?;
-    {
-        let mut insert = tx.prepare(
-            "INSERT INTO keys (hash, disabled, expires_at, credits) VALUES (?1, 0, NULL, ?2)",
-        )?;
-        for key in keys {
-            insert.execute(params![hash(state, key).as_slice(), 1_000_000_000_000i64])?;
-        }
-    }
-    tx.commit()?;
-    Ok(conn)
-}
-
-fn hash(state: &Hmac<Sha256>, key: &Presented) -> [u8; 32] {
-    let mut mac = state.clone();
-    mac.update(key.expose().as_bytes());
-    mac.finalize().into_bytes().into()
-}
-
-/// One request as one SQLite transaction: look up, check, decrement.
-fn sqlite_check(conn: &Connection, state: &Hmac<Sha256>, key: &Presented, now: i64) -> bool {
-    let h = hash(state, key);
-    let run = || -> rusqlite::Result<bool> {
-        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-        let row: Option<(i64, Option<i64>, i64)> = {
-            let mut select = conn
-                .prepare_cached("SELECT disabled, expires_at, credits FROM keys WHERE hash = ?1")?;
-            let mut rows = select.query(params![h.as_slice()])?;
-            match rows.next()? {
-                Some(r) => Some((r.get(0)?, r.get(1)?, r.get(2)?)),
-                None => None,
-            }
-        };
-        let ok = matches!(row, Some((0, expires, credits))
-            if expires.is_none_or(|e| e > now) && credits >= 1);
-        if ok {
-            conn.prepare_cached(
-                "UPDATE keys SET credits = credits - 1 WHERE hash = ?1 AND credits >= 1",
-            )?
-            .execute(params![h.as_slice()])?;
-        }
-        conn.prepare_cached("COMMIT")?.execute([])?;
-        Ok(ok)
-    };
-    run().unwrap_or_else(|_| {
-        let _ = conn.execute_batch("ROLLBACK");
-        false
-    })
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = args();
     let work = Workload::build(&Options::new(args.keys), &mut |_| {})?;
@@ -163,16 +92,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let close_seconds = closing.elapsed().as_secs_f64();
 
     let dir = tempfile::tempdir()?;
-    let mut pepper = [0u8; 32];
-    pepper[0] = 1;
-    let state = Hmac::<Sha256>::new_from_slice(&pepper)?;
-    let now = 1_700_000_000_000i64;
     let mut sqlite_rates = Vec::new();
     for synchronous in ["FULL", "NORMAL"] {
-        let conn = sqlite(dir.path(), synchronous, &state, &work.keys)?;
-        let (r, refused) = rate(args.seconds, n, 1, |i| {
-            sqlite_check(&conn, &state, &work.keys[i], now)
-        });
+        let baseline = sqlite::Baseline::new(dir.path(), synchronous, &work.keys)?;
+        let (r, refused) = rate(args.seconds, n, 1, |i| baseline.check(&work.keys[i]));
         assert_eq!(refused, 0, "every SQLite request is granted");
         sqlite_rates.push(r);
     }

@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use keyledger::fuzzing::CrashBackend;
 use keyledger::{
-    CreditEventKind, Durability, Error, KeyUpdate, Ledger, NewKey, Refill, RefillInterval, Request,
-    RouteRule, SpendTier, Timestamp,
+    CreditEventKind, Durability, Error, KeyUpdate, Ledger, NewKey, PageRequest, Refill,
+    RefillInterval, Request, RouteRule, SpendTier, Timestamp,
 };
 
 const DAY_MS: u64 = 86_400_000;
@@ -334,6 +334,27 @@ fn key_info_agrees_with_usage() {
         info.last_used_at,
         Some(START),
         "keys().get: last successful verify"
+    );
+}
+
+#[test]
+fn key_info_shows_a_cached_keys_last_use_before_any_flush() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
+    t.clock.advance_secs(5);
+    let used = t.now();
+    spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
+    // No flush, no `usage` (which flushes): what memory knows counts.
+    assert_eq!(t.ledger.keys().get(&id).unwrap().last_used_at, Some(used));
+    let page = t.ledger.keys().list(&owner, &PageRequest::first()).unwrap();
+    assert_eq!(page.items[0].last_used_at, Some(used), "keys().list");
+    t.clock.advance_secs(5);
+    let t = t.close_and_reopen();
+    assert_eq!(
+        t.ledger.keys().get(&id).unwrap().last_used_at,
+        Some(used),
+        "after a restart: the flushed time"
     );
 }
 

@@ -376,6 +376,12 @@ impl CachedKey {
         self.mark_dirty()
     }
 
+    /// The time of the last successful verify this process counted (ms; 0: none), flushed
+    /// or not.
+    pub(crate) fn last_used_ms(&self) -> u64 {
+        self.home().usage.last_used_ms.load(Ordering::Acquire)
+    }
+
     /// Counts spend. Returns true when the key must be queued for a flush.
     pub(crate) fn record_spend(&self, units: u64, tiers: &[crate::SpendTier]) -> bool {
         if units == 0 {

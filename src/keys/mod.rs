@@ -17,6 +17,7 @@ use builders::Settings;
 pub use builders::{ImportKey, ImportedHash, KeyUpdate, NewKey};
 
 use crate::audit;
+use crate::cache::Slot;
 use crate::clock::Timestamp;
 use crate::credits::refill;
 use crate::credits::writer::{Adjust, AuditLine};
@@ -75,7 +76,9 @@ pub struct KeyInfo {
     pub expires_at: Option<Timestamp>,
     /// When it was disabled, if it is.
     pub disabled_at: Option<Timestamp>,
-    /// Last successful verify.
+    /// Last successful verify. Exact while the key is in this process's cache; otherwise the
+    /// last one written to disk, which the writer does every [`usage_flush_interval`](crate::ConfigBuilder::usage_flush_interval) and at
+    /// `flush`, `usage` and a clean close.
     pub last_used_at: Option<Timestamp>,
     /// Until when the previous secret of a rolled key still works.
     pub previous_secret_valid_until: Option<Timestamp>,
@@ -846,8 +849,9 @@ fn kind_label<S: serde::Serializer>(kind: &KeyKind, s: S) -> std::result::Result
 }
 
 /// Credits left (durable balance of the key or its pool, plus what memory holds leased) and
-/// the last use flushed by the writer. Read at view time. A metered key whose balance cannot
-/// be read shows 0 left, as its grants do: `None` reads as "unmetered".
+/// the last use: the later of the one flushed by the writer and, while the key is cached,
+/// the one counted in memory. Read at view time. A metered key whose balance cannot be read
+/// shows 0 left, as its grants do: `None` reads as "unmetered".
 fn live_usage(ledger: &Ledger, id: u64, r: &KeyRecord) -> (Option<u64>, Option<Timestamp>) {
     let credit_id = r.pool.unwrap_or(id);
     let metered = r.pool.is_some() || r.limits.credits.is_some();
@@ -870,7 +874,18 @@ fn live_usage(ledger: &Ledger, id: u64, r: &KeyRecord) -> (Option<u64>, Option<T
                 .flatten()
         })
         .and_then(|u| u.last_used_at);
-    (balance, last_used)
+    let counted = secret_hashes(r)
+        .iter()
+        .filter_map(|hash| {
+            ledger.inner.engine.cache.with(hash, |slot| match slot {
+                Slot::Key(key) => key.last_used_ms(),
+                Slot::Missing => 0,
+            })
+        })
+        .max()
+        .filter(|&ms| ms > 0)
+        .map(Timestamp);
+    (balance, last_used.max(counted))
 }
 
 /// The hashes a record's secrets are cached under: current, and rolled if any.

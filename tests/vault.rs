@@ -977,6 +977,40 @@ fn secret_lifecycle_put_rotate_list_delete() {
 }
 
 #[test]
+fn a_secret_replaced_names_its_hosts_only_when_they_changed() {
+    let env = Env::new();
+    let a = env.account("A");
+    let secrets = env.ledger.secrets().by("admin");
+    for (value, hosts) in [
+        ("v1", "api.openai.com"),
+        ("v2", "api.openai.com"),
+        ("v3", "*.openai.com"),
+    ] {
+        secrets
+            .put(&a, "OPENAI", Secret::new(value), [hosts])
+            .unwrap();
+    }
+    let fields: Vec<(String, Vec<String>)> = env
+        .ledger
+        .audit()
+        .since(0, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.actor == "admin")
+        .map(|e| (e.action, e.fields))
+        .collect();
+    let both = vec!["value".to_owned(), "allowed_hosts".to_owned()];
+    assert_eq!(
+        fields,
+        [
+            ("secret.created".to_owned(), both.clone()),
+            ("secret.replaced".to_owned(), vec!["value".to_owned()]),
+            ("secret.replaced".to_owned(), both),
+        ]
+    );
+}
+
+#[test]
 fn plaintexts_never_leak_to_file_debug_errors_or_audit() {
     let env = Env::new();
     let a = env.account("A");

@@ -237,20 +237,17 @@ impl<'a> Secrets<'a> {
                 sealed,
             };
             table.insert((owner.id, name), codec::encode(&record).as_slice())?;
-            let action = if previous.is_some() {
-                "secret.replaced"
-            } else {
-                "secret.created"
+            // A replacement always rewrites the value (sealed anew, a version up); its hosts
+            // are named only if they changed.
+            let (action, fields): (_, &[&str]) = match &previous {
+                None => ("secret.created", &["value", "allowed_hosts"]),
+                Some(p) if p.allowed_hosts != record.allowed_hosts => {
+                    ("secret.replaced", &["value", "allowed_hosts"])
+                }
+                Some(_) => ("secret.replaced", &["value"]),
             };
             let target = target(&owner.public, "secrets", name);
-            audit::append(
-                &txn,
-                now,
-                &self.actor,
-                action,
-                &target,
-                &["value", "allowed_hosts"],
-            )?;
+            audit::append(&txn, now, &self.actor, action, &target, fields)?;
             record
         };
         txn.commit()?;

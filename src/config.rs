@@ -82,7 +82,7 @@ impl fmt::Debug for Config {
     }
 }
 
-/// Builds a [`Config`].
+/// Builds a [`Config`]. Its `Debug` shows whether a master key is set, never the key.
 #[derive(Default)]
 pub struct ConfigBuilder {
     master_key: Option<MasterKey>,
@@ -96,6 +96,24 @@ pub struct ConfigBuilder {
     spend_tiers: Vec<SpendTier>,
     usage_flush_interval: Option<std::time::Duration>,
     close_grace: Option<std::time::Duration>,
+}
+
+impl fmt::Debug for ConfigBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let set = |present: bool| if present { "***" } else { "unset" };
+        f.debug_struct("ConfigBuilder")
+            .field("master_key", &set(self.master_key.is_some()))
+            .field("live_prefix", &self.live_prefix)
+            .field("test_prefix", &self.test_prefix)
+            .field("token_prefix", &self.token_prefix)
+            .field("legacy_prefixes", &self.legacy_prefixes)
+            .field("durability", &self.durability)
+            .field("cache_capacity", &self.cache_capacity)
+            .field("spend_tiers", &self.spend_tiers)
+            .field("usage_flush_interval", &self.usage_flush_interval)
+            .field("close_grace", &self.close_grace)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConfigBuilder {

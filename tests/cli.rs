@@ -689,6 +689,20 @@ fn verify_grants_commits_the_reserved_cost_and_prints_the_receipt() {
     let out = s.run(&["usage", &id]);
     assert_success(&out);
     assert!(stdout(&out).contains("lost to crash"), "{}", stdout(&out));
+
+    // An account (this key's only): its keys' requests and spend, no balance of its own.
+    let (a, k) = (s.json(&["usage", &owner]), s.json(&["usage", &id]));
+    assert_eq!(a["requests"], k["requests"], "{a}");
+    assert_eq!(a["lifetime_spent"], k["lifetime_spent"], "{a}");
+    assert!(a["requests"].as_u64() > Some(0), "{a}");
+    assert!(a["remaining"].is_null(), "{a}");
+    let out = s.run(&["usage", &owner]);
+    assert_success(&out);
+    let text = stdout(&out);
+    assert!(
+        text.contains("no balance of its own") && !text.contains("lost to crash"),
+        "{text}"
+    );
 }
 
 #[test]

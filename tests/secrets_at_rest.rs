@@ -193,6 +193,8 @@ fn debug_display_json_errors_and_audit_never_show_a_secret() {
     );
     let config = t.config();
     all.assert_absent("Config Debug", &format!("{config:?}"));
+    let builder = Config::builder().master_key(t.master.clone());
+    all.assert_absent("ConfigBuilder Debug", &format!("{builder:?}"));
     all.assert_absent("Ledger Debug", &format!("{:?}", t.ledger));
     all.assert_absent("MasterKey Debug", &format!("{:?}", t.master));
     let presented = Presented::new(&fresh).unwrap();

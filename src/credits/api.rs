@@ -19,14 +19,15 @@ pub struct Credits<'a> {
     pub(crate) actor: String,
 }
 
-/// The credit and usage state of a key or pool.
+/// The credit and usage state of a key, pool or account ([`Credits::usage`]).
 ///
 /// `granted`, `spent`, `lost_to_crash` and `leased` are those of the id's own balance: a key
 /// that spends from a pool has none (they are 0; the pool's usage has them), though
-/// `remaining` is what it can spend.
+/// `remaining` is what it can spend; an account has none either (its keys' requests and
+/// spend are summed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Usage {
-    /// The key or pool.
+    /// The key, pool or account.
     pub id: PublicId,
     /// Credits that can still be spent: durable balance plus what memory holds leased
     /// (`None`: unmetered). For a key that spends from a pool, the pool's, shared with the

@@ -99,9 +99,10 @@ pub enum Command {
     /// in the process's memory, so each CLI invocation starts with full limits.
     Verify(VerifyArgs),
     /// Credits and usage of a key, token or pool: remaining, granted, spent, lost to crashes,
-    /// leased, requests, lifetime spend, last use.
+    /// leased, requests, lifetime spend, last use. For an account, requests and spend summed
+    /// over its keys.
     Usage {
-        /// Key (`key_…`), token (`tok_…`) or pool (`pool_…`) id.
+        /// Key (`key_…`), token (`tok_…`), pool (`pool_…`) or account (`acct_…`) id.
         id: String,
     },
     /// Change the credit balance of a key, token or pool.

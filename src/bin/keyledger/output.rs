@@ -343,13 +343,15 @@ pub fn pool_table(pool: &Pool, refill: Option<Refill>, low_balance: Option<u64>)
 pub fn usage_table(u: &Usage) -> Table {
     let mut t = Table::bare();
     t.row(["id", u.id.as_str()]);
+    let account = u.id.starts_with("acct_");
     let remaining = match (u.remaining, &u.pool) {
+        (_, _) if account => "no balance of its own (its keys' usage summed below)".to_owned(),
         (Some(n), Some(pool)) => format!("{n} credits, drawn from pool {pool} (shared)"),
         (Some(n), None) => format!("{n} credits"),
         (None, _) => "unmetered".to_owned(),
     };
     t.row(["remaining".to_owned(), remaining]);
-    if u.pool.is_none() {
+    if u.pool.is_none() && !account {
         t.row(["granted".to_owned(), u.granted.to_string()]);
         t.row(["spent".to_owned(), u.spent.to_string()]);
         t.row(["lost to crash".to_owned(), u.lost_to_crash.to_string()]);

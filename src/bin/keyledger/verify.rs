@@ -210,9 +210,15 @@ pub fn credit_id(id: &str) -> CliResult<()> {
     )))
 }
 
-/// `usage ID`: credits and usage of a key, token or pool.
+/// `usage ID`: credits and usage of a key, token, pool or account.
 pub fn usage(ctx: &Context, id: &str) -> CliResult<u8> {
-    credit_id(id)?;
+    if !id.starts_with("acct_") {
+        credit_id(id).map_err(|_| {
+            CliError::new(format!(
+                "`{id}` is not a key (key_…), token (tok_…), pool (pool_…) or account (acct_…) id"
+            ))
+        })?;
+    }
     let ledger = ctx.open()?;
     let usage = ledger.credits().usage(id)?;
     if ctx.json {

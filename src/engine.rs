@@ -836,8 +836,10 @@ impl Engine {
         key: &str,
         now: Timestamp,
     ) -> Result<Loaded> {
-        // A retry needs a balance removed (a key deleted or made unmetered) while this miss
-        // was reading: rare, and each retry reads a newer commit.
+        // A retry needs a meter reset committed while this miss was reading (any key or pool
+        // deleted, a key made unmetered, any low-balance threshold changed: one counter for
+        // all) or this key's limits reconfigured. Each is a durable commit, far longer than
+        // a miss's read, so eight in a row do not happen; each retry reads a newer commit.
         const ATTEMPTS: usize = 8;
         for _ in 0..ATTEMPTS {
             let read = match self.read_miss(ledger, hash, key, now)? {

@@ -359,6 +359,22 @@ fn key_info_shows_a_cached_keys_last_use_before_any_flush() {
 }
 
 #[test]
+fn usage_counts_a_held_reservation_as_leased_neither_spent_nor_remaining() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
+    let key = presented(&plain);
+    let grant = t.ledger.verify(&Request::new(&key, "/x").cost(5)).unwrap();
+    let u = usage(&t, &id);
+    assert_eq!((u.granted, u.spent, u.remaining), (100, 0, Some(95)));
+    assert!(u.leased >= 5, "the reservation is still leased: {u:?}");
+    grant.commit(3);
+    let u = usage(&t, &id);
+    assert_eq!((u.granted, u.spent, u.remaining), (100, 3, Some(97)));
+    assert_eq!(u.spent + u.remaining.unwrap() + u.lost_to_crash, u.granted);
+}
+
+#[test]
 fn account_usage_sums_its_keys() {
     let t = TestLedger::new();
     let owner = t.account("Acme");

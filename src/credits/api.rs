@@ -44,7 +44,8 @@ pub struct Usage {
     /// Units that were leased into memory when the process crashed (or held by grants still
     /// running when a close's grace ended): counted as spent.
     pub lost_to_crash: u64,
-    /// Units leased into memory right now.
+    /// Units leased into memory right now: what `remaining` counts beyond the durable
+    /// balance, plus what grants hold reserved and what they charged since the last flush.
     pub leased: u64,
     /// Successful verifies (keys only; pools report 0).
     pub requests: u64,
@@ -272,7 +273,11 @@ impl Credits<'_> {
     /// Credit and usage state of a key (`key_…`, `tok_…`), pool (`pool_…`) or account
     /// (`acct_…`: spend and requests summed over its keys; accounts hold no balance). A key
     /// that spends from a pool reports the pool's `remaining` and names it in `pool`.
-    /// Pending counters are flushed first, so the figures are exact at the time of the call.
+    /// Pending counters are flushed first, so the figures are exact at the time of the call:
+    /// with no grant held, `spent + remaining + lost_to_crash == granted`. Units reserved by
+    /// grants still held, or charged by requests that committed while this call ran, are in
+    /// `leased` and in neither `spent` nor `remaining` (they are no longer spendable and not
+    /// yet written as spent).
     pub fn usage(&self, id: &str) -> Result<Usage> {
         let (kind, internal) = self.credit_id(id)?;
         self.ledger.flush()?;

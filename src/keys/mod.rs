@@ -77,8 +77,9 @@ pub struct KeyInfo {
     /// When it was disabled, if it is.
     pub disabled_at: Option<Timestamp>,
     /// Last successful verify. Exact while the key is in this process's cache; otherwise the
-    /// last one written to disk, which the writer does every [`usage_flush_interval`](crate::ConfigBuilder::usage_flush_interval) and at
-    /// `flush`, `usage` and a clean close.
+    /// last one written to disk, which the writer does every
+    /// [`usage_flush_interval`](crate::ConfigBuilder::usage_flush_interval) and at `flush`,
+    /// `usage` and a clean close.
     pub last_used_at: Option<Timestamp>,
     /// Until when the previous secret of a rolled key still works.
     pub previous_secret_valid_until: Option<Timestamp>,

@@ -345,7 +345,7 @@ pub fn usage_table(u: &Usage) -> Table {
     t.row(["id", u.id.as_str()]);
     let account = u.id.starts_with("acct_");
     let remaining = match (u.remaining, &u.pool) {
-        (_, _) if account => "no balance of its own (its keys' usage summed below)".to_owned(),
+        _ if account => "no balance of its own (its keys' usage summed below)".to_owned(),
         (Some(n), Some(pool)) => format!("{n} credits, drawn from pool {pool} (shared)"),
         (Some(n), None) => format!("{n} credits"),
         (None, _) => "unmetered".to_owned(),

@@ -119,8 +119,9 @@ pub enum HeaderError {
     /// Neither `Authorization: Bearer …` nor `x-api-key` was present.
     #[error("no API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`")]
     Missing,
-    /// Both headers were present with different keys.
-    #[error("`Authorization` and `x-api-key` carry different keys; send only one")]
+    /// The request carries two different keys (`Authorization` and `x-api-key`, or one of
+    /// them sent twice).
+    #[error("the request carries two different API keys; send only one")]
     Conflict,
     /// `Authorization` used a scheme other than Bearer.
     #[error("the Authorization header must use the Bearer scheme")]
@@ -142,9 +143,13 @@ impl HeaderError {
         }
     }
 
-    /// The HTTP status a server should return: always 401 (send credentials properly).
+    /// The HTTP status a server should return: 400 for two different keys (a malformed
+    /// request, as RFC 6750 §3.1 answers more than one credential), otherwise 401.
     pub fn http_status(&self) -> u16 {
-        401
+        match self {
+            HeaderError::Conflict => 400,
+            _ => 401,
+        }
     }
 }
 

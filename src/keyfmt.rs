@@ -423,6 +423,7 @@ mod tests {
         ));
         assert_eq!(HeaderError::Conflict.code(), "conflicting_keys");
         assert_eq!(HeaderError::Missing.http_status(), 401);
+        assert_eq!(HeaderError::Conflict.http_status(), 400);
         let err = Presented::from_headers(None, Some("vb_live_SECRETVALUE\u{7}")).unwrap_err();
         assert!(!err.to_string().contains("SECRETVALUE"));
     }

@@ -389,6 +389,14 @@ fn every_denial_has_its_status_code_and_a_safe_body() {
     ] {
         refused(&s.send("POST", q, &twice, None), 400, "conflicting_keys");
     }
+    // One key sent twice, the scheme's case aside, is one key. (Found by a reviewer: it was
+    // refused as two.)
+    let lower = format!("bearer {}", s.admin);
+    let same = [
+        ("authorization", bearer.as_str()),
+        ("authorization", &lower),
+    ];
+    assert_ne!(s.send("POST", q, &same, None).status, 400);
     presented.push(other.clone());
 
     // malformed: a mistyped key fails its checksum before any hashing.
@@ -800,6 +808,124 @@ fn key_management_lifecycle_read_only_keys_and_revocation() {
     assert_eq!(s.json("POST", ROUTES[0].0, &by_new, QUICKHIT).status, 200);
     assert_eq!(s.responses_containing(&value), 1);
     s.assert_no_secrets(&[]);
+}
+
+/// Creates a key through the library and returns (public id, plaintext).
+fn library_key(s: &Server, new: NewKey) -> (String, String) {
+    let created = s.ledger.keys().create(new).expect("create key");
+    (
+        created.info.id.to_string(),
+        created.plaintext.expose().to_owned(),
+    )
+}
+
+#[test]
+fn a_managing_key_never_makes_a_key_broader_than_itself() {
+    // Found by a reviewer: a `manage` key minted `*` keys without its allowlist, expiry or
+    // limits, and could widen itself or change the admin key.
+    let s = Server::start();
+    let until = s.clock.now().plus_secs(3_600);
+    let (parent_id, parent) = library_key(
+        &s,
+        NewKey::new(s.account.as_str(), "ops bot")
+            .permissions(["fetch", "manage"])
+            .ips(["127.0.0.0/8"])
+            .expires_at(until)
+            .rate_limit("requests", 50, 3_600)
+            .pool(s.pool.as_str()),
+    );
+    // Not `*` (what `permissions: []` asks for), not outside its own range.
+    for body in [
+        json!({"name": "child"}),
+        json!({"name": "child", "permissions": ["fetch"], "ips": ["10.0.0.1"]}),
+    ] {
+        let r = s.json("POST", "/v2/keys", &parent, &body.to_string());
+        managed_refused(&r, 403, "forbidden");
+    }
+    // A read-only child gets the parent's allowlist, expiry, limits and pool.
+    let body = json!({"name": "child", "permissions": ["fetch"]});
+    let (child_id, _, _) = create_key(&s, "/v2/keys", &parent, body);
+    let child = s.ledger.keys().get(&child_id).unwrap();
+    assert_eq!(child.permissions, ["fetch"]);
+    assert_eq!(child.ips, ["127.0.0.0/8"]);
+    assert_eq!(child.expires_at, Some(until));
+    assert_eq!(child.limits.rate_limits.len(), 1);
+    assert_eq!(
+        child.pool.as_ref().map(|p| p.as_str()),
+        Some(s.pool.as_str())
+    );
+    let body = json!({"name": "narrow", "permissions": ["fetch"], "ips": ["127.0.0.1"]});
+    let (narrow_id, _, _) = create_key(&s, "/v2/keys", &parent, body);
+    assert_eq!(
+        s.ledger.keys().get(&narrow_id).unwrap().ips,
+        ["127.0.0.1/32"]
+    );
+
+    // Not widen itself, nor lift its allowlist.
+    for body in [json!({"permissions": []}), json!({"ips": ["0.0.0.0/0"]})] {
+        let r = s.json(
+            "PATCH",
+            &format!("/v2/keys/{parent_id}"),
+            &parent,
+            &body.to_string(),
+        );
+        managed_refused(&r, 403, "forbidden");
+    }
+    let me = s.ledger.keys().get(&parent_id).unwrap();
+    assert_eq!(
+        (me.permissions, me.ips),
+        (
+            vec!["fetch".into(), "manage".into()],
+            vec!["127.0.0.0/8".into()]
+        )
+    );
+    // Clearing a child's allowlist hands the parent's on again; renaming it is fine.
+    let r = s.json(
+        "PATCH",
+        &format!("/v2/keys/{narrow_id}"),
+        &parent,
+        r#"{"ips":[]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        s.ledger.keys().get(&narrow_id).unwrap().ips,
+        ["127.0.0.0/8"]
+    );
+    // Not touch the admin key (`*`, no allowlist).
+    let admin = format!("/v2/keys/{}", s.admin_id);
+    managed_refused(
+        &s.json("PATCH", &admin, &parent, r#"{"name":"mine"}"#),
+        403,
+        "forbidden",
+    );
+    managed_refused(&s.get("DELETE", &admin, &parent), 403, "forbidden");
+    assert_eq!(
+        s.ledger.keys().get(s.admin_id.as_str()).unwrap().name,
+        "admin"
+    );
+    // The admin key still manages everything.
+    let r = s.get("DELETE", &format!("/v2/keys/{child_id}"), &s.admin);
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn minting_a_key_never_mints_credits() {
+    // Found by a reviewer: a key with 3 credits of its own, in an account without a pool,
+    // minted an unmetered key.
+    let s = Server::start();
+    let acme = s.ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+    let (_, funded) = library_key(
+        &s,
+        NewKey::new(acme.id.as_str(), "a")
+            .permissions(["*"])
+            .credits(3),
+    );
+    let r = s.json("POST", "/v2/keys", &funded, r#"{"name":"child"}"#);
+    managed_refused(&r, 403, "forbidden");
+    // An unmetered key in an account without a pool mints unmetered keys: nothing widens.
+    let (_, free) = library_key(&s, NewKey::new(acme.id.as_str(), "b").permissions(["*"]));
+    let (child, _, _) = create_key(&s, "/v2/keys", &free, json!({"name": "child"}));
+    assert_eq!(s.ledger.keys().get(&child).unwrap().remaining_credits, None);
 }
 
 #[test]

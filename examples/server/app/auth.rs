@@ -76,8 +76,7 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Refusal::Denied(d) => d.http_status(),
-            Refusal::Header(HeaderError::Conflict) => 400,
-            Refusal::Header(_) => 401,
+            Refusal::Header(e) => e.http_status(),
         }
     }
 
@@ -138,27 +137,39 @@ fn retry_after_secs(d: Duration) -> u64 {
 /// Takes the key from the headers and verifies it for `route` from `client_ip`.
 ///
 /// Header values that are not visible ASCII are passed on (lossily decoded) so the library's
-/// own check rejects them as malformed. A header sent twice with different values is refused
-/// as conflicting keys, as `Authorization` and `x-api-key` naming two keys are: a proxy that
-/// reads the last value would charge the other key.
+/// own check rejects them as malformed. A header sent twice must carry the same key each time
+/// (`Bearer K` and `bearer K` do), or the request is refused as conflicting keys, as
+/// `Authorization` and `x-api-key` naming two keys are: a proxy that reads the last value
+/// would charge the other key.
 pub fn verify<'l>(
     ledger: &'l Ledger,
     headers: &HeaderMap,
     route: &str,
     client_ip: Option<IpAddr>,
 ) -> Result<Grant<'l>, Refusal> {
-    let text = |name: &HeaderName| {
-        let mut values = headers.get_all(name).iter();
-        let first = values.next();
-        if values.any(|v| Some(v) != first) {
+    let values = |name: &HeaderName| -> Vec<String> {
+        let all = headers.get_all(name).iter();
+        all.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect()
+    };
+    let (authorization, x_api_key) = (values(&AUTHORIZATION), values(&X_API_KEY));
+    let presented = keyledger::Presented::from_headers(
+        authorization.first().map(String::as_str),
+        x_api_key.first().map(String::as_str),
+    )
+    .map_err(Refusal::Header)?;
+    // Every further value must name the same key (the library compares the first two).
+    let again = authorization
+        .iter()
+        .skip(1)
+        .map(|a| (Some(a.as_str()), None));
+    let again = again.chain(x_api_key.iter().skip(1).map(|k| (None, Some(k.as_str()))));
+    for (a, k) in again {
+        let other = keyledger::Presented::from_headers(a, k).map_err(Refusal::Header)?;
+        if other.expose() != presented.expose() {
             return Err(Refusal::Header(HeaderError::Conflict));
         }
-        Ok(first.map(|v| String::from_utf8_lossy(v.as_bytes())))
-    };
-    let (authorization, x_api_key) = (text(&AUTHORIZATION)?, text(&X_API_KEY)?);
-    let presented =
-        keyledger::Presented::from_headers(authorization.as_deref(), x_api_key.as_deref())
-            .map_err(Refusal::Header)?;
+    }
     let mut request = keyledger::Request::new(&presented, route);
     if let Some(ip) = client_ip {
         request = request.client_ip(ip);

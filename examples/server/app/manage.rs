@@ -4,8 +4,9 @@
 //! Every call acts on the caller's own account only: the handle is
 //! `keys().owned_by(caller.owner)`, so another owner's key id is `404`, exactly like an id
 //! that does not exist. Reads need the `fetch` scope (the `/v2/` route rule); writes also
-//! need `manage`, which `fetch`-only keys lack. Ledger calls run on tokio's blocking pool:
-//! writes commit a redb transaction with an fsync.
+//! need `manage`, which `fetch`-only keys lack, and never make a key broader than the caller
+//! ([`super::bounds`]). Ledger calls run on tokio's blocking pool: writes commit a redb
+//! transaction with an fsync.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,8 +20,9 @@ use axum::response::Response;
 use keyledger::{Error, KeyInfo, KeyUpdate, Keys, Ledger, NewKey, PageRequest, Timestamp};
 use serde::{Deserialize, Serialize};
 
+use super::bounds::{Bounds, Refused};
 use super::envelope::{Links, managed, managed_error, no_store, parse_json};
-use super::{App, Caller, READ_SCOPE, WRITE_SCOPE};
+use super::{App, AuthMode, Caller, READ_SCOPE, WRITE_SCOPE};
 
 /// Keys or tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +154,15 @@ async fn blocking(
                 "the request failed",
             )
         })
+}
+
+/// The caller's bounds (none with auth off).
+fn bounds(app: &App, ledger: &Ledger, caller: &Caller) -> keyledger::Result<Bounds> {
+    Bounds::of(ledger, (app.auth == AuthMode::On).then_some(caller))
+}
+
+fn refused((status, code, message): Refused) -> Response {
+    managed_error(status, code, message)
 }
 
 /// A refused management request, before it reaches the ledger.
@@ -326,17 +337,27 @@ async fn create(
         (Kind::Token, None) => return invalid("type is required for a token"),
         (Kind::Token, Some(t)) => NewKey::token(caller.owner.as_str(), t, req.name),
     };
-    let new = new.permissions(scopes).ips(req.ips);
-    blocking(&app, move |ledger| {
-        // New keys spend from the account's credit pool, when it has one, so minting keys
-        // never mints credits.
+    blocking(&app.clone(), move |ledger| {
+        let bounds = match bounds(&app, ledger, &caller) {
+            Ok(b) => b,
+            Err(e) => return failure(&e),
+        };
+        if let Err(r) = bounds.permissions(&scopes) {
+            return refused(r);
+        }
+        let new = match bounds.ips(req.ips) {
+            Ok(ips) => new.permissions(scopes).ips(ips),
+            Err(r) => return refused(r),
+        };
+        // Minting keys never mints credits: a new key spends from the caller's pool (or,
+        // for an unmetered caller, the account's), and has the caller's expiry and limits.
         let pool = match ledger.credits().pools(&caller.owner) {
             Ok(pools) => pools.into_iter().next().map(|p| p.id),
             Err(e) => return failure(&e),
         };
-        let new = match pool {
-            Some(pool) => new.pool(pool.as_str()),
-            None => new,
+        let new = match bounds.hand_on(new, pool.as_ref().map(|p| p.as_str())) {
+            Ok(new) => new,
+            Err(r) => return refused(r),
         };
         match kind
             .handle(ledger, &caller)
@@ -391,24 +412,41 @@ async fn update(
             "give at least one of name, permissions, ips",
         );
     }
-    let mut update = KeyUpdate::new();
-    if let Some(name) = req.name {
-        update = update.name(name);
-    }
-    if let Some(p) = &req.permissions {
-        match scopes(p) {
-            Ok(s) => update = update.permissions(s),
-            Err(refused) => return refused.into(),
+    let scopes = match req.permissions.as_deref().map(scopes).transpose() {
+        Ok(s) => s,
+        Err(refused) => return refused.into(),
+    };
+    blocking(&app.clone(), move |ledger| {
+        let bounds = match bounds(&app, ledger, &caller) {
+            Ok(b) => b,
+            Err(e) => return failure(&e),
+        };
+        let keys = match kind.handle(ledger, &caller) {
+            Ok(keys) => keys,
+            Err(e) => return failure(&e),
+        };
+        match keys.get(&id).map(|target| bounds.covers(&target)) {
+            Ok(Ok(())) => {}
+            Ok(Err(r)) => return refused(r),
+            Err(e) => return failure(&e),
         }
-    }
-    if let Some(ips) = req.ips {
-        update = update.ips(ips);
-    }
-    blocking(&app, move |ledger| {
-        match kind
-            .handle(ledger, &caller)
-            .and_then(|keys| keys.update(&id, update))
-        {
+        let mut update = KeyUpdate::new();
+        if let Some(name) = req.name {
+            update = update.name(name);
+        }
+        if let Some(scopes) = scopes {
+            if let Err(r) = bounds.permissions(&scopes) {
+                return refused(r);
+            }
+            update = update.permissions(scopes);
+        }
+        if let Some(ips) = req.ips {
+            match bounds.ips(ips) {
+                Ok(ips) => update = update.ips(ips),
+                Err(r) => return refused(r),
+            }
+        }
+        match keys.update(&id, update) {
             Ok(info) => {
                 let links = Links {
                     this: format!("{}/{}", kind.path(), info.id),
@@ -433,11 +471,21 @@ async fn delete(kind: Kind, app: Arc<App>, caller: Caller, id: String) -> Respon
     if let Err(refused) = require_write(&caller) {
         return refused.into();
     }
-    blocking(&app, move |ledger| {
-        match kind
-            .handle(ledger, &caller)
-            .and_then(|keys| keys.delete(&id))
-        {
+    blocking(&app.clone(), move |ledger| {
+        let bounds = match bounds(&app, ledger, &caller) {
+            Ok(b) => b,
+            Err(e) => return failure(&e),
+        };
+        let keys = match kind.handle(ledger, &caller) {
+            Ok(keys) => keys,
+            Err(e) => return failure(&e),
+        };
+        match keys.get(&id).map(|target| bounds.covers(&target)) {
+            Ok(Ok(())) => {}
+            Ok(Err(r)) => return refused(r),
+            Err(e) => return failure(&e),
+        }
+        match keys.delete(&id) {
             Ok(()) => managed(StatusCode::OK, Deleted { id, deleted: true }, None),
             Err(e) => failure(&e),
         }

@@ -12,6 +12,7 @@
 //! 3. the handlers ([`generate`], [`manage`]).
 
 pub mod auth;
+mod bounds;
 pub mod envelope;
 mod generate;
 mod manage;

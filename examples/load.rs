@@ -165,6 +165,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ledger: ledger.clone(),
             auth,
             default_owner: boot.account,
+            request_deadline: std::time::Duration::from_secs(30),
         });
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         addrs.push(listener.local_addr()?);

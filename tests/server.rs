@@ -929,6 +929,36 @@ fn minting_a_key_never_mints_credits() {
 }
 
 #[test]
+fn a_request_whose_body_stalls_is_answered_408_and_refunded() {
+    // Found by a reviewer: the grant was held for as long as the client kept its body
+    // coming, with the key's credits (and a graceful shutdown) waiting on it.
+    use std::io::{Read, Write};
+    let s = Server::start();
+    let (id, k) = library_key(
+        &s,
+        NewKey::new(s.account.as_str(), "one credit")
+            .permissions(["*"])
+            .credits(1),
+    );
+    let mut stalled = std::net::TcpStream::connect(s.addr).unwrap();
+    let head = format!(
+        "POST /api/v1/quickhits/create HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {k}\r\n\
+         content-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"prompt\":"
+    );
+    stalled.write_all(head.as_bytes()).unwrap();
+    let deadline = server_support::REQUEST_DEADLINE;
+    stalled.set_read_timeout(Some(deadline * 3)).unwrap();
+    let mut answer = [0u8; 12];
+    stalled.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 408");
+    // The credit is back: the next request gets it.
+    let r = s.json("POST", "/api/v1/quickhits/create", &k, QUICKHIT);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let usage = s.ledger.credits().usage(&id).unwrap();
+    assert_eq!((usage.spent, usage.remaining), (1, Some(0)));
+}
+
+#[test]
 fn tokens_have_the_same_lifecycle_with_a_type() {
     let s = Server::start();
     let (id, value, result) = create_key(

@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use keyledger::{Config, Ledger, MasterKey};
 
@@ -141,25 +142,53 @@ fn run() -> Result<(), String> {
         ledger: ledger.clone(),
         auth,
         default_owner: account,
+        request_deadline: REQUEST_DEADLINE,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("listen on {addr}: {e}"))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
         println!("listening on http://{local}");
-        axum::serve(listener, app::make_service(state))
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .map_err(|e| format!("server: {e}"))
-    })?;
+        let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
+        let serve = axum::serve(listener, app::make_service(state)).with_graceful_shutdown(
+            async move {
+                shutdown_signal().await;
+                let _ = signalled.send(());
+            },
+        );
+        // A graceful shutdown waits for open connections; a client that never finishes its
+        // request must not keep the ledger from closing.
+        let drained = async move {
+            match on_signal.await {
+                Ok(()) => tokio::time::sleep(DRAIN_DEADLINE).await,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            served = serve => served.map_err(|e| format!("server: {e}")),
+            () = drained => {
+                println!("connections still open after {} s: closing anyway", DRAIN_DEADLINE.as_secs());
+                Ok(())
+            }
+        }
+    });
+    // Requests still running are dropped here, which refunds their grants.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    served?;
     // Return leased credits to their balances and flush counters.
     ledger.close().map_err(|e| format!("close: {e}"))
 }
+
+/// How long a verified request may take, body included (`App::request_deadline`).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long a shutdown waits for open connections before it closes the ledger anyway.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Resolves on Ctrl-C or SIGTERM, so the scratch database is deleted and leases returned.
 async fn shutdown_signal() {

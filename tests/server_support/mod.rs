@@ -13,6 +13,9 @@ use keyledger::{Clock, Config, Ledger, ManualClock, MasterKey, PublicId, SystemC
 use crate::app::{self, App, AuthMode};
 pub use http::Response;
 
+/// The test server's [`App::request_deadline`]: short, so a test can outwait it.
+pub const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A running server and the ledger behind it.
 pub struct Server {
     /// Dropped first: stops the server's tasks before the ledger closes.
@@ -67,6 +70,7 @@ impl Server {
             ledger: ledger.clone(),
             auth,
             default_owner: boot.account,
+            request_deadline: REQUEST_DEADLINE,
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

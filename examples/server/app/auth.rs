@@ -61,13 +61,16 @@ impl Caller {
     }
 }
 
-/// Why a request was refused before its handler ran.
+/// Why a request was refused.
 #[derive(Debug, Clone)]
 pub enum Refusal {
     /// No usable key in the headers.
     Header(HeaderError),
     /// `Ledger::verify` said no.
     Denied(Denial),
+    /// The request (its body, or its handler) did not finish within the app's
+    /// `request_deadline`: the grant was dropped, refunding its reservation.
+    TimedOut(Duration),
 }
 
 impl Refusal {
@@ -77,12 +80,13 @@ impl Refusal {
         match self {
             Refusal::Denied(d) => d.http_status(),
             Refusal::Header(e) => e.http_status(),
+            Refusal::TimedOut(_) => 408,
         }
     }
 
     /// Stable machine-readable code: the denial's (`not_found`, `rate_limited`…), or
     /// `missing_key`, `unsupported_scheme`, `conflicting_keys`, `malformed` for header
-    /// problems.
+    /// problems, `request_timeout` for a request past its deadline.
     pub fn code(&self) -> &'static str {
         match self {
             Refusal::Denied(d) => d.code(),
@@ -90,6 +94,7 @@ impl Refusal {
             Refusal::Header(HeaderError::UnsupportedScheme) => "unsupported_scheme",
             Refusal::Header(HeaderError::Conflict) => "conflicting_keys",
             Refusal::Header(_) => "malformed",
+            Refusal::TimedOut(_) => "request_timeout",
         }
     }
 
@@ -97,6 +102,11 @@ impl Refusal {
     pub fn message(&self) -> String {
         match self {
             Refusal::Header(e) => e.to_string(),
+            Refusal::TimedOut(limit) => format!(
+                "the request did not complete within {} s (a body sent too slowly?); \
+                 nothing was charged",
+                limit.as_secs()
+            ),
             Refusal::Denied(d) => match d {
                 Denial::Malformed(why) => format!("malformed API key: {why}"),
                 Denial::NotFound => "the API key is not valid".into(),
@@ -123,7 +133,7 @@ impl Refusal {
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             Refusal::Denied(d) => d.retry_after().map(retry_after_secs),
-            Refusal::Header(_) => None,
+            Refusal::Header(_) | Refusal::TimedOut(_) => None,
         }
     }
 }
@@ -241,7 +251,13 @@ pub async fn guard(State(guard): State<Guard>, mut req: Request, next: Next) -> 
     if guard.with_caller {
         req.extensions_mut().insert(Caller::of(&grant));
     }
-    let mut response = next.run(req).await;
+    // A deadline on the whole request, body included: the grant is held until it ends, so
+    // a client trickling its body must not hold credits (or a graceful shutdown) for ever.
+    let deadline = guard.app.request_deadline;
+    let Ok(mut response) = tokio::time::timeout(deadline, next.run(req)).await else {
+        drop(grant); // refunds the reservation
+        return (guard.refuse)(&Refusal::TimedOut(deadline));
+    };
     if response.status().is_success() {
         let reserved = grant.reserved();
         let receipt = grant.commit(reserved);

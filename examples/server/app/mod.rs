@@ -103,6 +103,9 @@ pub struct App {
     pub auth: AuthMode,
     /// The account requests act as when auth is off.
     pub default_owner: PublicId,
+    /// How long a verified request may take, body included, before it is answered 408 and
+    /// its grant dropped (refunded): 30 s in `main.rs`.
+    pub request_deadline: std::time::Duration,
 }
 
 /// What [`bootstrap`] found or made.

@@ -220,7 +220,11 @@ impl Guard {
 
 /// The middleware (`axum::middleware::from_fn_with_state(guard_state, guard)`).
 ///
-/// The route verified is the request path; the client address comes from the connection
+/// The route verified is the request path as it arrived (not percent-decoded). That is safe
+/// here because axum routes on that same raw path and this guard is a `route_layer`: a path
+/// that reaches a handler is one of its literal routes. Used as a global layer, or in front
+/// of anything that decodes or normalizes paths, it must pass the path the handler will see
+/// (`Request::new` says how). The client address comes from the connection
 /// (`ConnectInfo`). Behind a reverse proxy, take it from the proxy's header instead — only
 /// from a proxy you trust. Without a known address, keys with an IP allowlist are refused.
 ///

@@ -1065,7 +1065,17 @@ fn management_never_touches_another_owners_keys() {
     assert_eq!(ids.len(), 1);
     assert_ne!(ids[0], s.admin_id.as_str());
     let theirs = format!("/v2/keys/{}", s.admin_id);
-    managed_refused(&s.get("GET", &theirs, &acme_key), 404, "not_found");
+    let foreign = managed_refused(&s.get("GET", &theirs, &acme_key), 404, "not_found");
+    // A forged id reads exactly like a foreign one. (Found by a reviewer: "no such id".)
+    let mut forged = s.admin_id.to_string();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    let forged = managed_refused(
+        &s.get("GET", &format!("/v2/keys/{forged}"), &acme_key),
+        404,
+        "not_found",
+    );
+    assert_eq!(forged["errors"], foreign["errors"]);
     managed_refused(
         &s.json("PATCH", &theirs, &acme_key, r#"{"name":"pwned"}"#),
         404,

@@ -126,7 +126,13 @@ fn failure(e: &Error) -> Response {
             "not_found",
             format!("{what} not found"),
         ),
-        Error::InvalidId(_) => managed_error(StatusCode::NOT_FOUND, "not_found", "no such id"),
+        // Worded as for an unknown id: a forged id must not read differently from a foreign
+        // or deleted one.
+        Error::InvalidId(e) => managed_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{} not found", e.expected),
+        ),
         Error::Conflict(_) => managed_error(StatusCode::CONFLICT, "conflict", e.to_string()),
         _ => {
             eprintln!("management call failed: {e}");

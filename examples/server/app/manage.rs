@@ -167,6 +167,23 @@ fn bounds(app: &App, ledger: &Ledger, caller: &Caller) -> keyledger::Result<Boun
     Bounds::of(ledger, (app.auth == AuthMode::On).then_some(caller))
 }
 
+/// The caller's bounds and the handle to change key `id` with, once `id` is known to be no
+/// broader than the caller; otherwise the response that says why not.
+fn may_change<'l>(
+    app: &App,
+    ledger: &'l Ledger,
+    caller: &Caller,
+    kind: Kind,
+    id: &str,
+) -> Result<(Bounds, Keys<'l>), Box<Response>> {
+    let failed = |e: Error| Box::new(failure(&e));
+    let bounds = bounds(app, ledger, caller).map_err(failed)?;
+    let keys = kind.handle(ledger, caller).map_err(failed)?;
+    let target = keys.get(id).map_err(failed)?;
+    bounds.covers(&target).map_err(|r| Box::new(refused(r)))?;
+    Ok((bounds, keys))
+}
+
 fn refused((status, code, message): Refused) -> Response {
     managed_error(status, code, message)
 }
@@ -423,19 +440,10 @@ async fn update(
         Err(refused) => return refused.into(),
     };
     blocking(&app.clone(), move |ledger| {
-        let bounds = match bounds(&app, ledger, &caller) {
-            Ok(b) => b,
-            Err(e) => return failure(&e),
+        let (bounds, keys) = match may_change(&app, ledger, &caller, kind, &id) {
+            Ok(found) => found,
+            Err(response) => return *response,
         };
-        let keys = match kind.handle(ledger, &caller) {
-            Ok(keys) => keys,
-            Err(e) => return failure(&e),
-        };
-        match keys.get(&id).map(|target| bounds.covers(&target)) {
-            Ok(Ok(())) => {}
-            Ok(Err(r)) => return refused(r),
-            Err(e) => return failure(&e),
-        }
         let mut update = KeyUpdate::new();
         if let Some(name) = req.name {
             update = update.name(name);
@@ -478,19 +486,10 @@ async fn delete(kind: Kind, app: Arc<App>, caller: Caller, id: String) -> Respon
         return refused.into();
     }
     blocking(&app.clone(), move |ledger| {
-        let bounds = match bounds(&app, ledger, &caller) {
-            Ok(b) => b,
-            Err(e) => return failure(&e),
+        let keys = match may_change(&app, ledger, &caller, kind, &id) {
+            Ok((_, keys)) => keys,
+            Err(response) => return *response,
         };
-        let keys = match kind.handle(ledger, &caller) {
-            Ok(keys) => keys,
-            Err(e) => return failure(&e),
-        };
-        match keys.get(&id).map(|target| bounds.covers(&target)) {
-            Ok(Ok(())) => {}
-            Ok(Err(r)) => return refused(r),
-            Err(e) => return failure(&e),
-        }
         match keys.delete(&id) {
             Ok(()) => managed(StatusCode::OK, Deleted { id, deleted: true }, None),
             Err(e) => failure(&e),

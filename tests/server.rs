@@ -397,6 +397,13 @@ fn every_denial_has_its_status_code_and_a_safe_body() {
         ("authorization", &lower),
     ];
     assert_ne!(s.send("POST", q, &same, None).status, 400);
+    // A proxy's `Basic` credentials, repeated, next to `x-api-key`: still ignored.
+    let basic = [
+        ("authorization", "Basic dXNlcjpwYXNz"),
+        ("authorization", "Basic dXNlcjpwYXNz"),
+        ("x-api-key", s.admin.as_str()),
+    ];
+    assert_ne!(s.send("POST", q, &basic, None).status, 401);
     presented.push(other.clone());
 
     // malformed: a mistyped key fails its checksum before any hashing.

@@ -168,12 +168,22 @@ pub fn verify<'l>(
         x_api_key.first().map(String::as_str),
     )
     .map_err(Refusal::Header)?;
-    // Every further value must name the same key (the library compares the first two).
+    // Every further value, read with the other header's first value as the library reads
+    // a pair (so a proxy's repeated `Basic` next to `x-api-key` stays ignored), must name
+    // the same key.
+    let (first_a, first_k) = (authorization.first(), x_api_key.first());
+    let first_k = first_k.map(String::as_str);
     let again = authorization
         .iter()
         .skip(1)
-        .map(|a| (Some(a.as_str()), None));
-    let again = again.chain(x_api_key.iter().skip(1).map(|k| (None, Some(k.as_str()))));
+        .map(|a| (Some(a.as_str()), first_k));
+    let first_a = first_a.map(String::as_str);
+    let again = again.chain(
+        x_api_key
+            .iter()
+            .skip(1)
+            .map(|k| (first_a, Some(k.as_str()))),
+    );
     for (a, k) in again {
         let other = keyledger::Presented::from_headers(a, k).map_err(Refusal::Header)?;
         if other.expose() != presented.expose() {

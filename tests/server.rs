@@ -395,8 +395,10 @@ fn every_denial_has_its_status_code_and_a_safe_body() {
     let same = [
         ("authorization", bearer.as_str()),
         ("authorization", &lower),
+        ("content-type", "application/json"),
     ];
-    assert_ne!(s.send("POST", q, &same, None).status, 400);
+    let r = s.send("POST", q, &same, Some(QUICKHIT));
+    assert_eq!(r.status, 200, "{}", r.body);
     // A proxy's `Basic` credentials, repeated, next to `x-api-key`: still ignored.
     let basic = [
         ("authorization", "Basic dXNlcjpwYXNz"),
@@ -913,6 +915,147 @@ fn a_managing_key_never_makes_a_key_broader_than_itself() {
     // The admin key still manages everything.
     let r = s.get("DELETE", &format!("/v2/keys/{child_id}"), &s.admin);
     assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn an_ipv4_mapped_range_is_checked_as_the_ipv4_range_it_is_stored_as() {
+    // Found by a reviewer: `::ffff:0.0.0.0/96` lies inside `::/0` as IPv6, and the library
+    // stores it as `0.0.0.0/0`, so a key limited to 127.0.0.0/8 minted a key usable anywhere.
+    let s = Server::start();
+    let (_, parent) = library_key(
+        &s,
+        NewKey::new(s.account.as_str(), "ops bot")
+            .permissions(["fetch", "manage"])
+            .ips(["127.0.0.0/8", "::/0"]),
+    );
+    let body = json!({"name": "child", "permissions": ["fetch"], "ips": ["::ffff:0.0.0.0/96"]});
+    let r = s.json("POST", "/v2/keys", &parent, &body.to_string());
+    managed_refused(&r, 403, "forbidden");
+    // Ranges are read as the library reads them: mapped, trimmed, host bits cleared.
+    let ips = [
+        "::ffff:127.0.0.1",
+        " 127.0.0.2 ",
+        "127.1.2.3/16",
+        "2001:db8::1",
+    ];
+    let body = json!({"name": "child", "permissions": ["fetch"], "ips": ips});
+    let (child, _, _) = create_key(&s, "/v2/keys", &parent, body);
+    assert_eq!(
+        s.ledger.keys().get(&child).unwrap().ips,
+        [
+            "127.0.0.1/32",
+            "127.0.0.2/32",
+            "127.1.0.0/16",
+            "2001:db8::1/128"
+        ]
+    );
+}
+
+#[test]
+fn a_key_with_an_expiry_limits_or_a_budget_cannot_change_keys_without_them() {
+    // Found by a reviewer: a `*` key that expires or is rate limited could delete the admin
+    // key, which is neither; one on a pool could delete keys that spend from elsewhere.
+    let s = Server::start();
+    let until = s.clock.now().plus_secs(3_600);
+    let acct = s.account.as_str();
+    let (unmetered, _) = library_key(&s, NewKey::new(acct, "unmetered").permissions(["*"]));
+    let (funded_id, funded) = library_key(
+        &s,
+        NewKey::new(acct, "funded").permissions(["*"]).credits(5),
+    );
+    let expiring = NewKey::new(acct, "expiring")
+        .permissions(["*"])
+        .expires_at(until);
+    let limited = NewKey::new(acct, "limited")
+        .permissions(["*"])
+        .rate_limit("requests", 50, 60);
+    let windowed = NewKey::new(acct, "windowed")
+        .permissions(["*"])
+        .token_window(1_000, 60);
+    let pooled = NewKey::new(acct, "pooled")
+        .permissions(["*"])
+        .pool(s.pool.as_str());
+    let broader_targets = [
+        (expiring, vec![s.admin_id.to_string()]),
+        (limited, vec![s.admin_id.to_string()]),
+        (windowed, vec![s.admin_id.to_string()]),
+        (pooled, vec![unmetered.clone(), funded_id]),
+    ];
+    for (caller, targets) in broader_targets {
+        let (caller_id, caller) = library_key(&s, caller);
+        for target in targets {
+            let path = format!("/v2/keys/{target}");
+            let r = s.json("PATCH", &path, &caller, r#"{"name":"mine"}"#);
+            managed_refused(&r, 403, "forbidden");
+            managed_refused(&s.get("DELETE", &path, &caller), 403, "forbidden");
+        }
+        // What it mints is within its bounds, so it may change and delete that.
+        let (child, _, _) = create_key(&s, "/v2/keys", &caller, json!({"name": "child"}));
+        let path = format!("/v2/keys/{child}");
+        let r = s.json("PATCH", &path, &caller, r#"{"name":"renamed"}"#);
+        assert_eq!(r.status, 200, "{caller_id}: {}", r.body);
+        assert_eq!(s.get("DELETE", &path, &caller).status, 200);
+    }
+    // A looser limit of the same name is broader too.
+    let (_, strict) = library_key(
+        &s,
+        NewKey::new(acct, "strict")
+            .permissions(["*"])
+            .rate_limit("requests", 10, 60),
+    );
+    let (loose, _) = library_key(
+        &s,
+        NewKey::new(acct, "loose")
+            .permissions(["*"])
+            .rate_limit("requests", 20, 60),
+    );
+    let r = s.get("DELETE", &format!("/v2/keys/{loose}"), &strict);
+    managed_refused(&r, 403, "forbidden");
+    // A key with a balance of its own changes itself only.
+    let r = s.get("DELETE", &format!("/v2/keys/{unmetered}"), &funded);
+    managed_refused(&r, 403, "forbidden");
+    assert_eq!(
+        s.ledger.keys().get(s.admin_id.as_str()).unwrap().name,
+        "admin"
+    );
+}
+
+#[test]
+fn a_management_request_is_never_cut_short_and_acts_as_its_caller_now_is() {
+    // Found by a reviewer: a management write still committed after its request was
+    // answered 408 (a blocking write is not cancelled). Management is free, so it has no
+    // deadline. And its caller acts as it is when the body has arrived, not as verified.
+    use std::io::{Read, Write};
+    let s = Server::start();
+    let acct = s.account.as_str();
+    let (_, steady) = library_key(&s, NewKey::new(acct, "steady").permissions(["*"]));
+    let (left_id, left) = library_key(&s, NewKey::new(acct, "left").permissions(["*"]));
+    let (target, _) = library_key(&s, NewKey::new(acct, "target").permissions(["fetch"]));
+    let rest = r#""renamed"}"#;
+    let start = |key: &str| {
+        let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
+        let head = format!(
+            "PATCH /v2/keys/{target} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+             content-type: application/json\r\nconnection: close\r\n\
+             content-length: {}\r\n\r\n{{\"name\":",
+            8 + rest.len()
+        );
+        conn.write_all(head.as_bytes()).unwrap();
+        conn
+    };
+    let (mut slow, mut disabled_meanwhile) = (start(&steady), start(&left));
+    std::thread::sleep(server_support::REQUEST_DEADLINE + std::time::Duration::from_secs(1));
+    s.ledger.keys().disable(&left_id).unwrap();
+    let status = |conn: &mut std::net::TcpStream| {
+        conn.write_all(rest.as_bytes()).unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).unwrap();
+        answer[..12].to_owned()
+    };
+    assert_eq!(status(&mut disabled_meanwhile), "HTTP/1.1 401");
+    assert_eq!(s.ledger.keys().get(&target).unwrap().name, "target");
+    assert_eq!(status(&mut slow), "HTTP/1.1 200");
+    assert_eq!(s.ledger.keys().get(&target).unwrap().name, "renamed");
 }
 
 #[test]

@@ -184,7 +184,7 @@ fn run() -> Result<(), String> {
     ledger.close().map_err(|e| format!("close: {e}"))
 }
 
-/// How long a verified request may take, body included (`App::request_deadline`).
+/// How long a verified generation request may take, body included (`App::request_deadline`).
 const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How long a shutdown waits for open connections before it closes the ledger anyway.

@@ -209,6 +209,8 @@ pub struct Guard {
     with_caller: bool,
     /// The caller every request acts as when auth is off.
     anonymous: Caller,
+    /// How long a verified request may take, body included ([`Guard::deadline`]).
+    deadline: Option<Duration>,
 }
 
 impl Guard {
@@ -224,7 +226,17 @@ impl Guard {
                 owner: app.default_owner,
                 permissions: vec!["*".into()],
             },
+            deadline: None,
         }
+    }
+
+    /// Answers a request still running after `limit` with 408 and drops its grant, refunding
+    /// the reservation: a client trickling its body must not hold credits (or a graceful
+    /// shutdown) for ever. Only for handlers that may be stopped at any await: the blocking
+    /// ledger write a management handler starts would still commit after the 408.
+    pub fn deadline(mut self, limit: Duration) -> Guard {
+        self.deadline = Some(limit);
+        self
     }
 }
 
@@ -265,12 +277,16 @@ pub async fn guard(State(guard): State<Guard>, mut req: Request, next: Next) -> 
     if guard.with_caller {
         req.extensions_mut().insert(Caller::of(&grant));
     }
-    // A deadline on the whole request, body included: the grant is held until it ends, so
-    // a client trickling its body must not hold credits (or a graceful shutdown) for ever.
-    let deadline = guard.app.request_deadline;
-    let Ok(mut response) = tokio::time::timeout(deadline, next.run(req)).await else {
-        drop(grant); // refunds the reservation
-        return (guard.refuse)(&Refusal::TimedOut(deadline));
+    // The grant is held until the request ends, body included.
+    let mut response = match guard.deadline {
+        None => next.run(req).await,
+        Some(limit) => match tokio::time::timeout(limit, next.run(req)).await {
+            Ok(response) => response,
+            Err(_) => {
+                drop(grant); // refunds the reservation
+                return (guard.refuse)(&Refusal::TimedOut(limit));
+            }
+        },
     };
     if response.status().is_success() {
         let reserved = grant.reserved();

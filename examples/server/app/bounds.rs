@@ -11,7 +11,9 @@
 //! - a new key spends from the caller's pool; a caller with a balance of its own cannot mint
 //!   keys (a key's balance is not shared), and an unmetered caller's keys spend from the
 //!   account's pool when it has one;
-//! - a key may change or delete only keys no broader than itself (so not the admin key).
+//! - a key may change or delete only keys no broader than itself: no permission it lacks,
+//!   no use from outside its allowlist, no later expiry, none of its rate limits missing or
+//!   looser, and the same credit budget (its pool, or itself) — so not the admin key.
 
 use std::net::IpAddr;
 
@@ -33,14 +35,31 @@ fn forbidden(message: impl Into<String>) -> Refused {
     (StatusCode::FORBIDDEN, "forbidden", message.into())
 }
 
-/// An allowlist entry as the library takes it: an address or a CIDR range.
+/// An allowlist entry as the library stores it: trimmed, an address or a CIDR range, an
+/// IPv4-mapped IPv6 range (`::ffff:a.b.c.d/n`, n ≥ 96) as the IPv4 range it maps, host bits
+/// cleared. Checked in any other form, `::ffff:0.0.0.0/96` would pass as inside `::/0` and
+/// be stored as `0.0.0.0/0`.
 fn range(text: &str) -> Result<IpNet, Refused> {
-    text.parse::<IpNet>()
+    let text = text.trim();
+    let net = text
+        .parse::<IpNet>()
         .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
         .map_err(|_| {
-            let message = format!("`{text}` is not an IP address or CIDR range");
+            let message = format!(
+                "`{}` is not an IP address or CIDR range",
+                text.escape_default()
+            );
             (StatusCode::BAD_REQUEST, "invalid_request", message)
-        })
+        })?;
+    let mapped = match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => v6
+            .addr()
+            .to_ipv4_mapped()
+            .and_then(|v4| ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).ok())
+            .map(IpNet::V4),
+        _ => None,
+    };
+    Ok(mapped.unwrap_or(net).trunc())
 }
 
 impl Bounds {
@@ -59,6 +78,18 @@ impl Bounds {
         Ok(Bounds {
             caller: Some((info, ranges)),
         })
+    }
+
+    /// Refuses a caller disabled since its request was verified: it acts as it now is.
+    pub fn in_force(&self) -> Result<(), Refused> {
+        match &self.caller {
+            Some((info, _)) if info.disabled_at.is_some() => Err((
+                StatusCode::UNAUTHORIZED,
+                "disabled",
+                "this key has been disabled".into(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Refuses permissions the caller does not hold.
@@ -97,28 +128,63 @@ impl Bounds {
         Ok(asked)
     }
 
-    /// Refuses to touch a key broader than the caller: one with a permission the caller
-    /// lacks, or, when the caller has an IP allowlist, one usable from outside it.
+    /// Refuses to touch a key broader than the caller: one with a permission it lacks, one
+    /// usable from outside its IP allowlist, expiring later, without one of its rate limits
+    /// (or with a looser one: a higher limit or a shorter window), or spending from another
+    /// credit budget than its pool (a caller with a balance of its own: only itself).
     pub fn covers(&self, target: &KeyInfo) -> Result<(), Refused> {
         let Some((info, own)) = &self.caller else {
             return Ok(());
         };
-        let narrower_ips = own.is_empty()
-            || (!target.ips.is_empty()
-                && target.ips.iter().all(|t| {
-                    t.parse::<IpNet>()
-                        .is_ok_and(|t| own.iter().any(|r| r.contains(&t)))
-                }));
-        let narrower = narrower_ips
-            && target
-                .permissions
-                .iter()
-                .all(|p| keyledger::permits(&info.permissions, p));
-        match narrower {
+        let broader = |why: String| {
+            Err(forbidden(format!(
+                "this key cannot change a key broader than itself: {why}"
+            )))
+        };
+        let permits = |p: &&String| keyledger::permits(&info.permissions, p);
+        if let Some(p) = target.permissions.iter().find(|p| !permits(p)) {
+            return broader(format!("that key has `{p}`"));
+        }
+        let inside = |t: &String| {
+            t.parse::<IpNet>()
+                .is_ok_and(|t| own.iter().any(|r| r.contains(&t)))
+        };
+        if !own.is_empty() && (target.ips.is_empty() || !target.ips.iter().all(inside)) {
+            return broader("that key can be used from outside this key's IP allowlist".into());
+        }
+        if let Some(own_expiry) = info.expires_at
+            && target.expires_at.is_none_or(|at| at > own_expiry)
+        {
+            return broader("that key expires later".into());
+        }
+        for limit in &info.limits.rate_limits {
+            let as_tight = |t: &&keyledger::RateLimit| {
+                t.name == limit.name && t.limit <= limit.limit && t.window_secs >= limit.window_secs
+            };
+            if !target.limits.rate_limits.iter().any(|t| as_tight(&t)) {
+                return broader(format!(
+                    "that key lacks or loosens rate limit `{}`",
+                    limit.name
+                ));
+            }
+        }
+        if let Some(own) = info.limits.token_window {
+            let as_tight = target
+                .limits
+                .token_window
+                .is_some_and(|t| t.tokens <= own.tokens && t.window_secs >= own.window_secs);
+            if !as_tight {
+                return broader("that key lacks or loosens the token window".into());
+            }
+        }
+        let same_budget = match (&info.pool, info.limits.credits) {
+            (Some(pool), _) => target.pool.as_ref() == Some(pool),
+            (None, Some(_)) => target.id == info.id,
+            (None, None) => true,
+        };
+        match same_budget {
             true => Ok(()),
-            false => Err(forbidden(
-                "this key cannot change a key broader than itself",
-            )),
+            false => broader("that key spends from another credit budget".into()),
         }
     }
 

@@ -162,9 +162,12 @@ async fn blocking(
         })
 }
 
-/// The caller's bounds (none with auth off).
-fn bounds(app: &App, ledger: &Ledger, caller: &Caller) -> keyledger::Result<Bounds> {
-    Bounds::of(ledger, (app.auth == AuthMode::On).then_some(caller))
+/// The caller's bounds (none with auth off), once it is known to be still in force.
+fn bounds(app: &App, ledger: &Ledger, caller: &Caller) -> Result<Bounds, Box<Response>> {
+    let bounds = Bounds::of(ledger, (app.auth == AuthMode::On).then_some(caller))
+        .map_err(|e| Box::new(failure(&e)))?;
+    bounds.in_force().map_err(|r| Box::new(refused(r)))?;
+    Ok(bounds)
 }
 
 /// The caller's bounds and the handle to change key `id` with, once `id` is known to be no
@@ -177,7 +180,7 @@ fn may_change<'l>(
     id: &str,
 ) -> Result<(Bounds, Keys<'l>), Box<Response>> {
     let failed = |e: Error| Box::new(failure(&e));
-    let bounds = bounds(app, ledger, caller).map_err(failed)?;
+    let bounds = bounds(app, ledger, caller)?;
     let keys = kind.handle(ledger, caller).map_err(failed)?;
     let target = keys.get(id).map_err(failed)?;
     bounds.covers(&target).map_err(|r| Box::new(refused(r)))?;
@@ -363,7 +366,7 @@ async fn create(
     blocking(&app.clone(), move |ledger| {
         let bounds = match bounds(&app, ledger, &caller) {
             Ok(b) => b,
-            Err(e) => return failure(&e),
+            Err(response) => return *response,
         };
         if let Err(r) = bounds.permissions(&scopes) {
             return refused(r);

@@ -103,8 +103,9 @@ pub struct App {
     pub auth: AuthMode,
     /// The account requests act as when auth is off.
     pub default_owner: PublicId,
-    /// How long a verified request may take, body included, before it is answered 408 and
-    /// its grant dropped (refunded): 30 s in `main.rs`.
+    /// How long a verified generation request may take, body included, before it is
+    /// answered 408 and its grant dropped (refunded): 30 s in `main.rs`. Management routes
+    /// have none (see [`router`]).
     pub request_deadline: std::time::Duration,
 }
 
@@ -189,7 +190,8 @@ pub fn router(app: Arc<App>) -> Router {
         // `route_layer`: only matched routes are verified, so an unknown path is a 404,
         // not a 401 that would tell a prober nothing useful anyway.
         .route_layer(from_fn_with_state(
-            auth::Guard::new(&app, envelope::generation_refusal, false),
+            auth::Guard::new(&app, envelope::generation_refusal, false)
+                .deadline(app.request_deadline),
             auth::guard,
         ));
     let management = Router::new()
@@ -211,6 +213,8 @@ pub fn router(app: Arc<App>) -> Router {
                 .delete(manage::delete_token),
         )
         .route("/v2/connectors", get(manage::connectors))
+        // No request deadline: these routes are free (they hold no credits) and a write,
+        // once started on the blocking pool, commits whatever the client is told.
         .route_layer(from_fn_with_state(
             auth::Guard::new(&app, envelope::management_refusal, true),
             auth::guard,

@@ -22,6 +22,7 @@ use ipnet::IpNet;
 use keyledger::{KeyInfo, Ledger, NewKey};
 
 use super::auth::Caller;
+use super::{READ_ONLY, WRITE_SCOPE};
 
 /// A refusal: status, code, message.
 pub type Refused = (StatusCode, &'static str, String);
@@ -29,6 +30,10 @@ pub type Refused = (StatusCode, &'static str, String);
 /// The caller's own settings, or no bounds at all (auth off: every request acts as `*`).
 pub struct Bounds {
     caller: Option<(KeyInfo, Vec<IpNet>)>,
+}
+
+fn unauthorized(code: &'static str, message: &str) -> Refused {
+    (StatusCode::UNAUTHORIZED, code, message.into())
 }
 
 fn forbidden(message: impl Into<String>) -> Refused {
@@ -80,16 +85,24 @@ impl Bounds {
         })
     }
 
-    /// Refuses a caller disabled since its request was verified: it acts as it now is.
+    /// Refuses a caller changed since its request was verified (the body may take up to the
+    /// request deadline to arrive): disabled, or no longer allowed to write. Other changes
+    /// (expiry, the account's status, a rolled secret's grace) apply from its next request.
     pub fn in_force(&self) -> Result<(), Refused> {
         match &self.caller {
-            Some((info, _)) if info.disabled_at.is_some() => Err((
-                StatusCode::UNAUTHORIZED,
-                "disabled",
-                "this key has been disabled".into(),
-            )),
+            Some((info, _)) if info.disabled_at.is_some() => {
+                Err(unauthorized("disabled", "this key has been disabled"))
+            }
+            Some((info, _)) if !keyledger::permits(&info.permissions, WRITE_SCOPE) => {
+                Err(forbidden(READ_ONLY))
+            }
             _ => Ok(()),
         }
+    }
+
+    /// The refusal for a caller deleted since its request was verified.
+    pub fn deleted() -> Refused {
+        unauthorized("not_found", "this key has been deleted")
     }
 
     /// Refuses permissions the caller does not hold.
@@ -121,7 +134,7 @@ impl Bounds {
             let asked = range(text)?;
             if !own.iter().any(|r| r.contains(&asked)) {
                 return Err(forbidden(format!(
-                    "`{text}` is outside this key's own IP allowlist"
+                    "`{asked}` is outside this key's own IP allowlist"
                 )));
             }
         }

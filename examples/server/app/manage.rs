@@ -14,7 +14,7 @@ use std::sync::Arc;
 use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use keyledger::{Error, KeyInfo, KeyUpdate, Keys, Ledger, NewKey, PageRequest, Timestamp};
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::bounds::{Bounds, Refused};
 use super::envelope::{Links, managed, managed_error, no_store, parse_json};
-use super::{App, AuthMode, Caller, READ_SCOPE, WRITE_SCOPE};
+use super::{App, AuthMode, Caller, READ_ONLY, READ_SCOPE, WRITE_SCOPE};
 
 /// Keys or tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,8 +164,11 @@ async fn blocking(
 
 /// The caller's bounds (none with auth off), once it is known to be still in force.
 fn bounds(app: &App, ledger: &Ledger, caller: &Caller) -> Result<Bounds, Box<Response>> {
-    let bounds = Bounds::of(ledger, (app.auth == AuthMode::On).then_some(caller))
-        .map_err(|e| Box::new(failure(&e)))?;
+    let bounds =
+        Bounds::of(ledger, (app.auth == AuthMode::On).then_some(caller)).map_err(|e| match e {
+            Error::NotFound { .. } => Box::new(refused(Bounds::deleted())),
+            e => Box::new(failure(&e)),
+        })?;
     bounds.in_force().map_err(|r| Box::new(refused(r)))?;
     Ok(bounds)
 }
@@ -223,8 +226,7 @@ fn require_write(caller: &Caller) -> Result<(), Fail> {
         Err(Fail {
             status: StatusCode::FORBIDDEN,
             code: "forbidden",
-            message: "this key is read-only (`fetch`): it may GET but not POST, PATCH or DELETE"
-                .into(),
+            message: READ_ONLY.into(),
         })
     }
 }
@@ -240,15 +242,8 @@ fn scopes(permissions: &[String]) -> Result<Vec<String>, Fail> {
     }
 }
 
-fn body<T: serde::de::DeserializeOwned>(
-    headers: &HeaderMap,
-    raw: Result<Bytes, BytesRejection>,
-) -> Result<T, Fail> {
-    let bytes = raw.map_err(|e| Fail {
-        status: e.status(),
-        code: "invalid_request",
-        message: e.body_text(),
-    })?;
+fn body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, Raw(raw): Raw) -> Result<T, Fail> {
+    let bytes = raw?;
     parse_json(headers, &bytes).map_err(|e| Fail {
         status: e.status,
         code: e.code,
@@ -343,7 +338,7 @@ async fn create(
     app: Arc<App>,
     caller: Caller,
     headers: HeaderMap,
-    raw: Result<Bytes, BytesRejection>,
+    raw: Raw,
 ) -> Response {
     if let Err(refused) = require_write(&caller) {
         return refused.into();
@@ -422,7 +417,7 @@ async fn update(
     caller: Caller,
     id: String,
     headers: HeaderMap,
-    raw: Result<Bytes, BytesRejection>,
+    raw: Raw,
 ) -> Response {
     if let Err(refused) = require_write(&caller) {
         return refused.into();
@@ -502,7 +497,37 @@ async fn delete(kind: Kind, app: Arc<App>, caller: Caller, id: String) -> Respon
 }
 
 type Q = Result<Query<HashMap<String, String>>, QueryRejection>;
-type Raw = Result<Bytes, BytesRejection>;
+
+/// A management request's body, read within the app's `request_deadline` (408 otherwise).
+/// Management routes have no deadline on the whole request — a write started on the
+/// blocking pool commits whatever the client is told — so the wait for the body is bounded
+/// here, before anything is written: a client trickling its body can neither hold a
+/// connection for ever nor act long after its key was verified.
+pub struct Raw(Result<Bytes, Fail>);
+
+impl FromRequest<Arc<App>> for Raw {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(req: Request, app: &Arc<App>) -> Result<Raw, Self::Rejection> {
+        let limit = app.request_deadline;
+        let read = match tokio::time::timeout(limit, Bytes::from_request(req, app)).await {
+            Ok(read) => read.map_err(|e: BytesRejection| Fail {
+                status: e.status(),
+                code: "invalid_request",
+                message: e.body_text(),
+            }),
+            Err(_) => Err(Fail {
+                status: StatusCode::REQUEST_TIMEOUT,
+                code: "request_timeout",
+                message: format!(
+                    "the request body did not arrive within {} s; nothing was changed",
+                    limit.as_secs_f64()
+                ),
+            }),
+        };
+        Ok(Raw(read))
+    }
+}
 
 /// `GET /v2/keys?limit=&cursor=`.
 pub async fn list_keys(

@@ -32,6 +32,9 @@ pub const READ_SCOPE: &str = "fetch";
 /// Scope a key needs to change keys and tokens (`POST`, `PATCH`, `DELETE /v2/…`). A key
 /// created with `permissions: []` (read/write) is stored with `*`, which grants it.
 pub const WRITE_SCOPE: &str = "manage";
+/// What a write by a key without [`WRITE_SCOPE`] is told.
+pub const READ_ONLY: &str =
+    "this key is read-only (`fetch`): it may GET but not POST, PATCH or DELETE";
 /// Entitlement the `/api/v1/projects/` route requires of the caller's account.
 pub const PROJECTS_ENTITLEMENT: &str = "projects";
 /// Credits in the credit pool of the account a fresh database starts with.
@@ -104,8 +107,8 @@ pub struct App {
     /// The account requests act as when auth is off.
     pub default_owner: PublicId,
     /// How long a verified generation request may take, body included, before it is
-    /// answered 408 and its grant dropped (refunded): 30 s in `main.rs`. Management routes
-    /// have none (see [`router`]).
+    /// answered 408 and its grant dropped (refunded), and how long a management request's
+    /// body may take to arrive: 30 s in `main.rs`.
     pub request_deadline: std::time::Duration,
 }
 
@@ -213,8 +216,8 @@ pub fn router(app: Arc<App>) -> Router {
                 .delete(manage::delete_token),
         )
         .route("/v2/connectors", get(manage::connectors))
-        // No request deadline: these routes are free (they hold no credits) and a write,
-        // once started on the blocking pool, commits whatever the client is told.
+        // No deadline on the whole request: a write, once started on the blocking pool,
+        // commits whatever the client is told. Their bodies have one (`manage::Raw`).
         .route_layer(from_fn_with_state(
             auth::Guard::new(&app, envelope::management_refusal, true),
             auth::guard,

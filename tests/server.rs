@@ -1014,6 +1014,18 @@ fn a_key_with_an_expiry_limits_or_a_budget_cannot_change_keys_without_them() {
     // A key with a balance of its own changes itself only.
     let r = s.get("DELETE", &format!("/v2/keys/{unmetered}"), &funded);
     managed_refused(&r, 403, "forbidden");
+    // A token is bounded the same way, over keys and tokens alike.
+    let token = NewKey::token(acct, "service", "expiring token")
+        .permissions(["*"])
+        .expires_at(until);
+    let token = s.ledger.tokens().create(token).unwrap().plaintext;
+    let token = token.expose();
+    let r = s.get("DELETE", &format!("/v2/keys/{}", s.admin_id), token);
+    managed_refused(&r, 403, "forbidden");
+    let forever = NewKey::token(acct, "service", "forever").permissions(["fetch"]);
+    let forever = s.ledger.tokens().create(forever).unwrap().info.id;
+    let r = s.get("DELETE", &format!("/v2/tokens/{forever}"), token);
+    managed_refused(&r, 403, "forbidden");
     assert_eq!(
         s.ledger.keys().get(s.admin_id.as_str()).unwrap().name,
         "admin"

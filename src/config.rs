@@ -15,6 +15,14 @@ use crate::secret::MasterKey;
 pub const ENV_MASTER_KEY: &str = "KEYLEDGER_MASTER_KEY";
 /// Environment variable naming a key file (mode 0600) holding the master key.
 pub const ENV_MASTER_KEY_FILE: &str = "KEYLEDGER_MASTER_KEY_FILE";
+/// Environment variable holding the prefix of live API keys.
+pub const ENV_LIVE_PREFIX: &str = "KEYLEDGER_LIVE_PREFIX";
+/// Environment variable holding the prefix of test API keys.
+pub const ENV_TEST_PREFIX: &str = "KEYLEDGER_TEST_PREFIX";
+/// Environment variable holding the prefix of internal tokens.
+pub const ENV_TOKEN_PREFIX: &str = "KEYLEDGER_TOKEN_PREFIX";
+/// Environment variable holding the prefixes of imported keys, comma-separated.
+pub const ENV_LEGACY_PREFIXES: &str = "KEYLEDGER_LEGACY_PREFIXES";
 
 /// How a ledger is opened. Build with [`Config::builder`] or [`Config::from_env`].
 #[derive(Clone)]
@@ -39,9 +47,15 @@ impl Config {
     }
 
     /// Reads the master key from `KEYLEDGER_MASTER_KEY`, or else from the file named by
-    /// `KEYLEDGER_MASTER_KEY_FILE`; everything else takes its default.
+    /// `KEYLEDGER_MASTER_KEY_FILE`, and the key prefixes from the variables the `keyledger`
+    /// CLI reads too ([`ConfigBuilder::prefixes_from_env`]), so a server and the CLI
+    /// sharing a database and an environment mint and accept the same keys; everything else
+    /// takes its default.
     pub fn from_env() -> Result<Config, ConfigError> {
-        Config::builder().master_key_from_env()?.build()
+        Config::builder()
+            .master_key_from_env()?
+            .prefixes_from_env()?
+            .build()
     }
 
     /// A config with a fresh random master key: for demos and tests only, since the data
@@ -139,6 +153,46 @@ impl ConfigBuilder {
             Some(path) => self.master_key_file(path),
             None => Err(ConfigError::MissingMasterKey),
         }
+    }
+
+    /// Reads the key prefixes from `KEYLEDGER_LIVE_PREFIX`, `KEYLEDGER_TEST_PREFIX`,
+    /// `KEYLEDGER_TOKEN_PREFIX` and `KEYLEDGER_LEGACY_PREFIXES` (comma-separated), the
+    /// variables the `keyledger` CLI reads. An unset, empty or blank variable leaves its
+    /// prefix as it was; [`build`](Self::build) checks the values.
+    pub fn prefixes_from_env(self) -> Result<Self, ConfigError> {
+        self.prefixes_from(std::env::var_os)
+    }
+
+    fn prefixes_from(
+        mut self,
+        var: impl Fn(&'static str) -> Option<std::ffi::OsString>,
+    ) -> Result<Self, ConfigError> {
+        let read = |setting: &'static str| match var(setting) {
+            None => Ok(None),
+            Some(value) => match value.into_string() {
+                Ok(text) if text.trim().is_empty() => Ok(None),
+                Ok(text) => Ok(Some(text.trim().to_owned())),
+                Err(_) => Err(ConfigError::InvalidSetting {
+                    setting,
+                    reason: "not valid UTF-8".into(),
+                }),
+            },
+        };
+        if let Some(prefix) = read(ENV_LIVE_PREFIX)? {
+            self = self.live_prefix(prefix);
+        }
+        if let Some(prefix) = read(ENV_TEST_PREFIX)? {
+            self = self.test_prefix(prefix);
+        }
+        if let Some(prefix) = read(ENV_TOKEN_PREFIX)? {
+            self = self.token_prefix(prefix);
+        }
+        for prefix in read(ENV_LEGACY_PREFIXES)?.iter().flat_map(|l| l.split(',')) {
+            if !prefix.trim().is_empty() {
+                self = self.legacy_prefix(prefix.trim());
+            }
+        }
+        Ok(self)
     }
 
     /// Prefix of live keys, e.g. `acme_live_`: 3–12 characters of `[a-z0-9_]` ending in `_`.
@@ -355,6 +409,45 @@ fn checked_prefix(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefixes_come_from_the_variables_the_cli_reads() {
+        let env = |name: &'static str| {
+            let value = match name {
+                ENV_LIVE_PREFIX => "acme_live_",
+                ENV_TEST_PREFIX => " ",
+                ENV_TOKEN_PREFIX => "acme_tok_",
+                ENV_LEGACY_PREFIXES => "sk_live_, rk_live_,",
+                _ => return None,
+            };
+            Some(value.into())
+        };
+        let config = Config::builder()
+            .master_key(MasterKey::from_bytes(&[7; 32]).unwrap())
+            .prefixes_from(env)
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(config.live_prefix(), "acme_live_");
+        assert_eq!(config.test_prefix(), "vb_test_", "blank counts as unset");
+        assert_eq!(config.token_prefix(), "acme_tok_");
+        assert_eq!(config.legacy_prefixes, ["sk_live_", "rk_live_"]);
+        // A bad value is the build's error, naming the setting; not UTF-8 names the variable.
+        let bad = |name: &'static str| (name == ENV_LIVE_PREFIX).then(|| "Live!".into());
+        let built = Config::builder()
+            .master_key(MasterKey::from_bytes(&[7; 32]).unwrap())
+            .prefixes_from(bad)
+            .unwrap()
+            .build();
+        assert!(matches!(built, Err(ConfigError::InvalidSetting { .. })));
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let not_utf8 = |_: &'static str| Some(std::ffi::OsString::from_vec(vec![0xff]));
+            let err = Config::builder().prefixes_from(not_utf8).unwrap_err();
+            assert!(err.to_string().contains(ENV_LIVE_PREFIX), "{err}");
+        }
+    }
 
     #[test]
     fn building_without_a_master_key_names_both_ways_to_give_one() {

@@ -59,7 +59,10 @@ pub use accounts::{Account, AccountUpdate, Accounts, NewAccount};
 pub use audit::Audit;
 pub use check::CheckReport;
 pub use clock::{Clock, CoarseClock, ManualClock, SystemClock, Timestamp};
-pub use config::{Config, ConfigBuilder, ENV_MASTER_KEY, ENV_MASTER_KEY_FILE};
+pub use config::{
+    Config, ConfigBuilder, ENV_LEGACY_PREFIXES, ENV_LIVE_PREFIX, ENV_MASTER_KEY,
+    ENV_MASTER_KEY_FILE, ENV_TEST_PREFIX, ENV_TOKEN_PREFIX,
+};
 pub use credits::events::{CreditEvent, CreditEventKind};
 pub use credits::{Credits, LeaseWaits, Pool, Usage};
 pub use denial::Denial;

@@ -42,20 +42,20 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct Prefixes {
     /// Prefix of live API keys (default `vb_live_`).
-    #[arg(long, global = true, env = "KEYLEDGER_LIVE_PREFIX")]
+    #[arg(long, global = true, env = keyledger::ENV_LIVE_PREFIX)]
     pub live_prefix: Option<String>,
     /// Prefix of test API keys (default `vb_test_`).
-    #[arg(long, global = true, env = "KEYLEDGER_TEST_PREFIX")]
+    #[arg(long, global = true, env = keyledger::ENV_TEST_PREFIX)]
     pub test_prefix: Option<String>,
     /// Prefix of internal tokens (default `vb_tok_`).
-    #[arg(long, global = true, env = "KEYLEDGER_TOKEN_PREFIX")]
+    #[arg(long, global = true, env = keyledger::ENV_TOKEN_PREFIX)]
     pub token_prefix: Option<String>,
     /// Prefix of keys imported from another system (repeatable; comma-separated in
     /// `KEYLEDGER_LEGACY_PREFIXES`).
     #[arg(
         long = "legacy-prefix",
         global = true,
-        env = "KEYLEDGER_LEGACY_PREFIXES",
+        env = keyledger::ENV_LEGACY_PREFIXES,
         value_delimiter = ','
     )]
     pub legacy_prefixes: Vec<String>,

@@ -67,7 +67,10 @@ fn storage() -> Result<Storage, String> {
                 )
             } else {
                 let key = MasterKey::generate().map_err(|e| e.to_string())?;
-                let config = Config::builder().master_key(key).build();
+                let config = Config::builder()
+                    .master_key(key)
+                    .prefixes_from_env()
+                    .and_then(|c| c.build());
                 (config.map_err(|e| e.to_string())?, "ephemeral, never shown")
             };
             Ok(Storage {

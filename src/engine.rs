@@ -364,6 +364,7 @@ impl Engine {
             return ended.clone().map_err(Error::Conflict);
         }
         let result = self.stop_writer();
+        self.shared.store.refuse_writes();
         *ended = Some(match &result {
             Ok(()) => Ok(()),
             Err(e) => Err(format!("the ledger's close failed: {e}")),
@@ -1153,7 +1154,7 @@ fn owner_key_hashes(store: &Store, owner: u64) -> Result<Vec<KeyHash>> {
 }
 
 fn closed() -> Error {
-    Error::Conflict("the ledger is closed".into())
+    Error::Closed
 }
 
 /// What [`recover_leases`] found at open.

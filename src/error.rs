@@ -195,9 +195,21 @@ pub enum Error {
     /// Configuration or master key problem.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The storage engine failed (I/O, corruption detected by redb, lock held by another process).
+    /// The storage engine failed (I/O, corruption detected by redb).
     #[error("storage: {0}")]
     Storage(#[source] Box<redb::Error>),
+    /// The database file is open already: redb lets one [`Ledger`](crate::Ledger) at a time
+    /// hold it, in this process or another. Its holder releases it when it exits or drops its
+    /// last clone (`close` alone does not release the file).
+    #[error(
+        "the database is already open (by another process — a running server? — or by another \
+         Ledger in this one); one may hold it at a time"
+    )]
+    InUse,
+    /// The ledger was closed ([`Ledger::close`](crate::Ledger::close)): it changes nothing
+    /// more. Open it again to go on.
+    #[error("the ledger is closed")]
+    Closed,
     /// A stored record did not decode: the file is corrupt or was written by a newer build.
     #[error("corrupt database: {0}")]
     Codec(#[from] CodecError),
@@ -330,7 +342,10 @@ macro_rules! storage_from {
     ($($t:ty),*) => {$(
         impl From<$t> for Error {
             fn from(e: $t) -> Self {
-                Error::Storage(Box::new(redb::Error::from(e)))
+                match redb::Error::from(e) {
+                    redb::Error::DatabaseAlreadyOpen => Error::InUse,
+                    e => Error::Storage(Box::new(e)),
+                }
             }
         }
     )*};

@@ -194,6 +194,11 @@ impl Ledger {
     /// and refunds land before the file is closed. Units a grant still holds after that stay
     /// leased — the next open counts them as `lost_to_crash`, never re-granted — and `close`
     /// returns an error saying how many.
+    ///
+    /// After `close` the ledger changes nothing more: every call that would write (an admin
+    /// change, a top-up, a flush) fails with [`Error::Closed`]. Reads still answer. The file
+    /// itself stays locked until the last clone is dropped (redb holds it while its handle
+    /// lives); opening it again before that fails with [`Error::InUse`].
     pub fn close(&self) -> Result<()> {
         self.inner.engine.close()
     }

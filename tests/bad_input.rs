@@ -736,14 +736,60 @@ fn garbage_and_truncated_files_give_typed_errors() {
 #[test]
 fn a_ledger_can_be_open_only_once_at_a_time() {
     let t = TestLedger::new();
-    assert!(matches!(
-        Ledger::open(&t.path, t.config()),
-        Err(Error::Storage(_))
-    ));
+    let twice = Ledger::open(&t.path, t.config());
+    assert!(matches!(twice, Err(Error::InUse)), "{twice:?}");
     // A clone shares the one open database.
     let clone = t.ledger.clone();
     let owner = account(&clone, "via clone");
     assert_eq!(t.ledger.accounts().get(&owner).unwrap().id, owner);
+}
+
+#[test]
+fn a_closed_ledger_changes_nothing_more_and_frees_its_file_with_its_last_clone() {
+    // Found by a reviewer: after `close`, key and account creation still wrote to the file
+    // while top-ups were refused, and the file stayed locked with no word why.
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let key = t
+        .ledger
+        .keys()
+        .create(NewKey::new(owner, "k").credits(5))
+        .unwrap();
+    let clone = t.ledger.clone();
+    t.ledger.close().unwrap();
+    let closed = |result: Result<(), Error>| assert!(matches!(result, Err(Error::Closed)));
+    closed(clone.accounts().create(NewAccount::new("late")).map(drop));
+    closed(clone.keys().create(NewKey::new(owner, "late")).map(drop));
+    closed(clone.keys().disable(key.info.id.as_str()).map(drop));
+    closed(clone.credits().top_up(key.info.id.as_str(), 1).map(drop));
+    closed(clone.flush());
+    // Reads still answer, and the file is still held.
+    assert_eq!(
+        clone.keys().get(key.info.id.as_str()).unwrap().disabled_at,
+        None
+    );
+    assert!(matches!(
+        Ledger::open(&t.path, t.config()),
+        Err(Error::InUse)
+    ));
+    // With the last clone gone, it opens again, unchanged by the refused calls.
+    let (path, config) = (t.path.clone(), t.config());
+    drop(clone);
+    let TestLedger { ledger, dir, .. } = t;
+    drop(ledger);
+    let reopened = Ledger::open(&path, config).unwrap();
+    let info = reopened.keys().get(key.info.id.as_str()).unwrap();
+    assert_eq!((info.disabled_at, info.remaining_credits), (None, Some(5)));
+    assert_eq!(
+        reopened
+            .accounts()
+            .list(&PageRequest::first())
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    drop(dir);
 }
 
 #[test]

@@ -1432,18 +1432,20 @@ fn resetting_a_balance_to_the_configured_credits_is_audited() {
     assert_eq!(seen, ("credits.set", "mallory", id.as_str()));
 }
 
-/// An update whose settings landed but whose balance could not be set (here: the ledger
-/// was closed) says exactly that, rather than a bare error for a change that partly landed.
+/// An update whose settings landed but whose balance could not be set (here: the set would
+/// take the credits ever granted past `u64::MAX`) says exactly that, rather than a bare
+/// error for a change that partly landed.
 #[test]
 fn an_update_whose_balance_was_not_set_says_its_settings_were_saved() {
     let t = TestLedger::new();
+    t.ledger.routes().set(RouteRule::new("/")).unwrap();
     let owner = t.account("Acme");
-    let (id, _) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
-    t.ledger.close().unwrap();
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
+    spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
     let e = t
         .ledger
         .keys()
-        .update(&id, KeyUpdate::new().credits(Some(5)))
+        .update(&id, KeyUpdate::new().credits(Some(u64::MAX)))
         .unwrap_err()
         .to_string();
     assert!(
@@ -1451,7 +1453,8 @@ fn an_update_whose_balance_was_not_set_says_its_settings_were_saved() {
         "{e}"
     );
     let info = t.ledger.keys().get(&id).unwrap();
-    assert_eq!(info.limits.credits, Some(5));
+    assert_eq!(info.limits.credits, Some(u64::MAX));
+    assert_eq!(info.remaining_credits, Some(99));
 }
 
 #[test]

@@ -965,7 +965,7 @@ fn check_reports_a_healthy_ledger_after_a_mixed_workload() {
     let ledger = Ledger::open(&path, config.clone()).unwrap();
     assert!(matches!(
         Ledger::check(&path, config.clone()),
-        Err(Error::Storage(_))
+        Err(Error::InUse)
     ));
     drop(ledger);
     let wrong = keyledger::Config::builder()

@@ -7,7 +7,7 @@ mod txn;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
 
@@ -45,6 +45,8 @@ pub(crate) struct Store {
     db: Database,
     /// Moved on by every commit through [`WriteTxn`].
     generation: AtomicU64,
+    /// Set once the ledger has closed: no write transaction begins after it.
+    closed: AtomicBool,
 }
 
 /// Meta values read at open.
@@ -94,6 +96,7 @@ impl Store {
             snapshot: ArcSwapOption::empty(),
             db,
             generation: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -185,9 +188,18 @@ impl Store {
     /// A write transaction with two-phase commit (redb's advice for files that may hold
     /// attacker-supplied data) and immediate durability.
     pub(crate) fn begin_write(&self) -> Result<WriteTxn<'_>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
         let mut txn = self.db.begin_write()?;
         txn.set_two_phase_commit(true);
         Ok(WriteTxn::new(txn, self))
+    }
+
+    /// Refuses every write from now on (the ledger closed: its leases are back and its
+    /// counters flushed, and nothing may change a balance behind them).
+    pub(crate) fn refuse_writes(&self) {
+        self.closed.store(true, Ordering::Release);
     }
 
     pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction> {

@@ -88,18 +88,19 @@ impl Context {
     /// Opens the existing database; refuses to create one implicitly.
     pub fn open(&self) -> CliResult<Ledger> {
         self.require_db()?;
-        Ledger::open(&self.db, self.config()?).map_err(|e| match e {
-            keyledger::Error::Storage(ref inner)
-                if matches!(**inner, redb::Error::DatabaseAlreadyOpen) =>
-            {
-                CliError::new(format!(
-                    "{e}: another process (your server?) has {} open; stop it, or manage keys \
-                     through the server",
-                    self.db.display()
-                ))
-            }
+        Ledger::open(&self.db, self.config()?).map_err(|e| self.explain(e))
+    }
+
+    /// `e`, with what to do when the database is held by another process.
+    pub fn explain(&self, e: keyledger::Error) -> CliError {
+        match e {
+            keyledger::Error::InUse => CliError::new(format!(
+                "another process (your server?) has {} open; stop it, or manage keys through \
+                 the server",
+                self.db.display()
+            )),
             e => e.into(),
-        })
+        }
     }
 
     /// Fails unless the database file exists and is not empty (an empty file, say from a

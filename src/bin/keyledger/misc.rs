@@ -126,7 +126,7 @@ pub fn authenticate(ctx: &Context, key: &str) -> CliResult<u8> {
 /// `check`: integrity and invariants; exit 1 when a problem is found.
 pub fn check(ctx: &Context) -> CliResult<u8> {
     ctx.require_db()?;
-    let report = Ledger::check(&ctx.db, ctx.config()?)?;
+    let report = Ledger::check(&ctx.db, ctx.config()?).map_err(|e| ctx.explain(e))?;
     if ctx.json {
         let mut value = serde_json::to_value(&report)?;
         if let Some(map) = value.as_object_mut() {

@@ -155,10 +155,19 @@ impl HeaderError {
 
 /// A public id that was forged, truncated, tampered with or of another kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
-#[error("invalid {expected} id")]
+#[error("invalid {expected} id{}", named_as(*given))]
 pub struct InvalidId {
     /// The kind of id that was expected (`key`, `account`, …).
     pub expected: &'static str,
+    /// The other kind the id's prefix names, if it names one (`tok_…` where a key id was
+    /// expected: `token`): the usual slip, worth saying.
+    pub given: Option<&'static str>,
+}
+
+fn named_as(given: Option<&str>) -> String {
+    given.map_or_else(String::new, |kind| {
+        format!(" (its prefix is for {kind} ids)")
+    })
 }
 
 /// Why bytes could not be decoded as a record.

@@ -175,15 +175,25 @@ impl IdCipher {
     }
 
     pub(crate) fn decode(&self, kind: IdKind, text: &str) -> Result<u64, InvalidId> {
-        let invalid = InvalidId {
+        let invalid = || InvalidId {
             expected: kind.noun(),
+            given: [IdKind::Account, IdKind::Key, IdKind::Token, IdKind::Pool]
+                .into_iter()
+                .find(|k| *k != kind && kind_of(text) == Some(k.prefix()))
+                .map(IdKind::noun),
         };
         let body = text
             .strip_prefix(kind.prefix())
             .and_then(|rest| rest.strip_prefix('_'))
-            .ok_or(invalid)?;
-        self.open(&[kind.prefix().as_bytes()], body).ok_or(invalid)
+            .ok_or_else(invalid)?;
+        self.open(&[kind.prefix().as_bytes()], body)
+            .ok_or_else(invalid)
     }
+}
+
+/// The prefix `text` starts with, before its first `_`.
+fn kind_of(text: &str) -> Option<&str> {
+    text.split_once('_').map(|(prefix, _)| prefix)
 }
 
 /// AES-SIV (RFC 5297, AES-256-CMAC-SIV as [`Aes256Siv`]) for one fixed associated-data string
@@ -285,7 +295,28 @@ mod tests {
         let rekinded = id.replacen("key_", "tok_", 1);
         assert_eq!(
             c.decode(IdKind::Token, &rekinded),
-            Err(InvalidId { expected: "token" })
+            Err(InvalidId {
+                expected: "token",
+                given: None
+            })
+        );
+        // Another kind's id names its kind: the usual slip.
+        let e = c.decode(IdKind::Account, &id).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid account id (its prefix is for key ids)"
+        );
+        let pool = c.encode(IdKind::Pool, 42);
+        let e = c.decode(IdKind::Account, &pool).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid account id (its prefix is for pool ids)"
+        );
+        let account = c.encode(IdKind::Account, 42);
+        let e = c.decode(IdKind::Key, &account).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid key id (its prefix is for account ids)"
         );
         assert!(c.decode(IdKind::Account, &id).is_err());
         // Another master key cannot open it.

@@ -94,7 +94,8 @@ pub struct Pricing {
     pub units: u64,
     /// Price of one unit in millionths of the currency unit.
     pub unit_price_micros: u64,
-    /// `units × unit_price_micros`.
+    /// `units × unit_price_micros`, held at `u64::MAX` (≈ 18.4 million million currency
+    /// units) should the product pass it.
     pub total_micros: u64,
 }
 

@@ -1134,7 +1134,11 @@ fn build(
                         _ => {
                             let too_many = Error::invalid(
                                 "credits",
-                                format!("the balance would grant more than {} credits", u64::MAX),
+                                format!(
+                                    "the credits ever granted to this balance (spent, lost \
+                                     and left) would pass {}",
+                                    u64::MAX
+                                ),
                             );
                             fx.adjusts[at].1 = Err(too_many);
                             // A refill applied above is written with the batch even so: the

@@ -358,7 +358,9 @@ pub struct CreateArgs {
     /// Named rate limit `name=limit/secs`, e.g. `requests=100/60` (repeatable).
     #[arg(long = "rate-limit", value_name = "NAME=LIMIT/SECS", value_parser = parse_rate_limit)]
     pub rate_limits: Vec<RateLimitArg>,
-    /// Token window `tokens/secs`: at most this much cost per window, e.g. `10000/60`.
+    /// Token window `tokens/secs`, e.g. `10000/60`: at most this much cost per window. A
+    /// request costing more than a whole window is admitted once the window is empty; the
+    /// key's next requests then wait until the excess is paid off at the window's rate.
     #[arg(long, value_name = "TOKENS/SECS", value_parser = parse_token_window)]
     pub token_window: Option<TokenWindowArg>,
 }

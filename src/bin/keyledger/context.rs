@@ -210,7 +210,13 @@ fn report_init(ctx: &Context, source: &KeySource, wrote_key: bool) -> CliResult<
             println!(
                 "Created key file  {path}  (mode 0600: the master key; back it up, keep it private)"
             );
-            println!("\nkeyledger finds `<db>.key` next to the database by itself. Elsewhere, use");
+            if Path::new(&path) == ctx.default_key_file() {
+                println!(
+                    "\nkeyledger finds `<db>.key` next to the database by itself. Elsewhere, use"
+                );
+            } else {
+                println!("\nGive every later command the same key file:");
+            }
             println!("  --key-file {path}   or   KEYLEDGER_MASTER_KEY_FILE={path}");
         }
         (Some(path), false) => println!("Master key from    {path}"),

@@ -94,7 +94,9 @@ pub fn read_key(arg: &str) -> CliResult<Zeroizing<String>> {
         return Ok(Zeroizing::new(arg.to_owned()));
     }
     let mut line = Zeroizing::new(String::new());
-    std::io::stdin().read_line(&mut line)?;
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| CliError::new(format!("reading the key from stdin (`-`): {e}")))?;
     Ok(line)
 }
 

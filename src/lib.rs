@@ -70,7 +70,9 @@ pub use engine::Durability;
 pub use error::{CodecError, ConfigError, Error, HeaderError, InvalidId, MalformedKey, Result};
 pub use hashing::HashScheme;
 pub use keyfmt::{KeyClass, Presented};
-pub use keys::{CreatedKey, ImportKey, ImportedHash, KeyInfo, KeyUpdate, Keys, NewKey};
+pub use keys::{
+    CreatedKey, ImportKey, ImportedHash, KeyInfo, KeyUpdate, Keys, MAX_ROLL_GRACE_SECS, NewKey,
+};
 pub use ledger::Ledger;
 pub use limits::SpendTier;
 pub use page::{DEFAULT_LIMIT, MAX_LIMIT, Page, PageRequest};

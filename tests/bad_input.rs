@@ -191,6 +191,25 @@ fn expiry_must_be_in_the_future() {
 }
 
 #[test]
+fn a_roll_grace_past_30_days_is_refused() {
+    // Found by a reviewer: `--grace 18446744073709551615` kept a rolled (maybe leaked)
+    // secret working for good.
+    let (t, _, key) = setup();
+    {
+        let _guard = Unchanged::new(&t);
+        for bad in [keyledger::MAX_ROLL_GRACE_SECS + 1, u64::MAX] {
+            assert_invalid(t.ledger.keys().roll(&key.id, bad), "grace_secs");
+        }
+    }
+    let rolled = t
+        .ledger
+        .keys()
+        .roll(&key.id, keyledger::MAX_ROLL_GRACE_SECS);
+    let until = rolled.unwrap().info.previous_secret_valid_until;
+    assert_eq!(until, Some(t.now().plus_secs(30 * 86_400)));
+}
+
+#[test]
 fn limits_and_metadata_are_validated() {
     let (t, owner, key) = setup();
     let _guard = Unchanged::new(&t);

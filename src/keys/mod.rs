@@ -89,6 +89,9 @@ pub struct KeyInfo {
     pub schema_version: u8,
 }
 
+/// The longest a rolled key's old secret keeps working: 30 days.
+pub const MAX_ROLL_GRACE_SECS: u64 = 30 * 86_400;
+
 /// A freshly created (or rolled) key: the only time its plaintext is available.
 #[derive(Debug)]
 pub struct CreatedKey {
@@ -648,8 +651,16 @@ impl<'a> Keys<'a> {
     }
 
     /// Issues a new secret for the key, keeping its id and settings. The old secret keeps
-    /// working for `grace_secs` seconds (0: stops at once). Returns the new plaintext, once.
+    /// working for `grace_secs` seconds (0: stops at once; at most [`MAX_ROLL_GRACE_SECS`]:
+    /// a key is rolled because its secret may have leaked, and a typo must not keep that
+    /// secret working for good). Returns the new plaintext, once.
     pub fn roll(&self, id: &str, grace_secs: u64) -> Result<CreatedKey> {
+        if grace_secs > MAX_ROLL_GRACE_SECS {
+            return Err(Error::invalid(
+                "grace_secs",
+                format!("at most {MAX_ROLL_GRACE_SECS} seconds (30 days), found {grace_secs}"),
+            ));
+        }
         let internal = self.internal_id(id)?;
         let hasher = self.ledger.hasher();
         let now = self.ledger.now();

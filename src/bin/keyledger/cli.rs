@@ -414,7 +414,8 @@ pub enum Lifecycle {
         /// Key id.
         id: String,
     },
-    /// Issue a new secret for a key (printed once); the old one works for `--grace` seconds.
+    /// Issue a new secret for a key (printed once); the old one works for `--grace` seconds
+    /// (at most 30 days).
     Roll {
         /// Key id.
         id: String,

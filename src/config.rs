@@ -50,7 +50,9 @@ impl Config {
     /// `KEYLEDGER_MASTER_KEY_FILE`, and the key prefixes from the variables the `keyledger`
     /// CLI reads too ([`ConfigBuilder::prefixes_from_env`]), so a server and the CLI
     /// sharing a database and an environment mint and accept the same keys; everything else
-    /// takes its default.
+    /// takes its default. Prefixes are not stored in the file: a server whose environment
+    /// names another live prefix than the one its keys were minted with refuses them all as
+    /// malformed.
     pub fn from_env() -> Result<Config, ConfigError> {
         Config::builder()
             .master_key_from_env()?

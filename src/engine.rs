@@ -418,8 +418,10 @@ impl Engine {
     /// [`Shared::held`] then says what grants still hold.
     fn drain(&self) -> Result<()> {
         let (reply, done) = channel::bounded(1);
-        self.tx.send(Msg::Drain { reply }).map_err(|_| closed())?;
-        done.recv().map_err(|_| closed())?
+        self.tx
+            .send(Msg::Drain { reply })
+            .map_err(|_| self.closed())?;
+        done.recv().map_err(|_| self.closed())?
     }
 
     /// Stops the writer without writing anything, as a crash would (tests only).
@@ -433,8 +435,10 @@ impl Engine {
     /// Flushes pending spend and usage now.
     pub(crate) fn flush(&self) -> Result<()> {
         let (reply, done) = channel::bounded(1);
-        self.tx.send(Msg::Flush { reply }).map_err(|_| closed())?;
-        done.recv().map_err(|_| closed())?
+        self.tx
+            .send(Msg::Flush { reply })
+            .map_err(|_| self.closed())?;
+        done.recv().map_err(|_| self.closed())?
     }
 
     /// Sets or tops up a balance through the writer, ordered with leases.
@@ -447,8 +451,8 @@ impl Engine {
                 audit,
                 reply,
             })
-            .map_err(|_| closed())?;
-        done.recv().map_err(|_| closed())?
+            .map_err(|_| self.closed())?;
+        done.recv().map_err(|_| self.closed())?
     }
 
     /// Balance `id` as a request finds it now: `record` with a refill that has come due
@@ -1153,8 +1157,15 @@ fn owner_key_hashes(store: &Store, owner: u64) -> Result<Vec<KeyHash>> {
     Ok(hashes)
 }
 
-fn closed() -> Error {
-    Error::Closed
+impl Engine {
+    /// Why the writer did not answer: the ledger closed, or (a panic, a test's simulated
+    /// crash) the writer stopped without one.
+    fn closed(&self) -> Error {
+        match self.shared.closing.load(Ordering::Acquire) {
+            true => Error::Closed,
+            false => Error::Conflict("the credit writer stopped; reopen the ledger".into()),
+        }
+    }
 }
 
 /// What [`recover_leases`] found at open.

@@ -155,6 +155,7 @@ impl HeaderError {
 
 /// A public id that was forged, truncated, tampered with or of another kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
 #[error("invalid {expected} id{}", named_as(*given))]
 pub struct InvalidId {
     /// The kind of id that was expected (`key`, `account`, …).
@@ -216,7 +217,8 @@ pub enum Error {
     )]
     InUse,
     /// The ledger was closed ([`Ledger::close`](crate::Ledger::close)): it changes nothing
-    /// more. Open it again to go on.
+    /// more. To go on, drop every clone and open the file again (until then the open fails
+    /// with [`Error::InUse`]).
     #[error("the ledger is closed")]
     Closed,
     /// A stored record did not decode: the file is corrupt or was written by a newer build.

@@ -191,7 +191,7 @@ impl Ledger {
     ///
     /// Grants still held (requests still running, in a graceful shutdown) are waited for, up
     /// to [`ConfigBuilder::close_grace`](crate::ConfigBuilder::close_grace): their commits
-    /// and refunds land before the file is closed. Units a grant still holds after that stay
+    /// and refunds land before `close` returns. Units a grant still holds after that stay
     /// leased — the next open counts them as `lost_to_crash`, never re-granted — and `close`
     /// returns an error saying how many.
     ///

@@ -782,11 +782,13 @@ fn a_closed_ledger_changes_nothing_more_and_frees_its_file_with_its_last_clone()
     closed(clone.keys().disable(key.info.id.as_str()).map(drop));
     closed(clone.credits().top_up(key.info.id.as_str(), 1).map(drop));
     closed(clone.flush());
-    // Reads still answer, and the file is still held.
+    // Reads still answer (usage too: the close flushed), and the file is still held.
     assert_eq!(
         clone.keys().get(key.info.id.as_str()).unwrap().disabled_at,
         None
     );
+    let usage = clone.credits().usage(key.info.id.as_str()).unwrap();
+    assert_eq!(usage.remaining, Some(5));
     assert!(matches!(
         Ledger::open(&t.path, t.config()),
         Err(Error::InUse)

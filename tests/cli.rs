@@ -1406,6 +1406,19 @@ fn an_empty_environment_variable_counts_as_unset() {
         let out = cmd.output().unwrap();
         assert_success(&out);
     }
+    // Blank, padded and trailing-comma values read as `Config::from_env` reads them (found by
+    // a reviewer: the server accepted them, the CLI refused every command).
+    for (var, value) in [
+        ("KEYLEDGER_LIVE_PREFIX", " "),
+        ("KEYLEDGER_TOKEN_PREFIX", " acme_tok_ "),
+        ("KEYLEDGER_LEGACY_PREFIXES", "sk_live_, rk_live_,"),
+    ] {
+        let mut cmd = s.bare_command();
+        cmd.env("KEYLEDGER_MASTER_KEY", &s.master_key)
+            .env(var, value)
+            .args(["accounts", "list"]);
+        assert_success(&cmd.output().unwrap());
+    }
     // With `--db` left out, an empty KEYLEDGER_DB falls back to ./keyledger.redb.
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyledger"));
     let dir = s.db.parent().unwrap();

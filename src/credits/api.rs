@@ -280,7 +280,11 @@ impl Credits<'_> {
     /// yet written as spent).
     pub fn usage(&self, id: &str) -> Result<Usage> {
         let (kind, internal) = self.credit_id(id)?;
-        self.ledger.flush()?;
+        match self.ledger.flush() {
+            // A close flushed everything already.
+            Ok(()) | Err(Error::Closed) => {}
+            Err(e) => return Err(e),
+        }
         let read = self.ledger.inner.store.begin_read()?;
         let pool = match kind {
             IdKind::Key | IdKind::Token => {

@@ -419,8 +419,13 @@ pub enum Lifecycle {
     Roll {
         /// Key id.
         id: String,
-        /// Seconds the old secret keeps working.
-        #[arg(long, default_value_t = 0, value_name = "SECS")]
+        /// Seconds the old secret keeps working (0 to 2,592,000: 30 days).
+        #[arg(
+            long,
+            default_value_t = 0,
+            value_name = "SECS",
+            value_parser = clap::value_parser!(u64).range(..=keyledger::MAX_ROLL_GRACE_SECS)
+        )]
         grace: u64,
     },
     /// Delete a key for good.

@@ -69,18 +69,27 @@ impl Context {
     pub fn config(&self) -> CliResult<Config> {
         let (key, _) = self.master_key()?;
         let p = &self.prefixes;
+        // Read as `Config::from_env` reads the same variables: trimmed, blank as unset.
+        let given = |v: &Option<String>| {
+            v.as_deref()
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
         let mut builder = Config::builder().master_key(key);
-        if let Some(prefix) = &p.live_prefix {
+        if let Some(prefix) = given(&p.live_prefix) {
             builder = builder.live_prefix(prefix);
         }
-        if let Some(prefix) = &p.test_prefix {
+        if let Some(prefix) = given(&p.test_prefix) {
             builder = builder.test_prefix(prefix);
         }
-        if let Some(prefix) = &p.token_prefix {
+        if let Some(prefix) = given(&p.token_prefix) {
             builder = builder.token_prefix(prefix);
         }
-        for prefix in &p.legacy_prefixes {
-            builder = builder.legacy_prefix(prefix);
+        for prefix in p.legacy_prefixes.iter().map(|p| p.trim()) {
+            if !prefix.is_empty() {
+                builder = builder.legacy_prefix(prefix);
+            }
         }
         Ok(builder.build()?)
     }

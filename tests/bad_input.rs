@@ -92,6 +92,36 @@ fn names_must_be_1_to_50_printable_characters() {
 }
 
 #[test]
+fn a_key_given_as_a_name_or_type_is_refused() {
+    // Found by a reviewer: a client that sent a key's value as a new key's name had it
+    // stored and shown in every listing (to read-only keys too).
+    let (t, owner, key) = setup();
+    let (_, plaintext) = t.key(&owner, "other");
+    let _guard = Unchanged::new(&t);
+    for given in [
+        plaintext.as_str(),
+        &format!(" {plaintext} "),
+        &format!("ci {plaintext}"),
+    ] {
+        let refused = t
+            .ledger
+            .keys()
+            .create(NewKey::new(owner, given))
+            .unwrap_err();
+        assert!(refused.to_string().contains("API key"), "{refused}");
+        assert!(!refused.to_string().contains(&plaintext), "never echoed");
+        assert_invalid(
+            t.ledger
+                .keys()
+                .update(&key.id, KeyUpdate::new().name(given)),
+            "name",
+        );
+        let token = NewKey::token(owner, given, "svc");
+        assert_invalid(t.ledger.tokens().create(token), "type");
+    }
+}
+
+#[test]
 fn a_class_or_type_that_would_read_as_another_is_refused() {
     let (t, owner, _) = setup();
     let _guard = Unchanged::new(&t);

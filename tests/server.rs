@@ -1108,6 +1108,83 @@ fn a_management_body_must_arrive_in_time_and_its_caller_acts_as_it_now_is() {
 }
 
 #[test]
+fn a_test_key_mints_and_changes_test_keys_only() {
+    // Found by a reviewer: a `vb_test_` key minted live keys and renamed the admin key.
+    let s = Server::start();
+    let acct = s.account.as_str();
+    let test = NewKey::new(acct, "sandbox")
+        .permissions(["*"])
+        .test()
+        .pool(s.pool.as_str());
+    let (_, test) = library_key(&s, test);
+    let (child, value, _) = create_key(&s, "/v2/keys", &test, json!({"name": "child"}));
+    assert!(
+        value.starts_with("vb_test_"),
+        "a test key's child is a test key"
+    );
+    let r = s.json(
+        "PATCH",
+        &format!("/v2/keys/{child}"),
+        &test,
+        r#"{"name":"c"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let admin = format!("/v2/keys/{}", s.admin_id);
+    managed_refused(
+        &s.json("PATCH", &admin, &test, r#"{"name":"x"}"#),
+        403,
+        "forbidden",
+    );
+    let body = r#"{"type":"service","name":"t"}"#;
+    managed_refused(&s.json("POST", "/v2/tokens", &test, body), 403, "forbidden");
+    assert_eq!(
+        s.ledger.keys().get(s.admin_id.as_str()).unwrap().name,
+        "admin"
+    );
+}
+
+#[test]
+fn management_answers_are_private_and_its_queries_and_bodies_strict() {
+    // Found by a reviewer: listings had no `Cache-Control` (a proxy may keep an `x-api-key`
+    // request's answer for anyone), a repeated `limit` read its last value, a read-only key
+    // was sent `100 Continue` and its body read before its 403, and a 413 said
+    // `invalid_request`.
+    use std::io::{Read, Write};
+    let s = Server::start();
+    let listing = s.send("GET", "/v2/keys", &[("x-api-key", s.admin.as_str())], None);
+    assert_eq!(listing.status, 200, "{}", listing.body);
+    assert_eq!(listing.header("cache-control"), Some("no-store"));
+    assert_eq!(listing.header("vary"), Some("authorization, x-api-key"));
+    for query in ["limit=1&limit=3", "limit=%2B5", "limit="] {
+        let r = s.get("GET", &format!("/v2/keys?{query}"), &s.admin);
+        managed_refused(&r, 400, "invalid_request");
+    }
+    let big = format!(r#"{{"name":"{}"}}"#, "x".repeat(3 << 20));
+    managed_refused(
+        &s.json("POST", "/v2/keys", &s.admin, &big),
+        413,
+        "payload_too_large",
+    );
+    let acct = s.account.as_str();
+    let (_, reader) = library_key(&s, NewKey::new(acct, "reader").permissions(["fetch"]));
+    let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
+    let head = format!(
+        "POST /v2/keys HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {reader}\r\n\
+         content-type: application/json\r\nexpect: 100-continue\r\n\
+         content-length: 100\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = [0u8; 12];
+    conn.read_exact(&mut answer).unwrap();
+    assert_eq!(
+        &answer, b"HTTP/1.1 403",
+        "refused before its body is asked for"
+    );
+}
+
+#[test]
 fn minting_a_key_never_mints_credits() {
     // Found by a reviewer: a key with 3 credits of its own, in an account without a pool,
     // minted an unmetered key.

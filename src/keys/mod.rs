@@ -291,7 +291,7 @@ impl<'a> Keys<'a> {
                 return Err(Error::invalid("type", "`api` is the type of API keys"));
             }
             Some(t) => KeyKind::Token {
-                token_type: rules::name("type", &t)?,
+                token_type: self.label("type", &t)?,
             },
             None => KeyKind::Api,
         };
@@ -299,7 +299,7 @@ impl<'a> Keys<'a> {
             kind,
             class,
             owner,
-            name: rules::name("name", &s.name)?,
+            name: self.label("name", &s.name)?,
             key_prefix,
             key_suffix,
             key_hash,
@@ -487,6 +487,23 @@ impl<'a> Keys<'a> {
         Ok(out)
     }
 
+    /// A name or token type: [`rules::name`], holding no key — a client that sends a key's
+    /// value where its name goes would have it shown in every listing.
+    fn label(&self, field: &'static str, text: &str) -> Result<String> {
+        let label = rules::name(field, text)?;
+        let format = &self.ledger.inner.format;
+        match label
+            .split_whitespace()
+            .any(|word| format.parse(word).is_ok())
+        {
+            true => Err(Error::invalid(
+                field,
+                "it holds an API key, which would be shown in every listing",
+            )),
+            false => Ok(label),
+        }
+    }
+
     /// Applies a partial update; only the fields set change. A new credit balance is set
     /// through the writer thread, so it is ordered with leases already handed out.
     pub fn update(&self, id: &str, update: KeyUpdate) -> Result<KeyInfo> {
@@ -496,7 +513,7 @@ impl<'a> Keys<'a> {
         let name = update
             .name
             .as_deref()
-            .map(|n| rules::name("name", n))
+            .map(|n| self.label("name", n))
             .transpose()?;
         let permissions = update.permissions.as_ref().map(rules::scopes).transpose()?;
         let ips = update.ips.as_ref().map(rules::ips).transpose()?;

@@ -11,15 +11,18 @@
 //! - a new key spends from the caller's pool; a caller with a balance of its own cannot mint
 //!   keys (a key's balance is not shared), and an unmetered caller's keys spend from the
 //!   account's pool when it has one;
+//! - a test key mints test keys (and no tokens, which are always live);
 //! - a key may change or delete only keys no broader than itself: no permission it lacks,
 //!   no use from outside its allowlist, no later expiry, none of its rate limits missing or
-//!   looser, and the same credit budget (its pool, or itself) — so not the admin key.
+//!   looser, the same credit budget (its pool, or itself), and test keys only for a test
+//!   key. The admin key is no broader than a `*` key on the account's pool without
+//!   further bounds, so such a key may change it (and the admin key may change that one).
 
 use std::net::IpAddr;
 
 use axum::http::StatusCode;
 use ipnet::IpNet;
-use keyledger::{KeyInfo, Ledger, NewKey};
+use keyledger::{KeyClass, KeyInfo, Ledger, NewKey};
 
 use super::auth::Caller;
 use super::{READ_ONLY, WRITE_SCOPE};
@@ -105,6 +108,16 @@ impl Bounds {
         unauthorized("not_found", "this key has been deleted")
     }
 
+    /// Refuses a test key minting a token (tokens have no test class: it would be live).
+    pub fn may_mint_tokens(&self) -> Result<(), Refused> {
+        match &self.caller {
+            Some((info, _)) if info.class == KeyClass::Test => Err(forbidden(
+                "a test key cannot create tokens (a token is always live)",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Refuses permissions the caller does not hold.
     pub fn permissions(&self, asked: &[String]) -> Result<(), Refused> {
         let Some((info, _)) = &self.caller else {
@@ -154,6 +167,9 @@ impl Bounds {
                 "this key cannot change a key broader than itself: {why}"
             )))
         };
+        if info.class == KeyClass::Test && target.class != KeyClass::Test {
+            return broader("a test key changes test keys only".into());
+        }
         let permits = |p: &&String| keyledger::permits(&info.permissions, p);
         if let Some(p) = target.permissions.iter().find(|p| !permits(p)) {
             return broader(format!("that key has `{p}`"));
@@ -210,6 +226,9 @@ impl Bounds {
                 None => new,
             });
         };
+        if info.class == KeyClass::Test {
+            new = new.test();
+        }
         if let Some(at) = info.expires_at {
             new = new.expires_at(at);
         }

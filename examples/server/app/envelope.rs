@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::http::header::{
-    CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+    CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, VARY, WWW_AUTHENTICATE,
 };
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -254,12 +254,24 @@ pub fn management_refusal(refusal: &Refusal) -> Response {
     refusal_headers(refusal, response)
 }
 
-/// Marks a response as not to be stored by any cache (it carries a key's value).
-pub fn no_store(mut response: Response) -> Response {
+/// Outermost layer: every answer is for one key's holder, so no shared cache may keep it
+/// (`no-store`), and `Vary` names the headers that carry the key. A cache treats requests
+/// with `Authorization` as private, but not those with `x-api-key`: without these, a
+/// proxy could replay one account's key listing to anyone asking for the same URL.
+pub async fn private(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(VARY, HeaderValue::from_static("authorization, x-api-key"));
     response
-        .headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+}
+
+/// The code of a body that could not be read: `payload_too_large` for a 413, otherwise
+/// `invalid_request`.
+pub fn body_code(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        _ => "invalid_request",
+    }
 }
 
 /// Why a request body was refused: 415 or 400, with a message.

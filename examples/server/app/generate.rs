@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::envelope::{Pending, parse_json};
+use super::envelope::{Pending, body_code, parse_json};
 
 /// Longest prompt, title, content or free-text field, in characters.
 const MAX_TEXT: usize = 20_000;
@@ -132,7 +132,8 @@ fn body<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, Pending> {
-    let bytes = body.map_err(|e| Pending::error(e.status(), "invalid_request", e.body_text()))?;
+    let bytes =
+        body.map_err(|e| Pending::error(e.status(), body_code(e.status()), e.body_text()))?;
     parse_json(headers, &bytes).map_err(|e| Pending::error(e.status, e.code, e.message))
 }
 

@@ -8,7 +8,6 @@
 //! ([`super::bounds`]). Ledger calls run on tokio's blocking pool: writes commit a redb
 //! transaction with an fsync.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Extension;
@@ -21,7 +20,7 @@ use keyledger::{Error, KeyInfo, KeyUpdate, Keys, Ledger, NewKey, PageRequest, Ti
 use serde::{Deserialize, Serialize};
 
 use super::bounds::{Bounds, Refused};
-use super::envelope::{Links, managed, managed_error, no_store, parse_json};
+use super::envelope::{Links, body_code, managed, managed_error, parse_json};
 use super::{App, AuthMode, Caller, READ_ONLY, READ_SCOPE, WRITE_SCOPE};
 
 /// Keys or tokens.
@@ -251,30 +250,31 @@ fn body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, Raw(raw): Raw) -> R
     })
 }
 
-async fn list(
-    kind: Kind,
-    app: Arc<App>,
-    caller: Caller,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Response {
+async fn list(kind: Kind, app: Arc<App>, caller: Caller, query: Q) -> Response {
+    let invalid =
+        |message: String| managed_error(StatusCode::BAD_REQUEST, "invalid_request", message);
     let Ok(Query(query)) = query else {
-        return managed_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "unreadable query",
-        );
+        return invalid("unreadable query".into());
     };
+    // A parameter given twice is refused, not read as its first or last value: a proxy
+    // or cache in front may read the other one.
+    let mut seen = std::collections::HashSet::new();
+    if let Some((name, _)) = query.iter().find(|(name, _)| !seen.insert(name)) {
+        return invalid(format!(
+            "`{}` is given more than once",
+            name.escape_default()
+        ));
+    }
+    let get = |name: &str| query.iter().find(|(n, _)| n == name).map(|(_, v)| v);
     let mut page = PageRequest::first();
-    if let Some(limit) = query.get("limit") {
+    if let Some(limit) = get("limit") {
+        let digits = !limit.is_empty() && limit.bytes().all(|b| b.is_ascii_digit());
         match limit.parse::<usize>() {
-            Ok(n) if (1..=keyledger::MAX_LIMIT).contains(&n) => page = page.limit(n),
-            _ => {
-                let message = format!("limit must be 1–{}", keyledger::MAX_LIMIT);
-                return managed_error(StatusCode::BAD_REQUEST, "invalid_request", message);
-            }
+            Ok(n) if digits && (1..=keyledger::MAX_LIMIT).contains(&n) => page = page.limit(n),
+            _ => return invalid(format!("limit must be 1–{}", keyledger::MAX_LIMIT)),
         }
     }
-    if let Some(cursor) = query.get("cursor") {
+    if let Some(cursor) = get("cursor") {
         page = page.after(cursor.as_str());
     }
     blocking(&app, move |ledger| {
@@ -366,6 +366,11 @@ async fn create(
         if let Err(r) = bounds.permissions(&scopes) {
             return refused(r);
         }
+        if kind == Kind::Token
+            && let Err(r) = bounds.may_mint_tokens()
+        {
+            return refused(r);
+        }
         let new = match bounds.ips(req.ips) {
             Ok(ips) => new.permissions(scopes).ips(ips),
             Err(r) => return refused(r),
@@ -391,7 +396,8 @@ async fn create(
                 };
                 let mut view = KeyView::of(created.info);
                 view.value = Some(created.plaintext.expose().to_owned());
-                no_store(managed(StatusCode::CREATED, view, Some(links)))
+                // `envelope::private` marks it `no-store`, as every answer.
+                managed(StatusCode::CREATED, view, Some(links))
             }
             Err(e) => failure(&e),
         }
@@ -496,7 +502,7 @@ async fn delete(kind: Kind, app: Arc<App>, caller: Caller, id: String) -> Respon
     .await
 }
 
-type Q = Result<Query<HashMap<String, String>>, QueryRejection>;
+type Q = Result<Query<Vec<(String, String)>>, QueryRejection>;
 
 /// A management request's body, read within the app's `request_deadline` (408 otherwise).
 /// Management routes have no deadline on the whole request — a write started on the
@@ -509,11 +515,18 @@ impl FromRequest<Arc<App>> for Raw {
     type Rejection = std::convert::Infallible;
 
     async fn from_request(req: Request, app: &Arc<App>) -> Result<Raw, Self::Rejection> {
+        // A key that may not write is refused before its body is read (or, with
+        // `Expect: 100-continue`, asked for).
+        if let Some(caller) = req.extensions().get::<Caller>() {
+            if let Err(refused) = require_write(caller) {
+                return Ok(Raw(Err(refused)));
+            }
+        }
         let limit = app.request_deadline;
         let read = match tokio::time::timeout(limit, Bytes::from_request(req, app)).await {
             Ok(read) => read.map_err(|e: BytesRejection| Fail {
                 status: e.status(),
-                code: "invalid_request",
+                code: body_code(e.status()),
                 message: e.body_text(),
             }),
             Err(_) => Err(Fail {

@@ -228,5 +228,6 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(envelope::not_found)
         .method_not_allowed_fallback(envelope::method_not_allowed)
         .layer(map_response(envelope::render))
+        .layer(map_response(envelope::private))
         .with_state(app)
 }

@@ -166,11 +166,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             auth,
             default_owner: boot.account,
             request_deadline: std::time::Duration::from_secs(30),
+            header_deadline: std::time::Duration::from_secs(10),
         });
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         addrs.push(listener.local_addr()?);
         runtime.spawn(async move {
-            let _ = axum::serve(listener, app::make_service(state)).await;
+            app::serve(listener, state, std::future::pending()).await;
         });
     }
     in_process(&ledger, &admin)?;

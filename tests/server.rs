@@ -1185,6 +1185,38 @@ fn management_answers_are_private_and_its_queries_and_bodies_strict() {
 }
 
 #[test]
+fn a_client_trickling_its_headers_is_cut_off() {
+    // Found by a reviewer: with `axum::serve` there was no header deadline, so a client
+    // sending one header line a second, no key yet, held its connection for ever.
+    use std::io::{ErrorKind, Read, Write};
+    let s = Server::start();
+    let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
+    conn.write_all(b"GET /v2/keys HTTP/1.1\r\nhost: x\r\n")
+        .unwrap();
+    let started = std::time::Instant::now();
+    // The test server's header deadline is 1 s; 30 lines over 3 s go well past it.
+    let mut refused = false;
+    for _ in 0..30 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if conn.write_all(b"x-a: b\r\n").is_err() {
+            refused = true;
+            break;
+        }
+    }
+    if !refused {
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut rest = Vec::new();
+        let closed = match conn.read_to_end(&mut rest) {
+            Ok(_) => true,
+            Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        };
+        assert!(closed, "the server still held the connection");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(9));
+}
+
+#[test]
 fn minting_a_key_never_mints_credits() {
     // Found by a reviewer: a key with 3 credits of its own, in an account without a pool,
     // minted an unmetered key.

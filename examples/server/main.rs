@@ -146,24 +146,23 @@ fn run() -> Result<(), String> {
         auth,
         default_owner: account,
         request_deadline: REQUEST_DEADLINE,
+        header_deadline: HEADER_DEADLINE,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
-    let served = runtime.block_on(async move {
+    let served: Result<(), String> = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("listen on {addr}: {e}"))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
         println!("listening on http://{local}");
         let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
-        let serve = axum::serve(listener, app::make_service(state)).with_graceful_shutdown(
-            async move {
-                shutdown_signal().await;
-                let _ = signalled.send(());
-            },
-        );
+        let serve = app::serve(listener, state, async move {
+            shutdown_signal().await;
+            let _ = signalled.send(());
+        });
         // A graceful shutdown waits for open connections; a client that never finishes its
         // request must not keep the ledger from closing.
         let drained = async move {
@@ -173,7 +172,7 @@ fn run() -> Result<(), String> {
             }
         };
         tokio::select! {
-            served = serve => served.map_err(|e| format!("server: {e}")),
+            () = serve => Ok(()),
             () = drained => {
                 println!("connections still open after {} s: closing anyway", DRAIN_DEADLINE.as_secs());
                 Ok(())
@@ -189,6 +188,9 @@ fn run() -> Result<(), String> {
 
 /// How long a verified generation request may take, body included (`App::request_deadline`).
 const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long a client may take to send a request's headers (`App::header_deadline`).
+const HEADER_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How long a shutdown waits for open connections before it closes the ledger anyway.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);

@@ -71,6 +71,7 @@ impl Server {
             auth,
             default_owner: boot.account,
             request_deadline: REQUEST_DEADLINE,
+            header_deadline: std::time::Duration::from_secs(1),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -82,7 +83,7 @@ impl Server {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         runtime.spawn(async move {
-            let _ = axum::serve(listener, app::make_service(state)).await;
+            app::serve(listener, state, std::future::pending()).await;
         });
         Server {
             runtime,

@@ -110,6 +110,8 @@ pub struct App {
     /// answered 408 and its grant dropped (refunded), and how long a management request's
     /// body may take to arrive: 30 s in `main.rs`.
     pub request_deadline: std::time::Duration,
+    /// How long a client may take to send a request's headers: 10 s in `main.rs`.
+    pub header_deadline: std::time::Duration,
 }
 
 /// What [`bootstrap`] found or made.
@@ -175,12 +177,49 @@ pub fn bootstrap(ledger: &Ledger) -> keyledger::Result<Bootstrap> {
     })
 }
 
-/// The router as a service that records each connection's peer address (the auth layer
-/// checks it against keys' IP allowlists): what `axum::serve` takes.
-pub fn make_service(
+/// Serves `app` on `listener` until `shutdown` resolves, then waits for the connections
+/// still open (the caller bounds that wait). Each request carries its connection's peer
+/// address (`ConnectInfo`), which the auth layer checks against keys' IP allowlists.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
     app: Arc<App>,
-) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, std::net::SocketAddr> {
-    router(app).into_make_service_with_connect_info::<std::net::SocketAddr>()
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use axum::extract::ConnectInfo;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // `axum::serve` sets no header deadline: a client trickling header lines, with no key
+    // yet, could hold a connection for ever.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(app.header_deadline);
+    let router = router(app);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                // Out of file descriptors, say: wait a little rather than spin.
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            // A `Router` is always ready (its `poll_ready` never waits).
+            tower_service::Service::call(&mut router.clone(), req.map(axum::body::Body::new))
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// The whole router: generation routes, key management, connectors.

@@ -178,6 +178,18 @@ impl KeyFormat {
     }
 
     /// The class a visible prefix (of an imported key) belongs to.
+    /// Whether `text` holds one of this format's own keys anywhere (glued to other
+    /// characters or not). Keys of legacy prefixes are not looked for: without a checksum,
+    /// an ordinary word after such a prefix reads as one.
+    pub(crate) fn holds_key(&self, text: &str) -> bool {
+        self.prefixes.iter().any(|(prefix, _)| {
+            text.match_indices(prefix.as_str()).any(|(at, _)| {
+                let key = text[at..].get(..prefix.len() + BODY_LEN + CHECKSUM_LEN);
+                key.is_some_and(|key| self.parse(key).is_ok())
+            })
+        })
+    }
+
     pub(crate) fn classify_prefix(&self, visible: &str) -> Option<KeyClass> {
         self.prefixes
             .iter()

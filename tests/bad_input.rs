@@ -98,11 +98,15 @@ fn a_key_given_as_a_name_or_type_is_refused() {
     let (t, owner, key) = setup();
     let (_, plaintext) = t.key(&owner, "other");
     let _guard = Unchanged::new(&t);
-    for given in [
-        plaintext.as_str(),
-        &format!(" {plaintext} "),
-        &format!("ci {plaintext}"),
-    ] {
+    let glued = [
+        format!(" {plaintext} "),
+        format!("ci {plaintext}"),
+        format!("key={plaintext}"),
+        format!("\"{plaintext}\""),
+        format!("{plaintext}."),
+        format!("x\u{200B}{plaintext}"),
+    ];
+    for given in std::iter::once(plaintext.as_str()).chain(glued.iter().map(String::as_str)) {
         let refused = t
             .ledger
             .keys()
@@ -119,6 +123,19 @@ fn a_key_given_as_a_name_or_type_is_refused() {
         let token = NewKey::token(owner, given, "svc");
         assert_invalid(t.ledger.tokens().create(token), "type");
     }
+}
+
+#[test]
+fn a_name_after_a_legacy_prefix_is_still_a_name() {
+    // A legacy key has no checksum: any 16 characters after its prefix read as one, so
+    // names are not searched for legacy keys (found by a reviewer of the check above).
+    let master = MasterKey::generate().unwrap();
+    let t = TestLedger::with_settings(master, |b| b.legacy_prefix("sk_live_"));
+    let owner = t.account("Acme");
+    assert_eq!(
+        t.key(&owner, "sk_live_replacement_for_stripe").0.name,
+        "sk_live_replacement_for_stripe"
+    );
 }
 
 #[test]

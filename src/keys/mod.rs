@@ -491,11 +491,7 @@ impl<'a> Keys<'a> {
     /// value where its name goes would have it shown in every listing.
     fn label(&self, field: &'static str, text: &str) -> Result<String> {
         let label = rules::name(field, text)?;
-        let format = &self.ledger.inner.format;
-        match label
-            .split_whitespace()
-            .any(|word| format.parse(word).is_ok())
-        {
+        match self.ledger.inner.format.holds_key(&label) {
             true => Err(Error::invalid(
                 field,
                 "it holds an API key, which would be shown in every listing",

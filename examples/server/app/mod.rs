@@ -177,6 +177,9 @@ pub fn bootstrap(ledger: &Ledger) -> keyledger::Result<Bootstrap> {
     })
 }
 
+/// Connections [`serve`] holds open at once.
+pub const MAX_CONNECTIONS: usize = 512;
+
 /// Serves `app` on `listener` until `shutdown` resolves, then waits for the connections
 /// still open (the caller bounds that wait). Each request carries its connection's peer
 /// address (`ConnectInfo`), which the auth layer checks against keys' IP allowlists.
@@ -194,18 +197,34 @@ pub async fn serve(
         .header_read_timeout(app.header_deadline);
     let router = router(app);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // At most this many connections at once: past it, new ones wait in the listen backlog
+    // instead of taking the process's last file descriptors (the ledger needs some).
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                // Out of file descriptors, say: wait a little rather than spin.
-                Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let permit = tokio::select! {
+            permit = open.clone().acquire_owned() => permit,
             () = &mut shutdown => break,
+        };
+        let Ok(permit) = permit else {
+            break; // the semaphore is never closed
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // A client that gave up before it was accepted is no news; anything else
+                // (out of file descriptors) is, and is retried after a pause, not in a spin.
+                use std::io::ErrorKind::{ConnectionAborted, ConnectionReset};
+                if !matches!(e.kind(), ConnectionAborted | ConnectionReset) {
+                    eprintln!("accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                continue;
+            }
         };
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
@@ -216,6 +235,7 @@ pub async fn serve(
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             let _ = connection.await;
+            drop(permit);
         });
     }
     drop(listener);

@@ -414,6 +414,15 @@ impl Engine {
         }
     }
 
+    /// Why the writer did not answer: the ledger closed, or (a panic, a test's simulated
+    /// crash) the writer stopped without one.
+    fn closed(&self) -> Error {
+        match self.shared.closing.load(Ordering::Acquire) {
+            true => Error::Closed,
+            false => Error::Conflict("the credit writer stopped; reopen the ledger".into()),
+        }
+    }
+
     /// Gives every lease back and flushes, as a close does, but keeps the writer running;
     /// [`Shared::held`] then says what grants still hold.
     fn drain(&self) -> Result<()> {
@@ -1155,17 +1164,6 @@ fn owner_key_hashes(store: &Store, owner: u64) -> Result<Vec<KeyHash>> {
         }
     }
     Ok(hashes)
-}
-
-impl Engine {
-    /// Why the writer did not answer: the ledger closed, or (a panic, a test's simulated
-    /// crash) the writer stopped without one.
-    fn closed(&self) -> Error {
-        match self.shared.closing.load(Ordering::Acquire) {
-            true => Error::Closed,
-            false => Error::Conflict("the credit writer stopped; reopen the ledger".into()),
-        }
-    }
 }
 
 /// What [`recover_leases`] found at open.

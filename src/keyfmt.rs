@@ -177,7 +177,6 @@ impl KeyFormat {
         Ok(KeyClass::Legacy)
     }
 
-    /// The class a visible prefix (of an imported key) belongs to.
     /// Whether `text` holds one of this format's own keys anywhere (glued to other
     /// characters or not). Keys of legacy prefixes are not looked for: without a checksum,
     /// an ordinary word after such a prefix reads as one.
@@ -190,6 +189,7 @@ impl KeyFormat {
         })
     }
 
+    /// The class a visible prefix (of an imported key) belongs to.
     pub(crate) fn classify_prefix(&self, visible: &str) -> Option<KeyClass> {
         self.prefixes
             .iter()

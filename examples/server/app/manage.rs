@@ -340,9 +340,7 @@ async fn create(
     headers: HeaderMap,
     raw: Raw,
 ) -> Response {
-    if let Err(refused) = require_write(&caller) {
-        return refused.into();
-    }
+    // A caller that may not write was refused by `Raw`, before its body was read.
     let req: CreateRequest = match body(&headers, raw) {
         Ok(req) => req,
         Err(refused) => return refused.into(),
@@ -425,9 +423,7 @@ async fn update(
     headers: HeaderMap,
     raw: Raw,
 ) -> Response {
-    if let Err(refused) = require_write(&caller) {
-        return refused.into();
-    }
+    // A caller that may not write was refused by `Raw`, before its body was read.
     let req: UpdateRequest = match body(&headers, raw) {
         Ok(req) => req,
         Err(refused) => return refused.into(),

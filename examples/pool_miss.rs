@@ -5,7 +5,7 @@
 //! ```sh
 //! cargo run --release --example pool_miss
 //! ```
-use keyledger::{Config, Ledger, MasterKey, NewAccount, NewKey, Presented, Request};
+use keyledger::{Config, Ledger, MasterKey, NewAccount, NewKey, NewPool, Presented, Request};
 use std::time::Instant;
 
 fn main() {
@@ -21,13 +21,7 @@ fn main() {
         .map(|i| {
             ledger
                 .credits()
-                .create_pool(
-                    owner.id.as_str(),
-                    &format!("p{i}"),
-                    1_000_000_000,
-                    None,
-                    None,
-                )
+                .create_pool(NewPool::new(owner.id, format!("p{i}")).credits(1_000_000_000))
                 .unwrap()
         })
         .collect();

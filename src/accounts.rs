@@ -120,7 +120,7 @@ impl<'a> Accounts<'a> {
 
     /// Creates an account.
     pub fn create(&self, new: NewAccount) -> Result<Account> {
-        let name = rules::name("name", &new.name)?;
+        let name = self.ledger.label("name", &new.name)?;
         let entitlements = entitlements(&new.entitlements)?;
         let now = self.ledger.now();
         let record = AccountRecord {
@@ -156,7 +156,7 @@ impl<'a> Accounts<'a> {
         let name = update
             .name
             .as_deref()
-            .map(|n| rules::name("name", n))
+            .map(|n| self.ledger.label("name", n))
             .transpose()?;
         let ents = update
             .entitlements

@@ -683,6 +683,19 @@ impl Engine {
         }
     }
 
+    /// A pool's refill changed: its meter in memory, if any, asks the writer before its
+    /// next spend, which reads the new terms (a refill may now be due, or an empty balance
+    /// spendable). Counted as a reset, so a miss that read the old terms before the change
+    /// does not register a meter with them (it reads again).
+    pub(crate) fn pool_refill_changed(&self, id: u64) {
+        let meters = self.shared.meters.lock();
+        self.shared.meter_resets.fetch_add(1, Ordering::AcqRel);
+        if let Some(meter) = meters.get(id).filter(|m| m.is_pool()) {
+            meter.set_empty_until(0);
+            meter.set_refill_at(0);
+        }
+    }
+
     /// A key's or pool's low-balance threshold changed: its meter in memory, if any, learns
     /// it. Counted as a reset, so a miss that read the old threshold before the change does
     /// not register a meter with it (it reads again).
@@ -1721,7 +1734,7 @@ mod tests {
         // A miss that read pool `name` (created now), with `between` done before its meter.
         let miss = |name: &str, between: &dyn Fn(&str)| {
             let pool = credits
-                .create_pool(&owner, name, 10, None, None)
+                .create_pool(crate::NewPool::new(owner, name).credits(10))
                 .unwrap()
                 .id;
             let id = f.ledger.inner.ids.decode(IdKind::Pool, &pool).unwrap();

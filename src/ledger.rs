@@ -171,6 +171,20 @@ impl Ledger {
         Ok(store::scheme_counts(&table)?.into_iter().collect())
     }
 
+    /// A name (of a key, account or pool) or token type: [`rules::name`](crate::record::rules::name),
+    /// holding no key — a client that sends a key's value where its name goes would have it
+    /// shown in every listing.
+    pub(crate) fn label(&self, field: &'static str, text: &str) -> Result<String> {
+        let label = crate::record::rules::name(field, text)?;
+        match self.inner.format.holds_key(&label) {
+            true => Err(Error::invalid(
+                field,
+                "it holds an API key, which would be shown in every listing",
+            )),
+            false => Ok(label),
+        }
+    }
+
     pub(crate) fn now(&self) -> Timestamp {
         self.inner.clock.now()
     }

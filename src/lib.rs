@@ -64,7 +64,7 @@ pub use config::{
     ENV_MASTER_KEY_FILE, ENV_TEST_PREFIX, ENV_TOKEN_PREFIX,
 };
 pub use credits::events::{CreditEvent, CreditEventKind};
-pub use credits::{Credits, LeaseWaits, Pool, Usage};
+pub use credits::{Credits, LeaseWaits, NewPool, Pool, PoolUpdate, Usage};
 pub use denial::Denial;
 pub use engine::Durability;
 pub use error::{CodecError, ConfigError, Error, HeaderError, InvalidId, MalformedKey, Result};

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use common::*;
 use keyledger::{
     AccountUpdate, Config, ConfigError, ENV_MASTER_KEY, ENV_MASTER_KEY_FILE, Error, ImportKey,
-    ImportedHash, KeyUpdate, Ledger, MasterKey, NewAccount, NewKey, PageRequest, RateLimit,
-    RouteRule, Timestamp,
+    ImportedHash, KeyUpdate, Ledger, MasterKey, NewAccount, NewKey, NewPool, PageRequest,
+    RateLimit, RouteRule, Timestamp,
 };
 
 /// Asserts every rejected call leaves the ledger unchanged.
@@ -122,6 +122,12 @@ fn a_key_given_as_a_name_or_type_is_refused() {
         );
         let token = NewKey::token(owner, given, "svc");
         assert_invalid(t.ledger.tokens().create(token), "type");
+        // Account and pool names are listed too.
+        assert_invalid(t.ledger.accounts().create(NewAccount::new(given)), "name");
+        let rename = AccountUpdate::new().name(given);
+        assert_invalid(t.ledger.accounts().update(&owner, rename), "name");
+        let pool = NewPool::new(owner, given).credits(1);
+        assert_invalid(t.ledger.credits().create_pool(pool), "name");
     }
 }
 

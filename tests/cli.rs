@@ -888,6 +888,21 @@ fn pools_update_and_delete() {
     assert_eq!(v["low_balance_threshold"], 3, "{v}");
     let v = s.json(&["pools", "update", &pool_id, "--no-low-balance"]);
     assert!(v["low_balance_threshold"].is_null(), "{v}");
+    let args = ["--name", "team", "--refill-monthly", "20"];
+    let v = s.json(&[&["pools", "update", &pool_id][..], &args].concat());
+    assert_eq!(
+        (&v["name"], &v["refill"]["amount"], &v["refill"]["interval"]),
+        (&"team".into(), &20.into(), &"monthly".into()),
+        "{v}"
+    );
+    assert_eq!(v["remaining"], 7, "a new refill starts with the next month");
+    let v = s.json(&["pools", "update", &pool_id, "--no-refill"]);
+    assert!(v["refill"].is_null(), "{v}");
+    // Nothing to change, or two contradicting flags: a usage error, nothing written.
+    for args in [&[][..], &["--refill-daily", "1", "--no-refill"]] {
+        let out = s.run(&[&["pools", "update", &pool_id][..], args].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    }
     let v = s.json(&["pools", "delete", &pool_id]);
     assert_eq!(
         (v["deleted"].as_str(), v["credits_left"].as_u64()),

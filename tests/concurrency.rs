@@ -9,7 +9,7 @@ use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use common::*;
-use keyledger::{Durability, Ledger, NewKey, Request};
+use keyledger::{Durability, Ledger, NewKey, NewPool, Request};
 
 /// `threads` threads each run `per_thread` verify + commit(1) on keys taken round-robin from
 /// `keys`; returns the grants per key.
@@ -131,7 +131,7 @@ fn a_pool_grants_exactly_its_credits(durability: Durability, exact: bool) {
         let pool = t
             .ledger
             .credits()
-            .create_pool(&owner, "shared", credits, None, None)
+            .create_pool(NewPool::new(owner, "shared").credits(credits))
             .unwrap();
         let keys: Vec<String> = (0..3)
             .map(|i| create_key(&t.ledger, NewKey::new(owner, format!("k{i}")).pool(pool.id)).1)

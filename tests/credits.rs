@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use keyledger::fuzzing::CrashBackend;
 use keyledger::{
-    CreditEventKind, Durability, Error, KeyUpdate, Ledger, NewKey, PageRequest, Refill,
-    RefillInterval, Request, RouteRule, SpendTier, Timestamp,
+    CreditEventKind, Durability, Error, KeyUpdate, Ledger, NewKey, NewPool, PageRequest,
+    PoolUpdate, Refill, RefillInterval, Request, RouteRule, SpendTier, Timestamp,
 };
 
 const DAY_MS: u64 = 86_400_000;
@@ -20,7 +20,11 @@ fn pooled_key(t: &TestLedger) -> (keyledger::Pool, keyledger::PublicId, String) 
     let pool = t
         .ledger
         .credits()
-        .create_pool(&owner, "p", 100, None, Some(10))
+        .create_pool(
+            NewPool::new(owner, "p")
+                .credits(100)
+                .low_balance_threshold(10),
+        )
         .unwrap();
     let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "a").pool(pool.id));
     (pool, id, plain)
@@ -669,7 +673,7 @@ fn keys_of_one_account_share_a_pool() {
         let pool = t
             .ledger
             .credits()
-            .create_pool(&owner, "team budget", 50, None, None)
+            .create_pool(NewPool::new(owner, "team budget").credits(50))
             .unwrap();
         assert!(pool.id.starts_with("pool_"));
         assert_eq!((pool.owner, pool.remaining), (owner, 50));
@@ -712,7 +716,7 @@ fn a_key_draws_from_a_pool_or_its_own_credits_never_both() {
     let pool = t
         .ledger
         .credits()
-        .create_pool(&owner, "p", 10, None, None)
+        .create_pool(NewPool::new(owner, "p").credits(10))
         .unwrap();
     let both = t
         .ledger
@@ -733,7 +737,7 @@ fn a_pool_key_cannot_be_given_its_own_credits_by_update() {
     let pool = t
         .ledger
         .credits()
-        .create_pool(&owner, "p", 10, None, None)
+        .create_pool(NewPool::new(owner, "p").credits(10))
         .unwrap();
     let (id, _) = create_key(&t.ledger, NewKey::new(owner, "k").pool(pool.id));
     let result = t
@@ -754,14 +758,9 @@ fn a_pool_refills_like_a_key() {
         .ledger
         .credits()
         .create_pool(
-            &owner,
-            "daily",
-            4,
-            Some(Refill {
-                amount: 6,
-                interval: RefillInterval::Daily,
-            }),
-            None,
+            NewPool::new(owner, "daily")
+                .credits(4)
+                .refill(6, RefillInterval::Daily),
         )
         .unwrap();
     let (_, a) = create_key(&t.ledger, NewKey::new(owner, "a").pool(pool.id));
@@ -769,6 +768,125 @@ fn a_pool_refills_like_a_key() {
     assert_eq!(drain(&t, &a, 100) + drain(&t, &b, 100), 4);
     t.clock.set(next_day(&t));
     assert_eq!(drain(&t, &b, 100) + drain(&t, &a, 100), 6);
+}
+
+/// A customer's plan changes: its team pool's refill changes while its keys are spending,
+/// and the new terms apply from the next period — the balance of this one stays.
+#[test]
+fn a_pools_refill_changed_in_use_applies_from_the_next_period() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let credits = t.ledger.credits().by("billing");
+    let pool = credits
+        .create_pool(NewPool::new(owner, "team").credits(4))
+        .unwrap();
+    let (_, key) = create_key(&t.ledger, NewKey::new(owner, "k").pool(pool.id));
+    assert_eq!(drain(&t, &key, 1), 1, "the pool's meter is in memory");
+    let daily = |amount| Refill {
+        amount,
+        interval: RefillInterval::Daily,
+    };
+    let updated = credits
+        .update_pool(&pool.id, PoolUpdate::new().refill(Some(daily(6))))
+        .unwrap();
+    assert_eq!((updated.refill, updated.remaining), (Some(daily(6)), 3));
+    let entry = &t.ledger.audit().recent(1).unwrap()[0];
+    assert_eq!(
+        (
+            entry.action.as_str(),
+            entry.actor.as_str(),
+            entry.fields.clone()
+        ),
+        ("pool.updated", "billing", vec!["refill".to_owned()])
+    );
+    assert_eq!(drain(&t, &key, 100), 3, "no refill before the next period");
+    t.clock.set(next_day(&t));
+    assert_eq!(drain(&t, &key, 100), 6, "refilled on the new terms");
+    // A changed amount applies from the next period too; so does no refill at all.
+    credits
+        .update_pool(&pool.id, PoolUpdate::new().refill(Some(daily(9))))
+        .unwrap();
+    t.clock.set(next_day(&t));
+    assert_eq!(drain(&t, &key, 100), 9);
+    credits
+        .update_pool(&pool.id, PoolUpdate::new().refill(None))
+        .unwrap();
+    t.clock.set(next_day(&t));
+    assert_eq!(drain(&t, &key, 100), 0, "no more refills");
+    let usage = credits.usage(&pool.id).unwrap();
+    assert_eq!(
+        (usage.spent, usage.remaining, usage.granted),
+        (19, Some(0), 19)
+    );
+    let t = t.close_and_reopen();
+    assert_eq!(t.ledger.credits().pool(&pool.id).unwrap().refill, None);
+}
+
+/// A refill given to a pool while its balance is known empty makes it spendable at the next
+/// period, not only once the empty mark would have run out.
+#[test]
+fn an_empty_pool_given_a_refill_spends_again_at_the_next_period() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let credits = t.ledger.credits();
+    let pool = credits
+        .create_pool(NewPool::new(owner, "team").credits(2))
+        .unwrap();
+    let (_, key) = create_key(&t.ledger, NewKey::new(owner, "k").pool(pool.id));
+    assert_eq!(drain(&t, &key, 100), 2);
+    let refill = Refill {
+        amount: 5,
+        interval: RefillInterval::Daily,
+    };
+    credits
+        .update_pool(&pool.id, PoolUpdate::new().refill(Some(refill)))
+        .unwrap();
+    assert_eq!(drain(&t, &key, 100), 0);
+    t.clock.set(next_day(&t));
+    assert_eq!(drain(&t, &key, 100), 5);
+}
+
+#[test]
+fn a_pool_is_renamed_and_an_update_that_changes_nothing_writes_nothing() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let credits = t.ledger.credits();
+    let pool = credits
+        .create_pool(NewPool::new(owner, "team").credits(2))
+        .unwrap();
+    let renamed = credits
+        .update_pool(&pool.id, PoolUpdate::new().name("Team budget"))
+        .unwrap();
+    assert_eq!(renamed.name, "Team budget");
+    assert_eq!(credits.pools(&owner).unwrap(), vec![renamed.clone()]);
+    let seq = t.ledger.audit().recent(1).unwrap()[0].seq;
+    let same = PoolUpdate::new()
+        .name("Team budget")
+        .refill(None)
+        .low_balance_threshold(None);
+    assert_eq!(credits.update_pool(&pool.id, same).unwrap(), renamed);
+    assert_eq!(t.ledger.audit().recent(1).unwrap()[0].seq, seq, "no entry");
+    let (_, key) = create_key(&t.ledger, NewKey::new(owner, "k").credits(1));
+    for bad in ["", &"x".repeat(51), &format!("my key {key}")] {
+        let err = credits
+            .update_pool(&pool.id, PoolUpdate::new().name(bad))
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{bad:?}: {err}");
+        assert!(!err.to_string().contains(&key));
+        assert!(
+            credits
+                .create_pool(NewPool::new(owner, bad).credits(1))
+                .is_err()
+        );
+    }
+    assert_eq!(credits.pool(&pool.id).unwrap().name, "Team budget");
+    assert!(matches!(
+        credits.update_pool(
+            &pool.id.to_string().replace("pool_", "acct_"),
+            PoolUpdate::new()
+        ),
+        Err(Error::InvalidId(_))
+    ));
 }
 
 #[test]
@@ -1106,7 +1224,7 @@ fn a_pools_threshold_changed_in_use_applies_at_once() {
     assert_eq!(drain(&t, &plain, 20), 20);
     let credits = t.ledger.credits();
     let updated = credits
-        .set_pool_low_balance_threshold(&pool.id, Some(60))
+        .update_pool(&pool.id, PoolUpdate::new().low_balance_threshold(Some(60)))
         .unwrap();
     assert_eq!(updated.low_balance_threshold, Some(60));
     assert_eq!(drain(&t, &plain, 30), 30);
@@ -1114,7 +1232,7 @@ fn a_pools_threshold_changed_in_use_applies_at_once() {
     assert_eq!(low.len(), 1, "80 left fell to 50, past 60: {low:?}");
     assert_eq!(low[0].subject, pool.id);
     assert!(matches!(
-        credits.set_pool_low_balance_threshold("pool_forged", None),
+        credits.update_pool("pool_forged", PoolUpdate::new().low_balance_threshold(None)),
         Err(Error::InvalidId(_))
     ));
     let t = t.close_and_reopen();
@@ -1162,7 +1280,9 @@ fn a_pool_is_deleted_once_no_key_spends_from_it() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
     let credits = t.ledger.credits().by("ops");
-    let pool = credits.create_pool(&owner, "p", 100, None, None).unwrap();
+    let pool = credits
+        .create_pool(NewPool::new(owner, "p").credits(100))
+        .unwrap();
     let (key, plain) = create_key(&t.ledger, NewKey::new(owner, "a").pool(pool.id));
     assert_eq!(drain(&t, &plain, 30), 30, "the pool's meter holds a lease");
 

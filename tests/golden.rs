@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use keyledger::{
     Config, Denial, Error, HashScheme, ImportKey, ImportedHash, Ledger, ManualClock, MasterKey,
-    NewAccount, NewKey, PageRequest, Presented, Request, RouteRule, Timestamp,
+    NewAccount, NewKey, NewPool, PageRequest, Presented, Request, RouteRule, Timestamp,
 };
 use sha2::{Digest, Sha256};
 
@@ -275,7 +275,7 @@ fn write_golden_file() {
         .unwrap();
     let pool = ledger
         .credits()
-        .create_pool(&account.id, "shared", 50, None, None)
+        .create_pool(NewPool::new(account.id, "shared").credits(50))
         .unwrap();
     ledger
         .keys()

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use keyledger::{
-    Config, Durability, Ledger, MasterKey, NewAccount, NewKey, PageRequest, Presented, Request,
+    Config, Durability, Ledger, MasterKey, NewAccount, NewKey, NewPool, PageRequest, Presented,
+    Request,
 };
 
 const CHILD_ENV: &str = "KEYLEDGER_KILL_CHILD";
@@ -60,7 +61,7 @@ fn child_entry() {
         let account = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
         let pool = ledger
             .credits()
-            .create_pool(&account.id, "shared", POOL_CREDITS, None, None)
+            .create_pool(NewPool::new(account.id, "shared").credits(POOL_CREDITS))
             .unwrap();
         for i in 0..KEYS + 2 {
             let new = NewKey::new(account.id, format!("k{i}"));

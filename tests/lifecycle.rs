@@ -8,8 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use common::*;
 use keyledger::{
     AccountUpdate, Denial, Error, HeaderError, ImportKey, ImportedHash, KeyClass, KeyKind,
-    KeyUpdate, Ledger, MalformedKey, MasterKey, NewAccount, NewKey, PageRequest, Presented,
-    RateLimit, Refill, RefillInterval, RouteRule, SubscriptionStatus, TokenWindow, permits,
+    KeyUpdate, Ledger, MalformedKey, MasterKey, NewAccount, NewKey, NewPool, PageRequest,
+    Presented, RateLimit, Refill, RefillInterval, RouteRule, SubscriptionStatus, TokenWindow,
+    permits,
 };
 use sha2::{Digest, Sha256};
 
@@ -1019,7 +1020,7 @@ mod damaged {
         let pool = t
             .ledger
             .credits()
-            .create_pool(&owner, "shared", 100, None, None)
+            .create_pool(NewPool::new(owner, "shared").credits(100))
             .unwrap();
         let (pooled, p1) = create_key(&t.ledger, NewKey::new(owner, "pooled").pool(pool.id));
         let (metered, p2) = create_key(&t.ledger, NewKey::new(owner, "metered").credits(10));
@@ -1136,7 +1137,7 @@ mod damaged {
         let pool = t
             .ledger
             .credits()
-            .create_pool(&owner, "shared", 100, None, None)
+            .create_pool(NewPool::new(owner, "shared").credits(100))
             .unwrap();
         let (pooled, p_pooled) = create_key(&t.ledger, NewKey::new(owner, "p").pool(pool.id));
         let (damaged, p_damaged) = create_key(&t.ledger, NewKey::new(owner, "d").credits(1_000));

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use keyledger::{Config, Durability, Ledger, MasterKey, NewAccount, NewKey, Presented, Request};
+use keyledger::{
+    Config, Durability, Ledger, MasterKey, NewAccount, NewKey, NewPool, Presented, Request,
+};
 
 const THREADS: u64 = 4;
 const PER_THREAD: u64 = 3_000;
@@ -25,7 +27,7 @@ fn mixed(durability: Durability) {
     let account = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
     let pool = ledger
         .credits()
-        .create_pool(&account.id, "shared", 3_000, None, None)
+        .create_pool(NewPool::new(account.id, "shared").credits(3_000))
         .unwrap();
     // Two keys with their own credits, two on the pool, one unmetered key to revoke.
     let mut keys = Vec::new();

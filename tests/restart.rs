@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-use keyledger::{Durability, Ledger, MasterKey, NewKey, Request};
+use keyledger::{Durability, Ledger, MasterKey, NewKey, NewPool, Request};
 
 /// Largest lease a meter ever holds (DESIGN §5).
 const MAX_LEASE: u64 = 100_000;
@@ -429,7 +429,7 @@ fn check_reports_the_crash_before_the_ledger_is_reopened() {
     let pool = t
         .ledger
         .credits()
-        .create_pool(&owner, "p", 1_000, None, None)
+        .create_pool(NewPool::new(owner, "p").credits(1_000))
         .unwrap();
     let (_, a) = create_key(&t.ledger, NewKey::new(owner, "a").pool(pool.id));
     let (_, b) = create_key(&t.ledger, NewKey::new(owner, "b").pool(pool.id));

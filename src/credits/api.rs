@@ -1,16 +1,13 @@
 //! [`Credits`]: balances, top-ups, pools and usage, by public id.
 
-use redb::ReadableTable;
 use serde::Serialize;
 
 use super::writer::{Adjust, AuditLine};
-use crate::audit;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use crate::keys::new_balance;
 use crate::ledger::{Ledger, SYSTEM_ACTOR};
 use crate::public_id::{IdKind, PublicId};
-use crate::record::{CreditsRecord, KeyKind, KeyRecord, PoolRecord, Refill, UsageRecord, rules};
+use crate::record::{CreditsRecord, KeyKind, KeyRecord, UsageRecord};
 use crate::store::{self, tables::*};
 
 /// Credit operations. Get one with [`Ledger::credits`].
@@ -55,182 +52,11 @@ pub struct Usage {
     pub last_used_at: Option<Timestamp>,
 }
 
-/// A shared credit pool: several keys of one account spending one budget.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Pool {
-    /// Public id (`pool_…`), for [`NewKey::pool`](crate::NewKey::pool).
-    pub id: PublicId,
-    /// Owning account.
-    pub owner: PublicId,
-    /// Name.
-    pub name: String,
-    /// Credits available.
-    pub remaining: u64,
-    /// Refill that replaces the balance each period.
-    pub refill: Option<Refill>,
-    /// Low-balance event threshold.
-    pub low_balance_threshold: Option<u64>,
-}
-
 impl Credits<'_> {
     /// The same handle, recording `actor` as the author of its changes.
     pub fn by(mut self, actor: impl Into<String>) -> Self {
         self.actor = actor.into();
         self
-    }
-
-    /// Creates a pool of `credits` for `owner`; keys join it with
-    /// [`NewKey::pool`](crate::NewKey::pool).
-    pub fn create_pool(
-        &self,
-        owner: &str,
-        name: &str,
-        credits: u64,
-        refill: Option<Refill>,
-        low_balance_threshold: Option<u64>,
-    ) -> Result<Pool> {
-        let ids = &self.ledger.inner.ids;
-        let owner_id = ids.decode(IdKind::Account, owner)?;
-        let name = rules::name("name", name)?;
-        let now = self.ledger.now();
-        let txn = self.ledger.inner.store.begin_write()?;
-        if txn.open_table(ACCOUNTS)?.get(owner_id)?.is_none() {
-            return Err(Error::NotFound { what: "account" });
-        }
-        let id = store::next_id(&txn)?;
-        let record = PoolRecord {
-            owner: owner_id,
-            name: name.clone(),
-            refill,
-            low_balance_threshold,
-            created_at: now,
-            created_by: self.actor.clone(),
-        };
-        store::put(&mut txn.open_table(POOLS)?, id, &record)?;
-        store::put(
-            &mut txn.open_table(CREDITS)?,
-            id,
-            &new_balance(credits, refill, now),
-        )?;
-        let public = ids.encode(IdKind::Pool, id);
-        audit::append(&txn, now, &self.actor, "pool.created", &public, &[])?;
-        txn.commit()?;
-        Ok(Pool {
-            id: public,
-            owner: ids.encode(IdKind::Account, owner_id),
-            name,
-            remaining: credits,
-            refill,
-            low_balance_threshold,
-        })
-    }
-
-    /// Deletes a pool and its balance. Refused with a conflict while a key or token still
-    /// spends from it (delete those first: a key's pool cannot change). Returns the credits
-    /// that were left, which go with it; the audit trail records the deletion.
-    pub fn delete_pool(&self, id: &str) -> Result<u64> {
-        let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
-        let now = self.ledger.now();
-        let txn = self.ledger.inner.store.begin_write()?;
-        let left = {
-            let mut pools = txn.open_table(POOLS)?;
-            let record: PoolRecord =
-                store::get(&pools, internal)?.ok_or(Error::NotFound { what: "pool" })?;
-            // Only the owner's keys and tokens can spend from its pools.
-            let keys = txn.open_table(KEYS)?;
-            let mut users = 0;
-            for entry in txn
-                .open_table(KEYS_BY_OWNER)?
-                .range((record.owner, 0, 0)..=(record.owner, u8::MAX, u64::MAX))?
-            {
-                let (_, _, key) = entry?.0.value();
-                let key: Option<crate::record::KeyRecord> = store::get(&keys, key)?;
-                users += usize::from(key.is_some_and(|k| k.pool == Some(internal)));
-            }
-            if users > 0 {
-                return Err(Error::Conflict(format!(
-                    "pool in use: {users} key(s) or token(s) spend from it; delete them first"
-                )));
-            }
-            pools.remove(internal)?;
-            let mut balances = txn.open_table(CREDITS)?;
-            let credits: Option<CreditsRecord> = store::get(&balances, internal)?;
-            balances.remove(internal)?;
-            txn.open_table(USAGE)?.remove(internal)?;
-            credits.map_or(0, |c| self.ledger.inner.engine.remaining(internal, &c))
-        };
-        audit::append(&txn, now, &self.actor, "pool.deleted", id, &[])?;
-        txn.commit()?;
-        self.ledger.inner.engine.pool_deleted(internal);
-        Ok(left)
-    }
-
-    /// Sets (`Some`) or clears (`None`) a pool's low-balance threshold; like a key's, it
-    /// applies to the very next spend, counting from the credits left now.
-    pub fn set_pool_low_balance_threshold(&self, id: &str, threshold: Option<u64>) -> Result<Pool> {
-        let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
-        let txn = self.ledger.inner.store.begin_write()?;
-        let record = {
-            let mut pools = txn.open_table(POOLS)?;
-            let mut record: PoolRecord =
-                store::get(&pools, internal)?.ok_or(Error::NotFound { what: "pool" })?;
-            record.low_balance_threshold = threshold;
-            store::put(&mut pools, internal, &record)?;
-            record
-        };
-        let (now, engine) = (self.ledger.now(), &self.ledger.inner.engine);
-        audit::append(
-            &txn,
-            now,
-            &self.actor,
-            "pool.updated",
-            id,
-            &["low_balance_threshold"],
-        )?;
-        let balance = store::get(&txn.open_table(CREDITS)?, internal)?;
-        txn.commit()?;
-        engine.low_balance_changed(internal, threshold);
-        Ok(self.pool_view(internal, record, balance))
-    }
-
-    /// Reads a pool.
-    pub fn pool(&self, id: &str) -> Result<Pool> {
-        let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
-        let read = self.ledger.inner.store.begin_read()?;
-        let record: PoolRecord = store::get(&read.open_table(POOLS)?, internal)?
-            .ok_or(Error::NotFound { what: "pool" })?;
-        let balance = store::get(&read.open_table(CREDITS)?, internal)?;
-        Ok(self.pool_view(internal, record, balance))
-    }
-
-    /// The pools of `owner`, oldest first.
-    pub fn pools(&self, owner: &str) -> Result<Vec<Pool>> {
-        let owner = self.ledger.inner.ids.decode(IdKind::Account, owner)?;
-        let read = self.ledger.inner.store.begin_read()?;
-        let credits = read.open_table(CREDITS)?;
-        let mut found = Vec::new();
-        for entry in read.open_table(POOLS)?.iter()? {
-            let (k, v) = entry?;
-            let record: PoolRecord = crate::codec::decode(v.value())?;
-            if record.owner == owner {
-                let balance = store::get(&credits, k.value())?;
-                found.push(self.pool_view(k.value(), record, balance));
-            }
-        }
-        Ok(found)
-    }
-
-    /// A pool as the API shows it, `durable` being its stored balance (read with `r`).
-    fn pool_view(&self, id: u64, r: PoolRecord, durable: Option<CreditsRecord>) -> Pool {
-        let ids = &self.ledger.inner.ids;
-        Pool {
-            id: ids.encode(IdKind::Pool, id),
-            owner: ids.encode(IdKind::Account, r.owner),
-            name: r.name,
-            remaining: durable.map_or(0, |c| self.ledger.inner.engine.remaining(id, &c)),
-            refill: r.refill,
-            low_balance_threshold: r.low_balance_threshold,
-        }
     }
 
     /// Adds `units` to a key's or pool's balance. Returns the durable balance after.

@@ -3,8 +3,10 @@
 
 mod api;
 pub(crate) mod events;
+mod pools;
 
-pub use api::{Credits, Pool, Usage};
+pub use api::{Credits, Usage};
+pub use pools::{NewPool, Pool, PoolUpdate};
 pub use waits::LeaseWaits;
 pub(crate) mod meter;
 pub(crate) mod refill;

@@ -2,7 +2,7 @@
 //! or the 1st of the month), applied when a lease is next taken, never by a timer.
 
 use crate::clock::Timestamp;
-use crate::record::{CreditsRecord, RefillInterval};
+use crate::record::{CreditsRecord, Refill, RefillInterval};
 
 const DAY_MS: u64 = 86_400_000;
 
@@ -39,6 +39,19 @@ pub(crate) fn due_at(record: &CreditsRecord, now: Timestamp) -> u64 {
         Some(at) if at >= period_start(refill.interval, now) => next_period(refill.interval, now).0,
         _ => 0,
     }
+}
+
+/// Puts `refill` in place of `record`'s. A new refill starts with the next period. A changed
+/// one keeps the date of its last refill: refills apply lazily, so a period that began before
+/// the change and was not refilled yet still is (on the new terms), rather than being skipped.
+pub(crate) fn replace(record: &mut CreditsRecord, refill: Option<Refill>, now: Timestamp) {
+    if record.refill == refill {
+        return;
+    }
+    if record.refill.is_none() || refill.is_none() {
+        record.refilled_at = refill.map(|r| period_start(r.interval, now));
+    }
+    record.refill = refill;
 }
 
 /// Applies a due refill to `record`: the balance becomes the refill amount. Returns whether

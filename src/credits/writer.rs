@@ -2088,7 +2088,7 @@ mod tests {
         let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
         let pool = ledger
             .credits()
-            .create_pool(owner.id.as_str(), "p", 100, None, None)
+            .create_pool(crate::NewPool::new(owner.id.as_str(), "p").credits(100))
             .unwrap();
         let new_key = |key: NewKey| {
             let created = ledger.keys().create(key).unwrap();

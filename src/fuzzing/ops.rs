@@ -16,6 +16,7 @@ use crate::accounts::NewAccount;
 use crate::clock::{ManualClock, Timestamp};
 use crate::config::Config;
 use crate::credits::meter::MAX_LEASE;
+use crate::credits::{NewPool, PoolUpdate};
 use crate::denial::Denial;
 use crate::engine::Durability;
 use crate::error::Error;
@@ -539,7 +540,7 @@ fn create_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<
     let _ = write!(model.log, " pool({credits});");
     match ledger
         .credits()
-        .create_pool(&owner, "shared", credits, None, None)
+        .create_pool(NewPool::new(&owner, "shared").credits(credits))
     {
         Ok(pool) => {
             let id = pool.id.to_string();
@@ -632,7 +633,7 @@ fn change_threshold(
         let _ = write!(model.log, " pool_threshold(p{j},{threshold:?});");
         let result = ledger
             .credits()
-            .set_pool_low_balance_threshold(&id, threshold);
+            .update_pool(&id, PoolUpdate::new().low_balance_threshold(threshold));
         let exists = model.balances.get(&id).and_then(|bal| bal.exists);
         return match result {
             Ok(pool) => {
@@ -646,7 +647,7 @@ fn change_threshold(
                 Ok(())
             }
             Err(Error::NotFound { .. }) if exists != Some(true) || model.faulted => Ok(()),
-            Err(e) => failed(model, "set_pool_low_balance_threshold", &e),
+            Err(e) => failed(model, "update_pool", &e),
         };
     }
     let Some(i) = pick_index(model, b) else {

@@ -291,7 +291,7 @@ impl<'a> Keys<'a> {
                 return Err(Error::invalid("type", "`api` is the type of API keys"));
             }
             Some(t) => KeyKind::Token {
-                token_type: self.label("type", &t)?,
+                token_type: self.ledger.label("type", &t)?,
             },
             None => KeyKind::Api,
         };
@@ -299,7 +299,7 @@ impl<'a> Keys<'a> {
             kind,
             class,
             owner,
-            name: self.label("name", &s.name)?,
+            name: self.ledger.label("name", &s.name)?,
             key_prefix,
             key_suffix,
             key_hash,
@@ -487,19 +487,6 @@ impl<'a> Keys<'a> {
         Ok(out)
     }
 
-    /// A name or token type: [`rules::name`], holding no key — a client that sends a key's
-    /// value where its name goes would have it shown in every listing.
-    fn label(&self, field: &'static str, text: &str) -> Result<String> {
-        let label = rules::name(field, text)?;
-        match self.ledger.inner.format.holds_key(&label) {
-            true => Err(Error::invalid(
-                field,
-                "it holds an API key, which would be shown in every listing",
-            )),
-            false => Ok(label),
-        }
-    }
-
     /// Applies a partial update; only the fields set change. A new credit balance is set
     /// through the writer thread, so it is ordered with leases already handed out.
     pub fn update(&self, id: &str, update: KeyUpdate) -> Result<KeyInfo> {
@@ -509,7 +496,7 @@ impl<'a> Keys<'a> {
         let name = update
             .name
             .as_deref()
-            .map(|n| self.label("name", n))
+            .map(|n| self.ledger.label("name", n))
             .transpose()?;
         let permissions = update.permissions.as_ref().map(rules::scopes).transpose()?;
         let ips = update.ips.as_ref().map(rules::ips).transpose()?;
@@ -591,17 +578,7 @@ impl<'a> Keys<'a> {
                     (None, _) => {}
                 }
                 if let Some(c) = credits.as_mut() {
-                    if c.refill != limits.refill {
-                        // A new refill starts with the next period. A changed one keeps the
-                        // date of its last refill: refills apply lazily, so a period that
-                        // began before the change and was not refilled yet still is (on the
-                        // new terms), rather than being skipped.
-                        if c.refill.is_none() || limits.refill.is_none() {
-                            c.refilled_at =
-                                limits.refill.map(|r| refill::period_start(r.interval, now));
-                        }
-                        c.refill = limits.refill;
-                    }
+                    refill::replace(c, limits.refill, now);
                 }
             }
             record.limits = limits;

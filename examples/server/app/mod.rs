@@ -22,7 +22,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::middleware::{from_fn_with_state, map_response};
 use axum::routing::{get, post};
-use keyledger::{Ledger, NewAccount, NewKey, PageRequest, PublicId, RouteRule, Secret};
+use keyledger::{Ledger, NewAccount, NewKey, NewPool, PageRequest, PublicId, RouteRule, Secret};
 
 pub use auth::{AuthMode, Caller};
 
@@ -157,13 +157,10 @@ pub fn bootstrap(ledger: &Ledger) -> keyledger::Result<Bootstrap> {
         .accounts()
         .by("server bootstrap")
         .create(NewAccount::new("Default account").entitlements([PROJECTS_ENTITLEMENT]))?;
-    let pool = ledger.credits().by("server bootstrap").create_pool(
-        &account.id,
-        "Default pool",
-        STARTING_CREDITS,
-        None,
-        None,
-    )?;
+    let pool = ledger
+        .credits()
+        .by("server bootstrap")
+        .create_pool(NewPool::new(account.id, "Default pool").credits(STARTING_CREDITS))?;
     let created = ledger.keys().by("server bootstrap").create(
         NewKey::new(account.id, "admin")
             .permissions(["*"])

@@ -202,15 +202,31 @@ pub enum PoolsCommand {
         /// Pool id (`pool_…`).
         id: String,
     },
-    /// Set or clear a pool's low-balance threshold.
+    /// Rename a pool, change its refill or its low-balance threshold (its balance changes
+    /// with `credits add` and `credits set`).
+    #[command(group(
+        ArgGroup::new("change")
+            .args(["name", "refill_daily", "refill_monthly", "no_refill", "low_balance", "no_low_balance"])
+            .required(true)
+            .multiple(true)
+    ))]
     Update {
         /// Pool id (`pool_…`).
         id: String,
+        /// New display name (1–50 characters).
+        #[arg(long)]
+        name: Option<String>,
+        /// New refill, from the period its last refill belongs to.
+        #[command(flatten)]
+        refill: RefillArgs,
+        /// Stop refilling the pool.
+        #[arg(long, conflicts_with_all = ["refill_daily", "refill_monthly"])]
+        no_refill: bool,
         /// Emit a low-balance event when the pool falls to or below this many credits.
-        #[arg(long, value_name = "T", required_unless_present = "no_low_balance")]
+        #[arg(long, value_name = "T", conflicts_with = "no_low_balance")]
         low_balance: Option<u64>,
         /// Remove the low-balance threshold.
-        #[arg(long, conflicts_with = "low_balance")]
+        #[arg(long)]
         no_low_balance: bool,
     },
     /// Delete a pool and its balance (refused while a key or token spends from it).

@@ -1,5 +1,7 @@
 //! `credits top-up|set` and `pools create|update|delete`: balances of keys, tokens and shared pools.
 
+use keyledger::{NewPool, PoolUpdate};
+
 use crate::CliResult;
 use crate::cli::{CreditsCommand, PoolsCommand};
 use crate::context::Context;
@@ -46,24 +48,19 @@ pub fn pools(ctx: &Context, command: PoolsCommand) -> CliResult<u8> {
             refill,
             low_balance,
         } => {
-            let refill = refill.refill();
-            let pool = ledger.credits().by(ACTOR).create_pool(
-                &owner,
-                &name,
-                credits,
-                refill,
-                low_balance,
-            )?;
+            let mut new = NewPool::new(owner, name).credits(credits);
+            if let Some(refill) = refill.refill() {
+                new = new.refill(refill.amount, refill.interval);
+            }
+            if let Some(threshold) = low_balance {
+                new = new.low_balance_threshold(threshold);
+            }
+            let pool = ledger.credits().by(ACTOR).create_pool(new)?;
             if ctx.json {
-                let mut value = serde_json::to_value(&pool)?;
-                if let Some(map) = value.as_object_mut() {
-                    map.insert("refill".into(), serde_json::to_value(refill)?);
-                    map.insert("low_balance_threshold".into(), low_balance.into());
-                }
-                print_json(&value)?;
+                print_json(&pool)?;
             } else {
                 println!("Created pool {}", pool.id);
-                pool_table(&pool, refill, low_balance).indent(2).print();
+                pool_table(&pool).indent(2).print();
                 println!(
                     "\n  Keys join it with: keyledger keys create … --pool {}",
                     pool.id
@@ -82,7 +79,7 @@ pub fn pools(ctx: &Context, command: PoolsCommand) -> CliResult<u8> {
                     if i > 0 {
                         println!();
                     }
-                    pool_table(pool, pool.refill, pool.low_balance_threshold).print();
+                    pool_table(pool).print();
                 }
             }
         }
@@ -91,27 +88,35 @@ pub fn pools(ctx: &Context, command: PoolsCommand) -> CliResult<u8> {
             if ctx.json {
                 print_json(&pool)?;
             } else {
-                pool_table(&pool, pool.refill, pool.low_balance_threshold).print();
+                pool_table(&pool).print();
             }
         }
         PoolsCommand::Update {
-            id, low_balance, ..
+            id,
+            name,
+            refill,
+            no_refill,
+            low_balance,
+            no_low_balance,
         } => {
-            let pool = ledger
-                .credits()
-                .by(ACTOR)
-                .set_pool_low_balance_threshold(&id, low_balance)?;
+            let mut update = PoolUpdate::new();
+            if let Some(name) = name {
+                update = update.name(name);
+            }
+            if let Some(refill) = refill.refill() {
+                update = update.refill(Some(refill));
+            } else if no_refill {
+                update = update.refill(None);
+            }
+            if low_balance.is_some() || no_low_balance {
+                update = update.low_balance_threshold(low_balance);
+            }
+            let pool = ledger.credits().by(ACTOR).update_pool(&id, update)?;
             if ctx.json {
-                let mut value = serde_json::to_value(&pool)?;
-                if let Some(map) = value.as_object_mut() {
-                    map.insert("low_balance_threshold".into(), low_balance.into());
-                }
-                print_json(&value)?;
+                print_json(&pool)?;
             } else {
                 println!("Updated pool {}", pool.id);
-                pool_table(&pool, pool.refill, low_balance)
-                    .indent(2)
-                    .print();
+                pool_table(&pool).indent(2).print();
             }
         }
         PoolsCommand::Delete { id } => {

@@ -323,16 +323,16 @@ pub fn route_table<'a>(rules: impl IntoIterator<Item = &'a RouteRule>) -> Table 
 }
 
 /// A pool, one field per line.
-pub fn pool_table(pool: &Pool, refill: Option<Refill>, low_balance: Option<u64>) -> Table {
+pub fn pool_table(pool: &Pool) -> Table {
     let mut t = Table::bare();
     t.row(["id", pool.id.as_str()]);
     t.row(["owner", pool.owner.as_str()]);
     t.row(["name", pool.name.as_str()]);
     t.row(["credits".to_owned(), pool.remaining.to_string()]);
-    if let Some(refill) = refill {
+    if let Some(refill) = pool.refill {
         t.row(["refill".to_owned(), refill_text(refill)]);
     }
-    if let Some(threshold) = low_balance {
+    if let Some(threshold) = pool.low_balance_threshold {
         t.row(["low balance at".to_owned(), threshold.to_string()]);
     }
     t

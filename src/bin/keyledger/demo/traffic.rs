@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use keyledger::{NewKey, SubscriptionStatus, Usage};
+use keyledger::{NewKey, NewPool, SubscriptionStatus, Usage};
 
 use super::Demo;
 use super::probe::{Outcome, Probe, Settle};
@@ -91,13 +91,11 @@ impl Demo {
     /// 8. Two keys spending one pool.
     pub(super) fn pool(&mut self, acme: &str) -> CliResult<()> {
         self.section("8. A credit pool shared by two keys");
-        let pool = self.ledger.credits().by("demo").create_pool(
-            acme,
-            "Acme shared",
-            POOL_CREDITS,
-            None,
-            None,
-        )?;
+        let pool = self
+            .ledger
+            .credits()
+            .by("demo")
+            .create_pool(NewPool::new(acme, "Acme shared").credits(POOL_CREDITS))?;
         self.summary.pools_created += 1;
         self.pool_id = pool.id.to_string();
         for name in ["Worker A", "Worker B"] {

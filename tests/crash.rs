@@ -32,6 +32,7 @@ struct Totals {
     lost: u64,
     pools_deleted: usize,
     thresholds_changed: usize,
+    pool_refills_changed: usize,
     cache_evictions: u64,
 }
 
@@ -53,6 +54,7 @@ fn run_seed(seed: u64, totals: &mut Totals) {
             totals.lost += o.lost_to_crash;
             totals.pools_deleted += o.pools_deleted;
             totals.thresholds_changed += o.thresholds_changed;
+            totals.pool_refills_changed += o.pool_refills_changed;
             totals.cache_evictions += o.cache_evictions;
         }
         Ok(Err(violation)) => panic!("seed {seed}: {violation}\n{replay}"),
@@ -82,8 +84,8 @@ fn random_workloads_survive_power_loss_and_dying_disks_first_half() {
     assert_eq!(t.seeds, DEFAULT_SEEDS / 2);
     assert!(t.crashes > 0 && t.grants > 0 && t.acknowledged > 0);
     assert!(
-        t.pools_deleted > 0 && t.thresholds_changed > 0,
-        "some seeds must delete pools and change thresholds: {t:?}"
+        t.pools_deleted > 0 && t.thresholds_changed > 0 && t.pool_refills_changed > 0,
+        "some seeds must delete pools and change thresholds and pool refills: {t:?}"
     );
     assert!(
         t.cache_evictions > 0,

@@ -94,9 +94,10 @@ impl PoolUpdate {
         self
     }
 
-    /// A new refill (`None`: no more refills). A new refill starts with the next period; a
-    /// changed one applies from the period the last refill belongs to, so a period that began
-    /// before the change and was not refilled yet is refilled on the new terms.
+    /// Sets (`Some`) or clears (`None`) the refill. A new refill starts with the next period.
+    /// Refills apply lazily, at the next spend: a period that began before the change and was
+    /// not refilled yet is refilled on the new terms — and, once the refill is cleared, not at
+    /// all (the balance stays as it is, though `usage` counted that refill as applied before).
     pub fn refill(mut self, refill: Option<Refill>) -> Self {
         self.refill = Some(refill);
         self

@@ -23,7 +23,7 @@ use crate::error::Error;
 use crate::keyfmt::Presented;
 use crate::keys::{KeyUpdate, NewKey};
 use crate::ledger::Ledger;
-use crate::record::RefillInterval;
+use crate::record::{Refill, RefillInterval};
 use crate::secret::MasterKey;
 use crate::verify::{Grant, Request};
 
@@ -93,6 +93,8 @@ pub struct Outcome {
     pub pools_deleted: usize,
     /// Low-balance thresholds changed (acknowledged).
     pub thresholds_changed: usize,
+    /// Pool refills set or removed (acknowledged).
+    pub pool_refills_changed: usize,
     /// Keys the cache evicted to make room.
     pub cache_evictions: u64,
 }
@@ -112,6 +114,9 @@ struct Balance {
     /// the durable balance read after a reopen may still become the refill amount. A `set`
     /// or `top_up` applies a due refill before its own change, so it clears this.
     refill_pending: bool,
+    /// Upper bound on the balance as it was before the refill `refill_pending` speaks of:
+    /// removing the refill cancels that refill, and the balance it would have replaced stays.
+    before_refill: u64,
     /// Stamp (unique over the run) of the latest acknowledged `set`, or of the balance's
     /// creation: a reservation made before the latest set is not refunded (the set is final),
     /// its units leave `granted` instead.
@@ -171,6 +176,7 @@ impl Balance {
             exact: !refill,
             refill,
             refill_pending: false,
+            before_refill: 0,
             epoch: stamp,
             born: stamp,
             discarded: 0,
@@ -438,6 +444,10 @@ fn run_ops<'l>(
                 clock.advance_secs(32 * 86_400);
                 let _ = write!(model.log, " +32d;");
                 for bal in model.balances.values_mut().filter(|x| x.refill) {
+                    bal.before_refill = match bal.refill_pending {
+                        true => bal.before_refill.max(bal.ub),
+                        false => bal.ub,
+                    };
                     bal.ub = bal.ub.max(REFILL_AMOUNT);
                     bal.refill_pending = true;
                 }
@@ -537,11 +547,13 @@ fn create_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<
         return Ok(());
     };
     let credits = b.below(60);
-    let _ = write!(model.log, " pool({credits});");
-    match ledger
-        .credits()
-        .create_pool(NewPool::new(&owner, "shared").credits(credits))
-    {
+    let refill = b.below(3) == 0;
+    let _ = write!(model.log, " pool({credits},refill {refill});");
+    let mut new = NewPool::new(&owner, "shared").credits(credits);
+    if refill {
+        new = new.refill(REFILL_AMOUNT, RefillInterval::Monthly);
+    }
+    match ledger.credits().create_pool(new) {
         Ok(pool) => {
             let id = pool.id.to_string();
             ensure!(
@@ -552,7 +564,7 @@ fn create_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<
             let stamp = model.stamp();
             model
                 .balances
-                .insert(id.clone(), Balance::new(credits, false, stamp));
+                .insert(id.clone(), Balance::new(credits, refill, stamp));
             model.pools.push(id);
             model.outcome.acknowledged += 1;
             Ok(())
@@ -617,7 +629,8 @@ fn delete_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<
 }
 
 /// A low-balance threshold set or cleared on a key or a pool in use: no balance moves, and
-/// a pool's key takes none of its own.
+/// a pool's key takes none of its own. A pool's refill may be set or removed with it: the
+/// balance moves only at the next period boundary.
 fn change_threshold(
     ledger: &Ledger,
     model: &mut Model,
@@ -630,20 +643,58 @@ fn change_threshold(
     if b.below(2) == 0 && !model.pools.is_empty() {
         let j = b.below(model.pools.len() as u64) as usize;
         let id = model.pools[j].clone();
-        let _ = write!(model.log, " pool_threshold(p{j},{threshold:?});");
-        let result = ledger
-            .credits()
-            .update_pool(&id, PoolUpdate::new().low_balance_threshold(threshold));
-        let exists = model.balances.get(&id).and_then(|bal| bal.exists);
+        let refill = match b.below(4) {
+            0 => Some(Some(Refill {
+                amount: REFILL_AMOUNT,
+                interval: RefillInterval::Monthly,
+            })),
+            1 => Some(None),
+            _ => None,
+        };
+        let refilled = refill.map(|r| r.is_some());
+        let _ = write!(
+            model.log,
+            " pool_update(p{j},{threshold:?},refill {refilled:?});"
+        );
+        let mut update = PoolUpdate::new().low_balance_threshold(threshold);
+        if let Some(r) = refill {
+            update = update.refill(r);
+        }
+        let result = ledger.credits().update_pool(&id, update);
+        let bal = model.balances.get_mut(&id);
+        let exists = bal.as_ref().and_then(|bal| bal.exists);
+        if let Some(bal) = bal {
+            match refilled {
+                // Refilled from the next period on, whether or not the change was acknowledged.
+                Some(true) => {
+                    bal.refill = true;
+                    bal.exact = false;
+                }
+                // A removal cancels a refill that came due and was not applied yet: the
+                // balance it would have replaced may stay.
+                Some(false) if bal.refill_pending => bal.ub = bal.ub.max(bal.before_refill),
+                _ => {}
+            }
+        }
         return match result {
             Ok(pool) => {
                 ensure!(
                     pool.low_balance_threshold == threshold,
                     "pool threshold not reported"
                 );
+                ensure!(
+                    refill.is_none_or(|r| pool.refill == r),
+                    "pool refill not reported"
+                );
                 ensure!(exists != Some(false), "a deleted pool was changed");
+                if let (Some(false), Some(bal)) = (refilled, model.balances.get_mut(&id)) {
+                    // No refill from now on; the balance is exact again once read back.
+                    bal.refill = false;
+                    bal.refill_pending = false;
+                }
                 model.outcome.acknowledged += 1;
                 model.outcome.thresholds_changed += 1;
+                model.outcome.pool_refills_changed += usize::from(refilled.is_some());
                 Ok(())
             }
             Err(Error::NotFound { .. }) if exists != Some(true) || model.faulted => Ok(()),

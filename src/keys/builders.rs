@@ -267,7 +267,10 @@ impl KeyUpdate {
         self
     }
 
-    /// Sets or clears the refill.
+    /// Sets (`Some`) or clears (`None`) the refill. A new refill starts with the next period.
+    /// Refills apply lazily, at the next spend: a period that began before the change and was
+    /// not refilled yet is refilled on the new terms — and, once the refill is cleared, not at
+    /// all (the balance stays as it is, though `usage` counted that refill as applied before).
     pub fn refill(mut self, refill: Option<Refill>) -> Self {
         self.refill = Some(refill);
         self

@@ -1106,6 +1106,46 @@ fn falling_to_the_low_balance_threshold_emits_one_event() {
     assert!(low[0].remaining <= 50);
 }
 
+/// A busy key leases its whole balance at once; the requests spending that lease in memory
+/// must not cross the threshold unseen, or the host hears "low" after "exhausted", at 0
+/// (found by a reviewer). The same for a pool.
+#[test]
+fn a_threshold_crossed_within_one_lease_is_reported_at_the_threshold_before_exhaustion() {
+    for pooled in [false, true] {
+        let t = TestLedger::new();
+        let events = t.ledger.credit_events();
+        let owner = t.account("Acme");
+        let new = NewKey::new(owner, "k");
+        let (subject, new) = if pooled {
+            let pool = NewPool::new(owner, "p")
+                .credits(10_000)
+                .low_balance_threshold(1_000);
+            let pool = t.ledger.credits().create_pool(pool).unwrap();
+            (Some(pool.id), new.pool(pool.id))
+        } else {
+            (None, new.credits(10_000).low_balance_threshold(1_000))
+        };
+        let (id, plain) = create_key(&t.ledger, new);
+        let subject = subject.unwrap_or(id);
+        assert_eq!(drain(&t, &plain, 20_000), 10_000);
+        t.ledger.flush().unwrap();
+        let told: Vec<_> = events
+            .try_iter()
+            .map(|e| {
+                assert_eq!(e.subject, subject);
+                (e.kind, e.remaining)
+            })
+            .collect();
+        // At the threshold, or a request or two past it (one may be reserved from the last
+        // lease when it is seen).
+        let kinds: Vec<_> = told.iter().map(|(kind, _)| *kind).collect();
+        let low = CreditEventKind::LowBalance;
+        assert_eq!(kinds, [low, CreditEventKind::Exhausted], "pooled: {pooled}");
+        assert!((990..=1_000).contains(&told[0].1), "{told:?}");
+        assert_eq!(told[1].1, 0);
+    }
+}
+
 /// A balance already below its threshold when its key is cached again is no news: the event
 /// came when it fell there. (The key's first lease reads the balance; edges are measured from
 /// what it read.)

@@ -186,6 +186,11 @@ impl Meter {
         (crossed, Some(Told::Remaining(l, previous)))
     }
 
+    /// The low-balance threshold, if any.
+    pub(crate) fn low_balance_threshold(&self) -> Option<u64> {
+        self.low_balance.load().as_ref().map(|l| l.threshold)
+    }
+
     /// Credits left to spend as memory sees them: the durable balance after the writer's last
     /// change, plus the lease not yet reserved. `None` until the balance was first read.
     #[inline]

@@ -1356,6 +1356,9 @@ fn refused(shared: &Shared, work: &Working<'_>, fx: &mut Effects, at: usize) {
         _ => 0,
     };
     let remaining = balance + meter.leased() + fx.granted_to(meter.id);
+    // Spend in memory may have crossed the threshold since the writer last looked: "low"
+    // comes before "exhausted".
+    low_balance(shared, fx, &meter, remaining);
     exhausted(shared, fx, &meter, remaining);
 }
 
@@ -1512,15 +1515,23 @@ fn lease(
     } else {
         need.max(size)
     };
-    let grant = want.min(r.balance);
-    r.balance -= grant;
-    r.leased += grant;
-    fx.balances.push((meter.clone(), r.balance));
     // Credits left before this request's reservation (as for a batch's first lease): the
     // leases granted earlier in this batch count, though not yet in memory, less what they
     // hand to the requests waiting for them.
     let handed = fx.handed.get(&meter.id).copied().unwrap_or(0);
-    let remaining = r.balance + in_memory.saturating_sub(handed) + grant;
+    let remaining = r.balance + in_memory.saturating_sub(handed);
+    // Requests spend what memory holds unseen: while the credits left are above the
+    // low-balance threshold, a lease stops at it (unless this request needs more), so that
+    // the crossing is seen at a later lease, with the threshold's figure, and is reported
+    // before the balance runs out.
+    let unseen = match meter.low_balance_threshold() {
+        Some(threshold) if remaining > threshold => r.balance.saturating_sub(threshold).max(need),
+        _ => r.balance,
+    };
+    let grant = want.min(unseen).min(r.balance);
+    r.balance -= grant;
+    r.leased += grant;
+    fx.balances.push((meter.clone(), r.balance));
     low_balance(shared, fx, &meter, remaining);
     let empty_until = empty_until(r, now);
     Ok((fx.grant(meter, grant, empty_until), true))

@@ -1061,6 +1061,45 @@ mod damaged {
         assert_eq!(found, [format!("{pooled}: owner index entry missing")]);
     }
 
+    /// A balance whose figures were changed on disk (here its balance byte: 8 left became 97
+    /// of 10 granted) is not leased from: its key is refused, not handed credits never
+    /// granted (found by a reviewer flipping bytes in a file), and `check` names it.
+    #[test]
+    fn a_balance_whose_figures_do_not_add_up_is_not_spent() {
+        let t = TestLedger::new();
+        let owner = t.account("Acme");
+        let (metered, plain) = create_key(&t.ledger, NewKey::new(owner, "m").credits(10));
+        spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
+        let (_dir, path, config) = t.close();
+        edit(&path, |txn| {
+            let mut table = txn.open_table(CREDITS).unwrap();
+            let id = table.first().unwrap().unwrap().0.value();
+            let mut bytes = table.get(id).unwrap().unwrap().value().to_vec();
+            // Version, then the balance: 10 granted, 1 spent, 9 left, one varint byte.
+            assert_eq!(bytes[..2], [1, 9]);
+            bytes[1] = 97;
+            table.insert(id, bytes.as_slice()).unwrap();
+        });
+        let ledger = Ledger::open(&path, config.clone()).unwrap();
+        assert_eq!(
+            spend(&ledger, &plain, "/x", 80, 80).err(),
+            Some(Denial::Unavailable)
+        );
+        assert_eq!(
+            spend(&ledger, &plain, "/x", 1, 1).err(),
+            Some(Denial::Unavailable)
+        );
+        ledger.close().unwrap();
+        drop(ledger);
+        let found = problems(&path, config);
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with(&format!("credit balance of {metered}"))),
+            "{found:?}"
+        );
+    }
+
     /// A metered key whose balance cannot be read shows 0 credits left in its key info, not
     /// `None`, which reads as "unmetered"; an unmetered key still shows `None`.
     #[test]

@@ -576,7 +576,19 @@ impl Working<'_> {
         if !self.records.contains_key(&id) {
             let record = match self.table.get(id)? {
                 Some(bytes) => match codec::decode::<CreditsRecord>(bytes.value()) {
-                    Ok(record) => Some(record),
+                    Ok(record) if record.balanced() => Some(record),
+                    // Decoded, but its figures were changed on disk: leasing from it could
+                    // hand out credits never granted.
+                    Ok(_) => {
+                        let e = CodecError::Corrupt {
+                            record: <CreditsRecord as codec::Record>::NAME,
+                            reason: "its figures do not add up (spent + lost + leased + balance \
+                                     is not what was granted)"
+                                .into(),
+                        };
+                        self.unreadable.insert(id, e);
+                        None
+                    }
                     Err(e) => {
                         self.unreadable.insert(id, e);
                         None

@@ -120,121 +120,130 @@ impl<'a> Accounts<'a> {
 
     /// Creates an account.
     pub fn create(&self, new: NewAccount) -> Result<Account> {
-        let name = self.ledger.label("name", &new.name)?;
-        let entitlements = entitlements(&new.entitlements)?;
-        let now = self.ledger.now();
-        let record = AccountRecord {
-            name,
-            status: new.status,
-            entitlements,
-            created_at: now,
-            created_by: self.actor.clone(),
-            updated_at: now,
-            updated_by: self.actor.clone(),
-        };
-        let txn = self.ledger.inner.store.begin_write()?;
-        let id = store::next_id(&txn)?;
-        store::put(&mut txn.open_table(ACCOUNTS)?, id, &record)?;
-        let public = self.public_id(id);
-        audit::append(&txn, now, &self.actor, "account.created", &public, &[])?;
-        txn.commit()?;
-        Ok(self.view(id, record))
+        self.ledger.guarded(|| {
+            let name = self.ledger.label("name", &new.name)?;
+            let entitlements = entitlements(&new.entitlements)?;
+            let now = self.ledger.now();
+            let record = AccountRecord {
+                name,
+                status: new.status,
+                entitlements,
+                created_at: now,
+                created_by: self.actor.clone(),
+                updated_at: now,
+                updated_by: self.actor.clone(),
+            };
+            let txn = self.ledger.inner.store.begin_write()?;
+            let id = store::next_id(&txn)?;
+            store::put(&mut txn.open_table(ACCOUNTS)?, id, &record)?;
+            let public = self.public_id(id);
+            audit::append(&txn, now, &self.actor, "account.created", &public, &[])?;
+            txn.commit()?;
+            Ok(self.view(id, record))
+        })
     }
 
     /// Reads an account.
     pub fn get(&self, id: &str) -> Result<Account> {
-        let internal = self.internal_id(id)?;
-        let read = self.ledger.inner.store.begin_read()?;
-        let record = store::get(&read.open_table(ACCOUNTS)?, internal)?
-            .ok_or(Error::NotFound { what: "account" })?;
-        Ok(self.view(internal, record))
+        self.ledger.guarded(|| {
+            let internal = self.internal_id(id)?;
+            let read = self.ledger.inner.store.begin_read()?;
+            let record = store::get(&read.open_table(ACCOUNTS)?, internal)?
+                .ok_or(Error::NotFound { what: "account" })?;
+            Ok(self.view(internal, record))
+        })
     }
 
     /// Applies a partial update.
     pub fn update(&self, id: &str, update: AccountUpdate) -> Result<Account> {
-        let internal = self.internal_id(id)?;
-        let name = update
-            .name
-            .as_deref()
-            .map(|n| self.ledger.label("name", n))
-            .transpose()?;
-        let ents = update
-            .entitlements
-            .as_deref()
-            .map(entitlements)
-            .transpose()?;
-        let txn = self.ledger.inner.store.begin_write()?;
-        let record = {
-            let mut table = txn.open_table(ACCOUNTS)?;
-            let mut record: AccountRecord =
-                store::get(&table, internal)?.ok_or(Error::NotFound { what: "account" })?;
-            let before = record.clone();
-            let mut changed = Vec::new();
-            if let Some(name) = name {
-                audit::set(&mut changed, "name", &mut record.name, name);
-            }
-            if let Some(status) = update.status {
-                audit::set(&mut changed, "status", &mut record.status, status);
-            }
-            if let Some(ents) = ents {
-                audit::set(&mut changed, "entitlements", &mut record.entitlements, ents);
-            }
-            // Like keys: a change that touches no field writes nothing (no audit entry, no
-            // eviction of the account's cached keys).
-            if record == before {
-                drop(table);
-                txn.abort()?;
-                return Ok(self.view(internal, record));
-            }
-            record.updated_at = self.ledger.now();
-            record.updated_by = self.actor.clone();
-            store::put(&mut table, internal, &record)?;
-            audit::append(
-                &txn,
-                record.updated_at,
-                &self.actor,
-                "account.updated",
-                id,
-                &changed,
-            )?;
-            record
-        };
-        txn.commit()?;
-        self.ledger.inner.engine.account_changed(internal);
-        Ok(self.view(internal, record))
+        self.ledger.guarded(|| {
+            let internal = self.internal_id(id)?;
+            let name = update
+                .name
+                .as_deref()
+                .map(|n| self.ledger.label("name", n))
+                .transpose()?;
+            let ents = update
+                .entitlements
+                .as_deref()
+                .map(entitlements)
+                .transpose()?;
+            let txn = self.ledger.inner.store.begin_write()?;
+            let record = {
+                let mut table = txn.open_table(ACCOUNTS)?;
+                let mut record: AccountRecord =
+                    store::get(&table, internal)?.ok_or(Error::NotFound { what: "account" })?;
+                let before = record.clone();
+                let mut changed = Vec::new();
+                if let Some(name) = name {
+                    audit::set(&mut changed, "name", &mut record.name, name);
+                }
+                if let Some(status) = update.status {
+                    audit::set(&mut changed, "status", &mut record.status, status);
+                }
+                if let Some(ents) = ents {
+                    audit::set(&mut changed, "entitlements", &mut record.entitlements, ents);
+                }
+                // Like keys: a change that touches no field writes nothing (no audit entry, no
+                // eviction of the account's cached keys).
+                if record == before {
+                    drop(table);
+                    txn.abort()?;
+                    return Ok(self.view(internal, record));
+                }
+                record.updated_at = self.ledger.now();
+                record.updated_by = self.actor.clone();
+                store::put(&mut table, internal, &record)?;
+                audit::append(
+                    &txn,
+                    record.updated_at,
+                    &self.actor,
+                    "account.updated",
+                    id,
+                    &changed,
+                )?;
+                record
+            };
+            txn.commit()?;
+            self.ledger.inner.engine.account_changed(internal);
+            Ok(self.view(internal, record))
+        })
     }
 
     /// Sets the subscription status.
     pub fn set_status(&self, id: &str, status: SubscriptionStatus) -> Result<Account> {
-        self.update(id, AccountUpdate::new().status(status))
+        self.ledger
+            .guarded(|| self.update(id, AccountUpdate::new().status(status)))
     }
 
     /// Lists accounts in creation order.
     pub fn list(&self, page: &PageRequest) -> Result<Page<Account>> {
-        let limit = page.checked_limit()?;
-        let ad: [&[u8]; 1] = [b"cursor:accounts"];
-        let start = match &page.cursor {
-            Some(c) => {
-                self.ledger.inner.ids.open(&ad, c).ok_or_else(|| {
-                    Error::invalid("cursor", "not a cursor issued for this listing")
-                })? + 1
+        self.ledger.guarded(|| {
+            let limit = page.checked_limit()?;
+            let ad: [&[u8]; 1] = [b"cursor:accounts"];
+            let start = match &page.cursor {
+                Some(c) => {
+                    self.ledger.inner.ids.open(&ad, c).ok_or_else(|| {
+                        Error::invalid("cursor", "not a cursor issued for this listing")
+                    })? + 1
+                }
+                None => 0,
+            };
+            let read = self.ledger.inner.store.begin_read()?;
+            let table = read.open_table(ACCOUNTS)?;
+            let mut items = Vec::new();
+            let (mut next_cursor, mut last) = (None, 0);
+            for entry in table.range(start..)? {
+                let (k, v) = entry?;
+                if items.len() == limit {
+                    next_cursor = Some(self.ledger.inner.ids.seal(&ad, last));
+                    break;
+                }
+                last = k.value();
+                items.push(self.view(last, crate::codec::decode(v.value())?));
             }
-            None => 0,
-        };
-        let read = self.ledger.inner.store.begin_read()?;
-        let table = read.open_table(ACCOUNTS)?;
-        let mut items = Vec::new();
-        let (mut next_cursor, mut last) = (None, 0);
-        for entry in table.range(start..)? {
-            let (k, v) = entry?;
-            if items.len() == limit {
-                next_cursor = Some(self.ledger.inner.ids.seal(&ad, last));
-                break;
-            }
-            last = k.value();
-            items.push(self.view(last, crate::codec::decode(v.value())?));
-        }
-        Ok(Page { items, next_cursor })
+            Ok(Page { items, next_cursor })
+        })
     }
 
     pub(crate) fn internal_id(&self, id: &str) -> Result<u64> {

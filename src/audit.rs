@@ -57,28 +57,32 @@ pub struct Audit<'a> {
 impl Audit<'_> {
     /// Events with `seq > after`, oldest first, at most `limit` (capped at 1,000).
     pub fn since(&self, after: u64, limit: usize) -> Result<Vec<AuditEvent>> {
-        let read = self.ledger.inner.store.begin_read()?;
-        let table = read.open_table(AUDIT)?;
-        let mut out = Vec::new();
-        for entry in table
-            .range(after.saturating_add(1)..)?
-            .take(limit.min(1000))
-        {
-            let (_, bytes) = entry?;
-            out.push(codec::decode(bytes.value())?);
-        }
-        Ok(out)
+        self.ledger.guarded(|| {
+            let read = self.ledger.inner.store.begin_read()?;
+            let table = read.open_table(AUDIT)?;
+            let mut out = Vec::new();
+            for entry in table
+                .range(after.saturating_add(1)..)?
+                .take(limit.min(1000))
+            {
+                let (_, bytes) = entry?;
+                out.push(codec::decode(bytes.value())?);
+            }
+            Ok(out)
+        })
     }
 
     /// The newest `limit` events, newest first (capped at 1,000).
     pub fn recent(&self, limit: usize) -> Result<Vec<AuditEvent>> {
-        let read = self.ledger.inner.store.begin_read()?;
-        let table = read.open_table(AUDIT)?;
-        let mut out = Vec::new();
-        for entry in table.iter()?.rev().take(limit.min(1000)) {
-            let (_, bytes) = entry?;
-            out.push(codec::decode(bytes.value())?);
-        }
-        Ok(out)
+        self.ledger.guarded(|| {
+            let read = self.ledger.inner.store.begin_read()?;
+            let table = read.open_table(AUDIT)?;
+            let mut out = Vec::new();
+            for entry in table.iter()?.rev().take(limit.min(1000)) {
+                let (_, bytes) = entry?;
+                out.push(codec::decode(bytes.value())?);
+            }
+            Ok(out)
+        })
     }
 }

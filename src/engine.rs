@@ -296,9 +296,8 @@ impl Engine {
         config: &Config,
     ) -> Result<Engine> {
         // The first reads of every record: a damaged page must give an error, not a panic.
-        let (recovered, routes) = store::unless_redb_panics(|| {
-            Ok::<_, Error>((recover_leases(&store)?, load_routes(&store)?))
-        })??;
+        let (recovered, routes) =
+            store.guard(|| Ok((recover_leases(&store)?, load_routes(&store)?)))?;
         let (events_tx, events) = channel::bounded(EVENT_CAPACITY);
         let shared = Arc::new(Shared {
             store,
@@ -863,23 +862,25 @@ impl Engine {
         key: &str,
         now: Timestamp,
     ) -> Result<Loaded> {
-        // A retry needs a meter reset committed while this miss was reading (any key or pool
-        // deleted, a key made unmetered, any low-balance threshold changed: one counter for
-        // all) or this key's limits reconfigured. Each is a durable commit, far longer than
-        // a miss's read, so eight in a row do not happen; each retry reads a newer commit.
-        const ATTEMPTS: usize = 8;
-        for _ in 0..ATTEMPTS {
-            let read = match self.read_miss(ledger, hash, key, now)? {
-                Ok(read) => read,
-                Err(loaded) => return Ok(loaded),
-            };
-            if let Some(loaded) = self.install(read) {
-                return Ok(loaded);
+        self.shared.store.guard(|| {
+            // A retry needs a meter reset committed while this miss was reading (any key or pool
+            // deleted, a key made unmetered, any low-balance threshold changed: one counter for
+            // all) or this key's limits reconfigured. Each is a durable commit, far longer than
+            // a miss's read, so eight in a row do not happen; each retry reads a newer commit.
+            const ATTEMPTS: usize = 8;
+            for _ in 0..ATTEMPTS {
+                let read = match self.read_miss(ledger, hash, key, now)? {
+                    Ok(read) => read,
+                    Err(loaded) => return Ok(loaded),
+                };
+                if let Some(loaded) = self.install(read) {
+                    return Ok(loaded);
+                }
             }
-        }
-        Err(Error::Conflict(
-            "the key kept changing while it was being loaded; retry".into(),
-        ))
+            Err(Error::Conflict(
+                "the key kept changing while it was being loaded; retry".into(),
+            ))
+        })
     }
 
     /// The reading half of a miss: everything the cache entry is built from, in one read

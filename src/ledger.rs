@@ -144,19 +144,21 @@ impl Ledger {
             return Err(Error::invalid("scheme", why));
         }
         let _one_at_a_time = self.inner.rotating.lock();
-        crate::keys::prune_rolled_secrets(self)?;
-        let txn = self.inner.store.begin_write()?;
-        store::set_hash_scheme(&txn, scheme)?;
-        let label = scheme.label();
-        crate::audit::append(
-            &txn,
-            self.now(),
-            SYSTEM_ACTOR,
-            "hash_scheme.rotated",
-            &label,
-            &[],
-        )?;
-        txn.commit()?;
+        self.guarded(|| {
+            crate::keys::prune_rolled_secrets(self)?;
+            let txn = self.inner.store.begin_write()?;
+            store::set_hash_scheme(&txn, scheme)?;
+            let label = scheme.label();
+            crate::audit::append(
+                &txn,
+                self.now(),
+                SYSTEM_ACTOR,
+                "hash_scheme.rotated",
+                &label,
+                &[],
+            )?;
+            Ok(txn.commit()?)
+        })?;
         self.inner
             .engine
             .set_hasher(KeyHasher::new(&self.inner.config.master_key, scheme));
@@ -166,9 +168,11 @@ impl Ledger {
 
     /// Number of stored key hashes per scheme: what a rotation still has to drain.
     pub fn hash_scheme_counts(&self) -> Result<Vec<(HashScheme, u64)>> {
-        let read = self.inner.store.begin_read()?;
-        let table = read.open_table(store::tables::META)?;
-        Ok(store::scheme_counts(&table)?.into_iter().collect())
+        self.guarded(|| {
+            let read = self.inner.store.begin_read()?;
+            let table = read.open_table(store::tables::META)?;
+            Ok(store::scheme_counts(&table)?.into_iter().collect())
+        })
     }
 
     /// A name (of a key, account or pool) or token type: [`rules::name`](crate::record::rules::name),
@@ -183,6 +187,11 @@ impl Ledger {
             )),
             false => Ok(label),
         }
+    }
+
+    /// Runs work that touches the file (see [`Store::guard`]).
+    pub(crate) fn guarded<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.inner.store.guard(work)
     }
 
     pub(crate) fn now(&self) -> Timestamp {

@@ -26,6 +26,7 @@ impl Routes<'_> {
 
     /// Sets (creates or replaces) the rule for `rule.prefix`.
     pub fn set(&self, rule: RouteRule) -> Result<RouteRule> {
+        self.ledger.guarded(|| {
         let prefix = &rule.prefix;
         if !prefix.starts_with('/')
             || prefix.len() > MAX_ROUTE_LEN
@@ -76,29 +77,35 @@ impl Routes<'_> {
             audit::append(txn, now, &self.actor, "route.set", prefix, &fields)
         })?;
         Ok(rule)
+        })
     }
 
     /// Removes the rule for exactly `prefix`.
     pub fn remove(&self, prefix: &str) -> Result<()> {
-        let inner = &self.ledger.inner;
-        inner.engine.change_routes(&inner.store, |txn| {
-            if txn.open_table(ROUTES)?.remove(prefix)?.is_none() {
-                return Err(Error::NotFound { what: "route rule" });
-            }
-            let now = self.ledger.now();
-            audit::append(txn, now, &self.actor, "route.removed", prefix, &[])
+        self.ledger.guarded(|| {
+            let inner = &self.ledger.inner;
+            inner.engine.change_routes(&inner.store, |txn| {
+                if txn.open_table(ROUTES)?.remove(prefix)?.is_none() {
+                    return Err(Error::NotFound { what: "route rule" });
+                }
+                let now = self.ledger.now();
+                audit::append(txn, now, &self.actor, "route.removed", prefix, &[])
+            })
         })
     }
 
     /// All rules, sorted by prefix.
     pub fn list(&self) -> Result<Vec<RouteRule>> {
-        let read = self.ledger.inner.store.begin_read()?;
-        crate::engine::rules_in(&read.open_table(ROUTES)?)
+        self.ledger.guarded(|| {
+            let read = self.ledger.inner.store.begin_read()?;
+            crate::engine::rules_in(&read.open_table(ROUTES)?)
+        })
     }
 
     /// The rule with the longest prefix of `route`, if any.
     pub fn matching(&self, route: &str) -> Result<Option<RouteRule>> {
-        Ok(longest_match(&self.list()?, route).cloned())
+        self.ledger
+            .guarded(|| Ok(longest_match(&self.list()?, route).cloned()))
     }
 }
 

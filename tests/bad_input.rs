@@ -9,7 +9,7 @@ use common::*;
 use keyledger::{
     AccountUpdate, Config, ConfigError, ENV_MASTER_KEY, ENV_MASTER_KEY_FILE, Error, ImportKey,
     ImportedHash, KeyUpdate, Ledger, MasterKey, NewAccount, NewKey, NewPool, PageRequest,
-    RateLimit, RouteRule, Timestamp,
+    Presented, RateLimit, Request, RouteRule, Timestamp,
 };
 
 /// Asserts every rejected call leaves the ledger unchanged.
@@ -937,22 +937,44 @@ fn spend_tiers_that_would_lower_limits_are_refused() {
 }
 
 #[test]
-fn a_file_damaged_anywhere_gives_check_and_open_a_typed_error_never_a_panic() {
-    // redb reaches an `assert!` or a slice index on some malformed pages rather than
-    // returning an error: 64 flipped bytes at each KiB of a real ledger find such pages.
+fn a_file_damaged_anywhere_gives_every_call_a_typed_error_never_a_panic() {
+    // redb reaches an `assert!`, an `unreachable!` or a slice index on some malformed pages
+    // rather than returning an error: damage at each KiB of a real ledger finds such pages,
+    // for `check` and `open`, and (found by a reviewer) for the reads and writes of a ledger
+    // opened on such a file, its writer thread and its drop.
     let t = TestLedger::new();
     let owner = t.account("Acme");
+    let mut keys = Vec::new();
     for i in 0..20 {
-        t.key(&owner, &format!("k{i}"));
+        let metered = NewKey::new(owner, format!("k{i}")).credits(100);
+        keys.push(t.ledger.keys().create(metered).unwrap().plaintext);
     }
     let (_t_dir, path, config) = t.close();
     let bytes = std::fs::read(&path).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let damaged = dir.path().join("damaged.redb");
-    let (mut refused, mut clean) = (0, 0);
-    for offset in (0..bytes.len()).step_by(1024) {
+    let (mut refused, mut clean, mut opened) = (0, 0, 0);
+    let use_it = |ledger: Ledger| {
+        for plain in &keys {
+            let key = Presented::new(plain.expose()).unwrap();
+            if let Ok(grant) = ledger.verify(&Request::new(&key, "/x")) {
+                let _ = grant.commit(1);
+            }
+        }
+        let _ = ledger.keys().list(&owner, &PageRequest::first());
+        let _ = ledger.accounts().list(&PageRequest::first());
+        let _ = ledger.audit().recent(100);
+        let _ = ledger.credits().usage(&owner);
+        let _ = ledger.keys().create(NewKey::new(owner, "late").credits(1));
+        let _ = ledger.close();
+    };
+    for (offset, flip) in (0..bytes.len())
+        .step_by(1024)
+        .flat_map(|o| [(o, 64), (o + 512, 1)])
+        .filter(|(o, _)| *o < bytes.len())
+    {
         let mut copy = bytes.clone();
-        let end = (offset + 64).min(copy.len());
+        let end = (offset + flip).min(copy.len());
         copy[offset..end].iter_mut().for_each(|b| *b ^= 0x5a);
         std::fs::write(&damaged, &copy).unwrap();
         let guarded =
@@ -963,8 +985,16 @@ fn a_file_damaged_anywhere_gives_check_and_open_a_typed_error_never_a_panic() {
             false => refused += 1,
         }
         std::fs::write(&damaged, &copy).unwrap();
-        let opened = guarded(&|| Ledger::open(&damaged, config.clone()).is_ok());
-        assert!(opened.is_ok(), "open panicked, damage at {offset}");
+        let used = guarded(&|| match Ledger::open(&damaged, config.clone()) {
+            Ok(ledger) => {
+                use_it(ledger);
+                true
+            }
+            Err(_) => false,
+        });
+        opened +=
+            usize::from(used.unwrap_or_else(|_| panic!("a call panicked, damage at {offset}")));
     }
     assert!(refused > 0 && clean > 0, "{refused} refused, {clean} clean");
+    assert!(opened > 0);
 }

@@ -61,13 +61,15 @@ impl Credits<'_> {
 
     /// Adds `units` to a key's or pool's balance. Returns the durable balance after.
     pub fn top_up(&self, id: &str, units: u64) -> Result<u64> {
-        self.adjust(id, Adjust::TopUp(units), "credits.topped_up")
+        self.ledger
+            .guarded(|| self.adjust(id, Adjust::TopUp(units), "credits.topped_up"))
     }
 
     /// Sets a key's or pool's balance to exactly `units` (leases in memory are taken back
     /// first). Returns the balance.
     pub fn set(&self, id: &str, units: u64) -> Result<u64> {
-        self.adjust(id, Adjust::Set(units), "credits.set")
+        self.ledger
+            .guarded(|| self.adjust(id, Adjust::Set(units), "credits.set"))
     }
 
     fn adjust(&self, id: &str, change: Adjust, action: &'static str) -> Result<u64> {
@@ -105,48 +107,50 @@ impl Credits<'_> {
     /// `leased` and in neither `spent` nor `remaining` (they are no longer spendable and not
     /// yet written as spent).
     pub fn usage(&self, id: &str) -> Result<Usage> {
-        let (kind, internal) = self.credit_id(id)?;
-        match self.ledger.flush() {
-            // A close flushed everything already.
-            Ok(()) | Err(Error::Closed) => {}
-            Err(e) => return Err(e),
-        }
-        let read = self.ledger.inner.store.begin_read()?;
-        let pool = match kind {
-            IdKind::Key | IdKind::Token => {
-                store::get::<KeyRecord>(&read.open_table(KEYS)?, internal)?.and_then(|k| k.pool)
+        self.ledger.guarded(|| {
+            let (kind, internal) = self.credit_id(id)?;
+            match self.ledger.flush() {
+                // A close flushed everything already.
+                Ok(()) | Err(Error::Closed) => {}
+                Err(e) => return Err(e),
             }
-            _ => None,
-        };
-        let balances = read.open_table(CREDITS)?;
-        let credits: Option<CreditsRecord> = store::get(&balances, internal)?;
-        let usage: UsageRecord =
-            store::get(&read.open_table(USAGE)?, internal)?.unwrap_or_default();
-        let engine = &self.ledger.inner.engine;
-        // A key on a pool has no balance of its own: it can spend what the pool has left
-        // (0 for a pool without a balance, as `pool` shows it), never unmetered.
-        // A refill that has come due counts as applied, in every figure.
-        let own = credits.map(|c| engine.balance_now(internal, &c));
-        let remaining = match pool {
-            Some(pool) => Some(
-                store::get::<CreditsRecord>(&balances, pool)?
-                    .map_or(0, |c| engine.remaining(pool, &c)),
-            ),
-            None => own.as_ref().map(|(_, left)| *left),
-        };
-        let ids = &self.ledger.inner.ids;
-        let c = own.map(|(c, _)| c).unwrap_or_default();
-        Ok(Usage {
-            id: ids.encode(kind, internal),
-            remaining,
-            pool: pool.map(|p| ids.encode(IdKind::Pool, p)),
-            granted: c.granted,
-            spent: c.spent,
-            lost_to_crash: c.lost_to_crash,
-            leased: c.leased,
-            requests: usage.requests,
-            lifetime_spent: usage.spent,
-            last_used_at: usage.last_used_at,
+            let read = self.ledger.inner.store.begin_read()?;
+            let pool = match kind {
+                IdKind::Key | IdKind::Token => {
+                    store::get::<KeyRecord>(&read.open_table(KEYS)?, internal)?.and_then(|k| k.pool)
+                }
+                _ => None,
+            };
+            let balances = read.open_table(CREDITS)?;
+            let credits: Option<CreditsRecord> = store::get(&balances, internal)?;
+            let usage: UsageRecord =
+                store::get(&read.open_table(USAGE)?, internal)?.unwrap_or_default();
+            let engine = &self.ledger.inner.engine;
+            // A key on a pool has no balance of its own: it can spend what the pool has left
+            // (0 for a pool without a balance, as `pool` shows it), never unmetered.
+            // A refill that has come due counts as applied, in every figure.
+            let own = credits.map(|c| engine.balance_now(internal, &c));
+            let remaining = match pool {
+                Some(pool) => Some(
+                    store::get::<CreditsRecord>(&balances, pool)?
+                        .map_or(0, |c| engine.remaining(pool, &c)),
+                ),
+                None => own.as_ref().map(|(_, left)| *left),
+            };
+            let ids = &self.ledger.inner.ids;
+            let c = own.map(|(c, _)| c).unwrap_or_default();
+            Ok(Usage {
+                id: ids.encode(kind, internal),
+                remaining,
+                pool: pool.map(|p| ids.encode(IdKind::Pool, p)),
+                granted: c.granted,
+                spent: c.spent,
+                lost_to_crash: c.lost_to_crash,
+                leased: c.leased,
+                requests: usage.requests,
+                lifetime_spent: usage.spent,
+                last_used_at: usage.last_used_at,
+            })
         })
     }
 

@@ -114,149 +114,159 @@ impl PoolUpdate {
 impl Credits<'_> {
     /// Creates a pool; keys join it with [`NewKey::pool`](crate::NewKey::pool).
     pub fn create_pool(&self, new: NewPool) -> Result<Pool> {
-        let ids = &self.ledger.inner.ids;
-        let owner_id = ids.decode(IdKind::Account, &new.owner)?;
-        let name = self.ledger.label("name", &new.name)?;
-        let now = self.ledger.now();
-        let txn = self.ledger.inner.store.begin_write()?;
-        if txn.open_table(ACCOUNTS)?.get(owner_id)?.is_none() {
-            return Err(Error::NotFound { what: "account" });
-        }
-        let id = store::next_id(&txn)?;
-        let record = PoolRecord {
-            owner: owner_id,
-            name,
-            refill: new.refill,
-            low_balance_threshold: new.low_balance_threshold,
-            created_at: now,
-            created_by: self.actor.clone(),
-        };
-        store::put(&mut txn.open_table(POOLS)?, id, &record)?;
-        let balance = new_balance(new.credits, new.refill, now);
-        store::put(&mut txn.open_table(CREDITS)?, id, &balance)?;
-        let public = ids.encode(IdKind::Pool, id);
-        audit::append(&txn, now, &self.actor, "pool.created", &public, &[])?;
-        txn.commit()?;
-        Ok(self.pool_view(id, record, Some(balance)))
+        self.ledger.guarded(|| {
+            let ids = &self.ledger.inner.ids;
+            let owner_id = ids.decode(IdKind::Account, &new.owner)?;
+            let name = self.ledger.label("name", &new.name)?;
+            let now = self.ledger.now();
+            let txn = self.ledger.inner.store.begin_write()?;
+            if txn.open_table(ACCOUNTS)?.get(owner_id)?.is_none() {
+                return Err(Error::NotFound { what: "account" });
+            }
+            let id = store::next_id(&txn)?;
+            let record = PoolRecord {
+                owner: owner_id,
+                name,
+                refill: new.refill,
+                low_balance_threshold: new.low_balance_threshold,
+                created_at: now,
+                created_by: self.actor.clone(),
+            };
+            store::put(&mut txn.open_table(POOLS)?, id, &record)?;
+            let balance = new_balance(new.credits, new.refill, now);
+            store::put(&mut txn.open_table(CREDITS)?, id, &balance)?;
+            let public = ids.encode(IdKind::Pool, id);
+            audit::append(&txn, now, &self.actor, "pool.created", &public, &[])?;
+            txn.commit()?;
+            Ok(self.pool_view(id, record, Some(balance)))
+        })
     }
 
     /// Changes a pool's name, refill or low-balance threshold. Each applies to the very next
     /// spend of any of its keys; the audit trail names the fields that changed.
     pub fn update_pool(&self, id: &str, update: PoolUpdate) -> Result<Pool> {
-        let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
-        let name = update
-            .name
-            .map(|n| self.ledger.label("name", &n))
-            .transpose()?;
-        let now = self.ledger.now();
-        let txn = self.ledger.inner.store.begin_write()?;
-        let (record, balance, changed) = {
-            let mut pools = txn.open_table(POOLS)?;
-            let mut balances = txn.open_table(CREDITS)?;
-            let mut record: PoolRecord =
-                store::get(&pools, internal)?.ok_or(Error::NotFound { what: "pool" })?;
-            let mut balance: Option<CreditsRecord> = store::get(&balances, internal)?;
-            let mut changed = Vec::new();
-            if let Some(name) = name {
-                audit::set(&mut changed, "name", &mut record.name, name);
-            }
-            if let Some(r) = update.refill {
-                audit::set(&mut changed, "refill", &mut record.refill, r);
-            }
-            if let Some(t) = update.low_balance_threshold {
-                let field = &mut record.low_balance_threshold;
-                audit::set(&mut changed, "low_balance_threshold", field, t);
-            }
-            if !changed.is_empty() {
-                store::put(&mut pools, internal, &record)?;
-                if let Some(b) = balance.as_mut().filter(|b| b.refill != record.refill) {
-                    refill::replace(b, record.refill, now);
-                    store::put(&mut balances, internal, b)?;
+        self.ledger.guarded(|| {
+            let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
+            let name = update
+                .name
+                .map(|n| self.ledger.label("name", &n))
+                .transpose()?;
+            let now = self.ledger.now();
+            let txn = self.ledger.inner.store.begin_write()?;
+            let (record, balance, changed) = {
+                let mut pools = txn.open_table(POOLS)?;
+                let mut balances = txn.open_table(CREDITS)?;
+                let mut record: PoolRecord =
+                    store::get(&pools, internal)?.ok_or(Error::NotFound { what: "pool" })?;
+                let mut balance: Option<CreditsRecord> = store::get(&balances, internal)?;
+                let mut changed = Vec::new();
+                if let Some(name) = name {
+                    audit::set(&mut changed, "name", &mut record.name, name);
                 }
-                audit::append(&txn, now, &self.actor, "pool.updated", id, &changed)?;
+                if let Some(r) = update.refill {
+                    audit::set(&mut changed, "refill", &mut record.refill, r);
+                }
+                if let Some(t) = update.low_balance_threshold {
+                    let field = &mut record.low_balance_threshold;
+                    audit::set(&mut changed, "low_balance_threshold", field, t);
+                }
+                if !changed.is_empty() {
+                    store::put(&mut pools, internal, &record)?;
+                    if let Some(b) = balance.as_mut().filter(|b| b.refill != record.refill) {
+                        refill::replace(b, record.refill, now);
+                        store::put(&mut balances, internal, b)?;
+                    }
+                    audit::append(&txn, now, &self.actor, "pool.updated", id, &changed)?;
+                }
+                (record, balance, changed)
+            };
+            if changed.is_empty() {
+                txn.abort()?;
+                return Ok(self.pool_view(internal, record, balance));
             }
-            (record, balance, changed)
-        };
-        if changed.is_empty() {
-            txn.abort()?;
-            return Ok(self.pool_view(internal, record, balance));
-        }
-        txn.commit()?;
-        let engine = &self.ledger.inner.engine;
-        if changed.contains(&"refill") {
-            engine.pool_refill_changed(internal);
-        }
-        if changed.contains(&"low_balance_threshold") {
-            engine.low_balance_changed(internal, record.low_balance_threshold);
-        }
-        Ok(self.pool_view(internal, record, balance))
+            txn.commit()?;
+            let engine = &self.ledger.inner.engine;
+            if changed.contains(&"refill") {
+                engine.pool_refill_changed(internal);
+            }
+            if changed.contains(&"low_balance_threshold") {
+                engine.low_balance_changed(internal, record.low_balance_threshold);
+            }
+            Ok(self.pool_view(internal, record, balance))
+        })
     }
 
     /// Deletes a pool and its balance. Refused with a conflict while a key or token still
     /// spends from it (delete those first: a key's pool cannot change). Returns the credits
     /// that were left, which go with it; the audit trail records the deletion.
     pub fn delete_pool(&self, id: &str) -> Result<u64> {
-        let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
-        let now = self.ledger.now();
-        let txn = self.ledger.inner.store.begin_write()?;
-        let left = {
-            let mut pools = txn.open_table(POOLS)?;
-            let record: PoolRecord =
-                store::get(&pools, internal)?.ok_or(Error::NotFound { what: "pool" })?;
-            // Only the owner's keys and tokens can spend from its pools.
-            let keys = txn.open_table(KEYS)?;
-            let mut users = 0;
-            for entry in txn
-                .open_table(KEYS_BY_OWNER)?
-                .range((record.owner, 0, 0)..=(record.owner, u8::MAX, u64::MAX))?
-            {
-                let (_, _, key) = entry?.0.value();
-                let key: Option<crate::record::KeyRecord> = store::get(&keys, key)?;
-                users += usize::from(key.is_some_and(|k| k.pool == Some(internal)));
-            }
-            if users > 0 {
-                return Err(Error::Conflict(format!(
-                    "pool in use: {users} key(s) or token(s) spend from it; delete them first"
-                )));
-            }
-            pools.remove(internal)?;
-            let mut balances = txn.open_table(CREDITS)?;
-            let credits: Option<CreditsRecord> = store::get(&balances, internal)?;
-            balances.remove(internal)?;
-            txn.open_table(USAGE)?.remove(internal)?;
-            credits.map_or(0, |c| self.ledger.inner.engine.remaining(internal, &c))
-        };
-        audit::append(&txn, now, &self.actor, "pool.deleted", id, &[])?;
-        txn.commit()?;
-        self.ledger.inner.engine.pool_deleted(internal);
-        Ok(left)
+        self.ledger.guarded(|| {
+            let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
+            let now = self.ledger.now();
+            let txn = self.ledger.inner.store.begin_write()?;
+            let left = {
+                let mut pools = txn.open_table(POOLS)?;
+                let record: PoolRecord =
+                    store::get(&pools, internal)?.ok_or(Error::NotFound { what: "pool" })?;
+                // Only the owner's keys and tokens can spend from its pools.
+                let keys = txn.open_table(KEYS)?;
+                let mut users = 0;
+                for entry in txn
+                    .open_table(KEYS_BY_OWNER)?
+                    .range((record.owner, 0, 0)..=(record.owner, u8::MAX, u64::MAX))?
+                {
+                    let (_, _, key) = entry?.0.value();
+                    let key: Option<crate::record::KeyRecord> = store::get(&keys, key)?;
+                    users += usize::from(key.is_some_and(|k| k.pool == Some(internal)));
+                }
+                if users > 0 {
+                    return Err(Error::Conflict(format!(
+                        "pool in use: {users} key(s) or token(s) spend from it; delete them first"
+                    )));
+                }
+                pools.remove(internal)?;
+                let mut balances = txn.open_table(CREDITS)?;
+                let credits: Option<CreditsRecord> = store::get(&balances, internal)?;
+                balances.remove(internal)?;
+                txn.open_table(USAGE)?.remove(internal)?;
+                credits.map_or(0, |c| self.ledger.inner.engine.remaining(internal, &c))
+            };
+            audit::append(&txn, now, &self.actor, "pool.deleted", id, &[])?;
+            txn.commit()?;
+            self.ledger.inner.engine.pool_deleted(internal);
+            Ok(left)
+        })
     }
 
     /// Reads a pool.
     pub fn pool(&self, id: &str) -> Result<Pool> {
-        let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
-        let read = self.ledger.inner.store.begin_read()?;
-        let record: PoolRecord = store::get(&read.open_table(POOLS)?, internal)?
-            .ok_or(Error::NotFound { what: "pool" })?;
-        let balance = store::get(&read.open_table(CREDITS)?, internal)?;
-        Ok(self.pool_view(internal, record, balance))
+        self.ledger.guarded(|| {
+            let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
+            let read = self.ledger.inner.store.begin_read()?;
+            let record: PoolRecord = store::get(&read.open_table(POOLS)?, internal)?
+                .ok_or(Error::NotFound { what: "pool" })?;
+            let balance = store::get(&read.open_table(CREDITS)?, internal)?;
+            Ok(self.pool_view(internal, record, balance))
+        })
     }
 
     /// The pools of `owner`, oldest first.
     pub fn pools(&self, owner: &str) -> Result<Vec<Pool>> {
-        let owner = self.ledger.inner.ids.decode(IdKind::Account, owner)?;
-        let read = self.ledger.inner.store.begin_read()?;
-        let credits = read.open_table(CREDITS)?;
-        let mut found = Vec::new();
-        for entry in read.open_table(POOLS)?.iter()? {
-            let (k, v) = entry?;
-            let record: PoolRecord = crate::codec::decode(v.value())?;
-            if record.owner == owner {
-                let balance = store::get(&credits, k.value())?;
-                found.push(self.pool_view(k.value(), record, balance));
+        self.ledger.guarded(|| {
+            let owner = self.ledger.inner.ids.decode(IdKind::Account, owner)?;
+            let read = self.ledger.inner.store.begin_read()?;
+            let credits = read.open_table(CREDITS)?;
+            let mut found = Vec::new();
+            for entry in read.open_table(POOLS)?.iter()? {
+                let (k, v) = entry?;
+                let record: PoolRecord = crate::codec::decode(v.value())?;
+                if record.owner == owner {
+                    let balance = store::get(&credits, k.value())?;
+                    found.push(self.pool_view(k.value(), record, balance));
+                }
             }
-        }
-        Ok(found)
+            Ok(found)
+        })
     }
 
     /// A pool as the API shows it, `durable` being its stored balance (read with `r`).

@@ -732,7 +732,9 @@ fn commit(
 ) -> (Vec<Sender<Result<()>>>, std::result::Result<(), String>) {
     let mut fx = Effects::default();
     let mut batch = batch.into_iter();
-    let result = build(shared, listed, &mut batch, closing, chunked, &mut fx);
+    let result = shared
+        .store
+        .guard(|| build(shared, listed, &mut batch, closing, chunked, &mut fx));
     for (meter, units, epoch) in std::mem::take(&mut fx.late) {
         listed.retry_return(meter, units, epoch);
     }

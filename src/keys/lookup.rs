@@ -247,7 +247,8 @@ impl Ledger {
         // The hash covers the prefix, so a match also means the key's class is the record's.
         self.inner.format.parse(key).map_err(Denial::Malformed)?;
         let now = self.now();
-        let found = find(self, key, now)
+        let found = self
+            .guarded(|| find(self, key, now))
             .map_err(|_| Denial::Unavailable)?
             .ok_or(Denial::NotFound)?;
         let record = found.record;
@@ -257,12 +258,9 @@ impl Ledger {
         if record.expires_at.is_some_and(|at| at <= now) {
             return Err(Denial::Expired);
         }
-        Ok(super::key_info(
-            self,
-            record.kind.id_kind(),
-            found.id,
-            record,
-        ))
+        let kind = record.kind.id_kind();
+        self.guarded(|| Ok(super::key_info(self, kind, found.id, record)))
+            .map_err(|_| Denial::Unavailable)
     }
 }
 

@@ -181,15 +181,17 @@ impl<'a> Keys<'a> {
 
     /// Creates a key and returns its plaintext, this once.
     pub fn create(&self, new: NewKey) -> Result<CreatedKey> {
-        let s = new.settings;
-        let class = self.class_for(&s)?;
-        let plaintext = self.ledger.inner.format.generate(class)?;
-        let hasher = self.ledger.hasher();
-        let (prefix, suffix) = visible_parts(plaintext.expose());
-        let hash = hasher.hash_current(plaintext.expose());
-        let origin = Origin::Created;
-        let info = self.insert(s, class, hash, hasher.current(), prefix, suffix, origin)?;
-        Ok(CreatedKey { info, plaintext })
+        self.ledger.guarded(|| {
+            let s = new.settings;
+            let class = self.class_for(&s)?;
+            let plaintext = self.ledger.inner.format.generate(class)?;
+            let hasher = self.ledger.hasher();
+            let (prefix, suffix) = visible_parts(plaintext.expose());
+            let hash = hasher.hash_current(plaintext.expose());
+            let origin = Origin::Created;
+            let info = self.insert(s, class, hash, hasher.current(), prefix, suffix, origin)?;
+            Ok(CreatedKey { info, plaintext })
+        })
     }
 
     /// Imports a key issued elsewhere by its hash; its holder keeps using the same plaintext.
@@ -200,59 +202,61 @@ impl<'a> Keys<'a> {
     /// plaintext. (A file from before these reservations keeps none for keys imported and
     /// rehashed then.)
     pub fn import(&self, import: ImportKey) -> Result<KeyInfo> {
-        let asked = self.class_for(&import.settings)?;
-        let class = self
-            .ledger
-            .inner
-            .format
-            .classify_prefix(&import.prefix)
-            .ok_or_else(|| {
-                Error::invalid(
-                    "prefix",
-                    "an imported key's visible prefix must start with a configured key prefix \
+        self.ledger.guarded(|| {
+            let asked = self.class_for(&import.settings)?;
+            let class = self
+                .ledger
+                .inner
+                .format
+                .classify_prefix(&import.prefix)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "prefix",
+                        "an imported key's visible prefix must start with a configured key prefix \
                  or a legacy prefix (Config::builder().legacy_prefix(..))",
-                )
-            })?;
-        let class_fits = match self.kind {
-            IdKind::Token => matches!(class, KeyClass::Token | KeyClass::Legacy),
-            _ => class != KeyClass::Token,
-        };
-        if !class_fits {
-            return Err(Error::invalid(
-                "prefix",
-                "a token prefix is imported through tokens()",
-            ));
-        }
-        // The prefix the key's holder presents decides its class: `.test()` cannot make a
-        // live-prefixed key a test key.
-        if asked == KeyClass::Test && class != KeyClass::Test {
-            return Err(Error::invalid(
-                "test",
-                "an imported key's class comes from its prefix, which is not a test prefix",
-            ));
-        }
-        let (hash, scheme) = match import.hash {
-            ImportedHash::Sha256(h) => (h, HashScheme::Sha256Imported),
-            ImportedHash::Current(h) => (h, self.ledger.hash_scheme()),
-        };
-        let visible_ok = |s: &str, max: usize| {
-            s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic() && b != b'*')
-        };
-        if !visible_ok(&import.prefix, 12) || !visible_ok(&import.suffix, 4) {
-            return Err(Error::invalid(
-                "prefix",
-                "visible prefix (≤ 12) and suffix (≤ 4) must be printable ASCII",
-            ));
-        }
-        self.insert(
-            import.settings,
-            class,
-            hash,
-            scheme,
-            import.prefix,
-            import.suffix,
-            Origin::Imported,
-        )
+                    )
+                })?;
+            let class_fits = match self.kind {
+                IdKind::Token => matches!(class, KeyClass::Token | KeyClass::Legacy),
+                _ => class != KeyClass::Token,
+            };
+            if !class_fits {
+                return Err(Error::invalid(
+                    "prefix",
+                    "a token prefix is imported through tokens()",
+                ));
+            }
+            // The prefix the key's holder presents decides its class: `.test()` cannot make a
+            // live-prefixed key a test key.
+            if asked == KeyClass::Test && class != KeyClass::Test {
+                return Err(Error::invalid(
+                    "test",
+                    "an imported key's class comes from its prefix, which is not a test prefix",
+                ));
+            }
+            let (hash, scheme) = match import.hash {
+                ImportedHash::Sha256(h) => (h, HashScheme::Sha256Imported),
+                ImportedHash::Current(h) => (h, self.ledger.hash_scheme()),
+            };
+            let visible_ok = |s: &str, max: usize| {
+                s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic() && b != b'*')
+            };
+            if !visible_ok(&import.prefix, 12) || !visible_ok(&import.suffix, 4) {
+                return Err(Error::invalid(
+                    "prefix",
+                    "visible prefix (≤ 12) and suffix (≤ 4) must be printable ASCII",
+                ));
+            }
+            self.insert(
+                import.settings,
+                class,
+                hash,
+                scheme,
+                import.prefix,
+                import.suffix,
+                Origin::Imported,
+            )
+        })
     }
 
     fn class_for(&self, s: &Settings) -> Result<KeyClass> {
@@ -407,237 +411,250 @@ impl<'a> Keys<'a> {
 
     /// Reads a key.
     pub fn get(&self, id: &str) -> Result<KeyInfo> {
-        let internal = self.internal_id(id)?;
-        let read = self.ledger.inner.store.begin_read()?;
-        let record = self.load(&read.open_table(KEYS)?, internal)?;
-        Ok(self.view(internal, record))
+        self.ledger.guarded(|| {
+            let internal = self.internal_id(id)?;
+            let read = self.ledger.inner.store.begin_read()?;
+            let record = self.load(&read.open_table(KEYS)?, internal)?;
+            Ok(self.view(internal, record))
+        })
     }
 
     /// Lists `owner`'s keys (or tokens) in creation order, a page at a time.
     pub fn list(&self, owner: &str, page: &PageRequest) -> Result<Page<KeyInfo>> {
-        let owner = self.ledger.inner.ids.decode(IdKind::Account, owner)?;
-        if self.owner.is_some_and(|o| o != owner) {
-            return Err(Error::NotFound { what: "account" });
-        }
-        let limit = page.checked_limit()?;
-        let owner_bytes = owner.to_be_bytes();
-        let ad: [&[u8]; 3] = [b"cursor", self.kind.prefix().as_bytes(), &owner_bytes];
-        let start =
-            match &page.cursor {
+        self.ledger.guarded(|| {
+            let owner = self.ledger.inner.ids.decode(IdKind::Account, owner)?;
+            if self.owner.is_some_and(|o| o != owner) {
+                return Err(Error::NotFound { what: "account" });
+            }
+            let limit = page.checked_limit()?;
+            let owner_bytes = owner.to_be_bytes();
+            let ad: [&[u8]; 3] = [b"cursor", self.kind.prefix().as_bytes(), &owner_bytes];
+            let start = match &page.cursor {
                 Some(c) => self.ledger.inner.ids.open(&ad, c).ok_or_else(|| {
                     Error::invalid("cursor", "not a cursor issued for this listing")
                 })?,
                 None => 0,
             };
-        let read = self.ledger.inner.store.begin_read()?;
-        if read.open_table(ACCOUNTS)?.get(owner)?.is_none() {
-            return Err(Error::NotFound { what: "account" });
-        }
-        let index = read.open_table(KEYS_BY_OWNER)?;
-        let keys = read.open_table(KEYS)?;
-        let tag = self.kind_tag();
-        let (mut items, mut next_cursor, mut last) = (Vec::new(), None, start);
-        let from = if page.cursor.is_some() {
-            start.checked_add(1)
-        } else {
-            Some(0)
-        };
-        if let Some(from) = from {
-            for entry in index.range((owner, tag, from)..=(owner, tag, u64::MAX))? {
-                let (k, _) = entry?;
-                let id = k.value().2;
-                if items.len() == limit {
-                    next_cursor = Some(self.ledger.inner.ids.seal(&ad, last));
-                    break;
-                }
-                let record = self.load(&keys, id)?;
-                items.push(self.view(id, record));
-                last = id;
+            let read = self.ledger.inner.store.begin_read()?;
+            if read.open_table(ACCOUNTS)?.get(owner)?.is_none() {
+                return Err(Error::NotFound { what: "account" });
             }
-        }
-        Ok(Page { items, next_cursor })
+            let index = read.open_table(KEYS_BY_OWNER)?;
+            let keys = read.open_table(KEYS)?;
+            let tag = self.kind_tag();
+            let (mut items, mut next_cursor, mut last) = (Vec::new(), None, start);
+            let from = if page.cursor.is_some() {
+                start.checked_add(1)
+            } else {
+                Some(0)
+            };
+            if let Some(from) = from {
+                for entry in index.range((owner, tag, from)..=(owner, tag, u64::MAX))? {
+                    let (k, _) = entry?;
+                    let id = k.value().2;
+                    if items.len() == limit {
+                        next_cursor = Some(self.ledger.inner.ids.seal(&ad, last));
+                        break;
+                    }
+                    let record = self.load(&keys, id)?;
+                    items.push(self.view(id, record));
+                    last = id;
+                }
+            }
+            Ok(Page { items, next_cursor })
+        })
     }
 
     /// Support look-up by visible prefix (at least 8 characters, up to the 12 stored). Returns
     /// masked keys only, at most 100.
     pub fn find_by_prefix(&self, prefix: &str) -> Result<Vec<KeyInfo>> {
-        let prefix = prefix.split('…').next().unwrap_or_default();
-        if !(8..=12).contains(&prefix.len()) || !prefix.is_ascii() {
-            return Err(Error::invalid(
-                "prefix",
-                "give 8–12 characters of the visible prefix",
-            ));
-        }
-        let read = self.ledger.inner.store.begin_read()?;
-        let index = read.open_table(KEYS_BY_PREFIX)?;
-        let keys = read.open_table(KEYS)?;
-        let mut out = Vec::new();
-        for entry in index.range((prefix, 0u64)..)? {
-            let (k, _) = entry?;
-            let (p, id) = k.value();
-            if !p.starts_with(prefix) || out.len() == 100 {
-                break;
+        self.ledger.guarded(|| {
+            let prefix = prefix.split('…').next().unwrap_or_default();
+            if !(8..=12).contains(&prefix.len()) || !prefix.is_ascii() {
+                return Err(Error::invalid(
+                    "prefix",
+                    "give 8–12 characters of the visible prefix",
+                ));
             }
-            let record: KeyRecord =
-                store::get(&keys, id)?.ok_or(Error::NotFound { what: "key" })?;
-            if self.fits(&record) {
-                out.push(self.view(id, record));
+            let read = self.ledger.inner.store.begin_read()?;
+            let index = read.open_table(KEYS_BY_PREFIX)?;
+            let keys = read.open_table(KEYS)?;
+            let mut out = Vec::new();
+            for entry in index.range((prefix, 0u64)..)? {
+                let (k, _) = entry?;
+                let (p, id) = k.value();
+                if !p.starts_with(prefix) || out.len() == 100 {
+                    break;
+                }
+                let record: KeyRecord =
+                    store::get(&keys, id)?.ok_or(Error::NotFound { what: "key" })?;
+                if self.fits(&record) {
+                    out.push(self.view(id, record));
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Applies a partial update; only the fields set change. A new credit balance is set
     /// through the writer thread, so it is ordered with leases already handed out.
     pub fn update(&self, id: &str, update: KeyUpdate) -> Result<KeyInfo> {
-        // Checked first: a balance set is audited in the writer's shared transaction.
-        rules::actor(&self.actor)?;
-        let now = self.ledger.now();
-        let name = update
-            .name
-            .as_deref()
-            .map(|n| self.ledger.label("name", n))
-            .transpose()?;
-        let permissions = update.permissions.as_ref().map(rules::scopes).transpose()?;
-        let ips = update.ips.as_ref().map(rules::ips).transpose()?;
-        let expires_at = update
-            .expires_at
-            .map(|e| checked_expiry(e, now))
-            .transpose()?;
-        if let Some(m) = &update.metadata {
-            rules::metadata(m)?;
-        }
-        // New limits may start a state of their own, whose spend tier counts from the durable
-        // spend: spend still in memory (a key that had no limits counted it nowhere else)
-        // must be on disk first.
-        let engine = &self.ledger.inner.engine;
-        if (update.rate_limits.is_some() || update.token_window.is_some())
-            && !engine.tiers.is_empty()
-        {
-            engine.flush()?;
-        }
-        let mut set_balance_to = None;
-        let setting_balance = matches!(update.credits, Some(Some(_)));
-        let _in_order = setting_balance.then(|| self.ledger.inner.setting_balances.lock());
-        let (info, settings_written) = self.modify(id, "updated", |record, credits| {
-            let mut changed = Vec::new();
-            let c = &mut changed;
-            if let Some(name) = name {
-                audit::set(c, "name", &mut record.name, name);
+        self.ledger.guarded(|| {
+            // Checked first: a balance set is audited in the writer's shared transaction.
+            rules::actor(&self.actor)?;
+            let now = self.ledger.now();
+            let name = update
+                .name
+                .as_deref()
+                .map(|n| self.ledger.label("name", n))
+                .transpose()?;
+            let permissions = update.permissions.as_ref().map(rules::scopes).transpose()?;
+            let ips = update.ips.as_ref().map(rules::ips).transpose()?;
+            let expires_at = update
+                .expires_at
+                .map(|e| checked_expiry(e, now))
+                .transpose()?;
+            if let Some(m) = &update.metadata {
+                rules::metadata(m)?;
             }
-            if let Some(p) = permissions {
-                audit::set(c, "permissions", &mut record.permissions, p);
+            // New limits may start a state of their own, whose spend tier counts from the durable
+            // spend: spend still in memory (a key that had no limits counted it nowhere else)
+            // must be on disk first.
+            let engine = &self.ledger.inner.engine;
+            if (update.rate_limits.is_some() || update.token_window.is_some())
+                && !engine.tiers.is_empty()
+            {
+                engine.flush()?;
             }
-            if let Some(ips) = ips {
-                audit::set(c, "ips", &mut record.ips, ips);
-            }
-            if let Some(e) = expires_at {
-                audit::set(c, "expires_at", &mut record.expires_at, e);
-            }
-            let mut limits = record.limits.clone();
-            if let Some(credits) = update.credits {
-                // Credits given for a key with its own balance set that balance: a change
-                // even when the plan's amount stays the same.
-                if credits.is_some() && limits.credits == credits {
-                    c.push("credits");
+            let mut set_balance_to = None;
+            let setting_balance = matches!(update.credits, Some(Some(_)));
+            let _in_order = setting_balance.then(|| self.ledger.inner.setting_balances.lock());
+            let (info, settings_written) = self.modify(id, "updated", |record, credits| {
+                let mut changed = Vec::new();
+                let c = &mut changed;
+                if let Some(name) = name {
+                    audit::set(c, "name", &mut record.name, name);
                 }
-                audit::set(c, "credits", &mut limits.credits, credits);
-            }
-            if let Some(r) = update.refill {
-                audit::set(c, "refill", &mut limits.refill, r);
-            }
-            if let Some(rl) = update.rate_limits {
-                audit::set(c, "rate_limits", &mut limits.rate_limits, rl);
-            }
-            if let Some(tw) = update.token_window {
-                audit::set(c, "token_window", &mut limits.token_window, tw);
-            }
-            if let Some(t) = update.low_balance_threshold {
-                audit::set(
-                    c,
-                    "low_balance_threshold",
-                    &mut limits.low_balance_threshold,
-                    t,
-                );
-            }
-            rules::limits(&limits)?;
-            if record.pool.is_some() && (limits.credits.is_some() || limits.refill.is_some()) {
-                return Err(Error::invalid(
-                    "credits",
-                    "this key spends from a pool; change the pool's balance instead",
-                ));
-            }
-            if record.pool.is_some() && update.low_balance_threshold.flatten().is_some() {
-                return Err(pool_threshold());
-            }
-            if record.pool.is_none() {
-                match (update.credits, credits.as_mut()) {
-                    (Some(None), _) => *credits = None,
-                    (Some(Some(n)), Some(_)) => set_balance_to = Some(n),
-                    (Some(Some(n)), None) => *credits = Some(new_balance(n, limits.refill, now)),
-                    (None, _) => {}
+                if let Some(p) = permissions {
+                    audit::set(c, "permissions", &mut record.permissions, p);
                 }
-                if let Some(c) = credits.as_mut() {
-                    refill::replace(c, limits.refill, now);
+                if let Some(ips) = ips {
+                    audit::set(c, "ips", &mut record.ips, ips);
                 }
-            }
-            record.limits = limits;
-            if let Some(m) = update.metadata {
-                audit::set(&mut changed, "metadata", &mut record.metadata, m);
-            }
-            Ok(changed)
-        })?;
-        match set_balance_to {
-            Some(n) => {
-                let internal = self.internal_id(id)?;
-                // The update's entry names the credits; without one (the same credits again,
-                // a reset to the plan's amount) the set is audited on its own, in the
-                // writer's transaction.
-                let audit = (!settings_written).then(|| AuditLine {
-                    actor: self.actor.clone(),
-                    action: "credits.set",
-                    target: id.to_owned(),
-                });
-                let set = Adjust::Set(n);
-                let balance = self
-                    .ledger
-                    .inner
-                    .engine
-                    .adjust(internal, set, audit)
-                    .map_err(|e| {
-                        Error::Conflict(format!(
-                            "the key's settings were saved but its balance was not set ({e}); \
+                if let Some(e) = expires_at {
+                    audit::set(c, "expires_at", &mut record.expires_at, e);
+                }
+                let mut limits = record.limits.clone();
+                if let Some(credits) = update.credits {
+                    // Credits given for a key with its own balance set that balance: a change
+                    // even when the plan's amount stays the same.
+                    if credits.is_some() && limits.credits == credits {
+                        c.push("credits");
+                    }
+                    audit::set(c, "credits", &mut limits.credits, credits);
+                }
+                if let Some(r) = update.refill {
+                    audit::set(c, "refill", &mut limits.refill, r);
+                }
+                if let Some(rl) = update.rate_limits {
+                    audit::set(c, "rate_limits", &mut limits.rate_limits, rl);
+                }
+                if let Some(tw) = update.token_window {
+                    audit::set(c, "token_window", &mut limits.token_window, tw);
+                }
+                if let Some(t) = update.low_balance_threshold {
+                    audit::set(
+                        c,
+                        "low_balance_threshold",
+                        &mut limits.low_balance_threshold,
+                        t,
+                    );
+                }
+                rules::limits(&limits)?;
+                if record.pool.is_some() && (limits.credits.is_some() || limits.refill.is_some()) {
+                    return Err(Error::invalid(
+                        "credits",
+                        "this key spends from a pool; change the pool's balance instead",
+                    ));
+                }
+                if record.pool.is_some() && update.low_balance_threshold.flatten().is_some() {
+                    return Err(pool_threshold());
+                }
+                if record.pool.is_none() {
+                    match (update.credits, credits.as_mut()) {
+                        (Some(None), _) => *credits = None,
+                        (Some(Some(n)), Some(_)) => set_balance_to = Some(n),
+                        (Some(Some(n)), None) => {
+                            *credits = Some(new_balance(n, limits.refill, now))
+                        }
+                        (None, _) => {}
+                    }
+                    if let Some(c) = credits.as_mut() {
+                        refill::replace(c, limits.refill, now);
+                    }
+                }
+                record.limits = limits;
+                if let Some(m) = update.metadata {
+                    audit::set(&mut changed, "metadata", &mut record.metadata, m);
+                }
+                Ok(changed)
+            })?;
+            match set_balance_to {
+                Some(n) => {
+                    let internal = self.internal_id(id)?;
+                    // The update's entry names the credits; without one (the same credits again,
+                    // a reset to the plan's amount) the set is audited on its own, in the
+                    // writer's transaction.
+                    let audit = (!settings_written).then(|| AuditLine {
+                        actor: self.actor.clone(),
+                        action: "credits.set",
+                        target: id.to_owned(),
+                    });
+                    let set = Adjust::Set(n);
+                    let balance = self
+                        .ledger
+                        .inner
+                        .engine
+                        .adjust(internal, set, audit)
+                        .map_err(|e| {
+                            Error::Conflict(format!(
+                                "the key's settings were saved but its balance was not set ({e}); \
                              repeat the update or set the balance with credits().set"
-                        ))
-                    })?;
-                Ok(KeyInfo {
-                    remaining_credits: Some(balance),
-                    ..info
-                })
+                            ))
+                        })?;
+                    Ok(KeyInfo {
+                        remaining_credits: Some(balance),
+                        ..info
+                    })
+                }
+                None => Ok(info),
             }
-            None => Ok(info),
-        }
+        })
     }
 
     /// Disables a key: the next verify refuses it. Idempotent.
     pub fn disable(&self, id: &str) -> Result<KeyInfo> {
-        let now = self.ledger.now();
-        let (info, _) = self.modify(id, "disabled", |record, _| {
-            if record.disabled_at.is_none() {
-                record.disabled_at = Some(now);
-            }
-            Ok(vec!["disabled_at"])
-        })?;
-        Ok(info)
+        self.ledger.guarded(|| {
+            let now = self.ledger.now();
+            let (info, _) = self.modify(id, "disabled", |record, _| {
+                if record.disabled_at.is_none() {
+                    record.disabled_at = Some(now);
+                }
+                Ok(vec!["disabled_at"])
+            })?;
+            Ok(info)
+        })
     }
 
     /// Re-enables a disabled key. Idempotent.
     pub fn enable(&self, id: &str) -> Result<KeyInfo> {
-        let (info, _) = self.modify(id, "enabled", |record, _| {
-            record.disabled_at = None;
-            Ok(vec!["disabled_at"])
-        })?;
-        Ok(info)
+        self.ledger.guarded(|| {
+            let (info, _) = self.modify(id, "enabled", |record, _| {
+                record.disabled_at = None;
+                Ok(vec!["disabled_at"])
+            })?;
+            Ok(info)
+        })
     }
 
     /// Issues a new secret for the key, keeping its id and settings. The old secret keeps
@@ -645,60 +662,62 @@ impl<'a> Keys<'a> {
     /// a key is rolled because its secret may have leaked, and a typo must not keep that
     /// secret working for good). Returns the new plaintext, once.
     pub fn roll(&self, id: &str, grace_secs: u64) -> Result<CreatedKey> {
-        if grace_secs > MAX_ROLL_GRACE_SECS {
-            return Err(Error::invalid(
-                "grace_secs",
-                format!("at most {MAX_ROLL_GRACE_SECS} seconds (30 days), found {grace_secs}"),
-            ));
-        }
-        let internal = self.internal_id(id)?;
-        let hasher = self.ledger.hasher();
-        let now = self.ledger.now();
-        let txn = self.ledger.inner.store.begin_write()?;
-        let mut record = self.load(&txn.open_table(KEYS)?, internal)?;
-        let cached = secret_hashes(&record);
-        prune_expired_rolled(&txn, &mut record, now)?;
-        // A legacy key has no native class to keep: a token's new secret must carry the
-        // token prefix (a live one would read as an API key), an API key's the live prefix.
-        // Native keys keep their class, so a test key stays a test key.
-        let class = match (record.class, &record.kind) {
-            (KeyClass::Legacy, KeyKind::Token { .. }) => KeyClass::Token,
-            (KeyClass::Legacy, KeyKind::Api) => KeyClass::Live,
-            (class, _) => class,
-        };
-        let plaintext = self.ledger.inner.format.generate(class)?;
-        record.class = self.ledger.inner.format.parse(plaintext.expose())?;
-        let new_hash = hasher.hash_current(plaintext.expose());
-        self.unindex(&txn, internal, &record)?;
-        let (prefix, suffix) = visible_parts(plaintext.expose());
-        let old = RolledSecret {
-            key_hash: record.key_hash,
-            scheme: record.scheme,
-            key_prefix: std::mem::replace(&mut record.key_prefix, prefix),
-            key_suffix: std::mem::replace(&mut record.key_suffix, suffix),
-            valid_until: now.plus_secs(grace_secs),
-        };
-        record.key_hash = new_hash;
-        record.scheme = hasher.current();
-        record.rolled = (grace_secs > 0).then_some(old);
-        record.updated_at = now;
-        record.updated_by = self.actor.clone();
-        self.index(&txn, internal, &record)?;
-        if let Some(old) = &record.rolled {
-            store::adjust_scheme_count(&txn, old.scheme, 1)?;
-        }
-        index::put(&txn, &mut txn.open_table(KEYS)?, internal, &record)?;
-        let action = format!("{}.rolled", self.what());
-        audit::append(&txn, now, &self.actor, &action, id, &["secret"])?;
-        txn.commit()?;
-        self.ledger
-            .inner
-            .engine
-            .key_changed(internal, &cached, KeyChange::Settings);
-        self.ledger.inner.engine.key_created(&new_hash);
-        Ok(CreatedKey {
-            info: self.view(internal, record),
-            plaintext,
+        self.ledger.guarded(|| {
+            if grace_secs > MAX_ROLL_GRACE_SECS {
+                return Err(Error::invalid(
+                    "grace_secs",
+                    format!("at most {MAX_ROLL_GRACE_SECS} seconds (30 days), found {grace_secs}"),
+                ));
+            }
+            let internal = self.internal_id(id)?;
+            let hasher = self.ledger.hasher();
+            let now = self.ledger.now();
+            let txn = self.ledger.inner.store.begin_write()?;
+            let mut record = self.load(&txn.open_table(KEYS)?, internal)?;
+            let cached = secret_hashes(&record);
+            prune_expired_rolled(&txn, &mut record, now)?;
+            // A legacy key has no native class to keep: a token's new secret must carry the
+            // token prefix (a live one would read as an API key), an API key's the live prefix.
+            // Native keys keep their class, so a test key stays a test key.
+            let class = match (record.class, &record.kind) {
+                (KeyClass::Legacy, KeyKind::Token { .. }) => KeyClass::Token,
+                (KeyClass::Legacy, KeyKind::Api) => KeyClass::Live,
+                (class, _) => class,
+            };
+            let plaintext = self.ledger.inner.format.generate(class)?;
+            record.class = self.ledger.inner.format.parse(plaintext.expose())?;
+            let new_hash = hasher.hash_current(plaintext.expose());
+            self.unindex(&txn, internal, &record)?;
+            let (prefix, suffix) = visible_parts(plaintext.expose());
+            let old = RolledSecret {
+                key_hash: record.key_hash,
+                scheme: record.scheme,
+                key_prefix: std::mem::replace(&mut record.key_prefix, prefix),
+                key_suffix: std::mem::replace(&mut record.key_suffix, suffix),
+                valid_until: now.plus_secs(grace_secs),
+            };
+            record.key_hash = new_hash;
+            record.scheme = hasher.current();
+            record.rolled = (grace_secs > 0).then_some(old);
+            record.updated_at = now;
+            record.updated_by = self.actor.clone();
+            self.index(&txn, internal, &record)?;
+            if let Some(old) = &record.rolled {
+                store::adjust_scheme_count(&txn, old.scheme, 1)?;
+            }
+            index::put(&txn, &mut txn.open_table(KEYS)?, internal, &record)?;
+            let action = format!("{}.rolled", self.what());
+            audit::append(&txn, now, &self.actor, &action, id, &["secret"])?;
+            txn.commit()?;
+            self.ledger
+                .inner
+                .engine
+                .key_changed(internal, &cached, KeyChange::Settings);
+            self.ledger.inner.engine.key_created(&new_hash);
+            Ok(CreatedKey {
+                info: self.view(internal, record),
+                plaintext,
+            })
         })
     }
 
@@ -706,22 +725,25 @@ impl<'a> Keys<'a> {
     /// stays in its account's usage). The hash it was imported by, if any, may then be
     /// imported again.
     pub fn delete(&self, id: &str) -> Result<()> {
-        let internal = self.internal_id(id)?;
-        let txn = self.ledger.inner.store.begin_write()?;
-        let record = self.load(&txn.open_table(KEYS)?, internal)?;
-        self.unindex(&txn, internal, &record)?;
-        index::release_import(&txn, internal)?;
-        txn.open_table(KEYS)?.remove(internal)?;
-        txn.open_table(CREDITS)?.remove(internal)?;
-        txn.open_table(USAGE)?.remove(internal)?;
-        let action = format!("{}.deleted", self.what());
-        audit::append(&txn, self.ledger.now(), &self.actor, &action, id, &[])?;
-        txn.commit()?;
-        self.ledger
-            .inner
-            .engine
-            .key_changed(internal, &secret_hashes(&record), KeyChange::Deleted);
-        Ok(())
+        self.ledger.guarded(|| {
+            let internal = self.internal_id(id)?;
+            let txn = self.ledger.inner.store.begin_write()?;
+            let record = self.load(&txn.open_table(KEYS)?, internal)?;
+            self.unindex(&txn, internal, &record)?;
+            index::release_import(&txn, internal)?;
+            txn.open_table(KEYS)?.remove(internal)?;
+            txn.open_table(CREDITS)?.remove(internal)?;
+            txn.open_table(USAGE)?.remove(internal)?;
+            let action = format!("{}.deleted", self.what());
+            audit::append(&txn, self.ledger.now(), &self.actor, &action, id, &[])?;
+            txn.commit()?;
+            self.ledger.inner.engine.key_changed(
+                internal,
+                &secret_hashes(&record),
+                KeyChange::Deleted,
+            );
+            Ok(())
+        })
     }
 
     /// Loads, changes and stores a record in one transaction, with its audit event, then

@@ -6,7 +6,9 @@ pub(crate) mod tables;
 mod txn;
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
@@ -42,11 +44,29 @@ pub(crate) struct Store {
     /// The cache misses' shared read snapshot (see [`Store::snapshot`]). Declared first, so
     /// dropped before the database it reads.
     snapshot: ArcSwapOption<ReadSnapshot>,
-    db: Database,
+    /// Always `Some` until the store is dropped (see its `Drop`).
+    db: Option<Database>,
     /// Moved on by every commit through [`WriteTxn`].
     generation: AtomicU64,
     /// Set once the ledger has closed: no write transaction begins after it.
     closed: AtomicBool,
+    /// What redb said when it panicked on this file (see [`Store::guard`]): from then on
+    /// nothing is read or written.
+    broken: OnceLock<String>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let (snapshot, db) = (self.snapshot.swap(None), self.db.take());
+        match self.broken.get() {
+            // redb may have left one of its locks poisoned when it panicked, and its drop
+            // would then panic too: a damaged file must not take the process down.
+            Some(_) => {
+                let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop((snapshot, db))));
+            }
+            None => drop((snapshot, db)),
+        }
+    }
 }
 
 /// Meta values read at open.
@@ -94,15 +114,42 @@ impl Store {
     fn new(db: Database) -> Store {
         Store {
             snapshot: ArcSwapOption::empty(),
-            db,
+            db: Some(db),
             generation: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            broken: OnceLock::new(),
+        }
+    }
+
+    /// The database, unless redb panicked on it before.
+    fn db(&self) -> Result<&Database> {
+        match (self.broken.get(), &self.db) {
+            (None, Some(db)) => Ok(db),
+            (Some(what), _) => Err(damaged(&format!("{what}; nothing more is read or written"))),
+            (None, None) => Err(Error::Closed),
+        }
+    }
+
+    /// Runs work that reads or writes the file, turning a panic of redb's into a typed
+    /// error (see [`unless_redb_panics`]) — and, since redb may have left its state half
+    /// changed, fencing the file off: every later call gets an error, and the database is
+    /// dropped under a guard. Every public call that touches the file runs in one.
+    pub(crate) fn guard<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.db()?;
+        match std::panic::catch_unwind(AssertUnwindSafe(work)) {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = panic_message(panic.as_ref());
+                let error = damaged(&what);
+                let _ = self.broken.set(what);
+                Err(error)
+            }
         }
     }
 
     /// The file's format version; `None` for a new, empty file.
     fn format(&self, path: &Path) -> Result<Option<u32>> {
-        let read = self.db.begin_read()?;
+        let read = self.db()?.begin_read()?;
         match read.open_table(META) {
             Ok(table) => Ok(Some(read_format(&table, path)?)),
             Err(TableError::TableDoesNotExist(_)) => {
@@ -122,7 +169,7 @@ impl Store {
 
     /// Checks that `master` is the key the file was created with and reads its hash scheme.
     fn opened_meta(&self, master: &MasterKey) -> Result<OpenedMeta> {
-        let read = self.db.begin_read()?;
+        let read = self.db()?.begin_read()?;
         let table = read.open_table(META)?;
         let stored = table.get(meta::VERIFIER)?.map(|v| v.value().to_vec());
         if !stored.is_some_and(|s| crate::hashing::hashes_equal_slices(&s, &verifier(master))) {
@@ -191,7 +238,7 @@ impl Store {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.db()?.begin_write()?;
         txn.set_two_phase_commit(true);
         Ok(WriteTxn::new(txn, self))
     }
@@ -203,7 +250,7 @@ impl Store {
     }
 
     pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction> {
-        Ok(self.db.begin_read()?)
+        Ok(self.db()?.begin_read()?)
     }
 }
 
@@ -213,16 +260,24 @@ impl Store {
 /// reaches an `assert!` or a slice index instead of returning `StorageError::Corrupted`
 /// (cberner/redb#1277 and the like), and a corrupt file must get an error, never a crash.
 pub(crate) fn unless_redb_panics<T>(f: impl FnOnce() -> T) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "no message".into());
-        Error::Storage(Box::new(redb::Error::Corrupted(format!(
-            "the file is corrupt: redb failed reading it ({what})"
-        ))))
-    })
+    std::panic::catch_unwind(AssertUnwindSafe(f))
+        .map_err(|panic| damaged(&panic_message(panic.as_ref())))
+}
+
+/// What a panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
+/// The error for a file redb panicked on.
+fn damaged(what: &str) -> Error {
+    Error::Storage(Box::new(redb::Error::Corrupted(format!(
+        "the file is corrupt: redb failed reading it ({what})"
+    ))))
 }
 
 /// Tables keyed by id whose values are codec records; all created with a new file.

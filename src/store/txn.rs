@@ -7,8 +7,6 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use redb::ReadableDatabase;
-
 use super::Store;
 use super::tables::{CREDITS, KEY_VERIFY};
 use crate::error::Result;
@@ -82,7 +80,7 @@ impl Store {
                 return Ok(shared);
             }
         }
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let fresh = Arc::new(ReadSnapshot {
             generation,
             verify: txn.open_table(KEY_VERIFY)?,

@@ -156,83 +156,89 @@ impl<'a> Vault<'a> {
         provider: &Provider,
         grant: OAuthGrant,
     ) -> Result<ConnectionInfo> {
-        let provider = provider.validated()?;
-        let name = provider.as_str();
-        validate_token("access_token", &grant.access_token)?;
-        if let Some(r) = &grant.refresh_token {
-            validate_token("refresh_token", r)?;
-        }
-        let scopes = validate_scopes(&grant.scopes)?;
-        let now = self.ledger.now();
-        let txn = self.ledger.inner.store.begin_write()?;
-        let owner = owner_write(self.ledger, &txn, owner)?;
-        let plain = records::encode_tokens(&grant.access_token, grant.refresh_token.as_ref());
-        let sealed = VaultCipher::new(&self.ledger.inner.config.master_key)
-            .seal(binding(&owner.public, name), &plain)?;
-        let record = ConnectorRecord {
-            scopes,
-            expires_at: self.expiry(&grant),
-            has_refresh_token: grant.refresh_token.is_some(),
-            health: StoredHealth::Healthy,
-            connected_at: now,
-            connected_by: self.actor.clone(),
-            updated_at: now,
-            updated_by: self.actor.clone(),
-            last_refreshed_at: None,
-            sealed,
-        };
-        txn.open_table(CONNECTORS)?
-            .insert((owner.id, name), codec::encode(&record).as_slice())?;
-        let mut fields = vec!["access_token"];
-        if record.has_refresh_token {
-            fields.push("refresh_token");
-        }
-        fields.extend(["scopes", "expires_at"]);
-        let target = target(&owner.public, "connectors", name);
-        audit::append(
-            &txn,
-            now,
-            &self.actor,
-            "connector.connected",
-            &target,
-            &fields,
-        )?;
-        txn.commit()?;
-        Ok(self.info(&owner, name, &record))
+        self.ledger.guarded(|| {
+            let provider = provider.validated()?;
+            let name = provider.as_str();
+            validate_token("access_token", &grant.access_token)?;
+            if let Some(r) = &grant.refresh_token {
+                validate_token("refresh_token", r)?;
+            }
+            let scopes = validate_scopes(&grant.scopes)?;
+            let now = self.ledger.now();
+            let txn = self.ledger.inner.store.begin_write()?;
+            let owner = owner_write(self.ledger, &txn, owner)?;
+            let plain = records::encode_tokens(&grant.access_token, grant.refresh_token.as_ref());
+            let sealed = VaultCipher::new(&self.ledger.inner.config.master_key)
+                .seal(binding(&owner.public, name), &plain)?;
+            let record = ConnectorRecord {
+                scopes,
+                expires_at: self.expiry(&grant),
+                has_refresh_token: grant.refresh_token.is_some(),
+                health: StoredHealth::Healthy,
+                connected_at: now,
+                connected_by: self.actor.clone(),
+                updated_at: now,
+                updated_by: self.actor.clone(),
+                last_refreshed_at: None,
+                sealed,
+            };
+            txn.open_table(CONNECTORS)?
+                .insert((owner.id, name), codec::encode(&record).as_slice())?;
+            let mut fields = vec!["access_token"];
+            if record.has_refresh_token {
+                fields.push("refresh_token");
+            }
+            fields.extend(["scopes", "expires_at"]);
+            let target = target(&owner.public, "connectors", name);
+            audit::append(
+                &txn,
+                now,
+                &self.actor,
+                "connector.connected",
+                &target,
+                &fields,
+            )?;
+            txn.commit()?;
+            Ok(self.info(&owner, name, &record))
+        })
     }
 
     /// The owner's connection to `provider`, with its tokens. `NotFound` if there is none.
     pub fn get(&self, owner: &str, provider: &Provider) -> Result<Connection> {
-        let provider = provider.validated()?;
-        let name = provider.as_str();
-        let read = self.ledger.inner.store.begin_read()?;
-        let owner = owner_read(self.ledger, &read, owner)?;
-        let not_found = Error::NotFound { what: "connector" };
-        let table = open_read(&read, CONNECTORS)?.ok_or(not_found)?;
-        let record: ConnectorRecord = match table.get((owner.id, name))? {
-            Some(v) => codec::decode(v.value())?,
-            None => return Err(Error::NotFound { what: "connector" }),
-        };
-        let (access_token, refresh_token) =
-            open_tokens(self.master(), &owner.public, name, &record)?;
-        Ok(Connection {
-            info: self.info(&owner, name, &record),
-            access_token,
-            refresh_token,
+        self.ledger.guarded(|| {
+            let provider = provider.validated()?;
+            let name = provider.as_str();
+            let read = self.ledger.inner.store.begin_read()?;
+            let owner = owner_read(self.ledger, &read, owner)?;
+            let not_found = Error::NotFound { what: "connector" };
+            let table = open_read(&read, CONNECTORS)?.ok_or(not_found)?;
+            let record: ConnectorRecord = match table.get((owner.id, name))? {
+                Some(v) => codec::decode(v.value())?,
+                None => return Err(Error::NotFound { what: "connector" }),
+            };
+            let (access_token, refresh_token) =
+                open_tokens(self.master(), &owner.public, name, &record)?;
+            Ok(Connection {
+                info: self.info(&owner, name, &record),
+                access_token,
+                refresh_token,
+            })
         })
     }
 
     /// The owner's connections, metadata only, in provider-name order.
     pub fn list(&self, owner: &str) -> Result<Vec<ConnectionInfo>> {
-        let read = self.ledger.inner.store.begin_read()?;
-        let owner = owner_read(self.ledger, &read, owner)?;
-        let Some(table) = open_read(&read, CONNECTORS)? else {
-            return Ok(Vec::new());
-        };
-        owner_rows(&table, owner.id)?
-            .into_iter()
-            .map(|(name, bytes)| Ok(self.info(&owner, &name, &codec::decode(&bytes)?)))
-            .collect()
+        self.ledger.guarded(|| {
+            let read = self.ledger.inner.store.begin_read()?;
+            let owner = owner_read(self.ledger, &read, owner)?;
+            let Some(table) = open_read(&read, CONNECTORS)? else {
+                return Ok(Vec::new());
+            };
+            owner_rows(&table, owner.id)?
+                .into_iter()
+                .map(|(name, bytes)| Ok(self.info(&owner, &name, &codec::decode(&bytes)?)))
+                .collect()
+        })
     }
 
     /// Connections, across all owners, whose access token expires at or before `now + skew`
@@ -246,51 +252,53 @@ impl<'a> Vault<'a> {
     /// [`record_refresh`](Self::record_refresh) or [`mark_unhealthy`](Self::mark_unhealthy).
     /// It scans every connector row; call it every few minutes, not per request.
     pub fn due_for_refresh(&self, now: Timestamp, skew: Duration) -> Result<Vec<DueRefresh>> {
-        let skew_ms = u64::try_from(skew.as_millis()).unwrap_or(u64::MAX);
-        let horizon = Timestamp(now.0.saturating_add(skew_ms));
-        let read = self.ledger.inner.store.begin_read()?;
-        let Some(table) = open_read(&read, CONNECTORS)? else {
-            return Ok(Vec::new());
-        };
-        let mut out = Vec::new();
-        for entry in table.iter()? {
-            let (k, v) = entry?;
-            let (owner, name) = k.value();
-            // An unreadable row (`check` names it) must not stop every other owner's refresh.
-            let Ok(record) = codec::decode::<ConnectorRecord>(v.value()) else {
-                continue;
+        self.ledger.guarded(|| {
+            let skew_ms = u64::try_from(skew.as_millis()).unwrap_or(u64::MAX);
+            let horizon = Timestamp(now.0.saturating_add(skew_ms));
+            let read = self.ledger.inner.store.begin_read()?;
+            let Some(table) = open_read(&read, CONNECTORS)? else {
+                return Ok(Vec::new());
             };
-            // A failed refresh, or a token the provider refused early, is due whatever its
-            // stored expiry (and with none).
-            let failed = matches!(record.health, StoredHealth::RefreshFailed(_));
-            let expires_at = match (record.expires_at, failed) {
-                (Some(at), true) => at.min(now),
-                (None, true) => now,
-                (Some(at), false) if at <= horizon => at,
-                _ => continue,
-            };
-            if !record.has_refresh_token || matches!(record.health, StoredHealth::Revoked(_)) {
-                continue;
+            let mut out = Vec::new();
+            for entry in table.iter()? {
+                let (k, v) = entry?;
+                let (owner, name) = k.value();
+                // An unreadable row (`check` names it) must not stop every other owner's refresh.
+                let Ok(record) = codec::decode::<ConnectorRecord>(v.value()) else {
+                    continue;
+                };
+                // A failed refresh, or a token the provider refused early, is due whatever its
+                // stored expiry (and with none).
+                let failed = matches!(record.health, StoredHealth::RefreshFailed(_));
+                let expires_at = match (record.expires_at, failed) {
+                    (Some(at), true) => at.min(now),
+                    (None, true) => now,
+                    (Some(at), false) if at <= horizon => at,
+                    _ => continue,
+                };
+                if !record.has_refresh_token || matches!(record.health, StoredHealth::Revoked(_)) {
+                    continue;
+                }
+                let health = match record.health {
+                    StoredHealth::RefreshFailed(_) => Health::RefreshFailed,
+                    _ => Health::RefreshDue,
+                };
+                out.push(DueRefresh {
+                    owner: self.ledger.inner.ids.encode(IdKind::Account, owner),
+                    provider: parse_provider(name),
+                    expires_at,
+                    health,
+                });
             }
-            let health = match record.health {
-                StoredHealth::RefreshFailed(_) => Health::RefreshFailed,
-                _ => Health::RefreshDue,
-            };
-            out.push(DueRefresh {
-                owner: self.ledger.inner.ids.encode(IdKind::Account, owner),
-                provider: parse_provider(name),
-                expires_at,
-                health,
+            out.sort_by(|a, b| {
+                (a.expires_at, &a.owner, a.provider.as_str()).cmp(&(
+                    b.expires_at,
+                    &b.owner,
+                    b.provider.as_str(),
+                ))
             });
-        }
-        out.sort_by(|a, b| {
-            (a.expires_at, &a.owner, a.provider.as_str()).cmp(&(
-                b.expires_at,
-                &b.owner,
-                b.provider.as_str(),
-            ))
-        });
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Stores the result of a successful refresh: the new access token and expiry, the new
@@ -308,54 +316,56 @@ impl<'a> Vault<'a> {
         refreshed: &ConnectionInfo,
         grant: OAuthGrant,
     ) -> Result<ConnectionInfo> {
-        let (owner, provider) = (refreshed.owner.as_str(), &refreshed.provider);
-        validate_token("access_token", &grant.access_token)?;
-        if let Some(r) = &grant.refresh_token {
-            validate_token("refresh_token", r)?;
-        }
-        let scopes = validate_scopes(&grant.scopes)?;
-        let expires_at = self.expiry(&grant);
-        let now = self.ledger.now();
-        self.modify(
-            owner,
-            provider,
-            "connector.refreshed",
-            |owner, name, record| {
-                if matches!(record.health, StoredHealth::Revoked(_)) {
-                    return Err(Error::Conflict(format!(
-                        "the {name} connection was revoked; the owner must connect again"
-                    )));
-                }
-                if revision(record) != refreshed.revision {
-                    return Err(Error::Conflict(format!(
-                        "the {name} connection changed since this refresh began (connected \
+        self.ledger.guarded(|| {
+            let (owner, provider) = (refreshed.owner.as_str(), &refreshed.provider);
+            validate_token("access_token", &grant.access_token)?;
+            if let Some(r) = &grant.refresh_token {
+                validate_token("refresh_token", r)?;
+            }
+            let scopes = validate_scopes(&grant.scopes)?;
+            let expires_at = self.expiry(&grant);
+            let now = self.ledger.now();
+            self.modify(
+                owner,
+                provider,
+                "connector.refreshed",
+                |owner, name, record| {
+                    if matches!(record.health, StoredHealth::Revoked(_)) {
+                        return Err(Error::Conflict(format!(
+                            "the {name} connection was revoked; the owner must connect again"
+                        )));
+                    }
+                    if revision(record) != refreshed.revision {
+                        return Err(Error::Conflict(format!(
+                            "the {name} connection changed since this refresh began (connected \
                          again, or refreshed by another refresher); its result is dropped: \
                          get the connection again"
-                    )));
-                }
-                let mut fields = vec!["access_token", "expires_at"];
-                let refresh = match &grant.refresh_token {
-                    Some(r) => {
-                        fields.push("refresh_token");
-                        Some(r.clone())
+                        )));
                     }
-                    None => open_tokens(self.master(), &owner.public, name, record)?.1,
-                };
-                if !scopes.is_empty() && scopes != record.scopes {
-                    fields.push("scopes");
-                    record.scopes = scopes;
-                }
-                let plain = records::encode_tokens(&grant.access_token, refresh.as_ref());
-                record.sealed = VaultCipher::new(&self.ledger.inner.config.master_key)
-                    .seal(binding(&owner.public, name), &plain)?;
-                record.has_refresh_token = refresh.is_some();
-                record.expires_at = expires_at;
-                record.health = StoredHealth::Healthy;
-                record.last_refreshed_at = Some(now);
-                fields.push("health");
-                Ok(fields)
-            },
-        )
+                    let mut fields = vec!["access_token", "expires_at"];
+                    let refresh = match &grant.refresh_token {
+                        Some(r) => {
+                            fields.push("refresh_token");
+                            Some(r.clone())
+                        }
+                        None => open_tokens(self.master(), &owner.public, name, record)?.1,
+                    };
+                    if !scopes.is_empty() && scopes != record.scopes {
+                        fields.push("scopes");
+                        record.scopes = scopes;
+                    }
+                    let plain = records::encode_tokens(&grant.access_token, refresh.as_ref());
+                    record.sealed = VaultCipher::new(&self.ledger.inner.config.master_key)
+                        .seal(binding(&owner.public, name), &plain)?;
+                    record.has_refresh_token = refresh.is_some();
+                    record.expires_at = expires_at;
+                    record.health = StoredHealth::Healthy;
+                    record.last_refreshed_at = Some(now);
+                    fields.push("health");
+                    Ok(fields)
+                },
+            )
+        })
     }
 
     /// Records that a refresh or call made with the grant `failed` describes (the `info` of
@@ -373,52 +383,56 @@ impl<'a> Vault<'a> {
         failed: &ConnectionInfo,
         reason: ProviderErrorKind,
     ) -> Result<ConnectionInfo> {
-        self.modify(
-            failed.owner.as_str(),
-            &failed.provider,
-            "connector.marked_unhealthy",
-            |_, _, record| {
-                if revision(record) != failed.revision {
-                    return Ok(Vec::new());
-                }
-                record.health = match (reason, record.health) {
-                    (ProviderErrorKind::Revoked, _) => StoredHealth::Revoked(reason),
-                    (_, StoredHealth::Revoked(_)) => return Ok(Vec::new()),
-                    _ => StoredHealth::RefreshFailed(reason),
-                };
-                Ok(vec!["health"])
-            },
-        )
+        self.ledger.guarded(|| {
+            self.modify(
+                failed.owner.as_str(),
+                &failed.provider,
+                "connector.marked_unhealthy",
+                |_, _, record| {
+                    if revision(record) != failed.revision {
+                        return Ok(Vec::new());
+                    }
+                    record.health = match (reason, record.health) {
+                        (ProviderErrorKind::Revoked, _) => StoredHealth::Revoked(reason),
+                        (_, StoredHealth::Revoked(_)) => return Ok(Vec::new()),
+                        _ => StoredHealth::RefreshFailed(reason),
+                    };
+                    Ok(vec!["health"])
+                },
+            )
+        })
     }
 
     /// Removes the owner's connection to `provider` and returns its metadata. `NotFound` if
     /// there is none. To revoke the grant at the provider too, [`get`](Self::get) the tokens
     /// first.
     pub fn disconnect(&self, owner: &str, provider: &Provider) -> Result<ConnectionInfo> {
-        let provider = provider.validated()?;
-        let name = provider.as_str();
-        let txn = self.ledger.inner.store.begin_write()?;
-        let owner = owner_write(self.ledger, &txn, owner)?;
-        let record: ConnectorRecord = {
-            let mut table = txn.open_table(CONNECTORS)?;
-            let removed = table.remove((owner.id, name))?;
-            match removed {
-                Some(v) => codec::decode(v.value())?,
-                None => return Err(Error::NotFound { what: "connector" }),
-            }
-        };
-        let target = target(&owner.public, "connectors", name);
-        let now = self.ledger.now();
-        audit::append(
-            &txn,
-            now,
-            &self.actor,
-            "connector.disconnected",
-            &target,
-            &[],
-        )?;
-        txn.commit()?;
-        Ok(self.info(&owner, name, &record))
+        self.ledger.guarded(|| {
+            let provider = provider.validated()?;
+            let name = provider.as_str();
+            let txn = self.ledger.inner.store.begin_write()?;
+            let owner = owner_write(self.ledger, &txn, owner)?;
+            let record: ConnectorRecord = {
+                let mut table = txn.open_table(CONNECTORS)?;
+                let removed = table.remove((owner.id, name))?;
+                match removed {
+                    Some(v) => codec::decode(v.value())?,
+                    None => return Err(Error::NotFound { what: "connector" }),
+                }
+            };
+            let target = target(&owner.public, "connectors", name);
+            let now = self.ledger.now();
+            audit::append(
+                &txn,
+                now,
+                &self.actor,
+                "connector.disconnected",
+                &target,
+                &[],
+            )?;
+            txn.commit()?;
+            Ok(self.info(&owner, name, &record))
+        })
     }
 }
 

@@ -203,136 +203,146 @@ impl<'a> Secrets<'a> {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        validate_name(name)?;
-        validate_value(&value)?;
-        let allowed_hosts = hosts::normalize(allowed_hosts)?;
-        let now = self.ledger.now();
-        let txn = self.ledger.inner.store.begin_write()?;
-        let owner = owner_write(self.ledger, &txn, owner)?;
-        let record = {
-            let mut table = txn.open_table(OWNER_SECRETS)?;
-            let previous: Option<SecretRecord> = match table.get((owner.id, name))? {
-                Some(v) => Some(codec::decode(v.value())?),
-                None => None,
+        self.ledger.guarded(|| {
+            validate_name(name)?;
+            validate_value(&value)?;
+            let allowed_hosts = hosts::normalize(allowed_hosts)?;
+            let now = self.ledger.now();
+            let txn = self.ledger.inner.store.begin_write()?;
+            let owner = owner_write(self.ledger, &txn, owner)?;
+            let record = {
+                let mut table = txn.open_table(OWNER_SECRETS)?;
+                let previous: Option<SecretRecord> = match table.get((owner.id, name))? {
+                    Some(v) => Some(codec::decode(v.value())?),
+                    None => None,
+                };
+                let version = previous.as_ref().map_or(1, |p| p.version.saturating_add(1));
+                let sealed = seal_value(
+                    &VaultCipher::new(&self.ledger.inner.config.master_key),
+                    &owner.public,
+                    name,
+                    &allowed_hosts,
+                    version,
+                    &value,
+                )?;
+                let record = SecretRecord {
+                    allowed_hosts,
+                    version,
+                    created_at: previous.as_ref().map_or(now, |p| p.created_at),
+                    created_by: previous
+                        .as_ref()
+                        .map_or_else(|| self.actor.clone(), |p| p.created_by.clone()),
+                    updated_at: now,
+                    updated_by: self.actor.clone(),
+                    rotated_at: previous.as_ref().and(Some(now)),
+                    sealed,
+                };
+                table.insert((owner.id, name), codec::encode(&record).as_slice())?;
+                // A replacement always rewrites the value (sealed anew, a version up); its hosts
+                // are named only if they changed.
+                let (action, fields): (_, &[&str]) = match &previous {
+                    None => ("secret.created", &["value", "allowed_hosts"]),
+                    Some(p) if p.allowed_hosts != record.allowed_hosts => {
+                        ("secret.replaced", &["value", "allowed_hosts"])
+                    }
+                    Some(_) => ("secret.replaced", &["value"]),
+                };
+                let target = target(&owner.public, "secrets", name);
+                audit::append(&txn, now, &self.actor, action, &target, fields)?;
+                record
             };
-            let version = previous.as_ref().map_or(1, |p| p.version.saturating_add(1));
-            let sealed = seal_value(
-                &VaultCipher::new(&self.ledger.inner.config.master_key),
-                &owner.public,
-                name,
-                &allowed_hosts,
-                version,
-                &value,
-            )?;
-            let record = SecretRecord {
-                allowed_hosts,
-                version,
-                created_at: previous.as_ref().map_or(now, |p| p.created_at),
-                created_by: previous
-                    .as_ref()
-                    .map_or_else(|| self.actor.clone(), |p| p.created_by.clone()),
-                updated_at: now,
-                updated_by: self.actor.clone(),
-                rotated_at: previous.as_ref().and(Some(now)),
-                sealed,
-            };
-            table.insert((owner.id, name), codec::encode(&record).as_slice())?;
-            // A replacement always rewrites the value (sealed anew, a version up); its hosts
-            // are named only if they changed.
-            let (action, fields): (_, &[&str]) = match &previous {
-                None => ("secret.created", &["value", "allowed_hosts"]),
-                Some(p) if p.allowed_hosts != record.allowed_hosts => {
-                    ("secret.replaced", &["value", "allowed_hosts"])
-                }
-                Some(_) => ("secret.replaced", &["value"]),
-            };
-            let target = target(&owner.public, "secrets", name);
-            audit::append(&txn, now, &self.actor, action, &target, fields)?;
-            record
-        };
-        txn.commit()?;
-        Ok(Self::view(&owner, name, &record))
+            txn.commit()?;
+            Ok(Self::view(&owner, name, &record))
+        })
     }
 
     /// Replaces the value of an existing secret, keeping its allowed hosts.
     pub fn rotate(&self, owner: &str, name: &str, value: Secret) -> Result<SecretInfo> {
-        validate_name(name)?;
-        validate_value(&value)?;
-        let now = self.ledger.now();
-        let txn = self.ledger.inner.store.begin_write()?;
-        let owner = owner_write(self.ledger, &txn, owner)?;
-        let record = {
-            let mut table = txn.open_table(OWNER_SECRETS)?;
-            let mut record: SecretRecord = match table.get((owner.id, name))? {
-                Some(v) => codec::decode(v.value())?,
-                None => return Err(Error::NotFound { what: "secret" }),
+        self.ledger.guarded(|| {
+            validate_name(name)?;
+            validate_value(&value)?;
+            let now = self.ledger.now();
+            let txn = self.ledger.inner.store.begin_write()?;
+            let owner = owner_write(self.ledger, &txn, owner)?;
+            let record = {
+                let mut table = txn.open_table(OWNER_SECRETS)?;
+                let mut record: SecretRecord = match table.get((owner.id, name))? {
+                    Some(v) => codec::decode(v.value())?,
+                    None => return Err(Error::NotFound { what: "secret" }),
+                };
+                record.version = record.version.saturating_add(1);
+                record.sealed = seal_value(
+                    &VaultCipher::new(&self.ledger.inner.config.master_key),
+                    &owner.public,
+                    name,
+                    &record.allowed_hosts,
+                    record.version,
+                    &value,
+                )?;
+                record.updated_at = now;
+                record.updated_by = self.actor.clone();
+                record.rotated_at = Some(now);
+                table.insert((owner.id, name), codec::encode(&record).as_slice())?;
+                let target = target(&owner.public, "secrets", name);
+                audit::append(
+                    &txn,
+                    now,
+                    &self.actor,
+                    "secret.rotated",
+                    &target,
+                    &["value"],
+                )?;
+                record
             };
-            record.version = record.version.saturating_add(1);
-            record.sealed = seal_value(
-                &VaultCipher::new(&self.ledger.inner.config.master_key),
-                &owner.public,
-                name,
-                &record.allowed_hosts,
-                record.version,
-                &value,
-            )?;
-            record.updated_at = now;
-            record.updated_by = self.actor.clone();
-            record.rotated_at = Some(now);
-            table.insert((owner.id, name), codec::encode(&record).as_slice())?;
-            let target = target(&owner.public, "secrets", name);
-            audit::append(
-                &txn,
-                now,
-                &self.actor,
-                "secret.rotated",
-                &target,
-                &["value"],
-            )?;
-            record
-        };
-        txn.commit()?;
-        Ok(Self::view(&owner, name, &record))
+            txn.commit()?;
+            Ok(Self::view(&owner, name, &record))
+        })
     }
 
     /// Deletes a secret. `NotFound` if there is none.
     pub fn delete(&self, owner: &str, name: &str) -> Result<()> {
-        validate_name(name)?;
-        let now = self.ledger.now();
-        let txn = self.ledger.inner.store.begin_write()?;
-        let owner = owner_write(self.ledger, &txn, owner)?;
-        {
-            let mut table = txn.open_table(OWNER_SECRETS)?;
-            if table.remove((owner.id, name))?.is_none() {
-                return Err(Error::NotFound { what: "secret" });
+        self.ledger.guarded(|| {
+            validate_name(name)?;
+            let now = self.ledger.now();
+            let txn = self.ledger.inner.store.begin_write()?;
+            let owner = owner_write(self.ledger, &txn, owner)?;
+            {
+                let mut table = txn.open_table(OWNER_SECRETS)?;
+                if table.remove((owner.id, name))?.is_none() {
+                    return Err(Error::NotFound { what: "secret" });
+                }
             }
-        }
-        let target = target(&owner.public, "secrets", name);
-        audit::append(&txn, now, &self.actor, "secret.deleted", &target, &[])?;
-        txn.commit()?;
-        Ok(())
+            let target = target(&owner.public, "secrets", name);
+            audit::append(&txn, now, &self.actor, "secret.deleted", &target, &[])?;
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     /// One secret's metadata (never its value). `NotFound` if there is none.
     pub fn info(&self, owner: &str, name: &str) -> Result<SecretInfo> {
-        validate_name(name)?;
-        let read = self.ledger.inner.store.begin_read()?;
-        let owner = owner_read(self.ledger, &read, owner)?;
-        let record = self.load(&read, &owner, name)?;
-        Ok(Self::view(&owner, name, &record))
+        self.ledger.guarded(|| {
+            validate_name(name)?;
+            let read = self.ledger.inner.store.begin_read()?;
+            let owner = owner_read(self.ledger, &read, owner)?;
+            let record = self.load(&read, &owner, name)?;
+            Ok(Self::view(&owner, name, &record))
+        })
     }
 
     /// The owner's secrets: names, hosts and dates, never values; in name order.
     pub fn list(&self, owner: &str) -> Result<Vec<SecretInfo>> {
-        let read = self.ledger.inner.store.begin_read()?;
-        let owner = owner_read(self.ledger, &read, owner)?;
-        let Some(table) = open_read(&read, OWNER_SECRETS)? else {
-            return Ok(Vec::new());
-        };
-        owner_rows(&table, owner.id)?
-            .into_iter()
-            .map(|(name, bytes)| Ok(Self::view(&owner, &name, &codec::decode(&bytes)?)))
-            .collect()
+        self.ledger.guarded(|| {
+            let read = self.ledger.inner.store.begin_read()?;
+            let owner = owner_read(self.ledger, &read, owner)?;
+            let Some(table) = open_read(&read, OWNER_SECRETS)? else {
+                return Ok(Vec::new());
+            };
+            owner_rows(&table, owner.id)?
+                .into_iter()
+                .map(|(name, bytes)| Ok(Self::view(&owner, &name, &codec::decode(&bytes)?)))
+                .collect()
+        })
     }
 
     fn load(
@@ -374,13 +384,15 @@ impl<'a> Secrets<'a> {
     /// a pattern without a port matches the scheme's default port only. Otherwise the call
     /// fails with [`Error::Refused`], naming the secret and the host, never the value.
     pub fn bearer(&self, owner: &str, name: &str, url: &str) -> Result<OutboundHeader> {
-        let (value, _) = self.attach(owner, name, url)?;
-        let mut header = String::with_capacity(7 + value.len());
-        header.push_str("Bearer ");
-        header.push_str(value.expose());
-        Ok(OutboundHeader {
-            name: "Authorization".into(),
-            value: Secret::new(header),
+        self.ledger.guarded(|| {
+            let (value, _) = self.attach(owner, name, url)?;
+            let mut header = String::with_capacity(7 + value.len());
+            header.push_str("Bearer ");
+            header.push_str(value.expose());
+            Ok(OutboundHeader {
+                name: "Authorization".into(),
+                value: Secret::new(header),
+            })
         })
     }
 
@@ -393,30 +405,34 @@ impl<'a> Secrets<'a> {
         header_name: &str,
         url: &str,
     ) -> Result<OutboundHeader> {
-        validate_header_name(header_name)?;
-        let (value, _) = self.attach(owner, name, url)?;
-        Ok(OutboundHeader {
-            name: header_name.to_owned(),
-            value,
+        self.ledger.guarded(|| {
+            validate_header_name(header_name)?;
+            let (value, _) = self.attach(owner, name, url)?;
+            Ok(OutboundHeader {
+                name: header_name.to_owned(),
+                value,
+            })
         })
     }
 
     /// `url` with the secret appended as query parameter `param`, under the rules of
     /// [`bearer`](Self::bearer). The url must not already have a `param` parameter.
     pub fn query(&self, owner: &str, name: &str, param: &str, url: &str) -> Result<OutboundUrl> {
-        validate_param(param)?;
-        let (value, url) = self.attach(owner, name, url)?;
-        if url.query_pairs().any(|(k, _)| k == param) {
-            return Err(Error::invalid(
-                "param",
-                format!("the url already has a `{param}` parameter"),
-            ));
-        }
-        let mut redacted = url.clone();
-        redacted.query_pairs_mut().append_pair(param, "***");
-        Ok(OutboundUrl {
-            url: Secret::new(with_query_pair(url, param, value.expose())),
-            redacted: redacted.into(),
+        self.ledger.guarded(|| {
+            validate_param(param)?;
+            let (value, url) = self.attach(owner, name, url)?;
+            if url.query_pairs().any(|(k, _)| k == param) {
+                return Err(Error::invalid(
+                    "param",
+                    format!("the url already has a `{param}` parameter"),
+                ));
+            }
+            let mut redacted = url.clone();
+            redacted.query_pairs_mut().append_pair(param, "***");
+            Ok(OutboundUrl {
+                url: Secret::new(with_query_pair(url, param, value.expose())),
+                redacted: redacted.into(),
+            })
         })
     }
 }

@@ -467,8 +467,19 @@ impl Engine {
     /// applied as the next lease will apply it (dropping what memory holds leased from the
     /// old period), and the credits left — the balance plus what memory holds leased and
     /// not yet reserved (at most what the record says is leased).
+    ///
+    /// After a close, memory spends and returns nothing more: what the record says is leased
+    /// (held by grants past the close's grace, or refunded to memory since) is what the next
+    /// open counts as lost, and is counted so here already.
     pub(crate) fn balance_now(&self, id: u64, record: &CreditsRecord) -> (CreditsRecord, u64) {
         let mut view = record.clone();
+        if self.shared.store.refuses_writes() {
+            view.lost_to_crash = view.lost_to_crash.saturating_add(view.leased);
+            view.leased = 0;
+            refill::apply_due(&mut view, self.shared.clock.now());
+            let left = view.balance;
+            return (view, left);
+        }
         let meters = self.shared.meters.lock();
         let in_memory = meters.get(id).map_or(0, |m| m.leased()).min(view.leased);
         drop(meters);

@@ -115,6 +115,11 @@ fn close_names_the_units_of_grants_held_past_its_grace() {
     let error = t.ledger.close().unwrap_err().to_string();
     assert!(error.contains("10 units"), "{error}");
     drop(grant);
+    // Before the reopen too (found by a reviewer: the refund of the grant dropped after the
+    // close counted as left, 100, though nothing will ever return it to the balance).
+    let u = t.ledger.credits().usage(&id).unwrap();
+    let figures = (u.spent, u.remaining, u.lost_to_crash, u.leased);
+    assert_eq!(figures, (0, Some(90), 10, 0), "after the close");
     let t = t.reopen();
     let u = t.ledger.credits().usage(&id).unwrap();
     assert_eq!((u.spent, u.remaining, u.lost_to_crash), (0, Some(90), 10));

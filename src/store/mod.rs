@@ -249,6 +249,11 @@ impl Store {
         self.closed.store(true, Ordering::Release);
     }
 
+    /// Whether [`refuse_writes`](Self::refuse_writes) was called.
+    pub(crate) fn refuses_writes(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction> {
         Ok(self.db()?.begin_read()?)
     }

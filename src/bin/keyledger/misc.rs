@@ -8,7 +8,7 @@ use zeroize::Zeroizing;
 
 use crate::cli::RoutesCommand;
 use crate::context::Context;
-use crate::output::{audit_table, print_json, route_table};
+use crate::output::{audit_table, print_json, printable, route_table};
 use crate::{CliError, CliResult};
 
 /// Exit code of `authenticate` and `verify` when the key is refused.
@@ -115,7 +115,7 @@ pub fn authenticate(ctx: &Context, key: &str) -> CliResult<u8> {
         (Ok(info), true) => print_json(&serde_json::json!({
             "ok": true, "id": info.id, "name": info.name, "owner": info.owner,
         }))?,
-        (Ok(info), false) => println!("ok  {}  {}", info.id, info.name),
+        (Ok(info), false) => println!("ok  {}  {}", info.id, printable(info.name.clone())),
         (Err(denial), true) => print_json(&serde_json::json!({
             "ok": false, "code": denial.code(), "http_status": denial.http_status(),
             "message": denial.to_string(),

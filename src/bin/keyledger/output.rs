@@ -39,9 +39,10 @@ impl Table {
         self
     }
 
-    /// Adds a row.
+    /// Adds a row (its cells [`printable`]).
     pub fn row<I: IntoIterator<Item = S>, S: Into<String>>(&mut self, cells: I) {
-        self.rows.push(cells.into_iter().map(Into::into).collect());
+        let cells = cells.into_iter().map(|cell| printable(cell.into()));
+        self.rows.push(cells.collect());
     }
 
     /// Whether the table has only its header (or nothing).
@@ -81,6 +82,26 @@ impl Table {
     pub fn print(&self) {
         print!("{}", self.render());
     }
+}
+
+/// `text` with each character that would move or reorder what a terminal shows (a control
+/// character such as ESC, a line or paragraph separator, a bidirectional override) written
+/// as its escape (`\u{1b}`). The library refuses them in what it stores, but a damaged or
+/// hostile file may still hold them.
+pub fn printable(text: String) -> String {
+    let hostile = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.contains(hostile) {
+        return text;
+    }
+    text.chars()
+        .map(|c| match hostile(c) {
+            true => c.escape_unicode().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
 }
 
 /// Display width of a cell (characters; the masked form's `…` counts as one).
@@ -563,6 +584,18 @@ mod tests {
         t.row(["x…y", "1"]);
         t.row(["long cell", "2"]);
         assert_eq!(t.render(), "A          B\nx…y        1\nlong cell  2\n");
+    }
+
+    /// A name from a damaged or hostile file cannot clear the screen or fake a line (found
+    /// by a reviewer).
+    #[test]
+    fn cells_show_terminal_controls_as_escapes() {
+        let mut t = Table::bare();
+        t.row(["name", "\u{1b}[2J\u{1b}[Hfiller\nok  key_x\u{202E}"]);
+        assert_eq!(
+            t.render(),
+            "name  \\u{1b}[2J\\u{1b}[Hfiller\\u{a}ok  key_x\\u{202e}\n"
+        );
     }
 
     #[test]

@@ -53,10 +53,13 @@ impl CheckReport {
 
 impl Ledger {
     /// Checks the database at `path`, which must not be open elsewhere: redb integrity, then
-    /// record decodability and index consistency. Writes nothing (no migration, no lease
-    /// recovery), so an older format is refused with [`Error::OlderFormat`]. Errors only
-    /// when the file cannot be opened at all; everything else is reported in the
-    /// [`CheckReport`].
+    /// record decodability and index consistency. Changes no record (no migration, no lease
+    /// recovery), so an older format is refused with [`Error::OlderFormat`]; but redb opens
+    /// the file for writing, repairs it if it was not closed cleanly, and its integrity
+    /// check writes a commit header — check a copy to keep a backup byte for byte, and a
+    /// read-only file cannot be checked in place. Pages that fail redb's checksums are
+    /// reported (`integrity_ok` false, and a problem line); errors only when redb cannot
+    /// open the file at all.
     pub fn check(path: impl AsRef<Path>, config: Config) -> Result<CheckReport> {
         let path = path.as_ref();
         if !path.exists() {
@@ -64,9 +67,9 @@ impl Ledger {
                 what: "database file",
             });
         }
-        let integrity_ok = unless_redb_panics(|| -> Result<bool> {
+        let integrity = unless_redb_panics(|| -> Result<Integrity> {
             let mut db = redb::Database::builder().open(path)?;
-            Ok(db.check_integrity()?)
+            integrity(db.check_integrity())
         })??;
         // Reading a corrupt file's records can reach redb's panics too.
         unless_redb_panics(|| {
@@ -74,7 +77,7 @@ impl Ledger {
             check_store(
                 &Store::open_for_check(db, path, &config.master_key)?,
                 &config,
-                integrity_ok,
+                &integrity,
             )
         })?
     }
@@ -85,9 +88,9 @@ impl Ledger {
         backend: impl redb::StorageBackend + Clone,
         config: Config,
     ) -> Result<CheckReport> {
-        let integrity_ok = unless_redb_panics(|| -> Result<bool> {
+        let integrity = unless_redb_panics(|| -> Result<Integrity> {
             let mut db = redb::Database::builder().create_with_backend(backend.clone())?;
-            Ok(db.check_integrity()?)
+            integrity(db.check_integrity())
         })??;
         unless_redb_panics(|| {
             let db = redb::Database::builder().create_with_backend(backend)?;
@@ -95,21 +98,61 @@ impl Ledger {
             check_store(
                 &Store::open_for_check(db, path, &config.master_key)?,
                 &config,
-                integrity_ok,
+                &integrity,
             )
         })?
     }
 }
 
-fn check_store(store: &Store, config: &Config, integrity_ok: bool) -> Result<CheckReport> {
+/// What redb's page-level check found.
+enum Integrity {
+    Ok,
+    /// The check passed after a repair (the file was not closed cleanly).
+    Repaired,
+    /// Pages fail their checksums: redb's message.
+    Damaged(String),
+}
+
+/// redb's integrity check result as a finding: a file whose pages fail their checksums is
+/// damage to report, not an error (redb returns one when the primary copy fails its
+/// checksums despite two-phase commit).
+fn integrity(checked: std::result::Result<bool, redb::DatabaseError>) -> Result<Integrity> {
+    match checked {
+        Ok(true) => Ok(Integrity::Ok),
+        Ok(false) => Ok(Integrity::Repaired),
+        Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(what))) => {
+            Ok(Integrity::Damaged(what))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn check_store(store: &Store, config: &Config, integrity: &Integrity) -> Result<CheckReport> {
     let mut report = CheckReport {
-        integrity_ok,
+        integrity_ok: matches!(integrity, Integrity::Ok),
         ..CheckReport::default()
     };
+    if let Integrity::Damaged(what) = integrity {
+        report.problems.push(format!(
+            "redb's page check failed ({what}): the file is damaged; restore it from a backup"
+        ));
+    }
     let ids = IdCipher::new(&config.master_key);
     let read = store.begin_read()?;
-    check_records(&read, &ids, &mut report)?;
-    crate::vault::check_tables(&config.master_key, &ids, &read, &mut report.problems)?;
+    // A page that redb cannot read (an error, or one of its panics) ends the scan; what was
+    // found up to it is reported, with the damage as a problem of its own.
+    let scanned = unless_redb_panics(|| {
+        check_records(&read, &ids, &mut report)?;
+        crate::vault::check_tables(&config.master_key, &ids, &read, &mut report.problems)
+    })
+    .and_then(|scanned| scanned);
+    if let Err(e) = scanned {
+        report.integrity_ok = false;
+        report.problems.push(format!(
+            "the records could not all be read ({e}): the file is damaged; restore it from a \
+             backup"
+        ));
+    }
     Ok(report)
 }
 

@@ -98,7 +98,8 @@ impl AccountUpdate {
     }
 }
 
-fn entitlements(items: &[String]) -> Result<BTreeSet<String>> {
+fn entitlements(ledger: &Ledger, items: &[String]) -> Result<BTreeSet<String>> {
+    ledger.holding_no_key("entitlements", items.iter().map(String::as_str))?;
     items
         .iter()
         .map(|e| rules::entitlement("entitlements", e))
@@ -122,7 +123,7 @@ impl<'a> Accounts<'a> {
     pub fn create(&self, new: NewAccount) -> Result<Account> {
         self.ledger.guarded(|| {
             let name = self.ledger.label("name", &new.name)?;
-            let entitlements = entitlements(&new.entitlements)?;
+            let entitlements = entitlements(self.ledger, &new.entitlements)?;
             let now = self.ledger.now();
             let record = AccountRecord {
                 name,
@@ -166,7 +167,7 @@ impl<'a> Accounts<'a> {
             let ents = update
                 .entitlements
                 .as_deref()
-                .map(entitlements)
+                .map(|e| entitlements(self.ledger, e))
                 .transpose()?;
             let txn = self.ledger.inner.store.begin_write()?;
             let record = {

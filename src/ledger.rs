@@ -180,12 +180,24 @@ impl Ledger {
     /// shown in every listing.
     pub(crate) fn label(&self, field: &'static str, text: &str) -> Result<String> {
         let label = crate::record::rules::name(field, text)?;
-        match self.inner.format.holds_key(&label) {
+        self.holding_no_key(field, [label.as_str()])?;
+        Ok(label)
+    }
+
+    /// Refuses `texts` if one holds an API key (of this ledger's prefixes), without echoing
+    /// it: permissions, IP ranges, metadata and entitlements are shown in listings, and an
+    /// error naming a rejected value would repeat the key in logs.
+    pub(crate) fn holding_no_key<'t>(
+        &self,
+        field: &'static str,
+        texts: impl IntoIterator<Item = &'t str>,
+    ) -> Result<()> {
+        match texts.into_iter().any(|t| self.inner.format.holds_key(t)) {
             true => Err(Error::invalid(
                 field,
                 "it holds an API key, which would be shown in every listing",
             )),
-            false => Ok(label),
+            false => Ok(()),
         }
     }
 

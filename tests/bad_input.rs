@@ -129,6 +129,53 @@ fn a_key_given_as_a_name_or_type_is_refused() {
         let pool = NewPool::new(owner, given).credits(1);
         assert_invalid(t.ledger.credits().create_pool(pool), "name");
     }
+    // Nor as a permission (a key is a valid scope: it was stored and listed), an IP range
+    // (the error repeated it), metadata or an entitlement (found by a reviewer).
+    let keys = t.ledger.keys();
+    let given = || [plaintext.clone()];
+    let metadata = || BTreeMap::from([("note".to_owned(), format!("was {plaintext}"))]);
+    let new = || NewKey::new(owner, "k");
+    for (result, field) in [
+        (
+            keys.create(new().permissions(given())).map(drop),
+            "permissions",
+        ),
+        (keys.create(new().ips(given())).map(drop), "ips"),
+        (
+            keys.create(new().metadata("note", &plaintext)).map(drop),
+            "metadata",
+        ),
+        (
+            keys.create(new().metadata(&plaintext, "x")).map(drop),
+            "metadata",
+        ),
+        (
+            keys.update(&key.id, KeyUpdate::new().permissions(given()))
+                .map(drop),
+            "permissions",
+        ),
+        (
+            keys.update(&key.id, KeyUpdate::new().ips(given()))
+                .map(drop),
+            "ips",
+        ),
+        (
+            keys.update(&key.id, KeyUpdate::new().metadata(metadata()))
+                .map(drop),
+            "metadata",
+        ),
+    ] {
+        let message = result.as_ref().map_err(ToString::to_string).unwrap_err();
+        assert!(!message.contains(&plaintext), "never echoed: {message}");
+        assert_invalid(result, field);
+    }
+    let accounts = t.ledger.accounts();
+    assert_invalid(
+        accounts.create(NewAccount::new("a").entitlements(given())),
+        "entitlements",
+    );
+    let entitled = AccountUpdate::new().entitlements(given());
+    assert_invalid(accounts.update(&owner, entitled), "entitlements");
 }
 
 #[test]

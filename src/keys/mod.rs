@@ -288,6 +288,7 @@ impl<'a> Keys<'a> {
             return Err(Error::NotFound { what: "account" });
         }
         let now = self.ledger.now();
+        self.no_key_in(&s.permissions, &s.ips, &s.metadata)?;
         let kind = match s.token_type {
             // `api` is what an API key's `type` reads: a token typed so (in any case, with any
             // spaces around it) would read as one.
@@ -496,6 +497,20 @@ impl<'a> Keys<'a> {
         })
     }
 
+    /// Refuses an API key given as a permission, an IP range or metadata.
+    fn no_key_in(
+        &self,
+        permissions: &[String],
+        ips: &[String],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        let ledger = self.ledger;
+        ledger.holding_no_key("permissions", permissions.iter().map(String::as_str))?;
+        ledger.holding_no_key("ips", ips.iter().map(String::as_str))?;
+        let entries = metadata.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()]);
+        ledger.holding_no_key("metadata", entries)
+    }
+
     /// Applies a partial update; only the fields set change. A new credit balance is set
     /// through the writer thread, so it is ordered with leases already handed out.
     pub fn update(&self, id: &str, update: KeyUpdate) -> Result<KeyInfo> {
@@ -508,6 +523,12 @@ impl<'a> Keys<'a> {
                 .as_deref()
                 .map(|n| self.ledger.label("name", n))
                 .transpose()?;
+            let none = (Vec::new(), BTreeMap::new());
+            self.no_key_in(
+                update.permissions.as_ref().unwrap_or(&none.0),
+                update.ips.as_ref().unwrap_or(&none.0),
+                update.metadata.as_ref().unwrap_or(&none.1),
+            )?;
             let permissions = update.permissions.as_ref().map(rules::scopes).transpose()?;
             let ips = update.ips.as_ref().map(rules::ips).transpose()?;
             let expires_at = update

@@ -314,6 +314,7 @@ impl Engine {
             commits: Default::default(),
             list_bytes: Default::default(),
             usage_unwritable: Default::default(),
+            events_dropped: Default::default(),
             lease_waits: Default::default(),
             limits: Mutex::new(LiveLimits {
                 tiers: config.spend_tiers.clone(),
@@ -671,7 +672,7 @@ impl Engine {
             let event = self
                 .shared
                 .event(CreditEventKind::Exhausted, meter, meter.leased());
-            let _ = self.shared.events.try_send(event);
+            self.shared.send_event(event);
             if !meter.empty_at(self.shared.clock.now().0) {
                 let _ = meter.replenished();
             }
@@ -1318,6 +1319,26 @@ mod tests {
         let config = settings(builder).build().unwrap();
         let ledger = Ledger::open(dir.path().join("keys.redb"), config).unwrap();
         Fixture { _dir: dir, ledger }
+    }
+
+    /// A host that does not drain its events loses the newest ones, and `stats` counts them;
+    /// the events it has not read are still there, oldest first.
+    #[test]
+    fn events_past_the_channels_capacity_are_dropped_and_counted() {
+        let f = ledger();
+        let events = f.ledger.credit_events();
+        let shared = &f.ledger.inner.engine.shared;
+        let event = |remaining| CreditEvent {
+            kind: CreditEventKind::LowBalance,
+            subject: f.ledger.inner.ids.encode(IdKind::Key, 1),
+            remaining,
+        };
+        for remaining in 0..EVENT_CAPACITY as u64 + 3 {
+            shared.send_event(event(remaining));
+        }
+        assert_eq!(f.ledger.stats().events_dropped, 3);
+        assert_eq!(events.try_recv().unwrap(), event(0));
+        assert_eq!(events.len(), EVENT_CAPACITY - 1);
     }
 
     /// Creates a key; returns its public id, internal id and plaintext.

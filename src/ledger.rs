@@ -245,7 +245,11 @@ impl Ledger {
         self.inner.engine.flush()
     }
 
-    /// Low-balance and exhausted events. Every receiver clone shares one bounded channel.
+    /// Low-balance and exhausted events. Every call returns a receiver of one bounded channel
+    /// of 4,096 events: receivers compete for its events (each event reaches one of them), so
+    /// a host that fans events out reads with one and forwards. When the channel is full the
+    /// ledger drops new events rather than wait, and counts them in
+    /// [`Stats::events_dropped`](crate::Stats::events_dropped).
     pub fn credit_events(&self) -> crossbeam::channel::Receiver<crate::CreditEvent> {
         self.inner.engine.events.clone()
     }
@@ -277,6 +281,12 @@ impl Ledger {
                 .engine
                 .shared
                 .usage_unwritable
+                .load(std::sync::atomic::Ordering::Relaxed),
+            events_dropped: self
+                .inner
+                .engine
+                .shared
+                .events_dropped
                 .load(std::sync::atomic::Ordering::Relaxed),
         }
     }

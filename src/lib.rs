@@ -119,6 +119,9 @@ pub struct Stats {
     /// could not be added to its usage record, because the stored record is unreadable
     /// (`check` names it). The record is left as it is; balances are not affected.
     pub usage_unwritable: u64,
+    /// Credit events dropped since open because their channel was full: the host did not
+    /// drain [`Ledger::credit_events`] fast enough. A dropped exhaustion is not sent again.
+    pub events_dropped: u64,
 }
 pub use vault::{
     Connection, ConnectionInfo, DueRefresh, Health, OAuthGrant, OutboundHeader, OutboundRefusal,

@@ -137,6 +137,14 @@ impl std::fmt::Debug for Grant<'_> {
 
 impl Ledger {
     /// Runs the verify chain and, on success, reserves the request's cost.
+    ///
+    /// A cache hit whose key holds enough leased credits touches no disk and takes no lock
+    /// other threads share. Otherwise it blocks the calling thread: a miss reads the key's
+    /// record (microseconds), and a request its key's lease cannot cover waits for the writer
+    /// thread's next durable commit (about a millisecond, more on a slow disk; counted in
+    /// [`Stats::lease_waits`](crate::Stats::lease_waits)). An async server calls it inline,
+    /// accepting those waits on its executor thread, or under
+    /// `tokio::task::block_in_place` (the example server's `auth.rs` says which it does).
     pub fn verify<'l>(&'l self, request: &Request<'_>) -> Result<Grant<'l>, Denial> {
         let key = request.key.expose();
         // 1. Format: prefix, length, alphabet, checksum — before any hashing.
@@ -428,6 +436,12 @@ impl Grant<'_> {
     /// from the lease and then the durable balance — down to zero, never below (what could
     /// not be charged is reported as `uncovered`). A token window counts `actual` too: the
     /// difference from the reservation is charged to it or given back.
+    ///
+    /// A commit of the reservation, or of less when the difference fits back into the lease,
+    /// does not wait for the writer thread; one that charges beyond the lease, or gives back
+    /// more than the lease keeps (in `Exact` mode, any refund), waits for the writer's
+    /// durable commit, as [`Ledger::verify`] can. Dropping an uncommitted grant refunds the
+    /// same way.
     pub fn commit(mut self, actual: u64) -> Receipt {
         self.settled = true;
         let engine = &self.ledger.inner.engine;

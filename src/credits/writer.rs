@@ -170,6 +170,8 @@ pub(crate) struct Shared {
     pub list_bytes: AtomicU64,
     /// Usage counts left out of a flush because the usage record they add to is unreadable.
     pub usage_unwritable: AtomicU64,
+    /// Credit events dropped because the channel was full (see [`Shared::send_event`]).
+    pub events_dropped: AtomicU64,
     /// How long requests waited for a lease.
     pub lease_waits: super::WaitHistogram,
     /// Every key's rate-limit state (src/engine.rs): the writer raises a state's lifetime
@@ -204,6 +206,14 @@ impl Shared {
             kind,
             subject,
             remaining,
+        }
+    }
+
+    /// Sends `event` to the host unless the channel is full (the host is not draining it):
+    /// then it is dropped, and counted, rather than slowing the ledger.
+    pub(crate) fn send_event(&self, event: CreditEvent) {
+        if self.events.try_send(event).is_err() {
+            self.events_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -779,7 +789,7 @@ fn commit(
             }
             // Before any answer: whoever got one finds the batch's events already sent.
             for event in fx.events {
-                let _ = shared.events.try_send(event);
+                shared.send_event(event);
             }
             // Only now, with the rest of each lease in its meter: a woken request may commit
             // or refund at once, and whoever looks next must see the whole lease.

@@ -503,11 +503,11 @@ impl Engine {
     /// [`Meter::remaining`]), read from the latest commit. A balance that has no record or
     /// cannot be read has none to spend: 0 (and one that does not decode marks the meter).
     pub(crate) fn read_remaining(&self, meter: &Meter) -> u64 {
-        let read = self
-            .shared
-            .store
-            .snapshot()
-            .and_then(|snapshot| store::get::<CreditsRecord>(&snapshot.credits, meter.id));
+        let store = &self.shared.store;
+        let read = store.guard(|| {
+            let snapshot = store.snapshot()?;
+            store::get::<CreditsRecord>(&snapshot.credits, meter.id)
+        });
         match read {
             Ok(record) => record.map_or(0, |r| self.remaining(meter.id, &r)),
             Err(e) => {
@@ -669,9 +669,16 @@ impl Engine {
         if meter.first_refusal() {
             // The durable balance is empty (so the mark says), whatever the meter's figure
             // shows: a top-up the writer has applied but not yet committed is not there.
-            let event = self
-                .shared
-                .event(CreditEventKind::Exhausted, meter, meter.leased());
+            let left = meter.leased();
+            // Requests spent the lease that emptied it in memory, unseen by the writer: the
+            // fall past the low-balance threshold comes first. (The writer records the
+            // credits left too; should it record a stale, higher figure right after this,
+            // the next fall reports again — a duplicate, never a loss.)
+            if meter.note_remaining(left).0 {
+                let low = self.shared.event(CreditEventKind::LowBalance, meter, left);
+                self.shared.send_event(low);
+            }
+            let event = self.shared.event(CreditEventKind::Exhausted, meter, left);
             self.shared.send_event(event);
             if !meter.empty_at(self.shared.clock.now().0) {
                 let _ = meter.replenished();

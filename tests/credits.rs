@@ -1146,6 +1146,35 @@ fn a_threshold_crossed_within_one_lease_is_reported_at_the_threshold_before_exha
     }
 }
 
+/// The lease that empties a balance is spent in memory too: with a threshold of 0, a cost
+/// at or above the threshold, or one request taking it all, the refusal that finds the
+/// balance empty reports the fall first (found by a reviewer of the lease cap above).
+#[test]
+fn a_balance_emptied_in_memory_reports_low_balance_before_exhaustion() {
+    for durability in [Durability::Leased, Durability::Exact] {
+        // (credits, threshold, costs until refused)
+        for (credits, threshold, cost) in [(100, 0, 1), (10_005, 10, 10), (15, 10, 15)] {
+            let t = ledger_with(durability);
+            let events = t.ledger.credit_events();
+            let owner = t.account("Acme");
+            let new = NewKey::new(owner, "k").credits(credits);
+            let (_, plain) = create_key(&t.ledger, new.low_balance_threshold(threshold));
+            while spend(&t.ledger, &plain, "/x", cost, cost).is_ok() {}
+            t.ledger.flush().unwrap();
+            let kinds: Vec<_> = events.try_iter().map(|e| (e.kind, e.remaining)).collect();
+            let case = format!("{durability:?} {credits}/{threshold}/{cost}: {kinds:?}");
+            assert!(
+                matches!(
+                    kinds.as_slice(),
+                    [(CreditEventKind::LowBalance, low), (CreditEventKind::Exhausted, _), ..]
+                        if *low <= threshold
+                ),
+                "{case}"
+            );
+        }
+    }
+}
+
 /// A balance already below its threshold when its key is cached again is no news: the event
 /// came when it fell there. (The key's first lease reads the balance; edges are measured from
 /// what it read.)

@@ -418,10 +418,13 @@ impl Prefetches {
 pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
     let mut listed = Listed::default();
     let mut last_round = std::time::Instant::now();
+    let mut failed = false;
     loop {
         // A backlog of prefetches (more than one batch's worth) or a round in progress is
-        // taken up without waiting.
-        let wait = if shared.prefetches.is_empty() && !listed.in_round() {
+        // taken up without waiting — unless the last commit failed: a disk that keeps
+        // failing (or a file fenced off after a redb panic) is retried at the flush interval,
+        // not in a loop that would take a core.
+        let wait = if failed || (shared.prefetches.is_empty() && !listed.in_round()) {
             FLUSH_INTERVAL
         } else {
             Duration::ZERO
@@ -498,7 +501,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
         if batch.is_empty() && flush == Flush::Nothing {
             continue;
         }
-        apply(&shared, &mut listed, batch, closing || draining, flush);
+        failed = !apply(&shared, &mut listed, batch, closing || draining, flush);
         if closing {
             return;
         }
@@ -701,7 +704,14 @@ struct Effects {
 
 /// Runs `batch` (and the flush asked for) as one transaction, or for [`Flush::All`] as
 /// many as the round takes, and answers `flush` and `close` once all are durable.
-fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, flush: Flush) {
+/// Returns whether it committed.
+fn apply(
+    shared: &Shared,
+    listed: &mut Listed,
+    batch: Vec<Msg>,
+    closing: bool,
+    flush: Flush,
+) -> bool {
     let now = shared.clock.now().0;
     let chunked = match flush {
         Flush::Nothing => false,
@@ -728,6 +738,7 @@ fn apply(shared: &Shared, listed: &mut Listed, batch: Vec<Msg>, closing: bool, f
             Err(message) => Err(Error::Conflict(format!("flush failed: {message}"))),
         });
     }
+    outcome.is_ok()
 }
 
 /// One write transaction: `batch`, and with `chunked` the next chunk of the round in

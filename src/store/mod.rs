@@ -79,7 +79,7 @@ impl Store {
     /// known format, opened with the right master key.
     pub(crate) fn open(path: &Path, master: &MasterKey) -> Result<(Store, OpenedMeta)> {
         let db = unless_redb_panics(|| Database::builder().create(path))??;
-        unless_redb_panics(|| Store::init(db, path, master))?
+        Store::init(db, path, master)
     }
 
     /// Like [`open`](Self::open), on any redb storage backend (crash-simulating tests,
@@ -89,14 +89,14 @@ impl Store {
         master: &MasterKey,
     ) -> Result<(Store, OpenedMeta)> {
         let db = unless_redb_panics(|| Database::builder().create_with_backend(backend))??;
-        unless_redb_panics(|| Store::init(db, Path::new("<storage backend>"), master))?
+        Store::init(db, Path::new("<storage backend>"), master)
     }
 
     /// Opens an existing file of the current format for `check`, writing nothing: no tables
     /// created, no migration run. An older format is refused with [`Error::OlderFormat`].
     pub(crate) fn open_for_check(db: Database, path: &Path, master: &MasterKey) -> Result<Store> {
         let store = Store::new(db);
-        match store.format(path)? {
+        store.guard(|| match store.format(path)? {
             None => Err(Error::NotALedger {
                 path: path.display().to_string(),
             }),
@@ -104,11 +104,9 @@ impl Store {
                 found,
                 current: FORMAT_VERSION,
             }),
-            Some(_) => {
-                store.opened_meta(master)?;
-                Ok(store)
-            }
-        }
+            Some(_) => store.opened_meta(master).map(drop),
+        })?;
+        Ok(store)
     }
 
     fn new(db: Database) -> Store {
@@ -119,6 +117,11 @@ impl Store {
             closed: AtomicBool::new(false),
             broken: OnceLock::new(),
         }
+    }
+
+    /// Fails once redb has panicked on the file (see [`guard`](Self::guard)).
+    pub(crate) fn usable(&self) -> Result<()> {
+        self.db().map(drop)
     }
 
     /// The database, unless redb panicked on it before.
@@ -185,8 +188,17 @@ impl Store {
         Ok(OpenedMeta { hash_scheme })
     }
 
+    /// The store over `db`, its format created, checked or migrated. Its reads run under
+    /// [`guard`](Self::guard): the store is dropped after a redb panic, never during one.
     fn init(db: Database, path: &Path, master: &MasterKey) -> Result<(Store, OpenedMeta)> {
         let store = Store::new(db);
+        let opened = store.guard(|| store.set_up(path, master))?;
+        Ok((store, opened))
+    }
+
+    /// [`init`](Self::init)'s reads and writes.
+    fn set_up(&self, path: &Path, master: &MasterKey) -> Result<OpenedMeta> {
+        let store = self;
         let existing = store.format(path)?;
         if existing.is_none() {
             let txn = store.begin_write()?;
@@ -214,22 +226,22 @@ impl Store {
         }
         let opened = store.opened_meta(master)?;
         if existing == Some(1) {
-            migrate_1_to_2(&store)?;
+            migrate_1_to_2(store)?;
         }
         if existing.is_some_and(|format| format < 3) {
-            migrate_2_to_3(&store, master)?;
+            migrate_2_to_3(store, master)?;
         }
         let opened = match existing.is_some_and(|format| format < 4) {
             true => {
-                migrate_3_to_4(&store, opened.hash_scheme)?;
+                migrate_3_to_4(store, opened.hash_scheme)?;
                 store.opened_meta(master)? // the current scheme may have moved on
             }
             false => opened,
         };
         if existing.is_some_and(|format| format < 5) {
-            migrate_4_to_5(&store)?;
+            migrate_4_to_5(store)?;
         }
-        Ok((store, opened))
+        Ok(opened)
     }
 
     /// A write transaction with two-phase commit (redb's advice for files that may hold

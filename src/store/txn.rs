@@ -74,6 +74,7 @@ impl Store {
     /// after its commit moved the generation on, so a snapshot reused here is never older
     /// than a change they did not see.
     pub(crate) fn snapshot(&self) -> Result<Arc<ReadSnapshot>> {
+        self.usable()?;
         let generation = self.generation.load(Ordering::Acquire);
         if let Some(shared) = self.snapshot.load_full() {
             if shared.generation == generation {
@@ -102,6 +103,31 @@ mod tests {
     fn balance_in(snapshot: &ReadSnapshot, id: u64) -> Option<Vec<u8>> {
         let got = snapshot.credits.get(id).unwrap();
         got.map(|v| v.value().to_vec())
+    }
+
+    /// After a panic in redb's code the file is fenced off: every later read, write and
+    /// shared snapshot (which misses reuse) is refused with the panic's message, and the
+    /// store drops without panicking (here the panic is simulated; the damage test in
+    /// tests/bad_input.rs meets real ones).
+    #[test]
+    fn a_panic_under_the_guard_fences_the_file_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterKey::from_bytes(&[9; 32]).unwrap();
+        let (store, _) = Store::open(&dir.path().join("s.redb"), &master).unwrap();
+        let _cached = store.snapshot().unwrap();
+        assert_eq!(store.guard(|| Ok(7)).unwrap(), 7);
+        let failed = store.guard(|| -> Result<()> { panic!("simulated page damage") });
+        let message = failed.unwrap_err().to_string();
+        assert!(message.contains("simulated page damage"), "{message}");
+        assert!(store.begin_read().is_err());
+        assert!(store.begin_write().is_err());
+        assert!(
+            store.snapshot().is_err(),
+            "the shared snapshot is not handed out"
+        );
+        let again = store.guard(|| Ok(())).unwrap_err().to_string();
+        assert!(again.contains("simulated page damage"), "{again}");
+        drop(store);
     }
 
     #[test]

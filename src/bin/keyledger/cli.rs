@@ -216,7 +216,8 @@ pub enum PoolsCommand {
         /// New display name (1–50 characters).
         #[arg(long)]
         name: Option<String>,
-        /// New refill, from the period its last refill belongs to.
+        /// New refill. A new one starts with the next period; a changed one also refills,
+        /// on the new terms, a period that began since the last refill.
         #[command(flatten)]
         refill: RefillArgs,
         /// Stop refilling the pool.

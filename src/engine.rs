@@ -363,7 +363,7 @@ impl Engine {
         if let Some(ended) = &*ended {
             return ended.clone().map_err(Error::Conflict);
         }
-        let result = self.stop_writer();
+        let result = self.stop_writer().map_err(|e| self.fenced_or(e));
         self.shared.store.refuse_writes();
         *ended = Some(match &result {
             Ok(()) => Ok(()),
@@ -447,7 +447,15 @@ impl Engine {
         self.tx
             .send(Msg::Flush { reply })
             .map_err(|_| self.closed())?;
-        done.recv().map_err(|_| self.closed())?
+        done.recv()
+            .map_err(|_| self.closed())?
+            .map_err(|e| self.fenced_or(e))
+    }
+
+    /// `failed`, the writer's answer, unless the file was fenced off after a redb panic:
+    /// then that error, as every direct call gets it (the writer's says only "failed").
+    fn fenced_or(&self, failed: Error) -> Error {
+        self.shared.store.usable().err().unwrap_or(failed)
     }
 
     /// Sets or tops up a balance through the writer, ordered with leases.
@@ -461,7 +469,9 @@ impl Engine {
                 reply,
             })
             .map_err(|_| self.closed())?;
-        done.recv().map_err(|_| self.closed())?
+        done.recv()
+            .map_err(|_| self.closed())?
+            .map_err(|e| self.fenced_or(e))
     }
 
     /// Balance `id` as a request finds it now: `record` with a refill that has come due
@@ -1326,6 +1336,25 @@ mod tests {
         let config = settings(builder).build().unwrap();
         let ledger = Ledger::open(dir.path().join("keys.redb"), config).unwrap();
         Fixture { _dir: dir, ledger }
+    }
+
+    /// Once the file is fenced off after a redb panic, calls that go through the writer fail
+    /// with the same storage error as direct calls, not as a conflict a caller might retry.
+    #[test]
+    fn a_fenced_file_fails_writer_calls_with_its_storage_error() {
+        let f = ledger();
+        let (id, _, _) = key(&f.ledger, |owner| NewKey::new(owner, "k").credits(5));
+        let store = &f.ledger.inner.store;
+        assert!(
+            store
+                .guard(|| -> Result<()> { panic!("simulated") })
+                .is_err()
+        );
+        let storage =
+            |e: Error| matches!(e, Error::Storage(_)) && e.to_string().contains("simulated");
+        assert!(storage(f.ledger.flush().unwrap_err()));
+        assert!(storage(f.ledger.credits().top_up(&id, 1).unwrap_err()));
+        assert!(storage(f.ledger.close().unwrap_err()));
     }
 
     /// A host that does not drain its events loses the newest ones, and `stats` counts them;

@@ -244,6 +244,13 @@ pub enum Error {
         /// The format version this build writes.
         current: u32,
     },
+    /// The file exists but holds nothing: a ledger that lost its bytes (a failed copy or
+    /// restore), not a place to start a new one — its keys would all be `not_found`.
+    #[error("{path} exists but is empty: restore it, or remove it to start a new ledger")]
+    EmptyFile {
+        /// The file's path.
+        path: String,
+    },
     /// The file is a redb database but not a keyledger one.
     #[error("{path} is not a keyledger database")]
     NotALedger {

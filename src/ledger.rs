@@ -54,7 +54,9 @@ impl Ledger {
     ///
     /// Fails with [`Error::WrongMasterKey`] if `config` holds another master key than the one
     /// the file was created with, [`Error::UpgradeRequired`] for a file written by a newer
-    /// keyledger, and [`Error::NotALedger`] for a redb file of another application.
+    /// keyledger, [`Error::NotALedger`] for a redb file of another application, and
+    /// [`Error::EmptyFile`] for a file that exists but is empty (it is not made a new
+    /// ledger: a copy or restore that failed would otherwise start over with no keys).
     pub fn open(path: impl AsRef<Path>, config: Config) -> Result<Ledger> {
         let path = path.as_ref();
         let opened = Store::open(path, &config.master_key)?;

@@ -983,6 +983,24 @@ fn spend_tiers_that_would_lower_limits_are_refused() {
     assert!(build(vec![tier(1_000, 300), tier(100, 100), tier(500, 200)]).is_ok());
 }
 
+/// An empty file where the ledger should be is a ledger that lost its bytes (a failed copy
+/// or restore): opening it must not start a new one, with every key `not_found` (found by a
+/// reviewer; the CLI already refused it).
+#[test]
+fn an_empty_file_is_not_made_a_new_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.redb");
+    std::fs::write(&path, b"").unwrap();
+    let config = Config::builder()
+        .master_key(MasterKey::generate().unwrap())
+        .build()
+        .unwrap();
+    let err = Ledger::open(&path, config).unwrap_err();
+    assert!(matches!(err, Error::EmptyFile { .. }), "{err}");
+    assert!(err.to_string().contains("exists but is empty"), "{err}");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left as it was");
+}
+
 #[test]
 fn a_file_damaged_anywhere_gives_every_call_a_typed_error_never_a_panic() {
     // redb reaches an `assert!`, an `unreachable!` or a slice index on some malformed pages

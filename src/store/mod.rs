@@ -78,6 +78,10 @@ impl Store {
     /// Opens or creates the database at `path` and checks that it is a keyledger file of a
     /// known format, opened with the right master key.
     pub(crate) fn open(path: &Path, master: &MasterKey) -> Result<(Store, OpenedMeta)> {
+        if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            let path = path.display().to_string();
+            return Err(Error::EmptyFile { path });
+        }
         let db = unless_redb_panics(|| Database::builder().create(path))??;
         Store::init(db, path, master)
     }

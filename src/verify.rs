@@ -405,7 +405,9 @@ impl Grant<'_> {
         self.key.scope.permissions.clone()
     }
 
-    /// Units reserved by this grant.
+    /// Units reserved by this grant: the request's cost. For an unmetered key no credits
+    /// move (its [`remaining_credits`](Self::remaining_credits) is `None`), but the cost is
+    /// still what a token window counts and what [`commit`](Self::commit) settles against.
     pub fn reserved(&self) -> u64 {
         self.reserved
     }

@@ -484,16 +484,14 @@ impl Engine {
     /// open counts as lost, and is counted so here already.
     pub(crate) fn balance_now(&self, id: u64, record: &CreditsRecord) -> (CreditsRecord, u64) {
         let mut view = record.clone();
-        if self.shared.store.refuses_writes() {
+        let in_memory = if self.shared.store.refuses_writes() {
             view.lost_to_crash = view.lost_to_crash.saturating_add(view.leased);
             view.leased = 0;
-            refill::apply_due(&mut view, self.shared.clock.now());
-            let left = view.balance;
-            return (view, left);
-        }
-        let meters = self.shared.meters.lock();
-        let in_memory = meters.get(id).map_or(0, |m| m.leased()).min(view.leased);
-        drop(meters);
+            0
+        } else {
+            let meters = self.shared.meters.lock();
+            meters.get(id).map_or(0, |m| m.leased()).min(view.leased)
+        };
         if refill::apply_due(&mut view, self.shared.clock.now()) {
             view.leased -= in_memory;
             view.granted = view.granted.saturating_sub(in_memory);

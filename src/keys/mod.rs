@@ -288,7 +288,7 @@ impl<'a> Keys<'a> {
             return Err(Error::NotFound { what: "account" });
         }
         let now = self.ledger.now();
-        self.no_key_in(&s.permissions, &s.ips, &s.metadata)?;
+        self.no_key_in(&s.permissions, &s.ips, Some(&s.metadata))?;
         let kind = match s.token_type {
             // `api` is what an API key's `type` reads: a token typed so (in any case, with any
             // spaces around it) would read as one.
@@ -502,12 +502,13 @@ impl<'a> Keys<'a> {
         &self,
         permissions: &[String],
         ips: &[String],
-        metadata: &BTreeMap<String, String>,
+        metadata: Option<&BTreeMap<String, String>>,
     ) -> Result<()> {
         let ledger = self.ledger;
         ledger.holding_no_key("permissions", permissions.iter().map(String::as_str))?;
         ledger.holding_no_key("ips", ips.iter().map(String::as_str))?;
-        let entries = metadata.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()]);
+        let entries = metadata.into_iter().flatten();
+        let entries = entries.flat_map(|(k, v)| [k.as_str(), v.as_str()]);
         ledger.holding_no_key("metadata", entries)
     }
 
@@ -523,11 +524,10 @@ impl<'a> Keys<'a> {
                 .as_deref()
                 .map(|n| self.ledger.label("name", n))
                 .transpose()?;
-            let none = (Vec::new(), BTreeMap::new());
             self.no_key_in(
-                update.permissions.as_ref().unwrap_or(&none.0),
-                update.ips.as_ref().unwrap_or(&none.0),
-                update.metadata.as_ref().unwrap_or(&none.1),
+                update.permissions.as_deref().unwrap_or_default(),
+                update.ips.as_deref().unwrap_or_default(),
+                update.metadata.as_ref(),
             )?;
             let permissions = update.permissions.as_ref().map(rules::scopes).transpose()?;
             let ips = update.ips.as_ref().map(rules::ips).transpose()?;

@@ -191,6 +191,17 @@ impl Workload {
         }
     }
 
+    /// Step 1 of the chain alone for key `i`: the key format check (prefix, length,
+    /// alphabet, checksum) that `verify` runs before hashing. Returns whether it passed.
+    #[inline]
+    pub fn format_check(&self, i: usize) -> bool {
+        self.ledger
+            .inner
+            .format
+            .parse(self.keys[i].expose())
+            .is_ok()
+    }
+
     /// A peek (`cost(0)`) on key `i`: the whole chain, caching the entry on a miss, without
     /// spending or leasing.
     #[inline]

@@ -822,6 +822,183 @@ fn a_pools_refill_changed_in_use_applies_from_the_next_period() {
     assert_eq!(t.ledger.credits().pool(&pool.id).unwrap().refill, None);
 }
 
+/// A key moves from its own balance into a pool, between pools and out again: each move
+/// applies to the very next verify, in both durability modes and across a clean reopen.
+#[test]
+fn a_key_moves_between_its_own_balance_and_pools_from_the_next_verify() {
+    for durability in [Durability::Leased, Durability::Exact] {
+        let t = ledger_with(durability);
+        let owner = t.account("Acme");
+        let credits = t.ledger.credits();
+        let a = credits
+            .create_pool(NewPool::new(owner, "a").credits(5))
+            .unwrap();
+        let b = credits
+            .create_pool(NewPool::new(owner, "b").credits(3))
+            .unwrap();
+        let (id, key) = create_key(&t.ledger, NewKey::new(owner, "k").credits(10));
+        assert_eq!(
+            drain(&t, &key, 2),
+            2,
+            "from its own balance, now leased in memory"
+        );
+        let keys = t.ledger.keys().by("billing");
+        // Its own balance is not dropped unless the update says so, nor kept beside a pool.
+        assert_invalid(keys.update(&id, KeyUpdate::new().pool(Some(&a.id))), "pool");
+        let both = KeyUpdate::new().pool(Some(&a.id)).credits(Some(1));
+        assert_invalid(keys.update(&id, both), "pool");
+        assert_eq!(
+            usage(&t, &id).remaining,
+            Some(8),
+            "refused updates change nothing"
+        );
+        let joined = KeyUpdate::new().pool(Some(&a.id)).credits(None);
+        let info = keys.update(&id, joined).unwrap();
+        assert_eq!((info.pool, info.remaining_credits), (Some(a.id), Some(5)));
+        let entry = &t.ledger.audit().recent(1).unwrap()[0];
+        assert_eq!(
+            (entry.action.as_str(), entry.actor.as_str()),
+            ("key.updated", "billing")
+        );
+        assert!(
+            entry.fields.iter().any(|f| f == "pool"),
+            "{:?}",
+            entry.fields
+        );
+        assert_eq!(
+            drain(&t, &key, 100),
+            5,
+            "the pool's 5, not the 8 left on its own"
+        );
+        let info = keys
+            .update(&id, KeyUpdate::new().pool(Some(&b.id)))
+            .unwrap();
+        assert_eq!((info.pool, info.remaining_credits), (Some(b.id), Some(3)));
+        assert_eq!(drain(&t, &key, 100), 3);
+        // The pool it left has no key any more; the one it is in still has.
+        assert_eq!(credits.delete_pool(&a.id).unwrap(), 0);
+        assert!(matches!(
+            credits.delete_pool(&b.id),
+            Err(Error::Conflict(_))
+        ));
+        let own = KeyUpdate::new().pool(None).credits(Some(4));
+        let info = keys.update(&id, own).unwrap();
+        assert_eq!((info.pool, info.remaining_credits), (None, Some(4)));
+        assert_eq!(drain(&t, &key, 100), 4, "its own balance again");
+        assert_eq!(usage(&t, &b.id).spent, 3, "the pool it left is not spent");
+        let info = keys.update(&id, KeyUpdate::new().credits(None)).unwrap();
+        assert_eq!(info.remaining_credits, None);
+        assert_eq!(drain(&t, &key, 7), 7, "unmetered");
+        let info = keys
+            .update(&id, KeyUpdate::new().pool(Some(&b.id)))
+            .unwrap();
+        assert_eq!(
+            info.pool,
+            Some(b.id),
+            "an unmetered key joins without dropping anything"
+        );
+        credits.top_up(&b.id, 2).unwrap();
+        let t = t.close_and_reopen();
+        let info = t.ledger.keys().get(&id).unwrap();
+        assert_eq!((info.pool, info.remaining_credits), (Some(b.id), Some(2)));
+        assert_eq!(drain(&t, &key, 100), 2);
+    }
+}
+
+/// A grant held while its key moves settles on the balance it reserved from; the next verify
+/// already spends from the new one.
+#[test]
+fn a_grant_held_across_a_pool_move_settles_where_it_reserved() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let credits = t.ledger.credits();
+    let a = credits
+        .create_pool(NewPool::new(owner, "a").credits(50))
+        .unwrap();
+    let b = credits
+        .create_pool(NewPool::new(owner, "b").credits(50))
+        .unwrap();
+    let (id, key) = create_key(&t.ledger, NewKey::new(owner, "k").pool(a.id));
+    let presented = presented(&key);
+    let held = t
+        .ledger
+        .verify(&Request::new(&presented, "/x").cost(10))
+        .unwrap();
+    t.ledger
+        .keys()
+        .update(&id, KeyUpdate::new().pool(Some(&b.id)))
+        .unwrap();
+    spend(&t.ledger, &key, "/x", 1, 1).unwrap();
+    assert_eq!(held.commit(4).token_stats.charged, 4);
+    t.ledger.flush().unwrap();
+    let (ua, ub) = (usage(&t, &a.id), usage(&t, &b.id));
+    assert_eq!((ua.spent, ua.remaining, ua.granted), (4, Some(46), 50));
+    assert_eq!((ub.spent, ub.remaining, ub.granted), (1, Some(49), 50));
+}
+
+/// A key joins only a pool of its own account's that exists; anything else leaves it as it
+/// was.
+#[test]
+fn a_key_joins_only_a_pool_of_its_owners() {
+    let t = TestLedger::new();
+    let (owner, other) = (t.account("Acme"), t.account("Other"));
+    let credits = t.ledger.credits();
+    let theirs = credits
+        .create_pool(NewPool::new(other, "x").credits(5))
+        .unwrap();
+    let gone = credits
+        .create_pool(NewPool::new(owner, "gone").credits(5))
+        .unwrap();
+    credits.delete_pool(&gone.id).unwrap();
+    let (id, key) = create_key(&t.ledger, NewKey::new(owner, "k"));
+    let keys = t.ledger.keys();
+    for pool in [theirs.id, gone.id] {
+        assert_not_found(keys.update(&id, KeyUpdate::new().pool(Some(&pool))), "pool");
+    }
+    assert!(matches!(
+        keys.update(&id, KeyUpdate::new().pool(Some("pool_forged"))),
+        Err(Error::InvalidId(_))
+    ));
+    assert!(matches!(
+        keys.update(&id, KeyUpdate::new().pool(Some(&id))),
+        Err(Error::InvalidId(_))
+    ));
+    let info = keys.get(&id).unwrap();
+    assert_eq!((info.pool, info.remaining_credits), (None, None));
+    assert_eq!(drain(&t, &key, 3), 3, "still unmetered");
+}
+
+/// A key made unmetered loses its refill and low-balance threshold with its balance.
+#[test]
+fn an_unmetered_key_keeps_no_refill_or_threshold() {
+    let t = TestLedger::new();
+    let (id, key) = daily_refill_key(&t, 5, 5);
+    let keys = t.ledger.keys();
+    keys.update(&id, KeyUpdate::new().low_balance_threshold(Some(2)))
+        .unwrap();
+    let info = keys.update(&id, KeyUpdate::new().credits(None)).unwrap();
+    let limits = &info.limits;
+    assert_eq!(
+        (limits.credits, limits.refill, limits.low_balance_threshold),
+        (None, None, None)
+    );
+    let entry = &t.ledger.audit().recent(1).unwrap()[0];
+    for field in ["credits", "refill", "low_balance_threshold"] {
+        assert!(
+            entry.fields.iter().any(|f| f == field),
+            "{:?}",
+            entry.fields
+        );
+    }
+    assert_eq!(drain(&t, &key, 9), 9);
+    // Setting a refill again in the same update is still refused: it needs a balance.
+    let again = KeyUpdate::new().credits(None).refill(Some(Refill {
+        amount: 1,
+        interval: RefillInterval::Daily,
+    }));
+    assert_invalid(keys.update(&id, again), "refill");
+}
+
 /// A refill given to a pool while its balance is known empty makes it spendable at the next
 /// period, not only once the empty mark would have run out.
 #[test]

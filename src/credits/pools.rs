@@ -197,8 +197,9 @@ impl Credits<'_> {
     }
 
     /// Deletes a pool and its balance. Refused with a conflict while a key or token still
-    /// spends from it (delete those first: a key's pool cannot change). Returns the credits
-    /// that were left, which go with it; the audit trail records the deletion.
+    /// spends from it (move them out with [`KeyUpdate::pool`](crate::KeyUpdate::pool), or
+    /// delete them, first). Returns the credits that were left, which go with it; the audit
+    /// trail records the deletion.
     pub fn delete_pool(&self, id: &str) -> Result<u64> {
         self.ledger.guarded(|| {
             let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
@@ -221,7 +222,8 @@ impl Credits<'_> {
                 }
                 if users > 0 {
                     return Err(Error::Conflict(format!(
-                        "pool in use: {users} key(s) or token(s) spend from it; delete them first"
+                        "pool in use: {users} key(s) or token(s) spend from it; move them to another \
+                         pool or delete them first"
                     )));
                 }
                 pools.remove(internal)?;

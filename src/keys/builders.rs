@@ -219,6 +219,7 @@ pub struct KeyUpdate {
     pub(crate) token_window: Option<Option<TokenWindow>>,
     pub(crate) metadata: Option<BTreeMap<String, String>>,
     pub(crate) low_balance_threshold: Option<Option<u64>>,
+    pub(crate) pool: Option<Option<String>>,
 }
 
 impl KeyUpdate {
@@ -261,7 +262,9 @@ impl KeyUpdate {
         self
     }
 
-    /// Sets the credit balance (`Some`) or makes the key unmetered (`None`).
+    /// Sets the credit balance (`Some`) or makes the key unmetered (`None`). Unmetered, the
+    /// key has no balance of its own any more: the credits left on it, its refill and its
+    /// low-balance threshold go with it.
     pub fn credits(mut self, credits: Option<u64>) -> Self {
         self.credits = Some(credits);
         self
@@ -285,6 +288,19 @@ impl KeyUpdate {
     /// Sets or clears the token window.
     pub fn token_window(mut self, window: Option<TokenWindow>) -> Self {
         self.token_window = Some(window);
+        self
+    }
+
+    /// Moves the key to the owner's credit pool `pool_…` (`Some`), or out of its pool
+    /// (`None`: unmetered, or on a balance of its own given with [`credits`](Self::credits)
+    /// in the same update). Applies to the very next verify; grants already held settle
+    /// where they reserved.
+    ///
+    /// A key with a balance of its own joins a pool only in an update that also drops that
+    /// balance with `credits(None)`: the credits left on it are not moved (add them to the
+    /// pool first with [`Credits::top_up`](crate::Credits::top_up) to keep them).
+    pub fn pool(mut self, pool: Option<&str>) -> Self {
+        self.pool = Some(pool.map(str::to_owned));
         self
     }
 

@@ -547,6 +547,11 @@ impl<'a> Keys<'a> {
             {
                 engine.flush()?;
             }
+            let pool = match &update.pool {
+                Some(Some(pool)) => Some(Some(self.ledger.inner.ids.decode(IdKind::Pool, pool)?)),
+                Some(None) => Some(None),
+                None => None,
+            };
             let mut set_balance_to = None;
             let setting_balance = matches!(update.credits, Some(Some(_)));
             let _in_order = setting_balance.then(|| self.ledger.inner.setting_balances.lock());
@@ -566,6 +571,39 @@ impl<'a> Keys<'a> {
                     audit::set(c, "expires_at", &mut record.expires_at, e);
                 }
                 let mut limits = record.limits.clone();
+                if let Some(pool) = pool {
+                    if pool.is_some() && matches!(update.credits, Some(Some(_))) {
+                        return Err(Error::invalid(
+                            "pool",
+                            "a key spends from a pool or its own credits, not both",
+                        ));
+                    }
+                    if pool.is_some() && record.limits.credits.is_some() && update.credits.is_none()
+                    {
+                        return Err(Error::invalid(
+                            "pool",
+                            "this key has a balance of its own: drop it with credits(None) in \
+                             the same update (move what is left on it to the pool first with a \
+                             top-up to keep it)",
+                        ));
+                    }
+                    audit::set(c, "pool", &mut record.pool, pool);
+                }
+                if update.credits == Some(None) || matches!(pool, Some(Some(_))) {
+                    // No balance of its own any more: its refill and threshold go with it,
+                    // unless the update sets them again (and is refused below).
+                    if update.refill.is_none() {
+                        audit::set(c, "refill", &mut limits.refill, None);
+                    }
+                    if update.low_balance_threshold.is_none() {
+                        audit::set(
+                            c,
+                            "low_balance_threshold",
+                            &mut limits.low_balance_threshold,
+                            None,
+                        );
+                    }
+                }
                 if let Some(credits) = update.credits {
                     // Credits given for a key with its own balance set that balance: a change
                     // even when the plan's amount stays the same.
@@ -595,7 +633,8 @@ impl<'a> Keys<'a> {
                 if record.pool.is_some() && (limits.credits.is_some() || limits.refill.is_some()) {
                     return Err(Error::invalid(
                         "credits",
-                        "this key spends from a pool; change the pool's balance instead",
+                        "this key spends from a pool; change the pool's balance instead, or \
+                         leave the pool with pool(None) in the same update",
                     ));
                 }
                 if record.pool.is_some() && update.low_balance_threshold.flatten().is_some() {
@@ -791,6 +830,15 @@ impl<'a> Keys<'a> {
                 drop((keys, credits_table));
                 txn.abort()?;
                 return Ok((self.view(internal, before.0), false));
+            }
+            // A pool joined must be one of the owner's, checked in the transaction that joins
+            // it: a pool deleted meanwhile counted this key out.
+            if let Some(pool) = record.pool.filter(|_| record.pool != before.0.pool) {
+                let pool: Option<crate::record::PoolRecord> =
+                    store::get(&txn.open_table(POOLS)?, pool)?;
+                if pool.is_none_or(|p| p.owner != record.owner) {
+                    return Err(Error::NotFound { what: "pool" });
+                }
             }
             record.updated_at = now;
             record.updated_by = self.actor.clone();

@@ -33,6 +33,7 @@ struct Totals {
     pools_deleted: usize,
     thresholds_changed: usize,
     pool_refills_changed: usize,
+    pool_moves: usize,
     cache_evictions: u64,
 }
 
@@ -55,6 +56,7 @@ fn run_seed(seed: u64, totals: &mut Totals) {
             totals.pools_deleted += o.pools_deleted;
             totals.thresholds_changed += o.thresholds_changed;
             totals.pool_refills_changed += o.pool_refills_changed;
+            totals.pool_moves += o.pool_moves;
             totals.cache_evictions += o.cache_evictions;
         }
         Ok(Err(violation)) => panic!("seed {seed}: {violation}\n{replay}"),
@@ -84,8 +86,12 @@ fn random_workloads_survive_power_loss_and_dying_disks_first_half() {
     assert_eq!(t.seeds, DEFAULT_SEEDS / 2);
     assert!(t.crashes > 0 && t.grants > 0 && t.acknowledged > 0);
     assert!(
-        t.pools_deleted > 0 && t.thresholds_changed > 0 && t.pool_refills_changed > 0,
-        "some seeds must delete pools and change thresholds and pool refills: {t:?}"
+        t.pools_deleted > 0
+            && t.thresholds_changed > 0
+            && t.pool_refills_changed > 0
+            && t.pool_moves > 0,
+        "some seeds must delete pools, change thresholds and pool refills, and move keys \
+         between pools: {t:?}"
     );
     assert!(
         t.cache_evictions > 0,

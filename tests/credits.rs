@@ -881,6 +881,19 @@ fn a_key_moves_between_its_own_balance_and_pools_from_the_next_verify() {
             credits.delete_pool(&b.id),
             Err(Error::Conflict(_))
         ));
+        let info = keys.update(&id, KeyUpdate::new().pool(None)).unwrap();
+        assert_eq!(
+            (info.pool, info.remaining_credits),
+            (None, None),
+            "unmetered"
+        );
+        assert_eq!(
+            usage(&t, &id).granted,
+            0,
+            "its old balance went when it joined"
+        );
+        keys.update(&id, KeyUpdate::new().pool(Some(&b.id)))
+            .unwrap();
         let own = KeyUpdate::new().pool(None).credits(Some(4));
         let info = keys.update(&id, own).unwrap();
         assert_eq!((info.pool, info.remaining_credits), (None, Some(4)));

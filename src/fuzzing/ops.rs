@@ -1,8 +1,8 @@
 //! The operation-sequence driver behind the `ops` fuzz target and `tests/crash.rs`: bytes
 //! choose a workload (keys, pools, verify + commit/refund at random costs, top-ups, sets,
-//! refills, disables, deletes, pool deletions, low-balance threshold changes, clean closes,
-//! power losses, a dying disk), which runs on a
-//! [`CrashBackend`] against a reference model. After every reopen the ledger must hold every
+//! refills, disables, deletes, pool deletions, keys moved between pools and their own
+//! balances, low-balance threshold changes, clean closes, power losses, a dying disk), which
+//! runs on a [`CrashBackend`] against a reference model. After every reopen the ledger must hold every
 //! acknowledged admin write, every balance must satisfy
 //! `spent + lost_to_crash + remaining == granted` and `spent ≤ granted`, no unit the model
 //! knows was charged may come back, what a crash lost must stay within the lease bound, and
@@ -95,6 +95,8 @@ pub struct Outcome {
     pub thresholds_changed: usize,
     /// Pool refills set or removed (acknowledged).
     pub pool_refills_changed: usize,
+    /// Keys moved into, between or out of pools (acknowledged).
+    pub pool_moves: usize,
     /// Keys the cache evicted to make room.
     pub cache_evictions: u64,
 }
@@ -454,7 +456,8 @@ fn run_ops<'l>(
                 Ok(())
             }
             14 => settle_held(model, b, held),
-            15 => update_credits(ledger, model, b),
+            15 if b.below(2) == 0 => update_credits(ledger, model, b),
+            15 => move_pool(ledger, model, b),
             16 => return Ok(End::Crash),
             17 => return Ok(End::Close),
             18 => delete_pool(ledger, model, b),
@@ -582,8 +585,9 @@ fn delete_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<
     let j = b.below(model.pools.len() as u64) as usize;
     let id = model.pools[j].clone();
     let users = || model.keys.iter().filter(|k| k.credit.as_ref() == Some(&id));
-    let in_use = users().any(|k| k.exists == Some(true));
-    let maybe_in_use = users().any(|k| k.exists.is_none()) || model.maybe_pool_users.contains(&id);
+    let in_use = users().any(|k| k.exists == Some(true) && k.certain);
+    let maybe_in_use =
+        users().any(|k| k.exists.is_none() || !k.certain) || model.maybe_pool_users.contains(&id);
     let _ = write!(model.log, " delete_pool(p{j});");
     let result = ledger.credits().delete_pool(&id);
     let bal = model
@@ -1120,16 +1124,6 @@ fn update_credits(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Resu
             Ok(())
         }
         Err(Error::NotFound { .. }) if key.exists != Some(true) => Ok(()),
-        // A refilled key cannot become unmetered without clearing its refill first.
-        Err(Error::InvalidInput { .. })
-            if units.is_none()
-                && own
-                    .as_ref()
-                    .and_then(|c| model.balances.get(c))
-                    .is_some_and(|b| b.refill) =>
-        {
-            Ok(())
-        }
         Err(e) => {
             model.keys[i].certain = false;
             if let Some(bal) = own.and_then(|c| model.balances.get_mut(&c)) {
@@ -1138,6 +1132,74 @@ fn update_credits(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Resu
                 bal.exists = None;
             }
             failed(model, "update credits", &e)
+        }
+    }
+}
+
+/// `update(pool)`: a key moves into a pool (dropping a balance of its own), to another, or
+/// out of its pool (unmetered). Grants it holds settle where they reserved.
+fn move_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<(), Violation> {
+    let Some(i) = pick_index(model, b) else {
+        return Ok(());
+    };
+    let target = match b.below(model.pools.len() as u64 + 1) as usize {
+        0 => None,
+        j => Some(model.pools[j - 1].clone()),
+    };
+    let key = model.keys[i].clone();
+    let own = key.credit.clone().filter(|c| *c == key.id);
+    let mut update = KeyUpdate::new().pool(target.as_deref());
+    if target.is_some() && own.is_some() {
+        update = update.credits(None);
+    }
+    let _ = write!(model.log, " move_pool(k{i},{target:?});");
+    match ledger.keys().update(&key.id, update) {
+        Ok(info) => {
+            ensure!(
+                info.pool.map(|p| p.to_string()) == target,
+                "k{i}: moved to {target:?}, shows {:?} [{}]",
+                info.pool,
+                model.log
+            );
+            let k = &mut model.keys[i];
+            k.exists = Some(true);
+            match (&target, own) {
+                (Some(_), Some(c)) => {
+                    model.balances.remove(&c);
+                    k.credit = target;
+                }
+                (Some(_), None) => k.credit = target,
+                // Out of a pool: unmetered; a key on its own balance stays there.
+                (None, Some(_)) => {}
+                (None, None) => k.credit = None,
+            }
+            model.outcome.pool_moves += 1;
+            model.outcome.acknowledged += 1;
+            Ok(())
+        }
+        Err(Error::NotFound { .. }) if key.exists != Some(true) => Ok(()),
+        Err(Error::NotFound { what: "pool" })
+            if target
+                .as_ref()
+                .and_then(|p| model.balances.get(p))
+                .is_none_or(|bal| bal.exists != Some(true)) =>
+        {
+            Ok(())
+        }
+        Err(e) => {
+            // It may have landed: the key may spend from either side, and either pool may
+            // have it as a user.
+            model.keys[i].certain = false;
+            for pool in [&key.credit, &target].into_iter().flatten() {
+                if model.pools.contains(pool) {
+                    model.maybe_pool_users.insert(pool.clone());
+                }
+            }
+            if let Some(bal) = own.and_then(|c| model.balances.get_mut(&c)) {
+                bal.exact = false;
+                bal.exists = None;
+            }
+            failed(model, "update pool", &e)
         }
     }
 }
@@ -1242,21 +1304,25 @@ fn reconcile(ledger: &Ledger, model: &mut Model, after_crash: bool) -> Result<()
                 key.disabled = info.disabled_at.is_some();
                 key.exists = Some(true);
                 let was_certain = std::mem::replace(&mut key.certain, true);
-                let metered = info.limits.credits.is_some() || info.pool.is_some();
-                if !metered && key.credit.is_some() {
+                let found = match (info.pool, info.limits.credits) {
+                    (Some(pool), _) => Some(pool.to_string()),
+                    (None, Some(_)) => Some(key.id.clone()),
+                    (None, None) => None,
+                };
+                if found != key.credit {
                     ensure!(
                         !was_certain,
-                        "k{i}: acknowledged credits lost [{}]",
+                        "k{i}: spends from {found:?}, acknowledged {:?} [{}]",
+                        key.credit,
                         model.log
                     );
-                    let c = key.credit.take().expect("checked");
-                    if c == key.id {
+                    if let Some(c) = key.credit.take().filter(|c| *c == key.id) {
                         gone.push(c);
                     }
-                } else if metered && key.credit.is_none() {
-                    ensure!(!was_certain, "k{i}: metered without an acknowledged change");
-                    key.credit = Some(key.id.clone());
-                    appeared.push(key.id.clone());
+                    if found.as_ref() == Some(&key.id) {
+                        appeared.push(key.id.clone());
+                    }
+                    key.credit = found;
                 }
             }
             (Err(Error::NotFound { .. }), Some(true)) => {

@@ -640,9 +640,12 @@ impl<'a> Keys<'a> {
                 if record.pool.is_some() && update.low_balance_threshold.flatten().is_some() {
                     return Err(pool_threshold());
                 }
+                if update.credits == Some(None) {
+                    *credits = None; // and, joining a pool, the key's own balance goes too
+                }
                 if record.pool.is_none() {
                     match (update.credits, credits.as_mut()) {
-                        (Some(None), _) => *credits = None,
+                        (Some(None), _) => {}
                         (Some(Some(n)), Some(_)) => set_balance_to = Some(n),
                         (Some(Some(n)), None) => {
                             *credits = Some(new_balance(n, limits.refill, now))

@@ -113,7 +113,9 @@ pub struct Accounts<'a> {
 }
 
 impl<'a> Accounts<'a> {
-    /// The same handle, recording `actor` as the author of its changes.
+    /// The same handle, recording `actor` as the author of its changes: 1–254 characters,
+    /// no control characters and no API key (a change by an actor that breaks these is
+    /// refused as [`Error::InvalidInput`](crate::Error::InvalidInput) on `actor`).
     pub fn by(mut self, actor: impl Into<String>) -> Self {
         self.actor = actor.into();
         self
@@ -138,7 +140,15 @@ impl<'a> Accounts<'a> {
             let id = store::next_id(&txn)?;
             store::put(&mut txn.open_table(ACCOUNTS)?, id, &record)?;
             let public = self.public_id(id);
-            audit::append(&txn, now, &self.actor, "account.created", &public, &[])?;
+            audit::append(
+                &txn,
+                self.ledger,
+                now,
+                &self.actor,
+                "account.created",
+                &public,
+                &[],
+            )?;
             txn.commit()?;
             Ok(self.view(id, record))
         })
@@ -197,6 +207,7 @@ impl<'a> Accounts<'a> {
                 store::put(&mut table, internal, &record)?;
                 audit::append(
                     &txn,
+                    self.ledger,
                     record.updated_at,
                     &self.actor,
                     "account.updated",

@@ -10,9 +10,10 @@ use crate::ledger::Ledger;
 use crate::record::AuditEvent;
 use crate::store::tables::AUDIT;
 
-/// Appends an event inside `txn`, after checking the actor (see `rules::actor`).
+/// Appends an event inside `txn`, after checking the actor (see [`Ledger::actor_ok`]).
 pub(crate) fn append(
     txn: &WriteTransaction,
+    ledger: &Ledger,
     at: Timestamp,
     actor: &str,
     action: &str,
@@ -20,7 +21,20 @@ pub(crate) fn append(
     fields: &[&str],
 ) -> Result<()> {
     // Every change is audited in its own transaction, so a refused actor writes nothing.
-    crate::record::rules::actor(actor)?;
+    ledger.actor_ok(actor)?;
+    append_checked(txn, at, actor, action, target, fields)
+}
+
+/// Appends an event inside `txn` for an actor [`Ledger::actor_ok`] accepted when the change
+/// was asked for (the credit writer's, which records changes made on a caller's behalf).
+pub(crate) fn append_checked(
+    txn: &WriteTransaction,
+    at: Timestamp,
+    actor: &str,
+    action: &str,
+    target: &str,
+    fields: &[&str],
+) -> Result<()> {
     let mut table = txn.open_table(AUDIT)?;
     let seq = table.last()?.map_or(1, |(k, _)| k.value() + 1);
     let event = AuditEvent {

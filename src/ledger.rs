@@ -153,6 +153,7 @@ impl Ledger {
             let label = scheme.label();
             crate::audit::append(
                 &txn,
+                self,
                 self.now(),
                 SYSTEM_ACTOR,
                 "hash_scheme.rotated",
@@ -201,6 +202,13 @@ impl Ledger {
             )),
             false => Ok(()),
         }
+    }
+
+    /// Checks who makes a change (`by(…)`): the text rules of `rules::actor`, and no API
+    /// key in it, since the actor is kept in the audit trail and on the record.
+    pub(crate) fn actor_ok(&self, actor: &str) -> Result<()> {
+        crate::record::rules::actor(actor)?;
+        self.holding_no_key("actor", [actor])
     }
 
     /// Runs work that touches the file (see [`Store::guard`]).

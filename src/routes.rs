@@ -18,7 +18,9 @@ pub struct Routes<'a> {
 }
 
 impl Routes<'_> {
-    /// The same handle, recording `actor` as the author of its changes.
+    /// The same handle, recording `actor` as the author of its changes: 1–254 characters,
+    /// no control characters and no API key (a change by an actor that breaks these is
+    /// refused as [`Error::InvalidInput`](crate::Error::InvalidInput) on `actor`).
     pub fn by(mut self, actor: impl Into<String>) -> Self {
         self.actor = actor.into();
         self
@@ -74,7 +76,7 @@ impl Routes<'_> {
             .map(|(field, _)| field)
             .collect();
             let now = self.ledger.now();
-            audit::append(txn, now, &self.actor, "route.set", prefix, &fields)
+            audit::append(txn, self.ledger, now, &self.actor, "route.set", prefix, &fields)
         })?;
         Ok(rule)
         })
@@ -89,7 +91,15 @@ impl Routes<'_> {
                     return Err(Error::NotFound { what: "route rule" });
                 }
                 let now = self.ledger.now();
-                audit::append(txn, now, &self.actor, "route.removed", prefix, &[])
+                audit::append(
+                    txn,
+                    self.ledger,
+                    now,
+                    &self.actor,
+                    "route.removed",
+                    prefix,
+                    &[],
+                )
             })
         })
     }

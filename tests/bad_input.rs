@@ -9,7 +9,7 @@ use common::*;
 use keyledger::{
     AccountUpdate, Config, ConfigError, ENV_MASTER_KEY, ENV_MASTER_KEY_FILE, Error, ImportKey,
     ImportedHash, KeyUpdate, Ledger, MasterKey, NewAccount, NewKey, NewPool, PageRequest,
-    Presented, RateLimit, Request, RouteRule, Timestamp,
+    Presented, RateLimit, Request, RouteRule, Secret, Timestamp,
 };
 
 /// Asserts every rejected call leaves the ledger unchanged.
@@ -176,6 +176,67 @@ fn a_key_given_as_a_name_or_type_is_refused() {
     );
     let entitled = AccountUpdate::new().entitlements(given());
     assert_invalid(accounts.update(&owner, entitled), "entitlements");
+    // Nor as who made a change (found by a reviewer: a server that names the actor after the
+    // credential it was called with kept the key in the audit trail and on the record), on
+    // every handle, the credit writer's changes included.
+    let by = format!("api-key {plaintext}");
+    for (result, what) in [
+        (
+            t.ledger.keys().by(&by).create(new()).map(drop),
+            "keys().create",
+        ),
+        (
+            t.ledger
+                .keys()
+                .by(&by)
+                .update(&key.id, KeyUpdate::new().credits(Some(5)))
+                .map(drop),
+            "keys().update",
+        ),
+        (
+            t.ledger.credits().by(&by).top_up(&key.id, 1).map(drop),
+            "credits().top_up",
+        ),
+        (
+            t.ledger
+                .credits()
+                .by(&by)
+                .create_pool(NewPool::new(owner, "p"))
+                .map(drop),
+            "credits().create_pool",
+        ),
+        (
+            t.ledger
+                .accounts()
+                .by(&by)
+                .create(NewAccount::new("b"))
+                .map(drop),
+            "accounts().create",
+        ),
+        (
+            t.ledger
+                .routes()
+                .by(&by)
+                .set(RouteRule::new("/r/"))
+                .map(drop),
+            "routes().set",
+        ),
+        (
+            t.ledger
+                .secrets()
+                .by(&by)
+                .put(&owner, "K", Secret::new("v"), ["api.example.com"])
+                .map(drop),
+            "secrets().put",
+        ),
+    ] {
+        let message = result.as_ref().map_err(ToString::to_string).unwrap_err();
+        assert!(
+            !message.contains(&plaintext),
+            "{what}: never echoed: {message}"
+        );
+        assert_invalid(result, "actor");
+    }
 }
 
 #[test]

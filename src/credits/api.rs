@@ -53,7 +53,9 @@ pub struct Usage {
 }
 
 impl Credits<'_> {
-    /// The same handle, recording `actor` as the author of its changes.
+    /// The same handle, recording `actor` as the author of its changes: 1–254 characters,
+    /// no control characters and no API key (a change by an actor that breaks these is
+    /// refused as [`Error::InvalidInput`](crate::Error::InvalidInput) on `actor`).
     pub fn by(mut self, actor: impl Into<String>) -> Self {
         self.actor = actor.into();
         self
@@ -74,7 +76,7 @@ impl Credits<'_> {
 
     fn adjust(&self, id: &str, change: Adjust, action: &'static str) -> Result<u64> {
         // Checked here: the writer's transaction, which appends the entry, is shared.
-        crate::record::rules::actor(&self.actor)?;
+        self.ledger.actor_ok(&self.actor)?;
         let (kind, internal) = self.credit_id(id)?;
         if kind == IdKind::Account {
             return Err(Error::invalid(

@@ -136,7 +136,15 @@ impl Credits<'_> {
             let balance = new_balance(new.credits, new.refill, now);
             store::put(&mut txn.open_table(CREDITS)?, id, &balance)?;
             let public = ids.encode(IdKind::Pool, id);
-            audit::append(&txn, now, &self.actor, "pool.created", &public, &[])?;
+            audit::append(
+                &txn,
+                self.ledger,
+                now,
+                &self.actor,
+                "pool.created",
+                &public,
+                &[],
+            )?;
             txn.commit()?;
             Ok(self.pool_view(id, record, Some(balance)))
         })
@@ -176,7 +184,15 @@ impl Credits<'_> {
                         refill::replace(b, record.refill, now);
                         store::put(&mut balances, internal, b)?;
                     }
-                    audit::append(&txn, now, &self.actor, "pool.updated", id, &changed)?;
+                    audit::append(
+                        &txn,
+                        self.ledger,
+                        now,
+                        &self.actor,
+                        "pool.updated",
+                        id,
+                        &changed,
+                    )?;
                 }
                 (record, balance, changed)
             };
@@ -233,7 +249,7 @@ impl Credits<'_> {
                 txn.open_table(USAGE)?.remove(internal)?;
                 credits.map_or(0, |c| self.ledger.inner.engine.remaining(internal, &c))
             };
-            audit::append(&txn, now, &self.actor, "pool.deleted", id, &[])?;
+            audit::append(&txn, self.ledger, now, &self.actor, "pool.deleted", id, &[])?;
             txn.commit()?;
             self.ledger.inner.engine.pool_deleted(internal);
             Ok(left)

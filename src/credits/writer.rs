@@ -1195,7 +1195,9 @@ fn build(
                         }) = audit
                         {
                             let fields = &["balance"];
-                            crate::audit::append(&txn, now, &actor, action, &target, fields)?;
+                            crate::audit::append_checked(
+                                &txn, now, &actor, action, &target, fields,
+                            )?;
                         }
                         fx.adjusts[at].1 = Ok(r.balance);
                     }

@@ -181,7 +181,15 @@ fn rehash(
         let kind = record.kind.id_kind();
         let public = ledger.inner.ids.encode(kind, id);
         let action = format!("{}.rehashed", kind.noun());
-        audit::append(&txn, now, SYSTEM_ACTOR, &action, &public, &["hash_scheme"])?;
+        audit::append(
+            &txn,
+            ledger,
+            now,
+            SYSTEM_ACTOR,
+            &action,
+            &public,
+            &["hash_scheme"],
+        )?;
         txn.commit()?;
         if let Some(other) = pruned {
             // Its dead secret may be cached, where it would answer for this key's plaintext.

@@ -155,7 +155,9 @@ impl<'a> Keys<'a> {
         }
     }
 
-    /// The same handle, recording `actor` as the author of its changes.
+    /// The same handle, recording `actor` as the author of its changes: 1–254 characters,
+    /// no control characters and no API key (a change by an actor that breaks these is
+    /// refused as [`Error::InvalidInput`](crate::Error::InvalidInput) on `actor`).
     pub fn by(mut self, actor: impl Into<String>) -> Self {
         self.actor = actor.into();
         self
@@ -375,7 +377,7 @@ impl<'a> Keys<'a> {
         }
         let public = self.public_id(id);
         let action = format!("{}.{}", self.what(), origin.verb());
-        audit::append(&txn, now, &self.actor, &action, &public, &[])?;
+        audit::append(&txn, self.ledger, now, &self.actor, &action, &public, &[])?;
         txn.commit()?;
         match scheme == self.ledger.hash_scheme() {
             true => self.ledger.inner.engine.key_created(&key_hash),
@@ -517,7 +519,7 @@ impl<'a> Keys<'a> {
     pub fn update(&self, id: &str, update: KeyUpdate) -> Result<KeyInfo> {
         self.ledger.guarded(|| {
             // Checked first: a balance set is audited in the writer's shared transaction.
-            rules::actor(&self.actor)?;
+            self.ledger.actor_ok(&self.actor)?;
             let now = self.ledger.now();
             let name = update
                 .name
@@ -770,7 +772,15 @@ impl<'a> Keys<'a> {
             }
             index::put(&txn, &mut txn.open_table(KEYS)?, internal, &record)?;
             let action = format!("{}.rolled", self.what());
-            audit::append(&txn, now, &self.actor, &action, id, &["secret"])?;
+            audit::append(
+                &txn,
+                self.ledger,
+                now,
+                &self.actor,
+                &action,
+                id,
+                &["secret"],
+            )?;
             txn.commit()?;
             self.ledger
                 .inner
@@ -798,7 +808,15 @@ impl<'a> Keys<'a> {
             txn.open_table(CREDITS)?.remove(internal)?;
             txn.open_table(USAGE)?.remove(internal)?;
             let action = format!("{}.deleted", self.what());
-            audit::append(&txn, self.ledger.now(), &self.actor, &action, id, &[])?;
+            audit::append(
+                &txn,
+                self.ledger,
+                self.ledger.now(),
+                &self.actor,
+                &action,
+                id,
+                &[],
+            )?;
             txn.commit()?;
             self.ledger.inner.engine.key_changed(
                 internal,
@@ -854,7 +872,7 @@ impl<'a> Keys<'a> {
                 }
             }
             let action = format!("{}.{verb}", self.what());
-            audit::append(&txn, now, &self.actor, &action, id, &changed)?;
+            audit::append(&txn, self.ledger, now, &self.actor, &action, id, &changed)?;
             let key_change = match (&before.1, &credits) {
                 (Some(_), None) => KeyChange::CreditsRemoved,
                 (old, new) if old != new => KeyChange::CreditsChanged,

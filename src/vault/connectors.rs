@@ -73,7 +73,9 @@ impl<'a> Vault<'a> {
         &self.ledger.inner.config.master_key
     }
 
-    /// The same handle, recording `actor` as the author of its changes.
+    /// The same handle, recording `actor` as the author of its changes: 1–254 characters,
+    /// no control characters and no API key (a change by an actor that breaks these is
+    /// refused as [`Error::InvalidInput`](crate::Error::InvalidInput) on `actor`).
     pub fn by(mut self, actor: impl Into<String>) -> Self {
         self.actor = actor.into();
         self
@@ -136,6 +138,7 @@ impl<'a> Vault<'a> {
             let target = target(&owner.public, "connectors", name);
             audit::append(
                 &txn,
+                self.ledger,
                 record.updated_at,
                 &self.actor,
                 action,
@@ -192,6 +195,7 @@ impl<'a> Vault<'a> {
             let target = target(&owner.public, "connectors", name);
             audit::append(
                 &txn,
+                self.ledger,
                 now,
                 &self.actor,
                 "connector.connected",
@@ -424,6 +428,7 @@ impl<'a> Vault<'a> {
             let now = self.ledger.now();
             audit::append(
                 &txn,
+                self.ledger,
                 now,
                 &self.actor,
                 "connector.disconnected",

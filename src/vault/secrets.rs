@@ -168,7 +168,9 @@ fn owner_write(ledger: &Ledger, txn: &WriteTransaction, text: &str) -> Result<Ow
 }
 
 impl<'a> Secrets<'a> {
-    /// The same handle, recording `actor` as the author of its changes.
+    /// The same handle, recording `actor` as the author of its changes: 1–254 characters,
+    /// no control characters and no API key (a change by an actor that breaks these is
+    /// refused as [`Error::InvalidInput`](crate::Error::InvalidInput) on `actor`).
     pub fn by(mut self, actor: impl Into<String>) -> Self {
         self.actor = actor.into();
         self
@@ -248,7 +250,7 @@ impl<'a> Secrets<'a> {
                     Some(_) => ("secret.replaced", &["value"]),
                 };
                 let target = target(&owner.public, "secrets", name);
-                audit::append(&txn, now, &self.actor, action, &target, fields)?;
+                audit::append(&txn, self.ledger, now, &self.actor, action, &target, fields)?;
                 record
             };
             txn.commit()?;
@@ -286,6 +288,7 @@ impl<'a> Secrets<'a> {
                 let target = target(&owner.public, "secrets", name);
                 audit::append(
                     &txn,
+                    self.ledger,
                     now,
                     &self.actor,
                     "secret.rotated",
@@ -313,7 +316,15 @@ impl<'a> Secrets<'a> {
                 }
             }
             let target = target(&owner.public, "secrets", name);
-            audit::append(&txn, now, &self.actor, "secret.deleted", &target, &[])?;
+            audit::append(
+                &txn,
+                self.ledger,
+                now,
+                &self.actor,
+                "secret.deleted",
+                &target,
+                &[],
+            )?;
             txn.commit()?;
             Ok(())
         })

@@ -981,6 +981,45 @@ fn a_key_joins_only_a_pool_of_its_owners() {
     assert_eq!(drain(&t, &key, 3), 3, "still unmetered");
 }
 
+/// A key on a pool is told where its credits come from: made unmetered only by leaving the
+/// pool, and given no refill of its own (found by a reviewer: `credits(None)` answered `Ok`
+/// and changed nothing, and a refill was refused as needing "metered credits").
+#[test]
+fn a_pool_keys_own_credit_settings_are_refused_naming_the_pool() {
+    let t = TestLedger::new();
+    let (pool, id, key) = pooled_key(&t);
+    let keys = t.ledger.keys();
+    let refused = keys
+        .update(&id, KeyUpdate::new().credits(None))
+        .unwrap_err();
+    assert!(refused.to_string().contains("pool(None)"), "{refused}");
+    assert_invalid(Err::<(), _>(refused), "credits");
+    let daily = Refill {
+        amount: 5,
+        interval: RefillInterval::Daily,
+    };
+    let refused = keys
+        .update(&id, KeyUpdate::new().refill(Some(daily)))
+        .unwrap_err();
+    assert!(refused.to_string().contains("pool's refill"), "{refused}");
+    assert_invalid(Err::<(), _>(refused), "refill");
+    let new = NewKey::new(pool.owner, "b")
+        .pool(pool.id)
+        .refill(5, RefillInterval::Daily);
+    assert_invalid(t.ledger.keys().create(new), "refill");
+    assert_eq!(
+        keys.get(&id).unwrap().pool,
+        Some(pool.id),
+        "still on its pool"
+    );
+    assert_eq!(drain(&t, &key, 3), 3);
+    assert_eq!(usage(&t, &pool.id).spent, 3);
+    let info = keys
+        .update(&id, KeyUpdate::new().pool(None).credits(None))
+        .unwrap();
+    assert_eq!((info.pool, info.remaining_credits), (None, None));
+}
+
 /// A key made unmetered loses its refill and low-balance threshold with its balance.
 #[test]
 fn an_unmetered_key_keeps_no_refill_or_threshold() {

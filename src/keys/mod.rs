@@ -314,6 +314,9 @@ impl<'a> Keys<'a> {
             permissions: rules::scopes(&s.permissions)?,
             ips: rules::ips(&s.ips)?,
             limits: {
+                if s.pool.is_some() && s.limits.refill.is_some() {
+                    return Err(pool_refill());
+                }
                 rules::limits(&s.limits)?;
                 s.limits
             },
@@ -631,17 +634,29 @@ impl<'a> Keys<'a> {
                         t,
                     );
                 }
-                rules::limits(&limits)?;
-                if record.pool.is_some() && (limits.credits.is_some() || limits.refill.is_some()) {
+                if record.pool.is_some() && limits.credits.is_some() {
                     return Err(Error::invalid(
                         "credits",
                         "this key spends from a pool; change the pool's balance instead, or \
                          leave the pool with pool(None) in the same update",
                     ));
                 }
+                // Staying in a pool, a key cannot be made unmetered either: it would go on
+                // spending from the pool.
+                if record.pool.is_some() && update.credits == Some(None) && pool.is_none() {
+                    return Err(Error::invalid(
+                        "credits",
+                        "this key spends from a pool; leave it with pool(None) to make the key \
+                         unmetered",
+                    ));
+                }
+                if record.pool.is_some() && limits.refill.is_some() {
+                    return Err(pool_refill());
+                }
                 if record.pool.is_some() && update.low_balance_threshold.flatten().is_some() {
                     return Err(pool_threshold());
                 }
+                rules::limits(&limits)?;
                 if update.credits == Some(None) {
                     *credits = None; // and, joining a pool, the key's own balance goes too
                 }
@@ -726,6 +741,10 @@ impl<'a> Keys<'a> {
     /// working for `grace_secs` seconds (0: stops at once; at most [`MAX_ROLL_GRACE_SECS`]:
     /// a key is rolled because its secret may have leaked, and a typo must not keep that
     /// secret working for good). Returns the new plaintext, once.
+    ///
+    /// A key keeps one previous secret: rolling again ends the grace of the secret an earlier
+    /// roll replaced, at once. Both secrets share the key's state, so a disabled or expired
+    /// key's previous secret is refused like its new one.
     pub fn roll(&self, id: &str, grace_secs: u64) -> Result<CreatedKey> {
         self.ledger.guarded(|| {
             if grace_secs > MAX_ROLL_GRACE_SECS {
@@ -1070,6 +1089,14 @@ fn checked_expiry(at: Option<Timestamp>, now: Timestamp) -> Result<Option<Timest
         Some(t) if t <= now => Err(Error::invalid("expires_at", "must be in the future")),
         other => Ok(other),
     }
+}
+
+/// A key spending from a pool has no refill of its own: the pool's applies.
+fn pool_refill() -> Error {
+    Error::invalid(
+        "refill",
+        "this key spends from a pool; the pool's refill applies (set it with update_pool)",
+    )
 }
 
 /// A key spending from a pool has no low-balance threshold of its own: the pool's applies.

@@ -133,7 +133,10 @@ fn lifecycle(ctx: &Context, ledger: &Ledger, kind: Kind, step: Lifecycle) -> Cli
             let rolled = keys.roll(&id, grace)?;
             print_created(ctx.json, "Rolled", &rolled.info, &rolled.plaintext)?;
             if !ctx.json && grace > 0 {
-                println!("  The previous secret keeps working for {grace} s.");
+                println!(
+                    "  The previous secret keeps working for {grace} s, while the key is \
+                     enabled and unexpired."
+                );
             }
             Ok(0)
         }

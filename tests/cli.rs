@@ -914,6 +914,41 @@ fn pools_update_and_delete() {
 }
 
 #[test]
+fn keys_move_into_and_out_of_pools() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    let args = ["--owner", &owner, "--name", "p", "--credits", "7"];
+    let pool = string(&s.json(&[&["pools", "create"][..], &args].concat())["id"]);
+    let args = ["--owner", &owner, "--name", "k", "--credits", "5"];
+    let key = string(&s.json(&[&["keys", "create"][..], &args].concat())["id"]);
+    // A key with a balance of its own joins only when told to drop it.
+    let out = s.run(&["keys", "update", &key, "--pool", &pool]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("--no-credits"), "{}", stderr(&out));
+    let v = s.json(&["keys", "update", &key, "--pool", &pool, "--no-credits"]);
+    assert_eq!(
+        (string(&v["pool"]), &v["remaining_credits"]),
+        (pool.clone(), &7.into()),
+        "{v}"
+    );
+    let out = s.run(&["keys", "update", &key, "--no-credits"]);
+    assert!(stderr(&out).contains("--no-pool"), "{}", stderr(&out));
+    let v = s.json(&["keys", "update", &key, "--no-pool", "--credits", "3"]);
+    assert!(v["pool"].is_null(), "{v}");
+    assert_eq!(v["remaining_credits"], 3, "{v}");
+    let v = s.json(&["keys", "update", &key, "--no-credits"]);
+    assert!(v["remaining_credits"].is_null(), "unmetered: {v}");
+    // Contradicting flags: a usage error.
+    for args in [
+        &["--pool", &pool, "--no-pool"][..],
+        &["--credits", "1", "--no-credits"],
+    ] {
+        let out = s.run(&[&["keys", "update", &key][..], args].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    }
+}
+
+#[test]
 fn pools_are_listed_by_owner_and_shown_one_at_a_time() {
     let s = Scratch::initialised();
     let (owner, other) = (s.account("Acme"), s.account("Other"));

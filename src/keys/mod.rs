@@ -587,9 +587,9 @@ impl<'a> Keys<'a> {
                     {
                         return Err(Error::invalid(
                             "pool",
-                            "this key has a balance of its own: drop it with credits(None) in \
-                             the same update (move what is left on it to the pool first with a \
-                             top-up to keep it)",
+                            "this key has a balance of its own: make it unmetered in the same \
+                             update (credits(None); the CLI's --no-credits), which drops what is \
+                             left on it (top the pool up with that first to keep it)",
                         ));
                     }
                     audit::set(c, "pool", &mut record.pool, pool);
@@ -638,7 +638,8 @@ impl<'a> Keys<'a> {
                     return Err(Error::invalid(
                         "credits",
                         "this key spends from a pool; change the pool's balance instead, or \
-                         leave the pool with pool(None) in the same update",
+                         take the key out of it (pool(None); the CLI's --no-pool) in the same \
+                         update",
                     ));
                 }
                 // Staying in a pool, a key cannot be made unmetered either: it would go on
@@ -646,8 +647,8 @@ impl<'a> Keys<'a> {
                 if record.pool.is_some() && update.credits == Some(None) && pool.is_none() {
                     return Err(Error::invalid(
                         "credits",
-                        "this key spends from a pool; leave it with pool(None) to make the key \
-                         unmetered",
+                        "this key spends from a pool; take it out (pool(None); the CLI's \
+                         --no-pool) to make it unmetered",
                     ));
                 }
                 if record.pool.is_some() && limits.refill.is_some() {

@@ -479,8 +479,18 @@ pub struct UpdateArgs {
     #[arg(long)]
     pub any_ip: bool,
     /// Sets the credit balance.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_credits")]
     pub credits: Option<u64>,
+    /// Make the key unmetered: its balance, refill and low-balance threshold go.
+    #[arg(long)]
+    pub no_credits: bool,
+    /// Move the key to this credit pool of its owner (`pool_…`); a key with a balance of its
+    /// own joins only with `--no-credits`, which drops that balance.
+    #[arg(long, conflicts_with_all = ["no_pool", "credits"])]
+    pub pool: Option<String>,
+    /// Take the key out of its pool: unmetered, or on its own balance with `--credits`.
+    #[arg(long)]
+    pub no_pool: bool,
     /// Expire this many seconds from now (at least 1; `disable` stops it now).
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub expires_in: Option<u64>,

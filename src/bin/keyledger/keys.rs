@@ -178,6 +178,16 @@ fn key_update(args: &UpdateArgs) -> CliResult<KeyUpdate> {
     if let Some(credits) = args.credits {
         update = update.credits(Some(credits));
         any = true;
+    } else if args.no_credits {
+        update = update.credits(None);
+        any = true;
+    }
+    if let Some(pool) = &args.pool {
+        update = update.pool(Some(pool));
+        any = true;
+    } else if args.no_pool {
+        update = update.pool(None);
+        any = true;
     }
     if let Some(secs) = args.expires_in {
         update = update.expires_at(Some(SystemClock.now().plus_secs(secs)));
@@ -196,7 +206,8 @@ fn key_update(args: &UpdateArgs) -> CliResult<KeyUpdate> {
     if !any {
         return Err(CliError::usage(
             "nothing to update: give --name, --permission, --no-permissions, --ip, --any-ip, \
-             --credits, --expires-in, --no-expiry, --low-balance or --no-low-balance",
+             --credits, --no-credits, --pool, --no-pool, --expires-in, --no-expiry, \
+             --low-balance or --no-low-balance",
         ));
     }
     Ok(update)

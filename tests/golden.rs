@@ -631,6 +631,46 @@ fn a_format_2_vault_reads_back_after_its_secrets_are_resealed() {
     assert!(report.is_ok(), "{:?}", report.problems);
 }
 
+/// A migrated file whose format number is lowered back to 2 (the number is not
+/// authenticated: anyone who can write the file can change it) is refused, not migrated
+/// again: the re-seal would bind whatever hosts an old row put back in it names (found by a
+/// reviewer, who had a secret sent to a host of their choosing that way).
+#[test]
+fn a_file_whose_format_number_was_lowered_is_not_migrated_again() {
+    let (_dir, path) = copy_of("v2-vault.redb");
+    let config = || config(WRITTEN_AT.plus_secs(60));
+    Ledger::open(&path, config()).unwrap().close().unwrap();
+    let lower = |drop_later_tables: bool| {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            let stored = redb::ReadableTable::get(&meta, "format").unwrap().unwrap();
+            let mut format = stored.value().to_vec();
+            drop(stored);
+            format[8..].copy_from_slice(&2u32.to_le_bytes());
+            meta.insert("format", format.as_slice()).unwrap();
+        }
+        if drop_later_tables {
+            for name in ["imported_hashes", "imports_by_key"] {
+                let table: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new(name);
+                txn.delete_table(table).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    };
+    // Format 5's tables give it away; without them, the re-sealed rows do.
+    for drop_later_tables in [false, true] {
+        lower(drop_later_tables);
+        let refused = Ledger::open(&path, config()).unwrap_err();
+        assert!(matches!(refused, Error::Codec(_)), "{refused:?}");
+        assert!(refused.to_string().contains("format number"), "{refused}");
+        let bytes = std::fs::read(&path).unwrap();
+        let format = format_of(&keyledger::fuzzing::CrashBackend::from_bytes(bytes));
+        assert_eq!(format, 2, "left as it was");
+    }
+}
+
 /// A power loss at any I/O point of the re-sealing migration (and the ones to formats 4 and 5
 /// after it) leaves a file at format 2 to 5 that opens, migrating then if needed, with every
 /// secret readable.

@@ -124,6 +124,10 @@ pub(crate) fn reseal_for_format_3(
         let (key, bytes) = entry?;
         let (owner, name) = key.value();
         let Some((1, payload)) = bytes.value().split_first().map(|(v, p)| (*v, p)) else {
+            // Only format 3 and later seal rows of a later schema (see `migrate_2_to_3`).
+            if bytes.value().first().is_some_and(|v| *v > 1) {
+                return Err(crate::store::format_lowered());
+            }
             continue;
         };
         let Ok(record) = codec::decode_payload::<SecretRecord>(payload) else {
@@ -394,6 +398,10 @@ impl<'a> Secrets<'a> {
     /// not match `domain` itself). Hosts compare in normal form (lowercase, IDN as punycode);
     /// a pattern without a port matches the scheme's default port only. Otherwise the call
     /// fails with [`Error::Refused`], naming the secret and the host, never the value.
+    ///
+    /// A `*.domain` pattern trusts everyone who can name a host under `domain`: over a
+    /// shared or public suffix (`*.vercel.app`, `*.github.io`, `*.co.uk`) that is every site
+    /// there, not only yours. Name your own hosts under such suffixes one by one.
     pub fn bearer(&self, owner: &str, name: &str, url: &str) -> Result<OutboundHeader> {
         self.ledger.guarded(|| {
             let (value, _) = self.attach(owner, name, url)?;

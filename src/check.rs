@@ -17,7 +17,7 @@ use crate::record::{
     AccountRecord, AuditEvent, CreditsRecord, KeyRecord, PoolRecord, RouteRule, UsageRecord,
     VerifyRecord,
 };
-use crate::store::{self, Store, tables::*, unless_redb_panics};
+use crate::store::{self, OpenedMeta, Store, tables::*, unless_redb_panics};
 
 /// What `check` found. `problems` is empty for a healthy file.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -75,7 +75,7 @@ impl Ledger {
         unless_redb_panics(|| {
             let db = redb::Database::builder().open(path)?;
             check_store(
-                &Store::open_for_check(db, path, &config.master_key)?,
+                Store::open_for_check(db, path, &config.master_key)?,
                 &config,
                 &integrity,
             )
@@ -96,7 +96,7 @@ impl Ledger {
             let db = redb::Database::builder().create_with_backend(backend)?;
             let path = Path::new("<storage backend>");
             check_store(
-                &Store::open_for_check(db, path, &config.master_key)?,
+                Store::open_for_check(db, path, &config.master_key)?,
                 &config,
                 &integrity,
             )
@@ -127,7 +127,11 @@ fn integrity(checked: std::result::Result<bool, redb::DatabaseError>) -> Result<
     }
 }
 
-fn check_store(store: &Store, config: &Config, integrity: &Integrity) -> Result<CheckReport> {
+fn check_store(
+    (store, meta): (Store, OpenedMeta),
+    config: &Config,
+    integrity: &Integrity,
+) -> Result<CheckReport> {
     let mut report = CheckReport {
         integrity_ok: matches!(integrity, Integrity::Ok),
         ..CheckReport::default()
@@ -137,7 +141,7 @@ fn check_store(store: &Store, config: &Config, integrity: &Integrity) -> Result<
             "redb's page check failed ({what}): the file is damaged; restore it from a backup"
         ));
     }
-    let ids = IdCipher::new(&config.master_key);
+    let ids = IdCipher::for_file(&config.master_key, meta.id_salt.as_ref());
     let read = store.begin_read()?;
     // A page that redb cannot read (an error, or one of its panics) ends the scan; what was
     // found up to it is reported, with the damage as a problem of its own.
@@ -206,7 +210,8 @@ fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckRepor
     let hashes = read.open_table(KEY_VERIFY)?;
     let by_owner = read.open_table(KEYS_BY_OWNER)?;
     let by_prefix = read.open_table(KEYS_BY_PREFIX)?;
-    // Every file of format 5 has both (check refuses older ones); a missing one is damage.
+    // Every file of format 5 or later has both (check refuses older ones); a missing one is
+    // damage.
     let imports = match (
         open_if_present(read, IMPORTED_HASHES)?,
         open_if_present(read, IMPORTS_BY_KEY)?,

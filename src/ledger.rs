@@ -74,7 +74,10 @@ impl Ledger {
     fn start(opened: (Store, store::OpenedMeta), path: &Path, config: Config) -> Result<Ledger> {
         let (store, meta) = opened;
         let store = Arc::new(store);
-        let ids = Arc::new(IdCipher::new(&config.master_key));
+        let ids = Arc::new(IdCipher::for_file(
+            &config.master_key,
+            meta.id_salt.as_ref(),
+        ));
         let hasher = KeyHasher::new(&config.master_key, meta.hash_scheme);
         let engine = Engine::start(store.clone(), ids.clone(), hasher, &config)?;
         let inner = Inner {

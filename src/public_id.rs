@@ -2,6 +2,10 @@
 //!
 //! Deterministic, so an id is stable; authenticated, so a forged, truncated or re-kinded id is
 //! rejected with [`InvalidId`] and never mapped to a record. Internal ids never leave the crate.
+//! The key is the master key's, salted per file (files created at format 6 or later): an id
+//! of another ledger sharing the master key is rejected too. (A file migrated from an older
+//! format has no salt, so that the ids it gave out stay valid; two such files with one master
+//! key still share ids.)
 
 use std::fmt;
 use std::ops::Deref;
@@ -128,6 +132,13 @@ pub(crate) struct IdCipher {
 impl IdCipher {
     pub(crate) fn new(master: &MasterKey) -> Self {
         IdCipher::from_key(master.derive_wide(context::PUBLIC_ID))
+    }
+
+    /// The cipher of a file with public-id salt `salt` (see `meta::ID_SALT`); without one,
+    /// [`new`](Self::new)'s.
+    pub(crate) fn for_file(master: &MasterKey, salt: Option<&[u8; 16]>) -> Self {
+        let salt = salt.map_or(&[][..], |s| &s[..]);
+        IdCipher::from_key(master.derive_wide_salted(context::PUBLIC_ID, salt))
     }
 
     fn from_key(key: Zeroizing<[u8; 64]>) -> Self {

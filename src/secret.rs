@@ -150,9 +150,16 @@ impl MasterKey {
 
     /// Derives a 64-byte sub-key (AES-256-SIV takes two 32-byte halves).
     pub(crate) fn derive_wide(&self, context: &str) -> Zeroizing<[u8; 64]> {
+        self.derive_wide_salted(context, &[])
+    }
+
+    /// [`derive_wide`](Self::derive_wide) with `salt` after the key (an empty salt derives
+    /// what `derive_wide` does).
+    pub(crate) fn derive_wide_salted(&self, context: &str, salt: &[u8]) -> Zeroizing<[u8; 64]> {
         let mut out = Zeroizing::new([0u8; 64]);
         blake3::Hasher::new_derive_key(context)
             .update(&self.0)
+            .update(salt)
             .finalize_xof()
             .fill(&mut out[..]);
         out

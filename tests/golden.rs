@@ -114,13 +114,13 @@ fn a_version_1_file_opens_and_reads_back() {
     let audit = ledger.audit().recent(100).unwrap();
     assert!(audit.len() >= 6, "{audit:?}");
     drop(ledger);
-    // Opening migrated the file to format 5 (through 4: the verify index replaced the hash index).
+    // Opening migrated the file to format 6 (through 4: the verify index replaced the hash index).
     {
         let db = redb::Database::open(&path).unwrap();
         let read = redb::ReadableDatabase::begin_read(&db).unwrap();
         let format = read.open_table(META).unwrap();
         let format = format.get("format").unwrap().unwrap();
-        assert_eq!(format.value()[8..], 5u32.to_le_bytes());
+        assert_eq!(format.value()[8..], 6u32.to_le_bytes());
         let tables: Vec<String> = read
             .list_tables()
             .unwrap()
@@ -211,7 +211,7 @@ fn a_file_from_a_newer_format_version_is_refused_with_upgrade_required() {
         Err(Error::UpgradeRequired {
             found: 99,
             supported,
-        }) => assert_eq!(supported, 5),
+        }) => assert_eq!(supported, 6),
         other => panic!("expected UpgradeRequired {{ found: 99 }}, got {other:?}"),
     }
     // `check` refuses it the same way rather than reporting garbage.
@@ -504,7 +504,7 @@ fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies()
     ledger.close().unwrap();
     drop(ledger);
     let mut reopened = 0;
-    let mut formats = [0u32; 5];
+    let mut formats = [0u32; 6];
     for countdown in 0..writes + syncs + 2 {
         let backend = CrashBackend::from_bytes(bytes.clone());
         backend.fail_after(countdown);
@@ -534,7 +534,7 @@ fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies()
     assert!(reopened >= 4, "{reopened} reboots");
     assert!(
         formats.iter().all(|&n| n > 0),
-        "reboots found format 1 / 2 / 3 / 4 / 5 {formats:?} times: the crash points cover both \
+        "reboots found format 1 / 2 / 3 / 4 / 5 / 6 {formats:?} times: the crash points cover both \
          sides of each migration's commit"
     );
 }
@@ -608,7 +608,7 @@ fn a_format_2_vault_reads_back_after_its_secrets_are_resealed() {
     let format = read.open_table(META).unwrap();
     assert_eq!(
         format.get("format").unwrap().unwrap().value()[8..],
-        5u32.to_le_bytes()
+        6u32.to_le_bytes()
     );
     let secrets = read
         .open_table(redb::TableDefinition::<(u64, &str), &[u8]>::new(
@@ -671,6 +671,41 @@ fn a_file_whose_format_number_was_lowered_is_not_migrated_again() {
     }
 }
 
+/// A file migrated from before format 6 has no id salt, so the ids it gave out stay valid;
+/// two such files with one master key therefore still share ids. There, an authentic key id
+/// whose number is the other file's token names no balance (the twin-id guard).
+#[test]
+fn twin_migrated_files_share_ids_and_a_key_id_reaches_no_token_balance() {
+    let (_a_dir, a_path) = copy_of("v2-vault.redb");
+    let (_b_dir, b_path) = copy_of("v2-vault.redb");
+    let config = || config(WRITTEN_AT.plus_secs(60));
+    let (a, b) = (
+        Ledger::open(&a_path, config()).unwrap(),
+        Ledger::open(&b_path, config()).unwrap(),
+    );
+    let a_owner = a.accounts().create(NewAccount::new("a")).unwrap().id;
+    let b_owner = b.accounts().create(NewAccount::new("b")).unwrap().id;
+    assert_eq!(a_owner, b_owner, "no salt: the same number seals the same");
+    let token = a
+        .tokens()
+        .create(NewKey::token(a_owner, "svc", "t").credits(10))
+        .unwrap()
+        .info
+        .id;
+    let key = b.keys().create(NewKey::new(b_owner, "k")).unwrap().info.id;
+    for result in [
+        a.credits().usage(&key).map(drop),
+        a.credits().top_up(&key, 5).map(drop),
+        a.credits().set(&key, 0).map(drop),
+    ] {
+        assert!(
+            matches!(result, Err(Error::NotFound { what: "key" })),
+            "{result:?}"
+        );
+    }
+    assert_eq!(a.credits().usage(&token).unwrap().remaining, Some(10));
+}
+
 /// A power loss at any I/O point of the re-sealing migration (and the ones to formats 4 and 5
 /// after it) leaves a file at format 2 to 5 that opens, migrating then if needed, with every
 /// secret readable.
@@ -683,7 +718,7 @@ fn a_crash_at_any_point_of_the_resealing_leaves_every_secret_readable() {
     let ledger = Ledger::open_with_backend(clean.clone(), config()).unwrap();
     let (writes, syncs) = clean.io_counts();
     drop(ledger);
-    let mut formats = [0u32; 5];
+    let mut formats = [0u32; 6];
     for countdown in 0..writes + syncs + 2 {
         let backend = CrashBackend::from_bytes(bytes.clone());
         backend.fail_after(countdown);
@@ -701,7 +736,7 @@ fn a_crash_at_any_point_of_the_resealing_leaves_every_secret_readable() {
     }
     assert!(
         formats[1..].iter().all(|&n| n > 0),
-        "reboots found format 2 / 3 / 4 / 5 {formats:?} times: both sides of each migration's commit"
+        "reboots found format 2 / 3 / 4 / 5 / 6 {formats:?} times: both sides of each migration's commit"
     );
 }
 

@@ -559,24 +559,24 @@ fn owner_scoping_hides_other_owners_keys() {
 }
 
 #[test]
-fn creating_a_key_for_an_unknown_account_is_not_found() {
+fn creating_a_key_for_another_ledgers_account_is_refused() {
     let t = TestLedger::new();
     let real = t.account("Real");
-    // Another ledger with the same master key issues account ids this ledger never had.
+    // Another ledger with the same master key seals its ids apart: none names an account here.
     let dir = tempfile::tempdir().unwrap();
     let twin = Ledger::open(dir.path().join("twin.redb"), t.config()).unwrap();
     let ghosts: Vec<_> = (0..5)
         .map(|i| account(&twin, &format!("ghost {i}")))
         .collect();
     let ghost = ghosts.last().unwrap();
-    assert_not_found(t.ledger.accounts().get(ghost), "account");
+    assert_invalid_id(t.ledger.accounts().get(ghost), "account");
 
     let before = snapshot(&t.ledger);
-    assert_not_found(
+    assert_invalid_id(
         t.ledger.keys().create(NewKey::new(ghost, "orphan")),
         "account",
     );
-    assert_not_found(
+    assert_invalid_id(
         t.ledger
             .tokens()
             .create(NewKey::token(ghost, "svc", "orphan")),
@@ -1308,7 +1308,7 @@ mod damaged {
             Err(
                 e @ Error::OlderFormat {
                     found: 2,
-                    current: 5,
+                    current: 6,
                 },
             ) => {
                 assert!(e.to_string().contains("open it once"), "{e}")

@@ -771,7 +771,7 @@ fn a_rehash_never_takes_over_another_records_index_entry() {
 }
 
 /// A file from before import reservations (format 4): its first open reserves the hashes of
-/// the keys not yet used (still under their imported SHA-256) and makes it format 5, which a
+/// the keys not yet used (still under their imported SHA-256) and makes it format 5 (then 6), which a
 /// build from before refuses (it would import without reserving). Re-running their import is
 /// refused from then on. A key already used then has no SHA-256 left to reserve.
 #[test]
@@ -814,7 +814,7 @@ fn opening_a_file_from_before_import_reservations_reserves_its_unused_imports() 
             older,
             Err(Error::OlderFormat {
                 found: 4,
-                current: 5
+                current: 6
             })
         ),
         "{older:?}"

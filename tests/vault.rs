@@ -264,7 +264,7 @@ fn owners_are_isolated_and_must_exist() {
         .unwrap();
     assert!(matches!(vault.list(&key.info.id), Err(Error::InvalidId(_))));
 
-    // A well-formed id (same master key) of an account that does not exist here.
+    // An account id of another ledger with the same master key: sealed apart, so invalid here.
     let other = {
         let dir = tempfile::tempdir().unwrap();
         let ledger =
@@ -283,11 +283,11 @@ fn owners_are_isolated_and_must_exist() {
     };
     assert!(matches!(
         vault.connect(&other, &Provider::Notion, google_grant()),
-        Err(Error::NotFound { what: "account" })
+        Err(Error::InvalidId(_))
     ));
     assert!(matches!(
         env.ledger.secrets().list(&other),
-        Err(Error::NotFound { what: "account" })
+        Err(Error::InvalidId(_))
     ));
 }
 

@@ -37,7 +37,7 @@ pub(crate) const MAGIC: &[u8; 8] = b"keyledgr";
 ///   with HMAC's pepper key; its hashes now decode as `Blake3KeyedLegacy`, read only). A
 ///   format-3 file hashing with BLAKE3 moves to the new scheme when it is opened (see
 ///   [`migrate_3_to_4`]).
-pub(crate) const FORMAT_VERSION: u32 = 5;
+pub(crate) const FORMAT_VERSION: u32 = 6;
 
 /// The opened database and what its meta table says.
 pub(crate) struct Store {
@@ -72,6 +72,8 @@ impl Drop for Store {
 /// Meta values read at open.
 pub(crate) struct OpenedMeta {
     pub(crate) hash_scheme: HashScheme,
+    /// The file's public-id salt ([`meta::ID_SALT`]), if it has one.
+    pub(crate) id_salt: Option<[u8; 16]>,
 }
 
 impl Store {
@@ -98,9 +100,13 @@ impl Store {
 
     /// Opens an existing file of the current format for `check`, writing nothing: no tables
     /// created, no migration run. An older format is refused with [`Error::OlderFormat`].
-    pub(crate) fn open_for_check(db: Database, path: &Path, master: &MasterKey) -> Result<Store> {
+    pub(crate) fn open_for_check(
+        db: Database,
+        path: &Path,
+        master: &MasterKey,
+    ) -> Result<(Store, OpenedMeta)> {
         let store = Store::new(db);
-        store.guard(|| match store.format(path)? {
+        let opened = store.guard(|| match store.format(path)? {
             None => Err(Error::NotALedger {
                 path: path.display().to_string(),
             }),
@@ -108,9 +114,9 @@ impl Store {
                 found,
                 current: FORMAT_VERSION,
             }),
-            Some(_) => store.opened_meta(master).map(drop),
+            Some(_) => store.opened_meta(master),
         })?;
-        Ok(store)
+        Ok((store, opened))
     }
 
     fn new(db: Database) -> Store {
@@ -189,7 +195,17 @@ impl Store {
             })?,
             None => HashScheme::HmacSha256 { pepper: 1 },
         };
-        Ok(OpenedMeta { hash_scheme })
+        let id_salt = match table.get(meta::ID_SALT)? {
+            Some(v) => Some(v.value().try_into().map_err(|_| CodecError::Corrupt {
+                record: "meta",
+                reason: "the public-id salt is not 16 bytes".into(),
+            })?),
+            None => None,
+        };
+        Ok(OpenedMeta {
+            hash_scheme,
+            id_salt,
+        })
     }
 
     /// The store over `db`, its format created, checked or migrated. Its reads run under
@@ -216,6 +232,10 @@ impl Store {
                     .expect("encode scheme");
                 table.insert(meta::HASH_SCHEME, scheme.as_slice())?;
                 table.insert(meta::VERIFIER, verifier(master).as_slice())?;
+                let mut salt = [0u8; 16];
+                getrandom::fill(&mut salt)
+                    .map_err(|e| Error::Conflict(format!("no randomness for the id salt: {e}")))?;
+                table.insert(meta::ID_SALT, salt.as_slice())?;
             }
             for table in ALL_RECORD_TABLES {
                 txn.open_table(table)?;
@@ -244,6 +264,13 @@ impl Store {
         };
         if existing.is_some_and(|format| format < 5) {
             migrate_4_to_5(store)?;
+        }
+        if existing.is_some_and(|format| format < 6) {
+            // Format 6 seals new files' ids with a salt of their own; an older file keeps the
+            // ids it gave out (no salt), and an older build refuses the new ones.
+            let txn = store.begin_write()?;
+            set_format(&txn, 6)?;
+            txn.commit()?;
         }
         Ok(opened)
     }

@@ -61,4 +61,9 @@ pub(crate) mod meta {
     pub(crate) const SCHEME_COUNTS: &str = "scheme_counts";
     /// Keyed BLAKE3 of a fixed string under the master key, to detect a wrong key at open.
     pub(crate) const VERIFIER: &str = "verifier";
+    /// 16 random bytes mixed into the key that seals this file's public ids and cursors,
+    /// written with a file created at format 6 or later: ledgers that share a master key then
+    /// give different ids, and one's id names nothing in another. Absent from a file
+    /// migrated from an older format, whose ids stay what they were.
+    pub(crate) const ID_SALT: &str = "id_salt";
 }

@@ -146,6 +146,14 @@ impl Ledger {
     /// accepting those waits on its executor thread, or under
     /// `tokio::task::block_in_place` (the example server's `auth.rs` says which it does).
     pub fn verify<'l>(&'l self, request: &Request<'_>) -> Result<Grant<'l>, Denial> {
+        self.verify_once(request, GONE_RETRIES)
+    }
+
+    /// [`verify`](Self::verify), running the chain again up to `retries` times for a request
+    /// whose balance is removed while it waits for a lease (see
+    /// [`reserve_slow`](Self::reserve_slow)).
+    #[inline(always)]
+    fn verify_once<'l>(&'l self, request: &Request<'_>, retries: u32) -> Result<Grant<'l>, Denial> {
         let key = request.key.expose();
         // 1. Format: prefix, length, alphabet, checksum — before any hashing.
         self.inner.format.parse(key).map_err(Denial::Malformed)?;
@@ -186,20 +194,33 @@ impl Ledger {
             Checked::Granted(grant) => Ok(grant),
             Checked::Denied(denial) => Err(denial),
             Checked::DeadSecret => Err(Denial::NotFound),
-            Checked::NeedsLease(grant) => self.reserve_slow(grant),
+            Checked::NeedsLease(grant) => self.reserve_slow(grant, request, retries),
         }
     }
 
     /// The lease ran short: have the writer lease more (it batches every waiting meter into
     /// one commit and hands each waiting request its units directly) and try again, until the
     /// reservation fits or the durable balance is known to be empty.
-    fn reserve_slow<'l>(&'l self, mut grant: Grant<'l>) -> Result<Grant<'l>, Denial> {
+    ///
+    /// A balance removed meanwhile (its key moved to a pool or made unmetered; or deleted)
+    /// is no failure of the store: the chain runs again on the key as it is now (`retries`
+    /// times at most: the writer can answer before the change has evicted the key's old
+    /// entry), instead of answering `unavailable` (found by a reviewer moving keys under
+    /// load).
+    #[cold]
+    fn reserve_slow<'l>(
+        &'l self,
+        mut grant: Grant<'l>,
+        request: &Request<'_>,
+        retries: u32,
+    ) -> Result<Grant<'l>, Denial> {
         let engine = &self.inner.engine;
         let key = grant.key.clone();
         let meter = key.meter().expect("only metered grants need a lease");
         let handle = key.meter_ref().expect("metered");
         let cost = grant.reserved;
         let mut denial = Denial::Unavailable; // the writer kept losing the race: retry later
+        let mut gone = false;
         for _ in 0..64 {
             let now = self.now().0;
             // A lease taken before a refill came due belongs to the old period: the writer
@@ -241,6 +262,10 @@ impl Ledger {
                     break;
                 }
                 Some(Handoff::Unavailable) => break,
+                Some(Handoff::Gone) => {
+                    gone = true;
+                    break;
+                }
             }
         }
         if denial == Denial::UsageExceeded {
@@ -248,9 +273,16 @@ impl Ledger {
         }
         grant.settled = true; // nothing was reserved
         grant.release_rate();
+        if retries > 0 && (gone || (denial == Denial::Unavailable && meter.retired())) {
+            drop(grant);
+            return self.verify_once(request, retries - 1);
+        }
         Err(denial)
     }
 }
+
+/// How many times a request runs the chain again when its balance goes while it waits.
+const GONE_RETRIES: u32 = 8;
 
 enum Checked<'l> {
     /// A rolled key's previous secret past its grace period: no key at all.

@@ -640,7 +640,7 @@ fn a_file_whose_format_number_was_lowered_is_not_migrated_again() {
     let (_dir, path) = copy_of("v2-vault.redb");
     let config = || config(WRITTEN_AT.plus_secs(60));
     Ledger::open(&path, config()).unwrap().close().unwrap();
-    let lower = |drop_later_tables: bool| {
+    let lower = |to: u32, drop_later_tables: bool| {
         let db = redb::Database::open(&path).unwrap();
         let txn = db.begin_write().unwrap();
         {
@@ -648,7 +648,7 @@ fn a_file_whose_format_number_was_lowered_is_not_migrated_again() {
             let stored = redb::ReadableTable::get(&meta, "format").unwrap().unwrap();
             let mut format = stored.value().to_vec();
             drop(stored);
-            format[8..].copy_from_slice(&2u32.to_le_bytes());
+            format[8..].copy_from_slice(&to.to_le_bytes());
             meta.insert("format", format.as_slice()).unwrap();
         }
         if drop_later_tables {
@@ -659,16 +659,50 @@ fn a_file_whose_format_number_was_lowered_is_not_migrated_again() {
         }
         txn.commit().unwrap();
     };
-    // Format 5's tables give it away; without them, the re-sealed rows do.
-    for drop_later_tables in [false, true] {
-        lower(drop_later_tables);
+    // Format 5's tables give it away; without them, the re-sealed rows do. Lowered to 1, it
+    // is refused before the migration to 2 writes anything.
+    for (to, drop_later_tables) in [(2, false), (2, true), (1, false)] {
+        lower(to, drop_later_tables);
         let refused = Ledger::open(&path, config()).unwrap_err();
         assert!(matches!(refused, Error::Codec(_)), "{refused:?}");
         assert!(refused.to_string().contains("format number"), "{refused}");
         let bytes = std::fs::read(&path).unwrap();
         let format = format_of(&keyledger::fuzzing::CrashBackend::from_bytes(bytes));
-        assert_eq!(format, 2, "left as it was");
+        assert_eq!(format, to, "left as it was");
     }
+}
+
+/// A genuine format-2 file with a secret row damaged into another schema version still
+/// opens: the row is left for `check` to report, as before, not taken for a lowered format.
+#[test]
+fn a_format_2_file_with_a_damaged_secret_row_still_opens() {
+    let (_dir, path) = copy_of("v2-vault.redb");
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let def = redb::TableDefinition::<(u64, &str), &[u8]>::new("vault_secrets");
+            let mut secrets = txn.open_table(def).unwrap();
+            let first = redb::ReadableTable::iter(&secrets)
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap();
+            let (owner, name) = first.0.value();
+            let (owner, name) = (owner, name.to_owned());
+            let mut row = first.1.value().to_vec();
+            drop(first);
+            for version in [7u8, 2] {
+                row[0] = version;
+                secrets
+                    .insert((owner, name.as_str()), row.as_slice())
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let ledger = Ledger::open(&path, config(WRITTEN_AT.plus_secs(60))).unwrap();
+    ledger.close().unwrap();
 }
 
 /// A file migrated from before format 6 has no id salt, so the ids it gave out stay valid;

@@ -64,9 +64,12 @@ pub(crate) enum Handoff {
     Units { units: u64, epoch: u32 },
     /// The balance and the lease in memory together cannot cover it: refuse the request.
     Short,
-    /// The balance cannot be leased from: its record no longer decodes, or it is gone (its
-    /// key deleted or made unmetered meanwhile). Asking again would not change that.
+    /// The balance cannot be leased from: its record no longer decodes, or the ledger is
+    /// closing. Asking again would not change that.
     Unavailable,
+    /// The balance is gone: its key was deleted, made unmetered or moved to a pool
+    /// meanwhile. The key as it is now may answer (see `Ledger::reserve_slow`).
+    Gone,
 }
 
 /// Who changed a balance and how, for the audit trail.
@@ -1043,13 +1046,16 @@ fn build(
                     }
                     // Closing, or retired, undecodable or absent: its balance cannot be leased
                     // from (now or ever).
-                    let unleasable = leasing_stopped
-                        || fx.leases[at].0.retired()
-                        || matches!(work.records.get(&id), Some(None));
+                    let absent = matches!(work.records.get(&id), Some(None));
+                    let gone =
+                        fx.leases[at].0.retired() || (absent && !work.unreadable.contains_key(&id));
                     match reply {
                         // At once: asking again would meet the same record.
-                        Some(reply) if unleasable => {
-                            let _ = reply.send(Handoff::Unavailable);
+                        Some(reply) if leasing_stopped || absent || gone => {
+                            let _ = reply.send(match gone && !leasing_stopped {
+                                true => Handoff::Gone,
+                                false => Handoff::Unavailable,
+                            });
                         }
                         Some(reply) => {
                             let epoch = fx.leases[at].0.epoch();
@@ -1909,9 +1915,9 @@ mod tests {
     }
 
     /// A lease of a balance that has no record (a pool deleted while a miss built its meter)
-    /// is answered `Unavailable` at once, as a retired or undecodable one is.
+    /// is answered `Gone` at once, as a retired one is (an undecodable one: `Unavailable`).
     #[test]
-    fn a_lease_of_a_balance_with_no_record_is_answered_unavailable() {
+    fn a_lease_of_a_balance_with_no_record_is_answered_gone() {
         let (_dir, ledger) = ledger();
         let orphan = MeterRef::Pool(Arc::new(Meter::new(
             u64::MAX - 1,
@@ -1926,7 +1932,7 @@ mod tests {
             reply: Some(reply),
         };
         ledger.inner.engine.tx.send(lease).unwrap();
-        assert!(matches!(answer.recv().unwrap(), Handoff::Unavailable));
+        assert!(matches!(answer.recv().unwrap(), Handoff::Gone));
     }
 
     /// A lease whose own read fails (a storage error) is answered as the failed batch answers
@@ -2660,7 +2666,7 @@ mod tests {
         let failing = failing_reads(&ledger, b_id);
         let registry = shared.meters.lock(); // the top-up of `b` waits for it
         drop(release);
-        assert!(matches!(d_answer.recv().unwrap(), Handoff::Unavailable));
+        assert!(matches!(d_answer.recv().unwrap(), Handoff::Gone));
         // Mid-batch: a request on `a` is refused in memory and reports the exhaustion.
         assert_eq!(
             spend_one(&ledger, &a_plain),

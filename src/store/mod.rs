@@ -37,6 +37,10 @@ pub(crate) const MAGIC: &[u8; 8] = b"keyledgr";
 ///   with HMAC's pepper key; its hashes now decode as `Blake3KeyedLegacy`, read only). A
 ///   format-3 file hashing with BLAKE3 moves to the new scheme when it is opened (see
 ///   [`migrate_3_to_4`]).
+/// - 5: import reservations (`imported_hashes`, `imports_by_key`): the hash a key was
+///   imported by stays reserved while the key exists (see [`migrate_4_to_5`]).
+/// - 6: a new file's public ids and cursors are sealed with a salt of its own
+///   ([`meta::ID_SALT`]); an older file moves to 6 without one, keeping its ids.
 pub(crate) const FORMAT_VERSION: u32 = 6;
 
 /// The opened database and what its meta table says.
@@ -180,6 +184,25 @@ impl Store {
         }
     }
 
+    /// Whether a file that says it is older than format 3 holds what only later formats write:
+    /// format 5's tables, or an owner secret sealed at schema 2. Its number was lowered then
+    /// (it is not authenticated), maybe to have the re-seal of [`migrate_2_to_3`] bind the
+    /// hosts of an old row put back with them edited (found by a reviewer). Checked before
+    /// any migration writes.
+    fn format_lowered(&self, master: &MasterKey, opened: &OpenedMeta) -> Result<bool> {
+        use redb::TableHandle;
+        let later = [
+            tables::IMPORTED_HASHES.name(),
+            tables::IMPORTS_BY_KEY.name(),
+        ];
+        let read = self.db()?.begin_read()?;
+        if read.list_tables()?.any(|t| later.contains(&t.name())) {
+            return Ok(true);
+        }
+        let ids = crate::public_id::IdCipher::for_file(master, opened.id_salt.as_ref());
+        crate::vault::secrets::any_sealed_at_schema_2(&read, master, &ids)
+    }
+
     /// Checks that `master` is the key the file was created with and reads its hash scheme.
     fn opened_meta(&self, master: &MasterKey) -> Result<OpenedMeta> {
         let read = self.db()?.begin_read()?;
@@ -249,6 +272,9 @@ impl Store {
             txn.commit()?;
         }
         let opened = store.opened_meta(master)?;
+        if existing.is_some_and(|format| format < 3) && store.format_lowered(master, &opened)? {
+            return Err(format_lowered());
+        }
         if existing == Some(1) {
             migrate_1_to_2(store)?;
         }
@@ -395,22 +421,7 @@ fn migrate_1_to_2(store: &Store) -> Result<()> {
 
 /// Format 2 → 3: every owner secret is re-sealed with its hosts and version bound (see
 /// `vault::secrets::reseal_for_format_3`), in one transaction with the new format version.
-///
-/// The re-seal binds whatever hosts a format-2 row names, and the format number is not
-/// authenticated: a file that says format 2 but holds tables of format 5 was written by a
-/// later build and had its number lowered, maybe to have an old row (with hosts edited) bound
-/// for good. Refused (found by a reviewer); so is a later-format secret row, in the re-seal.
 fn migrate_2_to_3(store: &Store, master: &MasterKey) -> Result<()> {
-    use redb::TableHandle;
-    let later = [
-        tables::IMPORTED_HASHES.name(),
-        tables::IMPORTS_BY_KEY.name(),
-    ];
-    let read = store.begin_read()?;
-    if read.list_tables()?.any(|t| later.contains(&t.name())) {
-        return Err(format_lowered());
-    }
-    drop(read);
     let txn = store.begin_write()?;
     crate::vault::secrets::reseal_for_format_3(&txn, master)?;
     set_format(&txn, 3)?;
@@ -419,7 +430,7 @@ fn migrate_2_to_3(store: &Store, master: &MasterKey) -> Result<()> {
 }
 
 /// The error for a file whose format number is lower than what it holds.
-pub(crate) fn format_lowered() -> Error {
+fn format_lowered() -> Error {
     Error::Codec(CodecError::Corrupt {
         record: "meta",
         reason: "the file's format number is older than the records it holds (altered?); \

@@ -124,10 +124,6 @@ pub(crate) fn reseal_for_format_3(
         let (key, bytes) = entry?;
         let (owner, name) = key.value();
         let Some((1, payload)) = bytes.value().split_first().map(|(v, p)| (*v, p)) else {
-            // Only format 3 and later seal rows of a later schema (see `migrate_2_to_3`).
-            if bytes.value().first().is_some_and(|v| *v > 1) {
-                return Err(crate::store::format_lowered());
-            }
             continue;
         };
         let Ok(record) = codec::decode_payload::<SecretRecord>(payload) else {
@@ -153,6 +149,33 @@ pub(crate) fn reseal_for_format_3(
         table.insert((*owner, name.as_str()), bytes.as_slice())?;
     }
     Ok(())
+}
+
+/// Whether an owner secret is sealed at schema 2, which only format 3 and later write: a
+/// row that opens under schema 2's binding, which takes the master key to make (`ids` seal
+/// the owners' ids as the file does). A row damaged into another version opens under none
+/// and is left for `check`, as the re-seal leaves it.
+pub(crate) fn any_sealed_at_schema_2(
+    read: &redb::ReadTransaction,
+    master: &MasterKey,
+    ids: &IdCipher,
+) -> Result<bool> {
+    let table = match read.open_table(OWNER_SECRETS) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in table.iter()? {
+        let (key, bytes) = entry?;
+        let (owner, name) = key.value();
+        let owner = ids.encode(IdKind::Account, owner);
+        if bytes.value().first() == Some(&2)
+            && check_row(master, &owner, name, bytes.value()).is_ok()
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Decodes and decrypts one stored row, for `check`.

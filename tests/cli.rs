@@ -931,6 +931,8 @@ fn keys_move_into_and_out_of_pools() {
         (pool.clone(), &7.into()),
         "{v}"
     );
+    let shown = stdout(&s.run(&["keys", "show", &key]));
+    assert!(shown.contains(&format!("7 left in pool {pool}")), "{shown}");
     let out = s.run(&["keys", "update", &key, "--no-credits"]);
     assert!(stderr(&out).contains("--no-pool"), "{}", stderr(&out));
     let v = s.json(&["keys", "update", &key, "--no-pool", "--credits", "3"]);

@@ -262,9 +262,9 @@ impl KeyUpdate {
         self
     }
 
-    /// Sets the credit balance (`Some`) or makes the key unmetered (`None`). Unmetered, the
-    /// key has no balance of its own any more: the credits left on it, its refill and its
-    /// low-balance threshold go with it.
+    /// Sets the credit balance (`Some`) or drops it (`None`): the credits left on it, its
+    /// refill and its low-balance threshold go with it, and the key is unmetered — or, with
+    /// [`pool`](Self::pool)`(Some(…))` in the same update, spends from that pool.
     pub fn credits(mut self, credits: Option<u64>) -> Self {
         self.credits = Some(credits);
         self

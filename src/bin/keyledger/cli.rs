@@ -173,7 +173,8 @@ pub enum CreditsCommand {
 /// `pools …`
 #[derive(Debug, Subcommand)]
 pub enum PoolsCommand {
-    /// Create a pool; keys join it with `keys create --pool POOL_ID`.
+    /// Create a pool; keys join it with `keys create --pool POOL_ID` or `keys update KEY_ID
+    /// --pool POOL_ID`.
     Create {
         /// Owning account id (`acct_…`).
         #[arg(long)]

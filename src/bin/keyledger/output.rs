@@ -279,10 +279,11 @@ pub fn status_at(info: &KeyInfo, now: Timestamp) -> &'static str {
 
 /// `remaining / starting`, or `unmetered`.
 fn credits(info: &KeyInfo) -> String {
-    match (info.remaining_credits, info.limits.credits) {
-        (Some(left), Some(start)) => format!("{left} left of {start}"),
-        (Some(left), None) => format!("{left} left"),
-        (None, _) => "unmetered".to_owned(),
+    match (info.remaining_credits, info.limits.credits, &info.pool) {
+        (Some(left), _, Some(pool)) => format!("{left} left in pool {pool} (shared)"),
+        (Some(left), Some(start), None) => format!("{left} left of {start}"),
+        (Some(left), None, None) => format!("{left} left"),
+        (None, _, _) => "unmetered".to_owned(),
     }
 }
 

@@ -1148,11 +1148,17 @@ fn move_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<()
     };
     let key = model.keys[i].clone();
     let own = key.credit.clone().filter(|c| *c == key.id);
+    let in_pool = key.credit.is_some() && own.is_none();
+    // Out of a pool, sometimes onto a balance of its own.
+    let onto = (target.is_none() && in_pool && b.below(2) == 0).then(|| b.below(30));
     let mut update = KeyUpdate::new().pool(target.as_deref());
     if target.is_some() && own.is_some() {
         update = update.credits(None);
     }
-    let _ = write!(model.log, " move_pool(k{i},{target:?});");
+    if let Some(units) = onto {
+        update = update.credits(Some(units));
+    }
+    let _ = write!(model.log, " move_pool(k{i},{target:?},{onto:?});");
     match ledger.keys().update(&key.id, update) {
         Ok(info) => {
             ensure!(
@@ -1169,9 +1175,18 @@ fn move_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<()
                     k.credit = target;
                 }
                 (Some(_), None) => k.credit = target,
-                // Out of a pool: unmetered; a key on its own balance stays there.
+                // Out of a pool: unmetered, or onto a new balance of its own; a key on its
+                // own balance stays there.
                 (None, Some(_)) => {}
-                (None, None) => k.credit = None,
+                (None, None) => match onto {
+                    Some(units) => {
+                        let stamp = model.stamp();
+                        let bal = Balance::new(units, false, stamp);
+                        model.balances.insert(key.id.clone(), bal);
+                        model.keys[i].credit = Some(key.id.clone());
+                    }
+                    None => k.credit = None,
+                },
             }
             model.outcome.pool_moves += 1;
             model.outcome.acknowledged += 1;

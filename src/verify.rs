@@ -273,7 +273,7 @@ impl Ledger {
         }
         grant.settled = true; // nothing was reserved
         grant.release_rate();
-        if retries > 0 && (gone || (denial == Denial::Unavailable && meter.retired())) {
+        if retries > 0 && gone {
             drop(grant);
             return self.verify_once(request, retries - 1);
         }

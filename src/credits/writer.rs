@@ -1047,14 +1047,15 @@ fn build(
                     // Closing, or retired, undecodable or absent: its balance cannot be leased
                     // from (now or ever).
                     let absent = matches!(work.records.get(&id), Some(None));
-                    let gone =
-                        fx.leases[at].0.retired() || (absent && !work.unreadable.contains_key(&id));
+                    let retired = fx.leases[at].0.retired();
                     match reply {
                         // At once: asking again would meet the same record.
-                        Some(reply) if leasing_stopped || absent || gone => {
-                            let _ = reply.send(match gone && !leasing_stopped {
-                                true => Handoff::Gone,
-                                false => Handoff::Unavailable,
+                        Some(reply) if leasing_stopped || absent || retired => {
+                            let gone = retired || !work.unreadable.contains_key(&id);
+                            let _ = reply.send(if gone && !leasing_stopped {
+                                Handoff::Gone
+                            } else {
+                                Handoff::Unavailable
                             });
                         }
                         Some(reply) => {

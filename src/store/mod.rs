@@ -16,7 +16,7 @@ use arc_swap::ArcSwapOption;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
 use crate::codec::{self, Record};
-use crate::error::{CodecError, Error, Result};
+use crate::error::{CodecError, ConfigError, Error, Result};
 use crate::hashing::HashScheme;
 use crate::record::{KeyRecord, VerifyRecord};
 use crate::secret::{MasterKey, context};
@@ -257,7 +257,7 @@ impl Store {
                 table.insert(meta::VERIFIER, verifier(master).as_slice())?;
                 let mut salt = [0u8; 16];
                 getrandom::fill(&mut salt)
-                    .map_err(|e| Error::Conflict(format!("no randomness for the id salt: {e}")))?;
+                    .map_err(|e| Error::Config(ConfigError::Randomness(e.to_string())))?;
                 table.insert(meta::ID_SALT, salt.as_slice())?;
             }
             for table in ALL_RECORD_TABLES {
@@ -273,7 +273,7 @@ impl Store {
         }
         let opened = store.opened_meta(master)?;
         if existing.is_some_and(|format| format < 3) && store.format_lowered(master, &opened)? {
-            return Err(format_lowered());
+            return Err(lowered_format_error());
         }
         if existing == Some(1) {
             migrate_1_to_2(store)?;
@@ -430,7 +430,7 @@ fn migrate_2_to_3(store: &Store, master: &MasterKey) -> Result<()> {
 }
 
 /// The error for a file whose format number is lower than what it holds.
-fn format_lowered() -> Error {
+fn lowered_format_error() -> Error {
     Error::Codec(CodecError::Corrupt {
         record: "meta",
         reason: "the file's format number is older than the records it holds (altered?); \

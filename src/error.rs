@@ -188,6 +188,12 @@ pub enum CodecError {
         /// Newest version this build reads.
         supported: u8,
     },
+    /// The record's bytes are not those its checksum was taken of: damaged since written.
+    #[error("{record} record fails its checksum: damaged since it was written")]
+    Checksum {
+        /// Record type.
+        record: &'static str,
+    },
     /// The payload did not decode.
     #[error("{record} record is corrupt: {reason}")]
     Corrupt {

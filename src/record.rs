@@ -851,6 +851,16 @@ mod tests {
         bytes.push(0);
         assert!(matches!(
             decode::<RouteRule>(&bytes),
+            Err(CodecError::Checksum { .. })
+        ));
+        // A record from before checksums: the version byte, the payload, nothing after it.
+        let mut legacy = encode(&rule);
+        legacy.truncate(legacy.len() - 4);
+        legacy[0] &= !crate::codec::CHECKED;
+        assert_eq!(decode::<RouteRule>(&legacy), Ok(rule));
+        legacy.push(0);
+        assert!(matches!(
+            decode::<RouteRule>(&legacy),
             Err(CodecError::Corrupt { .. })
         ));
     }

@@ -114,13 +114,15 @@ fn a_version_1_file_opens_and_reads_back() {
     let audit = ledger.audit().recent(100).unwrap();
     assert!(audit.len() >= 6, "{audit:?}");
     drop(ledger);
-    // Opening migrated the file to format 6 (through 4: the verify index replaced the hash index).
+    // Opening migrated the file to format 7 (through 2: the verify index replaced the hash index;
+    // through 7: every record sealed with its checksum).
     {
         let db = redb::Database::open(&path).unwrap();
         let read = redb::ReadableDatabase::begin_read(&db).unwrap();
         let format = read.open_table(META).unwrap();
         let format = format.get("format").unwrap().unwrap();
-        assert_eq!(format.value()[8..], 6u32.to_le_bytes());
+        assert_eq!(format.value()[8..], 7u32.to_le_bytes());
+        assert_every_record_is_sealed(&read);
         let tables: Vec<String> = read
             .list_tables()
             .unwrap()
@@ -193,6 +195,41 @@ fn the_golden_file_refuses_another_master_key() {
 
 const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
 
+/// Every record of every table keyledger encodes ends with the CRC-32 of its bytes, its
+/// version byte flagged (format 7): a migrated file has no record left without one.
+fn assert_every_record_is_sealed(read: &redb::ReadTransaction) {
+    use redb::{ReadableTable, TableDefinition};
+    fn each<K: redb::Key + 'static>(read: &redb::ReadTransaction, name: &str) -> usize {
+        let table = match read.open_table(TableDefinition::<K, &[u8]>::new(name)) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return 0,
+            Err(e) => panic!("{name}: {e}"),
+        };
+        let mut count = 0;
+        for row in table.iter().unwrap() {
+            let bytes = row.unwrap().1.value().to_vec();
+            let (body, crc) = bytes.split_at(bytes.len() - 4);
+            assert!(
+                body[0] & 0x80 != 0,
+                "{name}: a record without its checksum flag"
+            );
+            assert_eq!(crc, crc32fast::hash(body).to_le_bytes(), "{name}: checksum");
+            count += 1;
+        }
+        count
+    }
+    let by_id = ["accounts", "keys", "credits", "audit", "pools", "usage"];
+    let sealed = by_id
+        .iter()
+        .map(|name| each::<u64>(read, name))
+        .sum::<usize>()
+        + each::<&[u8; 32]>(read, "key_verify")
+        + each::<&str>(read, "routes")
+        + each::<(u64, &str)>(read, "vault_connectors")
+        + each::<(u64, &str)>(read, "vault_secrets");
+    assert!(sealed > 0, "no records found");
+}
+
 #[test]
 fn a_file_from_a_newer_format_version_is_refused_with_upgrade_required() {
     let (_dir, path) = copy();
@@ -211,7 +248,7 @@ fn a_file_from_a_newer_format_version_is_refused_with_upgrade_required() {
         Err(Error::UpgradeRequired {
             found: 99,
             supported,
-        }) => assert_eq!(supported, 6),
+        }) => assert_eq!(supported, 7),
         other => panic!("expected UpgradeRequired {{ found: 99 }}, got {other:?}"),
     }
     // `check` refuses it the same way rather than reporting garbage.
@@ -504,7 +541,7 @@ fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies()
     ledger.close().unwrap();
     drop(ledger);
     let mut reopened = 0;
-    let mut formats = [0u32; 6];
+    let mut formats = [0u32; 7];
     for countdown in 0..writes + syncs + 2 {
         let backend = CrashBackend::from_bytes(bytes.clone());
         backend.fail_after(countdown);
@@ -534,7 +571,7 @@ fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies()
     assert!(reopened >= 4, "{reopened} reboots");
     assert!(
         formats.iter().all(|&n| n > 0),
-        "reboots found format 1 / 2 / 3 / 4 / 5 / 6 {formats:?} times: the crash points cover both \
+        "reboots found format 1 / 2 / 3 / 4 / 5 / 6 / 7 {formats:?} times: the crash points cover both \
          sides of each migration's commit"
     );
 }
@@ -608,8 +645,9 @@ fn a_format_2_vault_reads_back_after_its_secrets_are_resealed() {
     let format = read.open_table(META).unwrap();
     assert_eq!(
         format.get("format").unwrap().unwrap().value()[8..],
-        6u32.to_le_bytes()
+        7u32.to_le_bytes()
     );
+    assert_every_record_is_sealed(&read);
     let secrets = read
         .open_table(redb::TableDefinition::<(u64, &str), &[u8]>::new(
             "vault_secrets",
@@ -619,11 +657,11 @@ fn a_format_2_vault_reads_back_after_its_secrets_are_resealed() {
         let (key, value) = row.unwrap();
         assert_eq!(
             value.value()[0],
-            2,
-            "{:?} re-sealed at schema 2",
+            0x80 | 2,
+            "{:?} re-sealed at schema 2, with a checksum",
             key.value()
         );
-        let sealed = &value.value()[value.value().len() - 16..];
+        let sealed = &value.value()[value.value().len() - 20..value.value().len() - 4];
         assert!(!before.windows(16).any(|w| w == sealed), "a new ciphertext");
     }
     drop((secrets, format, read, db));
@@ -752,7 +790,7 @@ fn a_crash_at_any_point_of_the_resealing_leaves_every_secret_readable() {
     let ledger = Ledger::open_with_backend(clean.clone(), config()).unwrap();
     let (writes, syncs) = clean.io_counts();
     drop(ledger);
-    let mut formats = [0u32; 6];
+    let mut formats = [0u32; 7];
     for countdown in 0..writes + syncs + 2 {
         let backend = CrashBackend::from_bytes(bytes.clone());
         backend.fail_after(countdown);
@@ -770,7 +808,7 @@ fn a_crash_at_any_point_of_the_resealing_leaves_every_secret_readable() {
     }
     assert!(
         formats[1..].iter().all(|&n| n > 0),
-        "reboots found format 2 / 3 / 4 / 5 / 6 {formats:?} times: both sides of each migration's commit"
+        "reboots found format 2 / 3 / 4 / 5 / 6 / 7 {formats:?} times: both sides of each migration's commit"
     );
 }
 

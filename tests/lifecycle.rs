@@ -1061,11 +1061,19 @@ mod damaged {
         assert_eq!(found, [format!("{pooled}: owner index entry missing")]);
     }
 
-    /// A balance whose figures were changed on disk (here its balance byte: 8 left became 97
+    /// A balance whose figures were changed on disk (here its balance byte: 9 left became 97
     /// of 10 granted) is not leased from: its key is refused, not handed credits never
-    /// granted (found by a reviewer flipping bytes in a file), and `check` names it.
+    /// granted (found by a reviewer flipping bytes in a file), and `check` names it — whether
+    /// the record's checksum catches the change or, taken again over the new figures, does
+    /// not (then the figures' sum does).
     #[test]
     fn a_balance_whose_figures_do_not_add_up_is_not_spent() {
+        for checksum_taken_again in [false, true] {
+            a_balance_changed_on_disk_is_not_spent(checksum_taken_again);
+        }
+    }
+
+    fn a_balance_changed_on_disk_is_not_spent(checksum_taken_again: bool) {
         let t = TestLedger::new();
         let owner = t.account("Acme");
         let (metered, plain) = create_key(&t.ledger, NewKey::new(owner, "m").credits(10));
@@ -1075,9 +1083,15 @@ mod damaged {
             let mut table = txn.open_table(CREDITS).unwrap();
             let id = table.first().unwrap().unwrap().0.value();
             let mut bytes = table.get(id).unwrap().unwrap().value().to_vec();
-            // Version, then the balance: 10 granted, 1 spent, 9 left, one varint byte.
-            assert_eq!(bytes[..2], [1, 9]);
+            // Version (checksum flag set), then the balance: 10 granted, 1 spent, 9 left,
+            // one varint byte; the record's CRC-32 last.
+            assert_eq!(bytes[..2], [0x81, 9]);
             bytes[1] = 97;
+            if checksum_taken_again {
+                let body = bytes.len() - 4;
+                let crc = crc32fast::hash(&bytes[..body]);
+                bytes[body..].copy_from_slice(&crc.to_le_bytes());
+            }
             table.insert(id, bytes.as_slice()).unwrap();
         });
         let ledger = Ledger::open(&path, config.clone()).unwrap();
@@ -1098,6 +1112,52 @@ mod damaged {
                 .any(|p| p.starts_with(&format!("credit balance of {metered}"))),
             "{found:?}"
         );
+    }
+
+    /// No byte of a disabled key's verify record, flipped on disk, lets the key through:
+    /// every record carries its CRC-32 (format 7), so the damaged copy is `unavailable`, not
+    /// served as written — before, the disabled flag's byte flipped to 0 served the key as
+    /// enabled. `check` names the record's key.
+    #[test]
+    fn no_flipped_byte_in_a_disabled_keys_record_lets_it_verify() {
+        const KEY_VERIFY: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("key_verify");
+        let t = TestLedger::new();
+        let owner = t.account("Acme");
+        let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(10));
+        t.ledger.keys().disable(&id).unwrap();
+        let (dir, path, config) = t.close();
+        let (hash, record) = {
+            let db = redb::Database::open(&path).unwrap();
+            let read = db.begin_read().unwrap();
+            let table = read.open_table(KEY_VERIFY).unwrap();
+            let (k, v) = table.first().unwrap().unwrap();
+            (*k.value(), v.value().to_vec())
+        };
+        let original = std::fs::read(&path).unwrap();
+        let copy = dir.path().join("copy.redb");
+        for at in 0..record.len() {
+            std::fs::write(&copy, &original).unwrap();
+            let mut damaged = record.clone();
+            damaged[at] ^= 1;
+            edit(&copy, |txn| {
+                let mut table = txn.open_table(KEY_VERIFY).unwrap();
+                table.insert(&hash, damaged.as_slice()).unwrap();
+            });
+            let ledger = Ledger::open(&copy, config.clone()).unwrap();
+            assert_eq!(
+                verify_code(&ledger, &plain, "/x"),
+                "unavailable",
+                "byte {at}"
+            );
+            drop(ledger);
+            let found = problems(&copy, config.clone());
+            assert!(
+                found
+                    .iter()
+                    .any(|p| p.starts_with(&format!("{id}: hash index entry: "))),
+                "byte {at}: {found:?}"
+            );
+        }
     }
 
     /// A metered key whose balance cannot be read shows 0 credits left in its key info, not
@@ -1308,7 +1368,7 @@ mod damaged {
             Err(
                 e @ Error::OlderFormat {
                     found: 2,
-                    current: 6,
+                    current: 7,
                 },
             ) => {
                 assert!(e.to_string().contains("open it once"), "{e}")

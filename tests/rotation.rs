@@ -814,7 +814,7 @@ fn opening_a_file_from_before_import_reservations_reserves_its_unused_imports() 
             older,
             Err(Error::OlderFormat {
                 found: 4,
-                current: 6
+                current: 7
             })
         ),
         "{older:?}"

@@ -41,7 +41,7 @@ pub(crate) const MAGIC: &[u8; 8] = b"keyledgr";
 ///   imported by stays reserved while the key exists (see [`migrate_4_to_5`]).
 /// - 6: a new file's public ids and cursors are sealed with a salt of its own
 ///   ([`meta::ID_SALT`]); an older file moves to 6 without one, keeping its ids.
-pub(crate) const FORMAT_VERSION: u32 = 6;
+pub(crate) const FORMAT_VERSION: u32 = 7;
 
 /// The opened database and what its meta table says.
 pub(crate) struct Store {
@@ -298,6 +298,9 @@ impl Store {
             set_format(&txn, 6)?;
             txn.commit()?;
         }
+        if existing.is_some_and(|format| format < 7) {
+            migrate_6_to_7(store)?;
+        }
         Ok(opened)
     }
 
@@ -486,6 +489,57 @@ fn migrate_4_to_5(store: &Store) -> Result<()> {
     set_format(&txn, 5)?;
     txn.commit()?;
     Ok(())
+}
+
+/// Format 7: every record carries a CRC-32 of its bytes (see [`codec`]). The migration seals
+/// every record written before, without decoding it (one that does not decode stays so, for
+/// `check`), in one transaction with the new format number: a crash leaves format 6 intact.
+fn migrate_6_to_7(store: &Store) -> Result<()> {
+    let txn = store.begin_write()?;
+    for table in ALL_RECORD_TABLES {
+        seal_table(&txn, table)?;
+    }
+    seal_table(&txn, tables::KEY_VERIFY)?;
+    seal_table(&txn, tables::ROUTES)?;
+    seal_table(&txn, crate::vault::tables::CONNECTORS)?;
+    seal_table(&txn, crate::vault::tables::OWNER_SECRETS)?;
+    set_format(&txn, 7)?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// Seals every record of `table` that has no checksum yet, a few thousand at a time (a
+/// table of a million keys is never copied into memory whole).
+fn seal_table<K: redb::Key + 'static>(
+    txn: &redb::WriteTransaction,
+    table: TableDefinition<K, &'static [u8]>,
+) -> Result<()> {
+    use std::ops::Bound;
+    const BATCH: usize = 4_096;
+    let mut table = txn.open_table(table)?;
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let (mut sealed, mut last) = (Vec::new(), None);
+        let range = match &after {
+            None => table.range::<K::SelfType<'_>>(..)?,
+            Some(key) => table.range((Bound::Excluded(K::from_bytes(key)), Bound::Unbounded))?,
+        };
+        for entry in range.take(BATCH) {
+            let (key, value) = entry?;
+            let key = K::as_bytes(&key.value()).as_ref().to_vec();
+            if let Some(value) = codec::seal_legacy(value.value()) {
+                sealed.push((key.clone(), value));
+            }
+            last = Some(key);
+        }
+        let Some(last) = last else {
+            return Ok(());
+        };
+        for (key, value) in &sealed {
+            table.insert(K::from_bytes(key), value.as_slice())?;
+        }
+        after = Some(last);
+    }
 }
 
 fn set_format(txn: &redb::WriteTransaction, version: u32) -> Result<()> {

@@ -27,7 +27,7 @@ mod provider;
 mod provider_error;
 mod records;
 pub(crate) mod secrets;
-mod tables;
+pub(crate) mod tables;
 
 use redb::{ReadTransaction, ReadableTable, TableDefinition, TableError};
 

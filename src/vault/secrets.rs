@@ -169,7 +169,7 @@ pub(crate) fn any_sealed_at_schema_2(
         let (key, bytes) = entry?;
         let (owner, name) = key.value();
         let owner = ids.encode(IdKind::Account, owner);
-        if bytes.value().first() == Some(&2)
+        if codec::unsealed::<SecretRecord>(bytes.value()).is_ok_and(|(version, _)| version == 2)
             && check_row(master, &owner, name, bytes.value()).is_ok()
         {
             return Ok(true);

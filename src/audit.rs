@@ -5,7 +5,7 @@ use redb::{ReadableTable, WriteTransaction};
 
 use crate::clock::Timestamp;
 use crate::codec;
-use crate::error::Result;
+use crate::error::{CodecError, Result};
 use crate::ledger::Ledger;
 use crate::record::AuditEvent;
 use crate::store::tables::AUDIT;
@@ -36,7 +36,13 @@ pub(crate) fn append_checked(
     fields: &[&str],
 ) -> Result<()> {
     let mut table = txn.open_table(AUDIT)?;
-    let seq = table.last()?.map_or(1, |(k, _)| k.value() + 1);
+    let last = table.last()?.map_or(0, |(k, _)| k.value());
+    // Only a damaged key reaches the end of the sequence: refused, never wrapped to 0 (which
+    // would overwrite the trail's first events).
+    let seq = last.checked_add(1).ok_or_else(|| CodecError::Corrupt {
+        record: "audit event",
+        reason: format!("the last sequence number is {last}: the trail's key is damaged"),
+    })?;
     let event = AuditEvent {
         seq,
         at,

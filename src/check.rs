@@ -389,16 +389,30 @@ fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckRepor
     }
     for entry in read.open_table(ROUTES)?.iter()? {
         let (k, v) = entry?;
+        let route = k.value().escape_default();
         match codec::decode::<RouteRule>(v.value()) {
+            Ok(rule) if rule.prefix != k.value() => problems.push(format!(
+                "route {route}: its rule is for {}",
+                rule.prefix.escape_default()
+            )),
             Ok(_) => report.routes += 1,
-            Err(e) => problems.push(format!("route {}: {e}", k.value().escape_default())),
+            Err(e) => problems.push(format!("route {route}: {e}")),
         }
     }
     for entry in read.open_table(AUDIT)?.iter()? {
         let (k, v) = entry?;
+        let seq = k.value();
         match codec::decode::<AuditEvent>(v.value()) {
+            Ok(event) if event.seq != seq => problems.push(format!(
+                "audit event {seq}: its sequence number says {}",
+                event.seq
+            )),
+            // Nothing can be appended after it: every change would be refused.
+            Ok(_) if seq == u64::MAX => problems.push(format!(
+                "audit event {seq}: the trail's last possible number"
+            )),
             Ok(_) => report.audit_events += 1,
-            Err(e) => problems.push(format!("audit event {}: {e}", k.value())),
+            Err(e) => problems.push(format!("audit event {seq}: {e}")),
         }
     }
     Ok(())

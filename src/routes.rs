@@ -47,6 +47,12 @@ impl Routes<'_> {
         if let Some(e) = &rule.entitlement {
             rules::entitlement("entitlement", e)?;
         }
+        // A rule is kept in plain text, listed and named in the audit trail.
+        self.ledger.holding_no_key("prefix", [prefix.as_str()])?;
+        self.ledger
+            .holding_no_key("permission", rule.permission.as_deref())?;
+        self.ledger
+            .holding_no_key("entitlement", rule.entitlement.as_deref())?;
         let inner = &self.ledger.inner;
         inner.engine.change_routes(&inner.store, |txn| {
             let before: Option<RouteRule> = {
@@ -84,6 +90,8 @@ impl Routes<'_> {
 
     /// Removes the rule for exactly `prefix`.
     pub fn remove(&self, prefix: &str) -> Result<()> {
+        // The prefix is named in the audit trail.
+        self.ledger.holding_no_key("prefix", [prefix])?;
         self.ledger.guarded(|| {
             let inner = &self.ledger.inner;
             inner.engine.change_routes(&inner.store, |txn| {

@@ -176,6 +176,20 @@ fn a_key_given_as_a_name_or_type_is_refused() {
     );
     let entitled = AccountUpdate::new().entitlements(given());
     assert_invalid(accounts.update(&owner, entitled), "entitlements");
+    // Nor in a route rule, kept in plain text, listed and named in the audit trail (found by
+    // a reviewer): as its prefix, its permission or its entitlement.
+    let routes = t.ledger.routes();
+    for (rule, field) in [
+        (RouteRule::new(format!("/{plaintext}/")), "prefix"),
+        (RouteRule::new("/api/").permission(&plaintext), "permission"),
+        (
+            RouteRule::new("/api/").entitlement(&plaintext),
+            "entitlement",
+        ),
+    ] {
+        assert_invalid(routes.set(rule), field);
+    }
+    assert_invalid(routes.remove(&format!("/{plaintext}/")), "prefix");
     // Nor as who made a change (found by a reviewer: a server that names the actor after the
     // credential it was called with kept the key in the audit trail and on the record), on
     // every handle, the credit writer's changes included.

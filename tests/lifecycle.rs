@@ -1160,6 +1160,48 @@ mod damaged {
         }
     }
 
+    /// An audit event copied under the last possible sequence number (damage, or an edit)
+    /// makes every change fail with a typed error naming the trail — before, the next
+    /// number's addition overflowed: a panic that fenced the file off in a debug build, and in
+    /// a release build a wrap to 0 that overwrote the trail's first events (found by a
+    /// reviewer) — while reads go on. `check` names the event, as it names a route rule kept
+    /// under another prefix than its own.
+    #[test]
+    fn an_audit_event_or_route_under_a_key_not_its_own_is_named_and_changes_fail_cleanly() {
+        const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+        let (_dir, path, config, [.., pool]) = ledger();
+        edit(&path, |txn| {
+            let mut audit = txn.open_table(AUDIT).unwrap();
+            let last = audit.last().unwrap().unwrap().1.value().to_vec();
+            audit.insert(u64::MAX, last.as_slice()).unwrap();
+            let mut routes = txn.open_table(ROUTES).unwrap();
+            let rule = routes.get("/x/").unwrap().unwrap().value().to_vec();
+            routes.insert("/y/", rule.as_slice()).unwrap();
+        });
+        let ledger = Ledger::open(&path, config.clone()).unwrap();
+        let refused = ledger.accounts().create(NewAccount::new("B")).unwrap_err();
+        assert!(
+            matches!(&refused, Error::Codec(_)) && refused.to_string().contains("audit event"),
+            "{refused}"
+        );
+        assert!(ledger.credits().usage(&pool).is_ok());
+        assert!(ledger.audit().recent(10).is_ok(), "reads go on");
+        ledger.close().unwrap();
+        drop(ledger);
+        let found = problems(&path, config);
+        assert!(
+            found
+                .iter()
+                .any(|p| p
+                    .starts_with("audit event 18446744073709551615: its sequence number says ")),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&"route /y/: its rule is for /x/".to_owned()),
+            "{found:?}"
+        );
+    }
+
     /// A metered key whose balance cannot be read shows 0 credits left in its key info, not
     /// `None`, which reads as "unmetered"; an unmetered key still shows `None`.
     #[test]
@@ -1438,7 +1480,9 @@ mod damaged {
         );
     }
 
-    /// One undecodable key record is one problem, naming the key, not damage to its indexes.
+    /// One undecodable key record is one problem, naming the key, not damage to its indexes;
+    /// nor does it block a hash-scheme rotation, whose pruning of rolled secrets read every
+    /// key record and stopped at the damaged one (found by a reviewer).
     #[test]
     fn an_unreadable_key_record_is_one_problem_not_index_damage() {
         const KEYS: TableDefinition<u64, &[u8]> = TableDefinition::new("keys");
@@ -1453,11 +1497,15 @@ mod damaged {
                 .insert(keys[2], GARBAGE)
                 .unwrap();
         });
-        let found = problems(&path, config);
+        let found = problems(&path, config.clone());
         assert!(
             found.iter().any(|p| p.starts_with(&format!("{free}: "))),
             "{found:?}"
         );
         assert_eq!(found.len(), 1, "only the damaged record: {found:?}");
+        let ledger = Ledger::open(&path, config).unwrap();
+        let next = keyledger::HashScheme::HmacSha256 { pepper: 2 };
+        ledger.rotate_hash_scheme(next).unwrap();
+        assert_eq!(ledger.hash_scheme(), next);
     }
 }

@@ -146,7 +146,7 @@ fn check_store(
     // A page that redb cannot read (an error, or one of its panics) ends the scan; what was
     // found up to it is reported, with the damage as a problem of its own.
     let scanned = unless_redb_panics(|| {
-        check_records(&read, &ids, &mut report)?;
+        check_records(&read, &config.master_key, &ids, &mut report)?;
         crate::vault::check_tables(&config.master_key, &ids, &read, &mut report.problems)
     })
     .and_then(|scanned| scanned);
@@ -172,7 +172,12 @@ fn open_if_present<K: redb::Key + 'static, V: redb::Value + 'static>(
     }
 }
 
-fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckReport) -> Result<()> {
+fn check_records(
+    read: &ReadTransaction,
+    master: &crate::secret::MasterKey,
+    ids: &IdCipher,
+    report: &mut CheckReport,
+) -> Result<()> {
     let problems = &mut report.problems;
     let account = |id| ids.encode(IdKind::Account, id);
 
@@ -285,8 +290,9 @@ fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckRepor
             let secrets = std::iter::once((record.key_hash, record.scheme))
                 .chain(record.rolled.as_ref().map(|old| (old.key_hash, old.scheme)));
             for (hash, scheme) in secrets {
+                let reserved = crate::keys::index::reservation(master, &hash);
                 if scheme == HashScheme::Sha256Imported
-                    && imported.get(&hash)?.map(|v| v.value()) != Some(id)
+                    && imported.get(&reserved)?.map(|v| v.value()) != Some(id)
                 {
                     problems.push(format!("{public}: imported hash not reserved"));
                 }

@@ -189,6 +189,9 @@ pub(crate) mod context {
     pub(crate) const VERIFIER: &str = "keyledger 2026-11 master-key verifier";
     /// AES-SIV key for connector credentials and owner secrets (the vault).
     pub(crate) const CREDENTIAL: &str = "keyledger 2026-11 credential cipher";
+    /// Key of the import reservations' hashes (format 7): an imported key's plain SHA-256
+    /// is not kept once its first use has rehashed it.
+    pub(crate) const IMPORT_RESERVATION: &str = "keyledger 2026-12 import reservation";
 }
 
 #[cfg(test)]

@@ -254,3 +254,30 @@ fn debug_display_json_errors_and_audit_never_show_a_secret() {
         assert!(!format!("{denial} {denial:?}").contains(&variant[8..]));
     }
 }
+
+/// An imported key's plain SHA-256 — enough to find a short legacy key offline — is in the
+/// file only until the key's first use rehashes it: its import reservation holds the hash
+/// keyed with the master key (format 7). Before, the reservation kept the plain digest for
+/// the life of the key, through rehashes and rolls (found by a reviewer).
+#[test]
+fn an_imported_keys_sha256_is_not_kept_once_its_first_use_has_rehashed_it() {
+    let t = TestLedger::new();
+    let a = t.account("Acme");
+    let imported = formatted_key("vb_live_", 77);
+    let digest: [u8; 32] = Sha256::digest(imported.as_bytes()).into();
+    let hash = ImportedHash::Sha256(digest);
+    let import = ImportKey::new(a, "legacy", hash, &imported[..12], &imported[42..]);
+    let info = t.ledger.keys().import(import.clone()).unwrap();
+    assert!(t.auth(&imported).is_ok(), "the first use rehashes it");
+    t.ledger.keys().roll(&info.id, 0).unwrap();
+    // Still reserved: the same import is refused while the key exists.
+    assert!(matches!(
+        t.ledger.keys().import(import),
+        Err(keyledger::Error::Conflict(_))
+    ));
+    let (_dir, path, config) = t.close();
+    let raw = std::fs::read(&path).unwrap();
+    assert!(!contains(&raw, &digest), "the plain SHA-256 is in the file");
+    let report = Ledger::check(&path, config).unwrap();
+    assert!(report.is_ok(), "problems: {:?}", report.problems);
+}

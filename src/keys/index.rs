@@ -5,7 +5,9 @@
 //!
 //! Beside it, the import reservations (`imported_hashes`, `imports_by_key`): the hash a key
 //! was imported by stays taken for the life of its record, long after the rehash of its first
-//! use has taken it out of `key_verify`, so the same import cannot run twice.
+//! use has taken it out of `key_verify`, so the same import cannot run twice. A reservation
+//! holds that hash keyed with the master key ([`reservation`]), not the hash itself: a plain
+//! SHA-256 of a key, kept for good, would let anyone holding the file guess the key offline.
 
 use redb::{ReadableTable, WriteTransaction};
 
@@ -13,6 +15,7 @@ use crate::codec;
 use crate::error::Result;
 use crate::hashing::KeyHash;
 use crate::record::{KeyRecord, VerifyRecord};
+use crate::secret::{MasterKey, context};
 use crate::store::{
     self,
     tables::{IMPORTED_HASHES, IMPORTS_BY_KEY, KEY_VERIFY},
@@ -47,16 +50,34 @@ pub(crate) fn remove(txn: &WriteTransaction, hash: &KeyHash) -> Result<()> {
     Ok(())
 }
 
+/// What the reservation of the imported hash `imported` stores (format 7; formats 5 and 6
+/// stored `imported` itself, and opening such a file replaces them).
+pub(crate) fn reservation(master: &MasterKey, imported: &KeyHash) -> KeyHash {
+    let key = master.derive(context::IMPORT_RESERVATION);
+    blake3::keyed_hash(&key.0, imported).into()
+}
+
 /// Whether `hash` is the imported hash of a key (every key keeps its reservation until it is
 /// deleted; format 5, so no older build deletes one without freeing it).
-pub(crate) fn import_reserved(txn: &WriteTransaction, hash: &KeyHash) -> Result<bool> {
-    Ok(txn.open_table(IMPORTED_HASHES)?.get(hash)?.is_some())
+pub(crate) fn import_reserved(
+    txn: &WriteTransaction,
+    master: &MasterKey,
+    hash: &KeyHash,
+) -> Result<bool> {
+    let reserved = reservation(master, hash);
+    Ok(txn.open_table(IMPORTED_HASHES)?.get(&reserved)?.is_some())
 }
 
 /// Reserves `hash` as the imported hash of the new key `id`.
-pub(crate) fn reserve_import(txn: &WriteTransaction, hash: &KeyHash, id: u64) -> Result<()> {
-    txn.open_table(IMPORTED_HASHES)?.insert(hash, id)?;
-    txn.open_table(IMPORTS_BY_KEY)?.insert(id, hash)?;
+pub(crate) fn reserve_import(
+    txn: &WriteTransaction,
+    master: &MasterKey,
+    hash: &KeyHash,
+    id: u64,
+) -> Result<()> {
+    let reserved = reservation(master, hash);
+    txn.open_table(IMPORTED_HASHES)?.insert(&reserved, id)?;
+    txn.open_table(IMPORTS_BY_KEY)?.insert(id, &reserved)?;
     Ok(())
 }
 

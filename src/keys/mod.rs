@@ -347,6 +347,7 @@ impl<'a> Keys<'a> {
             }
             record.pool = Some(self.ledger.inner.ids.decode(IdKind::Pool, pool)?);
         }
+        let master = &self.ledger.inner.config.master_key;
         let txn = self.ledger.inner.store.begin_write()?;
         if txn.open_table(ACCOUNTS)?.get(owner)?.is_none() {
             return Err(Error::NotFound { what: "account" });
@@ -362,7 +363,7 @@ impl<'a> Keys<'a> {
         // (rehashed by its first use, or rolled, since): a second record of one plaintext
         // would keep it working after the first is deleted.
         if txn.open_table(KEY_VERIFY)?.get(&key_hash)?.is_some()
-            || index::import_reserved(&txn, &key_hash)?
+            || index::import_reserved(&txn, master, &key_hash)?
         {
             return Err(Error::Conflict(
                 "a key with this hash already exists".into(),
@@ -372,7 +373,7 @@ impl<'a> Keys<'a> {
         index::put(&txn, &mut txn.open_table(KEYS)?, id, &record)?;
         self.index(&txn, id, &record)?;
         if origin == Origin::Imported {
-            index::reserve_import(&txn, &key_hash, id)?;
+            index::reserve_import(&txn, master, &key_hash, id)?;
         }
         if let (Some(credits), None) = (record.limits.credits, record.pool) {
             let credits = new_balance(credits, record.limits.refill, now);

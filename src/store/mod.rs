@@ -299,7 +299,7 @@ impl Store {
             txn.commit()?;
         }
         if existing.is_some_and(|format| format < 7) {
-            migrate_6_to_7(store)?;
+            migrate_6_to_7(store, master)?;
         }
         Ok(opened)
     }
@@ -491,11 +491,15 @@ fn migrate_4_to_5(store: &Store) -> Result<()> {
     Ok(())
 }
 
-/// Format 7: every record carries a CRC-32 of its bytes (see [`codec`]). The migration seals
-/// every record written before, without decoding it (one that does not decode stays so, for
-/// `check`), in one transaction with the new format number: a crash leaves format 6 intact.
-fn migrate_6_to_7(store: &Store) -> Result<()> {
+/// Format 7: every record carries a CRC-32 of its bytes (see [`codec`]), and an import
+/// reservation holds its hash keyed with the master key, not the plain SHA-256 of a key
+/// (see `keys::index::reservation`). The migration seals every record written before,
+/// without decoding it (one that does not decode stays so, for `check`), and keys every
+/// reservation, in one transaction with the new format number: a crash leaves format 6
+/// intact.
+fn migrate_6_to_7(store: &Store, master: &MasterKey) -> Result<()> {
     let txn = store.begin_write()?;
+    key_import_reservations(&txn, master)?;
     for table in ALL_RECORD_TABLES {
         seal_table(&txn, table)?;
     }
@@ -505,6 +509,30 @@ fn migrate_6_to_7(store: &Store) -> Result<()> {
     seal_table(&txn, crate::vault::tables::OWNER_SECRETS)?;
     set_format(&txn, 7)?;
     txn.commit()?;
+    Ok(())
+}
+
+/// Replaces each import reservation's plain hash with its keyed one, in both tables. There
+/// is one per imported key, so they are read into memory together.
+fn key_import_reservations(txn: &redb::WriteTransaction, master: &MasterKey) -> Result<()> {
+    use crate::keys::index::reservation;
+    let mut hashes = txn.open_table(tables::IMPORTED_HASHES)?;
+    let plain: Vec<([u8; 32], u64)> = hashes
+        .iter()?
+        .map(|entry| entry.map(|(hash, id)| (*hash.value(), id.value())))
+        .collect::<std::result::Result<_, _>>()?;
+    hashes.retain(|_, _| false)?;
+    for (hash, id) in &plain {
+        hashes.insert(&reservation(master, hash), id)?;
+    }
+    let mut by_key = txn.open_table(tables::IMPORTS_BY_KEY)?;
+    let plain: Vec<(u64, [u8; 32])> = by_key
+        .iter()?
+        .map(|entry| entry.map(|(id, hash)| (id.value(), *hash.value())))
+        .collect::<std::result::Result<_, _>>()?;
+    for (id, hash) in &plain {
+        by_key.insert(id, &reservation(master, hash))?;
+    }
     Ok(())
 }
 

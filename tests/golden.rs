@@ -576,6 +576,42 @@ fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies()
     );
 }
 
+/// A format-1 file with one undecodable key record opens (the migration leaves that key
+/// out of the new verify index instead of refusing the whole file, which also left `check`
+/// refusing it as an older format: found by a reviewer); every other key verifies, and
+/// `check` names the damaged one.
+#[test]
+fn a_format_1_file_with_one_damaged_key_record_opens_and_check_names_it() {
+    const KEYS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("keys");
+    let (_dir, path) = copy();
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut keys = txn.open_table(KEYS).unwrap();
+            // The last key written: the token.
+            let last = redb::ReadableTable::last(&keys).unwrap().unwrap().0.value();
+            keys.insert(last, [1u8, 0xff, 0xff].as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let config = || config(WRITTEN_AT.plus_secs(86_400));
+    let ledger = Ledger::open(&path, config()).unwrap();
+    let (key, token) = plaintexts();
+    assert!(ledger.authenticate(&Presented::new(&key).unwrap()).is_ok());
+    let lost = ledger.authenticate(&Presented::new(&token).unwrap());
+    assert_eq!(lost.unwrap_err().code(), "not_found");
+    ledger.close().unwrap();
+    drop(ledger);
+    let report = Ledger::check(&path, config()).unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(
+        report.problems[0].starts_with("key_") && report.problems[0].contains("corrupt"),
+        "{:?}",
+        report.problems
+    );
+}
+
 /// The format version in the meta table of the file on `backend`.
 fn format_of(backend: &keyledger::fuzzing::CrashBackend) -> u32 {
     let db = redb::Database::builder()

@@ -1202,6 +1202,88 @@ mod damaged {
         );
     }
 
+    /// The meta entries the whole file depends on, damaged (found by a reviewer):
+    /// - a `next_id` set back is a problem `check` names, and new ids still go on above every
+    ///   id in use (a new key given a pool's id would share its balance);
+    /// - damaged hash-scheme counters are one problem, not the end of the scan;
+    /// - a file without its public-id salt (format 7 marks an unsalted file) or whose
+    ///   current hash scheme is a read-only one is refused, naming the entry, not opened
+    ///   with every public id changed or keys hashed with plain SHA-256.
+    #[test]
+    fn damaged_meta_entries_are_named_never_silently_used() {
+        let (dir, path, config, [pooled, metered, free, pool]) = ledger();
+        let original = std::fs::read(&path).unwrap();
+        edit(&path, |txn| {
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert("next_id", 1u64.to_le_bytes().as_slice())
+                .unwrap();
+        });
+        let found = problems(&path, config.clone());
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("next id: 1, not above the highest id in use"));
+        let ledger = Ledger::open(&path, config.clone()).unwrap();
+        let owner = ledger.keys().get(&metered).unwrap().owner;
+        let fresh = [
+            ledger
+                .accounts()
+                .create(NewAccount::new("B"))
+                .unwrap()
+                .id
+                .to_string(),
+            create_key(&ledger, NewKey::new(owner, "n").credits(5))
+                .0
+                .to_string(),
+        ];
+        for id in &fresh {
+            let taken = [&pooled, &metered, &free, &pool, &owner.to_string()];
+            assert!(!taken.contains(&id), "{id} reused");
+        }
+        assert_eq!(ledger.credits().usage(&pool).unwrap().remaining, Some(99));
+        assert_eq!(ledger.credits().usage(&metered).unwrap().remaining, Some(9));
+        drop(ledger);
+        edit(&path, |txn| {
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert("scheme_counts", GARBAGE).unwrap();
+            let mut routes = txn.open_table(ROUTES).unwrap();
+            routes.insert("/x/", GARBAGE).unwrap();
+        });
+        let found = problems(&path, config.clone());
+        assert_eq!(
+            found.len(),
+            2,
+            "the scan goes on past the counters: {found:?}"
+        );
+        assert!(found[0].starts_with("hash scheme counters: "), "{found:?}");
+        assert!(found[1].starts_with("route /x/: "), "{found:?}");
+
+        for (entry, value, says) in [
+            ("id_salt", None, "the public-id salt is missing"),
+            (
+                "hash_scheme",
+                Some(postcard::to_allocvec(&keyledger::HashScheme::Sha256Imported).unwrap()),
+                "read only",
+            ),
+        ] {
+            let copy = dir.path().join(format!("{entry}.redb"));
+            std::fs::write(&copy, &original).unwrap();
+            edit(&copy, |txn| {
+                let mut meta = txn.open_table(META).unwrap();
+                match &value {
+                    Some(value) => meta.insert(entry, value.as_slice()).map(drop),
+                    None => meta.remove(entry).map(drop),
+                }
+                .unwrap();
+            });
+            for refused in [
+                Ledger::open(&copy, config.clone()).map(drop).unwrap_err(),
+                Ledger::check(&copy, config.clone()).map(drop).unwrap_err(),
+            ] {
+                assert!(matches!(refused, Error::Codec(_)), "{entry}: {refused:?}");
+                assert!(refused.to_string().contains(says), "{entry}: {refused}");
+            }
+        }
+    }
+
     /// A metered key whose balance cannot be read shows 0 credits left in its key info, not
     /// `None`, which reads as "unmetered"; an unmetered key still shows `None`.
     #[test]

@@ -118,7 +118,7 @@ impl Store {
                 found,
                 current: FORMAT_VERSION,
             }),
-            Some(_) => store.opened_meta(master),
+            Some(found) => store.opened_meta(master, found),
         })?;
         Ok((store, opened))
     }
@@ -203,8 +203,9 @@ impl Store {
         crate::vault::secrets::any_sealed_at_schema_2(&read, master, &ids)
     }
 
-    /// Checks that `master` is the key the file was created with and reads its hash scheme.
-    fn opened_meta(&self, master: &MasterKey) -> Result<OpenedMeta> {
+    /// Checks that `master` is the key the file was created with and reads its hash scheme
+    /// and id salt, as a file of `format` holds them.
+    fn opened_meta(&self, master: &MasterKey, format: u32) -> Result<OpenedMeta> {
         let read = self.db()?.begin_read()?;
         let table = read.open_table(META)?;
         let stored = table.get(meta::VERIFIER)?.map(|v| v.value().to_vec());
@@ -218,11 +219,29 @@ impl Store {
             })?,
             None => HashScheme::HmacSha256 { pepper: 1 },
         };
+        let damaged = |reason: String| CodecError::Corrupt {
+            record: "meta",
+            reason,
+        };
+        // Format 4 moved format 3's BLAKE3 scheme on; only a migration reads it as current.
+        if format >= 4 && !hash_scheme.can_be_current() {
+            let label = hash_scheme.label();
+            return Err(damaged(format!("its current hash scheme, {label}, is read only")).into());
+        }
         let id_salt = match table.get(meta::ID_SALT)? {
-            Some(v) => Some(v.value().try_into().map_err(|_| CodecError::Corrupt {
-                record: "meta",
-                reason: "the public-id salt is not 16 bytes".into(),
-            })?),
+            // Format 7's mark of a file migrated without one.
+            Some(v) if v.value().is_empty() => None,
+            Some(v) => Some(
+                v.value()
+                    .try_into()
+                    .map_err(|_| damaged("the public-id salt is not 16 bytes".into()))?,
+            ),
+            None if format >= 7 => {
+                return Err(damaged(
+                    "the public-id salt is missing: every public id and cursor would change".into(),
+                )
+                .into());
+            }
             None => None,
         };
         Ok(OpenedMeta {
@@ -271,7 +290,8 @@ impl Store {
             txn.open_table(tables::ROUTES)?;
             txn.commit()?;
         }
-        let opened = store.opened_meta(master)?;
+        let format = existing.unwrap_or(FORMAT_VERSION);
+        let opened = store.opened_meta(master, format)?;
         if existing.is_some_and(|format| format < 3) && store.format_lowered(master, &opened)? {
             return Err(lowered_format_error());
         }
@@ -284,7 +304,7 @@ impl Store {
         let opened = match existing.is_some_and(|format| format < 4) {
             true => {
                 migrate_3_to_4(store, opened.hash_scheme)?;
-                store.opened_meta(master)? // the current scheme may have moved on
+                store.opened_meta(master, 4)? // the current scheme may have moved on
             }
             false => opened,
         };
@@ -396,8 +416,8 @@ fn read_format(
 /// Format 1 → 2: every entry of the hash index `key_hashes` (hash → key id) becomes an entry
 /// of `key_verify` (hash → `VerifyRecord`), built from the key record, and the old index is
 /// deleted, in one transaction with the new format version: a crash leaves format 1 intact.
-/// An index entry whose record is gone or holds another hash is dropped, as `check` would
-/// have reported it.
+/// An index entry whose record is gone, does not decode or holds another hash is dropped, as
+/// `check` would have reported it.
 fn migrate_1_to_2(store: &Store) -> Result<()> {
     let txn = store.begin_write()?;
     {
@@ -407,7 +427,9 @@ fn migrate_1_to_2(store: &Store) -> Result<()> {
         for entry in old.iter()? {
             let (hash, id) = entry?;
             let (hash, id) = (*hash.value(), id.value());
-            let Some(record) = get::<KeyRecord>(&keys, id)? else {
+            // An undecodable record is `check`'s to report (its key cannot verify as it is),
+            // not a reason to refuse the whole file, found by a reviewer.
+            let Ok(Some(record)) = get::<KeyRecord>(&keys, id) else {
                 continue;
             };
             let found = VerifyRecord::entries(id, &record).find(|(h, _)| *h == hash);
@@ -500,6 +522,14 @@ fn migrate_4_to_5(store: &Store) -> Result<()> {
 fn migrate_6_to_7(store: &Store, master: &MasterKey) -> Result<()> {
     let txn = store.begin_write()?;
     key_import_reservations(&txn, master)?;
+    {
+        // A file that moved to format 6 without an id salt says so (an empty one): from
+        // format 7 on, a missing salt is damage, not an older file.
+        let mut table = txn.open_table(META)?;
+        if table.get(meta::ID_SALT)?.is_none() {
+            table.insert(meta::ID_SALT, [].as_slice())?;
+        }
+    }
     for table in ALL_RECORD_TABLES {
         seal_table(&txn, table)?;
     }
@@ -583,22 +613,57 @@ fn verifier(master: &MasterKey) -> [u8; 32] {
 }
 
 /// Allocates the next internal id.
+///
+/// Never one in use: a counter set back (damage, or an edit; `check` reports it) would hand
+/// out an existing account's, key's or pool's id, and a key and a pool of one id share a
+/// balance and a usage record, so the id is at least one above the highest in use.
 pub(crate) fn next_id(txn: &redb::WriteTransaction) -> Result<u64> {
+    let in_use = highest_id_in_use(
+        &txn.open_table(tables::ACCOUNTS)?,
+        &txn.open_table(tables::KEYS)?,
+        &txn.open_table(tables::POOLS)?,
+    )?;
     let mut table = txn.open_table(META)?;
-    let id = match table.get(meta::NEXT_ID)? {
-        Some(v) => u64::from_le_bytes(v.value().try_into().map_err(|_| CodecError::Corrupt {
-            record: "meta",
-            reason: "next_id is not 8 bytes".into(),
-        })?),
-        None => 1,
-    };
+    let stored = stored_next_id(&table)?;
     // Ids never wrap: a wrapped counter would hand out ids of existing records.
+    let exhausted = || CodecError::Corrupt {
+        record: "meta",
+        reason: "next_id is exhausted".into(),
+    };
+    let id = stored.max(in_use.checked_add(1).ok_or_else(exhausted)?);
     let next = id.checked_add(1).ok_or_else(|| CodecError::Corrupt {
         record: "meta",
         reason: "next_id is exhausted".into(),
     })?;
     table.insert(meta::NEXT_ID, next.to_le_bytes().as_slice())?;
     Ok(id)
+}
+
+/// The `next_id` meta entry (1 in a file that has none yet).
+pub(crate) fn stored_next_id(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<u64> {
+    match table.get(meta::NEXT_ID)? {
+        Some(v) => Ok(u64::from_le_bytes(v.value().try_into().map_err(|_| {
+            CodecError::Corrupt {
+                record: "meta",
+                reason: "next_id is not 8 bytes".into(),
+            }
+        })?)),
+        None => Ok(1),
+    }
+}
+
+/// The highest id an account, a key or a pool holds (one counter gives them all), 0 if none.
+pub(crate) fn highest_id_in_use(
+    accounts: &impl ReadableTable<u64, &'static [u8]>,
+    keys: &impl ReadableTable<u64, &'static [u8]>,
+    pools: &impl ReadableTable<u64, &'static [u8]>,
+) -> Result<u64> {
+    let last = |table: Option<(redb::AccessGuard<'_, u64>, _)>| table.map_or(0, |(k, _)| k.value());
+    Ok(last(accounts.last()?)
+        .max(last(keys.last()?))
+        .max(last(pools.last()?)))
 }
 
 /// Reads and decodes one record.

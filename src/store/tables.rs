@@ -63,7 +63,8 @@ pub(crate) mod meta {
     pub(crate) const VERIFIER: &str = "verifier";
     /// 16 random bytes mixed into the key that seals this file's public ids and cursors,
     /// written with a file created at format 6 or later: ledgers that share a master key then
-    /// give different ids, and one's id names nothing in another. Absent from a file
-    /// migrated from an older format, whose ids stay what they were.
+    /// give different ids, and one's id names nothing in another. Empty in a file
+    /// migrated from before format 6, whose ids stay what they were; absent from a file of
+    /// format 7 or later only if damaged (such a file is refused).
     pub(crate) const ID_SALT: &str = "id_salt";
 }

@@ -414,6 +414,24 @@ fn pepper_rotation_keeps_old_keys_working_and_drains_the_old_scheme() {
     assert!(report.is_ok(), "problems: {:?}", report.problems);
 }
 
+/// After `close` reads still answer, and a key still under the previous scheme is one of
+/// them: it is served as found (its rehash cannot be written) instead of `unavailable`, and
+/// rehashed by its first use after the next open.
+#[test]
+fn a_key_under_an_older_scheme_still_verifies_after_close_and_is_rehashed_after_reopen() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (info, plaintext) = t.key(&owner, "old");
+    t.ledger.rotate_hash_scheme(V2).unwrap();
+    t.ledger.close().unwrap();
+    assert_eq!(verify_code(&t.ledger, &plaintext, "/x"), "ok");
+    assert_eq!(t.auth(&plaintext).unwrap().id, info.id);
+    assert_eq!(t.ledger.hash_scheme_counts().unwrap(), [(V1, 1)]);
+    let t = t.reopen();
+    assert_eq!(t.auth(&plaintext).unwrap().hash_scheme, "hmac-sha256/v2");
+    assert_eq!(t.ledger.hash_scheme_counts().unwrap(), [(V2, 1)]);
+}
+
 #[test]
 fn route_rules_and_a_rotation_published_around_each_other_both_apply() {
     let t = TestLedger::new();

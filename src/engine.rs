@@ -634,9 +634,14 @@ impl Engine {
                 // Counted even when no meter is in memory: a miss that read the key before
                 // this change and registers only now would otherwise leave one behind.
                 self.shared.meter_resets.fetch_add(1, Ordering::AcqRel);
+                // A balance given to the key later is a new one: its first refusal is news.
+                meters.grew(id);
                 if let Some(meter) = meter {
-                    // Out of the registry now, not once the writer gets to it: a key metered
-                    // again must get a new meter, not this one the writer is about to retire.
+                    // Retired and out of the registry now, not once the writer gets to it: a
+                    // key metered again must get a new meter, and this one must not lease from
+                    // the new balance (a prefetch queued since goes ahead of the message
+                    // below), or what grants reserved from it would stay leased for good.
+                    meter.retire();
                     meters.remove(&meter);
                     drop(meters);
                     let _ = self.tx.send(Msg::Retire { meter, gone: true });
@@ -703,6 +708,7 @@ impl Engine {
         // register a meter for it (see `pool_meter`).
         self.shared.meter_resets.fetch_add(1, Ordering::AcqRel);
         if let Some(meter) = meters.get(id).filter(|m| m.is_pool()) {
+            meter.retire();
             meters.remove(&meter);
             drop(meters);
             let _ = self.tx.send(Msg::Retire { meter, gone: true });

@@ -30,8 +30,11 @@ pub(crate) struct Inner {
     /// Held across a hash-scheme rotation's write and publication, so the scheme in memory
     /// is the one stored last.
     pub(crate) rotating: parking_lot::Mutex<()>,
-    /// Held by a key update that sets a balance, across its record's commit and the balance
-    /// set that follows, so that of two such updates the one stored last sets the balance.
+    /// Held by a key update that changes a balance (sets, removes or creates one, or moves
+    /// the key into or out of a pool) across its record's commit, the meter's retirement and
+    /// the balance set that follow: of two such updates the one stored last sets the balance,
+    /// and a meter of a removed balance is out of memory before another update creates the
+    /// next one (else it could lease from the new balance and strand what grants reserved).
     pub(crate) setting_balances: parking_lot::Mutex<()>,
     pub(crate) config: Config,
     pub(crate) clock: Arc<dyn Clock>,

@@ -2149,3 +2149,82 @@ fn an_exhausted_key_cached_again_is_not_reported_exhausted_again() {
         .filter(|e| e.kind == CreditEventKind::Exhausted);
     assert_eq!(again.count(), 1);
 }
+
+/// A key that ran out, made unmetered and then given credits again has a new balance: its
+/// first run-out is news, reported like any other. (The run-out of the removed balance was
+/// remembered for the key and hid it. Found by a reviewer.)
+#[test]
+fn a_key_given_credits_again_reports_its_next_run_out() {
+    let t = TestLedger::new();
+    let events = t.ledger.credit_events();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner.as_str(), "k").credits(1));
+    let run_outs = |what: &str| {
+        spend(&t.ledger, &plain, "/x", 1, 1).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+        t.ledger.flush().unwrap();
+        let kinds = events.try_iter().map(|e| e.kind);
+        kinds.filter(|k| *k == CreditEventKind::Exhausted).count()
+    };
+    assert_eq!(run_outs("first balance"), 1);
+    let keys = t.ledger.keys();
+    keys.update(id.as_str(), KeyUpdate::new().credits(None))
+        .unwrap();
+    assert_eq!(verify_code(&t.ledger, &plain, "/x"), "ok", "unmetered");
+    keys.update(id.as_str(), KeyUpdate::new().credits(Some(1)))
+        .unwrap();
+    assert_eq!(run_outs("second balance"), 1, "the new balance's run-out");
+}
+
+/// An unmetered key charges what its commits say; a lifetime spend past `u64::MAX` stays at
+/// the maximum, counted in memory or on disk. (It wrapped to a small figure in memory.
+/// Found by a reviewer.)
+#[test]
+fn lifetime_spend_saturates_it_never_wraps() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner.as_str(), "free"));
+    spend(&t.ledger, &plain, "/x", 0, u64::MAX - 1).unwrap();
+    spend(&t.ledger, &plain, "/x", 0, 5).unwrap();
+    t.ledger.flush().unwrap();
+    assert_eq!(usage(&t, id.as_str()).lifetime_spent, u64::MAX);
+    spend(&t.ledger, &plain, "/x", 0, 5).unwrap();
+    t.ledger.flush().unwrap();
+    assert_eq!(usage(&t, id.as_str()).lifetime_spent, u64::MAX);
+}
+
+/// A top-up of nothing, or a set to what an exhausted balance already holds, does not grow
+/// it: the run-out already reported is not reported again. A real top-up is growth.
+/// (Each such change cleared the mark, and the next refusal reported the same run-out
+/// again. Found by a reviewer.)
+#[test]
+fn a_change_that_does_not_grow_a_balance_does_not_re_report_its_run_out() {
+    // A cache of one: a verify of "other" evicts "k", which is remembered as run out.
+    let t = TestLedger::with_settings(keyledger::MasterKey::generate().unwrap(), |b| {
+        b.cache_capacity(1)
+    });
+    let events = t.ledger.credit_events();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner.as_str(), "k").credits(1));
+    let (_, other) = create_key(&t.ledger, NewKey::new(owner.as_str(), "o"));
+    let run_outs = || {
+        assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+        t.ledger.flush().unwrap();
+        let kinds = events.try_iter().map(|e| e.kind);
+        kinds.filter(|k| *k == CreditEventKind::Exhausted).count()
+    };
+    spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
+    assert_eq!(run_outs(), 1);
+    let credits = t.ledger.credits();
+    credits.top_up(id.as_str(), 0).unwrap();
+    assert_eq!(run_outs(), 0, "a top-up of nothing");
+    credits.set(id.as_str(), 0).unwrap();
+    assert_eq!(run_outs(), 0, "a set to nothing");
+    assert_eq!(verify_code(&t.ledger, &other, "/x"), "ok");
+    t.ledger.flush().unwrap(); // the writer has let go of its meter
+    credits.top_up(id.as_str(), 0).unwrap();
+    assert_eq!(run_outs(), 0, "a top-up of nothing, the key out of memory");
+    credits.top_up(id.as_str(), 1).unwrap();
+    spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
+    assert_eq!(run_outs(), 1, "the top-up's units ran out");
+}

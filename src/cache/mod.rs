@@ -387,7 +387,7 @@ impl CachedKey {
         if units == 0 {
             return false;
         }
-        self.home().usage.spent.fetch_add(units, Ordering::SeqCst);
+        saturating_add(&self.home().usage.spent, units);
         if let Some(limits) = &self.limits {
             limits.record_spend(units, tiers);
         }
@@ -432,10 +432,17 @@ impl CachedKey {
     /// Puts back what [`take`](Self::take) returned when the flush failed.
     pub(crate) fn restore(&self, spent: u64, requests: u64, last_used: u64) {
         let usage = &self.home().usage;
-        usage.spent.fetch_add(spent, Ordering::AcqRel);
-        usage.requests.fetch_add(requests, Ordering::AcqRel);
+        saturating_add(&usage.spent, spent);
+        saturating_add(&usage.requests, requests);
         usage.last_used_ms.fetch_max(last_used, Ordering::AcqRel);
     }
+}
+
+/// Adds `n` to `counter`, stopping at `u64::MAX`: an unmetered key charges what its commits
+/// say, and a lifetime spend must not wrap to a small figure.
+fn saturating_add(counter: &AtomicU64, n: u64) {
+    let add = |c: u64| Some(c.saturating_add(n));
+    let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, add);
 }
 
 /// A cached key with its own meter for balance `id` and nothing else set (unit tests).

@@ -105,8 +105,9 @@ pub(crate) enum Msg {
         reply: Sender<Result<u64>>,
     },
     /// A meter leaves memory: return its lease, flush its spend, and drop it from the
-    /// registry unless something still uses it — or, with `gone` (its balance was deleted),
-    /// retire it for good so late refunds and spends through it are ignored.
+    /// registry unless something still uses it — or, with `gone` (its balance was deleted,
+    /// and the meter retired then, so late refunds and spends through it are ignored), just
+    /// drop it.
     Retire { meter: MeterRef, gone: bool },
     /// Refunded units the lease does not keep (`Exact` mode keeps none), or could not take
     /// because their epoch had ended: back to the balance if it is still the one of `epoch`,
@@ -1156,6 +1157,8 @@ fn build(
                         // figure later crossings are measured from.
                         low_balance(shared, fx, meter, r.balance);
                     }
+                    // What a refusal saw: the change is news only if the balance ends above it.
+                    let start = r.balance;
                     // A refill that fell due comes first: the admin's change is the newer one
                     // and must not be replaced by it later.
                     let refilled = refill::apply_due(r, now);
@@ -1208,6 +1211,9 @@ fn build(
                         }
                         fx.adjusts[at].1 = Ok(r.balance);
                     }
+                    if r.balance <= start {
+                        refuse(fx); // not grown: a run-out remembered stands
+                    }
                     if let Some(meter) = meter {
                         // A reservation made from the old lease carries the old epoch, so a
                         // set makes it final, and so does a refill applied here (its refund
@@ -1217,21 +1223,24 @@ fn build(
                         if (applied && matches!(change, Adjust::Set(_))) || refilled {
                             end_epoch(fx, &meter, r);
                         }
-                        fx.tell(&meter, meter.replenished());
+                        if r.balance > start {
+                            fx.tell(&meter, meter.replenished());
+                        }
                         fx.balances.push((meter.clone(), r.balance));
                         meter.set_refill_at(refill::due_at(r, now));
                         fx.tell(&meter, meter.set_remaining(r.balance));
                         fx.leases.push((meter, 0, empty_until(r, now)));
                     }
                 }
-                Msg::Retire { meter, gone } => {
+                Msg::Retire { meter, gone: true } => {
+                    // Retired when its balance went: a record with its id now is a later
+                    // balance, which it never leased from. What it held went with the old one.
+                    debug_assert!(meter.retired());
+                    fx.gone.push(meter);
+                }
+                Msg::Retire { meter, gone: false } => {
                     reclaim(&mut work, fx, &meter)?;
-                    if gone {
-                        meter.retire();
-                        fx.gone.push(meter);
-                    } else {
-                        fx.retired.push(meter);
-                    }
+                    fx.retired.push(meter);
                 }
                 Msg::Return {
                     meter,
@@ -2807,5 +2816,65 @@ mod tests {
             8,
             "a later grant is found"
         );
+    }
+
+    /// One update makes a key unmetered, the next gives it a new balance, while a batch that
+    /// took a lease request of the removed balance's meter waits for the file: that meter
+    /// must not lease from the new balance. (Retired only once the writer reached its
+    /// message, it did, and what grants reserved through it stayed leased for good: a close
+    /// failed, the next open counted them lost. Found by a reviewer.)
+    #[test]
+    fn a_meter_of_a_removed_balance_never_leases_from_the_next() {
+        let (_dir, ledger) = ledger();
+        let (key_id, plaintext) = key(&ledger, 1_000);
+        assert_eq!(spend_one(&ledger, &plaintext), Ok(1));
+        let id = ledger.keys().internal_id(&key_id).unwrap();
+        let old = ledger.inner.engine.shared.meters.lock().get(id).unwrap();
+        let tx = &ledger.inner.engine.tx;
+        let wait_for = |queued: usize| {
+            while tx.len() != queued {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let hold = || {
+            let (release, held) = crossbeam::channel::bounded::<()>(0);
+            tx.send(Msg::Hold(held)).unwrap();
+            release
+        };
+        let release = hold();
+        wait_for(0);
+        let (reply, _answer) = crossbeam::channel::bounded(1);
+        let reply = Some(reply); // a request waiting for units, as a prefetch may not be
+        let meter = old.clone();
+        tx.send(Msg::Lease {
+            meter,
+            need: 1,
+            reply,
+        })
+        .unwrap();
+        // The file is busy: the writer takes the lease request, then waits for the file.
+        let txn = ledger.inner.store.begin_write().unwrap();
+        drop(release);
+        wait_for(0);
+        // What the two updates commit (the balance removed, a new one created), with the
+        // first one's change to the meters between them.
+        let fresh = CreditsRecord {
+            balance: 500,
+            granted: 500,
+            ..CreditsRecord::default()
+        };
+        crate::store::put(&mut txn.open_table(CREDITS).unwrap(), id, &fresh).unwrap();
+        let release = hold();
+        let change = crate::engine::KeyChange::CreditsRemoved;
+        ledger.inner.engine.key_changed(id, &[], change);
+        txn.commit().unwrap();
+        wait_for(1); // the lease's batch ran; the writer holds before the meter's retirement
+        let read = ledger.inner.store.begin_read().unwrap();
+        let stored: CreditsRecord = crate::store::get(&read.open_table(CREDITS).unwrap(), id)
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored, fresh, "nothing leased from the new balance");
+        drop(release);
+        ledger.close().unwrap();
     }
 }

@@ -559,8 +559,8 @@ impl<'a> Keys<'a> {
                 None => None,
             };
             let mut set_balance_to = None;
-            let setting_balance = matches!(update.credits, Some(Some(_)));
-            let _in_order = setting_balance.then(|| self.ledger.inner.setting_balances.lock());
+            let changes_balance = update.credits.is_some() || update.pool.is_some();
+            let _in_order = changes_balance.then(|| self.ledger.inner.setting_balances.lock());
             let (info, settings_written) = self.modify(id, "updated", |record, credits| {
                 let mut changed = Vec::new();
                 let c = &mut changed;

@@ -666,13 +666,14 @@ pub(crate) mod rules {
                 ));
             }
             window("rate_limits", rl.window_secs)?;
-            if limits.rate_limits[..i]
+            if let Some(j) = limits.rate_limits[..i]
                 .iter()
-                .any(|other| other.name == rl.name)
+                .position(|other| other.name == rl.name)
             {
+                // Named by position, not echoed: an error may be logged.
                 return Err(Error::invalid(
                     "rate_limits",
-                    format!("duplicate name `{}`", rl.name),
+                    format!("limits {} and {} share a name", j + 1, i + 1),
                 ));
             }
         }

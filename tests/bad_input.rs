@@ -135,6 +135,14 @@ fn a_key_given_as_a_name_or_type_is_refused() {
     let given = || [plaintext.clone()];
     let metadata = || BTreeMap::from([("note".to_owned(), format!("was {plaintext}"))]);
     let new = || NewKey::new(owner, "k");
+    let named = |name: &str| {
+        let limit = |name: &str| RateLimit {
+            name: name.to_owned(),
+            limit: 10,
+            window_secs: 60,
+        };
+        vec![limit("requests"), limit(name)]
+    };
     for (result, field) in [
         (
             keys.create(new().permissions(given())).map(drop),
@@ -163,6 +171,16 @@ fn a_key_given_as_a_name_or_type_is_refused() {
             keys.update(&key.id, KeyUpdate::new().metadata(metadata()))
                 .map(drop),
             "metadata",
+        ),
+        // A rate limit's name is listed with the key (found by a reviewer).
+        (
+            keys.create(new().rate_limit(&plaintext, 10, 60)).map(drop),
+            "rate_limits.name",
+        ),
+        (
+            keys.update(&key.id, KeyUpdate::new().rate_limits(named(&plaintext)))
+                .map(drop),
+            "rate_limits.name",
         ),
     ] {
         let message = result.as_ref().map_err(ToString::to_string).unwrap_err();
@@ -397,8 +415,15 @@ fn limits_and_metadata_are_validated() {
         t.ledger.keys().create(new().rate_limit("rps", 1, 0)),
         "rate_limits",
     );
-    let dup = new().rate_limit("rps", 1, 1).rate_limit("rps", 2, 1);
-    assert_invalid(t.ledger.keys().create(dup), "rate_limits");
+    let dup = new()
+        .rate_limit("x", 5, 1)
+        .rate_limit("rps", 1, 1)
+        .rate_limit("rps", 2, 1);
+    let refused = t.ledger.keys().create(dup).map(drop);
+    let message = refused.as_ref().unwrap_err().to_string();
+    assert!(message.contains("limits 2 and 3"), "{message}");
+    assert!(!message.contains("rps"), "a name is not echoed: {message}");
+    assert_invalid(refused, "rate_limits");
     assert_invalid(
         t.ledger.keys().create(new().rate_limit("", 1, 1)),
         "rate_limits.name",

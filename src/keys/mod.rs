@@ -28,7 +28,9 @@ use crate::keyfmt::{KeyClass, visible_parts};
 use crate::ledger::{Ledger, SYSTEM_ACTOR};
 use crate::page::{Page, PageRequest};
 use crate::public_id::{IdKind, PublicId};
-use crate::record::{CreditsRecord, KeyKind, KeyRecord, Limits, Refill, RolledSecret, rules};
+use crate::record::{
+    CreditsRecord, KeyKind, KeyRecord, Limits, RateLimit, Refill, RolledSecret, rules,
+};
 use crate::secret::Secret;
 use crate::store::{self, tables::*};
 
@@ -290,7 +292,12 @@ impl<'a> Keys<'a> {
             return Err(Error::NotFound { what: "account" });
         }
         let now = self.ledger.now();
-        self.no_key_in(&s.permissions, &s.ips, Some(&s.metadata))?;
+        self.no_key_in(
+            &s.permissions,
+            &s.ips,
+            Some(&s.metadata),
+            &s.limits.rate_limits,
+        )?;
         let kind = match s.token_type {
             // `api` is what an API key's `type` reads: a token typed so (in any case, with any
             // spaces around it) would read as one.
@@ -503,16 +510,20 @@ impl<'a> Keys<'a> {
         })
     }
 
-    /// Refuses an API key given as a permission, an IP range or metadata.
+    /// Refuses an API key given as a permission, an IP range, metadata or a rate limit's
+    /// name.
     fn no_key_in(
         &self,
         permissions: &[String],
         ips: &[String],
         metadata: Option<&BTreeMap<String, String>>,
+        rate_limits: &[RateLimit],
     ) -> Result<()> {
         let ledger = self.ledger;
         ledger.holding_no_key("permissions", permissions.iter().map(String::as_str))?;
         ledger.holding_no_key("ips", ips.iter().map(String::as_str))?;
+        let names = rate_limits.iter().map(|r| r.name.as_str());
+        ledger.holding_no_key("rate_limits.name", names)?;
         let entries = metadata.into_iter().flatten();
         let entries = entries.flat_map(|(k, v)| [k.as_str(), v.as_str()]);
         ledger.holding_no_key("metadata", entries)
@@ -534,6 +545,7 @@ impl<'a> Keys<'a> {
                 update.permissions.as_deref().unwrap_or_default(),
                 update.ips.as_deref().unwrap_or_default(),
                 update.metadata.as_ref(),
+                update.rate_limits.as_deref().unwrap_or_default(),
             )?;
             let permissions = update.permissions.as_ref().map(rules::scopes).transpose()?;
             let ips = update.ips.as_ref().map(rules::ips).transpose()?;

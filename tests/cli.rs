@@ -1482,3 +1482,23 @@ fn an_empty_environment_variable_counts_as_unset() {
         .args(["accounts", "list"]);
     assert_success(&cmd.output().unwrap());
 }
+
+/// `tokens --help` speaks of tokens too: its lifecycle subcommands are the keys' own.
+/// (They read "List an account's keys", "Delete a key". Found by a reviewer.)
+#[test]
+fn tokens_help_names_tokens() {
+    let s = Scratch::new();
+    let out = s.run(&["tokens", "--help"]);
+    assert_success(&out);
+    let help = String::from_utf8(out.stdout).expect("UTF-8");
+    let commands = help.split("Commands:").nth(1).expect("commands");
+    let commands = commands.split("Options:").next().unwrap_or_default();
+    let lifecycle = commands.lines().map(str::trim).filter(|l| !l.is_empty());
+    let lifecycle: Vec<&str> = lifecycle
+        .filter(|l| !l.starts_with("create") && !l.starts_with("help"))
+        .collect();
+    assert_eq!(lifecycle.len(), 8, "{help}");
+    for line in lifecycle {
+        assert!(line.contains("token"), "{line}");
+    }
+}

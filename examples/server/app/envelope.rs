@@ -285,15 +285,20 @@ pub struct BodyError {
     pub message: String,
 }
 
-/// Parses a JSON body: `Content-Type: application/json` (parameters such as `charset`
-/// allowed) is required, and the body must decode into `T` (unknown fields are refused by
-/// the request types, so a misspelt field is an error rather than silently ignored).
+/// Parses a JSON body: `Content-Type: application/json` or a JSON type by its suffix
+/// (`application/vnd.api+json`, RFC 6839), parameters such as `charset` allowed, is
+/// required, and the body must decode into `T` (unknown fields are refused by the request
+/// types, so a misspelt field is an error rather than silently ignored).
 pub fn parse_json<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, BodyError> {
     let is_json = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+        .map(|t| t.trim().to_ascii_lowercase())
+        .is_some_and(|t| match t.strip_prefix("application/") {
+            Some(sub) => sub == "json" || sub.len() > "+json".len() && sub.ends_with("+json"),
+            None => false,
+        });
     if !is_json {
         return Err(BodyError {
             status: StatusCode::UNSUPPORTED_MEDIA_TYPE,

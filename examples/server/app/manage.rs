@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use axum::Extension;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -31,6 +31,19 @@ enum Kind {
 }
 
 impl Kind {
+    /// The `{id}` of a path. One that is not UTF-8 (`%FF`) names nothing: answered as an
+    /// unknown id is, in the envelope (axum's own answer is plain text).
+    fn id(self, path: IdPath) -> Result<String, Fail> {
+        path.map(|Path(id)| id).map_err(|_| Fail {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: match self {
+                Kind::Key => "key not found".into(),
+                Kind::Token => "token not found".into(),
+            },
+        })
+    }
+
     fn path(self) -> &'static str {
         match self {
             Kind::Key => "/v2/keys",
@@ -56,8 +69,10 @@ struct KeyView {
     name: String,
     #[serde(rename = "type")]
     kind: String,
-    /// `[]` for a read/write key (stored as `*`), `["fetch"]` for a read-only one.
-    permissions: Vec<String>,
+    /// `[]` for a read/write key (stored as `*`), `["fetch"]` for a read-only one, the
+    /// stored scopes of a key made through the library or the CLI, and `null` for one that
+    /// holds none (`[]` would read as read/write).
+    permissions: Option<Vec<String>>,
     ips: Vec<String>,
     created_by: String,
     created_time: String,
@@ -71,9 +86,9 @@ struct KeyView {
 impl KeyView {
     fn of(info: KeyInfo) -> KeyView {
         let permissions = if info.permissions == ["*"] {
-            vec![]
+            Some(vec![])
         } else {
-            info.permissions
+            Some(info.permissions).filter(|p| !p.is_empty())
         };
         KeyView {
             id: info.id.to_string(),
@@ -303,7 +318,11 @@ async fn list(kind: Kind, app: Arc<App>, caller: Caller, query: Q) -> Response {
     .await
 }
 
-async fn get_one(kind: Kind, app: Arc<App>, caller: Caller, id: String) -> Response {
+async fn get_one(kind: Kind, app: Arc<App>, caller: Caller, id: IdPath) -> Response {
+    let id = match kind.id(id) {
+        Ok(id) => id,
+        Err(unknown) => return unknown.into(),
+    };
     blocking(&app, move |ledger| {
         match kind.handle(ledger, &caller).and_then(|keys| keys.get(&id)) {
             Ok(info) => {
@@ -419,10 +438,14 @@ async fn update(
     kind: Kind,
     app: Arc<App>,
     caller: Caller,
-    id: String,
+    id: IdPath,
     headers: HeaderMap,
     raw: Raw,
 ) -> Response {
+    let id = match kind.id(id) {
+        Ok(id) => id,
+        Err(unknown) => return unknown.into(),
+    };
     // A caller that may not write was refused by `Raw`, before its body was read.
     let req: UpdateRequest = match body(&headers, raw) {
         Ok(req) => req,
@@ -481,7 +504,11 @@ struct Deleted {
     deleted: bool,
 }
 
-async fn delete(kind: Kind, app: Arc<App>, caller: Caller, id: String) -> Response {
+async fn delete(kind: Kind, app: Arc<App>, caller: Caller, id: IdPath) -> Response {
+    let id = match kind.id(id) {
+        Ok(id) => id,
+        Err(unknown) => return unknown.into(),
+    };
     if let Err(refused) = require_write(&caller) {
         return refused.into();
     }
@@ -499,6 +526,9 @@ async fn delete(kind: Kind, app: Arc<App>, caller: Caller, id: String) -> Respon
 }
 
 type Q = Result<Query<Vec<(String, String)>>, QueryRejection>;
+
+/// The `{id}` segment of a path, or why it could not be read.
+type IdPath = Result<Path<String>, PathRejection>;
 
 /// A management request's body, read within the app's `request_deadline` (408 otherwise).
 /// Management routes have no deadline on the whole request — a write started on the
@@ -560,7 +590,7 @@ pub async fn list_tokens(
 pub async fn get_key(
     State(app): State<Arc<App>>,
     Extension(c): Extension<Caller>,
-    Path(id): Path<String>,
+    id: IdPath,
 ) -> Response {
     get_one(Kind::Key, app, c, id).await
 }
@@ -569,7 +599,7 @@ pub async fn get_key(
 pub async fn get_token(
     State(app): State<Arc<App>>,
     Extension(c): Extension<Caller>,
-    Path(id): Path<String>,
+    id: IdPath,
 ) -> Response {
     get_one(Kind::Token, app, c, id).await
 }
@@ -598,7 +628,7 @@ pub async fn create_token(
 pub async fn update_key(
     State(app): State<Arc<App>>,
     Extension(c): Extension<Caller>,
-    Path(id): Path<String>,
+    id: IdPath,
     h: HeaderMap,
     raw: Raw,
 ) -> Response {
@@ -609,7 +639,7 @@ pub async fn update_key(
 pub async fn update_token(
     State(app): State<Arc<App>>,
     Extension(c): Extension<Caller>,
-    Path(id): Path<String>,
+    id: IdPath,
     h: HeaderMap,
     raw: Raw,
 ) -> Response {
@@ -620,7 +650,7 @@ pub async fn update_token(
 pub async fn delete_key(
     State(app): State<Arc<App>>,
     Extension(c): Extension<Caller>,
-    Path(id): Path<String>,
+    id: IdPath,
 ) -> Response {
     delete(Kind::Key, app, c, id).await
 }
@@ -629,7 +659,7 @@ pub async fn delete_key(
 pub async fn delete_token(
     State(app): State<Arc<App>>,
     Extension(c): Extension<Caller>,
-    Path(id): Path<String>,
+    id: IdPath,
 ) -> Response {
     delete(Kind::Token, app, c, id).await
 }

@@ -406,7 +406,7 @@ pub struct RateLimitArg {
 /// Subcommands shared by keys and tokens.
 #[derive(Debug, Subcommand)]
 pub enum Lifecycle {
-    /// List an account's keys (masked), a page at a time.
+    /// List an account's keys or tokens (masked), a page at a time.
     List {
         /// Owning account id (`acct_…`).
         #[arg(long)]
@@ -415,27 +415,27 @@ pub enum Lifecycle {
         #[command(flatten)]
         page: PageArgs,
     },
-    /// Show one key (masked).
+    /// Show one key or token (masked).
     Show {
-        /// Key id.
+        /// Key or token id.
         id: String,
     },
-    /// Change a key's name, permissions, IP allowlist, credits or expiry.
+    /// Change a key's or token's name, permissions, IP allowlist, credits or expiry.
     Update(UpdateArgs),
-    /// Disable a key: it is refused from the next request on.
+    /// Disable a key or token: it is refused from the next request on.
     Disable {
-        /// Key id.
+        /// Key or token id.
         id: String,
     },
-    /// Re-enable a disabled key.
+    /// Re-enable a disabled key or token.
     Enable {
-        /// Key id.
+        /// Key or token id.
         id: String,
     },
-    /// Issue a new secret for a key (printed once); the old one works for `--grace` seconds
-    /// (at most 30 days).
+    /// Issue a new secret for a key or token (printed once); the old one works for `--grace`
+    /// seconds (at most 30 days).
     Roll {
-        /// Key id.
+        /// Key or token id.
         id: String,
         /// Seconds the old secret keeps working (0 to 2,592,000: 30 days).
         #[arg(
@@ -446,12 +446,12 @@ pub enum Lifecycle {
         )]
         grace: u64,
     },
-    /// Delete a key for good.
+    /// Delete a key or token for good.
     Delete {
-        /// Key id.
+        /// Key or token id.
         id: String,
     },
-    /// Support look-up by the visible prefix (8–12 characters); shows masked keys.
+    /// Support look-up by the visible prefix (8–12 characters); shows masked keys or tokens.
     Find {
         /// The visible start of the key, e.g. `vb_live_AbCd`.
         prefix: String,

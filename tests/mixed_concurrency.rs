@@ -16,7 +16,18 @@ use keyledger::{
 const THREADS: u64 = 4;
 const PER_THREAD: u64 = 3_000;
 
-fn mixed(durability: Durability) {
+/// A ledger in a scratch directory (kept alive by the returned guard) with an account and
+/// that account's pool of `pool_credits`.
+struct Setup {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    config: Config,
+    ledger: Ledger,
+    account: keyledger::Account,
+    pool: keyledger::Pool,
+}
+
+fn setup(durability: Durability, pool_credits: u64) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mixed.redb");
     let config = Config::builder()
@@ -28,8 +39,27 @@ fn mixed(durability: Durability) {
     let account = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
     let pool = ledger
         .credits()
-        .create_pool(NewPool::new(account.id, "shared").credits(3_000))
+        .create_pool(NewPool::new(account.id.as_str(), "shared").credits(pool_credits))
         .unwrap();
+    Setup {
+        _dir: dir,
+        path,
+        config,
+        ledger,
+        account,
+        pool,
+    }
+}
+
+fn mixed(durability: Durability) {
+    let Setup {
+        _dir,
+        path,
+        config,
+        ledger,
+        account,
+        pool,
+    } = setup(durability, 3_000);
     // Two keys with their own credits, two on the pool, one unmetered key to revoke.
     let mut keys = Vec::new();
     for i in 0..4 {
@@ -167,19 +197,14 @@ fn mixed_traffic_and_admin_changes_keep_exact_totals_exact() {
 /// a pool and out again — while requests spend from it: no lease is stranded (a clean close
 /// returns every unit, so it succeeds) and the file checks clean.
 fn two_admins_on_one_balance(durability: Durability, seed: u64) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("admins.redb");
-    let config = Config::builder()
-        .master_key(MasterKey::from_bytes(&[6u8; 32]).unwrap())
-        .durability(durability)
-        .build()
-        .unwrap();
-    let ledger = Ledger::open(&path, config.clone()).unwrap();
-    let account = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
-    let pool = ledger
-        .credits()
-        .create_pool(NewPool::new(account.id, "shared").credits(1_000_000))
-        .unwrap();
+    let Setup {
+        _dir,
+        path,
+        config,
+        ledger,
+        account,
+        pool,
+    } = setup(durability, 1_000_000);
     let key = ledger
         .keys()
         .create(NewKey::new(account.id, "k").credits(1_000))

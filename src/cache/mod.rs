@@ -439,10 +439,16 @@ impl CachedKey {
 }
 
 /// Adds `n` to `counter`, stopping at `u64::MAX`: an unmetered key charges what its commits
-/// say, and a lifetime spend must not wrap to a small figure.
+/// say, and a lifetime spend must not wrap to a small figure. One `fetch_add`, as before
+/// (commit's hot path); an add that wrapped stores the maximum. Adds racing it may wrap
+/// again (each then stores the maximum too) or add to the wrapped figure before the store,
+/// and a flush between the two takes that figure: the counter still ends at the maximum, and
+/// so does the durable spend, which adds what each flush takes with `saturating_add`.
 fn saturating_add(counter: &AtomicU64, n: u64) {
-    let add = |c: u64| Some(c.saturating_add(n));
-    let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, add);
+    let before = counter.fetch_add(n, Ordering::SeqCst);
+    if before.checked_add(n).is_none() {
+        counter.store(u64::MAX, Ordering::SeqCst);
+    }
 }
 
 /// A cached key with its own meter for balance `id` and nothing else set (unit tests).

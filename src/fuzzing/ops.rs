@@ -745,6 +745,13 @@ fn refund(model: &mut Model, credit: &Option<String>, units: u64, epoch: u64) {
     if let Some(bal) = model.balance_of(credit, epoch) {
         if bal.epoch == epoch {
             bal.ub += units;
+            // A refill due and not applied yet: the refund lands in the balance it would
+            // replace, which a refill removed before it applies keeps. (Found by the crash
+            // soak, seed 52,112,671: a grant dropped after the refill fell due refunded 4
+            // into a pool of 50; its refill was then removed, leaving 54.)
+            if bal.refill_pending {
+                bal.before_refill += units;
+            }
         } else {
             bal.granted = bal.granted.saturating_sub(units);
             bal.discarded += units;

@@ -16,16 +16,17 @@ use keyledger::{
 const THREADS: u64 = 4;
 const PER_THREAD: u64 = 3_000;
 
-/// A ledger in a scratch directory (kept alive by the returned guard) with an account and
-/// that account's pool of `pool_credits`.
-struct Setup {
-    _dir: tempfile::TempDir,
-    path: std::path::PathBuf,
-    config: Config,
-    ledger: Ledger,
-    account: keyledger::Account,
-    pool: keyledger::Pool,
-}
+/// A ledger in a scratch directory with an account and that account's pool of
+/// `pool_credits`: the directory (keep it alive), the file, its config, the ledger, the
+/// account and the pool.
+type Setup = (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Config,
+    Ledger,
+    keyledger::Account,
+    keyledger::Pool,
+);
 
 fn setup(durability: Durability, pool_credits: u64) -> Setup {
     let dir = tempfile::tempdir().unwrap();
@@ -41,25 +42,11 @@ fn setup(durability: Durability, pool_credits: u64) -> Setup {
         .credits()
         .create_pool(NewPool::new(account.id.as_str(), "shared").credits(pool_credits))
         .unwrap();
-    Setup {
-        _dir: dir,
-        path,
-        config,
-        ledger,
-        account,
-        pool,
-    }
+    (dir, path, config, ledger, account, pool)
 }
 
 fn mixed(durability: Durability) {
-    let Setup {
-        _dir,
-        path,
-        config,
-        ledger,
-        account,
-        pool,
-    } = setup(durability, 3_000);
+    let (_dir, path, config, ledger, account, pool) = setup(durability, 3_000);
     // Two keys with their own credits, two on the pool, one unmetered key to revoke.
     let mut keys = Vec::new();
     for i in 0..4 {
@@ -197,14 +184,7 @@ fn mixed_traffic_and_admin_changes_keep_exact_totals_exact() {
 /// a pool and out again — while requests spend from it: no lease is stranded (a clean close
 /// returns every unit, so it succeeds) and the file checks clean.
 fn two_admins_on_one_balance(durability: Durability, seed: u64) {
-    let Setup {
-        _dir,
-        path,
-        config,
-        ledger,
-        account,
-        pool,
-    } = setup(durability, 1_000_000);
+    let (_dir, path, config, ledger, account, pool) = setup(durability, 1_000_000);
     let key = ledger
         .keys()
         .create(NewKey::new(account.id, "k").credits(1_000))

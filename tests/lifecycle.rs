@@ -1046,6 +1046,13 @@ mod damaged {
         report.problems
     }
 
+    /// Asserts that one of the problems `check` found starts with `start`.
+    #[track_caller]
+    fn assert_named(found: &[String], start: &str, context: &str) {
+        let named = found.iter().any(|p| p.starts_with(start));
+        assert!(named, "{context}no `{start}…` in {found:?}");
+    }
+
     /// An owner index that lost an entry names the key left out of its owner's listing, and
     /// does not also claim entries for missing keys.
     #[test]
@@ -1106,12 +1113,7 @@ mod damaged {
         ledger.close().unwrap();
         drop(ledger);
         let found = problems(&path, config);
-        assert!(
-            found
-                .iter()
-                .any(|p| p.starts_with(&format!("credit balance of {metered}"))),
-            "{found:?}"
-        );
+        assert_named(&found, &format!("credit balance of {metered}"), "");
     }
 
     /// No byte of a disabled key's verify record, flipped on disk, lets the key through:
@@ -1151,12 +1153,8 @@ mod damaged {
             );
             drop(ledger);
             let found = problems(&copy, config.clone());
-            assert!(
-                found
-                    .iter()
-                    .any(|p| p.starts_with(&format!("{id}: hash index entry: "))),
-                "byte {at}: {found:?}"
-            );
+            let context = format!("byte {at}: ");
+            assert_named(&found, &format!("{id}: hash index entry: "), &context);
         }
     }
 
@@ -1189,13 +1187,8 @@ mod damaged {
         ledger.close().unwrap();
         drop(ledger);
         let found = problems(&path, config);
-        assert!(
-            found
-                .iter()
-                .any(|p| p
-                    .starts_with("audit event 18446744073709551615: its sequence number says ")),
-            "{found:?}"
-        );
+        let audit = "audit event 18446744073709551615: its sequence number says ";
+        assert_named(&found, audit, "");
         assert!(
             found.contains(&"route /y/: its rule is for /x/".to_owned()),
             "{found:?}"

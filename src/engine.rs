@@ -637,14 +637,12 @@ impl Engine {
                 // A balance given to the key later is a new one: its first refusal is news.
                 meters.grew(id);
                 if let Some(meter) = meter {
-                    // Retired and out of the registry now, not once the writer gets to it: a
-                    // key metered again must get a new meter, and this one must not lease from
-                    // the new balance (a prefetch queued since goes ahead of the message
-                    // below), or what grants reserved from it would stay leased for good.
+                    // Retired and out of the registry now, in the change's turn: a key metered
+                    // again gets a new meter, and this one leases from no later balance (else
+                    // what grants reserved from it would stay leased for good). What it holds
+                    // went with the balance; the writer ignores it from now on.
                     meter.retire();
                     meters.remove(&meter);
-                    drop(meters);
-                    let _ = self.tx.send(Msg::Retire { meter, gone: true });
                 }
             }
             KeyChange::CreditsChanged => {
@@ -710,8 +708,6 @@ impl Engine {
         if let Some(meter) = meters.get(id).filter(|m| m.is_pool()) {
             meter.retire();
             meters.remove(&meter);
-            drop(meters);
-            let _ = self.tx.send(Msg::Retire { meter, gone: true });
         }
     }
 
@@ -881,7 +877,7 @@ impl Engine {
             if key.metering == Metering::Own {
                 let meter = MeterRef::Own(key.home_arc());
                 drop(key); // the writer frees the meter when only its handles are left
-                let _ = self.tx.send(Msg::Retire { meter, gone: false });
+                let _ = self.tx.send(Msg::Retire { meter });
             }
         }
     }

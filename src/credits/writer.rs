@@ -104,11 +104,10 @@ pub(crate) enum Msg {
         audit: Option<AuditLine>,
         reply: Sender<Result<u64>>,
     },
-    /// A meter leaves memory: return its lease, flush its spend, and drop it from the
-    /// registry unless something still uses it — or, with `gone` (its balance was deleted,
-    /// and the meter retired then, so late refunds and spends through it are ignored), just
-    /// drop it.
-    Retire { meter: MeterRef, gone: bool },
+    /// A meter leaves memory (its key left the cache): return its lease, flush its spend, and
+    /// drop it from the registry unless something still uses it. (A meter whose balance was
+    /// deleted is retired by the change itself, which sends nothing.)
+    Retire { meter: MeterRef },
     /// Refunded units the lease does not keep (`Exact` mode keeps none), or could not take
     /// because their epoch had ended: back to the balance if it is still the one of `epoch`,
     /// else out of `leased` and `granted` (the `set` that ended it was final). Checked here,
@@ -700,7 +699,6 @@ struct Effects {
     /// those the failed batch did not reach.
     stopped: Option<Msg>,
     retired: Vec<MeterRef>,
-    gone: Vec<MeterRef>,
     /// Balances whose remembered exhaustion a change forgot (see [`Registry::grew`]):
     /// remembered again if the batch fails.
     forgotten: Vec<u64>,
@@ -831,9 +829,6 @@ fn commit(
                 listed.keep(fx.usage_kept, fx.meters_kept);
             }
             let mut meters = shared.meters.lock();
-            for meter in fx.gone {
-                meters.remove(&meter);
-            }
             for meter in fx.retired {
                 // The registry's handle and this one: nobody else uses it, so it can go.
                 // (`remove` checks that it is the registered one: with a grant in flight
@@ -1157,7 +1152,7 @@ fn build(
                         // figure later crossings are measured from.
                         low_balance(shared, fx, meter, r.balance);
                     }
-                    // What a refusal saw: the change is news only if the balance ends above it.
+                    // What a refusal saw: the change is news only if it grows the balance.
                     let start = r.balance;
                     // A refill that fell due comes first: the admin's change is the newer one
                     // and must not be replaced by it later.
@@ -1211,8 +1206,9 @@ fn build(
                         }
                         fx.adjusts[at].1 = Ok(r.balance);
                     }
-                    if r.balance <= start {
-                        refuse(fx); // not grown: a run-out remembered stands
+                    let grew = r.balance > start;
+                    if !grew {
+                        refuse(fx); // a run-out remembered stands
                     }
                     if let Some(meter) = meter {
                         // A reservation made from the old lease carries the old epoch, so a
@@ -1223,7 +1219,7 @@ fn build(
                         if (applied && matches!(change, Adjust::Set(_))) || refilled {
                             end_epoch(fx, &meter, r);
                         }
-                        if r.balance > start {
+                        if grew {
                             fx.tell(&meter, meter.replenished());
                         }
                         fx.balances.push((meter.clone(), r.balance));
@@ -1232,13 +1228,7 @@ fn build(
                         fx.leases.push((meter, 0, empty_until(r, now)));
                     }
                 }
-                Msg::Retire { meter, gone: true } => {
-                    // Retired when its balance went: a record with its id now is a later
-                    // balance, which it never leased from. What it held went with the old one.
-                    debug_assert!(meter.retired());
-                    fx.gone.push(meter);
-                }
-                Msg::Retire { meter, gone: false } => {
+                Msg::Retire { meter } => {
                     reclaim(&mut work, fx, &meter)?;
                     fx.retired.push(meter);
                 }

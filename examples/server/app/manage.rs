@@ -15,7 +15,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use keyledger::{Error, KeyInfo, KeyUpdate, Keys, Ledger, NewKey, PageRequest, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -226,9 +226,9 @@ impl Fail {
     }
 }
 
-impl From<Fail> for Response {
-    fn from(f: Fail) -> Response {
-        managed_error(f.status, f.code, f.message)
+impl IntoResponse for Fail {
+    fn into_response(self) -> Response {
+        managed_error(self.status, self.code, self.message)
     }
 }
 
@@ -265,20 +265,18 @@ fn body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, Raw(raw): Raw) -> R
     })
 }
 
-async fn list(kind: Kind, app: Arc<App>, caller: Caller, query: Q) -> Response {
-    let invalid =
-        |message: String| managed_error(StatusCode::BAD_REQUEST, "invalid_request", message);
+async fn list(kind: Kind, app: Arc<App>, caller: Caller, query: Q) -> Result<Response, Fail> {
     let Ok(Query(query)) = query else {
-        return invalid("unreadable query".into());
+        return Err(Fail::invalid("unreadable query"));
     };
     // A parameter given twice is refused, not read as its first or last value: a proxy
     // or cache in front may read the other one.
     let mut seen = std::collections::HashSet::new();
     if let Some((name, _)) = query.iter().find(|(name, _)| !seen.insert(name)) {
-        return invalid(format!(
+        return Err(Fail::invalid(format!(
             "`{}` is given more than once",
             name.escape_default()
-        ));
+        )));
     }
     let get = |name: &str| query.iter().find(|(n, _)| n == name).map(|(_, v)| v);
     let mut page = PageRequest::first();
@@ -286,13 +284,18 @@ async fn list(kind: Kind, app: Arc<App>, caller: Caller, query: Q) -> Response {
         let digits = !limit.is_empty() && limit.bytes().all(|b| b.is_ascii_digit());
         match limit.parse::<usize>() {
             Ok(n) if digits && (1..=keyledger::MAX_LIMIT).contains(&n) => page = page.limit(n),
-            _ => return invalid(format!("limit must be 1–{}", keyledger::MAX_LIMIT)),
+            _ => {
+                return Err(Fail::invalid(format!(
+                    "limit must be 1–{}",
+                    keyledger::MAX_LIMIT
+                )));
+            }
         }
     }
     if let Some(cursor) = get("cursor") {
         page = page.after(cursor.as_str());
     }
-    blocking(&app, move |ledger| {
+    Ok(blocking(&app, move |ledger| {
         let listed = kind
             .handle(ledger, &caller)
             .and_then(|keys| keys.list(&caller.owner, &page));
@@ -315,15 +318,12 @@ async fn list(kind: Kind, app: Arc<App>, caller: Caller, query: Q) -> Response {
             Err(e) => failure(&e),
         }
     })
-    .await
+    .await)
 }
 
-async fn get_one(kind: Kind, app: Arc<App>, caller: Caller, id: IdPath) -> Response {
-    let id = match kind.id(id) {
-        Ok(id) => id,
-        Err(unknown) => return unknown.into(),
-    };
-    blocking(&app, move |ledger| {
+async fn get_one(kind: Kind, app: Arc<App>, caller: Caller, id: IdPath) -> Result<Response, Fail> {
+    let id = kind.id(id)?;
+    Ok(blocking(&app, move |ledger| {
         match kind.handle(ledger, &caller).and_then(|keys| keys.get(&id)) {
             Ok(info) => {
                 let links = Links {
@@ -335,7 +335,7 @@ async fn get_one(kind: Kind, app: Arc<App>, caller: Caller, id: IdPath) -> Respo
             Err(e) => failure(&e),
         }
     })
-    .await
+    .await)
 }
 
 /// `POST /v2/keys` and `/v2/tokens` body.
@@ -358,24 +358,17 @@ async fn create(
     caller: Caller,
     headers: HeaderMap,
     raw: Raw,
-) -> Response {
+) -> Result<Response, Fail> {
     // A caller that may not write was refused by `Raw`, before its body was read.
-    let req: CreateRequest = match body(&headers, raw) {
-        Ok(req) => req,
-        Err(refused) => return refused.into(),
-    };
-    let scopes = match scopes(&req.permissions) {
-        Ok(s) => s,
-        Err(refused) => return refused.into(),
-    };
-    let invalid = |m: &str| managed_error(StatusCode::BAD_REQUEST, "invalid_request", m);
+    let req: CreateRequest = body(&headers, raw)?;
+    let scopes = scopes(&req.permissions)?;
     let new = match (kind, req.kind.as_deref()) {
         (Kind::Key, None | Some("api")) => NewKey::new(caller.owner.as_str(), req.name),
-        (Kind::Key, Some(_)) => return invalid("type must be \"api\" for a key"),
-        (Kind::Token, None) => return invalid("type is required for a token"),
+        (Kind::Key, Some(_)) => return Err(Fail::invalid("type must be \"api\" for a key")),
+        (Kind::Token, None) => return Err(Fail::invalid("type is required for a token")),
         (Kind::Token, Some(t)) => NewKey::token(caller.owner.as_str(), t, req.name),
     };
-    blocking(&app.clone(), move |ledger| {
+    Ok(blocking(&app.clone(), move |ledger| {
         let bounds = match bounds(&app, ledger, &caller) {
             Ok(b) => b,
             Err(response) => return *response,
@@ -419,7 +412,7 @@ async fn create(
             Err(e) => failure(&e),
         }
     })
-    .await
+    .await)
 }
 
 /// `PATCH /v2/keys/{id}` and `/v2/tokens/{id}` body: any of these.
@@ -441,28 +434,15 @@ async fn update(
     id: IdPath,
     headers: HeaderMap,
     raw: Raw,
-) -> Response {
-    let id = match kind.id(id) {
-        Ok(id) => id,
-        Err(unknown) => return unknown.into(),
-    };
+) -> Result<Response, Fail> {
+    let id = kind.id(id)?;
     // A caller that may not write was refused by `Raw`, before its body was read.
-    let req: UpdateRequest = match body(&headers, raw) {
-        Ok(req) => req,
-        Err(refused) => return refused.into(),
-    };
+    let req: UpdateRequest = body(&headers, raw)?;
     if req.name.is_none() && req.permissions.is_none() && req.ips.is_none() {
-        return managed_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "give at least one of name, permissions, ips",
-        );
+        return Err(Fail::invalid("give at least one of name, permissions, ips"));
     }
-    let scopes = match req.permissions.as_deref().map(scopes).transpose() {
-        Ok(s) => s,
-        Err(refused) => return refused.into(),
-    };
-    blocking(&app.clone(), move |ledger| {
+    let scopes = req.permissions.as_deref().map(scopes).transpose()?;
+    Ok(blocking(&app.clone(), move |ledger| {
         let (bounds, keys) = match may_change(&app, ledger, &caller, kind, &id) {
             Ok(found) => found,
             Err(response) => return *response,
@@ -494,7 +474,7 @@ async fn update(
             Err(e) => failure(&e),
         }
     })
-    .await
+    .await)
 }
 
 /// What `DELETE` answers.
@@ -504,15 +484,10 @@ struct Deleted {
     deleted: bool,
 }
 
-async fn delete(kind: Kind, app: Arc<App>, caller: Caller, id: IdPath) -> Response {
-    let id = match kind.id(id) {
-        Ok(id) => id,
-        Err(unknown) => return unknown.into(),
-    };
-    if let Err(refused) = require_write(&caller) {
-        return refused.into();
-    }
-    blocking(&app.clone(), move |ledger| {
+async fn delete(kind: Kind, app: Arc<App>, caller: Caller, id: IdPath) -> Result<Response, Fail> {
+    let id = kind.id(id)?;
+    require_write(&caller)?;
+    Ok(blocking(&app.clone(), move |ledger| {
         let keys = match may_change(&app, ledger, &caller, kind, &id) {
             Ok((_, keys)) => keys,
             Err(response) => return *response,
@@ -522,7 +497,7 @@ async fn delete(kind: Kind, app: Arc<App>, caller: Caller, id: IdPath) -> Respon
             Err(e) => failure(&e),
         }
     })
-    .await
+    .await)
 }
 
 type Q = Result<Query<Vec<(String, String)>>, QueryRejection>;
@@ -574,7 +549,7 @@ pub async fn list_keys(
     Extension(c): Extension<Caller>,
     q: Q,
 ) -> Response {
-    list(Kind::Key, app, c, q).await
+    list(Kind::Key, app, c, q).await.into_response()
 }
 
 /// `GET /v2/tokens?limit=&cursor=`.
@@ -583,7 +558,7 @@ pub async fn list_tokens(
     Extension(c): Extension<Caller>,
     q: Q,
 ) -> Response {
-    list(Kind::Token, app, c, q).await
+    list(Kind::Token, app, c, q).await.into_response()
 }
 
 /// `GET /v2/keys/{id}`.
@@ -592,7 +567,7 @@ pub async fn get_key(
     Extension(c): Extension<Caller>,
     id: IdPath,
 ) -> Response {
-    get_one(Kind::Key, app, c, id).await
+    get_one(Kind::Key, app, c, id).await.into_response()
 }
 
 /// `GET /v2/tokens/{id}`.
@@ -601,7 +576,7 @@ pub async fn get_token(
     Extension(c): Extension<Caller>,
     id: IdPath,
 ) -> Response {
-    get_one(Kind::Token, app, c, id).await
+    get_one(Kind::Token, app, c, id).await.into_response()
 }
 
 /// `POST /v2/keys`.
@@ -611,7 +586,7 @@ pub async fn create_key(
     h: HeaderMap,
     raw: Raw,
 ) -> Response {
-    create(Kind::Key, app, c, h, raw).await
+    create(Kind::Key, app, c, h, raw).await.into_response()
 }
 
 /// `POST /v2/tokens`.
@@ -621,7 +596,7 @@ pub async fn create_token(
     h: HeaderMap,
     raw: Raw,
 ) -> Response {
-    create(Kind::Token, app, c, h, raw).await
+    create(Kind::Token, app, c, h, raw).await.into_response()
 }
 
 /// `PATCH /v2/keys/{id}`.
@@ -632,7 +607,7 @@ pub async fn update_key(
     h: HeaderMap,
     raw: Raw,
 ) -> Response {
-    update(Kind::Key, app, c, id, h, raw).await
+    update(Kind::Key, app, c, id, h, raw).await.into_response()
 }
 
 /// `PATCH /v2/tokens/{id}`.
@@ -643,7 +618,9 @@ pub async fn update_token(
     h: HeaderMap,
     raw: Raw,
 ) -> Response {
-    update(Kind::Token, app, c, id, h, raw).await
+    update(Kind::Token, app, c, id, h, raw)
+        .await
+        .into_response()
 }
 
 /// `DELETE /v2/keys/{id}`.
@@ -652,7 +629,7 @@ pub async fn delete_key(
     Extension(c): Extension<Caller>,
     id: IdPath,
 ) -> Response {
-    delete(Kind::Key, app, c, id).await
+    delete(Kind::Key, app, c, id).await.into_response()
 }
 
 /// `DELETE /v2/tokens/{id}`.
@@ -661,7 +638,7 @@ pub async fn delete_token(
     Extension(c): Extension<Caller>,
     id: IdPath,
 ) -> Response {
-    delete(Kind::Token, app, c, id).await
+    delete(Kind::Token, app, c, id).await.into_response()
 }
 
 /// A connection as `GET /v2/connectors` shows it: metadata only, never a token.

@@ -370,10 +370,11 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "no message".into())
 }
 
-/// The error for a file redb panicked on.
+/// The error for a file whose read or write panicked: redb on a malformed page, most likely,
+/// but the panic may be this crate's own, so the message says what happened, not whose.
 fn damaged(what: &str) -> Error {
     Error::Storage(Box::new(redb::Error::Corrupted(format!(
-        "the file is corrupt: redb failed reading it ({what})"
+        "the file may be corrupt: reading or writing it failed unexpectedly ({what})"
     ))))
 }
 

@@ -167,6 +167,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             default_owner: boot.account,
             request_deadline: std::time::Duration::from_secs(30),
             header_deadline: std::time::Duration::from_secs(10),
+            max_connections: app::MAX_CONNECTIONS,
         });
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         addrs.push(listener.local_addr()?);

@@ -1518,3 +1518,39 @@ fn an_id_that_is_not_utf8_is_not_found_in_the_envelope() {
         managed_refused(&patch, 404, "not_found");
     }
 }
+
+#[test]
+fn a_server_at_its_connection_cap_serves_the_next_client_once_one_leaves() {
+    use std::io::{ErrorKind, Read, Write};
+    use std::time::Duration;
+    let s = Server::start_capped(2);
+    let auth = format!("Bearer {}", s.admin);
+    let mut held: Vec<_> = (0..2)
+        .map(|_| {
+            let mut conn = server_support::http::Connection::open(s.addr).unwrap();
+            let r = conn.send("GET", "/v2/keys", &[("authorization", &auth)], None);
+            assert_eq!(r.unwrap().status, 200);
+            conn // kept open: the server holds its connection until it closes
+        })
+        .collect();
+    let mut third = std::net::TcpStream::connect(s.addr).unwrap();
+    let request = format!("GET /v2/keys HTTP/1.1\r\nhost: x\r\nauthorization: {auth}\r\n\r\n");
+    third.write_all(request.as_bytes()).unwrap();
+    // Past the cap the connection waits in the listen backlog: nothing is read from it.
+    third
+        .set_read_timeout(Some(Duration::from_millis(400)))
+        .unwrap();
+    let mut first = [0; 12];
+    let waited = third.read(&mut first).unwrap_err();
+    assert!(
+        matches!(waited.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        "{waited}"
+    );
+    // One held connection leaves: the waiting one is accepted and answered.
+    held.pop();
+    third
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    third.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+}

@@ -147,6 +147,7 @@ fn run() -> Result<(), String> {
         default_owner: account,
         request_deadline: REQUEST_DEADLINE,
         header_deadline: HEADER_DEADLINE,
+        max_connections: app::MAX_CONNECTIONS,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

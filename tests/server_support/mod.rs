@@ -49,6 +49,28 @@ impl Server {
 
     /// A server on a fresh database.
     pub fn start_with(auth: AuthMode) -> Server {
+        Server::launch(
+            auth,
+            app::MAX_CONNECTIONS,
+            std::time::Duration::from_secs(1),
+        )
+    }
+
+    /// A server holding at most `connections` open at once, whose idle connections stay
+    /// open for a minute (so a test decides when they close).
+    pub fn start_capped(connections: usize) -> Server {
+        Server::launch(
+            AuthMode::On,
+            connections,
+            std::time::Duration::from_secs(60),
+        )
+    }
+
+    fn launch(
+        auth: AuthMode,
+        max_connections: usize,
+        header_deadline: std::time::Duration,
+    ) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let master = MasterKey::generate().expect("master key");
         let master_hex = master.to_hex().expose().to_owned();
@@ -71,7 +93,8 @@ impl Server {
             auth,
             default_owner: boot.account,
             request_deadline: REQUEST_DEADLINE,
-            header_deadline: std::time::Duration::from_secs(1),
+            header_deadline,
+            max_connections,
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

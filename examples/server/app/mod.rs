@@ -112,6 +112,9 @@ pub struct App {
     pub request_deadline: std::time::Duration,
     /// How long a client may take to send a request's headers: 10 s in `main.rs`.
     pub header_deadline: std::time::Duration,
+    /// Connections [`serve`] holds open at once ([`MAX_CONNECTIONS`] in `main.rs`): past
+    /// it, new ones wait in the listen backlog until one closes.
+    pub max_connections: usize,
 }
 
 /// What [`bootstrap`] found or made.
@@ -174,7 +177,8 @@ pub fn bootstrap(ledger: &Ledger) -> keyledger::Result<Bootstrap> {
     })
 }
 
-/// Connections [`serve`] holds open at once.
+/// The [`App::max_connections`] of `main.rs`: far from the process's file descriptor limit
+/// (1,024 by default), which the ledger needs some of.
 pub const MAX_CONNECTIONS: usize = 512;
 
 /// Serves `app` on `listener` until `shutdown` resolves, then waits for the connections
@@ -192,11 +196,12 @@ pub async fn serve(
     // yet, could hold a connection for ever.
     http.timer(TokioTimer::new())
         .header_read_timeout(app.header_deadline);
+    let connections = app.max_connections;
     let router = router(app);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     // At most this many connections at once: past it, new ones wait in the listen backlog
     // instead of taking the process's last file descriptors (the ledger needs some).
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let open = Arc::new(tokio::sync::Semaphore::new(connections));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {

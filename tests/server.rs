@@ -1554,3 +1554,22 @@ fn a_server_at_its_connection_cap_serves_the_next_client_once_one_leaves() {
     third.read_exact(&mut first).unwrap();
     assert_eq!(&first, b"HTTP/1.1 200");
 }
+
+#[test]
+fn a_connection_left_idle_is_closed_at_the_header_deadline() {
+    use std::io::Read;
+    let s = Server::start();
+    let bearer = format!("Bearer {}", s.admin);
+    let auth = [("authorization", bearer.as_str())];
+    let mut kept_alive = server_support::http::Connection::open(s.addr).unwrap();
+    let listed = kept_alive.send("GET", "/v2/keys", &auth, None).unwrap();
+    assert_eq!(listed.status, 200);
+    let mut silent = std::net::TcpStream::connect(s.addr).unwrap();
+    silent
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    // The test server's header deadline is 1 s: a client that never sends a request
+    // is let go, and so is one that sends nothing after its first response.
+    assert_eq!(silent.read(&mut [0; 1]).unwrap(), 0);
+    assert!(kept_alive.send("GET", "/v2/keys", &auth, None).is_err());
+}

@@ -184,6 +184,10 @@ pub const MAX_CONNECTIONS: usize = 512;
 /// Serves `app` on `listener` until `shutdown` resolves, then waits for the connections
 /// still open (the caller bounds that wait). Each request carries its connection's peer
 /// address (`ConnectInfo`), which the auth layer checks against keys' IP allowlists.
+///
+/// A connection idle for `header_deadline` (new, or kept alive after a response) is closed.
+/// One whose client stops *reading* its responses is not: it holds one of the
+/// `max_connections` until the client reads again or leaves (hyper has no write deadline).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Arc<App>,

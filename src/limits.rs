@@ -147,19 +147,28 @@ impl Gcra {
     }
 
     /// Gives back the last `increment` of a slot that ends at `until`, as far as it is still
-    /// ahead of `now_ns`: the part already past has drained by itself, and taking it off
-    /// again would take other requests' slots. Never moves the arrival time below `now_ns`.
-    fn release(&self, now_ns: u64, until: Ticks, increment: Ticks) {
-        let now = ticks(now_ns);
-        let decrement = increment.min(until.saturating_sub(now));
-        if decrement == 0 {
-            return;
+    /// ahead of the monotonic time `now` reads: the part already past has drained by itself,
+    /// and taking it off again would take other requests' slots. Never moves the arrival time
+    /// below that time. The clock is read after the arrival time it changes: a thread
+    /// stalled between a reading and its swap could otherwise find its slot drained and
+    /// another request's in its place, and erase it (found by a reviewer).
+    fn release(&self, now: impl Fn() -> u64, until: Ticks, increment: Ticks) {
+        let mut tat = self.tat.load(Ordering::Acquire);
+        loop {
+            let now = ticks(now());
+            let decrement = increment.min(until.saturating_sub(now));
+            if decrement == 0 {
+                return;
+            }
+            let new_tat = tat.saturating_sub(decrement).max(now);
+            match self
+                .tat
+                .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                Err(actual) => tat = actual,
+            }
         }
-        let _ = self
-            .tat
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
-                Some(tat.saturating_sub(decrement).max(now))
-            });
     }
 
     /// Units still admissible right now (for grants' rate-limit state).
@@ -403,10 +412,8 @@ impl KeyLimits {
             tokens_admission: 0,
             tier_pct: multiplier_pct,
         };
-        // A roll-back reads the clock again: a thread that stalled between taking a slot and
-        // a later limit's refusal may find its slot drained and another request's in its
-        // place, which giving back a whole interval would erase.
-        let roll_back = |taken: &[Gcra]| self.release_named(taken, now(), &admission);
+        // A roll-back reads the clock again (see `Gcra::release`).
+        let roll_back = |taken: &[Gcra]| self.release_named(taken, &now, &admission);
         for (i, gcra) in self.named.iter().enumerate() {
             if let Err(wait) = gcra.acquire(now_ns, 1, multiplier_pct) {
                 roll_back(&self.named[..i]);
@@ -465,22 +472,23 @@ impl KeyLimits {
     }
 
     /// Gives back what a successful [`acquire`](Self::acquire) of `cost` took (a later check
-    /// refused the request), as far as its slots are still ahead of `now_ns`.
-    pub(crate) fn release(&self, now_ns: u64, admitted: &Admission, cost: u64) {
-        self.release_named(&self.named, now_ns, admitted);
+    /// refused the request), as far as its slots are still ahead of the monotonic time `now`
+    /// reads.
+    pub(crate) fn release(&self, now: impl Fn() -> u64, admitted: &Admission, cost: u64) {
+        self.release_named(&self.named, &now, admitted);
         if let Some(tokens) = &self.tokens {
             let increment = tokens.gcra.increment(cost, admitted.tier_pct);
-            tokens.give_back(now_ns, admitted.tokens_admission, increment);
+            tokens.give_back(now(), admitted.tokens_admission, increment);
         }
     }
 
     /// Gives each of the named limits `taken` back the slot `admitted` took in it, as far as
-    /// that slot can still be ahead of `now_ns` (see [`Admission::admitted_ns`]).
-    fn release_named(&self, taken: &[Gcra], now_ns: u64, admitted: &Admission) {
+    /// that slot can still be ahead of the time `now` reads (see [`Admission::admitted_ns`]).
+    fn release_named(&self, taken: &[Gcra], now: impl Fn() -> u64, admitted: &Admission) {
         for gcra in taken {
             let increment = gcra.increment(1, admitted.tier_pct);
             let until_at_least = ticks(admitted.admitted_ns).saturating_add(increment);
-            gcra.release(now_ns, until_at_least, increment);
+            gcra.release(&now, until_at_least, increment);
         }
     }
 
@@ -799,6 +807,38 @@ mod tests {
         assert_eq!(
             k.named[0].remaining(other_at, 100),
             999,
+            "the other request's slot is still taken"
+        );
+    }
+
+    /// A give-back whose thread stalls after reading the clock, until its own slot has
+    /// drained and another request took the next: it must not erase that request's slot.
+    /// The clock below runs the other request inside the give-back's first reading, and
+    /// answers with the time from before it. (Found by a reviewer: a limit of 1 a second
+    /// admitted 2.)
+    #[test]
+    fn a_give_back_stalled_after_its_clock_reading_leaves_a_later_slot_alone() {
+        let k = KeyLimits::new(&per_second_and_minute(1, 1_000), 0, &[]);
+        let t0 = 100 * S;
+        let admitted = k.acquire(|| t0, 1, 100).expect("the second's one request");
+        // Refused later (for credits); its thread reads the clock, then stalls past its slot.
+        let (stalled_at, other_at) = (t0, t0 + 2 * S);
+        let reads = std::cell::Cell::new(0);
+        let clock = || {
+            reads.set(reads.get() + 1);
+            if reads.get() == 1 {
+                assert!(
+                    k.named[0].acquire(other_at, 1, 100).is_ok(),
+                    "the next slot"
+                );
+                return stalled_at;
+            }
+            other_at
+        };
+        k.release(clock, &admitted, 0);
+        assert_eq!(
+            k.named[0].remaining(other_at, 100),
+            0,
             "the other request's slot is still taken"
         );
     }

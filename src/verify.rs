@@ -418,7 +418,7 @@ impl Grant<'_> {
     /// Gives back the rate-limit slots of a request refused after the rate check.
     fn release_rate(&self) {
         if let (Some(admission), Some(limits)) = (&self.admission, &self.key.limits) {
-            limits.release(self.ledger.monotonic_ns(), admission, self.reserved);
+            limits.release(|| self.ledger.monotonic_ns(), admission, self.reserved);
         }
     }
 

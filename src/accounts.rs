@@ -58,7 +58,7 @@ impl NewAccount {
         self
     }
 
-    /// Initial entitlements.
+    /// Initial entitlements: at most 100 distinct feature names (scope characters, no `*`).
     pub fn entitlements<I: IntoIterator<Item = S>, S: Into<String>>(mut self, items: I) -> Self {
         self.entitlements = items.into_iter().map(Into::into).collect();
         self
@@ -91,7 +91,7 @@ impl AccountUpdate {
         self
     }
 
-    /// Replaces the entitlements.
+    /// Replaces the entitlements (at most 100 distinct, as [`NewAccount::entitlements`]).
     pub fn entitlements<I: IntoIterator<Item = S>, S: Into<String>>(mut self, items: I) -> Self {
         self.entitlements = Some(items.into_iter().map(Into::into).collect());
         self
@@ -100,10 +100,18 @@ impl AccountUpdate {
 
 fn entitlements(ledger: &Ledger, items: &[String]) -> Result<BTreeSet<String>> {
     ledger.holding_no_key("entitlements", items.iter().map(String::as_str))?;
-    items
+    let set = items
         .iter()
         .map(|e| rules::entitlement("entitlements", e))
-        .collect()
+        .collect::<Result<BTreeSet<String>>>()?;
+    // Every account change decodes the set, and every account view copies it.
+    if set.len() > rules::MAX_ENTITLEMENTS {
+        return Err(Error::invalid(
+            "entitlements",
+            format!("at most {}, got {}", rules::MAX_ENTITLEMENTS, set.len()),
+        ));
+    }
+    Ok(set)
 }
 
 /// Account operations. Get one with [`Ledger::accounts`].

@@ -366,7 +366,8 @@ impl Record for CreditsRecord {
 /// A route rule: requests under `prefix` need `permission` and `entitlement`, and cost `cost`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteRule {
-    /// Route prefix, e.g. `/api/v1/quickhits/`.
+    /// Route prefix, e.g. `/api/v1/quickhits/`: a plain prefix of resolved paths (1–256
+    /// printable ASCII characters from `/`; no `*`, no `.` or `..` segment, no `//`).
     pub prefix: String,
     /// Permission a key must hold (`None`: any valid key).
     pub permission: Option<String>,
@@ -462,6 +463,7 @@ pub(crate) mod rules {
     pub const NAME_MAX_CHARS: usize = 50;
     pub const SCOPE_MAX_CHARS: usize = 100;
     pub const MAX_PERMISSIONS: usize = 100;
+    pub const MAX_ENTITLEMENTS: usize = 100;
     pub const MAX_IPS: usize = 100;
     pub const MAX_METADATA: usize = 32;
     pub const METADATA_KEY_MAX: usize = 64;

@@ -41,6 +41,27 @@ impl Routes<'_> {
                 ),
             ));
         }
+        // Routes arrive resolved (see `Request::new`): a rule no resolved route can start
+        // with would protect nothing. (Found by a reviewer: `/v1/*` was kept, and left
+        // `/v1/users` open.)
+        if prefix.contains('*') {
+            return Err(Error::invalid(
+                "prefix",
+                "a rule matches by plain prefix: write `/v1/`, not `/v1/*`, for every route under /v1/",
+            ));
+        }
+        let unresolved = prefix.contains("//")
+            || prefix.contains("/./")
+            || prefix.contains("/../")
+            || prefix.ends_with("/.")
+            || prefix.ends_with("/..");
+        if unresolved {
+            return Err(Error::invalid(
+                "prefix",
+                "routes are matched with `.` and `..` segments and repeated slashes resolved: \
+                 a prefix holding one would never match",
+            ));
+        }
         if let Some(p) = &rule.permission {
             rules::scope("permission", p)?;
         }

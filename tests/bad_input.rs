@@ -1149,3 +1149,49 @@ fn a_file_damaged_anywhere_gives_every_call_a_typed_error_never_a_panic() {
     assert!(refused > 0 && clean > 0, "{refused} refused, {clean} clean");
     assert!(opened > 0);
 }
+
+/// A rule matches by plain prefix, on routes with dot segments and repeated slashes
+/// resolved: a prefix no such route can start with would leave its routes open while looking
+/// like it guards them. (Found by a reviewer: `/v1/*` was kept and `/v1/users` stayed open.)
+#[test]
+fn route_prefixes_that_could_never_match_are_refused() {
+    let t = TestLedger::new();
+    for prefix in [
+        "/v1/*",
+        "/*",
+        "/api//admin/",
+        "/api/./admin/",
+        "/api/../admin/",
+        "/api/.",
+        "/api/..",
+    ] {
+        let rule = RouteRule::new(prefix).permission("admin");
+        assert_invalid(t.ledger.routes().set(rule), "prefix");
+    }
+    assert!(t.ledger.routes().list().unwrap().is_empty());
+    for prefix in ["/v1/", "/api/.well-known/", "/api/v1.2/", "/a..b"] {
+        let rule = RouteRule::new(prefix).permission("admin");
+        assert!(t.ledger.routes().set(rule).is_ok(), "{prefix}");
+    }
+}
+
+/// Every account change decodes its entitlements and every view copies them: a list is
+/// bounded like a key's permissions (found by a reviewer: 20,000 were kept).
+#[test]
+fn entitlements_are_bounded() {
+    let t = TestLedger::new();
+    let many = |n: usize| (0..n).map(|i| format!("feature{i}")).collect::<Vec<_>>();
+    let created = t
+        .ledger
+        .accounts()
+        .create(NewAccount::new("Acme").entitlements(many(101)));
+    assert_invalid(created, "entitlements");
+    let at_cap = NewAccount::new("Acme").entitlements([many(100), many(100)].concat());
+    let account = t.ledger.accounts().create(at_cap).unwrap();
+    assert_eq!(account.entitlements.len(), 100, "duplicates count once");
+    let update = AccountUpdate::new().entitlements(many(101));
+    assert_invalid(
+        t.ledger.accounts().update(account.id.as_str(), update),
+        "entitlements",
+    );
+}

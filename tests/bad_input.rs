@@ -182,6 +182,21 @@ fn a_key_given_as_a_name_or_type_is_refused() {
                 .map(drop),
             "rate_limits.name",
         ),
+        // A secret's name is listed and kept in the audit trail (found by a reviewer).
+        (
+            t.ledger
+                .secrets()
+                .put(&owner, &plaintext, Secret::new("v"), ["api.example.com"])
+                .map(drop),
+            "name",
+        ),
+        (
+            t.ledger
+                .secrets()
+                .rotate(&owner, &plaintext, Secret::new("v"))
+                .map(drop),
+            "name",
+        ),
     ] {
         let message = result.as_ref().map_err(ToString::to_string).unwrap_err();
         assert!(!message.contains(&plaintext), "never echoed: {message}");

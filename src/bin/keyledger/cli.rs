@@ -204,7 +204,7 @@ pub enum PoolsCommand {
         id: String,
     },
     /// Rename a pool, change its refill or its low-balance threshold (its balance changes
-    /// with `credits add` and `credits set`).
+    /// with `credits top-up` and `credits set`).
     #[command(group(
         ArgGroup::new("change")
             .args(["name", "refill_daily", "refill_monthly", "no_refill", "low_balance", "no_low_balance"])

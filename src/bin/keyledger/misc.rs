@@ -93,8 +93,12 @@ pub fn read_key(arg: &str) -> CliResult<Zeroizing<String>> {
     if arg != "-" {
         return Ok(Zeroizing::new(arg.to_owned()));
     }
+    use std::io::{BufRead, Read};
     let mut line = Zeroizing::new(String::new());
+    // A key is far shorter: a longer line is refused as malformed, not read without end.
     std::io::stdin()
+        .lock()
+        .take(1024)
         .read_line(&mut line)
         .map_err(|e| CliError::new(format!("reading the key from stdin (`-`): {e}")))?;
     Ok(line)
@@ -108,8 +112,9 @@ pub fn authenticate_key(ledger: &Ledger, key: &str) -> CliResult<Result<KeyInfo,
 /// `authenticate KEY`: exit 0 with the key's id and name, or exit 3 with the denial code.
 /// `-` reads the key from stdin.
 pub fn authenticate(ctx: &Context, key: &str) -> CliResult<u8> {
-    let ledger = ctx.open()?;
+    // Read first: a key typed or piped in slowly must not hold the file meanwhile.
     let key = read_key(key)?;
+    let ledger = ctx.open()?;
     let outcome = authenticate_key(&ledger, &key)?;
     match (&outcome, ctx.json) {
         (Ok(info), true) => print_json(&serde_json::json!({

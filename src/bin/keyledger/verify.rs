@@ -100,8 +100,9 @@ struct GrantJson {
 /// on a denial. A grant is committed with the reserved cost unless `--commit` gives the
 /// actual cost or `--refund` drops it.
 pub fn verify(ctx: &Context, args: &VerifyArgs) -> CliResult<u8> {
-    let ledger = ctx.open()?;
+    // Read first: a key typed or piped in slowly must not hold the file meanwhile.
     let key = read_key(&args.key)?;
+    let ledger = ctx.open()?;
     let presented = match present(&key)? {
         Ok(presented) => presented,
         Err(denial) => return denied(ctx, &denial),
@@ -114,11 +115,6 @@ pub fn verify(ctx: &Context, args: &VerifyArgs) -> CliResult<u8> {
         request = request.cost(cost);
     }
     let (view, receipt) = match ledger.verify(&request) {
-        Err(Denial::Unavailable) => {
-            return Err(CliError::new(
-                "the store could not be read or written (unavailable); nothing was charged",
-            ));
-        }
         Err(denial @ Denial::IpNotAllowed) if args.ip.is_none() => {
             let code = denied(ctx, &denial)?;
             if !ctx.json {
@@ -205,18 +201,19 @@ pub fn credit_id(id: &str) -> CliResult<()> {
     if ["key_", "tok_", "pool_"].iter().any(|p| id.starts_with(p)) {
         return Ok(());
     }
-    Err(CliError::new(format!(
-        "`{id}` is not a key (key_…), token (tok_…) or pool (pool_…) id"
-    )))
+    // Not echoed: what was given may be a plaintext key.
+    Err(CliError::new(
+        "that is not a key (key_…), token (tok_…) or pool (pool_…) id",
+    ))
 }
 
 /// `usage ID`: credits and usage of a key, token, pool or account.
 pub fn usage(ctx: &Context, id: &str) -> CliResult<u8> {
     if !id.starts_with("acct_") {
         credit_id(id).map_err(|_| {
-            CliError::new(format!(
-                "`{id}` is not a key (key_…), token (tok_…), pool (pool_…) or account (acct_…) id"
-            ))
+            CliError::new(
+                "that is not a key (key_…), token (tok_…), pool (pool_…) or account (acct_…) id",
+            )
         })?;
     }
     let ledger = ctx.open()?;

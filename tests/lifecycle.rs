@@ -988,6 +988,7 @@ mod damaged {
     use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
     const CREDITS: TableDefinition<u64, &[u8]> = TableDefinition::new("credits");
+    const KEYS: TableDefinition<u64, &[u8]> = TableDefinition::new("keys");
     const POOLS: TableDefinition<u64, &[u8]> = TableDefinition::new("pools");
     const USAGE: TableDefinition<u64, &[u8]> = TableDefinition::new("usage");
     const ROUTES: TableDefinition<&str, &[u8]> = TableDefinition::new("routes");
@@ -1445,6 +1446,49 @@ mod damaged {
         assert!(!found.iter().any(|p| p.contains(&free)), "{found:?}");
     }
 
+    /// A balance kept for a key that has none of its own (pooled or unmetered) is what
+    /// `usage` would report as the key's figures: the damage a key moved into a pool once
+    /// left. So is a usage row whose key and account are gone. (Found by a reviewer.)
+    #[test]
+    fn check_finds_balances_and_usage_that_belong_to_no_one() {
+        let (_dir, path, config, [pooled, metered, free, _]) = ledger();
+        let db = redb::Database::open(&path).unwrap();
+        let (keys, pools, credits) = (ids(&db, KEYS), ids(&db, POOLS), ids(&db, CREDITS));
+        let usage = ids(&db, USAGE);
+        drop(db);
+        let own = *credits.iter().find(|id| !pools.contains(id)).unwrap();
+        let without: Vec<u64> = keys
+            .iter()
+            .filter(|id| !credits.contains(id))
+            .copied()
+            .collect();
+        assert_eq!(without.len(), 2, "the pooled and the unmetered key");
+        let unused = keys.iter().chain(&usage).max().unwrap() + 100;
+        edit(&path, |txn| {
+            let mut balances = txn.open_table(CREDITS).unwrap();
+            let balance = balances.get(own).unwrap().unwrap().value().to_vec();
+            for id in &without {
+                balances.insert(id, balance.as_slice()).unwrap();
+            }
+            let mut counts = txn.open_table(USAGE).unwrap();
+            let count = counts.get(usage[0]).unwrap().unwrap().value().to_vec();
+            counts.insert(unused, count.as_slice()).unwrap();
+        });
+        let found = problems(&path, config);
+        for key in [&pooled, &free] {
+            let named = format!("credit balance of {key}: the key has no balance of its own");
+            assert_named(&found, &named, "");
+        }
+        assert!(!found.iter().any(|p| p.contains(&metered)), "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|p| p.ends_with(": key or account missing")),
+            "{found:?}"
+        );
+        assert_eq!(found.len(), 3, "{found:?}");
+    }
+
     #[test]
     fn check_neither_recovers_leases_nor_migrates() {
         let (_dir, path, config, _) = ledger();
@@ -1561,7 +1605,6 @@ mod damaged {
     /// key record and stopped at the damaged one (found by a reviewer).
     #[test]
     fn an_unreadable_key_record_is_one_problem_not_index_damage() {
-        const KEYS: TableDefinition<u64, &[u8]> = TableDefinition::new("keys");
         let (_dir, path, config, [_, _, free, _]) = ledger();
         let db = redb::Database::open(&path).unwrap();
         let keys = ids(&db, KEYS);

@@ -143,7 +143,15 @@ impl Ledger {
     /// Switches new keys to `scheme` (a new pepper version, or BLAKE3). Existing keys keep
     /// working: a verify that misses under the new scheme tries the schemes that still have
     /// records and rehashes the key it finds, so old schemes drain as keys are used.
+    /// Audited as made by `system`; [`rotate_hash_scheme_by`](Self::rotate_hash_scheme_by)
+    /// names who made it.
     pub fn rotate_hash_scheme(&self, scheme: HashScheme) -> Result<()> {
+        self.rotate_hash_scheme_by(scheme, SYSTEM_ACTOR)
+    }
+
+    /// [`rotate_hash_scheme`](Self::rotate_hash_scheme), recording `actor` as its author in
+    /// the audit trail (the rules of the handles' `by`).
+    pub fn rotate_hash_scheme_by(&self, scheme: HashScheme, actor: &str) -> Result<()> {
         if !scheme.can_be_current() {
             let why = match scheme {
                 HashScheme::Sha256Imported => "plain SHA-256 is only for imported keys",
@@ -161,7 +169,7 @@ impl Ledger {
                 &txn,
                 self,
                 self.now(),
-                SYSTEM_ACTOR,
+                actor,
                 "hash_scheme.rotated",
                 &label,
                 &[],

@@ -397,6 +397,10 @@ fn tokens_routes_and_hash_rotation() {
 
     let (_, plaintext) = s.key(&owner, "old pepper");
     assert_success(&s.run(&["keys", "rotate-hash", "--pepper", "2"]));
+    // Audited as the CLI's, as every other change it makes (it said `system`).
+    let rotated = s.json(&["audit", "--limit", "1"]);
+    assert_eq!(rotated[0]["action"], "hash_scheme.rotated");
+    assert_eq!(rotated[0]["actor"], "cli");
     assert_success(&s.run(&["authenticate", &plaintext]));
     let status = s.json(&["keys", "hash-status"]);
     assert_eq!(status["current"], "hmac-sha256/v2");

@@ -276,7 +276,7 @@ fn rotate_hash(
         (None, None) => return Err(CliError::new("give --pepper N or --blake3 N")),
     };
     let before = ledger.hash_scheme();
-    ledger.rotate_hash_scheme(scheme)?;
+    ledger.rotate_hash_scheme_by(scheme, ACTOR)?;
     if ctx.json {
         let value = serde_json::json!({ "previous": before.label(), "current": scheme.label() });
         print_json(&value)?;

@@ -53,7 +53,8 @@ impl Drop for Inner {
 pub(crate) const SYSTEM_ACTOR: &str = "system";
 
 impl Ledger {
-    /// Opens the database at `path`, creating it if it does not exist.
+    /// Opens the database at `path`, creating it if it does not exist (readable and writable
+    /// by its owner only, on Unix; an existing file keeps its mode).
     ///
     /// Fails with [`Error::WrongMasterKey`] if `config` holds another master key than the one
     /// the file was created with, [`Error::UpgradeRequired`] for a file written by a newer

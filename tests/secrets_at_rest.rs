@@ -281,3 +281,23 @@ fn an_imported_keys_sha256_is_not_kept_once_its_first_use_has_rehashed_it() {
     let report = Ledger::check(&path, config).unwrap();
     assert!(report.is_ok(), "problems: {:?}", report.problems);
 }
+
+/// A file the ledger creates is its owner's only; one that exists keeps the mode its owner
+/// gave it.
+#[cfg(unix)]
+#[test]
+fn a_new_database_file_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode();
+    let t = TestLedger::new();
+    assert_eq!(mode(&t.path) & 0o777, 0o600);
+    let (_dir, path, config) = t.close();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let reopened = Ledger::open(&path, config).unwrap();
+    assert_eq!(
+        mode(&path) & 0o777,
+        0o640,
+        "an existing file's mode is its owner's call"
+    );
+    drop(reopened);
+}

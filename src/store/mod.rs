@@ -88,7 +88,11 @@ impl Store {
             let path = path.display().to_string();
             return Err(Error::EmptyFile { path });
         }
+        let new = !path.exists();
         let db = unless_redb_panics(|| Database::builder().create(path))??;
+        if new {
+            owner_only(path)?;
+        }
         Store::init(db, path, master)
     }
 
@@ -376,6 +380,21 @@ fn damaged(what: &str) -> Error {
     Error::Storage(Box::new(redb::Error::Corrupted(format!(
         "the file may be corrupt: reading or writing it failed unexpectedly ({what})"
     ))))
+}
+
+/// Makes a file this process just created readable and writable by its owner only: it
+/// holds no secret in the clear, but names, metadata, the audit trail and the keys' hashes
+/// are nobody else's business.
+fn owner_only(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::Storage(Box::new(redb::Error::Io(e))))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// Tables keyed by id whose values are codec records; all created with a new file.

@@ -1561,3 +1561,34 @@ fn pools_update_help_names_the_balance_commands() {
         assert_success(&s.run(&["credits", command, "--help"]));
     }
 }
+
+/// `--by` (or `KEYLEDGER_ACTOR`) names who makes a change, as the audit trail keeps it: every
+/// change used to be `cli`, so the trail could not tell two operators apart (a reviewer's
+/// note). An actor the library refuses (here a key) is refused without being echoed.
+#[test]
+fn by_names_who_makes_a_change() {
+    let s = Scratch::initialised();
+    let account = s.json(&[
+        "--by",
+        "alice@example.com",
+        "accounts",
+        "create",
+        "--name",
+        "A",
+    ]);
+    let owner = string(&account["id"]);
+    let mut cmd = s.bare_command();
+    cmd.env("KEYLEDGER_MASTER_KEY", &s.master_key)
+        .env("KEYLEDGER_ACTOR", "bob")
+        .args(["--json", "keys", "create", "--owner", &owner, "--name", "k"]);
+    let out = cmd.output().expect("run");
+    assert_success(&out);
+    let key = string(&serde_json::from_slice::<Value>(&out.stdout).expect("JSON")["key"]);
+    let trail = s.json(&["audit", "--limit", "2"]);
+    let actors: Vec<&Value> = (0..2).map(|i| &trail[i]["actor"]).collect();
+    assert_eq!(actors, ["bob", "alice@example.com"], "{trail}");
+    let out = s.run(&["--by", &key, "accounts", "create", "--name", "B"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("actor"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains(&key) && !stdout(&out).contains(&key));
+}

@@ -10,7 +10,7 @@ use crate::{CliError, CliResult};
 /// Runs an `accounts` subcommand.
 pub fn run(ctx: &Context, command: AccountsCommand) -> CliResult<u8> {
     let ledger = ctx.open()?;
-    let accounts = ledger.accounts().by("cli");
+    let accounts = ledger.accounts().by(&ctx.actor);
     let account = match command {
         AccountsCommand::Create {
             name,

@@ -28,6 +28,17 @@ pub struct Cli {
     #[arg(long, global = true, env = "KEYLEDGER_MASTER_KEY_FILE")]
     pub key_file: Option<PathBuf>,
 
+    /// Who makes the changes, as the audit trail and the records' `updated_by` keep it
+    /// (1–254 characters, no control characters, no API key).
+    #[arg(
+        long = "by",
+        global = true,
+        env = "KEYLEDGER_ACTOR",
+        default_value = "cli",
+        value_name = "WHO"
+    )]
+    pub actor: String,
+
     /// Key prefixes, for a database whose server configures its own.
     #[command(flatten)]
     pub prefixes: Prefixes,

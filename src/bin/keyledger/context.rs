@@ -21,6 +21,8 @@ pub struct Context {
     pub json: bool,
     /// Key prefixes (`None`: the defaults).
     pub prefixes: Prefixes,
+    /// Who makes the changes (`--by`, default `cli`).
+    pub actor: String,
 }
 
 /// Where a master key was found.

@@ -8,14 +8,13 @@ use crate::context::Context;
 use crate::output::{pool_table, print_json};
 
 /// The actor recorded in the audit trail for CLI changes.
-const ACTOR: &str = "cli";
 
 /// Runs a `credits` subcommand.
 pub fn credits(ctx: &Context, command: CreditsCommand) -> CliResult<u8> {
     let (CreditsCommand::TopUp { id, .. } | CreditsCommand::Set { id, .. }) = &command;
     crate::verify::credit_id(id)?;
     let ledger = ctx.open()?;
-    let credits = ledger.credits().by(ACTOR);
+    let credits = ledger.credits().by(&ctx.actor);
     let (id, units, balance, verb) = match command {
         CreditsCommand::TopUp { id, units } => {
             let balance = credits.top_up(&id, units)?;
@@ -55,7 +54,7 @@ pub fn pools(ctx: &Context, command: PoolsCommand) -> CliResult<u8> {
             if let Some(threshold) = low_balance {
                 new = new.low_balance_threshold(threshold);
             }
-            let pool = ledger.credits().by(ACTOR).create_pool(new)?;
+            let pool = ledger.credits().by(&ctx.actor).create_pool(new)?;
             if ctx.json {
                 print_json(&pool)?;
             } else {
@@ -111,7 +110,7 @@ pub fn pools(ctx: &Context, command: PoolsCommand) -> CliResult<u8> {
             if low_balance.is_some() || no_low_balance {
                 update = update.low_balance_threshold(low_balance);
             }
-            let pool = ledger.credits().by(ACTOR).update_pool(&id, update)?;
+            let pool = ledger.credits().by(&ctx.actor).update_pool(&id, update)?;
             if ctx.json {
                 print_json(&pool)?;
             } else {
@@ -120,7 +119,7 @@ pub fn pools(ctx: &Context, command: PoolsCommand) -> CliResult<u8> {
             }
         }
         PoolsCommand::Delete { id } => {
-            let left = ledger.credits().by(ACTOR).delete_pool(&id)?;
+            let left = ledger.credits().by(&ctx.actor).delete_pool(&id)?;
             if ctx.json {
                 print_json(&serde_json::json!({ "deleted": id, "credits_left": left }))?;
             } else {

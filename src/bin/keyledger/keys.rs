@@ -11,7 +11,6 @@ use crate::output::{Table, key_table, print_created, print_json, print_key, prin
 use crate::{CliError, CliResult};
 
 /// The actor recorded in the audit trail for CLI changes.
-const ACTOR: &str = "cli";
 
 /// API keys or tokens.
 #[derive(Clone, Copy)]
@@ -22,11 +21,12 @@ enum Kind {
 
 impl Kind {
     /// The library handle for this kind.
-    fn handle(self, ledger: &Ledger) -> Keys<'_> {
-        match self {
-            Kind::Keys => ledger.keys().by(ACTOR),
-            Kind::Tokens => ledger.tokens().by(ACTOR),
-        }
+    fn handle<'l>(self, ledger: &'l Ledger, ctx: &Context) -> Keys<'l> {
+        let keys = match self {
+            Kind::Keys => ledger.keys(),
+            Kind::Tokens => ledger.tokens(),
+        };
+        keys.by(&ctx.actor)
     }
 
     /// The CLI command name.
@@ -47,7 +47,7 @@ pub fn run_keys(ctx: &Context, command: KeysCommand) -> CliResult<u8> {
             if test {
                 new = new.test();
             }
-            create(ctx, Kind::Keys.handle(&ledger), new)
+            create(ctx, Kind::Keys.handle(&ledger, ctx), new)
         }
         KeysCommand::Lifecycle(step) => lifecycle(ctx, &ledger, Kind::Keys, step),
         KeysCommand::Import {
@@ -58,7 +58,7 @@ pub fn run_keys(ctx: &Context, command: KeysCommand) -> CliResult<u8> {
             suffix,
         } => {
             let import = ImportKey::new(owner, name, ImportedHash::Sha256(sha256), prefix, suffix);
-            let info = Kind::Keys.handle(&ledger).import(import)?;
+            let info = Kind::Keys.handle(&ledger, ctx).import(import)?;
             show(ctx, &info, "Imported")
         }
         KeysCommand::RotateHash { pepper, blake3 } => rotate_hash(ctx, &ledger, pepper, blake3),
@@ -72,7 +72,7 @@ pub fn run_tokens(ctx: &Context, command: TokensCommand) -> CliResult<u8> {
     match command {
         TokensCommand::Create { args, token_type } => {
             let new = apply_settings(NewKey::token(&args.owner, token_type, &args.name), &args);
-            create(ctx, Kind::Tokens.handle(&ledger), new)
+            create(ctx, Kind::Tokens.handle(&ledger, ctx), new)
         }
         TokensCommand::Lifecycle(step) => lifecycle(ctx, &ledger, Kind::Tokens, step),
     }
@@ -120,7 +120,7 @@ fn create(ctx: &Context, keys: Keys<'_>, new: NewKey) -> CliResult<u8> {
 
 /// Runs a lifecycle subcommand on keys or tokens.
 fn lifecycle(ctx: &Context, ledger: &Ledger, kind: Kind, step: Lifecycle) -> CliResult<u8> {
-    let keys = kind.handle(ledger);
+    let keys = kind.handle(ledger, ctx);
     match step {
         Lifecycle::List { owner, page } => list(ctx, &keys, kind, &owner, page),
         Lifecycle::Show { id } => show(ctx, &keys.get(&id)?, ""),
@@ -276,7 +276,7 @@ fn rotate_hash(
         (None, None) => return Err(CliError::new("give --pepper N or --blake3 N")),
     };
     let before = ledger.hash_scheme();
-    ledger.rotate_hash_scheme_by(scheme, ACTOR)?;
+    ledger.rotate_hash_scheme_by(scheme, &ctx.actor)?;
     if ctx.json {
         let value = serde_json::json!({ "previous": before.label(), "current": scheme.label() });
         print_json(&value)?;

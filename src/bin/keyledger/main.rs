@@ -84,6 +84,7 @@ fn main() -> ExitCode {
         key_file: cli.key_file,
         json: cli.json,
         prefixes: cli.prefixes,
+        actor: cli.actor,
     };
     // A panic (a bug here, or redb on a corrupt page the library does not guard) ends the
     // command with one line and exit 1, not a backtrace. The hook only keeps the message: a

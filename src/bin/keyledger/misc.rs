@@ -17,7 +17,7 @@ pub const EXIT_DENIED: u8 = 3;
 /// Runs a `routes` subcommand.
 pub fn routes(ctx: &Context, command: RoutesCommand) -> CliResult<u8> {
     let ledger = ctx.open()?;
-    let routes = ledger.routes().by("cli");
+    let routes = ledger.routes().by(&ctx.actor);
     match command {
         RoutesCommand::Set {
             prefix,

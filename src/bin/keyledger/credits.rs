@@ -7,8 +7,6 @@ use crate::cli::{CreditsCommand, PoolsCommand};
 use crate::context::Context;
 use crate::output::{pool_table, print_json};
 
-/// The actor recorded in the audit trail for CLI changes.
-
 /// Runs a `credits` subcommand.
 pub fn credits(ctx: &Context, command: CreditsCommand) -> CliResult<u8> {
     let (CreditsCommand::TopUp { id, .. } | CreditsCommand::Set { id, .. }) = &command;

@@ -10,8 +10,6 @@ use crate::context::Context;
 use crate::output::{Table, key_table, print_created, print_json, print_key, print_next_cursor};
 use crate::{CliError, CliResult};
 
-/// The actor recorded in the audit trail for CLI changes.
-
 /// API keys or tokens.
 #[derive(Clone, Copy)]
 enum Kind {

@@ -1547,6 +1547,13 @@ fn verify_reports_an_unreadable_balance_as_the_denial_unavailable() {
     }
     let v = s.denied(&key, QUICKHITS, &[], "unavailable");
     assert_eq!(v["http_status"], 503);
+    let out = s.run(&["verify", &key, "--route", QUICKHITS]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stdout(&out).contains("nothing was charged"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 /// `pools update --help` names the commands that change a pool's balance as they are

@@ -115,14 +115,22 @@ pub fn verify(ctx: &Context, args: &VerifyArgs) -> CliResult<u8> {
         request = request.cost(cost);
     }
     let (view, receipt) = match ledger.verify(&request) {
-        Err(denial @ Denial::IpNotAllowed) if args.ip.is_none() => {
+        Err(denial) => {
             let code = denied(ctx, &denial)?;
-            if !ctx.json {
-                println!("  (no --ip given: this key has an IP allowlist)");
+            let hint = match denial {
+                Denial::IpNotAllowed if args.ip.is_none() => {
+                    Some("no --ip given: this key has an IP allowlist")
+                }
+                Denial::Unavailable => {
+                    Some("the store could not be read or written; nothing was charged")
+                }
+                _ => None,
+            };
+            if let Some(hint) = hint.filter(|_| !ctx.json) {
+                println!("  ({hint})");
             }
             return Ok(code);
         }
-        Err(denial) => return denied(ctx, &denial),
         Ok(grant) => {
             let view = GrantView::of(&grant);
             let receipt = if args.refund {

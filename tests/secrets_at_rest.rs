@@ -282,21 +282,51 @@ fn an_imported_keys_sha256_is_not_kept_once_its_first_use_has_rehashed_it() {
     assert!(report.is_ok(), "problems: {:?}", report.problems);
 }
 
-/// A file the ledger creates is its owner's only; one that exists keeps the mode its owner
-/// gave it.
+/// A file the ledger creates is its owner's only from its first instant (a reviewer saw it
+/// 0644 for a moment before it was made 0600: a descriptor another user opened then would
+/// go on reading whatever is written later); one that exists keeps the mode its owner gave
+/// it.
 #[cfg(unix)]
 #[test]
 fn a_new_database_file_is_readable_by_its_owner_only() {
     use std::os::unix::fs::PermissionsExt;
-    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode();
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mode = |path: &std::path::Path| {
+        let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o777);
+        mode.ok()
+    };
+    for _ in 0..10 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.redb");
+        let opened = AtomicBool::new(false);
+        let seen = std::thread::scope(|s| {
+            let watcher = s.spawn(|| {
+                let mut seen = std::collections::BTreeSet::new();
+                while !opened.load(Ordering::Relaxed) {
+                    seen.extend(mode(&path));
+                }
+                seen
+            });
+            let config = Config::builder()
+                .master_key(MasterKey::generate().unwrap())
+                .build()
+                .unwrap();
+            let ledger = Ledger::open(&path, config).unwrap();
+            opened.store(true, Ordering::Relaxed);
+            drop(ledger);
+            watcher.join().unwrap()
+        });
+        let seen: Vec<String> = seen.iter().map(|m| format!("{m:o}")).collect();
+        assert!(seen.iter().all(|m| m == "600"), "modes seen: {seen:?}");
+        assert_eq!(mode(&path), Some(0o600));
+    }
     let t = TestLedger::new();
-    assert_eq!(mode(&t.path) & 0o777, 0o600);
     let (_dir, path, config) = t.close();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
     let reopened = Ledger::open(&path, config).unwrap();
     assert_eq!(
-        mode(&path) & 0o777,
-        0o640,
+        mode(&path),
+        Some(0o640),
         "an existing file's mode is its owner's call"
     );
     drop(reopened);

@@ -88,11 +88,10 @@ impl Store {
             let path = path.display().to_string();
             return Err(Error::EmptyFile { path });
         }
-        let new = !path.exists();
-        let db = unless_redb_panics(|| Database::builder().create(path))??;
-        if new {
-            owner_only(path)?;
-        }
+        let file =
+            open_file(path).map_err(|e| redb::DatabaseError::from(redb::StorageError::Io(e)))?;
+        let backend = redb::backends::FileBackend::new(file)?;
+        let db = unless_redb_panics(|| Database::builder().create_with_backend(backend))??;
         Store::init(db, path, master)
     }
 
@@ -382,19 +381,17 @@ fn damaged(what: &str) -> Error {
     ))))
 }
 
-/// Makes a file this process just created readable and writable by its owner only: it
-/// holds no secret in the clear, but names, metadata, the audit trail and the keys' hashes
-/// are nobody else's business.
-fn owner_only(path: &Path) -> Result<()> {
+/// Opens the file at `path` for redb (as `Builder::create` does), creating it readable and
+/// writable by its owner only on Unix — from its first instant: a descriptor another user
+/// opened meanwhile would go on reading whatever is written later. The file holds no secret
+/// in the clear, but names, metadata, the audit trail and the keys' hashes are nobody else's
+/// business. An existing file keeps its mode.
+fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| Error::Storage(Box::new(redb::Error::Io(e))))?;
-    }
-    #[cfg(not(unix))]
-    let _ = path;
-    Ok(())
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
 }
 
 /// Tables keyed by id whose values are codec records; all created with a new file.

@@ -432,7 +432,12 @@ fn check_records(
                 "route {route}: its rule is for {}",
                 rule.prefix.escape_default()
             )),
-            Ok(_) => report.routes += 1,
+            // Kept by an older version, or edited in: a rule `set` refuses today, such as
+            // one that protects nothing. `routes().remove` takes it out.
+            Ok(rule) => match crate::routes::check_prefix(&rule.prefix) {
+                Ok(()) => report.routes += 1,
+                Err(e) => problems.push(format!("route {route}: {e}")),
+            },
             Err(e) => problems.push(format!("route {route}: {e}")),
         }
     }
@@ -453,4 +458,57 @@ fn check_records(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::record::RouteRule;
+    use crate::store::tables::ROUTES;
+    use crate::{Config, Ledger, MasterKey, NewAccount, NewKey, Presented, Request};
+
+    /// A rule an older version kept that `set` refuses today (`/v1/*` guards nothing) still
+    /// loads and is listed; `check` names it, so it can be found and removed. (Found by the
+    /// thirtieth session's diff reviewer.)
+    #[test]
+    fn check_names_a_stored_rule_that_guards_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.redb");
+        let master = MasterKey::generate().unwrap();
+        let config = Config::builder().master_key(master).build().unwrap();
+        let ledger = Ledger::open(&path, config.clone()).unwrap();
+        let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+        let created = ledger.keys().create(NewKey::new(owner.id.as_str(), "k"));
+        let plaintext = created.unwrap().plaintext;
+        ledger.close().unwrap();
+        drop(ledger);
+        {
+            let db = redb::Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let rule = RouteRule::new("/v1/*").permission("admin");
+            let mut routes = txn.open_table(ROUTES).unwrap();
+            routes
+                .insert("/v1/*", crate::codec::encode(&rule).as_slice())
+                .unwrap();
+            drop(routes);
+            txn.commit().unwrap();
+        }
+        let report = Ledger::check(&path, config.clone()).unwrap();
+        assert_eq!(report.routes, 0);
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.starts_with("route /v1/*: ")),
+            "{:?}",
+            report.problems
+        );
+        let ledger = Ledger::open(&path, config).unwrap();
+        let key = Presented::new(plaintext.expose()).unwrap();
+        assert!(
+            ledger.verify(&Request::new(&key, "/v1/users")).is_ok(),
+            "it guards nothing"
+        );
+        ledger.routes().remove("/v1/*").unwrap();
+        assert!(ledger.routes().list().unwrap().is_empty());
+    }
 }

@@ -367,7 +367,7 @@ impl Record for CreditsRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteRule {
     /// Route prefix, e.g. `/api/v1/quickhits/`: a plain prefix of resolved paths (1–256
-    /// printable ASCII characters from `/`; no `*`, no `.` or `..` segment, no `//`).
+    /// printable ASCII characters from `/`; no `*`, `//`, `/./` or `/../`).
     pub prefix: String,
     /// Permission a key must hold (`None`: any valid key).
     pub permission: Option<String>,

@@ -11,6 +11,39 @@ use crate::store::tables::ROUTES;
 /// Longest route prefix accepted.
 const MAX_ROUTE_LEN: usize = 256;
 
+/// Refuses a prefix `set` does not store: not a path of printable ASCII; holding a `//`,
+/// `/./` or `/../`, which no route passed as [`Request::new`](crate::Request::new) asks can
+/// hold (they arrive resolved), so its rule would protect nothing; or holding a `*`, which
+/// reads as a wildcard but matches only itself (rules match by plain prefix: `/v1/*` left
+/// `/v1/users` open; found by a reviewer). `check` names a stored rule that fails it.
+pub(crate) fn check_prefix(prefix: &str) -> Result<()> {
+    if !prefix.starts_with('/')
+        || prefix.len() > MAX_ROUTE_LEN
+        || !prefix.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(Error::invalid(
+            "prefix",
+            format!(
+                "a route prefix starts with `/` and has 1–{MAX_ROUTE_LEN} printable ASCII characters"
+            ),
+        ));
+    }
+    if prefix.contains('*') {
+        return Err(Error::invalid(
+            "prefix",
+            "a rule matches by plain prefix: write `/v1/`, not `/v1/*`, for every route under /v1/",
+        ));
+    }
+    if ["//", "/./", "/../"].iter().any(|s| prefix.contains(s)) {
+        return Err(Error::invalid(
+            "prefix",
+            "routes are matched with `.` and `..` segments and repeated slashes resolved: \
+             a prefix holding one would never match",
+        ));
+    }
+    Ok(())
+}
+
 /// Route-rule operations. Get one with [`Ledger::routes`].
 pub struct Routes<'a> {
     pub(crate) ledger: &'a Ledger,
@@ -29,83 +62,60 @@ impl Routes<'_> {
     /// Sets (creates or replaces) the rule for `rule.prefix`.
     pub fn set(&self, rule: RouteRule) -> Result<RouteRule> {
         self.ledger.guarded(|| {
-        let prefix = &rule.prefix;
-        if !prefix.starts_with('/')
-            || prefix.len() > MAX_ROUTE_LEN
-            || !prefix.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return Err(Error::invalid(
-                "prefix",
-                format!(
-                    "a route prefix starts with `/` and has 1–{MAX_ROUTE_LEN} printable ASCII characters"
-                ),
-            ));
-        }
-        // Routes arrive resolved (see `Request::new`): a rule no resolved route can start
-        // with would protect nothing. (Found by a reviewer: `/v1/*` was kept, and left
-        // `/v1/users` open.)
-        if prefix.contains('*') {
-            return Err(Error::invalid(
-                "prefix",
-                "a rule matches by plain prefix: write `/v1/`, not `/v1/*`, for every route under /v1/",
-            ));
-        }
-        let unresolved = prefix.contains("//")
-            || prefix.contains("/./")
-            || prefix.contains("/../")
-            || prefix.ends_with("/.")
-            || prefix.ends_with("/..");
-        if unresolved {
-            return Err(Error::invalid(
-                "prefix",
-                "routes are matched with `.` and `..` segments and repeated slashes resolved: \
-                 a prefix holding one would never match",
-            ));
-        }
-        if let Some(p) = &rule.permission {
-            rules::scope("permission", p)?;
-        }
-        if let Some(e) = &rule.entitlement {
-            rules::entitlement("entitlement", e)?;
-        }
-        // A rule is kept in plain text, listed and named in the audit trail.
-        self.ledger.holding_no_key("prefix", [prefix.as_str()])?;
-        self.ledger
-            .holding_no_key("permission", rule.permission.as_deref())?;
-        self.ledger
-            .holding_no_key("entitlement", rule.entitlement.as_deref())?;
-        let inner = &self.ledger.inner;
-        inner.engine.change_routes(&inner.store, |txn| {
-            let before: Option<RouteRule> = {
-                let mut table = txn.open_table(ROUTES)?;
-                let old = table.insert(prefix.as_str(), codec::encode(&rule).as_slice())?;
-                // An unreadable old rule is replaced like a missing one.
-                old.and_then(|v| codec::decode(v.value()).ok())
-            };
-            // The fields this set changed (all of them for a new rule).
-            let fields: Vec<&str> = [
-                (
-                    "permission",
-                    before.as_ref().map(|b| b.permission != rule.permission),
-                ),
-                (
-                    "entitlement",
-                    before.as_ref().map(|b| b.entitlement != rule.entitlement),
-                ),
-                ("cost", before.as_ref().map(|b| b.cost != rule.cost)),
-                (
-                    "price_micros",
-                    before.as_ref().map(|b| b.price_micros != rule.price_micros),
-                ),
-            ]
-            .into_iter()
-            .filter(|(_, changed)| changed.unwrap_or(true))
-            .map(|(field, _)| field)
-            .collect();
-            let now = self.ledger.now();
-            audit::append(txn, self.ledger, now, &self.actor, "route.set", prefix, &fields)
-        })?;
-        Ok(rule)
+            let prefix = &rule.prefix;
+            check_prefix(prefix)?;
+            if let Some(p) = &rule.permission {
+                rules::scope("permission", p)?;
+            }
+            if let Some(e) = &rule.entitlement {
+                rules::entitlement("entitlement", e)?;
+            }
+            // A rule is kept in plain text, listed and named in the audit trail.
+            self.ledger.holding_no_key("prefix", [prefix.as_str()])?;
+            self.ledger
+                .holding_no_key("permission", rule.permission.as_deref())?;
+            self.ledger
+                .holding_no_key("entitlement", rule.entitlement.as_deref())?;
+            let inner = &self.ledger.inner;
+            inner.engine.change_routes(&inner.store, |txn| {
+                let before: Option<RouteRule> = {
+                    let mut table = txn.open_table(ROUTES)?;
+                    let old = table.insert(prefix.as_str(), codec::encode(&rule).as_slice())?;
+                    // An unreadable old rule is replaced like a missing one.
+                    old.and_then(|v| codec::decode(v.value()).ok())
+                };
+                // The fields this set changed (all of them for a new rule).
+                let fields: Vec<&str> = [
+                    (
+                        "permission",
+                        before.as_ref().map(|b| b.permission != rule.permission),
+                    ),
+                    (
+                        "entitlement",
+                        before.as_ref().map(|b| b.entitlement != rule.entitlement),
+                    ),
+                    ("cost", before.as_ref().map(|b| b.cost != rule.cost)),
+                    (
+                        "price_micros",
+                        before.as_ref().map(|b| b.price_micros != rule.price_micros),
+                    ),
+                ]
+                .into_iter()
+                .filter(|(_, changed)| changed.unwrap_or(true))
+                .map(|(field, _)| field)
+                .collect();
+                let now = self.ledger.now();
+                audit::append(
+                    txn,
+                    self.ledger,
+                    now,
+                    &self.actor,
+                    "route.set",
+                    prefix,
+                    &fields,
+                )
+            })?;
+            Ok(rule)
         })
     }
 

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use common::*;
 use keyledger::{
     AccountUpdate, Config, ConfigError, ENV_MASTER_KEY, ENV_MASTER_KEY_FILE, Error, ImportKey,
-    ImportedHash, KeyUpdate, Ledger, MasterKey, NewAccount, NewKey, NewPool, PageRequest,
-    Presented, RateLimit, Request, RouteRule, Secret, Timestamp,
+    ImportedHash, KeyUpdate, Ledger, MasterKey, NewAccount, NewKey, NewPool, OAuthGrant,
+    PageRequest, Presented, Provider, RateLimit, Request, RouteRule, Secret, Timestamp,
 };
 
 /// Asserts every rejected call leaves the ledger unchanged.
@@ -133,6 +133,7 @@ fn a_key_given_as_a_name_or_type_is_refused() {
     // (the error repeated it), metadata or an entitlement (found by a reviewer).
     let keys = t.ledger.keys();
     let given = || [plaintext.clone()];
+    let scoped = |scope: &str| OAuthGrant::new(Secret::new("ya29.token")).scopes(["drive", scope]);
     let metadata = || BTreeMap::from([("note".to_owned(), format!("was {plaintext}"))]);
     let new = || NewKey::new(owner, "k");
     let named = |name: &str| {
@@ -196,6 +197,14 @@ fn a_key_given_as_a_name_or_type_is_refused() {
                 .rotate(&owner, &plaintext, Secret::new("v"))
                 .map(drop),
             "name",
+        ),
+        // So is a connection's OAuth scope (found by the thirtieth session's diff reviewer).
+        (
+            t.ledger
+                .vault()
+                .connect(&owner, &Provider::GoogleDrive, scoped(&plaintext))
+                .map(drop),
+            "scopes",
         ),
     ] {
         let message = result.as_ref().map_err(ToString::to_string).unwrap_err();

@@ -151,6 +151,20 @@ impl<'a> Vault<'a> {
         Ok(self.info(&owner, name, &record))
     }
 
+    /// Checks a grant's tokens and scopes; returns the scopes, deduplicated. A scope is
+    /// stored in plain text and listed, so one holding an API key is refused (found by a
+    /// reviewer: it was kept and shown by `list`).
+    fn checked(&self, grant: &OAuthGrant) -> Result<Vec<String>> {
+        validate_token("access_token", &grant.access_token)?;
+        if let Some(r) = &grant.refresh_token {
+            validate_token("refresh_token", r)?;
+        }
+        let scopes = validate_scopes(&grant.scopes)?;
+        self.ledger
+            .holding_no_key("scopes", scopes.iter().map(String::as_str))?;
+        Ok(scopes)
+    }
+
     /// Stores the owner's grant for `provider`, replacing any earlier one (a reconnect resets
     /// health to healthy).
     pub fn connect(
@@ -162,11 +176,7 @@ impl<'a> Vault<'a> {
         self.ledger.guarded(|| {
             let provider = provider.validated()?;
             let name = provider.as_str();
-            validate_token("access_token", &grant.access_token)?;
-            if let Some(r) = &grant.refresh_token {
-                validate_token("refresh_token", r)?;
-            }
-            let scopes = validate_scopes(&grant.scopes)?;
+            let scopes = self.checked(&grant)?;
             let now = self.ledger.now();
             let txn = self.ledger.inner.store.begin_write()?;
             let owner = owner_write(self.ledger, &txn, owner)?;
@@ -322,11 +332,7 @@ impl<'a> Vault<'a> {
     ) -> Result<ConnectionInfo> {
         self.ledger.guarded(|| {
             let (owner, provider) = (refreshed.owner.as_str(), &refreshed.provider);
-            validate_token("access_token", &grant.access_token)?;
-            if let Some(r) = &grant.refresh_token {
-                validate_token("refresh_token", r)?;
-            }
-            let scopes = validate_scopes(&grant.scopes)?;
+            let scopes = self.checked(&grant)?;
             let expires_at = self.expiry(&grant);
             let now = self.ledger.now();
             self.modify(

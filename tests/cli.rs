@@ -1599,3 +1599,37 @@ fn by_names_who_makes_a_change() {
     assert!(stderr(&out).contains("actor"), "{}", stderr(&out));
     assert!(!stderr(&out).contains(&key) && !stdout(&out).contains(&key));
 }
+
+/// A value a flag's parser refuses is not repeated: it may be a key pasted into the wrong
+/// flag (found by a reviewer: `keys import --sha256 vb_live_…` printed the key).
+#[test]
+fn a_refused_flag_value_is_not_echoed() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    let (_, key) = s.key(&owner, "k");
+    for args in [
+        vec![
+            "keys", "import", "--owner", &owner, "--name", "n", "--sha256", &key,
+        ],
+        vec![
+            "keys",
+            "create",
+            "--owner",
+            &owner,
+            "--name",
+            "n",
+            "--metadata",
+            &key,
+        ],
+    ] {
+        let out = s.run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            stderr(&out).contains("invalid value for '--"),
+            "{}",
+            stderr(&out)
+        );
+        let printed = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(!printed.contains(&key[8..]), "{args:?} printed the key");
+    }
+}

@@ -142,7 +142,25 @@ fn parse() -> Cli {
     for id in empty {
         cmd = cmd.mut_arg(id, |arg| arg.env(None::<&str>));
     }
-    Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+    let matches = cmd.try_get_matches().unwrap_or_else(|e| refuse_usage(e));
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// Ends a command line clap refused, with exit 2. A value its parser refused is not
+/// repeated: it may be a key pasted into the wrong flag (`--sha256 vb_live_…`; found by a
+/// reviewer), and the error would print it.
+fn refuse_usage(e: clap::Error) -> ! {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::ValueValidation {
+        e.exit()
+    }
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => arg.as_str(),
+        _ => "an argument",
+    };
+    let why = std::error::Error::source(&e).map_or(String::new(), |why| format!(": {why}"));
+    eprintln!("error: invalid value for '{arg}'{why}\n\nFor more information, try '--help'.");
+    std::process::exit(2)
 }
 
 /// Dispatches a command; returns the exit code.

@@ -255,11 +255,28 @@ impl Ledger {
     /// leased — the next open counts them as `lost_to_crash`, never re-granted — and `close`
     /// returns an error saying how many.
     ///
+    /// While the file holds keys imported by their plain SHA-256, `close` first prunes every
+    /// rolled secret past its grace (one rolled away before its first use would otherwise
+    /// keep its digest until the key next changes). Dropping the last handle without `close`
+    /// does not.
+    ///
     /// After `close` the ledger changes nothing more: every call that would write (an admin
     /// change, a top-up, a flush) fails with [`Error::Closed`]. Reads still answer. The file
     /// itself stays locked until the last clone is dropped (redb holds it while its handle
     /// lives); opening it again before that fails with [`Error::InUse`].
     pub fn close(&self) -> Result<()> {
+        // A key imported by its plain SHA-256 and rolled before its first use keeps that
+        // digest in its rolled slot past the grace, until the key next changes (found by a
+        // reviewer): while such digests are kept, a close prunes every rolled secret past
+        // its grace. Best effort: a store that cannot be written is the close's to report.
+        let imported = self.hash_scheme_counts().is_ok_and(|counts| {
+            counts
+                .iter()
+                .any(|&(scheme, n)| scheme == HashScheme::Sha256Imported && n > 0)
+        });
+        if imported {
+            let _ = self.guarded(|| crate::keys::prune_rolled_secrets(self));
+        }
         self.inner.engine.close()
     }
 

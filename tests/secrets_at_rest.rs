@@ -282,6 +282,35 @@ fn an_imported_keys_sha256_is_not_kept_once_its_first_use_has_rehashed_it() {
     assert!(report.is_ok(), "problems: {:?}", report.problems);
 }
 
+/// An imported key rolled before its first use keeps its plain SHA-256 in the rolled slot:
+/// refused once the grace ends, but the digest stayed in the file until the key next
+/// changed (found by a reviewer). A close prunes it.
+#[test]
+fn an_imported_keys_sha256_rolled_away_unused_is_gone_after_a_close() {
+    let t = TestLedger::new();
+    let a = t.account("Acme");
+    let imported = formatted_key("vb_live_", 91);
+    let digest: [u8; 32] = Sha256::digest(imported.as_bytes()).into();
+    let hash = ImportedHash::Sha256(digest);
+    let import = ImportKey::new(a, "legacy", hash, &imported[..12], &imported[42..]);
+    let info = t.ledger.keys().import(import).unwrap();
+    let rolled = t.ledger.keys().roll(&info.id, 60).unwrap();
+    t.clock.advance_secs(3_600);
+    assert!(t.auth(rolled.plaintext.expose()).is_ok());
+    assert!(t.auth(&imported).is_err(), "past its grace");
+    t.ledger.close().unwrap();
+    let counts = t.ledger.hash_scheme_counts().unwrap();
+    let imported_left = counts
+        .iter()
+        .find(|(s, _)| *s == HashScheme::Sha256Imported);
+    assert!(imported_left.is_none_or(|(_, n)| *n == 0), "{counts:?}");
+    let (_dir, path, config) = t.close();
+    let raw = std::fs::read(&path).unwrap();
+    assert!(!contains(&raw, &digest), "the plain SHA-256 is in the file");
+    let report = Ledger::check(&path, config).unwrap();
+    assert!(report.is_ok(), "problems: {:?}", report.problems);
+}
+
 /// A file the ledger creates is its owner's only from its first instant (a reviewer saw it
 /// 0644 for a moment before it was made 0600: a descriptor another user opened then would
 /// go on reading whatever is written later); one that exists keeps the mode its owner gave

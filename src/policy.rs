@@ -96,16 +96,11 @@ impl RouteTable {
             (self.rules.iter()).position(|r| route.starts_with(r.prefix.as_str()))
         } else {
             let after = self.by_prefix.partition_point(|s| &*s.prefix <= route);
-            let mut at = after.checked_sub(1);
-            loop {
-                let Some(sorted) = at.map(|i| &self.by_prefix[i]) else {
-                    break None;
-                };
-                if route.starts_with(&*sorted.prefix) {
-                    break Some(sorted.rule);
-                }
-                at = sorted.parent;
-            }
+            let candidates =
+                std::iter::successors(after.checked_sub(1), |&i| self.by_prefix[i].parent);
+            (candidates.map(|i| &self.by_prefix[i]))
+                .find(|s| route.starts_with(&*s.prefix))
+                .map(|s| s.rule)
         };
         RouteMatch {
             index: found,

@@ -9,6 +9,7 @@ use crate::engine::Durability;
 use crate::error::ConfigError;
 use crate::keyfmt::VISIBLE_PREFIX_LEN;
 use crate::limits::SpendTier;
+use crate::record::Limits;
 use crate::secret::MasterKey;
 
 /// Environment variable holding the master key as 64 hex digits.
@@ -243,9 +244,11 @@ impl ConfigBuilder {
     }
 
     /// Spend tiers: a key that has spent at least `min_spent` units gets its rate limits
-    /// multiplied by `multiplier_pct / 100`. The highest tier reached applies. Tiers only
-    /// raise limits: each multiplier is at least 100 % and at least that of every tier with a
-    /// lower threshold (`build` refuses others).
+    /// raised, to the tier's explicit rates for the limits it names and by its multiplier for
+    /// the others (see [`SpendTier`]). The highest tier reached applies, and never lowers a
+    /// limit: a rate lower than the key's own or a lower tier's keeps the higher one.
+    /// `build` refuses a multiplier below 100 % and an explicit rate that is not a valid
+    /// limit (zero, a window over 100 years, two of one name).
     pub fn spend_tiers(mut self, tiers: impl IntoIterator<Item = SpendTier>) -> Self {
         self.spend_tiers = tiers.into_iter().collect();
         // Sorted (stably: of two tiers with one threshold, the one given last applies), so a
@@ -319,22 +322,31 @@ impl ConfigBuilder {
                 }
             }
         }
-        // Tiers raise limits as spend grows: a tier that lowered them would make a key's
-        // limits shrink as it pays more, and a request admitted under one tier would give
-        // back a different amount under the next.
-        let mut floor = 100;
+        // Tiers raise limits as spend grows: one that lowered them would make a key's limits
+        // shrink as it pays more. Lower than a lower tier's, a multiplier or an explicit rate
+        // keeps the higher rate (see `SpendTier`); below 100 %, it can only be a mistake.
         for tier in &self.spend_tiers {
-            if tier.multiplier_pct < floor {
+            if tier.multiplier_pct < 100 {
                 return Err(ConfigError::InvalidSetting {
                     setting: "spend_tiers",
                     reason: format!(
-                        "the tier from {} spent multiplies by {} %, less than {floor} % (tiers \
-                         only raise limits: 100 % or more, never less than a lower tier's)",
+                        "the tier from {} spent multiplies by {} % (tiers only raise limits: \
+                         100 % or more)",
                         tier.min_spent, tier.multiplier_pct
                     ),
                 });
             }
-            floor = tier.multiplier_pct;
+            let explicit = Limits {
+                rate_limits: tier.rate_limits.clone(),
+                token_window: tier.token_window,
+                ..Limits::default()
+            };
+            if let Err(e) = crate::record::rules::limits(&explicit) {
+                return Err(ConfigError::InvalidSetting {
+                    setting: "spend_tiers",
+                    reason: format!("the tier from {} spent: {e}", tier.min_spent),
+                });
+            }
         }
         let usage_flush_interval = self
             .usage_flush_interval

@@ -1287,7 +1287,7 @@ mod tests {
         // A state with one arrival at `at` (seconds): running for the 6 s that follow.
         let state = |at: u64| {
             let limits = Arc::new(KeyLimits::new(&configured, 0, &[]));
-            limits.acquire(|| at * SEC, 1, 100).unwrap();
+            limits.acquire(|| at * SEC, 1).unwrap();
             limits
         };
         let mut live = LiveLimits::default();
@@ -1616,7 +1616,7 @@ mod tests {
         };
         // The request it serves (verify.rs step 7, as `check` does with an Uncached key).
         let limits = k.limits.as_ref().unwrap();
-        assert!(limits.acquire(|| f.ledger.monotonic_ns(), 0, 100).is_ok());
+        assert!(limits.acquire(|| f.ledger.monotonic_ns(), 0).is_ok());
         drop(k);
         assert_eq!(
             code(&f.ledger, &plaintext),
@@ -1863,7 +1863,7 @@ mod tests {
             panic!("uncached")
         };
         let limits = k.limits.as_ref().unwrap();
-        assert!(limits.acquire(|| f.ledger.monotonic_ns(), 0, 100).is_ok());
+        assert!(limits.acquire(|| f.ledger.monotonic_ns(), 0).is_ok());
         drop(k);
         assert_eq!(
             code(&f.ledger, &plaintext),
@@ -1959,10 +1959,7 @@ mod tests {
     #[test]
     fn a_state_reused_after_an_uncached_miss_counts_the_flushed_spend() {
         let Fixture { _dir, ledger } = ledger_with(|b| {
-            let tier = crate::SpendTier {
-                min_spent: 10,
-                multiplier_pct: 300,
-            };
+            let tier = crate::SpendTier::multiplier(10, 300);
             b.spend_tiers([tier])
                 .usage_flush_interval(std::time::Duration::from_secs(3_600))
         });

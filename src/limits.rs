@@ -18,7 +18,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use portable_atomic::AtomicU128;
 
-use crate::record::Limits;
+use crate::record::{self, Limits, RateLimit};
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 const NANOS_PER_MILLI: u64 = 1_000_000;
@@ -49,6 +49,9 @@ pub(crate) struct Gcra {
     /// One unit's share of the window at the base limit (no tier): kept, as a division
     /// costs more than the rest of a check.
     unit: Ticks,
+    /// The share at each spend tier: `raised[i]` once a key has reached `i + 1` tiers
+    /// (empty without tiers).
+    raised: Box<[Ticks]>,
     /// Theoretical arrival time on the clock's monotonic scale (`Clock::monotonic_ns`).
     tat: AtomicU128,
 }
@@ -62,16 +65,28 @@ impl PartialEq for Gcra {
 
 impl Gcra {
     pub(crate) fn new(limit: u64, window_secs: u64) -> Self {
+        Gcra::tiered(limit, window_secs, None, &[])
+    }
+
+    /// The limit `limit` per `window_secs`, as the spend `tiers` raise the limit `name`
+    /// (`None`: the token window).
+    fn tiered(limit: u64, window_secs: u64, name: Option<&str>, tiers: &[SpendTier]) -> Self {
         let limit = limit.max(1);
-        // Clamped for records stored before windows were bounded.
-        let window_ns = window_secs
-            .min(MAX_WINDOW_SECS)
-            .saturating_mul(NANOS_PER_SEC)
-            .max(1);
+        let window_ns = window_in_ns(window_secs);
+        let unit = unit_share(limit, window_ns, 100);
+        // Never more than the tier below's share: a tier never lowers a limit.
+        let raised = tiers
+            .iter()
+            .scan(unit, |share, tier| {
+                *share = (*share).min(tier.unit(name, limit, window_ns));
+                Some(*share)
+            })
+            .collect();
         Gcra {
             limit,
             window_ns,
-            unit: unit_share(limit, window_ns, 100),
+            unit,
+            raised,
             tat: AtomicU128::new(0),
         }
     }
@@ -84,26 +99,21 @@ impl Gcra {
         ticks(self.window_ns)
     }
 
-    /// How far `weight` units move the arrival time at `multiplier_pct` percent of the base
-    /// limit.
-    fn increment(&self, weight: u64, multiplier_pct: u32) -> Ticks {
-        let unit = match multiplier_pct {
-            100 => self.unit,
-            pct => unit_share(self.limit, self.window_ns, pct),
-        };
+    /// How far `weight` units move the arrival time for a key that has reached `tier` spend
+    /// tiers.
+    fn increment(&self, weight: u64, tier: u32) -> Ticks {
+        let raised = (tier as usize)
+            .checked_sub(1)
+            .and_then(|i| self.raised.get(i));
+        let unit = raised.copied().unwrap_or(self.unit);
         unit.saturating_mul(Ticks::from(weight)).min(MAX_STEP)
     }
 
     /// Admits `weight` units at `now_ns`, returning when their slot ends (the arrival time
     /// they moved the limit to), or says how long until they would be admitted.
-    pub(crate) fn acquire(
-        &self,
-        now_ns: u64,
-        weight: u64,
-        multiplier_pct: u32,
-    ) -> Result<Ticks, Duration> {
+    pub(crate) fn acquire(&self, now_ns: u64, weight: u64, tier: u32) -> Result<Ticks, Duration> {
         let now = ticks(now_ns);
-        let increment = self.increment(weight, multiplier_pct);
+        let increment = self.increment(weight, tier);
         let mut tat = self.tat.load(Ordering::Acquire);
         loop {
             let new_tat = tat.max(now).saturating_add(increment);
@@ -121,9 +131,9 @@ impl Gcra {
     }
 
     /// How long until `weight` units would be admitted (`None`: now), admitting nothing.
-    fn wait(&self, now_ns: u64, weight: u64, multiplier_pct: u32) -> Option<Duration> {
+    fn wait(&self, now_ns: u64, weight: u64, tier: u32) -> Option<Duration> {
         let now = ticks(now_ns);
-        let increment = self.increment(weight, multiplier_pct);
+        let increment = self.increment(weight, tier);
         let tat = self.tat.load(Ordering::Acquire);
         self.wait_for(tat, tat.max(now).saturating_add(increment), now)
     }
@@ -172,13 +182,13 @@ impl Gcra {
     }
 
     /// Units still admissible right now (for grants' rate-limit state).
-    pub(crate) fn remaining(&self, now_ns: u64, multiplier_pct: u32) -> u64 {
+    pub(crate) fn remaining(&self, now_ns: u64, tier: u32) -> u64 {
         let used = self
             .tat
             .load(Ordering::Acquire)
             .saturating_sub(ticks(now_ns));
         // A unit weighs at least a tick (`unit_share`).
-        let left = self.window().saturating_sub(used) / self.increment(1, multiplier_pct);
+        let left = self.window().saturating_sub(used) / self.increment(1, tier);
         u64::try_from(left).unwrap_or(u64::MAX)
     }
 
@@ -264,18 +274,18 @@ impl Queue {
 }
 
 impl TokenWindow {
-    fn new(tokens: u64, window_secs: u64) -> Self {
+    fn new(gcra: Gcra) -> Self {
         TokenWindow {
-            gcra: Gcra::new(tokens, window_secs),
-            queue: Mutex::new(Queue::default()),
+            gcra,
+            queue: Mutex::default(),
         }
     }
 
     /// Admits `tokens` at `now_ns`: the admission's number, or how long until they would be
     /// admitted.
-    fn admit(&self, now_ns: u64, tokens: u64, pct: u32) -> Result<u64, Duration> {
+    fn admit(&self, now_ns: u64, tokens: u64, tier: u32) -> Result<u64, Duration> {
         let now = ticks(now_ns);
-        let increment = self.gcra.increment(tokens, pct);
+        let increment = self.gcra.increment(tokens, tier);
         let mut queue = self.queue.lock();
         let tat = self.gcra.tat.load(Ordering::Acquire);
         let new_tat = tat.max(now).saturating_add(increment);
@@ -319,6 +329,15 @@ impl TokenWindow {
     }
 }
 
+/// A window of `window_secs` in nanoseconds, clamped for records stored before windows were
+/// bounded.
+fn window_in_ns(window_secs: u64) -> u64 {
+    window_secs
+        .min(MAX_WINDOW_SECS)
+        .saturating_mul(NANOS_PER_SEC)
+        .max(1)
+}
+
 /// One unit's share of a window of `window_ns` for `limit` units at `multiplier_pct` percent,
 /// rounded down to a tick. The scaled limit is not rounded first: 150 % of 1 a minute is one
 /// every 40 s, not 1 a minute.
@@ -342,8 +361,9 @@ pub(crate) struct Admission {
     /// which would take up to 16 more words in every grant. Exact when a limit was idle;
     /// otherwise short by the time since admission (the checks after the rate limits).
     admitted_ns: u64,
-    /// The spend-tier multiplier it was admitted at.
-    tier_pct: u32,
+    /// How many spend tiers the key had reached when it was admitted: its slots are given
+    /// back or settled at that tier's rates.
+    tier: u32,
 }
 
 /// The GCRA limits of one key: its named limits, then its token window if any; and its
@@ -374,11 +394,12 @@ impl KeyLimits {
             named: limits
                 .rate_limits
                 .iter()
-                .map(|l| Gcra::new(l.limit, l.window_secs))
+                .map(|l| Gcra::tiered(l.limit, l.window_secs, Some(&l.name), tiers))
                 .collect(),
-            tokens: limits
-                .token_window
-                .map(|t| Box::new(TokenWindow::new(t.tokens, t.window_secs))),
+            tokens: limits.token_window.map(|t| {
+                let gcra = Gcra::tiered(t.tokens, t.window_secs, None, tiers);
+                Box::new(TokenWindow::new(gcra))
+            }),
         }
     }
 
@@ -400,35 +421,31 @@ impl KeyLimits {
 
     /// Admits one request of `cost` tokens against every limit, all or nothing, at the
     /// monotonic time `now` reads.
-    pub(crate) fn acquire(
-        &self,
-        now: impl Fn() -> u64,
-        cost: u64,
-        multiplier_pct: u32,
-    ) -> Result<Admission, Duration> {
+    pub(crate) fn acquire(&self, now: impl Fn() -> u64, cost: u64) -> Result<Admission, Duration> {
+        let tier = self.tier();
         let now_ns = now();
         let mut admission = Admission {
             admitted_ns: now_ns,
             tokens_admission: 0,
-            tier_pct: multiplier_pct,
+            tier,
         };
         // A roll-back reads the clock again (see `Gcra::release`).
         let roll_back = |taken: &[Gcra]| self.release_named(taken, &now, &admission);
         for (i, gcra) in self.named.iter().enumerate() {
-            if let Err(wait) = gcra.acquire(now_ns, 1, multiplier_pct) {
+            if let Err(wait) = gcra.acquire(now_ns, 1, tier) {
                 roll_back(&self.named[..i]);
                 // A retry must wait for the slowest limit, not just the first that refused.
                 let later = self.named[i + 1..]
                     .iter()
-                    .filter_map(|g| g.wait(now_ns, 1, multiplier_pct));
+                    .filter_map(|g| g.wait(now_ns, 1, tier));
                 let tokens = self.tokens.as_ref().filter(|_| cost > 0);
-                let tokens = tokens.and_then(|t| t.gcra.wait(now_ns, cost, multiplier_pct));
+                let tokens = tokens.and_then(|t| t.gcra.wait(now_ns, cost, tier));
                 return Err(later.chain(tokens).fold(wait, Duration::max));
             }
         }
         if let Some(tokens) = &self.tokens {
             if cost > 0 {
-                match tokens.admit(now_ns, cost, multiplier_pct) {
+                match tokens.admit(now_ns, cost, tier) {
                     Ok(number) => admission.tokens_admission = number,
                     Err(wait) => {
                         roll_back(&self.named);
@@ -456,12 +473,12 @@ impl KeyLimits {
         let Some(tokens) = &self.tokens else {
             return;
         };
-        let pct = admitted.tier_pct;
+        let tier = admitted.tier;
         // The difference of the two increments, so that the window ends up exactly where an
         // admission of `used` would have left it.
         let (was, is) = (
-            tokens.gcra.increment(reserved, pct),
-            tokens.gcra.increment(used, pct),
+            tokens.gcra.increment(reserved, tier),
+            tokens.gcra.increment(used, tier),
         );
         let number = admitted.tokens_admission;
         match is.cmp(&was) {
@@ -477,7 +494,7 @@ impl KeyLimits {
     pub(crate) fn release(&self, now: impl Fn() -> u64, admitted: &Admission, cost: u64) {
         self.release_named(&self.named, &now, admitted);
         if let Some(tokens) = &self.tokens {
-            let increment = tokens.gcra.increment(cost, admitted.tier_pct);
+            let increment = tokens.gcra.increment(cost, admitted.tier);
             tokens.give_back(now(), admitted.tokens_admission, increment);
         }
     }
@@ -486,7 +503,7 @@ impl KeyLimits {
     /// that slot can still be ahead of the time `now` reads (see [`Admission::admitted_ns`]).
     fn release_named(&self, taken: &[Gcra], now: impl Fn() -> u64, admitted: &Admission) {
         for gcra in taken {
-            let increment = gcra.increment(1, admitted.tier_pct);
+            let increment = gcra.increment(1, admitted.tier);
             let until_at_least = ticks(admitted.admitted_ns).saturating_add(increment);
             gcra.release(&now, until_at_least, increment);
         }
@@ -506,10 +523,10 @@ impl KeyLimits {
         self.lifetime_spent.load(Ordering::Relaxed)
     }
 
-    /// The spend-tier multiplier under the configured `tiers`, in percent.
+    /// How many of the configured spend tiers the key has reached.
     #[inline]
-    pub(crate) fn tier_pct(&self, tiers: &[SpendTier]) -> u32 {
-        tier_multiplier(tiers, self.tiers_reached.load(Ordering::Relaxed))
+    pub(crate) fn tier(&self) -> u32 {
+        self.tiers_reached.load(Ordering::Relaxed)
     }
 
     /// Counts `units` of spend towards the spend tiers (nothing to do without tiers).
@@ -542,29 +559,98 @@ impl KeyLimits {
             .fetch_max(tiers_reached(tiers, spent), Ordering::Relaxed);
     }
 
-    /// Requests left in the tightest named limit, and tokens left in the window.
-    pub(crate) fn remaining(&self, now_ns: u64, multiplier_pct: u32) -> (Option<u64>, Option<u64>) {
-        let requests = self
-            .named
-            .iter()
-            .map(|g| g.remaining(now_ns, multiplier_pct))
-            .min();
-        let tokens = self
-            .tokens
-            .as_ref()
-            .map(|t| t.gcra.remaining(now_ns, multiplier_pct));
+    /// Requests left in the tightest named limit, and tokens left in the window, at `tier`.
+    pub(crate) fn remaining(&self, now_ns: u64, tier: u32) -> (Option<u64>, Option<u64>) {
+        let requests = self.named.iter().map(|g| g.remaining(now_ns, tier)).min();
+        let tokens = self.tokens.as_ref().map(|t| t.gcra.remaining(now_ns, tier));
         (requests, tokens)
     }
 }
 
-/// A spend tier: keys that have spent at least `min_spent` units get their rate limits
-/// multiplied by `multiplier_pct / 100`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A spend tier: keys that have spent at least `min_spent` units get higher rate limits.
+/// Each named limit the tier lists by name (and its token window, if it sets one) runs at
+/// the tier's explicit rate; every other limit is multiplied by `multiplier_pct / 100`.
+///
+/// A tier never lowers a limit: each of a key's limits runs at the highest rate that its own
+/// configuration or any tier the key has reached gives it. An explicit rate is a count per
+/// window (the tier's); the key's own window stays the span its burst is measured over, so a
+/// key allowed 60 a minute, at a tier of 6,000 an hour, runs at 100 a minute.
+///
+/// ```
+/// use keyledger::SpendTier;
+/// let tiers = [
+///     SpendTier::multiplier(1_000, 150),
+///     SpendTier::multiplier(10_000, 200)
+///         .rate_limit("requests", 1_000, 60)
+///         .token_window(5_000_000, 60),
+/// ];
+/// assert_eq!(tiers[1].rate_limits[0].limit, 1_000);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpendTier {
     /// Lifetime spend (units) from which the tier applies.
     pub min_spent: u64,
-    /// Multiplier in percent (200 doubles every limit).
+    /// Multiplier in percent (200 doubles every limit the tier does not set explicitly).
     pub multiplier_pct: u32,
+    /// Explicit rates for the key limits of these names (a name no key has sets nothing).
+    pub rate_limits: Vec<RateLimit>,
+    /// An explicit rate for the token window (`None`: scaled by the multiplier).
+    pub token_window: Option<record::TokenWindow>,
+}
+
+impl SpendTier {
+    /// A tier from `min_spent` units that multiplies every limit by `multiplier_pct / 100`.
+    pub const fn multiplier(min_spent: u64, multiplier_pct: u32) -> Self {
+        SpendTier {
+            min_spent,
+            multiplier_pct,
+            rate_limits: Vec::new(),
+            token_window: None,
+        }
+    }
+
+    /// A tier from `min_spent` units that sets explicit rates (add them with
+    /// [`rate_limit`](Self::rate_limit) and [`token_window`](Self::token_window)); limits it
+    /// does not set keep the rate of the tier below it (multiplier 100 %).
+    pub const fn explicit(min_spent: u64) -> Self {
+        SpendTier::multiplier(min_spent, 100)
+    }
+
+    /// Sets the key limit named `name` to `limit` per `window_secs` at this tier.
+    pub fn rate_limit(mut self, name: impl Into<String>, limit: u64, window_secs: u64) -> Self {
+        self.rate_limits.push(RateLimit {
+            name: name.into(),
+            limit,
+            window_secs,
+        });
+        self
+    }
+
+    /// Sets the token window to `tokens` per `window_secs` at this tier.
+    pub fn token_window(mut self, tokens: u64, window_secs: u64) -> Self {
+        self.token_window = Some(record::TokenWindow {
+            tokens,
+            window_secs,
+        });
+        self
+    }
+
+    /// One unit's share, at this tier, of a named limit (`name`; `None`: the token window)
+    /// of `limit` per `window_ns`.
+    fn unit(&self, name: Option<&str>, limit: u64, window_ns: u64) -> Ticks {
+        let explicit = match name {
+            Some(name) => self
+                .rate_limits
+                .iter()
+                .find(|r| r.name == name)
+                .map(|r| (r.limit, r.window_secs)),
+            None => self.token_window.map(|t| (t.tokens, t.window_secs)),
+        };
+        match explicit {
+            Some((limit, window_secs)) => unit_share(limit.max(1), window_in_ns(window_secs), 100),
+            None => unit_share(limit, window_ns, self.multiplier_pct),
+        }
+    }
 }
 
 /// How many of `tiers` (sorted by `min_spent`, as `Config` keeps them) a lifetime spend has
@@ -575,12 +661,10 @@ pub(crate) fn tiers_reached(tiers: &[SpendTier], spent: u64) -> u32 {
 }
 
 /// The multiplier (percent) of a key that has reached `reached` of the sorted `tiers`: the
-/// highest tier's, or 100 below the first.
+/// highest of theirs (a tier never lowers a limit), or 100 below the first.
 pub(crate) fn tier_multiplier(tiers: &[SpendTier], reached: u32) -> u32 {
-    (reached as usize)
-        .checked_sub(1)
-        .and_then(|i| tiers.get(i))
-        .map_or(100, |t| t.multiplier_pct)
+    let reached = tiers.iter().take(reached as usize);
+    reached.map(|t| t.multiplier_pct).fold(100, u32::max)
 }
 
 /// The spend at which the tier after `reached` starts (`u64::MAX`: none).
@@ -629,7 +713,7 @@ mod tests {
             steps in proptest::collection::vec((0u8..4, 0u64..40, 0u64..60, any::<prop::sample::Index>()), 1..60)
         ) {
             const S: u64 = 1_000_000_000;
-            let window = TokenWindow::new(100, 100); // one token a second
+            let window = TokenWindow::new(Gcra::new(100, 100)); // one token a second
             let mut now = S;
             let mut changes = Vec::new();
             let mut admitted: Vec<(u64, Ticks)> = Vec::new(); // number, increment
@@ -638,15 +722,15 @@ mod tests {
                 match kind {
                     0 => now += secs * S / 4,
                     1 => {
-                        if let Ok(number) = window.admit(now, tokens.max(1), 100) {
-                            let increment = window.gcra.increment(tokens.max(1), 100);
+                        if let Ok(number) = window.admit(now, tokens.max(1), 0) {
+                            let increment = window.gcra.increment(tokens.max(1), 0);
                             changes.push(Change::Admit { at: now, increment, id: admitted.len() });
                             admitted.push((number, increment));
                             given_back.push(0);
                         }
                     }
                     2 => {
-                        let increment = window.gcra.increment(tokens % 10, 100);
+                        let increment = window.gcra.increment(tokens % 10, 0);
                         window.charge(now, increment);
                         changes.push(Change::Charge { at: now, increment });
                     }
@@ -654,7 +738,7 @@ mod tests {
                         let id = pick.index(admitted.len());
                         let (number, increment) = admitted[id];
                         let left = increment - given_back[id];
-                        let give = window.gcra.increment(tokens, 100).min(left);
+                        let give = window.gcra.increment(tokens, 0).min(left);
                         window.give_back(now, number, give);
                         given_back[id] += give;
                     }
@@ -674,17 +758,17 @@ mod tests {
         let g = Gcra::new(10, 1); // 10 per second
         let t0 = 1_000 * S;
         for _ in 0..10 {
-            assert!(g.acquire(t0, 1, 100).is_ok());
+            assert!(g.acquire(t0, 1, 0).is_ok());
         }
-        let wait = g.acquire(t0, 1, 100).unwrap_err();
+        let wait = g.acquire(t0, 1, 0).unwrap_err();
         assert_eq!(wait, Duration::from_millis(100));
         assert!(
-            g.acquire(t0 + S / 10, 1, 100).is_ok(),
+            g.acquire(t0 + S / 10, 1, 0).is_ok(),
             "one slot frees every 100 ms"
         );
-        assert!(g.acquire(t0 + S / 10, 1, 100).is_err());
+        assert!(g.acquire(t0 + S / 10, 1, 0).is_err());
         assert!(
-            g.acquire(t0 + 5 * S, 1, 100).is_ok(),
+            g.acquire(t0 + 5 * S, 1, 0).is_ok(),
             "idle time restores the burst"
         );
     }
@@ -693,36 +777,30 @@ mod tests {
     fn weights_and_multipliers() {
         let g = Gcra::new(100, 60); // 100 tokens a minute
         let t0 = 7 * S;
-        assert!(g.acquire(t0, 100, 100).is_ok());
-        assert!(g.acquire(t0, 1, 100).is_err());
-        let doubled = Gcra::new(100, 60);
-        assert!(
-            doubled.acquire(t0, 200, 200).is_ok(),
-            "a 2× tier admits 200"
-        );
-        assert!(doubled.acquire(t0, 1, 200).is_err());
+        assert!(g.acquire(t0, 100, 0).is_ok());
+        assert!(g.acquire(t0, 1, 0).is_err());
+        let doubled = Gcra::tiered(100, 60, None, &[SpendTier::multiplier(0, 200)]);
+        assert!(doubled.acquire(t0, 200, 1).is_ok(), "a 2× tier admits 200");
+        assert!(doubled.acquire(t0, 1, 1).is_err());
     }
 
     #[test]
     fn a_request_larger_than_the_window_fits_once_it_is_empty_and_is_paid_off_after() {
         let g = Gcra::new(100, 60); // 100 tokens a minute: one every 600 ms
         let t0 = 7 * S;
-        assert!(g.acquire(t0, 10, 100).is_ok());
+        assert!(g.acquire(t0, 10, 0).is_ok());
         // 250 tokens never fit beside others: the wait is until the window is empty.
-        assert_eq!(g.acquire(t0, 250, 100), Err(Duration::from_secs(6)));
-        assert!(g.acquire(t0 + 6 * S - 1, 250, 100).is_err());
+        assert_eq!(g.acquire(t0, 250, 0), Err(Duration::from_secs(6)));
+        assert!(g.acquire(t0 + 6 * S - 1, 250, 0).is_err());
         assert!(
-            g.acquire(t0 + 6 * S, 250, 100).is_ok(),
+            g.acquire(t0 + 6 * S, 250, 0).is_ok(),
             "the wait given was true"
         );
         // 150 tokens over the window's capacity are owed: one more token waits 90.6 s.
-        let wait = g.acquire(t0 + 6 * S, 1, 100).unwrap_err();
+        let wait = g.acquire(t0 + 6 * S, 1, 0).unwrap_err();
         assert_eq!(wait, Duration::from_millis(90_600));
-        assert!(
-            g.acquire(t0 + 6 * S + wait.as_nanos() as u64, 1, 100)
-                .is_ok()
-        );
-        assert_eq!(g.remaining(t0 + 6 * S, 100), 0);
+        assert!(g.acquire(t0 + 6 * S + wait.as_nanos() as u64, 1, 0).is_ok());
+        assert_eq!(g.remaining(t0 + 6 * S, 0), 0);
     }
 
     /// Two named limits: `per_second` a second and `per_minute` a minute.
@@ -752,14 +830,14 @@ mod tests {
         };
         let k = KeyLimits::new(&limits, 0, &[]);
         let t0 = 100 * S;
-        assert!(k.acquire(|| t0, 10, 100).is_ok());
-        assert!(k.acquire(|| t0, 45, 100).is_err(), "token window refuses");
+        assert!(k.acquire(|| t0, 10).is_ok());
+        assert!(k.acquire(|| t0, 45).is_err(), "token window refuses");
         // The refused request gave its named-limit slots back: 4 more fit this second.
         for _ in 0..4 {
-            assert!(k.acquire(|| t0, 1, 100).is_ok());
+            assert!(k.acquire(|| t0, 1).is_ok());
         }
-        assert!(k.acquire(|| t0, 1, 100).is_err());
-        assert_eq!(k.remaining(t0, 100).0, Some(0));
+        assert!(k.acquire(|| t0, 1).is_err());
+        assert_eq!(k.remaining(t0, 0).0, Some(0));
     }
 
     #[test]
@@ -767,12 +845,12 @@ mod tests {
         let k = KeyLimits::new(&per_second_and_minute(5, 5), 0, &[]);
         let t0 = 100 * S;
         for _ in 0..5 {
-            assert!(k.acquire(|| t0, 1, 100).is_ok());
+            assert!(k.acquire(|| t0, 1).is_ok());
         }
         // The per-second limit refuses first, for 200 ms; the per-minute one for 12 s.
-        assert_eq!(k.acquire(|| t0, 1, 100), Err(Duration::from_secs(12)));
+        assert_eq!(k.acquire(|| t0, 1), Err(Duration::from_secs(12)));
         assert!(
-            k.acquire(|| t0 + 12 * S, 1, 100).is_ok(),
+            k.acquire(|| t0 + 12 * S, 1).is_ok(),
             "after that wait it fits"
         );
     }
@@ -787,7 +865,7 @@ mod tests {
         // 1,000 a second (a slot is 1 ms) and one a minute.
         let k = KeyLimits::new(&per_second_and_minute(1_000, 1), 0, &[]);
         let t0 = 100 * S;
-        assert!(k.acquire(|| t0, 1, 100).is_ok(), "the minute's one request");
+        assert!(k.acquire(|| t0, 1).is_ok(), "the minute's one request");
         let (stalled_at, other_at) = (t0 + 10 * MS, t0 + 15 * MS);
         let reads = std::cell::Cell::new(0);
         let clock = || {
@@ -796,16 +874,13 @@ mod tests {
                 return stalled_at;
             }
             // Before the roll-back: another request takes the per-second limit's next slot.
-            assert!(k.named[0].acquire(other_at, 1, 100).is_ok());
+            assert!(k.named[0].acquire(other_at, 1, 0).is_ok());
             other_at
         };
-        assert!(
-            k.acquire(clock, 1, 100).is_err(),
-            "the minute limit refuses"
-        );
+        assert!(k.acquire(clock, 1).is_err(), "the minute limit refuses");
         assert_eq!(reads.get(), 2, "the roll-back read the clock again");
         assert_eq!(
-            k.named[0].remaining(other_at, 100),
+            k.named[0].remaining(other_at, 0),
             999,
             "the other request's slot is still taken"
         );
@@ -820,24 +895,21 @@ mod tests {
     fn a_give_back_stalled_after_its_clock_reading_leaves_a_later_slot_alone() {
         let k = KeyLimits::new(&per_second_and_minute(1, 1_000), 0, &[]);
         let t0 = 100 * S;
-        let admitted = k.acquire(|| t0, 1, 100).expect("the second's one request");
+        let admitted = k.acquire(|| t0, 1).expect("the second's one request");
         // Refused later (for credits); its thread reads the clock, then stalls past its slot.
         let (stalled_at, other_at) = (t0, t0 + 2 * S);
         let reads = std::cell::Cell::new(0);
         let clock = || {
             reads.set(reads.get() + 1);
             if reads.get() == 1 {
-                assert!(
-                    k.named[0].acquire(other_at, 1, 100).is_ok(),
-                    "the next slot"
-                );
+                assert!(k.named[0].acquire(other_at, 1, 0).is_ok(), "the next slot");
                 return stalled_at;
             }
             other_at
         };
         k.release(clock, &admitted, 0);
         assert_eq!(
-            k.named[0].remaining(other_at, 100),
+            k.named[0].remaining(other_at, 0),
             0,
             "the other request's slot is still taken"
         );
@@ -848,43 +920,39 @@ mod tests {
         for limit in [1, 3, 7, 1_000, 7_000_000, 999_999_937] {
             let g = Gcra::new(limit, 60);
             let t0 = 5 * S;
-            assert!(g.acquire(t0, limit - 1, 100).is_ok());
-            assert!(g.acquire(t0, 1, 100).is_ok(), "{limit}: the last unit fits");
-            assert!(g.acquire(t0, 1, 100).is_err(), "{limit}: one more does not");
-            assert_eq!(g.remaining(t0, 100), 0);
+            assert!(g.acquire(t0, limit - 1, 0).is_ok());
+            assert!(g.acquire(t0, 1, 0).is_ok(), "{limit}: the last unit fits");
+            assert!(g.acquire(t0, 1, 0).is_err(), "{limit}: one more does not");
+            assert_eq!(g.remaining(t0, 0), 0);
         }
         let g = Gcra::new(3, 1);
         for _ in 0..3 {
-            assert!(
-                g.acquire(S, 1, 100).is_ok(),
-                "three a second, one at a time"
-            );
+            assert!(g.acquire(S, 1, 0).is_ok(), "three a second, one at a time");
         }
-        assert_eq!(g.acquire(S, 1, 100), Err(Duration::from_millis(334)));
+        assert_eq!(g.acquire(S, 1, 0), Err(Duration::from_millis(334)));
     }
 
     #[test]
     fn extreme_weights_and_windows_saturate_without_panicking() {
-        let g = Gcra::new(1, MAX_WINDOW_SECS);
-        assert!(
-            g.acquire(S, u64::MAX, 1_000_000).is_ok(),
-            "fits an empty window"
+        let g = Gcra::tiered(
+            1,
+            MAX_WINDOW_SECS,
+            None,
+            &[SpendTier::multiplier(0, 1_000_000)],
         );
-        let wait = g.acquire(S, 1, 100).unwrap_err();
+        assert!(g.acquire(S, u64::MAX, 1).is_ok(), "fits an empty window");
+        let wait = g.acquire(S, 1, 0).unwrap_err();
         assert!(wait > Duration::from_secs(MAX_WINDOW_SECS), "{wait:?}");
-        assert_eq!(g.remaining(u64::MAX, 100), 0);
-        let huge = Gcra::new(u64::MAX, 1);
+        assert_eq!(g.remaining(u64::MAX, 0), 0);
+        let huge = Gcra::tiered(u64::MAX, 1, None, &[SpendTier::multiplier(0, u32::MAX)]);
         let window_in_ticks = NANOS_PER_SEC << 32;
         assert_eq!(
-            huge.remaining(u64::MAX, u32::MAX),
+            huge.remaining(u64::MAX, 1),
             window_in_ticks,
             "a tick a unit"
         );
-        assert!(huge.acquire(u64::MAX, u64::MAX, u32::MAX).is_ok());
-        assert!(
-            huge.acquire(u64::MAX, 1, u32::MAX).is_err(),
-            "still a limit"
-        );
+        assert!(huge.acquire(u64::MAX, u64::MAX, 1).is_ok());
+        assert!(huge.acquire(u64::MAX, 1, 1).is_err(), "still a limit");
     }
 
     #[test]
@@ -894,14 +962,11 @@ mod tests {
         k.record_spend(u64::MAX, &tiers);
         k.record_spend(5, &tiers);
         assert_eq!(k.lifetime_spent.load(Ordering::Relaxed), u64::MAX);
-        assert_eq!(k.tier_pct(&tiers), 150);
+        assert_eq!(tier_multiplier(&tiers, k.tier()), 150);
     }
 
     fn tier(min_spent: u64, multiplier_pct: u32) -> SpendTier {
-        SpendTier {
-            min_spent,
-            multiplier_pct,
-        }
+        SpendTier::multiplier(min_spent, multiplier_pct)
     }
 
     #[test]
@@ -916,14 +981,26 @@ mod tests {
             ..Limits::default()
         };
         let k = KeyLimits::new(&limits, 90, &tiers);
-        assert_eq!(k.tier_pct(&tiers), 100, "90 spent before it was cached");
+        assert_eq!(
+            tier_multiplier(&tiers, k.tier()),
+            100,
+            "90 spent before it was cached"
+        );
         k.record_spend(10, &tiers);
-        assert_eq!(k.tier_pct(&tiers), 150);
+        assert_eq!(tier_multiplier(&tiers, k.tier()), 150);
         k.record_spend(5_000, &tiers);
-        assert_eq!(k.tier_pct(&tiers), 300, "straight past the second");
+        assert_eq!(
+            tier_multiplier(&tiers, k.tier()),
+            300,
+            "straight past the second"
+        );
         let fresh = KeyLimits::new(&limits, 5_000, &[]);
         fresh.record_spend(5_000, &[]);
-        assert_eq!(fresh.tier_pct(&[]), 100, "no tiers configured");
+        assert_eq!(
+            tier_multiplier(&[], fresh.tier()),
+            100,
+            "no tiers configured"
+        );
     }
 
     #[test]

@@ -146,13 +146,10 @@ impl Limits {
         !self.rate_limits.is_empty() || self.token_window.is_some()
     }
 
-    /// Whether `other` configures the same rate windows (names aside).
-    pub(crate) fn same_windows(&self, other: &Limits) -> bool {
-        let windows = |l: &Limits| {
-            let named = l.rate_limits.iter().map(|r| (r.limit, r.window_secs));
-            (named.collect::<Vec<_>>(), l.token_window)
-        };
-        windows(self) == windows(other)
+    /// Whether `other` configures the same rate limits: the same named limits (a name
+    /// decides which rate a spend tier sets) and token window.
+    pub(crate) fn same_rates(&self, other: &Limits) -> bool {
+        self.rate_limits == other.rate_limits && self.token_window == other.token_window
     }
 }
 

@@ -17,7 +17,7 @@ use crate::denial::Denial;
 use crate::engine::Loaded;
 use crate::keyfmt::Presented;
 use crate::ledger::Ledger;
-use crate::limits::Admission;
+use crate::limits::{Admission, tier_multiplier};
 use crate::policy::RouteTable;
 use crate::public_id::PublicId;
 use crate::routes::permits;
@@ -70,7 +70,11 @@ pub struct RateState {
     pub requests_remaining: Option<u64>,
     /// Tokens left in the token window (`None`: no token window).
     pub tokens_remaining: Option<u64>,
-    /// Spend-tier multiplier applied to the limits, in percent.
+    /// How many of the configured spend tiers the key has reached (0: none, or no rate
+    /// limits).
+    pub tier: u32,
+    /// The reached tier's multiplier, in percent, for the limits it does not set explicitly
+    /// (100: no tier).
     pub tier_multiplier_pct: u32,
 }
 
@@ -362,15 +366,12 @@ fn check<'l>(
     if meter.is_some_and(Meter::unreadable) {
         return Denied(Denial::Unavailable);
     }
-    // 7. Rate limits (GCRA), scaled by the key's spend tier.
+    // 7. Rate limits (GCRA), at the key's spend tier.
     let admission = match &key.limits {
-        Some(limits) => {
-            let tier_pct = key.tier_pct(&ledger.inner.engine.tiers);
-            match limits.acquire(|| ledger.monotonic_ns(), cost, tier_pct) {
-                Ok(admission) => Some(admission),
-                Err(retry_after) => return Denied(Denial::RateLimited { retry_after }),
-            }
-        }
+        Some(limits) => match limits.acquire(|| ledger.monotonic_ns(), cost) {
+            Ok(admission) => Some(admission),
+            Err(retry_after) => return Denied(Denial::RateLimited { retry_after }),
+        },
         None => None,
     };
     // 8. Credits: reserve from the in-memory lease with a CAS.
@@ -453,16 +454,22 @@ impl Grant<'_> {
 
     /// Rate-limit state now.
     pub fn rate_limit(&self) -> RateState {
-        let tier = self.key.tier_pct(&self.ledger.inner.engine.tiers);
-        let now_ns = self.ledger.monotonic_ns();
-        let (requests_remaining, tokens_remaining) = match &self.key.limits {
-            Some(limits) => limits.remaining(now_ns, tier),
-            None => (None, None),
+        let Some(limits) = &self.key.limits else {
+            return RateState {
+                requests_remaining: None,
+                tokens_remaining: None,
+                tier: 0,
+                tier_multiplier_pct: 100,
+            };
         };
+        let tier = limits.tier();
+        let (requests_remaining, tokens_remaining) =
+            limits.remaining(self.ledger.monotonic_ns(), tier);
         RateState {
             requests_remaining,
             tokens_remaining,
-            tier_multiplier_pct: tier,
+            tier,
+            tier_multiplier_pct: tier_multiplier(&self.ledger.inner.engine.tiers, tier),
         }
     }
 

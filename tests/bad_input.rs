@@ -1057,33 +1057,61 @@ fn wildcard_entitlements_are_refused() {
 }
 
 #[test]
-fn spend_tiers_that_would_lower_limits_are_refused() {
+fn spend_tiers_that_would_lower_limits_or_set_no_valid_rate_are_refused() {
     use keyledger::SpendTier;
-    let tier = |min_spent, multiplier_pct| SpendTier {
-        min_spent,
-        multiplier_pct,
-    };
     let build = |tiers: Vec<SpendTier>| {
         Config::builder()
             .master_key(MasterKey::generate().unwrap())
             .spend_tiers(tiers)
             .build()
     };
-    for tiers in [
-        vec![tier(100, 0)],
-        vec![tier(100, 50)],
-        vec![tier(100, 300), tier(1_000, 200)],
-    ] {
-        match build(tiers.clone()) {
+    let refused = [
+        (SpendTier::multiplier(100, 0), "only raise limits"),
+        (SpendTier::multiplier(100, 50), "only raise limits"),
+        (
+            SpendTier::explicit(100).rate_limit("rpm", 0, 60),
+            "positive",
+        ),
+        (
+            SpendTier::explicit(100).rate_limit("rpm", 10, 0),
+            "positive",
+        ),
+        (SpendTier::explicit(100).token_window(0, 60), "positive"),
+        (
+            SpendTier::explicit(100).rate_limit("rpm", 10, 200 * 365 * 86_400),
+            "100 years",
+        ),
+        (
+            SpendTier::explicit(100)
+                .rate_limit("rpm", 10, 60)
+                .rate_limit("rpm", 20, 60),
+            "share a name",
+        ),
+        (SpendTier::explicit(100).rate_limit("", 10, 60), "name"),
+    ];
+    for (tier, why) in refused {
+        match build(vec![SpendTier::multiplier(10, 200), tier.clone()]) {
             Err(ConfigError::InvalidSetting { setting, reason }) => {
                 assert_eq!(setting, "spend_tiers");
-                assert!(reason.contains("only raise limits"), "{reason}");
+                assert!(reason.contains(why), "{tier:?}: {reason}");
+                assert!(
+                    reason.contains("from 100 spent"),
+                    "names the tier: {reason}"
+                );
             }
-            other => panic!("{tiers:?}: expected InvalidSetting, got {:?}", other.err()),
+            other => panic!("{tier:?}: expected InvalidSetting, got {:?}", other.err()),
         }
     }
-    // Given in any order, sorted by threshold.
-    assert!(build(vec![tier(1_000, 300), tier(100, 100), tier(500, 200)]).is_ok());
+    // Given in any order, sorted by threshold; a multiplier below a lower tier's is no
+    // mistake (it keeps the higher rate), nor is a tier of explicit rates above a multiplier.
+    let fine = vec![
+        SpendTier::multiplier(1_000, 300),
+        SpendTier::multiplier(100, 100),
+        SpendTier::multiplier(500, 200),
+        SpendTier::multiplier(2_000, 150),
+        SpendTier::explicit(5_000).rate_limit("rpm", 1_000, 60),
+    ];
+    assert!(build(fine).is_ok());
 }
 
 /// An empty file where the ledger should be is a ledger that lost its bytes (a failed copy

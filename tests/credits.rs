@@ -571,10 +571,7 @@ fn re_metering_a_key_never_lets_it_spend_more_than_its_new_balance() {
 /// reviewer: the scaled limit was rounded down first, so 150 % of 1 stayed 1 a minute.)
 #[test]
 fn a_fractional_spend_tier_raises_a_small_limit_by_its_fraction() {
-    let tiers = [SpendTier {
-        min_spent: 1,
-        multiplier_pct: 150,
-    }];
+    let tiers = [SpendTier::multiplier(1, 150)];
     let t = TestLedger::with_settings(keyledger::MasterKey::generate().unwrap(), |b| {
         b.spend_tiers(tiers)
     });
@@ -610,14 +607,8 @@ fn a_fractional_spend_tier_raises_a_small_limit_by_its_fraction() {
 #[test]
 fn spend_tiers_raise_rate_limits_as_lifetime_spend_grows() {
     let tiers = [
-        SpendTier {
-            min_spent: 100,
-            multiplier_pct: 200,
-        },
-        SpendTier {
-            min_spent: 1_000,
-            multiplier_pct: 300,
-        },
+        SpendTier::multiplier(100, 200),
+        SpendTier::multiplier(1_000, 300),
     ];
     let t = TestLedger::with_settings(keyledger::MasterKey::generate().unwrap(), |b| {
         b.spend_tiers(tiers)
@@ -663,6 +654,93 @@ fn spend_tiers_raise_rate_limits_as_lifetime_spend_grows() {
     let t = t.close_and_reopen();
     assert_eq!(burst(&t, &big), 15);
     assert_eq!(burst(&t, &small), 5);
+}
+
+/// A tier can set explicit rates by limit name instead of a multiplier; it never lowers a
+/// limit, whether below the key's own rate or a lower tier's, and a limit it does not name
+/// keeps the multiplier.
+#[test]
+fn spend_tiers_set_explicit_rates_by_limit_name_and_never_lower_one() {
+    let tiers = [
+        SpendTier::multiplier(100, 200),
+        SpendTier::explicit(1_000)
+            .rate_limit("per-minute", 30, 60)
+            .rate_limit("per-hour", 10, 3_600)
+            .token_window(600, 60),
+    ];
+    let t = TestLedger::with_settings(keyledger::MasterKey::generate().unwrap(), |b| {
+        b.spend_tiers(tiers)
+    });
+    let owner = t.account("Acme");
+    let new = NewKey::new(owner, "k")
+        .rate_limit("per-minute", 5, 60)
+        .rate_limit("per-hour", 100, 3_600)
+        .rate_limit("per-day", 1_000, 86_400)
+        .token_window(100, 60);
+    let (id, plain) = create_key(&t.ledger, new);
+    let key = presented(&plain);
+    let state = |t: &TestLedger| {
+        let grant = t.ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
+        let state = grant.rate_limit();
+        drop(grant);
+        t.clock.advance_secs(86_400);
+        state
+    };
+    let first = state(&t);
+    assert_eq!((first.tier, first.tier_multiplier_pct), (0, 100));
+    assert_eq!(first.tokens_remaining, Some(100));
+    spend(&t.ledger, &plain, "/x", 1, 100).unwrap();
+    t.clock.advance_secs(86_400);
+    let doubled = state(&t);
+    assert_eq!((doubled.tier, doubled.tier_multiplier_pct), (1, 200));
+    assert_eq!(doubled.tokens_remaining, Some(200));
+    spend(&t.ledger, &plain, "/x", 1, 1_000).unwrap();
+    t.clock.advance_secs(86_400);
+    let explicit = state(&t);
+    // The highest multiplier reached still applies to `per-day`, which this tier does not
+    // name: 100 % would lower it.
+    assert_eq!((explicit.tier, explicit.tier_multiplier_pct), (2, 200));
+    assert_eq!(
+        explicit.tokens_remaining,
+        Some(600),
+        "the tier's 600 a minute"
+    );
+    let burst = (0..100)
+        .filter(|_| spend(&t.ledger, &plain, "/x", 1, 1).is_ok())
+        .count();
+    // 30 a minute, not 5 × 200 % = 10; `per-hour` stays at the key's 100 × 200 % = 200
+    // (the tier's 10 an hour would lower it), `per-day` at 2,000.
+    assert_eq!(burst, 30);
+    t.clock.advance_secs(3_600);
+    let hour: usize = (0..10)
+        .map(|_| {
+            let n = (0..100)
+                .filter(|_| spend(&t.ledger, &plain, "/x", 1, 1).is_ok())
+                .count();
+            t.clock.advance_secs(60);
+            n
+        })
+        .sum();
+    // `per-hour` at 200 % of 100: a burst of 200, then one every 18 s, so 200 + 540 / 18 by
+    // the tenth minute (`per-minute` alone admits 300; the tier's 10 an hour, 10).
+    assert_eq!(hour, 230);
+    // A limit renamed is no longer the one the tier names: it keeps the multiplier.
+    t.clock.advance_secs(86_400);
+    let renamed = keyledger::KeyUpdate::default().rate_limits(vec![keyledger::RateLimit {
+        name: "rpm".into(),
+        limit: 5,
+        window_secs: 60,
+    }]);
+    t.ledger.keys().update(&id, renamed).unwrap();
+    let burst = (0..100)
+        .filter(|_| spend(&t.ledger, &plain, "/x", 1, 1).is_ok())
+        .count();
+    assert_eq!(burst, 10, "5 × 200 %");
+    // The tiers follow the durable lifetime spend across a restart.
+    let t = t.close_and_reopen();
+    t.clock.advance_secs(86_400);
+    let grant = t.ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
+    assert_eq!(grant.rate_limit().tier, 2);
 }
 
 #[test]
@@ -1983,10 +2061,7 @@ fn an_unreadable_usage_record_holds_back_only_its_own_counts() {
 
 #[test]
 fn a_limits_change_keeps_the_spend_tier_reached_by_spend_not_yet_flushed() {
-    let tiers = [SpendTier {
-        min_spent: 100,
-        multiplier_pct: 200,
-    }];
+    let tiers = [SpendTier::multiplier(100, 200)];
     let t = TestLedger::with_settings(keyledger::MasterKey::generate().unwrap(), |b| {
         b.spend_tiers(tiers)
     });

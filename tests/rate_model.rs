@@ -20,16 +20,17 @@ use proptest::prelude::*;
 
 const START: Timestamp = Timestamp(1_750_000_000_000);
 const NS_PER_MS: u64 = 1_000_000;
-const TIERS: [SpendTier; 2] = [
-    SpendTier {
-        min_spent: 8,
-        multiplier_pct: 200,
-    },
-    SpendTier {
-        min_spent: 20,
-        multiplier_pct: 300,
-    },
-];
+/// Multipliers, and explicit rates for the limit named `n0`, then `n1` and the token window,
+/// each sometimes above and sometimes below what the key had before.
+fn tiers() -> [SpendTier; 3] {
+    [
+        SpendTier::multiplier(1, 200),
+        SpendTier::multiplier(3, 300).rate_limit("n0", 5, 2),
+        SpendTier::explicit(4)
+            .rate_limit("n1", 7, 1)
+            .token_window(33, 2),
+    ]
+}
 /// Keys that only take cache room, so that the rate-limited keys are evicted.
 const FILLERS: usize = 3;
 
@@ -154,6 +155,8 @@ fn op() -> impl Strategy<Value = Op> {
 /// (named limits under 4 and token windows under 12, at most tripled by a tier).
 #[derive(Debug, Clone)]
 struct Gcra {
+    /// The key limit's name (`None`: the token window).
+    name: Option<String>,
     limit: u64,
     window: u128,
     tat: u128,
@@ -166,20 +169,61 @@ fn units(ns: u64) -> u128 {
     u128::from(ns) * UNITS_PER_NS
 }
 
+/// One unit's share of `window` for `limit` a window, exactly.
+fn unit(limit: u64, window: u128) -> u128 {
+    assert_eq!(
+        window % u128::from(limit),
+        0,
+        "a spec outside the model's range"
+    );
+    window / u128::from(limit)
+}
+
+fn window_units(window_secs: u64) -> u128 {
+    units(window_secs * 1_000 * NS_PER_MS)
+}
+
 impl Gcra {
-    fn new((limit, window_secs): (u64, u64)) -> Gcra {
+    fn new(name: Option<String>, (limit, window_secs): (u64, u64)) -> Gcra {
         Gcra {
+            name,
             limit,
-            window: units(window_secs * 1_000 * NS_PER_MS),
+            window: window_units(window_secs),
             tat: 0,
         }
     }
 
-    /// The exact share of the window `weight` units take.
-    fn share(&self, weight: u64, pct: u32) -> u128 {
-        let scaled = u128::from(self.limit) * u128::from(pct) / 100;
-        assert_eq!(UNITS_PER_NS % scaled, 0, "a spec outside the model's range");
-        u128::from(weight) * self.window / scaled
+    /// One unit's share at `tier`: its explicit rate for this limit, else the key's own
+    /// scaled by its multiplier.
+    fn unit_at(&self, tier: &SpendTier) -> u128 {
+        let explicit = match &self.name {
+            Some(name) => {
+                let rate = tier.rate_limits.iter().find(|r| &r.name == name);
+                rate.map(|r| (r.limit, r.window_secs))
+            }
+            None => tier.token_window.map(|t| (t.tokens, t.window_secs)),
+        };
+        match explicit {
+            Some((limit, window_secs)) => unit(limit, window_units(window_secs)),
+            None => {
+                assert_eq!(
+                    tier.multiplier_pct % 100,
+                    0,
+                    "a spec outside the model's range"
+                );
+                let scaled = self.limit * u64::from(tier.multiplier_pct) / 100;
+                unit(scaled, self.window)
+            }
+        }
+    }
+
+    /// The exact share of the window `weight` units take once `reached` tiers are: the least
+    /// of the key's own and every reached tier's (a tier never lowers a limit).
+    fn share(&self, weight: u64, reached: usize) -> u128 {
+        let own = unit(self.limit, self.window);
+        let tiers = tiers();
+        let shares = tiers.iter().take(reached).map(|t| self.unit_at(t));
+        u128::from(weight) * shares.fold(own, u128::min)
     }
 
     /// The wait (ms, rounded up) before moving the arrival time to `new_tat` fits.
@@ -192,16 +236,16 @@ impl Gcra {
         (wait > 0).then(|| wait.div_ceil(units(NS_PER_MS)) as u64)
     }
 
-    fn next(&self, now: u128, weight: u64, pct: u32) -> u128 {
-        self.tat.max(now) + self.share(weight, pct)
+    fn next(&self, now: u128, weight: u64, tier: usize) -> u128 {
+        self.tat.max(now) + self.share(weight, tier)
     }
 
-    fn wait(&self, now: u128, weight: u64, pct: u32) -> Option<u64> {
-        self.wait_for(self.next(now, weight, pct), now)
+    fn wait(&self, now: u128, weight: u64, tier: usize) -> Option<u64> {
+        self.wait_for(self.next(now, weight, tier), now)
     }
 
-    fn acquire(&mut self, now: u128, weight: u64, pct: u32) -> Result<u128, u64> {
-        let next = self.next(now, weight, pct);
+    fn acquire(&mut self, now: u128, weight: u64, tier: usize) -> Result<u128, u64> {
+        let next = self.next(now, weight, tier);
         match self.wait_for(next, now) {
             Some(wait) => Err(wait),
             None => {
@@ -212,14 +256,14 @@ impl Gcra {
     }
 
     /// Gives back `weight` units of the slot that ends at `until`, as far as it is ahead.
-    fn release(&mut self, now: u128, until: u128, weight: u64, pct: u32) {
-        let back = self.share(weight, pct).min(until.saturating_sub(now));
+    fn release(&mut self, now: u128, until: u128, weight: u64, tier: usize) {
+        let back = self.share(weight, tier).min(until.saturating_sub(now));
         self.tat = self.tat.saturating_sub(back).max(now);
     }
 
-    fn remaining(&self, now: u128, pct: u32) -> u64 {
+    fn remaining(&self, now: u128, tier: usize) -> u64 {
         let used = self.tat.saturating_sub(now);
-        (self.window.saturating_sub(used) / self.share(1, pct)) as u64
+        (self.window.saturating_sub(used) / self.share(1, tier)) as u64
     }
 }
 
@@ -239,8 +283,10 @@ struct Windows {
 impl Windows {
     fn new(spec: &Spec) -> Windows {
         Windows {
-            named: spec.named.iter().copied().map(Gcra::new).collect(),
-            tokens: spec.tokens.map(Gcra::new),
+            named: (spec.named.iter().enumerate())
+                .map(|(i, &n)| Gcra::new(Some(format!("n{i}")), n))
+                .collect(),
+            tokens: spec.tokens.map(|t| Gcra::new(None, t)),
         }
     }
 
@@ -249,29 +295,29 @@ impl Windows {
     }
 
     /// All or nothing: where the slots taken end, or the retry-after in ms.
-    fn acquire(&mut self, now: u128, cost: u64, pct: u32) -> Result<Admission, u64> {
+    fn acquire(&mut self, now: u128, cost: u64, tier: usize) -> Result<Admission, u64> {
         let mut named_until = Vec::new();
         for i in 0..self.named.len() {
-            match self.named[i].acquire(now, 1, pct) {
+            match self.named[i].acquire(now, 1, tier) {
                 Ok(until) => named_until.push(until),
                 Err(wait) => {
                     for (taken, &until) in self.named.iter_mut().zip(&named_until) {
-                        taken.release(now, until, 1, pct);
+                        taken.release(now, until, 1, tier);
                     }
                     let later = self.named[i + 1..]
                         .iter()
-                        .filter_map(|g| g.wait(now, 1, pct));
+                        .filter_map(|g| g.wait(now, 1, tier));
                     let tokens = self.tokens.as_ref().filter(|_| cost > 0);
-                    let tokens = tokens.and_then(|t| t.wait(now, cost, pct));
+                    let tokens = tokens.and_then(|t| t.wait(now, cost, tier));
                     return Err(later.chain(tokens).fold(wait, u64::max));
                 }
             }
         }
         let tokens_until = match self.tokens.as_mut().filter(|_| cost > 0) {
             None => 0,
-            Some(tokens) => tokens.acquire(now, cost, pct).inspect_err(|_| {
+            Some(tokens) => tokens.acquire(now, cost, tier).inspect_err(|_| {
                 for (taken, &until) in self.named.iter_mut().zip(&named_until) {
-                    taken.release(now, until, 1, pct);
+                    taken.release(now, until, 1, tier);
                 }
             })?,
         };
@@ -282,12 +328,12 @@ impl Windows {
     }
 
     /// Gives back what `admitted` took (a later check refused the request).
-    fn release(&mut self, now: u128, admitted: &Admission, cost: u64, pct: u32) {
+    fn release(&mut self, now: u128, admitted: &Admission, cost: u64, tier: usize) {
         for (g, &until) in self.named.iter_mut().zip(&admitted.named_until) {
-            g.release(now, until, 1, pct);
+            g.release(now, until, 1, tier);
         }
         if let Some(tokens) = self.tokens.as_mut() {
-            tokens.release(now, admitted.tokens_until, cost, pct);
+            tokens.release(now, admitted.tokens_until, cost, tier);
         }
     }
 }
@@ -308,9 +354,16 @@ struct Key {
     disabled: bool,
 }
 
-fn tier_pct(spent: u64) -> u32 {
-    let reached = TIERS.iter().rev().find(|t| t.min_spent <= spent);
-    reached.map_or(100, |t| t.multiplier_pct)
+/// How many tiers a key that has spent `spent` has reached.
+fn tiers_reached(spent: u64) -> usize {
+    tiers().iter().filter(|t| t.min_spent <= spent).count()
+}
+
+/// The multiplier reported at `reached` tiers: the highest reached.
+fn multiplier_pct(reached: usize) -> u32 {
+    let tiers = tiers();
+    let reached = tiers.iter().take(reached);
+    reached.map(|t| t.multiplier_pct).fold(100, u32::max)
 }
 
 fn config(clock: &ManualClock) -> Config {
@@ -318,7 +371,7 @@ fn config(clock: &ManualClock) -> Config {
         .master_key(MasterKey::from_bytes(&[7u8; 32]).unwrap())
         .clock(clock.clone())
         .cache_capacity(2)
-        .spend_tiers(TIERS)
+        .spend_tiers(tiers())
         .build()
         .unwrap()
 }
@@ -412,7 +465,7 @@ fn run_logged(ops: &[Op], log: &mut Vec<String>) -> Result<(), TestCaseError> {
                 let presented = Presented::new(plaintext).unwrap();
                 let result = ledger.verify(&Request::new(&presented, "/api/run").cost(cost));
                 let now = now_units(&clock);
-                let pct = tier_pct(k.spent);
+                let tier = tiers_reached(k.spent);
                 let short = k.credits.is_some_and(|c| cost > 0 && cost > c);
                 // Where the slots taken end, or the code and the retry-after in ms.
                 let expected = if past_grace {
@@ -422,17 +475,17 @@ fn run_logged(ops: &[Op], log: &mut Vec<String>) -> Result<(), TestCaseError> {
                 } else if suspended[usize::from(k.second_account)] {
                     Err(("subscription_inactive", None))
                 } else {
-                    match k.windows.acquire(now, cost, pct) {
+                    match k.windows.acquire(now, cost, tier) {
                         Err(wait) => Err(("rate_limited", Some(wait))),
                         Ok(admitted) if short => {
-                            k.windows.release(now, &admitted, cost, pct);
+                            k.windows.release(now, &admitted, cost, tier);
                             Err(("usage_exceeded", None))
                         }
                         Ok(admitted) => Ok(admitted),
                     }
                 };
                 log.push(format!(
-                    "  k{i} at {pct} %: {expected:?}; model {:?}",
+                    "  k{i} at tier {tier}: {expected:?}; model {:?}",
                     k.windows
                 ));
                 let got = result.as_ref().map(|_| ()).map_err(|d| {
@@ -449,12 +502,13 @@ fn run_logged(ops: &[Op], log: &mut Vec<String>) -> Result<(), TestCaseError> {
                 let Ok(grant) = result else { continue };
                 let state = grant.rate_limit();
                 log.push(format!("  granted: {state:?}"));
-                let requests = k.windows.named.iter().map(|g| g.remaining(now, pct)).min();
-                let tokens = k.windows.tokens.as_ref().map(|g| g.remaining(now, pct));
+                let requests = k.windows.named.iter().map(|g| g.remaining(now, tier)).min();
+                let tokens = k.windows.tokens.as_ref().map(|g| g.remaining(now, tier));
                 prop_assert_eq!(state.requests_remaining, requests, "requests of k{}", i);
                 prop_assert_eq!(state.tokens_remaining, tokens, "tokens of k{}", i);
                 if k.windows.limited() {
-                    prop_assert_eq!(state.tier_multiplier_pct, pct, "tier of k{}", i);
+                    prop_assert_eq!(state.tier as usize, tier, "tier of k{}", i);
+                    prop_assert_eq!(state.tier_multiplier_pct, multiplier_pct(tier));
                 }
                 let Some(actual) = commit.map(u64::from) else {
                     continue; // dropped: the slots stay taken, as the work was done
@@ -468,9 +522,9 @@ fn run_logged(ops: &[Op], log: &mut Vec<String>) -> Result<(), TestCaseError> {
                 let tokens_until = expected.unwrap_or_default().tokens_until;
                 if let Some(tokens) = k.windows.tokens.as_mut() {
                     if actual > cost {
-                        tokens.tat = tokens.next(now, actual - cost, pct);
+                        tokens.tat = tokens.next(now, actual - cost, tier);
                     } else {
-                        tokens.release(now, tokens_until, cost - actual, pct);
+                        tokens.release(now, tokens_until, cost - actual, tier);
                     }
                 }
                 k.spent += charged;
@@ -559,10 +613,7 @@ fn tiered(dir: &tempfile::TempDir, clock: &ManualClock, capacity: usize) -> Ledg
         .master_key(MasterKey::from_bytes(&[7u8; 32]).unwrap())
         .clock(clock.clone())
         .cache_capacity(capacity)
-        .spend_tiers([SpendTier {
-            min_spent: 10,
-            multiplier_pct: 300,
-        }])
+        .spend_tiers([SpendTier::multiplier(10, 300)])
         .usage_flush_interval(std::time::Duration::from_secs(3_600))
         .build()
         .unwrap();

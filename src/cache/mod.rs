@@ -351,12 +351,6 @@ impl CachedKey {
             .store(table.generation as u32, Ordering::Release);
     }
 
-    /// Current spend-tier multiplier under the configured `tiers`, in percent.
-    #[inline]
-    pub(crate) fn tier_pct(&self, tiers: &[crate::SpendTier]) -> u32 {
-        self.limits.as_ref().map_or(100, |l| l.tier_pct(tiers))
-    }
-
     /// The key's public id, sealed per call (≈ 80 ns: cheaper than the memory of keeping it).
     pub(crate) fn public_id(&self, ids: &IdCipher) -> PublicId {
         ids.encode(self.kind, self.id())

@@ -911,7 +911,7 @@ impl<'a> Keys<'a> {
                 (old, new) if old != new => KeyChange::CreditsChanged,
                 _ => KeyChange::Settings,
             };
-            if !before.0.limits.same_windows(&record.limits) {
+            if !before.0.limits.same_rates(&record.limits) {
                 // Before the commit: a miss reading the new limits then starts new windows.
                 // (A commit that fails after it costs the key its windows, nothing more.)
                 self.ledger.inner.engine.limits_reconfigured(internal);

@@ -399,8 +399,11 @@ pub fn rate_text(state: &RateState) -> String {
     if parts.is_empty() {
         parts.push("no limits".to_owned());
     }
-    if state.tier_multiplier_pct != 100 {
-        parts.push(format!("spend tier {}%", state.tier_multiplier_pct));
+    if state.tier > 0 {
+        parts.push(format!(
+            "spend tier {} ({}%)",
+            state.tier, state.tier_multiplier_pct
+        ));
     }
     parts.join(" · ")
 }

@@ -498,7 +498,7 @@ pub(crate) mod rules {
 
     /// A control character, a line or paragraph separator, or a bidirectional override:
     /// each moves or reorders what follows it on a terminal as a line break would.
-    fn hostile(c: char) -> bool {
+    pub(crate) fn hostile(c: char) -> bool {
         c.is_control()
             || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
     }

@@ -198,6 +198,15 @@ fn a_key_given_as_a_name_or_type_is_refused() {
                 .map(drop),
             "name",
         ),
+        // So are a secret's allowed hosts: a key is a valid host name, stored lowercased,
+        // which no longer reads as a key but gives it away (found by a reviewer).
+        (
+            t.ledger
+                .secrets()
+                .put(&owner, "OPENAI", Secret::new("v"), [plaintext.as_str()])
+                .map(drop),
+            "allowed_hosts",
+        ),
         // So is a connection's OAuth scope (found by the thirtieth session's diff reviewer).
         (
             t.ledger

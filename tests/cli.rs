@@ -1607,29 +1607,41 @@ fn a_refused_flag_value_is_not_echoed() {
     let s = Scratch::initialised();
     let owner = s.account("Acme");
     let (_, key) = s.key(&owner, "k");
-    for args in [
-        vec![
-            "keys", "import", "--owner", &owner, "--name", "n", "--sha256", &key,
-        ],
-        vec![
-            "keys",
-            "create",
-            "--owner",
-            &owner,
-            "--name",
-            "n",
-            "--metadata",
-            &key,
-        ],
+    let create = ["keys", "create", "--owner", &owner, "--name", "n"];
+    let long_flag = format!("--sha256={key}");
+    fn and<'a>(first: &[&'a str], more: &[&'a str]) -> Vec<&'a str> {
+        [first, more].concat()
+    }
+    for (args, says) in [
+        (
+            vec![
+                "keys", "import", "--owner", &owner, "--name", "n", "--sha256", &key,
+            ],
+            "invalid value '…' for '--sha256",
+        ),
+        (
+            and(&create, &["--metadata", &key]),
+            "invalid value '…' for '--metadata",
+        ),
+        // A stray argument, one in place of a subcommand, and an unknown flag's value
+        // (found by a reviewer).
+        (and(&create, &[&key]), "unexpected argument '…'"),
+        (vec!["secrets", &key], "unrecognized subcommand '…'"),
+        (vec![&key], "unrecognized subcommand '…'"),
+        (vec!["audit", "--limit", &key], "invalid value '…'"),
+        (
+            and(&create, &[&long_flag]),
+            "unexpected argument '--sha256'",
+        ),
     ] {
         let out = s.run(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert!(
-            stderr(&out).contains("invalid value for '--"),
-            "{}",
-            stderr(&out)
-        );
+        assert!(stderr(&out).contains(says), "{}", stderr(&out));
         let printed = format!("{}{}", stdout(&out), stderr(&out));
         assert!(!printed.contains(&key[8..]), "{args:?} printed the key");
     }
+    // What cannot be a key is still repeated.
+    let out = s.run(&["keys", "--frobnicate"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("'--frobnicate'"), "{}", stderr(&out));
 }

@@ -654,6 +654,20 @@ fn grants_are_validated_without_echoing_values() {
             "scopes",
         ),
         (OAuthGrant::new(Secret::new("ok")).scopes([""]), "scopes"),
+        // Listed like a name, so refused where a name is: a bidirectional override or a
+        // line separator reorders what a terminal shows after it (found by a reviewer).
+        (
+            OAuthGrant::new(Secret::new("ok")).scopes(["drive\u{202E}exe.txt"]),
+            "scopes",
+        ),
+        (
+            OAuthGrant::new(Secret::new("ok")).scopes(["x\u{2066}y"]),
+            "scopes",
+        ),
+        (
+            OAuthGrant::new(Secret::new("ok")).scopes(["a\u{2028}b"]),
+            "scopes",
+        ),
     ];
     for (grant, field) in cases {
         match vault.connect(&a, &Provider::Notion, grant) {

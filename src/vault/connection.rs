@@ -6,6 +6,7 @@ use serde::Serialize;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::public_id::PublicId;
+use crate::record::rules;
 use crate::secret::Secret;
 use crate::vault::provider::Provider;
 use crate::vault::provider_error::ProviderErrorKind;
@@ -194,13 +195,15 @@ pub(crate) fn validate_scopes(scopes: &[String]) -> Result<Vec<String>> {
     for s in scopes {
         if s.is_empty()
             || s.len() > SCOPE_MAX_BYTES
-            || s.chars().any(|c| c.is_control() || c.is_whitespace())
+            || s.chars().any(|c| c.is_whitespace() || rules::hostile(c))
         {
+            // Scopes are listed: a line separator or bidirectional override in one would
+            // reorder what a terminal shows after it, as in any other listed text.
             return Err(Error::invalid(
                 "scopes",
                 format!(
-                    "each scope must be 1–{SCOPE_MAX_BYTES} bytes without whitespace or \
-                     control characters"
+                    "each scope must be 1–{SCOPE_MAX_BYTES} bytes without whitespace, \
+                     control or bidirectional-override characters"
                 ),
             ));
         }

@@ -243,6 +243,11 @@ impl<'a> Secrets<'a> {
         self.ledger.guarded(|| {
             self.new_name(name)?;
             validate_value(&value)?;
+            // Checked as given: a host pattern is listed, and once lowercased an API key in
+            // it would no longer be recognised, yet still be all but given away.
+            let allowed_hosts: Vec<S> = allowed_hosts.into_iter().collect();
+            let given = allowed_hosts.iter().map(AsRef::as_ref);
+            self.ledger.holding_no_key("allowed_hosts", given)?;
             let allowed_hosts = hosts::normalize(allowed_hosts)?;
             let now = self.ledger.now();
             let txn = self.ledger.inner.store.begin_write()?;

@@ -146,21 +146,33 @@ fn parse() -> Cli {
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
-/// Ends a command line clap refused, with exit 2. A value its parser refused is not
-/// repeated: it may be a key pasted into the wrong flag (`--sha256 vb_live_…`; found by a
-/// reviewer), and the error would print it.
+/// Ends a command line clap refused, with exit 2, or prints the help or version asked for.
+/// What the user typed is not repeated once it is long enough to hold a key (16 characters
+/// or more): a key pasted into the wrong flag (`--sha256 vb_live_…`), as a stray argument or
+/// in place of a subcommand would be printed to the terminal and its logs (found by
+/// reviewers).
 fn refuse_usage(e: clap::Error) -> ! {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
-    if e.kind() != ErrorKind::ValueValidation {
+    if !e.use_stderr() {
         e.exit()
     }
-    let arg = match e.get(ContextKind::InvalidArg) {
-        Some(ContextValue::String(arg)) => arg.as_str(),
-        _ => "an argument",
+    let values = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => vec![s.as_str()],
+        Some(ContextValue::Strings(v)) => v.iter().map(String::as_str).collect(),
+        _ => Vec::new(),
     };
-    let why = std::error::Error::source(&e).map_or(String::new(), |why| format!(": {why}"));
-    eprintln!("error: invalid value for '{arg}'{why}\n\nFor more information, try '--help'.");
-    std::process::exit(2)
+    let mut typed = values(ContextKind::InvalidValue);
+    typed.extend(values(ContextKind::InvalidSubcommand));
+    // Otherwise the name of the flag a value was given to.
+    if e.kind() == ErrorKind::UnknownArgument {
+        typed.extend(values(ContextKind::InvalidArg));
+    }
+    let mut text = e.render().to_string();
+    for value in typed.into_iter().filter(|v| v.chars().count() >= 16) {
+        text = text.replace(value, "…");
+    }
+    eprint!("{text}");
+    std::process::exit(e.exit_code())
 }
 
 /// Dispatches a command; returns the exit code.

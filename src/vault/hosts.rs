@@ -68,8 +68,12 @@ impl HostPattern {
             .map_err(|e| bad_pattern(&format!("not a host ({e})")))?;
         let host = match url.host() {
             Some(Host::Domain(d)) => {
-                if d.ends_with('.') || d.is_empty() {
-                    return Err(bad_pattern("a host must not end with `.`"));
+                // `.example.com` reads as "and its subdomains" but would match nothing (found
+                // by a reviewer): every label must have a character.
+                if d.split('.').any(str::is_empty) {
+                    return Err(bad_pattern(
+                        "a host must not start or end with `.` or hold `..`",
+                    ));
                 }
                 // Checked on the text as the parser decoded it: `%2a.example.com` is the
                 // host `*.example.com`, which would read back as a wildcard.
@@ -96,10 +100,14 @@ impl HostPattern {
             .rsplit_once(':')
             .filter(|(host, _)| !host.contains('[') || host.ends_with(']'))
             .and_then(|(_, port)| port.parse::<u16>().ok());
+        let port = url.port().or(written_port);
+        if port == Some(0) {
+            return Err(bad_pattern("port 0 is no port a request goes to"));
+        }
         Ok(HostPattern {
             wildcard,
             host,
-            port: url.port().or(written_port),
+            port,
         })
     }
 
@@ -259,6 +267,11 @@ mod tests {
             "x.com:99999",
             "x .com",
             "x.com.",
+            ".example.com",
+            "a..b.com",
+            "*..com",
+            "*.example..com",
+            "x.com:0",
             "*.127.0.0.1",
             "x.com?q",
             "ex\\a.com",

@@ -180,12 +180,19 @@ impl KeyFormat {
     /// Whether `text` holds one of this format's own keys anywhere (glued to other
     /// characters or not). Keys of legacy prefixes are not looked for: without a checksum,
     /// an ordinary word after such a prefix reads as one.
+    ///
+    /// Every place a prefix starts is tried, overlapping ones too: with a prefix such as
+    /// `ab_ab_`, which ends as it begins, `ab_` glued before a key makes a false start that
+    /// overlaps the key's own prefix (found by a reviewer).
     pub(crate) fn holds_key(&self, text: &str) -> bool {
         self.prefixes.iter().any(|(prefix, _)| {
-            text.match_indices(prefix.as_str()).any(|(at, _)| {
-                let key = text[at..].get(..prefix.len() + BODY_LEN + CHECKSUM_LEN);
-                key.is_some_and(|key| self.parse(key).is_ok())
-            })
+            let starts = text.char_indices().map(|(at, _)| &text[at..]);
+            starts
+                .filter(|rest| rest.starts_with(prefix.as_str()))
+                .any(|rest| {
+                    let key = rest.get(..prefix.len() + BODY_LEN + CHECKSUM_LEN);
+                    key.is_some_and(|key| self.parse(key).is_ok())
+                })
         })
     }
 

@@ -91,6 +91,22 @@ fn names_must_be_1_to_50_printable_characters() {
     assert_eq!(t.key(&owner, "a").0.name, "a");
 }
 
+/// A prefix that ends as it begins (`ab_ab_` ends with `ab_`) makes `ab_` glued before a key
+/// a false start overlapping the key's own prefix: the key is still found (found by a
+/// reviewer: it was stored in clear as a name or in metadata).
+#[test]
+fn a_key_after_a_false_start_of_a_self_overlapping_prefix_is_refused() {
+    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| b.live_prefix("ab_ab_"));
+    let owner = t.account("Acme");
+    let (_, plaintext) = t.key(&owner, "k");
+    let _guard = Unchanged::new(&t);
+    for given in [format!("ab_{plaintext}"), format!("ab_ab{plaintext}")] {
+        assert_invalid(t.ledger.keys().create(NewKey::new(owner, &given)), "name");
+        let noted = NewKey::new(owner, "n").metadata("note", &given);
+        assert_invalid(t.ledger.keys().create(noted), "metadata");
+    }
+}
+
 #[test]
 fn a_key_given_as_a_name_or_type_is_refused() {
     // Found by a reviewer: a client that sent a key's value as a new key's name had it

@@ -117,6 +117,13 @@ pub(crate) enum Told {
 /// first read.
 pub(crate) const UNREAD: u64 = u64::MAX;
 
+/// `remaining` as [`LowBalance::last_remaining`] keeps it: a balance of exactly `u64::MAX`
+/// ("unlimited") as one less, so it does not read as [`UNREAD`] and its fall to the
+/// threshold is still an edge. Both are above any threshold that can be crossed.
+fn known(remaining: u64) -> u64 {
+    remaining.min(UNREAD - 1)
+}
+
 /// A time in whole seconds that never comes (`u64::MAX` ms).
 const NEVER: u32 = u32::MAX;
 /// [`Meter::state`]: the balance is gone.
@@ -179,7 +186,7 @@ impl Meter {
         let Some(l) = self.low_balance.load_full() else {
             return (false, None);
         };
-        let previous = l.last_remaining.swap(remaining, Ordering::AcqRel);
+        let previous = l.last_remaining.swap(known(remaining), Ordering::AcqRel);
         // Unread: a threshold set while the writer was reading the balance for the first
         // time (between `sighted` and this). What was left before is unknown: no edge.
         let crossed = previous != UNREAD && previous > l.threshold && remaining <= l.threshold;
@@ -208,7 +215,7 @@ impl Meter {
         if let Some(l) = self.low_balance.load_full() {
             let _ = l.last_remaining.compare_exchange(
                 UNREAD,
-                remaining,
+                known(remaining),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             );
@@ -323,7 +330,7 @@ impl Meter {
     /// change made, as [`note_remaining`](Self::note_remaining).
     pub(crate) fn set_remaining(&self, remaining: u64) -> Option<Told> {
         let l = self.low_balance.load_full()?;
-        let previous = l.last_remaining.swap(remaining, Ordering::AcqRel);
+        let previous = l.last_remaining.swap(known(remaining), Ordering::AcqRel);
         Some(Told::Remaining(l, previous))
     }
 
@@ -639,6 +646,17 @@ mod tests {
 
     /// A failed batch undoes what the writer told, and only that: a mark set by someone else
     /// meanwhile stays.
+    #[test]
+    fn a_fall_from_an_unlimited_balance_is_an_edge() {
+        let m = Meter::new(1, Some(10), crate::public_id::IdKind::Key, false);
+        m.sighted(u64::MAX);
+        assert!(m.note_remaining(5).0, "first read at u64::MAX, then below");
+        m.set_remaining(u64::MAX);
+        assert!(m.note_remaining(3).0, "set to u64::MAX, then below");
+        assert!(m.note_remaining(u64::MAX).1.is_some());
+        assert!(m.note_remaining(0).0, "seen at u64::MAX, then below");
+    }
+
     #[test]
     fn untelling_undoes_only_the_writers_own_change() {
         let m = Meter::new(1, Some(10), crate::public_id::IdKind::Key, false);

@@ -626,7 +626,11 @@ impl Cache {
     pub(crate) fn forget_all_missing(&self) {
         self.invalidate();
         for shard in self.shards.iter() {
-            shard.write().retain(|slot| matches!(slot, Slot::Key(_)));
+            // Under the read lock first: most shards remember no miss, and rebuilding one
+            // (its whole entry array) would hold its verifies back for nothing.
+            if shard.read().missing() > 0 {
+                shard.write().retain(|slot| matches!(slot, Slot::Key(_)));
+            }
         }
     }
 

@@ -65,6 +65,9 @@ fn split(hash: &KeyHash) -> (u64, u64) {
 pub(crate) struct Table {
     entries: Box<[Entry]>,
     len: usize,
+    /// How many of the `len` entries are remembered misses (so forgetting them all can
+    /// skip a table that has none).
+    missing: usize,
     capacity: usize,
 }
 
@@ -82,6 +85,7 @@ impl Table {
         Table {
             entries: empty(size_for(capacity.min(16))),
             len: 0,
+            missing: 0,
             capacity,
         }
     }
@@ -113,6 +117,11 @@ impl Table {
 
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// How many entries are remembered misses.
+    pub(crate) fn missing(&self) -> usize {
+        self.missing
     }
 
     /// Bytes of the entry array (allocated up front).
@@ -167,11 +176,11 @@ impl Table {
     /// when the table was full.
     pub(crate) fn insert(&mut self, hash: &KeyHash, slot: Slot) -> (Option<Slot>, Option<Slot>) {
         let (key, tag) = split(hash);
+        self.missing += usize::from(matches!(slot, Slot::Missing));
         if let Some(i) = self.find(key, tag) {
-            return (
-                Some(std::mem::replace(&mut self.entries[i].slot, slot)),
-                None,
-            );
+            let replaced = std::mem::replace(&mut self.entries[i].slot, slot);
+            self.missing -= usize::from(matches!(replaced, Slot::Missing));
+            return (Some(replaced), None);
         }
         while self.len >= self.limit() && self.limit() < self.capacity {
             self.grow();
@@ -211,6 +220,7 @@ impl Table {
             return None;
         }
         self.len -= 1;
+        self.missing -= usize::from(matches!(removed.slot, Slot::Missing));
         let size = self.entries.len();
         let mut j = hole;
         loop {
@@ -231,8 +241,10 @@ impl Table {
         let size = self.entries.len();
         let old = std::mem::replace(&mut self.entries, empty(size));
         self.len = 0;
+        self.missing = 0;
         for entry in old.into_vec() {
             if !entry.is_empty() && keep(&entry.slot) {
+                self.missing += usize::from(matches!(entry.slot, Slot::Missing));
                 self.place(entry);
                 self.len += 1;
             }
@@ -276,21 +288,24 @@ mod tests {
         /// Inserts and removes (keys drawn from a small range, so clusters and wrap-around
         /// are common) agree with a `HashMap` on every look-up.
         #[test]
-        fn behaves_like_a_map(ops in proptest::collection::vec((any::<bool>(), 0u64..40, 0u64..3), 1..400)) {
+        fn behaves_like_a_map(ops in proptest::collection::vec((any::<bool>(), any::<bool>(), 0u64..40, 0u64..3), 1..400)) {
             let mut table = Table::new(64);
-            let mut model: HashMap<(u64, u64), u64> = HashMap::new();
-            for (n, (insert, k, t)) in ops.into_iter().enumerate() {
+            // Whether each entry is a remembered miss.
+            let mut model: HashMap<(u64, u64), bool> = HashMap::new();
+            for (insert, miss, k, t) in ops {
                 // Spread the small keys over the whole u64 range so homes differ.
                 let key = k.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
                 let h = hash(key, t);
                 if insert && (model.len() < 64 || model.contains_key(&(key, t))) {
-                    table.insert(&h, Slot::Missing);
-                    model.insert((key, t), n as u64);
+                    let slot = if miss { Slot::Missing } else { Slot::Key(super::super::test_key(key)) };
+                    table.insert(&h, slot);
+                    model.insert((key, t), miss);
                 } else if !insert {
                     let removed = table.remove(&h).is_some();
                     prop_assert_eq!(removed, model.remove(&(key, t)).is_some());
                 }
                 prop_assert_eq!(table.len(), model.len());
+                prop_assert_eq!(table.missing(), model.values().filter(|&&m| m).count());
                 for k in 0u64..40 {
                     let key = k.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
                     for t in 0..3 {
@@ -313,6 +328,9 @@ mod tests {
         assert!(evicted.is_some(), "the ninth key evicts one");
         assert_eq!(table.len(), 8);
         assert!(table.get(&hash(9 << 59, 0)).is_some());
+        assert_eq!(table.missing(), 8, "an evicted miss is no longer counted");
+        table.retain(|_| false);
+        assert_eq!((table.len(), table.missing()), (0, 0));
     }
 
     #[test]

@@ -429,7 +429,9 @@ pub struct AuditEvent {
     pub actor: String,
     /// What happened: `key.created`, `key.disabled`, `account.updated`…
     pub action: String,
-    /// Public id of the subject (a route prefix for route rules).
+    /// What it happened to: a public id (`key_…`, `acct_…`, `pool_…`); for route rules the
+    /// prefix; for the vault `acct_…/secrets/NAME` or `acct_…/connectors/PROVIDER`; for a
+    /// hash-scheme rotation the new scheme (`hmac-sha256/v2`).
     pub target: String,
     /// Names of the fields changed.
     pub fields: Vec<String>,
@@ -510,6 +512,16 @@ pub(crate) mod rules {
         text("actor", actor, ACTOR_MAX_CHARS)
     }
 
+    /// A refused value as an error message may show it: quoted when short, otherwise by its
+    /// length only, so that no message repeats an API key (or any secret) given by mistake,
+    /// whatever check refuses it first — the rule the CLI keeps for what is typed at it.
+    fn shown(value: &str) -> String {
+        match value.chars().count() {
+            n @ 16.. => format!("a value of {n} characters"),
+            _ => format!("`{}`", value.escape_default()),
+        }
+    }
+
     /// A scope like `quickhits:create`, `quickhits:*` or `*`.
     pub fn scope(field: &'static str, scope: &str) -> Result<String, Error> {
         let ok_chars = scope
@@ -523,9 +535,9 @@ pub(crate) mod rules {
             return Err(Error::invalid(
                 field,
                 format!(
-                    "`{}` is not a scope: 1–{SCOPE_MAX_CHARS} of [A-Za-z0-9:_.-], \
+                    "{} is not a scope: 1–{SCOPE_MAX_CHARS} of [A-Za-z0-9:_.-], \
                      optionally ending in `*` after a `:` (or just `*`)",
-                    scope.escape_default()
+                    shown(scope)
                 ),
             ));
         }
@@ -584,10 +596,7 @@ pub(crate) mod rules {
                 .map_err(|_| {
                     Error::invalid(
                         "ips",
-                        format!(
-                            "`{}` is not an IP address or CIDR range",
-                            text.escape_default()
-                        ),
+                        format!("{} is not an IP address or CIDR range", shown(text)),
                     )
                 })?;
             let net = ipv4_if_mapped(net).trunc();

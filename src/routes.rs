@@ -63,6 +63,13 @@ impl Routes<'_> {
     pub fn set(&self, rule: RouteRule) -> Result<RouteRule> {
         self.ledger.guarded(|| {
             let prefix = &rule.prefix;
+            // A rule is kept in plain text, listed and named in the audit trail. Checked
+            // first, so that no format error below can be the one to refuse a key.
+            self.ledger.holding_no_key("prefix", [prefix.as_str()])?;
+            self.ledger
+                .holding_no_key("permission", rule.permission.as_deref())?;
+            self.ledger
+                .holding_no_key("entitlement", rule.entitlement.as_deref())?;
             check_prefix(prefix)?;
             if let Some(p) = &rule.permission {
                 rules::scope("permission", p)?;
@@ -70,12 +77,6 @@ impl Routes<'_> {
             if let Some(e) = &rule.entitlement {
                 rules::entitlement("entitlement", e)?;
             }
-            // A rule is kept in plain text, listed and named in the audit trail.
-            self.ledger.holding_no_key("prefix", [prefix.as_str()])?;
-            self.ledger
-                .holding_no_key("permission", rule.permission.as_deref())?;
-            self.ledger
-                .holding_no_key("entitlement", rule.entitlement.as_deref())?;
             let inner = &self.ledger.inner;
             inner.engine.change_routes(&inner.store, |txn| {
                 let before: Option<RouteRule> = {
@@ -104,6 +105,11 @@ impl Routes<'_> {
                 .filter(|(_, changed)| changed.unwrap_or(true))
                 .map(|(field, _)| field)
                 .collect();
+                if fields.is_empty() {
+                    // The same rule again: nothing to audit, as for an account or a key
+                    // update that changes nothing (the actor is still checked).
+                    return self.ledger.actor_ok(&self.actor);
+                }
                 let now = self.ledger.now();
                 audit::append(
                     txn,

@@ -246,6 +246,26 @@ fn refused_writes_append_nothing_and_the_trail_survives_a_reopen() {
     assert_eq!(newest.action, "key.disabled");
 }
 
+/// Setting a route rule to what it already is appends nothing either (found by a
+/// reviewer: it was audited with no fields changed); a real change is audited with its
+/// fields.
+#[test]
+fn a_route_rule_set_again_unchanged_appends_nothing() {
+    let t = TestLedger::new();
+    let rule = RouteRule::new("/api/").permission("api:read").cost(2);
+    t.ledger.routes().by("ops").set(rule.clone()).unwrap();
+    let before = t.ledger.audit().recent(100).unwrap().len();
+    t.ledger.routes().by("ops").set(rule.clone()).unwrap();
+    assert_eq!(t.ledger.audit().recent(100).unwrap().len(), before);
+    assert_invalid(t.ledger.routes().by("bell\u{7}").set(rule.clone()), "actor");
+    t.ledger.routes().by("ops").set(rule.cost(3)).unwrap();
+    let newest = &t.ledger.audit().recent(1).unwrap()[0];
+    assert_eq!(
+        (newest.action.as_str(), newest.fields.as_slice()),
+        ("route.set", &["cost".to_owned()][..])
+    );
+}
+
 /// An account update that changes nothing writes nothing: no event, no new `updated_at`
 /// (as for keys).
 #[test]

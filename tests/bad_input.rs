@@ -253,8 +253,38 @@ fn a_key_given_as_a_name_or_type_is_refused() {
             RouteRule::new("/api/").entitlement(&plaintext),
             "entitlement",
         ),
+        // Glued to a character a scope may not hold: refused either way, and the message
+        // does not repeat it (found by a reviewer: the scope's format error quoted it).
+        (
+            RouteRule::new("/api/").permission(format!("{plaintext}!")),
+            "permission",
+        ),
+        (
+            RouteRule::new("/api/").permission(format!("read {plaintext}")),
+            "permission",
+        ),
+        (
+            RouteRule::new("/api/").entitlement(format!("{plaintext}*")),
+            "entitlement",
+        ),
+        (RouteRule::new(format!("/{plaintext} /")), "prefix"),
     ] {
-        assert_invalid(routes.set(rule), field);
+        let refused = routes.set(rule);
+        let message = refused.as_ref().map_err(|e| e.to_string()).unwrap_err();
+        assert!(!message.contains(&plaintext), "{message}");
+        assert_invalid(refused, field);
+    }
+    // Nor does a refused permission or address elsewhere, whichever check refuses it.
+    for refused in [
+        t.ledger
+            .keys()
+            .create(NewKey::new(owner, "k").permissions([format!("{plaintext}!")])),
+        t.ledger
+            .keys()
+            .create(NewKey::new(owner, "k").ips([format!("{plaintext}/8")])),
+    ] {
+        let message = refused.map(|_| ()).unwrap_err().to_string();
+        assert!(!message.contains(&plaintext), "{message}");
     }
     assert_invalid(routes.remove(&format!("/{plaintext}/")), "prefix");
     // Nor as who made a change (found by a reviewer: a server that names the actor after the

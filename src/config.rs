@@ -25,6 +25,9 @@ pub const ENV_TOKEN_PREFIX: &str = "KEYLEDGER_TOKEN_PREFIX";
 /// Environment variable holding the prefixes of imported keys, comma-separated.
 pub const ENV_LEGACY_PREFIXES: &str = "KEYLEDGER_LEGACY_PREFIXES";
 
+/// The most spend tiers a configuration may have.
+const MAX_SPEND_TIERS: usize = 16;
+
 /// How a ledger is opened. Build with [`Config::builder`] or [`Config::from_env`].
 #[derive(Clone)]
 pub struct Config {
@@ -247,12 +250,12 @@ impl ConfigBuilder {
     /// raised, to the tier's explicit rates for the limits it names and by its multiplier for
     /// the others (see [`SpendTier`]). The highest tier reached applies, and never lowers a
     /// limit: a rate lower than the key's own or a lower tier's keeps the higher one.
-    /// `build` refuses a multiplier below 100 % and an explicit rate that is not a valid
-    /// limit (zero, a window over 100 years, two of one name).
+    /// `build` refuses more than 16 tiers (every rate-limited key keeps a rate per limit per
+    /// tier), a multiplier below 100 % and an explicit rate that is not a valid limit (zero,
+    /// a window over 100 years, two of one name).
     pub fn spend_tiers(mut self, tiers: impl IntoIterator<Item = SpendTier>) -> Self {
         self.spend_tiers = tiers.into_iter().collect();
-        // Sorted (stably: of two tiers with one threshold, the one given last applies), so a
-        // key keeps only how many tiers it has reached.
+        // Sorted, so a key keeps only how many tiers it has reached.
         self.spend_tiers.sort_by_key(|t| t.min_spent);
         self
     }
@@ -325,6 +328,16 @@ impl ConfigBuilder {
         // Tiers raise limits as spend grows: one that lowered them would make a key's limits
         // shrink as it pays more. Lower than a lower tier's, a multiplier or an explicit rate
         // keeps the higher rate (see `SpendTier`); below 100 %, it can only be a mistake.
+        if self.spend_tiers.len() > MAX_SPEND_TIERS {
+            return Err(ConfigError::InvalidSetting {
+                setting: "spend_tiers",
+                reason: format!(
+                    "{} tiers: at most {MAX_SPEND_TIERS} (every rate-limited key keeps a rate \
+                     per limit per tier)",
+                    self.spend_tiers.len()
+                ),
+            });
+        }
         for tier in &self.spend_tiers {
             if tier.multiplier_pct < 100 {
                 return Err(ConfigError::InvalidSetting {

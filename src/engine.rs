@@ -1983,6 +1983,43 @@ mod tests {
         assert_eq!(tier, 300, "10 spent and flushed");
     }
 
+    /// A miss that read the limits generation after a rename's bump but the record before
+    /// the rename committed (the commit's fsync is the window) builds a state of the old
+    /// names in the new generation; the next miss must not take it for the renamed limits'
+    /// state, whose tier rates differ (found by a reviewer: names were not compared, and the
+    /// renamed limit kept its old name's explicit tier rate).
+    #[test]
+    fn a_state_built_under_a_limits_old_name_is_not_reused_after_a_rename() {
+        let Fixture { _dir, ledger } = ledger_with(|b| {
+            b.spend_tiers([crate::SpendTier::explicit(1).rate_limit("hourly", 50, 3_600)])
+        });
+        let engine = &ledger.inner.engine;
+        let (public, _, plaintext) = hourly_key(&ledger, 5);
+        let presented = Presented::new(&plaintext).unwrap();
+        ledger
+            .verify(&Request::new(&presented, "/x"))
+            .unwrap()
+            .commit(1);
+        ledger.flush().unwrap(); // the tier is reached
+        let mut stale = read_miss(&ledger, &plaintext); // still "hourly"
+        let renamed = vec![crate::record::RateLimit {
+            name: "renamed".into(),
+            limit: 5,
+            window_secs: 3_600,
+        }];
+        ledger
+            .keys()
+            .update(&public, KeyUpdate::default().rate_limits(renamed))
+            .unwrap();
+        stale.generation = engine.shared.limits_generation.load(Ordering::Acquire);
+        drop(engine.install(stale).expect("the racing miss installs"));
+        let mut admitted = 0;
+        while admitted < 100 && code(&ledger, &plaintext) == "ok" {
+            admitted += 1;
+        }
+        assert_eq!(admitted, 5, "no tier names \"renamed\": 5 an hour");
+    }
+
     #[test]
     fn a_route_change_that_fails_is_not_stored_and_one_that_succeeds_is_enforced_at_once() {
         let fixture = ledger();

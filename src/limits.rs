@@ -374,6 +374,10 @@ pub(crate) struct KeyLimits {
     /// of an older one is never reused, even if configured the same.
     pub(crate) generation: u64,
     named: Box<[Gcra]>,
+    /// The names of `named`, in order: a tier's explicit rates depend on them, so a state
+    /// built under other names is not the state of these limits (out of `Gcra`, which the
+    /// hot path reads).
+    names: Box<[Box<str>]>,
     tokens: Option<Box<TokenWindow>>,
     /// Lifetime spend (durable when the limits were built, plus everything since), kept
     /// only when spend tiers are configured.
@@ -396,6 +400,11 @@ impl KeyLimits {
                 .iter()
                 .map(|l| Gcra::tiered(l.limit, l.window_secs, Some(&l.name), tiers))
                 .collect(),
+            names: limits
+                .rate_limits
+                .iter()
+                .map(|l| l.name.as_str().into())
+                .collect(),
             tokens: limits.token_window.map(|t| {
                 let gcra = Gcra::tiered(t.tokens, t.window_secs, None, tiers);
                 Box::new(TokenWindow::new(gcra))
@@ -403,14 +412,16 @@ impl KeyLimits {
         }
     }
 
-    /// Whether these limits were built from `limits` (same named limits and token window).
+    /// Whether these limits were built from `limits` (same named limits, names included,
+    /// and token window) under the same spend tiers.
     pub(crate) fn configured_as(&self, limits: &Limits) -> bool {
         let named = self.named.len() == limits.rate_limits.len()
             && self
                 .named
                 .iter()
+                .zip(&self.names)
                 .zip(&limits.rate_limits)
-                .all(|(g, l)| g.same(l.limit, l.window_secs));
+                .all(|((g, name), l)| **name == *l.name && g.same(l.limit, l.window_secs));
         let tokens = match (&self.tokens, limits.token_window) {
             (None, None) => true,
             (Some(w), Some(t)) => w.gcra.same(t.tokens, t.window_secs),
@@ -587,6 +598,7 @@ impl KeyLimits {
 /// assert_eq!(tiers[1].rate_limits[0].limit, 1_000);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SpendTier {
     /// Lifetime spend (units) from which the tier applies.
     pub min_spent: u64,
@@ -1007,7 +1019,7 @@ mod tests {
     fn tiers_pick_the_highest_reached() {
         let config = crate::Config::builder()
             .master_key(crate::MasterKey::from_bytes(&[7; 32]).unwrap())
-            .spend_tiers([tier(1_000, 200), tier(100, 150), tier(1_000, 300)])
+            .spend_tiers([tier(1_000, 300), tier(100, 150), tier(1_000, 200)])
             .build()
             .unwrap();
         let tiers = &config.spend_tiers;
@@ -1021,7 +1033,8 @@ mod tests {
         assert_eq!(at(0), (100, 100));
         assert_eq!(at(99), (100, 100));
         assert_eq!(at(100), (150, 1_000));
-        // Of two tiers with one threshold, the one given last applies.
+        // Of two tiers with one threshold, both apply: the higher multiplier wins, wherever
+        // it was given.
         assert_eq!(at(1_000), (300, u64::MAX));
         assert_eq!(at(5_000), (300, u64::MAX));
     }

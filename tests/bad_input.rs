@@ -1167,6 +1167,16 @@ fn spend_tiers_that_would_lower_limits_or_set_no_valid_rate_are_refused() {
         SpendTier::explicit(5_000).rate_limit("rpm", 1_000, 60),
     ];
     assert!(build(fine).is_ok());
+    // Every rate-limited key keeps a rate per limit per tier: their number is bounded.
+    let tiers = |n: u64| (1..=n).map(|i| SpendTier::multiplier(i * 10, 100 + i as u32));
+    assert!(build(tiers(16).collect()).is_ok());
+    match build(tiers(17).collect()) {
+        Err(ConfigError::InvalidSetting { setting, reason }) => {
+            assert_eq!(setting, "spend_tiers");
+            assert!(reason.contains("at most 16"), "{reason}");
+        }
+        other => panic!("17 tiers: expected InvalidSetting, got {:?}", other.err()),
+    }
 }
 
 /// An empty file where the ledger should be is a ledger that lost its bytes (a failed copy

@@ -743,6 +743,32 @@ fn spend_tiers_set_explicit_rates_by_limit_name_and_never_lower_one() {
     assert_eq!(grant.rate_limit().tier, 2);
 }
 
+/// Renaming a limit, with its rate unchanged, starts its window afresh (a tier may name
+/// the new name, not the old); an update that leaves the limits as they are does not.
+#[test]
+fn renaming_a_limit_alone_starts_its_window_afresh() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").rate_limit("a", 3, 60));
+    let burst = || {
+        (0..10)
+            .filter(|_| spend(&t.ledger, &plain, "/x", 1, 1).is_ok())
+            .count()
+    };
+    let limits = |name: &str| {
+        keyledger::KeyUpdate::default().rate_limits(vec![keyledger::RateLimit {
+            name: name.into(),
+            limit: 3,
+            window_secs: 60,
+        }])
+    };
+    assert_eq!(burst(), 3);
+    t.ledger.keys().update(&id, limits("a")).unwrap();
+    assert_eq!(burst(), 0, "the same limit: the window goes on");
+    t.ledger.keys().update(&id, limits("b")).unwrap();
+    assert_eq!(burst(), 3, "renamed: a fresh window");
+}
+
 #[test]
 fn keys_of_one_account_share_a_pool() {
     for durability in [Durability::Leased, Durability::Exact] {

@@ -13,7 +13,11 @@ pub(crate) const EVENT_CAPACITY: usize = 4_096;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CreditEventKind {
-    /// The credits left fell to or below the key's or pool's low-balance threshold.
+    /// The credits left fell to or below the key's or pool's low-balance threshold: by
+    /// spending, or by an admin's `set` or a refill to a figure at or below it. Reported
+    /// once per fall: the next comes after the balance has been above the threshold again.
+    /// A balance already at or below it when its key is cached (after a restart, say) is no
+    /// news.
     LowBalance,
     /// A request needed more credits than were left. Reported once per run-out: for the
     /// first such refusal since the balance last grew (a top-up, a set, a refill). Units a
@@ -28,7 +32,7 @@ pub enum CreditEventKind {
 pub struct CreditEvent {
     /// What happened.
     pub kind: CreditEventKind,
-    /// The key (`key_…`) or pool (`pool_…`) whose balance it is.
+    /// The key (`key_…`), internal token (`tok_…`) or pool (`pool_…`) whose balance it is.
     pub subject: PublicId,
     /// Credits left (durable balance plus what memory holds).
     pub remaining: u64,

@@ -326,8 +326,8 @@ impl Meter {
         }
     }
 
-    /// Records the credits left without an event (a new meter, a `set`, a refill); the
-    /// change made, as [`note_remaining`](Self::note_remaining).
+    /// Records the credits left without an event (a new pool meter, whose balance was just
+    /// read); the change made, as [`note_remaining`](Self::note_remaining).
     pub(crate) fn set_remaining(&self, remaining: u64) -> Option<Told> {
         let l = self.low_balance.load_full()?;
         let previous = l.last_remaining.swap(known(remaining), Ordering::AcqRel);

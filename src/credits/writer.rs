@@ -1078,7 +1078,7 @@ fn build(
                             let pending = pending.min(r.leased);
                             r.leased -= pending;
                             r.balance += pending;
-                            new_period(fx, &meter, r, now);
+                            new_period(shared, fx, &meter, r, now);
                             let from_balance = units.min(r.balance);
                             r.balance -= from_balance;
                             // A lease that reached memory since the grant's commit looked.
@@ -1128,7 +1128,7 @@ fn build(
                         }
                     };
                     if let Some(meter) = &meter {
-                        reclaim(&mut work, fx, meter)?;
+                        reclaim(shared, &mut work, fx, meter)?;
                     }
                     let Some(r) = work.get(id)? else {
                         let refused = match work.unreadable.get(&id) {
@@ -1147,9 +1147,10 @@ fn build(
                         continue;
                     };
                     if let Some(meter) = &meter {
-                        // The spend `reclaim` settled may have crossed the low-balance
-                        // threshold in memory: told now, before the change below resets the
-                        // figure later crossings are measured from.
+                        // Units reserved by grants still held may have crossed the
+                        // low-balance threshold (settled spend, `reclaim` told): told now,
+                        // before the change below moves the figure crossings are measured
+                        // from.
                         low_balance(shared, fx, meter, r.balance);
                     }
                     // What a refusal saw: the change is news only if it grows the balance.
@@ -1224,12 +1225,13 @@ fn build(
                         }
                         fx.balances.push((meter.clone(), r.balance));
                         meter.set_refill_at(refill::due_at(r, now));
-                        fx.tell(&meter, meter.set_remaining(r.balance));
+                        // A set below the threshold is a fall like any other.
+                        low_balance(shared, fx, &meter, r.balance);
                         fx.leases.push((meter, 0, empty_until(r, now)));
                     }
                 }
                 Msg::Retire { meter } => {
-                    reclaim(&mut work, fx, &meter)?;
+                    reclaim(shared, &mut work, fx, &meter)?;
                     fx.retired.push(meter);
                 }
                 Msg::Return {
@@ -1269,7 +1271,7 @@ fn build(
                 // it after this could be reserved again by a new request, and a close under
                 // traffic would wait out its grace.
                 meter.set_refill_at(0);
-                let left = reclaim(&mut work, fx, &meter)?;
+                let left = reclaim(shared, &mut work, fx, &meter)?;
                 if left > 0 {
                     held = held.saturating_add(left);
                     still_leased.push(meter);
@@ -1426,8 +1428,15 @@ fn low_balance(shared: &Shared, fx: &mut Effects, meter: &MeterRef, remaining: u
 }
 
 /// Gives `meter`'s lease back to its balance and flushes its spend; returns the units still
-/// leased after that (what grants still held have reserved).
-fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result<u64> {
+/// leased after that (what grants still held have reserved). Spend settled here may have
+/// crossed the low-balance threshold: told now, as by any other settling (the meter may be
+/// leaving: a key evicted, the ledger closing; its next meter takes the figure as known).
+fn reclaim(
+    shared: &Shared,
+    work: &mut Working<'_>,
+    fx: &mut Effects,
+    meter: &MeterRef,
+) -> Result<u64> {
     // Leases granted earlier in this batch reach memory only after the commit: take them
     // back here too, or they would land on top of what this batch decides.
     let pending = cancel_pending_leases(fx, meter);
@@ -1462,7 +1471,9 @@ fn reclaim(work: &mut Working<'_>, fx: &mut Effects, meter: &MeterRef) -> Result
             // A lease entry of no units has `build` decide empty-ness from the final record.
             fx.leases.push((meter.clone(), 0, 0));
         }
-        return Ok(r.leased);
+        let (balance, leased) = (r.balance, r.leased);
+        low_balance(shared, fx, meter, balance);
+        return Ok(leased);
     }
     Ok(0)
 }
@@ -1538,7 +1549,7 @@ fn lease(
     r.leased -= spent;
     r.spent += spent;
     fx.flushed_spend.push((meter.clone(), spent));
-    new_period(fx, &meter, r, now);
+    new_period(shared, fx, &meter, r, now);
     // A request that everything left cannot cover is refused, not handed all of it: that
     // would move the whole balance into memory, beyond the lease bound a crash may lose (and,
     // under `Exact`, past the per-request commits), for a request that fails anyway.
@@ -1581,9 +1592,19 @@ fn lease(
 }
 
 /// Applies a due refill: the new period's balance replaces everything, including the lease
-/// memory still holds from the old period.
-fn new_period(fx: &mut Effects, meter: &MeterRef, r: &mut CreditsRecord, now: Timestamp) {
+/// memory still holds from the old period. A fall to the low-balance threshold in the old
+/// period is told first, with the old period's figure; the new balance is a fall of its own
+/// if it is at or below the threshold.
+fn new_period(
+    shared: &Shared,
+    fx: &mut Effects,
+    meter: &MeterRef,
+    r: &mut CreditsRecord,
+    now: Timestamp,
+) {
+    let old_period = r.balance + meter.leased();
     if refill::apply_due(r, now) {
+        low_balance(shared, fx, meter, old_period);
         let pending = cancel_pending_leases(fx, meter).min(r.leased);
         r.leased -= pending;
         r.granted = r.granted.saturating_sub(pending);
@@ -1591,7 +1612,7 @@ fn new_period(fx: &mut Effects, meter: &MeterRef, r: &mut CreditsRecord, now: Ti
         // land in the new one.
         end_epoch(fx, meter, r);
         fx.tell(meter, meter.replenished());
-        fx.tell(meter, meter.set_remaining(r.balance));
+        low_balance(shared, fx, meter, r.balance);
     }
     meter.set_refill_at(refill::due_at(r, now));
 }

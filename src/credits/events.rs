@@ -15,14 +15,16 @@ pub(crate) const EVENT_CAPACITY: usize = 4_096;
 pub enum CreditEventKind {
     /// The credits left fell to or below the key's or pool's low-balance threshold: by
     /// spending, or by an admin's `set` or a refill to a figure at or below it. Reported
-    /// once per fall: the next comes after the balance has been above the threshold again.
-    /// A balance already at or below it when its key is cached (after a restart, say) is no
+    /// once per fall: the next comes after the balance has been above the threshold again
+    /// (a verify thread and the credit writer seeing one fall at once may, rarely, both
+    /// report it: a duplicate, never a loss). A balance already at or below it when its key is cached (after a restart, say) is no
     /// news.
     LowBalance,
     /// A request needed more credits than were left. Reported once per run-out: for the
     /// first such refusal since the balance last grew (a top-up, a set, a refill). Units a
     /// request reserved and gave back (a refund) are not growth, and a key that ran out, left a
-    /// full cache and came back is not reported again. A balance first cached empty (a key
+    /// full cache and came back is not reported again (of up to 65,536 such keys at once;
+    /// past that, one may be reported a second time). A balance first cached empty (a key
     /// created with no credits, or after a restart) is reported at its first refusal.
     Exhausted,
 }

@@ -881,7 +881,7 @@ fn commit(
             // the balance that stays.
             for (meter, epoch, refill_at) in fx.ended.into_iter().rev() {
                 meter.restore_epoch(epoch);
-                meter.set_refill_at(refill_at);
+                set_refill_at(shared, &meter, refill_at);
             }
             for (meter, told) in fx.told.into_iter().rev() {
                 meter.untell(told);
@@ -1224,7 +1224,7 @@ fn build(
                             fx.tell(&meter, meter.replenished());
                         }
                         fx.balances.push((meter.clone(), r.balance));
-                        meter.set_refill_at(refill::due_at(r, now));
+                        set_refill_at(shared, &meter, refill::due_at(r, now));
                         // A set below the threshold is a fall like any other.
                         low_balance(shared, fx, &meter, r.balance);
                         fx.leases.push((meter, 0, empty_until(r, now)));
@@ -1517,7 +1517,15 @@ impl Effects {
 }
 
 /// Zeroes the leases granted to `meter` earlier in this batch; returns how many units.
+/// Those are all of one meter, the balance's live one: a retired meter (a grant that
+/// outlived its key's balance, committing through it) shares its id but had none, and must
+/// not cancel its successor's (found by a reviewer: the units stayed leased on disk with no
+/// meter holding them, lost at the next open).
 fn cancel_pending_leases(fx: &mut Effects, meter: &Meter) -> u64 {
+    let theirs = fx.granted_at.get(&meter.id).and_then(|at| at.first());
+    if theirs.is_some_and(|&i| !std::ptr::eq(&*fx.leases[i].0, meter)) {
+        return 0;
+    }
     fx.handed.remove(&meter.id);
     let granted_at = fx.granted_at.remove(&meter.id).unwrap_or_default();
     granted_at
@@ -1614,7 +1622,17 @@ fn new_period(
         fx.tell(meter, meter.replenished());
         low_balance(shared, fx, meter, r.balance);
     }
-    meter.set_refill_at(refill::due_at(r, now));
+    set_refill_at(shared, meter, refill::due_at(r, now));
+}
+
+/// Tells `meter` when its next refill is due (ms) — or, once the ledger is closing, that it
+/// is due now, so that no request reserves from memory any more: each asks the writer,
+/// which refuses while closing. Else a shortfall or an admin change during the close grace
+/// would let a refund landing in the lease be reserved again by a new request (found by a
+/// reviewer).
+fn set_refill_at(shared: &Shared, meter: &Meter, due: u64) {
+    let closing = shared.closing.load(Ordering::Acquire);
+    meter.set_refill_at(if closing { 0 } else { due });
 }
 
 /// Starts a new epoch of `meter`'s balance (a set, a refill): the lease memory holds

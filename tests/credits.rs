@@ -769,6 +769,45 @@ fn renaming_a_limit_alone_starts_its_window_afresh() {
     assert_eq!(burst(), 3, "renamed: a fresh window");
 }
 
+/// A grant that outlives its balance — its pool deleted after the key moved to another, or
+/// the key's own balance dropped for a pool — is charged its reservation only: a commit
+/// beyond it takes nothing from the gone balance's lease, nor from the new balance (found
+/// by a reviewer: 15 units of a lease reported gone with the pool were charged).
+#[test]
+fn a_grant_that_outlives_its_balance_is_charged_its_reservation_only() {
+    for delete_pool in [true, false] {
+        let t = ledger_with(Durability::Leased);
+        let owner = t.account("Acme");
+        let credits = t.ledger.credits();
+        let p = credits
+            .create_pool(NewPool::new(owner, "p").credits(100))
+            .unwrap();
+        let q = credits
+            .create_pool(NewPool::new(owner, "q").credits(100))
+            .unwrap();
+        let new = NewKey::new(owner, "k");
+        let new = if delete_pool {
+            new.pool(p.id)
+        } else {
+            new.credits(100)
+        };
+        let (id, plain) = create_key(&t.ledger, new);
+        let key = presented(&plain);
+        let held = t.ledger.verify(&Request::new(&key, "/x").cost(1)).unwrap();
+        let moved = KeyUpdate::new().credits(None).pool(Some(&q.id));
+        t.ledger.keys().update(&id, moved).unwrap();
+        if delete_pool {
+            assert_eq!(credits.delete_pool(&p.id).unwrap(), 99, "1 reserved");
+        }
+        let receipt = held.commit(50);
+        let case = format!("pool deleted: {delete_pool}");
+        assert_eq!(receipt.token_stats.charged, 1, "{case}");
+        assert_eq!(receipt.token_stats.uncovered, 49, "{case}");
+        let q = credits.usage(q.id.as_str()).unwrap();
+        assert_eq!((q.spent, q.remaining), (0, Some(100)), "{case}");
+    }
+}
+
 #[test]
 fn keys_of_one_account_share_a_pool() {
     for durability in [Durability::Leased, Durability::Exact] {
@@ -1655,6 +1694,21 @@ fn a_set_or_a_refill_below_the_threshold_is_reported_low() {
     spend(&t.ledger, &plain, "/x", 1, 1).unwrap(); // 100 replaced by the refill's 30
     let low = low_balance_events(&t, &events);
     assert_eq!(low.iter().map(|e| e.remaining).collect::<Vec<_>>(), [30]);
+    // Whether or not the balance is in memory: a key never used, a pool no cached key draws
+    // on (found by a reviewer: only a balance in memory was told).
+    let unused = NewKey::new(owner, "unused").credits(100);
+    let (unused, _) = create_key(&t.ledger, unused.low_balance_threshold(50));
+    let pool = NewPool::new(owner, "p")
+        .credits(100)
+        .low_balance_threshold(50);
+    let pool = t.ledger.credits().create_pool(pool).unwrap().id;
+    for id in [&unused, &pool] {
+        t.ledger.credits().set(id.as_str(), 40).unwrap();
+        t.ledger.credits().set(id.as_str(), 30).unwrap(); // no new fall
+        let low = low_balance_events(&t, &events);
+        let told: Vec<_> = low.iter().map(|e| (&e.subject, e.remaining)).collect();
+        assert_eq!(told, [(id, 40)]);
+    }
 }
 
 /// Spend charged only at commit (a peek, then the real cost, as a token-metered server does)

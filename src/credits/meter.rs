@@ -280,9 +280,15 @@ impl Meter {
     }
 
     /// The balance is gone (key deleted or made unmetered, pool deleted): the writer ignores
-    /// this meter from now on and refunds into it vanish.
+    /// this meter from now on and refunds into it vanish. What its lease held went with the
+    /// balance, and nothing reserves from memory any more: a grant that outlived the balance
+    /// and commits beyond its reservation asks the writer, which charges no balance that is
+    /// gone (found by a reviewer: it took its overage from the lease of a pool reported
+    /// deleted with those units left).
     pub(crate) fn retire(&self) {
         self.state.fetch_or(RETIRED, Ordering::AcqRel);
+        self.set_refill_at(0);
+        self.take_lease();
     }
 
     /// A request was refused for want of credits: true for the first refusal since the

@@ -21,10 +21,10 @@ use crate::cache::{CachedKey, MeterRef, Metering};
 use crate::clock::{Clock, Timestamp};
 use crate::codec;
 use crate::error::{CodecError, Error, Result};
-use crate::public_id::IdCipher;
-use crate::record::{CreditsRecord, UsageRecord};
+use crate::public_id::{IdCipher, IdKind};
+use crate::record::{CreditsRecord, KeyRecord, PoolRecord, UsageRecord};
 use crate::store::Store;
-use crate::store::tables::{ACCOUNTS, CREDITS, KEYS, USAGE};
+use crate::store::tables::{ACCOUNTS, CREDITS, KEYS, POOLS, USAGE};
 
 /// How long the writer waits for messages before looking at the clock again.
 pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
@@ -1228,6 +1228,16 @@ fn build(
                         // A set below the threshold is a fall like any other.
                         low_balance(shared, fx, &meter, r.balance);
                         fx.leases.push((meter, 0, empty_until(r, now)));
+                    } else if let Some((threshold, subject)) = threshold_of(&txn, id) {
+                        // No meter in memory, so none knows the figure before: this change's
+                        // own fall is told here (the next meter starts from the new figure).
+                        if start > threshold && r.balance <= threshold {
+                            fx.events.push(CreditEvent {
+                                kind: CreditEventKind::LowBalance,
+                                subject: shared.ids.encode(subject, id),
+                                remaining: r.balance,
+                            });
+                        }
                     }
                 }
                 Msg::Retire { meter } => {
@@ -1455,7 +1465,10 @@ fn reclaim(
     // Listed before the read: if it fails, the batch gives them back to the meter.
     fx.reclaimed.push((meter.clone(), lease));
     fx.flushed_spend.push((meter.clone(), spent));
-    if let Some(r) = work.get(meter.id)? {
+    // A retired meter's balance is gone: a record of its id now is a successor's, which its
+    // lease, spend and threshold have nothing to do with (found by a reviewer: a retirement
+    // queued behind "unmetered, then metered again" reported the new balance as low).
+    if let Some(r) = live(work, meter)? {
         let pending = pending.min(r.leased);
         r.leased -= pending;
         r.balance += pending;
@@ -1623,6 +1636,20 @@ fn new_period(
         low_balance(shared, fx, meter, r.balance);
     }
     set_refill_at(shared, meter, refill::due_at(r, now));
+}
+
+/// The low-balance threshold of balance `id`, if it has one, and what its events name: from
+/// its key's or pool's record (ids are never shared between the two). A record that cannot
+/// be read has none here: `check` names it, and the change goes on.
+fn threshold_of(txn: &redb::WriteTransaction, id: u64) -> Option<(u64, IdKind)> {
+    let key = txn.open_table(KEYS).ok()?;
+    if let Some(key) = crate::store::get::<KeyRecord>(&key, id).ok()? {
+        let threshold = key.limits.low_balance_threshold?;
+        return Some((threshold, key.kind.id_kind()));
+    }
+    let pools = txn.open_table(POOLS).ok()?;
+    let pool = crate::store::get::<PoolRecord>(&pools, id).ok()??;
+    Some((pool.low_balance_threshold?, IdKind::Pool))
 }
 
 /// Tells `meter` when its next refill is due (ms) — or, once the ledger is closing, that it
@@ -2905,5 +2932,52 @@ mod tests {
         assert_eq!(stored, fresh, "nothing leased from the new balance");
         drop(release);
         ledger.close().unwrap();
+    }
+
+    /// A key leaves a full cache (its meter's retirement queued behind a held writer); before
+    /// the writer gets to it, the key is made unmetered (its threshold goes) and given credits
+    /// again. The retirement must not read the new balance through the old meter: it
+    /// reported the new balance as low, by the old threshold (found by a reviewer).
+    #[test]
+    fn a_retirement_queued_behind_a_new_balance_reports_nothing_of_it() {
+        use crate::KeyUpdate;
+        let config = Config::builder()
+            .master_key(MasterKey::generate().unwrap())
+            .cache_capacity(1)
+            .build()
+            .unwrap();
+        let (_dir, ledger) = open(config);
+        let (a_plain, a) = {
+            let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+            let new = NewKey::new(owner.id.as_str(), "a").credits(1_000);
+            let created = ledger
+                .keys()
+                .create(new.low_balance_threshold(100))
+                .unwrap();
+            let plaintext = created.plaintext.expose().to_owned();
+            (plaintext, created.info.id.to_string())
+        };
+        let (_, b_plain) = key(&ledger, 1_000);
+        assert_eq!(spend_one(&ledger, &a_plain), Ok(1)); // a lease in memory
+        ledger.flush().unwrap();
+        let _ = events(&ledger);
+        let tx = &ledger.inner.engine.tx;
+        let (release, held) = crossbeam::channel::bounded::<()>(0);
+        tx.send(Msg::Hold(held)).unwrap();
+        while !tx.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // A peek of `b` caches it: `a` leaves the cache of one, its retirement queued.
+        let key_b = Presented::new(&b_plain).unwrap();
+        let peek = ledger.verify(&Request::new(&key_b, "/x").cost(0)).unwrap();
+        peek.commit(0);
+        assert_eq!(tx.len(), 1, "the retirement is queued");
+        let keys = ledger.keys();
+        keys.update(&a, KeyUpdate::new().credits(None)).unwrap();
+        keys.update(&a, KeyUpdate::new().credits(Some(50))).unwrap();
+        drop(release);
+        ledger.flush().unwrap();
+        assert_eq!(low_balance_events(&ledger), [], "{a} has no threshold now");
+        assert_eq!(ledger.credits().usage(&a).unwrap().remaining, Some(50));
     }
 }

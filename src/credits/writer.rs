@@ -1782,6 +1782,16 @@ mod tests {
         (dir, ledger)
     }
 
+    /// A ledger whose cache holds one key: caching another evicts it.
+    fn one_key_cache() -> (tempfile::TempDir, Ledger) {
+        let config = Config::builder()
+            .master_key(MasterKey::generate().unwrap())
+            .cache_capacity(1)
+            .build()
+            .unwrap();
+        open(config)
+    }
+
     fn ledger() -> (tempfile::TempDir, Ledger) {
         open(Config::ephemeral().unwrap())
     }
@@ -2604,12 +2614,7 @@ mod tests {
     /// the same exhaustion a second time. (Found by a reviewer.)
     #[test]
     fn a_failed_top_up_of_a_balance_out_of_memory_does_not_make_its_exhaustion_news_again() {
-        let config = Config::builder()
-            .master_key(MasterKey::generate().unwrap())
-            .cache_capacity(1)
-            .build()
-            .unwrap();
-        let (_dir, ledger) = open(config);
+        let (_dir, ledger) = one_key_cache();
         let (a, a_plain) = key(&ledger, 0);
         let (b, b_plain) = key(&ledger, 10);
         assert_eq!(spend_one(&ledger, &a_plain), Err("usage_exceeded".into()));
@@ -2941,12 +2946,7 @@ mod tests {
     #[test]
     fn a_retirement_queued_behind_a_new_balance_reports_nothing_of_it() {
         use crate::KeyUpdate;
-        let config = Config::builder()
-            .master_key(MasterKey::generate().unwrap())
-            .cache_capacity(1)
-            .build()
-            .unwrap();
-        let (_dir, ledger) = open(config);
+        let (_dir, ledger) = one_key_cache();
         let (a_plain, a) = {
             let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
             let new = NewKey::new(owner.id.as_str(), "a").credits(1_000);

@@ -253,7 +253,10 @@ impl Ledger {
     /// to [`ConfigBuilder::close_grace`](crate::ConfigBuilder::close_grace): their commits
     /// and refunds land before `close` returns. Units a grant still holds after that stay
     /// leased — the next open counts them as `lost_to_crash`, never re-granted — and `close`
-    /// returns an error saying how many.
+    /// returns an error saying how many. Such a grant committed later still returns its
+    /// receipt (the units did leave the balance), but nothing is written any more: its units
+    /// stay in `lost_to_crash`, not in `spent`, and its key's and account's `lifetime_spent`
+    /// never count them.
     ///
     /// While the file holds keys imported by their plain SHA-256, `close` first prunes every
     /// rolled secret past its grace (one rolled away before its first use would otherwise

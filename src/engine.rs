@@ -1184,12 +1184,15 @@ impl Engine {
     }
 }
 
-/// A new pool meter's view of its durable balance.
-fn init_meter(meter: &Meter, record: &CreditsRecord, now: Timestamp) {
+/// A new pool meter's view of its durable balance. Its low-balance figure stays unread, as a
+/// key's does: the writer's first read of the balance sets it (`Meter::sighted`), so a
+/// change between this read and that one is measured once, by the writer (found by a
+/// reviewer: a `set` the writer reported with no meter in memory was reported again from
+/// this older figure).
+pub(crate) fn init_meter(meter: &Meter, record: &CreditsRecord, now: Timestamp) {
     meter
         .durable_balance
         .store(record.balance, Ordering::Release);
-    meter.set_remaining(record.balance);
     meter.set_refill_at(refill::due_at(record, now));
 }
 

@@ -332,14 +332,6 @@ impl Meter {
         }
     }
 
-    /// Records the credits left without an event (a new pool meter, whose balance was just
-    /// read); the change made, as [`note_remaining`](Self::note_remaining).
-    pub(crate) fn set_remaining(&self, remaining: u64) -> Option<Told> {
-        let l = self.low_balance.load_full()?;
-        let previous = l.last_remaining.swap(known(remaining), Ordering::AcqRel);
-        Some(Told::Remaining(l, previous))
-    }
-
     /// A new low-balance threshold (`None`: no events), with the credits left now: the next
     /// event comes when they fall from above the threshold to or below it, as for a new
     /// meter, so a threshold set above what is left reports nothing until a top-up lifts the
@@ -597,7 +589,7 @@ mod tests {
         m.set_low_balance(Some(50), m.remaining().unwrap_or(UNREAD)); // admin: still unread
         assert!(!m.note_remaining(30).0, "30 left was below 50 all along");
         assert!(!m.note_remaining(20).0, "and still is");
-        m.set_remaining(60);
+        assert!(!m.note_remaining(60).0, "a top-up");
         assert!(m.note_remaining(40).0, "an edge once seen above");
     }
 
@@ -643,7 +635,7 @@ mod tests {
         assert!(!crossed(&m, 50));
         assert!(crossed(&m, 10), "reached the threshold");
         assert!(!crossed(&m, 5), "still below: no second event");
-        m.set_remaining(100); // a top-up
+        assert!(!crossed(&m, 100), "a top-up");
         assert!(crossed(&m, 9), "crossed again after the top-up");
         let none = Meter::new(2, None, crate::public_id::IdKind::Key, false);
         assert!(!crossed(&none, 50) && !crossed(&none, 0), "no threshold");
@@ -657,8 +649,6 @@ mod tests {
         let m = Meter::new(1, Some(10), crate::public_id::IdKind::Key, false);
         m.sighted(u64::MAX);
         assert!(m.note_remaining(5).0, "first read at u64::MAX, then below");
-        m.set_remaining(u64::MAX);
-        assert!(m.note_remaining(3).0, "set to u64::MAX, then below");
         assert!(m.note_remaining(u64::MAX).1.is_some());
         assert!(m.note_remaining(0).0, "seen at u64::MAX, then below");
     }

@@ -2980,4 +2980,39 @@ mod tests {
         assert_eq!(low_balance_events(&ledger), [], "{a} has no threshold now");
         assert_eq!(ledger.credits().usage(&a).unwrap().remaining, Some(50));
     }
+
+    /// A pool miss that read the balance before an admin `set` (no meter in memory then)
+    /// registers its meter after the writer reported the fall: the meter must not report it
+    /// again from the figure the miss read (found by a reviewer).
+    #[test]
+    fn a_set_reported_with_no_meter_is_not_reported_again_by_a_racing_miss() {
+        let (_dir, ledger) = ledger();
+        let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+        let pool = crate::NewPool::new(owner.id.as_str(), "p")
+            .credits(100)
+            .low_balance_threshold(50);
+        let pool = ledger.credits().create_pool(pool).unwrap().id.to_string();
+        let key = NewKey::new(owner.id.as_str(), "k").pool(&pool);
+        let created = ledger.keys().create(key).unwrap();
+        let plain = created.plaintext.expose().to_owned();
+        let id = ledger.inner.ids.decode(IdKind::Pool, &pool).unwrap();
+        let _ = events(&ledger);
+        // The miss reads the pool's balance ...
+        let read = ledger.inner.store.begin_read().unwrap();
+        let stale: CreditsRecord = crate::store::get(&read.open_table(CREDITS).unwrap(), id)
+            .unwrap()
+            .unwrap();
+        drop(read);
+        // ... the admin's set commits, reported with no meter in memory ...
+        ledger.credits().set(&pool, 40).unwrap();
+        // ... and the miss registers its meter from what it read.
+        let meter = Meter::new(id, Some(50), IdKind::Pool, false);
+        crate::engine::init_meter(&meter, &stale, ledger.now());
+        let meters = &ledger.inner.engine.shared.meters;
+        meters.lock().insert(MeterRef::Pool(Arc::new(meter)));
+        assert_eq!(spend_one(&ledger, &plain), Ok(1));
+        ledger.flush().unwrap();
+        let once = [(CreditEventKind::LowBalance, 40)];
+        assert_eq!(low_balance_events(&ledger), once, "one fall, one event");
+    }
 }

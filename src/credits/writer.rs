@@ -204,10 +204,20 @@ impl Shared {
         meter: &Meter,
         remaining: u64,
     ) -> CreditEvent {
-        let subject = self.ids.encode(meter.subject, meter.id);
+        self.event_of(kind, meter.subject, meter.id, remaining)
+    }
+
+    /// The same for balance `id`, named as `subject`, when no meter is in memory.
+    pub(crate) fn event_of(
+        &self,
+        kind: CreditEventKind,
+        subject: IdKind,
+        id: u64,
+        remaining: u64,
+    ) -> CreditEvent {
         CreditEvent {
             kind,
-            subject,
+            subject: self.ids.encode(subject, id),
             remaining,
         }
     }
@@ -1232,11 +1242,8 @@ fn build(
                         // No meter in memory, so none knows the figure before: this change's
                         // own fall is told here (the next meter starts from the new figure).
                         if start > threshold && r.balance <= threshold {
-                            fx.events.push(CreditEvent {
-                                kind: CreditEventKind::LowBalance,
-                                subject: shared.ids.encode(subject, id),
-                                remaining: r.balance,
-                            });
+                            let low = CreditEventKind::LowBalance;
+                            fx.events.push(shared.event_of(low, subject, id, r.balance));
                         }
                     }
                 }
@@ -1484,9 +1491,8 @@ fn reclaim(
             // A lease entry of no units has `build` decide empty-ness from the final record.
             fx.leases.push((meter.clone(), 0, 0));
         }
-        let (balance, leased) = (r.balance, r.leased);
-        low_balance(shared, fx, meter, balance);
-        return Ok(leased);
+        low_balance(shared, fx, meter, r.balance);
+        return Ok(r.leased);
     }
     Ok(0)
 }
@@ -1535,8 +1541,9 @@ impl Effects {
 /// not cancel its successor's (found by a reviewer: the units stayed leased on disk with no
 /// meter holding them, lost at the next open).
 fn cancel_pending_leases(fx: &mut Effects, meter: &Meter) -> u64 {
-    let theirs = fx.granted_at.get(&meter.id).and_then(|at| at.first());
-    if theirs.is_some_and(|&i| !std::ptr::eq(&*fx.leases[i].0, meter)) {
+    let granted = fx.granted_at.get(&meter.id).and_then(|at| at.first());
+    let mine = granted.is_none_or(|&i| std::ptr::eq(&*fx.leases[i].0, meter));
+    if meter.retired() || !mine {
         return 0;
     }
     fx.handed.remove(&meter.id);
@@ -1652,14 +1659,14 @@ fn threshold_of(txn: &redb::WriteTransaction, id: u64) -> Option<(u64, IdKind)> 
     Some((pool.low_balance_threshold?, IdKind::Pool))
 }
 
-/// Tells `meter` when its next refill is due (ms) — or, once the ledger is closing, that it
-/// is due now, so that no request reserves from memory any more: each asks the writer,
-/// which refuses while closing. Else a shortfall or an admin change during the close grace
-/// would let a refund landing in the lease be reserved again by a new request (found by a
-/// reviewer).
+/// Tells `meter` when its next refill is due (ms) — or, once the ledger is closing or the
+/// meter retired, that it is due now, so that no request reserves from memory any more:
+/// each asks the writer, which refuses. Else a shortfall or an admin change during the close
+/// grace would let a refund landing in the lease be reserved again by a new request (found
+/// by a reviewer), and a failed batch's roll-back could reopen a retired meter's lease.
 fn set_refill_at(shared: &Shared, meter: &Meter, due: u64) {
-    let closing = shared.closing.load(Ordering::Acquire);
-    meter.set_refill_at(if closing { 0 } else { due });
+    let stopped = shared.closing.load(Ordering::Acquire) || meter.retired();
+    meter.set_refill_at(if stopped { 0 } else { due });
 }
 
 /// Starts a new epoch of `meter`'s balance (a set, a refill): the lease memory holds

@@ -224,8 +224,7 @@ impl<'a> Accounts<'a> {
                 )?;
                 record
             };
-            txn.commit()?;
-            self.ledger.inner.engine.account_changed(internal);
+            txn.commit_then(|| self.ledger.inner.engine.account_changed(internal))?;
             Ok(self.view(internal, record))
         })
     }

@@ -258,9 +258,6 @@ pub(crate) struct Engine {
     pub tx: Sender<Msg>,
     /// The key hasher and the route table, swapped as one.
     pub policy: ArcSwap<Policy>,
-    /// Held while a route change is published, so that concurrent changes publish one
-    /// after the other and the last one reads every rule committed before it.
-    publishing_routes: Mutex<()>,
     pub events: Receiver<CreditEvent>,
     pub tiers: Vec<SpendTier>,
     /// The last snapshot of keys an admin change evicted, by key id.
@@ -341,7 +338,6 @@ impl Engine {
                 hasher: Arc::new(hasher),
                 routes: Arc::new(RouteTable::new(1, routes)),
             }),
-            publishing_routes: Mutex::new(()),
             events,
             tiers: config.spend_tiers.clone(),
             accounts: Mutex::new(HashMap::new()),
@@ -828,18 +824,17 @@ impl Engine {
     /// every rule it then holds decodes; those rules are published once it has committed, so
     /// a change that returns `Ok` is enforced from the next verify, and one that fails is not
     /// stored (reading the rules back after the commit could fail and leave a stored rule
-    /// unenforced). One change at a time, so that they publish in the order they committed.
+    /// unenforced). Published in the commit's turn, so that two changes publish in the order
+    /// they committed.
     pub(crate) fn change_routes<T>(
         &self,
         store: &Store,
         change: impl FnOnce(&store::WriteTxn<'_>) -> Result<T>,
     ) -> Result<T> {
-        let _one_at_a_time = self.publishing_routes.lock();
         let txn = store.begin_write()?;
         let changed = change(&txn)?;
         let rules = rules_in(&txn.open_table(ROUTES)?)?;
-        txn.commit()?;
-        self.publish_routes(rules);
+        txn.commit_then(|| self.publish_routes(rules))?;
         Ok(changed)
     }
 
@@ -2056,5 +2051,46 @@ mod tests {
         let presented = Presented::new(plaintext.as_str()).unwrap();
         let request = Request::new(&presented, "/admin/users");
         assert_eq!(ledger.verify(&request).unwrap_err().code(), "forbidden");
+    }
+
+    /// Two changes to one key from two threads take effect in memory in the order they
+    /// committed. Here the first sets the key's low-balance threshold to 10 and the second,
+    /// while the first is between its commit and its effects, to 60. Before, the second's
+    /// effects could run first: the meter then kept the first's threshold, 10, against the
+    /// stored 60, and a fall to 55 went unreported.
+    #[test]
+    fn changes_racing_from_two_threads_take_effect_in_commit_order() {
+        let f = ledger();
+        let (id, _, plaintext) = key(&f.ledger, |o| NewKey::new(o, "k").credits(100));
+        let events = f.ledger.credit_events();
+        assert_eq!(code(&f.ledger, &plaintext), "ok", "cached, with a meter");
+        let (paused, resume) = (channel::bounded(1), channel::bounded::<()>(1));
+        std::thread::scope(|s| {
+            let first = s.spawn(|| {
+                let pause = move || {
+                    paused.0.send(()).unwrap();
+                    // Its turn holds the second back; without turns, the second runs now.
+                    let _ = resume.1.recv_timeout(std::time::Duration::from_millis(300));
+                };
+                let me = std::thread::current().id();
+                *f.ledger.inner.store.after_commit.lock() = Some((me, Box::new(pause)));
+                let low = KeyUpdate::new().low_balance_threshold(Some(10));
+                f.ledger.keys().update(&id, low).unwrap();
+            });
+            paused.1.recv().unwrap();
+            let higher = KeyUpdate::new().low_balance_threshold(Some(60));
+            f.ledger.keys().update(&id, higher).unwrap();
+            let _ = resume.0.send(());
+            first.join().unwrap();
+        });
+        let presented = Presented::new(plaintext.as_str()).unwrap();
+        let grant = f
+            .ledger
+            .verify(&Request::new(&presented, "/x").cost(45))
+            .unwrap();
+        assert_eq!(grant.commit(45).token_stats.remaining_credits, Some(55));
+        f.ledger.flush().unwrap();
+        let kinds: Vec<_> = events.try_iter().map(|e| (e.kind, e.remaining)).collect();
+        assert_eq!(kinds, [(CreditEventKind::LowBalance, 55)]);
     }
 }

@@ -175,13 +175,12 @@ impl Ledger {
                 &label,
                 &[],
             )?;
-            Ok(txn.commit()?)
-        })?;
-        self.inner
-            .engine
-            .set_hasher(KeyHasher::new(&self.inner.config.master_key, scheme));
-        self.inner.engine.scheme_changed();
-        Ok(())
+            let engine = &self.inner.engine;
+            Ok(txn.commit_then(|| {
+                engine.set_hasher(KeyHasher::new(&self.inner.config.master_key, scheme));
+                engine.scheme_changed();
+            })?)
+        })
     }
 
     /// Number of stored key hashes per scheme: what a rotation still has to drain.

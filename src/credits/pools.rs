@@ -200,14 +200,15 @@ impl Credits<'_> {
                 txn.abort()?;
                 return Ok(self.pool_view(internal, record, balance));
             }
-            txn.commit()?;
             let engine = &self.ledger.inner.engine;
-            if changed.contains(&"refill") {
-                engine.pool_refill_changed(internal);
-            }
-            if changed.contains(&"low_balance_threshold") {
-                engine.low_balance_changed(internal, record.low_balance_threshold);
-            }
+            txn.commit_then(|| {
+                if changed.contains(&"refill") {
+                    engine.pool_refill_changed(internal);
+                }
+                if changed.contains(&"low_balance_threshold") {
+                    engine.low_balance_changed(internal, record.low_balance_threshold);
+                }
+            })?;
             Ok(self.pool_view(internal, record, balance))
         })
     }
@@ -250,8 +251,7 @@ impl Credits<'_> {
                 credits.map_or(0, |c| self.ledger.inner.engine.remaining(internal, &c))
             };
             audit::append(&txn, self.ledger, now, &self.actor, "pool.deleted", id, &[])?;
-            txn.commit()?;
-            self.ledger.inner.engine.pool_deleted(internal);
+            txn.commit_then(|| self.ledger.inner.engine.pool_deleted(internal))?;
             Ok(left)
         })
     }

@@ -195,12 +195,13 @@ fn rehash(
             &public,
             &["hash_scheme"],
         )?;
-        txn.commit()?;
-        if let Some(other) = pruned {
-            // Its dead secret may be cached, where it would answer for this key's plaintext.
-            let engine = &ledger.inner.engine;
-            engine.key_changed(other, &[*new_hash], KeyChange::Settings);
-        }
+        txn.commit_then(|| {
+            if let Some(other) = pruned {
+                // Its dead secret may be cached, where it would answer for this key's plaintext.
+                let engine = &ledger.inner.engine;
+                engine.key_changed(other, &[*new_hash], KeyChange::Settings);
+            }
+        })?;
     } // else the transaction aborts on drop: nothing written, nothing audited
     Ok(VerifyRecord::entries(id, &record)
         .find(|(hash, _)| hashes_equal(hash, new_hash))

@@ -389,11 +389,10 @@ impl<'a> Keys<'a> {
         let public = self.public_id(id);
         let action = format!("{}.{}", self.what(), origin.verb());
         audit::append(&txn, self.ledger, now, &self.actor, &action, &public, &[])?;
-        txn.commit()?;
-        match scheme == self.ledger.hash_scheme() {
+        txn.commit_then(|| match scheme == self.ledger.hash_scheme() {
             true => self.ledger.inner.engine.key_created(&key_hash),
             false => self.ledger.inner.engine.hashes_changed(),
-        }
+        })?;
         Ok(self.view(id, record))
     }
 
@@ -814,12 +813,11 @@ impl<'a> Keys<'a> {
                 id,
                 &["secret"],
             )?;
-            txn.commit()?;
-            self.ledger
-                .inner
-                .engine
-                .key_changed(internal, &cached, KeyChange::Settings);
-            self.ledger.inner.engine.key_created(&new_hash);
+            let engine = &self.ledger.inner.engine;
+            txn.commit_then(|| {
+                engine.key_changed(internal, &cached, KeyChange::Settings);
+                engine.key_created(&new_hash);
+            })?;
             Ok(CreatedKey {
                 info: self.view(internal, record),
                 plaintext,
@@ -850,12 +848,9 @@ impl<'a> Keys<'a> {
                 id,
                 &[],
             )?;
-            txn.commit()?;
-            self.ledger.inner.engine.key_changed(
-                internal,
-                &secret_hashes(&record),
-                KeyChange::Deleted,
-            );
+            let engine = &self.ledger.inner.engine;
+            let hashes = secret_hashes(&record);
+            txn.commit_then(|| engine.key_changed(internal, &hashes, KeyChange::Deleted))?;
             Ok(())
         })
     }
@@ -921,12 +916,15 @@ impl<'a> Keys<'a> {
                 (before.0.limits.low_balance_threshold != threshold).then_some(threshold);
             (record, cached, key_change, new_threshold)
         };
-        txn.commit()?;
         let engine = &self.ledger.inner.engine;
-        engine.key_changed(internal, &cached, key_change);
-        if let Some(threshold) = new_threshold {
-            engine.low_balance_changed(internal, threshold);
-        }
+        // In commit order: of two changes racing, the later one's effects come last (a key
+        // given credits again after losing them gets a new meter, not the retiring one).
+        txn.commit_then(|| {
+            engine.key_changed(internal, &cached, key_change);
+            if let Some(threshold) = new_threshold {
+                engine.low_balance_changed(internal, threshold);
+            }
+        })?;
         Ok((self.view(internal, record), true))
     }
 
@@ -1092,13 +1090,12 @@ pub(crate) fn prune_rolled_secrets(ledger: &Ledger) -> Result<()> {
             index::put(&txn, &mut keys, id, &record)?;
         }
     }
-    txn.commit()?;
-    for (id, hashes) in pruned {
-        ledger
-            .inner
-            .engine
-            .key_changed(id, &hashes, KeyChange::Settings);
-    }
+    txn.commit_then(|| {
+        for (id, hashes) in pruned {
+            let engine = &ledger.inner.engine;
+            engine.key_changed(id, &hashes, KeyChange::Settings);
+        }
+    })?;
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
+use parking_lot::Mutex;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
@@ -57,6 +58,13 @@ pub(crate) struct Store {
     /// What redb said when it panicked on this file (see [`Store::guard`]): from then on
     /// nothing is read or written.
     broken: OnceLock<String>,
+    /// Held by each [`WriteTxn`] from its beginning until its commit's in-memory effects have
+    /// run (see [`WriteTxn::commit_then`]), so that those effects run in commit order.
+    commit_order: Mutex<()>,
+    /// Runs once, on the thread named, between a commit and its effects (tests of what may
+    /// happen there).
+    #[cfg(test)]
+    pub(crate) after_commit: Mutex<Option<(std::thread::ThreadId, AfterCommit)>>,
 }
 
 impl Drop for Store {
@@ -72,6 +80,10 @@ impl Drop for Store {
         }
     }
 }
+
+/// What a test runs between a commit and its effects (see `Store::after_commit`).
+#[cfg(test)]
+pub(crate) type AfterCommit = Box<dyn FnOnce() + Send>;
 
 /// Meta values read at open.
 pub(crate) struct OpenedMeta {
@@ -133,6 +145,9 @@ impl Store {
             generation: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             broken: OnceLock::new(),
+            commit_order: Mutex::new(()),
+            #[cfg(test)]
+            after_commit: Mutex::new(None),
         }
     }
 
@@ -333,9 +348,10 @@ impl Store {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
+        let in_turn = self.commit_order.lock();
         let mut txn = self.db()?.begin_write()?;
         txn.set_two_phase_commit(true);
-        Ok(WriteTxn::new(txn, self))
+        Ok(WriteTxn::new(txn, self, in_turn))
     }
 
     /// Refuses every write from now on (the ledger closed: its leases are back and its

@@ -7,31 +7,68 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use parking_lot::MutexGuard;
+
 use super::Store;
 use super::tables::{CREDITS, KEY_VERIFY};
 use crate::error::Result;
 
 /// A write transaction of this store. Derefs to redb's; [`commit`](Self::commit) also
 /// retires the shared read snapshot, so no miss after the commit reads older data.
+///
+/// Write transactions take turns in the store's commit order, held from the beginning of
+/// one until its commit's in-memory effects have run ([`commit_then`](Self::commit_then)):
+/// two admin changes from two threads then reach the cache, the meters and the route table
+/// in the order they reached the file.
 pub(crate) struct WriteTxn<'s> {
     txn: redb::WriteTransaction,
     store: &'s Store,
+    /// Declared after `txn`, so that a transaction dropped uncommitted rolls back before the
+    /// next one's turn.
+    in_turn: MutexGuard<'s, ()>,
 }
 
 impl<'s> WriteTxn<'s> {
-    pub(super) fn new(txn: redb::WriteTransaction, store: &'s Store) -> Self {
-        WriteTxn { txn, store }
+    pub(super) fn new(
+        txn: redb::WriteTransaction,
+        store: &'s Store,
+        in_turn: MutexGuard<'s, ()>,
+    ) -> Self {
+        WriteTxn {
+            txn,
+            store,
+            in_turn,
+        }
     }
 
     /// Commits, then moves the commit generation on (also when the commit failed: whatever
     /// it left, the next miss reads afresh).
     pub(crate) fn commit(self) -> std::result::Result<(), redb::CommitError> {
-        let result = self.txn.commit();
-        self.store.generation.fetch_add(1, Ordering::AcqRel);
+        self.commit_then(|| ())
+    }
+
+    /// [`commit`](Self::commit)s, then, if that succeeded, runs `effects` — what the change
+    /// does in memory — before the next write transaction of this store may begin.
+    pub(crate) fn commit_then<T>(
+        self,
+        effects: impl FnOnce() -> T,
+    ) -> std::result::Result<T, redb::CommitError> {
+        let WriteTxn {
+            txn,
+            store,
+            in_turn,
+        } = self;
+        let result = txn.commit();
+        store.generation.fetch_add(1, Ordering::AcqRel);
         // Dropped now rather than at the next miss: a snapshot kept alive would hold back
         // the reuse of every page this and later commits free.
-        self.store.snapshot.store(None);
-        result
+        store.snapshot.store(None);
+        result?;
+        #[cfg(test)]
+        store.pause_after_commit();
+        let done = effects();
+        drop(in_turn);
+        Ok(done)
     }
 
     /// Rolls back (nothing changed: the shared snapshot stays).
@@ -92,6 +129,22 @@ impl Store {
         // turns it away.
         self.snapshot.store(Some(fresh.clone()));
         Ok(fresh)
+    }
+}
+
+#[cfg(test)]
+impl Store {
+    /// Runs the [`after_commit`](Store::after_commit) pause, if one waits for this thread.
+    fn pause_after_commit(&self) {
+        let mut slot = self.after_commit.lock();
+        if slot
+            .as_ref()
+            .is_some_and(|(thread, _)| *thread == std::thread::current().id())
+        {
+            let (_, pause) = slot.take().expect("checked");
+            drop(slot);
+            pause();
+        }
     }
 }
 

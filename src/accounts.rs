@@ -206,6 +206,7 @@ impl<'a> Accounts<'a> {
                 // Like keys: a change that touches no field writes nothing (no audit entry, no
                 // eviction of the account's cached keys).
                 if record == before {
+                    self.ledger.actor_ok(&self.actor)?; // refused all the same
                     drop(table);
                     txn.abort()?;
                     return Ok(self.view(internal, record));

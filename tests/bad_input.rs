@@ -9,7 +9,7 @@ use common::*;
 use keyledger::{
     AccountUpdate, Config, ConfigError, ENV_MASTER_KEY, ENV_MASTER_KEY_FILE, Error, ImportKey,
     ImportedHash, KeyUpdate, Ledger, MasterKey, NewAccount, NewKey, NewPool, OAuthGrant,
-    PageRequest, Presented, Provider, RateLimit, Request, RouteRule, Secret, Timestamp,
+    PageRequest, PoolUpdate, Presented, Provider, RateLimit, Request, RouteRule, Secret, Timestamp,
 };
 
 /// Asserts every rejected call leaves the ledger unchanged.
@@ -113,6 +113,11 @@ fn a_key_given_as_a_name_or_type_is_refused() {
     // stored and shown in every listing (to read-only keys too).
     let (t, owner, key) = setup();
     let (_, plaintext) = t.key(&owner, "other");
+    let pool = t
+        .ledger
+        .credits()
+        .create_pool(NewPool::new(owner, "shared"));
+    let pool = pool.unwrap();
     let _guard = Unchanged::new(&t);
     let glued = [
         format!(" {plaintext} "),
@@ -305,8 +310,28 @@ fn a_key_given_as_a_name_or_type_is_refused() {
             "keys().update",
         ),
         (
+            t.ledger.keys().by(&by).enable(&key.id).map(drop),
+            "keys().enable of an enabled key (a change that changes nothing)",
+        ),
+        (
             t.ledger.credits().by(&by).top_up(&key.id, 1).map(drop),
             "credits().top_up",
+        ),
+        (
+            t.ledger
+                .credits()
+                .by(&by)
+                .update_pool(&pool.id, PoolUpdate::new())
+                .map(drop),
+            "credits().update_pool that changes nothing",
+        ),
+        (
+            t.ledger
+                .accounts()
+                .by(&by)
+                .update(&owner, AccountUpdate::new())
+                .map(drop),
+            "accounts().update that changes nothing",
         ),
         (
             t.ledger

@@ -197,6 +197,7 @@ impl Credits<'_> {
                 (record, balance, changed)
             };
             if changed.is_empty() {
+                self.ledger.actor_ok(&self.actor)?; // refused all the same
                 txn.abort()?;
                 return Ok(self.pool_view(internal, record, balance));
             }

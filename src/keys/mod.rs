@@ -876,6 +876,9 @@ impl<'a> Keys<'a> {
             let before = (record.clone(), credits.clone());
             let changed = change(&mut record, &mut credits)?;
             if changed.is_empty() || (record.clone(), credits.clone()) == before {
+                // Nothing to write or audit, but a change by an actor the rules refuse is
+                // refused all the same.
+                self.ledger.actor_ok(&self.actor)?;
                 drop((keys, credits_table));
                 txn.abort()?;
                 return Ok((self.view(internal, before.0), false));

@@ -2093,4 +2093,16 @@ mod tests {
         let kinds: Vec<_> = events.try_iter().map(|e| (e.kind, e.remaining)).collect();
         assert_eq!(kinds, [(CreditEventKind::LowBalance, 55)]);
     }
+
+    /// Listing what an id of no account holds answers `NotFound`, for its pools as for its
+    /// keys (the id is sealed by hand: the API hands out none such).
+    #[test]
+    fn listing_what_an_id_of_no_account_holds_is_not_found() {
+        let f = ledger();
+        let nobody = f.ledger.inner.ids.encode(IdKind::Account, 999);
+        let keys = f.ledger.keys().list(&nobody, &crate::PageRequest::first());
+        for listed in [f.ledger.credits().pools(&nobody).map(drop), keys.map(drop)] {
+            assert!(matches!(listed, Err(Error::NotFound { what: "account" })));
+        }
+    }
 }

@@ -269,11 +269,15 @@ impl Credits<'_> {
         })
     }
 
-    /// The pools of `owner`, oldest first.
+    /// The pools of `owner`, oldest first; `NotFound` for an account that does not exist
+    /// (as key listings answer).
     pub fn pools(&self, owner: &str) -> Result<Vec<Pool>> {
         self.ledger.guarded(|| {
             let owner = self.ledger.inner.ids.decode(IdKind::Account, owner)?;
             let read = self.ledger.inner.store.begin_read()?;
+            if read.open_table(ACCOUNTS)?.get(owner)?.is_none() {
+                return Err(Error::NotFound { what: "account" });
+            }
             let credits = read.open_table(CREDITS)?;
             let mut found = Vec::new();
             for entry in read.open_table(POOLS)?.iter()? {

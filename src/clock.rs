@@ -4,6 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +42,14 @@ pub trait Clock: Send + Sync + 'static {
     /// nanoseconds, right for a clock that never goes back itself.
     fn monotonic_ns(&self) -> u64 {
         self.now().0.saturating_mul(1_000_000)
+    }
+
+    /// How far a reading of [`monotonic_ns`](Self::monotonic_ns) may lag the time it stands
+    /// for: a clock that moves once per kernel tick is up to a tick behind. A rate limit's
+    /// retry-after adds it, so that a client waiting exactly that long is not refused again.
+    /// The default is zero.
+    fn monotonic_resolution(&self) -> Duration {
+        Duration::ZERO
     }
 }
 
@@ -104,6 +113,16 @@ impl Clock for CoarseClock {
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     fn monotonic_ns(&self) -> u64 {
         SystemClock.monotonic_ns()
+    }
+
+    /// The kernel's tick (`clock_getres` of `CLOCK_MONOTONIC_COARSE`: 1–4 ms).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn monotonic_resolution(&self) -> Duration {
+        let t = rustix::time::clock_getres(rustix::time::ClockId::MonotonicCoarse);
+        Duration::new(
+            t.tv_sec.max(0) as u64,
+            t.tv_nsec.clamp(0, 999_999_999) as u32,
+        )
     }
 }
 
@@ -169,6 +188,17 @@ impl Clock for ManualClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default clock reports the tick it moves by, which retry-afters add.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_coarse_clock_reports_its_tick() {
+        let tick = CoarseClock.monotonic_resolution();
+        assert!(
+            tick > Duration::ZERO && tick <= Duration::from_millis(20),
+            "{tick:?}"
+        );
+    }
 
     /// Found by a reviewer: `advance_secs` read the time outside the step's lock, so two
     /// threads advancing at once could both move it from the same time (four threads'

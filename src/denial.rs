@@ -29,7 +29,9 @@ pub enum Denial {
     NotEntitled,
     /// A rate limit is exhausted; retry after the given time. 429.
     RateLimited {
-        /// When a retry may succeed.
+        /// When a retry may succeed: the wait for the key's next slot, in whole milliseconds
+        /// rounded up, plus the clock's resolution (one kernel tick on the default
+        /// [`CoarseClock`](crate::CoarseClock)), so that waiting exactly this long is enough.
         retry_after: Duration,
     },
     /// Not enough credits for the request's cost. 402.

@@ -38,6 +38,9 @@ pub(crate) struct Inner {
     pub(crate) setting_balances: parking_lot::Mutex<()>,
     pub(crate) config: Config,
     pub(crate) clock: Arc<dyn Clock>,
+    /// Added to a rate limit's retry-after: the clock's resolution, in whole milliseconds
+    /// rounded up (see [`Clock::monotonic_resolution`]).
+    pub(crate) retry_slack: std::time::Duration,
     pub(crate) engine: Engine,
 }
 
@@ -92,6 +95,14 @@ impl Ledger {
             rotating: parking_lot::Mutex::new(()),
             setting_balances: parking_lot::Mutex::new(()),
             clock: config.clock.clone(),
+            retry_slack: {
+                let lag = config
+                    .clock
+                    .monotonic_resolution()
+                    .as_nanos()
+                    .div_ceil(1_000_000);
+                std::time::Duration::from_millis(u64::try_from(lag).unwrap_or(u64::MAX))
+            },
             config,
             engine,
         };

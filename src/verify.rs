@@ -370,7 +370,11 @@ fn check<'l>(
     let admission = match &key.limits {
         Some(limits) => match limits.acquire(|| ledger.monotonic_ns(), cost) {
             Ok(admission) => Some(admission),
-            Err(retry_after) => return Denied(Denial::RateLimited { retry_after }),
+            Err(wait) => {
+                // A wait measured on a clock a tick behind may come up a tick short.
+                let retry_after = wait.saturating_add(ledger.inner.retry_slack);
+                return Denied(Denial::RateLimited { retry_after });
+            }
         },
         None => None,
     };

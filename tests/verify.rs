@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::*;
 use keyledger::{
-    AccountUpdate, Denial, HashScheme, KeyUpdate, MasterKey, NewAccount, NewKey, Request,
-    RouteRule, SubscriptionStatus, Timestamp,
+    AccountUpdate, Clock, Config, Denial, HashScheme, KeyUpdate, Ledger, ManualClock, MasterKey,
+    NewAccount, NewKey, Request, RouteRule, SubscriptionStatus, Timestamp,
 };
 
 const ROUTE: &str = "/api/v1/quickhits/create";
@@ -1014,6 +1014,52 @@ fn waiting_exactly_the_retry_after_given_is_enough() {
     );
     t.clock.set(Timestamp(t.now().0 + wait.as_millis() as u64));
     assert!(t.ledger.verify(&Request::new(&key, "/x")).is_ok());
+}
+
+/// A clock whose monotonic readings move once per 4 ms, as the default [`CoarseClock`]'s do
+/// on a kernel ticking at 250 Hz.
+struct Ticking(ManualClock);
+
+impl Clock for Ticking {
+    fn now(&self) -> Timestamp {
+        self.0.now()
+    }
+    fn monotonic_ns(&self) -> u64 {
+        let ns = self.0.monotonic_ns();
+        ns - ns % 4_000_000
+    }
+    fn monotonic_resolution(&self) -> Duration {
+        Duration::from_millis(4)
+    }
+}
+
+#[test]
+fn waiting_the_retry_after_is_enough_on_a_clock_that_moves_by_ticks() {
+    // Found by a reviewer: on the default clock a client that waited exactly the retry-after
+    // was often refused again, the wait having been measured from a reading up to a tick old.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(Timestamp(1_000_000_000)); // on a tick
+    let config = Config::builder()
+        .master_key(MasterKey::generate().unwrap())
+        .clock(Ticking(clock.clone()))
+        .build()
+        .unwrap();
+    let ledger = Ledger::open(dir.path().join("keys.redb"), config).unwrap();
+    let owner = account(&ledger, "Acme");
+    let (_, plain) = create_key(&ledger, NewKey::new(owner, "k").rate_limit("s", 3, 1));
+    let key = presented(&plain);
+    for _ in 0..3 {
+        assert!(ledger.verify(&Request::new(&key, "/x")).is_ok());
+    }
+    let refused = ledger.verify(&Request::new(&key, "/x")).unwrap_err();
+    let wait = refused.retry_after().unwrap();
+    assert_eq!(
+        wait,
+        Duration::from_millis(334 + 4),
+        "the slot, then a tick"
+    );
+    clock.set(Timestamp(clock.now().0 + wait.as_millis() as u64));
+    assert!(ledger.verify(&Request::new(&key, "/x")).is_ok());
 }
 
 #[test]

@@ -58,9 +58,12 @@ pub(crate) struct Store {
     /// What redb said when it panicked on this file (see [`Store::guard`]): from then on
     /// nothing is read or written.
     broken: OnceLock<String>,
-    /// Held by each [`WriteTxn`] from its beginning until its commit's in-memory effects have
-    /// run (see [`WriteTxn::commit_then`]), so that those effects run in commit order.
+    /// Held by each [`WriteTxn`] from its beginning until it commits or rolls back.
     commit_order: Mutex<()>,
+    /// Taken by a commit's in-memory effects before the commit gives up `commit_order` (see
+    /// [`WriteTxn::commit_then`]): effects run in commit order, while the next transaction,
+    /// the writer's included, need not wait for them.
+    effects_order: Mutex<()>,
     /// Runs once, on the thread named, between a commit and its effects (tests of what may
     /// happen there).
     #[cfg(test)]
@@ -146,6 +149,7 @@ impl Store {
             closed: AtomicBool::new(false),
             broken: OnceLock::new(),
             commit_order: Mutex::new(()),
+            effects_order: Mutex::new(()),
             #[cfg(test)]
             after_commit: Mutex::new(None),
         }
@@ -345,10 +349,11 @@ impl Store {
     /// A write transaction with two-phase commit (redb's advice for files that may hold
     /// attacker-supplied data) and immediate durability.
     pub(crate) fn begin_write(&self) -> Result<WriteTxn<'_>> {
+        let in_turn = self.commit_order.lock();
+        // Checked in turn: a change queued behind the close's last batch does not begin.
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        let in_turn = self.commit_order.lock();
         let mut txn = self.db()?.begin_write()?;
         txn.set_two_phase_commit(true);
         Ok(WriteTxn::new(txn, self, in_turn))

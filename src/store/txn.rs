@@ -16,10 +16,11 @@ use crate::error::Result;
 /// A write transaction of this store. Derefs to redb's; [`commit`](Self::commit) also
 /// retires the shared read snapshot, so no miss after the commit reads older data.
 ///
-/// Write transactions take turns in the store's commit order, held from the beginning of
-/// one until its commit's in-memory effects have run ([`commit_then`](Self::commit_then)):
-/// two admin changes from two threads then reach the cache, the meters and the route table
-/// in the order they reached the file.
+/// Write transactions take turns, one at a time from beginning to commit; a commit's
+/// in-memory effects ([`commit_then`](Self::commit_then)) take a second turn before the
+/// first is given up. Two admin changes from two threads then reach the cache, the meters
+/// and the route table in the order they reached the file, and the next transaction need
+/// not wait for the effects of the last (a route change recompiles every cached key).
 pub(crate) struct WriteTxn<'s> {
     txn: redb::WriteTransaction,
     store: &'s Store,
@@ -44,7 +45,7 @@ impl<'s> WriteTxn<'s> {
     /// Commits, then moves the commit generation on (also when the commit failed: whatever
     /// it left, the next miss reads afresh).
     pub(crate) fn commit(self) -> std::result::Result<(), redb::CommitError> {
-        self.commit_then(|| ())
+        self.commit_inner().map(drop)
     }
 
     /// [`commit`](Self::commit)s, then, if that succeeded, runs `effects` — what the change
@@ -53,6 +54,20 @@ impl<'s> WriteTxn<'s> {
         self,
         effects: impl FnOnce() -> T,
     ) -> std::result::Result<T, redb::CommitError> {
+        let (store, in_turn) = self.commit_inner()?;
+        let effects_turn = store.effects_order.lock();
+        drop(in_turn);
+        #[cfg(test)]
+        store.pause_after_commit();
+        let done = effects();
+        drop(effects_turn);
+        Ok(done)
+    }
+
+    /// Commits and moves the generation on; hands back the turn, still held.
+    fn commit_inner(
+        self,
+    ) -> std::result::Result<(&'s Store, MutexGuard<'s, ()>), redb::CommitError> {
         let WriteTxn {
             txn,
             store,
@@ -63,12 +78,7 @@ impl<'s> WriteTxn<'s> {
         // Dropped now rather than at the next miss: a snapshot kept alive would hold back
         // the reuse of every page this and later commits free.
         store.snapshot.store(None);
-        result?;
-        #[cfg(test)]
-        store.pause_after_commit();
-        let done = effects();
-        drop(in_turn);
-        Ok(done)
+        result.map(|()| (store, in_turn))
     }
 
     /// Rolls back (nothing changed: the shared snapshot stays).

@@ -9,7 +9,7 @@ use crate::clock::Timestamp;
 use crate::codec;
 use crate::engine::KeyChange;
 use crate::error::{Error, Result};
-use crate::hashing::{HashScheme, KeyHash, hashes_equal};
+use crate::hashing::{HashScheme, KeyHash, KeyHasher, hashes_equal};
 use crate::keys::index;
 use crate::ledger::{Ledger, SYSTEM_ACTOR};
 use crate::record::{KeyRecord, VerifyRecord};
@@ -74,26 +74,26 @@ fn find_under_old_schemes(
 ) -> Result<Option<VerifyRecord>> {
     let hasher = ledger.hasher();
     let current = hasher.current();
-    let counts = store::scheme_counts(&read.open_table(META)?)?;
-    let mut old = counts
-        .iter()
-        .filter(|(s, n)| **s != current && **n > 0)
-        .peekable();
-    if old.peek().is_none() {
+    let others = |read: &redb::ReadTransaction| -> Result<Vec<HashScheme>> {
+        let counts = store::scheme_counts(&read.open_table(META)?)?;
+        let others = counts.into_iter().filter(|&(s, n)| s != current && n > 0);
+        Ok(others.map(|(scheme, _)| scheme).collect())
+    };
+    if others(read)?.is_empty() {
         return Ok(None);
     }
-    // A newer read: a concurrent miss of the same key may have rehashed it since the
-    // caller's, which must then find it under the current scheme, not report it missing.
+    // A newer read, and the schemes it counts: a concurrent miss of the same key may have
+    // rehashed it since the caller's read, to this scheme or to another (across a rotation).
     let read = ledger.inner.store.begin_read()?;
     let new_hash = hasher.hash(current, key);
     if let Some(found) = probe(&read, &new_hash, current, now)? {
         return Ok(Some(found));
     }
-    for (&scheme, _) in old {
+    for scheme in others(&read)? {
         let old_hash = hasher.hash(scheme, key);
         if let Some(found) = probe(&read, &old_hash, scheme, now)? {
             drop(read);
-            return match rehash(ledger, found.id, &old_hash, &new_hash, current) {
+            return match rehash(ledger, found.id, key, &hasher) {
                 // A closed ledger writes nothing, and its reads still answer: the key is
                 // served as found, and rehashed by its first use after the next open.
                 Err(Error::Closed) => Ok(Some(found)),
@@ -130,25 +130,25 @@ fn probe_table(
     Ok((entry.scheme == scheme && live).then_some(entry))
 }
 
-/// Replaces `old_hash` (current or rolled secret) by `new_hash` under the current scheme.
-/// Returns the verify entry of `new_hash` (`None`: a concurrent change, such as a roll or a
-/// delete, took `old_hash` out first). A concurrent miss of the same key may have rehashed
-/// it already: then nothing is written and its entry is returned.
+/// Moves the secret `key` of record `id` (its current secret or its rolled one, which a miss
+/// found under an older scheme) to `hasher`'s current scheme. Returns the secret's verify
+/// entry (`None`: a concurrent change, such as a roll or a delete, took it out first).
 ///
-/// `new_hash` may be another record's verify entry already (the plaintext was imported by
+/// The secret is recognised by its hash under the scheme its slot holds, so a concurrent
+/// miss that moved it first is no obstacle, whichever hasher it had (two misses straddling a
+/// rotation move it to two schemes). Nothing is moved when it is under the current scheme
+/// already, or when the file's scheme is no longer `hasher`'s (a rotation committed since
+/// this miss read its hasher): its entry is returned as it is, and a later miss moves it.
+///
+/// The new hash may be another record's verify entry already (the plaintext was imported by
 /// its SHA-256 while another key held it). A rolled secret of that record past its grace is
 /// pruned to make room; any other entry stays, and so does the record under its old scheme:
 /// overwriting it would leave the other record's secret without an entry, or, once the other
 /// record dropped it, this one's. Then that entry is returned if it is live, as a look-up
 /// under the current scheme would find it.
-fn rehash(
-    ledger: &Ledger,
-    id: u64,
-    old_hash: &KeyHash,
-    new_hash: &KeyHash,
-    scheme: HashScheme,
-) -> Result<Option<VerifyRecord>> {
+fn rehash(ledger: &Ledger, id: u64, key: &str, hasher: &KeyHasher) -> Result<Option<VerifyRecord>> {
     let now = ledger.now();
+    let scheme = hasher.current();
     let txn = ledger.inner.store.begin_write()?;
     let mut keys = txn.open_table(KEYS)?;
     // Deleted since the probe: not found, as for any other key that is gone.
@@ -157,55 +157,65 @@ fn rehash(
     };
     // The secret presented must still be one of the record's: a roll that committed since
     // the probe may have replaced it (and put another secret in the rolled slot).
-    let slot = if hashes_equal(&record.key_hash, old_hash) {
-        Some((&mut record.key_hash, &mut record.scheme))
-    } else {
-        record
-            .rolled
-            .as_mut()
-            .filter(|o| hashes_equal(&o.key_hash, old_hash))
-            .map(|o| (&mut o.key_hash, &mut o.scheme))
-    };
+    let holds = |hash: &KeyHash, scheme| hashes_equal(hash, &hasher.hash(scheme, key));
+    let in_rolled = record
+        .rolled
+        .as_ref()
+        .is_some_and(|o| holds(&o.key_hash, o.scheme));
+    let (stored_hash, stored_scheme) =
+        match (holds(&record.key_hash, record.scheme), &mut record.rolled) {
+            (true, _) => (&mut record.key_hash, &mut record.scheme),
+            (false, Some(o)) if in_rolled => (&mut o.key_hash, &mut o.scheme),
+            _ => return Ok(None),
+        };
+    let old_hash = *stored_hash;
+    if *stored_scheme == scheme || store::hash_scheme(&txn.open_table(META)?)? != scheme {
+        return Ok(entry_of(id, &record, &old_hash)); // the transaction aborts on drop
+    }
+    let new_hash = hasher.hash_current(key);
     let mut pruned = None;
-    if let Some((stored_hash, stored_scheme)) = slot {
-        match holder(&txn, &mut keys, id, new_hash, now)? {
-            Holder::Free => {}
-            Holder::DeadRolled(other) => pruned = Some(other),
-            Holder::Other(entry) => {
-                let live = entry.valid_until.is_none_or(|until| now < until);
-                return Ok((entry.scheme == scheme && live).then_some(*entry));
-            }
+    match holder(&txn, &mut keys, id, &new_hash, now)? {
+        Holder::Free => {}
+        Holder::DeadRolled(other) => pruned = Some(other),
+        Holder::Other(entry) => {
+            let live = entry.valid_until.is_none_or(|until| now < until);
+            return Ok((entry.scheme == scheme && live).then_some(*entry));
         }
-        index::remove(&txn, old_hash)?;
-        store::adjust_scheme_count(&txn, *stored_scheme, -1)?;
-        store::adjust_scheme_count(&txn, scheme, 1)?;
-        *stored_hash = *new_hash;
-        *stored_scheme = scheme;
-        index::put(&txn, &mut keys, id, &record)?;
-        drop(keys);
-        let kind = record.kind.id_kind();
-        let public = ledger.inner.ids.encode(kind, id);
-        let action = format!("{}.rehashed", kind.noun());
-        audit::append(
-            &txn,
-            ledger,
-            now,
-            SYSTEM_ACTOR,
-            &action,
-            &public,
-            &["hash_scheme"],
-        )?;
-        txn.commit_then(|| {
-            if let Some(other) = pruned {
-                // Its dead secret may be cached, where it would answer for this key's plaintext.
-                let engine = &ledger.inner.engine;
-                engine.key_changed(other, &[*new_hash], KeyChange::Settings);
-            }
-        })?;
-    } // else the transaction aborts on drop: nothing written, nothing audited
-    Ok(VerifyRecord::entries(id, &record)
-        .find(|(hash, _)| hashes_equal(hash, new_hash))
-        .map(|(_, entry)| entry))
+    }
+    index::remove(&txn, &old_hash)?;
+    store::adjust_scheme_count(&txn, *stored_scheme, -1)?;
+    store::adjust_scheme_count(&txn, scheme, 1)?;
+    *stored_hash = new_hash;
+    *stored_scheme = scheme;
+    index::put(&txn, &mut keys, id, &record)?;
+    drop(keys);
+    let kind = record.kind.id_kind();
+    let public = ledger.inner.ids.encode(kind, id);
+    let action = format!("{}.rehashed", kind.noun());
+    audit::append(
+        &txn,
+        ledger,
+        now,
+        SYSTEM_ACTOR,
+        &action,
+        &public,
+        &["hash_scheme"],
+    )?;
+    txn.commit_then(|| {
+        if let Some(other) = pruned {
+            // Its dead secret may be cached, where it would answer for this key's plaintext.
+            let engine = &ledger.inner.engine;
+            engine.key_changed(other, &[new_hash], KeyChange::Settings);
+        }
+    })?;
+    Ok(entry_of(id, &record, &new_hash))
+}
+
+/// The verify entry of record `id` for its secret hashed as `hash`.
+fn entry_of(id: u64, record: &KeyRecord, hash: &KeyHash) -> Option<VerifyRecord> {
+    VerifyRecord::entries(id, record)
+        .find(|(h, _)| hashes_equal(h, hash))
+        .map(|(_, entry)| entry)
 }
 
 /// Who holds a hash a rehash is about to write, seen from the record `id` moving there.
@@ -285,6 +295,7 @@ mod tests {
 
     const V1: HashScheme = HashScheme::HmacSha256 { pepper: 1 };
     const V2: HashScheme = HashScheme::HmacSha256 { pepper: 2 };
+    const V3: HashScheme = HashScheme::HmacSha256 { pepper: 3 };
 
     struct Fixture {
         dir: tempfile::TempDir,
@@ -332,11 +343,9 @@ mod tests {
             rolled.plaintext.expose().to_owned()
         }
 
-        /// What a miss that probed `plaintext` under `V1` before now would rehash.
+        /// What a miss that found `plaintext` under an older scheme before now would rehash.
         fn rehash_from_v1(&self, plaintext: &str) -> Option<VerifyRecord> {
-            let hasher = self.ledger.hasher();
-            let (old, new) = (hasher.hash(V1, plaintext), hasher.hash(V2, plaintext));
-            rehash(&self.ledger, self.id, &old, &new, V2).unwrap()
+            rehash(&self.ledger, self.id, plaintext, &self.ledger.hasher()).unwrap()
         }
 
         /// Closes the ledger and runs `keyledger check` on its file.
@@ -437,13 +446,51 @@ mod tests {
         let f = fixture();
         f.ledger.rotate_hash_scheme(V2).unwrap();
         f.ledger.keys().delete(&f.public).unwrap();
-        let hasher = f.ledger.hasher();
-        let (old, new) = (hasher.hash(V1, &f.plaintext), hasher.hash(V2, &f.plaintext));
-        let out = rehash(&f.ledger, f.id, &old, &new, V2);
+        let out = rehash(&f.ledger, f.id, &f.plaintext, &f.ledger.hasher());
         assert!(
             matches!(out, Ok(None)),
             "{:?}",
             out.map(|o| o.map(|e| e.id))
         );
+    }
+
+    /// Two misses straddling a rotation (found by a reviewer): one moved the key from V1 to
+    /// V2 with the hasher it had read; the other, holding V3's, probed V1 and found its
+    /// secret moved — to V2, not V3 — and reported the key missing, which its miss then
+    /// cached until the next restart. The secret is recognised under whichever scheme it
+    /// holds now, and moved on.
+    #[test]
+    fn misses_straddling_a_rotation_both_find_the_key() {
+        let f = fixture();
+        f.ledger.rotate_hash_scheme(V2).unwrap();
+        let v2 = f.ledger.hasher();
+        let first = rehash(&f.ledger, f.id, &f.plaintext, &v2).unwrap();
+        assert_eq!(first.expect("moved").scheme, V2);
+        f.ledger.rotate_hash_scheme(V3).unwrap();
+        let v3 = f.ledger.hasher();
+        let second = rehash(&f.ledger, f.id, &f.plaintext, &v3).unwrap();
+        assert_eq!(second.expect("found under V2, moved on").scheme, V3);
+        // A stale hasher moves nothing once the file's scheme is another: V2's hasher
+        // would move the key back.
+        let third = rehash(&f.ledger, f.id, &f.plaintext, &v2).unwrap();
+        assert_eq!(third.expect("found where it is").scheme, V3);
+        assert!(f.works(&f.plaintext));
+        assert_eq!(f.check(), Vec::<String>::new());
+    }
+
+    /// A miss whose snapshot counted only V1, racing a miss that moved the key to V2 and a
+    /// rotation to V3 since, probes the schemes its own newer read counts.
+    #[test]
+    fn a_miss_whose_snapshot_predates_a_rehash_and_a_rotation_still_finds_the_key() {
+        let f = fixture();
+        f.ledger.rotate_hash_scheme(V2).unwrap();
+        let stale = f.ledger.inner.store.begin_read().unwrap();
+        f.rehash_from_v1(&f.plaintext).expect("moved to V2");
+        f.ledger.rotate_hash_scheme(V3).unwrap();
+        let found = find_under_old_schemes(&f.ledger, &stale, &f.plaintext, f.ledger.now());
+        let found = found.unwrap().expect("found under V2, moved on");
+        assert_eq!((found.id, found.scheme), (f.id, V3));
+        drop(stale);
+        assert_eq!(f.check(), Vec::<String>::new());
     }
 }

@@ -234,13 +234,7 @@ impl Store {
         if !stored.is_some_and(|s| crate::hashing::hashes_equal_slices(&s, &verifier(master))) {
             return Err(Error::WrongMasterKey);
         }
-        let hash_scheme = match table.get(meta::HASH_SCHEME)? {
-            Some(v) => postcard::from_bytes(v.value()).map_err(|e| CodecError::Corrupt {
-                record: "meta",
-                reason: e.to_string(),
-            })?,
-            None => HashScheme::HmacSha256 { pepper: 1 },
-        };
+        let hash_scheme = hash_scheme(&table)?;
         let damaged = |reason: String| CodecError::Corrupt {
             record: "meta",
             reason,
@@ -723,6 +717,22 @@ pub(crate) fn put<R: Record>(
 ) -> Result<()> {
     table.insert(id, codec::encode(record).as_slice())?;
     Ok(())
+}
+
+/// The scheme new keys are hashed with, as stored (a file that never rotated: HMAC-SHA256
+/// under pepper 1).
+pub(crate) fn hash_scheme(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<HashScheme> {
+    match table.get(meta::HASH_SCHEME)? {
+        Some(v) => postcard::from_bytes(v.value()).map_err(|e| {
+            Error::from(CodecError::Corrupt {
+                record: "meta",
+                reason: e.to_string(),
+            })
+        }),
+        None => Ok(HashScheme::HmacSha256 { pepper: 1 }),
+    }
 }
 
 /// Live hashes per scheme, so verify only tries old schemes while such records exist.

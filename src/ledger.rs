@@ -195,12 +195,32 @@ impl Ledger {
     }
 
     /// Number of stored key hashes per scheme: what a rotation still has to drain.
+    ///
+    /// A rolled secret is counted until it is pruned, and one whose grace ended after the
+    /// rotation would hold the drain open (and keep every cache miss probing its scheme): so
+    /// while a scheme other than the current one is counted, this first prunes every rolled
+    /// secret past its grace, a pass over every key (not once the ledger is closed).
     pub fn hash_scheme_counts(&self) -> Result<Vec<(HashScheme, u64)>> {
+        let counts = self.stored_scheme_counts()?;
+        if !self.draining(&counts) || self.inner.store.refuses_writes() {
+            return Ok(counts);
+        }
+        self.guarded(|| crate::keys::prune_rolled_secrets(self))?;
+        self.stored_scheme_counts()
+    }
+
+    fn stored_scheme_counts(&self) -> Result<Vec<(HashScheme, u64)>> {
         self.guarded(|| {
             let read = self.inner.store.begin_read()?;
             let table = read.open_table(store::tables::META)?;
             Ok(store::scheme_counts(&table)?.into_iter().collect())
         })
+    }
+
+    /// Whether `counts` hold hashes under a scheme other than the current one.
+    fn draining(&self, counts: &[(HashScheme, u64)]) -> bool {
+        let current = self.hash_scheme();
+        counts.iter().any(|&(scheme, n)| scheme != current && n > 0)
     }
 
     /// A name (of a key, account or pool) or token type: [`rules::name`](crate::record::rules::name),
@@ -268,10 +288,11 @@ impl Ledger {
     /// stay in `lost_to_crash`, not in `spent`, and its key's and account's `lifetime_spent`
     /// never count them.
     ///
-    /// While the file holds keys imported by their plain SHA-256, `close` first prunes every
-    /// rolled secret past its grace (one rolled away before its first use would otherwise
-    /// keep its digest until the key next changes). Dropping the last handle without `close`
-    /// does not.
+    /// While the file holds hashes under a scheme other than the current one (keys imported
+    /// by their plain SHA-256, or not used since a rotation), `close` first prunes every
+    /// rolled secret past its grace: one rolled away before its first use would otherwise
+    /// keep its digest until the key next changes, and one whose grace ended after a
+    /// rotation would hold the drain open. Dropping the last handle without `close` does not.
     ///
     /// After `close` the ledger changes nothing more: every call that would write (an admin
     /// change, a top-up, a flush) fails with [`Error::Closed`]. Reads still answer. The file
@@ -280,14 +301,13 @@ impl Ledger {
     pub fn close(&self) -> Result<()> {
         // A key imported by its plain SHA-256 and rolled before its first use keeps that
         // digest in its rolled slot past the grace, until the key next changes (found by a
-        // reviewer): while such digests are kept, a close prunes every rolled secret past
-        // its grace. Best effort: a store that cannot be written is the close's to report.
-        let imported = self.hash_scheme_counts().is_ok_and(|counts| {
-            counts
-                .iter()
-                .any(|&(scheme, n)| scheme == HashScheme::Sha256Imported && n > 0)
-        });
-        if imported {
+        // reviewer); so does a secret whose grace ended after a rotation. While other schemes
+        // are counted, a close prunes every rolled secret past its grace. Best effort: a
+        // store that cannot be written is the close's to report.
+        let draining = self
+            .stored_scheme_counts()
+            .is_ok_and(|counts| self.draining(&counts));
+        if draining {
             let _ = self.guarded(|| crate::keys::prune_rolled_secrets(self));
         }
         self.inner.engine.close()

@@ -412,16 +412,14 @@ impl KeyLimits {
         }
     }
 
-    /// Whether these limits were built from `limits` (same named limits, names included,
-    /// and token window) under the same spend tiers.
+    /// Whether these limits were built from `limits` (same named limits, names included, in
+    /// any order — names are unique — and token window) under the same spend tiers.
     pub(crate) fn configured_as(&self, limits: &Limits) -> bool {
         let named = self.named.len() == limits.rate_limits.len()
-            && self
-                .named
-                .iter()
-                .zip(&self.names)
-                .zip(&limits.rate_limits)
-                .all(|((g, name), l)| **name == *l.name && g.same(l.limit, l.window_secs));
+            && self.named.iter().zip(&self.names).all(|(g, name)| {
+                let same = |l: &&RateLimit| **name == *l.name && g.same(l.limit, l.window_secs);
+                limits.rate_limits.iter().any(|l| same(&l))
+            });
         let tokens = match (&self.tokens, limits.token_window) {
             (None, None) => true,
             (Some(w), Some(t)) => w.gcra.same(t.tokens, t.window_secs),

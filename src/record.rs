@@ -147,9 +147,14 @@ impl Limits {
     }
 
     /// Whether `other` configures the same rate limits: the same named limits (a name
-    /// decides which rate a spend tier sets) and token window.
+    /// decides which rate a spend tier sets), in any order, and token window.
     pub(crate) fn same_rates(&self, other: &Limits) -> bool {
-        self.rate_limits == other.rate_limits && self.token_window == other.token_window
+        fn by_name(limits: &Limits) -> Vec<&RateLimit> {
+            let mut named: Vec<&RateLimit> = limits.rate_limits.iter().collect();
+            named.sort_by(|a, b| a.name.cmp(&b.name));
+            named
+        }
+        by_name(self) == by_name(other) && self.token_window == other.token_window
     }
 }
 

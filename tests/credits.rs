@@ -769,6 +769,34 @@ fn renaming_a_limit_alone_starts_its_window_afresh() {
     assert_eq!(burst(), 3, "renamed: a fresh window");
 }
 
+/// The same limits given again in another order are the same limits: their windows go on
+/// (found by a reviewer: an admin tool that rebuilt the list from a map on an unrelated
+/// edit handed every key a fresh burst).
+#[test]
+fn the_same_limits_in_another_order_keep_their_windows() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let new = NewKey::new(owner, "k")
+        .rate_limit("hour", 5, 3_600)
+        .rate_limit("day", 50, 86_400);
+    let (id, plain) = create_key(&t.ledger, new);
+    let burst = || {
+        (0..10)
+            .filter(|_| spend(&t.ledger, &plain, "/x", 1, 1).is_ok())
+            .count()
+    };
+    let limit = |name: &str, limit, window_secs| keyledger::RateLimit {
+        name: name.into(),
+        limit,
+        window_secs,
+    };
+    assert_eq!(burst(), 5);
+    let reordered = vec![limit("day", 50, 86_400), limit("hour", 5, 3_600)];
+    let update = keyledger::KeyUpdate::default().rate_limits(reordered);
+    t.ledger.keys().update(&id, update).unwrap();
+    assert_eq!(burst(), 0, "the same limits: the windows go on");
+}
+
 /// A grant that outlives its balance — its pool deleted after the key moved to another, or
 /// the key's own balance dropped for a pool — is charged its reservation only: a commit
 /// beyond it takes nothing from the gone balance's lease, nor from the new balance (found

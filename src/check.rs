@@ -53,13 +53,13 @@ impl CheckReport {
 
 impl Ledger {
     /// Checks the database at `path`, which must not be open elsewhere: redb integrity, then
-    /// record decodability and index consistency. Changes no record (no migration, no lease
-    /// recovery), so an older format is refused with [`Error::OlderFormat`]; but redb opens
-    /// the file for writing, repairs it if it was not closed cleanly, and its integrity
-    /// check writes a commit header — check a copy to keep a backup byte for byte, and a
-    /// read-only file cannot be checked in place. Pages that fail redb's checksums are
-    /// reported (`integrity_ok` false, and a problem line); errors only when redb cannot
-    /// open the file at all.
+    /// record decodability and index consistency. Changes nothing in the file: what redb
+    /// writes while checking it (it repairs a file not closed cleanly, and its integrity check
+    /// writes a commit header) stays in memory, so a check can be repeated with the same
+    /// result, and a backup or a read-only file can be checked in place. An older format is
+    /// refused with [`Error::OlderFormat`]. Pages that fail redb's checksums are reported
+    /// (`integrity_ok` false, and a problem line); errors only when the file cannot be
+    /// checked at all (missing, in use, not a ledger, another master key).
     pub fn check(path: impl AsRef<Path>, config: Config) -> Result<CheckReport> {
         let path = path.as_ref();
         if !path.exists() {
@@ -67,19 +67,9 @@ impl Ledger {
                 what: "database file",
             });
         }
-        let integrity = unless_redb_panics(|| -> Result<Integrity> {
-            let mut db = redb::Database::builder().open(path)?;
-            integrity(db.check_integrity())
-        })??;
-        // Reading a corrupt file's records can reach redb's panics too.
-        unless_redb_panics(|| {
-            let db = redb::Database::builder().open(path)?;
-            check_store(
-                Store::open_for_check(db, path, &config.master_key)?,
-                &config,
-                &integrity,
-            )
-        })?
+        let file = std::fs::File::open(path).map_err(|e| Error::Storage(Box::new(e.into())))?;
+        let view = store::Unwritten::new(file).map_err(|e| Error::Storage(Box::new(e.into())))?;
+        check_backend(view, path, &config)
     }
 
     /// [`check`](Self::check) on a storage backend. The backend is cloned: one clone for
@@ -88,20 +78,41 @@ impl Ledger {
         backend: impl redb::StorageBackend + Clone,
         config: Config,
     ) -> Result<CheckReport> {
-        let integrity = unless_redb_panics(|| -> Result<Integrity> {
-            let mut db = redb::Database::builder().create_with_backend(backend.clone())?;
-            integrity(db.check_integrity())
-        })??;
-        unless_redb_panics(|| {
-            let db = redb::Database::builder().create_with_backend(backend)?;
-            let path = Path::new("<storage backend>");
-            check_store(
-                Store::open_for_check(db, path, &config.master_key)?,
-                &config,
-                &integrity,
-            )
-        })?
+        check_backend(backend, Path::new("<storage backend>"), &config)
     }
+}
+
+fn check_backend(
+    backend: impl redb::StorageBackend + Clone,
+    path: &Path,
+    config: &Config,
+) -> Result<CheckReport> {
+    let integrity = unless_redb_panics(|| -> Result<Integrity> {
+        let mut db = redb::Database::builder().create_with_backend(backend.clone())?;
+        integrity(db.check_integrity())
+    })??;
+    // Reading a corrupt file's records can reach redb's panics too.
+    unless_redb_panics(|| {
+        let db = redb::Database::builder().create_with_backend(backend)?;
+        match (
+            Store::open_for_check(db, path, &config.master_key),
+            &integrity,
+        ) {
+            (Ok(opened), _) => check_store(opened, config, &integrity),
+            // Damaged pages can make the file's own meta entries unreadable (its master-key
+            // verifier among them): the damage is the finding, not a wrong key.
+            (Err(e), Integrity::Damaged(what)) => Ok(CheckReport {
+                problems: vec![damaged(what), format!("the file could not be opened: {e}")],
+                ..CheckReport::default()
+            }),
+            (Err(e), _) => Err(e),
+        }
+    })?
+}
+
+/// The problem line of pages that fail redb's checksums.
+fn damaged(what: &str) -> String {
+    format!("redb's page check failed ({what}): the file is damaged; restore it from a backup")
 }
 
 /// What redb's page-level check found.
@@ -136,10 +147,15 @@ fn check_store(
         integrity_ok: matches!(integrity, Integrity::Ok),
         ..CheckReport::default()
     };
-    if let Integrity::Damaged(what) = integrity {
-        report.problems.push(format!(
-            "redb's page check failed ({what}): the file is damaged; restore it from a backup"
-        ));
+    match integrity {
+        Integrity::Ok => {}
+        Integrity::Repaired => report.problems.push(
+            "redb's page check had to repair the file's allocation state (in memory: the file \
+             is unchanged); the file was not closed cleanly or its free-page lists are damaged, \
+             and opening the ledger repairs it"
+                .to_owned(),
+        ),
+        Integrity::Damaged(what) => report.problems.push(damaged(what)),
     }
     let ids = IdCipher::for_file(&config.master_key, meta.id_salt.as_ref());
     let read = store.begin_read()?;

@@ -418,6 +418,79 @@ fn check_passes_on_a_healthy_database() {
     assert_eq!(s.json(&["check"])["ok"], true);
 }
 
+/// `check` tells "the ledger has problems" (exit 4) from "the check could not run" (exit 1),
+/// and leaves the file as it found it, so checking again gives the same verdict (found by a
+/// reviewer: exit 1 for both, and a damaged file checked three times came out clean).
+#[test]
+fn check_exits_4_on_problems_and_1_when_it_cannot_run() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    s.key(&owner, "one");
+    {
+        // A balance that belongs to no key or pool, and does not decode: two problems.
+        let db = redb::Database::open(&s.db).expect("open");
+        let txn = db.begin_write().unwrap();
+        let credits: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("credits");
+        txn.open_table(credits)
+            .unwrap()
+            .insert(999, &b"junk"[..])
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let before = std::fs::read(&s.db).unwrap();
+    for _ in 0..2 {
+        let out = s.run(&["check"]);
+        assert_eq!(out.status.code(), Some(4), "{}", stdout(&out));
+        assert!(stdout(&out).contains("PROBLEMS FOUND"));
+    }
+    assert!(
+        std::fs::read(&s.db).unwrap() == before,
+        "check changed the file"
+    );
+    let mut cmd = s.bare_command();
+    let other = MasterKey::generate().unwrap().to_hex();
+    let out = cmd
+        .env("KEYLEDGER_MASTER_KEY", other.expose())
+        .arg("check")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "another master key: no check ran"
+    );
+}
+
+/// Bad input to the CLI is a usage error (exit 2) or a refused key (exit 3), whichever
+/// command receives it (found by a reviewer: `keys list --limit 0` and a key of bytes that
+/// are no text on stdin exited 1, as for an error).
+#[test]
+fn a_page_size_out_of_range_is_a_usage_error_and_a_key_of_no_text_is_malformed() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    for limit in ["0", "101"] {
+        let out = s.run(&["keys", "list", "--owner", &owner, "--limit", limit]);
+        assert_eq!(out.status.code(), Some(2), "--limit {limit}");
+    }
+    use std::io::Write;
+    let mut cmd = s.bare_command();
+    cmd.env("KEYLEDGER_MASTER_KEY", &s.master_key)
+        .args(["--json", "authenticate", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"\xff\xfe\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let refused: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(refused["code"], "malformed");
+}
+
 #[test]
 fn demo_runs_without_setup_and_prints_a_summary() {
     let dir = tempfile::tempdir().expect("tempdir");

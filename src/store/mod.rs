@@ -4,6 +4,7 @@
 
 pub(crate) mod tables;
 mod txn;
+mod unwritten;
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
@@ -23,6 +24,7 @@ use crate::record::{KeyRecord, VerifyRecord};
 use crate::secret::{MasterKey, context};
 use tables::{META, meta};
 pub(crate) use txn::{ReadSnapshot, WriteTxn};
+pub(crate) use unwritten::Unwritten;
 
 /// First bytes of the `format` meta entry.
 pub(crate) const MAGIC: &[u8; 8] = b"keyledgr";

@@ -128,10 +128,13 @@ pub enum Command {
     /// An owner's secrets for outbound calls (names and hosts only, never values).
     #[command(subcommand)]
     Secrets(SecretsCommand),
-    /// Check database integrity and ledger invariants. Exit 1 if a problem is found.
+    /// Check database integrity and ledger invariants. Exit 4 if a problem is found, 1 if the
+    /// check could not run (no such file, in use, another master key…).
     ///
-    /// Read-only: it recovers no leases (units a crash left leased are reported as lost, as
-    /// the next open records them) and migrates no older format (refused: open it first).
+    /// Read-only: the file is left byte for byte as it was, so a check can be repeated and a
+    /// backup checked in place. It recovers no leases (units a crash left leased are reported
+    /// as lost, as the next open records them) and migrates no older format (refused: open it
+    /// first).
     Check,
     /// Run a guided tour on a scratch ledger in a temporary directory; needs no setup.
     Demo,
@@ -340,7 +343,7 @@ pub enum AccountsCommand {
 #[derive(Debug, Args)]
 pub struct PageArgs {
     /// Items per page (1–100, default 25).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100))]
     pub limit: Option<usize>,
     /// The `next cursor` printed by the previous page (it may start with `-`).
     #[arg(long, allow_hyphen_values = true)]

@@ -94,14 +94,15 @@ pub fn read_key(arg: &str) -> CliResult<Zeroizing<String>> {
         return Ok(Zeroizing::new(arg.to_owned()));
     }
     use std::io::{BufRead, Read};
-    let mut line = Zeroizing::new(String::new());
+    let mut line = Zeroizing::new(Vec::new());
     // A key is far shorter: a longer line is refused as malformed, not read without end.
     std::io::stdin()
         .lock()
         .take(1024)
-        .read_line(&mut line)
+        .read_until(b'\n', &mut line)
         .map_err(|e| CliError::new(format!("reading the key from stdin (`-`): {e}")))?;
-    Ok(line)
+    // Bytes that are no text are no key either: refused as malformed, like any other.
+    Ok(Zeroizing::new(String::from_utf8_lossy(&line).into_owned()))
 }
 
 /// Authenticates a plaintext key; a malformed header value counts as a `malformed` denial.
@@ -130,7 +131,10 @@ pub fn authenticate(ctx: &Context, key: &str) -> CliResult<u8> {
     Ok(if outcome.is_ok() { 0 } else { EXIT_DENIED })
 }
 
-/// `check`: integrity and invariants; exit 1 when a problem is found.
+/// The exit code of a check that found problems (1: the check could not run).
+pub const EXIT_PROBLEMS: u8 = 4;
+
+/// `check`: integrity and invariants; exit 4 when a problem is found.
 pub fn check(ctx: &Context) -> CliResult<u8> {
     ctx.require_db()?;
     let report = Ledger::check(&ctx.db, ctx.config()?).map_err(|e| ctx.explain(e))?;
@@ -143,7 +147,7 @@ pub fn check(ctx: &Context) -> CliResult<u8> {
     } else {
         print_check(&report);
     }
-    Ok(if report.is_ok() { 0 } else { 1 })
+    Ok(if report.is_ok() { 0 } else { EXIT_PROBLEMS })
 }
 
 /// Prints a check report for people.

@@ -114,6 +114,8 @@ pub struct Receipt {
 
 /// Permission to go ahead, holding a credit reservation. [`commit`](Grant::commit) it with
 /// the real cost when the work is done; dropping it uncommitted refunds the reservation.
+/// The request still counts against the key's rate limits, and its token window keeps the
+/// tokens reserved: the request was let through, whatever became of its work.
 #[must_use = "commit the grant with the real cost; dropping it refunds the reservation"]
 pub struct Grant<'l> {
     ledger: &'l Ledger,

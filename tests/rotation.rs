@@ -968,3 +968,18 @@ fn keys_verified_across_rotations_rolls_and_deletes_stay_found() {
     let (_, report) = t.checked();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+/// Asking for the counts while a rotation drains writes nothing when no rolled secret is
+/// past its grace (found by a reviewer: every call committed, and synced, a transaction).
+#[test]
+fn counting_a_drain_with_nothing_to_prune_leaves_the_file_alone() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    for i in 0..3 {
+        t.key(&owner, &format!("k{i}"));
+    }
+    t.ledger.rotate_hash_scheme(V2).unwrap();
+    let before = std::fs::read(&t.path).unwrap();
+    assert_eq!(t.ledger.hash_scheme_counts().unwrap(), [(V1, 3)]);
+    assert!(std::fs::read(&t.path).unwrap() == before, "the count wrote");
+}

@@ -1093,6 +1093,9 @@ pub(crate) fn prune_rolled_secrets(ledger: &Ledger) -> Result<()> {
             index::put(&txn, &mut keys, id, &record)?;
         }
     }
+    if pruned.is_empty() {
+        return Ok(txn.abort()?); // nothing to write: no commit, no sync
+    }
     txn.commit_then(|| {
         for (id, hashes) in pruned {
             let engine = &ledger.inner.engine;

@@ -202,12 +202,10 @@ impl Ledger {
     /// secret past its grace, a pass over every key (not once the ledger is closed).
     pub fn hash_scheme_counts(&self) -> Result<Vec<(HashScheme, u64)>> {
         let counts = self.stored_scheme_counts()?;
-        if !self.draining(&counts) || self.inner.store.refuses_writes() {
-            return Ok(counts);
+        if !self.inner.store.refuses_writes() && self.prune_while_draining(&counts) {
+            return self.stored_scheme_counts();
         }
-        // Best effort: the counts answer even when the prune cannot be written.
-        let _ = self.guarded(|| crate::keys::prune_rolled_secrets(self));
-        self.stored_scheme_counts()
+        Ok(counts)
     }
 
     fn stored_scheme_counts(&self) -> Result<Vec<(HashScheme, u64)>> {
@@ -218,10 +216,16 @@ impl Ledger {
         })
     }
 
-    /// Whether `counts` hold hashes under a scheme other than the current one.
-    fn draining(&self, counts: &[(HashScheme, u64)]) -> bool {
+    /// While `counts` hold hashes under a scheme other than the current one, prunes every
+    /// rolled secret past its grace, best effort (a store that cannot be written answers
+    /// the next call). Returns whether it did.
+    fn prune_while_draining(&self, counts: &[(HashScheme, u64)]) -> bool {
         let current = self.hash_scheme();
-        counts.iter().any(|&(scheme, n)| scheme != current && n > 0)
+        let draining = counts.iter().any(|&(scheme, n)| scheme != current && n > 0);
+        if draining {
+            let _ = self.guarded(|| crate::keys::prune_rolled_secrets(self));
+        }
+        draining
     }
 
     /// A name (of a key, account or pool) or token type: [`rules::name`](crate::record::rules::name),
@@ -305,11 +309,8 @@ impl Ledger {
         // reviewer); so does a secret whose grace ended after a rotation. While other schemes
         // are counted, a close prunes every rolled secret past its grace. Best effort: a
         // store that cannot be written is the close's to report.
-        let draining = self
-            .stored_scheme_counts()
-            .is_ok_and(|counts| self.draining(&counts));
-        if draining {
-            let _ = self.guarded(|| crate::keys::prune_rolled_secrets(self));
+        if let Ok(counts) = self.stored_scheme_counts() {
+            self.prune_while_draining(&counts);
         }
         self.inner.engine.close()
     }

@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::engine::Durability;
 use crate::error::Result;
 use crate::hashing::KeyHash;
-use crate::keyfmt::{KeyClass, Presented, visible_parts};
+use crate::keyfmt::{KeyClass, Presented};
 use crate::ledger::Ledger;
 use crate::public_id::IdKind;
 use crate::record::{
@@ -485,7 +485,7 @@ pub fn bulk_insert(
                 }
                 let plaintext = inner.format.generate(KeyClass::Live)?;
                 let key_hash: KeyHash = hasher.hash_current(plaintext.expose());
-                let (key_prefix, key_suffix) = visible_parts(plaintext.expose());
+                let (key_prefix, key_suffix) = inner.format.visible_parts(plaintext.expose());
                 let id = next_id;
                 next_id += 1;
                 let record = KeyRecord {

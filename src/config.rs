@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::clock::{Clock, CoarseClock};
 use crate::engine::Durability;
 use crate::error::ConfigError;
-use crate::keyfmt::VISIBLE_PREFIX_LEN;
+use crate::keyfmt::{MAX_VISIBLE_PREFIX_LEN, VISIBLE_PREFIX_LEN};
 use crate::limits::SpendTier;
 use crate::record::Limits;
 use crate::secret::MasterKey;
@@ -222,7 +222,7 @@ impl ConfigBuilder {
     /// Accepts keys issued by another system under `prefix` (e.g. `sk_live_`), so imported
     /// keys keep working. Such keys carry no checksum: the parser checks only the prefix,
     /// a length of 16–100 characters after it and printable ASCII. The prefix is 2–12
-    /// characters of `[A-Za-z0-9_-]`: an imported key's visible prefix (its first 12
+    /// characters of `[A-Za-z0-9_-]`: an imported key's visible prefix (up to 16
     /// characters) must start with it.
     pub fn legacy_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.legacy_prefixes.push(prefix.into());
@@ -295,8 +295,8 @@ impl ConfigBuilder {
         let token_prefix = checked_prefix("token_prefix", self.token_prefix, "vb_tok_")?;
         let mut legacy_prefixes = Vec::new();
         for prefix in self.legacy_prefixes {
-            // At most as long as the visible prefix `keys().import` stores, which must start
-            // with the legacy prefix: a longer one could never have a key imported under it.
+            // As long as a native prefix at most: an imported key's visible prefix (up to 16
+            // characters) must start with it, and should show some of the key after it.
             let ok = (2..=VISIBLE_PREFIX_LEN).contains(&prefix.len())
                 && prefix
                     .bytes()
@@ -306,8 +306,8 @@ impl ConfigBuilder {
                     setting: "legacy_prefix",
                     reason: format!(
                         "2–{VISIBLE_PREFIX_LEN} characters of A-Z, a-z, 0-9, `_` and `-` \
-                         (an imported key's visible prefix, at most {VISIBLE_PREFIX_LEN} \
-                         characters, must start with it)"
+                         (an imported key's visible prefix, at most \
+                         {MAX_VISIBLE_PREFIX_LEN} characters, must start with it)"
                     ),
                 });
             }

@@ -23,8 +23,13 @@ const BASE62_VALUE: [u8; 256] = {
 pub(crate) const BODY_LEN: usize = 32;
 /// Base62 characters of the CRC32 checksum (62^6 > 2^32).
 pub(crate) const CHECKSUM_LEN: usize = 6;
-/// Characters shown in the clear at the start of a key.
+/// Characters shown in the clear at the start of a key, at least.
 pub(crate) const VISIBLE_PREFIX_LEN: usize = 12;
+/// Characters of a new key's body its visible prefix shows, at least: with a key prefix
+/// longer than 8 characters, the first 12 alone would leave too few to tell keys apart.
+const VISIBLE_BODY_LEN: usize = 4;
+/// Most characters a visible prefix holds: a 12-character key prefix and 4 of the body.
+pub(crate) const MAX_VISIBLE_PREFIX_LEN: usize = 16;
 /// Characters shown in the clear at the end of a key.
 pub(crate) const VISIBLE_SUFFIX_LEN: usize = 4;
 /// Fewest and most characters after a legacy prefix (other systems' keys, no checksum).
@@ -196,6 +201,29 @@ impl KeyFormat {
         })
     }
 
+    /// The visible prefix and suffix stored with a new key (its masked form is
+    /// `vb_live_AbCd…wxyz`): its first 12 characters, or its key prefix and 4 more when that
+    /// is longer, so that support can tell keys apart by it; and its last 4.
+    pub(crate) fn visible_parts(&self, key: &str) -> (String, String) {
+        let prefix = key
+            .get(..self.visible_prefix_len(key))
+            .unwrap_or(key)
+            .to_owned();
+        let suffix = key[key.len().saturating_sub(VISIBLE_SUFFIX_LEN)..].to_owned();
+        (prefix, suffix)
+    }
+
+    /// How many characters the visible prefix of a key starting as `key` holds: 12, or its
+    /// key prefix (native or legacy) and 4 more when that is longer.
+    pub(crate) fn visible_prefix_len(&self, key: &str) -> usize {
+        let natives = self.prefixes.iter().map(|(p, _)| p);
+        let key_prefix = natives
+            .chain(&self.legacy)
+            .find(|p| key.starts_with(p.as_str()));
+        let key_prefix_len = key_prefix.map_or(0, String::len);
+        VISIBLE_PREFIX_LEN.max(key_prefix_len + VISIBLE_BODY_LEN)
+    }
+
     /// The class a visible prefix (of an imported key) belongs to.
     pub(crate) fn classify_prefix(&self, visible: &str) -> Option<KeyClass> {
         self.prefixes
@@ -230,13 +258,6 @@ fn decode_checksum(chars: &[u8]) -> u64 {
 fn push_checksum(key: &mut String) {
     let checksum = encode_checksum(crc32fast::hash(key.as_bytes()));
     key.extend(checksum.iter().map(|&b| b as char));
-}
-
-/// The visible prefix and suffix stored with a key, and its masked form `vb_live_AbCd…wxyz`.
-pub(crate) fn visible_parts(key: &str) -> (String, String) {
-    let prefix = key[..VISIBLE_PREFIX_LEN.min(key.len())].to_owned();
-    let suffix = key[key.len().saturating_sub(VISIBLE_SUFFIX_LEN)..].to_owned();
-    (prefix, suffix)
 }
 
 /// A key as presented by a client, taken from request headers. Holds the plaintext as a
@@ -557,8 +578,25 @@ mod tests {
 
     #[test]
     fn visible_parts_are_twelve_and_four() {
-        let (p, s) = visible_parts("vb_live_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789");
+        let (p, s) = format().visible_parts("vb_live_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789");
         assert_eq!((p.as_str(), s.as_str()), ("vb_live_ABCD", "6789"));
+    }
+
+    #[test]
+    fn a_long_key_prefix_still_shows_four_characters_of_the_body() {
+        let config = Config::builder()
+            .master_key(crate::MasterKey::generate().unwrap())
+            .live_prefix("acme_prod_1_")
+            .test_prefix("ab_")
+            .build()
+            .unwrap();
+        let f = KeyFormat::new(&config);
+        let live = f.generate(KeyClass::Live).unwrap();
+        let (p, _) = f.visible_parts(live.expose());
+        assert_eq!(p, live.expose()[..16]);
+        // A short prefix keeps the first 12 characters.
+        let test = f.generate(KeyClass::Test).unwrap();
+        assert_eq!(f.visible_parts(test.expose()).0, test.expose()[..12]);
     }
 
     proptest! {

@@ -424,6 +424,95 @@ fn support_finds_keys_by_visible_prefix_masked_only() {
     assert!(!err.to_string().contains(&plaintext[8..]));
 }
 
+/// With a 12-character key prefix, the visible prefix still shows 4 characters of each key,
+/// so support finds one key by it, not every key of the class (found by a reviewer: the first
+/// 12 characters were the prefix alone).
+#[test]
+fn a_long_key_prefix_leaves_keys_apart_by_their_visible_prefix() {
+    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| {
+        b.live_prefix("acme_prod_1_")
+    });
+    let owner = t.account("Acme");
+    let (a, a_plain) = t.key(&owner, "a");
+    let (b, _) = t.key(&owner, "b");
+    assert_eq!(a.prefix, a_plain[..16]);
+    assert_eq!(
+        a.masked,
+        format!("{}…{}", &a_plain[..16], &a_plain[a_plain.len() - 4..])
+    );
+    if a.prefix != b.prefix {
+        let found = t.ledger.keys().find_by_prefix(&a.prefix).unwrap();
+        assert_eq!(found.iter().map(|k| &k.id).collect::<Vec<_>>(), [&a.id]);
+    }
+    assert_eq!(
+        t.ledger.keys().find_by_prefix(&a.masked).unwrap()[0].id,
+        a.id
+    );
+    assert_eq!(
+        t.ledger
+            .keys()
+            .find_by_prefix("acme_prod_1_")
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+/// An imported key is found by the visible prefix the old system showed, however short: any
+/// start of a visible prefix that begins with a configured prefix is a search.
+#[test]
+fn an_import_with_a_short_visible_prefix_is_found_by_it() {
+    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| b.legacy_prefix("sk_"));
+    let owner = t.account("Acme");
+    let legacy = "sk_0123456789abcdefghijWXYZ";
+    let hash = ImportedHash::Sha256(Sha256::digest(legacy.as_bytes()).into());
+    let key = ImportKey::new(owner, "old", hash, "sk_01", "WXYZ");
+    let key = t.ledger.keys().import(key).unwrap();
+    let found = t.ledger.keys().find_by_prefix("sk_01").unwrap();
+    assert_eq!(found.iter().map(|k| &k.id).collect::<Vec<_>>(), [&key.id]);
+    assert!(t.ledger.keys().find_by_prefix("sk_012").unwrap().is_empty());
+    // A text that no configured prefix starts is refused, as before.
+    assert_invalid(t.ledger.keys().find_by_prefix("xk_01"), "prefix");
+    assert_invalid(t.ledger.keys().find_by_prefix("vb_liv"), "prefix");
+}
+
+/// Scoped to an owner, a search under a prefix that more than 1,000 other keys share reads the
+/// owner's own keys instead, and answers the same: the owner's keys of that kind under the
+/// prefix, in order of visible prefix.
+#[test]
+fn an_owner_scoped_search_among_many_others_keys_finds_the_owners_own() {
+    use keyledger::bench_support::{Options, Workload};
+    let work = Workload::build(&Options::new(1_500), &mut |_| {}).expect("workload");
+    let ledger = &work.ledger;
+    let owner = account(ledger, "Acme");
+    let mut mine: Vec<_> = (0..3)
+        .map(|i| create_key(ledger, NewKey::new(owner, format!("k{i}"))).0)
+        .map(|id| ledger.keys().get(&id).unwrap())
+        .collect();
+    let token = ledger
+        .tokens()
+        .create(NewKey::token(owner, "service", "t"))
+        .unwrap();
+    mine.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+    let ids = |found: Vec<keyledger::KeyInfo>| found.into_iter().map(|k| k.id).collect::<Vec<_>>();
+    let scoped = ledger.keys().owned_by(&owner).unwrap();
+    assert_eq!(
+        ids(scoped.find_by_prefix("vb_live_").unwrap()),
+        ids(mine.clone()),
+        "the owner's three keys among 1,500 others, by visible prefix"
+    );
+    assert_eq!(
+        ids(scoped.find_by_prefix(&mine[1].prefix).unwrap()),
+        [mine[1].id]
+    );
+    let tokens = ledger.tokens().owned_by(&owner).unwrap();
+    assert!(tokens.find_by_prefix("vb_live_").unwrap().is_empty());
+    assert_eq!(
+        ids(tokens.find_by_prefix("vb_tok_").unwrap()),
+        [token.info.id]
+    );
+}
+
 #[test]
 fn tokens_have_the_same_lifecycle_with_a_required_type() {
     let t = TestLedger::new();

@@ -174,7 +174,9 @@ pub struct ImportKey {
 
 impl ImportKey {
     /// An API key for `owner` named `name`, known by `hash`; `prefix` and `suffix` are the
-    /// visible parts support staff will search by (up to 12 and 4 characters).
+    /// visible parts support staff will search by: the prefix starts with a configured key
+    /// prefix or legacy prefix and holds at most 12 characters (or that key prefix and 4
+    /// more, when longer), the suffix at most 4.
     pub fn new(
         owner: impl Into<String>,
         name: impl Into<String>,

@@ -24,7 +24,7 @@ use crate::credits::writer::{Adjust, AuditLine};
 use crate::engine::KeyChange;
 use crate::error::{Error, Result};
 use crate::hashing::{HashScheme, KeyHash};
-use crate::keyfmt::{KeyClass, visible_parts};
+use crate::keyfmt::{KeyClass, MAX_VISIBLE_PREFIX_LEN, VISIBLE_SUFFIX_LEN};
 use crate::ledger::{Ledger, SYSTEM_ACTOR};
 use crate::page::{Page, PageRequest};
 use crate::public_id::{IdKind, PublicId};
@@ -33,6 +33,11 @@ use crate::record::{
 };
 use crate::secret::Secret;
 use crate::store::{self, tables::*};
+
+/// Most keys `find_by_prefix` returns.
+const FOUND_BY_PREFIX: usize = 100;
+/// Keys an owner-scoped `find_by_prefix` reads under the prefix before it reads the owner's.
+const OTHERS_READ_BY_PREFIX: usize = 1_000;
 
 /// A key or token as callers see it: never the plaintext or hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -50,7 +55,7 @@ pub struct KeyInfo {
     pub name: String,
     /// Masked form for display: `vb_live_AbCd…wxyz`.
     pub masked: String,
-    /// First 12 characters.
+    /// First 12 characters, or the key prefix and 4 more when that is longer.
     pub prefix: String,
     /// Last 4 characters.
     pub suffix: String,
@@ -190,7 +195,7 @@ impl<'a> Keys<'a> {
             let class = self.class_for(&s)?;
             let plaintext = self.ledger.inner.format.generate(class)?;
             let hasher = self.ledger.hasher();
-            let (prefix, suffix) = visible_parts(plaintext.expose());
+            let (prefix, suffix) = self.ledger.inner.format.visible_parts(plaintext.expose());
             let hash = hasher.hash_current(plaintext.expose());
             let origin = Origin::Created;
             let info = self.insert(s, class, hash, hasher.current(), prefix, suffix, origin)?;
@@ -245,10 +250,14 @@ impl<'a> Keys<'a> {
             let visible_ok = |s: &str, max: usize| {
                 s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic() && b != b'*')
             };
-            if !visible_ok(&import.prefix, 12) || !visible_ok(&import.suffix, 4) {
+            let format = &self.ledger.inner.format;
+            if !visible_ok(&import.prefix, format.visible_prefix_len(&import.prefix))
+                || !visible_ok(&import.suffix, VISIBLE_SUFFIX_LEN)
+            {
                 return Err(Error::invalid(
                     "prefix",
-                    "visible prefix (≤ 12) and suffix (≤ 4) must be printable ASCII",
+                    "a visible prefix of at most 12 characters (or the key prefix and 4 more, \
+                     when longer) and a suffix of at most 4, in printable ASCII",
                 ));
             }
             self.insert(
@@ -478,26 +487,51 @@ impl<'a> Keys<'a> {
         })
     }
 
-    /// Support look-up by visible prefix (at least 8 characters, up to the 12 stored). Returns
-    /// masked keys only, at most 100.
+    /// Support look-up by visible prefix: any start of one that begins with a configured
+    /// key prefix (`vb_live_` alone lists live keys), up to the 16 characters stored; the
+    /// masked form `vb_live_AbCd…wxyz` works too. Returns masked keys only, at most 100, in
+    /// order of visible prefix.
+    ///
+    /// Scoped to an owner ([`owned_by`](Self::owned_by)), the look-up reads at most 1,000
+    /// keys under the prefix before it reads that owner's own keys instead: its cost is
+    /// bounded by the keys the owner holds, not by how many others hold under the prefix.
     pub fn find_by_prefix(&self, prefix: &str) -> Result<Vec<KeyInfo>> {
         self.ledger.guarded(|| {
             let prefix = prefix.split('…').next().unwrap_or_default();
-            if !(8..=12).contains(&prefix.len()) || !prefix.is_ascii() {
-                return Err(Error::invalid(
-                    "prefix",
-                    "give 8–12 characters of the visible prefix",
-                ));
+            let class = (prefix.len() <= MAX_VISIBLE_PREFIX_LEN && prefix.is_ascii())
+                .then(|| self.ledger.inner.format.classify_prefix(prefix))
+                .flatten()
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "prefix",
+                        "give the start of a visible prefix: a key prefix, then up to 16 \
+                         characters in all",
+                    )
+                })?;
+            // A native prefix says what it was issued as: an API key prefix finds no token,
+            // nor a token prefix an API key, without reading one of them.
+            let kind_fits = match class {
+                KeyClass::Legacy => true,
+                KeyClass::Token => self.kind == IdKind::Token,
+                KeyClass::Live | KeyClass::Test => self.kind != IdKind::Token,
+            };
+            if !kind_fits {
+                return Ok(Vec::new());
             }
             let read = self.ledger.inner.store.begin_read()?;
             let index = read.open_table(KEYS_BY_PREFIX)?;
             let keys = read.open_table(KEYS)?;
             let mut out = Vec::new();
-            for entry in index.range((prefix, 0u64)..)? {
+            for (examined, entry) in index.range((prefix, 0u64)..)?.enumerate() {
                 let (k, _) = entry?;
                 let (p, id) = k.value();
-                if !p.starts_with(prefix) || out.len() == 100 {
+                if !p.starts_with(prefix) || out.len() == FOUND_BY_PREFIX {
                     break;
+                }
+                if let Some(owner) = self.owner
+                    && examined == OTHERS_READ_BY_PREFIX
+                {
+                    return self.find_owned_by_prefix(&read, owner, prefix);
                 }
                 let record: KeyRecord =
                     store::get(&keys, id)?.ok_or(Error::NotFound { what: "key" })?;
@@ -507,6 +541,35 @@ impl<'a> Keys<'a> {
             }
             Ok(out)
         })
+    }
+
+    /// [`find_by_prefix`](Self::find_by_prefix) through the owner's own keys: the first 100
+    /// by visible prefix, then id, as the prefix index orders them.
+    fn find_owned_by_prefix(
+        &self,
+        read: &redb::ReadTransaction,
+        owner: u64,
+        prefix: &str,
+    ) -> Result<Vec<KeyInfo>> {
+        let index = read.open_table(KEYS_BY_OWNER)?;
+        let keys = read.open_table(KEYS)?;
+        let tag = self.kind_tag();
+        // The least 100 seen so far, greatest on top.
+        let mut least = std::collections::BinaryHeap::new();
+        for entry in index.range((owner, tag, 0)..=(owner, tag, u64::MAX))? {
+            let id = entry?.0.value().2;
+            let record = self.load(&keys, id)?;
+            if record.key_prefix.starts_with(prefix) {
+                least.push((record.key_prefix, id));
+                if least.len() > FOUND_BY_PREFIX {
+                    least.pop();
+                }
+            }
+        }
+        let found = least.into_sorted_vec().into_iter();
+        found
+            .map(|(_, id)| Ok(self.view(id, self.load(&keys, id)?)))
+            .collect()
     }
 
     /// Refuses an API key given as a permission, an IP range, metadata or a rate limit's
@@ -785,7 +848,7 @@ impl<'a> Keys<'a> {
             record.class = self.ledger.inner.format.parse(plaintext.expose())?;
             let new_hash = hasher.hash_current(plaintext.expose());
             self.unindex(&txn, internal, &record)?;
-            let (prefix, suffix) = visible_parts(plaintext.expose());
+            let (prefix, suffix) = self.ledger.inner.format.visible_parts(plaintext.expose());
             let old = RolledSecret {
                 key_hash: record.key_hash,
                 scheme: record.scheme,

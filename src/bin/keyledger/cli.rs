@@ -465,7 +465,8 @@ pub enum Lifecycle {
         /// Key or token id.
         id: String,
     },
-    /// Support look-up by the visible prefix (8–12 characters); shows masked keys or tokens.
+    /// Support look-up by the start of a visible prefix (a key prefix, then up to 16
+    /// characters in all); shows masked keys or tokens.
     Find {
         /// The visible start of the key, e.g. `vb_live_AbCd`.
         prefix: String,
@@ -546,7 +547,8 @@ pub enum KeysCommand {
         /// SHA-256 of the key, 64 hex digits.
         #[arg(long, value_name = "HEX64", value_parser = parse_sha256)]
         sha256: [u8; 32],
-        /// Visible prefix as the old system showed it (≤ 12 characters).
+        /// Visible prefix as the old system showed it (≤ 12 characters, or the key prefix
+        /// and 4 more when longer).
         #[arg(long)]
         prefix: String,
         /// Visible suffix as the old system showed it (≤ 4 characters).

@@ -740,15 +740,32 @@ fn secrets_are_attached_only_for_allowed_hosts() {
             .unwrap_or_else(|e| panic!("{url}: {e}"));
         assert_eq!(h.name, "Authorization");
         assert_eq!(h.value.expose(), format!("Bearer {API_SECRET}"));
+        h.url
     };
-    ok("https://api.allowed.com/v1/x?y=1");
-    ok("https://API.ALLOWED.COM/v1");
-    ok("https://api.allowed.com:443/");
+    // The header carries the url as the check read it, for the request to go to.
+    assert_eq!(
+        ok("https://api.allowed.com/v1/x?y=1"),
+        "https://api.allowed.com/v1/x?y=1"
+    );
+    assert_eq!(
+        ok("https://API.ALLOWED.COM/v1"),
+        "https://api.allowed.com/v1"
+    );
+    assert_eq!(
+        ok("https://api.allowed.com:443/"),
+        "https://api.allowed.com/"
+    );
     ok("https://a.example.org/");
     ok("https://deep.a.example.org/");
-    ok("https://BÜCHER.example/");
+    assert_eq!(
+        ok("https://BÜCHER.example/"),
+        "https://xn--bcher-kva.example/"
+    );
     ok("https://xn--bcher-kva.example/");
-    ok("http://localhost:8080/hook");
+    assert_eq!(
+        ok("http://localhost:8080/hook"),
+        "http://localhost:8080/hook"
+    );
     ok("https://ports.test:8443/");
 
     let refuse = |url: &str, host: &str| {

@@ -69,18 +69,13 @@ impl HostPattern {
         let host = match url.host() {
             Some(Host::Domain(d)) => {
                 // `.example.com` reads as "and its subdomains" but would match nothing (found
-                // by a reviewer): every label must have a character.
-                if d.split('.').any(str::is_empty) {
+                // by a reviewer): every label must have a character. Checked on the text as
+                // the parser decoded it: `%2a.example.com` is the host `*.example.com`, which
+                // would read back as a wildcard.
+                if !is_dns_name(d) {
                     return Err(bad_pattern(
-                        "a host must not start or end with `.` or hold `..`",
-                    ));
-                }
-                // Checked on the text as the parser decoded it: `%2a.example.com` is the
-                // host `*.example.com`, which would read back as a wildcard.
-                let label_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_');
-                if !d.bytes().all(|b| label_char(b) || b == b'.') {
-                    return Err(bad_pattern(
-                        "a host may hold only letters, digits, `-`, `_` and `.` (once decoded)",
+                        "a host is labels of letters, digits, `-` and `_` (once decoded) \
+                         joined by single dots",
                     ));
                 }
                 if wildcard && !d.contains('.') {
@@ -134,10 +129,13 @@ impl HostPattern {
         if !port_matches {
             return false;
         }
+        // Under a wildcard, the subdomain must be a name a pattern could hold:
+        // `a..example.com` or `$.example.com` is no host of the domain's.
         match (url.host(), self.wildcard) {
             (Some(Host::Domain(d)), true) => d
                 .strip_suffix(self.host.as_str())
-                .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+                .and_then(|sub| sub.strip_suffix('.'))
+                .is_some_and(is_dns_name),
             (Some(_), false) => url.host_str() == Some(self.host.as_str()),
             _ => false,
         }
@@ -167,6 +165,13 @@ where
         ));
     }
     Ok(out.into_iter().collect())
+}
+
+/// Non-empty labels of letters, digits, `-` and `_`, joined by single dots.
+fn is_dns_name(name: &str) -> bool {
+    let label_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_');
+    name.split('.')
+        .all(|label| !label.is_empty() && label.bytes().all(label_char))
 }
 
 fn is_loopback(host: &Host<&str>) -> bool {
@@ -327,6 +332,18 @@ mod tests {
         assert!(allowed(&["*.example.com"], "https://example.com/").is_err());
         assert!(allowed(&["*.example.com"], "https://badexample.com/").is_err());
         assert!(allowed(&["*.example.com"], "https://a.example.com.evil.org/").is_err());
+        // Under a wildcard, the subdomain must be a name a pattern could hold (found by a
+        // reviewer): no empty label, none of the characters the url parser lets through.
+        for odd in [
+            "a..example.com",
+            "a.b..example.com",
+            "$.example.com",
+            "*.example.com",
+        ] {
+            let url = format!("https://{odd}/");
+            assert!(url::Url::parse(&url).is_ok(), "{odd} parses as a host");
+            assert!(allowed(&["*.example.com"], &url).is_err(), "{odd}");
+        }
         assert!(allowed(&["xn--bcher-kva.example"], "https://BÜCHER.example/").is_ok());
         assert!(allowed(&["bücher.example"], "https://xn--bcher-kva.example/").is_ok());
         assert!(allowed(&["api.example.com"], "https://api.example.com./").is_err());

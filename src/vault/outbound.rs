@@ -47,6 +47,11 @@ pub struct OutboundHeader {
     pub name: String,
     /// Header value, secret attached (`Bearer …`).
     pub value: Secret,
+    /// The url the host check passed, as it parsed it (normal form: lowercase host, IDN as
+    /// punycode). Send the request to this text rather than the one you passed: then no
+    /// difference between this crate's url parser and your HTTP client's can take the
+    /// secret to another host.
+    pub url: String,
 }
 
 impl fmt::Display for OutboundHeader {

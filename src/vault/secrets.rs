@@ -438,15 +438,20 @@ impl<'a> Secrets<'a> {
     /// A `*.domain` pattern trusts everyone who can name a host under `domain`: over a
     /// shared or public suffix (`*.vercel.app`, `*.github.io`, `*.co.uk`) that is every site
     /// there, not only yours. Name your own hosts under such suffixes one by one.
+    ///
+    /// Send the request to the header's [`url`](OutboundHeader::url), the one checked, and
+    /// with redirects turned off: the check saw only that url, and many HTTP clients carry a
+    /// header (all but `Authorization`, in most) on to whatever host a redirect names.
     pub fn bearer(&self, owner: &str, name: &str, url: &str) -> Result<OutboundHeader> {
         self.ledger.guarded(|| {
-            let (value, _) = self.attach(owner, name, url)?;
+            let (value, url) = self.attach(owner, name, url)?;
             let mut header = String::with_capacity(7 + value.len());
             header.push_str("Bearer ");
             header.push_str(value.expose());
             Ok(OutboundHeader {
                 name: "Authorization".into(),
                 value: Secret::new(header),
+                url: url.into(),
             })
         })
     }
@@ -462,10 +467,11 @@ impl<'a> Secrets<'a> {
     ) -> Result<OutboundHeader> {
         self.ledger.guarded(|| {
             validate_header_name(header_name)?;
-            let (value, _) = self.attach(owner, name, url)?;
+            let (value, url) = self.attach(owner, name, url)?;
             Ok(OutboundHeader {
                 name: header_name.to_owned(),
                 value,
+                url: url.into(),
             })
         })
     }

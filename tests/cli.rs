@@ -575,7 +575,8 @@ fn bench_json_reports_the_ratios_on_a_small_store() {
     assert_eq!(v["malloc_hugetlb"], true, "{v}");
 }
 
-/// A `--seconds` no run can last (`inf`, `1e20`, `NaN`, 0) is a usage error, not an internal one.
+/// A `--seconds` no run can last (`inf`, `1e20`, `NaN`, 0), or a cache smaller than the store,
+/// is a usage error, not an internal one.
 #[test]
 fn bench_refuses_out_of_range_arguments_as_a_usage_error() {
     let seconds = ["inf", "1e20", "NaN", "0", "86401"].map(|s| ["--keys", "1", "--seconds", s]);
@@ -586,7 +587,12 @@ fn bench_refuses_out_of_range_arguments_as_a_usage_error() {
             ["--threads", n, "--seconds", "1"],
         ]
     });
-    for args in seconds.into_iter().chain(counts) {
+    // A cache that cannot hold every key would time misses as hits.
+    let capacities = [
+        ["--cache-capacity", "0", "--seconds", "1"],
+        ["--cache-capacity", "9", "--keys", "10"],
+    ];
+    for args in seconds.into_iter().chain(counts).chain(capacities) {
         let out = Command::new(env!("CARGO_BIN_EXE_keyledger"))
             .env_remove("KEYLEDGER_MASTER_KEY")
             .arg("bench")

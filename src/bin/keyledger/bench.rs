@@ -26,8 +26,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use keyledger::bench_support::{Floor, Indices, Options, Workload, percentile};
 use serde::Serialize;
 
-use crate::CliResult;
 use crate::output::print_json;
+use crate::{CliError, CliResult};
 
 /// `bench` arguments.
 #[derive(Debug, Args)]
@@ -46,8 +46,9 @@ pub struct BenchArgs {
     /// instead of the bulk insert: shows why the bulk insert exists.
     #[arg(long)]
     pub via_api: bool,
-    /// Verification-cache capacity (default: the library default, 1,000,000).
-    #[arg(long)]
+    /// Verification-cache capacity, at least `--keys` (the figures are of cache hits), at
+    /// most 100,000,000 (default: the library default, 1,000,000).
+    #[arg(long, value_parser = count_parser(100_000_000))]
     pub cache_capacity: Option<usize>,
 }
 
@@ -199,6 +200,13 @@ struct Phases {
 pub fn run(json: bool, args: BenchArgs) -> CliResult<u8> {
     let started = Instant::now();
     let (threads, keys) = (args.threads, args.keys);
+    // A cache smaller than the store would time misses as hits, and the ratios would
+    // compare them with a floor that finds every key.
+    if args.cache_capacity.is_some_and(|capacity| capacity < keys) {
+        return Err(CliError::usage(
+            "--cache-capacity must be at least --keys: the bench times cache hits",
+        ));
+    }
     let seconds = args.seconds;
     let mut phases = Phases::default();
 

@@ -2124,6 +2124,47 @@ fn lifetime_usage_saturates_instead_of_stopping_the_writer() {
     );
 }
 
+/// A request for more units than a lease word holds (2^48), part of them in the key's lease
+/// in memory, is granted whole in one writer commit, or refused; the lease left in memory
+/// stays within its bound. (Found by a reviewer: it was answered `unavailable` after 128
+/// commits, and left 2^48 - 1 units in memory, which a crash would have lost.)
+#[test]
+fn a_request_past_what_a_lease_holds_is_granted_whole_from_the_balance() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let credits = (1u64 << 48) + 100;
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(credits));
+    assert!(
+        spend(&t.ledger, &plain, "/x", 1, 1).is_ok(),
+        "a lease now in memory"
+    );
+    let left = t.ledger.credits().usage(&id).unwrap();
+    assert!(left.leased > 0, "{left:?}");
+    let cost = left.remaining.unwrap();
+    let key = presented(&plain);
+    let commits = t.ledger.stats().writer_commits;
+    let grant = t.ledger.verify(&Request::new(&key, "/x").cost(cost + 1));
+    assert_eq!(
+        grant.err(),
+        Some(keyledger::Denial::UsageExceeded),
+        "one more than is left"
+    );
+    let grant = t
+        .ledger
+        .verify(&Request::new(&key, "/x").cost(cost))
+        .expect("all that is left");
+    assert_eq!(grant.commit(cost).token_stats.remaining_credits, Some(0));
+    assert!(
+        t.ledger.stats().writer_commits - commits <= 4,
+        "a commit or two each"
+    );
+    let usage = t.ledger.credits().usage(&id).unwrap();
+    assert_eq!(
+        (usage.spent, usage.leased, usage.remaining),
+        (credits, 0, Some(0))
+    );
+}
+
 /// Once the disk dies every call through the writer fails with the storage error — not
 /// "closed", as when a failed batch dropped the requests it had not reached — and so does
 /// the close, whose leases were not returned.

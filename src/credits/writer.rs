@@ -1067,7 +1067,8 @@ fn build(
                         Some(reply) => {
                             let epoch = fx.leases[at].0.epoch();
                             if covered {
-                                *fx.handed.entry(id).or_default() += need;
+                                let handed = fx.handed.entry(id).or_default();
+                                *handed = handed.saturating_add(need);
                             }
                             fx.handoffs
                                 .push((at, covered.then_some(need), epoch, reply));
@@ -1565,6 +1566,13 @@ fn lease(
     need: u64,
     now: Timestamp,
 ) -> Result<(usize, bool)> {
+    // A reservation larger than a lease word holds cannot be made of a handoff and the lease
+    // in memory: that lease comes back to the balance first, which alone then covers the
+    // request or refuses it. (Found by a reviewer: each answer went into the lease, the
+    // request asked again, and 2^48 units ended up in memory, beyond the lease bound.)
+    if need > MAX_LEASED {
+        reclaim(shared, work, fx, &meter)?;
+    }
     // One adaptive lease per meter per batch: a prefetch and a waiting request for the same
     // meter in one batch would otherwise double the size twice (and a crash would lose both);
     // the second gets just what it needs.
@@ -1581,7 +1589,9 @@ fn lease(
     // A request that everything left cannot cover is refused, not handed all of it: that
     // would move the whole balance into memory, beyond the lease bound a crash may lose (and,
     // under `Exact`, past the per-request commits), for a request that fails anyway.
-    let in_memory = meter.leased() + fx.granted_to(meter.id);
+    // Units this batch already handed to requests waiting for them are no longer left.
+    let handed = fx.handed.get(&meter.id).copied().unwrap_or(0);
+    let in_memory = (meter.leased().saturating_add(fx.granted_to(meter.id))).saturating_sub(handed);
     if need > r.balance.saturating_add(in_memory) {
         let empty_until = empty_until(r, now);
         return Ok((fx.grant(meter, 0, empty_until), false));
@@ -1600,8 +1610,7 @@ fn lease(
     // Credits left before this request's reservation (as for a batch's first lease): the
     // leases granted earlier in this batch count, though not yet in memory, less what they
     // hand to the requests waiting for them.
-    let handed = fx.handed.get(&meter.id).copied().unwrap_or(0);
-    let remaining = r.balance + in_memory.saturating_sub(handed);
+    let remaining = r.balance.saturating_add(in_memory);
     // Requests spend what memory holds unseen: while the credits left are above the
     // low-balance threshold, a lease stops at it (unless this request needs more), so that
     // the crossing is seen at a later lease, with the threshold's figure, and is reported
@@ -2178,6 +2187,37 @@ mod tests {
                 .remaining,
             Some(98)
         );
+    }
+
+    /// Two requests in one batch that each need more than half the balance: one is handed
+    /// it, the other refused at once, since what the first was handed is no longer left.
+    /// (Found by a reviewer: the second counted the first's units as its own and was handed
+    /// the rest, to ask again in another commit; at half of `u64::MAX` each, adding up what
+    /// the batch had handed overflowed, which killed the writer and so the ledger.)
+    #[test]
+    fn a_request_in_a_batch_cannot_count_what_an_earlier_one_was_handed() {
+        for (credits, cost) in [(150, 100), (u64::MAX / 2 + 1, u64::MAX / 2 + 1)] {
+            let (_dir, ledger) = ledger();
+            let (id, plaintext) = key(&ledger, credits);
+            let (ledger, plaintext) = (&ledger, &plaintext);
+            let spend = move || {
+                let key = Presented::new(plaintext.as_str()).unwrap();
+                match ledger.verify(&Request::new(&key, "/x").cost(cost)) {
+                    Ok(grant) => Ok(grant.commit(cost).token_stats.charged),
+                    Err(denial) => Err(denial.code().to_owned()),
+                }
+            };
+            let commits = ledger.stats().writer_commits;
+            let mut answers = one_batch(ledger, vec![Box::new(spend), Box::new(spend)]);
+            answers.sort();
+            assert_eq!(answers, [Ok(cost), Err("usage_exceeded".to_owned())]);
+            if cost < MAX_LEASED {
+                assert_eq!(ledger.stats().writer_commits - commits, 1, "one batch");
+            }
+            let usage = ledger.credits().usage(&id).unwrap();
+            assert_eq!(usage.spent, cost);
+            assert_eq!(usage.remaining, Some(credits - cost));
+        }
     }
 
     #[test]

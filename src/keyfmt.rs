@@ -182,21 +182,34 @@ impl KeyFormat {
         Ok(KeyClass::Legacy)
     }
 
-    /// Whether `text` holds one of this format's own keys anywhere (glued to other
-    /// characters or not). Keys of legacy prefixes are not looked for: without a checksum,
-    /// an ordinary word after such a prefix reads as one.
+    /// Whether `text` holds a key this format accepts anywhere: one of its own (glued to
+    /// other characters or not, checksum checked), or a legacy prefix at the start of a word
+    /// followed by at least 16 printable ASCII characters — all a legacy key is, so an
+    /// ordinary word that long after such a prefix reads as one too (found by a reviewer: a
+    /// legacy key given as a name was stored and listed in clear).
     ///
     /// Every place a prefix starts is tried, overlapping ones too: with a prefix such as
     /// `ab_ab_`, which ends as it begins, `ab_` glued before a key makes a false start that
     /// overlaps the key's own prefix (found by a reviewer).
     pub(crate) fn holds_key(&self, text: &str) -> bool {
-        self.prefixes.iter().any(|(prefix, _)| {
-            let starts = text.char_indices().map(|(at, _)| &text[at..]);
-            starts
-                .filter(|rest| rest.starts_with(prefix.as_str()))
-                .any(|rest| {
+        let starts = || text.char_indices().map(|(at, _)| (at, &text[at..]));
+        let own = self.prefixes.iter().any(|(prefix, _)| {
+            starts()
+                .filter(|(_, rest)| rest.starts_with(prefix.as_str()))
+                .any(|(_, rest)| {
                     let key = rest.get(..prefix.len() + BODY_LEN + CHECKSUM_LEN);
                     key.is_some_and(|key| self.parse(key).is_ok())
+                })
+        });
+        let word_start = |at: usize| !text[..at].ends_with(|c: char| c.is_ascii_alphanumeric());
+        own || self.legacy.iter().any(|prefix| {
+            starts()
+                .filter(|&(at, rest)| rest.starts_with(prefix.as_str()) && word_start(at))
+                .any(|(_, rest)| {
+                    let body = rest[prefix.len()..]
+                        .bytes()
+                        .take_while(u8::is_ascii_graphic);
+                    body.count() >= *LEGACY_BODY_LEN.start()
                 })
         })
     }
@@ -213,15 +226,18 @@ impl KeyFormat {
         (prefix, suffix)
     }
 
-    /// How many characters the visible prefix of a key starting as `key` holds: 12, or its
-    /// key prefix (native or legacy) and 4 more when that is longer.
+    /// How many characters the visible prefix of a key starting as `key` holds at most: of
+    /// one of this format's own, 12, or its key prefix and 4 more when that is longer; of a
+    /// legacy key, which may have as few as 16 characters after its prefix, the prefix and 4
+    /// (found by a reviewer: 12 characters and the suffix showed 13 of a 16-character body).
     pub(crate) fn visible_prefix_len(&self, key: &str) -> usize {
-        let natives = self.prefixes.iter().map(|(p, _)| p);
-        let key_prefix = natives
-            .chain(&self.legacy)
-            .find(|p| key.starts_with(p.as_str()));
-        let key_prefix_len = key_prefix.map_or(0, String::len);
-        VISIBLE_PREFIX_LEN.max(key_prefix_len + VISIBLE_BODY_LEN)
+        let starts = |p: &&String| key.starts_with(p.as_str());
+        if let Some(prefix) = self.prefixes.iter().map(|(p, _)| p).find(starts) {
+            VISIBLE_PREFIX_LEN.max(prefix.len() + VISIBLE_BODY_LEN)
+        } else {
+            let legacy = self.legacy.iter().find(starts);
+            legacy.map_or(VISIBLE_PREFIX_LEN, |p| p.len() + VISIBLE_BODY_LEN)
+        }
     }
 
     /// The class a visible prefix (of an imported key) belongs to.

@@ -175,13 +175,7 @@ fn rolling_keeps_the_class_a_key_or_token_had() {
     let legacy = "sk_0123456789abcdefghijWXYZ";
     let import = |name: &str| {
         let hash = ImportedHash::Sha256(Sha256::digest(legacy.as_bytes()).into());
-        ImportKey::new(
-            owner,
-            name,
-            hash,
-            &legacy[..12],
-            &legacy[legacy.len() - 4..],
-        )
+        ImportKey::new(owner, name, hash, &legacy[..7], &legacy[legacy.len() - 4..])
     };
     let token = t
         .ledger
@@ -471,6 +465,11 @@ fn an_import_with_a_short_visible_prefix_is_found_by_it() {
     let found = t.ledger.keys().find_by_prefix("sk_01").unwrap();
     assert_eq!(found.iter().map(|k| &k.id).collect::<Vec<_>>(), [&key.id]);
     assert!(t.ledger.keys().find_by_prefix("sk_012").unwrap().is_empty());
+    // A legacy key may have only 16 characters after its prefix: the visible prefix shows
+    // 4 of them at most, as the suffix does.
+    let other = ImportedHash::Sha256([9; 32]);
+    let too_much = ImportKey::new(owner, "long", other, "sk_01234", "WXYZ");
+    assert_invalid(t.ledger.keys().import(too_much), "prefix");
     // A text that no configured prefix starts is refused, as before.
     assert_invalid(t.ledger.keys().find_by_prefix("xk_01"), "prefix");
     assert_invalid(t.ledger.keys().find_by_prefix("vb_liv"), "prefix");

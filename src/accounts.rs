@@ -242,11 +242,16 @@ impl<'a> Accounts<'a> {
             let limit = page.checked_limit()?;
             let ad: [&[u8]; 1] = [b"cursor:accounts"];
             let start = match &page.cursor {
-                Some(c) => {
-                    self.ledger.inner.ids.open(&ad, c).ok_or_else(|| {
+                // The last id listed, which only a forged file could make `u64::MAX`.
+                Some(c) => self
+                    .ledger
+                    .inner
+                    .ids
+                    .open(&ad, c)
+                    .ok_or_else(|| {
                         Error::invalid("cursor", "not a cursor issued for this listing")
-                    })? + 1
-                }
+                    })?
+                    .saturating_add(1),
                 None => 0,
             };
             let read = self.ledger.inner.store.begin_read()?;

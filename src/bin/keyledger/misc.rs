@@ -94,7 +94,9 @@ pub fn read_key(arg: &str) -> CliResult<Zeroizing<String>> {
         return Ok(Zeroizing::new(arg.to_owned()));
     }
     use std::io::{BufRead, Read};
-    let mut line = Zeroizing::new(Vec::new());
+    // Allocated at its full size: a buffer that grew would leave copies of the key in freed
+    // memory, where zeroizing cannot reach them.
+    let mut line = Zeroizing::new(Vec::with_capacity(1024));
     // A key is far shorter: a longer line is refused as malformed, not read without end.
     std::io::stdin()
         .lock()

@@ -39,7 +39,8 @@ pub trait Clock: Send + Sync + 'static {
     /// Nanoseconds on a clock that never goes back, from any fixed start. Rate limits measure
     /// their windows on it, so that a wall clock stepped back (NTP, a resumed VM) does not
     /// hold every recently used key back by the step. The default is [`now`](Self::now) in
-    /// nanoseconds, right for a clock that never goes back itself.
+    /// nanoseconds, right for a clock that never goes back itself (and reads before the
+    /// year 2554, past which its nanoseconds no longer fit).
     fn monotonic_ns(&self) -> u64 {
         self.now().0.saturating_mul(1_000_000)
     }
@@ -136,7 +137,8 @@ pub struct ManualClock(Arc<ManualTimes>);
 struct ManualTimes {
     /// The wall clock, ms; changed only under `steps`.
     wall: AtomicU64,
-    /// The monotonic clock, ms.
+    /// The monotonic clock, ms since the clock was made (from the epoch, its nanoseconds
+    /// would pass `u64::MAX` for a clock started after the year 2554).
     monotonic: AtomicU64,
     steps: parking_lot::Mutex<()>,
 }
@@ -146,7 +148,6 @@ impl ManualClock {
     pub fn new(start: Timestamp) -> Self {
         let clock = ManualClock::default();
         clock.0.wall.store(start.0, Ordering::SeqCst);
-        clock.0.monotonic.store(start.0, Ordering::SeqCst);
         clock
     }
 
@@ -166,9 +167,9 @@ impl ManualClock {
         let from = self.0.wall.load(Ordering::SeqCst);
         let to = to(from);
         self.0.wall.store(to, Ordering::SeqCst);
-        self.0
-            .monotonic
-            .fetch_add(to.saturating_sub(from), Ordering::SeqCst);
+        let monotonic = self.0.monotonic.load(Ordering::SeqCst);
+        let monotonic = monotonic.saturating_add(to.saturating_sub(from));
+        self.0.monotonic.store(monotonic, Ordering::SeqCst);
     }
 }
 
@@ -219,18 +220,24 @@ mod tests {
     fn a_manual_clocks_monotonic_time_moves_forward_only() {
         let clock = ManualClock::new(Timestamp(10_000));
         let at = |ms: u64| ms * 1_000_000;
-        assert_eq!(clock.monotonic_ns(), at(10_000));
+        assert_eq!(clock.monotonic_ns(), 0, "counted from the clock's start");
         clock.advance_secs(2);
-        assert_eq!(clock.monotonic_ns(), at(12_000));
+        assert_eq!(clock.monotonic_ns(), at(2_000));
         clock.set(Timestamp(5_000));
         assert_eq!(clock.now(), Timestamp(5_000));
         assert_eq!(
             clock.monotonic_ns(),
-            at(12_000),
+            at(2_000),
             "a step back does not move it"
         );
         clock.set(Timestamp(5_500));
-        assert_eq!(clock.monotonic_ns(), at(12_500), "steps forward do");
+        assert_eq!(clock.monotonic_ns(), at(2_500), "steps forward do");
+        // Started far in the future, it still counts (found by a reviewer: from the epoch,
+        // past the year 2554 its nanoseconds stuck at `u64::MAX` and rate limits never let
+        // a key through again).
+        let far = ManualClock::new(Timestamp(20_000_000_000_000));
+        far.advance_secs(5);
+        assert_eq!(far.monotonic_ns(), at(5_000));
         let a = CoarseClock.monotonic_ns();
         assert!(CoarseClock.monotonic_ns() >= a);
         let b = SystemClock.monotonic_ns();

@@ -190,6 +190,33 @@ fn denials_come_in_chain_order() {
 /// A route that is no path (empty, or not starting with `/`: a server that failed to parse
 /// its path) is refused, not let through as matching no rule. (Found by a reviewer: with a
 /// catch-all `/` rule, the routes `""` and `"api"` needed no permission.)
+/// A clock at the ends of its range still runs the chain: at `u64::MAX` a key that never
+/// expires is not expired (found by a reviewer: "never" is `u64::MAX`, which such a clock
+/// had reached), and one past its expiry is; a clock started after the year 2554 still lets a
+/// rate-limited key through once its window has passed.
+#[test]
+fn a_clock_at_the_ends_of_its_range_still_verifies() {
+    let at_the_end = ManualClock::new(Timestamp(u64::MAX));
+    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| {
+        b.clock(at_the_end.clone())
+    });
+    let owner = t.account("Acme");
+    let (_, forever) = create_key(&t.ledger, NewKey::new(owner, "forever"));
+    assert_eq!(verify_code(&t.ledger, &forever, ROUTE), "ok");
+
+    let far = ManualClock::new(Timestamp(20_000_000_000_000));
+    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| b.clock(far.clone()));
+    let owner = t.account("Acme");
+    let limited = NewKey::new(owner, "limited").rate_limit("requests", 2, 1);
+    let (_, limited) = create_key(&t.ledger, limited);
+    for _ in 0..2 {
+        assert_eq!(verify_code(&t.ledger, &limited, ROUTE), "ok");
+    }
+    assert_eq!(verify_code(&t.ledger, &limited, ROUTE), "rate_limited");
+    far.advance_secs(2);
+    assert_eq!(verify_code(&t.ledger, &limited, ROUTE), "ok");
+}
+
 #[test]
 fn a_route_that_is_no_path_is_forbidden() {
     let t = TestLedger::new();

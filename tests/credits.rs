@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use keyledger::fuzzing::CrashBackend;
 use keyledger::{
-    CreditEventKind, Durability, Error, KeyUpdate, Ledger, NewKey, NewPool, PageRequest,
-    PoolUpdate, Refill, RefillInterval, Request, RouteRule, SpendTier, Timestamp,
+    CreditEventKind, Durability, Error, KeyUpdate, Ledger, ManualClock, MasterKey, NewKey, NewPool,
+    PageRequest, PoolUpdate, Refill, RefillInterval, Request, RouteRule, SpendTier, Timestamp,
 };
 
 const DAY_MS: u64 = 86_400_000;
@@ -497,6 +497,96 @@ fn a_refill_changed_after_a_period_began_still_refills_that_period() {
         drain(&t, &plain, 100),
         20,
         "this period's refill, on the new terms"
+    );
+}
+
+/// A refill's interval changed mid-period: the new terms start with their own next period
+/// and this period's balance stays; a refill that was due under the old terms is applied on
+/// the new ones. (Found by a reviewer: the old interval's date was kept, so monthly → daily
+/// replaced a month's balance at once, and daily → monthly skipped a due refill.)
+#[test]
+fn a_refill_whose_interval_changes_keeps_this_periods_balance_or_applies_a_due_refill() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let refill = |amount, interval| KeyUpdate::new().refill(Some(Refill { amount, interval }));
+    let monthly = NewKey::new(owner, "monthly").credits(30_000);
+    let (id, plain) = create_key(&t.ledger, monthly.refill(30_000, RefillInterval::Monthly));
+    assert_eq!(drain(&t, &plain, 10), 10);
+    let daily = refill(1_000, RefillInterval::Daily);
+    t.ledger.keys().update(&id, daily).unwrap();
+    assert_eq!(
+        usage(&t, &id).remaining,
+        Some(29_990),
+        "this month's balance stays"
+    );
+    t.clock.set(next_day(&t));
+    assert_eq!(drain(&t, &plain, 5_000), 1_000, "then daily refills");
+
+    let (id, plain) = daily_refill_key(&t, 1_000, 1_000);
+    assert_eq!(drain(&t, &plain, 5_000), 1_000);
+    t.ledger.flush().unwrap();
+    t.clock.set(next_day(&t));
+    assert_eq!(usage(&t, &id).remaining, Some(1_000), "a refill is due");
+    let monthly = refill(30_000, RefillInterval::Monthly);
+    t.ledger.keys().update(&id, monthly).unwrap();
+    assert_eq!(
+        drain(&t, &plain, 50_000),
+        30_000,
+        "the due refill, on the new terms"
+    );
+}
+
+/// A wall clock that ran ahead (a bad NTP step, a resumed VM) and was set back: the refill
+/// made while it was ahead counts for the current period, and the next one refills again,
+/// from the writer's next turn on. (Found by a reviewer: no refill came until the clock
+/// caught up with the one made ahead.)
+#[test]
+fn a_clock_set_back_after_running_ahead_refills_again_from_the_next_period() {
+    let t = TestLedger::new();
+    let (id, plain) = daily_refill_key(&t, 10, 10);
+    let now = t.now();
+    assert_eq!(drain(&t, &plain, 3), 3);
+    t.clock.set(Timestamp(now.0 + 365 * DAY_MS));
+    assert_eq!(drain(&t, &plain, 1), 1, "refilled, a year ahead");
+    t.clock.set(now);
+    t.ledger.flush().unwrap(); // a turn of the writer, which sees the clock went back
+    assert_eq!(
+        drain(&t, &plain, 100),
+        9,
+        "that refill, spent in the period it was made in"
+    );
+    t.clock.set(next_day(&t));
+    assert_eq!(drain(&t, &plain, 100), 10, "the next day's refill");
+    let u = usage(&t, &id);
+    assert_eq!(u.spent + u.remaining.unwrap(), u.granted);
+}
+
+/// Refills still come due on a clock past 2106, where a meter's times in whole seconds no
+/// longer fit 32 bits (found by a reviewer: they read as never, so an emptied key was refused
+/// after its refill, and a lease from the old period was spent in the new one).
+#[test]
+fn refills_come_due_on_a_clock_past_2106() {
+    let year_2200 = ManualClock::new(Timestamp(7_258_118_400_000 + 3_600_000));
+    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| {
+        b.clock(year_2200.clone())
+    });
+    let owner = t.account("Acme");
+    let daily = |credits| {
+        NewKey::new(owner, "k")
+            .credits(credits)
+            .refill(credits, RefillInterval::Daily)
+    };
+    let (_, emptied) = create_key(&t.ledger, daily(5));
+    let (id, leased) = create_key(&t.ledger, daily(1_000));
+    assert_eq!(drain(&t, &emptied, 100), 5);
+    assert_eq!(drain(&t, &leased, 1), 1, "a lease in memory");
+    year_2200.advance_secs(86_400);
+    assert_eq!(drain(&t, &emptied, 100), 5, "refilled");
+    assert_eq!(drain(&t, &leased, 1), 1);
+    assert_eq!(
+        usage(&t, &id).remaining,
+        Some(999),
+        "refilled before the spend"
     );
 }
 

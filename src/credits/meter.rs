@@ -72,15 +72,15 @@ pub(crate) struct Meter {
     /// When the last lease was granted, in tenths of a second (the clock's ms / 100, wrapping
     /// every 13.6 years; 0: never), to adapt the lease size.
     last_lease_ds: AtomicU32,
-    /// When the next refill is due, in whole seconds ([`NEVER`]: no refill; see
+    /// When the next refill is due, in whole minutes ([`NEVER`]: no refill; see
     /// [`refill_at_ms`](Self::refill_at_ms)). From then on the lease belongs to an old period,
     /// so reservations go through the writer, which applies it. 0 in a new meter: nothing is
     /// known of the balance until the writer has read it.
-    refill_at_s: AtomicU32,
-    /// Until when (whole seconds; [`NEVER`]: for good) the durable balance is known to be
+    refill_at_min: AtomicU32,
+    /// Until when (whole minutes; [`NEVER`]: for good) the durable balance is known to be
     /// empty: no refill is due before then and no top-up happened since. Lets an exhausted
     /// key fail fast without the writer.
-    empty_until_s: AtomicU32,
+    empty_until_min: AtomicU32,
     /// A lease request is queued or in flight.
     pub pending: AtomicBool,
     /// Queued for a spend flush (a pool's meter; a key's own is flushed with its usage).
@@ -124,7 +124,7 @@ fn known(remaining: u64) -> u64 {
     remaining.min(UNREAD - 1)
 }
 
-/// A time in whole seconds that never comes (`u64::MAX` ms).
+/// A time in whole minutes that never comes (`u64::MAX` ms).
 const NEVER: u32 = u32::MAX;
 /// [`Meter::state`]: the balance is gone.
 const RETIRED: u8 = 1;
@@ -134,18 +134,22 @@ const EXHAUSTION_REPORTED: u8 = 2;
 /// to it, so no request of its keys is granted, not even a peek.
 const UNREADABLE: u8 = 4;
 
-/// Milliseconds to whole seconds, rounded down, for the two times a meter keeps. Both are
-/// period starts (midnight UTC) or 0 or `u64::MAX`, so nothing is lost; were one not, rounding
-/// down makes it come early, the safe side for both (the writer is asked sooner). Times past
-/// 2106 read as never.
-fn to_secs(ms: u64) -> u32 {
-    u32::try_from(ms / 1000).unwrap_or(NEVER)
+/// Milliseconds to whole minutes, rounded down, for the two times a meter keeps. Both are
+/// period starts (midnight UTC) or 0 or `u64::MAX` ("never"), so nothing is lost; were one
+/// not, rounding down makes it come early, the safe side for both (the writer is asked
+/// sooner). Minutes, not seconds: 32 bits of seconds end in 2106, where a due time read as
+/// never and no refill came (found by a reviewer); of minutes, in the year 10,136.
+fn to_mins(ms: u64) -> u32 {
+    match ms {
+        u64::MAX => NEVER,
+        ms => u32::try_from(ms / 60_000).unwrap_or(NEVER - 1),
+    }
 }
 
-fn to_ms(secs: u32) -> u64 {
-    match secs {
+fn to_ms(mins: u32) -> u64 {
+    match mins {
         NEVER => u64::MAX,
-        s => u64::from(s) * 1000,
+        m => u64::from(m) * 60_000,
     }
 }
 
@@ -163,10 +167,10 @@ impl Meter {
             lease_size: AtomicU32::new(if exact { 1 } else { MIN_LEASE as u32 }),
             pending: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
-            empty_until_s: AtomicU32::new(0),
+            empty_until_min: AtomicU32::new(0),
             last_lease_ds: AtomicU32::new(0),
             durable_balance: AtomicU64::new(UNREAD),
-            refill_at_s: AtomicU32::new(0),
+            refill_at_min: AtomicU32::new(0),
             epoch: AtomicU32::new(0),
             state: AtomicU8::new(0),
             low_balance: ArcSwapOption::new(threshold.map(|threshold| {
@@ -348,23 +352,23 @@ impl Meter {
     /// When the next refill is due (ms; `u64::MAX`: no refill).
     #[inline]
     pub(crate) fn refill_at_ms(&self) -> u64 {
-        to_ms(self.refill_at_s.load(Ordering::Acquire))
+        to_ms(self.refill_at_min.load(Ordering::Acquire))
     }
 
     /// Sets when the next refill is due (ms; `u64::MAX`: no refill; 0: due now).
     pub(crate) fn set_refill_at(&self, ms: u64) {
-        self.refill_at_s.store(to_secs(ms), Ordering::Release);
+        self.refill_at_min.store(to_mins(ms), Ordering::Release);
     }
 
     /// Whether the durable balance is known to be empty at `now_ms`.
     #[inline]
     pub(crate) fn empty_at(&self, now_ms: u64) -> bool {
-        to_ms(self.empty_until_s.load(Ordering::Acquire)) > now_ms
+        to_ms(self.empty_until_min.load(Ordering::Acquire)) > now_ms
     }
 
     /// Sets until when the durable balance is known to be empty (ms; 0: it is not).
     pub(crate) fn set_empty_until(&self, ms: u64) {
-        self.empty_until_s.store(to_secs(ms), Ordering::Release);
+        self.empty_until_min.store(to_mins(ms), Ordering::Release);
     }
 
     /// Whether this meter is a shared pool's.
@@ -594,7 +598,7 @@ mod tests {
     }
 
     #[test]
-    fn refill_and_empty_times_are_kept_to_the_second_rounded_early() {
+    fn refill_and_empty_times_are_kept_to_the_minute_rounded_early() {
         let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
         assert_eq!(m.remaining(), None, "a new meter has not read its balance");
         assert!(
@@ -608,16 +612,17 @@ mod tests {
         m.set_refill_at(midnight);
         assert_eq!(m.refill_at_ms(), midnight, "a period start is exact");
         assert!(m.current(midnight - 1) && !m.current(midnight));
-        m.set_refill_at(midnight + 1_999);
+        m.set_refill_at(midnight + 61_999);
         assert_eq!(
             m.refill_at_ms(),
-            midnight + 1_000,
+            midnight + 60_000,
             "rounded down: due early"
         );
         m.set_refill_at(0);
         assert!(!m.current(0), "due now");
-        m.set_refill_at(u64::MAX / 2);
-        assert_eq!(m.refill_at_ms(), u64::MAX, "beyond 2106: never");
+        let year_2200 = 7_258_118_400_000;
+        m.set_refill_at(year_2200);
+        assert_eq!(m.refill_at_ms(), year_2200, "past 2106 too");
 
         assert!(!m.empty_at(0), "not known empty");
         m.set_empty_until(midnight);
@@ -868,10 +873,10 @@ mod tests {
             !m.wants_top_up(0),
             "half of a 16-unit lease: leased for meanwhile"
         );
-        m.set_refill_at(1_000);
-        assert!(!m.wants_top_up(999));
+        m.set_refill_at(60_000);
+        assert!(!m.wants_top_up(59_999));
         assert!(
-            m.wants_top_up(1_000),
+            m.wants_top_up(60_000),
             "the lease belongs to a period that has ended"
         );
     }

@@ -94,10 +94,11 @@ impl PoolUpdate {
         self
     }
 
-    /// Sets (`Some`) or clears (`None`) the refill. A new refill starts with the next period.
-    /// Refills apply lazily, at the next spend: a period that began before the change and was
-    /// not refilled yet is refilled on the new terms — and, once the refill is cleared, not at
-    /// all (the balance stays as it is, though `usage` counted that refill as applied before).
+    /// Sets (`Some`) or clears (`None`) the refill. New terms start with the next period of
+    /// their own interval; the balance of this one stays. Refills apply lazily, at the next
+    /// spend: one that was due under the old terms and not applied yet is applied on the new
+    /// ones — and, once the refill is cleared, not at all (the balance stays as it is, though
+    /// `usage` counted that refill as applied before).
     pub fn refill(mut self, refill: Option<Refill>) -> Self {
         self.refill = Some(refill);
         self

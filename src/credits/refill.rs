@@ -30,7 +30,8 @@ pub(crate) fn next_period(interval: RefillInterval, now: Timestamp) -> Timestamp
 }
 
 /// When the next refill of `record` is due (ms; `u64::MAX` without a refill). At or after
-/// this time the balance must be refilled before it is spent.
+/// this time the balance must be refilled before it is spent. A refill recorded for a period
+/// still to come (the clock was ahead, then set back) counts for the current one.
 pub(crate) fn due_at(record: &CreditsRecord, now: Timestamp) -> u64 {
     let Some(refill) = record.refill else {
         return u64::MAX;
@@ -41,16 +42,20 @@ pub(crate) fn due_at(record: &CreditsRecord, now: Timestamp) -> u64 {
     }
 }
 
-/// Puts `refill` in place of `record`'s. A new refill starts with the next period. A changed
-/// one keeps the date of its last refill: refills apply lazily, so a period that began before
-/// the change and was not refilled yet still is (on the new terms), rather than being skipped.
+/// Puts `refill` in place of `record`'s. Refills apply lazily, so a refill that was due under
+/// the old terms and not applied yet is applied on the new ones, rather than skipped;
+/// otherwise the new terms start with the next period of their own interval, and the balance
+/// of this one stays. (Found by a reviewer: a changed interval kept the old one's date, so
+/// monthly → daily mid-month refilled at once, and daily → monthly skipped a due refill.)
 pub(crate) fn replace(record: &mut CreditsRecord, refill: Option<Refill>, now: Timestamp) {
     if record.refill == refill {
         return;
     }
-    if record.refill.is_none() || refill.is_none() {
-        record.refilled_at = refill.map(|r| period_start(r.interval, now));
-    }
+    let due = due_at(record, now) <= now.0;
+    record.refilled_at = match refill {
+        Some(new) if !due => Some(period_start(new.interval, now)),
+        _ => None,
+    };
     record.refill = refill;
 }
 
@@ -63,8 +68,16 @@ pub(crate) fn apply_due(record: &mut CreditsRecord, now: Timestamp) -> bool {
         return false;
     };
     let start = period_start(refill.interval, now);
-    if record.refilled_at.is_some_and(|at| at >= start) {
-        return false;
+    match record.refilled_at {
+        // Refilled for a period still to come: the clock was ahead, and has been set back.
+        // That refill counts for this period, and the next one refills again (found by a
+        // reviewer: kept as it was, no refill came until the clock caught up with it).
+        Some(at) if at > start => {
+            record.refilled_at = Some(start);
+            return false;
+        }
+        Some(at) if at == start => return false,
+        _ => {}
     }
     let granted_before = record.granted.saturating_sub(record.balance);
     record.balance = refill.amount.min(u64::MAX - granted_before);

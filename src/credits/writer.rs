@@ -432,6 +432,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
     let mut listed = Listed::default();
     let mut last_round = std::time::Instant::now();
     let mut failed = false;
+    let mut clock_seen = shared.clock.now().0;
     loop {
         // A backlog of prefetches (more than one batch's worth) or a round in progress is
         // taken up without waiting — unless the last commit failed: a disk that keeps
@@ -475,6 +476,11 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
         if batch.iter().any(|m| matches!(m, Msg::Abandon)) {
             return;
         }
+        let now = shared.clock.now().0;
+        if now.saturating_add(CLOCK_STEP_BACK) < clock_seen {
+            forget_times(&shared);
+        }
+        clock_seen = now;
         // A flush covers every prefetch asked for before it: a backlog goes first, a batch
         // at a time.
         let syncing = batch.iter().any(|m| matches!(m, Msg::Flush { .. }));
@@ -518,6 +524,23 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
         if closing {
             return;
         }
+    }
+}
+
+/// How far the wall clock must go back between two turns of the writer for the meters'
+/// refill and empty times to be worked out again.
+const CLOCK_STEP_BACK: u64 = 1_000;
+
+/// The wall clock was set back (an NTP step, a resumed VM): every meter's refill and empty
+/// times were worked out for a period it may not have reached. Each is made due now, so its
+/// next request asks the writer, which works them out again, counting a refill made while the
+/// clock was ahead as this period's (`refill::apply_due`). Found by a reviewer: a clock a year
+/// ahead, then set right, left an emptied key refused in memory, with no refill, for a year.
+/// Within a writer turn of the step (it wakes every `FLUSH_INTERVAL` at least).
+fn forget_times(shared: &Shared) {
+    for meter in shared.meters.lock().all() {
+        meter.set_empty_until(0);
+        set_refill_at(shared, &meter, 0);
     }
 }
 

@@ -1202,6 +1202,49 @@ fn management_answers_are_private_and_its_queries_and_bodies_strict() {
     );
 }
 
+/// A key sent where a name, a value or a query parameter goes is refused without being sent
+/// back: the 400 names what is wrong and hides any refused text of 16 characters or more, as
+/// the library's own messages do. (Found by a reviewer: serde's messages and the server's own
+/// checks echoed it, and proxies log response bodies.)
+#[test]
+fn a_key_sent_as_a_name_or_value_is_never_echoed() {
+    let s = Server::start();
+    let (_, pasted) = library_key(&s, NewKey::new(s.account.as_str(), "pasted"));
+    let q = "/api/v1/quickhits/create";
+    let bodies = [
+        (
+            "/v2/keys",
+            format!(r#"{{"name":"c","permissions":"{pasted}"}}"#),
+        ),
+        ("/v2/keys", format!(r#"{{"name":"c","{pasted}":1}}"#)),
+        (
+            "/v2/keys",
+            format!(r#"{{"name":"c","permissions":["fetch"],"ips":["{pasted}"]}}"#),
+        ),
+        (q, format!(r#"{{"prompt":"x","mode":"{pasted}"}}"#)),
+        (
+            q,
+            format!(r#"{{"prompt":"x","context":[{{"type":"{pasted}"}}]}}"#),
+        ),
+    ];
+    for (path, body) in &bodies {
+        let r = s.json("POST", path, &s.admin, body);
+        assert_eq!(r.status, 400, "{path} {}", r.body);
+    }
+    // A managing key with an allowlist checks the ranges it is asked for itself, first.
+    let fenced = NewKey::new(s.account.as_str(), "ops bot").permissions(["fetch", "manage"]);
+    let (_, fenced) = library_key(&s, fenced.ips(["127.0.0.0/8"]));
+    let body = format!(r#"{{"name":"c","permissions":["fetch"],"ips":["{pasted}"]}}"#);
+    let r = s.json("POST", "/v2/keys", &fenced, &body);
+    managed_refused(&r, 400, "invalid_request");
+    let twice = format!("/v2/keys?{pasted}=1&{pasted}=2");
+    managed_refused(&s.get("GET", &twice, &s.admin), 400, "invalid_request");
+    s.assert_no_secrets(&[&pasted]);
+    // A short refused value is still shown, so a typo can be seen.
+    let r = s.json("POST", q, &s.admin, r#"{"prompt":"x","mode":"wide"}"#);
+    assert!(r.body.contains("wide"), "{}", r.body);
+}
+
 #[test]
 fn a_client_trickling_its_headers_is_cut_off() {
     // Found by a reviewer: with `axum::serve` there was no header deadline, so a client

@@ -54,8 +54,8 @@ fn range(text: &str) -> Result<IpNet, Refused> {
         .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
         .map_err(|_| {
             let message = format!(
-                "`{}` is not an IP address or CIDR range",
-                text.escape_default()
+                "{} is not an IP address or CIDR range",
+                super::envelope::shown(text)
             );
             (StatusCode::BAD_REQUEST, "invalid_request", message)
         })?;

@@ -309,8 +309,43 @@ pub fn parse_json<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Resu
     serde_json::from_slice(body).map_err(|e| BodyError {
         status: StatusCode::BAD_REQUEST,
         code: "invalid_request",
-        message: format!("invalid request body: {e}"),
+        message: format!(
+            "invalid request body: {}",
+            without_long_quotes(&e.to_string())
+        ),
     })
+}
+
+/// A refused value as a message may show it: quoted when short, otherwise by its length
+/// only, so that no response repeats an API key (or any secret) sent by mistake — the
+/// library's rule for its own messages.
+pub fn shown(value: &str) -> String {
+    match value.chars().count() {
+        n @ 16.. => format!("a value of {n} characters"),
+        _ => format!("`{}`", value.escape_default()),
+    }
+}
+
+/// `message` with every quoted part (between backticks or double quotes, as serde quotes
+/// the names and values it refuses) of 16 characters or more replaced as [`shown`] does: a
+/// key sent as a field's value, or as a field's name, is not sent back (found by a reviewer).
+fn without_long_quotes(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find(['`', '"']) {
+        let quote = rest[open..].chars().next().unwrap_or('"');
+        out.push_str(&rest[..=open]);
+        let inside = &rest[open + 1..];
+        let close = inside.find(quote).unwrap_or(inside.len());
+        match inside[..close].chars().count() {
+            n @ 16.. => out.push_str(&format!("<a value of {n} characters>")),
+            _ => out.push_str(&inside[..close]),
+        }
+        out.push_str(&inside[close..(close + 1).min(inside.len())]);
+        rest = &inside[(close + 1).min(inside.len())..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// 404 for an unknown path, in the envelope of the surface the path belongs to.

@@ -274,8 +274,8 @@ async fn list(kind: Kind, app: Arc<App>, caller: Caller, query: Q) -> Result<Res
     let mut seen = std::collections::HashSet::new();
     if let Some((name, _)) = query.iter().find(|(name, _)| !seen.insert(name)) {
         return Err(Fail::invalid(format!(
-            "`{}` is given more than once",
-            name.escape_default()
+            "{} is given more than once",
+            super::envelope::shown(name)
         )));
     }
     let get = |name: &str| query.iter().find(|(n, _)| n == name).map(|(_, v)| v);

@@ -39,14 +39,20 @@ pub struct Usage {
     /// Units spent and flushed to disk.
     pub spent: u64,
     /// Units that were leased into memory when the process crashed (or held by grants still
-    /// running when a close's grace ended): counted as spent.
+    /// running when a close's grace ended): counted as spent. A lease taken before a refill
+    /// came due and lost in a crash after it counts here too, though the refill would have
+    /// dropped it from the books had the process lived to apply it.
     pub lost_to_crash: u64,
     /// Units leased into memory right now: what `remaining` counts beyond the durable
     /// balance, plus what grants hold reserved and what they charged since the last flush.
     pub leased: u64,
     /// Successful verifies (keys only; pools report 0).
     pub requests: u64,
-    /// Units charged over the key's life, metered or not (keys only).
+    /// Units charged over the key's life, metered or not (keys only). With `requests` and
+    /// `last_used_at`, written in the writer's usage rounds (every 30 s by default, and at
+    /// every flush and clean close), while `spent` is also written with each lease: after a
+    /// crash, the last round's worth may be missing here though `spent` counts it, and spend
+    /// tiers, which count from this figure, start from it.
     pub lifetime_spent: u64,
     /// Last successful verify (keys only).
     pub last_used_at: Option<Timestamp>,

@@ -60,7 +60,9 @@ impl NewPool {
         self
     }
 
-    /// Replaces the balance with `amount` every `interval`, from the next period on.
+    /// Replaces the balance with `amount` every `interval`, from the next period on. What a
+    /// balance was ever granted is counted to `u64::MAX`: a refill gives what still fits
+    /// under it, so refills of near `u64::MAX` ("unlimited") stop once that much is spent.
     pub fn refill(mut self, amount: u64, interval: RefillInterval) -> Self {
         self.refill = Some(Refill { amount, interval });
         self

@@ -52,7 +52,9 @@ macro_rules! settings_setters {
                 self
             }
 
-            /// Replaces the balance with `amount` every `interval`.
+            /// Replaces the balance with `amount` every `interval`. What a balance was ever
+            /// granted is counted to `u64::MAX`: a refill gives what still fits under it, so
+            /// refills of near `u64::MAX` ("unlimited") stop once that much has been spent.
             pub fn refill(mut self, amount: u64, interval: RefillInterval) -> Self {
                 self.settings.limits.refill = Some(Refill { amount, interval });
                 self

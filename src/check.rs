@@ -162,7 +162,7 @@ fn check_store(
     // A page that redb cannot read (an error, or one of its panics) ends the scan; what was
     // found up to it is reported, with the damage as a problem of its own.
     let scanned = unless_redb_panics(|| {
-        check_records(&read, &config.master_key, &ids, &mut report)?;
+        check_records(&read, &ids, &mut report)?;
         crate::vault::check_tables(&config.master_key, &ids, &read, &mut report.problems)
     })
     .and_then(|scanned| scanned);
@@ -188,12 +188,7 @@ fn open_if_present<K: redb::Key + 'static, V: redb::Value + 'static>(
     }
 }
 
-fn check_records(
-    read: &ReadTransaction,
-    master: &crate::secret::MasterKey,
-    ids: &IdCipher,
-    report: &mut CheckReport,
-) -> Result<()> {
+fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckReport) -> Result<()> {
     let problems = &mut report.problems;
     let account = |id| ids.encode(IdKind::Account, id);
 
@@ -316,15 +311,19 @@ fn check_records(
                 Some(Ok(_)) => {}
             }
         }
-        if let Some((imported, _)) = &imports {
-            // A secret still under its imported hash: reserved for this key.
-            let secrets = std::iter::once((record.key_hash, record.scheme))
-                .chain(record.rolled.as_ref().map(|old| (old.key_hash, old.scheme)));
-            for (hash, scheme) in secrets {
-                let reserved = crate::keys::index::reservation(master, &hash);
-                if scheme == HashScheme::Sha256Imported
-                    && imported.get(&reserved)?.map(|v| v.value()) != Some(id)
-                {
+        if let Some((imported, by_key)) = &imports {
+            // A secret still under its imported hash: reserved for this key. (The record
+            // holds the digest keyed, the reservation is of the digest itself: it is found
+            // through the key's id.)
+            let mut schemes =
+                std::iter::once(record.scheme).chain(record.rolled.as_ref().map(|old| old.scheme));
+            if schemes.any(|scheme| scheme == HashScheme::Sha256Imported) {
+                let reserved = by_key.get(id)?.map(|v| *v.value());
+                let holder = match reserved {
+                    Some(reserved) => imported.get(&reserved)?.map(|v| v.value()),
+                    None => None,
+                };
+                if holder != Some(id) {
                     problems.push(format!("{public}: imported hash not reserved"));
                 }
             }

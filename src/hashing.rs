@@ -29,7 +29,8 @@ pub enum HashScheme {
         /// Pepper version.
         pepper: u32,
     },
-    /// Plain `SHA-256(key)`: only for keys imported from another system, rehashed on first use.
+    /// `SHA-256(key)`, as another system stored it, for keys imported from it; rehashed on
+    /// first use. The file holds it keyed with the master key (format 8), never plain.
     Sha256Imported,
     /// `BLAKE3-keyed(blake3_pepper_v, key)`: faster, opt-in. Its pepper is derived apart from
     /// HMAC-SHA256's.
@@ -66,6 +67,7 @@ pub(crate) struct KeyHasher {
     current: HashScheme,
     hmac_state: Hmac<Sha256>,
     blake3_key: SubKey,
+    import_key: SubKey,
 }
 
 impl KeyHasher {
@@ -87,6 +89,7 @@ impl KeyHasher {
             hmac_state: Hmac::<Sha256>::new_from_slice(&hmac_key.0)
                 .expect("HMAC takes any key size"),
             blake3_key,
+            import_key: import_key(master),
         }
     }
 
@@ -106,8 +109,15 @@ impl KeyHasher {
             HashScheme::Blake3Keyed { .. } | HashScheme::Blake3KeyedLegacy { .. } => {
                 blake3::keyed_hash(&self.blake3_key.0, key.as_bytes()).into()
             }
-            HashScheme::Sha256Imported => Sha256::digest(key.as_bytes()).into(),
+            HashScheme::Sha256Imported => self.imported(&Sha256::digest(key.as_bytes()).into()),
         }
+    }
+
+    /// What the file stores for a key imported by its SHA-256 `digest`: the digest keyed
+    /// with the master key, so that no plain digest is ever written (found by a reviewer:
+    /// one stayed in the file's freed pages after the key's first use rehashed it).
+    pub(crate) fn imported(&self, digest: &KeyHash) -> KeyHash {
+        imported_sha256(&self.import_key, digest)
     }
 
     /// Hashes `key` under any scheme (the slow path for rotation and imports).
@@ -129,9 +139,19 @@ impl KeyHasher {
             HashScheme::Blake3KeyedLegacy { pepper } => {
                 blake3::keyed_hash(&pepper_key(&self.master, pepper).0, key.as_bytes()).into()
             }
-            HashScheme::Sha256Imported => Sha256::digest(key.as_bytes()).into(),
+            HashScheme::Sha256Imported => self.imported(&Sha256::digest(key.as_bytes()).into()),
         }
     }
+}
+
+/// The key [`KeyHasher::imported`] keys digests with.
+pub(crate) fn import_key(master: &MasterKey) -> SubKey {
+    master.derive(context::IMPORTED_SHA256)
+}
+
+/// `digest` keyed with `key` (see [`KeyHasher::imported`]).
+pub(crate) fn imported_sha256(key: &SubKey, digest: &KeyHash) -> KeyHash {
+    blake3::keyed_hash(&key.0, digest).into()
 }
 
 /// HMAC-SHA256's key of pepper `version`.
@@ -172,7 +192,19 @@ mod tests {
             h.hash(HashScheme::Blake3KeyedLegacy { pepper: 2 }, key)
         );
         let plain: KeyHash = Sha256::digest(key.as_bytes()).into();
-        assert_eq!(h.hash(HashScheme::Sha256Imported, key), plain);
+        let imported = h.hash(HashScheme::Sha256Imported, key);
+        assert_ne!(imported, plain, "never stored plain");
+        assert_eq!(
+            imported,
+            h.imported(&plain),
+            "the digest an import gives, keyed"
+        );
+        let other = KeyHasher::new(&MasterKey::generate().unwrap(), h.current());
+        assert_ne!(
+            other.hash(HashScheme::Sha256Imported, key),
+            imported,
+            "by master key"
+        );
         assert!(hashes_equal(&v2, &v2) && !hashes_equal(&v2, &plain));
     }
 

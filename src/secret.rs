@@ -192,6 +192,9 @@ pub(crate) mod context {
     /// Key of the import reservations' hashes (format 7): an imported key's plain SHA-256
     /// is not kept once its first use has rehashed it.
     pub(crate) const IMPORT_RESERVATION: &str = "keyledger 2026-12 import reservation";
+    /// Key of an imported key's stored SHA-256 (format 8): the plain digest, which an old
+    /// system's key can be guessed from offline, is never written to the file.
+    pub(crate) const IMPORTED_SHA256: &str = "keyledger 2026-12 imported sha-256";
 }
 
 #[cfg(test)]

@@ -114,14 +114,14 @@ fn a_version_1_file_opens_and_reads_back() {
     let audit = ledger.audit().recent(100).unwrap();
     assert!(audit.len() >= 6, "{audit:?}");
     drop(ledger);
-    // Opening migrated the file to format 7 (through 2: the verify index replaced the hash index;
-    // through 7: every record sealed with its checksum).
+    // Opening migrated the file to format 8 (through 2: the verify index replaced the hash index;
+    // through 7: every record sealed with its checksum; through 8: imported digests keyed).
     {
         let db = redb::Database::open(&path).unwrap();
         let read = redb::ReadableDatabase::begin_read(&db).unwrap();
         let format = read.open_table(META).unwrap();
         let format = format.get("format").unwrap().unwrap();
-        assert_eq!(format.value()[8..], 7u32.to_le_bytes());
+        assert_eq!(format.value()[8..], 8u32.to_le_bytes());
         assert_every_record_is_sealed(&read);
         let tables: Vec<String> = read
             .list_tables()
@@ -248,7 +248,7 @@ fn a_file_from_a_newer_format_version_is_refused_with_upgrade_required() {
         Err(Error::UpgradeRequired {
             found: 99,
             supported,
-        }) => assert_eq!(supported, 7),
+        }) => assert_eq!(supported, 8),
         other => panic!("expected UpgradeRequired {{ found: 99 }}, got {other:?}"),
     }
     // `check` refuses it the same way rather than reporting garbage.
@@ -396,6 +396,26 @@ fn a_version_1_file_with_rolled_imported_and_old_pepper_keys_verifies() {
         HashScheme::HmacSha256 { pepper: 2 },
         "the file was rotated to pepper 2"
     );
+    // The migration reserved the unused import's SHA-256 (format 5) and keyed its stored
+    // digest (format 8): the key is found by its plaintext, and importing it again is
+    // refused.
+    let digest: [u8; 32] = Sha256::digest(keys.imported.as_bytes()).into();
+    let owner = ledger.authenticate(&Presented::new(keys.imported.as_str()).unwrap());
+    let owner = owner.unwrap().owner;
+    let again = || ImportKey::new(owner, "again", ImportedHash::Sha256(digest), "vb_live_", "");
+    assert!(matches!(
+        ledger.keys().import(again()),
+        Err(Error::Conflict(_))
+    ));
+    assert_eq!(
+        peek(&ledger, &keys.imported),
+        Ok(()),
+        "keyed, the digest still finds it"
+    );
+    assert!(matches!(
+        ledger.keys().import(again()),
+        Err(Error::Conflict(_))
+    ));
     assert_eq!(
         peek(&ledger, &keys.rolled_old),
         Ok(()),
@@ -541,7 +561,7 @@ fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies()
     ledger.close().unwrap();
     drop(ledger);
     let mut reopened = 0;
-    let mut formats = [0u32; 7];
+    let mut formats = [0u32; 8];
     for countdown in 0..writes + syncs + 2 {
         let backend = CrashBackend::from_bytes(bytes.clone());
         backend.fail_after(countdown);
@@ -571,7 +591,7 @@ fn a_crash_at_any_point_of_the_migration_leaves_a_file_that_opens_and_verifies()
     assert!(reopened >= 4, "{reopened} reboots");
     assert!(
         formats.iter().all(|&n| n > 0),
-        "reboots found format 1 / 2 / 3 / 4 / 5 / 6 / 7 {formats:?} times: the crash points cover both \
+        "reboots found format 1 / 2 / 3 / 4 / 5 / 6 / 7 / 8 {formats:?} times: the crash points cover both \
          sides of each migration's commit"
     );
 }
@@ -681,7 +701,7 @@ fn a_format_2_vault_reads_back_after_its_secrets_are_resealed() {
     let format = read.open_table(META).unwrap();
     assert_eq!(
         format.get("format").unwrap().unwrap().value()[8..],
-        7u32.to_le_bytes()
+        8u32.to_le_bytes()
     );
     assert_every_record_is_sealed(&read);
     let secrets = read
@@ -826,7 +846,7 @@ fn a_crash_at_any_point_of_the_resealing_leaves_every_secret_readable() {
     let ledger = Ledger::open_with_backend(clean.clone(), config()).unwrap();
     let (writes, syncs) = clean.io_counts();
     drop(ledger);
-    let mut formats = [0u32; 7];
+    let mut formats = [0u32; 8];
     for countdown in 0..writes + syncs + 2 {
         let backend = CrashBackend::from_bytes(bytes.clone());
         backend.fail_after(countdown);
@@ -844,7 +864,7 @@ fn a_crash_at_any_point_of_the_resealing_leaves_every_secret_readable() {
     }
     assert!(
         formats[1..].iter().all(|&n| n > 0),
-        "reboots found format 2 / 3 / 4 / 5 / 6 / 7 {formats:?} times: both sides of each migration's commit"
+        "reboots found format 2 / 3 / 4 / 5 / 6 / 7 / 8 {formats:?} times: both sides of each migration's commit"
     );
 }
 

@@ -1652,7 +1652,7 @@ mod damaged {
             Err(
                 e @ Error::OlderFormat {
                     found: 2,
-                    current: 7,
+                    current: 8,
                 },
             ) => {
                 assert!(e.to_string().contains("open it once"), "{e}")

@@ -255,10 +255,40 @@ fn debug_display_json_errors_and_audit_never_show_a_secret() {
     }
 }
 
-/// An imported key's plain SHA-256 — enough to find a short legacy key offline — is in the
-/// file only until the key's first use rehashes it: its import reservation holds the hash
-/// keyed with the master key (format 7). Before, the reservation kept the plain digest for
-/// the life of the key, through rehashes and rolls (found by a reviewer).
+/// An imported key's plain SHA-256 — enough to find a short legacy key offline — is never
+/// written to the file: its record and verify entry hold it keyed with the master key
+/// (format 8), and so does its import reservation (format 7). Before, the reservation kept
+/// the plain digest for the life of the key (found by a reviewer); then the verify entry
+/// left it in freed pages once the key's first use, or its delete, removed it (found by
+/// another). Whatever happens to the key: unused, used, rolled or deleted.
+#[test]
+fn an_imported_keys_sha256_is_never_in_the_file() {
+    for fate in ["unused", "used", "deleted"] {
+        let t = TestLedger::new();
+        let a = t.account("Acme");
+        let imported = formatted_key("vb_live_", 78);
+        let digest: [u8; 32] = Sha256::digest(imported.as_bytes()).into();
+        let hash = ImportedHash::Sha256(digest);
+        let import = ImportKey::new(a, "legacy", hash, &imported[..12], &imported[42..]);
+        let info = t.ledger.keys().import(import).unwrap();
+        match fate {
+            "used" => assert!(t.auth(&imported).is_ok()),
+            "deleted" => t.ledger.keys().delete(&info.id).unwrap(),
+            _ => {}
+        }
+        let (_dir, path, config) = t.close();
+        let raw = std::fs::read(&path).unwrap();
+        assert!(
+            !contains(&raw, &digest),
+            "{fate}: the plain SHA-256 is in the file"
+        );
+        let report = Ledger::check(&path, config).unwrap();
+        assert!(report.is_ok(), "{fate}: problems: {:?}", report.problems);
+    }
+}
+
+/// An import reservation outlives the key's first use and a roll: the same import is refused
+/// while the key exists, and no plain SHA-256 is kept for it.
 #[test]
 fn an_imported_keys_sha256_is_not_kept_once_its_first_use_has_rehashed_it() {
     let t = TestLedger::new();

@@ -148,7 +148,8 @@ settings_setters!(NewKey);
 /// to find the key offline.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum ImportedHash {
-    /// Plain `SHA-256(key)`. Rehashed to the current scheme on the key's first successful use.
+    /// Plain `SHA-256(key)`. The file stores it keyed with the master key, never as given;
+    /// rehashed to the current scheme on the key's first successful use.
     Sha256([u8; 32]),
     /// A hash under this ledger's current scheme (e.g. exported from another keyledger file
     /// opened with the same master key, under the same scheme: a BLAKE3 hash written before

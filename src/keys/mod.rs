@@ -138,8 +138,9 @@ const KIND_TOKEN: u8 = 1;
 enum Origin {
     /// Generated here; its plaintext was returned once.
     Created,
-    /// Imported by its hash: the hash stays reserved for the record's life.
-    Imported,
+    /// Imported by its hash (as given: for a SHA-256, the plain digest), which stays
+    /// reserved for the record's life.
+    Imported { reserved: KeyHash },
 }
 
 impl Origin {
@@ -147,7 +148,7 @@ impl Origin {
     fn verb(self) -> &'static str {
         match self {
             Origin::Created => "created",
-            Origin::Imported => "imported",
+            Origin::Imported { .. } => "imported",
         }
     }
 }
@@ -243,9 +244,15 @@ impl<'a> Keys<'a> {
                     "an imported key's class comes from its prefix, which is not a test prefix",
                 ));
             }
-            let (hash, scheme) = match import.hash {
-                ImportedHash::Sha256(h) => (h, HashScheme::Sha256Imported),
-                ImportedHash::Current(h) => (h, self.ledger.hash_scheme()),
+            // A SHA-256 is stored keyed (never plain) and reserved as given, as files before
+            // format 8 reserved it.
+            let (hash, scheme, reserved) = match import.hash {
+                ImportedHash::Sha256(h) => (
+                    self.ledger.hasher().imported(&h),
+                    HashScheme::Sha256Imported,
+                    h,
+                ),
+                ImportedHash::Current(h) => (h, self.ledger.hash_scheme(), h),
             };
             let visible_ok = |s: &str, max: usize| {
                 s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic() && b != b'*')
@@ -267,7 +274,7 @@ impl<'a> Keys<'a> {
                 scheme,
                 import.prefix,
                 import.suffix,
-                Origin::Imported,
+                Origin::Imported { reserved },
             )
         })
     }
@@ -378,8 +385,12 @@ impl<'a> Keys<'a> {
         // A hash live in the verify index, or one a key still in the ledger was imported by
         // (rehashed by its first use, or rolled, since): a second record of one plaintext
         // would keep it working after the first is deleted.
+        let reserved = match origin {
+            Origin::Imported { reserved } => reserved,
+            Origin::Created => key_hash,
+        };
         if txn.open_table(KEY_VERIFY)?.get(&key_hash)?.is_some()
-            || index::import_reserved(&txn, master, &key_hash)?
+            || index::import_reserved(&txn, master, &reserved)?
         {
             return Err(Error::Conflict(
                 "a key with this hash already exists".into(),
@@ -388,8 +399,8 @@ impl<'a> Keys<'a> {
         let id = store::next_id(&txn)?;
         index::put(&txn, &mut txn.open_table(KEYS)?, id, &record)?;
         self.index(&txn, id, &record)?;
-        if origin == Origin::Imported {
-            index::reserve_import(&txn, master, &key_hash, id)?;
+        if let Origin::Imported { reserved } = origin {
+            index::reserve_import(&txn, master, &reserved, id)?;
         }
         if let (Some(credits), None) = (record.limits.credits, record.pool) {
             let credits = new_balance(credits, record.limits.refill, now);

@@ -44,7 +44,7 @@ pub(crate) const MAGIC: &[u8; 8] = b"keyledgr";
 ///   imported by stays reserved while the key exists (see [`migrate_4_to_5`]).
 /// - 6: a new file's public ids and cursors are sealed with a salt of its own
 ///   ([`meta::ID_SALT`]); an older file moves to 6 without one, keeping its ids.
-pub(crate) const FORMAT_VERSION: u32 = 7;
+pub(crate) const FORMAT_VERSION: u32 = 8;
 
 /// The opened database and what its meta table says.
 pub(crate) struct Store {
@@ -339,6 +339,9 @@ impl Store {
         if existing.is_some_and(|format| format < 7) {
             migrate_6_to_7(store, master)?;
         }
+        if existing.is_some_and(|format| format < 8) {
+            migrate_7_to_8(store, master)?;
+        }
         Ok(opened)
     }
 
@@ -572,6 +575,51 @@ fn migrate_6_to_7(store: &Store, master: &MasterKey) -> Result<()> {
     seal_table(&txn, crate::vault::tables::CONNECTORS)?;
     seal_table(&txn, crate::vault::tables::OWNER_SECRETS)?;
     set_format(&txn, 7)?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// Format 8: a key imported by its SHA-256 is stored under the digest keyed with the master
+/// key (`KeyHasher::imported`), never the plain digest, from which an old system's key can
+/// be guessed offline (found by a reviewer: it stayed in freed pages after the key's first
+/// use). The migration rekeys every secret still under `Sha256Imported`, in its record and
+/// its verify entry, in one transaction with the new format number. The plain digests it
+/// replaces may stay in the file's freed pages until redb writes over them.
+fn migrate_7_to_8(store: &Store, master: &MasterKey) -> Result<()> {
+    let key = crate::hashing::import_key(master);
+    let rekey = |hash: &mut [u8; 32], verify: &mut crate::keys::index::VerifyTable<'_>| {
+        verify.remove(&*hash)?;
+        *hash = crate::hashing::imported_sha256(&key, hash);
+        Ok::<_, Error>(())
+    };
+    let txn = store.begin_write()?;
+    {
+        let mut keys = txn.open_table(tables::KEYS)?;
+        let mut verify = txn.open_table(tables::KEY_VERIFY)?;
+        let imported = HashScheme::Sha256Imported;
+        let mut records = Vec::new();
+        for entry in keys.iter()? {
+            let (id, bytes) = entry?;
+            // An undecodable record is `check`'s to report, not a reason to refuse the file.
+            if let Ok(record) = codec::decode::<KeyRecord>(bytes.value()) {
+                let rolled = record.rolled.as_ref().map(|old| old.scheme);
+                if record.scheme == imported || rolled == Some(imported) {
+                    records.push((id.value(), record));
+                }
+            }
+        }
+        for (id, mut record) in records {
+            if record.scheme == imported {
+                rekey(&mut record.key_hash, &mut verify)?;
+            }
+            if let Some(old) = record.rolled.as_mut().filter(|old| old.scheme == imported) {
+                rekey(&mut old.key_hash, &mut verify)?;
+            }
+            crate::keys::index::put_entries(&mut verify, id, &record)?;
+            keys.insert(id, codec::encode(&record).as_slice())?;
+        }
+    }
+    set_format(&txn, 8)?;
     txn.commit()?;
     Ok(())
 }

@@ -215,6 +215,7 @@ fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckRepor
     }
     // Each pool's owner, for the keys drawing on it.
     let mut pool_owners: BTreeMap<u64, u64> = BTreeMap::new();
+    let pools_by_owner = read.open_table(POOLS_BY_OWNER)?;
     for entry in pools.iter()? {
         let (k, v) = entry?;
         let (id, public) = (k.value(), ids.encode(IdKind::Pool, k.value()));
@@ -224,11 +225,25 @@ fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckRepor
                 if accounts.get(pool.owner)?.is_none() {
                     problems.push(format!("{public}: owner account missing"));
                 }
+                if pools_by_owner.get((pool.owner, id))?.is_none() {
+                    problems.push(format!("{public}: owner index entry missing"));
+                }
                 if credits.get(id)?.is_none() {
                     problems.push(format!("{public}: credit balance missing"));
                 }
             }
             Err(e) => problems.push(format!("{public}: {e}")),
+        }
+    }
+    for entry in pools_by_owner.iter()? {
+        let (owner, id) = entry?.0.value();
+        let listed = match pool_owners.get(&id) {
+            Some(&of) => of == owner,
+            None => pools.get(id)?.is_some(), // undecodable: reported above
+        };
+        if !listed {
+            let public = ids.encode(IdKind::Pool, id);
+            problems.push(format!("{public}: owner index entry of no such pool"));
         }
     }
 

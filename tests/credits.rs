@@ -1406,7 +1406,10 @@ fn a_pool_is_renamed_and_an_update_that_changes_nothing_writes_nothing() {
         .update_pool(&pool.id, PoolUpdate::new().name("Team budget"))
         .unwrap();
     assert_eq!(renamed.name, "Team budget");
+    let other = t.account("Other");
+    let theirs = credits.create_pool(NewPool::new(other, "theirs")).unwrap();
     assert_eq!(credits.pools(&owner).unwrap(), vec![renamed.clone()]);
+    assert_eq!(credits.pools(&other).unwrap(), vec![theirs]);
     let seq = t.ledger.audit().recent(1).unwrap()[0].seq;
     let same = PoolUpdate::new()
         .name("Team budget")

@@ -110,6 +110,9 @@ fn a_version_1_file_opens_and_reads_back() {
     let pooled = keys.items.iter().find(|k| k.name == "pool key").unwrap();
     let pool = pooled.pool.unwrap();
     assert_eq!(ledger.credits().usage(&pool).unwrap().remaining, Some(50));
+    // The account lists it: the migration indexed pools by owner (format 8).
+    let listed = ledger.credits().pools(&account.id).unwrap();
+    assert_eq!(listed.iter().map(|p| p.id).collect::<Vec<_>>(), [pool]);
     // The audit trail reads back.
     let audit = ledger.audit().recent(100).unwrap();
     assert!(audit.len() >= 6, "{audit:?}");

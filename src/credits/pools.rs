@@ -136,6 +136,7 @@ impl Credits<'_> {
                 created_by: self.actor.clone(),
             };
             store::put(&mut txn.open_table(POOLS)?, id, &record)?;
+            txn.open_table(POOLS_BY_OWNER)?.insert((owner_id, id), ())?;
             let balance = new_balance(new.credits, new.refill, now);
             store::put(&mut txn.open_table(CREDITS)?, id, &balance)?;
             let public = ids.encode(IdKind::Pool, id);
@@ -248,6 +249,8 @@ impl Credits<'_> {
                     )));
                 }
                 pools.remove(internal)?;
+                txn.open_table(POOLS_BY_OWNER)?
+                    .remove((record.owner, internal))?;
                 let mut balances = txn.open_table(CREDITS)?;
                 let credits: Option<CreditsRecord> = store::get(&balances, internal)?;
                 balances.remove(internal)?;
@@ -273,7 +276,7 @@ impl Credits<'_> {
     }
 
     /// The pools of `owner`, oldest first; `NotFound` for an account that does not exist
-    /// (as key listings answer).
+    /// (as key listings answer). Reads that account's pools only.
     pub fn pools(&self, owner: &str) -> Result<Vec<Pool>> {
         self.ledger.guarded(|| {
             let owner = self.ledger.inner.ids.decode(IdKind::Account, owner)?;
@@ -281,15 +284,17 @@ impl Credits<'_> {
             if read.open_table(ACCOUNTS)?.get(owner)?.is_none() {
                 return Err(Error::NotFound { what: "account" });
             }
-            let credits = read.open_table(CREDITS)?;
+            let (pools, credits) = (read.open_table(POOLS)?, read.open_table(CREDITS)?);
             let mut found = Vec::new();
-            for entry in read.open_table(POOLS)?.iter()? {
-                let (k, v) = entry?;
-                let record: PoolRecord = crate::codec::decode(v.value())?;
-                if record.owner == owner {
-                    let balance = store::get(&credits, k.value())?;
-                    found.push(self.pool_view(k.value(), record, balance));
-                }
+            for entry in read
+                .open_table(POOLS_BY_OWNER)?
+                .range((owner, 0)..=(owner, u64::MAX))?
+            {
+                let (_, id) = entry?.0.value();
+                let record: PoolRecord =
+                    store::get(&pools, id)?.ok_or(Error::NotFound { what: "pool" })?;
+                let balance = store::get(&credits, id)?;
+                found.push(self.pool_view(id, record, balance));
             }
             Ok(found)
         })

@@ -218,6 +218,7 @@ impl Store {
         let later = [
             tables::IMPORTED_HASHES.name(),
             tables::IMPORTS_BY_KEY.name(),
+            tables::POOLS_BY_OWNER.name(),
         ];
         let read = self.db()?.begin_read()?;
         if read.list_tables()?.any(|t| later.contains(&t.name())) {
@@ -305,6 +306,7 @@ impl Store {
             txn.open_table(tables::IMPORTS_BY_KEY)?;
             txn.open_table(tables::KEYS_BY_OWNER)?;
             txn.open_table(tables::KEYS_BY_PREFIX)?;
+            txn.open_table(tables::POOLS_BY_OWNER)?;
             txn.open_table(tables::ROUTES)?;
             txn.commit()?;
         }
@@ -585,6 +587,9 @@ fn migrate_6_to_7(store: &Store, master: &MasterKey) -> Result<()> {
 /// use). The migration rekeys every secret still under `Sha256Imported`, in its record and
 /// its verify entry, in one transaction with the new format number. The plain digests it
 /// replaces may stay in the file's freed pages until redb writes over them.
+///
+/// Format 8 also indexes pools by owner (`pools_by_owner`): listing an account's pools read
+/// every pool of every account. The migration fills it in the same transaction.
 fn migrate_7_to_8(store: &Store, master: &MasterKey) -> Result<()> {
     let key = crate::hashing::import_key(master);
     let rekey = |hash: &mut [u8; 32], verify: &mut crate::keys::index::VerifyTable<'_>| {
@@ -617,6 +622,15 @@ fn migrate_7_to_8(store: &Store, master: &MasterKey) -> Result<()> {
             }
             crate::keys::index::put_entries(&mut verify, id, &record)?;
             keys.insert(id, codec::encode(&record).as_slice())?;
+        }
+        let pools = txn.open_table(tables::POOLS)?;
+        let mut by_owner = txn.open_table(tables::POOLS_BY_OWNER)?;
+        for entry in pools.iter()? {
+            let (id, bytes) = entry?;
+            // An undecodable pool is `check`'s to report; it is listed under no owner.
+            if let Ok(pool) = codec::decode::<crate::record::PoolRecord>(bytes.value()) {
+                by_owner.insert((pool.owner, id.value()), ())?;
+            }
         }
     }
     set_format(&txn, 8)?;

@@ -42,6 +42,10 @@ pub(crate) const KEYS_BY_PREFIX: TableDefinition<(&str, u64), ()> =
 pub(crate) const CREDITS: TableDefinition<u64, &[u8]> = TableDefinition::new("credits");
 /// `pool id → PoolRecord`; its balance is in CREDITS under the same id.
 pub(crate) const POOLS: TableDefinition<u64, &[u8]> = TableDefinition::new("pools");
+/// `(owner account id, pool id) → ()`: an account's pools without reading every pool
+/// (format 8).
+pub(crate) const POOLS_BY_OWNER: TableDefinition<(u64, u64), ()> =
+    TableDefinition::new("pools_by_owner");
 /// `key or account id → UsageRecord`, flushed by the writer thread.
 pub(crate) const USAGE: TableDefinition<u64, &[u8]> = TableDefinition::new("usage");
 /// `route prefix → RouteRule`.

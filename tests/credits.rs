@@ -561,6 +561,55 @@ fn a_clock_set_back_after_running_ahead_refills_again_from_the_next_period() {
     assert_eq!(u.spent + u.remaining.unwrap(), u.granted);
 }
 
+/// A clock a moment ahead at midnight, then stepped back: the refill it made early for the
+/// next day counts for that day, which gets no second one (found by a reviewer of the rule
+/// above: a step of two seconds, or of half a second — below the writer's notice — gave one
+/// day two refills).
+#[test]
+fn a_clock_a_moment_ahead_at_midnight_gives_one_day_one_refill() {
+    for step_back_ms in [2_000, 500] {
+        let t = TestLedger::new();
+        let (id, plain) = daily_refill_key(&t, 10, 10);
+        assert_eq!(drain(&t, &plain, 100), 10, "today's credits");
+        let midnight = next_day(&t);
+        t.clock.set(midnight);
+        assert_eq!(drain(&t, &plain, 100), 10, "tomorrow's refill, early");
+        t.clock.set(Timestamp(midnight.0 - step_back_ms));
+        t.ledger.flush().unwrap();
+        assert_eq!(drain(&t, &plain, 100), 0);
+        t.clock.set(midnight);
+        assert_eq!(
+            drain(&t, &plain, 100),
+            0,
+            "{step_back_ms} ms: no second refill"
+        );
+        let u = usage(&t, &id);
+        assert_eq!((u.granted, u.spent), (20, 20), "{step_back_ms} ms: {u:?}");
+    }
+}
+
+/// A meter made due while its lease still covers its requests (as every meter is when the
+/// clock goes back) is only topped up to one lease, not leased a second one on top, so a
+/// crash loses about one lease at most (found by a reviewer: 13 units in memory became 28).
+#[test]
+fn a_meter_made_due_with_a_lease_in_memory_is_not_leased_twice() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(1_000_000));
+    for _ in 0..3 {
+        assert_eq!(drain(&t, &plain, 1), 1);
+        t.clock.advance_secs(5);
+    }
+    let before = usage(&t, &id);
+    t.clock.set(Timestamp(t.now().0 - 10_000));
+    t.ledger.flush().unwrap();
+    assert_eq!(drain(&t, &plain, 1), 1);
+    let after = usage(&t, &id);
+    let (was, is) = (before.leased, after.leased);
+    assert!(is < 2 * was, "{was} units in memory became {is}");
+    assert_eq!(after.spent + after.remaining.unwrap(), after.granted);
+}
+
 /// Refills still come due on a clock past 2106, where a meter's times in whole seconds no
 /// longer fit 32 bits (found by a reviewer: they read as never, so an emptied key was refused
 /// after its refill, and a lease from the old period was spent in the new one).

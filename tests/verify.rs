@@ -187,13 +187,10 @@ fn denials_come_in_chain_order() {
     step("usage_exceeded");
 }
 
-/// A route that is no path (empty, or not starting with `/`: a server that failed to parse
-/// its path) is refused, not let through as matching no rule. (Found by a reviewer: with a
-/// catch-all `/` rule, the routes `""` and `"api"` needed no permission.)
 /// A clock at the ends of its range still runs the chain: at `u64::MAX` a key that never
 /// expires is not expired (found by a reviewer: "never" is `u64::MAX`, which such a clock
-/// had reached), and one past its expiry is; a clock started after the year 2554 still lets a
-/// rate-limited key through once its window has passed.
+/// had reached); a clock started after the year 2554 still lets a rate-limited key through
+/// once its window has passed.
 #[test]
 fn a_clock_at_the_ends_of_its_range_still_verifies() {
     let at_the_end = ManualClock::new(Timestamp(u64::MAX));
@@ -217,6 +214,9 @@ fn a_clock_at_the_ends_of_its_range_still_verifies() {
     assert_eq!(verify_code(&t.ledger, &limited, ROUTE), "ok");
 }
 
+/// A route that is no path (empty, or not starting with `/`: a server that failed to parse
+/// its path) is refused, not let through as matching no rule. (Found by a reviewer: with a
+/// catch-all `/` rule, the routes `""` and `"api"` needed no permission.)
 #[test]
 fn a_route_that_is_no_path_is_forbidden() {
     let t = TestLedger::new();

@@ -70,10 +70,14 @@ pub(crate) fn apply_due(record: &mut CreditsRecord, now: Timestamp) -> bool {
     let start = period_start(refill.interval, now);
     match record.refilled_at {
         // Refilled for a period still to come: the clock was ahead, and has been set back.
-        // That refill counts for this period, and the next one refills again (found by a
-        // reviewer: kept as it was, no refill came until the clock caught up with it).
+        // Made early for the next period, the refill counts for that one (a clock a moment
+        // ahead at midnight must not give one day two refills); made further ahead, it counts
+        // for this period, and the next one refills again (found by a reviewer: kept as it
+        // was, no refill came until the clock caught up with it).
         Some(at) if at > start => {
-            record.refilled_at = Some(start);
+            if at != next_period(refill.interval, now) {
+                record.refilled_at = Some(start);
+            }
             return false;
         }
         Some(at) if at == start => return false,

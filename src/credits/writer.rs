@@ -1441,7 +1441,10 @@ fn refused(shared: &Shared, work: &Working<'_>, fx: &mut Effects, at: usize) {
         Some(Some(r)) => r.balance,
         _ => 0,
     };
-    let remaining = balance + meter.leased() + fx.granted_to(meter.id);
+    // As `lease` counts them: units handed to waiters earlier in the batch are not left.
+    let handed = fx.handed.get(&meter.id).copied().unwrap_or(0);
+    let in_memory = meter.leased().saturating_add(fx.granted_to(meter.id));
+    let remaining = balance.saturating_add(in_memory.saturating_sub(handed));
     // Spend in memory may have crossed the threshold since the writer last looked: "low"
     // comes before "exhausted".
     low_balance(shared, fx, &meter, remaining);
@@ -1625,10 +1628,13 @@ fn lease(
     } else {
         0
     };
-    let want = if shared.exact {
-        need.max(1)
-    } else {
-        need.max(size)
+    // A waiting request takes what it needs and tops memory up to one lease, counting what
+    // memory still holds: one sent here with a lease in memory (its meter made due, as when
+    // the clock went back) does not double what a crash may lose (found by a reviewer).
+    let want = match (shared.exact, need) {
+        (true, _) => need.max(1),
+        (false, 0) => size,
+        (false, _) => need.max(size.saturating_sub(meter.leased())),
     };
     // Credits left before this request's reservation (as for a batch's first lease): the
     // leases granted earlier in this batch count, though not yet in memory, less what they
@@ -2241,6 +2247,31 @@ mod tests {
             assert_eq!(usage.spent, cost);
             assert_eq!(usage.remaining, Some(credits - cost));
         }
+    }
+
+    /// A request refused in the batch that handed its balance to an earlier one reports the
+    /// credits left after that handoff (found by a reviewer: it reported them before).
+    #[test]
+    fn a_refusal_in_a_batch_reports_what_the_earlier_handoffs_left() {
+        let (_dir, ledger) = ledger();
+        let (_, plaintext) = key(&ledger, 150);
+        let (ledger, plaintext) = (&ledger, &plaintext);
+        let spend = move || {
+            let key = Presented::new(plaintext.as_str()).unwrap();
+            match ledger.verify(&Request::new(&key, "/x").cost(100)) {
+                Ok(grant) => Ok(grant.commit(100).token_stats.charged),
+                Err(denial) => Err(denial.code().to_owned()),
+            }
+        };
+        let mut answers = one_batch(ledger, vec![Box::new(spend), Box::new(spend)]);
+        answers.sort();
+        assert_eq!(answers, [Ok(100), Err("usage_exceeded".to_owned())]);
+        ledger.flush().unwrap();
+        let exhausted: Vec<_> = events(ledger)
+            .into_iter()
+            .filter(|(kind, _)| *kind == CreditEventKind::Exhausted)
+            .collect();
+        assert_eq!(exhausted, [(CreditEventKind::Exhausted, 50)]);
     }
 
     #[test]

@@ -184,9 +184,11 @@ impl KeyFormat {
 
     /// Whether `text` holds a key this format accepts anywhere: one of its own (glued to
     /// other characters or not, checksum checked), or a legacy prefix at the start of a word
-    /// followed by at least 16 printable ASCII characters — all a legacy key is, so an
-    /// ordinary word that long after such a prefix reads as one too (found by a reviewer: a
-    /// legacy key given as a name was stored and listed in clear).
+    /// followed by at least 16 characters of `[A-Za-z0-9_-]` among which a letter and a digit,
+    /// as other systems' random keys have (found by a reviewer: a legacy key given as a name
+    /// was stored and listed in clear). Legacy keys carry no checksum, so this is a likeness:
+    /// one of other characters, or without a digit, is not found; a word of letters and
+    /// digits that long after such a prefix is refused as one.
     ///
     /// Every place a prefix starts is tried, overlapping ones too: with a prefix such as
     /// `ab_ab_`, which ends as it begins, `ab_` glued before a key makes a false start that
@@ -206,10 +208,13 @@ impl KeyFormat {
             starts()
                 .filter(|&(at, rest)| rest.starts_with(prefix.as_str()) && word_start(at))
                 .any(|(_, rest)| {
-                    let body = rest[prefix.len()..]
-                        .bytes()
-                        .take_while(u8::is_ascii_graphic);
-                    body.count() >= *LEGACY_BODY_LEN.start()
+                    let key_char = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-');
+                    let body = &rest.as_bytes()[prefix.len()..];
+                    let body =
+                        &body[..body.iter().position(|b| !key_char(b)).unwrap_or(body.len())];
+                    body.len() >= *LEGACY_BODY_LEN.start()
+                        && body.iter().any(u8::is_ascii_digit)
+                        && body.iter().any(u8::is_ascii_alphabetic)
                 })
         })
     }

@@ -376,11 +376,11 @@ fn a_key_given_as_a_name_or_type_is_refused() {
     }
 }
 
-/// A legacy key has no checksum: a legacy prefix at the start of a word and 16 printable
-/// characters after it is all one is, so such text is refused wherever a key is (an earlier
-/// reviewer had names kept apart from legacy keys; a later one stored a live legacy key as a
-/// name, audited and listed in clear). Shorter text after the prefix, or the prefix inside a
-/// word, is still a name.
+/// A legacy key has no checksum: a legacy prefix at the start of a word and 16 characters of
+/// letters and digits (both) after it reads as one, and is refused wherever a key is (an
+/// earlier reviewer had names kept apart from legacy keys; a later one stored a live legacy
+/// key as a name, audited and listed in clear). Shorter text after the prefix, words without
+/// a digit, host names and the prefix inside a word are still names (a third reviewer).
 #[test]
 fn text_that_reads_as_a_legacy_key_is_refused_and_the_rest_is_a_name() {
     let master = MasterKey::generate().unwrap();
@@ -419,6 +419,8 @@ fn text_that_reads_as_a_legacy_key_is_refused_and_the_rest_is_a_name() {
         "sk_replacement",
         "task_0123456789abcdefgh",
         "the sk_ key for stripe",
+        "sk_gateway-production-key",
+        "sk_docs.example.com/reference/v2/keys",
     ] {
         assert_eq!(t.key(&owner, name).0.name, name);
     }

@@ -413,7 +413,7 @@ fn a_version_1_file_with_rolled_imported_and_old_pepper_keys_verifies() {
     assert_eq!(
         peek(&ledger, &keys.imported),
         Ok(()),
-        "keyed, the digest still finds it"
+        "found by its plaintext"
     );
     assert!(matches!(
         ledger.keys().import(again()),

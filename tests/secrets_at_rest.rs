@@ -260,7 +260,7 @@ fn debug_display_json_errors_and_audit_never_show_a_secret() {
 /// (format 8), and so does its import reservation (format 7). Before, the reservation kept
 /// the plain digest for the life of the key (found by a reviewer); then the verify entry
 /// left it in freed pages once the key's first use, or its delete, removed it (found by
-/// another). Whatever happens to the key: unused, used, rolled or deleted.
+/// another). Whatever happens to the key: unused, used or deleted (rolled: the next test).
 #[test]
 fn an_imported_keys_sha256_is_never_in_the_file() {
     for fate in ["unused", "used", "deleted"] {

@@ -1226,6 +1226,12 @@ fn a_key_sent_as_a_name_or_value_is_never_echoed() {
             q,
             format!(r#"{{"prompt":"x","context":[{{"type":"{pasted}"}}]}}"#),
         ),
+        // A quote inside the text ended the hiding of a quoted part (a second reviewer).
+        ("/v2/keys", format!(r#"{{"name":"c","`{pasted}":1}}"#)),
+        (
+            "/v2/keys",
+            format!(r#"{{"name":"c","permissions":"a\"{pasted}"}}"#),
+        ),
     ];
     for (path, body) in &bodies {
         let r = s.json("POST", path, &s.admin, body);

@@ -844,3 +844,96 @@ pub(crate) fn set_hash_scheme(txn: &redb::WriteTransaction, scheme: HashScheme) 
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::index::VerifyTable;
+    use crate::{Config, ImportKey, ImportedHash, Ledger, NewAccount, Presented};
+    use sha2::{Digest, Sha256};
+
+    fn config() -> Config {
+        let master = MasterKey::from_bytes(&[7u8; 32]).unwrap();
+        let config = Config::builder().master_key(master).legacy_prefix("sk_");
+        config.build().unwrap()
+    }
+
+    /// A format-7 file (made from a format-8 one by putting the plain digests back in the
+    /// records and verify entries, as format 7 stored them) with an imported key rolled within
+    /// its grace and an unused one: after the migration both verify, both digests stay
+    /// reserved, and `check` finds nothing (written by a reviewer of the migration).
+    #[test]
+    fn a_format_7_file_with_a_rolled_and_an_unused_import_migrates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.redb");
+        let (rolled, unused) = (
+            "sk_AAAAbbbbCCCCddddEEEEffff1",
+            "sk_ZZZZyyyyXXXXwwwwVVVVuuuu3",
+        );
+        let digest = |key: &str| -> [u8; 32] { Sha256::digest(key.as_bytes()).into() };
+        let (d1, d3) = (digest(rolled), digest(unused));
+        let new_secret = {
+            let ledger = Ledger::open(&path, config()).unwrap();
+            let owner = ledger.accounts().create(NewAccount::new("A")).unwrap().id;
+            let import = |name: &str, d, key: &str| {
+                let hash = ImportedHash::Sha256(d);
+                ImportKey::new(owner, name, hash, &key[..7], &key[key.len() - 4..])
+            };
+            let first = ledger.keys().import(import("one", d1, rolled)).unwrap();
+            ledger.keys().import(import("three", d3, unused)).unwrap();
+            let new = ledger.keys().roll(&first.id, 3_600).unwrap();
+            ledger.close().unwrap();
+            new.plaintext.expose().to_owned()
+        };
+        {
+            let key = crate::hashing::import_key(&config().master_key);
+            let plain = |h: &[u8; 32]| {
+                [d1, d3]
+                    .into_iter()
+                    .find(|d| crate::hashing::imported_sha256(&key, d) == *h)
+            };
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut keys = txn.open_table(tables::KEYS).unwrap();
+                let mut verify: VerifyTable<'_> = txn.open_table(tables::KEY_VERIFY).unwrap();
+                let all: Vec<(u64, KeyRecord)> = keys
+                    .iter()
+                    .unwrap()
+                    .map(|e| e.unwrap())
+                    .map(|(id, v)| (id.value(), codec::decode(v.value()).unwrap()))
+                    .collect();
+                let mut changed = 0;
+                for (id, mut record) in all {
+                    let rolled = record.rolled.as_mut().map(|old| &mut old.key_hash);
+                    for hash in std::iter::once(&mut record.key_hash).chain(rolled) {
+                        if let Some(d) = plain(hash) {
+                            verify.remove(&*hash).unwrap();
+                            *hash = d;
+                            changed += 1;
+                        }
+                    }
+                    crate::keys::index::put_entries(&mut verify, id, &record).unwrap();
+                    keys.insert(id, codec::encode(&record).as_slice()).unwrap();
+                }
+                assert_eq!(changed, 2, "the rolled and the unused import");
+            }
+            set_format(&txn, 7).unwrap();
+            txn.commit().unwrap();
+        }
+        let ledger = Ledger::open(&path, config()).unwrap();
+        let works = |key: &str| ledger.authenticate(&Presented::new(key).unwrap()).is_ok();
+        let owner = ledger.authenticate(&Presented::new(new_secret.as_str()).unwrap());
+        let owner = owner.unwrap().owner;
+        let again = |d| ImportKey::new(owner, "again", ImportedHash::Sha256(d), "sk_x", "");
+        let conflict = |d| matches!(ledger.keys().import(again(d)), Err(Error::Conflict(_)));
+        assert!(conflict(d1) && conflict(d3), "reserved before use");
+        assert!(works(rolled), "the rolled import, in its grace");
+        assert!(works(unused), "the unused import");
+        assert!(conflict(d1) && conflict(d3), "reserved after use");
+        ledger.close().unwrap();
+        drop(ledger);
+        let report = Ledger::check(&path, config()).unwrap();
+        assert!(report.is_ok(), "{:?}", report.problems);
+    }
+}

@@ -47,7 +47,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub via_api: bool,
     /// Verification-cache capacity, at least `--keys` (the figures are of cache hits), at
-    /// most 100,000,000 (default: the library default, 1,000,000).
+    /// most 100,000,000 (default: `--keys`, or the library default of 1,000,000 if larger).
     #[arg(long, value_parser = count_parser(100_000_000))]
     pub cache_capacity: Option<usize>,
 }
@@ -212,9 +212,10 @@ pub fn run(json: bool, args: BenchArgs) -> CliResult<u8> {
 
     let t = Instant::now();
     let bar = progress(keys as u64, "creating keys");
+    let cache_capacity = Some(args.cache_capacity.unwrap_or(keys.max(1_000_000)));
     let options = Options {
         via_api: args.via_api,
-        cache_capacity: args.cache_capacity,
+        cache_capacity,
         ..Options::new(keys)
     };
     let work = Workload::build(&options, &mut |n| bar.set_position(n as u64))?;
@@ -237,7 +238,7 @@ pub fn run(json: bool, args: BenchArgs) -> CliResult<u8> {
 
     // Then the same file again with an empty cache, its pages read again, for the memory.
     let t = Instant::now();
-    let work = work.reopen(args.cache_capacity)?;
+    let work = work.reopen(cache_capacity)?;
     work.touch_pages(&mut |_| {})?;
     phases.reopen = t.elapsed().as_secs_f64();
 

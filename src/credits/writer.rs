@@ -1441,10 +1441,7 @@ fn refused(shared: &Shared, work: &Working<'_>, fx: &mut Effects, at: usize) {
         Some(Some(r)) => r.balance,
         _ => 0,
     };
-    // As `lease` counts them: units handed to waiters earlier in the batch are not left.
-    let handed = fx.handed.get(&meter.id).copied().unwrap_or(0);
-    let in_memory = meter.leased().saturating_add(fx.granted_to(meter.id));
-    let remaining = balance.saturating_add(in_memory.saturating_sub(handed));
+    let remaining = balance.saturating_add(fx.in_memory(&meter));
     // Spend in memory may have crossed the threshold since the writer last looked: "low"
     // comes before "exhausted".
     low_balance(shared, fx, &meter, remaining);
@@ -1543,11 +1540,17 @@ impl Effects {
             + bytes(&self.unlisted)
     }
 
-    /// Units leased to meter `id` earlier in this batch (they reach memory after the commit).
-    fn granted_to(&self, id: u64) -> u64 {
-        self.granted_at
-            .get(&id)
-            .map_or(0, |at| at.iter().map(|&i| self.leases[i].1).sum())
+    /// Units `meter` can still spend from memory: its lease there and what this batch
+    /// leased to it (memory gets it after the commit), less what the batch handed to
+    /// requests waiting for it, which are no longer left.
+    fn in_memory(&self, meter: &Meter) -> u64 {
+        let granted = self.granted_at.get(&meter.id);
+        let granted: u64 = granted.map_or(0, |at| at.iter().map(|&i| self.leases[i].1).sum());
+        let handed = self.handed.get(&meter.id).copied().unwrap_or(0);
+        meter
+            .leased()
+            .saturating_add(granted)
+            .saturating_sub(handed)
     }
 
     /// A lease of `units` for `meter`, handed over once the batch is durable. Returns its
@@ -1615,9 +1618,7 @@ fn lease(
     // A request that everything left cannot cover is refused, not handed all of it: that
     // would move the whole balance into memory, beyond the lease bound a crash may lose (and,
     // under `Exact`, past the per-request commits), for a request that fails anyway.
-    // Units this batch already handed to requests waiting for them are no longer left.
-    let handed = fx.handed.get(&meter.id).copied().unwrap_or(0);
-    let in_memory = (meter.leased().saturating_add(fx.granted_to(meter.id))).saturating_sub(handed);
+    let in_memory = fx.in_memory(&meter);
     if need > r.balance.saturating_add(in_memory) {
         let empty_until = empty_until(r, now);
         return Ok((fx.grant(meter, 0, empty_until), false));

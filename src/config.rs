@@ -271,7 +271,7 @@ impl ConfigBuilder {
     }
 
     /// How long [`Ledger::close`](crate::Ledger::close) waits for grants still held (requests
-    /// still running) to be committed or dropped, refusing new metered requests meanwhile
+    /// still running) to be committed or dropped, refusing new requests meanwhile
     /// (default 10 s). Units a grant still holds after that stay leased: the next open
     /// counts them as `lost_to_crash` (never re-granted) and `close` reports them.
     pub fn close_grace(mut self, grace: std::time::Duration) -> Self {

@@ -283,14 +283,17 @@ impl Ledger {
 
     /// Closes the ledger cleanly: every lease goes back to its balance and all spend and
     /// usage is flushed. Dropping the last clone does the same but cannot report errors.
-    /// From the start of `close`, `verify` calls that need the writer are refused with
-    /// `unavailable`.
+    /// From the start of `close`, `verify` refuses new requests with `unavailable` (a cache
+    /// hit may still spend from a lease in memory until the close takes the leases back,
+    /// within milliseconds).
     ///
     /// Grants still held (requests still running, in a graceful shutdown) are waited for, up
-    /// to [`ConfigBuilder::close_grace`](crate::ConfigBuilder::close_grace): their commits
-    /// and refunds land before `close` returns. Units a grant still holds after that stay
+    /// to [`ConfigBuilder::close_grace`](crate::ConfigBuilder::close_grace) — those that
+    /// reserved no credits too (an unmetered key's, a `cost(0)` peek's): their commits and
+    /// refunds land before `close` returns. Units a grant still holds after that stay
     /// leased — the next open counts them as `lost_to_crash`, never re-granted — and `close`
-    /// returns an error saying how many. Such a grant committed later still returns its
+    /// returns an error saying how many (or, with no units held, how many grants that
+    /// reserved nothing were still held: what they commit is not recorded). Such a grant committed later still returns its
     /// receipt (the units did leave the balance), but nothing is written any more: its units
     /// stay in `lost_to_crash`, not in `spent`, and its key's and account's `lifetime_spent`
     /// never count them.

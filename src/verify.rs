@@ -7,6 +7,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
@@ -14,7 +15,7 @@ use crate::cache::{CachedKey, Slot};
 use crate::credits::meter::{MAX_LEASE, MAX_LEASED, Meter};
 use crate::credits::writer::Handoff;
 use crate::denial::Denial;
-use crate::engine::Loaded;
+use crate::engine::{Loaded, Stripe};
 use crate::keyfmt::Presented;
 use crate::ledger::Ledger;
 use crate::limits::{Admission, tier_multiplier};
@@ -130,6 +131,8 @@ pub struct Grant<'l> {
     /// so a refund is discarded instead of returned.
     epoch: u32,
     settled: bool,
+    /// Where the grant is counted among those that reserved nothing (see `InFlight`).
+    counted: Option<Stripe>,
 }
 
 impl std::fmt::Debug for Grant<'_> {
@@ -389,6 +392,7 @@ fn check<'l>(
         admission,
         epoch: 0, // the epoch of the units reserved, once they are
         settled: false,
+        counted: None,
     };
     let reserved = match meter {
         Some(meter) if cost > 0 && !meter.current(now_ms) => false,
@@ -404,7 +408,19 @@ fn check<'l>(
             }
             None => false,
         },
-        _ => true,
+        // Nothing to reserve (an unmetered key, a peek): counted, so that `close` waits for
+        // what the grant commits; refused once the ledger is closing, as a request that needs
+        // the writer is (counted before that look, see `InFlight::enter`).
+        _ => {
+            let engine = &ledger.inner.engine;
+            grant.counted = Some(engine.in_flight.enter());
+            if engine.shared.closing.load(Ordering::SeqCst) {
+                grant.settled = true;
+                grant.release_rate();
+                return Denied(Denial::Unavailable);
+            }
+            true
+        }
     };
     if !reserved {
         return Checked::NeedsLease(grant);
@@ -596,6 +612,10 @@ impl Drop for Grant<'_> {
             if let Some(meter) = self.key.meter() {
                 self.refund(meter, self.reserved);
             }
+        }
+        // After a commit's spend and usage are in memory (`commit` ends in this drop).
+        if let Some(stripe) = self.counted {
+            self.ledger.inner.engine.in_flight.leave(stripe);
         }
     }
 }

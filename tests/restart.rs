@@ -105,6 +105,68 @@ fn close_waits_for_the_grants_still_held() {
     }
 }
 
+/// A grant that reserved no credits — an unmetered key's, or a peek (`cost(0)`) that then
+/// commits its real cost — is waited for as one that reserved units is: what it commits is
+/// written before `close` returns, and a new request of the kind is refused meanwhile. (Found
+/// by a reviewer: `close` waited only while units were leased, returned at once, and the
+/// commit's charge and usage landed nowhere — a peek's work was done for free.)
+#[test]
+fn close_waits_for_grants_that_reserved_no_credits() {
+    for peek in [false, true] {
+        let (t, _, _) = closing_within(Duration::from_secs(30));
+        let owner = t.account("Acme");
+        let new = NewKey::new(owner, "k");
+        let (id, plain) = create_key(&t.ledger, if peek { new.credits(100) } else { new });
+        let key = presented(&plain);
+        let cost = if peek { 0 } else { 1 };
+        let grant = t
+            .ledger
+            .verify(&Request::new(&key, "/x").cost(cost))
+            .unwrap();
+        std::thread::scope(|s| {
+            let closing = s.spawn(|| t.ledger.close());
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(
+                !closing.is_finished(),
+                "peek {peek}: close waits for the grant"
+            );
+            let again = t.ledger.verify(&Request::new(&key, "/x").cost(cost));
+            assert_eq!(
+                again.map(|_| ()).unwrap_err().code(),
+                "unavailable",
+                "peek {peek}: a new request while closing"
+            );
+            assert_eq!(grant.commit(7).token_stats.charged, 7, "peek {peek}");
+            closing.join().unwrap().expect("a clean close");
+        });
+        let t = t.reopen();
+        let u = t.ledger.credits().usage(&id).unwrap();
+        let spent = if peek { 7 } else { 0 };
+        assert_eq!(
+            (u.spent, u.lifetime_spent, u.requests),
+            (spent, 7, 1),
+            "peek {peek}: the commit written before the close returned"
+        );
+    }
+}
+
+/// A grant that reserved nothing and is still held when the close grace ends: `close` says
+/// so, since what it commits later is not recorded.
+#[test]
+fn close_names_grants_without_credits_held_past_its_grace() {
+    let (t, _, _) = closing_within(Duration::from_millis(50));
+    let owner = t.account("Acme");
+    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "unmetered"));
+    let key = presented(&plain);
+    let grant = t.ledger.verify(&Request::new(&key, "/x")).unwrap();
+    let error = t.ledger.close().unwrap_err().to_string();
+    assert!(
+        error.contains("1 grants that reserved no credits"),
+        "{error}"
+    );
+    drop(grant);
+}
+
 /// A grant still held when the close grace ends stays leased, counted as lost at the next
 /// open (never re-granted), and `close` says how many units that is.
 #[test]

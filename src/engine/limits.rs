@@ -1,0 +1,170 @@
+//! Rate-limit states shared by all of a key's cached entries, and kept for evicted keys
+//! whose window still counts.
+
+use std::sync::Arc;
+
+use std::collections::HashMap;
+
+use crate::limits::{KeyLimits, SpendTier};
+
+/// The rate-limit state of each cached key with limits, so that all of a key's cached
+/// entries share one: during a roll's grace its two secrets are cached apart, and each with
+/// limits of its own would admit twice the key's rate (and a roll would start one afresh).
+/// Held weakly: the state lives as long as an entry or carried snapshot uses it — and, for
+/// an entry evicted to make room or by a hash-scheme rotation, in `held` for as long as its
+/// window still counts arrivals, so that losing the entry does not hand the key a fresh window.
+#[derive(Default)]
+pub(crate) struct LiveLimits {
+    /// The configured spend tiers.
+    tiers: Vec<SpendTier>,
+    by_key: HashMap<u64, std::sync::Weak<KeyLimits>>,
+    /// Dead references are swept when the map reaches this size (then twice what is left).
+    sweep_at: usize,
+    /// Evicted keys' states still running (see [`KeyLimits::running`]), until the key's next
+    /// miss takes its state back. At most [`MAX_HELD`]; beyond that an evicted key starts a
+    /// fresh window, as every one did before.
+    pub(super) held: HashMap<u64, Arc<KeyLimits>>,
+    /// States no longer running are swept when `held` reaches this size; once it is full of
+    /// running ones, at most once a second (a sweep reads every state).
+    held_sweep_at: usize,
+    held_swept_ns: u64,
+    /// Each key's limits generation, moved on by every admin change that reconfigures its
+    /// windows (absent: 0). A miss reuses only a state of the key's current generation, so
+    /// limits changed and changed back start new windows; the generation moves before the
+    /// change commits, so a miss that reads the new limits builds its state in the new one.
+    generations: HashMap<u64, u64>,
+}
+
+/// Evicted keys whose rate-limit state is kept (≈ 100 bytes each with the map's slot).
+pub(super) const MAX_HELD: usize = 65_536;
+
+/// The rate-limit state a miss chose for its entry (see [`LiveLimits::of`]).
+pub(super) struct Chosen {
+    pub(super) limits: Arc<KeyLimits>,
+    /// The key's live state before, which a miss that cannot cache gives back.
+    pub(super) previous: Option<std::sync::Weak<KeyLimits>>,
+}
+
+impl LiveLimits {
+    /// No state yet, with the configured spend `tiers`.
+    pub(crate) fn new(tiers: Vec<SpendTier>) -> Self {
+        LiveLimits {
+            tiers,
+            ..LiveLimits::default()
+        }
+    }
+
+    /// The limits for a new entry of key `id` configured as `configured`: the state of an
+    /// entry of the key still in use, or else the one `carried` over from an evicted entry,
+    /// if built from the same configuration; else a new one, built by `new` from the most
+    /// lifetime spend those counted (spend not yet flushed still counts for the tiers).
+    ///
+    /// `None`: the key was reconfigured after the miss's read began (`read_generation` is
+    /// the last generation handed out then): what it read may be the old limits, whose new
+    /// state would admit a fresh window; the miss reads again.
+    pub(super) fn of(
+        &mut self,
+        id: u64,
+        configured: &crate::record::Limits,
+        carried: Option<&Arc<KeyLimits>>,
+        read_generation: u64,
+        new: impl FnOnce(u64) -> KeyLimits,
+    ) -> Option<Chosen> {
+        let generation = self.generations.get(&id).copied().unwrap_or(0);
+        if generation > read_generation {
+            return None;
+        }
+        let live = self.by_key.get(&id).and_then(std::sync::Weak::upgrade);
+        // Left in `held` until the miss caches its entry (`release`, just before the insert);
+        // a miss that cannot cache holds what it chose again (`uncached`).
+        let held = self.held.get(&id).cloned();
+        let known = || live.iter().chain(carried).chain(held.iter());
+        let current =
+            |l: &&Arc<KeyLimits>| l.generation == generation && l.configured_as(configured);
+        let limits = match known().find(current) {
+            Some(same) => same.clone(),
+            None => {
+                let spent = known().map(|l| l.lifetime_spent()).max().unwrap_or(0);
+                let mut state = new(spent);
+                state.generation = generation;
+                Arc::new(state)
+            }
+        };
+        let previous = self.by_key.insert(id, Arc::downgrade(&limits));
+        if self.by_key.len() >= self.sweep_at {
+            self.by_key.retain(|_, l| l.strong_count() > 0);
+            self.sweep_at = (self.by_key.len() * 2).max(1024);
+        }
+        Some(Chosen { limits, previous })
+    }
+
+    /// A miss that chose `chosen` for key `id` could not cache its entry (an admin change
+    /// raced its read): it serves one request. The state it chose is held, so that the window
+    /// that request counts in is the next miss's too; and the key's live state goes back to
+    /// what it was, since what the miss read may be older than the entries cached meanwhile
+    /// (it would split the key between two states).
+    pub(super) fn uncached(&mut self, id: u64, chosen: &Chosen, now_ns: u64) {
+        let ours = Arc::downgrade(&chosen.limits);
+        let still_ours = self.by_key.get(&id).is_some_and(|l| l.ptr_eq(&ours));
+        let previous = chosen.previous.as_ref();
+        if let Some(previous) = previous.filter(|p| still_ours && p.strong_count() > 0) {
+            self.by_key.insert(id, previous.clone());
+        }
+        self.hold(id, &chosen.limits, true, now_ns);
+    }
+
+    /// Keeps the state of an evicted entry of key `id` while it still counts arrivals at
+    /// `now_ns` or is still `in_use` (a grant holding the entry may yet charge it: a token
+    /// count known only at commit), unless `held` is full of such states.
+    pub(super) fn hold(&mut self, id: u64, limits: &Arc<KeyLimits>, in_use: bool, now_ns: u64) {
+        if !in_use && !limits.running(now_ns) {
+            return;
+        }
+        let full = self.held.len() >= MAX_HELD;
+        let due = !full || now_ns >= self.held_swept_ns.saturating_add(1_000_000_000);
+        if self.held.len() >= self.held_sweep_at && due {
+            // Held here only, and no longer counting: a fresh state admits the same.
+            self.held
+                .retain(|_, l| Arc::strong_count(l) > 1 || l.running(now_ns));
+            self.held_sweep_at = (self.held.len() * 2).clamp(1024, MAX_HELD);
+            self.held_swept_ns = now_ns;
+        }
+        if self.held.len() < MAX_HELD {
+            self.held.insert(id, limits.clone());
+        }
+    }
+
+    /// A flush made key `id`'s lifetime spend `spent` durable: its live state counts at least
+    /// that, which includes spend that bypassed it (a grant that held an older entry across
+    /// a change, an entry whose state was let go before its spend was flushed).
+    pub(crate) fn spent_durably(&mut self, id: u64, spent: u64) {
+        if self.tiers.is_empty() {
+            return;
+        }
+        if let Some(state) = self.by_key.get(&id).and_then(std::sync::Weak::upgrade) {
+            state.count_at_least(spent, &self.tiers);
+        }
+    }
+
+    /// An admin change gave key `id` other limits: its next miss starts new windows, those
+    /// of `generation`.
+    pub(super) fn reconfigure(&mut self, id: u64, generation: u64) {
+        self.held.remove(&id);
+        if self.generations.len() >= MAX_HELD {
+            // Only keys with a state still known need theirs: any other's next state is new.
+            let known = |id: &u64| {
+                self.held.contains_key(id)
+                    || self.by_key.get(id).is_some_and(|l| l.strong_count() > 0)
+            };
+            self.generations.retain(|id, _| known(id));
+        }
+        self.generations.insert(id, generation);
+    }
+
+    /// Key `id`'s new entry, sharing `limits`, is cached: the state need not be held apart.
+    pub(super) fn release(&mut self, id: u64, limits: &Arc<KeyLimits>) {
+        if self.held.get(&id).is_some_and(|h| Arc::ptr_eq(h, limits)) {
+            self.held.remove(&id);
+        }
+    }
+}

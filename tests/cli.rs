@@ -288,6 +288,63 @@ fn a_rolled_key_prints_its_new_plaintext_and_the_old_one_stops() {
     assert!(stdout(&out).contains("not_found"));
 }
 
+/// Output that stdout cannot take (a full disk here; a reader that went away is the same
+/// error) is the output's failure, named as such — not a crash report that blames the
+/// database. After a roll or a create, which already committed, it says the secret was never
+/// shown and how to get a new one. (Found by a reviewer: both read "internal error … if the
+/// database file is damaged".)
+#[cfg(target_os = "linux")]
+#[test]
+fn a_failed_write_to_stdout_is_named_and_a_lost_secret_says_so() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    let (id, _) = s.key(&owner, "k");
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full")
+    };
+    for (args, says) in [
+        (
+            vec!["keys", "roll", id.as_str()],
+            format!("Rolled API key {id}, but its secret"),
+        ),
+        (
+            vec![
+                "--json",
+                "keys",
+                "create",
+                "--owner",
+                owner.as_str(),
+                "--name",
+                "k2",
+            ],
+            "Created API key key_".to_string(),
+        ),
+        (
+            vec!["keys", "list", "--owner", owner.as_str()],
+            "the output could not be written to stdout".to_string(),
+        ),
+    ] {
+        let mut cmd = s.bare_command();
+        cmd.env("KEYLEDGER_MASTER_KEY", &s.master_key)
+            .args(&args)
+            .stdout(full());
+        let out = cmd.output().expect("run keyledger");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(&says), "{args:?}: {err}");
+        assert!(!err.contains("damaged"), "{args:?}: {err}");
+        if args[0] != "keys" || args[1] != "list" {
+            assert!(
+                err.contains("roll the API key for a new one"),
+                "{args:?}: {err}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_mistyped_key_is_malformed() {
     let s = Scratch::initialised();

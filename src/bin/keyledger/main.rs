@@ -89,7 +89,7 @@ fn main() -> ExitCode {
     // A panic (a bug here, or redb on a corrupt page the library does not guard) ends the
     // command with one line and exit 1, not a backtrace. The hook only keeps the message: a
     // panic the library catches and turns into an error must print nothing.
-    static PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    static PANIC: std::sync::Mutex<Option<(String, String)>> = std::sync::Mutex::new(None);
     std::panic::set_hook(Box::new(|info| {
         let what = info
             .payload()
@@ -104,7 +104,7 @@ fn main() -> ExitCode {
         if std::thread::current().name() != Some("main") {
             eprintln!("error: internal error in a background thread ({what}{at})");
         }
-        *PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{what}{at}"));
+        *PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some((what, at));
     }));
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&ctx, cli.command)));
     match ran {
@@ -114,12 +114,22 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code)
         }
         Err(_) => {
-            let what = PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
-            eprintln!(
-                "error: internal error ({}); if the database file is damaged, `keyledger check` \
-                 says so",
-                what.unwrap_or_default()
-            );
+            let (what, at) = PANIC
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .unwrap_or_default();
+            // `println!` panics when stdout cannot take the text (a full disk, a reader that
+            // went away): the output's failure, not the database's.
+            match what.strip_prefix("failed printing to stdout: ") {
+                Some(cause) => {
+                    eprintln!("error: the output could not be written to stdout: {cause}")
+                }
+                None => eprintln!(
+                    "error: internal error ({what}{at}); if the database file is damaged, \
+                     `keyledger check` says so"
+                ),
+            }
             ExitCode::from(1)
         }
     }

@@ -1,5 +1,7 @@
 //! Human and JSON printing: aligned tables, field lists, timestamps. Never prints a plaintext
-//! key except through [`print_plaintext_once`].
+//! key except through [`plaintext_once`].
+
+use std::io::Write;
 
 use keyledger::{
     Account, AuditEvent, Clock, ConnectionInfo, KeyInfo, KeyKind, Limits, Pool, RateState, Receipt,
@@ -8,7 +10,7 @@ use keyledger::{
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use crate::CliResult;
+use crate::{CliError, CliResult};
 
 /// A left-aligned text table whose columns fit their widest cell.
 pub struct Table {
@@ -123,30 +125,46 @@ struct CreatedJson<'a> {
     key: &'a str,
 }
 
-/// Prints a freshly created or rolled key with its one-time plaintext.
+/// Prints a freshly created or rolled key with its one-time plaintext. The key is already
+/// committed: if stdout cannot take the text (a full disk, a closed pipe), the error says so
+/// and how to get a new secret, instead of a crash report that blames the database.
 pub fn print_created(json: bool, verb: &str, info: &KeyInfo, plaintext: &Secret) -> CliResult<()> {
-    if json {
+    let text = Zeroizing::new(if json {
         let value = CreatedJson {
             info,
             key: plaintext.expose(),
         };
-        let text = Zeroizing::new(serde_json::to_string_pretty(&value)?);
-        println!("{}", text.as_str());
-        return Ok(());
-    }
-    println!("{verb} {} {}", noun(info), info.id);
-    key_summary(info).indent(2).print();
-    println!();
-    print_plaintext_once(plaintext);
-    Ok(())
+        serde_json::to_string_pretty(&value)? + "\n"
+    } else {
+        format!(
+            "{verb} {} {}\n{}\n{}",
+            noun(info),
+            info.id,
+            key_summary(info).indent(2).render(),
+            plaintext_once(plaintext).as_str()
+        )
+    });
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| {
+            CliError::new(format!(
+                "{verb} {} {}, but its secret could not be written to stdout ({e}); it is shown \
+                 only once and stored nowhere: roll the {} for a new one",
+                noun(info),
+                info.id,
+                noun(info)
+            ))
+        })
 }
 
-/// The one place a plaintext key is printed: on its own line, with the warning.
-pub fn print_plaintext_once(plaintext: &Secret) {
-    println!("  {}", plaintext.expose());
-    println!(
-        "  ^ This is the only time the full key is shown. Store it now: it cannot be recovered."
-    );
+/// The one place a plaintext key is shown: on its own line, with the warning.
+pub fn plaintext_once(plaintext: &Secret) -> Zeroizing<String> {
+    Zeroizing::new(format!(
+        "  {}\n  ^ This is the only time the full key is shown. Store it now: it cannot be \
+         recovered.\n",
+        plaintext.expose()
+    ))
 }
 
 /// `API key` or `token`.

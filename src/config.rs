@@ -150,12 +150,21 @@ impl ConfigBuilder {
     }
 
     /// Reads the master key from `KEYLEDGER_MASTER_KEY` or `KEYLEDGER_MASTER_KEY_FILE`. An
-    /// empty (or blank) `KEYLEDGER_MASTER_KEY` counts as unset.
+    /// empty (or blank) variable counts as unset.
     pub fn master_key_from_env(self) -> Result<Self, ConfigError> {
-        if let Some(key) = master_key_in_env_value(std::env::var_os(ENV_MASTER_KEY))? {
+        self.master_key_from(std::env::var_os)
+    }
+
+    fn master_key_from(
+        self,
+        var: impl Fn(&'static str) -> Option<std::ffi::OsString>,
+    ) -> Result<Self, ConfigError> {
+        if let Some(key) = master_key_in_env_value(var(ENV_MASTER_KEY))? {
             return Ok(self.master_key(key));
         }
-        match std::env::var_os(ENV_MASTER_KEY_FILE) {
+        // Found by a reviewer: `KEYLEDGER_MASTER_KEY_FILE=` opened a file named "".
+        let file = var(ENV_MASTER_KEY_FILE);
+        match file.filter(|path| !path.to_string_lossy().trim().is_empty()) {
             Some(path) => self.master_key_file(path),
             None => Err(ConfigError::MissingMasterKey),
         }
@@ -436,6 +445,18 @@ fn checked_prefix(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blank_master_key_file_variable_counts_as_unset() {
+        for blank in ["", "  "] {
+            let env = |name: &'static str| (name == ENV_MASTER_KEY_FILE).then(|| blank.into());
+            let err = Config::builder().master_key_from(env).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::MissingMasterKey),
+                "{blank:?}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn prefixes_come_from_the_variables_the_cli_reads() {

@@ -412,8 +412,16 @@ fn support_finds_keys_by_visible_prefix_masked_only() {
             .id,
         token.info.id
     );
-    // Too short or too long is refused without echoing.
+    // Too short or too long is refused without echoing — longer than the 12 characters a
+    // default key shows too, since it could match none (found by a reviewer: 13 characters
+    // of a key answered that no key matched).
     assert_invalid(t.ledger.keys().find_by_prefix("vb_liv"), "prefix");
+    let err = t
+        .ledger
+        .keys()
+        .find_by_prefix(&plaintext[..13])
+        .unwrap_err();
+    assert!(err.to_string().contains("first 12 characters"), "{err}");
     let err = t.ledger.keys().find_by_prefix(&plaintext).unwrap_err();
     assert!(!err.to_string().contains(&plaintext[8..]));
 }

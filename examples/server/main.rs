@@ -40,10 +40,16 @@ struct Storage {
     description: String,
 }
 
+/// The variable's value, unless it is unset or blank: `KEYLEDGER_DB=` (a common way to
+/// leave one out) counts as unset, as the CLI and `Config::from_env` count it.
+fn env_set(name: &str) -> Option<std::ffi::OsString> {
+    std::env::var_os(name).filter(|v| !v.to_string_lossy().trim().is_empty())
+}
+
 fn storage() -> Result<Storage, String> {
-    let from_env = std::env::var_os(keyledger::ENV_MASTER_KEY).is_some()
-        || std::env::var_os(keyledger::ENV_MASTER_KEY_FILE).is_some();
-    match std::env::var_os("KEYLEDGER_DB") {
+    let from_env = env_set(keyledger::ENV_MASTER_KEY).is_some()
+        || env_set(keyledger::ENV_MASTER_KEY_FILE).is_some();
+    match env_set("KEYLEDGER_DB") {
         Some(path) => {
             let config = Config::from_env().map_err(|e| format!("KEYLEDGER_DB is set, but {e}"))?;
             let path = PathBuf::from(path);

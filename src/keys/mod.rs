@@ -24,7 +24,7 @@ use crate::credits::writer::{Adjust, AuditLine};
 use crate::engine::KeyChange;
 use crate::error::{Error, Result};
 use crate::hashing::{HashScheme, KeyHash};
-use crate::keyfmt::{KeyClass, MAX_VISIBLE_PREFIX_LEN, VISIBLE_SUFFIX_LEN};
+use crate::keyfmt::{KeyClass, MAX_VISIBLE_PREFIX_LEN, VISIBLE_PREFIX_LEN, VISIBLE_SUFFIX_LEN};
 use crate::ledger::{Ledger, SYSTEM_ACTOR};
 use crate::page::{Page, PageRequest};
 use crate::public_id::{IdKind, PublicId};
@@ -499,8 +499,9 @@ impl<'a> Keys<'a> {
     }
 
     /// Support look-up by visible prefix: any start of one that begins with a configured
-    /// key prefix (`vb_live_` alone lists live keys), up to the 16 characters stored; the
-    /// masked form `vb_live_AbCd…wxyz` works too. Returns masked keys only, at most 100, in
+    /// key prefix (`vb_live_` alone lists live keys), up to the characters a key under that
+    /// prefix shows (12 for the default prefixes, 16 at most; longer is refused as invalid
+    /// input); the masked form `vb_live_AbCd…wxyz` works too. Returns masked keys only, at most 100, in
     /// order of visible prefix.
     ///
     /// Scoped to an owner ([`owned_by`](Self::owned_by)), the look-up reads at most 1,000
@@ -519,6 +520,20 @@ impl<'a> Keys<'a> {
                          characters in all",
                     )
                 })?;
+            // Longer than any key under its prefix shows, it could match none (found by a
+            // reviewer: 13 characters of a default key, of which 12 are stored, found nothing).
+            // Keys imported by earlier versions show 12 characters, whatever their prefix.
+            let format = &self.ledger.inner.format;
+            let shown = format.visible_prefix_len(prefix).max(VISIBLE_PREFIX_LEN);
+            if prefix.len() > shown {
+                return Err(Error::invalid(
+                    "prefix",
+                    format!(
+                        "a key under this prefix shows only its first {shown} characters: give \
+                         at most that many"
+                    ),
+                ));
+            }
             // A native prefix says what it was issued as: an API key prefix finds no token,
             // nor a token prefix an API key, without reading one of them.
             let kind_fits = match class {

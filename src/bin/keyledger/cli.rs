@@ -465,8 +465,8 @@ pub enum Lifecycle {
         /// Key or token id.
         id: String,
     },
-    /// Support look-up by the start of a visible prefix (a key prefix, then up to 16
-    /// characters in all); shows masked keys or tokens.
+    /// Support look-up by the start of a visible prefix (a key prefix, then up to the 12
+    /// characters a default key shows); shows masked keys or tokens.
     Find {
         /// The visible start of the key, e.g. `vb_live_AbCd`.
         prefix: String,

@@ -134,8 +134,12 @@ fn roll_with_zero_grace_stops_the_old_secret_at_once() {
     let t = TestLedger::new();
     let owner = t.account("Acme");
     let (key, old_plain) = t.key(&owner, "k");
+    // Cached by a verify first: the roll must reach the cache, not only the store (`auth`
+    // reads the store).
+    assert_eq!(verify_code(&t.ledger, &old_plain, "/x"), "ok");
     let rolled = t.ledger.keys().roll(&key.id, 0).unwrap();
     assert_eq!(rolled.info.previous_secret_valid_until, None);
+    assert_eq!(verify_code(&t.ledger, &old_plain, "/x"), "not_found");
     assert_eq!(t.auth(&old_plain), Err(Denial::NotFound));
     assert_eq!(t.auth(rolled.plaintext.expose()).unwrap().id, key.id);
     assert_eq!(count(&t.ledger, V1), 1, "only the new hash is stored");
@@ -155,7 +159,13 @@ fn a_second_roll_keeps_only_the_latest_previous_secret() {
         .expose()
         .to_owned();
     t.clock.advance_secs(10);
+    assert_eq!(
+        verify_code(&t.ledger, &first, "/x"),
+        "ok",
+        "cached, in its grace"
+    );
     let third = t.ledger.keys().roll(&key.id, 3600).unwrap();
+    assert_eq!(verify_code(&t.ledger, &first, "/x"), "not_found");
     assert_eq!(
         third.info.previous_secret_valid_until,
         Some(START.plus_secs(3610))
@@ -182,7 +192,15 @@ fn rolling_keeps_a_disabled_key_disabled_and_deleting_stops_both_secrets() {
     assert_eq!(t.auth(&old_plain), Err(Denial::Disabled));
     t.ledger.keys().enable(&key.id).unwrap();
     assert!(t.auth(&old_plain).is_ok());
+    // Through the cache too (`auth` reads the store): the previous secret, cached by a
+    // verify, is revoked with the key by the very next verify.
+    assert_eq!(verify_code(&t.ledger, &old_plain, "/x"), "ok");
+    t.ledger.keys().disable(&key.id).unwrap();
+    assert_eq!(verify_code(&t.ledger, &old_plain, "/x"), "disabled");
+    t.ledger.keys().enable(&key.id).unwrap();
+    assert_eq!(verify_code(&t.ledger, &old_plain, "/x"), "ok");
     t.ledger.keys().delete(&key.id).unwrap();
+    assert_eq!(verify_code(&t.ledger, &old_plain, "/x"), "not_found");
     assert_eq!(t.auth(&old_plain), Err(Denial::NotFound));
     assert_eq!(t.auth(rolled.plaintext.expose()), Err(Denial::NotFound));
     assert_eq!(

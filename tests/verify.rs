@@ -61,6 +61,12 @@ fn every_denial_has_a_stable_code_and_http_status() {
             429,
         ),
         (Denial::UsageExceeded, "usage_exceeded", 402),
+        (
+            Denial::Malformed(keyledger::MalformedKey::WrongPrefix),
+            "malformed",
+            401,
+        ),
+        (Denial::Unavailable, "unavailable", 503),
     ];
     for (denial, code, status) in cases {
         assert_eq!(denial.code(), code);
@@ -482,6 +488,28 @@ fn every_named_limit_applies_and_a_refusal_costs_no_slot() {
     let d = t.ledger.verify(&Request::new(&key, "/x")).unwrap_err();
     // The minute limit's next slot frees 7.5 s after the first request.
     assert!(d.retry_after().unwrap() > Duration::from_secs(5), "{d}");
+
+    // A request the second limit refuses gives back the first limit's slot. With the slow
+    // limit first, a slot kept would show: the hour's 5 would be gone in the first minute's
+    // 10 attempts, and the next minutes would admit none (found by a reviewer: with the
+    // faster limit first, as above, a kept slot refilled unseen).
+    let (_, plain) = create_key(
+        &t.ledger,
+        NewKey::new(owner, "slow first")
+            .rate_limit("hour", 5, 3600)
+            .rate_limit("minute", 2, 60),
+    );
+    let key = presented(&plain);
+    let mut admitted = Vec::new();
+    for _ in 0..3 {
+        admitted.push(
+            (0..10)
+                .filter(|_| t.ledger.verify(&Request::new(&key, "/x")).is_ok())
+                .count(),
+        );
+        t.clock.advance_secs(60);
+    }
+    assert_eq!(admitted, [2, 2, 1], "2 a minute, 5 an hour");
 }
 
 #[test]

@@ -293,8 +293,9 @@ impl Ledger {
     /// refunds land before `close` returns. Units a grant still holds after that stay
     /// leased — the next open counts them as `lost_to_crash`, never re-granted — and `close`
     /// returns an error saying how many (or, with no units held, how many grants that
-    /// reserved nothing were still held: what they commit is not recorded). Such a grant committed later still returns its
-    /// receipt (the units did leave the balance), but nothing is written any more: its units
+    /// reserved nothing were still held: what they commit is not recorded). Such a grant
+    /// committed later still returns its receipt (the units did leave the balance), but
+    /// nothing is written any more: its units
     /// stay in `lost_to_crash`, not in `spent`, and its key's and account's `lifetime_spent`
     /// never count them.
     ///

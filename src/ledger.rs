@@ -295,9 +295,8 @@ impl Ledger {
     /// returns an error saying how many (or, with no units held, how many grants that
     /// reserved nothing were still held: what they commit is not recorded). Such a grant
     /// committed later still returns its receipt (the units did leave the balance), but
-    /// nothing is written any more: its units
-    /// stay in `lost_to_crash`, not in `spent`, and its key's and account's `lifetime_spent`
-    /// never count them.
+    /// nothing is written any more: its units stay in `lost_to_crash`, not in `spent`, and
+    /// its key's and account's `lifetime_spent` never count them.
     ///
     /// While the file holds hashes under a scheme other than the current one (keys imported
     /// by their plain SHA-256, or not used since a rotation), `close` first prunes every

@@ -1,5 +1,5 @@
 //! Human and JSON printing: aligned tables, field lists, timestamps. Never prints a plaintext
-//! key except through [`plaintext_once`].
+//! key except through [`write_plaintext_once`].
 
 use std::io::Write;
 
@@ -129,42 +129,38 @@ struct CreatedJson<'a> {
 /// committed: if stdout cannot take the text (a full disk, a closed pipe), the error says so
 /// and how to get a new secret, instead of a crash report that blames the database.
 pub fn print_created(json: bool, verb: &str, info: &KeyInfo, plaintext: &Secret) -> CliResult<()> {
-    let text = Zeroizing::new(if json {
+    let mut out = std::io::stdout().lock();
+    let written = if json {
         let value = CreatedJson {
             info,
             key: plaintext.expose(),
         };
-        serde_json::to_string_pretty(&value)? + "\n"
+        let text = Zeroizing::new(serde_json::to_string_pretty(&value)?);
+        writeln!(out, "{}", text.as_str())
     } else {
-        format!(
-            "{verb} {} {}\n{}\n{}",
+        let summary = key_summary(info).indent(2).render();
+        writeln!(out, "{verb} {} {}\n{summary}", noun(info), info.id)
+            .and_then(|()| write_plaintext_once(&mut out, plaintext))
+    };
+    written.and_then(|()| out.flush()).map_err(|e| {
+        CliError::new(format!(
+            "{verb} {} {}, but its secret could not be written to stdout ({e}); it is shown \
+             only once and stored nowhere: roll the {} for a new one",
             noun(info),
             info.id,
-            key_summary(info).indent(2).render(),
-            plaintext_once(plaintext).as_str()
-        )
-    });
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .map_err(|e| {
-            CliError::new(format!(
-                "{verb} {} {}, but its secret could not be written to stdout ({e}); it is shown \
-                 only once and stored nowhere: roll the {} for a new one",
-                noun(info),
-                info.id,
-                noun(info)
-            ))
-        })
+            noun(info)
+        ))
+    })
 }
 
-/// The one place a plaintext key is shown: on its own line, with the warning.
-pub fn plaintext_once(plaintext: &Secret) -> Zeroizing<String> {
-    Zeroizing::new(format!(
-        "  {}\n  ^ This is the only time the full key is shown. Store it now: it cannot be \
-         recovered.\n",
-        plaintext.expose()
-    ))
+/// The one place a plaintext key is shown: on its own line, with the warning. Written
+/// straight to `out`, so that no string of ours holds a copy.
+pub fn write_plaintext_once(out: &mut impl Write, plaintext: &Secret) -> std::io::Result<()> {
+    writeln!(out, "  {}", plaintext.expose())?;
+    writeln!(
+        out,
+        "  ^ This is the only time the full key is shown. Store it now: it cannot be recovered."
+    )
 }
 
 /// `API key` or `token`.

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use super::Demo;
 use super::probe::Probe;
 use crate::output::{
-    Table, account_table, audit_table, key_table, list_or, mask, plaintext_once, route_table,
+    Table, account_table, audit_table, key_table, list_or, mask, route_table, write_plaintext_once,
 };
 use crate::{CliError, CliResult};
 
@@ -113,7 +113,7 @@ impl Demo {
             if created.is_empty() {
                 self.say("  The customer sees a new key's plaintext once (here, \"CI deploy\"):");
                 if !self.json {
-                    print!("{}", plaintext_once(&key.plaintext).as_str());
+                    write_plaintext_once(&mut std::io::stdout().lock(), &key.plaintext)?;
                 }
                 self.say("  keyledger stores only its hash; from now on it is shown masked.\n");
             }

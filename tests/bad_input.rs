@@ -725,6 +725,20 @@ fn forged_truncated_and_rekinded_ids_are_invalid() {
         assert_invalid_id(t.ledger.keys().create(NewKey::new(id, "k")), "account");
         assert_invalid_id(t.ledger.keys().list(id, &PageRequest::first()), "account");
     }
+    // The credits calls take any kind of id: one whose kind cannot be read is as forged as
+    // one whose body is damaged (found by a reviewer: they answered `InvalidInput`).
+    for id in [
+        key.id.replacen("key_", "kay_", 1),
+        key.id.replacen("key_", "KEY_", 1),
+        format!(" {}", key.id),
+        key.id[4..].to_owned(),
+        "ke".into(),
+    ] {
+        let expected = "key, token, pool or account";
+        assert_invalid_id(t.ledger.credits().usage(&id), expected);
+        assert_invalid_id(t.ledger.credits().top_up(&id, 1), expected);
+        assert_invalid_id(t.ledger.credits().set(&id, 1), expected);
+    }
     // The message says what kind of id was wrong, without echoing it.
     let err = t.ledger.keys().get(&other_key.id).unwrap_err();
     assert_eq!(err.to_string(), "invalid key id");

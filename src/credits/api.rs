@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use super::writer::{Adjust, AuditLine};
 use crate::clock::Timestamp;
-use crate::error::{Error, Result};
+use crate::error::{Error, InvalidId, Result};
 use crate::ledger::{Ledger, SYSTEM_ACTOR};
 use crate::public_id::{IdKind, PublicId};
 use crate::record::{CreditsRecord, KeyKind, KeyRecord, UsageRecord};
@@ -200,11 +200,14 @@ impl Credits<'_> {
             Some("tok") => (IdKind::Token, KEYS),
             Some("acct") => (IdKind::Account, ACCOUNTS),
             Some("key") => (IdKind::Key, KEYS),
+            // Damaged where the kind is named: as forged as a damaged body.
             _ => {
-                return Err(Error::invalid(
-                    "id",
-                    "expected a key, token, pool or account id",
-                ));
+                let expected = "key, token, pool or account";
+                return Err(InvalidId {
+                    expected,
+                    given: None,
+                }
+                .into());
             }
         };
         let internal = ids.decode(kind, id)?;

@@ -1349,6 +1349,66 @@ fn a_key_joins_only_a_pool_of_its_owners() {
     assert_eq!(drain(&t, &key, 3), 3, "still unmetered");
 }
 
+/// A server that passes a customer's ids straight in scopes the handle to that customer:
+/// another owner's key, token, pool or account is `NotFound`, as an id naming nothing is,
+/// and nothing of it is changed (a reviewer's suggestion: the credits calls took any
+/// owner's ids, and only `keys()` had `owned_by`).
+#[test]
+fn an_owner_scoped_credits_handle_finds_only_that_owners_balances() {
+    let t = TestLedger::new();
+    let (mine, theirs) = (t.account("Acme"), t.account("Other"));
+    let credits = t.ledger.credits();
+    let (my_key, _) = create_key(&t.ledger, NewKey::new(mine, "k").credits(10));
+    let (their_key, _) = create_key(&t.ledger, NewKey::new(theirs, "k").credits(20));
+    let their_token = t
+        .ledger
+        .tokens()
+        .create(NewKey::token(theirs, "svc", "t").credits(5))
+        .unwrap()
+        .info
+        .id;
+    let my_pool = credits
+        .create_pool(NewPool::new(mine, "p").credits(7))
+        .unwrap();
+    let their_pool = credits
+        .create_pool(NewPool::new(theirs, "p").credits(9))
+        .unwrap();
+    let scoped = t.ledger.credits().owned_by(&mine).unwrap();
+
+    assert_eq!(scoped.usage(&my_key).unwrap().remaining, Some(10));
+    assert_eq!(scoped.top_up(&my_key, 1).unwrap(), 11);
+    assert_eq!(scoped.usage(&mine).unwrap().id, mine);
+    assert_eq!(scoped.pool(&my_pool.id).unwrap().remaining, 7);
+    assert_eq!(scoped.pools(&mine).unwrap().len(), 1);
+    let renamed = scoped.update_pool(&my_pool.id, PoolUpdate::new().name("q"));
+    assert_eq!(renamed.unwrap().name, "q");
+    scoped.create_pool(NewPool::new(mine, "r")).unwrap();
+
+    for (id, what) in [
+        (&their_key, "key"),
+        (&their_token, "token"),
+        (&their_pool.id, "pool"),
+    ] {
+        assert_not_found(scoped.usage(id), what);
+        assert_not_found(scoped.top_up(id, 1), what);
+        assert_not_found(scoped.set(id, 0), what);
+    }
+    assert_not_found(scoped.usage(&theirs), "account");
+    assert_not_found(scoped.pool(&their_pool.id), "pool");
+    let rename = PoolUpdate::new().name("x");
+    assert_not_found(scoped.update_pool(&their_pool.id, rename), "pool");
+    assert_not_found(scoped.delete_pool(&their_pool.id), "pool");
+    assert_not_found(scoped.pools(&theirs), "account");
+    assert_not_found(scoped.create_pool(NewPool::new(theirs, "x")), "account");
+
+    assert_eq!(credits.usage(&their_key).unwrap().remaining, Some(20));
+    assert_eq!(credits.usage(&their_token).unwrap().remaining, Some(5));
+    let untouched = credits.pool(&their_pool.id).unwrap();
+    assert_eq!((untouched.name.as_str(), untouched.remaining), ("p", 9));
+    assert_eq!(credits.pools(&theirs).unwrap().len(), 1);
+    assert_eq!(scoped.delete_pool(&my_pool.id).unwrap(), 7);
+}
+
 /// A key on a pool is told where its credits come from: made unmetered only by leaving the
 /// pool, and given no refill of its own (found by a reviewer: `credits(None)` answered `Ok`
 /// and changed nothing, and a refill was refused as needing "metered credits").

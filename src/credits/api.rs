@@ -7,13 +7,15 @@ use crate::clock::Timestamp;
 use crate::error::{Error, InvalidId, Result};
 use crate::ledger::{Ledger, SYSTEM_ACTOR};
 use crate::public_id::{IdKind, PublicId};
-use crate::record::{CreditsRecord, KeyKind, KeyRecord, UsageRecord};
+use crate::record::{CreditsRecord, KeyKind, KeyRecord, PoolRecord, UsageRecord};
 use crate::store::{self, tables::*};
 
 /// Credit operations. Get one with [`Ledger::credits`].
 pub struct Credits<'a> {
     pub(crate) ledger: &'a Ledger,
     pub(crate) actor: String,
+    /// Set by [`Credits::owned_by`]: only this account's keys, pools and self are found.
+    pub(crate) owner: Option<u64>,
 }
 
 /// The credit and usage state of a key, pool or account ([`Credits::usage`]).
@@ -65,6 +67,19 @@ impl Credits<'_> {
     pub fn by(mut self, actor: impl Into<String>) -> Self {
         self.actor = actor.into();
         self
+    }
+
+    /// The same handle, restricted to `owner` (an account's public id): its own usage, and
+    /// the keys, tokens and pools it owns. Any other owner's is `NotFound`, exactly like an
+    /// id that names nothing, so a server can pass a customer's ids straight in.
+    pub fn owned_by(mut self, owner: &str) -> Result<Self> {
+        self.owner = Some(self.ledger.inner.ids.decode(IdKind::Account, owner)?);
+        Ok(self)
+    }
+
+    /// Whether this handle may see what `owner` owns.
+    pub(crate) fn sees(&self, owner: u64) -> bool {
+        self.owner.is_none_or(|o| o == owner)
     }
 
     /// Adds `units` to a key's or pool's balance. Returns the durable balance after.
@@ -218,9 +233,12 @@ impl Credits<'_> {
             IdKind::Key | IdKind::Token => {
                 store::get::<KeyRecord>(&read.open_table(table)?, internal)?.is_some_and(|r| {
                     matches!(r.kind, KeyKind::Token { .. }) == (kind == IdKind::Token)
+                        && self.sees(r.owner)
                 })
             }
-            _ => read.open_table(table)?.get(internal)?.is_some(),
+            IdKind::Pool => store::get::<PoolRecord>(&read.open_table(table)?, internal)?
+                .is_some_and(|r| self.sees(r.owner)),
+            _ => self.sees(internal) && read.open_table(table)?.get(internal)?.is_some(),
         };
         if !found {
             return Err(Error::NotFound { what: kind.noun() });
@@ -235,6 +253,7 @@ impl Ledger {
         Credits {
             ledger: self,
             actor: SYSTEM_ACTOR.into(),
+            owner: None,
         }
     }
 }

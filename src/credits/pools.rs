@@ -123,7 +123,7 @@ impl Credits<'_> {
             let name = self.ledger.label("name", &new.name)?;
             let now = self.ledger.now();
             let txn = self.ledger.inner.store.begin_write()?;
-            if txn.open_table(ACCOUNTS)?.get(owner_id)?.is_none() {
+            if !self.sees(owner_id) || txn.open_table(ACCOUNTS)?.get(owner_id)?.is_none() {
                 return Err(Error::NotFound { what: "account" });
             }
             let id = store::next_id(&txn)?;
@@ -168,8 +168,7 @@ impl Credits<'_> {
             let (record, balance, changed) = {
                 let mut pools = txn.open_table(POOLS)?;
                 let mut balances = txn.open_table(CREDITS)?;
-                let mut record: PoolRecord =
-                    store::get(&pools, internal)?.ok_or(Error::NotFound { what: "pool" })?;
+                let mut record: PoolRecord = self.seen(store::get(&pools, internal)?)?;
                 let mut balance: Option<CreditsRecord> = store::get(&balances, internal)?;
                 let mut changed = Vec::new();
                 if let Some(name) = name {
@@ -229,8 +228,7 @@ impl Credits<'_> {
             let txn = self.ledger.inner.store.begin_write()?;
             let left = {
                 let mut pools = txn.open_table(POOLS)?;
-                let record: PoolRecord =
-                    store::get(&pools, internal)?.ok_or(Error::NotFound { what: "pool" })?;
+                let record: PoolRecord = self.seen(store::get(&pools, internal)?)?;
                 // Only the owner's keys and tokens can spend from its pools.
                 let keys = txn.open_table(KEYS)?;
                 let mut users = 0;
@@ -268,8 +266,7 @@ impl Credits<'_> {
         self.ledger.guarded(|| {
             let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
             let read = self.ledger.inner.store.begin_read()?;
-            let record: PoolRecord = store::get(&read.open_table(POOLS)?, internal)?
-                .ok_or(Error::NotFound { what: "pool" })?;
+            let record: PoolRecord = self.seen(store::get(&read.open_table(POOLS)?, internal)?)?;
             let balance = store::get(&read.open_table(CREDITS)?, internal)?;
             Ok(self.pool_view(internal, record, balance))
         })
@@ -281,7 +278,7 @@ impl Credits<'_> {
         self.ledger.guarded(|| {
             let owner = self.ledger.inner.ids.decode(IdKind::Account, owner)?;
             let read = self.ledger.inner.store.begin_read()?;
-            if read.open_table(ACCOUNTS)?.get(owner)?.is_none() {
+            if !self.sees(owner) || read.open_table(ACCOUNTS)?.get(owner)?.is_none() {
                 return Err(Error::NotFound { what: "account" });
             }
             let (pools, credits) = (read.open_table(POOLS)?, read.open_table(CREDITS)?);
@@ -298,6 +295,13 @@ impl Credits<'_> {
             }
             Ok(found)
         })
+    }
+
+    /// The pool record read, if this handle sees its owner; else (or if absent) `NotFound`.
+    fn seen(&self, record: Option<PoolRecord>) -> Result<PoolRecord> {
+        record
+            .filter(|r| self.sees(r.owner))
+            .ok_or(Error::NotFound { what: "pool" })
     }
 
     /// A pool as the API shows it, `durable` being its stored balance (read with `r`).

@@ -33,7 +33,7 @@ fn ev(
 }
 
 #[test]
-fn every_key_lifecycle_change_appends_one_event() {
+fn every_key_lifecycle_change_is_audited_once_in_order() {
     let t = TestLedger::new();
     let s = |secs: u64| START.plus_secs(secs).as_millis();
     let owner = t
@@ -81,6 +81,9 @@ fn every_key_lifecycle_change_appends_one_event() {
                 &["name", "permissions", "credits"],
                 s(2)
             ),
+            // The balance is set by the credit writer, after the settings: audited there, in
+            // the order it took effect among other balance changes.
+            ev("bob", "credits.set", &id, &["balance"], s(2)),
             ev("carol", "key.disabled", &id, &["disabled_at"], s(3)),
             ev("carol", "key.enabled", &id, &["disabled_at"], s(4)),
             ev("dave", "key.rolled", &id, &["secret"], s(5)),
@@ -90,7 +93,7 @@ fn every_key_lifecycle_change_appends_one_event() {
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
     assert_eq!(
         seqs,
-        (1..=7).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>(),
         "a gap-free sequence from 1"
     );
     for e in &events {
@@ -101,15 +104,15 @@ fn every_key_lifecycle_change_appends_one_event() {
 
     // `recent` is newest first; `since` pages forward.
     let recent = t.ledger.audit().recent(2).unwrap();
-    assert_eq!(recent.iter().map(|e| e.seq).collect::<Vec<_>>(), [7, 6]);
+    assert_eq!(recent.iter().map(|e| e.seq).collect::<Vec<_>>(), [8, 7]);
     let after_three = t.ledger.audit().since(3, 2).unwrap();
     assert_eq!(
         after_three.iter().map(|e| e.seq).collect::<Vec<_>>(),
         [4, 5]
     );
-    assert!(t.ledger.audit().since(7, 10).unwrap().is_empty());
+    assert!(t.ledger.audit().since(8, 10).unwrap().is_empty());
     assert!(t.ledger.audit().since(u64::MAX, 10).unwrap().is_empty());
-    assert_eq!(t.ledger.audit().recent(usize::MAX).unwrap().len(), 7);
+    assert_eq!(t.ledger.audit().recent(usize::MAX).unwrap().len(), 8);
     assert!(t.ledger.audit().recent(0).unwrap().is_empty());
 }
 
@@ -387,9 +390,22 @@ fn a_key_update_names_only_the_fields_it_changed() {
         .permissions(["a:read"])
         .expires_at(Some(t.now().plus_secs(60)));
     assert_eq!(fields(passed_again), ["expires_at"]);
-    // Credits set a key's balance even at the plan's amount: named, as the balance changed.
+    // Credits set a key's balance even at the plan's amount: the set is audited on its own,
+    // after the settings, and the plan is not named, as it did not change.
     let renamed_and_reset = KeyUpdate::new().name("k2").credits(Some(100));
-    assert_eq!(fields(renamed_and_reset), ["name", "credits"]);
+    assert_eq!(fields(renamed_and_reset), ["balance"]);
+    let newest = t.ledger.audit().recent(2).unwrap();
+    let seen: Vec<_> = newest
+        .iter()
+        .map(|e| (e.action.as_str(), e.fields.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("credits.set", vec!["balance".to_owned()]),
+            ("key.updated", vec!["name".to_owned()])
+        ]
+    );
 }
 
 #[test]
@@ -403,4 +419,42 @@ fn an_account_update_names_only_the_fields_it_changed() {
     let last = &t.ledger.audit().recent(1).unwrap()[0];
     assert_eq!(last.action, "account.updated");
     assert_eq!(last.fields, ["status"]);
+}
+
+/// A key update that resets the balance and a top-up racing it are recorded in the order
+/// they took effect: whichever balance change the trail shows last is the one the balance
+/// holds (found by a reviewer: the update's event was written with its settings, before its
+/// balance was set, so a top-up landing between the two came after it in the trail, though
+/// the set then wiped it out).
+#[test]
+fn a_balance_reset_racing_a_top_up_is_recorded_in_the_order_it_took_effect() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let created = t.ledger.keys().create(NewKey::new(owner, "k").credits(5));
+    let id = created.unwrap().info.id.to_string();
+    for round in 0..200u64 {
+        // A new plan each round: the update writes its settings, then sets the balance.
+        let plan = 1_000 + round;
+        let barrier = std::sync::Barrier::new(2);
+        let topped_up = std::thread::scope(|s| {
+            s.spawn(|| {
+                barrier.wait();
+                let reset = KeyUpdate::new().credits(Some(plan));
+                t.ledger.keys().update(&id, reset).unwrap();
+            });
+            barrier.wait();
+            t.ledger.credits().top_up(&id, 1).unwrap()
+        });
+        let remaining = t.ledger.credits().usage(&id).unwrap().remaining.unwrap();
+        let last = t.ledger.audit().recent(1).unwrap().remove(0).action;
+        if remaining == plan {
+            assert_eq!(last, "credits.set", "round {round}: the set came last");
+        } else {
+            assert_eq!(remaining, plan + 1, "round {round}");
+            assert_eq!(
+                last, "credits.topped_up",
+                "round {round}: top-up said {topped_up}"
+            );
+        }
+    }
 }

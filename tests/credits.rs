@@ -2434,6 +2434,46 @@ fn an_update_whose_balance_was_not_set_says_its_settings_were_saved() {
     assert_eq!(info.remaining_credits, Some(99));
 }
 
+/// An update that saved no settings (a reset to the plan's amount) and could not set the
+/// balance reports the writer's own error, not that settings were saved; one racing the
+/// key's deletion answers `NotFound` for the key, not a conflict to repeat (found by a
+/// reviewer: both said "the key's settings were saved but its balance was not set").
+#[test]
+fn an_update_that_saved_nothing_reports_why_its_balance_was_not_set() {
+    let t = TestLedger::new();
+    let backend = CrashBackend::new();
+    let ledger = Ledger::open_with_backend(backend.clone(), t.config()).unwrap();
+    let owner = account(&ledger, "Acme");
+    let (id, _) = create_key(&ledger, NewKey::new(owner, "k").credits(5));
+    backend.kill();
+    let reset = ledger.keys().update(&id, KeyUpdate::new().credits(Some(5)));
+    let e = reset.unwrap_err().to_string();
+    // As `credits().set` says it.
+    assert!(e.contains("balance not changed: storage"), "{e}");
+    assert!(!e.contains("settings were saved"), "{e}");
+
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    for round in 0..100u64 {
+        let (id, _) = create_key(&t.ledger, NewKey::new(owner, "k").credits(5));
+        let barrier = std::sync::Barrier::new(2);
+        let updated = std::thread::scope(|s| {
+            s.spawn(|| {
+                barrier.wait();
+                t.ledger.keys().delete(&id).unwrap();
+            });
+            barrier.wait();
+            t.ledger
+                .keys()
+                .update(&id, KeyUpdate::new().credits(Some(9 + round)))
+        });
+        match updated {
+            Ok(_) | Err(Error::NotFound { what: "key" }) => {}
+            Err(e) => panic!("round {round}: {e}"),
+        }
+    }
+}
+
 #[test]
 fn an_unreadable_usage_record_holds_back_only_its_own_counts() {
     use redb::ReadableTable;

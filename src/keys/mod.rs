@@ -711,11 +711,8 @@ impl<'a> Keys<'a> {
                     }
                 }
                 if let Some(credits) = update.credits {
-                    // Credits given for a key with its own balance set that balance: a change
-                    // even when the plan's amount stays the same.
-                    if credits.is_some() && limits.credits == credits {
-                        c.push("credits");
-                    }
+                    // Named if the plan's amount changed; the balance set that follows (even at
+                    // the same amount) is audited on its own, as `credits.set`.
                     audit::set(c, "credits", &mut limits.credits, credits);
                 }
                 if let Some(r) = update.refill {
@@ -784,26 +781,30 @@ impl<'a> Keys<'a> {
             match set_balance_to {
                 Some(n) => {
                     let internal = self.internal_id(id)?;
-                    // The update's entry names the credits; without one (the same credits again,
-                    // a reset to the plan's amount) the set is audited on its own, in the
-                    // writer's transaction.
-                    let audit = (!settings_written).then(|| AuditLine {
+                    // Audited where it lands, in the writer's transaction: a top-up or set
+                    // racing this update is then recorded in the order it took effect (the
+                    // update's own entry, if any, names the stored setting it changed).
+                    let audit = AuditLine {
                         actor: self.actor.clone(),
                         action: "credits.set",
                         target: id.to_owned(),
-                    });
+                    };
                     let set = Adjust::Set(n);
-                    let balance = self
-                        .ledger
-                        .inner
-                        .engine
-                        .adjust(internal, set, audit)
-                        .map_err(|e| {
-                            Error::Conflict(format!(
-                                "the key's settings were saved but its balance was not set ({e}); \
-                             repeat the update or set the balance with credits().set"
-                            ))
-                        })?;
+                    let engine = &self.ledger.inner.engine;
+                    let balance = match engine.adjust(internal, set, Some(audit)) {
+                        Ok(balance) => balance,
+                        // Deleted since: nothing of this update is left to report.
+                        Err(Error::NotFound { .. }) if self.gone(internal)? => {
+                            return Err(Error::NotFound { what: self.what() });
+                        }
+                        Err(e) if !settings_written => return Err(e),
+                        Err(e) => {
+                            return Err(Error::Conflict(format!(
+                                "the key's settings were saved but its balance was not set \
+                                 ({e}); repeat the update or set the balance with credits().set"
+                            )));
+                        }
+                    };
                     Ok(KeyInfo {
                         remaining_credits: Some(balance),
                         ..info
@@ -1018,6 +1019,16 @@ impl<'a> Keys<'a> {
             }
         })?;
         Ok((self.view(internal, record), true))
+    }
+
+    /// Whether key `id` no longer exists (for this handle).
+    fn gone(&self, id: u64) -> Result<bool> {
+        let read = self.ledger.inner.store.begin_read()?;
+        match self.load(&read.open_table(KEYS)?, id) {
+            Ok(_) => Ok(false),
+            Err(Error::NotFound { .. }) => Ok(true),
+            Err(e) => Err(e),
+        }
     }
 
     pub(crate) fn internal_id(&self, id: &str) -> Result<u64> {

@@ -156,7 +156,7 @@ impl Ledger {
     /// working: a verify that misses under the new scheme tries the schemes that still have
     /// records and rehashes the key it finds, so old schemes drain as keys are used.
     /// Audited as made by `system`; [`rotate_hash_scheme_by`](Self::rotate_hash_scheme_by)
-    /// names who made it.
+    /// names who made it. Rotating to the scheme already current changes and records nothing.
     pub fn rotate_hash_scheme(&self, scheme: HashScheme) -> Result<()> {
         self.rotate_hash_scheme_by(scheme, SYSTEM_ACTOR)
     }
@@ -173,6 +173,12 @@ impl Ledger {
         }
         let _one_at_a_time = self.inner.rotating.lock();
         self.guarded(|| {
+            self.actor_ok(actor)?;
+            // Already current (in memory as stored, under the lock): nothing to record, and
+            // no cached key to drop.
+            if self.hash_scheme() == scheme {
+                return Ok(());
+            }
             crate::keys::prune_rolled_secrets(self)?;
             let txn = self.inner.store.begin_write()?;
             store::set_hash_scheme(&txn, scheme)?;

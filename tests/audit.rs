@@ -458,3 +458,33 @@ fn a_balance_reset_racing_a_top_up_is_recorded_in_the_order_it_took_effect() {
         }
     }
 }
+
+/// Rotating to the scheme already current records nothing (found by a reviewer: each call
+/// appended a `hash_scheme.rotated` event and dropped every cached key); an actor the rules
+/// refuse is refused all the same.
+#[test]
+fn rotating_to_the_current_scheme_records_nothing() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let (_, plain) = t.key(&owner, "k");
+    t.ledger.routes().set(RouteRule::new("/")).unwrap();
+    assert_eq!(verify_code(&t.ledger, &plain, "/x"), "ok");
+    let cached = t.ledger.stats().cached_entries;
+    assert!(cached > 0);
+    let current = t.ledger.hash_scheme();
+    let before = t.ledger.audit().recent(usize::MAX).unwrap().len();
+    t.ledger.rotate_hash_scheme(current).unwrap();
+    assert_eq!(t.ledger.audit().recent(usize::MAX).unwrap().len(), before);
+    assert_eq!(t.ledger.stats().cached_entries, cached, "the cache is kept");
+    let refused = t.ledger.rotate_hash_scheme_by(current, "line\nforged");
+    assert!(matches!(
+        refused,
+        Err(keyledger::Error::InvalidInput { field: "actor", .. })
+    ));
+    let next = HashScheme::HmacSha256 { pepper: 2 };
+    t.ledger.rotate_hash_scheme(next).unwrap();
+    t.ledger.rotate_hash_scheme(next).unwrap();
+    let events = t.ledger.audit().recent(usize::MAX).unwrap();
+    assert_eq!(events.len(), before + 1);
+    assert_eq!(events[0].action, "hash_scheme.rotated");
+}

@@ -414,6 +414,14 @@ fn text_that_reads_as_a_legacy_key_is_refused_and_the_rest_is_a_name() {
         let noted = NewKey::new(owner, "k").metadata("note", text.as_str());
         assert_invalid(t.ledger.keys().create(noted), "metadata");
     }
+    // A provider's name is stored, listed and audited in clear too; one in lower case fits
+    // a custom provider's alphabet (found by a reviewer: it was connected).
+    let provider: Provider = "sk_0a1b2c3d4e5f6a7b".parse().unwrap();
+    let grant = OAuthGrant::new(Secret::new("token"));
+    assert_invalid(
+        t.ledger.vault().connect(&owner, &provider, grant),
+        "provider",
+    );
     drop(_guard);
     for name in [
         "sk_replacement",

@@ -584,6 +584,56 @@ fn disconnect_removes_and_is_audited() {
     assert_eq!(last.actor, "ops");
 }
 
+/// A connector change names only what it changed, and one that changes nothing records
+/// nothing — though a refused actor is refused all the same (found by a reviewer: a refresh
+/// named an unchanged expiry and health, a second `revoked` mark was a second event, and a
+/// stale mark by an actor every other change refuses answered `Ok`).
+#[test]
+fn connector_changes_name_only_what_changed_and_no_change_records_nothing() {
+    let env = Env::new();
+    let a = env.account("A");
+    let vault = env.ledger.vault().by("refresher");
+    let grant = OAuthGrant::new(Secret::new(NOTION_TOKEN)).refresh_token(Secret::new(REFRESH));
+    let first = vault.connect(&a, &Provider::Notion, grant).unwrap();
+    let events = || env.ledger.audit().recent(usize::MAX).unwrap().len();
+    let newest_fields = || env.ledger.audit().recent(1).unwrap().remove(0).fields;
+
+    // Healthy, no expiry before and after: only the token changed.
+    let refreshed = vault
+        .record_refresh(&first, OAuthGrant::new(Secret::new("tok2")))
+        .unwrap();
+    assert_eq!(newest_fields(), ["access_token"]);
+    let revoked = ProviderErrorKind::Revoked;
+    vault.mark_unhealthy(&refreshed, revoked).unwrap();
+    assert_eq!(newest_fields(), ["health"]);
+    let before = events();
+    let again = vault.mark_unhealthy(&refreshed, revoked).unwrap();
+    assert_eq!((again.health, events()), (Health::Revoked, before));
+
+    // A stale mark (the grant was replaced since) changes nothing, but a refused actor is
+    // refused before that is known.
+    vault
+        .connect(&a, &Provider::Notion, OAuthGrant::new(Secret::new("t3")))
+        .unwrap();
+    let forged = env.ledger.vault().by("line\nforged");
+    let refused = forged.mark_unhealthy(&refreshed, revoked);
+    assert!(
+        matches!(refused, Err(Error::InvalidInput { field: "actor", .. })),
+        "{refused:?}"
+    );
+    let stale = vault.mark_unhealthy(&refreshed, revoked).unwrap();
+    assert_eq!(stale.health, Health::Healthy);
+
+    // A refresh of a connection marked failed heals it: named.
+    let current = connection(&vault, &a, &Provider::Notion);
+    let failed = vault
+        .mark_unhealthy(&current, ProviderErrorKind::RateLimited)
+        .unwrap();
+    let healed = OAuthGrant::new(Secret::new("t4")).expires_in_secs(60);
+    vault.record_refresh(&failed, healed).unwrap();
+    assert_eq!(newest_fields(), ["access_token", "expires_at", "health"]);
+}
+
 #[test]
 fn providers_are_validated_with_typo_suggestions() {
     let env = Env::new();

@@ -130,6 +130,7 @@ impl<'a> Vault<'a> {
             };
             let fields = change(&owner, name, &mut record)?;
             if fields.is_empty() {
+                self.ledger.actor_ok(&self.actor)?; // refused all the same
                 return Ok(self.info(&owner, name, &record));
             }
             record.updated_at = self.ledger.now();
@@ -176,6 +177,8 @@ impl<'a> Vault<'a> {
         self.ledger.guarded(|| {
             let provider = provider.validated()?;
             let name = provider.as_str();
+            // Stored in clear, listed and named in the audit trail, as a secret's name is.
+            self.ledger.holding_no_key("provider", [name])?;
             let scopes = self.checked(&grant)?;
             let now = self.ledger.now();
             let txn = self.ledger.inner.store.begin_write()?;
@@ -352,7 +355,10 @@ impl<'a> Vault<'a> {
                          get the connection again"
                         )));
                     }
-                    let mut fields = vec!["access_token", "expires_at"];
+                    let mut fields = vec!["access_token"];
+                    if record.expires_at != expires_at {
+                        fields.push("expires_at");
+                    }
                     let refresh = match &grant.refresh_token {
                         Some(r) => {
                             fields.push("refresh_token");
@@ -369,9 +375,11 @@ impl<'a> Vault<'a> {
                         .seal(binding(&owner.public, name), &plain)?;
                     record.has_refresh_token = refresh.is_some();
                     record.expires_at = expires_at;
+                    if record.health != StoredHealth::Healthy {
+                        fields.push("health");
+                    }
                     record.health = StoredHealth::Healthy;
                     record.last_refreshed_at = Some(now);
-                    fields.push("health");
                     Ok(fields)
                 },
             )
@@ -402,12 +410,14 @@ impl<'a> Vault<'a> {
                     if revision(record) != failed.revision {
                         return Ok(Vec::new());
                     }
-                    record.health = match (reason, record.health) {
+                    let health = match (reason, record.health) {
                         (ProviderErrorKind::Revoked, _) => StoredHealth::Revoked(reason),
                         (_, StoredHealth::Revoked(_)) => return Ok(Vec::new()),
                         _ => StoredHealth::RefreshFailed(reason),
                     };
-                    Ok(vec!["health"])
+                    // Marked so already: a change that changes nothing writes nothing.
+                    let changed = std::mem::replace(&mut record.health, health) != health;
+                    Ok(if changed { vec!["health"] } else { Vec::new() })
                 },
             )
         })

@@ -85,8 +85,8 @@ impl Audit<'_> {
                 .range(after.saturating_add(1)..)?
                 .take(limit.min(1000))
             {
-                let (_, bytes) = entry?;
-                out.push(codec::decode(bytes.value())?);
+                let (seq, bytes) = entry?;
+                out.push(decode(seq.value(), bytes.value())?);
             }
             Ok(out)
         })
@@ -99,10 +99,22 @@ impl Audit<'_> {
             let table = read.open_table(AUDIT)?;
             let mut out = Vec::new();
             for entry in table.iter()?.rev().take(limit.min(1000)) {
-                let (_, bytes) = entry?;
-                out.push(codec::decode(bytes.value())?);
+                let (seq, bytes) = entry?;
+                out.push(decode(seq.value(), bytes.value())?);
             }
             Ok(out)
         })
     }
+}
+
+/// Event `seq`, or an error naming it: a reader exporting the trail can skip a damaged
+/// event (`since(seq, …)`) rather than stall on it.
+fn decode(seq: u64, bytes: &[u8]) -> Result<AuditEvent> {
+    codec::decode(bytes).map_err(|e| {
+        CodecError::Corrupt {
+            record: "audit event",
+            reason: format!("event {seq} ({e}); the events after it read with `since({seq}, …)`"),
+        }
+        .into()
+    })
 }

@@ -1316,6 +1316,30 @@ mod damaged {
         );
     }
 
+    /// A damaged audit event fails the pages that hold it with an error naming its sequence
+    /// number, so an exporter can read on past it (a reviewer's suggestion: the error named
+    /// no event, and a reader walking the trail stalled there).
+    #[test]
+    fn a_damaged_audit_event_is_named_and_the_trail_reads_on_past_it() {
+        const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+        let (_dir, path, config, _) = ledger();
+        edit(&path, |txn| {
+            txn.open_table(AUDIT)
+                .unwrap()
+                .insert(2, [0xff, 0xff].as_slice())
+                .unwrap();
+        });
+        let ledger = Ledger::open(&path, config).unwrap();
+        let audit = ledger.audit();
+        for failed in [audit.since(0, 10), audit.since(1, 1), audit.recent(1_000)] {
+            let e = failed.unwrap_err();
+            assert!(matches!(e, Error::Codec(_)), "{e}");
+            assert!(e.to_string().contains("event 2 ("), "{e}");
+        }
+        assert_eq!(audit.since(0, 1).unwrap()[0].seq, 1);
+        assert_eq!(audit.since(2, 1).unwrap()[0].seq, 3);
+    }
+
     /// The meta entries the whole file depends on, damaged (found by a reviewer):
     /// - a `next_id` set back is a problem `check` names, and new ids still go on above every
     ///   id in use (a new key given a pool's id would share its balance);

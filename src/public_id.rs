@@ -58,6 +58,9 @@ const MAX_ID_LEN: usize = 5 + 32;
 
 /// An opaque, stable, authenticated id such as `key_3q2-…`. Compare and store it as a string.
 /// It is held inline (`Copy`, no allocation); it compares, orders and hashes as its text.
+/// One deserialized (from a stored reply, say) is only checked for length: every call that
+/// takes an id authenticates it, so a forged one is [`Error::InvalidId`](crate::Error::InvalidId)
+/// there.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct PublicId(ArrayString<MAX_ID_LEN>);

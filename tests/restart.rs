@@ -447,6 +447,42 @@ fn a_crash_with_growing_leases_stays_within_the_lease_bound() {
     assert_eq!(u.spent + u.lost_to_crash + u.remaining.unwrap(), 1_000_000);
 }
 
+/// A lease taken back unspent — by a top-up, a set, or the key leaving a full cache — is
+/// no sign of a busy key: the next lease is not doubled for it. Before (found by a
+/// reviewer), each take-back doubled the next lease, so a key topped up or evicted between
+/// requests soon held its whole balance in memory, and a crash lost it.
+#[test]
+fn leases_taken_back_unspent_do_not_grow_the_next_one() {
+    for taken_back_by in ["top_up", "set", "eviction"] {
+        let master = MasterKey::generate().unwrap();
+        let t = TestLedger::with_settings(master, |b| b.cache_capacity(1));
+        let owner = t.account("Acme");
+        let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(1_000_000));
+        let (_, other) = create_key(&t.ledger, NewKey::new(owner, "o").credits(1_000_000));
+        // A frozen clock, as for a busy key: only spent leases may grow the next.
+        for round in 0..40u64 {
+            spend(&t.ledger, &plain, "/x", 1, 1).expect("credits left");
+            match taken_back_by {
+                "top_up" => assert!(t.ledger.credits().top_up(&id, 1).is_ok()),
+                "set" => assert!(t.ledger.credits().set(&id, 1_000_000 - round).is_ok()),
+                _ => assert!(spend(&t.ledger, &other, "/x", 1, 1).is_ok()),
+            }
+        }
+        spend(&t.ledger, &plain, "/x", 1, 1).expect("credits left");
+        t.ledger.flush().unwrap();
+        let before = t.ledger.credits().usage(&id).unwrap();
+        let t = t.crash_and_reopen();
+        let u = t.ledger.credits().usage(&id).unwrap();
+        assert_eq!(u.lost_to_crash, before.leased, "{taken_back_by}");
+        assert!(
+            u.lost_to_crash <= 2 * u.spent + 32,
+            "{taken_back_by}: lost {} after spending {}",
+            u.lost_to_crash,
+            u.spent
+        );
+    }
+}
+
 #[test]
 fn a_crash_before_the_spend_is_flushed_never_over_spends() {
     for durability in [Durability::Leased, Durability::Exact] {

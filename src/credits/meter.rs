@@ -539,6 +539,12 @@ impl Meter {
         }
     }
 
+    /// Forgets when the last lease was granted (writer thread only): it came back unspent,
+    /// so the next is sized as a first one, not doubled as if it had been used up.
+    pub(crate) fn forget_last_lease(&self) {
+        self.last_lease_ds.store(0, Ordering::Release);
+    }
+
     /// Adapts the next lease size to the time the last one lasted (writer thread only), never
     /// below the writer's `floor` unless that is more than a quarter of `balance`. Only a
     /// busy key (its last lease lasted under a second) leases more than a quarter of its

@@ -117,6 +117,12 @@ pub(super) fn reclaim(
     // sees the lease gone sees the mark gone too (and asks the writer, which knows).
     meter.set_empty_until(0);
     let lease = meter.take_lease();
+    if lease > 0 {
+        // Taken back unspent (a top-up, a set, the key leaving the cache): no sign of a busy
+        // key, whose next lease doubles (found by a reviewer: each take-back doubled it, so
+        // a key topped up between requests soon held its balance in memory, lost in a crash).
+        meter.forget_last_lease();
+    }
     let spent = meter.spent.swap(0, Ordering::AcqRel);
     if pending == 0 && lease == 0 && spent == 0 {
         // Nothing to move (every meter of a second pass while closing, most of them): read

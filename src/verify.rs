@@ -410,11 +410,18 @@ fn check<'l>(
         },
         // Nothing to reserve (an unmetered key, a peek): counted, so that `close` waits for
         // what the grant commits; refused once the ledger is closing, as a request that needs
-        // the writer is (counted before that look, see `InFlight::enter`).
+        // the writer is (counted before that look, see `InFlight::enter`). Looked at before
+        // counting too: a request refused for a close under way is then not counted, so the
+        // close's last look at what is held does not catch it passing (found by a reviewer:
+        // the close reported a grant still held).
         _ => {
             let engine = &ledger.inner.engine;
-            grant.counted = Some(engine.in_flight.enter());
-            if engine.shared.closing.load(Ordering::SeqCst) {
+            let closing = || engine.shared.closing.load(Ordering::SeqCst);
+            let refused = closing() || {
+                grant.counted = Some(engine.in_flight.enter());
+                closing()
+            };
+            if refused {
                 grant.settled = true;
                 grant.release_rate();
                 return Denied(Denial::Unavailable);
@@ -510,7 +517,10 @@ impl Grant<'_> {
         let engine = &self.ledger.inner.engine;
         let reserved = self.reserved;
         let (charged, uncovered) = match self.key.meter() {
-            None => (actual, 0),
+            None => {
+                self.record_usage(actual);
+                (actual, 0)
+            }
             Some(meter) => {
                 // The clock is read only when the cost exceeds the reservation.
                 let from_lease = if actual <= reserved {
@@ -522,6 +532,16 @@ impl Grant<'_> {
                     reserved
                 };
                 let handle = || self.key.meter_ref().expect("metered");
+                let short = actual - from_lease;
+                let direct = if short > 0 {
+                    engine.shortfall(&handle(), short)
+                } else {
+                    0
+                };
+                // Counted before the reservation is spent: until then its units are still
+                // leased, which holds a close off, so the close's last flush counts this
+                // usage (found by a reviewer: a close could end between the two).
+                self.record_usage(from_lease + direct);
                 if meter.spend(from_lease) {
                     engine.shared.dirty_meters.push(handle());
                 }
@@ -530,12 +550,6 @@ impl Grant<'_> {
                     // then finds the charge spent, not lost (what `Exact` promises).
                     engine.settle(handle());
                 }
-                let short = actual - from_lease;
-                let direct = if short > 0 {
-                    engine.shortfall(&handle(), short)
-                } else {
-                    0
-                };
                 (from_lease + direct, short - direct)
             }
         };
@@ -543,9 +557,6 @@ impl Grant<'_> {
             if let (Some(admission), Some(limits)) = (&self.admission, &self.key.limits) {
                 limits.settle_tokens(self.ledger.monotonic_ns(), admission, reserved, actual);
             }
-        }
-        if self.key.record_spend(charged, &engine.tiers) {
-            engine.shared.dirty_usage.push(self.key.home_arc());
         }
         Receipt {
             token_stats: TokenStats {
@@ -573,6 +584,14 @@ fn remaining(ledger: &Ledger, meter: &Meter) -> Option<u64> {
 }
 
 impl Grant<'_> {
+    /// Counts `charged` in the key's (and through it the account's) usage.
+    fn record_usage(&self, charged: u64) {
+        let engine = &self.ledger.inner.engine;
+        if self.key.record_spend(charged, &engine.tiers) {
+            engine.shared.dirty_usage.push(self.key.home_arc());
+        }
+    }
+
     /// Returns reserved units: to the lease up to a full lease (`Exact` mode: none), the rest
     /// to the durable balance through the writer, so that a crash loses no more than the
     /// mode promises; or — if the balance was `set` since they were reserved — out of the

@@ -1230,3 +1230,28 @@ fn tokens_committed_after_the_keys_eviction_still_count() {
         );
     }
 }
+
+/// A flood of well-formed unknown keys fills the cache with remembered misses; the real keys
+/// that come after take the misses' places, not each other's (found by a reviewer: with the
+/// cache full of misses, about a fifth of a working set half the cache's size was evicted and
+/// read from disk again on every pass, until a restart).
+#[test]
+fn a_flood_of_unknown_keys_does_not_cost_real_keys_their_places() {
+    let t = TestLedger::with_settings(MasterKey::generate().unwrap(), |b| b.cache_capacity(200));
+    let owner = t.account("Acme");
+    let real: Vec<String> = (0..100)
+        .map(|i| t.key(&owner, &format!("k{i}")).1)
+        .collect();
+    for seed in 0..600 {
+        let unknown = formatted_key("vb_live_", 1_000_000 + seed);
+        assert_eq!(verify_code(&t.ledger, &unknown, "/x"), "not_found");
+    }
+    for pass in 0..3 {
+        let before = t.ledger.stats().cache_evictions;
+        for key in &real {
+            assert_eq!(verify_code(&t.ledger, key, "/x"), "ok");
+        }
+        let evicted = t.ledger.stats().cache_evictions - before;
+        assert_eq!(evicted, 0, "pass {pass}: real keys evicted");
+    }
+}

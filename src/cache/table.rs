@@ -195,11 +195,21 @@ impl Table {
         (None, evicted)
     }
 
-    /// Removes the first entry at or after `key`'s home (one in its way, which the insert
-    /// that follows then needs to probe past one entry less).
+    /// Removes the first remembered miss at or after `key`'s home if the table holds one (a
+    /// flood of unknown keys must not cost the real ones their places: found by a reviewer,
+    /// keys then evicted each other while the misses stayed), else the first entry there
+    /// (one in its way, which the insert that follows then needs to probe past one less).
     fn evict_near(&mut self, key: u64) -> Option<Slot> {
         let mut i = self.home(key);
-        while self.entries[i].is_empty() {
+        let miss = |e: &Entry| !e.is_empty() && matches!(e.slot, Slot::Missing);
+        let wanted = |e: &Entry| {
+            if self.missing > 0 {
+                miss(e)
+            } else {
+                !e.is_empty()
+            }
+        };
+        while !wanted(&self.entries[i]) {
             i = self.next(i);
         }
         self.remove_at(i)
@@ -331,6 +341,37 @@ mod tests {
         assert_eq!(table.missing(), 8, "an evicted miss is no longer counted");
         table.retain(|_| false);
         assert_eq!((table.len(), table.missing()), (0, 0));
+    }
+
+    /// Misses remembered in a full table make room for keys before any key does, wherever
+    /// they sit; only a table of keys alone evicts a key.
+    #[test]
+    fn a_full_table_evicts_remembered_misses_before_keys() {
+        let mut table = Table::new(16);
+        let key = |k: u64| k.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for k in 0..16u64 {
+            let slot = match k % 4 {
+                0 => Slot::Missing,
+                _ => Slot::Key(super::super::test_key(key(k))),
+            };
+            table.insert(&hash(key(k), 0), slot);
+        }
+        assert_eq!((table.len(), table.missing()), (16, 4));
+        for k in 16..20u64 {
+            let new = Slot::Key(super::super::test_key(key(k)));
+            let (_, evicted) = table.insert(&hash(key(k), 0), new);
+            assert!(
+                matches!(evicted, Some(Slot::Missing)),
+                "key {k} took a miss's place"
+            );
+        }
+        assert_eq!((table.len(), table.missing()), (16, 0));
+        let new = Slot::Key(super::super::test_key(key(20)));
+        let (_, evicted) = table.insert(&hash(key(20), 0), new);
+        assert!(
+            matches!(evicted, Some(Slot::Key(_))),
+            "no miss left: a key makes room"
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ mod in_flight;
 mod limits;
 mod miss;
 mod recover;
+mod shared_states;
 #[cfg(test)]
 mod tests;
 
@@ -42,6 +43,7 @@ pub(crate) use miss::Loaded;
 pub(crate) use miss::init_meter;
 pub(crate) use recover::rules_in;
 use recover::{load_routes, recover_leases};
+use shared_states::SharedStates;
 
 /// How much credit state is guarded by leases, and so what a crash can cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -91,9 +93,9 @@ pub(crate) struct Engine {
     /// The last snapshot of keys an admin change evicted, by key id.
     carried: Mutex<HashMap<u64, Arc<CachedKey>>>,
     /// Interned scopes: keys with the same permissions and allowlist share one allocation.
-    scopes: Mutex<HashSet<Arc<Scope>>>,
-    /// Shared state of every account with a cached key.
-    accounts: Mutex<HashMap<u64, Arc<AccountState>>>,
+    scopes: Mutex<SharedStates<HashSet<Arc<Scope>>>>,
+    /// Shared state of the accounts with a cached key.
+    accounts: Mutex<SharedStates<HashMap<u64, Arc<AccountState>>>>,
     /// Grants that reserved no credits, still held: `close` waits for them too.
     pub in_flight: InFlight,
     /// Units found leased at open (a crash before): now counted in `lost_to_crash`.
@@ -167,9 +169,9 @@ impl Engine {
             }),
             events,
             tiers: config.spend_tiers.clone(),
-            accounts: Mutex::new(HashMap::new()),
+            accounts: Mutex::default(),
             carried: Mutex::new(HashMap::new()),
-            scopes: Mutex::new(HashSet::new()),
+            scopes: Mutex::default(),
             in_flight: InFlight::default(),
             lost_at_open: recovered.lost,
             unreadable_at_open: recovered.unreadable,
@@ -621,14 +623,14 @@ impl Engine {
                     Ok(Some(record)) => state.update(record.status, record.entitlements),
                     // Unreadable (or gone): forget the state; the next miss reads it afresh.
                     _ => {
-                        accounts.remove(&owner);
+                        accounts.remove(owner);
                     }
                 }
             }
             known.is_some()
         };
         if !known {
-            return; // no key of this account was ever cached
+            return; // no cached key holds this account's state
         }
         match owner_key_hashes(&self.shared.store, owner) {
             Ok(hashes) => {

@@ -217,6 +217,25 @@ fn keys_with_the_same_permissions_and_allowlist_share_one_scope() {
     assert_eq!(f.ledger.inner.engine.scopes.lock().len(), kept);
 }
 
+/// Account states and interned scopes go with the last cached key that holds them, not
+/// only when their account is gone (found by a reviewer: both maps only grew, whatever the
+/// cache's capacity).
+#[test]
+fn account_states_and_scopes_leave_with_their_keys() {
+    let f = ledger_with(|b| b.cache_capacity(10));
+    let engine = &f.ledger.inner.engine;
+    for i in 0..1_100u32 {
+        // An account and an allowlist (a scope) of its own for every key.
+        let ip = format!("10.{}.{}.0/24", i / 256, i % 256);
+        let (_, _, plain) = key(&f.ledger, |o| NewKey::new(o, "k").ips([ip]));
+        assert_ne!(code(&f.ledger, &plain), "not_found");
+    }
+    let (accounts, scopes) = (engine.accounts.lock().len(), engine.scopes.lock().len());
+    // Swept each time a map doubles past 1,024: at most that many more than the cache holds.
+    assert!(accounts <= 1_024 + 10, "{accounts} account states");
+    assert!(scopes <= 1_024 + 10, "{scopes} scopes");
+}
+
 /// A miss that takes an evicted key's held rate-limit state and then cannot cache the
 /// entry (an admin change to any account raced its read: `Uncached`) leaves the state
 /// held: the key's next miss still finds its window.

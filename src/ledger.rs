@@ -175,9 +175,12 @@ impl Ledger {
         self.guarded(|| {
             self.actor_ok(actor)?;
             // Already current (in memory as stored, under the lock): nothing to record, and
-            // no cached key to drop.
+            // no cached key to drop — though a closed ledger answers as to any change.
             if self.hash_scheme() == scheme {
-                return Ok(());
+                return match self.inner.store.refuses_writes() {
+                    true => Err(Error::Closed),
+                    false => Ok(()),
+                };
             }
             crate::keys::prune_rolled_secrets(self)?;
             let txn = self.inner.store.begin_write()?;

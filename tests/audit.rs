@@ -487,4 +487,11 @@ fn rotating_to_the_current_scheme_records_nothing() {
     let events = t.ledger.audit().recent(usize::MAX).unwrap();
     assert_eq!(events.len(), before + 1);
     assert_eq!(events[0].action, "hash_scheme.rotated");
+    // A closed ledger answers as to any change (found by a reviewer: it answered `Ok`).
+    t.ledger.close().unwrap();
+    let closed = t.ledger.rotate_hash_scheme(next);
+    assert!(
+        matches!(closed, Err(keyledger::Error::Closed)),
+        "{closed:?}"
+    );
 }

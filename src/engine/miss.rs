@@ -302,9 +302,7 @@ impl Engine {
             return known.clone();
         }
         let scope = Arc::new(scope);
-        if scopes.len() < MAX_SCOPES {
-            scopes.insert(scope.clone());
-        }
+        scopes.insert(scope.clone(), MAX_SCOPES);
         scope
     }
 

@@ -57,12 +57,21 @@ impl<V> SharedStates<HashMap<u64, Arc<V>>> {
 }
 
 impl<T: Hash + Eq> SharedStates<HashSet<Arc<T>>> {
-    pub(super) fn insert(&mut self, state: Arc<T>) {
-        self.sweep_if_grown(self.map.len(), |set| {
+    /// Keeps `state` if the set holds fewer than `max` after a sweep that fell due (or that
+    /// reaching `max` makes due: else a set swept at over half of `max` would never be
+    /// swept again). Returns whether it was kept.
+    pub(super) fn insert(&mut self, state: Arc<T>, max: usize) -> bool {
+        let len = self.map.len();
+        let sweep = |set: &mut HashSet<Arc<T>>| {
             set.retain(|s| !unheld(s));
             set.len()
-        });
-        self.map.insert(state);
+        };
+        if len >= max {
+            self.swept_len = sweep(&mut self.map);
+        } else {
+            self.sweep_if_grown(len, sweep);
+        }
+        self.map.len() < max && self.map.insert(state)
     }
 }
 
@@ -91,9 +100,9 @@ mod tests {
 
         let mut interned = SharedStates::<HashSet<Arc<u64>>>::default();
         let kept = Arc::new(7);
-        interned.insert(kept.clone());
+        interned.insert(kept.clone(), usize::MAX);
         for v in 100..100 + SWEEP_FROM as u64 {
-            interned.insert(Arc::new(v));
+            interned.insert(Arc::new(v), usize::MAX);
         }
         assert_eq!(
             interned.len(),
@@ -101,5 +110,25 @@ mod tests {
             "swept at the threshold: the held one and the last"
         );
         assert!(interned.contains(&kept));
+    }
+
+    /// A set swept at over half its bound is swept again at the bound, not never (found by
+    /// a reviewer: the next sweep was due only past the bound, which inserts never reach).
+    #[test]
+    fn a_bounded_set_is_swept_when_it_reaches_its_bound() {
+        let max = 3 * SWEEP_FROM;
+        let mut interned = SharedStates::<HashSet<Arc<u64>>>::default();
+        // Swept last at 2,048 entries, all held: the next sweep falls due past the bound.
+        let held: Vec<Arc<u64>> = (0..2_500).map(Arc::new).collect();
+        for state in &held {
+            assert!(interned.insert(state.clone(), max));
+        }
+        drop(held);
+        let mut kept = 0;
+        for v in 1_000_000..1_000_000 + 2 * max as u64 {
+            kept += usize::from(interned.insert(Arc::new(v), max));
+        }
+        assert_eq!(kept, 2 * max, "every one kept: room is made by sweeping");
+        assert!(interned.len() <= max);
     }
 }

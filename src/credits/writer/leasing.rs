@@ -170,10 +170,15 @@ pub(super) fn cancel_pending_leases(fx: &mut Effects, meter: &Meter) -> u64 {
     }
     fx.handed.remove(&meter.id);
     let granted_at = fx.granted_at.remove(&meter.id).unwrap_or_default();
-    granted_at
+    let cancelled = granted_at
         .into_iter()
         .map(|i| std::mem::take(&mut fx.leases[i].1))
-        .sum()
+        .sum();
+    if cancelled > 0 {
+        // Back unspent, as a lease `reclaim` takes back: the next is not doubled for it.
+        meter.forget_last_lease();
+    }
+    cancelled
 }
 
 /// Moves up to the adaptive lease size (at least `need`) from `balance` to `leased`. Returns

@@ -1303,3 +1303,31 @@ fn a_set_reported_with_no_meter_is_not_reported_again_by_a_racing_miss() {
     let once = [(CreditEventKind::LowBalance, 40)];
     assert_eq!(low_balance_events(&ledger), once, "one fall, one event");
 }
+
+/// A top-up in the batch that leases for a waiting request cancels that lease before it
+/// reaches memory: back unspent, so the request's lease, asked again, is not doubled as a
+/// busy key's (found by a reviewer: only a lease already in memory was forgotten, and the
+/// leased amount still doubled to 99,999 over 20 rounds).
+#[test]
+fn a_lease_cancelled_in_its_batch_does_not_double_the_next() {
+    let (_dir, ledger) = ledger();
+    let (id, plain) = key(&ledger, 10_000_000);
+    let spend_one = || {
+        let key = Presented::new(&plain).unwrap();
+        let grant = ledger.verify(&Request::new(&key, "/x").cost(1));
+        grant.map(|g| g.commit(1)).is_ok()
+    };
+    assert!(spend_one());
+    let mut leased = Vec::new();
+    for _ in 0..20 {
+        // The lease in memory back: the next request waits for the writer.
+        ledger.credits().top_up(&id, 1).unwrap();
+        let calls: Vec<Call<'_, bool>> = vec![
+            Box::new(spend_one),
+            Box::new(|| ledger.credits().top_up(&id, 1).is_ok()),
+        ];
+        assert!(one_batch(&ledger, calls).into_iter().all(|ok| ok));
+        leased.push(ledger.credits().usage(&id).unwrap().leased);
+    }
+    assert!(leased.iter().all(|&l| l <= 64), "leased grew: {leased:?}");
+}

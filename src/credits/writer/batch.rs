@@ -141,25 +141,26 @@ pub(super) fn build(
         }
         for msg in batch {
             match msg {
+                // Closing, or about to: nothing is leased, and a waiting request is told so
+                // at once (asking again would meet the same answer).
+                Msg::Lease { meter, reply, .. } if leasing_stopped => {
+                    fx.grant(meter, 0, 0);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Handoff::Unavailable);
+                    }
+                }
                 // A top-up leased for since it was queued (by a waiting request's own
                 // commit): leasing again would double the lease in memory for nothing.
                 Msg::Lease {
                     meter,
                     need: 0,
                     reply: None,
-                } if !leasing_stopped && !meter.wants_top_up(now.0) => {
+                } if !meter.wants_top_up(now.0) => {
                     meter.pending.store(false, Ordering::Release);
                 }
-                Msg::Lease { meter, need, reply } => lease_for(
-                    shared,
-                    &mut work,
-                    fx,
-                    meter,
-                    need,
-                    reply,
-                    now,
-                    leasing_stopped,
-                )?,
+                Msg::Lease { meter, need, reply } => {
+                    lease_for(shared, &mut work, fx, meter, need, reply, now)?
+                }
                 Msg::Shortfall {
                     meter,
                     units,
@@ -215,7 +216,6 @@ pub(super) fn build(
 
 /// A lease for `meter` (`need` for a request waiting on `reply`, else a top-up), or the
 /// answer that none can be had.
-#[allow(clippy::too_many_arguments)]
 fn lease_for(
     shared: &Shared,
     work: &mut Working<'_>,
@@ -224,32 +224,26 @@ fn lease_for(
     need: u64,
     reply: Option<Sender<Handoff>>,
     now: Timestamp,
-    leasing_stopped: bool,
 ) -> Result<()> {
     let id = meter.id;
-    let (at, covered) = if leasing_stopped {
-        (fx.grant(meter, 0, 0), true)
-    } else {
-        match lease(shared, work, fx, meter.clone(), need, now) {
-            Ok(leased) => leased,
-            Err(e) => {
-                fx.stopped = Some(Msg::Lease { meter, need, reply });
-                return Err(e);
-            }
+    let (at, covered) = match lease(shared, work, fx, meter.clone(), need, now) {
+        Ok(leased) => leased,
+        Err(e) => {
+            fx.stopped = Some(Msg::Lease { meter, need, reply });
+            return Err(e);
         }
     };
     if !covered {
         refused(shared, work, fx, at);
     }
-    // Closing, or retired, undecodable or absent: its balance cannot be leased
-    // from (now or ever).
+    // Retired, undecodable or absent: its balance cannot be leased from (now or ever).
     let absent = matches!(work.records.get(&id), Some(None));
     let retired = fx.leases[at].0.retired();
     match reply {
         // At once: asking again would meet the same record.
-        Some(reply) if leasing_stopped || absent || retired => {
+        Some(reply) if absent || retired => {
             let gone = retired || !work.unreadable.contains_key(&id);
-            let _ = reply.send(if gone && !leasing_stopped {
+            let _ = reply.send(if gone {
                 Handoff::Gone
             } else {
                 Handoff::Unavailable

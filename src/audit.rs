@@ -113,7 +113,10 @@ fn decode(seq: u64, bytes: &[u8]) -> Result<AuditEvent> {
     codec::decode(bytes).map_err(|e| {
         CodecError::Corrupt {
             record: "audit event",
-            reason: format!("event {seq} ({e}); the events after it read with `since({seq}, …)`"),
+            reason: format!(
+                "event {seq} ({e}); the events after it can still be read (`Audit::since`, \
+                 the CLI's `audit --after {seq}`)"
+            ),
         }
         .into()
     })

@@ -462,6 +462,21 @@ fn tokens_routes_and_hash_rotation() {
     let status = s.json(&["keys", "hash-status"]);
     assert_eq!(status["current"], "hmac-sha256/v2");
     assert_eq!(status["schemes"]["hmac-sha256/v2"], 1, "{status}");
+    // Again to the same scheme: nothing changes, and the CLI says so (it claimed a rotation).
+    let again = s.json(&["keys", "rotate-hash", "--pepper", "2"]);
+    assert_eq!(again["changed"], false, "{again}");
+    let out = s.run(&["keys", "rotate-hash", "--pepper", "2"]);
+    assert!(
+        stdout(&out).contains("already the current scheme"),
+        "{}",
+        stdout(&out)
+    );
+    // The trail read forward from an event, oldest first.
+    let newest = s.json(&["audit", "--limit", "2"]);
+    let seq = newest[1]["seq"].as_u64().unwrap();
+    let after = s.json(&["audit", "--after", &(seq - 1).to_string(), "--limit", "2"]);
+    assert_eq!(after[0]["seq"], seq);
+    assert_eq!(after[1]["seq"], newest[0]["seq"]);
 }
 
 #[test]

@@ -198,7 +198,8 @@ impl Credits<'_> {
             Some(_) => Error::invalid(
                 "id",
                 format!(
-                    "this {0} is unmetered: give it credits with a {0} update first",
+                    "this {0} is unmetered: give it credits with a {0} update first (the \
+                     CLI's `{0}s update --credits`)",
                     kind.noun()
                 ),
             ),

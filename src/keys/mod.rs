@@ -801,7 +801,8 @@ impl<'a> Keys<'a> {
                         Err(e) => {
                             return Err(Error::Conflict(format!(
                                 "the key's settings were saved but its balance was not set \
-                                 ({e}); repeat the update or set the balance with credits().set"
+                                 ({e}); repeat the update, or set the balance directly \
+                                 (`credits().set`; the CLI's `credits set`)"
                             )));
                         }
                     };

@@ -89,11 +89,15 @@ pub enum Command {
     /// Manage route rules (route prefix → permission, entitlement, cost).
     #[command(subcommand)]
     Routes(RoutesCommand),
-    /// Show recent audit events, newest first.
+    /// Show recent audit events, newest first; or, with `--after`, the events after one,
+    /// oldest first (to export the trail, or to read on past a damaged event).
     Audit {
         /// How many events (1–1,000).
         #[arg(long, default_value_t = 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
         limit: usize,
+        /// Show the events after this sequence number, oldest first.
+        #[arg(long, value_name = "SEQ")]
+        after: Option<u64>,
     },
     /// Identify a key: format, look-up, disabled and expiry checks. Exit 3 on denial.
     Authenticate {

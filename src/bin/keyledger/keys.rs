@@ -275,9 +275,19 @@ fn rotate_hash(
     };
     let before = ledger.hash_scheme();
     ledger.rotate_hash_scheme_by(scheme, &ctx.actor)?;
+    let changed = before != scheme;
     if ctx.json {
-        let value = serde_json::json!({ "previous": before.label(), "current": scheme.label() });
+        let value = serde_json::json!({
+            "previous": before.label(),
+            "current": scheme.label(),
+            "changed": changed,
+        });
         print_json(&value)?;
+    } else if !changed {
+        println!(
+            "{} is already the current scheme; nothing changed.",
+            scheme.label()
+        );
     } else {
         println!(
             "New keys are now hashed with {} (was {}).",

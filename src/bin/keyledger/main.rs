@@ -1,7 +1,7 @@
 //! `keyledger`: the command-line interface to a keyledger database.
 //!
 //! Exit codes: 0 success, 1 error (printed as `error: …` on stderr), 2 usage error,
-//! 3 `authenticate` or `verify` refused the key.
+//! 3 `authenticate` or `verify` refused the key, 4 `check` found problems.
 
 mod accounts;
 mod bench;
@@ -193,7 +193,7 @@ fn run(ctx: &Context, command: Command) -> CliResult<u8> {
         Command::Keys(c) => keys::run_keys(ctx, c),
         Command::Tokens(c) => keys::run_tokens(ctx, c),
         Command::Routes(c) => misc::routes(ctx, c),
-        Command::Audit { limit } => misc::audit(ctx, limit),
+        Command::Audit { limit, after } => misc::audit(ctx, limit, after),
         Command::Authenticate { key } => misc::authenticate(ctx, &key),
         Command::Verify(args) => verify::verify(ctx, &args),
         Command::Usage { id } => verify::usage(ctx, &id),

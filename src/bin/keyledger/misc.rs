@@ -63,9 +63,14 @@ pub fn routes(ctx: &Context, command: RoutesCommand) -> CliResult<u8> {
     Ok(0)
 }
 
-/// `audit --limit N`: the newest events, newest first.
-pub fn audit(ctx: &Context, limit: usize) -> CliResult<u8> {
-    let events = ctx.open()?.audit().recent(limit)?;
+/// `audit --limit N [--after SEQ]`: the newest events, newest first, or those after `SEQ`,
+/// oldest first.
+pub fn audit(ctx: &Context, limit: usize, after: Option<u64>) -> CliResult<u8> {
+    let ledger = ctx.open()?;
+    let events = match after {
+        Some(seq) => ledger.audit().since(seq, limit)?,
+        None => ledger.audit().recent(limit)?,
+    };
     if ctx.json {
         print_json(&events)?;
     } else if events.is_empty() {

@@ -1705,6 +1705,9 @@ fn balance_changes_are_audited_with_their_author_and_refused_ones_are_not() {
     billing.top_up(&id, 5).unwrap();
     billing.set(&id, 7).unwrap();
     assert!(billing.top_up(&id, u64::MAX).is_err());
+    // A top-up of nothing is answered and changes nothing: not recorded (a reviewer saw
+    // it recorded as a change).
+    assert_eq!(billing.top_up(&id, 0).unwrap(), 7);
     let recent = t.ledger.audit().recent(2).unwrap();
     let seen: Vec<_> = recent
         .iter()

@@ -105,17 +105,13 @@ impl Credits<'_> {
                 "an account holds no balance: top up or set its keys or pools",
             ));
         }
-        let audit = AuditLine {
+        // A top-up of nothing changes nothing: answered, not recorded.
+        let audit = (!matches!(change, Adjust::TopUp(0))).then(|| AuditLine {
             actor: self.actor.clone(),
             action,
             target: id.to_owned(),
-        };
-        match self
-            .ledger
-            .inner
-            .engine
-            .adjust(internal, change, Some(audit))
-        {
+        });
+        match self.ledger.inner.engine.adjust(internal, change, audit) {
             Err(Error::NotFound { .. }) => Err(self.no_balance(kind, internal)?),
             other => other,
         }

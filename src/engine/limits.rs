@@ -131,6 +131,20 @@ impl LiveLimits {
             self.held_sweep_at = (self.held.len() * 2).clamp(1024, MAX_HELD);
             self.held_swept_ns = now_ns;
         }
+        if self.held.len() >= MAX_HELD {
+            // Full between sweeps: a few states looked at, those run out let go, so that a
+            // running window is not dropped for states that count nothing any more (found by
+            // a reviewer: a key admitted twice in its hour). A few, not all: a full sweep is
+            // what the second between sweeps bounds.
+            const LOOKED_AT: usize = 64;
+            let run_out: Vec<u64> = (self.held.iter().take(LOOKED_AT))
+                .filter(|(_, l)| Arc::strong_count(l) == 1 && !l.running(now_ns))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in run_out {
+                self.held.remove(&id);
+            }
+        }
         if self.held.len() < MAX_HELD {
             self.held.insert(id, limits.clone());
         }

@@ -54,6 +54,25 @@ fn evicted_rate_limit_states_are_held_while_running_and_at_most_max_held() {
     // All of them have run out; the sweep comes at most once a second.
     live.hold(u64::MAX, &state(200), false, 200 * SEC);
     assert_eq!(live.held.len(), 1, "swept, then kept");
+
+    // Full of states that ran out since a sweep less than a second ago: room is made among
+    // a few of them, not the new running one dropped (found by a reviewer).
+    live.held.clear();
+    for id in 0..MAX_HELD as u64 {
+        live.hold(id, &state(300), false, 300 * SEC);
+    }
+    live.hold(u64::MAX, &state(305), false, 305 * SEC + SEC / 2);
+    assert!(
+        !live.held.contains_key(&u64::MAX),
+        "swept: all still running"
+    );
+    let now = 306 * SEC + SEC / 5; // they ran out at 306 s, the sweep was at 305.5 s
+    live.hold(u64::MAX, &state(306), false, now);
+    assert!(
+        live.held.contains_key(&u64::MAX),
+        "kept in the room of run-out ones"
+    );
+    assert!(live.held.len() <= MAX_HELD);
 }
 
 struct Fixture {

@@ -547,7 +547,7 @@ impl Meter {
 
     /// Adapts the next lease size to the time the last one lasted (writer thread only), never
     /// below the writer's `floor` unless that is more than a quarter of `balance`. Only a
-    /// busy key (its last lease lasted under a second) leases more than a quarter of its
+    /// busy key (its last lease used up within a second) leases more than a quarter of its
     /// balance: a size that the floor raised, or that traffic raised before it slowed down,
     /// does not put a small balance in memory whole, where a crash would lose it.
     pub(crate) fn adapt(&self, now_ms: u64, exact: bool, floor: u64, balance: u64) -> u64 {
@@ -559,7 +559,11 @@ impl Meter {
         let last = self.last_lease_ds.swap(now_ds, Ordering::AcqRel);
         let size = u64::from(self.lease_size.load(Ordering::Acquire));
         let lasted = u64::from(now_ds.wrapping_sub(last)) * 100;
-        let busy = last != 0 && lasted < 1_000;
+        // Busy: the last lease was used up within a second. One that memory still holds half
+        // of was not — a request that raced a take-back (a top-up, a set) asks while the
+        // fresh lease sits in memory — and doubling for it, take-back after take-back, put
+        // the whole balance in memory (found by a reviewer, with three threads).
+        let busy = last != 0 && lasted < 1_000 && self.leased() < size / 2;
         let quarter = (balance / 4).max(MIN_LEASE);
         let next = if last == 0 {
             size

@@ -78,7 +78,7 @@ impl Credits<'_> {
     }
 
     /// Whether this handle may see what `owner` owns.
-    pub(crate) fn sees(&self, owner: u64) -> bool {
+    pub(super) fn sees(&self, owner: u64) -> bool {
         self.owner.is_none_or(|o| o == owner)
     }
 

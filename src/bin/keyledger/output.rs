@@ -8,7 +8,6 @@ use keyledger::{
     Refill, RefillInterval, RouteRule, Secret, SecretInfo, SystemClock, Timestamp, Usage,
 };
 use serde::Serialize;
-use zeroize::Zeroizing;
 
 use crate::{CliError, CliResult};
 
@@ -135,8 +134,11 @@ pub fn print_created(json: bool, verb: &str, info: &KeyInfo, plaintext: &Secret)
             info,
             key: plaintext.expose(),
         };
-        let text = Zeroizing::new(serde_json::to_string_pretty(&value)?);
-        writeln!(out, "{}", text.as_str())
+        // Straight to stdout, as the text form: a string grown to hold it would leave
+        // copies of the secret behind each reallocation.
+        serde_json::to_writer_pretty(&mut out, &value)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(out))
     } else {
         let summary = key_summary(info).indent(2).render();
         writeln!(out, "{verb} {} {}\n{summary}", noun(info), info.id)

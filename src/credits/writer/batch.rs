@@ -102,8 +102,10 @@ impl Working<'_> {
     }
 }
 
-/// Runs `batch` into one transaction and commits it. On an error, what `batch` still holds
-/// was not reached.
+/// Runs `batch` into one transaction and commits it — or, if it changed nothing (keys that
+/// left the cache with nothing leased or spent: each such batch was a durable commit that
+/// also made every cache miss after it open a new read snapshot), rolls it back. Returns
+/// whether it committed. On an error, what `batch` still holds was not reached.
 pub(super) fn build(
     shared: &Shared,
     listed: &mut Listed,
@@ -111,11 +113,14 @@ pub(super) fn build(
     closing: bool,
     chunked: bool,
     fx: &mut Effects,
-) -> Result<()> {
+) -> Result<bool> {
     let now = shared.clock.now();
     // Closing, or about to: every lease is about to be returned, so hand out none.
     let leasing_stopped = closing || shared.closing.load(Ordering::Acquire);
     let txn = shared.store.begin_write()?;
+    // Whether this batch may have changed the file: only the messages below that are known to
+    // change nothing leave it false.
+    let mut wrote = closing || chunked || !listed.returns.is_empty();
     {
         let mut work = Working {
             table: txn.open_table(CREDITS)?,
@@ -140,6 +145,10 @@ pub(super) fn build(
             flush_usage(shared, &txn, &mut work, fx)?;
         }
         for msg in batch {
+            wrote |= !matches!(
+                msg,
+                Msg::Retire { .. } | Msg::Abandon | Msg::PrefetchBell | Msg::Lease { need: 0, .. }
+            );
             match msg {
                 // Closing, or about to: nothing is leased, and a waiting request is told so
                 // at once (asking again would meet the same answer).
@@ -159,6 +168,7 @@ pub(super) fn build(
                     meter.pending.store(false, Ordering::Release);
                 }
                 Msg::Lease { meter, need, reply } => {
+                    wrote = true;
                     lease_for(shared, &mut work, fx, meter, need, reply, now)?
                 }
                 Msg::Shortfall {
@@ -173,7 +183,7 @@ pub(super) fn build(
                     reply,
                 } => adjust(shared, &txn, &mut work, fx, id, change, audit, reply, now)?,
                 Msg::Retire { meter } => {
-                    reclaim(shared, &mut work, fx, &meter)?;
+                    wrote |= reclaim(shared, &mut work, fx, &meter)?.is_some();
                     fx.retired.push(meter);
                 }
                 Msg::Return {
@@ -208,10 +218,15 @@ pub(super) fn build(
                 fx.balances.push((meter.clone(), r.balance));
             }
         }
+        wrote |= !work.records.is_empty();
         work.write_all()?;
     }
-    txn.commit()?;
-    Ok(())
+    if wrote {
+        txn.commit()?;
+    } else {
+        txn.abort()?;
+    }
+    Ok(wrote)
 }
 
 /// A lease for `meter` (`need` for a request waiting on `reply`, else a top-up), or the
@@ -473,7 +488,12 @@ fn take_back_leases(
         // it after this could be reserved again by a new request, and a close under
         // traffic would wait out its grace.
         meter.set_refill_at(0);
-        let left = reclaim(shared, work, fx, &meter)?;
+        // Nothing to move (every meter of a second pass while closing, most of them): read
+        // what is still leased, writing nothing.
+        let left = match reclaim(shared, work, fx, &meter)? {
+            Some(left) => left,
+            None => work.leased(meter.id)?,
+        };
         if left > 0 {
             held = held.saturating_add(left);
             still_leased.push(meter);

@@ -144,7 +144,7 @@ pub(super) fn commit(
         .list_bytes
         .fetch_max(working as u64, Ordering::Relaxed);
     match result {
-        Ok(()) => (publish(shared, listed, fx, chunked), Ok(())),
+        Ok(committed) => (publish(shared, listed, fx, chunked, committed), Ok(())),
         Err(e) => {
             let message = e.to_string();
             (undo(shared, listed, fx, batch, &message), Err(message))
@@ -152,16 +152,20 @@ pub(super) fn commit(
     }
 }
 
-/// A committed batch: makes what it changed visible in memory — leases, handoffs to waiting
-/// requests, balances, events — and answers everyone it carried. Returns the `flush` and
-/// `close` requests, for [`apply`](super::apply) to answer.
+/// A batch that committed (or, `committed` false, changed nothing and was rolled back): makes
+/// what it changed visible in memory — leases, handoffs to waiting requests, balances,
+/// events — and answers everyone it carried. Returns the `flush` and `close` requests, for
+/// [`apply`](super::apply) to answer.
 fn publish(
     shared: &Shared,
     listed: &mut Listed,
     mut fx: Effects,
     chunked: bool,
+    committed: bool,
 ) -> Vec<Sender<Result<()>>> {
-    shared.commits.fetch_add(1, Ordering::Relaxed);
+    if committed {
+        shared.commits.fetch_add(1, Ordering::Relaxed);
+    }
     if let Some(held) = fx.held {
         shared.held.store(held, Ordering::Release);
         listed.still_leased = fx.still_leased.take();

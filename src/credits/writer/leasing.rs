@@ -99,15 +99,17 @@ pub(super) fn low_balance(shared: &Shared, fx: &mut Effects, meter: &MeterRef, r
 }
 
 /// Gives `meter`'s lease back to its balance and flushes its spend; returns the units still
-/// leased after that (what grants still held have reserved). Spend settled here may have
-/// crossed the low-balance threshold: told now, as by any other settling (the meter may be
-/// leaving: a key evicted, the ledger closing; its next meter takes the figure as known).
+/// leased after that (what grants still held have reserved), or `None` if there was nothing
+/// to move (then nothing was read or written: a key leaving the cache unused since its last
+/// lease costs the writer no read, and its batch maybe no commit). Spend settled here may
+/// have crossed the low-balance threshold: told now, as by any other settling (the meter may
+/// be leaving: a key evicted, the ledger closing; its next meter takes the figure as known).
 pub(super) fn reclaim(
     shared: &Shared,
     work: &mut Working<'_>,
     fx: &mut Effects,
     meter: &MeterRef,
-) -> Result<u64> {
+) -> Result<Option<u64>> {
     // Leases granted earlier in this batch reach memory only after the commit: take them
     // back here too, or they would land on top of what this batch decides.
     let pending = cancel_pending_leases(fx, meter);
@@ -125,9 +127,7 @@ pub(super) fn reclaim(
     }
     let spent = meter.spent.swap(0, Ordering::AcqRel);
     if pending == 0 && lease == 0 && spent == 0 {
-        // Nothing to move (every meter of a second pass while closing, most of them): read
-        // what is still leased, writing nothing.
-        return work.leased(meter.id);
+        return Ok(None);
     }
     // Listed before the read: if it fails, the batch gives them back to the meter.
     fx.reclaimed.push((meter.clone(), lease));
@@ -152,9 +152,9 @@ pub(super) fn reclaim(
             fx.leases.push((meter.clone(), 0, 0));
         }
         low_balance(shared, fx, meter, r.balance);
-        return Ok(r.leased);
+        return Ok(Some(r.leased));
     }
-    Ok(0)
+    Ok(Some(0))
 }
 
 /// Zeroes the leases granted to `meter` earlier in this batch; returns how many units.

@@ -192,7 +192,11 @@ impl KeyFormat {
     ///
     /// Every place a prefix starts is tried, overlapping ones too: with a prefix such as
     /// `ab_ab_`, which ends as it begins, `ab_` glued before a key makes a false start that
-    /// overlaps the key's own prefix (found by a reviewer).
+    /// overlaps the key's own prefix (found by a reviewer). Each start looks at no more than
+    /// a key's length after it (the letter and digit among a legacy key's 100 characters at
+    /// most), so the whole check is linear in the text: it runs before any length check, on
+    /// whatever a caller sends (found by a reviewer: a run of legacy prefixes with no digit
+    /// made each start scan to the end, and 256 KB took 7 s).
     pub(crate) fn holds_key(&self, text: &str) -> bool {
         let starts = || text.char_indices().map(|(at, _)| (at, &text[at..]));
         let own = self.prefixes.iter().any(|(prefix, _)| {
@@ -210,6 +214,7 @@ impl KeyFormat {
                 .any(|(_, rest)| {
                     let key_char = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-');
                     let body = &rest.as_bytes()[prefix.len()..];
+                    let body = &body[..body.len().min(*LEGACY_BODY_LEN.end())];
                     let body =
                         &body[..body.iter().position(|b| !key_char(b)).unwrap_or(body.len())];
                     body.len() >= *LEGACY_BODY_LEN.start()
@@ -570,6 +575,23 @@ mod tests {
                 .expose()
                 .starts_with("vb_live_")
         );
+    }
+
+    /// A megabyte of legacy prefixes with no digit holds no key, and finding that out looks
+    /// a key's length past each start at most (scanned to the end from each, it took
+    /// minutes: this test would not finish). A key after it, or glued to it, is found.
+    #[test]
+    fn a_long_run_of_legacy_prefixes_is_checked_in_linear_time() {
+        let f = with_legacy_prefix();
+        let text = "sk_live_".repeat(128 * 1024);
+        assert!(!f.holds_key(&text));
+        let key = "sk_live_0123456789abcdefXYZ";
+        assert!(f.holds_key(&format!("{text} {key}")));
+        assert!(f.holds_key(&format!("{key}{text}")));
+        // A run of key characters longer than a key: its letter and digit must be among
+        // the first 100 after the prefix, as in any legacy key.
+        assert!(f.holds_key(&format!("sk_live_a1{}", "x".repeat(200))));
+        assert!(!f.holds_key(&format!("sk_live_{}1", "x".repeat(200))));
     }
 
     #[test]

@@ -2734,6 +2734,37 @@ fn lifetime_spend_saturates_it_never_wraps() {
     assert_eq!(usage(&t, id.as_str()).lifetime_spent, u64::MAX);
 }
 
+/// A refill of nothing into a run-out balance does not grow it either: the run-out is
+/// reported once, not once a day. A refill that does grow it makes the next one news.
+/// (Each refill cleared the mark; found by a reviewer.)
+#[test]
+fn a_refill_of_nothing_does_not_re_report_a_run_out() {
+    let t = TestLedger::new();
+    let events = t.ledger.credit_events();
+    let (id, plain) = daily_refill_key(&t, 1, 0);
+    let run_outs = || {
+        assert_eq!(verify_code(&t.ledger, &plain, "/x"), "usage_exceeded");
+        t.ledger.flush().unwrap();
+        let kinds = events.try_iter().map(|e| e.kind);
+        kinds.filter(|k| *k == CreditEventKind::Exhausted).count()
+    };
+    assert_eq!(drain(&t, &plain, 10), 1);
+    let mut per_day = vec![run_outs()];
+    for _ in 0..3 {
+        t.clock.set(next_day(&t));
+        per_day.push(run_outs());
+    }
+    assert_eq!(per_day, [1, 0, 0, 0]);
+    let update = KeyUpdate::new().refill(Some(Refill {
+        amount: 2,
+        interval: RefillInterval::Daily,
+    }));
+    t.ledger.keys().update(id.as_str(), update).unwrap();
+    t.clock.set(next_day(&t));
+    assert_eq!(drain(&t, &plain, 10), 2);
+    assert_eq!(run_outs(), 1, "the refill's units ran out");
+}
+
 /// A top-up of nothing, or a set to what an exhausted balance already holds, does not grow
 /// it: the run-out already reported is not reported again. A real top-up is growth.
 /// (Each such change cleared the mark, and the next refusal reported the same run-out

@@ -275,7 +275,11 @@ pub(super) fn new_period(
         // Like a `set`: a reservation from the old period is final, its refund must not
         // land in the new one.
         end_epoch(fx, meter, r);
-        fx.tell(meter, meter.replenished());
+        // As for a top-up: only a balance that grew makes the next refusal news (a refill of
+        // nothing into a run-out balance reported the same run-out once a period).
+        if r.balance > old_period {
+            fx.tell(meter, meter.replenished());
+        }
         low_balance(shared, fx, meter, r.balance);
     }
     set_refill_at(shared, meter, refill::due_at(r, now));

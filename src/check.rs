@@ -57,9 +57,10 @@ impl Ledger {
     /// writes while checking it (it repairs a file not closed cleanly, and its integrity check
     /// writes a commit header) stays in memory, so a check can be repeated with the same
     /// result, and a backup or a read-only file can be checked in place. An older format is
-    /// refused with [`Error::OlderFormat`]. Pages that fail redb's checksums are reported
+    /// refused with [`Error::OlderFormat`]. Pages that fail redb's checksums, and a file
+    /// whose structure redb cannot open or read (cut short, a malformed page), are reported
     /// (`integrity_ok` false, and a problem line); errors only when the file cannot be
-    /// checked at all (missing, in use, not a ledger, another master key).
+    /// checked at all (missing, in use, not a redb file or not a ledger, another master key).
     pub fn check(path: impl AsRef<Path>, config: Config) -> Result<CheckReport> {
         let path = path.as_ref();
         if !path.exists() {
@@ -87,10 +88,30 @@ fn check_backend(
     path: &Path,
     config: &Config,
 ) -> Result<CheckReport> {
-    let integrity = unless_redb_panics(|| -> Result<Integrity> {
-        let mut db = redb::Database::builder().create_with_backend(backend.clone())?;
-        integrity(db.check_integrity())
-    })??;
+    // A file whose structure redb cannot open (truncated, or a page its opening repair or
+    // its check trips over: an error or one of redb's panics) is damage to report like pages
+    // failing their checksums, not a check that could not run (found by a reviewer: exit 1
+    // and no report, where a script restores from a backup on exit 4).
+    let opened =
+        unless_redb_panics(|| redb::Database::builder().create_with_backend(backend.clone()));
+    let mut db = match opened {
+        Ok(Ok(db)) => db,
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(what)))) => {
+            return Ok(unreadable("redb could not open the file", &what));
+        }
+        Ok(Err(e)) => return Err(e.into()),
+        Err(panicked) => {
+            return Ok(unreadable(
+                "redb could not open the file",
+                &panicked.to_string(),
+            ));
+        }
+    };
+    let integrity = match unless_redb_panics(|| integrity(db.check_integrity())) {
+        Ok(checked) => checked?,
+        Err(panicked) => Integrity::Damaged(panicked.to_string()),
+    };
+    drop(db);
     // Reading a corrupt file's records can reach redb's panics too.
     unless_redb_panics(|| {
         let db = redb::Database::builder().create_with_backend(backend)?;
@@ -107,7 +128,23 @@ fn check_backend(
             }),
             (Err(e), _) => Err(e),
         }
-    })?
+    })
+    .unwrap_or_else(|panicked| {
+        let mut report = unreadable("reading its records failed", &panicked.to_string());
+        report.integrity_ok = !matches!(integrity, Integrity::Damaged(_));
+        Ok(report)
+    })
+}
+
+/// The report on a file whose structure redb could not read: `failed` says what, `why` is
+/// redb's message.
+fn unreadable(failed: &str, why: &str) -> CheckReport {
+    CheckReport {
+        problems: vec![format!(
+            "{failed} ({why}): the file is damaged; restore it from a backup"
+        )],
+        ..CheckReport::default()
+    }
 }
 
 /// The problem line of pages that fail redb's checksums.

@@ -991,6 +991,9 @@ fn credits_top_up_and_set_change_the_balance() {
     let v = s.json(&["credits", "top-up", &id, "5"]);
     assert_eq!(v["balance"], 15);
     assert_eq!(s.json(&["usage", &id])["remaining"], 15);
+    // What it started with is not a bound (found by a reviewer: "15 left of 10").
+    let shown = stdout(&s.run(&["keys", "show", &id]));
+    assert!(shown.contains("15 left (started with 10)"), "{shown}");
     let (exit, v) = s.verify(&key, QUICKHITS, &[]);
     assert_eq!(
         (exit, v["remaining_credits"].as_u64()),

@@ -293,11 +293,12 @@ pub fn status_at(info: &KeyInfo, now: Timestamp) -> &'static str {
     }
 }
 
-/// `remaining / starting`, or `unmetered`.
+/// What is left, and what the key started with (not a bound: top-ups and refills add to
+/// it), or `unmetered`.
 fn credits(info: &KeyInfo) -> String {
     match (info.remaining_credits, info.limits.credits, &info.pool) {
         (Some(left), _, Some(pool)) => format!("{left} left in pool {pool} (shared)"),
-        (Some(left), Some(start), None) => format!("{left} left of {start}"),
+        (Some(left), Some(start), None) => format!("{left} left (started with {start})"),
         (Some(left), None, None) => format!("{left} left"),
         (None, _, _) => "unmetered".to_owned(),
     }

@@ -275,11 +275,6 @@ impl Ledger {
         self.inner.store.guard(work)
     }
 
-    /// How far the credit writer last saw the wall clock go back (ms; 0: not since open).
-    pub(crate) fn clock_stepped_back(&self) -> u64 {
-        self.inner.engine.shared.stepped_back()
-    }
-
     pub(crate) fn now(&self) -> Timestamp {
         // `u64::MAX` is "never" as a deadline: a clock that reads it must not pass it (found
         // by a reviewer: every key, even one that never expires, read as expired).

@@ -184,7 +184,7 @@ impl Credits<'_> {
                 if !changed.is_empty() {
                     store::put(&mut pools, internal, &record)?;
                     if let Some(b) = balance.as_mut().filter(|b| b.refill != record.refill) {
-                        refill::replace(b, record.refill, now, self.ledger.clock_stepped_back());
+                        refill::replace(b, record.refill, now);
                         store::put(&mut balances, internal, b)?;
                     }
                     audit::append(

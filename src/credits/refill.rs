@@ -6,6 +6,10 @@ use crate::record::{CreditsRecord, Refill, RefillInterval};
 
 const DAY_MS: u64 = 86_400_000;
 
+/// How far ahead of a period's start a clock may have been when it made that period's
+/// refill for the refill to count as made a moment early (ms): an hour.
+const EARLY_REFILL: u64 = 3_600_000;
+
 /// Start of the period containing `now`.
 pub(crate) fn period_start(interval: RefillInterval, now: Timestamp) -> Timestamp {
     let day = now.0 / DAY_MS;
@@ -31,61 +35,14 @@ pub(crate) fn next_period(interval: RefillInterval, now: Timestamp) -> Timestamp
 
 /// When the next refill of `record` is due (ms; `u64::MAX` without a refill). At or after
 /// this time the balance must be refilled before it is spent. A refill recorded for a period
-/// still to come (the clock was ahead, then set back) counts for the period
-/// [`counted_for`] says.
-pub(crate) fn due_at(record: &CreditsRecord, now: Timestamp, stepped_back: u64) -> u64 {
+/// still to come (the clock was ahead, then set back) counts for the current one.
+pub(crate) fn due_at(record: &CreditsRecord, now: Timestamp) -> u64 {
     let Some(refill) = record.refill else {
         return u64::MAX;
     };
-    let counted = record
-        .refilled_at
-        .map(|at| counted_for(refill.interval, at, now, stepped_back));
-    match counted {
+    match record.refilled_at {
         Some(at) if at >= period_start(refill.interval, now) => next_period(refill.interval, now).0,
         _ => 0,
-    }
-}
-
-/// The period a refill recorded for period `at` counts for, at `now`. One for a period still
-/// to come was made while the clock was ahead, and the clock has since been set back — by
-/// `stepped_back` ms, the last step back the credit writer saw (0: none seen since the
-/// ledger opened). Made in the period just before its own (a clock a moment, or a few hours,
-/// ahead at midnight), it is that period's refill made early, and counts for it: that period
-/// gets no second one. Made further ahead, it counts for the period it was really made in,
-/// `stepped_back` before its own — so a period after that one refills again, however long
-/// the key then goes unused. Where a step of a fraction of a period leaves two periods it
-/// may have been made in, it counts as made in the later: a period may go without a refill,
-/// none gets two. (Found by reviewers: kept as it was, no refill came until the
-/// clock caught up with it; then, judged by the time of the next use rather than by the
-/// step, one made two periods ahead and first used again in the next period was read as
-/// made early for the one after, and neither refilled; and one made 90 minutes early and
-/// used again before midnight gave one day two refills.) With no step seen (the ledger
-/// reopened since), a refill for the next period counts for it, any other for this one.
-pub(crate) fn counted_for(
-    interval: RefillInterval,
-    at: Timestamp,
-    now: Timestamp,
-    stepped_back: u64,
-) -> Timestamp {
-    let start = period_start(interval, now);
-    if at <= start {
-        return at;
-    }
-    let made_in = match stepped_back {
-        0 => start,
-        step => {
-            // Made at `at` or later by the clock, before its next period: that, `step` back.
-            let latest = next_period(interval, at)
-                .0
-                .saturating_sub(step)
-                .saturating_sub(1);
-            period_start(interval, Timestamp(latest)).min(start)
-        }
-    };
-    if at == next_period(interval, made_in) {
-        at
-    } else {
-        made_in
     }
 }
 
@@ -94,16 +51,11 @@ pub(crate) fn counted_for(
 /// otherwise the new terms start with the next period of their own interval, and the balance
 /// of this one stays. (Found by a reviewer: a changed interval kept the old one's date, so
 /// monthly → daily mid-month refilled at once, and daily → monthly skipped a due refill.)
-pub(crate) fn replace(
-    record: &mut CreditsRecord,
-    refill: Option<Refill>,
-    now: Timestamp,
-    stepped_back: u64,
-) {
+pub(crate) fn replace(record: &mut CreditsRecord, refill: Option<Refill>, now: Timestamp) {
     if record.refill == refill {
         return;
     }
-    let due = due_at(record, now, stepped_back) <= now.0;
+    let due = due_at(record, now) <= now.0;
     record.refilled_at = match refill {
         Some(new) if !due => Some(period_start(new.interval, now)),
         _ => None,
@@ -114,18 +66,31 @@ pub(crate) fn replace(
 /// Applies a due refill to `record`: the balance becomes the refill amount. Returns whether
 /// one was applied. `granted` moves with it so the conservation invariant holds: a refill
 /// so large (`u64::MAX`, "unlimited") that everything ever granted would pass `u64::MAX`
-/// gives what still fits. A refill recorded for a period still to come is first recorded
-/// for the period it counts for ([`counted_for`]).
-pub(crate) fn apply_due(record: &mut CreditsRecord, now: Timestamp, stepped_back: u64) -> bool {
+/// gives what still fits.
+pub(crate) fn apply_due(record: &mut CreditsRecord, now: Timestamp) -> bool {
     let Some(refill) = record.refill else {
         return false;
     };
     let start = period_start(refill.interval, now);
-    if let Some(at) = record.refilled_at.filter(|&at| at > start) {
-        record.refilled_at = Some(counted_for(refill.interval, at, now, stepped_back));
-    }
-    if record.refilled_at.is_some_and(|at| at >= start) {
-        return false;
+    match record.refilled_at {
+        // Refilled for a period still to come: the clock was ahead, and has been set back.
+        // Made a moment early for the next period, the refill counts for that one (a clock a
+        // moment ahead at midnight must not give one day two refills); made further ahead,
+        // it counts for this period, and the next one refills again (found by a reviewer:
+        // kept as it was, no refill came until the clock caught up with it). "A moment": the
+        // next period starts within `EARLY_REFILL` — a refill stamped for the next period but
+        // first seen long before it starts was made further ahead (found by a reviewer: one
+        // made two periods ahead, not seen again until the period after the step back, read
+        // as early for the one after that, and neither refilled).
+        Some(at) if at > start => {
+            let early = at == next_period(refill.interval, now) && at.0 - now.0 <= EARLY_REFILL;
+            if !early {
+                record.refilled_at = Some(start);
+            }
+            return false;
+        }
+        Some(at) if at == start => return false,
+        _ => {}
     }
     let granted_before = record.granted.saturating_sub(record.balance);
     record.balance = refill.amount.min(u64::MAX - granted_before);
@@ -196,55 +161,36 @@ mod tests {
             }),
             ..CreditsRecord::default()
         };
-        assert!(!apply_due(&mut r, NOW, 0), "same month: nothing due");
+        assert!(!apply_due(&mut r, NOW), "same month: nothing due");
         let december = next_period(RefillInterval::Monthly, NOW);
-        assert!(apply_due(&mut r, december, 0));
+        assert!(apply_due(&mut r, december));
         assert_eq!((r.balance, r.granted), (1_000, 1_997));
         assert!(r.balanced());
-        assert!(!apply_due(&mut r, december, 0), "applied once");
+        assert!(!apply_due(&mut r, december), "applied once");
     }
 
-    /// A refill recorded for a period still to come counts for the period it was made in,
-    /// the clock's step back before its own: for its own when that is the one before it.
+    /// A refill stamped for the next period counts for it when that period starts within
+    /// the hour (a clock a moment ahead at midnight); seen earlier than that, it was made
+    /// further ahead and counts for the current one.
     #[test]
-    fn a_refill_made_ahead_counts_for_the_period_it_was_made_in() {
-        const HOUR: u64 = 3_600_000;
-        let daily = RefillInterval::Daily;
-        let today = period_start(daily, NOW);
-        let day = |n: u64| Timestamp(today.0 + n * DAY_MS);
-        let counted = |at, now, step| counted_for(daily, at, now, step);
-        // A moment, or hours, early at midnight: tomorrow's refill.
-        for step in [2_000, HOUR / 2, 90 * HOUR / 60, 3 * HOUR] {
-            assert_eq!(counted(day(1), NOW, step), day(1), "{step} ms");
-        }
-        // Two days ahead: made today, and seen tomorrow it is still today's, so tomorrow's
-        // refill is due.
-        assert_eq!(counted(day(2), NOW, 2 * DAY_MS), today);
-        assert_eq!(counted(day(2), day(1), 2 * DAY_MS), today);
-        // A day and a half ahead: made today or tomorrow; seen tomorrow, counted as
-        // tomorrow's early (no day gets two).
-        assert_eq!(counted(day(2), day(1), 36 * HOUR), day(2));
-        assert_eq!(counted(day(2), NOW, 36 * HOUR), today);
-        // No step seen (the ledger reopened since): for the next period counts for it,
-        // further ahead for this one.
-        assert_eq!(counted(day(1), NOW, 0), day(1));
-        assert_eq!(counted(day(2), NOW, 0), today);
-        // A refill in the past is where it was.
-        assert_eq!(counted(today, day(1), 2 * DAY_MS), today);
-        let mut r = CreditsRecord {
-            refilled_at: Some(day(2)),
+    fn a_refill_made_early_counts_for_the_next_period_only_within_the_hour() {
+        let next = next_period(RefillInterval::Daily, NOW);
+        let stamped = |refilled_at| CreditsRecord {
+            refilled_at: Some(refilled_at),
             refill: Some(Refill {
                 amount: 10,
-                interval: daily,
+                interval: RefillInterval::Daily,
             }),
             ..CreditsRecord::default()
         };
+        let mut r = stamped(next);
+        assert!(!apply_due(&mut r, Timestamp(next.0 - EARLY_REFILL)));
+        assert_eq!(r.refilled_at, Some(next), "early for the next day");
+        let now = Timestamp(next.0 - EARLY_REFILL - 1);
+        assert!(!apply_due(&mut r, now));
         assert_eq!(
-            due_at(&r, day(1), 2 * DAY_MS),
-            0,
-            "due: counted for yesterday"
+            r.refilled_at,
+            Some(period_start(RefillInterval::Daily, now))
         );
-        assert!(apply_due(&mut r, day(1), 2 * DAY_MS));
-        assert_eq!((r.balance, r.refilled_at), (10, Some(day(1))));
     }
 }

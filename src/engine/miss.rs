@@ -336,7 +336,7 @@ impl Engine {
         };
         let meter = Meter::new(id, threshold, IdKind::Pool, self.shared.exact);
         if let Some(r) = &record {
-            init_meter(&meter, r, now, self.shared.stepped_back());
+            init_meter(&meter, r, now);
         }
         let meter = Arc::new(meter);
         if exists {
@@ -351,9 +351,9 @@ impl Engine {
 /// change between this read and that one is measured once, by the writer (found by a
 /// reviewer: a `set` the writer reported with no meter in memory was reported again from
 /// this older figure).
-pub(crate) fn init_meter(meter: &Meter, record: &CreditsRecord, now: Timestamp, stepped_back: u64) {
+pub(crate) fn init_meter(meter: &Meter, record: &CreditsRecord, now: Timestamp) {
     meter
         .durable_balance
         .store(record.balance, Ordering::Release);
-    meter.set_refill_at(refill::due_at(record, now, stepped_back));
+    meter.set_refill_at(refill::due_at(record, now));
 }

@@ -148,7 +148,6 @@ impl Engine {
             limits: Mutex::new(LiveLimits::new(config.spend_tiers.clone())),
             limits_generation: AtomicU64::new(0),
             lease_floor: AtomicU64::new(MIN_LEASE),
-            clock_stepped_back: AtomicU64::new(0),
             closing: std::sync::atomic::AtomicBool::new(false),
             held: AtomicU64::new(0),
             #[cfg(test)]
@@ -327,11 +326,7 @@ impl Engine {
             let meters = self.shared.meters.lock();
             meters.get(id).map_or(0, |m| m.leased()).min(view.leased)
         };
-        if refill::apply_due(
-            &mut view,
-            self.shared.clock.now(),
-            self.shared.stepped_back(),
-        ) {
+        if refill::apply_due(&mut view, self.shared.clock.now()) {
             view.leased -= in_memory;
             view.granted = view.granted.saturating_sub(in_memory);
             let left = view.balance;

@@ -769,7 +769,7 @@ impl<'a> Keys<'a> {
                         (None, _) => {}
                     }
                     if let Some(c) = credits.as_mut() {
-                        refill::replace(c, limits.refill, now, self.ledger.clock_stepped_back());
+                        refill::replace(c, limits.refill, now);
                     }
                 }
                 record.limits = limits;

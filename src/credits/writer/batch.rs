@@ -386,7 +386,7 @@ fn adjust(
     let start = r.balance;
     // A refill that fell due comes first: the admin's change is the newer one
     // and must not be replaced by it later.
-    let refilled = refill::apply_due(r, now, shared.stepped_back());
+    let refilled = refill::apply_due(r, now);
     let before = r.balance;
     let balance = match change {
         Adjust::Set(n) => Some(n),
@@ -450,11 +450,7 @@ fn adjust(
             fx.tell(&meter, meter.replenished());
         }
         fx.balances.push((meter.clone(), r.balance));
-        set_refill_at(
-            shared,
-            &meter,
-            refill::due_at(r, now, shared.stepped_back()),
-        );
+        set_refill_at(shared, &meter, refill::due_at(r, now));
         // A set below the threshold is a fall like any other.
         low_balance(shared, fx, &meter, r.balance);
         fx.leases.push((meter, 0, empty_until(r, now)));

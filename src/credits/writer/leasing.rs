@@ -267,7 +267,7 @@ pub(super) fn new_period(
     now: Timestamp,
 ) {
     let old_period = r.balance + meter.leased();
-    if refill::apply_due(r, now, shared.stepped_back()) {
+    if refill::apply_due(r, now) {
         low_balance(shared, fx, meter, old_period);
         let pending = cancel_pending_leases(fx, meter).min(r.leased);
         r.leased -= pending;
@@ -282,7 +282,7 @@ pub(super) fn new_period(
         }
         low_balance(shared, fx, meter, r.balance);
     }
-    set_refill_at(shared, meter, refill::due_at(r, now, shared.stepped_back()));
+    set_refill_at(shared, meter, refill::due_at(r, now));
 }
 
 /// The low-balance threshold of balance `id`, if it has one, and what its events name: from

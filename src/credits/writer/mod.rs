@@ -198,10 +198,6 @@ pub(crate) struct Shared {
     pub limits_generation: AtomicU64,
     /// The smallest lease the writer grants now: `MIN_LEASE`, more while it is behind.
     pub lease_floor: AtomicU64,
-    /// How far the wall clock went back (ms) the last time the writer saw it go back; 0 if
-    /// it has not since the ledger opened. Tells a refill made while the clock was ahead
-    /// which period it counts for (`refill::counted_for`).
-    pub clock_stepped_back: AtomicU64,
     /// The ledger is closing: lease nothing more (requests that need a lease are refused as
     /// unavailable), so that the grants still held are the last.
     pub closing: AtomicBool,
@@ -214,11 +210,6 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// See [`clock_stepped_back`](Self::clock_stepped_back).
-    pub(crate) fn stepped_back(&self) -> u64 {
-        self.clock_stepped_back.load(Ordering::Acquire)
-    }
-
     /// An event about `meter`'s balance, with the credits left.
     pub(crate) fn event(
         &self,
@@ -316,8 +307,6 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
         }
         let now = shared.clock.now().0;
         if now.saturating_add(CLOCK_STEP_BACK) < clock_seen {
-            let step = clock_seen - now;
-            shared.clock_stepped_back.store(step, Ordering::Release);
             forget_times(&shared);
         }
         clock_seen = now;
@@ -374,8 +363,7 @@ const CLOCK_STEP_BACK: u64 = 1_000;
 /// The wall clock was set back (an NTP step, a resumed VM): every meter's refill and empty
 /// times were worked out for a period it may not have reached. Each is made due now, so its
 /// next request asks the writer, which works them out again, counting a refill made while the
-/// clock was ahead for the period it was made in (`refill::counted_for`, told the step by
-/// `Shared::clock_stepped_back`). Found by a reviewer: a clock a year
+/// clock was ahead as this period's (`refill::apply_due`). Found by a reviewer: a clock a year
 /// ahead, then set right, left an emptied key refused in memory, with no refill, for a year.
 /// Within a writer turn of the step (it wakes every `FLUSH_INTERVAL` at least).
 fn forget_times(shared: &Shared) {

@@ -1295,7 +1295,7 @@ fn a_set_reported_with_no_meter_is_not_reported_again_by_a_racing_miss() {
     ledger.credits().set(&pool, 40).unwrap();
     // ... and the miss registers its meter from what it read.
     let meter = Meter::new(id, Some(50), IdKind::Pool, false);
-    crate::engine::init_meter(&meter, &stale, ledger.now(), 0);
+    crate::engine::init_meter(&meter, &stale, ledger.now());
     let meters = &ledger.inner.engine.shared.meters;
     meters.lock().insert(MeterRef::Pool(Arc::new(meter)));
     assert_eq!(spend_one(&ledger, &plain), Ok(1));

@@ -561,32 +561,6 @@ fn a_clock_set_back_after_running_ahead_refills_again_from_the_next_period() {
     assert_eq!(u.spent + u.remaining.unwrap(), u.granted);
 }
 
-/// The same with the clock two days ahead and the key not used again until the next day:
-/// the refill made ahead counts for that day, and the day after refills (found by a
-/// reviewer: read as made a moment early for the day after, neither day refilled).
-#[test]
-fn a_refill_made_two_periods_ahead_and_seen_next_period_counts_for_that_one() {
-    let t = TestLedger::new();
-    let (id, plain) = daily_refill_key(&t, 10, 10);
-    let now = t.now();
-    assert_eq!(drain(&t, &plain, 3), 3);
-    t.clock.set(Timestamp(now.0 + 2 * DAY_MS));
-    assert_eq!(drain(&t, &plain, 1), 1, "refilled, two days ahead");
-    t.clock.set(now);
-    t.ledger.flush().unwrap(); // a turn of the writer, which sees the clock went back
-    let tomorrow = next_day(&t);
-    t.clock.set(Timestamp(tomorrow.0 + DAY_MS / 2));
-    assert_eq!(
-        drain(&t, &plain, 100),
-        9,
-        "that refill, counted for this day"
-    );
-    t.clock.set(next_day(&t));
-    assert_eq!(drain(&t, &plain, 100), 10, "the next day's refill");
-    let u = usage(&t, &id);
-    assert_eq!(u.spent + u.remaining.unwrap(), u.granted);
-}
-
 /// A clock a moment ahead at midnight, then stepped back: the refill it made early for the
 /// next day counts for that day, which gets no second one (found by a reviewer of the rule
 /// above: a step of two seconds, or of half a second — below the writer's notice — gave one

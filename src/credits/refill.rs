@@ -6,10 +6,6 @@ use crate::record::{CreditsRecord, Refill, RefillInterval};
 
 const DAY_MS: u64 = 86_400_000;
 
-/// How far ahead of a period's start a clock may have been when it made that period's
-/// refill for the refill to count as made a moment early (ms): an hour.
-const EARLY_REFILL: u64 = 3_600_000;
-
 /// Start of the period containing `now`.
 pub(crate) fn period_start(interval: RefillInterval, now: Timestamp) -> Timestamp {
     let day = now.0 / DAY_MS;
@@ -74,17 +70,12 @@ pub(crate) fn apply_due(record: &mut CreditsRecord, now: Timestamp) -> bool {
     let start = period_start(refill.interval, now);
     match record.refilled_at {
         // Refilled for a period still to come: the clock was ahead, and has been set back.
-        // Made a moment early for the next period, the refill counts for that one (a clock a
-        // moment ahead at midnight must not give one day two refills); made further ahead,
-        // it counts for this period, and the next one refills again (found by a reviewer:
-        // kept as it was, no refill came until the clock caught up with it). "A moment": the
-        // next period starts within `EARLY_REFILL` — a refill stamped for the next period but
-        // first seen long before it starts was made further ahead (found by a reviewer: one
-        // made two periods ahead, not seen again until the period after the step back, read
-        // as early for the one after that, and neither refilled).
+        // Made early for the next period, the refill counts for that one (a clock a moment
+        // ahead at midnight must not give one day two refills); made further ahead, it counts
+        // for this period, and the next one refills again (found by a reviewer: kept as it
+        // was, no refill came until the clock caught up with it).
         Some(at) if at > start => {
-            let early = at == next_period(refill.interval, now) && at.0 - now.0 <= EARLY_REFILL;
-            if !early {
+            if at != next_period(refill.interval, now) {
                 record.refilled_at = Some(start);
             }
             return false;
@@ -167,30 +158,5 @@ mod tests {
         assert_eq!((r.balance, r.granted), (1_000, 1_997));
         assert!(r.balanced());
         assert!(!apply_due(&mut r, december), "applied once");
-    }
-
-    /// A refill stamped for the next period counts for it when that period starts within
-    /// the hour (a clock a moment ahead at midnight); seen earlier than that, it was made
-    /// further ahead and counts for the current one.
-    #[test]
-    fn a_refill_made_early_counts_for_the_next_period_only_within_the_hour() {
-        let next = next_period(RefillInterval::Daily, NOW);
-        let stamped = |refilled_at| CreditsRecord {
-            refilled_at: Some(refilled_at),
-            refill: Some(Refill {
-                amount: 10,
-                interval: RefillInterval::Daily,
-            }),
-            ..CreditsRecord::default()
-        };
-        let mut r = stamped(next);
-        assert!(!apply_due(&mut r, Timestamp(next.0 - EARLY_REFILL)));
-        assert_eq!(r.refilled_at, Some(next), "early for the next day");
-        let now = Timestamp(next.0 - EARLY_REFILL - 1);
-        assert!(!apply_due(&mut r, now));
-        assert_eq!(
-            r.refilled_at,
-            Some(period_start(RefillInterval::Daily, now))
-        );
     }
 }

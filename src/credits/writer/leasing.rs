@@ -116,9 +116,19 @@ pub(super) fn reclaim(
     // The lease goes back to the balance now, but the meter learns the balance is not empty
     // only after the commit: until then a request finding the lease gone would take the old
     // mark for the truth and refuse with credits left. Cleared first, so that a request that
-    // sees the lease gone sees the mark gone too (and asks the writer, which knows).
-    meter.set_empty_until(0);
+    // sees the lease gone sees the mark gone too (and asks the writer, which knows) — but
+    // only if something goes back: a balance that stays empty keeps its mark (found by a
+    // reviewer: a key evicted with nothing leased lost it, and a refusal racing the eviction
+    // took that for a top-up and reported the same run-out twice). A refund landing between
+    // the look and the take is taken too, and the mark cleared just after.
+    let returning = pending > 0 || meter.leased() > 0;
+    if returning {
+        meter.set_empty_until(0);
+    }
     let lease = meter.take_lease();
+    if lease > 0 && !returning {
+        meter.set_empty_until(0);
+    }
     if lease > 0 {
         // Taken back unspent (a top-up, a set, the key leaving the cache): no sign of a busy
         // key, whose next lease doubles (found by a reviewer: each take-back doubled it, so

@@ -1392,3 +1392,24 @@ fn a_key_evicted_with_nothing_leased_costs_no_commit() {
     let usage = ledger.credits().usage(&a).unwrap();
     assert_eq!((usage.spent, usage.remaining), (1, Some(9)));
 }
+
+/// A run-out key that leaves the cache with nothing leased keeps its "known empty" mark:
+/// nothing went back to its balance. (Found by a reviewer: the retirement cleared it, and a
+/// refusal racing the eviction read that as a top-up and reported the same run-out again —
+/// 36 run-outs in 3,000 under load.)
+#[test]
+fn a_run_out_key_evicted_with_nothing_leased_stays_known_empty() {
+    let (_dir, ledger) = one_key_cache();
+    let (a, a_plain) = key(&ledger, 1);
+    let (_, b_plain) = key(&ledger, 10);
+    assert_eq!(spend_one(&ledger, &a_plain), Ok(1));
+    assert_eq!(spend_one(&ledger, &a_plain), Err("usage_exceeded".into()));
+    ledger.flush().unwrap();
+    let id = ledger.keys().internal_id(&a).unwrap();
+    let meter = ledger.inner.engine.shared.meters.lock().get(id).unwrap();
+    let now = ledger.now().0;
+    assert!(meter.empty_at(now), "known empty before the eviction");
+    assert_eq!(spend_one(&ledger, &b_plain), Ok(1)); // evicts `a`
+    ledger.flush().unwrap();
+    assert!(meter.empty_at(now), "still known empty: nothing went back");
+}

@@ -46,26 +46,34 @@ type Call<'a, T> = Box<dyn FnOnce() -> T + Send + 'a>;
 /// one before has sent its message, then lets the writer go: their messages make one
 /// batch, in this order. Returns what each call returned.
 fn one_batch<'a, T: Send + 'a>(ledger: &'a Ledger, calls: Vec<Call<'a, T>>) -> Vec<T> {
-    let tx = &ledger.inner.engine.tx;
-    let queued = |n: usize| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while tx.len() != n {
-            assert!(std::time::Instant::now() < deadline, "{} queued", tx.len());
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    };
-    let (release, held) = crossbeam::channel::bounded::<()>(0);
-    tx.send(Msg::Hold(held)).unwrap();
-    queued(0);
+    let release = hold_writer(ledger);
     std::thread::scope(|s| {
         let mut running = Vec::new();
         for (i, call) in calls.into_iter().enumerate() {
             running.push(s.spawn(call));
-            queued(i + 1);
+            wait_queued(ledger, i + 1);
         }
         drop(release);
         running.into_iter().map(|h| h.join().unwrap()).collect()
     })
+}
+
+/// Waits (at most 10 s) until `n` messages are queued for the writer.
+fn wait_queued(ledger: &Ledger, n: usize) {
+    let tx = &ledger.inner.engine.tx;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tx.len() != n {
+        assert!(std::time::Instant::now() < deadline, "{} queued", tx.len());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Holds the writer (idle, its queue empty) until the returned sender is dropped.
+fn hold_writer(ledger: &Ledger) -> crossbeam::channel::Sender<()> {
+    let (release, held) = crossbeam::channel::bounded::<()>(0);
+    ledger.inner.engine.tx.send(Msg::Hold(held)).unwrap();
+    wait_queued(ledger, 0);
+    release
 }
 
 /// Makes the writer's reads of balance `id` fail (a storage error) until dropped.
@@ -1336,23 +1344,13 @@ fn a_lease_cancelled_in_its_batch_does_not_double_the_next() {
 /// key cached before, whose retirement is then the writer's batch, alone. Then flushes.
 /// Returns the commits that took.
 fn commits_to_evict_by_peeking(ledger: &Ledger, plaintext: &str) -> u64 {
-    let tx = &ledger.inner.engine.tx;
-    let queued = |n: usize| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while tx.len() != n {
-            assert!(std::time::Instant::now() < deadline, "{} queued", tx.len());
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    };
     let before = ledger.stats().writer_commits;
-    let (release, held) = crossbeam::channel::bounded::<()>(0);
-    tx.send(Msg::Hold(held)).unwrap();
-    queued(0);
+    let release = hold_writer(ledger);
     let key = Presented::new(plaintext).unwrap();
     assert!(ledger.verify(&Request::new(&key, "/x").cost(0)).is_ok());
-    queued(1); // the evicted key's retirement
+    wait_queued(ledger, 1); // the evicted key's retirement
     drop(release);
-    queued(0); // taken as a batch: the flush below is the next one
+    wait_queued(ledger, 0); // taken as a batch: the flush below is the next one
     ledger.flush().unwrap();
     ledger.stats().writer_commits - before
 }

@@ -152,6 +152,8 @@ impl Engine {
             held: AtomicU64::new(0),
             #[cfg(test)]
             fail_reads_of: AtomicU64::new(0),
+            #[cfg(test)]
+            after_reclaim_look: parking_lot::Mutex::new(None),
         });
         let (tx, rx) = channel::unbounded();
         let writer_shared = shared.clone();

@@ -119,16 +119,22 @@ pub(super) fn reclaim(
     // sees the lease gone sees the mark gone too (and asks the writer, which knows) — but
     // only if something goes back: a balance that stays empty keeps its mark (found by a
     // reviewer: a key evicted with nothing leased lost it, and a refusal racing the eviction
-    // took that for a top-up and reported the same run-out twice). A refund landing between
-    // the look and the take is taken too, and the mark cleared just after.
+    // took that for a top-up and reported the same run-out twice). With nothing leased the
+    // lease is not taken either: a refund landing after the look stays in memory, spendable
+    // there (taken, it would have left the lease gone under a mark still set: found by the
+    // next reviewer). Every caller handles a lease left in memory, as it handles one a grant
+    // refunds after the batch.
     let returning = pending > 0 || meter.leased() > 0;
-    if returning {
-        meter.set_empty_until(0);
+    #[cfg(test)]
+    if let Some(pause) = shared.after_reclaim_look.lock().take() {
+        pause();
     }
-    let lease = meter.take_lease();
-    if lease > 0 && !returning {
+    let lease = if returning {
         meter.set_empty_until(0);
-    }
+        meter.take_lease()
+    } else {
+        0
+    };
     if lease > 0 {
         // Taken back unspent (a top-up, a set, the key leaving the cache): no sign of a busy
         // key, whose next lease doubles (found by a reviewer: each take-back doubled it, so

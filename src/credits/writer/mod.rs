@@ -207,6 +207,9 @@ pub(crate) struct Shared {
     /// The writer's reads of this balance fail, as on a failing disk (0: none).
     #[cfg(test)]
     pub fail_reads_of: AtomicU64,
+    /// Run once by the next `reclaim`, after it has looked at what memory holds.
+    #[cfg(test)]
+    pub after_reclaim_look: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Shared {

@@ -1411,3 +1411,41 @@ fn a_run_out_key_evicted_with_nothing_leased_stays_known_empty() {
     ledger.flush().unwrap();
     assert!(meter.empty_at(now), "still known empty: nothing went back");
 }
+
+/// A refund landing after the writer looked at a run-out meter (here, for a top-up) stays in
+/// memory, spendable there: taken back with the mark cleared only afterwards, it left a
+/// moment in which a request found the lease gone under a mark still set, and was refused
+/// with credits left (found by a reviewer, with the window widened by sleeps).
+#[test]
+fn a_refund_landing_after_the_writer_looked_stays_in_memory() {
+    let (_dir, ledger) = ledger();
+    let (a, a_plain) = key(&ledger, 5);
+    let key = Presented::new(&a_plain).unwrap();
+    let grant = ledger.verify(&Request::new(&key, "/x").cost(5)).unwrap();
+    ledger.flush().unwrap();
+    let id = ledger.keys().internal_id(&a).unwrap();
+    let meter = ledger.inner.engine.shared.meters.lock().get(id).unwrap();
+    assert_eq!(meter.leased(), 0, "the grant holds the whole lease");
+    let (looked, wait_for_look) = crossbeam::channel::bounded::<()>(0);
+    let (refunded, wait_for_refund) = crossbeam::channel::bounded::<()>(0);
+    *ledger.inner.engine.shared.after_reclaim_look.lock() = Some(Box::new(move || {
+        looked.send(()).unwrap();
+        wait_for_refund.recv().unwrap();
+    }));
+    std::thread::scope(|s| {
+        let top_up = s.spawn(|| ledger.credits().top_up(&a, 1).unwrap());
+        wait_for_look.recv().unwrap();
+        drop(grant);
+        refunded.send(()).unwrap();
+        assert_eq!(top_up.join().unwrap(), 1);
+    });
+    assert_eq!(meter.leased(), 5, "the refund stays in memory");
+    assert!(
+        !meter.empty_at(ledger.now().0),
+        "the top-up cleared the mark"
+    );
+    for _ in 0..6 {
+        assert_eq!(spend_one(&ledger, &a_plain), Ok(1));
+    }
+    assert_eq!(spend_one(&ledger, &a_plain), Err("usage_exceeded".into()));
+}

@@ -492,6 +492,15 @@ fn a_crash_loses_at_most_the_outstanding_lease() {
 /// crash after 453 spent, for a pool and for a key's own balance).
 #[test]
 fn leases_taken_back_under_concurrent_traffic_stay_within_the_lease_bound() {
+    /// Sets the flag when dropped (a thread ending, by panic too).
+    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
     for (pooled, by_set) in [(true, false), (false, false), (true, true)] {
         let t = TestLedger::new();
         let owner = t.account("Acme");
@@ -512,9 +521,14 @@ fn leases_taken_back_under_concurrent_traffic_stay_within_the_lease_bound() {
                 .iter()
                 .map(|key| {
                     let t = &t;
+                    let stop = &stop;
                     s.spawn(move || {
+                        // A spender that fails stops the changes too, or the scope would
+                        // wait for them for ever.
+                        let _stop_on_panic = StopOnDrop(stop);
                         for _ in 0..150 {
-                            assert!(spend(&t.ledger, key, "/x", 1, 1).is_ok());
+                            let spent = spend(&t.ledger, key, "/x", 1, 1);
+                            assert!(spent.is_ok(), "{spent:?}");
                             std::thread::sleep(Duration::from_millis(1));
                         }
                     })

@@ -184,12 +184,21 @@ pub(super) fn cancel_pending_leases(fx: &mut Effects, meter: &Meter) -> u64 {
     if meter.retired() || !mine {
         return 0;
     }
-    fx.handed.remove(&meter.id);
+    // What those leases hand to requests waiting for them stays theirs: reserved before this
+    // change, as units a request takes from memory are (a `set` makes them final, with their
+    // epoch). Cancelled too, each such request was answered with nothing and asked again —
+    // and with a change in every batch (a top-up a millisecond, a slow disk) it was refused
+    // as unavailable after 64 tries (found when a test of that hung in CI).
     let granted_at = fx.granted_at.remove(&meter.id).unwrap_or_default();
-    let cancelled = granted_at
-        .into_iter()
-        .map(|i| std::mem::take(&mut fx.leases[i].1))
-        .sum();
+    let mut cancelled = 0u64;
+    for i in granted_at {
+        let waiting = fx.handoffs.iter().filter(|h| h.0 == i);
+        let needed = waiting.fold(0u64, |n, h| n.saturating_add(h.1.unwrap_or(0)));
+        let units = &mut fx.leases[i].1;
+        let kept = needed.min(*units);
+        cancelled = cancelled.saturating_add(*units - kept);
+        *units = kept;
+    }
     if cancelled > 0 {
         // Back unspent, as a lease `reclaim` takes back: the next is not doubled for it.
         meter.forget_last_lease();

@@ -1449,3 +1449,48 @@ fn a_refund_landing_after_the_writer_looked_stays_in_memory() {
     }
     assert_eq!(spend_one(&ledger, &a_plain), Err("usage_exceeded".into()));
 }
+
+/// A request waiting for a lease keeps what that lease hands it when a top-up (or a set)
+/// later in the same batch takes the batch's leases back: it is answered once, not with
+/// nothing and asked again. (With a change in every batch — a top-up a millisecond, a slow
+/// disk — such a request was refused as unavailable after 64 tries: a concurrency test hung
+/// in CI on it.)
+#[test]
+fn a_top_up_in_the_same_batch_does_not_take_a_waiting_requests_units() {
+    for set in [false, true] {
+        let (_dir, ledger) = ledger();
+        let (a, a_plain) = key(&ledger, 1_000);
+        let waits = |ledger: &Ledger| ledger.stats().lease_waits.count();
+        let before = waits(&ledger);
+        let credits = ledger.credits();
+        let (ledger_ref, credits, a, a_plain) = (&ledger, &credits, &a, &a_plain);
+        let answers = one_batch::<std::result::Result<u64, String>>(
+            &ledger,
+            vec![
+                Box::new(move || spend_one(ledger_ref, a_plain)),
+                Box::new(move || {
+                    let changed = if set {
+                        credits.set(a, 500)
+                    } else {
+                        credits.top_up(a, 1)
+                    };
+                    changed.map_err(|e| e.to_string())
+                }),
+            ],
+        );
+        assert_eq!(answers[0], Ok(1), "set {set}");
+        assert!(answers[1].is_ok(), "set {set}: {:?}", answers[1]);
+        assert_eq!(
+            waits(&ledger) - before,
+            1,
+            "set {set}: one wait, one answer"
+        );
+        ledger.flush().unwrap();
+        let u = ledger.credits().usage(a).unwrap();
+        assert_eq!(
+            u.spent + u.lost_to_crash + u.remaining.unwrap(),
+            u.granted,
+            "set {set}: {u:?}"
+        );
+    }
+}

@@ -188,7 +188,8 @@ pub(super) fn cancel_pending_leases(fx: &mut Effects, meter: &Meter) -> u64 {
     // change, as units a request takes from memory are (a `set` makes them final, with their
     // epoch). Cancelled too, each such request was answered with nothing and asked again —
     // and with a change in every batch (a top-up a millisecond, a slow disk) it was refused
-    // as unavailable after 64 tries (found when a test of that hung in CI).
+    // as unavailable after 64 tries (found looking into a concurrency test of top-ups that
+    // hung once in CI; whether this was its cause is not known).
     let granted_at = fx.granted_at.remove(&meter.id).unwrap_or_default();
     let mut cancelled = 0u64;
     for i in granted_at {

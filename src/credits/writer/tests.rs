@@ -1453,8 +1453,8 @@ fn a_refund_landing_after_the_writer_looked_stays_in_memory() {
 /// A request waiting for a lease keeps what that lease hands it when a top-up (or a set)
 /// later in the same batch takes the batch's leases back: it is answered once, not with
 /// nothing and asked again. (With a change in every batch — a top-up a millisecond, a slow
-/// disk — such a request was refused as unavailable after 64 tries: a concurrency test hung
-/// in CI on it.)
+/// disk — such a request was refused as unavailable after 64 tries; found looking into a
+/// concurrency test that hung once in CI.)
 #[test]
 fn a_top_up_in_the_same_batch_does_not_take_a_waiting_requests_units() {
     for set in [false, true] {

@@ -94,18 +94,14 @@ fn check_backend(
     // and no report, where a script restores from a backup on exit 4).
     let opened =
         unless_redb_panics(|| redb::Database::builder().create_with_backend(backend.clone()));
+    let not_opened = |why: &str| Ok(unreadable("redb could not open the file", why));
     let mut db = match opened {
         Ok(Ok(db)) => db,
         Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(what)))) => {
-            return Ok(unreadable("redb could not open the file", &what));
+            return not_opened(&what);
         }
         Ok(Err(e)) => return Err(e.into()),
-        Err(panicked) => {
-            return Ok(unreadable(
-                "redb could not open the file",
-                &panicked.to_string(),
-            ));
-        }
+        Err(panicked) => return not_opened(&panicked.to_string()),
     };
     let integrity = match unless_redb_panics(|| integrity(db.check_integrity())) {
         Ok(checked) => checked?,
@@ -131,7 +127,10 @@ fn check_backend(
     })
     .unwrap_or_else(|panicked| {
         let mut report = unreadable("reading its records failed", &panicked.to_string());
-        report.integrity_ok = !matches!(integrity, Integrity::Damaged(_));
+        match &integrity {
+            Integrity::Damaged(what) => report.problems.insert(0, damaged(what)),
+            Integrity::Ok | Integrity::Repaired => report.integrity_ok = true,
+        }
         Ok(report)
     })
 }

@@ -102,8 +102,7 @@ impl Engine {
         let account = match known_account {
             Some(state) => state,
             None => {
-                let stored: Option<AccountRecord> =
-                    store::get(&read.open_table(ACCOUNTS)?, found.owner)?;
+                let stored: Option<AccountRecord> = store::get(snapshot.accounts()?, found.owner)?;
                 let Some(stored) = stored else {
                     return Ok(Err(Loaded::Missing));
                 };
@@ -131,7 +130,7 @@ impl Engine {
         let lifetime_spent = match self.tiers.is_empty() || !limited {
             true => 0,
             false => {
-                let usage: Option<UsageRecord> = store::get(&read.open_table(USAGE)?, found.id)?;
+                let usage: Option<UsageRecord> = store::get(snapshot.usage()?, found.id)?;
                 usage.map_or(0, |u| u.spent)
             }
         };

@@ -19,7 +19,7 @@ use crate::credits::events::{CreditEvent, CreditEventKind, EVENT_CAPACITY};
 use crate::credits::meter::{MAX_LEASED, MIN_LEASE, Meter, UNREAD};
 use crate::credits::refill;
 use crate::credits::registry::Registry;
-use crate::credits::writer::{self, Adjust, AuditLine, Handoff, Msg, Shared};
+use crate::credits::writer::{self, Adjust, AuditLine, FLUSH_CHUNK, Handoff, Msg, Shared};
 use crate::error::{Error, Result};
 use crate::hashing::{KeyHash, KeyHasher};
 use crate::limits::SpendTier;
@@ -134,6 +134,9 @@ impl Engine {
             ids,
             exact: config.durability == Durability::Exact,
             flush_every: config.usage_flush_interval,
+            // Twice the keys the cache can hold (all of them may be in use, and as many
+            // again evicted since the last round), and at least one round's chunk.
+            usage_list_bound: config.cache_capacity.saturating_mul(2).max(FLUSH_CHUNK),
             meters: Mutex::new(Registry::with_capacity(config.cache_capacity)),
             meter_resets: AtomicU64::new(0),
             dirty_meters: SegQueue::new(),

@@ -1494,3 +1494,53 @@ fn a_top_up_in_the_same_batch_does_not_take_a_waiting_requests_units() {
         );
     }
 }
+
+/// Keys used and then evicted wait in the usage lists for a flush round; when misses evict
+/// faster than the flush interval, the lists pass their bound and a round starts early, so
+/// the snapshots they hold stay bounded by the cache's size, not by the miss rate (found by
+/// a reviewer: every key used and evicted in the last 30–60 s stayed in memory).
+#[test]
+fn keys_evicted_after_use_do_not_pile_up_between_flush_rounds() {
+    use crate::bench_support::{Options, Workload};
+    use crate::cache::Slot;
+    let n = 2 * FLUSH_CHUNK;
+    let options = Options {
+        cache_capacity: Some(16),
+        usage_flush_interval: Some(Duration::from_secs(3_600)),
+        ..Options::new(n)
+    };
+    let work = Workload::build(&options, &mut |_| {}).unwrap();
+    let engine = &work.ledger.inner.engine;
+    let hasher = work.ledger.hasher();
+    let mut ids = Vec::new();
+    let homes: Vec<std::sync::Weak<CachedKey>> = (0..n)
+        .map(|i| {
+            let grant = work.ledger.verify(&work.request(i).cost(0)).unwrap();
+            ids.push(grant.key_id());
+            drop(grant);
+            let hash = hasher.hash_current(work.keys[i].expose());
+            let home = engine.cache.with(&hash, |slot| match slot {
+                Slot::Key(key) => Some(Arc::downgrade(&key.home_arc())),
+                Slot::Missing => None,
+            });
+            home.flatten().expect("just cached")
+        })
+        .collect();
+    let bound = engine.shared.usage_list_bound + 16;
+    let live = || homes.iter().filter(|h| h.strong_count() > 0).count();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while live() > bound && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        live() <= bound,
+        "{} of {n} used keys still in memory, with room for {bound}",
+        live()
+    );
+    // Nothing was lost by the early rounds: each peek is in its key's usage.
+    work.ledger.flush().unwrap();
+    for id in ids.iter().step_by(7) {
+        let usage = work.ledger.credits().usage(id.as_str()).unwrap();
+        assert_eq!(usage.requests, 1, "{id}");
+    }
+}

@@ -280,6 +280,10 @@ impl ConfigBuilder {
     /// each round over small transactions between lease batches, so requests never wait
     /// behind it. What a crash loses of it is reporting, never money: unwritten spend is
     /// still leased on disk and counts as `lost_to_crash`. Zero is refused by `build`.
+    /// A round also starts early when more keys wait for one than twice the cache's
+    /// capacity (at least 4,096): keys evicted after use stay in memory until written, so a
+    /// cache smaller than the keys in use would otherwise hold every key used within the
+    /// interval.
     pub fn usage_flush_interval(mut self, every: std::time::Duration) -> Self {
         self.usage_flush_interval = Some(every);
         self

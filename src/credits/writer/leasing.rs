@@ -199,6 +199,12 @@ pub(super) fn cancel_pending_leases(fx: &mut Effects, meter: &Meter) -> u64 {
         let kept = needed.min(*units);
         cancelled = cancelled.saturating_add(*units - kept);
         *units = kept;
+        // No longer counted as leased by the batch (`granted_at`), so no longer subtracted
+        // from it as handed either: else what memory will hold was undercounted, and a later
+        // request in the batch was refused with credits left (found by a reviewer).
+        if let Some(handed) = fx.handed.get_mut(&meter.id) {
+            *handed = handed.saturating_sub(kept);
+        }
     }
     if cancelled > 0 {
         // Back unspent, as a lease `reclaim` takes back: the next is not doubled for it.

@@ -360,13 +360,18 @@ impl CachedKey {
     #[inline]
     pub(crate) fn record_use(&self, now_ms: u64) -> bool {
         let usage = &self.home().usage;
-        // `SeqCst` here and in `mark_dirty` pairs with the writer's unlisting (see `unlist`).
-        usage.requests.fetch_add(1, Ordering::SeqCst);
+        // The time before the count: a writer's `take` that counts this request (its swap
+        // acquires what this add releases) then reads this time too. The other way round, a
+        // take between the two wrote the request with the time before it, and the next round,
+        // finding no new request, unlisted the key without writing the time (found by a
+        // reviewer, by reading: the stored last use trailed the last counted request).
         // A plain store, not a read-modify-write: two requests racing may leave either's
         // time, both of which are "last used".
         if usage.last_used_ms.load(Ordering::Relaxed) < now_ms {
             usage.last_used_ms.store(now_ms, Ordering::Relaxed);
         }
+        // `SeqCst` here and in `mark_dirty` pairs with the writer's unlisting (see `unlist`).
+        usage.requests.fetch_add(1, Ordering::SeqCst);
         self.mark_dirty()
     }
 

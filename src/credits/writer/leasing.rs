@@ -190,15 +190,21 @@ pub(super) fn cancel_pending_leases(fx: &mut Effects, meter: &Meter) -> u64 {
     // and with a change in every batch (a top-up a millisecond, a slow disk) it was refused
     // as unavailable after 64 tries (found looking into a concurrency test of top-ups that
     // hung once in CI; whether this was its cause is not known).
+    //
+    // The leases' units are kept as one sum, in batch order: a request whose own lease came
+    // short (the balance ran low) was counted as covered by what an earlier lease of the
+    // batch would leave in memory, and later requests were judged, maybe refused, on that.
+    // Kept lease by lease, the shortfall went back to the balance with the rest, and the
+    // request, handed too few units of an epoch the change had ended, was refused in turn
+    // (found by a reviewer: 41 credits, 8 spent, then 27 and 7 both refused).
     let granted_at = fx.granted_at.remove(&meter.id).unwrap_or_default();
-    let mut cancelled = 0u64;
+    let mut left: u64 = granted_at.iter().map(|&i| fx.leases[i].1).sum();
     for i in granted_at {
         let waiting = fx.handoffs.iter().filter(|h| h.0 == i);
         let needed = waiting.fold(0u64, |n, h| n.saturating_add(h.1.unwrap_or(0)));
-        let units = &mut fx.leases[i].1;
-        let kept = needed.min(*units);
-        cancelled = cancelled.saturating_add(*units - kept);
-        *units = kept;
+        let kept = needed.min(left);
+        left -= kept;
+        fx.leases[i].1 = kept;
         // No longer counted as leased by the batch (`granted_at`), so no longer subtracted
         // from it as handed either: else what memory will hold was undercounted, and a later
         // request in the batch was refused with credits left (found by a reviewer).
@@ -206,6 +212,7 @@ pub(super) fn cancel_pending_leases(fx: &mut Effects, meter: &Meter) -> u64 {
             *handed = handed.saturating_sub(kept);
         }
     }
+    let cancelled = left;
     if cancelled > 0 {
         // Back unspent, as a lease `reclaim` takes back: the next is not doubled for it.
         meter.forget_last_lease();

@@ -1541,6 +1541,43 @@ fn units_kept_for_a_waiting_request_are_not_subtracted_twice() {
     }
 }
 
+/// A request whose own lease came short, counted as covered by what an earlier lease of the
+/// batch would leave in memory, keeps its whole reservation when a set later in the batch
+/// cancels the batch's leases: a request after it was refused on the strength of it
+/// (found by a reviewer: with 41 credits and 8 spent, 27 and 7 were both refused).
+#[test]
+fn a_reservation_made_of_two_leases_survives_a_set_in_the_batch() {
+    let (_dir, ledger) = ledger();
+    let (id, plaintext) = key(&ledger, 41);
+    let credits = ledger.credits();
+    let (ledger, credits, id, plaintext) = (&ledger, &credits, &id, &plaintext);
+    let spend = move |cost: u64| {
+        let key = Presented::new(plaintext.as_str()).unwrap();
+        match ledger.verify(&Request::new(&key, "/x").cost(cost)) {
+            Ok(grant) => Ok(grant.commit(cost).token_stats.charged),
+            Err(denial) => Err(denial.code().to_owned()),
+        }
+    };
+    let answers = one_batch::<std::result::Result<u64, String>>(
+        ledger,
+        vec![
+            Box::new(move || spend(8)),
+            Box::new(move || spend(27)),
+            Box::new(move || spend(7)),
+            Box::new(move || credits.set(id, 20).map_err(|e| e.to_string())),
+        ],
+    );
+    // In batch order: 41 - 8 - 27 leaves 6, too few for the 7; then the set.
+    assert_eq!(
+        answers,
+        [Ok(8), Ok(27), Err("usage_exceeded".into()), Ok(20)]
+    );
+    ledger.flush().unwrap();
+    let u = ledger.credits().usage(id).unwrap();
+    assert_eq!((u.spent, u.remaining), (35, Some(20)), "{u:?}");
+    assert_eq!(u.spent + u.remaining.unwrap(), u.granted, "{u:?}");
+}
+
 /// Keys used and then evicted wait in the usage lists for a flush round; when misses evict
 /// faster than the flush interval, the lists pass their bound and a round starts early, so
 /// the snapshots they hold stay bounded by the cache's size, not by the miss rate (found by

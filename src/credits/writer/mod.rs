@@ -367,7 +367,10 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
 /// not, until a round finds it idle since the round before; when keys leave a full cache as
 /// fast as misses bring others in, the keys used and evicted within two intervals would
 /// otherwise all stay in memory — a footprint growing with the miss rate, not bounded by the
-/// cache (found by a reviewer: about 200 bytes a miss, for 30 to 60 s).
+/// cache (found by a reviewer: about 200 bytes a miss, for 30 to 60 s). This bounds them
+/// only while the writer keeps up: what queues while a round runs is not limited, and a
+/// miss of an unmetered or pooled key builds a new home even while one is still listed
+/// (docs/RELIABILITY.md, thirty-eighth session).
 fn crowded(shared: &Shared, listed: &Listed) -> bool {
     shared.dirty_usage.len() + listed.keys.list.len() > shared.usage_list_bound
 }

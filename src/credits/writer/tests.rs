@@ -289,9 +289,15 @@ fn a_top_up_whose_read_fails_gets_the_storage_error() {
 
 /// Verifies `plaintext` at a cost of 1 and commits the grant; the denial's code if refused.
 fn spend_one(ledger: &Ledger, plaintext: &str) -> std::result::Result<u64, String> {
+    spend(ledger, plaintext, 1)
+}
+
+/// Verifies a request of `cost` with key `plaintext` and commits it whole: the units
+/// charged, or the denial's code.
+fn spend(ledger: &Ledger, plaintext: &str, cost: u64) -> std::result::Result<u64, String> {
     let key = Presented::new(plaintext).unwrap();
-    match ledger.verify(&Request::new(&key, "/x").cost(1)) {
-        Ok(grant) => Ok(grant.commit(1).token_stats.charged),
+    match ledger.verify(&Request::new(&key, "/x").cost(cost)) {
+        Ok(grant) => Ok(grant.commit(cost).token_stats.charged),
         Err(denial) => Err(denial.code().to_owned()),
     }
 }
@@ -1506,13 +1512,7 @@ fn units_kept_for_a_waiting_request_are_not_subtracted_twice() {
         let (id, plaintext) = key(&ledger, 40);
         let credits = ledger.credits();
         let (ledger, credits, id, plaintext) = (&ledger, &credits, &id, &plaintext);
-        let spend = move |cost: u64| {
-            let key = Presented::new(plaintext.as_str()).unwrap();
-            match ledger.verify(&Request::new(&key, "/x").cost(cost)) {
-                Ok(grant) => Ok(grant.commit(cost).token_stats.charged),
-                Err(denial) => Err(denial.code().to_owned()),
-            }
-        };
+        let spend = move |cost: u64| spend(ledger, plaintext, cost);
         let answers = one_batch::<std::result::Result<u64, String>>(
             ledger,
             vec![
@@ -1551,13 +1551,7 @@ fn a_reservation_made_of_two_leases_survives_a_set_in_the_batch() {
     let (id, plaintext) = key(&ledger, 41);
     let credits = ledger.credits();
     let (ledger, credits, id, plaintext) = (&ledger, &credits, &id, &plaintext);
-    let spend = move |cost: u64| {
-        let key = Presented::new(plaintext.as_str()).unwrap();
-        match ledger.verify(&Request::new(&key, "/x").cost(cost)) {
-            Ok(grant) => Ok(grant.commit(cost).token_stats.charged),
-            Err(denial) => Err(denial.code().to_owned()),
-        }
-    };
+    let spend = move |cost: u64| spend(ledger, plaintext, cost);
     let answers = one_batch::<std::result::Result<u64, String>>(
         ledger,
         vec![

@@ -198,21 +198,21 @@ pub(super) fn cancel_pending_leases(fx: &mut Effects, meter: &Meter) -> u64 {
     // request, handed too few units of an epoch the change had ended, was refused in turn
     // (found by a reviewer: 41 credits, 8 spent, then 27 and 7 both refused).
     let granted_at = fx.granted_at.remove(&meter.id).unwrap_or_default();
-    let mut left: u64 = granted_at.iter().map(|&i| fx.leases[i].1).sum();
+    let total: u64 = granted_at.iter().map(|&i| fx.leases[i].1).sum();
+    let mut cancelled = total;
     for i in granted_at {
         let waiting = fx.handoffs.iter().filter(|h| h.0 == i);
         let needed = waiting.fold(0u64, |n, h| n.saturating_add(h.1.unwrap_or(0)));
-        let kept = needed.min(left);
-        left -= kept;
+        let kept = needed.min(cancelled);
+        cancelled -= kept;
         fx.leases[i].1 = kept;
-        // No longer counted as leased by the batch (`granted_at`), so no longer subtracted
-        // from it as handed either: else what memory will hold was undercounted, and a later
-        // request in the batch was refused with credits left (found by a reviewer).
-        if let Some(handed) = fx.handed.get_mut(&meter.id) {
-            *handed = handed.saturating_sub(kept);
-        }
     }
-    let cancelled = left;
+    // What is kept is no longer counted as leased by the batch (`granted_at`), so no longer
+    // subtracted from it as handed either: else what memory will hold was undercounted, and
+    // a later request in the batch was refused with credits left (found by a reviewer).
+    if let Some(handed) = fx.handed.get_mut(&meter.id) {
+        *handed = handed.saturating_sub(total - cancelled);
+    }
     if cancelled > 0 {
         // Back unspent, as a lease `reclaim` takes back: the next is not doubled for it.
         meter.forget_last_lease();

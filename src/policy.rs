@@ -28,6 +28,8 @@ pub(crate) struct RouteTable {
     rules: Vec<RouteRule>,
     /// The rules in the order of their prefixes, for the longest-prefix search.
     by_prefix: Vec<Sorted>,
+    /// Whether any rule asks for an entitlement.
+    entitled: bool,
 }
 
 /// A rule in [`RouteTable::by_prefix`].
@@ -81,6 +83,7 @@ impl RouteTable {
         }
         RouteTable {
             generation,
+            entitled: rules.iter().any(|r| r.entitlement.is_some()),
             rules,
             by_prefix,
         }
@@ -124,6 +127,12 @@ impl RouteTable {
                 .as_ref()
                 .is_none_or(|e| entitlements.contains(e))
         })
+    }
+
+    /// Whether any rule asks for an entitlement: if none does, an account's entitlements
+    /// need not be read to learn [`entitlement_bits`](Self::entitlement_bits).
+    pub(crate) fn asks_entitlements(&self) -> bool {
+        self.entitled
     }
 
     fn bits(&self, allowed: impl Fn(&RouteRule) -> bool) -> u64 {

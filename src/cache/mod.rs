@@ -457,6 +457,12 @@ fn saturating_add(counter: &AtomicU64, n: u64) {
 /// A cached key with its own meter for balance `id` and nothing else set (unit tests).
 #[cfg(test)]
 pub(crate) fn test_key(id: u64) -> Arc<CachedKey> {
+    test_key_metered(id, Metering::Own)
+}
+
+/// A key like [`test_key`]'s, metered as `metering`.
+#[cfg(test)]
+pub(crate) fn test_key_metered(id: u64, metering: Metering) -> Arc<CachedKey> {
     let account = Arc::new(AccountState::new(
         1,
         SubscriptionStatus::Active,
@@ -473,7 +479,7 @@ pub(crate) fn test_key(id: u64) -> Arc<CachedKey> {
         }),
         account,
         limits: None,
-        metering: Metering::Own,
+        metering,
         pool: None,
     };
     let meter = Meter::new(id, None, IdKind::Key, false);

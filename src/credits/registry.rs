@@ -4,15 +4,26 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::cache::{CachedKey, MeterRef};
+use crate::cache::{CachedKey, MeterRef, Metering};
 use crate::credits::meter::Meter;
 
 /// Meters by CREDITS id (a key's id or a pool's; ids are unique across both). Keys' own
 /// meters — one per cached metered key, so the bulk of the entries — are a [`Homes`] table
 /// of their home snapshots' `Arc`s found by the id each carries. Pools are few: a map.
+/// The homes of keys without a meter of their own are a second [`Homes`] table.
 pub(crate) struct Registry {
     keys: Homes,
     pools: HashMap<u64, Arc<Meter>>,
+    /// The homes of keys that spend from a pool or not at all: no meter, but the same live
+    /// part, so that a key cached again while its usage still waits for the writer counts
+    /// on that home rather than on a new one (found in the thirty-eighth round: a key missed
+    /// again and again left one home per miss listed until the writer's next idle round).
+    /// Each leaves once nothing but the writer's list or the cache held it (see
+    /// [`forget_home`](Self::forget_home)); the few that leave otherwise (a grant let go of
+    /// them last) are swept when the table has doubled.
+    others: Homes,
+    /// `others` is swept of homes only it holds when it reaches this many.
+    others_sweep_at: usize,
     /// Balances whose meter had reported an exhaustion when it left (its key left a full
     /// cache) and that have not grown since: a new meter for one starts with the exhaustion
     /// reported, so that a key cached again is not reported exhausted again. At most
@@ -42,6 +53,9 @@ fn size_for(n: usize) -> usize {
 
 /// The size a table starts at (or less, when the expected homes need less).
 const START: usize = 16;
+
+/// `Registry::others` is not swept below this many homes.
+const SWEEP_FROM: usize = 1_024;
 
 /// Home snapshots by key id: open addressing with linear probing over 8-byte slots, the key
 /// of a slot being the id its snapshot carries (a probe reads through the `Arc`: the
@@ -190,6 +204,17 @@ impl Homes {
     fn iter(&self) -> impl Iterator<Item = &Arc<CachedKey>> {
         self.slots.iter().flatten()
     }
+
+    /// Keeps only the homes `keep` accepts (the slots stay as many).
+    fn retain(&mut self, mut keep: impl FnMut(&Arc<CachedKey>) -> bool) {
+        let size = self.slots.len();
+        let old = std::mem::replace(&mut self.slots, empty(size));
+        self.len = 0;
+        for home in old.into_vec().into_iter().flatten().filter(|h| keep(h)) {
+            self.place(home);
+            self.len += 1;
+        }
+    }
 }
 
 impl Registry {
@@ -198,6 +223,8 @@ impl Registry {
         Registry {
             keys: Homes::new(keys),
             pools: HashMap::new(),
+            others: Homes::new(keys),
+            others_sweep_at: SWEEP_FROM,
             reported_empty: HashSet::new(),
         }
     }
@@ -264,6 +291,42 @@ impl Registry {
                 self.reported_empty.insert(id);
             }
             None => {}
+        }
+    }
+
+    /// The live home of key `id` that spends from a pool or not at all, if one is in use.
+    pub(crate) fn home_of(&self, id: u64) -> Option<Arc<CachedKey>> {
+        self.others.get(id).cloned()
+    }
+
+    /// Registers `home`, a new entry's home, as its key's live one (a key spending from its
+    /// own balance is registered with its meter instead). Sweeps first when due.
+    pub(crate) fn keep_home(&mut self, home: &Arc<CachedKey>) {
+        if home.metering == Metering::Own {
+            return;
+        }
+        if self
+            .others
+            .get(home.id())
+            .is_some_and(|h| Arc::ptr_eq(h, home))
+        {
+            return;
+        }
+        if self.others.len >= self.others_sweep_at {
+            // Held by the table alone: nothing else can reach them but through this lock.
+            self.others.retain(|h| Arc::strong_count(h) > 1);
+            self.others_sweep_at = self.others.len.saturating_mul(2).max(SWEEP_FROM);
+        }
+        self.others.insert(home.clone());
+    }
+
+    /// Forgets `home` if it is its key's registered one and the caller's handle is the only
+    /// other: no entry, grant or writer list uses it any more, and none can take it up but
+    /// through this lock.
+    pub(crate) fn forget_home(&mut self, home: &Arc<CachedKey>) {
+        if Arc::strong_count(home) == 2 {
+            self.others
+                .remove_if(home.id(), |h| std::ptr::eq(h, &**home));
         }
     }
 
@@ -413,6 +476,66 @@ mod tests {
                 prop_assert_eq!(addresses(&registry.all()), addresses(model.values()));
             }
         }
+    }
+
+    /// Homes of keys without a meter of their own: found by key id while registered, left
+    /// out for a key with one, forgotten once the caller's handle is the only other, and
+    /// swept of those nothing else holds once the table has doubled.
+    #[test]
+    fn homes_of_keys_without_a_meter_stay_while_held() {
+        use crate::cache::{Metering, test_key_metered};
+        let mut registry = Registry::with_capacity(16);
+        let own = test_key(1);
+        registry.keep_home(&own);
+        assert!(
+            registry.home_of(1).is_none(),
+            "a key with a meter is not kept here"
+        );
+
+        let held: Vec<Arc<CachedKey>> = (10..20)
+            .map(|id| test_key_metered(id, Metering::Unmetered))
+            .collect();
+        for home in &held {
+            registry.keep_home(home);
+        }
+        assert!(held.iter().all(|h| {
+            let found = registry.home_of(h.id());
+            found.is_some_and(|f| Arc::ptr_eq(&f, h))
+        }));
+        // Held by an entry besides the caller: kept. The caller's handle alone: forgotten.
+        let in_use = held[0].clone();
+        registry.forget_home(&held[0]);
+        assert!(registry.home_of(10).is_some());
+        drop(in_use);
+        registry.forget_home(&held[0]);
+        assert!(registry.home_of(10).is_none());
+        // Another home of the same key is not forgotten through this one.
+        let newer = test_key_metered(11, Metering::Pool);
+        registry.keep_home(&newer);
+        registry.forget_home(&held[1]);
+        assert!(
+            registry
+                .home_of(11)
+                .is_some_and(|h| Arc::ptr_eq(&h, &newer))
+        );
+
+        // Homes whose holders let go without telling: swept once the table reaches 1,024.
+        let unheld = (SWEEP_FROM - registry.others.len) as u64;
+        for id in 1_000..1_000 + unheld {
+            registry.keep_home(&test_key_metered(id, Metering::Unmetered));
+        }
+        assert_eq!(
+            registry.others.len, SWEEP_FROM,
+            "no sweep below the threshold"
+        );
+        registry.keep_home(&test_key_metered(5_000, Metering::Unmetered));
+        assert_eq!(
+            registry.others.len, 10,
+            "the nine held (11 the newer) and the new one"
+        );
+        assert!(held[2..].iter().all(|h| registry.home_of(h.id()).is_some()));
+        assert!(registry.home_of(11).is_some() && registry.home_of(5_000).is_some());
+        assert!(registry.all().is_empty(), "none of them is a meter");
     }
 
     #[test]

@@ -255,7 +255,12 @@ impl Engine {
                 }
             }
         } else {
-            build(carried.clone())
+            // No meter, but the live home if the key has one: one home per key while its
+            // usage waits for the writer, however often the key is cached again.
+            let mut meters = self.shared.meters.lock();
+            let key = build(meters.home_of(record.id).or_else(|| carried.clone()));
+            meters.keep_home(&key.home_arc());
+            key
         };
         // Released before the entry is cached, not after: an eviction of the new entry in
         // between holds the state again, which a later release would undo.

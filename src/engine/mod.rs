@@ -708,14 +708,20 @@ impl Engine {
         });
     }
 
-    /// Entries left the cache for good (capacity): their own meters may leave memory.
+    /// Entries left the cache for good (capacity): their own meters, and the homes of keys
+    /// without one, may leave memory.
     fn retire(&self, evicted: Evicted) {
         self.hold_limits(&evicted);
         for key in evicted {
-            if key.metering == Metering::Own {
-                let meter = MeterRef::Own(key.home_arc());
-                drop(key); // the writer frees the meter when only its handles are left
-                let _ = self.tx.send(Msg::Retire { meter });
+            let (home, own) = (key.home_arc(), key.metering == Metering::Own);
+            drop(key);
+            if own {
+                // The writer frees the meter when only its handles are left.
+                let _ = self.tx.send(Msg::Retire {
+                    meter: MeterRef::Own(home),
+                });
+            } else {
+                self.shared.meters.lock().forget_home(&home);
             }
         }
     }

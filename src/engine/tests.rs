@@ -674,7 +674,8 @@ fn limits_changed_back_start_new_windows_even_after_a_stale_miss() {
 /// A miss that reads a key's new limits while the change is still evicting its entries
 /// (held up here by the meter registry's lock) builds the window the key keeps: a rename
 /// afterwards must not start another. (Found by a reviewer, with the first fix, which
-/// marked the key only after the eviction.)
+/// marked the key only after the eviction.) The miss installs once the lock is free, as
+/// every install takes it: before or after the change's meter step, which must not matter.
 #[test]
 fn a_miss_racing_a_limits_change_builds_the_window_the_key_keeps() {
     let f = ledger();
@@ -689,8 +690,8 @@ fn a_miss_racing_a_limits_change_builds_the_window_the_key_keeps() {
         // Committed and evicted; `key_changed` waits for the registry.
         std::thread::sleep(std::time::Duration::from_millis(300));
         let read = read_miss(&f.ledger, &plaintext);
-        assert!(matches!(engine.install(read), Some(Loaded::Cached(_))));
         drop(meters);
+        assert!(matches!(engine.install(read), Some(Loaded::Cached(_))));
         update.join().unwrap();
     });
     assert_eq!(code(&f.ledger, &plaintext), "ok");
@@ -878,5 +879,92 @@ fn listing_what_an_id_of_no_account_holds_is_not_found() {
     let keys = f.ledger.keys().list(&nobody, &crate::PageRequest::first());
     for listed in [f.ledger.credits().pools(&nobody).map(drop), keys.map(drop)] {
         assert!(matches!(listed, Err(Error::NotFound { what: "account" })));
+    }
+}
+
+/// Keys that spend from a pool or not at all, missed again and again through a cache too
+/// small for them: each keeps one home while its usage waits for the writer (before, every
+/// miss left a new one listed until the writer's next idle round: 640 here), the usage
+/// counted on it is all there, and homes leave memory once evicted and flushed.
+#[test]
+fn a_key_cached_again_counts_on_the_home_its_usage_waits_in() {
+    let Fixture { _dir, ledger } = ledger_with(|b| {
+        b.cache_capacity(4)
+            .usage_flush_interval(std::time::Duration::from_secs(3_600))
+    });
+    let owner = ledger
+        .accounts()
+        .create(NewAccount::new("Acme"))
+        .unwrap()
+        .id;
+    let new_pool = crate::NewPool::new(owner.as_str(), "shared").credits(1_000);
+    let pool = ledger.credits().create_pool(new_pool).unwrap().id;
+    let keys: Vec<_> = (0..16)
+        .map(|i| {
+            let new = NewKey::new(owner.as_str(), format!("k{i}"));
+            let new = if i % 2 == 0 {
+                new
+            } else {
+                new.pool(pool.as_str())
+            };
+            let created = ledger.keys().create(new).unwrap();
+            let plaintext = created.plaintext.expose().to_owned();
+            (created.info.id.to_string(), plaintext)
+        })
+        .collect();
+    // The home of `plaintext`'s entry, verified (and so cached) just now.
+    let home_of = |plaintext: &str| {
+        let hash = ledger.hasher().hash_current(plaintext);
+        let engine = &ledger.inner.engine;
+        let home = engine.cache.with(&hash, |slot| match slot {
+            crate::cache::Slot::Key(key) => Arc::downgrade(&key.home_arc()),
+            _ => panic!("a key"),
+        });
+        home.expect("cached")
+    };
+    let mut first: Vec<std::sync::Weak<CachedKey>> = Vec::new();
+    for round in 0..40 {
+        for (i, (_, plaintext)) in keys.iter().enumerate() {
+            let presented = Presented::new(plaintext).unwrap();
+            let grant = ledger.verify(&Request::new(&presented, "/x")).unwrap();
+            grant.commit(1);
+            let home = home_of(plaintext);
+            match round {
+                0 => first.push(home),
+                _ => assert!(home.ptr_eq(&first[i]), "key {i}, round {round}: a new home"),
+            }
+        }
+    }
+    for (public, _) in &keys {
+        let usage = ledger.credits().usage(public).unwrap();
+        assert_eq!((usage.requests, usage.lifetime_spent), (40, 40), "{public}");
+    }
+    // Flushed and found idle: the writer lets go of them, and so does the registry.
+    for _ in 0..3 {
+        ledger.flush().unwrap();
+    }
+    let alive = |homes: &[std::sync::Weak<CachedKey>]| {
+        homes.iter().filter(|h| h.strong_count() > 0).count()
+    };
+    assert_eq!(alive(&first), 4, "the cached ones only");
+    // Those four, unlisted, leave memory when they are evicted: by misses of the others.
+    let cached: Vec<usize> = (0..16).filter(|&i| first[i].strong_count() > 0).collect();
+    for (i, (_, plaintext)) in keys.iter().enumerate() {
+        if !cached.contains(&i) {
+            let presented = Presented::new(plaintext).unwrap();
+            drop(ledger.verify(&Request::new(&presented, "/x")).unwrap());
+        }
+    }
+    let still_cached = |i: usize| {
+        let hash = ledger.hasher().hash_current(&keys[i].1);
+        ledger.inner.engine.cache.with(&hash, |_| ()).is_some()
+    };
+    let evicted = cached.iter().filter(|&&i| !still_cached(i)).count();
+    assert!(
+        evicted > 0,
+        "twelve misses through a cache of four evict some"
+    );
+    for i in cached {
+        assert_eq!(first[i].strong_count() > 0, still_cached(i), "key {i}");
     }
 }

@@ -61,10 +61,12 @@ pub(super) struct Effects {
     /// chunk): what goes back to be flushed if the batch fails.
     pub(super) meters_seen: Vec<MeterRef>,
     pub(super) usage_seen: Vec<Arc<CachedKey>>,
-    /// What stays listed if it commits, and what was unlisted.
+    /// What stays listed if it commits, and what was unlisted: keys' own meters, and the
+    /// homes of keys without one.
     pub(super) meters_kept: Vec<MeterRef>,
     pub(super) usage_kept: Vec<Arc<CachedKey>>,
     pub(super) unlisted: Vec<MeterRef>,
+    pub(super) unlisted_homes: Vec<Arc<CachedKey>>,
     pub(super) reclaimed: Vec<(MeterRef, u64)>,
     pub(super) events: Vec<CreditEvent>,
     pub(super) syncs: Vec<Sender<Result<()>>>,
@@ -94,6 +96,7 @@ impl Effects {
             + bytes(&self.flushed_spend)
             + bytes(&self.flushed_usage)
             + bytes(&self.unlisted)
+            + bytes(&self.unlisted_homes)
     }
 
     /// Units `meter` can still spend from memory: its lease there and what this batch
@@ -244,6 +247,9 @@ fn publish(
         if unused {
             meters.remove(&meter);
         }
+    }
+    for home in fx.unlisted_homes {
+        meters.forget_home(&home); // unless an entry, a grant or a carried snapshot holds it
     }
     fx.syncs
 }

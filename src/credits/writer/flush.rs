@@ -97,8 +97,9 @@ pub(super) fn flush_usage(
         if spent == 0 && requests == 0 && metered == 0 {
             (spent, requests, last_used, metered) = taken(&state, state.unlist());
             if spent == 0 && requests == 0 && metered == 0 {
-                if state.metering == Metering::Own {
-                    fx.unlisted.push(MeterRef::Own(state));
+                match state.metering {
+                    Metering::Own => fx.unlisted.push(MeterRef::Own(state)),
+                    _ => fx.unlisted_homes.push(state),
                 }
                 continue;
             }

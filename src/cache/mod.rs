@@ -509,7 +509,6 @@ impl std::ops::Deref for MeterRef {
 
 impl MeterRef {
     /// Whether both handles are the same meter.
-    #[cfg(test)]
     pub(crate) fn ptr_eq(a: &MeterRef, b: &MeterRef) -> bool {
         std::ptr::eq::<Meter>(&**a, &**b)
     }

@@ -138,6 +138,10 @@ pub(super) fn build(
                 Err(_) => fx.late.push((meter, units, epoch)),
             }
         }
+        for meter in std::mem::take(&mut listed.orphaned) {
+            wrote |= reclaim(shared, &mut work, fx, &meter)?.is_some();
+            fx.retired.push(meter);
+        }
         if chunked {
             fx.meters_seen = listed.pools.chunk();
             fx.usage_seen = listed.keys.chunk();

@@ -242,10 +242,19 @@ fn publish(
     }
     for meter in fx.unlisted {
         // A key's meter that left the cache while listed (so its retirement left it
-        // in the registry): with its lease returned and nobody else holding it, it goes.
-        let unused = MeterRef::strong_count(&meter) == 2 && meter.leased() == 0 && !meter.is_pool();
-        if unused {
+        // in the registry): with its lease returned and nobody else holding it, it goes;
+        // with units a grant refunded since, the next batch takes them back first.
+        if MeterRef::strong_count(&meter) != 2 || meter.is_pool() {
+            continue;
+        }
+        if meter.leased() == 0 {
             meters.remove(&meter);
+        } else if !meter.retired()
+            && meters
+                .get(meter.id)
+                .is_some_and(|m| MeterRef::ptr_eq(&m, &meter))
+        {
+            listed.orphaned.push(meter);
         }
     }
     for home in fx.unlisted_homes {

@@ -39,6 +39,12 @@ pub(super) struct Listed {
     /// leased (grants still held). Closing leases nothing, so a meter it left with none has
     /// none for good, and the next pass (the next drain, or the close) visits only these.
     pub(super) still_leased: Option<Vec<MeterRef>>,
+    /// Keys' meters that nothing but the registry held when the writer unlisted their key,
+    /// still with units leased: a grant refunded them after the key left the cache (its
+    /// retirement came first). The next batch takes the units back and drops the meter, as a
+    /// retirement does; before, they stayed in memory until the key came back or the ledger
+    /// closed (a reviewer counted 31,014 meters for a cache of 64).
+    pub(super) orphaned: Vec<MeterRef>,
 }
 
 impl Listed {
@@ -68,7 +74,10 @@ impl Listed {
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.keys.list.is_empty() && self.pools.list.is_empty() && self.returns.is_empty()
+        self.keys.list.is_empty()
+            && self.pools.list.is_empty()
+            && self.returns.is_empty()
+            && self.orphaned.is_empty()
     }
 
     /// Lists `units` reserved under `epoch` for the next batch to return.

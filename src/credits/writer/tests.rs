@@ -1621,3 +1621,38 @@ fn keys_evicted_after_use_do_not_pile_up_between_flush_rounds() {
         assert_eq!(usage.requests, 1, "{id}");
     }
 }
+
+/// A grant dropped after its key left the cache refunds into the key's meter, which the
+/// eviction could not retire (the grant still held it). Once the writer unlists the key, the
+/// next batch takes those units back to the balance and the meter leaves memory: before, it
+/// stayed registered with the units leased until the key came back or the ledger closed
+/// (lost to a crash in between).
+#[test]
+fn a_meter_refunded_after_its_key_left_the_cache_leaves_memory_with_its_units_returned() {
+    let config = Config::builder()
+        .master_key(MasterKey::generate().unwrap())
+        .cache_capacity(1)
+        .usage_flush_interval(Duration::from_secs(3_600))
+        .build()
+        .unwrap();
+    let (_dir, ledger) = open(config);
+    let (a, a_plain) = key(&ledger, 100);
+    let (_, b_plain) = key(&ledger, 100);
+    let a_key = Presented::new(&a_plain).unwrap();
+    let held = ledger.verify(&Request::new(&a_key, "/x").cost(5)).unwrap();
+    assert_eq!(spend_one(&ledger, &b_plain), Ok(1), "evicts `a`");
+    drop(held); // refunds its 5 units into `a`'s meter, out of the cache
+    let a_id = ledger.keys().internal_id(&a).unwrap();
+    let in_memory = || ledger.inner.engine.shared.meters.lock().get(a_id).is_some();
+    assert!(in_memory(), "its retirement came while the grant held it");
+    for _ in 0..4 {
+        ledger.flush().unwrap(); // usage written; then unlisted; then taken back
+    }
+    assert!(!in_memory());
+    let usage = ledger.credits().usage(&a).unwrap();
+    assert_eq!(
+        (usage.leased, usage.remaining),
+        (0, Some(100)),
+        "nothing left leased for a crash to lose"
+    );
+}

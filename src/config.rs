@@ -25,6 +25,10 @@ pub const ENV_TOKEN_PREFIX: &str = "KEYLEDGER_TOKEN_PREFIX";
 /// Environment variable holding the prefixes of imported keys, comma-separated.
 pub const ENV_LEGACY_PREFIXES: &str = "KEYLEDGER_LEGACY_PREFIXES";
 
+/// redb's page cache unless [`ConfigBuilder::page_cache_bytes`] says otherwise (redb's own
+/// default).
+const DEFAULT_PAGE_CACHE_BYTES: usize = 1 << 30;
+
 /// The most spend tiers a configuration may have.
 const MAX_SPEND_TIERS: usize = 16;
 
@@ -39,6 +43,7 @@ pub struct Config {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) durability: Durability,
     pub(crate) cache_capacity: usize,
+    pub(crate) page_cache_bytes: usize,
     pub(crate) spend_tiers: Vec<SpendTier>,
     pub(crate) usage_flush_interval: std::time::Duration,
     pub(crate) close_grace: std::time::Duration,
@@ -96,6 +101,7 @@ impl fmt::Debug for Config {
             .field("legacy_prefixes", &self.legacy_prefixes)
             .field("durability", &self.durability)
             .field("cache_capacity", &self.cache_capacity)
+            .field("page_cache_bytes", &self.page_cache_bytes)
             .field("usage_flush_interval", &self.usage_flush_interval)
             .field("close_grace", &self.close_grace)
             .finish_non_exhaustive()
@@ -113,6 +119,7 @@ pub struct ConfigBuilder {
     clock: Option<Arc<dyn Clock>>,
     durability: Durability,
     cache_capacity: Option<usize>,
+    page_cache_bytes: Option<usize>,
     spend_tiers: Vec<SpendTier>,
     usage_flush_interval: Option<std::time::Duration>,
     close_grace: Option<std::time::Duration>,
@@ -129,6 +136,7 @@ impl fmt::Debug for ConfigBuilder {
             .field("legacy_prefixes", &self.legacy_prefixes)
             .field("durability", &self.durability)
             .field("cache_capacity", &self.cache_capacity)
+            .field("page_cache_bytes", &self.page_cache_bytes)
             .field("spend_tiers", &self.spend_tiers)
             .field("usage_flush_interval", &self.usage_flush_interval)
             .field("close_grace", &self.close_grace)
@@ -258,6 +266,17 @@ impl ConfigBuilder {
     /// ranges of its own costs about 16 KB, and one with 16 named rate limits about 2 KB more.
     pub fn cache_capacity(mut self, keys: usize) -> Self {
         self.cache_capacity = Some(keys);
+        self
+    }
+
+    /// The most bytes of the database file's pages kept in memory by redb, below the
+    /// verification cache (default 1 GiB, redb's own default; it grows to that only as pages
+    /// are read or written). A miss of the verification cache reads one record through it;
+    /// a smaller page cache bounds the process's memory at the cost of misses that read the
+    /// operating system's page cache instead (the file stays fully usable at any size, even
+    /// 0).
+    pub fn page_cache_bytes(mut self, bytes: usize) -> Self {
+        self.page_cache_bytes = Some(bytes);
         self
     }
 
@@ -405,6 +424,7 @@ impl ConfigBuilder {
             legacy_prefixes,
             durability: self.durability,
             cache_capacity,
+            page_cache_bytes: self.page_cache_bytes.unwrap_or(DEFAULT_PAGE_CACHE_BYTES),
             spend_tiers: self.spend_tiers,
             usage_flush_interval,
             close_grace: self

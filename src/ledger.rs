@@ -66,7 +66,7 @@ impl Ledger {
     /// ledger: a copy or restore that failed would otherwise start over with no keys).
     pub fn open(path: impl AsRef<Path>, config: Config) -> Result<Ledger> {
         let path = path.as_ref();
-        let opened = Store::open(path, &config.master_key)?;
+        let opened = Store::open(path, &config.master_key, config.page_cache_bytes)?;
         Ledger::start(opened, path, config)
     }
 
@@ -74,7 +74,7 @@ impl Ledger {
     /// ledger (`redb::backends::InMemoryBackend`), or a backend that simulates crashes and I/O
     /// failures in tests. Same checks as [`open`](Self::open).
     pub fn open_with_backend(backend: impl redb::StorageBackend, config: Config) -> Result<Ledger> {
-        let opened = Store::open_backend(backend, &config.master_key)?;
+        let opened = Store::open_backend(backend, &config.master_key, config.page_cache_bytes)?;
         Ledger::start(opened, Path::new("<storage backend>"), config)
     }
 

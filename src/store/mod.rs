@@ -100,7 +100,11 @@ pub(crate) struct OpenedMeta {
 impl Store {
     /// Opens or creates the database at `path` and checks that it is a keyledger file of a
     /// known format, opened with the right master key.
-    pub(crate) fn open(path: &Path, master: &MasterKey) -> Result<(Store, OpenedMeta)> {
+    pub(crate) fn open(
+        path: &Path,
+        master: &MasterKey,
+        page_cache_bytes: usize,
+    ) -> Result<(Store, OpenedMeta)> {
         if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
             let path = path.display().to_string();
             return Err(Error::EmptyFile { path });
@@ -108,8 +112,7 @@ impl Store {
         let file =
             open_file(path).map_err(|e| redb::DatabaseError::from(redb::StorageError::Io(e)))?;
         let backend = redb::backends::FileBackend::new(file)?;
-        let db = unless_redb_panics(|| Database::builder().create_with_backend(backend))??;
-        Store::init(db, path, master)
+        Store::open_backend_at(backend, path, master, page_cache_bytes)
     }
 
     /// Like [`open`](Self::open), on any redb storage backend (crash-simulating tests,
@@ -117,9 +120,26 @@ impl Store {
     pub(crate) fn open_backend(
         backend: impl redb::StorageBackend,
         master: &MasterKey,
+        page_cache_bytes: usize,
     ) -> Result<(Store, OpenedMeta)> {
-        let db = unless_redb_panics(|| Database::builder().create_with_backend(backend))??;
-        Store::init(db, Path::new("<storage backend>"), master)
+        let path = Path::new("<storage backend>");
+        Store::open_backend_at(backend, path, master, page_cache_bytes)
+    }
+
+    /// Opens `backend` (the file at `path`, for messages) with a page cache of at most
+    /// `page_cache_bytes`.
+    fn open_backend_at(
+        backend: impl redb::StorageBackend,
+        path: &Path,
+        master: &MasterKey,
+        page_cache_bytes: usize,
+    ) -> Result<(Store, OpenedMeta)> {
+        let db = unless_redb_panics(|| {
+            Database::builder()
+                .set_cache_size(page_cache_bytes)
+                .create_with_backend(backend)
+        })??;
+        Store::init(db, path, master)
     }
 
     /// Opens an existing file of the current format for `check`, writing nothing: no tables
@@ -856,6 +876,64 @@ mod tests {
         let master = MasterKey::from_bytes(&[7u8; 32]).unwrap();
         let config = Config::builder().master_key(master).legacy_prefix("sk_");
         config.build().unwrap()
+    }
+
+    /// Storage in memory that counts reads.
+    #[derive(Debug, Default)]
+    struct CountingReads {
+        inner: redb::backends::InMemoryBackend,
+        reads: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl redb::StorageBackend for CountingReads {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.inner.write(offset, data)
+        }
+    }
+
+    /// `page_cache_bytes` reaches redb: verify misses of keys read before are served from
+    /// the default page cache, while through one of 16 KiB they read the storage again.
+    #[test]
+    fn the_page_cache_is_as_large_as_configured() {
+        let storage_reads = |page_cache: Option<usize>| {
+            let backend = CountingReads::default();
+            let reads = backend.reads.clone();
+            let master = MasterKey::generate().unwrap();
+            let mut config = Config::builder().master_key(master).cache_capacity(16);
+            if let Some(bytes) = page_cache {
+                config = config.page_cache_bytes(bytes);
+            }
+            let ledger = Ledger::open_with_backend(backend, config.build().unwrap()).unwrap();
+            let keys = crate::bench_support::bulk_insert(&ledger, 2_000, &mut |_| {}).unwrap();
+            let verify_all = || {
+                for key in &keys {
+                    let grant = ledger.verify(&crate::Request::new(key, "/x").cost(0));
+                    assert!(grant.is_ok(), "every key verifies");
+                }
+            };
+            verify_all(); // every page read once; a cache of 16 keys: every verify a miss
+            let before = reads.load(Ordering::Relaxed);
+            verify_all();
+            reads.load(Ordering::Relaxed) - before
+        };
+        assert_eq!(storage_reads(None), 0, "1 GiB holds every page");
+        assert!(
+            storage_reads(Some(16 * 1024)) >= 1_000,
+            "16 KiB holds four pages"
+        );
     }
 
     /// A format-7 file (made from a format-8 one by putting the plain digests back in the

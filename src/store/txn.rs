@@ -213,7 +213,7 @@ mod tests {
     fn a_panic_under_the_guard_fences_the_file_off() {
         let dir = tempfile::tempdir().unwrap();
         let master = MasterKey::from_bytes(&[9; 32]).unwrap();
-        let (store, _) = Store::open(&dir.path().join("s.redb"), &master).unwrap();
+        let (store, _) = Store::open(&dir.path().join("s.redb"), &master, 1 << 20).unwrap();
         let _cached = store.snapshot().unwrap();
         assert_eq!(store.guard(|| Ok(7)).unwrap(), 7);
         let failed = store.guard(|| -> Result<()> { panic!("simulated page damage") });
@@ -234,7 +234,7 @@ mod tests {
     fn misses_share_a_snapshot_until_a_commit_and_then_see_it() {
         let dir = tempfile::tempdir().unwrap();
         let master = MasterKey::from_bytes(&[9; 32]).unwrap();
-        let (store, _) = Store::open(&dir.path().join("s.redb"), &master).unwrap();
+        let (store, _) = Store::open(&dir.path().join("s.redb"), &master, 1 << 20).unwrap();
         let first = store.snapshot().unwrap();
         assert!(Arc::ptr_eq(&first, &store.snapshot().unwrap()), "shared");
 

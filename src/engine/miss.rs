@@ -240,6 +240,12 @@ impl Engine {
             // registry lock makes sure two concurrent misses do not both create one. Without
             // one, the key starts a new home: a carried home's own meter is unused or retired.
             let mut meters = self.shared.meters.lock();
+            if carried.is_some() {
+                // An admin change carried the old entry: if the key spent from a pool or not
+                // at all before it, that home is not asked for again. (Without a carried
+                // entry, an old home is the writer's or an eviction's to let go of.)
+                meters.drop_home(record.id);
+            }
             match meters.get(record.id) {
                 Some(MeterRef::Own(home)) => build(Some(home)),
                 // A reset counted since the read began may be this key's, which found no meter

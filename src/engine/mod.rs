@@ -467,6 +467,9 @@ impl Engine {
             self.carry(evicted);
         }
         let mut meters = self.shared.meters.lock();
+        if change == KeyChange::Deleted {
+            meters.drop_home(id);
+        }
         let meter = meters.get(id).filter(|m| !m.is_pool());
         match change {
             KeyChange::Deleted | KeyChange::CreditsRemoved => {
@@ -721,7 +724,7 @@ impl Engine {
                     meter: MeterRef::Own(home),
                 });
             } else {
-                self.shared.meters.lock().forget_home(&home);
+                self.shared.meters.lock().forget_home(home);
             }
         }
     }

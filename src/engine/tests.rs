@@ -968,3 +968,37 @@ fn a_key_cached_again_counts_on_the_home_its_usage_waits_in() {
         assert_eq!(first[i].strong_count() > 0, still_cached(i), "key {i}");
     }
 }
+
+/// A key's home that only the registry would still hold leaves memory when the key is
+/// deleted, or moved to a balance of its own, while cached with its usage written (found
+/// by a reviewer: it waited for the registry's next sweep, holding its account state).
+#[test]
+fn the_home_of_a_key_deleted_or_given_credits_leaves_memory() {
+    let Fixture { _dir, ledger } =
+        ledger_with(|b| b.usage_flush_interval(std::time::Duration::from_secs(3_600)));
+    let (deleted, _, deleted_plain) = key(&ledger, |o| NewKey::new(o, "d"));
+    let (moved, _, moved_plain) = key(&ledger, |o| NewKey::new(o, "m"));
+    let home_of = |plaintext: &str| {
+        assert_eq!(code(&ledger, plaintext), "ok");
+        let hash = ledger.hasher().hash_current(plaintext);
+        let home = ledger.inner.engine.cache.with(&hash, |slot| match slot {
+            crate::cache::Slot::Key(key) => Arc::downgrade(&key.home_arc()),
+            _ => panic!("a key"),
+        });
+        home.expect("cached")
+    };
+    let (deleted_home, moved_home) = (home_of(&deleted_plain), home_of(&moved_plain));
+    for _ in 0..3 {
+        ledger.flush().unwrap(); // written, then unlisted: the cache and the registry hold them
+    }
+    ledger.keys().delete(&deleted).unwrap();
+    assert_eq!(deleted_home.strong_count(), 0, "deleted");
+    let credits = KeyUpdate::default().credits(Some(10));
+    ledger.keys().update(&moved, credits).unwrap();
+    assert_eq!(
+        code(&ledger, &moved_plain),
+        "ok",
+        "cached again, on its own meter"
+    );
+    assert_eq!(moved_home.strong_count(), 0, "given credits");
+}

@@ -258,7 +258,7 @@ fn publish(
         }
     }
     for home in fx.unlisted_homes {
-        meters.forget_home(&home); // unless an entry, a grant or a carried snapshot holds it
+        meters.forget_home(home); // unless an entry, a grant or a carried snapshot holds it
     }
     fx.syncs
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
-use crate::cache::{CachedKey, Slot};
+use crate::cache::{CachedKey, Metering, Slot};
 use crate::credits::meter::{MAX_LEASE, MAX_LEASED, Meter};
 use crate::credits::writer::Handoff;
 use crate::denial::Denial;
@@ -616,6 +616,14 @@ impl Grant<'_> {
         }
         let engine = &self.ledger.inner.engine;
         let kept = meter.give_back_up_to(units, cap, self.epoch);
+        // Units kept in a key's own lease: the writer sees the key again, so that a meter
+        // left with them after its key left the cache is taken back, not kept for good.
+        if kept.is_some_and(|k| k > 0)
+            && self.key.metering == Metering::Own
+            && self.key.mark_dirty()
+        {
+            engine.shared.dirty_usage.push(self.key.home_arc());
+        }
         if let (true, Some(handle)) = (kept != Some(units), self.key.meter_ref()) {
             match kept {
                 Some(kept) => engine.give_back(&handle, units - kept, self.epoch),

@@ -1656,3 +1656,34 @@ fn a_meter_refunded_after_its_key_left_the_cache_leaves_memory_with_its_units_re
         "nothing left leased for a crash to lose"
     );
 }
+
+/// The same, with the grant held across the writer's rounds that unlist the key: its refund
+/// lists the key again, and the meter goes the same way.
+#[test]
+fn a_meter_refunded_after_its_key_was_unlisted_leaves_memory_too() {
+    let config = Config::builder()
+        .master_key(MasterKey::generate().unwrap())
+        .cache_capacity(1)
+        .usage_flush_interval(Duration::from_secs(3_600))
+        .build()
+        .unwrap();
+    let (_dir, ledger) = open(config);
+    let (a, a_plain) = key(&ledger, 100);
+    let (_, b_plain) = key(&ledger, 100);
+    let a_key = Presented::new(&a_plain).unwrap();
+    let held = ledger.verify(&Request::new(&a_key, "/x").cost(5)).unwrap();
+    assert_eq!(spend_one(&ledger, &b_plain), Ok(1), "evicts `a`");
+    for _ in 0..4 {
+        ledger.flush().unwrap(); // `a` written, then unlisted while the grant holds it
+    }
+    drop(held);
+    let a_id = ledger.keys().internal_id(&a).unwrap();
+    let in_memory = || ledger.inner.engine.shared.meters.lock().get(a_id).is_some();
+    assert!(in_memory(), "refunded into");
+    for _ in 0..4 {
+        ledger.flush().unwrap();
+    }
+    assert!(!in_memory());
+    let usage = ledger.credits().usage(&a).unwrap();
+    assert_eq!((usage.leased, usage.remaining), (0, Some(100)));
+}

@@ -616,14 +616,6 @@ impl Grant<'_> {
         }
         let engine = &self.ledger.inner.engine;
         let kept = meter.give_back_up_to(units, cap, self.epoch);
-        // Units kept in a key's own lease: the writer sees the key again, so that a meter
-        // left with them after its key left the cache is taken back, not kept for good.
-        if kept.is_some_and(|k| k > 0)
-            && self.key.metering == Metering::Own
-            && self.key.mark_dirty()
-        {
-            engine.shared.dirty_usage.push(self.key.home_arc());
-        }
         if let (true, Some(handle)) = (kept != Some(units), self.key.meter_ref()) {
             match kept {
                 Some(kept) => engine.give_back(&handle, units - kept, self.epoch),
@@ -639,6 +631,20 @@ impl Drop for Grant<'_> {
             if let Some(meter) = self.key.meter() {
                 self.refund(meter, self.reserved);
             }
+        }
+        // The last user of an entry that left the cache, with units in the key's own lease
+        // (a refund, or a lease the eviction's retirement came too early to take back): the
+        // writer is to see the key again, so that the units go back to the balance and the
+        // meter leaves memory (found by a reviewer: they stayed leased until the key came
+        // back or the ledger closed). A cached entry is held by the cache too, and a home by
+        // the meter registry, so on the hot path this is one load of the count.
+        if Arc::strong_count(&self.key) <= 1 + usize::from(self.key.is_home())
+            && self.key.metering == Metering::Own
+            && self.key.own_meter().leased() > 0
+            && self.key.mark_dirty()
+        {
+            let engine = &self.ledger.inner.engine;
+            engine.shared.dirty_usage.push(self.key.home_arc());
         }
         // After a commit's spend and usage are in memory (`commit` ends in this drop).
         if let Some(stripe) = self.counted {

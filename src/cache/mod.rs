@@ -281,6 +281,12 @@ impl CachedKey {
         self.home.as_deref().unwrap_or(self)
     }
 
+    /// Whether this snapshot is its key's home (the first one built, not a rebuild).
+    #[inline]
+    pub(crate) fn is_home(&self) -> bool {
+        self.home.is_none()
+    }
+
     /// The `Arc` of [`home`](Self::home).
     pub(crate) fn home_arc(self: &Arc<Self>) -> Arc<CachedKey> {
         self.home.clone().unwrap_or_else(|| self.clone())

@@ -138,9 +138,11 @@ pub(super) fn build(
                 Err(_) => fx.late.push((meter, units, epoch)),
             }
         }
-        for meter in std::mem::take(&mut listed.orphaned) {
-            wrote |= reclaim(shared, &mut work, fx, &meter)?.is_some();
-            fx.retired.push(meter);
+        // Listed as retired before any is reclaimed: a failure puts all of them back.
+        let orphaned = std::mem::take(&mut listed.orphaned);
+        fx.retired.extend(orphaned.iter().cloned());
+        for meter in &orphaned {
+            wrote |= reclaim(shared, &mut work, fx, meter)?.is_some();
         }
         if chunked {
             fx.meters_seen = listed.pools.chunk();

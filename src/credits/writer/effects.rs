@@ -318,6 +318,12 @@ fn undo(
     for (meter, units) in fx.reclaimed {
         meter.give_back(units);
     }
+    // Retirements, and meters left leased after their key left (see `Listed::orphaned`):
+    // the next batch takes their leases back instead (found by a reviewer: dropped here,
+    // they stayed leased in memory until the key came back or the ledger closed).
+    listed
+        .orphaned
+        .extend(fx.retired.drain(..).filter(|m| !m.retired()));
     for (meter, _, _) in fx.leases {
         meter.pending.store(false, Ordering::Release);
     }
@@ -383,8 +389,10 @@ fn refuse(msg: Msg, message: &str, listed: &mut Listed, syncs: &mut Vec<Sender<R
             epoch,
             reply,
         } => keep_or_retry(listed, meter, units, epoch, reply),
+        // A retirement not written is tried again by the next batch.
+        Msg::Retire { meter } => listed.orphaned.push(meter),
         // A settlement not written stays in its meter, for the next write to take.
-        Msg::Settle { .. } | Msg::Retire { .. } | Msg::Abandon | Msg::PrefetchBell => {}
+        Msg::Settle { .. } | Msg::Abandon | Msg::PrefetchBell => {}
         #[cfg(test)]
         Msg::Hold(_) => {}
     }

@@ -1687,3 +1687,67 @@ fn a_meter_refunded_after_its_key_was_unlisted_leaves_memory_too() {
     let usage = ledger.credits().usage(&a).unwrap();
     assert_eq!((usage.leased, usage.remaining), (0, Some(100)));
 }
+
+/// A config whose cache holds one key and whose usage rounds run only on `flush`.
+fn one_key_cache_flushed_by_hand() -> Config {
+    Config::builder()
+        .master_key(MasterKey::generate().unwrap())
+        .cache_capacity(1)
+        .usage_flush_interval(Duration::from_secs(3_600))
+        .build()
+        .unwrap()
+}
+
+/// Whether key `public`'s meter is in memory, and its `leased` and `remaining` figures.
+fn meter_state(ledger: &Ledger, public: &str) -> (bool, u64, Option<u64>) {
+    let id = ledger.keys().internal_id(public).unwrap();
+    let in_memory = ledger.inner.engine.shared.meters.lock().get(id).is_some();
+    let usage = ledger.credits().usage(public).unwrap();
+    (in_memory, usage.leased, usage.remaining)
+}
+
+/// A grant that reserved nothing, still holding the evicted key when the writer unlisted
+/// it, is the last to let go of the meter another grant refunded into: its end lists the
+/// key again (found by a reviewer: it charged nothing and refunded nothing, so nothing did,
+/// and the refund stayed leased in memory).
+#[test]
+fn the_last_grant_to_let_go_of_an_evicted_key_with_units_leased_lists_it() {
+    let (_dir, ledger) = open(one_key_cache_flushed_by_hand());
+    let (a, a_plain) = key(&ledger, 100);
+    let (_, b_plain) = key(&ledger, 100);
+    let a_key = Presented::new(&a_plain).unwrap();
+    let reserving = ledger.verify(&Request::new(&a_key, "/x").cost(5)).unwrap();
+    let peek = ledger.verify(&Request::new(&a_key, "/x").cost(0)).unwrap();
+    assert_eq!(spend_one(&ledger, &b_plain), Ok(1), "evicts `a`");
+    drop(reserving); // 5 units back in `a`'s lease
+    for _ in 0..4 {
+        ledger.flush().unwrap(); // `a` written, then unlisted while the peek holds it
+    }
+    peek.commit(0);
+    for _ in 0..4 {
+        ledger.flush().unwrap();
+    }
+    assert_eq!(meter_state(&ledger, &a), (false, 0, Some(100)));
+}
+
+/// A batch that fails while taking back an orphaned meter's lease leaves it for the next
+/// batch (found by a reviewer: the failed batch dropped it, leased, for good).
+#[test]
+fn an_orphaned_meter_survives_a_failed_batch() {
+    let (_dir, ledger) = open(one_key_cache_flushed_by_hand());
+    let (a, a_plain) = key(&ledger, 100);
+    let (_, b_plain) = key(&ledger, 100);
+    let a_key = Presented::new(&a_plain).unwrap();
+    let a_id = ledger.keys().internal_id(&a).unwrap();
+    let held = ledger.verify(&Request::new(&a_key, "/x").cost(5)).unwrap();
+    assert_eq!(spend_one(&ledger, &b_plain), Ok(1), "evicts `a`");
+    drop(held);
+    ledger.flush().unwrap(); // usage written
+    ledger.flush().unwrap(); // unlisted: orphaned
+    {
+        let _failing = failing_reads(&ledger, a_id);
+        assert!(ledger.flush().is_err(), "the batch taking it back fails");
+    }
+    ledger.flush().unwrap();
+    assert_eq!(meter_state(&ledger, &a), (false, 0, Some(100)));
+}

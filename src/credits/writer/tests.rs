@@ -1622,72 +1622,6 @@ fn keys_evicted_after_use_do_not_pile_up_between_flush_rounds() {
     }
 }
 
-/// A grant dropped after its key left the cache refunds into the key's meter, which the
-/// eviction could not retire (the grant still held it). Once the writer unlists the key, the
-/// next batch takes those units back to the balance and the meter leaves memory: before, it
-/// stayed registered with the units leased until the key came back or the ledger closed
-/// (lost to a crash in between).
-#[test]
-fn a_meter_refunded_after_its_key_left_the_cache_leaves_memory_with_its_units_returned() {
-    let config = Config::builder()
-        .master_key(MasterKey::generate().unwrap())
-        .cache_capacity(1)
-        .usage_flush_interval(Duration::from_secs(3_600))
-        .build()
-        .unwrap();
-    let (_dir, ledger) = open(config);
-    let (a, a_plain) = key(&ledger, 100);
-    let (_, b_plain) = key(&ledger, 100);
-    let a_key = Presented::new(&a_plain).unwrap();
-    let held = ledger.verify(&Request::new(&a_key, "/x").cost(5)).unwrap();
-    assert_eq!(spend_one(&ledger, &b_plain), Ok(1), "evicts `a`");
-    drop(held); // refunds its 5 units into `a`'s meter, out of the cache
-    let a_id = ledger.keys().internal_id(&a).unwrap();
-    let in_memory = || ledger.inner.engine.shared.meters.lock().get(a_id).is_some();
-    assert!(in_memory(), "its retirement came while the grant held it");
-    for _ in 0..4 {
-        ledger.flush().unwrap(); // usage written; then unlisted; then taken back
-    }
-    assert!(!in_memory());
-    let usage = ledger.credits().usage(&a).unwrap();
-    assert_eq!(
-        (usage.leased, usage.remaining),
-        (0, Some(100)),
-        "nothing left leased for a crash to lose"
-    );
-}
-
-/// The same, with the grant held across the writer's rounds that unlist the key: its refund
-/// lists the key again, and the meter goes the same way.
-#[test]
-fn a_meter_refunded_after_its_key_was_unlisted_leaves_memory_too() {
-    let config = Config::builder()
-        .master_key(MasterKey::generate().unwrap())
-        .cache_capacity(1)
-        .usage_flush_interval(Duration::from_secs(3_600))
-        .build()
-        .unwrap();
-    let (_dir, ledger) = open(config);
-    let (a, a_plain) = key(&ledger, 100);
-    let (_, b_plain) = key(&ledger, 100);
-    let a_key = Presented::new(&a_plain).unwrap();
-    let held = ledger.verify(&Request::new(&a_key, "/x").cost(5)).unwrap();
-    assert_eq!(spend_one(&ledger, &b_plain), Ok(1), "evicts `a`");
-    for _ in 0..4 {
-        ledger.flush().unwrap(); // `a` written, then unlisted while the grant holds it
-    }
-    drop(held);
-    let a_id = ledger.keys().internal_id(&a).unwrap();
-    let in_memory = || ledger.inner.engine.shared.meters.lock().get(a_id).is_some();
-    assert!(in_memory(), "refunded into");
-    for _ in 0..4 {
-        ledger.flush().unwrap();
-    }
-    assert!(!in_memory());
-    let usage = ledger.credits().usage(&a).unwrap();
-    assert_eq!((usage.leased, usage.remaining), (0, Some(100)));
-}
-
 /// A config whose cache holds one key and whose usage rounds run only on `flush`.
 fn one_key_cache_flushed_by_hand() -> Config {
     Config::builder()
@@ -1706,6 +1640,55 @@ fn meter_state(ledger: &Ledger, public: &str) -> (bool, u64, Option<u64>) {
     (in_memory, usage.leased, usage.remaining)
 }
 
+/// Key `a` (100 credits) with a grant of 5 units held while key `b` takes its place in a
+/// cache of one; `then` gets the ledger, `a`'s public id, and the grant.
+fn with_a_grant_on_an_evicted_key(then: impl FnOnce(&Ledger, &str, crate::Grant<'_>)) {
+    let (_dir, ledger) = open(one_key_cache_flushed_by_hand());
+    let (a, a_plain) = key(&ledger, 100);
+    let (_, b_plain) = key(&ledger, 100);
+    let a_key = Presented::new(&a_plain).unwrap();
+    let held = ledger.verify(&Request::new(&a_key, "/x").cost(5)).unwrap();
+    assert_eq!(spend_one(&ledger, &b_plain), Ok(1), "evicts `a`");
+    then(&ledger, &a, held);
+}
+
+/// Flushes `n` times (the writer's usage rounds: written, unlisted, taken back).
+fn flush(ledger: &Ledger, n: usize) {
+    for _ in 0..n {
+        ledger.flush().unwrap();
+    }
+}
+
+/// A grant dropped after its key left the cache refunds into the key's meter, which the
+/// eviction could not retire (the grant still held it). Once the writer unlists the key, the
+/// next batch takes those units back to the balance and the meter leaves memory: before, it
+/// stayed registered with the units leased until the key came back or the ledger closed
+/// (lost to a crash in between).
+#[test]
+fn a_meter_refunded_after_its_key_left_the_cache_leaves_memory_with_its_units_returned() {
+    with_a_grant_on_an_evicted_key(|ledger, a, held| {
+        drop(held); // refunds its 5 units into `a`'s meter, out of the cache
+        let id = ledger.keys().internal_id(a).unwrap();
+        let in_memory = ledger.inner.engine.shared.meters.lock().get(id).is_some();
+        assert!(in_memory, "its retirement came while the grant held it");
+        flush(ledger, 4);
+        // Nothing left leased for a crash to lose.
+        assert_eq!(meter_state(ledger, a), (false, 0, Some(100)));
+    });
+}
+
+/// The same, with the grant held across the writer's rounds that unlist the key: its end
+/// lists the key again, and the meter goes the same way.
+#[test]
+fn a_meter_refunded_after_its_key_was_unlisted_leaves_memory_too() {
+    with_a_grant_on_an_evicted_key(|ledger, a, held| {
+        flush(ledger, 4); // `a` written, then unlisted while the grant holds it
+        drop(held);
+        flush(ledger, 4);
+        assert_eq!(meter_state(ledger, a), (false, 0, Some(100)));
+    });
+}
+
 /// A grant that reserved nothing, still holding the evicted key when the writer unlisted
 /// it, is the last to let go of the meter another grant refunded into: its end lists the
 /// key again (found by a reviewer: it charged nothing and refunded nothing, so nothing did,
@@ -1720,13 +1703,9 @@ fn the_last_grant_to_let_go_of_an_evicted_key_with_units_leased_lists_it() {
     let peek = ledger.verify(&Request::new(&a_key, "/x").cost(0)).unwrap();
     assert_eq!(spend_one(&ledger, &b_plain), Ok(1), "evicts `a`");
     drop(reserving); // 5 units back in `a`'s lease
-    for _ in 0..4 {
-        ledger.flush().unwrap(); // `a` written, then unlisted while the peek holds it
-    }
+    flush(&ledger, 4); // `a` written, then unlisted while the peek holds it
     peek.commit(0);
-    for _ in 0..4 {
-        ledger.flush().unwrap();
-    }
+    flush(&ledger, 4);
     assert_eq!(meter_state(&ledger, &a), (false, 0, Some(100)));
 }
 
@@ -1734,20 +1713,14 @@ fn the_last_grant_to_let_go_of_an_evicted_key_with_units_leased_lists_it() {
 /// batch (found by a reviewer: the failed batch dropped it, leased, for good).
 #[test]
 fn an_orphaned_meter_survives_a_failed_batch() {
-    let (_dir, ledger) = open(one_key_cache_flushed_by_hand());
-    let (a, a_plain) = key(&ledger, 100);
-    let (_, b_plain) = key(&ledger, 100);
-    let a_key = Presented::new(&a_plain).unwrap();
-    let a_id = ledger.keys().internal_id(&a).unwrap();
-    let held = ledger.verify(&Request::new(&a_key, "/x").cost(5)).unwrap();
-    assert_eq!(spend_one(&ledger, &b_plain), Ok(1), "evicts `a`");
-    drop(held);
-    ledger.flush().unwrap(); // usage written
-    ledger.flush().unwrap(); // unlisted: orphaned
-    {
-        let _failing = failing_reads(&ledger, a_id);
-        assert!(ledger.flush().is_err(), "the batch taking it back fails");
-    }
-    ledger.flush().unwrap();
-    assert_eq!(meter_state(&ledger, &a), (false, 0, Some(100)));
+    with_a_grant_on_an_evicted_key(|ledger, a, held| {
+        drop(held);
+        flush(ledger, 2); // usage written; then unlisted: orphaned
+        {
+            let _failing = failing_reads(ledger, ledger.keys().internal_id(a).unwrap());
+            assert!(ledger.flush().is_err(), "the batch taking it back fails");
+        }
+        flush(ledger, 1);
+        assert_eq!(meter_state(ledger, a), (false, 0, Some(100)));
+    });
 }

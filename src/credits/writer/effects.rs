@@ -224,7 +224,16 @@ fn publish(
     for (r, n) in fx.adjusts {
         let _ = r.send(n);
     }
-    drop((fx.flushed_spend, fx.reclaimed, fx.flushed_usage));
+    // Every handle the batch's lists hold goes before the registry counts who still uses
+    // a meter (`ended` and `told` held one, so a retirement in a batch with a `set` left
+    // its meter registered: found by a reviewer).
+    drop((
+        fx.flushed_spend,
+        fx.reclaimed,
+        fx.flushed_usage,
+        fx.ended,
+        fx.told,
+    ));
     drop((fx.meters_seen, fx.usage_seen));
     if chunked {
         listed.keep(fx.usage_kept, fx.meters_kept);

@@ -1724,3 +1724,21 @@ fn an_orphaned_meter_survives_a_failed_batch() {
         assert_eq!(meter_state(ledger, a), (false, 0, Some(100)));
     });
 }
+
+/// A `set` in the batch that takes an orphaned meter back leaves nothing registered either:
+/// the batch's own record of the epoch it ended no longer counts as a user (found by a
+/// reviewer; a retirement in a batch with a `set` kept its meter the same way).
+#[test]
+fn an_orphaned_meter_taken_back_in_a_batch_with_a_set_leaves_memory() {
+    with_a_grant_on_an_evicted_key(|ledger, a, held| {
+        drop(held);
+        flush(ledger, 2); // usage written; then unlisted: orphaned
+        assert_eq!(
+            ledger.credits().set(a, 50).unwrap(),
+            50,
+            "the batch taking it back"
+        );
+        flush(ledger, 1);
+        assert_eq!(meter_state(ledger, a), (false, 0, Some(50)));
+    });
+}

@@ -228,7 +228,8 @@ pub(super) fn build(
         work.write_all()?;
     }
     if wrote {
-        txn.commit()?;
+        // A commit that fails may still have reached the disk (see `Effects::uncertain`).
+        txn.commit().inspect_err(|_| fx.uncertain = true)?;
     } else {
         txn.abort()?;
     }

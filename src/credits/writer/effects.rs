@@ -280,9 +280,9 @@ fn publish(
     fx.syncs
 }
 
-/// A failed batch: nothing became durable (or, `uncertain`, maybe all of it), so every
-/// counter it swapped goes back and every request it carried, reached or not (`batch`), is
-/// refused with `message`. Returns the
+/// A failed batch: nothing became durable, so every counter it swapped goes back (but the
+/// units it took out of memory, when its commit failed: see `Effects::uncertain`) and every
+/// request it carried, reached or not (`batch`), is refused with `message`. Returns the
 /// `flush` and `close` requests, as [`publish`] does.
 fn undo(
     shared: &Shared,

@@ -254,3 +254,102 @@ fn a_disk_dying_at_every_io_point_of_a_workload_leaves_a_consistent_file() {
         n += 1;
     }
 }
+
+/// A ledger on a crash backend whose usage rounds run only on `flush`, with one key holding
+/// `credits`; everything durable.
+fn one_key_on_a_crash_backend(
+    credits: u64,
+) -> (CrashBackend, Config, Ledger, keyledger::CreatedKey) {
+    let config = Config::builder()
+        .master_key(MasterKey::from_bytes(&[3u8; 32]).unwrap())
+        .usage_flush_interval(std::time::Duration::from_secs(3_600))
+        .build()
+        .unwrap();
+    let backend = CrashBackend::new();
+    let ledger = Ledger::open_with_backend(backend.clone(), config.clone()).unwrap();
+    let account = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+    let key = ledger
+        .keys()
+        .create(NewKey::new(account.id, "k").credits(credits))
+        .unwrap();
+    ledger.flush().unwrap();
+    (backend, config, ledger, key)
+}
+
+/// A refund too large for the lease goes back to the balance in a batch of its own. The
+/// disk dies at each sync of that batch in turn, and the power loss keeps every write: at
+/// the commit's last sync the header that makes it durable is written, and the refund has
+/// landed though the commit failed. Whatever the grant's thread hears, it must not put those
+/// units back in the lease as well, for requests to spend from memory before the crash and
+/// find in the balance after it.
+#[test]
+fn a_refund_whose_commit_failed_but_landed_is_not_also_spent_from_memory() {
+    const CREDITS: u64 = 1_000_000;
+    const COST: u64 = 1_000;
+    let mut landed_after_failing = 0;
+    for nth in 1.. {
+        let (backend, config, ledger, key) = one_key_on_a_crash_backend(CREDITS);
+        let presented = keyledger::Presented::new(key.plaintext.expose()).unwrap();
+        let request = |cost| keyledger::Request::new(&presented, "/x").cost(cost);
+        let large = ledger.verify(&request(CREDITS / 2)).unwrap();
+        ledger.flush().unwrap();
+        backend.fail_sync(nth);
+        drop(large); // the lease keeps what it may; the rest goes to the balance
+        if !backend.has_failed() {
+            break; // the refund's batch has no sync `nth`
+        }
+        let mut served = 0;
+        while served < CREDITS {
+            let Ok(grant) = ledger.verify(&request(COST)) else {
+                break;
+            };
+            grant.commit(COST);
+            served += COST;
+        }
+        assert!(served > 0, "the lease in memory still serves");
+        let image = backend.power_loss(CrashImage::AllWritten);
+        drop(ledger);
+        let reopened = Ledger::open_with_backend(image, config).unwrap();
+        let usage = reopened.credits().usage(&key.info.id).unwrap();
+        let left = usage.remaining.unwrap();
+        landed_after_failing += usize::from(left > CREDITS / 2);
+        assert!(
+            served + left <= CREDITS,
+            "sync {nth} failed: {served} served before the crash and {left} left after it, \
+             of {CREDITS}"
+        );
+    }
+    assert!(
+        landed_after_failing > 0,
+        "a failed commit that lands is the case under test"
+    );
+}
+
+/// A top-up whose commit fails at its last sync may have landed: the error must not tell
+/// the host the balance is unchanged, for a retry would add the credits twice.
+#[test]
+fn a_top_up_whose_commit_failed_does_not_claim_the_balance_unchanged() {
+    let mut landed_after_failing = 0;
+    for nth in 1.. {
+        let (backend, config, ledger, key) = one_key_on_a_crash_backend(100);
+        backend.fail_sync(nth);
+        let Err(err) = ledger.credits().top_up(&key.info.id, 50) else {
+            break; // the top-up's batch has no sync `nth`
+        };
+        let image = backend.power_loss(CrashImage::AllWritten);
+        drop(ledger);
+        let reopened = Ledger::open_with_backend(image, config).unwrap();
+        if reopened.credits().usage(&key.info.id).unwrap().granted == 150 {
+            landed_after_failing += 1;
+            let said = err.to_string();
+            assert!(
+                !said.contains("not changed") && said.contains("may have been made"),
+                "sync {nth} failed, the top-up landed, and the host was told: {said}"
+            );
+        }
+    }
+    assert!(
+        landed_after_failing > 0,
+        "a failed commit that lands is the case under test"
+    );
+}

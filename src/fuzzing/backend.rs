@@ -19,6 +19,8 @@ pub enum CrashImage {
     /// The durable bytes plus the unsynced writes that the seeded choice keeps (each write
     /// whole or not at all, in order).
     Torn(u64),
+    /// Every write, synced or not: the page cache wrote all of them back before power went.
+    AllWritten,
 }
 
 #[derive(Debug, Default)]
@@ -29,6 +31,8 @@ struct State {
     pending: Vec<(u64, Vec<u8>)>,
     /// I/O operations (reads excluded) left before the disk dies; `None`: never.
     countdown: Option<u64>,
+    /// Syncs left before one fails and the disk dies (the writes before it stay unsynced).
+    syncs_before_failure: Option<u64>,
     /// The disk has died: every operation fails.
     failed: bool,
     writes: u64,
@@ -85,6 +89,14 @@ impl CrashBackend {
         self.state.lock().countdown = Some(ops);
     }
 
+    /// Sync number `nth` from now (1: the next) fails, and every operation after it: the
+    /// disk dies after the writes before it, which stay unsynced for a power loss to keep or
+    /// drop. (A commit of the ledger's syncs twice; failing its second sync leaves the
+    /// header that makes it durable written, not synced.)
+    pub fn fail_sync(&self, nth: u64) {
+        self.state.lock().syncs_before_failure = Some(nth.saturating_sub(1));
+    }
+
     /// The disk dies now: every later operation fails.
     pub fn kill(&self) {
         self.state.lock().failed = true;
@@ -110,6 +122,9 @@ impl CrashBackend {
     /// The bytes that survive a power loss now.
     pub fn crash_image(&self, image: CrashImage) -> Vec<u8> {
         let s = self.state.lock();
+        if image == CrashImage::AllWritten {
+            return s.live.clone();
+        }
         let mut bytes = s.durable.clone();
         if let CrashImage::Torn(seed) = image {
             let mut rng = seed | 1;
@@ -169,6 +184,11 @@ impl redb::StorageBackend for CrashBackend {
 
     fn sync_data(&self) -> io::Result<()> {
         let mut s = self.state.lock();
+        match s.syncs_before_failure {
+            Some(0) => s.failed = true,
+            Some(left) => s.syncs_before_failure = Some(left - 1),
+            None => {}
+        }
         s.tick()?;
         s.syncs += 1;
         s.durable = s.live.clone();

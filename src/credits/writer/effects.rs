@@ -80,7 +80,8 @@ pub(super) struct Effects {
     /// stay out: whichever image survives counts them right (the old one as leased, so lost
     /// to the crash; the new one in the balance). Put back, they were spent from memory and
     /// found in the balance again after the crash (found by a reviewer, from crash-soak
-    /// seed 52,385,968: 18 left where 16 could be).
+    /// seed 52,385,968: 18 left where 16 could be). A top-up or set is answered that it may
+    /// have been made, not that the balance is unchanged.
     pub(super) uncertain: bool,
     /// Balances whose remembered exhaustion a change forgot (see [`Registry::grew`](crate::credits::registry::Registry::grew)):
     /// remembered again if the batch fails.
@@ -353,14 +354,21 @@ fn undo(
     for (r, _) in fx.shortfalls {
         let _ = r.send(0);
     }
-    for (meter, units, epoch, r) in fx.returns {
-        match fx.uncertain {
-            false => keep_or_retry(listed, meter, units, epoch, r),
-            true => drop(r), // the balance may have them: nobody gets them twice
+    for (meter, units, epoch, reply) in fx.returns {
+        match (fx.uncertain, reply) {
+            (false, reply) => keep_or_retry(listed, meter, units, epoch, reply),
+            // The balance may have them: answered as done, for the refunding thread keeps
+            // whatever the writer could not answer (found by a test of the commit that
+            // fails at its last sync and lands: dropped, this answer put them back).
+            (true, Some(reply)) => drop(reply.send(())),
+            (true, None) => {}
         }
     }
     for (r, _) in fx.adjusts {
-        let _ = r.send(Err(not_changed(message)));
+        let _ = r.send(Err(match fx.uncertain {
+            false => not_changed(message),
+            true => maybe_changed(message),
+        }));
     }
     // The messages the batch did not reach get the same answers.
     for msg in fx.stopped.take().into_iter().chain(batch) {
@@ -423,4 +431,13 @@ fn refuse(msg: Msg, message: &str, listed: &mut Listed, syncs: &mut Vec<Sender<R
 /// The answer to a balance change whose batch failed with `message`.
 fn not_changed(message: &str) -> Error {
     Error::Conflict(format!("balance not changed: {message}"))
+}
+
+/// The answer to a change whose commit failed: it may have reached the disk, and a retry
+/// could make it twice (see `Effects::uncertain`).
+fn maybe_changed(message: &str) -> Error {
+    Error::Conflict(format!(
+        "balance change may have been made (its commit failed; reopening the ledger shows \
+         whether it is durable): {message}"
+    ))
 }

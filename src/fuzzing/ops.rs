@@ -299,11 +299,14 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
         model.backend = backend.clone();
         reconcile(&ledger, &mut model, epoch > 1)?;
         let end = run_epoch(&ledger, &mut model, &mut b, &clock, &backend)?;
-        let torn = b.below(2) == 1;
-        let image = if torn {
-            CrashImage::Torn(u64::from(b.byte().unwrap_or(1)) + 1)
-        } else {
-            CrashImage::DurableOnly
+        // Half the power losses keep some unsynced writes; one in four of those keeps all
+        // of them (then a commit that failed at its last sync has landed).
+        let image = match b.below(2) {
+            0 => CrashImage::DurableOnly,
+            _ => match b.byte().unwrap_or(1) {
+                byte if byte % 4 == 3 => CrashImage::AllWritten,
+                byte => CrashImage::Torn(u64::from(byte) + 1),
+            },
         };
         model.outcome.cache_evictions += ledger.stats().cache_evictions;
         match end {

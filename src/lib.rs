@@ -52,6 +52,7 @@ mod record;
 mod routes;
 mod secret;
 mod store;
+mod sweep;
 mod vault;
 mod verify;
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::cache::{CachedKey, MeterRef, Metering};
 use crate::credits::meter::Meter;
+use crate::sweep::SweepSchedule;
 
 /// Meters by CREDITS id (a key's id or a pool's; ids are unique across both). Keys' own
 /// meters — one per cached metered key, so the bulk of the entries — are a [`Homes`] table
@@ -22,8 +23,8 @@ pub(crate) struct Registry {
     /// [`forget_home`](Self::forget_home)); the few that leave otherwise (a grant let go of
     /// them last) are swept when the table has doubled.
     others: Homes,
-    /// `others` is swept of homes only it holds when it reaches this many.
-    others_sweep_at: usize,
+    /// When `others` is next swept of homes only it holds.
+    others_sweeps: SweepSchedule,
     /// Balances whose meter had reported an exhaustion when it left (its key left a full
     /// cache) and that have not grown since: a new meter for one starts with the exhaustion
     /// reported, so that a key cached again is not reported exhausted again. At most
@@ -53,9 +54,6 @@ fn size_for(n: usize) -> usize {
 
 /// The size a table starts at (or less, when the expected homes need less).
 const START: usize = 16;
-
-/// `Registry::others` is not swept below this many homes.
-const SWEEP_FROM: usize = 1_024;
 
 /// Home snapshots by key id: open addressing with linear probing over 8-byte slots, the key
 /// of a slot being the id its snapshot carries (a probe reads through the `Arc`: the
@@ -224,7 +222,7 @@ impl Registry {
             keys: Homes::new(keys),
             pools: HashMap::new(),
             others: Homes::new(keys),
-            others_sweep_at: SWEEP_FROM,
+            others_sweeps: SweepSchedule::default(),
             reported_empty: HashSet::new(),
         }
     }
@@ -312,10 +310,10 @@ impl Registry {
         {
             return;
         }
-        if self.others.len >= self.others_sweep_at {
+        if self.others_sweeps.due(self.others.len) {
             // Held by the table alone: nothing else can reach them but through this lock.
             self.others.retain(|h| Arc::strong_count(h) > 1);
-            self.others_sweep_at = self.others.len.saturating_mul(2).max(SWEEP_FROM);
+            self.others_sweeps.swept(self.others.len);
         }
         self.others.insert(home.clone());
     }
@@ -353,6 +351,8 @@ mod tests {
     use std::sync::Arc;
 
     use proptest::prelude::*;
+
+    use crate::sweep::SWEEP_FROM;
 
     use super::*;
     use crate::cache::test_key;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::collections::HashMap;
 
 use crate::limits::{KeyLimits, SpendTier};
+use crate::sweep::SweepSchedule;
 
 /// The rate-limit state of each cached key with limits, so that all of a key's cached
 /// entries share one: during a roll's grace its two secrets are cached apart, and each with
@@ -13,20 +14,19 @@ use crate::limits::{KeyLimits, SpendTier};
 /// Held weakly: the state lives as long as an entry or carried snapshot uses it — and, for
 /// an entry evicted to make room or by a hash-scheme rotation, in `held` for as long as its
 /// window still counts arrivals, so that losing the entry does not hand the key a fresh window.
-#[derive(Default)]
 pub(crate) struct LiveLimits {
     /// The configured spend tiers.
     tiers: Vec<SpendTier>,
     by_key: HashMap<u64, std::sync::Weak<KeyLimits>>,
-    /// Dead references are swept when the map reaches this size (then twice what is left).
-    sweep_at: usize,
+    /// When dead references are next swept.
+    sweeps: SweepSchedule,
     /// Evicted keys' states still running (see [`KeyLimits::running`]), until the key's next
     /// miss takes its state back. At most [`MAX_HELD`]; beyond that an evicted key starts a
     /// fresh window, as every one did before.
     pub(super) held: HashMap<u64, Arc<KeyLimits>>,
-    /// States no longer running are swept when `held` reaches this size; once it is full of
+    /// When states no longer running are next swept from `held`; once it is full of
     /// running ones, at most once a second (a sweep reads every state).
-    held_sweep_at: usize,
+    held_sweeps: SweepSchedule,
     held_swept_ns: u64,
     /// Each key's limits generation, moved on by every admin change that reconfigures its
     /// windows (absent: 0). A miss reuses only a state of the key's current generation, so
@@ -52,7 +52,12 @@ impl LiveLimits {
     pub(crate) fn new(tiers: Vec<SpendTier>) -> Self {
         LiveLimits {
             tiers,
-            ..LiveLimits::default()
+            by_key: HashMap::new(),
+            sweeps: SweepSchedule::default(),
+            held: HashMap::new(),
+            held_sweeps: SweepSchedule::up_to(MAX_HELD),
+            held_swept_ns: 0,
+            generations: HashMap::new(),
         }
     }
 
@@ -93,9 +98,9 @@ impl LiveLimits {
             }
         };
         let previous = self.by_key.insert(id, Arc::downgrade(&limits));
-        if self.by_key.len() >= self.sweep_at {
+        if self.sweeps.due(self.by_key.len()) {
             self.by_key.retain(|_, l| l.strong_count() > 0);
-            self.sweep_at = (self.by_key.len() * 2).max(1024);
+            self.sweeps.swept(self.by_key.len());
         }
         Some(Chosen { limits, previous })
     }
@@ -124,11 +129,11 @@ impl LiveLimits {
         }
         let full = self.held.len() >= MAX_HELD;
         let due = !full || now_ns >= self.held_swept_ns.saturating_add(1_000_000_000);
-        if self.held.len() >= self.held_sweep_at && due {
+        if self.held_sweeps.due(self.held.len()) && due {
             // Held here only, and no longer counting: a fresh state admits the same.
             self.held
                 .retain(|_, l| Arc::strong_count(l) > 1 || l.running(now_ns));
-            self.held_sweep_at = (self.held.len() * 2).clamp(1024, MAX_HELD);
+            self.held_sweeps.swept(self.held.len());
             self.held_swept_ns = now_ns;
         }
         if self.held.len() >= MAX_HELD {

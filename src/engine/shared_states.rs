@@ -1,22 +1,21 @@
 //! States the cached keys share — an account's, an interned scope — each forgotten once
 //! nothing but its map holds it. Both maps only ever grew before (found by a reviewer: about
 //! 12 KB an account with 100 entitlements, kept whatever the cache's capacity after its keys
-//! had left it). A map is swept whenever it has doubled since its last sweep, so sweeping
-//! costs O(1) per insert, amortized, and only misses insert.
+//! had left it). A map is swept on a [`SweepSchedule`] (once it has doubled), and only
+//! misses insert.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::Arc;
 
-/// No sweep below this many entries.
-const SWEEP_FROM: usize = 1_024;
+use crate::sweep::SweepSchedule;
 
 /// A map of shared states (a `HashMap` by id, or a `HashSet` interning by value). Read it
 /// through `Deref`; insert through [`insert`](SharedStates::insert), which sweeps.
 #[derive(Default)]
 pub(super) struct SharedStates<M> {
     map: M,
-    swept_len: usize,
+    sweeps: SweepSchedule,
 }
 
 impl<M> std::ops::Deref for SharedStates<M> {
@@ -30,8 +29,9 @@ impl<M> SharedStates<M> {
     /// Whether a map of `len` entries is due for a sweep; if so, `sweep` runs and the length
     /// it leaves is the next sweep's base.
     fn sweep_if_grown(&mut self, len: usize, sweep: impl FnOnce(&mut M) -> usize) {
-        if len >= (2 * self.swept_len).max(SWEEP_FROM) {
-            self.swept_len = sweep(&mut self.map);
+        if self.sweeps.due(len) {
+            let left = sweep(&mut self.map);
+            self.sweeps.swept(left);
         }
     }
 }
@@ -67,7 +67,8 @@ impl<T: Hash + Eq> SharedStates<HashSet<Arc<T>>> {
             set.len()
         };
         if len >= max {
-            self.swept_len = sweep(&mut self.map);
+            let left = sweep(&mut self.map);
+            self.sweeps.swept(left);
         } else {
             self.sweep_if_grown(len, sweep);
         }
@@ -78,6 +79,7 @@ impl<T: Hash + Eq> SharedStates<HashSet<Arc<T>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sweep::SWEEP_FROM;
 
     #[test]
     fn states_nothing_else_holds_are_forgotten_once_the_map_has_doubled() {

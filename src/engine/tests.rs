@@ -26,7 +26,7 @@ fn evicted_rate_limit_states_are_held_while_running_and_at_most_max_held() {
         limits.acquire(|| at * SEC, 1).unwrap();
         limits
     };
-    let mut live = LiveLimits::default();
+    let mut live = LiveLimits::new(Vec::new());
     live.hold(1, &state(0), false, 7 * SEC);
     assert!(
         live.held.is_empty(),

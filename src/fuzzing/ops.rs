@@ -254,8 +254,11 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
         Durability::Exact
     };
     let cache = if b.below(2) == 0 { 2 } else { 1_000 };
+    // A disk that dies: late in one workload of four, early in another (mostly within the
+    // first epoch's batches, where a commit that fails at its last sync is likelier).
     let countdown = match b.below(4) {
         0 => Some(b.below(256) * 3),
+        2 => Some(b.below(256)),
         _ => None,
     };
     let clock = ManualClock::new(START);

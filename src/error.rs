@@ -289,6 +289,19 @@ pub enum Error {
     /// The operation conflicts with existing state; nothing was written.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A change's commit failed where it may already have reached the disk (the disk
+    /// failed at the commit's last sync): whether it is durable is known only once the
+    /// ledger is reopened (every later write of this process fails after such an error).
+    /// Do not repeat the change blindly: a top-up repeated would count twice.
+    #[error(
+        "{what} may have been made: its commit failed ({reason}); reopen the ledger to see whether it is durable"
+    )]
+    Uncertain {
+        /// What may have been made (`balance change`).
+        what: &'static str,
+        /// The storage error.
+        reason: String,
+    },
     /// A stored credential did not decrypt: its ciphertext was moved to another owner's or
     /// provider's row, tampered with, or written under another master key. Reconnect the
     /// connector or put the secret again.

@@ -436,8 +436,8 @@ fn not_changed(message: &str) -> Error {
 /// The answer to a change whose commit failed: it may have reached the disk, and a retry
 /// could make it twice (see `Effects::uncertain`).
 fn maybe_changed(message: &str) -> Error {
-    Error::Conflict(format!(
-        "balance change may have been made (its commit failed; reopening the ledger shows \
-         whether it is durable): {message}"
-    ))
+    Error::Uncertain {
+        what: "balance change",
+        reason: message.to_owned(),
+    }
 }

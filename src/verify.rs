@@ -86,7 +86,10 @@ pub struct TokenStats {
     pub used: u64,
     /// Units charged: `used`, unless the balance ran out first.
     pub charged: u64,
-    /// Units that could not be charged because the balance hit zero.
+    /// Units that could not be charged: the balance hit zero or, rarely, the storage failed
+    /// while the writer charged them past the reservation. (A disk that failed at that
+    /// commit's last sync may have charged them after all: the reopened ledger's usage
+    /// shows which.)
     pub uncovered: u64,
     /// Credits left after the charge (`None`: unmetered).
     pub remaining_credits: Option<u64>,

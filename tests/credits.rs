@@ -2429,7 +2429,7 @@ fn an_update_whose_balance_was_not_set_says_its_settings_were_saved() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("settings were saved but its balance was not set"),
+        e.contains("settings were saved but setting its balance failed"),
         "{e}"
     );
     let info = t.ledger.keys().get(&id).unwrap();

@@ -31,8 +31,10 @@ struct State {
     pending: Vec<(u64, Vec<u8>)>,
     /// I/O operations (reads excluded) left before the disk dies; `None`: never.
     countdown: Option<u64>,
-    /// Syncs left before one fails and the disk dies (the writes before it stay unsynced).
+    /// Syncs left before one fails (or panics, if `panic_at_sync`) and the disk dies (the
+    /// writes before it stay unsynced).
     syncs_before_failure: Option<u64>,
+    panic_at_sync: bool,
     /// The disk has died: every operation fails.
     failed: bool,
     writes: u64,
@@ -94,7 +96,17 @@ impl CrashBackend {
     /// drop. (A commit of the ledger's syncs twice; failing its second sync leaves the
     /// header that makes it durable written, not synced.)
     pub fn fail_sync(&self, nth: u64) {
-        self.state.lock().syncs_before_failure = Some(nth.saturating_sub(1));
+        let mut s = self.state.lock();
+        s.syncs_before_failure = Some(nth.saturating_sub(1));
+        s.panic_at_sync = false;
+    }
+
+    /// As [`fail_sync`](Self::fail_sync), but the sync panics (a bug in the storage stack)
+    /// instead of failing.
+    pub fn panic_at_sync(&self, nth: u64) {
+        let mut s = self.state.lock();
+        s.syncs_before_failure = Some(nth.saturating_sub(1));
+        s.panic_at_sync = true;
     }
 
     /// The disk dies now: every later operation fails.
@@ -185,7 +197,14 @@ impl redb::StorageBackend for CrashBackend {
     fn sync_data(&self) -> io::Result<()> {
         let mut s = self.state.lock();
         match s.syncs_before_failure {
-            Some(0) => s.failed = true,
+            Some(0) => {
+                s.failed = true;
+                s.syncs_before_failure = None;
+                if s.panic_at_sync {
+                    drop(s);
+                    panic!("simulated panic at a sync");
+                }
+            }
             Some(left) => s.syncs_before_failure = Some(left - 1),
             None => {}
         }

@@ -798,10 +798,16 @@ impl<'a> Keys<'a> {
                             return Err(Error::NotFound { what: self.what() });
                         }
                         Err(e) if !settings_written => return Err(e),
+                        Err(Error::Uncertain { reason, .. }) => {
+                            return Err(Error::Uncertain {
+                                what: "the key's settings were saved; its balance change",
+                                reason,
+                            });
+                        }
                         Err(e) => {
                             return Err(Error::Conflict(format!(
-                                "the key's settings were saved but its balance was not set \
-                                 ({e}); repeat the update, or set the balance directly \
+                                "the key's settings were saved but setting its balance \
+                                 failed ({e}); repeat the update, or set the balance directly \
                                  (`credits().set`; the CLI's `credits set`)"
                             )));
                         }

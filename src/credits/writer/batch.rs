@@ -228,8 +228,12 @@ pub(super) fn build(
         work.write_all()?;
     }
     if wrote {
-        // A commit that fails may still have reached the disk (see `Effects::uncertain`).
-        txn.commit().inspect_err(|_| fx.uncertain = true)?;
+        // A commit that fails may still have reached the disk (see `Effects::uncertain`), and
+        // so may one that panics (redb's code or the backend's: `Store::guard` catches it,
+        // and the failed batch is undone with what this says).
+        fx.uncertain = true;
+        txn.commit()?;
+        fx.uncertain = false;
     } else {
         txn.abort()?;
     }

@@ -364,10 +364,12 @@ fn undo(
             (true, None) => {}
         }
     }
-    for (r, _) in fx.adjusts {
-        let _ = r.send(Err(match fx.uncertain {
-            false => not_changed(message),
-            true => maybe_changed(message),
+    for (r, outcome) in fx.adjusts {
+        let _ = r.send(Err(match (fx.uncertain, outcome) {
+            (false, _) => not_changed(message),
+            // Refused in the batch: not made, whether or not the commit landed.
+            (true, Err(refused)) => refused,
+            (true, Ok(_)) => maybe_changed(message),
         }));
     }
     // The messages the batch did not reach get the same answers.

@@ -336,27 +336,28 @@ fn a_refund_whose_commit_failed_but_landed_is_not_also_spent_from_memory() {
     }
 }
 
-/// A top-up whose commit fails at its last sync may have landed: the error must say so
-/// (`Error::Uncertain`), not that the balance is unchanged, for a retry would add the credits
-/// twice.
-#[test]
-fn a_top_up_whose_commit_failed_does_not_claim_the_balance_unchanged() {
+/// Runs `change` on a fresh ledger (one key of 100 credits) whose sync `nth` fails, for each
+/// `nth` until the change succeeds; where the image keeping every write shows the key's
+/// `granted` at `landed_granted` though the change failed, `check` gets `nth` and the error.
+/// At least one such case must come.
+fn each_change_that_failed_and_landed(
+    landed_granted: u64,
+    change: impl Fn(&Ledger, &str) -> keyledger::Result<()>,
+    check: impl Fn(u64, keyledger::Error),
+) {
     let mut landed_after_failing = 0;
     for nth in 1.. {
         let (backend, config, ledger, key) = one_key_on_a_crash_backend(100);
         backend.fail_sync(nth);
-        let Err(err) = ledger.credits().top_up(&key.info.id, 50) else {
-            break; // the top-up's batch has no sync `nth`
+        let Err(err) = change(&ledger, &key.info.id) else {
+            break; // the change's batches have no sync `nth`
         };
         let image = backend.power_loss(CrashImage::AllWritten);
         drop(ledger);
         let reopened = Ledger::open_with_backend(image, config).unwrap();
-        if reopened.credits().usage(&key.info.id).unwrap().granted == 150 {
+        if reopened.credits().usage(&key.info.id).unwrap().granted == landed_granted {
             landed_after_failing += 1;
-            assert!(
-                matches!(err, keyledger::Error::Uncertain { .. }),
-                "sync {nth} failed, the top-up landed, and the host was told: {err}"
-            );
+            check(nth, err);
         }
     }
     assert!(
@@ -365,37 +366,44 @@ fn a_top_up_whose_commit_failed_does_not_claim_the_balance_unchanged() {
     );
 }
 
+/// A top-up whose commit fails at its last sync may have landed: the error must say so
+/// (`Error::Uncertain`), not that the balance is unchanged, for a retry would add the credits
+/// twice.
+#[test]
+fn a_top_up_whose_commit_failed_does_not_claim_the_balance_unchanged() {
+    each_change_that_failed_and_landed(
+        150,
+        |ledger, id| ledger.credits().top_up(id, 50).map(drop),
+        |nth, err| {
+            assert!(
+                matches!(err, keyledger::Error::Uncertain { .. }),
+                "sync {nth} failed, the top-up landed, and the host was told: {err}"
+            )
+        },
+    );
+}
+
 /// A key update that changes a setting and the balance: the settings commit, then the balance
 /// is set through the writer. If that set's commit fails at its last sync and lands, the
 /// host must not be told the balance was not set.
 #[test]
 fn a_key_update_whose_balance_set_failed_but_landed_does_not_claim_it_was_not_set() {
-    let mut landed_after_failing = 0;
-    for nth in 1.. {
-        let (backend, config, ledger, key) = one_key_on_a_crash_backend(100);
-        backend.fail_sync(nth);
-        let update = keyledger::KeyUpdate::new()
-            .name("renamed")
-            .credits(Some(40));
-        let Err(err) = ledger.keys().update(&key.info.id, update) else {
-            break; // the update's commits have no sync `nth`
-        };
-        let image = backend.power_loss(CrashImage::AllWritten);
-        drop(ledger);
-        let reopened = Ledger::open_with_backend(image, config).unwrap();
-        if reopened.credits().usage(&key.info.id).unwrap().granted == 40 {
-            landed_after_failing += 1;
+    each_change_that_failed_and_landed(
+        40,
+        |ledger, id| {
+            let update = keyledger::KeyUpdate::new()
+                .name("renamed")
+                .credits(Some(40));
+            ledger.keys().update(id, update).map(drop)
+        },
+        |nth, err| {
             let said = err.to_string();
             assert!(
                 matches!(err, keyledger::Error::Uncertain { .. })
                     && said.contains("settings were saved"),
                 "sync {nth} failed, the balance set landed, and the host was told: {said}"
             );
-        }
-    }
-    assert!(
-        landed_after_failing > 0,
-        "a failed commit that lands is the case under test"
+        },
     );
 }
 

@@ -1754,12 +1754,7 @@ fn a_lease_taken_back_by_a_commit_that_failed_but_landed_is_not_spent_from_memor
     const CREDITS: u64 = 1_000;
     let mut landed_after_failing = 0;
     for nth in 1.. {
-        let config = Config::builder()
-            .master_key(MasterKey::generate().unwrap())
-            .cache_capacity(1)
-            .usage_flush_interval(Duration::from_secs(3_600))
-            .build()
-            .unwrap();
+        let config = one_key_cache_flushed_by_hand();
         let backend = CrashBackend::new();
         let ledger = Ledger::open_with_backend(backend.clone(), config.clone()).unwrap();
         let (a, a_plain) = key(&ledger, CREDITS);

@@ -81,7 +81,8 @@ pub(super) struct Effects {
     /// to the crash; the new one in the balance). Put back, they were spent from memory and
     /// found in the balance again after the crash (found by a reviewer, from crash-soak
     /// seed 52,385,968: 18 left where 16 could be). A top-up or set is answered that it may
-    /// have been made, not that the balance is unchanged.
+    /// have been made (unless the batch refused it), not that the balance is unchanged. Set
+    /// from the commit's start until it returns Ok: a commit that panics may have landed too.
     pub(super) uncertain: bool,
     /// Balances whose remembered exhaustion a change forgot (see [`Registry::grew`](crate::credits::registry::Registry::grew)):
     /// remembered again if the batch fails.

@@ -157,7 +157,7 @@ impl<'a> Accounts<'a> {
                 &public,
                 &[],
             )?;
-            txn.commit()?;
+            txn.commit_change()?;
             Ok(self.view(id, record))
         })
     }
@@ -225,7 +225,7 @@ impl<'a> Accounts<'a> {
                 )?;
                 record
             };
-            txn.commit_then(|| self.ledger.inner.engine.account_changed(internal))?;
+            txn.commit_then(|_| self.ledger.inner.engine.account_changed(internal))?;
             Ok(self.view(internal, record))
         })
     }

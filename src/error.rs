@@ -291,13 +291,16 @@ pub enum Error {
     Conflict(String),
     /// A change's commit failed where it may already have reached the disk (the disk
     /// failed at the commit's last sync): whether it is durable is known only once the
-    /// ledger is reopened (every later write of this process fails after such an error).
-    /// Do not repeat the change blindly: a top-up repeated would count twice.
+    /// ledger is reopened. After such an error this process reads and writes nothing more:
+    /// cached keys the change touched are dropped, and a cache miss answers
+    /// [`Denial::Unavailable`](crate::Denial::Unavailable) rather than read state the
+    /// change may have replaced. Do not repeat the change blindly: a top-up repeated would
+    /// count twice.
     #[error(
         "{what} may have been made: its commit failed ({reason}); reopen the ledger to see whether it is durable"
     )]
     Uncertain {
-        /// What may have been made (`balance change`).
+        /// What may have been made (`balance change`, `the change`).
         what: &'static str,
         /// The storage error.
         reason: String,

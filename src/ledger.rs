@@ -196,10 +196,14 @@ impl Ledger {
                 &[],
             )?;
             let engine = &self.inner.engine;
-            Ok(txn.commit_then(|| {
-                engine.set_hasher(KeyHasher::new(&self.inner.config.master_key, scheme));
+            txn.commit_then(|committed| {
+                // Not committed for sure: keep the hasher, but drop every cached key (the
+                // store is fenced off now, so no miss serves one).
+                if committed {
+                    engine.set_hasher(KeyHasher::new(&self.inner.config.master_key, scheme));
+                }
                 engine.scheme_changed();
-            })?)
+            })
         })
     }
 

@@ -2386,8 +2386,13 @@ fn a_dead_disk_fails_every_writer_call_with_its_error_and_the_close_too() {
         let e = ledger.flush().unwrap_err().to_string();
         assert!(e.contains("flush failed"), "{e}");
     }
+    // After a failed commit the store refuses the call before it begins (redb would answer
+    // reads from its cache with what may no longer be on the disk).
     let e = ledger.credits().top_up(&id, 1).unwrap_err().to_string();
-    assert!(e.contains("balance not changed"), "{e}");
+    assert!(
+        e.contains("balance not changed") || e.contains("Previous I/O error"),
+        "{e}"
+    );
     let e = ledger.close().unwrap_err().to_string();
     assert!(e.contains("flush failed"), "{e}");
 }

@@ -149,7 +149,7 @@ impl Credits<'_> {
                 &public,
                 &[],
             )?;
-            txn.commit()?;
+            txn.commit_change()?;
             Ok(self.pool_view(id, record, Some(balance)))
         })
     }
@@ -205,7 +205,7 @@ impl Credits<'_> {
                 return Ok(self.pool_view(internal, record, balance));
             }
             let engine = &self.ledger.inner.engine;
-            txn.commit_then(|| {
+            txn.commit_then(|_| {
                 if changed.contains(&"refill") {
                     engine.pool_refill_changed(internal);
                 }
@@ -256,7 +256,7 @@ impl Credits<'_> {
                 credits.map_or(0, |c| self.ledger.inner.engine.remaining(internal, &c))
             };
             audit::append(&txn, self.ledger, now, &self.actor, "pool.deleted", id, &[])?;
-            txn.commit_then(|| self.ledger.inner.engine.pool_deleted(internal))?;
+            txn.commit_then(|_| self.ledger.inner.engine.pool_deleted(internal))?;
             Ok(left)
         })
     }

@@ -294,7 +294,12 @@ impl Engine {
     /// `failed`, the writer's answer, unless the file was fenced off after a redb panic:
     /// then that error, as every direct call gets it (the writer's says only "failed").
     fn fenced_or(&self, failed: Error) -> Error {
-        self.shared.store.usable().err().unwrap_or(failed)
+        // "May have been made" stays: the fence (a commit failed or panicked, maybe this
+        // very change's) says nothing about whether the change landed.
+        if matches!(failed, Error::Uncertain { .. }) {
+            return failed;
+        }
+        self.shared.store.not_panicked().err().unwrap_or(failed)
     }
 
     /// Sets or tops up a balance through the writer, ordered with leases.
@@ -680,7 +685,12 @@ impl Engine {
         let txn = store.begin_write()?;
         let changed = change(&txn)?;
         let rules = rules_in(&txn.open_table(ROUTES)?)?;
-        txn.commit_then(|| self.publish_routes(rules))?;
+        // A commit that failed may or may not have landed: neither table can be trusted, so
+        // every cached key goes (the store is fenced off now, so no miss serves one).
+        txn.commit_then(|committed| match committed {
+            true => self.publish_routes(rules),
+            false => self.scheme_changed(),
+        })?;
         Ok(changed)
     }
 

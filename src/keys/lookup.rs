@@ -201,7 +201,7 @@ fn rehash(ledger: &Ledger, id: u64, key: &str, hasher: &KeyHasher) -> Result<Opt
         &public,
         &["hash_scheme"],
     )?;
-    txn.commit_then(|| {
+    txn.commit_then(|_| {
         if let Some(other) = pruned {
             // Its dead secret may be cached, where it would answer for this key's plaintext.
             let engine = &ledger.inner.engine;

@@ -409,7 +409,7 @@ impl<'a> Keys<'a> {
         let public = self.public_id(id);
         let action = format!("{}.{}", self.what(), origin.verb());
         audit::append(&txn, self.ledger, now, &self.actor, &action, &public, &[])?;
-        txn.commit_then(|| match scheme == self.ledger.hash_scheme() {
+        txn.commit_then(|_| match scheme == self.ledger.hash_scheme() {
             true => self.ledger.inner.engine.key_created(&key_hash),
             false => self.ledger.inner.engine.hashes_changed(),
         })?;
@@ -911,7 +911,7 @@ impl<'a> Keys<'a> {
                 &["secret"],
             )?;
             let engine = &self.ledger.inner.engine;
-            txn.commit_then(|| {
+            txn.commit_then(|_| {
                 engine.key_changed(internal, &cached, KeyChange::Settings);
                 engine.key_created(&new_hash);
             })?;
@@ -947,7 +947,7 @@ impl<'a> Keys<'a> {
             )?;
             let engine = &self.ledger.inner.engine;
             let hashes = secret_hashes(&record);
-            txn.commit_then(|| engine.key_changed(internal, &hashes, KeyChange::Deleted))?;
+            txn.commit_then(|_| engine.key_changed(internal, &hashes, KeyChange::Deleted))?;
             Ok(())
         })
     }
@@ -1019,7 +1019,7 @@ impl<'a> Keys<'a> {
         let engine = &self.ledger.inner.engine;
         // In commit order: of two changes racing, the later one's effects come last (a key
         // given credits again after losing them gets a new meter, not the retiring one).
-        txn.commit_then(|| {
+        txn.commit_then(|_| {
             engine.key_changed(internal, &cached, key_change);
             if let Some(threshold) = new_threshold {
                 engine.low_balance_changed(internal, threshold);
@@ -1203,7 +1203,7 @@ pub(crate) fn prune_rolled_secrets(ledger: &Ledger) -> Result<()> {
     if pruned.is_empty() {
         return Ok(txn.abort()?); // nothing to write: no commit, no sync
     }
-    txn.commit_then(|| {
+    txn.commit_then(|_| {
         for (id, hashes) in pruned {
             let engine = &ledger.inner.engine;
             engine.key_changed(id, &hashes, KeyChange::Settings);

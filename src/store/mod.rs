@@ -60,6 +60,10 @@ pub(crate) struct Store {
     /// What redb said when it panicked on this file (see [`Store::guard`]): from then on
     /// nothing is read or written.
     broken: OnceLock<String>,
+    /// Set when a commit failed: redb refuses every later write, but goes on answering reads
+    /// from its page cache with the state from before that commit, which may have reached
+    /// the disk all the same. From then on nothing is read or written, as after a panic.
+    failed_commit: AtomicBool,
     /// Held by each [`WriteTxn`] from its beginning until it commits or rolls back.
     commit_order: Mutex<()>,
     /// Taken by a commit's in-memory effects before the commit gives up `commit_order` (see
@@ -170,6 +174,7 @@ impl Store {
             generation: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             broken: OnceLock::new(),
+            failed_commit: AtomicBool::new(false),
             commit_order: Mutex::new(()),
             effects_order: Mutex::new(()),
             #[cfg(test)]
@@ -182,9 +187,21 @@ impl Store {
         self.db().map(drop)
     }
 
+    /// Fails once redb has panicked on the file, with what it said (not after a commit
+    /// that merely failed: see [`usable`](Self::usable)).
+    pub(crate) fn not_panicked(&self) -> Result<()> {
+        match self.broken.get() {
+            Some(what) => Err(damaged(&format!("{what}; nothing more is read or written"))),
+            None => Ok(()),
+        }
+    }
+
     /// The database, unless redb panicked on it before.
     fn db(&self) -> Result<&Database> {
         match (self.broken.get(), &self.db) {
+            (None, Some(_)) if self.failed_commit.load(Ordering::Acquire) => {
+                Err(Error::Storage(Box::new(redb::Error::PreviousIo)))
+            }
             (None, Some(db)) => Ok(db),
             (Some(what), _) => Err(damaged(&format!("{what}; nothing more is read or written"))),
             (None, None) => Err(Error::Closed),

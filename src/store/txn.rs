@@ -4,6 +4,7 @@
 //! its table tree) costs more than the read itself (docs/PERFORMANCE.md, "Eighth round").
 
 use std::ops::{Deref, DerefMut};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
@@ -48,20 +49,37 @@ impl<'s> WriteTxn<'s> {
         self.commit_inner().map(drop)
     }
 
-    /// [`commit`](Self::commit)s, then, if that succeeded, runs `effects` — what the change
-    /// does in memory — before the next write transaction of this store may begin.
-    pub(crate) fn commit_then<T>(
-        self,
-        effects: impl FnOnce() -> T,
-    ) -> std::result::Result<T, redb::CommitError> {
-        let (store, in_turn) = self.commit_inner()?;
+    /// [`commit`](Self::commit)s an administrative change, then runs `effects` — what the
+    /// change does in memory — before the next write transaction of this store may begin.
+    ///
+    /// The effects run also when the commit failed: it may have reached the disk (the disk
+    /// failed at its last sync), and this process must not go on serving what the change
+    /// revoked. They must therefore be safe for a change that did not land either — drops
+    /// from the cache and the like, after which a miss reads the store, which a failed
+    /// commit has fenced off (`unavailable`). `effects` is told whether the commit
+    /// succeeded. Such a failure is `Error::Uncertain`.
+    pub(crate) fn commit_then<T>(self, effects: impl FnOnce(bool) -> T) -> Result<T> {
+        let store = self.store;
+        let (in_turn, failed) = match self.commit_inner() {
+            Ok((_, in_turn)) => (Some(in_turn), None),
+            Err(e) => (None, Some(e)),
+        };
         let effects_turn = store.effects_order.lock();
         drop(in_turn);
         #[cfg(test)]
         store.pause_after_commit();
-        let done = effects();
+        let done = effects(failed.is_none());
         drop(effects_turn);
-        Ok(done)
+        match failed {
+            None => Ok(done),
+            Some(e) => Err(uncertain(e)),
+        }
+    }
+
+    /// Commits an administrative change with no effects in memory; a failure is
+    /// `Error::Uncertain`.
+    pub(crate) fn commit_change(self) -> Result<()> {
+        self.commit_inner().map(drop).map_err(uncertain)
     }
 
     /// Commits and moves the generation on; hands back the turn, still held.
@@ -73,7 +91,26 @@ impl<'s> WriteTxn<'s> {
             store,
             in_turn,
         } = self;
-        let result = txn.commit();
+        // A panic in redb's commit (or the backend's sync) is a failed commit too, and may
+        // have landed as well: caught here, so that the change's effects run and its answer
+        // says so; the file is fenced off as `Store::guard` would.
+        let result = match std::panic::catch_unwind(AssertUnwindSafe(|| txn.commit())) {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = super::panic_message(panic.as_ref());
+                let _ = store.broken.set(what.clone());
+                let what = format!("the commit panicked: {what}");
+                Err(redb::CommitError::Storage(redb::StorageError::Corrupted(
+                    what,
+                )))
+            }
+        };
+        if result.is_err() {
+            // Before the next miss reads: redb would answer it from its page cache, with the
+            // state from before this commit, which may be on the disk now (see
+            // `Store::failed_commit`).
+            store.failed_commit.store(true, Ordering::Release);
+        }
         store.generation.fetch_add(1, Ordering::AcqRel);
         // Dropped now rather than at the next miss: a snapshot kept alive would hold back
         // the reuse of every page this and later commits free.
@@ -97,6 +134,18 @@ impl Deref for WriteTxn<'_> {
 impl DerefMut for WriteTxn<'_> {
     fn deref_mut(&mut self) -> &mut redb::WriteTransaction {
         &mut self.txn
+    }
+}
+
+/// The answer to an administrative change whose commit failed: it may have landed.
+fn uncertain(e: redb::CommitError) -> crate::error::Error {
+    // Refused before it wrote anything (an earlier I/O error): not made.
+    if let redb::CommitError::Storage(redb::StorageError::PreviousIo) = e {
+        return e.into();
+    }
+    crate::error::Error::Uncertain {
+        what: "the change",
+        reason: e.to_string(),
     }
 }
 

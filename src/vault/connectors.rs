@@ -148,7 +148,7 @@ impl<'a> Vault<'a> {
             )?;
             record
         };
-        txn.commit()?;
+        txn.commit_change()?;
         Ok(self.info(&owner, name, &record))
     }
 
@@ -215,7 +215,7 @@ impl<'a> Vault<'a> {
                 &target,
                 &fields,
             )?;
-            txn.commit()?;
+            txn.commit_change()?;
             Ok(self.info(&owner, name, &record))
         })
     }
@@ -451,7 +451,7 @@ impl<'a> Vault<'a> {
                 &target,
                 &[],
             )?;
-            txn.commit()?;
+            txn.commit_change()?;
             Ok(self.info(&owner, name, &record))
         })
     }

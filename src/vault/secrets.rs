@@ -293,7 +293,7 @@ impl<'a> Secrets<'a> {
                 audit::append(&txn, self.ledger, now, &self.actor, action, &target, fields)?;
                 record
             };
-            txn.commit()?;
+            txn.commit_change()?;
             Ok(Self::view(&owner, name, &record))
         })
     }
@@ -337,7 +337,7 @@ impl<'a> Secrets<'a> {
                 )?;
                 record
             };
-            txn.commit()?;
+            txn.commit_change()?;
             Ok(Self::view(&owner, name, &record))
         })
     }
@@ -365,7 +365,7 @@ impl<'a> Secrets<'a> {
                 &target,
                 &[],
             )?;
-            txn.commit()?;
+            txn.commit_change()?;
             Ok(())
         })
     }

@@ -29,7 +29,7 @@ fn main() -> keyledger::Result<()> {
     let work = Workload::build(&options, &mut |_| {})?;
     work.touch_pages(&mut |_| {})?;
     // Every key once, by a stride coprime with the key count, as `keyledger bench` does.
-    let stride = if keys % 7_919 == 0 || keys % 127 == 0 {
+    let stride = if keys.is_multiple_of(7_919) || keys.is_multiple_of(127) {
         1
     } else {
         7_919 * 127 % keys

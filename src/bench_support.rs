@@ -305,7 +305,7 @@ impl Workload {
     fn scattered(&self) -> impl Iterator<Item = usize> {
         const STRIDE: usize = 7_919 * 127;
         let n = self.keys.len();
-        let stride = if n % 7_919 == 0 || n % 127 == 0 {
+        let stride = if n.is_multiple_of(7_919) || n.is_multiple_of(127) {
             1
         } else {
             STRIDE % n.max(1)

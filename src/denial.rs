@@ -18,7 +18,8 @@ pub enum Denial {
     Disabled,
     /// The key has expired. 401.
     Expired,
-    /// The key lacks the route's permission. 403.
+    /// The key lacks the route's permission, or the route is no path (empty, or not
+    /// starting with `/`). 403.
     Forbidden,
     /// The client IP is not in the key's allowlist. 403.
     IpNotAllowed,
@@ -36,7 +37,10 @@ pub enum Denial {
     },
     /// Not enough credits for the request's cost. 402.
     UsageExceeded,
-    /// The store failed; the request was not charged. 503.
+    /// The request could not be decided now; it was not charged. 503. The store failed
+    /// (an unreadable record or balance, a disk that failed), the ledger is closing or
+    /// closed, or the credit writer could not be reached for a lease. Retrying later (or
+    /// on a reopened ledger) may succeed.
     Unavailable,
 }
 

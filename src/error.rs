@@ -286,7 +286,10 @@ pub enum Error {
         /// What was looked for (`key`, `account`, `route rule`…).
         what: &'static str,
     },
-    /// The operation conflicts with existing state; nothing was written.
+    /// The operation conflicts with existing state, or could not finish; nothing was
+    /// written unless the message says what was (a key update whose settings were saved
+    /// but whose balance was not set; a close that returned every lease but found grants
+    /// still held).
     #[error("conflict: {0}")]
     Conflict(String),
     /// A change's commit failed where it may already have reached the disk (the disk

@@ -305,8 +305,10 @@ impl Ledger {
     /// reserved no credits too (an unmetered key's, a `cost(0)` peek's): their commits and
     /// refunds land before `close` returns. Units a grant still holds after that stay
     /// leased — the next open counts them as `lost_to_crash`, never re-granted — and `close`
-    /// returns an error saying how many (or, with no units held, how many grants that
-    /// reserved nothing were still held: what they commit is not recorded). Such a grant
+    /// returns [`Error::Conflict`] saying how many (or, with no units held, how many grants
+    /// that reserved nothing were still held: what they commit is not recorded); everything
+    /// else was returned and flushed. A later `close` (or one racing it) reports how the
+    /// first ended, as an `Error::Conflict` quoting its error. Such a grant
     /// committed later still returns its receipt (the units did leave the balance), but
     /// nothing is written any more: its units stay in `lost_to_crash`, not in `spent`, and
     /// its key's and account's `lifetime_spent` never count them.
@@ -349,9 +351,9 @@ impl Ledger {
         self.inner.engine.events.clone()
     }
 
-    /// Engine counters: writer commits (each one durable commit), cached entries, units found leased
-    /// at open (lost to a crash before it) and balances found unreadable, requests that waited
-    /// for a lease.
+    /// Engine counters (see [`Stats`](crate::Stats) for each): writer commits, the cache's
+    /// entries and evictions, what the open found (units lost to a crash, unreadable
+    /// balances), requests that waited for a lease, the writer's lists, dropped events.
     pub fn stats(&self) -> crate::Stats {
         crate::Stats {
             writer_commits: self

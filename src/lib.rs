@@ -96,8 +96,9 @@ pub struct Stats {
     /// Entries in the verification cache (keys and remembered misses).
     pub cached_entries: u64,
     /// Keys evicted from the cache to make room since open: each comes back as a miss (one
-    /// redb read) at its next request, and with a full burst of rate limits. Growing with
-    /// traffic, it says the cache is smaller than the set of keys in use.
+    /// redb read) at its next request. Its rate windows are kept meanwhile (unless 65,536
+    /// other evicted keys' windows are held). Growing with traffic, it says the cache is
+    /// smaller than the set of keys in use.
     pub cache_evictions: u64,
     /// Units found leased when the ledger was opened: lost to a crash before, now counted
     /// in `lost_to_crash`.

@@ -452,14 +452,14 @@ impl KeyLimits {
                 return Err(later.chain(tokens).fold(wait, Duration::max));
             }
         }
-        if let Some(tokens) = &self.tokens {
-            if cost > 0 {
-                match tokens.admit(now_ns, cost, tier) {
-                    Ok(number) => admission.tokens_admission = number,
-                    Err(wait) => {
-                        roll_back(&self.named);
-                        return Err(wait);
-                    }
+        if let Some(tokens) = &self.tokens
+            && cost > 0
+        {
+            match tokens.admit(now_ns, cost, tier) {
+                Ok(number) => admission.tokens_admission = number,
+                Err(wait) => {
+                    roll_back(&self.named);
+                    return Err(wait);
                 }
             }
         }

@@ -402,10 +402,10 @@ fn check<'l>(
         Some(meter) if cost > 0 => match meter.try_take(cost) {
             Some((left, epoch)) => {
                 grant.epoch = epoch;
-                if meter.wants_prefetch(left) {
-                    if let Some(handle) = key.meter_ref() {
-                        ledger.inner.engine.prefetch(&handle);
-                    }
+                if meter.wants_prefetch(left)
+                    && let Some(handle) = key.meter_ref()
+                {
+                    ledger.inner.engine.prefetch(&handle);
                 }
                 true
             }
@@ -556,10 +556,10 @@ impl Grant<'_> {
                 (from_lease + direct, short - direct)
             }
         };
-        if actual != reserved {
-            if let (Some(admission), Some(limits)) = (&self.admission, &self.key.limits) {
-                limits.settle_tokens(self.ledger.monotonic_ns(), admission, reserved, actual);
-            }
+        if actual != reserved
+            && let (Some(admission), Some(limits)) = (&self.admission, &self.key.limits)
+        {
+            limits.settle_tokens(self.ledger.monotonic_ns(), admission, reserved, actual);
         }
         Receipt {
             token_stats: TokenStats {
@@ -630,10 +630,10 @@ impl Grant<'_> {
 
 impl Drop for Grant<'_> {
     fn drop(&mut self) {
-        if !self.settled {
-            if let Some(meter) = self.key.meter() {
-                self.refund(meter, self.reserved);
-            }
+        if !self.settled
+            && let Some(meter) = self.key.meter()
+        {
+            self.refund(meter, self.reserved);
         }
         // The last user of an entry that left the cache, with units in the key's own lease
         // (a refund, or a lease the eviction's retirement came too early to take back): the

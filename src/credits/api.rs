@@ -48,15 +48,16 @@ pub struct Usage {
     /// Units leased into memory right now: what `remaining` counts beyond the durable
     /// balance, plus what grants hold reserved and what they charged since the last flush.
     pub leased: u64,
-    /// Successful verifies (keys only; pools report 0).
+    /// Successful verifies (a key's; an account's sums its keys'; pools report 0).
     pub requests: u64,
-    /// Units charged over the key's life, metered or not (keys only). With `requests` and
+    /// Units charged over the key's life, metered or not (an account's sums its keys';
+    /// pools report 0). With `requests` and
     /// `last_used_at`, written in the writer's usage rounds (every 30 s by default, and at
     /// every flush and clean close), while `spent` is also written with each lease: after a
     /// crash, the last round's worth may be missing here though `spent` counts it, and spend
     /// tiers, which count from this figure, start from it.
     pub lifetime_spent: u64,
-    /// Last successful verify (keys only).
+    /// Last successful verify (a key's; an account's is its keys' latest; pools: `None`).
     pub last_used_at: Option<Timestamp>,
 }
 

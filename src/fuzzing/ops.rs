@@ -1053,10 +1053,10 @@ fn delete(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<(), V
         Err(Error::NotFound { .. }) if key.exists != Some(true) => Ok(()),
         Err(e) => {
             key.exists = None;
-            if let Some(c) = own_balance {
-                if let Some(bal) = model.balances.get_mut(&c) {
-                    bal.exists = None;
-                }
+            if let Some(c) = own_balance
+                && let Some(bal) = model.balances.get_mut(&c)
+            {
+                bal.exists = None;
             }
             failed(model, "delete", &e)
         }

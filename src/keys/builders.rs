@@ -40,7 +40,8 @@ macro_rules! settings_setters {
                 self
             }
 
-            /// When the key stops working.
+            /// When the key stops working: a time in the future (a time already past is
+            /// refused as [`Error::InvalidInput`](crate::Error::InvalidInput)).
             pub fn expires_at(mut self, at: Timestamp) -> Self {
                 self.settings.expires_at = Some(at);
                 self
@@ -102,7 +103,9 @@ macro_rules! settings_setters {
                 self
             }
 
-            /// Makes it a test key (`vb_test_…`).
+            /// Makes it a test key (`vb_test_…`). Keys only: a token so marked is refused
+            /// as [`Error::InvalidInput`](crate::Error::InvalidInput) (tokens have no test
+            /// mode).
             pub fn test(mut self) -> Self {
                 self.settings.test = true;
                 self
@@ -252,7 +255,8 @@ impl KeyUpdate {
         self
     }
 
-    /// Sets (`Some`) or clears (`None`) the expiry.
+    /// Sets (`Some`, a time in the future; a past one is refused as
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput)) or clears (`None`) the expiry.
     pub fn expires_at(mut self, at: Option<Timestamp>) -> Self {
         self.expires_at = Some(at);
         self

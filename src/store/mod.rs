@@ -576,11 +576,11 @@ fn migrate_4_to_5(store: &Store) -> Result<()> {
             let imported = std::iter::once((record.key_hash, record.scheme))
                 .chain(record.rolled.map(|old| (old.key_hash, old.scheme)))
                 .find(|(_, scheme)| *scheme == HashScheme::Sha256Imported);
-            if let Some((hash, _)) = imported {
-                if hashes.get(&hash)?.is_none() {
-                    hashes.insert(&hash, id)?;
-                    by_key.insert(id, &hash)?;
-                }
+            if let Some((hash, _)) = imported
+                && hashes.get(&hash)?.is_none()
+            {
+                hashes.insert(&hash, id)?;
+                by_key.insert(id, &hash)?;
             }
         }
     }

@@ -207,10 +207,10 @@ impl Store {
     pub(crate) fn snapshot(&self) -> Result<Arc<ReadSnapshot>> {
         self.usable()?;
         let generation = self.generation.load(Ordering::Acquire);
-        if let Some(shared) = self.snapshot.load_full() {
-            if shared.generation == generation {
-                return Ok(shared);
-            }
+        if let Some(shared) = self.snapshot.load_full()
+            && shared.generation == generation
+        {
+            return Ok(shared);
         }
         let txn = self.begin_read()?;
         let fresh = Arc::new(ReadSnapshot {

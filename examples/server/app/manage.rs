@@ -518,10 +518,10 @@ impl FromRequest<Arc<App>> for Raw {
     async fn from_request(req: Request, app: &Arc<App>) -> Result<Raw, Self::Rejection> {
         // A key that may not write is refused before its body is read (or, with
         // `Expect: 100-continue`, asked for).
-        if let Some(caller) = req.extensions().get::<Caller>() {
-            if let Err(refused) = require_write(caller) {
-                return Ok(Raw(Err(refused)));
-            }
+        if let Some(caller) = req.extensions().get::<Caller>()
+            && let Err(refused) = require_write(caller)
+        {
+            return Ok(Raw(Err(refused)));
         }
         let limit = app.request_deadline;
         let read = match tokio::time::timeout(limit, Bytes::from_request(req, app)).await {

@@ -182,7 +182,16 @@ impl Ledger {
                     false => Ok(()),
                 };
             }
-            crate::keys::prune_rolled_secrets(self)?;
+            // Its own commit: one that failed may have pruned, but the rotation was never
+            // attempted, and the host must not hear that it may have been made.
+            crate::keys::prune_rolled_secrets(self).map_err(|e| match e {
+                Error::Uncertain { reason, .. } => Error::Uncertain {
+                    what: "the pruning of rolled secrets before the rotation (the rotation \
+                           itself was not made)",
+                    reason,
+                },
+                e => e,
+            })?;
             let txn = self.inner.store.begin_write()?;
             store::set_hash_scheme(&txn, scheme)?;
             let label = scheme.label();

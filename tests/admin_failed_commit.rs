@@ -2,7 +2,10 @@
 //! the header, or at the last one, after which the change has landed — or panics there.
 
 use keyledger::fuzzing::{CrashBackend, CrashImage};
-use keyledger::{Config, Error, Ledger, MasterKey, NewAccount, NewKey, Presented, Request};
+use keyledger::{
+    Config, Error, Ledger, MasterKey, NewAccount, NewKey, Presented, Request, RouteRule,
+    SubscriptionStatus,
+};
 
 fn config() -> Config {
     Config::builder()
@@ -89,6 +92,55 @@ fn a_disable_whose_commit_failed_is_not_served_from_memory() {
     assert!(failures > 0);
 }
 
+/// What `a_disable_whose_commit_failed_is_not_served_from_memory` asks, for the other
+/// changes that revoke a cached key: a delete, the owner's suspension, a route rule asking
+/// for a permission the key lacks. Each runs its own effects on the cache (found by a
+/// reviewer: with any one of them skipped on failure, no other test failed).
+#[test]
+fn other_revocations_whose_commit_failed_are_not_served_from_memory() {
+    let not_served = |ledger: &Ledger, a: &str, _: &str, err: &Error| match (served(ledger, a), err)
+    {
+        (true, _) => Some("this process still serves the key".to_string()),
+        (_, Error::Uncertain { .. }) => None,
+        _ => Some(format!(
+            "the error does not say it may have been made: {err}"
+        )),
+    };
+    let owner = |ledger: &Ledger, a: &str| ledger.keys().get(a).unwrap().owner.to_string();
+    let deleted = each_failed_change(
+        |ledger, a, _| ledger.keys().delete(a),
+        not_served,
+        |reopened, a, _| reopened.keys().get(a).is_err(),
+    );
+    let suspended = each_failed_change(
+        |ledger, a, _| {
+            let owner = owner(ledger, a);
+            let suspended = SubscriptionStatus::Suspended;
+            ledger.accounts().set_status(&owner, suspended).map(drop)
+        },
+        not_served,
+        |reopened, a, _| {
+            let account = reopened.accounts().get(&owner(reopened, a)).unwrap();
+            account.status == SubscriptionStatus::Suspended
+        },
+    );
+    let ruled = each_failed_change(
+        |ledger, _, _| {
+            let rule = RouteRule::new("/x").permission("admin");
+            ledger.routes().set(rule).map(drop)
+        },
+        not_served,
+        |reopened, _, _| !reopened.routes().list().unwrap().is_empty(),
+    );
+    for (what, landed) in [
+        ("delete", deleted),
+        ("suspend", suspended),
+        ("route", ruled),
+    ] {
+        assert!(landed > 0, "{what}: no failed commit landed");
+    }
+}
+
 /// After a failed commit redb answers reads from its page cache with the state from before
 /// that commit. A key whose disable failed but landed, never cached: a miss must not read it
 /// as enabled and serve it (before: served), nor `get` report it enabled.
@@ -144,4 +196,41 @@ fn a_secret_whose_delete_failed_is_not_attached_afterwards() {
         }
     }
     assert!(failures > 0);
+}
+
+/// A rotation first prunes rolled secrets past their grace, in a commit of its own. When
+/// that commit fails, the rotation was never attempted: the host must not hear that it may
+/// have been made (found by a reviewer), only that the pruning may have been.
+#[test]
+fn a_rotation_whose_prune_failed_is_not_answered_as_maybe_made() {
+    let clock = keyledger::ManualClock::new(keyledger::Timestamp(1_800_000_000_000));
+    let config = Config::builder()
+        .master_key(MasterKey::from_bytes(&[3u8; 32]).unwrap())
+        .usage_flush_interval(std::time::Duration::from_secs(3_600))
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let backend = CrashBackend::new();
+    let ledger = Ledger::open_with_backend(backend.clone(), config.clone()).unwrap();
+    let owner = ledger
+        .accounts()
+        .create(NewAccount::new("Acme"))
+        .unwrap()
+        .id;
+    let a = ledger.keys().create(NewKey::new(owner, "a")).unwrap();
+    ledger.keys().roll(&a.info.id, 60).unwrap();
+    clock.advance_secs(120); // the rolled secret is past its grace: the rotation prunes it
+    ledger.flush().unwrap();
+    backend.fail_sync(1); // the prune's commit, before its header
+    let next = keyledger::HashScheme::HmacSha256 { pepper: 2 };
+    let err = ledger.rotate_hash_scheme(next).unwrap_err();
+    let image = backend.power_loss(CrashImage::AllWritten);
+    drop(ledger);
+    let reopened = Ledger::open_with_backend(image, config).unwrap();
+    assert_ne!(reopened.hash_scheme(), next);
+    let said = err.to_string();
+    assert!(
+        matches!(err, Error::Uncertain { .. }) && said.contains("rotation itself was not made"),
+        "{said}"
+    );
 }

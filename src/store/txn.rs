@@ -137,12 +137,11 @@ impl DerefMut for WriteTxn<'_> {
     }
 }
 
-/// The answer to an administrative change whose commit failed: it may have landed.
+/// The answer to an administrative change whose commit failed: it may have landed. Even
+/// redb's "previous I/O error" may come after the commit wrote its header (another
+/// thread's read failed meanwhile, and the commit's last sync was refused), so no commit
+/// error says "not made" (found by a reviewer, by reading).
 fn uncertain(e: redb::CommitError) -> crate::error::Error {
-    // Refused before it wrote anything (an earlier I/O error): not made.
-    if let redb::CommitError::Storage(redb::StorageError::PreviousIo) = e {
-        return e.into();
-    }
     crate::error::Error::Uncertain {
         what: "the change",
         reason: e.to_string(),

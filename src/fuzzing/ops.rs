@@ -215,6 +215,9 @@ struct Model {
     outcome: Outcome,
     /// The disk has died in this epoch: errors are expected, results are loose.
     faulted: bool,
+    /// Keys whose disable or delete answered `Error::Uncertain` in this epoch: it may have
+    /// landed, so this process must not serve them again (a reopened ledger may).
+    revocations_in_doubt: BTreeSet<usize>,
     /// Pools a key creation that failed (the disk died) may still have given a key: the
     /// creation may have committed, and the model never learnt the key's id.
     maybe_pool_users: BTreeSet<String>,
@@ -255,11 +258,14 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
     };
     let cache = if b.below(2) == 0 { 2 } else { 1_000 };
     // A disk that dies: late in one workload of four, early in another (mostly within the
-    // first epoch's batches, where a commit that fails at its last sync is likelier).
-    let countdown = match b.below(4) {
-        0 => Some(b.below(256) * 3),
-        2 => Some(b.below(256)),
-        _ => None,
+    // first epoch's batches, where a commit that fails at its last sync is likelier), at
+    // one of its first 64 syncs in a third (every write before it made, so a commit whose
+    // last sync it is has landed in the image that keeps every write).
+    let (countdown, failing_sync) = match b.below(4) {
+        0 => (Some(b.below(256) * 3), None),
+        2 => (Some(b.below(256)), None),
+        3 => (None, Some(b.below(64) + 1)),
+        _ => (None, None),
     };
     let clock = ManualClock::new(START);
     // With the small cache, flush rounds start every millisecond (the writer's chunked
@@ -279,11 +285,14 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
     };
     let _ = write!(
         model.log,
-        "durability={durability:?} cache={cache} countdown={countdown:?} flush_every={flush_every:?};"
+        "durability={durability:?} cache={cache} countdown={countdown:?} failing_sync={failing_sync:?} flush_every={flush_every:?};"
     );
     let mut backend = CrashBackend::new();
     if let Some(n) = countdown {
         backend.fail_after(n);
+    }
+    if let Some(nth) = failing_sync {
+        backend.fail_sync(nth);
     }
     let mut epoch = 0;
     while epoch < MAX_EPOCHS {
@@ -299,6 +308,7 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
         };
         model.opened = true;
         model.faulted = false;
+        model.revocations_in_doubt.clear();
         model.backend = backend.clone();
         reconcile(&ledger, &mut model, epoch > 1)?;
         let end = run_epoch(&ledger, &mut model, &mut b, &clock, &backend)?;
@@ -826,6 +836,11 @@ fn verify<'l>(
         "verify of k{i} returned {code}, model allows {allowed:?} [{}]",
         model.log
     );
+    ensure!(
+        code != "ok" || !model.revocations_in_doubt.contains(&i),
+        "k{i} was served after its revocation's commit failed, maybe landed [{}]",
+        model.log
+    );
     let Ok(grant) = result else {
         if matches!(result, Err(Denial::Unavailable)) {
             ensure!(model.faulted, "unavailable on a healthy disk");
@@ -1027,6 +1042,9 @@ fn toggle(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<(), V
         Err(Error::NotFound { .. }) if key.exists != Some(true) => Ok(()),
         Err(e) => {
             key.certain = false;
+            if disable && matches!(e, Error::Uncertain { .. }) {
+                model.revocations_in_doubt.insert(i);
+            }
             failed(model, "disable/enable", &e)
         }
     }
@@ -1053,6 +1071,9 @@ fn delete(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<(), V
         Err(Error::NotFound { .. }) if key.exists != Some(true) => Ok(()),
         Err(e) => {
             key.exists = None;
+            if matches!(e, Error::Uncertain { .. }) {
+                model.revocations_in_doubt.insert(i);
+            }
             if let Some(c) = own_balance
                 && let Some(bal) = model.balances.get_mut(&c)
             {

@@ -129,7 +129,8 @@ fn rfc3339(t: Timestamp) -> String {
 }
 
 /// A library error as a management response. Validation → 400, unknown or foreign id → 404,
-/// conflict → 409, anything else → 500 (its message names no secret, but stays in the log).
+/// conflict → 409, a change that may or may not have been made → 500 `outcome_unknown`,
+/// anything else → 500 (its message names no secret, but stays in the log).
 fn failure(e: &Error) -> Response {
     match e {
         Error::InvalidInput { .. } => {
@@ -148,6 +149,16 @@ fn failure(e: &Error) -> Response {
             format!("{} not found", e.expected),
         ),
         Error::Conflict(_) => managed_error(StatusCode::CONFLICT, "conflict", e.to_string()),
+        // Not "try again": a change repeated blindly (a top-up) may count twice.
+        Error::Uncertain { .. } => {
+            eprintln!("management call may or may not have been made: {e}");
+            managed_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "outcome_unknown",
+                "the key store failed while saving the change, which may have been made: \
+                 look the resource up once the service is back before repeating it",
+            )
+        }
         _ => {
             eprintln!("management call failed: {e}");
             managed_error(
@@ -694,6 +705,26 @@ pub async fn connectors(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A change whose commit failed may have landed: the client must not be told to retry
+    /// (a top-up repeated would count twice), but to look before repeating it.
+    #[test]
+    fn a_change_that_may_have_been_made_is_not_answered_try_again() {
+        let response = failure(&Error::Uncertain {
+            what: "balance change",
+            reason: "I/O error".into(),
+        });
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(axum::body::to_bytes(response.into_body(), usize::MAX))
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["errors"][0]["code"], "outcome_unknown");
+        let message = body["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains("may have been made"), "{message}");
+    }
 
     #[test]
     fn rfc3339_dates() {

@@ -41,6 +41,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod hashing;
+mod holders;
 mod keyfmt;
 mod keys;
 mod ledger;

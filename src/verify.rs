@@ -641,7 +641,7 @@ impl Drop for Grant<'_> {
         // meter leaves memory (found by a reviewer: they stayed leased until the key came
         // back or the ledger closed). A cached entry is held by the cache too, and a home by
         // the meter registry, so on the hot path this is one load of the count.
-        if Arc::strong_count(&self.key) <= 1 + usize::from(self.key.is_home())
+        if crate::holders::held_by_at_most(&self.key, 1 + usize::from(self.key.is_home()))
             && self.key.metering == Metering::Own
             && self.key.own_meter().leased() > 0
             && self.key.mark_dirty()

@@ -519,11 +519,13 @@ impl MeterRef {
         std::ptr::eq::<Meter>(&**a, &**b)
     }
 
-    /// Handles on the meter's allocation (for "is anybody else using it").
-    pub(crate) fn strong_count(this: &MeterRef) -> usize {
+    /// Whether at most `most` handles on the meter's allocation are left (for "is anybody
+    /// else using it"), and if so, what the others wrote before dropping theirs is visible
+    /// (see [`held_by_at_most`](crate::holders::held_by_at_most)).
+    pub(crate) fn held_by_at_most(this: &MeterRef, most: usize) -> bool {
         match this {
-            MeterRef::Own(key) => Arc::strong_count(key),
-            MeterRef::Pool(meter) => Arc::strong_count(meter),
+            MeterRef::Own(key) => crate::holders::held_by_at_most(key, most),
+            MeterRef::Pool(meter) => crate::holders::held_by_at_most(meter, most),
         }
     }
 }

@@ -312,8 +312,22 @@ impl Meter {
         self.state.fetch_or(EXHAUSTION_REPORTED, Ordering::AcqRel);
     }
 
-    /// The balance grew (a top-up, a set, a refill): the next refusal is news again.
+    /// The writer made the balance grow (a top-up, a set, a refill), in a batch not yet
+    /// committed: the balance is no longer known empty, and the next refusal is news again.
     /// `Some` when this cleared the mark.
+    ///
+    /// In that order: a request refused in memory meanwhile (the balance still known empty)
+    /// marks the refusal reported, then looks again and clears its own mark if the balance
+    /// is no longer known empty. With the empty mark cleared only when the batch published
+    /// it, that look still found it empty, and the mark it left hid the next run-out's
+    /// event (found by a reviewer of memory orderings, by reading).
+    pub(crate) fn grew(&self) -> Option<Told> {
+        self.set_empty_until(0);
+        self.replenished()
+    }
+
+    /// The balance is not known empty any more: the next refusal is news again. `Some` when
+    /// this cleared the mark.
     pub(crate) fn replenished(&self) -> Option<Told> {
         let before = self.state.fetch_and(!EXHAUSTION_REPORTED, Ordering::AcqRel);
         (before & EXHAUSTION_REPORTED != 0).then_some(Told::Replenished)

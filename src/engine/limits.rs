@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use std::collections::HashMap;
 
+use crate::holders::held_by_at_most;
 use crate::limits::{KeyLimits, SpendTier};
 use crate::sweep::SweepSchedule;
 
@@ -132,7 +133,7 @@ impl LiveLimits {
         if self.held_sweeps.due(self.held.len()) && due {
             // Held here only, and no longer counting: a fresh state admits the same.
             self.held
-                .retain(|_, l| Arc::strong_count(l) > 1 || l.running(now_ns));
+                .retain(|_, l| !held_by_at_most(l, 1) || l.running(now_ns));
             self.held_sweeps.swept(self.held.len());
             self.held_swept_ns = now_ns;
         }
@@ -143,7 +144,7 @@ impl LiveLimits {
             // what the second between sweeps bounds.
             const LOOKED_AT: usize = 64;
             let run_out: Vec<u64> = (self.held.iter().take(LOOKED_AT))
-                .filter(|(_, l)| Arc::strong_count(l) == 1 && !l.running(now_ns))
+                .filter(|(_, l)| held_by_at_most(l, 1) && !l.running(now_ns))
                 .map(|(id, _)| *id)
                 .collect();
             for id in run_out {

@@ -157,6 +157,8 @@ impl Engine {
             fail_reads_of: AtomicU64::new(0),
             #[cfg(test)]
             after_reclaim_look: parking_lot::Mutex::new(None),
+            #[cfg(test)]
+            before_commit: parking_lot::Mutex::new(None),
         });
         let (tx, rx) = channel::unbounded();
         let writer_shared = shared.clone();
@@ -595,7 +597,7 @@ impl Engine {
                 // not yet flushed is counted only by the state (and by a home the writer
                 // holds, which a miss cannot find): the tiers would lose it.
                 let unflushed = !self.tiers.is_empty() && key.unflushed_spend() > 0;
-                let in_use = Arc::strong_count(key) > 1 || unflushed;
+                let in_use = !crate::holders::held_by_at_most(key, 1) || unflushed;
                 live.hold(key.id(), limits, in_use, now_ns);
             }
         }

@@ -227,6 +227,10 @@ pub(super) fn build(
         wrote |= !work.records.is_empty();
         work.write_all()?;
     }
+    #[cfg(test)]
+    if wrote && let Some(pause) = shared.before_commit.lock().take() {
+        pause();
+    }
     if wrote {
         // A commit that fails may still have reached the disk (see `Effects::uncertain`), and
         // so may one that panics (redb's code or the backend's: `Store::guard` catches it,
@@ -458,7 +462,7 @@ fn adjust(
             end_epoch(fx, &meter, r);
         }
         if grew {
-            fx.tell(&meter, meter.replenished());
+            fx.tell(&meter, meter.grew());
         }
         fx.balances.push((meter.clone(), r.balance));
         set_refill_at(shared, &meter, refill::due_at(r, now));

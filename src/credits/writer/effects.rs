@@ -255,7 +255,7 @@ fn publish(
         // holding it instead, two handles would not mean that.) Unless a grant that
         // ended during the commit refunded into it: then it keeps that lease until a
         // miss takes it up again or the close returns it.
-        if MeterRef::strong_count(&meter) == 2 && meter.leased() == 0 {
+        if MeterRef::held_by_at_most(&meter, 2) && meter.leased() == 0 {
             meters.remove(&meter);
         }
     }
@@ -263,7 +263,7 @@ fn publish(
         // A key's meter that left the cache while listed (so its retirement left it
         // in the registry): with its lease returned and nobody else holding it, it goes;
         // with units a grant refunded since, the next batch takes them back first.
-        if MeterRef::strong_count(&meter) != 2 || meter.is_pool() {
+        if !MeterRef::held_by_at_most(&meter, 2) || meter.is_pool() {
             continue;
         }
         if meter.leased() == 0 {

@@ -317,7 +317,7 @@ pub(super) fn new_period(
         // As for a top-up: only a balance that grew makes the next refusal news (a refill of
         // nothing into a run-out balance reported the same run-out once a period).
         if r.balance > old_period {
-            fx.tell(meter, meter.replenished());
+            fx.tell(meter, meter.grew());
         }
         low_balance(shared, fx, meter, r.balance);
     }

@@ -212,6 +212,9 @@ pub(crate) struct Shared {
     /// Run once by the next `reclaim`, after it has looked at what memory holds.
     #[cfg(test)]
     pub after_reclaim_look: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Run once by the next batch that writes, after its messages, before its commit.
+    #[cfg(test)]
+    pub before_commit: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Shared {

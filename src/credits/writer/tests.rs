@@ -1802,3 +1802,31 @@ fn a_lease_taken_back_by_a_commit_that_failed_but_landed_is_not_spent_from_memor
         "a failed commit that lands is the case under test"
     );
 }
+
+/// A top-up clears the "exhaustion reported" mark in its batch, before the commit, while
+/// the balance stays known empty in memory until the batch publishes. A request refused in
+/// memory in between (here: its report, made from the writer's own thread at that point)
+/// marked the run-out reported again, and the top-up's credits ran out later with no
+/// `Exhausted` event (found by a reviewer of memory orderings, by reading).
+#[test]
+fn a_refusal_during_a_top_ups_commit_does_not_hide_the_next_exhaustion() {
+    let (_dir, ledger) = ledger();
+    let (a, a_plain) = key(&ledger, 0);
+    assert_eq!(spend_one(&ledger, &a_plain), Err("usage_exceeded".into()));
+    assert_eq!(events(&ledger), [(CreditEventKind::Exhausted, 0)]);
+    let id = ledger.keys().internal_id(&a).unwrap();
+    let meter = ledger.inner.engine.shared.meters.lock().get(id).unwrap();
+    let racing = ledger.clone();
+    *ledger.inner.engine.shared.before_commit.lock() = Some(Box::new(move || {
+        racing.inner.engine.report_exhausted(&meter);
+    }));
+    ledger.credits().top_up(&a, 2).unwrap();
+    events(&ledger); // whatever the racing refusal sent
+    assert_eq!(spend(&ledger, &a_plain, 2), Ok(2));
+    assert_eq!(spend_one(&ledger, &a_plain), Err("usage_exceeded".into()));
+    assert_eq!(
+        events(&ledger),
+        [(CreditEventKind::Exhausted, 0)],
+        "the top-up's credits ran out: news"
+    );
+}

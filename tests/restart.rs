@@ -409,6 +409,7 @@ fn a_second_close_reports_how_the_first_ended() {
         assert!(first.is_err(), "the grant was held past the grace");
         let second = second.expect_err("the close failed").to_string();
         assert!(second.contains("10 units"), "{second}");
+        assert_eq!(second.matches("conflict").count(), 1, "said once: {second}");
     });
     drop(grant);
 }

@@ -200,6 +200,8 @@ impl Engine {
         self.shared.store.refuse_writes();
         *ended = Some(match &result {
             Ok(()) => Ok(()),
+            // Quoted once: "conflict: the ledger's close failed: conflict: …" said it twice.
+            Err(Error::Conflict(why)) => Err(format!("the ledger's close failed: {why}")),
             Err(e) => Err(format!("the ledger's close failed: {e}")),
         });
         result

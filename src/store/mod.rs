@@ -182,7 +182,8 @@ impl Store {
         }
     }
 
-    /// Fails once redb has panicked on the file (see [`guard`](Self::guard)).
+    /// Fails once redb has panicked on the file (see [`guard`](Self::guard)) or a commit
+    /// has failed (see `failed_commit`).
     pub(crate) fn usable(&self) -> Result<()> {
         self.db().map(drop)
     }
@@ -196,7 +197,7 @@ impl Store {
         }
     }
 
-    /// The database, unless redb panicked on it before.
+    /// The database, unless redb panicked on it or a commit failed before.
     fn db(&self) -> Result<&Database> {
         match (self.broken.get(), &self.db) {
             (None, Some(_)) if self.failed_commit.load(Ordering::Acquire) => {

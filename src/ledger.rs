@@ -147,7 +147,8 @@ impl Ledger {
         &self.inner.path
     }
 
-    /// The scheme new and rehashed keys are stored under.
+    /// The scheme new and rehashed keys are stored under, as this process knows it: after a
+    /// rotation answered [`Error::Uncertain`], the file may hold the new one (reopen to see).
     pub fn hash_scheme(&self) -> HashScheme {
         self.inner.engine.policy.load().hasher.current()
     }

@@ -22,15 +22,22 @@ fn served(ledger: &Ledger, key: &str) -> bool {
         .is_ok()
 }
 
-/// For each sync in turn, failing or panicking: a fresh ledger with one account and two
-/// unmetered keys, `a` verified (cached) and `b` not; `change` runs, and if it fails,
-/// `after(ledger, a, b, error)` says what went wrong in this process, if anything; it must
-/// be nothing where the image keeping every write shows the change (`landed`). Returns how
-/// many failures landed.
+/// A case's two unmetered keys of one account: `a` verified (cached), `b` not.
+struct Pair {
+    a: String,
+    a_key: String,
+    b: String,
+    b_key: String,
+}
+
+/// For each sync in turn, failing or panicking: a fresh ledger with a [`Pair`] of keys;
+/// `change` runs, and if it fails, `after(ledger, keys, error)` says what went wrong in this
+/// process, if anything; it must be nothing where the image keeping every write shows the
+/// change (`landed`). Returns how many failures landed.
 fn each_failed_change(
-    change: impl Fn(&Ledger, &str, &str) -> keyledger::Result<()>,
-    after: impl Fn(&Ledger, &str, &str, &Error) -> Option<String>,
-    landed: impl Fn(&Ledger, &str, &str) -> bool,
+    change: impl Fn(&Ledger, &Pair) -> keyledger::Result<()>,
+    after: impl Fn(&Ledger, &Pair, &Error) -> Option<String>,
+    landed: impl Fn(&Ledger, &Pair) -> bool,
 ) -> usize {
     let mut failures = 0;
     for panics in [false, true] {
@@ -41,28 +48,29 @@ fn each_failed_change(
                 .accounts()
                 .create(NewAccount::new("Acme"))
                 .unwrap()
-                .id
-                .to_string();
-            let a = ledger
-                .keys()
-                .create(NewKey::new(owner.clone(), "a"))
-                .unwrap();
-            let b = ledger.keys().create(NewKey::new(owner, "b")).unwrap();
-            assert!(served(&ledger, a.plaintext.expose()));
+                .id;
+            let a = ledger.keys().create(NewKey::new(&owner, "a")).unwrap();
+            let b = ledger.keys().create(NewKey::new(&owner, "b")).unwrap();
+            let keys = Pair {
+                a: a.info.id.to_string(),
+                a_key: a.plaintext.expose().to_owned(),
+                b: b.info.id.to_string(),
+                b_key: b.plaintext.expose().to_owned(),
+            };
+            assert!(served(&ledger, &keys.a_key));
             ledger.flush().unwrap();
             match panics {
                 false => backend.fail_sync(nth),
                 true => backend.panic_at_sync(nth),
             }
-            let (a_id, b_id) = (a.info.id.to_string(), b.info.id.to_string());
-            let Err(err) = change(&ledger, &a_id, &b_id) else {
+            let Err(err) = change(&ledger, &keys) else {
                 break;
             };
-            let wrong = after(&ledger, a.plaintext.expose(), b.plaintext.expose(), &err);
+            let wrong = after(&ledger, &keys, &err);
             let image = backend.power_loss(CrashImage::AllWritten);
             drop(ledger);
             let reopened = Ledger::open_with_backend(image, config()).unwrap();
-            if landed(&reopened, &a_id, &b_id) {
+            if landed(&reopened, &keys) {
                 failures += 1;
                 let fault = if panics { "panicked" } else { "failed" };
                 assert_eq!(
@@ -75,68 +83,76 @@ fn each_failed_change(
     failures
 }
 
+/// What a failed revocation of `a` must leave: `a` no longer served by this process, and
+/// the host told the change may have been made.
+fn a_not_served(ledger: &Ledger, keys: &Pair, err: &Error) -> Option<String> {
+    match (served(ledger, &keys.a_key), err) {
+        (true, _) => Some("this process still serves the key".into()),
+        (_, Error::Uncertain { .. }) => None,
+        _ => Some(format!(
+            "the error does not say it may have been made: {err}"
+        )),
+    }
+}
+
 /// A disable whose commit failed may have landed: the key must not go on being served from
 /// this process's cache (before: served, with the disk saying disabled), and the host must
 /// hear that the change may have been made (before: a plain storage error).
 #[test]
 fn a_disable_whose_commit_failed_is_not_served_from_memory() {
     let failures = each_failed_change(
-        |ledger, a, _| ledger.keys().disable(a).map(drop),
-        |ledger, a, _, err| match (served(ledger, a), err) {
-            (true, _) => Some("this process still serves the key".into()),
-            (_, Error::Uncertain { .. }) => None,
-            _ => Some("the error does not say the change may have been made".into()),
-        },
-        |reopened, a, _| reopened.keys().get(a).unwrap().disabled_at.is_some(),
+        |ledger, keys| ledger.keys().disable(&keys.a).map(drop),
+        a_not_served,
+        |reopened, keys| reopened.keys().get(&keys.a).unwrap().disabled_at.is_some(),
     );
     assert!(failures > 0);
 }
 
 /// What `a_disable_whose_commit_failed_is_not_served_from_memory` asks, for the other
-/// changes that revoke a cached key: a delete, the owner's suspension, a route rule asking
-/// for a permission the key lacks. Each runs its own effects on the cache (found by a
-/// reviewer: with any one of them skipped on failure, no other test failed).
+/// changes that revoke a cached key: a delete, a roll with no grace, the owner's
+/// suspension, a route rule asking for a permission the key lacks. Each runs its own
+/// effects on the cache (found by a reviewer: with any one of them skipped on failure, no
+/// other test failed).
 #[test]
 fn other_revocations_whose_commit_failed_are_not_served_from_memory() {
-    let not_served = |ledger: &Ledger, a: &str, _: &str, err: &Error| match (served(ledger, a), err)
-    {
-        (true, _) => Some("this process still serves the key".to_string()),
-        (_, Error::Uncertain { .. }) => None,
-        _ => Some(format!(
-            "the error does not say it may have been made: {err}"
-        )),
-    };
-    let owner = |ledger: &Ledger, a: &str| ledger.keys().get(a).unwrap().owner.to_string();
+    let owner = |ledger: &Ledger, keys: &Pair| ledger.keys().get(&keys.a).unwrap().owner;
     let deleted = each_failed_change(
-        |ledger, a, _| ledger.keys().delete(a),
-        not_served,
-        |reopened, a, _| reopened.keys().get(a).is_err(),
+        |ledger, keys| ledger.keys().delete(&keys.a),
+        a_not_served,
+        |reopened, keys| reopened.keys().get(&keys.a).is_err(),
+    );
+    let rolled = each_failed_change(
+        |ledger, keys| ledger.keys().roll(&keys.a, 0).map(drop),
+        a_not_served,
+        |reopened, keys| !served(reopened, &keys.a_key),
     );
     let suspended = each_failed_change(
-        |ledger, a, _| {
-            let owner = owner(ledger, a);
+        |ledger, keys| {
             let suspended = SubscriptionStatus::Suspended;
+            let owner = owner(ledger, keys);
             ledger.accounts().set_status(&owner, suspended).map(drop)
         },
-        not_served,
-        |reopened, a, _| {
-            let account = reopened.accounts().get(&owner(reopened, a)).unwrap();
+        a_not_served,
+        |reopened, keys| {
+            let account = reopened.accounts().get(&owner(reopened, keys)).unwrap();
             account.status == SubscriptionStatus::Suspended
         },
     );
     let ruled = each_failed_change(
-        |ledger, _, _| {
+        |ledger, _| {
             let rule = RouteRule::new("/x").permission("admin");
             ledger.routes().set(rule).map(drop)
         },
-        not_served,
-        |reopened, _, _| !reopened.routes().list().unwrap().is_empty(),
+        a_not_served,
+        |reopened, _| !reopened.routes().list().unwrap().is_empty(),
     );
-    for (what, landed) in [
+    let all = [
         ("delete", deleted),
+        ("roll", rolled),
         ("suspend", suspended),
         ("route", ruled),
-    ] {
+    ];
+    for (what, landed) in all {
         assert!(landed > 0, "{what}: no failed commit landed");
     }
 }
@@ -147,9 +163,9 @@ fn other_revocations_whose_commit_failed_are_not_served_from_memory() {
 #[test]
 fn a_miss_after_a_failed_disable_does_not_read_the_state_before_it() {
     let failures = each_failed_change(
-        |ledger, _, b| ledger.keys().disable(b).map(drop),
-        |ledger, _, b, _| served(ledger, b).then(|| "a miss served the key".into()),
-        |reopened, _, b| reopened.keys().get(b).unwrap().disabled_at.is_some(),
+        |ledger, keys| ledger.keys().disable(&keys.b).map(drop),
+        |ledger, keys, _| served(ledger, &keys.b_key).then(|| "a miss served the key".into()),
+        |reopened, keys| reopened.keys().get(&keys.b).unwrap().disabled_at.is_some(),
     );
     assert!(failures > 0);
 }

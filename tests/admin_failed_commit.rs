@@ -49,8 +49,8 @@ fn each_failed_change(
                 .create(NewAccount::new("Acme"))
                 .unwrap()
                 .id;
-            let a = ledger.keys().create(NewKey::new(&owner, "a")).unwrap();
-            let b = ledger.keys().create(NewKey::new(&owner, "b")).unwrap();
+            let a = ledger.keys().create(NewKey::new(owner, "a")).unwrap();
+            let b = ledger.keys().create(NewKey::new(owner, "b")).unwrap();
             let keys = Pair {
                 a: a.info.id.to_string(),
                 a_key: a.plaintext.expose().to_owned(),

@@ -258,9 +258,10 @@ pub fn run(data: &[u8]) -> Result<Outcome, Violation> {
     };
     let cache = if b.below(2) == 0 { 2 } else { 1_000 };
     // A disk that dies: late in one workload of four, early in another (mostly within the
-    // first epoch's batches, where a commit that fails at its last sync is likelier), at
-    // one of its first 64 syncs in a third of four (every write before it made, so a
-    // commit whose last sync it is has landed in the image that keeps every write).
+    // first epoch's batches, where a commit that fails at its last sync is likelier), and
+    // at one of its first 64 syncs in a third (every write before it made, so a commit
+    // whose last sync it is has landed in the image that keeps every write). Healthy in the
+    // fourth.
     let (countdown, failing_sync) = match b.below(4) {
         0 => (Some(b.below(256) * 3), None),
         2 => (Some(b.below(256)), None),

@@ -233,6 +233,9 @@ impl Ledger {
         let cost = grant.reserved;
         let mut denial = Denial::Unavailable; // the writer kept losing the race: retry later
         let mut gone = false;
+        // The growth count under which a refusal made in memory found the balance known
+        // empty: its report stands only if no growth came since (see `report_exhausted`).
+        let mut refused_under = None;
         for _ in 0..64 {
             let now = self.now().0;
             // A lease taken before a refill came due belongs to the old period: the writer
@@ -240,6 +243,8 @@ impl Ledger {
             if meter.current(now) {
                 // Read before the take: the writer hands a lease over before it marks the
                 // balance empty, so a take after seeing the mark sees that lease too.
+                // Before the empty mark: a growth clears that mark, then counts itself.
+                let growths = meter.growths();
                 let empty = meter.empty_at(now);
                 if let Some((_, epoch)) = meter.try_take(cost) {
                     grant.epoch = epoch;
@@ -250,8 +255,14 @@ impl Ledger {
                 // `reclaim`), so a take that failed on a lease taken back meanwhile asks the
                 // writer instead of refusing.
                 if empty && meter.empty_at(now) {
-                    denial = Denial::UsageExceeded;
-                    break;
+                    // Counted again: the same count means no growth came while this looked,
+                    // so the empty balance it saw is the one of that count.
+                    if meter.growths() == growths {
+                        denial = Denial::UsageExceeded;
+                        refused_under = Some(growths);
+                        break;
+                    }
+                    continue; // a growth came meanwhile: look again
                 }
             }
             match engine.lease_now(&handle, cost) {
@@ -280,8 +291,9 @@ impl Ledger {
                 }
             }
         }
-        if denial == Denial::UsageExceeded {
-            engine.report_exhausted(meter);
+        // A refusal the writer made (`Handoff::Short`) it reported, in batch order.
+        if let Some(growths) = refused_under {
+            engine.report_exhausted(meter, growths);
         }
         grant.settled = true; // nothing was reserved
         grant.release_rate();

@@ -124,6 +124,10 @@ fn known(remaining: u64) -> u64 {
     remaining.min(UNREAD - 1)
 }
 
+/// [`Meter::state`]'s bits above its flags count the balance's growths (wrapping at 32):
+/// a refusal made in memory is reported only if none came since it found the balance
+/// known empty (see [`Meter::first_refusal_under`]).
+const ONE_GROWTH: u8 = 8;
 /// A time in whole minutes that never comes (`u64::MAX` ms).
 const NEVER: u32 = u32::MAX;
 /// [`Meter::state`]: the balance is gone.
@@ -301,6 +305,25 @@ impl Meter {
         self.state.fetch_or(EXHAUSTION_REPORTED, Ordering::AcqRel) & EXHAUSTION_REPORTED == 0
     }
 
+    /// How many times the balance grew (wrapping; only compared for equality).
+    pub(crate) fn growths(&self) -> u8 {
+        self.state.load(Ordering::Acquire) & !(ONE_GROWTH - 1)
+    }
+
+    /// A request was refused in memory, the balance known empty when the growth count was
+    /// `growths`: true if this is the first refusal since the balance last grew and no growth
+    /// came since (one that did answered the refusal: reported after it, the refusal would
+    /// tell of the old run-out again, or, once the new credits ran low and the balance was
+    /// known empty again, of the new one early, silencing its real first refusal).
+    pub(crate) fn first_refusal_under(&self, growths: u8) -> bool {
+        self.state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                let same = s & !(ONE_GROWTH - 1) == growths;
+                (same && s & EXHAUSTION_REPORTED == 0).then_some(s | EXHAUSTION_REPORTED)
+            })
+            .is_ok()
+    }
+
     /// Whether a refusal since the balance last grew has been reported.
     pub(crate) fn exhaustion_reported(&self) -> bool {
         self.state.load(Ordering::Acquire) & EXHAUSTION_REPORTED != 0
@@ -316,11 +339,11 @@ impl Meter {
     /// committed: the balance is no longer known empty, and the next refusal is news again.
     /// `Some` when this cleared the mark.
     ///
-    /// In that order: a request refused in memory meanwhile (the balance still known empty)
-    /// marks the refusal reported, then looks again and clears its own mark if the balance
-    /// is no longer known empty. With the empty mark cleared only when the batch published
-    /// it, that look still found it empty, and the mark it left hid the next run-out's
-    /// event (found by a reviewer of memory orderings, by reading).
+    /// In that order: a request that reads the growth count, then finds the balance known
+    /// empty, saw the count from before this growth, and its report (which checks that the
+    /// count is unchanged, see [`first_refusal_under`](Self::first_refusal_under)) is not
+    /// made after it. (Marking first and clearing the empty mark only when the batch
+    /// published hid the next run-out's event: found by a reviewer of memory orderings.)
     pub(crate) fn grew(&self) -> Option<Told> {
         self.set_empty_until(0);
         self.replenished()
@@ -329,7 +352,13 @@ impl Meter {
     /// The balance is not known empty any more: the next refusal is news again. `Some` when
     /// this cleared the mark.
     pub(crate) fn replenished(&self) -> Option<Told> {
-        let before = self.state.fetch_and(!EXHAUSTION_REPORTED, Ordering::AcqRel);
+        // Counted in the same step: a refusal decided before it is not reported after it.
+        let before = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                Some((s & !EXHAUSTION_REPORTED).wrapping_add(ONE_GROWTH))
+            })
+            .unwrap_or_else(|s| s);
         (before & EXHAUSTION_REPORTED != 0).then_some(Told::Replenished)
     }
 

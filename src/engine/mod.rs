@@ -507,30 +507,26 @@ impl Engine {
         }
     }
 
-    /// A request was refused for want of credits: the first refusal since the balance last
-    /// grew is reported on the event channel (the host tells its customer once, not per
-    /// request).
+    /// A request was refused in memory for want of credits, the balance known empty while
+    /// it had grown `growths` times: the first refusal since the balance last grew is
+    /// reported on the event channel (the host tells its customer once, not per request).
     ///
-    /// Only a refusal made in memory, the balance known empty, is reported here. One the
-    /// writer made (it could not lease what the request needed) the writer reported, in batch
-    /// order: if the balance is not known empty now, a later message of that batch put credits
-    /// back, and a report from here would count them as left and mark the balance reported
-    /// after they cleared the mark (hiding the next refusal). If it still is, the writer's
-    /// report has set the mark.
-    pub(crate) fn report_exhausted(&self, meter: &Meter) {
-        if meter.empty_at(self.shared.clock.now().0) {
-            self.report_known_empty(meter);
-        }
-    }
-
-    /// Reports a refusal of a balance found known empty, if it is the first since the
-    /// balance last grew. A top-up may have come between the look and the mark: it cleared
-    /// the mark first, and a mark set after it would hide the next exhaustion, so the mark
-    /// is cleared again if the balance is no longer known empty.
-    fn report_known_empty(&self, meter: &Meter) {
-        if meter.first_refusal() {
-            // The durable balance is empty (so the mark says), whatever the meter's figure
-            // shows: a top-up the writer has applied but not yet committed is not there.
+    /// Only a refusal made in memory is reported here. One the writer made (it could not
+    /// lease what the request needed) the writer reported, in batch order.
+    ///
+    /// A growth (a top-up, a set, a refill) since the refusal answered it: nothing is
+    /// reported then. The refusal's thread may have been preempted before getting here, for
+    /// any length of time: checked against the empty mark instead, the report was made
+    /// after a top-up (a second event for a run-out already told, LowBalance(0) with it), or,
+    /// once the topped-up credits had run low and the balance was known empty again, told
+    /// the new run-out early with credits left and left it marked, so that its real first
+    /// refusal was silent. Checked against the clock, a refusal made just before a refill
+    /// came due was never reported (the refill, finding no mark, cleared nothing).
+    pub(crate) fn report_exhausted(&self, meter: &Meter, growths: u8) {
+        if meter.first_refusal_under(growths) {
+            // The durable balance is empty (so the mark said when the request looked),
+            // whatever the meter's figure shows: a top-up the writer has applied but not yet
+            // committed is not there.
             let left = meter.leased();
             // Requests spent the lease that emptied it in memory, unseen by the writer: the
             // fall past the low-balance threshold comes first. (The writer records the
@@ -542,9 +538,6 @@ impl Engine {
             }
             let event = self.shared.event(CreditEventKind::Exhausted, meter, left);
             self.shared.send_event(event);
-            if !meter.empty_at(self.shared.clock.now().0) {
-                let _ = meter.replenished();
-            }
         }
     }
 

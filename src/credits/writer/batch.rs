@@ -448,7 +448,11 @@ fn adjust(
         }
         fx.adjusts[at].1 = Ok(r.balance);
     }
-    let grew = r.balance > start;
+    // A set to a positive figure is news too, even below what a refusal saw: that refusal
+    // may have been of a request larger than what was left (Exhausted with credits
+    // remaining), and the set's credits running out is a run-out of its own.
+    let set = applied && matches!(change, Adjust::Set(_));
+    let grew = r.balance > start || (set && r.balance > 0);
     if !grew {
         refuse(fx); // a run-out remembered stands
     }

@@ -1817,8 +1817,9 @@ fn a_refusal_during_a_top_ups_commit_does_not_hide_the_next_exhaustion() {
     let id = ledger.keys().internal_id(&a).unwrap();
     let meter = ledger.inner.engine.shared.meters.lock().get(id).unwrap();
     let racing = ledger.clone();
+    let growths = meter.growths(); // the racing request found the balance known empty
     *ledger.inner.engine.shared.before_commit.lock() = Some(Box::new(move || {
-        racing.inner.engine.report_exhausted(&meter);
+        racing.inner.engine.report_exhausted(&meter, growths);
     }));
     ledger.credits().top_up(&a, 2).unwrap();
     events(&ledger); // whatever the racing refusal sent

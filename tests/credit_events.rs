@@ -61,6 +61,50 @@ fn running_out_after_a_set_lower_than_a_big_refusal_saw_is_reported() {
     );
 }
 
+/// The same for a daily refill to 100 after a refusal that saw 150 (found by a reviewer of
+/// the session's change: a refill counted as growth only above the old balance).
+#[test]
+fn running_out_after_a_refill_lower_than_a_big_refusal_saw_is_reported() {
+    const DAY: u64 = 86_400_000;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(Timestamp(20_000 * DAY + 1_000));
+    let config = Config::builder()
+        .master_key(MasterKey::generate().unwrap())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let ledger = Ledger::open(dir.path().join("k.redb"), config).unwrap();
+    let events = ledger.credit_events();
+    let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+    let new = NewKey::new(owner.id.as_str(), "k")
+        .credits(150)
+        .refill(100, RefillInterval::Daily);
+    let plain = ledger
+        .keys()
+        .create(new)
+        .unwrap()
+        .plaintext
+        .expose()
+        .to_owned();
+    assert!(spend(&ledger, &plain, 200).is_err());
+    ledger.flush().unwrap();
+    let got: Vec<_> = events.try_iter().map(|e| (e.kind, e.remaining)).collect();
+    assert_eq!(got, [(CreditEventKind::Exhausted, 150)]);
+    clock.set(Timestamp(20_001 * DAY + 1_000)); // the refill: 100
+    let mut served = 0;
+    while spend(&ledger, &plain, 1).is_ok() {
+        served += 1;
+    }
+    ledger.flush().unwrap();
+    assert_eq!(served, 100);
+    let got: Vec<_> = events.try_iter().map(|e| (e.kind, e.remaining)).collect();
+    assert_eq!(
+        got,
+        [(CreditEventKind::Exhausted, 0)],
+        "the refill's 100 ran out"
+    );
+}
+
 /// A fall spent in memory just before a clean close is told once, by the closing batch or
 /// after the reopen; the run-out after the reopen is told.
 #[test]

@@ -21,8 +21,8 @@ pub enum CreditEventKind {
     /// is cached (after a restart, say) is no news.
     LowBalance,
     /// A request needed more credits than were left. Reported once per run-out: for the
-    /// first such refusal since the balance last grew (a top-up, a set to any figure above
-    /// zero, a refill); a refusal a growth overtook (made just before it, reported after)
+    /// first such refusal since the balance last grew (a top-up, a set or a refill to any
+    /// figure above zero); a refusal a growth overtook (made just before it, reported after)
     /// is not reported, as the growth answered it. Units a
     /// request reserved and gave back (a refund) are not growth, and a key that ran out, left a
     /// full cache and came back is not reported again (of up to 65,536 such keys at once;

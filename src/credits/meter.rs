@@ -85,7 +85,8 @@ pub(crate) struct Meter {
     pub pending: AtomicBool,
     /// Queued for a spend flush (a pool's meter; a key's own is flushed with its usage).
     pub dirty: AtomicBool,
-    /// [`RETIRED`], [`EXHAUSTION_REPORTED`] and [`UNREADABLE`].
+    /// [`RETIRED`], [`EXHAUSTION_REPORTED`] and [`UNREADABLE`] in the low bits; above them,
+    /// how many times the balance grew, wrapping at 32 (see [`ONE_GROWTH`]).
     state: AtomicU8,
     /// What its events name: a key, a token or a pool.
     pub subject: crate::public_id::IdKind,
@@ -126,7 +127,9 @@ fn known(remaining: u64) -> u64 {
 
 /// [`Meter::state`]'s bits above its flags count the balance's growths (wrapping at 32):
 /// a refusal made in memory is reported only if none came since it found the balance
-/// known empty (see [`Meter::first_refusal_under`]).
+/// known empty (see [`Meter::first_refusal_under`]). A refusal's thread preempted across
+/// exactly a multiple of 32 growths would report anyway (an early `Exhausted`, and the
+/// real run-out silent): the meter's 64 bytes have no room for a wider count.
 const ONE_GROWTH: u8 = 8;
 /// A time in whole minutes that never comes (`u64::MAX` ms).
 const NEVER: u32 = u32::MAX;

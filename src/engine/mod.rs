@@ -591,8 +591,9 @@ impl Engine {
                 // Besides `leaving`, a grant or the writer's lists may hold the entry. Spend
                 // not yet flushed is counted only by the state (and by a home the writer
                 // holds, which a miss cannot find): the tiers would lose it.
-                let unflushed = !self.tiers.is_empty() && key.unflushed_spend() > 0;
-                let in_use = !crate::holders::held_by_at_most(key, 1) || unflushed;
+                // The count first: its fence makes what the last grants wrote visible.
+                let in_use = !crate::holders::held_by_at_most(key, 1)
+                    || (!self.tiers.is_empty() && key.unflushed_spend() > 0);
                 live.hold(key.id(), limits, in_use, now_ns);
             }
         }

@@ -233,8 +233,8 @@ pub(super) fn build(
     }
     if wrote {
         // A commit that fails may still have reached the disk (see `Effects::uncertain`), and
-        // so may one that panics (redb's code or the backend's: `Store::guard` catches it,
-        // and the failed batch is undone with what this says).
+        // so may one that panics (redb's code or the backend's: `WriteTxn::commit` catches it
+        // and fences the store, and the failed batch is undone with what this says).
         fx.uncertain = true;
         txn.commit()?;
         fx.uncertain = false;
@@ -448,11 +448,12 @@ fn adjust(
         }
         fx.adjusts[at].1 = Ok(r.balance);
     }
-    // A set to a positive figure is news too, even below what a refusal saw: that refusal
-    // may have been of a request larger than what was left (Exhausted with credits
-    // remaining), and the set's credits running out is a run-out of its own.
+    // A set (or a refill applied here) to a positive figure is news too, even below what a
+    // refusal saw: that refusal may have been of a request larger than what was left
+    // (Exhausted with credits remaining), and the new credits running out is a run-out of
+    // its own.
     let set = applied && matches!(change, Adjust::Set(_));
-    let grew = r.balance > start || (set && r.balance > 0);
+    let grew = r.balance > start || ((set || refilled) && r.balance > 0);
     if !grew {
         refuse(fx); // a run-out remembered stands
     }

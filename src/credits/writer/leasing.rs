@@ -314,9 +314,11 @@ pub(super) fn new_period(
         // Like a `set`: a reservation from the old period is final, its refund must not
         // land in the new one.
         end_epoch(fx, meter, r);
-        // As for a top-up: only a balance that grew makes the next refusal news (a refill of
-        // nothing into a run-out balance reported the same run-out once a period).
-        if r.balance > old_period {
+        // As for a set: a refill to any figure above zero makes the next refusal news, even
+        // one below what a refused request saw (found by a reviewer: its credits ran out
+        // silently); a refill of nothing into a run-out balance is not news (it reported the
+        // same run-out once a period).
+        if r.balance > 0 {
             fx.tell(meter, meter.grew());
         }
         low_balance(shared, fx, meter, r.balance);

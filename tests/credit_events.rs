@@ -28,25 +28,45 @@ fn spend(ledger: &Ledger, plain: &str, cost: u64) -> Result<(), String> {
     }
 }
 
-/// An `Exhausted` told for a request larger than what was left (150 left, 200 asked) must
-/// not stand in for the run-out of credits a later `set` gave (100, fewer than the 150).
-#[test]
-fn running_out_after_a_set_lower_than_a_big_refusal_saw_is_reported() {
+const DAY_MS: u64 = 86_400_000;
+
+/// A ledger on `clock` with one key of `credits`, refilled to `refill` every day: the
+/// scratch directory, the ledger, the key's public id and its plaintext.
+fn daily_key(
+    clock: impl Clock,
+    credits: u64,
+    refill: u64,
+) -> (tempfile::TempDir, Ledger, String, String) {
     let dir = tempfile::tempdir().unwrap();
-    let ledger = Ledger::open(dir.path().join("k.redb"), Config::ephemeral().unwrap()).unwrap();
-    let events = ledger.credit_events();
-    let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
-    let k = ledger
-        .keys()
-        .create(NewKey::new(owner.id.as_str(), "k").credits(150))
+    let config = Config::builder()
+        .master_key(MasterKey::generate().unwrap())
+        .clock(clock)
+        .build()
         .unwrap();
+    let ledger = Ledger::open(dir.path().join("k.redb"), config).unwrap();
+    let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+    let new = NewKey::new(owner.id.as_str(), "k")
+        .credits(credits)
+        .refill(refill, RefillInterval::Daily);
+    let k = ledger.keys().create(new).unwrap();
     let (id, plain) = (k.info.id.to_string(), k.plaintext.expose().to_owned());
+    (dir, ledger, id, plain)
+}
+
+/// A key of 150 credits (refilled to 100 a day) is refused a request of 200: told as
+/// `Exhausted(150)`. Then `grow` gives it 100 credits, fewer than that refusal saw; their
+/// running out is a run-out of its own, and must be told (found by a reviewer of the
+/// events for a set, and by the reviewer of the session's diff for a refill: neither was
+/// growth, being below the balance before).
+fn a_lower_growth_after_a_big_refusal_is_news(grow: impl FnOnce(&Ledger, &str, &ManualClock)) {
+    let clock = ManualClock::new(Timestamp(20_000 * DAY_MS + 1_000));
+    let (_dir, ledger, id, plain) = daily_key(clock.clone(), 150, 100);
+    let events = ledger.credit_events();
     assert!(spend(&ledger, &plain, 200).is_err(), "200 > 150 left");
     ledger.flush().unwrap();
     let got: Vec<_> = events.try_iter().map(|e| (e.kind, e.remaining)).collect();
     assert_eq!(got, [(CreditEventKind::Exhausted, 150)]);
-    // An admin sets the balance to 100 (a set: "sets make the next run-out news again").
-    ledger.credits().set(&id, 100).unwrap();
+    grow(&ledger, &id, &clock);
     let mut served = 0;
     while spend(&ledger, &plain, 1).is_ok() {
         served += 1;
@@ -54,55 +74,21 @@ fn running_out_after_a_set_lower_than_a_big_refusal_saw_is_reported() {
     ledger.flush().unwrap();
     assert_eq!(served, 100);
     let got: Vec<_> = events.try_iter().map(|e| (e.kind, e.remaining)).collect();
-    assert_eq!(
-        got,
-        [(CreditEventKind::Exhausted, 0)],
-        "the set's 100 ran out"
-    );
+    assert_eq!(got, [(CreditEventKind::Exhausted, 0)], "the 100 ran out");
 }
 
-/// The same for a daily refill to 100 after a refusal that saw 150 (found by a reviewer of
-/// the session's change: a refill counted as growth only above the old balance).
+#[test]
+fn running_out_after_a_set_lower_than_a_big_refusal_saw_is_reported() {
+    a_lower_growth_after_a_big_refusal_is_news(|ledger, id, _| {
+        ledger.credits().set(id, 100).unwrap();
+    });
+}
+
 #[test]
 fn running_out_after_a_refill_lower_than_a_big_refusal_saw_is_reported() {
-    const DAY: u64 = 86_400_000;
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(Timestamp(20_000 * DAY + 1_000));
-    let config = Config::builder()
-        .master_key(MasterKey::generate().unwrap())
-        .clock(clock.clone())
-        .build()
-        .unwrap();
-    let ledger = Ledger::open(dir.path().join("k.redb"), config).unwrap();
-    let events = ledger.credit_events();
-    let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
-    let new = NewKey::new(owner.id.as_str(), "k")
-        .credits(150)
-        .refill(100, RefillInterval::Daily);
-    let plain = ledger
-        .keys()
-        .create(new)
-        .unwrap()
-        .plaintext
-        .expose()
-        .to_owned();
-    assert!(spend(&ledger, &plain, 200).is_err());
-    ledger.flush().unwrap();
-    let got: Vec<_> = events.try_iter().map(|e| (e.kind, e.remaining)).collect();
-    assert_eq!(got, [(CreditEventKind::Exhausted, 150)]);
-    clock.set(Timestamp(20_001 * DAY + 1_000)); // the refill: 100
-    let mut served = 0;
-    while spend(&ledger, &plain, 1).is_ok() {
-        served += 1;
-    }
-    ledger.flush().unwrap();
-    assert_eq!(served, 100);
-    let got: Vec<_> = events.try_iter().map(|e| (e.kind, e.remaining)).collect();
-    assert_eq!(
-        got,
-        [(CreditEventKind::Exhausted, 0)],
-        "the refill's 100 ran out"
-    );
+    a_lower_growth_after_a_big_refusal_is_news(|_, _, clock| {
+        clock.set(Timestamp(20_001 * DAY_MS + 1_000)); // the daily refill: 100
+    });
 }
 
 /// A fall spent in memory just before a clean close is told once, by the closing batch or
@@ -162,7 +148,6 @@ fn a_fall_spent_in_memory_before_a_close_is_told_once() {
     }
 }
 
-const DAY_MS: u64 = 86_400_000;
 /// 23:59:59.000 UTC, the last second of a day.
 const T0: u64 = 20_000 * DAY_MS + DAY_MS - 1_000;
 const T1: u64 = 20_001 * DAY_MS; // midnight: the daily refill is due
@@ -204,25 +189,8 @@ fn a_refusal_straddling_the_refill_time_is_reported() {
             jump_at: AtomicU64::new(0),
             thread: parking_lot::Mutex::new(None),
         }));
-        let dir = tempfile::tempdir().unwrap();
-        let config = Config::builder()
-            .master_key(MasterKey::generate().unwrap())
-            .clock(clock.clone())
-            .build()
-            .unwrap();
-        let ledger = Ledger::open(dir.path().join("k.redb"), config).unwrap();
+        let (_dir, ledger, _, plain) = daily_key(clock.clone(), 3, 3);
         let events = ledger.credit_events();
-        let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
-        let new = NewKey::new(owner.id.as_str(), "k")
-            .credits(3)
-            .refill(3, RefillInterval::Daily);
-        let plain = ledger
-            .keys()
-            .create(new)
-            .unwrap()
-            .plaintext
-            .expose()
-            .to_owned();
         for _ in 0..3 {
             assert_eq!(spend(&ledger, &plain, 1), Ok(()));
         }

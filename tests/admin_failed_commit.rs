@@ -22,6 +22,15 @@ fn served(ledger: &Ledger, key: &str) -> bool {
         .is_ok()
 }
 
+/// A new account's id.
+fn acme(ledger: &Ledger) -> keyledger::PublicId {
+    ledger
+        .accounts()
+        .create(NewAccount::new("Acme"))
+        .unwrap()
+        .id
+}
+
 /// A case's two unmetered keys of one account: `a` verified (cached), `b` not.
 struct Pair {
     a: String,
@@ -44,11 +53,7 @@ fn each_failed_change(
         for nth in 1.. {
             let backend = CrashBackend::new();
             let ledger = Ledger::open_with_backend(backend.clone(), config()).unwrap();
-            let owner = ledger
-                .accounts()
-                .create(NewAccount::new("Acme"))
-                .unwrap()
-                .id;
+            let owner = acme(&ledger);
             let a = ledger.keys().create(NewKey::new(owner, "a")).unwrap();
             let b = ledger.keys().create(NewKey::new(owner, "b")).unwrap();
             let keys = Pair {
@@ -178,12 +183,7 @@ fn a_secret_whose_delete_failed_is_not_attached_afterwards() {
     for nth in 1.. {
         let backend = CrashBackend::new();
         let ledger = Ledger::open_with_backend(backend.clone(), config()).unwrap();
-        let owner = ledger
-            .accounts()
-            .create(NewAccount::new("Acme"))
-            .unwrap()
-            .id
-            .to_string();
+        let owner = acme(&ledger).to_string();
         let value = keyledger::Secret::new("sk_live_123".to_string());
         ledger
             .secrets()
@@ -228,11 +228,7 @@ fn a_rotation_whose_prune_failed_is_not_answered_as_maybe_made() {
         .unwrap();
     let backend = CrashBackend::new();
     let ledger = Ledger::open_with_backend(backend.clone(), config.clone()).unwrap();
-    let owner = ledger
-        .accounts()
-        .create(NewAccount::new("Acme"))
-        .unwrap()
-        .id;
+    let owner = acme(&ledger);
     let a = ledger.keys().create(NewKey::new(owner, "a")).unwrap();
     ledger.keys().roll(&a.info.id, 60).unwrap();
     clock.advance_secs(120); // the rolled secret is past its grace: the rotation prunes it

@@ -199,14 +199,7 @@ fn a_balance_found_damaged_refuses_spends_from_the_lease_in_memory() {
     let internal = ledger.keys().internal_id(&id).unwrap();
     damage_balance(&ledger, internal);
     ledger.flush().unwrap(); // the writer flushes the spend and finds the damage
-    let meter = ledger
-        .inner
-        .engine
-        .shared
-        .meters
-        .lock()
-        .get(internal)
-        .unwrap();
+    let meter = meter_of(&ledger, internal);
     assert!(meter.unreadable() && meter.leased() > 0);
     assert_eq!(
         spend_one(&ledger, &plaintext),
@@ -1192,7 +1185,7 @@ fn a_meter_of_a_removed_balance_never_leases_from_the_next() {
     let (key_id, plaintext) = key(&ledger, 1_000);
     assert_eq!(spend_one(&ledger, &plaintext), Ok(1));
     let id = ledger.keys().internal_id(&key_id).unwrap();
-    let old = ledger.inner.engine.shared.meters.lock().get(id).unwrap();
+    let old = meter_of(&ledger, id);
     let tx = &ledger.inner.engine.tx;
     let wait_for = |queued: usize| {
         while tx.len() != queued {
@@ -1410,7 +1403,7 @@ fn a_run_out_key_evicted_with_nothing_leased_stays_known_empty() {
     assert_eq!(spend_one(&ledger, &a_plain), Err("usage_exceeded".into()));
     ledger.flush().unwrap();
     let id = ledger.keys().internal_id(&a).unwrap();
-    let meter = ledger.inner.engine.shared.meters.lock().get(id).unwrap();
+    let meter = meter_of(&ledger, id);
     let now = ledger.now().0;
     assert!(meter.empty_at(now), "known empty before the eviction");
     assert_eq!(spend_one(&ledger, &b_plain), Ok(1)); // evicts `a`
@@ -1430,7 +1423,7 @@ fn a_refund_landing_after_the_writer_looked_stays_in_memory() {
     let grant = ledger.verify(&Request::new(&key, "/x").cost(5)).unwrap();
     ledger.flush().unwrap();
     let id = ledger.keys().internal_id(&a).unwrap();
-    let meter = ledger.inner.engine.shared.meters.lock().get(id).unwrap();
+    let meter = meter_of(&ledger, id);
     assert_eq!(meter.leased(), 0, "the grant holds the whole lease");
     let (looked, wait_for_look) = crossbeam::channel::bounded::<()>(0);
     let (refunded, wait_for_refund) = crossbeam::channel::bounded::<()>(0);
@@ -1815,7 +1808,7 @@ fn a_refusal_during_a_top_ups_commit_does_not_hide_the_next_exhaustion() {
     assert_eq!(spend_one(&ledger, &a_plain), Err("usage_exceeded".into()));
     assert_eq!(events(&ledger), [(CreditEventKind::Exhausted, 0)]);
     let id = ledger.keys().internal_id(&a).unwrap();
-    let meter = ledger.inner.engine.shared.meters.lock().get(id).unwrap();
+    let meter = meter_of(&ledger, id);
     let racing = ledger.clone();
     let growths = meter.growths(); // the racing request found the balance known empty
     *ledger.inner.engine.shared.before_commit.lock() = Some(Box::new(move || {
@@ -1853,14 +1846,7 @@ fn run_out_key() -> (
     ledger.flush().unwrap();
     assert_eq!(events(&ledger), [(CreditEventKind::Exhausted, 0)]);
     let internal = ledger.keys().internal_id(&id).unwrap();
-    let meter = ledger
-        .inner
-        .engine
-        .shared
-        .meters
-        .lock()
-        .get(internal)
-        .unwrap();
+    let meter = meter_of(&ledger, internal);
     assert!(meter.empty_at(ledger.now().0) && meter.exhaustion_reported());
     (dir, ledger, plain, id, meter)
 }
@@ -1917,4 +1903,16 @@ fn a_refusal_reported_after_the_top_up_ran_low_does_not_silence_the_next_run_out
         [(CreditEventKind::Exhausted, 0)],
         "the top-up ran out: told when it did"
     );
+}
+
+/// Balance `internal`'s meter (it must be in memory).
+fn meter_of(ledger: &Ledger, internal: u64) -> MeterRef {
+    ledger
+        .inner
+        .engine
+        .shared
+        .meters
+        .lock()
+        .get(internal)
+        .unwrap()
 }

@@ -67,10 +67,7 @@ fn a_lower_growth_after_a_big_refusal_is_news(grow: impl FnOnce(&Ledger, &str, &
     let got: Vec<_> = events.try_iter().map(|e| (e.kind, e.remaining)).collect();
     assert_eq!(got, [(CreditEventKind::Exhausted, 150)]);
     grow(&ledger, &id, &clock);
-    let mut served = 0;
-    while spend(&ledger, &plain, 1).is_ok() {
-        served += 1;
-    }
+    let served = spent_until_refused(&ledger, &plain);
     ledger.flush().unwrap();
     assert_eq!(served, 100);
     let got: Vec<_> = events.try_iter().map(|e| (e.kind, e.remaining)).collect();
@@ -122,10 +119,7 @@ fn a_fall_spent_in_memory_before_a_close_is_told_once() {
         drop(ledger);
         let ledger = Ledger::open(&path, config.clone()).unwrap();
         let events = ledger.credit_events();
-        let mut served = spent_before_close;
-        while spend(&ledger, &plain, 1).is_ok() {
-            served += 1;
-        }
+        let served = spent_before_close + spent_until_refused(&ledger, &plain);
         ledger.flush().unwrap();
         let after: Vec<_> = events.try_iter().map(|e| (e.kind, e.remaining)).collect();
         assert_eq!(served, 100);
@@ -498,4 +492,13 @@ fn each_fall_told_once_around_threshold_flips_pool() {
         t: 10,
         ..base(Grow::PoolTopUp)
     });
+}
+
+/// Spends 1 unit at a time with key `plain` until refused: the units spent.
+fn spent_until_refused(ledger: &Ledger, plain: &str) -> u64 {
+    let mut spent = 0;
+    while spend(ledger, plain, 1).is_ok() {
+        spent += 1;
+    }
+    spent
 }

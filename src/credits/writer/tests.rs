@@ -1863,10 +1863,7 @@ fn a_refusal_reported_after_a_top_up_is_not_told_again() {
     ledger.credits().top_up(&id, 200).unwrap(); // ...its thread preempted meanwhile
     ledger.inner.engine.report_exhausted(&meter, growths);
     assert_eq!(events(&ledger), [], "200 are left; the run-out was told");
-    let mut served = 0;
-    while spend(&ledger, &plain, 1).is_ok() {
-        served += 1;
-    }
+    let served = spent_until_refused(&ledger, &plain);
     ledger.flush().unwrap();
     assert_eq!(served, 200);
     let got = events(&ledger);
@@ -1892,10 +1889,7 @@ fn a_refusal_reported_after_the_top_up_ran_low_does_not_silence_the_next_run_out
     let _ = events(&ledger);
     ledger.inner.engine.report_exhausted(&meter, growths);
     assert_eq!(events(&ledger), [], "7 are left: no run-out yet");
-    let mut served = 5;
-    while spend(&ledger, &plain, 1).is_ok() {
-        served += 1;
-    }
+    let served = 5 + spent_until_refused(&ledger, &plain);
     ledger.flush().unwrap();
     assert_eq!(served, 12);
     assert_eq!(
@@ -1915,4 +1909,13 @@ fn meter_of(ledger: &Ledger, internal: u64) -> MeterRef {
         .lock()
         .get(internal)
         .unwrap()
+}
+
+/// Spends 1 unit at a time with key `plain` until refused: the units spent.
+fn spent_until_refused(ledger: &Ledger, plain: &str) -> u64 {
+    let mut spent = 0;
+    while spend(ledger, plain, 1).is_ok() {
+        spent += 1;
+    }
+    spent
 }

@@ -703,8 +703,6 @@ mod tests {
         assert!(none.note_remaining(0).1.is_none(), "nothing to undo");
     }
 
-    /// A failed batch undoes what the writer told, and only that: a mark set by someone else
-    /// meanwhile stays.
     #[test]
     fn a_fall_from_an_unlimited_balance_is_an_edge() {
         let m = Meter::new(1, Some(10), crate::public_id::IdKind::Key, false);
@@ -714,6 +712,8 @@ mod tests {
         assert!(m.note_remaining(0).0, "seen at u64::MAX, then below");
     }
 
+    /// A failed batch undoes what the writer told, and only that: a mark set by someone else
+    /// meanwhile stays.
     #[test]
     fn untelling_undoes_only_the_writers_own_change() {
         let m = Meter::new(1, Some(10), crate::public_id::IdKind::Key, false);
@@ -728,6 +728,35 @@ mod tests {
         let cleared = m.replenished().expect("it cleared the mark");
         m.untell(cleared);
         assert!(!m.first_refusal(), "the mark is back");
+    }
+
+    /// The growth count lives above the flags: counting never touches them, it wraps at 32
+    /// with them kept, and a refusal is marked reported only under the count it was
+    /// decided under.
+    #[test]
+    fn growths_are_counted_above_the_flags_and_gate_a_refusals_report() {
+        let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        m.mark_unreadable();
+        m.retire();
+        let start = m.growths();
+        for _ in 0..31 {
+            m.replenished();
+        }
+        assert!(
+            m.unreadable() && m.retired(),
+            "flags kept across 31 growths"
+        );
+        assert_ne!(m.growths(), start);
+        m.replenished();
+        assert_eq!(m.growths(), start, "the 32nd wraps");
+        assert!(m.unreadable() && m.retired() && !m.exhaustion_reported());
+        let stale = m.growths();
+        m.replenished();
+        assert!(!m.first_refusal_under(stale), "a growth came since");
+        assert!(!m.exhaustion_reported());
+        assert!(m.first_refusal_under(m.growths()));
+        assert!(m.exhaustion_reported() && m.unreadable() && m.retired());
+        assert!(!m.first_refusal_under(m.growths()), "reported once");
     }
 
     #[test]

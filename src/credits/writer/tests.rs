@@ -30,11 +30,15 @@ fn ledger() -> (tempfile::TempDir, Ledger) {
 
 /// Creates a key of `credits`; returns its public id and plaintext.
 fn key(ledger: &Ledger, credits: u64) -> (String, String) {
+    key_with(ledger, |new| new.credits(credits))
+}
+
+/// Creates a key of a new account with the `settings` given; returns its public id and
+/// plaintext.
+fn key_with(ledger: &Ledger, settings: impl FnOnce(NewKey) -> NewKey) -> (String, String) {
     let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
-    let created = ledger
-        .keys()
-        .create(NewKey::new(owner.id.as_str(), "k").credits(credits))
-        .unwrap();
+    let new = settings(NewKey::new(owner.id.as_str(), "k"));
+    let created = ledger.keys().create(new).unwrap();
     let plaintext = created.plaintext.expose().to_owned();
     (created.info.id.to_string(), plaintext)
 }
@@ -828,12 +832,7 @@ fn a_failed_top_up_does_not_show_in_remaining_credits() {
 #[test]
 fn a_low_balance_edge_crossed_in_a_failed_batch_is_reported_when_crossed_again() {
     let (_dir, ledger) = ledger();
-    let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
-    let new = NewKey::new(owner.id.as_str(), "a")
-        .credits(100)
-        .low_balance_threshold(50);
-    let created = ledger.keys().create(new).unwrap();
-    let a_plain = created.plaintext.expose().to_owned();
+    let (_, a_plain) = key_with(&ledger, |new| new.credits(100).low_balance_threshold(50));
     let (b, _) = key(&ledger, 10);
     // A peek reserves nothing, so a commit of 60 is charged to the durable balance by
     // the writer: 100 → 40, under the threshold.
@@ -1835,13 +1834,7 @@ fn run_out_key() -> (
     crate::cache::MeterRef,
 ) {
     let (dir, ledger) = ledger();
-    let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
-    let new = NewKey::new(owner.id.as_str(), "k")
-        .credits(0)
-        .low_balance_threshold(50);
-    let created = ledger.keys().create(new).unwrap();
-    let plain = created.plaintext.expose().to_owned();
-    let id = created.info.id.to_string();
+    let (id, plain) = key_with(&ledger, |new| new.credits(0).low_balance_threshold(50));
     assert!(spend(&ledger, &plain, 1).is_err());
     ledger.flush().unwrap();
     assert_eq!(events(&ledger), [(CreditEventKind::Exhausted, 0)]);

@@ -884,6 +884,46 @@ fn secrets_are_attached_only_for_allowed_hosts() {
     );
 }
 
+/// `count` CJK ideographs then `.com`: 3 bytes a character as written, more as punycode.
+fn cjk_host(count: u32) -> String {
+    let label: String = (0..count)
+        .map(|i| char::from_u32(0x4E00 + (i * 359) % 0x5000).expect("a CJK ideograph"))
+        .collect();
+    format!("{label}.com")
+}
+
+#[test]
+fn an_allowed_host_is_listed_only_if_it_is_honoured() {
+    let env = Env::new();
+    let a = env.account("A");
+    let secrets = env.ledger.secrets();
+    // 298 bytes as written, 336 as punycode: it was stored, listed, then never matched
+    // (every attach parses the stored form again under the 300-byte cap; found by a
+    // reviewer).
+    let long = cjk_host(98);
+    assert!(long.len() <= 300);
+    match secrets.put(&a, "IDN", Secret::new(API_SECRET), [long.as_str()]) {
+        Err(Error::InvalidInput {
+            field: "allowed_hosts",
+            reason,
+        }) => assert!(reason.contains("normal form"), "{reason}"),
+        other => panic!("expected the pattern refused, got {other:?}"),
+    }
+    // One that fits as punycode is honoured, and what is listed can be put back.
+    let host = cjk_host(40);
+    let info = secrets
+        .put(&a, "IDN", Secret::new(API_SECRET), [host.as_str()])
+        .expect("put");
+    assert!(info.allowed_hosts[0].starts_with("xn--"));
+    let header = secrets
+        .bearer(&a, "IDN", &format!("https://{host}/v1"))
+        .expect("the listed host is honoured");
+    assert_eq!(header.url, format!("https://{}/v1", info.allowed_hosts[0]));
+    secrets
+        .put(&a, "IDN", Secret::new(API_SECRET), &info.allowed_hosts)
+        .expect("the listed hosts are accepted back");
+}
+
 #[test]
 fn header_and_query_forms_redact() {
     let env = Env::new();

@@ -99,11 +99,19 @@ impl HostPattern {
         if port == Some(0) {
             return Err(bad_pattern("port 0 is no port a request goes to"));
         }
-        Ok(HostPattern {
+        let pattern = HostPattern {
             wildcard,
             host,
             port,
-        })
+        };
+        // What is stored is parsed again at every attach, under the same cap: a name that
+        // grows past it in normal form (IDN as punycode) would be listed yet never match.
+        if pattern.canonical().len() > MAX_PATTERN_LEN {
+            return Err(bad_pattern(&format!(
+                "a pattern must be 1–{MAX_PATTERN_LEN} bytes in normal form (IDN as punycode)"
+            )));
+        }
+        Ok(pattern)
     }
 
     /// The canonical text stored and shown: `*.example.com`, `api.example.com:8443`.

@@ -571,7 +571,7 @@ impl Grant<'_> {
         if actual != reserved
             && let (Some(admission), Some(limits)) = (&self.admission, &self.key.limits)
         {
-            limits.settle_tokens(self.ledger.monotonic_ns(), admission, reserved, actual);
+            limits.settle_tokens(|| self.ledger.monotonic_ns(), admission, reserved, actual);
         }
         Receipt {
             token_stats: TokenStats {

@@ -481,11 +481,12 @@ pub(crate) mod rules {
         Ok(name.to_owned())
     }
 
-    /// Not blank, at most `max` characters, no control characters, line or paragraph
-    /// separators or bidirectional overrides.
+    /// Not blank (nor only invisible characters), at most `max` characters, no control
+    /// characters, line or paragraph separators or bidirectional controls.
     fn text(field: &'static str, text: &str, max: usize) -> Result<(), Error> {
         let chars = text.chars().count();
-        if text.trim().is_empty() {
+        // Blank also when what is left shows nothing (a zero-width space, a BOM, a filler).
+        if text.chars().all(|c| c.is_whitespace() || invisible(c)) {
             return Err(Error::invalid(field, "must not be empty"));
         }
         if chars > max {
@@ -497,17 +498,33 @@ pub(crate) mod rules {
         if text.chars().any(hostile) {
             return Err(Error::invalid(
                 field,
-                "must not contain control, line-separator or bidirectional-override characters",
+                "must not contain control, line-separator or bidirectional-control characters",
             ));
         }
         Ok(())
     }
 
-    /// A control character, a line or paragraph separator, or a bidirectional override:
-    /// each moves or reorders what follows it on a terminal as a line break would.
+    /// A control character, a line or paragraph separator, or a bidirectional control (an
+    /// override, an isolate or a mark): each moves or reorders what follows it on a terminal
+    /// as a line break would.
     pub(crate) fn hostile(c: char) -> bool {
         c.is_control()
             || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+            // Bidirectional marks (ALM, LRM, RLM) reorder neutral characters as well.
+            || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}')
+    }
+
+    /// A character that shows nothing by itself: Unicode's default-ignorable code points
+    /// (zero-width characters, joiners, variation selectors, BOM, tags) and the Hangul
+    /// fillers. Allowed among visible characters (emoji sequences use ZWJ and variation
+    /// selectors), but a text of nothing else reads as blank.
+    pub(crate) fn invisible(c: char) -> bool {
+        matches!(c,
+            '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}'
+            | '\u{17B5}' | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}' | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{1BCA0}'..='\u{1BCA3}' | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
     }
 
     /// Who made a change (`by(…)`), as the audit trail and `created_by` / `updated_by` keep
@@ -617,7 +634,7 @@ pub(crate) mod rules {
     }
 
     /// Free-form metadata: at most 32 entries of short strings without control, line-separator
-    /// or bidirectional-override characters (a CLI prints them as they are).
+    /// or bidirectional-control characters (a CLI prints them as they are).
     pub fn metadata(map: &BTreeMap<String, String>) -> Result<(), Error> {
         if map.len() > MAX_METADATA {
             return Err(Error::invalid(
@@ -631,7 +648,7 @@ pub(crate) mod rules {
                     "metadata",
                     format!(
                         "keys must be 1–{METADATA_KEY_MAX} bytes without control, \
-                         line-separator or bidirectional-override characters"
+                         line-separator or bidirectional-control characters"
                     ),
                 ));
             }
@@ -640,7 +657,7 @@ pub(crate) mod rules {
                     "metadata",
                     format!(
                         "values must be at most {METADATA_VALUE_MAX} bytes without control, \
-                         line-separator or bidirectional-override characters"
+                         line-separator or bidirectional-control characters"
                     ),
                 ));
             }

@@ -317,7 +317,13 @@ impl<'a> Keys<'a> {
         let kind = match s.token_type {
             // `api` is what an API key's `type` reads: a token typed so (in any case, with any
             // spaces around it) would read as one.
-            Some(t) if t.trim().eq_ignore_ascii_case(KeyKind::Api.label()) => {
+            Some(t)
+                if t.chars()
+                    .filter(|&c| !rules::invisible(c))
+                    .collect::<String>()
+                    .trim()
+                    .eq_ignore_ascii_case(KeyKind::Api.label()) =>
+            {
                 return Err(Error::invalid("type", "`api` is the type of API keys"));
             }
             Some(t) => KeyKind::Token {

@@ -197,13 +197,13 @@ pub(crate) fn validate_scopes(scopes: &[String]) -> Result<Vec<String>> {
             || s.len() > SCOPE_MAX_BYTES
             || s.chars().any(|c| c.is_whitespace() || rules::hostile(c))
         {
-            // Scopes are listed: a line separator or bidirectional override in one would
+            // Scopes are listed: a line separator or bidirectional control in one would
             // reorder what a terminal shows after it, as in any other listed text.
             return Err(Error::invalid(
                 "scopes",
                 format!(
                     "each scope must be 1–{SCOPE_MAX_BYTES} bytes without whitespace, \
-                     control or bidirectional-override characters"
+                     control or bidirectional-control characters"
                 ),
             ));
         }

@@ -86,13 +86,14 @@ impl Table {
 }
 
 /// `text` with each character that would move or reorder what a terminal shows (a control
-/// character such as ESC, a line or paragraph separator, a bidirectional override) written
+/// character such as ESC, a line or paragraph separator, a bidirectional control) written
 /// as its escape (`\u{1b}`). The library refuses them in what it stores, but a damaged or
 /// hostile file may still hold them.
 pub fn printable(text: String) -> String {
     let hostile = |c: char| {
         c.is_control()
             || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+            || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}')
     };
     if !text.contains(hostile) {
         return text;
@@ -612,10 +613,10 @@ mod tests {
     #[test]
     fn cells_show_terminal_controls_as_escapes() {
         let mut t = Table::bare();
-        t.row(["name", "\u{1b}[2J\u{1b}[Hfiller\nok  key_x\u{202E}"]);
+        t.row(["name", "\u{1b}[2J\u{1b}[Hfiller\nok  key_x\u{202E}\u{200F}"]);
         assert_eq!(
             t.render(),
-            "name  \\u{1b}[2J\\u{1b}[Hfiller\\u{a}ok  key_x\\u{202e}\n"
+            "name  \\u{1b}[2J\\u{1b}[Hfiller\\u{a}ok  key_x\\u{202e}\\u{200f}\n"
         );
     }
 

@@ -69,12 +69,14 @@ impl MasterKey {
     /// Parses the textual form: 64 hex digits (surrounding whitespace ignored).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let text = text.trim();
-        if text.len() != 64 {
-            return Err(ConfigError::MasterKeyEncoding {
-                found_chars: text.chars().count(),
-            });
+        // Counted in characters, as the error reports them: 64 characters of which one is
+        // not ASCII (a pasted look-alike) is a character that is not a hex digit, not a
+        // wrong length ("must be 64 hex digits, found 64 characters").
+        let found_chars = text.chars().count();
+        if found_chars != 64 {
+            return Err(ConfigError::MasterKeyEncoding { found_chars });
         }
-        if let Some(i) = text.bytes().position(|b| !b.is_ascii_hexdigit()) {
+        if let Some(i) = text.chars().position(|c| !c.is_ascii_hexdigit()) {
             return Err(ConfigError::MasterKeyNotHex { position: i + 1 });
         }
         let mut bytes = Zeroizing::new([0u8; 32]);
@@ -108,7 +110,7 @@ impl MasterKey {
     /// Reads a key file. On Unix the file must not be readable by group or others (mode 0600).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let io = |e: std::io::Error| ConfigError::KeyFile {
-            path: path.display().to_string(),
+            path: shown_path(path),
             reason: e.to_string(),
         };
         #[cfg(unix)]
@@ -117,7 +119,7 @@ impl MasterKey {
             let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
                 return Err(ConfigError::KeyFilePermissions {
-                    path: path.display().to_string(),
+                    path: shown_path(path),
                     mode,
                 });
             }
@@ -130,7 +132,7 @@ impl MasterKey {
     pub fn write_new_file(&self, path: &Path) -> Result<(), ConfigError> {
         use std::io::Write;
         let io = |e: std::io::Error| ConfigError::KeyFile {
-            path: path.display().to_string(),
+            path: shown_path(path),
             reason: e.to_string(),
         };
         let mut options = std::fs::OpenOptions::new();
@@ -163,6 +165,17 @@ impl MasterKey {
             .finalize_xof()
             .fill(&mut out[..]);
         out
+    }
+}
+
+/// A key file's path as errors show it: not when it is a master key itself (given where its
+/// file's path goes, `KEYLEDGER_MASTER_KEY_FILE` and `KEYLEDGER_MASTER_KEY` swapped), which
+/// an error would otherwise repeat into every log.
+fn shown_path(path: &Path) -> String {
+    let text = Zeroizing::new(path.to_string_lossy().into_owned());
+    match MasterKey::parse(&text) {
+        Ok(_) => "(a master key, not a path: not shown)".into(),
+        Err(_) => path.display().to_string(),
     }
 }
 

@@ -910,6 +910,20 @@ fn a_config_without_a_usable_master_key_is_refused_clearly() {
     let not_hex = format!("{}zz", "a".repeat(62));
     let err = MasterKey::parse(&not_hex).unwrap_err();
     assert!(!err.to_string().contains(&not_hex));
+    // 64 characters, one a pasted look-alike (65 bytes): the character is named, not a
+    // length of "64 characters" refused as not 64 (found by a reviewer).
+    let look_alike = format!("{}é", "a".repeat(63));
+    assert!(matches!(
+        MasterKey::parse(&look_alike),
+        Err(ConfigError::MasterKeyNotHex { position: 64 })
+    ));
+    // A master key given where its file's path goes (the two variables swapped) is not
+    // repeated into the error, which lands in logs (found by a reviewer).
+    let hex = MasterKey::generate().unwrap().to_hex().expose().to_owned();
+    let err = Config::builder().master_key_file(&hex).unwrap_err();
+    assert!(matches!(err, ConfigError::KeyFile { .. }), "{err:?}");
+    assert!(!err.to_string().contains(&hex), "{err}");
+    assert!(!format!("{err:?}").contains(&hex), "{err:?}");
     assert!(
         MasterKey::parse(&format!("  {}\n", "ab".repeat(32))).is_ok(),
         "whitespace trimmed"

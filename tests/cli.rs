@@ -367,6 +367,23 @@ fn a_missing_master_key_is_a_clear_error() {
     assert!(err.starts_with("error: "), "{err}");
     assert!(err.contains("KEYLEDGER_MASTER_KEY"), "{err}");
     assert!(err.contains(".key"), "{err}");
+    // The key given where its file's path goes (the variables swapped): refused without
+    // repeating the key (found by a reviewer: "error: key file 36607d…: No such file").
+    for args in [
+        vec!["--key-file", s.master_key.as_str(), "accounts", "list"],
+        vec!["accounts", "list"],
+    ] {
+        let out = s
+            .bare_command()
+            .env("KEYLEDGER_MASTER_KEY_FILE", &s.master_key)
+            .args(args)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(1));
+        let all = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(all.contains("not a path"), "{all}");
+        assert!(!all.contains(&s.master_key), "{all}");
+    }
 }
 
 #[test]
@@ -1644,6 +1661,14 @@ fn an_empty_environment_variable_counts_as_unset() {
             .args(["accounts", "list"]);
         assert_success(&cmd.output().unwrap());
     }
+    // A blank key-file variable falls back to the database's `.key` file, as `from_env`
+    // reads it (found by a reviewer: the CLI looked for a file named by the spaces).
+    let with_file = Scratch::new();
+    assert_success(&with_file.bare_command().arg("init").output().unwrap());
+    let mut cmd = with_file.bare_command();
+    cmd.env("KEYLEDGER_MASTER_KEY_FILE", "  ")
+        .args(["accounts", "list"]);
+    assert_success(&cmd.output().unwrap());
     // With `--db` left out, an empty KEYLEDGER_DB falls back to ./keyledger.redb.
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyledger"));
     let dir = s.db.parent().unwrap();

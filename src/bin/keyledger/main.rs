@@ -145,7 +145,8 @@ fn parse() -> Cli {
         .filter(|arg| {
             arg.get_env()
                 .and_then(std::env::var_os)
-                .is_some_and(|value| value.is_empty())
+                // Blank too, as `Config::from_env` reads `KEYLEDGER_MASTER_KEY_FILE`.
+                .is_some_and(|value| value.to_string_lossy().trim().is_empty())
         })
         .map(|arg| arg.get_id().clone())
         .collect();

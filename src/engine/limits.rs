@@ -128,6 +128,17 @@ impl LiveLimits {
         if !in_use && !limits.running(now_ns) {
             return;
         }
+        // A state of an older generation (a miss that read the limits while a change was
+        // committing, installing only now) never takes the place of a newer one: that may be
+        // the key's running window, held nowhere else (found by a reviewer: a limit narrowed
+        // to 1 an hour admitted 2 after the update returned).
+        if self
+            .held
+            .get(&id)
+            .is_some_and(|h| h.generation > limits.generation)
+        {
+            return;
+        }
         let full = self.held.len() >= MAX_HELD;
         let due = !full || now_ns >= self.held_swept_ns.saturating_add(1_000_000_000);
         if self.held_sweeps.due(self.held.len()) && due {

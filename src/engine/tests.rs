@@ -45,6 +45,21 @@ fn evicted_rate_limit_states_are_held_while_running_and_at_most_max_held() {
     live.release(1, &kept);
     assert!(live.held.is_empty(), "taken back by the key's next entry");
 
+    // A state of an older generation (a miss that chose it before a limits change moved
+    // the generation on, holding it late as it could not cache) never takes the place of
+    // a newer running one, which only `held` may keep (found by a reviewer).
+    let mut newer = KeyLimits::new(&configured, 0, &[]);
+    newer.generation = 2;
+    let newer = Arc::new(newer);
+    newer.acquire(|| 10 * SEC, 1).unwrap();
+    live.hold(1, &newer, false, 10 * SEC);
+    live.hold(1, &state(10), true, 10 * SEC); // generation 0
+    assert!(
+        Arc::ptr_eq(&live.held[&1], &newer),
+        "the newer window stays"
+    );
+    live.held.clear();
+
     for id in 0..MAX_HELD as u64 {
         live.hold(id, &state(100), false, 100 * SEC);
     }
@@ -730,6 +745,48 @@ fn a_miss_that_read_the_limits_before_a_change_reads_again() {
         admitted += 1;
     }
     assert_eq!(admitted, 3, "3 an hour on new windows");
+}
+
+/// A limit narrowed to 1 an hour admits 1 after the update returns, even with a miss of the
+/// key that read the old limits while the update committed and installs late. Such a miss
+/// saw the generation the change had already moved on: its state passed for the new
+/// limits' and, held by its uncached install, took the one `held` slot of the key from the
+/// new window's running state (evicted for room). The next miss started a fresh window: 2
+/// admitted in the hour. (Found by a reviewer.)
+#[test]
+fn a_miss_that_read_during_a_limits_change_does_not_drop_the_new_window() {
+    let Fixture { _dir, ledger } = ledger_with(|b| b.cache_capacity(1));
+    let engine = &ledger.inner.engine;
+    let (public, _, plaintext) = hourly_key(&ledger, 1_000);
+    let (_, _, other) = key(&ledger, |o| NewKey::new(o, "other"));
+    assert_eq!(code(&ledger, &plaintext), "ok");
+    let (paused, resume) = (channel::bounded(1), channel::bounded::<()>(1));
+    let stale = std::thread::scope(|s| {
+        let update = s.spawn(|| {
+            let pause = move || {
+                paused.0.send(()).unwrap();
+                resume.1.recv().unwrap();
+            };
+            let me = std::thread::current().id();
+            *ledger.inner.store.before_commit.lock() = Some((me, Box::new(pause)));
+            let narrowed = KeyUpdate::new().rate_limits(hourly(1));
+            ledger.keys().update(&public, narrowed).unwrap();
+        });
+        // The update is about to commit: the old limits are still the stored ones.
+        paused.1.recv().unwrap();
+        let stale = read_miss(&ledger, &plaintext);
+        resume.0.send(()).unwrap();
+        update.join().unwrap();
+        stale
+    });
+    assert_eq!(code(&ledger, &plaintext), "ok", "the new window's one");
+    assert_eq!(
+        code(&ledger, &other),
+        "ok",
+        "evicts the key: its window held"
+    );
+    assert!(!matches!(engine.install(stale), Some(Loaded::Cached(_))));
+    assert_eq!(code(&ledger, &plaintext), "rate_limited", "1 an hour");
 }
 
 /// A miss that could not cache points the key back at its previous state, so a flush

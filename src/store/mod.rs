@@ -70,10 +70,14 @@ pub(crate) struct Store {
     /// [`WriteTxn::commit_then`]): effects run in commit order, while the next transaction,
     /// the writer's included, need not wait for them.
     effects_order: Mutex<()>,
+    /// Runs once, on the thread named, just before its next commit (tests of what may happen
+    /// while a change commits).
+    #[cfg(test)]
+    pub(crate) before_commit: Mutex<Option<(std::thread::ThreadId, Pause)>>,
     /// Runs once, on the thread named, between a commit and its effects (tests of what may
     /// happen there).
     #[cfg(test)]
-    pub(crate) after_commit: Mutex<Option<(std::thread::ThreadId, AfterCommit)>>,
+    pub(crate) after_commit: Mutex<Option<(std::thread::ThreadId, Pause)>>,
 }
 
 impl Drop for Store {
@@ -90,9 +94,9 @@ impl Drop for Store {
     }
 }
 
-/// What a test runs between a commit and its effects (see `Store::after_commit`).
+/// What a test runs at a point of a commit (see `Store::before_commit`, `Store::after_commit`).
 #[cfg(test)]
-pub(crate) type AfterCommit = Box<dyn FnOnce() + Send>;
+pub(crate) type Pause = Box<dyn FnOnce() + Send>;
 
 /// Meta values read at open.
 pub(crate) struct OpenedMeta {
@@ -177,6 +181,8 @@ impl Store {
             failed_commit: AtomicBool::new(false),
             commit_order: Mutex::new(()),
             effects_order: Mutex::new(()),
+            #[cfg(test)]
+            before_commit: Mutex::new(None),
             #[cfg(test)]
             after_commit: Mutex::new(None),
         }

@@ -67,7 +67,7 @@ impl<'s> WriteTxn<'s> {
         let effects_turn = store.effects_order.lock();
         drop(in_turn);
         #[cfg(test)]
-        store.pause_after_commit();
+        pause(&store.after_commit);
         let done = effects(failed.is_none());
         drop(effects_turn);
         match failed {
@@ -94,6 +94,8 @@ impl<'s> WriteTxn<'s> {
         // A panic in redb's commit (or the backend's sync) is a failed commit too, and may
         // have landed as well: caught here, so that the change's effects run and its answer
         // says so; the file is fenced off as `Store::guard` would.
+        #[cfg(test)]
+        pause(&store.before_commit);
         let result = match std::panic::catch_unwind(AssertUnwindSafe(|| txn.commit())) {
             Ok(result) => result,
             Err(panic) => {
@@ -227,19 +229,18 @@ impl Store {
     }
 }
 
+/// Runs the pause in `slot` (`Store::before_commit`, `Store::after_commit`), if one waits
+/// for this thread.
 #[cfg(test)]
-impl Store {
-    /// Runs the [`after_commit`](Store::after_commit) pause, if one waits for this thread.
-    fn pause_after_commit(&self) {
-        let mut slot = self.after_commit.lock();
-        if slot
-            .as_ref()
-            .is_some_and(|(thread, _)| *thread == std::thread::current().id())
-        {
-            let (_, pause) = slot.take().expect("checked");
-            drop(slot);
-            pause();
-        }
+fn pause(slot: &parking_lot::Mutex<Option<(std::thread::ThreadId, super::Pause)>>) {
+    let mut slot = slot.lock();
+    if slot
+        .as_ref()
+        .is_some_and(|(thread, _)| *thread == std::thread::current().id())
+    {
+        let (_, pause) = slot.take().expect("checked");
+        drop(slot);
+        pause();
     }
 }
 

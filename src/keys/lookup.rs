@@ -149,7 +149,14 @@ fn probe_table(
 fn rehash(ledger: &Ledger, id: u64, key: &str, hasher: &KeyHasher) -> Result<Option<VerifyRecord>> {
     let now = ledger.now();
     let scheme = hasher.current();
-    let txn = ledger.inner.store.begin_write()?;
+    let mut txn = ledger.inner.store.begin_write()?;
+    // Durable with the next durable commit (the writer's next batch or usage round, any
+    // change, a clean close), not a sync of its own: after a rotation every active key's
+    // first use comes here, and a sync each held the commit lock that lease batches wait
+    // for. Lost to a crash before then, it is undone whole: the key is found under its old
+    // scheme again and rehashed again.
+    txn.set_durability(redb::Durability::None)
+        .map_err(redb::Error::from)?;
     let mut keys = txn.open_table(KEYS)?;
     // Deleted since the probe: not found, as for any other key that is gone.
     let Some(mut record): Option<KeyRecord> = store::get(&keys, id)? else {

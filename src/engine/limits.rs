@@ -30,10 +30,13 @@ pub(crate) struct LiveLimits {
     held_sweeps: SweepSchedule,
     held_swept_ns: u64,
     /// Each key's limits generation, moved on by every admin change that reconfigures its
-    /// windows (absent: 0). A miss reuses only a state of the key's current generation, so
-    /// limits changed and changed back start new windows; the generation moves before the
-    /// change commits, so a miss that reads the new limits builds its state in the new one.
-    generations: HashMap<u64, u64>,
+    /// windows (absent: 0), with the limits the change configures. A miss reuses only a
+    /// state of the key's current generation, so limits changed and changed back start new
+    /// windows; the generation moves before the change commits, so a miss that reads the new
+    /// limits builds its state in the new one. A miss that reads while the change commits
+    /// sees the new generation with the old limits: its state is not the key's current one
+    /// (see [`current`](Self::current)).
+    generations: HashMap<u64, (u64, crate::record::Limits)>,
 }
 
 /// Evicted keys whose rate-limit state is kept (≈ 100 bytes each with the map's slot for a
@@ -78,7 +81,7 @@ impl LiveLimits {
         read_generation: u64,
         new: impl FnOnce(u64) -> KeyLimits,
     ) -> Option<Chosen> {
-        let generation = self.generations.get(&id).copied().unwrap_or(0);
+        let generation = self.generations.get(&id).map_or(0, |(g, _)| *g);
         if generation > read_generation {
             return None;
         }
@@ -124,19 +127,13 @@ impl LiveLimits {
     /// Keeps the state of an evicted entry of key `id` while it still counts arrivals at
     /// `now_ns` or is still `in_use` (a grant holding the entry may yet charge it: a token
     /// count known only at commit), unless `held` is full of such states.
+    /// Only the key's [`current`](Self::current) state is held: another is reused by no miss,
+    /// and held it would take the place of the current one, which `held` may be all that
+    /// keeps (found by a reviewer: a miss that read while a change narrowing the limits to 1
+    /// an hour committed, installing late, dropped the new window's running state, and the
+    /// key was admitted twice in the hour).
     pub(super) fn hold(&mut self, id: u64, limits: &Arc<KeyLimits>, in_use: bool, now_ns: u64) {
-        if !in_use && !limits.running(now_ns) {
-            return;
-        }
-        // A state of an older generation (a miss that read the limits while a change was
-        // committing, installing only now) never takes the place of a newer one: that may be
-        // the key's running window, held nowhere else (found by a reviewer: a limit narrowed
-        // to 1 an hour admitted 2 after the update returned).
-        if self
-            .held
-            .get(&id)
-            .is_some_and(|h| h.generation > limits.generation)
-        {
+        if (!in_use && !limits.running(now_ns)) || !self.current(id, limits) {
             return;
         }
         let full = self.held.len() >= MAX_HELD;
@@ -179,9 +176,26 @@ impl LiveLimits {
         }
     }
 
-    /// An admin change gave key `id` other limits: its next miss starts new windows, those
-    /// of `generation`.
-    pub(super) fn reconfigure(&mut self, id: u64, generation: u64) {
+    /// Whether `state` is key `id`'s current one: of its current generation and, if a change
+    /// moved that on, configured as the change configures (not built from the limits a miss
+    /// read while the change was committing).
+    fn current(&self, id: u64, state: &KeyLimits) -> bool {
+        match self.generations.get(&id) {
+            None => state.generation == 0,
+            Some((generation, configured)) => {
+                state.generation == *generation && state.configured_as(configured)
+            }
+        }
+    }
+
+    /// An admin change is about to give key `id` other limits, `configured`: its next miss
+    /// starts new windows, those of `generation`.
+    pub(super) fn reconfigure(
+        &mut self,
+        id: u64,
+        generation: u64,
+        configured: &crate::record::Limits,
+    ) {
         self.held.remove(&id);
         if self.generations.len() >= MAX_HELD {
             // Only keys with a state still known need theirs: any other's next state is new.
@@ -191,7 +205,8 @@ impl LiveLimits {
             };
             self.generations.retain(|id, _| known(id));
         }
-        self.generations.insert(id, generation);
+        self.generations
+            .insert(id, (generation, configured.clone()));
     }
 
     /// Key `id`'s new entry, sharing `limits`, is cached: the state need not be held apart.

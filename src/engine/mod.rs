@@ -452,13 +452,13 @@ impl Engine {
         done.recv().unwrap_or(0)
     }
 
-    /// An admin change is about to give key `id` rate windows configured otherwise (called
-    /// before it commits: see `LiveLimits::generations`).
-    pub(crate) fn limits_reconfigured(&self, id: u64) {
+    /// An admin change is about to give key `id` rate windows configured as `configured`
+    /// (called before it commits: see `LiveLimits::generations`).
+    pub(crate) fn limits_reconfigured(&self, id: u64, configured: &crate::record::Limits) {
         let mut live = self.shared.limits.lock();
         // Moved under the lock, so that generations reach the map in the order handed out.
         let generation = self.shared.limits_generation.fetch_add(1, Ordering::AcqRel) + 1;
-        live.reconfigure(id, generation);
+        live.reconfigure(id, generation, configured);
     }
 
     /// Drops a cached rolled-away secret past its grace (`verify` found it there): the next

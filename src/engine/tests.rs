@@ -45,18 +45,27 @@ fn evicted_rate_limit_states_are_held_while_running_and_at_most_max_held() {
     live.release(1, &kept);
     assert!(live.held.is_empty(), "taken back by the key's next entry");
 
-    // A state of an older generation (a miss that chose it before a limits change moved
-    // the generation on, holding it late as it could not cache) never takes the place of
-    // a newer running one, which only `held` may keep (found by a reviewer).
-    let mut newer = KeyLimits::new(&configured, 0, &[]);
-    newer.generation = 2;
-    let newer = Arc::new(newer);
-    newer.acquire(|| 10 * SEC, 1).unwrap();
-    live.hold(1, &newer, false, 10 * SEC);
-    live.hold(1, &state(10), true, 10 * SEC); // generation 0
+    // Only the key's current state is held: not one of an older generation, nor one of the
+    // current generation built from other limits (a miss that read while the change that
+    // moved the generation on committed); either would take the current one's place, which
+    // only `held` may keep (found by a reviewer).
+    let mut narrowed = configured.clone();
+    narrowed.rate_limits[0].limit = 1;
+    let id = 1 << 40; // none of the ids below
+    live.reconfigure(id, 2, &narrowed);
+    let in_generation = |limits: &crate::record::Limits| {
+        let mut state = KeyLimits::new(limits, 0, &[]);
+        state.generation = 2;
+        state.acquire(|| 10 * SEC, 1).unwrap();
+        Arc::new(state)
+    };
+    let current = in_generation(&narrowed);
+    live.hold(id, &current, false, 10 * SEC);
+    live.hold(id, &state(10), true, 10 * SEC); // generation 0
+    live.hold(id, &in_generation(&configured), true, 10 * SEC);
     assert!(
-        Arc::ptr_eq(&live.held[&1], &newer),
-        "the newer window stays"
+        Arc::ptr_eq(&live.held[&id], &current),
+        "the current window stays"
     );
     live.held.clear();
 
@@ -787,6 +796,34 @@ fn a_miss_that_read_during_a_limits_change_does_not_drop_the_new_window() {
     );
     assert!(!matches!(engine.install(stale), Some(Loaded::Cached(_))));
     assert_eq!(code(&ledger, &plaintext), "rate_limited", "1 an hour");
+}
+
+/// The same limit narrowed, with a miss after the update committed and before its effects
+/// ran: it reads the new limits and its request counts in the new window, which the key
+/// keeps. (Found by a reviewer of the first fix, which moved the generation on again once
+/// committed: this window was then left behind, and 1 an hour admitted 2.)
+#[test]
+fn a_miss_between_a_limits_commit_and_its_effects_builds_the_window_the_key_keeps() {
+    let f = ledger();
+    let (public, _, plaintext) = hourly_key(&f.ledger, 1_000);
+    let (paused, resume) = (channel::bounded(1), channel::bounded::<()>(1));
+    std::thread::scope(|s| {
+        let update = s.spawn(|| {
+            let pause = move || {
+                paused.0.send(()).unwrap();
+                resume.1.recv().unwrap();
+            };
+            let me = std::thread::current().id();
+            *f.ledger.inner.store.after_commit.lock() = Some((me, Box::new(pause)));
+            let narrowed = KeyUpdate::new().rate_limits(hourly(1));
+            f.ledger.keys().update(&public, narrowed).unwrap();
+        });
+        paused.1.recv().unwrap();
+        assert_eq!(code(&f.ledger, &plaintext), "ok", "the new window's one");
+        resume.0.send(()).unwrap();
+        update.join().unwrap();
+    });
+    assert_eq!(code(&f.ledger, &plaintext), "rate_limited", "1 an hour");
 }
 
 /// A miss that could not cache points the key back at its previous state, so a flush

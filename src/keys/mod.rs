@@ -1012,30 +1012,21 @@ impl<'a> Keys<'a> {
                 (old, new) if old != new => KeyChange::CreditsChanged,
                 _ => KeyChange::Settings,
             };
-            let reconfigured = !before.0.limits.same_rates(&record.limits);
-            if reconfigured {
+            if !before.0.limits.same_rates(&record.limits) {
                 // Before the commit: a miss reading the new limits then starts new windows.
                 // (A commit that fails after it costs the key its windows, nothing more.)
-                self.ledger.inner.engine.limits_reconfigured(internal);
+                let engine = &self.ledger.inner.engine;
+                engine.limits_reconfigured(internal, &record.limits);
             }
             let threshold = record.limits.low_balance_threshold;
             let new_threshold =
                 (before.0.limits.low_balance_threshold != threshold).then_some(threshold);
-            (record, cached, (key_change, reconfigured), new_threshold)
+            (record, cached, key_change, new_threshold)
         };
-        let (key_change, reconfigured) = key_change;
         let engine = &self.ledger.inner.engine;
         // In commit order: of two changes racing, the later one's effects come last (a key
         // given credits again after losing them gets a new meter, not the retiring one).
         txn.commit_then(|_| {
-            if reconfigured {
-                // Again once committed, before the eviction: a miss that read during the
-                // commit (the generation moved, the old limits still stored) built its state
-                // in the first generation, and every miss from now on builds in a later one,
-                // so that such a stale state, held late by an uncached install, can never
-                // displace the running window of the new limits (see `LiveLimits::hold`).
-                engine.limits_reconfigured(internal);
-            }
             engine.key_changed(internal, &cached, key_change);
             if let Some(threshold) = new_threshold {
                 engine.low_balance_changed(internal, threshold);

@@ -128,13 +128,21 @@ impl MasterKey {
         Self::parse(&text)
     }
 
-    /// Writes the key to a new file with mode 0600. Refuses to overwrite an existing file.
+    /// Writes the key to a new file with mode 0600. Refuses to overwrite an existing file,
+    /// and a path that is a master key (a key file named by a key, which `init` would then
+    /// print).
     pub fn write_new_file(&self, path: &Path) -> Result<(), ConfigError> {
         use std::io::Write;
         let io = |e: std::io::Error| ConfigError::KeyFile {
             path: shown_path(path),
             reason: e.to_string(),
         };
+        if is_a_master_key(path) {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a master key given where its file's path goes",
+            )));
+        }
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create_new(true);
         #[cfg(unix)]
@@ -172,11 +180,15 @@ impl MasterKey {
 /// file's path goes, `KEYLEDGER_MASTER_KEY_FILE` and `KEYLEDGER_MASTER_KEY` swapped), which
 /// an error would otherwise repeat into every log.
 fn shown_path(path: &Path) -> String {
-    let text = Zeroizing::new(path.to_string_lossy().into_owned());
-    match MasterKey::parse(&text) {
-        Ok(_) => "(a master key, not a path: not shown)".into(),
-        Err(_) => path.display().to_string(),
+    match is_a_master_key(path) {
+        true => "(a master key, not a path: not shown)".into(),
+        false => path.display().to_string(),
     }
+}
+
+/// Whether `path` reads as a master key.
+fn is_a_master_key(path: &Path) -> bool {
+    MasterKey::parse(&Zeroizing::new(path.to_string_lossy().into_owned())).is_ok()
 }
 
 impl fmt::Debug for MasterKey {

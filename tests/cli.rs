@@ -384,6 +384,25 @@ fn a_missing_master_key_is_a_clear_error() {
         assert!(all.contains("not a path"), "{all}");
         assert!(!all.contains(&s.master_key), "{all}");
     }
+    // Nor does `init` write a new key file named by it and print the name (found by a
+    // reviewer of the fix above).
+    let fresh = Scratch::new();
+    let dir = fresh.db.parent().unwrap();
+    let out = fresh
+        .bare_command()
+        .current_dir(dir)
+        .env("KEYLEDGER_MASTER_KEY_FILE", &fresh.master_key)
+        .arg("init")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let all = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(all.contains("not a path"), "{all}");
+    assert!(!all.contains(&fresh.master_key), "{all}");
+    assert!(
+        !dir.join(&fresh.master_key).exists(),
+        "no file named by the key"
+    );
 }
 
 #[test]

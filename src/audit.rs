@@ -78,13 +78,17 @@ impl Audit<'_> {
     /// Events with `seq > after`, oldest first, at most `limit` (capped at 1,000).
     pub fn since(&self, after: u64, limit: usize) -> Result<Vec<AuditEvent>> {
         self.ledger.guarded(|| {
+            let bound = self.ledger.inner.store.durable_audit_bound()?;
             let read = self.ledger.inner.store.begin_read()?;
             let table = read.open_table(AUDIT)?;
             let mut out = Vec::new();
-            for entry in table
-                .range(after.saturating_add(1)..)?
-                .take(limit.min(1000))
-            {
+            let from = after.saturating_add(1);
+            let events = match bound {
+                Some(last) if last < from => return Ok(out),
+                Some(last) => table.range(from..=last)?,
+                None => table.range(from..)?,
+            };
+            for entry in events.take(limit.min(1000)) {
                 let (seq, bytes) = entry?;
                 out.push(decode(seq.value(), bytes.value())?);
             }
@@ -95,10 +99,15 @@ impl Audit<'_> {
     /// The newest `limit` events, newest first (capped at 1,000).
     pub fn recent(&self, limit: usize) -> Result<Vec<AuditEvent>> {
         self.ledger.guarded(|| {
+            let bound = self.ledger.inner.store.durable_audit_bound()?;
             let read = self.ledger.inner.store.begin_read()?;
             let table = read.open_table(AUDIT)?;
             let mut out = Vec::new();
-            for entry in table.iter()?.rev().take(limit.min(1000)) {
+            let events = match bound {
+                Some(last) => table.range(..=last)?,
+                None => table.range(0..)?,
+            };
+            for entry in events.rev().take(limit.min(1000)) {
                 let (seq, bytes) = entry?;
                 out.push(decode(seq.value(), bytes.value())?);
             }

@@ -483,6 +483,35 @@ fn a_rehash_costs_no_sync_and_a_power_loss_before_the_next_commit_only_undoes_it
     assert_eq!(kept.hash_scheme_counts().unwrap(), [(V2, 9)]);
 }
 
+/// The audit trail shows no event a crash could still undo: a rehash's `key.rehashed` is made
+/// durable before it is read. (Found by a reviewer: read at once, it was lost to a power
+/// loss, its number went to the next event — here the key's disabling — and an exporter
+/// paging with `since` from the number it had seen never saw that one.)
+#[test]
+fn an_audit_cursor_never_skips_an_event_after_a_crash() {
+    use keyledger::fuzzing::{CrashBackend, CrashImage};
+    let master = MasterKey::generate().unwrap();
+    let clock = keyledger::ManualClock::new(keyledger::Timestamp(1_750_000_000_000));
+    let backend = CrashBackend::new();
+    let ledger = Ledger::open_with_backend(backend.clone(), config(&master, &clock)).unwrap();
+    let owner = account(&ledger, "Acme");
+    let created = ledger.keys().create(NewKey::new(owner.as_str(), "k"));
+    let created = created.unwrap();
+    ledger.rotate_hash_scheme(V2).unwrap();
+    assert!(authenticate(&ledger, created.plaintext.expose()).is_ok()); // rehashed
+    let exported = ledger.audit().since(0, 1000).unwrap();
+    assert_eq!(exported.last().unwrap().action, "key.rehashed");
+    let cursor = exported.last().unwrap().seq;
+
+    let lost = backend.power_loss(CrashImage::DurableOnly);
+    drop(ledger);
+    let reopened = Ledger::open_with_backend(lost, config(&master, &clock)).unwrap();
+    reopened.keys().disable(created.info.id.as_str()).unwrap();
+    let next = reopened.audit().since(cursor, 1000).unwrap();
+    let actions: Vec<&str> = next.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["key.disabled"]);
+}
+
 /// After `close` reads still answer, and a key still under the previous scheme is found by
 /// them (its rehash cannot be written) instead of failing, and rehashed by its first use
 /// after the next open. A verify is no read: it grants a request whose usage a closed ledger

@@ -150,13 +150,12 @@ fn rehash(ledger: &Ledger, id: u64, key: &str, hasher: &KeyHasher) -> Result<Opt
     let now = ledger.now();
     let scheme = hasher.current();
     let mut txn = ledger.inner.store.begin_write()?;
-    // Durable with the next durable commit (the writer's next batch or usage round, any
-    // change, a clean close), not a sync of its own: after a rotation every active key's
-    // first use comes here, and a sync each held the commit lock that lease batches wait
-    // for. Lost to a crash before then, it is undone whole: the key is found under its old
-    // scheme again and rehashed again.
-    txn.set_durability(redb::Durability::None)
-        .map_err(redb::Error::from)?;
+    // Durable with the next commit that syncs (the writer's next batch or usage round, any
+    // change, a clean close, an audit read), not with a sync of its own: after a rotation
+    // every active key's first use comes here, and a sync each held the commit lock that
+    // lease batches wait for (found by a reviewer). Lost to a crash before then, it is
+    // undone whole: the key is found under its old scheme again and rehashed again.
+    txn.without_sync()?;
     let mut keys = txn.open_table(KEYS)?;
     // Deleted since the probe: not found, as for any other key that is gone.
     let Some(mut record): Option<KeyRecord> = store::get(&keys, id)? else {

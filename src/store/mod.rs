@@ -64,6 +64,9 @@ pub(crate) struct Store {
     /// from its page cache with the state from before that commit, which may have reached
     /// the disk all the same. From then on nothing is read or written, as after a panic.
     failed_commit: AtomicBool,
+    /// Whether the last commit was made without a sync ([`WriteTxn::without_sync`]): what it
+    /// wrote, and the audit events it appended, a crash may still undo.
+    unsynced: AtomicBool,
     /// Held by each [`WriteTxn`] from its beginning until it commits or rolls back.
     commit_order: Mutex<()>,
     /// Taken by a commit's in-memory effects before the commit gives up `commit_order` (see
@@ -179,6 +182,7 @@ impl Store {
             closed: AtomicBool::new(false),
             broken: OnceLock::new(),
             failed_commit: AtomicBool::new(false),
+            unsynced: AtomicBool::new(false),
             commit_order: Mutex::new(()),
             effects_order: Mutex::new(()),
             #[cfg(test)]
@@ -404,9 +408,42 @@ impl Store {
         Ok(WriteTxn::new(txn, self, in_turn))
     }
 
+    /// The last audit sequence number a reader may be shown: every event up to it is
+    /// durable. A commit made without a sync is made durable first, by a commit that syncs
+    /// (nothing else in it): an event a crash could still undo must not be read, as its
+    /// number would be given to the next event, which an exporter paging with
+    /// `Audit::since` would then skip (found by a reviewer). `None` once the ledger refuses
+    /// writes (see [`refuse_writes`](Self::refuse_writes)).
+    pub(crate) fn durable_audit_bound(&self) -> Result<Option<u64>> {
+        let txn = match self.begin_write() {
+            Ok(txn) => txn,
+            Err(Error::Closed) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let last = txn
+            .open_table(tables::AUDIT)?
+            .last()?
+            .map_or(0, |(k, _)| k.value());
+        match self.unsynced.load(Ordering::Acquire) {
+            true => txn.commit_change()?,
+            false => txn.abort()?,
+        }
+        Ok(Some(last))
+    }
+
     /// Refuses every write from now on (the ledger closed: its leases are back and its
-    /// counters flushed, and nothing may change a balance behind them).
+    /// counters flushed, and nothing may change a balance behind them). In turn, after a
+    /// commit made without a sync since the close's last batch (a rehash racing the close)
+    /// is made durable: nothing read after the close may be undone by a crash before the
+    /// file is dropped. A failure here fences the store, as any failed commit does.
     pub(crate) fn refuse_writes(&self) {
+        if let Ok(txn) = self.begin_write() {
+            self.closed.store(true, Ordering::Release);
+            match self.unsynced.load(Ordering::Acquire) {
+                true => drop(txn.commit()),
+                false => drop(txn.abort()),
+            }
+        }
         self.closed.store(true, Ordering::Release);
     }
 

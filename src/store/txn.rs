@@ -25,6 +25,8 @@ use crate::error::Result;
 pub(crate) struct WriteTxn<'s> {
     txn: redb::WriteTransaction,
     store: &'s Store,
+    /// Whether its commit syncs (see [`without_sync`](Self::without_sync)).
+    synced: bool,
     /// Declared after `txn`, so that a transaction dropped uncommitted rolls back before the
     /// next one's turn.
     in_turn: MutexGuard<'s, ()>,
@@ -39,8 +41,22 @@ impl<'s> WriteTxn<'s> {
         WriteTxn {
             txn,
             store,
+            synced: true,
             in_turn,
         }
+    }
+
+    /// Commits without a sync of its own: durable with the next commit that syncs (redb's
+    /// `Durability::None`, kept in this process's memory until then). A crash before then
+    /// undoes it whole. For changes that nothing depends on having lasted (a rehash); the
+    /// audit trail shows no event of one until it is durable (see
+    /// [`Store::durable_audit_bound`]).
+    pub(crate) fn without_sync(&mut self) -> Result<()> {
+        self.txn
+            .set_durability(redb::Durability::None)
+            .map_err(redb::Error::from)?;
+        self.synced = false;
+        Ok(())
     }
 
     /// Commits, then moves the commit generation on (also when the commit failed: whatever
@@ -89,6 +105,7 @@ impl<'s> WriteTxn<'s> {
         let WriteTxn {
             txn,
             store,
+            synced,
             in_turn,
         } = self;
         // A panic in redb's commit (or the backend's sync) is a failed commit too, and may
@@ -107,11 +124,13 @@ impl<'s> WriteTxn<'s> {
                 )))
             }
         };
-        if result.is_err() {
+        match result {
+            // In turn: no other commit comes between this one and what it says.
+            Ok(()) => store.unsynced.store(!synced, Ordering::Release),
             // Before the next miss reads: redb would answer it from its page cache, with the
             // state from before this commit, which may be on the disk now (see
             // `Store::failed_commit`).
-            store.failed_commit.store(true, Ordering::Release);
+            Err(_) => store.failed_commit.store(true, Ordering::Release),
         }
         store.generation.fetch_add(1, Ordering::AcqRel);
         // Dropped now rather than at the next miss: a snapshot kept alive would hold back

@@ -78,8 +78,8 @@ impl Audit<'_> {
     /// Events with `seq > after`, oldest first, at most `limit` (capped at 1,000).
     pub fn since(&self, after: u64, limit: usize) -> Result<Vec<AuditEvent>> {
         self.ledger.guarded(|| {
-            let bound = self.ledger.inner.store.durable_audit_bound()?;
             let read = self.ledger.inner.store.begin_read()?;
+            let bound = self.ledger.inner.store.durable_audit_bound()?;
             let table = read.open_table(AUDIT)?;
             let mut out = Vec::new();
             let from = after.saturating_add(1);
@@ -99,8 +99,8 @@ impl Audit<'_> {
     /// The newest `limit` events, newest first (capped at 1,000).
     pub fn recent(&self, limit: usize) -> Result<Vec<AuditEvent>> {
         self.ledger.guarded(|| {
-            let bound = self.ledger.inner.store.durable_audit_bound()?;
             let read = self.ledger.inner.store.begin_read()?;
+            let bound = self.ledger.inner.store.durable_audit_bound()?;
             let table = read.open_table(AUDIT)?;
             let mut out = Vec::new();
             let events = match bound {

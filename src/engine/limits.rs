@@ -37,6 +37,11 @@ pub(crate) struct LiveLimits {
     /// sees the new generation with the old limits: its state is not the key's current one
     /// (see [`current`](Self::current)).
     generations: HashMap<u64, (u64, crate::record::Limits)>,
+    /// The generation of the last change whose `reconfigure` pruned `generations`: a key
+    /// absent since may have been reconfigured then, so a miss whose read began before
+    /// reads again (it may have read a change's old limits, and its state would pass for
+    /// the key's current one).
+    pruned_through: u64,
 }
 
 /// Evicted keys whose rate-limit state is kept (≈ 100 bytes each with the map's slot for a
@@ -62,6 +67,7 @@ impl LiveLimits {
             held_sweeps: SweepSchedule::up_to(MAX_HELD),
             held_swept_ns: 0,
             generations: HashMap::new(),
+            pruned_through: 0,
         }
     }
 
@@ -81,7 +87,11 @@ impl LiveLimits {
         read_generation: u64,
         new: impl FnOnce(u64) -> KeyLimits,
     ) -> Option<Chosen> {
-        let generation = self.generations.get(&id).map_or(0, |(g, _)| *g);
+        let generation = match self.generations.get(&id) {
+            Some((generation, _)) => *generation,
+            None if self.pruned_through > read_generation => return None,
+            None => 0,
+        };
         if generation > read_generation {
             return None;
         }
@@ -204,6 +214,7 @@ impl LiveLimits {
                     || self.by_key.get(id).is_some_and(|l| l.strong_count() > 0)
             };
             self.generations.retain(|id, _| known(id));
+            self.pruned_through = generation;
         }
         self.generations
             .insert(id, (generation, configured.clone()));

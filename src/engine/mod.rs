@@ -197,7 +197,7 @@ impl Engine {
             return ended.clone().map_err(Error::Conflict);
         }
         let result = self.stop_writer().map_err(|e| self.fenced_or(e));
-        self.shared.store.refuse_writes();
+        let result = result.and(self.shared.store.refuse_writes());
         *ended = Some(match &result {
             Ok(()) => Ok(()),
             // Quoted once: "conflict: the ledger's close failed: conflict: …" said it twice.

@@ -1101,3 +1101,119 @@ fn the_home_of_a_key_deleted_or_given_credits_leaves_memory() {
     );
     assert_eq!(moved_home.strong_count(), 0, "given credits");
 }
+
+/// A miss that read a key's old limits before a change narrowing them, stalled while other
+/// keys' changes fill the generation map and prune it of this key (no state of it known
+/// then), installs after the key's new window started and was held on eviction. Absent from
+/// the map, the key would count as generation 0, and the stale state as its current one:
+/// held over the running window, it handed the next miss a fresh one (1 an hour admitted
+/// 2). A miss whose read began before a prune reads again. (Found by a reviewer; the
+/// control runs the same without the prune.)
+#[test]
+fn a_miss_that_read_before_the_generations_were_pruned_reads_again() {
+    stale_miss_after(true);
+    stale_miss_after(false);
+}
+
+fn stale_miss_after(prune: bool) {
+    let clock = crate::ManualClock::new(crate::Timestamp(1_000_000));
+    let Fixture { _dir, ledger } = ledger_with(|b| b.cache_capacity(1).clock(clock.clone()));
+    let engine = &ledger.inner.engine;
+    let (public, _, plaintext) = hourly_key(&ledger, 1_000);
+    let (_, _, other) = key(&ledger, |o| NewKey::new(o, "other"));
+    let stale = read_miss(&ledger, &plaintext); // 1,000 an hour
+    let narrowed = KeyUpdate::new().rate_limits(hourly(1));
+    ledger.keys().update(&public, narrowed).unwrap();
+    let other_limits = crate::record::Limits {
+        rate_limits: hourly(5),
+        ..Default::default()
+    };
+    for i in 0..=MAX_HELD as u64 * u64::from(prune) {
+        engine.limits_reconfigured((1 << 40) + i, &other_limits);
+    }
+    assert_eq!(code(&ledger, &plaintext), "ok", "the new window's one");
+    assert_eq!(
+        code(&ledger, &other),
+        "ok",
+        "evicts the key: its window held"
+    );
+    // The writer lets go of the evicted entry once it has flushed its usage and found it
+    // idle: the window is then kept by `held` alone.
+    for _ in 0..3 {
+        clock.advance_secs(60);
+        ledger.flush().unwrap();
+    }
+    assert!(!matches!(engine.install(stale), Some(Loaded::Cached(_))));
+    assert_eq!(
+        code(&ledger, &plaintext),
+        "rate_limited",
+        "1 an hour ({prune})"
+    );
+}
+
+/// An audit read waits for the write turn (a writer batch, an admin change) only when a
+/// commit made without a sync is visible to it. (Found by a reviewer: it began a write
+/// transaction every time, behind any change, however slow its sync.)
+#[test]
+fn an_audit_read_with_nothing_unsynced_does_not_wait_for_a_write() {
+    let Fixture { _dir, ledger } = ledger();
+    let (public, _, _) = hourly_key(&ledger, 10);
+    let (paused, resume) = (channel::bounded(1), channel::bounded::<()>(1));
+    let waited = std::thread::scope(|s| {
+        let update = s.spawn(|| {
+            let pause = move || {
+                paused.0.send(()).unwrap();
+                resume.1.recv().unwrap();
+            };
+            let me = std::thread::current().id();
+            *ledger.inner.store.before_commit.lock() = Some((me, Box::new(pause)));
+            let five = KeyUpdate::new().rate_limits(hourly(5));
+            ledger.keys().update(&public, five).unwrap();
+        });
+        paused.1.recv().unwrap(); // the change holds the write turn, about to commit
+        let (done_tx, done_rx) = channel::bounded(1);
+        let ledger = &ledger;
+        let reader = s.spawn(move || {
+            let events = ledger.audit().recent(10);
+            done_tx.send(()).unwrap();
+            events.map(|e| e.len())
+        });
+        let waited = done_rx.recv_timeout(std::time::Duration::from_secs(3));
+        resume.0.send(()).unwrap();
+        update.join().unwrap();
+        reader.join().unwrap().unwrap();
+        waited.is_err()
+    });
+    assert!(
+        !waited,
+        "the audit read waited for an unrelated write transaction"
+    );
+}
+
+/// A close makes a rehash that raced its last writer batch durable; when that commit
+/// fails, the close says so. (Found by a reviewer: the result was dropped, and the close
+/// answered `Ok` with the store fenced.)
+#[test]
+fn a_close_whose_own_commit_fails_reports_it() {
+    let backend = crate::fuzzing::CrashBackend::new();
+    let config = Config::builder()
+        .master_key(crate::MasterKey::generate().unwrap())
+        .build()
+        .unwrap();
+    let ledger = Ledger::open_with_backend(backend.clone(), config).unwrap();
+    let (_, _, plaintext) = key(&ledger, |o| NewKey::new(o, "k"));
+    let v2 = crate::HashScheme::HmacSha256 { pepper: 2 };
+    ledger.rotate_hash_scheme(v2).unwrap();
+    // The close's writer part is done (its last batch committed) ...
+    ledger.inner.engine.stop_writer().unwrap();
+    // ... when a first use after the rotation rehashes the key (no sync of its own).
+    let presented = Presented::new(&plaintext).unwrap();
+    assert!(ledger.authenticate(&presented).is_ok());
+    backend.fail_sync(1);
+    let closed = ledger.close();
+    assert!(
+        backend.has_failed(),
+        "the close tried to make the rehash durable"
+    );
+    assert!(closed.is_err(), "the close's failed commit is reported");
+}

@@ -64,8 +64,9 @@ pub(crate) struct Store {
     /// from its page cache with the state from before that commit, which may have reached
     /// the disk all the same. From then on nothing is read or written, as after a panic.
     failed_commit: AtomicBool,
-    /// Whether the last commit was made without a sync ([`WriteTxn::without_sync`]): what it
-    /// wrote, and the audit events it appended, a crash may still undo.
+    /// Whether a commit made without a sync ([`WriteTxn::without_sync`]) may not be durable
+    /// yet: what it wrote, and the audit events it appended, a crash may still undo. Set
+    /// before such a commit, cleared by the next commit that syncs.
     unsynced: AtomicBool,
     /// Held by each [`WriteTxn`] from its beginning until it commits or rolls back.
     commit_order: Mutex<()>,
@@ -414,7 +415,15 @@ impl Store {
     /// number would be given to the next event, which an exporter paging with
     /// `Audit::since` would then skip (found by a reviewer). `None` once the ledger refuses
     /// writes (see [`refuse_writes`](Self::refuse_writes)).
+    ///
+    /// Call it after beginning the read it bounds: `None` then also when no commit made
+    /// without a sync is visible to that read (`unsynced` is set before such a commit and
+    /// cleared only by a later commit that syncs), so that a read does not wait for the
+    /// write turn (a writer batch, an admin change) unless it must.
     pub(crate) fn durable_audit_bound(&self) -> Result<Option<u64>> {
+        if !self.unsynced.load(Ordering::Acquire) {
+            return Ok(None);
+        }
         let txn = match self.begin_write() {
             Ok(txn) => txn,
             Err(Error::Closed) => return Ok(None),
@@ -436,15 +445,17 @@ impl Store {
     /// commit made without a sync since the close's last batch (a rehash racing the close)
     /// is made durable: nothing read after the close may be undone by a crash before the
     /// file is dropped. A failure here fences the store, as any failed commit does.
-    pub(crate) fn refuse_writes(&self) {
+    pub(crate) fn refuse_writes(&self) -> Result<()> {
+        let mut made_durable = Ok(());
         if let Ok(txn) = self.begin_write() {
             self.closed.store(true, Ordering::Release);
             match self.unsynced.load(Ordering::Acquire) {
-                true => drop(txn.commit()),
+                true => made_durable = txn.commit_change(),
                 false => drop(txn.abort()),
             }
         }
         self.closed.store(true, Ordering::Release);
+        made_durable
     }
 
     /// Whether [`refuse_writes`](Self::refuse_writes) was called.

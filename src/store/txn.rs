@@ -113,6 +113,10 @@ impl<'s> WriteTxn<'s> {
         // says so; the file is fenced off as `Store::guard` would.
         #[cfg(test)]
         pause(&store.before_commit);
+        if !synced {
+            // Before the commit is visible: an audit read that sees it also sees this.
+            store.unsynced.store(true, Ordering::Release);
+        }
         let result = match std::panic::catch_unwind(AssertUnwindSafe(|| txn.commit())) {
             Ok(result) => result,
             Err(panic) => {
@@ -125,8 +129,9 @@ impl<'s> WriteTxn<'s> {
             }
         };
         match result {
-            // In turn: no other commit comes between this one and what it says.
-            Ok(()) => store.unsynced.store(!synced, Ordering::Release),
+            // In turn: every commit before this one is durable now.
+            Ok(()) if synced => store.unsynced.store(false, Ordering::Release),
+            Ok(()) => {}
             // Before the next miss reads: redb would answer it from its page cache, with the
             // state from before this commit, which may be on the disk now (see
             // `Store::failed_commit`).

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use keyledger::fuzzing::{CrashBackend, CrashImage};
 use keyledger::{
     Denial, Error, HashScheme, ImportKey, ImportedHash, KeyClass, KeyUpdate, Ledger, MalformedKey,
     MasterKey, NewKey, PageRequest,
@@ -432,18 +433,24 @@ fn pepper_rotation_keeps_old_keys_working_and_drains_the_old_scheme() {
     assert!(report.is_ok(), "problems: {:?}", report.problems);
 }
 
+/// A ledger on a simulated disk, the disk, and the config that opens images of it.
+fn on_a_crash_disk() -> (CrashBackend, keyledger::Config, Ledger) {
+    let master = MasterKey::generate().unwrap();
+    let clock = keyledger::ManualClock::new(keyledger::Timestamp(1_750_000_000_000));
+    let config = config(&master, &clock);
+    let backend = CrashBackend::new();
+    let ledger = Ledger::open_with_backend(backend.clone(), config.clone()).unwrap();
+    (backend, config, ledger)
+}
+
 /// A rehash is written without a sync of its own: after a rotation every active key's
-/// first use rehashes it, and one durable commit each (two syncs) held the commit lock the
+/// first use rehashes it, and one durable commit each (its syncs) held the commit lock the
 /// writer's lease batches need, 0.4–1.6 ms a key (found by a reviewer). It becomes durable
 /// with the next durable commit; a power loss before that loses only the rehash: the key is
 /// found under its old scheme again, and rehashed again.
 #[test]
 fn a_rehash_costs_no_sync_and_a_power_loss_before_the_next_commit_only_undoes_it() {
-    use keyledger::fuzzing::{CrashBackend, CrashImage};
-    let master = MasterKey::generate().unwrap();
-    let clock = keyledger::ManualClock::new(keyledger::Timestamp(1_750_000_000_000));
-    let backend = CrashBackend::new();
-    let ledger = Ledger::open_with_backend(backend.clone(), config(&master, &clock)).unwrap();
+    let (backend, config, ledger) = on_a_crash_disk();
     let owner = account(&ledger, "Acme");
     let keys: Vec<String> = (0..8)
         .map(|i| {
@@ -464,7 +471,7 @@ fn a_rehash_costs_no_sync_and_a_power_loss_before_the_next_commit_only_undoes_it
 
     // Power lost before any durable commit: the rehashes are gone, the keys are not.
     let lost = backend.power_loss(CrashImage::DurableOnly);
-    let reopened = Ledger::open_with_backend(lost.clone(), config(&master, &clock)).unwrap();
+    let reopened = Ledger::open_with_backend(lost.clone(), config.clone()).unwrap();
     assert_eq!(reopened.hash_scheme_counts().unwrap(), [(V1, 8)]);
     for plaintext in &keys {
         let found = authenticate(&reopened, plaintext).unwrap();
@@ -475,11 +482,8 @@ fn a_rehash_costs_no_sync_and_a_power_loss_before_the_next_commit_only_undoes_it
         .keys()
         .create(NewKey::new(owner.as_str(), "new"))
         .unwrap();
-    let kept = Ledger::open_with_backend(
-        lost.power_loss(CrashImage::DurableOnly),
-        config(&master, &clock),
-    )
-    .unwrap();
+    let kept = Ledger::open_with_backend(lost.power_loss(CrashImage::DurableOnly), config.clone())
+        .unwrap();
     assert_eq!(kept.hash_scheme_counts().unwrap(), [(V2, 9)]);
 }
 
@@ -489,11 +493,7 @@ fn a_rehash_costs_no_sync_and_a_power_loss_before_the_next_commit_only_undoes_it
 /// paging with `since` from the number it had seen never saw that one.)
 #[test]
 fn an_audit_cursor_never_skips_an_event_after_a_crash() {
-    use keyledger::fuzzing::{CrashBackend, CrashImage};
-    let master = MasterKey::generate().unwrap();
-    let clock = keyledger::ManualClock::new(keyledger::Timestamp(1_750_000_000_000));
-    let backend = CrashBackend::new();
-    let ledger = Ledger::open_with_backend(backend.clone(), config(&master, &clock)).unwrap();
+    let (backend, config, ledger) = on_a_crash_disk();
     let owner = account(&ledger, "Acme");
     let created = ledger.keys().create(NewKey::new(owner.as_str(), "k"));
     let created = created.unwrap();
@@ -505,7 +505,7 @@ fn an_audit_cursor_never_skips_an_event_after_a_crash() {
 
     let lost = backend.power_loss(CrashImage::DurableOnly);
     drop(ledger);
-    let reopened = Ledger::open_with_backend(lost, config(&master, &clock)).unwrap();
+    let reopened = Ledger::open_with_backend(lost, config.clone()).unwrap();
     reopened.keys().disable(created.info.id.as_str()).unwrap();
     let next = reopened.audit().since(cursor, 1000).unwrap();
     let actions: Vec<&str> = next.iter().map(|e| e.action.as_str()).collect();

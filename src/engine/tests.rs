@@ -769,24 +769,13 @@ fn a_miss_that_read_during_a_limits_change_does_not_drop_the_new_window() {
     let (public, _, plaintext) = hourly_key(&ledger, 1_000);
     let (_, _, other) = key(&ledger, |o| NewKey::new(o, "other"));
     assert_eq!(code(&ledger, &plaintext), "ok");
-    let (paused, resume) = (channel::bounded(1), channel::bounded::<()>(1));
-    let stale = std::thread::scope(|s| {
-        let update = s.spawn(|| {
-            let pause = move || {
-                paused.0.send(()).unwrap();
-                resume.1.recv().unwrap();
-            };
-            let me = std::thread::current().id();
-            *ledger.inner.store.before_commit.lock() = Some((me, Box::new(pause)));
-            let narrowed = KeyUpdate::new().rate_limits(hourly(1));
-            ledger.keys().update(&public, narrowed).unwrap();
-        });
-        // The update is about to commit: the old limits are still the stored ones.
-        paused.1.recv().unwrap();
-        let stale = read_miss(&ledger, &plaintext);
-        resume.0.send(()).unwrap();
-        update.join().unwrap();
-        stale
+    let narrow = || {
+        let narrowed = KeyUpdate::new().rate_limits(hourly(1));
+        ledger.keys().update(&public, narrowed).unwrap();
+    };
+    // The update is about to commit: the old limits are still the stored ones.
+    let stale = while_committing(&ledger.inner.store.before_commit, narrow, || {
+        read_miss(&ledger, &plaintext)
     });
     assert_eq!(code(&ledger, &plaintext), "ok", "the new window's one");
     assert_eq!(
@@ -806,24 +795,41 @@ fn a_miss_that_read_during_a_limits_change_does_not_drop_the_new_window() {
 fn a_miss_between_a_limits_commit_and_its_effects_builds_the_window_the_key_keeps() {
     let f = ledger();
     let (public, _, plaintext) = hourly_key(&f.ledger, 1_000);
+    let narrow = || {
+        let narrowed = KeyUpdate::new().rate_limits(hourly(1));
+        f.ledger.keys().update(&public, narrowed).unwrap();
+    };
+    let during = while_committing(&f.ledger.inner.store.after_commit, narrow, || {
+        code(&f.ledger, &plaintext)
+    });
+    assert_eq!(during, "ok", "the new window's one");
+    assert_eq!(code(&f.ledger, &plaintext), "rate_limited", "1 an hour");
+}
+
+/// Runs `change` on a thread of its own, paused at `point` of its commit
+/// (`Store::before_commit`, `Store::after_commit`) while `meanwhile` runs; returns what
+/// `meanwhile` returned once the change is done.
+fn while_committing<T>(
+    point: &parking_lot::Mutex<Option<(std::thread::ThreadId, crate::store::Pause)>>,
+    change: impl FnOnce() + Send,
+    meanwhile: impl FnOnce() -> T,
+) -> T {
     let (paused, resume) = (channel::bounded(1), channel::bounded::<()>(1));
     std::thread::scope(|s| {
-        let update = s.spawn(|| {
+        let changing = s.spawn(|| {
             let pause = move || {
                 paused.0.send(()).unwrap();
                 resume.1.recv().unwrap();
             };
-            let me = std::thread::current().id();
-            *f.ledger.inner.store.after_commit.lock() = Some((me, Box::new(pause)));
-            let narrowed = KeyUpdate::new().rate_limits(hourly(1));
-            f.ledger.keys().update(&public, narrowed).unwrap();
+            *point.lock() = Some((std::thread::current().id(), Box::new(pause)));
+            change();
         });
         paused.1.recv().unwrap();
-        assert_eq!(code(&f.ledger, &plaintext), "ok", "the new window's one");
+        let out = meanwhile();
         resume.0.send(()).unwrap();
-        update.join().unwrap();
-    });
-    assert_eq!(code(&f.ledger, &plaintext), "rate_limited", "1 an hour");
+        changing.join().unwrap();
+        out
+    })
 }
 
 /// A miss that could not cache points the key back at its previous state, so a flush

@@ -142,6 +142,7 @@ impl Engine {
             dirty_meters: SegQueue::new(),
             dirty_usage: SegQueue::new(),
             prefetches: Default::default(),
+            retiring: Default::default(),
             events: events_tx,
             commits: Default::default(),
             list_bytes: Default::default(),
@@ -235,7 +236,7 @@ impl Engine {
                     .into(),
             )
         };
-        let result = match self.tx.send(Msg::Close { reply }) {
+        let result = match self.send(Msg::Close { reply }) {
             Ok(()) => done.recv().unwrap_or_else(|_| Err(stopped())),
             Err(_) => Err(stopped()),
         };
@@ -270,16 +271,14 @@ impl Engine {
     /// [`Shared::held`] then says what grants still hold.
     fn drain(&self) -> Result<()> {
         let (reply, done) = channel::bounded(1);
-        self.tx
-            .send(Msg::Drain { reply })
-            .map_err(|_| self.closed())?;
+        self.send(Msg::Drain { reply }).map_err(|_| self.closed())?;
         done.recv().map_err(|_| self.closed())?
     }
 
     /// Stops the writer without writing anything, as a crash would (tests only).
     pub(crate) fn abandon(&self) {
         if let Some(handle) = self.writer.lock().take() {
-            let _ = self.tx.send(Msg::Abandon);
+            let _ = self.send(Msg::Abandon);
             let _ = handle.join();
         }
     }
@@ -287,9 +286,7 @@ impl Engine {
     /// Flushes pending spend and usage now.
     pub(crate) fn flush(&self) -> Result<()> {
         let (reply, done) = channel::bounded(1);
-        self.tx
-            .send(Msg::Flush { reply })
-            .map_err(|_| self.closed())?;
+        self.send(Msg::Flush { reply }).map_err(|_| self.closed())?;
         done.recv()
             .map_err(|_| self.closed())?
             .map_err(|e| self.fenced_or(e))
@@ -309,14 +306,13 @@ impl Engine {
     /// Sets or tops up a balance through the writer, ordered with leases.
     pub(crate) fn adjust(&self, id: u64, change: Adjust, audit: Option<AuditLine>) -> Result<u64> {
         let (reply, done) = channel::bounded(1);
-        self.tx
-            .send(Msg::Adjust {
-                id,
-                change,
-                audit,
-                reply,
-            })
-            .map_err(|_| self.closed())?;
+        self.send(Msg::Adjust {
+            id,
+            change,
+            audit,
+            reply,
+        })
+        .map_err(|_| self.closed())?;
         done.recv()
             .map_err(|_| self.closed())?
             .map_err(|e| self.fenced_or(e))
@@ -386,7 +382,7 @@ impl Engine {
             reply: Some(reply),
         };
         let started = std::time::Instant::now();
-        self.tx.send(msg).ok()?;
+        self.send(msg).ok()?;
         let handed = done.recv().ok();
         self.shared.lease_waits.record(started.elapsed());
         handed
@@ -395,7 +391,7 @@ impl Engine {
     /// Starts a background lease top-up.
     pub(crate) fn prefetch(&self, meter: &MeterRef) {
         if self.shared.prefetches.push(meter.clone()) {
-            let _ = self.tx.send(Msg::PrefetchBell);
+            let _ = self.send(Msg::PrefetchBell);
         }
     }
 
@@ -416,7 +412,7 @@ impl Engine {
             epoch,
             reply: Some(reply),
         };
-        if self.tx.send(msg).is_err() || done.recv().is_err() {
+        if self.send(msg).is_err() || done.recv().is_err() {
             let _ = meter.give_back_up_to(units, MAX_LEASED, epoch);
         }
     }
@@ -425,7 +421,7 @@ impl Engine {
     /// the writer drops them from the books — or returns them, if the batch of that `set`
     /// failed and restored the epoch. Nobody waits.
     pub(crate) fn return_stale(&self, meter: &MeterRef, units: u64, epoch: u32) {
-        let _ = self.tx.send(Msg::Return {
+        let _ = self.send(Msg::Return {
             meter: meter.clone(),
             units,
             epoch,
@@ -435,7 +431,7 @@ impl Engine {
 
     /// Asks the writer to write what `meter` has spent (`Exact` mode, after a commit).
     pub(crate) fn settle(&self, meter: MeterRef) {
-        let _ = self.tx.send(Msg::Settle { meter });
+        let _ = self.send(Msg::Settle { meter });
     }
 
     /// Charges units beyond a reservation from the durable balance; returns units charged.
@@ -446,7 +442,7 @@ impl Engine {
             units,
             reply,
         };
-        if self.tx.send(msg).is_err() {
+        if self.send(msg).is_err() {
             return 0;
         }
         done.recv().unwrap_or(0)
@@ -727,14 +723,34 @@ impl Engine {
             let (home, own) = (key.home_arc(), key.metering == Metering::Own);
             drop(key);
             if own {
-                // The writer frees the meter when only its handles are left.
-                let _ = self.tx.send(Msg::Retire {
-                    meter: MeterRef::Own(home),
-                });
+                // The writer frees the meter when only its handles are left. Told without a
+                // wake: a send that finds the writer parked wakes it, ≈ 11 µs of the miss
+                // that evicted (docs/PERFORMANCE.md, forty-third round); the writer takes
+                // the retirements at its next turn (200 ms at most), or with the next
+                // message anyone sends it, or when this many wait.
+                const MAX_WAITING: usize = 4_096;
+                let mut retiring = self.shared.retiring.lock();
+                retiring.push(MeterRef::Own(home));
+                if retiring.len() >= MAX_WAITING {
+                    for meter in retiring.drain(..) {
+                        let _ = self.tx.send(Msg::Retire { meter });
+                    }
+                }
             } else {
                 self.shared.meters.lock().forget_home(home);
             }
         }
+    }
+
+    /// Sends `msg` to the writer after the retirements waiting to be told (see `retire`):
+    /// every message comes after the evictions before it, as the writer needs (a lease asked
+    /// for before an eviction must be taken back by its retirement, not granted after it).
+    fn send(&self, msg: Msg) -> Result<(), channel::SendError<Msg>> {
+        let mut retiring = self.shared.retiring.lock();
+        for meter in retiring.drain(..) {
+            let _ = self.tx.send(Msg::Retire { meter });
+        }
+        self.tx.send(msg)
     }
 }
 

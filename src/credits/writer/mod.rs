@@ -179,6 +179,10 @@ pub(crate) struct Shared {
     pub dirty_usage: SegQueue<Arc<CachedKey>>,
     /// Background lease top-ups waiting for the writer.
     pub prefetches: Prefetches,
+    /// Meters of evicted keys not yet told to the writer (`Engine::retire`): sent before the
+    /// next message anyone sends, or taken by the writer at its turn once every message sent
+    /// before them is in its batch.
+    pub retiring: Mutex<Vec<MeterRef>>,
     pub events: Sender<CreditEvent>,
     /// Write transactions committed by the writer (each one durable commit).
     pub commits: AtomicU64,
@@ -284,7 +288,8 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
             Ok(msg) => Some(msg),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => {
-                apply(&shared, &mut listed, Vec::new(), true, Flush::All);
+                let retired = retirements(&shared, &rx);
+                apply(&shared, &mut listed, retired, true, Flush::All);
                 return;
             }
         };
@@ -310,6 +315,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Msg>) {
                 }
             }
         }
+        batch.extend(retirements(&shared, &rx));
         if batch.iter().any(|m| matches!(m, Msg::Abandon)) {
             return;
         }
@@ -436,6 +442,20 @@ fn prefetch_batch(shared: &Shared) -> Vec<Msg> {
 }
 
 /// Moves every message already queued into `batch` (up to `MAX_BATCH`).
+/// The retirements waiting in [`Shared::retiring`], once nothing is left in the channel:
+/// every message sent before them is then in the batch they join, last (a sender sends them
+/// before its own message, under the same lock).
+fn retirements(shared: &Shared, rx: &Receiver<Msg>) -> Vec<Msg> {
+    let mut retiring = shared.retiring.lock();
+    match rx.is_empty() {
+        true => retiring
+            .drain(..)
+            .map(|meter| Msg::Retire { meter })
+            .collect(),
+        false => Vec::new(),
+    }
+}
+
 fn drain(rx: &Receiver<Msg>, batch: &mut Vec<Msg>) {
     while batch.len() < MAX_BATCH {
         match rx.try_recv() {

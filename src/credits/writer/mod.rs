@@ -441,7 +441,6 @@ fn prefetch_batch(shared: &Shared) -> Vec<Msg> {
         .collect()
 }
 
-/// Moves every message already queued into `batch` (up to `MAX_BATCH`).
 /// The retirements waiting in [`Shared::retiring`], once nothing is left in the channel:
 /// every message sent before them is then in the batch they join, last (a sender sends them
 /// before its own message, under the same lock).
@@ -456,6 +455,7 @@ fn retirements(shared: &Shared, rx: &Receiver<Msg>) -> Vec<Msg> {
     }
 }
 
+/// Moves every message already queued into `batch` (up to `MAX_BATCH`).
 fn drain(rx: &Receiver<Msg>, batch: &mut Vec<Msg>) {
     while batch.len() < MAX_BATCH {
         match rx.try_recv() {

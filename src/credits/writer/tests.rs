@@ -81,6 +81,10 @@ fn wait_queued(ledger: &Ledger, n: usize) {
 /// Holds the writer (idle, its queue empty) until the returned sender is dropped.
 fn hold_writer(ledger: &Ledger) -> crossbeam::channel::Sender<()> {
     let (release, held) = crossbeam::channel::bounded::<()>(0);
+    // Retirements waiting to be told first (the writer's idle turn takes them): the hold goes
+    // straight into the channel, and a writer held with one still waiting never takes it
+    // (found by a reviewer).
+    wait_queued(ledger, 0);
     ledger.inner.engine.tx.send(Msg::Hold(held)).unwrap();
     wait_queued(ledger, 0);
     release

@@ -729,12 +729,8 @@ impl Engine {
                 // the retirements at its next turn (200 ms at most), or with the next
                 // message anyone sends it, or when this many wait.
                 const MAX_WAITING: usize = 4_096;
-                let mut retiring = self.shared.retiring.lock();
-                retiring.push(MeterRef::Own(home));
-                if retiring.len() >= MAX_WAITING {
-                    for meter in retiring.drain(..) {
-                        let _ = self.tx.send(Msg::Retire { meter });
-                    }
+                if self.shared.retiring.push(MeterRef::Own(home)) >= MAX_WAITING {
+                    self.send_retirements();
                 }
             } else {
                 self.shared.meters.lock().forget_home(home);
@@ -742,15 +738,16 @@ impl Engine {
         }
     }
 
-    /// Sends `msg` to the writer after the retirements waiting to be told (see `retire`):
-    /// every message comes after the evictions before it, as the writer needs (a lease asked
-    /// for before an eviction must be taken back by its retirement, not granted after it).
+    /// Sends `msg` to the writer after the retirements waiting to be told (see `retire`): a
+    /// message comes after the evictions before it, as when each eviction sent its own.
     fn send(&self, msg: Msg) -> Result<(), channel::SendError<Msg>> {
-        let mut retiring = self.shared.retiring.lock();
-        for meter in retiring.drain(..) {
-            let _ = self.tx.send(Msg::Retire { meter });
-        }
+        self.send_retirements();
         self.tx.send(msg)
+    }
+
+    /// Sends the retirements waiting (none waiting: one atomic load, no lock).
+    fn send_retirements(&self) {
+        (self.shared.retiring).send_all(|meter| drop(self.tx.send(Msg::Retire { meter })));
     }
 }
 

@@ -179,10 +179,8 @@ pub(crate) struct Shared {
     pub dirty_usage: SegQueue<Arc<CachedKey>>,
     /// Background lease top-ups waiting for the writer.
     pub prefetches: Prefetches,
-    /// Meters of evicted keys not yet told to the writer (`Engine::retire`): sent before the
-    /// next message anyone sends, or taken by the writer at its turn once every message sent
-    /// before them is in its batch.
-    pub retiring: Mutex<Vec<MeterRef>>,
+    /// Meters of evicted keys not yet told to the writer (`Engine::retire`).
+    pub retiring: Retiring,
     pub events: Sender<CreditEvent>,
     /// Write transactions committed by the writer (each one durable commit).
     pub commits: AtomicU64,
@@ -441,18 +439,56 @@ fn prefetch_batch(shared: &Shared) -> Vec<Msg> {
         .collect()
 }
 
+/// Meters of evicted keys not yet told to the writer: an eviction does not send (a send
+/// that finds the writer parked wakes it, ≈ 11 µs of the miss: docs/PERFORMANCE.md,
+/// forty-third round). Each is sent before the next message anyone sends the writer, or
+/// the writer takes them at its turn once every message sent before them is in its batch.
+#[derive(Default)]
+pub(crate) struct Retiring {
+    list: Mutex<Vec<MeterRef>>,
+    /// Whether `list` may hold any: a send skips the lock when none wait. Set with a push,
+    /// cleared under the lock once the list is sent or taken.
+    waiting: AtomicBool,
+}
+
+impl Retiring {
+    /// Adds an evicted meter; returns how many wait.
+    pub(crate) fn push(&self, meter: MeterRef) -> usize {
+        let mut list = self.list.lock();
+        list.push(meter);
+        self.waiting.store(true, Ordering::Release);
+        list.len()
+    }
+
+    /// Sends every waiting meter through `send`, under the lock: a message sent after this
+    /// (or after seeing none wait) comes after them in the channel.
+    pub(crate) fn send_all(&self, mut send: impl FnMut(MeterRef)) {
+        if !self.waiting.load(Ordering::Acquire) {
+            return;
+        }
+        let mut list = self.list.lock();
+        list.drain(..).for_each(&mut send);
+        self.waiting.store(false, Ordering::Release);
+    }
+
+    /// How many wait (tests).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.list.lock().len()
+    }
+}
+
 /// The retirements waiting in [`Shared::retiring`], once nothing is left in the channel:
 /// every message sent before them is then in the batch they join, last (a sender sends them
-/// before its own message, under the same lock).
+/// before its own message).
 fn retirements(shared: &Shared, rx: &Receiver<Msg>) -> Vec<Msg> {
-    let mut retiring = shared.retiring.lock();
-    match rx.is_empty() {
-        true => retiring
-            .drain(..)
-            .map(|meter| Msg::Retire { meter })
-            .collect(),
-        false => Vec::new(),
+    let mut taken = Vec::new();
+    if rx.is_empty() {
+        shared
+            .retiring
+            .send_all(|meter| taken.push(Msg::Retire { meter }));
     }
+    taken
 }
 
 /// Moves every message already queued into `batch` (up to `MAX_BATCH`).

@@ -65,7 +65,7 @@ fn one_batch<'a, T: Send + 'a>(ledger: &'a Ledger, calls: Vec<Call<'a, T>>) -> V
 /// Messages queued for the writer, the retirements waiting to be sent included.
 fn queued(ledger: &Ledger) -> usize {
     let engine = &ledger.inner.engine;
-    engine.tx.len() + engine.shared.retiring.lock().len()
+    engine.tx.len() + engine.shared.retiring.len()
 }
 
 /// Waits (at most 10 s) until `n` messages are queued for the writer.
@@ -111,6 +111,13 @@ impl Drop for FailingReads<'_> {
     fn drop(&mut self) {
         self.0.fail_reads_of.store(0, Ordering::Relaxed);
     }
+}
+
+/// The balance record stored under CREDITS id `id`.
+fn stored(ledger: &Ledger, id: u64) -> CreditsRecord {
+    let read = ledger.inner.store.begin_read().unwrap();
+    let table = read.open_table(CREDITS).unwrap();
+    crate::store::get(&table, id).unwrap().unwrap()
 }
 
 /// Writes bytes no record decodes from under CREDITS id `id`.
@@ -1234,11 +1241,11 @@ fn a_meter_of_a_removed_balance_never_leases_from_the_next() {
     ledger.inner.engine.key_changed(id, &[], change);
     txn.commit().unwrap();
     wait_for(1); // the lease's batch ran; the writer holds before the meter's retirement
-    let read = ledger.inner.store.begin_read().unwrap();
-    let stored: CreditsRecord = crate::store::get(&read.open_table(CREDITS).unwrap(), id)
-        .unwrap()
-        .unwrap();
-    assert_eq!(stored, fresh, "nothing leased from the new balance");
+    assert_eq!(
+        stored(&ledger, id),
+        fresh,
+        "nothing leased from the new balance"
+    );
     drop(release);
     ledger.close().unwrap();
 }
@@ -1302,11 +1309,7 @@ fn a_set_reported_with_no_meter_is_not_reported_again_by_a_racing_miss() {
     let id = ledger.inner.ids.decode(IdKind::Pool, &pool).unwrap();
     let _ = events(&ledger);
     // The miss reads the pool's balance ...
-    let read = ledger.inner.store.begin_read().unwrap();
-    let stale: CreditsRecord = crate::store::get(&read.open_table(CREDITS).unwrap(), id)
-        .unwrap()
-        .unwrap();
-    drop(read);
+    let stale = stored(&ledger, id);
     // ... the admin's set commits, reported with no meter in memory ...
     ledger.credits().set(&pool, 40).unwrap();
     // ... and the miss registers its meter from what it read.
@@ -1419,12 +1422,7 @@ fn an_eviction_wakes_no_writer_and_its_lease_goes_back_at_the_writers_turn() {
         (0, 1),
         "waiting, not sent"
     );
-    let leased = || {
-        let read = ledger.inner.store.begin_read().unwrap();
-        let table = read.open_table(CREDITS).unwrap();
-        let stored: CreditsRecord = crate::store::get(&table, id).unwrap().unwrap();
-        stored.leased
-    };
+    let leased = || stored(&ledger, id).leased;
     assert!(leased() > 0);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while leased() > 0 {

@@ -93,6 +93,10 @@ fn roll_issues_a_new_secret_and_keeps_the_old_one_until_grace_expires() {
     t.clock.advance_secs(1);
     assert_eq!(t.auth(&old_plain), Err(Denial::NotFound));
     assert_eq!(t.auth(&new_plain).unwrap().id, original.id);
+    // The view stops naming a previous secret when it stops working, whether or not a
+    // later change has pruned it from the record yet.
+    let after = t.ledger.keys().get(&original.id).unwrap();
+    assert_eq!(after.previous_secret_valid_until, None);
 
     // Support finds the key by its new prefix, not its old one (unless they collide).
     let found = t.ledger.keys().find_by_prefix(&new_plain[..12]).unwrap();

@@ -88,7 +88,8 @@ pub struct KeyInfo {
     /// [`usage_flush_interval`](crate::ConfigBuilder::usage_flush_interval) and at `flush`,
     /// `usage` and a clean close.
     pub last_used_at: Option<Timestamp>,
-    /// Until when the previous secret of a rolled key still works.
+    /// Until when the previous secret of a rolled key still works; `None` once it has stopped
+    /// (or the key was never rolled).
     pub previous_secret_valid_until: Option<Timestamp>,
     /// Scheme of the stored hash.
     pub hash_scheme: String,
@@ -1077,6 +1078,7 @@ impl<'a> Keys<'a> {
 /// Builds the public view of a record.
 pub(crate) fn key_info(ledger: &Ledger, kind: IdKind, id: u64, r: KeyRecord) -> KeyInfo {
     let ids = &ledger.inner.ids;
+    let now = ledger.now();
     let (remaining_credits, last_used_at) = live_usage(ledger, id, &r);
     KeyInfo {
         id: ids.encode(kind, id),
@@ -1100,7 +1102,7 @@ pub(crate) fn key_info(ledger: &Ledger, kind: IdKind, id: u64, r: KeyRecord) -> 
         expires_at: r.expires_at,
         disabled_at: r.disabled_at,
         last_used_at: last_used_at.or(r.last_used_at),
-        previous_secret_valid_until: r.rolled.map(|o| o.valid_until),
+        previous_secret_valid_until: r.rolled.map(|o| o.valid_until).filter(|&t| t > now),
         hash_scheme: r.scheme.label(),
         schema_version: <KeyRecord as crate::codec::Record>::VERSION,
     }

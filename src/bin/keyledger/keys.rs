@@ -254,7 +254,10 @@ fn find(ctx: &Context, keys: &Keys<'_>, prefix: &str) -> CliResult<u8> {
     if ctx.json {
         print_json(&found)?;
     } else if found.is_empty() {
-        println!("no key starts with {prefix}");
+        // Only what was searched for: the part after a `…` (a pasted masked key, or worse, a
+        // whole secret) is not repeated.
+        let searched = prefix.split('…').next().unwrap_or_default();
+        println!("no key starts with {searched}");
     } else {
         key_table(&found, SystemClock.now()).print();
     }

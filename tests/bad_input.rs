@@ -474,7 +474,27 @@ fn a_class_or_type_that_would_read_as_another_is_refused() {
     let tok = formatted_key("vb_tok_", 12);
     let hash = ImportedHash::Sha256([8; 32]);
     let import = ImportKey::new(owner, "old hook", hash, &tok[..12], &tok[tok.len() - 4..]);
-    assert_invalid(t.ledger.tokens().import(import.token_type("api")), "type");
+    assert_invalid(
+        t.ledger.tokens().import(import.clone().token_type("api")),
+        "type",
+    );
+    // A prefix imported through the wrong handle is refused, naming the right one.
+    let wrong_handle = [
+        (t.ledger.keys().import(import), "tokens()"),
+        (
+            t.ledger.tokens().import(
+                ImportKey::new(owner, "old", hash, &live[..12], &live[42..]).token_type("hook"),
+            ),
+            "keys()",
+        ),
+    ];
+    for (result, right) in wrong_handle {
+        let e = result.unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("imported through {right}")),
+            "{e}"
+        );
+    }
 }
 
 #[test]

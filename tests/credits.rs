@@ -2417,29 +2417,38 @@ fn resetting_a_balance_to_the_configured_credits_is_audited() {
     assert_eq!(seen, ("credits.set", "mallory", id.as_str()));
 }
 
-/// An update whose settings landed but whose balance could not be set (here: the set would
-/// take the credits ever granted past `u64::MAX`) says exactly that, rather than a bare
-/// error for a change that partly landed.
+/// An update whose balance set would take the credits ever granted past `u64::MAX` (a key
+/// that spent a unit, "made unlimited") is refused whole, as `credits().set` refuses it: its
+/// other settings are not saved and nothing is audited (found by a reviewer: the name and
+/// the plan were saved, then the set failed, and every retry failed the same way).
 #[test]
-fn an_update_whose_balance_was_not_set_says_its_settings_were_saved() {
+fn an_update_whose_balance_set_would_pass_u64_max_saves_nothing() {
     let t = TestLedger::new();
     t.ledger.routes().set(RouteRule::new("/")).unwrap();
     let owner = t.account("Acme");
     let (id, plain) = create_key(&t.ledger, NewKey::new(owner, "k").credits(100));
     spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
-    let e = t
+    let before = t.ledger.keys().get(&id).unwrap();
+    let trail = t.ledger.audit().recent(5).unwrap();
+    let update = KeyUpdate::new().name("unlimited").credits(Some(u64::MAX));
+    assert_invalid(t.ledger.keys().update(&id, update), "credits");
+    assert_eq!(t.ledger.keys().get(&id).unwrap(), before, "nothing saved");
+    assert_eq!(
+        t.ledger.audit().recent(5).unwrap(),
+        trail,
+        "nothing audited"
+    );
+    // What the writer accepts, an update accepts too.
+    let fits = u64::MAX - 1;
+    let info = t
         .ledger
         .keys()
-        .update(&id, KeyUpdate::new().credits(Some(u64::MAX)))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("settings were saved but setting its balance failed"),
-        "{e}"
+        .update(&id, KeyUpdate::new().credits(Some(fits)))
+        .unwrap();
+    assert_eq!(
+        (info.limits.credits, info.remaining_credits),
+        (Some(fits), Some(fits))
     );
-    let info = t.ledger.keys().get(&id).unwrap();
-    assert_eq!(info.limits.credits, Some(u64::MAX));
-    assert_eq!(info.remaining_credits, Some(99));
 }
 
 /// An update that saved no settings (a reset to the plan's amount) and could not set the

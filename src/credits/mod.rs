@@ -14,3 +14,15 @@ pub(crate) mod registry;
 mod waits;
 pub(crate) use waits::WaitHistogram;
 pub(crate) mod writer;
+
+/// The refusal of a balance change that would take the credits ever granted to a balance
+/// (spent, lost and left) past `u64::MAX`, where they could no longer be counted.
+pub(crate) fn too_many_granted() -> crate::Error {
+    crate::Error::invalid(
+        "credits",
+        format!(
+            "the credits ever granted to this balance (spent, lost and left) would pass {}",
+            u64::MAX
+        ),
+    )
+}

@@ -232,10 +232,11 @@ impl<'a> Keys<'a> {
                 _ => class != KeyClass::Token,
             };
             if !class_fits {
-                return Err(Error::invalid(
-                    "prefix",
-                    "a token prefix is imported through tokens()",
-                ));
+                let reason = match self.kind {
+                    IdKind::Token => "an API key prefix is imported through keys(), not tokens()",
+                    _ => "a token prefix is imported through tokens(), not keys()",
+                };
+                return Err(Error::invalid("prefix", reason));
             }
             // The prefix the key's holder presents decides its class: `.test()` cannot make a
             // live-prefixed key a test key.
@@ -668,6 +669,7 @@ impl<'a> Keys<'a> {
             let mut set_balance_to = None;
             let changes_balance = update.credits.is_some() || update.pool.is_some();
             let _in_order = changes_balance.then(|| self.ledger.inner.setting_balances.lock());
+            let internal = self.internal_id(id)?;
             let (info, settings_written) = self.modify(id, "updated", |record, credits| {
                 let mut changed = Vec::new();
                 let c = &mut changed;
@@ -769,7 +771,16 @@ impl<'a> Keys<'a> {
                 if record.pool.is_none() {
                     match (update.credits, credits.as_mut()) {
                         (Some(None), _) => {}
-                        (Some(Some(n)), Some(_)) => set_balance_to = Some(n),
+                        (Some(Some(n)), Some(c)) => {
+                            // Refused before anything is written, as the writer would refuse
+                            // the set (with the lease in memory taken back): else the other
+                            // settings were saved and every retry failed the same way.
+                            let (view, left) = engine.balance_now(internal, c);
+                            if view.granted.saturating_sub(left).checked_add(n).is_none() {
+                                return Err(crate::credits::too_many_granted());
+                            }
+                            set_balance_to = Some(n)
+                        }
                         (Some(Some(n)), None) => {
                             *credits = Some(new_balance(n, limits.refill, now))
                         }
@@ -787,7 +798,6 @@ impl<'a> Keys<'a> {
             })?;
             match set_balance_to {
                 Some(n) => {
-                    let internal = self.internal_id(id)?;
                     // Audited where it lands, in the writer's transaction: a top-up or set
                     // racing this update is then recorded in the order it took effect (the
                     // update's own entry, if any, names the stored setting it changed).

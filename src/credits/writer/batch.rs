@@ -416,15 +416,7 @@ fn adjust(
             true
         }
         _ => {
-            let too_many = Error::invalid(
-                "credits",
-                format!(
-                    "the credits ever granted to this balance (spent, lost \
-                     and left) would pass {}",
-                    u64::MAX
-                ),
-            );
-            fx.adjusts[at].1 = Err(too_many);
+            fx.adjusts[at].1 = Err(crate::credits::too_many_granted());
             // A refill applied above is written with the batch even so: the
             // meter must learn of the new period below.
             if !refilled {

@@ -69,6 +69,11 @@ impl Ledger {
             });
         }
         let file = std::fs::File::open(path).map_err(|e| Error::Storage(Box::new(e.into())))?;
+        // As `open` names it: a ledger that lost its bytes, not another application's file.
+        if file.metadata().is_ok_and(|m| m.is_file() && m.len() == 0) {
+            let path = path.display().to_string();
+            return Err(Error::EmptyFile { path });
+        }
         let view = store::Unwritten::new(file).map_err(|e| Error::Storage(Box::new(e.into())))?;
         check_backend(view, path, &config)
     }
@@ -97,9 +102,10 @@ fn check_backend(
     let not_opened = |why: &str| Ok(unreadable("redb could not open the file", why));
     let mut db = match opened {
         Ok(Ok(db)) => db,
-        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(what)))) => {
-            return not_opened(&what);
-        }
+        Ok(Err(redb::DatabaseError::Storage(e))) => match damage_in(&e) {
+            Some(what) => return not_opened(&what),
+            None => return Err(redb::DatabaseError::Storage(e).into()),
+        },
         Ok(Err(e)) => return Err(e.into()),
         Err(panicked) => return not_opened(&panicked.to_string()),
     };
@@ -167,10 +173,25 @@ fn integrity(checked: std::result::Result<bool, redb::DatabaseError>) -> Result<
     match checked {
         Ok(true) => Ok(Integrity::Ok),
         Ok(false) => Ok(Integrity::Repaired),
-        Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(what))) => {
-            Ok(Integrity::Damaged(what))
-        }
+        Err(redb::DatabaseError::Storage(e)) => match damage_in(&e) {
+            Some(what) => Ok(Integrity::Damaged(what)),
+            None => Err(redb::DatabaseError::Storage(e).into()),
+        },
         Err(e) => Err(e.into()),
+    }
+}
+
+/// What a redb storage error says of damage to the file: pages found corrupt, or a read past
+/// the file's end (a page number or length in the file pointing beyond it: one flipped bit in
+/// the table tree can send a table's root there; found by a reviewer). `None`: another
+/// failure (the disk, the system), which the check cannot report on.
+fn damage_in(e: &redb::StorageError) -> Option<String> {
+    match e {
+        redb::StorageError::Corrupted(what) => Some(what.clone()),
+        redb::StorageError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Some(io.to_string())
+        }
+        _ => None,
     }
 }
 

@@ -387,6 +387,14 @@ macro_rules! storage_from {
             fn from(e: $t) -> Self {
                 match redb::Error::from(e) {
                     redb::Error::DatabaseAlreadyOpen => Error::InUse,
+                    // A read past the file's end: a page number or length in the file points
+                    // beyond it. Damage (or a file cut short), not a failing disk.
+                    redb::Error::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        Error::Storage(Box::new(redb::Error::Corrupted(format!(
+                            "a read went past the end of the file ({e}): the file is damaged \
+                             or was cut short; restore it from a backup"
+                        ))))
+                    }
                     e => Error::Storage(Box::new(e)),
                 }
             }

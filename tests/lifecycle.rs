@@ -1419,6 +1419,9 @@ mod damaged {
         assert!(found[0].starts_with("hash scheme counters: "), "{found:?}");
         assert!(found[1].starts_with("route /x/: "), "{found:?}");
 
+        // Entries every file has had since the first release, gone: damage, never a default
+        // (a missing hash scheme read as "never rotated" undid a rotation as keys were used)
+        // nor another master key (found by a reviewer).
         for (entry, value, says) in [
             ("id_salt", None, "the public-id salt is missing"),
             (
@@ -1426,8 +1429,15 @@ mod damaged {
                 Some(postcard::to_allocvec(&keyledger::HashScheme::Sha256Imported).unwrap()),
                 "read only",
             ),
+            ("hash_scheme", None, "the hash scheme is missing"),
+            ("verifier", None, "the master-key verifier is missing"),
+            (
+                "verifier",
+                Some(vec![7; 5]),
+                "the master-key verifier is not 32 bytes",
+            ),
         ] {
-            let copy = dir.path().join(format!("{entry}.redb"));
+            let copy = dir.path().join(format!("{entry}-{}.redb", value.is_some()));
             std::fs::write(&copy, &original).unwrap();
             edit(&copy, |txn| {
                 let mut meta = txn.open_table(META).unwrap();
@@ -1445,6 +1455,49 @@ mod damaged {
                 assert!(refused.to_string().contains(says), "{entry}: {refused}");
             }
         }
+    }
+
+    /// A bit flipped in the file's table of tables can send a table's root past the end of
+    /// the file: redb then fails reading there (an `UnexpectedEof` I/O error), not with
+    /// `Corrupted`. That is damage like any other: `check` reports it (the CLI's exit 4,
+    /// "restore it from a backup"), never an error (exit 1, "could not check"), and `open`
+    /// says the file is damaged, not that the disk failed (found by a reviewer).
+    #[test]
+    fn a_table_root_sent_past_the_end_of_the_file_is_reported_as_damage() {
+        let (dir, path, config, _) = ledger();
+        let healthy = std::fs::read(&path).unwrap();
+        // The leaf of redb's table tree: its keys, the table names, stored back to back.
+        let names = b"accountsauditcredits";
+        let at = healthy.windows(names.len()).position(|w| w == names);
+        let page = at.unwrap() / 4096 * 4096;
+        let damaged = dir.path().join("damaged.redb");
+        let mut past_the_end = 0;
+        for offset in (page..page + 4096).step_by(16) {
+            let mut bytes = healthy.clone();
+            bytes[offset] ^= 0x80;
+            std::fs::write(&damaged, &bytes).unwrap();
+            match Ledger::check(&damaged, config.clone()) {
+                Ok(report) => assert!(
+                    report.is_ok()
+                        || report.integrity_ok
+                        || report
+                            .problems
+                            .iter()
+                            .any(|p| p.contains("restore it from a backup")),
+                    "byte {offset}: {report:?}"
+                ),
+                Err(e) => panic!("byte {offset}: check: an error, not a report: {e}"),
+            }
+            if let Err(e) = Ledger::open(&damaged, config.clone()) {
+                let says = e.to_string();
+                past_the_end += usize::from(says.contains("end of the file"));
+                assert!(!says.contains("I/O error"), "byte {offset}: open: {says}");
+            }
+        }
+        assert!(
+            past_the_end > 0,
+            "no flip sent a table past the end of the file"
+        );
     }
 
     /// A metered key whose balance cannot be read shows 0 credits left in its key info, not

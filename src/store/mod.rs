@@ -282,15 +282,23 @@ impl Store {
     fn opened_meta(&self, master: &MasterKey, format: u32) -> Result<OpenedMeta> {
         let read = self.db()?.begin_read()?;
         let table = read.open_table(META)?;
-        let stored = table.get(meta::VERIFIER)?.map(|v| v.value().to_vec());
-        if !stored.is_some_and(|s| crate::hashing::hashes_equal_slices(&s, &verifier(master))) {
-            return Err(Error::WrongMasterKey);
-        }
-        let hash_scheme = hash_scheme(&table)?;
         let damaged = |reason: String| CodecError::Corrupt {
             record: "meta",
             reason,
         };
+        // Written with every file since the first release: a verifier gone or cut short is
+        // damage (restore a backup), not another master key (found by a reviewer).
+        match table.get(meta::VERIFIER)?.map(|v| v.value().to_vec()) {
+            None => return Err(damaged("the master-key verifier is missing".into()).into()),
+            Some(s) if s.len() != 32 => {
+                return Err(damaged("the master-key verifier is not 32 bytes".into()).into());
+            }
+            Some(s) if !crate::hashing::hashes_equal_slices(&s, &verifier(master)) => {
+                return Err(Error::WrongMasterKey);
+            }
+            Some(_) => {}
+        }
+        let hash_scheme = hash_scheme(&table)?;
         // Format 4 moved format 3's BLAKE3 scheme on; only a migration reads it as current.
         if format >= 4 && !hash_scheme.can_be_current() {
             let label = hash_scheme.label();
@@ -887,7 +895,13 @@ pub(crate) fn hash_scheme(
                 reason: e.to_string(),
             })
         }),
-        None => Ok(HashScheme::HmacSha256 { pepper: 1 }),
+        // Written with every file since the first release: gone is damage, not "never
+        // rotated" (read as HMAC-SHA256 under pepper 1, it undid a rotation as keys were
+        // used; found by a reviewer).
+        None => Err(Error::from(CodecError::Corrupt {
+            record: "meta",
+            reason: "the hash scheme is missing".into(),
+        })),
     }
 }
 

@@ -148,6 +148,40 @@ fn init_with_a_master_key_in_the_environment_writes_no_key_file() {
     assert!(!PathBuf::from(format!("{}.key", s.db.display())).exists());
 }
 
+/// A first `init` that finds no room (a full disk, a quota: here a file-size limit of 0)
+/// fails, and leaves nothing the next one refuses: the file it created, empty, was refused
+/// from then on as a ledger that lost its bytes ("restore it, or remove it"), so a server
+/// retrying its start stayed down until someone removed the file (found by a reviewer).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_first_open_that_finds_no_room_leaves_no_file_behind() {
+    let s = Scratch::new();
+    // SIGXFSZ ignored, so a write past the limit fails with EFBIG rather than killing.
+    let keyledger = s.bare_command();
+    let mut no_room = Command::new("sh");
+    no_room
+        .args(["-c", "trap '' XFSZ; ulimit -f 0; exec \"$0\" \"$@\""])
+        .arg(keyledger.get_program())
+        .args(keyledger.get_args())
+        .arg("init");
+    for (name, value) in keyledger.get_envs() {
+        match value {
+            Some(value) => no_room.env(name, value),
+            None => no_room.env_remove(name),
+        };
+    }
+    no_room.env("KEYLEDGER_MASTER_KEY", &s.master_key);
+    let out = no_room.output().expect("run keyledger under sh");
+    assert!(!out.status.success(), "no room, yet: {}", stdout(&out));
+    assert!(
+        !s.db.exists(),
+        "an empty file left behind: {}",
+        stderr(&out)
+    );
+    assert_success(&s.run(&["init"]));
+    assert_success(&s.run(&["accounts", "list"]));
+}
+
 #[test]
 fn accounts_create_json_has_a_public_id() {
     let s = Scratch::initialised();

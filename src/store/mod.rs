@@ -121,10 +121,19 @@ impl Store {
             let path = path.display().to_string();
             return Err(Error::EmptyFile { path });
         }
-        let file =
+        let (file, created) =
             open_file(path).map_err(|e| redb::DatabaseError::from(redb::StorageError::Io(e)))?;
-        let backend = redb::backends::FileBackend::new(file)?;
-        Store::open_backend_at(backend, path, master, page_cache_bytes)
+        let opened = redb::backends::FileBackend::new(file)
+            .map_err(Error::from)
+            .and_then(|backend| Store::open_backend_at(backend, path, master, page_cache_bytes));
+        // A file this call created holds nothing yet when the open fails (a full disk fails
+        // redb's first write): removed, or every later open would refuse it as a ledger that
+        // lost its bytes, and a server retrying its start would never start (found by a
+        // reviewer). Not when another open holds it: that one is making it a ledger.
+        if created && opened.as_ref().is_err_and(|e| !matches!(e, Error::InUse)) {
+            let _ = std::fs::remove_file(path);
+        }
+        opened
     }
 
     /// Like [`open`](Self::open), on any redb storage backend (crash-simulating tests,
@@ -507,13 +516,17 @@ fn damaged(what: &str) -> Error {
 /// writable by its owner only on Unix — from its first instant: a descriptor another user
 /// opened meanwhile would go on reading whatever is written later. The file holds no secret
 /// in the clear, but names, metadata, the audit trail and the keys' hashes are nobody else's
-/// business. An existing file keeps its mode.
-fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
+/// business. An existing file keeps its mode. Also says whether this call created the file.
+fn open_file(path: &Path) -> std::io::Result<(std::fs::File, bool)> {
     let mut options = std::fs::OpenOptions::new();
-    options.read(true).write(true).create(true).truncate(false);
+    options.read(true).write(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)
+    match options.clone().create_new(true).open(path) {
+        Ok(file) => Ok((file, true)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok((options.open(path)?, false)),
+        Err(e) => Err(e),
+    }
 }
 
 /// Tables keyed by id whose values are codec records; all created with a new file.

@@ -1500,6 +1500,46 @@ mod damaged {
         );
     }
 
+    /// A file of the current format that lost one of its tables is refused at open, naming
+    /// the table. Opened, the first change created the table empty again: with `audit` gone,
+    /// the trail started over at sequence 1 (an exporter paging on from its last number
+    /// skipped every new event) and `check` then found the file healthy, where before the
+    /// open it said "restore it from a backup" (found by a reviewer).
+    #[test]
+    fn a_file_that_lost_a_table_is_refused_not_given_an_empty_one() {
+        let (_dir, path, config, _) = ledger();
+        edit(&path, |txn| {
+            let audit = TableDefinition::<u64, &[u8]>::new("audit");
+            assert!(txn.delete_table(audit).unwrap());
+        });
+        let found = problems(&path, config.clone());
+        assert_named(
+            &found,
+            "the records could not all be read",
+            "before the open: ",
+        );
+        match Ledger::open(&path, config.clone()) {
+            Err(e) => assert!(e.to_string().contains("table `audit` is missing"), "{e}"),
+            Ok(ledger) => {
+                ledger.accounts().create(NewAccount::new("B")).unwrap();
+                let first = ledger.audit().recent(10).unwrap().pop().map(|e| e.seq);
+                ledger.close().unwrap();
+                drop(ledger);
+                let after = Ledger::check(&path, config).unwrap();
+                panic!(
+                    "opened: the trail restarted at {first:?}; check: {:?}",
+                    after.problems
+                );
+            }
+        }
+        let found = problems(&path, config);
+        assert_named(
+            &found,
+            "the records could not all be read",
+            "after the open: ",
+        );
+    }
+
     /// A metered key whose balance cannot be read shows 0 credits left in its key info, not
     /// `None`, which reads as "unmetered"; an unmetered key still shows `None`.
     #[test]

@@ -364,16 +364,7 @@ impl Store {
                     .map_err(|e| Error::Config(ConfigError::Randomness(e.to_string())))?;
                 table.insert(meta::ID_SALT, salt.as_slice())?;
             }
-            for table in ALL_RECORD_TABLES {
-                txn.open_table(table)?;
-            }
-            txn.open_table(tables::KEY_VERIFY)?;
-            txn.open_table(tables::IMPORTED_HASHES)?;
-            txn.open_table(tables::IMPORTS_BY_KEY)?;
-            txn.open_table(tables::KEYS_BY_OWNER)?;
-            txn.open_table(tables::KEYS_BY_PREFIX)?;
-            txn.open_table(tables::POOLS_BY_OWNER)?;
-            txn.open_table(tables::ROUTES)?;
+            create_tables(&txn)?;
             txn.commit()?;
         }
         let format = existing.unwrap_or(FORMAT_VERSION);
@@ -409,6 +400,17 @@ impl Store {
         }
         if existing.is_some_and(|format| format < 8) {
             migrate_7_to_8(store, master)?;
+        }
+        match existing {
+            // A migrated file gets every table of the current format (an older one may never
+            // have had one its format did not use).
+            Some(format) if format < FORMAT_VERSION => {
+                let txn = store.begin_write()?;
+                create_tables(&txn)?;
+                txn.commit()?;
+            }
+            Some(_) => store.refuse_missing_tables()?,
+            None => {}
         }
         Ok(opened)
     }
@@ -526,6 +528,61 @@ fn open_file(path: &Path) -> std::io::Result<(std::fs::File, bool)> {
         Ok(file) => Ok((file, true)),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok((options.open(path)?, false)),
         Err(e) => Err(e),
+    }
+}
+
+/// Runs `$each!(definition)` for every table of the current format but `meta`: one list
+/// for the tables a new or migrated file is given and those an opened file must have.
+macro_rules! for_every_table {
+    ($each:ident) => {
+        for table in ALL_RECORD_TABLES {
+            $each!(table);
+        }
+        $each!(tables::KEY_VERIFY);
+        $each!(tables::IMPORTED_HASHES);
+        $each!(tables::IMPORTS_BY_KEY);
+        $each!(tables::KEYS_BY_OWNER);
+        $each!(tables::KEYS_BY_PREFIX);
+        $each!(tables::POOLS_BY_OWNER);
+        $each!(tables::ROUTES);
+    };
+}
+
+/// Creates every table of the current format that `txn`'s file lacks.
+fn create_tables(txn: &redb::WriteTransaction) -> Result<()> {
+    macro_rules! create {
+        ($table:expr) => {
+            txn.open_table($table)?;
+        };
+    }
+    for_every_table!(create);
+    Ok(())
+}
+
+impl Store {
+    /// Refuses a file of the current format that lacks one of its tables (every such file
+    /// was given them all): opened, the first write would create it empty, what it held gone
+    /// without a trace `check` could name — an audit trail numbered from 1 again, an
+    /// exporter paging on from its last number skipping every new event (found by a
+    /// reviewer).
+    fn refuse_missing_tables(&self) -> Result<()> {
+        let read = self.db()?.begin_read()?;
+        macro_rules! require {
+            ($table:expr) => {
+                match read.open_table($table) {
+                    Err(TableError::TableDoesNotExist(name)) => {
+                        return Err(Error::Storage(Box::new(redb::Error::Corrupted(format!(
+                            "its table `{name}` is missing: the file is damaged; restore it \
+                             from a backup"
+                        )))));
+                    }
+                    Err(e) => return Err(e.into()),
+                    Ok(_) => {}
+                }
+            };
+        }
+        for_every_table!(require);
+        Ok(())
     }
 }
 

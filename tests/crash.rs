@@ -289,6 +289,36 @@ fn one_key_on_a_crash_backend(
     (backend, config, ledger, key)
 }
 
+/// A close that could not take the leases back (its store fenced off by an earlier failed
+/// commit, so its closing batch failed before reaching them) still refuses new requests, as
+/// `close` promises: what such a grant commits is written nowhere (found by a reviewer: every
+/// cached key went on being granted from its lease in memory, receipts and all, for as long
+/// as the process ran).
+#[test]
+fn a_close_that_could_not_take_the_leases_back_still_refuses_new_requests() {
+    let (backend, _config, ledger, key) = one_key_on_a_crash_backend(1_000);
+    let presented = keyledger::Presented::new(key.plaintext.expose()).unwrap();
+    let request = keyledger::Request::new(&presented, "/x");
+    // The first request leases units into memory.
+    let _ = ledger.verify(&request).unwrap().commit(1);
+    backend.kill();
+    assert!(ledger.accounts().create(NewAccount::new("late")).is_err());
+    assert!(ledger.close().is_err(), "the disk is dead");
+    let after: Vec<_> = (0..5)
+        .map(|_| {
+            ledger
+                .verify(&request)
+                .map(|g| g.commit(1).token_stats.charged)
+        })
+        .collect();
+    assert!(
+        after
+            .iter()
+            .all(|r| r.as_ref().is_err_and(|d| d.code() == "unavailable")),
+        "after the close: {after:?}"
+    );
+}
+
 /// A refund too large for the lease goes back to the balance in a batch of its own. The
 /// disk dies at each sync of that batch in turn, and the power loss keeps every write: at
 /// the commit's last sync the header that makes it durable is written, and the refund has

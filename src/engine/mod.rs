@@ -198,6 +198,14 @@ impl Engine {
             return ended.clone().map_err(Error::Conflict);
         }
         let result = self.stop_writer().map_err(|e| self.fenced_or(e));
+        // However the writer ended (a closing batch that failed before it took the leases
+        // back, on a store fenced off by an earlier failure; a writer that had died), no
+        // request reserves from a lease in memory any more: each asks the writer, which is
+        // gone, and is refused as `unavailable`, as an unmetered one is. Its commit would be
+        // written nowhere (found by a reviewer: every cached key went on being granted).
+        for meter in self.shared.meters.lock().all() {
+            meter.set_refill_at(0);
+        }
         let result = result.and(self.shared.store.refuse_writes());
         *ended = Some(match &result {
             Ok(()) => Ok(()),

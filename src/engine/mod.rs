@@ -399,7 +399,11 @@ impl Engine {
     /// Starts a background lease top-up.
     pub(crate) fn prefetch(&self, meter: &MeterRef) {
         if self.shared.prefetches.push(meter.clone()) {
-            let _ = self.send(Msg::PrefetchBell);
+            // Straight into the channel, not through `send`: this is a cache hit, under its
+            // shard's read lock, and the retirements waiting are behind a lock every thread
+            // shares. They need not go first: the writer takes queued prefetches ahead of the
+            // rest of a batch, and the retirements waiting at its turn.
+            let _ = self.tx.send(Msg::PrefetchBell);
         }
     }
 

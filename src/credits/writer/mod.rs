@@ -441,7 +441,8 @@ fn prefetch_batch(shared: &Shared) -> Vec<Msg> {
 
 /// Meters of evicted keys not yet told to the writer: an eviction does not send (a send
 /// that finds the writer parked wakes it, ≈ 11 µs of the miss: docs/PERFORMANCE.md,
-/// forty-third round). Each is sent before the next message anyone sends the writer, or
+/// forty-third round). Each is sent before the next message anyone sends the writer (but a
+/// prefetch's bell, rung from a cache hit: the writer takes prefetches first in any case), or
 /// the writer takes them at its turn once every message sent before them is in its batch.
 #[derive(Default)]
 pub(crate) struct Retiring {

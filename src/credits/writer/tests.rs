@@ -1436,6 +1436,49 @@ fn an_eviction_wakes_no_writer_and_its_lease_goes_back_at_the_writers_turn() {
     assert_eq!((usage.spent, usage.remaining), (1, Some(9)));
 }
 
+/// A cache hit that asks for a lease top-up rings the writer's bell and does no more: it
+/// runs under its shard's read lock, and the retirements waiting are behind a lock every
+/// thread shares (found by a reviewer: a prefetching hit sent them itself). The writer takes
+/// them at its turn, after the prefetches.
+#[test]
+fn a_prefetching_hit_leaves_the_waiting_retirements_to_the_writer() {
+    let config = Config::builder()
+        .master_key(MasterKey::generate().unwrap())
+        .cache_capacity(2)
+        .build()
+        .unwrap();
+    let (_dir, ledger) = open(config);
+    let metered = [key(&ledger, 1_000_000), key(&ledger, 1_000_000)];
+    let (_, unmetered) = key_with(&ledger, |new| new);
+    for (_, plain) in &metered {
+        assert_eq!(spend_one(&ledger, plain), Ok(1));
+    }
+    ledger.flush().unwrap();
+    let engine = &ledger.inner.engine;
+    let release = hold_writer(&ledger);
+    assert_eq!(spend(&ledger, &unmetered, 0), Ok(0)); // evicts one metered key
+    assert_eq!(engine.shared.retiring.len(), 1, "a retirement waits");
+    let cached = |plain: &str| {
+        let hash = ledger.hasher().hash_current(plain);
+        engine.cache.with(&hash, |_| ()).is_some()
+    };
+    let (id, plain) = metered.iter().find(|(_, p)| cached(p)).unwrap();
+    let meter = meter_of(&ledger, ledger.keys().internal_id(id).unwrap());
+    let mut hits = 0;
+    while meter.leased() > 1 {
+        assert_eq!(spend_one(&ledger, plain), Ok(1));
+        hits += 1;
+        assert_eq!(
+            engine.shared.retiring.len(),
+            1,
+            "hit {hits} sent the waiting retirement"
+        );
+    }
+    assert!(engine.tx.len() > 0, "a prefetch was asked for");
+    drop(release);
+    wait_queued(&ledger, 0);
+}
+
 /// A run-out key that leaves the cache with nothing leased keeps its "known empty" mark:
 /// nothing went back to its balance. (Found by a reviewer: the retirement cleared it, and a
 /// refusal racing the eviction read that as a top-up and reported the same run-out again —

@@ -1474,7 +1474,7 @@ fn a_prefetching_hit_leaves_the_waiting_retirements_to_the_writer() {
             "hit {hits} sent the waiting retirement"
         );
     }
-    assert!(engine.tx.len() > 0, "a prefetch was asked for");
+    assert!(!engine.tx.is_empty(), "a prefetch was asked for");
     drop(release);
     wait_queued(&ledger, 0);
 }

@@ -32,6 +32,8 @@ pub(super) struct MissRead {
     lifetime_spent: u64,
     metering: Metering,
     pool: Option<Arc<Meter>>,
+    /// Whether `hash` is where the store holds the key's secret (see `lookup::find_in`).
+    cacheable: bool,
 }
 
 /// What the miss path found.
@@ -94,7 +96,7 @@ impl Engine {
         let generation = self.shared.limits_generation.load(Ordering::Acquire);
         let snapshot = self.shared.store.snapshot()?;
         let read = &snapshot.txn;
-        let Some(found) = lookup::find_in(ledger, &snapshot, hash, key, now)? else {
+        let Some((found, cacheable)) = lookup::find_in(ledger, &snapshot, hash, key, now)? else {
             self.cache.insert_missing(*hash, epoch);
             return Ok(Err(Loaded::Missing));
         };
@@ -169,6 +171,7 @@ impl Engine {
             lifetime_spent,
             metering,
             pool,
+            cacheable,
         }))
     }
 
@@ -185,6 +188,7 @@ impl Engine {
             lifetime_spent,
             metering,
             pool,
+            cacheable,
         } = read;
         let table = self.policy.load().routes.clone();
         let kind = record.id_kind();
@@ -273,7 +277,15 @@ impl Engine {
         if let Some(chosen) = &chosen {
             self.shared.limits.lock().release(record.id, &chosen.limits);
         }
-        Some(match self.cache.insert(hash, key.clone(), epoch) {
+        // A hash made before a rotation published a new hasher (by a verify that loaded the
+        // policy first) is no longer the key's: an entry under it is one no admin change
+        // evicts, serving the key as it is now to verifies that hashed under the old scheme
+        // after a disable or delete (found by a reviewer). Served uncached.
+        let inserted = match cacheable {
+            true => self.cache.insert(hash, key.clone(), epoch),
+            false => Err(key.clone()),
+        };
+        Some(match inserted {
             Ok(evicted) => {
                 if let Some(carried) = carried {
                     let mut all = self.carried.lock();

@@ -1223,3 +1223,31 @@ fn a_close_whose_own_commit_fails_reports_it() {
     );
     assert!(closed.is_err(), "the close's failed commit is reported");
 }
+
+/// A verify that hashed a key before a hash-scheme rotation and missed after it (finding the
+/// key under the old scheme, and rehashing it) does not cache it under the old hash: no admin
+/// change evicts that one (they evict the record's hashes, the new scheme's), so it served
+/// the key as it was, after a disable, to verifies that also hashed before the rotation
+/// (found by a reviewer).
+#[test]
+fn a_miss_straddling_a_rotation_caches_nothing_a_change_cannot_reach() {
+    let f = ledger();
+    let (id, _, plaintext) = key(&f.ledger, |owner| NewKey::new(owner, "k"));
+    let engine = &f.ledger.inner.engine;
+    let old_hash = f.ledger.hasher().hash_current(&plaintext);
+    let next = crate::HashScheme::HmacSha256 { pepper: 2 };
+    f.ledger.rotate_hash_scheme(next).unwrap();
+    let loaded = engine.load(&f.ledger, &old_hash, &plaintext, f.ledger.now());
+    assert!(matches!(loaded, Ok(Loaded::Uncached(_))));
+    f.ledger.keys().disable(&id).unwrap();
+    assert_eq!(code(&f.ledger, &plaintext), "disabled");
+    let stale = engine.cache.with(&old_hash, |slot| match slot {
+        crate::cache::Slot::Key(key) => !key.disabled(),
+        crate::cache::Slot::Missing => false,
+    });
+    assert_ne!(
+        stale,
+        Some(true),
+        "served enabled under its pre-rotation hash"
+    );
+}

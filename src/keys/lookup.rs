@@ -47,17 +47,21 @@ pub(crate) fn find(ledger: &Ledger, key: &str, now: Timestamp) -> Result<Option<
 
 /// The verify entry of the secret `key`, whose current-scheme `hash` is known, read through
 /// the miss path's shared `snapshot` (which goes on to read a pool's balance): one look-up
-/// while every key is under the current scheme.
+/// while every key is under the current scheme. With it, whether the entry is stored at
+/// `hash` — the hash admin changes evict from the cache — which it is not when `hash` was
+/// made before a rotation published a new hasher.
 pub(crate) fn find_in(
     ledger: &Ledger,
     snapshot: &ReadSnapshot,
     hash: &KeyHash,
     key: &str,
     now: Timestamp,
-) -> Result<Option<VerifyRecord>> {
-    match probe_table(&snapshot.verify, hash, ledger.hasher().current(), now)? {
-        Some(found) => Ok(Some(found)),
-        None => find_under_old_schemes(ledger, &snapshot.txn, key, now),
+) -> Result<Option<(VerifyRecord, bool)>> {
+    let hasher = ledger.hasher();
+    match probe_table(&snapshot.verify, hash, hasher.current(), now)? {
+        Some(found) => Ok(Some((found, true))),
+        None => Ok(find_under_old_schemes(ledger, &snapshot.txn, key, now)?
+            .map(|found| (found, hashes_equal(&hasher.hash_current(key), hash)))),
     }
 }
 

@@ -2814,3 +2814,29 @@ fn a_change_that_does_not_grow_a_balance_does_not_re_report_its_run_out() {
     spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
     assert_eq!(run_outs(), 1, "the top-up's units ran out");
 }
+
+/// A low-balance threshold needs a balance to watch, as a refill does: an unmetered key is
+/// refused one at creation and by an update, the update that makes it unmetered included
+/// (found by a reviewer: it kept the threshold, which no event could ever use).
+#[test]
+fn an_unmetered_key_is_refused_a_low_balance_threshold() {
+    let t = TestLedger::new();
+    let owner = t.account("Acme");
+    let keys = t.ledger.keys();
+    let new = NewKey::new(owner, "u").low_balance_threshold(5);
+    assert_invalid(keys.create(new).map(|c| c.info), "low_balance_threshold");
+    let (id, _) = create_key(&t.ledger, NewKey::new(owner, "k").credits(10));
+    let unmetered = KeyUpdate::new()
+        .credits(None)
+        .low_balance_threshold(Some(2));
+    assert_invalid(keys.update(&id, unmetered), "low_balance_threshold");
+    keys.update(&id, KeyUpdate::new().credits(None)).unwrap();
+    let threshold = KeyUpdate::new().low_balance_threshold(Some(2));
+    assert_invalid(keys.update(&id, threshold), "low_balance_threshold");
+    // Metered again in the same update, it may have one.
+    let metered = KeyUpdate::new()
+        .credits(Some(5))
+        .low_balance_threshold(Some(2));
+    let info = keys.update(&id, metered).unwrap();
+    assert_eq!(info.limits.low_balance_threshold, Some(2));
+}

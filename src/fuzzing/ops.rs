@@ -727,6 +727,11 @@ fn change_threshold(
     };
     let key = model.keys[i].clone();
     let pooled = key.credit.as_ref().is_some_and(|c| *c != key.id);
+    // A pool's key, or an unmetered one, has no balance of its own to watch (which it is
+    // is not known after a change that may or may not have landed).
+    let unmetered = key.credit.is_none() && threshold.is_some();
+    let refused =
+        (pooled && threshold.is_some()) || unmetered || (!key.certain && threshold.is_some());
     let _ = write!(model.log, " key_threshold(k{i},{threshold:?});");
     let result = ledger
         .keys()
@@ -738,6 +743,10 @@ fn change_threshold(
                 "a pool's key took a threshold of its own"
             );
             ensure!(
+                !(unmetered && key.certain),
+                "an unmetered key took a threshold"
+            );
+            ensure!(
                 info.limits.low_balance_threshold == threshold,
                 "key threshold not reported"
             );
@@ -747,7 +756,7 @@ fn change_threshold(
             model.outcome.thresholds_changed += 1;
             Ok(())
         }
-        Err(Error::InvalidInput { .. }) if pooled && threshold.is_some() => Ok(()),
+        Err(Error::InvalidInput { .. }) if refused => Ok(()),
         Err(Error::NotFound { .. }) if key.exists != Some(true) => Ok(()),
         Err(e) => {
             model.keys[i].certain = false;

@@ -348,6 +348,10 @@ impl<'a> Keys<'a> {
                 if s.pool.is_some() && s.limits.refill.is_some() {
                     return Err(pool_refill());
                 }
+                let unmetered = s.pool.is_none() && s.limits.credits.is_none();
+                if unmetered && s.limits.low_balance_threshold.is_some() {
+                    return Err(unmetered_threshold());
+                }
                 rules::limits(&s.limits)?;
                 s.limits
             },
@@ -763,6 +767,11 @@ impl<'a> Keys<'a> {
                 }
                 if record.pool.is_some() && update.low_balance_threshold.flatten().is_some() {
                     return Err(pool_threshold());
+                }
+                // Only when one is set: a key stored with one by an earlier version can still
+                // be changed.
+                if limits.credits.is_none() && update.low_balance_threshold.flatten().is_some() {
+                    return Err(unmetered_threshold());
                 }
                 rules::limits(&limits)?;
                 if update.credits == Some(None) {
@@ -1243,6 +1252,14 @@ fn pool_refill() -> Error {
     Error::invalid(
         "refill",
         "this key spends from a pool; the pool's refill applies (set it with update_pool)",
+    )
+}
+
+/// A key without credits has no balance whose fall a threshold could report.
+fn unmetered_threshold() -> Error {
+    Error::invalid(
+        "low_balance_threshold",
+        "a low-balance threshold needs metered credits (a key on a pool has the pool's)",
     )
 }
 

@@ -2840,3 +2840,40 @@ fn an_unmetered_key_is_refused_a_low_balance_threshold() {
     let info = keys.update(&id, metered).unwrap();
     assert_eq!(info.limits.low_balance_threshold, Some(2));
 }
+
+/// Reservations held and then refunded are not spending: a balance that never came near its
+/// threshold by spending reports no low balance, however many requests hold reservations at
+/// once (found by a reviewer: two requests holding 30 each of 100 credits reported it low at
+/// 40, their refunds lifted it over the threshold again, which re-armed the edge, and the
+/// next pair reported it again: three `LowBalance` events for 6 credits spent).
+#[test]
+fn reservations_held_and_refunded_report_no_low_balance() {
+    for durability in [Durability::Leased, Durability::Exact] {
+        let t = ledger_with(durability);
+        let owner = t.account("Acme");
+        let events = t.ledger.credit_events();
+        let new = NewKey::new(owner, "k")
+            .credits(100)
+            .low_balance_threshold(40);
+        let (id, plain) = create_key(&t.ledger, new);
+        let key = presented(&plain);
+        for _ in 0..3 {
+            // Two requests in flight reserve 30 each; a third spends one unit meanwhile.
+            let a = t.ledger.verify(&Request::new(&key, "/x").cost(30)).unwrap();
+            let b = t.ledger.verify(&Request::new(&key, "/x").cost(30)).unwrap();
+            spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
+            t.ledger.flush().unwrap();
+            // Both fail: their reservations come back whole.
+            drop((a, b));
+            spend(&t.ledger, &plain, "/x", 1, 1).unwrap();
+            t.ledger.flush().unwrap();
+        }
+        let u = usage(&t, &id);
+        assert_eq!((u.spent, u.remaining), (6, Some(94)), "{durability:?}");
+        let low: Vec<u64> = low_balance_events(&t, &events)
+            .iter()
+            .map(|e| e.remaining)
+            .collect();
+        assert_eq!(low, Vec::<u64>::new(), "{durability:?}: 6 of 100 spent");
+    }
+}

@@ -17,8 +17,11 @@ pub enum CreditEventKind {
     /// spending, or by an admin's `set` or a refill to a figure at or below it. Reported
     /// once per fall: the next comes after the balance has been above the threshold again
     /// (a verify thread and the credit writer seeing one fall at once may, rarely, both
-    /// report it: a duplicate, never a loss). A balance already at or below it when its key
-    /// is cached (after a restart, say) is no news.
+    /// report it: a duplicate, never a loss). Units requests hold reserved count as not yet
+    /// spent: a reservation is no fall and its refund no rise (so a `set` or refill made
+    /// while requests hold reservations of the balance before it is told once those
+    /// settle). A balance already at or below it when its key is cached (after a restart,
+    /// say) is no news.
     LowBalance,
     /// A request needed more credits than were left. Reported once per run-out: for the
     /// first such refusal since the balance last grew (a top-up, a set or a refill to any

@@ -20,7 +20,7 @@ use super::effects::Effects;
 use super::flush::{flush_spend, flush_usage, settle_spend};
 use super::leasing::{
     cancel_pending_leases, empty_until, end_epoch, exhausted, lease, live, low_balance, new_period,
-    reclaim, refused, return_units, set_refill_at, threshold_of,
+    reclaim, refused, return_units, set_refill_at, threshold_of, unspent,
 };
 use super::lists::Listed;
 use super::{Adjust, AuditLine, Handoff, Msg, Shared};
@@ -133,7 +133,7 @@ pub(super) fn build(
         // batch again rather than failing this one (and every one after it) for the others;
         // those it applies are listed with this batch's, so that a failure tries them again.
         for ((_, epoch), (meter, units)) in std::mem::take(&mut listed.returns) {
-            match return_units(&mut work, fx, meter.clone(), units, epoch) {
+            match return_units(shared, &mut work, fx, meter.clone(), units, epoch) {
                 Ok(()) => fx.returns.push((meter, units, epoch, None)),
                 Err(_) => fx.late.push((meter, units, epoch)),
             }
@@ -199,7 +199,7 @@ pub(super) fn build(
                     reply,
                 } => {
                     fx.returns.push((meter.clone(), units, epoch, reply));
-                    return_units(&mut work, fx, meter, units, epoch)?;
+                    return_units(shared, &mut work, fx, meter, units, epoch)?;
                 }
                 Msg::Settle { meter } => {
                     let units = meter.spent.swap(0, Ordering::AcqRel);
@@ -324,7 +324,7 @@ fn charge_shortfall(
             // Spend that reached no lease (a peek, then a commit of the real
             // cost) must tell the host as a leased spend does.
             let remaining = r.balance + meter.leased();
-            low_balance(shared, fx, &meter, remaining);
+            low_balance(shared, fx, &meter, unspent(r, &meter), remaining);
             let charged = from_balance + from_lease;
             if charged < units {
                 exhausted(shared, fx, &meter, remaining);
@@ -395,7 +395,7 @@ fn adjust(
         // low-balance threshold (settled spend, `reclaim` told): told now,
         // before the change below moves the figure crossings are measured
         // from.
-        low_balance(shared, fx, meter, r.balance);
+        low_balance(shared, fx, meter, unspent(r, meter), r.balance);
     }
     // What a refusal saw: the change is news only if it grows the balance.
     let start = r.balance;
@@ -464,7 +464,7 @@ fn adjust(
         fx.balances.push((meter.clone(), r.balance));
         set_refill_at(shared, &meter, refill::due_at(r, now));
         // A set below the threshold is a fall like any other.
-        low_balance(shared, fx, &meter, r.balance);
+        low_balance(shared, fx, &meter, unspent(r, &meter), r.balance);
         fx.leases.push((meter, 0, empty_until(r, now)));
     } else if let Some((threshold, subject)) = threshold_of(txn, id) {
         // No meter in memory, so none knows the figure before: this change's

@@ -15,7 +15,7 @@ use crate::store::tables::{ACCOUNTS, KEYS, USAGE};
 use super::Shared;
 use super::batch::Working;
 use super::effects::Effects;
-use super::leasing::{live, low_balance};
+use super::leasing::{live, low_balance, unspent};
 
 /// Moves spent units from `leased` to `spent` for every pool's meter the flush saw, keeping
 /// listed those in use since the last round started (`since_ms`).
@@ -67,7 +67,7 @@ pub(super) fn settle_spend(
         r.leased -= units;
         r.spent += units;
         let remaining = r.balance + meter.leased();
-        low_balance(shared, fx, &meter, remaining);
+        low_balance(shared, fx, &meter, unspent(r, &meter), remaining);
     }
     Ok(())
 }

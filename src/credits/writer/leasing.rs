@@ -27,8 +27,8 @@ pub(super) fn live<'w>(
     }
     // What the meter learns first, then the record again (kept by `work`: no second read),
     // since a borrow returned on one branch could not be let go on the other.
-    match work.get(meter.id)?.map(|r| r.balance) {
-        Some(balance) => meter.sighted(balance + meter.leased()),
+    match work.get(meter.id)?.map(|r| unspent(r, meter)) {
+        Some(unspent) => meter.sighted(unspent),
         None if work.unreadable.contains_key(&meter.id) => meter.mark_unreadable(),
         None => {}
     }
@@ -38,6 +38,7 @@ pub(super) fn live<'w>(
 /// Returns `units` reserved under `epoch` to `meter`'s balance, or, if that epoch has ended
 /// (a `set` or a refill earlier, in batch order), drops them from the books with it.
 pub(super) fn return_units(
+    shared: &Shared,
     work: &mut Working<'_>,
     fx: &mut Effects,
     meter: MeterRef,
@@ -54,6 +55,10 @@ pub(super) fn return_units(
             fx.leases.push((meter, 0, 0));
         } else {
             r.granted = r.granted.saturating_sub(units);
+            // Reserved before a `set` or refill, counted as not spent until now: leaving the
+            // books, they may take what is not spent to the threshold.
+            let left = r.balance + meter.leased();
+            low_balance(shared, fx, &meter, unspent(r, &meter), left);
         }
     }
     Ok(())
@@ -72,9 +77,13 @@ pub(super) fn refused(shared: &Shared, work: &Working<'_>, fx: &mut Effects, at:
         _ => 0,
     };
     let remaining = balance.saturating_add(fx.in_memory(&meter));
+    let not_spent = match work.records.get(&meter.id) {
+        Some(Some(r)) => unspent(r, &meter),
+        _ => remaining,
+    };
     // Spend in memory may have crossed the threshold since the writer last looked: "low"
     // comes before "exhausted".
-    low_balance(shared, fx, &meter, remaining);
+    low_balance(shared, fx, &meter, not_spent, remaining);
     exhausted(shared, fx, &meter, remaining);
 }
 
@@ -88,12 +97,32 @@ pub(super) fn exhausted(shared: &Shared, fx: &mut Effects, meter: &MeterRef, rem
     }
 }
 
-/// Emits a low-balance event when the credits left cross the meter's threshold downwards.
-pub(super) fn low_balance(shared: &Shared, fx: &mut Effects, meter: &MeterRef, remaining: u64) {
-    let (crossed, told) = meter.note_remaining(remaining);
+/// Credits of `r` not yet spent: the durable balance, the lease in memory and what grants
+/// still hold reserved (`leased` on disk, less what memory counted spent since the last
+/// write). Low-balance edges are measured on this figure, not on the credits left: a
+/// reservation is no fall and its refund no rise (measured on the credits left, requests
+/// holding reservations near the threshold and refunding them reported one fall again and
+/// again: found by a reviewer).
+pub(super) fn unspent(r: &CreditsRecord, meter: &Meter) -> u64 {
+    r.balance
+        .saturating_add(r.leased)
+        .saturating_sub(meter.spent.load(Ordering::Acquire))
+}
+
+/// Emits a low-balance event when the credits not yet spent (`unspent`) cross the meter's
+/// threshold downwards; the event names the credits left (`remaining`, at most that).
+pub(super) fn low_balance(
+    shared: &Shared,
+    fx: &mut Effects,
+    meter: &MeterRef,
+    unspent: u64,
+    remaining: u64,
+) {
+    let (crossed, told) = meter.note_remaining(unspent);
     fx.tell(meter, told);
     if crossed {
-        let event = shared.event(CreditEventKind::LowBalance, meter, remaining);
+        let left = remaining.min(unspent);
+        let event = shared.event(CreditEventKind::LowBalance, meter, left);
         fx.events.push(event);
     }
 }
@@ -167,7 +196,7 @@ pub(super) fn reclaim(
             // A lease entry of no units has `build` decide empty-ness from the final record.
             fx.leases.push((meter.clone(), 0, 0));
         }
-        low_balance(shared, fx, meter, r.balance);
+        low_balance(shared, fx, meter, unspent(r, meter), r.balance);
         return Ok(Some(r.leased));
     }
     Ok(Some(0))
@@ -289,7 +318,7 @@ pub(super) fn lease(
     r.balance -= grant;
     r.leased += grant;
     fx.balances.push((meter.clone(), r.balance));
-    low_balance(shared, fx, &meter, remaining);
+    low_balance(shared, fx, &meter, unspent(r, &meter), remaining);
     let empty_until = empty_until(r, now);
     Ok((fx.grant(meter, grant, empty_until), true))
 }
@@ -306,8 +335,9 @@ pub(super) fn new_period(
     now: Timestamp,
 ) {
     let old_period = r.balance + meter.leased();
+    let old_unspent = unspent(r, meter);
     if refill::apply_due(r, now) {
-        low_balance(shared, fx, meter, old_period);
+        low_balance(shared, fx, meter, old_unspent, old_period);
         let pending = cancel_pending_leases(fx, meter).min(r.leased);
         r.leased -= pending;
         r.granted = r.granted.saturating_sub(pending);
@@ -321,7 +351,7 @@ pub(super) fn new_period(
         if r.balance > 0 {
             fx.tell(meter, meter.grew());
         }
-        low_balance(shared, fx, meter, r.balance);
+        low_balance(shared, fx, meter, unspent(r, meter), r.balance);
     }
     set_refill_at(shared, meter, refill::due_at(r, now));
 }

@@ -171,6 +171,18 @@ fn named_as(given: Option<&str>) -> String {
     })
 }
 
+/// A record of a newer schema is no damage: said as such, with what to do.
+fn stored_record_message(e: &CodecError) -> String {
+    match e {
+        CodecError::UnknownVersion {
+            found, supported, ..
+        } if found > supported => {
+            format!("written by a newer keyledger: {e}; upgrade keyledger to read it")
+        }
+        _ => format!("corrupt database: {e}"),
+    }
+}
+
 /// Why bytes could not be decoded as a record.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
@@ -228,7 +240,7 @@ pub enum Error {
     #[error("the ledger is closed")]
     Closed,
     /// A stored record did not decode: the file is corrupt or was written by a newer build.
-    #[error("corrupt database: {0}")]
+    #[error("{}", stored_record_message(.0))]
     Codec(#[from] CodecError),
     /// The database was written by a newer keyledger; upgrade this build to open it.
     #[error(

@@ -1365,6 +1365,32 @@ mod damaged {
         assert_eq!(audit.since(2, 1).unwrap()[0].seq, 3);
     }
 
+    /// A record of a newer schema (a newer build wrote it, its checksum intact) is named as
+    /// such, with what to do, not as damage to restore from a backup (found by a reviewer).
+    #[test]
+    fn a_record_of_a_newer_schema_says_so_not_corrupt() {
+        let (_dir, path, config, [pooled, ..]) = ledger();
+        let db = redb::Database::open(&path).unwrap();
+        let first = ids(&db, KEYS)[0]; // the first key made: the pooled one
+        drop(db);
+        edit(&path, |txn| {
+            let mut keys = txn.open_table(KEYS).unwrap();
+            let stored = keys.get(first).unwrap().unwrap().value().to_vec();
+            let mut newer = stored[..stored.len() - 4].to_vec();
+            newer[0] = 0x80 | 9;
+            let crc = crc32fast::hash(&newer);
+            newer.extend_from_slice(&crc.to_le_bytes());
+            keys.insert(first, newer.as_slice()).unwrap();
+        });
+        let ledger = Ledger::open(&path, config).unwrap();
+        let failed = ledger.keys().get(&pooled).unwrap_err();
+        let says = failed.to_string();
+        assert!(matches!(failed, Error::Codec(_)), "{says}");
+        assert!(says.contains("written by a newer keyledger"), "{says}");
+        assert!(says.contains("upgrade keyledger"), "{says}");
+        assert!(!says.contains("corrupt"), "{says}");
+    }
+
     /// The meta entries the whole file depends on, damaged (found by a reviewer):
     /// - a `next_id` set back is a problem `check` names, and new ids still go on above every
     ///   id in use (a new key given a pool's id would share its balance);

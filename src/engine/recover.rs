@@ -3,7 +3,7 @@
 use redb::ReadableTable;
 
 use crate::codec;
-use crate::error::Result;
+use crate::error::{CodecError, Result};
 use crate::record::{CreditsRecord, RouteRule};
 use crate::store::{self, Store, tables::*};
 
@@ -61,7 +61,12 @@ pub(crate) fn rules_in(
 ) -> Result<Vec<RouteRule>> {
     let mut rules = Vec::new();
     for entry in table.iter()? {
-        rules.push(codec::decode(entry?.1.value())?);
+        let (prefix, bytes) = entry?;
+        let rule = codec::decode(bytes.value()).map_err(|e| CodecError::Corrupt {
+            record: "route rule",
+            reason: format!("the rule for {:?} ({e})", prefix.value()),
+        })?;
+        rules.push(rule);
     }
     Ok(rules)
 }

@@ -1344,6 +1344,23 @@ fn an_empty_file_is_not_made_a_new_ledger() {
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left as it was");
 }
 
+/// A file that cannot be opened (here: its directory is a file) is a storage error naming
+/// the path: "Not a directory" alone does not say which file (found by a reviewer).
+#[test]
+fn a_database_that_cannot_be_opened_names_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("plain-file");
+    std::fs::write(&not_a_dir, b"x").unwrap();
+    let path = not_a_dir.join("keys.redb");
+    let config = Config::ephemeral().unwrap();
+    let err = Ledger::open(&path, config).map(drop).unwrap_err();
+    assert!(matches!(err, Error::Storage(_)), "{err:?}");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_file_damaged_anywhere_gives_every_call_a_typed_error_never_a_panic() {
     // redb reaches an `assert!`, an `unreachable!` or a slice index on some malformed pages

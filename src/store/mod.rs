@@ -121,8 +121,12 @@ impl Store {
             let path = path.display().to_string();
             return Err(Error::EmptyFile { path });
         }
-        let (file, created) =
-            open_file(path).map_err(|e| redb::DatabaseError::from(redb::StorageError::Io(e)))?;
+        // Named, as the other errors about the file name it: "Permission denied" alone does
+        // not say which file (found by a reviewer).
+        let (file, created) = open_file(path).map_err(|e| {
+            let e = std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+            redb::DatabaseError::from(redb::StorageError::Io(e))
+        })?;
         let opened = redb::backends::FileBackend::new(file)
             .map_err(Error::from)
             .and_then(|backend| Store::open_backend_at(backend, path, master, page_cache_bytes));

@@ -1344,6 +1344,25 @@ fn an_empty_file_is_not_made_a_new_ledger() {
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left as it was");
 }
 
+/// A ledger path that is a symbolic link to a file not made yet (a data volume's file named
+/// from a fixed path) creates the file it points to (found by a reviewer: refusing to follow
+/// a link when creating, the first open failed with "No such file or directory").
+#[cfg(unix)]
+#[test]
+fn a_first_open_through_a_symbolic_link_creates_its_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("volume-ledger.redb");
+    let link = dir.path().join("ledger.redb");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let config = Config::ephemeral().unwrap();
+    let ledger = Ledger::open(&link, config.clone()).unwrap();
+    ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+    ledger.close().unwrap();
+    drop(ledger);
+    assert!(target.exists());
+    assert!(Ledger::check(&link, config).unwrap().is_ok());
+}
+
 /// A file that cannot be opened (here: its directory is a file) is a storage error naming
 /// the path: "Not a directory" alone does not say which file (found by a reviewer).
 #[test]

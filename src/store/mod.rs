@@ -135,7 +135,8 @@ impl Store {
         // lost its bytes, and a server retrying its start would never start (found by a
         // reviewer). Not when another open holds it: that one is making it a ledger.
         if created && opened.as_ref().is_err_and(|e| !matches!(e, Error::InUse)) {
-            let _ = std::fs::remove_file(path);
+            // The file itself, not a symbolic link to it.
+            let _ = std::fs::canonicalize(path).and_then(std::fs::remove_file);
         }
         opened
     }
@@ -530,7 +531,12 @@ fn open_file(path: &Path) -> std::io::Result<(std::fs::File, bool)> {
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     match options.clone().create_new(true).open(path) {
         Ok(file) => Ok((file, true)),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok((options.open(path)?, false)),
+        // Or a symbolic link (`O_EXCL` follows none, dangling or not): opened through it, its
+        // target created if missing, as always (found by a reviewer: a dangling link failed).
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let target_existed = std::fs::metadata(path).is_ok();
+            Ok((options.create(true).open(path)?, !target_existed))
+        }
         Err(e) => Err(e),
     }
 }

@@ -2877,3 +2877,71 @@ fn reservations_held_and_refunded_report_no_low_balance() {
         assert_eq!(low, Vec::<u64>::new(), "{durability:?}: 6 of 100 spent");
     }
 }
+
+/// One fall, one event: a refusal made in memory reports the fall (at 0), and the writer,
+/// settling one of two reservations still held, does not take the other for a rise (found
+/// by a reviewer: the second reservation's commit reported the same fall again).
+#[test]
+fn a_fall_a_refusal_reported_is_not_reported_again_as_reservations_settle() {
+    for durability in [Durability::Leased, Durability::Exact] {
+        let t = ledger_with(durability);
+        let owner = t.account("Acme");
+        let events = t.ledger.credit_events();
+        let new = NewKey::new(owner, "k")
+            .credits(100)
+            .low_balance_threshold(10);
+        let (_, plain) = create_key(&t.ledger, new);
+        let key = presented(&plain);
+        let a = t.ledger.verify(&Request::new(&key, "/x").cost(60)).unwrap();
+        let b = t.ledger.verify(&Request::new(&key, "/x").cost(40)).unwrap();
+        // Nothing left: refused (in memory, or by the writer).
+        assert!(t.ledger.verify(&Request::new(&key, "/x").cost(1)).is_err());
+        t.ledger.flush().unwrap();
+        a.commit(60);
+        t.ledger.flush().unwrap();
+        b.commit(40);
+        t.ledger.flush().unwrap();
+        let low = low_balance_events(&t, &events);
+        assert_eq!(
+            low.len(),
+            1,
+            "{durability:?}: one fall from 100 to 0: {low:?}"
+        );
+    }
+}
+
+/// A threshold set while a request holds a reservation counts the reservation as not spent,
+/// as the writer does: its commit is the fall, reported as when the threshold was set before
+/// the reservation (found by a reviewer: set after, the fall was never reported).
+#[test]
+fn a_threshold_set_while_a_reservation_is_held_reports_its_spend() {
+    for durability in [Durability::Leased, Durability::Exact] {
+        for threshold_first in [true, false] {
+            let t = ledger_with(durability);
+            let owner = t.account("Acme");
+            let events = t.ledger.credit_events();
+            let mut new = NewKey::new(owner, "k").credits(100);
+            if threshold_first {
+                new = new.low_balance_threshold(50);
+            }
+            let (id, plain) = create_key(&t.ledger, new);
+            let key = presented(&plain);
+            let held = t.ledger.verify(&Request::new(&key, "/x").cost(60)).unwrap();
+            if !threshold_first {
+                let update = KeyUpdate::new().low_balance_threshold(Some(50));
+                t.ledger.keys().update(&id, update).unwrap();
+            }
+            assert!(
+                low_balance_events(&t, &events).is_empty(),
+                "reserved, not spent"
+            );
+            held.commit(60);
+            let low: Vec<u64> = low_balance_events(&t, &events)
+                .iter()
+                .map(|e| e.remaining)
+                .collect();
+            let case = format!("{durability:?}, threshold set first: {threshold_first}");
+            assert_eq!(low, [40], "{case}: 100 not spent fell to 40");
+        }
+    }
+}

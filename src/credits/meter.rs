@@ -98,6 +98,11 @@ pub(crate) struct Meter {
 pub(crate) struct LowBalance {
     threshold: u64,
     last_remaining: AtomicU64,
+    /// `last_remaining` is a figure of the credits left (reservations counted as spent), set
+    /// by a refusal made in memory that reported the fall: the writer measures on that figure
+    /// too until it rises above the threshold or the two agree (no reservation held), or a
+    /// reservation still held would read as a rise, and its commit as a second fall.
+    on_left: AtomicBool,
 }
 
 /// One change the writer made to what the host has been told of a balance: undone with
@@ -184,6 +189,7 @@ impl Meter {
                 Arc::new(LowBalance {
                     threshold,
                     last_remaining: AtomicU64::new(UNREAD),
+                    on_left: AtomicBool::new(false),
                 })
             })),
             subject,
@@ -202,6 +208,30 @@ impl Meter {
         // time (between `sighted` and this). What was left before is unknown: no edge.
         let crossed = previous != UNREAD && previous > l.threshold && remaining <= l.threshold;
         (crossed, Some(Told::Remaining(l, previous)))
+    }
+
+    /// The figure the writer measures low-balance edges on: the credits not yet spent
+    /// (`unspent`), or the credits `left` while a refusal in memory's report stands (see
+    /// [`LowBalance::on_left`]).
+    pub(crate) fn edge_figure(&self, unspent: u64, left: u64) -> u64 {
+        let Some(l) = self.low_balance.load_full() else {
+            return unspent;
+        };
+        if !l.on_left.load(Ordering::Acquire) {
+            return unspent;
+        }
+        let figure = left.min(unspent);
+        if figure > l.threshold || figure == unspent {
+            l.on_left.store(false, Ordering::Release);
+        }
+        figure
+    }
+
+    /// A refusal in memory reported a fall measured on the credits left (verify thread).
+    pub(crate) fn measured_on_left(&self) {
+        if let Some(l) = self.low_balance.load_full() {
+            l.on_left.store(true, Ordering::Release);
+        }
     }
 
     /// The low-balance threshold, if any.
@@ -391,6 +421,7 @@ impl Meter {
             Arc::new(LowBalance {
                 threshold,
                 last_remaining: AtomicU64::new(remaining),
+                on_left: AtomicBool::new(false),
             })
         }));
     }

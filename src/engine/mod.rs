@@ -541,6 +541,7 @@ impl Engine {
             // credits left too; should it record a stale, higher figure right after this,
             // the next fall reports again — a duplicate, never a loss.)
             if meter.note_remaining(left).0 {
+                meter.measured_on_left();
                 let low = self.shared.event(CreditEventKind::LowBalance, meter, left);
                 self.shared.send_event(low);
             }
@@ -580,10 +581,31 @@ impl Engine {
     /// it. Counted as a reset, so a miss that read the old threshold before the change does
     /// not register a meter with it (it reads again).
     pub(crate) fn low_balance_changed(&self, id: u64, threshold: Option<u64>) {
+        // Edges are measured on the credits not yet spent, as the writer measures them
+        // (`writer::leasing::unspent`): units requests hold reserved count, or the commit of
+        // a reservation held across the change is no fall (found by a reviewer). Read before
+        // the lock (no I/O under it); a batch committing between the two makes the figure
+        // stale, a duplicate at worst.
+        let store = &self.shared.store;
+        let stored = threshold.and_then(|_| {
+            let read = store.guard(|| {
+                let snapshot = store.snapshot()?;
+                store::get::<CreditsRecord>(&snapshot.credits, id)
+            });
+            read.ok().flatten()
+        });
         let meters = self.shared.meters.lock();
         self.shared.meter_resets.fetch_add(1, Ordering::AcqRel);
         if let Some(meter) = meters.get(id) {
-            meter.set_low_balance(threshold, meter.remaining().unwrap_or(UNREAD));
+            let figure = match (meter.remaining(), stored) {
+                (Some(left), Some(r)) => r
+                    .balance
+                    .saturating_add(r.leased)
+                    .saturating_sub(meter.spent.load(Ordering::Acquire))
+                    .max(left),
+                (left, _) => left.unwrap_or(UNREAD),
+            };
+            meter.set_low_balance(threshold, figure);
         }
     }
 

@@ -118,6 +118,7 @@ pub(super) fn low_balance(
     unspent: u64,
     remaining: u64,
 ) {
+    let unspent = meter.edge_figure(unspent, remaining);
     let (crossed, told) = meter.note_remaining(unspent);
     fx.tell(meter, told);
     if crossed {

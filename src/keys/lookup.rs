@@ -57,11 +57,18 @@ pub(crate) fn find_in(
     key: &str,
     now: Timestamp,
 ) -> Result<Option<(VerifyRecord, bool)>> {
-    let hasher = ledger.hasher();
-    match probe_table(&snapshot.verify, hash, hasher.current(), now)? {
+    match probe_table(&snapshot.verify, hash, ledger.hasher().current(), now)? {
         Some(found) => Ok(Some((found, true))),
-        None => Ok(find_under_old_schemes(ledger, &snapshot.txn, key, now)?
-            .map(|found| (found, hashes_equal(&hasher.hash_current(key), hash)))),
+        // The hasher loaded again, after the search (which loads its own): a rotation that
+        // published before either is seen.
+        None => Ok(
+            find_under_old_schemes(ledger, &snapshot.txn, key, now)?.map(|found| {
+                (
+                    found,
+                    hashes_equal(&ledger.hasher().hash_current(key), hash),
+                )
+            }),
+        ),
     }
 }
 

@@ -406,16 +406,9 @@ impl Store {
         if existing.is_some_and(|format| format < 8) {
             migrate_7_to_8(store, master)?;
         }
-        match existing {
-            // A migrated file gets every table of the current format (an older one may never
-            // have had one its format did not use).
-            Some(format) if format < FORMAT_VERSION => {
-                let txn = store.begin_write()?;
-                create_tables(&txn)?;
-                txn.commit()?;
-            }
-            Some(_) => store.refuse_missing_tables()?,
-            None => {}
+        // A migrated file was given every table with its last migration.
+        if existing == Some(FORMAT_VERSION) {
+            store.refuse_missing_tables()?;
         }
         Ok(opened)
     }
@@ -813,6 +806,10 @@ fn migrate_7_to_8(store: &Store, master: &MasterKey) -> Result<()> {
             }
         }
     }
+    // Every table of the format, in the commit that marks the file as of it (an older file
+    // may never have had one its format did not use): a file of the current format lacking
+    // one is damage (`refuse_missing_tables`), never a migration a crash cut short.
+    create_tables(&txn)?;
     set_format(&txn, 8)?;
     txn.commit()?;
     Ok(())

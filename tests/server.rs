@@ -1622,3 +1622,48 @@ fn a_connection_left_idle_is_closed_at_the_header_deadline() {
     assert_eq!(silent.read(&mut [0; 1]).unwrap(), 0);
     assert!(kept_alive.send("GET", "/v2/keys", &auth, None).is_err());
 }
+
+/// A 401 carries `WWW-Authenticate` (RFC 9110 §15.5.2), also when the management surface
+/// refuses a caller disabled or deleted while its body was on the way, not only when the
+/// auth layer refuses it (found by a reviewer). `Expect: 100-continue` makes the order
+/// certain: the server asks for the body only once the key was verified.
+#[test]
+fn a_401_for_a_caller_changed_mid_request_carries_www_authenticate() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let s = Server::start();
+    let acct = s.account.as_str();
+    let body = r#"{"name":"child"}"#;
+    for change in ["disable", "delete"] {
+        let (id, key) = library_key(&s, NewKey::new(acct, change).permissions(["*"]));
+        let conn = std::net::TcpStream::connect(s.addr).unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = BufReader::new(conn);
+        let head = format!(
+            "POST /v2/keys HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+             content-type: application/json\r\nconnection: close\r\nexpect: 100-continue\r\n\
+             content-length: {}\r\n\r\n",
+            body.len()
+        );
+        reader.get_mut().write_all(head.as_bytes()).unwrap();
+        // Verified: the server now asks for the body.
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("HTTP/1.1 100"), "{line}");
+        reader.read_line(&mut line).unwrap(); // the blank line after it
+        match change {
+            "disable" => drop(s.ledger.keys().disable(&id).unwrap()),
+            _ => s.ledger.keys().delete(&id).unwrap(),
+        }
+        reader.get_mut().write_all(body.as_bytes()).unwrap();
+        let mut answer = String::new();
+        reader.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 401"), "{change}: {answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nwww-authenticate: bearer"),
+            "{change}: a 401 without WWW-Authenticate: {answer}"
+        );
+    }
+}

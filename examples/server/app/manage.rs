@@ -215,8 +215,17 @@ fn may_change<'l>(
     Ok((bounds, keys))
 }
 
+/// A refusal in the management envelope; a 401 carries `WWW-Authenticate`, as the auth
+/// layer's own 401s do (RFC 9110 §15.5.2: a 401 must; found by a reviewer).
 fn refused((status, code, message): Refused) -> Response {
-    managed_error(status, code, message)
+    let mut response = managed_error(status, code, message);
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
 }
 
 /// A refused management request, before it reaches the ledger.

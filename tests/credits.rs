@@ -41,6 +41,28 @@ fn low_balance_events(
         .collect()
 }
 
+/// A ledger under `durability` with one key of 100 credits and the low-balance `threshold`
+/// given: the ledger, its credit events, and the key's id and plaintext.
+fn hundred_credits(
+    durability: Durability,
+    threshold: Option<u64>,
+) -> (
+    TestLedger,
+    crossbeam::channel::Receiver<keyledger::CreditEvent>,
+    keyledger::PublicId,
+    String,
+) {
+    let t = ledger_with(durability);
+    let owner = t.account("Acme");
+    let events = t.ledger.credit_events();
+    let mut new = NewKey::new(owner, "k").credits(100);
+    if let Some(threshold) = threshold {
+        new = new.low_balance_threshold(threshold);
+    }
+    let (id, plain) = create_key(&t.ledger, new);
+    (t, events, id, plain)
+}
+
 /// Spends one unit at a time until refused (at most `cap` tries); returns units granted.
 fn drain(t: &TestLedger, plain: &str, cap: u64) -> u64 {
     let mut n = 0;
@@ -2849,13 +2871,7 @@ fn an_unmetered_key_is_refused_a_low_balance_threshold() {
 #[test]
 fn reservations_held_and_refunded_report_no_low_balance() {
     for durability in [Durability::Leased, Durability::Exact] {
-        let t = ledger_with(durability);
-        let owner = t.account("Acme");
-        let events = t.ledger.credit_events();
-        let new = NewKey::new(owner, "k")
-            .credits(100)
-            .low_balance_threshold(40);
-        let (id, plain) = create_key(&t.ledger, new);
+        let (t, events, id, plain) = hundred_credits(durability, Some(40));
         let key = presented(&plain);
         for _ in 0..3 {
             // Two requests in flight reserve 30 each; a third spends one unit meanwhile.
@@ -2884,13 +2900,7 @@ fn reservations_held_and_refunded_report_no_low_balance() {
 #[test]
 fn a_fall_a_refusal_reported_is_not_reported_again_as_reservations_settle() {
     for durability in [Durability::Leased, Durability::Exact] {
-        let t = ledger_with(durability);
-        let owner = t.account("Acme");
-        let events = t.ledger.credit_events();
-        let new = NewKey::new(owner, "k")
-            .credits(100)
-            .low_balance_threshold(10);
-        let (_, plain) = create_key(&t.ledger, new);
+        let (t, events, _, plain) = hundred_credits(durability, Some(10));
         let key = presented(&plain);
         let a = t.ledger.verify(&Request::new(&key, "/x").cost(60)).unwrap();
         let b = t.ledger.verify(&Request::new(&key, "/x").cost(40)).unwrap();
@@ -2917,14 +2927,8 @@ fn a_fall_a_refusal_reported_is_not_reported_again_as_reservations_settle() {
 fn a_threshold_set_while_a_reservation_is_held_reports_its_spend() {
     for durability in [Durability::Leased, Durability::Exact] {
         for threshold_first in [true, false] {
-            let t = ledger_with(durability);
-            let owner = t.account("Acme");
-            let events = t.ledger.credit_events();
-            let mut new = NewKey::new(owner, "k").credits(100);
-            if threshold_first {
-                new = new.low_balance_threshold(50);
-            }
-            let (id, plain) = create_key(&t.ledger, new);
+            let threshold = threshold_first.then_some(50);
+            let (t, events, id, plain) = hundred_credits(durability, threshold);
             let key = presented(&plain);
             let held = t.ledger.verify(&Request::new(&key, "/x").cost(60)).unwrap();
             if !threshold_first {

@@ -227,6 +227,33 @@ impl Meter {
         figure
     }
 
+    /// The threshold in force now (`None`: none), for [`raise_if_replaced`](Self::raise_if_replaced).
+    pub(crate) fn threshold_seen(&self) -> Option<Arc<LowBalance>> {
+        self.low_balance.load_full()
+    }
+
+    /// A committed batch measured `figure` against `seen`, and the threshold has been
+    /// replaced since (an admin change whose effects ran while the batch was in flight: its
+    /// starting figure was read before the batch committed, and the batch's figures went to
+    /// the old threshold, or nowhere): the new one learns the figure if it is higher. Else a
+    /// rise in that batch (a top-up) was lost, and the fall after it never reported (found
+    /// by a reviewer). Only raised, never lowered: a fall in the batch (a `set`) is then
+    /// told by the next look.
+    pub(crate) fn raise_if_replaced(&self, seen: &Option<Arc<LowBalance>>, figure: u64) {
+        let Some(now) = self.low_balance.load_full() else {
+            return;
+        };
+        if seen.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, &now)) {
+            return;
+        }
+        let figure = known(figure);
+        let _ = now
+            .last_remaining
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+                (last != UNREAD && last < figure).then_some(figure)
+            });
+    }
+
     /// A refusal in memory reported a fall measured on the credits left (verify thread).
     pub(crate) fn measured_on_left(&self) {
         if let Some(l) = self.low_balance.load_full() {

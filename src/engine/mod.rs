@@ -584,8 +584,9 @@ impl Engine {
         // Edges are measured on the credits not yet spent, as the writer measures them
         // (`writer::leasing::unspent`): units requests hold reserved count, or the commit of
         // a reservation held across the change is no fall (found by a reviewer). Read before
-        // the lock (no I/O under it); a batch committing between the two makes the figure
-        // stale, a duplicate at worst.
+        // the lock (no I/O under it): a batch committing between the two can leave the figure
+        // high (a spurious event at worst), and the batch's own figures reach the new
+        // threshold once it commits (`Meter::raise_if_replaced`).
         let store = &self.shared.store;
         let stored = threshold.and_then(|_| {
             let read = store.guard(|| {

@@ -9,7 +9,7 @@ use crossbeam::channel::Sender;
 
 use crate::cache::{CachedKey, MeterRef};
 use crate::credits::events::CreditEvent;
-use crate::credits::meter::{MAX_LEASED, Meter, Told};
+use crate::credits::meter::{LowBalance, MAX_LEASED, Meter, Told};
 use crate::error::{Error, Result};
 
 use super::batch::build;
@@ -50,6 +50,9 @@ pub(super) struct Effects {
     /// exhaustion reported, a low-balance figure, a top-up's "grew"): undone, newest first,
     /// if the batch fails, since its events are not sent and its changes did not happen.
     pub(super) told: Vec<(MeterRef, Told)>,
+    /// Each low-balance figure the batch measured, with the threshold it was measured
+    /// against (see [`Meter::raise_if_replaced`]).
+    pub(super) figures: Vec<(MeterRef, Option<Arc<LowBalance>>, u64)>,
     /// Replies to balance changes, sent once the batch is durable (a refused change too: its
     /// `reclaim` changed the meter, which the caller's next request must find settled).
     pub(super) adjusts: Vec<(Sender<Result<u64>>, Result<u64>)>,
@@ -196,6 +199,9 @@ fn publish(
             (meter.clone(), handed, epoch, reply)
         })
         .collect();
+    for (meter, seen, figure) in fx.figures.drain(..) {
+        meter.raise_if_replaced(&seen, figure);
+    }
     for (meter, balance) in fx.balances {
         meter.durable_balance.store(balance, Ordering::Release);
     }
@@ -243,6 +249,7 @@ fn publish(
         fx.flushed_usage,
         fx.ended,
         fx.told,
+        fx.figures,
     ));
     drop((fx.meters_seen, fx.usage_seen));
     if chunked {

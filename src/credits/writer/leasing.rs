@@ -118,7 +118,9 @@ pub(super) fn low_balance(
     unspent: u64,
     remaining: u64,
 ) {
+    let seen = meter.threshold_seen();
     let unspent = meter.edge_figure(unspent, remaining);
+    fx.figures.push((meter.clone(), seen, unspent));
     let (crossed, told) = meter.note_remaining(unspent);
     fx.tell(meter, told);
     if crossed {

@@ -2004,3 +2004,66 @@ fn spent_until_refused(ledger: &Ledger, plain: &str) -> u64 {
     }
     spent
 }
+
+/// A threshold whose change commits just before a writer batch begins has its effects
+/// (`Engine::low_balance_changed`) run while that batch is in flight: the batch's figures
+/// went to the old threshold (here: none), and the new one's starting figure was read before
+/// the batch committed, so a top-up in the batch (19 → 119 credits, past the new threshold
+/// of 50) was lost and the fall to 39 after it never reported (found by a reviewer).
+#[test]
+fn a_threshold_set_while_a_top_up_commits_still_reports_the_next_fall() {
+    let (_dir, ledger) = ledger();
+    let (id, plain) = key(&ledger, 20);
+    assert_eq!(spend_one(&ledger, &plain), Ok(1)); // cached: 16 leased, 4 durable
+    ledger.flush().unwrap();
+    let _ = events(&ledger);
+    let (ledger, id, plain) = (&ledger, id.as_str(), plain.as_str());
+    let paused = crossbeam::channel::bounded::<()>(1);
+    let resume = crossbeam::channel::bounded::<()>(1);
+    let done = crossbeam::channel::bounded::<()>(1);
+    std::thread::scope(|s| {
+        let admin = s.spawn(move || {
+            let pause = move || {
+                paused.0.send(()).unwrap();
+                resume.1.recv().unwrap();
+            };
+            let me = std::thread::current().id();
+            *ledger.inner.store.after_commit.lock() = Some((me, Box::new(pause)));
+            let update = crate::KeyUpdate::new().low_balance_threshold(Some(50));
+            ledger.keys().update(id, update).unwrap();
+            done.0.send(()).unwrap();
+        });
+        // The threshold is committed; its effects wait.
+        paused.1.recv().unwrap();
+        let release = hold_writer(ledger);
+        // The effects run while the writer's next batch is between its build and its commit.
+        *ledger.inner.engine.shared.before_commit.lock() = Some(Box::new(move || {
+            resume.0.send(()).unwrap();
+            done.1.recv().unwrap();
+        }));
+        let top_up = s.spawn(move || ledger.credits().top_up(id, 100).unwrap());
+        wait_queued(ledger, 1);
+        let request = s.spawn(move || {
+            let key = Presented::new(plain).unwrap();
+            ledger.verify(&Request::new(&key, "/x").cost(80)).unwrap()
+        });
+        wait_queued(ledger, 2);
+        drop(release);
+        assert_eq!(top_up.join().unwrap(), 119);
+        let grant = request.join().unwrap();
+        admin.join().unwrap();
+        assert!(events(ledger).is_empty(), "119 left, 80 of them reserved");
+        grant.commit(80);
+    });
+    ledger.flush().unwrap();
+    let internal = ledger.keys().internal_id(id).unwrap();
+    assert_eq!(
+        stored(ledger, internal).balance + meter_of(ledger, internal).leased(),
+        39
+    );
+    assert_eq!(
+        low_balance_events(ledger),
+        [(CreditEventKind::LowBalance, 39)],
+        "topped up to 119 above the threshold of 50, then spent down to 39"
+    );
+}

@@ -92,8 +92,8 @@ pub(crate) struct Meter {
     pub subject: crate::public_id::IdKind,
 }
 
-/// A balance's low-balance threshold, and the credits left when the writer last looked (for
-/// edge-triggered events).
+/// A balance's low-balance threshold, and the credits not yet spent when the writer last
+/// looked (for edge-triggered events; see `writer::leasing::unspent`).
 #[derive(Debug)]
 pub(crate) struct LowBalance {
     threshold: u64,
@@ -196,9 +196,9 @@ impl Meter {
         }
     }
 
-    /// Records the credits left (writer thread): whether they crossed the low-balance
-    /// threshold downwards since the last time (never without a threshold), and the change
-    /// made (`None`: no threshold).
+    /// Records the figure low-balance edges are measured on (the writer's credits not yet
+    /// spent, a refusal's credits left): whether it crossed the threshold downwards since the
+    /// last time (never without a threshold), and the change made (`None`: no threshold).
     pub(crate) fn note_remaining(&self, remaining: u64) -> (bool, Option<Told>) {
         let Some(l) = self.low_balance.load_full() else {
             return (false, None);

@@ -1351,6 +1351,15 @@ fn a_secrets_hosts_and_version_cannot_be_changed_beside_its_ciphertext() {
         ["evi.example.com"]
     );
     assert_decryption_failed(bearer(&env, "https://evi.example.com/"));
+    // Nor does a rotation (the owner, seeing the secret fail) seal a new value to the
+    // widened hosts: it opens the old value first (found by a reviewer: the new value went
+    // to the edited host).
+    let rotated = env
+        .ledger
+        .secrets()
+        .rotate(&a, "API_KEY", Secret::new("sk-fourth"));
+    assert_decryption_failed(rotated);
+    assert_decryption_failed(bearer(&env, "https://evi.example.com/"));
     let report = env.check();
     assert!(
         report
@@ -1360,6 +1369,39 @@ fn a_secrets_hosts_and_version_cannot_be_changed_beside_its_ciphertext() {
         "{:?}",
         report.problems
     );
+}
+
+/// Of two refreshers of one grant, the loser's `invalid_grant` (it presented the refresh
+/// token the winner spent) stored first does not throw away the winner's result, the only
+/// live grant (found by a reviewer: the owner had to connect again). A refresh begun from
+/// the revoked view is still refused.
+#[test]
+fn a_spent_refresh_tokens_failure_stored_first_does_not_drop_the_winners_grant() {
+    let env = Env::new();
+    let a = env.account("A");
+    let vault = env.ledger.vault();
+    vault
+        .connect(&a, &Provider::Notion, google_grant())
+        .unwrap();
+    let first = vault.get(&a, &Provider::Notion).unwrap();
+    let second = vault.get(&a, &Provider::Notion).unwrap();
+    let refused = normalize_provider_error(&Provider::Notion, 400, r#"{"error":"invalid_grant"}"#);
+    vault.mark_unhealthy(&second.info, refused.kind).unwrap();
+    let rotated = OAuthGrant::new(Secret::new("access-2"))
+        .refresh_token(Secret::new("refresh-2"))
+        .expires_in_secs(3_600);
+    let stored = vault.record_refresh(&first.info, rotated).unwrap();
+    assert_eq!(stored.health, Health::Healthy);
+    let now = vault.get(&a, &Provider::Notion).unwrap();
+    assert_eq!(now.refresh_token.unwrap().expose(), "refresh-2");
+    let revoked = vault
+        .mark_unhealthy(&now.info, ProviderErrorKind::Revoked)
+        .unwrap();
+    let late = OAuthGrant::new(Secret::new("access-3"));
+    assert!(matches!(
+        vault.record_refresh(&revoked, late),
+        Err(Error::Conflict(_))
+    ));
 }
 
 /// The stored connection's metadata (no tokens), as a refresher reads it before a refresh.

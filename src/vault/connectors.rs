@@ -326,8 +326,10 @@ impl<'a> Vault<'a> {
     /// [`get`](Self::get) returned). If the stored grant changed since (the owner connected
     /// again — a new grant, perhaps other scopes or another account at the provider — or
     /// another refresher stored its result first: see [`ConnectionInfo::revision`]), the
-    /// result is refused with `Conflict`, as is one for a revoked connection (the owner must
-    /// connect again).
+    /// result is refused with `Conflict`, as is one begun from a revoked connection (the owner
+    /// must connect again). A revocation of the same grant recorded after the refresh began
+    /// gives way to its result: it may be another refresher's `invalid_grant` for the refresh
+    /// token this refresh spent, and the provider has just answered with a live grant.
     pub fn record_refresh(
         &self,
         refreshed: &ConnectionInfo,
@@ -343,7 +345,15 @@ impl<'a> Vault<'a> {
                 provider,
                 "connector.refreshed",
                 |owner, name, record| {
-                    if matches!(record.health, StoredHealth::Revoked(_)) {
+                    // A revocation recorded since this refresh began, of the grant it began from,
+                    // may be a racing refresher's `invalid_grant` for the refresh token this one
+                    // spent: dropping this result would drop the only live grant (found by a
+                    // reviewer). One begun from a revoked view, or of another grant, is refused.
+                    let revoked = matches!(record.health, StoredHealth::Revoked(_));
+                    if revoked
+                        && (refreshed.health == Health::Revoked
+                            || revision(record) != refreshed.revision)
+                    {
                         return Err(Error::Conflict(format!(
                             "the {name} connection was revoked; the owner must connect again"
                         )));

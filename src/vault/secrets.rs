@@ -312,6 +312,12 @@ impl<'a> Secrets<'a> {
                     Some(v) => codec::decode(v.value())?,
                     None => return Err(Error::NotFound { what: "secret" }),
                 };
+                // The new value keeps the record's hosts and follows its version, so both
+                // must be those sealed with the old value: a row changed beside its
+                // ciphertext (its hosts widened by someone who can write the file) is
+                // refused, not laundered into a value that opens (found by a reviewer).
+                let master = &self.ledger.inner.config.master_key;
+                drop(open_value(master, &owner.public, name, &record)?);
                 record.version = record.version.saturating_add(1);
                 record.sealed = seal_value(
                     &VaultCipher::new(&self.ledger.inner.config.master_key),

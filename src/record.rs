@@ -546,14 +546,11 @@ pub(crate) mod rules {
 
     /// A scope like `quickhits:create`, `quickhits:*` or `*`.
     pub fn scope(field: &'static str, scope: &str) -> Result<String, Error> {
-        let ok_chars = scope
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-' | b'.' | b'*'));
         let star_ok = match scope.find('*') {
             None => true,
             Some(i) => i == scope.len() - 1 && (i == 0 || scope.as_bytes()[i - 1] == b':'),
         };
-        if scope.is_empty() || scope.len() > SCOPE_MAX_CHARS || !ok_chars || !star_ok {
+        if !scope_chars(scope, b"*") || !star_ok {
             return Err(Error::invalid(
                 field,
                 format!(
@@ -567,16 +564,30 @@ pub(crate) mod rules {
     }
 
     /// An entitlement: a scope naming one feature. Wildcards are for permissions; an
-    /// entitlement compares by name, so a `*` in one would never match anything.
+    /// entitlement compares by name, so a `*` in one would never match anything (and its
+    /// refusal says so, rather than offering a scope's wildcard).
     pub fn entitlement(field: &'static str, name: &str) -> Result<String, Error> {
-        let name = scope(field, name)?;
-        if name.contains('*') {
+        if !scope_chars(name, b"") {
             return Err(Error::invalid(
                 field,
-                "an entitlement names one feature: wildcards are for permissions",
+                format!(
+                    "{} is not an entitlement: 1–{SCOPE_MAX_CHARS} of [A-Za-z0-9:_.-], one \
+                     feature's name (wildcards are for permissions)",
+                    shown(name)
+                ),
             ));
         }
-        Ok(name)
+        Ok(name.to_owned())
+    }
+
+    /// 1–[`SCOPE_MAX_CHARS`] bytes, each of a scope's alphabet or of `extra`.
+    fn scope_chars(text: &str, extra: &[u8]) -> bool {
+        (1..=SCOPE_MAX_CHARS).contains(&text.len())
+            && text.bytes().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(b, b':' | b'_' | b'-' | b'.')
+                    || extra.contains(&b)
+            })
     }
 
     /// A list of scopes, deduplicated, order kept.

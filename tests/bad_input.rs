@@ -1249,6 +1249,21 @@ fn wildcard_entitlements_are_refused() {
         let rule = RouteRule::new("/pro/").entitlement(wildcard);
         assert_invalid(t.ledger.routes().set(rule), "entitlement");
     }
+    // A name refused for its characters is not told it may end in a wildcard, which the
+    // next try would be refused for. (Found by a reviewer: it was given a scope's message.)
+    let spaced = NewAccount::new("Acme").entitlements(["pro plan"]);
+    let rule = RouteRule::new("/pro/").entitlement("pro plan");
+    for err in [
+        t.ledger.accounts().create(spaced).unwrap_err(),
+        t.ledger.routes().set(rule).unwrap_err(),
+    ] {
+        let message = err.to_string();
+        assert!(
+            message.contains("`pro plan` is not an entitlement"),
+            "{message}"
+        );
+        assert!(!message.contains("ending in `*`"), "{message}");
+    }
     let plain = NewAccount::new("Acme").entitlements(["pro:reports"]);
     assert!(t.ledger.accounts().create(plain).is_ok());
 }

@@ -1627,3 +1627,47 @@ fn an_unreadable_connector_row_does_not_stop_other_owners_refreshes() {
     assert_eq!(due[0].owner, a);
     assert!(!env.check().is_ok(), "check names the unreadable row");
 }
+
+/// The vault does not follow the owner's subscription (the module's docs say why): a
+/// suspended account's secret still attaches and its grant is still refreshed, while its keys
+/// are refused `subscription_inactive`, which is what stops work done for it.
+#[test]
+fn a_suspended_owners_secrets_and_grants_are_kept_working_while_its_keys_are_refused() {
+    use keyledger::{NewKey, Presented, Request, SubscriptionStatus};
+    let env = Env::new();
+    let owner = env.account("Acme");
+    let created = env.ledger.keys().create(NewKey::new(owner, "ci")).unwrap();
+    let url = "https://api.stripe.com/v1/charges";
+    env.ledger
+        .secrets()
+        .put(
+            &owner,
+            "STRIPE",
+            Secret::new(API_SECRET),
+            ["api.stripe.com"],
+        )
+        .unwrap();
+    env.ledger
+        .vault()
+        .connect(&owner, &Provider::GoogleDrive, google_grant())
+        .unwrap();
+    env.ledger
+        .accounts()
+        .set_status(&owner, SubscriptionStatus::Suspended)
+        .unwrap();
+
+    let presented = Presented::new(created.plaintext.expose()).unwrap();
+    let denial = env
+        .ledger
+        .verify(&Request::new(&presented, "/v1/x"))
+        .unwrap_err();
+    assert_eq!(denial.code(), "subscription_inactive");
+    let header = env.ledger.secrets().bearer(&owner, "STRIPE", url).unwrap();
+    assert_eq!(header.value.expose(), format!("Bearer {API_SECRET}"));
+    let due = env
+        .ledger
+        .vault()
+        .due_for_refresh(env.clock.now().plus_secs(7_200), Duration::ZERO)
+        .unwrap();
+    assert_eq!(due.iter().map(|d| d.owner).collect::<Vec<_>>(), [owner]);
+}

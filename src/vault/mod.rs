@@ -12,6 +12,14 @@
 //! writes only that owner's rows. The one exception is [`Vault::due_for_refresh`], which a
 //! background refresher needs across owners and which therefore returns no secret at all.
 //!
+//! The vault does not look at the owner's subscription: a suspended or canceled account's
+//! secrets still attach and its connections are still listed for refresh. A suspension is
+//! meant to be undone; a grant left to lapse meanwhile (many providers drop refresh tokens
+//! that go unused) would make the customer connect again after paying. What stops work for
+//! such an account is [`Ledger::verify`](crate::Ledger::verify), which refuses its keys with
+//! `subscription_inactive`; a job that acts for an owner without a request in hand checks
+//! [`Accounts::get`](crate::Accounts::get)'s status itself.
+//!
 //! Values are sealed with a random nonce and bound, as associated data, to the owner's public
 //! id, the provider or secret name and the record's schema version: a ciphertext copied to
 //! another row fails with [`Error::DecryptionFailed`](crate::Error::DecryptionFailed). Plaintexts

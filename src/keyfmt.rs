@@ -182,13 +182,16 @@ impl KeyFormat {
         Ok(KeyClass::Legacy)
     }
 
-    /// Whether `text` holds a key this format accepts anywhere: one of its own (glued to
-    /// other characters or not, checksum checked), or a legacy prefix at the start of a word
-    /// followed by at least 16 characters of `[A-Za-z0-9_-]` among which a letter and a digit,
-    /// as other systems' random keys have (found by a reviewer: a legacy key given as a name
-    /// was stored and listed in clear). Legacy keys carry no checksum, so this is a likeness:
-    /// one of other characters, or without a digit, is not found; a word of letters and
-    /// digits that long after such a prefix is refused as one.
+    /// Whether `text` holds a key this format accepts anywhere, or most of one: one of its
+    /// own prefixes (glued to other characters or not) followed by a whole body's worth of
+    /// base62 characters, or by half of one with a letter and a digit among them, whatever
+    /// follows (found by a reviewer: a key cut before its checksum, which anyone can work out
+    /// again, was kept as a change's actor); or a legacy prefix at the start of a word
+    /// followed by at least 16 characters of `[A-Za-z0-9_-]` among which a letter and a
+    /// digit, as other systems' random keys have (found by a reviewer: a legacy key given as
+    /// a name was stored and listed in clear). These are likenesses: a run without a digit is
+    /// not found, and a word of letters and digits that long after such a prefix is refused
+    /// as a key.
     ///
     /// Every place a prefix starts is tried, overlapping ones too: with a prefix such as
     /// `ab_ab_`, which ends as it begins, `ab_` glued before a key makes a false start that
@@ -203,8 +206,10 @@ impl KeyFormat {
             starts()
                 .filter(|(_, rest)| rest.starts_with(prefix.as_str()))
                 .any(|(_, rest)| {
-                    let key = rest.get(..prefix.len() + BODY_LEN + CHECKSUM_LEN);
-                    key.is_some_and(|key| self.parse(key).is_ok())
+                    let body = key_run(&rest[prefix.len()..], BODY_LEN + CHECKSUM_LEN, |b| {
+                        b.is_ascii_alphanumeric()
+                    });
+                    body.len() >= BODY_LEN || random_looking(body, BODY_LEN / 2)
                 })
         });
         let word_start = |at: usize| !text[..at].ends_with(|c: char| c.is_ascii_alphanumeric());
@@ -212,14 +217,10 @@ impl KeyFormat {
             starts()
                 .filter(|&(at, rest)| rest.starts_with(prefix.as_str()) && word_start(at))
                 .any(|(_, rest)| {
-                    let key_char = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-');
-                    let body = &rest.as_bytes()[prefix.len()..];
-                    let body = &body[..body.len().min(*LEGACY_BODY_LEN.end())];
-                    let body =
-                        &body[..body.iter().position(|b| !key_char(b)).unwrap_or(body.len())];
-                    body.len() >= *LEGACY_BODY_LEN.start()
-                        && body.iter().any(u8::is_ascii_digit)
-                        && body.iter().any(u8::is_ascii_alphabetic)
+                    let body = key_run(&rest[prefix.len()..], *LEGACY_BODY_LEN.end(), |b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')
+                    });
+                    random_looking(body, *LEGACY_BODY_LEN.start())
                 })
         })
     }
@@ -263,6 +264,21 @@ impl KeyFormat {
                     .then_some(KeyClass::Legacy)
             })
     }
+}
+
+/// The run of key characters that `after` (what follows a prefix) starts with, `max` bytes at
+/// most.
+fn key_run(after: &str, max: usize, key_char: impl Fn(u8) -> bool) -> &[u8] {
+    let run = &after.as_bytes()[..after.len().min(max)];
+    &run[..run.iter().position(|&b| !key_char(b)).unwrap_or(run.len())]
+}
+
+/// Whether `run` looks like a random key's characters: `min` or more, a letter and a digit
+/// among them.
+fn random_looking(run: &[u8], min: usize) -> bool {
+    run.len() >= min
+        && run.iter().any(u8::is_ascii_digit)
+        && run.iter().any(u8::is_ascii_alphabetic)
 }
 
 fn encode_checksum(mut crc: u32) -> [u8; CHECKSUM_LEN] {
@@ -592,6 +608,38 @@ mod tests {
         // the first 100 after the prefix, as in any legacy key.
         assert!(f.holds_key(&format!("sk_live_a1{}", "x".repeat(200))));
         assert!(!f.holds_key(&format!("sk_live_{}1", "x".repeat(200))));
+    }
+
+    /// Most of a key of this format's own is a key: its checksum is a public function of
+    /// what comes before it. Half a body with a letter and a digit is refused too; words
+    /// after a prefix are not.
+    #[test]
+    fn most_of_an_own_key_is_found_and_words_after_a_prefix_are_not() {
+        let f = format();
+        for class in [KeyClass::Live, KeyClass::Test, KeyClass::Token] {
+            let key = f.generate(class).unwrap();
+            let key = key.expose();
+            let unsigned = &key[..key.len() - CHECKSUM_LEN];
+            for text in [
+                unsigned.to_owned(),
+                key[..key.len() - 1].to_owned(),
+                format!("{unsigned}XXXXXX"),
+                format!("admin via {unsigned}, see ticket"),
+            ] {
+                assert!(f.holds_key(&text), "{text}");
+            }
+        }
+        for text in [
+            "vb_live_",
+            "vb_live_migration_key",
+            "vb_live_ProductionKeyForBillingTeam",
+            "vb_test_0123456789abcd",
+            "vb_tok_ab12",
+        ] {
+            assert!(!f.holds_key(text), "{text}");
+        }
+        // Half a body (a fixed one: half of a random body lacks a digit one time in 17).
+        assert!(f.holds_key("x vb_test_0123456789abcdeF"));
     }
 
     #[test]

@@ -123,6 +123,33 @@ fn a_key_after_a_false_start_of_a_self_overlapping_prefix_is_refused() {
     }
 }
 
+/// A key cut before its checksum (or one character short) is as good as the key: the
+/// checksum is worked out from what comes before it. Such text is refused as an actor, which
+/// the audit trail keeps, and as a name. (Found by a reviewer: only a whole key with a valid
+/// checksum was refused, and `by("vb_live_<body>")` put the key's secret in the trail.)
+#[test]
+fn most_of_a_key_is_refused_wherever_a_whole_one_is() {
+    let (t, owner, _) = setup();
+    let (_, plaintext) = t.key(&owner, "admin key");
+    let _guard = Unchanged::new(&t);
+    let unsigned = &plaintext[..plaintext.len() - 6];
+    for given in [
+        unsigned.to_owned(),
+        plaintext[..plaintext.len() - 1].to_owned(),
+        format!("admin via {unsigned}"),
+    ] {
+        let refused = t
+            .ledger
+            .accounts()
+            .by(given.as_str())
+            .create(NewAccount::new("B"))
+            .unwrap_err();
+        assert!(refused.to_string().contains("API key"), "{refused}");
+        assert!(!refused.to_string().contains(unsigned), "never echoed");
+        assert_invalid(t.ledger.keys().create(NewKey::new(owner, &given)), "name");
+    }
+}
+
 #[test]
 fn a_key_given_as_a_name_or_type_is_refused() {
     // Found by a reviewer: a client that sent a key's value as a new key's name had it

@@ -1,7 +1,7 @@
 //! The audit trail: an append-only table of lifecycle events, written in the same transaction
 //! as the change it records. Events carry names and public ids, never values.
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::{AccessGuard, ReadableTable, StorageError, WriteTransaction};
 
 use crate::clock::Timestamp;
 use crate::codec;
@@ -75,45 +75,66 @@ pub struct Audit<'a> {
 }
 
 impl Audit<'_> {
-    /// Events with `seq > after`, oldest first, at most `limit` (capped at 1,000).
+    /// Events with `seq > after`, oldest first, at most `limit` (capped at 1,000). A page
+    /// ends before an event that does not decode (a damaged file); a page that would start
+    /// with one fails with an error naming its number, to read on after. So a page can be
+    /// shorter than `limit` before the trail's end: the end is an empty page.
     pub fn since(&self, after: u64, limit: usize) -> Result<Vec<AuditEvent>> {
         self.ledger.guarded(|| {
             let read = self.ledger.inner.store.begin_read()?;
             let bound = self.ledger.inner.store.durable_audit_bound()?;
             let table = read.open_table(AUDIT)?;
-            let mut out = Vec::new();
             let from = after.saturating_add(1);
             let events = match bound {
-                Some(last) if last < from => return Ok(out),
+                Some(last) if last < from => return Ok(Vec::new()),
                 Some(last) => table.range(from..=last)?,
                 None => table.range(from..)?,
             };
-            for entry in events.take(limit.min(1000)) {
-                let (seq, bytes) = entry?;
-                out.push(decode(seq.value(), bytes.value())?);
-            }
-            Ok(out)
+            read_page(events.take(limit.min(1000)))
         })
     }
 
-    /// The newest `limit` events, newest first (capped at 1,000).
+    /// The newest `limit` events, newest first (capped at 1,000), ending before a damaged
+    /// one as [`since`](Self::since) does.
     pub fn recent(&self, limit: usize) -> Result<Vec<AuditEvent>> {
         self.ledger.guarded(|| {
             let read = self.ledger.inner.store.begin_read()?;
             let bound = self.ledger.inner.store.durable_audit_bound()?;
             let table = read.open_table(AUDIT)?;
-            let mut out = Vec::new();
             let events = match bound {
                 Some(last) => table.range(..=last)?,
                 None => table.range(0..)?,
             };
-            for entry in events.rev().take(limit.min(1000)) {
-                let (seq, bytes) = entry?;
-                out.push(decode(seq.value(), bytes.value())?);
-            }
-            Ok(out)
+            read_page(events.rev().take(limit.min(1000)))
         })
     }
+}
+
+/// The events of a page, in the order given, up to a damaged one: a page that would start
+/// with one fails, naming it. An exporter paging with [`Audit::since`] so gets every event
+/// before the damaged one, then its number to read on after (found by a reviewer: the whole
+/// page failed, and a reader that skipped to the named event lost the good ones before it).
+fn read_page(
+    events: impl Iterator<
+        Item = Result<
+            (
+                AccessGuard<'static, u64>,
+                AccessGuard<'static, &'static [u8]>,
+            ),
+            StorageError,
+        >,
+    >,
+) -> Result<Vec<AuditEvent>> {
+    let mut out = Vec::new();
+    for entry in events {
+        let (seq, bytes) = entry?;
+        match decode(seq.value(), bytes.value()) {
+            Ok(event) => out.push(event),
+            Err(_) if !out.is_empty() => break,
+            Err(damaged) => return Err(damaged),
+        }
+    }
+    Ok(out)
 }
 
 /// Event `seq`, or an error naming it: a reader exporting the trail can skip a damaged

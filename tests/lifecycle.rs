@@ -1341,9 +1341,11 @@ mod damaged {
         );
     }
 
-    /// A damaged audit event fails the pages that hold it with an error naming its sequence
-    /// number, so an exporter can read on past it (a reviewer's suggestion: the error named
-    /// no event, and a reader walking the trail stalled there).
+    /// A page of the audit trail ends before a damaged event, and a page that would start
+    /// with it fails with an error naming its sequence number, so an exporter reads every
+    /// good event and on past the damaged one (reviewers: the error named no event, and a
+    /// reader walking the trail stalled there; then, the whole page failed, and a reader
+    /// skipping to the named event lost the good ones before it).
     #[test]
     fn a_damaged_audit_event_is_named_and_the_trail_reads_on_past_it() {
         const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
@@ -1356,13 +1358,22 @@ mod damaged {
         });
         let ledger = Ledger::open(&path, config).unwrap();
         let audit = ledger.audit();
-        for failed in [audit.since(0, 10), audit.since(1, 1), audit.recent(1_000)] {
+        let seqs =
+            |page: Vec<keyledger::AuditEvent>| page.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(audit.since(0, 10).unwrap()), [1]);
+        for failed in [audit.since(1, 1), audit.since(1, 10)] {
             let e = failed.unwrap_err();
             assert!(matches!(e, Error::Codec(_)), "{e}");
             assert!(e.to_string().contains("event 2 ("), "{e}");
         }
-        assert_eq!(audit.since(0, 1).unwrap()[0].seq, 1);
-        assert_eq!(audit.since(2, 1).unwrap()[0].seq, 3);
+        let after = seqs(audit.since(2, 1_000).unwrap());
+        assert_eq!(after[0], 3);
+        let newest_first: Vec<u64> = after.iter().rev().copied().collect();
+        assert_eq!(
+            seqs(audit.recent(1_000).unwrap()),
+            newest_first,
+            "down to event 3"
+        );
     }
 
     /// A record of a newer schema (a newer build wrote it, its checksum intact) is named as

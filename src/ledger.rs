@@ -260,21 +260,29 @@ impl Ledger {
         Ok(label)
     }
 
-    /// Refuses `texts` if one holds an API key (of this ledger's prefixes), without echoing
-    /// it: permissions, IP ranges, metadata and entitlements are shown in listings, and an
-    /// error naming a rejected value would repeat the key in logs.
+    /// Refuses `texts` if one holds an API key (of this ledger's prefixes) or the ledger's
+    /// master key, without echoing it: permissions, IP ranges, metadata and entitlements are
+    /// shown in listings, and an error naming a rejected value would repeat the key in logs.
     pub(crate) fn holding_no_key<'t>(
         &self,
         field: &'static str,
         texts: impl IntoIterator<Item = &'t str>,
     ) -> Result<()> {
-        match texts.into_iter().any(|t| self.inner.format.holds_key(t)) {
-            true => Err(Error::invalid(
-                field,
-                "it holds an API key, which would be shown in every listing",
-            )),
-            false => Ok(()),
+        for text in texts {
+            if self.inner.format.holds_key(text) {
+                return Err(Error::invalid(
+                    field,
+                    "it holds an API key, which would be shown in every listing",
+                ));
+            }
+            if self.inner.config.master_key.appears_in(text) {
+                return Err(Error::invalid(
+                    field,
+                    "it holds the ledger's master key, which would be kept in clear",
+                ));
+            }
         }
+        Ok(())
     }
 
     /// Checks who makes a change (`by(…)`): the text rules of `rules::actor`, and no API

@@ -8,6 +8,7 @@
 use std::fmt;
 use std::path::Path;
 
+use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::error::ConfigError;
@@ -105,6 +106,32 @@ impl MasterKey {
             text.push(HEX[(b & 15) as usize] as char);
         }
         Secret(text)
+    }
+
+    /// Whether `text` holds this key in hex, either case, anywhere in it: such text is
+    /// refused wherever it would be stored or listed in clear (a master key pasted as an
+    /// actor or a permission was kept in the file and in the audit trail for good). Every
+    /// place is compared in constant time, so the time taken says nothing of how near a
+    /// text came.
+    pub(crate) fn appears_in(&self, text: &str) -> bool {
+        const NOT_HEX: u8 = 0xFF;
+        let digits = 2 * Self::LEN;
+        if text.len() < digits {
+            return false;
+        }
+        let ours: Zeroizing<Vec<u8>> =
+            Zeroizing::new(self.0.iter().flat_map(|b| [b >> 4, b & 15]).collect());
+        let theirs: Zeroizing<Vec<u8>> = Zeroizing::new(
+            text.bytes()
+                .map(|b| (b as char).to_digit(16).map_or(NOT_HEX, |d| d as u8))
+                .collect(),
+        );
+        let found = theirs
+            .windows(digits)
+            .fold(subtle::Choice::from(0), |found, place| {
+                found | ours.ct_eq(place)
+            });
+        found.into()
     }
 
     /// Reads a key file. On Unix the file must not be readable by group or others (mode 0600).
@@ -232,6 +259,30 @@ mod tests {
         assert_eq!(format!("{s:?}"), "Secret(***)");
         assert_eq!(format!("{s}"), "Secret(***)");
         assert_eq!(s.expose(), "vb_live_supersecret");
+    }
+
+    #[test]
+    fn a_master_key_is_found_in_text_in_either_case_and_nowhere_it_is_not_whole() {
+        let key = MasterKey::generate().unwrap();
+        let hex = key.to_hex().expose().to_owned();
+        for text in [
+            hex.clone(),
+            hex.to_uppercase(),
+            format!("by {hex}, on call"),
+            format!("0{hex}f"),
+            format!("\u{e9}{}{}", &hex[..32], hex[32..].to_uppercase()),
+        ] {
+            assert!(key.appears_in(&text), "{text}");
+        }
+        let other = MasterKey::generate().unwrap().to_hex().expose().to_owned();
+        for text in [
+            hex[..63].to_owned(),
+            format!("{} {}", &hex[..32], &hex[32..]),
+            other,
+            String::new(),
+        ] {
+            assert!(!key.appears_in(&text), "{text}");
+        }
     }
 
     #[test]

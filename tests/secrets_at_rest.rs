@@ -390,3 +390,82 @@ fn a_new_database_file_is_readable_by_its_owner_only() {
     );
     drop(reopened);
 }
+
+/// The master key pasted where text goes — an actor (kept in the audit trail for good), a
+/// permission, metadata, an entitlement, a route, a secret's name, an OAuth scope — is
+/// refused without being repeated, and the file never holds it. (Found by a reviewer: every
+/// one of these was stored in clear and listed.)
+#[test]
+fn the_master_key_given_as_text_is_refused_everywhere_and_never_stored() {
+    use keyledger::{NewAccount, OAuthGrant, Provider, Secret};
+    let t = TestLedger::new();
+    let hex = t.master.to_hex().expose().to_owned();
+    let shouted = hex.to_uppercase();
+    let owner = t.account("Acme");
+    let l = &t.ledger;
+    let new = || NewKey::new(owner, "k");
+    let grant = |scope: &str| OAuthGrant::new(Secret::new("t")).scopes([scope]);
+    let attempts: Vec<(&str, Result<(), Error>)> = vec![
+        ("actor", l.keys().by(&hex).create(new()).map(drop)),
+        (
+            "actor",
+            l.accounts()
+                .by(format!("ops {shouted}"))
+                .create(NewAccount::new("B"))
+                .map(drop),
+        ),
+        (
+            "permissions",
+            l.keys().create(new().permissions([hex.as_str()])).map(drop),
+        ),
+        (
+            "metadata",
+            l.keys().create(new().metadata("note", &hex)).map(drop),
+        ),
+        (
+            "metadata",
+            l.keys().create(new().metadata(&hex, "x")).map(drop),
+        ),
+        (
+            "entitlements",
+            l.accounts()
+                .create(NewAccount::new("E").entitlements([hex.as_str()]))
+                .map(drop),
+        ),
+        (
+            "prefix",
+            l.routes().set(RouteRule::new(format!("/{hex}/"))).map(drop),
+        ),
+        (
+            "permission",
+            l.routes()
+                .set(RouteRule::new("/r/").permission(&hex))
+                .map(drop),
+        ),
+        (
+            "name",
+            l.secrets()
+                .put(&owner, &hex, Secret::new("v"), ["a.example.com"])
+                .map(drop),
+        ),
+        (
+            "scopes",
+            l.vault()
+                .connect(&owner, &Provider::Notion, grant(&hex))
+                .map(drop),
+        ),
+    ];
+    for (field, result) in attempts {
+        let refused = result.unwrap_err();
+        let said = format!("{refused} {refused:?}");
+        assert!(
+            matches!(&refused, Error::InvalidInput { field: f, .. } if *f == field),
+            "{said}"
+        );
+        assert!(said.contains("master key"), "{said}");
+        assert!(!said.to_lowercase().contains(&hex), "never echoed: {said}");
+    }
+    let (_dir, path, _) = t.close();
+    let raw = std::fs::read(&path).unwrap();
+    assert!(!contains(&raw, hex.as_bytes()) && !contains(&raw, shouted.as_bytes()));
+}

@@ -1667,3 +1667,48 @@ fn a_401_for_a_caller_changed_mid_request_carries_www_authenticate() {
         );
     }
 }
+
+#[test]
+fn keyless_clients_that_never_read_are_let_go_at_the_write_deadline() {
+    // Found by a reviewer: clients with no key that pipelined requests for an unknown path
+    // and never read the answers held every connection the server allows, for good (hyper
+    // has no write deadline), and a keyed client waited in the backlog behind them.
+    use std::io::{ErrorKind, Read, Write};
+    use std::time::Duration;
+    // At most two connections; a 1 s header and write deadline (main.rs: 512, 10 s).
+    let s = Server::start_capped_with(2, Duration::from_secs(1));
+    let hogs: Vec<_> = (0..2)
+        .map(|_| {
+            let conn = std::net::TcpStream::connect(s.addr).unwrap();
+            let mut writer = conn.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let many = b"GET /nope HTTP/1.1\r\nhost: x\r\n\r\n".repeat(1000);
+                for _ in 0..20 {
+                    if writer.write_all(&many).is_err() {
+                        break;
+                    }
+                }
+            });
+            conn // never read
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3)); // three write deadlines
+    let mut keyed = std::net::TcpStream::connect(s.addr).unwrap();
+    let auth = format!("Bearer {}", s.admin);
+    let request = format!("GET /v2/keys HTTP/1.1\r\nhost: x\r\nauthorization: {auth}\r\n\r\n");
+    keyed.write_all(request.as_bytes()).unwrap();
+    keyed
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut status = [0u8; 12];
+    let got = keyed.read_exact(&mut status);
+    drop(hogs);
+    if let Err(e) = &got {
+        assert!(
+            !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            "a keyed client waited 10 s behind two keyless clients that stopped reading"
+        );
+    }
+    got.unwrap();
+    assert_eq!(&status, b"HTTP/1.1 200");
+}

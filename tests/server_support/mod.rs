@@ -66,6 +66,12 @@ impl Server {
         )
     }
 
+    /// A server holding at most `connections` open at once, whose header and write deadline
+    /// is `deadline`.
+    pub fn start_capped_with(connections: usize, deadline: std::time::Duration) -> Server {
+        Server::launch(AuthMode::On, connections, deadline)
+    }
+
     fn launch(
         auth: AuthMode,
         max_connections: usize,

@@ -16,6 +16,7 @@ mod bounds;
 pub mod envelope;
 mod generate;
 mod manage;
+mod stall;
 
 use std::sync::Arc;
 
@@ -110,7 +111,9 @@ pub struct App {
     /// answered 408 and its grant dropped (refunded), and how long a management request's
     /// body may take to arrive: 30 s in `main.rs`.
     pub request_deadline: std::time::Duration,
-    /// How long a client may take to send a request's headers: 10 s in `main.rs`.
+    /// How long a client may take to send a request's headers, and how long a write of a
+    /// response may wait for the client to read before the connection is closed: 10 s in
+    /// `main.rs`.
     pub header_deadline: std::time::Duration,
     /// Connections [`serve`] holds open at once ([`MAX_CONNECTIONS`] in `main.rs`): past
     /// it, new ones wait in the listen backlog until one closes.
@@ -181,13 +184,20 @@ pub fn bootstrap(ledger: &Ledger) -> keyledger::Result<Bootstrap> {
 /// (1,024 by default), which the ledger needs some of.
 pub const MAX_CONNECTIONS: usize = 512;
 
+/// The most of a connection's input read and not yet answered (a request's headers must
+/// fit in it): 64 KiB, not hyper's 400 KiB, so that `max_connections` clients pipelining
+/// requests hold at most 32 MiB of them.
+pub const READ_AHEAD: usize = 64 << 10;
+
 /// Serves `app` on `listener` until `shutdown` resolves, then waits for the connections
 /// still open (the caller bounds that wait). Each request carries its connection's peer
 /// address (`ConnectInfo`), which the auth layer checks against keys' IP allowlists.
 ///
-/// A connection idle for `header_deadline` (new, or kept alive after a response) is closed.
-/// One whose client stops *reading* its responses is not: it holds one of the
-/// `max_connections` until the client reads again or leaves (hyper has no write deadline).
+/// A connection idle for `header_deadline` (new, or kept alive after a response) is closed,
+/// and so is one whose client stops *reading* its responses for as long ([`stall`]: hyper
+/// has no write deadline, so clients that pipelined requests and never read held every one
+/// of the `max_connections` for good, with no key). A client that pipelines requests has at
+/// most [`READ_AHEAD`] bytes of them read ahead.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Arc<App>,
@@ -199,7 +209,9 @@ pub async fn serve(
     // `axum::serve` sets no header deadline: a client trickling header lines, with no key
     // yet, could hold a connection for ever.
     http.timer(TokioTimer::new())
-        .header_read_timeout(app.header_deadline);
+        .header_read_timeout(app.header_deadline)
+        .max_buf_size(READ_AHEAD);
+    let write_deadline = app.header_deadline;
     let connections = app.max_connections;
     let router = router(app);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -238,6 +250,7 @@ pub async fn serve(
             // A `Router` is always ready (its `poll_ready` never waits).
             tower_service::Service::call(&mut router.clone(), req.map(axum::body::Body::new))
         });
+        let stream = stall::WriteDeadline::new(stream, write_deadline);
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             let _ = connection.await;

@@ -1712,3 +1712,38 @@ fn keyless_clients_that_never_read_are_let_go_at_the_write_deadline() {
     got.unwrap();
     assert_eq!(&status, b"HTTP/1.1 200");
 }
+
+#[test]
+fn a_slow_handler_is_answered_504_not_408_and_is_not_charged() {
+    // Found by a reviewer: one deadline covered the body and the handler, so a slow handler
+    // was answered 408 "a body sent too slowly?", which invites a resend of the POST.
+    let g = server_support::Guarded::start(std::time::Duration::from_secs(1));
+    let r = g.post("/api/v1/quickhits/slow").unwrap();
+    let v = refused(&r, 504, "server_timeout");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(!message.contains("body"), "{message}");
+    assert!(message.contains("nothing was charged"), "{message}");
+    assert_eq!(g.spent(), (0, Some(10)));
+}
+
+#[test]
+fn the_request_deadline_bounds_the_body_and_then_the_handler_apart() {
+    // A body that takes 0.6 s of a 1 s deadline, then a handler that takes 0.7 s: neither
+    // is late, so the request succeeds and is charged (one deadline over both said 408).
+    use std::io::{Read, Write};
+    let g = server_support::Guarded::start(std::time::Duration::from_secs(1));
+    let mut conn = std::net::TcpStream::connect(g.addr).unwrap();
+    let head = format!(
+        "POST /api/v1/quickhits/echo HTTP/1.1\r\nhost: x\r\nx-api-key: {}\r\n\
+         connection: close\r\ncontent-length: 10\r\n\r\nhello",
+        g.key
+    );
+    conn.write_all(head.as_bytes()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    conn.write_all(b"world").unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("helloworld"), "{answer}");
+    assert_eq!(g.spent(), (1, Some(9)));
+}

@@ -193,7 +193,7 @@ fn run() -> Result<(), String> {
     ledger.close().map_err(|e| format!("close: {e}"))
 }
 
-/// How long a verified generation request may take, body included (`App::request_deadline`).
+/// How long a verified request's body may take, then its handler (`App::request_deadline`).
 const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How long a client may take to send a request's headers (`App::header_deadline`).

@@ -189,3 +189,108 @@ impl Server {
         }
     }
 }
+
+/// The example's auth guard ([`app::auth::guard`], with the generation routes' deadline) in
+/// front of handlers of a server author's own, under `/api/v1/quickhits/`:
+/// `fail` answers 502 (an upstream failed), `panic` panics, `slow` sleeps 1.5 s, and
+/// `echo` reads its body, then sleeps 0.7 s and answers it.
+pub struct Guarded {
+    /// Dropped first: stops the server's tasks before the ledger closes.
+    runtime: tokio::runtime::Runtime,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The ledger behind it.
+    pub ledger: Ledger,
+    /// A key with permissions `*` and 10 credits.
+    pub key: String,
+    /// Its public id.
+    pub key_id: PublicId,
+    _dir: tempfile::TempDir,
+}
+
+impl Guarded {
+    /// The guard with `deadline`, on a fresh database.
+    pub fn start(deadline: std::time::Duration) -> Guarded {
+        use axum::middleware::from_fn_with_state;
+        use axum::routing::post;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config::builder()
+            .master_key(MasterKey::generate().expect("master key"))
+            .build()
+            .expect("config");
+        let ledger = Ledger::open(dir.path().join("keys.redb"), config).expect("open");
+        let boot = app::bootstrap(&ledger).expect("bootstrap");
+        let created = ledger
+            .keys()
+            .create(
+                keyledger::NewKey::new(boot.account.as_str(), "ten")
+                    .permissions(["*"])
+                    .credits(10),
+            )
+            .expect("key");
+        let state = Arc::new(App {
+            ledger: ledger.clone(),
+            auth: AuthMode::On,
+            default_owner: boot.account,
+            request_deadline: deadline,
+            header_deadline: Duration::from_secs(10),
+            max_connections: 16,
+        });
+        async fn fail() -> axum::http::StatusCode {
+            axum::http::StatusCode::BAD_GATEWAY
+        }
+        async fn panic() -> &'static str {
+            panic!("the author's handler has a bug")
+        }
+        async fn slow() -> &'static str {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            "done"
+        }
+        async fn echo(body: String) -> String {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            body
+        }
+        let guard = app::auth::Guard::new(&state, app::envelope::generation_refusal, false)
+            .deadline(deadline);
+        let router: axum::Router = axum::Router::new()
+            .route("/api/v1/quickhits/fail", post(fail))
+            .route("/api/v1/quickhits/panic", post(panic))
+            .route("/api/v1/quickhits/slow", post(slow))
+            .route("/api/v1/quickhits/echo", post(echo))
+            .route_layer(from_fn_with_state(guard, app::auth::guard))
+            .with_state(state);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        runtime.spawn(async move {
+            let make = router.into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(listener, make).await.expect("serve");
+        });
+        Guarded {
+            runtime,
+            addr,
+            ledger,
+            key: created.plaintext.expose().to_owned(),
+            key_id: created.info.id,
+            _dir: dir,
+        }
+    }
+
+    /// `POST path` with the key and no body, on a new connection.
+    pub fn post(&self, path: &str) -> std::io::Result<Response> {
+        http::call(self.addr, "POST", path, &[("x-api-key", &self.key)], None)
+    }
+
+    /// The key's credits spent and left.
+    pub fn spent(&self) -> (u64, Option<u64>) {
+        let usage = self.ledger.credits().usage(&self.key_id).expect("usage");
+        (usage.spent, usage.remaining)
+    }
+}

@@ -68,9 +68,13 @@ pub enum Refusal {
     Header(HeaderError),
     /// `Ledger::verify` said no.
     Denied(Denial),
-    /// The request (its body, or its handler) did not finish within the app's
-    /// `request_deadline`: the grant was dropped, refunding its reservation.
-    TimedOut(Duration),
+    /// The request's body did not arrive within the guard's deadline: the grant was
+    /// dropped, refunding its reservation.
+    BodyTimedOut(Duration),
+    /// The handler did not answer within the guard's deadline once the body had arrived:
+    /// the grant was dropped, refunding its reservation. The client is not to blame, so this
+    /// is no 408 (which invites a client or proxy to send the request again, even a POST).
+    HandlerTimedOut(Duration),
 }
 
 impl Refusal {
@@ -80,13 +84,15 @@ impl Refusal {
         match self {
             Refusal::Denied(d) => d.http_status(),
             Refusal::Header(e) => e.http_status(),
-            Refusal::TimedOut(_) => 408,
+            Refusal::BodyTimedOut(_) => 408,
+            Refusal::HandlerTimedOut(_) => 504,
         }
     }
 
     /// Stable machine-readable code: the denial's (`not_found`, `rate_limited`…), or
     /// `missing_key`, `unsupported_scheme`, `conflicting_keys`, `malformed` for header
-    /// problems, `request_timeout` for a request past its deadline.
+    /// problems, `request_timeout` for a body that did not arrive in time, `server_timeout`
+    /// for a handler that did not answer in time.
     pub fn code(&self) -> &'static str {
         match self {
             Refusal::Denied(d) => d.code(),
@@ -94,7 +100,8 @@ impl Refusal {
             Refusal::Header(HeaderError::UnsupportedScheme) => "unsupported_scheme",
             Refusal::Header(HeaderError::Conflict) => "conflicting_keys",
             Refusal::Header(_) => "malformed",
-            Refusal::TimedOut(_) => "request_timeout",
+            Refusal::BodyTimedOut(_) => "request_timeout",
+            Refusal::HandlerTimedOut(_) => "server_timeout",
         }
     }
 
@@ -102,10 +109,13 @@ impl Refusal {
     pub fn message(&self) -> String {
         match self {
             Refusal::Header(e) => e.to_string(),
-            Refusal::TimedOut(limit) => format!(
-                "the request did not complete within {} s (a body sent too slowly?); \
-                 nothing was charged",
-                limit.as_secs()
+            Refusal::BodyTimedOut(limit) => format!(
+                "the request body did not arrive within {} s; nothing was charged",
+                limit.as_secs_f64()
+            ),
+            Refusal::HandlerTimedOut(limit) => format!(
+                "the server did not finish this request within {} s; nothing was charged",
+                limit.as_secs_f64()
             ),
             Refusal::Denied(d) => match d {
                 Denial::Malformed(why) => format!("malformed API key: {why}"),
@@ -133,7 +143,7 @@ impl Refusal {
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             Refusal::Denied(d) => d.retry_after().map(retry_after_secs),
-            Refusal::Header(_) | Refusal::TimedOut(_) => None,
+            Refusal::Header(_) | Refusal::BodyTimedOut(_) | Refusal::HandlerTimedOut(_) => None,
         }
     }
 }
@@ -209,7 +219,8 @@ pub struct Guard {
     with_caller: bool,
     /// The caller every request acts as when auth is off.
     anonymous: Caller,
-    /// How long a verified request may take, body included ([`Guard::deadline`]).
+    /// How long a verified request's body may take to arrive, and then its handler to
+    /// answer ([`Guard::deadline`]).
     deadline: Option<Duration>,
 }
 
@@ -230,10 +241,15 @@ impl Guard {
         }
     }
 
-    /// Answers a request still running after `limit` with 408 and drops its grant, refunding
-    /// the reservation: a client trickling its body must not hold credits (or a graceful
-    /// shutdown) for ever. Only for handlers that may be stopped at any await: the blocking
-    /// ledger write a management handler starts would still commit after the 408.
+    /// Answers a request whose body has not all arrived `limit` after it was verified with
+    /// 408, and one whose handler has not answered `limit` after that (or after it dropped
+    /// the body unread) with 504, dropping its grant either way, which refunds the
+    /// reservation: a client trickling its body, or a handler stuck on an upstream, must not
+    /// hold credits (or a graceful shutdown) for ever. The client is told 408 only when its
+    /// body was late (found by a reviewer: a slow handler was answered 408 "a body sent too
+    /// slowly?", which invites a resend of a POST). Only for handlers that may be stopped at
+    /// any await: the blocking ledger write a management handler starts would still commit
+    /// after the answer.
     pub fn deadline(mut self, limit: Duration) -> Guard {
         self.deadline = Some(limit);
         self
@@ -280,11 +296,11 @@ pub async fn guard(State(guard): State<Guard>, mut req: Request, next: Next) -> 
     // The grant is held until the request ends, body included.
     let mut response = match guard.deadline {
         None => next.run(req).await,
-        Some(limit) => match tokio::time::timeout(limit, next.run(req)).await {
+        Some(limit) => match within(limit, req, next).await {
             Ok(response) => response,
-            Err(_) => {
+            Err(refusal) => {
                 drop(grant); // refunds the reservation
-                return (guard.refuse)(&Refusal::TimedOut(limit));
+                return (guard.refuse)(&refusal);
             }
         },
     };
@@ -297,4 +313,59 @@ pub async fn guard(State(guard): State<Guard>, mut req: Request, next: Next) -> 
         drop(grant); // the handler failed: refund the reservation
     }
     response
+}
+
+/// Runs the handler with `limit` for its body to arrive, then `limit` for it to answer.
+async fn within(limit: Duration, req: Request, next: Next) -> Result<Response, Refusal> {
+    let (read, mut body_read) = tokio::sync::oneshot::channel();
+    let req = req.map(|inner| {
+        axum::body::Body::new(Watched {
+            inner,
+            read: Some(read),
+        })
+    });
+    let handler = next.run(req);
+    tokio::pin!(handler);
+    let body_late = tokio::time::sleep(limit);
+    tokio::select! {
+        biased;
+        response = &mut handler => return Ok(response),
+        // The body ended, failed, or was dropped unread: the handler has it all.
+        _ = &mut body_read => {}
+        () = body_late => return Err(Refusal::BodyTimedOut(limit)),
+    }
+    tokio::time::timeout(limit, handler)
+        .await
+        .map_err(|_| Refusal::HandlerTimedOut(limit))
+}
+
+/// A request body that tells [`within`] when it is over: when it ends or fails, or is
+/// dropped (its sender with it).
+struct Watched {
+    inner: axum::body::Body,
+    read: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl axum::body::HttpBody for Watched {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None | Some(Err(_))) = &polled {
+            self.read = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -107,9 +107,9 @@ pub struct App {
     pub auth: AuthMode,
     /// The account requests act as when auth is off.
     pub default_owner: PublicId,
-    /// How long a verified generation request may take, body included, before it is
-    /// answered 408 and its grant dropped (refunded), and how long a management request's
-    /// body may take to arrive: 30 s in `main.rs`.
+    /// How long a verified request's body may take to arrive before it is answered 408,
+    /// and then how long a generation handler may take before it is answered 504 (its grant
+    /// dropped, refunded, either way): 30 s in `main.rs`.
     pub request_deadline: std::time::Duration,
     /// How long a client may take to send a request's headers, and how long a write of a
     /// response may wait for the client to read before the connection is closed: 10 s in

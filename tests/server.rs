@@ -1747,3 +1747,48 @@ fn the_request_deadline_bounds_the_body_and_then_the_handler_apart() {
     assert!(answer.ends_with("helloworld"), "{answer}");
     assert_eq!(g.spent(), (1, Some(9)));
 }
+
+#[test]
+fn a_value_of_the_wrong_type_names_the_field_at_fault() {
+    // Found by a reviewer: the README promises "an invalid body 400 with the field at
+    // fault", but a value of the wrong type named only a line and column.
+    let s = Server::start();
+    let (_, pasted) = library_key(&s, NewKey::new(s.account.as_str(), "pasted"));
+    let q = "/api/v1/quickhits/create";
+    let long = format!(r#"{{"prompt":"x","context":[{{"type":"doc","id":5}}],"mode":"{pasted}"}}"#);
+    for (path, body, field) in [
+        (q, r#"{"prompt":5}"#, "`prompt`"),
+        (q, r#"{"prompt":"x","mode":"wide"}"#, "`mode`"),
+        (
+            "/api/v1/quizzes/create",
+            r#"{"prompt":"x","length":"10"}"#,
+            "`length`",
+        ),
+        ("/v2/keys", r#"{"name":"n","ips":"10.0.0.1"}"#, "`ips`"),
+        (
+            q,
+            r#"{"prompt":"x","context":[{"type":"doc","id":5}]}"#,
+            "`context[0]",
+        ),
+        // A key sent as the value: hidden, and the field still named.
+        (q, &long, "`context[0]"),
+    ] {
+        let r = s.json("POST", path, &s.admin, body);
+        let v = r.json();
+        let message = if path.starts_with("/v2/") {
+            managed_refused(&r, 400, "invalid_request");
+            v["errors"][0]["message"].as_str().unwrap().to_owned()
+        } else {
+            refused(&r, 400, "invalid_request");
+            v["error"]["message"].as_str().unwrap().to_owned()
+        };
+        assert!(
+            message.contains(field),
+            "{path} {body}: the 400 does not name {field}: {message}"
+        );
+    }
+    let body = format!(r#"{{"prompt":"x","mode":"{pasted}"}}"#);
+    let r = s.json("POST", q, &s.admin, &body);
+    assert!(r.body.contains("`mode`"), "{}", r.body);
+    s.assert_no_secrets(&[&pasted]);
+}

@@ -288,7 +288,8 @@ pub struct BodyError {
 /// Parses a JSON body: `Content-Type: application/json` or a JSON type by its suffix
 /// (`application/vnd.api+json`, RFC 6839), parameters such as `charset` allowed, is
 /// required, and the body must decode into `T` (unknown fields are refused by the request
-/// types, so a misspelt field is an error rather than silently ignored).
+/// types, so a misspelt field is an error rather than silently ignored). A value that does
+/// not decode is named by its path (`context[0].type`), found by `serde_path_to_error`.
 pub fn parse_json<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, BodyError> {
     let is_json = headers
         .get(CONTENT_TYPE)
@@ -306,11 +307,48 @@ pub fn parse_json<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Resu
             message: "send the body as JSON with `Content-Type: application/json`".into(),
         });
     }
-    serde_json::from_slice(body).map_err(|e| BodyError {
+    let mut json = serde_json::Deserializer::from_slice(body);
+    let decoded = serde_path_to_error::deserialize(&mut json)
+        .map_err(|e| {
+            let at = field_path(e.path());
+            let why = body_error(e.inner());
+            at.map_or(why.clone(), |at| format!("`{at}`: {why}"))
+        })
+        .and_then(|value| json.end().map(|()| value).map_err(|e| body_error(&e)));
+    decoded.map_err(|why| BodyError {
         status: StatusCode::BAD_REQUEST,
         code: "invalid_request",
-        message: format!("invalid request body: {}", body_error(&e)),
+        message: format!("invalid request body: {why}"),
     })
+}
+
+/// Where in a body a value was refused, as `field.inner[2].name`, or `None` for the body as
+/// a whole. A name of 16 characters or more (a map's key: a key can be sent as one) is
+/// shown by its length only, as [`shown`] shows values.
+fn field_path(path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key: name } | Segment::Enum { variant: name } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                match name.chars().count() {
+                    n @ 16.. => out.push_str(&format!("<a name of {n} characters>")),
+                    _ => out.push_str(&name.escape_default().to_string().replace('`', "\\`")),
+                }
+            }
+            Segment::Unknown => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push('?');
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// A refused value as a message may show it: quoted when short, otherwise by its length
@@ -369,5 +407,46 @@ pub async fn method_not_allowed(uri: axum::http::Uri) -> Response {
             message,
         )
         .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use axum::http::HeaderMap;
+    use axum::http::header::CONTENT_TYPE;
+
+    use super::parse_json;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Tagged {
+        metadata: BTreeMap<String, u32>,
+    }
+
+    /// A map's key is user text: a key sent as one is shown by its length, a short one as
+    /// it is.
+    #[test]
+    fn a_path_through_a_map_never_shows_a_long_name() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, "application/json".parse().unwrap());
+        let long = "vb_live_0123456789abcdefghijABCDEFGHIJ";
+        let body = format!(r#"{{"metadata":{{"{long}":"x"}}}}"#);
+        let e = parse_json::<Tagged>(&headers, body.as_bytes()).unwrap_err();
+        assert!(!e.message.contains("0123456789abcdef"), "{}", e.message);
+        assert!(
+            e.message.contains("`metadata.<a name of 38 characters>`"),
+            "{}",
+            e.message
+        );
+        let e = parse_json::<Tagged>(&headers, br#"{"metadata":{"env":"x"}}"#).unwrap_err();
+        assert!(
+            e.message.contains("`metadata.env`: invalid type"),
+            "{}",
+            e.message
+        );
+        let e = parse_json::<Tagged>(&headers, br#"{"metadata":{}} x"#).unwrap_err();
+        assert!(e.message.contains("trailing characters"), "{}", e.message);
     }
 }

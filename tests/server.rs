@@ -1792,3 +1792,82 @@ fn a_value_of_the_wrong_type_names_the_field_at_fault() {
     assert!(r.body.contains("`mode`"), "{}", r.body);
     s.assert_no_secrets(&[&pasted]);
 }
+
+/// Every 401 carries `WWW-Authenticate` and every 429 `Retry-After`, on both surfaces and
+/// for each way a key can be refused (found by a reviewer: only `missing_key` on the
+/// generation surface was checked).
+#[test]
+fn every_401_and_429_carries_its_header_on_both_surfaces() {
+    let s = Server::start();
+    let acct = s.account.as_str();
+    let make = |new: NewKey| s.ledger.keys().create(new).unwrap();
+    let gone = make(NewKey::new(acct, "gone").permissions(["*"]));
+    s.ledger.keys().delete(&gone.info.id).unwrap();
+    let off = make(NewKey::new(acct, "off").permissions(["*"]));
+    s.ledger.keys().disable(&off.info.id).unwrap();
+    let limited = make(
+        NewKey::new(acct, "slow")
+            .permissions(["*"])
+            .rate_limit("requests", 1, 60),
+    );
+    let mut typo = s.admin.clone();
+    let last = typo.pop().unwrap();
+    typo.push(if last == 'a' { 'b' } else { 'a' });
+    let unauthorized = [
+        String::new(),
+        typo,
+        gone.plaintext.expose().to_owned(),
+        off.plaintext.expose().to_owned(),
+    ];
+    let (q, body) = ("/api/v1/quickhits/create", QUICKHIT);
+    for key in &unauthorized {
+        let sent = [s.json("POST", q, key, body), s.get("GET", "/v2/keys", key)];
+        for r in sent {
+            assert_eq!(r.status, 401, "{}", r.body);
+            assert_eq!(r.header("www-authenticate"), Some("Bearer"), "{}", r.body);
+        }
+    }
+    let key = limited.plaintext.expose();
+    assert_eq!(s.get("GET", "/v2/keys", key).status, 200);
+    for r in [s.get("GET", "/v2/keys", key), s.json("POST", q, key, body)] {
+        assert_eq!(r.status, 429, "{}", r.body);
+        let after = r.header("retry-after").and_then(|v| v.parse::<u64>().ok());
+        assert!(after.is_some_and(|secs| secs >= 1), "{}", r.body);
+    }
+}
+
+/// The guard commits only a 2xx: a handler's 5xx, its panic, and a client gone before the
+/// answer are not charged (found by a reviewer: no handler of the example answers 5xx, so
+/// a guard that committed every non-4xx passed every test).
+#[test]
+fn a_handler_that_fails_panics_or_loses_its_client_is_not_charged() {
+    use std::io::Write;
+    use std::time::Duration;
+    let g = server_support::Guarded::start(Duration::from_secs(30));
+    for _ in 0..3 {
+        assert_eq!(g.post("/api/v1/quickhits/fail").unwrap().status, 502);
+    }
+    assert_eq!(g.spent(), (0, Some(10)), "a 5xx was charged");
+    // The panic ends the connection: no answer.
+    assert!(g.post("/api/v1/quickhits/panic").is_err());
+    // A client that leaves while the handler (1.5 s) works.
+    let mut conn = std::net::TcpStream::connect(g.addr).unwrap();
+    let head = format!(
+        "POST /api/v1/quickhits/slow HTTP/1.1\r\nhost: x\r\nx-api-key: {}\r\n\
+         content-length: 0\r\n\r\n",
+        g.key
+    );
+    conn.write_all(head.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(conn);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        g.spent(),
+        (0, Some(10)),
+        "a panic or a client gone was charged"
+    );
+    // The same handler, answered, is charged: the checks above can fail.
+    let r = g.post("/api/v1/quickhits/slow").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(g.spent(), (1, Some(9)));
+}

@@ -1871,3 +1871,54 @@ fn a_handler_that_fails_panics_or_loses_its_client_is_not_charged() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(g.spent(), (1, Some(9)));
 }
+
+/// A launch on a fresh database at `path` under `master`, listening on `addr`, shut down as
+/// soon as it serves: what it printed, and how it ended.
+fn launch(
+    addr: std::net::SocketAddr,
+    path: &std::path::Path,
+    master: &str,
+) -> (String, Result<(), String>) {
+    let config = keyledger::Config::builder()
+        .master_key(keyledger::MasterKey::parse(master).unwrap())
+        .build()
+        .unwrap();
+    let launch = app::start::Launch {
+        addr,
+        auth: AuthMode::On,
+        path: path.to_owned(),
+        config,
+        description: "database: test".into(),
+    };
+    let mut out = Vec::new();
+    let ended = app::start::launch(launch, &mut out, async {});
+    (String::from_utf8(out).unwrap(), ended)
+}
+
+#[test]
+fn a_fresh_database_prints_its_admin_key_only_once_the_port_is_bound() {
+    // Found by a reviewer: the admin key was minted and printed before the listener was
+    // bound, so with the port taken it was lost: the next start found an account and
+    // printed no key.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.redb");
+    let master = keyledger::MasterKey::generate().unwrap().to_hex();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (printed, ended) = launch(taken.local_addr().unwrap(), &path, master.expose());
+    let refused = ended.unwrap_err();
+    assert!(refused.starts_with("listen on"), "{refused}");
+    assert!(!printed.contains("admin key"), "{printed}");
+    drop(taken);
+    // The next start, on a free port, prints the key once it listens, and closes the ledger.
+    let free = "127.0.0.1:0".parse().unwrap();
+    let (printed, ended) = launch(free, &path, master.expose());
+    ended.unwrap();
+    let listening = printed
+        .find("listening on http://127.0.0.1:")
+        .expect(&printed);
+    let key = printed.find("\nadmin key: ").expect(&printed);
+    assert!(listening < key, "{printed}");
+    let (printed, ended) = launch(free, &path, master.expose());
+    ended.unwrap();
+    assert!(printed.contains("existing database"), "{printed}");
+}

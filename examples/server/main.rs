@@ -24,12 +24,10 @@ mod app;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
-use keyledger::{Config, Ledger, MasterKey};
+use keyledger::{Config, MasterKey};
 
-use app::{App, AuthMode};
+use app::{AuthMode, start};
 
 /// Where the database and master key come from.
 struct Storage {
@@ -117,90 +115,22 @@ fn run() -> Result<(), String> {
             ));
         }
     };
-    let storage = storage()?;
-    let ledger = Ledger::open(&storage.path, storage.config.clone()).map_err(|e| e.to_string())?;
-    let boot = app::bootstrap(&ledger).map_err(|e| format!("bootstrap: {e}"))?;
-    println!("keyledger server");
-    println!("{}", storage.description);
-    match &boot.admin_key {
-        Some(key) => {
-            let pool = boot.pool.as_deref().unwrap_or("none");
-            let id = boot.admin_key_id.as_deref().unwrap_or("?");
-            println!(
-                "new database: account {} with credit pool {pool} ({} credits); \
-                 admin key {id} (permissions *):",
-                boot.account,
-                app::STARTING_CREDITS
-            );
-            println!("admin key: {}", key.expose());
-            println!("(shown once; only its hash is stored)");
-        }
-        None => println!(
-            "existing database: account {}; no key printed",
-            boot.account
-        ),
-    }
-    if auth == AuthMode::Off {
-        println!(
-            "WARNING: KEYLEDGER_AUTH=off — requests are NOT verified (benchmark baseline only)"
-        );
-    }
-    // Zeroizes the admin key's plaintext now that it has been shown.
-    let app::Bootstrap { account, .. } = boot;
-    let state = Arc::new(App {
-        ledger: ledger.clone(),
+    // Kept until the ledger is closed: a scratch database is deleted with it.
+    let Storage {
+        path,
+        config,
+        _scratch,
+        description,
+    } = storage()?;
+    let launch = start::Launch {
+        addr,
         auth,
-        default_owner: account,
-        request_deadline: REQUEST_DEADLINE,
-        header_deadline: HEADER_DEADLINE,
-        max_connections: app::MAX_CONNECTIONS,
-    });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("tokio runtime: {e}"))?;
-    let served: Result<(), String> = runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("listen on {addr}: {e}"))?;
-        let local = listener.local_addr().map_err(|e| e.to_string())?;
-        println!("listening on http://{local}");
-        let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
-        let serve = app::serve(listener, state, async move {
-            shutdown_signal().await;
-            let _ = signalled.send(());
-        });
-        // A graceful shutdown waits for open connections; a client that never finishes its
-        // request must not keep the ledger from closing.
-        let drained = async move {
-            match on_signal.await {
-                Ok(()) => tokio::time::sleep(DRAIN_DEADLINE).await,
-                Err(_) => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            () = serve => Ok(()),
-            () = drained => {
-                println!("connections still open after {} s: closing anyway", DRAIN_DEADLINE.as_secs());
-                Ok(())
-            }
-        }
-    });
-    // Requests still running are dropped here, which refunds their grants.
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    served?;
-    // Return leased credits to their balances and flush counters.
-    ledger.close().map_err(|e| format!("close: {e}"))
+        path,
+        config,
+        description,
+    };
+    start::launch(launch, &mut std::io::stdout(), shutdown_signal())
 }
-
-/// How long a verified request's body may take, then its handler (`App::request_deadline`).
-const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
-
-/// How long a client may take to send a request's headers (`App::header_deadline`).
-const HEADER_DEADLINE: Duration = Duration::from_secs(10);
-
-/// How long a shutdown waits for open connections before it closes the ledger anyway.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Resolves on Ctrl-C or SIGTERM, so the scratch database is deleted and leases returned.
 async fn shutdown_signal() {

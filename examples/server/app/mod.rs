@@ -17,6 +17,7 @@ pub mod envelope;
 mod generate;
 mod manage;
 mod stall;
+pub mod start;
 
 use std::sync::Arc;
 

@@ -1922,3 +1922,53 @@ fn a_fresh_database_prints_its_admin_key_only_once_the_port_is_bound() {
     ended.unwrap();
     assert!(printed.contains("existing database"), "{printed}");
 }
+
+#[test]
+fn a_key_given_as_the_database_path_or_auth_mode_is_never_printed() {
+    // Found by a reviewer: with KEYLEDGER_DB and KEYLEDGER_MASTER_KEY swapped, the banner
+    // printed the master key as the database's path; `KEYLEDGER_AUTH=<value>` was echoed.
+    use app::start::{auth_mode, shown_path};
+    use std::path::Path;
+    let s = Server::start();
+    let master = keyledger::MasterKey::generate().unwrap().to_hex();
+    let master = master.expose();
+    let api = s.admin.as_str();
+    let body = &api[api.len() - 30..]; // most of a key, without its prefix
+    for path in [
+        master.to_owned(),
+        format!("/srv/{master}"),
+        format!("./{api}.redb"),
+        format!("/tmp/{body}"),
+    ] {
+        let shown = shown_path(Path::new(&path));
+        assert!(!shown.contains(&master[..16]), "{shown}");
+        assert!(!shown.contains(&body[..16]), "{shown}");
+        assert!(shown.contains("not shown"), "{shown}");
+    }
+    for path in [
+        "/var/lib/keyledger/keys.redb",
+        "keys-2026-01-01.redb",
+        "./keys.redb",
+    ] {
+        assert_eq!(shown_path(Path::new(path)), path);
+    }
+    for value in [master, api, body] {
+        let refused = auth_mode(Some(value.as_ref())).unwrap_err();
+        assert!(!refused.contains(&value[..16]), "{refused}");
+    }
+    let refused = auth_mode(Some("of".as_ref())).unwrap_err();
+    assert!(refused.ends_with("not `of`"), "{refused}");
+    assert!(matches!(auth_mode(None), Ok(AuthMode::On)));
+    assert!(matches!(auth_mode(Some("off".as_ref())), Ok(AuthMode::Off)));
+    // The library names a database it cannot open: not one whose path is a key.
+    let dir = tempfile::tempdir().unwrap();
+    let nowhere = dir.path().join(master).join(api).join("keys.redb");
+    let other = keyledger::MasterKey::generate().unwrap().to_hex();
+    let (printed, ended) = launch("127.0.0.1:0".parse().unwrap(), &nowhere, other.expose());
+    let refused = ended.unwrap_err();
+    assert!(
+        !refused.contains(&master[..16]) && !refused.contains(&body[..16]),
+        "{refused}"
+    );
+    assert!(printed.is_empty(), "{printed}");
+}

@@ -27,7 +27,7 @@ use std::process::ExitCode;
 
 use keyledger::{Config, MasterKey};
 
-use app::{AuthMode, start};
+use app::start;
 
 /// Where the database and master key come from.
 struct Storage {
@@ -54,7 +54,7 @@ fn storage() -> Result<Storage, String> {
             Ok(Storage {
                 description: format!(
                     "database: {} (from KEYLEDGER_DB)\nmaster key: from the environment",
-                    path.display()
+                    start::shown_path(&path)
                 ),
                 path,
                 config,
@@ -81,7 +81,7 @@ fn storage() -> Result<Storage, String> {
                 description: format!(
                     "database: {} (scratch, deleted on exit; set KEYLEDGER_DB to keep one)\n\
                      master key: {key}",
-                    path.display()
+                    start::shown_path(&path)
                 ),
                 path,
                 config,
@@ -106,15 +106,7 @@ fn run() -> Result<(), String> {
         .unwrap_or_else(|_| "127.0.0.1:8787".into())
         .parse()
         .map_err(|e| format!("KEYLEDGER_ADDR: {e}"))?;
-    let auth = match std::env::var("KEYLEDGER_AUTH").as_deref() {
-        Ok("off") => AuthMode::Off,
-        Ok("on") | Err(_) => AuthMode::On,
-        Ok(other) => {
-            return Err(format!(
-                "KEYLEDGER_AUTH must be `on` or `off`, not `{other}`"
-            ));
-        }
-    };
+    let auth = start::auth_mode(std::env::var_os("KEYLEDGER_AUTH").as_deref())?;
     // Kept until the ledger is closed: a scratch database is deleted with it.
     let Storage {
         path,

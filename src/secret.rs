@@ -203,19 +203,53 @@ impl MasterKey {
     }
 }
 
-/// A key file's path as errors show it: not when it is a master key itself (given where its
-/// file's path goes, `KEYLEDGER_MASTER_KEY_FILE` and `KEYLEDGER_MASTER_KEY` swapped), which
-/// an error would otherwise repeat into every log.
-fn shown_path(path: &Path) -> String {
-    match is_a_master_key(path) {
-        true => "(a master key, not a path: not shown)".into(),
-        false => path.display().to_string(),
+/// A path as keyledger's errors and messages show it: as it is, unless one of its
+/// components reads as a secret, which an error would otherwise repeat into every log and
+/// terminal. Withheld are a component that is a master key (64 hex digits, as
+/// [`MasterKey::parse`] takes them: `KEYLEDGER_DB` or `KEYLEDGER_MASTER_KEY_FILE` swapped
+/// with `KEYLEDGER_MASTER_KEY`) and one holding a random-looking run of 24 or more ASCII
+/// letters and digits with at least one of each (an API key's or a token's body pasted as
+/// a path). For display only: a heuristic, which may withhold an ordinary path now and then.
+///
+/// ```
+/// use std::path::Path;
+///
+/// assert_eq!(keyledger::shown_path(Path::new("/var/lib/keys.redb")), "/var/lib/keys.redb");
+/// let pasted = Path::new("vb_live_4eC39HqLyjWDarjtT1zdp7dc2wRb0N");
+/// assert!(!keyledger::shown_path(pasted).contains("4eC39H"));
+/// ```
+pub fn shown_path(path: &Path) -> String {
+    if is_a_master_key(path) {
+        "(a master key, not a path: not shown)".into()
+    } else if path_components(path).any(|c| holds_a_random_run(&c)) {
+        "(a path holding what looks like a key: not shown)".into()
+    } else {
+        path.display().to_string()
     }
 }
 
-/// Whether `path` reads as a master key.
+/// Whether one of `path`'s components (the whole path among them) reads as a master key.
 fn is_a_master_key(path: &Path) -> bool {
-    MasterKey::parse(&Zeroizing::new(path.to_string_lossy().into_owned())).is_ok()
+    path_components(path).any(|c| MasterKey::parse(&c).is_ok())
+}
+
+/// The whole path, then each of its components, as text (zeroized when dropped).
+fn path_components(path: &Path) -> impl Iterator<Item = Zeroizing<String>> + '_ {
+    std::iter::once(path.as_os_str())
+        .chain(path.components().map(|c| c.as_os_str()))
+        .map(|c| Zeroizing::new(c.to_string_lossy().into_owned()))
+}
+
+/// Whether `text` holds a run of ASCII letters and digits that reads as a secret: 24 or
+/// more with a letter and a digit in it (a key's body, a token, a master key's hex), or 64
+/// or more of any kind.
+fn holds_a_random_run(text: &str) -> bool {
+    text.split(|c: char| !c.is_ascii_alphanumeric()).any(|run| {
+        run.len() >= 2 * MasterKey::LEN
+            || run.len() >= 24
+                && run.bytes().any(|b| b.is_ascii_digit())
+                && run.bytes().any(|b| b.is_ascii_alphabetic())
+    })
 }
 
 impl fmt::Debug for MasterKey {
@@ -282,6 +316,34 @@ mod tests {
             String::new(),
         ] {
             assert!(!key.appears_in(&text), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_path_is_shown_unless_a_component_reads_as_a_secret() {
+        let hex = MasterKey::generate().unwrap().to_hex().expose().to_owned();
+        for withheld in [
+            hex.clone(),
+            format!(" {hex}\n"),
+            format!("/srv/{hex}/keys.redb"),
+            format!("{hex}.key"),
+            format!("./{}", "7".repeat(64)),
+            "vb_live_4eC39HqLyjWDarjtT1zdp7dc2wRb0N".into(),
+            "/run/ya29.Qk7pZ2mW9xR4tL8vN3bH6jF1cD5sG0yE".into(),
+        ] {
+            let shown = shown_path(Path::new(&withheld));
+            assert!(shown.contains("not shown"), "{withheld}: {shown}");
+            assert!(!shown.contains(&withheld.trim()[..8]), "{shown}");
+        }
+        for plain in [
+            "./keyledger.redb",
+            "/var/lib/keyledger/keys.redb.key",
+            "/tmp/.tmpAb12Cd/test.redb",
+            "/data/550e8400-e29b-41d4-a716-446655440000/keys.redb",
+            "/srv/keyledger_production_database_primary.redb",
+            "target/debug/deps/keyledger-3f2a9c1b0d4e5f67",
+        ] {
+            assert_eq!(shown_path(Path::new(plain)), plain);
         }
     }
 

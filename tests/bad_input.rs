@@ -1025,6 +1025,48 @@ fn key_files_must_be_private_and_well_formed() {
     ));
 }
 
+/// An API key or a token given where the key file's path goes (`--key-file vb_live_…`,
+/// `KEYLEDGER_MASTER_KEY_FILE` set to a key) is not repeated by the error, as a master key
+/// is not (found by a reviewer: "key file vb_live_…: No such file or directory").
+#[cfg(unix)]
+#[test]
+fn a_key_or_token_given_as_the_key_files_path_is_not_repeated() {
+    let dir = tempfile::tempdir().unwrap();
+    let api_key = formatted_key("vb_live_", 7);
+    let token = "ya29.Qk7pZ2mW9xR4tL8vN3bH6jF1cD5sG0yE";
+    for (given, body) in [
+        (api_key.clone(), api_key[8..].to_owned()),
+        (token.to_owned(), token[5..].to_owned()),
+        (format!("./{api_key}"), api_key[8..].to_owned()),
+        (format!("Bearer {token}"), token[5..].to_owned()),
+    ] {
+        let e = Config::builder().master_key_file(&given).unwrap_err();
+        assert!(matches!(e, ConfigError::KeyFile { .. }), "{e:?}");
+        let shown = format!("{e} | {e:?}");
+        assert!(!shown.contains(&body), "{shown}");
+        assert!(shown.contains("not shown"), "{shown}");
+    }
+    // A key file that exists, under a directory named by a key: the mode error names it
+    // neither.
+    use std::os::unix::fs::PermissionsExt;
+    let under = dir.path().join(&api_key);
+    std::fs::create_dir(&under).unwrap();
+    let path = under.join("master.key");
+    MasterKey::generate()
+        .unwrap()
+        .write_new_file(&path)
+        .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = Config::builder().master_key_file(&path).unwrap_err();
+    assert!(matches!(e, ConfigError::KeyFilePermissions { .. }), "{e:?}");
+    assert!(!format!("{e} | {e:?}").contains(&api_key[8..]), "{e}");
+    // An ordinary path is shown as it is.
+    let e = Config::builder()
+        .master_key_file(dir.path().join("absent.key"))
+        .unwrap_err();
+    assert!(e.to_string().contains("absent.key"), "{e}");
+}
+
 #[test]
 fn reopening_with_another_master_key_is_refused_and_harmless() {
     let t = TestLedger::new();

@@ -17,6 +17,7 @@ use crate::record::{
     AccountRecord, AuditEvent, CreditsRecord, KeyRecord, PoolRecord, RouteRule, UsageRecord,
     VerifyRecord,
 };
+use crate::secret::shown_path;
 use crate::store::{self, OpenedMeta, Store, tables::*, unless_redb_panics};
 
 /// What `check` found. `problems` is empty for a healthy file.
@@ -71,7 +72,7 @@ impl Ledger {
         let file = std::fs::File::open(path).map_err(|e| Error::Storage(Box::new(e.into())))?;
         // As `open` names it: a ledger that lost its bytes, not another application's file.
         if file.metadata().is_ok_and(|m| m.is_file() && m.len() == 0) {
-            let path = path.display().to_string();
+            let path = shown_path(path);
             return Err(Error::EmptyFile { path });
         }
         let view = store::Unwritten::new(file).map_err(|e| Error::Storage(Box::new(e.into())))?;

@@ -1464,6 +1464,48 @@ fn a_database_that_cannot_be_opened_names_its_path() {
     );
 }
 
+/// A database path holding a master key (another ledger's: `KEYLEDGER_DB` set to a key) or
+/// an API key is withheld from the errors that name the file, in `open` and `check` (found
+/// by a reviewer: "<key> exists but is empty").
+#[test]
+fn a_database_path_holding_a_key_is_not_repeated_by_its_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::ephemeral().unwrap();
+    let other_master = MasterKey::generate().unwrap().to_hex().expose().to_owned();
+    let api_key = formatted_key("vb_live_", 11);
+    for secret in [other_master.as_str(), api_key.as_str()] {
+        let mut errors = Vec::new();
+        // An empty file there.
+        let path = dir.path().join(secret);
+        std::fs::write(&path, b"").unwrap();
+        errors.push(Ledger::open(&path, config.clone()).map(drop).unwrap_err());
+        errors.push(Ledger::check(&path, config.clone()).map(drop).unwrap_err());
+        std::fs::remove_file(&path).unwrap();
+        // Another application's redb file there.
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let def: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("theirs");
+            txn.open_table(def).unwrap().insert(1, 2).unwrap();
+            txn.commit().unwrap();
+        }
+        errors.push(Ledger::open(&path, config.clone()).map(drop).unwrap_err());
+        errors.push(Ledger::check(&path, config.clone()).map(drop).unwrap_err());
+        // A directory that does not exist, named by the key.
+        let missing = dir.path().join(format!("{secret}.d")).join("keys.redb");
+        errors.push(
+            Ledger::open(&missing, config.clone())
+                .map(drop)
+                .unwrap_err(),
+        );
+        for e in &errors {
+            let shown = format!("{e} | {e:?}");
+            assert!(!shown.contains(&secret[8..40]), "{shown}");
+            assert!(shown.contains("not shown"), "{shown}");
+        }
+    }
+}
+
 #[test]
 fn a_file_damaged_anywhere_gives_every_call_a_typed_error_never_a_panic() {
     // redb reaches an `assert!`, an `unreachable!` or a slice index on some malformed pages

@@ -21,7 +21,7 @@ use crate::codec::{self, Record};
 use crate::error::{CodecError, ConfigError, Error, Result};
 use crate::hashing::HashScheme;
 use crate::record::{KeyRecord, VerifyRecord};
-use crate::secret::{MasterKey, context};
+use crate::secret::{MasterKey, context, shown_path};
 use tables::{META, meta};
 pub(crate) use txn::{ReadSnapshot, WriteTxn};
 pub(crate) use unwritten::Unwritten;
@@ -118,13 +118,13 @@ impl Store {
         page_cache_bytes: usize,
     ) -> Result<(Store, OpenedMeta)> {
         if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
-            let path = path.display().to_string();
+            let path = shown_path(path);
             return Err(Error::EmptyFile { path });
         }
         // Named, as the other errors about the file name it: "Permission denied" alone does
         // not say which file (found by a reviewer).
         let (file, created) = open_file(path).map_err(|e| {
-            let e = std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+            let e = std::io::Error::new(e.kind(), format!("{}: {e}", shown_path(path)));
             redb::DatabaseError::from(redb::StorageError::Io(e))
         })?;
         let opened = redb::backends::FileBackend::new(file)
@@ -178,7 +178,7 @@ impl Store {
         let store = Store::new(db);
         let opened = store.guard(|| match store.format(path)? {
             None => Err(Error::NotALedger {
-                path: path.display().to_string(),
+                path: shown_path(path),
             }),
             Some(found) if found < FORMAT_VERSION => Err(Error::OlderFormat {
                 found,
@@ -262,7 +262,7 @@ impl Store {
                     || read.list_multimap_tables()?.next().is_some()
                 {
                     return Err(Error::NotALedger {
-                        path: path.display().to_string(),
+                        path: shown_path(path),
                     });
                 }
                 Ok(None)
@@ -604,7 +604,7 @@ fn read_format(
     path: &Path,
 ) -> Result<u32> {
     let not_ledger = || Error::NotALedger {
-        path: path.display().to_string(),
+        path: shown_path(path),
     };
     let format = table.get(meta::FORMAT)?.ok_or_else(not_ledger)?;
     let bytes = format.value();

@@ -61,9 +61,12 @@ impl Ledger {
     /// refused with [`Error::OlderFormat`]. Pages that fail redb's checksums, and a file
     /// whose structure redb cannot open or read (cut short, a malformed page), are reported
     /// (`integrity_ok` false, and a problem line); errors only when the file cannot be
-    /// checked at all (missing, in use, not a redb file or not a ledger, another master key).
+    /// checked at all (missing, in use, not a redb file or not a ledger, another master key),
+    /// or a path holding `config`'s own master key ([`Error::InvalidInput`] on
+    /// `database path`, which does not repeat it).
     pub fn check(path: impl AsRef<Path>, config: Config) -> Result<CheckReport> {
         let path = path.as_ref();
+        store::refuse_master_key_in_path(path, &config.master_key)?;
         if !path.exists() {
             return Err(Error::NotFound {
                 what: "database file",

@@ -1506,6 +1506,61 @@ fn a_database_path_holding_a_key_is_not_repeated_by_its_errors() {
     }
 }
 
+/// A database path holding the config's own master key (`KEYLEDGER_DB` and
+/// `KEYLEDGER_MASTER_KEY` swapped) is refused by `open` and `check` before anything is read
+/// or made, without repeating it (found by a reviewer: `open` created a file named by the
+/// key, and every listing of the directory showed it).
+#[test]
+fn a_database_path_holding_the_master_key_is_refused_before_anything_is_made() {
+    let master = MasterKey::generate().unwrap();
+    let hex = master.to_hex().expose().to_owned();
+    let config = Config::builder().master_key(master).build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join(&hex);
+    std::fs::write(&empty, b"").unwrap();
+    let paths = [
+        empty.clone(),
+        dir.path().join(format!("{}.redb", hex.to_uppercase())),
+        dir.path().join("missing").join(&hex),
+        dir.path().join(&hex).join("keys.redb"),
+    ];
+    for path in &paths {
+        for e in [
+            Ledger::open(path, config.clone()).map(drop).unwrap_err(),
+            Ledger::check(path, config.clone()).map(drop).unwrap_err(),
+        ] {
+            assert!(
+                matches!(
+                    e,
+                    Error::InvalidInput {
+                        field: "database path",
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+            let shown = format!("{e} | {e:?}");
+            assert!(!shown.to_lowercase().contains(&hex[..16]), "{shown}");
+            assert!(shown.contains("master key"), "{shown}");
+        }
+    }
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, [std::ffi::OsString::from(&hex)], "nothing made");
+    assert_eq!(
+        std::fs::metadata(&empty).unwrap().len(),
+        0,
+        "left as it was"
+    );
+    // Another ledger's master key there is only withheld from the errors (the path may be
+    // right: this config cannot tell), as the test above has it.
+    let other = Config::ephemeral().unwrap();
+    let e = Ledger::open(&empty, other).map(drop).unwrap_err();
+    assert!(matches!(e, Error::EmptyFile { .. }), "{e:?}");
+}
+
 #[test]
 fn a_file_damaged_anywhere_gives_every_call_a_typed_error_never_a_panic() {
     // redb reaches an `assert!`, an `unreachable!` or a slice index on some malformed pages

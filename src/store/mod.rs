@@ -117,6 +117,7 @@ impl Store {
         master: &MasterKey,
         page_cache_bytes: usize,
     ) -> Result<(Store, OpenedMeta)> {
+        refuse_master_key_in_path(path, master)?;
         if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
             let path = shown_path(path);
             return Err(Error::EmptyFile { path });
@@ -510,6 +511,22 @@ fn damaged(what: &str) -> Error {
     Error::Storage(Box::new(redb::Error::Corrupted(format!(
         "the file may be corrupt: reading or writing it failed unexpectedly ({what})"
     ))))
+}
+
+/// Refuses a database path that holds the ledger's own master key (`KEYLEDGER_DB` and
+/// `KEYLEDGER_MASTER_KEY` swapped, or the key pasted where the path goes), before anything
+/// is read or created: otherwise a file named by the key is made, and every listing of its
+/// directory shows the key. The error does not repeat the path.
+pub(crate) fn refuse_master_key_in_path(path: &Path, master: &MasterKey) -> Result<()> {
+    let text = zeroize::Zeroizing::new(path.to_string_lossy().into_owned());
+    match master.appears_in(&text) {
+        true => Err(Error::invalid(
+            "database path",
+            "it holds this ledger's master key (the path and the key swapped?); not shown, \
+             and nothing was created",
+        )),
+        false => Ok(()),
+    }
 }
 
 /// Opens the file at `path` for redb (as `Builder::create` does), creating it readable and

@@ -442,6 +442,106 @@ fn a_missing_master_key_is_a_clear_error() {
     );
 }
 
+/// The binary run in `dir`, with no database, key or key file in the environment.
+fn keyledger_in(dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyledger"));
+    cmd.current_dir(dir)
+        .env_remove("KEYLEDGER_DB")
+        .env_remove("KEYLEDGER_MASTER_KEY")
+        .env_remove("KEYLEDGER_MASTER_KEY_FILE");
+    cmd
+}
+
+/// A master key given as the database's path (`KEYLEDGER_DB` and `KEYLEDGER_MASTER_KEY`
+/// swapped, or pasted) is refused before anything is made, and never printed; an API key
+/// there is not printed either (found by a reviewer: `no database at <key>`, and `init`
+/// created `<key>` and `<key>.key` and printed both).
+#[test]
+fn a_key_given_as_the_database_path_is_never_printed_nor_made_a_file() {
+    let s = Scratch::new();
+    let dir = s.db.parent().unwrap();
+    let mk = &s.master_key;
+    let other = MasterKey::generate().unwrap().to_hex().expose().to_owned();
+    let api_key = "vb_live_4eC39HqLyjWDarjtT1zdp7dc2wRb0NxyzQ";
+    let output = |out: &Output| format!("{}{}", stdout(out), stderr(out));
+    // Refused outright, whatever the command: the file name is a master key.
+    for (db, key_env, args) in [
+        (mk.clone(), Some(other.as_str()), vec!["init"]),
+        (mk.clone(), Some(mk.as_str()), vec!["init"]),
+        (mk.clone(), None, vec!["init"]),
+        (other.clone(), Some(mk.as_str()), vec!["accounts", "list"]),
+        (format!("./data/{mk}"), Some(mk.as_str()), vec!["check"]),
+    ] {
+        let mut cmd = keyledger_in(dir);
+        cmd.env("KEYLEDGER_DB", &db).args(&args);
+        if let Some(key) = key_env {
+            cmd.env("KEYLEDGER_MASTER_KEY", key);
+        }
+        let out = cmd.output().expect("run");
+        let all = output(&out);
+        assert_eq!(out.status.code(), Some(1), "{all}");
+        assert!(
+            all.contains("looks like a master key (64 hex digits), not a path"),
+            "{all}"
+        );
+        assert!(
+            !all.contains(&mk[..16]) && !all.contains(&other[..16]),
+            "{all}"
+        );
+    }
+    let out = keyledger_in(dir)
+        .args(["--db", mk, "--json", "init"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!output(&out).contains(&mk[..16]), "{}", output(&out));
+    let out = keyledger_in(dir)
+        .args(["--key-file", &format!("{mk}.key"), "init"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(output(&out).contains("not a path"), "{}", output(&out));
+    assert!(!output(&out).contains(&mk[..16]), "{}", output(&out));
+    assert_eq!(std::fs::read_dir(dir).unwrap().count(), 0, "nothing made");
+
+    // Other paths holding a key are used, but never printed.
+    std::fs::write(dir.join(format!("{api_key}.redb")), b"").unwrap();
+    for (db, args) in [
+        (api_key.to_owned(), vec!["accounts", "list"]),
+        (format!("{api_key}.redb"), vec!["accounts", "list"]),
+        (format!("{api_key}.redb"), vec!["init"]),
+        (format!("sub/{api_key}.redb"), vec!["check"]),
+    ] {
+        let out = keyledger_in(dir)
+            .env("KEYLEDGER_MASTER_KEY", &other)
+            .arg("--db")
+            .arg(&db)
+            .args(&args)
+            .output()
+            .expect("run");
+        let all = output(&out);
+        assert_eq!(out.status.code(), Some(1), "{all}");
+        assert!(all.contains("not shown"), "{all}");
+        assert!(
+            !all.contains(&mk[..16]) && !all.contains(&api_key[8..24]),
+            "{all}"
+        );
+    }
+    for json in [false, true] {
+        let db = format!("{api_key}-{json}");
+        let mut cmd = keyledger_in(dir);
+        cmd.arg("--db").arg(&db);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.arg("init").output().expect("run");
+        assert_success(&out);
+        let all = output(&out);
+        assert!(!all.contains(&api_key[8..24]), "{all}");
+        assert!(dir.join(&db).exists() && dir.join(format!("{db}.key")).exists());
+    }
+}
+
 #[test]
 fn a_51_character_name_is_refused_cleanly() {
     let s = Scratch::initialised();

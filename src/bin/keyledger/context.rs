@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use keyledger::{Config, ConfigError, ENV_MASTER_KEY, Ledger, MasterKey};
+use keyledger::{Config, ConfigError, ENV_MASTER_KEY, Ledger, MasterKey, shown_path};
 use zeroize::Zeroizing;
 
 use crate::cli::Prefixes;
@@ -39,6 +39,30 @@ impl Context {
         PathBuf::from(name)
     }
 
+    /// Refuses, before anything is read or made, a `--db` or `--key-file` with a component
+    /// that holds a master key (64 hex digits in a row: the path and `KEYLEDGER_MASTER_KEY`
+    /// swapped, or the key pasted where the path goes). Otherwise `init` creates files named
+    /// by the key and prints their names, and every later listing of the directory shows it.
+    pub fn refuse_master_keys_as_paths(&self) -> CliResult<()> {
+        let given = [
+            ("--db (KEYLEDGER_DB)", Some(&self.db)),
+            (
+                "--key-file (KEYLEDGER_MASTER_KEY_FILE)",
+                self.key_file.as_ref(),
+            ),
+        ];
+        for (what, path) in given {
+            if path.is_some_and(|p| p.components().any(holds_a_master_key)) {
+                return Err(CliError::new(format!(
+                    "{what} holds what looks like a master key (64 hex digits), not a path: not \
+                     shown; give the file's path there, and the key in KEYLEDGER_MASTER_KEY or \
+                     a key file"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Resolves the master key: `KEYLEDGER_MASTER_KEY` (unless empty), else `--key-file`,
     /// else `<db>.key`.
     fn master_key(&self) -> CliResult<(MasterKey, KeySource)> {
@@ -60,7 +84,7 @@ impl Context {
             ConfigError::MasterKeyEncoding { .. }
             | ConfigError::MasterKeyNotHex { .. }
             | ConfigError::MasterKeyLength { .. } => {
-                CliError::new(format!("key file {}: {e}", path.display()))
+                CliError::new(format!("key file {}: {e}", shown_path(&path)))
             }
             e => e.into(),
         })?;
@@ -108,7 +132,7 @@ impl Context {
             keyledger::Error::InUse => CliError::new(format!(
                 "another process (your server?) has {} open; stop it, or manage keys through \
                  the server",
-                self.db.display()
+                shown_path(&self.db)
             )),
             e => e.into(),
         }
@@ -123,12 +147,12 @@ impl Context {
         if self.db.exists() {
             return Err(CliError::new(format!(
                 "{} is empty: not a database (restore it, or remove it and run `keyledger init`)",
-                self.db.display()
+                shown_path(&self.db)
             )));
         }
         Err(CliError::new(format!(
             "no database at {}: run `keyledger init` first, or pass --db / set KEYLEDGER_DB",
-            self.db.display()
+            shown_path(&self.db)
         )))
     }
 }
@@ -153,12 +177,20 @@ fn env_master_key(value: Option<OsString>) -> CliResult<Option<MasterKey>> {
     Ok(Some(key))
 }
 
+/// Whether a path component holds 64 hex digits in a row (a master key, as
+/// `MasterKey::parse` reads one), alone or with more around it (`<key>.key`).
+fn holds_a_master_key(component: std::path::Component<'_>) -> bool {
+    let text = Zeroizing::new(component.as_os_str().to_string_lossy().into_owned());
+    text.split(|c: char| !c.is_ascii_hexdigit())
+        .any(|run| run.len() >= 2 * MasterKey::LEN)
+}
+
 /// The missing-key error, with the default key file it also looked for.
 fn missing_key(default: &Path) -> CliError {
     CliError::new(format!(
         "{}; without either, keyledger reads {} next to the database",
         ConfigError::MissingMasterKey,
-        default.display()
+        shown_path(default)
     ))
 }
 
@@ -167,7 +199,7 @@ pub fn init(ctx: &Context) -> CliResult<u8> {
     if ctx.db.exists() {
         return Err(CliError::new(format!(
             "{} already exists; `init` never overwrites a database",
-            ctx.db.display()
+            shown_path(&ctx.db)
         )));
     }
     let (key, source, written) = init_key(ctx)?;
@@ -202,12 +234,14 @@ fn init_key(ctx: &Context) -> CliResult<(MasterKey, KeySource, Option<PathBuf>)>
 /// Tells the user where the database and key are and how to use them.
 fn report_init(ctx: &Context, source: &KeySource, wrote_key: bool) -> CliResult<u8> {
     let key_file = match source {
-        KeySource::File(p) => Some(p.display().to_string()),
+        KeySource::File(p) => Some(p),
         KeySource::Env => None,
     };
+    let is_default = key_file.is_some_and(|p| *p == ctx.default_key_file());
+    let key_file = key_file.map(|p| shown_path(p));
     if ctx.json {
         let value = serde_json::json!({
-            "database": ctx.db.display().to_string(),
+            "database": shown_path(&ctx.db),
             "key_file": key_file,
             "key_file_created": wrote_key,
             "master_key_from_env": key_file.is_none(),
@@ -215,13 +249,13 @@ fn report_init(ctx: &Context, source: &KeySource, wrote_key: bool) -> CliResult<
         print_json(&value)?;
         return Ok(0);
     }
-    println!("Created database  {}", ctx.db.display());
+    println!("Created database  {}", shown_path(&ctx.db));
     match (key_file, wrote_key) {
         (Some(path), true) => {
             println!(
                 "Created key file  {path}  (mode 0600: the master key; back it up, keep it private)"
             );
-            if Path::new(&path) == ctx.default_key_file() {
+            if is_default {
                 println!(
                     "\nkeyledger finds `<db>.key` next to the database by itself. Elsewhere, use"
                 );
@@ -235,7 +269,7 @@ fn report_init(ctx: &Context, source: &KeySource, wrote_key: bool) -> CliResult<
     }
     println!(
         "\nNext: keyledger --db {} accounts create --name \"Acme\"",
-        ctx.db.display()
+        shown_path(&ctx.db)
     );
     Ok(0)
 }

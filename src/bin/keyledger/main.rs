@@ -188,6 +188,7 @@ fn refuse_usage(e: clap::Error) -> ! {
 
 /// Dispatches a command; returns the exit code.
 fn run(ctx: &Context, command: Command) -> CliResult<u8> {
+    ctx.refuse_master_keys_as_paths()?;
     match command {
         Command::Init => context::init(ctx),
         Command::Accounts(c) => accounts::run(ctx, c),

@@ -542,6 +542,40 @@ fn a_key_given_as_the_database_path_is_never_printed_nor_made_a_file() {
     }
 }
 
+/// `--help` names the variables each option reads, never their values: a master key in
+/// `KEYLEDGER_MASTER_KEY_FILE` or `KEYLEDGER_DB` (swapped with `KEYLEDGER_MASTER_KEY`), or
+/// any other value, would be printed (found by a reviewer: `[env: KEYLEDGER_DB=<key>]`).
+#[test]
+fn help_names_the_environment_variables_but_never_their_values() {
+    let s = Scratch::new();
+    let mk = &s.master_key;
+    for args in [
+        vec!["--help"],
+        vec!["keys", "--help"],
+        vec!["keys", "list", "--help"],
+        vec!["init", "--help"],
+        vec!["help", "verify"],
+    ] {
+        let mut cmd = keyledger_in(s.db.parent().unwrap());
+        for var in [
+            "KEYLEDGER_DB",
+            "KEYLEDGER_MASTER_KEY_FILE",
+            "KEYLEDGER_ACTOR",
+            "KEYLEDGER_LIVE_PREFIX",
+            "KEYLEDGER_TEST_PREFIX",
+            "KEYLEDGER_TOKEN_PREFIX",
+            "KEYLEDGER_LEGACY_PREFIXES",
+        ] {
+            cmd.env(var, mk);
+        }
+        let out = cmd.args(&args).output().expect("run");
+        assert_success(&out);
+        let all = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(all.contains("KEYLEDGER_MASTER_KEY_FILE"), "{args:?}: {all}");
+        assert!(!all.contains(&mk[..16]), "{args:?}: {all}");
+    }
+}
+
 #[test]
 fn a_51_character_name_is_refused_cleanly() {
     let s = Scratch::initialised();

@@ -15,6 +15,7 @@ pub struct Cli {
         long,
         global = true,
         env = "KEYLEDGER_DB",
+        hide_env_values = true,
         default_value = "./keyledger.redb"
     )]
     pub db: PathBuf,
@@ -25,7 +26,12 @@ pub struct Cli {
 
     /// Key file holding the master key (mode 0600). Default: `<db>.key` if it exists.
     /// `KEYLEDGER_MASTER_KEY` (64 hex digits) takes precedence over any file.
-    #[arg(long, global = true, env = "KEYLEDGER_MASTER_KEY_FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEYLEDGER_MASTER_KEY_FILE",
+        hide_env_values = true
+    )]
     pub key_file: Option<PathBuf>,
 
     /// Who makes the changes, as the audit trail and the records' `updated_by` keep it
@@ -34,6 +40,7 @@ pub struct Cli {
         long = "by",
         global = true,
         env = "KEYLEDGER_ACTOR",
+        hide_env_values = true,
         default_value = "cli",
         value_name = "WHO"
     )]
@@ -53,20 +60,20 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct Prefixes {
     /// Prefix of live API keys (default `vb_live_`).
-    #[arg(long, global = true, env = keyledger::ENV_LIVE_PREFIX)]
+    #[arg(long, global = true, env = keyledger::ENV_LIVE_PREFIX, hide_env_values = true)]
     pub live_prefix: Option<String>,
     /// Prefix of test API keys (default `vb_test_`).
-    #[arg(long, global = true, env = keyledger::ENV_TEST_PREFIX)]
+    #[arg(long, global = true, env = keyledger::ENV_TEST_PREFIX, hide_env_values = true)]
     pub test_prefix: Option<String>,
     /// Prefix of internal tokens (default `vb_tok_`).
-    #[arg(long, global = true, env = keyledger::ENV_TOKEN_PREFIX)]
+    #[arg(long, global = true, env = keyledger::ENV_TOKEN_PREFIX, hide_env_values = true)]
     pub token_prefix: Option<String>,
     /// Prefix of keys imported from another system (repeatable; comma-separated in
     /// `KEYLEDGER_LEGACY_PREFIXES`).
     #[arg(
         long = "legacy-prefix",
         global = true,
-        env = keyledger::ENV_LEGACY_PREFIXES,
+        env = keyledger::ENV_LEGACY_PREFIXES, hide_env_values = true,
         value_delimiter = ','
     )]
     pub legacy_prefixes: Vec<String>,

@@ -913,7 +913,8 @@ impl Scratch {
         cmd.env("KEYLEDGER_MASTER_KEY", &self.master_key)
             .args(args)
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn");
         std::thread::sleep(std::time::Duration::from_secs(1));
         assert_success(&self.run(&["audit", "--limit", "1"]));
@@ -1189,6 +1190,55 @@ fn verify_reads_the_key_from_stdin() {
     assert_success(&out);
     let v: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["key_id"], id.as_str());
+}
+
+/// `keys import --sha256 -` reads the imported key's SHA-256 from stdin, keeping it out of
+/// shell history and process listings (anyone holding it can find a short key offline): it
+/// was taken on the command line only, and `-` refused. Read before the file is opened, as
+/// `verify -` reads its key.
+#[test]
+fn keys_import_reads_the_sha256_from_stdin() {
+    use sha2::{Digest, Sha256};
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    let key = "sk_live_4eC39HqLyjWDarjtT1zdp7dc";
+    let hex: String = Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let import = |sha256_on_stdin: &str| {
+        let args = [
+            "--json",
+            "--legacy-prefix",
+            "sk_live_",
+            "keys",
+            "import",
+            "--owner",
+            &owner,
+            "--name",
+            "old",
+            "--sha256",
+            "-",
+            "--prefix",
+            "sk_live_4eC3",
+            "--suffix",
+            "p7dc",
+        ];
+        s.run_with_key_on_stdin(&args, sha256_on_stdin)
+    };
+    let out = import(&hex.to_uppercase());
+    assert_success(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["name"], "old", "{v}");
+    let out = s.run(&["--legacy-prefix", "sk_live_", "authenticate", key]);
+    assert_success(&out);
+    // Not 64 hex digits: a usage error that does not repeat what was read.
+    let out = import(&hex[..63]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("63 characters"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains(&hex[..16]), "{}", stderr(&out));
+    let help = stdout(&s.run(&["keys", "import", "--help"]));
+    assert!(help.contains("`-` to read them from stdin"), "{help}");
 }
 
 #[test]

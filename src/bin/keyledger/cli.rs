@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use keyledger::{Refill, RefillInterval, SubscriptionStatus};
+use zeroize::Zeroizing;
 
 /// keyledger: API keys, tokens, accounts and route rules in an embedded redb database.
 #[derive(Debug, Parser)]
@@ -555,9 +556,11 @@ pub enum KeysCommand {
         /// Display name (1–50 characters).
         #[arg(long)]
         name: String,
-        /// SHA-256 of the key, 64 hex digits.
-        #[arg(long, value_name = "HEX64", value_parser = parse_sha256)]
-        sha256: [u8; 32],
+        /// SHA-256 of the key, 64 hex digits, or `-` to read them from stdin (keeping them
+        /// out of shell history and process listings: with the digest, a short key can be
+        /// found offline).
+        #[arg(long, value_name = "HEX64|-", value_parser = parse_sha256_arg)]
+        sha256: Sha256Arg,
         /// Visible prefix as the old system showed it (≤ 12 characters, or the key prefix
         /// and 4 more when longer).
         #[arg(long)]
@@ -661,8 +664,36 @@ fn parse_token_window(s: &str) -> Result<TokenWindowArg, String> {
     })
 }
 
-/// Parses 64 hex digits into 32 bytes.
-fn parse_sha256(s: &str) -> Result<[u8; 32], String> {
+/// `keys import --sha256`: the digest given, or `-` to read it from stdin. `Debug` shows
+/// which, never the digest.
+#[derive(Clone)]
+pub enum Sha256Arg {
+    /// `-`: 64 hex digits on stdin's first line.
+    Stdin,
+    /// The digest given on the command line.
+    Given(Zeroizing<[u8; 32]>),
+}
+
+impl std::fmt::Debug for Sha256Arg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sha256Arg::Stdin => f.write_str("Stdin"),
+            Sha256Arg::Given(_) => f.write_str("Given(***)"),
+        }
+    }
+}
+
+/// `-`, or 64 hex digits.
+fn parse_sha256_arg(s: &str) -> Result<Sha256Arg, String> {
+    match s {
+        "-" => Ok(Sha256Arg::Stdin),
+        s => parse_sha256(s).map(Sha256Arg::Given),
+    }
+}
+
+/// Parses 64 hex digits (surrounding whitespace ignored) into 32 bytes, zeroized when
+/// dropped. The error says how many characters were found, never what they were.
+pub fn parse_sha256(s: &str) -> Result<Zeroizing<[u8; 32]>, String> {
     let s = s.trim();
     if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!(
@@ -670,7 +701,7 @@ fn parse_sha256(s: &str) -> Result<[u8; 32], String> {
             s.chars().count()
         ));
     }
-    let mut out = [0u8; 32];
+    let mut out = Zeroizing::new([0u8; 32]);
     for (byte, pair) in out.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
         let pair = std::str::from_utf8(pair).map_err(|e| e.to_string())?;
         *byte = u8::from_str_radix(pair, 16).map_err(|e| e.to_string())?;
@@ -690,7 +721,10 @@ mod tests {
 
     #[test]
     fn value_parsers() {
-        assert_eq!(parse_sha256(&"ab".repeat(32)).unwrap(), [0xab; 32]);
+        assert_eq!(*parse_sha256(&"ab".repeat(32)).unwrap(), [0xab; 32]);
+        assert!(matches!(parse_sha256_arg("-"), Ok(Sha256Arg::Stdin)));
+        let given = parse_sha256_arg(&"cd".repeat(32)).unwrap();
+        assert_eq!(format!("{given:?}"), "Given(***)");
         assert!(parse_sha256("xyz").is_err());
         assert!(parse_sha256(&"g".repeat(64)).is_err());
         let rl = parse_rate_limit("requests=100/60").unwrap();

@@ -5,8 +5,12 @@ use keyledger::{
     PageRequest, SystemClock,
 };
 
-use crate::cli::{CreateArgs, KeysCommand, Lifecycle, PageArgs, TokensCommand, UpdateArgs};
+use crate::cli::{
+    CreateArgs, KeysCommand, Lifecycle, PageArgs, Sha256Arg, TokensCommand, UpdateArgs,
+    parse_sha256,
+};
 use crate::context::Context;
+use crate::misc::read_key;
 use crate::output::{Table, key_table, print_created, print_json, print_key, print_next_cursor};
 use crate::{CliError, CliResult};
 
@@ -38,16 +42,16 @@ impl Kind {
 
 /// Runs a `keys` subcommand.
 pub fn run_keys(ctx: &Context, command: KeysCommand) -> CliResult<u8> {
-    let ledger = ctx.open()?;
     match command {
         KeysCommand::Create { args, test } => {
+            let ledger = ctx.open()?;
             let mut new = apply_settings(NewKey::new(&args.owner, &args.name), &args);
             if test {
                 new = new.test();
             }
             create(ctx, Kind::Keys.handle(&ledger, ctx), new)
         }
-        KeysCommand::Lifecycle(step) => lifecycle(ctx, &ledger, Kind::Keys, step),
+        KeysCommand::Lifecycle(step) => lifecycle(ctx, &ctx.open()?, Kind::Keys, step),
         KeysCommand::Import {
             owner,
             name,
@@ -55,12 +59,21 @@ pub fn run_keys(ctx: &Context, command: KeysCommand) -> CliResult<u8> {
             prefix,
             suffix,
         } => {
-            let import = ImportKey::new(owner, name, ImportedHash::Sha256(sha256), prefix, suffix);
+            // Read first: a digest typed or piped in slowly must not hold the file meanwhile.
+            let sha256 = match sha256 {
+                Sha256Arg::Given(digest) => digest,
+                Sha256Arg::Stdin => parse_sha256(&read_key("-")?)
+                    .map_err(|e| CliError::usage(format!("--sha256 - (stdin): {e}")))?,
+            };
+            let ledger = ctx.open()?;
+            let import = ImportKey::new(owner, name, ImportedHash::Sha256(*sha256), prefix, suffix);
             let info = Kind::Keys.handle(&ledger, ctx).import(import)?;
             show(ctx, &info, "Imported")
         }
-        KeysCommand::RotateHash { pepper, blake3 } => rotate_hash(ctx, &ledger, pepper, blake3),
-        KeysCommand::HashStatus => hash_status(ctx, &ledger),
+        KeysCommand::RotateHash { pepper, blake3 } => {
+            rotate_hash(ctx, &ctx.open()?, pepper, blake3)
+        }
+        KeysCommand::HashStatus => hash_status(ctx, &ctx.open()?),
     }
 }
 

@@ -63,7 +63,12 @@ impl Ledger {
     /// the file was created with, [`Error::UpgradeRequired`] for a file written by a newer
     /// keyledger, [`Error::NotALedger`] for a redb file of another application, and
     /// [`Error::EmptyFile`] for a file that exists but is empty (it is not made a new
-    /// ledger: a copy or restore that failed would otherwise start over with no keys).
+    /// ledger: a copy or restore that failed would otherwise start over with no keys), and
+    /// [`Error::InvalidInput`] for a path that holds `config`'s master key (given where the
+    /// path goes), before anything is created. Errors show the path as [`shown_path`]
+    /// does.
+    ///
+    /// [`shown_path`]: crate::shown_path
     pub fn open(path: impl AsRef<Path>, config: Config) -> Result<Ledger> {
         let path = path.as_ref();
         let opened = Store::open(path, &config.master_key, config.page_cache_bytes)?;
@@ -417,7 +422,7 @@ impl Ledger {
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ledger")
-            .field("path", &self.inner.path)
+            .field("path", &crate::secret::shown_path(&self.inner.path))
             .finish_non_exhaustive()
     }
 }

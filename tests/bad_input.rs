@@ -1503,6 +1503,13 @@ fn a_database_path_holding_a_key_is_not_repeated_by_its_errors() {
             assert!(!shown.contains(&secret[8..40]), "{shown}");
             assert!(shown.contains("not shown"), "{shown}");
         }
+        // A ledger opened there does not show it in its `Debug` either.
+        let inside = dir.path().join(format!("{secret}.ok"));
+        std::fs::create_dir(&inside).unwrap();
+        let ledger = Ledger::open(inside.join("keys.redb"), config.clone()).unwrap();
+        let shown = format!("{ledger:?}");
+        assert!(!shown.contains(&secret[8..40]), "{shown}");
+        ledger.close().unwrap();
     }
 }
 

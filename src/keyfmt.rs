@@ -185,13 +185,16 @@ impl KeyFormat {
     /// Whether `text` holds a key this format accepts anywhere, or most of one: one of its
     /// own prefixes (glued to other characters or not) followed by a whole body's worth of
     /// base62 characters, or by half of one with a letter and a digit among them, whatever
-    /// follows (found by a reviewer: a key cut before its checksum, which anyone can work out
-    /// again, was kept as a change's actor); or a legacy prefix at the start of a word
+    /// follows (found by a reviewer: a key cut before its checksum, which anyone can work
+    /// out again, was kept as a change's actor); or a legacy prefix at the start of a word
     /// followed by at least 16 characters of `[A-Za-z0-9_-]` among which a letter and a
     /// digit, as other systems' random keys have (found by a reviewer: a legacy key given as
-    /// a name was stored and listed in clear). These are likenesses: a run without a digit is
-    /// not found, and a word of letters and digits that long after such a prefix is refused
-    /// as a key.
+    /// a name was stored and listed in clear). These are likenesses: after an own prefix, 32
+    /// letters and digits of any kind are refused as a key (a name glued to the prefix that
+    /// long), and a shorter run without a digit is not found; after a legacy prefix, a run
+    /// without a digit is not found. A place where `is_public_id` finds one of the ledger's
+    /// public ids is none (with a key prefix such as `tok_`, a token's id reads like most of
+    /// a key: found by a reviewer).
     ///
     /// Every place a prefix starts is tried, overlapping ones too: with a prefix such as
     /// `ab_ab_`, which ends as it begins, `ab_` glued before a key makes a false start that
@@ -200,16 +203,17 @@ impl KeyFormat {
     /// most), so the whole check is linear in the text: it runs before any length check, on
     /// whatever a caller sends (found by a reviewer: a run of legacy prefixes with no digit
     /// made each start scan to the end: 256 KB took 7 s by its measure).
-    pub(crate) fn holds_key(&self, text: &str) -> bool {
+    pub(crate) fn holds_key(&self, text: &str, is_public_id: impl Fn(&str) -> bool) -> bool {
         let starts = || text.char_indices().map(|(at, _)| (at, &text[at..]));
         let own = self.prefixes.iter().any(|(prefix, _)| {
             starts()
                 .filter(|(_, rest)| rest.starts_with(prefix.as_str()))
                 .any(|(_, rest)| {
-                    let body = key_run(&rest[prefix.len()..], BODY_LEN + CHECKSUM_LEN, |b| {
+                    let body = key_run(&rest[prefix.len()..], BODY_LEN, |b| {
                         b.is_ascii_alphanumeric()
                     });
-                    body.len() >= BODY_LEN || random_looking(body, BODY_LEN / 2)
+                    (body.len() == BODY_LEN || random_looking(body, BODY_LEN / 2))
+                        && !is_public_id(rest)
                 })
         });
         let word_start = |at: usize| !text[..at].ends_with(|c: char| c.is_ascii_alphanumeric());
@@ -220,7 +224,7 @@ impl KeyFormat {
                     let body = key_run(&rest[prefix.len()..], *LEGACY_BODY_LEN.end(), |b| {
                         b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')
                     });
-                    random_looking(body, *LEGACY_BODY_LEN.start())
+                    random_looking(body, *LEGACY_BODY_LEN.start()) && !is_public_id(rest)
                 })
         })
     }
@@ -600,14 +604,14 @@ mod tests {
     fn a_long_run_of_legacy_prefixes_is_checked_in_linear_time() {
         let f = with_legacy_prefix();
         let text = "sk_live_".repeat(128 * 1024);
-        assert!(!f.holds_key(&text));
+        assert!(!f.holds_key(&text, |_| false));
         let key = "sk_live_0123456789abcdefXYZ";
-        assert!(f.holds_key(&format!("{text} {key}")));
-        assert!(f.holds_key(&format!("{key}{text}")));
+        assert!(f.holds_key(&format!("{text} {key}"), |_| false));
+        assert!(f.holds_key(&format!("{key}{text}"), |_| false));
         // A run of key characters longer than a key: its letter and digit must be among
         // the first 100 after the prefix, as in any legacy key.
-        assert!(f.holds_key(&format!("sk_live_a1{}", "x".repeat(200))));
-        assert!(!f.holds_key(&format!("sk_live_{}1", "x".repeat(200))));
+        assert!(f.holds_key(&format!("sk_live_a1{}", "x".repeat(200)), |_| false));
+        assert!(!f.holds_key(&format!("sk_live_{}1", "x".repeat(200)), |_| false));
     }
 
     /// Most of a key of this format's own is a key: its checksum is a public function of
@@ -626,7 +630,7 @@ mod tests {
                 format!("{unsigned}XXXXXX"),
                 format!("admin via {unsigned}, see ticket"),
             ] {
-                assert!(f.holds_key(&text), "{text}");
+                assert!(f.holds_key(&text, |_| false), "{text}");
             }
         }
         for text in [
@@ -636,10 +640,10 @@ mod tests {
             "vb_test_0123456789abcd",
             "vb_tok_ab12",
         ] {
-            assert!(!f.holds_key(text), "{text}");
+            assert!(!f.holds_key(text, |_| false), "{text}");
         }
         // Half a body (a fixed one: half of a random body lacks a digit one time in 17).
-        assert!(f.holds_key("x vb_test_0123456789abcdeF"));
+        assert!(f.holds_key("x vb_test_0123456789abcdeF", |_| false));
     }
 
     #[test]

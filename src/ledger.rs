@@ -274,7 +274,11 @@ impl Ledger {
         texts: impl IntoIterator<Item = &'t str>,
     ) -> Result<()> {
         for text in texts {
-            if self.inner.format.holds_key(text) {
+            if self
+                .inner
+                .format
+                .holds_key(text, |at| self.inner.ids.starts_with_id(at))
+            {
                 return Err(Error::invalid(
                     field,
                     "it holds an API key, which would be shown in every listing",

@@ -53,8 +53,11 @@ impl IdKind {
     }
 }
 
+/// What follows a public id's kind and `_`: 24 sealed bytes in base64url.
+const ID_BODY_LEN: usize = 32;
+
 /// The longest public id: `acct_` or `pool_`, then 32 characters of base64url.
-const MAX_ID_LEN: usize = 5 + 32;
+const MAX_ID_LEN: usize = 5 + ID_BODY_LEN;
 
 /// An opaque, stable, authenticated id such as `key_3q2-…`. Compare and store it as a string.
 /// It is held inline (`Copy`, no allocation); it compares, orders and hashes as its text.
@@ -202,6 +205,20 @@ impl IdCipher {
             .ok_or_else(invalid)?;
         self.open(&[kind.prefix().as_bytes()], body)
             .ok_or_else(invalid)
+    }
+}
+
+impl IdCipher {
+    /// Whether `text` starts with one of this ledger's public ids, of any kind (an
+    /// authenticated decode: no key's text passes it).
+    pub(crate) fn starts_with_id(&self, text: &str) -> bool {
+        [IdKind::Account, IdKind::Key, IdKind::Token, IdKind::Pool]
+            .into_iter()
+            .filter(|kind| kind_of(text) == Some(kind.prefix()))
+            .any(|kind| {
+                let id = text.get(..kind.prefix().len() + 1 + ID_BODY_LEN);
+                id.is_some_and(|id| self.decode(kind, id).is_ok())
+            })
     }
 }
 

@@ -164,7 +164,7 @@ impl MasterKey {
             path: shown_path(path),
             reason: e.to_string(),
         };
-        if is_a_master_key(path) {
+        if names_a_master_key(path) {
             return Err(io(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "a master key given where its file's path goes",
@@ -203,52 +203,60 @@ impl MasterKey {
     }
 }
 
-/// A path as keyledger's errors and messages show it: as it is, unless one of its
-/// components reads as a secret, which an error would otherwise repeat into every log and
-/// terminal. Withheld are a component that is a master key (64 hex digits, as
-/// [`MasterKey::parse`] takes them: `KEYLEDGER_DB` or `KEYLEDGER_MASTER_KEY_FILE` swapped
-/// with `KEYLEDGER_MASTER_KEY`) and one holding a random-looking run of 24 or more ASCII
-/// letters and digits with at least one of each (an API key's or a token's body pasted as
-/// a path). For display only: a heuristic, which may withhold an ordinary path now and then.
+/// A path as keyledger's errors and messages show it: as it is, but for a component that
+/// reads as a secret, which an error would otherwise repeat into every log and terminal.
+/// Such a component is replaced by a note: one holding 64 hex digits in a row (a master key:
+/// `KEYLEDGER_DB` or `KEYLEDGER_MASTER_KEY_FILE` swapped with `KEYLEDGER_MASTER_KEY`), and
+/// one holding a key's shape — `_`, `-` or `.`, then a random-looking run of 24 or more ASCII
+/// letters and digits with at least one of each (an API key or a token pasted as a path). For display only: a directory
+/// named by 64 hex digits (a Docker volume) is withheld too, and the rest of its path shown.
 ///
 /// ```
 /// use std::path::Path;
 ///
 /// assert_eq!(keyledger::shown_path(Path::new("/var/lib/keys.redb")), "/var/lib/keys.redb");
-/// let pasted = Path::new("vb_live_4eC39HqLyjWDarjtT1zdp7dc2wRb0N");
-/// assert!(!keyledger::shown_path(pasted).contains("4eC39H"));
+/// let pasted = Path::new("/srv/vb_live_4eC39HqLyjWDarjtT1zdp7dc2wRb0N");
+/// assert_eq!(keyledger::shown_path(pasted), "/srv/(a key: not shown)");
 /// ```
 pub fn shown_path(path: &Path) -> String {
-    if is_a_master_key(path) {
-        "(a master key, not a path: not shown)".into()
-    } else if path_components(path).any(|c| holds_a_random_run(&c)) {
-        "(a path holding what looks like a key: not shown)".into()
-    } else {
-        path.display().to_string()
-    }
+    let shown: std::path::PathBuf = path
+        .components()
+        .map(|component| {
+            let text = Zeroizing::new(component.as_os_str().to_string_lossy().into_owned());
+            let hex_run = |run: &&str| run.len() >= 2 * MasterKey::LEN;
+            if text
+                .split(|c: char| !c.is_ascii_hexdigit())
+                .any(|run| hex_run(&run))
+            {
+                "(64 hex digits, a master key: not shown)".into()
+            } else if holds_a_key_shape(&text) {
+                "(a key: not shown)".into()
+            } else {
+                component.as_os_str().to_owned()
+            }
+        })
+        .collect();
+    shown.display().to_string()
 }
 
-/// Whether one of `path`'s components (the whole path among them) reads as a master key.
-fn is_a_master_key(path: &Path) -> bool {
-    path_components(path).any(|c| MasterKey::parse(&c).is_ok())
+/// Whether `path`'s file name, up to its first `.`, is a master key (`<key>`, `<key>.key`).
+fn names_a_master_key(path: &Path) -> bool {
+    path.file_name().is_some_and(|name| {
+        let name = Zeroizing::new(name.to_string_lossy().into_owned());
+        MasterKey::parse(name.split('.').next().unwrap_or_default()).is_ok()
+    })
 }
 
-/// The whole path, then each of its components, as text (zeroized when dropped).
-fn path_components(path: &Path) -> impl Iterator<Item = Zeroizing<String>> + '_ {
-    std::iter::once(path.as_os_str())
-        .chain(path.components().map(|c| c.as_os_str()))
-        .map(|c| Zeroizing::new(c.to_string_lossy().into_owned()))
-}
-
-/// Whether `text` holds a run of ASCII letters and digits that reads as a secret: 24 or
-/// more with a letter and a digit in it (a key's body, a token, a master key's hex), or 64
-/// or more of any kind.
-fn holds_a_random_run(text: &str) -> bool {
-    text.split(|c: char| !c.is_ascii_alphanumeric()).any(|run| {
-        run.len() >= 2 * MasterKey::LEN
-            || run.len() >= 24
-                && run.bytes().any(|b| b.is_ascii_digit())
-                && run.bytes().any(|b| b.is_ascii_alphabetic())
+/// Whether `text` holds a key's shape: `_`, `-` or `.`, then 24 or more ASCII letters and
+/// digits with a letter and a digit among them (a key's random body after its prefix).
+fn holds_a_key_shape(text: &str) -> bool {
+    text.split(['_', '-', '.']).skip(1).any(|after| {
+        let run = &after[..after
+            .find(|c: char| !c.is_ascii_alphanumeric())
+            .unwrap_or(after.len())];
+        run.len() >= 24
+            && run.bytes().any(|b| b.is_ascii_digit())
+            && run.bytes().any(|b| b.is_ascii_alphabetic())
     })
 }
 
@@ -335,7 +343,15 @@ mod tests {
             assert!(shown.contains("not shown"), "{withheld}: {shown}");
             assert!(!shown.contains(&withheld.trim()[..8]), "{shown}");
         }
+        assert_eq!(
+            shown_path(Path::new(&format!(
+                "/var/lib/docker/volumes/{hex}/_data/k.redb"
+            ))),
+            "/var/lib/docker/volumes/(64 hex digits, a master key: not shown)/_data/k.redb",
+            "only the component is withheld"
+        );
         for plain in [
+            "/data/550e8400e29b41d4a716446655440000/keyledger.redb",
             "./keyledger.redb",
             "/var/lib/keyledger/keys.redb.key",
             "/tmp/.tmpAb12Cd/test.redb",

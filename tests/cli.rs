@@ -540,6 +540,20 @@ fn a_key_given_as_the_database_path_is_never_printed_nor_made_a_file() {
         assert!(!all.contains(&api_key[8..24]), "{all}");
         assert!(dir.join(&db).exists() && dir.join(format!("{db}.key")).exists());
     }
+    // A directory named by 64 hex digits (a Docker volume's) is a directory: used, and shown
+    // but for that name. (Found by a reviewer: any such component was refused.)
+    let volume = dir.join(&other).join("_data");
+    std::fs::create_dir_all(&volume).unwrap();
+    let out = keyledger_in(dir)
+        .arg("--db")
+        .arg(volume.join("keyledger.redb"))
+        .arg("init")
+        .output()
+        .expect("run");
+    assert_success(&out);
+    let all = output(&out);
+    assert!(all.contains("not shown)/_data/keyledger.redb"), "{all}");
+    assert!(!all.contains(&other[..16]), "{all}");
 }
 
 /// `--help` names the variables each option reads, never their values: a master key in

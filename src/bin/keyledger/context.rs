@@ -39,9 +39,9 @@ impl Context {
         PathBuf::from(name)
     }
 
-    /// Refuses, before anything is read or made, a `--db` or `--key-file` with a component
-    /// that holds a master key (64 hex digits in a row: the path and `KEYLEDGER_MASTER_KEY`
-    /// swapped, or the key pasted where the path goes). Otherwise `init` creates files named
+    /// Refuses, before anything is read or made, a `--db` or `--key-file` whose file name is
+    /// a master key (64 hex digits: the path and `KEYLEDGER_MASTER_KEY` swapped, or the key
+    /// pasted where the path goes). Otherwise `init` creates files named
     /// by the key and prints their names, and every later listing of the directory shows it.
     pub fn refuse_master_keys_as_paths(&self) -> CliResult<()> {
         let given = [
@@ -52,7 +52,7 @@ impl Context {
             ),
         ];
         for (what, path) in given {
-            if path.is_some_and(|p| p.components().any(holds_a_master_key)) {
+            if path.is_some_and(|p| names_a_master_key(p)) {
                 return Err(CliError::new(format!(
                     "{what} holds what looks like a master key (64 hex digits), not a path: not \
                      shown; give the file's path there, and the key in KEYLEDGER_MASTER_KEY or \
@@ -177,12 +177,13 @@ fn env_master_key(value: Option<OsString>) -> CliResult<Option<MasterKey>> {
     Ok(Some(key))
 }
 
-/// Whether a path component holds 64 hex digits in a row (a master key, as
-/// `MasterKey::parse` reads one), alone or with more around it (`<key>.key`).
-fn holds_a_master_key(component: std::path::Component<'_>) -> bool {
-    let text = Zeroizing::new(component.as_os_str().to_string_lossy().into_owned());
-    text.split(|c: char| !c.is_ascii_hexdigit())
-        .any(|run| run.len() >= 2 * MasterKey::LEN)
+/// Whether a path's file name, up to its first `.`, is a master key (`<key>`, `<key>.key`):
+/// not a directory's name, which may be 64 hex digits (a Docker volume's, say).
+fn names_a_master_key(path: &Path) -> bool {
+    path.file_name().is_some_and(|name| {
+        let name = Zeroizing::new(name.to_string_lossy().into_owned());
+        MasterKey::parse(name.split('.').next().unwrap_or_default()).is_ok()
+    })
 }
 
 /// The missing-key error, with the default key file it also looked for.

@@ -62,8 +62,12 @@ pub fn run_keys(ctx: &Context, command: KeysCommand) -> CliResult<u8> {
             // Read first: a digest typed or piped in slowly must not hold the file meanwhile.
             let sha256 = match sha256 {
                 Sha256Arg::Given(digest) => digest,
-                Sha256Arg::Stdin => parse_sha256(&read_key("-")?)
-                    .map_err(|e| CliError::usage(format!("--sha256 - (stdin): {e}")))?,
+                // `sha256sum` prints `<digest>  -`: its first word is the digest.
+                Sha256Arg::Stdin => {
+                    let given = read_key("-")?;
+                    parse_sha256(given.split_whitespace().next().unwrap_or_default())
+                        .map_err(|e| CliError::usage(format!("--sha256 - (stdin): {e}")))?
+                }
             };
             let ledger = ctx.open()?;
             let import = ImportKey::new(owner, name, ImportedHash::Sha256(*sha256), prefix, suffix);

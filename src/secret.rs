@@ -110,26 +110,26 @@ impl MasterKey {
 
     /// Whether `text` holds this key in hex, either case, anywhere in it: such text is
     /// refused wherever it would be stored or listed in clear (a master key pasted as an
-    /// actor or a permission was kept in the file and in the audit trail for good). Every
-    /// place is compared in constant time, so the time taken says nothing of how near a
-    /// text came.
+    /// actor or a permission was kept in the file and in the audit trail for good). Only
+    /// runs of 64 hex digits or more can hold it (where they are says nothing of the key);
+    /// every place in them is compared in constant time, so the time taken says nothing of
+    /// how near a text came.
     pub(crate) fn appears_in(&self, text: &str) -> bool {
-        const NOT_HEX: u8 = 0xFF;
         let digits = 2 * Self::LEN;
-        if text.len() < digits {
-            return false;
-        }
         let ours: Zeroizing<Vec<u8>> =
             Zeroizing::new(self.0.iter().flat_map(|b| [b >> 4, b & 15]).collect());
-        let theirs: Zeroizing<Vec<u8>> = Zeroizing::new(
-            text.bytes()
-                .map(|b| (b as char).to_digit(16).map_or(NOT_HEX, |d| d as u8))
-                .collect(),
-        );
-        let found = theirs
-            .windows(digits)
-            .fold(subtle::Choice::from(0), |found, place| {
-                found | ours.ct_eq(place)
+        let found = text
+            .split(|c: char| !c.is_ascii_hexdigit())
+            .filter(|run| run.len() >= digits)
+            .fold(subtle::Choice::from(0), |found, run| {
+                let theirs: Zeroizing<Vec<u8>> = Zeroizing::new(
+                    run.chars()
+                        .map(|c| c.to_digit(16).map_or(0, |d| d as u8))
+                        .collect(),
+                );
+                theirs
+                    .windows(digits)
+                    .fold(found, |found, place| found | ours.ct_eq(place))
             });
         found.into()
     }

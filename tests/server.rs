@@ -1938,7 +1938,7 @@ fn a_key_given_as_the_database_path_or_auth_mode_is_never_printed() {
         master.to_owned(),
         format!("/srv/{master}"),
         format!("./{api}.redb"),
-        format!("/tmp/{body}"),
+        format!("/tmp/{api}/keys.redb"),
     ] {
         let shown = shown_path(Path::new(&path));
         assert!(!shown.contains(&master[..16]), "{shown}");
@@ -1949,6 +1949,8 @@ fn a_key_given_as_the_database_path_or_auth_mode_is_never_printed() {
         "/var/lib/keyledger/keys.redb",
         "keys-2026-01-01.redb",
         "./keys.redb",
+        "/srv/keyledger/production2024keys.redb",
+        "/data/550e8400e29b41d4a716446655440000/keys.redb",
     ] {
         assert_eq!(shown_path(Path::new(path)), path);
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyledger::{Config, Ledger, MasterKey};
+use keyledger::{Config, Ledger};
 
 use super::{App, AuthMode};
 
@@ -54,69 +54,12 @@ pub fn auth_mode(value: Option<&OsStr>) -> Result<AuthMode, String> {
     }
 }
 
-/// `path` as the banner shows it, unless it looks like a key or a master key (found by a
-/// reviewer: with `KEYLEDGER_DB` and `KEYLEDGER_MASTER_KEY` swapped, the banner printed the
-/// master key as the database's path). Then only its length.
+/// `path` as the banner shows it: as the library's errors show it ([`keyledger::shown_path`]),
+/// withholding a component that reads as a key or a master key (found by a reviewer: with
+/// `KEYLEDGER_DB` and `KEYLEDGER_MASTER_KEY` swapped, the banner printed the master key as
+/// the database's path).
 pub fn shown_path(path: &Path) -> String {
-    let text = path.to_string_lossy();
-    if looks_like_a_key(&text) {
-        format!(
-            "a path of {} characters, not shown: it looks like a key \
-             (are KEYLEDGER_DB and KEYLEDGER_MASTER_KEY swapped?)",
-            text.chars().count()
-        )
-    } else {
-        path.display().to_string()
-    }
-}
-
-/// Whether `text` holds something a key might be: 64 hex digits (a master key, as the
-/// library reads one), or a run of 16 or more ASCII letters and digits with both in it (an
-/// API key's body, whatever its prefix, or the most of one).
-fn looks_like_a_key(text: &str) -> bool {
-    let master = text
-        .split(['/', '\\'])
-        .chain([text])
-        .any(|part| MasterKey::parse(part).is_ok());
-    master || runs(text).any(|(_, run)| key_like(run))
-}
-
-fn key_like(run: &str) -> bool {
-    run.len() >= 16
-        && run.bytes().any(|b| b.is_ascii_digit())
-        && run.bytes().any(|b| b.is_ascii_alphabetic())
-}
-
-/// The runs of ASCII letters and digits in `text`, with where each starts.
-fn runs(text: &str) -> impl Iterator<Item = (usize, &str)> {
-    let mut start = None;
-    let mut out = Vec::new();
-    for (i, c) in text.char_indices().chain([(text.len(), ' ')]) {
-        match (c.is_ascii_alphanumeric(), start) {
-            (true, None) => start = Some(i),
-            (false, Some(s)) => {
-                out.push((s, &text[s..i]));
-                start = None;
-            }
-            _ => {}
-        }
-    }
-    out.into_iter()
-}
-
-/// `message` with every run that looks like a key replaced by its length.
-fn withheld(message: &str) -> String {
-    let mut out = String::new();
-    let mut at = 0;
-    for (start, run) in runs(message) {
-        if key_like(run) {
-            out.push_str(&message[at..start]);
-            out.push_str(&format!("<{} characters withheld>", run.len()));
-            at = start + run.len();
-        }
-    }
-    out.push_str(&message[at..]);
-    out
+    keyledger::shown_path(path)
 }
 
 /// Binds `launch.addr`, opens the ledger, bootstraps it, prints the banner to `out`, and
@@ -134,8 +77,7 @@ pub fn launch(
     let addr = launch.addr;
     let listener =
         std::net::TcpListener::bind(addr).map_err(|e| format!("listen on {addr}: {e}"))?;
-    let ledger =
-        Ledger::open(&launch.path, launch.config.clone()).map_err(|e| withheld(&e.to_string()))?;
+    let ledger = Ledger::open(&launch.path, launch.config.clone()).map_err(|e| e.to_string())?;
     let served = serve_on(&ledger, &launch, listener, out, shutdown);
     // Return leased credits to their balances and flush counters.
     let closed = ledger.close().map_err(|e| format!("close: {e}"));

@@ -2079,3 +2079,46 @@ fn a_refused_flag_value_is_not_echoed() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("'--frobnicate'"), "{}", stderr(&out));
 }
+
+/// A page of the audit trail ends before a damaged event; the CLI says so and how to read on,
+/// so that a short page is not taken for the whole trail (found by a reviewer: fewer rows,
+/// and no word why).
+#[test]
+fn audit_says_when_a_damaged_event_cut_its_page_short() {
+    const AUDIT: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("audit");
+    let s = Scratch::initialised();
+    for name in ["A", "B", "C", "D"] {
+        s.account(name); // events 1 to 4
+    }
+    {
+        let db = redb::Database::open(&s.db).expect("open");
+        let txn = db.begin_write().expect("write");
+        txn.open_table(AUDIT)
+            .expect("audit")
+            .insert(2, [0xff, 0xff].as_slice())
+            .expect("damage");
+        txn.commit().expect("commit");
+    }
+    let newest = s.run(&["audit", "--limit", "10"]);
+    assert_success(&newest);
+    assert!(
+        stdout(&newest).contains("account.created"),
+        "{}",
+        stdout(&newest)
+    );
+    let said = stderr(&newest);
+    assert!(
+        said.contains("event 2 could not be read") && said.contains("--after 2"),
+        "{said}"
+    );
+    let oldest = s.run(&["audit", "--after", "0", "--limit", "10"]);
+    assert_success(&oldest);
+    assert!(
+        stderr(&oldest).contains("event 2 could not be read"),
+        "{}",
+        stderr(&oldest)
+    );
+    let past = s.run(&["audit", "--after", "2", "--limit", "10"]);
+    assert_success(&past);
+    assert!(stderr(&past).is_empty(), "{}", stderr(&past));
+}

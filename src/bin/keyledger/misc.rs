@@ -78,6 +78,22 @@ pub fn audit(ctx: &Context, limit: usize, after: Option<u64>) -> CliResult<u8> {
     } else {
         audit_table(&events).print();
     }
+    // A page ends early before a damaged event (its sequence numbers have no gaps): said, so
+    // that a short page is not taken for the whole trail.
+    let damaged = match (after, events.last()) {
+        (None, Some(oldest)) if events.len() < limit && oldest.seq > 1 => Some(oldest.seq - 1),
+        (Some(seq), last) if events.len() < limit => {
+            let next = last.map_or(seq, |e| e.seq);
+            ledger.audit().since(next, 1).is_err().then_some(next + 1)
+        }
+        _ => None,
+    };
+    if let Some(seq) = damaged {
+        eprintln!(
+            "note: event {seq} could not be read (damaged; `keyledger check` reports it); \
+             `audit --after {seq}` reads on past it"
+        );
+    }
     Ok(0)
 }
 

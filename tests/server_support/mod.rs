@@ -102,15 +102,7 @@ impl Server {
             header_deadline,
             max_connections,
         });
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let (runtime, listener, addr) = listening();
         runtime.spawn(async move {
             app::serve(listener, state, std::future::pending()).await;
         });
@@ -260,15 +252,7 @@ impl Guarded {
             .route("/api/v1/quickhits/echo", post(echo))
             .route_layer(from_fn_with_state(guard, app::auth::guard))
             .with_state(state);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let (runtime, listener, addr) = listening();
         runtime.spawn(async move {
             let make = router.into_make_service_with_connect_info::<SocketAddr>();
             axum::serve(listener, make).await.expect("serve");
@@ -293,4 +277,18 @@ impl Guarded {
         let usage = self.ledger.credits().usage(&self.key_id).expect("usage");
         (usage.spent, usage.remaining)
     }
+}
+
+/// A two-worker runtime and a listener on a free loopback port, with its address.
+fn listening() -> (tokio::runtime::Runtime, tokio::net::TcpListener, SocketAddr) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    (runtime, listener, addr)
 }

@@ -73,6 +73,31 @@ fn closing_within(grace: Duration) -> (TestLedger, keyledger::PublicId, String) 
     (t, id, plain)
 }
 
+/// A key of its own, with credits and a lease in memory, for [`until_closing`] to try.
+fn probe(t: &TestLedger) -> String {
+    let owner = t.account("Probe");
+    let (_, plain) = create_key(&t.ledger, NewKey::new(owner, "probe").credits(1_000_000));
+    assert_eq!(verify_code(&t.ledger, &plain, "/x"), "ok");
+    plain
+}
+
+/// Returns once a close begun on another thread has stopped requests reserving from the
+/// leases in memory, found by verifying `probe` (its grants, dropped, refund into its lease):
+/// the writer's first closing pass stops every lease at once. A close reads, and may prune,
+/// before it begins, and a request made before that pass is rightly granted from memory: on
+/// a loaded machine a fixed sleep did not reach it (a probe with no lease yet, refused by
+/// the writer as soon as the close began, did not either).
+fn until_closing(ledger: &Ledger, probe: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while verify_code(ledger, probe, "/x") != "unavailable" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the close never began"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A graceful shutdown: the server stops taking requests and closes the ledger while one is
 /// still running. `close` waits for that request's grant to settle, refusing new requests
 /// meanwhile, so the balance is exact and nothing counts as lost to a crash. (Found by a
@@ -256,11 +281,12 @@ fn close_names_the_units_of_grants_held_past_its_grace() {
 #[test]
 fn units_refunded_while_closing_are_not_reserved_again() {
     let (t, _, plain) = closing_within(Duration::from_secs(5));
+    let probe = probe(&t);
     let key = presented(&plain);
     let grant = t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap();
     std::thread::scope(|s| {
         let closing = s.spawn(|| t.ledger.close());
-        std::thread::sleep(Duration::from_millis(100));
+        until_closing(&t.ledger, &probe);
         drop(grant); // the request ends: its 10 units go back into the lease
         let code = verify_code(&t.ledger, &plain, "/x");
         assert!(closing.join().unwrap().is_ok());
@@ -284,6 +310,7 @@ fn a_shortfall_or_a_top_up_while_closing_lets_no_new_request_in() {
     for (door, name) in [(shortfall, "shortfall"), (top_up, "top-up")] {
         for round in 0..20 {
             let (t, id, plain) = closing_within(Duration::from_millis(300));
+            let probe = probe(&t);
             let key = presented(&plain);
             let grants: Vec<_> = (0..3)
                 .map(|_| t.ledger.verify(&Request::new(&key, "/x").cost(10)).unwrap())
@@ -291,7 +318,7 @@ fn a_shortfall_or_a_top_up_while_closing_lets_no_new_request_in() {
             let [first, second, third] = <[_; 3]>::try_from(grants).ok().unwrap();
             std::thread::scope(|s| {
                 let closing = s.spawn(|| t.ledger.close());
-                std::thread::sleep(Duration::from_millis(50));
+                until_closing(&t.ledger, &probe);
                 door(&t, &id, first);
                 drop(second); // its 10 units go back into the lease
                 let late = t.ledger.verify(&Request::new(&key, "/x").cost(10));

@@ -694,6 +694,76 @@ mod tests {
         assert_eq!(f.visible_parts(test.expose()).0, test.expose()[..12]);
     }
 
+    /// Rejection sampling keeps every base62 character equally likely (DESIGN §3: 32 chars
+    /// of OS randomness, ≥ 190 bits). Over 20,000 bodies (640,000 characters, about 10,323
+    /// of each, standard deviation about 100) every character is within 8% of its share: a
+    /// byte of 248 let through (`b <= 248`) makes `0` about 25% likelier; a wrong reduction
+    /// leaves characters out altogether.
+    #[test]
+    fn generated_bodies_are_uniform_over_base62() {
+        let f = format();
+        let mut counts = [0u64; 256];
+        const KEYS: usize = 20_000;
+        for _ in 0..KEYS {
+            let key = f.generate(KeyClass::Live).unwrap();
+            let body = &key.expose().as_bytes()["vb_live_".len()..][..BODY_LEN];
+            for &b in body {
+                counts[usize::from(b)] += 1;
+            }
+        }
+        let expected = (KEYS * BODY_LEN) as f64 / 62.0;
+        for &c in BASE62 {
+            let n = counts[usize::from(c)] as f64;
+            assert!(
+                (n - expected).abs() < expected * 0.08,
+                "{} drawn {n} times, expected about {expected}",
+                c as char
+            );
+        }
+    }
+
+    /// Every character of a key is checked, not a parity of them: a key with two bad
+    /// characters is malformed at the first, before any hashing (DESIGN §4, step 1).
+    #[test]
+    fn a_key_with_two_bad_characters_is_malformed_at_the_first() {
+        let f = format();
+        let key = f.generate(KeyClass::Live).unwrap();
+        let mut two_bad = key.expose().to_owned();
+        two_bad.replace_range(10..12, "--");
+        assert_eq!(
+            f.parse(&two_bad),
+            Err(MalformedKey::BadCharacter { position: 10 })
+        );
+    }
+
+    /// A presented key of exactly the longest length is taken; one more is too long.
+    #[test]
+    fn a_presented_key_of_the_maximum_length_is_taken_and_one_more_is_too_long() {
+        let at_max = format!("vb_live_{}", "a".repeat(MAX_PRESENTED_LEN - 8));
+        assert_eq!(Presented::new(&at_max).unwrap().expose(), at_max);
+        let header = format!("Bearer {at_max}");
+        let from_header = Presented::from_headers(Some(&header), None).unwrap();
+        assert_eq!(from_header.expose(), at_max);
+        let over = format!("{at_max}a");
+        assert_eq!(
+            Presented::new(&over).unwrap_err(),
+            HeaderError::Malformed(MalformedKey::TooLong {
+                max: MAX_PRESENTED_LEN,
+                found: MAX_PRESENTED_LEN + 1
+            })
+        );
+    }
+
+    /// A legacy key's bad character is named at its place in the key (prefix included).
+    #[test]
+    fn a_legacy_keys_bad_character_is_named_where_it_is() {
+        let f = with_legacy_prefix();
+        assert_eq!(
+            f.parse("sk_live_0123456789abcdef\u{7}XYZ"),
+            Err(MalformedKey::BadCharacter { position: 24 })
+        );
+    }
+
     proptest! {
         #[test]
         fn parser_never_panics(s in "\\PC{0,80}") {

@@ -769,6 +769,18 @@ fn route_prefixes_are_validated() {
     assert_not_found(t.ledger.routes().remove("/nope/"), "route rule");
 }
 
+/// The longest prefix the rules allow (256 characters, as the refusal of 257 says) is kept
+/// and matched.
+#[test]
+fn a_route_prefix_of_the_longest_length_is_kept() {
+    let t = TestLedger::new();
+    let longest = format!("/{}", "a".repeat(255));
+    let rule = RouteRule::new(&longest).permission("admin");
+    t.ledger.routes().set(rule).unwrap();
+    let matched = t.ledger.routes().matching(&format!("{longest}/x")).unwrap();
+    assert_eq!(matched.map(|r| r.prefix), Some(longest.clone()));
+}
+
 #[test]
 fn forged_truncated_and_rekinded_ids_are_invalid() {
     let (t, owner, key) = setup();

@@ -646,6 +646,27 @@ mod tests {
         assert!(f.holds_key("x vb_test_0123456789abcdeF", |_| false));
     }
 
+    /// A public id is found where it starts, followed by anything, and only whole: the look
+    /// reads no further than an id's length (it searched the rest of the text for a `_`).
+    #[test]
+    fn a_public_id_is_found_where_it_starts_and_only_whole() {
+        let master = crate::MasterKey::generate().unwrap();
+        let ids = crate::public_id::IdCipher::new(&master);
+        let id = ids.encode(crate::public_id::IdKind::Token, 7);
+        assert!(ids.starts_with_id(&format!("{id} and more")));
+        assert!(!ids.starts_with_id(&id[..id.len() - 1]));
+        assert!(!ids.starts_with_id(&format!("x{id}")));
+        assert!(!ids.starts_with_id(&format!("tok{}", "-".repeat(1 << 20))));
+        let f = KeyFormat::new(
+            &Config::builder()
+                .master_key(master)
+                .token_prefix("tok_")
+                .build()
+                .unwrap(),
+        );
+        assert!(!f.holds_key(&format!("by {id}"), |at| ids.starts_with_id(at)));
+    }
+
     #[test]
     fn legacy_length_errors_name_the_legacy_range() {
         let f = with_legacy_prefix();

@@ -214,7 +214,12 @@ impl IdCipher {
     pub(crate) fn starts_with_id(&self, text: &str) -> bool {
         [IdKind::Account, IdKind::Key, IdKind::Token, IdKind::Pool]
             .into_iter()
-            .filter(|kind| kind_of(text) == Some(kind.prefix()))
+            // The kind's prefix and `_` at the start, not `kind_of`: it looks for a `_` as far
+            // as the text goes, and this runs at every place a text may hold a key.
+            .filter(|kind| {
+                text.strip_prefix(kind.prefix())
+                    .is_some_and(|rest| rest.starts_with('_'))
+            })
             .any(|kind| {
                 let id = text.get(..kind.prefix().len() + 1 + ID_BODY_LEN);
                 id.is_some_and(|id| self.decode(kind, id).is_ok())

@@ -239,11 +239,13 @@ pub fn shown_path(path: &Path) -> String {
     shown.display().to_string()
 }
 
-/// Whether `path`'s file name, up to its first `.`, is a master key (`<key>`, `<key>.key`).
+/// Whether `path`'s file name holds a master key: 64 hex digits in a row (`<key>`,
+/// `<key>.key`, `prod-<key>.redb`).
 fn names_a_master_key(path: &Path) -> bool {
     path.file_name().is_some_and(|name| {
         let name = Zeroizing::new(name.to_string_lossy().into_owned());
-        MasterKey::parse(name.split('.').next().unwrap_or_default()).is_ok()
+        name.split(|c: char| !c.is_ascii_hexdigit())
+            .any(|run| run.len() >= 2 * MasterKey::LEN)
     })
 }
 

@@ -471,6 +471,7 @@ fn a_key_given_as_the_database_path_is_never_printed_nor_made_a_file() {
         (mk.clone(), None, vec!["init"]),
         (other.clone(), Some(mk.as_str()), vec!["accounts", "list"]),
         (format!("./data/{mk}"), Some(mk.as_str()), vec!["check"]),
+        (format!("prod-{mk}.redb"), None, vec!["init"]),
     ] {
         let mut cmd = keyledger_in(dir);
         cmd.env("KEYLEDGER_DB", &db).args(&args);
@@ -2107,17 +2108,15 @@ fn audit_says_when_a_damaged_event_cut_its_page_short() {
         stdout(&newest)
     );
     let said = stderr(&newest);
-    assert!(
-        said.contains("event 2 could not be read") && said.contains("--after 2"),
-        "{said}"
-    );
+    assert!(said.contains("event 2 could not be read"), "{said}");
+    assert!(said.contains("before it: `audit --after 0`"), "{said}");
     let oldest = s.run(&["audit", "--after", "0", "--limit", "10"]);
     assert_success(&oldest);
-    assert!(
-        stderr(&oldest).contains("event 2 could not be read"),
-        "{}",
-        stderr(&oldest)
-    );
+    let said = stderr(&oldest);
+    assert!(said.contains("event 2 could not be read"), "{said}");
+    assert!(said.contains("`audit --after 2` reads on"), "{said}");
+    let beyond = s.run(&["audit", "--after", &u64::MAX.to_string()]);
+    assert_success(&beyond);
     let past = s.run(&["audit", "--after", "2", "--limit", "10"]);
     assert_success(&past);
     assert!(stderr(&past).is_empty(), "{}", stderr(&past));

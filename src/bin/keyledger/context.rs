@@ -177,12 +177,14 @@ fn env_master_key(value: Option<OsString>) -> CliResult<Option<MasterKey>> {
     Ok(Some(key))
 }
 
-/// Whether a path's file name, up to its first `.`, is a master key (`<key>`, `<key>.key`):
-/// not a directory's name, which may be 64 hex digits (a Docker volume's, say).
+/// Whether a path's file name holds a master key, 64 hex digits in a row (`<key>`,
+/// `<key>.key`, `prod-<key>.redb`): not a directory's name, which may be 64 hex digits (a
+/// Docker volume's, say).
 fn names_a_master_key(path: &Path) -> bool {
     path.file_name().is_some_and(|name| {
         let name = Zeroizing::new(name.to_string_lossy().into_owned());
-        MasterKey::parse(name.split('.').next().unwrap_or_default()).is_ok()
+        name.split(|c: char| !c.is_ascii_hexdigit())
+            .any(|run| run.len() >= 2 * MasterKey::LEN)
     })
 }
 

@@ -80,18 +80,22 @@ pub fn audit(ctx: &Context, limit: usize, after: Option<u64>) -> CliResult<u8> {
     }
     // A page ends early before a damaged event (its sequence numbers have no gaps): said, so
     // that a short page is not taken for the whole trail.
+    // Newest first, the events left are the older ones; oldest first, the newer ones.
     let damaged = match (after, events.last()) {
-        (None, Some(oldest)) if events.len() < limit && oldest.seq > 1 => Some(oldest.seq - 1),
+        (None, Some(oldest)) if events.len() < limit && oldest.seq > 1 => Some((
+            oldest.seq - 1,
+            "the events before it: `audit --after 0`".to_owned(),
+        )),
         (Some(seq), last) if events.len() < limit => {
-            let next = last.map_or(seq, |e| e.seq);
-            ledger.audit().since(next, 1).is_err().then_some(next + 1)
+            let next = last.map_or(seq, |e| e.seq).saturating_add(1);
+            let unread = ledger.audit().since(next - 1, 1).is_err();
+            unread.then(|| (next, format!("`audit --after {next}` reads on past it")))
         }
         _ => None,
     };
-    if let Some(seq) = damaged {
+    if let Some((seq, how)) = damaged {
         eprintln!(
-            "note: event {seq} could not be read (damaged; `keyledger check` reports it); \
-             `audit --after {seq}` reads on past it"
+            "note: event {seq} could not be read (damaged; `keyledger check` reports it); {how}"
         );
     }
     Ok(0)

@@ -203,8 +203,9 @@ impl MasterKey {
     }
 }
 
-/// A path as keyledger's errors and messages show it: as it is, but for a component that
-/// reads as a secret, which an error would otherwise repeat into every log and terminal.
+/// A path as keyledger's errors and messages show it: component by component (so `a/./b`
+/// shows as `a/b`), but for a component that reads as a secret, which an error would
+/// otherwise repeat into every log and terminal.
 /// Such a component is replaced by a note: one holding 64 hex digits in a row (a master key:
 /// `KEYLEDGER_DB` or `KEYLEDGER_MASTER_KEY_FILE` swapped with `KEYLEDGER_MASTER_KEY`), and
 /// one holding a key's shape — `_`, `-` or `.`, then a random-looking run of 24 or more ASCII

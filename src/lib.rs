@@ -84,7 +84,7 @@ pub use record::{
     TokenWindow,
 };
 pub use routes::{Routes, permits};
-pub use secret::{MasterKey, Secret, shown_path};
+pub use secret::{MasterKey, Secret, names_a_master_key, shown_path};
 pub use verify::{Grant, Pricing, RateState, Receipt, Request, TokenStats};
 
 /// Engine counters, from [`Ledger::stats`]. More may come: read them by name.

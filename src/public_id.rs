@@ -206,9 +206,7 @@ impl IdCipher {
         self.open(&[kind.prefix().as_bytes()], body)
             .ok_or_else(invalid)
     }
-}
 
-impl IdCipher {
     /// Whether `text` starts with one of this ledger's public ids, of any kind (an
     /// authenticated decode: no key's text passes it).
     pub(crate) fn starts_with_id(&self, text: &str) -> bool {

@@ -205,12 +205,13 @@ impl MasterKey {
 
 /// A path as keyledger's errors and messages show it: component by component (so `a/./b`
 /// shows as `a/b`), but for a component that reads as a secret, which an error would
-/// otherwise repeat into every log and terminal.
-/// Such a component is replaced by a note: one holding 64 hex digits in a row (a master key:
-/// `KEYLEDGER_DB` or `KEYLEDGER_MASTER_KEY_FILE` swapped with `KEYLEDGER_MASTER_KEY`), and
-/// one holding a key's shape — `_`, `-` or `.`, then a random-looking run of 24 or more ASCII
-/// letters and digits with at least one of each (an API key or a token pasted as a path). For display only: a directory
-/// named by 64 hex digits (a Docker volume) is withheld too, and the rest of its path shown.
+/// otherwise repeat into every log and terminal. Such a component is replaced by a note:
+/// one holding 64 hex digits in a row (a master key: `KEYLEDGER_DB` or
+/// `KEYLEDGER_MASTER_KEY_FILE` swapped with `KEYLEDGER_MASTER_KEY`), and one holding a key's
+/// shape — `_`, `-` or `.`, then a random-looking run of 24 or more ASCII letters and digits
+/// with at least one of each (an API key or a token pasted as a path). For display only: a
+/// directory named by 64 hex digits (a Docker volume) is withheld too, and the rest of its
+/// path shown.
 ///
 /// ```
 /// use std::path::Path;
@@ -224,11 +225,7 @@ pub fn shown_path(path: &Path) -> String {
         .components()
         .map(|component| {
             let text = Zeroizing::new(component.as_os_str().to_string_lossy().into_owned());
-            let hex_run = |run: &&str| run.len() >= 2 * MasterKey::LEN;
-            if text
-                .split(|c: char| !c.is_ascii_hexdigit())
-                .any(|run| hex_run(&run))
-            {
+            if holds_a_master_keys_length_of_hex(&text) {
                 "(64 hex digits, a master key: not shown)".into()
             } else if holds_a_key_shape(&text) {
                 "(a key: not shown)".into()
@@ -241,13 +238,19 @@ pub fn shown_path(path: &Path) -> String {
 }
 
 /// Whether `path`'s file name holds a master key: 64 hex digits in a row (`<key>`,
-/// `<key>.key`, `prod-<key>.redb`).
-fn names_a_master_key(path: &Path) -> bool {
+/// `<key>.key`, `prod-<key>.redb`), which a file must not be named by (every listing of its
+/// directory would show the key). A directory's name is not looked at: it may be 64 hex
+/// digits for other reasons (a Docker volume's).
+pub fn names_a_master_key(path: &Path) -> bool {
     path.file_name().is_some_and(|name| {
-        let name = Zeroizing::new(name.to_string_lossy().into_owned());
-        name.split(|c: char| !c.is_ascii_hexdigit())
-            .any(|run| run.len() >= 2 * MasterKey::LEN)
+        holds_a_master_keys_length_of_hex(&Zeroizing::new(name.to_string_lossy().into_owned()))
     })
+}
+
+/// Whether `text` holds 64 hex digits in a row: a master key's length.
+fn holds_a_master_keys_length_of_hex(text: &str) -> bool {
+    text.split(|c: char| !c.is_ascii_hexdigit())
+        .any(|run| run.len() >= 2 * MasterKey::LEN)
 }
 
 /// Whether `text` holds a key's shape: `_`, `-` or `.`, then 24 or more ASCII letters and

@@ -74,7 +74,8 @@ pub struct Prefixes {
     #[arg(
         long = "legacy-prefix",
         global = true,
-        env = keyledger::ENV_LEGACY_PREFIXES, hide_env_values = true,
+        env = keyledger::ENV_LEGACY_PREFIXES,
+        hide_env_values = true,
         value_delimiter = ','
     )]
     pub legacy_prefixes: Vec<String>,

@@ -4,7 +4,9 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use keyledger::{Config, ConfigError, ENV_MASTER_KEY, Ledger, MasterKey, shown_path};
+use keyledger::{
+    Config, ConfigError, ENV_MASTER_KEY, Ledger, MasterKey, names_a_master_key, shown_path,
+};
 use zeroize::Zeroizing;
 
 use crate::cli::Prefixes;
@@ -175,17 +177,6 @@ fn env_master_key(value: Option<OsString>) -> CliResult<Option<MasterKey>> {
     let key =
         MasterKey::parse(&text).map_err(|e| CliError::new(format!("{ENV_MASTER_KEY}: {e}")))?;
     Ok(Some(key))
-}
-
-/// Whether a path's file name holds a master key, 64 hex digits in a row (`<key>`,
-/// `<key>.key`, `prod-<key>.redb`): not a directory's name, which may be 64 hex digits (a
-/// Docker volume's, say).
-fn names_a_master_key(path: &Path) -> bool {
-    path.file_name().is_some_and(|name| {
-        let name = Zeroizing::new(name.to_string_lossy().into_owned());
-        name.split(|c: char| !c.is_ascii_hexdigit())
-            .any(|run| run.len() >= 2 * MasterKey::LEN)
-    })
 }
 
 /// The missing-key error, with the default key file it also looked for.

@@ -79,17 +79,23 @@ pub fn audit(ctx: &Context, limit: usize, after: Option<u64>) -> CliResult<u8> {
         audit_table(&events).print();
     }
     // A page ends early before a damaged event (its sequence numbers have no gaps): said, so
-    // that a short page is not taken for the whole trail.
-    // Newest first, the events left are the older ones; oldest first, the newer ones.
+    // that a short page is not taken for the whole trail. Newest first, the events left are
+    // the older ones; oldest first, the newer ones.
     let damaged = match (after, events.last()) {
         (None, Some(oldest)) if events.len() < limit && oldest.seq > 1 => Some((
             oldest.seq - 1,
             "the events before it: `audit --after 0`".to_owned(),
         )),
         (Some(seq), last) if events.len() < limit => {
-            let next = last.map_or(seq, |e| e.seq).saturating_add(1);
-            let unread = ledger.audit().since(next - 1, 1).is_err();
-            unread.then(|| (next, format!("`audit --after {next}` reads on past it")))
+            let seen = last.map_or(seq, |e| e.seq);
+            // An event after `seen` fails to read only if there is one: `seen + 1` fits.
+            let unread = ledger.audit().since(seen, 1).is_err();
+            unread.then(|| {
+                (
+                    seen + 1,
+                    format!("`audit --after {}` reads on past it", seen + 1),
+                )
+            })
         }
         _ => None,
     };

@@ -127,7 +127,7 @@ pub struct Stats {
     pub events_dropped: u64,
 }
 pub use vault::{
-    Connection, ConnectionInfo, DueRefresh, Health, OAuthGrant, OutboundHeader, OutboundRefusal,
-    OutboundUrl, PROVIDER_NAME_MAX, Provider, ProviderError, ProviderErrorKind,
+    Connection, ConnectionInfo, Disconnected, DueRefresh, Health, OAuthGrant, OutboundHeader,
+    OutboundRefusal, OutboundUrl, PROVIDER_NAME_MAX, Provider, ProviderError, ProviderErrorKind,
     REFRESH_DUE_WITHIN_SECS, SecretInfo, Secrets, Vault, normalize_provider_error,
 };

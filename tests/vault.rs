@@ -152,6 +152,78 @@ fn write_row(
 }
 
 #[track_caller]
+/// Writes `value` as it is, checksum and all: damage, not an edit.
+fn write_raw(
+    db: &redb::Database,
+    def: TableDefinition<(u64, &str), &[u8]>,
+    key: (u64, &str),
+    value: &[u8],
+) {
+    let txn = db.begin_write().expect("write");
+    txn.open_table(def)
+        .expect("table")
+        .insert(key, value)
+        .expect("insert");
+    txn.commit().expect("commit");
+}
+
+/// Damages every row of `def` one way or another, in row order: a flipped byte (the
+/// checksum fails), a truncated payload under a valid checksum, and a newer schema version.
+fn damage_rows(db: &redb::Database, def: TableDefinition<(u64, &str), &[u8]>) -> Vec<String> {
+    let mut kinds = Vec::new();
+    for (i, (owner, name, mut bytes)) in rows(db, def).into_iter().enumerate() {
+        match i % 3 {
+            0 => {
+                let middle = bytes.len() / 2;
+                bytes[middle] ^= 0x40;
+                write_raw(db, def, (owner, &name), &bytes);
+                kinds.push("checksum".to_owned());
+            }
+            1 => {
+                bytes.truncate(bytes.len() / 2);
+                write_row(db, def, (owner, &name), &bytes);
+                kinds.push("corrupt".to_owned());
+            }
+            _ => {
+                bytes[0] = 0x80 | 0x7f;
+                write_row(db, def, (owner, &name), &bytes);
+                kinds.push("schema version 127".to_owned());
+            }
+        }
+    }
+    kinds
+}
+
+impl Env {
+    /// Closes the ledger, runs `Ledger::check` on the file, and opens the ledger again.
+    fn check_and_reopen(self) -> (keyledger::CheckReport, Env) {
+        let env = self.with_raw_file(|db| {
+            let txn = db.begin_write().expect("write");
+            txn.open_table(TableDefinition::<&str, &[u8]>::new("routes"))
+                .expect("routes table");
+            txn.commit().expect("commit");
+        });
+        let Env {
+            ledger,
+            path,
+            master,
+            clock,
+            _dir,
+        } = env;
+        drop(ledger);
+        let report = Ledger::check(&path, config(&master, &clock)).expect("check");
+        let ledger = Ledger::open(&path, config(&master, &clock)).expect("reopen");
+        let env = Env {
+            _dir,
+            path,
+            master,
+            clock,
+            ledger,
+        };
+        (report, env)
+    }
+}
+
 fn assert_decryption_failed<T: std::fmt::Debug>(result: Result<T, Error>) {
     match result {
         Err(e @ Error::DecryptionFailed { .. }) => {
@@ -568,7 +640,9 @@ fn disconnect_removes_and_is_audited() {
             OAuthGrant::new(Secret::new(NOTION_TOKEN)),
         )
         .unwrap();
-    let info = vault.disconnect(&a, &Provider::Notion).unwrap();
+    let removed = vault.disconnect(&a, &Provider::Notion).unwrap();
+    assert_eq!((&removed.owner, &removed.provider), (&a, &Provider::Notion));
+    let info = removed.info.expect("a readable row's metadata");
     assert_eq!(info.provider, Provider::Notion);
     assert!(matches!(
         vault.get(&a, &Provider::Notion),
@@ -582,6 +656,133 @@ fn disconnect_removes_and_is_audited() {
     assert_eq!(last.action, "connector.disconnected");
     assert_eq!(last.target, format!("{a}/connectors/notion"));
     assert_eq!(last.actor, "ops");
+    assert!(last.fields.is_empty(), "{last:?}");
+}
+
+/// A connector row that does not decode — damaged (its checksum fails, or its payload is cut
+/// short under a valid one) or written by a newer schema — fails its owner's `list` and
+/// `get`, and `check` names it; `disconnect` removes it all the same, audited as unreadable
+/// (found by a reviewer: it decoded the removed row and its error aborted the removal).
+#[test]
+fn a_connector_row_that_does_not_decode_can_be_disconnected() {
+    let env = Env::new();
+    let (a, b) = (env.account("A"), env.account("B"));
+    let providers = [
+        Provider::GoogleDrive,
+        Provider::Notion,
+        Provider::Other("dropbox".into()),
+    ];
+    for provider in &providers {
+        env.ledger
+            .vault()
+            .connect(&a, provider, google_grant())
+            .unwrap();
+    }
+    env.ledger
+        .vault()
+        .connect(&b, &Provider::Notion, google_grant())
+        .unwrap();
+    let mut kinds = Vec::new();
+    let env = env.with_raw_file(|db| {
+        let owner_a = rows(db, CONNECTORS)
+            .into_iter()
+            .find(|(_, name, _)| name == "dropbox")
+            .unwrap()
+            .0;
+        // A's three rows, one damage each; B's is put back whole.
+        let kept: Vec<_> = rows(db, CONNECTORS)
+            .into_iter()
+            .filter(|(owner, _, _)| *owner != owner_a)
+            .collect();
+        kinds = damage_rows(db, CONNECTORS);
+        for (owner, name, bytes) in kept {
+            write_raw(db, CONNECTORS, (owner, &name), &bytes);
+        }
+    });
+    let (report, env) = env.check_and_reopen();
+    for provider in &providers {
+        let row = format!("{a}/connectors/{}", provider.as_str());
+        assert!(
+            report.problems.iter().any(|p| p.starts_with(&row)),
+            "check names {row}: {:?}",
+            report.problems
+        );
+    }
+    assert!(
+        kinds
+            .iter()
+            .all(|kind| report.problems.iter().any(|p| p.contains(kind.as_str()))),
+        "{kinds:?} in {:?}",
+        report.problems
+    );
+    let vault = env.ledger.vault().by("ops");
+    assert!(matches!(vault.list(&a), Err(Error::Codec(_))));
+    assert!(matches!(
+        vault.get(&a, &Provider::Notion),
+        Err(Error::Codec(_))
+    ));
+    for provider in &providers {
+        let removed = vault.disconnect(&a, provider).unwrap();
+        assert_eq!((&removed.owner, &removed.provider), (&a, provider));
+        assert_eq!(removed.info, None, "{provider:?}");
+        let last = &env.ledger.audit().recent(1).unwrap()[0];
+        assert_eq!(last.action, "connector.disconnected");
+        assert_eq!(last.target, format!("{a}/connectors/{}", provider.as_str()));
+        assert_eq!(
+            (last.actor.as_str(), &last.fields[..]),
+            ("ops", &["unreadable".to_owned()][..])
+        );
+        assert!(matches!(
+            vault.disconnect(&a, provider),
+            Err(Error::NotFound { what: "connector" })
+        ));
+    }
+    assert!(vault.list(&a).unwrap().is_empty());
+    assert_eq!(vault.list(&b).unwrap().len(), 1, "B's row is untouched");
+    assert!(env.check().is_ok(), "nothing unreadable is left");
+}
+
+/// The same for an owner secret: `delete` removes a row that does not decode (it never
+/// decoded what it removes; this keeps it so).
+#[test]
+fn a_secret_row_that_does_not_decode_can_be_deleted() {
+    let env = Env::new();
+    let a = env.account("A");
+    let names = ["ALPHA", "BETA", "GAMMA"];
+    for name in names {
+        env.ledger
+            .secrets()
+            .put(&a, name, Secret::new(API_SECRET), ["api.stripe.com"])
+            .unwrap();
+    }
+    let mut kinds = Vec::new();
+    let env = env.with_raw_file(|db| kinds = damage_rows(db, SECRETS));
+    let (report, env) = env.check_and_reopen();
+    for name in names {
+        let row = format!("{a}/secrets/{name}");
+        assert!(
+            report.problems.iter().any(|p| p.starts_with(&row)),
+            "check names {row}: {:?}",
+            report.problems
+        );
+    }
+    assert!(
+        kinds
+            .iter()
+            .all(|kind| report.problems.iter().any(|p| p.contains(kind.as_str()))),
+        "{kinds:?} in {:?}",
+        report.problems
+    );
+    let secrets = env.ledger.secrets().by("ops");
+    assert!(matches!(secrets.list(&a), Err(Error::Codec(_))));
+    for name in names {
+        secrets.delete(&a, name).unwrap();
+        let last = &env.ledger.audit().recent(1).unwrap()[0];
+        assert_eq!(last.action, "secret.deleted");
+        assert_eq!(last.target, format!("{a}/secrets/{name}"));
+    }
+    assert!(secrets.list(&a).unwrap().is_empty());
+    assert!(env.check().is_ok(), "nothing unreadable is left");
 }
 
 /// A connector change names only what it changed, and one that changes nothing records

@@ -1,5 +1,5 @@
 //! The connector data types: [`OAuthGrant`] in, [`Connection`] / [`ConnectionInfo`] /
-//! [`DueRefresh`] out, [`Health`], and the validation of grants.
+//! [`DueRefresh`] / [`Disconnected`] out, [`Health`], and the validation of grants.
 
 use serde::Serialize;
 
@@ -137,6 +137,23 @@ pub struct ConnectionInfo {
     pub revision: u64,
     /// Record schema version.
     pub schema_version: u8,
+}
+
+/// What [`Vault::disconnect`](crate::Vault::disconnect) removed.
+///
+/// A row that does not decode (damaged since it was written, or written by a newer schema;
+/// [`Ledger::check`](crate::Ledger::check) names such rows) is removed all the same, so an
+/// owner can always get rid of a connection: its metadata is then unknown, and `info` is
+/// `None`. `owner` and `provider` are always those of the row removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Disconnected {
+    /// The owning account's public id.
+    pub owner: PublicId,
+    /// The provider.
+    pub provider: Provider,
+    /// The removed connection's metadata; `None` if its row did not decode.
+    pub info: Option<ConnectionInfo>,
 }
 
 /// A connection with its tokens, as [`Secret`]s.

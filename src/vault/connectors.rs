@@ -14,8 +14,8 @@ use crate::secret::{MasterKey, Secret};
 use crate::store::tables::ACCOUNTS;
 use crate::vault::cipher::{self, Binding, VaultCipher};
 use crate::vault::connection::{
-    Connection, ConnectionInfo, DueRefresh, Expiry, Health, OAuthGrant, health, validate_scopes,
-    validate_token,
+    Connection, ConnectionInfo, Disconnected, DueRefresh, Expiry, Health, OAuthGrant, health,
+    validate_scopes, validate_token,
 };
 use crate::vault::provider::Provider;
 use crate::vault::provider_error::ProviderErrorKind;
@@ -243,7 +243,9 @@ impl<'a> Vault<'a> {
         })
     }
 
-    /// The owner's connections, metadata only, in provider-name order.
+    /// The owner's connections, metadata only, in provider-name order. A row that does not
+    /// decode fails the list with [`Error::Codec`]; [`Ledger::check`](crate::Ledger::check)
+    /// names it and [`disconnect`](Self::disconnect) removes it.
     pub fn list(&self, owner: &str) -> Result<Vec<ConnectionInfo>> {
         self.ledger.guarded(|| {
             let read = self.ledger.inner.store.begin_read()?;
@@ -436,19 +438,30 @@ impl<'a> Vault<'a> {
     /// Removes the owner's connection to `provider` and returns its metadata. `NotFound` if
     /// there is none. To revoke the grant at the provider too, [`get`](Self::get) the tokens
     /// first.
-    pub fn disconnect(&self, owner: &str, provider: &Provider) -> Result<ConnectionInfo> {
+    ///
+    /// A row that does not decode (damaged, or written by a newer schema: `list` and `get`
+    /// fail on it, and [`Ledger::check`](crate::Ledger::check) names it) is removed all the
+    /// same, with [`Disconnected::info`] `None`; its audit event names the field
+    /// `unreadable`, to tell it from an ordinary disconnect.
+    pub fn disconnect(&self, owner: &str, provider: &Provider) -> Result<Disconnected> {
         self.ledger.guarded(|| {
             let provider = provider.validated()?;
             let name = provider.as_str();
             let txn = self.ledger.inner.store.begin_write()?;
             let owner = owner_write(self.ledger, &txn, owner)?;
-            let record: ConnectorRecord = {
+            let record: Option<ConnectorRecord> = {
                 let mut table = txn.open_table(CONNECTORS)?;
                 let removed = table.remove((owner.id, name))?;
                 match removed {
-                    Some(v) => codec::decode(v.value())?,
+                    // Not decoded to refuse: an owner must be able to remove a row nothing
+                    // else can read (found by a reviewer: its decode error aborted the removal).
+                    Some(v) => codec::decode(v.value()).ok(),
                     None => return Err(Error::NotFound { what: "connector" }),
                 }
+            };
+            let fields: &[&str] = match record {
+                Some(_) => &[],
+                None => &["unreadable"],
             };
             let target = target(&owner.public, "connectors", name);
             let now = self.ledger.now();
@@ -459,10 +472,14 @@ impl<'a> Vault<'a> {
                 &self.actor,
                 "connector.disconnected",
                 &target,
-                &[],
+                fields,
             )?;
             txn.commit_change()?;
-            Ok(self.info(&owner, name, &record))
+            Ok(Disconnected {
+                owner: owner.public,
+                provider: parse_provider(name),
+                info: record.map(|r| self.info(&owner, name, &r)),
+            })
         })
     }
 }

@@ -41,7 +41,8 @@ use redb::{ReadTransaction, ReadableTable, TableDefinition, TableError};
 
 pub use crate::error::OutboundRefusal;
 pub use connection::{
-    Connection, ConnectionInfo, DueRefresh, Health, OAuthGrant, REFRESH_DUE_WITHIN_SECS,
+    Connection, ConnectionInfo, Disconnected, DueRefresh, Health, OAuthGrant,
+    REFRESH_DUE_WITHIN_SECS,
 };
 pub use connectors::Vault;
 pub use outbound::{OutboundHeader, OutboundUrl, SecretInfo};

@@ -348,7 +348,8 @@ impl<'a> Secrets<'a> {
         })
     }
 
-    /// Deletes a secret. `NotFound` if there is none.
+    /// Deletes a secret. `NotFound` if there is none. A row that does not decode (damaged, or
+    /// written by a newer schema) is deleted all the same: what is removed is never read.
     pub fn delete(&self, owner: &str, name: &str) -> Result<()> {
         self.ledger.guarded(|| {
             validate_name(name)?;
@@ -387,7 +388,9 @@ impl<'a> Secrets<'a> {
         })
     }
 
-    /// The owner's secrets: names, hosts and dates, never values; in name order.
+    /// The owner's secrets: names, hosts and dates, never values; in name order. A row that
+    /// does not decode fails the list with [`Error::Codec`]; [`Ledger::check`] names it and
+    /// [`delete`](Self::delete) removes it.
     pub fn list(&self, owner: &str) -> Result<Vec<SecretInfo>> {
         self.ledger.guarded(|| {
             let read = self.ledger.inner.store.begin_read()?;

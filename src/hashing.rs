@@ -6,6 +6,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
 
 use crate::secret::{MasterKey, SubKey, context};
 
@@ -109,7 +110,7 @@ impl KeyHasher {
             HashScheme::Blake3Keyed { .. } | HashScheme::Blake3KeyedLegacy { .. } => {
                 blake3::keyed_hash(&self.blake3_key.0, key.as_bytes()).into()
             }
-            HashScheme::Sha256Imported => self.imported(&Sha256::digest(key.as_bytes()).into()),
+            HashScheme::Sha256Imported => self.imported(&sha256(key)),
         }
     }
 
@@ -139,7 +140,7 @@ impl KeyHasher {
             HashScheme::Blake3KeyedLegacy { pepper } => {
                 blake3::keyed_hash(&pepper_key(&self.master, pepper).0, key.as_bytes()).into()
             }
-            HashScheme::Sha256Imported => self.imported(&Sha256::digest(key.as_bytes()).into()),
+            HashScheme::Sha256Imported => self.imported(&sha256(key)),
         }
     }
 }
@@ -147,6 +148,16 @@ impl KeyHasher {
 /// The key [`KeyHasher::imported`] keys digests with.
 pub(crate) fn import_key(master: &MasterKey) -> SubKey {
     master.derive(context::IMPORTED_SHA256)
+}
+
+/// Plain `SHA-256(key)`, finished straight into a buffer wiped on drop: the digest of a key
+/// is all a look-up by it needs, so it is kept no longer than the keyed hash takes.
+fn sha256(key: &str) -> Zeroizing<KeyHash> {
+    let mut digest = Zeroizing::new([0u8; 32]);
+    let mut hasher = Sha256::new();
+    hasher.update(key.as_bytes());
+    hasher.finalize_into((&mut *digest).into());
+    digest
 }
 
 /// `digest` keyed with `key` (see [`KeyHasher::imported`]).

@@ -534,7 +534,13 @@ fn a_class_or_type_that_would_read_as_another_is_refused() {
     }
     let tok = formatted_key("vb_tok_", 12);
     let hash = ImportedHash::Sha256([8; 32]);
-    let import = ImportKey::new(owner, "old hook", hash, &tok[..12], &tok[tok.len() - 4..]);
+    let import = ImportKey::new(
+        owner,
+        "old hook",
+        hash.clone(),
+        &tok[..12],
+        &tok[tok.len() - 4..],
+    );
     assert_invalid(
         t.ledger.tokens().import(import.clone().token_type("api")),
         "type",

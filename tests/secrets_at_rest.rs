@@ -469,3 +469,43 @@ fn the_master_key_given_as_text_is_refused_everywhere_and_never_stored() {
     let raw = std::fs::read(&path).unwrap();
     assert!(!contains(&raw, hex.as_bytes()) && !contains(&raw, shouted.as_bytes()));
 }
+
+/// An imported hash is wiped when it is dropped: a plain SHA-256 of a key is all a look-up by
+/// it needs. Before, `ImportedHash` was `Copy` and kept its digest in a plain array. Seen
+/// through the bytes the value occupied — this test's own storage, read again after the drop
+/// (the only way to see a wipe; the library itself has no `unsafe`).
+#[test]
+fn an_imported_hash_is_wiped_when_dropped() {
+    use std::mem::{MaybeUninit, size_of};
+    const SIZE: usize = size_of::<ImportedHash>();
+    // A tag byte and the digest, without padding: every byte read below is initialized.
+    assert_eq!(SIZE, 33, "ImportedHash's layout changed: adapt this test");
+    let digest_bytes = |slot: &MaybeUninit<ImportedHash>| -> usize {
+        // SAFETY: `slot` is SIZE bytes of this function's caller's storage, all initialized
+        // (no padding, asserted above); dropping the value in it does not de-initialize them.
+        let bytes: [u8; SIZE] = unsafe { std::ptr::read(slot.as_ptr().cast()) };
+        bytes.iter().filter(|&&b| b == 0xa5).count()
+    };
+    let variants: [fn([u8; 32]) -> ImportedHash; 2] = [ImportedHash::Sha256, ImportedHash::Current];
+    for variant in variants {
+        let mut slot = MaybeUninit::new(variant([0xa5; 32]));
+        assert_eq!(digest_bytes(&slot), 32, "the digest, before the drop");
+        // SAFETY: initialized just above, dropped once, never read as a value again.
+        unsafe { slot.assume_init_drop() };
+        assert_eq!(digest_bytes(&slot), 0, "no byte of the digest after it");
+    }
+}
+
+/// `Debug` of an imported hash names its scheme only, in every form.
+#[test]
+fn an_imported_hash_debug_shows_no_byte_of_it() {
+    let digest: [u8; 32] = Sha256::digest(b"vb_live_legacy").into();
+    for (hash, shown) in [
+        (ImportedHash::Sha256(digest), "Sha256(***)"),
+        (ImportedHash::Current(digest), "Current(***)"),
+    ] {
+        for debug in [format!("{hash:?}"), format!("{hash:#?}")] {
+            assert_eq!(debug, shown);
+        }
+    }
+}

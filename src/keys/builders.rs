@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
 use crate::clock::Timestamp;
 use crate::record::{Limits, RateLimit, Refill, RefillInterval, TokenWindow};
 
@@ -148,8 +150,11 @@ settings_setters!(NewKey);
 
 /// The hash of a key issued by another system, to import so its holder keeps using it.
 /// `Debug` shows the scheme, never the hash: a plain SHA-256 of a short legacy key is enough
-/// to find the key offline.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// to find the key offline, and is all a lookup needs. For the same reason the digest is
+/// wiped when the value is dropped (so it is `Clone`, not `Copy`: each copy is wiped on its
+/// own). The array passed in is a copy the caller still holds: build it in place, e.g.
+/// `ImportedHash::Sha256(Sha256::digest(key).into())`, or wipe the caller's own.
+#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
 pub enum ImportedHash {
     /// Plain `SHA-256(key)`. The file stores it keyed with the master key, never as given;
     /// rehashed to the current scheme on the key's first successful use.

@@ -135,16 +135,17 @@ const KIND_API: u8 = 0;
 const KIND_TOKEN: u8 = 1;
 
 /// How a new record's secret came to the ledger.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Origin {
+#[derive(Clone, Copy)]
+enum Origin<'h> {
     /// Generated here; its plaintext was returned once.
     Created,
     /// Imported by its hash (as given: for a SHA-256, the plain digest), which stays
-    /// reserved for the record's life.
-    Imported { reserved: KeyHash },
+    /// reserved for the record's life. Borrowed from the [`ImportedHash`], which wipes it
+    /// when the import is done: no copy of it is made.
+    Imported { reserved: &'h KeyHash },
 }
 
-impl Origin {
+impl Origin<'_> {
     /// The verb of its audit action (`key.created`, `key.imported`).
     fn verb(self) -> &'static str {
         match self {
@@ -248,13 +249,13 @@ impl<'a> Keys<'a> {
             }
             // A SHA-256 is stored keyed (never plain) and reserved as given, as files before
             // format 8 reserved it.
-            let (hash, scheme, reserved) = match import.hash {
+            let (hash, scheme, reserved) = match &import.hash {
                 ImportedHash::Sha256(h) => (
-                    self.ledger.hasher().imported(&h),
+                    self.ledger.hasher().imported(h),
                     HashScheme::Sha256Imported,
                     h,
                 ),
-                ImportedHash::Current(h) => (h, self.ledger.hash_scheme(), h),
+                ImportedHash::Current(h) => (*h, self.ledger.hash_scheme(), h),
             };
             let visible_ok = |s: &str, max: usize| {
                 s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic() && b != b'*')
@@ -303,7 +304,7 @@ impl<'a> Keys<'a> {
         scheme: HashScheme,
         key_prefix: String,
         key_suffix: String,
-        origin: Origin,
+        origin: Origin<'_>,
     ) -> Result<KeyInfo> {
         let owner = self.ledger.inner.ids.decode(IdKind::Account, &s.owner)?;
         if self.owner.is_some_and(|o| o != owner) {
@@ -397,12 +398,12 @@ impl<'a> Keys<'a> {
         // A hash live in the verify index, or one a key still in the ledger was imported by
         // (rehashed by its first use, or rolled, since): a second record of one plaintext
         // would keep it working after the first is deleted.
-        let reserved = match origin {
+        let reserved: &KeyHash = match origin {
             Origin::Imported { reserved } => reserved,
-            Origin::Created => key_hash,
+            Origin::Created => &key_hash,
         };
         if txn.open_table(KEY_VERIFY)?.get(&key_hash)?.is_some()
-            || index::import_reserved(&txn, master, &reserved)?
+            || index::import_reserved(&txn, master, reserved)?
         {
             return Err(Error::Conflict(
                 "a key with this hash already exists".into(),
@@ -412,7 +413,7 @@ impl<'a> Keys<'a> {
         index::put(&txn, &mut txn.open_table(KEYS)?, id, &record)?;
         self.index(&txn, id, &record)?;
         if let Origin::Imported { reserved } = origin {
-            index::reserve_import(&txn, master, &reserved, id)?;
+            index::reserve_import(&txn, master, reserved, id)?;
         }
         if let (Some(credits), None) = (record.limits.credits, record.pool) {
             let credits = new_balance(credits, record.limits.refill, now);

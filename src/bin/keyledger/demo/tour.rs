@@ -257,12 +257,12 @@ impl Demo {
     fn import(&mut self, scratch: &Path, acme: &str) -> CliResult<()> {
         self.section("10. Importing a key by its SHA-256 hash");
         let plaintext = legacy_key(scratch)?;
-        let sha256: [u8; 32] = Sha256::digest(plaintext.as_bytes()).into();
         let (prefix, suffix) = visible_parts(&plaintext);
+        // Built in place: the only copy of the digest is the one wiped with `import`.
         let import = ImportKey::new(
             acme,
             "Imported from v1",
-            ImportedHash::Sha256(sha256),
+            ImportedHash::Sha256(Sha256::digest(plaintext.as_bytes()).into()),
             prefix,
             suffix,
         )

@@ -438,8 +438,8 @@ pub struct AuditEvent {
     /// prefix; for the vault `acct_…/secrets/NAME` or `acct_…/connectors/PROVIDER`; for a
     /// hash-scheme rotation the new scheme (`hmac-sha256/v2`).
     pub target: String,
-    /// Names of the fields changed. A `connector.disconnected` whose row did not decode
-    /// names `unreadable`.
+    /// Names of the fields changed. A deletion whose record did not decode
+    /// (`connector.disconnected`, `key.deleted`, `token.deleted`) names `unreadable`.
     pub fields: Vec<String>,
 }
 

@@ -1913,6 +1913,77 @@ mod damaged {
         );
     }
 
+    /// A key whose record does not decode is still verified (a cache miss reads the verify
+    /// index, not the record), so it must be possible to delete it: `delete` finds its
+    /// hashes and index entries by scanning the indexes, audits it `unreadable`, and both its
+    /// secrets (current and rolled) are refused at once. Before, `delete` decoded the record
+    /// and failed, as every other change does, and the key kept working.
+    #[test]
+    fn a_key_whose_record_does_not_decode_can_be_deleted() {
+        let t = TestLedger::new();
+        t.ledger.routes().set(RouteRule::new("/x/")).unwrap();
+        let (owner, other) = (t.account("Acme"), t.account("Other"));
+        let (doomed, old) = create_key(&t.ledger, NewKey::new(owner, "doomed").credits(10));
+        let new = t.ledger.keys().roll(&doomed, 3_600).unwrap();
+        let new = new.plaintext.expose().to_owned();
+        let (kept, kept_plain) = create_key(&t.ledger, NewKey::new(owner, "kept"));
+        for plain in [&old, &new, &kept_plain] {
+            spend(&t.ledger, plain, "/x/a", 1, 1).unwrap();
+        }
+        let (_dir, path, config) = t.close();
+        let db = redb::Database::open(&path).unwrap();
+        let keys = ids(&db, KEYS);
+        drop(db);
+        assert_eq!(keys.len(), 2);
+        edit(&path, |txn| {
+            txn.open_table(KEYS)
+                .unwrap()
+                .insert(keys[0], GARBAGE)
+                .unwrap();
+        });
+        assert_named(&problems(&path, config.clone()), &format!("{doomed}: "), "");
+
+        let ledger = Ledger::open(&path, config.clone()).unwrap();
+        assert!(matches!(ledger.keys().get(&doomed), Err(Error::Codec(_))));
+        for plain in [&old, &new] {
+            assert!(
+                spend(&ledger, plain, "/x/a", 0, 0).is_ok(),
+                "still verified"
+            );
+        }
+        // Neither another owner's handle nor the tokens' may delete it.
+        let others = ledger.keys().owned_by(other.as_ref()).unwrap();
+        assert!(matches!(
+            others.delete(&doomed),
+            Err(Error::NotFound { .. })
+        ));
+        assert!(ledger.tokens().delete(&doomed).is_err());
+        ledger.keys().by("ops").delete(&doomed).unwrap();
+        let last = &ledger.audit().recent(1).unwrap()[0];
+        assert_eq!(last.action, "key.deleted");
+        assert_eq!(last.target, doomed.to_string());
+        assert_eq!(last.fields, ["unreadable"]);
+        for plain in [&old, &new] {
+            assert_eq!(
+                spend(&ledger, plain, "/x/a", 0, 0).err(),
+                Some(Denial::NotFound)
+            );
+        }
+        assert!(matches!(
+            ledger.keys().delete(&doomed),
+            Err(Error::NotFound { .. })
+        ));
+        assert!(spend(&ledger, &kept_plain, "/x/a", 1, 1).is_ok());
+        assert_eq!(ledger.keys().get(&kept).unwrap().name, "kept");
+        ledger.close().unwrap();
+        drop(ledger);
+        assert_eq!(
+            problems(&path, config),
+            Vec::<String>::new(),
+            "nothing left of it"
+        );
+    }
+
     /// One undecodable key record is one problem, naming the key, not damage to its indexes;
     /// nor does it block a hash-scheme rotation, whose pruning of rolled secrets read every
     /// key record and stopped at the damaged one (found by a reviewer).

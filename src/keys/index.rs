@@ -18,8 +18,10 @@ use crate::record::{KeyRecord, VerifyRecord};
 use crate::secret::{MasterKey, context};
 use crate::store::{
     self,
-    tables::{IMPORTED_HASHES, IMPORTS_BY_KEY, KEY_VERIFY},
+    tables::{IMPORTED_HASHES, IMPORTS_BY_KEY, KEY_VERIFY, KEYS_BY_OWNER, KEYS_BY_PREFIX},
 };
+
+use super::{KIND_API, KIND_TOKEN};
 
 /// The open verify-index table of a write transaction.
 pub(crate) type VerifyTable<'txn> = redb::Table<'txn, &'static [u8; 32], &'static [u8]>;
@@ -96,4 +98,78 @@ pub(crate) fn release_import(txn: &WriteTransaction, id: u64) -> Result<()> {
         hashes.remove(&hash)?;
     }
     Ok(())
+}
+
+/// Removes the verify entries and index entries of key `id`, whose record does not decode
+/// (so its hashes, owner and prefix are unknown), by scanning the verify index and both
+/// listing indexes for it; returns the hashes removed, for the cache to drop. A damaged
+/// record must not keep its key working: the verify index, read on a cache miss, does not
+/// look at the record.
+///
+/// `kind` (the handle's kind tag) and `owner` (an owner-scoped handle's owner) are what the
+/// caller may remove: a key the indexes say is of another kind or owner gives `None`, as one
+/// not found, and so does one nothing names the owner of, for an owner-scoped handle.
+pub(crate) fn remove_unreadable(
+    txn: &WriteTransaction,
+    id: u64,
+    kind: u8,
+    owner: Option<u64>,
+) -> Result<Option<Vec<KeyHash>>> {
+    let mut listed = Vec::new();
+    for entry in txn.open_table(KEYS_BY_OWNER)?.iter()? {
+        let (o, k, key) = entry?.0.value();
+        if key == id {
+            listed.push((o, k));
+        }
+    }
+    let mut verify = txn.open_table(KEY_VERIFY)?;
+    let mut live = Vec::new();
+    for entry in verify.iter()? {
+        let (hash, bytes) = entry?;
+        // An entry that does not decode either is left for `check` to name.
+        if let Ok(v) = codec::decode::<VerifyRecord>(bytes.value())
+            && v.id == id
+        {
+            live.push((*hash.value(), v.scheme, v.token, v.owner));
+        }
+    }
+    let tag = |token: bool| if token { KIND_TOKEN } else { KIND_API };
+    let seen: Vec<(u64, u8)> = listed
+        .iter()
+        .copied()
+        .chain(live.iter().map(|&(_, _, token, o)| (o, tag(token))))
+        .collect();
+    let fits = |&(o, k): &(u64, u8)| k == kind && owner.is_none_or(|scope| scope == o);
+    // With nothing saying whose it was, only an unscoped handle may remove it (its id,
+    // sealed with its kind, says the kind).
+    let removable = match seen.is_empty() {
+        true => owner.is_none(),
+        false => seen.iter().all(fits),
+    };
+    if !removable {
+        return Ok(None);
+    }
+    let mut by_owner = txn.open_table(KEYS_BY_OWNER)?;
+    for (o, k) in listed {
+        by_owner.remove((o, k, id))?;
+    }
+    let mut prefixes = Vec::new();
+    let mut by_prefix = txn.open_table(KEYS_BY_PREFIX)?;
+    for entry in by_prefix.iter()? {
+        let (guard, _) = entry?;
+        let (prefix, key) = guard.value();
+        if key == id {
+            prefixes.push(prefix.to_owned());
+        }
+    }
+    for prefix in &prefixes {
+        by_prefix.remove((prefix.as_str(), id))?;
+    }
+    let mut hashes = Vec::with_capacity(live.len());
+    for (hash, scheme, _, _) in live {
+        verify.remove(&hash)?;
+        store::adjust_scheme_count(txn, scheme, -1)?;
+        hashes.push(hash);
+    }
+    Ok(Some(hashes))
 }

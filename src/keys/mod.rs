@@ -952,12 +952,32 @@ impl<'a> Keys<'a> {
     /// Deletes a key for good: its hashes, indexes, credits and usage go with it (its spend
     /// stays in its account's usage). The hash it was imported by, if any, may then be
     /// imported again.
+    ///
+    /// A record that does not decode (damaged, or written by a newer schema; `check` names
+    /// it) is deleted all the same, so that a key whose record nothing can read can still be
+    /// stopped: its hashes and index entries are found by scanning the indexes (every key's
+    /// entries: slow on a large file, but only for such a record), and its audit event names
+    /// the field `unreadable`.
     pub fn delete(&self, id: &str) -> Result<()> {
         self.ledger.guarded(|| {
             let internal = self.internal_id(id)?;
             let txn = self.ledger.inner.store.begin_write()?;
-            let record = self.load(&txn.open_table(KEYS)?, internal)?;
-            self.unindex(&txn, internal, &record)?;
+            let loaded = self.load(&txn.open_table(KEYS)?, internal);
+            let (hashes, fields): (_, &[&str]) = match loaded {
+                Ok(record) => {
+                    self.unindex(&txn, internal, &record)?;
+                    (secret_hashes(&record), &[])
+                }
+                // Not a reason to refuse: the verify index does not read the record, so the
+                // key would keep working (found by a reviewer).
+                Err(Error::Codec(_)) => {
+                    match index::remove_unreadable(&txn, internal, self.kind_tag(), self.owner)? {
+                        Some(hashes) => (hashes, &["unreadable"]),
+                        None => return Err(Error::NotFound { what: self.what() }),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
             index::release_import(&txn, internal)?;
             txn.open_table(KEYS)?.remove(internal)?;
             txn.open_table(CREDITS)?.remove(internal)?;
@@ -970,10 +990,9 @@ impl<'a> Keys<'a> {
                 &self.actor,
                 &action,
                 id,
-                &[],
+                fields,
             )?;
             let engine = &self.ledger.inner.engine;
-            let hashes = secret_hashes(&record);
             txn.commit_then(|_| engine.key_changed(internal, &hashes, KeyChange::Deleted))?;
             Ok(())
         })

@@ -439,7 +439,8 @@ pub struct AuditEvent {
     /// hash-scheme rotation the new scheme (`hmac-sha256/v2`).
     pub target: String,
     /// Names of the fields changed. A deletion whose record did not decode
-    /// (`connector.disconnected`, `key.deleted`, `token.deleted`) names `unreadable`.
+    /// (`connector.disconnected`, `key.deleted`, `token.deleted`, `pool.deleted`) names
+    /// `unreadable`.
     pub fields: Vec<String>,
 }
 

@@ -1645,6 +1645,55 @@ mod damaged {
         assert!(refused.to_string().contains("\"/x/\""), "{refused}");
     }
 
+    /// A pool whose record does not decode can be deleted once nothing spends from it: its
+    /// owner comes from the owners' index, or, that entry gone too, its users are looked for
+    /// among all keys. Audited `unreadable`. Before, `delete_pool` decoded the record and
+    /// failed, so nothing could remove it.
+    #[test]
+    fn a_pool_whose_record_does_not_decode_can_be_deleted() {
+        const POOLS_BY_OWNER: TableDefinition<(u64, u64), ()> =
+            TableDefinition::new("pools_by_owner");
+        for indexed in [true, false] {
+            let (_dir, path, config, [pooled, _, _, pool]) = ledger();
+            let db = redb::Database::open(&path).unwrap();
+            let pools = ids(&db, POOLS);
+            drop(db);
+            edit(&path, |txn| {
+                txn.open_table(POOLS)
+                    .unwrap()
+                    .insert(pools[0], GARBAGE)
+                    .unwrap();
+                if !indexed {
+                    let mut index = txn.open_table(POOLS_BY_OWNER).unwrap();
+                    index.retain(|_, _| false).unwrap();
+                }
+            });
+            assert_named(&problems(&path, config.clone()), &format!("{pool}: "), "");
+            let ledger = Ledger::open(&path, config.clone()).unwrap();
+            let credits = ledger.credits().by("ops");
+            let in_use = credits.delete_pool(&pool).unwrap_err();
+            assert!(matches!(in_use, Error::Conflict(_)), "{indexed}: {in_use}");
+            ledger.keys().delete(&pooled).unwrap();
+            let other = ledger.accounts().create(NewAccount::new("Other")).unwrap();
+            let scoped = ledger.credits().owned_by(&other.id).unwrap();
+            assert!(matches!(
+                scoped.delete_pool(&pool),
+                Err(Error::NotFound { .. })
+            ));
+            credits.delete_pool(&pool).unwrap();
+            let last = &ledger.audit().recent(1).unwrap()[0];
+            assert_eq!(last.action, "pool.deleted");
+            assert_eq!(last.fields, ["unreadable"], "{indexed}");
+            assert!(matches!(
+                credits.delete_pool(&pool),
+                Err(Error::NotFound { .. })
+            ));
+            ledger.close().unwrap();
+            drop(ledger);
+            assert_eq!(problems(&path, config), Vec::<String>::new(), "{indexed}");
+        }
+    }
+
     /// A server restarting on a file with one damaged balance: the ledger opens, every other
     /// key and pool works (their leases from the crash are recovered as usual), and only what
     /// needs the damaged balance fails, with a typed error. The record is left as it was.

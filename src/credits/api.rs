@@ -83,6 +83,11 @@ impl Credits<'_> {
         self.owner.is_none_or(|o| o == owner)
     }
 
+    /// Whether this handle sees every owner's records (it is not owner-scoped).
+    pub(super) fn sees_all(&self) -> bool {
+        self.owner.is_none()
+    }
+
     /// Adds `units` to a key's or pool's balance. Returns the durable balance after.
     pub fn top_up(&self, id: &str, units: u64) -> Result<u64> {
         self.ledger

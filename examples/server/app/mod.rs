@@ -195,9 +195,10 @@ pub const READ_AHEAD: usize = 64 << 10;
 /// address (`ConnectInfo`), which the auth layer checks against keys' IP allowlists.
 ///
 /// A connection idle for `header_deadline` (new, or kept alive after a response) is closed,
-/// and so is one whose client stops *reading* its responses for as long ([`stall`]: hyper
-/// has no write deadline, so clients that pipelined requests and never read held every one
-/// of the `max_connections` for good, with no key). A client that pipelines requests has at
+/// and so is one whose client stops *reading* its responses for as long, or reads them more
+/// slowly than [`stall::MIN_DRAIN_RATE`] ([`stall`]: hyper has no write deadline, so
+/// clients that pipelined requests and never read held every one of the `max_connections`
+/// for good, with no key). A client that pipelines requests has at
 /// most [`READ_AHEAD`] bytes of them read ahead.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -251,7 +252,7 @@ pub async fn serve(
             // A `Router` is always ready (its `poll_ready` never waits).
             tower_service::Service::call(&mut router.clone(), req.map(axum::body::Body::new))
         });
-        let stream = stall::WriteDeadline::new(stream, write_deadline);
+        let stream = stall::WriteDeadline::new(stream, write_deadline, stall::MIN_DRAIN_RATE);
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             let _ = connection.await;

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::codec;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{CodecError, Error, Result};
 use crate::hashing::HashScheme;
 use crate::ledger::Ledger;
 use crate::public_id::{IdCipher, IdKind};
@@ -331,16 +331,14 @@ fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckRepor
     // Keys and tokens with a balance of their own (neither pooled nor unmetered).
     let mut own_balances: BTreeSet<u64> = BTreeSet::new();
     // Undecodable key records: their index entries are still there.
-    let mut unreadable = 0u64;
+    let mut undecodable: Vec<(u64, CodecError)> = Vec::new();
     for entry in keys.iter()? {
         let (k, v) = entry?;
         let id = k.value();
         let record = match codec::decode::<KeyRecord>(v.value()) {
             Ok(r) => r,
             Err(e) => {
-                // Undecodable, so of unknown kind: named as a key.
-                problems.push(format!("{}: {e}", ids.encode(IdKind::Key, id)));
-                unreadable += 1;
+                undecodable.push((id, e));
                 continue;
             }
         };
@@ -411,9 +409,28 @@ fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckRepor
             problems.push(format!("{public}: prefix index entry missing"));
         }
     }
-    // How many hashes an unreadable record holds (one, or two while rolled) and under which
+    // An undecodable record is named by the kind its owner index entry gives, or as a key
+    // when no entry says: a token as `tok_…`, the id `tokens().delete` takes (every one was
+    // named `key_…` before, an id no handle deletes a token by).
+    if !undecodable.is_empty() {
+        let mut kinds: BTreeMap<u64, IdKind> = undecodable
+            .iter()
+            .map(|(id, _)| (*id, IdKind::Key))
+            .collect();
+        for entry in by_owner.iter()? {
+            let (_, tag, id) = entry?.0.value();
+            if let Some(kind) = kinds.get_mut(&id).filter(|_| tag == 1) {
+                *kind = IdKind::Token;
+            }
+        }
+        for (id, e) in &undecodable {
+            let kind = kinds[id];
+            problems.push(format!("{}: {e}", ids.encode(kind, *id)));
+        }
+    }
+    // How many hashes an undecodable record holds (one, or two while rolled) and under which
     // schemes is unknown: the hash counts are checked only when every record was read.
-    if unreadable == 0 {
+    if undecodable.is_empty() {
         if hashes.len()? != expected_hashes {
             problems.push(format!(
                 "hash index has {} entries, records hold {expected_hashes}",
@@ -449,7 +466,7 @@ fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckRepor
         }
     }
     // Every record, readable or not, has one owner and one prefix entry.
-    let records = report.keys + report.tokens + unreadable;
+    let records = report.keys + report.tokens + undecodable.len() as u64;
     // More entries than records point at keys that are gone (a record's own missing entry is
     // named with it above).
     if by_owner.len()? > records {

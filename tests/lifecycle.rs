@@ -1979,18 +1979,21 @@ mod damaged {
         for plain in [&old, &new, &kept_plain] {
             spend(&t.ledger, plain, "/x/a", 1, 1).unwrap();
         }
+        let token = t.ledger.tokens().create(NewKey::token(owner, "hook", "t"));
+        let token = token.unwrap();
         let (_dir, path, config) = t.close();
         let db = redb::Database::open(&path).unwrap();
         let keys = ids(&db, KEYS);
         drop(db);
-        assert_eq!(keys.len(), 2);
+        assert_eq!(keys.len(), 3);
         edit(&path, |txn| {
-            txn.open_table(KEYS)
-                .unwrap()
-                .insert(keys[0], GARBAGE)
-                .unwrap();
+            let mut table = txn.open_table(KEYS).unwrap();
+            table.insert(keys[0], GARBAGE).unwrap();
+            table.insert(keys[2], GARBAGE).unwrap();
         });
-        assert_named(&problems(&path, config.clone()), &format!("{doomed}: "), "");
+        let found = problems(&path, config.clone());
+        assert_named(&found, &format!("{doomed}: "), "");
+        assert_named(&found, &format!("{}: ", token.info.id), "");
 
         let ledger = Ledger::open(&path, config.clone()).unwrap();
         assert!(matches!(ledger.keys().get(&doomed), Err(Error::Codec(_))));
@@ -2024,6 +2027,19 @@ mod damaged {
         ));
         assert!(spend(&ledger, &kept_plain, "/x/a", 1, 1).is_ok());
         assert_eq!(ledger.keys().get(&kept).unwrap().name, "kept");
+        // A token the same way, through the tokens' handle only.
+        assert!(ledger.keys().delete(&token.info.id).is_err());
+        ledger.tokens().delete(&token.info.id).unwrap();
+        let last = &ledger.audit().recent(1).unwrap()[0];
+        assert_eq!(
+            (last.action.as_str(), &last.fields[..]),
+            ("token.deleted", &["unreadable".to_owned()][..])
+        );
+        let presented = Presented::new(token.plaintext.expose()).unwrap();
+        let refused = ledger
+            .verify(&keyledger::Request::new(&presented, "/x/a"))
+            .err();
+        assert_eq!(refused, Some(Denial::NotFound));
         ledger.close().unwrap();
         drop(ledger);
         assert_eq!(

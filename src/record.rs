@@ -438,7 +438,7 @@ pub struct AuditEvent {
     /// prefix; for the vault `acct_…/secrets/NAME` or `acct_…/connectors/PROVIDER`; for a
     /// hash-scheme rotation the new scheme (`hmac-sha256/v2`).
     pub target: String,
-    /// Names of the fields changed. A deletion whose record did not decode
+    /// Names of the fields changed. A deletion whose record (or balance) did not decode
     /// (`connector.disconnected`, `key.deleted`, `token.deleted`, `pool.deleted`) names
     /// `unreadable`.
     pub fields: Vec<String>,

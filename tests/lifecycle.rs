@@ -1647,32 +1647,34 @@ mod damaged {
 
     /// A pool whose record does not decode can be deleted once nothing spends from it: its
     /// owner comes from the owners' index, or, that entry gone too, its users are looked for
-    /// among all keys. Audited `unreadable`. Before, `delete_pool` decoded the record and
-    /// failed, so nothing could remove it.
+    /// among all keys. So can one whose balance does not decode (0 credits reported left).
+    /// Audited `unreadable`. Before, `delete_pool` decoded both and failed, so nothing could
+    /// remove such a pool.
     #[test]
-    fn a_pool_whose_record_does_not_decode_can_be_deleted() {
+    fn a_pool_whose_record_or_balance_does_not_decode_can_be_deleted() {
         const POOLS_BY_OWNER: TableDefinition<(u64, u64), ()> =
             TableDefinition::new("pools_by_owner");
-        for indexed in [true, false] {
+        for damage in ["record", "record and index entry", "balance"] {
             let (_dir, path, config, [pooled, _, _, pool]) = ledger();
             let db = redb::Database::open(&path).unwrap();
             let pools = ids(&db, POOLS);
             drop(db);
             edit(&path, |txn| {
-                txn.open_table(POOLS)
+                let table = if damage == "balance" { CREDITS } else { POOLS };
+                txn.open_table(table)
                     .unwrap()
                     .insert(pools[0], GARBAGE)
                     .unwrap();
-                if !indexed {
+                if damage == "record and index entry" {
                     let mut index = txn.open_table(POOLS_BY_OWNER).unwrap();
                     index.retain(|_, _| false).unwrap();
                 }
             });
-            assert_named(&problems(&path, config.clone()), &format!("{pool}: "), "");
+            assert!(!problems(&path, config.clone()).is_empty(), "{damage}");
             let ledger = Ledger::open(&path, config.clone()).unwrap();
             let credits = ledger.credits().by("ops");
             let in_use = credits.delete_pool(&pool).unwrap_err();
-            assert!(matches!(in_use, Error::Conflict(_)), "{indexed}: {in_use}");
+            assert!(matches!(in_use, Error::Conflict(_)), "{damage}: {in_use}");
             ledger.keys().delete(&pooled).unwrap();
             let other = ledger.accounts().create(NewAccount::new("Other")).unwrap();
             let scoped = ledger.credits().owned_by(&other.id).unwrap();
@@ -1680,17 +1682,20 @@ mod damaged {
                 scoped.delete_pool(&pool),
                 Err(Error::NotFound { .. })
             ));
-            credits.delete_pool(&pool).unwrap();
+            let left = credits.delete_pool(&pool).unwrap();
+            if damage == "balance" {
+                assert_eq!(left, 0);
+            }
             let last = &ledger.audit().recent(1).unwrap()[0];
             assert_eq!(last.action, "pool.deleted");
-            assert_eq!(last.fields, ["unreadable"], "{indexed}");
+            assert_eq!(last.fields, ["unreadable"], "{damage}");
             assert!(matches!(
                 credits.delete_pool(&pool),
                 Err(Error::NotFound { .. })
             ));
             ledger.close().unwrap();
             drop(ledger);
-            assert_eq!(problems(&path, config), Vec::<String>::new(), "{indexed}");
+            assert_eq!(problems(&path, config), Vec::<String>::new(), "{damage}");
         }
     }
 

@@ -224,7 +224,8 @@ impl Credits<'_> {
     ///
     /// A pool record that does not decode (`check` names it) is deleted all the same, its
     /// owner read from the owners' index (without one, every key is read to find its
-    /// users); its audit event names the field `unreadable`.
+    /// users); so is a balance that does not decode, reported as 0 credits left. The audit
+    /// event of either names the field `unreadable`.
     pub fn delete_pool(&self, id: &str) -> Result<u64> {
         self.ledger.guarded(|| {
             let internal = self.ledger.inner.ids.decode(IdKind::Pool, id)?;
@@ -261,7 +262,13 @@ impl Credits<'_> {
                     txn.open_table(POOLS_BY_OWNER)?.remove((owner, internal))?;
                 }
                 let mut balances = txn.open_table(CREDITS)?;
-                let credits: Option<CreditsRecord> = store::get(&balances, internal)?;
+                // A balance that does not decode goes the same way; what was left on it is
+                // unknown, and reported as 0.
+                let (credits, unreadable) = match store::get::<CreditsRecord>(&balances, internal) {
+                    Ok(credits) => (credits, unreadable),
+                    Err(Error::Codec(_)) => (None, true),
+                    Err(e) => return Err(e),
+                };
                 balances.remove(internal)?;
                 txn.open_table(USAGE)?.remove(internal)?;
                 let left = credits.map_or(0, |c| self.ledger.inner.engine.remaining(internal, &c));

@@ -177,12 +177,12 @@ fn damage_rows(db: &redb::Database, def: TableDefinition<(u64, &str), &[u8]>) ->
                 let middle = bytes.len() / 2;
                 bytes[middle] ^= 0x40;
                 write_raw(db, def, (owner, &name), &bytes);
-                kinds.push("checksum".to_owned());
+                kinds.push("fails its checksum".to_owned());
             }
             1 => {
                 bytes.truncate(bytes.len() / 2);
                 write_row(db, def, (owner, &name), &bytes);
-                kinds.push("corrupt".to_owned());
+                kinds.push("record is corrupt".to_owned());
             }
             _ => {
                 bytes[0] = 0x80 | 0x7f;

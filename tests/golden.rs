@@ -629,7 +629,8 @@ fn a_format_1_file_with_one_damaged_key_record_opens_and_check_names_it() {
     let report = Ledger::check(&path, config()).unwrap();
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     assert!(
-        report.problems[0].starts_with("key_") && report.problems[0].contains("corrupt"),
+        // The token's record: named by the kind its owner index entry gives.
+        report.problems[0].starts_with("tok_") && report.problems[0].contains("corrupt"),
         "{:?}",
         report.problems
     );

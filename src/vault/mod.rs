@@ -29,11 +29,11 @@
 mod cipher;
 mod connection;
 mod connectors;
-mod hosts;
+pub(crate) mod hosts;
 mod outbound;
 mod provider;
 mod provider_error;
-mod records;
+pub(crate) mod records;
 pub(crate) mod secrets;
 pub(crate) mod tables;
 

@@ -1,12 +1,17 @@
 //! Entry points for the fuzz targets in `fuzz/` and the corpus replay test. Not API: hidden
 //! from the docs, no stability promise. Each function must never panic on any input; the
-//! record decoder additionally checks that decode → encode → decode is stable.
+//! record decoder additionally checks that decode → encode → decode is stable, and
+//! `allowed_hosts`, `request` and `ops` check the library against reference models.
 
 pub mod backend;
+pub mod hosts;
 pub mod ops;
+pub mod request;
 
 pub use backend::{CrashBackend, CrashImage};
+pub use hosts::allowed_hosts;
 pub use ops::ops;
+pub use request::request;
 
 use crate::codec::{self, Record};
 use crate::config::Config;
@@ -247,6 +252,8 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             ]
         }
         "ops" => (0..8).map(ops::workload).collect(),
+        "allowed_hosts" => hosts::seeds(),
+        "request" => request::seeds(),
         _ => Vec::new(),
     }
 }

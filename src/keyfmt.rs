@@ -35,7 +35,7 @@ pub(crate) const VISIBLE_SUFFIX_LEN: usize = 4;
 /// Fewest and most characters after a legacy prefix (other systems' keys, no checksum).
 const LEGACY_BODY_LEN: std::ops::RangeInclusive<usize> = 16..=100;
 /// Longest header value accepted before parsing (generous: prefixes are ≤ 12 chars).
-const MAX_PRESENTED_LEN: usize = 128;
+pub(crate) const MAX_PRESENTED_LEN: usize = 128;
 
 /// What a key's prefix says it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -8,11 +8,13 @@ use keyledger::fuzzing;
 /// A fuzz target: its corpus directory name and its entry point.
 type Target = (&'static str, fn(&[u8]));
 
-const TARGETS: [Target; 4] = [
+const TARGETS: [Target; 6] = [
     ("decode_records", fuzzing::decode_records),
     ("parse_key", fuzzing::parse_key),
     ("decode_public_id", fuzzing::decode_public_id),
     ("ops", fuzzing::ops),
+    ("allowed_hosts", fuzzing::allowed_hosts),
+    ("request", fuzzing::request),
 ];
 
 #[test]

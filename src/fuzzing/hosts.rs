@@ -214,6 +214,20 @@ pub fn seeds() -> Vec<Vec<u8>> {
         "*.example.com\nhttps://a..example.com/",
         "allowed.com\nhttps://user:pw@allowed.com./",
         "API.Example.COM:443\nhttp://api.example.com:443/",
+        // And each rule's refusal: a port the pattern does not name, the domain of a
+        // wildcard, another scheme, a host that only begins with the allowed one.
+        "api.example.com\nhttps://api.example.com:8443/",
+        "api.example.com:8443\nhttps://api.example.com/",
+        "localhost\nhttp://localhost:443/",
+        "*.example.com\nhttps://example.com/",
+        "*.example.com\nhttps://a.example.com.evil.org/",
+        "api.example.com\nftp://api.example.com/",
+        // Forms the parser normalizes: IPv4 shorthand, IPv4-mapped IPv6, percent-encoding,
+        // an empty user info.
+        "127.0.0.1\nhttp://127.1/",
+        "[::ffff:127.0.0.1]\nhttp://[::ffff:7f00:1]:80/",
+        "ex%41mple.com\nhttps://example.com/",
+        "api.example.com\nhttps://@api.example.com/",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())

@@ -14,8 +14,9 @@
 //! that is none of the three is `malformed` or `not_found`; for one of them the outcome is the
 //! reference's, denial code for denial code, through DESIGN §4's chain (state, route
 //! permission by longest prefix, allowlist, subscription and entitlement, credits); a
-//! grant names its key, its cost and its permissions, and its receipt charges and prices what
-//! the reference does; `unavailable` never happens on this healthy ledger.
+//! grant names its key, its cost, its permissions and the credits left, and its receipt
+//! charges and prices what the reference does; `unavailable` never happens on this healthy
+//! ledger.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -315,8 +316,15 @@ fn run(data: &[u8]) -> Result<(), String> {
             }
             _ => (None, Some(raw)),
         };
+        // A rule's own prefix, or one with a little more, half the time: the routes that
+        // tell the longest match from a shorter one, and the search's bounds.
         let route = match b.below(4) {
             0 => b.path(6),
+            1 | 2 if !rules.is_empty() => {
+                let at = b.below(rules.len() as u64) as usize;
+                let prefix = rules.keys().nth(at).expect("below the count");
+                format!("{prefix}{}", b.path(2))
+            }
             _ => format!("/{}", b.path(6)),
         };
         let ip_text = match b.below(4) {
@@ -442,6 +450,13 @@ fn run(data: &[u8]) -> Result<(), String> {
         }
         let price = rule.map_or(0, |r| r.price_micros);
         let left = key.credits.map(|c| c - want_cost.min(c));
+        if grant.remaining_credits() != left {
+            return Err(format!(
+                "grant of {want_cost} from {:?} credits says {:?} are left ({context})",
+                key.credits,
+                grant.remaining_credits()
+            ));
+        }
         let actual = match settle {
             0 => {
                 drop(grant);

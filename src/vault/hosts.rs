@@ -315,6 +315,35 @@ mod tests {
         }
     }
 
+    /// The cap is on the pattern as written and on its normal form, 300 bytes each: one of
+    /// exactly 300 is accepted and honoured, one byte more is refused even when it would
+    /// decode to fewer.
+    #[test]
+    fn a_pattern_of_300_bytes_is_the_longest() {
+        // Labels of 49 letters and a dot, then `example.com`: `len` bytes in all.
+        let host = |len: usize| {
+            let name: String = (0..len - 12)
+                .map(|i| if i % 50 == 49 { '.' } else { 'a' })
+                .collect();
+            format!("{name}.example.com")
+        };
+        let longest = host(MAX_PATTERN_LEN);
+        assert_eq!(longest.len(), 300);
+        assert_eq!(normalize([&longest]).unwrap(), [longest.as_str()]);
+        assert!(allowed(&[&longest], &format!("https://{longest}/")).is_ok());
+        let wildcard = format!("*.{}", &longest[2..]);
+        assert_eq!(wildcard.len(), 300);
+        assert_eq!(normalize([&wildcard]).unwrap(), [wildcard.as_str()]);
+
+        assert!(HostPattern::parse(&host(MAX_PATTERN_LEN + 1)).is_err());
+        // 301 bytes as written, 299 once `%61` is decoded to `a`.
+        let encoded = format!("%61{}", &host(MAX_PATTERN_LEN - 1)[1..]);
+        assert_eq!(encoded.len(), 301);
+        assert!(HostPattern::parse(&encoded).is_err(), "{encoded}");
+        let decoded = format!("a{}", &encoded[3..]);
+        assert_eq!(HostPattern::parse(&decoded).unwrap().canonical(), decoded);
+    }
+
     #[test]
     fn repeated_patterns_count_once() {
         let hosts: Vec<String> = (0..40)
@@ -376,6 +405,19 @@ mod tests {
             allowed(&["allowed.com"], "https://user:pw@allowed.com/"),
             Err(OutboundRefusal::UserInfo { .. })
         ));
+        // A user name alone, or a password alone, is user info too: neither goes out with
+        // a secret.
+        for url in [
+            "https://user@allowed.com/",
+            "https://:pw@allowed.com/",
+            "https://user:@allowed.com/",
+        ] {
+            let r = allowed(&["allowed.com"], url);
+            assert!(
+                matches!(&r, Err(OutboundRefusal::UserInfo { host, .. }) if host == "allowed.com"),
+                "{url}: {r:?}"
+            );
+        }
         assert!(matches!(
             allowed(&["allowed.com"], "http://allowed.com/"),
             Err(OutboundRefusal::InsecureScheme { .. })

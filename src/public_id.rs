@@ -372,6 +372,50 @@ mod tests {
         assert_eq!(c.decode(IdKind::Key, pinned), Ok(42));
     }
 
+    /// Every way of reading an id as text gives its text: a caller passes it on through
+    /// `AsRef<str>`, stores it as a `String` or logs it.
+    #[test]
+    fn every_view_of_an_id_is_its_text() {
+        let c = cipher();
+        for kind in [IdKind::Account, IdKind::Key, IdKind::Token, IdKind::Pool] {
+            let id = c.encode(kind, 7);
+            let text = id.as_str();
+            assert_eq!(c.decode(kind, text), Ok(7));
+            assert_eq!(&*id, text);
+            assert_eq!(<PublicId as AsRef<str>>::as_ref(&id), text);
+            assert_eq!(String::from(&id), text);
+            assert_eq!(String::from(id), text);
+            assert_eq!(id.to_string(), text);
+            assert!(format!("{id:?}").contains(text), "{id:?}");
+        }
+    }
+
+    /// A deserialized id is checked for length: an id reads back as itself, and so does
+    /// text as long as the longest kind's id (`acct_` and 32 characters), but one character
+    /// more is refused.
+    #[test]
+    fn a_deserialized_id_is_checked_for_length() {
+        let c = cipher();
+        for kind in [IdKind::Account, IdKind::Key, IdKind::Token, IdKind::Pool] {
+            let id = c.encode(kind, 7);
+            let json = serde_json::to_string(&id).unwrap();
+            assert_eq!(serde_json::from_str::<PublicId>(&json).unwrap(), id);
+        }
+        let body = |len: usize| "A".repeat(len);
+        let longest = format!("\"acct_{}\"", body(ID_BODY_LEN));
+        assert!(serde_json::from_str::<PublicId>(&longest).is_ok());
+        for longer in [
+            format!("\"acct_{}\"", body(ID_BODY_LEN + 1)),
+            format!("\"key_{}\"", body(ID_BODY_LEN + 2)),
+            format!("\"pool_{}\"", body(4 * ID_BODY_LEN)),
+        ] {
+            assert!(
+                serde_json::from_str::<PublicId>(&longer).is_err(),
+                "{longer}"
+            );
+        }
+    }
+
     proptest! {
         #[test]
         fn the_fast_sealer_seals_what_aes_siv_does(key in any::<[u8; 64]>(), id in any::<u64>()) {

@@ -881,6 +881,53 @@ mod tests {
         );
     }
 
+    /// A request refused by a named limit is told to wait for the token window too when it
+    /// has tokens to spend: retrying when the named limit frees up would only be refused again.
+    #[test]
+    fn a_refusal_by_a_named_limit_asks_to_wait_for_the_token_window_too() {
+        let limits = Limits {
+            token_window: Some(crate::TokenWindow {
+                tokens: 100,
+                window_secs: 3_600,
+            }),
+            ..per_second_and_minute(1, 1_000)
+        };
+        let k = KeyLimits::new(&limits, 0, &[]);
+        let t0 = 100 * S;
+        assert!(k.acquire(|| t0, 100).is_ok(), "the window's 100 tokens");
+        // The per-second limit refuses, for 1 s; the token window needs an hour.
+        assert_eq!(k.acquire(|| t0, 100), Err(Duration::from_secs(3_600)));
+        assert!(k.acquire(|| t0 + 3_599 * S, 100).is_err());
+        assert!(
+            k.acquire(|| t0 + 3_600 * S, 100).is_ok(),
+            "the wait was true"
+        );
+    }
+
+    /// A request of no tokens does not wait for the token window, even one overdrawn by a
+    /// commit that used more than it reserved: neither to be admitted nor, when a named
+    /// limit refuses it, in the wait it is given.
+    #[test]
+    fn a_request_of_no_tokens_never_waits_for_an_overdrawn_token_window() {
+        let limits = Limits {
+            token_window: Some(crate::TokenWindow {
+                tokens: 100,
+                window_secs: 60,
+            }),
+            ..per_second_and_minute(1, 1_000)
+        };
+        let k = KeyLimits::new(&limits, 0, &[]);
+        let t0 = 100 * S;
+        let admitted = k.acquire(|| t0, 100).expect("the window's 100 tokens");
+        // It used 1,000: the window is overdrawn for ten minutes.
+        k.settle_tokens(|| t0, &admitted, 100, 1_000);
+        assert_eq!(k.acquire(|| t0, 1), Err(Duration::from_millis(540_600)));
+        // The per-second limit refuses, for 1 s: that is the whole wait.
+        assert_eq!(k.acquire(|| t0, 0), Err(Duration::from_secs(1)));
+        assert!(k.acquire(|| t0 + S, 0).is_ok(), "no tokens: no token wait");
+        assert_eq!(k.remaining(t0 + S, 0).1, Some(0));
+    }
+
     /// A request that took a slot and stalled before a later limit refused it gives back
     /// only what is left of its own slot: the request that took the next slot meanwhile
     /// keeps it. (Found by a reviewer: the roll-back gave back a whole interval at the

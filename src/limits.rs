@@ -928,6 +928,37 @@ mod tests {
         assert_eq!(k.remaining(t0 + S, 0).1, Some(0));
     }
 
+    /// An admission that settles for fewer tokens after its slot ended gives back as much as
+    /// the requests queued behind it were kept waiting, no more and no less, even after a
+    /// later request settled first: the window ends where admissions of the tokens used would
+    /// have left it.
+    #[test]
+    fn a_late_settle_gives_back_what_the_requests_behind_it_waited() {
+        let limits = Limits {
+            token_window: Some(crate::TokenWindow {
+                tokens: 100,
+                window_secs: 60,
+            }),
+            ..Limits::default()
+        };
+        let k = KeyLimits::new(&limits, 0, &[]); // a token every 600 ms
+        let t0 = 100 * S;
+        let first = k.acquire(|| t0, 10).expect("10 tokens: until t0 + 6 s");
+        // Admitted 1 s later, it waits 5 s behind the first: its 90 tokens end at t0 + 60 s.
+        let second = k.acquire(|| t0 + S, 90).expect("the window's other 90");
+        // It used 50: 24 s back, to t0 + 36 s.
+        k.settle_tokens(|| t0 + S, &second, 90, 50);
+        assert_eq!(k.remaining(t0 + S, 0).1, Some(41), "35 s of 60 taken");
+        // The first used none, settled after its slot: the second need not have waited its
+        // 5 s, but could not have started before it arrived at t0 + 1 s. Its 30 s of tokens
+        // end at t0 + 31 s.
+        k.settle_tokens(|| t0 + 7 * S, &first, 10, 0);
+        let now = t0 + 7 * S;
+        assert_eq!(k.remaining(now, 0).1, Some(60), "24 s of 60 taken");
+        assert!(k.acquire(|| now, 60).is_ok());
+        assert_eq!(k.acquire(|| now, 1), Err(Duration::from_millis(600)));
+    }
+
     /// A request that took a slot and stalled before a later limit refused it gives back
     /// only what is left of its own slot: the request that took the next slot meanwhile
     /// keeps it. (Found by a reviewer: the roll-back gave back a whole interval at the

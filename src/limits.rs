@@ -959,6 +959,35 @@ mod tests {
         assert_eq!(k.acquire(|| now, 1), Err(Duration::from_millis(600)));
     }
 
+    /// As above, with a request at the back of the queue refused (for credits) before the
+    /// first settles: its give-back leaves the window as it was before it, so the first
+    /// still gets back what the requests behind it waited.
+    #[test]
+    fn a_late_settle_after_a_refused_request_gives_back_what_the_requests_behind_it_waited() {
+        let limits = Limits {
+            token_window: Some(crate::TokenWindow {
+                tokens: 100,
+                window_secs: 60,
+            }),
+            ..Limits::default()
+        };
+        let k = KeyLimits::new(&limits, 0, &[]); // a token every 600 ms
+        let t0 = 100 * S;
+        let first = k.acquire(|| t0, 10).expect("10 tokens: until t0 + 6 s");
+        // Three more of 10, 1 s later: they wait 5, 11 and 17 s; the last ends at t0 + 24 s.
+        for _ in 0..2 {
+            assert!(k.acquire(|| t0 + S, 10).is_ok());
+        }
+        let last = k.acquire(|| t0 + S, 10).expect("until t0 + 24 s");
+        k.release(|| t0 + S, &last, 10);
+        assert_eq!(k.remaining(t0 + S, 0).1, Some(71), "17 s of 60 taken");
+        // The first used none, settled after its slot: the two behind it move up the 5 s
+        // they waited for it, to end at t0 + 13 s.
+        let now = t0 + 7 * S;
+        k.settle_tokens(|| now, &first, 10, 0);
+        assert_eq!(k.remaining(now, 0).1, Some(90), "6 s of 60 taken");
+    }
+
     /// A request that took a slot and stalled before a later limit refused it gives back
     /// only what is left of its own slot: the request that took the next slot meanwhile
     /// keeps it. (Found by a reviewer: the roll-back gave back a whole interval at the

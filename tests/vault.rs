@@ -194,6 +194,23 @@ fn damage_rows(db: &redb::Database, def: TableDefinition<(u64, &str), &[u8]>) ->
     kinds
 }
 
+/// `check`'s report names every damaged row, and says of each damage what it was.
+fn assert_names_each(
+    report: &keyledger::CheckReport,
+    rows: impl Iterator<Item = String>,
+    kinds: &[String],
+) {
+    let problems = &report.problems;
+    for row in rows {
+        let named = problems.iter().any(|p| p.starts_with(&row));
+        assert!(named, "check names {row}: {problems:?}");
+    }
+    for kind in kinds {
+        let said = problems.iter().any(|p| p.contains(kind.as_str()));
+        assert!(said, "{kind:?} in {problems:?}");
+    }
+}
+
 impl Env {
     /// Closes the ledger, runs `Ledger::check` on the file, and opens the ledger again.
     fn check_and_reopen(self) -> (keyledger::CheckReport, Env) {
@@ -700,21 +717,10 @@ fn a_connector_row_that_does_not_decode_can_be_disconnected() {
         }
     });
     let (report, env) = env.check_and_reopen();
-    for provider in &providers {
-        let row = format!("{a}/connectors/{}", provider.as_str());
-        assert!(
-            report.problems.iter().any(|p| p.starts_with(&row)),
-            "check names {row}: {:?}",
-            report.problems
-        );
-    }
-    assert!(
-        kinds
-            .iter()
-            .all(|kind| report.problems.iter().any(|p| p.contains(kind.as_str()))),
-        "{kinds:?} in {:?}",
-        report.problems
-    );
+    let rows = providers
+        .iter()
+        .map(|p| format!("{a}/connectors/{}", p.as_str()));
+    assert_names_each(&report, rows, &kinds);
     let vault = env.ledger.vault().by("ops");
     assert!(matches!(vault.list(&a), Err(Error::Codec(_))));
     assert!(matches!(
@@ -758,21 +764,8 @@ fn a_secret_row_that_does_not_decode_can_be_deleted() {
     let mut kinds = Vec::new();
     let env = env.with_raw_file(|db| kinds = damage_rows(db, SECRETS));
     let (report, env) = env.check_and_reopen();
-    for name in names {
-        let row = format!("{a}/secrets/{name}");
-        assert!(
-            report.problems.iter().any(|p| p.starts_with(&row)),
-            "check names {row}: {:?}",
-            report.problems
-        );
-    }
-    assert!(
-        kinds
-            .iter()
-            .all(|kind| report.problems.iter().any(|p| p.contains(kind.as_str()))),
-        "{kinds:?} in {:?}",
-        report.problems
-    );
+    let rows = names.iter().map(|name| format!("{a}/secrets/{name}"));
+    assert_names_each(&report, rows, &kinds);
     let secrets = env.ledger.secrets().by("ops");
     assert!(matches!(secrets.list(&a), Err(Error::Codec(_))));
     for name in names {

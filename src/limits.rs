@@ -845,15 +845,21 @@ mod tests {
         }
     }
 
+    /// `limits` with a token window of `tokens` per `window_secs`.
+    fn with_token_window(tokens: u64, window_secs: u64, limits: Limits) -> Limits {
+        let token_window = Some(crate::TokenWindow {
+            tokens,
+            window_secs,
+        });
+        Limits {
+            token_window,
+            ..limits
+        }
+    }
+
     #[test]
     fn all_or_nothing_across_limits() {
-        let limits = Limits {
-            token_window: Some(crate::TokenWindow {
-                tokens: 50,
-                window_secs: 60,
-            }),
-            ..per_second_and_minute(5, 6)
-        };
+        let limits = with_token_window(50, 60, per_second_and_minute(5, 6));
         let k = KeyLimits::new(&limits, 0, &[]);
         let t0 = 100 * S;
         assert!(k.acquire(|| t0, 10).is_ok());
@@ -885,13 +891,7 @@ mod tests {
     /// has tokens to spend: retrying when the named limit frees up would only be refused again.
     #[test]
     fn a_refusal_by_a_named_limit_asks_to_wait_for_the_token_window_too() {
-        let limits = Limits {
-            token_window: Some(crate::TokenWindow {
-                tokens: 100,
-                window_secs: 3_600,
-            }),
-            ..per_second_and_minute(1, 1_000)
-        };
+        let limits = with_token_window(100, 3_600, per_second_and_minute(1, 1_000));
         let k = KeyLimits::new(&limits, 0, &[]);
         let t0 = 100 * S;
         assert!(k.acquire(|| t0, 100).is_ok(), "the window's 100 tokens");
@@ -909,13 +909,7 @@ mod tests {
     /// limit refuses it, in the wait it is given.
     #[test]
     fn a_request_of_no_tokens_never_waits_for_an_overdrawn_token_window() {
-        let limits = Limits {
-            token_window: Some(crate::TokenWindow {
-                tokens: 100,
-                window_secs: 60,
-            }),
-            ..per_second_and_minute(1, 1_000)
-        };
+        let limits = with_token_window(100, 60, per_second_and_minute(1, 1_000));
         let k = KeyLimits::new(&limits, 0, &[]);
         let t0 = 100 * S;
         let admitted = k.acquire(|| t0, 100).expect("the window's 100 tokens");
@@ -934,13 +928,7 @@ mod tests {
     /// have left it.
     #[test]
     fn a_late_settle_gives_back_what_the_requests_behind_it_waited() {
-        let limits = Limits {
-            token_window: Some(crate::TokenWindow {
-                tokens: 100,
-                window_secs: 60,
-            }),
-            ..Limits::default()
-        };
+        let limits = with_token_window(100, 60, Limits::default());
         let k = KeyLimits::new(&limits, 0, &[]); // a token every 600 ms
         let t0 = 100 * S;
         let first = k.acquire(|| t0, 10).expect("10 tokens: until t0 + 6 s");
@@ -964,13 +952,7 @@ mod tests {
     /// still gets back what the requests behind it waited.
     #[test]
     fn a_late_settle_after_a_refused_request_gives_back_what_the_requests_behind_it_waited() {
-        let limits = Limits {
-            token_window: Some(crate::TokenWindow {
-                tokens: 100,
-                window_secs: 60,
-            }),
-            ..Limits::default()
-        };
+        let limits = with_token_window(100, 60, Limits::default());
         let k = KeyLimits::new(&limits, 0, &[]); // a token every 600 ms
         let t0 = 100 * S;
         let first = k.acquire(|| t0, 10).expect("10 tokens: until t0 + 6 s");

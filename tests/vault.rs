@@ -19,6 +19,14 @@ const REFRESH: &str = "1//REFRESH-known-plaintext-b81d2e";
 const NOTION_TOKEN: &str = "secret_NOTION-known-plaintext-44c0";
 const API_SECRET: &str = "sk_live_OWNER-known-plaintext-9e1f";
 
+/// An [`Env`] whose ledger was closed: its directory, path, master key and clock.
+type Closed = (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    MasterKey,
+    ManualClock,
+);
+
 struct Env {
     _dir: tempfile::TempDir,
     path: std::path::PathBuf,
@@ -61,6 +69,12 @@ impl Env {
 
     /// Closes the ledger and runs `Ledger::check` on the file.
     fn check(self) -> keyledger::CheckReport {
+        self.close_and_check().0
+    }
+
+    /// Closes the ledger and runs `Ledger::check` on the file; gives back the report and
+    /// the closed ledger's parts.
+    fn close_and_check(self) -> (keyledger::CheckReport, Closed) {
         // `check` reads the route table, which a file without route rules may lack.
         let env = self.with_raw_file(|db| {
             let txn = db.begin_write().expect("write");
@@ -76,7 +90,8 @@ impl Env {
             _dir,
         } = env;
         drop(ledger);
-        Ledger::check(&path, config(&master, &clock)).expect("check")
+        let report = Ledger::check(&path, config(&master, &clock)).expect("check");
+        (report, (_dir, path, master, clock))
     }
 
     /// Closes the ledger, runs `edit` on the raw redb file, and opens the ledger again.
@@ -214,21 +229,7 @@ fn assert_names_each(
 impl Env {
     /// Closes the ledger, runs `Ledger::check` on the file, and opens the ledger again.
     fn check_and_reopen(self) -> (keyledger::CheckReport, Env) {
-        let env = self.with_raw_file(|db| {
-            let txn = db.begin_write().expect("write");
-            txn.open_table(TableDefinition::<&str, &[u8]>::new("routes"))
-                .expect("routes table");
-            txn.commit().expect("commit");
-        });
-        let Env {
-            ledger,
-            path,
-            master,
-            clock,
-            _dir,
-        } = env;
-        drop(ledger);
-        let report = Ledger::check(&path, config(&master, &clock)).expect("check");
+        let (report, (_dir, path, master, clock)) = self.close_and_check();
         let ledger = Ledger::open(&path, config(&master, &clock)).expect("reopen");
         let env = Env {
             _dir,

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::clock::Timestamp;
@@ -154,7 +155,8 @@ settings_setters!(NewKey);
 /// wiped when the value is dropped (so it is `Clone`, not `Copy`: each copy is wiped on its
 /// own). The array passed in is a copy the caller still holds: build it in place, e.g.
 /// `ImportedHash::Sha256(Sha256::digest(key).into())`, or wipe the caller's own.
-#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
+/// Equality compares the digests in constant time.
+#[derive(Clone, Eq, Zeroize, ZeroizeOnDrop)]
 pub enum ImportedHash {
     /// Plain `SHA-256(key)`. The file stores it keyed with the master key, never as given;
     /// rehashed to the current scheme on the key's first successful use.
@@ -163,6 +165,16 @@ pub enum ImportedHash {
     /// opened with the same master key, under the same scheme: a BLAKE3 hash written before
     /// format 4 is not one, its key differs).
     Current([u8; 32]),
+}
+
+impl PartialEq for ImportedHash {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ImportedHash::Sha256(a), ImportedHash::Sha256(b))
+            | (ImportedHash::Current(a), ImportedHash::Current(b)) => bool::from(a.ct_eq(b)),
+            _ => false,
+        }
+    }
 }
 
 impl std::fmt::Debug for ImportedHash {
@@ -323,5 +335,29 @@ impl KeyUpdate {
     pub fn metadata(mut self, metadata: BTreeMap<String, String>) -> Self {
         self.metadata = Some(metadata);
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ImportedHash;
+
+    /// Equal only for the same scheme and every byte of the digest, the last one included.
+    #[test]
+    fn imported_hashes_are_equal_by_scheme_and_every_byte() {
+        let digest = [7u8; 32];
+        let mut last_differs = digest;
+        last_differs[31] ^= 1;
+        assert_eq!(ImportedHash::Sha256(digest), ImportedHash::Sha256(digest));
+        assert_eq!(ImportedHash::Current(digest), ImportedHash::Current(digest));
+        assert_ne!(
+            ImportedHash::Sha256(digest),
+            ImportedHash::Sha256(last_differs)
+        );
+        assert_ne!(
+            ImportedHash::Current(digest),
+            ImportedHash::Current(last_differs)
+        );
+        assert_ne!(ImportedHash::Sha256(digest), ImportedHash::Current(digest));
     }
 }

@@ -6,8 +6,8 @@
 //!
 //! - nothing panics;
 //! - an accepted pattern is what the docs allow (a DNS name of letters, digits, `-` and `_`
-//!   in non-empty labels, an IPv4 address or a bracketed IPv6 address; `*.` only before a DNS
-//!   name of two labels or more; no port 0), its normal form is the reference's (host as the
+//!   in non-empty labels, an IPv4 address written as four decimal numbers or a bracketed
+//!   IPv6 address; `*.` only before a DNS name of two labels or more; no port 0), its normal form is the reference's (host as the
 //!   WHATWG parser normalizes it, the port as written) and reads back as itself;
 //! - the check allows the url exactly when the reference does: no whitespace, control
 //!   characters or backslashes; https, or http to `localhost` or a loopback address; no user
@@ -33,6 +33,8 @@ struct Reference {
     wildcard: bool,
     host: String,
     port: Option<u16>,
+    /// The host as written, without its `:port`.
+    written: String,
 }
 
 impl Reference {
@@ -50,10 +52,15 @@ impl Reference {
         let port = Url::parse(&format!("x-reference://{rest}/"))
             .ok()
             .and_then(|u| u.port());
+        let written = rest
+            .rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(rest, |(host, _)| host);
         Some(Reference {
             wildcard,
             host,
             port,
+            written: written.to_owned(),
         })
     }
 
@@ -67,13 +74,16 @@ impl Reference {
 
     /// What the docs allow in a pattern.
     fn documented(&self) -> bool {
+        let ipv4 = self.host.parse::<std::net::Ipv4Addr>().is_ok();
         let ip = match self.host.strip_prefix('[') {
             Some(v6) => v6
                 .strip_suffix(']')
                 .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok()),
-            None => self.host.parse::<std::net::Ipv4Addr>().is_ok(),
+            // Written as stored: `127.1` is the parser's `127.0.0.1` but no pattern.
+            None => ipv4 && self.written == self.host,
         };
-        let name = labels(&self.host);
+        // An address is no name, though its digits and dots would pass as labels.
+        let name = !ipv4 && labels(&self.host);
         let host_ok = if self.wildcard {
             name && self.host.contains('.')
         } else {
@@ -228,6 +238,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
         "[::ffff:127.0.0.1]\nhttp://[::ffff:7f00:1]:80/",
         "ex%41mple.com\nhttps://example.com/",
         "api.example.com\nhttps://@api.example.com/",
+        // An IPv4 address in another form than four decimal numbers is refused as a pattern.
+        "127.1\n2130706433:0443\nhttp://127.0.0.1/",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())

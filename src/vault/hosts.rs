@@ -1,7 +1,8 @@
 //! Allowed hosts of owner secrets, and the url check made before a secret is attached.
 //!
-//! A pattern is a host — a DNS name, an IPv4 address or a bracketed IPv6 address — or
-//! `*.` followed by a DNS name of at least two labels, with an optional `:port`. Names are
+//! A pattern is a host — a DNS name, an IPv4 address written as four decimal numbers or a
+//! bracketed IPv6 address — or `*.` followed by a DNS name of at least two labels, with an
+//! optional `:port`. Names are
 //! normalized as browsers do (WHATWG url parsing: lowercased, IDN converted to punycode), both
 //! in patterns and in urls, so `API.Example.com` and `bücher.example` match their normal forms.
 //!
@@ -86,6 +87,13 @@ impl HostPattern {
                 d.to_owned()
             }
             Some(_) if wildcard => return Err(bad_pattern("`*.` applies to domain names only")),
+            // The parser also reads `2130706433`, `0x7f.1` and `127.1` as `127.0.0.1`: a
+            // pattern that names an address names it as it is stored and shown.
+            Some(Host::Ipv4(ip)) if written_host(rest) != ip.to_string() => {
+                return Err(bad_pattern(&format!(
+                    "an IPv4 address is written as four decimal numbers (`{ip}`)"
+                )));
+            }
             Some(_) => url.host_str().unwrap_or_default().to_owned(),
             None => return Err(bad_pattern("no host")),
         };
@@ -173,6 +181,14 @@ where
         ));
     }
     Ok(out.into_iter().collect())
+}
+
+/// The host of a pattern's text as written: without a `:port`, brackets kept.
+fn written_host(rest: &str) -> &str {
+    match rest.rsplit_once(':') {
+        Some((host, _)) if !host.contains('[') || host.ends_with(']') => host,
+        _ => rest,
+    }
 }
 
 /// Non-empty labels of letters, digits, `-` and `_`, joined by single dots.
@@ -268,7 +284,16 @@ mod tests {
         assert_eq!(n("localhost:8080").unwrap(), "localhost:8080");
         assert_eq!(n("[::1]:8080").unwrap(), "[::1]:8080");
         assert_eq!(n("127.0.0.1").unwrap(), "127.0.0.1");
+        assert_eq!(n("10.0.0.1:8443").unwrap(), "10.0.0.1:8443");
         for bad in [
+            // Other forms the url parser reads as an IPv4 address.
+            "2130706433",
+            "127.1",
+            "0x7f.0.0.1",
+            "0177.0.0.1",
+            "127.0.0.01",
+            "127.0.0.1.",
+            "2130706433:8080",
             "",
             "*",
             "*.com",

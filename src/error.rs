@@ -173,13 +173,10 @@ fn named_as(given: Option<&str>) -> String {
 
 /// A record of a newer schema is no damage: said as such, with what to do.
 fn stored_record_message(e: &CodecError) -> String {
-    match e {
-        CodecError::UnknownVersion {
-            found, supported, ..
-        } if found > supported => {
-            format!("written by a newer keyledger: {e}; upgrade keyledger to read it")
-        }
-        _ => format!("corrupt database: {e}"),
+    if e.is_newer() {
+        format!("written by a newer keyledger: {e}; upgrade keyledger to read it")
+    } else {
+        format!("corrupt database: {e}")
     }
 }
 
@@ -214,6 +211,57 @@ pub enum CodecError {
         /// Decoder message (never contains field values).
         reason: String,
     },
+    /// A listing (an owner's keys, connectors or secrets) met a stored row that does not
+    /// decode, and fails naming it rather than leave it out, which would hide the damage.
+    /// [`Ledger::check`](crate::Ledger::check) names every such row of the file.
+    #[error("{}", row_message(row, error, remedy))]
+    Row {
+        /// The row: a key's public id, or `acct_…/connectors/PROVIDER`,
+        /// `acct_…/secrets/NAME` (the form `check` and the audit trail name it by). Never
+        /// the row's bytes.
+        row: String,
+        /// What is wrong with the row's bytes.
+        #[source]
+        error: Box<CodecError>,
+        /// The call that removes or replaces the row, as text (``"`secrets().delete`
+        /// removes it, `secrets().put` replaces it"``).
+        remedy: &'static str,
+    },
+}
+
+impl CodecError {
+    /// This error, said of the stored row `row` (a public id, `acct_…/secrets/NAME`; never
+    /// the row's bytes) with what the caller can do about it, for a listing that meets a row
+    /// it cannot decode.
+    pub(crate) fn of_row(self, row: String, remedy: &'static str) -> CodecError {
+        CodecError::Row {
+            row,
+            error: Box::new(self),
+            remedy,
+        }
+    }
+
+    /// Whether the record is of a schema version newer than this build's: written by a
+    /// newer keyledger (or damaged into one), not damage to restore from a backup.
+    fn is_newer(&self) -> bool {
+        match self {
+            CodecError::UnknownVersion {
+                found, supported, ..
+            } => found > supported,
+            CodecError::Row { error, .. } => error.is_newer(),
+            _ => false,
+        }
+    }
+}
+
+/// [`CodecError::Row`]'s message: the row, what is wrong, and what to do — for a newer
+/// schema, only if no newer release wrote it (the caller's message says to upgrade).
+fn row_message(row: &str, error: &CodecError, remedy: &str) -> String {
+    if error.is_newer() {
+        format!("{row}: {error}; if no newer keyledger wrote it, {remedy}")
+    } else {
+        format!("{row}: {error}; {remedy}")
+    }
 }
 
 /// The error of every ledger operation other than parsing and `verify`.

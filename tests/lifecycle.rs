@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
 use keyledger::{
-    AccountUpdate, Denial, Error, HeaderError, ImportKey, ImportedHash, KeyClass, KeyKind,
-    KeyUpdate, Ledger, MalformedKey, MasterKey, NewAccount, NewKey, NewPool, PageRequest,
+    AccountUpdate, CodecError, Denial, Error, HeaderError, ImportKey, ImportedHash, KeyClass,
+    KeyKind, KeyUpdate, Ledger, MalformedKey, MasterKey, NewAccount, NewKey, NewPool, PageRequest,
     Presented, RateLimit, Refill, RefillInterval, RouteRule, SubscriptionStatus, TokenWindow,
     permits,
 };
@@ -2052,6 +2052,59 @@ mod damaged {
             Vec::<String>::new(),
             "nothing left of it"
         );
+    }
+
+    /// A key whose record does not decode fails its owner's key listing with an error that
+    /// names the key by its public id (as `check` does, and as the vault's listings name
+    /// their rows), and holds nothing of the record or of any key's plaintext; the owner's
+    /// other keys list again once it is deleted (found by the forty-sixth session: the error
+    /// did not say which key).
+    #[test]
+    fn a_key_whose_record_does_not_decode_fails_its_owners_listing_naming_it() {
+        let t = TestLedger::new();
+        let (owner, other) = (t.account("Acme"), t.account("Other"));
+        let (first, first_plain) = create_key(&t.ledger, NewKey::new(owner, "first"));
+        let (doomed, doomed_plain) = create_key(&t.ledger, NewKey::new(owner, "doomed"));
+        let (last, last_plain) = create_key(&t.ledger, NewKey::new(owner, "last"));
+        let (theirs, _) = create_key(&t.ledger, NewKey::new(other, "theirs"));
+        let (_dir, path, config) = t.close();
+        let db = redb::Database::open(&path).unwrap();
+        let keys = ids(&db, KEYS);
+        drop(db);
+        edit(&path, |txn| {
+            txn.open_table(KEYS)
+                .unwrap()
+                .insert(keys[1], GARBAGE)
+                .unwrap();
+        });
+
+        let ledger = Ledger::open(&path, config).unwrap();
+        let page = PageRequest::first();
+        let err = ledger.keys().list(&owner, &page).unwrap_err();
+        let Error::Codec(CodecError::Row { row, .. }) = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(row, doomed.as_str());
+        let message = format!("{err} {err:?}");
+        assert!(message.contains(&format!("{doomed}: ")), "{message}");
+        assert!(message.contains("`keys().delete`"), "{message}");
+        for plain in [&first_plain, &doomed_plain, &last_plain] {
+            assert!(!message.contains(plain.as_str()), "{message}");
+        }
+        for id in [&first, &last] {
+            assert!(
+                !message.contains(id.as_str()),
+                "only the damaged key is named"
+            );
+        }
+        let listed = ledger.keys().list(&other, &page).unwrap().items;
+        assert_eq!(listed.len(), 1, "another owner's listing is untouched");
+        assert_eq!(listed[0].id, theirs);
+
+        ledger.keys().delete(&doomed).unwrap();
+        let listed = ledger.keys().list(&owner, &page).unwrap().items;
+        let ids: Vec<_> = listed.iter().map(|k| &k.id).collect();
+        assert_eq!(ids, [&first, &last]);
     }
 
     /// One undecodable key record is one problem, naming the key, not damage to its indexes;

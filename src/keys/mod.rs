@@ -466,6 +466,12 @@ impl<'a> Keys<'a> {
     }
 
     /// Lists `owner`'s keys (or tokens) in creation order, a page at a time.
+    ///
+    /// A record that does not decode (damaged, or written by a newer schema) fails the page
+    /// with [`Error::Codec`]`(`[`CodecError::Row`](crate::CodecError::Row)`)`, which names
+    /// the key by its public id (as [`Ledger::check`](crate::Ledger::check) does): the page
+    /// is not given without it, which would hide the damage. [`delete`](Self::delete)
+    /// removes such a key.
     pub fn list(&self, owner: &str, page: &PageRequest) -> Result<Page<KeyInfo>> {
         self.ledger.guarded(|| {
             let owner = self.ledger.inner.ids.decode(IdKind::Account, owner)?;
@@ -502,7 +508,7 @@ impl<'a> Keys<'a> {
                         next_cursor = Some(self.ledger.inner.ids.seal(&ad, last));
                         break;
                     }
-                    let record = self.load(&keys, id)?;
+                    let record = self.load(&keys, id).map_err(|e| self.unlisted(id, e))?;
                     items.push(self.view(id, record));
                     last = id;
                 }
@@ -1102,6 +1108,20 @@ impl<'a> Keys<'a> {
             Ok(record)
         } else {
             Err(Error::NotFound { what: self.what() })
+        }
+    }
+
+    /// `e`, met reading key `id` for a listing: a record that does not decode is named.
+    fn unlisted(&self, id: u64, e: Error) -> Error {
+        match e {
+            Error::Codec(e) => {
+                let remedy = match self.kind {
+                    IdKind::Token => "`tokens().delete` removes it",
+                    _ => "`keys().delete` removes it",
+                };
+                e.of_row(self.public_id(id).to_string(), remedy).into()
+            }
+            e => e,
         }
     }
 

@@ -21,7 +21,7 @@ use crate::vault::provider::Provider;
 use crate::vault::provider_error::ProviderErrorKind;
 use crate::vault::records::{self, ConnectorRecord, StoredHealth};
 use crate::vault::tables::CONNECTORS;
-use crate::vault::{Owner, open_read, owner, owner_read, owner_rows, target};
+use crate::vault::{Owner, listed_row, open_read, owner, owner_read, owner_rows, target};
 
 /// Connector operations. Get one with [`Ledger::vault`].
 pub struct Vault<'a> {
@@ -243,9 +243,14 @@ impl<'a> Vault<'a> {
         })
     }
 
-    /// The owner's connections, metadata only, in provider-name order. A row that does not
-    /// decode fails the list with [`Error::Codec`]; [`Ledger::check`](crate::Ledger::check)
-    /// names it and [`disconnect`](Self::disconnect) removes it.
+    /// The owner's connections, metadata only, in provider-name order.
+    ///
+    /// A row that does not decode (damaged, or written by a newer schema) fails the list
+    /// with [`Error::Codec`]`(`[`CodecError::Row`](crate::CodecError::Row)`)`, which names
+    /// the row (`acct_…/connectors/PROVIDER`, as [`Ledger::check`](crate::Ledger::check)
+    /// does) and never holds its bytes: the list is not given without it, which would hide
+    /// the damage. [`disconnect`](Self::disconnect) removes such a row and
+    /// [`connect`](Self::connect) replaces it.
     pub fn list(&self, owner: &str) -> Result<Vec<ConnectionInfo>> {
         self.ledger.guarded(|| {
             let read = self.ledger.inner.store.begin_read()?;
@@ -253,9 +258,13 @@ impl<'a> Vault<'a> {
             let Some(table) = open_read(&read, CONNECTORS)? else {
                 return Ok(Vec::new());
             };
+            let remedy = "`vault().disconnect` removes it, `vault().connect` replaces it";
             owner_rows(&table, owner.id)?
                 .into_iter()
-                .map(|(name, bytes)| Ok(self.info(&owner, &name, &codec::decode(&bytes)?)))
+                .map(|(name, bytes)| {
+                    let record = listed_row(&owner.public, "connectors", &name, &bytes, remedy)?;
+                    Ok(self.info(&owner, &name, &record))
+                })
                 .collect()
         })
     }

@@ -50,6 +50,7 @@ pub use provider::{PROVIDER_NAME_MAX, Provider};
 pub use provider_error::{ProviderError, ProviderErrorKind, normalize_provider_error};
 pub use secrets::Secrets;
 
+use crate::codec::{self, Record};
 use crate::error::{Error, Result};
 use crate::ledger::{Ledger, SYSTEM_ACTOR};
 use crate::public_id::{IdCipher, IdKind, PublicId};
@@ -135,6 +136,28 @@ pub(crate) fn target(owner: &PublicId, kind: &str, name: &str) -> String {
     format!("{owner}/{kind}/{name}")
 }
 
+/// A stored row as `check` and a listing's error name it: its [`target`], the name escaped
+/// (a name written through the API was validated; one in a damaged or edited file may hold
+/// anything, a terminal control included).
+fn row_name(owner: &PublicId, kind: &str, name: &str) -> String {
+    target(owner, kind, &name.escape_default().to_string())
+}
+
+/// Decodes row `name` of `owner` in the vault table `kind` (`connectors`, `secrets`) for a
+/// listing: one that does not decode fails it with a
+/// [`CodecError::Row`](crate::CodecError::Row) naming the row (never its bytes) and saying,
+/// in `remedy`, how to get rid of it. Silently leaving it out would hide the damage; failing
+/// without a name left the operator to run `check` to find it.
+pub(crate) fn listed_row<R: Record>(
+    owner: &PublicId,
+    kind: &str,
+    name: &str,
+    bytes: &[u8],
+    remedy: &'static str,
+) -> Result<R> {
+    codec::decode(bytes).map_err(|e| e.of_row(row_name(owner, kind, name), remedy).into())
+}
+
 /// Decodability, owner and decryption checks of the vault tables, for `Ledger::check`.
 pub(crate) fn check_tables(
     master: &MasterKey,
@@ -148,7 +171,7 @@ pub(crate) fn check_tables(
             let (k, v) = entry?;
             let (owner, name) = k.value();
             let public = ids.encode(IdKind::Account, owner);
-            let what = target(&public, "connectors", &name.escape_default().to_string());
+            let what = row_name(&public, "connectors", name);
             if accounts.get(owner)?.is_none() {
                 problems.push(format!("{what}: owner account missing"));
             }
@@ -162,7 +185,7 @@ pub(crate) fn check_tables(
             let (k, v) = entry?;
             let (owner, name) = k.value();
             let public = ids.encode(IdKind::Account, owner);
-            let what = target(&public, "secrets", &name.escape_default().to_string());
+            let what = row_name(&public, "secrets", name);
             if accounts.get(owner)?.is_none() {
                 problems.push(format!("{what}: owner account missing"));
             }

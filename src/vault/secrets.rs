@@ -18,7 +18,7 @@ use crate::vault::outbound::{
 };
 use crate::vault::records::{self, SecretRecord};
 use crate::vault::tables::OWNER_SECRETS;
-use crate::vault::{Owner, open_read, owner, owner_read, owner_rows, target};
+use crate::vault::{Owner, listed_row, open_read, owner, owner_read, owner_rows, target};
 
 /// Owner-secret operations. Get one with [`Ledger::secrets`].
 pub struct Secrets<'a> {
@@ -388,9 +388,13 @@ impl<'a> Secrets<'a> {
         })
     }
 
-    /// The owner's secrets: names, hosts and dates, never values; in name order. A row that
-    /// does not decode fails the list with [`Error::Codec`]; [`Ledger::check`] names it and
-    /// [`delete`](Self::delete) removes it.
+    /// The owner's secrets: names, hosts and dates, never values; in name order.
+    ///
+    /// A row that does not decode (damaged, or written by a newer schema) fails the list
+    /// with [`Error::Codec`]`(`[`CodecError::Row`](crate::CodecError::Row)`)`, which names
+    /// the row (`acct_…/secrets/NAME`, as [`Ledger::check`] does) and never holds its bytes:
+    /// the list is not given without it, which would hide the damage.
+    /// [`delete`](Self::delete) removes such a row and [`put`](Self::put) replaces it.
     pub fn list(&self, owner: &str) -> Result<Vec<SecretInfo>> {
         self.ledger.guarded(|| {
             let read = self.ledger.inner.store.begin_read()?;
@@ -398,9 +402,13 @@ impl<'a> Secrets<'a> {
             let Some(table) = open_read(&read, OWNER_SECRETS)? else {
                 return Ok(Vec::new());
             };
+            let remedy = "`secrets().delete` removes it, `secrets().put` replaces it";
             owner_rows(&table, owner.id)?
                 .into_iter()
-                .map(|(name, bytes)| Ok(Self::view(&owner, &name, &codec::decode(&bytes)?)))
+                .map(|(name, bytes)| {
+                    let record = listed_row(&owner.public, "secrets", &name, &bytes, remedy)?;
+                    Ok(Self::view(&owner, &name, &record))
+                })
                 .collect()
         })
     }

@@ -439,8 +439,9 @@ pub struct AuditEvent {
     /// hash-scheme rotation the new scheme (`hmac-sha256/v2`).
     pub target: String,
     /// Names of the fields changed. A deletion whose record (or balance) did not decode
-    /// (`connector.disconnected`, `key.deleted`, `token.deleted`, `pool.deleted`) names
-    /// `unreadable`.
+    /// (`connector.disconnected`, `secret.deleted`, `key.deleted`, `token.deleted`,
+    /// `pool.deleted`) names `unreadable`, and so does a replacement of a row that did not
+    /// decode (`connector.connected`, `secret.replaced`).
     pub fields: Vec<String>,
 }
 

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use keyledger::{
-    Clock, Config, ConnectionInfo, Error, Health, Ledger, ManualClock, MasterKey, NewAccount,
-    OAuthGrant, OutboundRefusal, Provider, ProviderErrorKind, PublicId, Secret, Timestamp,
-    normalize_provider_error,
+    Clock, CodecError, Config, ConnectionInfo, Error, Health, Ledger, ManualClock, MasterKey,
+    NewAccount, OAuthGrant, OutboundRefusal, Provider, ProviderErrorKind, PublicId, Secret,
+    Timestamp, normalize_provider_error,
 };
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -774,8 +774,264 @@ fn a_secret_row_that_does_not_decode_can_be_deleted() {
         let last = &env.ledger.audit().recent(1).unwrap()[0];
         assert_eq!(last.action, "secret.deleted");
         assert_eq!(last.target, format!("{a}/secrets/{name}"));
+        assert_eq!(
+            last.fields,
+            ["unreadable"],
+            "told from an ordinary deletion"
+        );
     }
     assert!(secrets.list(&a).unwrap().is_empty());
+    assert!(env.check().is_ok(), "nothing unreadable is left");
+}
+
+/// A stored row: owner's internal id, name, bytes.
+type Row = (u64, String, Vec<u8>);
+
+/// Damages every row of `def` as [`damage_rows`] does, then writes back whole the rows that
+/// `keep` picks. Returns every row as it was stored before the damage, and the name of each
+/// damaged row with the kind of damage done to it, in row order.
+fn damage_rows_but(
+    db: &redb::Database,
+    def: TableDefinition<(u64, &str), &[u8]>,
+    keep: impl Fn(u64, &str) -> bool,
+) -> (Vec<Row>, Vec<(String, String)>) {
+    let stored = rows(db, def);
+    let kinds = damage_rows(db, def);
+    let mut damaged = Vec::new();
+    for ((owner, name, bytes), kind) in stored.iter().zip(kinds) {
+        if keep(*owner, name) {
+            write_raw(db, def, (*owner, name), bytes);
+        } else {
+            damaged.push((name.clone(), kind));
+        }
+    }
+    (stored, damaged)
+}
+
+/// `message` (an error's `Display` and `Debug`) holds no known plaintext and no run of any
+/// stored row's bytes, in hex or as a list of numbers: nothing of a ciphertext.
+#[track_caller]
+fn assert_holds_nothing_stored(message: &str, stored: &[Row]) {
+    for plain in [ACCESS, REFRESH, NOTION_TOKEN, API_SECRET, NEW_SECRET] {
+        assert!(!message.contains(plain), "{message}");
+    }
+    for (_, _, bytes) in stored {
+        for run in bytes.windows(6) {
+            let hex: String = run.iter().map(|b| format!("{b:02x}")).collect();
+            let numbers = format!("{run:?}");
+            let numbers = numbers.trim_matches(['[', ']']);
+            assert!(!message.to_lowercase().contains(&hex), "{message}");
+            assert!(!message.contains(numbers), "{message}");
+        }
+    }
+}
+
+const NEW_SECRET: &str = "sk_live_REPLACEMENT-known-plaintext-3d7b";
+
+/// A damaged owner-secret row (a bad checksum, a truncated payload, a newer schema) fails its
+/// owner's `list` with an error that names it — and holds nothing of its bytes — so the
+/// operator knows what to remove or replace; `put` replaces it (a value replaces everything
+/// the row held), as a new secret, audited `unreadable`. The owner's other rows, and another
+/// owner's row of the same name, are untouched (found by the forty-sixth session: the list's
+/// error did not say which row, and a put over the row failed on its decoding).
+#[test]
+fn a_damaged_secret_row_is_named_by_its_owners_list_and_put_replaces_it() {
+    let env = Env::new();
+    let (a, b) = (env.account("A"), env.account("B"));
+    let names = ["ALPHA", "BETA", "GAMMA"];
+    for name in names.iter().chain(&["KEPT"]) {
+        env.ledger
+            .secrets()
+            .put(&a, name, Secret::new(API_SECRET), ["api.stripe.com"])
+            .unwrap();
+    }
+    let kept = env
+        .ledger
+        .secrets()
+        .rotate(&a, "KEPT", Secret::new(API_SECRET))
+        .unwrap();
+    env.ledger
+        .secrets()
+        .put(&b, "ALPHA", Secret::new(API_SECRET), ["api.stripe.com"])
+        .unwrap();
+    let owner_b = env.ledger.secrets().info(&b, "ALPHA").unwrap();
+    let (mut stored, mut damaged) = (Vec::new(), Vec::new());
+    let env = env.with_raw_file(|db| {
+        let owner_a = rows(db, SECRETS)
+            .into_iter()
+            .find(|(_, name, _)| name == "BETA")
+            .unwrap()
+            .0;
+        (stored, damaged) = damage_rows_but(db, SECRETS, |owner, name| {
+            owner != owner_a || name == "KEPT"
+        });
+    });
+    let damaged_names: Vec<&str> = damaged.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(damaged_names, names);
+
+    env.clock.advance_secs(60);
+    let now = env.clock.now();
+    let secrets = env.ledger.secrets().by("ops");
+    for (name, (_, kind)) in names.iter().zip(&damaged) {
+        // The list stops at the first damaged row left, in name order, and names it.
+        let err = secrets.list(&a).unwrap_err();
+        let Error::Codec(CodecError::Row { row, .. }) = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(row, &format!("{a}/secrets/{name}"));
+        let message = err.to_string();
+        assert!(message.contains(&format!("{row}: ")), "{message}");
+        assert!(message.contains(kind.as_str()), "{kind:?} in {message}");
+        // A newer schema is not called damage (written by a newer release, perhaps).
+        let newer = kind.contains("schema version");
+        assert_eq!(message.contains("upgrade keyledger"), newer, "{message}");
+        assert_eq!(message.contains("corrupt database"), !newer, "{message}");
+        assert!(message.contains("`secrets().delete`"), "{message}");
+        assert_holds_nothing_stored(&format!("{message} {err:?}"), &stored);
+
+        let info = secrets
+            .put(&a, name, Secret::new(NEW_SECRET), ["api.openai.com"])
+            .unwrap();
+        assert_eq!(
+            (info.version, info.created_at, info.created_by.as_str()),
+            (1, now, "ops"),
+            "nothing of the old row is read: a new secret"
+        );
+        assert_eq!((info.updated_at, info.rotated_at), (now, None));
+        assert_eq!(info.allowed_hosts, ["api.openai.com"]);
+        let last = &env.ledger.audit().recent(1).unwrap()[0];
+        assert_eq!(last.action, "secret.replaced");
+        assert_eq!(last.target, format!("{a}/secrets/{name}"));
+        assert_eq!(last.fields, ["value", "allowed_hosts", "unreadable"]);
+        let header = secrets
+            .bearer(&a, name, "https://api.openai.com/v1/models")
+            .unwrap();
+        assert_eq!(header.value.expose(), format!("Bearer {NEW_SECRET}"));
+    }
+    let listed: Vec<_> = secrets.list(&a).unwrap();
+    let listed_names: Vec<&str> = listed.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(listed_names, ["ALPHA", "BETA", "GAMMA", "KEPT"]);
+    assert_eq!(listed[3], kept, "A's undamaged row is untouched");
+    let header = secrets
+        .bearer(&a, "KEPT", "https://api.stripe.com/v1")
+        .unwrap();
+    assert_eq!(header.value.expose(), format!("Bearer {API_SECRET}"));
+    assert_eq!(secrets.list(&b).unwrap(), [owner_b], "B's row is untouched");
+    let header = secrets
+        .bearer(&b, "ALPHA", "https://api.stripe.com/v1")
+        .unwrap();
+    assert_eq!(header.value.expose(), format!("Bearer {API_SECRET}"));
+
+    // A readable row replaced is an ordinary replacement again: nothing `unreadable`.
+    let info = secrets
+        .put(&a, "ALPHA", Secret::new(API_SECRET), ["api.openai.com"])
+        .unwrap();
+    assert_eq!((info.version, info.created_at), (2, now));
+    let last = &env.ledger.audit().recent(1).unwrap()[0];
+    assert_eq!(
+        (last.action.as_str(), &last.fields[..]),
+        ("secret.replaced", &["value".to_owned()][..])
+    );
+    assert!(env.check().is_ok(), "nothing unreadable is left");
+}
+
+/// The same for a connector row: its owner's `list` fails naming it, and `connect` (which
+/// never read the row it replaces) stores the new grant over it, its audit event naming
+/// `unreadable` as well, to tell it from an ordinary reconnect.
+#[test]
+fn a_damaged_connector_row_is_named_by_its_owners_list_and_connect_replaces_it() {
+    let env = Env::new();
+    let (a, b) = (env.account("A"), env.account("B"));
+    let providers = [
+        Provider::Other("dropbox".into()),
+        Provider::GoogleDrive,
+        Provider::Notion,
+    ];
+    let kept_provider = Provider::Other("zoom".into());
+    for provider in providers.iter().chain([&kept_provider]) {
+        env.ledger
+            .vault()
+            .connect(&a, provider, google_grant())
+            .unwrap();
+    }
+    let kept = connection(&env.ledger.vault(), &a, &kept_provider);
+    let owner_b = env
+        .ledger
+        .vault()
+        .connect(&b, &Provider::Notion, google_grant())
+        .unwrap();
+    let (mut stored, mut damaged) = (Vec::new(), Vec::new());
+    let env = env.with_raw_file(|db| {
+        let owner_a = rows(db, CONNECTORS)
+            .into_iter()
+            .find(|(_, name, _)| name == "dropbox")
+            .unwrap()
+            .0;
+        (stored, damaged) = damage_rows_but(db, CONNECTORS, |owner, name| {
+            owner != owner_a || name == "zoom"
+        });
+    });
+    let damaged_names: Vec<&str> = damaged.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(damaged_names, ["dropbox", "google_drive", "notion"]);
+
+    let vault = env.ledger.vault().by("ops");
+    for (provider, (_, kind)) in providers.iter().zip(&damaged) {
+        let err = vault.list(&a).unwrap_err();
+        let Error::Codec(CodecError::Row { row, .. }) = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(row, &format!("{a}/connectors/{}", provider.as_str()));
+        let message = err.to_string();
+        assert!(message.contains(&format!("{row}: ")), "{message}");
+        assert!(message.contains(kind.as_str()), "{kind:?} in {message}");
+        // A newer schema is not called damage (written by a newer release, perhaps).
+        let newer = kind.contains("schema version");
+        assert_eq!(message.contains("upgrade keyledger"), newer, "{message}");
+        assert_eq!(message.contains("corrupt database"), !newer, "{message}");
+        assert!(message.contains("`vault().disconnect`"), "{message}");
+        assert_holds_nothing_stored(&format!("{message} {err:?}"), &stored);
+
+        let grant = OAuthGrant::new(Secret::new(NEW_SECRET)).scopes(["files.read"]);
+        let info = vault.connect(&a, provider, grant).unwrap();
+        assert_eq!(
+            (info.scopes.as_slice(), info.has_refresh_token),
+            (&["files.read".to_owned()][..], false)
+        );
+        let last = &env.ledger.audit().recent(1).unwrap()[0];
+        assert_eq!(last.action, "connector.connected");
+        assert_eq!(last.target, format!("{a}/connectors/{}", provider.as_str()));
+        assert_eq!(
+            last.fields,
+            ["access_token", "scopes", "expires_at", "unreadable"]
+        );
+        let got = vault.get(&a, provider).unwrap();
+        assert_eq!(got.access_token.expose(), NEW_SECRET);
+        assert_eq!(got.refresh_token, None);
+    }
+    let listed = vault.list(&a).unwrap();
+    assert_eq!(listed.len(), 4);
+    assert_eq!(listed[3], kept, "A's undamaged row is untouched");
+    let got = vault.get(&a, &kept_provider).unwrap();
+    assert_eq!(got.access_token.expose(), ACCESS);
+    assert_eq!(vault.list(&b).unwrap(), [owner_b], "B's row is untouched");
+    assert_eq!(
+        vault
+            .get(&b, &Provider::Notion)
+            .unwrap()
+            .access_token
+            .expose(),
+        ACCESS
+    );
+
+    // A readable row replaced is an ordinary reconnect again: nothing `unreadable`.
+    vault
+        .connect(&a, &Provider::Notion, google_grant())
+        .unwrap();
+    let last = &env.ledger.audit().recent(1).unwrap()[0];
+    assert_eq!(
+        last.fields,
+        ["access_token", "refresh_token", "scopes", "expires_at"]
+    );
     assert!(env.check().is_ok(), "nothing unreadable is left");
 }
 

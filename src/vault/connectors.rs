@@ -168,6 +168,12 @@ impl<'a> Vault<'a> {
 
     /// Stores the owner's grant for `provider`, replacing any earlier one (a reconnect resets
     /// health to healthy).
+    ///
+    /// Nothing of an earlier row is kept, so one that does not decode (damaged, or written by
+    /// a newer schema: `list` and `get` fail on it, and
+    /// [`Ledger::check`](crate::Ledger::check) names it) is replaced like any other; the
+    /// audit event `connector.connected` then names the field `unreadable` as well, to tell
+    /// it from an ordinary reconnect.
     pub fn connect(
         &self,
         owner: &str,
@@ -198,13 +204,19 @@ impl<'a> Vault<'a> {
                 last_refreshed_at: None,
                 sealed,
             };
-            txn.open_table(CONNECTORS)?
-                .insert((owner.id, name), codec::encode(&record).as_slice())?;
+            // The row replaced is decoded only to say, in the audit event, that it did not.
+            let unreadable = txn
+                .open_table(CONNECTORS)?
+                .insert((owner.id, name), codec::encode(&record).as_slice())?
+                .is_some_and(|old| codec::decode::<ConnectorRecord>(old.value()).is_err());
             let mut fields = vec!["access_token"];
             if record.has_refresh_token {
                 fields.push("refresh_token");
             }
             fields.extend(["scopes", "expires_at"]);
+            if unreadable {
+                fields.push("unreadable");
+            }
             let target = target(&owner.public, "connectors", name);
             audit::append(
                 &txn,

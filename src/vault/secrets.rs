@@ -229,6 +229,15 @@ impl<'a> Secrets<'a> {
     /// rules on [`Secrets::bearer`]); replaces the value and hosts of an existing one.
     ///
     /// The value must be 1–8 KiB without control characters; 1–32 host patterns are needed.
+    ///
+    /// A replacement keeps the secret's creation time and author and counts its version up.
+    /// Over a row that does not decode (damaged, or written by a newer schema: `list`,
+    /// `info` and `rotate` fail on it, and [`Ledger::check`] names it) the put succeeds all
+    /// the same, since it replaces everything the row held, but none of the old row is
+    /// read: the secret starts again as if new — version 1, created now by this actor, never
+    /// rotated — and its audit event, `secret.replaced`, names the field `unreadable` as
+    /// well as `value` and `allowed_hosts`, to tell it from an ordinary replacement. (The
+    /// secret's earlier events are still in the audit trail.)
     pub fn put<I, S>(
         &self,
         owner: &str,
@@ -254,9 +263,13 @@ impl<'a> Secrets<'a> {
             let owner = owner_write(self.ledger, &txn, owner)?;
             let record = {
                 let mut table = txn.open_table(OWNER_SECRETS)?;
-                let previous: Option<SecretRecord> = match table.get((owner.id, name))? {
-                    Some(v) => Some(codec::decode(v.value())?),
-                    None => None,
+                // A row that does not decode is replaced as if none were there (see above).
+                let (previous, unreadable) = match table.get((owner.id, name))? {
+                    Some(v) => match codec::decode::<SecretRecord>(v.value()) {
+                        Ok(record) => (Some(record), false),
+                        Err(_) => (None, true),
+                    },
+                    None => (None, false),
                 };
                 let version = previous.as_ref().map_or(1, |p| p.version.saturating_add(1));
                 let sealed = seal_value(
@@ -283,6 +296,9 @@ impl<'a> Secrets<'a> {
                 // A replacement always rewrites the value (sealed anew, a version up); its hosts
                 // are named only if they changed.
                 let (action, fields): (_, &[&str]) = match &previous {
+                    None if unreadable => {
+                        ("secret.replaced", &["value", "allowed_hosts", "unreadable"])
+                    }
                     None => ("secret.created", &["value", "allowed_hosts"]),
                     Some(p) if p.allowed_hosts != record.allowed_hosts => {
                         ("secret.replaced", &["value", "allowed_hosts"])
@@ -299,6 +315,9 @@ impl<'a> Secrets<'a> {
     }
 
     /// Replaces the value of an existing secret, keeping its allowed hosts.
+    ///
+    /// A row that does not decode fails with [`Error::Codec`]: the hosts to keep are
+    /// unknown. [`put`](Self::put), which takes them anew, replaces such a row.
     pub fn rotate(&self, owner: &str, name: &str, value: Secret) -> Result<SecretInfo> {
         self.ledger.guarded(|| {
             self.new_name(name)?;
@@ -349,19 +368,23 @@ impl<'a> Secrets<'a> {
     }
 
     /// Deletes a secret. `NotFound` if there is none. A row that does not decode (damaged, or
-    /// written by a newer schema) is deleted all the same: what is removed is never read.
+    /// written by a newer schema) is deleted all the same, and its audit event names the
+    /// field `unreadable`, to tell it from an ordinary deletion.
     pub fn delete(&self, owner: &str, name: &str) -> Result<()> {
         self.ledger.guarded(|| {
             validate_name(name)?;
             let now = self.ledger.now();
             let txn = self.ledger.inner.store.begin_write()?;
             let owner = owner_write(self.ledger, &txn, owner)?;
-            {
+            let unreadable = {
                 let mut table = txn.open_table(OWNER_SECRETS)?;
-                if table.remove((owner.id, name))?.is_none() {
-                    return Err(Error::NotFound { what: "secret" });
+                match table.remove((owner.id, name))? {
+                    // Decoded only to say so: the removal never depends on it.
+                    Some(v) => codec::decode::<SecretRecord>(v.value()).is_err(),
+                    None => return Err(Error::NotFound { what: "secret" }),
                 }
-            }
+            };
+            let fields: &[&str] = if unreadable { &["unreadable"] } else { &[] };
             let target = target(&owner.public, "secrets", name);
             audit::append(
                 &txn,
@@ -370,7 +393,7 @@ impl<'a> Secrets<'a> {
                 &self.actor,
                 "secret.deleted",
                 &target,
-                &[],
+                fields,
             )?;
             txn.commit_change()?;
             Ok(())

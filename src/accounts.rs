@@ -236,7 +236,8 @@ impl<'a> Accounts<'a> {
             .guarded(|| self.update(id, AccountUpdate::new().status(status)))
     }
 
-    /// Lists accounts in creation order.
+    /// Lists accounts in creation order. A record that does not decode fails the page with
+    /// [`CodecError::Row`](crate::CodecError::Row) naming the account.
     pub fn list(&self, page: &PageRequest) -> Result<Page<Account>> {
         self.ledger.guarded(|| {
             let limit = page.checked_limit()?;
@@ -265,7 +266,15 @@ impl<'a> Accounts<'a> {
                     break;
                 }
                 last = k.value();
-                items.push(self.view(last, crate::codec::decode(v.value())?));
+                // Named, as a damaged key is by its owner's key list. No call removes an
+                // account (its keys, pools and secrets name it).
+                let record = crate::codec::decode(v.value()).map_err(|e| {
+                    e.of_row(
+                        self.public_id(last).to_string(),
+                        "no call removes an account: restore the file from a backup",
+                    )
+                })?;
+                items.push(self.view(last, record));
             }
             Ok(Page { items, next_cursor })
         })

@@ -211,12 +211,13 @@ pub enum CodecError {
         /// Decoder message (never contains field values).
         reason: String,
     },
-    /// A listing (an owner's keys, connectors or secrets) met a stored row that does not
-    /// decode, and fails naming it rather than leave it out, which would hide the damage.
-    /// [`Ledger::check`](crate::Ledger::check) names every such row of the file.
+    /// A listing (an owner's keys, pools, connectors or secrets, or the accounts) met a
+    /// stored row that does not decode, and fails naming it rather than leave it out, which
+    /// would hide the damage. [`Ledger::check`](crate::Ledger::check) names every such row
+    /// of the file.
     #[error("{}", row_message(row, error, remedy))]
     Row {
-        /// The row: a key's public id, or `acct_…/connectors/PROVIDER`,
+        /// The row: a key's, pool's or account's public id, or `acct_…/connectors/PROVIDER`,
         /// `acct_…/secrets/NAME` (the form `check` and the audit trail name it by). Never
         /// the row's bytes.
         row: String,
@@ -224,7 +225,8 @@ pub enum CodecError {
         #[source]
         error: Box<CodecError>,
         /// The call that removes or replaces the row, as text (``"`secrets().delete`
-        /// removes it, `secrets().put` replaces it"``).
+        /// removes it, `secrets().put` replaces it"``); for an account, which no call
+        /// removes, restoring a backup.
         remedy: &'static str,
     },
 }
@@ -437,6 +439,16 @@ impl Error {
         Error::InvalidInput {
             field,
             reason: reason.into(),
+        }
+    }
+
+    /// A record that did not decode, met by a listing, named as `row` (a public id; never
+    /// the row's bytes) with `remedy`, the call that removes or replaces it. Any other error
+    /// is returned as it is.
+    pub(crate) fn of_row(self, row: impl FnOnce() -> String, remedy: &'static str) -> Error {
+        match self {
+            Error::Codec(e) => e.of_row(row(), remedy).into(),
+            e => e,
         }
     }
 }

@@ -1083,6 +1083,7 @@ mod damaged {
     use super::*;
     use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
+    const ACCOUNTS: TableDefinition<u64, &[u8]> = TableDefinition::new("accounts");
     const CREDITS: TableDefinition<u64, &[u8]> = TableDefinition::new("credits");
     const KEYS: TableDefinition<u64, &[u8]> = TableDefinition::new("keys");
     const POOLS: TableDefinition<u64, &[u8]> = TableDefinition::new("pools");
@@ -1673,6 +1674,16 @@ mod damaged {
             assert!(!problems(&path, config.clone()).is_empty(), "{damage}");
             let ledger = Ledger::open(&path, config.clone()).unwrap();
             let credits = ledger.credits().by("ops");
+            let owner = ledger.keys().get(&pooled).unwrap().owner;
+            if damage != "record and index entry" {
+                // Its owner's pool list fails naming it, as a damaged key fails its list.
+                let err = credits.pools(&owner).unwrap_err();
+                let Error::Codec(CodecError::Row { row, .. }) = &err else {
+                    panic!("{damage}: {err:?}");
+                };
+                assert_eq!(row, pool.as_str(), "{damage}");
+                assert!(err.to_string().contains("`credits().delete_pool`"), "{err}");
+            }
             let in_use = credits.delete_pool(&pool).unwrap_err();
             assert!(matches!(in_use, Error::Conflict(_)), "{damage}: {in_use}");
             ledger.keys().delete(&pooled).unwrap();
@@ -1693,6 +1704,7 @@ mod damaged {
                 credits.delete_pool(&pool),
                 Err(Error::NotFound { .. })
             ));
+            assert_eq!(credits.pools(&owner).unwrap(), [], "{damage}");
             ledger.close().unwrap();
             drop(ledger);
             assert_eq!(problems(&path, config), Vec::<String>::new(), "{damage}");
@@ -2105,6 +2117,44 @@ mod damaged {
         let listed = ledger.keys().list(&owner, &page).unwrap().items;
         let ids: Vec<_> = listed.iter().map(|k| &k.id).collect();
         assert_eq!(ids, [&first, &last]);
+    }
+
+    /// An account record that does not decode fails each page of the account listing that
+    /// holds it, naming the account (as a damaged key is named by its owner's key list); the
+    /// pages before it list as usual.
+    #[test]
+    fn an_account_whose_record_does_not_decode_is_named_by_the_listing() {
+        let t = TestLedger::new();
+        let (first, doomed) = (t.account("First"), t.account("Doomed"));
+        let (_dir, path, config) = t.close();
+        let db = redb::Database::open(&path).unwrap();
+        let accounts = ids(&db, ACCOUNTS);
+        drop(db);
+        edit(&path, |txn| {
+            txn.open_table(ACCOUNTS)
+                .unwrap()
+                .insert(accounts[1], GARBAGE)
+                .unwrap();
+        });
+
+        let ledger = Ledger::open(&path, config).unwrap();
+        let one = ledger
+            .accounts()
+            .list(&PageRequest::first().limit(1))
+            .unwrap();
+        assert_eq!(one.items[0].id, first);
+        let cursor = one.next_cursor.expect("a second page");
+        for page in [PageRequest::first(), PageRequest::first().after(cursor)] {
+            let err = ledger.accounts().list(&page).unwrap_err();
+            let Error::Codec(CodecError::Row { row, .. }) = &err else {
+                panic!("{err:?}");
+            };
+            assert_eq!(row, doomed.as_str());
+            assert!(
+                err.to_string().contains("restore the file from a backup"),
+                "{err}"
+            );
+        }
     }
 
     /// One undecodable key record is one problem, naming the key, not damage to its indexes;

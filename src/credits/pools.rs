@@ -293,7 +293,10 @@ impl Credits<'_> {
     }
 
     /// The pools of `owner`, oldest first; `NotFound` for an account that does not exist
-    /// (as key listings answer). Reads that account's pools only.
+    /// (as key listings answer). Reads that account's pools only. A pool whose record or
+    /// balance does not decode fails the list with
+    /// [`CodecError::Row`](crate::CodecError::Row) naming it; [`delete_pool`](Self::delete_pool)
+    /// removes it.
     pub fn pools(&self, owner: &str) -> Result<Vec<Pool>> {
         self.ledger.guarded(|| {
             let owner = self.ledger.inner.ids.decode(IdKind::Account, owner)?;
@@ -308,9 +311,16 @@ impl Credits<'_> {
                 .range((owner, 0)..=(owner, u64::MAX))?
             {
                 let (_, id) = entry?.0.value();
-                let record: PoolRecord =
-                    store::get(&pools, id)?.ok_or(Error::NotFound { what: "pool" })?;
-                let balance = store::get(&credits, id)?;
+                // A pool that does not decode fails the list naming it, as a damaged key
+                // fails its owner's key list: left out, its damage would go unseen.
+                let named = |e: Error| {
+                    let row = || self.ledger.inner.ids.encode(IdKind::Pool, id).to_string();
+                    e.of_row(row, "`credits().delete_pool` removes it")
+                };
+                let record: PoolRecord = store::get(&pools, id)
+                    .map_err(named)?
+                    .ok_or(Error::NotFound { what: "pool" })?;
+                let balance = store::get(&credits, id).map_err(named)?;
                 found.push(self.pool_view(id, record, balance));
             }
             Ok(found)

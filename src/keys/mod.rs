@@ -1113,16 +1113,11 @@ impl<'a> Keys<'a> {
 
     /// `e`, met reading key `id` for a listing: a record that does not decode is named.
     fn unlisted(&self, id: u64, e: Error) -> Error {
-        match e {
-            Error::Codec(e) => {
-                let remedy = match self.kind {
-                    IdKind::Token => "`tokens().delete` removes it",
-                    _ => "`keys().delete` removes it",
-                };
-                e.of_row(self.public_id(id).to_string(), remedy).into()
-            }
-            e => e,
-        }
+        let remedy = match self.kind {
+            IdKind::Token => "`tokens().delete` removes it",
+            _ => "`keys().delete` removes it",
+        };
+        e.of_row(|| self.public_id(id).to_string(), remedy)
     }
 
     fn public_id(&self, id: u64) -> PublicId {

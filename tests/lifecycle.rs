@@ -1138,6 +1138,16 @@ mod damaged {
         txn.commit().unwrap();
     }
 
+    /// Overwrites the `nth` record of `table` (by id, smallest first) with [`GARBAGE`].
+    fn garble(path: &std::path::Path, table: TableDefinition<u64, &[u8]>, nth: usize) {
+        let db = redb::Database::open(path).unwrap();
+        let id = ids(&db, table)[nth];
+        drop(db);
+        edit(path, |txn| {
+            txn.open_table(table).unwrap().insert(id, GARBAGE).unwrap();
+        });
+    }
+
     fn problems(path: &std::path::Path, config: keyledger::Config) -> Vec<String> {
         let report = Ledger::check(path, config).expect("check reports, never fails");
         assert_eq!(report.is_ok(), report.problems.is_empty());
@@ -2080,15 +2090,7 @@ mod damaged {
         let (last, last_plain) = create_key(&t.ledger, NewKey::new(owner, "last"));
         let (theirs, _) = create_key(&t.ledger, NewKey::new(other, "theirs"));
         let (_dir, path, config) = t.close();
-        let db = redb::Database::open(&path).unwrap();
-        let keys = ids(&db, KEYS);
-        drop(db);
-        edit(&path, |txn| {
-            txn.open_table(KEYS)
-                .unwrap()
-                .insert(keys[1], GARBAGE)
-                .unwrap();
-        });
+        garble(&path, KEYS, 1);
 
         let ledger = Ledger::open(&path, config).unwrap();
         let page = PageRequest::first();
@@ -2127,15 +2129,7 @@ mod damaged {
         let t = TestLedger::new();
         let (first, doomed) = (t.account("First"), t.account("Doomed"));
         let (_dir, path, config) = t.close();
-        let db = redb::Database::open(&path).unwrap();
-        let accounts = ids(&db, ACCOUNTS);
-        drop(db);
-        edit(&path, |txn| {
-            txn.open_table(ACCOUNTS)
-                .unwrap()
-                .insert(accounts[1], GARBAGE)
-                .unwrap();
-        });
+        garble(&path, ACCOUNTS, 1);
 
         let ledger = Ledger::open(&path, config).unwrap();
         let one = ledger
@@ -2163,16 +2157,7 @@ mod damaged {
     #[test]
     fn an_unreadable_key_record_is_one_problem_not_index_damage() {
         let (_dir, path, config, [_, _, free, _]) = ledger();
-        let db = redb::Database::open(&path).unwrap();
-        let keys = ids(&db, KEYS);
-        drop(db);
-        assert_eq!(keys.len(), 3);
-        edit(&path, |txn| {
-            txn.open_table(KEYS)
-                .unwrap()
-                .insert(keys[2], GARBAGE)
-                .unwrap();
-        });
+        garble(&path, KEYS, 2);
         let found = problems(&path, config.clone());
         assert!(
             found.iter().any(|p| p.starts_with(&format!("{free}: "))),

@@ -787,20 +787,23 @@ fn a_secret_row_that_does_not_decode_can_be_deleted() {
 /// A stored row: owner's internal id, name, bytes.
 type Row = (u64, String, Vec<u8>);
 
-/// Damages every row of `def` as [`damage_rows`] does, then writes back whole the rows that
-/// `keep` picks. Returns every row as it was stored before the damage, and the name of each
+/// Damages, as [`damage_rows`] does, every row of `def` of the owner of the row named
+/// `owners` (a name no other owner has) but the one named `kept`; the other rows are written
+/// back whole. Returns every row as it was stored before the damage, and the name of each
 /// damaged row with the kind of damage done to it, in row order.
-fn damage_rows_but(
+fn damage_owner_rows_but(
     db: &redb::Database,
     def: TableDefinition<(u64, &str), &[u8]>,
-    keep: impl Fn(u64, &str) -> bool,
+    owners: &str,
+    kept: &str,
 ) -> (Vec<Row>, Vec<(String, String)>) {
     let stored = rows(db, def);
+    let owner = stored.iter().find(|(_, name, _)| name == owners).unwrap().0;
     let kinds = damage_rows(db, def);
     let mut damaged = Vec::new();
-    for ((owner, name, bytes), kind) in stored.iter().zip(kinds) {
-        if keep(*owner, name) {
-            write_raw(db, def, (*owner, name), bytes);
+    for ((row_owner, name, bytes), kind) in stored.iter().zip(kinds) {
+        if *row_owner != owner || name == kept {
+            write_raw(db, def, (*row_owner, name), bytes);
         } else {
             damaged.push((name.clone(), kind));
         }
@@ -857,14 +860,7 @@ fn a_damaged_secret_row_is_named_by_its_owners_list_and_put_replaces_it() {
     let owner_b = env.ledger.secrets().info(&b, "ALPHA").unwrap();
     let (mut stored, mut damaged) = (Vec::new(), Vec::new());
     let env = env.with_raw_file(|db| {
-        let owner_a = rows(db, SECRETS)
-            .into_iter()
-            .find(|(_, name, _)| name == "BETA")
-            .unwrap()
-            .0;
-        (stored, damaged) = damage_rows_but(db, SECRETS, |owner, name| {
-            owner != owner_a || name == "KEPT"
-        });
+        (stored, damaged) = damage_owner_rows_but(db, SECRETS, "BETA", "KEPT");
     });
     let damaged_names: Vec<&str> = damaged.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(damaged_names, names);
@@ -875,19 +871,8 @@ fn a_damaged_secret_row_is_named_by_its_owners_list_and_put_replaces_it() {
     for (name, (_, kind)) in names.iter().zip(&damaged) {
         // The list stops at the first damaged row left, in name order, and names it.
         let err = secrets.list(&a).unwrap_err();
-        let Error::Codec(CodecError::Row { row, .. }) = &err else {
-            panic!("{err:?}");
-        };
-        assert_eq!(row, &format!("{a}/secrets/{name}"));
-        let message = err.to_string();
-        assert!(message.contains(&format!("{row}: ")), "{message}");
-        assert!(message.contains(kind.as_str()), "{kind:?} in {message}");
-        // A newer schema is not called damage (written by a newer release, perhaps).
-        let newer = kind.contains("schema version");
-        assert_eq!(message.contains("upgrade keyledger"), newer, "{message}");
-        assert_eq!(message.contains("corrupt database"), !newer, "{message}");
-        assert!(message.contains("`secrets().delete`"), "{message}");
-        assert_holds_nothing_stored(&format!("{message} {err:?}"), &stored);
+        let row = format!("{a}/secrets/{name}");
+        assert_names_damaged_row(&err, &row, kind, "`secrets().delete`", &stored);
 
         let info = secrets
             .put(&a, name, Secret::new(NEW_SECRET), ["api.openai.com"])
@@ -935,6 +920,24 @@ fn a_damaged_secret_row_is_named_by_its_owners_list_and_put_replaces_it() {
     assert!(env.check().is_ok(), "nothing unreadable is left");
 }
 
+/// `err`, a listing's, names the damaged row `row` and what is wrong with it (`kind`, a
+/// damage of `damage_rows`) with `remedy`, and holds nothing of what `stored` rows held.
+fn assert_names_damaged_row(err: &Error, row: &str, kind: &str, remedy: &str, stored: &[Row]) {
+    let Error::Codec(CodecError::Row { row: named, .. }) = err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(named, row);
+    let message = err.to_string();
+    assert!(message.contains(&format!("{row}: ")), "{message}");
+    assert!(message.contains(kind), "{kind:?} in {message}");
+    // A newer schema is not called damage (written by a newer release, perhaps).
+    let newer = kind.contains("schema version");
+    assert_eq!(message.contains("upgrade keyledger"), newer, "{message}");
+    assert_eq!(message.contains("corrupt database"), !newer, "{message}");
+    assert!(message.contains(remedy), "{message}");
+    assert_holds_nothing_stored(&format!("{message} {err:?}"), stored);
+}
+
 /// The same for a connector row: its owner's `list` fails naming it, and `connect` (which
 /// never read the row it replaces) stores the new grant over it, its audit event naming
 /// `unreadable` as well, to tell it from an ordinary reconnect.
@@ -962,14 +965,7 @@ fn a_damaged_connector_row_is_named_by_its_owners_list_and_connect_replaces_it()
         .unwrap();
     let (mut stored, mut damaged) = (Vec::new(), Vec::new());
     let env = env.with_raw_file(|db| {
-        let owner_a = rows(db, CONNECTORS)
-            .into_iter()
-            .find(|(_, name, _)| name == "dropbox")
-            .unwrap()
-            .0;
-        (stored, damaged) = damage_rows_but(db, CONNECTORS, |owner, name| {
-            owner != owner_a || name == "zoom"
-        });
+        (stored, damaged) = damage_owner_rows_but(db, CONNECTORS, "dropbox", "zoom");
     });
     let damaged_names: Vec<&str> = damaged.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(damaged_names, ["dropbox", "google_drive", "notion"]);
@@ -977,19 +973,8 @@ fn a_damaged_connector_row_is_named_by_its_owners_list_and_connect_replaces_it()
     let vault = env.ledger.vault().by("ops");
     for (provider, (_, kind)) in providers.iter().zip(&damaged) {
         let err = vault.list(&a).unwrap_err();
-        let Error::Codec(CodecError::Row { row, .. }) = &err else {
-            panic!("{err:?}");
-        };
-        assert_eq!(row, &format!("{a}/connectors/{}", provider.as_str()));
-        let message = err.to_string();
-        assert!(message.contains(&format!("{row}: ")), "{message}");
-        assert!(message.contains(kind.as_str()), "{kind:?} in {message}");
-        // A newer schema is not called damage (written by a newer release, perhaps).
-        let newer = kind.contains("schema version");
-        assert_eq!(message.contains("upgrade keyledger"), newer, "{message}");
-        assert_eq!(message.contains("corrupt database"), !newer, "{message}");
-        assert!(message.contains("`vault().disconnect`"), "{message}");
-        assert_holds_nothing_stored(&format!("{message} {err:?}"), &stored);
+        let row = format!("{a}/connectors/{}", provider.as_str());
+        assert_names_damaged_row(&err, &row, kind, "`vault().disconnect`", &stored);
 
         let grant = OAuthGrant::new(Secret::new(NEW_SECRET)).scopes(["files.read"]);
         let info = vault.connect(&a, provider, grant).unwrap();

@@ -245,7 +245,13 @@ fn check_after_kill(path: &Path, exact: bool, reported: &Reported, round_no: u64
     lost
 }
 
+/// Held for all of one test's rounds. A child is forked while the other test may hold its
+/// own file open: until the child's `exec`, it holds that file's lock too, and the other
+/// test's next open (its child's, or its own check) failed with `InUse` on a loaded machine.
+static ONE_TEST_AT_A_TIME: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
 fn kill_rounds(exact: bool, rounds: u64) {
+    let _alone = ONE_TEST_AT_A_TIME.lock();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kill.redb");
     let mut reported = Reported::default();

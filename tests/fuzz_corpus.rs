@@ -26,12 +26,15 @@ fn every_corpus_input_runs_without_panicking() {
         let mut count = 0;
         for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
             let path = entry.unwrap().path();
+            // Shown with a failure's panic: which input it was.
+            eprintln!("{target}: {}", path.display());
             run(&std::fs::read(&path).unwrap());
             count += 1;
         }
         assert!(count > 0, "{target}: empty corpus");
-        for seed in fuzzing::seeds(target) {
-            run(&seed);
+        for (i, seed) in fuzzing::seeds(target).iter().enumerate() {
+            eprintln!("{target}: seeds()[{i}]");
+            run(seed);
         }
     }
 }

@@ -1341,8 +1341,9 @@ fn pool_seed() -> Vec<u8> {
 }
 
 /// Key 0 has 3 credits refilled to 2 daily, key 1 spends from a pool of none refilled to 5
-/// monthly: spent out and refused, then refilled after midnight (the key) and on the 1st
-/// (the pool), a refill replacing what was left.
+/// monthly: spent out and refused, an hour on still refused, then refilled after midnight
+/// (the key) and on the 1st (the pool); each also refilled with credits left, which the
+/// refill replaces (a cost of all it had and the refill together is refused).
 fn refill_seed() -> Vec<u8> {
     let key0 = KeySpec {
         credits: 2,
@@ -1365,9 +1366,15 @@ fn refill_seed() -> Vec<u8> {
     Script::new(POOL | REFILL | CLOCK)
         .pool(0, Some((2, true)))
         .keys([key0, key1, KeySpec::default()])
-        .requests([cost(0, 5), cost(0, 3), cost(1, 3), at(8, 0, 3)])
-        .requests([at(9, 0, 3), cost(0, 4), cost(0, 3), at(9, 0, 3)])
-        .requests([at(10, 1, 6), cost(1, 3), at(10, 1, 4), cost(0, 3)])
+        .requests([cost(0, 5), cost(0, 3), cost(1, 3), at(8, 0, 3), at(9, 0, 3)])
+        .requests([at(9, 0, 5), cost(0, 4), cost(0, 3)])
+        .requests([
+            at(10, 1, 6),
+            cost(1, 3),
+            at(10, 1, 7),
+            cost(1, 5),
+            cost(1, 3),
+        ])
         .bytes
 }
 

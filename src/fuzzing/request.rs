@@ -5,8 +5,10 @@
 //! forty-sixth session read behind a 0 byte exactly as they did): named rate limits and a
 //! token window on keys ([`RATES`]), a shared credit pool that keys may spend from
 //! ([`POOL`]), daily or monthly refills of balances ([`REFILL`]), a clock moved between
-//! requests ([`CLOCK`]), and keys rolled between requests, their previous secret presented
-//! during and after its grace ([`ROLL`]).
+//! requests ([`CLOCK`]), keys rolled between requests, their previous secret presented
+//! during and after its grace ([`ROLL`]), and leases of exactly each request's cost
+//! ([`EXACT`]: with the default leases, a small balance is all in memory, and a fault in
+//! the stored balance's arithmetic may not show).
 //!
 //! The input then sets up one account (status, entitlements), perhaps a pool, up to 24
 //! route rules (now and then 70, past what the permission bitmask describes) over a small
@@ -55,6 +57,7 @@ use crate::accounts::NewAccount;
 use crate::clock::{ManualClock, Timestamp};
 use crate::config::Config;
 use crate::credits::NewPool;
+use crate::engine::Durability;
 use crate::keyfmt::Presented;
 use crate::keys::NewKey;
 use crate::ledger::Ledger;
@@ -73,6 +76,9 @@ pub const REFILL: u8 = 4;
 pub const CLOCK: u8 = 8;
 /// A key may be rolled before each request, and requests may present earlier secrets.
 pub const ROLL: u8 = 16;
+/// The ledger leases exactly what each request needs ([`Durability::Exact`]): every
+/// reservation and refund goes through the writer and the stored balance.
+pub const EXACT: u8 = 32;
 /// Steps the clock may take before a request, in ms: none, within a window, past windows,
 /// days and months.
 const CLOCK_STEPS: [u64; 11] = [
@@ -466,6 +472,10 @@ fn run(data: &[u8]) -> Result<Reached, String> {
     let config = Config::builder()
         .master_key(MasterKey::from_bytes(&[7u8; 32]).expect("32 bytes"))
         .clock(clock.clone())
+        .durability(match features & EXACT {
+            0 => Durability::Leased,
+            _ => Durability::Exact,
+        })
         .build()
         .expect("valid config");
     let ledger = Ledger::open_with_backend(redb::backends::InMemoryBackend::new(), config)
@@ -1115,9 +1125,10 @@ pub fn seeds() -> Vec<Vec<u8>> {
     seeds.extend([
         rate_limit_seed(),
         token_window_seed(),
-        pool_seed(),
+        pool_seed(false),
         refill_seed(),
         roll_seed(),
+        pool_seed(true),
     ]);
     seeds
 }
@@ -1315,8 +1326,9 @@ fn token_window_seed() -> Vec<u8> {
 
 /// Keys 0 and 1 spend from a pool of 6: their grants draw it down together, a dropped
 /// grant gives back to the pool, a commit over the reservation takes the rest, and the
-/// empty pool refuses both; key 1 also has a named limit of 5 a second.
-fn pool_seed() -> Vec<u8> {
+/// empty pool refuses both; key 1 also has a named limit of 5 a second. `exact`: leased
+/// exactly (refunds go through the writer, not into a lease in memory).
+fn pool_seed(exact: bool) -> Vec<u8> {
     let on_pool = KeySpec {
         pool: true,
         ..KeySpec::default()
@@ -1331,7 +1343,7 @@ fn pool_seed() -> Vec<u8> {
         extra,
         ..Req::of(key)
     };
-    Script::new(POOL | RATES)
+    Script::new(POOL | RATES | if exact { EXACT } else { 0 })
         .pool(2, None)
         .keys([on_pool, key1, KeySpec::default()])
         .requests([cost(0, 4, 1, 0), cost(1, 5, 0, 0), cost(1, 4, 3, 2)])
@@ -1340,10 +1352,11 @@ fn pool_seed() -> Vec<u8> {
         .bytes
 }
 
-/// Key 0 has 3 credits refilled to 2 daily, key 1 spends from a pool of none refilled to 5
-/// monthly: spent out and refused, an hour on still refused, then refilled after midnight
-/// (the key) and on the 1st (the pool); each also refilled with credits left, which the
-/// refill replaces (a cost of all it had and the refill together is refused).
+/// Key 0 has 3 credits refilled to 2 daily, key 1 spends from a pool of 2⁴⁰ refilled to 5
+/// monthly: key 0 spent out and refused, an hour on still refused, refilled after midnight,
+/// and refilled again with a credit left, which the refill replaces (a cost of 3 is
+/// refused); the pool, with most of its 2⁴⁰ still stored (a lease holds a small part),
+/// replaced by 5 on the 1st, and again a month on.
 fn refill_seed() -> Vec<u8> {
     let key0 = KeySpec {
         credits: 2,
@@ -1364,17 +1377,11 @@ fn refill_seed() -> Vec<u8> {
         ..Req::of(key)
     };
     Script::new(POOL | REFILL | CLOCK)
-        .pool(0, Some((2, true)))
+        .pool(3, Some((2, true)))
         .keys([key0, key1, KeySpec::default()])
         .requests([cost(0, 5), cost(0, 3), cost(1, 3), at(8, 0, 3), at(9, 0, 3)])
         .requests([at(9, 0, 5), cost(0, 4), cost(0, 3)])
-        .requests([
-            at(10, 1, 6),
-            cost(1, 3),
-            at(10, 1, 7),
-            cost(1, 5),
-            cost(1, 3),
-        ])
+        .requests([at(10, 1, 6), cost(1, 5), at(10, 1, 7), cost(1, 3)])
         .bytes
 }
 
@@ -1417,16 +1424,20 @@ mod tests {
     /// Each written seed reaches what it was written for.
     #[test]
     fn each_seed_reaches_its_feature() {
-        let reached = |seed: Vec<u8>| run(&seed).expect("the seed passes");
-        let r = reached(rate_limit_seed());
+        let reached = |name, seed: Vec<u8>| {
+            run(&seed).unwrap_or_else(|e| panic!("the {name} seed failed: {e}"))
+        };
+        let r = reached("rate limit", rate_limit_seed());
         assert!(r.rate_limited >= 3 && r.rated_grants >= 4, "{r:?}");
-        let r = reached(token_window_seed());
+        let r = reached("token window", token_window_seed());
         assert!(r.rate_limited >= 2 && r.rated_grants >= 5, "{r:?}");
-        let r = reached(pool_seed());
-        assert!(r.pool_grants >= 4 && r.pool_exhausted >= 2, "{r:?}");
-        let r = reached(refill_seed());
+        for (name, exact) in [("pool", false), ("exact pool", true)] {
+            let r = reached(name, pool_seed(exact));
+            assert!(r.pool_grants >= 4 && r.pool_exhausted >= 2, "{r:?}");
+        }
+        let r = reached("refill", refill_seed());
         assert!(r.refills >= 2 && r.refilled_grants >= 2, "{r:?}");
-        let r = reached(roll_seed());
+        let r = reached("roll", roll_seed());
         assert!(r.previous_grants >= 2 && r.dead_secrets >= 3, "{r:?}");
         assert_eq!(seeds(), seeds(), "the seeds are fixed");
     }

@@ -37,7 +37,10 @@
 //! when its slot ends at most a window ahead, or (one costing more than the window holds)
 //! once the window is empty; one request moves a window by at most 2⁶⁸ ns; a retry-after is
 //! the slowest limit's wait in whole milliseconds rounded up; a refusal after the rate check
-//! takes nothing; a dropped grant keeps its tokens, a committed one counts what it used.
+//! takes nothing; a dropped grant keeps its tokens, a committed one counts what it used
+//! (exactly: requests here run one at a time, so nothing has queued behind a grant when it
+//! gives tokens back, and the engine's bound on what concurrent changes leave to give back
+//! is not modelled — the `limits` unit tests and the model tests hold it).
 //! Times are kept exactly, in nanoseconds times the limit. Token windows hold 1, 4, 10 or
 //! 1,000 tokens, which divide a second's nanoseconds: a token's share is a whole number of
 //! nanoseconds, so the engine's rounding of shares to 2⁻³² ns, multiplied by a cost of 2⁴⁰,

@@ -633,6 +633,53 @@ fn a_failed_set_does_not_make_earlier_reservations_final() {
     );
 }
 
+/// The same after a `set` that committed: the failed one restores the epoch the balance is
+/// in (not the first one) with an empty lease, the lease it took comes back, and what is
+/// reserved from it afterwards is refunded in full — and no more than is left can be spent.
+#[test]
+fn a_failed_set_after_a_committed_one_leaves_the_lease_exact() {
+    let (_dir, ledger) = ledger();
+    let (a, a_plain) = key(&ledger, 100);
+    let (b, _) = key(&ledger, 100);
+    assert_eq!(
+        spend_one(&ledger, &a_plain),
+        Ok(1),
+        "the key's meter in memory"
+    );
+    assert_eq!(ledger.credits().set(&a, 20).unwrap(), 20, "a new epoch");
+    assert_eq!(
+        spend_one(&ledger, &a_plain),
+        Ok(1),
+        "a lease of the new balance"
+    );
+    let b_id = ledger.keys().internal_id(&b).unwrap();
+    let failing = failing_reads(&ledger, b_id);
+    let credits = ledger.credits();
+    let (credits, a_ref, b_ref) = (&credits, &a, &b);
+    let answers = one_batch::<crate::Result<u64>>(
+        &ledger,
+        vec![
+            Box::new(move || credits.set(a_ref, 50)),
+            Box::new(move || credits.top_up(b_ref, 1)),
+        ],
+    );
+    assert!(answers[0].is_err() && answers[1].is_err(), "{answers:?}");
+    drop(failing);
+    let presented = Presented::new(&a_plain).unwrap();
+    let grant = ledger
+        .verify(&Request::new(&presented, "/x").cost(5))
+        .unwrap();
+    drop(grant); // a refund of units reserved after the failed set
+    let u = ledger.credits().usage(&a).unwrap();
+    assert_eq!(
+        u.remaining,
+        Some(19),
+        "the set to 50 did not happen, and the 5 units refunded are all back"
+    );
+    let spendable = (0..100).take_while(|_| spend_one(&ledger, &a_plain).is_ok());
+    assert_eq!(spendable.count(), 19, "exactly what is left can be spent");
+}
+
 /// A refusal reported in a batch that fails is unmarked with it: the retry's refusal sends
 /// the event.
 #[test]

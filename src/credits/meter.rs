@@ -893,6 +893,20 @@ mod tests {
         );
     }
 
+    /// A retired meter's balance is gone: what it held went with it, and nothing given back
+    /// afterwards (a lease landing late, a refund) can be reserved from it.
+    #[test]
+    fn a_retired_meter_takes_nothing_back() {
+        let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        m.give_back(10);
+        let (_, epoch) = m.try_take(4).unwrap();
+        m.retire();
+        assert_eq!(m.leased(), 0, "the lease went with the balance");
+        m.give_back(16);
+        assert_eq!(m.give_back_up_to(4, MAX_LEASE, epoch), Some(0));
+        assert_eq!((m.leased(), m.try_take(1)), (0, None));
+    }
+
     #[test]
     fn a_lease_saturates_instead_of_spilling_into_the_epoch() {
         let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);

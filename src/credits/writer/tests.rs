@@ -2114,3 +2114,60 @@ fn a_threshold_set_while_a_top_up_commits_still_reports_the_next_fall() {
         "topped up to 119 above the threshold of 50, then spent down to 39"
     );
 }
+
+/// A round that finds a pool's meter idle (nothing spent or leased since the last round
+/// started) unlists it, charging nothing; the pool's next spend lists it again, and the next
+/// round writes that spend to the pool's record (leased → spent), as it did the first.
+#[test]
+fn a_pools_spend_after_a_round_unlisted_it_is_written_by_the_next_round() {
+    let clock = crate::ManualClock::new(crate::Timestamp(1_000_000));
+    let config = Config::builder()
+        .master_key(MasterKey::generate().unwrap())
+        .usage_flush_interval(Duration::from_secs(3_600))
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let (_dir, ledger) = open(config);
+    let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+    let pool = ledger
+        .credits()
+        .create_pool(crate::NewPool::new(owner.id.as_str(), "p").credits(100))
+        .unwrap();
+    let pool_id = ledger
+        .inner
+        .ids
+        .decode(IdKind::Pool, pool.id.as_str())
+        .unwrap();
+    let new = NewKey::new(owner.id.as_str(), "k").pool(pool.id);
+    let plaintext = ledger
+        .keys()
+        .create(new)
+        .unwrap()
+        .plaintext
+        .expose()
+        .to_owned();
+    assert_eq!(spend_one(&ledger, &plaintext), Ok(1));
+    flush(&ledger, 1);
+    assert_eq!(stored(&ledger, pool_id).spent, 1);
+    for _ in 0..3 {
+        clock.advance_secs(1);
+        flush(&ledger, 1); // the last ones find the meter idle
+    }
+    assert_eq!(
+        stored(&ledger, pool_id).spent,
+        1,
+        "idle rounds charge nothing"
+    );
+    assert_eq!(
+        spend_one(&ledger, &plaintext),
+        Ok(1),
+        "from the lease in memory"
+    );
+    flush(&ledger, 1);
+    let r = stored(&ledger, pool_id);
+    assert_eq!(
+        (r.spent, r.balance + r.leased),
+        (2, 98),
+        "the spend after the unlisting is written"
+    );
+}

@@ -864,6 +864,43 @@ fn a_failed_refill_is_still_due() {
     );
 }
 
+/// A peek (cost 0) asks no writer for a lease, so no refill is applied when it comes due:
+/// from the refill time on, the credits left it reports are the new period's (read as the
+/// next lease will refill them), not what memory still holds of the old period.
+#[test]
+fn a_peek_once_a_refill_came_due_reports_the_new_periods_credits() {
+    const DAY: u64 = 86_400_000;
+    let clock = crate::ManualClock::new(crate::Timestamp(20_000 * DAY + 1_000));
+    let config = Config::builder()
+        .master_key(MasterKey::generate().unwrap())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let (_dir, ledger) = open(config);
+    let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+    let new = NewKey::new(owner.id.as_str(), "a")
+        .credits(100)
+        .refill(10, crate::RefillInterval::Daily);
+    let created = ledger.keys().create(new).unwrap();
+    let presented = Presented::new(created.plaintext.expose()).unwrap();
+    let peek = || {
+        let grant = ledger.verify(&Request::new(&presented, "/x").cost(0));
+        grant.unwrap().remaining_credits()
+    };
+    assert_eq!(spend_one(&ledger, created.plaintext.expose()), Ok(1));
+    assert_eq!(peek(), Some(99), "the first period, with a lease in memory");
+    clock.set(crate::Timestamp(20_001 * DAY - 1));
+    assert_eq!(peek(), Some(99), "the last moment of the first period");
+    clock.set(crate::Timestamp(20_001 * DAY));
+    assert_eq!(
+        peek(),
+        Some(10),
+        "the refill is due: the new period's balance"
+    );
+    clock.set(crate::Timestamp(20_001 * DAY + 1_000));
+    assert_eq!(peek(), Some(10), "and still, no lease having applied it");
+}
+
 /// A top-up whose batch fails leaves the meter the committed figure: grants do not report
 /// credits that were never added.
 #[test]

@@ -761,6 +761,51 @@ mod tests {
         assert!(none.note_remaining(0).1.is_none(), "nothing to undo");
     }
 
+    /// A refusal in memory reported a fall measured on the credits left (reservations held
+    /// count as spent). The writer measures on that figure too while its report stands —
+    /// else a reservation still held reads as a rise and its commit as a second fall — and
+    /// stops once the figures agree (nothing held) or the credits left rise above the
+    /// threshold: from then on a fall is news again.
+    #[test]
+    fn a_fall_reported_on_the_credits_left_stands_until_nothing_is_held_or_they_rise() {
+        let m = Meter::new(1, Some(10), crate::public_id::IdKind::Key, false);
+        m.sighted(50);
+        // A verify thread: 5 credits left, 3 more held reserved by grants.
+        assert!(m.note_remaining(5).0, "the fall, reported by the refusal");
+        m.measured_on_left();
+        let writer = |m: &Meter, unspent, left| {
+            let figure = m.edge_figure(unspent, left);
+            (figure, m.note_remaining(figure).0)
+        };
+        assert_eq!(writer(&m, 8, 5), (5, false), "measured on what is left");
+        assert_eq!(writer(&m, 8, 5), (5, false), "and still, while 3 are held");
+        assert_eq!(
+            writer(&m, 12, 10),
+            (10, false),
+            "at the threshold: still held"
+        );
+        assert_eq!(writer(&m, 12, 10), (10, false));
+        assert_eq!(
+            writer(&m, 5, 5),
+            (5, false),
+            "the grants committed: nothing held"
+        );
+        assert_eq!(
+            writer(&m, 8, 5),
+            (8, false),
+            "on the credits not yet spent again"
+        );
+
+        m.measured_on_left();
+        assert_eq!(
+            writer(&m, 60, 55),
+            (55, false),
+            "a top-up: above the threshold"
+        );
+        assert_eq!(writer(&m, 60, 55), (60, false), "not yet spent again");
+        assert_eq!(writer(&m, 9, 9), (9, true), "and the next fall is news");
+    }
+
     #[test]
     fn a_fall_from_an_unlimited_balance_is_an_edge() {
         let m = Meter::new(1, Some(10), crate::public_id::IdKind::Key, false);

@@ -747,6 +747,24 @@ mod tests {
         assert!(!m.empty_at(0));
     }
 
+    /// A time past what 32 bits of minutes hold (the year 10,136) is kept as the latest they
+    /// do: it comes early, never "never" — a refill then still comes, and a balance known
+    /// empty until then is asked about again.
+    #[test]
+    fn a_time_beyond_what_minutes_hold_comes_early_not_never() {
+        let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        let far = u64::MAX - 1;
+        m.set_refill_at(far);
+        let due = m.refill_at_ms();
+        assert!(due < far, "rounded down: due early, at {due}");
+        assert!(m.current(due - 1) && !m.current(due), "and it does come");
+        m.set_empty_until(far);
+        assert!(
+            m.empty_at(due - 1) && !m.empty_at(due),
+            "known empty until then only"
+        );
+    }
+
     #[test]
     fn a_low_balance_is_reported_once_on_the_way_down() {
         let m = Meter::new(1, Some(10), crate::public_id::IdKind::Key, false);

@@ -824,6 +824,25 @@ mod tests {
         assert_eq!(writer(&m, 9, 9), (9, true), "and the next fall is news");
     }
 
+    /// A batch in flight while an admin replaced the threshold measured its figures against
+    /// the old one. The new threshold learns the batch's figure if it is higher (a top-up,
+    /// whose fall afterwards is news), never if it is lower (a fall in the batch, which the
+    /// next look must still see as one).
+    #[test]
+    fn a_replaced_threshold_learns_a_batchs_rise_but_not_its_fall() {
+        let m = Meter::new(1, Some(10), crate::public_id::IdKind::Key, false);
+        m.sighted(100);
+        let seen = m.threshold_seen(); // the batch starts
+        m.set_low_balance(Some(50), 60); // the admin's change: 60 left as it read them
+        m.raise_if_replaced(&seen, 30); // the batch committed a fall to 30
+        assert!(m.note_remaining(30).0, "the next look tells the fall");
+
+        let seen = m.threshold_seen();
+        m.set_low_balance(Some(50), 40); // read before a top-up in the batch
+        m.raise_if_replaced(&seen, 120);
+        assert!(m.note_remaining(45).0, "the fall after the top-up is news");
+    }
+
     #[test]
     fn a_fall_from_an_unlimited_balance_is_an_edge() {
         let m = Meter::new(1, Some(10), crate::public_id::IdKind::Key, false);

@@ -841,6 +841,17 @@ mod tests {
         m.set_low_balance(Some(50), 40); // read before a top-up in the batch
         m.raise_if_replaced(&seen, 120);
         assert!(m.note_remaining(45).0, "the fall after the top-up is news");
+
+        // The threshold kept: the batch's figure is no news to it. A refusal in memory
+        // reported a fall after the batch measured 120; the fall is not told again.
+        let seen = m.threshold_seen();
+        assert!(!m.note_remaining(120).0, "the batch");
+        assert!(
+            m.note_remaining(5).0,
+            "a refusal in memory reports the fall"
+        );
+        m.raise_if_replaced(&seen, 120); // the batch commits
+        assert!(!m.note_remaining(5).0, "reported once");
     }
 
     #[test]

@@ -381,6 +381,171 @@ mod tests {
         assert_eq!((table.len(), table.missing()), (16, 1));
     }
 
+    /// The key of the `k`th of a few keys, spread over the whole `u64` range.
+    fn spread(k: u64) -> u64 {
+        k.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1
+    }
+
+    /// A key whose home entry is free sits there, so its look-up reads that one entry: the
+    /// home is the key scaled onto the table. (With every home the same entry the table
+    /// would still find every key, one probe through the whole cluster at a time.)
+    #[test]
+    fn a_key_whose_home_is_free_sits_there() {
+        let mut table = Table::new(16);
+        let size = table.entries.len();
+        // The smallest key whose home is entry `i`: ⌈i · 2⁶⁴ / size⌉.
+        let key = |i: usize| ((i as u128) << 64).div_ceil(size as u128) as u64;
+        // Every other entry: 11 of 22, below the 16 that make the table grow.
+        for i in (0..size).step_by(2) {
+            table.insert(&hash(key(i), 0), Slot::Missing);
+        }
+        assert_eq!(table.entries.len(), size);
+        for i in (0..size).step_by(2) {
+            assert_eq!(table.entries[i].key, key(i), "entry {i}");
+            assert!(table.get(&hash(key(i), 0)).is_some());
+        }
+    }
+
+    /// Every tag word is a tag, odd ones included: the stored tag is the word with its low
+    /// bit set, so a hash whose tag word is 1 is stored as 1 (not as an empty entry's 0) and
+    /// found, and two hashes that differ only in that bit are one entry.
+    #[test]
+    fn a_hash_with_an_odd_tag_word_is_found() {
+        let raw = |key: u64, tag: u64| {
+            let mut h = [0u8; 32];
+            h[..8].copy_from_slice(&key.to_le_bytes());
+            h[8..16].copy_from_slice(&tag.to_le_bytes());
+            h
+        };
+        let mut table = Table::new(8);
+        for tag in [1, 3, u64::MAX] {
+            let key = Slot::Key(super::super::test_key(tag));
+            assert!(table.insert(&raw(5, tag), key).0.is_none(), "tag {tag}");
+        }
+        assert_eq!(table.len(), 3);
+        for tag in [1, 3, u64::MAX] {
+            let found = table.get(&raw(5, tag));
+            assert!(
+                matches!(found, Some(Slot::Key(k)) if k.id() == tag),
+                "tag {tag}: {found:?}"
+            );
+        }
+        let found = table.get(&raw(5, 0));
+        assert!(
+            matches!(found, Some(Slot::Key(k)) if k.id() == 1),
+            "{found:?}"
+        );
+    }
+
+    /// `retain` keeps exactly what it accepts, where it is found again, and counts it: a
+    /// table whose counts went wrong would evict keys while misses stay (or look for misses
+    /// it no longer holds), or hold more than its capacity.
+    #[test]
+    fn retain_keeps_what_it_accepts_and_counts_it() {
+        let mut table = Table::new(8);
+        let slot = |k: u64| match k % 2 {
+            0 => Slot::Missing,
+            _ => Slot::Key(super::super::test_key(k)),
+        };
+        for k in 0..8u64 {
+            table.insert(&hash(spread(k), 0), slot(k));
+        }
+        // Forgetting the misses, as the cache does after an import, keeps every key.
+        table.retain(|slot| matches!(slot, Slot::Key(_)));
+        assert_eq!((table.len(), table.missing()), (4, 0));
+        for k in 0..8u64 {
+            let found = table.get(&hash(spread(k), 0));
+            assert_eq!(found.is_some(), k % 2 == 1, "key {k}: {found:?}");
+        }
+        for k in [8, 10, 12, 14] {
+            table.insert(&hash(spread(k), 0), slot(k));
+        }
+        table.retain(|_| true);
+        assert_eq!((table.len(), table.missing()), (8, 4));
+        // Full: each new key takes a miss's place, never a key's.
+        for k in [17, 19, 21, 23] {
+            let (_, evicted) = table.insert(&hash(spread(k), 0), slot(k));
+            assert!(
+                matches!(evicted, Some(Slot::Missing)),
+                "key {k}: {evicted:?}"
+            );
+        }
+        assert_eq!((table.len(), table.missing()), (8, 0));
+        for k in [1, 3, 5, 7, 17, 19, 21, 23] {
+            assert!(table.get(&hash(spread(k), 0)).is_some(), "key {k}");
+        }
+    }
+
+    /// `slots` lists every entry once and `drain` takes every one out (the cache recompiles
+    /// and retires the keys they give), leaving an empty table of the same capacity.
+    #[test]
+    fn slots_and_drain_give_every_entry() {
+        let mut table = Table::new(8);
+        for k in 0..6u64 {
+            let slot = match k % 3 {
+                0 => Slot::Missing,
+                _ => Slot::Key(super::super::test_key(k)),
+            };
+            table.insert(&hash(spread(k), 0), slot);
+        }
+        let given = |slots: Vec<&Slot>| {
+            let mut keys: Vec<u64> = Vec::new();
+            let mut misses = 0;
+            for slot in slots {
+                match slot {
+                    Slot::Key(key) => keys.push(key.id()),
+                    Slot::Missing => misses += 1,
+                }
+            }
+            keys.sort_unstable();
+            (keys, misses)
+        };
+        let listed = given(table.slots().collect());
+        assert_eq!(listed, (vec![1, 2, 4, 5], 2));
+        let drained: Vec<Slot> = table.drain().collect();
+        assert_eq!(given(drained.iter().collect()), listed);
+        assert_eq!((table.len(), table.missing()), (0, 0));
+        assert_eq!(table.slots().count(), 0);
+        for k in 0..6u64 {
+            assert!(table.get(&hash(spread(k), 0)).is_none(), "key {k}");
+        }
+        for k in 10..18u64 {
+            let (_, evicted) = table.insert(&hash(spread(k), 0), Slot::Missing);
+            assert!(evicted.is_none(), "key {k}");
+        }
+        let (_, evicted) = table.insert(&hash(spread(18), 0), Slot::Missing);
+        assert!(evicted.is_some(), "capacity 8, as before");
+    }
+
+    /// A table allocates for what it holds: it starts at 22 entries, doubles as it fills
+    /// (so a filled table re-placed its entries a few times, not once per insert), and never
+    /// holds more than twice the entries its keys need, up to its full size of 4/3 of its
+    /// capacity: 32 bytes a key in a full table (the budget is 256 with the `CachedKey`).
+    #[test]
+    fn a_table_doubles_as_it_fills_up_to_its_full_size() {
+        let capacity = 10_000;
+        let mut table = Table::new(capacity);
+        let entry = size_of::<Entry>();
+        assert_eq!(entry, 24);
+        assert_eq!(table.bytes(), 22 * entry);
+        let mut sizes = vec![22];
+        for k in 0..capacity as u64 {
+            table.insert(&hash(spread(k), 0), Slot::Missing);
+            let size = table.bytes() / entry;
+            assert!(size <= (2 * size_for(table.len())).max(22), "{size} at {k}");
+            if size != sizes[sizes.len() - 1] {
+                sizes.push(size);
+            }
+        }
+        assert_eq!(table.len(), capacity);
+        assert_eq!(sizes[sizes.len() - 1], size_for(capacity));
+        for step in sizes.windows(2).take(sizes.len() - 2) {
+            assert_eq!(step[1], 2 * step[0], "{sizes:?}");
+        }
+        assert_eq!(sizes.len(), 11, "{sizes:?}");
+        assert!(table.bytes() <= capacity * 33);
+    }
+
     #[test]
     fn same_key_with_another_tag_is_another_entry() {
         let mut table = Table::new(8);

@@ -777,6 +777,32 @@ mod tests {
         }
     }
 
+    /// A miss is remembered while its shard has room, and never takes a key's place: the
+    /// next key takes the miss's, and a shard full of keys remembers no miss (each then reads
+    /// the database again) and keeps every key.
+    #[test]
+    fn misses_are_remembered_only_while_there_is_room() {
+        let cache = Cache::new(4);
+        let hash = |i: u64| *blake3::hash(&i.to_le_bytes()).as_bytes();
+        let missing = |i: u64| cache.with(&hash(i), |slot| matches!(slot, Slot::Missing));
+        cache.insert_missing(hash(100), cache.epoch());
+        assert_eq!(missing(100), Some(true), "remembered");
+        let insert = |i: u64| cache.insert(hash(i), test_key(i), cache.epoch()).unwrap();
+        for i in 0..3 {
+            assert!(insert(i).is_empty());
+        }
+        assert_eq!(cache.len(), 4);
+        assert!(insert(3).is_empty(), "no key left");
+        assert_eq!(missing(100), None, "the fourth key took the miss's place");
+        cache.insert_missing(hash(101), cache.epoch());
+        assert_eq!(missing(101), None, "no room: not remembered");
+        assert_eq!(cache.len(), 4);
+        for i in 0..4 {
+            assert_eq!(missing(i), Some(false), "key {i}");
+        }
+        assert_eq!(cache.evictions(), 0);
+    }
+
     /// Replacing a key's own snapshot is not a departure (the new one carries its live
     /// part on); replacing another key's entry is, so its meter can be retired.
     #[test]

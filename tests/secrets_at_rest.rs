@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use keyledger::{
     Config, Error, HashScheme, ImportKey, ImportedHash, KeyUpdate, Ledger, MasterKey, NewKey,
-    PageRequest, Presented, RouteRule,
+    PageRequest, Presented, Request, RouteRule,
 };
 use sha2::{Digest, Sha256};
 
@@ -208,6 +208,18 @@ fn debug_display_json_errors_and_audit_never_show_a_secret() {
     all.assert_absent("find_by_prefix", &format!("{found:?}"));
     let authed = t.ledger.authenticate(&presented).unwrap();
     all.assert_absent("authenticate", &format!("{authed:?}"));
+    // A grant's `Debug` names the key and its reservation, nothing of the secret.
+    let grant = t
+        .ledger
+        .verify(&Request::new(&presented, "/x").cost(3))
+        .unwrap();
+    let shown = format!("{grant:?} {grant:#?}");
+    all.assert_absent("Grant Debug", &shown);
+    assert_eq!(
+        format!("{grant:?}"),
+        format!("Grant {{ key_id: {:?}, reserved: 3, .. }}", created.info.id)
+    );
+    drop(grant);
 
     // The audit trail: names and ids only.
     let events = t.ledger.audit().recent(1000).unwrap();

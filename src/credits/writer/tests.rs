@@ -265,6 +265,25 @@ fn a_lease_of_a_balance_with_no_record_is_answered_gone() {
     assert!(matches!(answer.recv().unwrap(), Handoff::Gone));
 }
 
+/// A request whose balance is gone while it waits for a lease runs the chain again on the
+/// key as it is now, a bounded number of times: with the record removed under a cached entry
+/// that nothing evicts, the writer answers `Gone` to the first run and to each of the eight
+/// runs after it (one lease wait each), and the request is refused `unavailable` — not
+/// answered by the first run alone, not asked again without end.
+#[test]
+fn a_balance_gone_for_good_is_asked_for_by_nine_runs_of_the_chain_then_unavailable() {
+    let (_dir, ledger) = ledger();
+    let (id, plaintext) = key(&ledger, 1_000);
+    let internal = ledger.keys().internal_id(&id).unwrap();
+    let txn = ledger.inner.store.begin_write().unwrap();
+    txn.open_table(CREDITS).unwrap().remove(internal).unwrap();
+    txn.commit().unwrap();
+    let waits = || ledger.stats().lease_waits.count();
+    let before = waits();
+    assert_eq!(spend_one(&ledger, &plaintext), Err("unavailable".into()));
+    assert_eq!(waits() - before, 9, "the first run and eight more");
+}
+
 /// A lease whose own read fails (a storage error) is answered as the failed batch answers
 /// every lease it reached: no units, so the request asks again, and the meter is no longer
 /// marked pending (which would hold back its prefetches). (Found by a reviewer.)

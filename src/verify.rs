@@ -246,6 +246,10 @@ impl Ledger {
                 // Before the empty mark: a growth clears that mark, then counts itself.
                 let growths = meter.growths();
                 let empty = meter.empty_at(now);
+                #[cfg(test)]
+                if let Some(pause) = engine.shared.after_empty_look.lock().take() {
+                    pause();
+                }
                 if let Some((_, epoch)) = meter.try_take(cost) {
                     grant.epoch = epoch;
                     grant.note_use(now);

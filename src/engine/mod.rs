@@ -160,6 +160,8 @@ impl Engine {
             after_reclaim_look: parking_lot::Mutex::new(None),
             #[cfg(test)]
             before_commit: parking_lot::Mutex::new(None),
+            #[cfg(test)]
+            after_empty_look: parking_lot::Mutex::new(None),
         });
         let (tx, rx) = channel::unbounded();
         let writer_shared = shared.clone();

@@ -217,6 +217,10 @@ pub(crate) struct Shared {
     /// Run once by the next batch that writes, after its messages, before its commit.
     #[cfg(test)]
     pub before_commit: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Run once by the next request waiting for a lease, after it looked at the empty mark,
+    /// before it tries the lease (see `Ledger::reserve_slow`).
+    #[cfg(test)]
+    pub after_empty_look: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Shared {

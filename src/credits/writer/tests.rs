@@ -1643,6 +1643,50 @@ fn a_refund_landing_after_the_writer_looked_stays_in_memory() {
     assert_eq!(spend_one(&ledger, &a_plain), Err("usage_exceeded".into()));
 }
 
+/// A request waiting for a lease that saw the balance marked empty, then failed to take
+/// from its lease, looks at the mark again before refusing: the writer clears the mark
+/// before it takes a lease back, so a request whose take failed on a lease taken back (here
+/// a refund's, by the key's eviction, which is no growth) asks the writer, which has the
+/// units. (Refused on its first look, it was `usage_exceeded` with a credit left.)
+#[test]
+fn a_request_whose_take_failed_on_a_lease_taken_back_asks_the_writer() {
+    let (_dir, ledger) = one_key_cache();
+    let (a, a_plain) = key(&ledger, 1);
+    let (_, b_plain) = key(&ledger, 1);
+    let key = Presented::new(&a_plain).unwrap();
+    // The whole balance leased and reserved: none leased, the balance marked empty.
+    let grant = ledger.verify(&Request::new(&key, "/x").cost(1)).unwrap();
+    ledger.flush().unwrap();
+    let meter = meter_of(&ledger, ledger.keys().internal_id(&a).unwrap());
+    let now = ledger.now().0;
+    assert_eq!(meter.leased(), 0);
+    assert!(meter.empty_at(now) && meter.current(now));
+    let growths = meter.growths();
+    let (looked, wait_for_look) = crossbeam::channel::bounded::<()>(0);
+    let (go_on, wait_to_go_on) = crossbeam::channel::bounded::<()>(0);
+    *ledger.inner.engine.shared.after_empty_look.lock() = Some(Box::new(move || {
+        looked.send(()).unwrap();
+        wait_to_go_on.recv().unwrap();
+    }));
+    std::thread::scope(|s| {
+        let request = s.spawn(|| spend_one(&ledger, &a_plain));
+        let wait = Duration::from_secs(10);
+        wait_for_look
+            .recv_timeout(wait)
+            .expect("the request looked at the mark");
+        drop(grant); // its unit back into the lease
+        assert_eq!(meter.leased(), 1);
+        // `b` evicts `a`: the writer takes the lease back, clearing the mark first.
+        assert_eq!(spend_one(&ledger, &b_plain), Ok(1));
+        ledger.flush().unwrap();
+        assert_eq!(meter.leased(), 0, "the lease taken back");
+        assert!(!meter.empty_at(now), "the mark cleared");
+        assert_eq!(meter.growths(), growths, "no growth counted");
+        go_on.send(()).unwrap();
+        assert_eq!(request.join().unwrap(), Ok(1));
+    });
+}
+
 /// A request waiting for a lease keeps what that lease hands it when a top-up (or a set)
 /// later in the same batch takes the batch's leases back: it is answered once, not with
 /// nothing and asked again. (With a change in every batch — a top-up a millisecond, a slow

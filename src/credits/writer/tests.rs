@@ -617,6 +617,24 @@ fn a_set_whose_read_failed_puts_back_the_lease_and_spend_it_had_taken() {
     assert_eq!((u.spent, u.remaining, u.lost_to_crash), (3, Some(97), 0));
 }
 
+/// Sets `a`'s balance to 50 in one batch with a top-up of `b` whose read fails: a storage
+/// error on another balance later in the same batch fails the whole batch. The answers of
+/// the set and the top-up.
+fn set_in_a_failing_batch(ledger: &Ledger, a: &str, b: &str) -> Vec<crate::Result<u64>> {
+    let failing = failing_reads(ledger, ledger.keys().internal_id(b).unwrap());
+    let credits = ledger.credits();
+    let credits = &credits;
+    let answers = one_batch::<crate::Result<u64>>(
+        ledger,
+        vec![
+            Box::new(move || credits.set(a, 50)),
+            Box::new(move || credits.top_up(b, 1)),
+        ],
+    );
+    drop(failing);
+    answers
+}
+
 /// A `set` whose batch fails restores the epoch it ended: a reservation taken before it is
 /// refunded into the balance, not dropped as if the set had happened.
 #[test]
@@ -628,21 +646,9 @@ fn a_failed_set_does_not_make_earlier_reservations_final() {
     let grant = ledger
         .verify(&Request::new(&presented, "/x").cost(5))
         .unwrap();
-    // A storage error on another balance later in the same batch fails the whole batch.
-    let b_id = ledger.keys().internal_id(&b).unwrap();
-    let failing = failing_reads(&ledger, b_id);
-    let credits = ledger.credits();
-    let (credits, a_ref, b_ref) = (&credits, &a, &b);
-    let answers = one_batch::<crate::Result<u64>>(
-        &ledger,
-        vec![
-            Box::new(move || credits.set(a_ref, 50)),
-            Box::new(move || credits.top_up(b_ref, 1)),
-        ],
-    );
+    let answers = set_in_a_failing_batch(&ledger, &a, &b);
     assert!(answers[0].is_err(), "the set failed: {:?}", answers[0]);
     assert!(answers[1].is_err(), "{:?}", answers[1]);
-    drop(failing);
     drop(grant); // refund the 5 reserved before the (failed) set
     let u = ledger.credits().usage(&a).unwrap();
     assert_eq!(
@@ -671,19 +677,8 @@ fn a_failed_set_after_a_committed_one_leaves_the_lease_exact() {
         Ok(1),
         "a lease of the new balance"
     );
-    let b_id = ledger.keys().internal_id(&b).unwrap();
-    let failing = failing_reads(&ledger, b_id);
-    let credits = ledger.credits();
-    let (credits, a_ref, b_ref) = (&credits, &a, &b);
-    let answers = one_batch::<crate::Result<u64>>(
-        &ledger,
-        vec![
-            Box::new(move || credits.set(a_ref, 50)),
-            Box::new(move || credits.top_up(b_ref, 1)),
-        ],
-    );
+    let answers = set_in_a_failing_batch(&ledger, &a, &b);
     assert!(answers[0].is_err() && answers[1].is_err(), "{answers:?}");
-    drop(failing);
     let presented = Presented::new(&a_plain).unwrap();
     let grant = ledger
         .verify(&Request::new(&presented, "/x").cost(5))
@@ -832,31 +827,29 @@ fn a_retried_return_that_still_cannot_be_read_fails_no_other_change() {
     );
 }
 
-/// A refill whose batch fails is still due: the old period's lease, given back to the
-/// meter, is not spent after the refill time (it would be, late, had the failed batch
-/// left the next refill time set).
-#[test]
-fn a_failed_refill_is_still_due() {
-    const DAY: u64 = 86_400_000;
+const DAY: u64 = 86_400_000;
+
+/// A ledger on a manual clock one second into day 20,000 (UTC), with a key of 100 credits
+/// refilled to 10 daily; returns the key's plaintext.
+fn daily_refill_key() -> (tempfile::TempDir, Ledger, crate::ManualClock, String) {
     let clock = crate::ManualClock::new(crate::Timestamp(20_000 * DAY + 1_000));
     let config = Config::builder()
         .master_key(MasterKey::generate().unwrap())
         .clock(clock.clone())
         .build()
         .unwrap();
-    let (_dir, ledger) = open(config);
-    let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+    let (dir, ledger) = open(config);
     let daily = crate::RefillInterval::Daily;
-    let new = NewKey::new(owner.id.as_str(), "a")
-        .credits(100)
-        .refill(10, daily);
-    let a_plain = ledger
-        .keys()
-        .create(new)
-        .unwrap()
-        .plaintext
-        .expose()
-        .to_owned();
+    let (_, plaintext) = key_with(&ledger, |new| new.credits(100).refill(10, daily));
+    (dir, ledger, clock, plaintext)
+}
+
+/// A refill whose batch fails is still due: the old period's lease, given back to the
+/// meter, is not spent after the refill time (it would be, late, had the failed batch
+/// left the next refill time set).
+#[test]
+fn a_failed_refill_is_still_due() {
+    let (_dir, ledger, clock, a_plain) = daily_refill_key();
     let (b, _) = key(&ledger, 100);
     assert_eq!(spend_one(&ledger, &a_plain), Ok(1)); // a lease of the first period
     clock.set(crate::Timestamp(20_001 * DAY + 1_000));
@@ -888,25 +881,13 @@ fn a_failed_refill_is_still_due() {
 /// next lease will refill them), not what memory still holds of the old period.
 #[test]
 fn a_peek_once_a_refill_came_due_reports_the_new_periods_credits() {
-    const DAY: u64 = 86_400_000;
-    let clock = crate::ManualClock::new(crate::Timestamp(20_000 * DAY + 1_000));
-    let config = Config::builder()
-        .master_key(MasterKey::generate().unwrap())
-        .clock(clock.clone())
-        .build()
-        .unwrap();
-    let (_dir, ledger) = open(config);
-    let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
-    let new = NewKey::new(owner.id.as_str(), "a")
-        .credits(100)
-        .refill(10, crate::RefillInterval::Daily);
-    let created = ledger.keys().create(new).unwrap();
-    let presented = Presented::new(created.plaintext.expose()).unwrap();
+    let (_dir, ledger, clock, plaintext) = daily_refill_key();
+    let presented = Presented::new(&plaintext).unwrap();
     let peek = || {
         let grant = ledger.verify(&Request::new(&presented, "/x").cost(0));
         grant.unwrap().remaining_credits()
     };
-    assert_eq!(spend_one(&ledger, created.plaintext.expose()), Ok(1));
+    assert_eq!(spend_one(&ledger, &plaintext), Ok(1));
     assert_eq!(peek(), Some(99), "the first period, with a lease in memory");
     clock.set(crate::Timestamp(20_001 * DAY - 1));
     assert_eq!(peek(), Some(99), "the last moment of the first period");

@@ -1120,7 +1120,7 @@ pub fn request(data: &[u8]) {
 }
 
 /// Seeds: inputs from a fixed generator, long enough for several requests each; then one
-/// written for each feature (see [`Script`]), the first byte of each naming its features.
+/// written for each feature (see `Script`), the first byte of each naming its features.
 pub fn seeds() -> Vec<Vec<u8>> {
     let mut seeds: Vec<Vec<u8>> = (0..6)
         .map(|seed| super::ops::workload(1_000 + seed))

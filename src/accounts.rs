@@ -267,7 +267,7 @@ impl<'a> Accounts<'a> {
                 }
                 last = k.value();
                 // Named, as a damaged key is by its owner's key list. No call removes an
-                // account (its keys, pools and secrets name it).
+                // account (its keys, pools and secrets refer to it), so the remedy is a backup.
                 let record = crate::codec::decode(v.value()).map_err(|e| {
                     e.of_row(
                         self.public_id(last).to_string(),

@@ -113,6 +113,10 @@ impl Engine {
                     stored.status,
                     stored.entitlements,
                 ));
+                #[cfg(test)]
+                if let Some(pause) = self.shared.after_account_read.lock().take() {
+                    pause();
+                }
                 let mut accounts = self.accounts.lock();
                 match accounts.get(&found.owner) {
                     Some(known) => known.clone(),

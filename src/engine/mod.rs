@@ -162,6 +162,8 @@ impl Engine {
             before_commit: parking_lot::Mutex::new(None),
             #[cfg(test)]
             after_empty_look: parking_lot::Mutex::new(None),
+            #[cfg(test)]
+            after_account_read: parking_lot::Mutex::new(None),
         });
         let (tx, rx) = channel::unbounded();
         let writer_shared = shared.clone();

@@ -1251,3 +1251,43 @@ fn a_miss_straddling_a_rotation_caches_nothing_a_change_cannot_reach() {
         "served enabled under its pre-rotation hash"
     );
 }
+
+/// An account change that commits while a miss reads that account (not yet in memory)
+/// leaves nothing stale behind: the miss answers its own request from what it read, but
+/// keeps neither the key nor the account's state, so the next verify of the account's keys
+/// sees the change. (Kept, the state read before a suspension went on granting the
+/// account's keys until a restart.)
+#[test]
+fn an_account_suspended_while_a_miss_reads_it_is_not_remembered_active() {
+    let f = ledger();
+    let owner = f.ledger.accounts().create(NewAccount::new("Acme")).unwrap();
+    let created = f.ledger.keys().create(NewKey::new(owner.id.as_str(), "k"));
+    let plaintext = created.unwrap().plaintext.expose().to_owned();
+    let engine = &f.ledger.inner.engine;
+    let (read, wait_for_read) = crossbeam::channel::bounded::<()>(0);
+    let (go_on, wait_to_go_on) = crossbeam::channel::bounded::<()>(0);
+    *engine.shared.after_account_read.lock() = Some(Box::new(move || {
+        read.send(()).unwrap();
+        wait_to_go_on.recv().unwrap();
+    }));
+    std::thread::scope(|s| {
+        let request = s.spawn(|| code(&f.ledger, &plaintext));
+        let wait = std::time::Duration::from_secs(10);
+        wait_for_read
+            .recv_timeout(wait)
+            .expect("the miss read the account");
+        let suspend = crate::AccountUpdate::new().status(crate::SubscriptionStatus::Suspended);
+        f.ledger
+            .accounts()
+            .update(owner.id.as_str(), suspend)
+            .unwrap();
+        go_on.send(()).unwrap();
+        assert_eq!(request.join().unwrap(), "ok", "answered from its own read");
+    });
+    assert_eq!(code(&f.ledger, &plaintext), "subscription_inactive");
+    assert_eq!(
+        code(&f.ledger, &plaintext),
+        "subscription_inactive",
+        "cached so"
+    );
+}

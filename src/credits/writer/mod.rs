@@ -221,6 +221,10 @@ pub(crate) struct Shared {
     /// before it tries the lease (see `Ledger::reserve_slow`).
     #[cfg(test)]
     pub after_empty_look: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Run once by the next cache miss that reads an account not yet in memory, after the
+    /// read, before it looks at the cache's epoch (see `Engine::read_miss`).
+    #[cfg(test)]
+    pub after_account_read: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Shared {

@@ -1291,3 +1291,34 @@ fn an_account_suspended_while_a_miss_reads_it_is_not_remembered_active() {
         "cached so"
     );
 }
+
+/// A pool's meter is made knowing its balance (`init_meter`): peeks at a cached key that
+/// spends from a pool answer its credits left from memory, as every cache hit answers,
+/// even once the store can no longer be read (its reads would answer 0).
+#[test]
+fn a_peek_at_a_pooled_key_answers_its_credits_left_from_memory() {
+    let f = ledger();
+    let owner = f
+        .ledger
+        .accounts()
+        .create(NewAccount::new("Acme"))
+        .unwrap()
+        .id;
+    let new_pool = crate::NewPool::new(owner.as_str(), "shared").credits(100);
+    let pool = f.ledger.credits().create_pool(new_pool).unwrap().id;
+    let new_key = NewKey::new(owner.as_str(), "k").pool(pool.as_str());
+    let plaintext = f.ledger.keys().create(new_key).unwrap().plaintext;
+    let key = Presented::new(plaintext.expose()).unwrap();
+    let peek = || {
+        let grant = f.ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
+        grant.remaining_credits()
+    };
+    assert_eq!(peek(), Some(100), "the miss");
+    let store = &f.ledger.inner.store;
+    assert!(
+        store
+            .guard(|| -> Result<()> { panic!("simulated") })
+            .is_err()
+    );
+    assert_eq!(peek(), Some(100), "a cache hit");
+}

@@ -873,6 +873,17 @@ fn a_damaged_secret_row_is_named_by_its_owners_list_and_put_replaces_it() {
         let err = secrets.list(&a).unwrap_err();
         let row = format!("{a}/secrets/{name}");
         assert_names_damaged_row(&err, &row, kind, "`secrets().delete`", &stored);
+        // So does every call on the row that needs what it held.
+        for err in [
+            secrets.info(&a, name).map(drop),
+            secrets.rotate(&a, name, Secret::new(NEW_SECRET)).map(drop),
+            secrets
+                .bearer(&a, name, "https://api.stripe.com/v1")
+                .map(drop),
+        ] {
+            let err = err.unwrap_err();
+            assert_names_damaged_row(&err, &row, kind, "`secrets().delete`", &stored);
+        }
 
         let info = secrets
             .put(&a, name, Secret::new(NEW_SECRET), ["api.openai.com"])
@@ -951,11 +962,10 @@ fn a_damaged_connector_row_is_named_by_its_owners_list_and_connect_replaces_it()
         Provider::Notion,
     ];
     let kept_provider = Provider::Other("zoom".into());
+    let mut connected = Vec::new();
     for provider in providers.iter().chain([&kept_provider]) {
-        env.ledger
-            .vault()
-            .connect(&a, provider, google_grant())
-            .unwrap();
+        let info = env.ledger.vault().connect(&a, provider, google_grant());
+        connected.push(info.unwrap());
     }
     let kept = connection(&env.ledger.vault(), &a, &kept_provider);
     let owner_b = env
@@ -971,10 +981,22 @@ fn a_damaged_connector_row_is_named_by_its_owners_list_and_connect_replaces_it()
     assert_eq!(damaged_names, ["dropbox", "google_drive", "notion"]);
 
     let vault = env.ledger.vault().by("ops");
-    for (provider, (_, kind)) in providers.iter().zip(&damaged) {
+    for ((provider, (_, kind)), info) in providers.iter().zip(&damaged).zip(&connected) {
         let err = vault.list(&a).unwrap_err();
         let row = format!("{a}/connectors/{}", provider.as_str());
         assert_names_damaged_row(&err, &row, kind, "`vault().disconnect`", &stored);
+        // So does every call on the row that needs what it held.
+        let refreshed = OAuthGrant::new(Secret::new(NEW_SECRET));
+        for err in [
+            vault.get(&a, provider).map(drop),
+            vault.record_refresh(info, refreshed).map(drop),
+            vault
+                .mark_unhealthy(info, ProviderErrorKind::Revoked)
+                .map(drop),
+        ] {
+            let err = err.unwrap_err();
+            assert_names_damaged_row(&err, &row, kind, "`vault().disconnect`", &stored);
+        }
 
         let grant = OAuthGrant::new(Secret::new(NEW_SECRET)).scopes(["files.read"]);
         let info = vault.connect(&a, provider, grant).unwrap();

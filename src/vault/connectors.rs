@@ -21,7 +21,10 @@ use crate::vault::provider::Provider;
 use crate::vault::provider_error::ProviderErrorKind;
 use crate::vault::records::{self, ConnectorRecord, StoredHealth};
 use crate::vault::tables::CONNECTORS;
-use crate::vault::{Owner, listed_row, open_read, owner, owner_read, owner_rows, target};
+use crate::vault::{Owner, open_read, owner, owner_read, owner_rows, stored_row, target};
+
+/// What removes or replaces a connector row that does not decode, for the error that names it.
+const REMEDY: &str = "`vault().disconnect` removes it, `vault().connect` replaces it";
 
 /// Connector operations. Get one with [`Ledger::vault`].
 pub struct Vault<'a> {
@@ -125,7 +128,7 @@ impl<'a> Vault<'a> {
         let record = {
             let mut table = txn.open_table(CONNECTORS)?;
             let mut record: ConnectorRecord = match table.get((owner.id, name))? {
-                Some(v) => codec::decode(v.value())?,
+                Some(v) => stored_row(&owner.public, "connectors", name, v.value(), REMEDY)?,
                 None => return Err(Error::NotFound { what: "connector" }),
             };
             let fields = change(&owner, name, &mut record)?;
@@ -232,7 +235,11 @@ impl<'a> Vault<'a> {
         })
     }
 
-    /// The owner's connection to `provider`, with its tokens. `NotFound` if there is none.
+    /// The owner's connection to `provider`, with its tokens. `NotFound` if there is none; a
+    /// row that does not decode fails with
+    /// [`Error::Codec`]`(`[`CodecError::Row`](crate::CodecError::Row)`)`, which names it (as
+    /// do [`record_refresh`](Self::record_refresh) and
+    /// [`mark_unhealthy`](Self::mark_unhealthy)).
     pub fn get(&self, owner: &str, provider: &Provider) -> Result<Connection> {
         self.ledger.guarded(|| {
             let provider = provider.validated()?;
@@ -242,7 +249,7 @@ impl<'a> Vault<'a> {
             let not_found = Error::NotFound { what: "connector" };
             let table = open_read(&read, CONNECTORS)?.ok_or(not_found)?;
             let record: ConnectorRecord = match table.get((owner.id, name))? {
-                Some(v) => codec::decode(v.value())?,
+                Some(v) => stored_row(&owner.public, "connectors", name, v.value(), REMEDY)?,
                 None => return Err(Error::NotFound { what: "connector" }),
             };
             let (access_token, refresh_token) =
@@ -270,11 +277,10 @@ impl<'a> Vault<'a> {
             let Some(table) = open_read(&read, CONNECTORS)? else {
                 return Ok(Vec::new());
             };
-            let remedy = "`vault().disconnect` removes it, `vault().connect` replaces it";
             owner_rows(&table, owner.id)?
                 .into_iter()
                 .map(|(name, bytes)| {
-                    let record = listed_row(&owner.public, "connectors", &name, &bytes, remedy)?;
+                    let record = stored_row(&owner.public, "connectors", &name, &bytes, REMEDY)?;
                     Ok(self.info(&owner, &name, &record))
                 })
                 .collect()

@@ -143,12 +143,12 @@ fn row_name(owner: &PublicId, kind: &str, name: &str) -> String {
     target(owner, kind, &name.escape_default().to_string())
 }
 
-/// Decodes row `name` of `owner` in the vault table `kind` (`connectors`, `secrets`) for a
-/// listing: one that does not decode fails it with a
-/// [`CodecError::Row`](crate::CodecError::Row) naming the row (never its bytes) and saying,
-/// in `remedy`, how to get rid of it. Silently leaving it out would hide the damage; failing
-/// without a name left the operator to run `check` to find it.
-pub(crate) fn listed_row<R: Record>(
+/// Decodes row `name` of `owner` in the vault table `kind` (`connectors`, `secrets`): one
+/// that does not decode fails the call (a listing, or a call on that row that needs what it
+/// held) with a [`CodecError::Row`](crate::CodecError::Row) naming the row (never its bytes)
+/// and saying, in `remedy`, how to get rid of it. Silently leaving it out of a listing would
+/// hide the damage; failing without a name left the operator to run `check` to find it.
+pub(crate) fn stored_row<R: Record>(
     owner: &PublicId,
     kind: &str,
     name: &str,

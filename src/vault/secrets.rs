@@ -18,7 +18,10 @@ use crate::vault::outbound::{
 };
 use crate::vault::records::{self, SecretRecord};
 use crate::vault::tables::OWNER_SECRETS;
-use crate::vault::{Owner, listed_row, open_read, owner, owner_read, owner_rows, target};
+use crate::vault::{Owner, open_read, owner, owner_read, owner_rows, stored_row, target};
+
+/// What removes or replaces a secret row that does not decode, for the error that names it.
+const REMEDY: &str = "`secrets().delete` removes it, `secrets().put` replaces it";
 
 /// Owner-secret operations. Get one with [`Ledger::secrets`].
 pub struct Secrets<'a> {
@@ -316,8 +319,9 @@ impl<'a> Secrets<'a> {
 
     /// Replaces the value of an existing secret, keeping its allowed hosts.
     ///
-    /// A row that does not decode fails with [`Error::Codec`]: the hosts to keep are
-    /// unknown. [`put`](Self::put), which takes them anew, replaces such a row.
+    /// A row that does not decode fails with
+    /// [`Error::Codec`]`(`[`CodecError::Row`](crate::CodecError::Row)`)`, which names it:
+    /// the hosts to keep are unknown. [`put`](Self::put), which takes them anew, replaces it.
     pub fn rotate(&self, owner: &str, name: &str, value: Secret) -> Result<SecretInfo> {
         self.ledger.guarded(|| {
             self.new_name(name)?;
@@ -328,7 +332,7 @@ impl<'a> Secrets<'a> {
             let record = {
                 let mut table = txn.open_table(OWNER_SECRETS)?;
                 let mut record: SecretRecord = match table.get((owner.id, name))? {
-                    Some(v) => codec::decode(v.value())?,
+                    Some(v) => stored_row(&owner.public, "secrets", name, v.value(), REMEDY)?,
                     None => return Err(Error::NotFound { what: "secret" }),
                 };
                 // The new value keeps the record's hosts and follows its version, so both
@@ -400,7 +404,9 @@ impl<'a> Secrets<'a> {
         })
     }
 
-    /// One secret's metadata (never its value). `NotFound` if there is none.
+    /// One secret's metadata (never its value). `NotFound` if there is none; a row that does
+    /// not decode fails with [`Error::Codec`]`(`[`CodecError::Row`](crate::CodecError::Row)`)`,
+    /// which names it (as does every call that attaches the secret).
     pub fn info(&self, owner: &str, name: &str) -> Result<SecretInfo> {
         self.ledger.guarded(|| {
             validate_name(name)?;
@@ -425,11 +431,10 @@ impl<'a> Secrets<'a> {
             let Some(table) = open_read(&read, OWNER_SECRETS)? else {
                 return Ok(Vec::new());
             };
-            let remedy = "`secrets().delete` removes it, `secrets().put` replaces it";
             owner_rows(&table, owner.id)?
                 .into_iter()
                 .map(|(name, bytes)| {
-                    let record = listed_row(&owner.public, "secrets", &name, &bytes, remedy)?;
+                    let record = stored_row(&owner.public, "secrets", &name, &bytes, REMEDY)?;
                     Ok(Self::view(&owner, &name, &record))
                 })
                 .collect()
@@ -444,7 +449,7 @@ impl<'a> Secrets<'a> {
     ) -> Result<SecretRecord> {
         let table = open_read(read, OWNER_SECRETS)?.ok_or(Error::NotFound { what: "secret" })?;
         match table.get((owner.id, name))? {
-            Some(v) => Ok(codec::decode(v.value())?),
+            Some(v) => stored_row(&owner.public, "secrets", name, v.value(), REMEDY),
             None => Err(Error::NotFound { what: "secret" }),
         }
     }

@@ -140,14 +140,7 @@ fn read_page(
 /// Event `seq`, or an error naming it: a reader exporting the trail can skip a damaged
 /// event (`since(seq, …)`) rather than stall on it.
 fn decode(seq: u64, bytes: &[u8]) -> Result<AuditEvent> {
-    codec::decode(bytes).map_err(|e| {
-        CodecError::Corrupt {
-            record: "audit event",
-            reason: format!(
-                "event {seq} ({e}); the events after it can still be read (`Audit::since`, \
-                 the CLI's `audit --after {seq}`)"
-            ),
-        }
-        .into()
-    })
+    let remedy = "the events after it can still be read (`audit().since(seq, …)`, the CLI's \
+                  `audit --after SEQ`)";
+    codec::decode(bytes).map_err(|e| e.of_row(format!("audit event {seq}"), remedy).into())
 }

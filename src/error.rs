@@ -211,30 +211,31 @@ pub enum CodecError {
         /// Decoder message (never contains field values).
         reason: String,
     },
-    /// A listing (an owner's keys, pools, connectors or secrets, or the accounts) met a
-    /// stored row that does not decode, and fails naming it rather than leave it out, which
-    /// would hide the damage. [`Ledger::check`](crate::Ledger::check) names every such row
-    /// of the file.
+    /// A stored row that does not decode, named: met by a listing (an owner's keys, pools,
+    /// connectors or secrets, the accounts, a page of the audit trail), which fails rather
+    /// than leave it out and hide the damage; by a call on a vault row that needs what it
+    /// held; or by [`Ledger::open`](crate::Ledger::open) among the route rules.
+    /// [`Ledger::check`](crate::Ledger::check) names every such row of the file.
     #[error("{}", row_message(row, error, remedy))]
     Row {
-        /// The row: a key's, pool's or account's public id, or `acct_…/connectors/PROVIDER`,
-        /// `acct_…/secrets/NAME` (the form `check` and the audit trail name it by). Never
-        /// the row's bytes.
+        /// The row: a key's, pool's or account's public id, `acct_…/connectors/PROVIDER`,
+        /// `acct_…/secrets/NAME` (the form `check` and the audit trail name it by),
+        /// `audit event SEQ` or `route rule "PREFIX"`. Never the row's bytes.
         row: String,
         /// What is wrong with the row's bytes.
         #[source]
         error: Box<CodecError>,
-        /// The call that removes or replaces the row, as text (``"`secrets().delete`
-        /// removes it, `secrets().put` replaces it"``); for an account, which no call
-        /// removes, restoring a backup.
+        /// What to do about the row, as text: the call that removes or replaces it
+        /// (``"`secrets().delete` removes it, `secrets().put` replaces it"``), how to read
+        /// past it (an audit event), or, where no call removes it (an account, a route rule
+        /// the ledger cannot open without), restoring a backup.
         remedy: &'static str,
     },
 }
 
 impl CodecError {
     /// This error, said of the stored row `row` (a public id, `acct_…/secrets/NAME`; never
-    /// the row's bytes) with what the caller can do about it, for a listing that meets a row
-    /// it cannot decode.
+    /// the row's bytes) with what the caller can do about it (see [`CodecError::Row`]).
     pub(crate) fn of_row(self, row: String, remedy: &'static str) -> CodecError {
         CodecError::Row {
             row,
@@ -442,7 +443,7 @@ impl Error {
         }
     }
 
-    /// A record that did not decode, met by a listing, named as `row` (a public id; never
+    /// A record that did not decode, named as `row` (a public id; never
     /// the row's bytes) with `remedy`, the call that removes or replaces it. Any other error
     /// is returned as it is.
     pub(crate) fn of_row(self, row: impl FnOnce() -> String, remedy: &'static str) -> Error {

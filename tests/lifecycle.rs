@@ -1375,7 +1375,7 @@ mod damaged {
         for failed in [audit.since(1, 1), audit.since(1, 10)] {
             let e = failed.unwrap_err();
             assert!(matches!(e, Error::Codec(_)), "{e}");
-            assert!(e.to_string().contains("event 2 ("), "{e}");
+            assert!(e.to_string().contains("audit event 2: "), "{e}");
         }
         let after = seqs(audit.since(2, 1_000).unwrap());
         assert_eq!(after[0], 3);
@@ -1398,19 +1398,78 @@ mod damaged {
         edit(&path, |txn| {
             let mut keys = txn.open_table(KEYS).unwrap();
             let stored = keys.get(first).unwrap().unwrap().value().to_vec();
-            let mut newer = stored[..stored.len() - 4].to_vec();
-            newer[0] = 0x80 | 9;
-            let crc = crc32fast::hash(&newer);
-            newer.extend_from_slice(&crc.to_le_bytes());
-            keys.insert(first, newer.as_slice()).unwrap();
+            keys.insert(first, of_a_newer_schema(&stored).as_slice())
+                .unwrap();
         });
         let ledger = Ledger::open(&path, config).unwrap();
         let failed = ledger.keys().get(&pooled).unwrap_err();
+        assert_says_newer_schema(&failed);
+    }
+
+    /// `stored`, a record, as a newer build would write it: a schema version past this
+    /// build's, its checksum intact.
+    fn of_a_newer_schema(stored: &[u8]) -> Vec<u8> {
+        let mut newer = stored[..stored.len() - 4].to_vec();
+        newer[0] = 0x80 | 9;
+        let crc = crc32fast::hash(&newer);
+        newer.extend_from_slice(&crc.to_le_bytes());
+        newer
+    }
+
+    #[track_caller]
+    fn assert_says_newer_schema(failed: &Error) {
         let says = failed.to_string();
         assert!(matches!(failed, Error::Codec(_)), "{says}");
         assert!(says.contains("written by a newer keyledger"), "{says}");
         assert!(says.contains("upgrade keyledger"), "{says}");
         assert!(!says.contains("corrupt"), "{says}");
+    }
+
+    /// The same for an audit event and a route rule, whose errors called every entry they
+    /// could not decode corrupt (found by the forty-seventh session): each names its entry
+    /// and what to do, and says a newer schema as such.
+    #[test]
+    fn an_audit_event_or_route_rule_of_a_newer_schema_says_so_not_corrupt() {
+        const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+        for newer in [true, false] {
+            let damage = |stored: &[u8]| match newer {
+                true => of_a_newer_schema(stored),
+                false => GARBAGE.to_vec(),
+            };
+            let (_dir, path, config, _) = ledger();
+            edit(&path, |txn| {
+                let mut audit = txn.open_table(AUDIT).unwrap();
+                let stored = audit.get(1).unwrap().unwrap().value().to_vec();
+                audit.insert(1, damage(&stored).as_slice()).unwrap();
+            });
+            let opened = Ledger::open(&path, config).unwrap();
+            let failed = opened.audit().since(0, 10).unwrap_err();
+            let says = failed.to_string();
+            assert!(says.contains(": audit event 1: "), "{says}");
+            assert!(says.contains("`audit --after SEQ`"), "{says}");
+            match newer {
+                true => assert_says_newer_schema(&failed),
+                false => assert!(says.contains("corrupt"), "{says}"),
+            }
+            drop(opened);
+
+            let (_dir, path, config, _) = ledger();
+            edit(&path, |txn| {
+                let mut routes = txn.open_table(ROUTES).unwrap();
+                let stored = routes.get("/x/").unwrap().unwrap().value().to_vec();
+                routes.insert("/x/", damage(&stored).as_slice()).unwrap();
+            });
+            let Err(failed) = Ledger::open(&path, config) else {
+                panic!("a ledger does not open without its route rules");
+            };
+            let says = failed.to_string();
+            assert!(says.contains(": route rule \"/x/\": "), "{says}");
+            assert!(says.contains("restore the file from a backup"), "{says}");
+            match newer {
+                true => assert_says_newer_schema(&failed),
+                false => assert!(says.contains("corrupt"), "{says}"),
+            }
+        }
     }
 
     /// The meta entries the whole file depends on, damaged (found by a reviewer):

@@ -3,7 +3,7 @@
 use redb::ReadableTable;
 
 use crate::codec;
-use crate::error::{CodecError, Result};
+use crate::error::Result;
 use crate::record::{CreditsRecord, RouteRule};
 use crate::store::{self, Store, tables::*};
 
@@ -62,10 +62,10 @@ pub(crate) fn rules_in(
     let mut rules = Vec::new();
     for entry in table.iter()? {
         let (prefix, bytes) = entry?;
-        let rule = codec::decode(bytes.value()).map_err(|e| CodecError::Corrupt {
-            record: "route rule",
-            reason: format!("the rule for {:?} ({e})", prefix.value()),
-        })?;
+        // Every verify is routed by the whole table: a ledger does not open without it.
+        let remedy = "the ledger cannot route requests without it: restore the file from a backup";
+        let rule = codec::decode(bytes.value())
+            .map_err(|e| e.of_row(format!("route rule {:?}", prefix.value()), remedy))?;
         rules.push(rule);
     }
     Ok(rules)

@@ -390,6 +390,11 @@ fn owners_are_isolated_and_must_exist() {
     ));
 }
 
+/// A row's ciphertext copied over another owner's or another provider's row does not open
+/// there (it is bound to its owner and name), `check` names each such row, and each can be
+/// replaced or removed as a row that cannot be read: nothing of it kept, audited
+/// `unreadable` (found by the forty-seventh session: `put` kept the moved row's version and
+/// creation).
 #[test]
 fn ciphertext_moved_between_owners_or_providers_fails_to_decrypt() {
     let env = Env::new();
@@ -477,12 +482,56 @@ fn ciphertext_moved_between_owners_or_providers_fails_to_decrypt() {
         OAuthGrant::new(Secret::new("new")),
     ));
     // `check` reports the moved rows, naming rows, never values.
-    let report = env.check();
+    drop((vault, secrets));
+    let (report, env) = env.check_and_reopen();
     assert_eq!(report.problems.len(), 4, "{:?}", report.problems);
     let text = format!("{report:?}");
     for plain in [ACCESS, REFRESH, NOTION_TOKEN, API_SECRET] {
         assert!(!text.contains(plain));
     }
+
+    // Each can be replaced or removed, as a row that cannot be read: nothing of it is kept
+    // (its version, hosts and metadata are what was moved), and the audit event says so.
+    let (vault, secrets) = (env.ledger.vault(), env.ledger.secrets());
+    let last = |env: &Env| env.ledger.audit().recent(1).unwrap().remove(0);
+    let put = secrets.put(&b, "STRIPE", Secret::new(NEW_SECRET), ["api.stripe.com"]);
+    assert_eq!(
+        put.unwrap().version,
+        1,
+        "a new secret, not A's next version"
+    );
+    assert_eq!(last(&env).fields, ["value", "allowed_hosts", "unreadable"]);
+    assert_eq!(
+        secrets.bearer(&b, "STRIPE", url).unwrap().value.expose(),
+        format!("Bearer {NEW_SECRET}")
+    );
+    secrets.delete(&a, "OTHER").unwrap();
+    assert_eq!(last(&env).fields, ["unreadable"]);
+    vault
+        .connect(&b, &Provider::GoogleDrive, google_grant())
+        .unwrap();
+    assert_eq!(
+        last(&env).fields,
+        [
+            "access_token",
+            "refresh_token",
+            "scopes",
+            "expires_at",
+            "unreadable"
+        ]
+    );
+    let removed = vault.disconnect(&a, &Provider::Notion).unwrap();
+    assert_eq!(removed.info, None, "moved metadata is not reported as A's");
+    assert_eq!(last(&env).fields, ["unreadable"]);
+    // Rows that open are replaced and removed as before: nothing `unreadable`.
+    let put = secrets.put(&a, "STRIPE", Secret::new(NEW_SECRET), ["api.stripe.com"]);
+    assert_eq!(put.unwrap().version, 2);
+    assert_eq!(last(&env).fields, ["value"]);
+    let removed = vault.disconnect(&a, &Provider::GoogleDrive).unwrap();
+    assert!(removed.info.is_some());
+    assert!(last(&env).fields.is_empty());
+    drop((vault, secrets));
+    assert!(env.check().is_ok(), "nothing unreadable is left");
 }
 
 #[test]

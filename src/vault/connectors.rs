@@ -59,6 +59,20 @@ fn open_tokens(
     })
 }
 
+/// The stored row `bytes` of `owner`'s connection to `provider`, if it can be read: it
+/// decodes, and its tokens open under the owner and provider it is stored with. `None`:
+/// damaged, written by a newer schema, or moved beside its ciphertext.
+fn readable(
+    master: &MasterKey,
+    owner: &PublicId,
+    provider: &str,
+    bytes: &[u8],
+) -> Option<ConnectorRecord> {
+    let record = codec::decode::<ConnectorRecord>(bytes).ok()?;
+    open_tokens(master, owner, provider, &record).ok()?;
+    Some(record)
+}
+
 /// Decodes and decrypts one stored row, for `check`.
 pub(crate) fn check_row(
     master: &MasterKey,
@@ -172,11 +186,10 @@ impl<'a> Vault<'a> {
     /// Stores the owner's grant for `provider`, replacing any earlier one (a reconnect resets
     /// health to healthy).
     ///
-    /// Nothing of an earlier row is kept, so one that does not decode (damaged, or written by
-    /// a newer schema: `list` and `get` fail on it, and
-    /// [`Ledger::check`](crate::Ledger::check) names it) is replaced like any other; the
-    /// audit event `connector.connected` then names the field `unreadable` as well, to tell
-    /// it from an ordinary reconnect.
+    /// Nothing of an earlier row is kept, so one that cannot be read (see
+    /// [`disconnect`](Self::disconnect)) is replaced like any other; the audit event
+    /// `connector.connected` then names the field `unreadable` as well, to tell it from an
+    /// ordinary reconnect.
     pub fn connect(
         &self,
         owner: &str,
@@ -207,11 +220,12 @@ impl<'a> Vault<'a> {
                 last_refreshed_at: None,
                 sealed,
             };
-            // The row replaced is decoded only to say, in the audit event, that it did not.
+            // The row replaced is read only to say, in the audit event, that it could not be.
+            let master = &self.ledger.inner.config.master_key;
             let unreadable = txn
                 .open_table(CONNECTORS)?
                 .insert((owner.id, name), codec::encode(&record).as_slice())?
-                .is_some_and(|old| codec::decode::<ConnectorRecord>(old.value()).is_err());
+                .is_some_and(|old| readable(master, &owner.public, name, old.value()).is_none());
             let mut fields = vec!["access_token"];
             if record.has_refresh_token {
                 fields.push("refresh_token");
@@ -466,10 +480,11 @@ impl<'a> Vault<'a> {
     /// there is none. To revoke the grant at the provider too, [`get`](Self::get) the tokens
     /// first.
     ///
-    /// A row that does not decode (damaged, or written by a newer schema: `list` and `get`
-    /// fail on it, and [`Ledger::check`](crate::Ledger::check) names it) is removed all the
-    /// same, with [`Disconnected::info`] `None`; its audit event names the field
-    /// `unreadable`, to tell it from an ordinary disconnect.
+    /// A row that cannot be read — it does not decode (damaged, or written by a newer
+    /// schema: `list` and `get` fail on it), or its tokens do not open (moved beside its
+    /// ciphertext: `get` fails on it); [`Ledger::check`](crate::Ledger::check) names either —
+    /// is removed all the same, with [`Disconnected::info`] `None`; its audit event names
+    /// the field `unreadable`, to tell it from an ordinary disconnect.
     pub fn disconnect(&self, owner: &str, provider: &Provider) -> Result<Disconnected> {
         self.ledger.guarded(|| {
             let provider = provider.validated()?;
@@ -480,9 +495,9 @@ impl<'a> Vault<'a> {
                 let mut table = txn.open_table(CONNECTORS)?;
                 let removed = table.remove((owner.id, name))?;
                 match removed {
-                    // Not decoded to refuse: an owner must be able to remove a row nothing
-                    // else can read (found by a reviewer: its decode error aborted the removal).
-                    Some(v) => codec::decode(v.value()).ok(),
+                    // Not read to refuse: an owner must be able to remove a row nothing else
+                    // can read (found by a reviewer: its decode error aborted the removal).
+                    Some(v) => readable(self.master(), &owner.public, name, v.value()),
                     None => return Err(Error::NotFound { what: "connector" }),
                 }
             };

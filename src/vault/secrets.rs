@@ -104,6 +104,20 @@ fn open_value(
     decode_value(&plain)
 }
 
+/// The stored row `bytes` of secret `name`, if it can be read: it decodes, and its value
+/// opens under the owner, name, hosts and version it is stored with. `None`: damaged,
+/// written by a newer schema, or moved or edited beside its ciphertext.
+fn readable(
+    master: &MasterKey,
+    owner: &PublicId,
+    name: &str,
+    bytes: &[u8],
+) -> Option<SecretRecord> {
+    let record = codec::decode::<SecretRecord>(bytes).ok()?;
+    open_value(master, owner, name, &record).ok()?;
+    Some(record)
+}
+
 fn decode_value(plain: &[u8]) -> Result<Secret> {
     records::decode_value(plain).ok_or(Error::DecryptionFailed {
         what: "owner secret",
@@ -234,10 +248,11 @@ impl<'a> Secrets<'a> {
     /// The value must be 1–8 KiB without control characters; 1–32 host patterns are needed.
     ///
     /// A replacement keeps the secret's creation time and author and counts its version up.
-    /// Over a row that does not decode (damaged, or written by a newer schema: `list`,
-    /// `info` and `rotate` fail on it, and [`Ledger::check`] names it) the put succeeds all
-    /// the same, since it replaces everything the row held, but none of the old row is
-    /// read: the secret starts again as if new — version 1, created now by this actor, never
+    /// Over a row that cannot be read — it does not decode (damaged, or written by a newer
+    /// schema: `list`, `info` and `rotate` fail on it), or its value does not open (moved or
+    /// edited beside its ciphertext: attaching it fails); [`Ledger::check`] names either —
+    /// the put succeeds all the same, since it replaces everything the row held, but none
+    /// of the old row is kept: the secret starts again as if new — version 1, created now by this actor, never
     /// rotated — and its audit event, `secret.replaced`, names the field `unreadable` as
     /// well as `value` and `allowed_hosts`, to tell it from an ordinary replacement. (The
     /// secret's earlier events are still in the audit trail.)
@@ -266,11 +281,12 @@ impl<'a> Secrets<'a> {
             let owner = owner_write(self.ledger, &txn, owner)?;
             let record = {
                 let mut table = txn.open_table(OWNER_SECRETS)?;
-                // A row that does not decode is replaced as if none were there (see above).
+                // A row that cannot be read is replaced as if none were there (see above).
+                let master = &self.ledger.inner.config.master_key;
                 let (previous, unreadable) = match table.get((owner.id, name))? {
-                    Some(v) => match codec::decode::<SecretRecord>(v.value()) {
-                        Ok(record) => (Some(record), false),
-                        Err(_) => (None, true),
+                    Some(v) => match readable(master, &owner.public, name, v.value()) {
+                        Some(record) => (Some(record), false),
+                        None => (None, true),
                     },
                     None => (None, false),
                 };
@@ -371,9 +387,10 @@ impl<'a> Secrets<'a> {
         })
     }
 
-    /// Deletes a secret. `NotFound` if there is none. A row that does not decode (damaged, or
-    /// written by a newer schema) is deleted all the same, and its audit event names the
-    /// field `unreadable`, to tell it from an ordinary deletion.
+    /// Deletes a secret. `NotFound` if there is none. A row that cannot be read (it does not
+    /// decode, or its value does not open: see [`put`](Self::put)) is deleted all the same,
+    /// and its audit event names the field `unreadable`, to tell it from an ordinary
+    /// deletion.
     pub fn delete(&self, owner: &str, name: &str) -> Result<()> {
         self.ledger.guarded(|| {
             validate_name(name)?;
@@ -382,9 +399,10 @@ impl<'a> Secrets<'a> {
             let owner = owner_write(self.ledger, &txn, owner)?;
             let unreadable = {
                 let mut table = txn.open_table(OWNER_SECRETS)?;
+                let master = &self.ledger.inner.config.master_key;
                 match table.remove((owner.id, name))? {
-                    // Decoded only to say so: the removal never depends on it.
-                    Some(v) => codec::decode::<SecretRecord>(v.value()).is_err(),
+                    // Read only to say so: the removal never depends on it.
+                    Some(v) => readable(master, &owner.public, name, v.value()).is_none(),
                     None => return Err(Error::NotFound { what: "secret" }),
                 }
             };

@@ -2,16 +2,22 @@
 
 use std::collections::BTreeSet;
 
+use redb::ReadableTable;
 use serde::Serialize;
 
 use crate::audit;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
+use crate::keys::KIND_TOKEN;
 use crate::ledger::Ledger;
 use crate::page::{Page, PageRequest};
 use crate::public_id::{IdKind, PublicId};
 use crate::record::{AccountRecord, SubscriptionStatus, rules};
-use crate::store::{self, tables::ACCOUNTS};
+use crate::store::{
+    self,
+    tables::{ACCOUNTS, KEYS_BY_OWNER, POOLS_BY_OWNER, USAGE},
+};
+use crate::vault::tables::{CONNECTORS, OWNER_SECRETS};
 
 /// An account as callers see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -96,6 +102,48 @@ impl AccountUpdate {
         self.entitlements = Some(items.into_iter().map(Into::into).collect());
         self
     }
+}
+
+/// What account `owner` still owns, as a deletion refused for it says: "2 keys, 1 pool";
+/// empty if nothing.
+fn owned_by(txn: &redb::WriteTransaction, owner: u64) -> Result<String> {
+    let (mut keys, mut tokens) = (0u64, 0u64);
+    let by_owner = txn.open_table(KEYS_BY_OWNER)?;
+    for entry in by_owner.range((owner, 0, 0)..=(owner, u8::MAX, u64::MAX))? {
+        match entry?.0.value().1 {
+            KIND_TOKEN => tokens += 1,
+            _ => keys += 1,
+        }
+    }
+    let pools = txn
+        .open_table(POOLS_BY_OWNER)?
+        .range((owner, 0)..=(owner, u64::MAX))?
+        .count() as u64;
+    let rows = |table: redb::TableDefinition<(u64, &str), &[u8]>| -> Result<u64> {
+        let table = txn.open_table(table)?;
+        let mut n = 0;
+        for entry in table.range((owner, "")..)? {
+            if entry?.0.value().0 != owner {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    };
+    let (connectors, secrets) = (rows(CONNECTORS)?, rows(OWNER_SECRETS)?);
+    let counted = [
+        (keys, "key"),
+        (tokens, "token"),
+        (pools, "pool"),
+        (connectors, "connection"),
+        (secrets, "secret"),
+    ];
+    let said: Vec<String> = counted
+        .into_iter()
+        .filter(|&(n, _)| n > 0)
+        .map(|(n, what)| format!("{n} {what}{}", if n == 1 { "" } else { "s" }))
+        .collect();
+    Ok(said.join(", "))
 }
 
 fn entitlements(ledger: &Ledger, items: &[String]) -> Result<BTreeSet<String>> {
@@ -230,6 +278,42 @@ impl<'a> Accounts<'a> {
         })
     }
 
+    /// Deletes an account that owns nothing. Refused with [`Error::Conflict`] while it still
+    /// owns keys, tokens, pools, connections or secrets, which the message counts: delete
+    /// them first (a key's spend and usage are the key's to settle, a pool's balance and a
+    /// vault row the owner's to give up). Its usage counters go with it; the audit trail
+    /// keeps its history and records the deletion. A record that does not decode (`check`
+    /// names it) is deleted all the same, its audit event naming the field `unreadable`.
+    pub fn delete(&self, id: &str) -> Result<()> {
+        self.ledger.guarded(|| {
+            let internal = self.internal_id(id)?;
+            let public = self.public_id(internal);
+            let now = self.ledger.now();
+            let txn = self.ledger.inner.store.begin_write()?;
+            let unreadable = {
+                let mut table = txn.open_table(ACCOUNTS)?;
+                let unreadable = match table.get(internal)? {
+                    Some(v) => crate::codec::decode::<AccountRecord>(v.value()).is_err(),
+                    None => return Err(Error::NotFound { what: "account" }),
+                };
+                let owned = owned_by(&txn, internal)?;
+                if !owned.is_empty() {
+                    return Err(Error::Conflict(format!(
+                        "account {public} still owns {owned}: delete them first"
+                    )));
+                }
+                table.remove(internal)?;
+                txn.open_table(USAGE)?.remove(internal)?;
+                unreadable
+            };
+            let fields: &[&str] = if unreadable { &["unreadable"] } else { &[] };
+            let action = "account.deleted";
+            audit::append(&txn, self.ledger, now, &self.actor, action, &public, fields)?;
+            txn.commit_then(|_| self.ledger.inner.engine.account_changed(internal))?;
+            Ok(())
+        })
+    }
+
     /// Sets the subscription status.
     pub fn set_status(&self, id: &str, status: SubscriptionStatus) -> Result<Account> {
         self.ledger
@@ -266,12 +350,11 @@ impl<'a> Accounts<'a> {
                     break;
                 }
                 last = k.value();
-                // Named, as a damaged key is by its owner's key list. No call removes an
-                // account (its keys, pools and secrets refer to it), so the remedy is a backup.
+                // Named, as a damaged key is by its owner's key list.
                 let record = crate::codec::decode(v.value()).map_err(|e| {
                     e.of_row(
                         self.public_id(last).to_string(),
-                        "no call removes an account: restore the file from a backup",
+                        "`accounts().delete` removes it once it owns nothing",
                     )
                 })?;
                 items.push(self.view(last, record));

@@ -200,6 +200,31 @@ fn accounts_create_json_has_a_public_id() {
     assert_eq!(shown["id"], v["id"]);
 }
 
+/// `accounts delete` refuses an account that still owns a key (exit 1, saying what it owns)
+/// and deletes one that owns nothing.
+#[test]
+fn accounts_delete_takes_an_account_that_owns_nothing() {
+    let s = Scratch::initialised();
+    let owner = s.account("Acme");
+    let (key, _) = s.key(&owner, "k");
+    let out = s.run(&["accounts", "delete", &owner]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("still owns 1 key"),
+        "{}",
+        stderr(&out)
+    );
+    s.json(&["keys", "delete", &key]);
+    let v = s.json(&["accounts", "delete", &owner]);
+    assert_eq!(v["deleted"].as_str(), Some(owner.as_str()));
+    let out = s.run(&["accounts", "show", &owner]);
+    assert!(
+        stderr(&out).contains("account not found"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn keys_create_json_includes_the_plaintext_once() {
     let s = Scratch::initialised();

@@ -1079,6 +1079,94 @@ fn check_reports_a_healthy_ledger_after_a_mixed_workload() {
     );
 }
 
+/// An account is deleted only once it owns nothing: while it owns keys, tokens, pools,
+/// connections or secrets the deletion is refused, counting what is left, and changes
+/// nothing. Deleted, it is gone from every read, its usage with it (`check` finds nothing
+/// left behind), the audit trail records it, and nothing can be made for it any more;
+/// another account is untouched.
+#[test]
+fn an_account_is_deleted_only_once_it_owns_nothing() {
+    use keyledger::{OAuthGrant, Provider, Secret};
+    let t = TestLedger::new();
+    let (owner, other) = (t.account("Doomed"), t.account("Other"));
+    let (key, plaintext) = t.key(&owner, "k");
+    let (_, other_plain) = t.key(&other, "o");
+    spend(&t.ledger, &plaintext, "/x", 1, 1).unwrap();
+    assert_eq!(
+        t.ledger.credits().usage(owner.as_str()).unwrap().requests,
+        1
+    );
+    let token = t
+        .ledger
+        .tokens()
+        .create(NewKey::token(owner.as_str(), "service", "t"));
+    let token = token.unwrap().info.id;
+    let pool = t
+        .ledger
+        .credits()
+        .create_pool(NewPool::new(owner.as_str(), "p").credits(5));
+    let pool = pool.unwrap().id;
+    let grant = OAuthGrant::new(Secret::new("gdrive-access-token"));
+    t.ledger
+        .vault()
+        .connect(&owner, &Provider::GoogleDrive, grant)
+        .unwrap();
+    let value = Secret::new("sk_live_owner_secret_value");
+    t.ledger
+        .secrets()
+        .put(&owner, "STRIPE", value, ["api.stripe.com"])
+        .unwrap();
+    let accounts = t.ledger.accounts().by("ops");
+    let refused = |left: &str| {
+        let err = accounts.delete(owner.as_str()).unwrap_err();
+        assert!(matches!(err, Error::Conflict(_)), "{err:?}");
+        let said = format!("account {owner} still owns {left}: delete them first");
+        assert_eq!(err.to_string(), format!("conflict: {said}"));
+        assert_eq!(
+            t.ledger.accounts().get(owner.as_str()).unwrap().name,
+            "Doomed"
+        );
+    };
+    refused("1 key, 1 token, 1 pool, 1 connection, 1 secret");
+    t.ledger.keys().delete(key.id.as_str()).unwrap();
+    t.ledger.tokens().delete(token.as_str()).unwrap();
+    refused("1 pool, 1 connection, 1 secret");
+    t.ledger.credits().delete_pool(pool.as_str()).unwrap();
+    t.ledger
+        .vault()
+        .disconnect(&owner, &Provider::GoogleDrive)
+        .unwrap();
+    refused("1 secret");
+    t.ledger.secrets().delete(&owner, "STRIPE").unwrap();
+
+    accounts.delete(owner.as_str()).unwrap();
+    let last = &t.ledger.audit().recent(1).unwrap()[0];
+    assert_eq!(
+        (
+            last.action.as_str(),
+            last.target.as_str(),
+            last.actor.as_str()
+        ),
+        ("account.deleted", owner.as_str(), "ops")
+    );
+    assert!(last.fields.is_empty());
+    assert_not_found(t.ledger.accounts().get(owner.as_str()), "account");
+    assert_not_found(accounts.delete(owner.as_str()), "account");
+    assert_not_found(t.ledger.credits().usage(owner.as_str()), "account");
+    assert_not_found(
+        t.ledger.keys().create(NewKey::new(owner.as_str(), "late")),
+        "account",
+    );
+    let listed = t.ledger.accounts().list(&PageRequest::first()).unwrap();
+    assert_eq!(
+        listed.items.iter().map(|a| &a.id).collect::<Vec<_>>(),
+        [&other]
+    );
+    assert_eq!(verify_code(&t.ledger, &other_plain, "/x"), "ok");
+    let (_t, report) = t.checked();
+    assert!(report.is_ok(), "nothing left behind: {:?}", report.problems);
+}
+
 mod damaged {
     use super::*;
     use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -2203,11 +2291,20 @@ mod damaged {
                 panic!("{err:?}");
             };
             assert_eq!(row, doomed.as_str());
-            assert!(
-                err.to_string().contains("restore the file from a backup"),
-                "{err}"
-            );
+            assert!(err.to_string().contains("`accounts().delete`"), "{err}");
         }
+        // It owns nothing: it can be deleted, and the listing reads past it again.
+        ledger.accounts().delete(doomed.as_str()).unwrap();
+        let last = &ledger.audit().recent(1).unwrap()[0];
+        assert_eq!(
+            (last.action.as_str(), &last.fields[..]),
+            ("account.deleted", &["unreadable".to_owned()][..])
+        );
+        let listed = ledger.accounts().list(&PageRequest::first()).unwrap();
+        assert_eq!(
+            listed.items.iter().map(|a| &a.id).collect::<Vec<_>>(),
+            [&first]
+        );
     }
 
     /// One undecodable key record is one problem, naming the key, not damage to its indexes;

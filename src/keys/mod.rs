@@ -131,8 +131,8 @@ impl std::fmt::Debug for Keys<'_> {
     }
 }
 
-const KIND_API: u8 = 0;
-const KIND_TOKEN: u8 = 1;
+pub(crate) const KIND_API: u8 = 0;
+pub(crate) const KIND_TOKEN: u8 = 1;
 
 /// How a new record's secret came to the ledger.
 #[derive(Clone, Copy)]

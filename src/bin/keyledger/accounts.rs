@@ -1,4 +1,4 @@
-//! `accounts create|list|show|update`.
+//! `accounts create|list|show|update|delete`.
 
 use keyledger::{AccountUpdate, NewAccount, PageRequest};
 
@@ -23,6 +23,15 @@ pub fn run(ctx: &Context, command: AccountsCommand) -> CliResult<u8> {
         )?,
         AccountsCommand::List(page) => return list(ctx, &ledger, page),
         AccountsCommand::Show { id } => accounts.get(&id)?,
+        AccountsCommand::Delete { id } => {
+            accounts.delete(&id)?;
+            if ctx.json {
+                print_json(&serde_json::json!({ "deleted": id }))?;
+            } else {
+                println!("Deleted {id}");
+            }
+            return Ok(0);
+        }
         AccountsCommand::Update {
             id,
             name,

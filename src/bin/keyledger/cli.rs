@@ -350,6 +350,12 @@ pub enum AccountsCommand {
         #[arg(long)]
         no_entitlements: bool,
     },
+    /// Delete an account that owns nothing (refused while it owns keys, tokens, pools,
+    /// connections or secrets).
+    Delete {
+        /// Account id (`acct_…`).
+        id: String,
+    },
 }
 
 /// Page size and cursor of a listing.

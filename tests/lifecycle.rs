@@ -1167,6 +1167,28 @@ fn an_account_is_deleted_only_once_it_owns_nothing() {
     assert!(report.is_ok(), "nothing left behind: {:?}", report.problems);
 }
 
+/// Spend counted on a key whose account is then deleted (the key first) before the writer
+/// flushed it has nowhere to go: the flush drops it rather than write a usage row for an
+/// account that no longer exists, which nothing would ever remove.
+#[test]
+fn usage_waiting_for_the_writer_does_not_outlive_a_deleted_account() {
+    let master = MasterKey::generate().unwrap();
+    let hourly =
+        |b: keyledger::ConfigBuilder| b.usage_flush_interval(std::time::Duration::from_secs(3_600));
+    let t = TestLedger::with_settings(master, hourly);
+    let owner = t.account("Doomed");
+    let (key, plaintext) = t.key(&owner, "k");
+    for _ in 0..3 {
+        spend(&t.ledger, &plaintext, "/x", 1, 1).unwrap();
+    }
+    t.ledger.keys().delete(key.id.as_str()).unwrap();
+    t.ledger.accounts().delete(owner.as_str()).unwrap();
+    t.ledger.flush().unwrap();
+    let (t, report) = t.checked();
+    assert!(report.is_ok(), "nothing left behind: {:?}", report.problems);
+    assert_not_found(t.ledger.credits().usage(owner.as_str()), "account");
+}
+
 mod damaged {
     use super::*;
     use redb::{ReadableDatabase, ReadableTable, TableDefinition};

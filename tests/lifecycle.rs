@@ -1189,6 +1189,54 @@ fn usage_waiting_for_the_writer_does_not_outlive_a_deleted_account() {
     assert_not_found(t.ledger.credits().usage(owner.as_str()), "account");
 }
 
+/// An account deleted while keys, pools and secrets are being made for it: each maker
+/// either lands first (and the deletion is refused) or finds the account gone; nothing is
+/// ever left owned by a deleted account.
+#[test]
+fn nothing_is_made_for_an_account_deleted_meanwhile() {
+    use keyledger::Secret;
+    let t = TestLedger::new();
+    let mut deleted = 0;
+    for round in 0..40 {
+        let owner = t.account("Raced");
+        let outcomes = std::thread::scope(|s| {
+            let key = s.spawn(|| {
+                t.ledger
+                    .keys()
+                    .create(NewKey::new(owner.as_str(), "k"))
+                    .is_ok()
+            });
+            let pool = s.spawn(|| {
+                let pool = NewPool::new(owner.as_str(), "p").credits(1);
+                t.ledger.credits().create_pool(pool).is_ok()
+            });
+            let secret = s.spawn(|| {
+                let value = Secret::new("sk_live_raced_secret_value");
+                t.ledger
+                    .secrets()
+                    .put(&owner, "S", value, ["api.stripe.com"])
+                    .is_ok()
+            });
+            let delete = t.ledger.accounts().delete(owner.as_str());
+            let made = [key, pool, secret].map(|h| h.join().unwrap());
+            (delete, made)
+        });
+        match outcomes {
+            (Ok(()), made) => {
+                assert_eq!(
+                    made, [false; 3],
+                    "round {round}: made for a deleted account"
+                );
+                deleted += 1;
+            }
+            (Err(Error::Conflict(_)), made) => assert!(made.contains(&true), "round {round}"),
+            (Err(e), _) => panic!("round {round}: {e}"),
+        }
+    }
+    let (_t, report) = t.checked();
+    assert!(report.is_ok(), "{deleted} deleted: {:?}", report.problems);
+}
+
 mod damaged {
     use super::*;
     use redb::{ReadableDatabase, ReadableTable, TableDefinition};

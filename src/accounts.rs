@@ -17,6 +17,7 @@ use crate::store::{
     self,
     tables::{ACCOUNTS, KEYS_BY_OWNER, POOLS_BY_OWNER, USAGE},
 };
+use crate::vault::owner_rows;
 use crate::vault::tables::{CONNECTORS, OWNER_SECRETS};
 
 /// An account as callers see it.
@@ -115,21 +116,16 @@ fn owned_by(txn: &redb::WriteTransaction, owner: u64) -> Result<String> {
             _ => keys += 1,
         }
     }
-    let pools = txn
+    let mut pools = 0u64;
+    for entry in txn
         .open_table(POOLS_BY_OWNER)?
         .range((owner, 0)..=(owner, u64::MAX))?
-        .count() as u64;
-    let rows = |table: redb::TableDefinition<(u64, &str), &[u8]>| -> Result<u64> {
-        let table = txn.open_table(table)?;
-        let mut n = 0;
-        for entry in table.range((owner, "")..)? {
-            if entry?.0.value().0 != owner {
-                break;
-            }
-            n += 1;
-        }
-        Ok(n)
-    };
+    {
+        entry?;
+        pools += 1;
+    }
+    let rows =
+        |table| -> Result<u64> { Ok(owner_rows(&txn.open_table(table)?, owner)?.len() as u64) };
     let (connectors, secrets) = (rows(CONNECTORS)?, rows(OWNER_SECRETS)?);
     let counted = [
         (keys, "key"),

@@ -1260,9 +1260,8 @@ fn a_miss_straddling_a_rotation_caches_nothing_a_change_cannot_reach() {
 #[test]
 fn an_account_suspended_while_a_miss_reads_it_is_not_remembered_active() {
     let f = ledger();
-    let owner = f.ledger.accounts().create(NewAccount::new("Acme")).unwrap();
-    let created = f.ledger.keys().create(NewKey::new(owner.id.as_str(), "k"));
-    let plaintext = created.unwrap().plaintext.expose().to_owned();
+    let (public, _, plaintext) = key(&f.ledger, |owner| NewKey::new(owner, "k"));
+    let owner = f.ledger.keys().get(&public).unwrap().owner;
     let engine = &f.ledger.inner.engine;
     let (read, wait_for_read) = crossbeam::channel::bounded::<()>(0);
     let (go_on, wait_to_go_on) = crossbeam::channel::bounded::<()>(0);
@@ -1277,10 +1276,7 @@ fn an_account_suspended_while_a_miss_reads_it_is_not_remembered_active() {
             .recv_timeout(wait)
             .expect("the miss read the account");
         let suspend = crate::AccountUpdate::new().status(crate::SubscriptionStatus::Suspended);
-        f.ledger
-            .accounts()
-            .update(owner.id.as_str(), suspend)
-            .unwrap();
+        f.ledger.accounts().update(owner.as_str(), suspend).unwrap();
         go_on.send(()).unwrap();
         assert_eq!(request.join().unwrap(), "ok", "answered from its own read");
     });
@@ -1298,17 +1294,12 @@ fn an_account_suspended_while_a_miss_reads_it_is_not_remembered_active() {
 #[test]
 fn a_peek_at_a_pooled_key_answers_its_credits_left_from_memory() {
     let f = ledger();
-    let owner = f
-        .ledger
-        .accounts()
-        .create(NewAccount::new("Acme"))
-        .unwrap()
-        .id;
-    let new_pool = crate::NewPool::new(owner.as_str(), "shared").credits(100);
-    let pool = f.ledger.credits().create_pool(new_pool).unwrap().id;
-    let new_key = NewKey::new(owner.as_str(), "k").pool(pool.as_str());
-    let plaintext = f.ledger.keys().create(new_key).unwrap().plaintext;
-    let key = Presented::new(plaintext.expose()).unwrap();
+    let (_, _, plaintext) = key(&f.ledger, |owner| {
+        let new_pool = crate::NewPool::new(owner, "shared").credits(100);
+        let pool = f.ledger.credits().create_pool(new_pool).unwrap().id;
+        NewKey::new(owner, "k").pool(pool.as_str())
+    });
+    let key = Presented::new(&plaintext).unwrap();
     let peek = || {
         let grant = f.ledger.verify(&Request::new(&key, "/x").cost(0)).unwrap();
         grant.remaining_credits()

@@ -1,6 +1,6 @@
 //! Model-based tests: proptest sequences of public API operations (create, verify + commit or
 //! refund at random costs, top-up, set, disable, enable, delete, rename, usage, paginated
-//! listing) run against a ledger and a plain reference model; balances, key states, denial
+//! listing, deleting the keys' account) run against a ledger and a plain reference model; balances, key states, denial
 //! codes and pagination results must agree after every step. Failing sequences shrink to a
 //! minimal one (and proptest records it under `proptest-regressions/`).
 
@@ -50,6 +50,8 @@ enum Op {
     List {
         limit: u8,
     },
+    /// Deletes the account: refused while a key of it is left.
+    DeleteAccount,
     Reopen,
 }
 
@@ -66,6 +68,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<usize>(), any::<u8>()).prop_map(|(key, n)| Op::Rename { key, n }),
         2 => any::<usize>().prop_map(|key| Op::Usage { key }),
         1 => (1u8..5).prop_map(|limit| Op::List { limit }),
+        1 => Just(Op::DeleteAccount),
         1 => Just(Op::Reopen),
     ]
 }
@@ -103,6 +106,7 @@ fn run(ops: &[Op], durability: Durability) -> Result<(), TestCaseError> {
         .id
         .to_string();
     let mut keys: Vec<MKey> = Vec::new();
+    let mut account_deleted = false;
     for op in ops {
         let pick = |i: usize| (!keys.is_empty()).then(|| i % keys.len());
         match *op {
@@ -112,7 +116,11 @@ fn run(ops: &[Op], durability: Durability) -> Result<(), TestCaseError> {
                 if let Some(c) = credits {
                     new = new.credits(u64::from(c));
                 }
-                let created = ledger.keys().create(new).unwrap();
+                let created = match ledger.keys().create(new) {
+                    Err(Error::NotFound { what: "account" }) if account_deleted => continue,
+                    created => created.unwrap(),
+                };
+                prop_assert!(!account_deleted, "a key made for a deleted account");
                 keys.push(MKey {
                     id: created.info.id.to_string(),
                     plaintext: created.plaintext.expose().to_owned(),
@@ -261,7 +269,10 @@ fn run(ops: &[Op], durability: Durability) -> Result<(), TestCaseError> {
                 let mut listed = Vec::new();
                 let mut page = PageRequest::first().limit(usize::from(limit));
                 loop {
-                    let p = ledger.keys().list(&account, &page).unwrap();
+                    let p = match ledger.keys().list(&account, &page) {
+                        Err(Error::NotFound { what: "account" }) if account_deleted => break,
+                        p => p.unwrap(),
+                    };
                     prop_assert!(p.items.len() <= usize::from(limit));
                     listed.extend(p.items.into_iter().map(|k| (k.id.to_string(), k.name)));
                     match p.next_cursor {
@@ -275,6 +286,27 @@ fn run(ops: &[Op], durability: Durability) -> Result<(), TestCaseError> {
                     .map(|k| (k.id.clone(), k.name.clone()))
                     .collect();
                 prop_assert_eq!(listed, expected);
+            }
+            Op::DeleteAccount => {
+                let left = keys.iter().filter(|k| !k.deleted).count();
+                match (ledger.accounts().delete(&account), account_deleted, left) {
+                    (Ok(()), false, 0) => account_deleted = true,
+                    (Err(Error::NotFound { what: "account" }), true, 0) => {}
+                    (Err(Error::Conflict(said)), false, n) if n > 0 => {
+                        let plural = if n == 1 { "" } else { "s" };
+                        let owns = format!("still owns {n} key{plural}:");
+                        prop_assert!(said.contains(&owns), "{}", said);
+                    }
+                    (other, deleted, n) => {
+                        prop_assert!(
+                            false,
+                            "delete account {:?} deleted={} left={}",
+                            other,
+                            deleted,
+                            n
+                        )
+                    }
+                }
             }
             Op::Reopen => {
                 ledger.close().unwrap();

@@ -769,6 +769,29 @@ fn a_failed_return_does_not_land_in_a_new_epoch() {
     );
 }
 
+/// A refund larger than a lease splits: what the lease can take stays in memory, the rest
+/// goes back to the durable balance. The two parts add up to the refund: the key can then
+/// spend its whole balance once, and not one unit more.
+#[test]
+fn a_refund_split_between_the_lease_and_the_balance_makes_no_credits() {
+    let (_dir, ledger) = ledger();
+    let (id, plaintext) = key(&ledger, 300_000);
+    let presented = Presented::new(&plaintext).unwrap();
+    let grant = ledger
+        .verify(&Request::new(&presented, "/x").cost(250_000))
+        .unwrap();
+    assert_eq!(grant.commit(0).token_stats.charged, 0);
+    assert_eq!(
+        ledger.credits().usage(&id).unwrap().remaining,
+        Some(300_000)
+    );
+    assert_eq!(spend(&ledger, &plaintext, 300_000), Ok(300_000));
+    assert_eq!(spend_one(&ledger, &plaintext), Err("usage_exceeded".into()));
+    ledger.flush().unwrap();
+    let u = ledger.credits().usage(&id).unwrap();
+    assert_eq!((u.spent, u.remaining), (300_000, Some(0)), "{u:?}");
+}
+
 /// A refund whose `Return` batch fails and which does not fit in the lease word (2⁴⁸ − 1
 /// units) is tried again with the next batch: a clean close keeps every unit.
 #[test]

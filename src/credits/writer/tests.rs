@@ -411,6 +411,23 @@ fn an_exact_burst_spending_past_the_threshold_in_one_batch_reports_low_balance()
     assert_eq!(low.len(), 1, "9 -> 3 crossed the threshold of 5: {low:?}");
 }
 
+/// A lease stops at the low-balance threshold: a key of 60 credits with a threshold of 50
+/// holds 10 in memory, so the request that spends past them asks the writer, which reports
+/// the crossing then — not at a flush round, however far off (here an hour), while memory
+/// spends below the threshold unseen.
+#[test]
+fn a_lease_stops_at_the_threshold_so_the_crossing_is_reported_without_a_flush() {
+    let (_dir, ledger) = open(one_key_cache_flushed_by_hand());
+    let (_, plaintext) = key_with(&ledger, |new| new.credits(60).low_balance_threshold(50));
+    for _ in 0..11 {
+        assert_eq!(spend_one(&ledger, &plaintext), Ok(1));
+    }
+    assert_eq!(
+        low_balance_events(&ledger),
+        [(CreditEventKind::LowBalance, 50)]
+    );
+}
+
 /// Two leases of one meter in one batch: the second counts the first among the credits
 /// left (it reaches memory only after the commit), less what it hands to the request
 /// waiting for it, so no low-balance edge is reported from a figure that was never true.

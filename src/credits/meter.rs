@@ -1015,6 +1015,18 @@ mod tests {
     /// A balance too large to cap any lease size.
     const BIG: u64 = u64::MAX;
 
+    /// A lease taken back unspent (a top-up, a set, an eviction: `forget_last_lease`) is no
+    /// sign of a busy key: the next lease has the size of the last, not twice it, however
+    /// soon it comes (doubled at each take-back, a key topped up between requests would
+    /// soon hold its balance in memory, where a crash loses it).
+    #[test]
+    fn a_lease_taken_back_unspent_does_not_double_the_next() {
+        let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        assert_eq!(m.adapt(10_000, false, MIN_LEASE, BIG), 16);
+        m.forget_last_lease();
+        assert_eq!(m.adapt(10_500, false, MIN_LEASE, BIG), 16);
+    }
+
     #[test]
     fn lease_size_adapts_to_traffic() {
         let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);

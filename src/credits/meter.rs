@@ -1027,6 +1027,32 @@ mod tests {
         assert_eq!(m.adapt(10_500, false, MIN_LEASE, BIG), 16);
     }
 
+    /// Busy means the last lease was used up within a second: one that lasted a whole
+    /// second keeps its size, and so does one that memory still holds half of (a request
+    /// that raced a take-back); less than half held, used up within a second, doubles.
+    #[test]
+    fn a_lease_that_lasted_a_second_or_is_half_held_keeps_its_size() {
+        let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
+        assert_eq!(m.adapt(10_000, false, MIN_LEASE, BIG), 16);
+        assert_eq!(
+            m.adapt(11_000, false, MIN_LEASE, BIG),
+            16,
+            "lasted a second"
+        );
+        m.give_back(8);
+        assert_eq!(
+            m.adapt(11_500, false, MIN_LEASE, BIG),
+            16,
+            "half of it held"
+        );
+        assert_eq!(m.take_up_to(1), 1);
+        assert_eq!(
+            m.adapt(11_600, false, MIN_LEASE, BIG),
+            32,
+            "less than half: busy"
+        );
+    }
+
     #[test]
     fn lease_size_adapts_to_traffic() {
         let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);

@@ -1029,7 +1029,8 @@ mod tests {
 
     /// Busy means the last lease was used up within a second: one that lasted a whole
     /// second keeps its size, and so does one that memory still holds half of (a request
-    /// that raced a take-back); less than half held, used up within a second, doubles.
+    /// that raced a take-back); less than half held, used up within a second, doubles. One
+    /// that lasted four seconds keeps its size too; only a longer one halves.
     #[test]
     fn a_lease_that_lasted_a_second_or_is_half_held_keeps_its_size() {
         let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
@@ -1051,6 +1052,12 @@ mod tests {
             32,
             "less than half: busy"
         );
+        assert_eq!(
+            m.adapt(15_600, false, MIN_LEASE, BIG),
+            32,
+            "four seconds: kept"
+        );
+        assert_eq!(m.adapt(19_700, false, MIN_LEASE, BIG), 16, "more: halved");
     }
 
     #[test]

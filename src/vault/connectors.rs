@@ -221,11 +221,12 @@ impl<'a> Vault<'a> {
                 sealed,
             };
             // The row replaced is read only to say, in the audit event, that it could not be.
-            let master = &self.ledger.inner.config.master_key;
             let unreadable = txn
                 .open_table(CONNECTORS)?
                 .insert((owner.id, name), codec::encode(&record).as_slice())?
-                .is_some_and(|old| readable(master, &owner.public, name, old.value()).is_none());
+                .is_some_and(|old| {
+                    readable(self.master(), &owner.public, name, old.value()).is_none()
+                });
             let mut fields = vec!["access_token"];
             if record.has_refresh_token {
                 fields.push("refresh_token");

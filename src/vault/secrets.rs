@@ -252,10 +252,10 @@ impl<'a> Secrets<'a> {
     /// schema: `list`, `info` and `rotate` fail on it), or its value does not open (moved or
     /// edited beside its ciphertext: attaching it fails); [`Ledger::check`] names either —
     /// the put succeeds all the same, since it replaces everything the row held, but none
-    /// of the old row is kept: the secret starts again as if new — version 1, created now by this actor, never
-    /// rotated — and its audit event, `secret.replaced`, names the field `unreadable` as
-    /// well as `value` and `allowed_hosts`, to tell it from an ordinary replacement. (The
-    /// secret's earlier events are still in the audit trail.)
+    /// of the old row is kept: the secret starts again as if new — version 1, created now
+    /// by this actor, never rotated — and its audit event, `secret.replaced`, names the
+    /// field `unreadable` as well as `value` and `allowed_hosts`, to tell it from an
+    /// ordinary replacement. (The secret's earlier events are still in the audit trail.)
     pub fn put<I, S>(
         &self,
         owner: &str,

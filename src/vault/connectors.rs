@@ -68,9 +68,8 @@ fn readable(
     provider: &str,
     bytes: &[u8],
 ) -> Option<ConnectorRecord> {
-    let record = codec::decode::<ConnectorRecord>(bytes).ok()?;
-    open_tokens(master, owner, provider, &record).ok()?;
-    Some(record)
+    let opens = |r: &ConnectorRecord| open_tokens(master, owner, provider, r).is_ok();
+    codec::decode(bytes).ok().filter(opens)
 }
 
 /// Decodes and decrypts one stored row, for `check`.

@@ -113,9 +113,8 @@ fn readable(
     name: &str,
     bytes: &[u8],
 ) -> Option<SecretRecord> {
-    let record = codec::decode::<SecretRecord>(bytes).ok()?;
-    open_value(master, owner, name, &record).ok()?;
-    Some(record)
+    let opens = |r: &SecretRecord| open_value(master, owner, name, r).is_ok();
+    codec::decode(bytes).ok().filter(opens)
 }
 
 fn decode_value(plain: &[u8]) -> Result<Secret> {

@@ -651,15 +651,16 @@ impl Drop for Grant<'_> {
         {
             self.refund(meter, self.reserved);
         }
-        // The last user of an entry that left the cache, with units in the key's own lease
-        // (a refund, or a lease the eviction's retirement came too early to take back): the
-        // writer is to see the key again, so that the units go back to the balance and the
-        // meter leaves memory (found by a reviewer: they stayed leased until the key came
-        // back or the ledger closed). A cached entry is held by the cache too, and a home by
-        // the meter registry, so on the hot path this is one load of the count.
+        // The last user of an entry that left the cache, of a key spending its own balance:
+        // the writer is to see the key again, so that any units in its lease (a refund, or a
+        // lease the eviction's retirement came too early to take back) go back to the
+        // balance and the meter leaves memory. Else they stayed leased (found by a
+        // reviewer), or with nothing leased the meter stayed registered (found by a mutation
+        // review), until the key came back or the ledger closed. A cached entry is held by
+        // the cache too, and a home by the meter registry, so on the hot path this is one
+        // load of the count.
         if crate::holders::held_by_at_most(&self.key, 1 + usize::from(self.key.is_home()))
             && self.key.metering == Metering::Own
-            && self.key.own_meter().leased() > 0
             && self.key.mark_dirty()
         {
             let engine = &self.ledger.inner.engine;

@@ -1941,6 +1941,24 @@ fn a_meter_refunded_after_its_key_was_unlisted_leaves_memory_too() {
     });
 }
 
+/// A grant that reserved nothing (a peek), still holding the evicted key when the writer
+/// unlisted it with nothing leased: its end lists the key again, though no units wait, so
+/// that the meter leaves memory (found by a mutation review: it stayed registered until
+/// the key was cached again or the ledger closed).
+#[test]
+fn the_last_grant_to_let_go_of_an_unlisted_key_with_nothing_leased_lists_it() {
+    let (_dir, ledger) = open(one_key_cache_flushed_by_hand());
+    let (a, a_plain) = key(&ledger, 100);
+    let (_, b_plain) = key(&ledger, 100);
+    let a_key = Presented::new(&a_plain).unwrap();
+    let peek = ledger.verify(&Request::new(&a_key, "/x").cost(0)).unwrap();
+    assert_eq!(spend_one(&ledger, &b_plain), Ok(1), "evicts `a`");
+    flush(&ledger, 4); // `a` unlisted while the peek holds it
+    drop(peek);
+    flush(&ledger, 4);
+    assert_eq!(meter_state(&ledger, &a), (false, 0, Some(100)));
+}
+
 /// A grant that reserved nothing, still holding the evicted key when the writer unlisted
 /// it, is the last to let go of the meter another grant refunded into: its end lists the
 /// key again (found by a reviewer: it charged nothing and refunded nothing, so nothing did,

@@ -522,7 +522,16 @@ fn check_records(read: &ReadTransaction, ids: &IdCipher, report: &mut CheckRepor
             None if pools.get(id)?.is_some() => Some(IdKind::Pool),
             None => None,
         };
-        let what = format!("usage of {}", ids.encode(kind.unwrap_or(IdKind::Key), id));
+        // Keys and accounts take their ids from one sequence: an orphaned row could be
+        // either's, so it is named as both.
+        let what = match kind {
+            Some(kind) => format!("usage of {}", ids.encode(kind, id)),
+            None => format!(
+                "usage of {} or {}",
+                ids.encode(IdKind::Key, id),
+                ids.encode(IdKind::Account, id)
+            ),
+        };
         match codec::decode::<UsageRecord>(v.value()) {
             // A key record that does not decode has its id in no map: named above already.
             Ok(_) if kind.is_none() && keys.get(id)?.is_none() => {

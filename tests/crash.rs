@@ -35,6 +35,7 @@ struct Totals {
     pool_refills_changed: usize,
     pool_moves: usize,
     cache_evictions: u64,
+    accounts_deleted: usize,
 }
 
 /// Runs one seed; on a violation or a panic, fails naming the seed.
@@ -58,6 +59,7 @@ fn run_seed(seed: u64, totals: &mut Totals) {
             totals.pool_refills_changed += o.pool_refills_changed;
             totals.pool_moves += o.pool_moves;
             totals.cache_evictions += o.cache_evictions;
+            totals.accounts_deleted += o.accounts_deleted;
         }
         Ok(Err(violation)) => panic!("seed {seed}: {violation}\n{replay}"),
         Err(panic) => {
@@ -89,9 +91,10 @@ fn random_workloads_survive_power_loss_and_dying_disks_first_half() {
         t.pools_deleted > 0
             && t.thresholds_changed > 0
             && t.pool_refills_changed > 0
-            && t.pool_moves > 0,
-        "some seeds must delete pools, change thresholds and pool refills, and move keys \
-         between pools: {t:?}"
+            && t.pool_moves > 0
+            && t.accounts_deleted > 0,
+        "some seeds must delete pools, change thresholds and pool refills, move keys \
+         between pools and delete accounts: {t:?}"
     );
     assert!(
         t.cache_evictions > 0,

@@ -1,7 +1,8 @@
 //! The operation-sequence driver behind the `ops` fuzz target and `tests/crash.rs`: bytes
 //! choose a workload (keys, pools, verify + commit/refund at random costs, top-ups, sets,
 //! refills, disables, deletes, pool deletions, keys moved between pools and their own
-//! balances, low-balance threshold changes, clean closes, power losses, a dying disk), which
+//! balances, low-balance threshold changes, account deletions, clean closes, power losses, a
+//! dying disk), which
 //! runs on a [`CrashBackend`] against a reference model. After every reopen the ledger must hold every
 //! acknowledged admin write, every balance must satisfy
 //! `spent + lost_to_crash + remaining == granted` and `spent ≤ granted`, no unit the model
@@ -99,6 +100,8 @@ pub struct Outcome {
     pub pool_moves: usize,
     /// Keys the cache evicted to make room.
     pub cache_evictions: u64,
+    /// Accounts deleted once they owned nothing (acknowledged); a new one takes their place.
+    pub accounts_deleted: usize,
 }
 
 /// A balance the model follows: a key's own credits or a pool.
@@ -160,6 +163,26 @@ impl Model {
         (bal.born <= epoch).then_some(bal)
     }
 
+    /// The account was deleted, so it owned nothing: every key and pool the model made for it
+    /// is gone (those in doubt never landed, or were deleted), with their balances: grants
+    /// still held on them refund nowhere.
+    fn account_deleted(&mut self) {
+        let account = self.account.take().or(self.account_in_doubt.take());
+        self.deleted_accounts.extend(account);
+        for key in &mut self.keys {
+            key.exists = Some(false);
+            if key.credit.as_ref() == Some(&key.id) {
+                self.balances.remove(&key.id);
+            }
+        }
+        for pool in self.pools.drain(..) {
+            self.balances.remove(&pool);
+        }
+        self.maybe_pool_users.clear();
+        self.maybe_unknown_key = false;
+        self.outcome.accounts_deleted += 1;
+    }
+
     /// Notes a dead disk; returns whether results are now loose.
     fn check_disk(&mut self) -> bool {
         if self.backend.has_failed() {
@@ -208,7 +231,16 @@ struct Key {
 
 #[derive(Default)]
 struct Model {
+    /// The account keys and pools are made for (`None`: deleted, a new one not made yet).
     account: Option<String>,
+    /// An account whose deletion failed on a dying disk: it may have landed. Nothing is made
+    /// for it; the next reopen finds out.
+    account_in_doubt: Option<String>,
+    /// Accounts whose deletion was acknowledged: they must stay gone.
+    deleted_accounts: Vec<String>,
+    /// A key creation failed on a dying disk: a key the model never learnt of may exist, and
+    /// keep its account from being deleted.
+    maybe_unknown_key: bool,
     keys: Vec<Key>,
     pools: Vec<String>,
     balances: BTreeMap<String, Balance>,
@@ -426,16 +458,16 @@ fn run_ops<'l>(
     held: &mut Vec<Held<'l>>,
 ) -> Result<End, Violation> {
     let mut after_fault = 0;
-    if model.account.is_none() {
-        match ledger.accounts().create(NewAccount::new("Acme")) {
-            Ok(a) => {
-                model.account = Some(a.id.to_string());
-                model.outcome.acknowledged += 1;
-            }
-            Err(_) => model.faulted = true,
-        }
-    }
     loop {
+        if model.account.is_none() && model.account_in_doubt.is_none() {
+            match ledger.accounts().create(NewAccount::new("Acme")) {
+                Ok(a) => {
+                    model.account = Some(a.id.to_string());
+                    model.outcome.acknowledged += 1;
+                }
+                Err(_) => model.faulted = true,
+            }
+        }
         if model.outcome.ops >= MAX_OPS || b.exhausted() {
             return Ok(End::Crash);
         }
@@ -557,6 +589,7 @@ fn create_key(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<(
             if let Some(p) = pool {
                 model.maybe_pool_users.insert(p);
             }
+            model.maybe_unknown_key = true;
             failed(model, "keys().create", &e)
         }
     }
@@ -1060,10 +1093,14 @@ fn toggle(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<(), V
     }
 }
 
+/// Deletes a key; or, when the key picked is one the model knows deleted, the account.
 fn delete(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<(), Violation> {
     let Some(i) = pick_index(model, b) else {
         return Ok(());
     };
+    if model.keys[i].exists == Some(false) {
+        return delete_account(ledger, model);
+    }
     let _ = write!(model.log, " delete(k{i});");
     let result = ledger.keys().delete(&model.keys[i].id);
     let key = &mut model.keys[i];
@@ -1090,6 +1127,38 @@ fn delete(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<(), V
                 bal.exists = None;
             }
             failed(model, "delete", &e)
+        }
+    }
+}
+
+/// `accounts().delete`: refused while the account may own a key or a pool, and required to
+/// be while it surely owns one; once it lands, nothing the model made for it exists.
+fn delete_account(ledger: &Ledger, model: &mut Model) -> Result<(), Violation> {
+    let Some(account) = model.account.clone() else {
+        return Ok(());
+    };
+    let owns = model.keys.iter().any(|k| k.exists == Some(true))
+        || (model.pools.iter()).any(|p| model.balances[p].exists == Some(true));
+    let may_own = !model.pools.is_empty()
+        || model.maybe_unknown_key
+        || model.keys.iter().any(|k| k.exists != Some(false));
+    let _ = write!(model.log, " delete_account;");
+    match ledger.accounts().delete(&account) {
+        Ok(()) => {
+            ensure!(
+                !owns,
+                "an account owning keys or pools was deleted [{}]",
+                model.log
+            );
+            model.account_deleted();
+            model.outcome.acknowledged += 1;
+            Ok(())
+        }
+        Err(Error::Conflict(_)) if may_own => Ok(()),
+        Err(e) => {
+            model.account = None;
+            model.account_in_doubt = Some(account);
+            failed(model, "accounts().delete", &e)
         }
     }
 }
@@ -1334,6 +1403,20 @@ fn reconcile(ledger: &Ledger, model: &mut Model, after_crash: bool) -> Result<()
             "an acknowledged account is missing [{}]",
             model.log
         );
+    }
+    for account in &model.deleted_accounts {
+        ensure!(
+            matches!(ledger.accounts().get(account), Err(Error::NotFound { .. })),
+            "a deleted account (acknowledged) is back [{}]",
+            model.log
+        );
+    }
+    if let Some(account) = model.account_in_doubt.clone() {
+        match ledger.accounts().get(&account) {
+            Ok(_) => model.account = model.account_in_doubt.take(),
+            Err(Error::NotFound { .. }) => model.account_deleted(),
+            Err(e) => return Err(format!("account in doubt unreadable: {e} [{}]", model.log)),
+        }
     }
     let exact_durability = model.exact_durability;
     let mut gone = Vec::new();

@@ -179,7 +179,7 @@ impl Model {
             self.balances.remove(&pool);
         }
         self.maybe_pool_users.clear();
-        self.maybe_unknown_key = false;
+        self.maybe_unknown_owned = false;
         self.outcome.accounts_deleted += 1;
     }
 
@@ -238,9 +238,9 @@ struct Model {
     account_in_doubt: Option<String>,
     /// Accounts whose deletion was acknowledged: they must stay gone.
     deleted_accounts: Vec<String>,
-    /// A key creation failed on a dying disk: a key the model never learnt of may exist, and
-    /// keep its account from being deleted.
-    maybe_unknown_key: bool,
+    /// A key or pool creation failed on a dying disk: one the model never learnt of may
+    /// exist, and keep its account from being deleted.
+    maybe_unknown_owned: bool,
     keys: Vec<Key>,
     pools: Vec<String>,
     balances: BTreeMap<String, Balance>,
@@ -589,7 +589,7 @@ fn create_key(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<(
             if let Some(p) = pool {
                 model.maybe_pool_users.insert(p);
             }
-            model.maybe_unknown_key = true;
+            model.maybe_unknown_owned = true;
             failed(model, "keys().create", &e)
         }
     }
@@ -622,7 +622,10 @@ fn create_pool(ledger: &Ledger, model: &mut Model, b: &mut Bytes<'_>) -> Result<
             model.outcome.acknowledged += 1;
             Ok(())
         }
-        Err(e) => failed(model, "create_pool", &e),
+        Err(e) => {
+            model.maybe_unknown_owned = true;
+            failed(model, "create_pool", &e)
+        }
     }
 }
 
@@ -1140,7 +1143,7 @@ fn delete_account(ledger: &Ledger, model: &mut Model) -> Result<(), Violation> {
     let owns = model.keys.iter().any(|k| k.exists == Some(true))
         || (model.pools.iter()).any(|p| model.balances[p].exists == Some(true));
     let may_own = !model.pools.is_empty()
-        || model.maybe_unknown_key
+        || model.maybe_unknown_owned
         || model.keys.iter().any(|k| k.exists != Some(false));
     let _ = write!(model.log, " delete_account;");
     match ledger.accounts().delete(&account) {

@@ -2,9 +2,8 @@
 //! choose a workload (keys, pools, verify + commit/refund at random costs, top-ups, sets,
 //! refills, disables, deletes, pool deletions, keys moved between pools and their own
 //! balances, low-balance threshold changes, account deletions, clean closes, power losses, a
-//! dying disk), which
-//! runs on a [`CrashBackend`] against a reference model. After every reopen the ledger must hold every
-//! acknowledged admin write, every balance must satisfy
+//! dying disk), which runs on a [`CrashBackend`] against a reference model. After every
+//! reopen the ledger must hold every acknowledged admin write, every balance must satisfy
 //! `spent + lost_to_crash + remaining == granted` and `spent ≤ granted`, no unit the model
 //! knows was charged may come back, what a crash lost must stay within the lease bound, and
 //! `Ledger::check_with_backend` must pass.

@@ -161,6 +161,8 @@ impl Engine {
             #[cfg(test)]
             before_commit: parking_lot::Mutex::new(None),
             #[cfg(test)]
+            before_unlisting: parking_lot::Mutex::new(None),
+            #[cfg(test)]
             after_empty_look: parking_lot::Mutex::new(None),
             #[cfg(test)]
             after_account_read: parking_lot::Mutex::new(None),

@@ -32,6 +32,8 @@ pub(super) fn flush_spend(
         }
         let mut units = meter.spent.swap(0, Ordering::SeqCst);
         if units == 0 && !meter.leased_since(since_ms) {
+            #[cfg(test)]
+            shared.race_the_unlisting();
             units = meter.unlist();
             if units == 0 {
                 continue;
@@ -95,6 +97,8 @@ pub(super) fn flush_usage(
         };
         let (mut spent, mut requests, mut last_used, mut metered) = taken(&state, state.take());
         if spent == 0 && requests == 0 && metered == 0 {
+            #[cfg(test)]
+            shared.race_the_unlisting();
             (spent, requests, last_used, metered) = taken(&state, state.unlist());
             if spent == 0 && requests == 0 && metered == 0 {
                 match state.metering {

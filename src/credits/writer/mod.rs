@@ -217,6 +217,10 @@ pub(crate) struct Shared {
     /// Run once by the next batch that writes, after its messages, before its commit.
     #[cfg(test)]
     pub before_commit: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Run once by the next flush round that finds a key or a pool's meter idle, after its
+    /// take found nothing, before the unlisting takes again: a request racing the unlisting.
+    #[cfg(test)]
+    pub before_unlisting: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// Run once by the next request waiting for a lease, after it looked at the empty mark,
     /// before it tries the lease (see `Ledger::reserve_slow`).
     #[cfg(test)]
@@ -228,6 +232,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Runs [`before_unlisting`](Self::before_unlisting), if set.
+    #[cfg(test)]
+    pub(super) fn race_the_unlisting(&self) {
+        let race = self.before_unlisting.lock().take();
+        if let Some(race) = race {
+            race();
+        }
+    }
+
     /// An event about `meter`'s balance, with the credits left.
     pub(crate) fn event(
         &self,

@@ -2254,11 +2254,9 @@ fn a_threshold_set_while_a_top_up_commits_still_reports_the_next_fall() {
     );
 }
 
-/// A round that finds a pool's meter idle (nothing spent or leased since the last round
-/// started) unlists it, charging nothing; the pool's next spend lists it again, and the next
-/// round writes that spend to the pool's record (leased → spent), as it did the first.
-#[test]
-fn a_pools_spend_after_a_round_unlisted_it_is_written_by_the_next_round() {
+/// A key of a new pool of 100 credits, on a manual clock, with usage rounds run only on
+/// `flush`: the ledger, the clock, the pool's balance id and the key's plaintext.
+fn pool_key() -> (tempfile::TempDir, Ledger, crate::ManualClock, u64, String) {
     let clock = crate::ManualClock::new(crate::Timestamp(1_000_000));
     let config = Config::builder()
         .master_key(MasterKey::generate().unwrap())
@@ -2266,7 +2264,7 @@ fn a_pools_spend_after_a_round_unlisted_it_is_written_by_the_next_round() {
         .clock(clock.clone())
         .build()
         .unwrap();
-    let (_dir, ledger) = open(config);
+    let (dir, ledger) = open(config);
     let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
     let pool = ledger
         .credits()
@@ -2285,6 +2283,15 @@ fn a_pools_spend_after_a_round_unlisted_it_is_written_by_the_next_round() {
         .plaintext
         .expose()
         .to_owned();
+    (dir, ledger, clock, pool_id, plaintext)
+}
+
+/// A round that finds a pool's meter idle (nothing spent or leased since the last round
+/// started) unlists it, charging nothing; the pool's next spend lists it again, and the next
+/// round writes that spend to the pool's record (leased → spent), as it did the first.
+#[test]
+fn a_pools_spend_after_a_round_unlisted_it_is_written_by_the_next_round() {
+    let (_dir, ledger, clock, pool_id, plaintext) = pool_key();
     assert_eq!(spend_one(&ledger, &plaintext), Ok(1));
     flush(&ledger, 1);
     assert_eq!(stored(&ledger, pool_id).spent, 1);
@@ -2297,6 +2304,10 @@ fn a_pools_spend_after_a_round_unlisted_it_is_written_by_the_next_round() {
         1,
         "idle rounds charge nothing"
     );
+    // Left listed, an idle pool would cost every round for good (found by a mutation
+    // review: kept listed, or unlisted and listed again, it passed the rest).
+    let dirty = meter_of(&ledger, pool_id).dirty.load(Ordering::SeqCst);
+    assert!(!dirty, "the idle meter is unlisted: its mark cleared");
     assert_eq!(
         spend_one(&ledger, &plaintext),
         Ok(1),
@@ -2309,4 +2320,71 @@ fn a_pools_spend_after_a_round_unlisted_it_is_written_by_the_next_round() {
         (2, 98),
         "the spend after the unlisting is written"
     );
+}
+
+/// What the racing request got (see [`spend`]), once made.
+type Raced = Arc<Mutex<Option<std::result::Result<u64, String>>>>;
+
+/// Makes the next round that finds a key or a pool's meter idle run a request of `cost`
+/// with key `plaintext` between its take and the unlisting.
+fn race_the_unlisting(ledger: &Ledger, plaintext: &str, cost: u64) -> Raced {
+    let raced = Raced::default();
+    let (racing, plaintext, got) = (ledger.clone(), plaintext.to_owned(), raced.clone());
+    *ledger.inner.engine.shared.before_unlisting.lock() = Some(Box::new(move || {
+        *got.lock() = Some(spend(&racing, &plaintext, cost));
+    }));
+    raced
+}
+
+/// A pool's spend made while a round unlists its meter (after the round's take found
+/// nothing, before the unlisting takes again) is written by that round, and the meter stays
+/// listed: the spend queued nothing (the mark was still set), so whoever keeps the meter
+/// must be the round. Dropped, that spend was never written; unlisted with its mark set
+/// again, no later spend of the pool was written by a round either.
+#[test]
+fn a_pools_spend_racing_the_unlisting_of_its_meter_is_written_and_keeps_it_listed() {
+    let (_dir, ledger, clock, pool_id, plaintext) = pool_key();
+    assert_eq!(spend_one(&ledger, &plaintext), Ok(1));
+    flush(&ledger, 1);
+    clock.advance_secs(1);
+    flush(&ledger, 1); // the meter, leased in the last round, stays; the key goes
+    let raced = race_the_unlisting(&ledger, &plaintext, 1);
+    clock.advance_secs(1);
+    flush(&ledger, 1); // finds the meter idle, until the racing spend
+    let raced = raced.lock().take();
+    assert_eq!(raced, Some(Ok(1)), "spent from the lease in memory");
+    assert_eq!(
+        stored(&ledger, pool_id).spent,
+        2,
+        "the racing spend is written"
+    );
+    assert_eq!(spend_one(&ledger, &plaintext), Ok(1));
+    clock.advance_secs(1);
+    flush(&ledger, 1);
+    let r = stored(&ledger, pool_id);
+    assert_eq!(
+        (r.spent, r.balance + r.leased),
+        (3, 97),
+        "the next spend is written by the next round"
+    );
+}
+
+/// A request counted while a round unlists its key (after the round's take found nothing,
+/// before the unlisting takes again) is written by that round. A peek, or any request of
+/// an unmetered key, spends nothing: a round that judged what the unlisting took by the
+/// spend alone dropped the request's count.
+#[test]
+fn a_request_racing_the_unlisting_of_its_key_is_counted() {
+    let (_dir, ledger) = open(one_key_cache_flushed_by_hand());
+    let (id, plaintext) = key_with(&ledger, |new| new); // unmetered
+    assert_eq!(spend(&ledger, &plaintext, 0), Ok(0));
+    flush(&ledger, 1);
+    let raced = race_the_unlisting(&ledger, &plaintext, 0);
+    flush(&ledger, 2); // finds the key idle, until the racing request; then idle
+    assert_eq!(
+        raced.lock().take(),
+        Some(Ok(0)),
+        "the request raced the unlisting"
+    );
+    assert_eq!(ledger.credits().usage(&id).unwrap().requests, 2);
 }

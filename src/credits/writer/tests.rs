@@ -604,6 +604,39 @@ fn a_flush_whose_read_failed_puts_back_the_spend_and_usage_it_had_taken() {
     assert_eq!(usage(&pooled), (0, 2, 2), "nothing lost");
 }
 
+/// A failed flush puts back every count it had taken, those that come alone too: a request
+/// that spent nothing (a peek, or any request of an unmetered key), and a spend whose request
+/// an earlier round wrote (its grant held across that round).
+#[test]
+fn a_failed_flush_puts_back_a_request_without_spend_and_a_spend_without_request() {
+    // No flush round but the ones asked for.
+    let config = Config::builder()
+        .master_key(MasterKey::generate().unwrap())
+        .usage_flush_interval(Duration::from_secs(3_600))
+        .build()
+        .unwrap();
+    let (_dir, ledger) = open(config);
+    let (peeking, peeking_plain) = key_with(&ledger, |new| new); // unmetered, flushed first
+    let (spending, spending_plain) = key(&ledger, 100);
+    let key = Presented::new(&spending_plain).unwrap();
+    let held = ledger.verify(&Request::new(&key, "/x").cost(5)).unwrap();
+    flush(&ledger, 1); // the request, without its spend
+    held.commit(5);
+    assert_eq!(spend(&ledger, &peeking_plain, 0), Ok(0));
+    {
+        // The peek's count is taken first; the spend's, then its balance's read fails.
+        let _failing = failing_reads(&ledger, ledger.keys().internal_id(&spending).unwrap());
+        assert!(ledger.flush().is_err());
+    }
+    flush(&ledger, 1);
+    let usage = |id: &str| {
+        let u = ledger.credits().usage(id).unwrap();
+        (u.spent, u.requests, u.lifetime_spent)
+    };
+    assert_eq!(usage(&peeking), (0, 1, 0), "the peek is counted");
+    assert_eq!(usage(&spending), (5, 1, 5), "the spend is counted");
+}
+
 #[test]
 fn a_set_whose_read_failed_puts_back_the_lease_and_spend_it_had_taken() {
     let dir = tempfile::tempdir().unwrap();

@@ -1907,6 +1907,34 @@ fn keys_evicted_after_use_do_not_pile_up_between_flush_rounds() {
     }
 }
 
+/// `Stats::writer_list_bytes`, what a host budgets the writer's lists by, counts a round's
+/// working lists beside the list of keys in use: for 64 keys used once, each key listed,
+/// seen and kept (a handle each) and its usage taken, and no more than twice that (a list
+/// holds at most twice what it was filled with).
+#[test]
+fn the_writers_list_bytes_count_a_rounds_working_lists_beside_the_keys_listed() {
+    const KEYS: usize = 64;
+    let config = Config::builder()
+        .master_key(MasterKey::generate().unwrap())
+        .usage_flush_interval(Duration::from_secs(3_600))
+        .build()
+        .unwrap();
+    let (_dir, ledger) = open(config);
+    for _ in 0..KEYS {
+        let (_, plaintext) = key_with(&ledger, |new| new); // unmetered: no meter to list
+        assert_eq!(spend(&ledger, &plaintext, 0), Ok(0));
+    }
+    flush(&ledger, 1); // one round takes all of them
+    let handle = size_of::<Arc<CachedKey>>();
+    let taken = size_of::<(Arc<CachedKey>, u64, u64, u64)>();
+    let held = KEYS * (3 * handle + taken);
+    let counted = ledger.stats().writer_list_bytes as usize;
+    assert!(
+        (held..=2 * held).contains(&counted),
+        "{counted} bytes counted, {held} held"
+    );
+}
+
 /// A config whose cache holds one key and whose usage rounds run only on `flush`.
 fn one_key_cache_flushed_by_hand() -> Config {
     Config::builder()

@@ -843,7 +843,10 @@ fn a_refund_split_between_the_lease_and_the_balance_makes_no_credits() {
 }
 
 /// A refund whose `Return` batch fails and which does not fit in the lease word (2⁴⁸ − 1
-/// units) is tried again with the next batch: a clean close keeps every unit.
+/// units) is tried again with the next batch: the balance gets back what the lease word did
+/// not keep, no more (found by a mutation review: it got what the word kept too, which memory
+/// could then spend again, 2⁴⁸ − 1 units not leased on disk), and a clean close keeps every
+/// unit.
 #[test]
 fn a_failed_return_of_a_large_refund_keeps_every_unit() {
     let dir = tempfile::tempdir().unwrap();
@@ -862,6 +865,14 @@ fn a_failed_return_of_a_large_refund_keeps_every_unit() {
     // batch fails: the meter is to keep it, "as before the refund asked".
     drop(grant);
     drop(failing);
+    ledger.flush().unwrap(); // the return tried again
+    let r = stored(&ledger, a_id);
+    let in_memory = meter_of(&ledger, a_id).leased();
+    assert_eq!(
+        (r.leased, r.balance + r.leased),
+        (in_memory, big),
+        "what memory holds is leased on disk, the rest is in the balance, each unit once"
+    );
     ledger.close().unwrap();
     drop(ledger);
     let reopened = Ledger::open(path, config).unwrap();

@@ -1967,11 +1967,21 @@ fn meter_state(ledger: &Ledger, public: &str) -> (bool, u64, Option<u64>) {
 /// Key `a` (100 credits) with a grant of 5 units held while key `b` takes its place in a
 /// cache of one; `then` gets the ledger, `a`'s public id, and the grant.
 fn with_a_grant_on_an_evicted_key(then: impl FnOnce(&Ledger, &str, crate::Grant<'_>)) {
+    with_a_grant_of_on_an_evicted_key(5, then);
+}
+
+/// The same with a grant of `cost` units (0: a peek, which reserves nothing).
+fn with_a_grant_of_on_an_evicted_key(
+    cost: u64,
+    then: impl FnOnce(&Ledger, &str, crate::Grant<'_>),
+) {
     let (_dir, ledger) = open(one_key_cache_flushed_by_hand());
     let (a, a_plain) = key(&ledger, 100);
     let (_, b_plain) = key(&ledger, 100);
     let a_key = Presented::new(&a_plain).unwrap();
-    let held = ledger.verify(&Request::new(&a_key, "/x").cost(5)).unwrap();
+    let held = ledger
+        .verify(&Request::new(&a_key, "/x").cost(cost))
+        .unwrap();
     assert_eq!(spend_one(&ledger, &b_plain), Ok(1), "evicts `a`");
     then(&ledger, &a, held);
 }
@@ -2002,33 +2012,19 @@ fn a_meter_refunded_after_its_key_left_the_cache_leaves_memory_with_its_units_re
 }
 
 /// The same, with the grant held across the writer's rounds that unlist the key: its end
-/// lists the key again, and the meter goes the same way.
-#[test]
-fn a_meter_refunded_after_its_key_was_unlisted_leaves_memory_too() {
-    with_a_grant_on_an_evicted_key(|ledger, a, held| {
-        flush(ledger, 4); // `a` written, then unlisted while the grant holds it
-        drop(held);
-        flush(ledger, 4);
-        assert_eq!(meter_state(ledger, a), (false, 0, Some(100)));
-    });
-}
-
-/// A grant that reserved nothing (a peek), still holding the evicted key when the writer
-/// unlisted it with nothing leased: its end lists the key again, though no units wait, so
-/// that the meter leaves memory (found by a mutation review: it stayed registered until
+/// lists the key again, and the meter goes the same way. So does a peek's end, though it
+/// leaves nothing leased (found by a mutation review: the meter stayed registered until
 /// the key was cached again or the ledger closed).
 #[test]
-fn the_last_grant_to_let_go_of_an_unlisted_key_with_nothing_leased_lists_it() {
-    let (_dir, ledger) = open(one_key_cache_flushed_by_hand());
-    let (a, a_plain) = key(&ledger, 100);
-    let (_, b_plain) = key(&ledger, 100);
-    let a_key = Presented::new(&a_plain).unwrap();
-    let peek = ledger.verify(&Request::new(&a_key, "/x").cost(0)).unwrap();
-    assert_eq!(spend_one(&ledger, &b_plain), Ok(1), "evicts `a`");
-    flush(&ledger, 4); // `a` unlisted while the peek holds it
-    drop(peek);
-    flush(&ledger, 4);
-    assert_eq!(meter_state(&ledger, &a), (false, 0, Some(100)));
+fn a_grant_ending_after_its_evicted_key_was_unlisted_lets_the_meter_leave_memory() {
+    for cost in [5, 0] {
+        with_a_grant_of_on_an_evicted_key(cost, |ledger, a, held| {
+            flush(ledger, 4); // `a` written, then unlisted while the grant holds it
+            drop(held);
+            flush(ledger, 4);
+            assert_eq!(meter_state(ledger, a), (false, 0, Some(100)), "cost {cost}");
+        });
+    }
 }
 
 /// A grant that reserved nothing, still holding the evicted key when the writer unlisted

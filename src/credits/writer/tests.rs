@@ -561,12 +561,7 @@ fn a_refusal_batched_before_a_top_up_reports_the_empty_balance_and_the_next_refu
 
 #[test]
 fn a_flush_whose_read_failed_puts_back_the_spend_and_usage_it_had_taken() {
-    // No flush round but the ones asked for: each takes everything in use.
-    let config = Config::builder()
-        .master_key(crate::MasterKey::generate().unwrap())
-        .usage_flush_interval(Duration::from_secs(3_600))
-        .build()
-        .unwrap();
+    let config = flushed_by_hand().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::open(dir.path().join("keys.redb"), config).unwrap();
     let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
@@ -609,12 +604,7 @@ fn a_flush_whose_read_failed_puts_back_the_spend_and_usage_it_had_taken() {
 /// an earlier round wrote (its grant held across that round).
 #[test]
 fn a_failed_flush_puts_back_a_request_without_spend_and_a_spend_without_request() {
-    // No flush round but the ones asked for.
-    let config = Config::builder()
-        .master_key(MasterKey::generate().unwrap())
-        .usage_flush_interval(Duration::from_secs(3_600))
-        .build()
-        .unwrap();
+    let config = flushed_by_hand().build().unwrap();
     let (_dir, ledger) = open(config);
     let (peeking, peeking_plain) = key_with(&ledger, |new| new); // unmetered, flushed first
     let (spending, spending_plain) = key(&ledger, 100);
@@ -1925,11 +1915,7 @@ fn keys_evicted_after_use_do_not_pile_up_between_flush_rounds() {
 #[test]
 fn the_writers_list_bytes_count_a_rounds_working_lists_beside_the_keys_listed() {
     const KEYS: usize = 64;
-    let config = Config::builder()
-        .master_key(MasterKey::generate().unwrap())
-        .usage_flush_interval(Duration::from_secs(3_600))
-        .build()
-        .unwrap();
+    let config = flushed_by_hand().build().unwrap();
     let (_dir, ledger) = open(config);
     for _ in 0..KEYS {
         let (_, plaintext) = key_with(&ledger, |new| new); // unmetered: no meter to list
@@ -1946,14 +1932,17 @@ fn the_writers_list_bytes_count_a_rounds_working_lists_beside_the_keys_listed() 
     );
 }
 
-/// A config whose cache holds one key and whose usage rounds run only on `flush`.
-fn one_key_cache_flushed_by_hand() -> Config {
+/// A config whose usage rounds run only on `flush` (each takes everything in use), to be
+/// finished.
+fn flushed_by_hand() -> crate::config::ConfigBuilder {
     Config::builder()
         .master_key(MasterKey::generate().unwrap())
-        .cache_capacity(1)
         .usage_flush_interval(Duration::from_secs(3_600))
-        .build()
-        .unwrap()
+}
+
+/// A config whose cache holds one key and whose usage rounds run only on `flush`.
+fn one_key_cache_flushed_by_hand() -> Config {
+    flushed_by_hand().cache_capacity(1).build().unwrap()
 }
 
 /// Whether key `public`'s meter is in memory, and its `leased` and `remaining` figures.
@@ -2326,12 +2315,7 @@ fn a_threshold_set_while_a_top_up_commits_still_reports_the_next_fall() {
 /// `flush`: the ledger, the clock, the pool's balance id and the key's plaintext.
 fn pool_key() -> (tempfile::TempDir, Ledger, crate::ManualClock, u64, String) {
     let clock = crate::ManualClock::new(crate::Timestamp(1_000_000));
-    let config = Config::builder()
-        .master_key(MasterKey::generate().unwrap())
-        .usage_flush_interval(Duration::from_secs(3_600))
-        .clock(clock.clone())
-        .build()
-        .unwrap();
+    let config = flushed_by_hand().clock(clock.clone()).build().unwrap();
     let (dir, ledger) = open(config);
     let owner = ledger.accounts().create(NewAccount::new("Acme")).unwrap();
     let pool = ledger

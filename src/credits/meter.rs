@@ -1034,30 +1034,15 @@ mod tests {
     #[test]
     fn a_lease_that_lasted_a_second_or_is_half_held_keeps_its_size() {
         let m = Meter::new(1, None, crate::public_id::IdKind::Key, false);
-        assert_eq!(m.adapt(10_000, false, MIN_LEASE, BIG), 16);
-        assert_eq!(
-            m.adapt(11_000, false, MIN_LEASE, BIG),
-            16,
-            "lasted a second"
-        );
+        let adapt = |now_ms| m.adapt(now_ms, false, MIN_LEASE, BIG);
+        assert_eq!(adapt(10_000), 16);
+        assert_eq!(adapt(11_000), 16, "lasted a second");
         m.give_back(8);
-        assert_eq!(
-            m.adapt(11_500, false, MIN_LEASE, BIG),
-            16,
-            "half of it held"
-        );
+        assert_eq!(adapt(11_500), 16, "half of it held");
         assert_eq!(m.take_up_to(1), 1);
-        assert_eq!(
-            m.adapt(11_600, false, MIN_LEASE, BIG),
-            32,
-            "less than half: busy"
-        );
-        assert_eq!(
-            m.adapt(15_600, false, MIN_LEASE, BIG),
-            32,
-            "four seconds: kept"
-        );
-        assert_eq!(m.adapt(19_700, false, MIN_LEASE, BIG), 16, "more: halved");
+        assert_eq!(adapt(11_600), 32, "less than half: busy");
+        assert_eq!(adapt(15_600), 32, "four seconds: kept");
+        assert_eq!(adapt(19_700), 16, "more: halved");
     }
 
     #[test]
